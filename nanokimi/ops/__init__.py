@@ -1,0 +1,1 @@
+"""Math kernels. Each op has a readable `naive.py` reference beside its fast paths."""
