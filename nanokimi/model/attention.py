@@ -1,0 +1,204 @@
+"""Full-attention token mixers: GQA (RoPE) and Multi-head Latent Attention (RoPE or NoPE, MoBA mode).
+
+Both can record each head's exact max pre-softmax logit (for QK-Clip) and rescale their own weights.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanokimi.config import ModelConfig
+from nanokimi.model.cache import KVCache, LatentCache
+from nanokimi.model.norm import RMSNorm
+from nanokimi.model.rope import Rotary, yarn_mscale
+
+
+def causal_attention(q, k, v, scale: float, q_offset: int) -> torch.Tensor:
+    """q [B, Tq, H, Dk], k [B, Tk, Hkv, Dk], v [B, Tk, Hkv, Dv]; queries sit at q_offset.. -> [B, Tq, H, Dv]."""
+    Tq, Tk = q.shape[1], k.shape[1]
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    gqa = q.shape[1] != k.shape[1]
+    if q_offset == 0 and Tq == Tk:
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    elif Tq == 1:
+        o = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+    else:
+        allowed = torch.arange(Tk, device=q.device)[None, :] <= q_offset + torch.arange(Tq, device=q.device)[:, None]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=gqa)
+    return o.transpose(1, 2)
+
+
+@torch.no_grad()
+def max_causal_logit(q, k, scale: float, q_offset: int = 0, chunk: int = 512) -> torch.Tensor:
+    """Exact per-head max of scale * q.k over the batch under the causal mask, in query chunks
+    so the [Tq, Tk] matrix is never whole. q [B, Tq, H, D], k [B, Tk, Hkv, D] -> [H] fp32."""
+    H, Hkv = q.shape[2], k.shape[2]
+    k = k.float().repeat_interleave(H // Hkv, dim=2).transpose(1, 2)  # [B, H, Tk, D]
+    key_pos = torch.arange(k.shape[2], device=q.device)
+    best = torch.full((H,), -math.inf, device=q.device)
+    for start in range(0, q.shape[1], chunk):
+        qc = q[:, start:start + chunk].float().transpose(1, 2)  # [B, H, c, D]
+        scores = (qc @ k.transpose(-1, -2)) * scale  # [B, H, c, Tk]
+        query_pos = q_offset + start + torch.arange(qc.shape[2], device=q.device)
+        scores = scores.masked_fill(key_pos[None, :] > query_pos[:, None], -math.inf)
+        best = torch.maximum(best, scores.amax(dim=(0, 2, 3)))
+    return best
+
+
+class GroupedQueryAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.rotary = Rotary(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_interleave)
+        self.scale = cfg.head_dim ** -0.5
+        self.record_max_logits = False
+        self.max_logits = None
+
+    def new_cache(self, batch_size: int, max_len: int, device, dtype) -> KVCache:
+        shape = (batch_size, max_len, self.num_kv_heads, self.head_dim)
+        return KVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: int = 0) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.rotary(self.q_proj(x).view(B, T, self.num_heads, self.head_dim), pos)
+        k = self.rotary(self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim), pos)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        if cache is not None:
+            cache.k[:, pos:pos + T] = k
+            cache.v[:, pos:pos + T] = v
+            k, v = cache.k[:, :pos + T], cache.v[:, :pos + T]
+        if self.record_max_logits:
+            self.max_logits = max_causal_logit(q, k, self.scale, pos)
+        o = causal_attention(q, k, v, self.scale, pos)  # [B, T, H, D]
+        return self.o_proj(o.reshape(B, T, -1))
+
+    @torch.no_grad()
+    def qk_clip_(self, tau: float) -> torch.Tensor:
+        """Rescale heads whose recorded max logit exceeds tau so it becomes tau. Returns gamma [H].
+        MHA: W_q and W_k rows of the head by sqrt(gamma). GQA (a key head shared by several query
+        heads): the whole gamma goes to W_q, so the other heads of the group stay bit-identical."""
+        gamma = _clip_factors(self.max_logits, tau, self.num_heads, self.q_proj.weight.device)
+        heads = (gamma < 1).nonzero().flatten().tolist()
+        wq = self.q_proj.weight.view(self.num_heads, self.head_dim, -1)
+        wk = self.k_proj.weight.view(self.num_kv_heads, self.head_dim, -1)
+        for h in heads:
+            if self.num_kv_heads == self.num_heads:
+                wq[h] *= gamma[h].sqrt()
+                wk[h] *= gamma[h].sqrt()
+            else:
+                wq[h] *= gamma[h]
+        return gamma
+
+
+def _clip_factors(max_logits, tau: float, num_heads: int, device) -> torch.Tensor:
+    if max_logits is None:
+        raise RuntimeError("QK-Clip needs the max logits of a forward pass: set record_max_logits=True first "
+                           "(nanokimi.optim.qk_clip.enable_qk_clip_recording(model)).")
+    gamma = torch.ones(num_heads, device=device)
+    over = max_logits > tau
+    gamma[over] = tau / max_logits[over].to(device)
+    return gamma
+
+
+class MultiHeadLatentAttention(nn.Module):
+    """MLA. Caches only the normalised latent c_kv and the shared rotated k_rope per token.
+    Short cached calls (decode) use weight absorption: attention runs over the latent directly."""
+
+    absorb_max_tokens = 16
+
+    def __init__(self, cfg: ModelConfig, moba: bool = False):
+        super().__init__()
+        self.num_heads = H = cfg.num_heads
+        self.nope_dim, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.kv_lora_rank = cfg.kv_lora_rank
+        qk_dim = self.nope_dim + self.rope_dim
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(cfg.hidden_size, H * qk_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=False)
+            self.q_a_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * qk_dim, bias=False)
+        self.kv_a_proj = nn.Linear(cfg.hidden_size, cfg.kv_lora_rank + self.rope_dim, bias=False)
+        self.kv_a_norm = RMSNorm(cfg.kv_lora_rank, cfg.norm_eps)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(H * self.v_dim, cfg.hidden_size, bias=False)
+        self.use_rope = cfg.mla_rope
+        self.rotary = Rotary(self.rope_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_interleave,
+                             cfg.yarn_factor, cfg.yarn_original_max_position, cfg.yarn_beta_fast,
+                             cfg.yarn_beta_slow, cfg.yarn_mscale, cfg.yarn_mscale_all_dim)
+        self.scale = qk_dim ** -0.5 * yarn_mscale(cfg.yarn_factor, cfg.yarn_mscale_all_dim) ** 2
+        self.moba = moba
+        self.moba_block_size, self.moba_topk = cfg.moba_block_size, cfg.moba_topk
+        self.record_max_logits = False
+        self.max_logits = None
+
+    def new_cache(self, batch_size: int, max_len: int, device, dtype) -> LatentCache:
+        return LatentCache(torch.zeros(batch_size, max_len, self.kv_lora_rank, device=device, dtype=dtype),
+                           torch.zeros(batch_size, max_len, self.rope_dim, device=device, dtype=dtype))
+
+    def _q_weight(self) -> torch.Tensor:
+        return self.q_proj.weight if hasattr(self, "q_proj") else self.q_b_proj.weight
+
+    def forward(self, x: torch.Tensor, cache: LatentCache | None = None, pos: int = 0) -> torch.Tensor:
+        B, T, _ = x.shape
+        H = self.num_heads
+        q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_norm(self.q_a_proj(x)))
+        q_nope, q_rope = q.view(B, T, H, -1).split([self.nope_dim, self.rope_dim], dim=-1)
+        c_kv, k_rope = self.kv_a_proj(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        c_kv = self.kv_a_norm(c_kv)  # [B, T, r]
+        k_rope = k_rope.unsqueeze(2)  # [B, T, 1, dr]
+        if self.use_rope:
+            q_rope, k_rope = self.rotary(q_rope, pos), self.rotary(k_rope, pos)
+        if cache is not None:
+            cache.c_kv[:, pos:pos + T] = c_kv
+            cache.k_rope[:, pos:pos + T] = k_rope.squeeze(2)
+            c_kv, k_rope = cache.c_kv[:, :pos + T], cache.k_rope[:, :pos + T].unsqueeze(2)
+        absorbed = cache is not None and T <= self.absorb_max_tokens and not self.moba and not self.record_max_logits
+        if absorbed:
+            o = self._attend_absorbed(q_nope, q_rope, c_kv, k_rope, pos)
+        else:
+            o = self._attend_expanded(q_nope, q_rope, c_kv, k_rope, pos)
+        return self.o_proj(o.reshape(B, T, -1))
+
+    def _attend_expanded(self, q_nope, q_rope, c_kv, k_rope, pos):
+        B, S, _ = c_kv.shape
+        H = self.num_heads
+        k_nope, v = self.kv_b_proj(c_kv).view(B, S, H, -1).split([self.nope_dim, self.v_dim], dim=-1)
+        q = torch.cat([q_nope, q_rope], dim=-1)  # [B, T, H, dn+dr]
+        k = torch.cat([k_nope, k_rope.expand(B, S, H, self.rope_dim)], dim=-1)  # [B, S, H, dn+dr]
+        if self.record_max_logits:
+            self.max_logits = max_causal_logit(q, k, self.scale, pos)
+        if self.moba:
+            from nanokimi.ops.moba import moba_attention
+            return moba_attention(q, k, v, block_size=self.moba_block_size, topk=self.moba_topk,
+                                  scale=self.scale, q_offset=pos)
+        return causal_attention(q, k, v, self.scale, pos)
+
+    def _attend_absorbed(self, q_nope, q_rope, c_kv, k_rope, pos):
+        """Fold kv_b_proj into the query (key part) and the output (value part): one shared latent 'head'."""
+        H = self.num_heads
+        w = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        w_k, w_v = w[:, :self.nope_dim], w[:, self.nope_dim:]  # [H, dn, r], [H, dv, r]
+        q_latent = torch.einsum("bthd,hdr->bthr", q_nope, w_k)
+        q = torch.cat([q_latent, q_rope], dim=-1)  # [B, T, H, r+dr]
+        k = torch.cat([c_kv.unsqueeze(2), k_rope], dim=-1)  # [B, S, 1, r+dr]
+        o_latent = causal_attention(q, k, c_kv.unsqueeze(2), self.scale, pos)  # [B, T, H, r]
+        return torch.einsum("bthr,hvr->bthv", o_latent, w_v)
+
+    @torch.no_grad()
+    def qk_clip_(self, tau: float) -> torch.Tensor:
+        """Per head over tau: q_nope and k_nope rows by sqrt(gamma), q_rope rows by gamma; the shared
+        k_rope (in kv_a_proj) is never touched. Returns gamma [H]."""
+        gamma = _clip_factors(self.max_logits, tau, self.num_heads, self.kv_b_proj.weight.device)
+        wq = self._q_weight().view(self.num_heads, self.nope_dim + self.rope_dim, -1)
+        wkv = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, -1)
+        for h in (gamma < 1).nonzero().flatten().tolist():
+            wq[h, :self.nope_dim] *= gamma[h].sqrt()
+            wq[h, self.nope_dim:] *= gamma[h]
+            wkv[h, :self.nope_dim] *= gamma[h].sqrt()
+        return gamma

@@ -1,0 +1,111 @@
+"""Feed-forward layers: dense SwiGLU and the DeepSeek-V3 / Kimi style Mixture of Experts.
+
+Router: sigmoid scores in fp32; experts are chosen on scores + correction bias (optionally only from
+the best groups), but weighted by the raw scores (renormalised, times routed_scaling_factor).
+Experts run as grouped matmuls over tokens sorted by expert; load balance comes from nudging the
+correction bias after each step (`update_router_bias`), with no auxiliary loss.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanokimi.config import ModelConfig
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, hidden: int, inner: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inner, bias=False)
+        self.up_proj = nn.Linear(hidden, inner, bias=False)
+        self.down_proj = nn.Linear(inner, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k, self.n_group, self.topk_group = cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group
+        self.norm_topk_prob, self.scaling = cfg.norm_topk_prob, cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.zeros(cfg.num_experts, cfg.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.num_experts))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, D] -> (weights [N, k] fp32, expert indices [N, k])."""
+        scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))  # [N, E]
+        choice = scores + self.e_score_correction_bias.float()
+        if self.n_group > 1:
+            grouped = choice.view(x.shape[0], self.n_group, -1)  # [N, G, E/G]
+            group_score = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)  # [N, G]
+            best_groups = group_score.topk(self.topk_group, dim=-1).indices
+            keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, best_groups, True)
+            choice = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).flatten(1)
+        indices = choice.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, indices)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return weights * self.scaling, indices
+
+
+def grouped_matmul(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """Rows x[ends[e-1]:ends[e]] times w[e] for every expert e. x [N, K], w [E, K, M] -> [N, M]."""
+    w = w.to(x.dtype)
+    if hasattr(F, "grouped_mm") and (x.dtype == torch.bfloat16 or (x.device.type == "cpu" and x.dtype == torch.float32)):
+        return F.grouped_mm(x, w, offs=ends.to(torch.int32))
+    counts = torch.diff(ends, prepend=ends.new_zeros(1)).tolist()
+    return torch.cat([chunk @ w[e] for e, chunk in enumerate(x.split(counts)) if counts[e]] or [x.new_zeros(0, w.shape[-1])])
+
+
+class Experts(nn.Module):
+    """All routed experts as stacked weights: gate_up [E, 2I, D] (gate rows first), down [E, D, I]."""
+
+    def __init__(self, num_experts: int, hidden: int, inner: int):
+        super().__init__()
+        self.gate_up = nn.Parameter(torch.empty(num_experts, 2 * inner, hidden))
+        self.down = nn.Parameter(torch.empty(num_experts, hidden, inner))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, D], weights/indices [N, k] -> (out [N, D], tokens per expert [E])."""
+        E, k = self.gate_up.shape[0], indices.shape[1]
+        flat = indices.flatten()  # [N*k]
+        order = flat.argsort(stable=True)
+        token = order // k
+        counts = torch.bincount(flat, minlength=E)
+        ends = counts.cumsum(0)
+        h = grouped_matmul(x[token], self.gate_up.transpose(1, 2), ends)  # [N*k, 2I]
+        gate, up = h.chunk(2, dim=-1)
+        y = grouped_matmul(F.silu(gate) * up, self.down.transpose(1, 2), ends)  # [N*k, D]
+        y = y * weights.flatten()[order].unsqueeze(-1).to(y.dtype)
+        return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype)), counts
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.router = Router(cfg)
+        self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared = (SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size * cfg.num_shared_experts)
+                       if cfg.num_shared_experts > 0 else None)
+        self.register_buffer("expert_load", torch.zeros(cfg.num_experts), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        flat = x.reshape(-1, D)
+        weights, indices = self.router(flat)
+        out, counts = self.experts(flat, weights, indices)
+        if self.training:
+            self.expert_load += counts.to(self.expert_load.dtype)
+        out = out.view(B, T, D)
+        return out if self.shared is None else out + self.shared(x)
+
+
+@torch.no_grad()
+def update_router_bias(model: nn.Module, rate: float = 1e-3) -> None:
+    """Aux-loss-free balancing: move each expert's correction bias up if it got fewer tokens than the
+    mean since the last call, down if more; then clear the counts. Call after each optimizer step."""
+    for module in model.modules():
+        if isinstance(module, MoE) and module.expert_load.sum() > 0:
+            load = module.expert_load
+            module.router.e_score_correction_bias += rate * torch.sign(load.mean() - load)
+            load.zero_()
