@@ -1,4 +1,13 @@
-"""`nanokimi` command line. Each subcommand imports its machinery only when it runs."""
+"""nanokimi: train, sample, evaluate, convert and inspect Kimi-family models.
+
+  nanokimi train [--preset NAME | --config FILE.toml] [--out DIR] [--resume] [section.key=value ...]
+  nanokimi generate --ckpt DIR --prompt TEXT
+  nanokimi eval --ckpt DIR
+  nanokimi plot RUN_DIR [RUN_DIR ...] --out FILE.png
+  nanokimi data prepare --source SOURCE
+  nanokimi model info --preset NAME
+  nanokimi convert --from-hf DIR --out DIR | --to-hf DIR --ckpt DIR
+"""
 import argparse
 import json
 import sys
@@ -15,23 +24,115 @@ def cmd_model_info(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from nanokimi.train.config import load_run_config
+    from nanokimi.train.trainer import Trainer
+
+    if args.nproc > 1:
+        from nanokimi.train.launch import launch_torchrun
+        return launch_torchrun(args.nproc, sys.argv[2:])
+    run = load_run_config(args.preset, args.config, args.overrides)
+    out = args.out or f"runs/{run.preset}"
+    trainer = Trainer(run, out, resume=args.resume, progress=not args.no_progress)
+    print(f"training {run.preset} ({sum(p.numel() for p in trainer.model.parameters()) / 1e6:.1f}M params) on "
+          f"{trainer.device} with {run.optim.name}; data {trainer.data_dir}; writing {out}", file=sys.stderr)
+    result = trainer.fit()
+    print(f"done: step {result['step']}, {result['tokens']:,} tokens, val loss {result.get('val_loss', float('nan')):.4f}, "
+          f"val bits/byte {result.get('val_bpb', float('nan')):.4f}; checkpoint {trainer.checkpoint_dir}")
+    if run.train.sample_tokens > 0:
+        from nanokimi.infer.sample import sample_text
+        text = sample_text(trainer.model, trainer.tokenizer_file, "def ", run.train.sample_tokens, temperature=0.8,
+                           seed=run.train.seed)
+        print("sample:\n" + text)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from nanokimi.infer.sample import load_for_sampling, sample_text
+
+    model, tokenizer_file = load_for_sampling(args.ckpt)
+    print(sample_text(model, tokenizer_file, args.prompt, args.max_new_tokens, temperature=args.temperature,
+                      top_p=args.top_p, top_k=args.top_k, seed=args.seed))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from nanokimi.infer.sample import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.ckpt, args.data, args.batches, args.batch_size, args.seq_len)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from nanokimi.train.plot import plot_runs
+
+    print(plot_runs(args.runs, args.out))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nanokimi", description=__doc__)
+    parser = argparse.ArgumentParser(prog="nanokimi", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a model (default: the tiny preset on the stdlib corpus)")
+    train.add_argument("--preset", help="model preset (default tiny)")
+    train.add_argument("--config", help="TOML run config (sections model, data, train, optim)")
+    train.add_argument("--out", help="run folder (default runs/PRESET)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    train.add_argument("--nproc", type=int, default=1, help="processes (GPUs) to train on, through torchrun")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. train.max_steps=200 optim.lr=0.01")
+    train.set_defaults(func=cmd_train)
+
+    gen = commands.add_parser("generate", help="sample text from a checkpoint")
+    gen.add_argument("--ckpt", required=True, help="run folder or its checkpoint folder")
+    gen.add_argument("--prompt", default="")
+    gen.add_argument("--max-new-tokens", type=int, default=200)
+    gen.add_argument("--temperature", type=float, default=0.8)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.set_defaults(func=cmd_generate)
+
+    ev = commands.add_parser("eval", help="validation loss and bits per byte of a checkpoint")
+    ev.add_argument("--ckpt", required=True)
+    ev.add_argument("--data", help="prepared data folder or a source (default: the run's own data)")
+    ev.add_argument("--batches", type=int, default=32)
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--seq-len", type=int, default=256)
+    ev.set_defaults(func=cmd_eval)
+
+    plot = commands.add_parser("plot", help="loss curves of runs in one PNG")
+    plot.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    plot.add_argument("--out", default="loss.png")
+    plot.set_defaults(func=cmd_plot)
+
+    data = commands.add_parser("data", help="prepare token shards").add_subparsers(dest="data_command", required=True)
+    from nanokimi.data.cli import add_prepare_args, run_prepare
+    prep = add_prepare_args(data.add_parser("prepare", help="tokenise a source into shards + manifest"))
+    prep.set_defaults(func=run_prepare)
 
     model = commands.add_parser("model", help="inspect model configs").add_subparsers(dest="model_command", required=True)
     info = model.add_parser("info", help="parameter counts and cache sizes of a preset")
     info.add_argument("--preset", default="tiny")
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
     info.set_defaults(func=cmd_model_info)
+
+    from nanokimi.interop.cli import add_convert_args, run_convert
+    convert = add_convert_args(commands.add_parser("convert", help="Hugging Face checkpoints in and out"))
+    convert.set_defaults(func=run_convert)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from nanokimi.data import DataError
+    from nanokimi.train.trainer import TrainingError
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, DataError, TrainingError, FileNotFoundError) as e:
         print(f"nanokimi: error: {e}", file=sys.stderr)
         return 2
 

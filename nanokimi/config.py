@@ -8,7 +8,7 @@ import dataclasses
 import difflib
 import types
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 MIXER_LETTERS = {"K": "KDA", "A": "MLA", "B": "MLA with MoBA", "G": "GQA"}
@@ -64,7 +64,8 @@ def from_dict(cls, data: dict, where: str = ""):
     for key, value in data.items():
         path = f"{where}{key}"
         if key not in known:
-            raise ConfigError(f"Unknown config key '{path}'.{suggest(key, known)}")
+            close = suggest(key, known)
+            raise ConfigError(f"Unknown config key '{path}'." + (close.replace("'", f"'{where}", 1) if close else ""))
         f = known[key]
         if dataclasses.is_dataclass(f.default_factory() if f.default_factory is not dataclasses.MISSING else None):
             kwargs[key] = from_dict(type(f.default_factory()), value, f"{path}.")

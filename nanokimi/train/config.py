@@ -1,0 +1,168 @@
+"""The run configuration: model, data, training and optimizer sections, loaded from a preset, a TOML
+file and dotted `key=value` overrides, in that order."""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nanokimi.config import ConfigError, ModelConfig, from_dict, suggest
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
+
+
+@dataclass(kw_only=True, slots=True)
+class DataConfig:
+    source: str = "stdlib"  # "stdlib", a text file, a folder, a glob, or a .jsonl file
+    text_field: str = "text"  # jsonl only
+    vocab_size: int = 4096  # BPE trained on the corpus, unless `tokenizer` names a tokenizer.json
+    tokenizer: str = ""
+    dir: str = ""  # where token shards live; default: a cache folder keyed by source and settings
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    batch_size: int = 16  # sequences per optimizer step (global, over all ranks and accumulation steps)
+    seq_len: int = 256
+    grad_accum: int = 1
+    max_steps: int = 300
+    seed: int = 1337
+    device: str = "auto"  # "auto" = cuda when available
+    compile: bool = False
+    grad_clip: float = 1.0
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 8
+    save_every: int = 100
+    sample_tokens: int = 120
+
+
+@dataclass(kw_only=True, slots=True)
+class OptimConfig:
+    name: str = "muon"  # "muon" (Muon for matrices + AdamW for the rest) or "adamw"
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    momentum: float = 0.95
+    schedule: str = "cosine"  # "cosine" or "wsd" (warmup-stable-decay)
+    warmup_steps: int = 20
+    decay_fraction: float = 0.2  # wsd: share of steps spent decaying
+    min_lr_ratio: float = 0.1
+    qk_clip: bool = True
+    qk_clip_tau: float = 100.0
+    router_bias_rate: float = 1e-3
+
+
+@dataclass(kw_only=True, slots=True)
+class RunConfig:
+    preset: str = "tiny"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def validate(self) -> None:
+        if self.optim.name not in ("muon", "adamw"):
+            raise ConfigError(f"optim.name='{self.optim.name}' must be 'muon' or 'adamw'.")
+        if self.optim.schedule not in ("cosine", "wsd"):
+            raise ConfigError(f"optim.schedule='{self.optim.schedule}' must be 'cosine' or 'wsd'.")
+        for section, name in (("train", "batch_size"), ("train", "seq_len"), ("train", "grad_accum"),
+                              ("train", "max_steps")):
+            if getattr(getattr(self, section), name) < 1:
+                raise ConfigError(f"{section}.{name} must be >= 1.")
+        if self.train.batch_size % self.train.grad_accum:
+            raise ConfigError(f"train.batch_size={self.train.batch_size} must be divisible by "
+                              f"train.grad_accum={self.train.grad_accum}.")
+
+    def to_dict(self) -> dict:
+        return {"preset": self.preset, **{s: _section_dict(getattr(self, s)) for s in ("model", "data", "train", "optim")}}
+
+
+def _section_dict(obj) -> dict:
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+
+
+def parse_value(text: str):
+    """A command-line value: int, float, bool, none, or the string itself."""
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _apply_overrides(tree: dict, overrides: list[str]) -> None:
+    sections = {"model", "data", "train", "optim"}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"Override '{item}' must look like section.key=value, e.g. train.max_steps=200.")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) != 2 or parts[0] not in sections:
+            section = parts[0] if parts else key
+            hint = suggest(section, sections) if len(parts) == 2 else " Use section.key, e.g. optim.lr=0.01."
+            raise ConfigError(f"Override key '{key}' must be section.key with section one of "
+                              f"{', '.join(sorted(sections))}.{hint}")
+        tree.setdefault(parts[0], {})[parts[1]] = parse_value(value.strip())
+
+
+def load_run_config(preset: str | None = None, config_file: str | None = None,
+                    overrides: list[str] | None = None) -> RunConfig:
+    tree: dict = {}
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"Config file '{config_file}' does not exist.")
+        try:
+            tree = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"Config file '{config_file}' is not valid TOML: {e}") from None
+    _apply_overrides(tree, overrides or [])
+    unknown = set(tree) - {"preset", "model", "data", "train", "optim"}
+    if unknown:
+        name = sorted(unknown)[0]
+        raise ConfigError(f"Unknown config section '{name}'.{suggest(name, ['model', 'data', 'train', 'optim'])}")
+    preset_name = preset or tree.get("preset") or "tiny"
+    from nanokimi.config import PRESETS
+    if preset_name not in PRESETS:
+        raise ConfigError(f"Unknown preset '{preset_name}'.{suggest(preset_name, PRESETS)} Presets: {', '.join(PRESETS)}.")
+    model = from_dict(ModelConfig, {**PRESETS[preset_name], **tree.get("model", {})}, "model.")
+    run = RunConfig(
+        preset=preset_name,
+        model=model,
+        data=from_dict(DataConfig, tree.get("data", {}), "data."),
+        train=from_dict(TrainConfig, tree.get("train", {}), "train."),
+        optim=from_dict(OptimConfig, tree.get("optim", {}), "optim."),
+    )
+    run.validate()
+    return run
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def to_toml(run: RunConfig) -> str:
+    tree = run.to_dict()
+    lines = [f"preset = {_toml_value(tree.pop('preset'))}"]
+    for section, values in tree.items():
+        lines.append(f"\n[{section}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items() if v is not None]
+    return "\n".join(lines) + "\n"
