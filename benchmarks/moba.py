@@ -131,6 +131,11 @@ def main():
     quick = args.quick or not torch.cuda.is_available()
     device = torch.device("cpu" if quick else "cuda")
     plan = QUICK_PLAN if quick else GPU_PLAN
+    # every (T, config) compiles the two flex kernels anew; past dynamo's recompile limit flex would fall
+    # back to its unfused eager form, which materialises [T, T]
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+    if hasattr(torch._dynamo.config, "recompile_limit"):
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
     if quick:
         import warnings
         warnings.filterwarnings("ignore", message=".*flex_attention.*")
