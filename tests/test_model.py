@@ -19,6 +19,7 @@ VARIANTS = {
     "mla-qlora-yarn-interleave": dict(mixers="A", q_lora_rank=20, rope_interleave=True, yarn_factor=4.0,
                                       yarn_original_max_position=32, yarn_mscale_all_dim=1.0),
     "kda": dict(mixers="K"),
+    "moba": dict(mixers="BA", moba_block_size=8, moba_topk=2),
     "hybrid": dict(mixers="KKA", num_layers=3, n_group=3, topk_group=2),
 }
 
@@ -189,3 +190,15 @@ def test_qk_clip_caps_logits_and_leaves_other_heads_alone(mixers, kv_heads):
         old = snapshot["kv_b_proj.weight"].view(4, 16 + 12, -1)
         assert torch.equal(kvb[1, 16:], old[1, 16:])  # value rows untouched
         assert torch.equal(kvb[[0, 2, 3]], old[[0, 2, 3]])
+
+
+def test_moba_layer_shares_parameters_with_mla_and_equals_it_when_all_blocks_are_chosen():
+    moba = small_model(mixers="B", moba_block_size=8, moba_topk=64)
+    full = small_model(mixers="A")
+    full.load_state_dict(moba.state_dict())  # same parameter names and shapes: checkpoints move freely
+    ids = torch.randint(0, 97, (2, 37))
+    with torch.no_grad():
+        assert rel_err(moba(ids), full(ids)) < 1e-5
+        sparse = small_model(mixers="B", moba_block_size=8, moba_topk=2)
+        sparse.load_state_dict(moba.state_dict())
+        assert rel_err(sparse(ids), full(ids)) > 1e-3  # with few blocks chosen it really is sparse
