@@ -29,13 +29,13 @@ def _rstd(x32, eps):
 
 def _depth_attention(queries, key_weights, eps, *sources):
     with torch.autocast(sources[0].device.type, enabled=False):
-        values = _wide(torch.stack(sources))  # [N, B, T, D]
+        values = _wide(torch.stack(sources, dim=2))  # [B, T, N, D]: depth next to D, so both contractions are bmm
         effective_queries = _wide(queries) * _wide(key_weights)  # [S, D]
-        logits = torch.einsum("nbtd,sd->snbt", values, effective_queries) * _rstd(values, eps)  # [S, N, B, T]
-        lse = torch.logsumexp(logits, dim=1)  # [S, B, T]
-        alpha = torch.exp(logits - lse.unsqueeze(1))
-        mixture = torch.einsum("snbt,nbtd->sbtd", alpha, values)  # [S, B, T, D]
-    return mixture, lse
+        logits = (values @ effective_queries.T) * _rstd(values, eps).unsqueeze(-1)  # [B, T, N, S]
+        lse = torch.logsumexp(logits, dim=2)  # [B, T, S]
+        alpha = torch.exp(logits - lse.unsqueeze(2))
+        mixture = alpha.transpose(-1, -2) @ values  # [B, T, S, D]
+    return mixture.movedim(2, 0), lse.movedim(2, 0)  # [S, B, T, D], [S, B, T]
 
 
 def depth_attention(sources, queries, key_weights, eps=1e-6, recompute=True):
