@@ -1,0 +1,132 @@
+"""Attention Residuals on the residual stream (DESIGN.md §2.5, arXiv 2603.15031).
+
+Instead of h_l = h_{l-1} + f_{l-1}(...), sublayer l reads a learned softmax over depth of earlier sources:
+    h_l = sum_i alpha_{i->l} v_i,   alpha_{i->l} = softmax_i(w_l . RMSNorm(v_i)),   v_0 = token embedding
+with one pseudo-query w_l per sublayer (zero-init: a uniform average at the start) and one more for the final
+hidden state that goes to the final norm and LM head. mode="full": the sources are every earlier sublayer's
+output. mode="block": consecutive sublayers form blocks; the sources are the embedding, the sum of each finished
+block, and the current block's partial sum (computed two-phase, see nanokimi.ops.attnres).
+
+The mixing is across depth at the same token only: no token reads another token's sources, so the module is
+the same for any T and a decode step (T = 1) needs nothing cached from earlier tokens.
+
+Driven by the transformer one call per sublayer:
+    state = residual.start(embedding)
+    for l in range(num_sublayers):
+        h = residual.sublayer_input(state, l)
+        state = residual.add(state, l, f_l(norm_l(h)))
+    h_final = residual.finish(state)
+"""
+import math
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from nanokimi.ops.attnres import depth_attention, merge_partial
+
+MODES = ("full", "block")
+
+
+class AttnResState(NamedTuple):
+    """The residual stream between sublayers, all [B, T, D] in the embedding's dtype.
+
+    sources: embedding, then each finished block's sum; partial: sum of the current block's outputs so far
+    (None at a block's start); mixture [S, B, T, D] and lse [S, B, T]: phase 1 of the current block;
+    position: the next sublayer expected.
+    """
+    sources: tuple
+    partial: torch.Tensor | None
+    mixture: torch.Tensor | None
+    lse: torch.Tensor | None
+    position: int
+
+
+class AttentionResiduals(nn.Module):
+    def __init__(self, hidden_size: int, num_sublayers: int, mode: str = "full", num_blocks: int = 8,
+                 eps: float = 1e-6, recompute: bool = True):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode='{mode}' must be one of {MODES} (use the plain PreNorm residual for 'none').")
+        if num_sublayers < 1 or hidden_size < 1:
+            raise ValueError(f"hidden_size={hidden_size} and num_sublayers={num_sublayers} must be >= 1.")
+        if mode == "block" and num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}.")
+        self.hidden_size = hidden_size
+        self.num_sublayers = num_sublayers
+        self.mode = mode
+        self.eps = eps
+        self.recompute = recompute
+        # sublayers per block; the last block is shorter when num_blocks does not divide num_sublayers
+        self.block_size = 1 if mode == "full" else math.ceil(num_sublayers / min(num_blocks, num_sublayers))
+        self.num_blocks = math.ceil(num_sublayers / self.block_size)
+        # one pseudo-query and one key-RMSNorm weight per sublayer, then the final read's; kept as vectors
+        # (not one [L + 1, D] matrix) so optimizers that treat matrices specially (Muon) leave them to AdamW
+        self.queries = nn.ParameterList(nn.Parameter(torch.zeros(hidden_size)) for _ in range(num_sublayers + 1))
+        self.key_weights = nn.ParameterList(nn.Parameter(torch.ones(hidden_size)) for _ in range(num_sublayers + 1))
+
+    def reset_parameters(self) -> None:
+        """Zero queries (uniform average over depth) and unit key weights: the paper's initialisation."""
+        with torch.no_grad():
+            for q, w in zip(self.queries, self.key_weights):
+                q.zero_()
+                w.fill_(1.0)
+
+    def extra_repr(self) -> str:
+        return (f"hidden_size={self.hidden_size}, num_sublayers={self.num_sublayers}, mode={self.mode}, "
+                f"block_size={self.block_size}, num_blocks={self.num_blocks}")
+
+    def _block_range(self, l: int) -> tuple[int, int]:
+        start = (l // self.block_size) * self.block_size
+        return start, min(start + self.block_size, self.num_sublayers)
+
+    def _phase1(self, sources: tuple, first: int, stop: int):
+        queries = torch.stack(list(self.queries[first:stop]))  # [S, D]
+        key_weights = torch.stack(list(self.key_weights[first:stop]))
+        return depth_attention(sources, queries, key_weights, self.eps, self.recompute)
+
+    def start(self, embedding: torch.Tensor) -> AttnResState:
+        """embedding: [B, T, D] token embeddings (v_0)."""
+        if embedding.dim() != 3 or embedding.shape[-1] != self.hidden_size:
+            raise ValueError(f"embedding must be [B, T, {self.hidden_size}], got {tuple(embedding.shape)}.")
+        sources = (embedding,)
+        mixture, lse = self._phase1(sources, *self._block_range(0))
+        return AttnResState(sources, None, mixture, lse, 0)
+
+    def sublayer_input(self, state: AttnResState, l: int) -> torch.Tensor:
+        """The [B, T, D] input of sublayer l (before its pre-norm)."""
+        self._check_order(state, l)
+        i = l - self._block_range(l)[0]
+        if state.partial is None:
+            return state.mixture[i].to(state.sources[0].dtype)
+        return merge_partial(state.mixture[i], state.lse[i], state.partial, self.queries[l], self.key_weights[l],
+                             self.eps)
+
+    def add(self, state: AttnResState, l: int, out: torch.Tensor) -> AttnResState:
+        """Record sublayer l's output out [B, T, D]; returns the next state."""
+        self._check_order(state, l)
+        out = out.to(state.sources[0].dtype)
+        partial = out if state.partial is None else state.partial + out
+        first, stop = self._block_range(l)
+        if l + 1 < stop:
+            return AttnResState(state.sources, partial, state.mixture, state.lse, l + 1)
+        sources = state.sources + (partial,)
+        if stop == self.num_sublayers:
+            return AttnResState(sources, None, None, None, l + 1)
+        mixture, lse = self._phase1(sources, *self._block_range(stop))
+        return AttnResState(sources, None, mixture, lse, l + 1)
+
+    def finish(self, state: AttnResState) -> torch.Tensor:
+        """The final hidden state [B, T, D]: the last query's mixture of all sources (then final norm, LM head)."""
+        if state.position != self.num_sublayers:
+            raise ValueError(f"finish() called after {state.position} of {self.num_sublayers} sublayers; "
+                             "call add() for every sublayer first.")
+        L = self.num_sublayers
+        mixture, _ = depth_attention(state.sources, self.queries[L].unsqueeze(0), self.key_weights[L].unsqueeze(0),
+                                     self.eps, self.recompute)
+        return mixture[0].to(state.sources[0].dtype)
+
+    def _check_order(self, state: AttnResState, l: int) -> None:
+        if l != state.position:
+            raise ValueError(f"sublayer {l} called but the residual stream expects sublayer {state.position}; "
+                             "call sublayer_input/add in order 0, 1, ..., num_sublayers - 1.")

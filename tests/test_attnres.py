@@ -1,0 +1,254 @@
+"""Attention Residuals: the two-phase block form and the module against the straightforward reference."""
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from nanokimi.model.attn_res import AttentionResiduals
+from nanokimi.ops.attnres import attnres_naive, attnres_stack_naive, depth_attention, merge_partial
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def rel(a, b):
+    """||a - b|| / ||b||; two exact zeros (e.g. the grad of sublayer 0's query, whose softmax has one source) agree."""
+    a, b = a.float(), b.float()
+    if b.norm() == 0:
+        return a.norm().item()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def randomise(module, generator):
+    """Non-trivial queries and key weights, so the depth softmax is far from uniform."""
+    with torch.no_grad():
+        for q in module.queries:
+            q.copy_(torch.randn(q.shape, generator=generator))
+        for w in module.key_weights:
+            w.copy_(torch.rand(w.shape, generator=generator) + 0.5)
+
+
+class ToyMixer(nn.Module):
+    """A sublayer that mixes tokens causally (cumulative mean) so decode tests mean something."""
+
+    def __init__(self, dim, generator):
+        super().__init__()
+        self.proj = nn.Linear(dim, dim)
+        with torch.no_grad():
+            self.proj.weight.copy_(torch.randn(dim, dim, generator=generator) / dim ** 0.5)
+            self.proj.bias.copy_(torch.randn(dim, generator=generator) * 0.1)
+
+    def forward(self, h):
+        return torch.tanh(self.proj(torch.nn.functional.rms_norm(h, h.shape[-1:])))
+
+
+def run_module(module, embedding, sublayers):
+    state = module.start(embedding)
+    inputs = []
+    for l, f in enumerate(sublayers):
+        h = module.sublayer_input(state, l)
+        inputs.append(h)
+        state = module.add(state, l, f(h))
+    return module.finish(state), inputs
+
+
+def test_naive_matches_explicit_softmax():
+    g = torch.Generator().manual_seed(0)
+    sources = torch.randn(5, 2, 7, 12, generator=g) * torch.tensor([1.0, 3.0, 0.2, 5.0, 1.0]).view(5, 1, 1, 1)
+    query, weight = torch.randn(12, generator=g), torch.rand(12, generator=g) + 0.5
+    keys = sources / sources.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt() * weight
+    alpha = torch.softmax((keys * query).sum(-1), dim=0)  # [N, B, T]
+    expected = (alpha.unsqueeze(-1) * sources).sum(0)
+    assert rel(attnres_naive(sources, query, weight), expected) < 1e-6
+
+
+def test_zero_queries_give_the_uniform_average():
+    g = torch.Generator().manual_seed(1)
+    D, L = 24, 6
+    embedding = torch.randn(2, 9, D, generator=g)
+    sublayers = [ToyMixer(D, g) for _ in range(L)]
+    for mode, blocks in (("full", 8), ("block", 3)):
+        module = AttentionResiduals(D, L, mode=mode, num_blocks=blocks)
+        final, inputs = run_module(module, embedding, sublayers)
+        # recompute the uniform average of each sublayer's sources by hand
+        outputs = [f(h) for f, h in zip(sublayers, inputs)]
+        S = module.block_size
+        for l in range(L + 1):
+            block = l // S
+            sources = [embedding] + [sum(outputs[n * S:(n + 1) * S]) for n in range(block)]
+            if outputs[block * S:l]:
+                sources.append(sum(outputs[block * S:l]))
+            expected = torch.stack(sources).mean(0)
+            got = final if l == L else inputs[l]
+            assert rel(got, expected) < 1e-6, (mode, l)
+
+
+@pytest.mark.parametrize("num_blocks", [3, 4])
+def test_block_with_one_sublayer_per_block_is_full(num_blocks):
+    g = torch.Generator().manual_seed(2)
+    D, L = 20, 8
+    embedding = torch.randn(2, 5, D, generator=g)
+    sublayers = [ToyMixer(D, g) for _ in range(L)]
+    full = AttentionResiduals(D, L, mode="full")
+    randomise(full, g)
+    one_per_block = AttentionResiduals(D, L, mode="block", num_blocks=L)
+    one_per_block.load_state_dict(full.state_dict())
+    assert one_per_block.block_size == 1
+    assert rel(run_module(one_per_block, embedding, sublayers)[0], run_module(full, embedding, sublayers)[0]) < 1e-6
+    # and genuine blocks are a different model
+    blocked = AttentionResiduals(D, L, mode="block", num_blocks=num_blocks)
+    blocked.load_state_dict(full.state_dict())
+    assert rel(run_module(blocked, embedding, sublayers)[0], run_module(full, embedding, sublayers)[0]) > 1e-3
+
+
+@pytest.mark.parametrize("mode,num_blocks,L,T", [("block", 3, 8, 13), ("block", 4, 8, 1), ("full", 8, 5, 7),
+                                                  ("block", 2, 7, 63)])
+def test_module_matches_stack_reference_forward_and_grads(mode, num_blocks, L, T):
+    g = torch.Generator().manual_seed(3)
+    D = 32
+    module = AttentionResiduals(D, L, mode=mode, num_blocks=num_blocks)
+    randomise(module, g)
+    sublayers = nn.ModuleList(ToyMixer(D, g) for _ in range(L))
+    # float64 throughout, so the comparison sees the algorithm and not fp32 rounding of small, cancelling grads
+    module.double(), sublayers.double()
+    embedding = torch.randn(2, T, D, generator=g, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(2, T, D, generator=g, dtype=torch.float64)
+
+    final, _ = run_module(module, embedding, sublayers)
+    (final * target).sum().backward()
+    got = [embedding.grad] + [p.grad for p in module.parameters()] + [p.grad for p in sublayers.parameters()]
+    for p in [embedding, *module.parameters(), *sublayers.parameters()]:
+        p.grad = None
+
+    reference = attnres_stack_naive(embedding, list(sublayers), list(module.queries), list(module.key_weights),
+                                    block_size=module.block_size, eps=module.eps)
+    (reference * target).sum().backward()
+    expected = [embedding.grad] + [p.grad for p in module.parameters()] + [p.grad for p in sublayers.parameters()]
+
+    assert final.dtype == torch.float64 and rel(final, reference) < 1e-12
+    for i, (a, b) in enumerate(zip(got, expected)):
+        assert a is not None and b is not None, i
+        assert rel(a, b) < 1e-10, i
+    # sublayer 0 sees only the embedding, so its query cannot matter; every other query must get a gradient
+    assert (module.queries[0].grad == 0).all()
+    assert all(q.grad.abs().sum() > 0 for q in list(module.queries)[1:])
+
+
+def test_two_phase_ops_match_naive_with_query_grads():
+    g = torch.Generator().manual_seed(4)
+    N, S, B, T, D = 4, 3, 2, 17, 40
+    sources = [(torch.randn(B, T, D, generator=g) * (n + 1)).requires_grad_() for n in range(N)]
+    partial = torch.randn(B, T, D, generator=g, requires_grad=True)
+    queries = torch.randn(S, D, generator=g, requires_grad=True)
+    weights = (torch.rand(S, D, generator=g) + 0.5).requires_grad_()
+    leaves = [*sources, partial, queries, weights]
+    cotangent = torch.randn(S, B, T, D, generator=g)
+
+    mixture, lse = depth_attention(sources, queries, weights)
+    merged = torch.stack([merge_partial(mixture[s], lse[s], partial, queries[s], weights[s]) for s in range(S)])
+    (torch.cat([merged, mixture]) * torch.cat([cotangent, cotangent.flip(0)])).sum().backward()
+    got = [p.grad.clone() for p in leaves]
+    for p in leaves:
+        p.grad = None
+
+    mixture_ref = torch.stack([attnres_naive(sources, queries[s], weights[s]) for s in range(S)])
+    merged_ref = torch.stack([attnres_naive(sources + [partial], queries[s], weights[s]) for s in range(S)])
+    (torch.cat([merged_ref, mixture_ref]) * torch.cat([cotangent, cotangent.flip(0)])).sum().backward()
+
+    assert rel(mixture, mixture_ref) < 1e-6 and rel(merged, merged_ref) < 1e-6
+    stacked = torch.stack(sources).float()
+    keys = torch.nn.functional.rms_norm(stacked, (D,), eps=1e-6)
+    lse_ref = torch.logsumexp(torch.einsum("nbtd,sd->snbt", keys, queries * weights), dim=1)
+    assert rel(lse, lse_ref) < 1e-6
+    for a, p in zip(got, leaves):
+        assert rel(a, p.grad) < 1e-5
+
+
+def test_recompute_off_gives_the_same_grads():
+    g = torch.Generator().manual_seed(5)
+    D, L = 16, 6
+    embedding = torch.randn(1, 11, D, generator=g, requires_grad=True)
+    sublayers = [ToyMixer(D, g) for _ in range(L)]
+    grads = []
+    for recompute in (True, False):
+        module = AttentionResiduals(D, L, mode="block", num_blocks=3, recompute=recompute)
+        torch.manual_seed(0)
+        randomise(module, torch.Generator().manual_seed(6))
+        run_module(module, embedding, sublayers)[0].square().sum().backward()
+        grads.append([embedding.grad.clone()] + [q.grad for q in module.queries])
+        embedding.grad = None
+    for a, b in zip(*grads):
+        assert rel(a, b) < 1e-6
+
+
+def test_per_token_application_equals_whole_sequence():
+    """The depth softmax never crosses tokens: token-by-token = whole sequence, with a causal stack."""
+    g = torch.Generator().manual_seed(7)
+    D, L, T = 16, 6, 9
+    module = AttentionResiduals(D, L, mode="block", num_blocks=3)
+    randomise(module, g)
+    sublayers = [ToyMixer(D, g) for _ in range(L)]
+    embedding = torch.randn(2, T, D, generator=g)
+    with torch.no_grad():
+        whole, _ = run_module(module, embedding, sublayers)
+        # decode: each token alone (the toy sublayers are per-token, standing in for a cached causal mixer)
+        steps = [run_module(module, embedding[:, t:t + 1], sublayers)[0] for t in range(T)]
+    assert rel(torch.cat(steps, dim=1), whole) < 1e-6
+
+
+def test_bad_calls_have_clear_errors():
+    module = AttentionResiduals(8, 4, mode="block", num_blocks=2)
+    with pytest.raises(ValueError, match="mode="):
+        AttentionResiduals(8, 4, mode="none")
+    with pytest.raises(ValueError, match="embedding must be"):
+        module.start(torch.randn(2, 3, 7))
+    state = module.start(torch.randn(2, 3, 8))
+    with pytest.raises(ValueError, match="expects sublayer 0"):
+        module.sublayer_input(state, 1)
+    with pytest.raises(ValueError, match="finish"):
+        module.finish(state)
+
+
+def test_block_layout():
+    assert AttentionResiduals(8, 32, mode="block", num_blocks=8).block_size == 4
+    uneven = AttentionResiduals(8, 10, mode="block", num_blocks=4)
+    assert (uneven.block_size, uneven.num_blocks) == (3, 4)
+    assert AttentionResiduals(8, 4, mode="block", num_blocks=8).block_size == 1
+    module = AttentionResiduals(8, 6, mode="full")
+    assert len(module.queries) == 7 and all(q.dim() == 1 for q in module.parameters())
+    assert all((q == 0).all() for q in module.queries) and all((w == 1).all() for w in module.key_weights)
+
+
+def _build_model_available():
+    try:
+        from nanokimi import build_model, ModelConfig  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _build_model_available(), reason="nanokimi.build_model has not landed yet")
+def test_overhead_benchmark_quick(tmp_path):
+    out = tmp_path / "attnres_overhead.json"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "attnres_overhead.py"), "--quick",
+                             "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert {r["attn_res"] for r in report["rows"]} >= {"none", "block"}
+    assert all(r["median_ms"] > 0 for r in report["rows"])
+
+
+def test_softmax_stays_fp32_under_autocast_and_bf16_sources_are_close():
+    g = torch.Generator().manual_seed(8)
+    sources = [torch.randn(2, 5, 64, generator=g) * 4 for _ in range(5)]
+    queries, weights = torch.randn(3, 64, generator=g), torch.rand(3, 64, generator=g) + 0.5
+    exact, exact_lse = depth_attention(sources, queries, weights)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast, lse = depth_attention(sources, queries, weights)
+    assert under_autocast.dtype == torch.float32 and rel(under_autocast, exact) < 1e-6 and rel(lse, exact_lse) < 1e-6
+    low, _ = depth_attention([s.bfloat16() for s in sources], queries, weights)
+    assert low.dtype == torch.float32 and rel(low, exact) < 2e-2
