@@ -20,6 +20,8 @@ VARIANTS = {
                                       yarn_original_max_position=32, yarn_mscale_all_dim=1.0),
     "kda": dict(mixers="K"),
     "moba": dict(mixers="BA", moba_block_size=8, moba_topk=2),
+    "attnres-full": dict(mixers="KA", attn_res="full"),
+    "attnres-block": dict(mixers="GK", num_layers=4, attn_res="block", attn_res_blocks=3),
     "hybrid": dict(mixers="KKA", num_layers=3, n_group=3, topk_group=2),
 }
 

@@ -73,6 +73,8 @@ class Transformer(nn.Module):
         for module in self.modules():  # convs are short filters: a wider init keeps them alive
             if isinstance(module, nn.Conv1d):
                 nn.init.uniform_(module.weight, -module.weight.shape[-1] ** -0.5, module.weight.shape[-1] ** -0.5)
+        if hasattr(self.residual, "reset_parameters"):
+            self.residual.reset_parameters()
 
     def new_cache(self, batch_size: int, max_len: int) -> ModelCache:
         device, dtype = self.embed.weight.device, self.embed.weight.dtype
