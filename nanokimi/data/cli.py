@@ -45,7 +45,7 @@ def run_prepare(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"{out}: source {m.source['spec']} ({m.source['files']} files), tokenizer vocab {m.tokenizer['vocab_size']} "
-          f"({'trained' if m.tokenizer['trained'] else 'given'}), prepared in {m.seconds:.1f} s")
+          f"({'trained' if m.tokenizer['trained'] else 'given'}), prepared in {m.seconds['total']:.1f} s")
     for name, s in m.splits.items():
         print(f"  {name:5s} {s.documents:8d} docs {s.tokens:12,d} tokens {s.bytes:14,d} bytes "
               f"({m.bytes_per_token(name):.2f} bytes/token) in {len(s.shards)} shard(s)")

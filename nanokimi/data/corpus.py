@@ -13,6 +13,7 @@ on where the source lives on disk, so the split of a document is the same on eve
 """
 from __future__ import annotations
 
+import fnmatch
 import glob
 import hashlib
 import json
@@ -81,11 +82,7 @@ def resolve_source(source: str | os.PathLike) -> Source:
     spec = str(source)
     if spec == "stdlib":
         root = Path(sysconfig.get_paths()["stdlib"]).resolve()
-        files = [
-            SourceFile(p, p.relative_to(root).as_posix(), False)
-            for p in root.rglob("*.py")
-            if p.is_file() and not EXCLUDED_DIRS.intersection(p.relative_to(root).parts)
-        ]
+        files = [SourceFile(p, p.relative_to(root).as_posix(), False) for p in _walk(root, "*.py", sniff=False)]
         return Source(spec, "stdlib", root, _sorted(files), f"*.py under {root}, excluding site-packages")
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -129,12 +126,14 @@ def _sorted(files: list[SourceFile]) -> tuple[SourceFile, ...]:
     return tuple(sorted(files, key=lambda f: f.doc_prefix))
 
 
-def _walk(root: Path) -> Iterator[Path]:
+def _walk(root: Path, pattern: str = "*", sniff: bool = True) -> Iterator[Path]:
+    """Files under root matching `pattern`, skipping hidden entries, site-packages and (if sniff) binaries."""
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not d.startswith(".") and d not in EXCLUDED_DIRS]
         for name in filenames:
             p = Path(dirpath) / name
-            if not name.startswith(".") and p.is_file() and _is_text_like(p):
+            if not name.startswith(".") and fnmatch.fnmatch(name, pattern) and p.is_file() and (
+                    not sniff or _is_text_like(p)):
                 yield p
 
 

@@ -55,7 +55,7 @@ class Manifest:
     splits: dict[str, SplitInfo]
     val_threshold: float  # documents with hash_unit(id) < this are in val
     created: str
-    seconds: float
+    seconds: dict[str, float]  # wall time of each phase: scan, tokenizer, tokenise, total
     format: int = FORMAT_VERSION
 
     def bytes_per_token(self, split: str) -> float:
@@ -127,11 +127,13 @@ def prepare(
     if existing is not None:
         return existing
 
+    seconds = {}
     docs = [(d.id, hash_unit(d.id), len(d.text)) for d in _documents(src, text_field)]
     if not docs:
         raise DataError(f"Source {src.spec!r} has no documents with text ({src.filter}).")
     val_threshold = _val_threshold([h for _, h, _ in docs], val_fraction)
 
+    seconds["scan"] = time.perf_counter() - started
     out.mkdir(parents=True, exist_ok=True)
     _remove_outputs(out)
     if given_tokenizer is not None:
@@ -140,6 +142,7 @@ def prepare(
         tokenizer = Tokenizer.train(_tokenizer_sample(src, text_field, docs, val_threshold, tokenizer_sample_chars),
                                     vocab_size)
     tokenizer.save(out / TOKENIZER)
+    seconds["tokenizer"] = time.perf_counter() - started - seconds["scan"]
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32)
 
     writers = {s: _ShardWriter(out, s, dtype, shard_tokens) for s in SPLITS}
@@ -158,6 +161,8 @@ def prepare(
     bar.close()
     for s in SPLITS:
         splits[s].shards = writers[s].close()
+    seconds["total"] = time.perf_counter() - started
+    seconds["tokenise"] = seconds["total"] - seconds["scan"] - seconds["tokenizer"]
 
     manifest = Manifest(
         source={"spec": src.spec, "kind": src.kind, "root": str(src.root), "filter": src.filter,
@@ -169,7 +174,7 @@ def prepare(
         splits=splits,
         val_threshold=val_threshold,
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        seconds=round(time.perf_counter() - started, 3),
+        seconds={k: round(v, 3) for k, v in seconds.items()},
     )
     _write_atomic(out / MANIFEST, manifest.to_json().encode())
     return manifest
