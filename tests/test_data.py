@@ -1,5 +1,6 @@
 """Data layer: tokenizer round trip, prepare (folder, jsonl, text, stdlib), loader determinism, errors."""
 import json
+import math
 import os
 import random
 import time
@@ -65,6 +66,18 @@ def test_tokenizer_round_trip_arbitrary_unicode(tmp_path):
     assert loaded.vocab_size == tok.vocab_size and loaded.eot_id == tok.eot_id
     assert loaded.encode(texts[3]) == tok.encode(texts[3])
     assert len(tok.encode(TRAIN_TEXT[:500])) < 250  # merges were learned: well under one token per byte
+
+
+def test_val_threshold_keeps_both_splits_non_empty():
+    from nanokimi.data.shards import _val_threshold
+    rng = random.Random(0)
+    for n in (1, 2, 3, 10, 1000):
+        hashes = [rng.random() for _ in range(n)]
+        for fraction in (0.0, 0.005, 0.5, 0.99):
+            t = _val_threshold(hashes, fraction)
+            val = sum(h < t for h in hashes)
+            assert (val == 0) if n == 1 else (1 <= val <= n - 1)
+            assert val >= min(math.ceil(fraction * n), n - 1)
 
 
 def test_split_of_is_stable_and_proportional():
@@ -215,7 +228,11 @@ def test_errors_name_the_problem(tmp_path):
     rows.write_text('{"text": "fine"}\n{"question": "q", "answer": "a"}\n')
     with pytest.raises(DataError, match=r"line 2 has no field 'text'; its fields are \['answer', 'question'\]"):
         prepare(rows, tmp_path / "out", progress=False)
-    with pytest.raises(DataError, match="no <|endoftext|>|does not exist"):
+    from tokenizers import Tokenizer as HFTokenizer, models
+    HFTokenizer(models.BPE()).save(str(tmp_path / "no_eot.json"))
+    with pytest.raises(DataError, match=r"has no '<\|endoftext\|>' token"):
+        prepare(rows, tmp_path / "out", tokenizer_path=tmp_path / "no_eot.json", progress=False)
+    with pytest.raises(DataError, match="nope.json does not exist"):
         prepare(write_folder(tmp_path / "src"), tmp_path / "out", tokenizer_path=tmp_path / "nope.json",
                 progress=False)
 

@@ -205,17 +205,17 @@ def _check_existing(out: Path, settings: dict, overwrite: bool) -> Manifest | No
 
 
 def _val_threshold(hashes: list[float], val_fraction: float) -> float:
-    """Documents with hash below the result go to val: `val_fraction` of them, but at least
-    ceil(val_fraction * n) and at least one (when n >= 2), always leaving one for train."""
+    """Documents with hash below the result go to val: about `val_fraction` of them, but at least
+    ceil(val_fraction * n) and at least one (when n >= 2), always leaving at least one for train."""
     n = len(hashes)
+    if n < 2:
+        return 0.0
     want = min(max(math.ceil(val_fraction * n), 1), n - 1)
     have = sum(h < val_fraction for h in hashes)
-    if have >= want:
+    if want <= have <= n - 1:
         return val_fraction
-    if want == 0:
-        return 0.0
     ordered = sorted(hashes)
-    return float(np.nextafter(ordered[want - 1], 1.0))
+    return float(np.nextafter(ordered[want - 1], 1.0)) if have < want else ordered[n - 1]
 
 
 def _tokenizer_sample(src: Source, text_field: str, docs, val_threshold: float, budget: int) -> Iterator[str]:
