@@ -1,0 +1,149 @@
+"""Muon with the Moonlight update scale, batched over every same-shape matrix of every parameter group.
+
+For each matrix W [A, B] with gradient G (Moonlight, arXiv 2502.16982):
+    M <- mu M + G                      momentum buffer (state["momentum_buffer"])
+    U  = mu M + G if nesterov else M
+    O  = NewtonSchulz(U)               ~ polar factor of U, singular values near 1
+    W <- W - lr (0.2 sqrt(max(A, B)) O + wd W)
+0.2 sqrt(max(A, B)) makes the update's RMS about 0.2, AdamW's typical RMS, so Muon reuses AdamW's lr and wd.
+
+A parameter is split into the matrices that get orthogonalised on their own ("blocks"):
+    [A, B]                    one matrix
+    [E, A, B]                 E matrices (per-expert Muon for stacked MoE experts)
+    split=(a1, a2, ...)       rows cut into blocks a1, a2, ... (fused projections such as QKV); sum must be A
+    heads=H                   each row block cut into H heads of A/H rows (per-head Muon for attention)
+split and heads combine (split first, then heads within each piece). The scale 0.2 sqrt(max(a, b)) uses each
+block's own shape, so every block's update RMS is 0.2. All blocks with the same (short side, long side)
+across all parameters and groups share one batched Newton-Schulz call.
+"""
+import math
+from collections import defaultdict
+
+import torch
+
+from nanokimi.ops.newton_schulz import COEFFICIENT_SETS, coefficient_schedule, newton_schulz_wide, normalize_into
+
+MOONLIGHT_RMS = 0.2
+
+
+def matrix_blocks(t, heads=None, split=None):
+    """Views of t ([A, B] or [E, A, B]) that are orthogonalised as separate matrices.
+
+    Returns a list of views shaped [E, a, B] (no heads) or [E, H, a / H, B] (heads); E = 1 for 2-D t.
+    Writing into a view writes into t.
+    """
+    T = t if t.ndim == 3 else t.unsqueeze(0)  # [E, A, B]
+    pieces = list(T.split(list(split), dim=1)) if split else [T]
+    if heads:
+        pieces = [piece.unflatten(1, (heads, piece.shape[1] // heads)) for piece in pieces]
+    return pieces
+
+
+def check_matrix_options(shape, heads=None, split=None, name="parameter"):
+    """Raise ValueError, saying how to fix it, when `heads`/`split` cannot cut a tensor of `shape`."""
+    if len(shape) not in (2, 3):
+        raise ValueError(f"Muon takes 2-D [A, B] or 3-D [E, A, B] tensors; {name} has shape {tuple(shape)}. "
+                         "Give 1-D/0-D and other tensors to AdamW (nanokimi.optim.build_optimizer does this).")
+    rows = shape[-2]
+    pieces = [rows]
+    if split is not None:
+        split = tuple(int(s) for s in split)
+        if sum(split) != rows or any(s <= 0 for s in split):
+            raise ValueError(f"split={split} must be positive sizes summing to the row count {rows} of {name} "
+                             f"(shape {tuple(shape)})")
+        pieces = list(split)
+    if heads is not None:
+        if heads < 1 or any(p % heads for p in pieces):
+            raise ValueError(f"heads={heads} must divide every row block {pieces} of {name} (shape {tuple(shape)})")
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for hidden matrices (2-D, or 3-D stacked experts). See the module docstring for the update.
+
+    Per-group options beyond the constructor's: heads (int or None), split (tuple of row sizes or None).
+    ns_dtype is the Newton-Schulz compute dtype; eps guards the Frobenius normalisation.
+    """
+
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.1, ns_steps=5,
+                 coefficients="quintic", ns_dtype=torch.bfloat16, eps=1e-7, heads=None, split=None):
+        if lr < 0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if coefficients not in COEFFICIENT_SETS:
+            raise ValueError(f"unknown coefficients {coefficients!r}; choose one of {COEFFICIENT_SETS}")
+        coefficient_schedule(coefficients, ns_steps)
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, ns_steps=ns_steps,
+                        coefficients=coefficients, ns_dtype=ns_dtype, eps=eps, heads=heads, split=split)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if group["split"] is not None:
+            group["split"] = tuple(int(s) for s in group["split"])
+        if group["coefficients"] not in COEFFICIENT_SETS:
+            raise ValueError(f"unknown coefficients {group['coefficients']!r}; choose one of {COEFFICIENT_SETS}")
+        for i, p in enumerate(group["params"]):
+            check_matrix_options(p.shape, group["heads"], group["split"], name=f"param {i} of group "
+                                 f"{len(self.param_groups) - 1}")
+
+    def _momentum_updates(self, group):
+        """Advance the group's momentum; return (params with grads, their Nesterov/plain updates U)."""
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return [], []
+        for p in params:
+            if p.grad.is_sparse:
+                raise RuntimeError("Muon does not support sparse gradients")
+        grads = [p.grad for p in params]
+        bufs = []
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            bufs.append(state["momentum_buffer"])
+        mu = group["momentum"]
+        torch._foreach_mul_(bufs, mu)
+        torch._foreach_add_(bufs, grads)  # M = mu M + G
+        updates = torch._foreach_add(grads, bufs, alpha=mu) if group["nesterov"] else bufs
+        return params, updates
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        batches = defaultdict(list)  # NS settings + (short, long) -> [(update block, weight block, tall, group)]
+        for group in self.param_groups:
+            params, updates = self._momentum_updates(group)
+            if not params:
+                continue
+            lr, wd = group["lr"], group["weight_decay"]
+            if wd != 0:
+                torch._foreach_mul_(params, 1 - lr * wd)
+            for p, u in zip(params, updates):
+                for u_block, w_block in zip(matrix_blocks(u, group["heads"], group["split"]),
+                                            matrix_blocks(p, group["heads"], group["split"])):
+                    a, b = u_block.shape[-2:]
+                    key = (min(a, b), max(a, b), u.device, group["ns_dtype"], group["ns_steps"],
+                           group["coefficients"], group["eps"])
+                    batches[key].append((u_block, w_block, a > b, group))
+
+        for (short, long, device, ns_dtype, ns_steps, coefficients, eps), jobs in batches.items():
+            stacked = torch.cat([(u.mT if tall else u).reshape(-1, short, long) for u, _, tall, _ in jobs])  # [N, s, l]
+            X = normalize_into(torch.empty(stacked.shape, dtype=ns_dtype, device=device), stacked, eps)
+            del stacked
+            O = newton_schulz_wide(X, coefficient_schedule(coefficients, ns_steps))  # [N, short, long]
+            scale = MOONLIGHT_RMS * math.sqrt(long)
+            start = 0
+            for u_block, w_block, tall, group in jobs:
+                count = u_block.numel() // (short * long)
+                o = O[start:start + count].view(*u_block.shape[:-2], short, long)
+                start += count
+                w_block.add_(o.mT if tall else o, alpha=-group["lr"] * scale)
+        return loss
