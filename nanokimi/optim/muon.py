@@ -21,7 +21,7 @@ from collections import defaultdict
 
 import torch
 
-from nanokimi.ops.newton_schulz import COEFFICIENT_SETS, coefficient_schedule, newton_schulz_wide, normalize_into
+from nanokimi.ops.newton_schulz import COEFFICIENT_SETS, coefficient_schedule, newton_schulz_wide
 
 MOONLIGHT_RMS = 0.2
 
@@ -90,26 +90,20 @@ class Muon(torch.optim.Optimizer):
             check_matrix_options(p.shape, group["heads"], group["split"], name=f"param {i} of group "
                                  f"{len(self.param_groups) - 1}")
 
-    def _momentum_updates(self, group):
-        """Advance the group's momentum; return (params with grads, their Nesterov/plain updates U)."""
+    def _advance_momentum(self, group):
+        """M <- mu M + G for the group's params with grads (one pass each); returns (params, buffers)."""
         params = [p for p in group["params"] if p.grad is not None]
-        if not params:
-            return [], []
+        bufs = []
         for p in params:
             if p.grad.is_sparse:
                 raise RuntimeError("Muon does not support sparse gradients")
-        grads = [p.grad for p in params]
-        bufs = []
-        for p in params:
             state = self.state[p]
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            bufs.append(state["momentum_buffer"])
-        mu = group["momentum"]
-        torch._foreach_mul_(bufs, mu)
-        torch._foreach_add_(bufs, grads)  # M = mu M + G
-        updates = torch._foreach_add(grads, bufs, alpha=mu) if group["nesterov"] else bufs
-        return params, updates
+            buf = state["momentum_buffer"]
+            torch.add(p.grad, buf, alpha=group["momentum"], out=buf)
+            bufs.append(buf)
+        return params, bufs
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -118,32 +112,43 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        batches = defaultdict(list)  # NS settings + (short, long) -> [(update block, weight block, tall, group)]
+        batches = defaultdict(list)  # NS settings + (short, long) -> [(grad, momentum, weight blocks, tall, group)]
         for group in self.param_groups:
-            params, updates = self._momentum_updates(group)
+            params, bufs = self._advance_momentum(group)
             if not params:
                 continue
-            lr, wd = group["lr"], group["weight_decay"]
-            if wd != 0:
-                torch._foreach_mul_(params, 1 - lr * wd)
-            for p, u in zip(params, updates):
-                for u_block, w_block in zip(matrix_blocks(u, group["heads"], group["split"]),
-                                            matrix_blocks(p, group["heads"], group["split"])):
-                    a, b = u_block.shape[-2:]
-                    key = (min(a, b), max(a, b), u.device, group["ns_dtype"], group["ns_steps"],
+            if group["weight_decay"] != 0:
+                torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+            heads, split = group["heads"], group["split"]
+            for p, buf in zip(params, bufs):
+                for blocks in zip(matrix_blocks(p.grad, heads, split), matrix_blocks(buf, heads, split),
+                                  matrix_blocks(p, heads, split)):
+                    a, b = blocks[0].shape[-2:]
+                    key = (min(a, b), max(a, b), p.device, group["ns_dtype"], group["ns_steps"],
                            group["coefficients"], group["eps"])
-                    batches[key].append((u_block, w_block, a > b, group))
+                    batches[key].append((*blocks, a > b, group))
 
         for (short, long, device, ns_dtype, ns_steps, coefficients, eps), jobs in batches.items():
-            stacked = torch.cat([(u.mT if tall else u).reshape(-1, short, long) for u, _, tall, _ in jobs])  # [N, s, l]
-            X = normalize_into(torch.empty(stacked.shape, dtype=ns_dtype, device=device), stacked, eps)
-            del stacked
+            count = sum(g.numel() // (short * long) for g, *_ in jobs)
+            X = torch.empty(count, short, long, dtype=ns_dtype, device=device)  # [N, short, long]
+            start = 0
+            for g, m, _, tall, group in jobs:
+                n = g.numel() // (short * long)
+                dst = X[start:start + n].view(*g.shape[:-2], short, long)
+                dst = dst.mT if tall else dst  # same shape as g
+                start += n
+                if group["nesterov"]:
+                    torch.add(g, m, alpha=group["momentum"], out=dst)  # U = mu M + G, cast to ns_dtype
+                else:
+                    dst.copy_(m)
+            norms = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=torch.float32)  # [N, 1, 1]
+            X.mul_((norms + eps).reciprocal())
             O = newton_schulz_wide(X, coefficient_schedule(coefficients, ns_steps))  # [N, short, long]
             scale = MOONLIGHT_RMS * math.sqrt(long)
             start = 0
-            for u_block, w_block, tall, group in jobs:
-                count = u_block.numel() // (short * long)
-                o = O[start:start + count].view(*u_block.shape[:-2], short, long)
-                start += count
-                w_block.add_(o.mT if tall else o, alpha=-group["lr"] * scale)
+            for (g, _, w, tall, group) in jobs:
+                n = g.numel() // (short * long)
+                o = O[start:start + n].view(*g.shape[:-2], short, long)
+                start += n
+                w.add_(o.mT if tall else o, alpha=-group["lr"] * scale)
         return loss
