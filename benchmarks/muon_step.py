@@ -171,8 +171,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     if args.quick:
-        device, warmup, iters = torch.device("cpu"), 1, 2
-        rows = bench_matrix_set("gpt2-tiny", gpt2_shapes(layers=2, d=32) + [(4, 64, 32)], device, warmup, iters)
+        device, warmup, iters = torch.device("cpu"), 1, 1
+        rows = bench_matrix_set("gpt2-tiny", gpt2_shapes(layers=1, d=16) + [(4, 32, 16)], device, warmup, iters)
     else:
         if not torch.cuda.is_available():
             sys.exit("muon_step.py needs CUDA (use --quick for the CPU smoke run)")
