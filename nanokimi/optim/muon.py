@@ -13,15 +13,15 @@ A parameter is split into the matrices that get orthogonalised on their own ("bl
     split=(a1, a2, ...)       rows cut into blocks a1, a2, ... (fused projections such as QKV); sum must be A
     heads=H                   each row block cut into H heads of A/H rows (per-head Muon for attention)
 split and heads combine (split first, then heads within each piece). The scale 0.2 sqrt(max(a, b)) uses each
-block's own shape, so every block's update RMS is 0.2. All blocks with the same (short side, long side)
-across all parameters and groups share one batched Newton-Schulz call.
+block's own shape, so every block's update RMS is 0.2. All blocks with the same shape [a, b] across all
+parameters and groups share one batched Newton-Schulz call.
 """
 import math
 from collections import defaultdict
 
 import torch
 
-from nanokimi.ops.newton_schulz import COEFFICIENT_SETS, coefficient_schedule, newton_schulz_wide
+from nanokimi.ops.newton_schulz import COEFFICIENT_SETS, coefficient_schedule, newton_schulz
 
 MOONLIGHT_RMS = 0.2
 
@@ -112,7 +112,7 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        batches = defaultdict(list)  # NS settings + (short, long) -> [(grad, momentum, weight blocks, tall, group)]
+        batches = defaultdict(list)  # NS settings + block shape -> [(grad, momentum, weight blocks, group)]
         for group in self.param_groups:
             params, bufs = self._advance_momentum(group)
             if not params:
@@ -123,32 +123,29 @@ class Muon(torch.optim.Optimizer):
             for p, buf in zip(params, bufs):
                 for blocks in zip(matrix_blocks(p.grad, heads, split), matrix_blocks(buf, heads, split),
                                   matrix_blocks(p, heads, split)):
-                    a, b = blocks[0].shape[-2:]
-                    key = (min(a, b), max(a, b), p.device, group["ns_dtype"], group["ns_steps"],
+                    key = (tuple(blocks[0].shape[-2:]), p.device, group["ns_dtype"], group["ns_steps"],
                            group["coefficients"], group["eps"])
-                    batches[key].append((*blocks, a > b, group))
+                    batches[key].append((*blocks, group))
 
-        for (short, long, device, ns_dtype, ns_steps, coefficients, eps), jobs in batches.items():
-            count = sum(g.numel() // (short * long) for g, *_ in jobs)
-            X = torch.empty(count, short, long, dtype=ns_dtype, device=device)  # [N, short, long]
+        for ((rows, cols), device, ns_dtype, ns_steps, coefficients, eps), jobs in batches.items():
+            count = sum(g.numel() // (rows * cols) for g, *_ in jobs)
+            X = torch.empty(count, rows, cols, dtype=ns_dtype, device=device)  # [N, rows, cols]
             start = 0
-            for g, m, _, tall, group in jobs:
-                n = g.numel() // (short * long)
-                dst = X[start:start + n].view(*g.shape[:-2], short, long)
-                dst = dst.mT if tall else dst  # same shape as g
+            for g, m, _, group in jobs:
+                n = g.numel() // (rows * cols)
+                dst = X[start:start + n].view(g.shape)
                 start += n
                 if group["nesterov"]:
                     torch.add(g, m, alpha=group["momentum"], out=dst)  # U = mu M + G, cast to ns_dtype
                 else:
                     dst.copy_(m)
             norms = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=torch.float32)  # [N, 1, 1]
-            X.mul_((norms + eps).reciprocal())
-            O = newton_schulz_wide(X, coefficient_schedule(coefficients, ns_steps))  # [N, short, long]
-            scale = MOONLIGHT_RMS * math.sqrt(long)
+            X.mul_((norms + eps).reciprocal().to(ns_dtype))
+            O = newton_schulz(X, coefficient_schedule(coefficients, ns_steps))  # [N, rows, cols]
+            scale = MOONLIGHT_RMS * math.sqrt(max(rows, cols))
             start = 0
-            for (g, _, w, tall, group) in jobs:
-                n = g.numel() // (short * long)
-                o = O[start:start + n].view(*g.shape[:-2], short, long)
+            for g, _, w, group in jobs:
+                n = g.numel() // (rows * cols)
+                w.add_(O[start:start + n].view(g.shape), alpha=-group["lr"] * scale)
                 start += n
-                w.add_(o.mT if tall else o, alpha=-group["lr"] * scale)
         return loss
