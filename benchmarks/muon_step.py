@@ -120,7 +120,7 @@ def bench_model(preset, device, warmup, iters, lr=1e-3):
     muon = opt_set.optimizers["muon"]
     ms = median_step_ms(muon.step, device, warmup, iters)
     rows.append({"set": preset, "optimizer": "nanokimi Muon (its part)",
-                 "matrices": sum(p.shape[0] if p.ndim == 3 else 1 for p in muon.param_groups[0]["params"]),
+                 "matrices": sum(p.shape[0] if p.ndim == 3 else 1 for g in muon.param_groups for p in g["params"]),
                  "params_M": round(sum(p.numel() for g in muon.param_groups for p in g["params"]) / 1e6, 2),
                  "step_ms": round(ms, 3), "ns_tflops": round(ns_flops(muon_shapes) / ms / 1e9, 1)})
     del opt_set, muon
