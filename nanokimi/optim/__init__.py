@@ -1,0 +1,6 @@
+"""Optimizers: Muon (batched Newton-Schulz, per-head/split/per-expert), the Muon+AdamW builder, QK-Clip."""
+from nanokimi.optim.builder import OptimizerSet, build_optimizer
+from nanokimi.optim.muon import Muon, matrix_blocks
+from nanokimi.optim.qk_clip import apply_qk_clip, enable_qk_clip_recording
+
+__all__ = ["Muon", "OptimizerSet", "apply_qk_clip", "build_optimizer", "enable_qk_clip_recording", "matrix_blocks"]
