@@ -505,13 +505,20 @@ def parse_size(size: str | int) -> int:
     return int(float(match[1]) * scale)
 
 
-def save_hf(model: Transformer, path: str | Path, layout: str = "kimi_linear", max_shard_bytes: int | str = "5GB",
+def infer_layout(cfg: ModelConfig) -> str:
+    """deepseek_v3 for all-MLA models with RoPE, kimi_linear otherwise."""
+    return "deepseek_v3" if set(cfg.layer_mixers) == {"A"} and cfg.mla_rope else "kimi_linear"
+
+
+def save_hf(model: Transformer, path: str | Path, layout: str | None = None, max_shard_bytes: int | str = "5GB",
             tokenizer_path: str | Path | None = None, dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
     """Write `model` as a transformers checkpoint: config.json, safetensors shards (+ index when more than one),
     and tokenizer.json when `tokenizer_path` is given. The directory appears complete or not at all.
 
+    layout: "kimi_linear" or "deepseek_v3" (default: infer_layout(model.config)).
     dtype: of the written weights (default: the model's); the router correction bias is always fp32."""
     path = Path(path)
+    layout = layout or infer_layout(model.config)
     dtype = dtype or model.embed.weight.dtype
     config = config_to_hf(model.config, layout, dtype)
     max_shard_bytes = parse_size(max_shard_bytes)
