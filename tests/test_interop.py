@@ -225,3 +225,14 @@ def test_cli_round_trip_with_tokenizer(tmp_path):
         assert rel_err(hf_from_dir(tmp_path / "back")(ids).logits, hf(ids).logits) <= 1e-4
     again = parser.parse_args(["--to-hf", str(tmp_path / "nk"), "--out", str(tmp_path / "back")])
     assert run_convert(again) == 2  # exists: refuses without --overwrite
+
+
+def test_load_casts_to_bf16_but_keeps_router_bias_fp32(tmp_path):
+    hf = hf_model(*CASES["ds-interleave-yarn-groups"])
+    hf.save_pretrained(tmp_path / "hf")
+    nk = load_hf(tmp_path / "hf", dtype=torch.bfloat16)
+    assert {p.dtype for p in nk.parameters()} == {torch.bfloat16}
+    assert all(m.router.e_score_correction_bias.dtype == torch.float32 for m in nk.modules() if isinstance(m, MoE))
+    ids = torch.randint(0, V, (2, 11))
+    with torch.no_grad():
+        assert rel_err(nk(ids).float(), hf(ids).logits) < 0.15  # bf16 flips a few expert choices

@@ -27,6 +27,7 @@ from nanokimi.model.transformer import Transformer, make_mixer
 
 LAYOUTS = ("kimi_linear", "deepseek_v3")
 ARCHITECTURES = {"kimi_linear": "KimiLinearForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
+MODEL_TYPE_ALIASES = {"kimi_k2": "deepseek_v3"}  # Kimi K2 ships a DeepSeek-V3 architecture under its own name
 INDEX_FILE = "model.safetensors.index.json"
 
 # transformers' defaults for keys a config.json may leave out (shapes are always required)
@@ -67,7 +68,7 @@ def _field(hf: dict, name: str, layout: str):
 # config: HF -> nanokimi ------------------------------------------------------------------------------------------
 def config_from_hf(hf: dict) -> ModelConfig:
     """Map a transformers config.json dict (kimi_linear or deepseek_v3) to a ModelConfig."""
-    layout = hf.get("model_type")
+    layout = MODEL_TYPE_ALIASES.get(hf.get("model_type"), hf.get("model_type"))
     _need(layout in LAYOUTS, f"config.json has model_type={layout!r}; nanokimi reads {' and '.join(LAYOUTS)}.")
     _need(not hf.get("quantization_config"), "quantized checkpoints (e.g. FP8 with weight_scale_inv) are not "
           "supported; dequantize to bf16 first.")
