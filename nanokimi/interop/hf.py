@@ -16,6 +16,7 @@ import re
 import shutil
 import tempfile
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -427,7 +428,7 @@ def _materialize_buffers(model: Transformer, cfg: ModelConfig, device: torch.dev
 
 
 # weights: nanokimi -> HF -----------------------------------------------------------------------------------------
-def hf_tensors(model: Transformer, layout: str) -> list[tuple[str, callable, torch.Size]]:
+def hf_tensors(model: Transformer, layout: str) -> list[tuple[str, Callable[[], torch.Tensor], torch.Size]]:
     """(HF name, function producing the tensor, shape) for every tensor of the exported checkpoint, in order."""
     cfg = model.config
     out = [("model.embed_tokens.weight", lambda: model.embed.weight, model.embed.weight.shape)]
@@ -444,12 +445,9 @@ def hf_tensors(model: Transformer, layout: str) -> list[tuple[str, callable, tor
         mixer = block.mixer
         if block.mixer_kind == "K":
             C = mixer.num_heads * mixer.head_dim
-            names = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "f_a_proj": "f_a_proj",
-                     "f_b_proj": "f_b_proj", "b_proj": "b_proj", "g_a_proj": "g_a_proj", "g_b_proj": "g_b_proj",
-                     "o_proj": "o_proj"}
-            for ours, theirs in names.items():
-                lin = getattr(mixer, ours)
-                add(p + f"self_attn.{theirs}.weight", lambda w=lin.weight: w, lin.weight.shape)
+            for proj in ("q_proj", "k_proj", "v_proj", "f_a_proj", "f_b_proj", "b_proj", "g_a_proj", "g_b_proj", "o_proj"):
+                w = getattr(mixer, proj).weight
+                add(p + f"self_attn.{proj}.weight", lambda w=w: w, w.shape)
             for c, letter in enumerate("qkv"):
                 add(p + f"self_attn.{letter}_conv1d.weight", lambda m=mixer, c=c: m.conv.weight[c * C:(c + 1) * C],
                     (C, 1, mixer.conv_size))
