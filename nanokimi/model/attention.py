@@ -13,6 +13,8 @@ from nanokimi.model.cache import KVCache, LatentCache
 from nanokimi.model.norm import RMSNorm
 from nanokimi.model.rope import Rotary, yarn_mscale
 
+LATENT_NORM_EPS = 1e-6  # MLA's q/kv latent norms use a fixed eps in DeepSeek-V3 and Kimi Linear, not rms_norm_eps
+
 
 def causal_attention(q, k, v, scale: float, q_offset: int) -> torch.Tensor:
     """q [B, Tq, H, Dk], k [B, Tk, Hkv, Dk], v [B, Tk, Hkv, Dv]; queries sit at q_offset.. -> [B, Tq, H, Dv]."""
@@ -121,10 +123,10 @@ class MultiHeadLatentAttention(nn.Module):
             self.q_proj = nn.Linear(cfg.hidden_size, H * qk_dim, bias=False)
         else:
             self.q_a_proj = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=False)
-            self.q_a_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
+            self.q_a_norm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS)
             self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * qk_dim, bias=False)
         self.kv_a_proj = nn.Linear(cfg.hidden_size, cfg.kv_lora_rank + self.rope_dim, bias=False)
-        self.kv_a_norm = RMSNorm(cfg.kv_lora_rank, cfg.norm_eps)
+        self.kv_a_norm = RMSNorm(cfg.kv_lora_rank, LATENT_NORM_EPS)
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(H * self.v_dim, cfg.hidden_size, bias=False)
         self.use_rope = cfg.mla_rope
