@@ -116,7 +116,7 @@ def _adamw(groups, lr, betas, eps, weight_decay):
 
 
 def build_optimizer(model, name="muon", lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, momentum=0.95,
-                    nesterov=True, ns_steps=5, coefficients="quintic", ns_dtype=torch.bfloat16,
+                    nesterov=True, ns_steps=5, coefficients="quintic", ns_dtype=None,
                     matrix_options=None, adamw_patterns=()):
     """Build the optimizer for `model`: "muon" (Muon + AdamW) or "adamw" (AdamW for everything).
 

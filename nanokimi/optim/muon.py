@@ -61,11 +61,12 @@ class Muon(torch.optim.Optimizer):
     """Muon for hidden matrices (2-D, or 3-D stacked experts). See the module docstring for the update.
 
     Per-group options beyond the constructor's: heads (int or None), split (tuple of row sizes or None).
-    ns_dtype is the Newton-Schulz compute dtype; eps guards the Frobenius normalisation.
+    ns_dtype is the Newton-Schulz compute dtype (None: bf16 on GPUs, fp32 on the CPU, where bf16 matmuls
+    are an order of magnitude slower); eps guards the Frobenius normalisation.
     """
 
     def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.1, ns_steps=5,
-                 coefficients="quintic", ns_dtype=torch.bfloat16, eps=1e-7, heads=None, split=None):
+                 coefficients="quintic", ns_dtype=None, eps=1e-7, heads=None, split=None):
         if lr < 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
         if not 0 <= momentum < 1:
@@ -129,6 +130,8 @@ class Muon(torch.optim.Optimizer):
 
         for ((rows, cols), device, ns_dtype, ns_steps, coefficients, eps), jobs in batches.items():
             count = sum(g.numel() // (rows * cols) for g, *_ in jobs)
+            if ns_dtype is None:
+                ns_dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
             X = torch.empty(count, rows, cols, dtype=ns_dtype, device=device)  # [N, rows, cols]
             start = 0
             for g, m, _, group in jobs:
