@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from nanokimi.ops.kda.naive import check_kda_inputs
 
 SUB_BLOCK = 16
+DECAY_FLOOR = 30.0
 
 
 def kda_chunk(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, chunk_size=64):
@@ -48,14 +49,14 @@ def kda_chunk(q, k, v, g, beta, scale=None, initial_state=None, output_final_sta
     beta = to_chunks(beta.unsqueeze(-1))  # [B, H, N, C, 1]
     G = g.double().cumsum(-2)  # [B, H, N, C, K] in-chunk cumulative log-decay, fp64
 
-    A_qk = _decayed_scores(q * scale, k, G, sub, strict=False)  # [B, H, N, C, C]
-    A_kk = _decayed_scores(k, k, G, sub, strict=True) * beta  # [B, H, N, C, C]
-    rhs = beta * torch.cat([v, k * G.exp().float()], dim=-1)  # [B, H, N, C, V + K]
+    A_qk, A_kk = _intra_chunk_scores(q * scale, k, g, G, sub)  # [B, H, N, C, C] each
+    A_kk = A_kk * beta
+    rhs = beta * torch.cat([v, k * _decay(G)], dim=-1)  # [B, H, N, C, V + K]
     u_tilde, w = torch.linalg.solve_triangular(A_kk, rhs, upper=False, unitriangular=True).split([V, K], dim=-1)
 
     G_end = G[..., -1:, :]  # [B, H, N, 1, K]
-    chunk_decay = G_end.exp().float().transpose(-1, -2)  # [B, H, N, K, 1]
-    k_to_end = k * (G_end - G).exp().float()  # [B, H, N, C, K]
+    chunk_decay = _decay(G_end).transpose(-1, -2)  # [B, H, N, K, 1]
+    k_to_end = k * _decay(G_end - G)  # [B, H, N, C, K]
     if initial_state is None:
         S = q.new_zeros(B, H, K, V)
     else:
@@ -69,36 +70,47 @@ def kda_chunk(q, k, v, g, beta, scale=None, initial_state=None, output_final_sta
     states = torch.stack(states, dim=2)  # [B, H, N, K, V]
     U = torch.stack(deltas, dim=2)  # [B, H, N, C, V]
 
-    o = (q * scale * G.exp().float()) @ states + A_qk @ U  # [B, H, N, C, V]
+    o = (q * scale * _decay(G)) @ states + A_qk @ U  # [B, H, N, C, V]
     o = o.reshape(B, H, N * C, V)[:, :, :T].transpose(1, 2).contiguous()  # [B, T, H, V]
     return o.to(v.dtype), (S if output_final_state else None)
 
 
-def _decayed_scores(a, k, G, sub, strict):
-    """sum_c a_tc k_jc exp(G_tc - G_jc) for j <= t (j < t when strict), zero above; no overflow for G falling.
+def _intra_chunk_scores(q, k, g, G, sub):
+    """Decayed dot products inside each chunk, safe for any decay strength.
 
-    a, k: [..., C, K] fp32; G: [..., C, K] fp64 cumulative log-decay. Returns [..., C, C] fp32.
+    q, k, g: [..., C, K] fp32; G: [..., C, K] fp64, the in-chunk cumsum of g.
+    Returns A_qk [..., C, C] = sum_c q_tc k_jc exp(G_tc - G_jc) for j <= t, zero above,
+    and A_kk [..., C, C], the same with k in place of q and j < t.
     """
-    *lead, C, K = a.shape
+    *lead, C, K = q.shape
     nb = C // sub
+    queries = torch.stack([q, k])  # [2, ..., C, K]: both score matrices share every decay factor
+    k_blocks = k.unflatten(-2, (nb, sub))  # [..., nb, sub, K]
+
     G_blocks = G.unflatten(-2, (nb, sub))  # [..., nb, sub, K]
     E = G_blocks[..., -1, :]  # [..., nb, K] cumulative decay at the end of each sub-block
+    block_of = torch.arange(C, device=q.device) // sub  # [C]
+    later = block_of[None, :, None] > torch.arange(nb, device=q.device)[:, None, None]  # [nb, C, 1]
+    query_decay = _decay(G.unsqueeze(-3) - E.unsqueeze(-2), keep=later)  # [..., nb, C, K]: exp(G_t - E_b)
+    key_decay = _decay(E.unsqueeze(-2) - G_blocks)  # [..., nb, sub, K]: exp(E_b - G_j)
+    across = (queries.unsqueeze(-3) * query_decay) @ (k_blocks * key_decay).transpose(-1, -2)  # [2, ..., nb, C, sub]
+    across = across.movedim(-3, -2).reshape(2, *lead, C, C)  # key block b -> columns of b
 
-    block_of = torch.arange(C, device=a.device) // sub  # [C]
-    later = block_of[None, :, None] > torch.arange(nb, device=a.device)[:, None, None]  # [nb, C, 1]
-    query_gap = torch.where(later, G.unsqueeze(-3) - E.unsqueeze(-2), -torch.inf)  # [..., nb, C, K]
-    key_gap = E.unsqueeze(-2) - G_blocks  # [..., nb, sub, K], <= 0
-    a_decayed = a.unsqueeze(-3) * query_gap.float().exp()  # [..., nb, C, K]
-    k_decayed = k.unflatten(-2, (nb, sub)) * key_gap.float().exp()  # [..., nb, sub, K]
-    across = a_decayed @ k_decayed.transpose(-1, -2)  # [..., nb, C, sub]: key block b, any query t
-    across = across.permute(*range(len(lead)), -2, -3, -1).reshape(*lead, C, C)
+    causal = torch.ones(sub, sub, dtype=torch.bool, device=q.device).tril()  # [sub, sub], j <= t
+    after_j = causal.tril(-1)  # [sub, sub] indexed [s, j]: token s lies after key j
+    pair_gap = (g.unflatten(-2, (nb, sub)).unsqueeze(-2) * after_j[..., None]).cumsum(-3)  # [..., nb, sub, sub, K]
+    pair_decay = _decay(pair_gap, keep=causal[..., None])  # exp(sum of g over (j, t]) for j <= t
+    within = ((queries.unflatten(-2, (nb, sub)).unsqueeze(-2) * pair_decay) * k_blocks.unsqueeze(-3)).sum(-1)
+    within = torch.stack([within[0], within[1].tril(-1)])  # [2, ..., nb, sub, sub]; A_kk is strictly lower
+    same_block = torch.eye(nb, device=q.device, dtype=q.dtype)[:, None, :, None]  # [nb, 1, nb, 1]
+    within = (within.unsqueeze(-2) * same_block).reshape(2, *lead, C, C)  # block diagonal
+    A_qk, A_kk = across + within
+    return A_qk, A_kk
 
-    offset = 1 if strict else 0
-    causal = torch.ones(sub, sub, dtype=torch.bool, device=a.device).tril(-offset)  # [sub, sub]
-    pair_gap = G_blocks.unsqueeze(-2) - G_blocks.unsqueeze(-3)  # [..., nb, sub, sub, K]: G_t - G_j
-    pair_decay = torch.where(causal[..., None], pair_gap, -torch.inf).float().exp()
-    a_blocks = a.unflatten(-2, (nb, sub))  # [..., nb, sub, K]
-    within = torch.einsum("...tc,...jc,...tjc->...tj", a_blocks, k.unflatten(-2, (nb, sub)), pair_decay)
-    same_block = torch.eye(nb, device=a.device, dtype=a.dtype)[:, None, :, None]  # [nb, 1, nb, 1]
-    within = (within.unsqueeze(-2) * same_block).reshape(*lead, C, C)  # block diagonal [..., C, C]
-    return across + within
+
+def _decay(log_decay, keep=None):
+    """exp of an fp64 log-decay as fp32; entries outside `keep` or below exp(-DECAY_FLOOR) become exactly 0."""
+    keep_mask = log_decay > -DECAY_FLOOR
+    if keep is not None:
+        keep_mask = keep_mask & keep
+    return torch.where(keep_mask, log_decay, -torch.inf).float().exp()
