@@ -11,17 +11,19 @@ log-decay from the chunk start up to and including token t, the delta rule unrol
 Only the last two lines carry state, so the loop over chunks is short; everything else is batched.
 
 Stability: exp(G_t - G_j) must never be formed as exp(G_t) * exp(-G_j), because G reaches -1000s under
-strong decay. Each chunk is cut into sub-blocks of 16 tokens. For a key in sub-block b and a query in a
+strong decay. Each chunk is cut into sub-blocks of 8 tokens. For a key in sub-block b and a query in a
 later sub-block, the decay is split at E_b (G at the last token of b): exp(G_t - E_b) * exp(E_b - G_j), both
-factors <= 1. Inside a sub-block the decays are taken pairwise, exp(G_t - G_j) with j <= t. The cumulative
-sums are kept in fp64 so that differences of large sums stay exact before they are rounded to fp32.
+factors <= 1. Inside a sub-block the decays are taken pairwise from range sums of g (exact in fp32); the
+chunk-level cumulative sums are kept in fp64 so that differences of large sums stay exact. Decay factors
+below exp(-30) are flushed to exactly 0: they are far below fp32 resolution against the token's own term,
+and left in they turn into denormals that slow CPU matmuls down a hundredfold.
 """
 import torch
 import torch.nn.functional as F
 
 from nanokimi.ops.kda.naive import check_kda_inputs
 
-SUB_BLOCK = 16
+SUB_BLOCK = 8
 DECAY_FLOOR = 30.0
 
 
@@ -29,7 +31,7 @@ def kda_chunk(q, k, v, g, beta, scale=None, initial_state=None, output_final_sta
     """Chunkwise KDA; same contract as `kda_recurrent`.
 
     q, k, g: [B, T, H, K]; v: [B, T, H, V]; beta: [B, T, H]; initial_state: [B, H, K, V].
-    chunk_size: tokens per chunk, a multiple of 16 (or at most 16). Any T works: the last chunk is padded.
+    chunk_size: tokens per chunk, a multiple of 8 (or at most 8). Any T works: the last chunk is padded.
     Returns (o [B, T, H, V] in v's dtype, final state [B, H, K, V] fp32 or None).
     """
     B, T, H, K, V = check_kda_inputs(q, k, v, g, beta, initial_state)
@@ -51,7 +53,8 @@ def kda_chunk(q, k, v, g, beta, scale=None, initial_state=None, output_final_sta
 
     A_qk, A_kk = _intra_chunk_scores(q * scale, k, g, G, sub)  # [B, H, N, C, C] each
     A_kk = A_kk * beta
-    rhs = beta * torch.cat([v, k * _decay(G)], dim=-1)  # [B, H, N, C, V + K]
+    decay_from_start = _decay(G)  # [B, H, N, C, K]
+    rhs = beta * torch.cat([v, k * decay_from_start], dim=-1)  # [B, H, N, C, V + K]
     u_tilde, w = torch.linalg.solve_triangular(A_kk, rhs, upper=False, unitriangular=True).split([V, K], dim=-1)
 
     G_end = G[..., -1:, :]  # [B, H, N, 1, K]
@@ -70,7 +73,7 @@ def kda_chunk(q, k, v, g, beta, scale=None, initial_state=None, output_final_sta
     states = torch.stack(states, dim=2)  # [B, H, N, K, V]
     U = torch.stack(deltas, dim=2)  # [B, H, N, C, V]
 
-    o = (q * scale * _decay(G)) @ states + A_qk @ U  # [B, H, N, C, V]
+    o = (q * scale * decay_from_start) @ states + A_qk @ U  # [B, H, N, C, V]
     o = o.reshape(B, H, N * C, V)[:, :, :T].transpose(1, 2).contiguous()  # [B, T, H, V]
     return o.to(v.dtype), (S if output_final_state else None)
 
@@ -109,7 +112,7 @@ def _intra_chunk_scores(q, k, g, G, sub):
 
 
 def _decay(log_decay, keep=None):
-    """exp of an fp64 log-decay as fp32; entries outside `keep` or below exp(-DECAY_FLOOR) become exactly 0."""
+    """exp of a log-decay (<= 0, fp32 or fp64) as fp32; entries outside `keep` or below exp(-DECAY_FLOOR) become exactly 0."""
     keep_mask = log_decay > -DECAY_FLOOR
     if keep is not None:
         keep_mask = keep_mask & keep
