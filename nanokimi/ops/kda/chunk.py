@@ -38,6 +38,10 @@ def kda_chunk(q, k, v, g, beta, scale=None, initial_state=None, output_final_sta
     if chunk_size < 1 or (chunk_size > SUB_BLOCK and chunk_size % SUB_BLOCK):
         raise ValueError(f"kda_chunk: chunk_size must be <= {SUB_BLOCK} or a multiple of {SUB_BLOCK}, got {chunk_size}")
     scale = K ** -0.5 if scale is None else scale
+    out_dtype = v.dtype
+    if T == 0:
+        state = initial_state.float() if initial_state is not None else q.new_zeros(B, H, K, V, dtype=torch.float32)
+        return v.new_zeros(B, 0, H, V), (state if output_final_state else None)
     sub = min(SUB_BLOCK, chunk_size)
     C = min(chunk_size, max(sub, -(-T // sub) * sub))  # short inputs get one short chunk
     N = -(-T // C)
@@ -75,7 +79,7 @@ def kda_chunk(q, k, v, g, beta, scale=None, initial_state=None, output_final_sta
 
     o = (q * scale * decay_from_start) @ states + A_qk @ U  # [B, H, N, C, V]
     o = o.reshape(B, H, N * C, V)[:, :, :T].transpose(1, 2).contiguous()  # [B, T, H, V]
-    return o.to(v.dtype), (S if output_final_state else None)
+    return o.to(out_dtype), (S if output_final_state else None)
 
 
 def _intra_chunk_scores(q, k, g, G, sub):
