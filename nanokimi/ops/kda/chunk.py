@@ -2,7 +2,7 @@
 
 Split the sequence into chunks of C tokens. Inside a chunk, with Γ_t = exp(G_t) and G_t the cumulative
 log-decay from the chunk start up to and including token t, the delta rule unrolls to (per head):
-    A_kk[t, j] = beta_t sum_c k_tc k_jc exp(G_tc - G_jc)       j < t
+    A_kk[t, j] = beta_t sum_c k_tc k_jc exp(G_tc - G_jc)       j < t (strictly lower)
     A_qk[t, j] = scale sum_c q_tc k_jc exp(G_tc - G_jc)         j <= t
     (I + A_kk) [U~ | W] = Diag(beta) [V | Γ⊙K]                 UT transform: one triangular solve
     U = U~ - W S                                                delta values against the incoming state S
@@ -87,7 +87,8 @@ def _intra_chunk_scores(q, k, g, G, sub):
 
     q, k, g: [..., C, K] fp32; G: [..., C, K] fp64, the in-chunk cumsum of g.
     Returns A_qk [..., C, C] = sum_c q_tc k_jc exp(G_tc - G_jc) for j <= t, zero above,
-    and A_kk [..., C, C], the same with k in place of q and j < t.
+    and A_kk [..., C, C], the same with k in place of q (its diagonal is left in; the unit-triangular
+    solve ignores it).
     """
     *lead, C, K = q.shape
     nb = C // sub
@@ -107,8 +108,8 @@ def _intra_chunk_scores(q, k, g, G, sub):
     after_j = causal.tril(-1)  # [sub, sub] indexed [s, j]: token s lies after key j
     pair_gap = (g.unflatten(-2, (nb, sub)).unsqueeze(-2) * after_j[..., None]).cumsum(-3)  # [..., nb, sub, sub, K]
     pair_decay = _decay(pair_gap, keep=causal[..., None])  # exp(sum of g over (j, t]) for j <= t
-    within = ((queries.unflatten(-2, (nb, sub)).unsqueeze(-2) * pair_decay) * k_blocks.unsqueeze(-3)).sum(-1)
-    within = torch.stack([within[0], within[1].tril(-1)])  # [2, ..., nb, sub, sub]; A_kk is strictly lower
+    q_blocks = queries.unflatten(-2, (nb, sub)).unsqueeze(-2)  # [2, ..., nb, sub, 1, K]
+    within = (q_blocks * pair_decay * k_blocks.unsqueeze(-3)).sum(-1)  # [2, ..., nb, sub, sub]
     same_block = torch.eye(nb, device=q.device, dtype=q.dtype)[:, None, :, None]  # [nb, 1, nb, 1]
     within = (within.unsqueeze(-2) * same_block).reshape(2, *lead, C, C)  # block diagonal
     A_qk, A_kk = across + within
@@ -116,7 +117,7 @@ def _intra_chunk_scores(q, k, g, G, sub):
 
 
 def _decay(log_decay, keep=None):
-    """exp of a log-decay (<= 0, fp32 or fp64) as fp32; entries outside `keep` or below exp(-DECAY_FLOOR) become exactly 0."""
+    """exp of a log-decay (<= 0; fp32 or fp64) as fp32; entries outside `keep` or below -DECAY_FLOOR give 0."""
     keep_mask = log_decay > -DECAY_FLOOR
     if keep is not None:
         keep_mask = keep_mask & keep
