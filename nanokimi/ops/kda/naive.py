@@ -9,13 +9,37 @@ q and k are expected L2-normalised by the caller; g is the per-channel log-decay
 import torch
 
 
+def check_kda_inputs(q, k, v, g, beta, initial_state=None):
+    """Validate the shapes every KDA implementation shares; returns (B, T, H, K, V).
+
+    q, k, g: [B, T, H, K]; v: [B, T, H, V]; beta: [B, T, H]; initial_state: [B, H, K, V].
+    """
+    if q.dim() != 4:
+        raise ValueError(f"KDA: q must be [B, T, H, K], got shape {tuple(q.shape)}")
+    B, T, H, K = q.shape
+    if k.shape != q.shape or g.shape != q.shape:
+        raise ValueError(
+            f"KDA: q, k and g must all be [B, T, H, K]; got q {tuple(q.shape)}, k {tuple(k.shape)}, "
+            f"g {tuple(g.shape)} (g is the per-channel log-decay, one value per key channel)"
+        )
+    if v.dim() != 4 or v.shape[:3] != (B, T, H):
+        raise ValueError(f"KDA: v must be [B, T, H, V] = [{B}, {T}, {H}, V], got {tuple(v.shape)}")
+    V = v.shape[-1]
+    if beta.shape != (B, T, H):
+        raise ValueError(f"KDA: beta must be [B, T, H] = [{B}, {T}, {H}] (one gate per head), got {tuple(beta.shape)}")
+    if initial_state is not None and initial_state.shape != (B, H, K, V):
+        raise ValueError(
+            f"KDA: initial_state must be [B, H, K, V] = [{B}, {H}, {K}, {V}], got {tuple(initial_state.shape)}"
+        )
+    return B, T, H, K, V
+
+
 def kda_recurrent(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False):
     """q, k, g: [B, T, H, K]; v: [B, T, H, V]; beta: [B, T, H]; initial_state: [B, H, K, V].
 
     Returns (o [B, T, H, V] in v's dtype, final state [B, H, K, V] fp32 or None).
     """
-    B, T, H, K = q.shape
-    V = v.shape[-1]
+    B, T, H, K, V = check_kda_inputs(q, k, v, g, beta, initial_state)
     scale = K ** -0.5 if scale is None else scale
     if initial_state is None:
         S = q.new_zeros(B, H, K, V, dtype=torch.float32)
@@ -30,4 +54,4 @@ def kda_recurrent(q, k, v, g, beta, scale=None, initial_state=None, output_final
         S = S + beta[:, t, :, None, None] * k_t.unsqueeze(-1) * (v[:, t] - prediction).unsqueeze(-2)
         outputs.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * scale, S))
     o = torch.stack(outputs, dim=1) if outputs else v.new_zeros(B, 0, H, V, dtype=torch.float32)
-    return o.to(v.dtype if v.dtype != torch.float32 else torch.float32), (S if output_final_state else None)
+    return o.to(v.dtype), (S if output_final_state else None)
