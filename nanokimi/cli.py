@@ -31,8 +31,13 @@ def cmd_train(args) -> int:
     if args.nproc > 1:
         from nanokimi.train.launch import launch_torchrun
         return launch_torchrun(args.nproc, sys.argv[2:])
-    run = load_run_config(args.preset, args.config, args.overrides)
-    out = args.out or f"runs/{run.preset}"
+    from pathlib import Path
+
+    out = args.out or f"runs/{args.preset or 'tiny'}"
+    config_file = args.config
+    if args.resume and not config_file and (Path(out) / "config.toml").is_file():
+        config_file = str(Path(out) / "config.toml")  # continue with the run's own settings
+    run = load_run_config(args.preset, config_file, args.overrides)
     trainer = Trainer(run, out, resume=args.resume, progress=not args.no_progress)
     print(f"training {run.preset} ({sum(p.numel() for p in trainer.model.parameters()) / 1e6:.1f}M params) on "
           f"{trainer.device} with {run.optim.name}; data {trainer.data_dir}; writing {out}", file=sys.stderr)

@@ -29,7 +29,8 @@ class TrainConfig:
     batch_size: int = 16  # sequences per optimizer step (global, over all ranks and accumulation steps)
     seq_len: int = 256
     grad_accum: int = 1
-    max_steps: int = 300
+    max_steps: int = 300  # length of the schedule
+    stop_at: int = 0  # stop and save after this step, leaving the schedule unfinished (0 = run to max_steps)
     seed: int = 1337
     device: str = "auto"  # "auto" = cuda when available
     compile: bool = False

@@ -208,7 +208,7 @@ class Trainer:
         last_eval: dict = {}
         window_start, window_tokens = time.perf_counter(), 0
         try:
-            while self.step < t.max_steps:
+            while self.step < (min(t.stop_at, t.max_steps) if t.stop_at else t.max_steps):
                 loss = self.train_step()
                 window_tokens += t.batch_size * t.seq_len
                 record = None

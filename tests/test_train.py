@@ -1,0 +1,119 @@
+"""End to end through the CLI on a small corpus: train, resume, generate, eval, plot, and the errors."""
+import json
+from pathlib import Path
+
+import pytest
+
+from nanokimi.cli import main
+
+SHAKESPEARE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinyshakespeare" / "input.txt"
+SMALL_MODEL = ["model.hidden_size=64", "model.num_layers=2", "model.mixers=KA", "model.num_heads=2",
+               "model.kv_lora_rank=32", "model.qk_nope_head_dim=16", "model.qk_rope_head_dim=8",
+               "model.v_head_dim=16", "model.kda_num_heads=2", "model.kda_head_dim=16",
+               "model.intermediate_size=128", "model.num_experts=4", "model.moe_intermediate_size=32"]
+FAST = ["train.batch_size=4", "train.seq_len=32", "train.log_every=1", "train.eval_every=5",
+        "train.eval_batches=2", "train.save_every=5", "train.sample_tokens=0", "data.vocab_size=300",
+        "optim.warmup_steps=3", "optim.lr=0.01"]
+
+
+@pytest.fixture()
+def corpus(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOKIMI_CACHE", str(tmp_path / "cache"))
+    if SHAKESPEARE.is_file():
+        text = SHAKESPEARE.read_text()[:120_000]
+    else:
+        text = "\n\n".join(f"Line {i}: the quick brown fox jumps over the lazy dog {i % 7}." for i in range(3000))
+    path = tmp_path / "corpus.txt"
+    path.write_text(text)
+    return path
+
+
+def train(out, corpus, *extra):
+    return main(["train", "--out", str(out), "--no-progress", f"data.source={corpus}", *SMALL_MODEL, *FAST, *extra])
+
+
+def losses(run_dir):
+    return {r["step"]: r["loss"] for r in map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines())}
+
+
+def test_train_generate_eval_plot(tmp_path, corpus, capsys):
+    out = tmp_path / "run"
+    assert train(out, corpus, "train.max_steps=25") == 0
+    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 25 and "val_bpb" in records[-1]
+    assert {"step", "loss", "lr", "tokens", "tokens_per_s"} <= set(records[0])
+    first, last = sum(r["loss"] for r in records[:3]) / 3, sum(r["loss"] for r in records[-3:]) / 3
+    assert last < first - 0.5, (first, last)
+    assert (out / "checkpoint" / "model.safetensors").is_file() and (out / "config.toml").is_file()
+    capsys.readouterr()
+
+    assert main(["generate", "--ckpt", str(out), "--prompt", "ROMEO:", "--max-new-tokens", "20", "--seed", "1"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("ROMEO:") and len(text) > len("ROMEO:")
+
+    assert main(["eval", "--ckpt", str(out), "--batches", "2", "--batch-size", "2", "--seq-len", "32"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert 0 < result["val_bpb"] < 20
+
+    png = tmp_path / "loss.png"
+    assert main(["plot", str(out), "--out", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resumed_run_equals_uninterrupted(tmp_path, corpus):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert train(whole, corpus, "train.max_steps=12") == 0
+    assert train(parts, corpus, "train.max_steps=12", "train.stop_at=7") == 0
+    assert max(losses(parts)) == 7
+    assert main(["train", "--out", str(parts), "--resume", "--no-progress", "train.stop_at=0"]) == 0
+    a, b = losses(whole), losses(parts)
+    assert sorted(a) == sorted(b) == list(range(1, 13))
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-6 * abs(a[step]), (step, a[step], b[step])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train.max_stps=3"], "Did you mean 'train.max_steps'"),
+    (["trian.max_steps=3"], "Did you mean 'train'"),
+    (["train.max_steps=lots"], "train.max_steps must be int"),
+    (["model.hiden_size=3"], "Did you mean 'model.hidden_size'"),
+    (["data.source=/no/such/corpus.txt"], "/no/such/corpus.txt"),
+])
+def test_bad_input_gives_one_clear_error(tmp_path, corpus, capsys, args, message):
+    assert main(["train", "--out", str(tmp_path / "r"), "--no-progress", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_empty_corpus_and_occupied_output_dir(tmp_path, corpus, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["train", "--out", str(tmp_path / "r"), f"data.source={empty}"]) == 2
+    assert "empty" in capsys.readouterr().err.lower()
+    out = tmp_path / "run"
+    assert train(out, corpus, "train.max_steps=2") == 0
+    capsys.readouterr()
+    assert train(out, corpus, "train.max_steps=2") == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_corrupted_shard_is_detected(tmp_path, corpus, capsys):
+    out = tmp_path / "run"
+    assert train(out, corpus, "train.max_steps=1") == 0
+    data_dir = Path(json.loads((out / "checkpoint" / "config.json").read_text()) and
+                    __import__("torch").load(out / "checkpoint" / "trainer.pt", weights_only=False)["data_dir"])
+    shard = sorted(data_dir.glob("train_*.bin"))[0]
+    raw = bytearray(shard.read_bytes())
+    raw[10] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    capsys.readouterr()
+    assert train(tmp_path / "again", corpus, "train.max_steps=1") == 2
+    err = capsys.readouterr().err
+    assert shard.name in err and "Traceback" not in err
+
+
+def test_nan_loss_stops_with_step_and_checkpoint(tmp_path, corpus, capsys):
+    code = train(tmp_path / "nan", corpus, "train.max_steps=6", "optim.name=adamw", "optim.lr=1e30",
+                 "train.grad_clip=0", "optim.warmup_steps=0", "optim.qk_clip=false")
+    err = capsys.readouterr().err
+    assert code == 2 and "at step" in err and "checkpoint" in err
