@@ -48,10 +48,24 @@ class Router(nn.Module):
         return weights * self.scaling, indices
 
 
+def grouped_mm_supported(x: torch.Tensor) -> bool:
+    """Whether F.grouped_mm can take x: bf16 on CUDA (fp32 on CPU), and a torch that has it."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    return x.dtype == torch.bfloat16 or (x.device.type == "cpu" and x.dtype == torch.float32)
+
+
 def grouped_matmul(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-    """Rows x[ends[e-1]:ends[e]] times w[e] for every expert e. x [N, K], w [E, K, M] -> [N, M]."""
+    """Rows x[ends[e-1]:ends[e]] times w[e] for every expert e. x [N, K], w [E, K, M] -> [N, M].
+
+    Under autocast both operands go to the autocast dtype first (autocast does not cover grouped_mm),
+    so bf16 training reaches the fused kernel. Without a usable F.grouped_mm it falls back to one
+    matmul per expert, which reads the counts on the host (a device sync).
+    """
+    if torch.is_autocast_enabled(x.device.type):
+        x = x.to(torch.get_autocast_dtype(x.device.type))
     w = w.to(x.dtype)
-    if hasattr(F, "grouped_mm") and (x.dtype == torch.bfloat16 or (x.device.type == "cpu" and x.dtype == torch.float32)):
+    if grouped_mm_supported(x):
         return F.grouped_mm(x, w, offs=ends.to(torch.int32))
     counts = torch.diff(ends, prepend=ends.new_zeros(1)).tolist()
     return torch.cat([chunk @ w[e] for e, chunk in enumerate(x.split(counts)) if counts[e]] or [x.new_zeros(0, w.shape[-1])])
@@ -71,8 +85,9 @@ class Experts(nn.Module):
         flat = indices.flatten()  # [N*k]
         order = flat.argsort(stable=True)
         token = order // k
-        counts = torch.bincount(flat, minlength=E)
-        ends = counts.cumsum(0)
+        experts = torch.arange(E, device=flat.device, dtype=flat.dtype)
+        ends = torch.searchsorted(flat[order], experts, right=True)  # [E]; bincount would sync on CUDA
+        counts = torch.diff(ends, prepend=ends.new_zeros(1))
         h = grouped_matmul(x[token], self.gate_up.transpose(1, 2), ends)  # [N*k, 2I]
         gate, up = h.chunk(2, dim=-1)
         y = grouped_matmul(F.silu(gate) * up, self.down.transpose(1, 2), ends)  # [N*k, D]
