@@ -49,10 +49,12 @@ class Router(nn.Module):
 
 
 def grouped_mm_supported(x: torch.Tensor) -> bool:
-    """Whether F.grouped_mm can take x: bf16 on CUDA (fp32 on CPU), and a torch that has it."""
+    """Whether F.grouped_mm can take x: bf16, or fp32 on the CPU in eager mode (its meta kernel, which
+    torch.compile traces with, accepts bf16 only), and a torch that has it."""
     if not hasattr(F, "grouped_mm"):
         return False
-    return x.dtype == torch.bfloat16 or (x.device.type == "cpu" and x.dtype == torch.float32)
+    cpu_fp32 = x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling()
+    return x.dtype == torch.bfloat16 or cpu_fp32
 
 
 def grouped_matmul(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
@@ -119,8 +121,8 @@ class MoE(nn.Module):
 def update_router_bias(model: nn.Module, rate: float = 1e-3) -> None:
     """Aux-loss-free balancing: move each expert's correction bias up if it got fewer tokens than the
     mean since the last call, down if more; then clear the counts. Call after each optimizer step."""
-    for module in model.modules():
-        if isinstance(module, MoE) and module.expert_load.sum() > 0:
+    for module in model.modules():  # no host check of the load: an empty load gives sign(0) = 0, no sync
+        if isinstance(module, MoE):
             load = module.expert_load
             module.router.e_score_correction_bias += rate * torch.sign(load.mean() - load)
             load.zero_()
