@@ -96,6 +96,11 @@ class DecodeStep:
         return self.logits
 
 
+def release_decode_graphs(model: nn.Module) -> None:
+    """Drop the decode steps (CUDA graphs and caches) that generate(keep_graph=True) kept on the model."""
+    model.__dict__.pop("_kept_decode_steps", None)
+
+
 def _want_graph(use_cuda_graph, device: torch.device) -> bool:
     if use_cuda_graph not in (True, False, "auto"):
         raise ValueError(f"use_cuda_graph must be True, False or 'auto', got {use_cuda_graph!r}.")
@@ -108,7 +113,7 @@ def _want_graph(use_cuda_graph, device: torch.device) -> bool:
 def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, seed: int | None = None, eos_id: int | None = None,
              prefill_chunk: int = 2048, use_cuda_graph: bool | str = "auto", compile: bool = False,
-             fixed_shape: bool | None = None) -> torch.Tensor:
+             fixed_shape: bool | None = None, keep_graph: bool = False) -> torch.Tensor:
     """input_ids [B, T] -> [B, T + max_new_tokens] (prompt, then the new tokens).
 
     temperature=0 is greedy. seed makes sampling reproducible (a private generator; the global RNG is
@@ -117,6 +122,8 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, tem
     of prefill_chunk tokens. use_cuda_graph="auto" captures the decode step on CUDA (falling back
     to the eager step, with a warning, if capture fails); compile=True also torch.compiles it.
     fixed_shape forces the fixed-shape step without a graph (default: only when graphing).
+    keep_graph=True keeps the captured step and its cache on the model, so later calls with the same
+    batch size and total length skip the capture (benchmarks); `release_decode_graphs(model)` frees them.
     """
     if input_ids.dim() != 2 or input_ids.shape[1] < 1:
         raise ValueError(f"input_ids must be [batch, prompt_len] with prompt_len >= 1, got shape {tuple(input_ids.shape)}.")
@@ -135,12 +142,17 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, tem
     if seed is not None:
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
-    cache = model.new_cache(B, T + max_new_tokens)
+    key = (B, T + max_new_tokens, compile)
+    kept = getattr(model, "_kept_decode_steps", {})
+    step = kept.get(key) if _want_graph(use_cuda_graph, device) else None
+    cache = step.cache if step is not None else model.new_cache(B, T + max_new_tokens)
+    cache.reset()
 
-    step = None
-    if _want_graph(use_cuda_graph, device):
+    if step is None and _want_graph(use_cuda_graph, device):
         try:
             step = DecodeStep(model, cache, graph=True, compile=compile)
+            if keep_graph:
+                model._kept_decode_steps = {**kept, key: step}
         except Exception as error:  # noqa: BLE001 - any capture failure leaves the eager path, which is correct
             if use_cuda_graph is True:
                 raise
