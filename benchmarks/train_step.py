@@ -222,6 +222,7 @@ def main():
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_step.json"))
     args = ap.parse_args()
     if args.quick:
+        torch.set_num_threads(1)  # tiny ops: threads only contend
         device = torch.device("cpu")
         args.no_compile, args.warmup, args.repeats = True, 1, 2
         specs = {name: QUICK[name] for name in args.configs}
