@@ -177,8 +177,9 @@ def main():
     ap.add_argument("--skip-short", action="store_true")
     ap.add_argument("--no-compile", action="store_true", help="skip the CUDA graph + torch.compile variant")
     ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--peer-batches", nargs="+", type=int, default=None, help="HF peer batches (default: --batches)")
     ap.add_argument("--peer-script", help="path to peer_hf.py (default: .gpu/bench/ or ../shared/bench/)")
-    ap.add_argument("--peer-timeout", type=int, default=300)
+    ap.add_argument("--peer-timeout", type=int, default=240)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "generate.json"))
@@ -213,7 +214,7 @@ def main():
                     print(f"  {json.dumps(entry[f'b{B}_{variant}'])}", flush=True)
             del model
             free_memory(device)
-            for B in args.batches:
+            for B in args.peer_batches or args.batches:
                 entry[f"b{B}_hf"] = hf_decode(spec, B, args, device)
                 print(f"  {json.dumps(entry[f'b{B}_hf'])}", flush=True)
         except Exception as error:  # noqa: BLE001 - keep the other configs
