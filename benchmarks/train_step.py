@@ -134,7 +134,7 @@ def run_nanokimi(spec: dict, device, args, peak) -> dict:
 
             def step():
                 with torch.autocast(device.type, torch.bfloat16):
-                    loss = model.loss(ids, targets)
+                    loss = model.loss(ids, targets, chunk_tokens=args.loss_chunk)
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -142,7 +142,7 @@ def run_nanokimi(spec: dict, device, args, peak) -> dict:
                     update_router_bias(model)
 
             result = measure(step, device, args, B * T, flops_per_token(cfg, T), peak)
-            result.update(compile=mode, optimizer=args.optimizer, paths=describe_paths(model, device),
+            result.update(compile=mode, optimizer=args.optimizer, loss_chunk=args.loss_chunk, paths=describe_paths(model, device),
                           params=model_info(cfg)["total_params"], activated_params=model_info(cfg)["activated_params"])
             if errors:
                 result["fallback_errors"] = errors
@@ -217,6 +217,8 @@ def main():
     ap.add_argument("--peer-timeout", type=int, default=420)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw")
+    ap.add_argument("--loss-chunk", type=int, default=0,
+                    help="model.loss chunk_tokens: 0 = one piece, no LM-head recompute (default); 8192 = the memory-lean default of model.loss")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_step.json"))

@@ -112,9 +112,12 @@ class Transformer(nn.Module):
 
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = 8192) -> torch.Tensor:
         """Mean next-token cross-entropy. The LM head runs over chunks of tokens, each recomputed in the
-        backward pass, so fp32 logits for the whole batch never exist at once."""
+        backward pass, so fp32 logits for the whole batch never exist at once. chunk_tokens=0 runs the
+        whole batch in one piece with no recompute (faster when the [N, vocab] logits fit in memory)."""
         h = self.hidden_states(input_ids).flatten(0, 1)  # [N, D]
         targets = targets.flatten()
+        if chunk_tokens == 0:
+            return self._chunk_loss_sum(h, targets) / targets.ne(-100).sum().clamp(min=1)
         total = h.new_zeros((), dtype=torch.float32)
         for start in range(0, h.shape[0], chunk_tokens):
             piece = (h[start:start + chunk_tokens], targets[start:start + chunk_tokens])

@@ -1,0 +1,85 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import rel_err
+from nanokimi import ModelConfig, build_model
+from nanokimi.model.moe import Experts, grouped_matmul
+from nanokimi.train.fast import compile_model, describe_paths, make_optimizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_loss_in_one_piece_equals_chunked_loss_and_grads():
+    model = build_model(ModelConfig.preset("tiny-dense", vocab_size=300, num_layers=2, mixers="G"))
+    ids = torch.randint(0, 300, (2, 37))
+    targets = torch.randint(0, 300, (2, 37))
+    targets[0, :6] = -100
+    results = []
+    for chunk in (0, 11, 8192):
+        loss = model.loss(ids, targets, chunk_tokens=chunk)
+        results.append((loss, torch.autograd.grad(loss, [model.lm_head.weight, model.layers[0].mixer.q_proj.weight])))
+    for loss, grads in results[1:]:
+        assert rel_err(loss, results[0][0]) < 1e-6
+        assert all(rel_err(a, b) < 1e-5 for a, b in zip(grads, results[0][1]))
+
+
+def test_grouped_matmul_takes_the_autocast_dtype():
+    x = torch.randn(12, 16)
+    w = torch.randn(3, 16, 8)
+    ends = torch.tensor([4, 4, 12])
+    with torch.autocast("cpu", torch.bfloat16):
+        y = grouped_matmul(x, w, ends)
+    assert y.dtype == torch.bfloat16
+    expected = torch.cat([x[:4] @ w[0], x[4:] @ w[2]])
+    assert rel_err(y.float(), expected) < 2e-2
+
+
+def test_expert_counts_match_bincount_including_empty_experts():
+    experts = Experts(num_experts=7, hidden=8, inner=4)
+    torch.nn.init.normal_(experts.gate_up)
+    torch.nn.init.normal_(experts.down)
+    indices = torch.tensor([[0, 3], [3, 6], [0, 6], [3, 0], [6, 3]])  # experts 1, 2, 4, 5 get nothing
+    _, counts = experts(torch.randn(5, 8), torch.rand(5, 2), indices)
+    assert torch.equal(counts, torch.bincount(indices.flatten(), minlength=7))
+
+
+def test_describe_paths_names_every_component():
+    model = build_model(ModelConfig.preset("tiny"))
+    line = describe_paths(model, "cpu", torch.float32)
+    assert line.startswith("kda=") and "moe=grouped_mm" in line and "attention[mla" in line and "compile=off" in line
+    dense = build_model(ModelConfig.preset("tiny-dense"))
+    assert "moe=" not in describe_paths(dense, "cpu") and "attention[gqa qk=64 v=64]" in describe_paths(dense, "cpu")
+
+
+def test_flops_formula_counts_attention_of_full_attention_layers_only():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from train_step import flops_per_token
+    from nanokimi.model.info import model_info
+    gpt = ModelConfig.preset("gpt-124m")
+    assert flops_per_token(gpt, 1024) == 6 * model_info(gpt)["activated_params"] + 12 * 1024 * 12 * 768
+    kl = ModelConfig.preset("bench-kl-900m")
+    assert flops_per_token(kl, 4096) == 6 * model_info(kl)["activated_params"] + 12 * 4096 * 4 * 8 * (192 + 128) / 2
+
+
+def test_make_optimizer_rejects_unknown_names():
+    with pytest.raises(ValueError, match="adamw"):
+        make_optimizer(torch.nn.Linear(2, 2), "sgd")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", ["tiny", "tiny-dense"])
+def test_compiled_model_matches_eager_on_gpu(preset):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    torch.manual_seed(0)
+    eager = build_model(ModelConfig.preset(preset), device="cuda")
+    compiled = build_model(ModelConfig.preset(preset), device="cuda")
+    compiled.load_state_dict(eager.state_dict())
+    compile_model(compiled)
+    ids = torch.randint(0, 4096, (2, 256), device="cuda")
+    with torch.autocast("cuda", torch.bfloat16):
+        a, b = eager.loss(ids, ids), compiled.loss(ids, ids)
+    assert rel_err(b, a) < 1e-2
