@@ -83,3 +83,20 @@ def test_compiled_model_matches_eager_on_gpu(preset):
     with torch.autocast("cuda", torch.bfloat16):
         a, b = eager.loss(ids, ids), compiled.loss(ids, ids)
     assert rel_err(b, a) < 1e-2
+
+
+@pytest.mark.gpu
+def test_padded_value_attention_equals_unpadded_on_gpu():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from nanokimi.model.attention import causal_attention
+    q, k = (torch.randn(2, 300, 4, 192, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    v = torch.randn(2, 300, 4, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    fast = causal_attention(q, k, v, 0.07, 0)  # padded, flash
+    with sdpa_kernel([SDPBackend.MATH]):
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            *(t.float().transpose(1, 2) for t in (q, k, v)), is_causal=True, scale=0.07).transpose(1, 2)
+    assert rel_err(fast, ref) < 1e-2
+    grads = torch.autograd.grad(fast, [q, k, v], torch.ones_like(fast))
+    assert all(g.isfinite().all() for g in grads)

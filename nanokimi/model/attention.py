@@ -14,13 +14,22 @@ from nanokimi.model.norm import RMSNorm
 from nanokimi.model.rope import Rotary, yarn_mscale
 
 
+def pad_v_for_flash(q: torch.Tensor, v: torch.Tensor) -> bool:
+    """On CUDA in half precision, values narrower than the queries are zero-padded to the query head
+    size so SDPA can take the flash kernel (padding adds no error: the extra output columns are dropped)."""
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and v.shape[-1] < q.shape[-1] <= 256
+
+
 def causal_attention(q, k, v, scale: float, q_offset: int) -> torch.Tensor:
     """q [B, Tq, H, Dk], k [B, Tk, Hkv, Dk], v [B, Tk, Hkv, Dv]; queries sit at q_offset.. -> [B, Tq, H, Dv]."""
     Tq, Tk = q.shape[1], k.shape[1]
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     gqa = q.shape[1] != k.shape[1]
     if q_offset == 0 and Tq == Tk:
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+        Dv = v.shape[-1]
+        if pad_v_for_flash(q, v):  # MLA: qk 192, v 128; flash needs equal head sizes and beats the other kernels
+            v = F.pad(v, (0, q.shape[-1] - Dv))
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)[..., :Dv]
     elif Tq == 1:
         o = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
     else:

@@ -114,8 +114,10 @@ def describe_paths(model: nn.Module, device: str | torch.device, dtype: torch.dt
         elif isinstance(m, MultiHeadLatentAttention):
             shapes.add(("mla" + ("+moba" if m.moba else ""), m.nope_dim + m.rope_dim, m.v_dim))
     for kind, dqk, dv in sorted(shapes):
+        padded = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and dv < dqk <= 256
         try:
-            backend = sdpa_backend(device, dqk, dv, dtype)
+            backend = sdpa_backend(device, dqk, dqk if padded else dv, dtype)
+            backend += f" (v padded {dv}->{dqk})" if padded else ""
         except Exception as error:  # noqa: BLE001
             backend = f"unknown ({type(error).__name__})"
         parts.append(f"attention[{kind} qk={dqk} v={dv}]={backend}")
