@@ -58,6 +58,9 @@ class DecodeStep:
                 module.ensure_length(cache.max_len, device)
         self.tokens = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=device)  # [B, 1]
         self.position = torch.zeros((), dtype=torch.long, device=device)
+        if compile:
+            from nanokimi.train.fast import raise_recompile_limits
+            raise_recompile_limits()  # graph breaks around KDA kernels resume once per layer
         self.forward = torch.compile(model, dynamic=False) if compile else model
         self.graph = None
         self.logits = None
@@ -87,9 +90,11 @@ class DecodeStep:
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor, position: int) -> torch.Tensor:
         """tokens [B] at `position` (tokens already in the cache before them) -> logits [B, V]."""
+        if not 0 <= position < self.cache.max_len:
+            raise ValueError(f"position {position} is outside the cache of {self.cache.max_len} tokens; "
+                             "make it larger with model.new_cache(max_len=...).")
         self.tokens.copy_(tokens.view(-1, 1))
-        self.position.fill_(position)
-        self.cache.pos = position  # kept for the room check of the eager path
+        self.position.fill_(position)  # cache.pos stays put: compiled code guards on it
         if self.graph is None:
             return self._run()
         self.graph.replay()

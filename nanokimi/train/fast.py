@@ -19,7 +19,7 @@ from nanokimi.model.moe import MoE
 from nanokimi.model.rope import Rotary
 
 
-def _raise_recompile_limits(limit: int = 64) -> None:
+def raise_recompile_limits(limit: int = 64) -> None:
     """Each layer instance may add a guard set to a shared code object; 16+ layers exceed the default 8."""
     config = torch._dynamo.config
     for name in ("recompile_limit", "cache_size_limit"):
@@ -34,7 +34,7 @@ def compile_model(model: nn.Module, fullgraph: bool = True, loss: bool = True, m
     """Compile every block's norms, token mixer and FFN in place (state_dict keys do not change) and,
     with loss=True, the chunked LM-head + cross-entropy. fullgraph applies to everything but KDA
     mixers, whose kernel call is a deliberate graph break. Returns the same model."""
-    _raise_recompile_limits()
+    raise_recompile_limits()
     cfg = model.config
     device = model.embed.weight.device
     for module in model.modules():  # build RoPE tables now so compiled graphs never see them change
