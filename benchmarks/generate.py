@@ -213,6 +213,7 @@ def main():
                     entry[f"b{B}_{variant}"] = short_decode(model, cfg, B, args, device, variant)
                     print(f"  {json.dumps(entry[f'b{B}_{variant}'])}", flush=True)
             del model
+            torch._dynamo.reset()
             free_memory(device)
             for B in args.peer_batches or args.batches:
                 entry[f"b{B}_hf"] = hf_decode(spec, B, args, device)

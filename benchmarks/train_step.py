@@ -123,7 +123,7 @@ def run_nanokimi(spec: dict, device, args, peak) -> dict:
     modes = ["eager"] if args.no_compile else ["fullgraph", "partial", "eager"]
     errors = {}
     for mode in modes:
-        model = opt = None
+        model = opt = step = None
         try:
             torch._dynamo.reset()
             model = build_model(cfg, device=device).train()
@@ -151,7 +151,8 @@ def run_nanokimi(spec: dict, device, args, peak) -> dict:
             errors[mode] = short_error(error)
             traceback.print_exc()
         finally:
-            del model, opt
+            del model, opt, step  # a failed attempt must not hold GPU memory into the next one
+            torch._dynamo.reset()
             free_memory(device)
     return {"error": "every mode failed", "fallback_errors": errors}
 
@@ -161,7 +162,7 @@ def run_gpt_peer(spec: dict, device, args, peak) -> dict:
     B, T = spec["B"], spec["T"]
     errors = {}
     for mode in (["eager"] if args.no_compile else ["compiled", "eager"]):
-        model = opt = None
+        model = opt = step = None
         try:
             torch._dynamo.reset()
             model = PeerGPT(max_len=T, **dims).to(device).train()
@@ -186,7 +187,8 @@ def run_gpt_peer(spec: dict, device, args, peak) -> dict:
             errors[mode] = short_error(error)
             traceback.print_exc()
         finally:
-            del model, opt
+            del model, opt, step  # a failed attempt must not hold GPU memory into the next one
+            torch._dynamo.reset()
             free_memory(device)
     return {"error": "every mode failed", "fallback_errors": errors}
 
