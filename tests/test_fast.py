@@ -100,3 +100,14 @@ def test_padded_value_attention_equals_unpadded_on_gpu():
     assert rel_err(fast, ref) < 1e-2
     grads = torch.autograd.grad(fast, [q, k, v], torch.ones_like(fast))
     assert all(g.isfinite().all() for g in grads)
+
+
+def test_router_scores_stay_fp32_under_autocast():
+    from nanokimi.model.moe import Router
+    router = Router(ModelConfig.preset("tiny"))
+    torch.nn.init.normal_(router.weight, std=0.5)
+    x = torch.randn(64, 256)
+    plain = router(x)
+    with torch.autocast("cpu", torch.bfloat16):
+        autocast = router(x)
+    assert torch.equal(plain[1], autocast[1]) and torch.equal(plain[0], autocast[0])

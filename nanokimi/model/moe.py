@@ -33,7 +33,8 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, D] -> (weights [N, k] fp32, expert indices [N, k])."""
-        scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))  # [N, E]
+        with torch.autocast(x.device.type, enabled=False):  # autocast would run this matmul in bf16
+            scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))  # [N, E]
         choice = scores + self.e_score_correction_bias.float()
         if self.n_group > 1:
             grouped = choice.view(x.shape[0], self.n_group, -1)  # [N, G, E/G]
@@ -57,6 +58,13 @@ def grouped_mm_supported(x: torch.Tensor) -> bool:
     return x.dtype == torch.bfloat16 or cpu_fp32
 
 
+def to_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
+    """x in the autocast dtype when autocast is on for its device, else unchanged."""
+    if torch.is_autocast_enabled(x.device.type):
+        return x.to(torch.get_autocast_dtype(x.device.type))
+    return x
+
+
 def grouped_matmul(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     """Rows x[ends[e-1]:ends[e]] times w[e] for every expert e. x [N, K], w [E, K, M] -> [N, M].
 
@@ -64,8 +72,7 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torc
     so bf16 training reaches the fused kernel. Without a usable F.grouped_mm it falls back to one
     matmul per expert, which reads the counts on the host (a device sync).
     """
-    if torch.is_autocast_enabled(x.device.type):
-        x = x.to(torch.get_autocast_dtype(x.device.type))
+    x = to_autocast_dtype(x)
     w = w.to(x.dtype)
     if grouped_mm_supported(x):
         return F.grouped_mm(x, w, offs=ends.to(torch.int32))
@@ -90,7 +97,7 @@ class Experts(nn.Module):
         experts = torch.arange(E, device=flat.device, dtype=flat.dtype)
         ends = torch.searchsorted(flat[order], experts, right=True)  # [E]; bincount would sync on CUDA
         counts = torch.diff(ends, prepend=ends.new_zeros(1))
-        h = grouped_matmul(x[token], self.gate_up.transpose(1, 2), ends)  # [N*k, 2I]
+        h = grouped_matmul(to_autocast_dtype(x)[token], self.gate_up.transpose(1, 2), ends)  # [N*k, 2I], cast before the gather
         gate, up = h.chunk(2, dim=-1)
         y = grouped_matmul(F.silu(gate) * up, self.down.transpose(1, 2), ends)  # [N*k, D]
         y = y * weights.flatten()[order].unsqueeze(-1).to(y.dtype)
