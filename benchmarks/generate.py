@@ -187,7 +187,7 @@ def main():
     if args.quick:
         torch.set_num_threads(1)  # tiny ops: threads only contend
         device, dtype = torch.device("cpu"), torch.float32
-        args.batches, args.prompt, args.new, args.contexts = [1, 2], 16, 4, [64, 128]
+        args.batches, args.prompt, args.new, args.contexts = [1, 2], 16, 4, [48]
         args.warmup, args.repeats, args.no_compile = 1, 2, True
         short_specs = {n: QUICK_SHORT[n] for n in args.configs}
         long_specs = QUICK_LONG
