@@ -85,7 +85,6 @@ class KimiDeltaAttention(nn.Module):
             cache.state.copy_(state)
 
         gate = self.g_b_proj(self.g_a_proj(x)).view(B, T, H, D)
-        o32 = o.float()
-        o32 = o32 * torch.rsqrt(o32.pow(2).mean(-1, keepdim=True) + self.eps) * self.o_norm_weight.float()
+        o32 = F.rms_norm(o.float(), (D,), self.o_norm_weight.float(), self.eps)
         o = (o32 * torch.sigmoid(gate.float())).to(x.dtype)
         return self.o_proj(o.reshape(B, T, H * D))
