@@ -111,3 +111,14 @@ def test_router_scores_stay_fp32_under_autocast():
     with torch.autocast("cpu", torch.bfloat16):
         autocast = router(x)
     assert torch.equal(plain[1], autocast[1]) and torch.equal(plain[0], autocast[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_equals_its_formula(dtype):
+    from nanokimi.model.norm import RMSNorm
+    norm = RMSNorm(48, eps=1e-5)
+    torch.nn.init.normal_(norm.weight)
+    x = (3 * torch.randn(5, 7, 48)).to(dtype)
+    x32 = x.float()
+    expected = norm.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+    assert rel_err(norm(x), expected) < 1e-6
