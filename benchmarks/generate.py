@@ -28,6 +28,7 @@ from nanokimi.config import ModelConfig
 from nanokimi.infer import DecodeStep, generate, release_decode_graphs
 from nanokimi.model import build_model
 from nanokimi.model.info import model_info
+from nanokimi.train.fast import describe_paths
 
 SHORT = {"bench-kl-900m": dict(preset="bench-kl-900m", peer="kl"),
          "bench-dsv3-900m": dict(preset="bench-dsv3-900m", peer="dsv3")}
@@ -205,6 +206,7 @@ def main():
         entry = {}
         try:
             model, cfg = make_model(spec, device, dtype)
+            entry["paths"] = describe_paths(model, device, dtype)
             for B in args.batches:
                 variants = ["graph"]
                 if B == max(args.batches):
