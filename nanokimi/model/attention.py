@@ -16,19 +16,51 @@ from nanokimi.model.rope import Rotary, yarn_mscale
 LATENT_NORM_EPS = 1e-6  # MLA's q/kv latent norms use a fixed eps in DeepSeek-V3 and Kimi Linear, not rms_norm_eps
 
 
+def pad_v_for_flash(q: torch.Tensor, v: torch.Tensor) -> bool:
+    """On CUDA in half precision, values narrower than the queries are zero-padded to the query head
+    size so SDPA can take the flash kernel (padding adds no error: the extra output columns are dropped)."""
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and v.shape[-1] < q.shape[-1] <= 256
+
+
 def causal_attention(q, k, v, scale: float, q_offset: int) -> torch.Tensor:
     """q [B, Tq, H, Dk], k [B, Tk, Hkv, Dk], v [B, Tk, Hkv, Dv]; queries sit at q_offset.. -> [B, Tq, H, Dv]."""
     Tq, Tk = q.shape[1], k.shape[1]
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     gqa = q.shape[1] != k.shape[1]
     if q_offset == 0 and Tq == Tk:
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+        Dv = v.shape[-1]
+        if pad_v_for_flash(q, v):  # MLA: qk 192, v 128; flash needs equal head sizes and beats the other kernels
+            v = F.pad(v, (0, q.shape[-1] - Dv))
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)[..., :Dv]
     elif Tq == 1:
         o = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
     else:
         allowed = torch.arange(Tk, device=q.device)[None, :] <= q_offset + torch.arange(Tq, device=q.device)[:, None]
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=gqa)
     return o.transpose(1, 2)
+
+
+def masked_cache_attention(q, k, v, scale: float, pos: torch.Tensor) -> torch.Tensor:
+    """Fixed-shape attention over a whole preallocated cache (CUDA-graph friendly decode).
+
+    q [B, T, H, Dk] at positions pos..pos+T-1; k [B, L, Hkv, Dk], v [B, L, Hkv, Dv] hold the full
+    cache; pos is a 0-d device tensor. Keys past each query's position are masked out. The query
+    heads of a group become extra query rows of their shared key head, so K/V are never repeated.
+    -> [B, T, H, Dv]
+    """
+    B, T, H, Dk = q.shape
+    L, Hkv = k.shape[1], k.shape[2]
+    G = H // Hkv
+    rows = q.view(B, T, Hkv, G, Dk).permute(0, 2, 1, 3, 4).reshape(B, Hkv, T * G, Dk)
+    query_pos = (pos + torch.arange(T, device=q.device)).repeat_interleave(G)  # [T*G]
+    allowed = torch.arange(L, device=q.device)[None, :] <= query_pos[:, None]  # [T*G, L]
+    o = F.scaled_dot_product_attention(rows, k.transpose(1, 2), v.transpose(1, 2), attn_mask=allowed, scale=scale)
+    return o.view(B, Hkv, T, G, -1).permute(0, 2, 1, 3, 4).reshape(B, T, H, -1)
+
+
+def write_cache(buffer: torch.Tensor, pos: torch.Tensor, values: torch.Tensor) -> None:
+    """buffer[:, pos:pos+T] = values with a device-tensor position. buffer [B, L, ...], values [B, T, ...]."""
+    buffer.index_copy_(1, pos + torch.arange(values.shape[1], device=buffer.device), values.to(buffer.dtype))
 
 
 @torch.no_grad()
@@ -70,6 +102,11 @@ class GroupedQueryAttention(nn.Module):
         q = self.rotary(self.q_proj(x).view(B, T, self.num_heads, self.head_dim), pos)
         k = self.rotary(self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim), pos)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        if isinstance(pos, torch.Tensor):
+            write_cache(cache.k, pos, k)
+            write_cache(cache.v, pos, v)
+            o = masked_cache_attention(q, cache.k, cache.v, self.scale, pos)
+            return self.o_proj(o.reshape(B, T, -1))
         if cache is not None:
             cache.k[:, pos:pos + T] = k
             cache.v[:, pos:pos + T] = v
@@ -156,6 +193,11 @@ class MultiHeadLatentAttention(nn.Module):
         k_rope = k_rope.unsqueeze(2)  # [B, T, 1, dr]
         if self.use_rope:
             q_rope, k_rope = self.rotary(q_rope, pos), self.rotary(k_rope, pos)
+        if isinstance(pos, torch.Tensor):
+            write_cache(cache.c_kv, pos, c_kv)
+            write_cache(cache.k_rope, pos, k_rope.squeeze(2))
+            o = self._attend_latent_cache(q_nope, q_rope, cache.c_kv, cache.k_rope, pos)
+            return self.o_proj(o.reshape(B, T, -1))
         if cache is not None:
             cache.c_kv[:, pos:pos + T] = c_kv
             cache.k_rope[:, pos:pos + T] = k_rope.squeeze(2)
@@ -190,6 +232,21 @@ class MultiHeadLatentAttention(nn.Module):
         q = torch.cat([q_latent, q_rope], dim=-1)  # [B, T, H, r+dr]
         k = torch.cat([c_kv.unsqueeze(2), k_rope], dim=-1)  # [B, S, 1, r+dr]
         o_latent = causal_attention(q, k, c_kv.unsqueeze(2), self.scale, pos)  # [B, T, H, r]
+        return torch.einsum("bthr,hvr->bthv", o_latent, w_v)
+
+    def _attend_latent_cache(self, q_nope, q_rope, c_kv, k_rope, pos):
+        """Absorbed attention over the whole preallocated cache, keys past pos masked (fixed shapes for
+        CUDA graphs). The latent and rope scores are two matmuls, so the cache is never concatenated.
+        q_nope [B, T, H, dn], q_rope [B, T, H, dr], c_kv [B, L, r], k_rope [B, L, dr] -> [B, T, H, dv]."""
+        H, T, L = self.num_heads, q_nope.shape[1], c_kv.shape[1]
+        w = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        w_k, w_v = w[:, :self.nope_dim], w[:, self.nope_dim:]  # [H, dn, r], [H, dv, r]
+        q_latent = torch.einsum("bthd,hdr->bthr", q_nope, w_k)
+        scores = torch.einsum("bthr,bsr->bths", q_latent, c_kv) + torch.einsum("bthd,bsd->bths", q_rope, k_rope)
+        query_pos = pos + torch.arange(T, device=c_kv.device)  # [T]
+        allowed = torch.arange(L, device=c_kv.device)[None, :] <= query_pos[:, None]  # [T, L]
+        scores = (scores.float() * self.scale).masked_fill(~allowed[None, :, None, :], float("-inf"))
+        o_latent = torch.einsum("bths,bsr->bthr", scores.softmax(-1).to(c_kv.dtype), c_kv)  # [B, T, H, r]
         return torch.einsum("bthr,hvr->bthv", o_latent, w_v)
 
     @torch.no_grad()

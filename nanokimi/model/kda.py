@@ -16,6 +16,8 @@ from nanokimi.config import ModelConfig
 from nanokimi.model.cache import RecurrentCache
 from nanokimi.ops.kda import kda
 
+kda_outside_compile = torch.compiler.disable(kda)  # fla's Triton kernels run as they are; the layer around them compiles
+
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     x32 = x.float()
@@ -76,14 +78,13 @@ class KimiDeltaAttention(nn.Module):
         g = self.f_b_proj(self.f_a_proj(x)).float() + self.dt_bias.float()
         g = -self.A_log.float().exp().repeat_interleave(D) * F.softplus(g)  # [B, T, HD]
         beta = torch.sigmoid(self.b_proj(x).float())  # [B, T, H]
-        o, state = kda(q, k, v, g.view(B, T, H, D), beta,
+        o, state = kda_outside_compile(q, k, v, g.view(B, T, H, D), beta,
                        initial_state=None if cache is None else cache.state,
                        output_final_state=cache is not None)
         if cache is not None:
             cache.state.copy_(state)
 
         gate = self.g_b_proj(self.g_a_proj(x)).view(B, T, H, D)
-        o32 = o.float()
-        o32 = o32 * torch.rsqrt(o32.pow(2).mean(-1, keepdim=True) + self.eps) * self.o_norm_weight.float()
+        o32 = F.rms_norm(o.float(), (D,), self.o_norm_weight.float(), self.eps)
         o = (o32 * torch.sigmoid(gate.float())).to(x.dtype)
         return self.o_proj(o.reshape(B, T, H * D))

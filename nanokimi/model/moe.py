@@ -33,7 +33,8 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, D] -> (weights [N, k] fp32, expert indices [N, k])."""
-        scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))  # [N, E]
+        with torch.autocast(x.device.type, enabled=False):  # autocast would run this matmul in bf16
+            scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))  # [N, E]
         choice = scores + self.e_score_correction_bias.float()
         if self.n_group > 1:
             grouped = choice.view(x.shape[0], self.n_group, -1)  # [N, G, E/G]
@@ -48,10 +49,32 @@ class Router(nn.Module):
         return weights * self.scaling, indices
 
 
+def grouped_mm_supported(x: torch.Tensor) -> bool:
+    """Whether F.grouped_mm can take x: bf16, or fp32 on the CPU in eager mode (its meta kernel, which
+    torch.compile traces with, accepts bf16 only), and a torch that has it."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    cpu_fp32 = x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling()
+    return x.dtype == torch.bfloat16 or cpu_fp32
+
+
+def to_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
+    """x in the autocast dtype when autocast is on for its device, else unchanged."""
+    if torch.is_autocast_enabled(x.device.type):
+        return x.to(torch.get_autocast_dtype(x.device.type))
+    return x
+
+
 def grouped_matmul(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-    """Rows x[ends[e-1]:ends[e]] times w[e] for every expert e. x [N, K], w [E, K, M] -> [N, M]."""
+    """Rows x[ends[e-1]:ends[e]] times w[e] for every expert e. x [N, K], w [E, K, M] -> [N, M].
+
+    Under autocast both operands go to the autocast dtype first (autocast does not cover grouped_mm),
+    so bf16 training reaches the fused kernel. Without a usable F.grouped_mm it falls back to one
+    matmul per expert, which reads the counts on the host (a device sync).
+    """
+    x = to_autocast_dtype(x)
     w = w.to(x.dtype)
-    if hasattr(F, "grouped_mm") and (x.dtype == torch.bfloat16 or (x.device.type == "cpu" and x.dtype == torch.float32)):
+    if grouped_mm_supported(x):
         return F.grouped_mm(x, w, offs=ends.to(torch.int32))
     counts = torch.diff(ends, prepend=ends.new_zeros(1)).tolist()
     return torch.cat([chunk @ w[e] for e, chunk in enumerate(x.split(counts)) if counts[e]] or [x.new_zeros(0, w.shape[-1])])
@@ -71,9 +94,10 @@ class Experts(nn.Module):
         flat = indices.flatten()  # [N*k]
         order = flat.argsort(stable=True)
         token = order // k
-        counts = torch.bincount(flat, minlength=E)
-        ends = counts.cumsum(0)
-        h = grouped_matmul(x[token], self.gate_up.transpose(1, 2), ends)  # [N*k, 2I]
+        experts = torch.arange(E, device=flat.device, dtype=flat.dtype)
+        ends = torch.searchsorted(flat[order], experts, right=True)  # [E]; bincount would sync on CUDA
+        counts = torch.diff(ends, prepend=ends.new_zeros(1))
+        h = grouped_matmul(to_autocast_dtype(x)[token], self.gate_up.transpose(1, 2), ends)  # [N*k, 2I], cast before the gather
         gate, up = h.chunk(2, dim=-1)
         y = grouped_matmul(F.silu(gate) * up, self.down.transpose(1, 2), ends)  # [N*k, D]
         y = y * weights.flatten()[order].unsqueeze(-1).to(y.dtype)
@@ -104,8 +128,8 @@ class MoE(nn.Module):
 def update_router_bias(model: nn.Module, rate: float = 1e-3) -> None:
     """Aux-loss-free balancing: move each expert's correction bias up if it got fewer tokens than the
     mean since the last call, down if more; then clear the counts. Call after each optimizer step."""
-    for module in model.modules():
-        if isinstance(module, MoE) and module.expert_load.sum() > 0:
+    for module in model.modules():  # no host check of the load: an empty load gives sign(0) = 0, no sync
+        if isinstance(module, MoE):
             load = module.expert_load
             module.router.e_score_correction_bias += rate * torch.sign(load.mean() - load)
             load.zero_()

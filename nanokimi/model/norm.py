@@ -1,5 +1,6 @@
 """RMSNorm, computed in fp32 and cast back before the weight (the Kimi / DeepSeek-V3 convention)."""
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -10,6 +11,5 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        x32 = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # x * rsqrt(mean(x^2) + eps); fused where torch has a kernel
         return self.weight * x32.to(x.dtype)

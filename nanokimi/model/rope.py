@@ -55,12 +55,25 @@ class Rotary(nn.Module):
             self._table_len = max(length, 1)
         return self.cos, self.sin
 
-    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """x: [B, T, H, D] for positions start .. start+T-1."""
+    def ensure_length(self, length: int, device) -> None:
+        """Build the tables for `length` positions now (before a CUDA graph capture reads them)."""
+        self._tables(length, device)
+
+    def forward(self, x: torch.Tensor, start: int | torch.Tensor = 0) -> torch.Tensor:
+        """x: [B, T, H, D] for positions start .. start+T-1. A 0-d tensor `start` (fixed-shape decode)
+        gathers from tables built beforehand with `ensure_length`."""
         T = x.shape[1]
-        cos, sin = self._tables(start + T, x.device)
-        cos = cos[start:start + T, None, :]  # [T, 1, D]
-        sin = sin[start:start + T, None, :]
+        if isinstance(start, torch.Tensor):
+            if self._table_len == 0:
+                raise RuntimeError("Rotary tables are empty: call ensure_length(max_len, device) before "
+                                   "a decode step with a tensor position.")
+            positions = start + torch.arange(T, device=x.device)  # [T]
+            cos = self.cos.index_select(0, positions)[:, None, :]  # [T, 1, D]
+            sin = self.sin.index_select(0, positions)[:, None, :]
+        else:
+            cos, sin = self._tables(start + T, x.device)
+            cos = cos[start:start + T, None, :]  # [T, 1, D]
+            sin = sin[start:start + T, None, :]
         if self.interleave:  # pairs (0,1), (2,3), ... -> halves, then the usual rotation
             x = x.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
         x32 = x.float()

@@ -81,13 +81,21 @@ class Transformer(nn.Module):
         return ModelCache([b.mixer.new_cache(batch_size, max_len, device, dtype) for b in self.layers],
                           batch_size, max_len)
 
-    def hidden_states(self, input_ids: torch.Tensor, cache: ModelCache | None = None) -> torch.Tensor:
-        """input_ids [B, T] -> final-normed hidden states [B, T, D]."""
+    def hidden_states(self, input_ids: torch.Tensor, cache: ModelCache | None = None,
+                      position: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [B, T] -> final-normed hidden states [B, T, D].
+
+        `position` (a 0-d long device tensor, with a cache) selects the fixed-shape decode path used
+        under CUDA graphs: tokens are written at that position and attention runs over the whole
+        cache under a length mask. The caller owns the position then; cache.pos is not advanced.
+        """
         B, T = input_ids.shape
         pos = 0
         if cache is not None:
             cache.check_room(B, T)
-            pos = cache.pos
+            pos = cache.pos if position is None else position
+        elif position is not None:
+            raise ValueError("position= selects the fixed-shape decode path and needs cache= as well.")
         state = self.residual.start(self.embed(input_ids))
         for i, block in enumerate(self.layers):
             layer_cache = None if cache is None else cache.layers[i]
@@ -95,19 +103,23 @@ class Transformer(nn.Module):
             state = self.residual.add(state, 2 * i, block.mixer(block.mixer_norm(h), layer_cache, pos))
             h = self.residual.sublayer_input(state, 2 * i + 1)
             state = self.residual.add(state, 2 * i + 1, block.ffn(block.ffn_norm(h)))
-        if cache is not None:
+        if cache is not None and position is None:
             cache.pos += T
         return self.norm(self.residual.finish(state))
 
-    def forward(self, input_ids: torch.Tensor, cache: ModelCache | None = None) -> torch.Tensor:
-        """input_ids [B, T] -> logits [B, T, vocab]."""
-        return self.lm_head(self.hidden_states(input_ids, cache))
+    def forward(self, input_ids: torch.Tensor, cache: ModelCache | None = None,
+                position: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, vocab]. See hidden_states for `position`."""
+        return self.lm_head(self.hidden_states(input_ids, cache, position))
 
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = 8192) -> torch.Tensor:
         """Mean next-token cross-entropy. The LM head runs over chunks of tokens, each recomputed in the
-        backward pass, so fp32 logits for the whole batch never exist at once."""
+        backward pass, so fp32 logits for the whole batch never exist at once. chunk_tokens=0 runs the
+        whole batch in one piece with no recompute (faster when the [N, vocab] logits fit in memory)."""
         h = self.hidden_states(input_ids).flatten(0, 1)  # [N, D]
         targets = targets.flatten()
+        if chunk_tokens == 0:
+            return self._chunk_loss_sum(h, targets) / targets.ne(-100).sum().clamp(min=1)
         total = h.new_zeros((), dtype=torch.float32)
         for start in range(0, h.shape[0], chunk_tokens):
             piece = (h[start:start + chunk_tokens], targets[start:start + chunk_tokens])

@@ -1,0 +1,120 @@
+"""Shared plumbing of the benchmark scripts: environment facts, timing, peer subprocesses, result files."""
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# Dense bf16 tensor-core peaks (no sparsity), FLOP/s, by a substring of the device name.
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "L40S": 362e12}
+
+
+def peak_flops(device_name: str) -> float | None:
+    return next((v for k, v in PEAK_BF16.items() if k in device_name), None)
+
+
+def environment(device: torch.device) -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                timeout=10).stdout.strip() or "unknown"
+    except Exception:  # noqa: BLE001 - a result file without a commit is still useful
+        commit = "unknown"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return dict(device=name, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                git_commit=commit, torch=torch.__version__, python=sys.version.split()[0])
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(fn, device: torch.device, warmup: int, repeats: int) -> float:
+    """Median wall time of fn() in ms, each call timed on its own after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def free_memory(device: torch.device) -> None:
+    import gc
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def find_peer_script(given: str | None) -> Path | None:
+    candidates = [given] if given else [ROOT / ".gpu" / "bench" / "peer_hf.py", ROOT / ".." / "shared" / "bench" / "peer_hf.py"]
+    for c in candidates:
+        if c and Path(c).is_file():
+            return Path(c).resolve()
+    return None
+
+
+def run_peer(script: Path | None, args: list[str], timeout_s: int) -> dict:
+    """Run the HF peer script in a subprocess with --json; returns its JSON or {"error": ...}."""
+    if script is None:
+        return {"error": "peer script not found; pass --peer-script PATH (e.g. ../shared/bench/peer_hf.py)"}
+    out = Path(os.environ.get("TMPDIR", "/tmp")) / f"peer_{os.getpid()}_{time.monotonic_ns()}.json"
+    cmd = [sys.executable, str(script), *args, "--json", str(out)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"error": f"peer timed out after {timeout_s}s: {' '.join(cmd)}"}
+    if proc.returncode != 0 or not out.is_file():
+        tail = (proc.stderr or proc.stdout)[-1500:]
+        return {"error": f"peer exited with {proc.returncode}: {tail}"}
+    result = json.loads(out.read_text())
+    out.unlink(missing_ok=True)
+    return result
+
+
+def write_results(path: Path, env: dict, results: dict, extra: dict | None = None) -> None:
+    """Merge `results` (by config name) into the JSON file at path, so partial runs add up."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old = {}
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text()).get("results", {})
+        except (json.JSONDecodeError, AttributeError):
+            old = {}
+    payload = {**env, **(extra or {}), "results": {**old, **results}}
+    path.write_text(json.dumps(payload, indent=1, default=str))
+
+
+def short_error(error: BaseException) -> str:
+    text = f"{type(error).__name__}: {error}"
+    return text if len(text) < 600 else text[:600] + " ..."
+
+
+def print_table(headers: list[str], rows: list[list]) -> None:
+    cells = [[str(h) for h in headers]] + [[("" if c is None else str(c)) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    for n, row in enumerate(cells):
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+        if n == 0:
+            print("  ".join("-" * w for w in widths))

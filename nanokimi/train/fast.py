@@ -1,0 +1,138 @@
+"""Fast training paths on one GPU: per-module torch.compile, and a one-line report of which path each
+component takes.
+
+    model = compile_model(build_model(cfg).cuda())
+    print(describe_paths(model, "cuda"))   # kda=fla (...) | moe=grouped_mm (bf16) | attention=SDPA flash ... | compile=on (...)
+
+The blocks are compiled one module at a time (norms, mixer, FFN), not the whole model: dynamo inlines
+nn.Module calls, so the graphs of identical layers are shared, compile time stays short, and a
+component that cannot be traced (the fla KDA kernels, excluded with torch.compiler.disable in
+model/kda.py) only breaks its own graph.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanokimi.model.attention import GroupedQueryAttention, MultiHeadLatentAttention
+from nanokimi.model.kda import KimiDeltaAttention
+from nanokimi.model.moe import MoE
+from nanokimi.model.rope import Rotary
+
+
+def raise_recompile_limits(limit: int = 64) -> None:
+    """Each layer instance may add a guard set to a shared code object; 16+ layers exceed the default 8."""
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(config, name) and getattr(config, name) < limit:
+            setattr(config, name, limit)
+    for name in ("accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(config, name) and getattr(config, name) < 8 * limit:
+            setattr(config, name, 8 * limit)
+
+
+def compile_model(model: nn.Module, fullgraph: bool = True, loss: bool = True, mode: str | None = None) -> nn.Module:
+    """Compile every block's norms, token mixer and FFN in place (state_dict keys do not change) and,
+    with loss=True, the chunked LM-head + cross-entropy. fullgraph applies to everything but KDA
+    mixers, whose kernel call is a deliberate graph break. Returns the same model."""
+    raise_recompile_limits()
+    cfg = model.config
+    device = model.embed.weight.device
+    for module in model.modules():  # build RoPE tables now so compiled graphs never see them change
+        if isinstance(module, Rotary):
+            module.ensure_length(min(cfg.max_position_embeddings, 131072), device)
+    for block in model.layers:
+        block.mixer_norm.compile(fullgraph=fullgraph, mode=mode)
+        block.ffn_norm.compile(fullgraph=fullgraph, mode=mode)
+        block.mixer.compile(fullgraph=fullgraph and not isinstance(block.mixer, KimiDeltaAttention), mode=mode)
+        block.ffn.compile(fullgraph=fullgraph, mode=mode)
+    model.norm.compile(fullgraph=fullgraph, mode=mode)
+    if loss:
+        model._chunk_loss_sum = torch.compile(model._chunk_loss_sum, fullgraph=fullgraph, mode=mode)
+    return model
+
+
+def _kda_path(device: torch.device) -> str:
+    try:
+        from nanokimi.ops.kda import kda_backend
+    except ImportError:
+        return "torch (nanokimi.ops.kda has no kda_backend)"
+    try:
+        return str(kda_backend(device))
+    except Exception as error:  # noqa: BLE001 - a report must not fail
+        return f"unknown ({type(error).__name__}: {error})"
+
+
+def _moe_path(device: torch.device, dtype: torch.dtype) -> str:
+    if not hasattr(F, "grouped_mm"):
+        return f"per-expert loop (torch {torch.__version__} has no F.grouped_mm; host sync per layer)"
+    if dtype == torch.bfloat16:
+        return "grouped_mm (bf16)"
+    if device.type == "cpu" and dtype == torch.float32:
+        return "grouped_mm (fp32, cpu)"
+    return f"per-expert loop ({dtype} on {device.type}: grouped_mm needs bf16 - use bf16 autocast; host sync per layer)"
+
+
+def sdpa_backend(device: torch.device, head_dim_qk: int, head_dim_v: int, dtype=torch.bfloat16) -> str:
+    """The SDPA backend a causal call with these head sizes takes: try each backend alone, in the
+    priority order torch uses, on a tiny input."""
+    if device.type != "cuda":
+        return f"SDPA ({device.type})"
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    order = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    if hasattr(torch._C, "_get_sdp_priority_order"):
+        try:
+            ranked = [SDPBackend(int(i)) for i in torch._C._get_sdp_priority_order()]
+            order = [b for b in ranked if b in order] or order
+        except Exception:  # noqa: BLE001 - fall back to the documented order
+            pass
+    q = torch.randn(1, 2, 128, head_dim_qk, device=device, dtype=dtype)
+    v = torch.randn(1, 2, 128, head_dim_v, device=device, dtype=dtype)
+    for backend in order:
+        try:
+            with sdpa_kernel([backend]):
+                F.scaled_dot_product_attention(q, q, v, is_causal=True)
+            return backend.name.lower()
+        except RuntimeError:
+            continue
+    return "none"
+
+
+def describe_paths(model: nn.Module, device: str | torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
+    """One line: which path KDA, MoE, attention and compile take on `device`, and why.
+    dtype is the compute dtype (bf16 under autocast or for a bf16 model)."""
+    device = torch.device(device)
+    parts = []
+    mixers = [block.mixer for block in model.layers]
+    if any(isinstance(m, KimiDeltaAttention) for m in mixers):
+        parts.append(f"kda={_kda_path(device)}")
+    if any(isinstance(m, MoE) for m in model.modules()):
+        parts.append(f"moe={_moe_path(device, dtype)}")
+    shapes = set()
+    for m in mixers:
+        if isinstance(m, GroupedQueryAttention):
+            shapes.add(("gqa", m.head_dim, m.head_dim))
+        elif isinstance(m, MultiHeadLatentAttention):
+            shapes.add(("mla" + ("+moba" if m.moba else ""), m.nope_dim + m.rope_dim, m.v_dim))
+    for kind, dqk, dv in sorted(shapes):
+        padded = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and dv < dqk <= 256
+        try:
+            backend = sdpa_backend(device, dqk, dqk if padded else dv, dtype)
+            backend += f" (v padded {dv}->{dqk})" if padded else ""
+        except Exception as error:  # noqa: BLE001
+            backend = f"unknown ({type(error).__name__})"
+        parts.append(f"attention[{kind} qk={dqk} v={dv}]={backend}")
+    compiled = sum(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
+    parts.append(f"compile={'on (' + str(compiled) + ' modules)' if compiled else 'off'}")
+    return " | ".join(parts)
+
+
+def make_optimizer(model: nn.Module, name: str = "adamw", lr: float = 3e-4, weight_decay: float = 0.1):
+    """"adamw": torch AdamW, fused on CUDA (one kernel for all parameters). "muon": nanokimi.optim's
+    Muon + AdamW builder."""
+    if name == "muon":
+        from nanokimi.optim import build_optimizer
+        return build_optimizer(model, "muon", lr=lr, weight_decay=weight_decay)
+    if name != "adamw":
+        raise ValueError(f"optimizer must be 'adamw' or 'muon', got {name!r}.")
+    fused = next(model.parameters()).device.type == "cuda"
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95), fused=fused)
