@@ -25,6 +25,8 @@ def cmd_model_info(args) -> int:
 
 
 def cmd_train(args) -> int:
+    import torch
+
     from nanokimi.train.config import load_run_config
     from nanokimi.train.trainer import Trainer
 
@@ -41,6 +43,9 @@ def cmd_train(args) -> int:
     trainer = Trainer(run, out, resume=args.resume, progress=not args.no_progress)
     print(f"training {run.preset} ({sum(p.numel() for p in trainer.model.parameters()) / 1e6:.1f}M params) on "
           f"{trainer.device} with {run.optim.name}; data {trainer.data_dir}; writing {out}", file=sys.stderr)
+    from nanokimi.train.fast import describe_paths
+    print("paths: " + describe_paths(trainer.model, trainer.device,
+                                     torch.bfloat16 if trainer.device.type == "cuda" else torch.float32), file=sys.stderr)
     result = trainer.fit()
     print(f"done: step {result['step']}, {result['tokens']:,} tokens, val loss {result.get('val_loss', float('nan')):.4f}, "
           f"val bits/byte {result.get('val_bpb', float('nan')):.4f}; checkpoint {trainer.checkpoint_dir}")

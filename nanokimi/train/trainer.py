@@ -97,7 +97,10 @@ class Trainer:
                                   rank=rank, world_size=world_size, device=self.device)
         self.model = build_model(run.model, device=self.device)
         self.model.train()
-        self.loss_fn = torch.compile(self.model.loss) if t.compile else self.model.loss
+        if t.compile:
+            from nanokimi.train.fast import compile_model
+            compile_model(self.model)
+        self.loss_fn = self.model.loss
         o = run.optim
         self.optimizer = build_optimizer(self.model, name=o.name, lr=o.lr, weight_decay=o.weight_decay,
                                          betas=(o.beta1, o.beta2), momentum=o.momentum)

@@ -1,0 +1,1 @@
+"""Training: the loop, run configs, checkpoints, schedules, fast paths, plots and distributed setup."""
