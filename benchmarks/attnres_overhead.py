@@ -14,7 +14,6 @@ import argparse
 import datetime
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,17 +22,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from perf_common import git_commit  # noqa: E402
 
 from nanokimi.model.attn_res import AttentionResiduals  # noqa: E402
 
 MODES = ("none", "block", "full")
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
 
 
 def timed(step, warmup: int, steps: int, device: torch.device) -> list[float]:

@@ -11,7 +11,6 @@ previous T and marked "estimated".
 import argparse
 import datetime
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -141,8 +140,9 @@ def main():
         warnings.filterwarnings("ignore", message=".*flex_attention.*")
     rows = run(plan, device)
     print(table(rows))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parent).stdout.strip()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from perf_common import git_commit
+    commit = git_commit()
     result = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   git_commit=commit, torch=torch.__version__, quick=quick,

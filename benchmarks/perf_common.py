@@ -21,12 +21,19 @@ def peak_flops(device_name: str) -> float | None:
     return next((v for k, v in PEAK_BF16.items() if k in device_name), None)
 
 
-def environment(device: torch.device) -> dict:
+def git_commit() -> str:
+    """The commit being measured: $NANOKIMI_COMMIT (set where the tree travels without .git), else git's HEAD."""
+    if os.environ.get("NANOKIMI_COMMIT"):
+        return os.environ["NANOKIMI_COMMIT"]
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                timeout=10).stdout.strip() or "unknown"
-    except Exception:  # noqa: BLE001 - a result file without a commit is still useful
-        commit = "unknown"
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):  # a result file without a commit is still useful
+        return "unknown"
+
+
+def environment(device: torch.device) -> dict:
+    commit = git_commit()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return dict(device=name, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 git_commit=commit, torch=torch.__version__, python=sys.version.split()[0])

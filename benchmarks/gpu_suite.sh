@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Everything nanokimi measures on one CUDA GPU, split in parts that each fit a 10-minute slot:
+#   bash benchmarks/gpu_suite.sh train      # GPU tests, Muon step, training throughput vs HF
+#   bash benchmarks/gpu_suite.sh decode     # decoding vs HF, MoBA vs SDPA, AttnRes overhead
+# Expects fla-core wheels in .whl/ (bash ../shared/bench/gpu_wheels.sh) and the HF peer script in
+# .gpu/bench/ (cp -r ../shared/bench .gpu/). Results land in benchmarks/results/*.json and, when $OUT
+# is set, are copied there with the log.
+set -u
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/nanokimi-site .whl/*.whl
+  export PYTHONPATH=/tmp/nanokimi-site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+log=${OUT:-/tmp}/gpu_suite_$1.log
+step() {  # step SECONDS command...: run with a time limit, keep going on failure
+  local limit=$1; shift
+  echo "=== $* (limit ${limit}s)" | tee -a "$log"
+  local start=$SECONDS
+  timeout "$limit" "$@" 2>&1 | tee -a "$log"
+  echo "=== exit ${PIPESTATUS[0]} after $((SECONDS - start))s" | tee -a "$log"
+}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$log"
+case "$1" in
+  train)
+    step 150 python3 -m pytest -q -m gpu tests/ -x -p no:cacheprovider
+    step 90 python3 benchmarks/muon_step.py
+    step 330 python3 benchmarks/train_step.py --peer-script .gpu/bench/peer_hf.py ;;
+  decode)
+    step 300 python3 benchmarks/generate.py --peer-script .gpu/bench/peer_hf.py
+    step 150 python3 benchmarks/moba.py
+    step 100 python3 benchmarks/attnres_overhead.py ;;
+  *) echo "usage: $0 train|decode"; exit 2 ;;
+esac
+if [ -n "${OUT:-}" ]; then cp benchmarks/results/*.json "$OUT"/ 2>/dev/null; fi
