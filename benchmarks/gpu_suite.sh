@@ -24,7 +24,7 @@ step() {  # step SECONDS command...: run with a time limit, keep going on failur
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$log"
 case "$1" in
   train)
-    step 150 python3 -m pytest -q -m gpu tests/ -x -p no:cacheprovider
+    step 150 python3 -m pytest -q -m gpu tests/ -p no:cacheprovider
     step 90 python3 benchmarks/muon_step.py
     step 330 python3 benchmarks/train_step.py --peer-script .gpu/bench/peer_hf.py ;;
   decode)
