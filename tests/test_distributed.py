@@ -166,3 +166,16 @@ def test_launch_drops_nproc():
 
     assert _without_nproc(["--nproc", "2", "--preset", "tiny", "--nproc=4", "train.max_steps=3"]) == [
         "--preset", "tiny", "train.max_steps=3"]
+
+
+def test_benchmark_quick(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "distributed.py"
+    subprocess.run([sys.executable, str(script), "--quick", "--out", str(tmp_path / "d.json")], check=True,
+                   capture_output=True, timeout=300)
+    rows = json.loads((tmp_path / "d.json").read_text())["rows"]
+    assert [r["gpus"] for r in rows] == [1, 2] and all(r["tokens_per_s"] > 0 for r in rows)
+    assert all(0 < r["optimizer_share"] < 1 for r in rows)
