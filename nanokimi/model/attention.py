@@ -122,16 +122,33 @@ class GroupedQueryAttention(nn.Module):
         MHA: W_q and W_k rows of the head by sqrt(gamma). GQA (a key head shared by several query
         heads): the whole gamma goes to W_q, so the other heads of the group stay bit-identical."""
         gamma = _clip_factors(self.max_logits, tau, self.num_heads, self.q_proj.weight.device)
-        heads = (gamma < 1).nonzero().flatten().tolist()
-        wq = self.q_proj.weight.view(self.num_heads, self.head_dim, -1)
-        wk = self.k_proj.weight.view(self.num_kv_heads, self.head_dim, -1)
-        for h in heads:
+        d = self.head_dim
+        for h in (gamma < 1).nonzero().flatten().tolist():
             if self.num_kv_heads == self.num_heads:
-                wq[h] *= gamma[h].sqrt()
-                wk[h] *= gamma[h].sqrt()
+                _scale_rows_(self.q_proj.weight, h * d, (h + 1) * d, gamma[h].sqrt())
+                _scale_rows_(self.k_proj.weight, h * d, (h + 1) * d, gamma[h].sqrt())
             else:
-                wq[h] *= gamma[h]
+                _scale_rows_(self.q_proj.weight, h * d, (h + 1) * d, gamma[h])
         return gamma
+
+
+def _scale_rows_(weight: torch.Tensor, start: int, stop: int, factor: torch.Tensor) -> None:
+    """weight[start:stop] *= factor, in place. A DTensor weight sharded on dim 0 (FSDP2) scales the part of
+    those rows that its local shard holds (rank r holds rows [r c, (r + 1) c), c = ceil(rows / world))."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(weight, DTensor):
+        weight[start:stop] *= factor
+        return
+    if tuple(weight.placements) != (Shard(0),):
+        raise NotImplementedError(f"QK-Clip supports weights sharded on dim 0 over a 1-D mesh (FSDP2); got "
+                                  f"placements {weight.placements}.")
+    rows, world, rank = weight.shape[0], weight.device_mesh.size(), weight.device_mesh.get_local_rank()
+    first = min(rank * -(-rows // world), rows)
+    local = weight.to_local()
+    lo, hi = max(start, first) - first, min(stop, first + local.shape[0]) - first
+    if lo < hi:
+        local[lo:hi] *= factor.to(local.device)
 
 
 def _clip_factors(max_logits, tau: float, num_heads: int, device) -> torch.Tensor:
@@ -254,10 +271,9 @@ class MultiHeadLatentAttention(nn.Module):
         """Per head over tau: q_nope and k_nope rows by sqrt(gamma), q_rope rows by gamma; the shared
         k_rope (in kv_a_proj) is never touched. Returns gamma [H]."""
         gamma = _clip_factors(self.max_logits, tau, self.num_heads, self.kv_b_proj.weight.device)
-        wq = self._q_weight().view(self.num_heads, self.nope_dim + self.rope_dim, -1)
-        wkv = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, -1)
+        dq, dkv, dn = self.nope_dim + self.rope_dim, self.nope_dim + self.v_dim, self.nope_dim
         for h in (gamma < 1).nonzero().flatten().tolist():
-            wq[h, :self.nope_dim] *= gamma[h].sqrt()
-            wq[h, self.nope_dim:] *= gamma[h]
-            wkv[h, :self.nope_dim] *= gamma[h].sqrt()
+            _scale_rows_(self._q_weight(), h * dq, h * dq + dn, gamma[h].sqrt())
+            _scale_rows_(self._q_weight(), h * dq + dn, (h + 1) * dq, gamma[h])
+            _scale_rows_(self.kv_b_proj.weight, h * dkv, h * dkv + dn, gamma[h].sqrt())
         return gamma

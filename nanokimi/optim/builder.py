@@ -156,7 +156,13 @@ def build_optimizer(model, name="muon", lr=1e-3, weight_decay=0.1, betas=(0.9, 0
     optimizers = {}
     if muon_groups:
         groups = [{"params": ps, "heads": heads, "split": split} for (heads, split), ps in muon_groups.items()]
-        optimizers["muon"] = Muon(groups, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+        from torch.distributed.tensor import DTensor
+
+        if any(isinstance(p, DTensor) for ps in muon_groups.values() for p in ps):  # FSDP2: each matrix's Newton-Schulz runs once, on its owner rank
+            from nanokimi.optim.dist_muon import DistributedMuon as muon_class
+        else:
+            muon_class = Muon
+        optimizers["muon"] = muon_class(groups, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                                   ns_steps=ns_steps, coefficients=coefficients, ns_dtype=ns_dtype)
     if adamw_params:
         optimizers["adamw"] = _adamw([{"params": adamw_params}], lr, betas, eps, weight_decay)

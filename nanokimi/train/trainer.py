@@ -96,6 +96,9 @@ class Trainer:
         self.stream = TokenStream(self.data_dir, "train", self.micro_batch, t.seq_len, seed=t.seed,
                                   rank=rank, world_size=world_size, device=self.device)
         self.model = build_model(run.model, device=self.device)
+        if world_size > 1:
+            from nanokimi.train.distributed import shard_model
+            shard_model(self.model, self.device)
         self.model.train()
         if t.compile:
             from nanokimi.train.fast import compile_model
@@ -123,9 +126,14 @@ class Trainer:
     def _resume(self) -> None:
         from safetensors.torch import load_model
 
-        load_model(self.model, str(self.checkpoint_dir / "model.safetensors"), strict=False, device=str(self.device))
-        state = load_trainer_state(self.checkpoint_dir)
-        self.optimizer.load_state_dict(state["optimizer"])
+        from nanokimi.train.sharded_checkpoint import is_sharded_checkpoint, load_into
+
+        if self.world_size > 1 or is_sharded_checkpoint(self.checkpoint_dir):
+            state = load_into(self.checkpoint_dir, self.model, self.optimizer)
+        else:
+            load_model(self.model, str(self.checkpoint_dir / "model.safetensors"), strict=False, device=str(self.device))
+            state = load_trainer_state(self.checkpoint_dir)
+            self.optimizer.load_state_dict(state["optimizer"])
         self.stream.load_state_dict(state["data"])
         set_rng_state(state["rng"])
         self.step, self.tokens = state["step"], state["tokens"]
@@ -154,6 +162,9 @@ class Trainer:
             (loss / t.grad_accum).backward()
             total += loss.detach() / t.grad_accum
         total = self._all_reduce_mean(total)
+        if self.world_size > 1:
+            from nanokimi.train.distributed import sync_step_statistics
+            sync_step_statistics(self.model)
         value = total.item()
         if not math.isfinite(value):
             where = f"the last good checkpoint is {self.last_good}" if self.last_good else "no checkpoint was saved yet"
@@ -191,9 +202,13 @@ class Trainer:
         return result
 
     def save(self) -> Path:
-        state = {"optimizer": self.optimizer.state_dict(), "data": self.stream.state_dict(), "rng": rng_state(),
+        state = {"data": self.stream.state_dict(), "rng": rng_state(),
                  "step": self.step, "tokens": self.tokens, "run": self.run.to_dict(), "data_dir": str(self.data_dir)}
-        if self.is_main:
+        if self.world_size > 1:
+            from nanokimi.train.sharded_checkpoint import save_sharded_checkpoint
+            save_sharded_checkpoint(self.checkpoint_dir, self.model, self.optimizer, state, self.tokenizer_file)
+        elif self.is_main:
+            state["optimizer"] = self.optimizer.state_dict()
             save_checkpoint(self.checkpoint_dir, self.model, state, self.tokenizer_file)
         self.last_good = self.checkpoint_dir
         return self.checkpoint_dir

@@ -1,0 +1,172 @@
+"""Muon for FSDP2-sharded parameters: every matrix is orthogonalised once, by one owner rank.
+
+Parameters are DTensors sharded on dim 0 over a 1-D mesh (FSDP2's layout: rank r holds rows
+[r c, (r + 1) c) with c = ceil(rows / world), the last ranks possibly fewer or none). Per step:
+    1. on every shard: M <- mu M + G, weight decay, U = mu M + G (nesterov) cast to the Newton-Schulz dtype
+       (the momentum buffer lives on the shard, as a DTensor beside its parameter)
+    2. one all-to-all sends each shard of U to the rank that owns the whole matrix; owners are assigned
+       greedily, largest matrices first, to the rank with the least work so far
+    3. each owner runs the batched Newton-Schulz over its matrices, with the same blocks as Muon
+       (per-head, split, per-expert)
+    4. a second all-to-all sends each rank the rows of O that match its shard; W <- W - lr 0.2 sqrt(max(a, b)) O
+So the Newton-Schulz work is split over ranks, never repeated, and the result is the single-process Muon's.
+"""
+import math
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+
+from nanokimi.ops.newton_schulz import coefficient_schedule, newton_schulz
+from nanokimi.optim.muon import MOONLIGHT_RMS, Muon, matrix_blocks
+
+
+def shard_rows(rows: int, world: int, rank: int) -> tuple[int, int]:
+    """Rows [start, stop) of dim 0 that `rank` holds under FSDP2's chunked Shard(0) layout."""
+    chunk = -(-rows // world)
+    return min(rank * chunk, rows), min((rank + 1) * chunk, rows)
+
+
+def row_segments(shape, heads=None, split=None):
+    """(start, stop, update scale) along a matrix's rows (dim -2): each split piece is cut into blocks of
+    piece / heads rows, all of `cols` columns, so its scale is 0.2 sqrt(max(piece / heads, cols))."""
+    cols, start = shape[-1], 0
+    for piece in split or (shape[-2],):
+        block_rows = piece // heads if heads else piece
+        yield start, start + piece, MOONLIGHT_RMS * math.sqrt(max(block_rows, cols))
+        start += piece
+
+
+def assign_owners(sizes: list[int], world: int) -> list[int]:
+    """Owner rank of each matrix: largest first, each to the rank with the least total size so far."""
+    load, owners = [0] * world, [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        owners[i] = min(range(world), key=lambda r: (load[r], r))
+        load[owners[i]] += sizes[i]
+    return owners
+
+
+class _Job:
+    """One parameter's step: its shard, its update U's shard, its group and who owns the whole matrix."""
+
+    def __init__(self, param, update, group, world):
+        self.param, self.update, self.group = param, update, group
+        self.shape = tuple(param.shape)  # global [A, B] or [E, A, B]
+        self.row_numel = math.prod(self.shape[1:])
+        self.rows = [shard_rows(self.shape[0], world, r) for r in range(world)]
+        self.owner = 0
+
+    def numel_of(self, rank):
+        start, stop = self.rows[rank]
+        return (stop - start) * self.row_numel
+
+
+class DistributedMuon(Muon):
+    """Muon over DTensor parameters sharded on dim 0 (FSDP2). Same options and update as Muon; built by
+    nanokimi.optim.build_optimizer when the model's parameters are DTensors."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        jobs_by_dtype = defaultdict(list)
+        mesh = None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                mesh = self._check_layout(p, mesh)
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                grad, buf, weight = p.grad.to_local(), state["momentum_buffer"].to_local(), p.to_local()
+                torch.add(grad, buf, alpha=group["momentum"], out=buf)
+                if group["weight_decay"] != 0:
+                    weight.mul_(1 - group["lr"] * group["weight_decay"])
+                ns_dtype = group["ns_dtype"] or (torch.float32 if weight.device.type == "cpu" else torch.bfloat16)
+                update = torch.empty(grad.shape, dtype=ns_dtype, device=grad.device)
+                if group["nesterov"]:
+                    torch.add(grad, buf, alpha=group["momentum"], out=update)
+                else:
+                    update.copy_(buf)
+                jobs_by_dtype[ns_dtype].append(_Job(p, update, group, mesh.size()))
+        for jobs in jobs_by_dtype.values():
+            self._orthogonalise_and_apply(jobs, mesh.get_group(), mesh.get_local_rank(), mesh.size())
+        return loss
+
+    @staticmethod
+    def _check_layout(p, mesh):
+        from torch.distributed.tensor import DTensor, Shard
+
+        if not isinstance(p, DTensor) or p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+            raise ValueError("DistributedMuon takes DTensor parameters sharded on dim 0 over a 1-D mesh (FSDP2's "
+                             f"fully_shard); got {type(p).__name__} {getattr(p, 'placements', '')}. Use Muon for "
+                             "plain tensors.")
+        if mesh is not None and p.device_mesh != mesh:
+            raise ValueError("DistributedMuon needs all its parameters on one device mesh.")
+        return p.device_mesh
+
+    def _orthogonalise_and_apply(self, jobs, group, rank, world):
+        for job, owner in zip(jobs, assign_owners([math.prod(j.shape) for j in jobs], world)):
+            job.owner = owner
+        mine = [j for j in jobs if j.owner == rank]
+        send_sizes = [sum(j.numel_of(rank) for j in jobs if j.owner == o) for o in range(world)]
+        recv_sizes = [sum(j.numel_of(r) for j in mine) for r in range(world)]
+        dtype, device = jobs[0].update.dtype, jobs[0].update.device
+
+        send = torch.cat([j.update.flatten() for o in range(world) for j in jobs if j.owner == o])
+        received = torch.empty(sum(recv_sizes), dtype=dtype, device=device)
+        dist.all_to_all_single(received, send, recv_sizes, send_sizes, group=group)
+        full = self._assemble(mine, received.split(recv_sizes), world)  # whole U of each matrix I own
+        self._newton_schulz_(mine, full)  # U -> O in place
+
+        back = torch.cat([O[slice(*j.rows[r])].flatten() for r in range(world) for j, O in zip(mine, full)])
+        orthogonal = torch.empty(sum(send_sizes), dtype=dtype, device=device)
+        dist.all_to_all_single(orthogonal, back, send_sizes, recv_sizes, group=group)
+        for owner, chunk in enumerate(orthogonal.split(send_sizes)):
+            owned = [j for j in jobs if j.owner == owner]
+            for j, piece in zip(owned, chunk.split([j.numel_of(rank) for j in owned])):
+                self._apply(j, piece.view(j.update.shape), rank)
+
+    @staticmethod
+    def _assemble(mine, chunks, world):
+        """Rank r's chunk holds its shard of each of my matrices in order; stack the shards row-wise."""
+        pieces = [chunk.split([j.numel_of(r) for j in mine]) for r, chunk in enumerate(chunks)]
+        full = []
+        for i, j in enumerate(mine):
+            shards = [pieces[r][i].view(j.rows[r][1] - j.rows[r][0], *j.shape[1:]) for r in range(world)]
+            full.append(torch.cat(shards))  # [A, B] or [E, A, B]
+        return full
+
+    @staticmethod
+    def _newton_schulz_(mine, full):
+        batches = defaultdict(list)  # block shape + NS settings -> block views (into `full`)
+        for j, U in zip(mine, full):
+            g = j.group
+            for block in matrix_blocks(U, g["heads"], g["split"]):
+                batches[(tuple(block.shape[-2:]), g["ns_steps"], g["coefficients"], g["eps"])].append(block)
+        for ((rows, cols), ns_steps, coefficients, eps), blocks in batches.items():
+            X = torch.cat([b.reshape(-1, rows, cols) for b in blocks])  # [N, rows, cols]
+            norms = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=torch.float32)
+            X.mul_((norms + eps).reciprocal().to(X.dtype))
+            O = newton_schulz(X, coefficient_schedule(coefficients, ns_steps))
+            start = 0
+            for b in blocks:
+                n = b.numel() // (rows * cols)
+                b.copy_(O[start:start + n].view(b.shape))
+                start += n
+
+    @staticmethod
+    def _apply(job, O, rank):
+        """W <- W - lr scale O on this rank's shard, with each row segment's own block scale."""
+        weight, lr = job.param.to_local(), job.group["lr"]
+        first, last = job.rows[rank]
+        for start, stop, scale in row_segments(job.shape, job.group["heads"], job.group["split"]):
+            if len(job.shape) == 3:  # dim 0 is experts: segments run along dim 1 of every local expert
+                weight[:, start:stop].add_(O[:, start:stop], alpha=-lr * scale)
+            else:
+                lo, hi = max(start, first) - first, min(stop, last) - first
+                if lo < hi:
+                    weight[lo:hi].add_(O[lo:hi], alpha=-lr * scale)

@@ -1,0 +1,98 @@
+"""Data-parallel training over several processes: process groups, FSDP2 sharding, cross-rank statistics.
+
+The Trainer stays the single-process loop; with world_size > 1 it calls into this module to shard the model
+(`shard_model`), to sum the MoE load and take the max attention logits over ranks before the router-bias
+update and QK-Clip (`sync_step_statistics`), and nanokimi.train.sharded_checkpoint saves and resumes it.
+
+    torchrun --nproc_per_node 2 -m nanokimi.train [same arguments as `nanokimi train`]
+"""
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def init_distributed(device: str = "auto") -> tuple[int, int]:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT in the
+    environment): NCCL on CUDA, gloo on the CPU; each rank gets the GPU of its local rank.
+    Without torchrun's environment it returns (0, 1) and starts nothing."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return 0, 1
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    use_cuda = torch.cuda.is_available() and device in ("auto", "cuda") or device.startswith("cuda")
+    if use_cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"local rank {local_rank} has no GPU: this node has {torch.cuda.device_count()}. "
+                               "Start no more processes per node than there are GPUs (--nproc / --nproc_per_node).")
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(minutes=30),
+                                device_id=torch.device("cuda", local_rank) if use_cuda else None)
+    return rank, world_size
+
+
+def close_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """Shard `model` in place with FSDP2 (fully_shard): every token mixer and every FFN is its own unit
+    (the Transformer calls block.mixer / block.ffn directly, so these are the modules whose forward runs),
+    then the root holds the embeddings, norms, residual weights and LM head. Parameters live as DTensors
+    sharded on dim 0; the forward gathers one unit at a time in bf16 on CUDA (fp32 on the CPU) and
+    gradients are reduce-scattered (averaged over ranks) in fp32. `model.loss` is registered as a forward
+    method, so the Trainer's loss call gathers the root's parameters like `forward` does."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    if device.type == "cuda":
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    else:
+        policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+    for block in model.layers:
+        fully_shard(block.mixer, mp_policy=policy)
+        fully_shard(block.ffn, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    register_fsdp_forward_method(model, "loss")
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+@torch.no_grad()
+def sync_step_statistics(model: nn.Module) -> None:
+    """Make the per-rank statistics of this step global, so every rank applies the same update:
+    MoE `expert_load` summed over ranks (router-bias balancing sees the whole batch) and attention
+    `max_logits` maxed over ranks (QK-Clip clips the heads the whole batch pushed over tau)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    from nanokimi.model.moe import MoE
+    from nanokimi.optim.qk_clip import qk_clip_modules
+
+    loads = [m.expert_load for m in model.modules() if isinstance(m, MoE)]
+    if loads:
+        flat = torch.cat(loads)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        for load, summed in zip(loads, flat.split([l.numel() for l in loads])):
+            load.copy_(summed)
+    logits = [m for _, m in qk_clip_modules(model) if getattr(m, "max_logits", None) is not None]
+    if logits:
+        flat = torch.cat([m.max_logits.float().reshape(-1) for m in logits])
+        dist.all_reduce(flat, op=dist.ReduceOp.MAX)
+        for module, maxed in zip(logits, flat.split([m.max_logits.numel() for m in logits])):
+            module.max_logits = maxed.view_as(module.max_logits).to(module.max_logits.dtype)

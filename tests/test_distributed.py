@@ -1,0 +1,181 @@
+"""FSDP2 data parallelism on the CPU (gloo, 2 processes): same losses as one process with the same global
+batch, distributed Muon equal to Muon, and checkpoints that move between 2 ranks and 1.
+
+One spawn of two processes does all the 2-rank work (spawning costs ~10 s per process on a loaded box);
+the single-process reference and the 1-rank resume run in the test process."""
+import json
+import os
+import shutil
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from conftest import rel_err
+
+STEPS, SAVE_AT = 20, 10
+MUON_SHAPES = [  # (shape, heads, split): even and uneven row shards, per-head, split, experts, fewer rows than ranks
+    ((12, 8), None, None), ((5, 7), None, None), ((3, 6, 4), None, None), ((16, 6), 4, None),
+    ((10, 4), None, (6, 4)), ((12, 4), 2, (8, 4)), ((1, 5, 3), None, None),
+]
+
+
+def _overrides(root):
+    return [f"data.source={root / 'corpus'}", f"data.dir={root / 'data'}", "data.vocab_size=300",
+            "model.hidden_size=64", "model.num_layers=2", "model.mixers=KA", "train.seq_len=32", "train.batch_size=4",
+            f"train.max_steps={STEPS}", "train.device=cpu", "train.sample_tokens=0", "optim.qk_clip_tau=0.1"]
+
+
+def _trainer(root, out, resume=False, rank=0, world_size=1):
+    from nanokimi.train.config import load_run_config
+    from nanokimi.train.trainer import Trainer
+
+    run = load_run_config("tiny", None, _overrides(root))
+    return Trainer(run, out, resume=resume, progress=False, rank=rank, world_size=world_size)
+
+
+def _muon_check(rank, world_size):
+    """Muon and DistributedMuon from the same weights and gradients for 3 steps; returns rel errors."""
+    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+
+    from nanokimi.optim.dist_muon import DistributedMuon
+    from nanokimi.optim.muon import Muon
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    gen = torch.Generator().manual_seed(1)
+    weights = [torch.randn(shape, generator=gen) for shape, *_ in MUON_SHAPES]
+    plain = [torch.nn.Parameter(w.clone()) for w in weights]
+    sharded = [torch.nn.Parameter(distribute_tensor(w.clone(), mesh, [Shard(0)])) for w in weights]
+
+    def groups(params):
+        return [{"params": [p], "heads": heads, "split": split} for p, (_, heads, split) in zip(params, MUON_SHAPES)]
+
+    single, distributed = Muon(groups(plain), lr=0.05), DistributedMuon(groups(sharded), lr=0.05)
+    for _ in range(3):
+        for p, q in zip(plain, sharded):
+            grad = torch.randn(p.shape, generator=gen)
+            p.grad, q.grad = grad.clone(), distribute_tensor(grad.clone(), mesh, [Shard(0)])
+        single.step()
+        distributed.step()
+    return [rel_err(q.full_tensor(), p) for p, q in zip(plain, sharded)], [rel_err(p, w) for p, w in zip(plain, weights)]
+
+
+def _worker(rank, world_size, port, root):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        result = {"muon": _muon_check(rank, world_size)}
+        trainer = _trainer(root, root / "two", rank=rank, world_size=world_size)
+        losses = []
+        for step in range(STEPS):
+            losses.append(trainer.train_step())
+            if step + 1 == SAVE_AT:
+                trainer.save()
+        result["two"] = losses
+        resumed = _trainer(root, root / "one_to_two", resume=True, rank=rank, world_size=world_size)
+        result["one_to_two"] = [resumed.train_step() for _ in range(STEPS - SAVE_AT)]
+        result["embed_rows"] = (trainer.model.embed.weight.to_local().shape[0], trainer.model.embed.weight.shape[0])
+        if rank == 0:
+            torch.save(result, root / "result.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Single-process reference (saving at step 10), then the 2-rank runs, then the 2 -> 1 resume."""
+    root = tmp_path_factory.mktemp("dist")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    words = "the quick brown fox jumps over a lazy dog while experts route tokens across ranks".split()
+    gen = torch.Generator().manual_seed(0)
+    for d in range(12):
+        picks = torch.randint(len(words), (600,), generator=gen).tolist()
+        (corpus / f"doc{d}.txt").write_text("\n".join(" ".join(words[i] for i in picks[k:k + 12])
+                                                      for k in range(0, 600, 12)))
+    reference = _trainer(root, root / "one")
+    losses = []
+    for step in range(STEPS):
+        losses.append(reference.train_step())
+        if step + 1 == SAVE_AT:
+            reference.save()
+            shutil.copytree(root / "one" / "checkpoint", root / "one_to_two" / "checkpoint")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_worker, args=(2, port, root), nprocs=2, join=True)
+    result = torch.load(root / "result.pt")
+    resumed = _trainer(root, root / "two", resume=True)
+    result["two_to_one"] = [resumed.train_step() for _ in range(STEPS - SAVE_AT)]
+    result["one"], result["root"] = losses, root
+    return result
+
+
+def _rel(a, b):
+    return rel_err(torch.tensor(a), torch.tensor(b))
+
+
+def test_fsdp_losses_match_single_process(runs):
+    assert len(runs["two"]) == STEPS and runs["one"][-1] < runs["one"][0] - 0.5  # it learns
+    for step, (a, b) in enumerate(zip(runs["two"], runs["one"])):
+        assert abs(a - b) / abs(b) <= 1e-5, f"step {step + 1}: 2 ranks {a} vs 1 process {b}"
+    local, total = runs["embed_rows"]
+    assert local == total // 2  # the embedding is really sharded: each rank holds half the vocabulary rows
+
+
+def test_distributed_muon_matches_muon(runs):
+    errors, moved = runs["muon"]
+    assert min(moved) > 1e-3  # the weights did move
+    assert max(errors) <= 1e-6, errors
+
+
+def test_resume_two_ranks_to_one(runs):
+    assert _rel(runs["two_to_one"], runs["one"][SAVE_AT:]) <= 1e-5
+
+
+def test_resume_one_to_two_ranks(runs):
+    assert _rel(runs["one_to_two"], runs["one"][SAVE_AT:]) <= 1e-5
+
+
+def test_export_sharded_checkpoint(runs, tmp_path):
+    from safetensors.torch import load_file
+
+    from nanokimi.train.checkpoint import load_model_checkpoint
+    from nanokimi.train.sharded_checkpoint import export_checkpoint, is_sharded_checkpoint
+
+    sharded = runs["root"] / "two" / "checkpoint"
+    assert is_sharded_checkpoint(sharded) and not (sharded / "model.safetensors").exists()
+    out = export_checkpoint(sharded, tmp_path / "export")
+    model = load_model_checkpoint(out)  # what `nanokimi generate --ckpt` loads
+    # both folders hold step 10 (the resumed runs did not save): the 2-rank weights equal the 1-process ones
+    single = load_file(str(runs["root"] / "one_to_two" / "checkpoint" / "model.safetensors"))
+    exported = load_file(str(out / "model.safetensors"))
+    assert set(exported) == set(single)
+    for name, tensor in single.items():
+        assert rel_err(exported[name], tensor) <= 1e-5, name
+    assert json.loads((out / "config.json").read_text())["hidden_size"] == 64
+    assert model.embed.weight.shape[1] == 64
+
+
+def test_launch_drops_nproc():
+    from nanokimi.train.launch import _without_nproc
+
+    assert _without_nproc(["--nproc", "2", "--preset", "tiny", "--nproc=4", "train.max_steps=3"]) == [
+        "--preset", "tiny", "train.max_steps=3"]
+
+
+def test_benchmark_quick(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "distributed.py"
+    subprocess.run([sys.executable, str(script), "--quick", "--out", str(tmp_path / "d.json")], check=True,
+                   capture_output=True, timeout=300)
+    rows = json.loads((tmp_path / "d.json").read_text())["rows"]
+    assert [r["gpus"] for r in rows] == [1, 2] and all(r["tokens_per_s"] > 0 for r in rows)
+    assert all(0 < r["optimizer_share"] < 1 for r in rows)
