@@ -124,6 +124,8 @@ def run_nanokimi(spec: dict, device, args, peak) -> dict:
     errors = {}
     for mode in modes:
         model = opt = step = None
+        started = time.perf_counter()
+        print(f"  {spec['preset']}: trying compile mode '{mode}'", flush=True)
         try:
             torch._dynamo.reset()
             model = build_model(cfg, device=device).train()
@@ -142,6 +144,7 @@ def run_nanokimi(spec: dict, device, args, peak) -> dict:
                     update_router_bias(model)
 
             result = measure(step, device, args, B * T, flops_per_token(cfg, T), peak)
+            print(f"  {spec['preset']}: '{mode}' measured after {time.perf_counter() - started:.0f} s", flush=True)
             result.update(compile=mode, optimizer=args.optimizer, loss_chunk=args.loss_chunk, paths=describe_paths(model, device),
                           params=model_info(cfg)["total_params"], activated_params=model_info(cfg)["activated_params"])
             if errors:
