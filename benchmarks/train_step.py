@@ -21,6 +21,7 @@ dense bf16 peak (989 TFLOP/s on H100 SXM).
 """
 import argparse
 import json
+import time
 import traceback
 from pathlib import Path
 
