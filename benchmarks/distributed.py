@@ -24,6 +24,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from perf_common import git_commit  # noqa: E402
 
 from nanokimi.train.trainer import Trainer  # noqa: E402
 
@@ -122,12 +124,6 @@ def worker(args) -> None:
         Path(args.worker_out).write_text(json.dumps(result))
     close_distributed()
 
-
-def git_commit():
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main():
