@@ -95,6 +95,9 @@ def test_empty_corpus_and_occupied_output_dir(tmp_path, corpus, capsys):
     capsys.readouterr()
     assert train(out, corpus, "train.max_steps=2") == 2
     assert "--resume" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "nothing"), "--resume", "--no-progress",
+                 f"data.source={corpus}"]) == 2
+    assert "no checkpoint to continue from" in capsys.readouterr().err
 
 
 def test_corrupted_shard_is_detected(tmp_path, corpus, capsys):

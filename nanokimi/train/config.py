@@ -29,16 +29,16 @@ class TrainConfig:
     batch_size: int = 16  # sequences per optimizer step (global, over all ranks and accumulation steps)
     seq_len: int = 256
     grad_accum: int = 1
-    max_steps: int = 300  # length of the schedule
+    max_steps: int = 150  # length of the schedule
     stop_at: int = 0  # stop and save after this step, leaving the schedule unfinished (0 = run to max_steps)
     seed: int = 1337
     device: str = "auto"  # "auto" = cuda when available
     compile: bool = False
     grad_clip: float = 1.0
     log_every: int = 10
-    eval_every: int = 100
+    eval_every: int = 75
     eval_batches: int = 8
-    save_every: int = 100
+    save_every: int = 75
     sample_tokens: int = 120
 
 

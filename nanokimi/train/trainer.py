@@ -111,7 +111,11 @@ class Trainer:
             enable_qk_clip_recording(self.model)
         self.step, self.tokens = 0, 0
         self.last_good = None
-        if resume and (self.checkpoint_dir / "trainer.pt").is_file():
+        if resume:
+            from nanokimi.train.sharded_checkpoint import is_sharded_checkpoint
+            if not ((self.checkpoint_dir / "trainer.pt").is_file() or is_sharded_checkpoint(self.checkpoint_dir)):
+                raise TrainingError(f"--resume: '{self.out}' has no checkpoint to continue from "
+                                    f"({self.checkpoint_dir} is missing). Start it without --resume.")
             self._resume()
 
     # setup ---------------------------------------------------------------------------------------
