@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from nanokimi.cli import main
+from nanokimi.train.checkpoint import load_trainer_state
 
 SHAKESPEARE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinyshakespeare" / "input.txt"
 SMALL_MODEL = ["model.hidden_size=64", "model.num_layers=2", "model.mixers=KA", "model.num_heads=2",
@@ -103,8 +104,7 @@ def test_empty_corpus_and_occupied_output_dir(tmp_path, corpus, capsys):
 def test_corrupted_shard_is_detected(tmp_path, corpus, capsys):
     out = tmp_path / "run"
     assert train(out, corpus, "train.max_steps=1") == 0
-    data_dir = Path(json.loads((out / "checkpoint" / "config.json").read_text()) and
-                    __import__("torch").load(out / "checkpoint" / "trainer.pt", weights_only=False)["data_dir"])
+    data_dir = Path(load_trainer_state(out / "checkpoint")["data_dir"])
     shard = sorted(data_dir.glob("train_*.bin"))[0]
     raw = bytearray(shard.read_bytes())
     raw[10] ^= 0xFF
@@ -120,3 +120,26 @@ def test_nan_loss_stops_with_step_and_checkpoint(tmp_path, corpus, capsys):
                  "train.grad_clip=0", "optim.warmup_steps=0", "optim.qk_clip=false")
     err = capsys.readouterr().err
     assert code == 2 and "at step" in err and "checkpoint" in err
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, corpus):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "nanokimi.cli", "train", "--out", str(out), "--no-progress",
+           f"data.source={corpus}", *SMALL_MODEL, *FAST, "train.max_steps=100000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 3:
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "interrupted at step" in err and "Traceback" not in err
+    assert load_trainer_state(out / "checkpoint")["step"] >= 3
+    assert not (out / "checkpoint.tmp").exists()
