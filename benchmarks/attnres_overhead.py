@@ -15,6 +15,7 @@ import datetime
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -173,8 +174,12 @@ def main():
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (model table)")
     parser.add_argument("--skip-model", action="store_true", help="only the residual table")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "attnres_overhead.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON file (default benchmarks/results/attnres_overhead.json; --quick writes to a temp folder)")
     args = parser.parse_args()
+    if args.out is None:
+        results = Path(tempfile.gettempdir()) / "nanokimi-quick" if args.quick else Path(__file__).resolve().parent / "results"
+        args.out = results / "attnres_overhead.json"
     if args.quick:
         args.preset, args.batch, args.seq_len, args.hidden, args.sublayers = "tiny", 1, 64, 64, 8
         args.warmup, args.steps, args.compile = 0, 2, False

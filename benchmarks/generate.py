@@ -16,6 +16,7 @@ Long: the hybrid (bench-kl-900m, KKKA) and the same model with every layer MLA, 
 """
 import argparse
 import json
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -183,8 +184,12 @@ def main():
     ap.add_argument("--peer-timeout", type=int, default=240)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "generate.json"))
+    ap.add_argument("--out", type=Path, default=None,
+                   help="JSON file (default benchmarks/results/generate.json; --quick writes to a temp folder)")
     args = ap.parse_args()
+    if args.out is None:
+        results = Path(tempfile.gettempdir()) / "nanokimi-quick" if args.quick else ROOT / "benchmarks" / "results"
+        args.out = results / "generate.json"
     if args.quick:
         torch.set_num_threads(1)  # tiny ops: threads only contend
         device, dtype = torch.device("cpu"), torch.float32

@@ -12,6 +12,7 @@ import argparse
 import datetime
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -125,8 +126,12 @@ def table(rows):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes on the CPU (smoke test)")
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "moba.json"))
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON file (default benchmarks/results/moba.json; --quick writes to a temp folder)")
     args = parser.parse_args()
+    if args.out is None:
+        results = Path(tempfile.gettempdir()) / "nanokimi-quick" if args.quick else Path(__file__).resolve().parent / "results"
+        args.out = results / "moba.json"
     quick = args.quick or not torch.cuda.is_available()
     device = torch.device("cpu" if quick else "cuda")
     plan = QUICK_PLAN if quick else GPU_PLAN

@@ -13,6 +13,7 @@ import datetime
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -161,9 +162,13 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="tiny CPU smoke run (seconds)")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "muon_step.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON file (default benchmarks/results/muon_step.json; --quick writes to a temp folder)")
     parser.add_argument("--skip-model", action="store_true", help="only the GPT-2-124M matrix set")
     args = parser.parse_args(argv)
+    if args.out is None:
+        results = Path(tempfile.gettempdir()) / "nanokimi-quick" if args.quick else Path(__file__).resolve().parent / "results"
+        args.out = results / "muon_step.json"
 
     if args.quick:
         device, warmup, iters = torch.device("cpu"), 1, 1

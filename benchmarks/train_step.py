@@ -21,6 +21,7 @@ dense bf16 peak (989 TFLOP/s on H100 SXM).
 """
 import argparse
 import json
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -227,8 +228,12 @@ def main():
                     help="model.loss chunk_tokens: 0 = one piece, no LM-head recompute (default); 8192 = the memory-lean default of model.loss")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_step.json"))
+    ap.add_argument("--out", type=Path, default=None,
+                   help="JSON file (default benchmarks/results/train_step.json; --quick writes to a temp folder)")
     args = ap.parse_args()
+    if args.out is None:
+        results = Path(tempfile.gettempdir()) / "nanokimi-quick" if args.quick else ROOT / "benchmarks" / "results"
+        args.out = results / "train_step.json"
     if args.quick:
         torch.set_num_threads(1)  # tiny ops: threads only contend
         device = torch.device("cpu")

@@ -289,8 +289,7 @@ def test_tinyshakespeare_text_source(tmp_path):
     assert x.shape == (2, 64)
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("NANOKIMI_SLOW"), reason="~30-80 s on 2 cores; set NANOKIMI_SLOW=1")
+@pytest.mark.slow  # ~30-80 s on 2 cores: the default corpus of `nanokimi train`, prepared for real
 def test_stdlib_prepare_default(tmp_path):
     t0 = time.perf_counter()
     m = prepare("stdlib", tmp_path / "stdlib", progress=False)
