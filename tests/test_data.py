@@ -1,7 +1,6 @@
 """Data layer: tokenizer round trip, prepare (folder, jsonl, text, stdlib), loader determinism, errors."""
 import json
 import math
-import os
 import random
 import time
 from pathlib import Path
