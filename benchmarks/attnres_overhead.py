@@ -15,7 +15,6 @@ import datetime
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from perf_common import git_commit  # noqa: E402
+from perf_common import git_commit, results_path  # noqa: E402
 
 from nanokimi.model.attn_res import AttentionResiduals  # noqa: E402
 
@@ -178,8 +177,7 @@ def main():
                         help="JSON file (default benchmarks/results/attnres_overhead.json; --quick writes to a temp folder)")
     args = parser.parse_args()
     if args.out is None:
-        results = Path(tempfile.gettempdir()) / "nanokimi-quick" if args.quick else Path(__file__).resolve().parent / "results"
-        args.out = results / "attnres_overhead.json"
+        args.out = results_path("attnres_overhead", args.quick)
     if args.quick:
         args.preset, args.batch, args.seq_len, args.hidden, args.sublayers = "tiny", 1, 64, 64, 8
         args.warmup, args.steps, args.compile = 0, 2, False

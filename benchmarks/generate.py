@@ -16,15 +16,14 @@ Long: the hybrid (bench-kl-900m, KKKA) and the same model with every layer MLA, 
 """
 import argparse
 import json
-import tempfile
 import time
 import traceback
 from pathlib import Path
 
 import torch
 
-from perf_common import (ROOT, environment, find_peer_script, free_memory, median_ms, print_table, run_peer,
-                         short_error, sync, write_results)
+from perf_common import (ROOT, environment, find_peer_script, free_memory, median_ms, print_table, results_path,
+                         run_peer, short_error, sync, write_results)
 from nanokimi.config import ModelConfig
 from nanokimi.infer import DecodeStep, generate, release_decode_graphs
 from nanokimi.model import build_model
@@ -188,8 +187,7 @@ def main():
                    help="JSON file (default benchmarks/results/generate.json; --quick writes to a temp folder)")
     args = ap.parse_args()
     if args.out is None:
-        results = Path(tempfile.gettempdir()) / "nanokimi-quick" if args.quick else ROOT / "benchmarks" / "results"
-        args.out = results / "generate.json"
+        args.out = results_path("generate", args.quick)
     if args.quick:
         torch.set_num_threads(1)  # tiny ops: threads only contend
         device, dtype = torch.device("cpu"), torch.float32

@@ -12,7 +12,6 @@ import argparse
 import datetime
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -20,6 +19,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from perf_common import git_commit, results_path  # noqa: E402
 from nanokimi.ops.moba import moba_attention  # noqa: E402
 
 GPU_PLAN = dict(lengths=[32768, 131072, 524288, 1048576], heads=8, dim=128, dtype=torch.bfloat16,
@@ -130,8 +131,7 @@ def main():
                         help="JSON file (default benchmarks/results/moba.json; --quick writes to a temp folder)")
     args = parser.parse_args()
     if args.out is None:
-        results = Path(tempfile.gettempdir()) / "nanokimi-quick" if args.quick else Path(__file__).resolve().parent / "results"
-        args.out = results / "moba.json"
+        args.out = results_path("moba", args.quick)
     quick = args.quick or not torch.cuda.is_available()
     device = torch.device("cpu" if quick else "cuda")
     plan = QUICK_PLAN if quick else GPU_PLAN
@@ -145,8 +145,6 @@ def main():
         warnings.filterwarnings("ignore", message=".*flex_attention.*")
     rows = run(plan, device)
     print(table(rows))
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from perf_common import git_commit
     commit = git_commit()
     result = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

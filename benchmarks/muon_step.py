@@ -13,7 +13,6 @@ import datetime
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from perf_common import git_commit  # noqa: E402
+from perf_common import git_commit, results_path  # noqa: E402
 
 from nanokimi.optim import Muon, build_optimizer  # noqa: E402
 
@@ -167,8 +166,7 @@ def main(argv=None):
     parser.add_argument("--skip-model", action="store_true", help="only the GPT-2-124M matrix set")
     args = parser.parse_args(argv)
     if args.out is None:
-        results = Path(tempfile.gettempdir()) / "nanokimi-quick" if args.quick else Path(__file__).resolve().parent / "results"
-        args.out = results / "muon_step.json"
+        args.out = results_path("muon_step", args.quick)
 
     if args.quick:
         device, warmup, iters = torch.device("cpu"), 1, 1

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,6 +20,13 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "L4
 
 def peak_flops(device_name: str) -> float | None:
     return next((v for k, v in PEAK_BF16.items() if k in device_name), None)
+
+
+def results_path(name: str, quick: bool) -> Path:
+    """benchmarks/results/NAME.json for real runs; a temp folder for --quick smoke runs, so they never
+    overwrite measured results."""
+    folder = Path(tempfile.gettempdir()) / "nanokimi-quick" if quick else ROOT / "benchmarks" / "results"
+    return folder / f"{name}.json"
 
 
 def git_commit() -> str:

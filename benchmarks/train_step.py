@@ -21,7 +21,6 @@ dense bf16 peak (989 TFLOP/s on H100 SXM).
 """
 import argparse
 import json
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from perf_common import (ROOT, environment, find_peer_script, free_memory, median_ms, peak_flops, print_table,
-                         run_peer, short_error, write_results)
+                         results_path, run_peer, short_error, write_results)
 from nanokimi.config import ModelConfig
 from nanokimi.model import build_model
 from nanokimi.model.info import model_info
@@ -232,8 +231,7 @@ def main():
                    help="JSON file (default benchmarks/results/train_step.json; --quick writes to a temp folder)")
     args = ap.parse_args()
     if args.out is None:
-        results = Path(tempfile.gettempdir()) / "nanokimi-quick" if args.quick else ROOT / "benchmarks" / "results"
-        args.out = results / "train_step.json"
+        args.out = results_path("train_step", args.quick)
     if args.quick:
         torch.set_num_threads(1)  # tiny ops: threads only contend
         device = torch.device("cpu")
