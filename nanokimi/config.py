@@ -137,7 +137,6 @@ class ModelConfig:
     def __post_init__(self):
         self.validate()
 
-    # derived -----------------------------------------------------------------------------------
     @property
     def layer_mixers(self) -> str:
         """The mixer letter of every layer: `mixers` tiled (or taken as is when it has one per layer)."""
@@ -151,7 +150,6 @@ class ModelConfig:
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
-    # validation --------------------------------------------------------------------------------
     def validate(self) -> None:
         def need(cond: bool, msg: str):
             if not cond:
@@ -199,7 +197,6 @@ class ModelConfig:
              f"attn_res='{self.attn_res}' must be 'none', 'full' or 'block'.{suggest(self.attn_res, ['none', 'full', 'block'])}")
         need(self.attn_res_blocks >= 1, f"attn_res_blocks must be >= 1, got {self.attn_res_blocks}.")
 
-    # construction ------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
         return from_dict(cls, data)

@@ -118,7 +118,6 @@ class Trainer:
                                     f"({self.checkpoint_dir} is missing). Start it without --resume.")
             self._resume()
 
-    # setup ---------------------------------------------------------------------------------------
     def _check_output_dir(self, resume: bool) -> None:
         holds_run = (self.out / "metrics.jsonl").exists() or self.checkpoint_dir.exists()
         if holds_run and not resume:
@@ -152,7 +151,6 @@ class Trainer:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return torch.autocast("cpu", enabled=False)
 
-    # the loop ------------------------------------------------------------------------------------
     def train_step(self) -> float:
         t, o = self.run.train, self.run.optim
         factor = lr_factor(self.step, t.max_steps, o)
