@@ -66,7 +66,6 @@ def _field(hf: dict, name: str, layout: str):
     raise ConfigError(f"config.json has no '{name}'; it is needed to build the model.")
 
 
-# config: HF -> nanokimi ------------------------------------------------------------------------------------------
 def config_from_hf(hf: dict) -> ModelConfig:
     """Map a transformers config.json dict (kimi_linear or deepseek_v3) to a ModelConfig."""
     layout = MODEL_TYPE_ALIASES.get(hf.get("model_type"), hf.get("model_type"))
@@ -169,7 +168,6 @@ def _rope_from_hf(hf: dict, max_pos: int) -> dict:
                 yarn_mscale=m, yarn_mscale_all_dim=all_dim)
 
 
-# config: nanokimi -> HF ------------------------------------------------------------------------------------------
 def config_to_hf(cfg: ModelConfig, layout: str, dtype: torch.dtype = torch.float32) -> dict:
     """The config.json transformers needs to rebuild `cfg` as `layout`. Raises ConfigError for what it cannot express."""
     _need(layout in LAYOUTS, f"layout={layout!r}; choose one of {', '.join(LAYOUTS)}.")
@@ -245,7 +243,6 @@ def _rope_to_hf(cfg: ModelConfig) -> dict | None:
     return scaling
 
 
-# weights: HF names -> nanokimi names -----------------------------------------------------------------------------
 _FFN = r"(?:mlp|block_sparse_moe)"
 _LAYER_RULES = [  # (pattern after "model.layers.{i}.", nanokimi name after "layers.{i}.")
     (r"input_layernorm\.weight", "mixer_norm.weight"),
@@ -427,7 +424,6 @@ def _materialize_buffers(model: Transformer, cfg: ModelConfig, device: torch.dev
         raise RuntimeError(f"load_hf left tensors unset: {_listing(left)}")
 
 
-# weights: nanokimi -> HF -----------------------------------------------------------------------------------------
 def hf_tensors(model: Transformer, layout: str) -> list[tuple[str, Callable[[], torch.Tensor], torch.Size]]:
     """(HF name, function producing the tensor, shape) for every tensor of the exported checkpoint, in order."""
     cfg = model.config
