@@ -61,6 +61,24 @@ def test_train_generate_eval_plot(tmp_path, corpus, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_trained_checkpoint_exports_to_transformers(tmp_path, corpus):
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from nanokimi.train.checkpoint import load_model_checkpoint
+
+    out = tmp_path / "run"
+    assert train(out, corpus, "train.max_steps=3") == 0
+    assert main(["convert", "--to-hf", str(out / "checkpoint"), "--out", str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "tokenizer.json").is_file()
+    ours = load_model_checkpoint(out / "checkpoint").eval()
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(0, ours.config.vocab_size, (2, 40))
+    with torch.no_grad():
+        a, b = ours(ids), theirs(ids).logits
+    assert ((a - b).norm() / b.norm()).item() < 1e-4
+
+
 def test_resumed_run_equals_uninterrupted(tmp_path, corpus):
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     assert train(whole, corpus, "train.max_steps=12") == 0

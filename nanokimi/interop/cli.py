@@ -4,6 +4,7 @@
     nanokimi convert --to-hf NANOKIMI_DIR --out HF_DIR --layout kimi_linear|deepseek_v3 [--tokenizer tokenizer.json]
 """
 import argparse
+from pathlib import Path
 import sys
 
 import torch
@@ -23,7 +24,8 @@ def add_convert_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                         "all-MLA RoPE models, else kimi_linear)")
     parser.add_argument("--dtype", choices=list(DTYPES), help="cast the weights (default: keep the checkpoint's)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard for --to-hf, e.g. 2GB")
-    parser.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json to copy next to the --to-hf weights")
+    parser.add_argument("--tokenizer", metavar="PATH",
+                        help="tokenizer.json to copy next to the --to-hf weights (default: the checkpoint's own)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     return parser
 
@@ -45,8 +47,11 @@ def _convert(args: argparse.Namespace) -> int:
         what = f"{args.from_hf} (HF {model.config.layer_mixers}) -> {args.out} (nanokimi)"
     else:
         model = load_native(args.to_hf, dtype=dtype)
+        tokenizer = args.tokenizer
+        if tokenizer is None and (Path(args.to_hf) / "tokenizer.json").is_file():
+            tokenizer = Path(args.to_hf) / "tokenizer.json"  # a training checkpoint carries its tokenizer
         save_hf(model, args.out, layout=args.layout, max_shard_bytes=args.max_shard_size,
-                tokenizer_path=args.tokenizer, overwrite=args.overwrite)
+                tokenizer_path=tokenizer, overwrite=args.overwrite)
         what = f"{args.to_hf} (nanokimi) -> {args.out} (HF {args.layout or infer_layout(model.config)})"
     n = sum(p.numel() for p in model.parameters())
     print(f"converted {what}: {n / 1e6:.2f}M parameters")
