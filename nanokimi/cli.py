@@ -6,7 +6,7 @@
   nanokimi plot RUN_DIR [RUN_DIR ...] --out FILE.png
   nanokimi data prepare --source SOURCE
   nanokimi model info --preset NAME
-  nanokimi convert --from-hf DIR --out DIR | --to-hf DIR --ckpt DIR
+  nanokimi convert --from-hf HF_DIR --out DIR | --to-hf CHECKPOINT_DIR --out HF_DIR
 """
 import argparse
 import json
