@@ -76,6 +76,12 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torc
     w = w.to(x.dtype)
     if grouped_mm_supported(x):
         return F.grouped_mm(x, w, offs=ends.to(torch.int32))
+    return matmul_per_expert(x, w, ends)
+
+
+@torch.compiler.disable
+def matmul_per_expert(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """The fallback of grouped_matmul: its shapes depend on the routing, so it stays out of compiled graphs."""
     counts = torch.diff(ends, prepend=ends.new_zeros(1)).tolist()
     return torch.cat([chunk @ w[e] for e, chunk in enumerate(x.split(counts)) if counts[e]] or [x.new_zeros(0, w.shape[-1])])
 

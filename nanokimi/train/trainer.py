@@ -102,7 +102,7 @@ class Trainer:
         self.model.train()
         if t.compile:
             from nanokimi.train.fast import compile_model
-            compile_model(self.model)
+            compile_model(self.model, fullgraph=self.device.type == "cuda")  # CPU fp32 MoE has a graph break
         self.loss_fn = self.model.loss
         o = run.optim
         self.optimizer = build_optimizer(self.model, name=o.name, lr=o.lr, weight_decay=o.weight_decay,
