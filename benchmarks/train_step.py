@@ -116,38 +116,14 @@ def measure(step, device, args, tokens: int, flops_tok: float, peak) -> dict:
     return out
 
 
-def run_nanokimi(spec: dict, device, args, peak) -> dict:
-    cfg = ModelConfig.preset(spec["preset"], **spec.get("overrides", {}))
-    B, T = spec["B"], spec["T"]
-    ids = torch.randint(0, cfg.vocab_size, (B, T), device=device)
-    targets = torch.randint(0, cfg.vocab_size, (B, T), device=device)
-    modes = ["eager"] if args.no_compile else ["fullgraph", "partial", "eager"]
+def first_working_mode(modes: list[str], attempt, device) -> dict:
+    """attempt(mode) for each mode in turn until one returns a result; the errors of the modes that
+    failed before it are kept in the result. Each attempt's model and compiled code are freed before the next."""
     errors = {}
     for mode in modes:
-        model = opt = step = None
-        started = time.perf_counter()
-        print(f"  {spec['preset']}: trying compile mode '{mode}'", flush=True)
         try:
             torch._dynamo.reset()
-            model = build_model(cfg, device=device).train()
-            if mode != "eager":
-                compile_model(model, fullgraph=mode == "fullgraph", loss=mode == "fullgraph")
-            opt = make_optimizer(model, args.optimizer)
-            is_moe = cfg.num_experts > 0
-
-            def step():
-                with torch.autocast(device.type, torch.bfloat16):
-                    loss = model.loss(ids, targets, chunk_tokens=args.loss_chunk)
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                if is_moe:
-                    update_router_bias(model)
-
-            result = measure(step, device, args, B * T, flops_per_token(cfg, T), peak)
-            print(f"  {spec['preset']}: '{mode}' measured after {time.perf_counter() - started:.0f} s", flush=True)
-            result.update(compile=mode, optimizer=args.optimizer, loss_chunk=args.loss_chunk, paths=describe_paths(model, device),
-                          params=model_info(cfg)["total_params"], activated_params=model_info(cfg)["activated_params"])
+            result = attempt(mode)
             if errors:
                 result["fallback_errors"] = errors
             return result
@@ -155,46 +131,69 @@ def run_nanokimi(spec: dict, device, args, peak) -> dict:
             errors[mode] = short_error(error)
             traceback.print_exc()
         finally:
-            del model, opt, step  # a failed attempt must not hold GPU memory into the next one
             torch._dynamo.reset()
             free_memory(device)
     return {"error": "every mode failed", "fallback_errors": errors}
+
+
+def run_nanokimi(spec: dict, device, args, peak) -> dict:
+    cfg = ModelConfig.preset(spec["preset"], **spec.get("overrides", {}))
+    B, T = spec["B"], spec["T"]
+    ids = torch.randint(0, cfg.vocab_size, (B, T), device=device)
+    targets = torch.randint(0, cfg.vocab_size, (B, T), device=device)
+
+    def attempt(mode: str) -> dict:
+        started = time.perf_counter()
+        print(f"  {spec['preset']}: trying compile mode '{mode}'", flush=True)
+        model = build_model(cfg, device=device).train()
+        if mode != "eager":
+            compile_model(model, fullgraph=mode == "fullgraph", loss=mode == "fullgraph")
+        opt = make_optimizer(model, args.optimizer)
+        is_moe = cfg.num_experts > 0
+
+        def step():
+            with torch.autocast(device.type, torch.bfloat16):
+                loss = model.loss(ids, targets, chunk_tokens=args.loss_chunk)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if is_moe:
+                update_router_bias(model)
+
+        result = measure(step, device, args, B * T, flops_per_token(cfg, T), peak)
+        print(f"  {spec['preset']}: '{mode}' measured after {time.perf_counter() - started:.0f} s", flush=True)
+        info = model_info(cfg)
+        result.update(compile=mode, optimizer=args.optimizer, loss_chunk=args.loss_chunk,
+                      paths=describe_paths(model, device), params=info["total_params"],
+                      activated_params=info["activated_params"])
+        return result
+
+    return first_working_mode(["eager"] if args.no_compile else ["fullgraph", "partial", "eager"], attempt, device)
 
 
 def run_gpt_peer(spec: dict, device, args, peak) -> dict:
     dims = spec.get("peer_dims", {})
     B, T = spec["B"], spec["T"]
-    errors = {}
-    for mode in (["eager"] if args.no_compile else ["compiled", "eager"]):
-        model = opt = step = None
-        try:
-            torch._dynamo.reset()
-            model = PeerGPT(max_len=T, **dims).to(device).train()
-            forward = torch.compile(model) if mode == "compiled" else model
-            opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, betas=(0.9, 0.95),
-                                    fused=device.type == "cuda")
-            ids = torch.randint(0, model.wte.weight.shape[0], (B, T), device=device)
 
-            def step():
-                with torch.autocast(device.type, torch.bfloat16):
-                    loss = forward(ids, ids)
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+    def attempt(mode: str) -> dict:
+        model = PeerGPT(max_len=T, **dims).to(device).train()
+        forward = torch.compile(model) if mode == "compiled" else model
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, betas=(0.9, 0.95),
+                                fused=device.type == "cuda")
+        ids = torch.randint(0, model.wte.weight.shape[0], (B, T), device=device)
 
-            result = measure(step, device, args, B * T, model.flops_per_token(T), peak)
-            result.update(peer="plain compiled PyTorch GPT-2 + SDPA", compile=mode)
-            if errors:
-                result["fallback_errors"] = errors
-            return result
-        except Exception as error:  # noqa: BLE001
-            errors[mode] = short_error(error)
-            traceback.print_exc()
-        finally:
-            del model, opt, step  # a failed attempt must not hold GPU memory into the next one
-            torch._dynamo.reset()
-            free_memory(device)
-    return {"error": "every mode failed", "fallback_errors": errors}
+        def step():
+            with torch.autocast(device.type, torch.bfloat16):
+                loss = forward(ids, ids)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        result = measure(step, device, args, B * T, model.flops_per_token(T), peak)
+        result.update(peer="plain compiled PyTorch GPT-2 + SDPA", compile=mode)
+        return result
+
+    return first_working_mode(["eager"] if args.no_compile else ["compiled", "eager"], attempt, device)
 
 
 def run_hf_peer(spec: dict, device, args, cfg: ModelConfig, peak) -> dict:
