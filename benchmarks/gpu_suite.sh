@@ -2,6 +2,7 @@
 # Everything nanokimi measures on one CUDA GPU, split in parts that each fit a 10-minute slot:
 #   bash benchmarks/gpu_suite.sh train      # GPU tests, Muon step, training throughput vs HF
 #   bash benchmarks/gpu_suite.sh decode     # decoding vs HF, MoBA vs SDPA, AttnRes overhead
+#   bash benchmarks/gpu_suite.sh profile    # where the training step's GPU time goes (kernels by kind)
 # Expects fla-core wheels in .whl/ (bash ../shared/bench/gpu_wheels.sh) and the HF peer script in
 # .gpu/bench/ (cp -r ../shared/bench .gpu/). Results land in benchmarks/results/*.json and, when $OUT
 # is set, are copied there with the log.
@@ -13,6 +14,11 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 else
   export PYTHONPATH=$PWD
 fi
+# Triton (fla's autotuning results included) and Inductor caches: restored from .gpu/compile_cache.tgz
+# when a previous run left one there, and packed into $OUT at the end, so later runs skip minutes of
+# autotuning and compilation.
+export TRITON_CACHE_DIR=/tmp/nk-cache/triton TORCHINDUCTOR_CACHE_DIR=/tmp/nk-cache/inductor
+if [ -f .gpu/compile_cache.tgz ]; then tar xzf .gpu/compile_cache.tgz -C /tmp; fi
 log=${OUT:-/tmp}/gpu_suite_$1.log
 step() {  # step SECONDS command...: run with a time limit, keep going on failure
   local limit=$1; shift
@@ -31,6 +37,14 @@ case "$1" in
     step 300 python3 benchmarks/generate.py --peer-script .gpu/bench/peer_hf.py
     step 150 python3 benchmarks/moba.py
     step 100 python3 benchmarks/attnres_overhead.py ;;
-  *) echo "usage: $0 train|decode"; exit 2 ;;
+  profile)
+    step "${PROFILE_LIMIT:-500}" python3 benchmarks/profile_step.py ${PROFILE_ARGS:-} ;;
+  *) echo "usage: $0 train|decode|profile"; exit 2 ;;
 esac
-if [ -n "${OUT:-}" ]; then cp benchmarks/results/*.json "$OUT"/ 2>/dev/null; fi
+if [ -n "${OUT:-}" ]; then
+  mkdir -p "$OUT/results" && cp benchmarks/results/*.json "$OUT"/results/ 2>/dev/null
+  tar czf "$OUT/compile_cache.tgz" -C /tmp nk-cache
+  if [ "$(stat -c %s "$OUT/compile_cache.tgz")" -gt 16000000 ]; then
+    tar czf "$OUT/compile_cache.tgz" -C /tmp nk-cache/triton  # the Inductor part is the one to drop
+  fi
+fi

@@ -41,6 +41,12 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.ffn = MoE(cfg) if cfg.is_moe_layer(index) else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
+    def forward(self, x: torch.Tensor, cache=None, pos=0) -> torch.Tensor:
+        """The whole block with the plain PreNorm residual: x [B, T, D] -> [B, T, D]. (Other residual
+        schemes drive the two sublayers one at a time from Transformer.hidden_states.)"""
+        x = x + self.mixer(self.mixer_norm(x), cache, pos)
+        return x + self.ffn(self.ffn_norm(x))
+
 
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -97,8 +103,12 @@ class Transformer(nn.Module):
         elif position is not None:
             raise ValueError("position= selects the fixed-shape decode path and needs cache= as well.")
         state = self.residual.start(self.embed(input_ids))
+        plain = isinstance(self.residual, PreNormResidual)
         for i, block in enumerate(self.layers):
             layer_cache = None if cache is None else cache.layers[i]
+            if plain:
+                state = block(state, layer_cache, pos)
+                continue
             h = self.residual.sublayer_input(state, 2 * i)
             state = self.residual.add(state, 2 * i, block.mixer(block.mixer_norm(h), layer_cache, pos))
             h = self.residual.sublayer_input(state, 2 * i + 1)

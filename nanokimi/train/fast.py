@@ -16,6 +16,7 @@ from torch import nn
 from nanokimi.model.attention import GroupedQueryAttention, MultiHeadLatentAttention
 from nanokimi.model.kda import KimiDeltaAttention
 from nanokimi.model.moe import MoE
+from nanokimi.model.residual import PreNormResidual
 from nanokimi.model.rope import Rotary
 
 
@@ -30,20 +31,34 @@ def raise_recompile_limits(limit: int = 64) -> None:
             setattr(config, name, 8 * limit)
 
 
-def compile_model(model: nn.Module, fullgraph: bool = True, loss: bool = True, mode: str | None = None) -> nn.Module:
-    """Compile every block's norms, token mixer and FFN in place (state_dict keys do not change) and,
-    with loss=True, the chunked LM-head + cross-entropy. fullgraph applies to everything but KDA
-    mixers, whose kernel call is a deliberate graph break. Returns the same model."""
+def compile_model(model: nn.Module, fullgraph: bool = True, loss: bool = True, mode: str | None = None,
+                  scope: str = "module") -> nn.Module:
+    """Compile the blocks in place (state_dict keys do not change) and, with loss=True, the chunked
+    LM-head + cross-entropy. Returns the same model.
+
+    scope="module": each block's two norms, token mixer and FFN separately (fullgraph applies to all but
+    KDA mixers, whose kernel call is a deliberate graph break). scope="block": each whole block as one
+    graph (residual adds fuse with the norms; needs the plain PreNorm residual; blocks with a KDA mixer
+    compile with graph breaks around the kernel)."""
+    if scope not in ("module", "block"):
+        raise ValueError(f"scope must be 'module' or 'block', got {scope!r}.")
     raise_recompile_limits()
     cfg = model.config
     device = model.embed.weight.device
     for module in model.modules():  # build RoPE tables now so compiled graphs never see them change
         if isinstance(module, Rotary):
             module.ensure_length(min(cfg.max_position_embeddings, 131072), device)
+    if scope == "block" and not isinstance(model.residual, PreNormResidual):
+        raise ValueError(f"scope='block' needs the plain PreNorm residual; this model has attn_res={cfg.attn_res!r}. "
+                         "Use scope='module'.")
     for block in model.layers:
+        has_break = isinstance(block.mixer, KimiDeltaAttention)
+        if scope == "block":
+            block.compile(fullgraph=fullgraph and not has_break, mode=mode)
+            continue
         block.mixer_norm.compile(fullgraph=fullgraph, mode=mode)
         block.ffn_norm.compile(fullgraph=fullgraph, mode=mode)
-        block.mixer.compile(fullgraph=fullgraph and not isinstance(block.mixer, KimiDeltaAttention), mode=mode)
+        block.mixer.compile(fullgraph=fullgraph and not has_break, mode=mode)
         block.ffn.compile(fullgraph=fullgraph, mode=mode)
     model.norm.compile(fullgraph=fullgraph, mode=mode)
     if loss:
