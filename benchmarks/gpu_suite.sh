@@ -20,6 +20,7 @@ fi
 export TRITON_CACHE_DIR=/tmp/nk-cache/triton TORCHINDUCTOR_CACHE_DIR=/tmp/nk-cache/inductor
 if [ -f .gpu/compile_cache.tgz ]; then tar xzf .gpu/compile_cache.tgz -C /tmp; fi
 log=${OUT:-/tmp}/gpu_suite_$1.log
+touch /tmp/nk-suite-start
 step() {  # step SECONDS command...: run with a time limit, keep going on failure
   local limit=$1; shift
   echo "=== $* (limit ${limit}s)" | tee -a "$log"
@@ -42,7 +43,7 @@ case "$1" in
   *) echo "usage: $0 train|decode|profile"; exit 2 ;;
 esac
 if [ -n "${OUT:-}" ]; then
-  mkdir -p "$OUT/results" && cp benchmarks/results/*.json "$OUT"/results/ 2>/dev/null
+  mkdir -p "$OUT/results" && find benchmarks/results -name '*.json' -newer /tmp/nk-suite-start -exec cp {} "$OUT"/results/ \;
   tar czf "$OUT/compile_cache.tgz" -C /tmp nk-cache
   if [ "$(stat -c %s "$OUT/compile_cache.tgz")" -gt 16000000 ]; then
     tar czf "$OUT/compile_cache.tgz" -C /tmp nk-cache/triton  # the Inductor part is the one to drop
