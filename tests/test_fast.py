@@ -70,19 +70,24 @@ def test_make_optimizer_rejects_unknown_names():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("preset", ["tiny", "tiny-dense"])
-def test_compiled_model_matches_eager_on_gpu(preset):
+@pytest.mark.parametrize("preset,scope", [("tiny", "auto"), ("tiny", "module"), ("tiny-dense", "block")])
+def test_compiled_model_matches_eager_on_gpu(preset, scope):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     torch.manual_seed(0)
     eager = build_model(ModelConfig.preset(preset), device="cuda")
     compiled = build_model(ModelConfig.preset(preset), device="cuda")
     compiled.load_state_dict(eager.state_dict())
-    compile_model(compiled)
+    compile_model(compiled, scope=scope)
     ids = torch.randint(0, 4096, (2, 256), device="cuda")
     with torch.autocast("cuda", torch.bfloat16):
         a, b = eager.loss(ids, ids), compiled.loss(ids, ids)
     assert rel_err(b, a) < 1e-2
+    a.backward()
+    b.backward()
+    grads = [(p.grad.flatten(), q.grad.flatten()) for p, q in zip(eager.parameters(), compiled.parameters())
+             if p.grad is not None]
+    assert rel_err(torch.cat([q for _, q in grads]), torch.cat([p for p, _ in grads])) < 3e-2
 
 
 @pytest.mark.gpu

@@ -204,3 +204,16 @@ def test_moba_layer_shares_parameters_with_mla_and_equals_it_when_all_blocks_are
         sparse = small_model(mixers="B", moba_block_size=8, moba_topk=2)
         sparse.load_state_dict(moba.state_dict())
         assert rel_err(sparse(ids), full(ids)) > 1e-3  # with few blocks chosen it really is sparse
+
+
+@pytest.mark.parametrize("B,T,C,K", [(2, 17, 12, 4), (1, 5, 7, 3), (3, 1, 9, 4)])
+def test_shifted_sum_conv_equals_conv1d(B, T, C, K):
+    from nanokimi.model.kda import causal_depthwise_conv
+    window = torch.randn(B, K - 1 + T, C, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(C, 1, K, dtype=torch.float64, requires_grad=True)
+    ours = causal_depthwise_conv(window, weight)
+    reference = torch.nn.functional.conv1d(window.transpose(1, 2), weight, groups=C).transpose(1, 2)
+    assert rel_err(ours, reference) < 1e-12
+    grad = torch.randn_like(ours)
+    for a, b in zip(torch.autograd.grad(ours, (window, weight), grad), torch.autograd.grad(reference, (window, weight), grad)):
+        assert rel_err(a, b) < 1e-12

@@ -24,6 +24,19 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x32 * torch.rsqrt(x32.pow(2).sum(-1, keepdim=True) + eps)
 
 
+def causal_depthwise_conv(window: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Depthwise causal conv as a sum of shifted rows, in the [B, T, C] layout: no transposes, and under
+    torch.compile one fused kernel (with the SiLU after it) instead of conv1d's layout copies.
+    window [B, K-1+T, C] (K-1 history rows first), weight [C, 1, K] (nn.Conv1d's) -> [B, T, C]."""
+    K = weight.shape[-1]
+    T = window.shape[1] - (K - 1)
+    w = weight.squeeze(1).t()  # [K, C]
+    out = window[:, :T] * w[0]
+    for j in range(1, K):
+        out = out + window[:, j:j + T] * w[j]
+    return out
+
+
 class KimiDeltaAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -70,8 +83,7 @@ class KimiDeltaAttention(nn.Module):
         window = torch.cat([history, qkv], dim=1)  # [B, K-1+T, 3HD]
         if cache is not None:
             cache.conv.copy_(window[:, window.shape[1] - (self.conv_size - 1):])
-        conv_weight = self.conv.weight.to(qkv.dtype)
-        qkv = F.silu(F.conv1d(window.transpose(1, 2), conv_weight, groups=qkv.shape[-1]).transpose(1, 2))
+        qkv = F.silu(causal_depthwise_conv(window, self.conv.weight.to(qkv.dtype)))
         q, k, v = (t.reshape(B, T, H, D) for t in qkv.split(H * D, dim=-1))
         q, k = l2_normalize(q).to(v.dtype), l2_normalize(k).to(v.dtype)
 

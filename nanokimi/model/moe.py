@@ -86,6 +86,21 @@ def matmul_per_expert(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> t
     return torch.cat([chunk @ w[e] for e, chunk in enumerate(x.split(counts)) if counts[e]] or [x.new_zeros(0, w.shape[-1])])
 
 
+class PermuteRows(torch.autograd.Function):
+    """x[perm] for a permutation perm with its inverse: the backward is the gather grad[inverse] rather
+    than autograd's default scatter-add (index_put with accumulate sorts or uses atomics)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return x[perm]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad[inverse], None, None
+
+
 class Experts(nn.Module):
     """All routed experts as stacked weights: gate_up [E, 2I, D] (gate rows first), down [E, D, I]."""
 
@@ -95,19 +110,26 @@ class Experts(nn.Module):
         self.down = nn.Parameter(torch.empty(num_experts, hidden, inner))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [N, D], weights/indices [N, k] -> (out [N, D], tokens per expert [E])."""
-        E, k = self.gate_up.shape[0], indices.shape[1]
-        flat = indices.flatten()  # [N*k]
-        order = flat.argsort(stable=True)
-        token = order // k
+        """x [N, D], weights/indices [N, k] -> (out [N, D], tokens per expert [E]).
+
+        The N*k (token, choice) slots are sorted by expert; every move between slot order and expert
+        order is a permutation (gathers both ways, no scatter-adds), and the k outputs of a token are
+        summed in slot order."""
+        E, (N, k), D = self.gate_up.shape[0], indices.shape, x.shape[-1]
+        flat = indices.flatten()  # [N*k] expert of each slot
+        order = flat.argsort(stable=True)  # expert-sorted position -> slot
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(N * k, device=order.device))
         experts = torch.arange(E, device=flat.device, dtype=flat.dtype)
         ends = torch.searchsorted(flat[order], experts, right=True)  # [E]; bincount would sync on CUDA
         counts = torch.diff(ends, prepend=ends.new_zeros(1))
-        h = grouped_matmul(to_autocast_dtype(x)[token], self.gate_up.transpose(1, 2), ends)  # [N*k, 2I], cast before the gather
+        slots = to_autocast_dtype(x).unsqueeze(1).expand(N, k, D).reshape(N * k, D)  # cast before the gather
+        h = grouped_matmul(PermuteRows.apply(slots, order, inverse), self.gate_up.transpose(1, 2), ends)  # [N*k, 2I]
         gate, up = h.chunk(2, dim=-1)
-        y = grouped_matmul(F.silu(gate) * up, self.down.transpose(1, 2), ends)  # [N*k, D]
-        y = y * weights.flatten()[order].unsqueeze(-1).to(y.dtype)
-        return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype)), counts
+        y = grouped_matmul(F.silu(gate) * up, self.down.transpose(1, 2), ends)  # [N*k, D], expert order
+        y = PermuteRows.apply(y, inverse, order).view(N, k, D)  # slot order
+        acc = torch.promote_types(y.dtype, torch.float32)  # bf16 outputs summed in fp32
+        out = (y.to(acc) * weights.unsqueeze(-1).to(acc)).sum(1)  # [N, D]
+        return out.to(x.dtype), counts
 
 
 class MoE(nn.Module):

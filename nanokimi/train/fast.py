@@ -32,16 +32,18 @@ def raise_recompile_limits(limit: int = 64) -> None:
 
 
 def compile_model(model: nn.Module, fullgraph: bool = True, loss: bool = True, mode: str | None = None,
-                  scope: str = "module") -> nn.Module:
+                  scope: str = "auto") -> nn.Module:
     """Compile the blocks in place (state_dict keys do not change) and, with loss=True, the chunked
     LM-head + cross-entropy. Returns the same model.
 
     scope="module": each block's two norms, token mixer and FFN separately (fullgraph applies to all but
     KDA mixers, whose kernel call is a deliberate graph break). scope="block": each whole block as one
     graph (residual adds fuse with the norms; needs the plain PreNorm residual; blocks with a KDA mixer
-    compile with graph breaks around the kernel)."""
-    if scope not in ("module", "block"):
-        raise ValueError(f"scope must be 'module' or 'block', got {scope!r}.")
+    compile with graph breaks around the kernel, which costs CPU time at every break). scope="auto"
+    (default): whole blocks where the block has no graph break and the residual is PreNorm, modules
+    elsewhere (KDA blocks, AttnRes models) - the fastest measured on an H100 (docs/performance.md)."""
+    if scope not in ("auto", "module", "block"):
+        raise ValueError(f"scope must be 'auto', 'module' or 'block', got {scope!r}.")
     raise_recompile_limits()
     cfg = model.config
     device = model.embed.weight.device
@@ -51,9 +53,10 @@ def compile_model(model: nn.Module, fullgraph: bool = True, loss: bool = True, m
     if scope == "block" and not isinstance(model.residual, PreNormResidual):
         raise ValueError(f"scope='block' needs the plain PreNorm residual; this model has attn_res={cfg.attn_res!r}. "
                          "Use scope='module'.")
+    plain = isinstance(model.residual, PreNormResidual)
     for block in model.layers:
         has_break = isinstance(block.mixer, KimiDeltaAttention)
-        if scope == "block":
+        if scope == "block" or (scope == "auto" and plain and not has_break):
             block.compile(fullgraph=fullgraph and not has_break, mode=mode)
             continue
         block.mixer_norm.compile(fullgraph=fullgraph, mode=mode)
