@@ -14,11 +14,10 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 else
   export PYTHONPATH=$PWD
 fi
-# Triton (fla's autotuning results included) and Inductor caches: restored from .gpu/compile_cache.tgz
-# when a previous run left one there, and packed into $OUT at the end, so later runs skip minutes of
-# autotuning and compilation.
+# Triton's cache (fla's autotuning results included): restored from .gpu/compile_cache.tgz.part-* when a
+# previous run left it there, and packed into $OUT at the end, so later runs skip the autotuning.
 export TRITON_CACHE_DIR=/tmp/nk-cache/triton TORCHINDUCTOR_CACHE_DIR=/tmp/nk-cache/inductor
-if [ -f .gpu/compile_cache.tgz ]; then tar xzf .gpu/compile_cache.tgz -C /tmp; fi
+if ls .gpu/compile_cache.tgz.part-* >/dev/null 2>&1; then cat .gpu/compile_cache.tgz.part-* | tar xzf - -C /tmp; fi
 log=${OUT:-/tmp}/gpu_suite_$1.log
 touch /tmp/nk-suite-start
 step() {  # step SECONDS command...: run with a time limit, keep going on failure
@@ -40,12 +39,13 @@ case "$1" in
     step 100 python3 benchmarks/attnres_overhead.py ;;
   profile)
     step "${PROFILE_LIMIT:-500}" python3 benchmarks/profile_step.py ${PROFILE_ARGS:-} ;;
-  *) echo "usage: $0 train|decode|profile"; exit 2 ;;
+  custom)  # GPU_STEPS="LIMIT command;LIMIT command;..." (for one-off runs)
+    IFS=';' read -ra parts <<< "$GPU_STEPS"
+    for part in "${parts[@]}"; do read -r limit cmd <<< "$part"; step "$limit" bash -c "$cmd"; done ;;
+  *) echo "usage: $0 train|decode|profile|custom"; exit 2 ;;
 esac
 if [ -n "${OUT:-}" ]; then
   mkdir -p "$OUT/results" && find benchmarks/results -name '*.json' -newer /tmp/nk-suite-start -exec cp {} "$OUT"/results/ \;
-  tar czf "$OUT/compile_cache.tgz" -C /tmp nk-cache
-  if [ "$(stat -c %s "$OUT/compile_cache.tgz")" -gt 16000000 ]; then
-    tar czf "$OUT/compile_cache.tgz" -C /tmp nk-cache/triton  # the Inductor part is the one to drop
-  fi
+  tar czf - -C /tmp nk-cache/triton | split -b 15M - "$OUT/compile_cache.tgz.part-"  # 16 MB per file comes back
 fi
+
