@@ -17,9 +17,14 @@ LATENT_NORM_EPS = 1e-6  # MLA's q/kv latent norms use a fixed eps in DeepSeek-V3
 
 
 def pad_v_for_flash(q: torch.Tensor, v: torch.Tensor) -> bool:
-    """On CUDA in half precision, values narrower than the queries are zero-padded to the query head
-    size so SDPA can take the flash kernel (padding adds no error: the extra output columns are dropped)."""
-    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and v.shape[-1] < q.shape[-1] <= 256
+    """Whether to zero-pad values narrower than the queries to the query head size so SDPA can take the
+    flash kernel (padding adds no error: the extra output columns are dropped). Only on CUDA in half
+    precision, and not where cuDNN attention is on (Hopper and newer): cuDNN takes MLA's 128-wide values
+    as they are, 1.5x faster than itself on padded values and 2x faster than flash (H100, B=4, T=4096,
+    8 heads; benchmarks/results/attention_backends.json)."""
+    if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and v.shape[-1] < q.shape[-1] <= 256):
+        return False
+    return not (torch.backends.cuda.cudnn_sdp_enabled() and torch.cuda.get_device_capability(q.device)[0] >= 9)
 
 
 def causal_attention(q, k, v, scale: float, q_offset: int) -> torch.Tensor:
@@ -29,7 +34,7 @@ def causal_attention(q, k, v, scale: float, q_offset: int) -> torch.Tensor:
     gqa = q.shape[1] != k.shape[1]
     if q_offset == 0 and Tq == Tk:
         Dv = v.shape[-1]
-        if pad_v_for_flash(q, v):  # MLA: qk 192, v 128; flash needs equal head sizes and beats the other kernels
+        if pad_v_for_flash(q, v):  # MLA: qk 192, v 128, where flash is the best kernel that takes it
             v = F.pad(v, (0, q.shape[-1] - Dv))
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)[..., :Dv]
     elif Tq == 1:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanokimi.model.attention import GroupedQueryAttention, MultiHeadLatentAttention
+from nanokimi.model.attention import GroupedQueryAttention, MultiHeadLatentAttention, pad_v_for_flash
 from nanokimi.model.kda import KimiDeltaAttention
 from nanokimi.model.moe import MoE
 from nanokimi.model.residual import PreNormResidual
@@ -132,7 +132,8 @@ def describe_paths(model: nn.Module, device: str | torch.device, dtype: torch.dt
         elif isinstance(m, MultiHeadLatentAttention):
             shapes.add(("mla" + ("+moba" if m.moba else ""), m.nope_dim + m.rope_dim, m.v_dim))
     for kind, dqk, dv in sorted(shapes):
-        padded = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and dv < dqk <= 256
+        probe = torch.empty(1, 1, 1, dqk, device=device, dtype=dtype)
+        padded = pad_v_for_flash(probe, probe[..., :dv])
         try:
             backend = sdpa_backend(device, dqk, dqk if padded else dv, dtype)
             backend += f" (v padded {dv}->{dqk})" if padded else ""
