@@ -12,11 +12,13 @@ GEMM, grouped GEMM (MoE), attention (flash / cuDNN / efficient), fla (KDA Triton
 (Inductor's Triton kernels), copies, other ATen kernels, NCCL. The top kernels by GPU time go to the JSON.
 
 Variants: auto, module, block (compile_model's scope), eager (no compile), qk-clip (auto, with QK-Clip's
-max-logit recording on in every attention layer), no-cudnn (auto, with SDPA's cuDNN backend disabled).
+max-logit recording on in every attention layer), no-cudnn (auto, with SDPA's cuDNN backend disabled),
+graph (auto, the whole step captured in one CUDA graph by nanokimi.train.fast.capture_step).
 """
 import argparse
 import json
 import re
+import time
 import traceback
 from pathlib import Path
 
@@ -27,7 +29,7 @@ from nanokimi.config import ModelConfig
 from nanokimi.model import build_model
 from nanokimi.model.moe import update_router_bias
 from nanokimi.optim.qk_clip import enable_qk_clip_recording
-from nanokimi.train.fast import compile_model, describe_paths, make_optimizer
+from nanokimi.train.fast import capture_step, compile_model, describe_paths, make_optimizer
 
 CONFIGS = {
     "bench-kl-900m": dict(preset="bench-kl-900m", B=4, T=4096),
@@ -39,7 +41,7 @@ QUICK = {
     "bench-dsv3-900m": dict(preset="tiny", overrides=dict(vocab_size=512, num_layers=2, mixers="A"), B=2, T=32),
     "gpt-124m": dict(preset="tiny-dense", overrides=dict(vocab_size=512, num_layers=2), B=2, T=32),
 }
-VARIANTS = ("auto", "module", "block", "eager", "qk-clip", "no-cudnn")
+VARIANTS = ("auto", "module", "block", "eager", "qk-clip", "no-cudnn", "graph")
 KINDS = [  # first match wins; patterns are matched against the lower-cased kernel name
     ("nccl", r"nccl"),
     ("attention", r"flash|fmha|cudnn.*attn|attention|sdpa"),
@@ -73,19 +75,36 @@ def build_step(spec: dict, variant: str, device: torch.device):
         compile_model(model, fullgraph=device.type == "cuda", scope=scope)
     if variant == "qk-clip":
         enable_qk_clip_recording(model)
-    opt = make_optimizer(model, "adamw")
+    graph = variant == "graph"
+    opt = make_optimizer(model, "adamw", capturable=graph)
     ids = torch.randint(0, cfg.vocab_size, (spec["B"], spec["T"]), device=device)
 
     def step():
-        with torch.autocast(device.type, torch.bfloat16):
+        with torch.autocast(device.type, torch.bfloat16, cache_enabled=not graph):
             loss = model.loss(ids, ids, chunk_tokens=0)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if cfg.num_experts:
             update_router_bias(model)
+        return loss
 
-    return model, step
+    return model, (capture_step(step) if graph else step)
+
+
+def host_ms(step, device: torch.device, repeats: int = 3) -> float:
+    """Median host time to issue one step (the GPU may still be working when it returns): the CPU's
+    share. A step whose host time is near its wall time is bound by the CPU, not the GPU."""
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - start) * 1e3)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return sorted(times)[len(times) // 2]
 
 
 def profile_variant(spec: dict, variant: str, device: torch.device, args) -> dict:
@@ -100,6 +119,7 @@ def profile_variant(spec: dict, variant: str, device: torch.device, args) -> dic
 def _profile_variant(spec: dict, variant: str, device: torch.device, args) -> dict:
     model, step = build_step(spec, variant, device)
     ms = median_ms(step, device, args.warmup, args.repeats)
+    launch_ms = host_ms(step, device)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -115,7 +135,11 @@ def _profile_variant(spec: dict, variant: str, device: torch.device, args) -> di
         kinds[kind_of(name)] = kinds.get(kind_of(name), 0.0) + t
     top = sorted(per_step.items(), key=lambda kv: -kv[1])[:args.top]
     tokens = spec["B"] * spec["T"]
+    cpu_ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:args.top]
     result = dict(step_ms=round(ms, 2), tokens_per_s=round(tokens / ms * 1e3), gpu_busy_ms=round(sum(per_step.values()), 2),
+                  host_ms=round(launch_ms, 2),
+                  top_cpu_ops=[[e.key[:120], round(e.self_cpu_time_total / args.profile_steps / 1e3, 3), e.count // args.profile_steps]
+                               for e in cpu_ops],
                   kernels_per_step=round(sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
                                          / args.profile_steps),
                   kinds_ms={k: round(v, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
@@ -123,6 +147,7 @@ def _profile_variant(spec: dict, variant: str, device: torch.device, args) -> di
                   paths=describe_paths(model, device))
     if device.type == "cuda":
         result["peak_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 2)
+        result["alloc_retries"] = torch.cuda.memory_stats(device).get("num_alloc_retries", 0)
     del model, step
     return result
 
@@ -166,11 +191,11 @@ def main():
             r = entry[variant]
             print(json.dumps(r)[:3000], flush=True)
             kinds = r.get("kinds_ms", {})
-            rows.append([name, variant, r.get("step_ms"), r.get("tokens_per_s"), r.get("gpu_busy_ms"),
+            rows.append([name, variant, r.get("step_ms"), r.get("tokens_per_s"), r.get("gpu_busy_ms"), r.get("host_ms"),
                          " ".join(f"{k}={v}" for k, v in kinds.items()), (r.get("error") or "")[:50]])
         write_results(args.out, env, {name: dict(B=spec["B"], T=spec["T"], variants=entry)})
     print(f"\n{env['device']}  torch {env['torch']}  commit {env['git_commit'][:10]}")
-    print_table(["config", "variant", "step ms", "tok/s", "GPU busy ms", "GPU ms by kind", "note"], rows)
+    print_table(["config", "variant", "step ms", "tok/s", "GPU busy ms", "host ms", "GPU ms by kind", "note"], rows)
     print(f"wrote {args.out}")
 
 

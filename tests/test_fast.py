@@ -127,3 +127,44 @@ def test_rms_norm_equals_its_formula(dtype):
     x32 = x.float()
     expected = norm.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
     assert rel_err(norm(x), expected) < 1e-6
+
+
+def test_capture_step_needs_cuda_and_says_so():
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU error")
+    from nanokimi.train.fast import capture_step
+    with pytest.raises(RuntimeError, match="needs CUDA"):
+        capture_step(lambda: torch.zeros(()))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", ["tiny", "tiny-dense"])
+def test_captured_training_step_equals_eager_steps_on_gpu(preset):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from nanokimi.model.moe import update_router_bias
+    from nanokimi.train.fast import capture_step
+    torch.manual_seed(0)
+    models = [build_model(ModelConfig.preset(preset), device="cuda") for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    ids = torch.randint(0, 4096, (2, 128), device="cuda")
+
+    def make_step(model, cache_enabled):
+        opt = make_optimizer(model, "adamw", lr=1e-3, capturable=True)
+
+        def step():
+            with torch.autocast("cuda", torch.bfloat16, cache_enabled=cache_enabled):
+                loss = model.loss(ids, ids)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            update_router_bias(model)
+            return loss
+        return step
+
+    eager = make_step(models[0], True)
+    eager_losses = [eager().item() for _ in range(6)]
+    replay = capture_step(make_step(models[1], False), warmup=3)  # warm-up steps 1-3, the capture is step 4
+    graph_losses = [replay().item() for _ in range(2)]  # steps 5 and 6
+    assert graph_losses == pytest.approx(eager_losses[4:], rel=1e-2)
+    assert graph_losses[1] != graph_losses[0]  # the replay really trains

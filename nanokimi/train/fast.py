@@ -145,13 +145,44 @@ def describe_paths(model: nn.Module, device: str | torch.device, dtype: torch.dt
     return " | ".join(parts)
 
 
-def make_optimizer(model: nn.Module, name: str = "adamw", lr: float = 3e-4, weight_decay: float = 0.1):
-    """"adamw": torch AdamW, fused on CUDA (one kernel for all parameters). "muon": nanokimi.optim's
-    Muon + AdamW builder."""
+def capture_step(step, warmup: int = 3):
+    """The whole training step in one CUDA graph: removes the CPU's launch and Python time per step.
+
+    step() must do forward, backward and the optimizer update on tensors that stay where they are (copy
+    each new batch into the same input tensors), make no host syncs, and return the loss tensor. Use
+    autocast with cache_enabled=False, and optimizers that can be captured (make_optimizer(...,
+    capturable=True)); the learning rate is baked in unless the optimizer reads it from a tensor.
+    Runs step() `warmup` times on a side stream (compilation and autotuning happen there), captures one
+    call, and returns replay() -> the loss tensor, refreshed by each replay."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("capture_step needs CUDA; on the CPU call the step function itself.")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = step()
+
+    def replay() -> torch.Tensor:
+        graph.replay()
+        return loss
+
+    replay.graph = graph
+    return replay
+
+
+def make_optimizer(model: nn.Module, name: str = "adamw", lr: float = 3e-4, weight_decay: float = 0.1,
+                   capturable: bool = False):
+    """"adamw": torch AdamW, fused on CUDA (one kernel for all parameters; capturable=True for
+    capture_step). "muon": nanokimi.optim's Muon + AdamW builder."""
     if name == "muon":
         from nanokimi.optim import build_optimizer
         return build_optimizer(model, "muon", lr=lr, weight_decay=weight_decay)
     if name != "adamw":
         raise ValueError(f"optimizer must be 'adamw' or 'muon', got {name!r}.")
     fused = next(model.parameters()).device.type == "cuda"
-    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95), fused=fused)
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95), fused=fused,
+                             capturable=capturable and fused)
