@@ -33,12 +33,13 @@ class AttnResState(NamedTuple):
 
     sources: embedding, then each finished block's sum; rstds: each source's 1 / RMS [B, T] (fp32), computed
     once when the source is finished; partial: sum of the current block's outputs so far (None at a block's
-    start); mixture [S, B, T, D] and lse [S, B, T]: phase 1 of the current block; position: the next sublayer.
+    start); mixture (S tensors [B, T, D]) and lse [S, B, T]: phase 1 of the current block; position: the next
+    sublayer.
     """
     sources: tuple
     rstds: tuple
     partial: torch.Tensor | None
-    mixture: torch.Tensor | None
+    mixture: tuple | None
     lse: torch.Tensor | None
     position: int
 

@@ -31,8 +31,8 @@ def raise_recompile_limits(limit: int = 64) -> None:
 
 
 def compile_model(model: nn.Module, fullgraph: bool = True, loss: bool = True, mode: str | None = None) -> nn.Module:
-    """Compile every block's norms, token mixer and FFN in place (state_dict keys do not change) and,
-    with loss=True, the chunked LM-head + cross-entropy. fullgraph applies to everything but KDA
+    """Compile every block's norms, token mixer and FFN in place (state_dict keys do not change), the
+    Attention Residuals ops when the model has them, and, with loss=True, the chunked LM-head + cross-entropy. fullgraph applies to everything but KDA
     mixers, whose kernel call is a deliberate graph break. Returns the same model."""
     raise_recompile_limits()
     cfg = model.config
@@ -46,6 +46,8 @@ def compile_model(model: nn.Module, fullgraph: bool = True, loss: bool = True, m
         block.mixer.compile(fullgraph=fullgraph and not isinstance(block.mixer, KimiDeltaAttention), mode=mode)
         block.ffn.compile(fullgraph=fullgraph, mode=mode)
     model.norm.compile(fullgraph=fullgraph, mode=mode)
+    if hasattr(model.residual, "compile_kernels"):  # Attention Residuals: its phase-1 / merge ops, fused
+        model.residual.compile_kernels(mode)
     if loss:
         model._chunk_loss_sum = torch.compile(model._chunk_loss_sum, fullgraph=fullgraph, mode=mode)
     return model

@@ -37,16 +37,17 @@ def source_rstd(source, eps=1e-6):
 
 def _phase1_forward_stacked(qe, rstds, values):
     """qe [S, D]; rstds: N tensors [...]; values: N tensors [..., D].
-    Returns mixture [..., S, D], logits [..., S, N], lse [..., S]."""
+    Returns S mixtures [..., D], logits [..., S, N], lse [..., S]."""
     stacked = torch.stack([_wide(v) for v in values], dim=-2)  # [..., N, D]
     logits = (stacked @ qe.T).transpose(-1, -2) * torch.stack(rstds, dim=-1).unsqueeze(-2)  # [..., S, N]
     lse = logits.logsumexp(-1)
     alpha = torch.exp(logits - lse.unsqueeze(-1))
-    return alpha @ stacked, logits, lse
+    return (alpha @ stacked).unbind(-2), logits, lse
 
 
-def _phase1_backward_stacked(qe, rstds, values, logits, lse, grad_mixture, grad_lse):
+def _phase1_backward_stacked(qe, rstds, values, logits, lse, grad_mixtures, grad_lse):
     """Gradients of phase 1 from its saved logits: (grad qe [S, D], N grads [...] of rstds, N grads of values)."""
+    grad_mixture = torch.stack(grad_mixtures, dim=-2)  # [..., S, D]
     stacked = torch.stack([_wide(v) for v in values], dim=-2)  # [..., N, D]
     rstd = torch.stack(rstds, dim=-1).unsqueeze(-2)  # [..., 1, N]
     alpha = torch.exp(logits - lse.unsqueeze(-1))  # [..., S, N]
@@ -67,11 +68,12 @@ def _phase1_forward_fused(qe, rstds, values):
                          dim=-1)  # [..., S, N]
     lse = logits.logsumexp(-1)
     alpha = torch.exp(logits - lse.unsqueeze(-1))
-    mixture = sum(alpha[..., n, None] * _wide(v).unsqueeze(-2) for n, v in enumerate(values))  # [..., S, D]
-    return mixture, logits, lse
+    mixtures = [sum(alpha[..., s, n, None] * _wide(v) for n, v in enumerate(values)) for s in range(len(qe))]
+    return mixtures, logits, lse
 
 
-def _phase1_backward_fused(qe, rstds, values, logits, lse, grad_mixture, grad_lse):
+def _phase1_backward_fused(qe, rstds, values, logits, lse, grad_mixtures, grad_lse):
+    grad_mixture = torch.stack(grad_mixtures, dim=-2)  # [..., S, D]: fused into its readers, never written
     alpha = torch.exp(logits - lse.unsqueeze(-1))  # [..., S, N]
     grad_alpha = torch.stack([(grad_mixture * _wide(v).unsqueeze(-2)).sum(-1) for v in values], dim=-1)
     grad_logits = alpha * (grad_alpha - (alpha * grad_alpha).sum(-1, keepdim=True) + grad_lse.unsqueeze(-1))
@@ -130,26 +132,29 @@ def compiled_kernels(mode: str | None = None) -> Kernels:
 
 
 class _DepthAttention(torch.autograd.Function):
-    """Phase 1 with a hand-written backward: saves the sources (references) and logits, not the softmax."""
+    """Phase 1 with a hand-written backward: saves the sources (references) and logits, not the softmax.
+    Returns the S mixtures as separate tensors so each gets its own gradient (no select-backward of a stacked
+    [..., S, D] output, which would write S zero-filled copies)."""
 
     @staticmethod
     def forward(ctx, kernels, qe, *rstds_and_values):
         n = len(rstds_and_values) // 2
         rstds, values = rstds_and_values[:n], rstds_and_values[n:]
         with torch.autocast(qe.device.type, enabled=False):
-            mixture, logits, lse = kernels.phase1_forward(qe, rstds, values)
+            mixtures, logits, lse = kernels.phase1_forward(qe, rstds, values)
         ctx.kernels = kernels
         ctx.save_for_backward(qe, logits, lse, *rstds_and_values)
-        return mixture, lse
+        return *mixtures, lse
 
     @staticmethod
-    def backward(ctx, grad_mixture, grad_lse):
+    def backward(ctx, *grads):
+        *grad_mixtures, grad_lse = grads
         qe, logits, lse, *rstds_and_values = ctx.saved_tensors
         n = len(rstds_and_values) // 2
         rstds, values = rstds_and_values[:n], rstds_and_values[n:]
         with torch.autocast(qe.device.type, enabled=False):
             grad_qe, grad_rstds, grad_values = ctx.kernels.phase1_backward(
-                qe, rstds, values, logits, lse, grad_mixture, grad_lse)
+                qe, rstds, values, logits, lse, grad_mixtures, grad_lse)
         return None, grad_qe, *grad_rstds, *grad_values
 
 
@@ -164,8 +169,8 @@ def depth_attention(sources, queries, key_weights, eps=1e-6, rstds=None, kernels
 
     sources: sequence of N tensors [B, T, D]; queries, key_weights: [S, D]; rstds: optional N tensors [B, T],
     each source's `source_rstd` (computed here when not given; pass them to reuse them across calls).
-    Returns (mixture [S, B, T, D], lse [S, B, T]) in fp32 (float64 for float64 sources): mixture[s] =
-    sum_n softmax_n(logit[s, n]) v_n. mixture is a view of a [B, T, S, D] tensor.
+    Returns (mixtures, lse [S, B, T]) in fp32 (float64 for float64 sources): mixtures is a tuple of S tensors
+    [B, T, D], mixtures[s] = sum_n softmax_n(logit[s, n]) v_n.
     """
     if len(sources) == 0:
         raise ValueError("depth_attention needs at least one source (the token embedding).")
@@ -177,8 +182,8 @@ def depth_attention(sources, queries, key_weights, eps=1e-6, rstds=None, kernels
     compute_dtype = torch.promote_types(sources[0].dtype, torch.float32)
     with torch.autocast(sources[0].device.type, enabled=False):
         qe = queries.to(compute_dtype) * key_weights.to(compute_dtype)  # [S, D]
-    mixture, lse = _DepthAttention.apply(kernels, qe, *rstds, *sources)  # [B, T, S, D], [B, T, S]
-    return mixture.movedim(-2, 0), lse.movedim(-1, 0)
+    *mixtures, lse = _DepthAttention.apply(kernels, qe, *rstds, *sources)  # S x [B, T, D], [B, T, S]
+    return tuple(mixtures), lse.movedim(-1, 0)
 
 
 def merge_partial(mixture, lse, partial, query, key_weight, eps=1e-6, kernels=EAGER):
