@@ -1,21 +1,22 @@
 """What Attention Residuals cost: training-step time with attn_res = none / block / full.
 
-Two tables in one run:
-  residual: the residual stream alone (D=1024, 32 sublayers, B=4, T=4096), with cheap stand-in sublayers, so
-            the time is the residual's own forward + backward: PreNorm add vs block vs full AttnRes.
-  model:    a full training step (forward, cross-entropy, backward, AdamW) of bench-kl-900m, B=4, T=4096, bf16
-            autocast, per attn_res setting (needs nanokimi.build_model; T halves on OOM).
+Two tables from one process (each model built once per mode, compiled once; the AttnRes kernels compiled
+for the residual table are reused by the model table, whose residual stream has the same shapes):
+  residual: the residual stream alone (D=1024, 32 sublayers, B=4, T=4096, fp32 stream as in the bf16-autocast
+            model), with cheap stand-in sublayers, so the time is the residual's own forward + backward:
+            PreNorm add vs block vs full AttnRes, eager and with compiled AttnRes kernels.
+  model:    a full training step (bf16 autocast forward + loss, backward, AdamW) of bench-kl-900m, B=4, T=4096,
+            compiled with nanokimi.train.fast.compile_model (which also compiles the AttnRes kernels), per
+            attn_res setting (T halves on OOM).
 Medians over timed steps after warm-up. Writes benchmarks/results/attnres_overhead.json (device, date, commit).
 
-    python benchmarks/attnres_overhead.py            # GPU
-    python benchmarks/attnres_overhead.py --quick    # CPU smoke run: tiny sizes, 2 steps
+    python benchmarks/attnres_overhead.py            # GPU, a few minutes (fla autotune + compiles come first)
+    python benchmarks/attnres_overhead.py --quick    # CPU smoke run: tiny sizes, eager, 2 steps
 """
 import argparse
 import datetime
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -23,54 +24,25 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from perf_common import git_commit, results_path  # noqa: E402
+from perf_common import free_memory, git_commit, median_ms, results_path, short_error  # noqa: E402
 
 from nanokimi.model.attn_res import AttentionResiduals  # noqa: E402
+from nanokimi.model.residual import PreNormResidual  # noqa: E402
 
 MODES = ("none", "block", "full")
-
-
-
-
-def timed(step, warmup: int, steps: int, device: torch.device) -> list[float]:
-    """Milliseconds of each timed call of step()."""
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return times
-
-
-class PreNormResidual:
-    """The standard residual stream, with the same start/sublayer_input/add/finish calls as AttentionResiduals."""
-
-    def start(self, embedding):
-        return embedding
-
-    def sublayer_input(self, state, l):
-        return state
-
-    def add(self, state, l, out):
-        return state + out
-
-    def finish(self, state):
-        return state
 
 
 def residual_rows(args, device):
     """Residual stream alone: stand-in sublayers out = tanh(h) * scale (one elementwise pass each)."""
     B, T, D, L = args.batch, args.seq_len, args.hidden, args.sublayers
     rows = []
-    for mode in MODES:
+    variants = [("none", False)] + [(mode, compiled) for mode in MODES[1:] for compiled in (False, True)
+                                    if not compiled or args.compile]
+    for mode, compiled in variants:
         residual = PreNormResidual() if mode == "none" else AttentionResiduals(
             D, L, mode=mode, num_blocks=args.blocks).to(device)
+        if compiled:
+            residual.compile_kernels()
         embedding = torch.randn(B, T, D, device=device, requires_grad=True)
         scales = torch.full((L,), 0.5, device=device, requires_grad=True)
 
@@ -81,28 +53,25 @@ def residual_rows(args, device):
                 state = residual.add(state, l, torch.tanh(h) * scales[l])
             residual.finish(state).square().mean().backward()
 
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        times = timed(step, args.warmup, args.steps, device)
+        free_memory(device)
+        ms = median_ms(step, device, args.warmup, args.steps)
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-        rows.append(dict(table="residual", attn_res=mode, B=B, T=T, D=D, sublayers=L,
-                         median_ms=statistics.median(times), peak_gib=peak))
+        rows.append(dict(table="residual", attn_res=mode, compiled=compiled, B=B, T=T, D=D, sublayers=L,
+                         median_ms=ms, peak_gib=peak))
+        print(f"residual {mode} compiled={compiled}: {ms:.2f} ms", flush=True)
     return rows
 
 
 def model_rows(args, device):
     """One training-step row per attn_res setting, all at the same T: the first T (halving from --seq-len) that fits."""
-    try:
-        from nanokimi import ModelConfig, build_model
-    except ImportError as error:
-        print(f"model table skipped: {error}")
-        return []
+    from nanokimi.config import ModelConfig
+    from nanokimi.model import build_model
     seq_len = args.seq_len
     while True:
         try:
             return [model_step_row(ModelConfig, build_model, args, device, mode, seq_len) for mode in MODES]
         except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
+            free_memory(device)
             if seq_len <= 512:
                 print("model table skipped: out of memory even at T=512")
                 return []
@@ -111,53 +80,87 @@ def model_rows(args, device):
 
 
 def model_step_row(ModelConfig, build_model, args, device, mode, seq_len):
-    config = ModelConfig.preset(args.preset, attn_res=mode, attn_res_blocks=args.blocks)
+    from nanokimi.train.fast import compile_model, make_optimizer
+    overrides = dict(attn_res=mode, attn_res_blocks=args.blocks)
+    if args.quick:
+        overrides.update(vocab_size=512, num_layers=2, mixers="KA", max_position_embeddings=64)
+    config = ModelConfig.preset(args.preset, **overrides)
     torch.manual_seed(0)
-    model = build_model(config).to(device)
+    model = build_model(config, device=device).train()
+    compiled, error = False, None
     if args.compile:
-        model = torch.compile(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    input_ids = torch.randint(0, config.vocab_size, (args.batch, seq_len + 1), device=device)
-    inputs, targets = input_ids[:, :-1], input_ids[:, 1:]
-    autocast_dtype = torch.bfloat16
+        try:
+            compile_model(model, fullgraph=True, loss=True)
+            compiled = True
+        except Exception as exc:  # noqa: BLE001 - measure eager rather than lose the row
+            error = short_error(exc)
+    optimizer = make_optimizer(model, "adamw")
+    ids = torch.randint(0, config.vocab_size, (args.batch, seq_len), device=device)
+    targets = torch.randint(0, config.vocab_size, (args.batch, seq_len), device=device)
 
     def step():
-        with torch.autocast(device.type, dtype=autocast_dtype):
-            logits = model(inputs)  # [B, T, V]
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = model.loss(ids, targets, chunk_tokens=0)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    times = timed(step, args.warmup, args.steps, device)
+    free_memory(device)
+    try:
+        ms = median_ms(step, device, args.warmup, args.steps)
+    except torch.cuda.OutOfMemoryError:
+        del model, optimizer
+        raise
+    except Exception as exc:  # noqa: BLE001 - a compiled step that fails is re-measured eager
+        if not compiled:
+            raise
+        error, compiled = short_error(exc), False
+        model = build_model(config, device=device).train()
+        optimizer = make_optimizer(model, "adamw")
+        ms = median_ms(step, device, args.warmup, args.steps)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    median = statistics.median(times)
-    return dict(table="model", attn_res=mode, preset=args.preset, B=args.batch, T=seq_len, compiled=args.compile,
-                median_ms=median, tokens_per_s=args.batch * seq_len / median * 1e3, peak_gib=peak,
-                params=sum(p.numel() for p in model.parameters()))
+    row = dict(table="model", attn_res=mode, compiled=compiled, preset=args.preset, B=args.batch, T=seq_len,
+               median_ms=ms, tokens_per_s=args.batch * seq_len / ms * 1e3, peak_gib=peak,
+               params=sum(p.numel() for p in model.parameters()))
+    if error:
+        row["compile_error"] = error
+    print(f"model {mode} compiled={compiled}: {ms:.1f} ms", flush=True)
+    del model, optimizer
+    free_memory(device)
+    return row
 
 
 def add_overheads(rows):
-    for table in ("residual", "model"):
-        base = next((r for r in rows if r["table"] == table and r["attn_res"] == "none" and r["median_ms"]), None)
-        for r in rows:
-            if r["table"] == table and base and r["median_ms"] and r.get("T") == base.get("T"):
-                r["overhead_vs_none"] = r["median_ms"] / base["median_ms"] - 1
+    """residual rows: extra ms over the PreNorm add, and that as a share of the model's attn_res=none step;
+    model rows: step time over the attn_res=none step."""
+    residual_base = next((r for r in rows if r["table"] == "residual" and r["attn_res"] == "none"), None)
+    model_base = next((r for r in rows if r["table"] == "model" and r["attn_res"] == "none"), None)
+    for r in rows:
+        if r["table"] == "residual" and residual_base:
+            r["extra_ms"] = r["median_ms"] - residual_base["median_ms"]
+            if model_base:
+                r["overhead_vs_none"] = r["extra_ms"] / model_base["median_ms"]
+        if r["table"] == "model" and model_base and r["T"] == model_base["T"]:
+            r["extra_ms"] = r["median_ms"] - model_base["median_ms"]
+            r["overhead_vs_none"] = r["median_ms"] / model_base["median_ms"] - 1
 
 
 def print_table(rows):
-    header = f"{'table':9} {'attn_res':8} {'B':>2} {'T':>5} {'median ms':>10} {'overhead':>9} {'tok/s':>9} {'peak GiB':>8}"
+    """overhead: extra ms as a share of the model's attn_res=none step (for residual rows as well)."""
+    header = (f"{'table':9} {'attn_res':8} {'compiled':8} {'B':>2} {'T':>5} {'median ms':>10} {'extra ms':>9} "
+              f"{'overhead':>9} {'tok/s':>9} {'peak GiB':>8}")
     print(header)
     print("-" * len(header))
     for r in rows:
-        ms = f"{r['median_ms']:.2f}" if r["median_ms"] else r.get("note", "-")
+        extra = f"{r['extra_ms']:+.2f}" if "extra_ms" in r else "-"
         over = f"{100 * r['overhead_vs_none']:+.1f}%" if "overhead_vs_none" in r else "-"
         tok = f"{r['tokens_per_s']:.0f}" if r.get("tokens_per_s") else "-"
         peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") else "-"
-        print(f"{r['table']:9} {r['attn_res']:8} {r.get('B', '-'):>2} {r['T']:>5} {ms:>10} {over:>9} {tok:>9} {peak:>8}")
+        print(f"{r['table']:9} {r['attn_res']:8} {str(r['compiled']):8} {r['B']:>2} {r['T']:>5} "
+              f"{r['median_ms']:>10.2f} {extra:>9} {over:>9} {tok:>9} {peak:>8}")
+    for r in rows:
+        if "compile_error" in r:
+            print(f"model {r['attn_res']}: compile failed, measured eager: {r['compile_error']}")
 
 
 def main():
@@ -171,7 +174,9 @@ def main():
     parser.add_argument("--blocks", type=int, default=8, help="attn_res_blocks")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model (model table)")
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="eager only (default: compiled AttnRes kernels in the residual table, compile_model "
+                             "for the model table)")
     parser.add_argument("--skip-model", action="store_true", help="only the residual table")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON file (default benchmarks/results/attnres_overhead.json; --quick writes to a temp folder)")
@@ -179,7 +184,7 @@ def main():
     if args.out is None:
         args.out = results_path("attnres_overhead", args.quick)
     if args.quick:
-        args.preset, args.batch, args.seq_len, args.hidden, args.sublayers = "tiny", 1, 64, 64, 8
+        args.preset, args.batch, args.seq_len, args.hidden, args.sublayers = "tiny", 1, 32, 64, 8
         args.warmup, args.steps, args.compile = 0, 2, False
     device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
 

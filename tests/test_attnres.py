@@ -10,7 +10,14 @@ import torch
 from torch import nn
 
 from nanokimi.model.attn_res import AttentionResiduals
-from nanokimi.ops.attnres import attnres_naive, attnres_stack_naive, depth_attention, merge_partial
+from nanokimi.ops.attnres import (EAGER, Kernels, attnres_naive, attnres_stack_naive, compiled_kernels,
+                                  depth_attention, merge_partial, source_rstd)
+from nanokimi.ops.attnres import two_phase
+
+# the fused maths (what compiled_kernels compiles) run eagerly, so it is tested without a compiler too
+FUSED_EAGER = Kernels(two_phase._phase1_forward_fused, two_phase._phase1_backward_fused, two_phase._merge,
+                      two_phase._accumulate, two_phase._finish_source, source_rstd)
+KERNELS = {"stacked": lambda: EAGER, "fused": lambda: FUSED_EAGER, "compiled": compiled_kernels}
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -138,8 +145,10 @@ def test_module_matches_stack_reference_forward_and_grads(mode, num_blocks, L, T
     assert all(q.grad.abs().sum() > 0 for q in list(module.queries)[1:])
 
 
-def test_two_phase_ops_match_naive_with_query_grads():
-    g = torch.Generator().manual_seed(4)
+@pytest.mark.parametrize("kernels", list(KERNELS))
+@pytest.mark.parametrize("cached_rstds", [False, True])
+def test_two_phase_ops_match_naive_with_query_grads(kernels, cached_rstds):
+    g = torch.Generator().manual_seed(4 + 10 * cached_rstds + len(kernels))
     N, S, B, T, D = 4, 3, 2, 17, 40
     sources = [(torch.randn(B, T, D, generator=g) * (n + 1)).requires_grad_() for n in range(N)]
     partial = torch.randn(B, T, D, generator=g, requires_grad=True)
@@ -147,42 +156,83 @@ def test_two_phase_ops_match_naive_with_query_grads():
     weights = (torch.rand(S, D, generator=g) + 0.5).requires_grad_()
     leaves = [*sources, partial, queries, weights]
     cotangent = torch.randn(S, B, T, D, generator=g)
+    lse_cotangent = torch.randn(S, B, T, generator=g)
+    ops = KERNELS[kernels]()
 
-    mixture, lse = depth_attention(sources, queries, weights)
-    merged = torch.stack([merge_partial(mixture[s], lse[s], partial, queries[s], weights[s]) for s in range(S)])
-    (torch.cat([merged, mixture]) * torch.cat([cotangent, cotangent.flip(0)])).sum().backward()
+    # rstds computed once outside (as the module caches them) must give the same values and gradients
+    rstds = [ops.source_rstd(s, 1e-6) for s in sources] if cached_rstds else None
+    mixture, lse = depth_attention(sources, queries, weights, rstds=rstds, kernels=ops)
+    merged = torch.stack([merge_partial(mixture[s], lse[s], partial, queries[s], weights[s], kernels=ops)
+                          for s in range(S)])
+    assert len(mixture) == S and all(m.shape == (B, T, D) for m in mixture) and lse.shape == (S, B, T)
+    mixture = torch.stack(mixture)
+    loss = (torch.cat([merged, mixture]) * torch.cat([cotangent, cotangent.flip(0)])).sum() + (lse * lse_cotangent).sum()
+    loss.backward()
     got = [p.grad.clone() for p in leaves]
     for p in leaves:
         p.grad = None
 
     mixture_ref = torch.stack([attnres_naive(sources, queries[s], weights[s]) for s in range(S)])
     merged_ref = torch.stack([attnres_naive(sources + [partial], queries[s], weights[s]) for s in range(S)])
-    (torch.cat([merged_ref, mixture_ref]) * torch.cat([cotangent, cotangent.flip(0)])).sum().backward()
-
-    assert rel(mixture, mixture_ref) < 1e-6 and rel(merged, merged_ref) < 1e-6
     stacked = torch.stack(sources).float()
     keys = torch.nn.functional.rms_norm(stacked, (D,), eps=1e-6)
     lse_ref = torch.logsumexp(torch.einsum("nbtd,sd->snbt", keys, queries * weights), dim=1)
-    assert rel(lse, lse_ref) < 1e-6
+    loss_ref = ((torch.cat([merged_ref, mixture_ref]) * torch.cat([cotangent, cotangent.flip(0)])).sum()
+                + (lse_ref * lse_cotangent).sum())
+    loss_ref.backward()
+
+    assert rel(mixture, mixture_ref) < 1e-6 and rel(merged, merged_ref) < 1e-6 and rel(lse, lse_ref) < 1e-6
     for a, p in zip(got, leaves):
         assert rel(a, p.grad) < 1e-5
 
 
-def test_recompute_off_gives_the_same_grads():
+@pytest.mark.parametrize("kernels", ["fused", "compiled"])
+def test_fused_kernels_match_stacked_in_bf16_with_fp32_accumulation(kernels):
+    """bf16 sources stay bf16 in memory; every path accumulates in fp32, so they agree to fp32 rounding."""
+    g = torch.Generator().manual_seed(9)
+    N, S, B, T, D = 3, 2, 1, 9, 24
+    sources = [(torch.randn(B, T, D, generator=g) * 3).bfloat16().requires_grad_() for _ in range(N)]
+    queries, weights = torch.randn(S, D, generator=g), torch.rand(S, D, generator=g) + 0.5
+    cotangent = torch.randn(S, B, T, D, generator=g)
+    results = []
+    for ops in (EAGER, KERNELS[kernels]()):
+        mixture, lse = depth_attention(sources, queries, weights, kernels=ops)
+        mixture = torch.stack(mixture)
+        ((mixture * cotangent).sum() + lse.sum()).backward()
+        results.append([mixture, lse] + [s.grad.float() for s in sources])
+        for s in sources:
+            s.grad = None
+    assert results[0][0].dtype == torch.float32 and all(s.grad is None for s in sources)
+    (mixture, lse, *grads), (mixture_ref, lse_ref, *grads_ref) = results[1], results[0]
+    assert rel(mixture, mixture_ref) < 1e-5 and rel(lse, lse_ref) < 1e-5
+    for grad, grad_ref in zip(grads, grads_ref):  # fp32 sums rounded to bf16 once at the end
+        assert rel(grad, grad_ref) < 1e-2
+
+
+def test_compiled_module_matches_stack_reference():
+    """compile_kernels() (torch.compile on the CPU here) against the naive stack: forward and every gradient.
+    Block mode only: full mode runs the same kernels at more source counts (each one more compile)."""
     g = torch.Generator().manual_seed(5)
-    D, L = 16, 6
-    embedding = torch.randn(1, 11, D, generator=g, requires_grad=True)
-    sublayers = [ToyMixer(D, g) for _ in range(L)]
-    grads = []
-    for recompute in (True, False):
-        module = AttentionResiduals(D, L, mode="block", num_blocks=3, recompute=recompute)
-        torch.manual_seed(0)
-        randomise(module, torch.Generator().manual_seed(6))
-        run_module(module, embedding, sublayers)[0].square().sum().backward()
-        grads.append([embedding.grad.clone()] + [q.grad for q in module.queries])
-        embedding.grad = None
-    for a, b in zip(*grads):
-        assert rel(a, b) < 1e-6
+    mode, num_blocks, L, T, D = "block", 2, 5, 7, 24
+    module = AttentionResiduals(D, L, mode=mode, num_blocks=num_blocks).compile_kernels()
+    randomise(module, g)
+    sublayers = nn.ModuleList(ToyMixer(D, g) for _ in range(L))
+    embedding = torch.randn(2, T, D, generator=g, requires_grad=True)
+    target = torch.randn(2, T, D, generator=g)
+    leaves = [embedding, *module.parameters(), *sublayers.parameters()]
+
+    final, _ = run_module(module, embedding, sublayers)
+    (final * target).sum().backward()
+    got = [p.grad.clone() for p in leaves]
+    for p in leaves:
+        p.grad = None
+    reference = attnres_stack_naive(embedding, list(sublayers), list(module.queries), list(module.key_weights),
+                                    block_size=module.block_size, eps=module.eps)
+    (reference * target).sum().backward()
+
+    assert rel(final, reference) < 1e-5
+    for i, (a, p) in enumerate(zip(got, leaves)):
+        assert rel(a, p.grad) < 1e-5 or (a - p.grad).abs().max() < 1e-6 * p.grad.abs().max(), i
 
 
 def test_per_token_application_equals_whole_sequence():
@@ -249,6 +299,7 @@ def test_softmax_stays_fp32_under_autocast_and_bf16_sources_are_close():
     exact, exact_lse = depth_attention(sources, queries, weights)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         under_autocast, lse = depth_attention(sources, queries, weights)
+    exact, under_autocast = torch.stack(exact), torch.stack(under_autocast)
     assert under_autocast.dtype == torch.float32 and rel(under_autocast, exact) < 1e-6 and rel(lse, exact_lse) < 1e-6
-    low, _ = depth_attention([s.bfloat16() for s in sources], queries, weights)
+    low = torch.stack(depth_attention([s.bfloat16() for s in sources], queries, weights)[0])
     assert low.dtype == torch.float32 and rel(low, exact) < 2e-2

@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from nanokimi.ops.attnres import depth_attention, merge_partial
+from nanokimi.ops.attnres import EAGER, compiled_kernels, depth_attention, merge_partial
 
 MODES = ("full", "block")
 
@@ -31,20 +31,22 @@ MODES = ("full", "block")
 class AttnResState(NamedTuple):
     """The residual stream between sublayers, all [B, T, D] in the embedding's dtype.
 
-    sources: embedding, then each finished block's sum; partial: sum of the current block's outputs so far
-    (None at a block's start); mixture [S, B, T, D] and lse [S, B, T]: phase 1 of the current block;
-    position: the next sublayer expected.
+    sources: embedding, then each finished block's sum; rstds: each source's 1 / RMS [B, T] (fp32), computed
+    once when the source is finished; partial: sum of the current block's outputs so far (None at a block's
+    start); mixture (S tensors [B, T, D]) and lse [S, B, T]: phase 1 of the current block; position: the next
+    sublayer.
     """
     sources: tuple
+    rstds: tuple
     partial: torch.Tensor | None
-    mixture: torch.Tensor | None
+    mixture: tuple | None
     lse: torch.Tensor | None
     position: int
 
 
 class AttentionResiduals(nn.Module):
     def __init__(self, hidden_size: int, num_sublayers: int, mode: str = "full", num_blocks: int = 8,
-                 eps: float = 1e-6, recompute: bool = True):
+                 eps: float = 1e-6):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode='{mode}' must be one of {MODES} (use the plain PreNorm residual for 'none').")
@@ -56,7 +58,7 @@ class AttentionResiduals(nn.Module):
         self.num_sublayers = num_sublayers
         self.mode = mode
         self.eps = eps
-        self.recompute = recompute
+        self.kernels = EAGER
         # sublayers per block; the last block is shorter when num_blocks does not divide num_sublayers
         self.block_size = 1 if mode == "full" else math.ceil(num_sublayers / min(num_blocks, num_sublayers))
         self.num_blocks = math.ceil(num_sublayers / self.block_size)
@@ -72,6 +74,12 @@ class AttentionResiduals(nn.Module):
                 q.zero_()
                 w.fill_(1.0)
 
+    def compile_kernels(self, mode: str | None = None) -> "AttentionResiduals":
+        """Run the residual stream's ops through torch.compile (fused kernels, fullgraph); returns self.
+        nanokimi.train.fast.compile_model calls this. The maths, parameters and state_dict do not change."""
+        self.kernels = compiled_kernels(mode)
+        return self
+
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, num_sublayers={self.num_sublayers}, mode={self.mode}, "
                 f"block_size={self.block_size}, num_blocks={self.num_blocks}")
@@ -80,18 +88,18 @@ class AttentionResiduals(nn.Module):
         start = (l // self.block_size) * self.block_size
         return start, min(start + self.block_size, self.num_sublayers)
 
-    def _phase1(self, sources: tuple, first: int, stop: int):
+    def _phase1(self, sources: tuple, rstds: tuple, first: int, stop: int):
         queries = torch.stack(list(self.queries[first:stop]))  # [S, D]
         key_weights = torch.stack(list(self.key_weights[first:stop]))
-        return depth_attention(sources, queries, key_weights, self.eps, self.recompute)
+        return depth_attention(sources, queries, key_weights, self.eps, rstds, self.kernels)
 
     def start(self, embedding: torch.Tensor) -> AttnResState:
         """embedding: [B, T, D] token embeddings (v_0)."""
         if embedding.dim() != 3 or embedding.shape[-1] != self.hidden_size:
             raise ValueError(f"embedding must be [B, T, {self.hidden_size}], got {tuple(embedding.shape)}.")
-        sources = (embedding,)
-        mixture, lse = self._phase1(sources, *self._block_range(0))
-        return AttnResState(sources, None, mixture, lse, 0)
+        sources, rstds = (embedding,), (self.kernels.source_rstd(embedding, self.eps),)
+        mixture, lse = self._phase1(sources, rstds, *self._block_range(0))
+        return AttnResState(sources, rstds, None, mixture, lse, 0)
 
     def sublayer_input(self, state: AttnResState, l: int) -> torch.Tensor:
         """The [B, T, D] input of sublayer l (before its pre-norm)."""
@@ -100,21 +108,22 @@ class AttentionResiduals(nn.Module):
         if state.partial is None:
             return state.mixture[i].to(state.sources[0].dtype)
         return merge_partial(state.mixture[i], state.lse[i], state.partial, self.queries[l], self.key_weights[l],
-                             self.eps)
+                             self.eps, self.kernels)
 
     def add(self, state: AttnResState, l: int, out: torch.Tensor) -> AttnResState:
         """Record sublayer l's output out [B, T, D]; returns the next state."""
         self._check_order(state, l)
-        out = out.to(state.sources[0].dtype)
-        partial = out if state.partial is None else state.partial + out
+        dtype = state.sources[0].dtype
         first, stop = self._block_range(l)
         if l + 1 < stop:
-            return AttnResState(state.sources, partial, state.mixture, state.lse, l + 1)
-        sources = state.sources + (partial,)
+            partial = self.kernels.accumulate(state.partial, out, dtype)
+            return AttnResState(state.sources, state.rstds, partial, state.mixture, state.lse, l + 1)
+        block_sum, rstd = self.kernels.finish_source(state.partial, out, dtype, self.eps)
+        sources, rstds = state.sources + (block_sum,), state.rstds + (rstd,)
         if stop == self.num_sublayers:
-            return AttnResState(sources, None, None, None, l + 1)
-        mixture, lse = self._phase1(sources, *self._block_range(stop))
-        return AttnResState(sources, None, mixture, lse, l + 1)
+            return AttnResState(sources, rstds, None, None, None, l + 1)
+        mixture, lse = self._phase1(sources, rstds, *self._block_range(stop))
+        return AttnResState(sources, rstds, None, mixture, lse, l + 1)
 
     def finish(self, state: AttnResState) -> torch.Tensor:
         """The final hidden state [B, T, D]: the last query's mixture of all sources (then final norm, LM head)."""
@@ -123,7 +132,7 @@ class AttentionResiduals(nn.Module):
                              "call add() for every sublayer first.")
         L = self.num_sublayers
         mixture, _ = depth_attention(state.sources, self.queries[L].unsqueeze(0), self.key_weights[L].unsqueeze(0),
-                                     self.eps, self.recompute)
+                                     self.eps, state.rstds, self.kernels)
         return mixture[0].to(state.sources[0].dtype)
 
     def _check_order(self, state: AttnResState, l: int) -> None:

@@ -34,7 +34,7 @@ def raise_recompile_limits(limit: int = 64) -> None:
 def compile_model(model: nn.Module, fullgraph: bool = True, loss: bool = True, mode: str | None = None,
                   scope: str = "auto") -> nn.Module:
     """Compile the blocks in place (state_dict keys do not change) and, with loss=True, the chunked
-    LM-head + cross-entropy. Returns the same model.
+    LM-head + cross-entropy, and the Attention Residuals ops when the model has them. Returns the same model.
 
     scope="module": each block's two norms, token mixer and FFN separately (fullgraph applies to all but
     KDA mixers, whose kernel call is a deliberate graph break). scope="block": each whole block as one
@@ -64,6 +64,8 @@ def compile_model(model: nn.Module, fullgraph: bool = True, loss: bool = True, m
         block.mixer.compile(fullgraph=fullgraph and not has_break, mode=mode)
         block.ffn.compile(fullgraph=fullgraph, mode=mode)
     model.norm.compile(fullgraph=fullgraph, mode=mode)
+    if hasattr(model.residual, "compile_kernels"):  # Attention Residuals: its phase-1 / merge ops, fused
+        model.residual.compile_kernels(mode)
     if loss:
         model._chunk_loss_sum = torch.compile(model._chunk_loss_sum, fullgraph=fullgraph, mode=mode)
     return model

@@ -1,0 +1,198 @@
+"""Block Attention Residuals, two-phase (arXiv 2603.15031 §4): the form the model runs; naive.py is the reference.
+
+Within a block, every sublayer attends over the same completed sources (embedding + finished block sums) plus
+its own block's partial sum, which grows sublayer by sublayer. So:
+  phase 1 (`depth_attention`, once per block): all S queries of the block against the N completed sources at
+          once; returns each query's normalised mixture and its log-sum-exp over those sources.
+  phase 2 (`merge_partial`, once per sublayer): one more logit, for the partial sum, merged into the phase-1
+          result by online softmax: h = w * mixture + (1 - w) * partial, w = sigmoid(lse - partial_logit).
+
+What makes it cheap (the work is memory-bound: a few flops per element of each [B, T, D] source):
+  - Keys are never materialised: query . (RMSNorm(v) * key_weight) = rstd(v) * (v . (query * key_weight)).
+  - rstd(v) = 1 / RMS(v), [B, T], is computed once per source (`source_rstd`, when the source is finished) and
+    passed to every later read, so no source is re-normalised per query.
+  - Phase 1 is one autograd Function that saves only the sources (references, no copies) and the [.., S, N]
+    logits; backward recomputes the softmax weights from the logits. No [S, N, B, T, D] intermediate is kept.
+  - Two implementations of phase 1's forward and backward with the same maths: "stacked" (eager: stack the N
+    sources once, then batched matmuls: a few large kernels) and "fused" (for torch.compile: per-source
+    reductions and one sum over sources, no stacked copy, so the compiler emits a few kernels that read each
+    source once and keep the fp32 upcast in registers). `compiled_kernels()` returns the fused ones compiled.
+All softmax maths runs in fp32 (float64 for float64 sources) with autocast off.
+"""
+import functools
+from typing import NamedTuple
+
+import torch
+
+
+def _wide(x):
+    """fp32 for half/bfloat16/fp32 inputs; float64 stays float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def source_rstd(source, eps=1e-6):
+    """1 / RMS of each token's source vector: source [..., D] -> [...] in fp32 (float64 for float64)."""
+    return torch.rsqrt(_wide(source).square().mean(-1) + eps)
+
+
+def _phase1_forward_stacked(qe, rstds, values):
+    """qe [S, D]; rstds: N tensors [...]; values: N tensors [..., D].
+    Returns S mixtures [..., D], logits [..., S, N], lse [..., S]."""
+    stacked = torch.stack([_wide(v) for v in values], dim=-2)  # [..., N, D]
+    logits = (stacked @ qe.T).transpose(-1, -2) * torch.stack(rstds, dim=-1).unsqueeze(-2)  # [..., S, N]
+    lse = logits.logsumexp(-1)
+    alpha = torch.exp(logits - lse.unsqueeze(-1))
+    return (alpha @ stacked).unbind(-2), logits, lse
+
+
+def _phase1_backward_stacked(qe, rstds, values, logits, lse, grad_mixtures, grad_lse):
+    """Gradients of phase 1 from its saved logits: (grad qe [S, D], N grads [...] of rstds, N grads of values)."""
+    grad_mixture = torch.stack(grad_mixtures, dim=-2)  # [..., S, D]
+    stacked = torch.stack([_wide(v) for v in values], dim=-2)  # [..., N, D]
+    rstd = torch.stack(rstds, dim=-1).unsqueeze(-2)  # [..., 1, N]
+    alpha = torch.exp(logits - lse.unsqueeze(-1))  # [..., S, N]
+    grad_alpha = grad_mixture @ stacked.transpose(-1, -2)  # [..., S, N]
+    grad_logits = alpha * (grad_alpha - (alpha * grad_alpha).sum(-1, keepdim=True) + grad_lse.unsqueeze(-1))
+    grad_dots = grad_logits * rstd  # logits = rstd * dots, dots = values . qe
+    grad_stacked = alpha.transpose(-1, -2) @ grad_mixture + grad_dots.transpose(-1, -2) @ qe  # [..., N, D]
+    grad_rstd = (grad_logits * logits).sum(-2) / rstd.squeeze(-2)  # [..., N]: d logits / d rstd = dots
+    S, D = qe.shape
+    grad_qe = grad_dots.reshape(-1, S, len(values)).transpose(0, 1).reshape(S, -1) @ stacked.reshape(-1, D)
+    return grad_qe, grad_rstd.unbind(-1), [g.to(v.dtype) for g, v in zip(grad_stacked.unbind(-2), values)]
+
+
+def _phase1_forward_fused(qe, rstds, values):
+    """Same as _phase1_forward_stacked, written as per-source reductions and one elementwise sum over sources
+    so a compiler fuses it without a stacked copy of the sources."""
+    logits = torch.stack([r.unsqueeze(-1) * (_wide(v).unsqueeze(-2) * qe).sum(-1) for r, v in zip(rstds, values)],
+                         dim=-1)  # [..., S, N]
+    lse = logits.logsumexp(-1)
+    alpha = torch.exp(logits - lse.unsqueeze(-1))
+    mixtures = [sum(alpha[..., s, n, None] * _wide(v) for n, v in enumerate(values)) for s in range(len(qe))]
+    return mixtures, logits, lse
+
+
+def _phase1_backward_fused(qe, rstds, values, logits, lse, grad_mixtures, grad_lse):
+    grad_mixture = torch.stack(grad_mixtures, dim=-2)  # [..., S, D]: fused into its readers, never written
+    alpha = torch.exp(logits - lse.unsqueeze(-1))  # [..., S, N]
+    grad_alpha = torch.stack([(grad_mixture * _wide(v).unsqueeze(-2)).sum(-1) for v in values], dim=-1)
+    grad_logits = alpha * (grad_alpha - (alpha * grad_alpha).sum(-1, keepdim=True) + grad_lse.unsqueeze(-1))
+    grad_rstds, grad_values, grad_qe = [], [], 0
+    for n, (r, v) in enumerate(zip(rstds, values)):
+        grad_dots = grad_logits[..., n] * r.unsqueeze(-1)  # [..., S]
+        grad_rstds.append((grad_logits[..., n] * logits[..., n]).sum(-1) / r)
+        grad_values.append((alpha[..., n, None] * grad_mixture + grad_dots.unsqueeze(-1) * qe).sum(-2).to(v.dtype))
+        grad_qe = grad_qe + (grad_dots.unsqueeze(-1) * _wide(v).unsqueeze(-2)).flatten(0, -3).sum(0)  # [S, D]
+    return grad_qe, grad_rstds, grad_values
+
+
+def _merge(mixture, lse, partial, qe, eps):
+    """Phase 2 maths: mixture [..., D] and lse [...] of one query, partial [..., D], qe [D]."""
+    partial_wide = _wide(partial)
+    partial_logit = (partial_wide * qe).sum(-1) * source_rstd(partial, eps)  # [...]
+    weight = torch.sigmoid(lse - partial_logit).unsqueeze(-1)  # share of the phase-1 sources
+    return (partial_wide + weight * (mixture - partial_wide)).to(partial.dtype)
+
+
+def _accumulate(partial, out, dtype):
+    """The block's running sum after one more sublayer output (out may be bf16 under autocast)."""
+    return out.to(dtype) if partial is None else partial + out.to(dtype)
+
+
+def _finish_source(partial, out, dtype, eps):
+    """A finished source (the block's sum) and its rstd, in one pass."""
+    source = _accumulate(partial, out, dtype)
+    return source, source_rstd(source, eps)
+
+
+class Kernels(NamedTuple):
+    """The functions the residual stream calls; eager or compiled (see `compiled_kernels`)."""
+    phase1_forward: object
+    phase1_backward: object
+    merge: object
+    accumulate: object
+    finish_source: object
+    source_rstd: object
+
+
+EAGER = Kernels(_phase1_forward_stacked, _phase1_backward_stacked, _merge, _accumulate, _finish_source, source_rstd)
+
+
+@functools.cache
+def compiled_kernels(mode: str | None = None) -> Kernels:
+    """The fused kernels under torch.compile (fullgraph, static shapes: one graph per source count N, which
+    is fixed per call site). Built once per process and shared by every module."""
+    from nanokimi.train.fast import raise_recompile_limits
+    raise_recompile_limits()  # full mode alone has one graph per source count: 1 .. num_sublayers + 1
+
+    def compiled(fn):
+        return torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)
+    return Kernels(compiled(_phase1_forward_fused), compiled(_phase1_backward_fused), compiled(_merge),
+                   compiled(_accumulate), compiled(_finish_source), compiled(source_rstd))
+
+
+class _DepthAttention(torch.autograd.Function):
+    """Phase 1 with a hand-written backward: saves the sources (references) and logits, not the softmax.
+    Returns the S mixtures as separate tensors so each gets its own gradient (no select-backward of a stacked
+    [..., S, D] output, which would write S zero-filled copies)."""
+
+    @staticmethod
+    def forward(ctx, kernels, qe, *rstds_and_values):
+        n = len(rstds_and_values) // 2
+        rstds, values = rstds_and_values[:n], rstds_and_values[n:]
+        with torch.autocast(qe.device.type, enabled=False):
+            mixtures, logits, lse = kernels.phase1_forward(qe, rstds, values)
+        ctx.kernels = kernels
+        ctx.save_for_backward(qe, logits, lse, *rstds_and_values)
+        return *mixtures, lse
+
+    @staticmethod
+    def backward(ctx, *grads):
+        *grad_mixtures, grad_lse = grads
+        qe, logits, lse, *rstds_and_values = ctx.saved_tensors
+        n = len(rstds_and_values) // 2
+        rstds, values = rstds_and_values[:n], rstds_and_values[n:]
+        with torch.autocast(qe.device.type, enabled=False):
+            grad_qe, grad_rstds, grad_values = ctx.kernels.phase1_backward(
+                qe, rstds, values, logits, lse, grad_mixtures, grad_lse)
+        return None, grad_qe, *grad_rstds, *grad_values
+
+
+def _check_queries(queries, key_weights, D):
+    if queries.dim() != 2 or queries.shape != key_weights.shape or queries.shape[-1] != D:
+        raise ValueError(f"queries {tuple(queries.shape)} and key_weights {tuple(key_weights.shape)} must both be "
+                         f"[S, D] with D = {D}, the sources' last dimension.")
+
+
+def depth_attention(sources, queries, key_weights, eps=1e-6, rstds=None, kernels=EAGER):
+    """Phase 1: S pseudo-queries against N sources at once.
+
+    sources: sequence of N tensors [B, T, D]; queries, key_weights: [S, D]; rstds: optional N tensors [B, T],
+    each source's `source_rstd` (computed here when not given; pass them to reuse them across calls).
+    Returns (mixtures, lse [S, B, T]) in fp32 (float64 for float64 sources): mixtures is a tuple of S tensors
+    [B, T, D], mixtures[s] = sum_n softmax_n(logit[s, n]) v_n.
+    """
+    if len(sources) == 0:
+        raise ValueError("depth_attention needs at least one source (the token embedding).")
+    _check_queries(queries, key_weights, sources[0].shape[-1])
+    if rstds is None:
+        rstds = [kernels.source_rstd(s, eps) for s in sources]
+    if len(rstds) != len(sources):
+        raise ValueError(f"got {len(rstds)} rstds for {len(sources)} sources; pass one per source (or none).")
+    compute_dtype = torch.promote_types(sources[0].dtype, torch.float32)
+    with torch.autocast(sources[0].device.type, enabled=False):
+        qe = queries.to(compute_dtype) * key_weights.to(compute_dtype)  # [S, D]
+    *mixtures, lse = _DepthAttention.apply(kernels, qe, *rstds, *sources)  # S x [B, T, D], [B, T, S]
+    return tuple(mixtures), lse.movedim(-1, 0)
+
+
+def merge_partial(mixture, lse, partial, query, key_weight, eps=1e-6, kernels=EAGER):
+    """Phase 2: fold the block's partial sum into a phase-1 result by online softmax.
+
+    mixture: [B, T, D] and lse: [B, T] (one query's phase-1 outputs); partial: [B, T, D]; query, key_weight: [D].
+    Returns h [B, T, D] in partial's dtype: softmax over (phase-1 sources + partial) applied to their values.
+    """
+    compute_dtype = torch.promote_types(partial.dtype, torch.float32)
+    with torch.autocast(partial.device.type, enabled=False):
+        qe = query.to(compute_dtype) * key_weight.to(compute_dtype)  # [D]
+        return kernels.merge(mixture, lse, partial, qe, eps)
