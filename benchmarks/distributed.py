@@ -1,16 +1,27 @@
-"""Data-parallel scaling: bench-kl-900m training tokens/s on 1 vs 2 GPUs (FSDP2 + distributed Muon).
+"""Data-parallel scaling: bench-kl-900m training tokens/s on 1 vs N GPUs (FSDP2 + distributed Muon).
 
-The same global batch runs on 1 process and on N processes (torchrun, started by this script), through the
-Trainer's own train_step (forward/backward in bf16, grad clip, cross-rank statistics, Muon+AdamW step,
-router-bias update, QK-Clip) on random tokens. Per setting: median step time over `--iters` steps after
-`--warmup`, tokens/s, the optimizer step's share of the step, peak memory per GPU. Scaling efficiency =
-tokens/s on N / (N x tokens/s on 1). Prints one table and writes benchmarks/results/distributed.json.
+The same global batch runs on 1 process and on N processes (two torchrun launches, started by this script),
+through the Trainer's own train_step (forward/backward in bf16, grad clip, cross-rank statistics, Muon+AdamW
+step, router-bias update, QK-Clip) on random tokens. The N-process launch measures each FSDP setting of
+`--variants` in turn (model rebuilt, same process, so Triton's autotuning is paid once per launch).
 
-    python benchmarks/distributed.py              # GPUs: 1 vs 2 (--nproc N for more)
-    python benchmarks/distributed.py --quick      # tiny CPU smoke run (gloo), seconds
+Per setting: median step time over `--iters` steps after `--warmup`, tokens/s, scaling efficiency
+(tokens/s on N / (N x tokens/s on 1)), the optimizer step's share of the step, peak memory per GPU; then a
+per-phase breakdown from `--phase-iters` more steps with a device sync between phases (so the phases do
+not overlap and their sum exceeds the step time): forward, backward, statistics (loss all-reduce, MoE loads,
+max logits), clip, optimizer, after (router bias, QK-Clip); and one profiled step: collectives issued, their
+payload bytes and (CUDA) the GPU time of NCCL kernels, which overlaps compute. Prints one table and writes
+benchmarks/results/distributed.json.
+
+    python benchmarks/distributed.py                       # 1 vs 2 GPUs, eager
+    python benchmarks/distributed.py --compile             # per-module torch.compile (after sharding)
+    python benchmarks/distributed.py --variants default    # only the default FSDP setting
+    python benchmarks/distributed.py --quick               # tiny CPU smoke run (gloo), seconds
 """
 import argparse
+import collections
 import datetime
+import gc
 import json
 import os
 import statistics
@@ -30,6 +41,15 @@ from perf_common import git_commit  # noqa: E402
 from nanokimi.train.trainer import Trainer  # noqa: E402
 
 QUICK_MODEL = ["model.hidden_size=64", "model.num_layers=2", "model.mixers=KA", "model.vocab_size=512"]
+VARIANTS = {  # name -> (train.* overrides, DistributedMuon buckets)
+    "default": ({}, 4),
+    "reshard": ({"fsdp_reshard": True}, 4),
+    "bf16-reduce": ({"fsdp_reduce_dtype": "bf16"}, 4),
+    "muon-1-bucket": ({}, 1),
+}
+PHASES = ("forward", "backward", "statistics", "clip", "optimizer", "after")
+COLLECTIVES = ("all_gather_into_tensor", "all_gather_single", "reduce_scatter_tensor", "reduce_scatter_single",
+               "all_reduce", "all_to_all_single")
 
 
 class RandomTokens:
@@ -48,9 +68,10 @@ class RandomTokens:
 class BenchTrainer(Trainer):
     """The Trainer without a data folder, output folder or checkpoints: what train_step needs, and only that."""
 
-    def __init__(self, run, rank, world_size):
+    def __init__(self, run, rank, world_size, muon_buckets=4):
         from nanokimi.model import build_model
         from nanokimi.optim import build_optimizer, enable_qk_clip_recording
+        from nanokimi.optim.dist_muon import DistributedMuon
         from nanokimi.train.distributed import shard_model
         from nanokimi.train.trainer import pick_device
 
@@ -62,23 +83,157 @@ class BenchTrainer(Trainer):
         self.stream = RandomTokens(run.model.vocab_size, self.micro_batch, t.seq_len, rank, world_size, self.device)
         self.model = build_model(run.model, device=self.device)
         if world_size > 1:
-            shard_model(self.model, self.device)
+            shard_model(self.model, self.device, reshard_after_forward=t.fsdp_reshard,
+                        reduce_dtype=torch.bfloat16 if t.fsdp_reduce_dtype == "bf16" else torch.float32)
         self.model.train()
+        if t.compile:
+            from nanokimi.train.fast import compile_model
+            compile_model(self.model, fullgraph=self.device.type == "cuda")
         self.loss_fn = self.model.loss
         self.optimizer = build_optimizer(self.model, name=o.name, lr=o.lr, weight_decay=o.weight_decay,
                                          betas=(o.beta1, o.beta2), momentum=o.momentum)
+        muon = self.optimizer.optimizers.get("muon")
+        if isinstance(muon, DistributedMuon):
+            muon.buckets = muon_buckets
         if o.qk_clip:
             enable_qk_clip_recording(self.model)
         self.step, self.tokens, self.last_good = 0, 0, None
 
+    def phased_step(self) -> dict:
+        """train_step's work (grad_accum 1) with a device sync after each phase; seconds per phase."""
+        from nanokimi.model.moe import update_router_bias
+        from nanokimi.optim.qk_clip import apply_qk_clip
+        from nanokimi.train.distributed import sync_step_statistics
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+        t, o, times = self.run.train, self.run.optim, {}
+        clock = Clock(self.device)
+        inputs, targets = next(self.stream)
+        with self.autocast():
+            loss = self.loss_fn(inputs, targets)
+        times["forward"] = clock.lap()
+        loss.backward()
+        times["backward"] = clock.lap()
+        self._all_reduce_mean(loss.detach())
+        if self.world_size > 1:
+            sync_step_statistics(self.model)
+        times["statistics"] = clock.lap()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        times["clip"] = clock.lap()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        times["optimizer"] = clock.lap()
+        if o.router_bias_rate > 0:
+            update_router_bias(self.model, o.router_bias_rate)
+        if o.qk_clip:
+            apply_qk_clip(self.model, o.qk_clip_tau)
+        times["after"] = clock.lap()
+        self.step += 1
+        return times
+
+
+class Clock:
+    """Seconds between laps, each lap after a device sync."""
+
+    def __init__(self, device):
+        self.device = device
+        self.last = self.now()
+
+    def now(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def lap(self):
+        now = self.now()
+        elapsed, self.last = now - self.last, now
+        return elapsed
+
+
+class CollectiveLog:
+    """Counts the torch.distributed collectives issued while active, with their payload bytes (the larger of
+    input and output: the gathered tensor of an all-gather, the reduced one of a reduce-scatter)."""
+
+    def __init__(self):
+        self.calls, self.bytes = collections.Counter(), collections.Counter()
+        self.originals = {}
+
+    def __enter__(self):
+        import torch.distributed as dist
+
+        for name in COLLECTIVES:
+            if hasattr(dist, name):
+                self.originals[name] = getattr(dist, name)
+                setattr(dist, name, self._wrap(name, self.originals[name]))
+        return self
+
+    def __exit__(self, *exc):
+        import torch.distributed as dist
+
+        for name, original in self.originals.items():
+            setattr(dist, name, original)
+
+    def _wrap(self, name, original):
+        def counted(*args, **kwargs):
+            tensors = [a for a in (*args[:2], *kwargs.values()) if isinstance(a, torch.Tensor)]
+            self.calls[name] += 1
+            self.bytes[name] += max((t.numel() * t.element_size() for t in tensors), default=0)
+            return original(*args, **kwargs)
+        return counted
+
+
+def profile_step(trainer) -> dict:
+    """One train_step under the profiler and the collective log: calls, payload MB and NCCL kernel ms."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.device.type == "cuda" else [])
+    with CollectiveLog() as log, profile(activities=activities) as prof:
+        trainer.train_step()
+        if trainer.device.type == "cuda":
+            torch.cuda.synchronize()
+    nccl_us = sum(e.time_range.elapsed_us() for e in prof.events()
+                  if e.device_type == DeviceType.CUDA and "nccl" in e.name.lower())
+    return {"collective_calls": dict(log.calls), "collective_mb": {k: v / 2**20 for k, v in log.bytes.items()},
+            "nccl_kernel_ms": nccl_us / 1e3 if trainer.device.type == "cuda" else None}
+
+
+def measure(args, run, rank, world_size, muon_buckets) -> dict:
+    """Median step time of train_step and of the optimizer step, the phase breakdown, one profiled step."""
+    trainer = BenchTrainer(run, rank, world_size, muon_buckets)
+    optimizer_step, optimizer_times = trainer.optimizer.step, []
+
+    def timed_optimizer_step(closure=None):
+        clock = Clock(trainer.device)
+        optimizer_step(closure)
+        optimizer_times.append(clock.lap())
+
+    trainer.optimizer.step = timed_optimizer_step
+    if trainer.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    step_times = []
+    for _ in range(args.warmup + args.iters):
+        clock = Clock(trainer.device)
+        trainer.train_step()
+        step_times.append(clock.lap())
+    step, optimizer = statistics.median(step_times[args.warmup:]), statistics.median(optimizer_times[args.warmup:])
+    trainer.optimizer.step = optimizer_step
+    phases = [trainer.phased_step() for _ in range(args.phase_iters)]
+    profiled = profile_step(trainer)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if trainer.device.type == "cuda" else None
+    result = {"gpus": world_size, "params_M": sum(p.numel() for p in trainer.model.parameters()) / 1e6,
+              "step_ms": step * 1e3, "optimizer_ms": optimizer * 1e3,
+              "tokens_per_s": args.batch_size * args.seq_len / step, "optimizer_share": optimizer / step,
+              "peak_gib": peak, "phase_ms": {k: statistics.median(p[k] for p in phases) * 1e3 for k in PHASES},
+              **profiled}
+    del trainer
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return result
 
 
 def worker(args) -> None:
-    """One rank (under torchrun, or alone): time train_step and the optimizer step; rank 0 writes JSON."""
+    """One launch (under torchrun, or alone): every variant in turn; rank 0 writes the rows as JSON."""
     import torch.distributed as dist
 
     from nanokimi.train.config import load_run_config
@@ -86,44 +241,56 @@ def worker(args) -> None:
 
     device_name = "cpu" if args.quick else "cuda"
     rank, world_size = init_distributed(device_name)
-    overrides = [f"train.batch_size={args.batch_size}", f"train.seq_len={args.seq_len}", f"train.device={device_name}",
-                 f"train.max_steps={10 ** 6}", *(QUICK_MODEL if args.quick else [])]
-    run = load_run_config(args.preset, None, overrides)
-    trainer = BenchTrainer(run, rank, world_size)
-    optimizer_step, optimizer_times = trainer.optimizer.step, []
-
-    def timed_optimizer_step(closure=None):
-        sync(trainer.device)
-        start = time.perf_counter()
-        optimizer_step(closure)
-        sync(trainer.device)
-        optimizer_times.append(time.perf_counter() - start)
-
-    trainer.optimizer.step = timed_optimizer_step
-    if trainer.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    step_times = []
-    for i in range(args.warmup + args.iters):
-        sync(trainer.device)
-        start = time.perf_counter()
-        trainer.train_step()
-        sync(trainer.device)
-        step_times.append(time.perf_counter() - start)
-    step_times, optimizer_times = step_times[args.warmup:], optimizer_times[args.warmup:]
-    peak = torch.cuda.max_memory_allocated() / 2**30 if trainer.device.type == "cuda" else None
-    peaks = [peak]
-    if world_size > 1:
-        peaks = [None] * world_size
-        dist.all_gather_object(peaks, peak)
+    names = args.variants if world_size > 1 else ["default"]
+    rows = []
+    for name in names:
+        settings, muon_buckets = VARIANTS[name]
+        overrides = [f"train.batch_size={args.batch_size}", f"train.seq_len={args.seq_len}",
+                     f"train.device={device_name}", f"train.max_steps={10 ** 6}", f"train.compile={args.compile}",
+                     *(f"train.{k}={v}" for k, v in settings.items()), *(QUICK_MODEL if args.quick else [])]
+        result = measure(args, load_run_config(args.preset, None, overrides), rank, world_size, muon_buckets)
+        peak = result.pop("peak_gib")
+        peaks = [peak]
+        if world_size > 1:
+            peaks = [None] * world_size
+            dist.all_gather_object(peaks, peak)
+        rows.append({"variant": name, **result, "peak_gib_per_gpu": peaks})
     if rank == 0:
-        step = statistics.median(step_times)
-        result = {"gpus": world_size, "params_M": sum(p.numel() for p in trainer.model.parameters()) / 1e6,
-                  "step_ms": step * 1e3, "optimizer_ms": statistics.median(optimizer_times) * 1e3,
-                  "tokens_per_s": args.batch_size * args.seq_len / step,
-                  "optimizer_share": statistics.median(optimizer_times) / step, "peak_gib_per_gpu": peaks}
-        Path(args.worker_out).write_text(json.dumps(result))
+        facts = {"nccl": ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else None,
+                 "p2p": torch.cuda.can_device_access_peer(0, 1) if torch.cuda.device_count() > 1 else None}
+        Path(args.worker_out).write_text(json.dumps({"rows": rows, **facts}))
     close_distributed()
 
+
+def launch(args, nproc, out) -> dict:
+    forwarded = [f"--preset={args.preset}", f"--batch-size={args.batch_size}", f"--seq-len={args.seq_len}",
+                 f"--warmup={args.warmup}", f"--iters={args.iters}", f"--phase-iters={args.phase_iters}",
+                 f"--variants={','.join(args.variants)}", f"--worker-out={out}",
+                 *(["--quick"] if args.quick else []), *(["--compile"] if args.compile else [])]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(Path(__file__).resolve()), *forwarded]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           "TRITON_CACHE_AUTOTUNING": os.environ.get("TRITON_CACHE_AUTOTUNING", "1")}  # the N-GPU launch reuses fla's autotuning
+    subprocess.run(command, check=True, env=env)
+    return json.loads(out.read_text())
+
+
+def print_table(args, rows) -> None:
+    mode = "torch.compile" if args.compile else "eager"
+    print(f"{args.preset}: global batch {args.batch_size} x {args.seq_len} tokens, {mode}, median of {args.iters} steps")
+    print(f"{'GPUs':>4} {'variant':<14} {'step ms':>8} {'tokens/s':>9} {'effic.':>6} {'optim':>6} {'share':>5} "
+          f"{'peak GiB':>8} | {'fwd':>6} {'bwd':>6} {'stats':>6} {'clip':>6} {'optim':>6} {'after':>6} | "
+          f"{'colls':>5} {'MB':>7} {'nccl ms':>7}")
+    for r in rows:
+        peak = max((p for p in r["peak_gib_per_gpu"] if p is not None), default=None)
+        phases = " ".join(f"{r['phase_ms'][k]:>6.1f}" for k in PHASES)
+        nccl = "-" if r["nccl_kernel_ms"] is None else f"{r['nccl_kernel_ms']:.1f}"
+        print(f"{r['gpus']:>4} {r['variant']:<14} {r['step_ms']:>8.1f} {r['tokens_per_s']:>9.0f} "
+              f"{r['scaling_efficiency']:>6.2f} {r['optimizer_ms']:>6.1f} {r['optimizer_share']:>5.2f} "
+              f"{'-' if peak is None else f'{peak:.1f}':>8} | {phases} | {sum(r['collective_calls'].values()):>5} "
+              f"{sum(r['collective_mb'].values()):>7.0f} {nccl:>7}")
+    print("phases: a separate run with a device sync after each (no overlap); colls/MB: collectives of one step "
+          "and their payload; nccl ms: GPU time of NCCL kernels in one step (overlaps compute)")
 
 
 def main():
@@ -134,45 +301,41 @@ def main():
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--phase-iters", type=int, default=3, help="steps of the per-phase breakdown")
+    parser.add_argument("--compile", action="store_true", help="per-module torch.compile (nanokimi.train.fast)")
+    parser.add_argument("--variants", default="default,reshard,bf16-reduce,muon-1-bucket",
+                        help=f"FSDP settings measured on N GPUs, comma-separated, of: {', '.join(VARIANTS)}")
     parser.add_argument("--quick", action="store_true", help="tiny model on the CPU (gloo), 2 steps")
     parser.add_argument("--out", type=Path, help="JSON file (default benchmarks/results/distributed.json; "
                         "--quick writes none unless given)")
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown or not args.variants:
+        sys.exit(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}.")
     if args.quick:
-        args.preset, args.batch_size, args.seq_len, args.warmup, args.iters = "tiny", 4, 32, 1, 2
+        args.preset, args.batch_size, args.seq_len, args.warmup, args.iters, args.phase_iters = "tiny", 4, 32, 1, 2, 1
     if args.worker_out:
         return worker(args)
     if not args.quick and torch.cuda.device_count() < args.nproc:
         sys.exit(f"--nproc {args.nproc} needs {args.nproc} GPUs; this machine has {torch.cuda.device_count()}. "
                  "Use --quick for a CPU smoke run.")
 
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for nproc in (1, args.nproc):
-            out = Path(tmp) / f"{nproc}.json"
-            forwarded = [f"--preset={args.preset}", f"--batch-size={args.batch_size}", f"--seq-len={args.seq_len}",
-                         f"--warmup={args.warmup}", f"--iters={args.iters}", f"--worker-out={out}",
-                         *(["--quick"] if args.quick else [])]
-            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                       str(Path(__file__).resolve()), *forwarded]
-            subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
-            rows.append(json.loads(out.read_text()))
-    base = rows[0]["tokens_per_s"]
+        single = launch(args, 1, Path(tmp) / "1.json")
+        multi = launch(args, args.nproc, Path(tmp) / f"{args.nproc}.json")
+    rows = single["rows"] + multi["rows"]
+    base = single["rows"][0]["tokens_per_s"]
     for row in rows:
         row["scaling_efficiency"] = row["tokens_per_s"] / (row["gpus"] * base)
-
-    print(f"{args.preset}: global batch {args.batch_size} x {args.seq_len} tokens, median of {args.iters} steps")
-    print(f"{'GPUs':>4} {'step ms':>9} {'tokens/s':>10} {'efficiency':>10} {'optim ms':>9} {'optim share':>11}  peak GiB/GPU")
-    for r in rows:
-        peaks = ", ".join("-" if p is None else f"{p:.1f}" for p in r["peak_gib_per_gpu"])
-        print(f"{r['gpus']:>4} {r['step_ms']:>9.1f} {r['tokens_per_s']:>10.0f} {r['scaling_efficiency']:>10.2f} "
-              f"{r['optimizer_ms']:>9.1f} {r['optimizer_share']:>11.2f}  {peaks}")
-    result = {"benchmark": "distributed", "preset": args.preset, "quick": args.quick,
+    print_table(args, rows)
+    result = {"benchmark": "distributed", "preset": args.preset, "quick": args.quick, "compile": args.compile,
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() and not args.quick else "cpu",
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "commit": git_commit(), "torch": torch.__version__, "batch_size": args.batch_size,
-              "seq_len": args.seq_len, "warmup": args.warmup, "iters": args.iters, "rows": rows}
+              "commit": git_commit(), "torch": torch.__version__, "nccl": multi["nccl"], "p2p": multi["p2p"],
+              "batch_size": args.batch_size, "seq_len": args.seq_len, "warmup": args.warmup, "iters": args.iters,
+              "rows": rows}
     out = args.out or (None if args.quick else ROOT / "benchmarks" / "results" / "distributed.json")
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,6 @@
 """FSDP2 data parallelism on the CPU (gloo, 2 processes): same losses as one process with the same global
-batch, distributed Muon equal to Muon, and checkpoints that move between 2 ranks and 1.
+batch (with and without resharding after forward), distributed Muon equal to Muon (one bucket and several),
+and checkpoints that move between 2 ranks and 1.
 
 One spawn of two processes does all the 2-rank work (spawning costs ~10 s per process on a loaded box);
 the single-process reference and the 1-rank resume run in the test process."""
@@ -27,11 +28,11 @@ def _overrides(root):
             f"train.max_steps={STEPS}", "train.device=cpu", "train.sample_tokens=0", "optim.qk_clip_tau=0.1"]
 
 
-def _trainer(root, out, resume=False, rank=0, world_size=1):
+def _trainer(root, out, resume=False, rank=0, world_size=1, extra=()):
     from nanokimi.train.config import load_run_config
     from nanokimi.train.trainer import Trainer
 
-    run = load_run_config("tiny", None, _overrides(root))
+    run = load_run_config("tiny", None, [*_overrides(root), *extra])
     return Trainer(run, out, resume=resume, progress=False, rank=rank, world_size=world_size)
 
 
@@ -51,14 +52,19 @@ def _muon_check(rank, world_size):
     def groups(params):
         return [{"params": [p], "heads": heads, "split": split} for p, (_, heads, split) in zip(params, MUON_SHAPES)]
 
-    single, distributed = Muon(groups(plain), lr=0.05), DistributedMuon(groups(sharded), lr=0.05)
+    one_bucket = [torch.nn.Parameter(distribute_tensor(w.clone(), mesh, [Shard(0)])) for w in weights]
+    single = Muon(groups(plain), lr=0.05)
+    distributed = [DistributedMuon(groups(sharded), lr=0.05, buckets=3), DistributedMuon(groups(one_bucket), lr=0.05, buckets=1)]
     for _ in range(3):
-        for p, q in zip(plain, sharded):
+        for p, q, r in zip(plain, sharded, one_bucket):
             grad = torch.randn(p.shape, generator=gen)
-            p.grad, q.grad = grad.clone(), distribute_tensor(grad.clone(), mesh, [Shard(0)])
+            p.grad = grad.clone()
+            q.grad, r.grad = (distribute_tensor(grad.clone(), mesh, [Shard(0)]) for _ in range(2))
         single.step()
-        distributed.step()
-    return [rel_err(q.full_tensor(), p) for p, q in zip(plain, sharded)], [rel_err(p, w) for p, w in zip(plain, weights)]
+        for optimizer in distributed:
+            optimizer.step()
+    errors = [rel_err(q.full_tensor(), p) for params in (sharded, one_bucket) for p, q in zip(plain, params)]
+    return errors, [rel_err(p, w) for p, w in zip(plain, weights)]
 
 
 def _worker(rank, world_size, port, root):
@@ -76,7 +82,8 @@ def _worker(rank, world_size, port, root):
             if step + 1 == SAVE_AT:
                 trainer.save()
         result["two"] = losses
-        resumed = _trainer(root, root / "one_to_two", resume=True, rank=rank, world_size=world_size)
+        resumed = _trainer(root, root / "one_to_two", resume=True, rank=rank, world_size=world_size,
+                           extra=["train.fsdp_reshard=true"])  # the other FSDP schedule: gather again in backward
         result["one_to_two"] = [resumed.train_step() for _ in range(STEPS - SAVE_AT)]
         result["embed_rows"] = (trainer.model.embed.weight.to_local().shape[0], trainer.model.embed.weight.shape[0])
         if rank == 0:
@@ -176,6 +183,14 @@ def test_benchmark_quick(tmp_path):
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "distributed.py"
     subprocess.run([sys.executable, str(script), "--quick", "--out", str(tmp_path / "d.json")], check=True,
                    capture_output=True, timeout=300)
-    rows = json.loads((tmp_path / "d.json").read_text())["rows"]
-    assert [r["gpus"] for r in rows] == [1, 2] and all(r["tokens_per_s"] > 0 for r in rows)
-    assert all(0 < r["optimizer_share"] < 1 for r in rows)
+    rows = {(r["gpus"], r["variant"]): r for r in json.loads((tmp_path / "d.json").read_text())["rows"]}
+    assert set(rows) == {(1, "default"), (2, "default"), (2, "reshard"), (2, "bf16-reduce"), (2, "muon-1-bucket")}
+    assert all(r["tokens_per_s"] > 0 and 0 < r["optimizer_share"] < 1 for r in rows.values())
+    assert all(set(r["phase_ms"]) == {"forward", "backward", "statistics", "clip", "optimizer", "after"}
+               for r in rows.values())
+    calls = {key: r["collective_calls"] for key, r in rows.items()}
+    assert calls[1, "default"] == {}  # one process: no collectives at all
+    assert calls[2, "default"]["all_to_all_single"] == 2 * 4 and calls[2, "muon-1-bucket"]["all_to_all_single"] == 2
+    gathers = {key: sum(n for name, n in c.items() if name.startswith("all_gather")) for key, c in calls.items()}
+    units = 2 * 2  # tiny quick model: 2 layers x (mixer, ffn)
+    assert gathers[2, "default"] == units + 1 and gathers[2, "reshard"] == 2 * units + 1

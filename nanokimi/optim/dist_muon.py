@@ -4,12 +4,15 @@ Parameters are DTensors sharded on dim 0 over a 1-D mesh (FSDP2's layout: rank r
 [r c, (r + 1) c) with c = ceil(rows / world), the last ranks possibly fewer or none). Per step:
     1. on every shard: M <- mu M + G, weight decay, U = mu M + G (nesterov) cast to the Newton-Schulz dtype
        (the momentum buffer lives on the shard, as a DTensor beside its parameter)
-    2. one all-to-all sends each shard of U to the rank that owns the whole matrix; owners are assigned
-       greedily, largest matrices first, to the rank with the least work so far
-    3. each owner runs the batched Newton-Schulz over its matrices, with the same blocks as Muon
-       (per-head, split, per-expert)
-    4. a second all-to-all sends each rank the rows of O that match its shard; W <- W - lr 0.2 sqrt(max(a, b)) O
-So the Newton-Schulz work is split over ranks, never repeated, and the result is the single-process Muon's.
+    2. the matrices are cut into a few buckets of about equal size (in parameter order); per bucket, one
+       all-to-all sends each shard of U to the rank that owns the whole matrix; owners are assigned greedily
+       within the bucket, largest matrices first, to the rank with the least work so far
+    3. each owner runs the batched Newton-Schulz over its matrices of a bucket as soon as they arrive, with
+       the same blocks as Muon (per-head, split, per-expert), while the later buckets are still in flight
+    4. per bucket, a second all-to-all sends each rank the rows of O that match its shard;
+       W <- W - lr 0.2 sqrt(max(a, b)) O
+So the Newton-Schulz work is split over ranks, never repeated, its communication overlaps it, and the
+result is the single-process Muon's. Two all-to-alls per bucket, no other collective.
 """
 import math
 from collections import defaultdict
@@ -35,6 +38,18 @@ def row_segments(shape, heads=None, split=None):
         block_rows = piece // heads if heads else piece
         yield start, start + piece, MOONLIGHT_RMS * math.sqrt(max(block_rows, cols))
         start += piece
+
+
+def size_buckets(jobs: list, count: int) -> list[list]:
+    """Cut `jobs` (in order) into at most `count` consecutive runs of about equal total matrix size."""
+    total = sum(math.prod(j.shape) for j in jobs)
+    buckets, filled = [[]], 0
+    for job in jobs:
+        if buckets[-1] and filled >= total * len(buckets) / count:
+            buckets.append([])
+        buckets[-1].append(job)
+        filled += math.prod(job.shape)
+    return [b for b in buckets if b]
 
 
 def assign_owners(sizes: list[int], world: int) -> list[int]:
@@ -63,7 +78,14 @@ class _Job:
 
 class DistributedMuon(Muon):
     """Muon over DTensor parameters sharded on dim 0 (FSDP2). Same options and update as Muon; built by
-    nanokimi.optim.build_optimizer when the model's parameters are DTensors."""
+    nanokimi.optim.build_optimizer when the model's parameters are DTensors. `buckets`: how many pieces
+    the matrices are cut into so that communication overlaps the Newton-Schulz work (1: no overlap)."""
+
+    def __init__(self, params, buckets: int = 4, **options):
+        if buckets < 1:
+            raise ValueError(f"buckets must be >= 1, got {buckets}")
+        super().__init__(params, **options)
+        self.buckets = buckets
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -109,26 +131,36 @@ class DistributedMuon(Muon):
         return p.device_mesh
 
     def _orthogonalise_and_apply(self, jobs, group, rank, world):
-        for job, owner in zip(jobs, assign_owners([math.prod(j.shape) for j in jobs], world)):
-            job.owner = owner
-        mine = [j for j in jobs if j.owner == rank]
-        send_sizes = [sum(j.numel_of(rank) for j in jobs if j.owner == o) for o in range(world)]
-        recv_sizes = [sum(j.numel_of(r) for j in mine) for r in range(world)]
-        dtype, device = jobs[0].update.dtype, jobs[0].update.device
-
-        send = torch.cat([j.update.flatten() for o in range(world) for j in jobs if j.owner == o])
-        received = torch.empty(sum(recv_sizes), dtype=dtype, device=device)
-        dist.all_to_all_single(received, send, recv_sizes, send_sizes, group=group)
-        full = self._assemble(mine, received.split(recv_sizes), world)  # whole U of each matrix I own
-        self._newton_schulz_(mine, full)  # U -> O in place
-
-        back = torch.cat([O[slice(*j.rows[r])].flatten() for r in range(world) for j, O in zip(mine, full)])
-        orthogonal = torch.empty(sum(send_sizes), dtype=dtype, device=device)
-        dist.all_to_all_single(orthogonal, back, send_sizes, recv_sizes, group=group)
-        for owner, chunk in enumerate(orthogonal.split(send_sizes)):
-            owned = [j for j in jobs if j.owner == owner]
-            for j, piece in zip(owned, chunk.split([j.numel_of(rank) for j in owned])):
-                self._apply(j, piece.view(j.update.shape), rank)
+        """Steps 2-4 over buckets of matrices: every bucket's all-to-all is started at once (asynchronous),
+        then each bucket's Newton-Schulz runs as soon as its shards have arrived, while later buckets are
+        still in flight, and its results start back at once; the updates are applied when all are back."""
+        in_flight = []
+        for bucket in size_buckets(jobs, self.buckets):
+            for job, owner in zip(bucket, assign_owners([math.prod(j.shape) for j in bucket], world)):
+                job.owner = owner
+            mine = [j for j in bucket if j.owner == rank]
+            send_sizes = [sum(j.numel_of(rank) for j in bucket if j.owner == o) for o in range(world)]
+            recv_sizes = [sum(j.numel_of(r) for j in mine) for r in range(world)]
+            send = torch.cat([j.update.flatten() for o in range(world) for j in bucket if j.owner == o])
+            received = send.new_empty(sum(recv_sizes))
+            work = dist.all_to_all_single(received, send, recv_sizes, send_sizes, group=group, async_op=True)
+            in_flight.append((bucket, mine, send_sizes, recv_sizes, send, received, work))
+        returning = []
+        for bucket, mine, send_sizes, recv_sizes, send, received, work in in_flight:
+            work.wait()
+            full = self._assemble(mine, received.split(recv_sizes), world)  # whole U of each matrix I own
+            self._newton_schulz_(mine, full)  # U -> O in place
+            back = torch.cat([O[slice(*j.rows[r])].flatten() for r in range(world) for j, O in zip(mine, full)]
+                             or [send.new_empty(0)])
+            orthogonal = send.new_empty(sum(send_sizes))
+            work = dist.all_to_all_single(orthogonal, back, send_sizes, recv_sizes, group=group, async_op=True)
+            returning.append((bucket, send_sizes, back, orthogonal, work))
+        for bucket, send_sizes, back, orthogonal, work in returning:
+            work.wait()
+            for owner, chunk in enumerate(orthogonal.split(send_sizes)):
+                owned = [j for j in bucket if j.owner == owner]
+                for j, piece in zip(owned, chunk.split([j.numel_of(rank) for j in owned])):
+                    self._apply(j, piece.view(j.update.shape), rank)
 
     @staticmethod
     def _assemble(mine, chunks, world):

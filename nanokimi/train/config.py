@@ -34,6 +34,8 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"  # "auto" = cuda when available
     compile: bool = False
+    fsdp_reshard: bool = False  # several processes: free each unit's gathered weights after its forward (less memory, one more all-gather per step)
+    fsdp_reduce_dtype: str = "fp32"  # several processes on CUDA: gradient reduce-scatter in "fp32" or "bf16" (half the bytes)
     grad_clip: float = 1.0
     log_every: int = 10
     eval_every: int = 75
@@ -72,6 +74,8 @@ class RunConfig:
             raise ConfigError(f"optim.name='{self.optim.name}' must be 'muon' or 'adamw'.")
         if self.optim.schedule not in ("cosine", "wsd"):
             raise ConfigError(f"optim.schedule='{self.optim.schedule}' must be 'cosine' or 'wsd'.")
+        if self.train.fsdp_reduce_dtype not in ("fp32", "bf16"):
+            raise ConfigError(f"train.fsdp_reduce_dtype='{self.train.fsdp_reduce_dtype}' must be 'fp32' or 'bf16'.")
         for section, name in (("train", "batch_size"), ("train", "seq_len"), ("train", "grad_accum"),
                               ("train", "max_steps")):
             if getattr(getattr(self, section), name) < 1:

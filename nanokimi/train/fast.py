@@ -7,7 +7,8 @@ component takes.
 The blocks are compiled one module at a time (norms, mixer, FFN), not the whole model: dynamo inlines
 nn.Module calls, so the graphs of identical layers are shared, compile time stays short, and a
 component that cannot be traced (the fla KDA kernels, excluded with torch.compiler.disable in
-model/kda.py) only breaks its own graph.
+model/kda.py) only breaks its own graph. Under FSDP2, compile after sharding: each sharded unit's forward
+is compiled and FSDP's hooks stay eager around it.
 """
 import torch
 import torch.nn.functional as F
@@ -57,18 +58,34 @@ def compile_model(model: nn.Module, fullgraph: bool = True, loss: bool = True, m
     for block in model.layers:
         has_break = isinstance(block.mixer, KimiDeltaAttention)
         if scope == "block" or (scope == "auto" and plain and not has_break):
-            block.compile(fullgraph=fullgraph and not has_break, mode=mode)
+            _compile_module(block, fullgraph=fullgraph and not has_break, mode=mode)
             continue
-        block.mixer_norm.compile(fullgraph=fullgraph, mode=mode)
-        block.ffn_norm.compile(fullgraph=fullgraph, mode=mode)
-        block.mixer.compile(fullgraph=fullgraph and not has_break, mode=mode)
-        block.ffn.compile(fullgraph=fullgraph, mode=mode)
-    model.norm.compile(fullgraph=fullgraph, mode=mode)
+        _compile_module(block.mixer_norm, fullgraph=fullgraph, mode=mode)
+        _compile_module(block.ffn_norm, fullgraph=fullgraph, mode=mode)
+        _compile_module(block.mixer, fullgraph=fullgraph and not has_break, mode=mode)
+        _compile_module(block.ffn, fullgraph=fullgraph, mode=mode)
+    _compile_module(model.norm, fullgraph=fullgraph, mode=mode)
     if hasattr(model.residual, "compile_kernels"):  # Attention Residuals: its phase-1 / merge ops, fused
         model.residual.compile_kernels(mode)
     if loss:
         model._chunk_loss_sum = torch.compile(model._chunk_loss_sum, fullgraph=fullgraph, mode=mode)
     return model
+
+
+def _compile_module(module: nn.Module, **options) -> None:
+    """Compile `module` in place. An FSDP2 unit (nanokimi.train.distributed.shard_model; compile after
+    sharding) gets only its forward compiled: FSDP's all-gather / reshard hooks then run eagerly around
+    the graph instead of being traced into it (dynamo skips them, which would break a fullgraph)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(module, FSDPModule):
+        module.forward = torch.compile(module.forward, **options)
+    else:
+        module.compile(**options)
+
+
+def _is_compiled(module: nn.Module) -> bool:
+    return getattr(module, "_compiled_call_impl", None) is not None or "forward" in vars(module)
 
 
 def _kda_path(device: torch.device) -> str:
@@ -142,7 +159,7 @@ def describe_paths(model: nn.Module, device: str | torch.device, dtype: torch.dt
         except Exception as error:  # noqa: BLE001
             backend = f"unknown ({type(error).__name__})"
         parts.append(f"attention[{kind} qk={dqk} v={dv}]={backend}")
-    compiled = sum(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
+    compiled = sum(_is_compiled(m) for m in model.modules())
     parts.append(f"compile={'on (' + str(compiled) + ' modules)' if compiled else 'off'}")
     return " | ".join(parts)
 

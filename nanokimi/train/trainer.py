@@ -98,7 +98,8 @@ class Trainer:
         self.model = build_model(run.model, device=self.device)
         if world_size > 1:
             from nanokimi.train.distributed import shard_model
-            shard_model(self.model, self.device)
+            shard_model(self.model, self.device, reshard_after_forward=t.fsdp_reshard,
+                        reduce_dtype=torch.bfloat16 if t.fsdp_reduce_dtype == "bf16" else torch.float32)
         self.model.train()
         if t.compile:
             from nanokimi.train.fast import compile_model
@@ -167,11 +168,6 @@ class Trainer:
         if self.world_size > 1:
             from nanokimi.train.distributed import sync_step_statistics
             sync_step_statistics(self.model)
-        value = total.item()
-        if not math.isfinite(value):
-            where = f"the last good checkpoint is {self.last_good}" if self.last_good else "no checkpoint was saved yet"
-            raise TrainingError(f"loss became {value} at step {self.step + 1}; {where}. Lower optim.lr, raise "
-                                "warmup, or check the data.")
         if t.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
         self.optimizer.step()
@@ -181,6 +177,11 @@ class Trainer:
         if o.qk_clip:
             from nanokimi.optim.qk_clip import apply_qk_clip
             apply_qk_clip(self.model, o.qk_clip_tau)
+        value = total.item()  # read after the update is queued, so the GPU never idles while the host checks
+        if not math.isfinite(value):
+            where = f"the last good checkpoint is {self.last_good}" if self.last_good else "no checkpoint was saved yet"
+            raise TrainingError(f"loss became {value} at step {self.step + 1}; {where}. Lower optim.lr, raise "
+                                "warmup, or check the data.")
         self.step += 1
         self.tokens += t.batch_size * t.seq_len
         return value
