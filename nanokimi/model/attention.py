@@ -19,12 +19,19 @@ LATENT_NORM_EPS = 1e-6  # MLA's q/kv latent norms use a fixed eps in DeepSeek-V3
 def pad_v_for_flash(q: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether to zero-pad values narrower than the queries to the query head size so SDPA can take the
     flash kernel (padding adds no error: the extra output columns are dropped). Only on CUDA in half
-    precision, and not where cuDNN attention is on (Hopper and newer): cuDNN takes MLA's 128-wide values
+    precision, and not where cuDNN attention runs (Hopper and newer): cuDNN takes MLA's 128-wide values
     as they are, 1.5x faster than itself on padded values and 2x faster than flash (H100, B=4, T=4096,
     8 heads; benchmarks/results/attention_backends.json)."""
     if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and v.shape[-1] < q.shape[-1] <= 256):
         return False
-    return not (torch.backends.cuda.cudnn_sdp_enabled() and torch.cuda.get_device_capability(q.device)[0] >= 9)
+    return not cudnn_attention_runs(q.device.index if q.device.index is not None else torch.cuda.current_device())
+
+
+@torch.compiler.assume_constant_result
+def cudnn_attention_runs(device_index: int) -> bool:
+    """cuDNN SDPA is enabled and the GPU is Hopper or newer. A constant for torch.compile (decided when
+    tracing; a later torch.backends.cuda.enable_cudnn_sdp call does not reach compiled graphs)."""
+    return torch.backends.cuda.cudnn_sdp_enabled() and torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
 def causal_attention(q, k, v, scale: float, q_offset: int) -> torch.Tensor:
