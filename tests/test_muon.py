@@ -1,5 +1,6 @@
 """Muon, batched Newton-Schulz, the Muon+AdamW builder and the QK-Clip driver (CPU)."""
 import copy
+import json
 import math
 import subprocess
 import sys
@@ -317,7 +318,11 @@ def test_qk_clip_driver():
 
 def test_benchmark_quick(tmp_path):
     out = tmp_path / "muon_step.json"
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "muon_step.py"), "--quick", "--out", str(out)],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "muon_step.py"), "--quick", "--profile",
+                             "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "nanokimi Muon quintic" in result.stdout and out.exists()
+    assert "nanokimi eager" in result.stdout and "nanokimi captured (graph)" in result.stdout
+    written = json.loads(out.read_text())
+    assert {r["optimizer"] for r in written["rows"]} >= {"nanokimi eager", "nanokimi captured (graph)"}
+    profiled = written["profile"]["gpt2-tiny"]["nanokimi eager"]
+    assert 0 < len(profiled["top"]) <= 15 and "gemm" in profiled["categories_ms"]
