@@ -118,8 +118,8 @@ class Muon(torch.optim.Optimizer):
             if not params:
                 continue
             bufs = self._momentum_buffers(params)
-            torch._foreach_mul_(bufs, group["momentum"])
-            torch._foreach_add_(bufs, [p.grad for p in params])  # M <- mu M + G
+            for p, buf in zip(params, bufs):  # one pass each; _foreach_mul_ + _foreach_add_ would read M twice
+                torch.add(p.grad, buf, alpha=group["momentum"], out=buf)  # M <- mu M + G
             if group["weight_decay"] != 0:
                 torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
             heads, split = group["heads"], group["split"]

@@ -1,11 +1,11 @@
 """Batched Newton-Schulz orthogonalisation (the core of Muon); `naive.py` holds the one-matrix fp32 reference.
 
-Same-shape matrices go through the iteration together. For wide X [N, a, b] (a <= b), each step is
-    gram = X X^T                                  [N, a, a]   bmm
-    poly = a I + b gram + c gram gram             [N, a, a]   baddbmm, then a added on the diagonal
-    X    = poly X                                 [N, a, b]   bmm
-Tall X [N, b, a] uses gram = X^T X and X = X poly (poly is symmetric): the same short-side cost, the
-transposes are GEMM operand flags, never copies. Folding a into the small a x a poly means the big GEMM
+Same-shape matrices go through the iteration together. For wide X [N, s, l] (s <= l), each step is
+    gram = X X^T                                  [N, s, s]   bmm
+    poly = a I + b gram + c gram gram             [N, s, s]   baddbmm, then a added on the diagonal
+    X    = poly X                                 [N, s, l]   bmm
+Tall X [N, l, s] uses gram = X^T X and X = X poly (poly is symmetric): the same short-side cost, the
+transposes are GEMM operand flags, never copies. Folding a into the small s x s poly means the big GEMM
 has no additive input: baddbmm(X, poly, X, beta=a) would first copy all of X into its output, every step.
 Measured on the CPU in bf16 against the fp32 reference: the direction error (off-diagonal of U^T O V) is
 the same as with the unfolded form; rounding a + (poly)_ii to bf16 shifts the singular values by 2-3%,
