@@ -199,6 +199,22 @@ def test_failed_capture_falls_back_to_eager_and_restores_float_lrs():
         assert torch.equal(a, b)
 
 
+def test_state_created_during_a_capture_is_forgotten():
+    # A capture records kernels without running them: state made inside it would hold unwritten memory
+    # and be re-initialised on every replay, so CapturedStep drops it and takes one more eager step.
+    a, b = nn.Parameter(torch.randn(6, 4)), nn.Parameter(torch.randn(5, 3))
+    captured = CapturedStep(Muon([a, b], lr=0.01))
+    known = [{id(p) for p in opt.state} for opt in captured._inner_optimizers()]
+    a.grad = torch.randn_like(a)
+    captured.optimizer.step()
+    assert captured._forget_new_state(known) and len(captured.optimizer.state) == 0
+    a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+    captured.optimizer.step()
+    known = [{id(p) for p in opt.state} for opt in captured._inner_optimizers()]
+    captured.optimizer.step()
+    assert not captured._forget_new_state(known) and len(captured.optimizer.state) == 2
+
+
 def test_warmup_steps_must_be_positive():
     with pytest.raises(ValueError, match="warmup_steps must be >= 1"):
         CapturedStep(build_optimizer(SmallNet(), "muon"), warmup_steps=0)

@@ -86,7 +86,11 @@ class CapturedStep:
         if not self._can_capture():
             self.optimizer.step()
             return loss
+        self._make_adamw_capturable()  # before the key: a loaded state_dict may have switched it off
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if not params:
+            self.optimizer.step()
+            return loss
         key = self._graph_key(params)
         if self.graph is not None and key != self.graph_key:
             self._drop_graph()
@@ -94,7 +98,6 @@ class CapturedStep:
         if self.graph is None:
             if self.eager_steps < self.warmup_steps:
                 self.eager_steps += 1
-                self._make_adamw_capturable()
                 self.optimizer.step()
                 return loss
             if not self._capture(params, key):
@@ -140,7 +143,6 @@ class CapturedStep:
         """Capture one step (nothing runs during capture). Returns False, warning once, if capture fails."""
         groups = self.param_groups
         floats = [group["lr"] for group in groups]
-        self._make_adamw_capturable()
         lrs = torch.tensor([float(lr) for lr in floats], dtype=torch.float32, device=params[0].device)  # [groups]
         known = [{id(p) for p in opt.state} for opt in self._inner_optimizers()]
         try:
@@ -150,7 +152,9 @@ class CapturedStep:
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self.optimizer.step()
         except Exception as error:
-            self._give_up(f"capturing the step failed ({type(error).__name__}: {str(error).splitlines()[0]})")
+            self._forget_new_state(known)
+            first_line = (str(error).splitlines() or [""])[0]
+            self._give_up(f"capturing the step failed ({type(error).__name__}: {first_line})")
             return False
         finally:
             for group, lr in zip(groups, floats):
