@@ -93,6 +93,14 @@ def captured(opt, warmup):
     return step
 
 
+def graph_note(name, opt):
+    """The row name, marked when a CapturedStep ran eagerly (CPU, or a failed capture: the reason is printed)."""
+    if isinstance(opt, CapturedStep) and not opt.captured:
+        print(f"[note] {name}: not captured ({opt.failed}); the row times the eager step")
+        return f"{name} [eager fallback]"
+    return name
+
+
 def row(set_name, optimizer, params, ms, flops=None, matrices=None):
     if matrices is None:
         matrices = sum(p.shape[0] if p.ndim == 3 else 1 for p in params)
@@ -125,7 +133,8 @@ def bench_matrix_set(set_name, shapes, device, warmup, iters, lr=0.02):
     for name, make, its_shapes, its_flops in candidates:
         params = with_random_grads(its_shapes, device)
         opt = make(params)
-        rows.append(row(set_name, name, params, median_step_ms(opt.step, device, warmup, iters), its_flops))
+        ms = median_step_ms(opt.step, device, warmup, iters)
+        rows.append(row(set_name, graph_note(name, opt), params, ms, its_flops))
         del params, opt
         release(device)
     return rows
@@ -150,8 +159,9 @@ def bench_model(preset, device, warmup, iters, lr=1e-3):
         muon = opt_set.optimizers["muon"]
         muon_shapes = [tuple(p.shape) for g in muon.param_groups for p in g["params"]]
         step = wrap(opt_set)
-        rows.append(row(preset, name, params, median_step_ms(step.step, device, warmup, iters),
-                        ns_flops(muon_shapes), matrices=len(unbound_2d_shapes(muon_shapes))))
+        ms = median_step_ms(step.step, device, warmup, iters)
+        rows.append(row(preset, graph_note(name, step), params, ms, ns_flops(muon_shapes),
+                        matrices=len(unbound_2d_shapes(muon_shapes))))
         del opt_set, muon, step
         release(device)
     fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
@@ -231,11 +241,11 @@ def print_profile(set_name, result):
 
 
 def print_table(rows):
-    header = f"{'set':<16} {'optimizer':<36} {'matrices':>8} {'params M':>9} {'step ms':>9} {'NS TFLOP/s':>10}"
+    header = f"{'set':<16} {'optimizer':<44} {'matrices':>8} {'params M':>9} {'step ms':>9} {'NS TFLOP/s':>10}"
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['set']:<16} {r['optimizer']:<36} {r['matrices'] if r['matrices'] is not None else '':>8} "
+        print(f"{r['set']:<16} {r['optimizer']:<44} {r['matrices'] if r['matrices'] is not None else '':>8} "
               f"{r['params_M']:>9} {r['step_ms']:>9.3f} {r['ns_tflops'] if r['ns_tflops'] is not None else '':>10}")
 
 
