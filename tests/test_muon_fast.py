@@ -179,6 +179,7 @@ def test_failed_capture_falls_back_to_eager_and_restores_float_lrs():
     twin = copy.deepcopy(model)
     captured = CapturedStep(build_optimizer(model, "muon", lr=0.01), warmup_steps=2)
     captured._can_capture = lambda: captured.failed is None  # pretend we are on a GPU: the capture itself fails
+    captured._warmup_step = captured.optimizer.step  # (the real one runs on a CUDA side stream)
     lrs = [1.0, 0.7, 0.4, 0.2, 0.1]
     x, y = torch.randn(6, 8), torch.randn(6, 8)
 

@@ -98,13 +98,23 @@ class CapturedStep:
         if self.graph is None:
             if self.eager_steps < self.warmup_steps:
                 self.eager_steps += 1
-                self.optimizer.step()
+                self._warmup_step()
                 return loss
             if not self._capture(params, key):
                 self.optimizer.step()
                 return loss
         self._replay()
         return loss
+
+    def _warmup_step(self):
+        """An eager step on a side stream, as CUDA graphs want: lazy initialisation (cuBLAS workspaces, state)
+        happens there and not inside the capture."""
+        current = torch.cuda.current_stream()
+        side = torch.cuda.Stream()
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            self.optimizer.step()
+        current.wait_stream(side)
 
     def _can_capture(self):
         if self.failed is None:
