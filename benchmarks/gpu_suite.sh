@@ -31,7 +31,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$
 case "$1" in
   train)
     step 150 python3 -m pytest -q -m gpu tests/ -p no:cacheprovider
-    step 90 python3 benchmarks/muon_step.py
+    step 110 python3 benchmarks/muon_step.py --profile
     step 330 python3 benchmarks/train_step.py --peer-script .gpu/bench/peer_hf.py ;;
   decode)
     step 300 python3 benchmarks/generate.py --peer-script .gpu/bench/peer_hf.py

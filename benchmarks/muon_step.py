@@ -1,12 +1,16 @@
-"""Optimizer step time: nanokimi Muon beside torch.optim.Muon and fused AdamW, in the same run.
+"""Optimizer step time: nanokimi Muon, eager and CUDA-graph captured, beside torch.optim.Muon and fused AdamW.
 
 Matrix sets: GPT-2-124M's 48 hidden matrices (12 layers x qkv 2304x768, attn-out 768x768, fc 3072x768,
-proj 768x3072) and the bench-kl-900m model (nanokimi.build_model; skipped with a message if unavailable).
-Gradients are random (no forward/backward); each row is the median of `--iters` steps after warmup, timed with
-CUDA events. Prints one table and writes benchmarks/results/muon_step.json.
+proj 768x3072), Muon alone; and the bench-kl-900m model (nanokimi.build_model; skipped with a message if
+unavailable) through build_optimizer, Muon + AdamW. Gradients are random (no forward/backward); each row is
+the median of `--iters` steps after warmup, timed with CUDA events, so an eager step bound by the CPU's
+kernel launches shows its wall time. Prints one table and writes benchmarks/results/muon_step.json.
+`--profile` adds, for the 124M set, the top 15 kernels by self device time and a per-category sum
+(GEMM, elementwise, foreach, reduction, copy, other) of the eager and the captured step.
 
-    python benchmarks/muon_step.py            # GPU
-    python benchmarks/muon_step.py --quick    # tiny CPU smoke run, seconds
+    python benchmarks/muon_step.py                # GPU
+    python benchmarks/muon_step.py --profile      # GPU, plus where the time goes
+    python benchmarks/muon_step.py --quick        # tiny CPU smoke run, seconds (the captured rows fall back)
 """
 import argparse
 import datetime
@@ -14,6 +18,7 @@ import json
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -23,7 +28,16 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from perf_common import git_commit, results_path  # noqa: E402
 
-from nanokimi.optim import Muon, build_optimizer  # noqa: E402
+from nanokimi.optim import CapturedStep, Muon, build_optimizer  # noqa: E402
+
+TOP_KERNELS = 15
+CATEGORIES = (  # first match wins; matched against the lower-cased kernel name
+    ("gemm", ("gemm", "cutlass", "nvjet", "xmma", "sm90_", "cublas", "bmm", "addmm")),
+    ("foreach", ("multi_tensor_apply", "foreach")),
+    ("reduction", ("reduce", "norm")),
+    ("copy", ("copy", "memcpy", "memset")),
+    ("elementwise", ("elementwise", "vectorized", "unrolled", "fill")),
+)
 
 
 def gpt2_shapes(layers=12, d=768):
@@ -66,93 +80,172 @@ def with_random_grads(shapes, device):
     return params
 
 
-
-
-def bench_matrix_set(set_name, shapes, device, warmup, iters, lr=0.02):
-    """Rows for nanokimi Muon (quintic, polar_express), torch.optim.Muon and fused AdamW on the same shapes."""
-    rows = []
-    flops = ns_flops(shapes)
-    candidates = [
-        ("nanokimi Muon quintic", lambda ps: Muon(ps, lr=lr), shapes),
-        ("nanokimi Muon polar_express", lambda ps: Muon(ps, lr=lr, coefficients="polar_express"), shapes),
-    ]
-    if hasattr(torch.optim, "Muon"):
-        candidates.append(("torch.optim.Muon", lambda ps: torch.optim.Muon(
-            ps, lr=lr, weight_decay=0.1, momentum=0.95, nesterov=True, adjust_lr_fn="match_rms_adamw"),
-            unbound_2d_shapes(shapes)))
-    fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    candidates.append((f"AdamW {'fused' if fused.get('fused') else 'foreach'}",
-                       lambda ps: torch.optim.AdamW(ps, lr=lr, weight_decay=0.1, **fused), shapes))
-    for name, make, its_shapes in candidates:
-        params = with_random_grads(its_shapes, device)
-        opt = make(params)
-        ms = median_step_ms(opt.step, device, warmup, iters)
-        is_muon = "Muon" in name
-        rows.append({"set": set_name, "optimizer": name, "matrices": sum(p.shape[0] if p.ndim == 3 else 1
-                                                                        for p in params),
-                     "params_M": round(sum(p.numel() for p in params) / 1e6, 2), "step_ms": round(ms, 3),
-                     "ns_tflops": round(flops / ms / 1e9, 1) if is_muon else None})
-        del params, opt
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    return rows
-
-
 def unbound_2d_shapes(shapes):
     return [tuple(s[-2:]) for s in shapes for _ in range(s[0] if len(s) == 3 else 1)]
 
 
+def captured(opt, warmup):
+    """CapturedStep around opt, quiet about the CPU fallback (the --quick run has no GPU to capture on)."""
+    step = CapturedStep(opt, warmup_steps=max(1, min(3, warmup)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        step.step()
+    return step
+
+
+def graph_note(name, opt):
+    """The row name, marked when a CapturedStep ran eagerly (CPU, or a failed capture: the reason is printed)."""
+    if isinstance(opt, CapturedStep) and not opt.captured:
+        print(f"[note] {name}: not captured ({opt.failed}); the row times the eager step")
+        return f"{name} [eager fallback]"
+    return name
+
+
+def row(set_name, optimizer, params, ms, flops=None, matrices=None):
+    if matrices is None:
+        matrices = sum(p.shape[0] if p.ndim == 3 else 1 for p in params)
+    return {"set": set_name, "optimizer": optimizer, "matrices": matrices,
+            "params_M": round(sum(p.numel() for p in params) / 1e6, 2), "step_ms": round(ms, 3),
+            "ns_tflops": round(flops / ms / 1e9, 1) if flops else None}
+
+
+def release(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def bench_matrix_set(set_name, shapes, device, warmup, iters, lr=0.02):
+    """nanokimi Muon eager and captured, torch.optim.Muon and AdamW, each on its own copy of the shapes."""
+    flops = ns_flops(shapes)
+    fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    candidates = [
+        ("nanokimi eager", lambda ps: Muon(ps, lr=lr), shapes, flops),
+        ("nanokimi captured (graph)", lambda ps: captured(Muon(ps, lr=lr), warmup), shapes, flops),
+    ]
+    if hasattr(torch.optim, "Muon"):
+        candidates.append(("torch.optim.Muon", lambda ps: torch.optim.Muon(
+            ps, lr=lr, weight_decay=0.1, momentum=0.95, nesterov=True, adjust_lr_fn="match_rms_adamw"),
+            unbound_2d_shapes(shapes), flops))
+    candidates.append((f"AdamW {'fused' if fused.get('fused') else 'foreach'}",
+                       lambda ps: torch.optim.AdamW(ps, lr=lr, weight_decay=0.1, **fused), shapes, None))
+    rows = []
+    for name, make, its_shapes, its_flops in candidates:
+        params = with_random_grads(its_shapes, device)
+        opt = make(params)
+        ms = median_step_ms(opt.step, device, warmup, iters)
+        rows.append(row(set_name, graph_note(name, opt), params, ms, its_flops))
+        del params, opt
+        release(device)
+    return rows
+
+
 def bench_model(preset, device, warmup, iters, lr=1e-3):
-    """Rows for a whole nanokimi model: builder's Muon+AdamW set, its Muon part alone, peers on the same tensors."""
+    """A whole nanokimi model through build_optimizer (eager, captured), and its peers on the same tensors."""
     try:
         from nanokimi import ModelConfig, build_model
         model = build_model(ModelConfig.preset(preset)).to(device)
     except Exception as error:  # the model API may not exist on this branch yet
         print(f"[skip] {preset}: could not build the model ({type(error).__name__}: {error})")
         return []
-    for p in model.parameters():
-        if p.requires_grad:
-            p.grad = torch.randn_like(p) * 1e-3
-    opt_set = build_optimizer(model, "muon", lr=lr)
-    muon_shapes = [tuple(p.shape) for g in opt_set.optimizers["muon"].param_groups for p in g["params"]]
-    rows = [{"set": preset, "optimizer": "nanokimi Muon+AdamW (builder)", "matrices": None,
-             "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
-             "step_ms": round(median_step_ms(opt_set.step, device, warmup, iters), 3), "ns_tflops": None}]
-    muon = opt_set.optimizers["muon"]
-    ms = median_step_ms(muon.step, device, warmup, iters)
-    rows.append({"set": preset, "optimizer": "nanokimi Muon (its part)",
-                 "matrices": sum(p.shape[0] if p.ndim == 3 else 1 for g in muon.param_groups for p in g["params"]),
-                 "params_M": round(sum(p.numel() for g in muon.param_groups for p in g["params"]) / 1e6, 2),
-                 "step_ms": round(ms, 3), "ns_tflops": round(ns_flops(muon_shapes) / ms / 1e9, 1)})
-    del opt_set, muon
-    model_params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    rows = []
+    muon_shapes = None
+    for name, wrap in (("nanokimi eager (Muon+AdamW)", lambda o: o),
+                       ("nanokimi captured (graph)", lambda o: captured(o, warmup))):
+        opt_set = build_optimizer(model, "muon", lr=lr)
+        muon = opt_set.optimizers["muon"]
+        muon_shapes = [tuple(p.shape) for g in muon.param_groups for p in g["params"]]
+        step = wrap(opt_set)
+        ms = median_step_ms(step.step, device, warmup, iters)
+        rows.append(row(preset, graph_note(name, step), params, ms, ns_flops(muon_shapes),
+                        matrices=len(unbound_2d_shapes(muon_shapes))))
+        del opt_set, muon, step
+        release(device)
     fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    adamw = torch.optim.AdamW(model_params, lr=lr, weight_decay=0.1, **fused)
-    rows.append({"set": preset, "optimizer": "AdamW fused, all params", "matrices": None,
-                 "params_M": rows[0]["params_M"],
-                 "step_ms": round(median_step_ms(adamw.step, device, warmup, iters), 3), "ns_tflops": None})
-    del adamw, model, model_params
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    adamw = torch.optim.AdamW(params, lr=lr, weight_decay=0.1, **fused)
+    rows.append(row(preset, "AdamW fused, all params", params, median_step_ms(adamw.step, device, warmup, iters),
+                    matrices=None))
+    del adamw, model, params
+    release(device)
     if hasattr(torch.optim, "Muon"):
-        params = with_random_grads(unbound_2d_shapes(muon_shapes), device)
-        peer = torch.optim.Muon(params, lr=lr, weight_decay=0.1, momentum=0.95, nesterov=True,
+        matrices = with_random_grads(unbound_2d_shapes(muon_shapes), device)
+        peer = torch.optim.Muon(matrices, lr=lr, weight_decay=0.1, momentum=0.95, nesterov=True,
                                 adjust_lr_fn="match_rms_adamw")
-        ms = median_step_ms(peer.step, device, warmup, iters)
-        rows.append({"set": preset, "optimizer": "torch.optim.Muon (same matrices)", "matrices": len(params),
-                     "params_M": round(sum(p.numel() for p in params) / 1e6, 2), "step_ms": round(ms, 3),
-                     "ns_tflops": round(ns_flops(muon_shapes) / ms / 1e9, 1)})
+        ms = median_step_ms(peer.step, device, min(warmup, 1), min(iters, 5))  # ~0.8 s a step: fewer of them
+        rows.append(row(preset, "torch.optim.Muon (Muon's matrices)", matrices, ms, ns_flops(muon_shapes)))
+        del matrices, peer
+        release(device)
     return rows
 
 
+def category(kernel_name):
+    lowered = kernel_name.lower()
+    return next((name for name, keys in CATEGORIES if any(k in lowered for k in keys)), "other")
+
+
+def profile_step(step, device, steps=5):
+    """Top kernels by self device time (CPU time on the CPU) over `steps` steps, per step, and a category sum."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    for _ in range(2):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+
+    def self_us(event):
+        if device.type == "cuda":
+            return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
+        return event.self_cpu_time_total
+
+    kernels = [e for e in events if self_us(e) > 0 and (device.type == "cpu" or e.device_type.name == "CUDA")]
+    kernels.sort(key=self_us, reverse=True)
+    top = [{"kernel": e.key[:120], "calls_per_step": e.count / steps, "ms_per_step": round(self_us(e) / steps / 1e3, 4),
+            "category": category(e.key)} for e in kernels[:TOP_KERNELS]]
+    categories = {}
+    for e in kernels:
+        categories[category(e.key)] = categories.get(category(e.key), 0.0) + self_us(e) / steps / 1e3
+    cpu_ms = sum(e.self_cpu_time_total for e in events) / steps / 1e3
+    return {"top": top, "categories_ms": {k: round(v, 4) for k, v in sorted(categories.items())},
+            "cpu_ms_per_step": round(cpu_ms, 3)}
+
+
+def profile_matrix_set(set_name, shapes, device, warmup, lr=0.02):
+    result = {}
+    for name, make in (("nanokimi eager", lambda ps: Muon(ps, lr=lr)),
+                       ("nanokimi captured (graph)", lambda ps: captured(Muon(ps, lr=lr), warmup))):
+        params = with_random_grads(shapes, device)
+        opt = make(params)
+        result[name] = profile_step(opt.step, device)
+        del params, opt
+        release(device)
+    print_profile(set_name, result)
+    return {set_name: result}
+
+
+def print_profile(set_name, result):
+    for name, prof in result.items():
+        print(f"\nprofile: {set_name}, {name} (per step; CPU self time {prof['cpu_ms_per_step']} ms)")
+        print("  by category: " + ", ".join(f"{k} {v:.3f} ms" for k, v in prof["categories_ms"].items()))
+        for k in prof["top"]:
+            print(f"  {k['ms_per_step']:>8.4f} ms  {k['calls_per_step']:>6.1f}x  {k['category']:<11} {k['kernel'][:80]}")
 
 
 def print_table(rows):
-    header = f"{'set':<16} {'optimizer':<34} {'matrices':>8} {'params M':>9} {'step ms':>9} {'NS TFLOP/s':>10}"
+    header = f"{'set':<16} {'optimizer':<44} {'matrices':>8} {'params M':>9} {'step ms':>9} {'NS TFLOP/s':>10}"
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['set']:<16} {r['optimizer']:<34} {r['matrices'] if r['matrices'] is not None else '':>8} "
+        print(f"{r['set']:<16} {r['optimizer']:<44} {r['matrices'] if r['matrices'] is not None else '':>8} "
               f"{r['params_M']:>9} {r['step_ms']:>9.3f} {r['ns_tflops'] if r['ns_tflops'] is not None else '':>10}")
 
 
@@ -164,25 +257,32 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON file (default benchmarks/results/muon_step.json; --quick writes to a temp folder)")
     parser.add_argument("--skip-model", action="store_true", help="only the GPT-2-124M matrix set")
+    parser.add_argument("--profile", action="store_true",
+                        help=f"also profile the 124M set: top {TOP_KERNELS} kernels and a per-category sum")
     args = parser.parse_args(argv)
     if args.out is None:
         args.out = results_path("muon_step", args.quick)
 
     if args.quick:
         device, warmup, iters = torch.device("cpu"), 1, 1
-        rows = bench_matrix_set("gpt2-tiny", gpt2_shapes(layers=1, d=16) + [(4, 32, 16)], device, warmup, iters)
+        set_name, shapes = "gpt2-tiny", gpt2_shapes(layers=1, d=16) + [(4, 32, 16)]
+        rows = bench_matrix_set(set_name, shapes, device, warmup, iters)
     else:
         if not torch.cuda.is_available():
             sys.exit("muon_step.py needs CUDA (use --quick for the CPU smoke run)")
         device, warmup, iters = torch.device("cuda"), args.warmup, args.iters
-        rows = bench_matrix_set("gpt2-124m", gpt2_shapes(), device, warmup, iters)
+        set_name, shapes = "gpt2-124m", gpt2_shapes()
+        rows = bench_matrix_set(set_name, shapes, device, warmup, iters)
         if not args.skip_model:
             rows += bench_model("bench-kl-900m", device, warmup, iters)
     print_table(rows)
+    profiles = profile_matrix_set(set_name, shapes, device, warmup) if args.profile else None
     result = {"benchmark": "muon_step", "quick": args.quick,
               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "commit": git_commit(), "torch": torch.__version__, "warmup": warmup, "iters": iters, "rows": rows}
+    if profiles:
+        result["profile"] = profiles
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -1,5 +1,6 @@
 """Muon, batched Newton-Schulz, the Muon+AdamW builder and the QK-Clip driver (CPU)."""
 import copy
+import json
 import math
 import subprocess
 import sys
@@ -17,6 +18,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def direction_error(O, G, reference):
+    """||offdiag(U^T (O - reference) V)|| / ||reference|| for G = U S V^T: the error in the directions of O,
+    leaving out its singular values (the diagonal), which Newton-Schulz only brings near 1."""
+    U, _, Vh = torch.linalg.svd(G.double(), full_matrices=False)
+    M = U.mT @ (O.double() - reference.double()) @ Vh.mT
+    return ((M - torch.diag_embed(torch.diagonal(M, dim1=-2, dim2=-1))).norm() / reference.double().norm()).item()
 
 
 def scalar_band(coefficients, steps, low, high=1.0):
@@ -52,7 +61,11 @@ def test_batched_matches_naive(shape, coefficients):
     assert rel(fp32, reference) < 1e-5
     # A single row has its one singular value at exactly 1 (the edge of the interval), where Polar Express's
     # first polynomial has slope ~24 and magnifies bf16 rounding of the input: a loose bound there.
-    assert rel(bf16, reference) < (0.15 if shape[1] == 1 and coefficients == "polar_express" else 3e-2)
+    assert rel(bf16, reference) < (0.15 if shape[1] == 1 and coefficients == "polar_express" else 5e-2)
+    # In bf16, rounding a + (b gram + c gram^2)_ii of the folded polynomial shifts singular values by ~2-3%
+    # (harmless: the quintic itself leaves them in [0.68, 1.13]); the directions are as exact as the unfolded
+    # form's (measured 1.3-1.6e-2 before the fold, 1.4-1.6e-2 after).
+    assert direction_error(bf16, G, reference) < 2e-2
 
 
 @pytest.mark.parametrize("coefficients,low", [("quintic", 1e-2), ("polar_express", 1e-3)])
@@ -317,7 +330,11 @@ def test_qk_clip_driver():
 
 def test_benchmark_quick(tmp_path):
     out = tmp_path / "muon_step.json"
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "muon_step.py"), "--quick", "--out", str(out)],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "muon_step.py"), "--quick", "--profile",
+                             "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "nanokimi Muon quintic" in result.stdout and out.exists()
+    assert "nanokimi eager" in result.stdout and "nanokimi captured (graph)" in result.stdout
+    written = json.loads(out.read_text())
+    assert {r["optimizer"] for r in written["rows"]} >= {"nanokimi eager", "nanokimi captured (graph) [eager fallback]"}
+    profiled = written["profile"]["gpt2-tiny"]["nanokimi eager"]
+    assert 0 < len(profiled["top"]) <= 15 and "gemm" in profiled["categories_ms"]

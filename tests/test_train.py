@@ -1,5 +1,6 @@
 """End to end through the CLI on a small corpus: train, resume, generate, eval, plot, and the errors."""
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,33 @@ def test_resumed_run_equals_uninterrupted(tmp_path, corpus):
     assert sorted(a) == sorted(b) == list(range(1, 13))
     for step in a:
         assert abs(a[step] - b[step]) <= 1e-6 * abs(a[step]), (step, a[step], b[step])
+
+
+def test_cuda_graph_option_on_cpu_warns_and_trains_the_same(tmp_path, corpus):
+    plain, graphed = tmp_path / "plain", tmp_path / "graphed"
+    assert train(plain, corpus, "train.max_steps=5") == 0
+    with pytest.warns(UserWarning, match="CapturedStep: the parameters are not all on a CUDA device"):
+        assert train(graphed, corpus, "train.max_steps=5", "optim.cuda_graph=true") == 0
+    a, b = losses(plain), losses(graphed)
+    assert sorted(a) == sorted(b) == list(range(1, 6))
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-6 * abs(a[step]), (step, a[step], b[step])
+
+
+@pytest.mark.gpu
+def test_cuda_graph_training_on_gpu_follows_the_eager_run(tmp_path, corpus):
+    # QK-Clip (tau low enough to clip) and MoE router-bias updates run between the captured steps
+    extra = ["train.max_steps=8", "train.device=cuda", "optim.qk_clip_tau=5", "optim.router_bias_rate=0.01"]
+    eager, graphed = tmp_path / "eager", tmp_path / "graphed"
+    assert train(eager, corpus, *extra) == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert train(graphed, corpus, *extra, "optim.cuda_graph=true") == 0
+    assert not [w for w in caught if "CapturedStep" in str(w.message)]
+    a, b = losses(eager), losses(graphed)
+    assert sorted(a) == sorted(b) == list(range(1, 9))  # 3 eager warm-up steps, then captured and replayed
+    for step in a:  # bf16 autocast and atomics: close, not bitwise
+        assert abs(a[step] - b[step]) <= 2e-2 * abs(a[step]), (step, a[step], b[step])
 
 
 @pytest.mark.parametrize("args, message", [

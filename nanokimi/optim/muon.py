@@ -91,9 +91,8 @@ class Muon(torch.optim.Optimizer):
             check_matrix_options(p.shape, group["heads"], group["split"], name=f"param {i} of group "
                                  f"{len(self.param_groups) - 1}")
 
-    def _advance_momentum(self, group):
-        """M <- mu M + G for the group's params with grads (one pass each); returns (params, buffers)."""
-        params = [p for p in group["params"] if p.grad is not None]
+    def _momentum_buffers(self, params):
+        """The momentum buffer of each param, created as zeros on its first step."""
         bufs = []
         for p in params:
             if p.grad.is_sparse:
@@ -101,13 +100,13 @@ class Muon(torch.optim.Optimizer):
             state = self.state[p]
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            buf = state["momentum_buffer"]
-            torch.add(p.grad, buf, alpha=group["momentum"], out=buf)
-            bufs.append(buf)
-        return params, bufs
+            bufs.append(state["momentum_buffer"])
+        return bufs
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One Muon step. A group's lr may be a float or a 0-d tensor on the params' device (the CUDA-graph
+        step, nanokimi.optim.graphed, keeps it a tensor so a schedule reaches the captured kernels)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -115,9 +114,12 @@ class Muon(torch.optim.Optimizer):
 
         batches = defaultdict(list)  # NS settings + block shape -> [(grad, momentum, weight blocks, group)]
         for group in self.param_groups:
-            params, bufs = self._advance_momentum(group)
+            params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
+            bufs = self._momentum_buffers(params)
+            for p, buf in zip(params, bufs):  # one pass each; _foreach_mul_ + _foreach_add_ would read M twice
+                torch.add(p.grad, buf, alpha=group["momentum"], out=buf)  # M <- mu M + G
             if group["weight_decay"] != 0:
                 torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
             heads, split = group["heads"], group["split"]
@@ -149,6 +151,10 @@ class Muon(torch.optim.Optimizer):
             start = 0
             for g, _, w, group in jobs:
                 n = g.numel() // (rows * cols)
-                w.add_(O[start:start + n].view(g.shape), alpha=-group["lr"] * scale)
+                update = O[start:start + n].view(g.shape)
                 start += n
+                if isinstance(group["lr"], torch.Tensor):
+                    w.addcmul_(update, group["lr"] * -scale)  # the same W - lr scale O, lr read on the device
+                else:
+                    w.add_(update, alpha=-group["lr"] * scale)
         return loss

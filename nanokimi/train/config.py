@@ -59,6 +59,7 @@ class OptimConfig:
     qk_clip: bool = True
     qk_clip_tau: float = 100.0
     router_bias_rate: float = 1e-3
+    cuda_graph: bool = False  # replay the optimizer step as one CUDA graph (nanokimi.optim.CapturedStep)
 
 
 @dataclass(kw_only=True, slots=True)

@@ -108,6 +108,12 @@ class Trainer:
         o = run.optim
         self.optimizer = build_optimizer(self.model, name=o.name, lr=o.lr, weight_decay=o.weight_decay,
                                          betas=(o.beta1, o.beta2), momentum=o.momentum)
+        if o.cuda_graph:
+            if world_size > 1:
+                raise TrainingError("optim.cuda_graph=true works in a single process only (the sharded step talks "
+                                    "to the other ranks); set optim.cuda_graph=false for multi-GPU runs.")
+            from nanokimi.optim import CapturedStep
+            self.optimizer = CapturedStep(self.optimizer)  # QK-Clip and router-bias updates stay in place, outside
         if o.qk_clip:
             enable_qk_clip_recording(self.model)
         self.step, self.tokens = 0, 0

@@ -1,13 +1,15 @@
 """Batched Newton-Schulz orthogonalisation (the core of Muon); `naive.py` holds the one-matrix fp32 reference.
 
-Same-shape matrices go through the iteration together: three batched GEMMs per step, with the axpy terms
-fused into the GEMM epilogue by `torch.baddbmm`. For wide X [N, a, b] (a <= b):
-    gram = X X^T                                  [N, a, a]
-    poly = b gram + c gram gram                   baddbmm(gram, gram, gram, beta=b, alpha=c)
-    X    = a X + poly X                           baddbmm(X, poly, X, beta=a)
-Tall X [N, b, a] uses gram = X^T X and X = a X + X poly: the same short-side cost with no transposed copy
-(the GEMMs read transposed operands for free; elementwise kernels writing transposed views are slow).
-Nothing elementwise is left between the GEMMs, so torch.compile has nothing to fuse here.
+Same-shape matrices go through the iteration together. For wide X [N, s, l] (s <= l), each step is
+    gram = X X^T                                  [N, s, s]   bmm
+    poly = a I + b gram + c gram gram             [N, s, s]   baddbmm, then a added on the diagonal
+    X    = poly X                                 [N, s, l]   bmm
+Tall X [N, l, s] uses gram = X^T X and X = X poly (poly is symmetric): the same short-side cost, the
+transposes are GEMM operand flags, never copies. Folding a into the small s x s poly means the big GEMM
+has no additive input: baddbmm(X, poly, X, beta=a) would first copy all of X into its output, every step.
+Measured on the CPU in bf16 against the fp32 reference: the direction error (off-diagonal of U^T O V) is
+the same as with the unfolded form; rounding a + (poly)_ii to bf16 shifts the singular values by 2-3%,
+well inside the quintic's [0.68, 1.13] band.
 """
 import torch
 
@@ -32,8 +34,9 @@ def newton_schulz(X, schedule):
     tall = X.shape[-2] > X.shape[-1]
     for a, b, c in schedule:
         gram = torch.bmm(X.mT, X) if tall else torch.bmm(X, X.mT)  # [N, short, short]
-        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
-        X = torch.baddbmm(X, X, poly, beta=a) if tall else torch.baddbmm(X, poly, X, beta=a)
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b gram + c gram^2
+        poly.diagonal(dim1=-2, dim2=-1).add_(a)  # + a I
+        X = torch.bmm(X, poly) if tall else torch.bmm(poly, X)
     return X
 
 
