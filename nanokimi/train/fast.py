@@ -57,7 +57,10 @@ def compile_model(model: nn.Module, fullgraph: bool = True, loss: bool = True, m
     plain = isinstance(model.residual, PreNormResidual)
     for block in model.layers:
         has_break = isinstance(block.mixer, KimiDeltaAttention)
-        if scope == "block" or (scope == "auto" and plain and not has_break):
+        sharded = has_sharded_parts(block)  # FSDP2 units inside (nanokimi.train.distributed): hooks stay outside graphs
+        if scope == "block" and sharded:
+            raise ValueError("scope='block' cannot compile a block whose mixer/FFN are FSDP2 units; use scope='auto'.")
+        if scope == "block" or (scope == "auto" and plain and not has_break and not sharded):
             _compile_module(block, fullgraph=fullgraph and not has_break, mode=mode)
             continue
         _compile_module(block.mixer_norm, fullgraph=fullgraph, mode=mode)
@@ -70,6 +73,13 @@ def compile_model(model: nn.Module, fullgraph: bool = True, loss: bool = True, m
     if loss:
         model._chunk_loss_sum = torch.compile(model._chunk_loss_sum, fullgraph=fullgraph, mode=mode)
     return model
+
+
+def has_sharded_parts(block: nn.Module) -> bool:
+    """Whether a submodule of `block` (not the block itself) is an FSDP2 unit."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for name, m in block.named_modules() if name)
 
 
 def _compile_module(module: nn.Module, **options) -> None:
