@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from perf_common import (ROOT, environment, find_peer_script, free_memory, median_ms, print_table, results_path,
+from perf_common import (ROOT, environment, find_peer_script, free_memory, kernel_profile, median_ms, print_table, results_path,
                          run_peer, short_error, sync, write_results)
 from nanokimi.config import ModelConfig
 from nanokimi.infer import DecodeStep, generate, release_decode_graphs
@@ -75,6 +75,9 @@ def short_decode(model, cfg, B: int, args, device, variant: str) -> dict:
             ms = median_ms(lambda: step(token, args.prompt), device, args.warmup, args.repeats)
             result.update(decode_step_ms=round(ms, 3), decode_tokens_per_s=round(B / ms * 1e3, 1),
                           cuda_graph=step.graph is not None)
+            if args.profile and device.type == "cuda":
+                result["profile"] = kernel_profile(lambda: step(token, args.prompt), 5)
+                print(f"  profile {variant} b{B}: {json.dumps(result['profile'])[:1500]}", flush=True)
         return result
     except Exception as error:  # noqa: BLE001 - keep the other variants
         traceback.print_exc()
@@ -178,6 +181,8 @@ def main():
     ap.add_argument("--skip-short", action="store_true")
     ap.add_argument("--no-compile", action="store_true", help="skip the CUDA graph + torch.compile variant")
     ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="GPU kernels of 5 decode steps by kind (into the JSON)")
+    ap.add_argument("--variants", nargs="+", default=None, help="short-decode variants (default: all)")
     ap.add_argument("--peer-batches", nargs="+", type=int, default=None, help="HF peer batches (default: --batches)")
     ap.add_argument("--peer-script", help="path to peer_hf.py (default: .gpu/bench/ or ../shared/bench/)")
     ap.add_argument("--peer-timeout", type=int, default=240)
@@ -214,7 +219,7 @@ def main():
                 variants = ["graph"]
                 if B == max(args.batches):
                     variants += ["eager"] + ([] if args.no_compile else ["graph+compile"])
-                for variant in variants:
+                for variant in [v for v in variants if args.variants is None or v in args.variants]:
                     entry[f"b{B}_{variant}"] = short_decode(model, cfg, B, args, device, variant)
                     print(f"  {json.dumps(entry[f'b{B}_{variant}'])}", flush=True)
             del model

@@ -2,6 +2,7 @@
 import datetime
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -133,3 +134,45 @@ def print_table(headers: list[str], rows: list[list]) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
         if n == 0:
             print("  ".join("-" * w for w in widths))
+
+
+KINDS = [  # first match wins; patterns are matched against the lower-cased kernel name
+    ("nccl", r"nccl"),
+    ("attention", r"flash|fmha|cudnn.*attn|attention|sdpa"),
+    ("grouped_gemm", r"grouped|group_gemm"),
+    ("fla", r"chunk_|kda|delta|recurrent|solve_tril|wy_|l2norm|gated|merge_16|fwd_kernel|bwd_kernel"),
+    ("fused", r"^triton_"),
+    ("gemm", r"gemm|cutlass|xmma|nvjet|sm90|sm80|matmul|dot_"),
+    ("copy", r"copy|memcpy|memset|cat|fill"),
+]
+
+
+def kind_of(kernel: str) -> str:
+    name = kernel.lower()
+    return next((kind for kind, pattern in KINDS if re.search(pattern, name)), "other")
+
+
+def kernel_times(prof) -> dict[str, float]:
+    """GPU microseconds per kernel name over the profiled steps."""
+    times = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA and event.device_time_total > 0:
+            times[event.name] = times.get(event.name, 0.0) + event.device_time_total
+    return times
+
+
+def kernel_profile(fn, calls: int, top: int = 20) -> dict:
+    """Run fn() `calls` times under torch.profiler (CUDA): GPU ms per call by kernel kind, kernels per
+    call, and the top kernels by GPU time."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    per_call = {name: t / calls / 1e3 for name, t in kernel_times(prof).items() if "#" not in name}
+    kinds = {}
+    for name, t in per_call.items():
+        kinds[kind_of(name)] = kinds.get(kind_of(name), 0.0) + t
+    count = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and "#" not in e.name)
+    return dict(gpu_busy_ms=round(sum(per_call.values()), 3), kernels_per_call=round(count / calls),
+                kinds_ms={k: round(v, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+                top_kernels=[[n[:160], round(t, 4), kind_of(n)] for n, t in sorted(per_call.items(), key=lambda kv: -kv[1])[:top]])

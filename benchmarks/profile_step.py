@@ -17,14 +17,14 @@ graph (auto, the whole step captured in one CUDA graph by nanokimi.train.fast.ca
 """
 import argparse
 import json
-import re
 import time
 import traceback
 from pathlib import Path
 
 import torch
 
-from perf_common import environment, free_memory, median_ms, print_table, results_path, short_error, write_results
+from perf_common import (environment, free_memory, kernel_times, kind_of, median_ms, print_table, results_path,
+                         short_error, write_results)
 from nanokimi.config import ModelConfig
 from nanokimi.model import build_model
 from nanokimi.model.moe import update_router_bias
@@ -42,31 +42,6 @@ QUICK = {
     "gpt-124m": dict(preset="tiny-dense", overrides=dict(vocab_size=512, num_layers=2), B=2, T=32),
 }
 VARIANTS = ("auto", "module", "block", "eager", "qk-clip", "no-cudnn", "graph")
-KINDS = [  # first match wins; patterns are matched against the lower-cased kernel name
-    ("nccl", r"nccl"),
-    ("attention", r"flash|fmha|cudnn.*attn|attention|sdpa"),
-    ("grouped_gemm", r"grouped|group_gemm"),
-    ("fla", r"chunk_|kda|delta|recurrent|solve_tril|wy_|l2norm|gated|merge_16|fwd_kernel|bwd_kernel"),
-    ("fused", r"^triton_"),
-    ("gemm", r"gemm|cutlass|xmma|nvjet|sm90|sm80|matmul|dot_"),
-    ("copy", r"copy|memcpy|memset|cat|fill"),
-]
-
-
-def kind_of(kernel: str) -> str:
-    name = kernel.lower()
-    return next((kind for kind, pattern in KINDS if re.search(pattern, name)), "other")
-
-
-def kernel_times(prof) -> dict[str, float]:
-    """GPU microseconds per kernel name over the profiled steps."""
-    times = {}
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA and event.device_time_total > 0:
-            times[event.name] = times.get(event.name, 0.0) + event.device_time_total
-    return times
-
-
 def build_step(spec: dict, variant: str, device: torch.device):
     cfg = ModelConfig.preset(spec["preset"], **spec.get("overrides", {}))
     model = build_model(cfg, device=device).train()
