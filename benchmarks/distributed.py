@@ -42,10 +42,10 @@ from nanokimi.train.trainer import Trainer  # noqa: E402
 
 QUICK_MODEL = ["model.hidden_size=64", "model.num_layers=2", "model.mixers=KA", "model.vocab_size=512"]
 VARIANTS = {  # name -> (train.* overrides, DistributedMuon buckets)
-    "default": ({}, 4),
-    "reshard": ({"fsdp_reshard": True}, 4),
-    "bf16-reduce": ({"fsdp_reduce_dtype": "bf16"}, 4),
-    "muon-1-bucket": ({}, 1),
+    "default": ({}, 1),
+    "reshard": ({"fsdp_reshard": True}, 1),
+    "bf16-reduce": ({"fsdp_reduce_dtype": "bf16"}, 1),
+    "muon-4-buckets": ({}, 4),
 }
 PHASES = ("forward", "backward", "statistics", "clip", "optimizer", "after")
 COLLECTIVES = ("all_gather_into_tensor", "all_gather_single", "reduce_scatter_tensor", "reduce_scatter_single",
@@ -68,7 +68,7 @@ class RandomTokens:
 class BenchTrainer(Trainer):
     """The Trainer without a data folder, output folder or checkpoints: what train_step needs, and only that."""
 
-    def __init__(self, run, rank, world_size, muon_buckets=4):
+    def __init__(self, run, rank, world_size, muon_buckets=1):
         from nanokimi.model import build_model
         from nanokimi.optim import build_optimizer, enable_qk_clip_recording
         from nanokimi.optim.dist_muon import DistributedMuon
@@ -303,7 +303,7 @@ def main():
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--phase-iters", type=int, default=3, help="steps of the per-phase breakdown")
     parser.add_argument("--compile", action="store_true", help="per-module torch.compile (nanokimi.train.fast)")
-    parser.add_argument("--variants", default="default,reshard,bf16-reduce,muon-1-bucket",
+    parser.add_argument("--variants", default="default,reshard,bf16-reduce,muon-4-buckets",
                         help=f"FSDP settings measured on N GPUs, comma-separated, of: {', '.join(VARIANTS)}")
     parser.add_argument("--quick", action="store_true", help="tiny model on the CPU (gloo), 2 steps")
     parser.add_argument("--out", type=Path, help="JSON file (default benchmarks/results/distributed.json; "

@@ -184,13 +184,13 @@ def test_benchmark_quick(tmp_path):
     subprocess.run([sys.executable, str(script), "--quick", "--out", str(tmp_path / "d.json")], check=True,
                    capture_output=True, timeout=300)
     rows = {(r["gpus"], r["variant"]): r for r in json.loads((tmp_path / "d.json").read_text())["rows"]}
-    assert set(rows) == {(1, "default"), (2, "default"), (2, "reshard"), (2, "bf16-reduce"), (2, "muon-1-bucket")}
+    assert set(rows) == {(1, "default"), (2, "default"), (2, "reshard"), (2, "bf16-reduce"), (2, "muon-4-buckets")}
     assert all(r["tokens_per_s"] > 0 and 0 < r["optimizer_share"] < 1 for r in rows.values())
     assert all(set(r["phase_ms"]) == {"forward", "backward", "statistics", "clip", "optimizer", "after"}
                for r in rows.values())
     calls = {key: r["collective_calls"] for key, r in rows.items()}
     assert calls[1, "default"] == {}  # one process: no collectives at all
-    assert calls[2, "default"]["all_to_all_single"] == 2 * 4 and calls[2, "muon-1-bucket"]["all_to_all_single"] == 2
+    assert calls[2, "default"]["all_to_all_single"] == 2 and calls[2, "muon-4-buckets"]["all_to_all_single"] == 2 * 4
     gathers = {key: sum(n for name, n in c.items() if name.startswith("all_gather")) for key, c in calls.items()}
     units = 2 * 2  # tiny quick model: 2 layers x (mixer, ffn)
     assert gathers[2, "default"] == units + 1 and gathers[2, "reshard"] == 2 * units + 1

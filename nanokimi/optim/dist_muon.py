@@ -4,14 +4,16 @@ Parameters are DTensors sharded on dim 0 over a 1-D mesh (FSDP2's layout: rank r
 [r c, (r + 1) c) with c = ceil(rows / world), the last ranks possibly fewer or none). Per step:
     1. on every shard: M <- mu M + G, weight decay, U = mu M + G (nesterov) cast to the Newton-Schulz dtype
        (the momentum buffer lives on the shard, as a DTensor beside its parameter)
-    2. the matrices are cut into a few buckets of about equal size (in parameter order); per bucket, one
+    2. the matrices are cut into `buckets` pieces of about equal size (in parameter order; one by default,
+       which measured fastest on 2 GPUs); per bucket, one
        all-to-all sends each shard of U to the rank that owns the whole matrix; owners are assigned greedily
        within the bucket, largest matrices first, to the rank with the least work so far
     3. each owner runs the batched Newton-Schulz over its matrices of a bucket as soon as they arrive, with
        the same blocks as Muon (per-head, split, per-expert), while the later buckets are still in flight
     4. per bucket, a second all-to-all sends each rank the rows of O that match its shard;
        W <- W - lr 0.2 sqrt(max(a, b)) O
-So the Newton-Schulz work is split over ranks, never repeated, its communication overlaps it, and the
+So the Newton-Schulz work is split over ranks, never repeated, with several buckets its communication
+overlaps it, and the
 result is the single-process Muon's. Two all-to-alls per bucket, no other collective.
 """
 import math
@@ -79,9 +81,10 @@ class _Job:
 class DistributedMuon(Muon):
     """Muon over DTensor parameters sharded on dim 0 (FSDP2). Same options and update as Muon; built by
     nanokimi.optim.build_optimizer when the model's parameters are DTensors. `buckets`: how many pieces
-    the matrices are cut into so that communication overlaps the Newton-Schulz work (1: no overlap)."""
+    the matrices are cut into so that communication overlaps the Newton-Schulz work (1, the default: no
+    overlap, and the fastest measured on 2x H200 for bench-kl-900m: 38.9 vs 69.6 ms with 4)."""
 
-    def __init__(self, params, buckets: int = 4, **options):
+    def __init__(self, params, buckets: int = 1, **options):
         if buckets < 1:
             raise ValueError(f"buckets must be >= 1, got {buckets}")
         super().__init__(params, **options)
