@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Everything nanokimi measures on one CUDA GPU, split in parts that each fit a 10-minute slot:
-#   bash benchmarks/gpu_suite.sh train      # GPU tests, Muon step, training throughput vs HF
-#   bash benchmarks/gpu_suite.sh decode     # decoding vs HF, MoBA vs SDPA, AttnRes overhead
+#   bash benchmarks/gpu_suite.sh tests      # the GPU tests (each compiles tiny models: minutes)
+#   bash benchmarks/gpu_suite.sh train      # Muon step, training throughput vs HF (with the whole-step graph)
+#   bash benchmarks/gpu_suite.sh decode     # decoding vs HF + long context, MoBA vs SDPA, attention backends
+#   bash benchmarks/gpu_suite.sh attnres    # AttnRes overhead (its compile of full mode takes minutes)
 #   bash benchmarks/gpu_suite.sh profile    # where the training step's GPU time goes (kernels by kind)
+#   GPU_STEPS="LIMIT command;..." bash benchmarks/gpu_suite.sh custom
 # Expects fla-core wheels in .whl/ (bash ../shared/bench/gpu_wheels.sh) and the HF peer script in
 # .gpu/bench/ (cp -r ../shared/bench .gpu/). Results land in benchmarks/results/*.json and, when $OUT
 # is set, are copied there with the log.
@@ -29,20 +32,23 @@ step() {  # step SECONDS command...: run with a time limit, keep going on failur
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$log"
 case "$1" in
+  tests)
+    step 560 python3 -m pytest -q -m gpu tests/ -p no:cacheprovider ;;
   train)
-    step 150 python3 -m pytest -q -m gpu tests/ -p no:cacheprovider
     step 110 python3 benchmarks/muon_step.py --profile
-    step 330 python3 benchmarks/train_step.py --peer-script .gpu/bench/peer_hf.py ;;
+    step 460 python3 benchmarks/train_step.py --cuda-graph --peer-script .gpu/bench/peer_hf.py --peer-timeout 200 ;;
   decode)
-    step 300 python3 benchmarks/generate.py --peer-script .gpu/bench/peer_hf.py
-    step 150 python3 benchmarks/moba.py
-    step 100 python3 benchmarks/attnres_overhead.py ;;
+    step 380 python3 benchmarks/generate.py --peer-script .gpu/bench/peer_hf.py
+    step 140 python3 benchmarks/moba.py
+    step 40 python3 benchmarks/attention_backends.py ;;
+  attnres)
+    step 560 python3 benchmarks/attnres_overhead.py ;;
   profile)
     step "${PROFILE_LIMIT:-500}" python3 benchmarks/profile_step.py ${PROFILE_ARGS:-} ;;
   custom)  # GPU_STEPS="LIMIT command;LIMIT command;..." (for one-off runs)
     IFS=';' read -ra parts <<< "$GPU_STEPS"
     for part in "${parts[@]}"; do read -r limit cmd <<< "$part"; step "$limit" bash -c "$cmd"; done ;;
-  *) echo "usage: $0 train|decode|profile|custom"; exit 2 ;;
+  *) echo "usage: $0 tests|train|decode|attnres|profile|custom"; exit 2 ;;
 esac
 if [ -n "${OUT:-}" ]; then
   mkdir -p "$OUT/results" && find benchmarks/results -name '*.json' -newer /tmp/nk-suite-start -exec cp {} "$OUT"/results/ \;
