@@ -182,7 +182,8 @@ def capture_step(step, warmup: int = 3):
     autocast with cache_enabled=False, and optimizers that can be captured (make_optimizer(...,
     capturable=True)); the learning rate is baked in unless the optimizer reads it from a tensor.
     Runs step() `warmup` times on a side stream (compilation and autotuning happen there), captures one
-    call, and returns replay() -> the loss tensor, refreshed by each replay."""
+    call, and returns replay() -> the loss tensor, refreshed by each replay. The warm-up calls and the
+    captured call are real steps on whatever the input tensors hold: fill them with a batch first."""
     if not torch.cuda.is_available():
         raise RuntimeError("capture_step needs CUDA; on the CPU call the step function itself.")
     side = torch.cuda.Stream()
