@@ -9,6 +9,7 @@ values as they are. Each row is one causal self-attention call (B=4, T=4096, 8 h
 bf16, forward then backward, median of --repeats after warm-up; the backend is forced with sdpa_kernel.
 """
 import argparse
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -43,9 +44,10 @@ def main():
     ap.add_argument("--H", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="CPU smoke run (math backend, tiny shapes)")
+    ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    out = results_path("attention_backends", args.quick)
+    out = args.out or results_path("attention_backends", args.quick)
     if args.quick:
         device, args.B, args.T, args.H, args.warmup, args.repeats = torch.device("cpu"), 1, 64, 2, 1, 1
         backends = ["math"]

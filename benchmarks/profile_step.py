@@ -42,10 +42,10 @@ QUICK = {
     "gpt-124m": dict(preset="tiny-dense", overrides=dict(vocab_size=512, num_layers=2), B=2, T=32),
 }
 VARIANTS = ("auto", "module", "block", "eager", "qk-clip", "no-cudnn", "graph")
-def build_step(spec: dict, variant: str, device: torch.device):
+def build_step(spec: dict, variant: str, device: torch.device, compile: bool = True):
     cfg = ModelConfig.preset(spec["preset"], **spec.get("overrides", {}))
     model = build_model(cfg, device=device).train()
-    if variant != "eager":
+    if variant != "eager" and compile:
         scope = variant if variant in ("module", "block") else "auto"
         compile_model(model, fullgraph=device.type == "cuda", scope=scope)
     if variant == "qk-clip":
@@ -92,7 +92,7 @@ def profile_variant(spec: dict, variant: str, device: torch.device, args) -> dic
 
 
 def _profile_variant(spec: dict, variant: str, device: torch.device, args) -> dict:
-    model, step = build_step(spec, variant, device)
+    model, step = build_step(spec, variant, device, compile=not args.quick)
     ms = median_ms(step, device, args.warmup, args.repeats)
     launch_ms = host_ms(step, device)
     activities = [torch.profiler.ProfilerActivity.CPU]
@@ -142,7 +142,7 @@ def main():
     if args.quick:
         device, specs = torch.device("cpu"), {n: QUICK[n] for n in args.configs}
         args.warmup, args.repeats, args.profile_steps = 1, 1, 1
-        args.variants = [v for v in args.variants if v in ("eager", "qk-clip")] or ["eager"]
+        args.variants = [v for v in args.variants if v in ("eager", "qk-clip")] or ["eager"]  # run uncompiled
     else:
         if not torch.cuda.is_available():
             raise SystemExit("No CUDA device: run on a GPU, or pass --quick for the CPU smoke run.")

@@ -132,7 +132,7 @@ def test_bad_arguments_have_clear_errors():
         generate(model, torch.zeros(1, 2, dtype=torch.long), 2, use_cuda_graph=True)
 
 
-@pytest.mark.parametrize("script", ["train_step.py", "generate.py"])
+@pytest.mark.parametrize("script", ["train_step.py", "generate.py", "profile_step.py", "attention_backends.py"])
 def test_benchmark_quick_mode_runs_on_cpu(script, tmp_path):
     out = tmp_path / "result.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(out)],
