@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py                          # all configs, HF peers as subprocesses
     python benchmarks/train_step.py --configs gpt-124m       # a subset (results merge into the JSON)
+    python benchmarks/train_step.py --cuda-graph             # also the whole step replayed as one CUDA graph
     python benchmarks/train_step.py --quick --out /tmp/t.json  # CPU smoke run in seconds (tiny models)
 
 Configs: gpt-124m (B=32, T=1024) beside a minimal compiled GPT-2 written here ("plain compiled PyTorch
