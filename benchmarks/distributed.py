@@ -69,34 +69,19 @@ class BenchTrainer(Trainer):
     """The Trainer without a data folder, output folder or checkpoints: what train_step needs, and only that."""
 
     def __init__(self, run, rank, world_size, muon_buckets=1):
-        from nanokimi.model import build_model
-        from nanokimi.optim import build_optimizer, enable_qk_clip_recording
         from nanokimi.optim.dist_muon import DistributedMuon
-        from nanokimi.train.distributed import shard_model
         from nanokimi.train.trainer import pick_device
 
         self.run, self.rank, self.world_size, self.is_main = run, rank, world_size, rank == 0
         self.device = pick_device(run.train.device)
         torch.manual_seed(run.train.seed)
-        t, o = run.train, run.optim
+        t = run.train
         self.micro_batch = t.batch_size // t.grad_accum // world_size
         self.stream = RandomTokens(run.model.vocab_size, self.micro_batch, t.seq_len, rank, world_size, self.device)
-        self.model = build_model(run.model, device=self.device)
-        if world_size > 1:
-            shard_model(self.model, self.device, reshard_after_forward=t.fsdp_reshard,
-                        reduce_dtype=torch.bfloat16 if t.fsdp_reduce_dtype == "bf16" else torch.float32)
-        self.model.train()
-        if t.compile:
-            from nanokimi.train.fast import compile_model
-            compile_model(self.model, fullgraph=self.device.type == "cuda")
-        self.loss_fn = self.model.loss
-        self.optimizer = build_optimizer(self.model, name=o.name, lr=o.lr, weight_decay=o.weight_decay,
-                                         betas=(o.beta1, o.beta2), momentum=o.momentum)
+        self._build_model_and_optimizer()
         muon = self.optimizer.optimizers.get("muon")
         if isinstance(muon, DistributedMuon):
             muon.buckets = muon_buckets
-        if o.qk_clip:
-            enable_qk_clip_recording(self.model)
         self.step, self.tokens, self.last_good = 0, 0, None
 
     def phased_step(self) -> dict:

@@ -85,8 +85,6 @@ class Trainer:
             run.model = run.model.replace(vocab_size=vocab)
 
         from nanokimi.data import TokenStream
-        from nanokimi.optim import build_optimizer
-        from nanokimi.optim.qk_clip import enable_qk_clip_recording
 
         t = run.train
         self.micro_batch = t.batch_size // t.grad_accum // world_size
@@ -95,27 +93,7 @@ class Trainer:
                                 f"times the number of processes ({world_size}).")
         self.stream = TokenStream(self.data_dir, "train", self.micro_batch, t.seq_len, seed=t.seed,
                                   rank=rank, world_size=world_size, device=self.device)
-        self.model = build_model(run.model, device=self.device)
-        if world_size > 1:
-            from nanokimi.train.distributed import shard_model
-            shard_model(self.model, self.device, reshard_after_forward=t.fsdp_reshard,
-                        reduce_dtype=torch.bfloat16 if t.fsdp_reduce_dtype == "bf16" else torch.float32)
-        self.model.train()
-        if t.compile:
-            from nanokimi.train.fast import compile_model
-            compile_model(self.model, fullgraph=self.device.type == "cuda")  # CPU fp32 MoE has a graph break
-        self.loss_fn = self.model.loss
-        o = run.optim
-        self.optimizer = build_optimizer(self.model, name=o.name, lr=o.lr, weight_decay=o.weight_decay,
-                                         betas=(o.beta1, o.beta2), momentum=o.momentum)
-        if o.cuda_graph:
-            if world_size > 1:
-                raise TrainingError("optim.cuda_graph=true works in a single process only (the sharded step talks "
-                                    "to the other ranks); set optim.cuda_graph=false for multi-GPU runs.")
-            from nanokimi.optim import CapturedStep
-            self.optimizer = CapturedStep(self.optimizer)  # QK-Clip and router-bias updates stay in place, outside
-        if o.qk_clip:
-            enable_qk_clip_recording(self.model)
+        self._build_model_and_optimizer()
         self.step, self.tokens = 0, 0
         self.last_good = None
         if resume:
@@ -124,6 +102,33 @@ class Trainer:
                 raise TrainingError(f"--resume: '{self.out}' has no checkpoint to continue from "
                                     f"({self.checkpoint_dir} is missing). Start it without --resume.")
             self._resume()
+
+    def _build_model_and_optimizer(self) -> None:
+        """self.model (sharded across ranks, compiled if asked), self.loss_fn and self.optimizer from self.run."""
+        from nanokimi.optim import build_optimizer
+        from nanokimi.optim.qk_clip import enable_qk_clip_recording
+
+        t, o = self.run.train, self.run.optim
+        self.model = build_model(self.run.model, device=self.device)
+        if self.world_size > 1:
+            from nanokimi.train.distributed import shard_model
+            shard_model(self.model, self.device, reshard_after_forward=t.fsdp_reshard,
+                        reduce_dtype=torch.bfloat16 if t.fsdp_reduce_dtype == "bf16" else torch.float32)
+        self.model.train()
+        if t.compile:
+            from nanokimi.train.fast import compile_model
+            compile_model(self.model, fullgraph=self.device.type == "cuda")  # CPU fp32 MoE has a graph break
+        self.loss_fn = self.model.loss
+        self.optimizer = build_optimizer(self.model, name=o.name, lr=o.lr, weight_decay=o.weight_decay,
+                                         betas=(o.beta1, o.beta2), momentum=o.momentum)
+        if o.cuda_graph:
+            if self.world_size > 1:
+                raise TrainingError("optim.cuda_graph=true works in a single process only (the sharded step talks "
+                                    "to the other ranks); set optim.cuda_graph=false for multi-GPU runs.")
+            from nanokimi.optim import CapturedStep
+            self.optimizer = CapturedStep(self.optimizer)  # QK-Clip and router-bias updates stay in place, outside
+        if o.qk_clip:
+            enable_qk_clip_recording(self.model)
 
     def _check_output_dir(self, resume: bool) -> None:
         holds_run = (self.out / "metrics.jsonl").exists() or self.checkpoint_dir.exists()
