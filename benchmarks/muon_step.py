@@ -15,9 +15,7 @@ kernel launches shows its wall time. Prints one table and writes benchmarks/resu
 import argparse
 import datetime
 import json
-import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -26,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from perf_common import git_commit, results_path  # noqa: E402
+from perf_common import git_commit, median_ms, results_path  # noqa: E402
 
 from nanokimi.optim import CapturedStep, Muon, build_optimizer  # noqa: E402
 
@@ -52,25 +50,6 @@ def ns_flops(shapes, steps=5):
         s, l = sorted(shape[-2:])
         total += count * steps * (4 * s * s * l + 2 * s**3)
     return total
-
-
-def median_step_ms(step, device, warmup, iters):
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def with_random_grads(shapes, device):
@@ -133,7 +112,7 @@ def bench_matrix_set(set_name, shapes, device, warmup, iters, lr=0.02):
     for name, make, its_shapes, its_flops in candidates:
         params = with_random_grads(its_shapes, device)
         opt = make(params)
-        ms = median_step_ms(opt.step, device, warmup, iters)
+        ms = median_ms(opt.step, device, warmup, iters)
         rows.append(row(set_name, graph_note(name, opt), params, ms, its_flops))
         del params, opt
         release(device)
@@ -159,14 +138,14 @@ def bench_model(preset, device, warmup, iters, lr=1e-3):
         muon = opt_set.optimizers["muon"]
         muon_shapes = [tuple(p.shape) for g in muon.param_groups for p in g["params"]]
         step = wrap(opt_set)
-        ms = median_step_ms(step.step, device, warmup, iters)
+        ms = median_ms(step.step, device, warmup, iters)
         rows.append(row(preset, graph_note(name, step), params, ms, ns_flops(muon_shapes),
                         matrices=len(unbound_2d_shapes(muon_shapes))))
         del opt_set, muon, step
         release(device)
     fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
     adamw = torch.optim.AdamW(params, lr=lr, weight_decay=0.1, **fused)
-    rows.append(row(preset, "AdamW fused, all params", params, median_step_ms(adamw.step, device, warmup, iters),
+    rows.append(row(preset, "AdamW fused, all params", params, median_ms(adamw.step, device, warmup, iters),
                     matrices=None))
     del adamw, model, params
     release(device)
@@ -174,7 +153,7 @@ def bench_model(preset, device, warmup, iters, lr=1e-3):
         matrices = with_random_grads(unbound_2d_shapes(muon_shapes), device)
         peer = torch.optim.Muon(matrices, lr=lr, weight_decay=0.1, momentum=0.95, nesterov=True,
                                 adjust_lr_fn="match_rms_adamw")
-        ms = median_step_ms(peer.step, device, min(warmup, 1), min(iters, 5))  # ~0.8 s a step: fewer of them
+        ms = median_ms(peer.step, device, min(warmup, 1), min(iters, 5))  # ~0.8 s a step: fewer of them
         rows.append(row(preset, "torch.optim.Muon (Muon's matrices)", matrices, ms, ns_flops(muon_shapes)))
         del matrices, peer
         release(device)

@@ -3,6 +3,7 @@ import datetime
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -71,7 +72,7 @@ def median_ms(fn, device: torch.device, warmup: int, repeats: int) -> float:
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[len(times) // 2]
+    return statistics.median(times)
 
 
 def free_memory(device: torch.device) -> None:
