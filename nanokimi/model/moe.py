@@ -86,19 +86,25 @@ def matmul_per_expert(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> t
     return torch.cat([chunk @ w[e] for e, chunk in enumerate(x.split(counts)) if counts[e]] or [x.new_zeros(0, w.shape[-1])])
 
 
-class PermuteRows(torch.autograd.Function):
-    """x[perm] for a permutation perm with its inverse: the backward is the gather grad[inverse] rather
-    than autograd's default scatter-add (index_put with accumulate sorts or uses atomics)."""
+class GatherRows(torch.autograd.Function):
+    """x[perm // group] for a permutation perm of range(group * len(x)), with its inverse: row j of the
+    result is row perm[j] // group of x, so each row of x appears `group` times. The backward is the gather
+    grad[inverse] summed over each row's `group` copies, rather than autograd's default scatter-add
+    (index_put with accumulate sorts or uses atomics)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor, group: int = 1) -> torch.Tensor:
         ctx.save_for_backward(inverse)
-        return x[perm]
+        ctx.group = group
+        return x[perm // group] if group > 1 else x[perm]
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (inverse,) = ctx.saved_tensors
-        return grad[inverse], None, None
+        grad = grad[inverse]
+        if ctx.group > 1:
+            grad = grad.view(-1, ctx.group, *grad.shape[1:]).sum(1)
+        return grad, None, None, None
 
 
 class Experts(nn.Module):
@@ -122,11 +128,11 @@ class Experts(nn.Module):
         experts = torch.arange(E, device=flat.device, dtype=flat.dtype)
         ends = torch.searchsorted(flat[order], experts, right=True)  # [E]; bincount would sync on CUDA
         counts = torch.diff(ends, prepend=ends.new_zeros(1))
-        slots = to_autocast_dtype(x).unsqueeze(1).expand(N, k, D).reshape(N * k, D)  # cast before the gather
-        h = grouped_matmul(PermuteRows.apply(slots, order, inverse), self.gate_up.transpose(1, 2), ends)  # [N*k, 2I]
+        sorted_x = GatherRows.apply(to_autocast_dtype(x), order, inverse, k)  # [N*k, D], cast before the gather
+        h = grouped_matmul(sorted_x, self.gate_up.transpose(1, 2), ends)  # [N*k, 2I]
         gate, up = h.chunk(2, dim=-1)
         y = grouped_matmul(F.silu(gate) * up, self.down.transpose(1, 2), ends)  # [N*k, D], expert order
-        y = PermuteRows.apply(y, inverse, order).view(N, k, D)  # slot order
+        y = GatherRows.apply(y, inverse, order).view(N, k, D)  # slot order
         acc = torch.promote_types(y.dtype, torch.float32)  # bf16 outputs summed in fp32
         out = (y.to(acc) * weights.unsqueeze(-1).to(acc)).sum(1)  # [N, D]
         return out.to(x.dtype), counts

@@ -3,6 +3,9 @@
     state = residual.start(embedding)
     for each sublayer l:  state = residual.add(state, l, f_l(norm_l(residual.sublayer_input(state, l))))
     hidden = residual.finish(state)
+
+The Transformer runs PreNorm models through Block.forward instead (the same sum, one call per block, so
+a whole block compiles as one graph); this class states the plain scheme in the protocol's terms.
 """
 import torch
 from torch import nn

@@ -42,7 +42,8 @@ def compile_model(model: nn.Module, fullgraph: bool = True, loss: bool = True, m
     graph (residual adds fuse with the norms; needs the plain PreNorm residual; blocks with a KDA mixer
     compile with graph breaks around the kernel, which costs CPU time at every break). scope="auto"
     (default): whole blocks where the block has no graph break and the residual is PreNorm, modules
-    elsewhere (KDA blocks, AttnRes models) - the fastest measured on an H100 (docs/performance.md)."""
+    elsewhere (KDA blocks, AttnRes models, blocks holding FSDP2 units) - the fastest measured on an H100
+    (docs/performance.md)."""
     if scope not in ("auto", "module", "block"):
         raise ValueError(f"scope must be 'auto', 'module' or 'block', got {scope!r}.")
     raise_recompile_limits()
@@ -51,10 +52,10 @@ def compile_model(model: nn.Module, fullgraph: bool = True, loss: bool = True, m
     for module in model.modules():  # build RoPE tables now so compiled graphs never see them change
         if isinstance(module, Rotary):
             module.ensure_length(min(cfg.max_position_embeddings, 131072), device)
-    if scope == "block" and not isinstance(model.residual, PreNormResidual):
+    plain = isinstance(model.residual, PreNormResidual)
+    if scope == "block" and not plain:
         raise ValueError(f"scope='block' needs the plain PreNorm residual; this model has attn_res={cfg.attn_res!r}. "
                          "Use scope='module'.")
-    plain = isinstance(model.residual, PreNormResidual)
     for block in model.layers:
         has_break = isinstance(block.mixer, KimiDeltaAttention)
         sharded = has_sharded_parts(block)  # FSDP2 units inside (nanokimi.train.distributed): hooks stay outside graphs
