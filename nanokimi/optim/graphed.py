@@ -24,6 +24,19 @@ import torch
 WARMUP_STEPS = 3
 
 
+def run_on_side_stream(fn, times: int = 1) -> None:
+    """Call fn() `times` times on a side CUDA stream, ordered after and before the current stream's work, as
+    CUDA graphs want before a capture: lazy initialisation (cuBLAS workspaces, optimizer state, compilation,
+    autotuning) happens there and not inside the capture."""
+    current = torch.cuda.current_stream()
+    side = torch.cuda.Stream()
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        for _ in range(times):
+            fn()
+    current.wait_stream(side)
+
+
 class CapturedStep:
     """Wraps an OptimizerSet (or one torch optimizer) and replays its step as a CUDA graph.
 
@@ -107,14 +120,7 @@ class CapturedStep:
         return loss
 
     def _warmup_step(self):
-        """An eager step on a side stream, as CUDA graphs want: lazy initialisation (cuBLAS workspaces, state)
-        happens there and not inside the capture."""
-        current = torch.cuda.current_stream()
-        side = torch.cuda.Stream()
-        side.wait_stream(current)
-        with torch.cuda.stream(side):
-            self.optimizer.step()
-        current.wait_stream(side)
+        run_on_side_stream(self.optimizer.step)
 
     def _can_capture(self):
         if self.failed is None:

@@ -187,12 +187,9 @@ def capture_step(step, warmup: int = 3):
     captured call are real steps on whatever the input tensors hold: fill them with a batch first."""
     if not torch.cuda.is_available():
         raise RuntimeError("capture_step needs CUDA; on the CPU call the step function itself.")
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
+    from nanokimi.optim.graphed import run_on_side_stream
+
+    run_on_side_stream(step, warmup)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         loss = step()
