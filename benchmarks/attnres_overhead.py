@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from perf_common import free_memory, git_commit, median_ms, results_path, short_error  # noqa: E402
+from perf_common import free_memory, git_commit, kernel_profile, median_ms, results_path, short_error  # noqa: E402
 
 from nanokimi.model.attn_res import AttentionResiduals  # noqa: E402
 from nanokimi.model.residual import PreNormResidual  # noqa: E402
@@ -36,8 +36,8 @@ def residual_rows(args, device):
     """Residual stream alone: stand-in sublayers out = tanh(h) * scale (one elementwise pass each)."""
     B, T, D, L = args.batch, args.seq_len, args.hidden, args.sublayers
     rows = []
-    variants = [("none", False)] + [(mode, compiled) for mode in MODES[1:] for compiled in (False, True)
-                                    if not compiled or args.compile]
+    variants = [("none", False)] + [(mode, compiled) for mode in args.modes if mode != "none"
+                                    for compiled in (False, True) if not compiled or args.compile]
     for mode, compiled in variants:
         residual = PreNormResidual() if mode == "none" else AttentionResiduals(
             D, L, mode=mode, num_blocks=args.blocks).to(device)
@@ -58,6 +58,8 @@ def residual_rows(args, device):
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
         rows.append(dict(table="residual", attn_res=mode, compiled=compiled, B=B, T=T, D=D, sublayers=L,
                          median_ms=ms, peak_gib=peak))
+        if args.profile and device.type == "cuda":
+            rows[-1]["profile"] = kernel_profile(step, calls=2, top=12)
         print(f"residual {mode} compiled={compiled}: {ms:.2f} ms", flush=True)
     return rows
 
@@ -69,7 +71,8 @@ def model_rows(args, device):
     seq_len = args.seq_len
     while True:
         try:
-            return [model_step_row(ModelConfig, build_model, args, device, mode, seq_len) for mode in MODES]
+            return [model_step_row(ModelConfig, build_model, args, device, mode, seq_len)
+                    for mode in ("none", *[m for m in args.modes if m != "none"])]
         except torch.cuda.OutOfMemoryError:
             free_memory(device)
             if seq_len <= 512:
@@ -177,10 +180,17 @@ def main():
     parser.add_argument("--no-compile", dest="compile", action="store_false",
                         help="eager only (default: compiled AttnRes kernels in the residual table, compile_model "
                              "for the model table)")
+    parser.add_argument("--modes", default=",".join(MODES),
+                        help="attn_res settings to measure besides none (comma-separated: block,full)")
+    parser.add_argument("--profile", action="store_true", help="residual table: GPU time by kernel kind per row")
     parser.add_argument("--skip-model", action="store_true", help="only the residual table")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON file (default benchmarks/results/attnres_overhead.json; --quick writes to a temp folder)")
     args = parser.parse_args()
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = [m for m in args.modes if m not in MODES]
+    if unknown:
+        parser.error(f"--modes: unknown {unknown}; choose from {', '.join(MODES)}")
     if args.out is None:
         args.out = results_path("attnres_overhead", args.quick)
     if args.quick:
