@@ -5,8 +5,10 @@ through the Trainer's own train_step (forward/backward in bf16, grad clip, cross
 step, router-bias update, QK-Clip) on random tokens. The N-process launch measures each FSDP setting of
 `--variants` in turn (model rebuilt, same process, so Triton's autotuning is paid once per launch).
 
-Per setting: median step time over `--iters` steps after `--warmup`, tokens/s, scaling efficiency
-(tokens/s on N / (N x tokens/s on 1)), the optimizer step's share of the step, peak memory per GPU; then a
+The 1-process launch also runs one rank's share of the batch (global / N), for the weak-scaling baseline.
+Per setting: median step time over `--iters` steps after `--warmup`, tokens/s, scaling efficiency, strong
+(tokens/s on N / (N x tokens/s on 1 at the same global batch)) and weak (over N x tokens/s on 1 at one rank's
+share, the same per-GPU work), the optimizer step's share of the step, peak memory per GPU; then a
 per-phase breakdown from `--phase-iters` more steps with a device sync between phases (so the phases do
 not overlap and their sum exceeds the step time): forward, backward, statistics (loss all-reduce, MoE loads,
 max logits), clip, optimizer, after (router bias, QK-Clip); and one profiled step: collectives issued, their
@@ -182,7 +184,7 @@ def profile_step(trainer) -> dict:
             "nccl_kernel_ms": nccl_us / 1e3 if trainer.device.type == "cuda" else None}
 
 
-def measure(args, run, rank, world_size, muon_buckets) -> dict:
+def measure(args, run, rank, world_size, muon_buckets, batch_size) -> dict:
     """Median step time of train_step and of the optimizer step, the phase breakdown, one profiled step."""
     trainer = BenchTrainer(run, rank, world_size, muon_buckets)
     optimizer_step, optimizer_times = trainer.optimizer.step, []
@@ -207,7 +209,8 @@ def measure(args, run, rank, world_size, muon_buckets) -> dict:
     peak = torch.cuda.max_memory_allocated() / 2**30 if trainer.device.type == "cuda" else None
     result = {"gpus": world_size, "params_M": sum(p.numel() for p in trainer.model.parameters()) / 1e6,
               "step_ms": step * 1e3, "optimizer_ms": optimizer * 1e3,
-              "tokens_per_s": args.batch_size * args.seq_len / step, "optimizer_share": optimizer / step,
+              "batch_size": batch_size,
+              "tokens_per_s": batch_size * args.seq_len / step, "optimizer_share": optimizer / step,
               "peak_gib": peak, "phase_ms": {k: statistics.median(p[k] for p in phases) * 1e3 for k in PHASES},
               **profiled}
     del trainer
@@ -226,14 +229,17 @@ def worker(args) -> None:
 
     device_name = "cpu" if args.quick else "cuda"
     rank, world_size = init_distributed(device_name)
-    names = args.variants if world_size > 1 else ["default"]
+    # one GPU: the global batch (strong scaling) and one rank's share of it (weak scaling)
+    names = args.variants if world_size > 1 else ["default", "per-rank-batch"]
     rows = []
     for name in names:
-        settings, muon_buckets = VARIANTS[name]
-        overrides = [f"train.batch_size={args.batch_size}", f"train.seq_len={args.seq_len}",
+        settings, muon_buckets = VARIANTS["default" if name == "per-rank-batch" else name]
+        batch_size = args.rank_batch if name == "per-rank-batch" else args.batch_size
+        overrides = [f"train.batch_size={batch_size}", f"train.seq_len={args.seq_len}",
                      f"train.device={device_name}", f"train.max_steps={10 ** 6}", f"train.compile={args.compile}",
                      *(f"train.{k}={v}" for k, v in settings.items()), *(QUICK_MODEL if args.quick else [])]
-        result = measure(args, load_run_config(args.preset, None, overrides), rank, world_size, muon_buckets)
+        result = measure(args, load_run_config(args.preset, None, overrides), rank, world_size, muon_buckets,
+                         batch_size)
         peak = result.pop("peak_gib")
         peaks = [peak]
         if world_size > 1:
@@ -248,7 +254,7 @@ def worker(args) -> None:
 
 
 def launch(args, nproc, out) -> dict:
-    forwarded = [f"--preset={args.preset}", f"--batch-size={args.batch_size}", f"--seq-len={args.seq_len}",
+    forwarded = [f"--preset={args.preset}", f"--rank-batch={args.batch_size // args.nproc}", f"--batch-size={args.batch_size}", f"--seq-len={args.seq_len}",
                  f"--warmup={args.warmup}", f"--iters={args.iters}", f"--phase-iters={args.phase_iters}",
                  f"--variants={','.join(args.variants)}", f"--worker-out={out}",
                  *(["--quick"] if args.quick else []), *(["--compile"] if args.compile else [])]
@@ -263,17 +269,19 @@ def launch(args, nproc, out) -> dict:
 def print_table(args, rows) -> None:
     mode = "torch.compile" if args.compile else "eager"
     print(f"{args.preset}: global batch {args.batch_size} x {args.seq_len} tokens, {mode}, median of {args.iters} steps")
-    print(f"{'GPUs':>4} {'variant':<14} {'step ms':>8} {'tokens/s':>9} {'effic.':>6} {'optim':>6} {'share':>5} "
+    print(f"{'GPUs':>4} {'variant':<14} {'batch':>5} {'step ms':>8} {'tokens/s':>9} {'strong':>6} {'weak':>6} {'optim':>6} {'share':>5} "
           f"{'peak GiB':>8} | {'fwd':>6} {'bwd':>6} {'stats':>6} {'clip':>6} {'optim':>6} {'after':>6} | "
           f"{'colls':>5} {'MB':>7} {'nccl ms':>7}")
     for r in rows:
         peak = max((p for p in r["peak_gib_per_gpu"] if p is not None), default=None)
         phases = " ".join(f"{r['phase_ms'][k]:>6.1f}" for k in PHASES)
         nccl = "-" if r["nccl_kernel_ms"] is None else f"{r['nccl_kernel_ms']:.1f}"
-        print(f"{r['gpus']:>4} {r['variant']:<14} {r['step_ms']:>8.1f} {r['tokens_per_s']:>9.0f} "
-              f"{r['scaling_efficiency']:>6.2f} {r['optimizer_ms']:>6.1f} {r['optimizer_share']:>5.2f} "
+        print(f"{r['gpus']:>4} {r['variant']:<14} {r['batch_size']:>5} {r['step_ms']:>8.1f} {r['tokens_per_s']:>9.0f} "
+              f"{r['scaling_efficiency']:>6.2f} {r['weak_scaling_efficiency']:>6.2f} {r['optimizer_ms']:>6.1f} {r['optimizer_share']:>5.2f} "
               f"{'-' if peak is None else f'{peak:.1f}':>8} | {phases} | {sum(r['collective_calls'].values()):>5} "
               f"{sum(r['collective_mb'].values()):>7.0f} {nccl:>7}")
+    print("strong: tokens/s over (GPUs x 1 GPU on the same global batch); weak: over (GPUs x 1 GPU on one rank's "
+          "share of the batch, the per-GPU work of the N-GPU run)")
     print("phases: a separate run with a device sync after each (no overlap); colls/MB: collectives of one step "
           "and their payload; nccl ms: GPU time of NCCL kernels in one step (overlaps compute)")
 
@@ -294,6 +302,7 @@ def main():
     parser.add_argument("--out", type=Path, help="JSON file (default benchmarks/results/distributed.json; "
                         "--quick writes none unless given)")
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
+    parser.add_argument("--rank-batch", type=int, help=argparse.SUPPRESS)  # the worker's per-rank-batch row
     args = parser.parse_args()
     args.variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in args.variants if v not in VARIANTS]
@@ -311,9 +320,10 @@ def main():
         single = launch(args, 1, Path(tmp) / "1.json")
         multi = launch(args, args.nproc, Path(tmp) / f"{args.nproc}.json")
     rows = single["rows"] + multi["rows"]
-    base = single["rows"][0]["tokens_per_s"]
-    for row in rows:
-        row["scaling_efficiency"] = row["tokens_per_s"] / (row["gpus"] * base)
+    base = {r["variant"]: r["tokens_per_s"] for r in single["rows"]}
+    for row in rows:  # strong: same global batch on 1 GPU; weak: 1 GPU running one rank's share of the batch
+        row["scaling_efficiency"] = row["tokens_per_s"] / (row["gpus"] * base["default"])
+        row["weak_scaling_efficiency"] = row["tokens_per_s"] / (row["gpus"] * base["per-rank-batch"])
     print_table(args, rows)
     result = {"benchmark": "distributed", "preset": args.preset, "quick": args.quick, "compile": args.compile,
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() and not args.quick else "cpu",

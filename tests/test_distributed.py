@@ -184,12 +184,15 @@ def test_benchmark_quick(tmp_path):
     subprocess.run([sys.executable, str(script), "--quick", "--out", str(tmp_path / "d.json")], check=True,
                    capture_output=True, timeout=300)
     rows = {(r["gpus"], r["variant"]): r for r in json.loads((tmp_path / "d.json").read_text())["rows"]}
-    assert set(rows) == {(1, "default"), (2, "default"), (2, "reshard"), (2, "bf16-reduce"), (2, "muon-4-buckets")}
+    assert set(rows) == {(1, "default"), (1, "per-rank-batch"), (2, "default"), (2, "reshard"), (2, "bf16-reduce"),
+                         (2, "muon-4-buckets")}
+    assert rows[1, "per-rank-batch"]["batch_size"] * 2 == rows[1, "default"]["batch_size"] == 4
+    assert all(r["weak_scaling_efficiency"] > 0 for r in rows.values())
     assert all(r["tokens_per_s"] > 0 and 0 < r["optimizer_share"] < 1 for r in rows.values())
     assert all(set(r["phase_ms"]) == {"forward", "backward", "statistics", "clip", "optimizer", "after"}
                for r in rows.values())
     calls = {key: r["collective_calls"] for key, r in rows.items()}
-    assert calls[1, "default"] == {}  # one process: no collectives at all
+    assert calls[1, "default"] == {} == calls[1, "per-rank-batch"]  # one process: no collectives at all
     assert calls[2, "default"]["all_to_all_single"] == 2 and calls[2, "muon-4-buckets"]["all_to_all_single"] == 2 * 4
     gathers = {key: sum(n for name, n in c.items() if name.startswith("all_gather")) for key, c in calls.items()}
     units = 2 * 2  # tiny quick model: 2 layers x (mixer, ffn)
@@ -207,5 +210,5 @@ def test_benchmark_quick_compiled_under_fsdp(tmp_path):
     subprocess.run([sys.executable, str(script), "--quick", "--compile", "--variants", "default",
                     "--out", str(tmp_path / "d.json")], check=True, capture_output=True, timeout=600)
     rows = json.loads((tmp_path / "d.json").read_text())["rows"]
-    assert {(r["gpus"], r["variant"]) for r in rows} == {(1, "default"), (2, "default")}
+    assert {(r["gpus"], r["variant"]) for r in rows} == {(1, "default"), (1, "per-rank-batch"), (2, "default")}
     assert all(r["tokens_per_s"] > 0 for r in rows)
