@@ -4,10 +4,12 @@ Two tables from one process (each model built once per mode, compiled once; the 
 for the residual table are reused by the model table, whose residual stream has the same shapes):
   residual: the residual stream alone (D=1024, 32 sublayers, B=4, T=4096, fp32 stream as in the bf16-autocast
             model), with cheap stand-in sublayers, so the time is the residual's own forward + backward:
-            PreNorm add vs block vs full AttnRes, eager and with compiled AttnRes kernels.
+            PreNorm add vs block vs full AttnRes, one row per kernel set: eager, compiled (torch.compile of the
+            fused kernels) and, on CUDA with triton, triton (Triton phase 1, the rest compiled).
   model:    a full training step (bf16 autocast forward + loss, backward, AdamW) of bench-kl-900m, B=4, T=4096,
             compiled with nanokimi.train.fast.compile_model (which also compiles the AttnRes kernels), per
-            attn_res setting (T halves on OOM).
+            attn_res setting (T halves on OOM); its AttnRes kernels are what compile_model picks (triton on CUDA
+            when triton imports), recorded per row as attnres_kernels.
 Medians over timed steps after warm-up. Writes benchmarks/results/attnres_overhead.json (device, date, commit).
 
     python benchmarks/attnres_overhead.py            # GPU, a few minutes (fla autotune + compiles come first)
@@ -15,6 +17,7 @@ Medians over timed steps after warm-up. Writes benchmarks/results/attnres_overhe
 """
 import argparse
 import datetime
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -32,17 +35,27 @@ from nanokimi.model.residual import PreNormResidual  # noqa: E402
 MODES = ("none", "block", "full")
 
 
+def kernel_sets(args, device):
+    """The AttnRes kernel sets the residual table measures: eager always; compiled and triton with --compile."""
+    sets = ["eager"]
+    if args.compile:
+        sets.append("compiled")
+        if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+            sets.append("triton")
+    return sets
+
+
 def residual_rows(args, device):
     """Residual stream alone: stand-in sublayers out = tanh(h) * scale (one elementwise pass each)."""
     B, T, D, L = args.batch, args.seq_len, args.hidden, args.sublayers
     rows = []
-    variants = [("none", False)] + [(mode, compiled) for mode in args.modes if mode != "none"
-                                    for compiled in (False, True) if not compiled or args.compile]
-    for mode, compiled in variants:
+    variants = [("none", "-")] + [(mode, kernels) for mode in args.modes if mode != "none"
+                                  for kernels in kernel_sets(args, device)]
+    for mode, kernels in variants:
         residual = PreNormResidual() if mode == "none" else AttentionResiduals(
             D, L, mode=mode, num_blocks=args.blocks).to(device)
-        if compiled:
-            residual.compile_kernels()
+        if kernels != "eager" and mode != "none":
+            residual.compile_kernels(triton=kernels == "triton")
         embedding = torch.randn(B, T, D, device=device, requires_grad=True)
         scales = torch.full((L,), 0.5, device=device, requires_grad=True)
 
@@ -56,11 +69,11 @@ def residual_rows(args, device):
         free_memory(device)
         ms = median_ms(step, device, args.warmup, args.steps)
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-        rows.append(dict(table="residual", attn_res=mode, compiled=compiled, B=B, T=T, D=D, sublayers=L,
+        rows.append(dict(table="residual", attn_res=mode, kernels=kernels, B=B, T=T, D=D, sublayers=L,
                          median_ms=ms, peak_gib=peak))
         if args.profile and device.type == "cuda":
             rows[-1]["profile"] = kernel_profile(step, calls=2, top=12)
-        print(f"residual {mode} compiled={compiled}: {ms:.2f} ms", flush=True)
+        print(f"residual {mode} kernels={kernels}: {ms:.2f} ms", flush=True)
     return rows
 
 
@@ -122,7 +135,11 @@ def model_step_row(ModelConfig, build_model, args, device, mode, seq_len):
         optimizer = make_optimizer(model, "adamw")
         ms = median_ms(step, device, args.warmup, args.steps)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    row = dict(table="model", attn_res=mode, compiled=compiled, preset=args.preset, B=args.batch, T=seq_len,
+    kernels = getattr(model.residual, "kernels", None)
+    attnres_kernels = "-" if kernels is None else ("triton" if hasattr(kernels.phase1_forward, "func")
+                                                   else "compiled" if compiled else "eager")
+    row = dict(table="model", attn_res=mode, compiled=compiled, attnres_kernels=attnres_kernels,
+               preset=args.preset, B=args.batch, T=seq_len,
                median_ms=ms, tokens_per_s=args.batch * seq_len / ms * 1e3, peak_gib=peak,
                params=sum(p.numel() for p in model.parameters()))
     if error:
@@ -149,8 +166,9 @@ def add_overheads(rows):
 
 
 def print_table(rows):
-    """overhead: extra ms as a share of the model's attn_res=none step (for residual rows as well)."""
-    header = (f"{'table':9} {'attn_res':8} {'compiled':8} {'B':>2} {'T':>5} {'median ms':>10} {'extra ms':>9} "
+    """overhead: extra ms as a share of the model's attn_res=none step (for residual rows as well); kernels: the
+    AttnRes kernel set (residual rows), how the model step ran and its AttnRes kernels (model rows)."""
+    header = (f"{'table':9} {'attn_res':8} {'kernels':8} {'B':>2} {'T':>5} {'median ms':>10} {'extra ms':>9} "
               f"{'overhead':>9} {'tok/s':>9} {'peak GiB':>8}")
     print(header)
     print("-" * len(header))
@@ -159,7 +177,9 @@ def print_table(rows):
         over = f"{100 * r['overhead_vs_none']:+.1f}%" if "overhead_vs_none" in r else "-"
         tok = f"{r['tokens_per_s']:.0f}" if r.get("tokens_per_s") else "-"
         peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") else "-"
-        print(f"{r['table']:9} {r['attn_res']:8} {str(r['compiled']):8} {r['B']:>2} {r['T']:>5} "
+        kernels = r["kernels"] if r["table"] == "residual" else "eager" if not r["compiled"] else (
+            "compiled" if r["attnres_kernels"] == "-" else r["attnres_kernels"])
+        print(f"{r['table']:9} {r['attn_res']:8} {kernels:8} {r['B']:>2} {r['T']:>5} "
               f"{r['median_ms']:>10.2f} {extra:>9} {over:>9} {tok:>9} {peak:>8}")
     for r in rows:
         if "compile_error" in r:

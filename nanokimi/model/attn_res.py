@@ -17,6 +17,7 @@ Driven by the transformer one call per sublayer:
         state = residual.add(state, l, f_l(norm_l(h)))
     h_final = residual.finish(state)
 """
+import importlib.util
 import math
 from typing import NamedTuple
 
@@ -74,10 +75,19 @@ class AttentionResiduals(nn.Module):
                 q.zero_()
                 w.fill_(1.0)
 
-    def compile_kernels(self, mode: str | None = None) -> "AttentionResiduals":
+    def compile_kernels(self, mode: str | None = None, triton: bool | None = None) -> "AttentionResiduals":
         """Run the residual stream's ops through torch.compile (fused kernels, fullgraph); returns self.
-        nanokimi.train.fast.compile_model calls this. The maths, parameters and state_dict do not change."""
-        self.kernels = compiled_kernels(mode)
+        triton=True: phase 1 (forward and backward) runs as the Triton kernels of nanokimi.ops.attnres.triton_phase1
+        instead (the merge, block sums and rstds stay compiled); None (default): when the module is on CUDA and
+        triton imports. nanokimi.train.fast.compile_model calls this (after the model is on its device).
+        The maths, parameters and state_dict do not change."""
+        kernels = compiled_kernels(mode)
+        if triton is None:
+            triton = self.queries[0].is_cuda and importlib.util.find_spec("triton") is not None
+        if triton:
+            from nanokimi.ops.attnres.triton_phase1 import triton_kernels
+            kernels = triton_kernels(kernels)
+        self.kernels = kernels
         return self
 
     def extra_repr(self) -> str:

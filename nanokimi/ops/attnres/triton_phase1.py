@@ -1,0 +1,229 @@
+"""Phase 1 of block Attention Residuals (`depth_attention`) as two Triton kernels: the maths of two_phase.py's
+`_phase1_forward_stacked` / `_phase1_backward_stacked`, with each source read once per pass.
+
+forward, one program per tile of BLOCK_T tokens (all of D in registers):
+    for each source n: load v_n [BLOCK_T, D] once (any float dtype, upcast to fp32 in registers),
+        logit[s] = rstd_n * (v_n . qe_s) for all S queries at once,
+        online softmax over n (running max m, running sum l) with acc[s] = acc[s] * exp(m_old - m) + exp(logit - m) v_n
+    write the S mixtures acc / l (fp32), lse = m + log l, and the logits [.., S, N] backward reads.
+backward, programs loop over token tiles (grid-stride), grad_mixtures g [S, BLOCK_T, D] held in registers:
+    pass 1 over n: dot[s] = sum_n alpha[s, n] (g_s . v_n)         (= g_s . mixture_s)
+    pass 2 over n (the tile's sources again, now in L2):
+        grad_logit[s, n] = alpha[s, n] (g_s . v_n - dot[s] + grad_lse[s])
+        grad_v_n = sum_s alpha[s, n] g_s + sum_s rstd_n grad_logit[s, n] qe_s     written in v_n's dtype
+        grad_rstd_n = sum_s grad_logit[s, n] logit[s, n] / rstd_n
+        grad_qe[s] += sum over the tile's tokens of rstd_n grad_logit[s, n] v_n   (registers, per program)
+    each program writes its grad_qe [S, D]; one torch sum over programs finishes it (deterministic, no atomics).
+alpha = exp(logit - lse) comes from the saved logits, so nothing of size [S, N, B, T, D] is ever kept.
+
+The N sources, N rstds, S mixtures and their gradients are separate tensors, passed to the kernels as tuples
+(one pointer argument each, no device-side pointer table, so nothing is copied host to device and the calls
+can be captured in a CUDA graph). N and S are compile-time constants: one kernel per source count, as with the
+compiled kernels. Where the kernels do not apply (float64, mixed source dtypes, S * D too large for
+registers) the `fallback` phase-1 functions run instead.
+"""
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from nanokimi.ops.attnres.two_phase import Kernels
+
+# S_PAD * BLOCK_D fp32 values per token held in registers (accumulators in forward, grad_mixtures and the
+# per-program grad_qe in backward); above this the kernels would spill, and the fallback runs instead
+MAX_TILE_ELEMENTS = 16384
+SOURCE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@triton.jit
+def _tile_offsets(rows, d, D: tl.constexpr):
+    """[BLOCK_T, BLOCK_D] element offsets of a tile of a contiguous [M, D] tensor (int64: M * D may pass 2^31)."""
+    return rows.to(tl.int64)[:, None] * D + d[None, :]
+
+
+@triton.jit
+def _phase1_forward_kernel(values, rstds, qe_ptr, mixtures, logits_ptr, lse_ptr, M,
+                           N: tl.constexpr, S: tl.constexpr, D: tl.constexpr, S_PAD: tl.constexpr,
+                           BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]
+    s_ids = tl.arange(0, S_PAD)
+    d = tl.arange(0, BLOCK_D)
+    row_ok, s_ok, d_ok = rows < M, s_ids < S, d < D
+    tile = _tile_offsets(rows, d, D)  # [BT, BD]
+    tile_ok = row_ok[:, None] & d_ok[None, :]
+    out_ok = s_ok[:, None] & row_ok[None, :]  # [S_PAD, BT]
+    logit_offsets = rows.to(tl.int64)[None, :] * (S * N) + s_ids[:, None] * N  # [S_PAD, BT]
+    qe = tl.load(qe_ptr + s_ids[:, None] * D + d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+
+    running_max = tl.full([S_PAD, BLOCK_T], float("-inf"), tl.float32)
+    running_sum = tl.zeros([S_PAD, BLOCK_T], tl.float32)
+    acc = tl.zeros([S_PAD, BLOCK_T, BLOCK_D], tl.float32)
+    for n in tl.static_range(N):
+        v = tl.load(values[n] + tile, mask=tile_ok, other=0.0).to(tl.float32)  # [BT, BD]
+        rstd = tl.load(rstds[n] + rows, mask=row_ok, other=0.0)  # [BT]
+        logit = tl.sum(v[None, :, :] * qe[:, None, :], axis=2) * rstd[None, :]  # [S_PAD, BT]
+        tl.store(logits_ptr + logit_offsets + n, logit, mask=out_ok)
+        new_max = tl.maximum(running_max, logit)
+        rescale = tl.exp(running_max - new_max)  # 0 for the first source
+        weight = tl.exp(logit - new_max)
+        running_sum = running_sum * rescale + weight
+        acc = acc * rescale[:, :, None] + weight[:, :, None] * v[None, :, :]
+        running_max = new_max
+
+    tl.store(lse_ptr + rows[None, :] * S + s_ids[:, None], running_max + tl.log(running_sum), mask=out_ok)
+    acc = acc / running_sum[:, :, None]
+    for s in tl.static_range(S):
+        mixture = tl.sum(tl.where(s_ids[:, None, None] == s, acc, 0.0), axis=0)  # [BT, BD]: row s of acc
+        tl.store(mixtures[s] + tile, mixture, mask=tile_ok)
+
+
+@triton.jit
+def _phase1_backward_kernel(values, rstds, grad_mixtures, qe_ptr, logits_ptr, lse_ptr, grad_lse_ptr,
+                            grad_values, grad_rstds, grad_qe_partial_ptr, M,
+                            N: tl.constexpr, S: tl.constexpr, D: tl.constexpr, S_PAD: tl.constexpr,
+                            BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, TILES_PER_PROGRAM: tl.constexpr):
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    s_ids = tl.arange(0, S_PAD)
+    d = tl.arange(0, BLOCK_D)
+    s_ok, d_ok = s_ids < S, d < D
+    qe_ok = s_ok[:, None] & d_ok[None, :]
+    qe = tl.load(qe_ptr + s_ids[:, None] * D + d[None, :], mask=qe_ok, other=0.0)  # [S_PAD, BD]
+    grad_qe = tl.zeros([S_PAD, BLOCK_D], tl.float32)
+
+    for i in range(TILES_PER_PROGRAM):
+        rows = (pid + i * programs) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]; past M on a tail tile: all masked
+        row_ok = rows < M
+        tile = _tile_offsets(rows, d, D)
+        tile_ok = row_ok[:, None] & d_ok[None, :]
+        out_ok = s_ok[:, None] & row_ok[None, :]  # [S_PAD, BT]
+        logit_offsets = rows.to(tl.int64)[None, :] * (S * N) + s_ids[:, None] * N
+        lse_offsets = rows[None, :] * S + s_ids[:, None]
+        # padded queries and tokens load zeros: their alpha is 1 but g is 0, so every gradient term below is 0
+        lse = tl.load(lse_ptr + lse_offsets, mask=out_ok, other=0.0)  # [S_PAD, BT]
+        grad_lse = tl.load(grad_lse_ptr + lse_offsets, mask=out_ok, other=0.0)
+        g = tl.zeros([S_PAD, BLOCK_T, BLOCK_D], tl.float32)
+        for s in tl.static_range(S):
+            g_s = tl.load(grad_mixtures[s] + tile, mask=tile_ok, other=0.0).to(tl.float32)  # [BT, BD]
+            g = tl.where(s_ids[:, None, None] == s, g_s[None, :, :], g)
+
+        dot = tl.zeros([S_PAD, BLOCK_T], tl.float32)  # sum_n alpha[s, n] (g_s . v_n)
+        for n in tl.static_range(N):
+            v = tl.load(values[n] + tile, mask=tile_ok, other=0.0).to(tl.float32)
+            alpha = tl.exp(tl.load(logits_ptr + logit_offsets + n, mask=out_ok, other=0.0) - lse)
+            dot += alpha * tl.sum(g * v[None, :, :], axis=2)
+
+        for n in tl.static_range(N):
+            v = tl.load(values[n] + tile, mask=tile_ok, other=0.0).to(tl.float32)  # [BT, BD]
+            rstd = tl.load(rstds[n] + rows, mask=row_ok, other=1.0)  # [BT]
+            logit = tl.load(logits_ptr + logit_offsets + n, mask=out_ok, other=0.0)  # [S_PAD, BT]
+            alpha = tl.exp(logit - lse)
+            grad_logit = alpha * (tl.sum(g * v[None, :, :], axis=2) - dot + grad_lse)
+            grad_dot = grad_logit * rstd[None, :]  # logit = rstd * (v . qe)
+            grad_v = tl.sum(alpha[:, :, None] * g + grad_dot[:, :, None] * qe[:, None, :], axis=0)  # [BT, BD]
+            tl.store(grad_values[n] + tile, grad_v.to(grad_values[n].dtype.element_ty), mask=tile_ok)
+            tl.store(grad_rstds[n] + rows, tl.sum(grad_logit * logit, axis=0) / rstd, mask=row_ok)
+            grad_qe += tl.sum(grad_dot[:, :, None] * v[None, :, :], axis=1)
+
+    tl.store(grad_qe_partial_ptr + pid * (S * D) + s_ids[:, None] * D + d[None, :], grad_qe, mask=qe_ok)
+
+
+class _Layout:
+    """Tile sizes for S queries, hidden size D and M tokens; `block_t` forces the tokens per tile (tests)."""
+
+    def __init__(self, S, D, M, block_t=None):
+        self.S_PAD, self.BLOCK_D = triton.next_power_of_2(S), triton.next_power_of_2(D)
+        per_token = self.S_PAD * self.BLOCK_D
+        if block_t is None:  # about 4096 accumulator values per program: one token at S = 4, D = 1024
+            block_t = min(max(1, 4096 // per_token), 16, triton.next_power_of_2(max(M, 1)))
+        if block_t & (block_t - 1):
+            raise ValueError(f"block_t={block_t} must be a power of two.")
+        self.BLOCK_T = block_t
+        self.num_warps = min(max(per_token * block_t // 512, 4), 16)
+        self.tiles = triton.cdiv(M, block_t)
+
+
+def supports(qe, values) -> bool:
+    """Whether the Triton kernels run these inputs (else the fallback does)."""
+    first = values[0]
+    on_device = first.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return (on_device and qe.dtype == torch.float32 and first.dtype in SOURCE_DTYPES
+            and all(v.dtype == first.dtype and v.shape == first.shape and v.device == first.device for v in values)
+            and triton.next_power_of_2(len(qe)) * triton.next_power_of_2(first.shape[-1]) <= MAX_TILE_ELEMENTS)
+
+
+@functools.cache
+def _max_programs(device: torch.device) -> int:
+    """Backward's grid: a few programs per SM (each keeps its own grad_qe), or 2 in the CPU interpreter."""
+    if device.type != "cuda":
+        return 2
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def phase1_forward(qe, rstds, values, fallback=None, block_t=None):
+    """qe [S, D] fp32; rstds: N tensors [...] fp32; values: N tensors [..., D] (fp32 / bf16 / fp16, one dtype).
+    Returns S mixtures [..., D] fp32, logits [..., S, N], lse [..., S] (the contract of two_phase's kernels)."""
+    if not supports(qe, values):
+        if fallback is None:
+            raise ValueError(_unsupported_message(qe, values))
+        return fallback(qe, rstds, values)
+    S, D = qe.shape
+    N, shape = len(values), values[0].shape
+    M = values[0].numel() // D
+    layout = _Layout(S, D, M, block_t)
+    device = values[0].device
+    mixtures = tuple(torch.empty(shape, dtype=torch.float32, device=device) for _ in range(S))
+    logits = torch.empty(*shape[:-1], S, N, dtype=torch.float32, device=device)
+    lse = torch.empty(*shape[:-1], S, dtype=torch.float32, device=device)
+    if M > 0:
+        _phase1_forward_kernel[(layout.tiles,)](
+            tuple(v.contiguous() for v in values), tuple(r.contiguous() for r in rstds), qe.contiguous(),
+            mixtures, logits, lse, M, N=N, S=S, D=D, S_PAD=layout.S_PAD, BLOCK_T=layout.BLOCK_T,
+            BLOCK_D=layout.BLOCK_D, num_warps=layout.num_warps)
+    return mixtures, logits, lse
+
+
+def phase1_backward(qe, rstds, values, logits, lse, grad_mixtures, grad_lse, fallback=None, block_t=None,
+                    programs=None):
+    """Gradients of phase 1 from its saved logits and lse: (grad qe [S, D], N grads [...] of rstds (fp32),
+    N grads of values in their dtype). `programs` caps the backward grid (tests)."""
+    if not supports(qe, values):
+        if fallback is None:
+            raise ValueError(_unsupported_message(qe, values))
+        return fallback(qe, rstds, values, logits, lse, grad_mixtures, grad_lse)
+    S, D = qe.shape
+    N = len(values)
+    M = values[0].numel() // D
+    device = values[0].device
+    layout = _Layout(S, D, M, block_t)
+    grad_values = tuple(torch.empty(v.shape, dtype=v.dtype, device=device) for v in values)
+    grad_rstds = tuple(torch.empty(r.shape, dtype=torch.float32, device=device) for r in rstds)
+    if M == 0:
+        return torch.zeros_like(qe), grad_rstds, grad_values
+    programs = min(layout.tiles, programs or _max_programs(device))
+    grad_qe_partial = torch.empty(programs, S, D, dtype=torch.float32, device=device)
+    _phase1_backward_kernel[(programs,)](
+        tuple(v.contiguous() for v in values), tuple(r.contiguous() for r in rstds),
+        tuple(g.to(torch.float32).contiguous() for g in grad_mixtures), qe.contiguous(), logits.contiguous(),
+        lse.contiguous(), grad_lse.to(torch.float32).contiguous(), grad_values, grad_rstds, grad_qe_partial, M,
+        N=N, S=S, D=D, S_PAD=layout.S_PAD, BLOCK_T=layout.BLOCK_T, BLOCK_D=layout.BLOCK_D,
+        TILES_PER_PROGRAM=triton.cdiv(layout.tiles, programs), num_warps=layout.num_warps)
+    return grad_qe_partial.sum(0), grad_rstds, grad_values
+
+
+def _unsupported_message(qe, values):
+    dtypes = sorted({str(v.dtype) for v in values})
+    return (f"the Triton phase-1 kernels need CUDA tensors (or TRITON_INTERPRET=1), fp32 qe, sources of one dtype "
+            f"among {[str(t) for t in SOURCE_DTYPES]} and one shape, and S_pad * D_pad <= {MAX_TILE_ELEMENTS}; "
+            f"got qe {tuple(qe.shape)} {qe.dtype}, sources {dtypes} on {values[0].device}. "
+            "Use triton_kernels(base), which falls back to base's phase 1 for such inputs.")
+
+
+@functools.cache
+def triton_kernels(base: Kernels) -> Kernels:
+    """base (e.g. compiled_kernels()) with phase 1 forward and backward replaced by the Triton kernels; base's
+    phase 1 still runs for inputs the kernels do not take (see `supports`). Built once per base."""
+    return base._replace(phase1_forward=functools.partial(phase1_forward, fallback=base.phase1_forward),
+                         phase1_backward=functools.partial(phase1_backward, fallback=base.phase1_backward))

@@ -1,0 +1,213 @@
+"""The Triton phase-1 kernels of block AttnRes against the naive reference: forward, lse and every gradient.
+
+Without CUDA they run in Triton's interpreter (TRITON_INTERPRET=1, set here before triton is imported), which is
+slow: sizes stay tiny (B * T <= 64, D <= 96, N <= 4 sources, S <= 3 queries).
+"""
+import copy
+import os
+
+import pytest
+import torch
+from torch import nn
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+
+from nanokimi.model.attn_res import AttentionResiduals  # noqa: E402
+from nanokimi.ops.attnres import EAGER, attnres_naive, attnres_stack_naive, depth_attention, source_rstd  # noqa: E402
+from nanokimi.ops.attnres import two_phase  # noqa: E402
+from nanokimi.ops.attnres.triton_phase1 import phase1_backward, phase1_forward, triton_kernels  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+TRITON = triton_kernels(EAGER)
+
+
+def rel(a, b):
+    a, b = a.float(), b.float()
+    if b.norm() == 0:
+        return a.norm().item()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def make_inputs(N, S, B, T, D, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    sources = [(torch.randn(B, T, D, generator=g) * (n + 1)).to(DEVICE, dtype).requires_grad_() for n in range(N)]
+    queries = torch.randn(S, D, generator=g).to(DEVICE).requires_grad_()
+    weights = (torch.rand(S, D, generator=g) + 0.5).to(DEVICE).requires_grad_()
+    cotangent = torch.randn(S, B, T, D, generator=g).to(DEVICE)
+    lse_cotangent = torch.randn(S, B, T, generator=g).to(DEVICE)
+    return sources, queries, weights, cotangent, lse_cotangent
+
+
+def reference(sources, queries, weights):
+    """Naive mixtures [S, B, T, D] and lse [S, B, T] in fp32, from fp32 copies of the sources."""
+    wide = [s.float() for s in sources]
+    mixtures = torch.stack([attnres_naive(wide, queries[s], weights[s]) for s in range(len(queries))])
+    keys = torch.nn.functional.rms_norm(torch.stack(wide), (wide[0].shape[-1],), eps=1e-6)
+    lse = torch.logsumexp(torch.einsum("nbtd,sd->snbt", keys, queries * weights), dim=1)
+    return mixtures, lse
+
+
+def forward_and_grads(run, sources, queries, weights, cotangent, lse_cotangent):
+    mixtures, lse = run(sources, queries, weights)
+    ((mixtures * cotangent).sum() + (lse * lse_cotangent).sum()).backward()
+    leaves = [*sources, queries, weights]
+    grads = [p.grad.clone() for p in leaves]
+    for p in leaves:
+        p.grad = None
+    return mixtures.detach(), lse.detach(), grads
+
+
+def run_triton(sources, queries, weights):
+    mixtures, lse = depth_attention(sources, queries, weights, kernels=TRITON)
+    return torch.stack(mixtures), lse
+
+
+@pytest.mark.parametrize("N,S,B,T,D", [(4, 3, 2, 13, 80), (1, 3, 1, 7, 96), (4, 1, 3, 5, 24), (2, 2, 1, 9, 33)])
+def test_triton_phase1_matches_naive_fp32(N, S, B, T, D):
+    inputs = make_inputs(N, S, B, T, D, torch.float32, seed=N * 100 + S * 10 + D)
+    mixtures, lse, grads = forward_and_grads(run_triton, *inputs)
+    mixtures_ref, lse_ref, grads_ref = forward_and_grads(reference, *inputs)
+    assert mixtures.dtype == torch.float32 and mixtures.shape == (S, B, T, D) and lse.shape == (S, B, T)
+    assert rel(mixtures, mixtures_ref) < 1e-5 and rel(lse, lse_ref) < 1e-5
+    for i, (a, b) in enumerate(zip(grads, grads_ref)):  # every source, then queries, then key weights
+        assert rel(a, b) < 1e-5, i
+    if N > 1:  # the sources are weighted unequally (they differ in scale), so the query gradient is not zero
+        assert grads[N].abs().sum() > 0
+
+
+@pytest.mark.parametrize("N,S", [(4, 3), (1, 1)])
+def test_triton_phase1_bf16_sources(N, S):
+    """bf16 sources stay bf16; mixtures and lse are fp32 (exact up to fp32 rounding against the naive maths on
+    the same values); source gradients are fp32 sums rounded to bf16 once."""
+    B, T, D = 2, 11, 80
+    inputs = make_inputs(N, S, B, T, D, torch.bfloat16, seed=7 + N)
+    mixtures, lse, grads = forward_and_grads(run_triton, *inputs)
+    mixtures_ref, lse_ref, grads_ref = forward_and_grads(reference, *inputs)
+    assert all(g.dtype == torch.bfloat16 for g in grads[:N])
+    assert rel(mixtures, mixtures_ref) < 1e-5 and rel(lse, lse_ref) < 1e-5
+    for i, (a, b) in enumerate(zip(grads, grads_ref)):
+        assert rel(a, b) < 1e-2, i
+
+
+@pytest.mark.parametrize("block_t,programs", [(1, 2), (4, 2), (8, 3)])
+def test_triton_phase1_tilings_agree_with_stacked(block_t, programs):
+    """Tiles of 1..8 tokens, a tail tile past the last token, and backward programs looping over several tiles
+    (the last program's extra tile lying wholly past the end): the same numbers as the eager stacked kernels."""
+    g = torch.Generator().manual_seed(block_t)
+    N, S, M, D = 3, 3, 21, 40
+    values = [torch.randn(M, D, generator=g).to(DEVICE) * 2 for _ in range(N)]
+    rstds = [source_rstd(v) for v in values]
+    qe = torch.randn(S, D, generator=g).to(DEVICE)
+    grad_mixtures = [torch.randn(M, D, generator=g).to(DEVICE) for _ in range(S)]
+    grad_lse = torch.randn(M, S, generator=g).to(DEVICE)
+
+    mixtures, logits, lse = phase1_forward(qe, rstds, values, block_t=block_t)
+    mixtures_ref, logits_ref, lse_ref = two_phase._phase1_forward_stacked(qe, rstds, values)
+    assert rel(torch.stack(mixtures), torch.stack(mixtures_ref)) < 1e-5
+    assert rel(logits, logits_ref) < 1e-5 and rel(lse, lse_ref) < 1e-5
+    got = phase1_backward(qe, rstds, values, logits, lse, grad_mixtures, grad_lse, block_t=block_t,
+                          programs=programs)
+    expected = two_phase._phase1_backward_stacked(qe, rstds, values, logits_ref, lse_ref, grad_mixtures, grad_lse)
+    assert rel(got[0], expected[0]) < 1e-5
+    for a, b in zip([*got[1], *got[2]], [*expected[1], *expected[2]]):
+        assert rel(a, b) < 1e-5
+
+
+def test_float64_falls_back_and_bad_inputs_say_why():
+    g = torch.Generator().manual_seed(3)
+    values = [torch.randn(2, 5, 16, generator=g, dtype=torch.float64).to(DEVICE) for _ in range(2)]
+    queries, weights = torch.randn(2, 16, dtype=torch.float64).to(DEVICE), torch.ones(2, 16, dtype=torch.float64)
+    mixtures, lse = depth_attention(values, queries, weights.to(DEVICE), kernels=TRITON)
+    expected, expected_lse = depth_attention(values, queries, weights.to(DEVICE), kernels=EAGER)
+    assert mixtures[0].dtype == torch.float64 and rel(torch.stack(mixtures), torch.stack(expected)) < 1e-12
+    with pytest.raises(ValueError, match="Triton phase-1 kernels need"):
+        phase1_forward(torch.randn(2, 16, dtype=torch.float64), [source_rstd(v) for v in values], values)
+    with pytest.raises(ValueError, match="block_t"):
+        phase1_forward(torch.randn(2, 16).to(DEVICE), [source_rstd(v.float()) for v in values],
+                       [v.float() for v in values], block_t=3)
+
+
+class ToyMixer(nn.Module):
+    def __init__(self, dim, generator):
+        super().__init__()
+        self.proj = nn.Linear(dim, dim)
+        with torch.no_grad():
+            self.proj.weight.copy_(torch.randn(dim, dim, generator=generator) / dim ** 0.5)
+
+    def forward(self, h):
+        return torch.tanh(self.proj(h))
+
+
+def test_module_with_triton_phase1_matches_stack_reference():
+    """A whole block-AttnRes stream (4 blocks of 2 sublayers, final read) on the Triton phase 1: output and
+    every gradient (embedding, queries, key weights, sublayers) against the naive stack run in float64, so the
+    bound measures the fp32 path's own rounding through 7 sublayers (the eager kernels reach ~6e-6, these ~9e-6)."""
+    g = torch.Generator().manual_seed(11)
+    D, L, T = 24, 7, 5
+    module = AttentionResiduals(D, L, mode="block", num_blocks=4)
+    sublayers = nn.ModuleList(ToyMixer(D, g) for _ in range(L))
+    with torch.no_grad():
+        for q, w in zip(module.queries, module.key_weights):
+            q.copy_(torch.randn(D, generator=g))
+            w.copy_(torch.rand(D, generator=g) + 0.5)
+    module_64, sublayers_64 = copy.deepcopy(module).double(), copy.deepcopy(sublayers).double()
+    module.to(DEVICE), sublayers.to(DEVICE)
+    module.kernels = TRITON
+    embedding = torch.randn(2, T, D, generator=g, dtype=torch.float64, requires_grad=True)
+    embedding_32 = embedding.detach().float().to(DEVICE).requires_grad_()
+    target = torch.randn(2, T, D, generator=g, dtype=torch.float64)
+
+    state = module.start(embedding_32)
+    for l, f in enumerate(sublayers):
+        state = module.add(state, l, f(module.sublayer_input(state, l)))
+    final = module.finish(state)
+    (final * target.float().to(DEVICE)).sum().backward()
+    expected = attnres_stack_naive(embedding, list(sublayers_64), list(module_64.queries),
+                                   list(module_64.key_weights), block_size=module.block_size, eps=module.eps)
+    (expected * target).sum().backward()
+
+    assert rel(final.cpu(), expected) < 1e-5
+    got = [embedding_32, *module.parameters(), *sublayers.parameters()]
+    want = [embedding, *module_64.parameters(), *sublayers_64.parameters()]
+    for i, (a, b) in enumerate(zip(got, want)):
+        a, b = a.grad.cpu().double(), b.grad
+        assert rel(a, b) < 2e-5, i
+    assert (module.queries[0].grad == 0).all()  # sublayer 0 reads the embedding alone: its softmax is constant
+
+
+def test_compile_kernels_picks_triton_on_cuda_only():
+    module = AttentionResiduals(16, 4, mode="block", num_blocks=2).to(DEVICE)
+    module.compile_kernels()
+    on_triton = module.kernels.phase1_forward.func is phase1_forward if hasattr(
+        module.kernels.phase1_forward, "func") else False
+    assert on_triton == (DEVICE.type == "cuda")
+    module.compile_kernels(triton=False)
+    assert not hasattr(module.kernels.phase1_forward, "func")
+    module.compile_kernels(triton=True)
+    assert module.kernels.phase1_forward.func is phase1_forward
+    assert module.kernels.merge is two_phase.compiled_kernels(None).merge
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (compiled Triton at model sizes)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_phase1_at_model_sizes_on_gpu(dtype):
+    """The benchmark's shapes (D = 1024, 4 queries, 9 sources: the last block's read) against the stacked kernels."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    N, S, M, D = 9, 4, 4096, 1024
+    values = [(torch.randn(M, D, generator=g, device="cuda") * (1 + n % 3)).to(dtype) for n in range(N)]
+    rstds = [source_rstd(v) for v in values]
+    qe = torch.randn(S, D, generator=g, device="cuda") / D ** 0.5
+    grad_mixtures = [torch.randn(M, D, generator=g, device="cuda") for _ in range(S)]
+    grad_lse = torch.randn(M, S, generator=g, device="cuda")
+    mixtures, logits, lse = phase1_forward(qe, rstds, values)
+    mixtures_ref, logits_ref, lse_ref = two_phase._phase1_forward_stacked(qe, rstds, values)
+    assert rel(torch.stack(mixtures), torch.stack(mixtures_ref)) < 1e-5 and rel(lse, lse_ref) < 1e-5
+    got = phase1_backward(qe, rstds, values, logits, lse, grad_mixtures, grad_lse)
+    expected = two_phase._phase1_backward_stacked(qe, rstds, values, logits_ref, lse_ref, grad_mixtures, grad_lse)
+    bound = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel(got[0], expected[0]) < 1e-4  # a sum over 4096 tokens in a different order
+    for a, b in zip([*got[1], *got[2]], [*expected[1], *expected[2]]):
+        assert rel(a, b) < bound
