@@ -86,13 +86,15 @@ def momentum_and_stack(grads, bufs, momenta, nesterov, layouts, batches):
             for (rows, cols), dtype, members in batches]
 
 
-def decay_and_update(params, orthogonal, lrs, decays, sources):
+def decay_and_update(params, orthogonal, lrs, lr_index, decays, sources):
     """W <- W (1 - lr wd) - lr (0.2 sqrt(max(a, b)) O) in place, each block with its own scale.
 
-    params: [A, B] or [E, A, B]; orthogonal: the [N, rows, cols] Newton-Schulz outputs per batch; lrs: floats
-    or 0-d tensors; decays: floats; sources: per param, per block (batch index, start, block shape, scale).
+    params: [A, B] or [E, A, B]; orthogonal: the [N, rows, cols] Newton-Schulz outputs per batch; lrs: one
+    float or 0-d tensor per group (or a [groups] tensor), lr_index: each param's group; decays: floats per param; sources: per param,
+    per block (batch index, start, block shape, scale).
     """
-    for w, lr, wd, blocks in zip(params, lrs, decays, sources):
+    for w, i, wd, blocks in zip(params, lr_index, decays, sources):
+        lr = lrs[i]
         pieces = [orthogonal[k][start:start + math.prod(shape[:-2])].view(shape) * (-lr * scale)
                   for k, start, shape, scale in blocks]
         w.copy_(w * (1 - lr * wd) + join_blocks(pieces, w.shape))
@@ -219,9 +221,13 @@ class Muon(torch.optim.Optimizer):
             for i, _, shape in members:
                 sources[i].append((k, start, shape, scale))
                 start += math.prod(shape[:-2])
-        lrs = [g["lr"] for _, _, g in jobs]
-        if compile_passes:  # a float lr would be baked into the compiled code: pass it as a 0-d tensor
-            lrs = [lr if isinstance(lr, torch.Tensor) else torch.tensor(lr, dtype=torch.float32, device=device)
-                   for lr in lrs]
-        update([p for p, _, _ in jobs], orthogonal, lrs, [g["weight_decay"] for _, _, g in jobs],
+        groups = list({id(g): g for _, _, g in jobs}.values())
+        lrs = [g["lr"] for g in groups]
+        if compile_passes:  # one [groups] fp32 tensor, float or tensor lrs alike: nothing baked in, no recompile
+            if any(isinstance(lr, torch.Tensor) for lr in lrs):
+                lrs = torch.stack([torch.as_tensor(lr, dtype=torch.float32, device=device) for lr in lrs])
+            else:
+                lrs = torch.tensor(lrs, dtype=torch.float32, device=device)
+        lr_index = tuple(next(k for k, g in enumerate(groups) if g is group) for _, _, group in jobs)
+        update([p for p, _, _ in jobs], orthogonal, lrs, lr_index, [g["weight_decay"] for _, _, g in jobs],
                tuple(tuple(s) for s in sources))
