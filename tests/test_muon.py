@@ -377,5 +377,7 @@ def test_benchmark_quick(tmp_path):
     assert "nanokimi eager" in result.stdout and "nanokimi captured (graph)" in result.stdout
     written = json.loads(out.read_text())
     assert {r["optimizer"] for r in written["rows"]} >= {"nanokimi eager", "nanokimi captured (graph) [eager fallback]"}
+    eager = next(r for r in written["rows"] if r["optimizer"] == "nanokimi eager")
+    assert "gram x" in eager["ns_methods"] and "classic x" in eager["ns_methods"]
     profiled = written["profile"]["gpt2-tiny"]["nanokimi eager"]
     assert 0 < len(profiled["top"]) <= 15 and "gemm" in profiled["categories_ms"]
