@@ -91,7 +91,8 @@ def print_counts(shapes, steps=5):
               f"{1 - new / old:>6.0%} {old_mb:>8.0f} {new_mb:>8.0f}")
     print(f"{'total':>12} {len(shapes):>5} {'':>8} {totals[0] / 1e9:>10.1f} {totals[1] / 1e9:>10.1f} "
           f"{1 - totals[1] / totals[0]:>6.0%} {totals[2]:>8.0f} {totals[3]:>8.0f}")
-    print(f"bytes per parameter: old {sum(OLD_BYTES.values())} {OLD_BYTES}; new {sum(NEW_BYTES.values())} {NEW_BYTES}")
+    print(f"bytes per parameter: old {sum(OLD_BYTES.values())} {OLD_BYTES}; "
+          f"new {sum(NEW_BYTES.values())} {NEW_BYTES}")
     return {"gflop_old": totals[0] / 1e9, "gflop_new": totals[1] / 1e9, "mb_old": totals[2], "mb_new": totals[3]}
 
 

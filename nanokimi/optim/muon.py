@@ -90,8 +90,8 @@ def decay_and_update(params, orthogonal, lrs, lr_index, decays, sources):
     """W <- W (1 - lr wd) - lr (0.2 sqrt(max(a, b)) O) in place, each block with its own scale.
 
     params: [A, B] or [E, A, B]; orthogonal: the [N, rows, cols] Newton-Schulz outputs per batch; lrs: one
-    float or 0-d tensor per group (or a [groups] tensor), lr_index: each param's group; decays: floats per param; sources: per param,
-    per block (batch index, start, block shape, scale).
+    float or 0-d tensor per group (or a [groups] tensor); lr_index: each param's group; decays: floats per
+    param; sources: per param, per block (batch index, start, block shape, scale).
     """
     for w, i, wd, blocks in zip(params, lr_index, decays, sources):
         lr = lrs[i]
@@ -103,7 +103,7 @@ def decay_and_update(params, orthogonal, lrs, lr_index, decays, sources):
 _compiled = {}
 
 
-def fused(fn):
+def compiled_pass(fn):
     """fn through torch.compile (fullgraph, static shapes), made once per function: it recompiles per new
     set of shapes, and its kernels are what a CUDA-graph capture of the step records."""
     if fn not in _compiled:
@@ -204,8 +204,8 @@ class Muon(torch.optim.Optimizer):
                        group["ns_method"])
                 batches.setdefault(key, []).append((i, j, tuple(block.shape)))
         compile_passes = self.fused if self.fused is not None else device.type == "cuda"
-        stack = fused(momentum_and_stack) if compile_passes else momentum_and_stack
-        update = fused(decay_and_update) if compile_passes else decay_and_update
+        stack = compiled_pass(momentum_and_stack) if compile_passes else momentum_and_stack
+        update = compiled_pass(decay_and_update) if compile_passes else decay_and_update
         plan = tuple((shape, dtype, tuple((i, j) for i, j, _ in members))
                      for (shape, dtype, *_), members in batches.items())
         stacked = stack([p.grad for p, _, _ in jobs], [m for _, m, _ in jobs],
