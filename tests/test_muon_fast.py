@@ -273,3 +273,18 @@ def test_compiled_passes_equal_eager_on_cpu():
     for a, b in zip(compiled, eager):
         assert rel(a, b) < 1e-6
     assert dynamo_utils.counters["stats"]["unique_graphs"] - before == 2  # no recompile for tensor lrs
+
+
+def test_state_dict_saved_before_ns_method_still_loads():
+    p = nn.Parameter(torch.randn(12, 30))
+    opt = Muon([p], lr=0.01)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    state = opt.state_dict()
+    for group in state["param_groups"]:
+        del group["ns_method"]
+    fresh = Muon([p], lr=0.01)
+    fresh.load_state_dict(state)
+    assert fresh.param_groups[0]["ns_method"] == "auto"
+    fresh.step()
+    assert fresh.last_methods() == {(12, 30): "gram"}
