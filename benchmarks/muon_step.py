@@ -6,15 +6,20 @@ unavailable) through build_optimizer, Muon + AdamW. Gradients are random (no for
 the median of `--iters` steps after warmup, timed with CUDA events, so an eager step bound by the CPU's
 kernel launches shows its wall time. Prints one table and writes benchmarks/results/muon_step.json.
 `--profile` adds, for the 124M set, the top 15 kernels by self device time and a per-category sum
-(GEMM, elementwise, foreach, reduction, copy, other) of the eager and the captured step.
+(GEMM, elementwise, foreach, reduction, copy, other) of the eager and the captured step. The "NS method"
+column says which Newton-Schulz form (classic or gram) each nanokimi row used for how many matrices;
+`--counts` prints, without timing anything, the GEMM FLOPs and elementwise bytes per shape of the previous
+step (classic NS, five separate elementwise passes) and the current one.
 
     python benchmarks/muon_step.py                # GPU
     python benchmarks/muon_step.py --profile      # GPU, plus where the time goes
     python benchmarks/muon_step.py --quick        # tiny CPU smoke run, seconds (the captured rows fall back)
+    python benchmarks/muon_step.py --counts       # FLOP and byte counts of the 124M set, old vs new (CPU)
 """
 import argparse
 import datetime
 import json
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -26,7 +31,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from perf_common import git_commit, median_ms, results_path  # noqa: E402
 
-from nanokimi.optim import CapturedStep, Muon, build_optimizer  # noqa: E402
+from nanokimi.ops.newton_schulz import choose_method, newton_schulz_flops  # noqa: E402
+from nanokimi.optim import CapturedStep, Muon, build_optimizer, matrix_blocks  # noqa: E402
 
 TOP_KERNELS = 15
 CATEGORIES = (  # first match wins; matched against the lower-cased kernel name
@@ -42,14 +48,52 @@ def gpt2_shapes(layers=12, d=768):
     return [shape for _ in range(layers) for shape in ((3 * d, d), (d, d), (4 * d, d), (d, 4 * d))]
 
 
-def ns_flops(shapes, steps=5):
-    """FLOPs of the Newton-Schulz iterations: per matrix and step, 2 s^2 l (gram) + 2 s^3 + 2 s^2 l."""
+# Elementwise bytes per fp32 parameter of one step (bf16 Newton-Schulz input and output):
+OLD_BYTES = {"momentum": 12, "weight decay": 8, "Nesterov + cast": 10, "normalise": 6, "update": 10}
+NEW_BYTES = {"momentum + Nesterov + cast": 14, "decay + update": 10}
+
+
+def ns_flops(shapes, steps=5, method="classic"):
+    """GEMM FLOPs of the Newton-Schulz iterations over `shapes`; method "auto" is what nanokimi's Muon runs."""
     total = 0
     for shape in shapes:
         count = shape[0] if len(shape) == 3 else 1
-        s, l = sorted(shape[-2:])
-        total += count * steps * (4 * s * s * l + 2 * s**3)
+        total += count * newton_schulz_flops(shape[-2:], steps, choose_method(shape[-2:], steps, method))
     return total
+
+
+def method_summary(opt):
+    """'classic x12, gram x36' for a nanokimi Muon (or a CapturedStep/OptimizerSet around one), else ''."""
+    inner = getattr(opt, "optimizer", opt)
+    muon = getattr(inner, "optimizers", {}).get("muon", inner)
+    if not isinstance(muon, Muon):
+        return ""
+    counts, methods = {}, muon.last_methods()
+    for group in muon.param_groups:
+        for p in group["params"]:
+            for block in matrix_blocks(p, group["heads"], group["split"]):
+                method = methods.get(tuple(block.shape[-2:]), "?")
+                counts[method] = counts.get(method, 0) + block.numel() // math.prod(block.shape[-2:])
+    return ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))
+
+
+def print_counts(shapes, steps=5):
+    """GEMM FLOPs and elementwise bytes per distinct shape, previous step vs current step."""
+    print(f"{'shape':>12} {'count':>5} {'method':>8} {'GFLOP old':>10} {'GFLOP new':>10} {'saved':>6} "
+          f"{'MB old':>8} {'MB new':>8}")
+    totals = [0, 0, 0, 0]
+    for shape in sorted(set(shapes), key=shapes.index):
+        count, numel = shapes.count(shape), shape[0] * shape[1]
+        old, new = ns_flops([shape], steps) * count, ns_flops([shape], steps, "auto") * count
+        old_mb, new_mb = sum(OLD_BYTES.values()) * numel * count / 1e6, sum(NEW_BYTES.values()) * numel * count / 1e6
+        totals = [t + v for t, v in zip(totals, (old, new, old_mb, new_mb))]
+        print(f"{str(shape):>12} {count:>5} {choose_method(shape, steps):>8} {old / 1e9:>10.1f} {new / 1e9:>10.1f} "
+              f"{1 - new / old:>6.0%} {old_mb:>8.0f} {new_mb:>8.0f}")
+    print(f"{'total':>12} {len(shapes):>5} {'':>8} {totals[0] / 1e9:>10.1f} {totals[1] / 1e9:>10.1f} "
+          f"{1 - totals[1] / totals[0]:>6.0%} {totals[2]:>8.0f} {totals[3]:>8.0f}")
+    print(f"bytes per parameter: old {sum(OLD_BYTES.values())} {OLD_BYTES}; "
+          f"new {sum(NEW_BYTES.values())} {NEW_BYTES}")
+    return {"gflop_old": totals[0] / 1e9, "gflop_new": totals[1] / 1e9, "mb_old": totals[2], "mb_new": totals[3]}
 
 
 def with_random_grads(shapes, device):
@@ -80,12 +124,12 @@ def graph_note(name, opt):
     return name
 
 
-def row(set_name, optimizer, params, ms, flops=None, matrices=None):
+def row(set_name, optimizer, params, ms, flops=None, matrices=None, methods=""):
     if matrices is None:
         matrices = sum(p.shape[0] if p.ndim == 3 else 1 for p in params)
     return {"set": set_name, "optimizer": optimizer, "matrices": matrices,
             "params_M": round(sum(p.numel() for p in params) / 1e6, 2), "step_ms": round(ms, 3),
-            "ns_tflops": round(flops / ms / 1e9, 1) if flops else None}
+            "ns_tflops": round(flops / ms / 1e9, 1) if flops else None, "ns_methods": methods}
 
 
 def release(device):
@@ -96,11 +140,11 @@ def release(device):
 
 def bench_matrix_set(set_name, shapes, device, warmup, iters, lr=0.02):
     """nanokimi Muon eager and captured, torch.optim.Muon and AdamW, each on its own copy of the shapes."""
-    flops = ns_flops(shapes)
+    flops, ours = ns_flops(shapes), ns_flops(shapes, method="auto")
     fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
     candidates = [
-        ("nanokimi eager", lambda ps: Muon(ps, lr=lr), shapes, flops),
-        ("nanokimi captured (graph)", lambda ps: captured(Muon(ps, lr=lr), warmup), shapes, flops),
+        ("nanokimi eager", lambda ps: Muon(ps, lr=lr), shapes, ours),
+        ("nanokimi captured (graph)", lambda ps: captured(Muon(ps, lr=lr), warmup), shapes, ours),
     ]
     if hasattr(torch.optim, "Muon"):
         candidates.append(("torch.optim.Muon", lambda ps: torch.optim.Muon(
@@ -113,7 +157,7 @@ def bench_matrix_set(set_name, shapes, device, warmup, iters, lr=0.02):
         params = with_random_grads(its_shapes, device)
         opt = make(params)
         ms = median_ms(opt.step, device, warmup, iters)
-        rows.append(row(set_name, graph_note(name, opt), params, ms, its_flops))
+        rows.append(row(set_name, graph_note(name, opt), params, ms, its_flops, methods=method_summary(opt)))
         del params, opt
         release(device)
     return rows
@@ -139,8 +183,8 @@ def bench_model(preset, device, warmup, iters, lr=1e-3):
         muon_shapes = [tuple(p.shape) for g in muon.param_groups for p in g["params"]]
         step = wrap(opt_set)
         ms = median_ms(step.step, device, warmup, iters)
-        rows.append(row(preset, graph_note(name, step), params, ms, ns_flops(muon_shapes),
-                        matrices=len(unbound_2d_shapes(muon_shapes))))
+        rows.append(row(preset, graph_note(name, step), params, ms, ns_flops(muon_shapes, method="auto"),
+                        matrices=len(unbound_2d_shapes(muon_shapes)), methods=method_summary(step)))
         del opt_set, muon, step
         release(device)
     fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
@@ -220,12 +264,14 @@ def print_profile(set_name, result):
 
 
 def print_table(rows):
-    header = f"{'set':<16} {'optimizer':<44} {'matrices':>8} {'params M':>9} {'step ms':>9} {'NS TFLOP/s':>10}"
+    header = (f"{'set':<16} {'optimizer':<44} {'matrices':>8} {'params M':>9} {'step ms':>9} {'NS TFLOP/s':>10}"
+              f"  NS method")
     print(header)
     print("-" * len(header))
     for r in rows:
         print(f"{r['set']:<16} {r['optimizer']:<44} {r['matrices'] if r['matrices'] is not None else '':>8} "
-              f"{r['params_M']:>9} {r['step_ms']:>9.3f} {r['ns_tflops'] if r['ns_tflops'] is not None else '':>10}")
+              f"{r['params_M']:>9} {r['step_ms']:>9.3f} {r['ns_tflops'] if r['ns_tflops'] is not None else '':>10}"
+              f"  {r['ns_methods']}")
 
 
 def main(argv=None):
@@ -238,7 +284,11 @@ def main(argv=None):
     parser.add_argument("--skip-model", action="store_true", help="only the GPT-2-124M matrix set")
     parser.add_argument("--profile", action="store_true",
                         help=f"also profile the 124M set: top {TOP_KERNELS} kernels and a per-category sum")
+    parser.add_argument("--counts", action="store_true",
+                        help="only print the 124M set's GEMM FLOPs and elementwise bytes, old vs new step (no timing)")
     args = parser.parse_args(argv)
+    if args.counts:
+        return print_counts(gpt2_shapes())
     if args.out is None:
         args.out = results_path("muon_step", args.quick)
 

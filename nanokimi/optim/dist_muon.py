@@ -22,7 +22,7 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 
-from nanokimi.ops.newton_schulz import coefficient_schedule, newton_schulz
+from nanokimi.ops.newton_schulz import choose_method, coefficient_schedule, newton_schulz
 from nanokimi.optim.muon import MOONLIGHT_RMS, Muon, matrix_blocks
 
 
@@ -181,12 +181,12 @@ class DistributedMuon(Muon):
         for j, U in zip(mine, full):
             g = j.group
             for block in matrix_blocks(U, g["heads"], g["split"]):
-                batches[(tuple(block.shape[-2:]), g["ns_steps"], g["coefficients"], g["eps"])].append(block)
-        for ((rows, cols), ns_steps, coefficients, eps), blocks in batches.items():
-            X = torch.cat([b.reshape(-1, rows, cols) for b in blocks])  # [N, rows, cols]
-            norms = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=torch.float32)
-            X.mul_((norms + eps).reciprocal().to(X.dtype))
-            O = newton_schulz(X, coefficient_schedule(coefficients, ns_steps))
+                key = (tuple(block.shape[-2:]), g["ns_steps"], g["coefficients"], g["eps"], g["ns_method"])
+                batches[key].append(block)
+        for ((rows, cols), ns_steps, coefficients, eps, method), blocks in batches.items():
+            X = torch.cat([b.reshape(-1, rows, cols) for b in blocks])  # [N, rows, cols], not yet normalised
+            method = choose_method((rows, cols), ns_steps, method, coefficients)
+            O = newton_schulz(X, coefficient_schedule(coefficients, ns_steps), method, eps=eps)
             start = 0
             for b in blocks:
                 n = b.numel() // (rows * cols)

@@ -15,13 +15,19 @@ A parameter is split into the matrices that get orthogonalised on their own ("bl
 split and heads combine (split first, then heads within each piece). The scale 0.2 sqrt(max(a, b)) uses each
 block's own shape, so every block's update RMS is 0.2. All blocks with the same shape [a, b] across all
 parameters and groups share one batched Newton-Schulz call.
+
+A step is three passes over memory: `momentum_and_stack` (reads G and M, writes M and the stacked bf16
+Newton-Schulz inputs, one [N, a, b] per block shape), the batched Newton-Schulz (GEMMs; the Frobenius
+normalisation is folded into its first Gram matrix), and `decay_and_update` (reads W and O, writes W). Both
+elementwise passes are plain eager functions; on CUDA they run through torch.compile (fullgraph, static
+shapes), compiled on the first step, so each becomes a few fused kernels that the CUDA-graph step captures.
 """
 import math
 from collections import defaultdict
 
 import torch
 
-from nanokimi.ops.newton_schulz import COEFFICIENT_SETS, coefficient_schedule, newton_schulz
+from nanokimi.ops.newton_schulz import COEFFICIENT_SETS, METHODS, choose_method, coefficient_schedule, newton_schulz
 
 MOONLIGHT_RMS = 0.2
 
@@ -57,16 +63,68 @@ def check_matrix_options(shape, heads=None, split=None, name="parameter"):
             raise ValueError(f"heads={heads} must divide every row block {pieces} of {name} (shape {tuple(shape)})")
 
 
+def join_blocks(blocks, shape):
+    """Inverse of matrix_blocks: block tensors [E, a, B] or [E, H, a / H, B] -> one tensor of `shape`."""
+    pieces = [b.flatten(1, 2) if b.ndim == 4 else b for b in blocks]  # [E, a_i, B]
+    return (torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]).reshape(shape)
+
+
+def momentum_and_stack(grads, bufs, momenta, nesterov, layouts, batches):
+    """M <- mu M + G in place for every param, and the Newton-Schulz inputs stacked per block shape.
+
+    grads, bufs: [A, B] or [E, A, B] per param; momenta: floats; nesterov: bools; layouts: (heads, split) per
+    param; batches: ((rows, cols), dtype, ((param index, block index), ...)) per batch.
+    Returns one [N, rows, cols] tensor per batch holding U = mu M + G (Nesterov) or M, cast to dtype.
+    """
+    updates = []
+    for g, m, mu, nest in zip(grads, bufs, momenta, nesterov):
+        m_new = torch.add(g, m, alpha=mu)  # M <- mu M + G
+        m.copy_(m_new)
+        updates.append(torch.add(g, m_new, alpha=mu) if nest else m_new)
+    blocks = [matrix_blocks(u, *layout) for u, layout in zip(updates, layouts)]
+    return [torch.cat([blocks[i][j].to(dtype).reshape(-1, rows, cols) for i, j in members])
+            for (rows, cols), dtype, members in batches]
+
+
+def decay_and_update(params, orthogonal, lrs, lr_index, decays, sources):
+    """W <- W (1 - lr wd) - lr (0.2 sqrt(max(a, b)) O) in place, each block with its own scale.
+
+    params: [A, B] or [E, A, B]; orthogonal: the [N, rows, cols] Newton-Schulz outputs per batch; lrs: one
+    float or 0-d tensor per group (or a [groups] tensor); lr_index: each param's group; decays: floats per
+    param; sources: per param, per block (batch index, start, block shape, scale).
+    """
+    for w, i, wd, blocks in zip(params, lr_index, decays, sources):
+        lr = lrs[i]
+        pieces = [orthogonal[k][start:start + math.prod(shape[:-2])].view(shape) * (-lr * scale)
+                  for k, start, shape, scale in blocks]
+        w.copy_(w * (1 - lr * wd) + join_blocks(pieces, w.shape))
+
+
+_compiled = {}
+
+
+def compiled_pass(fn):
+    """fn through torch.compile (fullgraph, static shapes), made once per function: it recompiles per new
+    set of shapes, and its kernels are what a CUDA-graph capture of the step records."""
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn, fullgraph=True, dynamic=False)
+    return _compiled[fn]
+
+
 class Muon(torch.optim.Optimizer):
     """Muon for hidden matrices (2-D, or 3-D stacked experts). See the module docstring for the update.
 
     Per-group options beyond the constructor's: heads (int or None), split (tuple of row sizes or None).
     ns_dtype is the Newton-Schulz compute dtype (None: bf16 on GPUs, fp32 on the CPU, where bf16 matmuls
-    are an order of magnitude slower); eps guards the Frobenius normalisation.
+    are an order of magnitude slower); eps guards the Frobenius normalisation. ns_method: "auto" (the Gram
+    form where it needs fewer FLOPs, quintic only; see nanokimi.ops.newton_schulz), "classic" or "gram".
+    fused: run the two elementwise passes through torch.compile (None: on CUDA only; the CPU runs the same
+    functions eagerly).
     """
 
     def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.1, ns_steps=5,
-                 coefficients="quintic", ns_dtype=None, eps=1e-7, heads=None, split=None):
+                 coefficients="quintic", ns_dtype=None, eps=1e-7, heads=None, split=None, ns_method="auto",
+                 fused=None):
         if lr < 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
         if not 0 <= momentum < 1:
@@ -77,8 +135,15 @@ class Muon(torch.optim.Optimizer):
             raise ValueError(f"unknown coefficients {coefficients!r}; choose one of {COEFFICIENT_SETS}")
         coefficient_schedule(coefficients, ns_steps)
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, ns_steps=ns_steps,
-                        coefficients=coefficients, ns_dtype=ns_dtype, eps=eps, heads=heads, split=split)
+                        coefficients=coefficients, ns_dtype=ns_dtype, eps=eps, heads=heads, split=split,
+                        ns_method=ns_method)
         super().__init__(params, defaults)
+        self.fused = fused
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("ns_method", "auto")  # state dicts saved before the option existed
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
@@ -87,6 +152,8 @@ class Muon(torch.optim.Optimizer):
             group["split"] = tuple(int(s) for s in group["split"])
         if group["coefficients"] not in COEFFICIENT_SETS:
             raise ValueError(f"unknown coefficients {group['coefficients']!r}; choose one of {COEFFICIENT_SETS}")
+        if group["ns_method"] not in METHODS:
+            raise ValueError(f"unknown ns_method {group['ns_method']!r}; choose one of {METHODS}")
         for i, p in enumerate(group["params"]):
             check_matrix_options(p.shape, group["heads"], group["split"], name=f"param {i} of group "
                                  f"{len(self.param_groups) - 1}")
@@ -103,6 +170,10 @@ class Muon(torch.optim.Optimizer):
             bufs.append(state["momentum_buffer"])
         return bufs
 
+    def last_methods(self):
+        """{(rows, cols): "classic" | "gram"}: the Newton-Schulz form each block shape used in the last step."""
+        return dict(getattr(self, "_last_methods", {}))
+
     @torch.no_grad()
     def step(self, closure=None):
         """One Muon step. A group's lr may be a float or a 0-d tensor on the params' device (the CUDA-graph
@@ -111,50 +182,52 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-
-        batches = defaultdict(list)  # NS settings + block shape -> [(grad, momentum, weight blocks, group)]
+        jobs = defaultdict(list)  # device -> [(param, momentum buffer, group)]
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            bufs = self._momentum_buffers(params)
-            for p, buf in zip(params, bufs):  # one pass each; _foreach_mul_ + _foreach_add_ would read M twice
-                torch.add(p.grad, buf, alpha=group["momentum"], out=buf)  # M <- mu M + G
-            if group["weight_decay"] != 0:
-                torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
-            heads, split = group["heads"], group["split"]
-            for p, buf in zip(params, bufs):
-                for blocks in zip(matrix_blocks(p.grad, heads, split), matrix_blocks(buf, heads, split),
-                                  matrix_blocks(p, heads, split)):
-                    key = (tuple(blocks[0].shape[-2:]), p.device, group["ns_dtype"], group["ns_steps"],
-                           group["coefficients"], group["eps"])
-                    batches[key].append((*blocks, group))
-
-        for ((rows, cols), device, ns_dtype, ns_steps, coefficients, eps), jobs in batches.items():
-            count = sum(g.numel() // (rows * cols) for g, *_ in jobs)
-            if ns_dtype is None:
-                ns_dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-            X = torch.empty(count, rows, cols, dtype=ns_dtype, device=device)  # [N, rows, cols]
-            start = 0
-            for g, m, _, group in jobs:
-                n = g.numel() // (rows * cols)
-                dst = X[start:start + n].view(g.shape)
-                start += n
-                if group["nesterov"]:
-                    torch.add(g, m, alpha=group["momentum"], out=dst)  # U = mu M + G, cast to ns_dtype
-                else:
-                    dst.copy_(m)
-            norms = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=torch.float32)  # [N, 1, 1]
-            X.mul_((norms + eps).reciprocal().to(ns_dtype))
-            O = newton_schulz(X, coefficient_schedule(coefficients, ns_steps))  # [N, rows, cols]
-            scale = MOONLIGHT_RMS * math.sqrt(max(rows, cols))
-            start = 0
-            for g, _, w, group in jobs:
-                n = g.numel() // (rows * cols)
-                update = O[start:start + n].view(g.shape)
-                start += n
-                if isinstance(group["lr"], torch.Tensor):
-                    w.addcmul_(update, group["lr"] * -scale)  # the same W - lr scale O, lr read on the device
-                else:
-                    w.add_(update, alpha=-group["lr"] * scale)
+            for p, buf in zip(params, self._momentum_buffers(params)):
+                jobs[p.device].append((p, buf, group))
+        self._last_methods = {}
+        for device, device_jobs in jobs.items():
+            self._step_device(device, device_jobs)
         return loss
+
+    def _step_device(self, device, jobs):
+        """The three passes for the params of one device (see the module docstring)."""
+        batches = {}  # NS settings + block shape -> [(param index, block index, block shape)]
+        layouts = []
+        for i, (p, _, group) in enumerate(jobs):
+            layouts.append((group["heads"], group["split"]))
+            ns_dtype = group["ns_dtype"] or (torch.float32 if device.type == "cpu" else torch.bfloat16)
+            for j, block in enumerate(matrix_blocks(p, *layouts[-1])):
+                key = (tuple(block.shape[-2:]), ns_dtype, group["ns_steps"], group["coefficients"], group["eps"],
+                       group["ns_method"])
+                batches.setdefault(key, []).append((i, j, tuple(block.shape)))
+        compile_passes = self.fused if self.fused is not None else device.type == "cuda"
+        stack = compiled_pass(momentum_and_stack) if compile_passes else momentum_and_stack
+        update = compiled_pass(decay_and_update) if compile_passes else decay_and_update
+        plan = tuple((shape, dtype, tuple((i, j) for i, j, _ in members))
+                     for (shape, dtype, *_), members in batches.items())
+        stacked = stack([p.grad for p, _, _ in jobs], [m for _, m, _ in jobs],
+                        [g["momentum"] for _, _, g in jobs], [g["nesterov"] for _, _, g in jobs],
+                        layouts, plan)
+        orthogonal = []
+        sources = [[] for _ in jobs]  # per param, per block: (batch index, start, block shape, scale)
+        for k, (((rows, cols), _, steps, coefficients, eps, method), members) in enumerate(batches.items()):
+            method = choose_method((rows, cols), steps, method, coefficients)
+            self._last_methods[(rows, cols)] = method
+            orthogonal.append(newton_schulz(stacked[k], coefficient_schedule(coefficients, steps), method, eps=eps))
+            start, scale = 0, MOONLIGHT_RMS * math.sqrt(max(rows, cols))
+            for i, _, shape in members:
+                sources[i].append((k, start, shape, scale))
+                start += math.prod(shape[:-2])
+        groups = list({id(g): g for _, _, g in jobs}.values())
+        lrs = [g["lr"] for g in groups]
+        if compile_passes:  # one [groups] fp32 tensor, float or tensor lrs alike: nothing baked in, no recompile
+            if any(isinstance(lr, torch.Tensor) for lr in lrs):
+                lrs = torch.stack([torch.as_tensor(lr, dtype=torch.float32, device=device) for lr in lrs])
+            else:
+                lrs = torch.tensor(lrs, dtype=torch.float32, device=device)
+        lr_index = tuple(next(k for k, g in enumerate(groups) if g is group) for _, _, group in jobs)
+        update([p for p, _, _ in jobs], orthogonal, lrs, lr_index, [g["weight_decay"] for _, _, g in jobs],
+               tuple(tuple(s) for s in sources))

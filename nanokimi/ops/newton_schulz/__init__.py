@@ -1,22 +1,70 @@
 """Batched Newton-Schulz orthogonalisation (the core of Muon); `naive.py` holds the one-matrix fp32 reference.
 
-Same-shape matrices go through the iteration together. For wide X [N, s, l] (s <= l), each step is
-    gram = X X^T                                  [N, s, s]   bmm
-    poly = a I + b gram + c gram gram             [N, s, s]   baddbmm, then a added on the diagonal
-    X    = poly X                                 [N, s, l]   bmm
-Tall X [N, l, s] uses gram = X^T X and X = X poly (poly is symmetric): the same short-side cost, the
-transposes are GEMM operand flags, never copies. Folding a into the small s x s poly means the big GEMM
-has no additive input: baddbmm(X, poly, X, beta=a) would first copy all of X into its output, every step.
-Measured on the CPU in bf16 against the fp32 reference: the direction error (off-diagonal of U^T O V) is
-the same as with the unfolded form; rounding a + (poly)_ii to bf16 shifts the singular values by 2-3%,
-well inside the quintic's [0.68, 1.13] band.
+Same-shape matrices go through the iteration together, on their short side s (X [N, s, l] wide; a tall
+[N, l, s] uses X^T X and X poly instead, the transposes being GEMM operand flags). Two exact rewritings of
+the same iteration X <- a X + b (X X^T) X + c (X X^T)^2 X, chosen per shape by FLOP count (`method="auto"`):
+
+classic: per step
+    R = X X^T;  P = a I + b R + c R^2;  X = P X            2 s^2 l + 2 s^3 + 2 s^2 l FLOPs
+Folding a into the small s x s P means the big GEMM has no additive input (baddbmm(X, P, X, beta=a) would
+copy all of X into its output every step).
+
+gram: every iterate is X_k = Q_k X_0 with Q_k a polynomial in G = X_0 X_0^T (symmetric, commuting with G).
+With R_k = X_k X_k^T and P_k = a I + b R_k + c R_k^2:
+    Q_{k+1} = P_k Q_k,   R_{k+1} = P_k R_k P_k,   and at the end X = Q_K X_0
+so the long side l is touched by two big GEMMs (G and Q X_0) and the steps in between are s x s products.
+In bf16 the s x s recursion is not stable over many steps: rounding leaves R with small negative eigenvalues
+(R is a square of X, so its noise floor is u ||R|| where X's is u ||X||), and an odd polynomial's
+Gram-space map lambda -> lambda p(lambda)^2 sends those away from 0 instead of to 1. So the iteration restarts
+from X every `segment` steps (X = Q X_0, R = X X^T): a segment of m steps costs 4 s^2 l + 2 s^3 (4m - 3)
+FLOPs (m = 1 is exactly one classic step). Measured on the CPU in bf16 (docs/muon.md): with two-step
+segments (GRAM_SEGMENT) and the quintic, the singular values stay in the classic band and the direction error
+is at most ~1.4x the classic bf16 one; with Polar Express (steep first polynomial) it is up to ~4x and the
+largest singular value reaches 1.27 (band 1.124), so "auto" uses gram only for the quintic set. Without
+restarts both sets diverge on ill-conditioned inputs (singular values in the tens or thousands).
+
+Normalisation folds into the first Gram matrix: with n = sqrt(trace(X_0 X_0^T)) + eps = ||X_0||_F + eps
+(trace summed in fp32), the iteration starts from R_0 = G / n^2 and a first polynomial divided by n, so
+an unnormalised X never needs a separate pass (pass `eps`). A zero matrix stays zero (n = eps, no NaN).
 """
 import torch
 
 from nanokimi.ops.newton_schulz.naive import COEFFICIENT_SETS, coefficient_schedule, orthogonalize_naive
 
-__all__ = ["COEFFICIENT_SETS", "coefficient_schedule", "newton_schulz", "normalize_into", "orthogonalize",
-           "orthogonalize_naive"]
+__all__ = ["COEFFICIENT_SETS", "GRAM_SEGMENT", "METHODS", "coefficient_schedule", "choose_method",
+           "newton_schulz", "newton_schulz_flops", "normalize_into", "orthogonalize", "orthogonalize_naive"]
+
+METHODS = ("auto", "classic", "gram")
+GRAM_SEGMENT = 2  # steps between restarts of the Gram recursion (see the module docstring)
+
+
+def segments(steps, segment=GRAM_SEGMENT):
+    """Lengths of the Gram segments: [2, 2, 1] for 5 steps and segment 2."""
+    return [min(segment, steps - start) for start in range(0, steps, segment)]
+
+
+def newton_schulz_flops(shape, steps, method="classic", segment=GRAM_SEGMENT):
+    """GEMM FLOPs of `steps` iterations on one matrix of `shape` ([A, B]; the short side is iterated)."""
+    s, l = sorted(shape[-2:])
+    if method == "classic":
+        return steps * (4 * s * s * l + 2 * s**3)
+    if method == "gram":
+        return sum(4 * s * s * l + 2 * s**3 * (4 * m - 3) for m in segments(steps, segment))
+    raise ValueError(f"unknown method {method!r}; choose 'classic' or 'gram' (or 'auto' in newton_schulz)")
+
+
+def choose_method(shape, steps, method="auto", coefficients="quintic", segment=GRAM_SEGMENT):
+    """'classic' or 'gram': `method` itself unless it is 'auto'; then classic for Polar Express (gram is less
+    accurate there in bf16), else whichever needs fewer FLOPs (gram for l > 1.5 s with two-step segments;
+    square matrices stay classic)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown Newton-Schulz method {method!r}; choose one of {METHODS}")
+    if method != "auto":
+        return method
+    if coefficients != "quintic":
+        return "classic"
+    gram = newton_schulz_flops(shape, steps, "gram", segment)
+    return "gram" if gram < newton_schulz_flops(shape, steps, "classic") else "classic"
 
 
 def normalize_into(out, X, eps=1e-7):
@@ -26,26 +74,56 @@ def normalize_into(out, X, eps=1e-7):
     return out
 
 
-def newton_schulz(X, schedule):
-    """X: [N, A, B], already normalised, in the compute dtype -> [N, A, B] in the same dtype.
+def _start(gram, eps):
+    """R_0 = gram / n^2 in gram's dtype and 1 / n [N, 1, 1] (fp32 or fp64), n = sqrt(trace(gram)) + eps;
+    or (gram, None) without eps."""
+    if eps is None:
+        return gram, None
+    trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1, dtype=torch.promote_types(gram.dtype, torch.float32))  # [N]
+    inv = (trace.clamp_min(0).sqrt() + eps).reciprocal()[:, None, None]  # [N, 1, 1]
+    return (gram * inv.square()).to(gram.dtype), inv
 
-    schedule: [(a, b, c)] per step (see coefficient_schedule). Works on the short side of either orientation.
+
+def _polynomial(R, a, b, c):
+    """a I + b R + c R^2, [N, s, s]."""
+    P = torch.baddbmm(R, R, R, beta=b, alpha=c)
+    P.diagonal(dim1=-2, dim2=-1).add_(a)
+    return P
+
+
+def newton_schulz(X, schedule, method="auto", eps=None, segment=GRAM_SEGMENT):
+    """X: [N, A, B] in the compute dtype -> [N, A, B] in the same dtype.
+
+    schedule: [(a, b, c)] per step (see coefficient_schedule). eps None: X is already normalised
+    (||X||_F <= 1); a float: X is raw and each matrix is divided by its ||X||_F + eps inside, at no extra
+    pass. method: "classic", "gram" or "auto" (fewer FLOPs for this shape; see the module docstring; callers
+    that know the coefficient set should resolve "auto" with choose_method, which keeps Polar Express classic).
     """
     tall = X.shape[-2] > X.shape[-1]
-    for a, b, c in schedule:
-        gram = torch.bmm(X.mT, X) if tall else torch.bmm(X, X.mT)  # [N, short, short]
-        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b gram + c gram^2
-        poly.diagonal(dim1=-2, dim2=-1).add_(a)  # + a I
-        X = torch.bmm(X, poly) if tall else torch.bmm(poly, X)
+    method = choose_method(X.shape[-2:], len(schedule), method, segment)
+    chunk = segment if method == "gram" else 1  # classic == gram with one-step segments
+    for start in range(0, len(schedule), chunk):
+        R, inv = _start(torch.bmm(X.mT, X) if tall else torch.bmm(X, X.mT), eps if start == 0 else None)
+        Q = None  # [N, s, s]
+        steps = schedule[start:start + chunk]
+        for i, (a, b, c) in enumerate(steps):
+            P = _polynomial(R, a, b, c)
+            Q = P if Q is None else torch.bmm(P, Q)
+            if i < len(steps) - 1:
+                R = torch.bmm(torch.bmm(P, R), P)
+        if inv is not None:
+            Q = (Q * inv).to(X.dtype)  # the 1 / n of the normalisation
+        X = torch.bmm(X, Q) if tall else torch.bmm(Q, X)
     return X
 
 
-def orthogonalize(G, steps=5, coefficients="quintic", dtype=torch.bfloat16, eps=1e-7):
+def orthogonalize(G, steps=5, coefficients="quintic", dtype=torch.bfloat16, eps=1e-7, method="auto"):
     """Approximate polar factor U V^T of every matrix in G: [..., A, B] -> [..., A, B] in G's dtype.
 
     Each matrix is normalised by its own Frobenius norm (+ eps), iterated in `dtype` on its short side
     (X^T X for tall matrices, X X^T for wide ones), and all of them share one batched GEMM per product.
     coefficients: "quintic" (3.4445, -4.7750, 2.0315) or "polar_express" (arXiv 2505.16932, see naive.py).
+    method: "classic", "gram" or "auto" (see newton_schulz).
     """
     if G.ndim < 2:
         raise ValueError(f"orthogonalize needs matrices [..., A, B], got shape {tuple(G.shape)}")
@@ -53,6 +131,6 @@ def orthogonalize(G, steps=5, coefficients="quintic", dtype=torch.bfloat16, eps=
         raise ValueError(f"orthogonalize needs a floating-point tensor, got {G.dtype}")
     schedule = coefficient_schedule(coefficients, steps)
     A, B = G.shape[-2:]
-    X = G.reshape(-1, A, B)
-    X = normalize_into(torch.empty(X.shape, dtype=dtype, device=G.device), X, eps)  # [N, A, B]
-    return newton_schulz(X, schedule).reshape(G.shape).to(G.dtype)
+    X = G.reshape(-1, A, B).to(dtype)  # [N, A, B]
+    method = choose_method((A, B), steps, method, coefficients)
+    return newton_schulz(X, schedule, method, eps=eps).reshape(G.shape).to(G.dtype)
