@@ -13,6 +13,7 @@ for the residual table are reused by the model table, whose residual stream has 
 Medians over timed steps after warm-up. Writes benchmarks/results/attnres_overhead.json (device, date, commit).
 
     python benchmarks/attnres_overhead.py            # GPU, a few minutes (fla autotune + compiles come first)
+    python benchmarks/attnres_overhead.py --modes block --cuda-graph   # skip full; also whole-step CUDA graphs
     python benchmarks/attnres_overhead.py --quick    # CPU smoke run: tiny sizes, eager, 2 steps
 """
 import argparse
@@ -96,7 +97,7 @@ def model_rows(args, device):
 
 
 def model_step_row(ModelConfig, build_model, args, device, mode, seq_len):
-    from nanokimi.train.fast import compile_model, make_optimizer
+    from nanokimi.train.fast import capture_step, compile_model, make_optimizer
     overrides = dict(attn_res=mode, attn_res_blocks=args.blocks)
     if args.quick:
         overrides.update(vocab_size=512, num_layers=2, mixers="KA", max_position_embeddings=64)
@@ -110,16 +111,18 @@ def model_step_row(ModelConfig, build_model, args, device, mode, seq_len):
             compiled = True
         except Exception as exc:  # noqa: BLE001 - measure eager rather than lose the row
             error = short_error(exc)
-    optimizer = make_optimizer(model, "adamw")
+    graph = args.cuda_graph and device.type == "cuda"
+    optimizer = make_optimizer(model, "adamw", capturable=graph)
     ids = torch.randint(0, config.vocab_size, (args.batch, seq_len), device=device)
     targets = torch.randint(0, config.vocab_size, (args.batch, seq_len), device=device)
 
     def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=not graph):
             loss = model.loss(ids, targets, chunk_tokens=0)
         loss.backward()
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=not graph)
+        return loss
 
     free_memory(device)
     try:
@@ -134,6 +137,12 @@ def model_step_row(ModelConfig, build_model, args, device, mode, seq_len):
         model = build_model(config, device=device).train()
         optimizer = make_optimizer(model, "adamw")
         ms = median_ms(step, device, args.warmup, args.steps)
+    graph_ms = None
+    if graph and compiled:
+        try:
+            graph_ms = median_ms(capture_step(step), device, args.warmup, args.steps)
+        except Exception as exc:  # noqa: BLE001 - keep the compiled row
+            error = f"CUDA graph capture failed: {short_error(exc)}"
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     kernels = getattr(model.residual, "kernels", None)
     attnres_kernels = "-" if kernels is None else ("triton" if hasattr(kernels.phase1_forward, "func")
@@ -142,9 +151,12 @@ def model_step_row(ModelConfig, build_model, args, device, mode, seq_len):
                preset=args.preset, B=args.batch, T=seq_len,
                median_ms=ms, tokens_per_s=args.batch * seq_len / ms * 1e3, peak_gib=peak,
                params=sum(p.numel() for p in model.parameters()))
+    if graph_ms is not None:
+        row.update(graph_ms=graph_ms, graph_tokens_per_s=args.batch * seq_len / graph_ms * 1e3)
     if error:
         row["compile_error"] = error
-    print(f"model {mode} compiled={compiled}: {ms:.1f} ms", flush=True)
+    print(f"model {mode} compiled={compiled}: {ms:.1f} ms" + (f", graph {graph_ms:.1f} ms" if graph_ms else ""),
+          flush=True)
     del model, optimizer
     free_memory(device)
     return row
@@ -163,6 +175,8 @@ def add_overheads(rows):
         if r["table"] == "model" and model_base and r["T"] == model_base["T"]:
             r["extra_ms"] = r["median_ms"] - model_base["median_ms"]
             r["overhead_vs_none"] = r["median_ms"] / model_base["median_ms"] - 1
+            if r.get("graph_ms") and model_base.get("graph_ms"):
+                r["graph_overhead_vs_none"] = r["graph_ms"] / model_base["graph_ms"] - 1
 
 
 def print_table(rows):
@@ -181,6 +195,11 @@ def print_table(rows):
             "compiled" if r["attnres_kernels"] == "-" else r["attnres_kernels"])
         print(f"{r['table']:9} {r['attn_res']:8} {kernels:8} {r['B']:>2} {r['T']:>5} "
               f"{r['median_ms']:>10.2f} {extra:>9} {over:>9} {tok:>9} {peak:>8}")
+    for r in rows:
+        if r.get("graph_ms"):
+            over = f", {100 * r['graph_overhead_vs_none']:+.1f}% over none" if "graph_overhead_vs_none" in r else ""
+            print(f"model {r['attn_res']} in one CUDA graph: {r['graph_ms']:.1f} ms "
+                  f"({r['graph_tokens_per_s']:.0f} tok/s{over})")
     for r in rows:
         if "compile_error" in r:
             print(f"model {r['attn_res']}: compile failed, measured eager: {r['compile_error']}")
@@ -203,6 +222,8 @@ def main():
     parser.add_argument("--modes", default=",".join(MODES),
                         help="attn_res settings to measure besides none (comma-separated: block,full)")
     parser.add_argument("--profile", action="store_true", help="residual table: GPU time by kernel kind per row")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="model table: also time the compiled step captured whole in one CUDA graph")
     parser.add_argument("--skip-model", action="store_true", help="only the residual table")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON file (default benchmarks/results/attnres_overhead.json; --quick writes to a temp folder)")
