@@ -80,14 +80,14 @@ def test_compiled_model_matches_eager_on_gpu(preset, scope):
     compiled.load_state_dict(eager.state_dict())
     compile_model(compiled, scope=scope)
     ids = torch.randint(0, 4096, (2, 256), device="cuda")
-    with torch.autocast("cuda", torch.bfloat16):
-        a, b = eager.loss(ids, ids), compiled.loss(ids, ids)
-    assert rel_err(b, a) < 1e-2
+    # fp32: under bf16 autocast the two programs round differently and MoE top-k choices near ties differ
+    a, b = eager.loss(ids, ids), compiled.loss(ids, ids)
+    assert rel_err(b, a) < 1e-4
     a.backward()
     b.backward()
     grads = [(p.grad.flatten(), q.grad.flatten()) for p, q in zip(eager.parameters(), compiled.parameters())
              if p.grad is not None]
-    assert rel_err(torch.cat([q for _, q in grads]), torch.cat([p for p, _ in grads])) < 3e-2
+    assert rel_err(torch.cat([q for _, q in grads]), torch.cat([p for p, _ in grads])) < 1e-3
 
 
 @pytest.mark.gpu
@@ -164,7 +164,7 @@ def test_captured_training_step_equals_eager_steps_on_gpu(preset):
 
     eager = make_step(models[0], True)
     eager_losses = [eager().item() for _ in range(6)]
-    replay = capture_step(make_step(models[1], False), warmup=3)  # warm-up steps 1-3, the capture is step 4
-    graph_losses = [replay().item() for _ in range(2)]  # steps 5 and 6
-    assert graph_losses == pytest.approx(eager_losses[4:], rel=1e-2)
+    replay = capture_step(make_step(models[1], False), warmup=3)  # warm-up steps 1-3; the capture only records
+    graph_losses = [replay().item() for _ in range(3)]  # steps 4, 5 and 6
+    assert graph_losses == pytest.approx(eager_losses[3:], rel=1e-2)
     assert graph_losses[1] != graph_losses[0]  # the replay really trains

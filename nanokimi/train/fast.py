@@ -182,9 +182,10 @@ def capture_step(step, warmup: int = 3):
     each new batch into the same input tensors), make no host syncs, and return the loss tensor. Use
     autocast with cache_enabled=False, and optimizers that can be captured (make_optimizer(...,
     capturable=True)); the learning rate is baked in unless the optimizer reads it from a tensor.
-    Runs step() `warmup` times on a side stream (compilation and autotuning happen there), captures one
-    call, and returns replay() -> the loss tensor, refreshed by each replay. The warm-up calls and the
-    captured call are real steps on whatever the input tensors hold: fill them with a batch first."""
+    Runs step() `warmup` times on a side stream (compilation and autotuning happen there), then records one
+    call (recording runs no kernels), and returns replay() -> the loss tensor, refreshed by each replay. The
+    warm-up calls are real steps on whatever the input tensors hold (fill them with a batch first); the
+    first replay is the next step."""
     if not torch.cuda.is_available():
         raise RuntimeError("capture_step needs CUDA; on the CPU call the step function itself.")
     from nanokimi.optim.graphed import run_on_side_stream
