@@ -195,7 +195,7 @@ def test_benchmark_quick(tmp_path):
     assert calls[1, "default"] == {} == calls[1, "per-rank-batch"]  # one process: no collectives at all
     assert calls[2, "default"]["all_to_all_single"] == 2 and calls[2, "muon-4-buckets"]["all_to_all_single"] == 2 * 4
     gathers = {key: sum(n for name, n in c.items() if name.startswith("all_gather")) for key, c in calls.items()}
-    units = 2 * 2  # tiny quick model: 2 layers x (mixer, ffn)
+    units = 2  # tiny quick model: 2 blocks, one FSDP unit each (PreNorm residual)
     assert gathers[2, "default"] == units + 1 and gathers[2, "reshard"] == 2 * units + 1
 
 
@@ -212,3 +212,47 @@ def test_benchmark_quick_compiled_under_fsdp(tmp_path):
     rows = json.loads((tmp_path / "d.json").read_text())["rows"]
     assert {(r["gpus"], r["variant"]) for r in rows} == {(1, "default"), (1, "per-rank-batch"), (2, "default")}
     assert all(r["tokens_per_s"] > 0 for r in rows)
+
+
+def test_distributed_muon_fused_passes_compiled_equal_eager():
+    """The two elementwise passes of DistributedMuon as torch.compile runs them on CUDA, against the eager
+    functions: shards of odd sizes, an empty shard, 3-D experts with two segments along dim 1."""
+    import torch
+
+    from nanokimi.optim.dist_muon import decay_and_apply, momentum_and_pack
+
+    def run(fused):
+        g = torch.Generator().manual_seed(0)
+        shapes = [(5, 7), (0, 7), (2, 6, 4), (3, 9)]
+        grads = [torch.randn(s, generator=g) for s in shapes]
+        bufs = [torch.randn(s, generator=g) for s in shapes]
+        weights = [torch.randn(s, generator=g) for s in shapes]
+        pack = torch.compile(momentum_and_pack, fullgraph=True) if fused else momentum_and_pack
+        sends = pack(grads, bufs, [0.95, 0.9, 0.95, 0.8], [True, True, False, True], ((3, 0), (1, 2)),
+                     torch.float32)
+        updates = [torch.randn(s, generator=g) for s in shapes]
+        segments = (((0, 0, 5, 0.7),), (), ((1, 0, 2, 0.4), (1, 2, 6, 0.9)), ((0, 0, 1, 0.3), (0, 1, 3, 0.5)))
+        apply = torch.compile(decay_and_apply, fullgraph=True) if fused else decay_and_apply
+        apply(weights, updates, torch.tensor([0.01, 0.02]), (0, 1, 1, 0), [0.1, 0.0, 0.1, 0.2], segments)
+        return sends + bufs + weights
+
+    for a, b in zip(run(True), run(False)):
+        assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_clip_grad_norm_equals_torch_on_plain_tensors():
+    import torch
+
+    from nanokimi.train.distributed import clip_grad_norm_
+
+    for max_norm in (0.5, 1e3):  # clipped, and left alone
+        torch.manual_seed(0)
+        a = [torch.nn.Parameter(torch.randn(s)) for s in [(7, 3), (5,), (2, 4, 3)]]
+        b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+        for p, q in zip(a, b):
+            p.grad = torch.randn(p.shape) * 3
+            q.grad = p.grad.clone()
+        norm = clip_grad_norm_(a, max_norm)
+        expected = torch.nn.utils.clip_grad_norm_(b, max_norm)
+        assert torch.allclose(norm, expected, rtol=1e-6)
+        assert all(torch.allclose(p.grad, q.grad, rtol=1e-6, atol=1e-8) for p, q in zip(a, b))

@@ -2,16 +2,17 @@
 
 Parameters are DTensors sharded on dim 0 over a 1-D mesh (FSDP2's layout: rank r holds rows
 [r c, (r + 1) c) with c = ceil(rows / world), the last ranks possibly fewer or none). Per step:
-    1. on every shard: M <- mu M + G, weight decay, U = mu M + G (nesterov) cast to the Newton-Schulz dtype
-       (the momentum buffer lives on the shard, as a DTensor beside its parameter)
+    1. on every shard, in one fused pass: M <- mu M + G and U = mu M + G (nesterov) cast to the Newton-Schulz
+       dtype, packed in send order (the momentum buffer lives on the shard, as a DTensor beside its parameter)
     2. the matrices are cut into `buckets` pieces of about equal size (in parameter order; one by default,
        which measured fastest on 2 GPUs); per bucket, one
        all-to-all sends each shard of U to the rank that owns the whole matrix; owners are assigned greedily
        within the bucket, largest matrices first, to the rank with the least work so far
     3. each owner runs the batched Newton-Schulz over its matrices of a bucket as soon as they arrive, with
        the same blocks as Muon (per-head, split, per-expert), while the later buckets are still in flight
-    4. per bucket, a second all-to-all sends each rank the rows of O that match its shard;
-       W <- W - lr 0.2 sqrt(max(a, b)) O
+    4. per bucket, a second all-to-all sends each rank the rows of O that match its shard; then one fused
+       pass: W <- W (1 - lr wd) - lr 0.2 sqrt(max(a, b)) O
+On CUDA the two fused passes run through torch.compile (`fused=None` default; Muon's option).
 So the Newton-Schulz work is split over ranks, never repeated, with several buckets its communication
 overlaps it, and the
 result is the single-process Muon's. Two all-to-alls per bucket, no other collective.
@@ -23,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from nanokimi.ops.newton_schulz import choose_method, coefficient_schedule, newton_schulz
-from nanokimi.optim.muon import MOONLIGHT_RMS, Muon, matrix_blocks
+from nanokimi.optim.muon import MOONLIGHT_RMS, Muon, compiled_pass, matrix_blocks
 
 
 def shard_rows(rows: int, world: int, rank: int) -> tuple[int, int]:
@@ -64,10 +65,11 @@ def assign_owners(sizes: list[int], world: int) -> list[int]:
 
 
 class _Job:
-    """One parameter's step: its shard, its update U's shard, its group and who owns the whole matrix."""
+    """One parameter's step: the parameter and its momentum buffer (DTensors), its group and who owns the
+    whole matrix."""
 
-    def __init__(self, param, update, group, world):
-        self.param, self.update, self.group = param, update, group
+    def __init__(self, param, buffer, group, world):
+        self.param, self.buffer, self.group = param, buffer, group
         self.shape = tuple(param.shape)  # global [A, B] or [E, A, B]
         self.row_numel = math.prod(self.shape[1:])
         self.rows = [shard_rows(self.shape[0], world, r) for r in range(world)]
@@ -106,19 +108,10 @@ class DistributedMuon(Muon):
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p)
-                grad, buf, weight = p.grad.to_local(), state["momentum_buffer"].to_local(), p.to_local()
-                torch.add(grad, buf, alpha=group["momentum"], out=buf)
-                if group["weight_decay"] != 0:
-                    weight.mul_(1 - group["lr"] * group["weight_decay"])
-                ns_dtype = group["ns_dtype"] or (torch.float32 if weight.device.type == "cpu" else torch.bfloat16)
-                update = torch.empty(grad.shape, dtype=ns_dtype, device=grad.device)
-                if group["nesterov"]:
-                    torch.add(grad, buf, alpha=group["momentum"], out=update)
-                else:
-                    update.copy_(buf)
-                jobs_by_dtype[ns_dtype].append(_Job(p, update, group, mesh.size()))
-        for jobs in jobs_by_dtype.values():
-            self._orthogonalise_and_apply(jobs, mesh.get_group(), mesh.get_local_rank(), mesh.size())
+                ns_dtype = group["ns_dtype"] or (torch.float32 if p.device.type == "cpu" else torch.bfloat16)
+                jobs_by_dtype[ns_dtype].append(_Job(p, state["momentum_buffer"], group, mesh.size()))
+        for dtype, jobs in jobs_by_dtype.items():
+            self._orthogonalise_and_apply(jobs, dtype, mesh.get_group(), mesh.get_local_rank(), mesh.size())
         return loss
 
     @staticmethod
@@ -133,18 +126,28 @@ class DistributedMuon(Muon):
             raise ValueError("DistributedMuon needs all its parameters on one device mesh.")
         return p.device_mesh
 
-    def _orthogonalise_and_apply(self, jobs, group, rank, world):
-        """Steps 2-4 over buckets of matrices: every bucket's all-to-all is started at once (asynchronous),
-        then each bucket's Newton-Schulz runs as soon as its shards have arrived, while later buckets are
-        still in flight, and its results start back at once; the updates are applied when all are back."""
-        in_flight = []
-        for bucket in size_buckets(jobs, self.buckets):
+    def _orthogonalise_and_apply(self, jobs, dtype, group, rank, world):
+        """Steps 1-4 over buckets of matrices. Step 1 is one fused pass (momentum, Nesterov, cast, packed in
+        send order); every bucket's all-to-all is started at once (asynchronous), then each bucket's
+        Newton-Schulz runs as soon as its shards have arrived, while later buckets are still in flight, and its
+        results start back at once; step 4 (decay + update) is one fused pass when all are back."""
+        buckets = size_buckets(jobs, self.buckets)
+        send_order = []
+        for bucket in buckets:
             for job, owner in zip(bucket, assign_owners([math.prod(j.shape) for j in bucket], world)):
                 job.owner = owner
+            send_order.append([j for o in range(world) for j in bucket if j.owner == o])
+        index = {id(j): i for i, j in enumerate(jobs)}
+        fused = self.fused if self.fused is not None else jobs[0].param.device.type == "cuda"
+        pack = compiled_pass(momentum_and_pack) if fused else momentum_and_pack
+        sends = pack([j.param.grad.to_local() for j in jobs], [j.buffer.to_local() for j in jobs],
+                     [j.group["momentum"] for j in jobs], [j.group["nesterov"] for j in jobs],
+                     tuple(tuple(index[id(j)] for j in order) for order in send_order), dtype)
+        in_flight = []
+        for bucket, send in zip(buckets, sends):
             mine = [j for j in bucket if j.owner == rank]
             send_sizes = [sum(j.numel_of(rank) for j in bucket if j.owner == o) for o in range(world)]
             recv_sizes = [sum(j.numel_of(r) for j in mine) for r in range(world)]
-            send = torch.cat([j.update.flatten() for o in range(world) for j in bucket if j.owner == o])
             received = send.new_empty(sum(recv_sizes))
             work = dist.all_to_all_single(received, send, recv_sizes, send_sizes, group=group, async_op=True)
             in_flight.append((bucket, mine, send_sizes, recv_sizes, send, received, work))
@@ -158,12 +161,23 @@ class DistributedMuon(Muon):
             orthogonal = send.new_empty(sum(send_sizes))
             work = dist.all_to_all_single(orthogonal, back, send_sizes, recv_sizes, group=group, async_op=True)
             returning.append((bucket, send_sizes, back, orthogonal, work))
+        updates = [None] * len(jobs)  # each job's O rows for this rank's shard
         for bucket, send_sizes, back, orthogonal, work in returning:
             work.wait()
             for owner, chunk in enumerate(orthogonal.split(send_sizes)):
                 owned = [j for j in bucket if j.owner == owner]
                 for j, piece in zip(owned, chunk.split([j.numel_of(rank) for j in owned])):
-                    self._apply(j, piece.view(j.update.shape), rank)
+                    updates[index[id(j)]] = piece.view(j.param.to_local().shape)
+        groups = list({id(j.group): j.group for j in jobs}.values())
+        lrs = [g["lr"] for g in groups]
+        if fused:  # one fp32 tensor of lrs: schedules change the values, never the compiled code
+            lrs = torch.tensor(lrs, dtype=torch.float32, pin_memory=jobs[0].param.device.type == "cuda")
+            lrs = lrs.to(jobs[0].param.device, non_blocking=True)
+        update = compiled_pass(decay_and_apply) if fused else decay_and_apply
+        update([j.param.to_local() for j in jobs], updates, lrs,
+               tuple(next(k for k, g in enumerate(groups) if g is j.group) for j in jobs),
+               [j.group["weight_decay"] for j in jobs],
+               tuple(tuple(self._local_segments(j, rank)) for j in jobs))
 
     @staticmethod
     def _assemble(mine, chunks, world):
@@ -194,14 +208,36 @@ class DistributedMuon(Muon):
                 start += n
 
     @staticmethod
-    def _apply(job, O, rank):
-        """W <- W - lr scale O on this rank's shard, with each row segment's own block scale."""
-        weight, lr = job.param.to_local(), job.group["lr"]
+    def _local_segments(job, rank):
+        """(dim, lo, hi, scale) pieces of this rank's shard that share one update scale: row segments
+        clipped to the shard for matrices, segments along dim 1 of every local expert for 3-D weights."""
         first, last = job.rows[rank]
         for start, stop, scale in row_segments(job.shape, job.group["heads"], job.group["split"]):
             if len(job.shape) == 3:  # dim 0 is experts: segments run along dim 1 of every local expert
-                weight[:, start:stop].add_(O[:, start:stop], alpha=-lr * scale)
-            else:
-                lo, hi = max(start, first) - first, min(stop, last) - first
-                if lo < hi:
-                    weight[lo:hi].add_(O[lo:hi], alpha=-lr * scale)
+                yield 1, start, stop, scale
+            elif max(start, first) < min(stop, last):
+                yield 0, max(start, first) - first, min(stop, last) - first, scale
+
+
+def momentum_and_pack(grads, bufs, momenta, nesterov, send_orders, dtype):
+    """M <- mu M + G in place on every local shard, and per bucket one flat send buffer holding
+    U = mu M + G (Nesterov) or M, cast to dtype, in the bucket's send order (job indices)."""
+    updates = []
+    for g, m, mu, nest in zip(grads, bufs, momenta, nesterov):
+        m_new = torch.add(g, m, alpha=mu)
+        m.copy_(m_new)
+        updates.append(torch.add(g, m_new, alpha=mu) if nest else m_new)
+    return [torch.cat([updates[i].to(dtype).flatten() for i in order] or [grads[0].new_empty(0, dtype=dtype)])
+            for order in send_orders]
+
+
+def decay_and_apply(weights, updates, lrs, lr_index, decays, segments):
+    """W <- W (1 - lr wd) - lr scale O on every local shard, each segment with its own scale.
+    segments: per weight, (dim, lo, hi, scale) pieces covering the rows that have an update (all of them)."""
+    for w, O, i, wd, pieces in zip(weights, updates, lr_index, decays, segments):
+        lr = lrs[i]
+        if w.numel() == 0:
+            continue
+        parts = [w.narrow(dim, lo, hi - lo) * (1 - lr * wd) - O.narrow(dim, lo, hi - lo) * (lr * scale)
+                 for dim, lo, hi, scale in pieces]
+        w.copy_(torch.cat(parts, dim=pieces[0][0]))

@@ -226,6 +226,8 @@ class Muon(torch.optim.Optimizer):
         if compile_passes:  # one [groups] fp32 tensor, float or tensor lrs alike: nothing baked in, no recompile
             if any(isinstance(lr, torch.Tensor) for lr in lrs):
                 lrs = torch.stack([torch.as_tensor(lr, dtype=torch.float32, device=device) for lr in lrs])
+            elif device.type == "cuda":  # pinned + non_blocking: a plain host-to-device copy would wait for the GPU
+                lrs = torch.tensor(lrs, dtype=torch.float32, pin_memory=True).to(device, non_blocking=True)
             else:
                 lrs = torch.tensor(lrs, dtype=torch.float32, device=device)
         lr_index = tuple(next(k for k, g in enumerate(groups) if g is group) for _, _, group in jobs)

@@ -49,9 +49,11 @@ def barrier() -> None:
 
 def shard_model(model: nn.Module, device: torch.device, reshard_after_forward: bool = False,
                 reduce_dtype: torch.dtype = torch.float32, prefetch: int = 1) -> nn.Module:
-    """Shard `model` in place with FSDP2 (fully_shard): every token mixer and every FFN is its own unit
-    (the Transformer calls block.mixer / block.ffn directly, so these are the modules whose forward runs),
-    then the root holds the embeddings, norms, residual weights and LM head. Parameters live as DTensors
+    """Shard `model` in place with FSDP2 (fully_shard): with the plain PreNorm residual every block is one
+    unit (the Transformer calls the block, so its forward is what the unit's hooks wrap, and compile_model
+    can compile the whole block between the hooks); with Attention Residuals, which call block.mixer and
+    block.ffn directly, every token mixer and every FFN is its own unit. The root holds the embeddings,
+    norms, residual weights and LM head. Parameters live as DTensors
     sharded on dim 0; the forward gathers one unit at a time in bf16 on CUDA (fp32 on the CPU) and
     gradients are reduce-scattered (averaged over ranks) in `reduce_dtype` on CUDA (fp32 on the CPU).
 
@@ -69,9 +71,12 @@ def shard_model(model: nn.Module, device: torch.device, reshard_after_forward: b
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=reduce_dtype)
     else:
         policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
-    units = []  # in forward order
-    for block in model.layers:
-        units += [block.mixer, block.ffn]
+    from nanokimi.model.residual import PreNormResidual
+
+    if isinstance(model.residual, PreNormResidual):
+        units = list(model.layers)  # in forward order
+    else:
+        units = [part for block in model.layers for part in (block.mixer, block.ffn)]
     for unit in units:
         fully_shard(unit, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mp_policy=policy, reshard_after_forward=False)  # the LM head is the backward's first need
@@ -90,6 +95,31 @@ def is_sharded(model: nn.Module) -> bool:
     from torch.distributed.tensor import DTensor
 
     return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+@torch.no_grad()
+def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
+    """Scale all gradients so their global L2 norm is at most max_norm; returns the norm before clipping.
+
+    The same result as torch.nn.utils.clip_grad_norm_, computed on local tensors: for FSDP2 gradients
+    (DTensors sharded on dim 0 over one mesh) each rank sums the squares of its shards and one all-reduce
+    makes the sum global, instead of a DTensor reduction per gradient. Plain tensors: no communication."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    sharded = [g for g in grads if isinstance(g, DTensor)]
+    if sharded and (len(sharded) != len(grads) or any(tuple(g.placements) != (Shard(0),) or g.device_mesh.ndim != 1
+                                                      or g.device_mesh != sharded[0].device_mesh for g in sharded)):
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)  # mixed layouts: let DTensor reduce them
+    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    square_sum = torch.stack([n.float() for n in torch._foreach_norm(local)]).square().sum()
+    if sharded:
+        dist.all_reduce(square_sum, group=sharded[0].device_mesh.get_group())
+    total = square_sum.sqrt()
+    torch._foreach_mul_(local, (max_norm / (total + 1e-6)).clamp(max=1.0))
+    return total
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ from nanokimi.model import Transformer, build_model
 from nanokimi.model.moe import update_router_bias
 from nanokimi.train.checkpoint import load_trainer_state, rng_state, save_checkpoint, set_rng_state
 from nanokimi.train.config import RunConfig, to_toml
+from nanokimi.train.distributed import clip_grad_norm_
 from nanokimi.train.schedule import lr_factor
 
 
@@ -180,7 +181,7 @@ class Trainer:
             from nanokimi.train.distributed import sync_step_statistics
             sync_step_statistics(self.model)
         if t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+            clip_grad_norm_(self.model.parameters(), t.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if o.router_bias_rate > 0:

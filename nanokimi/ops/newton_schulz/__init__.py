@@ -84,6 +84,24 @@ def _start(gram, eps):
     return (gram * inv.square()).to(gram.dtype), inv
 
 
+def _scale_to(Q, inv, dtype):
+    """Q * inv (per matrix) cast to dtype: the 1 / n of the normalisation applied to the s x s factor."""
+    return (Q * inv).to(dtype)
+
+
+_compiled_small_ops = {}
+
+
+def _small_op(fn, X):
+    """fn itself, or on CUDA fn through torch.compile: the s x s scalings then run as one vectorised kernel
+    each (eager, a bf16 x fp32 broadcast multiply plus a cast is two slow kernels)."""
+    if X.device.type != "cuda" or torch.compiler.is_compiling():
+        return fn
+    if fn not in _compiled_small_ops:
+        _compiled_small_ops[fn] = torch.compile(fn, fullgraph=True, dynamic=False)
+    return _compiled_small_ops[fn]
+
+
 def _polynomial(R, a, b, c):
     """a I + b R + c R^2, [N, s, s]."""
     P = torch.baddbmm(R, R, R, beta=b, alpha=c)
@@ -103,7 +121,7 @@ def newton_schulz(X, schedule, method="auto", eps=None, segment=GRAM_SEGMENT):
     method = choose_method(X.shape[-2:], len(schedule), method, segment)
     chunk = segment if method == "gram" else 1  # classic == gram with one-step segments
     for start in range(0, len(schedule), chunk):
-        R, inv = _start(torch.bmm(X.mT, X) if tall else torch.bmm(X, X.mT), eps if start == 0 else None)
+        R, inv = _small_op(_start, X)(torch.bmm(X.mT, X) if tall else torch.bmm(X, X.mT), eps if start == 0 else None)
         Q = None  # [N, s, s]
         steps = schedule[start:start + chunk]
         for i, (a, b, c) in enumerate(steps):
@@ -112,7 +130,7 @@ def newton_schulz(X, schedule, method="auto", eps=None, segment=GRAM_SEGMENT):
             if i < len(steps) - 1:
                 R = torch.bmm(torch.bmm(P, R), P)
         if inv is not None:
-            Q = (Q * inv).to(X.dtype)  # the 1 / n of the normalisation
+            Q = _small_op(_scale_to, X)(Q, inv, X.dtype)  # the 1 / n of the normalisation
         X = torch.bmm(X, Q) if tall else torch.bmm(Q, X)
     return X
 
