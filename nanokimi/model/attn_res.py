@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from nanokimi.ops.attnres import EAGER, compiled_kernels, depth_attention, merge_partial
+from nanokimi.ops.attnres import EAGER, compiled_kernels, depth_attention_qe
 
 MODES = ("full", "block")
 
@@ -32,17 +32,20 @@ MODES = ("full", "block")
 class AttnResState(NamedTuple):
     """The residual stream between sublayers, all [B, T, D] in the embedding's dtype.
 
-    sources: embedding, then each finished block's sum; rstds: each source's 1 / RMS [B, T] (fp32), computed
-    once when the source is finished; partial: sum of the current block's outputs so far (None at a block's
-    start); mixture (S tensors [B, T, D]) and lse [S, B, T]: phase 1 of the current block; position: the next
-    sublayer.
+    sources: embedding, then each finished block's sum; rstds: each source's 1 / RMS [B, T] (fp32, no gradient),
+    computed once when the source is finished; partial: sum of the current block's outputs so far (None at a
+    block's start); mixture (S tensors [B, T, D]) and lse (S tensors [B, T]): phase 1 of the current block;
+    qe [L + 1, D]: every query times its key weight, built once per forward; position: the next sublayer;
+    h: its input, computed by the call that produced this state (None after the last sublayer).
     """
     sources: tuple
     rstds: tuple
     partial: torch.Tensor | None
     mixture: tuple | None
-    lse: torch.Tensor | None
+    lse: tuple | None
+    qe: torch.Tensor
     position: int
+    h: torch.Tensor | None
 
 
 class AttentionResiduals(nn.Module):
@@ -98,42 +101,42 @@ class AttentionResiduals(nn.Module):
         start = (l // self.block_size) * self.block_size
         return start, min(start + self.block_size, self.num_sublayers)
 
-    def _phase1(self, sources: tuple, rstds: tuple, first: int, stop: int):
-        queries = torch.stack(list(self.queries[first:stop]))  # [S, D]
-        key_weights = torch.stack(list(self.key_weights[first:stop]))
-        return depth_attention(sources, queries, key_weights, self.eps, rstds, self.kernels)
+    def _phase1(self, sources: tuple, rstds: tuple, qe: torch.Tensor, first: int, stop: int):
+        return depth_attention_qe(sources, qe[first:stop], self.eps, rstds, self.kernels)
 
     def start(self, embedding: torch.Tensor) -> AttnResState:
         """embedding: [B, T, D] token embeddings (v_0)."""
         if embedding.dim() != 3 or embedding.shape[-1] != self.hidden_size:
             raise ValueError(f"embedding must be [B, T, {self.hidden_size}], got {tuple(embedding.shape)}.")
-        sources, rstds = (embedding,), (self.kernels.source_rstd(embedding, self.eps),)
-        mixture, lse = self._phase1(sources, rstds, *self._block_range(0))
-        return AttnResState(sources, rstds, None, mixture, lse, 0)
+        compute_dtype = torch.promote_types(embedding.dtype, torch.float32)
+        with torch.autocast(embedding.device.type, enabled=False):  # one product for the whole forward
+            qe = (torch.stack(list(self.queries)).to(compute_dtype)
+                  * torch.stack(list(self.key_weights)).to(compute_dtype))  # [L + 1, D]
+        sources, rstds = (embedding,), (self.kernels.source_rstd(embedding.detach(), self.eps),)
+        mixture, lse = self._phase1(sources, rstds, qe, *self._block_range(0))
+        return AttnResState(sources, rstds, None, mixture, lse, qe, 0, mixture[0].to(embedding.dtype))
 
     def sublayer_input(self, state: AttnResState, l: int) -> torch.Tensor:
         """The [B, T, D] input of sublayer l (before its pre-norm)."""
         self._check_order(state, l)
-        i = l - self._block_range(l)[0]
-        if state.partial is None:
-            return state.mixture[i].to(state.sources[0].dtype)
-        return merge_partial(state.mixture[i], state.lse[i], state.partial, self.queries[l], self.key_weights[l],
-                             self.eps, self.kernels)
+        return state.h
 
     def add(self, state: AttnResState, l: int, out: torch.Tensor) -> AttnResState:
-        """Record sublayer l's output out [B, T, D]; returns the next state."""
+        """Record sublayer l's output out [B, T, D]; returns the next state (with the next sublayer's input)."""
         self._check_order(state, l)
         dtype = state.sources[0].dtype
         first, stop = self._block_range(l)
-        if l + 1 < stop:
-            partial = self.kernels.accumulate(state.partial, out, dtype)
-            return AttnResState(state.sources, state.rstds, partial, state.mixture, state.lse, l + 1)
+        if l + 1 < stop:  # the block goes on: its partial sum grows, and the next input merges it in
+            i = l + 1 - first
+            partial, h = self.kernels.accumulate_merge(state.partial, out, state.mixture[i], state.lse[i],
+                                                       state.qe[l + 1], dtype, self.eps)
+            return state._replace(partial=partial, position=l + 1, h=h)
         block_sum, rstd = self.kernels.finish_source(state.partial, out, dtype, self.eps)
         sources, rstds = state.sources + (block_sum,), state.rstds + (rstd,)
         if stop == self.num_sublayers:
-            return AttnResState(sources, rstds, None, None, None, l + 1)
-        mixture, lse = self._phase1(sources, rstds, *self._block_range(stop))
-        return AttnResState(sources, rstds, None, mixture, lse, l + 1)
+            return AttnResState(sources, rstds, None, None, None, state.qe, l + 1, None)
+        mixture, lse = self._phase1(sources, rstds, state.qe, *self._block_range(stop))
+        return AttnResState(sources, rstds, None, mixture, lse, state.qe, l + 1, mixture[0].to(dtype))
 
     def finish(self, state: AttnResState) -> torch.Tensor:
         """The final hidden state [B, T, D]: the last query's mixture of all sources (then final norm, LM head)."""
@@ -141,8 +144,7 @@ class AttentionResiduals(nn.Module):
             raise ValueError(f"finish() called after {state.position} of {self.num_sublayers} sublayers; "
                              "call add() for every sublayer first.")
         L = self.num_sublayers
-        mixture, _ = depth_attention(state.sources, self.queries[L].unsqueeze(0), self.key_weights[L].unsqueeze(0),
-                                     self.eps, state.rstds, self.kernels)
+        mixture, _ = self._phase1(state.sources, state.rstds, state.qe, L, L + 1)
         return mixture[0].to(state.sources[0].dtype)
 
     def _check_order(self, state: AttnResState, l: int) -> None:

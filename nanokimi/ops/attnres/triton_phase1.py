@@ -10,8 +10,9 @@ backward, programs loop over token tiles (grid-stride), grad_mixtures g [S, BLOC
     pass 1 over n: dot[s] = sum_n alpha[s, n] (g_s . v_n)         (= g_s . mixture_s)
     pass 2 over n (the tile's sources again, now in L2):
         grad_logit[s, n] = alpha[s, n] (g_s . v_n - dot[s] + grad_lse[s])
-        grad_v_n = sum_s alpha[s, n] g_s + sum_s rstd_n grad_logit[s, n] qe_s     written in v_n's dtype
-        grad_rstd_n = sum_s grad_logit[s, n] logit[s, n] / rstd_n
+        grad_v_n = sum_s alpha[s, n] g_s + sum_s rstd_n grad_logit[s, n] qe_s
+                   - (sum_s grad_logit[s, n] logit[s, n]) rstd_n^2 / D  v_n       written in v_n's dtype
+        (the last term is the path through rstd_n = source_rstd(v_n): grad rstd_n times -rstd_n^3 v_n / D)
         grad_qe[s] += sum over the tile's tokens of rstd_n grad_logit[s, n] v_n   (registers, per program)
     each program writes its grad_qe [S, D]; one torch sum over programs finishes it (deterministic, no atomics).
 alpha = exp(logit - lse) comes from the saved logits, so nothing of size [S, N, B, T, D] is ever kept.
@@ -81,7 +82,7 @@ def _phase1_forward_kernel(values, rstds, qe_ptr, mixtures, logits_ptr, lse_ptr,
 
 @triton.jit
 def _phase1_backward_kernel(values, rstds, grad_mixtures, qe_ptr, logits_ptr, lse_ptr, grad_lse_ptr,
-                            grad_values, grad_rstds, grad_qe_partial_ptr, M,
+                            grad_values, grad_qe_partial_ptr, M,
                             N: tl.constexpr, S: tl.constexpr, D: tl.constexpr, S_PAD: tl.constexpr,
                             BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, TILES_PER_PROGRAM: tl.constexpr):
     pid = tl.program_id(0)
@@ -122,9 +123,10 @@ def _phase1_backward_kernel(values, rstds, grad_mixtures, qe_ptr, logits_ptr, ls
             alpha = tl.exp(logit - lse)
             grad_logit = alpha * (tl.sum(g * v[None, :, :], axis=2) - dot + grad_lse)
             grad_dot = grad_logit * rstd[None, :]  # logit = rstd * (v . qe)
-            grad_v = tl.sum(alpha[:, :, None] * g + grad_dot[:, :, None] * qe[:, None, :], axis=0)  # [BT, BD]
+            rstd_scale = tl.sum(grad_logit * logit, axis=0) * rstd * rstd * (-1.0 / D)  # [BT]: via rstd_n
+            grad_v = (tl.sum(alpha[:, :, None] * g + grad_dot[:, :, None] * qe[:, None, :], axis=0)
+                      + rstd_scale[:, None] * v)  # [BT, BD]
             tl.store(grad_values[n] + tile, grad_v.to(grad_values[n].dtype.element_ty), mask=tile_ok)
-            tl.store(grad_rstds[n] + rows, tl.sum(grad_logit * logit, axis=0) / rstd, mask=row_ok)
             grad_qe += tl.sum(grad_dot[:, :, None] * v[None, :, :], axis=1)
 
     tl.store(grad_qe_partial_ptr + pid * (S * D) + s_ids[:, None] * D + d[None, :], grad_qe, mask=qe_ok)
@@ -187,8 +189,8 @@ def phase1_forward(qe, rstds, values, fallback=None, block_t=None):
 
 def phase1_backward(qe, rstds, values, logits, lse, grad_mixtures, grad_lse, fallback=None, block_t=None,
                     programs=None):
-    """Gradients of phase 1 from its saved logits and lse: (grad qe [S, D], N grads [...] of rstds (fp32),
-    N grads of values in their dtype). `programs` caps the backward grid (tests)."""
+    """Gradients of phase 1 from its saved logits and lse: (grad qe [S, D], N grads of values in their dtype,
+    each including the path through its rstd). `programs` caps the backward grid (tests)."""
     if not supports(qe, values):
         if fallback is None:
             raise ValueError(_unsupported_message(qe, values))
@@ -199,18 +201,17 @@ def phase1_backward(qe, rstds, values, logits, lse, grad_mixtures, grad_lse, fal
     device = values[0].device
     layout = _Layout(S, D, M, block_t)
     grad_values = tuple(torch.empty(v.shape, dtype=v.dtype, device=device) for v in values)
-    grad_rstds = tuple(torch.empty(r.shape, dtype=torch.float32, device=device) for r in rstds)
     if M == 0:
-        return torch.zeros_like(qe), grad_rstds, grad_values
+        return torch.zeros_like(qe), grad_values
     programs = min(layout.tiles, programs or _max_programs(device))
     grad_qe_partial = torch.empty(programs, S, D, dtype=torch.float32, device=device)
     _phase1_backward_kernel[(programs,)](
         tuple(v.contiguous() for v in values), tuple(r.contiguous() for r in rstds),
         tuple(g.to(torch.float32).contiguous() for g in grad_mixtures), qe.contiguous(), logits.contiguous(),
-        lse.contiguous(), grad_lse.to(torch.float32).contiguous(), grad_values, grad_rstds, grad_qe_partial, M,
+        lse.contiguous(), grad_lse.to(torch.float32).contiguous(), grad_values, grad_qe_partial, M,
         N=N, S=S, D=D, S_PAD=layout.S_PAD, BLOCK_T=layout.BLOCK_T, BLOCK_D=layout.BLOCK_D,
         TILES_PER_PROGRAM=triton.cdiv(layout.tiles, programs), num_warps=layout.num_warps)
-    return grad_qe_partial.sum(0), grad_rstds, grad_values
+    return grad_qe_partial.sum(0), grad_values
 
 
 def _unsupported_message(qe, values):
@@ -223,7 +224,10 @@ def _unsupported_message(qe, values):
 
 @functools.cache
 def triton_kernels(base: Kernels) -> Kernels:
-    """base (e.g. compiled_kernels()) with phase 1 forward and backward replaced by the Triton kernels; base's
-    phase 1 still runs for inputs the kernels do not take (see `supports`). Built once per base."""
+    """base (e.g. compiled_kernels()) with phase 1 forward and backward, and the per-sublayer accumulate + merge,
+    replaced by the Triton kernels (this file and triton_phase2.py); base's functions still run for inputs the
+    kernels do not take (see `supports`). Built once per base."""
+    from nanokimi.ops.attnres.triton_phase2 import accumulate_merge
     return base._replace(phase1_forward=functools.partial(phase1_forward, fallback=base.phase1_forward),
-                         phase1_backward=functools.partial(phase1_backward, fallback=base.phase1_backward))
+                         phase1_backward=functools.partial(phase1_backward, fallback=base.phase1_backward),
+                         accumulate_merge=functools.partial(accumulate_merge, fallback=base.accumulate_merge))

@@ -10,9 +10,13 @@ its own block's partial sum, which grows sublayer by sublayer. So:
 What makes it cheap (the work is memory-bound: a few flops per element of each [B, T, D] source):
   - Keys are never materialised: query . (RMSNorm(v) * key_weight) = rstd(v) * (v . (query * key_weight)).
   - rstd(v) = 1 / RMS(v), [B, T], is computed once per source (`source_rstd`, when the source is finished) and
-    passed to every later read, so no source is re-normalised per query.
+    passed to every later read, so no source is re-normalised per query. The rstds are constants to autograd:
+    phase 1's backward adds their gradient into its source's gradient itself (d rstd / d v = -rstd^3 v / D), so
+    no rstd backward runs per source and no [B, T] rstd gradients are accumulated across blocks.
   - Phase 1 is one autograd Function that saves only the sources (references, no copies) and the [.., S, N]
     logits; backward recomputes the softmax weights from the logits. No [S, N, B, T, D] intermediate is kept.
+  - Per sublayer the module makes one call (`accumulate_merge`): the block's partial sum plus the sublayer's
+    output, and the next sublayer's merged input from it; one compiled graph (or Triton kernel) per sublayer.
   - Two implementations of phase 1's forward and backward with the same maths: "stacked" (eager: stack the N
     sources once, then batched matmuls: a few large kernels) and "fused" (for torch.compile: per-source
     reductions and one sum over sources, no stacked copy, so the compiler emits a few kernels that read each
@@ -46,7 +50,8 @@ def _phase1_forward_stacked(qe, rstds, values):
 
 
 def _phase1_backward_stacked(qe, rstds, values, logits, lse, grad_mixtures, grad_lse):
-    """Gradients of phase 1 from its saved logits: (grad qe [S, D], N grads [...] of rstds, N grads of values)."""
+    """Gradients of phase 1 from its saved logits: (grad qe [S, D], N grads of values). Each value's gradient
+    includes the path through its own rstd (rstd_n = source_rstd(v_n), so d rstd_n / d v_n = -rstd_n^3 v_n / D)."""
     grad_mixture = torch.stack(grad_mixtures, dim=-2)  # [..., S, D]
     stacked = torch.stack([_wide(v) for v in values], dim=-2)  # [..., N, D]
     rstd = torch.stack(rstds, dim=-1).unsqueeze(-2)  # [..., 1, N]
@@ -54,11 +59,13 @@ def _phase1_backward_stacked(qe, rstds, values, logits, lse, grad_mixtures, grad
     grad_alpha = grad_mixture @ stacked.transpose(-1, -2)  # [..., S, N]
     grad_logits = alpha * (grad_alpha - (alpha * grad_alpha).sum(-1, keepdim=True) + grad_lse.unsqueeze(-1))
     grad_dots = grad_logits * rstd  # logits = rstd * dots, dots = values . qe
-    grad_stacked = alpha.transpose(-1, -2) @ grad_mixture + grad_dots.transpose(-1, -2) @ qe  # [..., N, D]
-    grad_rstd = (grad_logits * logits).sum(-2) / rstd.squeeze(-2)  # [..., N]: d logits / d rstd = dots
     S, D = qe.shape
+    # grad rstd = sum_s grad_logits * dots = sum_s grad_logits * logits / rstd; times d rstd / d v = -rstd^3 v / D
+    rstd_scale = (grad_logits * logits).sum(-2) * rstd.squeeze(-2).square() * (-1 / D)  # [..., N]
+    grad_stacked = (alpha.transpose(-1, -2) @ grad_mixture + grad_dots.transpose(-1, -2) @ qe
+                    + rstd_scale.unsqueeze(-1) * stacked)  # [..., N, D]
     grad_qe = grad_dots.reshape(-1, S, len(values)).transpose(0, 1).reshape(S, -1) @ stacked.reshape(-1, D)
-    return grad_qe, grad_rstd.unbind(-1), [g.to(v.dtype) for g, v in zip(grad_stacked.unbind(-2), values)]
+    return grad_qe, [g.to(v.dtype) for g, v in zip(grad_stacked.unbind(-2), values)]
 
 
 def _phase1_forward_fused(qe, rstds, values):
@@ -77,13 +84,15 @@ def _phase1_backward_fused(qe, rstds, values, logits, lse, grad_mixtures, grad_l
     alpha = torch.exp(logits - lse.unsqueeze(-1))  # [..., S, N]
     grad_alpha = torch.stack([(grad_mixture * _wide(v).unsqueeze(-2)).sum(-1) for v in values], dim=-1)
     grad_logits = alpha * (grad_alpha - (alpha * grad_alpha).sum(-1, keepdim=True) + grad_lse.unsqueeze(-1))
-    grad_rstds, grad_values, grad_qe = [], [], 0
+    grad_values, grad_qe = [], 0
+    D = qe.shape[-1]
     for n, (r, v) in enumerate(zip(rstds, values)):
         grad_dots = grad_logits[..., n] * r.unsqueeze(-1)  # [..., S]
-        grad_rstds.append((grad_logits[..., n] * logits[..., n]).sum(-1) / r)
-        grad_values.append((alpha[..., n, None] * grad_mixture + grad_dots.unsqueeze(-1) * qe).sum(-2).to(v.dtype))
+        rstd_scale = (grad_logits[..., n] * logits[..., n]).sum(-1) * r.square() * (-1 / D)  # [...]: via rstd
+        grad_values.append(((alpha[..., n, None] * grad_mixture + grad_dots.unsqueeze(-1) * qe).sum(-2)
+                            + rstd_scale.unsqueeze(-1) * _wide(v)).to(v.dtype))
         grad_qe = grad_qe + (grad_dots.unsqueeze(-1) * _wide(v).unsqueeze(-2)).flatten(0, -3).sum(0)  # [S, D]
-    return grad_qe, grad_rstds, grad_values
+    return grad_qe, grad_values
 
 
 def _merge(mixture, lse, partial, qe, eps):
@@ -99,10 +108,18 @@ def _accumulate(partial, out, dtype):
     return out.to(dtype) if partial is None else partial + out.to(dtype)
 
 
+def _accumulate_merge(partial, out, mixture, lse, qe, dtype, eps):
+    """One sublayer's residual work in one call: the block's partial sum after its output out, and the next
+    sublayer's input merged from that partial sum and the next query's phase-1 mixture [..., D] and lse [...]
+    (qe [D]: its query times key weight). Returns (partial [..., D], h [..., D]), both in dtype."""
+    partial = _accumulate(partial, out, dtype)
+    return partial, _merge(mixture, lse, partial, qe, eps)
+
+
 def _finish_source(partial, out, dtype, eps):
-    """A finished source (the block's sum) and its rstd, in one pass."""
+    """A finished source (the block's sum) and its rstd (no gradient: phase 1's backward accounts for it)."""
     source = _accumulate(partial, out, dtype)
-    return source, source_rstd(source, eps)
+    return source, source_rstd(source.detach(), eps)
 
 
 class Kernels(NamedTuple):
@@ -110,12 +127,13 @@ class Kernels(NamedTuple):
     phase1_forward: object
     phase1_backward: object
     merge: object
-    accumulate: object
+    accumulate_merge: object
     finish_source: object
     source_rstd: object
 
 
-EAGER = Kernels(_phase1_forward_stacked, _phase1_backward_stacked, _merge, _accumulate, _finish_source, source_rstd)
+EAGER = Kernels(_phase1_forward_stacked, _phase1_backward_stacked, _merge, _accumulate_merge, _finish_source,
+                source_rstd)
 
 
 @functools.cache
@@ -128,13 +146,14 @@ def compiled_kernels(mode: str | None = None) -> Kernels:
     def compiled(fn):
         return torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)
     return Kernels(compiled(_phase1_forward_fused), compiled(_phase1_backward_fused), compiled(_merge),
-                   compiled(_accumulate), compiled(_finish_source), compiled(source_rstd))
+                   compiled(_accumulate_merge), compiled(_finish_source), compiled(source_rstd))
 
 
 class _DepthAttention(torch.autograd.Function):
     """Phase 1 with a hand-written backward: saves the sources (references) and logits, not the softmax.
-    Returns the S mixtures as separate tensors so each gets its own gradient (no select-backward of a stacked
-    [..., S, D] output, which would write S zero-filled copies)."""
+    Returns the S mixtures and S lse [...] as separate tensors so each gets its own gradient (no select-backward
+    of a stacked [..., S, D] output, which would write S zero-filled copies). The rstds get no gradient: the
+    sources' gradients include the path through them."""
 
     @staticmethod
     def forward(ctx, kernels, qe, *rstds_and_values):
@@ -144,18 +163,19 @@ class _DepthAttention(torch.autograd.Function):
             mixtures, logits, lse = kernels.phase1_forward(qe, rstds, values)
         ctx.kernels = kernels
         ctx.save_for_backward(qe, logits, lse, *rstds_and_values)
-        return *mixtures, lse
+        return *mixtures, *lse.movedim(-1, 0).contiguous().unbind(0)  # S contiguous lse [...]
 
     @staticmethod
     def backward(ctx, *grads):
-        *grad_mixtures, grad_lse = grads
         qe, logits, lse, *rstds_and_values = ctx.saved_tensors
         n = len(rstds_and_values) // 2
         rstds, values = rstds_and_values[:n], rstds_and_values[n:]
+        S = len(qe)
+        grad_mixtures, grad_lse = grads[:S], torch.stack(grads[S:], dim=-1)  # S x [..., D], [..., S]
         with torch.autocast(qe.device.type, enabled=False):
-            grad_qe, grad_rstds, grad_values = ctx.kernels.phase1_backward(
-                qe, rstds, values, logits, lse, grad_mixtures, grad_lse)
-        return None, grad_qe, *grad_rstds, *grad_values
+            grad_qe, grad_values = ctx.kernels.phase1_backward(qe, rstds, values, logits, lse, grad_mixtures,
+                                                               grad_lse)
+        return None, grad_qe, *([None] * n), *grad_values
 
 
 def _check_queries(queries, key_weights, D):
@@ -168,22 +188,31 @@ def depth_attention(sources, queries, key_weights, eps=1e-6, rstds=None, kernels
     """Phase 1: S pseudo-queries against N sources at once.
 
     sources: sequence of N tensors [B, T, D]; queries, key_weights: [S, D]; rstds: optional N tensors [B, T],
-    each source's `source_rstd` (computed here when not given; pass them to reuse them across calls).
+    each source's `source_rstd(source, eps)` (computed here when not given; pass them to reuse them across
+    calls). They are treated as functions of their sources: gradients reach the sources through them, not the
+    rstd tensors themselves.
     Returns (mixtures, lse [S, B, T]) in fp32 (float64 for float64 sources): mixtures is a tuple of S tensors
     [B, T, D], mixtures[s] = sum_n softmax_n(logit[s, n]) v_n.
     """
     if len(sources) == 0:
         raise ValueError("depth_attention needs at least one source (the token embedding).")
     _check_queries(queries, key_weights, sources[0].shape[-1])
-    if rstds is None:
-        rstds = [kernels.source_rstd(s, eps) for s in sources]
-    if len(rstds) != len(sources):
-        raise ValueError(f"got {len(rstds)} rstds for {len(sources)} sources; pass one per source (or none).")
     compute_dtype = torch.promote_types(sources[0].dtype, torch.float32)
     with torch.autocast(sources[0].device.type, enabled=False):
         qe = queries.to(compute_dtype) * key_weights.to(compute_dtype)  # [S, D]
-    *mixtures, lse = _DepthAttention.apply(kernels, qe, *rstds, *sources)  # S x [B, T, D], [B, T, S]
-    return tuple(mixtures), lse.movedim(-1, 0)
+    mixtures, lse = depth_attention_qe(sources, qe, eps, rstds, kernels)
+    return mixtures, torch.stack(lse)
+
+
+def depth_attention_qe(sources, qe, eps=1e-6, rstds=None, kernels=EAGER):
+    """depth_attention with the queries already multiplied by their key weights: qe [S, D] in fp32 (float64
+    for float64 sources). Returns (S mixtures [B, T, D], S lse [B, T]): what the module calls once per block."""
+    if rstds is None:
+        rstds = [kernels.source_rstd(s.detach(), eps) for s in sources]
+    if len(rstds) != len(sources):
+        raise ValueError(f"got {len(rstds)} rstds for {len(sources)} sources; pass one per source (or none).")
+    outputs = _DepthAttention.apply(kernels, qe, *rstds, *sources)  # S x [B, T, D], S x [B, T]
+    return outputs[:len(qe)], outputs[len(qe):]
 
 
 def merge_partial(mixture, lse, partial, query, key_weight, eps=1e-6, kernels=EAGER):
