@@ -38,7 +38,8 @@ def compile_model(model: nn.Module, fullgraph: bool = True, loss: bool = True, m
     LM-head + cross-entropy, and the Attention Residuals ops when the model has them. Returns the same model.
 
     scope="module": each block's two norms, token mixer and FFN separately (fullgraph applies to all but
-    KDA mixers, whose kernel call is a deliberate graph break). scope="block": each whole block as one
+    KDA mixers, whose kernel call is a deliberate graph break, and MoE FFNs, whose per-expert fallback outside
+    bf16 breaks the graph; in bf16 they compile to one graph all the same). scope="block": each whole block as one
     graph (residual adds fuse with the norms; needs the plain PreNorm residual; blocks with a KDA mixer
     compile with graph breaks around the kernel, which costs CPU time at every break). scope="auto"
     (default): whole blocks where the block has no graph break and the residual is PreNorm, modules
@@ -58,16 +59,19 @@ def compile_model(model: nn.Module, fullgraph: bool = True, loss: bool = True, m
                          "Use scope='module'.")
     for block in model.layers:
         has_break = isinstance(block.mixer, KimiDeltaAttention)
+        # MoE outside bf16 (fp32 on CPU under compile, fp32/fp16 on CUDA) falls back to a per-expert loop whose
+        # shapes depend on the routing: a graph break there, so its FFN never asks for one whole graph
+        moe = isinstance(block.ffn, MoE)
         sharded = has_sharded_parts(block)  # FSDP2 units inside (nanokimi.train.distributed): hooks stay outside graphs
         if scope == "block" and sharded:
             raise ValueError("scope='block' cannot compile a block whose mixer/FFN are FSDP2 units; use scope='auto'.")
         if scope == "block" or (scope == "auto" and plain and not has_break and not sharded):
-            _compile_module(block, fullgraph=fullgraph and not has_break, mode=mode)
+            _compile_module(block, fullgraph=fullgraph and not has_break and not moe, mode=mode)
             continue
         _compile_module(block.mixer_norm, fullgraph=fullgraph, mode=mode)
         _compile_module(block.ffn_norm, fullgraph=fullgraph, mode=mode)
         _compile_module(block.mixer, fullgraph=fullgraph and not has_break, mode=mode)
-        _compile_module(block.ffn, fullgraph=fullgraph, mode=mode)
+        _compile_module(block.ffn, fullgraph=fullgraph and not moe, mode=mode)
     _compile_module(model.norm, fullgraph=fullgraph, mode=mode)
     if hasattr(model.residual, "compile_kernels"):  # Attention Residuals: its phase-1 / merge ops, fused
         model.residual.compile_kernels(mode)
