@@ -81,13 +81,18 @@ def test_compiled_model_matches_eager_on_gpu(preset, scope):
     compile_model(compiled, scope=scope)
     ids = torch.randint(0, 4096, (2, 256), device="cuda")
     # fp32: under bf16 autocast the two programs round differently and MoE top-k choices near ties differ
+    assert_same_loss_and_grads(eager, compiled, ids, loss_bound=1e-4, grad_bound=1e-3)
+
+
+def assert_same_loss_and_grads(eager, compiled, ids, loss_bound, grad_bound):
+    """The two models' next-token losses on ids, and all their gradients, agree within relative bounds."""
     a, b = eager.loss(ids, ids), compiled.loss(ids, ids)
-    assert rel_err(b, a) < 1e-4
+    assert rel_err(b, a) < loss_bound
     a.backward()
     b.backward()
     grads = [(p.grad.flatten(), q.grad.flatten()) for p, q in zip(eager.parameters(), compiled.parameters())
              if p.grad is not None]
-    assert rel_err(torch.cat([q for _, q in grads]), torch.cat([p for p, _ in grads])) < 1e-3
+    assert rel_err(torch.cat([q for _, q in grads]), torch.cat([p for p, _ in grads])) < grad_bound
 
 
 @pytest.mark.gpu
@@ -179,10 +184,4 @@ def test_compiled_moe_model_in_fp32_matches_eager():
     compiled.load_state_dict(eager.state_dict())
     compile_model(compiled)
     ids = torch.randint(0, cfg.vocab_size, (2, 33))
-    a, b = eager.loss(ids, ids), compiled.loss(ids, ids)
-    assert rel_err(b, a) < 1e-5
-    a.backward()
-    b.backward()
-    grads = [(p.grad.flatten(), q.grad.flatten()) for p, q in zip(eager.parameters(), compiled.parameters())
-             if p.grad is not None]
-    assert rel_err(torch.cat([q for _, q in grads]), torch.cat([p for p, _ in grads])) < 1e-5
+    assert_same_loss_and_grads(eager, compiled, ids, loss_bound=1e-5, grad_bound=1e-5)
