@@ -1,18 +1,15 @@
 """The Triton kernels of block AttnRes (phase 1; accumulate + merge) against the naive reference: forward, lse
 and every gradient.
 
-Without CUDA they run in Triton's interpreter (TRITON_INTERPRET=1, set here before triton is imported), which is
+Without CUDA they run in Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py before any kernel is defined), which is
 slow: sizes stay tiny (B * T <= 64, D <= 96, N <= 4 sources, S <= 3 queries).
 """
 import copy
-import os
 
 import pytest
 import torch
 from torch import nn
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
 from nanokimi.model.attn_res import AttentionResiduals  # noqa: E402
