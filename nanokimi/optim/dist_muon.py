@@ -24,7 +24,8 @@ import torch
 import torch.distributed as dist
 
 from nanokimi.ops.newton_schulz import choose_method, coefficient_schedule, newton_schulz
-from nanokimi.optim.muon import MOONLIGHT_RMS, Muon, compiled_pass, matrix_blocks
+from nanokimi.optim.muon import (MOONLIGHT_RMS, Muon, compiled_pass, group_learning_rates, matrix_blocks,
+                                 momentum_updates)
 
 
 def shard_rows(rows: int, world: int, rank: int) -> tuple[int, int]:
@@ -168,15 +169,9 @@ class DistributedMuon(Muon):
                 owned = [j for j in bucket if j.owner == owner]
                 for j, piece in zip(owned, chunk.split([j.numel_of(rank) for j in owned])):
                     updates[index[id(j)]] = piece.view(j.param.to_local().shape)
-        groups = list({id(j.group): j.group for j in jobs}.values())
-        lrs = [g["lr"] for g in groups]
-        if fused:  # one fp32 tensor of lrs: schedules change the values, never the compiled code
-            lrs = torch.tensor(lrs, dtype=torch.float32, pin_memory=jobs[0].param.device.type == "cuda")
-            lrs = lrs.to(jobs[0].param.device, non_blocking=True)
+        lrs, lr_index = group_learning_rates([j.group for j in jobs], jobs[0].param.device, as_tensor=fused)
         update = compiled_pass(decay_and_apply) if fused else decay_and_apply
-        update([j.param.to_local() for j in jobs], updates, lrs,
-               tuple(next(k for k, g in enumerate(groups) if g is j.group) for j in jobs),
-               [j.group["weight_decay"] for j in jobs],
+        update([j.param.to_local() for j in jobs], updates, lrs, lr_index, [j.group["weight_decay"] for j in jobs],
                tuple(tuple(self._local_segments(j, rank)) for j in jobs))
 
     @staticmethod
@@ -222,11 +217,7 @@ class DistributedMuon(Muon):
 def momentum_and_pack(grads, bufs, momenta, nesterov, send_orders, dtype):
     """M <- mu M + G in place on every local shard, and per bucket one flat send buffer holding
     U = mu M + G (Nesterov) or M, cast to dtype, in the bucket's send order (job indices)."""
-    updates = []
-    for g, m, mu, nest in zip(grads, bufs, momenta, nesterov):
-        m_new = torch.add(g, m, alpha=mu)
-        m.copy_(m_new)
-        updates.append(torch.add(g, m_new, alpha=mu) if nest else m_new)
+    updates = momentum_updates(grads, bufs, momenta, nesterov)
     return [torch.cat([updates[i].to(dtype).flatten() for i in order] or [grads[0].new_empty(0, dtype=dtype)])
             for order in send_orders]
 

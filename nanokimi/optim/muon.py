@@ -69,6 +69,16 @@ def join_blocks(blocks, shape):
     return (torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]).reshape(shape)
 
 
+def momentum_updates(grads, bufs, momenta, nesterov):
+    """M <- mu M + G in place for every buffer; returns each U = mu M + G (Nesterov) or M (not yet cast)."""
+    updates = []
+    for g, m, mu, nest in zip(grads, bufs, momenta, nesterov):
+        m_new = torch.add(g, m, alpha=mu)  # M <- mu M + G
+        m.copy_(m_new)
+        updates.append(torch.add(g, m_new, alpha=mu) if nest else m_new)
+    return updates
+
+
 def momentum_and_stack(grads, bufs, momenta, nesterov, layouts, batches):
     """M <- mu M + G in place for every param, and the Newton-Schulz inputs stacked per block shape.
 
@@ -76,11 +86,7 @@ def momentum_and_stack(grads, bufs, momenta, nesterov, layouts, batches):
     param; batches: ((rows, cols), dtype, ((param index, block index), ...)) per batch.
     Returns one [N, rows, cols] tensor per batch holding U = mu M + G (Nesterov) or M, cast to dtype.
     """
-    updates = []
-    for g, m, mu, nest in zip(grads, bufs, momenta, nesterov):
-        m_new = torch.add(g, m, alpha=mu)  # M <- mu M + G
-        m.copy_(m_new)
-        updates.append(torch.add(g, m_new, alpha=mu) if nest else m_new)
+    updates = momentum_updates(grads, bufs, momenta, nesterov)
     blocks = [matrix_blocks(u, *layout) for u, layout in zip(updates, layouts)]
     return [torch.cat([blocks[i][j].to(dtype).reshape(-1, rows, cols) for i, j in members])
             for (rows, cols), dtype, members in batches]
@@ -98,6 +104,24 @@ def decay_and_update(params, orthogonal, lrs, lr_index, decays, sources):
         pieces = [orthogonal[k][start:start + math.prod(shape[:-2])].view(shape) * (-lr * scale)
                   for k, start, shape, scale in blocks]
         w.copy_(w * (1 - lr * wd) + join_blocks(pieces, w.shape))
+
+
+def group_learning_rates(job_groups, device, as_tensor):
+    """The distinct param groups of `job_groups` (one group per job, in job order): (lrs, lr_index), lr_index
+    giving each job's position in lrs. as_tensor: lrs as one fp32 tensor on `device` (what the compiled passes
+    take, so schedules change values, never the compiled code), float or 0-d tensor lrs alike; on CUDA copied
+    from pinned memory without blocking (a plain host-to-device copy would wait for the GPU's queued work)."""
+    groups = list({id(g): g for g in job_groups}.values())
+    position = {id(g): k for k, g in enumerate(groups)}
+    lrs = [g["lr"] for g in groups]
+    if as_tensor:
+        if any(isinstance(lr, torch.Tensor) for lr in lrs):
+            lrs = torch.stack([torch.as_tensor(lr, dtype=torch.float32, device=device) for lr in lrs])
+        elif device.type == "cuda":
+            lrs = torch.tensor(lrs, dtype=torch.float32, pin_memory=True).to(device, non_blocking=True)
+        else:
+            lrs = torch.tensor(lrs, dtype=torch.float32, device=device)
+    return lrs, tuple(position[id(g)] for g in job_groups)
 
 
 _compiled = {}
@@ -221,15 +245,6 @@ class Muon(torch.optim.Optimizer):
             for i, _, shape in members:
                 sources[i].append((k, start, shape, scale))
                 start += math.prod(shape[:-2])
-        groups = list({id(g): g for _, _, g in jobs}.values())
-        lrs = [g["lr"] for g in groups]
-        if compile_passes:  # one [groups] fp32 tensor, float or tensor lrs alike: nothing baked in, no recompile
-            if any(isinstance(lr, torch.Tensor) for lr in lrs):
-                lrs = torch.stack([torch.as_tensor(lr, dtype=torch.float32, device=device) for lr in lrs])
-            elif device.type == "cuda":  # pinned + non_blocking: a plain host-to-device copy would wait for the GPU
-                lrs = torch.tensor(lrs, dtype=torch.float32, pin_memory=True).to(device, non_blocking=True)
-            else:
-                lrs = torch.tensor(lrs, dtype=torch.float32, device=device)
-        lr_index = tuple(next(k for k, g in enumerate(groups) if g is group) for _, _, group in jobs)
+        lrs, lr_index = group_learning_rates([g for _, _, g in jobs], device, as_tensor=compile_passes)
         update([p for p, _, _ in jobs], orthogonal, lrs, lr_index, [g["weight_decay"] for _, _, g in jobs],
                tuple(tuple(s) for s in sources))
