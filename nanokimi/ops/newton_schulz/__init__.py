@@ -75,10 +75,7 @@ def normalize_into(out, X, eps=1e-7):
 
 
 def _start(gram, eps):
-    """R_0 = gram / n^2 in gram's dtype and 1 / n [N, 1, 1] (fp32 or fp64), n = sqrt(trace(gram)) + eps;
-    or (gram, None) without eps."""
-    if eps is None:
-        return gram, None
+    """R_0 = gram / n^2 in gram's dtype and 1 / n [N, 1, 1] (fp32 or fp64), n = sqrt(trace(gram)) + eps."""
     trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1, dtype=torch.promote_types(gram.dtype, torch.float32))  # [N]
     inv = (trace.clamp_min(0).sqrt() + eps).reciprocal()[:, None, None]  # [N, 1, 1]
     return (gram * inv.square()).to(gram.dtype), inv
@@ -118,10 +115,11 @@ def newton_schulz(X, schedule, method="auto", eps=None, segment=GRAM_SEGMENT):
     that know the coefficient set should resolve "auto" with choose_method, which keeps Polar Express classic).
     """
     tall = X.shape[-2] > X.shape[-1]
-    method = choose_method(X.shape[-2:], len(schedule), method, segment)
+    method = choose_method(X.shape[-2:], len(schedule), method, segment=segment)
     chunk = segment if method == "gram" else 1  # classic == gram with one-step segments
     for start in range(0, len(schedule), chunk):
-        R, inv = _small_op(_start, X)(torch.bmm(X.mT, X) if tall else torch.bmm(X, X.mT), eps if start == 0 else None)
+        gram = torch.bmm(X.mT, X) if tall else torch.bmm(X, X.mT)
+        R, inv = _small_op(_start, X)(gram, eps) if start == 0 and eps is not None else (gram, None)
         Q = None  # [N, s, s]
         steps = schedule[start:start + chunk]
         for i, (a, b, c) in enumerate(steps):
