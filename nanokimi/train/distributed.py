@@ -106,6 +106,7 @@ def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
     makes the sum global, instead of a DTensor reduction per gradient. Plain tensors: no communication."""
     from torch.distributed.tensor import DTensor, Shard
 
+    parameters = list(parameters)  # a generator (model.parameters()) would be spent before the fallback below
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return torch.zeros(())
