@@ -80,8 +80,8 @@ class AttentionResiduals(nn.Module):
 
     def compile_kernels(self, mode: str | None = None, triton: bool | None = None) -> "AttentionResiduals":
         """Run the residual stream's ops through torch.compile (fused kernels, fullgraph); returns self.
-        triton=True: phase 1 (forward and backward) runs as the Triton kernels of nanokimi.ops.attnres.triton_phase1
-        instead (the merge, block sums and rstds stay compiled); None (default): when the module is on CUDA and
+        triton=True: phase 1 and the per-sublayer accumulate + merge (forward and backward) run as the Triton
+        kernels of nanokimi.ops.attnres.triton_phase1 / triton_phase2 instead (block sums and rstds stay compiled); None (default): when the module is on CUDA and
         triton imports. nanokimi.train.fast.compile_model calls this (after the model is on its device).
         The maths, parameters and state_dict do not change."""
         kernels = compiled_kernels(mode)
