@@ -187,11 +187,12 @@ def profile_step(trainer) -> dict:
 def measure(args, run, rank, world_size, muon_buckets, batch_size) -> dict:
     """Median step time of train_step and of the optimizer step, the phase breakdown, one profiled step."""
     trainer = BenchTrainer(run, rank, world_size, muon_buckets)
-    optimizer_step, optimizer_times = trainer.optimizer.step, []
+    optimizer_step, optimizer_times, optimizer_host_times = trainer.optimizer.step, [], []
 
     def timed_optimizer_step(closure=None):
         clock = Clock(trainer.device)
         optimizer_step(closure)
+        optimizer_host_times.append(time.perf_counter() - clock.last)  # the host's part: before the sync
         optimizer_times.append(clock.lap())
 
     trainer.optimizer.step = timed_optimizer_step
@@ -203,12 +204,14 @@ def measure(args, run, rank, world_size, muon_buckets, batch_size) -> dict:
         trainer.train_step()
         step_times.append(clock.lap())
     step, optimizer = statistics.median(step_times[args.warmup:]), statistics.median(optimizer_times[args.warmup:])
+    optimizer_host = statistics.median(optimizer_host_times[args.warmup:])
     trainer.optimizer.step = optimizer_step
     phases = [trainer.phased_step() for _ in range(args.phase_iters)]
     profiled = profile_step(trainer)
     peak = torch.cuda.max_memory_allocated() / 2**30 if trainer.device.type == "cuda" else None
     result = {"gpus": world_size, "params_M": sum(p.numel() for p in trainer.model.parameters()) / 1e6,
               "step_ms": step * 1e3, "optimizer_ms": optimizer * 1e3,
+              "optimizer_host_ms": optimizer_host * 1e3, "step_ms_all": [t * 1e3 for t in step_times[args.warmup:]],
               "batch_size": batch_size,
               "tokens_per_s": batch_size * args.seq_len / step, "optimizer_share": optimizer / step,
               "peak_gib": peak, "phase_ms": {k: statistics.median(p[k] for p in phases) * 1e3 for k in PHASES},
@@ -269,7 +272,7 @@ def launch(args, nproc, out) -> dict:
 def print_table(args, rows) -> None:
     mode = "torch.compile" if args.compile else "eager"
     print(f"{args.preset}: global batch {args.batch_size} x {args.seq_len} tokens, {mode}, median of {args.iters} steps")
-    print(f"{'GPUs':>4} {'variant':<14} {'batch':>5} {'step ms':>8} {'tokens/s':>9} {'strong':>6} {'weak':>6} {'optim':>6} {'share':>5} "
+    print(f"{'GPUs':>4} {'variant':<14} {'batch':>5} {'step ms':>8} {'tokens/s':>9} {'strong':>6} {'weak':>6} {'optim':>6} {'host':>5} {'share':>5} "
           f"{'peak GiB':>8} | {'fwd':>6} {'bwd':>6} {'stats':>6} {'clip':>6} {'optim':>6} {'after':>6} | "
           f"{'colls':>5} {'MB':>7} {'nccl ms':>7}")
     for r in rows:
@@ -277,11 +280,12 @@ def print_table(args, rows) -> None:
         phases = " ".join(f"{r['phase_ms'][k]:>6.1f}" for k in PHASES)
         nccl = "-" if r["nccl_kernel_ms"] is None else f"{r['nccl_kernel_ms']:.1f}"
         print(f"{r['gpus']:>4} {r['variant']:<14} {r['batch_size']:>5} {r['step_ms']:>8.1f} {r['tokens_per_s']:>9.0f} "
-              f"{r['scaling_efficiency']:>6.2f} {r['weak_scaling_efficiency']:>6.2f} {r['optimizer_ms']:>6.1f} {r['optimizer_share']:>5.2f} "
+              f"{r['scaling_efficiency']:>6.2f} {r['weak_scaling_efficiency']:>6.2f} {r['optimizer_ms']:>6.1f} {r['optimizer_host_ms']:>5.1f} {r['optimizer_share']:>5.2f} "
               f"{'-' if peak is None else f'{peak:.1f}':>8} | {phases} | {sum(r['collective_calls'].values()):>5} "
               f"{sum(r['collective_mb'].values()):>7.0f} {nccl:>7}")
     print("strong: tokens/s over (GPUs x 1 GPU on the same global batch); weak: over (GPUs x 1 GPU on one rank's "
           "share of the batch, the per-GPU work of the N-GPU run)")
+    print("host: the optimizer step's host time before its device sync (near optim: the host is the limit)")
     print("phases: a separate run with a device sync after each (no overlap); colls/MB: collectives of one step "
           "and their payload; nccl ms: GPU time of NCCL kernels in one step (overlaps compute)")
 

@@ -189,6 +189,7 @@ def test_benchmark_quick(tmp_path):
     assert rows[1, "per-rank-batch"]["batch_size"] * 2 == rows[1, "default"]["batch_size"] == 4
     assert all(r["weak_scaling_efficiency"] > 0 for r in rows.values())
     assert all(r["tokens_per_s"] > 0 and 0 < r["optimizer_share"] < 1 for r in rows.values())
+    assert all(0 < r["optimizer_host_ms"] <= r["optimizer_ms"] for r in rows.values())  # host part, then the sync
     assert all(set(r["phase_ms"]) == {"forward", "backward", "statistics", "clip", "optimizer", "after"}
                for r in rows.values())
     calls = {key: r["collective_calls"] for key, r in rows.items()}
