@@ -15,6 +15,7 @@ pytest.importorskip("triton")
 from nanokimi.model.attn_res import AttentionResiduals  # noqa: E402
 from nanokimi.ops.attnres import EAGER, attnres_naive, attnres_stack_naive, depth_attention, source_rstd  # noqa: E402
 from nanokimi.ops.attnres import two_phase  # noqa: E402
+from nanokimi.ops.attnres.launch import LaunchConfig  # noqa: E402
 from nanokimi.ops.attnres.triton_phase1 import phase1_backward, phase1_forward, triton_kernels  # noqa: E402
 from nanokimi.ops.attnres.triton_phase2 import accumulate_merge  # noqa: E402
 
@@ -102,12 +103,12 @@ def test_triton_phase1_tilings_agree_with_stacked(block_t, programs):
     grad_mixtures = [torch.randn(M, D, generator=g).to(DEVICE) for _ in range(S)]
     grad_lse = torch.randn(M, S, generator=g).to(DEVICE)
 
-    mixtures, logits, lse = phase1_forward(qe, rstds, values, block_t=block_t)
+    config = LaunchConfig(block_t=block_t, num_warps=4, programs_per_sm=programs)  # interpreter: programs in all
+    mixtures, logits, lse = phase1_forward(qe, rstds, values, config=config)
     mixtures_ref, logits_ref, lse_ref = two_phase._phase1_forward_stacked(qe, rstds, values)
     assert rel(torch.stack(mixtures), torch.stack(mixtures_ref)) < 1e-5
     assert rel(logits, logits_ref) < 1e-5 and rel(lse, lse_ref) < 1e-5
-    got = phase1_backward(qe, rstds, values, logits, lse, grad_mixtures, grad_lse, block_t=block_t,
-                          programs=programs)
+    got = phase1_backward(qe, rstds, values, logits, lse, grad_mixtures, grad_lse, config=config)
     expected = two_phase._phase1_backward_stacked(qe, rstds, values, logits_ref, lse_ref, grad_mixtures, grad_lse)
     assert rel(got[0], expected[0]) < 1e-5
     for a, b in zip(got[1], expected[1]):
@@ -125,7 +126,7 @@ def test_float64_falls_back_and_bad_inputs_say_why():
         phase1_forward(torch.randn(2, 16, dtype=torch.float64), [source_rstd(v) for v in values], values)
     with pytest.raises(ValueError, match="block_t"):
         phase1_forward(torch.randn(2, 16).to(DEVICE), [source_rstd(v.float()) for v in values],
-                       [v.float() for v in values], block_t=3)
+                       [v.float() for v in values], config=LaunchConfig(block_t=3, num_warps=4))
 
 
 @pytest.mark.parametrize("dtype,out_dtype,has_partial,D", [
@@ -189,7 +190,8 @@ def test_triton_accumulate_merge_tilings_agree_with_eager(block_t, programs, gra
     results = []
     for fast in (True, False):
         args = (partial, out, mixture, lse, qe, torch.float32, 1e-6)
-        new_partial, h = (accumulate_merge(*args, block_t=block_t, programs=programs) if fast
+        config = LaunchConfig(block_t=block_t, num_warps=4, programs_per_sm=programs)
+        new_partial, h = (accumulate_merge(*args, config=config) if fast
                           else two_phase._accumulate_merge(*args))
         loss = (h * grad_h).sum() + ((new_partial * grad_p).sum() if grad_of_partial else 0)
         loss.backward()
