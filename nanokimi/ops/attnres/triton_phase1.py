@@ -12,7 +12,9 @@ backward, programs loop over token tiles (grid-stride), grad_mixtures g [S, BLOC
         grad_logit[s, n] = alpha[s, n] (g_s . v_n - dot[s] + grad_lse[s])
         grad_v_n = sum_s alpha[s, n] g_s + sum_s rstd_n grad_logit[s, n] qe_s
                    - (sum_s grad_logit[s, n] logit[s, n]) rstd_n^2 / D  v_n       written in v_n's dtype
-        (the last term is the path through rstd_n = source_rstd(v_n): grad rstd_n times -rstd_n^3 v_n / D)
+        (the last term is the path through rstd_n = source_rstd(v_n): grad rstd_n times -rstd_n^3 v_n / D);
+        where the caller passes a gradient sum for v_n (`sums`), grad_v_n is added into it in place (read, add in
+        fp32, write back): a source read by several blocks has its gradients summed there, not by autograd
         grad_qe[s] += sum over the tile's tokens of rstd_n grad_logit[s, n] v_n   (registers, per program)
     each program writes its grad_qe [S, D]; one torch sum over programs finishes it (deterministic, no atomics).
 alpha = exp(logit - lse) comes from the saved logits, so nothing of size [S, N, B, T, D] is ever kept.
@@ -86,7 +88,8 @@ def _phase1_forward_kernel(values, rstds, qe_ptr, mixtures, logits_ptr, lse_ptr,
 def _phase1_backward_kernel(values, rstds, grad_mixtures, qe_ptr, logits_ptr, lse_ptr, grad_lse_ptr,
                             grad_values, grad_qe_partial_ptr, M, tiles,
                             N: tl.constexpr, S: tl.constexpr, D: tl.constexpr, S_PAD: tl.constexpr,
-                            BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+                            BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, ACCUMULATE: tl.constexpr):
+    # ACCUMULATE: bit n set = grad_values[n] holds a gradient sum that v_n's gradient is added into
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     s_ids = tl.arange(0, S_PAD)
@@ -129,6 +132,8 @@ def _phase1_backward_kernel(values, rstds, grad_mixtures, qe_ptr, logits_ptr, ls
             rstd_scale = tl.sum(grad_logit * logit, axis=0) * rstd * rstd * (-1.0 / D)  # [BT]: via rstd_n
             grad_v = (tl.sum(alpha[:, :, None] * g + grad_dot[:, :, None] * qe[:, None, :], axis=0)
                       + rstd_scale[:, None] * v)  # [BT, BD]
+            if (ACCUMULATE >> n) & 1:
+                grad_v += tl.load(grad_values[n] + tile, mask=tile_ok, other=0.0).to(tl.float32)
             tl.store(grad_values[n] + tile, grad_v.to(grad_values[n].dtype.element_ty), mask=tile_ok)
             grad_qe += tl.sum(grad_dot[:, :, None] * v[None, :, :], axis=1)
         tile_id += programs
@@ -176,19 +181,25 @@ def phase1_forward(qe, rstds, values, fallback=None, config: LaunchConfig | None
     return mixtures, logits, lse
 
 
-def phase1_backward(qe, rstds, values, logits, lse, grad_mixtures, grad_lse, fallback=None,
+def phase1_backward(qe, rstds, values, logits, lse, grad_mixtures, grad_lse, sums=None, fallback=None,
                     config: LaunchConfig | None = None):
     """Gradients of phase 1 from its saved logits and lse: (grad qe [S, D], N grads of values in their dtype,
-    each including the path through its rstd). config: launch with it instead of the table's."""
+    each including the path through its rstd). sums: None, or N entries, each None or a contiguous tensor of
+    its value's shape and dtype holding a gradient sum, which that value's gradient is added into in place and
+    which is returned as its gradient. config: launch with it instead of the table's."""
+    if sums is not None:
+        check_sums(sums, values)
     if not supports(qe, values):
         if fallback is None:
             raise ValueError(_unsupported_message(qe, values))
-        return fallback(qe, rstds, values, logits, lse, grad_mixtures, grad_lse)
+        return fallback(qe, rstds, values, logits, lse, grad_mixtures, grad_lse, sums)
     S, D = qe.shape
     N = len(values)
     M = values[0].numel() // D
     device = values[0].device
-    grad_values = tuple(torch.empty(v.shape, dtype=v.dtype, device=device) for v in values)
+    sums = [None] * N if sums is None else sums
+    grad_values = tuple(torch.empty(v.shape, dtype=v.dtype, device=device) if s is None else s
+                        for s, v in zip(sums, values))
     if M == 0:
         return torch.zeros_like(qe), grad_values
     config = _launch_config("phase1_backward", qe, values, M, config)
@@ -200,8 +211,22 @@ def phase1_backward(qe, rstds, values, logits, lse, grad_mixtures, grad_lse, fal
         tuple(g.to(torch.float32).contiguous() for g in grad_mixtures), qe.contiguous(), logits.contiguous(),
         lse.contiguous(), grad_lse.to(torch.float32).contiguous(), grad_values, grad_qe_partial, M, tiles,
         N=N, S=S, D=D, S_PAD=triton.next_power_of_2(S), BLOCK_T=config.block_t, BLOCK_D=triton.next_power_of_2(D),
+        ACCUMULATE=sum(1 << n for n, s in enumerate(sums) if s is not None),
         num_warps=config.num_warps, num_stages=config.num_stages)
     return grad_qe_partial.sum(0), grad_values
+
+
+def check_sums(sums, values):
+    """A clear error unless sums has one entry per value, each None or a tensor to add that value's gradient into."""
+    if len(sums) != len(values):
+        raise ValueError(f"got {len(sums)} gradient sums for {len(values)} sources; pass one per source (None "
+                         "where the source has none yet).")
+    for n, (s, v) in enumerate(zip(sums, values)):
+        if s is not None and (s.shape != v.shape or s.dtype != v.dtype or s.device != v.device
+                              or not s.is_contiguous()):
+            raise ValueError(f"gradient sum {n} is {tuple(s.shape)} {s.dtype} on {s.device} (contiguous: "
+                             f"{s.is_contiguous()}); it must be a contiguous tensor of its source's shape, dtype "
+                             f"and device: {tuple(v.shape)} {v.dtype} on {v.device}.")
 
 
 def _unsupported_message(qe, values):

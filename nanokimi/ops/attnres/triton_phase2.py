@@ -11,8 +11,9 @@ backward, programs loop over token tiles (grid-stride), recomputing logit and w 
     grad_partial = grad_p; grad_out = grad_p in out's dtype
     grad_qe += sum over the tile's tokens of grad_logit rstd pw   (registers, per program; one torch sum after)
 The rstd of the partial sum is recomputed in both passes ([BLOCK_T] values, from the tile already loaded).
-Tokens per tile, warps and the backward grid come from launch.py's table (`config_for`). Inputs the kernels do not take (float64, D above MAX_D, tensors off CUDA without the interpreter) run the
-`fallback` (the compiled or eager `_accumulate_merge`).
+Tokens per tile, warps and the backward grid come from launch.py's table (`config_for`). Inputs the kernels
+do not take (float64, D above MAX_D, tensors off CUDA without the interpreter) run the `fallback` (the
+compiled or eager `_accumulate_merge`).
 """
 import os
 
