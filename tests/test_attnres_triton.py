@@ -5,6 +5,12 @@ Without CUDA they run in Triton's interpreter (TRITON_INTERPRET=1, set by confte
 slow: sizes stay tiny (B * T <= 64, D <= 96, N <= 4 sources, S <= 3 queries).
 """
 import copy
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +26,7 @@ from nanokimi.ops.attnres.triton_phase1 import phase1_backward, phase1_forward, 
 from nanokimi.ops.attnres.triton_phase2 import accumulate_merge  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ROOT = Path(__file__).resolve().parents[1]
 TRITON = triton_kernels(EAGER)
 
 
@@ -346,6 +353,45 @@ def test_compile_kernels_picks_triton_on_cuda_only():
     assert module.kernels.phase1_forward.func is phase1_forward
     assert module.kernels.merge is two_phase.compiled_kernels(None).merge
     assert module.kernels.accumulate_merge.func is accumulate_merge
+
+
+def test_tune_benchmark_quick(tmp_path):
+    """benchmarks/attnres_tune.py --quick (the interpreter on the CPU): every kernel and dtype of the model's
+    calls gets a measured best config, and its JSON file is a table that launch.load_tuned applies."""
+    from nanokimi.ops.attnres import launch
+    out = tmp_path / "attnres_tune.json"
+    script = ROOT / "benchmarks" / "attnres_tune.py"
+    result = subprocess.run([sys.executable, str(script), "--quick", "--out", str(out)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert all(m["ms"] > 0 for m in report["measurements"]) and report["git_commit"]
+    kernels = {(e["kernel"], e["dtype"]) for e in report["table"]}
+    assert kernels == {(k, d) for k in launch.KERNELS for d in ("float32", "bfloat16")}
+    assert "TUNED: dict" in result.stdout and report["tuned_python"].startswith("TUNED")
+    try:
+        table = launch.load_tuned(out)
+        entry = next(e for e in report["table"] if e["kernel"] == "phase1_backward" and e["sources"] == 2)
+        assert launch.config_for("phase1_backward", 24, getattr(torch, entry["dtype"]), S=2, N=2) == \
+            LaunchConfig(**entry["config"])
+        assert sum(len(v) for v in table.values()) == len(report["table"])
+    finally:
+        launch.use_tuned(launch.TUNED)
+
+
+def test_tune_skips_a_config_that_fails():
+    """A config that cannot run is noted and skipped; the sweep goes on with the others."""
+    spec = importlib.util.spec_from_file_location("attnres_tune", ROOT / "benchmarks" / "attnres_tune.py")
+    tune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune)
+    case = tune.Case("merge_forward", torch.float32)
+    args = type("Args", (), dict(tokens=16, hidden=24, quick=True))
+    default = tune.default_config("merge_forward", 24)
+    notes = []
+    rows = tune.measure(case, [default, LaunchConfig(block_t=3, num_warps=4), default._replace(num_warps=2)], args,
+                        DEVICE, time.monotonic() + 60, notes)
+    assert [r["config"] for r in rows] == [default, default._replace(num_warps=2)] and rows[0]["default"]
+    assert len(notes) == 1 and "bt3 w4" in notes[0] and "block_t=3" in notes[0]
 
 
 @pytest.mark.gpu
