@@ -15,6 +15,8 @@ Medians over timed steps after warm-up. Writes benchmarks/results/attnres_overhe
     python benchmarks/attnres_overhead.py            # GPU, a few minutes (fla autotune + compiles come first)
     python benchmarks/attnres_overhead.py --modes block --cuda-graph   # skip full; also whole-step CUDA graphs
     python benchmarks/attnres_overhead.py --quick    # CPU smoke run: tiny sizes, eager, 2 steps
+    python benchmarks/attnres_overhead.py --tuned benchmarks/results/attnres_tune.json   # launch configs measured
+                                                     # by benchmarks/attnres_tune.py instead of launch.TUNED
 """
 import argparse
 import datetime
@@ -225,6 +227,9 @@ def main():
     parser.add_argument("--cuda-graph", action="store_true",
                         help="model table: also time the compiled step captured whole in one CUDA graph")
     parser.add_argument("--skip-model", action="store_true", help="only the residual table")
+    parser.add_argument("--tuned", type=Path, default=None,
+                        help="launch configs of the AttnRes Triton kernels from benchmarks/attnres_tune.py's JSON "
+                             "(nanokimi.ops.attnres.launch.load_tuned) instead of the built-in table")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON file (default benchmarks/results/attnres_overhead.json; --quick writes to a temp folder)")
     args = parser.parse_args()
@@ -238,6 +243,10 @@ def main():
         args.preset, args.batch, args.seq_len, args.hidden, args.sublayers = "tiny", 1, 32, 64, 8
         args.warmup, args.steps, args.compile = 0, 2, False
     device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
+    if args.tuned is not None:
+        from nanokimi.ops.attnres.launch import load_tuned
+        table = load_tuned(args.tuned)
+        print(f"AttnRes launch configs from {args.tuned}: {sum(len(v) for v in table.values())} entries")
 
     rows = residual_rows(args, device)
     if not args.skip_model:
@@ -252,6 +261,7 @@ def main():
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         git_commit=git_commit(),
         quick=args.quick,
+        tuned_configs=None if args.tuned is None else str(args.tuned),
         rows=rows,
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)

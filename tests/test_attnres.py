@@ -303,3 +303,66 @@ def test_softmax_stays_fp32_under_autocast_and_bf16_sources_are_close():
     assert under_autocast.dtype == torch.float32 and rel(under_autocast, exact) < 1e-6 and rel(lse, exact_lse) < 1e-6
     low = torch.stack(depth_attention([s.bfloat16() for s in sources], queries, weights)[0])
     assert low.dtype == torch.float32 and rel(low, exact) < 2e-2
+
+
+def test_launch_config_table_lookup_and_json_round_trip(tmp_path):
+    """The Triton kernels' launch table (nanokimi.ops.attnres.launch): the default heuristic where nothing is
+    tuned, the nearest tuned source count otherwise, a JSON file as the tuner writes it, and clear errors."""
+    from nanokimi.ops.attnres import launch
+    from nanokimi.ops.attnres.launch import LaunchConfig, config_for, default_config, load_tuned, use_tuned
+
+    assert default_config("phase1_forward", 1024, 4) == LaunchConfig(block_t=1, num_warps=8)
+    assert default_config("merge_backward", 1000) == LaunchConfig(block_t=4, num_warps=4)
+    assert config_for("phase1_backward", 1000, torch.float32, S=3, N=5) == default_config("phase1_backward", 1000, 3)
+    two, eight = LaunchConfig(2, 8, 1, 2), LaunchConfig(4, 16, 1, 1)
+    entries = [dict(kernel="phase1_backward", block_d=1024, s_pad=4, dtype="float32", sources=n, config=c._asdict())
+               for n, c in ((2, two), (8, eight))]
+    path = tmp_path / "attnres_tune.json"
+    path.write_text(json.dumps({"table": entries}))
+    try:
+        load_tuned(path)
+        # keyed by next_pow2(D) and next_pow2(S): D = 1000 and S = 3 share the D = 1024, S = 4 entries
+        assert config_for("phase1_backward", 1000, torch.float32, S=3, N=2) == two
+        assert config_for("phase1_backward", 1024, torch.float32, S=4, N=4) == two  # nearer 2 than 8
+        assert config_for("phase1_backward", 1024, torch.float32, S=4, N=7) == eight
+        untuned = default_config("phase1_backward", 1024, 4)
+        assert config_for("phase1_backward", 1024, torch.bfloat16, S=4, N=2) == untuned
+        assert config_for("phase1_forward", 1024, torch.float32, S=4, N=2) == default_config("phase1_forward", 1024, 4)
+        with pytest.raises(ValueError, match="block_t=3"):
+            use_tuned({("merge_forward", 1024, 1, "float32"): {1: LaunchConfig(3, 4)}})
+        with pytest.raises(ValueError, match="kernel"):
+            use_tuned({("merge", 1024, 1, "float32"): {1: LaunchConfig(2, 4)}})
+    finally:
+        use_tuned(launch.TUNED)
+    assert config_for("phase1_backward", 1024, torch.float32, S=4, N=2) == default_config("phase1_backward", 1024, 4)
+    with pytest.raises(ValueError, match="num_warps"):
+        launch.check_config(LaunchConfig(2, 3))
+
+
+def test_shared_source_gradients_over_repeated_and_partial_backward_passes():
+    """Each source's gradient is summed over its reading blocks per backward pass: a pass that asks only for
+    the queries' gradients (readers run, sources are never handed theirs) leaves nothing stale for the next
+    pass, and two full passes over a retained graph accumulate exactly twice one pass's gradients."""
+    g = torch.Generator().manual_seed(12)
+    D, L = 24, 6
+    module = AttentionResiduals(D, L, mode="block", num_blocks=3)
+    randomise(module, g)
+    sublayers = nn.ModuleList(ToyMixer(D, g) for _ in range(L))
+    embedding = torch.randn(2, 5, D, generator=g, requires_grad=True)
+    leaves = [embedding, *module.parameters(), *sublayers.parameters()]
+    final, _ = run_module(module, embedding, sublayers)
+    target = torch.randn(final.shape, generator=g)
+    loss = (final * target).sum()
+
+    once = torch.autograd.grad(loss, leaves, retain_graph=True)
+    torch.autograd.grad(loss, list(module.queries), retain_graph=True)
+    again = torch.autograd.grad(loss, leaves, retain_graph=True)
+    assert all(torch.equal(a, b) for a, b in zip(once, again))
+    loss.backward(retain_graph=True)
+    loss.backward()
+    assert all(torch.allclose(p.grad, 2 * a, rtol=1e-6, atol=0) for p, a in zip(leaves, once))
+    reference = attnres_stack_naive(embedding, list(sublayers), list(module.queries), list(module.key_weights),
+                                    block_size=module.block_size, eps=module.eps)
+    expected = torch.autograd.grad((reference * target).sum(), leaves)
+    for i, (a, b) in enumerate(zip(once, expected)):
+        assert rel(a, b) < 1e-5, i

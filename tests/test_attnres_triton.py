@@ -5,6 +5,12 @@ Without CUDA they run in Triton's interpreter (TRITON_INTERPRET=1, set by confte
 slow: sizes stay tiny (B * T <= 64, D <= 96, N <= 4 sources, S <= 3 queries).
 """
 import copy
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,10 +21,12 @@ pytest.importorskip("triton")
 from nanokimi.model.attn_res import AttentionResiduals  # noqa: E402
 from nanokimi.ops.attnres import EAGER, attnres_naive, attnres_stack_naive, depth_attention, source_rstd  # noqa: E402
 from nanokimi.ops.attnres import two_phase  # noqa: E402
+from nanokimi.ops.attnres.launch import LaunchConfig  # noqa: E402
 from nanokimi.ops.attnres.triton_phase1 import phase1_backward, phase1_forward, triton_kernels  # noqa: E402
 from nanokimi.ops.attnres.triton_phase2 import accumulate_merge  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ROOT = Path(__file__).resolve().parents[1]
 TRITON = triton_kernels(EAGER)
 
 
@@ -102,12 +110,12 @@ def test_triton_phase1_tilings_agree_with_stacked(block_t, programs):
     grad_mixtures = [torch.randn(M, D, generator=g).to(DEVICE) for _ in range(S)]
     grad_lse = torch.randn(M, S, generator=g).to(DEVICE)
 
-    mixtures, logits, lse = phase1_forward(qe, rstds, values, block_t=block_t)
+    config = LaunchConfig(block_t=block_t, num_warps=4, programs_per_sm=programs)  # interpreter: programs in all
+    mixtures, logits, lse = phase1_forward(qe, rstds, values, config=config)
     mixtures_ref, logits_ref, lse_ref = two_phase._phase1_forward_stacked(qe, rstds, values)
     assert rel(torch.stack(mixtures), torch.stack(mixtures_ref)) < 1e-5
     assert rel(logits, logits_ref) < 1e-5 and rel(lse, lse_ref) < 1e-5
-    got = phase1_backward(qe, rstds, values, logits, lse, grad_mixtures, grad_lse, block_t=block_t,
-                          programs=programs)
+    got = phase1_backward(qe, rstds, values, logits, lse, grad_mixtures, grad_lse, config=config)
     expected = two_phase._phase1_backward_stacked(qe, rstds, values, logits_ref, lse_ref, grad_mixtures, grad_lse)
     assert rel(got[0], expected[0]) < 1e-5
     for a, b in zip(got[1], expected[1]):
@@ -125,7 +133,7 @@ def test_float64_falls_back_and_bad_inputs_say_why():
         phase1_forward(torch.randn(2, 16, dtype=torch.float64), [source_rstd(v) for v in values], values)
     with pytest.raises(ValueError, match="block_t"):
         phase1_forward(torch.randn(2, 16).to(DEVICE), [source_rstd(v.float()) for v in values],
-                       [v.float() for v in values], block_t=3)
+                       [v.float() for v in values], config=LaunchConfig(block_t=3, num_warps=4))
 
 
 @pytest.mark.parametrize("dtype,out_dtype,has_partial,D", [
@@ -189,7 +197,8 @@ def test_triton_accumulate_merge_tilings_agree_with_eager(block_t, programs, gra
     results = []
     for fast in (True, False):
         args = (partial, out, mixture, lse, qe, torch.float32, 1e-6)
-        new_partial, h = (accumulate_merge(*args, block_t=block_t, programs=programs) if fast
+        config = LaunchConfig(block_t=block_t, num_warps=4, programs_per_sm=programs)
+        new_partial, h = (accumulate_merge(*args, config=config) if fast
                           else two_phase._accumulate_merge(*args))
         loss = (h * grad_h).sum() + ((new_partial * grad_p).sum() if grad_of_partial else 0)
         loss.backward()
@@ -200,7 +209,88 @@ def test_triton_accumulate_merge_tilings_agree_with_eager(block_t, programs, gra
         assert rel(a, b) < 1e-5, i
 
 
+@pytest.mark.parametrize("dtype,mask", [(torch.float32, (1, 0, 1)), (torch.bfloat16, (1, 1, 0)),
+                                        (torch.float32, (1, 1, 1))])
+def test_triton_phase1_backward_adds_into_gradient_sums(dtype, mask):
+    """sums: each given sum gets its source's gradient added in place (the returned gradient is the same
+    tensor); the other sources get fresh gradients. Against the kernel without sums, and the eager stacked
+    kernel with the same sums (bf16: one bf16 rounding of the sum apart)."""
+    g = torch.Generator().manual_seed(sum(mask) + (dtype == torch.bfloat16))
+    N, S, M, D = 3, 2, 19, 33
+    values = [(torch.randn(M, D, generator=g) * (n + 1)).to(DEVICE, dtype) for n in range(N)]
+    rstds = [source_rstd(v) for v in values]
+    qe = torch.randn(S, D, generator=g).to(DEVICE)
+    grad_mixtures = [torch.randn(M, D, generator=g).to(DEVICE) for _ in range(S)]
+    grad_lse = torch.randn(M, S, generator=g).to(DEVICE)
+    sums = [torch.randn(M, D, generator=g).to(DEVICE, dtype) if keep else None for keep in mask]
+    before = [None if s is None else s.clone() for s in sums]
+    _, logits, lse = phase1_forward(qe, rstds, values)
+    config = LaunchConfig(block_t=4, num_warps=4, programs_per_sm=2)
+
+    fresh_qe, fresh = phase1_backward(qe, rstds, values, logits, lse, grad_mixtures, grad_lse, config=config)
+    eager_qe, eager = two_phase._phase1_backward_stacked(qe, rstds, values, logits, lse, grad_mixtures, grad_lse,
+                                                         before)
+    got_qe, got = phase1_backward(qe, rstds, values, logits, lse, grad_mixtures, grad_lse, sums, config=config)
+    bound = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel(got_qe, fresh_qe) < 1e-6 and rel(got_qe, eager_qe) < 1e-5
+    for n, keep in enumerate(mask):
+        assert got[n].dtype == dtype and (got[n] is sums[n]) == bool(keep)
+        expected = fresh[n].float() + (before[n].float() if keep else 0)
+        assert rel(got[n], expected) < bound and rel(got[n], eager[n]) < bound, n
+    with pytest.raises(ValueError, match="gradient sum 1"):
+        phase1_backward(qe, rstds, values, logits, lse, grad_mixtures, grad_lse,
+                        [None, values[0].t(), None])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shared_sources_sum_gradients_like_naive(dtype):
+    """Four sources read by four phase-1 calls the way blocks read them (call k: sources 0..k, its own
+    queries; odd D), through share_source: forward, lse and every gradient against the naive maths on fp32
+    copies of the same values. Each source's gradient is summed by the kernels over its readers and reaches
+    the source once (fp32: 1e-5; bf16 sources: the sum is rounded to bf16 after each reader, 1e-2)."""
+    g = torch.Generator().manual_seed(21 + (dtype == torch.bfloat16))
+    N, B, T, D = 4, 2, 7, 33
+    sources = [(torch.randn(B, T, D, generator=g) * (n + 1)).to(DEVICE, dtype).requires_grad_() for n in range(N)]
+    queries = [torch.randn(S, D, generator=g).to(DEVICE).requires_grad_() for S in (1, 3, 2, 1)]
+    weights = (torch.rand(D, generator=g) + 0.5).to(DEVICE).requires_grad_()
+    cotangents = [(torch.randn(len(q), B, T, D, generator=g).to(DEVICE),
+                   torch.randn(len(q), B, T, generator=g).to(DEVICE)) for q in queries]
+    leaves = [*sources, *queries, weights]
+
+    given = []  # per phase-1 backward: which sources arrived with a gradient sum to add into
+
+    def recording_backward(*args):
+        given.extend(s is not None for s in args[-1])
+        return TRITON.phase1_backward(*args)
+    kernels = TRITON._replace(phase1_backward=recording_backward)
+
+    def run(fast):
+        shared = [two_phase.share_source(s) for s in sources] if fast else [s.float() for s in sources]
+        loss = 0
+        for k, (q, (cot, lse_cot)) in enumerate(zip(queries, cotangents)):
+            if fast:
+                mixtures, lse = two_phase.depth_attention_qe(shared[:k + 1], q * weights, kernels=kernels)
+                mixtures, lse = torch.stack(mixtures), torch.stack(lse)
+            else:
+                mixtures, lse = reference(shared[:k + 1], q, weights.expand_as(q))
+            loss = loss + (mixtures * cot).sum() + (lse * lse_cot).sum()
+        loss.backward()
+        grads = [p.grad.clone() for p in leaves]
+        for p in leaves:
+            p.grad = None
+        return loss.detach(), grads
+
+    (loss, grads), (loss_ref, grads_ref) = run(fast=True), run(fast=False)
+    assert given.count(False) == N and given.count(True) == 1 + 2 + 3 + 4 - N  # one fresh gradient per source
+    assert rel(loss, loss_ref) < 1e-5
+    bound = 1e-5 if dtype == torch.float32 else 1e-2
+    for i, (a, b) in enumerate(zip(grads, grads_ref)):
+        assert a.dtype == leaves[i].dtype and rel(a, b) < bound, i
+
+
 class ToyMixer(nn.Module):
+    """fp32 weights whatever the stream's dtype (as under autocast the sublayers' outputs need not match it)."""
+
     def __init__(self, dim, generator):
         super().__init__()
         self.proj = nn.Linear(dim, dim)
@@ -208,43 +298,46 @@ class ToyMixer(nn.Module):
             self.proj.weight.copy_(torch.randn(dim, dim, generator=generator) / dim ** 0.5)
 
     def forward(self, h):
-        return torch.tanh(self.proj(h))
+        return torch.tanh(self.proj(h.to(self.proj.weight.dtype)))
 
 
-def test_module_with_triton_phase1_matches_stack_reference():
-    """A whole block-AttnRes stream (4 blocks of 2 sublayers, final read) on the Triton phase 1: output and
-    every gradient (embedding, queries, key weights, sublayers) against the naive stack run in float64, so the
-    bound measures the fp32 path's own rounding through 7 sublayers (the eager kernels reach ~6e-6, these ~9e-6)."""
-    g = torch.Generator().manual_seed(11)
-    D, L, T = 24, 7, 5
-    module = AttentionResiduals(D, L, mode="block", num_blocks=4)
+@pytest.mark.parametrize("D,L,num_blocks", [(24, 7, 4), (33, 6, 3), (17, 5, 5), (40, 8, 2)])
+def test_module_with_triton_kernels_matches_stack_reference(D, L, num_blocks):
+    """A whole block-AttnRes stream (fp32) on the triton set (phase 1, accumulate + merge, shared sources whose
+    gradients the phase-1 kernels sum in place; final read included): output and every gradient (embedding,
+    queries, key weights, sublayers) against the naive stack in float64, so the bounds measure the fp32 path's
+    own rounding through up to 8 sublayers (gradients up to ~1.1e-5, the smallest, cancelling ones). bf16
+    streams: test_shared_sources_sum_gradients_like_naive (a whole bf16 stream differs from a bf16 naive stack
+    by rounding order alone by more than any useful bound)."""
+    dtype = torch.float32
+    g = torch.Generator().manual_seed(11 + D + L)
+    module = AttentionResiduals(D, L, mode="block", num_blocks=num_blocks)
     sublayers = nn.ModuleList(ToyMixer(D, g) for _ in range(L))
     with torch.no_grad():
         for q, w in zip(module.queries, module.key_weights):
             q.copy_(torch.randn(D, generator=g))
             w.copy_(torch.rand(D, generator=g) + 0.5)
-    module_64, sublayers_64 = copy.deepcopy(module).double(), copy.deepcopy(sublayers).double()
+    module_ref, sublayers_ref = copy.deepcopy(module).double(), copy.deepcopy(sublayers).double()
     module.to(DEVICE), sublayers.to(DEVICE)
     module.kernels = TRITON
-    embedding = torch.randn(2, T, D, generator=g, dtype=torch.float64, requires_grad=True)
-    embedding_32 = embedding.detach().float().to(DEVICE).requires_grad_()
-    target = torch.randn(2, T, D, generator=g, dtype=torch.float64)
+    embedding_ref = torch.randn(2, 5, D, generator=g, dtype=torch.float64, requires_grad=True)
+    embedding = embedding_ref.detach().to(DEVICE, dtype).requires_grad_()
+    target = torch.randn(2, 5, D, generator=g, dtype=torch.float64)
 
-    state = module.start(embedding_32)
+    state = module.start(embedding)
     for l, f in enumerate(sublayers):
         state = module.add(state, l, f(module.sublayer_input(state, l)))
     final = module.finish(state)
-    (final * target.float().to(DEVICE)).sum().backward()
-    expected = attnres_stack_naive(embedding, list(sublayers_64), list(module_64.queries),
-                                   list(module_64.key_weights), block_size=module.block_size, eps=module.eps)
-    (expected * target).sum().backward()
+    (final.float() * target.float().to(DEVICE)).sum().backward()
+    expected = attnres_stack_naive(embedding_ref, list(sublayers_ref), list(module_ref.queries),
+                                   list(module_ref.key_weights), block_size=module.block_size, eps=module.eps)
+    (expected.double() * target).sum().backward()
 
-    assert rel(final.cpu(), expected) < 1e-5
-    got = [embedding_32, *module.parameters(), *sublayers.parameters()]
-    want = [embedding, *module_64.parameters(), *sublayers_64.parameters()]
-    for i, (a, b) in enumerate(zip(got, want)):
-        a, b = a.grad.cpu().double(), b.grad
-        assert rel(a, b) < 2e-5, i
+    assert final.dtype == dtype and rel(final.cpu(), expected) < 1e-5
+    got = [embedding, *module.parameters(), *sublayers.parameters()]
+    want = [embedding_ref, *module_ref.parameters(), *sublayers_ref.parameters()]
+    errors = [rel(a.grad.cpu().double(), b.grad) for a, b in zip(got, want)]
+    assert max(errors) < 2e-5, errors
     assert (module.queries[0].grad == 0).all()  # sublayer 0 reads the embedding alone: its softmax is constant
 
 
@@ -260,6 +353,45 @@ def test_compile_kernels_picks_triton_on_cuda_only():
     assert module.kernels.phase1_forward.func is phase1_forward
     assert module.kernels.merge is two_phase.compiled_kernels(None).merge
     assert module.kernels.accumulate_merge.func is accumulate_merge
+
+
+def test_tune_benchmark_quick(tmp_path):
+    """benchmarks/attnres_tune.py --quick (the interpreter on the CPU): every kernel and dtype of the model's
+    calls gets a measured best config, and its JSON file is a table that launch.load_tuned applies."""
+    from nanokimi.ops.attnres import launch
+    out = tmp_path / "attnres_tune.json"
+    script = ROOT / "benchmarks" / "attnres_tune.py"
+    result = subprocess.run([sys.executable, str(script), "--quick", "--out", str(out)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert all(m["ms"] > 0 for m in report["measurements"]) and report["git_commit"]
+    kernels = {(e["kernel"], e["dtype"]) for e in report["table"]}
+    assert kernels == {(k, d) for k in launch.KERNELS for d in ("float32", "bfloat16")}
+    assert "TUNED: dict" in result.stdout and report["tuned_python"].startswith("TUNED")
+    try:
+        table = launch.load_tuned(out)
+        entry = next(e for e in report["table"] if e["kernel"] == "phase1_backward" and e["sources"] == 2)
+        assert launch.config_for("phase1_backward", 24, getattr(torch, entry["dtype"]), S=2, N=2) == \
+            LaunchConfig(**entry["config"])
+        assert sum(len(v) for v in table.values()) == len(report["table"])
+    finally:
+        launch.use_tuned(launch.TUNED)
+
+
+def test_tune_skips_a_config_that_fails():
+    """A config that cannot run is noted and skipped; the sweep goes on with the others."""
+    spec = importlib.util.spec_from_file_location("attnres_tune", ROOT / "benchmarks" / "attnres_tune.py")
+    tune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune)
+    case = tune.Case("merge_forward", torch.float32)
+    args = type("Args", (), dict(tokens=16, hidden=24, quick=True))
+    default = tune.default_config("merge_forward", 24)
+    notes = []
+    rows = tune.measure(case, [default, LaunchConfig(block_t=3, num_warps=4), default._replace(num_warps=2)], args,
+                        DEVICE, time.monotonic() + 60, notes)
+    assert [r["config"] for r in rows] == [default, default._replace(num_warps=2)] and rows[0]["default"]
+    assert len(notes) == 1 and "bt3 w4" in notes[0] and "block_t=3" in notes[0]
 
 
 @pytest.mark.gpu

@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from nanokimi.ops.attnres import EAGER, compiled_kernels, depth_attention_qe
+from nanokimi.ops.attnres import EAGER, compiled_kernels, depth_attention_qe, share_source
 
 MODES = ("full", "block")
 
@@ -32,7 +32,8 @@ MODES = ("full", "block")
 class AttnResState(NamedTuple):
     """The residual stream between sublayers, all [B, T, D] in the embedding's dtype.
 
-    sources: embedding, then each finished block's sum; rstds: each source's 1 / RMS [B, T] (fp32, no gradient),
+    sources: embedding, then each finished block's sum, as SharedSources (`share_source`: the blocks reading
+    one sum its gradient into one tensor); rstds: each source's 1 / RMS [B, T] (fp32, no gradient),
     computed once when the source is finished; partial: sum of the current block's outputs so far (None at a
     block's start); mixture (S tensors [B, T, D]) and lse (S tensors [B, T]): phase 1 of the current block;
     qe [L + 1, D]: every query times its key weight, built once per forward; position: the next sublayer;
@@ -112,7 +113,7 @@ class AttentionResiduals(nn.Module):
         with torch.autocast(embedding.device.type, enabled=False):  # one product for the whole forward
             qe = (torch.stack(list(self.queries)).to(compute_dtype)
                   * torch.stack(list(self.key_weights)).to(compute_dtype))  # [L + 1, D]
-        sources, rstds = (embedding,), (self.kernels.source_rstd(embedding.detach(), self.eps),)
+        sources, rstds = (share_source(embedding),), (self.kernels.source_rstd(embedding.detach(), self.eps),)
         mixture, lse = self._phase1(sources, rstds, qe, *self._block_range(0))
         return AttnResState(sources, rstds, None, mixture, lse, qe, 0, mixture[0].to(embedding.dtype))
 
@@ -124,7 +125,7 @@ class AttentionResiduals(nn.Module):
     def add(self, state: AttnResState, l: int, out: torch.Tensor) -> AttnResState:
         """Record sublayer l's output out [B, T, D]; returns the next state (with the next sublayer's input)."""
         self._check_order(state, l)
-        dtype = state.sources[0].dtype
+        dtype = state.sources[0].value.dtype
         first, stop = self._block_range(l)
         if l + 1 < stop:  # the block goes on: its partial sum grows, and the next input merges it in
             i = l + 1 - first
@@ -132,7 +133,7 @@ class AttentionResiduals(nn.Module):
                                                        state.qe[l + 1], dtype, self.eps)
             return state._replace(partial=partial, position=l + 1, h=h)
         block_sum, rstd = self.kernels.finish_source(state.partial, out, dtype, self.eps)
-        sources, rstds = state.sources + (block_sum,), state.rstds + (rstd,)
+        sources, rstds = state.sources + (share_source(block_sum),), state.rstds + (rstd,)
         if stop == self.num_sublayers:
             return AttnResState(sources, rstds, None, None, None, state.qe, l + 1, None)
         mixture, lse = self._phase1(sources, rstds, state.qe, *self._block_range(stop))
@@ -145,7 +146,7 @@ class AttentionResiduals(nn.Module):
                              "call add() for every sublayer first.")
         L = self.num_sublayers
         mixture, _ = self._phase1(state.sources, state.rstds, state.qe, L, L + 1)
-        return mixture[0].to(state.sources[0].dtype)
+        return mixture[0].to(state.sources[0].value.dtype)
 
     def _check_order(self, state: AttnResState, l: int) -> None:
         if l != state.position:

@@ -12,7 +12,9 @@ backward, programs loop over token tiles (grid-stride), grad_mixtures g [S, BLOC
         grad_logit[s, n] = alpha[s, n] (g_s . v_n - dot[s] + grad_lse[s])
         grad_v_n = sum_s alpha[s, n] g_s + sum_s rstd_n grad_logit[s, n] qe_s
                    - (sum_s grad_logit[s, n] logit[s, n]) rstd_n^2 / D  v_n       written in v_n's dtype
-        (the last term is the path through rstd_n = source_rstd(v_n): grad rstd_n times -rstd_n^3 v_n / D)
+        (the last term is the path through rstd_n = source_rstd(v_n): grad rstd_n times -rstd_n^3 v_n / D);
+        where the caller passes a gradient sum for v_n (`sums`), grad_v_n is added into it in place (read, add in
+        fp32, write back): a source read by several blocks has its gradients summed there, not by autograd
         grad_qe[s] += sum over the tile's tokens of rstd_n grad_logit[s, n] v_n   (registers, per program)
     each program writes its grad_qe [S, D]; one torch sum over programs finishes it (deterministic, no atomics).
 alpha = exp(logit - lse) comes from the saved logits, so nothing of size [S, N, B, T, D] is ever kept.
@@ -20,8 +22,9 @@ alpha = exp(logit - lse) comes from the saved logits, so nothing of size [S, N, 
 The N sources, N rstds, S mixtures and their gradients are separate tensors, passed to the kernels as tuples
 (one pointer argument each, no device-side pointer table, so nothing is copied host to device and the calls
 can be captured in a CUDA graph). N and S are compile-time constants: one kernel per source count, as with the
-compiled kernels. Where the kernels do not apply (float64, mixed source dtypes, S * D too large for
-registers) the `fallback` phase-1 functions run instead.
+compiled kernels. Tokens per tile, warps and the backward grid come from launch.py's table (`config_for`).
+Where the kernels do not apply (float64, mixed source dtypes, S * D too large for registers) the `fallback`
+phase-1 functions run instead.
 """
 import functools
 import os
@@ -30,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from nanokimi.ops.attnres.launch import LaunchConfig, check_config, config_for, grid_programs
 from nanokimi.ops.attnres.two_phase import Kernels
 
 # S_PAD * BLOCK_D fp32 values per token held in registers (accumulators in forward, grad_mixtures and the
@@ -82,9 +86,10 @@ def _phase1_forward_kernel(values, rstds, qe_ptr, mixtures, logits_ptr, lse_ptr,
 
 @triton.jit
 def _phase1_backward_kernel(values, rstds, grad_mixtures, qe_ptr, logits_ptr, lse_ptr, grad_lse_ptr,
-                            grad_values, grad_qe_partial_ptr, M,
+                            grad_values, grad_qe_partial_ptr, M, tiles,
                             N: tl.constexpr, S: tl.constexpr, D: tl.constexpr, S_PAD: tl.constexpr,
-                            BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, TILES_PER_PROGRAM: tl.constexpr):
+                            BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, ACCUMULATE: tl.constexpr):
+    # ACCUMULATE: bit n set = grad_values[n] holds a gradient sum that v_n's gradient is added into
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     s_ids = tl.arange(0, S_PAD)
@@ -94,8 +99,9 @@ def _phase1_backward_kernel(values, rstds, grad_mixtures, qe_ptr, logits_ptr, ls
     qe = tl.load(qe_ptr + s_ids[:, None] * D + d[None, :], mask=qe_ok, other=0.0)  # [S_PAD, BD]
     grad_qe = tl.zeros([S_PAD, BLOCK_D], tl.float32)
 
-    for i in range(TILES_PER_PROGRAM):
-        rows = (pid + i * programs) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]; past M on a tail tile: all masked
+    tile_id = pid
+    while tile_id < tiles:
+        rows = tile_id * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]; the last tile may pass M: masked
         row_ok = rows < M
         tile = _tile_offsets(rows, d, D)
         tile_ok = row_ok[:, None] & d_ok[None, :]
@@ -126,25 +132,13 @@ def _phase1_backward_kernel(values, rstds, grad_mixtures, qe_ptr, logits_ptr, ls
             rstd_scale = tl.sum(grad_logit * logit, axis=0) * rstd * rstd * (-1.0 / D)  # [BT]: via rstd_n
             grad_v = (tl.sum(alpha[:, :, None] * g + grad_dot[:, :, None] * qe[:, None, :], axis=0)
                       + rstd_scale[:, None] * v)  # [BT, BD]
+            if (ACCUMULATE >> n) & 1:
+                grad_v += tl.load(grad_values[n] + tile, mask=tile_ok, other=0.0).to(tl.float32)
             tl.store(grad_values[n] + tile, grad_v.to(grad_values[n].dtype.element_ty), mask=tile_ok)
             grad_qe += tl.sum(grad_dot[:, :, None] * v[None, :, :], axis=1)
+        tile_id += programs
 
     tl.store(grad_qe_partial_ptr + pid * (S * D) + s_ids[:, None] * D + d[None, :], grad_qe, mask=qe_ok)
-
-
-class _Layout:
-    """Tile sizes for S queries, hidden size D and M tokens; `block_t` forces the tokens per tile (tests)."""
-
-    def __init__(self, S, D, M, block_t=None):
-        self.S_PAD, self.BLOCK_D = triton.next_power_of_2(S), triton.next_power_of_2(D)
-        per_token = self.S_PAD * self.BLOCK_D
-        if block_t is None:  # about 4096 accumulator values per program: one token at S = 4, D = 1024
-            block_t = min(max(1, 4096 // per_token), 16, triton.next_power_of_2(max(M, 1)))
-        if block_t & (block_t - 1):
-            raise ValueError(f"block_t={block_t} must be a power of two.")
-        self.BLOCK_T = block_t
-        self.num_warps = min(max(per_token * block_t // 512, 4), 16)
-        self.tiles = triton.cdiv(M, block_t)
 
 
 def supports(qe, values) -> bool:
@@ -156,17 +150,17 @@ def supports(qe, values) -> bool:
             and triton.next_power_of_2(len(qe)) * triton.next_power_of_2(first.shape[-1]) <= MAX_TILE_ELEMENTS)
 
 
-@functools.cache
-def _max_programs(device: torch.device) -> int:
-    """Backward's grid: a few programs per SM (each keeps its own grad_qe), or 2 in the CPU interpreter."""
-    if device.type != "cuda":
-        return 2
-    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+def _launch_config(kernel, qe, values, M, config):
+    """config (checked), else the table's for these shapes; its block_t capped at the token count."""
+    S, D = qe.shape
+    config = check_config(config) if config is not None else config_for(kernel, D, values[0].dtype, S, len(values))
+    return config._replace(block_t=min(config.block_t, triton.next_power_of_2(max(M, 1))))
 
 
-def phase1_forward(qe, rstds, values, fallback=None, block_t=None):
+def phase1_forward(qe, rstds, values, fallback=None, config: LaunchConfig | None = None):
     """qe [S, D] fp32; rstds: N tensors [...] fp32; values: N tensors [..., D] (fp32 / bf16 / fp16, one dtype).
-    Returns S mixtures [..., D] fp32, logits [..., S, N], lse [..., S] (the contract of two_phase's kernels)."""
+    Returns S mixtures [..., D] fp32, logits [..., S, N], lse [..., S] (the contract of two_phase's kernels).
+    config: launch with it instead of the table's (tests, benchmarks/attnres_tune.py)."""
     if not supports(qe, values):
         if fallback is None:
             raise ValueError(_unsupported_message(qe, values))
@@ -174,44 +168,65 @@ def phase1_forward(qe, rstds, values, fallback=None, block_t=None):
     S, D = qe.shape
     N, shape = len(values), values[0].shape
     M = values[0].numel() // D
-    layout = _Layout(S, D, M, block_t)
+    config = _launch_config("phase1_forward", qe, values, M, config)
     device = values[0].device
     mixtures = tuple(torch.empty(shape, dtype=torch.float32, device=device) for _ in range(S))
     logits = torch.empty(*shape[:-1], S, N, dtype=torch.float32, device=device)
     lse = torch.empty(*shape[:-1], S, dtype=torch.float32, device=device)
     if M > 0:
-        _phase1_forward_kernel[(layout.tiles,)](
+        _phase1_forward_kernel[(triton.cdiv(M, config.block_t),)](
             tuple(v.contiguous() for v in values), tuple(r.contiguous() for r in rstds), qe.contiguous(),
-            mixtures, logits, lse, M, N=N, S=S, D=D, S_PAD=layout.S_PAD, BLOCK_T=layout.BLOCK_T,
-            BLOCK_D=layout.BLOCK_D, num_warps=layout.num_warps)
+            mixtures, logits, lse, M, N=N, S=S, D=D, S_PAD=triton.next_power_of_2(S), BLOCK_T=config.block_t,
+            BLOCK_D=triton.next_power_of_2(D), num_warps=config.num_warps, num_stages=config.num_stages)
     return mixtures, logits, lse
 
 
-def phase1_backward(qe, rstds, values, logits, lse, grad_mixtures, grad_lse, fallback=None, block_t=None,
-                    programs=None):
+def phase1_backward(qe, rstds, values, logits, lse, grad_mixtures, grad_lse, sums=None, fallback=None,
+                    config: LaunchConfig | None = None):
     """Gradients of phase 1 from its saved logits and lse: (grad qe [S, D], N grads of values in their dtype,
-    each including the path through its rstd). `programs` caps the backward grid (tests)."""
+    each including the path through its rstd). sums: None, or N entries, each None or a contiguous tensor of
+    its value's shape and dtype holding a gradient sum, which that value's gradient is added into in place and
+    which is returned as its gradient. config: launch with it instead of the table's."""
+    if sums is not None:
+        check_sums(sums, values)
     if not supports(qe, values):
         if fallback is None:
             raise ValueError(_unsupported_message(qe, values))
-        return fallback(qe, rstds, values, logits, lse, grad_mixtures, grad_lse)
+        return fallback(qe, rstds, values, logits, lse, grad_mixtures, grad_lse, sums)
     S, D = qe.shape
     N = len(values)
     M = values[0].numel() // D
     device = values[0].device
-    layout = _Layout(S, D, M, block_t)
-    grad_values = tuple(torch.empty(v.shape, dtype=v.dtype, device=device) for v in values)
+    sums = [None] * N if sums is None else sums
+    grad_values = tuple(torch.empty(v.shape, dtype=v.dtype, device=device) if s is None else s
+                        for s, v in zip(sums, values))
     if M == 0:
         return torch.zeros_like(qe), grad_values
-    programs = min(layout.tiles, programs or _max_programs(device))
+    config = _launch_config("phase1_backward", qe, values, M, config)
+    tiles = triton.cdiv(M, config.block_t)
+    programs = grid_programs(config, tiles, device)
     grad_qe_partial = torch.empty(programs, S, D, dtype=torch.float32, device=device)
     _phase1_backward_kernel[(programs,)](
         tuple(v.contiguous() for v in values), tuple(r.contiguous() for r in rstds),
         tuple(g.to(torch.float32).contiguous() for g in grad_mixtures), qe.contiguous(), logits.contiguous(),
-        lse.contiguous(), grad_lse.to(torch.float32).contiguous(), grad_values, grad_qe_partial, M,
-        N=N, S=S, D=D, S_PAD=layout.S_PAD, BLOCK_T=layout.BLOCK_T, BLOCK_D=layout.BLOCK_D,
-        TILES_PER_PROGRAM=triton.cdiv(layout.tiles, programs), num_warps=layout.num_warps)
+        lse.contiguous(), grad_lse.to(torch.float32).contiguous(), grad_values, grad_qe_partial, M, tiles,
+        N=N, S=S, D=D, S_PAD=triton.next_power_of_2(S), BLOCK_T=config.block_t, BLOCK_D=triton.next_power_of_2(D),
+        ACCUMULATE=sum(1 << n for n, s in enumerate(sums) if s is not None),
+        num_warps=config.num_warps, num_stages=config.num_stages)
     return grad_qe_partial.sum(0), grad_values
+
+
+def check_sums(sums, values):
+    """A clear error unless sums has one entry per value, each None or a tensor to add that value's gradient into."""
+    if len(sums) != len(values):
+        raise ValueError(f"got {len(sums)} gradient sums for {len(values)} sources; pass one per source (None "
+                         "where the source has none yet).")
+    for n, (s, v) in enumerate(zip(sums, values)):
+        if s is not None and (s.shape != v.shape or s.dtype != v.dtype or s.device != v.device
+                              or not s.is_contiguous()):
+            raise ValueError(f"gradient sum {n} is {tuple(s.shape)} {s.dtype} on {s.device} (contiguous: "
+                             f"{s.is_contiguous()}); it must be a contiguous tensor of its source's shape, dtype "
+                             f"and device: {tuple(v.shape)} {v.dtype} on {v.device}.")
 
 
 def _unsupported_message(qe, values):

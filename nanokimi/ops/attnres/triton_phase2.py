@@ -11,8 +11,9 @@ backward, programs loop over token tiles (grid-stride), recomputing logit and w 
     grad_partial = grad_p; grad_out = grad_p in out's dtype
     grad_qe += sum over the tile's tokens of grad_logit rstd pw   (registers, per program; one torch sum after)
 The rstd of the partial sum is recomputed in both passes ([BLOCK_T] values, from the tile already loaded).
-Inputs the kernels do not take (float64, D above MAX_D, tensors off CUDA without the interpreter) run the
-`fallback` (the compiled or eager `_accumulate_merge`).
+Tokens per tile, warps and the backward grid come from launch.py's table (`config_for`). Inputs the kernels
+do not take (float64, D above MAX_D, tensors off CUDA without the interpreter) run the `fallback` (the
+compiled or eager `_accumulate_merge`).
 """
 import os
 
@@ -20,10 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
-from nanokimi.ops.attnres.triton_phase1 import SOURCE_DTYPES, _max_programs, _tile_offsets
+from nanokimi.ops.attnres.launch import LaunchConfig, check_config, config_for, grid_programs
+from nanokimi.ops.attnres.triton_phase1 import SOURCE_DTYPES, _tile_offsets
 
 MAX_D = 16384
-TILE_ELEMENTS = 4096  # fp32 values per tensor per program: BLOCK_T = TILE_ELEMENTS / BLOCK_D tokens
 
 
 @triton.jit
@@ -54,17 +55,18 @@ def _accumulate_merge_forward_kernel(partial_ptr, out_ptr, mixture_ptr, lse_ptr,
 @triton.jit
 def _accumulate_merge_backward_kernel(new_partial_ptr, mixture_ptr, lse_ptr, qe_ptr, grad_h_ptr, grad_p_ptr,
                                       grad_partial_ptr, grad_out_ptr, grad_mixture_ptr, grad_lse_ptr,
-                                      grad_qe_partial_ptr, M, eps, D: tl.constexpr, HAS_GRAD_P: tl.constexpr,
-                                      SEPARATE_GRAD_OUT: tl.constexpr, BLOCK_T: tl.constexpr,
-                                      BLOCK_D: tl.constexpr, TILES_PER_PROGRAM: tl.constexpr):
+                                      grad_qe_partial_ptr, M, tiles, eps, D: tl.constexpr,
+                                      HAS_GRAD_P: tl.constexpr, SEPARATE_GRAD_OUT: tl.constexpr,
+                                      BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
     qe = tl.load(qe_ptr + d, mask=d_ok, other=0.0)  # [BD]
     grad_qe = tl.zeros([BLOCK_D], tl.float32)
-    for i in range(TILES_PER_PROGRAM):
-        rows = (pid + i * programs) * BLOCK_T + tl.arange(0, BLOCK_T)  # past M on a tail tile: all masked
+    tile_id = pid
+    while tile_id < tiles:
+        rows = tile_id * BLOCK_T + tl.arange(0, BLOCK_T)  # the last tile may pass M: masked
         row_ok = rows < M
         tile = _tile_offsets(rows, d, D)
         tile_ok = row_ok[:, None] & d_ok[None, :]
@@ -87,19 +89,14 @@ def _accumulate_merge_backward_kernel(new_partial_ptr, mixture_ptr, lse_ptr, qe_
         if SEPARATE_GRAD_OUT:
             tl.store(grad_out_ptr + tile, grad_p.to(grad_out_ptr.dtype.element_ty), mask=tile_ok)
         grad_qe += tl.sum((grad_logit * rstd)[:, None] * pw, axis=0)
+        tile_id += programs
     tl.store(grad_qe_partial_ptr + pid * D + d, grad_qe, mask=d_ok)
 
 
-def _block_t(D, M, block_t):
-    if block_t is None:
-        block_t = min(max(1, TILE_ELEMENTS // triton.next_power_of_2(D)), 64, triton.next_power_of_2(max(M, 1)))
-    if block_t & (block_t - 1):
-        raise ValueError(f"block_t={block_t} must be a power of two.")
-    return block_t
-
-
-def _num_warps(block_t, D):
-    return min(max(block_t * triton.next_power_of_2(D) // 1024, 4), 16)
+def _launch_config(kernel, D, M, dtype, config):
+    """config (checked), else the table's for D and the stream dtype; its block_t capped at the token count."""
+    config = check_config(config) if config is not None else config_for(kernel, D, dtype)
+    return config._replace(block_t=min(config.block_t, triton.next_power_of_2(max(M, 1))))
 
 
 def supports(partial, out, mixture, dtype) -> bool:
@@ -110,66 +107,80 @@ def supports(partial, out, mixture, dtype) -> bool:
             and mixture.shape == out.shape and out.shape[-1] <= MAX_D)
 
 
+def accumulate_merge_forward(partial, out, mixture, lse, qe, dtype, eps, config: LaunchConfig | None = None):
+    """The forward kernel alone, no autograd: (new partial, h), both [..., D] in dtype. Inputs as for
+    `accumulate_merge`, contiguous (partial may be None)."""
+    D = out.shape[-1]
+    M = out.numel() // D
+    new_partial = torch.empty(out.shape, dtype=dtype, device=out.device)
+    h = torch.empty(out.shape, dtype=dtype, device=out.device)
+    if M > 0:
+        config = _launch_config("merge_forward", D, M, dtype, config)
+        _accumulate_merge_forward_kernel[(triton.cdiv(M, config.block_t),)](
+            out if partial is None else partial, out, mixture, lse, qe, new_partial, h, M, eps, D=D,
+            HAS_PARTIAL=partial is not None, BLOCK_T=config.block_t, BLOCK_D=triton.next_power_of_2(D),
+            num_warps=config.num_warps, num_stages=config.num_stages)
+    return new_partial, h
+
+
+def accumulate_merge_backward(new_partial, mixture, lse, qe, grad_new_partial, grad_h, out_dtype, eps,
+                              config: LaunchConfig | None = None):
+    """The backward kernel alone, no autograd: from the forward's new partial sum [..., D], mixture, lse and qe
+    and the gradients of its two outputs (grad_new_partial may be None; all contiguous), returns (grad of
+    partial [..., D] in the stream's dtype, grad of out [..., D] in out_dtype (the same tensor when the dtypes
+    agree), grad of mixture [..., D] fp32, grad of lse [...] fp32, grad of qe [D] fp32)."""
+    D = new_partial.shape[-1]
+    M = new_partial.numel() // D
+    device = new_partial.device
+    grad_partial = torch.empty_like(new_partial)
+    separate = out_dtype != new_partial.dtype
+    grad_out = torch.empty(new_partial.shape, dtype=out_dtype, device=device) if separate else grad_partial
+    grad_mixture = torch.empty_like(mixture)
+    grad_lse = torch.empty_like(lse)
+    if M == 0:
+        return grad_partial, grad_out, grad_mixture, grad_lse, torch.zeros_like(qe)
+    config = _launch_config("merge_backward", D, M, new_partial.dtype, config)
+    tiles = triton.cdiv(M, config.block_t)
+    programs = grid_programs(config, tiles, device)
+    grad_qe_partial = torch.empty(programs, D, dtype=torch.float32, device=device)
+    _accumulate_merge_backward_kernel[(programs,)](
+        new_partial, mixture, lse, qe, grad_h, grad_h if grad_new_partial is None else grad_new_partial,
+        grad_partial, grad_out, grad_mixture, grad_lse, grad_qe_partial, M, tiles, eps, D=D,
+        HAS_GRAD_P=grad_new_partial is not None, SEPARATE_GRAD_OUT=separate, BLOCK_T=config.block_t,
+        BLOCK_D=triton.next_power_of_2(D), num_warps=config.num_warps, num_stages=config.num_stages)
+    return grad_partial, grad_out, grad_mixture, grad_lse, grad_qe_partial.sum(0)
+
+
 class _AccumulateMerge(torch.autograd.Function):
     """(partial [..., D] or None, out [..., D], mixture [..., D] fp32, lse [...] fp32, qe [D] fp32) ->
     (new partial, h), both [..., D] in dtype. Saves the new partial sum (which the stream keeps anyway), the
     mixture and lse: no intermediate of its own."""
 
     @staticmethod
-    def forward(ctx, partial, out, mixture, lse, qe, dtype, eps, block_t, programs):
-        D = out.shape[-1]
-        M = out.numel() // D
+    def forward(ctx, partial, out, mixture, lse, qe, dtype, eps, config):
         out, mixture, lse, qe = out.contiguous(), mixture.contiguous(), lse.contiguous(), qe.contiguous()
         partial = None if partial is None else partial.contiguous()
-        new_partial = torch.empty(out.shape, dtype=dtype, device=out.device)
-        h = torch.empty(out.shape, dtype=dtype, device=out.device)
-        tile = _block_t(D, M, block_t)
-        if M > 0:
-            _accumulate_merge_forward_kernel[(triton.cdiv(M, tile),)](
-                out if partial is None else partial, out, mixture, lse, qe, new_partial, h, M, eps, D=D,
-                HAS_PARTIAL=partial is not None, BLOCK_T=tile, BLOCK_D=triton.next_power_of_2(D),
-                num_warps=_num_warps(tile, D))
+        new_partial, h = accumulate_merge_forward(partial, out, mixture, lse, qe, dtype, eps, config)
         ctx.save_for_backward(new_partial, mixture, lse, qe)
-        ctx.has_partial, ctx.out_dtype, ctx.eps = partial is not None, out.dtype, eps
-        ctx.block_t, ctx.programs = block_t, programs
+        ctx.has_partial, ctx.out_dtype, ctx.eps, ctx.config = partial is not None, out.dtype, eps, config
         ctx.set_materialize_grads(False)
         return new_partial, h
 
     @staticmethod
     def backward(ctx, grad_new_partial, grad_h):
         new_partial, mixture, lse, qe = ctx.saved_tensors
-        D = new_partial.shape[-1]
-        M = new_partial.numel() // D
-        if grad_h is None:
-            grad_h = torch.zeros_like(new_partial)
-        grad_partial = torch.empty_like(new_partial)
-        separate = ctx.out_dtype != new_partial.dtype
-        grad_out = torch.empty(new_partial.shape, dtype=ctx.out_dtype, device=new_partial.device) if separate \
-            else grad_partial
-        grad_mixture = torch.empty_like(mixture)
-        grad_lse = torch.empty_like(lse)
-        if M == 0:
-            return None, grad_out, grad_mixture, grad_lse, torch.zeros_like(qe), None, None, None, None
-        tile = _block_t(D, M, ctx.block_t)
-        tiles = triton.cdiv(M, tile)
-        programs = min(tiles, ctx.programs or _max_programs(new_partial.device))
-        grad_qe_partial = torch.empty(programs, D, dtype=torch.float32, device=new_partial.device)
-        _accumulate_merge_backward_kernel[(programs,)](
-            new_partial, mixture, lse, qe, grad_h.contiguous(),
-            grad_h if grad_new_partial is None else grad_new_partial.contiguous(),
-            grad_partial, grad_out, grad_mixture, grad_lse, grad_qe_partial, M, ctx.eps, D=D,
-            HAS_GRAD_P=grad_new_partial is not None, SEPARATE_GRAD_OUT=separate, BLOCK_T=tile,
-            BLOCK_D=triton.next_power_of_2(D), TILES_PER_PROGRAM=triton.cdiv(tiles, programs),
-            num_warps=_num_warps(tile, D))
-        return (grad_partial if ctx.has_partial else None, grad_out, grad_mixture, grad_lse, grad_qe_partial.sum(0),
-                None, None, None, None)
+        grad_h = torch.zeros_like(new_partial) if grad_h is None else grad_h.contiguous()
+        grad_new_partial = None if grad_new_partial is None else grad_new_partial.contiguous()
+        grad_partial, grad_out, grad_mixture, grad_lse, grad_qe = accumulate_merge_backward(
+            new_partial, mixture, lse, qe, grad_new_partial, grad_h, ctx.out_dtype, ctx.eps, ctx.config)
+        return grad_partial if ctx.has_partial else None, grad_out, grad_mixture, grad_lse, grad_qe, None, None, None
 
 
-def accumulate_merge(partial, out, mixture, lse, qe, dtype, eps, fallback=None, block_t=None, programs=None):
+def accumulate_merge(partial, out, mixture, lse, qe, dtype, eps, fallback=None, config: LaunchConfig | None = None):
     """Triton form of two_phase's `_accumulate_merge` (same signature and results): partial [..., D] in dtype
     or None (a block's first output), out [..., D] (any float dtype), mixture [..., D] and lse [...] (fp32, one
-    query's phase 1), qe [D] fp32. Returns (new partial, h), both in dtype. `block_t` forces the tokens per tile
-    and `programs` caps the backward grid (tests)."""
+    query's phase 1), qe [D] fp32. Returns (new partial, h), both in dtype. config: launch both kernels with it
+    instead of the table's (tests)."""
     if not supports(partial, out, mixture, dtype):
         if fallback is None:
             raise ValueError(
@@ -178,5 +189,4 @@ def accumulate_merge(partial, out, mixture, lse, qe, dtype, eps, fallback=None, 
                 f"dtype {dtype}, out {tuple(out.shape)} {out.dtype} on {out.device}, mixture {mixture.dtype}. "
                 "Use triton_kernels(base), which falls back to base's function for such inputs.")
         return fallback(partial, out, mixture, lse, qe, dtype, eps)
-    return _AccumulateMerge.apply(partial, out, mixture, lse, qe.to(torch.float32), dtype, eps, block_t, programs)
-
+    return _AccumulateMerge.apply(partial, out, mixture, lse, qe.to(torch.float32), dtype, eps, config)

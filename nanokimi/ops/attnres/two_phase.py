@@ -15,6 +15,10 @@ What makes it cheap (the work is memory-bound: a few flops per element of each [
     no rstd backward runs per source and no [B, T] rstd gradients are accumulated across blocks.
   - Phase 1 is one autograd Function that saves only the sources (references, no copies) and the [.., S, N]
     logits; backward recomputes the softmax weights from the logits. No [S, N, B, T, D] intermediate is kept.
+  - A source read by several blocks (`share_source`: the embedding, every finished block sum) gets one gradient
+    sum per backward pass: each reading block's phase-1 backward adds its share into it (in place, inside the
+    Triton kernel), and a link node hands the total to the source after the last reader. Without it, each
+    reader returned a fresh [B, T, D] gradient and autograd added them: two more passes over [B, T, D] each.
   - Per sublayer the module makes one call (`accumulate_merge`): the block's partial sum plus the sublayer's
     output, and the next sublayer's merged input from it; one compiled graph (or Triton kernel) per sublayer.
   - Two implementations of phase 1's forward and backward with the same maths: "stacked" (eager: stack the N
@@ -49,9 +53,11 @@ def _phase1_forward_stacked(qe, rstds, values):
     return (alpha @ stacked).unbind(-2), logits, lse
 
 
-def _phase1_backward_stacked(qe, rstds, values, logits, lse, grad_mixtures, grad_lse):
+def _phase1_backward_stacked(qe, rstds, values, logits, lse, grad_mixtures, grad_lse, sums=None):
     """Gradients of phase 1 from its saved logits: (grad qe [S, D], N grads of values). Each value's gradient
-    includes the path through its own rstd (rstd_n = source_rstd(v_n), so d rstd_n / d v_n = -rstd_n^3 v_n / D)."""
+    includes the path through its own rstd (rstd_n = source_rstd(v_n), so d rstd_n / d v_n = -rstd_n^3 v_n / D).
+    sums: None or N entries, None or a gradient sum [..., D] in the value's dtype; where given, the value's
+    returned gradient is that sum plus its own (a new tensor here; the Triton kernel adds in place)."""
     grad_mixture = torch.stack(grad_mixtures, dim=-2)  # [..., S, D]
     stacked = torch.stack([_wide(v) for v in values], dim=-2)  # [..., N, D]
     rstd = torch.stack(rstds, dim=-1).unsqueeze(-2)  # [..., 1, N]
@@ -65,7 +71,9 @@ def _phase1_backward_stacked(qe, rstds, values, logits, lse, grad_mixtures, grad
     grad_stacked = (alpha.transpose(-1, -2) @ grad_mixture + grad_dots.transpose(-1, -2) @ qe
                     + rstd_scale.unsqueeze(-1) * stacked)  # [..., N, D]
     grad_qe = grad_dots.reshape(-1, S, len(values)).transpose(0, 1).reshape(S, -1) @ stacked.reshape(-1, D)
-    return grad_qe, [g.to(v.dtype) for g, v in zip(grad_stacked.unbind(-2), values)]
+    sums = [None] * len(values) if sums is None else sums
+    return grad_qe, [(g if s is None else g + s).to(v.dtype)
+                     for g, s, v in zip(grad_stacked.unbind(-2), sums, values)]
 
 
 def _phase1_forward_fused(qe, rstds, values):
@@ -79,18 +87,20 @@ def _phase1_forward_fused(qe, rstds, values):
     return mixtures, logits, lse
 
 
-def _phase1_backward_fused(qe, rstds, values, logits, lse, grad_mixtures, grad_lse):
+def _phase1_backward_fused(qe, rstds, values, logits, lse, grad_mixtures, grad_lse, sums=None):
     grad_mixture = torch.stack(grad_mixtures, dim=-2)  # [..., S, D]: fused into its readers, never written
     alpha = torch.exp(logits - lse.unsqueeze(-1))  # [..., S, N]
     grad_alpha = torch.stack([(grad_mixture * _wide(v).unsqueeze(-2)).sum(-1) for v in values], dim=-1)
     grad_logits = alpha * (grad_alpha - (alpha * grad_alpha).sum(-1, keepdim=True) + grad_lse.unsqueeze(-1))
     grad_values, grad_qe = [], 0
     D = qe.shape[-1]
-    for n, (r, v) in enumerate(zip(rstds, values)):
+    sums = [None] * len(values) if sums is None else sums
+    for n, (r, v, s) in enumerate(zip(rstds, values, sums)):
         grad_dots = grad_logits[..., n] * r.unsqueeze(-1)  # [..., S]
         rstd_scale = (grad_logits[..., n] * logits[..., n]).sum(-1) * r.square() * (-1 / D)  # [...]: via rstd
-        grad_values.append(((alpha[..., n, None] * grad_mixture + grad_dots.unsqueeze(-1) * qe).sum(-2)
-                            + rstd_scale.unsqueeze(-1) * _wide(v)).to(v.dtype))
+        grad = ((alpha[..., n, None] * grad_mixture + grad_dots.unsqueeze(-1) * qe).sum(-2)
+                + rstd_scale.unsqueeze(-1) * _wide(v))
+        grad_values.append((grad if s is None else grad + s).to(v.dtype))
         grad_qe = grad_qe + (grad_dots.unsqueeze(-1) * _wide(v).unsqueeze(-2)).flatten(0, -3).sum(0)  # [S, D]
     return grad_qe, grad_values
 
@@ -123,7 +133,8 @@ def _finish_source(partial, out, dtype, eps):
 
 
 class Kernels(NamedTuple):
-    """The functions the residual stream calls; eager or compiled (see `compiled_kernels`)."""
+    """The functions the residual stream calls; eager or compiled (see `compiled_kernels`). phase1_backward takes
+    the gradient sums of shared sources as its last argument (see `_phase1_backward_stacked`)."""
     phase1_forward: object
     phase1_backward: object
     merge: object
@@ -149,33 +160,101 @@ def compiled_kernels(mode: str | None = None) -> Kernels:
                    compiled(_accumulate_merge), compiled(_finish_source), compiled(source_rstd))
 
 
+def _backward_pass_id():
+    """An id of the backward pass running now (autograd's graph task; torch.utils.checkpoint uses the same)."""
+    current = getattr(torch._C, "_current_graph_task_id", None)
+    return current() if current is not None else 0
+
+
+class GradientSum:
+    """One source's gradient summed over the phase-1 calls that read it, within one backward pass. Holds only
+    the sum (no graph references, so no reference cycles keep tensors alive); a sum left from an earlier
+    backward pass of the same graph (retain_graph) is never added to."""
+    __slots__ = ("tensor", "pass_id")
+
+    def __init__(self):
+        self.tensor, self.pass_id = None, None
+
+    def current(self):
+        """The sum so far in this backward pass, or None before its first reader's backward."""
+        if self.pass_id != _backward_pass_id():
+            self.tensor, self.pass_id = None, _backward_pass_id()
+        return self.tensor
+
+    def take(self):
+        """The finished sum (None if no reader contributed in this pass), released from this object."""
+        tensor, self.tensor = self.tensor, None
+        return tensor if self.pass_id == _backward_pass_id() else None
+
+
+class _Link(torch.autograd.Function):
+    """source [..., D] -> an empty tensor that every phase-1 call reading the source takes as an input, so
+    autograd runs this node's backward only after all of theirs. They add the source's gradient into
+    `gradient` (a GradientSum) instead of returning it; this hands the sum to the source."""
+
+    @staticmethod
+    def forward(ctx, gradient, source):
+        ctx.gradient = gradient
+        ctx.set_materialize_grads(False)
+        return source.new_empty(0)
+
+    @staticmethod
+    def backward(ctx, _):
+        return None, ctx.gradient.take()
+
+
+class SharedSource(NamedTuple):
+    """A source that several phase-1 calls of one forward read (`share_source`): value [..., D] is the source
+    detached (what the kernels read); link carries its summed gradient back (None when the source needs none)."""
+    value: torch.Tensor
+    link: torch.Tensor | None
+    gradient: GradientSum
+
+
+def share_source(source):
+    """source [..., D] wrapped for `depth_attention_qe` calls that read it: their backward passes sum its gradient
+    in one tensor, handed to source once (autograd would add one fresh gradient per reader)."""
+    gradient = GradientSum()
+    needs_grad = torch.is_grad_enabled() and source.requires_grad
+    return SharedSource(source.detach(), _Link.apply(gradient, source) if needs_grad else None, gradient)
+
+
 class _DepthAttention(torch.autograd.Function):
     """Phase 1 with a hand-written backward: saves the sources (references) and logits, not the softmax.
     Returns the S mixtures and S lse [...] as separate tensors so each gets its own gradient (no select-backward
     of a stacked [..., S, D] output, which would write S zero-filled copies). The rstds get no gradient: the
-    sources' gradients include the path through them."""
+    sources' gradients include the path through them. Inputs after qe: N rstds, N values, then one link per
+    entry of `gradients` (N entries, a GradientSum for a shared source, else None): a shared source's gradient
+    goes into its sum, and its link gets an empty one."""
 
     @staticmethod
-    def forward(ctx, kernels, qe, *rstds_and_values):
-        n = len(rstds_and_values) // 2
-        rstds, values = rstds_and_values[:n], rstds_and_values[n:]
+    def forward(ctx, kernels, gradients, qe, *tensors):
+        n = len(gradients)
+        rstds, values = tensors[:n], tensors[n:2 * n]
         with torch.autocast(qe.device.type, enabled=False):
             mixtures, logits, lse = kernels.phase1_forward(qe, rstds, values)
-        ctx.kernels = kernels
-        ctx.save_for_backward(qe, logits, lse, *rstds_and_values)
+        ctx.kernels, ctx.gradients = kernels, gradients
+        ctx.save_for_backward(qe, logits, lse, *rstds, *values)
         return *mixtures, *lse.movedim(-1, 0).contiguous().unbind(0)  # S contiguous lse [...]
 
     @staticmethod
     def backward(ctx, *grads):
         qe, logits, lse, *rstds_and_values = ctx.saved_tensors
-        n = len(rstds_and_values) // 2
+        n = len(ctx.gradients)
         rstds, values = rstds_and_values[:n], rstds_and_values[n:]
         S = len(qe)
         grad_mixtures, grad_lse = grads[:S], torch.stack(grads[S:], dim=-1)  # S x [..., D], [..., S]
+        sums = [None if sum_ is None else sum_.current() for sum_ in ctx.gradients]
         with torch.autocast(qe.device.type, enabled=False):
             grad_qe, grad_values = ctx.kernels.phase1_backward(qe, rstds, values, logits, lse, grad_mixtures,
-                                                               grad_lse)
-        return None, grad_qe, *([None] * n), *grad_values
+                                                               grad_lse, sums)
+        link_grads = []
+        for sum_, grad in zip(ctx.gradients, grad_values):
+            if sum_ is not None:
+                sum_.tensor = grad
+                link_grads.append(grad.new_empty(0))
+        return (None, None, grad_qe, *([None] * n),
+                *(None if sum_ is not None else grad for sum_, grad in zip(ctx.gradients, grad_values)), *link_grads)
 
 
 def _check_queries(queries, key_weights, D):
@@ -206,12 +285,17 @@ def depth_attention(sources, queries, key_weights, eps=1e-6, rstds=None, kernels
 
 def depth_attention_qe(sources, qe, eps=1e-6, rstds=None, kernels=EAGER):
     """depth_attention with the queries already multiplied by their key weights: qe [S, D] in fp32 (float64
-    for float64 sources). Returns (S mixtures [B, T, D], S lse [B, T]): what the module calls once per block."""
+    for float64 sources); each source a tensor [B, T, D] or a SharedSource (`share_source`). Returns
+    (S mixtures [B, T, D], S lse [B, T]): what the module calls once per block."""
+    values = [s.value if isinstance(s, SharedSource) else s for s in sources]
     if rstds is None:
-        rstds = [kernels.source_rstd(s.detach(), eps) for s in sources]
+        rstds = [kernels.source_rstd(v.detach(), eps) for v in values]
     if len(rstds) != len(sources):
         raise ValueError(f"got {len(rstds)} rstds for {len(sources)} sources; pass one per source (or none).")
-    outputs = _DepthAttention.apply(kernels, qe, *rstds, *sources)  # S x [B, T, D], S x [B, T]
+    linked = [isinstance(s, SharedSource) and s.link is not None for s in sources]
+    gradients = tuple(s.gradient if link else None for s, link in zip(sources, linked))
+    links = [s.link for s, link in zip(sources, linked) if link]
+    outputs = _DepthAttention.apply(kernels, gradients, qe, *rstds, *values, *links)  # S x [B, T, D], S x [B, T]
     return outputs[:len(qe)], outputs[len(qe):]
 
 

@@ -1,0 +1,452 @@
+"""Tune the launch configs of the Attention Residuals Triton kernels (nanokimi/ops/attnres/launch.py).
+
+At the bench-kl-900m residual stream's shapes (B * T = 16384 tokens, D = 1024, 32 sublayers in 8 blocks of S = 4):
+phase 1 runs at S = 4 queries over N = 1..8 sources (blocks 0..7) and at S = 1 over N = 9 (the final read),
+and accumulate+merge once per sublayer that is not first in its block (24 per step). For fp32 and bf16
+sources (the stream's dtype; sublayer outputs are bf16, as under autocast) each kernel is timed
+(triton.testing.do_bench, median) over a grid of configs, as the model runs it (phase 1's backward adds
+into existing gradient sums, except at the final read, the first in backward):
+    phase1_forward, merge_forward:  block_t x num_warps, with 4..64 tile values per thread
+    phase1_backward, merge_backward: the same x programs_per_sm (1, 2, 4 / 2, 4, 8)
+The whole grid runs at the largest N of each S; the other N try its 3 fastest configs and the default. Every
+config's outputs are checked against the default config's (fp32 1e-5, bf16 1e-2, query gradients summed over
+tokens in another order 1e-4); one that fails to compile, run or check is skipped with a note, and past
+--budget-s the remaining shapes time the default only. Kernels are compiled first by worker processes in
+parallel (Triton's on-disk cache then serves this process).
+
+Prints one table (kernel, shape, best config, ms, GB/s, default ms) and the per-step total, then the best
+configs as a dict to paste into launch.TUNED. Writes benchmarks/results/attnres_tune.json (device, date, commit,
+every measurement, the table); `launch.load_tuned(path)` applies it without editing launch.py, as
+`python benchmarks/attnres_overhead.py --tuned benchmarks/results/attnres_tune.json` does.
+
+    python benchmarks/attnres_tune.py            # GPU; under 4 minutes on an H100
+    python benchmarks/attnres_tune.py --quick    # CPU smoke run in Triton's interpreter: tiny shapes, 2 configs
+"""
+import argparse
+import concurrent.futures
+import datetime
+import json
+import math
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+if "--quick" in sys.argv and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel is defined
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from perf_common import git_commit, results_path, short_error  # noqa: E402
+
+from nanokimi.ops.attnres import two_phase  # noqa: E402
+from nanokimi.ops.attnres.launch import GRID_STRIDE, LaunchConfig, config_for, default_config  # noqa: E402
+
+EPS = 1e-6
+TOP = 3  # configs of the full grid that the other source counts try
+
+
+class Case(NamedTuple):
+    """One kernel at one shape: dtype of the sources (phase 1) or stream (merges); S queries, N sources;
+    accumulate: phase 1's backward adds into gradient sums; calls: how often a training step runs it."""
+    kernel: str
+    dtype: torch.dtype
+    S: int = 1
+    N: int = 1
+    accumulate: bool = False
+    calls: int = 1
+
+    def label(self):
+        shape = f"S={self.S} N={self.N}" if self.kernel.startswith("phase1") else "-"
+        return f"{self.kernel:16} {str(self.dtype).removeprefix('torch.'):8} {shape:9}"
+
+
+def model_cases(sublayers, blocks, dtypes):
+    """The kernel calls of one training step of a block-AttnRes stream with `sublayers` in `blocks` blocks."""
+    size = math.ceil(sublayers / min(blocks, sublayers))
+    sizes = [min(size, sublayers - start) for start in range(0, sublayers, size)]  # queries per block
+    cases = []
+    for dtype in dtypes:
+        for kernel in ("phase1_forward", "phase1_backward"):
+            for k, S in enumerate(sizes):  # block k reads the embedding and k block sums
+                cases.append(Case(kernel, dtype, S, k + 1, accumulate=kernel == "phase1_backward"))
+            cases.append(Case(kernel, dtype, 1, len(sizes) + 1))  # the final read: first in backward
+        merges = sum(S - 1 for S in sizes)
+        cases += [Case("merge_forward", dtype, calls=merges), Case("merge_backward", dtype, calls=merges)]
+    return cases
+
+
+def config_grid(case, D, quick):
+    """Configs to try for case: tiles of 4..64 values per thread (phase 1's backward also keeps qe and its
+    gradient: at most 128 with them), the default and the active table's entry first."""
+    first = [default_config(case.kernel, D, case.S), config_for(case.kernel, D, case.dtype, case.S, case.N)]
+    per_token = _next_pow2(D) * (_next_pow2(case.S) if case.kernel.startswith("phase1") else 1)
+    grid = []
+    for block_t in (1, 2, 4, 8, 16, 32):
+        for warps in (2, 4, 8, 16):
+            per_thread = per_token * block_t / (32 * warps)
+            if not 4 <= per_thread <= 64:
+                continue
+            if case.kernel == "phase1_backward" and per_token * (block_t + 2) / (32 * warps) > 128:
+                continue
+            programs = (1, 2, 4) if case.kernel == "phase1_backward" else (2, 4, 8) \
+                if case.kernel == "merge_backward" else (4,)
+            grid += [LaunchConfig(block_t, warps, 3, p) for p in programs]
+    configs = list(dict.fromkeys(first + grid))
+    if quick:  # the default and one other
+        configs = [configs[0], next(c for c in configs[1:] + [configs[0]._replace(num_warps=2)] if c != configs[0])]
+    return configs
+
+
+def _next_pow2(n):
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def make_inputs(case, M, D, device):
+    """Random inputs of case's kernel for M tokens; what phase 1's and the merge's backward read from their
+    forward comes from the torch forms (so building inputs compiles no Triton kernel)."""
+    g = torch.Generator(device=device).manual_seed(case.S * 100 + case.N)
+
+    def randn(*shape, dtype=torch.float32, scale=1.0):
+        return (torch.randn(*shape, generator=g, device=device) * scale).to(dtype)
+
+    if case.kernel.startswith("phase1"):
+        values = [randn(M, D, dtype=case.dtype, scale=1 + n % 3) for n in range(case.N)]
+        inputs = dict(values=values, rstds=[two_phase.source_rstd(v, EPS) for v in values],
+                      qe=randn(case.S, D, scale=2 / D ** 0.5))
+        if case.kernel == "phase1_backward":
+            _, inputs["logits"], inputs["lse"] = two_phase._phase1_forward_stacked(inputs["qe"], inputs["rstds"],
+                                                                                   values)
+            inputs.update(grad_mixtures=[randn(M, D) for _ in range(case.S)], grad_lse=randn(M, case.S),
+                          sums=[randn(M, D, dtype=case.dtype) for _ in range(case.N)] if case.accumulate else None)
+            inputs["work_sums"] = None if inputs["sums"] is None else [s.clone() for s in inputs["sums"]]
+        return inputs
+    inputs = dict(partial=randn(M, D, dtype=case.dtype), out=randn(M, D, dtype=torch.bfloat16), mixture=randn(M, D),
+                  lse=randn(M), qe=randn(D, scale=2 / D ** 0.5))
+    if case.kernel == "merge_backward":
+        inputs.update(new_partial=two_phase._accumulate(inputs["partial"], inputs["out"], case.dtype),
+                      grad_h=randn(M, D, dtype=case.dtype), grad_p=randn(M, D, dtype=case.dtype))
+    return inputs
+
+
+def runner(case, x, config):
+    """run(check) -> the kernel's outputs; check=True works on fresh copies of anything it writes in place."""
+    from nanokimi.ops.attnres.triton_phase1 import phase1_backward, phase1_forward
+    from nanokimi.ops.attnres.triton_phase2 import accumulate_merge_backward, accumulate_merge_forward
+
+    if case.kernel == "phase1_forward":
+        def run(check=False):
+            mixtures, logits, lse = phase1_forward(x["qe"], x["rstds"], x["values"], config=config)
+            return [*mixtures, logits, lse]
+    elif case.kernel == "phase1_backward":
+        def run(check=False):
+            sums = x["work_sums"] if not check or x["sums"] is None else [s.clone() for s in x["sums"]]
+            grad_qe, grads = phase1_backward(x["qe"], x["rstds"], x["values"], x["logits"], x["lse"],
+                                             x["grad_mixtures"], x["grad_lse"], sums, config=config)
+            return [grad_qe, *grads]
+    elif case.kernel == "merge_forward":
+        def run(check=False):
+            return list(accumulate_merge_forward(x["partial"], x["out"], x["mixture"], x["lse"], x["qe"],
+                                                 case.dtype, EPS, config))
+    else:
+        def run(check=False):
+            grads = accumulate_merge_backward(x["new_partial"], x["mixture"], x["lse"], x["qe"], x["grad_p"],
+                                              x["grad_h"], torch.bfloat16, EPS, config)
+            return [grads[-1], *grads[:-1]]
+    return run
+
+
+def moved_bytes(case, M, D):
+    """Bytes a call must move at least (each source read once, each gradient sum read and written)."""
+    es, tensor = torch.finfo(case.dtype).bits // 8, M * D
+    if case.kernel == "phase1_forward":
+        return case.N * tensor * es + case.S * tensor * 4 + M * (case.N + case.S * case.N + case.S) * 4
+    if case.kernel == "phase1_backward":
+        grads = case.N * tensor * es * (2 if case.accumulate else 1)
+        return case.N * tensor * es + case.S * tensor * 4 + grads + M * (case.N + case.S * case.N + 2 * case.S) * 4
+    if case.kernel == "merge_forward":
+        return tensor * (es + 2 + 4 + 2 * es) + M * 4
+    separate = 2 if case.dtype != torch.bfloat16 else 0
+    return tensor * (es + 4 + es + es + 4 + es + separate) + 2 * M * 4
+
+
+def rel(a, b):
+    a, b = a.float(), b.float()
+    scale = b.norm()
+    return ((a - b).norm() / scale).item() if scale > 0 else a.norm().item()
+
+
+def check(outputs, expected, case):
+    """None if outputs match the default config's, else what differs."""
+    for i, (a, b) in enumerate(zip(outputs, expected)):
+        summed_over_tokens = i == 0 and case.kernel.endswith("backward")  # grad qe first
+        bound = 1e-4 if summed_over_tokens else 1e-5 if b.dtype == torch.float32 else 1e-2
+        error = rel(a, b)
+        if not error < bound:  # also catches NaN
+            return f"output {i} differs from the default config's by {error:.2e} (bound {bound:.0e})"
+    return None
+
+
+def time_ms(run, device, quick):
+    if device.type == "cuda":
+        import triton.testing
+        return triton.testing.do_bench(run, warmup=10, rep=40, return_mode="median")
+    times = []
+    for _ in range(1 if quick else 3):
+        start = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def _compile_task(task):
+    """In a worker process: run one config once at a small token count, so Triton compiles it into its
+    on-disk cache (the same kernel specialisations as at full size: token and tile counts stay multiples of 16)."""
+    case, config, tokens, hidden, device = task
+    try:
+        runner(case, make_inputs(case, tokens, hidden, device), config)()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return None
+    except Exception as exc:  # noqa: BLE001 - reported, and the config is tried again in the main process
+        return short_error(exc)
+
+
+class Compiler:
+    """Compiles configs ahead of timing in worker processes; without workers, timing compiles them itself."""
+
+    def __init__(self, jobs, tokens, hidden, device, notes):
+        self.tokens, self.hidden, self.device, self.notes, self.pool = tokens, hidden, device, notes, None
+        if jobs > 0:
+            try:
+                spawn = multiprocessing.get_context("spawn")  # workers start CUDA themselves
+                self.pool = concurrent.futures.ProcessPoolExecutor(jobs, mp_context=spawn)
+            except Exception as exc:  # noqa: BLE001 - compile in this process instead
+                notes.append(f"no compile workers ({short_error(exc)}): compiling while timing")
+
+    def compile(self, work, deadline):
+        if self.pool is None or not work:
+            return
+        futures = {self.pool.submit(_compile_task, (case, config, self.tokens, self.hidden, self.device)):
+                   (case, config) for case, config in work}
+        try:
+            for future in concurrent.futures.as_completed(futures, timeout=max(1.0, deadline - time.monotonic())):
+                error = future.result()
+                if error:
+                    case, config = futures[future]
+                    self.notes.append(f"compile worker: {case.label().strip()} {fmt(config)}: {error}")
+        except concurrent.futures.TimeoutError:
+            self.notes.append("compile workers passed the time budget; the rest compile while timing")
+        except Exception as exc:  # noqa: BLE001 - e.g. a worker died: compile in this process from here on
+            self.notes.append(f"compile workers failed ({short_error(exc)}): compiling while timing")
+            self.close()
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = None
+
+
+def fmt(config):
+    stages = f" s{config.num_stages}" if config.num_stages != 3 else ""
+    return f"bt{config.block_t} w{config.num_warps} p{config.programs_per_sm}{stages}"
+
+
+def measure(case, configs, args, device, deadline, notes):
+    """One row per config that compiled, ran and matched the default config's outputs: dicts with config, ms."""
+    inputs = make_inputs(case, args.tokens, args.hidden, device)
+    default = configs[0]
+    rows = []
+    expected = None
+    for config in configs:
+        if rows and time.monotonic() > deadline:
+            notes.append(f"{case.label().strip()}: time budget reached after {len(rows)} of {len(configs)} configs")
+            break
+        try:
+            run = runner(case, inputs, config)
+            outputs = run(check=True)
+            if config == default:
+                expected = [o.clone() for o in outputs]
+            elif expected is None:
+                raise RuntimeError("the default config failed, so nothing to check against")
+            else:
+                problem = check(outputs, expected, case)
+                if problem:
+                    raise RuntimeError(problem)
+            del outputs
+            ms = time_ms(run, device, args.quick)
+        except Exception as exc:  # noqa: BLE001 - skip this config, keep sweeping
+            notes.append(f"{case.label().strip()} {fmt(config)} skipped: {short_error(exc)}")
+            continue
+        rows.append(dict(config=config, ms=ms, default=config == default))
+    del inputs
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def tune(args, device, notes):
+    cases = model_cases(args.sublayers, args.blocks, args.dtypes)
+    start = time.monotonic()
+    deadline = start + args.budget_s
+    compiler = Compiler(args.jobs, args.compile_tokens if not args.quick else args.tokens, args.hidden, device, notes)
+    results = {}
+    try:
+        # the full grid where each (kernel, dtype, S) has the most sources, and for the merges
+        widest = {}
+        for case in cases:
+            key = (case.kernel, case.dtype, case.S)
+            if key not in widest or case.N > widest[key].N:
+                widest[key] = case
+        first = list(widest.values())
+        grids = {case: config_grid(case, args.hidden, args.quick) for case in first}
+        compiler.compile([(case, c) for case in first for c in grids[case]], deadline)
+        for case in first:
+            results[case] = measure(case, grids[case], args, device, deadline, notes)
+            print(f"{case.label()} {len(results[case])}/{len(grids[case])} configs ({time.monotonic() - start:.0f} s)",
+                  flush=True)
+        # the other source counts: the default and the widest case's fastest configs
+        rest = [case for case in cases if case not in results]
+        for case in rest:
+            ranked = sorted(results[widest[(case.kernel, case.dtype, case.S)]], key=lambda r: r["ms"])
+            grids[case] = list(dict.fromkeys([default_config(case.kernel, args.hidden, case.S)]
+                                             + [r["config"] for r in ranked[:1 if args.quick else TOP]]))
+        compiler.compile([(case, c) for case in rest for c in grids[case]], deadline)
+        for case in rest:
+            configs = grids[case] if time.monotonic() < deadline else grids[case][:1]
+            results[case] = measure(case, configs, args, device, deadline, notes)
+            print(f"{case.label()} {len(results[case])}/{len(grids[case])} configs ({time.monotonic() - start:.0f} s)",
+                  flush=True)
+    finally:
+        compiler.close()
+    return cases, results, time.monotonic() - start
+
+
+def summarise(cases, results, args):
+    """Per case: best and default rows; the table entries (launch.table_from_json's format)."""
+    rows, table = [], []
+    for case in cases:
+        measured = results.get(case) or []
+        if not measured:
+            rows.append(dict(case=case, best=None, default=None))
+            continue
+        best = min(measured, key=lambda r: r["ms"])
+        default = next((r for r in measured if r["default"]), None)
+        rows.append(dict(case=case, best=best, default=default, tried=len(measured)))
+        table.append(dict(kernel=case.kernel, block_d=_next_pow2(args.hidden),
+                          s_pad=_next_pow2(case.S) if case.kernel.startswith("phase1") else 1,
+                          dtype=str(case.dtype).removeprefix("torch."),
+                          sources=case.N if case.kernel.startswith("phase1") else 1, config=best["config"]._asdict()))
+    return rows, table
+
+
+def print_report(rows, args):
+    header = (f"{'kernel':16} {'dtype':8} {'shape':9} {'calls':>5} {'best config':16} {'ms':>8} {'GB/s':>7} "
+              f"{'default ms':>10} {'speedup':>7}")
+    print(header)
+    print("-" * len(header))
+    total_best = total_default = 0.0
+    for row in rows:
+        case = row["case"]
+        if row["best"] is None:
+            print(f"{case.label()} {case.calls:>5} (no config ran)")
+            continue
+        best, default = row["best"], row["default"]
+        gbps = moved_bytes(case, args.tokens, args.hidden) / (best["ms"] * 1e-3) / 1e9
+        default_ms = default["ms"] if default else float("nan")
+        total_best += case.calls * best["ms"]
+        total_default += case.calls * (default_ms if default else best["ms"])
+        print(f"{case.label()} {case.calls:>5} {fmt(best['config']):16} {best['ms']:>8.3f} {gbps:>7.0f} "
+              f"{default_ms:>10.3f} {default_ms / best['ms']:>6.2f}x")
+    for dtype in args.dtypes:
+        best = sum(r["case"].calls * r["best"]["ms"] for r in rows if r["best"] and r["case"].dtype == dtype)
+        default = sum(r["case"].calls * (r["default"] or r["best"])["ms"] for r in rows
+                      if r["best"] and r["case"].dtype == dtype)
+        print(f"per training step, {str(dtype).removeprefix('torch.')} stream: AttnRes Triton kernels "
+              f"{default:.2f} ms with the defaults, {best:.2f} ms tuned")
+
+
+def python_table(table):
+    """The table as Python source for launch.TUNED."""
+    lines = ["TUNED: dict[tuple[str, int, int, str], dict[int, LaunchConfig]] = {"]
+    keys = {}
+    for e in table:
+        keys.setdefault((e["kernel"], e["block_d"], e["s_pad"], e["dtype"]), []).append(e)
+    for key, entries in keys.items():
+        lines.append(f"    {key!r}: {{")
+        for e in sorted(entries, key=lambda e: e["sources"]):
+            c = e["config"]
+            lines.append(f"        {e['sources']}: LaunchConfig(block_t={c['block_t']}, num_warps={c['num_warps']}, "
+                         f"num_stages={c['num_stages']}, programs_per_sm={c['programs_per_sm']}),")
+        lines.append("    },")
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="CPU smoke run in Triton's interpreter: tiny shapes, "
+                        "2 configs per kernel")
+    parser.add_argument("--tokens", type=int, default=16384, help="B * T")
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--sublayers", type=int, default=32)
+    parser.add_argument("--blocks", type=int, default=8, help="attn_res_blocks")
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="source / stream dtypes, comma-separated")
+    parser.add_argument("--budget-s", type=float, default=180.0,
+                        help="after this many seconds, the remaining shapes time their default config only")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="compile worker processes (default: one per CPU core but one, at most 16, on a GPU; "
+                             "0 with --quick); 0: compile while timing")
+    parser.add_argument("--compile-tokens", type=int, default=1024, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON file (default benchmarks/results/attnres_tune.json; --quick: a temp folder)")
+    args = parser.parse_args()
+    args.dtypes = [getattr(torch, name.strip()) for name in args.dtypes.split(",") if name.strip()]
+    if args.quick:
+        args.tokens, args.hidden, args.sublayers, args.blocks, args.budget_s = 16, 24, 4, 2, 120.0
+    cuda = torch.cuda.is_available()
+    if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        parser.error("needs a CUDA GPU (or --quick, which runs in Triton's CPU interpreter).")
+    device = torch.device("cuda" if cuda else "cpu")
+    if args.jobs is None:
+        args.jobs = 0 if args.quick else min(16, max(1, (os.cpu_count() or 2) - 1))
+    out = args.out or results_path("attnres_tune", args.quick)
+
+    notes = []
+    cases, results, elapsed = tune(args, device, notes)
+    rows, table = summarise(cases, results, args)
+    print()
+    print_report(rows, args)
+    pasted = python_table(table)
+    print(f"\nbest configs, for nanokimi/ops/attnres/launch.py (or launch.load_tuned('{out}')):\n{pasted}")
+    for note in notes:
+        print(f"note: {note}")
+    print(f"tuned in {elapsed:.0f} s")
+
+    import triton
+    report = dict(
+        benchmark="attnres_tune",
+        device=torch.cuda.get_device_name() if cuda else "cpu (Triton interpreter)",
+        torch=torch.__version__, triton=triton.__version__,
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        git_commit=git_commit(), quick=args.quick, elapsed_s=round(elapsed, 1),
+        shape=dict(tokens=args.tokens, hidden=args.hidden, sublayers=args.sublayers, blocks=args.blocks),
+        measurements=[dict(kernel=c.kernel, dtype=str(c.dtype).removeprefix("torch."), S=c.S, N=c.N,
+                           accumulate=c.accumulate, calls=c.calls, config=r["config"]._asdict(), ms=r["ms"],
+                           gbps=moved_bytes(c, args.tokens, args.hidden) / (r["ms"] * 1e-3) / 1e9,
+                           default=r["default"])
+                      for c in cases for r in results.get(c, [])],
+        table=table, tuned_python=pasted, notes=notes)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Launch configurations of the Triton kernels in ops/attnres (triton_phase1.py, triton_phase2.py), in one table.
+
+The kernels are memory-bound, and how fast they stream depends on how they are launched: tokens per tile,
+warps per program, pipeline stages and, for the backward kernels (programs loop over token tiles), programs
+per SM. What suits one shape does not suit another, so each launch looks its config up by what changes it:
+
+    key = (kernel, BLOCK_D, S_PAD, dtype)   ->   {N: LaunchConfig}
+    kernel: "phase1_forward" | "phase1_backward" | "merge_forward" | "merge_backward" (merge = accumulate+merge)
+    BLOCK_D = next_pow2(D); S_PAD = next_pow2(S queries), 1 for the merges; dtype: the sources' (phase 1) or
+    the stream's (merges) dtype name, e.g. "float32"; N: the source count (phase 1), 1 for the merges.
+
+`config_for` returns the entry of the nearest tuned N for the key (configs vary slowly with N, and any config
+is valid at any N), else `default_config`, a shape heuristic that is safe everywhere. `TUNED` holds measured
+configs; benchmarks/attnres_tune.py measures a grid on a GPU and prints a replacement for it (and writes a JSON
+file that `load_tuned` applies without editing this file). Tests and the tuner pass a `config=` to the op
+functions instead of using the table.
+"""
+import functools
+import json
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+KERNELS = ("phase1_forward", "phase1_backward", "merge_forward", "merge_backward")
+GRID_STRIDE = ("phase1_backward", "merge_backward")  # kernels whose programs loop over tiles: programs_per_sm
+
+
+class LaunchConfig(NamedTuple):
+    """How one Triton kernel is launched. block_t: tokens per tile (a power of two; capped at the token count);
+    num_warps, num_stages: Triton's launch options; programs_per_sm: programs per SM of the grid-stride
+    (backward) kernels, whose grid is min(tiles, programs_per_sm * SMs) (in the CPU interpreter, with no SMs,
+    programs_per_sm is the whole grid). Forward kernels run one program per tile and ignore it."""
+    block_t: int
+    num_warps: int
+    num_stages: int = 3
+    programs_per_sm: int = 4
+
+
+# Measured best configs (benchmarks/attnres_tune.py prints this dict; paste its output here).
+TUNED: dict[tuple[str, int, int, str], dict[int, LaunchConfig]] = {}
+
+_active = dict(TUNED)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def default_config(kernel: str, D: int, S: int = 1) -> LaunchConfig:
+    """The untuned heuristic: about 4096 fp32 values per tensor per program (phase 1: S_PAD * BLOCK_D per token,
+    so one token at S = 4, D = 1024; merges: up to 64 tokens), one warp per 512 (phase 1) or 1024 (merges) of
+    them, 4 <= warps <= 16, 4 backward programs per SM."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel={kernel!r} must be one of {KERNELS}.")
+    per_token = _next_pow2(D) * (_next_pow2(S) if kernel.startswith("phase1") else 1)
+    if kernel.startswith("phase1"):
+        block_t = min(max(1, 4096 // per_token), 16)
+        warps = min(max(per_token * block_t // 512, 4), 16)
+    else:
+        block_t = min(max(1, 4096 // per_token), 64)
+        warps = min(max(per_token * block_t // 1024, 4), 16)
+    return LaunchConfig(block_t=block_t, num_warps=warps)
+
+
+def config_for(kernel: str, D: int, dtype: torch.dtype, S: int = 1, N: int = 1) -> LaunchConfig:
+    """The config a kernel launches with at hidden size D, S queries and N sources of dtype (see the module
+    docstring): the tuned entry at the nearest N, else default_config."""
+    by_sources = _active.get((kernel, _next_pow2(D), _next_pow2(S), _dtype_name(dtype)))
+    if by_sources:
+        return by_sources[min(by_sources, key=lambda n: (abs(n - N), n))]
+    return default_config(kernel, D, S)
+
+
+def check_config(config: LaunchConfig) -> LaunchConfig:
+    """config, if every field is usable; else a ValueError that says which is not."""
+    if config.block_t < 1 or config.block_t & (config.block_t - 1):
+        raise ValueError(f"block_t={config.block_t} must be a power of two (tokens per tile).")
+    if config.num_warps not in (1, 2, 4, 8, 16, 32):
+        raise ValueError(f"num_warps={config.num_warps} must be a power of two from 1 to 32.")
+    if config.num_stages < 1 or config.programs_per_sm < 1:
+        raise ValueError(f"num_stages={config.num_stages} and programs_per_sm={config.programs_per_sm} "
+                         "must be >= 1.")
+    return config
+
+
+def grid_programs(config: LaunchConfig, tiles: int, device: torch.device) -> int:
+    """Programs of a grid-stride kernel: programs_per_sm per SM (the whole grid in the interpreter), at most
+    one per tile."""
+    return max(1, min(tiles, config.programs_per_sm * _sm_count(device)))
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def use_tuned(table: dict) -> None:
+    """Replace the active table (a dict shaped like TUNED); `use_tuned(TUNED)` restores the built-in one."""
+    for (kernel, block_d, s_pad, dtype), by_sources in table.items():
+        if kernel not in KERNELS or not by_sources:
+            raise ValueError(f"bad table entry {(kernel, block_d, s_pad, dtype)}: kernel must be one of {KERNELS} "
+                             "and map source counts to LaunchConfigs.")
+        for config in by_sources.values():
+            check_config(config)
+    _active.clear()
+    _active.update({key: dict(value) for key, value in table.items()})
+
+
+def table_from_json(entries: list[dict]) -> dict:
+    """The table from the "table" list of benchmarks/results/attnres_tune.json (one dict per tuned shape:
+    kernel, block_d, s_pad, dtype, sources, config)."""
+    table = {}
+    for e in entries:
+        key = (e["kernel"], int(e["block_d"]), int(e["s_pad"]), e["dtype"])
+        table.setdefault(key, {})[int(e["sources"])] = LaunchConfig(**e["config"])
+    return table
+
+
+def load_tuned(path: str | Path) -> dict:
+    """Apply the configs measured by benchmarks/attnres_tune.py (its JSON file) to every later launch; returns
+    the table."""
+    table = table_from_json(json.loads(Path(path).read_text())["table"])
+    use_tuned(table)
+    return table
