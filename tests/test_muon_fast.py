@@ -11,7 +11,7 @@ from torch import nn
 
 from nanokimi.ops.newton_schulz import coefficient_schedule
 from nanokimi.optim import CapturedStep, Muon, build_optimizer, matrix_blocks
-from nanokimi.optim.muon import MOONLIGHT_RMS
+from nanokimi.optim.muon import MOONLIGHT_RMS, plan_batches
 
 
 def rel(a, b):
@@ -76,11 +76,14 @@ def previous_step(opt):
 
 
 def mixed_params():
-    """Params and groups covering every block kind: plain, tall/wide, per-expert, split + heads, no Nesterov."""
-    shapes = [(24, 10), (10, 24), (3, 12, 7), (12, 7), (18, 9), (7, 7)]
+    """Params and groups covering every block kind: plain, tall and wide sharing a batch (24x10 / 10x24, 12x7 /
+    7x12), per-expert, split + heads, heads alone, no Nesterov, square, and a split param whose second block's
+    batch (12x7) exists before its first block's (14x7)."""
+    shapes = [(24, 10), (10, 24), (3, 12, 7), (12, 7), (18, 9), (7, 7), (7, 12), (26, 7), (16, 40)]
     params = [nn.Parameter(torch.randn(s) * 0.1) for s in shapes]
-    groups = [dict(params=params[:4]), dict(params=[params[4]], split=(12, 6), heads=3, lr=0.05),
-              dict(params=[params[5]], nesterov=False, weight_decay=0.0)]
+    groups = [dict(params=params[:4] + [params[6]]), dict(params=[params[4]], split=(12, 6), heads=3, lr=0.05),
+              dict(params=[params[5]], nesterov=False, weight_decay=0.0), dict(params=[params[7]], split=(14, 12)),
+              dict(params=[params[8]], heads=2)]
     return params, groups
 
 
@@ -114,6 +117,15 @@ def test_step_equals_previous_eager_step():
     # the same arithmetic in the same order, except Newton-Schulz's folded polynomial: fp32 rounding apart
     for a, b in zip(new + new_bufs, old + old_bufs):
         assert rel(a, b) < 1e-5
+
+
+def test_plan_batches_joins_tall_and_wide_blocks():
+    """Blocks with equal sides and settings share a batch, stacked in the orientation most of their elements have
+    (a tie stays wide); other settings or sides make other batches."""
+    a, b = ("fp32", 5), ("bf16", 5)
+    blocks = [(a, (20, 9), 5), (a, (9, 20), 1), (a, (9, 9), 2), (b, (9, 20), 1), (a, (30, 9), 1), (a, (9, 30), 1)]
+    assert plan_batches(blocks) == [(a, (20, 9), [(0, False), (1, True)]), (a, (9, 9), [(2, False)]),
+                                    (b, (9, 20), [(3, False)]), (a, (9, 30), [(4, True), (5, False)])]
 
 
 def test_tensor_lr_matches_float_lr():

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from nanokimi.ops.newton_schulz import choose_method, coefficient_schedule, newton_schulz
 from nanokimi.optim.muon import (MOONLIGHT_RMS, Muon, compiled_pass, group_learning_rates, matrix_blocks,
-                                 momentum_updates)
+                                 momentum_updates, plan_batches)
 
 
 def shard_rows(rows: int, world: int, rank: int) -> tuple[int, int]:
@@ -186,20 +186,26 @@ class DistributedMuon(Muon):
 
     @staticmethod
     def _newton_schulz_(mine, full):
-        batches = defaultdict(list)  # block shape + NS settings -> block views (into `full`)
+        """U -> O in place for the matrices this rank owns, in Muon's batches (plan_batches: blocks of equal
+        sides and settings share a batch, tall and wide alike)."""
+        blocks, views = [], []
         for j, U in zip(mine, full):
             g = j.group
             for block in matrix_blocks(U, g["heads"], g["split"]):
-                key = (tuple(block.shape[-2:]), g["ns_steps"], g["coefficients"], g["eps"], g["ns_method"])
-                batches[key].append(block)
-        for ((rows, cols), ns_steps, coefficients, eps, method), blocks in batches.items():
-            X = torch.cat([b.reshape(-1, rows, cols) for b in blocks])  # [N, rows, cols], not yet normalised
-            method = choose_method((rows, cols), ns_steps, method, coefficients)
-            O = newton_schulz(X, coefficient_schedule(coefficients, ns_steps), method, eps=eps)
+                shape = tuple(block.shape[-2:])
+                method = choose_method(shape, g["ns_steps"], g["ns_method"], g["coefficients"])
+                blocks.append(((g["ns_steps"], g["coefficients"], g["eps"], method), shape,
+                               math.prod(block.shape[:-2])))
+                views.append(block)
+        for (steps, coefficients, eps, method), (rows, cols), members in plan_batches(blocks):
+            X = torch.cat([(views[b].mT if transposed else views[b]).reshape(-1, rows, cols)
+                           for b, transposed in members])  # [N, rows, cols], not yet normalised
+            O = newton_schulz(X, coefficient_schedule(coefficients, steps), method, eps=eps)
             start = 0
-            for b in blocks:
-                n = b.numel() // (rows * cols)
-                b.copy_(O[start:start + n].view(b.shape))
+            for b, transposed in members:
+                n = views[b].numel() // (rows * cols)
+                piece = O[start:start + n]
+                views[b].copy_((piece.mT if transposed else piece).view(views[b].shape))
                 start += n
 
     @staticmethod
