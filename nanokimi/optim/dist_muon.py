@@ -23,9 +23,9 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 
-from nanokimi.ops.newton_schulz import choose_method, coefficient_schedule, newton_schulz
+from nanokimi.ops.newton_schulz import choose_method
 from nanokimi.optim.muon import (MOONLIGHT_RMS, Muon, compiled_pass, group_learning_rates, matrix_blocks,
-                                 momentum_updates, plan_batches)
+                                 momentum_updates, orthogonalize_batches, plan_batches)
 
 
 def shard_rows(rows: int, world: int, rank: int) -> tuple[int, int]:
@@ -186,8 +186,9 @@ class DistributedMuon(Muon):
 
     @staticmethod
     def _newton_schulz_(mine, full):
-        """U -> O in place for the matrices this rank owns, in Muon's batches (plan_batches: blocks of equal
-        sides and settings share a batch, tall and wide alike)."""
+        """U -> O in place for the matrices this rank owns, batched as in Muon (plan_batches: blocks of equal
+        sides and settings share a batch, tall and wide alike; orthogonalize_batches: gram batches of one short
+        side share the s x s recursion)."""
         blocks, views = [], []
         for j, U in zip(mine, full):
             g = j.group
@@ -197,10 +198,10 @@ class DistributedMuon(Muon):
                 blocks.append(((g["ns_steps"], g["coefficients"], g["eps"], method), shape,
                                math.prod(block.shape[:-2])))
                 views.append(block)
-        for (steps, coefficients, eps, method), (rows, cols), members in plan_batches(blocks):
-            X = torch.cat([(views[b].mT if transposed else views[b]).reshape(-1, rows, cols)
-                           for b, transposed in members])  # [N, rows, cols], not yet normalised
-            O = newton_schulz(X, coefficient_schedule(coefficients, steps), method, eps=eps)
+        plan = plan_batches(blocks)
+        stacks = [torch.cat([(views[b].mT if transposed else views[b]).reshape(-1, rows, cols)
+                             for b, transposed in members]) for _, (rows, cols), members in plan]  # not normalised
+        for O, (_, (rows, cols), members) in zip(orthogonalize_batches(stacks, [settings for settings, _, _ in plan]), plan):
             start = 0
             for b, transposed in members:
                 n = views[b].numel() // (rows * cols)

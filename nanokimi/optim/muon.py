@@ -18,7 +18,9 @@ block's own shape, so every block's update RMS is 0.2.
 All blocks with the same sides {s, l} (short, long) and Newton-Schulz settings, across all parameters and groups,
 share one batched Newton-Schulz call, tall and wide alike: the polar factor of X^T is the transpose of X's, so a
 batch is stacked in one orientation (the one most of its elements already have) and the other blocks go in
-transposed (`plan_batches`). GPT-2's fc [3072, 768] and proj [768, 3072] are one batch.
+transposed (`plan_batches`). GPT-2's fc [3072, 768] and proj [768, 3072] are one batch. Gram-form batches with
+the same short side s then run their s x s recursion together (`orthogonalize_batches`, newton_schulz_group):
+qkv [2304, 768] and fc/proj share every 768 x 768 product, 36 matrices per GEMM.
 
 A step is three passes over memory: `momentum_and_stack` (reads G and M, writes M and the stacked bf16
 Newton-Schulz inputs, one [N, rows, cols] per batch), the batched Newton-Schulz (GEMMs; the Frobenius
@@ -31,7 +33,8 @@ from collections import defaultdict
 
 import torch
 
-from nanokimi.ops.newton_schulz import COEFFICIENT_SETS, METHODS, choose_method, coefficient_schedule, newton_schulz
+from nanokimi.ops.newton_schulz import (COEFFICIENT_SETS, METHODS, choose_method, coefficient_schedule, newton_schulz,
+                                       newton_schulz_group)
 
 MOONLIGHT_RMS = 0.2
 
@@ -103,6 +106,26 @@ def plan_batches(blocks):
         plan.append((settings, (long, short) if tall else (short, long),
                      [(index, is_tall != tall) for index, is_tall, _ in members]))
     return plan
+
+
+def orthogonalize_batches(stacks, settings):
+    """Newton-Schulz of every stacked batch: stacks [N, rows, cols] in the compute dtype (raw, normalised
+    inside), settings (steps, coefficients, eps, method) per batch with method resolved ("classic" or "gram").
+    Gram batches with the same short side, dtype and settings go through one newton_schulz_group call (one
+    s x s recursion for all their matrices); classic batches run alone. Returns the outputs in batch order."""
+    outputs = [None] * len(stacks)
+    groups = {}  # (short side, dtype, steps, coefficients, eps) -> indices of gram batches
+    for k, (X, (steps, coefficients, eps, method)) in enumerate(zip(stacks, settings)):
+        if method == "gram":
+            groups.setdefault((min(X.shape[-2:]), X.dtype, steps, coefficients, eps), []).append(k)
+        else:
+            outputs[k] = newton_schulz(X, coefficient_schedule(coefficients, steps), method, eps=eps)
+    for (_, _, steps, coefficients, eps), members in groups.items():
+        group_outputs = newton_schulz_group([stacks[k] for k in members], coefficient_schedule(coefficients, steps),
+                                            eps=eps)
+        for k, O in zip(members, group_outputs):
+            outputs[k] = O
+    return outputs
 
 
 def momentum_and_stack(grads, bufs, momenta, nesterov, layouts, batches):
@@ -270,11 +293,9 @@ class Muon(torch.optim.Optimizer):
                         [g["momentum"] for _, _, g in jobs], [g["nesterov"] for _, _, g in jobs], layouts,
                         tuple((shape, settings[0], tuple((*owners[b][:2], transposed) for b, transposed in members))
                               for settings, shape, members in plan))
-        orthogonal = []
+        orthogonal = orthogonalize_batches(stacked, [settings[1:] for settings, _, _ in plan])
         sources = [[None] * len(matrix_blocks(p, *layout)) for (p, _, _), layout in zip(jobs, layouts)]
-        for k, ((_, steps, coefficients, eps, method), (rows, cols), members) in enumerate(plan):
-            schedule = coefficient_schedule(coefficients, steps)
-            orthogonal.append(newton_schulz(stacked[k], schedule, method, eps=eps))
+        for k, (_, (rows, cols), members) in enumerate(plan):
             start, scale = 0, MOONLIGHT_RMS * math.sqrt(max(rows, cols))
             for b, transposed in members:
                 i, j, shape = owners[b]

@@ -23,6 +23,11 @@ is at most ~1.4x the classic bf16 one; with Polar Express (steep first polynomia
 largest singular value reaches 1.27 (band 1.124), so "auto" uses gram only for the quintic set. Without
 restarts both sets diverge on ill-conditioned inputs (singular values in the tens or thousands).
 
+Cross-shape batches (`newton_schulz_group`): batches of different long sides but one short side s (tall or
+wide) each compute their own G = X_0 X_0^T, into slices of one [N_1 + N_2 + ..., s, s] buffer, and their own
+final Q X_0; the s x s recursion in between is one batched product per step over all the matrices. A batch
+of 12 matrices of 768 x 768 leaves much of an H100's last GEMM wave empty; 36 fill it better.
+
 Normalisation folds into the first Gram matrix: with n = sqrt(trace(X_0 X_0^T)) + eps = ||X_0||_F + eps
 (trace summed in fp32), the iteration starts from R_0 = G / n^2 and a first polynomial divided by n, so
 an unnormalised X never needs a separate pass (pass `eps`). A zero matrix stays zero (n = eps, no NaN).
@@ -32,7 +37,8 @@ import torch
 from nanokimi.ops.newton_schulz.naive import COEFFICIENT_SETS, coefficient_schedule, orthogonalize_naive
 
 __all__ = ["COEFFICIENT_SETS", "GRAM_SEGMENT", "METHODS", "coefficient_schedule", "choose_method",
-           "newton_schulz", "newton_schulz_flops", "normalize_into", "orthogonalize", "orthogonalize_naive"]
+           "newton_schulz", "newton_schulz_flops", "newton_schulz_group", "normalize_into", "orthogonalize",
+           "orthogonalize_naive"]
 
 METHODS = ("auto", "classic", "gram")
 GRAM_SEGMENT = 2  # steps between restarts of the Gram recursion (see the module docstring)
@@ -106,6 +112,18 @@ def _polynomial(R, a, b, c):
     return P
 
 
+def _segment_factor(R, steps, inv=None):
+    """Q = P_{m-1} ... P_1 P_0 of one segment of m steps from its starting R [N, s, s] (P_k = a I + b R_k + c R_k^2,
+    R_{k+1} = P_k R_k P_k); times inv [N, 1, 1] per matrix when given (the 1 / n of the normalisation)."""
+    Q = None  # [N, s, s]
+    for i, (a, b, c) in enumerate(steps):
+        P = _polynomial(R, a, b, c)
+        Q = P if Q is None else torch.bmm(P, Q)
+        if i < len(steps) - 1:
+            R = torch.bmm(torch.bmm(P, R), P)
+    return Q if inv is None else _small_op(_scale_to, Q)(Q, inv, Q.dtype)
+
+
 def newton_schulz(X, schedule, method="auto", eps=None, segment=GRAM_SEGMENT):
     """X: [N, A, B] in the compute dtype -> [N, A, B] in the same dtype.
 
@@ -120,17 +138,38 @@ def newton_schulz(X, schedule, method="auto", eps=None, segment=GRAM_SEGMENT):
     for start in range(0, len(schedule), chunk):
         gram = torch.bmm(X.mT, X) if tall else torch.bmm(X, X.mT)
         R, inv = _small_op(_start, X)(gram, eps) if start == 0 and eps is not None else (gram, None)
-        Q = None  # [N, s, s]
-        steps = schedule[start:start + chunk]
-        for i, (a, b, c) in enumerate(steps):
-            P = _polynomial(R, a, b, c)
-            Q = P if Q is None else torch.bmm(P, Q)
-            if i < len(steps) - 1:
-                R = torch.bmm(torch.bmm(P, R), P)
-        if inv is not None:
-            Q = _small_op(_scale_to, X)(Q, inv, X.dtype)  # the 1 / n of the normalisation
+        Q = _segment_factor(R, schedule[start:start + chunk], inv)
         X = torch.bmm(X, Q) if tall else torch.bmm(Q, X)
     return X
+
+
+def newton_schulz_group(Xs, schedule, eps=None, segment=GRAM_SEGMENT):
+    """The Gram form over several batches whose matrices share their short side s: a list of [N_i, s, l_i]
+    (wide) or [N_i, l_i, s] (tall) tensors, l_i >= s, one dtype -> the list of outputs (same shapes, dtype).
+
+    Each batch computes its own Gram matrix (X X^T, or X^T X when tall), written straight into its slice of one
+    [N_1 + N_2 + ..., s, s] buffer, and its own final product with X_0; the s x s recursion in between
+    (polynomials, P Q, P R P) runs once over all the matrices, so every s x s product is one larger batched
+    GEMM instead of one per batch. Equal to newton_schulz(X, schedule, "gram", eps, segment) on each batch.
+    """
+    if not Xs:
+        raise ValueError("newton_schulz_group needs at least one batch [N, A, B]")
+    s = min(Xs[0].shape[-2:])
+    for X in Xs:
+        if X.ndim != 3 or min(X.shape[-2:]) != s or X.dtype != Xs[0].dtype or X.device != Xs[0].device:
+            raise ValueError(f"newton_schulz_group needs [N, A, B] batches with one short side, dtype and device; "
+                             f"got {[(tuple(X.shape), X.dtype, str(X.device)) for X in Xs]}. Group the batches by "
+                             "min(A, B), dtype and device, or call newton_schulz per batch.")
+    sizes = [X.shape[0] for X in Xs]
+    tall = [X.shape[-2] > X.shape[-1] for X in Xs]
+    gram = Xs[0].new_empty(sum(sizes), s, s)  # every batch's Gram matrices, one batch after another
+    for start in range(0, len(schedule), segment):
+        for X, G, is_tall in zip(Xs, gram.split(sizes), tall):
+            torch.bmm(X.mT, X, out=G) if is_tall else torch.bmm(X, X.mT, out=G)
+        R, inv = _small_op(_start, gram)(gram, eps) if start == 0 and eps is not None else (gram, None)
+        Q = _segment_factor(R, schedule[start:start + segment], inv)  # [sum N_i, s, s]
+        Xs = [torch.bmm(X, q) if is_tall else torch.bmm(q, X) for X, q, is_tall in zip(Xs, Q.split(sizes), tall)]
+    return Xs
 
 
 def orthogonalize(G, steps=5, coefficients="quintic", dtype=torch.bfloat16, eps=1e-7, method="auto"):
