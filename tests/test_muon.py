@@ -441,3 +441,11 @@ def test_benchmark_quick(tmp_path):
     assert "gram x" in eager["ns_methods"] and "classic x" in eager["ns_methods"]
     profiled = written["profile"]["gpt2-tiny"]["nanokimi eager"]
     assert 0 < len(profiled["top"]) <= 15 and "gemm" in profiled["categories_ms"]
+
+
+def test_benchmark_counts_show_the_124m_plan():
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "muon_step.py"), "--counts"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "(2304, 768) x12 + (768, 3072) x24: s x s products over 36 matrices" in result.stdout
+    assert "before (one call per block shape) 66 GEMM + 48 other; now 38 GEMM + 12 other" in result.stdout

@@ -7,7 +7,10 @@ the same iteration X <- a X + b (X X^T) X + c (X X^T)^2 X, chosen per shape by F
 classic: per step
     R = X X^T;  P = a I + b R + c R^2;  X = P X            2 s^2 l + 2 s^3 + 2 s^2 l FLOPs
 Folding a into the small s x s P means the big GEMM has no additive input (baddbmm(X, P, X, beta=a) would
-copy all of X into its output every step).
+copy all of X into its output every step). P itself is one GEMM (R^2) and one elementwise op computing
+a I + b R + c R^2 in fp32 (on CUDA one compiled kernel: reads R and R^2, writes P; the identity is an index
+test). The alternative, baddbmm(R, R, R, beta=b) plus a diagonal add, moves the same bytes (a copy of R into
+the output, which the GEMM then reads back) in three launches instead of two.
 
 gram: every iterate is X_k = Q_k X_0 with Q_k a polynomial in G = X_0 X_0^T (symmetric, commuting with G).
 With R_k = X_k X_k^T and P_k = a I + b R_k + c R_k^2:
@@ -29,8 +32,9 @@ final Q X_0; the s x s recursion in between is one batched product per step over
 of 12 matrices of 768 x 768 leaves much of an H100's last GEMM wave empty; 36 fill it better.
 
 Normalisation folds into the first Gram matrix: with n = sqrt(trace(X_0 X_0^T)) + eps = ||X_0||_F + eps
-(trace summed in fp32), the iteration starts from R_0 = G / n^2 and a first polynomial divided by n, so
-an unnormalised X never needs a separate pass (pass `eps`). A zero matrix stays zero (n = eps, no NaN).
+(trace summed in fp32), the iteration starts from R_0 = G / n^2, and the first segment's last polynomial is
+divided by n inside its elementwise op (Q = P_{m-1} ... P_0 / n), so an unnormalised X never needs a
+separate pass (pass `eps`). A zero matrix stays zero (n = eps, no NaN).
 """
 import torch
 
@@ -87,29 +91,34 @@ def _start(gram, eps):
     return (gram * inv.square()).to(gram.dtype), inv
 
 
-def _scale_to(Q, inv, dtype):
-    """Q * inv (per matrix) cast to dtype: the 1 / n of the normalisation applied to the s x s factor."""
-    return (Q * inv).to(dtype)
-
-
 _compiled_small_ops = {}
 
 
 def _small_op(fn, X):
-    """fn itself, or on CUDA fn through torch.compile: the s x s scalings then run as one vectorised kernel
-    each (eager, a bf16 x fp32 broadcast multiply plus a cast is two slow kernels)."""
+    """fn itself, or on CUDA fn through torch.compile: each s x s elementwise op then runs as one vectorised
+    kernel (eager, a bf16 x fp32 broadcast multiply plus a cast is two slow kernels). Static shapes: one graph
+    per (N, s, dtype) and per coefficient triple, so the recompile limit is raised (many block shapes)."""
     if X.device.type != "cuda" or torch.compiler.is_compiling():
         return fn
     if fn not in _compiled_small_ops:
+        from nanokimi.train.fast import raise_recompile_limits
+        raise_recompile_limits()
         _compiled_small_ops[fn] = torch.compile(fn, fullgraph=True, dynamic=False)
     return _compiled_small_ops[fn]
 
 
-def _polynomial(R, a, b, c):
-    """a I + b R + c R^2, [N, s, s]."""
-    P = torch.baddbmm(R, R, R, beta=b, alpha=c)
-    P.diagonal(dim1=-2, dim2=-1).add_(a)
-    return P
+def _combine(R, R2, a, b, c, scale):
+    """a I + b R + c R2 per matrix ([N, s, s] each), times scale [N, 1, 1] when given; computed in fp32 (fp64
+    for fp64 R), returned in R's dtype. Compiled, the identity is an index comparison, never a tensor read."""
+    dtype = torch.promote_types(R.dtype, torch.float32)
+    P = a * torch.eye(R.shape[-1], dtype=dtype, device=R.device) + b * R.to(dtype) + c * R2.to(dtype)
+    return (P if scale is None else P * scale).to(R.dtype)
+
+
+def _polynomial(R, a, b, c, scale=None):
+    """a I + b R + c R^2 [N, s, s], times scale [N, 1, 1] when given: one GEMM (R^2, no additive input) and
+    one elementwise op. (baddbmm(R, R, R, beta=b) would first copy R into its output, then need a diagonal add.)"""
+    return _small_op(_combine, R)(R, torch.bmm(R, R), a, b, c, scale)
 
 
 def _segment_factor(R, steps, inv=None):
@@ -117,11 +126,12 @@ def _segment_factor(R, steps, inv=None):
     R_{k+1} = P_k R_k P_k); times inv [N, 1, 1] per matrix when given (the 1 / n of the normalisation)."""
     Q = None  # [N, s, s]
     for i, (a, b, c) in enumerate(steps):
-        P = _polynomial(R, a, b, c)
+        last = i == len(steps) - 1
+        P = _polynomial(R, a, b, c, inv if last else None)  # the last P is needed only inside Q
         Q = P if Q is None else torch.bmm(P, Q)
-        if i < len(steps) - 1:
+        if not last:
             R = torch.bmm(torch.bmm(P, R), P)
-    return Q if inv is None else _small_op(_scale_to, Q)(Q, inv, Q.dtype)
+    return Q
 
 
 def newton_schulz(X, schedule, method="auto", eps=None, segment=GRAM_SEGMENT):
