@@ -77,11 +77,13 @@ def previous_step(opt):
 
 def mixed_params():
     """Params and groups covering every block kind: plain, tall and wide sharing a batch (24x10 / 10x24, 12x7 /
-    7x12), per-expert, split + heads, heads alone, no Nesterov, square, and a split param whose second block's
-    batch (12x7) exists before its first block's (14x7)."""
-    shapes = [(24, 10), (10, 24), (3, 12, 7), (12, 7), (18, 9), (7, 7), (7, 12), (26, 7), (16, 40)]
+    7x12, per-head 8x40 blocks stacked transposed beside tall 40x8 experts), per-expert, split + heads, heads
+    alone, no Nesterov, square, and a split param whose second block's batch (12x7) exists before its first
+    block's (14x7)."""
+    shapes = [(24, 10), (10, 24), (3, 12, 7), (12, 7), (18, 9), (7, 7), (7, 12), (26, 7), (16, 40), (3, 40, 8)]
     params = [nn.Parameter(torch.randn(s) * 0.1) for s in shapes]
-    groups = [dict(params=params[:4] + [params[6]]), dict(params=[params[4]], split=(12, 6), heads=3, lr=0.05),
+    groups = [dict(params=params[:4] + [params[6], params[9]]),
+              dict(params=[params[4]], split=(12, 6), heads=3, lr=0.05),
               dict(params=[params[5]], nesterov=False, weight_decay=0.0), dict(params=[params[7]], split=(14, 12)),
               dict(params=[params[8]], heads=2)]
     return params, groups
