@@ -115,6 +115,17 @@ def test_group_equals_each_batch_alone_in_fp32_and_the_reference():
         assert rel(O, torch.stack([orthogonalize_naive(x) for x in X])) < 1e-5
 
 
+@pytest.mark.gpu
+def test_group_on_gpu_matches_the_reference():
+    """On CUDA the s x s elementwise ops are compiled (_small_op): fp32 and bf16 against the fp32 reference."""
+    Xs = [torch.randn(shape) for shape in GROUP_SHAPES]
+    schedule = coefficient_schedule("quintic", 5)
+    for dtype, bound in ((torch.float32, 1e-4), (torch.bfloat16, 8e-2)):
+        outputs = newton_schulz_group([X.to("cuda", dtype) for X in Xs], schedule, eps=1e-7)
+        for X, O in zip(Xs, outputs):
+            assert O.dtype == dtype and rel(O.cpu(), torch.stack([orthogonalize_naive(x) for x in X])) < bound
+
+
 def test_group_rejects_mixed_batches():
     schedule = coefficient_schedule("quintic", 5)
     with pytest.raises(ValueError, match="one short side"):
