@@ -201,7 +201,8 @@ class DistributedMuon(Muon):
         plan = plan_batches(blocks)
         stacks = [torch.cat([(views[b].mT if transposed else views[b]).reshape(-1, rows, cols)
                              for b, transposed in members]) for _, (rows, cols), members in plan]  # not normalised
-        for O, (_, (rows, cols), members) in zip(orthogonalize_batches(stacks, [settings for settings, _, _ in plan]), plan):
+        outputs = orthogonalize_batches(stacks, [settings for settings, _, _ in plan])
+        for O, (_, (rows, cols), members) in zip(outputs, plan):
             start = 0
             for b, transposed in members:
                 n = views[b].numel() // (rows * cols)
