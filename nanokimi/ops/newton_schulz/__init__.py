@@ -7,10 +7,10 @@ the same iteration X <- a X + b (X X^T) X + c (X X^T)^2 X, chosen per shape by F
 classic: per step
     R = X X^T;  P = a I + b R + c R^2;  X = P X            2 s^2 l + 2 s^3 + 2 s^2 l FLOPs
 Folding a into the small s x s P means the big GEMM has no additive input (baddbmm(X, P, X, beta=a) would
-copy all of X into its output every step). P itself is one GEMM (R^2) and one elementwise op computing
-a I + b R + c R^2 in fp32 (on CUDA one compiled kernel: reads R and R^2, writes P; the identity is an index
-test). The alternative, baddbmm(R, R, R, beta=b) plus a diagonal add, moves the same bytes (a copy of R into
-the output, which the GEMM then reads back) in three launches instead of two.
+copy all of X into its output every step). P itself is one elementwise op C = a I + b R (fp32 arithmetic; on
+CUDA one compiled kernel, the identity an index test) and one GEMM C += c R R in place (cuBLAS beta = 1, C
+read in the epilogue). baddbmm(R, R, R, beta=b) plus a diagonal add moved the same bytes in three launches
+(a copy of R into the output, the GEMM, the diagonal).
 
 gram: every iterate is X_k = Q_k X_0 with Q_k a polynomial in G = X_0 X_0^T (symmetric, commuting with G).
 With R_k = X_k X_k^T and P_k = a I + b R_k + c R_k^2:
@@ -33,8 +33,8 @@ of 12 matrices of 768 x 768 leaves much of an H100's last GEMM wave empty; 36 fi
 
 Normalisation folds into the first Gram matrix: with n = sqrt(trace(X_0 X_0^T)) + eps = ||X_0||_F + eps
 (trace summed in fp32), the iteration starts from R_0 = G / n^2, and the first segment's last polynomial is
-divided by n inside its elementwise op (Q = P_{m-1} ... P_0 / n), so an unnormalised X never needs a
-separate pass (pass `eps`). A zero matrix stays zero (n = eps, no NaN).
+divided by n (Q = P_{m-1} ... P_0 / n; its elementwise op writes (a I + b R) / n and R / n, the GEMM's left
+operand), so an unnormalised X never needs a separate pass (pass `eps`). A zero matrix stays zero (n = eps, no NaN).
 """
 import torch
 
@@ -107,18 +107,22 @@ def _small_op(fn, X):
     return _compiled_small_ops[fn]
 
 
-def _combine(R, R2, a, b, c, scale):
-    """a I + b R + c R2 per matrix ([N, s, s] each), times scale [N, 1, 1] when given; computed in fp32 (fp64
-    for fp64 R), returned in R's dtype. Compiled, the identity is an index comparison, never a tensor read."""
+def _affine(R, a, b, scale):
+    """(a I + b R, R) for every matrix of R [N, s, s], or with scale [N, 1, 1] both times scale; computed in
+    fp32 (fp64 for fp64 R), returned in R's dtype. Compiled, the identity is an index test, never a tensor read."""
     dtype = torch.promote_types(R.dtype, torch.float32)
-    P = a * torch.eye(R.shape[-1], dtype=dtype, device=R.device) + b * R.to(dtype) + c * R2.to(dtype)
-    return (P if scale is None else P * scale).to(R.dtype)
+    C = a * torch.eye(R.shape[-1], dtype=dtype, device=R.device) + b * R.to(dtype)
+    if scale is None:
+        return C.to(R.dtype), R
+    return (C * scale).to(R.dtype), (R * scale).to(R.dtype)
 
 
 def _polynomial(R, a, b, c, scale=None):
-    """a I + b R + c R^2 [N, s, s], times scale [N, 1, 1] when given: one GEMM (R^2, no additive input) and
-    one elementwise op. (baddbmm(R, R, R, beta=b) would first copy R into its output, then need a diagonal add.)"""
-    return _small_op(_combine, R)(R, torch.bmm(R, R), a, b, c, scale)
+    """a I + b R + c R^2 [N, s, s], times scale [N, 1, 1] when given. One elementwise op writes C = a I + b R
+    (and with a scale C s and R s), then one GEMM adds c R R into C in place: cuBLAS reads C in its epilogue
+    (beta = 1) and nothing is copied (baddbmm's out-of-place form copies its input into the output first)."""
+    C, left = _small_op(_affine, R)(R, a, b, scale)
+    return C.baddbmm_(left, R, alpha=c)
 
 
 def _segment_factor(R, steps, inv=None):
