@@ -9,7 +9,8 @@ kernel launches shows its wall time. Prints one table and writes benchmarks/resu
 (GEMM, elementwise, foreach, reduction, copy, other) of the eager and the captured step. The "NS method"
 column says which Newton-Schulz form (classic or gram) each nanokimi row used for how many matrices;
 `--counts` prints, without timing anything, the GEMM FLOPs and elementwise bytes per shape of the previous
-step (classic NS, five separate elementwise passes) and the current one.
+step (classic NS, five separate elementwise passes) and the current one, and the Newton-Schulz batches and
+kernel launches before and after cross-shape batching (one batch per block shape, baddbmm polynomials) and now.
 
     python benchmarks/muon_step.py                # GPU
     python benchmarks/muon_step.py --profile      # GPU, plus where the time goes
@@ -31,8 +32,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from perf_common import git_commit, median_ms, results_path  # noqa: E402
 
-from nanokimi.ops.newton_schulz import choose_method, newton_schulz_flops  # noqa: E402
+from nanokimi.ops.newton_schulz import GRAM_SEGMENT, choose_method, newton_schulz_flops, segments  # noqa: E402
 from nanokimi.optim import CapturedStep, Muon, build_optimizer, matrix_blocks  # noqa: E402
+from nanokimi.optim.muon import plan_batches  # noqa: E402
 
 TOP_KERNELS = 15
 CATEGORIES = (  # first match wins; matched against the lower-cased kernel name
@@ -94,6 +96,43 @@ def print_counts(shapes, steps=5):
     print(f"bytes per parameter: old {sum(OLD_BYTES.values())} {OLD_BYTES}; "
           f"new {sum(NEW_BYTES.values())} {NEW_BYTES}")
     return {"gflop_old": totals[0] / 1e9, "gflop_new": totals[1] / 1e9, "mb_old": totals[2], "mb_new": totals[3]}
+
+
+def launches(gram_batches, steps=5, per_shape=False):
+    """(GEMM, other) kernel launches of one Newton-Schulz call: a classic batch (gram_batches=0) or a group of
+    that many gram batches of one short side. per_shape: the previous plan (one call per block shape, so
+    groups of one; each polynomial a baddbmm copy + GEMM + diagonal add; the 1 / n a separate scaling op);
+    now each polynomial is one elementwise op + an in-place GEMM and the 1 / n rides on the last one's
+    elementwise op. _start is one op."""
+    chunks = segments(steps, GRAM_SEGMENT) if gram_batches else [1] * steps
+    big = 2 * max(gram_batches, 1)  # each batch's Gram and final product with X_0, per segment
+    gemms = sum(big + 4 * m - 3 for m in chunks)  # s x s: R^2 per step, P R P and P Q per further step
+    other = 1 + steps * (2 if per_shape else 1) + (1 if per_shape else 0)
+    return gemms, other
+
+
+def print_plan(shapes, steps=5):
+    """Newton-Schulz batches of Muon's plan for `shapes`, with kernel launches before and after."""
+    blocks = [(choose_method(shape, steps), shape, 1) for shape in shapes]
+    plan = plan_batches(blocks)
+    groups = {}
+    for method, (rows, cols), members in plan:
+        key = ("gram", min(rows, cols)) if method == "gram" else ("classic", (rows, cols))
+        groups.setdefault(key, []).append(((rows, cols), len(members)))
+    before, after = [0, 0], [0, 0]
+    print("Newton-Schulz calls (batches stacked as [N, rows, cols]):")
+    for (method, _), batches in groups.items():
+        matrices = sum(n for _, n in batches)
+        print(f"  {method:<8} " + " + ".join(f"{shape} x{n}" for shape, n in batches) +
+              f": s x s products over {matrices} matrices")
+        new = launches(len(batches) if method == "gram" else 0, steps)
+        after = [a + v for a, v in zip(after, new)]
+    for shape in sorted(set(shapes), key=shapes.index):
+        old = launches(1 if choose_method(shape, steps) == "gram" else 0, steps, per_shape=True)
+        before = [b + v for b, v in zip(before, old)]
+    print(f"kernel launches per step: before (one call per block shape) {before[0]} GEMM + {before[1]} other; "
+          f"now {after[0]} GEMM + {after[1]} other")
+    return {"launches_before": before, "launches_now": after}
 
 
 def with_random_grads(shapes, device):
@@ -288,7 +327,7 @@ def main(argv=None):
                         help="only print the 124M set's GEMM FLOPs and elementwise bytes, old vs new step (no timing)")
     args = parser.parse_args(argv)
     if args.counts:
-        return print_counts(gpt2_shapes())
+        return {**print_counts(gpt2_shapes()), **print_plan(gpt2_shapes())}
     if args.out is None:
         args.out = results_path("muon_step", args.quick)
 

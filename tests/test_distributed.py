@@ -16,9 +16,10 @@ import torch.multiprocessing as mp
 from conftest import rel_err
 
 STEPS, SAVE_AT = 20, 10
-MUON_SHAPES = [  # (shape, heads, split): even and uneven row shards, per-head, split, experts, fewer rows than ranks
+MUON_SHAPES = [  # (shape, heads, split): even and uneven row shards, per-head, split, experts, fewer rows than ranks,
+    # tall and wide blocks of equal sides (6x4 / 4x6), gram batches of one short side (2x4 heads, 9x2)
     ((12, 8), None, None), ((5, 7), None, None), ((3, 6, 4), None, None), ((16, 6), 4, None),
-    ((10, 4), None, (6, 4)), ((12, 4), 2, (8, 4)), ((1, 5, 3), None, None),
+    ((10, 4), None, (6, 4)), ((12, 4), 2, (8, 4)), ((1, 5, 3), None, None), ((9, 2), None, None),
 ]
 
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from nanokimi.ops.newton_schulz import (choose_method, coefficient_schedule, newton_schulz, newton_schulz_flops,
-                                       orthogonalize, orthogonalize_naive)
+                                       newton_schulz_group, orthogonalize, orthogonalize_naive)
 from nanokimi.optim import Muon, OptimizerSet, apply_qk_clip, build_optimizer, enable_qk_clip_recording
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,6 +87,53 @@ def test_gram_equals_classic_in_fp64(shape, coefficients):
     for segment in (1, 2, 3, 5):
         assert rel(newton_schulz(G, schedule, "gram", eps=1e-7, segment=segment), classic) < 1e-10
         assert rel(newton_schulz(normalised, schedule, "gram", segment=segment), classic) < 1e-10
+
+
+GROUP_SHAPES = [(3, 8, 20), (2, 30, 8), (4, 8, 8), (1, 8, 13), (2, 11, 8)]  # short side 8: wide, tall, square
+
+
+@pytest.mark.parametrize("coefficients", ["quintic", "polar_express"])
+@pytest.mark.parametrize("segment", [1, 2, 3])
+def test_group_equals_each_batch_alone_in_fp64(coefficients, segment):
+    """Batches of one short side through one s x s recursion == each batch through newton_schulz alone, raw
+    (eps: the normalisation folded in) and already normalised."""
+    torch.manual_seed(segment)
+    Xs = [torch.randn(shape, dtype=torch.float64) for shape in GROUP_SHAPES]
+    schedule = coefficient_schedule(coefficients, 5)
+    for eps, inputs in ((1e-7, Xs), (None, [X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7) for X in Xs])):
+        grouped = newton_schulz_group(inputs, schedule, eps=eps, segment=segment)
+        for X, O in zip(inputs, grouped):
+            assert O.shape == X.shape and O.dtype == X.dtype
+            assert rel(O, newton_schulz(X, schedule, "gram", eps=eps, segment=segment)) < 1e-12
+
+
+def test_group_equals_each_batch_alone_in_fp32_and_the_reference():
+    Xs = [torch.randn(shape) * 10 for shape in GROUP_SHAPES]
+    schedule = coefficient_schedule("quintic", 5)
+    for X, O in zip(Xs, newton_schulz_group(Xs, schedule, eps=1e-7)):
+        assert rel(O, newton_schulz(X, schedule, "gram", eps=1e-7)) < 1e-5
+        assert rel(O, torch.stack([orthogonalize_naive(x) for x in X])) < 1e-5
+
+
+@pytest.mark.gpu
+def test_group_on_gpu_matches_the_reference():
+    """On CUDA the s x s elementwise ops are compiled (_small_op): fp32 and bf16 against the fp32 reference."""
+    Xs = [torch.randn(shape) for shape in GROUP_SHAPES]
+    schedule = coefficient_schedule("quintic", 5)
+    for dtype, bound in ((torch.float32, 1e-4), (torch.bfloat16, 8e-2)):
+        outputs = newton_schulz_group([X.to("cuda", dtype) for X in Xs], schedule, eps=1e-7)
+        for X, O in zip(Xs, outputs):
+            assert O.dtype == dtype and rel(O.cpu(), torch.stack([orthogonalize_naive(x) for x in X])) < bound
+
+
+def test_group_rejects_mixed_batches():
+    schedule = coefficient_schedule("quintic", 5)
+    with pytest.raises(ValueError, match="one short side"):
+        newton_schulz_group([torch.randn(2, 8, 20), torch.randn(2, 9, 20)], schedule)
+    with pytest.raises(ValueError, match="one short side, dtype"):
+        newton_schulz_group([torch.randn(2, 8, 20), torch.randn(2, 8, 20, dtype=torch.float64)], schedule)
+    with pytest.raises(ValueError, match="at least one batch"):
+        newton_schulz_group([], schedule)
 
 
 def test_gram_on_zero_and_tiny_matrices_is_finite():
@@ -231,16 +278,40 @@ def test_per_expert_blocks_and_one_batched_call(monkeypatch):
     experts = torch.randn(5, 20, 9)  # [E, out, in], tall experts
     tall = torch.randn(20, 9)  # same shape as one expert: shares the batch
     p_e, p_t = nn.Parameter(torch.zeros(5, 20, 9)), nn.Parameter(torch.zeros(20, 9))
-    p_w = nn.Parameter(torch.zeros(9, 20))  # wide: its own batch
+    p_w = nn.Parameter(torch.zeros(9, 20))  # wide, same sides: joins the batch transposed
     opt = Muon([dict(params=[p_e, p_t]), dict(params=[p_w], lr=0.5)], lr=1.0, weight_decay=0.0, momentum=0.0,
-               ns_dtype=torch.float32)
+               ns_dtype=torch.float32, ns_method="classic")
     p_e.grad, p_t.grad, p_w.grad = experts.clone(), tall.clone(), tall.T.clone()
     opt.step()
-    assert sorted(calls) == [(1, 9, 20), (6, 20, 9)]
+    assert calls == [(7, 20, 9)]  # stacked tall: 6 of the 7 matrices are tall
     assert rel(-p_w.detach(), 0.5 * _expected(tall.T)) < 1e-5
     for e in range(5):
         assert rel(-p_e.detach()[e], _expected(experts[e])) < 1e-5
     assert rel(-p_t.detach(), _expected(tall)) < 1e-5
+
+
+def test_gpt2_like_layout_is_one_classic_batch_and_one_gram_group(monkeypatch):
+    """GPT-2's matrices in miniature (qkv 3d x d, attn-out d x d, fc 4d x d, proj d x 4d): fc and proj are one
+    batch (wide: a tie), and qkv and fc/proj share one s x s recursion; the square matrices stay classic."""
+    import nanokimi.optim.muon as muon_module
+    calls = []
+    real_single, real_group = muon_module.newton_schulz, muon_module.newton_schulz_group
+    monkeypatch.setattr(muon_module, "newton_schulz",
+                        lambda X, *args, **kw: calls.append(("single", tuple(X.shape))) or real_single(X, *args, **kw))
+    monkeypatch.setattr(muon_module, "newton_schulz_group", lambda Xs, *args, **kw: calls.append(
+        ("group", [tuple(X.shape) for X in Xs])) or real_group(Xs, *args, **kw))
+    d, layers = 8, 2
+    shapes = [shape for _ in range(layers) for shape in ((3 * d, d), (d, d), (4 * d, d), (d, 4 * d))]
+    params = [nn.Parameter(torch.randn(shape)) for shape in shapes]
+    opt = Muon(params, lr=0.1, ns_dtype=torch.float32)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    before = [p.detach().clone() for p in params]
+    opt.step()
+    assert sorted(calls) == [("group", [(2, 3 * d, d), (4, d, 4 * d)]), ("single", (2, d, d))]
+    for p, w in zip(params, before):  # first step: U = (1 + mu) G, and Newton-Schulz ignores the scale
+        expected = -0.1 * (0.1 * w + 0.2 * math.sqrt(max(p.shape)) * orthogonalize_naive(p.grad))
+        assert rel(p.detach() - w, expected) < 1e-5
 
 
 def test_bad_options_say_what_is_wrong():
@@ -381,3 +452,11 @@ def test_benchmark_quick(tmp_path):
     assert "gram x" in eager["ns_methods"] and "classic x" in eager["ns_methods"]
     profiled = written["profile"]["gpt2-tiny"]["nanokimi eager"]
     assert 0 < len(profiled["top"]) <= 15 and "gemm" in profiled["categories_ms"]
+
+
+def test_benchmark_counts_show_the_124m_plan():
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "muon_step.py"), "--counts"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "(2304, 768) x12 + (768, 3072) x24: s x s products over 36 matrices" in result.stdout
+    assert "before (one call per block shape) 66 GEMM + 48 other; now 38 GEMM + 12 other" in result.stdout

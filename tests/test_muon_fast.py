@@ -11,7 +11,7 @@ from torch import nn
 
 from nanokimi.ops.newton_schulz import coefficient_schedule
 from nanokimi.optim import CapturedStep, Muon, build_optimizer, matrix_blocks
-from nanokimi.optim.muon import MOONLIGHT_RMS
+from nanokimi.optim.muon import MOONLIGHT_RMS, plan_batches
 
 
 def rel(a, b):
@@ -76,11 +76,16 @@ def previous_step(opt):
 
 
 def mixed_params():
-    """Params and groups covering every block kind: plain, tall/wide, per-expert, split + heads, no Nesterov."""
-    shapes = [(24, 10), (10, 24), (3, 12, 7), (12, 7), (18, 9), (7, 7)]
+    """Params and groups covering every block kind: plain, tall and wide sharing a batch (24x10 / 10x24, 12x7 /
+    7x12, per-head 8x40 blocks stacked transposed beside tall 40x8 experts), per-expert, split + heads, heads
+    alone, no Nesterov, square, and a split param whose second block's batch (12x7) exists before its first
+    block's (14x7)."""
+    shapes = [(24, 10), (10, 24), (3, 12, 7), (12, 7), (18, 9), (7, 7), (7, 12), (26, 7), (16, 40), (3, 40, 8)]
     params = [nn.Parameter(torch.randn(s) * 0.1) for s in shapes]
-    groups = [dict(params=params[:4]), dict(params=[params[4]], split=(12, 6), heads=3, lr=0.05),
-              dict(params=[params[5]], nesterov=False, weight_decay=0.0)]
+    groups = [dict(params=params[:4] + [params[6], params[9]]),
+              dict(params=[params[4]], split=(12, 6), heads=3, lr=0.05),
+              dict(params=[params[5]], nesterov=False, weight_decay=0.0), dict(params=[params[7]], split=(14, 12)),
+              dict(params=[params[8]], heads=2)]
     return params, groups
 
 
@@ -114,6 +119,15 @@ def test_step_equals_previous_eager_step():
     # the same arithmetic in the same order, except Newton-Schulz's folded polynomial: fp32 rounding apart
     for a, b in zip(new + new_bufs, old + old_bufs):
         assert rel(a, b) < 1e-5
+
+
+def test_plan_batches_joins_tall_and_wide_blocks():
+    """Blocks with equal sides and settings share a batch, stacked in the orientation most of their elements have
+    (a tie stays wide); other settings or sides make other batches."""
+    a, b = ("fp32", 5), ("bf16", 5)
+    blocks = [(a, (20, 9), 5), (a, (9, 20), 1), (a, (9, 9), 2), (b, (9, 20), 1), (a, (30, 9), 1), (a, (9, 30), 1)]
+    assert plan_batches(blocks) == [(a, (20, 9), [(0, False), (1, True)]), (a, (9, 9), [(2, False)]),
+                                    (b, (9, 20), [(3, False)]), (a, (9, 30), [(4, True), (5, False)])]
 
 
 def test_tensor_lr_matches_float_lr():
@@ -273,6 +287,24 @@ def test_compiled_passes_equal_eager_on_cpu():
     for a, b in zip(compiled, eager):
         assert rel(a, b) < 1e-6
     assert dynamo_utils.counters["stats"]["unique_graphs"] - before == 2  # no recompile for tensor lrs
+
+
+def test_compiled_small_ops_equal_eager_on_cpu():
+    """Newton-Schulz's s x s elementwise ops as torch.compile runs them on CUDA (_small_op), against eager:
+    a I + b R with and without the per-matrix 1 / n, in bf16 and fp32, and the start."""
+    from nanokimi.ops.newton_schulz import _affine, _start
+
+    g = torch.Generator().manual_seed(0)
+    affine = torch.compile(_affine, fullgraph=True, dynamic=False)
+    for dtype, scale, bound in ((torch.bfloat16, torch.rand(3, 1, 1, generator=g), 4e-3), (torch.float32, None, 1e-6)):
+        R = torch.randn(3, 9, 9, generator=g).to(dtype)
+        for compiled, eager in zip(affine(R, 3.4, -4.7, scale), _affine(R, 3.4, -4.7, scale)):
+            assert compiled.dtype == eager.dtype == dtype and rel(compiled, eager) < bound
+    X = torch.randn(3, 9, 20, generator=g)
+    gram = X @ X.mT
+    R, inv = torch.compile(_start, fullgraph=True, dynamic=False)(gram, 1e-7)
+    R_eager, inv_eager = _start(gram, 1e-7)
+    assert rel(R, R_eager) < 1e-6 and rel(inv, inv_eager) < 1e-6
 
 
 def test_state_dict_saved_before_ns_method_still_loads():

@@ -23,9 +23,9 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 
-from nanokimi.ops.newton_schulz import choose_method, coefficient_schedule, newton_schulz
+from nanokimi.ops.newton_schulz import choose_method
 from nanokimi.optim.muon import (MOONLIGHT_RMS, Muon, compiled_pass, group_learning_rates, matrix_blocks,
-                                 momentum_updates)
+                                 momentum_updates, orthogonalize_batches, plan_batches)
 
 
 def shard_rows(rows: int, world: int, rank: int) -> tuple[int, int]:
@@ -186,20 +186,28 @@ class DistributedMuon(Muon):
 
     @staticmethod
     def _newton_schulz_(mine, full):
-        batches = defaultdict(list)  # block shape + NS settings -> block views (into `full`)
+        """U -> O in place for the matrices this rank owns, batched as in Muon (plan_batches: blocks of equal
+        sides and settings share a batch, tall and wide alike; orthogonalize_batches: gram batches of one short
+        side share the s x s recursion)."""
+        blocks, views = [], []
         for j, U in zip(mine, full):
             g = j.group
             for block in matrix_blocks(U, g["heads"], g["split"]):
-                key = (tuple(block.shape[-2:]), g["ns_steps"], g["coefficients"], g["eps"], g["ns_method"])
-                batches[key].append(block)
-        for ((rows, cols), ns_steps, coefficients, eps, method), blocks in batches.items():
-            X = torch.cat([b.reshape(-1, rows, cols) for b in blocks])  # [N, rows, cols], not yet normalised
-            method = choose_method((rows, cols), ns_steps, method, coefficients)
-            O = newton_schulz(X, coefficient_schedule(coefficients, ns_steps), method, eps=eps)
+                shape = tuple(block.shape[-2:])
+                method = choose_method(shape, g["ns_steps"], g["ns_method"], g["coefficients"])
+                blocks.append(((g["ns_steps"], g["coefficients"], g["eps"], method), shape,
+                               math.prod(block.shape[:-2])))
+                views.append(block)
+        plan = plan_batches(blocks)
+        stacks = [torch.cat([(views[b].mT if transposed else views[b]).reshape(-1, rows, cols)
+                             for b, transposed in members]) for _, (rows, cols), members in plan]  # not normalised
+        outputs = orthogonalize_batches(stacks, [settings for settings, _, _ in plan])
+        for O, (_, (rows, cols), members) in zip(outputs, plan):
             start = 0
-            for b in blocks:
-                n = b.numel() // (rows * cols)
-                b.copy_(O[start:start + n].view(b.shape))
+            for b, transposed in members:
+                n = views[b].numel() // (rows * cols)
+                piece = O[start:start + n]
+                views[b].copy_((piece.mT if transposed else piece).view(views[b].shape))
                 start += n
 
     @staticmethod

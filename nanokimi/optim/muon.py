@@ -13,11 +13,17 @@ A parameter is split into the matrices that get orthogonalised on their own ("bl
     split=(a1, a2, ...)       rows cut into blocks a1, a2, ... (fused projections such as QKV); sum must be A
     heads=H                   each row block cut into H heads of A/H rows (per-head Muon for attention)
 split and heads combine (split first, then heads within each piece). The scale 0.2 sqrt(max(a, b)) uses each
-block's own shape, so every block's update RMS is 0.2. All blocks with the same shape [a, b] across all
-parameters and groups share one batched Newton-Schulz call.
+block's own shape, so every block's update RMS is 0.2.
+
+All blocks with the same sides {s, l} (short, long) and Newton-Schulz settings, across all parameters and groups,
+share one batched Newton-Schulz call, tall and wide alike: the polar factor of X^T is the transpose of X's, so a
+batch is stacked in one orientation (the one most of its elements already have) and the other blocks go in
+transposed (`plan_batches`). GPT-2's fc [3072, 768] and proj [768, 3072] are one batch. Gram-form batches with
+the same short side s then run their s x s recursion together (`orthogonalize_batches`, newton_schulz_group):
+qkv [2304, 768] and fc/proj share every 768 x 768 product, 36 matrices per GEMM.
 
 A step is three passes over memory: `momentum_and_stack` (reads G and M, writes M and the stacked bf16
-Newton-Schulz inputs, one [N, a, b] per block shape), the batched Newton-Schulz (GEMMs; the Frobenius
+Newton-Schulz inputs, one [N, rows, cols] per batch), the batched Newton-Schulz (GEMMs; the Frobenius
 normalisation is folded into its first Gram matrix), and `decay_and_update` (reads W and O, writes W). Both
 elementwise passes are plain eager functions; on CUDA they run through torch.compile (fullgraph, static
 shapes), compiled on the first step, so each becomes a few fused kernels that the CUDA-graph step captures.
@@ -27,7 +33,8 @@ from collections import defaultdict
 
 import torch
 
-from nanokimi.ops.newton_schulz import COEFFICIENT_SETS, METHODS, choose_method, coefficient_schedule, newton_schulz
+from nanokimi.ops.newton_schulz import (COEFFICIENT_SETS, METHODS, choose_method, coefficient_schedule, newton_schulz,
+                                       newton_schulz_group)
 
 MOONLIGHT_RMS = 0.2
 
@@ -79,16 +86,60 @@ def momentum_updates(grads, bufs, momenta, nesterov):
     return updates
 
 
+def plan_batches(blocks):
+    """Which blocks share a Newton-Schulz batch, and in which orientation each is stacked.
+
+    blocks: (settings, (rows, cols), count) per block (count matrices of that shape; settings: anything hashable,
+    e.g. dtype and the Newton-Schulz options). Blocks with equal settings and equal sides {short, long} form one
+    batch, stacked as [N, rows, cols] in the orientation (tall or wide) that most of its elements have; the
+    others go in transposed (the polar factor of X^T is the transpose of X's).
+    Returns [(settings, (rows, cols), [(block index, transposed), ...])] per batch, in first-appearance order.
+    """
+    batches = {}  # (settings, short, long) -> [(block index, is tall, elements)]
+    for index, (settings, (rows, cols), count) in enumerate(blocks):
+        key = (settings, min(rows, cols), max(rows, cols))
+        batches.setdefault(key, []).append((index, rows > cols, count * rows * cols))
+    plan = []
+    for (settings, short, long), members in batches.items():
+        tall_elements = sum(n for _, is_tall, n in members if is_tall)
+        tall = 2 * tall_elements > sum(n for _, _, n in members)  # a tie stays wide
+        plan.append((settings, (long, short) if tall else (short, long),
+                     [(index, is_tall != tall) for index, is_tall, _ in members]))
+    return plan
+
+
+def orthogonalize_batches(stacks, settings):
+    """Newton-Schulz of every stacked batch: stacks [N, rows, cols] in the compute dtype (raw, normalised
+    inside), settings (steps, coefficients, eps, method) per batch with method resolved ("classic" or "gram").
+    Gram batches with the same short side, dtype and settings go through one newton_schulz_group call (one
+    s x s recursion for all their matrices); classic batches run alone. Returns the outputs in batch order."""
+    outputs = [None] * len(stacks)
+    groups = {}  # (short side, dtype, steps, coefficients, eps) -> indices of gram batches
+    for k, (X, (steps, coefficients, eps, method)) in enumerate(zip(stacks, settings)):
+        if method == "gram":
+            groups.setdefault((min(X.shape[-2:]), X.dtype, steps, coefficients, eps), []).append(k)
+        else:
+            outputs[k] = newton_schulz(X, coefficient_schedule(coefficients, steps), method, eps=eps)
+    for (_, _, steps, coefficients, eps), members in groups.items():
+        group_outputs = newton_schulz_group([stacks[k] for k in members], coefficient_schedule(coefficients, steps),
+                                            eps=eps)
+        for k, O in zip(members, group_outputs):
+            outputs[k] = O
+    return outputs
+
+
 def momentum_and_stack(grads, bufs, momenta, nesterov, layouts, batches):
-    """M <- mu M + G in place for every param, and the Newton-Schulz inputs stacked per block shape.
+    """M <- mu M + G in place for every param, and the Newton-Schulz inputs stacked per batch.
 
     grads, bufs: [A, B] or [E, A, B] per param; momenta: floats; nesterov: bools; layouts: (heads, split) per
-    param; batches: ((rows, cols), dtype, ((param index, block index), ...)) per batch.
-    Returns one [N, rows, cols] tensor per batch holding U = mu M + G (Nesterov) or M, cast to dtype.
+    param; batches: ((rows, cols), dtype, ((param index, block index, transposed), ...)) per batch.
+    Returns one [N, rows, cols] tensor per batch holding U = mu M + G (Nesterov) or M, cast to dtype; a
+    transposed member's blocks are stored as their transposes.
     """
     updates = momentum_updates(grads, bufs, momenta, nesterov)
     blocks = [matrix_blocks(u, *layout) for u, layout in zip(updates, layouts)]
-    return [torch.cat([blocks[i][j].to(dtype).reshape(-1, rows, cols) for i, j in members])
+    return [torch.cat([(blocks[i][j].mT if transposed else blocks[i][j]).to(dtype).reshape(-1, rows, cols)
+                       for i, j, transposed in members])
             for (rows, cols), dtype, members in batches]
 
 
@@ -97,12 +148,14 @@ def decay_and_update(params, orthogonal, lrs, lr_index, decays, sources):
 
     params: [A, B] or [E, A, B]; orthogonal: the [N, rows, cols] Newton-Schulz outputs per batch; lrs: one
     float or 0-d tensor per group (or a [groups] tensor); lr_index: each param's group; decays: floats per
-    param; sources: per param, per block (batch index, start, block shape, scale).
+    param; sources: per param, per block in block order (batch index, start, block shape, scale, transposed).
     """
     for w, i, wd, blocks in zip(params, lr_index, decays, sources):
         lr = lrs[i]
-        pieces = [orthogonal[k][start:start + math.prod(shape[:-2])].view(shape) * (-lr * scale)
-                  for k, start, shape, scale in blocks]
+        pieces = []
+        for k, start, shape, scale, transposed in blocks:
+            O = orthogonal[k][start:start + math.prod(shape[:-2])]  # [n, rows, cols]
+            pieces.append((O.mT if transposed else O).view(shape) * (-lr * scale))
         w.copy_(w * (1 - lr * wd) + join_blocks(pieces, w.shape))
 
 
@@ -218,32 +271,35 @@ class Muon(torch.optim.Optimizer):
 
     def _step_device(self, device, jobs):
         """The three passes for the params of one device (see the module docstring)."""
-        batches = {}  # NS settings + block shape -> [(param index, block index, block shape)]
+        blocks = []  # (NS settings, (rows, cols), count) per block
+        owners = []  # (param index, block index, block shape) per block
         layouts = []
         for i, (p, _, group) in enumerate(jobs):
             layouts.append((group["heads"], group["split"]))
             ns_dtype = group["ns_dtype"] or (torch.float32 if device.type == "cpu" else torch.bfloat16)
+            steps, coefficients = group["ns_steps"], group["coefficients"]
             for j, block in enumerate(matrix_blocks(p, *layouts[-1])):
-                key = (tuple(block.shape[-2:]), ns_dtype, group["ns_steps"], group["coefficients"], group["eps"],
-                       group["ns_method"])
-                batches.setdefault(key, []).append((i, j, tuple(block.shape)))
+                shape = tuple(block.shape[-2:])
+                method = choose_method(shape, steps, group["ns_method"], coefficients)
+                self._last_methods[shape] = method
+                blocks.append(((ns_dtype, steps, coefficients, group["eps"], method), shape,
+                               math.prod(block.shape[:-2])))
+                owners.append((i, j, tuple(block.shape)))
+        plan = plan_batches(blocks)
         compile_passes = self.fused if self.fused is not None else device.type == "cuda"
         stack = compiled_pass(momentum_and_stack) if compile_passes else momentum_and_stack
         update = compiled_pass(decay_and_update) if compile_passes else decay_and_update
-        plan = tuple((shape, dtype, tuple((i, j) for i, j, _ in members))
-                     for (shape, dtype, *_), members in batches.items())
         stacked = stack([p.grad for p, _, _ in jobs], [m for _, m, _ in jobs],
-                        [g["momentum"] for _, _, g in jobs], [g["nesterov"] for _, _, g in jobs],
-                        layouts, plan)
-        orthogonal = []
-        sources = [[] for _ in jobs]  # per param, per block: (batch index, start, block shape, scale)
-        for k, (((rows, cols), _, steps, coefficients, eps, method), members) in enumerate(batches.items()):
-            method = choose_method((rows, cols), steps, method, coefficients)
-            self._last_methods[(rows, cols)] = method
-            orthogonal.append(newton_schulz(stacked[k], coefficient_schedule(coefficients, steps), method, eps=eps))
+                        [g["momentum"] for _, _, g in jobs], [g["nesterov"] for _, _, g in jobs], layouts,
+                        tuple((shape, settings[0], tuple((*owners[b][:2], transposed) for b, transposed in members))
+                              for settings, shape, members in plan))
+        orthogonal = orthogonalize_batches(stacked, [settings[1:] for settings, _, _ in plan])
+        sources = [[None] * len(matrix_blocks(p, *layout)) for (p, _, _), layout in zip(jobs, layouts)]
+        for k, (_, (rows, cols), members) in enumerate(plan):
             start, scale = 0, MOONLIGHT_RMS * math.sqrt(max(rows, cols))
-            for i, _, shape in members:
-                sources[i].append((k, start, shape, scale))
+            for b, transposed in members:
+                i, j, shape = owners[b]
+                sources[i][j] = (k, start, shape, scale, transposed)
                 start += math.prod(shape[:-2])
         lrs, lr_index = group_learning_rates([g for _, _, g in jobs], device, as_tensor=compile_passes)
         update([p for p, _, _ in jobs], orthogonal, lrs, lr_index, [g["weight_decay"] for _, _, g in jobs],

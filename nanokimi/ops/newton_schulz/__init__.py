@@ -7,7 +7,10 @@ the same iteration X <- a X + b (X X^T) X + c (X X^T)^2 X, chosen per shape by F
 classic: per step
     R = X X^T;  P = a I + b R + c R^2;  X = P X            2 s^2 l + 2 s^3 + 2 s^2 l FLOPs
 Folding a into the small s x s P means the big GEMM has no additive input (baddbmm(X, P, X, beta=a) would
-copy all of X into its output every step).
+copy all of X into its output every step). P itself is one elementwise op C = a I + b R (fp32 arithmetic; on
+CUDA one compiled kernel, the identity an index test) and one GEMM C += c R R in place (cuBLAS beta = 1, C
+read in the epilogue). baddbmm(R, R, R, beta=b) plus a diagonal add moved the same bytes in three launches
+(a copy of R into the output, the GEMM, the diagonal).
 
 gram: every iterate is X_k = Q_k X_0 with Q_k a polynomial in G = X_0 X_0^T (symmetric, commuting with G).
 With R_k = X_k X_k^T and P_k = a I + b R_k + c R_k^2:
@@ -23,16 +26,23 @@ is at most ~1.4x the classic bf16 one; with Polar Express (steep first polynomia
 largest singular value reaches 1.27 (band 1.124), so "auto" uses gram only for the quintic set. Without
 restarts both sets diverge on ill-conditioned inputs (singular values in the tens or thousands).
 
+Cross-shape batches (`newton_schulz_group`): batches of different long sides but one short side s (tall or
+wide) each compute their own G = X_0 X_0^T, into slices of one [N_1 + N_2 + ..., s, s] buffer, and their own
+final Q X_0; the s x s recursion in between is one batched product per step over all the matrices. A batch
+of 12 matrices of 768 x 768 leaves much of an H100's last GEMM wave empty; 36 fill it better.
+
 Normalisation folds into the first Gram matrix: with n = sqrt(trace(X_0 X_0^T)) + eps = ||X_0||_F + eps
-(trace summed in fp32), the iteration starts from R_0 = G / n^2 and a first polynomial divided by n, so
-an unnormalised X never needs a separate pass (pass `eps`). A zero matrix stays zero (n = eps, no NaN).
+(trace summed in fp32), the iteration starts from R_0 = G / n^2, and the first segment's last polynomial is
+divided by n (Q = P_{m-1} ... P_0 / n; its elementwise op writes (a I + b R) / n and R / n, the GEMM's left
+operand), so an unnormalised X never needs a separate pass (pass `eps`). A zero matrix stays zero (n = eps, no NaN).
 """
 import torch
 
 from nanokimi.ops.newton_schulz.naive import COEFFICIENT_SETS, coefficient_schedule, orthogonalize_naive
 
 __all__ = ["COEFFICIENT_SETS", "GRAM_SEGMENT", "METHODS", "coefficient_schedule", "choose_method",
-           "newton_schulz", "newton_schulz_flops", "normalize_into", "orthogonalize", "orthogonalize_naive"]
+           "newton_schulz", "newton_schulz_flops", "newton_schulz_group", "normalize_into", "orthogonalize",
+           "orthogonalize_naive"]
 
 METHODS = ("auto", "classic", "gram")
 GRAM_SEGMENT = 2  # steps between restarts of the Gram recursion (see the module docstring)
@@ -81,29 +91,51 @@ def _start(gram, eps):
     return (gram * inv.square()).to(gram.dtype), inv
 
 
-def _scale_to(Q, inv, dtype):
-    """Q * inv (per matrix) cast to dtype: the 1 / n of the normalisation applied to the s x s factor."""
-    return (Q * inv).to(dtype)
-
-
 _compiled_small_ops = {}
 
 
 def _small_op(fn, X):
-    """fn itself, or on CUDA fn through torch.compile: the s x s scalings then run as one vectorised kernel
-    each (eager, a bf16 x fp32 broadcast multiply plus a cast is two slow kernels)."""
+    """fn itself, or on CUDA fn through torch.compile: each s x s elementwise op then runs as one vectorised
+    kernel (eager, a bf16 x fp32 broadcast multiply plus a cast is two slow kernels). Static shapes: one graph
+    per (N, s, dtype) and per coefficient triple, so the recompile limit is raised (many block shapes)."""
     if X.device.type != "cuda" or torch.compiler.is_compiling():
         return fn
     if fn not in _compiled_small_ops:
+        from nanokimi.train.fast import raise_recompile_limits
+        raise_recompile_limits()
         _compiled_small_ops[fn] = torch.compile(fn, fullgraph=True, dynamic=False)
     return _compiled_small_ops[fn]
 
 
-def _polynomial(R, a, b, c):
-    """a I + b R + c R^2, [N, s, s]."""
-    P = torch.baddbmm(R, R, R, beta=b, alpha=c)
-    P.diagonal(dim1=-2, dim2=-1).add_(a)
-    return P
+def _affine(R, a, b, scale):
+    """(a I + b R, R) for every matrix of R [N, s, s], or with scale [N, 1, 1] both times scale; computed in
+    fp32 (fp64 for fp64 R), returned in R's dtype. Compiled, the identity is an index test, never a tensor read."""
+    dtype = torch.promote_types(R.dtype, torch.float32)
+    C = a * torch.eye(R.shape[-1], dtype=dtype, device=R.device) + b * R.to(dtype)
+    if scale is None:
+        return C.to(R.dtype), R
+    return (C * scale).to(R.dtype), (R * scale).to(R.dtype)
+
+
+def _polynomial(R, a, b, c, scale=None):
+    """a I + b R + c R^2 [N, s, s], times scale [N, 1, 1] when given. One elementwise op writes C = a I + b R
+    (and with a scale C s and R s), then one GEMM adds c R R into C in place: cuBLAS reads C in its epilogue
+    (beta = 1) and nothing is copied (baddbmm's out-of-place form copies its input into the output first)."""
+    C, left = _small_op(_affine, R)(R, a, b, scale)
+    return C.baddbmm_(left, R, alpha=c)
+
+
+def _segment_factor(R, steps, inv=None):
+    """Q = P_{m-1} ... P_1 P_0 of one segment of m steps from its starting R [N, s, s] (P_k = a I + b R_k + c R_k^2,
+    R_{k+1} = P_k R_k P_k); times inv [N, 1, 1] per matrix when given (the 1 / n of the normalisation)."""
+    Q = None  # [N, s, s]
+    for i, (a, b, c) in enumerate(steps):
+        last = i == len(steps) - 1
+        P = _polynomial(R, a, b, c, inv if last else None)  # the last P is needed only inside Q
+        Q = P if Q is None else torch.bmm(P, Q)
+        if not last:
+            R = torch.bmm(torch.bmm(P, R), P)
+    return Q
 
 
 def newton_schulz(X, schedule, method="auto", eps=None, segment=GRAM_SEGMENT):
@@ -120,17 +152,38 @@ def newton_schulz(X, schedule, method="auto", eps=None, segment=GRAM_SEGMENT):
     for start in range(0, len(schedule), chunk):
         gram = torch.bmm(X.mT, X) if tall else torch.bmm(X, X.mT)
         R, inv = _small_op(_start, X)(gram, eps) if start == 0 and eps is not None else (gram, None)
-        Q = None  # [N, s, s]
-        steps = schedule[start:start + chunk]
-        for i, (a, b, c) in enumerate(steps):
-            P = _polynomial(R, a, b, c)
-            Q = P if Q is None else torch.bmm(P, Q)
-            if i < len(steps) - 1:
-                R = torch.bmm(torch.bmm(P, R), P)
-        if inv is not None:
-            Q = _small_op(_scale_to, X)(Q, inv, X.dtype)  # the 1 / n of the normalisation
+        Q = _segment_factor(R, schedule[start:start + chunk], inv)
         X = torch.bmm(X, Q) if tall else torch.bmm(Q, X)
     return X
+
+
+def newton_schulz_group(Xs, schedule, eps=None, segment=GRAM_SEGMENT):
+    """The Gram form over several batches whose matrices share their short side s: a list of [N_i, s, l_i]
+    (wide) or [N_i, l_i, s] (tall) tensors, l_i >= s, one dtype -> the list of outputs (same shapes, dtype).
+
+    Each batch computes its own Gram matrix (X X^T, or X^T X when tall), written straight into its slice of one
+    [N_1 + N_2 + ..., s, s] buffer, and its own final product with X_0; the s x s recursion in between
+    (polynomials, P Q, P R P) runs once over all the matrices, so every s x s product is one larger batched
+    GEMM instead of one per batch. Equal to newton_schulz(X, schedule, "gram", eps, segment) on each batch.
+    """
+    if not Xs:
+        raise ValueError("newton_schulz_group needs at least one batch [N, A, B]")
+    s = min(Xs[0].shape[-2:])
+    for X in Xs:
+        if X.ndim != 3 or min(X.shape[-2:]) != s or X.dtype != Xs[0].dtype or X.device != Xs[0].device:
+            raise ValueError(f"newton_schulz_group needs [N, A, B] batches with one short side, dtype and device; "
+                             f"got {[(tuple(X.shape), X.dtype, str(X.device)) for X in Xs]}. Group the batches by "
+                             "min(A, B), dtype and device, or call newton_schulz per batch.")
+    sizes = [X.shape[0] for X in Xs]
+    tall = [X.shape[-2] > X.shape[-1] for X in Xs]
+    gram = Xs[0].new_empty(sum(sizes), s, s)  # every batch's Gram matrices, one batch after another
+    for start in range(0, len(schedule), segment):
+        for X, G, is_tall in zip(Xs, gram.split(sizes), tall):
+            torch.bmm(X.mT, X, out=G) if is_tall else torch.bmm(X, X.mT, out=G)
+        R, inv = _small_op(_start, gram)(gram, eps) if start == 0 and eps is not None else (gram, None)
+        Q = _segment_factor(R, schedule[start:start + segment], inv)  # [sum N_i, s, s]
+        Xs = [torch.bmm(X, q) if is_tall else torch.bmm(q, X) for X, q, is_tall in zip(Xs, Q.split(sizes), tall)]
+    return Xs
 
 
 def orthogonalize(G, steps=5, coefficients="quintic", dtype=torch.bfloat16, eps=1e-7, method="auto"):
