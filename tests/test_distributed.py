@@ -217,29 +217,60 @@ def test_benchmark_quick_compiled_under_fsdp(tmp_path):
 
 
 def test_distributed_muon_fused_passes_compiled_equal_eager():
-    """The two elementwise passes of DistributedMuon as torch.compile runs them on CUDA, against the eager
-    functions: shards of odd sizes, an empty shard, 3-D experts with two segments along dim 1."""
+    """The four data passes of DistributedMuon as torch.compile runs them on CUDA, against the eager
+    functions: shards of odd sizes, an empty shard, 3-D experts with two segments along dim 1, a matrix cut
+    into heads and split pieces whose shards come from two ranks."""
     import torch
 
-    from nanokimi.optim.dist_muon import decay_and_apply, momentum_and_pack
+    from nanokimi.optim.dist_muon import decay_and_apply, momentum_and_pack, pack_returns, unpack_owned
 
     def run(fused):
         g = torch.Generator().manual_seed(0)
+        compile_if = (lambda f: torch.compile(f, fullgraph=True)) if fused else (lambda f: f)
         shapes = [(5, 7), (0, 7), (2, 6, 4), (3, 9)]
         grads = [torch.randn(s, generator=g) for s in shapes]
         bufs = [torch.randn(s, generator=g) for s in shapes]
         weights = [torch.randn(s, generator=g) for s in shapes]
-        pack = torch.compile(momentum_and_pack, fullgraph=True) if fused else momentum_and_pack
-        sends = pack(grads, bufs, [0.95, 0.9, 0.95, 0.8], [True, True, False, True], ((3, 0), (1, 2)),
-                     torch.float32)
-        updates = [torch.randn(s, generator=g) for s in shapes]
-        segments = (((0, 0, 5, 0.7),), (), ((1, 0, 2, 0.4), (1, 2, 6, 0.9)), ((0, 0, 1, 0.3), (0, 1, 3, 0.5)))
-        apply = torch.compile(decay_and_apply, fullgraph=True) if fused else decay_and_apply
-        apply(weights, updates, torch.tensor([0.01, 0.02]), (0, 1, 1, 0), [0.1, 0.0, 0.1, 0.2], segments)
-        return sends + bufs + weights
+        sends = compile_if(momentum_and_pack)(grads, bufs, [0.95, 0.9, 0.95, 0.8], [True, True, False, True],
+                                              ((3, 0), (1, 2)), torch.float32)
+        orthogonals = [torch.randn(5 * 7 + 3 * 9, generator=g), torch.randn(2 * 6 * 4, generator=g)]
+        layout = ((0, 27, (5, 7), ((0, 0, 5, 0.7),)), (0, 0, (0, 7), ()),
+                  (1, 0, (2, 6, 4), ((1, 0, 2, 0.4), (1, 2, 6, 0.9))), (0, 0, (3, 9), ((0, 0, 1, 0.3), (0, 1, 3, 0.5))))
+        compile_if(decay_and_apply)(weights, orthogonals, torch.tensor([0.01, 0.02]), (0, 1, 1, 0),
+                                    [0.1, 0.0, 0.1, 0.2], layout)
+        # owned: a [6, 4] matrix in split (4, 2) x heads 2 blocks (rows 0-2 from rank 0, 3-5 from rank 1), and
+        # a [5, 3] matrix (rows 0-2, 3-4); received: rank 0's chunk, then rank 1's
+        received = torch.randn(3 * 4 + 3 * 3 + 3 * 4 + 2 * 3, generator=g)
+        jobs = (((6, 4), 2, (4, 2), ((0, 3), (21, 3))), ((5, 3), None, None, ((12, 3), (33, 2))))
+        batches = (((2, 4), ((0, 0, False),)), ((1, 4), ((0, 1, False),)), ((3, 5), ((1, 0, True),)))
+        inputs = compile_if(unpack_owned)(received, (jobs, batches))
+        returns = (((6, 4), ((0, 0, (1, 2, 2, 4), False), (1, 0, (1, 2, 1, 4), False)), ((0, 3), (3, 6))),
+                   ((5, 3), ((2, 0, (1, 5, 3), True),), ((0, 3), (3, 5))))
+        back = compile_if(pack_returns)([x * 2 for x in inputs], returns)
+        return [*sends, *bufs, *weights, *inputs, back]
 
     for a, b in zip(run(True), run(False)):
         assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_distributed_muon_unpack_and_return_round_trip():
+    """pack_returns(unpack_owned(x)) gives back x's rows in per-rank order: the layouts agree on where every
+    shard and block sits (matrix [6, 4] as split (4, 2) x 2 heads from two ranks, and a whole [5, 3] stacked
+    transposed, as plan_batches does for a batch's minority orientation)."""
+    import torch
+
+    from nanokimi.optim.dist_muon import pack_returns, unpack_owned
+
+    a, b = torch.arange(24.).view(6, 4), 100 + torch.arange(15.).view(5, 3)
+    received = torch.cat([a[:3].flatten(), b[:3].flatten(), a[3:].flatten(), b[3:].flatten()])
+    jobs = (((6, 4), 2, (4, 2), ((0, 3), (21, 3))), ((5, 3), None, None, ((12, 3), (33, 2))))
+    batches = (((2, 4), ((0, 0, False),)), ((1, 4), ((0, 1, False),)), ((3, 5), ((1, 0, True),)))
+    inputs = unpack_owned(received, (jobs, batches))
+    assert torch.equal(inputs[0], a[:4].view(2, 2, 4)) and torch.equal(inputs[1], a[4:].view(2, 1, 4))
+    assert torch.equal(inputs[2], b.T[None])
+    returns = (((6, 4), ((0, 0, (1, 2, 2, 4), False), (1, 0, (1, 2, 1, 4), False)), ((0, 3), (3, 6))),
+               ((5, 3), ((2, 0, (1, 5, 3), True),), ((0, 3), (3, 5))))
+    assert torch.equal(pack_returns(inputs, returns), received)
 
 
 def test_clip_grad_norm_equals_torch_on_plain_tensors():

@@ -12,20 +12,24 @@ Parameters are DTensors sharded on dim 0 over a 1-D mesh (FSDP2's layout: rank r
        the same blocks as Muon (per-head, split, per-expert), while the later buckets are still in flight
     4. per bucket, a second all-to-all sends each rank the rows of O that match its shard; then one fused
        pass: W <- W (1 - lr wd) - lr 0.2 sqrt(max(a, b)) O
-On CUDA the two fused passes run through torch.compile (`fused=None` default; Muon's option).
-So the Newton-Schulz work is split over ranks, never repeated, with several buckets its communication
-overlaps it, and the
-result is the single-process Muon's. Two all-to-alls per bucket, no other collective.
+Besides the all-to-alls, every data movement is one of four passes over flat buffers: pack (step 1),
+`unpack_owned` (shards -> whole matrices -> Newton-Schulz batches), `pack_returns` (results -> per-rank rows)
+and `decay_and_apply` (step 4); on CUDA each runs through torch.compile (`fused=None` default; Muon's option),
+so the host issues a few calls per bucket, not a few per matrix. Owners, sizes, offsets and batches are
+planned once per set of parameters and options. So the Newton-Schulz work is split over ranks, never
+repeated, with several buckets its communication overlaps it, and the result is the single-process Muon's.
+Two all-to-alls per bucket, no other collective.
 """
 import math
 from collections import defaultdict
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
 from nanokimi.ops.newton_schulz import choose_method
-from nanokimi.optim.muon import (MOONLIGHT_RMS, Muon, compiled_pass, group_learning_rates, matrix_blocks,
-                                 momentum_updates, orthogonalize_batches, plan_batches)
+from nanokimi.optim.muon import (MOONLIGHT_RMS, Muon, compiled_pass, group_learning_rates, join_blocks,
+                                 matrix_blocks, momentum_updates, orthogonalize_batches, plan_batches)
 
 
 def shard_rows(rows: int, world: int, rank: int) -> tuple[int, int]:
@@ -81,17 +85,40 @@ class _Job:
         return (stop - start) * self.row_numel
 
 
+class _BucketPlan(NamedTuple):
+    """What one bucket's step needs, fixed while the parameters and their options are: the all-to-all sizes,
+    the static layouts of `unpack_owned` and `pack_returns`, and the Newton-Schulz settings of each batch."""
+    owned: bool  # does this rank own any matrix of the bucket
+    send_sizes: tuple
+    recv_sizes: tuple
+    unpack_layout: tuple  # (jobs, batches) for unpack_owned
+    pack_layout: tuple  # jobs for pack_returns
+    batch_settings: tuple  # per batch: (ns steps, coefficients, eps, method resolved for the shape)
+
+
+class _StepPlan(NamedTuple):
+    send_orders: tuple  # per bucket, the job indices in send order (owner by owner)
+    buckets: tuple  # _BucketPlan per bucket
+    update_layout: tuple  # per job: (bucket, offset, local shape, segments) for decay_and_apply
+
+
 class DistributedMuon(Muon):
     """Muon over DTensor parameters sharded on dim 0 (FSDP2). Same options and update as Muon; built by
     nanokimi.optim.build_optimizer when the model's parameters are DTensors. `buckets`: how many pieces
     the matrices are cut into so that communication overlaps the Newton-Schulz work (1, the default: no
-    overlap, and the fastest measured on 2x H200 for bench-kl-900m: 38.9 vs 69.6 ms with 4)."""
+    overlap, and the fastest measured on 2x H200 for bench-kl-900m: 38.9 vs 69.6 ms with 4).
+
+    The step's layout (owners, sizes, offsets, batches) is planned once per set of parameters and options and
+    reused, and every data movement besides the two all-to-alls is one of four passes over flat buffers
+    (pack, unpack, pack returns, apply), compiled on CUDA, so the host issues a few calls per bucket instead of
+    a few per matrix."""
 
     def __init__(self, params, buckets: int = 1, **options):
         if buckets < 1:
             raise ValueError(f"buckets must be >= 1, got {buckets}")
         super().__init__(params, **options)
         self.buckets = buckets
+        self._plans = {}
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -99,20 +126,15 @@ class DistributedMuon(Muon):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        jobs_by_dtype = defaultdict(list)
-        mesh = None
+        entries_by_dtype = defaultdict(list)  # ns dtype -> [(param, group)]
         for group in self.param_groups:
+            ns_dtype = group["ns_dtype"]
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                mesh = self._check_layout(p, mesh)
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                ns_dtype = group["ns_dtype"] or (torch.float32 if p.device.type == "cpu" else torch.bfloat16)
-                jobs_by_dtype[ns_dtype].append(_Job(p, state["momentum_buffer"], group, mesh.size()))
-        for dtype, jobs in jobs_by_dtype.items():
-            self._orthogonalise_and_apply(jobs, dtype, mesh.get_group(), mesh.get_local_rank(), mesh.size())
+                if p.grad is not None:
+                    dtype = ns_dtype or (torch.float32 if p.device.type == "cpu" else torch.bfloat16)
+                    entries_by_dtype[dtype].append((p, group))
+        for dtype, entries in entries_by_dtype.items():
+            self._step_entries(entries, dtype)
         return loss
 
     @staticmethod
@@ -127,88 +149,114 @@ class DistributedMuon(Muon):
             raise ValueError("DistributedMuon needs all its parameters on one device mesh.")
         return p.device_mesh
 
-    def _orthogonalise_and_apply(self, jobs, dtype, group, rank, world):
-        """Steps 1-4 over buckets of matrices. Step 1 is one fused pass (momentum, Nesterov, cast, packed in
-        send order); every bucket's all-to-all is started at once (asynchronous), then each bucket's
-        Newton-Schulz runs as soon as its shards have arrived, while later buckets are still in flight, and its
-        results start back at once; step 4 (decay + update) is one fused pass when all are back."""
-        buckets = size_buckets(jobs, self.buckets)
-        send_order = []
-        for bucket in buckets:
+    def _step_entries(self, entries, dtype):
+        """Steps 1-4 (module docstring) for the (param, group) entries of one Newton-Schulz dtype. Every
+        bucket's all-to-all is started at once (asynchronous), then each bucket's Newton-Schulz runs as soon as
+        its shards have arrived, while later buckets are still in flight, and its results start back at once;
+        the decay + update is one pass when all are back."""
+        key = (dtype, self.buckets, tuple((id(p), id(g), g["heads"], g["split"], g["ns_steps"], g["coefficients"],
+                                           g["eps"], g["ns_method"]) for p, g in entries))
+        if key not in self._plans:
+            self._plans[key] = self._plan(entries)
+        plan, mesh = self._plans[key]
+        group, rank = mesh.get_group(), mesh.get_local_rank()
+        buffers = []
+        for p, _ in entries:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            buffers.append(state["momentum_buffer"].to_local())
+        fused = self.fused if self.fused is not None else entries[0][0].device.type == "cuda"
+        pack = compiled_pass(momentum_and_pack) if fused else momentum_and_pack
+        unpack = compiled_pass(unpack_owned) if fused else unpack_owned
+        pack_back = compiled_pass(pack_returns) if fused else pack_returns
+        apply = compiled_pass(decay_and_apply) if fused else decay_and_apply
+        sends = pack([p.grad.to_local() for p, _ in entries], buffers, [g["momentum"] for _, g in entries],
+                     [g["nesterov"] for _, g in entries], plan.send_orders, dtype)
+        in_flight = []
+        for bucket, send in zip(plan.buckets, sends):
+            received = send.new_empty(sum(bucket.recv_sizes))
+            work = dist.all_to_all_single(received, send, list(bucket.recv_sizes), list(bucket.send_sizes),
+                                          group=group, async_op=True)
+            in_flight.append((bucket, received, work))
+        returning = []
+        for bucket, received, work in in_flight:
+            work.wait()
+            back = received.new_empty(0)
+            if bucket.owned:
+                inputs = unpack(received, bucket.unpack_layout)  # [N, rows, cols] per batch, not yet normalised
+                outputs = orthogonalize_batches(inputs, bucket.batch_settings)
+                back = pack_back(outputs, bucket.pack_layout)
+            orthogonal = received.new_empty(sum(bucket.send_sizes))
+            work = dist.all_to_all_single(orthogonal, back, list(bucket.send_sizes), list(bucket.recv_sizes),
+                                          group=group, async_op=True)
+            returning.append((orthogonal, work))
+        for _, work in returning:
+            work.wait()
+        lrs, lr_index = group_learning_rates([g for _, g in entries], entries[0][0].device, as_tensor=fused)
+        apply([p.to_local() for p, _ in entries], [o for o, _ in returning], lrs, lr_index,
+              [g["weight_decay"] for _, g in entries], plan.update_layout)
+
+    def _plan(self, entries):
+        """(_StepPlan, mesh) for these entries: buckets, owners, send orders and every static layout."""
+        mesh = None
+        for p, _ in entries:
+            mesh = self._check_layout(p, mesh)
+        rank, world = mesh.get_local_rank(), mesh.size()
+        jobs = [_Job(p, None, g, world) for p, g in entries]
+        index = {id(j): i for i, j in enumerate(jobs)}
+        send_orders, buckets, update_layout = [], [], [None] * len(jobs)
+        for b, bucket in enumerate(size_buckets(jobs, self.buckets)):
             for job, owner in zip(bucket, assign_owners([math.prod(j.shape) for j in bucket], world)):
                 job.owner = owner
-            send_order.append([j for o in range(world) for j in bucket if j.owner == o])
-        index = {id(j): i for i, j in enumerate(jobs)}
-        fused = self.fused if self.fused is not None else jobs[0].param.device.type == "cuda"
-        pack = compiled_pass(momentum_and_pack) if fused else momentum_and_pack
-        sends = pack([j.param.grad.to_local() for j in jobs], [j.buffer.to_local() for j in jobs],
-                     [j.group["momentum"] for j in jobs], [j.group["nesterov"] for j in jobs],
-                     tuple(tuple(index[id(j)] for j in order) for order in send_order), dtype)
-        in_flight = []
-        for bucket, send in zip(buckets, sends):
+            send_orders.append(tuple(index[id(j)] for o in range(world) for j in bucket if j.owner == o))
             mine = [j for j in bucket if j.owner == rank]
-            send_sizes = [sum(j.numel_of(rank) for j in bucket if j.owner == o) for o in range(world)]
-            recv_sizes = [sum(j.numel_of(r) for j in mine) for r in range(world)]
-            received = send.new_empty(sum(recv_sizes))
-            work = dist.all_to_all_single(received, send, recv_sizes, send_sizes, group=group, async_op=True)
-            in_flight.append((bucket, mine, send_sizes, recv_sizes, send, received, work))
-        returning = []
-        for bucket, mine, send_sizes, recv_sizes, send, received, work in in_flight:
-            work.wait()
-            full = self._assemble(mine, received.split(recv_sizes), world)  # whole U of each matrix I own
-            self._newton_schulz_(mine, full)  # U -> O in place
-            back = torch.cat([O[slice(*j.rows[r])].flatten() for r in range(world) for j, O in zip(mine, full)]
-                             or [send.new_empty(0)])
-            orthogonal = send.new_empty(sum(send_sizes))
-            work = dist.all_to_all_single(orthogonal, back, send_sizes, recv_sizes, group=group, async_op=True)
-            returning.append((bucket, send_sizes, back, orthogonal, work))
-        updates = [None] * len(jobs)  # each job's O rows for this rank's shard
-        for bucket, send_sizes, back, orthogonal, work in returning:
-            work.wait()
-            for owner, chunk in enumerate(orthogonal.split(send_sizes)):
-                owned = [j for j in bucket if j.owner == owner]
-                for j, piece in zip(owned, chunk.split([j.numel_of(rank) for j in owned])):
-                    updates[index[id(j)]] = piece.view(j.param.to_local().shape)
-        lrs, lr_index = group_learning_rates([j.group for j in jobs], jobs[0].param.device, as_tensor=fused)
-        update = compiled_pass(decay_and_apply) if fused else decay_and_apply
-        update([j.param.to_local() for j in jobs], updates, lrs, lr_index, [j.group["weight_decay"] for j in jobs],
-               tuple(tuple(self._local_segments(j, rank)) for j in jobs))
+            send_sizes = tuple(sum(j.numel_of(rank) for j in bucket if j.owner == o) for o in range(world))
+            recv_sizes = tuple(sum(j.numel_of(r) for j in mine) for r in range(world))
+            offset = 0
+            for owner in range(world):  # where each job's returning rows land in this bucket's buffer
+                for j in (j for j in bucket if j.owner == owner):
+                    local_shape = (j.rows[rank][1] - j.rows[rank][0], *j.shape[1:])
+                    update_layout[index[id(j)]] = (b, offset, local_shape, tuple(self._local_segments(j, rank)))
+                    offset += j.numel_of(rank)
+            buckets.append(self._bucket_plan(mine, send_sizes, recv_sizes, world))
+        return _StepPlan(tuple(send_orders), tuple(buckets), tuple(update_layout)), mesh
 
     @staticmethod
-    def _assemble(mine, chunks, world):
-        """Rank r's chunk holds its shard of each of my matrices in order; stack the shards row-wise."""
-        pieces = [chunk.split([j.numel_of(r) for j in mine]) for r, chunk in enumerate(chunks)]
-        full = []
+    def _bucket_plan(mine, send_sizes, recv_sizes, world):
+        """Layouts of the owned matrices: where each one's shards sit in the received buffer (rank r's chunk
+        holds its shard of each owned matrix in order), which NS batch each block joins, and where its result
+        goes back."""
+        starts = [sum(recv_sizes[:r]) for r in range(world)]
+        unpack_jobs, blocks, block_of = [], [], []  # blocks: (settings, (rows, cols), count) as plan_batches takes
         for i, j in enumerate(mine):
-            shards = [pieces[r][i].view(j.rows[r][1] - j.rows[r][0], *j.shape[1:]) for r in range(world)]
-            full.append(torch.cat(shards))  # [A, B] or [E, A, B]
-        return full
-
-    @staticmethod
-    def _newton_schulz_(mine, full):
-        """U -> O in place for the matrices this rank owns, batched as in Muon (plan_batches: blocks of equal
-        sides and settings share a batch, tall and wide alike; orthogonalize_batches: gram batches of one short
-        side share the s x s recursion)."""
-        blocks, views = [], []
-        for j, U in zip(mine, full):
             g = j.group
-            for block in matrix_blocks(U, g["heads"], g["split"]):
+            pieces = []
+            for r in range(world):
+                rows = j.rows[r][1] - j.rows[r][0]
+                if rows:
+                    pieces.append((starts[r], rows))
+                    starts[r] += rows * j.row_numel
+            unpack_jobs.append((j.shape, g["heads"], g["split"], tuple(pieces)))
+            for k, block in enumerate(matrix_blocks(torch.empty(j.shape, device="meta"), g["heads"], g["split"])):
                 shape = tuple(block.shape[-2:])
                 method = choose_method(shape, g["ns_steps"], g["ns_method"], g["coefficients"])
-                blocks.append(((g["ns_steps"], g["coefficients"], g["eps"], method), shape,
-                               math.prod(block.shape[:-2])))
-                views.append(block)
-        plan = plan_batches(blocks)
-        stacks = [torch.cat([(views[b].mT if transposed else views[b]).reshape(-1, rows, cols)
-                             for b, transposed in members]) for _, (rows, cols), members in plan]  # not normalised
-        outputs = orthogonalize_batches(stacks, [settings for settings, _, _ in plan])
-        for O, (_, (rows, cols), members) in zip(outputs, plan):
-            start = 0
+                blocks.append(((g["ns_steps"], g["coefficients"], g["eps"], method), shape, math.prod(block.shape[:-2])))
+                block_of.append((i, k, tuple(block.shape)))
+        plan = plan_batches(blocks)  # as Muon: equal sides share a batch, the minority orientation transposed
+        sources = [[] for _ in mine]  # per owned matrix, per block: (batch, first matrix, block shape, transposed)
+        for n, (_, _, members) in enumerate(plan):
+            first = 0
             for b, transposed in members:
-                n = views[b].numel() // (rows * cols)
-                piece = O[start:start + n]
-                views[b].copy_((piece.mT if transposed else piece).view(views[b].shape))
-                start += n
+                i, k, shape = block_of[b]
+                sources[i].append((k, (n, first, shape, transposed)))
+                first += blocks[b][2]
+        pack_jobs = tuple((j.shape, tuple(source for _, source in sorted(sources[i])), tuple(tuple(r) for r in j.rows))
+                          for i, j in enumerate(mine))
+        batch_layout = tuple((shape, tuple((*block_of[b][:2], transposed) for b, transposed in members))
+                             for _, shape, members in plan)
+        return _BucketPlan(bool(mine), send_sizes, recv_sizes, (tuple(unpack_jobs), batch_layout), pack_jobs,
+                           tuple(settings for settings, _, _ in plan))
 
     @staticmethod
     def _local_segments(job, rank):
@@ -230,13 +278,44 @@ def momentum_and_pack(grads, bufs, momenta, nesterov, send_orders, dtype):
             for order in send_orders]
 
 
-def decay_and_apply(weights, updates, lrs, lr_index, decays, segments):
+def unpack_owned(received, layout):
+    """The whole U of every matrix this rank owns, from the shards in `received` (flat, rank r's chunk holding
+    its rows of each owned matrix in order), cut into blocks and stacked per Newton-Schulz batch.
+    layout: (jobs, batches); jobs: per owned matrix (global shape, heads, split, ((offset, rows) per rank
+    holding rows)); batches: per batch ((rows, cols), ((job, block, transposed), ...)), a transposed block going
+    in as its transpose (plan_batches). Returns [N, rows, cols] per batch."""
+    jobs, batches = layout
+    blocks = []
+    for shape, heads, split, pieces in jobs:
+        tail = shape[1:]
+        shards = [received[start:start + rows * math.prod(tail)].view(rows, *tail) for start, rows in pieces]
+        blocks.append(matrix_blocks(torch.cat(shards) if len(shards) > 1 else shards[0], heads, split))
+    return [torch.cat([(blocks[i][k].mT if transposed else blocks[i][k]).reshape(-1, rows, cols)
+                       for i, k, transposed in members]) for (rows, cols), members in batches]
+
+
+def pack_returns(outputs, jobs):
+    """One flat buffer of the Newton-Schulz results, ordered for the return all-to-all: for each rank r, its
+    rows of every owned matrix in order. outputs: [N, rows, cols] per batch; jobs: per owned matrix (global
+    shape, per block in block order (batch, first matrix, block shape, transposed), (start, stop) rows per rank)."""
+    def block(k, first, shape, transposed):
+        piece = outputs[k][first:first + math.prod(shape[:-2])]
+        return piece.mT.reshape(shape) if transposed else piece.view(shape)
+
+    whole = [join_blocks([block(*source) for source in sources], matrix_shape) for matrix_shape, sources, _ in jobs]
+    world = len(jobs[0][2])
+    return torch.cat([O[rows[r][0]:rows[r][1]].flatten() for r in range(world) for O, (_, _, rows) in zip(whole, jobs)])
+
+
+def decay_and_apply(weights, orthogonals, lrs, lr_index, decays, layout):
     """W <- W (1 - lr wd) - lr scale O on every local shard, each segment with its own scale.
-    segments: per weight, (dim, lo, hi, scale) pieces covering the rows that have an update (all of them)."""
-    for w, O, i, wd, pieces in zip(weights, updates, lr_index, decays, segments):
+    orthogonals: the flat returned buffer per bucket; layout: per weight (bucket, offset, local shape,
+    segments), segments being (dim, lo, hi, scale) pieces covering the rows that have an update (all of them)."""
+    for w, i, wd, (bucket, offset, shape, pieces) in zip(weights, lr_index, decays, layout):
         lr = lrs[i]
         if w.numel() == 0:
             continue
+        O = orthogonals[bucket][offset:offset + w.numel()].view(shape)
         parts = [w.narrow(dim, lo, hi - lo) * (1 - lr * wd) - O.narrow(dim, lo, hi - lo) * (lr * scale)
                  for dim, lo, hi, scale in pieces]
         w.copy_(torch.cat(parts, dim=pieces[0][0]))
