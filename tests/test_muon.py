@@ -278,9 +278,9 @@ def test_per_expert_blocks_and_one_batched_call(monkeypatch):
     experts = torch.randn(5, 20, 9)  # [E, out, in], tall experts
     tall = torch.randn(20, 9)  # same shape as one expert: shares the batch
     p_e, p_t = nn.Parameter(torch.zeros(5, 20, 9)), nn.Parameter(torch.zeros(20, 9))
-    p_w = nn.Parameter(torch.zeros(9, 20))  # wide, same sides: joins the batch transposed
+    p_w = nn.Parameter(torch.zeros(9, 20))  # wide, same sides: joins the batch transposed (merge_orientations)
     opt = Muon([dict(params=[p_e, p_t]), dict(params=[p_w], lr=0.5)], lr=1.0, weight_decay=0.0, momentum=0.0,
-               ns_dtype=torch.float32, ns_method="classic")
+               ns_dtype=torch.float32, ns_method="classic", merge_orientations=True)
     p_e.grad, p_t.grad, p_w.grad = experts.clone(), tall.clone(), tall.T.clone()
     opt.step()
     assert calls == [(7, 20, 9)]  # stacked tall: 6 of the 7 matrices are tall
@@ -291,8 +291,9 @@ def test_per_expert_blocks_and_one_batched_call(monkeypatch):
 
 
 def test_gpt2_like_layout_is_one_classic_batch_and_one_gram_group(monkeypatch):
-    """GPT-2's matrices in miniature (qkv 3d x d, attn-out d x d, fc 4d x d, proj d x 4d): fc and proj are one
-    batch (wide: a tie), and qkv and fc/proj share one s x s recursion; the square matrices stay classic."""
+    """GPT-2's matrices in miniature (qkv 3d x d, attn-out d x d, fc 4d x d, proj d x 4d): qkv, fc and proj share
+    one s x s recursion, tall and wide alike (with merge_orientations, fc and proj are one batch, wide: a tie);
+    the square matrices stay classic."""
     import nanokimi.optim.muon as muon_module
     calls = []
     real_single, real_group = muon_module.newton_schulz, muon_module.newton_schulz_group
@@ -303,15 +304,18 @@ def test_gpt2_like_layout_is_one_classic_batch_and_one_gram_group(monkeypatch):
     d, layers = 8, 2
     shapes = [shape for _ in range(layers) for shape in ((3 * d, d), (d, d), (4 * d, d), (d, 4 * d))]
     params = [nn.Parameter(torch.randn(shape)) for shape in shapes]
-    opt = Muon(params, lr=0.1, ns_dtype=torch.float32)
-    for p in params:
-        p.grad = torch.randn_like(p)
-    before = [p.detach().clone() for p in params]
-    opt.step()
-    assert sorted(calls) == [("group", [(2, 3 * d, d), (4, d, 4 * d)]), ("single", (2, d, d))]
-    for p, w in zip(params, before):  # first step: U = (1 + mu) G, and Newton-Schulz ignores the scale
-        expected = -0.1 * (0.1 * w + 0.2 * math.sqrt(max(p.shape)) * orthogonalize_naive(p.grad))
-        assert rel(p.detach() - w, expected) < 1e-5
+    for merge, group in ((False, [(2, 3 * d, d), (2, 4 * d, d), (2, d, 4 * d)]),
+                         (True, [(2, 3 * d, d), (4, d, 4 * d)])):
+        calls.clear()
+        opt = Muon(params, lr=0.1, ns_dtype=torch.float32, merge_orientations=merge)
+        for p in params:
+            p.grad = torch.randn_like(p)
+        before = [p.detach().clone() for p in params]
+        opt.step()
+        assert sorted(calls) == [("group", group), ("single", (2, d, d))]
+        for p, w in zip(params, before):  # first step: U = (1 + mu) G, and Newton-Schulz ignores the scale
+            expected = -0.1 * (0.1 * w + 0.2 * math.sqrt(max(p.shape)) * orthogonalize_naive(p.grad))
+            assert rel(p.detach() - w, expected) < 1e-5
 
 
 def test_bad_options_say_what_is_wrong():
@@ -458,5 +462,5 @@ def test_benchmark_counts_show_the_124m_plan():
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "muon_step.py"), "--counts"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "(2304, 768) x12 + (768, 3072) x24: s x s products over 36 matrices" in result.stdout
-    assert "before (one call per block shape) 66 GEMM + 48 other; now 38 GEMM + 12 other" in result.stdout
+    assert "(2304, 768) x12 + (3072, 768) x12 + (768, 3072) x12: s x s products over 36 matrices" in result.stdout
+    assert "before (one call per block shape) 66 GEMM + 48 other; now 44 GEMM + 12 other" in result.stdout

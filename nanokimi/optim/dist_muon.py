@@ -219,11 +219,11 @@ class DistributedMuon(Muon):
                     local_shape = (j.rows[rank][1] - j.rows[rank][0], *j.shape[1:])
                     update_layout[index[id(j)]] = (b, offset, local_shape, tuple(self._local_segments(j, rank)))
                     offset += j.numel_of(rank)
-            buckets.append(self._bucket_plan(mine, send_sizes, recv_sizes, world))
+            buckets.append(self._bucket_plan(mine, send_sizes, recv_sizes, world, self.merge_orientations))
         return _StepPlan(tuple(send_orders), tuple(buckets), tuple(update_layout)), mesh
 
     @staticmethod
-    def _bucket_plan(mine, send_sizes, recv_sizes, world):
+    def _bucket_plan(mine, send_sizes, recv_sizes, world, merge_orientations):
         """Layouts of the owned matrices: where each one's shards sit in the received buffer (rank r's chunk
         holds its shard of each owned matrix in order), which NS batch each block joins, and where its result
         goes back."""
@@ -243,7 +243,7 @@ class DistributedMuon(Muon):
                 method = choose_method(shape, g["ns_steps"], g["ns_method"], g["coefficients"])
                 blocks.append(((g["ns_steps"], g["coefficients"], g["eps"], method), shape, math.prod(block.shape[:-2])))
                 block_of.append((i, k, tuple(block.shape)))
-        plan = plan_batches(blocks)  # as Muon: equal sides share a batch, the minority orientation transposed
+        plan = plan_batches(blocks, merge_orientations)  # as Muon
         sources = [[] for _ in mine]  # per owned matrix, per block: (batch, first matrix, block shape, transposed)
         for n, (_, _, members) in enumerate(plan):
             first = 0

@@ -15,12 +15,13 @@ A parameter is split into the matrices that get orthogonalised on their own ("bl
 split and heads combine (split first, then heads within each piece). The scale 0.2 sqrt(max(a, b)) uses each
 block's own shape, so every block's update RMS is 0.2.
 
-All blocks with the same sides {s, l} (short, long) and Newton-Schulz settings, across all parameters and groups,
-share one batched Newton-Schulz call, tall and wide alike: the polar factor of X^T is the transpose of X's, so a
-batch is stacked in one orientation (the one most of its elements already have) and the other blocks go in
-transposed (`plan_batches`). GPT-2's fc [3072, 768] and proj [768, 3072] are one batch. Gram-form batches with
-the same short side s then run their s x s recursion together (`orthogonalize_batches`, newton_schulz_group):
-qkv [2304, 768] and fc/proj share every 768 x 768 product, 36 matrices per GEMM.
+All blocks with the same shape and Newton-Schulz settings, across all parameters and groups, share one batched
+Newton-Schulz call. Gram-form batches with the same short side s then run their s x s recursion together
+(`orthogonalize_batches`, newton_schulz_group), tall and wide alike: GPT-2's qkv [2304, 768], fc [3072, 768] and
+proj [768, 3072] share every 768 x 768 product, 36 matrices per GEMM. With merge_orientations=True, blocks of
+equal sides {s, l} also share one batch (the polar factor of X^T is the transpose of X's: the minority
+orientation is stacked transposed, `plan_batches`); off by default, because on an H100 the transposed writes
+of the momentum pass cost more than the larger batch saves (GPT-2-124M set: 3.67 ms per captured step with it).
 
 A step is three passes over memory: `momentum_and_stack` (reads G and M, writes M and the stacked bf16
 Newton-Schulz inputs, one [N, rows, cols] per batch), the batched Newton-Schulz (GEMMs; the Frobenius
@@ -86,25 +87,28 @@ def momentum_updates(grads, bufs, momenta, nesterov):
     return updates
 
 
-def plan_batches(blocks):
+def plan_batches(blocks, merge_orientations=False):
     """Which blocks share a Newton-Schulz batch, and in which orientation each is stacked.
 
     blocks: (settings, (rows, cols), count) per block (count matrices of that shape; settings: anything hashable,
-    e.g. dtype and the Newton-Schulz options). Blocks with equal settings and equal sides {short, long} form one
-    batch, stacked as [N, rows, cols] in the orientation (tall or wide) that most of its elements have; the
-    others go in transposed (the polar factor of X^T is the transpose of X's).
+    e.g. dtype and the Newton-Schulz options). Blocks with equal settings and equal shapes form one batch. With
+    merge_orientations, equal sides {short, long} suffice: the batch is stacked as [N, rows, cols] in the
+    orientation (tall or wide) that most of its elements have, and the others go in transposed (the polar
+    factor of X^T is the transpose of X's).
     Returns [(settings, (rows, cols), [(block index, transposed), ...])] per batch, in first-appearance order.
     """
-    batches = {}  # (settings, short, long) -> [(block index, is tall, elements)]
+    batches = {}  # (settings, sides) -> [(block index, is tall, elements)]
     for index, (settings, (rows, cols), count) in enumerate(blocks):
-        key = (settings, min(rows, cols), max(rows, cols))
-        batches.setdefault(key, []).append((index, rows > cols, count * rows * cols))
+        sides = (min(rows, cols), max(rows, cols)) if merge_orientations else (rows, cols)
+        batches.setdefault((settings, sides), []).append((index, rows > cols, count * rows * cols))
     plan = []
-    for (settings, short, long), members in batches.items():
+    for (settings, (a, b)), members in batches.items():
+        if not merge_orientations:
+            plan.append((settings, (a, b), [(index, False) for index, _, _ in members]))
+            continue
         tall_elements = sum(n for _, is_tall, n in members if is_tall)
         tall = 2 * tall_elements > sum(n for _, _, n in members)  # a tie stays wide
-        plan.append((settings, (long, short) if tall else (short, long),
-                     [(index, is_tall != tall) for index, is_tall, _ in members]))
+        plan.append((settings, (b, a) if tall else (a, b), [(index, is_tall != tall) for index, is_tall, _ in members]))
     return plan
 
 
@@ -196,12 +200,13 @@ class Muon(torch.optim.Optimizer):
     are an order of magnitude slower); eps guards the Frobenius normalisation. ns_method: "auto" (the Gram
     form where it needs fewer FLOPs, quintic only; see nanokimi.ops.newton_schulz), "classic" or "gram".
     fused: run the two elementwise passes through torch.compile (None: on CUDA only; the CPU runs the same
-    functions eagerly).
+    functions eagerly). merge_orientations: batch tall and wide blocks of equal sides together, one of them
+    stacked transposed (see the module docstring; off by default, slower on an H100).
     """
 
     def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.1, ns_steps=5,
                  coefficients="quintic", ns_dtype=None, eps=1e-7, heads=None, split=None, ns_method="auto",
-                 fused=None):
+                 fused=None, merge_orientations=False):
         if lr < 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
         if not 0 <= momentum < 1:
@@ -216,6 +221,7 @@ class Muon(torch.optim.Optimizer):
                         ns_method=ns_method)
         super().__init__(params, defaults)
         self.fused = fused
+        self.merge_orientations = merge_orientations
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -285,7 +291,7 @@ class Muon(torch.optim.Optimizer):
                 blocks.append(((ns_dtype, steps, coefficients, group["eps"], method), shape,
                                math.prod(block.shape[:-2])))
                 owners.append((i, j, tuple(block.shape)))
-        plan = plan_batches(blocks)
+        plan = plan_batches(blocks, self.merge_orientations)
         compile_passes = self.fused if self.fused is not None else device.type == "cuda"
         stack = compiled_pass(momentum_and_stack) if compile_passes else momentum_and_stack
         update = compiled_pass(decay_and_update) if compile_passes else decay_and_update
