@@ -6,17 +6,20 @@ forward, one program per tile of BLOCK_T tokens (all of D in registers):
         logit[s] = rstd_n * (v_n . qe_s) for all S queries at once,
         online softmax over n (running max m, running sum l) with acc[s] = acc[s] * exp(m_old - m) + exp(logit - m) v_n
     write the S mixtures acc / l (fp32), lse = m + log l, and the logits [.., S, N] backward reads.
-backward, programs loop over token tiles (grid-stride), grad_mixtures g [S, BLOCK_T, D] held in registers:
-    pass 1 over n: dot[s] = sum_n alpha[s, n] (g_s . v_n)         (= g_s . mixture_s)
-    pass 2 over n (the tile's sources again, now in L2):
-        grad_logit[s, n] = alpha[s, n] (g_s . v_n - dot[s] + grad_lse[s])
+backward, programs loop over token tiles (grid-stride), streaming D in chunks of CHUNK_D columns:
+    pass 1 over the chunks: gv[s, n] = g_s . v_n for all S grad_mixtures and N sources (the only sums over D),
+    then per token, from gv and the saved logits (alpha = exp(logit - lse)):
+        dot[s] = sum_n alpha[s, n] gv[s, n]                           (= g_s . mixture_s)
+        grad_logit[s, n] = alpha[s, n] (gv[s, n] - dot[s] + grad_lse[s])
+    pass 2 over the chunks (the tile's g and sources again, now in L2), no sums over D:
         grad_v_n = sum_s alpha[s, n] g_s + sum_s rstd_n grad_logit[s, n] qe_s
                    - (sum_s grad_logit[s, n] logit[s, n]) rstd_n^2 / D  v_n       written in v_n's dtype
         (the last term is the path through rstd_n = source_rstd(v_n): grad rstd_n times -rstd_n^3 v_n / D);
         where the caller passes a gradient sum for v_n (`sums`), grad_v_n is added into it in place (read, add in
         fp32, write back): a source read by several blocks has its gradients summed there, not by autograd
-        grad_qe[s] += sum over the tile's tokens of rstd_n grad_logit[s, n] v_n   (registers, per program)
-    each program writes its grad_qe [S, D]; one torch sum over programs finishes it (deterministic, no atomics).
+        grad_qe[s] += sum over the tile's tokens of rstd_n grad_logit[s, n] v_n   (per chunk, added into the
+    program's own row of a zeroed [programs, S, D] buffer); one torch sum over programs finishes it
+    (deterministic, no atomics).
 alpha = exp(logit - lse) comes from the saved logits, so nothing of size [S, N, B, T, D] is ever kept.
 
 The N sources, N rstds, S mixtures and their gradients are separate tensors, passed to the kernels as tuples
