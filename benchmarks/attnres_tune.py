@@ -7,7 +7,9 @@ sources (the stream's dtype; sublayer outputs are bf16, as under autocast) each 
 (triton.testing.do_bench, median) over a grid of configs, as the model runs it (phase 1's backward adds
 into existing gradient sums, except at the final read, the first in backward):
     phase1_forward, merge_forward:  block_t x num_warps, with 4..64 tile values per thread
-    phase1_backward, merge_backward: the same x programs_per_sm (1, 2, 4 / 2, 4, 8)
+    merge_backward: the same x programs_per_sm (2, 4, 8)
+    phase1_backward: block_t (1, 2, 4) x chunk_d (128..1024) x num_warps, 8..32 chunk values per thread,
+                     x programs_per_sm (2, 4, 8)
 The whole grid runs at the largest N of each S; the other N try its 3 fastest configs and the default. Every
 config's outputs are checked against the default config's (fp32 1e-5, bf16 1e-2, query gradients summed over
 tokens in another order 1e-4); one that fails to compile, run or check is skipped with a note, and past
@@ -83,20 +85,24 @@ def model_cases(sublayers, blocks, dtypes):
 
 
 def config_grid(case, D, quick):
-    """Configs to try for case: tiles of 4..64 values per thread (phase 1's backward also keeps qe and its
-    gradient: at most 128 with them), the default and the active table's entry first."""
+    """Configs to try for case: tiles of 4..64 values per thread (phase 1's backward: chunks of 8..32 values
+    per thread, 1..4 tokens, chunk_d 128..1024), the default and the active table's entry first."""
     first = [default_config(case.kernel, D, case.S), config_for(case.kernel, D, case.dtype, case.S, case.N)]
     per_token = _next_pow2(D) * (_next_pow2(case.S) if case.kernel.startswith("phase1") else 1)
     grid = []
-    for block_t in (1, 2, 4, 8, 16, 32):
+    if case.kernel == "phase1_backward":  # streams D in chunks: S_PAD * block_t * chunk_d values per step
+        s_pad = _next_pow2(case.S)
+        for block_t in (1, 2, 4):
+            for chunk_d in (128, 256, 512, 1024):
+                for warps in (2, 4, 8):
+                    if chunk_d <= _next_pow2(D) and 8 <= s_pad * block_t * chunk_d / (32 * warps) <= 32:
+                        grid += [LaunchConfig(block_t, warps, 3, p, chunk_d) for p in (2, 4, 8)]
+    for block_t in (1, 2, 4, 8, 16, 32) if case.kernel != "phase1_backward" else ():
         for warps in (2, 4, 8, 16):
             per_thread = per_token * block_t / (32 * warps)
             if not 4 <= per_thread <= 64:
                 continue
-            if case.kernel == "phase1_backward" and per_token * (block_t + 2) / (32 * warps) > 128:
-                continue
-            programs = (1, 2, 4) if case.kernel == "phase1_backward" else (2, 4, 8) \
-                if case.kernel == "merge_backward" else (4,)
+            programs = (2, 4, 8) if case.kernel == "merge_backward" else (4,)
             grid += [LaunchConfig(block_t, warps, 3, p) for p in programs]
     configs = list(dict.fromkeys(first + grid))
     if quick:  # the default and one other
@@ -255,7 +261,8 @@ class Compiler:
 
 def fmt(config):
     stages = f" s{config.num_stages}" if config.num_stages != 3 else ""
-    return f"bt{config.block_t} w{config.num_warps} p{config.programs_per_sm}{stages}"
+    chunk = f" c{config.chunk_d}" if config.chunk_d else ""
+    return f"bt{config.block_t} w{config.num_warps} p{config.programs_per_sm}{chunk}{stages}"
 
 
 def measure(case, configs, args, device, deadline, notes):
@@ -383,7 +390,8 @@ def python_table(table):
         for e in sorted(entries, key=lambda e: e["sources"]):
             c = e["config"]
             lines.append(f"        {e['sources']}: LaunchConfig(block_t={c['block_t']}, num_warps={c['num_warps']}, "
-                         f"num_stages={c['num_stages']}, programs_per_sm={c['programs_per_sm']}),")
+                         f"num_stages={c['num_stages']}, programs_per_sm={c['programs_per_sm']}"
+                         + (f", chunk_d={c['chunk_d']})," if c.get("chunk_d") else "),"))
         lines.append("    },")
     lines.append("}")
     return "\n".join(lines)

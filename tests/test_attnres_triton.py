@@ -98,10 +98,11 @@ def test_triton_phase1_bf16_sources(N, S):
         assert rel(a, b) < 1e-2, i
 
 
-@pytest.mark.parametrize("block_t,programs", [(1, 2), (4, 2), (8, 3)])
-def test_triton_phase1_tilings_agree_with_stacked(block_t, programs):
-    """Tiles of 1..8 tokens, a tail tile past the last token, and backward programs looping over several tiles
-    (the last program's extra tile lying wholly past the end): the same numbers as the eager stacked kernels."""
+@pytest.mark.parametrize("block_t,programs,chunk_d", [(1, 2, 16), (4, 2, 32), (8, 3, 0), (2, 1, 64)])
+def test_triton_phase1_tilings_agree_with_stacked(block_t, programs, chunk_d):
+    """Tiles of 1..8 tokens, a tail tile past the last token, backward programs looping over several tiles
+    (the last program's extra tile lying wholly past the end), and the backward streaming D = 40 in chunks of
+    16 (the last one half masked), 32, or all at once: the same numbers as the eager stacked kernels."""
     g = torch.Generator().manual_seed(block_t)
     N, S, M, D = 3, 3, 21, 40
     values = [torch.randn(M, D, generator=g).to(DEVICE) * 2 for _ in range(N)]
@@ -110,7 +111,7 @@ def test_triton_phase1_tilings_agree_with_stacked(block_t, programs):
     grad_mixtures = [torch.randn(M, D, generator=g).to(DEVICE) for _ in range(S)]
     grad_lse = torch.randn(M, S, generator=g).to(DEVICE)
 
-    config = LaunchConfig(block_t=block_t, num_warps=4, programs_per_sm=programs)  # interpreter: programs in all
+    config = LaunchConfig(block_t=block_t, num_warps=4, programs_per_sm=programs, chunk_d=chunk_d)  # programs: all
     mixtures, logits, lse = phase1_forward(qe, rstds, values, config=config)
     mixtures_ref, logits_ref, lse_ref = two_phase._phase1_forward_stacked(qe, rstds, values)
     assert rel(torch.stack(mixtures), torch.stack(mixtures_ref)) < 1e-5
@@ -209,6 +210,29 @@ def test_triton_accumulate_merge_tilings_agree_with_eager(block_t, programs, gra
         assert rel(a, b) < 1e-5, i
 
 
+@pytest.mark.parametrize("N,S,D,dtype", [(9, 4, 72, torch.float32), (5, 3, 45, torch.float32), (1, 2, 24, torch.float32),
+                                         (7, 4, 50, torch.bfloat16), (3, 1, 33, torch.bfloat16)])
+def test_triton_phase1_backward_in_chunks_matches_naive(N, S, D, dtype):
+    """The backward streaming D in chunks of 16 (D not a multiple of it, N up to 9 sources: N_PAD = 16, S up to 4)
+    through depth_attention and the launch table: forward and every gradient against the naive reference (fp32
+    1e-5, bf16 sources 1e-2)."""
+    from nanokimi.ops.attnres import launch
+    chunked = LaunchConfig(block_t=2, num_warps=4, programs_per_sm=3, chunk_d=16)
+    table = {("phase1_backward", 1 << (D - 1).bit_length(), 1 << (S - 1).bit_length(), str(dtype)[6:]): {N: chunked}}
+    inputs = make_inputs(N, S, 2, 7, D, dtype, seed=N * 10 + D)
+    try:
+        launch.use_tuned(table)
+        assert launch.config_for("phase1_backward", D, dtype, S, N) == chunked
+        mixtures, lse, grads = forward_and_grads(run_triton, *inputs)
+    finally:
+        launch.use_tuned(launch.TUNED)
+    mixtures_ref, lse_ref, grads_ref = forward_and_grads(reference, *inputs)
+    assert rel(mixtures, mixtures_ref) < 1e-5 and rel(lse, lse_ref) < 1e-5
+    bound = 1e-5 if dtype == torch.float32 else 1e-2
+    for i, (a, b) in enumerate(zip(grads, grads_ref)):  # every source, then queries, then key weights
+        assert rel(a, b) < bound, i
+
+
 @pytest.mark.parametrize("dtype,mask", [(torch.float32, (1, 0, 1)), (torch.bfloat16, (1, 1, 0)),
                                         (torch.float32, (1, 1, 1))])
 def test_triton_phase1_backward_adds_into_gradient_sums(dtype, mask):
@@ -225,7 +249,7 @@ def test_triton_phase1_backward_adds_into_gradient_sums(dtype, mask):
     sums = [torch.randn(M, D, generator=g).to(DEVICE, dtype) if keep else None for keep in mask]
     before = [None if s is None else s.clone() for s in sums]
     _, logits, lse = phase1_forward(qe, rstds, values)
-    config = LaunchConfig(block_t=4, num_warps=4, programs_per_sm=2)
+    config = LaunchConfig(block_t=4, num_warps=4, programs_per_sm=2, chunk_d=16)  # D = 33: 3 chunks, 1 in the last
 
     fresh_qe, fresh = phase1_backward(qe, rstds, values, logits, lse, grad_mixtures, grad_lse, config=config)
     eager_qe, eager = two_phase._phase1_backward_stacked(qe, rstds, values, logits, lse, grad_mixtures, grad_lse,

@@ -24,17 +24,21 @@ import torch
 
 KERNELS = ("phase1_forward", "phase1_backward", "merge_forward", "merge_backward")
 GRID_STRIDE = ("phase1_backward", "merge_backward")  # kernels whose programs loop over tiles: programs_per_sm
+CHUNKED = ("phase1_backward",)  # kernels that stream D in chunks: chunk_d
 
 
 class LaunchConfig(NamedTuple):
     """How one Triton kernel is launched. block_t: tokens per tile (a power of two; capped at the token count);
     num_warps, num_stages: Triton's launch options; programs_per_sm: programs per SM of the grid-stride
     (backward) kernels, whose grid is min(tiles, programs_per_sm * SMs) (in the CPU interpreter, with no SMs,
-    programs_per_sm is the whole grid). Forward kernels run one program per tile and ignore it."""
+    programs_per_sm is the whole grid). Forward kernels run one program per tile and ignore it. chunk_d: columns
+    of D that phase 1's backward streams per step (a power of two, capped at next_pow2(D); 0: all of D at once);
+    the other kernels hold whole rows and ignore it."""
     block_t: int
     num_warps: int
     num_stages: int = 3
     programs_per_sm: int = 4
+    chunk_d: int = 0
 
 
 # Measured best configs: benchmarks/attnres_tune.py on an H100 (2026-11-23, results/attnres_tune.json), the
@@ -120,10 +124,18 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def default_config(kernel: str, D: int, S: int = 1) -> LaunchConfig:
     """The untuned heuristic: about 4096 fp32 values per tensor per program (phase 1: S_PAD * BLOCK_D per token,
     so one token at S = 4, D = 1024; merges: up to 64 tokens), one warp per 512 (phase 1) or 1024 (merges) of
-    them, 4 <= warps <= 16, 4 backward programs per SM."""
+    them, 4 <= warps <= 16, 4 backward programs per SM. Phase 1's backward streams D in chunks: S_PAD * block_t *
+    chunk_d = 2048 values per chunk (one token and chunk_d = 512 at S = 4, D = 1024), one warp per 512 of them;
+    one token per tile keeps a program's tile (S + N rows of D, read twice) small enough to stay in L2 between
+    its two passes."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel={kernel!r} must be one of {KERNELS}.")
     per_token = _next_pow2(D) * (_next_pow2(S) if kernel.startswith("phase1") else 1)
+    if kernel == "phase1_backward":
+        block_t = 1 if per_token >= 2048 else min(2048 // per_token, 16)
+        chunk_d = min(_next_pow2(D), max(16, 2048 // (_next_pow2(S) * block_t)))
+        warps = min(max(_next_pow2(S) * block_t * chunk_d // 512, 4), 16)
+        return LaunchConfig(block_t=block_t, num_warps=warps, programs_per_sm=4, chunk_d=chunk_d)
     if kernel.startswith("phase1"):
         block_t = min(max(1, 4096 // per_token), 16)
         warps = min(max(per_token * block_t // 512, 4), 16)
@@ -148,6 +160,8 @@ def check_config(config: LaunchConfig) -> LaunchConfig:
         raise ValueError(f"block_t={config.block_t} must be a power of two (tokens per tile).")
     if config.num_warps not in (1, 2, 4, 8, 16, 32):
         raise ValueError(f"num_warps={config.num_warps} must be a power of two from 1 to 32.")
+    if config.chunk_d < 0 or config.chunk_d & (config.chunk_d - 1) or 0 < config.chunk_d < 16:
+        raise ValueError(f"chunk_d={config.chunk_d} must be 0 (all of D) or a power of two >= 16.")
     if config.num_stages < 1 or config.programs_per_sm < 1:
         raise ValueError(f"num_stages={config.num_stages} and programs_per_sm={config.programs_per_sm} "
                          "must be >= 1.")
@@ -179,9 +193,12 @@ def use_tuned(table: dict) -> None:
 
 def table_from_json(entries: list[dict]) -> dict:
     """The table from the "table" list of benchmarks/results/attnres_tune.json (one dict per tuned shape:
-    kernel, block_d, s_pad, dtype, sources, config)."""
+    kernel, block_d, s_pad, dtype, sources, config). Entries of phase 1's backward without a chunk_d were tuned
+    for its earlier form and are left out (default_config applies to them)."""
     table = {}
     for e in entries:
+        if e["kernel"] in CHUNKED and "chunk_d" not in e["config"]:
+            continue  # tuned for the kernel before it streamed D in chunks: its best config no longer applies
         key = (e["kernel"], int(e["block_d"]), int(e["s_pad"]), e["dtype"])
         table.setdefault(key, {})[int(e["sources"])] = LaunchConfig(**e["config"])
     return table

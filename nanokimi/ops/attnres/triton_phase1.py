@@ -6,17 +6,20 @@ forward, one program per tile of BLOCK_T tokens (all of D in registers):
         logit[s] = rstd_n * (v_n . qe_s) for all S queries at once,
         online softmax over n (running max m, running sum l) with acc[s] = acc[s] * exp(m_old - m) + exp(logit - m) v_n
     write the S mixtures acc / l (fp32), lse = m + log l, and the logits [.., S, N] backward reads.
-backward, programs loop over token tiles (grid-stride), grad_mixtures g [S, BLOCK_T, D] held in registers:
-    pass 1 over n: dot[s] = sum_n alpha[s, n] (g_s . v_n)         (= g_s . mixture_s)
-    pass 2 over n (the tile's sources again, now in L2):
-        grad_logit[s, n] = alpha[s, n] (g_s . v_n - dot[s] + grad_lse[s])
+backward, programs loop over token tiles (grid-stride), streaming D in chunks of CHUNK_D columns:
+    pass 1 over the chunks: gv[s, n] = g_s . v_n for all S grad_mixtures and N sources (the only sums over D),
+    then per token, from gv and the saved logits (alpha = exp(logit - lse)):
+        dot[s] = sum_n alpha[s, n] gv[s, n]                           (= g_s . mixture_s)
+        grad_logit[s, n] = alpha[s, n] (gv[s, n] - dot[s] + grad_lse[s])
+    pass 2 over the chunks (the tile's g and sources again, now in L2), no sums over D:
         grad_v_n = sum_s alpha[s, n] g_s + sum_s rstd_n grad_logit[s, n] qe_s
                    - (sum_s grad_logit[s, n] logit[s, n]) rstd_n^2 / D  v_n       written in v_n's dtype
         (the last term is the path through rstd_n = source_rstd(v_n): grad rstd_n times -rstd_n^3 v_n / D);
         where the caller passes a gradient sum for v_n (`sums`), grad_v_n is added into it in place (read, add in
         fp32, write back): a source read by several blocks has its gradients summed there, not by autograd
-        grad_qe[s] += sum over the tile's tokens of rstd_n grad_logit[s, n] v_n   (registers, per program)
-    each program writes its grad_qe [S, D]; one torch sum over programs finishes it (deterministic, no atomics).
+        grad_qe[s] += sum over the tile's tokens of rstd_n grad_logit[s, n] v_n   (per chunk, added into the
+    program's own row of a zeroed [programs, S, D] buffer); one torch sum over programs finishes it
+    (deterministic, no atomics).
 alpha = exp(logit - lse) comes from the saved logits, so nothing of size [S, N, B, T, D] is ever kept.
 
 The N sources, N rstds, S mixtures and their gradients are separate tensors, passed to the kernels as tuples
@@ -85,60 +88,90 @@ def _phase1_forward_kernel(values, rstds, qe_ptr, mixtures, logits_ptr, lse_ptr,
 
 
 @triton.jit
+def _load_grad_mixtures(grad_mixtures, tile, tile_ok, s_ids, S: tl.constexpr, S_PAD: tl.constexpr,
+                        BLOCK_T: tl.constexpr, CHUNK_D: tl.constexpr):
+    """[S_PAD, BT, CD] fp32: the S grad_mixtures at one tile's chunk of columns (padded queries are 0)."""
+    g = tl.zeros([S_PAD, BLOCK_T, CHUNK_D], tl.float32)
+    for s in tl.static_range(S):
+        g_s = tl.load(grad_mixtures[s] + tile, mask=tile_ok, other=0.0).to(tl.float32)  # [BT, CD]
+        g = tl.where(s_ids[:, None, None] == s, g_s[None, :, :], g)
+    return g
+
+
+@triton.jit
 def _phase1_backward_kernel(values, rstds, grad_mixtures, qe_ptr, logits_ptr, lse_ptr, grad_lse_ptr,
                             grad_values, grad_qe_partial_ptr, M, tiles,
                             N: tl.constexpr, S: tl.constexpr, D: tl.constexpr, S_PAD: tl.constexpr,
-                            BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, ACCUMULATE: tl.constexpr):
+                            N_PAD: tl.constexpr, BLOCK_T: tl.constexpr, CHUNK_D: tl.constexpr,
+                            ACCUMULATE: tl.constexpr):
     # ACCUMULATE: bit n set = grad_values[n] holds a gradient sum that v_n's gradient is added into
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     s_ids = tl.arange(0, S_PAD)
-    d = tl.arange(0, BLOCK_D)
-    s_ok, d_ok = s_ids < S, d < D
-    qe_ok = s_ok[:, None] & d_ok[None, :]
-    qe = tl.load(qe_ptr + s_ids[:, None] * D + d[None, :], mask=qe_ok, other=0.0)  # [S_PAD, BD]
-    grad_qe = tl.zeros([S_PAD, BLOCK_D], tl.float32)
+    n_ids = tl.arange(0, N_PAD)
+    c = tl.arange(0, CHUNK_D)
+    s_ok, n_ok = s_ids < S, n_ids < N
+    source = n_ids[None, None, :]  # [1, 1, N_PAD]: the source axis of the per-tile [S_PAD, BT, N_PAD] tensors
+    partial_row = grad_qe_partial_ptr + pid * (S * D) + s_ids[:, None] * D  # [S_PAD, 1]: this program's grad_qe
 
     tile_id = pid
     while tile_id < tiles:
         rows = tile_id * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]; the last tile may pass M: masked
         row_ok = rows < M
-        tile = _tile_offsets(rows, d, D)
-        tile_ok = row_ok[:, None] & d_ok[None, :]
         out_ok = s_ok[:, None] & row_ok[None, :]  # [S_PAD, BT]
-        logit_offsets = rows.to(tl.int64)[None, :] * (S * N) + s_ids[:, None] * N
         lse_offsets = rows[None, :] * S + s_ids[:, None]
-        # padded queries and tokens load zeros: their alpha is 1 but g is 0, so every gradient term below is 0
         lse = tl.load(lse_ptr + lse_offsets, mask=out_ok, other=0.0)  # [S_PAD, BT]
         grad_lse = tl.load(grad_lse_ptr + lse_offsets, mask=out_ok, other=0.0)
-        g = tl.zeros([S_PAD, BLOCK_T, BLOCK_D], tl.float32)
-        for s in tl.static_range(S):
-            g_s = tl.load(grad_mixtures[s] + tile, mask=tile_ok, other=0.0).to(tl.float32)  # [BT, BD]
-            g = tl.where(s_ids[:, None, None] == s, g_s[None, :, :], g)
-
-        dot = tl.zeros([S_PAD, BLOCK_T], tl.float32)  # sum_n alpha[s, n] (g_s . v_n)
+        small_ok = out_ok[:, :, None] & n_ok[None, None, :]  # [S_PAD, BT, N_PAD]
+        logit = tl.load(logits_ptr + rows.to(tl.int64)[None, :, None] * (S * N) + s_ids[:, None, None] * N + source,
+                        mask=small_ok, other=0.0)  # [S_PAD, BT, N_PAD]
+        alpha = tl.where(small_ok, tl.exp(logit - lse[:, :, None]), 0.0)  # 0 at padded queries, tokens, sources
+        rstd = tl.zeros([BLOCK_T, N_PAD], tl.float32)
         for n in tl.static_range(N):
-            v = tl.load(values[n] + tile, mask=tile_ok, other=0.0).to(tl.float32)
-            alpha = tl.exp(tl.load(logits_ptr + logit_offsets + n, mask=out_ok, other=0.0) - lse)
-            dot += alpha * tl.sum(g * v[None, :, :], axis=2)
+            rstd_n = tl.load(rstds[n] + rows, mask=row_ok, other=0.0)  # [BT]
+            rstd = tl.where(n_ids[None, :] == n, rstd_n[:, None], rstd)
 
-        for n in tl.static_range(N):
-            v = tl.load(values[n] + tile, mask=tile_ok, other=0.0).to(tl.float32)  # [BT, BD]
-            rstd = tl.load(rstds[n] + rows, mask=row_ok, other=1.0)  # [BT]
-            logit = tl.load(logits_ptr + logit_offsets + n, mask=out_ok, other=0.0)  # [S_PAD, BT]
-            alpha = tl.exp(logit - lse)
-            grad_logit = alpha * (tl.sum(g * v[None, :, :], axis=2) - dot + grad_lse)
-            grad_dot = grad_logit * rstd[None, :]  # logit = rstd * (v . qe)
-            rstd_scale = tl.sum(grad_logit * logit, axis=0) * rstd * rstd * (-1.0 / D)  # [BT]: via rstd_n
-            grad_v = (tl.sum(alpha[:, :, None] * g + grad_dot[:, :, None] * qe[:, None, :], axis=0)
-                      + rstd_scale[:, None] * v)  # [BT, BD]
-            if (ACCUMULATE >> n) & 1:
-                grad_v += tl.load(grad_values[n] + tile, mask=tile_ok, other=0.0).to(tl.float32)
-            tl.store(grad_values[n] + tile, grad_v.to(grad_values[n].dtype.element_ty), mask=tile_ok)
-            grad_qe += tl.sum(grad_dot[:, :, None] * v[None, :, :], axis=1)
+        # pass 1, chunk by chunk over D: gv[s, t, n] = g_s . v_n, the only reductions over D
+        gv = tl.zeros([S_PAD, BLOCK_T, N_PAD], tl.float32)
+        for start in range(0, D, CHUNK_D):
+            d = start + c
+            tile = _tile_offsets(rows, d, D)  # [BT, CD]
+            tile_ok = row_ok[:, None] & (d < D)[None, :]
+            g = _load_grad_mixtures(grad_mixtures, tile, tile_ok, s_ids, S, S_PAD, BLOCK_T, CHUNK_D)
+            for n in tl.static_range(N):
+                v = tl.load(values[n] + tile, mask=tile_ok, other=0.0).to(tl.float32)  # [BT, CD]
+                gv += tl.where(source == n, tl.sum(g * v[None, :, :], axis=2)[:, :, None], 0.0)
+
+        # every per-token scalar of the backward, from the dots (nothing here reads D)
+        dot = tl.sum(alpha * gv, axis=2)  # [S_PAD, BT]: sum_n alpha[s, n] (g_s . v_n)
+        grad_logit = alpha * (gv - dot[:, :, None] + grad_lse[:, :, None])  # [S_PAD, BT, N_PAD]
+        grad_dot = grad_logit * rstd[None, :, :]  # logit = rstd * (v . qe)
+        rstd_scale = tl.sum(grad_logit * logit, axis=0) * rstd * rstd * (-1.0 / D)  # [BT, N_PAD]: via rstd_n
+
+        # pass 2, chunk by chunk (the tile's chunks again, now in L2): grad v_n and this program's grad_qe
+        for start in range(0, D, CHUNK_D):
+            d = start + c
+            d_ok = d < D
+            tile = _tile_offsets(rows, d, D)
+            tile_ok = row_ok[:, None] & d_ok[None, :]
+            qe_ok = s_ok[:, None] & d_ok[None, :]  # [S_PAD, CD]
+            g = _load_grad_mixtures(grad_mixtures, tile, tile_ok, s_ids, S, S_PAD, BLOCK_T, CHUNK_D)
+            qe = tl.load(qe_ptr + s_ids[:, None] * D + d[None, :], mask=qe_ok, other=0.0)  # [S_PAD, CD]
+            grad_qe = tl.zeros([S_PAD, CHUNK_D], tl.float32)
+            for n in tl.static_range(N):
+                alpha_n = tl.sum(tl.where(source == n, alpha, 0.0), axis=2)  # [S_PAD, BT]
+                grad_dot_n = tl.sum(tl.where(source == n, grad_dot, 0.0), axis=2)
+                scale_n = tl.sum(tl.where(n_ids[None, :] == n, rstd_scale, 0.0), axis=1)  # [BT]
+                v = tl.load(values[n] + tile, mask=tile_ok, other=0.0).to(tl.float32)  # [BT, CD]
+                grad_v = (tl.sum(alpha_n[:, :, None] * g + grad_dot_n[:, :, None] * qe[:, None, :], axis=0)
+                          + scale_n[:, None] * v)  # [BT, CD]
+                if (ACCUMULATE >> n) & 1:
+                    grad_v += tl.load(grad_values[n] + tile, mask=tile_ok, other=0.0).to(tl.float32)
+                tl.store(grad_values[n] + tile, grad_v.to(grad_values[n].dtype.element_ty), mask=tile_ok)
+                grad_qe += tl.sum(grad_dot_n[:, :, None] * v[None, :, :], axis=1)
+            partial = partial_row + d[None, :]  # [S_PAD, CD]
+            tl.store(partial, tl.load(partial, mask=qe_ok, other=0.0) + grad_qe, mask=qe_ok)
         tile_id += programs
-
-    tl.store(grad_qe_partial_ptr + pid * (S * D) + s_ids[:, None] * D + d[None, :], grad_qe, mask=qe_ok)
 
 
 def supports(qe, values) -> bool:
@@ -151,10 +184,13 @@ def supports(qe, values) -> bool:
 
 
 def _launch_config(kernel, qe, values, M, config):
-    """config (checked), else the table's for these shapes; its block_t capped at the token count."""
+    """config (checked), else the table's for these shapes; its block_t capped at the token count, its chunk_d
+    (0: all of D) at next_pow2(D)."""
     S, D = qe.shape
     config = check_config(config) if config is not None else config_for(kernel, D, values[0].dtype, S, len(values))
-    return config._replace(block_t=min(config.block_t, triton.next_power_of_2(max(M, 1))))
+    block_d = triton.next_power_of_2(D)
+    return config._replace(block_t=min(config.block_t, triton.next_power_of_2(max(M, 1))),
+                           chunk_d=min(config.chunk_d or block_d, block_d))
 
 
 def phase1_forward(qe, rstds, values, fallback=None, config: LaunchConfig | None = None):
@@ -205,13 +241,13 @@ def phase1_backward(qe, rstds, values, logits, lse, grad_mixtures, grad_lse, sum
     config = _launch_config("phase1_backward", qe, values, M, config)
     tiles = triton.cdiv(M, config.block_t)
     programs = grid_programs(config, tiles, device)
-    grad_qe_partial = torch.empty(programs, S, D, dtype=torch.float32, device=device)
+    grad_qe_partial = torch.zeros(programs, S, D, dtype=torch.float32, device=device)  # the kernel adds into it
     _phase1_backward_kernel[(programs,)](
         tuple(v.contiguous() for v in values), tuple(r.contiguous() for r in rstds),
         tuple(g.to(torch.float32).contiguous() for g in grad_mixtures), qe.contiguous(), logits.contiguous(),
         lse.contiguous(), grad_lse.to(torch.float32).contiguous(), grad_values, grad_qe_partial, M, tiles,
-        N=N, S=S, D=D, S_PAD=triton.next_power_of_2(S), BLOCK_T=config.block_t, BLOCK_D=triton.next_power_of_2(D),
-        ACCUMULATE=sum(1 << n for n, s in enumerate(sums) if s is not None),
+        N=N, S=S, D=D, S_PAD=triton.next_power_of_2(S), N_PAD=triton.next_power_of_2(N), BLOCK_T=config.block_t,
+        CHUNK_D=config.chunk_d, ACCUMULATE=sum(1 << n for n, s in enumerate(sums) if s is not None),
         num_warps=config.num_warps, num_stages=config.num_stages)
     return grad_qe_partial.sum(0), grad_values
 
