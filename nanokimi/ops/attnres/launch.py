@@ -43,6 +43,7 @@ class LaunchConfig(NamedTuple):
 
 # Measured best configs: benchmarks/attnres_tune.py on an H100 (2026-11-23, results/attnres_tune.json), the
 # bench-kl-900m shape (16384 tokens per call, D = 1024); other GPUs and shapes fall back to the nearest N or the default.
+# The chunked phase-1 backward has no entries yet (those measured were for the previous whole-row kernel).
 TUNED: dict[tuple[str, int, int, str], dict[int, LaunchConfig]] = {
     ('phase1_forward', 1024, 4, 'float32'): {
         1: LaunchConfig(block_t=2, num_warps=4, num_stages=3, programs_per_sm=4),
@@ -56,19 +57,6 @@ TUNED: dict[tuple[str, int, int, str], dict[int, LaunchConfig]] = {
     },
     ('phase1_forward', 1024, 1, 'float32'): {
         9: LaunchConfig(block_t=2, num_warps=4, num_stages=3, programs_per_sm=4),
-    },
-    ('phase1_backward', 1024, 4, 'float32'): {
-        1: LaunchConfig(block_t=2, num_warps=4, num_stages=3, programs_per_sm=2),
-        2: LaunchConfig(block_t=2, num_warps=4, num_stages=3, programs_per_sm=2),
-        3: LaunchConfig(block_t=2, num_warps=4, num_stages=3, programs_per_sm=2),
-        4: LaunchConfig(block_t=2, num_warps=4, num_stages=3, programs_per_sm=2),
-        5: LaunchConfig(block_t=2, num_warps=4, num_stages=3, programs_per_sm=2),
-        6: LaunchConfig(block_t=1, num_warps=4, num_stages=3, programs_per_sm=2),
-        7: LaunchConfig(block_t=1, num_warps=4, num_stages=3, programs_per_sm=2),
-        8: LaunchConfig(block_t=1, num_warps=4, num_stages=3, programs_per_sm=2),
-    },
-    ('phase1_backward', 1024, 1, 'float32'): {
-        9: LaunchConfig(block_t=2, num_warps=4, num_stages=3, programs_per_sm=2),
     },
     ('merge_forward', 1024, 1, 'float32'): {
         1: LaunchConfig(block_t=1, num_warps=4, num_stages=3, programs_per_sm=4),
@@ -87,19 +75,6 @@ TUNED: dict[tuple[str, int, int, str], dict[int, LaunchConfig]] = {
         8: LaunchConfig(block_t=1, num_warps=2, num_stages=3, programs_per_sm=4),
     },
     ('phase1_forward', 1024, 1, 'bfloat16'): {
-        9: LaunchConfig(block_t=2, num_warps=2, num_stages=3, programs_per_sm=4),
-    },
-    ('phase1_backward', 1024, 4, 'bfloat16'): {
-        1: LaunchConfig(block_t=2, num_warps=4, num_stages=3, programs_per_sm=2),
-        2: LaunchConfig(block_t=2, num_warps=4, num_stages=3, programs_per_sm=2),
-        3: LaunchConfig(block_t=2, num_warps=4, num_stages=3, programs_per_sm=2),
-        4: LaunchConfig(block_t=2, num_warps=4, num_stages=3, programs_per_sm=2),
-        5: LaunchConfig(block_t=2, num_warps=4, num_stages=3, programs_per_sm=2),
-        6: LaunchConfig(block_t=2, num_warps=4, num_stages=3, programs_per_sm=2),
-        7: LaunchConfig(block_t=2, num_warps=4, num_stages=3, programs_per_sm=2),
-        8: LaunchConfig(block_t=1, num_warps=4, num_stages=3, programs_per_sm=2),
-    },
-    ('phase1_backward', 1024, 1, 'bfloat16'): {
         9: LaunchConfig(block_t=2, num_warps=2, num_stages=3, programs_per_sm=4),
     },
     ('merge_forward', 1024, 1, 'bfloat16'): {
