@@ -334,8 +334,8 @@ def test_launch_config_table_lookup_and_json_round_trip(tmp_path):
             use_tuned({("merge", 1024, 1, "float32"): {1: LaunchConfig(2, 4)}})
     finally:
         use_tuned(launch.TUNED)
-    assert config_for("phase1_backward", 1024, torch.float32, S=4, N=2) == launch.TUNED[
-        ("phase1_backward", 1024, 4, "float32")][2]  # the built-in table is back
+    assert config_for("phase1_forward", 1024, torch.float32, S=4, N=2) == launch.TUNED[
+        ("phase1_forward", 1024, 4, "float32")][2]  # the built-in table is back
     with pytest.raises(ValueError, match="num_warps"):
         launch.check_config(LaunchConfig(2, 3))
 
