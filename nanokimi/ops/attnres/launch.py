@@ -41,13 +41,13 @@ class LaunchConfig(NamedTuple):
     chunk_d: int = 0
 
 
-# Measured best configs: benchmarks/attnres_tune.py on an H100 (2026-11-23, results/attnres_tune.json), the
-# bench-kl-900m shape (16384 tokens per call, D = 1024); other GPUs and shapes fall back to the nearest N or the default.
-# The chunked phase-1 backward has no entries yet (those measured were for the previous whole-row kernel).
+# Measured best configs: benchmarks/attnres_tune.py on an H100 (2026-11-23, commit bd3666a,
+# results/attnres_tune.json) at the bench-kl-900m shape (16384 tokens per call, D = 1024); other GPUs and shapes
+# fall back to the nearest N or the default.
 TUNED: dict[tuple[str, int, int, str], dict[int, LaunchConfig]] = {
     ('phase1_forward', 1024, 4, 'float32'): {
         1: LaunchConfig(block_t=2, num_warps=4, num_stages=3, programs_per_sm=4),
-        2: LaunchConfig(block_t=2, num_warps=4, num_stages=3, programs_per_sm=4),
+        2: LaunchConfig(block_t=1, num_warps=2, num_stages=3, programs_per_sm=4),
         3: LaunchConfig(block_t=1, num_warps=2, num_stages=3, programs_per_sm=4),
         4: LaunchConfig(block_t=1, num_warps=2, num_stages=3, programs_per_sm=4),
         5: LaunchConfig(block_t=1, num_warps=4, num_stages=3, programs_per_sm=4),
@@ -58,6 +58,19 @@ TUNED: dict[tuple[str, int, int, str], dict[int, LaunchConfig]] = {
     ('phase1_forward', 1024, 1, 'float32'): {
         9: LaunchConfig(block_t=2, num_warps=4, num_stages=3, programs_per_sm=4),
     },
+    ('phase1_backward', 1024, 4, 'float32'): {
+        1: LaunchConfig(block_t=1, num_warps=4, num_stages=3, programs_per_sm=4, chunk_d=1024),
+        2: LaunchConfig(block_t=1, num_warps=4, num_stages=3, programs_per_sm=4, chunk_d=1024),
+        3: LaunchConfig(block_t=1, num_warps=4, num_stages=3, programs_per_sm=8, chunk_d=1024),
+        4: LaunchConfig(block_t=1, num_warps=4, num_stages=3, programs_per_sm=8, chunk_d=1024),
+        5: LaunchConfig(block_t=1, num_warps=4, num_stages=3, programs_per_sm=8, chunk_d=1024),
+        6: LaunchConfig(block_t=1, num_warps=4, num_stages=3, programs_per_sm=8, chunk_d=1024),
+        7: LaunchConfig(block_t=1, num_warps=4, num_stages=3, programs_per_sm=2, chunk_d=1024),
+        8: LaunchConfig(block_t=1, num_warps=4, num_stages=3, programs_per_sm=2, chunk_d=1024),
+    },
+    ('phase1_backward', 1024, 1, 'float32'): {
+        9: LaunchConfig(block_t=2, num_warps=4, num_stages=3, programs_per_sm=8, chunk_d=1024),
+    },
     ('merge_forward', 1024, 1, 'float32'): {
         1: LaunchConfig(block_t=1, num_warps=4, num_stages=3, programs_per_sm=4),
     },
@@ -65,7 +78,7 @@ TUNED: dict[tuple[str, int, int, str], dict[int, LaunchConfig]] = {
         1: LaunchConfig(block_t=4, num_warps=4, num_stages=3, programs_per_sm=2),
     },
     ('phase1_forward', 1024, 4, 'bfloat16'): {
-        1: LaunchConfig(block_t=1, num_warps=8, num_stages=3, programs_per_sm=4),
+        1: LaunchConfig(block_t=2, num_warps=4, num_stages=3, programs_per_sm=4),
         2: LaunchConfig(block_t=1, num_warps=2, num_stages=3, programs_per_sm=4),
         3: LaunchConfig(block_t=1, num_warps=2, num_stages=3, programs_per_sm=4),
         4: LaunchConfig(block_t=1, num_warps=2, num_stages=3, programs_per_sm=4),
@@ -77,8 +90,21 @@ TUNED: dict[tuple[str, int, int, str], dict[int, LaunchConfig]] = {
     ('phase1_forward', 1024, 1, 'bfloat16'): {
         9: LaunchConfig(block_t=2, num_warps=2, num_stages=3, programs_per_sm=4),
     },
+    ('phase1_backward', 1024, 4, 'bfloat16'): {
+        1: LaunchConfig(block_t=1, num_warps=4, num_stages=3, programs_per_sm=4, chunk_d=1024),
+        2: LaunchConfig(block_t=1, num_warps=4, num_stages=3, programs_per_sm=4, chunk_d=1024),
+        3: LaunchConfig(block_t=1, num_warps=4, num_stages=3, programs_per_sm=8, chunk_d=1024),
+        4: LaunchConfig(block_t=1, num_warps=4, num_stages=3, programs_per_sm=8, chunk_d=1024),
+        5: LaunchConfig(block_t=1, num_warps=4, num_stages=3, programs_per_sm=8, chunk_d=1024),
+        6: LaunchConfig(block_t=1, num_warps=4, num_stages=3, programs_per_sm=8, chunk_d=1024),
+        7: LaunchConfig(block_t=1, num_warps=4, num_stages=3, programs_per_sm=8, chunk_d=1024),
+        8: LaunchConfig(block_t=1, num_warps=4, num_stages=3, programs_per_sm=2, chunk_d=1024),
+    },
+    ('phase1_backward', 1024, 1, 'bfloat16'): {
+        9: LaunchConfig(block_t=2, num_warps=2, num_stages=3, programs_per_sm=8, chunk_d=1024),
+    },
     ('merge_forward', 1024, 1, 'bfloat16'): {
-        1: LaunchConfig(block_t=4, num_warps=4, num_stages=3, programs_per_sm=4),
+        1: LaunchConfig(block_t=2, num_warps=4, num_stages=3, programs_per_sm=4),
     },
     ('merge_backward', 1024, 1, 'bfloat16'): {
         1: LaunchConfig(block_t=1, num_warps=4, num_stages=3, programs_per_sm=8),
