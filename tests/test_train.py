@@ -176,7 +176,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, corpus):
     import time
 
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "nanokimi.cli", "train", "--out", str(out), "--no-progress",
+    cmd = [sys.executable, "-X", "faulthandler", "-m", "nanokimi.cli", "train", "--out", str(out), "--no-progress",
            f"data.source={corpus}", *SMALL_MODEL, *FAST, "train.max_steps=100000"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -185,7 +185,12 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, corpus):
         assert time.time() < deadline and proc.poll() is None, proc.communicate()
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:  # seen once in CI: say where the run hangs (faulthandler dumps on SIGABRT)
+        proc.send_signal(signal.SIGABRT)
+        _, err = proc.communicate(timeout=60)
+        pytest.fail(f"the run did not exit within 120 s of Ctrl-C; its threads' stacks:\n{err[-8000:]}")
     assert proc.returncode == 2 and "interrupted at step" in err and "Traceback" not in err
     assert load_trainer_state(out / "checkpoint")["step"] >= 3
     assert not (out / "checkpoint.tmp").exists()
