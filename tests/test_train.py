@@ -178,8 +178,10 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, corpus):
     out = tmp_path / "run"
     cmd = [sys.executable, "-X", "faulthandler", "-m", "nanokimi.cli", "train", "--out", str(out), "--no-progress",
            f"data.source={corpus}", *SMALL_MODEL, *FAST, "train.max_steps=100000"]
+    # a shell's background job (e.g. `bash .ci/run &`) ignores SIGINT, and so would the child: restore it
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 3:
         assert time.time() < deadline and proc.poll() is None, proc.communicate()
@@ -187,7 +189,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, corpus):
     proc.send_signal(signal.SIGINT)
     try:
         _, err = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:  # seen once in CI: say where the run hangs (faulthandler dumps on SIGABRT)
+    except subprocess.TimeoutExpired:  # say where the run is (faulthandler dumps every thread on SIGABRT)
         proc.send_signal(signal.SIGABRT)
         _, err = proc.communicate(timeout=60)
         pytest.fail(f"the run did not exit within 120 s of Ctrl-C; its threads' stacks:\n{err[-8000:]}")
