@@ -70,11 +70,11 @@ def assign_owners(sizes: list[int], world: int) -> list[int]:
 
 
 class _Job:
-    """One parameter's step: the parameter and its momentum buffer (DTensors), its group and who owns the
-    whole matrix."""
+    """One matrix parameter in the plan: its global shape, each rank's rows, its group and who owns the whole
+    matrix."""
 
-    def __init__(self, param, buffer, group, world):
-        self.param, self.buffer, self.group = param, buffer, group
+    def __init__(self, param, group, world):
+        self.group = group
         self.shape = tuple(param.shape)  # global [A, B] or [E, A, B]
         self.row_numel = math.prod(self.shape[1:])
         self.rows = [shard_rows(self.shape[0], world, r) for r in range(world)]
@@ -87,8 +87,8 @@ class _Job:
 
 class _BucketPlan(NamedTuple):
     """What one bucket's step needs, fixed while the parameters and their options are: the all-to-all sizes,
-    the static layouts of `unpack_owned` and `pack_returns`, and the Newton-Schulz settings of each batch."""
-    owned: bool  # does this rank own any matrix of the bucket
+    the static layouts of `unpack_owned` and `pack_returns` (empty when this rank owns no matrix of the bucket),
+    and the Newton-Schulz settings of each batch."""
     send_sizes: tuple
     recv_sizes: tuple
     unpack_layout: tuple  # (jobs, batches) for unpack_owned
@@ -160,12 +160,7 @@ class DistributedMuon(Muon):
             self._plans[key] = self._plan(entries)
         plan, mesh = self._plans[key]
         group, rank = mesh.get_group(), mesh.get_local_rank()
-        buffers = []
-        for p, _ in entries:
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p)
-            buffers.append(state["momentum_buffer"].to_local())
+        buffers = [m.to_local() for m in self._momentum_buffers([p for p, _ in entries])]
         fused = self.fused if self.fused is not None else entries[0][0].device.type == "cuda"
         pack = compiled_pass(momentum_and_pack) if fused else momentum_and_pack
         unpack = compiled_pass(unpack_owned) if fused else unpack_owned
@@ -183,7 +178,7 @@ class DistributedMuon(Muon):
         for bucket, received, work in in_flight:
             work.wait()
             back = received.new_empty(0)
-            if bucket.owned:
+            if bucket.pack_layout:  # this rank owns matrices of the bucket
                 inputs = unpack(received, bucket.unpack_layout)  # [N, rows, cols] per batch, not yet normalised
                 outputs = orthogonalize_batches(inputs, bucket.batch_settings)
                 back = pack_back(outputs, bucket.pack_layout)
@@ -203,7 +198,7 @@ class DistributedMuon(Muon):
         for p, _ in entries:
             mesh = self._check_layout(p, mesh)
         rank, world = mesh.get_local_rank(), mesh.size()
-        jobs = [_Job(p, None, g, world) for p, g in entries]
+        jobs = [_Job(p, g, world) for p, g in entries]
         index = {id(j): i for i, j in enumerate(jobs)}
         send_orders, buckets, update_layout = [], [], [None] * len(jobs)
         for b, bucket in enumerate(size_buckets(jobs, self.buckets)):
@@ -255,7 +250,7 @@ class DistributedMuon(Muon):
                           for i, j in enumerate(mine))
         batch_layout = tuple((shape, tuple((*block_of[b][:2], transposed) for b, transposed in members))
                              for _, shape, members in plan)
-        return _BucketPlan(bool(mine), send_sizes, recv_sizes, (tuple(unpack_jobs), batch_layout), pack_jobs,
+        return _BucketPlan(send_sizes, recv_sizes, (tuple(unpack_jobs), batch_layout), pack_jobs,
                            tuple(settings for settings, _, _ in plan))
 
     @staticmethod
