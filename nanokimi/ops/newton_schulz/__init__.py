@@ -146,15 +146,9 @@ def newton_schulz(X, schedule, method="auto", eps=None, segment=GRAM_SEGMENT):
     pass. method: "classic", "gram" or "auto" (fewer FLOPs for this shape; see the module docstring; callers
     that know the coefficient set should resolve "auto" with choose_method, which keeps Polar Express classic).
     """
-    tall = X.shape[-2] > X.shape[-1]
     method = choose_method(X.shape[-2:], len(schedule), method, segment=segment)
     chunk = segment if method == "gram" else 1  # classic == gram with one-step segments
-    for start in range(0, len(schedule), chunk):
-        gram = torch.bmm(X.mT, X) if tall else torch.bmm(X, X.mT)
-        R, inv = _small_op(_start, X)(gram, eps) if start == 0 and eps is not None else (gram, None)
-        Q = _segment_factor(R, schedule[start:start + chunk], inv)
-        X = torch.bmm(X, Q) if tall else torch.bmm(Q, X)
-    return X
+    return newton_schulz_group([X], schedule, eps, segment=chunk)[0]
 
 
 def newton_schulz_group(Xs, schedule, eps=None, segment=GRAM_SEGMENT):
