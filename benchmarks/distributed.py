@@ -6,6 +6,9 @@ step, router-bias update, QK-Clip) on random tokens. The N-process launch measur
 `--variants` in turn (model rebuilt, same process, so Triton's autotuning is paid once per launch).
 
 The 1-process launch also runs one rank's share of the batch (global / N), for the weak-scaling baseline.
+`--one-gpu-accum K` runs the 1-GPU global-batch row as K micro-batches (train.grad_accum=K): a global batch one
+GPU cannot hold at once (with K = N its micro-batch is the N-GPU run's per-rank batch, the usual way a fixed
+global batch is spread: more GPUs, fewer accumulation steps). Its phase breakdown is of one micro-batch.
 Per setting: median step time over `--iters` steps after `--warmup`, tokens/s, scaling efficiency, strong
 (tokens/s on N / (N x tokens/s on 1 at the same global batch)) and weak (over N x tokens/s on 1 at one rank's
 share, the same per-GPU work), the optimizer step's share of the step, peak memory per GPU; then a
@@ -18,6 +21,7 @@ benchmarks/results/distributed.json.
     python benchmarks/distributed.py                       # 1 vs 2 GPUs, eager
     python benchmarks/distributed.py --compile             # per-module torch.compile (after sharding)
     python benchmarks/distributed.py --variants default    # only the default FSDP setting
+    python benchmarks/distributed.py --batch-size 64 --one-gpu-accum 2   # 32 per GPU; 1 GPU accumulates 2 x 32
     python benchmarks/distributed.py --quick               # tiny CPU smoke run (gloo), seconds
 """
 import argparse
@@ -238,7 +242,8 @@ def worker(args) -> None:
     for name in names:
         settings, muon_buckets = VARIANTS["default" if name == "per-rank-batch" else name]
         batch_size = args.rank_batch if name == "per-rank-batch" else args.batch_size
-        overrides = [f"train.batch_size={batch_size}", f"train.seq_len={args.seq_len}",
+        accum = args.one_gpu_accum if world_size == 1 and name == "default" else 1
+        overrides = [f"train.batch_size={batch_size}", f"train.grad_accum={accum}", f"train.seq_len={args.seq_len}",
                      f"train.device={device_name}", f"train.max_steps={10 ** 6}", f"train.compile={args.compile}",
                      *(f"train.{k}={v}" for k, v in settings.items()), *(QUICK_MODEL if args.quick else [])]
         result = measure(args, load_run_config(args.preset, None, overrides), rank, world_size, muon_buckets,
@@ -248,7 +253,7 @@ def worker(args) -> None:
         if world_size > 1:
             peaks = [None] * world_size
             dist.all_gather_object(peaks, peak)
-        rows.append({"variant": name, **result, "peak_gib_per_gpu": peaks})
+        rows.append({"variant": name, **result, "grad_accum": accum, "peak_gib_per_gpu": peaks})
     if rank == 0:
         facts = {"nccl": ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else None,
                  "p2p": torch.cuda.can_device_access_peer(0, 1) if torch.cuda.device_count() > 1 else None}
@@ -257,7 +262,7 @@ def worker(args) -> None:
 
 
 def launch(args, nproc, out) -> dict:
-    forwarded = [f"--preset={args.preset}", f"--rank-batch={args.batch_size // args.nproc}", f"--batch-size={args.batch_size}", f"--seq-len={args.seq_len}",
+    forwarded = [f"--preset={args.preset}", f"--rank-batch={args.batch_size // args.nproc}", f"--batch-size={args.batch_size}", f"--seq-len={args.seq_len}", f"--one-gpu-accum={args.one_gpu_accum}",
                  f"--warmup={args.warmup}", f"--iters={args.iters}", f"--phase-iters={args.phase_iters}",
                  f"--variants={','.join(args.variants)}", f"--worker-out={out}",
                  *(["--quick"] if args.quick else []), *(["--compile"] if args.compile else [])]
@@ -272,18 +277,19 @@ def launch(args, nproc, out) -> dict:
 def print_table(args, rows) -> None:
     mode = "torch.compile" if args.compile else "eager"
     print(f"{args.preset}: global batch {args.batch_size} x {args.seq_len} tokens, {mode}, median of {args.iters} steps")
-    print(f"{'GPUs':>4} {'variant':<14} {'batch':>5} {'step ms':>8} {'tokens/s':>9} {'strong':>6} {'weak':>6} {'optim':>6} {'host':>5} {'share':>5} "
+    print(f"{'GPUs':>4} {'variant':<14} {'batch':>7} {'step ms':>8} {'tokens/s':>9} {'strong':>6} {'weak':>6} {'optim':>6} {'host':>5} {'share':>5} "
           f"{'peak GiB':>8} | {'fwd':>6} {'bwd':>6} {'stats':>6} {'clip':>6} {'optim':>6} {'after':>6} | "
           f"{'colls':>5} {'MB':>7} {'nccl ms':>7}")
     for r in rows:
         peak = max((p for p in r["peak_gib_per_gpu"] if p is not None), default=None)
         phases = " ".join(f"{r['phase_ms'][k]:>6.1f}" for k in PHASES)
         nccl = "-" if r["nccl_kernel_ms"] is None else f"{r['nccl_kernel_ms']:.1f}"
-        print(f"{r['gpus']:>4} {r['variant']:<14} {r['batch_size']:>5} {r['step_ms']:>8.1f} {r['tokens_per_s']:>9.0f} "
+        batch = f"{r['batch_size']}" + (f"/{r['grad_accum']}" if r.get("grad_accum", 1) > 1 else "")
+        print(f"{r['gpus']:>4} {r['variant']:<14} {batch:>7} {r['step_ms']:>8.1f} {r['tokens_per_s']:>9.0f} "
               f"{r['scaling_efficiency']:>6.2f} {r['weak_scaling_efficiency']:>6.2f} {r['optimizer_ms']:>6.1f} {r['optimizer_host_ms']:>5.1f} {r['optimizer_share']:>5.2f} "
               f"{'-' if peak is None else f'{peak:.1f}':>8} | {phases} | {sum(r['collective_calls'].values()):>5} "
               f"{sum(r['collective_mb'].values()):>7.0f} {nccl:>7}")
-    print("strong: tokens/s over (GPUs x 1 GPU on the same global batch); weak: over (GPUs x 1 GPU on one rank's "
+    print("batch: global sequences per step (/K: as K accumulated micro-batches); strong: tokens/s over (GPUs x 1 GPU on the same global batch); weak: over (GPUs x 1 GPU on one rank's "
           "share of the batch, the per-GPU work of the N-GPU run)")
     print("host: the optimizer step's host time before its device sync (near optim: the host is the limit)")
     print("phases: a separate run with a device sync after each (no overlap); colls/MB: collectives of one step "
@@ -296,6 +302,9 @@ def main():
     parser.add_argument("--nproc", type=int, default=2, help="GPUs of the multi-GPU run (compared with 1)")
     parser.add_argument("--batch-size", type=int, default=16, help="global sequences per step (16 x 2048: one H200 holds it; 8 x 2048 leaves each of 2 ranks too little work to scale)")
     parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--one-gpu-accum", type=int, default=1,
+                        help="micro-batches of the 1-GPU global-batch row (train.grad_accum), for a global batch "
+                             "one GPU cannot hold at once")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--phase-iters", type=int, default=3, help="steps of the per-phase breakdown")
@@ -333,7 +342,7 @@ def main():
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() and not args.quick else "cpu",
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "commit": git_commit(), "torch": torch.__version__, "nccl": multi["nccl"], "p2p": multi["p2p"],
-              "batch_size": args.batch_size, "seq_len": args.seq_len, "warmup": args.warmup, "iters": args.iters,
+              "batch_size": args.batch_size, "one_gpu_accum": args.one_gpu_accum, "seq_len": args.seq_len, "warmup": args.warmup, "iters": args.iters,
               "rows": rows}
     out = args.out or (None if args.quick else ROOT / "benchmarks" / "results" / "distributed.json")
     if out is not None:

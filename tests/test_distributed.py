@@ -182,12 +182,15 @@ def test_benchmark_quick(tmp_path):
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "distributed.py"
-    subprocess.run([sys.executable, str(script), "--quick", "--out", str(tmp_path / "d.json")], check=True,
-                   capture_output=True, timeout=300)
+    subprocess.run([sys.executable, str(script), "--quick", "--one-gpu-accum", "2", "--out", str(tmp_path / "d.json")],
+                   check=True, capture_output=True, timeout=300)
     rows = {(r["gpus"], r["variant"]): r for r in json.loads((tmp_path / "d.json").read_text())["rows"]}
     assert set(rows) == {(1, "default"), (1, "per-rank-batch"), (2, "default"), (2, "reshard"), (2, "bf16-reduce"),
                          (2, "muon-4-buckets")}
     assert rows[1, "per-rank-batch"]["batch_size"] * 2 == rows[1, "default"]["batch_size"] == 4
+    # the 1-GPU global-batch row accumulates 2 micro-batches of 2 (the 2-rank run's per-rank batch); no other row does
+    assert [key for key, r in rows.items() if r["grad_accum"] != 1] == [(1, "default")]
+    assert rows[1, "default"]["grad_accum"] == 2
     assert all(r["weak_scaling_efficiency"] > 0 for r in rows.values())
     assert all(r["tokens_per_s"] > 0 and 0 < r["optimizer_share"] < 1 for r in rows.values())
     assert all(0 < r["optimizer_host_ms"] <= r["optimizer_ms"] for r in rows.values())  # host part, then the sync
