@@ -112,24 +112,21 @@ def plan_batches(blocks, merge_orientations=False):
     return plan
 
 
-def orthogonalize_batches(stacks, settings, symmetric=False):
+def orthogonalize_batches(stacks, settings):
     """Newton-Schulz of every stacked batch: stacks [N, rows, cols] in the compute dtype (raw, normalised
     inside), settings (steps, coefficients, eps, method) per batch with method resolved ("classic" or "gram").
     Gram batches with the same short side, dtype and settings go through one newton_schulz_group call (one
-    s x s recursion for all their matrices); classic batches run alone. symmetric: the Gram matrices and s x s
-    products compute 3/4 of each product and mirror the rest (newton_schulz_group). Returns the outputs in batch
-    order."""
+    s x s recursion for all their matrices); classic batches run alone. Returns the outputs in batch order."""
     outputs = [None] * len(stacks)
     groups = {}  # (short side, dtype, steps, coefficients, eps) -> indices of gram batches
     for k, (X, (steps, coefficients, eps, method)) in enumerate(zip(stacks, settings)):
         if method == "gram":
             groups.setdefault((min(X.shape[-2:]), X.dtype, steps, coefficients, eps), []).append(k)
         else:
-            outputs[k] = newton_schulz(X, coefficient_schedule(coefficients, steps), method, eps=eps,
-                                       symmetric=symmetric)
+            outputs[k] = newton_schulz(X, coefficient_schedule(coefficients, steps), method, eps=eps)
     for (_, _, steps, coefficients, eps), members in groups.items():
         group_outputs = newton_schulz_group([stacks[k] for k in members], coefficient_schedule(coefficients, steps),
-                                            eps=eps, symmetric=symmetric)
+                                            eps=eps)
         for k, O in zip(members, group_outputs):
             outputs[k] = O
     return outputs
@@ -204,14 +201,12 @@ class Muon(torch.optim.Optimizer):
     form where it needs fewer FLOPs, quintic only; see nanokimi.ops.newton_schulz), "classic" or "gram".
     fused: run the two elementwise passes through torch.compile (None: on CUDA only; the CPU runs the same
     functions eagerly). merge_orientations: batch tall and wide blocks of equal sides together, one of them
-    stacked transposed (see the module docstring; off by default, slower on an H100). symmetric_products:
-    compute only the upper block row and the lower-right block of every symmetric Newton-Schulz product (Gram
-    matrices and s x s products: 3/4 of their FLOPs) and mirror the rest (nanokimi.ops.newton_schulz).
+    stacked transposed (see the module docstring; off by default, slower on an H100).
     """
 
     def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.1, ns_steps=5,
                  coefficients="quintic", ns_dtype=None, eps=1e-7, heads=None, split=None, ns_method="auto",
-                 fused=None, merge_orientations=False, symmetric_products=False):
+                 fused=None, merge_orientations=False):
         if lr < 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
         if not 0 <= momentum < 1:
@@ -227,7 +222,6 @@ class Muon(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.fused = fused
         self.merge_orientations = merge_orientations
-        self.symmetric_products = symmetric_products
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -305,7 +299,7 @@ class Muon(torch.optim.Optimizer):
                         [g["momentum"] for _, _, g in jobs], [g["nesterov"] for _, _, g in jobs], layouts,
                         tuple((shape, settings[0], tuple((*owners[b][:2], transposed) for b, transposed in members))
                               for settings, shape, members in plan))
-        orthogonal = orthogonalize_batches(stacked, [settings[1:] for settings, _, _ in plan], self.symmetric_products)
+        orthogonal = orthogonalize_batches(stacked, [settings[1:] for settings, _, _ in plan])
         sources = [[None] * len(matrix_blocks(p, *layout)) for (p, _, _), layout in zip(jobs, layouts)]
         for k, (_, (rows, cols), members) in enumerate(plan):
             start, scale = 0, MOONLIGHT_RMS * math.sqrt(max(rows, cols))

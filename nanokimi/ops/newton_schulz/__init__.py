@@ -31,12 +31,6 @@ wide) each compute their own G = X_0 X_0^T, into slices of one [N_1 + N_2 + ...,
 final Q X_0; the s x s recursion in between is one batched product per step over all the matrices. A batch
 of 12 matrices of 768 x 768 leaves much of an H100's last GEMM wave empty; 36 fill it better.
 
-Symmetric products (`symmetric=True`): every s x s matrix of the iteration is symmetric in exact arithmetic
-(G, R_k, P_k and Q_k are polynomials in G, so they commute, and P R and P R P are symmetric too). With s = h + h',
-such a product C = A B needs only its top block row C[:h, :] and its bottom-right block C[h:, h:] (3/4 of the
-FLOPs, two GEMMs writing into views of C); the bottom-left block is the top-right one transposed (one copy of
-h x h'). This also keeps each computed R, P, Q exactly symmetric, where full products leave O(u) asymmetry.
-
 Normalisation folds into the first Gram matrix: with n = sqrt(trace(X_0 X_0^T)) + eps = ||X_0||_F + eps
 (trace summed in fp32), the iteration starts from R_0 = G / n^2, and the first segment's last polynomial is
 divided by n (Q = P_{m-1} ... P_0 / n; its elementwise op writes (a I + b R) / n and R / n, the GEMM's left
@@ -48,7 +42,7 @@ from nanokimi.ops.newton_schulz.naive import COEFFICIENT_SETS, coefficient_sched
 
 __all__ = ["COEFFICIENT_SETS", "GRAM_SEGMENT", "METHODS", "coefficient_schedule", "choose_method",
            "newton_schulz", "newton_schulz_flops", "newton_schulz_group", "normalize_into", "orthogonalize",
-           "orthogonalize_naive", "symmetric_bmm"]
+           "orthogonalize_naive"]
 
 METHODS = ("auto", "classic", "gram")
 GRAM_SEGMENT = 2  # steps between restarts of the Gram recursion (see the module docstring)
@@ -123,67 +117,41 @@ def _affine(R, a, b, scale):
     return (C * scale).to(R.dtype), (R * scale).to(R.dtype)
 
 
-def symmetric_bmm(A, B, out=None, add=False, alpha=1.0):
-    """A @ B [N, s, s] for a product known to be symmetric (see the module docstring), into `out` (a new tensor
-    when None), or with add=True out += alpha A @ B (out symmetric too). Computes the top block row and the
-    bottom-right block (two GEMMs writing into views of out, 3/4 of the FLOPs) and copies the top-right block's
-    transpose into the bottom-left one. A: [N, s, k], B: [N, k, s]."""
-    s = A.shape[-2]
-    h = s // 2
-    if out is None:
-        out = A.new_empty(A.shape[0], s, s)
-    top, corner = out[:, :h], out[:, h:, h:]  # [N, h, s], [N, s - h, s - h]
-    if add:
-        top.baddbmm_(A[:, :h], B, alpha=alpha)
-        corner.baddbmm_(A[:, h:], B[:, :, h:], alpha=alpha)
-    else:
-        torch.bmm(A[:, :h], B, out=top)
-        torch.bmm(A[:, h:], B[:, :, h:], out=corner)
-    out[:, h:, :h].copy_(out[:, :h, h:].mT)
-    return out
-
-
-def _polynomial(R, a, b, c, scale=None, symmetric=False):
+def _polynomial(R, a, b, c, scale=None):
     """a I + b R + c R^2 [N, s, s], times scale [N, 1, 1] when given. One elementwise op writes C = a I + b R
     (and with a scale C s and R s), then one GEMM adds c R R into C in place: cuBLAS reads C in its epilogue
-    (beta = 1) and nothing is copied (baddbmm's out-of-place form copies its input into the output first).
-    symmetric: the GEMM through symmetric_bmm."""
+    (beta = 1) and nothing is copied (baddbmm's out-of-place form copies its input into the output first)."""
     C, left = _small_op(_affine, R)(R, a, b, scale)
-    if symmetric:
-        return symmetric_bmm(left, R, out=C, add=True, alpha=c)
     return C.baddbmm_(left, R, alpha=c)
 
 
-def _segment_factor(R, steps, inv=None, symmetric=False):
+def _segment_factor(R, steps, inv=None):
     """Q = P_{m-1} ... P_1 P_0 of one segment of m steps from its starting R [N, s, s] (P_k = a I + b R_k + c R_k^2,
-    R_{k+1} = P_k R_k P_k); times inv [N, 1, 1] per matrix when given (the 1 / n of the normalisation).
-    symmetric: every product through symmetric_bmm (all of them are symmetric; see the module docstring)."""
-    product = symmetric_bmm if symmetric else torch.bmm
+    R_{k+1} = P_k R_k P_k); times inv [N, 1, 1] per matrix when given (the 1 / n of the normalisation)."""
     Q = None  # [N, s, s]
     for i, (a, b, c) in enumerate(steps):
         last = i == len(steps) - 1
-        P = _polynomial(R, a, b, c, inv if last else None, symmetric)  # the last P is needed only inside Q
-        Q = P if Q is None else product(P, Q)
+        P = _polynomial(R, a, b, c, inv if last else None)  # the last P is needed only inside Q
+        Q = P if Q is None else torch.bmm(P, Q)
         if not last:
-            R = product(product(P, R), P)
+            R = torch.bmm(torch.bmm(P, R), P)
     return Q
 
 
-def newton_schulz(X, schedule, method="auto", eps=None, segment=GRAM_SEGMENT, symmetric=False):
+def newton_schulz(X, schedule, method="auto", eps=None, segment=GRAM_SEGMENT):
     """X: [N, A, B] in the compute dtype -> [N, A, B] in the same dtype.
 
     schedule: [(a, b, c)] per step (see coefficient_schedule). eps None: X is already normalised
     (||X||_F <= 1); a float: X is raw and each matrix is divided by its ||X||_F + eps inside, at no extra
     pass. method: "classic", "gram" or "auto" (fewer FLOPs for this shape; see the module docstring; callers
     that know the coefficient set should resolve "auto" with choose_method, which keeps Polar Express classic).
-    symmetric: the Gram matrices and s x s products through symmetric_bmm (see the module docstring).
     """
     method = choose_method(X.shape[-2:], len(schedule), method, segment=segment)
     chunk = segment if method == "gram" else 1  # classic == gram with one-step segments
-    return newton_schulz_group([X], schedule, eps, segment=chunk, symmetric=symmetric)[0]
+    return newton_schulz_group([X], schedule, eps, segment=chunk)[0]
 
 
-def newton_schulz_group(Xs, schedule, eps=None, segment=GRAM_SEGMENT, symmetric=False):
+def newton_schulz_group(Xs, schedule, eps=None, segment=GRAM_SEGMENT):
     """The Gram form over several batches whose matrices share their short side s: a list of [N_i, s, l_i]
     (wide) or [N_i, l_i, s] (tall) tensors, l_i >= s, one dtype -> the list of outputs (same shapes, dtype).
 
@@ -191,7 +159,6 @@ def newton_schulz_group(Xs, schedule, eps=None, segment=GRAM_SEGMENT, symmetric=
     [N_1 + N_2 + ..., s, s] buffer, and its own final product with X_0; the s x s recursion in between
     (polynomials, P Q, P R P) runs once over all the matrices, so every s x s product is one larger batched
     GEMM instead of one per batch. Equal to newton_schulz(X, schedule, "gram", eps, segment) on each batch.
-    symmetric: the Gram matrices and the s x s products through symmetric_bmm.
     """
     if not Xs:
         raise ValueError("newton_schulz_group needs at least one batch [N, A, B]")
@@ -205,11 +172,10 @@ def newton_schulz_group(Xs, schedule, eps=None, segment=GRAM_SEGMENT, symmetric=
     tall = [X.shape[-2] > X.shape[-1] for X in Xs]
     gram = Xs[0].new_empty(sum(sizes), s, s)  # every batch's Gram matrices, one batch after another
     for start in range(0, len(schedule), segment):
-        gram_product = symmetric_bmm if symmetric else torch.bmm
         for X, G, is_tall in zip(Xs, gram.split(sizes), tall):
-            gram_product(X.mT, X, out=G) if is_tall else gram_product(X, X.mT, out=G)
+            torch.bmm(X.mT, X, out=G) if is_tall else torch.bmm(X, X.mT, out=G)
         R, inv = _small_op(_start, gram)(gram, eps) if start == 0 and eps is not None else (gram, None)
-        Q = _segment_factor(R, schedule[start:start + segment], inv, symmetric)  # [sum N_i, s, s]
+        Q = _segment_factor(R, schedule[start:start + segment], inv)  # [sum N_i, s, s]
         Xs = [torch.bmm(X, q) if is_tall else torch.bmm(q, X) for X, q, is_tall in zip(Xs, Q.split(sizes), tall)]
     return Xs
 
