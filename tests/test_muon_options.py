@@ -201,12 +201,20 @@ def test_combo_kernels_reach_torch_compile_and_key_the_cache(monkeypatch):
     assert compiled_pass(muon_module.decay_and_update, True) is compiled_pass(muon_module.decay_and_update, True)
 
 
-def test_torch_accepts_the_combo_options():
-    """torch.compile rejects unknown inductor options when it compiles: this torch takes ours."""
-    f = torch.compile(lambda x, y: (x * 2, y + 1), fullgraph=True, dynamic=False, options=inductor_options(True))
+def test_torch_accepts_the_combo_options_and_compiles_each_setting_once():
+    """torch.compile rejects unknown inductor options when it compiles: this torch takes ours. The same function
+    under two settings is two graphs (dynamo checks the backend), each reused."""
+    import torch._dynamo.utils as dynamo_utils
+
+    def two_outputs(x, y):
+        return x * 2, y + 1
+
     x, y = torch.randn(5), torch.randn(3)
-    a, b = f(x, y)
-    assert torch.equal(a, x * 2) and torch.equal(b, y + 1)
+    before = dynamo_utils.counters["stats"]["unique_graphs"]
+    for combo in (True, True, None, True, None):
+        a, b = compiled_pass(two_outputs, combo)(x, y)
+        assert torch.equal(a, x * 2) and torch.equal(b, y + 1)
+    assert dynamo_utils.counters["stats"]["unique_graphs"] - before == 2
 
 
 @pytest.mark.gpu
