@@ -430,7 +430,9 @@ def main(argv=None):
         if not args.skip_model:
             rows += bench_model("bench-kl-900m", device, warmup, iters)
     print_table(rows)
-    profiles = profile_matrix_set(set_name, shapes, device, warmup, variant=best_variant(rows)) if args.profile else None
+    profiles = None
+    if args.profile:
+        profiles = profile_matrix_set(set_name, shapes, device, warmup, variant=best_variant(rows))
     result = {"benchmark": "muon_step", "quick": args.quick,
               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
