@@ -149,6 +149,8 @@ VARIANTS = {
     "group_squares": {"group_squares": True},
     "combo_kernels": {"combo_kernels": True},
     "group_squares + combo_kernels": {"group_squares": True, "combo_kernels": True},
+    "fused_start": {"fused_start": True},
+    "all": {"group_squares": True, "combo_kernels": True, "fused_start": True},
 }
 # Largest relative difference of any parameter's one-step update from the default's: the squares' Gram form rounds
 # differently in bf16 (2-4e-2 measured on the CPU); the other options do the same arithmetic.

@@ -128,21 +128,23 @@ def squares_to_gram(blocks, free):
             for (settings, shape, count), join in zip(blocks, joins)]
 
 
-def orthogonalize_batches(stacks, settings):
+def orthogonalize_batches(stacks, settings, fused_start=False):
     """Newton-Schulz of every stacked batch: stacks [N, rows, cols] in the compute dtype (raw, normalised
     inside), settings (steps, coefficients, eps, method) per batch with method resolved ("classic" or "gram").
     Gram batches with the same short side, dtype and settings go through one newton_schulz_group call (one
-    s x s recursion for all their matrices); classic batches run alone. Returns the outputs in batch order."""
+    s x s recursion for all their matrices); classic batches run alone. Returns the outputs in batch order.
+    fused_start: normalisation and first polynomial as one elementwise op (newton_schulz_group)."""
     outputs = [None] * len(stacks)
     groups = {}  # (short side, dtype, steps, coefficients, eps) -> indices of gram batches
     for k, (X, (steps, coefficients, eps, method)) in enumerate(zip(stacks, settings)):
         if method == "gram":
             groups.setdefault((min(X.shape[-2:]), X.dtype, steps, coefficients, eps), []).append(k)
         else:
-            outputs[k] = newton_schulz(X, coefficient_schedule(coefficients, steps), method, eps=eps)
+            outputs[k] = newton_schulz(X, coefficient_schedule(coefficients, steps), method, eps=eps,
+                                       fused_start=fused_start)
     for (_, _, steps, coefficients, eps), members in groups.items():
         group_outputs = newton_schulz_group([stacks[k] for k in members], coefficient_schedule(coefficients, steps),
-                                            eps=eps)
+                                            eps=eps, fused_start=fused_start)
         for k, O in zip(members, group_outputs):
             outputs[k] = O
     return outputs
@@ -252,12 +254,13 @@ class Muon(torch.optim.Optimizer):
     blocks that "auto" runs classic join the Gram recursion of the gram blocks with their side (squares_to_gram;
     same result to rounding, +1/6 of the squares' FLOPs, fuller GEMMs). combo_kernels: with fused passes, None
     keeps inductor's settings, True/False turns its horizontal fusion of the per-parameter kernels on/off
-    (compiled_pass).
+    (compiled_pass). fused_start: Newton-Schulz's normalisation and first polynomial as one elementwise op.
     """
 
     def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.1, ns_steps=5,
                  coefficients="quintic", ns_dtype=None, eps=1e-7, heads=None, split=None, ns_method="auto",
-                 fused=None, merge_orientations=False, group_squares=False, combo_kernels=None):
+                 fused=None, merge_orientations=False, group_squares=False, combo_kernels=None,
+                 fused_start=False):
         if lr < 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
         if not 0 <= momentum < 1:
@@ -275,13 +278,14 @@ class Muon(torch.optim.Optimizer):
         self.merge_orientations = merge_orientations
         self.group_squares = group_squares
         self.combo_kernels = combo_kernels
+        self.fused_start = fused_start
         self._step_plans = {}  # Muon._plan_key -> StepPlan
 
     def __setstate__(self, state):
         super().__setstate__(state)
         for name, default in (("fused", None), ("merge_orientations", False), ("group_squares", False),
-                              ("combo_kernels", None)):  # constructor options: not in Optimizer's pickled state
-            self.__dict__.setdefault(name, default)
+                              ("combo_kernels", None), ("fused_start", False)):
+            self.__dict__.setdefault(name, default)  # constructor options are not in Optimizer's pickled state
         self.__dict__.setdefault("_step_plans", {})
         for group in self.param_groups:
             group.setdefault("ns_method", "auto")  # state dicts saved before the option existed
@@ -391,7 +395,7 @@ class Muon(torch.optim.Optimizer):
         stacked = stack([p.grad for p, _, _ in jobs], [m for _, m, _ in jobs],
                         [g["momentum"] for _, _, g in jobs], [g["nesterov"] for _, _, g in jobs], plan.layouts,
                         plan.batches)
-        orthogonal = orthogonalize_batches(stacked, plan.settings)
+        orthogonal = orthogonalize_batches(stacked, plan.settings, self.fused_start)
         lrs, lr_index = group_learning_rates([g for _, _, g in jobs], device, as_tensor=compile_passes)
         update([p for p, _, _ in jobs], orthogonal, lrs, lr_index, [g["weight_decay"] for _, _, g in jobs],
                plan.sources)
