@@ -11,9 +11,13 @@ column says which Newton-Schulz form (classic or gram) each nanokimi row used fo
 `--counts` prints, without timing anything, the GEMM FLOPs and elementwise bytes per shape of the previous
 step (classic NS, five separate elementwise passes) and the current one, and the Newton-Schulz batches and
 kernel launches before and after cross-shape batching (one batch per block shape, baddbmm polynomials) and now.
+The 124M (and --quick) set also times the captured step under each candidate option in VARIANTS (Muon's
+group_squares, combo_kernels, fused_start and combinations; `--variants` picks), each first checked against the
+default's one-step update (VARIANT_BOUND); `--profile` then also profiles the fastest one if it beats the default.
 
     python benchmarks/muon_step.py                # GPU
     python benchmarks/muon_step.py --profile      # GPU, plus where the time goes
+    python benchmarks/muon_step.py --profile --skip-model --variants combo_kernels   # 124M, one variant
     python benchmarks/muon_step.py --quick        # tiny CPU smoke run, seconds (the captured rows fall back)
     python benchmarks/muon_step.py --counts       # FLOP and byte counts of the 124M set, old vs new (CPU)
 """
