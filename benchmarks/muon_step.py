@@ -11,9 +11,13 @@ column says which Newton-Schulz form (classic or gram) each nanokimi row used fo
 `--counts` prints, without timing anything, the GEMM FLOPs and elementwise bytes per shape of the previous
 step (classic NS, five separate elementwise passes) and the current one, and the Newton-Schulz batches and
 kernel launches before and after cross-shape batching (one batch per block shape, baddbmm polynomials) and now.
+The 124M (and --quick) set also times the captured step under each candidate option in VARIANTS (Muon's
+group_squares, combo_kernels, fused_start and combinations; `--variants` picks), each first checked against the
+default's one-step update (VARIANT_BOUND); `--profile` then also profiles the fastest one if it beats the default.
 
     python benchmarks/muon_step.py                # GPU
     python benchmarks/muon_step.py --profile      # GPU, plus where the time goes
+    python benchmarks/muon_step.py --profile --skip-model --variants combo_kernels   # 124M, one variant
     python benchmarks/muon_step.py --quick        # tiny CPU smoke run, seconds (the captured rows fall back)
     python benchmarks/muon_step.py --counts       # FLOP and byte counts of the 124M set, old vs new (CPU)
 """
@@ -22,6 +26,7 @@ import datetime
 import json
 import math
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -135,11 +140,48 @@ def print_plan(shapes, steps=5):
     return {"launches_before": before, "launches_now": after}
 
 
-def with_random_grads(shapes, device):
-    params = [torch.nn.Parameter(torch.randn(shape, device=device) * 0.02) for shape in shapes]
+def with_random_grads(shapes, device, seed=None):
+    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(shape, device=device, generator=generator) * 0.02) for shape in shapes]
     for p in params:
-        p.grad = torch.randn_like(p) * 1e-3
+        p.grad = torch.randn(p.shape, device=device, generator=generator) * 1e-3
     return params
+
+
+# Candidate Muon options for the captured step, each a row beside the default (name -> Muon keyword arguments).
+VARIANTS = {
+    "group_squares": {"group_squares": True},
+    "combo_kernels": {"combo_kernels": True},
+    "group_squares + combo_kernels": {"group_squares": True, "combo_kernels": True},
+    "fused_start": {"fused_start": True},
+    "all": {"group_squares": True, "combo_kernels": True, "fused_start": True},
+}
+# Largest relative difference of any parameter's one-step update from the default's: the squares' Gram form rounds
+# differently in bf16 (2-4e-2 measured on the CPU); the other options do the same arithmetic.
+VARIANT_BOUND = 5e-2
+
+
+def one_step_update(shapes, device, lr, options):
+    """(the update of every param after one eager Muon step with `options`, seconds it took, compiles included)."""
+    params = with_random_grads(shapes, device, seed=0)
+    start = [p.detach().clone() for p in params]
+    release(device)
+    began = time.perf_counter()
+    Muon(params, lr=lr, **options).step()
+    release(device)
+    seconds = time.perf_counter() - began
+    return [p.detach() - s for p, s in zip(params, start)], seconds
+
+
+def check_variant(shapes, device, lr, options, reference):
+    """Max relative difference of the variant's one-step updates from the default's (raises past VARIANT_BOUND)
+    and the variant's first step in seconds (its compiles)."""
+    updates, seconds = one_step_update(shapes, device, lr, options)
+    worst = max(((a.double() - b.double()).norm() / b.double().norm()).item() for a, b in zip(updates, reference))
+    if not worst < VARIANT_BOUND:
+        raise RuntimeError(f"Muon({options}) moved a parameter {worst:.2e} away from the default's update "
+                           f"(bound {VARIANT_BOUND}); its row would time a different optimizer")
+    return worst, seconds
 
 
 def unbound_2d_shapes(shapes):
@@ -163,10 +205,10 @@ def graph_note(name, opt):
     return name
 
 
-def row(set_name, optimizer, params, ms, flops=None, matrices=None, methods=""):
+def row(set_name, optimizer, params, ms, flops=None, matrices=None, methods="", variant=None):
     if matrices is None:
         matrices = sum(p.shape[0] if p.ndim == 3 else 1 for p in params)
-    return {"set": set_name, "optimizer": optimizer, "matrices": matrices,
+    return {"set": set_name, "optimizer": optimizer, "variant": variant, "matrices": matrices,
             "params_M": round(sum(p.numel() for p in params) / 1e6, 2), "step_ms": round(ms, 3),
             "ns_tflops": round(flops / ms / 1e9, 1) if flops else None, "ns_methods": methods}
 
@@ -177,26 +219,57 @@ def release(device):
         torch.cuda.empty_cache()
 
 
-def bench_matrix_set(set_name, shapes, device, warmup, iters, lr=0.02):
-    """nanokimi Muon eager and captured, torch.optim.Muon and AdamW, each on its own copy of the shapes."""
+def variant_flops(shapes, options):
+    """Newton-Schulz GEMM FLOPs of Muon with `options`: group_squares runs the squares in the Gram form when a
+    gram shape has their side."""
+    total = ns_flops(shapes, method="auto")
+    gram_sides = {min(s[-2:]) for s in shapes if choose_method(s[-2:], 5) == "gram"}
+    if options.get("group_squares"):
+        for shape in shapes:
+            if shape[-1] == shape[-2] and shape[-1] in gram_sides:
+                count = shape[0] if len(shape) == 3 else 1
+                total += count * (newton_schulz_flops(shape[-2:], 5, "gram") - newton_schulz_flops(shape[-2:], 5))
+    return total
+
+
+def bench_matrix_set(set_name, shapes, device, warmup, iters, lr=0.02, variants=VARIANTS):
+    """nanokimi Muon eager and captured (the default, then each of `variants`, checked against the default's
+    update first), torch.optim.Muon and AdamW, each on its own copy of the shapes."""
     flops, ours = ns_flops(shapes), ns_flops(shapes, method="auto")
     fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    checks = {}
+    if variants:
+        reference, seconds = one_step_update(shapes, device, lr, {})
+        checks["default"] = (0.0, seconds)
+        for name, options in variants.items():
+            checks[name] = check_variant(shapes, device, lr, options, reference)
+            print(f"[check] {name}: update within {checks[name][0]:.1e} of the default's "
+                  f"(first step {checks[name][1]:.1f} s)")
+        del reference
+        release(device)
     candidates = [
-        ("nanokimi eager", lambda ps: Muon(ps, lr=lr), shapes, ours),
-        ("nanokimi captured (graph)", lambda ps: captured(Muon(ps, lr=lr), warmup), shapes, ours),
+        ("nanokimi eager", lambda ps: Muon(ps, lr=lr), shapes, ours, None),
+        ("nanokimi captured (graph)", lambda ps: captured(Muon(ps, lr=lr), warmup), shapes, ours, "default"),
     ]
+    for name, options in variants.items():
+        candidates.append((f"nanokimi captured + {name}",
+                           lambda ps, options=options: captured(Muon(ps, lr=lr, **options), warmup), shapes,
+                           variant_flops(shapes, options), name))
     if hasattr(torch.optim, "Muon"):
         candidates.append(("torch.optim.Muon", lambda ps: torch.optim.Muon(
             ps, lr=lr, weight_decay=0.1, momentum=0.95, nesterov=True, adjust_lr_fn="match_rms_adamw"),
-            unbound_2d_shapes(shapes), flops))
+            unbound_2d_shapes(shapes), flops, None))
     candidates.append((f"AdamW {'fused' if fused.get('fused') else 'foreach'}",
-                       lambda ps: torch.optim.AdamW(ps, lr=lr, weight_decay=0.1, **fused), shapes, None))
+                       lambda ps: torch.optim.AdamW(ps, lr=lr, weight_decay=0.1, **fused), shapes, None, None))
     rows = []
-    for name, make, its_shapes, its_flops in candidates:
+    for name, make, its_shapes, its_flops, variant in candidates:
         params = with_random_grads(its_shapes, device)
         opt = make(params)
         ms = median_ms(opt.step, device, warmup, iters)
-        rows.append(row(set_name, graph_note(name, opt), params, ms, its_flops, methods=method_summary(opt)))
+        rows.append(row(set_name, graph_note(name, opt), params, ms, its_flops, methods=method_summary(opt),
+                        variant=variant))
+        if variant in checks:
+            rows[-1]["check_rel"], rows[-1]["first_step_s"] = round(checks[variant][0], 6), round(checks[variant][1], 2)
         del params, opt
         release(device)
     return rows
@@ -281,10 +354,22 @@ def profile_step(step, device, steps=5):
             "cpu_ms_per_step": round(cpu_ms, 3)}
 
 
-def profile_matrix_set(set_name, shapes, device, warmup, lr=0.02):
+def best_variant(rows):
+    """The fastest captured variant row's variant name, if it beats the default's captured row; else None."""
+    timed = {r["variant"]: r["step_ms"] for r in rows if r.get("variant") and "[eager fallback]" not in r["optimizer"]}
+    faster = [v for v in timed if v != "default" and timed[v] < timed.get("default", float("inf"))]
+    return min(faster, key=timed.get) if faster else None
+
+
+def profile_matrix_set(set_name, shapes, device, warmup, lr=0.02, variant=None):
+    """Profiles of the eager and captured default step, and of the captured `variant` (a VARIANTS name)."""
     result = {}
-    for name, make in (("nanokimi eager", lambda ps: Muon(ps, lr=lr)),
-                       ("nanokimi captured (graph)", lambda ps: captured(Muon(ps, lr=lr), warmup))):
+    makers = [("nanokimi eager", lambda ps: Muon(ps, lr=lr)),
+              ("nanokimi captured (graph)", lambda ps: captured(Muon(ps, lr=lr), warmup))]
+    if variant is not None:
+        makers.append((f"nanokimi captured + {variant}",
+                       lambda ps: captured(Muon(ps, lr=lr, **VARIANTS[variant]), warmup)))
+    for name, make in makers:
         params = with_random_grads(shapes, device)
         opt = make(params)
         result[name] = profile_step(opt.step, device)
@@ -303,12 +388,12 @@ def print_profile(set_name, result):
 
 
 def print_table(rows):
-    header = (f"{'set':<16} {'optimizer':<44} {'matrices':>8} {'params M':>9} {'step ms':>9} {'NS TFLOP/s':>10}"
+    header = (f"{'set':<16} {'optimizer':<66} {'matrices':>8} {'params M':>9} {'step ms':>9} {'NS TFLOP/s':>10}"
               f"  NS method")
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['set']:<16} {r['optimizer']:<44} {r['matrices'] if r['matrices'] is not None else '':>8} "
+        print(f"{r['set']:<16} {r['optimizer']:<66} {r['matrices'] if r['matrices'] is not None else '':>8} "
               f"{r['params_M']:>9} {r['step_ms']:>9.3f} {r['ns_tflops'] if r['ns_tflops'] is not None else '':>10}"
               f"  {r['ns_methods']}")
 
@@ -323,6 +408,9 @@ def main(argv=None):
     parser.add_argument("--skip-model", action="store_true", help="only the GPT-2-124M matrix set")
     parser.add_argument("--profile", action="store_true",
                         help=f"also profile the 124M set: top {TOP_KERNELS} kernels and a per-category sum")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"comma-separated captured-step variants to time beside the default (of {list(VARIANTS)}; "
+                             "'' for none)")
     parser.add_argument("--counts", action="store_true",
                         help="only print the 124M set's GEMM FLOPs and elementwise bytes, old vs new step (no timing)")
     args = parser.parse_args(argv)
@@ -330,21 +418,27 @@ def main(argv=None):
         return {**print_counts(gpt2_shapes()), **print_plan(gpt2_shapes())}
     if args.out is None:
         args.out = results_path("muon_step", args.quick)
+    unknown = [v for v in args.variants.split(",") if v and v not in VARIANTS]
+    if unknown:
+        sys.exit(f"unknown --variants {unknown}; choose from {list(VARIANTS)}")
+    variants = {v: VARIANTS[v] for v in args.variants.split(",") if v}
 
     if args.quick:
         device, warmup, iters = torch.device("cpu"), 1, 1
         set_name, shapes = "gpt2-tiny", gpt2_shapes(layers=1, d=16) + [(4, 32, 16)]
-        rows = bench_matrix_set(set_name, shapes, device, warmup, iters)
+        rows = bench_matrix_set(set_name, shapes, device, warmup, iters, variants=variants)
     else:
         if not torch.cuda.is_available():
             sys.exit("muon_step.py needs CUDA (use --quick for the CPU smoke run)")
         device, warmup, iters = torch.device("cuda"), args.warmup, args.iters
         set_name, shapes = "gpt2-124m", gpt2_shapes()
-        rows = bench_matrix_set(set_name, shapes, device, warmup, iters)
+        rows = bench_matrix_set(set_name, shapes, device, warmup, iters, variants=variants)
         if not args.skip_model:
             rows += bench_model("bench-kl-900m", device, warmup, iters)
     print_table(rows)
-    profiles = profile_matrix_set(set_name, shapes, device, warmup) if args.profile else None
+    profiles = None
+    if args.profile:
+        profiles = profile_matrix_set(set_name, shapes, device, warmup, variant=best_variant(rows))
     result = {"benchmark": "muon_step", "quick": args.quick,
               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

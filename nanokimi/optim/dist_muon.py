@@ -29,7 +29,8 @@ import torch.distributed as dist
 
 from nanokimi.ops.newton_schulz import choose_method
 from nanokimi.optim.muon import (MOONLIGHT_RMS, Muon, compiled_pass, group_learning_rates, join_blocks,
-                                 matrix_blocks, momentum_updates, orthogonalize_batches, plan_batches)
+                                 matrix_blocks, momentum_updates, orthogonalize_batches, plan_batches,
+                                 squares_to_gram)
 
 
 def shard_rows(rows: int, world: int, rank: int) -> tuple[int, int]:
@@ -162,10 +163,10 @@ class DistributedMuon(Muon):
         group, rank = mesh.get_group(), mesh.get_local_rank()
         buffers = [m.to_local() for m in self._momentum_buffers([p for p, _ in entries])]
         fused = self.fused if self.fused is not None else entries[0][0].device.type == "cuda"
-        pack = compiled_pass(momentum_and_pack) if fused else momentum_and_pack
-        unpack = compiled_pass(unpack_owned) if fused else unpack_owned
-        pack_back = compiled_pass(pack_returns) if fused else pack_returns
-        apply = compiled_pass(decay_and_apply) if fused else decay_and_apply
+        pack = compiled_pass(momentum_and_pack, self.combo_kernels) if fused else momentum_and_pack
+        unpack = compiled_pass(unpack_owned, self.combo_kernels) if fused else unpack_owned
+        pack_back = compiled_pass(pack_returns, self.combo_kernels) if fused else pack_returns
+        apply = compiled_pass(decay_and_apply, self.combo_kernels) if fused else decay_and_apply
         sends = pack([p.grad.to_local() for p, _ in entries], buffers, [g["momentum"] for _, g in entries],
                      [g["nesterov"] for _, g in entries], plan.send_orders, dtype)
         in_flight = []
@@ -180,7 +181,7 @@ class DistributedMuon(Muon):
             back = received.new_empty(0)
             if bucket.pack_layout:  # this rank owns matrices of the bucket
                 inputs = unpack(received, bucket.unpack_layout)  # [N, rows, cols] per batch, not yet normalised
-                outputs = orthogonalize_batches(inputs, bucket.batch_settings)
+                outputs = orthogonalize_batches(inputs, bucket.batch_settings, self.fused_start)
                 back = pack_back(outputs, bucket.pack_layout)
             orthogonal = received.new_empty(sum(bucket.send_sizes))
             work = dist.all_to_all_single(orthogonal, back, list(bucket.send_sizes), list(bucket.recv_sizes),
@@ -214,16 +215,18 @@ class DistributedMuon(Muon):
                     local_shape = (j.rows[rank][1] - j.rows[rank][0], *j.shape[1:])
                     update_layout[index[id(j)]] = (b, offset, local_shape, tuple(self._local_segments(j, rank)))
                     offset += j.numel_of(rank)
-            buckets.append(self._bucket_plan(mine, send_sizes, recv_sizes, world, self.merge_orientations))
+            buckets.append(self._bucket_plan(mine, send_sizes, recv_sizes, world, self.merge_orientations,
+                                             self.group_squares))
         return _StepPlan(tuple(send_orders), tuple(buckets), tuple(update_layout)), mesh
 
     @staticmethod
-    def _bucket_plan(mine, send_sizes, recv_sizes, world, merge_orientations):
+    def _bucket_plan(mine, send_sizes, recv_sizes, world, merge_orientations, group_squares=False):
         """Layouts of the owned matrices: where each one's shards sit in the received buffer (rank r's chunk
         holds its shard of each owned matrix in order), which NS batch each block joins, and where its result
         goes back."""
         starts = [sum(recv_sizes[:r]) for r in range(world)]
         unpack_jobs, blocks, block_of = [], [], []  # blocks: (settings, (rows, cols), count) as plan_batches takes
+        free = []  # per block: its method chosen by "auto" on FLOPs alone (squares_to_gram)
         for i, j in enumerate(mine):
             g = j.group
             pieces = []
@@ -238,6 +241,9 @@ class DistributedMuon(Muon):
                 method = choose_method(shape, g["ns_steps"], g["ns_method"], g["coefficients"])
                 blocks.append(((g["ns_steps"], g["coefficients"], g["eps"], method), shape, math.prod(block.shape[:-2])))
                 block_of.append((i, k, tuple(block.shape)))
+                free.append(g["ns_method"] == "auto" and g["coefficients"] == "quintic")
+        if group_squares:
+            blocks = squares_to_gram(blocks, free)
         plan = plan_batches(blocks, merge_orientations)  # as Muon
         sources = [[] for _ in mine]  # per owned matrix, per block: (batch, first matrix, block shape, transposed)
         for n, (_, _, members) in enumerate(plan):

@@ -31,6 +31,7 @@ shapes), compiled on the first step, so each becomes a few fused kernels that th
 """
 import math
 from collections import defaultdict
+from typing import NamedTuple
 
 import torch
 
@@ -112,21 +113,38 @@ def plan_batches(blocks, merge_orientations=False):
     return plan
 
 
-def orthogonalize_batches(stacks, settings):
+def squares_to_gram(blocks, free):
+    """With Muon(group_squares=True): blocks as plan_batches takes them, settings ending in the resolved method;
+    free: per block, whether that method was chosen by "auto" for the quintic (FLOPs alone, no accuracy reason).
+    A free square s x s block that runs classic switches to gram when some gram block has short side s and the
+    same other settings, so `orthogonalize_batches` runs it inside that block's s x s recursion: every s x s
+    product then is one GEMM over all of them (GPT-2: 48 matrices instead of 36 + a classic batch of 12), at
+    34 s^3 instead of 30 s^3 FLOPs over five steps (segments 2-2-1) for the squares. Returns the blocks, some
+    switched."""
+    gram_sides = {(settings[:-1], min(shape)) for settings, shape, _ in blocks if settings[-1] == "gram"}
+    joins = [is_free and settings[-1] == "classic" and shape[0] == shape[1] and (settings[:-1], shape[0]) in gram_sides
+             for (settings, shape, _), is_free in zip(blocks, free)]
+    return [((*settings[:-1], "gram"), shape, count) if join else (settings, shape, count)
+            for (settings, shape, count), join in zip(blocks, joins)]
+
+
+def orthogonalize_batches(stacks, settings, fused_start=False):
     """Newton-Schulz of every stacked batch: stacks [N, rows, cols] in the compute dtype (raw, normalised
     inside), settings (steps, coefficients, eps, method) per batch with method resolved ("classic" or "gram").
     Gram batches with the same short side, dtype and settings go through one newton_schulz_group call (one
-    s x s recursion for all their matrices); classic batches run alone. Returns the outputs in batch order."""
+    s x s recursion for all their matrices); classic batches run alone. Returns the outputs in batch order.
+    fused_start: normalisation and first polynomial as one elementwise op (newton_schulz_group)."""
     outputs = [None] * len(stacks)
     groups = {}  # (short side, dtype, steps, coefficients, eps) -> indices of gram batches
     for k, (X, (steps, coefficients, eps, method)) in enumerate(zip(stacks, settings)):
         if method == "gram":
             groups.setdefault((min(X.shape[-2:]), X.dtype, steps, coefficients, eps), []).append(k)
         else:
-            outputs[k] = newton_schulz(X, coefficient_schedule(coefficients, steps), method, eps=eps)
+            outputs[k] = newton_schulz(X, coefficient_schedule(coefficients, steps), method, eps=eps,
+                                       fused_start=fused_start)
     for (_, _, steps, coefficients, eps), members in groups.items():
         group_outputs = newton_schulz_group([stacks[k] for k in members], coefficient_schedule(coefficients, steps),
-                                            eps=eps)
+                                            eps=eps, fused_start=fused_start)
         for k, O in zip(members, group_outputs):
             outputs[k] = O
     return outputs
@@ -183,13 +201,44 @@ def group_learning_rates(job_groups, device, as_tensor):
 
 _compiled = {}
 
+# Inductor options of combo_kernels=True: independent kernels (one per parameter in both passes) become a few
+# horizontally fused launches, up to 64 sub-kernels each (inductor's default cap is 8).
+COMBO_KERNEL_OPTIONS = {"combo_kernels": True, "combo_kernel_max_num_nodes": 64}
 
-def compiled_pass(fn):
-    """fn through torch.compile (fullgraph, static shapes), made once per function: it recompiles per new
-    set of shapes, and its kernels are what a CUDA-graph capture of the step records."""
-    if fn not in _compiled:
-        _compiled[fn] = torch.compile(fn, fullgraph=True, dynamic=False)
-    return _compiled[fn]
+
+def inductor_options(combo_kernels):
+    """The inductor config that compiled_pass hands torch.compile: {} for None (inductor's own settings),
+    combo_kernels False, or COMBO_KERNEL_OPTIONS, each key only where this torch's inductor has it."""
+    if combo_kernels is None:
+        return {}
+    from torch._inductor import config
+
+    wanted = COMBO_KERNEL_OPTIONS if combo_kernels else {"combo_kernels": False}
+    return {name: value for name, value in wanted.items() if hasattr(config, name)}
+
+
+def compiled_pass(fn, combo_kernels=None):
+    """fn through torch.compile (fullgraph, static shapes), made once per function and combo_kernels option
+    (None: inductor's settings; True/False: horizontal fusion of independent kernels on/off, see
+    inductor_options): it recompiles per new set of shapes, and its kernels are what a CUDA-graph capture of the
+    step records."""
+    key = (fn, combo_kernels)
+    if key not in _compiled:
+        from nanokimi.train.fast import raise_recompile_limits
+        raise_recompile_limits()  # every variant (shapes, options, momentum values) is one more graph of fn
+        options = inductor_options(combo_kernels)
+        _compiled[key] = torch.compile(fn, fullgraph=True, dynamic=False, **({"options": options} if options else {}))
+    return _compiled[key]
+
+
+class StepPlan(NamedTuple):
+    """What Muon's step on one device needs besides the tensors, fixed while the params with grads, their shapes
+    and their groups' block and Newton-Schulz options are (Muon._plan_step)."""
+    layouts: tuple  # (heads, split) per param
+    batches: tuple  # ((rows, cols), dtype, ((param, block, transposed), ...)) per batch, for momentum_and_stack
+    settings: tuple  # (steps, coefficients, eps, method) per batch, for orthogonalize_batches
+    sources: tuple  # per param, per block (batch, start, block shape, scale, transposed), for decay_and_update
+    methods: dict  # {(rows, cols): method} for last_methods
 
 
 class Muon(torch.optim.Optimizer):
@@ -201,12 +250,17 @@ class Muon(torch.optim.Optimizer):
     form where it needs fewer FLOPs, quintic only; see nanokimi.ops.newton_schulz), "classic" or "gram".
     fused: run the two elementwise passes through torch.compile (None: on CUDA only; the CPU runs the same
     functions eagerly). merge_orientations: batch tall and wide blocks of equal sides together, one of them
-    stacked transposed (see the module docstring; off by default, slower on an H100).
+    stacked transposed (see the module docstring; off by default, slower on an H100). group_squares: square
+    blocks that "auto" runs classic join the Gram recursion of the gram blocks with their side (squares_to_gram;
+    same result to rounding, +1/6 of the squares' FLOPs, fuller GEMMs). combo_kernels: with fused passes, None
+    keeps inductor's settings, True/False turns its horizontal fusion of the per-parameter kernels on/off
+    (compiled_pass). fused_start: Newton-Schulz's normalisation and first polynomial as one elementwise op.
     """
 
     def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.1, ns_steps=5,
                  coefficients="quintic", ns_dtype=None, eps=1e-7, heads=None, split=None, ns_method="auto",
-                 fused=None, merge_orientations=False):
+                 fused=None, merge_orientations=False, group_squares=False, combo_kernels=None,
+                 fused_start=False):
         if lr < 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
         if not 0 <= momentum < 1:
@@ -222,9 +276,17 @@ class Muon(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.fused = fused
         self.merge_orientations = merge_orientations
+        self.group_squares = group_squares
+        self.combo_kernels = combo_kernels
+        self.fused_start = fused_start
+        self._step_plans = {}  # Muon._plan_key -> StepPlan
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        for name, default in (("fused", None), ("merge_orientations", False), ("group_squares", False),
+                              ("combo_kernels", None), ("fused_start", False)):
+            self.__dict__.setdefault(name, default)  # constructor options are not in Optimizer's pickled state
+        self.__dict__.setdefault("_step_plans", {})
         for group in self.param_groups:
             group.setdefault("ns_method", "auto")  # state dicts saved before the option existed
 
@@ -275,9 +337,18 @@ class Muon(torch.optim.Optimizer):
             self._step_device(device, device_jobs)
         return loss
 
-    def _step_device(self, device, jobs):
-        """The three passes for the params of one device (see the module docstring)."""
+    def _plan_key(self, device, jobs):
+        """What the step plan depends on: the device, the constructor's batching options, and per param with a
+        grad its shape and its group's block and Newton-Schulz options (not lr, momentum or weight decay)."""
+        return (device, self.merge_orientations, self.group_squares,
+                tuple((tuple(p.shape), g["heads"], g["split"], g["ns_dtype"], g["ns_steps"], g["coefficients"],
+                       g["eps"], g["ns_method"]) for p, _, g in jobs))
+
+    def _plan_step(self, device, jobs):
+        """StepPlan for these (param, buffer, group) jobs: blocks, Newton-Schulz batches and where each block's
+        result is read back."""
         blocks = []  # (NS settings, (rows, cols), count) per block
+        free = []  # per block: whether "auto" chose its method on FLOPs alone (squares_to_gram)
         owners = []  # (param index, block index, block shape) per block
         layouts = []
         for i, (p, _, group) in enumerate(jobs):
@@ -287,26 +358,44 @@ class Muon(torch.optim.Optimizer):
             for j, block in enumerate(matrix_blocks(p, *layouts[-1])):
                 shape = tuple(block.shape[-2:])
                 method = choose_method(shape, steps, group["ns_method"], coefficients)
-                self._last_methods[shape] = method
                 blocks.append(((ns_dtype, steps, coefficients, group["eps"], method), shape,
                                math.prod(block.shape[:-2])))
+                free.append(group["ns_method"] == "auto" and coefficients == "quintic")
                 owners.append((i, j, tuple(block.shape)))
+        if self.group_squares:
+            blocks = squares_to_gram(blocks, free)
         plan = plan_batches(blocks, self.merge_orientations)
-        compile_passes = self.fused if self.fused is not None else device.type == "cuda"
-        stack = compiled_pass(momentum_and_stack) if compile_passes else momentum_and_stack
-        update = compiled_pass(decay_and_update) if compile_passes else decay_and_update
-        stacked = stack([p.grad for p, _, _ in jobs], [m for _, m, _ in jobs],
-                        [g["momentum"] for _, _, g in jobs], [g["nesterov"] for _, _, g in jobs], layouts,
-                        tuple((shape, settings[0], tuple((*owners[b][:2], transposed) for b, transposed in members))
-                              for settings, shape, members in plan))
-        orthogonal = orthogonalize_batches(stacked, [settings[1:] for settings, _, _ in plan])
-        sources = [[None] * len(matrix_blocks(p, *layout)) for (p, _, _), layout in zip(jobs, layouts)]
+        sources = [[None] * len(matrix_blocks(p, *layout))
+                   for (p, _, _), layout in zip(jobs, layouts)]
         for k, (_, (rows, cols), members) in enumerate(plan):
             start, scale = 0, MOONLIGHT_RMS * math.sqrt(max(rows, cols))
             for b, transposed in members:
                 i, j, shape = owners[b]
                 sources[i][j] = (k, start, shape, scale, transposed)
                 start += math.prod(shape[:-2])
+        return StepPlan(
+            layouts=tuple(layouts),
+            batches=tuple((shape, settings[0], tuple((*owners[b][:2], transposed) for b, transposed in members))
+                          for settings, shape, members in plan),
+            settings=tuple(settings[1:] for settings, _, _ in plan),
+            sources=tuple(tuple(s) for s in sources),
+            methods={shape: settings[-1] for settings, shape, _ in blocks})
+
+    def _step_device(self, device, jobs):
+        """The three passes for the params of one device (see the module docstring), with the plan made once
+        per _plan_key and reused."""
+        key = self._plan_key(device, jobs)
+        plan = self._step_plans.get(key)
+        if plan is None:
+            plan = self._step_plans[key] = self._plan_step(device, jobs)
+        self._last_methods.update(plan.methods)
+        compile_passes = self.fused if self.fused is not None else device.type == "cuda"
+        stack = compiled_pass(momentum_and_stack, self.combo_kernels) if compile_passes else momentum_and_stack
+        update = compiled_pass(decay_and_update, self.combo_kernels) if compile_passes else decay_and_update
+        stacked = stack([p.grad for p, _, _ in jobs], [m for _, m, _ in jobs],
+                        [g["momentum"] for _, _, g in jobs], [g["nesterov"] for _, _, g in jobs], plan.layouts,
+                        plan.batches)
+        orthogonal = orthogonalize_batches(stacked, plan.settings, self.fused_start)
         lrs, lr_index = group_learning_rates([g for _, _, g in jobs], device, as_tensor=compile_passes)
         update([p for p, _, _ in jobs], orthogonal, lrs, lr_index, [g["weight_decay"] for _, _, g in jobs],
-               tuple(tuple(s) for s in sources))
+               plan.sources)
