@@ -271,7 +271,8 @@ def test_shared_sources_sum_gradients_like_naive(dtype):
     """Four sources read by four phase-1 calls the way blocks read them (call k: sources 0..k, its own
     queries; odd D), through share_source: forward, lse and every gradient against the naive maths on fp32
     copies of the same values. Each source's gradient is summed by the kernels over its readers and reaches
-    the source once (fp32: 1e-5; bf16 sources: the sum is rounded to bf16 after each reader, 1e-2)."""
+    the source once (fp32: 1e-5; bf16 sources: the sum is kept in fp32 and rounded to bf16 once, when autograd
+    hands it to the bf16 leaf, 1e-2)."""
     g = torch.Generator().manual_seed(21 + (dtype == torch.bfloat16))
     N, B, T, D = 4, 2, 7, 33
     sources = [(torch.randn(B, T, D, generator=g) * (n + 1)).to(DEVICE, dtype).requires_grad_() for n in range(N)]
@@ -283,9 +284,10 @@ def test_shared_sources_sum_gradients_like_naive(dtype):
 
     given = []  # per phase-1 backward: which sources arrived with a gradient sum to add into
 
-    def recording_backward(*args):
-        given.extend(s is not None for s in args[-1])
-        return TRITON.phase1_backward(*args)
+    def recording_backward(qe, rstds, values, logits, lse, grad_mixtures, grad_lse, sums, grad_dtypes):
+        given.extend(s is not None for s in sums)
+        assert all(dtype == torch.float32 for dtype in grad_dtypes)  # bf16 sources' gradients summed in fp32
+        return TRITON.phase1_backward(qe, rstds, values, logits, lse, grad_mixtures, grad_lse, sums, grad_dtypes)
     kernels = TRITON._replace(phase1_backward=recording_backward)
 
     def run(fast):
