@@ -511,15 +511,15 @@ def test_triton_accumulate_merge_reads_a_bf16_mixture():
         assert rel(a, b) < (1e-2 if b.dtype == torch.bfloat16 else 1e-5), i  # grads of mixture and out: bf16
 
 
-@pytest.mark.parametrize("D,L,num_blocks", [(33, 6, 3), (17, 5, 5)])
-def test_module_with_triton_kernels_and_bf16_storage(D, L, num_blocks):
-    """storage="auto" under bf16 autocast on the triton set (bf16 sources and mixtures, fp32 partial sums and
-    gradient sums): output and every gradient against attnres_stack_stored_naive, the naive maths with the
+@pytest.mark.parametrize("storage,D,L,num_blocks", [("auto-all", 33, 6, 3), ("auto", 17, 5, 5)])
+def test_module_with_triton_kernels_and_bf16_storage(storage, D, L, num_blocks):
+    """storage="auto" / "auto-all" under bf16 autocast on the triton set (bf16 sources, and mixtures with
+    "auto-all"; fp32 partial sums and gradient sums): output and every gradient against attnres_stack_stored_naive, the naive maths with the
     same roundings (on a GPU 1e-4 / 2e-3, as the eager set: a few values cross a bf16 rounding boundary; in the
     interpreter, which truncates where torch rounds to nearest, 1e-2 / 5e-2), and against the fp32-storage triton
     path (bf16-fit: 2e-2 / 0.15, see test_attnres.py)."""
     g = torch.Generator().manual_seed(51 + D)
-    module = AttentionResiduals(D, L, mode="block", num_blocks=num_blocks)
+    module = AttentionResiduals(D, L, mode="block", num_blocks=num_blocks, storage=storage)
     sublayers = nn.ModuleList(ToyMixer(D, g) for _ in range(L))
     with torch.no_grad():
         for q, w in zip(module.queries, module.key_weights):
@@ -553,7 +553,7 @@ def test_module_with_triton_kernels_and_bf16_storage(D, L, num_blocks):
     final, grads = run(module)
     final_ref, grads_ref = run(module, lambda x: attnres_stack_stored_naive(
         x, list(sublayers), list(module.queries), list(module.key_weights), module.block_size, torch.bfloat16,
-        module.eps))
+        module.eps, round_mixtures=storage == "auto-all"))
     final_32, grads_32 = run(fp32_storage)
     exact = DEVICE.type == "cuda"
     assert rel(final, final_ref) < (1e-4 if exact else 1e-2)

@@ -28,7 +28,7 @@ from nanokimi.ops.attnres import EAGER, compiled_kernels, depth_attention_qe, sh
 from nanokimi.ops.attnres.two_phase import finish_shared_source
 
 MODES = ("full", "block")
-STORAGES = ("auto", "fp32")
+STORAGES = ("auto", "auto-all", "fp32")
 
 
 class AttnResState(NamedTuple):
@@ -39,7 +39,7 @@ class AttnResState(NamedTuple):
     one sum its gradient into one tensor), stored in the storage dtype (`AttentionResiduals.storage_dtype`);
     rstds: each stored source's 1 / RMS [B, T] (fp32, no gradient), computed once when the source is finished;
     partial: sum of the current block's outputs so far (None at a block's start); mixture (S tensors [B, T, D],
-    storage dtype) and lse (S tensors [B, T], fp32): phase 1 of the current block; qe [L + 1, D]: every query
+    fp32, or the storage dtype with storage="auto-all") and lse (S tensors [B, T], fp32): phase 1 of the current block; qe [L + 1, D]: every query
     times its key weight, built once per forward; position: the next sublayer; h: its input, computed by the
     call that produced this state (None after the last sublayer).
     """
@@ -57,15 +57,17 @@ class AttnResState(NamedTuple):
 class AttentionResiduals(nn.Module):
     def __init__(self, hidden_size: int, num_sublayers: int, mode: str = "full", num_blocks: int = 8,
                  eps: float = 1e-6, storage: str = "auto"):
-        """storage: the dtype the stored sources (embedding, finished block sums) and phase-1 mixtures are kept
-        in (see `storage_dtype`): "auto" = the sublayers' output dtype (bf16 under bf16 autocast), "fp32" = fp32
-        (float64 for a float64 stream). Sums are accumulated in fp32 and the softmax runs in fp32 either way."""
+        """storage: the dtype the stored sources (embedding, finished block sums) are kept in (see
+        `storage_dtype`): "auto" = the sublayers' output dtype (bf16 under bf16 autocast), "fp32" = fp32 (float64
+        for a float64 stream); "auto-all": as "auto", and phase 1's mixtures too (fp32 otherwise). Sums are
+        accumulated in fp32 and the softmax runs in fp32 either way."""
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode='{mode}' must be one of {MODES} (use the plain PreNorm residual for 'none').")
         if storage not in STORAGES:
             raise ValueError(f"storage='{storage}' must be one of {STORAGES}: 'auto' stores the residual sources in "
-                             "the sublayers' output dtype (bf16 under bf16 autocast), 'fp32' in fp32.")
+                             "the sublayers' output dtype (bf16 under bf16 autocast), 'auto-all' the phase-1 "
+                             "mixtures as well, 'fp32' everything in fp32.")
         if num_sublayers < 1 or hidden_size < 1:
             raise ValueError(f"hidden_size={hidden_size} and num_sublayers={num_sublayers} must be >= 1.")
         if mode == "block" and num_blocks < 1:
@@ -126,8 +128,11 @@ class AttentionResiduals(nn.Module):
         return start, min(start + self.block_size, self.num_sublayers)
 
     def _phase1(self, sources: tuple, rstds: tuple, qe: torch.Tensor, first: int, stop: int):
-        """S mixtures in the sources' (storage) dtype and S lse (fp32) of queries first..stop - 1."""
-        return depth_attention_qe(sources, qe[first:stop], self.eps, rstds, self.kernels, sources[0].value.dtype)
+        """S mixtures (fp32; in the sources' storage dtype with storage="auto-all") and S lse (fp32) of queries
+        first..stop - 1."""
+        dtype = sources[0].value.dtype
+        return depth_attention_qe(sources, qe[first:stop], self.eps, rstds, self.kernels,
+                                  dtype if self.storage == "auto-all" else torch.promote_types(dtype, torch.float32))
 
     def start(self, embedding: torch.Tensor) -> AttnResState:
         """embedding: [B, T, D] token embeddings (v_0)."""

@@ -83,12 +83,13 @@ class _Round(torch.autograd.Function):
         return (grad.to(ctx.dtype).to(grad.dtype) if ctx.round_grad else grad), None, None
 
 
-def attnres_stack_stored_naive(embedding, sublayers, queries, key_weights, block_size, storage_dtype, eps=1e-6):
+def attnres_stack_stored_naive(embedding, sublayers, queries, key_weights, block_size, storage_dtype, eps=1e-6,
+                               round_mixtures=True):
     """attnres_stack_naive with the roundings of a narrow storage dtype (AttentionResiduals(storage="auto")
     under autocast): every completed source (the embedding, each finished block's sum) is rounded to
     storage_dtype once and its gradient passes through unrounded (summed in fp32); a sublayer's softmax is split
-    as the two-phase form computes it: the mixture of the completed sources (rounded to storage_dtype, its
-    gradient too) merged with the block's partial sum (kept in fp32) by the partial's logit. Everything else is
+    as the two-phase form computes it: the mixture of the completed sources (with round_mixtures, as
+    storage="auto-all", rounded to storage_dtype, its gradient too) merged with the block's partial sum (kept in fp32) by the partial's logit. Everything else is
     fp32: the AttnRes maths runs with autocast off, the sublayers under the caller's autocast.
     embedding [B, T, D] fp32; sublayers, queries, key_weights as in attnres_stack_naive.
     Returns the final hidden state [B, T, D] (fp32)."""
@@ -99,7 +100,8 @@ def attnres_stack_stored_naive(embedding, sublayers, queries, key_weights, block
 
     def mixture(sources, l):
         with no_autocast():
-            return _Round.apply(attnres_naive(sources, queries[l], key_weights[l], eps), storage_dtype, True)
+            mixed = attnres_naive(sources, queries[l], key_weights[l], eps)
+            return _Round.apply(mixed, storage_dtype, True) if round_mixtures else mixed
 
     def logit(v, l):  # query_l . RMSNorm(v) * key_weight_l, fp32
         return (F.rms_norm(v, v.shape[-1:], key_weights[l], eps) * queries[l]).sum(-1)
