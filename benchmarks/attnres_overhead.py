@@ -2,14 +2,17 @@
 
 Two tables from one process (each model built once per mode, compiled once; the AttnRes kernels compiled
 for the residual table are reused by the model table, whose residual stream has the same shapes):
-  residual: the residual stream alone (D=1024, 32 sublayers, B=4, T=4096, fp32 stream as in the bf16-autocast
-            model), with cheap stand-in sublayers, so the time is the residual's own forward + backward:
+  residual: the residual stream alone (D=1024, 32 sublayers, B=4, T=4096, fp32 stream under bf16 autocast with
+            bf16 sublayer outputs, as in the model), with cheap stand-in sublayers, so the time is the residual's
+            own forward + backward:
             PreNorm add vs block vs full AttnRes, one row per kernel set: eager, compiled (torch.compile of the
             fused kernels) and, on CUDA with triton, triton (Triton phase 1, the rest compiled).
   model:    a full training step (bf16 autocast forward + loss, backward, AdamW) of bench-kl-900m, B=4, T=4096,
             compiled with nanokimi.train.fast.compile_model (which also compiles the AttnRes kernels), per
             attn_res setting (T halves on OOM); its AttnRes kernels are what compile_model picks (triton on CUDA
             when triton imports), recorded per row as attnres_kernels.
+Every AttnRes row is measured once per --storage (attn_res_storage: "auto" = sources in bf16 under autocast,
+"auto-all" = mixtures too, "fp32"), so one run compares PreNorm and the storages.
 Medians over timed steps after warm-up. Writes benchmarks/results/attnres_overhead.json (device, date, commit).
 
     python benchmarks/attnres_overhead.py            # GPU, a few minutes (fla autotune + compiles come first)
@@ -17,6 +20,7 @@ Medians over timed steps after warm-up. Writes benchmarks/results/attnres_overhe
     python benchmarks/attnres_overhead.py --quick    # CPU smoke run: tiny sizes, eager, 2 steps
     python benchmarks/attnres_overhead.py --tuned benchmarks/results/attnres_tune.json   # launch configs measured
                                                      # by benchmarks/attnres_tune.py instead of launch.TUNED
+    python benchmarks/attnres_overhead.py --storage fp32,auto,auto-all   # storages to compare (default auto,fp32)
 """
 import argparse
 import datetime
@@ -36,6 +40,7 @@ from nanokimi.model.attn_res import AttentionResiduals  # noqa: E402
 from nanokimi.model.residual import PreNormResidual  # noqa: E402
 
 MODES = ("none", "block", "full")
+STORAGES = ("auto", "auto-all", "fp32")
 
 
 def kernel_sets(args, device):
@@ -52,31 +57,33 @@ def residual_rows(args, device):
     """Residual stream alone: stand-in sublayers out = tanh(h) * scale (one elementwise pass each)."""
     B, T, D, L = args.batch, args.seq_len, args.hidden, args.sublayers
     rows = []
-    variants = [("none", "-")] + [(mode, kernels) for mode in args.modes if mode != "none"
-                                  for kernels in kernel_sets(args, device)]
-    for mode, kernels in variants:
+    variants = [("none", "-", "-")] + [(mode, kernels, storage) for mode in args.modes if mode != "none"
+                                       for kernels in kernel_sets(args, device) for storage in args.storage]
+    for mode, kernels, storage in variants:
         residual = PreNormResidual() if mode == "none" else AttentionResiduals(
-            D, L, mode=mode, num_blocks=args.blocks).to(device)
+            D, L, mode=mode, num_blocks=args.blocks, storage=storage).to(device)
         if kernels != "eager" and mode != "none":
             residual.compile_kernels(triton=kernels == "triton")
         embedding = torch.randn(B, T, D, device=device, requires_grad=True)
         scales = torch.full((L,), 0.5, device=device, requires_grad=True)
 
         def step():
-            state = residual.start(embedding)
-            for l in range(L):
-                h = residual.sublayer_input(state, l)
-                state = residual.add(state, l, torch.tanh(h) * scales[l])
-            residual.finish(state).square().mean().backward()
+            with torch.autocast(device.type, dtype=torch.bfloat16):  # the sublayers' outputs are bf16, as in the model
+                state = residual.start(embedding)
+                for l in range(L):
+                    h = residual.sublayer_input(state, l)
+                    state = residual.add(state, l, (torch.tanh(h) * scales[l]).to(torch.bfloat16))
+                final = residual.finish(state)
+            final.square().mean().backward()
 
         free_memory(device)
         ms = median_ms(step, device, args.warmup, args.steps)
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-        rows.append(dict(table="residual", attn_res=mode, kernels=kernels, B=B, T=T, D=D, sublayers=L,
-                         median_ms=ms, peak_gib=peak))
+        rows.append(dict(table="residual", attn_res=mode, kernels=kernels, storage=storage, B=B, T=T, D=D,
+                         sublayers=L, median_ms=ms, peak_gib=peak))
         if args.profile and device.type == "cuda":
             rows[-1]["profile"] = kernel_profile(step, calls=2, top=12)
-        print(f"residual {mode} kernels={kernels}: {ms:.2f} ms", flush=True)
+        print(f"residual {mode} kernels={kernels} storage={storage}: {ms:.2f} ms", flush=True)
     return rows
 
 
@@ -87,8 +94,9 @@ def model_rows(args, device):
     seq_len = args.seq_len
     while True:
         try:
-            return [model_step_row(ModelConfig, build_model, args, device, mode, seq_len)
-                    for mode in ("none", *[m for m in args.modes if m != "none"])]
+            return [model_step_row(ModelConfig, build_model, args, device, mode, storage, seq_len)
+                    for mode, storage in [("none", "-")] + [(m, s) for m in args.modes if m != "none"
+                                                            for s in args.storage]]
         except torch.cuda.OutOfMemoryError:
             free_memory(device)
             if seq_len <= 512:
@@ -98,9 +106,11 @@ def model_rows(args, device):
             print(f"out of memory: model rows rerun at T={seq_len}")
 
 
-def model_step_row(ModelConfig, build_model, args, device, mode, seq_len):
+def model_step_row(ModelConfig, build_model, args, device, mode, storage, seq_len):
     from nanokimi.train.fast import capture_step, compile_model, make_optimizer
     overrides = dict(attn_res=mode, attn_res_blocks=args.blocks)
+    if mode != "none":
+        overrides["attn_res_storage"] = storage
     if args.quick:
         overrides.update(vocab_size=512, num_layers=2, mixers="KA", max_position_embeddings=64)
     config = ModelConfig.preset(args.preset, **overrides)
@@ -149,7 +159,7 @@ def model_step_row(ModelConfig, build_model, args, device, mode, seq_len):
     kernels = getattr(model.residual, "kernels", None)
     attnres_kernels = "-" if kernels is None else ("triton" if hasattr(kernels.phase1_forward, "func")
                                                    else "compiled" if compiled else "eager")
-    row = dict(table="model", attn_res=mode, compiled=compiled, attnres_kernels=attnres_kernels,
+    row = dict(table="model", attn_res=mode, compiled=compiled, attnres_kernels=attnres_kernels, storage=storage,
                preset=args.preset, B=args.batch, T=seq_len,
                median_ms=ms, tokens_per_s=args.batch * seq_len / ms * 1e3, peak_gib=peak,
                params=sum(p.numel() for p in model.parameters()))
@@ -157,8 +167,8 @@ def model_step_row(ModelConfig, build_model, args, device, mode, seq_len):
         row.update(graph_ms=graph_ms, graph_tokens_per_s=args.batch * seq_len / graph_ms * 1e3)
     if error:
         row["compile_error"] = error
-    print(f"model {mode} compiled={compiled}: {ms:.1f} ms" + (f", graph {graph_ms:.1f} ms" if graph_ms else ""),
-          flush=True)
+    print(f"model {mode} storage={storage} compiled={compiled}: {ms:.1f} ms"
+          + (f", graph {graph_ms:.1f} ms" if graph_ms else ""), flush=True)
     del model, optimizer
     free_memory(device)
     return row
@@ -184,8 +194,8 @@ def add_overheads(rows):
 def print_table(rows):
     """overhead: extra ms as a share of the model's attn_res=none step (for residual rows as well); kernels: the
     AttnRes kernel set (residual rows), how the model step ran and its AttnRes kernels (model rows)."""
-    header = (f"{'table':9} {'attn_res':8} {'kernels':8} {'B':>2} {'T':>5} {'median ms':>10} {'extra ms':>9} "
-              f"{'overhead':>9} {'tok/s':>9} {'peak GiB':>8}")
+    header = (f"{'table':9} {'attn_res':8} {'kernels':8} {'storage':7} {'B':>2} {'T':>5} {'median ms':>10} "
+              f"{'extra ms':>9} {'overhead':>9} {'tok/s':>9} {'peak GiB':>8}")
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -195,16 +205,16 @@ def print_table(rows):
         peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") else "-"
         kernels = r["kernels"] if r["table"] == "residual" else "eager" if not r["compiled"] else (
             "compiled" if r["attnres_kernels"] == "-" else r["attnres_kernels"])
-        print(f"{r['table']:9} {r['attn_res']:8} {kernels:8} {r['B']:>2} {r['T']:>5} "
+        print(f"{r['table']:9} {r['attn_res']:8} {kernels:8} {r['storage']:7} {r['B']:>2} {r['T']:>5} "
               f"{r['median_ms']:>10.2f} {extra:>9} {over:>9} {tok:>9} {peak:>8}")
     for r in rows:
         if r.get("graph_ms"):
             over = f", {100 * r['graph_overhead_vs_none']:+.1f}% over none" if "graph_overhead_vs_none" in r else ""
-            print(f"model {r['attn_res']} in one CUDA graph: {r['graph_ms']:.1f} ms "
+            print(f"model {r['attn_res']} storage={r['storage']} in one CUDA graph: {r['graph_ms']:.1f} ms "
                   f"({r['graph_tokens_per_s']:.0f} tok/s{over})")
     for r in rows:
         if "compile_error" in r:
-            print(f"model {r['attn_res']}: compile failed, measured eager: {r['compile_error']}")
+            print(f"model {r['attn_res']} storage={r['storage']}: compile failed, measured eager: {r['compile_error']}")
 
 
 def main():
@@ -223,6 +233,9 @@ def main():
                              "for the model table)")
     parser.add_argument("--modes", default=",".join(MODES),
                         help="attn_res settings to measure besides none (comma-separated: block,full)")
+    parser.add_argument("--storage", default="auto,fp32",
+                        help="attn_res_storage values to measure for every AttnRes row (comma-separated: "
+                             "auto,auto-all,fp32)")
     parser.add_argument("--profile", action="store_true", help="residual table: GPU time by kernel kind per row")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="model table: also time the compiled step captured whole in one CUDA graph")
@@ -237,6 +250,10 @@ def main():
     unknown = [m for m in args.modes if m not in MODES]
     if unknown:
         parser.error(f"--modes: unknown {unknown}; choose from {', '.join(MODES)}")
+    args.storage = [s.strip() for s in args.storage.split(",") if s.strip()]
+    unknown = [s for s in args.storage if s not in STORAGES]
+    if unknown or not args.storage:
+        parser.error(f"--storage: unknown {unknown or 'empty'}; choose from {', '.join(STORAGES)}")
     if args.out is None:
         args.out = results_path("attnres_overhead", args.quick)
     if args.quick:

@@ -133,6 +133,7 @@ class ModelConfig:
     # Attention Residuals on the residual stream
     attn_res: str = "none"  # "none" | "full" | "block"
     attn_res_blocks: int = 8
+    attn_res_storage: str = "auto"  # "auto" (sources in the sublayers' output dtype: bf16 under autocast) | "auto-all" | "fp32"
 
     def __post_init__(self):
         self.validate()
@@ -196,6 +197,11 @@ class ModelConfig:
         need(self.attn_res in ("none", "full", "block"),
              f"attn_res='{self.attn_res}' must be 'none', 'full' or 'block'.{suggest(self.attn_res, ['none', 'full', 'block'])}")
         need(self.attn_res_blocks >= 1, f"attn_res_blocks must be >= 1, got {self.attn_res_blocks}.")
+        storages = ["auto", "auto-all", "fp32"]
+        need(self.attn_res_storage in storages,
+             f"attn_res_storage='{self.attn_res_storage}' must be 'auto' (store AttnRes sources in the sublayers' "
+             f"output dtype, bf16 under bf16 autocast), 'auto-all' (phase-1 mixtures too) or 'fp32'."
+             f"{suggest(self.attn_res_storage, storages)}")
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":

@@ -19,7 +19,8 @@ from torch import nn
 pytest.importorskip("triton")
 
 from nanokimi.model.attn_res import AttentionResiduals  # noqa: E402
-from nanokimi.ops.attnres import EAGER, attnres_naive, attnres_stack_naive, depth_attention, source_rstd  # noqa: E402
+from nanokimi.ops.attnres import (EAGER, attnres_naive, attnres_stack_naive, attnres_stack_stored_naive,  # noqa: E402
+                                  depth_attention, source_rstd)
 from nanokimi.ops.attnres import two_phase  # noqa: E402
 from nanokimi.ops.attnres.launch import LaunchConfig  # noqa: E402
 from nanokimi.ops.attnres.triton_phase1 import phase1_backward, phase1_forward, triton_kernels  # noqa: E402
@@ -271,7 +272,8 @@ def test_shared_sources_sum_gradients_like_naive(dtype):
     """Four sources read by four phase-1 calls the way blocks read them (call k: sources 0..k, its own
     queries; odd D), through share_source: forward, lse and every gradient against the naive maths on fp32
     copies of the same values. Each source's gradient is summed by the kernels over its readers and reaches
-    the source once (fp32: 1e-5; bf16 sources: the sum is rounded to bf16 after each reader, 1e-2)."""
+    the source once (fp32: 1e-5; bf16 sources: the sum is kept in fp32 and rounded to bf16 once, when autograd
+    hands it to the bf16 leaf, 1e-2)."""
     g = torch.Generator().manual_seed(21 + (dtype == torch.bfloat16))
     N, B, T, D = 4, 2, 7, 33
     sources = [(torch.randn(B, T, D, generator=g) * (n + 1)).to(DEVICE, dtype).requires_grad_() for n in range(N)]
@@ -283,9 +285,10 @@ def test_shared_sources_sum_gradients_like_naive(dtype):
 
     given = []  # per phase-1 backward: which sources arrived with a gradient sum to add into
 
-    def recording_backward(*args):
-        given.extend(s is not None for s in args[-1])
-        return TRITON.phase1_backward(*args)
+    def recording_backward(qe, rstds, values, logits, lse, grad_mixtures, grad_lse, sums, grad_dtypes):
+        given.extend(s is not None for s in sums)
+        assert all(dtype == torch.float32 for dtype in grad_dtypes)  # bf16 sources' gradients summed in fp32
+        return TRITON.phase1_backward(qe, rstds, values, logits, lse, grad_mixtures, grad_lse, sums, grad_dtypes)
     kernels = TRITON._replace(phase1_backward=recording_backward)
 
     def run(fast):
@@ -439,3 +442,121 @@ def test_triton_phase1_at_model_sizes_on_gpu(dtype):
     assert rel(got[0], expected[0]) < 1e-4  # a sum over 4096 tokens in a different order
     for a, b in zip(got[1], expected[1]):
         assert rel(a, b) < bound
+
+
+def test_triton_phase1_stores_mixtures_narrow_and_sums_bf16_gradients_in_fp32():
+    """Storage "auto": phase 1 writes its mixtures in bf16 (the fp32 result rounded once), reads bf16 gradients of
+    them as they are, and writes a bf16 source's gradient in the dtype asked for (fp32 for a shared source, whose
+    sum is kept in fp32; a source of each kind here, so one launch writes gradients of two dtypes), against the
+    eager stacked kernels on the same inputs (fp32: 1e-5). Triton's CPU interpreter rounds fp32 -> bf16 toward
+    zero where the GPU and torch round to nearest: one bf16 step (< 2^-7 relative) apart there, equal on a GPU."""
+    g = torch.Generator().manual_seed(41)
+    N, S, M, D = 3, 2, 19, 33
+    values = [(torch.randn(M, D, generator=g) * (n + 1)).to(DEVICE, torch.bfloat16) for n in range(N)]
+    rstds = [source_rstd(v) for v in values]
+    qe = torch.randn(S, D, generator=g).to(DEVICE)
+    grad_mixtures = [torch.randn(M, D, generator=g).to(DEVICE, torch.bfloat16) for _ in range(S)]
+    grad_lse = torch.randn(M, S, generator=g).to(DEVICE)
+    config = LaunchConfig(block_t=4, num_warps=4, programs_per_sm=2, chunk_d=16)
+
+    wide, logits, lse = phase1_forward(qe, rstds, values, config=config)
+    narrow, logits_narrow, lse_narrow = phase1_forward(qe, rstds, values, torch.bfloat16, config=config)
+    assert all(m.dtype == torch.bfloat16 for m in narrow) and torch.equal(logits, logits_narrow)
+    for m, w in zip(narrow, wide):
+        if DEVICE.type == "cuda":
+            assert torch.equal(m, w.to(torch.bfloat16))
+        else:
+            assert ((m.float() - w).abs() <= w.abs() * 2 ** -7).all()
+
+    grad_dtypes = [torch.float32, torch.bfloat16, torch.float32]
+    sums = [torch.randn(M, D, generator=g).to(DEVICE), None, None]
+    before = sums[0].clone()
+    got_qe, got = phase1_backward(qe, rstds, values, logits, lse, grad_mixtures, grad_lse, sums, grad_dtypes,
+                                  config=config)
+    eager_qe, eager = two_phase._phase1_backward_stacked(qe, rstds, values, logits, lse, grad_mixtures, grad_lse,
+                                                         [before, None, None], grad_dtypes)
+    assert got[0] is sums[0] and [t.dtype for t in got] == grad_dtypes
+    assert rel(got_qe, eager_qe) < 1e-5
+    for n, (a, b) in enumerate(zip(got, eager)):
+        assert rel(a, b) < (1e-5 if grad_dtypes[n] == torch.float32 else 1e-2), n
+    with pytest.raises(ValueError, match="gradient sum 0 .* in its gradient's dtype torch.float32"):
+        phase1_backward(qe, rstds, values, logits, lse, grad_mixtures, grad_lse, [values[0].clone(), None, None],
+                        grad_dtypes)
+
+
+def test_triton_accumulate_merge_reads_a_bf16_mixture():
+    """The merge reads a bf16 mixture (storage "auto") and writes its gradient in bf16; against the eager
+    _accumulate_merge on the same inputs: the new partial sum, h and the fp32 gradients to fp32 rounding (1e-5),
+    the bf16 gradients (mixture's, out's) to one bf16 rounding (1e-2; the interpreter truncates)."""
+    g = torch.Generator().manual_seed(43)
+    M, D = 21, 33
+    partial = torch.randn(M, D, generator=g).to(DEVICE).requires_grad_()
+    out = torch.randn(M, D, generator=g).to(DEVICE, torch.bfloat16).requires_grad_()
+    mixture = torch.randn(M, D, generator=g).to(DEVICE, torch.bfloat16).requires_grad_()
+    lse = torch.randn(M, generator=g).to(DEVICE).requires_grad_()
+    qe = torch.randn(D, generator=g).to(DEVICE).requires_grad_()
+    grad_h, grad_p = torch.randn(2, M, D, generator=g).to(DEVICE)
+    leaves = [partial, out, mixture, lse, qe]
+    results = []
+    for fast in (True, False):
+        args = (partial, out, mixture, lse, qe, torch.float32, 1e-6)
+        new_partial, h = (accumulate_merge(*args, config=LaunchConfig(block_t=4, num_warps=4, programs_per_sm=2))
+                          if fast else two_phase._accumulate_merge(*args))
+        ((h * grad_h).sum() + (new_partial * grad_p).sum()).backward()
+        results.append([new_partial.detach(), h.detach()] + [p.grad.clone() for p in leaves])
+        for p in leaves:
+            p.grad = None
+    assert results[0][4].dtype == torch.bfloat16 and results[0][1].dtype == torch.float32
+    for i, (a, b) in enumerate(zip(*results)):
+        assert rel(a, b) < (1e-2 if b.dtype == torch.bfloat16 else 1e-5), i  # grads of mixture and out: bf16
+
+
+@pytest.mark.parametrize("storage,D,L,num_blocks", [("auto-all", 33, 6, 3), ("auto", 17, 5, 5)])
+def test_module_with_triton_kernels_and_bf16_storage(storage, D, L, num_blocks):
+    """storage="auto" / "auto-all" under bf16 autocast on the triton set (bf16 sources, and mixtures with
+    "auto-all"; fp32 partial sums and gradient sums): output and every gradient against attnres_stack_stored_naive, the naive maths with the
+    same roundings (on a GPU 1e-4 / 2e-3, as the eager set: a few values cross a bf16 rounding boundary; in the
+    interpreter, which truncates where torch rounds to nearest, 1e-2 / 5e-2), and against the fp32-storage triton
+    path (bf16-fit: 2e-2 / 0.15, see test_attnres.py)."""
+    g = torch.Generator().manual_seed(51 + D)
+    module = AttentionResiduals(D, L, mode="block", num_blocks=num_blocks, storage=storage)
+    sublayers = nn.ModuleList(ToyMixer(D, g) for _ in range(L))
+    with torch.no_grad():
+        for q, w in zip(module.queries, module.key_weights):
+            q.copy_(torch.randn(D, generator=g) * 0.3)
+            w.copy_(torch.rand(D, generator=g) + 0.5)
+    fp32_storage = copy.deepcopy(module)
+    fp32_storage.storage = "fp32"
+    for m in (module, fp32_storage):
+        m.to(DEVICE).kernels = TRITON
+    sublayers.to(DEVICE)
+    embedding = torch.randn(2, 5, D, generator=g).to(DEVICE)
+    target = torch.randn(2, 5, D, generator=g).to(DEVICE)
+
+    def run(m, stack=None):
+        x = embedding.clone().requires_grad_()
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            if stack is None:
+                state = m.start(x)
+                for l, f in enumerate(sublayers):
+                    state = m.add(state, l, f(m.sublayer_input(state, l)))
+                final = m.finish(state)
+            else:
+                final = stack(x)
+        (final.float() * target).sum().backward()
+        params = [x, *m.parameters(), *sublayers.parameters()]
+        grads = [p.grad.clone() for p in params]
+        for p in params:
+            p.grad = None
+        return final.detach().float(), grads
+
+    final, grads = run(module)
+    final_ref, grads_ref = run(module, lambda x: attnres_stack_stored_naive(
+        x, list(sublayers), list(module.queries), list(module.key_weights), module.block_size, torch.bfloat16,
+        module.eps, round_mixtures=storage == "auto-all"))
+    final_32, grads_32 = run(fp32_storage)
+    exact = DEVICE.type == "cuda"
+    assert rel(final, final_ref) < (1e-4 if exact else 1e-2)
+    assert max(rel(a, b) for a, b in zip(grads, grads_ref)) < (2e-3 if exact else 5e-2)
+    assert rel(final, final_32) < 2e-2
+    assert max(rel(a, b) for a, b in zip(grads, grads_32)) < 0.15

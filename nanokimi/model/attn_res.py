@@ -25,19 +25,23 @@ import torch
 from torch import nn
 
 from nanokimi.ops.attnres import EAGER, compiled_kernels, depth_attention_qe, share_source
+from nanokimi.ops.attnres.two_phase import finish_shared_source
 
 MODES = ("full", "block")
+STORAGES = ("auto", "auto-all", "fp32")
 
 
 class AttnResState(NamedTuple):
-    """The residual stream between sublayers, all [B, T, D] in the embedding's dtype.
+    """The residual stream between sublayers, all [B, T, D].
 
+    dtype: the stream's (the embedding's): the sublayer inputs h and the running partial sum are in it.
     sources: embedding, then each finished block's sum, as SharedSources (`share_source`: the blocks reading
-    one sum its gradient into one tensor); rstds: each source's 1 / RMS [B, T] (fp32, no gradient),
-    computed once when the source is finished; partial: sum of the current block's outputs so far (None at a
-    block's start); mixture (S tensors [B, T, D]) and lse (S tensors [B, T]): phase 1 of the current block;
-    qe [L + 1, D]: every query times its key weight, built once per forward; position: the next sublayer;
-    h: its input, computed by the call that produced this state (None after the last sublayer).
+    one sum its gradient into one tensor), stored in the storage dtype (`AttentionResiduals.storage_dtype`);
+    rstds: each stored source's 1 / RMS [B, T] (fp32, no gradient), computed once when the source is finished;
+    partial: sum of the current block's outputs so far (None at a block's start); mixture (S tensors [B, T, D],
+    fp32, or the storage dtype with storage="auto-all") and lse (S tensors [B, T], fp32): phase 1 of the current block; qe [L + 1, D]: every query
+    times its key weight, built once per forward; position: the next sublayer; h: its input, computed by the
+    call that produced this state (None after the last sublayer).
     """
     sources: tuple
     rstds: tuple
@@ -47,14 +51,23 @@ class AttnResState(NamedTuple):
     qe: torch.Tensor
     position: int
     h: torch.Tensor | None
+    dtype: torch.dtype
 
 
 class AttentionResiduals(nn.Module):
     def __init__(self, hidden_size: int, num_sublayers: int, mode: str = "full", num_blocks: int = 8,
-                 eps: float = 1e-6):
+                 eps: float = 1e-6, storage: str = "auto"):
+        """storage: the dtype the stored sources (embedding, finished block sums) are kept in (see
+        `storage_dtype`): "auto" = the sublayers' output dtype (bf16 under bf16 autocast), "fp32" = fp32 (float64
+        for a float64 stream); "auto-all": as "auto", and phase 1's mixtures too (fp32 otherwise). Sums are
+        accumulated in fp32 and the softmax runs in fp32 either way."""
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode='{mode}' must be one of {MODES} (use the plain PreNorm residual for 'none').")
+        if storage not in STORAGES:
+            raise ValueError(f"storage='{storage}' must be one of {STORAGES}: 'auto' stores the residual sources in "
+                             "the sublayers' output dtype (bf16 under bf16 autocast), 'auto-all' the phase-1 "
+                             "mixtures as well, 'fp32' everything in fp32.")
         if num_sublayers < 1 or hidden_size < 1:
             raise ValueError(f"hidden_size={hidden_size} and num_sublayers={num_sublayers} must be >= 1.")
         if mode == "block" and num_blocks < 1:
@@ -62,6 +75,7 @@ class AttentionResiduals(nn.Module):
         self.hidden_size = hidden_size
         self.num_sublayers = num_sublayers
         self.mode = mode
+        self.storage = storage
         self.eps = eps
         self.kernels = EAGER
         # sublayers per block; the last block is shorter when num_blocks does not divide num_sublayers
@@ -96,14 +110,29 @@ class AttentionResiduals(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, num_sublayers={self.num_sublayers}, mode={self.mode}, "
-                f"block_size={self.block_size}, num_blocks={self.num_blocks}")
+                f"block_size={self.block_size}, num_blocks={self.num_blocks}, storage={self.storage}")
+
+    def storage_dtype(self, embedding: torch.Tensor) -> torch.dtype:
+        """The dtype the sources and mixtures are stored in for a stream starting at embedding. "auto": under
+        autocast of the embedding's device an fp32 stream's sublayers end in autocast's dtype (their last linear),
+        so the sources take it; otherwise the embedding's dtype. "fp32": fp32 (float64 stays float64)."""
+        if self.storage == "fp32":
+            return torch.promote_types(embedding.dtype, torch.float32)
+        device = embedding.device.type
+        if embedding.dtype == torch.float32 and torch.is_autocast_enabled(device):
+            return torch.get_autocast_dtype(device)
+        return embedding.dtype
 
     def _block_range(self, l: int) -> tuple[int, int]:
         start = (l // self.block_size) * self.block_size
         return start, min(start + self.block_size, self.num_sublayers)
 
     def _phase1(self, sources: tuple, rstds: tuple, qe: torch.Tensor, first: int, stop: int):
-        return depth_attention_qe(sources, qe[first:stop], self.eps, rstds, self.kernels)
+        """S mixtures (fp32; in the sources' storage dtype with storage="auto-all") and S lse (fp32) of queries
+        first..stop - 1."""
+        dtype = sources[0].value.dtype
+        return depth_attention_qe(sources, qe[first:stop], self.eps, rstds, self.kernels,
+                                  dtype if self.storage == "auto-all" else torch.promote_types(dtype, torch.float32))
 
     def start(self, embedding: torch.Tensor) -> AttnResState:
         """embedding: [B, T, D] token embeddings (v_0)."""
@@ -113,9 +142,12 @@ class AttentionResiduals(nn.Module):
         with torch.autocast(embedding.device.type, enabled=False):  # one product for the whole forward
             qe = (torch.stack(list(self.queries)).to(compute_dtype)
                   * torch.stack(list(self.key_weights)).to(compute_dtype))  # [L + 1, D]
-        sources, rstds = (share_source(embedding),), (self.kernels.source_rstd(embedding.detach(), self.eps),)
+        storage = self.storage_dtype(embedding)
+        source = share_source(embedding, None if storage == embedding.dtype else storage)
+        sources, rstds = (source,), (self.kernels.source_rstd(source.value, self.eps),)
         mixture, lse = self._phase1(sources, rstds, qe, *self._block_range(0))
-        return AttnResState(sources, rstds, None, mixture, lse, qe, 0, mixture[0].to(embedding.dtype))
+        dtype = embedding.dtype
+        return AttnResState(sources, rstds, None, mixture, lse, qe, 0, mixture[0].to(dtype), dtype)
 
     def sublayer_input(self, state: AttnResState, l: int) -> torch.Tensor:
         """The [B, T, D] input of sublayer l (before its pre-norm)."""
@@ -125,19 +157,20 @@ class AttentionResiduals(nn.Module):
     def add(self, state: AttnResState, l: int, out: torch.Tensor) -> AttnResState:
         """Record sublayer l's output out [B, T, D]; returns the next state (with the next sublayer's input)."""
         self._check_order(state, l)
-        dtype = state.sources[0].value.dtype
+        dtype = state.dtype
         first, stop = self._block_range(l)
         if l + 1 < stop:  # the block goes on: its partial sum grows, and the next input merges it in
             i = l + 1 - first
             partial, h = self.kernels.accumulate_merge(state.partial, out, state.mixture[i], state.lse[i],
                                                        state.qe[l + 1], dtype, self.eps)
             return state._replace(partial=partial, position=l + 1, h=h)
-        block_sum, rstd = self.kernels.finish_source(state.partial, out, dtype, self.eps)
-        sources, rstds = state.sources + (share_source(block_sum),), state.rstds + (rstd,)
+        block_sum, rstd = finish_shared_source(self.kernels, state.partial, out, state.sources[0].value.dtype,
+                                               self.eps)
+        sources, rstds = state.sources + (block_sum,), state.rstds + (rstd,)
         if stop == self.num_sublayers:
-            return AttnResState(sources, rstds, None, None, None, state.qe, l + 1, None)
+            return AttnResState(sources, rstds, None, None, None, state.qe, l + 1, None, dtype)
         mixture, lse = self._phase1(sources, rstds, state.qe, *self._block_range(stop))
-        return AttnResState(sources, rstds, None, mixture, lse, state.qe, l + 1, mixture[0].to(dtype))
+        return AttnResState(sources, rstds, None, mixture, lse, state.qe, l + 1, mixture[0].to(dtype), dtype)
 
     def finish(self, state: AttnResState) -> torch.Tensor:
         """The final hidden state [B, T, D]: the last query's mixture of all sources (then final norm, LM head)."""
@@ -146,7 +179,7 @@ class AttentionResiduals(nn.Module):
                              "call add() for every sublayer first.")
         L = self.num_sublayers
         mixture, _ = self._phase1(state.sources, state.rstds, state.qe, L, L + 1)
-        return mixture[0].to(state.sources[0].value.dtype)
+        return mixture[0].to(state.dtype)
 
     def _check_order(self, state: AttnResState, l: int) -> None:
         if l != state.position:

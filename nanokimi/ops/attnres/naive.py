@@ -13,6 +13,8 @@ A stack of L sublayers f_0..f_{L-1} (token mixer, FFN, mixer, FFN, ...) then rea
 and the final hidden state (before the final norm and the LM head) is one more read, with its own query,
 over all sources once every sublayer has run. block_size = 1 is full AttnRes.
 """
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -65,3 +67,60 @@ def attnres_stack_naive(embedding, sublayers, queries, key_weights=None, block_s
         outputs.append(sublayer(h).to(embedding.dtype))
     final = attnres_naive(sources_before(L), queries[L], key_weights[L], eps)
     return (final, inputs) if return_inputs else final
+
+
+class _Round(torch.autograd.Function):
+    """x -> x rounded to dtype and back (fp32 values); backward passes the gradient through, rounded to dtype
+    when round_grad (the gradient of a tensor stored in dtype is in dtype), else unchanged (straight through)."""
+
+    @staticmethod
+    def forward(ctx, x, dtype, round_grad):
+        ctx.dtype, ctx.round_grad = dtype, round_grad
+        return x.to(dtype).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad.to(ctx.dtype).to(grad.dtype) if ctx.round_grad else grad), None, None
+
+
+def attnres_stack_stored_naive(embedding, sublayers, queries, key_weights, block_size, storage_dtype, eps=1e-6,
+                               round_mixtures=True):
+    """attnres_stack_naive with the roundings of a narrow storage dtype (AttentionResiduals(storage="auto")
+    under autocast): every completed source (the embedding, each finished block's sum) is rounded to
+    storage_dtype once and its gradient passes through unrounded (summed in fp32); a sublayer's softmax is split
+    as the two-phase form computes it: the mixture of the completed sources (with round_mixtures, as
+    storage="auto-all", rounded to storage_dtype, its gradient too) merged with the block's partial sum (kept in fp32) by the partial's logit. Everything else is
+    fp32: the AttnRes maths runs with autocast off, the sublayers under the caller's autocast.
+    embedding [B, T, D] fp32; sublayers, queries, key_weights as in attnres_stack_naive.
+    Returns the final hidden state [B, T, D] (fp32)."""
+    no_autocast = functools.partial(torch.autocast, embedding.device.type, enabled=False)
+
+    def stored(x):
+        return _Round.apply(x, storage_dtype, False)
+
+    def mixture(sources, l):
+        with no_autocast():
+            mixed = attnres_naive(sources, queries[l], key_weights[l], eps)
+            return _Round.apply(mixed, storage_dtype, True) if round_mixtures else mixed
+
+    def logit(v, l):  # query_l . RMSNorm(v) * key_weight_l, fp32
+        return (F.rms_norm(v, v.shape[-1:], key_weights[l], eps) * queries[l]).sum(-1)
+
+    def merge(h, partial, completed, l):  # online softmax: the completed sources' share against the partial's logit
+        with no_autocast():
+            lse = torch.logsumexp(torch.stack([logit(v, l) for v in completed]), dim=0)
+            share = torch.sigmoid(lse - logit(partial, l)).unsqueeze(-1)
+            return partial + share * (h - partial)
+
+    L = len(sublayers)
+    completed = [stored(embedding)]
+    for first in range(0, L, block_size):
+        partial = None
+        for l in range(first, min(first + block_size, L)):
+            h = mixture(completed, l)
+            if partial is not None:
+                h = merge(h, partial, completed, l)
+            out = sublayers[l](h).to(embedding.dtype)
+            partial = out if partial is None else partial + out
+        completed.append(stored(partial))
+    return mixture(completed, L)

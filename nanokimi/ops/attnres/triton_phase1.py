@@ -5,7 +5,8 @@ forward, one program per tile of BLOCK_T tokens (all of D in registers):
     for each source n: load v_n [BLOCK_T, D] once (any float dtype, upcast to fp32 in registers),
         logit[s] = rstd_n * (v_n . qe_s) for all S queries at once,
         online softmax over n (running max m, running sum l) with acc[s] = acc[s] * exp(m_old - m) + exp(logit - m) v_n
-    write the S mixtures acc / l (fp32), lse = m + log l, and the logits [.., S, N] backward reads.
+    write the S mixtures acc / l (fp32 or rounded once to the caller's dtype), lse = m + log l, and the logits
+    [.., S, N] backward reads.
 backward, programs loop over token tiles (grid-stride), streaming D in chunks of CHUNK_D columns:
     pass 1 over the chunks: gv[s, n] = g_s . v_n for all S grad_mixtures and N sources (the only sums over D),
     then per token, from gv and the saved logits (alpha = exp(logit - lse)):
@@ -17,6 +18,7 @@ backward, programs loop over token tiles (grid-stride), streaming D in chunks of
         (the last term is the path through rstd_n = source_rstd(v_n): grad rstd_n times -rstd_n^3 v_n / D);
         where the caller passes a gradient sum for v_n (`sums`), grad_v_n is added into it in place (read, add in
         fp32, write back): a source read by several blocks has its gradients summed there, not by autograd
+        (the sum may be fp32 for a bf16 source: gradients are written in each buffer's own dtype)
         grad_qe[s] += sum over the tile's tokens of rstd_n grad_logit[s, n] v_n   (per chunk, added into the
     program's own row of a zeroed [programs, S, D] buffer); one torch sum over programs finishes it
     (deterministic, no atomics).
@@ -84,7 +86,7 @@ def _phase1_forward_kernel(values, rstds, qe_ptr, mixtures, logits_ptr, lse_ptr,
     acc = acc / running_sum[:, :, None]
     for s in tl.static_range(S):
         mixture = tl.sum(tl.where(s_ids[:, None, None] == s, acc, 0.0), axis=0)  # [BT, BD]: row s of acc
-        tl.store(mixtures[s] + tile, mixture, mask=tile_ok)
+        tl.store(mixtures[s] + tile, mixture.to(mixtures[s].dtype.element_ty), mask=tile_ok)
 
 
 @triton.jit
@@ -193,20 +195,21 @@ def _launch_config(kernel, qe, values, M, config):
                            chunk_d=min(config.chunk_d or block_d, block_d))
 
 
-def phase1_forward(qe, rstds, values, fallback=None, config: LaunchConfig | None = None):
+def phase1_forward(qe, rstds, values, dtype=None, fallback=None, config: LaunchConfig | None = None):
     """qe [S, D] fp32; rstds: N tensors [...] fp32; values: N tensors [..., D] (fp32 / bf16 / fp16, one dtype).
-    Returns S mixtures [..., D] fp32, logits [..., S, N], lse [..., S] (the contract of two_phase's kernels).
-    config: launch with it instead of the table's (tests, benchmarks/attnres_tune.py)."""
-    if not supports(qe, values):
+    Returns S mixtures [..., D] in dtype (None: fp32; fp32 / bf16 / fp16), logits [..., S, N], lse [..., S] (the
+    contract of two_phase's kernels). config: launch with it instead of the table's (tests,
+    benchmarks/attnres_tune.py)."""
+    if not supports(qe, values) or (dtype is not None and dtype not in SOURCE_DTYPES):
         if fallback is None:
             raise ValueError(_unsupported_message(qe, values))
-        return fallback(qe, rstds, values)
+        return fallback(qe, rstds, values, dtype)
     S, D = qe.shape
     N, shape = len(values), values[0].shape
     M = values[0].numel() // D
     config = _launch_config("phase1_forward", qe, values, M, config)
     device = values[0].device
-    mixtures = tuple(torch.empty(shape, dtype=torch.float32, device=device) for _ in range(S))
+    mixtures = tuple(torch.empty(shape, dtype=dtype or torch.float32, device=device) for _ in range(S))
     logits = torch.empty(*shape[:-1], S, N, dtype=torch.float32, device=device)
     lse = torch.empty(*shape[:-1], S, dtype=torch.float32, device=device)
     if M > 0:
@@ -217,34 +220,42 @@ def phase1_forward(qe, rstds, values, fallback=None, config: LaunchConfig | None
     return mixtures, logits, lse
 
 
-def phase1_backward(qe, rstds, values, logits, lse, grad_mixtures, grad_lse, sums=None, fallback=None,
-                    config: LaunchConfig | None = None):
-    """Gradients of phase 1 from its saved logits and lse: (grad qe [S, D], N grads of values in their dtype,
-    each including the path through its rstd). sums: None, or N entries, each None or a contiguous tensor of
-    its value's shape and dtype holding a gradient sum, which that value's gradient is added into in place and
-    which is returned as its gradient. config: launch with it instead of the table's."""
+def phase1_backward(qe, rstds, values, logits, lse, grad_mixtures, grad_lse, sums=None, grad_dtypes=None,
+                    fallback=None, config: LaunchConfig | None = None):
+    """Gradients of phase 1 from its saved logits and lse: (grad qe [S, D], N grads of values, each including the
+    path through its rstd). grad_dtypes: None (each gradient in its value's dtype) or N dtypes among fp32 / bf16 /
+    fp16 (a bf16 source's gradient summed in fp32). sums: None, or N entries, each None or a contiguous tensor
+    of its value's shape and its gradient's dtype holding a gradient sum, which that value's gradient is added
+    into in place and which is returned as its gradient. grad_mixtures: S tensors [..., D] of one dtype (fp32 /
+    bf16 / fp16, read as is; others are cast to fp32 first). config: launch with it instead of the table's."""
+    grad_dtypes = [v.dtype for v in values] if grad_dtypes is None else list(grad_dtypes)
+    if len(grad_dtypes) != len(values):
+        raise ValueError(f"got {len(grad_dtypes)} grad_dtypes for {len(values)} sources; pass one per source.")
     if sums is not None:
-        check_sums(sums, values)
-    if not supports(qe, values):
+        check_sums(sums, values, grad_dtypes)
+    if not supports(qe, values) or any(dtype not in SOURCE_DTYPES for dtype in grad_dtypes):
         if fallback is None:
             raise ValueError(_unsupported_message(qe, values))
-        return fallback(qe, rstds, values, logits, lse, grad_mixtures, grad_lse, sums)
+        return fallback(qe, rstds, values, logits, lse, grad_mixtures, grad_lse, sums, grad_dtypes)
     S, D = qe.shape
     N = len(values)
     M = values[0].numel() // D
     device = values[0].device
     sums = [None] * N if sums is None else sums
-    grad_values = tuple(torch.empty(v.shape, dtype=v.dtype, device=device) if s is None else s
-                        for s, v in zip(sums, values))
+    grad_values = tuple(torch.empty(v.shape, dtype=dtype, device=device) if s is None else s
+                        for s, v, dtype in zip(sums, values, grad_dtypes))
     if M == 0:
         return torch.zeros_like(qe), grad_values
     config = _launch_config("phase1_backward", qe, values, M, config)
     tiles = triton.cdiv(M, config.block_t)
     programs = grid_programs(config, tiles, device)
     grad_qe_partial = torch.zeros(programs, S, D, dtype=torch.float32, device=device)  # the kernel adds into it
+    grad_dtype = grad_mixtures[0].dtype  # the kernel reads any one float dtype (one tuple, one element type)
+    if grad_dtype not in SOURCE_DTYPES or any(g.dtype != grad_dtype for g in grad_mixtures):
+        grad_dtype = torch.float32
     _phase1_backward_kernel[(programs,)](
         tuple(v.contiguous() for v in values), tuple(r.contiguous() for r in rstds),
-        tuple(g.to(torch.float32).contiguous() for g in grad_mixtures), qe.contiguous(), logits.contiguous(),
+        tuple(g.to(grad_dtype).contiguous() for g in grad_mixtures), qe.contiguous(), logits.contiguous(),
         lse.contiguous(), grad_lse.to(torch.float32).contiguous(), grad_values, grad_qe_partial, M, tiles,
         N=N, S=S, D=D, S_PAD=triton.next_power_of_2(S), N_PAD=triton.next_power_of_2(N), BLOCK_T=config.block_t,
         CHUNK_D=config.chunk_d, ACCUMULATE=sum(1 << n for n, s in enumerate(sums) if s is not None),
@@ -252,17 +263,19 @@ def phase1_backward(qe, rstds, values, logits, lse, grad_mixtures, grad_lse, sum
     return grad_qe_partial.sum(0), grad_values
 
 
-def check_sums(sums, values):
-    """A clear error unless sums has one entry per value, each None or a tensor to add that value's gradient into."""
+def check_sums(sums, values, grad_dtypes=None):
+    """A clear error unless sums has one entry per value, each None or a tensor to add that value's gradient into
+    (of the value's shape and device, and its gradient's dtype: grad_dtypes[n], else the value's)."""
     if len(sums) != len(values):
         raise ValueError(f"got {len(sums)} gradient sums for {len(values)} sources; pass one per source (None "
                          "where the source has none yet).")
-    for n, (s, v) in enumerate(zip(sums, values)):
-        if s is not None and (s.shape != v.shape or s.dtype != v.dtype or s.device != v.device
+    grad_dtypes = [v.dtype for v in values] if grad_dtypes is None else grad_dtypes
+    for n, (s, v, dtype) in enumerate(zip(sums, values, grad_dtypes)):
+        if s is not None and (s.shape != v.shape or s.dtype != dtype or s.device != v.device
                               or not s.is_contiguous()):
             raise ValueError(f"gradient sum {n} is {tuple(s.shape)} {s.dtype} on {s.device} (contiguous: "
-                             f"{s.is_contiguous()}); it must be a contiguous tensor of its source's shape, dtype "
-                             f"and device: {tuple(v.shape)} {v.dtype} on {v.device}.")
+                             f"{s.is_contiguous()}); it must be a contiguous tensor of its source's shape and "
+                             f"device, {tuple(v.shape)} on {v.device}, in its gradient's dtype {dtype}.")
 
 
 def _unsupported_message(qe, values):

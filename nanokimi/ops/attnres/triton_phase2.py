@@ -4,9 +4,10 @@ two_phase.py's `_accumulate_merge`, one sublayer's residual work in one launch e
 forward, one program per tile of BLOCK_T tokens (all of D in registers):
     p = partial + out (in the stream's dtype, as torch rounds it), written once: the block's new partial sum
     pw = p in fp32; logit = rstd(pw) * (pw . qe); w = sigmoid(lse - logit)
-    h = pw + w (mixture - pw), written in the stream's dtype: the next sublayer's input
+    h = pw + w (mixture - pw), written in the stream's dtype: the next sublayer's input (mixture read in its
+    stored dtype, fp32 or bf16, and upcast in registers)
 backward, programs loop over token tiles (grid-stride), recomputing logit and w from p (nothing else saved):
-    grad_mixture = w g_h;  grad_lse = w (1 - w) (g_h . (mixture - pw));  grad_logit = -grad_lse
+    grad_mixture = w g_h (written in the mixture's dtype);  grad_lse = w (1 - w) (g_h . (mixture - pw));  grad_logit = -grad_lse
     grad_p = (1 - w) g_h + grad_logit (rstd qe - (pw . qe) rstd^3 pw / D) + g_p      (g_p: grad of p itself)
     grad_partial = grad_p; grad_out = grad_p in out's dtype
     grad_qe += sum over the tile's tokens of grad_logit rstd pw   (registers, per program; one torch sum after)
@@ -47,7 +48,7 @@ def _accumulate_merge_forward_kernel(partial_ptr, out_ptr, mixture_ptr, lse_ptr,
     logit = tl.sum(pw * qe[None, :], axis=1) * rstd
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     weight = tl.sigmoid(lse - logit)  # share of the phase-1 sources
-    mixture = tl.load(mixture_ptr + tile, mask=tile_ok, other=0.0)
+    mixture = tl.load(mixture_ptr + tile, mask=tile_ok, other=0.0).to(tl.float32)
     h = pw + weight[:, None] * (mixture - pw)
     tl.store(h_ptr + tile, h.to(h_ptr.dtype.element_ty), mask=tile_ok)
 
@@ -75,9 +76,10 @@ def _accumulate_merge_backward_kernel(new_partial_ptr, mixture_ptr, lse_ptr, qe_
         dot = tl.sum(pw * qe[None, :], axis=1)
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
         weight = tl.sigmoid(lse - dot * rstd)
-        mixture = tl.load(mixture_ptr + tile, mask=tile_ok, other=0.0)
+        mixture = tl.load(mixture_ptr + tile, mask=tile_ok, other=0.0).to(tl.float32)
         grad_h = tl.load(grad_h_ptr + tile, mask=tile_ok, other=0.0).to(tl.float32)
-        tl.store(grad_mixture_ptr + tile, weight[:, None] * grad_h, mask=tile_ok)
+        grad_mixture = weight[:, None] * grad_h
+        tl.store(grad_mixture_ptr + tile, grad_mixture.to(grad_mixture_ptr.dtype.element_ty), mask=tile_ok)
         grad_lse = weight * (1.0 - weight) * tl.sum(grad_h * (mixture - pw), axis=1)  # [BT]; 0 on masked rows
         tl.store(grad_lse_ptr + rows, grad_lse, mask=row_ok)
         grad_logit = -grad_lse
@@ -102,7 +104,7 @@ def _launch_config(kernel, D, M, dtype, config):
 def supports(partial, out, mixture, dtype) -> bool:
     """Whether the Triton kernels run these inputs (else the fallback does)."""
     on_device = out.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-    return (on_device and dtype in SOURCE_DTYPES and out.dtype in SOURCE_DTYPES and mixture.dtype == torch.float32
+    return (on_device and dtype in SOURCE_DTYPES and out.dtype in SOURCE_DTYPES and mixture.dtype in SOURCE_DTYPES
             and (partial is None or (partial.dtype == dtype and partial.shape == out.shape))
             and mixture.shape == out.shape and out.shape[-1] <= MAX_D)
 
@@ -128,7 +130,7 @@ def accumulate_merge_backward(new_partial, mixture, lse, qe, grad_new_partial, g
     """The backward kernel alone, no autograd: from the forward's new partial sum [..., D], mixture, lse and qe
     and the gradients of its two outputs (grad_new_partial may be None; all contiguous), returns (grad of
     partial [..., D] in the stream's dtype, grad of out [..., D] in out_dtype (the same tensor when the dtypes
-    agree), grad of mixture [..., D] fp32, grad of lse [...] fp32, grad of qe [D] fp32)."""
+    agree), grad of mixture [..., D] in the mixture's dtype, grad of lse [...] fp32, grad of qe [D] fp32)."""
     D = new_partial.shape[-1]
     M = new_partial.numel() // D
     device = new_partial.device
@@ -152,7 +154,7 @@ def accumulate_merge_backward(new_partial, mixture, lse, qe, grad_new_partial, g
 
 
 class _AccumulateMerge(torch.autograd.Function):
-    """(partial [..., D] or None, out [..., D], mixture [..., D] fp32, lse [...] fp32, qe [D] fp32) ->
+    """(partial [..., D] or None, out [..., D], mixture [..., D] (fp32 / bf16 / fp16), lse [...] fp32, qe [D] fp32) ->
     (new partial, h), both [..., D] in dtype. Saves the new partial sum (which the stream keeps anyway), the
     mixture and lse: no intermediate of its own."""
 
@@ -178,14 +180,14 @@ class _AccumulateMerge(torch.autograd.Function):
 
 def accumulate_merge(partial, out, mixture, lse, qe, dtype, eps, fallback=None, config: LaunchConfig | None = None):
     """Triton form of two_phase's `_accumulate_merge` (same signature and results): partial [..., D] in dtype
-    or None (a block's first output), out [..., D] (any float dtype), mixture [..., D] and lse [...] (fp32, one
-    query's phase 1), qe [D] fp32. Returns (new partial, h), both in dtype. config: launch both kernels with it
-    instead of the table's (tests)."""
+    or None (a block's first output), out [..., D] (any float dtype), mixture [..., D] (fp32 / bf16 / fp16, as
+    stored) and lse [...] (fp32; one query's phase 1), qe [D] fp32. Returns (new partial, h), both in dtype.
+    config: launch both kernels with it instead of the table's (tests)."""
     if not supports(partial, out, mixture, dtype):
         if fallback is None:
             raise ValueError(
                 f"the Triton accumulate+merge kernels need CUDA tensors (or TRITON_INTERPRET=1), a stream dtype "
-                f"among {[str(t) for t in SOURCE_DTYPES]}, fp32 mixture, matching shapes and D <= {MAX_D}; got "
+                f"among {[str(t) for t in SOURCE_DTYPES]}, a mixture among them, matching shapes and D <= {MAX_D}; got "
                 f"dtype {dtype}, out {tuple(out.shape)} {out.dtype} on {out.device}, mixture {mixture.dtype}. "
                 "Use triton_kernels(base), which falls back to base's function for such inputs.")
         return fallback(partial, out, mixture, lse, qe, dtype, eps)

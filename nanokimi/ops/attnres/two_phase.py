@@ -35,7 +35,12 @@ import torch
 
 def _wide(x):
     """fp32 for half/bfloat16/fp32 inputs; float64 stays float64."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+    return x.to(wide_dtype(x.dtype))
+
+
+def wide_dtype(dtype):
+    """The dtype sums are accumulated in: fp32 for half/bfloat16/fp32, float64 for float64."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def source_rstd(source, eps=1e-6):
@@ -43,22 +48,26 @@ def source_rstd(source, eps=1e-6):
     return torch.rsqrt(_wide(source).square().mean(-1) + eps)
 
 
-def _phase1_forward_stacked(qe, rstds, values):
-    """qe [S, D]; rstds: N tensors [...]; values: N tensors [..., D].
+def _phase1_forward_stacked(qe, rstds, values, dtype=None):
+    """qe [S, D]; rstds: N tensors [...]; values: N tensors [..., D]; dtype: the mixtures' (None: fp32, float64
+    for float64 values; they are computed in that wide dtype and rounded to dtype once).
     Returns S mixtures [..., D], logits [..., S, N], lse [..., S]."""
     stacked = torch.stack([_wide(v) for v in values], dim=-2)  # [..., N, D]
     logits = (stacked @ qe.T).transpose(-1, -2) * torch.stack(rstds, dim=-1).unsqueeze(-2)  # [..., S, N]
     lse = logits.logsumexp(-1)
     alpha = torch.exp(logits - lse.unsqueeze(-1))
-    return (alpha @ stacked).unbind(-2), logits, lse
+    mixtures = (alpha @ stacked).unbind(-2)
+    return (mixtures if dtype is None else [m.to(dtype) for m in mixtures]), logits, lse
 
 
-def _phase1_backward_stacked(qe, rstds, values, logits, lse, grad_mixtures, grad_lse, sums=None):
+def _phase1_backward_stacked(qe, rstds, values, logits, lse, grad_mixtures, grad_lse, sums=None, grad_dtypes=None):
     """Gradients of phase 1 from its saved logits: (grad qe [S, D], N grads of values). Each value's gradient
     includes the path through its own rstd (rstd_n = source_rstd(v_n), so d rstd_n / d v_n = -rstd_n^3 v_n / D).
-    sums: None or N entries, None or a gradient sum [..., D] in the value's dtype; where given, the value's
-    returned gradient is that sum plus its own (a new tensor here; the Triton kernel adds in place)."""
-    grad_mixture = torch.stack(grad_mixtures, dim=-2)  # [..., S, D]
+    grad_dtypes: None or N dtypes, each value's gradient's (None: the value's own; a bf16 source read by several
+    blocks has its gradient summed in fp32). sums: None or N entries, None or a gradient sum [..., D] in that
+    dtype; where given, the value's returned gradient is that sum plus its own (a new tensor here; the Triton
+    kernel adds in place)."""
+    grad_mixture = torch.stack([_wide(g) for g in grad_mixtures], dim=-2)  # [..., S, D]
     stacked = torch.stack([_wide(v) for v in values], dim=-2)  # [..., N, D]
     rstd = torch.stack(rstds, dim=-1).unsqueeze(-2)  # [..., 1, N]
     alpha = torch.exp(logits - lse.unsqueeze(-1))  # [..., S, N]
@@ -72,11 +81,12 @@ def _phase1_backward_stacked(qe, rstds, values, logits, lse, grad_mixtures, grad
                     + rstd_scale.unsqueeze(-1) * stacked)  # [..., N, D]
     grad_qe = grad_dots.reshape(-1, S, len(values)).transpose(0, 1).reshape(S, -1) @ stacked.reshape(-1, D)
     sums = [None] * len(values) if sums is None else sums
-    return grad_qe, [(g if s is None else g + s).to(v.dtype)
-                     for g, s, v in zip(grad_stacked.unbind(-2), sums, values)]
+    grad_dtypes = [v.dtype for v in values] if grad_dtypes is None else grad_dtypes
+    return grad_qe, [(g if s is None else g + s).to(dtype)
+                     for g, s, dtype in zip(grad_stacked.unbind(-2), sums, grad_dtypes)]
 
 
-def _phase1_forward_fused(qe, rstds, values):
+def _phase1_forward_fused(qe, rstds, values, dtype=None):
     """Same as _phase1_forward_stacked, written as per-source reductions and one elementwise sum over sources
     so a compiler fuses it without a stacked copy of the sources."""
     logits = torch.stack([r.unsqueeze(-1) * (_wide(v).unsqueeze(-2) * qe).sum(-1) for r, v in zip(rstds, values)],
@@ -84,29 +94,31 @@ def _phase1_forward_fused(qe, rstds, values):
     lse = logits.logsumexp(-1)
     alpha = torch.exp(logits - lse.unsqueeze(-1))
     mixtures = [sum(alpha[..., s, n, None] * _wide(v) for n, v in enumerate(values)) for s in range(len(qe))]
-    return mixtures, logits, lse
+    return (mixtures if dtype is None else [m.to(dtype) for m in mixtures]), logits, lse
 
 
-def _phase1_backward_fused(qe, rstds, values, logits, lse, grad_mixtures, grad_lse, sums=None):
-    grad_mixture = torch.stack(grad_mixtures, dim=-2)  # [..., S, D]: fused into its readers, never written
+def _phase1_backward_fused(qe, rstds, values, logits, lse, grad_mixtures, grad_lse, sums=None, grad_dtypes=None):
+    grad_mixture = torch.stack([_wide(g) for g in grad_mixtures], dim=-2)  # [..., S, D]: fused into its readers
     alpha = torch.exp(logits - lse.unsqueeze(-1))  # [..., S, N]
     grad_alpha = torch.stack([(grad_mixture * _wide(v).unsqueeze(-2)).sum(-1) for v in values], dim=-1)
     grad_logits = alpha * (grad_alpha - (alpha * grad_alpha).sum(-1, keepdim=True) + grad_lse.unsqueeze(-1))
     grad_values, grad_qe = [], 0
     D = qe.shape[-1]
     sums = [None] * len(values) if sums is None else sums
-    for n, (r, v, s) in enumerate(zip(rstds, values, sums)):
+    grad_dtypes = [v.dtype for v in values] if grad_dtypes is None else grad_dtypes
+    for n, (r, v, s, dtype) in enumerate(zip(rstds, values, sums, grad_dtypes)):
         grad_dots = grad_logits[..., n] * r.unsqueeze(-1)  # [..., S]
         rstd_scale = (grad_logits[..., n] * logits[..., n]).sum(-1) * r.square() * (-1 / D)  # [...]: via rstd
         grad = ((alpha[..., n, None] * grad_mixture + grad_dots.unsqueeze(-1) * qe).sum(-2)
                 + rstd_scale.unsqueeze(-1) * _wide(v))
-        grad_values.append((grad if s is None else grad + s).to(v.dtype))
+        grad_values.append((grad if s is None else grad + s).to(dtype))
         grad_qe = grad_qe + (grad_dots.unsqueeze(-1) * _wide(v).unsqueeze(-2)).flatten(0, -3).sum(0)  # [S, D]
     return grad_qe, grad_values
 
 
 def _merge(mixture, lse, partial, qe, eps):
-    """Phase 2 maths: mixture [..., D] and lse [...] of one query, partial [..., D], qe [D]."""
+    """Phase 2 maths: mixture [..., D] (any float dtype) and lse [...] of one query, partial [..., D], qe [D].
+    Returns h [..., D] in partial's dtype."""
     partial_wide = _wide(partial)
     partial_logit = (partial_wide * qe).sum(-1) * source_rstd(partial, eps)  # [...]
     weight = torch.sigmoid(lse - partial_logit).unsqueeze(-1)  # share of the phase-1 sources
@@ -127,8 +139,9 @@ def _accumulate_merge(partial, out, mixture, lse, qe, dtype, eps):
 
 
 def _finish_source(partial, out, dtype, eps):
-    """A finished source (the block's sum) and its rstd (no gradient: phase 1's backward accounts for it)."""
-    source = _accumulate(partial, out, dtype)
+    """A finished source (the block's sum, accumulated in partial's dtype, then stored in dtype: rounded once)
+    and its rstd (of the stored source; no gradient: phase 1's backward accounts for it)."""
+    source = (out if partial is None else partial + out.to(partial.dtype)).to(dtype)
     return source, source_rstd(source.detach(), eps)
 
 
@@ -203,20 +216,59 @@ class _Link(torch.autograd.Function):
         return None, ctx.gradient.take()
 
 
+class _FinishSource(torch.autograd.Function):
+    """A block's partial sum [..., D] (or None) and its last output out [..., D] -> the stored block sum (in the
+    storage dtype, no gradient of its own), its rstd [...] and a link as `_Link`'s: the readers' gradient sum
+    (fp32) goes straight to partial and out, never through a tensor of the storage dtype."""
+
+    @staticmethod
+    def forward(ctx, finish_source, gradient, dtype, eps, partial, out):
+        source, rstd = finish_source(partial, out, dtype, eps)
+        source = source.detach()  # may be out itself (out already in dtype, no partial): returned as a new tensor
+        ctx.gradient, ctx.out_dtype, ctx.has_partial = gradient, out.dtype, partial is not None
+        ctx.mark_non_differentiable(source, rstd)
+        ctx.set_materialize_grads(False)
+        return source, rstd, out.new_empty(0)
+
+    @staticmethod
+    def backward(ctx, _source, _rstd, _link):
+        total = ctx.gradient.take()
+        if total is None:
+            return None, None, None, None, None, None
+        return None, None, None, None, total if ctx.has_partial else None, total.to(ctx.out_dtype)
+
+
 class SharedSource(NamedTuple):
-    """A source that several phase-1 calls of one forward read (`share_source`): value [..., D] is the source
-    detached (what the kernels read); link carries its summed gradient back (None when the source needs none)."""
+    """A source that several phase-1 calls of one forward read (`share_source`): value [..., D] is the source as
+    stored, detached (what the kernels read; possibly in a narrower dtype than the source); link carries its
+    summed gradient back (None when the source needs none)."""
     value: torch.Tensor
     link: torch.Tensor | None
     gradient: GradientSum
 
 
-def share_source(source):
+def share_source(source, dtype=None):
     """source [..., D] wrapped for `depth_attention_qe` calls that read it: their backward passes sum its gradient
-    in one tensor, handed to source once (autograd would add one fresh gradient per reader)."""
+    in one tensor (fp32, or float64 for float64 sources), handed to source once (autograd would add one fresh
+    gradient per reader). dtype: store the value in this dtype (a copy, e.g. bf16 of an fp32 embedding; None:
+    the source's own); the gradient goes to the source unrounded, as if the copy were the identity."""
     gradient = GradientSum()
     needs_grad = torch.is_grad_enabled() and source.requires_grad
-    return SharedSource(source.detach(), _Link.apply(gradient, source) if needs_grad else None, gradient)
+    value = source.detach() if dtype is None else source.detach().to(dtype)
+    return SharedSource(value, _Link.apply(gradient, source) if needs_grad else None, gradient)
+
+
+def finish_shared_source(kernels, partial, out, dtype, eps=1e-6):
+    """A finished block: (its sum partial + out [..., D] stored in dtype as a SharedSource, its rstd [...]).
+    The sum is accumulated in partial's dtype (out's when partial is None) and rounded to dtype once; the
+    gradient its readers sum (fp32) reaches partial and out unrounded by the storage dtype."""
+    gradient = GradientSum()
+    needs_grad = torch.is_grad_enabled() and (out.requires_grad or (partial is not None and partial.requires_grad))
+    if not needs_grad:
+        source, rstd = kernels.finish_source(partial, out, dtype, eps)
+        return SharedSource(source.detach(), None, gradient), rstd
+    source, rstd, link = _FinishSource.apply(kernels.finish_source, gradient, dtype, eps, partial, out)
+    return SharedSource(source, link, gradient), rstd
 
 
 class _DepthAttention(torch.autograd.Function):
@@ -228,11 +280,11 @@ class _DepthAttention(torch.autograd.Function):
     goes into its sum, and its link gets an empty one."""
 
     @staticmethod
-    def forward(ctx, kernels, gradients, qe, *tensors):
+    def forward(ctx, kernels, gradients, dtype, qe, *tensors):
         n = len(gradients)
         rstds, values = tensors[:n], tensors[n:2 * n]
         with torch.autocast(qe.device.type, enabled=False):
-            mixtures, logits, lse = kernels.phase1_forward(qe, rstds, values)
+            mixtures, logits, lse = kernels.phase1_forward(qe, rstds, values, dtype)
         ctx.kernels, ctx.gradients = kernels, gradients
         ctx.save_for_backward(qe, logits, lse, *rstds, *values)
         return *mixtures, *lse.movedim(-1, 0).contiguous().unbind(0)  # S contiguous lse [...]
@@ -245,15 +297,17 @@ class _DepthAttention(torch.autograd.Function):
         S = len(qe)
         grad_mixtures, grad_lse = grads[:S], torch.stack(grads[S:], dim=-1)  # S x [..., D], [..., S]
         sums = [None if sum_ is None else sum_.current() for sum_ in ctx.gradients]
+        # a shared source's gradient is summed in fp32 (float64) whatever the dtype it is stored in
+        grad_dtypes = [v.dtype if sum_ is None else wide_dtype(v.dtype) for sum_, v in zip(ctx.gradients, values)]
         with torch.autocast(qe.device.type, enabled=False):
             grad_qe, grad_values = ctx.kernels.phase1_backward(qe, rstds, values, logits, lse, grad_mixtures,
-                                                               grad_lse, sums)
+                                                               grad_lse, sums, grad_dtypes)
         link_grads = []
         for sum_, grad in zip(ctx.gradients, grad_values):
             if sum_ is not None:
                 sum_.tensor = grad
                 link_grads.append(grad.new_empty(0))
-        return (None, None, grad_qe, *([None] * n),
+        return (None, None, None, grad_qe, *([None] * n),
                 *(None if sum_ is not None else grad for sum_, grad in zip(ctx.gradients, grad_values)), *link_grads)
 
 
@@ -263,7 +317,7 @@ def _check_queries(queries, key_weights, D):
                          f"[S, D] with D = {D}, the sources' last dimension.")
 
 
-def depth_attention(sources, queries, key_weights, eps=1e-6, rstds=None, kernels=EAGER):
+def depth_attention(sources, queries, key_weights, eps=1e-6, rstds=None, kernels=EAGER, dtype=None):
     """Phase 1: S pseudo-queries against N sources at once.
 
     sources: sequence of N tensors [B, T, D]; queries, key_weights: [S, D]; rstds: optional N tensors [B, T],
@@ -271,7 +325,7 @@ def depth_attention(sources, queries, key_weights, eps=1e-6, rstds=None, kernels
     calls). They are treated as functions of their sources: gradients reach the sources through them, not the
     rstd tensors themselves.
     Returns (mixtures, lse [S, B, T]) in fp32 (float64 for float64 sources): mixtures is a tuple of S tensors
-    [B, T, D], mixtures[s] = sum_n softmax_n(logit[s, n]) v_n.
+    [B, T, D], mixtures[s] = sum_n softmax_n(logit[s, n]) v_n, in dtype when given (computed in fp32, rounded once).
     """
     if len(sources) == 0:
         raise ValueError("depth_attention needs at least one source (the token embedding).")
@@ -279,14 +333,14 @@ def depth_attention(sources, queries, key_weights, eps=1e-6, rstds=None, kernels
     compute_dtype = torch.promote_types(sources[0].dtype, torch.float32)
     with torch.autocast(sources[0].device.type, enabled=False):
         qe = queries.to(compute_dtype) * key_weights.to(compute_dtype)  # [S, D]
-    mixtures, lse = depth_attention_qe(sources, qe, eps, rstds, kernels)
+    mixtures, lse = depth_attention_qe(sources, qe, eps, rstds, kernels, dtype)
     return mixtures, torch.stack(lse)
 
 
-def depth_attention_qe(sources, qe, eps=1e-6, rstds=None, kernels=EAGER):
+def depth_attention_qe(sources, qe, eps=1e-6, rstds=None, kernels=EAGER, dtype=None):
     """depth_attention with the queries already multiplied by their key weights: qe [S, D] in fp32 (float64
     for float64 sources); each source a tensor [B, T, D] or a SharedSource (`share_source`). Returns
-    (S mixtures [B, T, D], S lse [B, T]): what the module calls once per block."""
+    (S mixtures [B, T, D] in dtype (None: fp32), S lse [B, T]): what the module calls once per block."""
     values = [s.value if isinstance(s, SharedSource) else s for s in sources]
     if rstds is None:
         rstds = [kernels.source_rstd(v.detach(), eps) for v in values]
@@ -295,7 +349,7 @@ def depth_attention_qe(sources, qe, eps=1e-6, rstds=None, kernels=EAGER):
     linked = [isinstance(s, SharedSource) and s.link is not None for s in sources]
     gradients = tuple(s.gradient if link else None for s, link in zip(sources, linked))
     links = [s.link for s, link in zip(sources, linked) if link]
-    outputs = _DepthAttention.apply(kernels, gradients, qe, *rstds, *values, *links)  # S x [B, T, D], S x [B, T]
+    outputs = _DepthAttention.apply(kernels, gradients, dtype, qe, *rstds, *values, *links)  # S x [B, T, D], S x [B, T]
     return outputs[:len(qe)], outputs[len(qe):]
 
 
