@@ -271,6 +271,35 @@ def test_options_on_gpu_match_the_default():
 
     default = updates()
     # the squares' Gram form rounds differently in bf16 (5e-2, as on the CPU); combo kernels: the same arithmetic
-    for options, bound in ((dict(group_squares=True), 5e-2), (dict(combo_kernels=True), 1e-3)):
+    for options, bound in ((dict(group_squares=True), 5e-2), (dict(combo_kernels=None), 1e-3),
+                           (dict(side_stream=True), 1e-6)):
         for a, b in zip(updates(**options), default):
             assert rel(a, b) < bound, options
+
+
+@pytest.mark.gpu
+def test_side_stream_captured_matches_eager_default():
+    """The classic batches on a second stream, inside a CUDA-graph capture (the stream forks from and joins the
+    capturing stream), give the default eager step's result: the same kernels, only run beside the Gram group."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from nanokimi.optim import CapturedStep
+
+    shapes = gpt2_like(d=64)
+    results = []
+    for side, graphed in ((False, False), (True, True)):
+        torch.manual_seed(0)
+        params = [nn.Parameter(torch.randn(s, device="cuda") * 0.1) for s in shapes]
+        start = [p.detach().clone() for p in params]
+        opt = Muon(params, lr=0.05, side_stream=side)
+        opt = CapturedStep(opt, warmup_steps=2) if graphed else opt
+        g = torch.Generator(device="cuda").manual_seed(1)
+        for _ in range(5):
+            for p in params:
+                p.grad = torch.randn(p.shape, device="cuda", generator=g)
+            opt.step()
+        torch.cuda.synchronize()
+        assert not graphed or opt.captured
+        results.append([p.detach() - s for p, s in zip(params, start)])
+    for a, b in zip(*results):
+        assert rel(a, b) < 1e-5
