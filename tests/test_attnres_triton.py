@@ -363,9 +363,16 @@ def test_module_with_triton_kernels_matches_stack_reference(D, L, num_blocks):
     assert final.dtype == dtype and rel(final.cpu(), expected) < 1e-5
     got = [embedding, *module.parameters(), *sublayers.parameters()]
     want = [embedding_ref, *module_ref.parameters(), *sublayers_ref.parameters()]
-    errors = [rel(a.grad.cpu().double(), b.grad) for a, b in zip(got, want)]
+    # Sublayer 0 reads the embedding alone: its softmax is constant, so its query's and key weight's gradients are
+    # exactly 0 in the reference and in the interpreter; on a GPU the kernels' reductions run in other orders and
+    # leave fp32 rounding there (5e-5 measured, against gradients of norm ~1-10 elsewhere).
+    zero = [b.grad.norm() == 0 for b in want]
+    assert zero[1] and zero[L + 2]  # queries[0], key_weights[0] (L + 1 queries)
+    scale = max(b.grad.norm() for b in want).item()
+    errors = [rel(a.grad.cpu().double(), b.grad) for a, b, z in zip(got, want, zero) if not z]
     assert max(errors) < 2e-5, errors
-    assert (module.queries[0].grad == 0).all()  # sublayer 0 reads the embedding alone: its softmax is constant
+    stray = [a.grad.norm().item() for a, z in zip(got, zero) if z]
+    assert max(stray) <= (1e-5 * scale if DEVICE.type == "cuda" else 0.0), (stray, scale)
 
 
 def test_compile_kernels_picks_triton_on_cuda_only():
@@ -556,7 +563,14 @@ def test_module_with_triton_kernels_and_bf16_storage(storage, D, L, num_blocks):
         module.eps, round_mixtures=storage == "auto-all"))
     final_32, grads_32 = run(fp32_storage)
     exact = DEVICE.type == "cuda"
+    # gradients that are 0 in exact arithmetic (sublayer 0's query and key weight: one source) hold rounding noise
+    # only; each gradient's error is taken relative to its own norm or a thousandth of the largest, if larger
+    floor = 1e-3 * max(b.norm() for b in grads_ref).item()
+
+    def error(a, b):
+        return ((a - b).norm() / max(b.norm().item(), floor)).item()
+
     assert rel(final, final_ref) < (1e-4 if exact else 1e-2)
-    assert max(rel(a, b) for a, b in zip(grads, grads_ref)) < (2e-3 if exact else 5e-2)
+    assert max(error(a, b) for a, b in zip(grads, grads_ref)) < (2e-3 if exact else 5e-2)
     assert rel(final, final_32) < 2e-2
-    assert max(rel(a, b) for a, b in zip(grads, grads_32)) < 0.15
+    assert max(error(a, b) for a, b in zip(grads, grads_32)) < 0.15

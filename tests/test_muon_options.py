@@ -277,6 +277,19 @@ def test_options_on_gpu_match_the_default():
             assert rel(a, b) < bound, options
 
 
+def test_side_stream_moves_the_classic_only_params():
+    """side_stream's split (the CPU plans it too; only CUDA runs it): GPT-2's square attn-out matrices run classic
+    Newton-Schulz and nothing else, so they take the second stream; a param with a Gram block stays."""
+    shapes = gpt2_like(d=64) + [(64, 64), (128, 64)]
+    params = [nn.Parameter(torch.randn(s)) for s in shapes]
+    opt = Muon(params, side_stream=True)
+    opt.add_param_group({"params": [nn.Parameter(torch.randn(192, 64))], "split": (64, 128)})  # square + tall
+    jobs = [(p, None, g) for g in opt.param_groups for p in g["params"]]
+    side = opt._classic_only(torch.device("cpu"), jobs)
+    assert [tuple(jobs[i][0].shape) for i in side] == [s for s in shapes if s[0] == s[1]]
+    assert opt._classic_only(torch.device("cpu"), jobs) is side  # planned once
+
+
 @pytest.mark.gpu
 def test_side_stream_captured_matches_eager_default():
     """The classic batches on a second stream, inside a CUDA-graph capture (the stream forks from and joins the

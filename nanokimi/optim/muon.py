@@ -29,7 +29,6 @@ normalisation is folded into its first Gram matrix), and `decay_and_update` (rea
 elementwise passes are plain eager functions; on CUDA they run through torch.compile (fullgraph, static
 shapes), compiled on the first step, so each becomes a few fused kernels that the CUDA-graph step captures.
 """
-import contextlib
 import math
 from collections import defaultdict
 from typing import NamedTuple
@@ -133,44 +132,31 @@ _side_streams = {}
 
 
 def side_stream(device):
-    """The second CUDA stream of `device` that orthogonalize_batches runs classic batches on (one per device)."""
+    """The second CUDA stream of `device` that Muon(side_stream=True) runs its classic-only params on."""
     if device not in _side_streams:
         _side_streams[device] = torch.cuda.Stream(device)
     return _side_streams[device]
 
 
-def orthogonalize_batches(stacks, settings, fused_start=False, stream=None):
+def orthogonalize_batches(stacks, settings, fused_start=False):
     """Newton-Schulz of every stacked batch: stacks [N, rows, cols] in the compute dtype (raw, normalised
     inside), settings (steps, coefficients, eps, method) per batch with method resolved ("classic" or "gram").
     Gram batches with the same short side, dtype and settings go through one newton_schulz_group call (one
     s x s recursion for all their matrices); classic batches run alone. Returns the outputs in batch order.
-    fused_start: normalisation and first polynomial as one elementwise op (newton_schulz_group).
-    stream: a second CUDA stream for the classic batches, so they run beside the Gram groups (independent
-    chains of GEMMs fill each other's gaps and last waves); the caller's stream waits for it before returning."""
+    fused_start: normalisation and first polynomial as one elementwise op (newton_schulz_group)."""
     outputs = [None] * len(stacks)
     groups = {}  # (short side, dtype, steps, coefficients, eps) -> indices of gram batches
-    classic = [k for k, settings_k in enumerate(settings) if settings_k[-1] != "gram"]
-    main = torch.cuda.current_stream(stacks[0].device) if stream is not None and classic else None
-    if main is not None:
-        stream.wait_stream(main)  # the stacked inputs are written on the caller's stream
-    with torch.cuda.stream(stream) if main is not None else contextlib.nullcontext():
-        for k in classic:
-            steps, coefficients, eps, method = settings[k]
-            outputs[k] = newton_schulz(stacks[k], coefficient_schedule(coefficients, steps), method, eps=eps,
-                                       fused_start=fused_start)
-            if main is not None:
-                stacks[k].record_stream(stream)
-                outputs[k].record_stream(main)
     for k, (X, (steps, coefficients, eps, method)) in enumerate(zip(stacks, settings)):
         if method == "gram":
             groups.setdefault((min(X.shape[-2:]), X.dtype, steps, coefficients, eps), []).append(k)
+        else:
+            outputs[k] = newton_schulz(X, coefficient_schedule(coefficients, steps), method, eps=eps,
+                                       fused_start=fused_start)
     for (_, _, steps, coefficients, eps), members in groups.items():
         group_outputs = newton_schulz_group([stacks[k] for k in members], coefficient_schedule(coefficients, steps),
                                             eps=eps, fused_start=fused_start)
         for k, O in zip(members, group_outputs):
             outputs[k] = O
-    if main is not None:
-        main.wait_stream(stream)
     return outputs
 
 
@@ -279,8 +265,10 @@ class Muon(torch.optim.Optimizer):
     same result to rounding, +1/6 of the squares' FLOPs, fuller GEMMs). combo_kernels: with fused passes, None
     keeps inductor's settings, True/False turns its horizontal fusion of the per-parameter kernels on/off
     (compiled_pass; on by default: 3.20 vs 3.36 ms per captured GPT-2-124M step on an H100). fused_start:
-    Newton-Schulz's normalisation and first polynomial as one elementwise op. side_stream: on CUDA, the classic
-    batches run on a second stream beside the Gram groups (orthogonalize_batches).
+    Newton-Schulz's normalisation and first polynomial as one elementwise op. side_stream: on CUDA, the params
+    whose blocks all run classic Newton-Schulz (GPT-2's square attn-out matrices) take their whole step (momentum,
+    Newton-Schulz, update) on a second stream, beside the rest: two independent chains of kernels that fill each
+    other's gaps and last GEMM waves (_step_device).
     """
 
     def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.1, ns_steps=5,
@@ -307,6 +295,7 @@ class Muon(torch.optim.Optimizer):
         self.fused_start = fused_start
         self.side_stream = side_stream
         self._step_plans = {}  # Muon._plan_key -> StepPlan
+        self._side_splits = {}  # Muon._plan_key -> indices of the jobs that side_stream runs on the second stream
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -314,6 +303,7 @@ class Muon(torch.optim.Optimizer):
                               ("combo_kernels", True), ("fused_start", False), ("side_stream", False)):
             self.__dict__.setdefault(name, default)  # constructor options are not in Optimizer's pickled state
         self.__dict__.setdefault("_step_plans", {})
+        self.__dict__.setdefault("_side_splits", {})
         for group in self.param_groups:
             group.setdefault("ns_method", "auto")  # state dicts saved before the option existed
 
@@ -409,12 +399,39 @@ class Muon(torch.optim.Optimizer):
             methods={shape: settings[-1] for settings, shape, _ in blocks})
 
     def _step_device(self, device, jobs):
-        """The three passes for the params of one device (see the module docstring), with the plan made once
-        per _plan_key and reused."""
+        """The step of one device's params; with side_stream on CUDA, the classic-only params on the second
+        stream (forked from and joined back into the current one, so a CUDA-graph capture records both)."""
+        if self.side_stream and device.type == "cuda":
+            side = set(self._classic_only(device, jobs))
+            if 0 < len(side) < len(jobs):
+                current, stream = torch.cuda.current_stream(device), side_stream(device)
+                stream.wait_stream(current)
+                with torch.cuda.stream(stream):
+                    self._run_passes(device, [job for i, job in enumerate(jobs) if i in side])
+                self._run_passes(device, [job for i, job in enumerate(jobs) if i not in side])
+                current.wait_stream(stream)
+                return
+        self._run_passes(device, jobs)
+
+    def _classic_only(self, device, jobs):
+        """Indices of the jobs whose blocks all run classic Newton-Schulz (what side_stream moves), once per key."""
         key = self._plan_key(device, jobs)
-        plan = self._step_plans.get(key)
-        if plan is None:
-            plan = self._step_plans[key] = self._plan_step(device, jobs)
+        if key not in self._side_splits:
+            plan = self._plan(device, jobs)
+            methods = [{plan.settings[k][-1] for k, *_ in sources} for sources in plan.sources]
+            self._side_splits[key] = tuple(i for i, m in enumerate(methods) if m == {"classic"})
+        return self._side_splits[key]
+
+    def _plan(self, device, jobs):
+        """The StepPlan of these jobs, made once per _plan_key."""
+        key = self._plan_key(device, jobs)
+        if key not in self._step_plans:
+            self._step_plans[key] = self._plan_step(device, jobs)
+        return self._step_plans[key]
+
+    def _run_passes(self, device, jobs):
+        """The three passes over these params (see the module docstring)."""
+        plan = self._plan(device, jobs)
         self._last_methods.update(plan.methods)
         compile_passes = self.fused if self.fused is not None else device.type == "cuda"
         stack = compiled_pass(momentum_and_stack, self.combo_kernels) if compile_passes else momentum_and_stack
@@ -422,8 +439,7 @@ class Muon(torch.optim.Optimizer):
         stacked = stack([p.grad for p, _, _ in jobs], [m for _, m, _ in jobs],
                         [g["momentum"] for _, _, g in jobs], [g["nesterov"] for _, _, g in jobs], plan.layouts,
                         plan.batches)
-        stream = side_stream(device) if self.side_stream and device.type == "cuda" else None
-        orthogonal = orthogonalize_batches(stacked, plan.settings, self.fused_start, stream)
+        orthogonal = orthogonalize_batches(stacked, plan.settings, self.fused_start)
         lrs, lr_index = group_learning_rates([g for _, _, g in jobs], device, as_tensor=compile_passes)
         update([p for p, _, _ in jobs], orthogonal, lrs, lr_index, [g["weight_decay"] for _, _, g in jobs],
                plan.sources)
