@@ -138,23 +138,21 @@ def side_stream(device):
     return _side_streams[device]
 
 
-def orthogonalize_batches(stacks, settings, fused_start=False):
+def orthogonalize_batches(stacks, settings):
     """Newton-Schulz of every stacked batch: stacks [N, rows, cols] in the compute dtype (raw, normalised
     inside), settings (steps, coefficients, eps, method) per batch with method resolved ("classic" or "gram").
     Gram batches with the same short side, dtype and settings go through one newton_schulz_group call (one
-    s x s recursion for all their matrices); classic batches run alone. Returns the outputs in batch order.
-    fused_start: normalisation and first polynomial as one elementwise op (newton_schulz_group)."""
+    s x s recursion for all their matrices); classic batches run alone. Returns the outputs in batch order."""
     outputs = [None] * len(stacks)
     groups = {}  # (short side, dtype, steps, coefficients, eps) -> indices of gram batches
     for k, (X, (steps, coefficients, eps, method)) in enumerate(zip(stacks, settings)):
         if method == "gram":
             groups.setdefault((min(X.shape[-2:]), X.dtype, steps, coefficients, eps), []).append(k)
         else:
-            outputs[k] = newton_schulz(X, coefficient_schedule(coefficients, steps), method, eps=eps,
-                                       fused_start=fused_start)
+            outputs[k] = newton_schulz(X, coefficient_schedule(coefficients, steps), method, eps=eps)
     for (_, _, steps, coefficients, eps), members in groups.items():
         group_outputs = newton_schulz_group([stacks[k] for k in members], coefficient_schedule(coefficients, steps),
-                                            eps=eps, fused_start=fused_start)
+                                            eps=eps)
         for k, O in zip(members, group_outputs):
             outputs[k] = O
     return outputs
@@ -264,17 +262,16 @@ class Muon(torch.optim.Optimizer):
     blocks that "auto" runs classic join the Gram recursion of the gram blocks with their side (squares_to_gram;
     same result to rounding, +1/6 of the squares' FLOPs, fuller GEMMs). combo_kernels: with fused passes, None
     keeps inductor's settings, True/False turns its horizontal fusion of the per-parameter kernels on/off
-    (compiled_pass; on by default: 3.20 vs 3.36 ms per captured GPT-2-124M step on an H100). fused_start:
-    Newton-Schulz's normalisation and first polynomial as one elementwise op. side_stream: on CUDA, the params
-    whose blocks all run classic Newton-Schulz (GPT-2's square attn-out matrices) take their whole step (momentum,
-    Newton-Schulz, update) on a second stream, beside the rest: two independent chains of kernels that fill each
-    other's gaps and last GEMM waves (_step_device).
+    (compiled_pass; on by default: 3.20 vs 3.36 ms per captured GPT-2-124M step on an H100). side_stream: on
+    CUDA, the params whose blocks all run classic Newton-Schulz (GPT-2's square attn-out matrices) take their whole
+    step (momentum, Newton-Schulz, update) on a second stream, beside the rest: two independent chains of kernels
+    that fill each other's gaps and last GEMM waves (_step_device; on by default: 3.08 vs 3.22 ms).
     """
 
     def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.1, ns_steps=5,
                  coefficients="quintic", ns_dtype=None, eps=1e-7, heads=None, split=None, ns_method="auto",
                  fused=None, merge_orientations=False, group_squares=False, combo_kernels=True,
-                 fused_start=False, side_stream=False):
+                 side_stream=True):
         if lr < 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
         if not 0 <= momentum < 1:
@@ -292,7 +289,6 @@ class Muon(torch.optim.Optimizer):
         self.merge_orientations = merge_orientations
         self.group_squares = group_squares
         self.combo_kernels = combo_kernels
-        self.fused_start = fused_start
         self.side_stream = side_stream
         self._step_plans = {}  # Muon._plan_key -> StepPlan
         self._side_splits = {}  # Muon._plan_key -> indices of the jobs that side_stream runs on the second stream
@@ -300,7 +296,7 @@ class Muon(torch.optim.Optimizer):
     def __setstate__(self, state):
         super().__setstate__(state)
         for name, default in (("fused", None), ("merge_orientations", False), ("group_squares", False),
-                              ("combo_kernels", True), ("fused_start", False), ("side_stream", False)):
+                              ("combo_kernels", True), ("side_stream", True)):
             self.__dict__.setdefault(name, default)  # constructor options are not in Optimizer's pickled state
         self.__dict__.setdefault("_step_plans", {})
         self.__dict__.setdefault("_side_splits", {})
@@ -439,7 +435,7 @@ class Muon(torch.optim.Optimizer):
         stacked = stack([p.grad for p, _, _ in jobs], [m for _, m, _ in jobs],
                         [g["momentum"] for _, _, g in jobs], [g["nesterov"] for _, _, g in jobs], plan.layouts,
                         plan.batches)
-        orthogonal = orthogonalize_batches(stacked, plan.settings, self.fused_start)
+        orthogonal = orthogonalize_batches(stacked, plan.settings)
         lrs, lr_index = group_learning_rates([g for _, _, g in jobs], device, as_tensor=compile_passes)
         update([p for p, _, _ in jobs], orthogonal, lrs, lr_index, [g["weight_decay"] for _, _, g in jobs],
                plan.sources)

@@ -117,15 +117,6 @@ def _affine(R, a, b, scale):
     return (C * scale).to(R.dtype), (R * scale).to(R.dtype)
 
 
-def _start_affine(gram, eps, a, b, scaled):
-    """_start and the first step's _affine as one elementwise op (fused_start): from the raw Gram matrices,
-    (C, left, R_0, 1 / n) with (C, left) = _affine(R_0, a, b, 1 / n if scaled else None). Compiled, the Gram
-    matrices are read once (apart, R_0 is written by one op and read back by the next)."""
-    R, inv = _start(gram, eps)
-    C, left = _affine(R, a, b, inv if scaled else None)
-    return C, left, R, inv
-
-
 def _polynomial(R, a, b, c, scale=None):
     """a I + b R + c R^2 [N, s, s], times scale [N, 1, 1] when given. One elementwise op writes C = a I + b R
     (and with a scale C s and R s), then one GEMM adds c R R into C in place: cuBLAS reads C in its epilogue
@@ -134,39 +125,33 @@ def _polynomial(R, a, b, c, scale=None):
     return C.baddbmm_(left, R, alpha=c)
 
 
-def _segment_factor(R, steps, inv=None, eps=None):
+def _segment_factor(R, steps, inv=None):
     """Q = P_{m-1} ... P_1 P_0 of one segment of m steps from its starting R [N, s, s] (P_k = a I + b R_k + c R_k^2,
-    R_{k+1} = P_k R_k P_k); times inv [N, 1, 1] per matrix when given (the 1 / n of the normalisation). With eps,
-    R is the raw Gram matrix, normalised inside the first step's elementwise op (_start_affine)."""
+    R_{k+1} = P_k R_k P_k); times inv [N, 1, 1] per matrix when given (the 1 / n of the normalisation)."""
     Q = None  # [N, s, s]
     for i, (a, b, c) in enumerate(steps):
         last = i == len(steps) - 1
-        if i == 0 and eps is not None:
-            C, left, R, inv = _small_op(_start_affine, R)(R, eps, a, b, last)
-            P = C.baddbmm_(left, R, alpha=c)
-        else:
-            P = _polynomial(R, a, b, c, inv if last else None)  # the last P is needed only inside Q
+        P = _polynomial(R, a, b, c, inv if last else None)  # the last P is needed only inside Q
         Q = P if Q is None else torch.bmm(P, Q)
         if not last:
             R = torch.bmm(torch.bmm(P, R), P)
     return Q
 
 
-def newton_schulz(X, schedule, method="auto", eps=None, segment=GRAM_SEGMENT, fused_start=False):
+def newton_schulz(X, schedule, method="auto", eps=None, segment=GRAM_SEGMENT):
     """X: [N, A, B] in the compute dtype -> [N, A, B] in the same dtype.
 
     schedule: [(a, b, c)] per step (see coefficient_schedule). eps None: X is already normalised
     (||X||_F <= 1); a float: X is raw and each matrix is divided by its ||X||_F + eps inside, at no extra
     pass. method: "classic", "gram" or "auto" (fewer FLOPs for this shape; see the module docstring; callers
     that know the coefficient set should resolve "auto" with choose_method, which keeps Polar Express classic).
-    fused_start: see newton_schulz_group.
     """
     method = choose_method(X.shape[-2:], len(schedule), method, segment=segment)
     chunk = segment if method == "gram" else 1  # classic == gram with one-step segments
-    return newton_schulz_group([X], schedule, eps, segment=chunk, fused_start=fused_start)[0]
+    return newton_schulz_group([X], schedule, eps, segment=chunk)[0]
 
 
-def newton_schulz_group(Xs, schedule, eps=None, segment=GRAM_SEGMENT, fused_start=False):
+def newton_schulz_group(Xs, schedule, eps=None, segment=GRAM_SEGMENT):
     """The Gram form over several batches whose matrices share their short side s: a list of [N_i, s, l_i]
     (wide) or [N_i, l_i, s] (tall) tensors, l_i >= s, one dtype -> the list of outputs (same shapes, dtype).
 
@@ -174,8 +159,6 @@ def newton_schulz_group(Xs, schedule, eps=None, segment=GRAM_SEGMENT, fused_star
     [N_1 + N_2 + ..., s, s] buffer, and its own final product with X_0; the s x s recursion in between
     (polynomials, P Q, P R P) runs once over all the matrices, so every s x s product is one larger batched
     GEMM instead of one per batch. Equal to newton_schulz(X, schedule, "gram", eps, segment) on each batch.
-    fused_start (with eps): the normalisation and the first polynomial's elementwise op are one op
-    (_start_affine; one read of the Gram matrices fewer, one launch fewer), the same arithmetic.
     """
     if not Xs:
         raise ValueError("newton_schulz_group needs at least one batch [N, A, B]")
@@ -191,11 +174,8 @@ def newton_schulz_group(Xs, schedule, eps=None, segment=GRAM_SEGMENT, fused_star
     for start in range(0, len(schedule), segment):
         for X, G, is_tall in zip(Xs, gram.split(sizes), tall):
             torch.bmm(X.mT, X, out=G) if is_tall else torch.bmm(X, X.mT, out=G)
-        if start == 0 and eps is not None and fused_start:
-            Q = _segment_factor(gram, schedule[start:start + segment], eps=eps)  # [sum N_i, s, s]
-        else:
-            R, inv = _small_op(_start, gram)(gram, eps) if start == 0 and eps is not None else (gram, None)
-            Q = _segment_factor(R, schedule[start:start + segment], inv)
+        R, inv = _small_op(_start, gram)(gram, eps) if start == 0 and eps is not None else (gram, None)
+        Q = _segment_factor(R, schedule[start:start + segment], inv)  # [sum N_i, s, s]
         Xs = [torch.bmm(X, q) if is_tall else torch.bmm(q, X) for X, q, is_tall in zip(Xs, Q.split(sizes), tall)]
     return Xs
 
