@@ -251,9 +251,9 @@ def test_side_stream_moves_the_classic_only_params():
     opt = Muon(params, side_stream=True)
     opt.add_param_group({"params": [nn.Parameter(torch.randn(192, 64))], "split": (64, 128)})  # square + tall
     jobs = [(p, None, g) for g in opt.param_groups for p in g["params"]]
-    side = opt._classic_only(torch.device("cpu"), jobs)
-    assert [tuple(jobs[i][0].shape) for i in side] == [s for s in shapes if s[0] == s[1]]
-    assert opt._classic_only(torch.device("cpu"), jobs) is side  # planned once
+    plan = opt._plan(torch.device("cpu"), jobs)
+    assert [tuple(jobs[i][0].shape) for i in plan.classic_only] == [s for s in shapes if s[0] == s[1]]
+    assert opt._plan(torch.device("cpu"), jobs) is plan  # planned once
 
 
 @pytest.mark.gpu

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from nanokimi.ops.attnres import EAGER, compiled_kernels, depth_attention_qe, share_source
-from nanokimi.ops.attnres.two_phase import finish_shared_source
+from nanokimi.ops.attnres.two_phase import finish_shared_source, wide_dtype
 
 MODES = ("full", "block")
 STORAGES = ("auto", "auto-all", "fp32")
@@ -117,7 +117,7 @@ class AttentionResiduals(nn.Module):
         autocast of the embedding's device an fp32 stream's sublayers end in autocast's dtype (their last linear),
         so the sources take it; otherwise the embedding's dtype. "fp32": fp32 (float64 stays float64)."""
         if self.storage == "fp32":
-            return torch.promote_types(embedding.dtype, torch.float32)
+            return wide_dtype(embedding.dtype)
         device = embedding.device.type
         if embedding.dtype == torch.float32 and torch.is_autocast_enabled(device):
             return torch.get_autocast_dtype(device)
@@ -132,7 +132,7 @@ class AttentionResiduals(nn.Module):
         first..stop - 1."""
         dtype = sources[0].value.dtype
         return depth_attention_qe(sources, qe[first:stop], self.eps, rstds, self.kernels,
-                                  dtype if self.storage == "auto-all" else torch.promote_types(dtype, torch.float32))
+                                  dtype if self.storage == "auto-all" else wide_dtype(dtype))
 
     def start(self, embedding: torch.Tensor) -> AttnResState:
         """embedding: [B, T, D] token embeddings (v_0)."""

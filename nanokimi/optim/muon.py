@@ -247,6 +247,7 @@ class StepPlan(NamedTuple):
     settings: tuple  # (steps, coefficients, eps, method) per batch, for orthogonalize_batches
     sources: tuple  # per param, per block (batch, start, block shape, scale, transposed), for decay_and_update
     methods: dict  # {(rows, cols): method} for last_methods
+    classic_only: tuple  # indices of the params whose blocks all run classic Newton-Schulz (Muon's side_stream)
 
 
 class Muon(torch.optim.Optimizer):
@@ -291,7 +292,6 @@ class Muon(torch.optim.Optimizer):
         self.combo_kernels = combo_kernels
         self.side_stream = side_stream
         self._step_plans = {}  # Muon._plan_key -> StepPlan
-        self._side_splits = {}  # Muon._plan_key -> indices of the jobs that side_stream runs on the second stream
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -299,7 +299,6 @@ class Muon(torch.optim.Optimizer):
                               ("combo_kernels", True), ("side_stream", True)):
             self.__dict__.setdefault(name, default)  # constructor options are not in Optimizer's pickled state
         self.__dict__.setdefault("_step_plans", {})
-        self.__dict__.setdefault("_side_splits", {})
         for group in self.param_groups:
             group.setdefault("ns_method", "auto")  # state dicts saved before the option existed
 
@@ -378,8 +377,7 @@ class Muon(torch.optim.Optimizer):
         if self.group_squares:
             blocks = squares_to_gram(blocks, free)
         plan = plan_batches(blocks, self.merge_orientations)
-        sources = [[None] * len(matrix_blocks(p, *layout))
-                   for (p, _, _), layout in zip(jobs, layouts)]
+        sources = [[None] * len(matrix_blocks(p, *layout)) for (p, _, _), layout in zip(jobs, layouts)]
         for k, (_, (rows, cols), members) in enumerate(plan):
             start, scale = 0, MOONLIGHT_RMS * math.sqrt(max(rows, cols))
             for b, transposed in members:
@@ -392,13 +390,15 @@ class Muon(torch.optim.Optimizer):
                           for settings, shape, members in plan),
             settings=tuple(settings[1:] for settings, _, _ in plan),
             sources=tuple(tuple(s) for s in sources),
-            methods={shape: settings[-1] for settings, shape, _ in blocks})
+            methods={shape: settings[-1] for settings, shape, _ in blocks},
+            classic_only=tuple(i for i, param_sources in enumerate(sources)
+                               if all(plan[k][0][-1] == "classic" for k, *_ in param_sources)))
 
     def _step_device(self, device, jobs):
         """The step of one device's params; with side_stream on CUDA, the classic-only params on the second
         stream (forked from and joined back into the current one, so a CUDA-graph capture records both)."""
         if self.side_stream and device.type == "cuda":
-            side = set(self._classic_only(device, jobs))
+            side = set(self._plan(device, jobs).classic_only)
             if 0 < len(side) < len(jobs):
                 current, stream = torch.cuda.current_stream(device), side_stream(device)
                 stream.wait_stream(current)
@@ -408,15 +408,6 @@ class Muon(torch.optim.Optimizer):
                 current.wait_stream(stream)
                 return
         self._run_passes(device, jobs)
-
-    def _classic_only(self, device, jobs):
-        """Indices of the jobs whose blocks all run classic Newton-Schulz (what side_stream moves), once per key."""
-        key = self._plan_key(device, jobs)
-        if key not in self._side_splits:
-            plan = self._plan(device, jobs)
-            methods = [{plan.settings[k][-1] for k, *_ in sources} for sources in plan.sources]
-            self._side_splits[key] = tuple(i for i, m in enumerate(methods) if m == {"classic"})
-        return self._side_splits[key]
 
     def _plan(self, device, jobs):
         """The StepPlan of these jobs, made once per _plan_key."""
