@@ -52,6 +52,12 @@ case "$1" in
 esac
 if [ -n "${OUT:-}" ]; then
   mkdir -p "$OUT/results" && find benchmarks/results -name '*.json' -newer /tmp/nk-suite-start -exec cp {} "$OUT"/results/ \;
-  tar czf - -C /tmp nk-cache/triton | split -b 15M - "$OUT/compile_cache.tgz.part-"  # 16 MB per file comes back
+  # 16 MB per file and four files come back: a larger cache would return truncated, so it is left out
+  tar czf /tmp/nk-cache.tgz -C /tmp nk-cache/triton
+  if [ "$(stat -c %s /tmp/nk-cache.tgz)" -le $((60 * 1024 * 1024)) ]; then
+    split -b 15M /tmp/nk-cache.tgz "$OUT/compile_cache.tgz.part-"
+  else
+    echo "Triton cache $(du -h /tmp/nk-cache.tgz | cut -f1): too large to bring back, not packed" | tee -a "$log"
+  fi
 fi
 
