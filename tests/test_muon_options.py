@@ -238,8 +238,7 @@ def test_options_on_gpu_match_the_default():
     default = updates()
     # the squares' Gram form rounds differently in bf16 (5e-2, as on the CPU); combo kernels: the same arithmetic
     for options, bound in ((dict(group_squares=True), 5e-2), (dict(combo_kernels=None), 1e-3),
-                           (dict(side_stream=False), 1e-6), (dict(pipeline_chunks=3), 1e-6),
-                           (dict(pipeline_chunks=1), 1e-6)):
+                           (dict(side_stream=False), 1e-6)):
         for a, b in zip(updates(**options), default):
             assert rel(a, b) < bound, options
 
@@ -257,43 +256,21 @@ def test_side_stream_moves_the_classic_only_params():
     assert opt._plan(torch.device("cpu"), jobs) is plan  # planned once
 
 
-def test_stream_chunks_cut_the_step_in_order():
-    """pipeline_chunks: the classic-only params first, then the rest in consecutive pieces of about equal size,
-    every param exactly once; one chunk per param at most."""
-    from nanokimi.optim.muon import stream_chunks
-
-    sizes = [3, 1, 4, 4] * 12  # GPT-2's qkv, attn-out, fc, proj per layer (in units of d^2)
-    squares = [i for i in range(48) if i % 4 == 1]
-    for chunks in (1, 2, 3, 5):
-        pieces = stream_chunks(sizes, squares, chunks)
-        assert pieces[0] == squares and len(pieces) == chunks + 1
-        rest = [i for piece in pieces[1:] for i in piece]
-        assert rest == [i for i in range(48) if i % 4 != 1]  # consecutive, in order, once each
-        loads = [sum(sizes[i] for i in piece) for piece in pieces[1:]]
-        assert max(loads) - min(loads) <= 2 * max(sizes)
-    assert stream_chunks(sizes, [], 2) == [list(range(24)), list(range(24, 48))]
-    assert stream_chunks(sizes, list(range(48)), 1) == [list(range(48))]  # all classic: no separate first chunk
-    assert stream_chunks([5, 5], [], 4) == [[0], [1]]
-    with pytest.raises(ValueError, match="pipeline_chunks"):
-        Muon([nn.Parameter(torch.randn(4, 4))], pipeline_chunks=0)
-
-
 @pytest.mark.gpu
 def test_side_stream_captured_matches_eager_default():
     """The classic batches on a second stream, inside a CUDA-graph capture (the stream forks from and joins the
-    capturing stream), and the step cut into pipeline chunks on alternating streams, give the default eager
-    step's result: the same kernels, only run beside each other."""
+    capturing stream), give the default eager step's result: the same kernels, only run beside the Gram group."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     from nanokimi.optim import CapturedStep
 
     shapes = gpt2_like(d=64)
     results = []
-    for side, chunks, graphed in ((False, 1, False), (True, 1, True), (True, 2, True), (True, 3, False)):
+    for side, graphed in ((False, False), (True, True)):
         torch.manual_seed(0)
         params = [nn.Parameter(torch.randn(s, device="cuda") * 0.1) for s in shapes]
         start = [p.detach().clone() for p in params]
-        opt = Muon(params, lr=0.05, side_stream=side, pipeline_chunks=chunks)
+        opt = Muon(params, lr=0.05, side_stream=side)
         opt = CapturedStep(opt, warmup_steps=2) if graphed else opt
         g = torch.Generator(device="cuda").manual_seed(1)
         for _ in range(5):
@@ -303,6 +280,5 @@ def test_side_stream_captured_matches_eager_default():
         torch.cuda.synchronize()
         assert not graphed or opt.captured
         results.append([p.detach() - s for p, s in zip(params, start)])
-    for other in results[1:]:
-        for a, b in zip(other, results[0]):
-            assert rel(a, b) < 1e-5
+    for a, b in zip(*results):
+        assert rel(a, b) < 1e-5

@@ -138,24 +138,6 @@ def side_stream(device):
     return _side_streams[device]
 
 
-def stream_chunks(sizes, classic_only, chunks):
-    """How Muon(side_stream=True) cuts a device's params into chunks that run in turn on two alternating CUDA
-    streams (_step_device). sizes: elements per param; classic_only: indices of the params whose blocks all run
-    classic Newton-Schulz, which form the first chunk (unless that is none or all of them); the other params are
-    cut, in order, into `chunks` consecutive pieces of about equal elements (each piece keeps the shapes of the
-    whole, so its Newton-Schulz batches are the same with fewer matrices). Returns lists of param indices."""
-    classic = set(classic_only)
-    first = [sorted(classic)] if 0 < len(classic) < len(sizes) else []
-    rest = [i for i in range(len(sizes)) if not first or i not in classic]
-    total, pieces, done = sum(sizes[i] for i in rest), [[]], 0
-    for i in rest:
-        if pieces[-1] and done >= total * len(pieces) / chunks:
-            pieces.append([])
-        pieces[-1].append(i)
-        done += sizes[i]
-    return first + pieces
-
-
 def orthogonalize_batches(stacks, settings):
     """Newton-Schulz of every stacked batch: stacks [N, rows, cols] in the compute dtype (raw, normalised
     inside), settings (steps, coefficients, eps, method) per batch with method resolved ("classic" or "gram").
@@ -285,15 +267,12 @@ class Muon(torch.optim.Optimizer):
     CUDA, the params whose blocks all run classic Newton-Schulz (GPT-2's square attn-out matrices) take their whole
     step (momentum, Newton-Schulz, update) on a second stream, beside the rest: two independent chains of kernels
     that fill each other's gaps and last GEMM waves (_step_device; on by default: 3.08 vs 3.22 ms).
-    pipeline_chunks: with side_stream, the other params are cut into this many consecutive chunks (stream_chunks),
-    alternating between the two streams, each chunk's momentum pass queued after the previous chunk's, so one
-    chunk's memory-bound passes run beside another's Newton-Schulz GEMMs (1: all of them in one chain).
     """
 
     def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.1, ns_steps=5,
                  coefficients="quintic", ns_dtype=None, eps=1e-7, heads=None, split=None, ns_method="auto",
                  fused=None, merge_orientations=False, group_squares=False, combo_kernels=True,
-                 side_stream=True, pipeline_chunks=2):
+                 side_stream=True):
         if lr < 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
         if not 0 <= momentum < 1:
@@ -312,15 +291,12 @@ class Muon(torch.optim.Optimizer):
         self.group_squares = group_squares
         self.combo_kernels = combo_kernels
         self.side_stream = side_stream
-        if int(pipeline_chunks) != pipeline_chunks or pipeline_chunks < 1:
-            raise ValueError(f"pipeline_chunks must be an integer >= 1, got {pipeline_chunks!r}")
-        self.pipeline_chunks = int(pipeline_chunks)
         self._step_plans = {}  # Muon._plan_key -> StepPlan
 
     def __setstate__(self, state):
         super().__setstate__(state)
         for name, default in (("fused", None), ("merge_orientations", False), ("group_squares", False),
-                              ("combo_kernels", True), ("side_stream", True), ("pipeline_chunks", 2)):
+                              ("combo_kernels", True), ("side_stream", True)):
             self.__dict__.setdefault(name, default)  # constructor options are not in Optimizer's pickled state
         self.__dict__.setdefault("_step_plans", {})
         for group in self.param_groups:
@@ -419,28 +395,19 @@ class Muon(torch.optim.Optimizer):
                                if all(plan[k][0][-1] == "classic" for k, *_ in param_sources)))
 
     def _step_device(self, device, jobs):
-        """The step of one device's params. With side_stream on CUDA: cut into `stream_chunks`, which run in turn on
-        two streams (a second one forked from and joined back into the current one, so a CUDA-graph capture
-        records both), each chunk's momentum pass waiting for the previous chunk's: the next chunk's memory-bound
-        passes run beside this chunk's Newton-Schulz GEMMs."""
-        if not (self.side_stream and device.type == "cuda"):
-            self._run_passes(device, jobs)
-            return
-        chunks = stream_chunks([p.numel() for p, _, _ in jobs], self._plan(device, jobs).classic_only,
-                               self.pipeline_chunks)
-        if len(chunks) == 1:
-            self._run_passes(device, jobs)
-            return
-        current = torch.cuda.current_stream(device)
-        streams = (side_stream(device), current)
-        streams[0].wait_stream(current)
-        stacked = None  # event: the previous chunk's momentum pass is done
-        for k, chunk in enumerate(chunks):
-            with torch.cuda.stream(streams[k % 2]):
-                if stacked is not None:
-                    streams[k % 2].wait_event(stacked)
-                stacked = self._run_passes(device, [jobs[i] for i in chunk])
-        current.wait_stream(streams[0])
+        """The step of one device's params; with side_stream on CUDA, the classic-only params on the second
+        stream (forked from and joined back into the current one, so a CUDA-graph capture records both)."""
+        if self.side_stream and device.type == "cuda":
+            side = set(self._plan(device, jobs).classic_only)
+            if 0 < len(side) < len(jobs):
+                current, stream = torch.cuda.current_stream(device), side_stream(device)
+                stream.wait_stream(current)
+                with torch.cuda.stream(stream):
+                    self._run_passes(device, [job for i, job in enumerate(jobs) if i in side])
+                self._run_passes(device, [job for i, job in enumerate(jobs) if i not in side])
+                current.wait_stream(stream)
+                return
+        self._run_passes(device, jobs)
 
     def _plan(self, device, jobs):
         """The StepPlan of these jobs, made once per _plan_key."""
@@ -450,8 +417,7 @@ class Muon(torch.optim.Optimizer):
         return self._step_plans[key]
 
     def _run_passes(self, device, jobs):
-        """The three passes over these params (see the module docstring). On CUDA, returns an event recorded on the
-        current stream after the momentum pass (None on the CPU)."""
+        """The three passes over these params (see the module docstring)."""
         plan = self._plan(device, jobs)
         self._last_methods.update(plan.methods)
         compile_passes = self.fused if self.fused is not None else device.type == "cuda"
@@ -460,12 +426,7 @@ class Muon(torch.optim.Optimizer):
         stacked = stack([p.grad for p, _, _ in jobs], [m for _, m, _ in jobs],
                         [g["momentum"] for _, _, g in jobs], [g["nesterov"] for _, _, g in jobs], plan.layouts,
                         plan.batches)
-        stacked_event = None
-        if device.type == "cuda":
-            stacked_event = torch.cuda.Event()
-            stacked_event.record(torch.cuda.current_stream(device))
         orthogonal = orthogonalize_batches(stacked, plan.settings)
         lrs, lr_index = group_learning_rates([g for _, _, g in jobs], device, as_tensor=compile_passes)
         update([p for p, _, _ in jobs], orthogonal, lrs, lr_index, [g["weight_decay"] for _, _, g in jobs],
                plan.sources)
-        return stacked_event
