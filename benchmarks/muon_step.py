@@ -11,8 +11,8 @@ column says which Newton-Schulz form (classic or gram) each nanokimi row used fo
 `--counts` prints, without timing anything, the GEMM FLOPs and elementwise bytes per shape of the previous
 step (classic NS, five separate elementwise passes) and the current one, and the Newton-Schulz batches and
 kernel launches before and after cross-shape batching (one batch per block shape, baddbmm polynomials) and now.
-The 124M (and --quick) set also times the captured step under each option in VARIANTS (Muon's side_stream and
-combo_kernels turned off, group_squares turned on; `--variants` picks), each first checked against the
+The 124M (and --quick) set also times the captured step under each option in VARIANTS (Muon's overlap_passes,
+side_stream and combo_kernels turned off; `--variants` picks), each first checked against the
 default's one-step update (VARIANT_BOUND); `--profile` then also profiles the fastest one if it beats the default.
 
     python benchmarks/muon_step.py                # GPU
@@ -150,9 +150,9 @@ def with_random_grads(shapes, device, seed=None):
 
 # Candidate Muon options for the captured step, each a row beside the default (name -> Muon keyword arguments).
 VARIANTS = {
+    "no overlap_passes": {"overlap_passes": False},
     "no side_stream": {"side_stream": False},
     "no combo_kernels": {"combo_kernels": None},
-    "group_squares": {"group_squares": True},
 }
 # Largest relative difference of any parameter's one-step update from the default's: the squares' Gram form rounds
 # differently in bf16 (2-4e-2 measured on the CPU); the other options do the same arithmetic.

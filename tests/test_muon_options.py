@@ -238,7 +238,8 @@ def test_options_on_gpu_match_the_default():
     default = updates()
     # the squares' Gram form rounds differently in bf16 (5e-2, as on the CPU); combo kernels: the same arithmetic
     for options, bound in ((dict(group_squares=True), 5e-2), (dict(combo_kernels=None), 1e-3),
-                           (dict(side_stream=False), 1e-6)):
+                           (dict(side_stream=False), 1e-6), (dict(overlap_passes=False), 1e-6),
+                           (dict(side_stream=False, overlap_passes=False), 1e-6)):
         for a, b in zip(updates(**options), default):
             assert rel(a, b) < bound, options
 
@@ -256,21 +257,71 @@ def test_side_stream_moves_the_classic_only_params():
     assert opt._plan(torch.device("cpu"), jobs) is plan  # planned once
 
 
+def test_pass_groups_run_apart_give_the_whole_step():
+    """overlap_passes' plan (the CPU plans it; only CUDA runs it on streams): params that share a batch form one
+    group (a split param joins its two batches), and running the momentum and update passes group by group, with
+    each group's own indices, changes the params exactly as the one-pass step does."""
+    from nanokimi.optim.muon import decay_and_update, momentum_and_stack, orthogonalize_batches
+
+    torch.manual_seed(0)
+    shapes = [(48, 16), (16, 16), (32, 16), (16, 40), (16, 40), (40, 16)]
+    params = [nn.Parameter(torch.randn(s) * 0.1) for s in shapes]
+    opt = Muon(params[1:], lr=0.05)
+    opt.add_param_group({"params": [params[0]], "split": (16, 32)})  # a 16 x 16 block (joins param 1) and a 32 x 16
+    for p in params:
+        p.grad = torch.randn_like(p)
+    jobs = [(p, torch.randn_like(p), g) for g in opt.param_groups for p in g["params"]]
+    plan = opt._plan(torch.device("cpu"), jobs)
+    order = [tuple(p.shape) for p, _, _ in jobs]
+    grouped = [sorted(order[i] for i in group.params) for group in plan.pass_groups]
+    assert sorted(grouped) == sorted([[(16, 16), (32, 16), (48, 16)], [(16, 40), (16, 40)], [(40, 16)]])
+    assert sorted(k for group in plan.pass_groups for k in group.batch_ids) == list(range(len(plan.batches)))
+
+    def run(grouped):
+        params = [p.detach().clone() for p, _, _ in jobs]
+        grads, bufs = [p.grad for p, _, _ in jobs], [m.clone() for _, m, _ in jobs]
+        momenta, nesterov, decays = [0.95] * len(jobs), [True] * len(jobs), [0.1] * len(jobs)
+        lr_index = [0] * len(jobs)
+        if not grouped:
+            stacked = momentum_and_stack(grads, bufs, momenta, nesterov, plan.layouts, plan.batches)
+            decay_and_update(params, orthogonalize_batches(stacked, plan.settings), [0.05], lr_index, decays,
+                             plan.sources)
+            return params, bufs
+        stacked = [None] * len(plan.batches)
+        for group in plan.pass_groups:
+            pick = lambda values: [values[i] for i in group.params]  # noqa: E731
+            outputs = momentum_and_stack(pick(grads), pick(bufs), pick(momenta), pick(nesterov), pick(plan.layouts),
+                                         group.batches)
+            for k, X in zip(group.batch_ids, outputs):
+                stacked[k] = X
+        orthogonal = orthogonalize_batches(stacked, plan.settings)
+        for group in plan.pass_groups:
+            pick = lambda values: [values[i] for i in group.params]  # noqa: E731
+            decay_and_update(pick(params), [orthogonal[k] for k in group.batch_ids], [0.05], pick(lr_index),
+                             pick(decays), group.sources)
+        return params, bufs
+
+    for a, b in zip(sum(run(True), []), sum(run(False), [])):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.gpu
 def test_side_stream_captured_matches_eager_default():
-    """The classic batches on a second stream, inside a CUDA-graph capture (the stream forks from and joins the
-    capturing stream), give the default eager step's result: the same kernels, only run beside the Gram group."""
+    """The classic batches on a second stream and the momentum/update passes on a third (overlap_passes), inside a
+    CUDA-graph capture (the streams fork from and join the capturing stream), give the default eager step's
+    result: the same kernels, only run beside each other."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     from nanokimi.optim import CapturedStep
 
     shapes = gpt2_like(d=64)
     results = []
-    for side, graphed in ((False, False), (True, True)):
+    for side, overlap, graphed in ((False, False, False), (True, False, True), (True, True, True),
+                                   (False, True, True)):
         torch.manual_seed(0)
         params = [nn.Parameter(torch.randn(s, device="cuda") * 0.1) for s in shapes]
         start = [p.detach().clone() for p in params]
-        opt = Muon(params, lr=0.05, side_stream=side)
+        opt = Muon(params, lr=0.05, side_stream=side, overlap_passes=overlap)
         opt = CapturedStep(opt, warmup_steps=2) if graphed else opt
         g = torch.Generator(device="cuda").manual_seed(1)
         for _ in range(5):
@@ -280,5 +331,6 @@ def test_side_stream_captured_matches_eager_default():
         torch.cuda.synchronize()
         assert not graphed or opt.captured
         results.append([p.detach() - s for p, s in zip(params, start)])
-    for a, b in zip(*results):
-        assert rel(a, b) < 1e-5
+    for other in results[1:]:
+        for a, b in zip(other, results[0]):
+            assert rel(a, b) < 1e-5

@@ -131,30 +131,81 @@ def squares_to_gram(blocks, free):
 _side_streams = {}
 
 
-def side_stream(device):
-    """The second CUDA stream of `device` that Muon(side_stream=True) runs its classic-only params on."""
-    if device not in _side_streams:
-        _side_streams[device] = torch.cuda.Stream(device)
-    return _side_streams[device]
+def side_stream(device, index=0):
+    """Muon's extra CUDA streams on `device`: index 0 runs the classic-only params (side_stream=True), index 1 the
+    momentum and update passes (overlap_passes=True)."""
+    if (device, index) not in _side_streams:
+        _side_streams[device, index] = torch.cuda.Stream(device)
+    return _side_streams[device, index]
 
 
-def orthogonalize_batches(stacks, settings):
+class PassGroup(NamedTuple):
+    """Params whose momentum and update passes run apart from the others' (Muon's overlap_passes): no batch mixes
+    its params with other groups'. params, batch_ids: indices into the step's params and batches; batches and
+    sources: the StepPlan fields for these params alone (param and batch indices local to the group)."""
+    params: tuple
+    batch_ids: tuple
+    batches: tuple
+    sources: tuple
+
+
+def pass_groups(batches, sources):
+    """The finest PassGroups of a step: params joined when one batch holds blocks of both. batches, sources: as in
+    StepPlan. Groups in the order of their first batch."""
+    root = list(range(len(sources)))  # union-find over params
+
+    def find(i):
+        while root[i] != i:
+            root[i] = root[root[i]]
+            i = root[i]
+        return i
+
+    for _, _, members in batches:
+        for i, _, _ in members:
+            root[find(i)] = find(members[0][0])
+    groups = {}  # root -> batch indices, in batch order
+    for k, (_, _, members) in enumerate(batches):
+        groups.setdefault(find(members[0][0]), []).append(k)
+    result = []
+    for batch_ids in groups.values():
+        params = sorted({i for k in batch_ids for i, _, _ in batches[k][2]})
+        local_param, local_batch = {i: n for n, i in enumerate(params)}, {k: n for n, k in enumerate(batch_ids)}
+        result.append(PassGroup(
+            params=tuple(params), batch_ids=tuple(batch_ids),
+            batches=tuple((shape, dtype, tuple((local_param[i], j, t) for i, j, t in members))
+                          for shape, dtype, members in (batches[k] for k in batch_ids)),
+            sources=tuple(tuple((local_batch[k], *rest) for k, *rest in sources[i]) for i in params)))
+    return result
+
+
+def orthogonalize_batches(stacks, settings, ready=None, finished=None):
     """Newton-Schulz of every stacked batch: stacks [N, rows, cols] in the compute dtype (raw, normalised
     inside), settings (steps, coefficients, eps, method) per batch with method resolved ("classic" or "gram").
     Gram batches with the same short side, dtype and settings go through one newton_schulz_group call (one
-    s x s recursion for all their matrices); classic batches run alone. Returns the outputs in batch order."""
+    s x s recursion for all their matrices); classic batches run alone. Returns the outputs in batch order.
+    On CUDA, for inputs stacked and outputs read on another stream (Muon's overlap_passes): ready, per batch None
+    or an event to wait for before its first product; finished, a list of one entry per batch that gets the
+    event recorded after the batch's output is written."""
     outputs = [None] * len(stacks)
+    ready = [None] * len(stacks) if ready is None else ready
     groups = {}  # (short side, dtype, steps, coefficients, eps) -> indices of gram batches
     for k, (X, (steps, coefficients, eps, method)) in enumerate(zip(stacks, settings)):
         if method == "gram":
             groups.setdefault((min(X.shape[-2:]), X.dtype, steps, coefficients, eps), []).append(k)
         else:
-            outputs[k] = newton_schulz(X, coefficient_schedule(coefficients, steps), method, eps=eps)
+            events = None if finished is None else []
+            outputs[k] = newton_schulz(X, coefficient_schedule(coefficients, steps), method, eps=eps,
+                                       ready=ready[k], finished=events)
+            if events:
+                finished[k] = events[0]
     for (_, _, steps, coefficients, eps), members in groups.items():
+        events = None if finished is None else []
         group_outputs = newton_schulz_group([stacks[k] for k in members], coefficient_schedule(coefficients, steps),
-                                            eps=eps)
-        for k, O in zip(members, group_outputs):
+                                            eps=eps, ready=[ready[k] for k in members], finished=events)
+        for n, (k, O) in enumerate(zip(members, group_outputs)):
             outputs[k] = O
+            if events:
+                finished[k] = events[n]
     return outputs
 
 
@@ -248,6 +299,7 @@ class StepPlan(NamedTuple):
     sources: tuple  # per param, per block (batch, start, block shape, scale, transposed), for decay_and_update
     methods: dict  # {(rows, cols): method} for last_methods
     classic_only: tuple  # indices of the params whose blocks all run classic Newton-Schulz (Muon's side_stream)
+    pass_groups: tuple  # PassGroups (Muon's overlap_passes)
 
 
 class Muon(torch.optim.Optimizer):
@@ -267,12 +319,15 @@ class Muon(torch.optim.Optimizer):
     CUDA, the params whose blocks all run classic Newton-Schulz (GPT-2's square attn-out matrices) take their whole
     step (momentum, Newton-Schulz, update) on a second stream, beside the rest: two independent chains of kernels
     that fill each other's gaps and last GEMM waves (_step_device; on by default: 3.08 vs 3.22 ms).
+    overlap_passes: on CUDA, the momentum and update passes run per PassGroup (for GPT-2: qkv, fc, proj) on one
+    more stream, so the Newton-Schulz products of one batch start as soon as its own inputs are stacked and each
+    group's update runs while the next batches' last products do (_run_overlapped).
     """
 
     def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.1, ns_steps=5,
                  coefficients="quintic", ns_dtype=None, eps=1e-7, heads=None, split=None, ns_method="auto",
                  fused=None, merge_orientations=False, group_squares=False, combo_kernels=True,
-                 side_stream=True):
+                 side_stream=True, overlap_passes=True):
         if lr < 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
         if not 0 <= momentum < 1:
@@ -291,12 +346,14 @@ class Muon(torch.optim.Optimizer):
         self.group_squares = group_squares
         self.combo_kernels = combo_kernels
         self.side_stream = side_stream
+        self.overlap_passes = overlap_passes
         self._step_plans = {}  # Muon._plan_key -> StepPlan
 
     def __setstate__(self, state):
         super().__setstate__(state)
         for name, default in (("fused", None), ("merge_orientations", False), ("group_squares", False),
-                              ("combo_kernels", True), ("side_stream", True)):
+                              ("combo_kernels", True), ("side_stream", True),
+                              ("overlap_passes", True)):
             self.__dict__.setdefault(name, default)  # constructor options are not in Optimizer's pickled state
         self.__dict__.setdefault("_step_plans", {})
         for group in self.param_groups:
@@ -384,15 +441,18 @@ class Muon(torch.optim.Optimizer):
                 i, j, shape = owners[b]
                 sources[i][j] = (k, start, shape, scale, transposed)
                 start += math.prod(shape[:-2])
+        batches = tuple((shape, settings[0], tuple((*owners[b][:2], transposed) for b, transposed in members))
+                        for settings, shape, members in plan)
+        sources = tuple(tuple(s) for s in sources)
         return StepPlan(
             layouts=tuple(layouts),
-            batches=tuple((shape, settings[0], tuple((*owners[b][:2], transposed) for b, transposed in members))
-                          for settings, shape, members in plan),
+            batches=batches,
             settings=tuple(settings[1:] for settings, _, _ in plan),
-            sources=tuple(tuple(s) for s in sources),
+            sources=sources,
             methods={shape: settings[-1] for settings, shape, _ in blocks},
             classic_only=tuple(i for i, param_sources in enumerate(sources)
-                               if all(plan[k][0][-1] == "classic" for k, *_ in param_sources)))
+                               if all(plan[k][0][-1] == "classic" for k, *_ in param_sources)),
+            pass_groups=tuple(pass_groups(batches, sources)))
 
     def _step_device(self, device, jobs):
         """The step of one device's params; with side_stream on CUDA, the classic-only params on the second
@@ -423,10 +483,45 @@ class Muon(torch.optim.Optimizer):
         compile_passes = self.fused if self.fused is not None else device.type == "cuda"
         stack = compiled_pass(momentum_and_stack, self.combo_kernels) if compile_passes else momentum_and_stack
         update = compiled_pass(decay_and_update, self.combo_kernels) if compile_passes else decay_and_update
-        stacked = stack([p.grad for p, _, _ in jobs], [m for _, m, _ in jobs],
-                        [g["momentum"] for _, _, g in jobs], [g["nesterov"] for _, _, g in jobs], plan.layouts,
-                        plan.batches)
-        orthogonal = orthogonalize_batches(stacked, plan.settings)
+        params, grads, bufs = [p for p, _, _ in jobs], [p.grad for p, _, _ in jobs], [m for _, m, _ in jobs]
+        momenta, nesterov = [g["momentum"] for _, _, g in jobs], [g["nesterov"] for _, _, g in jobs]
+        decays = [g["weight_decay"] for _, _, g in jobs]
         lrs, lr_index = group_learning_rates([g for _, _, g in jobs], device, as_tensor=compile_passes)
-        update([p for p, _, _ in jobs], orthogonal, lrs, lr_index, [g["weight_decay"] for _, _, g in jobs],
-               plan.sources)
+        if self.overlap_passes and device.type == "cuda" and len(plan.pass_groups) > 1:
+            self._run_overlapped(device, plan, stack, update, params, grads, bufs, momenta, nesterov, decays, lrs,
+                                 lr_index)
+            return
+        stacked = stack(grads, bufs, momenta, nesterov, plan.layouts, plan.batches)
+        orthogonal = orthogonalize_batches(stacked, plan.settings)
+        update(params, orthogonal, lrs, lr_index, decays, plan.sources)
+
+    @staticmethod
+    def _run_overlapped(device, plan, stack, update, params, grads, bufs, momenta, nesterov, decays, lrs, lr_index):
+        """overlap_passes: the momentum and update passes of each PassGroup on a second stream, the Newton-Schulz
+        products on the current one; each batch's first product waits only for its own group's momentum pass and
+        each group's update only for its own batches' last products."""
+        current, passes = torch.cuda.current_stream(device), side_stream(device, 1)
+        passes.wait_stream(current)  # the grads and the lrs
+        if isinstance(lrs, torch.Tensor):
+            lrs.record_stream(passes)
+        stacked, ready = [None] * len(plan.batches), [None] * len(plan.batches)
+        for group in plan.pass_groups:
+            pick = lambda values: [values[i] for i in group.params]  # noqa: E731
+            with torch.cuda.stream(passes):
+                outputs = stack(pick(grads), pick(bufs), pick(momenta), pick(nesterov), pick(plan.layouts),
+                                group.batches)
+                stacked_event = torch.cuda.Event()
+                stacked_event.record(passes)
+            for k, X in zip(group.batch_ids, outputs):
+                X.record_stream(current)  # made on the pass stream, read here
+                stacked[k], ready[k] = X, stacked_event
+        finished = [None] * len(plan.batches)
+        orthogonal = orthogonalize_batches(stacked, plan.settings, ready, finished)
+        for group in plan.pass_groups:
+            with torch.cuda.stream(passes):
+                for k in group.batch_ids:
+                    passes.wait_event(finished[k])
+                    orthogonal[k].record_stream(passes)  # made on the current stream, read on the pass stream
+                update([params[i] for i in group.params], [orthogonal[k] for k in group.batch_ids], lrs,
+                       [lr_index[i] for i in group.params], [decays[i] for i in group.params], group.sources)
+        current.wait_stream(passes)

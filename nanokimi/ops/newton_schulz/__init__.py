@@ -138,20 +138,23 @@ def _segment_factor(R, steps, inv=None):
     return Q
 
 
-def newton_schulz(X, schedule, method="auto", eps=None, segment=GRAM_SEGMENT):
+def newton_schulz(X, schedule, method="auto", eps=None, segment=GRAM_SEGMENT, ready=None, finished=None):
     """X: [N, A, B] in the compute dtype -> [N, A, B] in the same dtype.
 
     schedule: [(a, b, c)] per step (see coefficient_schedule). eps None: X is already normalised
     (||X||_F <= 1); a float: X is raw and each matrix is divided by its ||X||_F + eps inside, at no extra
     pass. method: "classic", "gram" or "auto" (fewer FLOPs for this shape; see the module docstring; callers
     that know the coefficient set should resolve "auto" with choose_method, which keeps Polar Express classic).
+    ready (None or a CUDA event to wait for first) and finished (a list that gets an event after the output is
+    written): as in newton_schulz_group, for one batch.
     """
     method = choose_method(X.shape[-2:], len(schedule), method, segment=segment)
     chunk = segment if method == "gram" else 1  # classic == gram with one-step segments
-    return newton_schulz_group([X], schedule, eps, segment=chunk)[0]
+    return newton_schulz_group([X], schedule, eps, segment=chunk, ready=None if ready is None else [ready],
+                               finished=finished)[0]
 
 
-def newton_schulz_group(Xs, schedule, eps=None, segment=GRAM_SEGMENT):
+def newton_schulz_group(Xs, schedule, eps=None, segment=GRAM_SEGMENT, ready=None, finished=None):
     """The Gram form over several batches whose matrices share their short side s: a list of [N_i, s, l_i]
     (wide) or [N_i, l_i, s] (tall) tensors, l_i >= s, one dtype -> the list of outputs (same shapes, dtype).
 
@@ -159,6 +162,10 @@ def newton_schulz_group(Xs, schedule, eps=None, segment=GRAM_SEGMENT):
     [N_1 + N_2 + ..., s, s] buffer, and its own final product with X_0; the s x s recursion in between
     (polynomials, P Q, P R P) runs once over all the matrices, so every s x s product is one larger batched
     GEMM instead of one per batch. Equal to newton_schulz(X, schedule, "gram", eps, segment) on each batch.
+
+    For callers that prepare the batches and consume the outputs on another CUDA stream (Muon's overlap_passes):
+    ready, per batch None or a CUDA event that the current stream waits for before that batch's first product;
+    finished, a list that gets per batch a CUDA event recorded after the product that writes its output.
     """
     if not Xs:
         raise ValueError("newton_schulz_group needs at least one batch [N, A, B]")
@@ -172,11 +179,20 @@ def newton_schulz_group(Xs, schedule, eps=None, segment=GRAM_SEGMENT):
     tall = [X.shape[-2] > X.shape[-1] for X in Xs]
     gram = Xs[0].new_empty(sum(sizes), s, s)  # every batch's Gram matrices, one batch after another
     for start in range(0, len(schedule), segment):
-        for X, G, is_tall in zip(Xs, gram.split(sizes), tall):
+        for i, (X, G, is_tall) in enumerate(zip(Xs, gram.split(sizes), tall)):
+            if start == 0 and ready is not None and ready[i] is not None:
+                torch.cuda.current_stream(X.device).wait_event(ready[i])
             torch.bmm(X.mT, X, out=G) if is_tall else torch.bmm(X, X.mT, out=G)
         R, inv = _small_op(_start, gram)(gram, eps) if start == 0 and eps is not None else (gram, None)
         Q = _segment_factor(R, schedule[start:start + segment], inv)  # [sum N_i, s, s]
-        Xs = [torch.bmm(X, q) if is_tall else torch.bmm(q, X) for X, q, is_tall in zip(Xs, Q.split(sizes), tall)]
+        last = start + segment >= len(schedule)
+        outputs = []
+        for X, q, is_tall in zip(Xs, Q.split(sizes), tall):
+            outputs.append(torch.bmm(X, q) if is_tall else torch.bmm(q, X))
+            if last and finished is not None:
+                finished.append(torch.cuda.Event())
+                finished[-1].record(torch.cuda.current_stream(X.device))
+        Xs = outputs
     return Xs
 
 
