@@ -28,6 +28,10 @@ Newton-Schulz inputs, one [N, rows, cols] per batch), the batched Newton-Schulz 
 normalisation is folded into its first Gram matrix), and `decay_and_update` (reads W and O, writes W). Both
 elementwise passes are plain eager functions; on CUDA they run through torch.compile (fullgraph, static
 shapes), compiled on the first step, so each becomes a few fused kernels that the CUDA-graph step captures.
+On CUDA the step spreads over three streams (all forked from and joined back into the current one): the params
+that run classic Newton-Schulz alone take their whole step on one (side_stream), and the two elementwise passes
+of the others run per `PassGroup` on another while their Newton-Schulz products run on the current stream
+(overlap_passes), so memory-bound passes and GEMMs run side by side.
 """
 import math
 from collections import defaultdict
