@@ -261,7 +261,7 @@ def test_pass_groups_run_apart_give_the_whole_step():
     """overlap_passes' plan (the CPU plans it; only CUDA runs it on streams): params that share a batch form one
     group (a split param joins its two batches), and running the momentum and update passes group by group, with
     each group's own indices, changes the params exactly as the one-pass step does."""
-    from nanokimi.optim.muon import decay_and_update, momentum_and_stack, orthogonalize_batches
+    from nanokimi.optim.muon import decay_and_update, momentum_and_stack, orthogonalize_batches, run_pass_groups
 
     torch.manual_seed(0)
     shapes = [(48, 16), (16, 16), (32, 16), (16, 40), (16, 40), (40, 16)]
@@ -282,23 +282,13 @@ def test_pass_groups_run_apart_give_the_whole_step():
         grads, bufs = [p.grad for p, _, _ in jobs], [m.clone() for _, m, _ in jobs]
         momenta, nesterov, decays = [0.95] * len(jobs), [True] * len(jobs), [0.1] * len(jobs)
         lr_index = [0] * len(jobs)
-        if not grouped:
-            stacked = momentum_and_stack(grads, bufs, momenta, nesterov, plan.layouts, plan.batches)
-            decay_and_update(params, orthogonalize_batches(stacked, plan.settings), [0.05], lr_index, decays,
-                             plan.sources)
+        if grouped:
+            run_pass_groups(plan, momentum_and_stack, decay_and_update, params, grads, bufs, momenta, nesterov,
+                            decays, [0.05], lr_index)
             return params, bufs
-        stacked = [None] * len(plan.batches)
-        for group in plan.pass_groups:
-            pick = lambda values: [values[i] for i in group.params]  # noqa: E731
-            outputs = momentum_and_stack(pick(grads), pick(bufs), pick(momenta), pick(nesterov), pick(plan.layouts),
-                                         group.batches)
-            for k, X in zip(group.batch_ids, outputs):
-                stacked[k] = X
-        orthogonal = orthogonalize_batches(stacked, plan.settings)
-        for group in plan.pass_groups:
-            pick = lambda values: [values[i] for i in group.params]  # noqa: E731
-            decay_and_update(pick(params), [orthogonal[k] for k in group.batch_ids], [0.05], pick(lr_index),
-                             pick(decays), group.sources)
+        stacked = momentum_and_stack(grads, bufs, momenta, nesterov, plan.layouts, plan.batches)
+        decay_and_update(params, orthogonalize_batches(stacked, plan.settings), [0.05], lr_index, decays,
+                         plan.sources)
         return params, bufs
 
     for a, b in zip(sum(run(True), []), sum(run(False), [])):

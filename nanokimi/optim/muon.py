@@ -33,6 +33,7 @@ that run classic Newton-Schulz alone take their whole step on one (side_stream),
 of the others run per `PassGroup` on another while their Newton-Schulz products run on the current stream
 (overlap_passes), so memory-bound passes and GEMMs run side by side.
 """
+import contextlib
 import math
 from collections import defaultdict
 from typing import NamedTuple
@@ -294,6 +295,39 @@ def compiled_pass(fn, combo_kernels=None):
     return _compiled[key]
 
 
+def run_pass_groups(plan, stack, update, params, grads, bufs, momenta, nesterov, decays, lrs, lr_index, passes=None):
+    """The step of a StepPlan's params with the momentum and update passes run per PassGroup (Muon's
+    overlap_passes). passes: the CUDA stream they run on while the Newton-Schulz products run on the current
+    one; each batch's first product then waits only for its own group's momentum pass and each group's update
+    only for its own batches' last products. None: everything in order on the current stream (the CPU)."""
+    current = None if passes is None else torch.cuda.current_stream(passes.device)
+    on_passes = (lambda: torch.cuda.stream(passes)) if passes is not None else contextlib.nullcontext
+    stacked, ready = [None] * len(plan.batches), [None] * len(plan.batches)
+    for group in plan.pass_groups:
+        pick = lambda values: [values[i] for i in group.params]  # noqa: E731
+        with on_passes():
+            outputs = stack(pick(grads), pick(bufs), pick(momenta), pick(nesterov), pick(plan.layouts),
+                            group.batches)
+            stacked_event = None
+            if passes is not None:
+                stacked_event = torch.cuda.Event()
+                stacked_event.record(passes)
+        for k, X in zip(group.batch_ids, outputs):
+            if passes is not None:
+                X.record_stream(current)  # made on the pass stream, read on the current one
+            stacked[k], ready[k] = X, stacked_event
+    finished = None if passes is None else [None] * len(plan.batches)
+    orthogonal = orthogonalize_batches(stacked, plan.settings, ready, finished)
+    for group in plan.pass_groups:
+        with on_passes():
+            if passes is not None:
+                for k in group.batch_ids:
+                    passes.wait_event(finished[k])
+                    orthogonal[k].record_stream(passes)  # made on the current stream, read on the pass stream
+            update([params[i] for i in group.params], [orthogonal[k] for k in group.batch_ids], lrs,
+                   [lr_index[i] for i in group.params], [decays[i] for i in group.params], group.sources)
+
+
 class StepPlan(NamedTuple):
     """What Muon's step on one device needs besides the tensors, fixed while the params with grads, their shapes
     and their groups' block and Newton-Schulz options are (Muon._plan_step)."""
@@ -501,31 +535,11 @@ class Muon(torch.optim.Optimizer):
 
     @staticmethod
     def _run_overlapped(device, plan, stack, update, params, grads, bufs, momenta, nesterov, decays, lrs, lr_index):
-        """overlap_passes: the momentum and update passes of each PassGroup on a second stream, the Newton-Schulz
-        products on the current one; each batch's first product waits only for its own group's momentum pass and
-        each group's update only for its own batches' last products."""
+        """overlap_passes: run_pass_groups with the passes on a second stream, forked from and joined back into the
+        current one."""
         current, passes = torch.cuda.current_stream(device), side_stream(device, 1)
         passes.wait_stream(current)  # the grads and the lrs
         if isinstance(lrs, torch.Tensor):
             lrs.record_stream(passes)
-        stacked, ready = [None] * len(plan.batches), [None] * len(plan.batches)
-        for group in plan.pass_groups:
-            pick = lambda values: [values[i] for i in group.params]  # noqa: E731
-            with torch.cuda.stream(passes):
-                outputs = stack(pick(grads), pick(bufs), pick(momenta), pick(nesterov), pick(plan.layouts),
-                                group.batches)
-                stacked_event = torch.cuda.Event()
-                stacked_event.record(passes)
-            for k, X in zip(group.batch_ids, outputs):
-                X.record_stream(current)  # made on the pass stream, read here
-                stacked[k], ready[k] = X, stacked_event
-        finished = [None] * len(plan.batches)
-        orthogonal = orthogonalize_batches(stacked, plan.settings, ready, finished)
-        for group in plan.pass_groups:
-            with torch.cuda.stream(passes):
-                for k in group.batch_ids:
-                    passes.wait_event(finished[k])
-                    orthogonal[k].record_stream(passes)  # made on the current stream, read on the pass stream
-                update([params[i] for i in group.params], [orthogonal[k] for k in group.batch_ids], lrs,
-                       [lr_index[i] for i in group.params], [decays[i] for i in group.params], group.sources)
+        run_pass_groups(plan, stack, update, params, grads, bufs, momenta, nesterov, decays, lrs, lr_index, passes)
         current.wait_stream(passes)
