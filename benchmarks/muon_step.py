@@ -22,10 +22,12 @@ default's one-step update (VARIANT_BOUND); `--profile` then also profiles the fa
     python benchmarks/muon_step.py --counts       # FLOP and byte counts of the 124M set, old vs new (CPU)
 """
 import argparse
+import contextlib
 import datetime
 import json
 import math
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -153,10 +155,39 @@ VARIANTS = {
     "no overlap_passes": {"overlap_passes": False},
     "no side_stream": {"side_stream": False},
     "no combo_kernels": {"combo_kernels": None},
+    "no stream_priorities": {"stream_priorities": False},
+    "priorities -2/-1/0": {"stream_priorities": (-2, -1, 0)},
+    "priorities -1/-2/0": {"stream_priorities": (-1, -2, 0)},
+    "priorities -1/0/0": {"stream_priorities": (-1, 0, 0)},
+    "cublaslt": {"blas": "cublaslt"},
+    "tail_pieces 2": {"tail_pieces": 2},
+    "tail_pieces 3": {"tail_pieces": 3},
 }
+# Options that are not Muon's: "blas" sets torch's preferred BLAS library (cuBLAS or cuBLASLt) while the row's
+# optimizer is made, warmed up, captured and timed.
 # Largest relative difference of any parameter's one-step update from the default's: the squares' Gram form rounds
 # differently in bf16 (2-4e-2 measured on the CPU); the other options do the same arithmetic.
 VARIANT_BOUND = 5e-2
+
+
+@contextlib.contextmanager
+def blas_library(name):
+    """torch's preferred BLAS library set to `name` ("cublas" or "cublaslt") inside, restored after; None: unchanged."""
+    if name is None:
+        yield
+        return
+    before = torch.backends.cuda.preferred_blas_library()
+    torch.backends.cuda.preferred_blas_library(name)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.preferred_blas_library(before)
+
+
+def muon_options(options):
+    """(Muon's keyword arguments, the BLAS library) of a VARIANTS entry."""
+    options = dict(options)
+    return options, options.pop("blas", None)
 
 
 def one_step_update(shapes, device, lr, options):
@@ -165,7 +196,9 @@ def one_step_update(shapes, device, lr, options):
     start = [p.detach().clone() for p in params]
     release(device)
     began = time.perf_counter()
-    Muon(params, lr=lr, **options).step()
+    options, blas = muon_options(options)
+    with blas_library(blas if device.type == "cuda" else None):
+        Muon(params, lr=lr, **options).step()
     release(device)
     seconds = time.perf_counter() - began
     return [p.detach() - s for p, s in zip(params, start)], seconds
@@ -251,8 +284,8 @@ def bench_matrix_set(set_name, shapes, device, warmup, iters, lr=0.02, variants=
     ]
     for name, options in variants.items():
         candidates.append((f"nanokimi captured + {name}",
-                           lambda ps, options=options: captured(Muon(ps, lr=lr, **options), warmup), shapes,
-                           variant_flops(shapes, options), name))
+                           lambda ps, options=muon_options(options)[0]: captured(Muon(ps, lr=lr, **options), warmup),
+                           shapes, variant_flops(shapes, options), name))
     if hasattr(torch.optim, "Muon"):
         candidates.append(("torch.optim.Muon", lambda ps: torch.optim.Muon(
             ps, lr=lr, weight_decay=0.1, momentum=0.95, nesterov=True, adjust_lr_fn="match_rms_adamw"),
@@ -262,8 +295,9 @@ def bench_matrix_set(set_name, shapes, device, warmup, iters, lr=0.02, variants=
     rows = []
     for name, make, its_shapes, its_flops, variant in candidates:
         params = with_random_grads(its_shapes, device)
-        opt = make(params)
-        ms = median_ms(opt.step, device, warmup, iters)
+        with blas_library(muon_options(variants.get(variant, {}))[1] if device.type == "cuda" else None):
+            opt = make(params)
+            ms = median_ms(opt.step, device, warmup, iters)
         rows.append(row(set_name, graph_note(name, opt), params, ms, its_flops, methods=method_summary(opt),
                         variant=variant))
         if variant in checks:
@@ -319,8 +353,10 @@ def category(kernel_name):
     return next((name for name, keys in CATEGORIES if any(k in lowered for k in keys)), "other")
 
 
-def profile_step(step, device, steps=5):
-    """Top kernels by self device time (CPU time on the CPU) over `steps` steps, per step, and a category sum."""
+def profile_step(step, device, steps=5, trace=None):
+    """Top kernels by self device time (CPU time on the CPU) over `steps` steps, per step, and a category sum;
+    on CUDA also the per-stream timeline of each graph replay (graph_timeline), the chrome trace kept at `trace`
+    (a path) when given."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -348,8 +384,56 @@ def profile_step(step, device, steps=5):
     for e in kernels:
         categories[category(e.key)] = categories.get(category(e.key), 0.0) + self_us(e) / steps / 1e3
     cpu_ms = sum(e.self_cpu_time_total for e in events) / steps / 1e3
-    return {"top": top, "categories_ms": {k: round(v, 4) for k, v in sorted(categories.items())},
-            "cpu_ms_per_step": round(cpu_ms, 3)}
+    result = {"top": top, "categories_ms": {k: round(v, 4) for k, v in sorted(categories.items())},
+              "cpu_ms_per_step": round(cpu_ms, 3)}
+    if device.type == "cuda":
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(trace) if trace else Path(folder) / "trace.json"
+            prof.export_chrome_trace(str(path))
+            timeline = graph_timeline(json.loads(path.read_text()))
+        if timeline:
+            result["timeline"] = timeline
+    return result
+
+
+def busy_ms(intervals):
+    """Length of the union of [start, end) intervals (microseconds in, milliseconds out)."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total / 1e3
+
+
+def graph_timeline(trace):
+    """Per CUDA-graph replay in a chrome trace (its kernels share the launch's correlation id), medians over the
+    replays: span (first kernel start to last kernel end), the union of all kernels' busy time, and per stream
+    (ordered by GEMM time, so the first is the Newton-Schulz products') its kernels, busy time and GEMM time.
+    None for a trace without graph replays (an eager step launches each kernel on its own)."""
+    launches = {}
+    for event in trace.get("traceEvents", []):
+        if event.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in event:
+            launches.setdefault(event.get("args", {}).get("correlation"), []).append(event)
+    replays = [events for events in launches.values() if len(events) >= 10]
+    if not replays:
+        return None
+    spans, unions, streams = [], [], {}
+    for events in replays:
+        intervals = [(e["ts"], e["ts"] + e["dur"]) for e in events]
+        spans.append((max(end for _, end in intervals) - min(start for start, _ in intervals)) / 1e3)
+        unions.append(busy_ms(intervals))
+        for stream in {e["args"].get("stream") for e in events}:
+            mine = [e for e in events if e["args"].get("stream") == stream]
+            entry = streams.setdefault(stream, {"kernels": [], "busy_ms": [], "gemm_ms": []})
+            entry["kernels"].append(len(mine))
+            entry["busy_ms"].append(busy_ms([(e["ts"], e["ts"] + e["dur"]) for e in mine]))
+            entry["gemm_ms"].append(sum(e["dur"] for e in mine if category(e["name"]) == "gemm") / 1e3)
+    median = lambda values: round(sorted(values)[len(values) // 2], 4)  # noqa: E731
+    per_stream = sorted(({"stream": stream, **{k: median(v) for k, v in entry.items()}}
+                         for stream, entry in streams.items()), key=lambda e: -e["gemm_ms"])
+    return {"replays": len(replays), "span_ms": median(spans), "busy_union_ms": median(unions),
+            "streams": per_stream}
 
 
 def best_variant(rows):
@@ -359,18 +443,22 @@ def best_variant(rows):
     return min(faster, key=timed.get) if faster else None
 
 
-def profile_matrix_set(set_name, shapes, device, warmup, lr=0.02, variant=None):
-    """Profiles of the eager and captured default step, and of the captured `variant` (a VARIANTS name)."""
+def profile_matrix_set(set_name, shapes, device, warmup, lr=0.02, variant=None, trace_dir=None):
+    """Profiles of the eager and captured default step, and of the captured `variant` (a VARIANTS name); with
+    trace_dir, each profile's chrome trace is kept there (trace_<n>.json, in row order)."""
     result = {}
-    makers = [("nanokimi eager", lambda ps: Muon(ps, lr=lr)),
-              ("nanokimi captured (graph)", lambda ps: captured(Muon(ps, lr=lr), warmup))]
+    options, blas = muon_options(VARIANTS.get(variant, {}))
+    makers = [("nanokimi eager", lambda ps: Muon(ps, lr=lr), None),
+              ("nanokimi captured (graph)", lambda ps: captured(Muon(ps, lr=lr), warmup), None)]
     if variant is not None:
-        makers.append((f"nanokimi captured + {variant}",
-                       lambda ps: captured(Muon(ps, lr=lr, **VARIANTS[variant]), warmup)))
-    for name, make in makers:
+        makers.append((f"nanokimi captured + {variant}", lambda ps: captured(Muon(ps, lr=lr, **options), warmup),
+                       blas))
+    for n, (name, make, library) in enumerate(makers):
         params = with_random_grads(shapes, device)
-        opt = make(params)
-        result[name] = profile_step(opt.step, device)
+        with blas_library(library):
+            opt = make(params)
+            trace = None if trace_dir is None else Path(trace_dir) / f"trace_{n}.json"
+            result[name] = profile_step(opt.step, device, trace=trace)
         del params, opt
         release(device)
     print_profile(set_name, result)
@@ -383,6 +471,13 @@ def print_profile(set_name, result):
         print("  by category: " + ", ".join(f"{k} {v:.3f} ms" for k, v in prof["categories_ms"].items()))
         for k in prof["top"]:
             print(f"  {k['ms_per_step']:>8.4f} ms  {k['calls_per_step']:>6.1f}x  {k['category']:<11} {k['kernel'][:80]}")
+        if "timeline" in prof:
+            t = prof["timeline"]
+            print(f"  timeline (median of {t['replays']} replays): span {t['span_ms']:.3f} ms, "
+                  f"any kernel running {t['busy_union_ms']:.3f} ms")
+            for entry in t["streams"]:
+                print(f"    stream {entry['stream']}: {entry['kernels']} kernels, busy {entry['busy_ms']:.3f} ms, "
+                      f"GEMMs {entry['gemm_ms']:.3f} ms")
 
 
 def print_table(rows):
@@ -406,6 +501,8 @@ def main(argv=None):
     parser.add_argument("--skip-model", action="store_true", help="only the GPT-2-124M matrix set")
     parser.add_argument("--profile", action="store_true",
                         help=f"also profile the 124M set: top {TOP_KERNELS} kernels and a per-category sum")
+    parser.add_argument("--trace-dir", type=Path, default=None,
+                        help="with --profile: keep each profiled row's chrome trace there (trace_<n>.json)")
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"comma-separated captured-step variants to time beside the default (of {list(VARIANTS)}; "
                              "'' for none)")
@@ -436,7 +533,10 @@ def main(argv=None):
     print_table(rows)
     profiles = None
     if args.profile:
-        profiles = profile_matrix_set(set_name, shapes, device, warmup, variant=best_variant(rows))
+        if args.trace_dir:
+            args.trace_dir.mkdir(parents=True, exist_ok=True)
+        profiles = profile_matrix_set(set_name, shapes, device, warmup, variant=best_variant(rows),
+                                      trace_dir=args.trace_dir)
     result = {"benchmark": "muon_step", "quick": args.quick,
               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -453,12 +453,37 @@ def test_benchmark_quick(tmp_path):
     written = json.loads(out.read_text())
     assert {r["optimizer"] for r in written["rows"]} >= {"nanokimi eager", "nanokimi captured (graph) [eager fallback]"}
     variants = {r["variant"]: r for r in written["rows"] if r["variant"]}
-    assert set(variants) == {"default", "no overlap_passes", "no side_stream", "no combo_kernels"}
+    assert set(variants) == {"default", "no overlap_passes", "no side_stream", "no combo_kernels",
+                             "no stream_priorities", "priorities -2/-1/0", "priorities -1/-2/0", "priorities -1/0/0",
+                             "cublaslt", "tail_pieces 2", "tail_pieces 3"}
     assert all(0 <= r["check_rel"] < 5e-2 for r in variants.values())  # each checked against the default's update
     eager = next(r for r in written["rows"] if r["optimizer"] == "nanokimi eager")
     assert "gram x" in eager["ns_methods"] and "classic x" in eager["ns_methods"]
     profiled = written["profile"]["gpt2-tiny"]["nanokimi eager"]
     assert 0 < len(profiled["top"]) <= 15 and "gemm" in profiled["categories_ms"]
+
+
+def test_benchmark_graph_timeline_per_replay_and_stream():
+    """The captured step's timeline from a chrome trace: kernels grouped into replays by correlation id, per-stream
+    busy time as a union of intervals (overlaps counted once), streams ordered by GEMM time."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from muon_step import busy_ms, graph_timeline
+
+    assert busy_ms([(0, 1000), (500, 1500), (3000, 4000)]) == 2.5
+    events = []
+    for replay, offset in ((7, 0), (9, 10_000)):
+        for k in range(10):  # stream 1: GEMMs back to back, 100 us each; stream 2: one elementwise kernel at 150 us
+            events.append({"cat": "kernel", "name": "nvjet_sm90_gemm", "ts": offset + 100 * k, "dur": 100,
+                           "args": {"correlation": replay, "stream": 1}})
+        events.append({"cat": "kernel", "name": "triton_poi_fused_0", "ts": offset + 150, "dur": 1000,
+                       "args": {"correlation": replay, "stream": 2}})
+    events.append({"cat": "kernel", "name": "lonely", "ts": 50_000, "dur": 5, "args": {"correlation": 3, "stream": 1}})
+    timeline = graph_timeline({"traceEvents": events})
+    assert timeline["replays"] == 2 and timeline["span_ms"] == 1.15 and timeline["busy_union_ms"] == 1.15
+    assert [s["stream"] for s in timeline["streams"]] == [1, 2]
+    assert timeline["streams"][0] == {"stream": 1, "kernels": 10, "busy_ms": 1.0, "gemm_ms": 1.0}
+    assert timeline["streams"][1]["gemm_ms"] == 0.0 and timeline["streams"][1]["busy_ms"] == 1.0
+    assert graph_timeline({"traceEvents": events[-1:]}) is None
 
 
 def test_benchmark_counts_show_the_124m_plan():

@@ -42,7 +42,7 @@ from nanokimi.ops.newton_schulz.naive import COEFFICIENT_SETS, coefficient_sched
 
 __all__ = ["COEFFICIENT_SETS", "GRAM_SEGMENT", "METHODS", "coefficient_schedule", "choose_method",
            "newton_schulz", "newton_schulz_flops", "newton_schulz_group", "normalize_into", "orthogonalize",
-           "orthogonalize_naive"]
+           "orthogonalize_naive", "piece_bounds"]
 
 METHODS = ("auto", "classic", "gram")
 GRAM_SEGMENT = 2  # steps between restarts of the Gram recursion (see the module docstring)
@@ -138,23 +138,29 @@ def _segment_factor(R, steps, inv=None):
     return Q
 
 
-def newton_schulz(X, schedule, method="auto", eps=None, segment=GRAM_SEGMENT, ready=None, finished=None):
+def newton_schulz(X, schedule, method="auto", eps=None, segment=GRAM_SEGMENT, ready=None, finished=None, pieces=1):
     """X: [N, A, B] in the compute dtype -> [N, A, B] in the same dtype.
 
     schedule: [(a, b, c)] per step (see coefficient_schedule). eps None: X is already normalised
     (||X||_F <= 1); a float: X is raw and each matrix is divided by its ||X||_F + eps inside, at no extra
     pass. method: "classic", "gram" or "auto" (fewer FLOPs for this shape; see the module docstring; callers
     that know the coefficient set should resolve "auto" with choose_method, which keeps Polar Express classic).
-    ready (None or a CUDA event to wait for first) and finished (a list that gets an event after the output is
-    written): as in newton_schulz_group, for one batch.
+    ready (None or a CUDA event to wait for first), finished and pieces: as in newton_schulz_group, for one batch.
     """
     method = choose_method(X.shape[-2:], len(schedule), method, segment=segment)
     chunk = segment if method == "gram" else 1  # classic == gram with one-step segments
     return newton_schulz_group([X], schedule, eps, segment=chunk, ready=None if ready is None else [ready],
-                               finished=finished)[0]
+                               finished=finished, pieces=[pieces])[0]
 
 
-def newton_schulz_group(Xs, schedule, eps=None, segment=GRAM_SEGMENT, ready=None, finished=None):
+def piece_bounds(n, pieces):
+    """[(start, stop)]: range(n) cut into min(pieces, n) consecutive pieces of near-equal size (at least one)."""
+    pieces = max(1, min(pieces, n))
+    stops = [round(n * (i + 1) / pieces) for i in range(pieces)]
+    return list(zip([0] + stops[:-1], stops))
+
+
+def newton_schulz_group(Xs, schedule, eps=None, segment=GRAM_SEGMENT, ready=None, finished=None, pieces=None):
     """The Gram form over several batches whose matrices share their short side s: a list of [N_i, s, l_i]
     (wide) or [N_i, l_i, s] (tall) tensors, l_i >= s, one dtype -> the list of outputs (same shapes, dtype).
 
@@ -165,7 +171,10 @@ def newton_schulz_group(Xs, schedule, eps=None, segment=GRAM_SEGMENT, ready=None
 
     For callers that prepare the batches and consume the outputs on another CUDA stream (Muon's overlap_passes):
     ready, per batch None or a CUDA event that the current stream waits for before that batch's first product;
-    finished, a list that gets per batch a CUDA event recorded after the product that writes its output.
+    pieces, per batch the number of products its output is written in (consecutive ranges of its matrices,
+    piece_bounds; default 1 each), so a consumer can start on the first matrices while the rest are computed;
+    finished, a list that gets per batch a list of (stop, event) per piece: the batch's matrices [0, stop) are
+    written once the event (recorded after that piece's product; None off CUDA) has fired.
     """
     if not Xs:
         raise ValueError("newton_schulz_group needs at least one batch [N, A, B]")
@@ -187,11 +196,28 @@ def newton_schulz_group(Xs, schedule, eps=None, segment=GRAM_SEGMENT, ready=None
         Q = _segment_factor(R, schedule[start:start + segment], inv)  # [sum N_i, s, s]
         last = start + segment >= len(schedule)
         outputs = []
-        for X, q, is_tall in zip(Xs, Q.split(sizes), tall):
-            outputs.append(torch.bmm(X, q) if is_tall else torch.bmm(q, X))
-            if last and finished is not None:
-                finished.append(torch.cuda.Event())
-                finished[-1].record(torch.cuda.current_stream(X.device))
+        for i, (X, q, is_tall) in enumerate(zip(Xs, Q.split(sizes), tall)):
+            if not last:
+                outputs.append(torch.bmm(X, q) if is_tall else torch.bmm(q, X))
+                continue
+            bounds = piece_bounds(len(X), 1 if pieces is None else pieces[i])
+            O = torch.empty_like(X) if len(bounds) > 1 else None  # tall: X q; wide: q X; both X's shape
+            written = []
+            for lo, hi in bounds:
+                if O is None:
+                    O = torch.bmm(X, q) if is_tall else torch.bmm(q, X)
+                elif is_tall:
+                    torch.bmm(X[lo:hi], q[lo:hi], out=O[lo:hi])
+                else:
+                    torch.bmm(q[lo:hi], X[lo:hi], out=O[lo:hi])
+                event = None
+                if X.is_cuda and finished is not None:
+                    event = torch.cuda.Event()
+                    event.record(torch.cuda.current_stream(X.device))
+                written.append((hi, event))
+            if finished is not None:
+                finished.append(written)
+            outputs.append(O)
         Xs = outputs
     return Xs
 
