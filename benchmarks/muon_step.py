@@ -157,11 +157,12 @@ VARIANTS = {
     "no combo_kernels": {"combo_kernels": None},
     "no stream_priorities": {"stream_priorities": False},
     "priorities -2/-1/0": {"stream_priorities": (-2, -1, 0)},
-    "priorities -1/-2/0": {"stream_priorities": (-1, -2, 0)},
-    "priorities -1/0/0": {"stream_priorities": (-1, 0, 0)},
+    "priorities -1/-1/-2": {"stream_priorities": (-1, -1, -2)},
     "cublaslt": {"blas": "cublaslt"},
-    "tail_pieces 2": {"tail_pieces": 2},
-    "tail_pieces 3": {"tail_pieces": 3},
+    "first segment apart": {"segments_apart": ("first",)},
+    "last segment apart": {"segments_apart": ("last",)},
+    "ends apart": {"segments_apart": ("first", "last")},
+    "ends apart + side -2": {"segments_apart": ("first", "last"), "stream_priorities": (-1, -1, -2)},
 }
 # Options that are not Muon's: "blas" sets torch's preferred BLAS library (cuBLAS or cuBLASLt) while the row's
 # optimizer is made, warmed up, captured and timed.

@@ -445,6 +445,9 @@ def test_qk_clip_driver():
 # benchmark smoke run
 
 def test_benchmark_quick(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from muon_step import VARIANTS
+
     out = tmp_path / "muon_step.json"
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "muon_step.py"), "--quick", "--profile",
                              "--out", str(out)], capture_output=True, text=True, timeout=120)
@@ -453,9 +456,8 @@ def test_benchmark_quick(tmp_path):
     written = json.loads(out.read_text())
     assert {r["optimizer"] for r in written["rows"]} >= {"nanokimi eager", "nanokimi captured (graph) [eager fallback]"}
     variants = {r["variant"]: r for r in written["rows"] if r["variant"]}
-    assert set(variants) == {"default", "no overlap_passes", "no side_stream", "no combo_kernels",
-                             "no stream_priorities", "priorities -2/-1/0", "priorities -1/-2/0", "priorities -1/0/0",
-                             "cublaslt", "tail_pieces 2", "tail_pieces 3"}
+    assert {"default", "no overlap_passes", "no side_stream", "no combo_kernels"} <= set(variants)
+    assert set(variants) == {"default", *VARIANTS}
     assert all(0 <= r["check_rel"] < 5e-2 for r in variants.values())  # each checked against the default's update
     eager = next(r for r in written["rows"] if r["optimizer"] == "nanokimi eager")
     assert "gram x" in eager["ns_methods"] and "classic x" in eager["ns_methods"]

@@ -241,7 +241,7 @@ def test_options_on_gpu_match_the_default():
                            (dict(side_stream=False), 1e-6), (dict(overlap_passes=False), 1e-6),
                            (dict(side_stream=False, overlap_passes=False), 1e-6),
                            (dict(stream_priorities=False), 1e-6), (dict(stream_priorities=(-2, -1, -3)), 1e-6),
-                           (dict(tail_pieces=3), 1e-6)):
+                           (dict(segments_apart=("first", "last")), 2e-2)):
         for a, b in zip(updates(**options), default):
             assert rel(a, b) < bound, options
 
@@ -266,7 +266,7 @@ def test_pass_groups_run_apart_give_the_whole_step():
     from nanokimi.optim.muon import decay_and_update, momentum_and_stack, orthogonalize_batches, run_pass_groups
 
     torch.manual_seed(0)
-    shapes = [(48, 16), (16, 16), (32, 16), (16, 40), (16, 40), (40, 16), (40, 16), (40, 16)]
+    shapes = [(48, 16), (16, 16), (32, 16), (16, 40), (16, 40), (40, 16)]
     params = [nn.Parameter(torch.randn(s) * 0.1) for s in shapes]
     opt = Muon(params[1:], lr=0.05)
     opt.add_param_group({"params": [params[0]], "split": (16, 32)})  # a 16 x 16 block (joins param 1) and a 32 x 16
@@ -276,85 +276,63 @@ def test_pass_groups_run_apart_give_the_whole_step():
     plan = opt._plan(torch.device("cpu"), jobs)
     order = [tuple(p.shape) for p, _, _ in jobs]
     grouped = [sorted(order[i] for i in group.params) for group in plan.pass_groups]
-    assert sorted(grouped) == sorted([[(16, 16), (32, 16), (48, 16)], [(16, 40), (16, 40)], [(40, 16)] * 3])
-    assert grouped[-1] == [(40, 16)] * 3  # the last group: its products and update run in pieces with tail_pieces
+    assert sorted(grouped) == sorted([[(16, 16), (32, 16), (48, 16)], [(16, 40), (16, 40)], [(40, 16)]])
     assert sorted(k for group in plan.pass_groups for k in group.batch_ids) == list(range(len(plan.batches)))
 
-    def run(grouped, tail_pieces=1):
+    def run(grouped):
         params = [p.detach().clone() for p, _, _ in jobs]
         grads, bufs = [p.grad for p, _, _ in jobs], [m.clone() for _, m, _ in jobs]
         momenta, nesterov, decays = [0.95] * len(jobs), [True] * len(jobs), [0.1] * len(jobs)
         lr_index = [0] * len(jobs)
         if grouped:
             run_pass_groups(plan, momentum_and_stack, decay_and_update, params, grads, bufs, momenta, nesterov,
-                            decays, [0.05], lr_index, tail_pieces=tail_pieces)
+                            decays, [0.05], lr_index)
             return params, bufs
         stacked = momentum_and_stack(grads, bufs, momenta, nesterov, plan.layouts, plan.batches)
         decay_and_update(params, orthogonalize_batches(stacked, plan.settings), [0.05], lr_index, decays,
                          plan.sources)
         return params, bufs
 
-    whole = sum(run(False), [])
-    for tail_pieces in (1, 2, 3):
-        for a, b in zip(sum(run(True, tail_pieces), []), whole):
-            assert torch.equal(a, b), tail_pieces
+    for a, b in zip(sum(run(True), []), sum(run(False), [])):
+        assert torch.equal(a, b)
 
 
-def test_piece_bounds_and_pieces_of_the_last_products():
-    """The last products of a batch written in pieces (consecutive ranges of its matrices) give the same output as
-    one product, and `finished` says after which piece which matrices are written."""
-    from nanokimi.ops.newton_schulz import coefficient_schedule, newton_schulz_group, piece_bounds
-
-    assert piece_bounds(12, 2) == [(0, 6), (6, 12)] and piece_bounds(5, 3) == [(0, 2), (2, 3), (3, 5)]
-    assert piece_bounds(2, 5) == [(0, 1), (1, 2)] and piece_bounds(7, 0) == [(0, 7)]
-    Xs = [torch.randn(5, 24, 8, dtype=torch.float64), torch.randn(3, 8, 20, dtype=torch.float64)]
-    schedule = coefficient_schedule("quintic", 5)
-    whole = newton_schulz_group(Xs, schedule, eps=1e-7)
-    finished = []
-    cut = newton_schulz_group(Xs, schedule, eps=1e-7, finished=finished, pieces=[3, 2])
-    assert all(torch.equal(a, b) for a, b in zip(cut, whole))
-    assert [[stop for stop, _ in batch] for batch in finished] == [[2, 3, 5], [2, 3]]
-    assert all(event is None for batch in finished for _, event in batch)  # events only on CUDA
-
-
-def test_update_pieces_follow_the_written_pieces():
-    """A group's update is cut where its params' blocks fall into different written pieces: a param waits for the
-    pieces holding all its blocks, params with the same needs share one update, in the order the pieces finish."""
-    from nanokimi.optim.muon import PassGroup, update_pieces
-
-    # local batch 0 (global 4): 4 matrices of 8 x 8, params 0 and 1 own 2 each; local batch 1 (global 7): param 2
-    sources = (((0, 0, (2, 8, 8), 1.0, False),), ((0, 2, (2, 8, 8), 1.0, False),), ((1, 0, (1, 8, 16), 1.0, False),))
-    group = PassGroup(params=(10, 11, 12), batch_ids=(4, 7), batches=(), sources=sources)
-    one = {4: [(4, "e4")], 7: [(1, "e7")]}
-    assert update_pieces(group, one) == [([0, 1], ["e4"]), ([2], ["e7"])]
-    halves = {4: [(2, "a"), (4, "b")], 7: [(1, "e7")]}
-    assert update_pieces(group, halves) == [([0], ["a"]), ([1], ["b"]), ([2], ["e7"])]
-    uneven = {4: [(3, "a"), (4, "b")], 7: [(1, "e7")]}  # param 0's blocks in the first piece, param 1's straddle
-    assert update_pieces(group, uneven) == [([0], ["a"]), ([1], ["b"]), ([2], ["e7"])]
-    both = PassGroup(params=(1,), batch_ids=(4, 7), batches=(),
-                     sources=(((0, 0, (4, 8, 8), 1.0, False), (1, 0, (1, 8, 16), 1.0, False)),))
-    assert update_pieces(both, halves) == [([0], ["b", "e7"])]
+@pytest.mark.parametrize("apart", [("first",), ("last",), ("first", "last")])
+def test_segments_apart_compute_the_shared_recursion(apart):
+    """Gram segments run batch by batch give the shared recursion's result (fp64: the same arithmetic), for
+    several segment schedules, one-step and one-segment ones too; unknown segment names are refused."""
+    torch.manual_seed(0)
+    Xs = [torch.randn(3, 24, 8, dtype=torch.float64), torch.randn(2, 8, 20, dtype=torch.float64),
+          torch.randn(1, 8, 8, dtype=torch.float64)]
+    for steps, segment in ((5, 2), (5, 5), (1, 2), (4, 1)):
+        schedule = coefficient_schedule("quintic", steps)
+        shared = newton_schulz_group(Xs, schedule, eps=1e-7, segment=segment)
+        alone = newton_schulz_group(Xs, schedule, eps=1e-7, segment=segment, apart=apart)
+        for a, b in zip(alone, shared):
+            assert rel(a, b) < 1e-12, (steps, segment)
+    with pytest.raises(ValueError, match="apart"):
+        newton_schulz_group(Xs, coefficient_schedule("quintic", 5), apart=("middle",))
 
 
-def test_tail_pieces_option():
-    assert Muon([nn.Parameter(torch.randn(8, 8))]).tail_pieces == 1
-    for bad in (0, 1.5, "2"):
-        with pytest.raises(ValueError, match="tail_pieces"):
-            Muon([nn.Parameter(torch.randn(8, 8))], tail_pieces=bad)
-
-
-def test_stream_priorities_option():
-    """True stands for the default triple, False/None for off; anything else is refused with the expected form."""
-    from nanokimi.optim.muon import DEFAULT_STREAM_PRIORITIES
-
-    params = [nn.Parameter(torch.randn(8, 8))]
-    assert Muon(params).stream_priorities == DEFAULT_STREAM_PRIORITIES
-    assert Muon(params, stream_priorities=False).stream_priorities is None
-    assert Muon(params, stream_priorities=None).stream_priorities is None
-    assert Muon(params, stream_priorities=[-2, -1, 0]).stream_priorities == (-2, -1, 0)
-    for bad in ((-1, 0), (-1.0, 0, 0), "high", (True, 0, 0)):
-        with pytest.raises(ValueError, match="three ints"):
-            Muon(params, stream_priorities=bad)
+def test_segments_apart_option():
+    """Muon(segments_apart=...) steps as the default does (fp64 iteration: the same arithmetic); bad values refused."""
+    torch.manual_seed(0)
+    shapes = [(24, 8), (8, 40), (32, 8)]
+    start = [torch.randn(s, dtype=torch.float64) * 0.1 for s in shapes]
+    grads = [torch.randn(s, dtype=torch.float64) for s in shapes]
+    results = []
+    for apart in ((), ("first", "last")):
+        params = [nn.Parameter(w.clone()) for w in start]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        Muon(params, lr=0.05, ns_dtype=torch.float64, segments_apart=apart).step()
+        results.append([p.detach() - w for p, w in zip(params, start)])
+    for a, b in zip(*results):
+        assert rel(a, b) < 1e-12
+    params = [nn.Parameter(w.float()) for w in start]
+    for bad in ("first", ("all",)):
+        with pytest.raises(ValueError, match="segments_apart"):
+            Muon(params, segments_apart=bad)
 
 
 @pytest.mark.gpu
@@ -374,8 +352,7 @@ def test_side_stream_captured_matches_eager_default():
         torch.manual_seed(0)
         params = [nn.Parameter(torch.randn(s, device="cuda") * 0.1) for s in shapes]
         start = [p.detach().clone() for p in params]
-        opt = Muon(params, lr=0.05, side_stream=side, overlap_passes=overlap, stream_priorities=priorities,
-                   tail_pieces=1 + graphed * overlap)
+        opt = Muon(params, lr=0.05, side_stream=side, overlap_passes=overlap, stream_priorities=priorities)
         opt = CapturedStep(opt, warmup_steps=2) if graphed else opt
         g = torch.Generator(device="cuda").manual_seed(1)
         for _ in range(5):

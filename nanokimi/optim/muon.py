@@ -40,8 +40,8 @@ from typing import NamedTuple
 
 import torch
 
-from nanokimi.ops.newton_schulz import (COEFFICIENT_SETS, METHODS, choose_method, coefficient_schedule, newton_schulz,
-                                       newton_schulz_group)
+from nanokimi.ops.newton_schulz import (COEFFICIENT_SETS, METHODS, SEGMENTS_APART, choose_method, coefficient_schedule,
+                                       newton_schulz, newton_schulz_group)
 
 MOONLIGHT_RMS = 0.2
 
@@ -203,17 +203,17 @@ def pass_groups(batches, sources):
     return result
 
 
-def orthogonalize_batches(stacks, settings, ready=None, finished=None, pieces=None):
+def orthogonalize_batches(stacks, settings, ready=None, finished=None, apart=()):
     """Newton-Schulz of every stacked batch: stacks [N, rows, cols] in the compute dtype (raw, normalised
     inside), settings (steps, coefficients, eps, method) per batch with method resolved ("classic" or "gram").
     Gram batches with the same short side, dtype and settings go through one newton_schulz_group call (one
     s x s recursion for all their matrices); classic batches run alone. Returns the outputs in batch order.
-    For inputs stacked and outputs read on another CUDA stream (Muon's overlap_passes): ready, per batch None
-    or an event to wait for before its first product; pieces, per batch how many products write its output;
-    finished, a list of one entry per batch that gets its [(stop, event)] per piece (newton_schulz_group)."""
+    On CUDA, for inputs stacked and outputs read on another stream (Muon's overlap_passes): ready, per batch None
+    or an event to wait for before its first product; finished, a list of one entry per batch that gets the
+    event recorded after the batch's output is written. apart: the Gram segments run batch by batch
+    (newton_schulz_group; Muon's segments_apart)."""
     outputs = [None] * len(stacks)
     ready = [None] * len(stacks) if ready is None else ready
-    pieces = [1] * len(stacks) if pieces is None else pieces
     groups = {}  # (short side, dtype, steps, coefficients, eps) -> indices of gram batches
     for k, (X, (steps, coefficients, eps, method)) in enumerate(zip(stacks, settings)):
         if method == "gram":
@@ -221,14 +221,14 @@ def orthogonalize_batches(stacks, settings, ready=None, finished=None, pieces=No
         else:
             events = None if finished is None else []
             outputs[k] = newton_schulz(X, coefficient_schedule(coefficients, steps), method, eps=eps,
-                                       ready=ready[k], finished=events, pieces=pieces[k])
+                                       ready=ready[k], finished=events)
             if events:
                 finished[k] = events[0]
     for (_, _, steps, coefficients, eps), members in groups.items():
         events = None if finished is None else []
         group_outputs = newton_schulz_group([stacks[k] for k in members], coefficient_schedule(coefficients, steps),
                                             eps=eps, ready=[ready[k] for k in members], finished=events,
-                                            pieces=[pieces[k] for k in members])
+                                            apart=apart)
         for n, (k, O) in enumerate(zip(members, group_outputs)):
             outputs[k] = O
             if events:
@@ -318,14 +318,12 @@ def compiled_pass(fn, combo_kernels=None):
 
 
 def run_pass_groups(plan, stack, update, params, grads, bufs, momenta, nesterov, decays, lrs, lr_index, passes=None,
-                    tail_pieces=1):
+                    apart=()):
     """The step of a StepPlan's params with the momentum and update passes run per PassGroup (Muon's
     overlap_passes). passes: the CUDA stream they run on while the Newton-Schulz products run on the current
     one; each batch's first product then waits only for its own group's momentum pass and each group's update
-    only for the last products of its own batches (update_pieces). tail_pieces: the last group's batches are
-    written by that many last products each, and its update runs in as many pieces, each after the products it
-    reads, so only the last piece's update is left once the last GEMM is done. passes None: everything in order
-    on the current stream (the CPU)."""
+    only for its own batches' last products. None: everything in order on the current stream (the CPU).
+    apart: as in orthogonalize_batches."""
     current = None if passes is None else torch.cuda.current_stream(passes.device)
     on_passes = (lambda: torch.cuda.stream(passes)) if passes is not None else contextlib.nullcontext
     stacked, ready = [None] * len(plan.batches), [None] * len(plan.batches)
@@ -342,40 +340,16 @@ def run_pass_groups(plan, stack, update, params, grads, bufs, momenta, nesterov,
             if passes is not None:
                 X.record_stream(current)  # made on the pass stream, read on the current one
             stacked[k], ready[k] = X, stacked_event
-    pieces = [tail_pieces if k in plan.pass_groups[-1].batch_ids else 1 for k in range(len(plan.batches))]
-    finished = [None] * len(plan.batches)
-    orthogonal = orthogonalize_batches(stacked, plan.settings, ready, finished, pieces)
+    finished = None if passes is None else [None] * len(plan.batches)
+    orthogonal = orthogonalize_batches(stacked, plan.settings, ready, finished, apart)
     for group in plan.pass_groups:
-        if passes is not None:
-            for k in group.batch_ids:
-                orthogonal[k].record_stream(passes)  # made on the current stream, read on the pass stream
-        for members, events in update_pieces(group, finished):
-            with on_passes():
-                for event in events:
-                    if event is not None:
-                        passes.wait_event(event)
-                chosen = [group.params[n] for n in members]
-                update([params[i] for i in chosen], [orthogonal[k] for k in group.batch_ids], lrs,
-                       [lr_index[i] for i in chosen], [decays[i] for i in chosen],
-                       tuple(group.sources[n] for n in members))
-
-
-def update_pieces(group, finished):
-    """A PassGroup's update cut by what it reads: [(members, events)], members the group's local param indices
-    whose blocks all lie in the same written pieces of the group's batches, events those pieces' (stop, event)
-    events (finished: per batch [(stop, event)] in write order, newton_schulz_group). Ordered by the last piece
-    each waits for, so the pieces run in the order the products finish; one piece per group when every batch is
-    written in one product."""
-    needs = {}  # frozenset of (batch, piece) -> member params
-    for n, blocks in enumerate(group.sources):
-        need = set()
-        for local, start, shape, *_ in blocks:
-            k = group.batch_ids[local]
-            end = start + math.prod(shape[:-2])
-            need.add((k, next(p for p, (stop, _) in enumerate(finished[k]) if stop >= end)))
-        needs.setdefault(frozenset(need), []).append(n)
-    return [(members, [finished[k][p][1] for k, p in sorted(need)])
-            for need, members in sorted(needs.items(), key=lambda item: max(item[0]))]
+        with on_passes():
+            if passes is not None:
+                for k in group.batch_ids:
+                    passes.wait_event(finished[k])
+                    orthogonal[k].record_stream(passes)  # made on the current stream, read on the pass stream
+            update([params[i] for i in group.params], [orthogonal[k] for k in group.batch_ids], lrs,
+                   [lr_index[i] for i in group.params], [decays[i] for i in group.params], group.sources)
 
 
 class StepPlan(NamedTuple):
@@ -414,14 +388,15 @@ class Muon(torch.optim.Optimizer):
     (DEFAULT_STREAM_PRIORITIES), False/None (all at the current stream's), or (products, passes, side) ints. When
     SMs free up, the GPU starts the waiting blocks of the higher-priority stream first, so the Newton-Schulz
     products, the longest chain, are not held up behind the side stream's GEMMs (_step_device).
-    tail_pieces: with overlap_passes, the last pass group's final products and its update pass run in that many
-    pieces, so the first pieces' updates run beside the later products (run_pass_groups).
+    segments_apart: Gram segments ("first", "last") whose s x s recursion runs batch by batch (smaller GEMMs, same
+    arithmetic): with overlap_passes, a batch's first segment then runs while later batches are still stacked, and
+    its last product, and so its group's update, comes before the other batches' last segment.
     """
 
     def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.1, ns_steps=5,
                  coefficients="quintic", ns_dtype=None, eps=1e-7, heads=None, split=None, ns_method="auto",
                  fused=None, merge_orientations=False, group_squares=False, combo_kernels=True,
-                 side_stream=True, overlap_passes=True, stream_priorities=True, tail_pieces=1):
+                 side_stream=True, overlap_passes=True, stream_priorities=True, segments_apart=()):
         if lr < 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
         if not 0 <= momentum < 1:
@@ -442,10 +417,10 @@ class Muon(torch.optim.Optimizer):
         self.side_stream = side_stream
         self.overlap_passes = overlap_passes
         self.stream_priorities = check_stream_priorities(stream_priorities)
-        if not isinstance(tail_pieces, int) or tail_pieces < 1:
-            raise ValueError(f"tail_pieces must be an int >= 1 (1: the last products and update in one piece), "
-                             f"got {tail_pieces!r}")
-        self.tail_pieces = tail_pieces
+        if isinstance(segments_apart, str) or not set(segments_apart) <= set(SEGMENTS_APART):
+            raise ValueError(f"segments_apart must be a tuple of {SEGMENTS_APART} (Gram segments run batch by batch), "
+                             f"got {segments_apart!r}")
+        self.segments_apart = tuple(segments_apart)
         self._step_plans = {}  # Muon._plan_key -> StepPlan
 
     def __setstate__(self, state):
@@ -453,7 +428,7 @@ class Muon(torch.optim.Optimizer):
         for name, default in (("fused", None), ("merge_orientations", False), ("group_squares", False),
                               ("combo_kernels", True), ("side_stream", True),
                               ("overlap_passes", True), ("stream_priorities", DEFAULT_STREAM_PRIORITIES),
-                              ("tail_pieces", 1)):
+                              ("segments_apart", ())):
             self.__dict__.setdefault(name, default)  # constructor options are not in Optimizer's pickled state
         self.__dict__.setdefault("_step_plans", {})
         for group in self.param_groups:
@@ -605,15 +580,15 @@ class Muon(torch.optim.Optimizer):
         if self.overlap_passes and device.type == "cuda" and len(plan.pass_groups) > 1:
             priority = self.stream_priorities[1] if self.stream_priorities else 0
             self._run_overlapped(device, plan, stack, update, params, grads, bufs, momenta, nesterov, decays, lrs,
-                                 lr_index, priority, self.tail_pieces)
+                                 lr_index, priority, self.segments_apart)
             return
         stacked = stack(grads, bufs, momenta, nesterov, plan.layouts, plan.batches)
-        orthogonal = orthogonalize_batches(stacked, plan.settings)
+        orthogonal = orthogonalize_batches(stacked, plan.settings, apart=self.segments_apart)
         update(params, orthogonal, lrs, lr_index, decays, plan.sources)
 
     @staticmethod
     def _run_overlapped(device, plan, stack, update, params, grads, bufs, momenta, nesterov, decays, lrs, lr_index,
-                        priority=0, tail_pieces=1):
+                        priority=0, apart=()):
         """overlap_passes: run_pass_groups with the passes on a second stream (of that priority), forked from and
         joined back into the current one."""
         current, passes = torch.cuda.current_stream(device), side_stream(device, 1, priority)
@@ -621,5 +596,5 @@ class Muon(torch.optim.Optimizer):
         if isinstance(lrs, torch.Tensor):
             lrs.record_stream(passes)
         run_pass_groups(plan, stack, update, params, grads, bufs, momenta, nesterov, decays, lrs, lr_index, passes,
-                        tail_pieces)
+                        apart)
         current.wait_stream(passes)

@@ -42,7 +42,7 @@ from nanokimi.ops.newton_schulz.naive import COEFFICIENT_SETS, coefficient_sched
 
 __all__ = ["COEFFICIENT_SETS", "GRAM_SEGMENT", "METHODS", "coefficient_schedule", "choose_method",
            "newton_schulz", "newton_schulz_flops", "newton_schulz_group", "normalize_into", "orthogonalize",
-           "orthogonalize_naive", "piece_bounds"]
+           "orthogonalize_naive", "SEGMENTS_APART"]
 
 METHODS = ("auto", "classic", "gram")
 GRAM_SEGMENT = 2  # steps between restarts of the Gram recursion (see the module docstring)
@@ -138,29 +138,26 @@ def _segment_factor(R, steps, inv=None):
     return Q
 
 
-def newton_schulz(X, schedule, method="auto", eps=None, segment=GRAM_SEGMENT, ready=None, finished=None, pieces=1):
+def newton_schulz(X, schedule, method="auto", eps=None, segment=GRAM_SEGMENT, ready=None, finished=None):
     """X: [N, A, B] in the compute dtype -> [N, A, B] in the same dtype.
 
     schedule: [(a, b, c)] per step (see coefficient_schedule). eps None: X is already normalised
     (||X||_F <= 1); a float: X is raw and each matrix is divided by its ||X||_F + eps inside, at no extra
     pass. method: "classic", "gram" or "auto" (fewer FLOPs for this shape; see the module docstring; callers
     that know the coefficient set should resolve "auto" with choose_method, which keeps Polar Express classic).
-    ready (None or a CUDA event to wait for first), finished and pieces: as in newton_schulz_group, for one batch.
+    ready (None or a CUDA event to wait for first) and finished (a list that gets an event after the output is
+    written): as in newton_schulz_group, for one batch.
     """
     method = choose_method(X.shape[-2:], len(schedule), method, segment=segment)
     chunk = segment if method == "gram" else 1  # classic == gram with one-step segments
     return newton_schulz_group([X], schedule, eps, segment=chunk, ready=None if ready is None else [ready],
-                               finished=finished, pieces=[pieces])[0]
+                               finished=finished)[0]
 
 
-def piece_bounds(n, pieces):
-    """[(start, stop)]: range(n) cut into min(pieces, n) consecutive pieces of near-equal size (at least one)."""
-    pieces = max(1, min(pieces, n))
-    stops = [round(n * (i + 1) / pieces) for i in range(pieces)]
-    return list(zip([0] + stops[:-1], stops))
+SEGMENTS_APART = ("first", "last")
 
 
-def newton_schulz_group(Xs, schedule, eps=None, segment=GRAM_SEGMENT, ready=None, finished=None, pieces=None):
+def newton_schulz_group(Xs, schedule, eps=None, segment=GRAM_SEGMENT, ready=None, finished=None, apart=()):
     """The Gram form over several batches whose matrices share their short side s: a list of [N_i, s, l_i]
     (wide) or [N_i, l_i, s] (tall) tensors, l_i >= s, one dtype -> the list of outputs (same shapes, dtype).
 
@@ -169,15 +166,19 @@ def newton_schulz_group(Xs, schedule, eps=None, segment=GRAM_SEGMENT, ready=None
     (polynomials, P Q, P R P) runs once over all the matrices, so every s x s product is one larger batched
     GEMM instead of one per batch. Equal to newton_schulz(X, schedule, "gram", eps, segment) on each batch.
 
+    apart: segments ("first", "last") whose s x s recursion runs batch by batch instead: the same arithmetic in
+    smaller products, so that on a GPU a batch's first segment can start while later batches are still being
+    prepared, and its last product is written before the other batches' last segment.
+
     For callers that prepare the batches and consume the outputs on another CUDA stream (Muon's overlap_passes):
     ready, per batch None or a CUDA event that the current stream waits for before that batch's first product;
-    pieces, per batch the number of products its output is written in (consecutive ranges of its matrices,
-    piece_bounds; default 1 each), so a consumer can start on the first matrices while the rest are computed;
-    finished, a list that gets per batch a list of (stop, event) per piece: the batch's matrices [0, stop) are
-    written once the event (recorded after that piece's product; None off CUDA) has fired.
+    finished, a list that gets per batch a CUDA event recorded after the product that writes its output.
     """
     if not Xs:
         raise ValueError("newton_schulz_group needs at least one batch [N, A, B]")
+    unknown = set(apart) - set(SEGMENTS_APART)
+    if unknown:
+        raise ValueError(f"apart takes segments from {SEGMENTS_APART}, got {sorted(unknown)}")
     s = min(Xs[0].shape[-2:])
     for X in Xs:
         if X.ndim != 3 or min(X.shape[-2:]) != s or X.dtype != Xs[0].dtype or X.device != Xs[0].device:
@@ -187,37 +188,28 @@ def newton_schulz_group(Xs, schedule, eps=None, segment=GRAM_SEGMENT, ready=None
     sizes = [X.shape[0] for X in Xs]
     tall = [X.shape[-2] > X.shape[-1] for X in Xs]
     gram = Xs[0].new_empty(sum(sizes), s, s)  # every batch's Gram matrices, one batch after another
-    for start in range(0, len(schedule), segment):
-        for i, (X, G, is_tall) in enumerate(zip(Xs, gram.split(sizes), tall)):
-            if start == 0 and ready is not None and ready[i] is not None:
-                torch.cuda.current_stream(X.device).wait_event(ready[i])
-            torch.bmm(X.mT, X, out=G) if is_tall else torch.bmm(X, X.mT, out=G)
-        R, inv = _small_op(_start, gram)(gram, eps) if start == 0 and eps is not None else (gram, None)
-        Q = _segment_factor(R, schedule[start:start + segment], inv)  # [sum N_i, s, s]
-        last = start + segment >= len(schedule)
-        outputs = []
-        for i, (X, q, is_tall) in enumerate(zip(Xs, Q.split(sizes), tall)):
-            if not last:
-                outputs.append(torch.bmm(X, q) if is_tall else torch.bmm(q, X))
-                continue
-            bounds = piece_bounds(len(X), 1 if pieces is None else pieces[i])
-            O = torch.empty_like(X) if len(bounds) > 1 else None  # tall: X q; wide: q X; both X's shape
-            written = []
-            for lo, hi in bounds:
-                if O is None:
-                    O = torch.bmm(X, q) if is_tall else torch.bmm(q, X)
-                elif is_tall:
-                    torch.bmm(X[lo:hi], q[lo:hi], out=O[lo:hi])
-                else:
-                    torch.bmm(q[lo:hi], X[lo:hi], out=O[lo:hi])
-                event = None
-                if X.is_cuda and finished is not None:
-                    event = torch.cuda.Event()
-                    event.record(torch.cuda.current_stream(X.device))
-                written.append((hi, event))
-            if finished is not None:
-                finished.append(written)
-            outputs.append(O)
+    grams = gram.split(sizes)
+    starts = list(range(0, len(schedule), segment))
+    for index, start in enumerate(starts):
+        last = index == len(starts) - 1
+        alone = (index == 0 and "first" in apart) or (last and "last" in apart)
+        parts = [[i] for i in range(len(Xs))] if alone else [list(range(len(Xs)))]
+        outputs = [None] * len(Xs)
+        for members in parts:
+            for i in members:
+                if index == 0 and ready is not None and ready[i] is not None:
+                    torch.cuda.current_stream(Xs[i].device).wait_event(ready[i])
+                X = Xs[i]
+                torch.bmm(X.mT, X, out=grams[i]) if tall[i] else torch.bmm(X, X.mT, out=grams[i])
+            first_row = sum(sizes[:members[0]])
+            G = gram[first_row:first_row + sum(sizes[i] for i in members)]  # the members' Gram matrices
+            R, inv = _small_op(_start, G)(G, eps) if index == 0 and eps is not None else (G, None)
+            Q = _segment_factor(R, schedule[start:start + segment], inv)  # [members' N, s, s]
+            for i, q in zip(members, Q.split([sizes[i] for i in members])):
+                outputs[i] = torch.bmm(Xs[i], q) if tall[i] else torch.bmm(q, Xs[i])
+                if last and finished is not None:
+                    finished.append(torch.cuda.Event())
+                    finished[-1].record(torch.cuda.current_stream(Xs[i].device))
         Xs = outputs
     return Xs
 
