@@ -168,7 +168,8 @@ def newton_schulz_group(Xs, schedule, eps=None, segment=GRAM_SEGMENT, ready=None
 
     apart: segments ("first", "last") whose s x s recursion runs batch by batch instead: the same arithmetic in
     smaller products, so that on a GPU a batch's first segment can start while later batches are still being
-    prepared, and its last product is written before the other batches' last segment.
+    prepared, and its last product is written before the other batches' last segment. A last segment apart runs
+    the largest batches first, so the batch whose output is consumed last is the smallest.
 
     For callers that prepare the batches and consume the outputs on another CUDA stream (Muon's overlap_passes):
     ready, per batch None or a CUDA event that the current stream waits for before that batch's first product;
@@ -193,8 +194,10 @@ def newton_schulz_group(Xs, schedule, eps=None, segment=GRAM_SEGMENT, ready=None
     for index, start in enumerate(starts):
         last = index == len(starts) - 1
         alone = (index == 0 and "first" in apart) or (last and "last" in apart)
-        parts = [[i] for i in range(len(Xs))] if alone else [list(range(len(Xs)))]
-        outputs = [None] * len(Xs)
+        parts = [list(range(len(Xs)))]
+        if alone:
+            parts = [[i] for i in sorted(range(len(Xs)), key=lambda i: -Xs[i].numel() if last else i)]
+        outputs, events = [None] * len(Xs), [None] * len(Xs)
         for members in parts:
             for i in members:
                 if index == 0 and ready is not None and ready[i] is not None:
@@ -208,9 +211,11 @@ def newton_schulz_group(Xs, schedule, eps=None, segment=GRAM_SEGMENT, ready=None
             for i, q in zip(members, Q.split([sizes[i] for i in members])):
                 outputs[i] = torch.bmm(Xs[i], q) if tall[i] else torch.bmm(q, Xs[i])
                 if last and finished is not None:
-                    finished.append(torch.cuda.Event())
-                    finished[-1].record(torch.cuda.current_stream(Xs[i].device))
+                    events[i] = torch.cuda.Event()
+                    events[i].record(torch.cuda.current_stream(Xs[i].device))
         Xs = outputs
+    if finished is not None:
+        finished.extend(events)
     return Xs
 
 
