@@ -17,7 +17,8 @@ from nanokimi.ops.attnres import two_phase
 
 # the fused maths (what compiled_kernels compiles) run eagerly, so it is tested without a compiler too
 FUSED_EAGER = Kernels(two_phase._phase1_forward_fused, two_phase._phase1_backward_fused, two_phase._merge,
-                      two_phase._accumulate_merge, two_phase._finish_source, source_rstd)
+                      two_phase._accumulate_merge, two_phase._accumulate_merge_norm, two_phase._finish_source,
+                      source_rstd)
 KERNELS = {"stacked": lambda: EAGER, "fused": lambda: FUSED_EAGER, "compiled": compiled_kernels}
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -524,3 +525,76 @@ def test_bf16_storage_trains_like_fp32_storage():
     assert abs(auto[0] / fp32[0] - 1) < 1e-3
     assert ((auto[:10] - fp32[:10]).abs() / fp32[:10]).max() < 2e-3  # before the trajectories drift apart
     assert abs(auto[-10:].mean() / fp32[-10:].mean() - 1) < 1e-2
+
+
+def merge_then_norm(partial, out, mixture, lse, qe, dtype, eps, norm_weight, norm_eps):
+    """The unfused path: the merge (eager) writes h, then the model's RMSNorm module norms it."""
+    from nanokimi.model.norm import RMSNorm
+    norm = RMSNorm(norm_weight.shape[0], norm_eps)
+    new_partial, h = two_phase._accumulate_merge(partial, out, mixture, lse, qe, dtype, eps)
+    return new_partial, torch.func.functional_call(norm, {"weight": norm_weight}, (h,))
+
+
+def merge_norm_inputs(M, D, dtype, has_partial, seed, mixture_dtype=None, out_dtype=None, device="cpu"):
+    """Leaves of one fused call (partial or None, out, mixture, lse, qe, norm weight) and the cotangents of
+    (new partial, x). The norm weight is far from ones and qe large enough for the merge weights to vary."""
+    g = torch.Generator().manual_seed(seed)
+
+    def leaf(*shape, scale=1.0, shift=0.0, dtype=dtype):
+        return (torch.randn(*shape, generator=g) * scale + shift).to(device, dtype).requires_grad_()
+    partial = leaf(M, D, scale=2.0) if has_partial else None
+    out = leaf(M, D, dtype=out_dtype or dtype)
+    mixture = leaf(M, D, dtype=mixture_dtype or dtype)
+    wide = two_phase.wide_dtype(dtype)
+    lse = leaf(M, dtype=wide)
+    qe = leaf(D, scale=2 / D ** 0.5, dtype=wide)
+    norm_weight = leaf(D, scale=0.5, shift=1.0, dtype=wide)
+    cotangents = (torch.randn(M, D, generator=g).to(device, wide), torch.randn(M, D, generator=g).to(device, wide))
+    return [partial, out, mixture, lse, qe, norm_weight], cotangents
+
+
+def run_merge_norm(op, leaves, cotangents, dtype, eps=1e-6, norm_eps=1e-5):
+    """op's (new partial, x) and the gradients of every leaf from <new partial, c_p> + <x, c_x>."""
+    partial, out, mixture, lse, qe, norm_weight = leaves
+    new_partial, x = op(partial, out, mixture, lse, qe, dtype, eps, norm_weight, norm_eps)
+    ((new_partial * cotangents[0]).sum() + (x * cotangents[1]).sum()).backward()
+    present = [t for t in leaves if t is not None]
+    grads = [t.grad.clone() for t in present]
+    for t in present:
+        t.grad = None
+    return [new_partial.detach(), x.detach()] + grads
+
+
+@pytest.mark.parametrize("kernels", ["stacked", "compiled"])
+@pytest.mark.parametrize("dtype,has_partial", [(torch.float32, True), (torch.float64, True),
+                                               (torch.float32, False)])
+def test_accumulate_merge_norm_is_merge_then_rmsnorm(kernels, dtype, has_partial):
+    """The fused merge + norm (accumulate_merge_norm) against the merge followed by the model's RMSNorm module:
+    the new partial sum, the normed input and the gradients of partial, out, mixture, lse, qe and the norm
+    weight (T = 63 tokens, D = 45; norm eps 1e-5 against the merge's 1e-6, so swapping them shows). The eager
+    set computes exactly the unfused ops (bit for bit); compiled, a fused graph: fp32 rounding (1e-6),
+    float64 (whose RMSNorm runs in fp32, as the model's does) the same."""
+    ops = KERNELS[kernels]()
+    leaves, cotangents = merge_norm_inputs(63, 45, dtype, has_partial, seed=61 + has_partial)
+    got = run_merge_norm(ops.accumulate_merge_norm, leaves, cotangents, dtype)
+    expected = run_merge_norm(merge_then_norm, leaves, cotangents, dtype)
+    assert got[1].dtype == dtype and len(got) == len(expected) == 7 + has_partial
+    for i, (a, b) in enumerate(zip(got, expected)):
+        assert a.dtype == b.dtype and b.norm() > 0, i
+        if kernels == "stacked":
+            assert torch.equal(a, b), i
+        else:
+            assert rel(a, b) < 1e-6, i
+    wrong_eps = run_merge_norm(merge_then_norm, leaves, cotangents, dtype, norm_eps=1e-6)
+    assert rel(got[1], wrong_eps[1]) > 0  # the norm's own eps is the one applied
+
+
+def test_rms_norm_function_is_the_module():
+    """nanokimi.model.norm.rms_norm (what the fused op applies) is RMSNorm's forward, bit for bit."""
+    from nanokimi.model.norm import RMSNorm, rms_norm
+    norm = RMSNorm(24, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        x = (torch.randn(3, 5, 24) * 3).to(dtype)
+        assert torch.equal(rms_norm(x, norm.weight, norm.eps), norm(x))
