@@ -53,9 +53,9 @@ from nanokimi.ops.attnres import two_phase  # noqa: E402
 from nanokimi.ops.attnres.launch import GRID_STRIDE, LaunchConfig, config_for, default_config  # noqa: E402
 
 EPS = 1e-6
-TOP = 3
+TOP = 3  # configs of the full grid that the other source counts try
 MERGE_KERNELS = ("merge_forward", "merge_backward", "merge_norm_forward", "merge_norm_backward")
-FUSED_NORM = {"merge_norm_forward", "merge_norm_backward"}  # the model runs these or the plain merges, not both  # configs of the full grid that the other source counts try
+FUSED_NORM = {"merge_norm_forward", "merge_norm_backward"}  # the model runs these or the plain merges, not both
 
 
 class Case(NamedTuple):

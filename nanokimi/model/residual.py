@@ -26,7 +26,8 @@ class PreNormResidual(nn.Module):
     def normed_input(self, state: torch.Tensor, index: int, norm: nn.Module) -> torch.Tensor:
         return norm(state)
 
-    def add(self, state: torch.Tensor, index: int, out: torch.Tensor, next_norm: nn.Module | None = None) -> torch.Tensor:
+    def add(self, state: torch.Tensor, index: int, out: torch.Tensor,
+            next_norm: nn.Module | None = None) -> torch.Tensor:
         return state + out
 
     def finish(self, state: torch.Tensor) -> torch.Tensor:

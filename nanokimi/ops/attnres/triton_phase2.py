@@ -13,7 +13,8 @@ backward, programs loop over token tiles (grid-stride), recomputing logit and w 
     [norm: h recomputed from pw, w and the mixture; rstd_h = 1 / RMS(h); n = h rstd_h; from g_x:
         grad_norm_weight += sum over the tile's tokens of g_x n;  g_n = norm_weight g_x
         g_h = rstd_h g_n - rstd_h^3 h (g_n . h) / D]
-    grad_mixture = w g_h (written in the mixture's dtype);  grad_lse = w (1 - w) (g_h . (mixture - pw));  grad_logit = -grad_lse
+    grad_mixture = w g_h (written in the mixture's dtype)
+    grad_lse = w (1 - w) (g_h . (mixture - pw));  grad_logit = -grad_lse
     grad_p = (1 - w) g_h + grad_logit (rstd qe - (pw . qe) rstd^3 pw / D) + g_p      (g_p: grad of p itself)
     grad_partial = grad_p; grad_out = grad_p in out's dtype
     grad_qe += sum over the tile's tokens of grad_logit rstd pw   (registers, per program; one torch sum after)
