@@ -389,6 +389,9 @@ def test_compile_kernels_picks_triton_on_cuda_only():
     assert module.kernels.phase1_forward.func is phase1_forward
     assert module.kernels.merge is two_phase.compiled_kernels(None).merge
     assert module.kernels.accumulate_merge.func is accumulate_merge
+    assert module.kernels.accumulate_merge_norm.func is accumulate_merge_norm
+    fallback = module.kernels.accumulate_merge_norm.keywords["fallback"]
+    assert fallback is two_phase.compiled_kernels(None).accumulate_merge_norm
 
 
 def test_tune_benchmark_quick(tmp_path):

@@ -185,7 +185,8 @@ class AttentionResiduals(nn.Module):
         """Whether add() computes a merged input normed by norm (an RMSNorm, with fuse_norm on)."""
         return self.fuse_norm and isinstance(norm, RMSNorm)
 
-    def add(self, state: AttnResState, l: int, out: torch.Tensor, next_norm: nn.Module | None = None) -> AttnResState:
+    def add(self, state: AttnResState, l: int, out: torch.Tensor,
+            next_norm: nn.Module | None = None) -> AttnResState:
         """Record sublayer l's output out [B, T, D]; returns the next state (with the next sublayer's input).
         next_norm: the pre-norm of sublayer l + 1 (None: unknown, or l is the last); where `fuses(next_norm)` and
         that input is a merge, the state holds it normed (see `normed_input`) instead of the input itself."""
