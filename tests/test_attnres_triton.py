@@ -26,6 +26,7 @@ from nanokimi.ops.attnres import two_phase  # noqa: E402
 from nanokimi.ops.attnres.launch import LaunchConfig  # noqa: E402
 from nanokimi.ops.attnres.triton_phase1 import phase1_backward, phase1_forward, triton_kernels  # noqa: E402
 from nanokimi.ops.attnres.triton_phase2 import accumulate_merge, accumulate_merge_norm  # noqa: E402
+from conftest import rel_err  # noqa: E402
 from test_attnres import merge_norm_inputs, merge_then_norm, run_merge_norm  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -605,7 +606,7 @@ def test_triton_accumulate_merge_norm_is_merge_then_rmsnorm(dtype, mixture_dtype
         assert a.dtype == b.dtype and b.norm() > 0, i
         bound = (1e-5 if a.dtype == torch.float32 and dtype == torch.float32 else
                  1e-2 if dtype == torch.float32 or DEVICE.type == "cuda" else 3e-2)
-        assert rel(a, b) < bound, (i, rel(a, b))
+        assert rel_err(a, b) < bound, (i, rel_err(a, b))
 
 
 def test_triton_accumulate_merge_norm_saves_no_intermediate():
