@@ -26,6 +26,7 @@ Medians over timed steps after warm-up. Writes benchmarks/results/attnres_overhe
     python benchmarks/attnres_overhead.py --storage fp32,auto,auto-all   # storages to compare (default auto,fp32)
     python benchmarks/attnres_overhead.py --modes block --cuda-graph --storage auto --fuse-norm on,off
                                                      # the fused pre-norm against the unfused one (default on,off)
+    python benchmarks/attnres_overhead.py ... --skip-model / --skip-residual   # one table only
 """
 import argparse
 import datetime
@@ -265,6 +266,8 @@ def main():
     parser.add_argument("--cuda-graph", action="store_true",
                         help="model table: also time the compiled step captured whole in one CUDA graph")
     parser.add_argument("--skip-model", action="store_true", help="only the residual table")
+    parser.add_argument("--skip-residual", action="store_true",
+                        help="only the model table (its rows then compile the AttnRes kernels themselves)")
     parser.add_argument("--tuned", type=Path, default=None,
                         help="launch configs of the AttnRes Triton kernels from benchmarks/attnres_tune.py's JSON "
                              "(nanokimi.ops.attnres.launch.load_tuned) instead of the built-in table")
@@ -294,7 +297,7 @@ def main():
         table = load_tuned(args.tuned)
         print(f"AttnRes launch configs from {args.tuned}: {sum(len(v) for v in table.values())} entries")
 
-    rows = residual_rows(args, device)
+    rows = [] if args.skip_residual else residual_rows(args, device)
     if not args.skip_model:
         rows += model_rows(args, device)
     add_overheads(rows)
