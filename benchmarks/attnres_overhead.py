@@ -3,8 +3,9 @@
 Two tables from one process (each model built once per mode, compiled once; the AttnRes kernels compiled
 for the residual table are reused by the model table, whose residual stream has the same shapes):
   residual: the residual stream alone (D=1024, 32 sublayers, B=4, T=4096, fp32 stream under bf16 autocast with
-            bf16 sublayer outputs, as in the model), with cheap stand-in sublayers, so the time is the residual's
-            own forward + backward:
+            bf16 sublayer outputs, as in the model), each sublayer's pre-norm (RMSNorm, compiled with --compile as
+            compile_model compiles it) and a cheap stand-in sublayer, so the time is the residual's and the
+            norms' own forward + backward (the norms are in every row, PreNorm's too: fusing them is an option):
             PreNorm add vs block vs full AttnRes, one row per kernel set: eager, compiled (torch.compile of the
             fused kernels) and, on CUDA with triton, triton (Triton phase 1, the rest compiled).
   model:    a full training step (bf16 autocast forward + loss, backward, AdamW) of bench-kl-900m, B=4, T=4096,
@@ -12,7 +13,9 @@ for the residual table are reused by the model table, whose residual stream has 
             attn_res setting (T halves on OOM); its AttnRes kernels are what compile_model picks (triton on CUDA
             when triton imports), recorded per row as attnres_kernels.
 Every AttnRes row is measured once per --storage (attn_res_storage: "auto" = sources in bf16 under autocast,
-"auto-all" = mixtures too, "fp32"), so one run compares PreNorm and the storages.
+"auto-all" = mixtures too, "fp32") and, in block mode, once per --fuse-norm (attn_res_fuse_norm: "on" = each
+merged sublayer input comes out of the merge's kernel already normed, "off" = the merge writes h, the norm reads
+it), so one run compares PreNorm, the storages and the fused norm.
 Medians over timed steps after warm-up. Writes benchmarks/results/attnres_overhead.json (device, date, commit).
 
     python benchmarks/attnres_overhead.py            # GPU, a few minutes (fla autotune + compiles come first)
@@ -21,6 +24,9 @@ Medians over timed steps after warm-up. Writes benchmarks/results/attnres_overhe
     python benchmarks/attnres_overhead.py --tuned benchmarks/results/attnres_tune.json   # launch configs measured
                                                      # by benchmarks/attnres_tune.py instead of launch.TUNED
     python benchmarks/attnres_overhead.py --storage fp32,auto,auto-all   # storages to compare (default auto,fp32)
+    python benchmarks/attnres_overhead.py --modes block --cuda-graph --storage auto --fuse-norm on,off
+                                                     # the fused pre-norm against the unfused one (default on,off)
+    python benchmarks/attnres_overhead.py ... --skip-model / --skip-residual   # one table only
 """
 import argparse
 import datetime
@@ -37,10 +43,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from perf_common import free_memory, git_commit, kernel_profile, median_ms, results_path, short_error  # noqa: E402
 
 from nanokimi.model.attn_res import AttentionResiduals  # noqa: E402
+from nanokimi.model.norm import RMSNorm  # noqa: E402
 from nanokimi.model.residual import PreNormResidual  # noqa: E402
 
 MODES = ("none", "block", "full")
 STORAGES = ("auto", "auto-all", "fp32")
+FUSE_NORM = {"on": True, "off": False}
 
 
 def kernel_sets(args, device):
@@ -53,17 +61,27 @@ def kernel_sets(args, device):
     return sets
 
 
+def attnres_variants(args):
+    """(mode, storage, fuse_norm) of every AttnRes row; fuse_norm "-" where no sublayer reads a merge (full mode)."""
+    return [(mode, storage, fuse if mode == "block" else "-") for mode in args.modes if mode != "none"
+            for storage in args.storage for fuse in (args.fuse_norm if mode == "block" else ["-"])]
+
+
 def residual_rows(args, device):
-    """Residual stream alone: stand-in sublayers out = tanh(h) * scale (one elementwise pass each)."""
+    """Residual stream alone: per sublayer its RMSNorm and a stand-in out = tanh(x) * scale (one elementwise pass)."""
     B, T, D, L = args.batch, args.seq_len, args.hidden, args.sublayers
     rows = []
-    variants = [("none", "-", "-")] + [(mode, kernels, storage) for mode in args.modes if mode != "none"
-                                       for kernels in kernel_sets(args, device) for storage in args.storage]
-    for mode, kernels, storage in variants:
+    variants = [("none", "-", "-", "-")] + [(mode, kernels, storage, fuse) for mode, storage, fuse in
+                                            attnres_variants(args) for kernels in kernel_sets(args, device)]
+    for mode, kernels, storage, fuse in variants:
         residual = PreNormResidual() if mode == "none" else AttentionResiduals(
-            D, L, mode=mode, num_blocks=args.blocks, storage=storage).to(device)
+            D, L, mode=mode, num_blocks=args.blocks, storage=storage, fuse_norm=fuse == "on").to(device)
         if kernels != "eager" and mode != "none":
             residual.compile_kernels(triton=kernels == "triton")
+        norms = [RMSNorm(D).to(device) for _ in range(L)]
+        if args.compile and kernels != "eager":  # as compile_model compiles each norm module
+            for norm in norms:
+                norm.compile(fullgraph=True)
         embedding = torch.randn(B, T, D, device=device, requires_grad=True)
         scales = torch.full((L,), 0.5, device=device, requires_grad=True)
 
@@ -71,19 +89,20 @@ def residual_rows(args, device):
             with torch.autocast(device.type, dtype=torch.bfloat16):  # the sublayers' outputs are bf16, as in the model
                 state = residual.start(embedding)
                 for l in range(L):
-                    h = residual.sublayer_input(state, l)
-                    state = residual.add(state, l, (torch.tanh(h) * scales[l]).to(torch.bfloat16))
+                    x = residual.normed_input(state, l, norms[l])
+                    state = residual.add(state, l, (torch.tanh(x) * scales[l]).to(torch.bfloat16),
+                                         norms[l + 1] if l + 1 < L else None)
                 final = residual.finish(state)
             final.square().mean().backward()
 
         free_memory(device)
         ms = median_ms(step, device, args.warmup, args.steps)
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-        rows.append(dict(table="residual", attn_res=mode, kernels=kernels, storage=storage, B=B, T=T, D=D,
-                         sublayers=L, median_ms=ms, peak_gib=peak))
+        rows.append(dict(table="residual", attn_res=mode, kernels=kernels, storage=storage, fuse_norm=fuse, B=B,
+                         T=T, D=D, sublayers=L, median_ms=ms, peak_gib=peak))
         if args.profile and device.type == "cuda":
             rows[-1]["profile"] = kernel_profile(step, calls=2, top=12)
-        print(f"residual {mode} kernels={kernels} storage={storage}: {ms:.2f} ms", flush=True)
+        print(f"residual {mode} kernels={kernels} storage={storage} fuse_norm={fuse}: {ms:.2f} ms", flush=True)
     return rows
 
 
@@ -94,9 +113,8 @@ def model_rows(args, device):
     seq_len = args.seq_len
     while True:
         try:
-            return [model_step_row(ModelConfig, build_model, args, device, mode, storage, seq_len)
-                    for mode, storage in [("none", "-")] + [(m, s) for m in args.modes if m != "none"
-                                                            for s in args.storage]]
+            return [model_step_row(ModelConfig, build_model, args, device, mode, storage, fuse, seq_len)
+                    for mode, storage, fuse in [("none", "-", "-")] + attnres_variants(args)]
         except torch.cuda.OutOfMemoryError:
             free_memory(device)
             if seq_len <= 512:
@@ -106,11 +124,13 @@ def model_rows(args, device):
             print(f"out of memory: model rows rerun at T={seq_len}")
 
 
-def model_step_row(ModelConfig, build_model, args, device, mode, storage, seq_len):
+def model_step_row(ModelConfig, build_model, args, device, mode, storage, fuse, seq_len):
     from nanokimi.train.fast import capture_step, compile_model, make_optimizer
     overrides = dict(attn_res=mode, attn_res_blocks=args.blocks)
     if mode != "none":
         overrides["attn_res_storage"] = storage
+    if fuse != "-":
+        overrides["attn_res_fuse_norm"] = FUSE_NORM[fuse]
     if args.quick:
         overrides.update(vocab_size=512, num_layers=2, mixers="KA", max_position_embeddings=64)
     config = ModelConfig.preset(args.preset, **overrides)
@@ -160,14 +180,14 @@ def model_step_row(ModelConfig, build_model, args, device, mode, storage, seq_le
     attnres_kernels = "-" if kernels is None else ("triton" if hasattr(kernels.phase1_forward, "func")
                                                    else "compiled" if compiled else "eager")
     row = dict(table="model", attn_res=mode, compiled=compiled, attnres_kernels=attnres_kernels, storage=storage,
-               preset=args.preset, B=args.batch, T=seq_len,
+               fuse_norm=fuse, preset=args.preset, B=args.batch, T=seq_len,
                median_ms=ms, tokens_per_s=args.batch * seq_len / ms * 1e3, peak_gib=peak,
                params=sum(p.numel() for p in model.parameters()))
     if graph_ms is not None:
         row.update(graph_ms=graph_ms, graph_tokens_per_s=args.batch * seq_len / graph_ms * 1e3)
     if error:
         row["compile_error"] = error
-    print(f"model {mode} storage={storage} compiled={compiled}: {ms:.1f} ms"
+    print(f"model {mode} storage={storage} fuse_norm={fuse} compiled={compiled}: {ms:.1f} ms"
           + (f", graph {graph_ms:.1f} ms" if graph_ms else ""), flush=True)
     del model, optimizer
     free_memory(device)
@@ -194,8 +214,8 @@ def add_overheads(rows):
 def print_table(rows):
     """overhead: extra ms as a share of the model's attn_res=none step (for residual rows as well); kernels: the
     AttnRes kernel set (residual rows), how the model step ran and its AttnRes kernels (model rows)."""
-    header = (f"{'table':9} {'attn_res':8} {'kernels':8} {'storage':7} {'B':>2} {'T':>5} {'median ms':>10} "
-              f"{'extra ms':>9} {'overhead':>9} {'tok/s':>9} {'peak GiB':>8}")
+    header = (f"{'table':9} {'attn_res':8} {'kernels':8} {'storage':7} {'norm':4} {'B':>2} {'T':>5} "
+              f"{'median ms':>10} {'extra ms':>9} {'overhead':>9} {'tok/s':>9} {'peak GiB':>8}")
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -205,16 +225,18 @@ def print_table(rows):
         peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") else "-"
         kernels = r["kernels"] if r["table"] == "residual" else "eager" if not r["compiled"] else (
             "compiled" if r["attnres_kernels"] == "-" else r["attnres_kernels"])
-        print(f"{r['table']:9} {r['attn_res']:8} {kernels:8} {r['storage']:7} {r['B']:>2} {r['T']:>5} "
-              f"{r['median_ms']:>10.2f} {extra:>9} {over:>9} {tok:>9} {peak:>8}")
+        print(f"{r['table']:9} {r['attn_res']:8} {kernels:8} {r['storage']:7} {r['fuse_norm']:4} {r['B']:>2} "
+              f"{r['T']:>5} {r['median_ms']:>10.2f} {extra:>9} {over:>9} {tok:>9} {peak:>8}")
     for r in rows:
         if r.get("graph_ms"):
             over = f", {100 * r['graph_overhead_vs_none']:+.1f}% over none" if "graph_overhead_vs_none" in r else ""
-            print(f"model {r['attn_res']} storage={r['storage']} in one CUDA graph: {r['graph_ms']:.1f} ms "
+            print(f"model {r['attn_res']} storage={r['storage']} fuse_norm={r['fuse_norm']} in one CUDA graph: "
+                  f"{r['graph_ms']:.1f} ms "
                   f"({r['graph_tokens_per_s']:.0f} tok/s{over})")
     for r in rows:
         if "compile_error" in r:
-            print(f"model {r['attn_res']} storage={r['storage']}: compile failed, measured eager: {r['compile_error']}")
+            print(f"model {r['attn_res']} storage={r['storage']} fuse_norm={r['fuse_norm']}: compile failed, "
+                  f"measured eager: {r['compile_error']}")
 
 
 def main():
@@ -236,10 +258,16 @@ def main():
     parser.add_argument("--storage", default="auto,fp32",
                         help="attn_res_storage values to measure for every AttnRes row (comma-separated: "
                              "auto,auto-all,fp32)")
+    parser.add_argument("--fuse-norm", default="on,off",
+                        help="attn_res_fuse_norm values to measure for every block AttnRes row (comma-separated: "
+                             "on = the pre-norm computed in the merge's kernel, off = the merge writes h, the norm "
+                             "reads it); full mode has no merges, so its rows have none")
     parser.add_argument("--profile", action="store_true", help="residual table: GPU time by kernel kind per row")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="model table: also time the compiled step captured whole in one CUDA graph")
     parser.add_argument("--skip-model", action="store_true", help="only the residual table")
+    parser.add_argument("--skip-residual", action="store_true",
+                        help="only the model table (its rows then compile the AttnRes kernels themselves)")
     parser.add_argument("--tuned", type=Path, default=None,
                         help="launch configs of the AttnRes Triton kernels from benchmarks/attnres_tune.py's JSON "
                              "(nanokimi.ops.attnres.launch.load_tuned) instead of the built-in table")
@@ -254,6 +282,10 @@ def main():
     unknown = [s for s in args.storage if s not in STORAGES]
     if unknown or not args.storage:
         parser.error(f"--storage: unknown {unknown or 'empty'}; choose from {', '.join(STORAGES)}")
+    args.fuse_norm = [f.strip() for f in args.fuse_norm.split(",") if f.strip()]
+    unknown = [f for f in args.fuse_norm if f not in FUSE_NORM]
+    if unknown or not args.fuse_norm:
+        parser.error(f"--fuse-norm: unknown {unknown or 'empty'}; choose from {', '.join(FUSE_NORM)}")
     if args.out is None:
         args.out = results_path("attnres_overhead", args.quick)
     if args.quick:
@@ -265,7 +297,7 @@ def main():
         table = load_tuned(args.tuned)
         print(f"AttnRes launch configs from {args.tuned}: {sum(len(v) for v in table.values())} entries")
 
-    rows = residual_rows(args, device)
+    rows = [] if args.skip_residual else residual_rows(args, device)
     if not args.skip_model:
         rows += model_rows(args, device)
     add_overheads(rows)

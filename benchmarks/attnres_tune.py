@@ -2,12 +2,13 @@
 
 At the bench-kl-900m residual stream's shapes (B * T = 16384 tokens, D = 1024, 32 sublayers in 8 blocks of S = 4):
 phase 1 runs at S = 4 queries over N = 1..8 sources (blocks 0..7) and at S = 1 over N = 9 (the final read),
-and accumulate+merge once per sublayer that is not first in its block (24 per step). For fp32 and bf16
+and accumulate+merge once per sublayer that is not first in its block (24 per step: merge_*, or merge_norm_*
+with the next sublayer's RMSNorm fused in, as the model runs by default). For fp32 and bf16
 sources (the stream's dtype; sublayer outputs are bf16, as under autocast) each kernel is timed
 (triton.testing.do_bench, median) over a grid of configs, as the model runs it (phase 1's backward adds
 into existing gradient sums, except at the final read, the first in backward):
-    phase1_forward, merge_forward:  block_t x num_warps, with 4..64 tile values per thread
-    merge_backward: the same x programs_per_sm (2, 4, 8)
+    phase1_forward, merge_forward, merge_norm_forward:  block_t x num_warps, with 4..64 tile values per thread
+    merge_backward, merge_norm_backward: the same x programs_per_sm (2, 4, 8)
     phase1_backward: block_t (1, 2, 4) x chunk_d (128..1024) x num_warps, 8..32 chunk values per thread,
                      x programs_per_sm (2, 4, 8)
 The whole grid runs at the largest N of each S; the other N try its 3 fastest configs and the default. Every
@@ -16,7 +17,8 @@ tokens in another order 1e-4); one that fails to compile, run or check is skippe
 --budget-s the remaining shapes time the default only. Kernels are compiled first by worker processes in
 parallel (Triton's on-disk cache then serves this process).
 
-Prints one table (kernel, shape, best config, ms, GB/s, default ms) and the per-step total, then the best
+Prints one table (kernel, shape, best config, ms, GB/s, default ms) and the per-step totals (with the merges
+as merge_norm_*, the default, and as merge_*, whose norms then run as torch kernels not counted here), then the best
 configs as a dict to paste into launch.TUNED. Writes benchmarks/results/attnres_tune.json (device, date, commit,
 every measurement, the table); `launch.load_tuned(path)` applies it without editing launch.py, as
 `python benchmarks/attnres_overhead.py --tuned benchmarks/results/attnres_tune.json` does.
@@ -52,6 +54,8 @@ from nanokimi.ops.attnres.launch import GRID_STRIDE, LaunchConfig, config_for, d
 
 EPS = 1e-6
 TOP = 3  # configs of the full grid that the other source counts try
+MERGE_KERNELS = ("merge_forward", "merge_backward", "merge_norm_forward", "merge_norm_backward")
+FUSED_NORM = {"merge_norm_forward", "merge_norm_backward"}  # the model runs these or the plain merges, not both
 
 
 class Case(NamedTuple):
@@ -66,7 +70,7 @@ class Case(NamedTuple):
 
     def label(self):
         shape = f"S={self.S} N={self.N}" if self.kernel.startswith("phase1") else "-"
-        return f"{self.kernel:16} {str(self.dtype).removeprefix('torch.'):8} {shape:9}"
+        return f"{self.kernel:19} {str(self.dtype).removeprefix('torch.'):8} {shape:9}"
 
 
 def model_cases(sublayers, blocks, dtypes):
@@ -80,7 +84,7 @@ def model_cases(sublayers, blocks, dtypes):
                 cases.append(Case(kernel, dtype, S, k + 1, accumulate=kernel == "phase1_backward"))
             cases.append(Case(kernel, dtype, 1, len(sizes) + 1))  # the final read: first in backward
         merges = sum(S - 1 for S in sizes)
-        cases += [Case("merge_forward", dtype, calls=merges), Case("merge_backward", dtype, calls=merges)]
+        cases += [Case(kernel, dtype, calls=merges) for kernel in MERGE_KERNELS]
     return cases
 
 
@@ -102,7 +106,7 @@ def config_grid(case, D, quick):
             per_thread = per_token * block_t / (32 * warps)
             if not 4 <= per_thread <= 64:
                 continue
-            programs = (2, 4, 8) if case.kernel == "merge_backward" else (4,)
+            programs = (2, 4, 8) if case.kernel.endswith("backward") else (4,)
             grid += [LaunchConfig(block_t, warps, 3, p) for p in programs]
     configs = list(dict.fromkeys(first + grid))
     if quick:  # the default and one other
@@ -134,10 +138,12 @@ def make_inputs(case, M, D, device):
             inputs["work_sums"] = None if inputs["sums"] is None else [s.clone() for s in inputs["sums"]]
         return inputs
     inputs = dict(partial=randn(M, D, dtype=case.dtype), out=randn(M, D, dtype=torch.bfloat16), mixture=randn(M, D),
-                  lse=randn(M), qe=randn(D, scale=2 / D ** 0.5))
-    if case.kernel == "merge_backward":
+                  lse=randn(M), qe=randn(D, scale=2 / D ** 0.5), norm_weight=1 + randn(D, scale=0.1))
+    if case.kernel.endswith("backward"):  # grad_h: of h (merge) or of the fp32 normed input x (merge_norm)
+        fused = case.kernel in FUSED_NORM
         inputs.update(new_partial=two_phase._accumulate(inputs["partial"], inputs["out"], case.dtype),
-                      grad_h=randn(M, D, dtype=case.dtype), grad_p=randn(M, D, dtype=case.dtype))
+                      grad_h=randn(M, D, dtype=torch.float32 if fused else case.dtype),
+                      grad_p=randn(M, D, dtype=case.dtype))
     return inputs
 
 
@@ -156,15 +162,17 @@ def runner(case, x, config):
             grad_qe, grads = phase1_backward(x["qe"], x["rstds"], x["values"], x["logits"], x["lse"],
                                              x["grad_mixtures"], x["grad_lse"], sums, config=config)
             return [grad_qe, *grads]
-    elif case.kernel == "merge_forward":
-        def run(check=False):
-            return list(accumulate_merge_forward(x["partial"], x["out"], x["mixture"], x["lse"], x["qe"],
-                                                 case.dtype, EPS, config))
     else:
-        def run(check=False):
-            grads = accumulate_merge_backward(x["new_partial"], x["mixture"], x["lse"], x["qe"], x["grad_p"],
-                                              x["grad_h"], torch.bfloat16, EPS, config)
-            return [grads[-1], *grads[:-1]]
+        norm = dict(norm_weight=x["norm_weight"], norm_eps=EPS) if case.kernel in FUSED_NORM else {}
+        if case.kernel.endswith("forward"):
+            def run(check=False):
+                return list(accumulate_merge_forward(x["partial"], x["out"], x["mixture"], x["lse"], x["qe"],
+                                                     case.dtype, EPS, config, **norm))
+        else:
+            def run(check=False):  # the sums over tokens first: grad qe (and grad norm_weight)
+                grads = accumulate_merge_backward(x["new_partial"], x["mixture"], x["lse"], x["qe"], x["grad_p"],
+                                                  x["grad_h"], torch.bfloat16, EPS, config, **norm)
+                return [*grads[4:], *grads[:4]]
     return run
 
 
@@ -176,10 +184,11 @@ def moved_bytes(case, M, D):
     if case.kernel == "phase1_backward":
         grads = case.N * tensor * es * (2 if case.accumulate else 1)
         return case.N * tensor * es + case.S * tensor * 4 + grads + M * (case.N + case.S * case.N + 2 * case.S) * 4
-    if case.kernel == "merge_forward":
-        return tensor * (es + 2 + 4 + 2 * es) + M * 4
-    separate = 2 if case.dtype != torch.bfloat16 else 0
-    return tensor * (es + 4 + es + es + 4 + es + separate) + 2 * M * 4
+    x_size = 4 if case.kernel in FUSED_NORM else es  # the fused kernels write / read the fp32 normed input instead of h
+    if case.kernel.endswith("forward"):  # partial, out (bf16), mixture (fp32) in; new partial, h or x out
+        return tensor * (es + 2 + 4 + es + x_size) + M * 4
+    separate = 2 if case.dtype != torch.bfloat16 else 0  # new partial, mixture, grad h or x, grad p in; grads out
+    return tensor * (es + 4 + x_size + es + 4 + es + separate) + 2 * M * 4
 
 
 def rel(a, b):
@@ -190,8 +199,9 @@ def rel(a, b):
 
 def check(outputs, expected, case):
     """None if outputs match the default config's, else what differs."""
+    summed = 0 if not case.kernel.endswith("backward") else 2 if case.kernel in FUSED_NORM else 1
     for i, (a, b) in enumerate(zip(outputs, expected)):
-        summed_over_tokens = i == 0 and case.kernel.endswith("backward")  # grad qe first
+        summed_over_tokens = i < summed  # grad qe (and grad norm_weight) first
         bound = 1e-4 if summed_over_tokens else 1e-5 if b.dtype == torch.float32 else 1e-2
         error = rel(a, b)
         if not error < bound:  # also catches NaN
@@ -354,7 +364,7 @@ def summarise(cases, results, args):
 
 
 def print_report(rows, args):
-    header = (f"{'kernel':16} {'dtype':8} {'shape':9} {'calls':>5} {'best config':16} {'ms':>8} {'GB/s':>7} "
+    header = (f"{'kernel':19} {'dtype':8} {'shape':9} {'calls':>5} {'best config':16} {'ms':>8} {'GB/s':>7} "
               f"{'default ms':>10} {'speedup':>7}")
     print(header)
     print("-" * len(header))
@@ -372,11 +382,12 @@ def print_report(rows, args):
         print(f"{case.label()} {case.calls:>5} {fmt(best['config']):16} {best['ms']:>8.3f} {gbps:>7.0f} "
               f"{default_ms:>10.3f} {default_ms / best['ms']:>6.2f}x")
     for dtype in args.dtypes:
-        best = sum(r["case"].calls * r["best"]["ms"] for r in rows if r["best"] and r["case"].dtype == dtype)
-        default = sum(r["case"].calls * (r["default"] or r["best"])["ms"] for r in rows
-                      if r["best"] and r["case"].dtype == dtype)
-        print(f"per training step, {str(dtype).removeprefix('torch.')} stream: AttnRes Triton kernels "
-              f"{default:.2f} ms with the defaults, {best:.2f} ms tuned")
+        for label, left_out in (("norm fused", {"merge_forward", "merge_backward"}), ("norm unfused", FUSED_NORM)):
+            step = [r for r in rows if r["best"] and r["case"].dtype == dtype and r["case"].kernel not in left_out]
+            best = sum(r["case"].calls * r["best"]["ms"] for r in step)
+            default = sum(r["case"].calls * (r["default"] or r["best"])["ms"] for r in step)
+            print(f"per training step, {str(dtype).removeprefix('torch.')} stream, {label}: AttnRes Triton kernels "
+                  f"{default:.2f} ms with the defaults, {best:.2f} ms tuned")
 
 
 def python_table(table):

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import rel_err
 from nanokimi.model.attn_res import AttentionResiduals
 from nanokimi.ops.attnres import (EAGER, Kernels, attnres_naive, attnres_stack_naive, attnres_stack_stored_naive,
                                   compiled_kernels, depth_attention, merge_partial, source_rstd)
@@ -17,7 +18,8 @@ from nanokimi.ops.attnres import two_phase
 
 # the fused maths (what compiled_kernels compiles) run eagerly, so it is tested without a compiler too
 FUSED_EAGER = Kernels(two_phase._phase1_forward_fused, two_phase._phase1_backward_fused, two_phase._merge,
-                      two_phase._accumulate_merge, two_phase._finish_source, source_rstd)
+                      two_phase._accumulate_merge, two_phase._accumulate_merge_norm, two_phase._finish_source,
+                      source_rstd)
 KERNELS = {"stacked": lambda: EAGER, "fused": lambda: FUSED_EAGER, "compiled": compiled_kernels}
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -291,6 +293,10 @@ def test_overhead_benchmark_quick(tmp_path):
     report = json.loads(out.read_text())
     assert {r["attn_res"] for r in report["rows"]} >= {"none", "block"}
     assert {r["storage"] for r in report["rows"] if r["attn_res"] == "block"} == {"auto", "fp32"}
+    for table in ("residual", "model"):  # the fused pre-norm against the unfused one, per storage
+        rows = [r for r in report["rows"] if r["attn_res"] == "block" and r["table"] == table]
+        expected = {(storage, fuse) for storage in ("auto", "fp32") for fuse in ("on", "off")}
+        assert {(r["storage"], r["fuse_norm"]) for r in rows} == expected, table
     assert all(r["median_ms"] > 0 for r in report["rows"])
 
 
@@ -524,3 +530,192 @@ def test_bf16_storage_trains_like_fp32_storage():
     assert abs(auto[0] / fp32[0] - 1) < 1e-3
     assert ((auto[:10] - fp32[:10]).abs() / fp32[:10]).max() < 2e-3  # before the trajectories drift apart
     assert abs(auto[-10:].mean() / fp32[-10:].mean() - 1) < 1e-2
+
+
+def merge_then_norm(partial, out, mixture, lse, qe, dtype, eps, norm_weight, norm_eps):
+    """The unfused path: the merge (eager) writes h, then the model's RMSNorm module norms it."""
+    from nanokimi.model.norm import RMSNorm
+    norm = RMSNorm(norm_weight.shape[0], norm_eps)
+    new_partial, h = two_phase._accumulate_merge(partial, out, mixture, lse, qe, dtype, eps)
+    return new_partial, torch.func.functional_call(norm, {"weight": norm_weight}, (h,))
+
+
+def merge_norm_inputs(M, D, dtype, has_partial, seed, mixture_dtype=None, out_dtype=None, device="cpu"):
+    """Leaves of one fused call (partial or None, out, mixture, lse, qe, norm weight) and the cotangents of
+    (new partial, x). The norm weight is far from ones and qe large enough for the merge weights to vary."""
+    g = torch.Generator().manual_seed(seed)
+
+    def leaf(*shape, scale=1.0, shift=0.0, dtype=dtype):
+        return (torch.randn(*shape, generator=g) * scale + shift).to(device, dtype).requires_grad_()
+    partial = leaf(M, D, scale=2.0) if has_partial else None
+    out = leaf(M, D, dtype=out_dtype or dtype)
+    mixture = leaf(M, D, dtype=mixture_dtype or dtype)
+    wide = two_phase.wide_dtype(dtype)
+    lse = leaf(M, dtype=wide)
+    qe = leaf(D, scale=2 / D ** 0.5, dtype=wide)
+    norm_weight = leaf(D, scale=0.5, shift=1.0, dtype=wide)
+    cotangents = (torch.randn(M, D, generator=g).to(device, wide), torch.randn(M, D, generator=g).to(device, wide))
+    return [partial, out, mixture, lse, qe, norm_weight], cotangents
+
+
+def run_merge_norm(op, leaves, cotangents, dtype, eps=1e-6, norm_eps=1e-5):
+    """op's (new partial, x) and the gradients of every leaf from <new partial, c_p> + <x, c_x>."""
+    partial, out, mixture, lse, qe, norm_weight = leaves
+    new_partial, x = op(partial, out, mixture, lse, qe, dtype, eps, norm_weight, norm_eps)
+    ((new_partial * cotangents[0]).sum() + (x * cotangents[1]).sum()).backward()
+    present = [t for t in leaves if t is not None]
+    grads = [t.grad.clone() for t in present]
+    for t in present:
+        t.grad = None
+    return [new_partial.detach(), x.detach()] + grads
+
+
+@pytest.mark.parametrize("kernels", ["stacked", "compiled"])
+@pytest.mark.parametrize("dtype,has_partial", [(torch.float32, True), (torch.float64, True),
+                                               (torch.float32, False)])
+def test_accumulate_merge_norm_is_merge_then_rmsnorm(kernels, dtype, has_partial):
+    """The fused merge + norm (accumulate_merge_norm) against the merge followed by the model's RMSNorm module:
+    the new partial sum, the normed input and the gradients of partial, out, mixture, lse, qe and the norm
+    weight (T = 63 tokens, D = 45; norm eps 1e-5 against the merge's 1e-6, so swapping them shows). The eager
+    set computes exactly the unfused ops (bit for bit); compiled, a fused graph: fp32 rounding (1e-6),
+    float64 (whose RMSNorm runs in fp32, as the model's does) the same."""
+    ops = KERNELS[kernels]()
+    leaves, cotangents = merge_norm_inputs(63, 45, dtype, has_partial, seed=61 + has_partial)
+    got = run_merge_norm(ops.accumulate_merge_norm, leaves, cotangents, dtype)
+    expected = run_merge_norm(merge_then_norm, leaves, cotangents, dtype)
+    assert got[1].dtype == dtype and len(got) == len(expected) == 7 + has_partial
+    for i, (a, b) in enumerate(zip(got, expected)):
+        assert a.dtype == b.dtype and b.norm() > 0, i
+        if kernels == "stacked":
+            assert torch.equal(a, b), i
+        else:
+            assert rel_err(a, b) < 1e-6, i
+    wrong_eps = run_merge_norm(merge_then_norm, leaves, cotangents, dtype, norm_eps=1e-6)
+    assert rel_err(got[1], wrong_eps[1]) > 0  # the norm's own eps is the one applied
+
+
+def test_rms_norm_function_is_the_module():
+    """nanokimi.model.norm.rms_norm (what the fused op applies) is RMSNorm's forward, bit for bit."""
+    from nanokimi.model.norm import RMSNorm, rms_norm
+    norm = RMSNorm(24, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        x = (torch.randn(3, 5, 24) * 3).to(dtype)
+        assert torch.equal(rms_norm(x, norm.weight, norm.eps), norm(x))
+
+
+def counting(fn, calls):
+    def counted(*args, **kwargs):
+        calls.append(fn)
+        return fn(*args, **kwargs)
+    return counted
+
+
+@pytest.mark.parametrize("kernels", ["eager", "compiled", pytest.param("triton", marks=pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None, reason="needs triton"))])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_model_with_fused_norm_matches_unfused(kernels, autocast):
+    """A tiny block-AttnRes model (3 layers: 6 sublayers in 2 blocks of 3, so sublayers 1, 2, 4 and 5 read a merge
+    and get their norm fused; D = 40) with attn_res_fuse_norm on and off, same weights and batch: the same loss
+    and gradients of every parameter, and the fused op runs exactly for those 4 sublayers. Eager: bit for bit
+    (the same ops). Compiled and triton (the interpreter on the CPU): fp32 5e-5 (measured up to 9e-6, a query's
+    small, cancelling gradient); under bf16 autocast 1e-2 (measured 2.7e-3 compiled, 4e-7 triton): the sublayers'
+    bf16 casts turn a last-bit difference of their fp32 input into a bf16 step now and then."""
+    from nanokimi.config import ModelConfig
+    from nanokimi.model import build_model
+    config = ModelConfig.preset("tiny-dense", vocab_size=61, hidden_size=40, num_layers=3, num_heads=2,
+                                num_kv_heads=1, head_dim=20, intermediate_size=72, attn_res="block",
+                                attn_res_blocks=2)
+    assert config.attn_res_fuse_norm
+    torch.manual_seed(0)
+    fused = build_model(config).train()
+    g = torch.Generator().manual_seed(71)
+    randomise(fused.residual, g)
+    with torch.no_grad():
+        for q in fused.residual.queries:
+            q.mul_(0.5)
+        for block in fused.layers:
+            for norm in (block.mixer_norm, block.ffn_norm):
+                norm.weight.copy_(torch.rand(40, generator=g) + 0.5)
+    unfused = build_model(config.replace(attn_res_fuse_norm=False)).train()
+    unfused.load_state_dict(fused.state_dict())
+    assert not unfused.residual.fuse_norm
+    ids = torch.randint(0, 61, (2, 13), generator=g)
+    targets = torch.randint(0, 61, (2, 13), generator=g)
+    results, calls = [], {}
+    for model in (fused, unfused):
+        if kernels != "eager":
+            model.residual.compile_kernels(triton=kernels == "triton")
+        calls[model] = []
+        model.residual.kernels = model.residual.kernels._replace(
+            accumulate_merge_norm=counting(model.residual.kernels.accumulate_merge_norm, calls[model]))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model.loss(ids, targets)
+        loss.backward()
+        results.append([loss.detach()] + [p.grad for p in model.parameters()])
+    assert len(calls[fused]) == 4 and len(calls[unfused]) == 0
+    names = ["loss"] + [name for name, _ in fused.named_parameters()]
+    for name, a, b in zip(names, *results):
+        assert a is not None and b is not None, name
+        if kernels == "eager":
+            assert torch.equal(a, b), name
+        else:
+            assert rel_err(a, b) < (1e-2 if autocast else 5e-5), (name, rel_err(a, b))
+    norm_grads = [block.ffn_norm.weight.grad for block in fused.layers]
+    assert all(grad.abs().sum() > 0 for grad in norm_grads)  # the fused norms' weights learn
+
+
+def test_normed_input_protocol_and_its_errors():
+    """normed_input: the fused output where add() was given the norm, norm(h) elsewhere (each block's first
+    sublayer, a norm that is not an RMSNorm, fuse_norm off); sublayer_input has no h to give after a fused add,
+    and a norm other than the one add() fused says so."""
+    from nanokimi.model.norm import RMSNorm
+    g = torch.Generator().manual_seed(81)
+    D, L = 16, 4
+    module = AttentionResiduals(D, L, mode="block", num_blocks=2)
+    randomise(module, g)
+    norms = [RMSNorm(D) for _ in range(L)]
+    sublayers = [ToyMixer(D, g) for _ in range(L)]
+    embedding = torch.randn(2, 3, D, generator=g)
+    state = module.start(embedding)
+    x0 = module.normed_input(state, 0, norms[0])
+    assert torch.equal(x0, norms[0](module.sublayer_input(state, 0)))  # a block's first input: phase 1's mixture
+    state_fused = module.add(state, 0, sublayers[0](x0), norms[1])
+    state_plain = module.add(state, 0, sublayers[0](x0))
+    assert state_fused.h is None and state_fused.norm is norms[1]
+    assert torch.equal(module.normed_input(state_fused, 1, norms[1]), norms[1](module.sublayer_input(state_plain, 1)))
+    with pytest.raises(ValueError, match="normed_input"):
+        module.sublayer_input(state_fused, 1)
+    with pytest.raises(ValueError, match="not the one given"):
+        module.normed_input(state_fused, 1, norms[2])
+    assert module.add(state, 0, sublayers[0](x0), nn.LayerNorm(D)).h is not None  # not an RMSNorm: not fused
+    module.fuse_norm = False
+    assert module.add(state, 0, sublayers[0](x0), norms[1]).norm is None
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_model_decode_with_fused_norm_on_triton_kernels():
+    """Cached decoding (T = 1 steps, then a chunk) equals the full forward with the fused norm on the triton set
+    (the interpreter on the CPU), and both equal the unfused model's forward."""
+    from nanokimi.config import ModelConfig
+    from nanokimi.model import build_model
+    config = ModelConfig.preset("tiny-dense", vocab_size=61, hidden_size=40, num_layers=2, num_heads=2,
+                                num_kv_heads=1, head_dim=20, intermediate_size=72, attn_res="block",
+                                attn_res_blocks=1, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    randomise(model.residual, torch.Generator().manual_seed(91))
+    model.residual.compile_kernels(triton=True)
+    calls = []
+    model.residual.kernels = model.residual.kernels._replace(
+        accumulate_merge_norm=counting(model.residual.kernels.accumulate_merge_norm, calls))
+    ids = torch.randint(0, 61, (2, 9))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache(batch_size=2, max_len=9)
+        steps = [model(ids[:, t:t + 1], cache=cache) for t in range(5)] + [model(ids[:, 5:], cache=cache)]
+        model.residual.fuse_norm = False
+        unfused = model(ids)
+    assert len(calls) == 3 * 7  # sublayers 1..3 of the one block, per forward: full, 5 steps, the chunk
+    assert rel_err(torch.cat(steps, dim=1), full) < 1e-5 and rel_err(full, unfused) < 1e-5

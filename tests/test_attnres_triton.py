@@ -5,6 +5,7 @@ Without CUDA they run in Triton's interpreter (TRITON_INTERPRET=1, set by confte
 slow: sizes stay tiny (B * T <= 64, D <= 96, N <= 4 sources, S <= 3 queries).
 """
 import copy
+import functools
 import importlib.util
 import json
 import subprocess
@@ -24,7 +25,9 @@ from nanokimi.ops.attnres import (EAGER, attnres_naive, attnres_stack_naive, att
 from nanokimi.ops.attnres import two_phase  # noqa: E402
 from nanokimi.ops.attnres.launch import LaunchConfig  # noqa: E402
 from nanokimi.ops.attnres.triton_phase1 import phase1_backward, phase1_forward, triton_kernels  # noqa: E402
-from nanokimi.ops.attnres.triton_phase2 import accumulate_merge  # noqa: E402
+from nanokimi.ops.attnres.triton_phase2 import accumulate_merge, accumulate_merge_norm  # noqa: E402
+from conftest import rel_err  # noqa: E402
+from test_attnres import merge_norm_inputs, merge_then_norm, run_merge_norm  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ROOT = Path(__file__).resolve().parents[1]
@@ -387,6 +390,9 @@ def test_compile_kernels_picks_triton_on_cuda_only():
     assert module.kernels.phase1_forward.func is phase1_forward
     assert module.kernels.merge is two_phase.compiled_kernels(None).merge
     assert module.kernels.accumulate_merge.func is accumulate_merge
+    assert module.kernels.accumulate_merge_norm.func is accumulate_merge_norm
+    fallback = module.kernels.accumulate_merge_norm.keywords["fallback"]
+    assert fallback is two_phase.compiled_kernels(None).accumulate_merge_norm
 
 
 def test_tune_benchmark_quick(tmp_path):
@@ -574,3 +580,83 @@ def test_module_with_triton_kernels_and_bf16_storage(storage, D, L, num_blocks):
     assert max(error(a, b) for a, b in zip(grads, grads_ref)) < (2e-3 if exact else 5e-2)
     assert rel(final, final_32) < 2e-2
     assert max(error(a, b) for a, b in zip(grads, grads_32)) < 0.15
+
+
+BF16 = torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype,mixture_dtype,out_dtype,has_partial,block_t", [
+    (torch.float32, torch.float32, torch.float32, True, 4), (torch.float32, BF16, BF16, True, 4),
+    (torch.float32, torch.float32, BF16, False, 16), (BF16, BF16, BF16, True, 2)])
+def test_triton_accumulate_merge_norm_is_merge_then_rmsnorm(dtype, mixture_dtype, out_dtype, has_partial, block_t):
+    """The Triton merge + norm kernels against the eager merge followed by the model's RMSNorm module (T = 63,
+    D = 45: a tail tile, masked columns; backward programs looping over several tiles): the new partial sum, the
+    normed input x and the gradients of partial, out, mixture, lse, qe and the norm weight. fp32 everything:
+    1e-5 (fp32 rounding; sums in another order). A tensor stored in bf16 (the mixture and out of storage "auto"
+    under autocast, and their gradients): 1e-2, one bf16 rounding (the interpreter truncates where the GPU rounds
+    to nearest). A bf16 stream (h, the normalised h and their gradients rounded to bf16 as the unfused path
+    rounds them): 3e-2 in the interpreter (measured 1.3e-2), 1e-2 on a GPU."""
+    leaves, cotangents = merge_norm_inputs(63, 45, dtype, has_partial, seed=block_t + 7 * has_partial,
+                                           mixture_dtype=mixture_dtype, out_dtype=out_dtype, device=DEVICE)
+    config = LaunchConfig(block_t=block_t, num_warps=4, programs_per_sm=3)
+    got = run_merge_norm(functools.partial(accumulate_merge_norm, config=config), leaves, cotangents, dtype)
+    expected = run_merge_norm(merge_then_norm, leaves, cotangents, dtype)
+    assert got[1].dtype == torch.float32  # the fp32 norm weight times the normed input
+    for i, (a, b) in enumerate(zip(got, expected)):
+        assert a.dtype == b.dtype and b.norm() > 0, i
+        bound = (1e-5 if a.dtype == torch.float32 and dtype == torch.float32 else
+                 1e-2 if dtype == torch.float32 or DEVICE.type == "cuda" else 3e-2)
+        assert rel_err(a, b) < bound, (i, rel_err(a, b))
+
+
+def test_triton_accumulate_merge_norm_saves_no_intermediate():
+    """Backward recomputes h from what the merge saves anyway: of the [M, D] tensors, only the new partial sum
+    and the mixture are saved (the unfused norm saves h and the normalised h as well)."""
+    leaves, _ = merge_norm_inputs(21, 40, torch.float32, True, seed=3, device=DEVICE)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        new_partial, x = accumulate_merge_norm(*leaves[:5], torch.float32, 1e-6, leaves[5], 1e-5)
+    assert sum(t.shape == x.shape for t in saved) == 2
+    assert any(t.data_ptr() == new_partial.data_ptr() for t in saved)
+    assert any(t.data_ptr() == leaves[2].data_ptr() for t in saved)
+
+
+def test_triton_accumulate_merge_norm_falls_back(monkeypatch):
+    """Inputs the kernels do not take run the fallback (float64; D above MAX_D; CPU tensors without the
+    interpreter), or say why without one."""
+    from nanokimi.ops.attnres import triton_phase2
+    calls = []
+
+    def fallback(*args):
+        calls.append(args[5])
+        return two_phase._accumulate_merge_norm(*args)
+    wide, _ = merge_norm_inputs(5, 16, torch.float64, True, seed=1, device=DEVICE)
+    new_partial, x = accumulate_merge_norm(*wide[:5], torch.float64, 1e-6, wide[5], 1e-5, fallback=fallback)
+    assert calls == [torch.float64] and x.dtype == torch.float64
+    monkeypatch.setattr(triton_phase2, "MAX_D", 8)
+    narrow, _ = merge_norm_inputs(5, 16, torch.float32, True, seed=2, device=DEVICE)
+    accumulate_merge_norm(*narrow[:5], torch.float32, 1e-6, narrow[5], 1e-5, fallback=fallback)
+    assert calls == [torch.float64, torch.float32]
+    with pytest.raises(ValueError, match="norm weight"):
+        accumulate_merge_norm(*narrow[:5], torch.float32, 1e-6, narrow[5], 1e-5)
+    monkeypatch.setattr(triton_phase2, "MAX_D", 16384)
+    assert triton_phase2.supports(*narrow[:3], torch.float32, narrow[5])
+    assert not triton_phase2.supports(*narrow[:3], torch.float32, narrow[5][:8])  # not [D]
+    if DEVICE.type == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        assert not triton_phase2.supports(*narrow[:3], torch.float32, narrow[5])
+
+
+def test_merge_norm_launch_configs_default_to_the_merges():
+    """Untuned, the merge + norm kernels launch with the plain merge's tuned entry; a tuned entry of their own wins."""
+    from nanokimi.ops.attnres import launch
+    merge, own = LaunchConfig(2, 8, 3, 2), LaunchConfig(8, 4, 3, 4)
+    try:
+        launch.use_tuned({("merge_backward", 64, 1, "float32"): {1: merge}})
+        assert launch.config_for("merge_norm_backward", 45, torch.float32) == merge
+        assert launch.config_for("merge_norm_forward", 45, torch.float32) == launch.default_config("merge_forward", 45)
+        launch.use_tuned({("merge_backward", 64, 1, "float32"): {1: merge},
+                          ("merge_norm_backward", 64, 1, "float32"): {1: own}})
+        assert launch.config_for("merge_norm_backward", 45, torch.float32) == own
+    finally:
+        launch.use_tuned(launch.TUNED)

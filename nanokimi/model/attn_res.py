@@ -13,9 +13,12 @@ the same for any T and a decode step (T = 1) needs nothing cached from earlier t
 Driven by the transformer one call per sublayer:
     state = residual.start(embedding)
     for l in range(num_sublayers):
-        h = residual.sublayer_input(state, l)
-        state = residual.add(state, l, f_l(norm_l(h)))
+        x = residual.normed_input(state, l, norm_l)        # norm_l(input of sublayer l)
+        state = residual.add(state, l, f_l(x), norm_{l+1})  # norm_{l+1}: None after the last sublayer
     h_final = residual.finish(state)
+Given the next sublayer's pre-norm (an RMSNorm), `add` returns that sublayer's input already normed, from the
+same kernel that merges it (`fuse_norm`, on by default): the un-normed input h is then never written, and
+`normed_input` returns the normed one. Without it (`sublayer_input` + the caller's norm) the same numbers come out.
 """
 import importlib.util
 import math
@@ -24,6 +27,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from nanokimi.model.norm import RMSNorm
 from nanokimi.ops.attnres import EAGER, compiled_kernels, depth_attention_qe, share_source
 from nanokimi.ops.attnres.two_phase import finish_shared_source, wide_dtype
 
@@ -41,7 +45,8 @@ class AttnResState(NamedTuple):
     partial: sum of the current block's outputs so far (None at a block's start); mixture (S tensors [B, T, D],
     fp32, or the storage dtype with storage="auto-all") and lse (S tensors [B, T], fp32): phase 1 of the current block; qe [L + 1, D]: every query
     times its key weight, built once per forward; position: the next sublayer; h: its input, computed by the
-    call that produced this state (None after the last sublayer).
+    call that produced this state (None after the last sublayer, or when it was computed normed); normed, norm:
+    the next sublayer's input already normed by its pre-norm `norm` (the fused merge + norm), else None.
     """
     sources: tuple
     rstds: tuple
@@ -52,15 +57,21 @@ class AttnResState(NamedTuple):
     position: int
     h: torch.Tensor | None
     dtype: torch.dtype
+    normed: torch.Tensor | None = None
+    norm: nn.Module | None = None
 
 
 class AttentionResiduals(nn.Module):
     def __init__(self, hidden_size: int, num_sublayers: int, mode: str = "full", num_blocks: int = 8,
-                 eps: float = 1e-6, storage: str = "auto"):
+                 eps: float = 1e-6, storage: str = "auto", fuse_norm: bool = True):
         """storage: the dtype the stored sources (embedding, finished block sums) are kept in (see
         `storage_dtype`): "auto" = the sublayers' output dtype (bf16 under bf16 autocast), "fp32" = fp32 (float64
         for a float64 stream); "auto-all": as "auto", and phase 1's mixtures too (fp32 otherwise). Sums are
-        accumulated in fp32 and the softmax runs in fp32 either way."""
+        accumulated in fp32 and the softmax runs in fp32 either way.
+        fuse_norm: when `add` is given the next sublayer's RMSNorm and that sublayer's input is a merge (it is not
+        the first of its block), compute the normed input in the merge's kernel (`accumulate_merge_norm`) instead
+        of the merged input h and then norm(h); False: always the latter (for A/B timing and debugging). The
+        results are the same either way (same maths, same roundings; sums may run in another order)."""
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode='{mode}' must be one of {MODES} (use the plain PreNorm residual for 'none').")
@@ -76,6 +87,7 @@ class AttentionResiduals(nn.Module):
         self.num_sublayers = num_sublayers
         self.mode = mode
         self.storage = storage
+        self.fuse_norm = fuse_norm
         self.eps = eps
         self.kernels = EAGER
         # sublayers per block; the last block is shorter when num_blocks does not divide num_sublayers
@@ -110,7 +122,8 @@ class AttentionResiduals(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, num_sublayers={self.num_sublayers}, mode={self.mode}, "
-                f"block_size={self.block_size}, num_blocks={self.num_blocks}, storage={self.storage}")
+                f"block_size={self.block_size}, num_blocks={self.num_blocks}, storage={self.storage}, "
+                f"fuse_norm={self.fuse_norm}")
 
     def storage_dtype(self, embedding: torch.Tensor) -> torch.dtype:
         """The dtype the sources and mixtures are stored in for a stream starting at embedding. "auto": under
@@ -152,18 +165,42 @@ class AttentionResiduals(nn.Module):
     def sublayer_input(self, state: AttnResState, l: int) -> torch.Tensor:
         """The [B, T, D] input of sublayer l (before its pre-norm)."""
         self._check_order(state, l)
+        if state.h is None:
+            raise ValueError(f"sublayer {l}'s input was computed normed (add() was given its norm, and fuse_norm is "
+                             "on), so only normed_input() has it; pass no norm to add() to get the input itself.")
         return state.h
 
-    def add(self, state: AttnResState, l: int, out: torch.Tensor) -> AttnResState:
-        """Record sublayer l's output out [B, T, D]; returns the next state (with the next sublayer's input)."""
+    def normed_input(self, state: AttnResState, l: int, norm: nn.Module) -> torch.Tensor:
+        """norm(input of sublayer l), [B, T, D]: the fused merge + norm's output when add() was given this norm
+        for sublayer l, else norm(h)."""
+        self._check_order(state, l)
+        if state.norm is None:
+            return norm(state.h)
+        if state.norm is not norm:
+            raise ValueError(f"sublayer {l}'s input was normed by the norm passed to add() for it, not the one given "
+                             "here; pass add() the norm that sublayer applies.")
+        return state.normed
+
+    def fuses(self, norm: nn.Module | None) -> bool:
+        """Whether add() computes a merged input normed by norm (an RMSNorm, with fuse_norm on)."""
+        return self.fuse_norm and isinstance(norm, RMSNorm)
+
+    def add(self, state: AttnResState, l: int, out: torch.Tensor,
+            next_norm: nn.Module | None = None) -> AttnResState:
+        """Record sublayer l's output out [B, T, D]; returns the next state (with the next sublayer's input).
+        next_norm: the pre-norm of sublayer l + 1 (None: unknown, or l is the last); where `fuses(next_norm)` and
+        that input is a merge, the state holds it normed (see `normed_input`) instead of the input itself."""
         self._check_order(state, l)
         dtype = state.dtype
         first, stop = self._block_range(l)
         if l + 1 < stop:  # the block goes on: its partial sum grows, and the next input merges it in
             i = l + 1 - first
-            partial, h = self.kernels.accumulate_merge(state.partial, out, state.mixture[i], state.lse[i],
-                                                       state.qe[l + 1], dtype, self.eps)
-            return state._replace(partial=partial, position=l + 1, h=h)
+            args = (state.partial, out, state.mixture[i], state.lse[i], state.qe[l + 1], dtype, self.eps)
+            if self.fuses(next_norm):
+                partial, normed = self.kernels.accumulate_merge_norm(*args, next_norm.weight, next_norm.eps)
+                return state._replace(partial=partial, position=l + 1, h=None, normed=normed, norm=next_norm)
+            partial, h = self.kernels.accumulate_merge(*args)
+            return state._replace(partial=partial, position=l + 1, h=h, normed=None, norm=None)
         block_sum, rstd = finish_shared_source(self.kernels, state.partial, out, state.sources[0].value.dtype,
                                                self.eps)
         sources, rstds = state.sources + (block_sum,), state.rstds + (rstd,)
@@ -184,4 +221,4 @@ class AttentionResiduals(nn.Module):
     def _check_order(self, state: AttnResState, l: int) -> None:
         if l != state.position:
             raise ValueError(f"sublayer {l} called but the residual stream expects sublayer {state.position}; "
-                             "call sublayer_input/add in order 0, 1, ..., num_sublayers - 1.")
+                             "call sublayer_input (or normed_input) and add in order 0, 1, ..., num_sublayers - 1.")

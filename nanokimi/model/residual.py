@@ -1,8 +1,11 @@
 """The residual stream, driven one sublayer at a time so that other schemes (AttnRes) can replace it.
 
     state = residual.start(embedding)
-    for each sublayer l:  state = residual.add(state, l, f_l(norm_l(residual.sublayer_input(state, l))))
+    for each sublayer l:  state = residual.add(state, l, f_l(residual.normed_input(state, l, norm_l)), norm_{l+1})
     hidden = residual.finish(state)
+
+(`normed_input(state, l, norm)` is norm(sublayer_input(state, l)); add's last argument, the next sublayer's norm,
+lets a scheme compute that normed input in the same kernel as the input itself: AttnRes does, this one does not.)
 
 The Transformer runs PreNorm models through Block.forward instead (the same sum, one call per block, so
 a whole block compiles as one graph); this class states the plain scheme in the protocol's terms.
@@ -20,7 +23,11 @@ class PreNormResidual(nn.Module):
     def sublayer_input(self, state: torch.Tensor, index: int) -> torch.Tensor:
         return state
 
-    def add(self, state: torch.Tensor, index: int, out: torch.Tensor) -> torch.Tensor:
+    def normed_input(self, state: torch.Tensor, index: int, norm: nn.Module) -> torch.Tensor:
+        return norm(state)
+
+    def add(self, state: torch.Tensor, index: int, out: torch.Tensor,
+            next_norm: nn.Module | None = None) -> torch.Tensor:
         return state + out
 
     def finish(self, state: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,8 @@ def make_residual(cfg: ModelConfig) -> nn.Module:
         return PreNormResidual()
     from nanokimi.model.attn_res import AttentionResiduals
     return AttentionResiduals(cfg.hidden_size, 2 * cfg.num_layers, mode=cfg.attn_res,
-                              num_blocks=cfg.attn_res_blocks, eps=cfg.norm_eps, storage=cfg.attn_res_storage)
+                              num_blocks=cfg.attn_res_blocks, eps=cfg.norm_eps, storage=cfg.attn_res_storage,
+                              fuse_norm=cfg.attn_res_fuse_norm)
 
 
 class Block(nn.Module):
@@ -104,15 +105,18 @@ class Transformer(nn.Module):
             raise ValueError("position= selects the fixed-shape decode path and needs cache= as well.")
         state = self.residual.start(self.embed(input_ids))
         plain = isinstance(self.residual, PreNormResidual)
+        # each sublayer's pre-norm, and None after the last: add() gets the next one, which AttnRes fuses into
+        # the kernel that merges that sublayer's input
+        norms = [norm for block in self.layers for norm in (block.mixer_norm, block.ffn_norm)] + [None]
         for i, block in enumerate(self.layers):
             layer_cache = None if cache is None else cache.layers[i]
             if plain:
                 state = block(state, layer_cache, pos)
                 continue
-            h = self.residual.sublayer_input(state, 2 * i)
-            state = self.residual.add(state, 2 * i, block.mixer(block.mixer_norm(h), layer_cache, pos))
-            h = self.residual.sublayer_input(state, 2 * i + 1)
-            state = self.residual.add(state, 2 * i + 1, block.ffn(block.ffn_norm(h)))
+            x = self.residual.normed_input(state, 2 * i, block.mixer_norm)
+            state = self.residual.add(state, 2 * i, block.mixer(x, layer_cache, pos), norms[2 * i + 1])
+            x = self.residual.normed_input(state, 2 * i + 1, block.ffn_norm)
+            state = self.residual.add(state, 2 * i + 1, block.ffn(x), norms[2 * i + 2])
         if cache is not None and position is None:
             cache.pos += T
         return self.norm(self.residual.finish(state))

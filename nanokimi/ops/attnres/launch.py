@@ -6,14 +6,15 @@ per SM. What suits one shape does not suit another, so each launch looks its con
 
     key = (kernel, BLOCK_D, S_PAD, dtype)   ->   {N: LaunchConfig}
     kernel: "phase1_forward" | "phase1_backward" | "merge_forward" | "merge_backward" (merge = accumulate+merge)
+            | "merge_norm_forward" | "merge_norm_backward" (the merge with the next sublayer's RMSNorm fused)
     BLOCK_D = next_pow2(D); S_PAD = next_pow2(S queries), 1 for the merges; dtype: the sources' (phase 1) or
     the stream's (merges) dtype name, e.g. "float32"; N: the source count (phase 1), 1 for the merges.
 
 `config_for` returns the entry of the nearest tuned N for the key (configs vary slowly with N, and any config
-is valid at any N), else `default_config`, a shape heuristic that is safe everywhere. `TUNED` holds measured
-configs; benchmarks/attnres_tune.py measures a grid on a GPU and prints a replacement for it (and writes a JSON
-file that `load_tuned` applies without editing this file). Tests and the tuner pass a `config=` to the op
-functions instead of using the table.
+is valid at any N), else (the merge + norm kernels) the plain merge's entry, else `default_config`, a shape
+heuristic that is safe everywhere. `TUNED` holds measured configs; benchmarks/attnres_tune.py measures a grid on
+a GPU and prints a replacement for it (and writes a JSON file that `load_tuned` applies without editing this
+file). Tests and the tuner pass a `config=` to the op functions instead of using the table.
 """
 import functools
 import json
@@ -22,8 +23,11 @@ from typing import NamedTuple
 
 import torch
 
-KERNELS = ("phase1_forward", "phase1_backward", "merge_forward", "merge_backward")
-GRID_STRIDE = ("phase1_backward", "merge_backward")  # kernels whose programs loop over tiles: programs_per_sm
+KERNELS = ("phase1_forward", "phase1_backward", "merge_forward", "merge_backward", "merge_norm_forward",
+           "merge_norm_backward")
+GRID_STRIDE = ("phase1_backward", "merge_backward", "merge_norm_backward")  # programs loop over tiles: programs_per_sm
+# an untuned kernel launches with the entry of the kernel it extends: the fused merge + norm streams the same tiles
+UNTUNED_AS = {"merge_norm_forward": "merge_forward", "merge_norm_backward": "merge_backward"}
 CHUNKED = ("phase1_backward",)  # kernels that stream D in chunks: chunk_d
 
 
@@ -148,10 +152,12 @@ def default_config(kernel: str, D: int, S: int = 1) -> LaunchConfig:
 
 def config_for(kernel: str, D: int, dtype: torch.dtype, S: int = 1, N: int = 1) -> LaunchConfig:
     """The config a kernel launches with at hidden size D, S queries and N sources of dtype (see the module
-    docstring): the tuned entry at the nearest N, else default_config."""
-    by_sources = _active.get((kernel, _next_pow2(D), _next_pow2(S), _dtype_name(dtype)))
-    if by_sources:
-        return by_sources[min(by_sources, key=lambda n: (abs(n - N), n))]
+    docstring): the tuned entry at the nearest N, else that of the kernel it extends (UNTUNED_AS), else
+    default_config."""
+    for name in (kernel, UNTUNED_AS.get(kernel)):
+        by_sources = _active.get((name, _next_pow2(D), _next_pow2(S), _dtype_name(dtype)))
+        if by_sources:
+            return by_sources[min(by_sources, key=lambda n: (abs(n - N), n))]
     return default_config(kernel, D, S)
 
 

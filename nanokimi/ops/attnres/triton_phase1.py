@@ -288,10 +288,12 @@ def _unsupported_message(qe, values):
 
 @functools.cache
 def triton_kernels(base: Kernels) -> Kernels:
-    """base (e.g. compiled_kernels()) with phase 1 forward and backward, and the per-sublayer accumulate + merge,
-    replaced by the Triton kernels (this file and triton_phase2.py); base's functions still run for inputs the
-    kernels do not take (see `supports`). Built once per base."""
-    from nanokimi.ops.attnres.triton_phase2 import accumulate_merge
+    """base (e.g. compiled_kernels()) with phase 1 forward and backward, and the per-sublayer accumulate + merge
+    (alone and with the next sublayer's norm), replaced by the Triton kernels (this file and triton_phase2.py);
+    base's functions still run for inputs the kernels do not take (see `supports`). Built once per base."""
+    from nanokimi.ops.attnres.triton_phase2 import accumulate_merge, accumulate_merge_norm
     return base._replace(phase1_forward=functools.partial(phase1_forward, fallback=base.phase1_forward),
                          phase1_backward=functools.partial(phase1_backward, fallback=base.phase1_backward),
-                         accumulate_merge=functools.partial(accumulate_merge, fallback=base.accumulate_merge))
+                         accumulate_merge=functools.partial(accumulate_merge, fallback=base.accumulate_merge),
+                         accumulate_merge_norm=functools.partial(accumulate_merge_norm,
+                                                                 fallback=base.accumulate_merge_norm))

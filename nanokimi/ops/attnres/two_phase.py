@@ -21,6 +21,8 @@ What makes it cheap (the work is memory-bound: a few flops per element of each [
     reader returned a fresh [B, T, D] gradient and autograd added them: two more passes over [B, T, D] each.
   - Per sublayer the module makes one call (`accumulate_merge`): the block's partial sum plus the sublayer's
     output, and the next sublayer's merged input from it; one compiled graph (or Triton kernel) per sublayer.
+    `accumulate_merge_norm` also applies the next sublayer's pre-norm (RMSNorm), so the merged input h itself
+    (and, in backward, its gradient) never goes through memory: the module calls it when given that norm.
   - Two implementations of phase 1's forward and backward with the same maths: "stacked" (eager: stack the N
     sources once, then batched matmuls: a few large kernels) and "fused" (for torch.compile: per-source
     reductions and one sum over sources, no stacked copy, so the compiler emits a few kernels that read each
@@ -31,6 +33,8 @@ import functools
 from typing import NamedTuple
 
 import torch
+
+from nanokimi.model.norm import rms_norm
 
 
 def _wide(x):
@@ -138,6 +142,15 @@ def _accumulate_merge(partial, out, mixture, lse, qe, dtype, eps):
     return partial, _merge(mixture, lse, partial, qe, eps)
 
 
+def _accumulate_merge_norm(partial, out, mixture, lse, qe, dtype, eps, norm_weight, norm_eps):
+    """`_accumulate_merge`, then the next sublayer's pre-norm on its input: RMSNorm (nanokimi.model.norm.rms_norm)
+    with weight norm_weight [D] and eps norm_eps. Returns (partial [..., D] in dtype, x = rms_norm(h) [..., D] in
+    the wider of dtype and norm_weight's dtype): what the model computes unfused as norm(h). The Triton form
+    (triton_phase2.py) never writes h or its gradient."""
+    partial, h = _accumulate_merge(partial, out, mixture, lse, qe, dtype, eps)
+    return partial, rms_norm(h, norm_weight, norm_eps)
+
+
 def _finish_source(partial, out, dtype, eps):
     """A finished source (the block's sum, accumulated in partial's dtype, then stored in dtype: rounded once)
     and its rstd (of the stored source; no gradient: phase 1's backward accounts for it)."""
@@ -152,12 +165,13 @@ class Kernels(NamedTuple):
     phase1_backward: object
     merge: object
     accumulate_merge: object
+    accumulate_merge_norm: object
     finish_source: object
     source_rstd: object
 
 
-EAGER = Kernels(_phase1_forward_stacked, _phase1_backward_stacked, _merge, _accumulate_merge, _finish_source,
-                source_rstd)
+EAGER = Kernels(_phase1_forward_stacked, _phase1_backward_stacked, _merge, _accumulate_merge, _accumulate_merge_norm,
+                _finish_source, source_rstd)
 
 
 @functools.cache
@@ -170,7 +184,8 @@ def compiled_kernels(mode: str | None = None) -> Kernels:
     def compiled(fn):
         return torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)
     return Kernels(compiled(_phase1_forward_fused), compiled(_phase1_backward_fused), compiled(_merge),
-                   compiled(_accumulate_merge), compiled(_finish_source), compiled(source_rstd))
+                   compiled(_accumulate_merge), compiled(_accumulate_merge_norm), compiled(_finish_source),
+                   compiled(source_rstd))
 
 
 def _backward_pass_id():
