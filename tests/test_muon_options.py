@@ -330,7 +330,7 @@ def test_segments_apart_option():
     for a, b in zip(*results):
         assert rel(a, b) < 1e-12
     params = [nn.Parameter(w.float()) for w in start]
-    assert Muon(params).segments_apart == ("last",)
+    assert Muon(params).segments_apart == ()
     for bad in ("first", ("all",)):
         with pytest.raises(ValueError, match="segments_apart"):
             Muon(params, segments_apart=bad)

@@ -32,8 +32,7 @@ On CUDA the step spreads over three streams (all forked from and joined back int
 that run classic Newton-Schulz alone take their whole step on one (side_stream), and the two elementwise passes
 of the others run per `PassGroup` on another while their Newton-Schulz products run on a third (overlap_passes),
 so memory-bound passes and GEMMs run side by side. The products and the passes run at a higher CUDA stream
-priority than the side stream (stream_priorities), and the last Gram segment runs batch by batch (segments_apart),
-so each group's update starts while the next batch's last products run.
+priority than the side stream (stream_priorities).
 """
 import contextlib
 import math
@@ -398,7 +397,7 @@ class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.1, ns_steps=5,
                  coefficients="quintic", ns_dtype=None, eps=1e-7, heads=None, split=None, ns_method="auto",
                  fused=None, merge_orientations=False, group_squares=False, combo_kernels=True,
-                 side_stream=True, overlap_passes=True, stream_priorities=True, segments_apart=("last",)):
+                 side_stream=True, overlap_passes=True, stream_priorities=True, segments_apart=()):
         if lr < 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
         if not 0 <= momentum < 1:
@@ -430,7 +429,7 @@ class Muon(torch.optim.Optimizer):
         for name, default in (("fused", None), ("merge_orientations", False), ("group_squares", False),
                               ("combo_kernels", True), ("side_stream", True),
                               ("overlap_passes", True), ("stream_priorities", DEFAULT_STREAM_PRIORITIES),
-                              ("segments_apart", ("last",))):
+                              ("segments_apart", ())):
             self.__dict__.setdefault(name, default)  # constructor options are not in Optimizer's pickled state
         self.__dict__.setdefault("_step_plans", {})
         for group in self.param_groups:

@@ -45,12 +45,13 @@ class LaunchConfig(NamedTuple):
     chunk_d: int = 0
 
 
-# Measured best configs: benchmarks/attnres_tune.py on an H100 (2026-11-23, commit bd3666a,
-# results/attnres_tune.json) at the bench-kl-900m shape (16384 tokens per call, D = 1024); other GPUs and shapes
-# fall back to the nearest N or the default.
+# Measured best configs: benchmarks/attnres_tune.py --budget-s 150 on an H100 (2026-12-05, commit 17d5453,
+# results/attnres_tune.json; the fused merge + norm kernels' first tuning, the others re-tuned in the same run) at
+# the bench-kl-900m shape (16384 tokens per call, D = 1024); other GPUs and shapes fall back to the nearest N or
+# the default.
 TUNED: dict[tuple[str, int, int, str], dict[int, LaunchConfig]] = {
     ('phase1_forward', 1024, 4, 'float32'): {
-        1: LaunchConfig(block_t=2, num_warps=4, num_stages=3, programs_per_sm=4),
+        1: LaunchConfig(block_t=1, num_warps=8, num_stages=3, programs_per_sm=4),
         2: LaunchConfig(block_t=1, num_warps=2, num_stages=3, programs_per_sm=4),
         3: LaunchConfig(block_t=1, num_warps=2, num_stages=3, programs_per_sm=4),
         4: LaunchConfig(block_t=1, num_warps=2, num_stages=3, programs_per_sm=4),
@@ -81,8 +82,14 @@ TUNED: dict[tuple[str, int, int, str], dict[int, LaunchConfig]] = {
     ('merge_backward', 1024, 1, 'float32'): {
         1: LaunchConfig(block_t=4, num_warps=4, num_stages=3, programs_per_sm=2),
     },
+    ('merge_norm_forward', 1024, 1, 'float32'): {
+        1: LaunchConfig(block_t=1, num_warps=8, num_stages=3, programs_per_sm=4),
+    },
+    ('merge_norm_backward', 1024, 1, 'float32'): {
+        1: LaunchConfig(block_t=4, num_warps=4, num_stages=3, programs_per_sm=2),
+    },
     ('phase1_forward', 1024, 4, 'bfloat16'): {
-        1: LaunchConfig(block_t=2, num_warps=4, num_stages=3, programs_per_sm=4),
+        1: LaunchConfig(block_t=1, num_warps=8, num_stages=3, programs_per_sm=4),
         2: LaunchConfig(block_t=1, num_warps=2, num_stages=3, programs_per_sm=4),
         3: LaunchConfig(block_t=1, num_warps=2, num_stages=3, programs_per_sm=4),
         4: LaunchConfig(block_t=1, num_warps=2, num_stages=3, programs_per_sm=4),
@@ -108,10 +115,16 @@ TUNED: dict[tuple[str, int, int, str], dict[int, LaunchConfig]] = {
         9: LaunchConfig(block_t=2, num_warps=2, num_stages=3, programs_per_sm=8, chunk_d=1024),
     },
     ('merge_forward', 1024, 1, 'bfloat16'): {
-        1: LaunchConfig(block_t=2, num_warps=4, num_stages=3, programs_per_sm=4),
+        1: LaunchConfig(block_t=4, num_warps=8, num_stages=3, programs_per_sm=4),
     },
     ('merge_backward', 1024, 1, 'bfloat16'): {
         1: LaunchConfig(block_t=1, num_warps=4, num_stages=3, programs_per_sm=8),
+    },
+    ('merge_norm_forward', 1024, 1, 'bfloat16'): {
+        1: LaunchConfig(block_t=1, num_warps=4, num_stages=3, programs_per_sm=4),
+    },
+    ('merge_norm_backward', 1024, 1, 'bfloat16'): {
+        1: LaunchConfig(block_t=4, num_warps=4, num_stages=3, programs_per_sm=2),
     },
 }
 
