@@ -240,8 +240,7 @@ def test_options_on_gpu_match_the_default():
     for options, bound in ((dict(group_squares=True), 5e-2), (dict(combo_kernels=None), 1e-3),
                            (dict(side_stream=False), 1e-6), (dict(overlap_passes=False), 1e-6),
                            (dict(side_stream=False, overlap_passes=False), 1e-6),
-                           (dict(stream_priorities=False), 1e-6), (dict(stream_priorities=(-2, -1, -3)), 1e-6),
-                           (dict(segments_apart=("first", "last")), 2e-2)):
+                           (dict(stream_priorities=False), 1e-6), (dict(stream_priorities=(-2, -1, -3)), 1e-6)):
         for a, b in zip(updates(**options), default):
             assert rel(a, b) < bound, options
 
@@ -295,45 +294,6 @@ def test_pass_groups_run_apart_give_the_whole_step():
 
     for a, b in zip(sum(run(True), []), sum(run(False), [])):
         assert torch.equal(a, b)
-
-
-@pytest.mark.parametrize("apart", [("first",), ("last",), ("first", "last")])
-def test_segments_apart_compute_the_shared_recursion(apart):
-    """Gram segments run batch by batch give the shared recursion's result (fp64: the same arithmetic), for
-    several segment schedules, one-step and one-segment ones too; unknown segment names are refused."""
-    torch.manual_seed(0)
-    Xs = [torch.randn(3, 24, 8, dtype=torch.float64), torch.randn(2, 8, 20, dtype=torch.float64),
-          torch.randn(1, 8, 8, dtype=torch.float64)]
-    for steps, segment in ((5, 2), (5, 5), (1, 2), (4, 1)):
-        schedule = coefficient_schedule("quintic", steps)
-        shared = newton_schulz_group(Xs, schedule, eps=1e-7, segment=segment)
-        alone = newton_schulz_group(Xs, schedule, eps=1e-7, segment=segment, apart=apart)
-        for a, b in zip(alone, shared):
-            assert rel(a, b) < 1e-12, (steps, segment)
-    with pytest.raises(ValueError, match="apart"):
-        newton_schulz_group(Xs, coefficient_schedule("quintic", 5), apart=("middle",))
-
-
-def test_segments_apart_option():
-    """Muon(segments_apart=...) steps as the default does (fp64 iteration: the same arithmetic); bad values refused."""
-    torch.manual_seed(0)
-    shapes = [(24, 8), (8, 40), (32, 8)]
-    start = [torch.randn(s, dtype=torch.float64) * 0.1 for s in shapes]
-    grads = [torch.randn(s, dtype=torch.float64) for s in shapes]
-    results = []
-    for apart in ((), ("first", "last")):
-        params = [nn.Parameter(w.clone()) for w in start]
-        for p, g in zip(params, grads):
-            p.grad = g.clone()
-        Muon(params, lr=0.05, ns_dtype=torch.float64, segments_apart=apart).step()
-        results.append([p.detach() - w for p, w in zip(params, start)])
-    for a, b in zip(*results):
-        assert rel(a, b) < 1e-12
-    params = [nn.Parameter(w.float()) for w in start]
-    assert Muon(params).segments_apart == ()
-    for bad in ("first", ("all",)):
-        with pytest.raises(ValueError, match="segments_apart"):
-            Muon(params, segments_apart=bad)
 
 
 @pytest.mark.gpu

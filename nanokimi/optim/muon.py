@@ -41,8 +41,8 @@ from typing import NamedTuple
 
 import torch
 
-from nanokimi.ops.newton_schulz import (COEFFICIENT_SETS, METHODS, SEGMENTS_APART, choose_method, coefficient_schedule,
-                                       newton_schulz, newton_schulz_group)
+from nanokimi.ops.newton_schulz import (COEFFICIENT_SETS, METHODS, choose_method, coefficient_schedule, newton_schulz,
+                                       newton_schulz_group)
 
 MOONLIGHT_RMS = 0.2
 
@@ -204,15 +204,14 @@ def pass_groups(batches, sources):
     return result
 
 
-def orthogonalize_batches(stacks, settings, ready=None, finished=None, apart=()):
+def orthogonalize_batches(stacks, settings, ready=None, finished=None):
     """Newton-Schulz of every stacked batch: stacks [N, rows, cols] in the compute dtype (raw, normalised
     inside), settings (steps, coefficients, eps, method) per batch with method resolved ("classic" or "gram").
     Gram batches with the same short side, dtype and settings go through one newton_schulz_group call (one
     s x s recursion for all their matrices); classic batches run alone. Returns the outputs in batch order.
     On CUDA, for inputs stacked and outputs read on another stream (Muon's overlap_passes): ready, per batch None
     or an event to wait for before its first product; finished, a list of one entry per batch that gets the
-    event recorded after the batch's output is written. apart: the Gram segments run batch by batch
-    (newton_schulz_group; Muon's segments_apart)."""
+    event recorded after the batch's output is written."""
     outputs = [None] * len(stacks)
     ready = [None] * len(stacks) if ready is None else ready
     groups = {}  # (short side, dtype, steps, coefficients, eps) -> indices of gram batches
@@ -228,8 +227,7 @@ def orthogonalize_batches(stacks, settings, ready=None, finished=None, apart=())
     for (_, _, steps, coefficients, eps), members in groups.items():
         events = None if finished is None else []
         group_outputs = newton_schulz_group([stacks[k] for k in members], coefficient_schedule(coefficients, steps),
-                                            eps=eps, ready=[ready[k] for k in members], finished=events,
-                                            apart=apart)
+                                            eps=eps, ready=[ready[k] for k in members], finished=events)
         for n, (k, O) in enumerate(zip(members, group_outputs)):
             outputs[k] = O
             if events:
@@ -318,13 +316,11 @@ def compiled_pass(fn, combo_kernels=None):
     return _compiled[key]
 
 
-def run_pass_groups(plan, stack, update, params, grads, bufs, momenta, nesterov, decays, lrs, lr_index, passes=None,
-                    apart=()):
+def run_pass_groups(plan, stack, update, params, grads, bufs, momenta, nesterov, decays, lrs, lr_index, passes=None):
     """The step of a StepPlan's params with the momentum and update passes run per PassGroup (Muon's
     overlap_passes). passes: the CUDA stream they run on while the Newton-Schulz products run on the current
     one; each batch's first product then waits only for its own group's momentum pass and each group's update
-    only for its own batches' last products. None: everything in order on the current stream (the CPU).
-    apart: as in orthogonalize_batches."""
+    only for its own batches' last products. None: everything in order on the current stream (the CPU)."""
     current = None if passes is None else torch.cuda.current_stream(passes.device)
     on_passes = (lambda: torch.cuda.stream(passes)) if passes is not None else contextlib.nullcontext
     stacked, ready = [None] * len(plan.batches), [None] * len(plan.batches)
@@ -342,7 +338,7 @@ def run_pass_groups(plan, stack, update, params, grads, bufs, momenta, nesterov,
                 X.record_stream(current)  # made on the pass stream, read on the current one
             stacked[k], ready[k] = X, stacked_event
     finished = None if passes is None else [None] * len(plan.batches)
-    orthogonal = orthogonalize_batches(stacked, plan.settings, ready, finished, apart)
+    orthogonal = orthogonalize_batches(stacked, plan.settings, ready, finished)
     for group in plan.pass_groups:
         with on_passes():
             if passes is not None:
@@ -389,15 +385,12 @@ class Muon(torch.optim.Optimizer):
     (DEFAULT_STREAM_PRIORITIES), False/None (all at the current stream's), or (products, passes, side) ints. When
     SMs free up, the GPU starts the waiting blocks of the higher-priority stream first, so the Newton-Schulz
     products, the longest chain, are not held up behind the side stream's GEMMs (_step_device).
-    segments_apart: Gram segments ("first", "last") whose s x s recursion runs batch by batch (smaller GEMMs, same
-    arithmetic): with overlap_passes, a batch's first segment then runs while later batches are still stacked, and
-    its last product, and so its group's update, comes before the other batches' last segment.
     """
 
     def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.1, ns_steps=5,
                  coefficients="quintic", ns_dtype=None, eps=1e-7, heads=None, split=None, ns_method="auto",
                  fused=None, merge_orientations=False, group_squares=False, combo_kernels=True,
-                 side_stream=True, overlap_passes=True, stream_priorities=True, segments_apart=()):
+                 side_stream=True, overlap_passes=True, stream_priorities=True):
         if lr < 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
         if not 0 <= momentum < 1:
@@ -418,18 +411,13 @@ class Muon(torch.optim.Optimizer):
         self.side_stream = side_stream
         self.overlap_passes = overlap_passes
         self.stream_priorities = check_stream_priorities(stream_priorities)
-        if isinstance(segments_apart, str) or not set(segments_apart) <= set(SEGMENTS_APART):
-            raise ValueError(f"segments_apart must be a tuple of {SEGMENTS_APART} (Gram segments run batch by batch), "
-                             f"got {segments_apart!r}")
-        self.segments_apart = tuple(segments_apart)
         self._step_plans = {}  # Muon._plan_key -> StepPlan
 
     def __setstate__(self, state):
         super().__setstate__(state)
         for name, default in (("fused", None), ("merge_orientations", False), ("group_squares", False),
                               ("combo_kernels", True), ("side_stream", True),
-                              ("overlap_passes", True), ("stream_priorities", DEFAULT_STREAM_PRIORITIES),
-                              ("segments_apart", ())):
+                              ("overlap_passes", True), ("stream_priorities", DEFAULT_STREAM_PRIORITIES)):
             self.__dict__.setdefault(name, default)  # constructor options are not in Optimizer's pickled state
         self.__dict__.setdefault("_step_plans", {})
         for group in self.param_groups:
@@ -581,21 +569,20 @@ class Muon(torch.optim.Optimizer):
         if self.overlap_passes and device.type == "cuda" and len(plan.pass_groups) > 1:
             priority = self.stream_priorities[1] if self.stream_priorities else 0
             self._run_overlapped(device, plan, stack, update, params, grads, bufs, momenta, nesterov, decays, lrs,
-                                 lr_index, priority, self.segments_apart)
+                                 lr_index, priority)
             return
         stacked = stack(grads, bufs, momenta, nesterov, plan.layouts, plan.batches)
-        orthogonal = orthogonalize_batches(stacked, plan.settings, apart=self.segments_apart)
+        orthogonal = orthogonalize_batches(stacked, plan.settings)
         update(params, orthogonal, lrs, lr_index, decays, plan.sources)
 
     @staticmethod
     def _run_overlapped(device, plan, stack, update, params, grads, bufs, momenta, nesterov, decays, lrs, lr_index,
-                        priority=0, apart=()):
+                        priority=0):
         """overlap_passes: run_pass_groups with the passes on a second stream (of that priority), forked from and
         joined back into the current one."""
         current, passes = torch.cuda.current_stream(device), side_stream(device, 1, priority)
         passes.wait_stream(current)  # the grads and the lrs
         if isinstance(lrs, torch.Tensor):
             lrs.record_stream(passes)
-        run_pass_groups(plan, stack, update, params, grads, bufs, momenta, nesterov, decays, lrs, lr_index, passes,
-                        apart)
+        run_pass_groups(plan, stack, update, params, grads, bufs, momenta, nesterov, decays, lrs, lr_index, passes)
         current.wait_stream(passes)

@@ -42,7 +42,7 @@ from nanokimi.ops.newton_schulz.naive import COEFFICIENT_SETS, coefficient_sched
 
 __all__ = ["COEFFICIENT_SETS", "GRAM_SEGMENT", "METHODS", "coefficient_schedule", "choose_method",
            "newton_schulz", "newton_schulz_flops", "newton_schulz_group", "normalize_into", "orthogonalize",
-           "orthogonalize_naive", "SEGMENTS_APART"]
+           "orthogonalize_naive"]
 
 METHODS = ("auto", "classic", "gram")
 GRAM_SEGMENT = 2  # steps between restarts of the Gram recursion (see the module docstring)
@@ -154,10 +154,7 @@ def newton_schulz(X, schedule, method="auto", eps=None, segment=GRAM_SEGMENT, re
                                finished=finished)[0]
 
 
-SEGMENTS_APART = ("first", "last")
-
-
-def newton_schulz_group(Xs, schedule, eps=None, segment=GRAM_SEGMENT, ready=None, finished=None, apart=()):
+def newton_schulz_group(Xs, schedule, eps=None, segment=GRAM_SEGMENT, ready=None, finished=None):
     """The Gram form over several batches whose matrices share their short side s: a list of [N_i, s, l_i]
     (wide) or [N_i, l_i, s] (tall) tensors, l_i >= s, one dtype -> the list of outputs (same shapes, dtype).
 
@@ -166,20 +163,12 @@ def newton_schulz_group(Xs, schedule, eps=None, segment=GRAM_SEGMENT, ready=None
     (polynomials, P Q, P R P) runs once over all the matrices, so every s x s product is one larger batched
     GEMM instead of one per batch. Equal to newton_schulz(X, schedule, "gram", eps, segment) on each batch.
 
-    apart: segments ("first", "last") whose s x s recursion runs batch by batch instead: the same arithmetic in
-    smaller products, so that on a GPU a batch's first segment can start while later batches are still being
-    prepared, and its last product is written before the other batches' last segment. A last segment apart runs
-    the largest batches first, so the batch whose output is consumed last is the smallest.
-
     For callers that prepare the batches and consume the outputs on another CUDA stream (Muon's overlap_passes):
     ready, per batch None or a CUDA event that the current stream waits for before that batch's first product;
     finished, a list that gets per batch a CUDA event recorded after the product that writes its output.
     """
     if not Xs:
         raise ValueError("newton_schulz_group needs at least one batch [N, A, B]")
-    unknown = set(apart) - set(SEGMENTS_APART)
-    if unknown:
-        raise ValueError(f"apart takes segments from {SEGMENTS_APART}, got {sorted(unknown)}")
     s = min(Xs[0].shape[-2:])
     for X in Xs:
         if X.ndim != 3 or min(X.shape[-2:]) != s or X.dtype != Xs[0].dtype or X.device != Xs[0].device:
@@ -189,33 +178,21 @@ def newton_schulz_group(Xs, schedule, eps=None, segment=GRAM_SEGMENT, ready=None
     sizes = [X.shape[0] for X in Xs]
     tall = [X.shape[-2] > X.shape[-1] for X in Xs]
     gram = Xs[0].new_empty(sum(sizes), s, s)  # every batch's Gram matrices, one batch after another
-    grams = gram.split(sizes)
-    starts = list(range(0, len(schedule), segment))
-    for index, start in enumerate(starts):
-        last = index == len(starts) - 1
-        alone = (index == 0 and "first" in apart) or (last and "last" in apart)
-        parts = [list(range(len(Xs)))]
-        if alone:
-            parts = [[i] for i in sorted(range(len(Xs)), key=lambda i: -Xs[i].numel() if last else i)]
-        outputs, events = [None] * len(Xs), [None] * len(Xs)
-        for members in parts:
-            for i in members:
-                if index == 0 and ready is not None and ready[i] is not None:
-                    torch.cuda.current_stream(Xs[i].device).wait_event(ready[i])
-                X = Xs[i]
-                torch.bmm(X.mT, X, out=grams[i]) if tall[i] else torch.bmm(X, X.mT, out=grams[i])
-            first_row = sum(sizes[:members[0]])
-            G = gram[first_row:first_row + sum(sizes[i] for i in members)]  # the members' Gram matrices
-            R, inv = _small_op(_start, G)(G, eps) if index == 0 and eps is not None else (G, None)
-            Q = _segment_factor(R, schedule[start:start + segment], inv)  # [members' N, s, s]
-            for i, q in zip(members, Q.split([sizes[i] for i in members])):
-                outputs[i] = torch.bmm(Xs[i], q) if tall[i] else torch.bmm(q, Xs[i])
-                if last and finished is not None:
-                    events[i] = torch.cuda.Event()
-                    events[i].record(torch.cuda.current_stream(Xs[i].device))
+    for start in range(0, len(schedule), segment):
+        for i, (X, G, is_tall) in enumerate(zip(Xs, gram.split(sizes), tall)):
+            if start == 0 and ready is not None and ready[i] is not None:
+                torch.cuda.current_stream(X.device).wait_event(ready[i])
+            torch.bmm(X.mT, X, out=G) if is_tall else torch.bmm(X, X.mT, out=G)
+        R, inv = _small_op(_start, gram)(gram, eps) if start == 0 and eps is not None else (gram, None)
+        Q = _segment_factor(R, schedule[start:start + segment], inv)  # [sum N_i, s, s]
+        last = start + segment >= len(schedule)
+        outputs = []
+        for X, q, is_tall in zip(Xs, Q.split(sizes), tall):
+            outputs.append(torch.bmm(X, q) if is_tall else torch.bmm(q, X))
+            if last and finished is not None:
+                finished.append(torch.cuda.Event())
+                finished[-1].record(torch.cuda.current_stream(X.device))
         Xs = outputs
-    if finished is not None:
-        finished.extend(events)
     return Xs
 
 
