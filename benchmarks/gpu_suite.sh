@@ -8,7 +8,8 @@
 #   GPU_STEPS="LIMIT command;..." bash benchmarks/gpu_suite.sh custom
 # Expects fla-core wheels in .whl/ (bash ../shared/bench/gpu_wheels.sh) and the HF peer script in
 # .gpu/bench/ (cp -r ../shared/bench .gpu/). Results land in benchmarks/results/*.json and, when $OUT
-# is set, are copied there with the log.
+# is set, are copied there with the log. Where the tree travels with a .git that is not its own (seen on the lent
+# GPU machines: results recorded an older HEAD), start the command with NANOKIMI_COMMIT=<the tree's commit>.
 set -u
 export PYTHONUNBUFFERED=1
 if ls .whl/*.whl >/dev/null 2>&1; then
