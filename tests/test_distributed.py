@@ -93,10 +93,7 @@ def _worker(rank, world_size, port, root):
         dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Single-process reference (saving at step 10), then the 2-rank runs, then the 2 -> 1 resume."""
-    root = tmp_path_factory.mktemp("dist")
+def _write_corpus(root):
     corpus = root / "corpus"
     corpus.mkdir()
     words = "the quick brown fox jumps over a lazy dog while experts route tokens across ranks".split()
@@ -105,6 +102,19 @@ def runs(tmp_path_factory):
         picks = torch.randint(len(words), (600,), generator=gen).tolist()
         (corpus / f"doc{d}.txt").write_text("\n".join(" ".join(words[i] for i in picks[k:k + 12])
                                                       for k in range(0, 600, 12)))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Single-process reference (saving at step 10), then the 2-rank runs, then the 2 -> 1 resume."""
+    root = tmp_path_factory.mktemp("dist")
+    _write_corpus(root)
     reference = _trainer(root, root / "one")
     losses = []
     for step in range(STEPS):
@@ -112,10 +122,7 @@ def runs(tmp_path_factory):
         if step + 1 == SAVE_AT:
             reference.save()
             shutil.copytree(root / "one" / "checkpoint", root / "one_to_two" / "checkpoint")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(2, port, root), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, _free_port(), root), nprocs=2, join=True)
     result = torch.load(root / "result.pt")
     resumed = _trainer(root, root / "two", resume=True)
     result["two_to_one"] = [resumed.train_step() for _ in range(STEPS - SAVE_AT)]
@@ -125,6 +132,35 @@ def runs(tmp_path_factory):
 
 def _rel(a, b):
     return rel_err(torch.tensor(a), torch.tensor(b))
+
+
+ATTNRES = ["model.attn_res=block", "model.attn_res_blocks=2"]
+
+
+def _attnres_worker(rank, world_size, port, root):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        trainer = _trainer(root, root / "two", rank=rank, world_size=world_size, extra=ATTNRES)
+        losses = [trainer.train_step() for _ in range(4)]
+        if rank == 0:
+            torch.save(losses, root / "losses.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_attnres_with_fused_norms_matches_single_process(tmp_path):
+    """Block AttnRes under FSDP2 (every mixer and FFN its own unit; the norms, whose weights the fused merge + norm
+    reads straight from the root, stay with the root): the 2-rank losses equal one process's."""
+    _write_corpus(tmp_path)
+    single = _trainer(tmp_path, tmp_path / "one", extra=ATTNRES)
+    assert single.model.residual.fuse_norm and single.model.residual.mode == "block"
+    reference = [single.train_step() for _ in range(4)]
+    mp.spawn(_attnres_worker, args=(2, _free_port(), tmp_path), nprocs=2, join=True)
+    assert _rel(torch.load(tmp_path / "losses.pt"), reference) <= 1e-5
 
 
 def test_fsdp_losses_match_single_process(runs):
