@@ -522,7 +522,7 @@ class Muon(torch.optim.Optimizer):
         """The step of one device's params. With stream_priorities on CUDA, all of it on a stream of the products'
         priority, forked from and joined back into the current one (so a CUDA-graph capture records it; graphs keep
         each kernel's stream priority)."""
-        products = self.stream_priorities[0] if self.stream_priorities and device.type == "cuda" else 0
+        products = self._priority(0) if device.type == "cuda" else 0
         if products == 0:
             self._step_streams(device, jobs)
             return
@@ -532,14 +532,18 @@ class Muon(torch.optim.Optimizer):
             self._step_streams(device, jobs)
         current.wait_stream(stream)
 
+    def _priority(self, chain):
+        """The CUDA stream priority of chain 0 (Newton-Schulz products), 1 (passes) or 2 (side stream); 0 when
+        stream_priorities is off."""
+        return self.stream_priorities[chain] if self.stream_priorities else 0
+
     def _step_streams(self, device, jobs):
         """With side_stream on CUDA, the classic-only params on the second stream (forked from and joined back into
         the current one)."""
         if self.side_stream and device.type == "cuda":
             side = set(self._plan(device, jobs).classic_only)
             if 0 < len(side) < len(jobs):
-                priority = self.stream_priorities[2] if self.stream_priorities else 0
-                current, stream = torch.cuda.current_stream(device), side_stream(device, 0, priority)
+                current, stream = torch.cuda.current_stream(device), side_stream(device, 0, self._priority(2))
                 stream.wait_stream(current)
                 with torch.cuda.stream(stream):
                     self._run_passes(device, [job for i, job in enumerate(jobs) if i in side])
@@ -567,9 +571,8 @@ class Muon(torch.optim.Optimizer):
         decays = [g["weight_decay"] for _, _, g in jobs]
         lrs, lr_index = group_learning_rates([g for _, _, g in jobs], device, as_tensor=compile_passes)
         if self.overlap_passes and device.type == "cuda" and len(plan.pass_groups) > 1:
-            priority = self.stream_priorities[1] if self.stream_priorities else 0
             self._run_overlapped(device, plan, stack, update, params, grads, bufs, momenta, nesterov, decays, lrs,
-                                 lr_index, priority)
+                                 lr_index, self._priority(1))
             return
         stacked = stack(grads, bufs, momenta, nesterov, plan.layouts, plan.batches)
         orthogonal = orthogonalize_batches(stacked, plan.settings)
