@@ -1,0 +1,131 @@
+"""The Triton symmetric-product kernel (nanokimi/ops/newton_schulz/triton_symmetric.py) against torch: Gram
+matrices, the polynomial's fused epilogue, products of commuting symmetric matrices.
+
+Without CUDA the kernel runs in Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py), which is slow:
+sizes stay small (s <= 100, l <= 300, a few matrices), and the small explicit configs (16 x 16 tiles) that cut
+these sizes into several tile rows run on the smallest cases.
+"""
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from nanokimi.ops.newton_schulz import _polynomial, coefficient_schedule  # noqa: E402
+from nanokimi.ops.newton_schulz import triton_symmetric as sym  # noqa: E402
+from nanokimi.ops.newton_schulz.naive import symmetric_product_naive  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+SMALL = sym.SymmetricConfig(16, 16, 4, 2)  # several tile rows and K steps even at s = 45, l = 77
+QUINTIC = coefficient_schedule("quintic", 1)[0]
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def symmetric_input(N, s, dtype, seed):
+    """R = X X^T / trace: symmetric, eigenvalues in [0, 1], like the recursion's R_0."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(N, s, 2 * s + 3, generator=g, dtype=torch.float64)
+    G = X @ X.mT
+    return (G / G.diagonal(dim1=-2, dim2=-1).sum(-1)[:, None, None]).to(DEVICE, dtype)
+
+
+# bf16 outputs: the kernel and the reference round the same fp32 sums, summed in another order; a value that lands
+# next to a rounding boundary then rounds the other way (one bf16 ulp, 2^-8 relative, on a few elements)
+BOUNDS = {torch.float32: 1e-5, torch.bfloat16: 2e-3}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tall", [False, True])
+@pytest.mark.parametrize("s,l,config", [(45, 77, SMALL), (45, 77, None), (100, 300, None)])
+def test_gram_matches_torch_and_is_exactly_symmetric(s, l, config, tall, dtype):
+    """G = X X^T (wide) or X^T X (tall) into a slice of a larger buffer: the full matrix equals torch's, the slice's
+    neighbours are untouched, and G equals its transpose bit for bit."""
+    g = torch.Generator().manual_seed(s + l + tall)
+    X = torch.randn((3, l, s) if tall else (3, s, l), generator=g).to(DEVICE, dtype)
+    buffer = torch.full((5, s, s), 7.0, device=DEVICE, dtype=dtype)
+    G = sym.gram(X, out=buffer[1:4], config=config)
+    assert G.data_ptr() == buffer[1].data_ptr()
+    reference = symmetric_product_naive(*((X.mT, X) if tall else (X, X.mT)))
+    assert rel(G, reference) < BOUNDS[dtype]
+    assert torch.equal(G, G.mT)
+    assert (buffer[0] == 7).all() and (buffer[4] == 7).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("s", [45, 100])
+def test_fused_polynomial_matches_the_current_polynomial(s, dtype):
+    """P = scale (a I + b R + c R R) in one kernel against newton_schulz's _polynomial (compiled-on-CUDA elementwise op
+    + in-place baddbmm), with and without the per-matrix scale, and against the fp32 reference. bf16: _polynomial
+    rounds a I + b R and R scale to bf16 before its GEMM, the kernel rounds once at the end."""
+    R = symmetric_input(3, s, dtype, seed=s)
+    a, b, c = QUINTIC
+    config = SMALL if s == 45 else None
+    for scale in (None, torch.rand(3, 1, 1, generator=torch.Generator().manual_seed(1)).to(DEVICE) + 0.5):
+        fused = sym.polynomial(R, a, b, c, scale, config=config)
+        current = _polynomial(R, a, b, c, scale)
+        reference = symmetric_product_naive(R, R, alpha=c, C=R, beta=b, shift=a,
+                                            scale=None if scale is None else scale.reshape(-1))
+        assert fused.dtype == dtype and torch.equal(fused, fused.mT)
+        assert rel(fused, reference) < BOUNDS[dtype]
+        assert rel(fused, current) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_products_of_commuting_symmetric_matrices(dtype):
+    """P R, (P R) P and P Q (all polynomials in one R) equal torch's products; the kernel's are symmetric bit for bit
+    although P R and R P round differently."""
+    R = symmetric_input(3, 45, dtype, seed=3)
+    P = sym.polynomial(R, *QUINTIC)
+    Q = sym.polynomial(R, 1.5, -0.5, 0.0)
+    for config in (SMALL, None):
+        PR = sym.symmetric_matmul(P, R, config=config)
+        for A, B, result in ((P, R, PR), (PR, P, sym.symmetric_matmul(PR, P, config=config)),
+                             (P, Q, sym.symmetric_matmul(P, Q, config=config))):
+            assert rel(result, symmetric_product_naive(A, B)) < BOUNDS[dtype]
+            assert torch.equal(result, result.mT)
+
+
+def test_scale_shapes_and_bad_arguments():
+    R = symmetric_input(2, 20, torch.float32, seed=4)
+    scale = torch.tensor([0.5, 2.0], device=DEVICE)
+    assert torch.equal(sym.symmetric_matmul(R, R, scale=scale), sym.symmetric_matmul(R, R, scale=scale[:, None, None]))
+    with pytest.raises(ValueError, match=r"A \[N, s, K\] and B \[N, K, s\]"):
+        sym.symmetric_matmul(R, R[:, :10])
+    with pytest.raises(ValueError, match="one dtype"):
+        sym.symmetric_matmul(R, R.double())
+    with pytest.raises(ValueError, match="out must be"):
+        sym.symmetric_matmul(R, R, out=torch.empty(2, 20, 21, device=DEVICE))
+    with pytest.raises(ValueError, match="one value per matrix"):
+        sym.symmetric_matmul(R, R, scale=scale[:1])
+    assert sym.symmetric_matmul(R[:0], R[:0]).shape == (0, 20, 20)
+
+
+def test_untimed_config_where_nothing_can_be_timed():
+    """The autotuner times its candidates only where it can: in the interpreter (and while a CUDA graph is being
+    captured) it takes default_config by size, without a benchmark."""
+    args = {"S": 768, "a_ptr": torch.empty(1, dtype=torch.bfloat16)}
+    configs = list(sym._TRITON_CONFIGS.values())
+    chosen = sym._prune(configs, args)
+    if DEVICE.type == "cpu":
+        assert chosen == [sym._TRITON_CONFIGS[sym.CONFIGS[0]]]
+        assert sym._prune(configs, {**args, "S": 100}) == [sym._TRITON_CONFIGS[sym.CONFIGS[2]]]
+    assert sym.default_config(768, torch.float32) == sym.CONFIGS[2]
+    assert sym.upper_tiles(768, 128) == 21 and sym.upper_tiles(100, 64) == 3
+
+
+@pytest.mark.gpu
+def test_kernel_on_gpu_for_the_gpt2_shapes_and_every_config():
+    """On CUDA, bf16, s = 768: Gram matrices (wide and tall) and the scaled polynomial against cuBLAS for every
+    config, exactly symmetric."""
+    wide = torch.randn(4, 768, 2304, device="cuda", dtype=torch.bfloat16)
+    tall = torch.randn(4, 3072, 768, device="cuda", dtype=torch.bfloat16)
+    R = symmetric_input(4, 768, torch.bfloat16, seed=6)
+    scale = torch.rand(4, device="cuda") + 0.5
+    for config in (*sym.CONFIGS, None):
+        for G, reference in ((sym.gram(wide, config=config), torch.bmm(wide, wide.mT)),
+                             (sym.gram(tall, config=config), torch.bmm(tall.mT, tall))):
+            assert rel(G, reference) < 5e-3 and torch.equal(G, G.mT)
+        P = sym.polynomial(R, *QUINTIC, scale, config=config)
+        assert rel(P, _polynomial(R, *QUINTIC, scale[:, None, None])) < 2e-2 and torch.equal(P, P.mT)
