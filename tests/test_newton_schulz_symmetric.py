@@ -1,5 +1,6 @@
 """The Triton symmetric-product kernel (nanokimi/ops/newton_schulz/triton_symmetric.py) against torch: Gram
-matrices, the polynomial's fused epilogue, products of commuting symmetric matrices.
+matrices, the polynomial's fused epilogue, products of commuting symmetric matrices; then newton_schulz_group with
+it on against off.
 
 Without CUDA the kernel runs in Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py), which is slow:
 sizes stay small (s <= 100, l <= 300, a few matrices), and the small explicit configs (16 x 16 tiles) that cut
@@ -10,9 +11,11 @@ import torch
 
 pytest.importorskip("triton")
 
-from nanokimi.ops.newton_schulz import _polynomial, coefficient_schedule  # noqa: E402
+from nanokimi.ops.newton_schulz import (_polynomial, coefficient_schedule, newton_schulz,  # noqa: E402
+                                       newton_schulz_group, orthogonalize_naive, resolve_products)
 from nanokimi.ops.newton_schulz import triton_symmetric as sym  # noqa: E402
 from nanokimi.ops.newton_schulz.naive import symmetric_product_naive  # noqa: E402
+from test_muon import direction_error, scalar_band, with_spectrum  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SMALL = sym.SymmetricConfig(16, 16, 4, 2)  # several tile rows and K steps even at s = 45, l = 77
@@ -113,6 +116,60 @@ def test_untimed_config_where_nothing_can_be_timed():
         assert sym._prune(configs, {**args, "S": 100}) == [sym._TRITON_CONFIGS[sym.CONFIGS[2]]]
     assert sym.default_config(768, torch.float32) == sym.CONFIGS[2]
     assert sym.upper_tiles(768, 128) == 21 and sym.upper_tiles(100, 64) == 3
+
+
+GROUP = [(3, 45, 77), (2, 300, 45), (1, 45, 45)]  # short side 45: wide, tall, square
+
+
+def test_group_with_symmetric_products_fp32_equals_bmm():
+    """fp32: the iteration with the kernel's products gives the bmm result to rounding, grouped and alone (the
+    square batch also classic, one-step segments)."""
+    g = torch.Generator().manual_seed(5)
+    Xs = [torch.randn(shape, generator=g).to(DEVICE) for shape in GROUP]
+    schedule = coefficient_schedule("quintic", 5)
+    on = newton_schulz_group(Xs, schedule, eps=1e-7, products="triton_symmetric")
+    for X, O, off in zip(Xs, on, newton_schulz_group(Xs, schedule, eps=1e-7)):
+        assert O.shape == X.shape and rel(O, off) < 1e-5
+    square = Xs[2]
+    assert rel(newton_schulz(square, schedule, "classic", eps=1e-7, products="triton_symmetric"),
+               newton_schulz(square, schedule, "classic", eps=1e-7)) < 1e-5
+
+
+@pytest.mark.parametrize("s,l", [(45, 77), (100, 300)])
+def test_group_with_symmetric_products_bf16_stays_in_the_band(s, l):
+    """bf16, wide and tall in one group, inputs with singular values down to 1e-2: directions within the bound that
+    the bmm products meet too (measured over 4 seeds: kernel 2.7-3.5e-2, bmm 2.1-4.0e-2, classic 1.3-1.5e-2),
+    singular values in the quintic band plus bf16 rounding (as test_muon_options'; 1.20 measured for both), and
+    within bf16 error of the bmm products' result."""
+    g = torch.Generator().manual_seed(s)
+    wide = torch.stack([with_spectrum(s, l, 1e-2, g)[0].float() for _ in range(2 if s < 64 else 1)])  # [n, s, l]
+    tall = with_spectrum(l, s, 1e-2, g)[0].float()[None]  # [1, l, s]
+    schedule = coefficient_schedule("quintic", 5)
+    low, high = scalar_band("quintic", 5, 1e-2)
+    on = newton_schulz_group([wide.bfloat16(), tall.bfloat16()], schedule, eps=1e-7, products="triton_symmetric")
+    off = newton_schulz_group([wide.bfloat16(), tall.bfloat16()], schedule, eps=1e-7)
+    for X, O, O_off in zip((wide, tall), on, off):
+        reference = torch.stack([orthogonalize_naive(x) for x in X])
+        for result in (O, O_off):
+            assert direction_error(result.float(), X, reference) < 4.5e-2
+            sv = torch.linalg.svdvals(result.double())
+            assert low - 0.02 < sv.min() and sv.max() < high + 0.09
+        assert rel(O, O_off) < 8e-2  # as test_muon's bf16 gram bound: where each singular value lands in the band
+
+
+def test_products_fall_back_where_the_kernel_cannot_run(monkeypatch):
+    X = torch.randn(2, 8, 20, dtype=torch.float64)
+    assert resolve_products("triton_symmetric", X) == "bmm"  # fp64
+    assert resolve_products("bmm", X.float()) == "bmm"
+    with pytest.raises(ValueError, match="unknown Newton-Schulz products"):
+        resolve_products("cutlass", X)
+    schedule = coefficient_schedule("quintic", 5)
+    assert torch.equal(newton_schulz_group([X], schedule, eps=1e-7, products="triton_symmetric")[0],
+                       newton_schulz_group([X], schedule, eps=1e-7)[0])
+    if DEVICE.type == "cpu":
+        assert resolve_products("triton_symmetric", X.float()) == "triton_symmetric"  # the interpreter
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        assert resolve_products("triton_symmetric", X.float()) == "bmm"
 
 
 @pytest.mark.gpu
