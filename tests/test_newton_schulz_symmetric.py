@@ -1,13 +1,16 @@
 """The Triton symmetric-product kernel (nanokimi/ops/newton_schulz/triton_symmetric.py) against torch: Gram
-matrices, the polynomial's fused epilogue, products of commuting symmetric matrices; then newton_schulz_group with
-it on against off.
+matrices, the polynomial's fused epilogue, products of commuting symmetric matrices; then newton_schulz_group and
+Muon with it on against off.
 
 Without CUDA the kernel runs in Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py), which is slow:
 sizes stay small (s <= 100, l <= 300, a few matrices), and the small explicit configs (16 x 16 tiles) that cut
 these sizes into several tile rows run on the smallest cases.
 """
+import copy
+
 import pytest
 import torch
+from torch import nn
 
 pytest.importorskip("triton")
 
@@ -15,6 +18,7 @@ from nanokimi.ops.newton_schulz import (_polynomial, coefficient_schedule, newto
                                        newton_schulz_group, orthogonalize_naive, resolve_products)
 from nanokimi.ops.newton_schulz import triton_symmetric as sym  # noqa: E402
 from nanokimi.ops.newton_schulz.naive import symmetric_product_naive  # noqa: E402
+from nanokimi.optim import Muon  # noqa: E402
 from test_muon import direction_error, scalar_band, with_spectrum  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -170,6 +174,70 @@ def test_products_fall_back_where_the_kernel_cannot_run(monkeypatch):
         assert resolve_products("triton_symmetric", X.float()) == "triton_symmetric"  # the interpreter
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         assert resolve_products("triton_symmetric", X.float()) == "bmm"
+        assert Muon([nn.Parameter(torch.randn(8, 20))], symmetric_products=True)._products(DEVICE) == "bmm"
+
+
+def muon_updates(shapes, steps=2, **options):
+    """The change of every param over `steps` Muon steps, and the optimizer."""
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(s, device=DEVICE) * 0.1) for s in shapes]
+    start = [p.detach().clone() for p in params]
+    opt = Muon(params, lr=0.05, **options)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g).to(DEVICE)
+        opt.step()
+    return [p.detach() - s for p, s in zip(params, start)], opt
+
+
+MUON_SHAPES = [(60, 20), (20, 20), (80, 20), (20, 80), (2, 30, 17)]  # GPT-2's four kinds at d = 20, experts
+
+
+@pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-5), (torch.bfloat16, 5e-2)])
+def test_muon_step_with_symmetric_products_agrees(monkeypatch, dtype, bound):
+    """Muon(symmetric_products=True) runs the kernel for every Gram and s x s product, and its steps agree with the
+    default's: to fp32 rounding, or within bf16 error (the bound muon_step.py's variants are checked to)."""
+    calls = []
+    real = sym.symmetric_matmul
+    monkeypatch.setattr(sym, "symmetric_matmul", lambda *args, **kw: calls.append(args[0].shape) or real(*args, **kw))
+    on, opt = muon_updates(MUON_SHAPES, ns_dtype=dtype, symmetric_products=True)
+    assert opt.symmetric_products and calls and {shape[1] for shape in calls} == {17, 20}
+    calls.clear()
+    off, _ = muon_updates(MUON_SHAPES, ns_dtype=dtype)
+    assert not calls
+    for a, b in zip(on, off):
+        assert rel(a, b) < bound
+
+
+def test_symmetric_products_leave_the_state_dict_alone():
+    """The option is the constructor's, not the state's: the state dict is the default's, loads into an optimizer
+    with the option and continues as the uninterrupted run; an optimizer pickled before the option gets it off."""
+    def run(opt, params, grads):
+        for step_grads in grads:
+            for p, grad in zip(params, step_grads):
+                p.grad = grad.clone()
+            opt.step()
+
+    torch.manual_seed(2)
+    shapes = [(40, 16), (16, 16)]
+    grads = [[torch.randn(s) for s in shapes] for _ in range(4)]
+    params = [nn.Parameter(torch.randn(s)) for s in shapes]
+    opt = Muon(params, lr=0.02, symmetric_products=True)
+    run(opt, params, grads[:2])
+    saved, saved_params = copy.deepcopy(opt.state_dict()), [p.detach().clone() for p in params]
+    assert "symmetric_products" not in str(saved["param_groups"])
+    run(opt, params, grads[2:])
+    resumed = [nn.Parameter(p.clone()) for p in saved_params]
+    resumed_opt = Muon(resumed, lr=0.02, symmetric_products=True)
+    resumed_opt.load_state_dict(saved)
+    run(resumed_opt, resumed, grads[2:])
+    for a, b in zip(params, resumed):
+        assert torch.equal(a, b)
+    old = Muon(params)
+    del old.__dict__["symmetric_products"]
+    old.__setstate__({"state": old.state, "param_groups": old.param_groups})
+    assert old.symmetric_products is False
 
 
 @pytest.mark.gpu
@@ -186,3 +254,45 @@ def test_kernel_on_gpu_for_the_gpt2_shapes_and_every_config():
             assert rel(G, reference) < 5e-3 and torch.equal(G, G.mT)
         P = sym.polynomial(R, *QUINTIC, scale, config=config)
         assert rel(P, _polynomial(R, *QUINTIC, scale[:, None, None])) < 2e-2 and torch.equal(P, P.mT)
+
+
+@pytest.mark.gpu
+def test_group_and_captured_muon_step_on_gpu_with_symmetric_products():
+    """newton_schulz_group with the kernel inside a CUDA graph replays its eager result, and the captured Muon step
+    with symmetric_products agrees with the default eager step within bf16 error."""
+    from nanokimi.optim import CapturedStep
+
+    Xs = [torch.randn(shape, device="cuda", dtype=torch.bfloat16) for shape in ((3, 128, 320), (2, 400, 128))]
+    schedule = coefficient_schedule("quintic", 5)
+    eager = newton_schulz_group(Xs, schedule, eps=1e-7, products="triton_symmetric")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        newton_schulz_group(Xs, schedule, eps=1e-7, products="triton_symmetric")
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = newton_schulz_group(Xs, schedule, eps=1e-7, products="triton_symmetric")
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(captured, eager):
+        assert torch.equal(a, b)
+
+    shapes = [(192, 64), (64, 64), (256, 64), (64, 256)]
+    results = []
+    for options, graphed in (({}, False), ({"symmetric_products": True}, True)):
+        torch.manual_seed(0)
+        params = [nn.Parameter(torch.randn(s, device="cuda") * 0.1) for s in shapes]
+        start = [p.detach().clone() for p in params]
+        opt = Muon(params, lr=0.05, **options)
+        opt = CapturedStep(opt, warmup_steps=2) if graphed else opt
+        g = torch.Generator(device="cuda").manual_seed(1)
+        for _ in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, device="cuda", generator=g)
+            opt.step()
+        torch.cuda.synchronize()
+        assert not graphed or opt.captured
+        results.append([p.detach() - s for p, s in zip(params, start)])
+    for a, b in zip(*results):
+        assert rel(a, b) < 5e-2
