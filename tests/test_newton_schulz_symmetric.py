@@ -7,6 +7,10 @@ sizes stay small (s <= 100, l <= 300, a few matrices), and the small explicit co
 these sizes into several tile rows run on the smallest cases.
 """
 import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +26,7 @@ from nanokimi.optim import Muon  # noqa: E402
 from test_muon import direction_error, scalar_band, with_spectrum  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ROOT = Path(__file__).resolve().parents[1]
 SMALL = sym.SymmetricConfig(16, 16, 4, 2)  # several tile rows and K steps even at s = 45, l = 77
 QUINTIC = coefficient_schedule("quintic", 1)[0]
 
@@ -296,3 +301,23 @@ def test_group_and_captured_muon_step_on_gpu_with_symmetric_products():
         results.append([p.detach() - s for p, s in zip(params, start)])
     for a, b in zip(*results):
         assert rel(a, b) < 5e-2
+
+
+def test_products_benchmark_quick_run_and_cpu_message(tmp_path):
+    """benchmarks/newton_schulz_products.py: --quick checks and times every row in the interpreter and writes its
+    JSON; without CUDA and without --quick it says so and exits 0."""
+    out = tmp_path / "products.json"
+    script = str(ROOT / "benchmarks" / "newton_schulz_products.py")
+    result = subprocess.run([sys.executable, script, "--quick", "--out", str(out)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    written = json.loads(out.read_text())
+    assert {"device", "date", "commit"} <= set(written)
+    cases = [r["case"] for r in written["rows"]]
+    assert {"gram wide l=72", "gram tall l=96", "gram gpt2 group", "product P R", "polynomial", "polynomial scaled",
+            "newton_schulz_group (5 steps)"} <= set(cases)
+    for r in written["rows"][:-1]:
+        assert r["symmetric"] and r["check_rel"] < 2e-2 and len(r["configs_ms"]) == len(sym.CONFIGS)
+    if not torch.cuda.is_available():
+        result = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0 and "no CUDA device" in result.stdout
