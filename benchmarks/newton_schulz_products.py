@@ -46,10 +46,8 @@ QUINTIC = coefficient_schedule("quintic", 1)[0]
 
 
 def config_name(config):
-    """'BLOCK/BLOCK_K/warps/stages' of a SymmetricConfig or of the autotuner's triton.Config."""
-    if isinstance(config, sym.SymmetricConfig):
-        return "/".join(map(str, config))
-    return f"{config.kwargs['BLOCK']}/{config.kwargs['BLOCK_K']}/{config.num_warps}/{config.num_stages}"
+    """'BLOCK/BLOCK_K/warps/stages' of a SymmetricConfig."""
+    return "/".join(map(str, config))
 
 
 def check(result, reference):
@@ -92,7 +90,7 @@ def bench_case(name, shape, flops, bmm_fn, sym_fn, config_fns, reference, device
     candidate config (config_fns: SymmetricConfig -> fn) timed too."""
     result = sym_fn()
     relative, symmetric = check(result, reference)
-    chosen = getattr(sym._tuned_kernel, "best_config", None)
+    chosen = sym.last_config
     bmm_ms = timed_ms(bmm_fn, device, reps, iters)
     sym_ms = timed_ms(sym_fn, device, reps, iters)
     configs = {}

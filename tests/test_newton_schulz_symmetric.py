@@ -114,15 +114,17 @@ def test_scale_shapes_and_bad_arguments():
     assert sym.symmetric_matmul(R[:0], R[:0]).shape == (0, 20, 20)
 
 
-def test_untimed_config_where_nothing_can_be_timed():
-    """The autotuner times its candidates only where it can: in the interpreter (and while a CUDA graph is being
-    captured) it takes default_config by size, without a benchmark."""
-    args = {"S": 768, "a_ptr": torch.empty(1, dtype=torch.bfloat16)}
-    configs = list(sym._TRITON_CONFIGS.values())
-    chosen = sym._prune(configs, args)
+def test_launch_config_untimed_where_nothing_can_be_timed(monkeypatch):
+    """Without an explicit config: the autotuner's pick once a key is tuned; in the interpreter (and while a CUDA graph
+    is being captured) default_config by size, never a benchmark."""
+    R = symmetric_input(1, 20, torch.bfloat16, seed=7)
     if DEVICE.type == "cpu":
-        assert chosen == [sym._TRITON_CONFIGS[sym.CONFIGS[0]]]
-        assert sym._prune(configs, {**args, "S": 100}) == [sym._TRITON_CONFIGS[sym.CONFIGS[2]]]
+        assert sym.launch_config("key", 768, R) == sym.CONFIGS[0]
+        assert sym.launch_config("key", 100, R) == sym.CONFIGS[2]
+        sym.polynomial(R, *QUINTIC)
+        assert sym.last_config == sym.CONFIGS[2]
+    monkeypatch.setitem(sym._chosen, "key", SMALL)
+    assert sym.launch_config("key", 768, R) == SMALL
     assert sym.default_config(768, torch.float32) == sym.CONFIGS[2]
     assert sym.upper_tiles(768, 128) == 21 and sym.upper_tiles(100, 64) == 3
 

@@ -20,13 +20,20 @@ operands at full fp32 precision). The epilogue adds beta C + shift I, multiplies
 dtype, and stores the tile's upper part (global row <= column) at (i, j) and its strict upper part again at the
 mirrored addresses (out[col, row] = value[row, col], the store's pointers swapped, no data transposed in code). So a
 diagonal tile's lower half is its own upper half mirrored, and the result is symmetric bit for bit even where
-A[b] B[b] rounds differently from B[b] A[b] (P R and R P are equal only mathematically).
+A[b] B[b] rounds differently from B[b] A[b] (P R and R P are equal only mathematically). fp32 operands (tests)
+run without tensor cores on the GPU, slowly. Compiled offline for sm_90 (Triton 3.9, bf16): every config uses
+wgmma with pipelined loads, 96 KB (128 x 128, 3 stages), 128 KB (4 stages) and 64 KB (64 x 64) of shared memory.
 
-Launch: `triton.autotune` over CONFIGS (few: the first step pays each config's compile), keyed on the sizes, the
-operand layout (tall or wide) and the epilogue; in the Triton interpreter and while a CUDA graph is being captured
-(no benchmark can run there) the tuner takes `default_config` without timing. Inside, nothing is allocated and
-nothing waits for the device, so the calls can be captured (tune them before: Muon's CapturedStep warms up
-eagerly). `symmetric_matmul(..., config=...)` launches one given config (tests, benchmarks).
+Triton's interpreter (the CPU tests; 3.9) multiplies bf16 tiles as their raw bit patterns and truncates fp32 to
+bf16; there the kernel upcasts bf16 operands to fp32 (exact: a product of two bf16 fits fp32) and rounds its
+bf16 output to nearest even by hand (EMULATE_BF16, off on CUDA), so the CPU tests see the GPU's arithmetic.
+
+Launch: `triton.autotune` over CONFIGS (few: the first step pays each config's compile), once per size, operand
+layout (tall or wide) and epilogue, at the first eager CUDA call; later calls launch its pick directly. In Triton's
+interpreter, and while a CUDA graph is being captured before that shape was tuned (a benchmark synchronises),
+`default_config` runs untimed. Inside, nothing is allocated and nothing waits for the device, so the calls can be
+captured (tuned before: Muon's CapturedStep warms up eagerly). `symmetric_matmul(..., config=...)` launches one
+given config (tests, benchmarks).
 """
 import os
 from typing import NamedTuple
@@ -76,7 +83,7 @@ def _symmetric_kernel(a_ptr, b_ptr, c_ptr, scale_ptr, out_ptr, S, K,
                       stride_ab, stride_am, stride_ak, stride_bb, stride_bk, stride_bn,
                       stride_cb, stride_cm, stride_cn, stride_ob, stride_om, stride_on,
                       alpha, beta, shift,
-                      HAS_C: tl.constexpr, HAS_SCALE: tl.constexpr, IEEE: tl.constexpr, INTERPRETED: tl.constexpr,
+                      HAS_C: tl.constexpr, HAS_SCALE: tl.constexpr, IEEE: tl.constexpr, EMULATE_BF16: tl.constexpr,
                       BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_S: tl.constexpr, EVEN_K: tl.constexpr):
     tile = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)
@@ -99,7 +106,7 @@ def _symmetric_kernel(a_ptr, b_ptr, c_ptr, scale_ptr, out_ptr, S, K,
             k_ok = ks < K - k * BLOCK_K
             a = tl.load(a_ptrs, mask=(rows[:, None] < S) & k_ok[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=k_ok[:, None] & (cols[None, :] < S), other=0.0)
-        if INTERPRETED and a.dtype == tl.bfloat16:  # the interpreter multiplies bf16 as raw bits: exact in fp32
+        if EMULATE_BF16:  # the interpreter multiplies bf16 as raw bits: fp32 instead, exact for bf16 products
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         if IEEE:
@@ -118,7 +125,7 @@ def _symmetric_kernel(a_ptr, b_ptr, c_ptr, scale_ptr, out_ptr, S, K,
     result += tl.where(rows[:, None] == cols[None, :], shift, 0.0)
     if HAS_SCALE:
         result *= tl.load(scale_ptr + batch)
-    if INTERPRETED and out_ptr.dtype.element_ty == tl.bfloat16:  # the interpreter truncates: round to nearest even
+    if EMULATE_BF16:  # the interpreter truncates to bf16: round to nearest even here, as the GPU's cast does
         bits = result.to(tl.uint32, bitcast=True)
         bits += 0x7FFF + ((bits >> 16) & 1)
         result = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
@@ -137,19 +144,26 @@ _TRITON_CONFIGS = {c: triton.Config({"BLOCK": c.block, "BLOCK_K": c.block_k}, nu
                                     num_stages=c.num_stages) for c in CONFIGS}
 
 
-def _prune(configs, named_args, **kwargs):
-    """The autotuner's candidates: all of them, or only default_config where nothing can be timed (the
-    interpreter; a CUDA graph being captured, where a benchmark's syncs would break the capture)."""
-    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-    if os.environ.get("TRITON_INTERPRET") == "1" or capturing:
-        return [_TRITON_CONFIGS[default_config(named_args["S"], named_args["a_ptr"].dtype)]]
-    return configs
+_tuned_kernel = triton.autotune(configs=list(_TRITON_CONFIGS.values()),
+                                key=["S", "K", "stride_am", "stride_bn", "HAS_C", "HAS_SCALE"])(_fixed_kernel)
+_chosen = {}  # (s, K, A's row stride, B's column stride, with C, with scale, dtype) -> the autotuner's SymmetricConfig
+last_config = None  # the SymmetricConfig of the latest call (benchmarks report it)
 
 
-_tuned_kernel = triton.autotune(
-    configs=list(_TRITON_CONFIGS.values()),
-    key=["S", "K", "stride_am", "stride_bn", "HAS_C", "HAS_SCALE"],
-    prune_configs_by={"early_config_prune": _prune})(_fixed_kernel)
+def _as_config(triton_config):
+    return SymmetricConfig(triton_config.kwargs["BLOCK"], triton_config.kwargs["BLOCK_K"], triton_config.num_warps,
+                           triton_config.num_stages)
+
+
+def launch_config(key, s, A):
+    """The config of a call without one: the autotuner's pick for this key once it has timed the candidates; None
+    where it can time them now (eager, on CUDA); default_config where it cannot (Triton's interpreter; a CUDA graph
+    being captured, where its benchmark would synchronise; some Triton versions time even a single candidate, so
+    the tuner itself is not called then)."""
+    if key in _chosen:
+        return _chosen[key]
+    capturing = A.is_cuda and torch.cuda.is_current_stream_capturing()
+    return default_config(s, A.dtype) if capturing or not A.is_cuda else None
 
 
 def symmetric_matmul(A, B, out=None, *, alpha=1.0, C=None, beta=0.0, shift=0.0, scale=None, config=None):
@@ -159,7 +173,9 @@ def symmetric_matmul(A, B, out=None, *, alpha=1.0, C=None, beta=0.0, shift=0.0, 
     A [N, s, K], B [N, K, s]: one dtype among DTYPES, any strides (views such as X.mT cost nothing); fp32
     accumulation. C [N, s, s] (any float dtype, read in fp32) or None; scale [N] or [N, 1, 1] (fp32) or None;
     alpha, beta, shift: Python floats. out [N, s, s] in A's dtype, any strides (e.g. a slice of a larger buffer;
-    it must not overlap A, B or C), new when None. config: a SymmetricConfig to launch, None to autotune.
+    it must not overlap A, B or C), new when None. config: a SymmetricConfig to launch, None for launch_config's
+    (the first eager CUDA call of each shape and layout times every candidate in CONFIGS, its later calls launch
+    the fastest directly).
     """
     if A.ndim != 3 or B.ndim != 3 or A.shape[0] != B.shape[0] or A.shape[2] != B.shape[1] or A.shape[1] != B.shape[2]:
         raise ValueError(f"symmetric_matmul needs A [N, s, K] and B [N, K, s], got {tuple(A.shape)} and "
@@ -185,17 +201,19 @@ def symmetric_matmul(A, B, out=None, *, alpha=1.0, C=None, beta=0.0, shift=0.0, 
     C_args = (C, C.stride(0), C.stride(1), C.stride(2)) if C is not None else (out, 0, 0, 0)
     args = (A, B, C_args[0], out if scale is None else scale, out, s, K, *A.stride(), *B.stride(), *C_args[1:],
             *out.stride(), float(alpha), float(beta), float(shift))
-    # Triton's interpreter (3.9) multiplies bf16 tiles as their raw 16-bit patterns and truncates fp32 -> bf16:
-    # there the kernel upcasts bf16 operands to fp32 (exact: a bf16 product fits fp32) and rounds its bf16 output to
-    # nearest even itself, as the GPU's tl.dot and cast do
-    interpreted = not A.is_cuda
-    flags = dict(HAS_C=C is not None, HAS_SCALE=scale is not None,
-                 IEEE=A.dtype == torch.float32 or (interpreted and A.dtype == torch.bfloat16), INTERPRETED=interpreted)
+    emulate = A.dtype == torch.bfloat16 and not A.is_cuda  # the interpreter's bf16 gaps (module docstring)
+    flags = dict(HAS_C=C is not None, HAS_SCALE=scale is not None, IEEE=A.dtype == torch.float32 or emulate,
+                 EMULATE_BF16=emulate)
+    global last_config
+    key = (s, K, A.stride(1), B.stride(2), C is not None, scale is not None, A.dtype)
+    config = config or launch_config(key, s, A)
     if config is None:
         _tuned_kernel[lambda meta: (upper_tiles(s, meta["BLOCK"]), N)](*args, **flags)
+        config = _chosen[key] = _as_config(_tuned_kernel.best_config)
     else:
         _fixed_kernel[(upper_tiles(s, config.block), N)](*args, **flags, BLOCK=config.block, BLOCK_K=config.block_k,
                                                           num_warps=config.num_warps, num_stages=config.num_stages)
+    last_config = config
     return out
 
 
