@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported (--quick on the CPU)
+if "--quick" in sys.argv[1:] or not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported: --quick runs on the CPU, in the interpreter
 import triton  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

