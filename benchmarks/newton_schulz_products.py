@@ -201,7 +201,8 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=20, help="calls per captured graph")
     parser.add_argument("--iters", type=int, default=20, help="graph replays timed (median)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="JSON file (default benchmarks/results/newton_schulz_products.json; --quick: a temp folder)")
+                        help="JSON file (default benchmarks/results/newton_schulz_products.json; --quick: a temp "
+                             "folder)")
     args = parser.parse_args(argv)
     if args.out is None:
         args.out = results_path("newton_schulz_products", args.quick)
