@@ -151,6 +151,7 @@ last_config = None  # the SymmetricConfig of the latest call (benchmarks report 
 
 
 def _as_config(triton_config):
+    """The SymmetricConfig of one of the autotuner's triton.Config candidates."""
     return SymmetricConfig(triton_config.kwargs["BLOCK"], triton_config.kwargs["BLOCK_K"], triton_config.num_warps,
                            triton_config.num_stages)
 
@@ -177,6 +178,7 @@ def symmetric_matmul(A, B, out=None, *, alpha=1.0, C=None, beta=0.0, shift=0.0, 
     (the first eager CUDA call of each shape and layout times every candidate in CONFIGS, its later calls launch
     the fastest directly).
     """
+    global last_config
     if A.ndim != 3 or B.ndim != 3 or A.shape[0] != B.shape[0] or A.shape[2] != B.shape[1] or A.shape[1] != B.shape[2]:
         raise ValueError(f"symmetric_matmul needs A [N, s, K] and B [N, K, s], got {tuple(A.shape)} and "
                          f"{tuple(B.shape)}")
@@ -204,7 +206,6 @@ def symmetric_matmul(A, B, out=None, *, alpha=1.0, C=None, beta=0.0, shift=0.0, 
     emulate = A.dtype == torch.bfloat16 and not A.is_cuda  # the interpreter's bf16 gaps (module docstring)
     flags = dict(HAS_C=C is not None, HAS_SCALE=scale is not None, IEEE=A.dtype == torch.float32 or emulate,
                  EMULATE_BF16=emulate)
-    global last_config
     key = (s, K, A.stride(1), B.stride(2), C is not None, scale is not None, A.dtype)
     config = config or launch_config(key, s, A)
     if config is None:
