@@ -17,7 +17,8 @@ from nanokimi.ops.attnres import (EAGER, Kernels, attnres_naive, attnres_stack_n
 from nanokimi.ops.attnres import two_phase
 
 # the fused maths (what compiled_kernels compiles) run eagerly, so it is tested without a compiler too
-FUSED_EAGER = Kernels(two_phase._phase1_forward_fused, two_phase._phase1_backward_fused, two_phase._merge,
+FUSED_EAGER = Kernels(two_phase._phase1_forward_fused, two_phase._phase1_backward_fused,
+                      two_phase._phase1_norm_forward_fused, two_phase._phase1_norm_backward_fused, two_phase._merge,
                       two_phase._accumulate_merge, two_phase._accumulate_merge_norm, two_phase._finish_source,
                       source_rstd)
 KERNELS = {"stacked": lambda: EAGER, "fused": lambda: FUSED_EAGER, "compiled": compiled_kernels}
