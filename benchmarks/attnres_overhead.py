@@ -87,7 +87,7 @@ def residual_rows(args, device):
 
         def step():
             with torch.autocast(device.type, dtype=torch.bfloat16):  # the sublayers' outputs are bf16, as in the model
-                state = residual.start(embedding)
+                state = residual.start(embedding, norms[0])
                 for l in range(L):
                     x = residual.normed_input(state, l, norms[l])
                     state = residual.add(state, l, (torch.tanh(x) * scales[l]).to(torch.bfloat16),
