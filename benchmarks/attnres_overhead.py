@@ -13,9 +13,10 @@ for the residual table are reused by the model table, whose residual stream has 
             attn_res setting (T halves on OOM); its AttnRes kernels are what compile_model picks (triton on CUDA
             when triton imports), recorded per row as attnres_kernels.
 Every AttnRes row is measured once per --storage (attn_res_storage: "auto" = sources in bf16 under autocast,
-"auto-all" = mixtures too, "fp32") and, in block mode, once per --fuse-norm (attn_res_fuse_norm: "on" = each
-merged sublayer input comes out of the merge's kernel already normed, "off" = the merge writes h, the norm reads
-it), so one run compares PreNorm, the storages and the fused norm.
+"auto-all" = mixtures too, "fp32") and once per --fuse-norm (attn_res_fuse_norm: "on" = each sublayer input
+comes out of the kernel that computes it already normed, the merge's inside a block and phase 1's for a block's
+first sublayer (every sublayer in full mode), "off" = h is written and the norm reads it), so one run compares
+PreNorm, the storages and the fused norms.
 Medians over timed steps after warm-up. Writes benchmarks/results/attnres_overhead.json (device, date, commit).
 
     python benchmarks/attnres_overhead.py            # GPU, a few minutes (fla autotune + compiles come first)
@@ -62,9 +63,9 @@ def kernel_sets(args, device):
 
 
 def attnres_variants(args):
-    """(mode, storage, fuse_norm) of every AttnRes row; fuse_norm "-" where no sublayer reads a merge (full mode)."""
-    return [(mode, storage, fuse if mode == "block" else "-") for mode in args.modes if mode != "none"
-            for storage in args.storage for fuse in (args.fuse_norm if mode == "block" else ["-"])]
+    """(mode, storage, fuse_norm) of every AttnRes row."""
+    return [(mode, storage, fuse) for mode in args.modes if mode != "none" for storage in args.storage
+            for fuse in args.fuse_norm]
 
 
 def residual_rows(args, device):
@@ -259,9 +260,9 @@ def main():
                         help="attn_res_storage values to measure for every AttnRes row (comma-separated: "
                              "auto,auto-all,fp32)")
     parser.add_argument("--fuse-norm", default="on,off",
-                        help="attn_res_fuse_norm values to measure for every block AttnRes row (comma-separated: "
-                             "on = the pre-norm computed in the merge's kernel, off = the merge writes h, the norm "
-                             "reads it); full mode has no merges, so its rows have none")
+                        help="attn_res_fuse_norm values to measure for every AttnRes row (comma-separated: on = "
+                             "each pre-norm computed in the kernel that computes its input, the merge's or phase "
+                             "1's; off = h is written, the norm reads it)")
     parser.add_argument("--profile", action="store_true", help="residual table: GPU time by kernel kind per row")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="model table: also time the compiled step captured whole in one CUDA graph")
