@@ -23,6 +23,12 @@ What makes it cheap (the work is memory-bound: a few flops per element of each [
     output, and the next sublayer's merged input from it; one compiled graph (or Triton kernel) per sublayer.
     `accumulate_merge_norm` also applies the next sublayer's pre-norm (RMSNorm), so the merged input h itself
     (and, in backward, its gradient) never goes through memory: the module calls it when given that norm.
+  - The first sublayer of a block has no partial sum: its input is phase 1's first mixture, h = mixture0 cast to
+    the stream's dtype. `phase1_norm_forward` (given that sublayer's RMSNorm, `depth_attention_qe(first_norm=)`)
+    returns its normed input x0 = rms_norm(h) in mixture 0's place, and `phase1_norm_backward` takes grad x0,
+    recomputes h from the sources and logits, and returns the norm weight's gradient too: neither mixture 0, h
+    nor their gradients go through memory in the compiled and Triton forms (2 passes fewer in forward, 3 or more
+    in backward per block).
   - Two implementations of phase 1's forward and backward with the same maths: "stacked" (eager: stack the N
     sources once, then batched matmuls: a few large kernels) and "fused" (for torch.compile: per-source
     reductions and one sum over sources, no stacked copy, so the compiler emits a few kernels that read each
