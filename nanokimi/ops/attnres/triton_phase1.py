@@ -147,14 +147,19 @@ def _load_grad_mixtures(grad_mixtures, tile, tile_ok, s_ids, S: tl.constexpr, S_
 
 
 @triton.jit
+def _column(x, column_ids, column):
+    """x[:, column] of x [R, C] (column_ids: its index vector [C]): [R]."""
+    return tl.sum(tl.where(column_ids[None, :] == column, x, 0.0), axis=1)
+
+
+@triton.jit
 def _first_input_chunk(values, alpha_first, tile, tile_ok, n_ids, N: tl.constexpr, BLOCK_T: tl.constexpr,
                        CHUNK_D: tl.constexpr, MIXTURE_DTYPE: tl.constexpr, INPUT_DTYPE: tl.constexpr):
     """The first query's sublayer input h at one tile's chunk of columns, [BT, CD] fp32: mixture 0 recomputed as
     sum_n alpha[0, n] v_n (alpha_first [BT, N_PAD]) and rounded as the forward rounds it."""
     h = tl.zeros([BLOCK_T, CHUNK_D], tl.float32)
     for n in tl.static_range(N):
-        alpha_n = tl.sum(tl.where(n_ids[None, :] == n, alpha_first, 0.0), axis=1)  # [BT]
-        h += alpha_n[:, None] * tl.load(values[n] + tile, mask=tile_ok, other=0.0).to(tl.float32)
+        h += _column(alpha_first, n_ids, n)[:, None] * tl.load(values[n] + tile, mask=tile_ok, other=0.0).to(tl.float32)
     return _rounded(_rounded(h, MIXTURE_DTYPE), INPUT_DTYPE)
 
 
@@ -211,12 +216,14 @@ def _phase1_backward_kernel(values, rstds, grad_mixtures, qe_ptr, logits_ptr, ls
                 norm_weight = tl.load(norm_weight_ptr + d, mask=d < D, other=0.0).to(tl.float32)  # [CD]
                 grad_normed = _rounded(_row(g, s_ids, 0) * norm_weight[None, :], INPUT_DTYPE)  # [BT, CD]
                 g = tl.where(s_ids[:, None, None] == 0, grad_normed[None, :, :], g)
+                h = tl.zeros([BLOCK_T, CHUNK_D], tl.float32)  # mixture 0, as _first_input_chunk sums it
             for n in tl.static_range(N):
                 v = tl.load(values[n] + tile, mask=tile_ok, other=0.0).to(tl.float32)  # [BT, CD]
                 gv += tl.where(source == n, tl.sum(g * v[None, :, :], axis=2)[:, :, None], 0.0)
+                if FIRST_NORM:
+                    h += _column(alpha_first, n_ids, n)[:, None] * v
             if FIRST_NORM:  # h needs every source first; its dots with them re-read the chunk (L1 / L2)
-                h = _first_input_chunk(values, alpha_first, tile, tile_ok, n_ids, N, BLOCK_T, CHUNK_D,
-                                       MIXTURE_DTYPE, INPUT_DTYPE)
+                h = _rounded(_rounded(h, MIXTURE_DTYPE), INPUT_DTYPE)
                 h_dot_h += tl.sum(h * h, axis=1)
                 grad_normed_dot_h += tl.sum(grad_normed * h, axis=1)
                 for n in tl.static_range(N):
@@ -249,8 +256,8 @@ def _phase1_backward_kernel(values, rstds, grad_mixtures, qe_ptr, logits_ptr, ls
                 h = _first_input_chunk(values, alpha_first, tile, tile_ok, n_ids, N, BLOCK_T, CHUNK_D,
                                        MIXTURE_DTYPE, INPUT_DTYPE)
                 normed = _rounded(h * rstd_h[:, None], INPUT_DTYPE)
-                grad_norm_weight = grad_norm_weight_partial_ptr + pid * D + d  # [CD]: this program's row
-                tl.store(grad_norm_weight, tl.load(grad_norm_weight, mask=d_ok, other=0.0)
+                grad_norm_weight_row = grad_norm_weight_partial_ptr + pid * D + d  # [CD]: this program's row
+                tl.store(grad_norm_weight_row, tl.load(grad_norm_weight_row, mask=d_ok, other=0.0)
                          + tl.sum(grad_x * normed, axis=0), mask=d_ok)
                 grad_h = rstd_h[:, None] * grad_normed - h_scale[:, None] * h
                 grad_first = _rounded(_rounded(grad_h, INPUT_DTYPE), MIXTURE_DTYPE)
