@@ -86,7 +86,7 @@ def _rounded(x, DTYPE: tl.constexpr):
 
 @triton.jit
 def _row(x, row_ids, row):
-    """x[row] of x [R, ...], summed out of the first axis (row_ids: its index vector [R])."""
+    """x[row] of x [R, A, B] (row_ids: its index vector [R]): [A, B]."""
     return tl.sum(tl.where(row_ids[:, None, None] == row, x, 0.0), axis=0)
 
 
