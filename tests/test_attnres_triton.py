@@ -463,6 +463,32 @@ def test_triton_phase1_at_model_sizes_on_gpu(dtype):
         assert rel(a, b) < bound
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (compiled Triton at model sizes)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_phase1_norm_at_model_sizes_on_gpu(dtype):
+    """The last block's phase 1 with its first sublayer's norm at the benchmark's shapes (D = 1024, 4 queries, 8
+    sources, the table's launch configs) against the stacked kernels: x0, the mixtures, and every gradient."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    N, S, M, D = 8, 4, 4096, 1024
+    values = [(torch.randn(M, D, generator=g, device="cuda") * (1 + n % 3)).to(dtype) for n in range(N)]
+    rstds = [source_rstd(v) for v in values]
+    qe = torch.randn(S, D, generator=g, device="cuda") / D ** 0.5
+    weight = 1 + 0.1 * torch.randn(D, generator=g, device="cuda")
+    grad_mixtures = [torch.randn(M, D, generator=g, device="cuda") for _ in range(S)]
+    grad_lse = torch.randn(M, S, generator=g, device="cuda")
+    norm = (None, weight, 1e-5, torch.float32)
+    outputs, logits, lse = phase1_norm_forward(qe, rstds, values, *norm)
+    outputs_ref, logits_ref, lse_ref = two_phase._phase1_norm_forward_stacked(qe, rstds, values, *norm)
+    assert rel(torch.stack(outputs), torch.stack(outputs_ref)) < 1e-5 and rel(lse, lse_ref) < 1e-5
+    got = phase1_norm_backward(qe, rstds, values, logits, lse, grad_mixtures, grad_lse, None, None, *norm)
+    expected = two_phase._phase1_norm_backward_stacked(qe, rstds, values, logits_ref, lse_ref, grad_mixtures,
+                                                       grad_lse, None, None, *norm)
+    assert rel(got[0], expected[0]) < 1e-4 and rel(got[2], expected[2]) < 1e-4  # sums over 4096 tokens
+    for a, b in zip(got[1], expected[1]):
+        assert rel(a, b) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
 def test_triton_phase1_stores_mixtures_narrow_and_sums_bf16_gradients_in_fp32():
     """Storage "auto": phase 1 writes its mixtures in bf16 (the fp32 result rounded once), reads bf16 gradients of
     them as they are, and writes a bf16 source's gradient in the dtype asked for (fp32 for a shared source, whose
