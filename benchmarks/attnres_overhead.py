@@ -14,9 +14,10 @@ for the residual table are reused by the model table, whose residual stream has 
             when triton imports), recorded per row as attnres_kernels.
 Every AttnRes row is measured once per --storage (attn_res_storage: "auto" = sources in bf16 under autocast,
 "auto-all" = mixtures too, "fp32"), once per --grad-sums (attn_res_grad_sums: "fp32" or "storage" = each stored
-source's gradient summed in its storage dtype) and, in block mode, once per --fuse-norm (attn_res_fuse_norm: "on" =
-each merged sublayer input comes out of the merge's kernel already normed, "off" = the merge writes h, the norm
-reads it), so one run compares PreNorm, the storages, the gradient sums and the fused norm.
+source's gradient summed in its storage dtype) and once per --fuse-norm (attn_res_fuse_norm: "on" = each sublayer
+input comes out of the kernel that computes it already normed, the merge's inside a block and phase 1's for a
+block's first sublayer (every sublayer in full mode), "off" = h is written and the norm reads it), so one run
+compares PreNorm, the storages, the gradient sums and the fused norms.
 Medians over timed steps after warm-up. Writes benchmarks/results/attnres_overhead.json (device, date, commit).
 
     python benchmarks/attnres_overhead.py            # GPU, a few minutes (fla autotune + compiles come first)
@@ -66,11 +67,9 @@ def kernel_sets(args, device):
 
 
 def attnres_variants(args):
-    """(mode, storage, fuse_norm, grad_sums) of every AttnRes row; fuse_norm "-" where no sublayer reads a merge
-    (full mode)."""
-    return [(mode, storage, fuse if mode == "block" else "-", sums) for mode in args.modes if mode != "none"
-            for storage in args.storage for fuse in (args.fuse_norm if mode == "block" else ["-"])
-            for sums in args.grad_sums]
+    """(mode, storage, fuse_norm, grad_sums) of every AttnRes row."""
+    return [(mode, storage, fuse, sums) for mode in args.modes if mode != "none" for storage in args.storage
+            for fuse in args.fuse_norm for sums in args.grad_sums]
 
 
 def residual_rows(args, device):
@@ -94,7 +93,7 @@ def residual_rows(args, device):
 
         def step():
             with torch.autocast(device.type, dtype=torch.bfloat16):  # the sublayers' outputs are bf16, as in the model
-                state = residual.start(embedding)
+                state = residual.start(embedding, norms[0])
                 for l in range(L):
                     x = residual.normed_input(state, l, norms[l])
                     state = residual.add(state, l, (torch.tanh(x) * scales[l]).to(torch.bfloat16),
@@ -270,9 +269,9 @@ def main():
                         help="attn_res_storage values to measure for every AttnRes row (comma-separated: "
                              "auto,auto-all,fp32)")
     parser.add_argument("--fuse-norm", default="on,off",
-                        help="attn_res_fuse_norm values to measure for every block AttnRes row (comma-separated: "
-                             "on = the pre-norm computed in the merge's kernel, off = the merge writes h, the norm "
-                             "reads it); full mode has no merges, so its rows have none")
+                        help="attn_res_fuse_norm values to measure for every AttnRes row (comma-separated: on = "
+                             "each pre-norm computed in the kernel that computes its input, the merge's or phase "
+                             "1's; off = h is written, the norm reads it)")
     parser.add_argument("--grad-sums", default="fp32",
                         help="attn_res_grad_sums values to measure for every AttnRes row (comma-separated: "
                              "fp32,storage)")

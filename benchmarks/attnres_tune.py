@@ -1,24 +1,27 @@
 """Tune the launch configs of the Attention Residuals Triton kernels (nanokimi/ops/attnres/launch.py).
 
 At the bench-kl-900m residual stream's shapes (B * T = 16384 tokens, D = 1024, 32 sublayers in 8 blocks of S = 4):
-phase 1 runs at S = 4 queries over N = 1..8 sources (blocks 0..7) and at S = 1 over N = 9 (the final read),
-and accumulate+merge once per sublayer that is not first in its block (24 per step: merge_*, or merge_norm_*
-with the next sublayer's RMSNorm fused in, as the model runs by default). For fp32 and bf16
+phase 1 runs at S = 4 queries over N = 1..8 sources (blocks 0..7: phase1_*, or phase1_norm_* with the block's
+first sublayer's RMSNorm fused in, as the model runs by default) and at S = 1 over N = 9 (the final read,
+phase1_*), and accumulate+merge once per sublayer that is not first in its block (24 per step: merge_*, or
+merge_norm_* with the next sublayer's RMSNorm fused in, as the model runs by default). For fp32 and bf16
 sources (the stream's dtype; sublayer outputs are bf16, as under autocast) each kernel is timed
 (triton.testing.do_bench, median) over a grid of configs, as the model runs it (phase 1's backward adds
 into existing gradient sums, except at the final read, the first in backward):
-    phase1_forward, merge_forward, merge_norm_forward:  block_t x num_warps, with 4..64 tile values per thread
+    phase1_forward, phase1_norm_forward, merge_forward, merge_norm_forward: block_t x num_warps, with 4..64 tile
+                     values per thread
     merge_backward, merge_norm_backward: the same x programs_per_sm (2, 4, 8)
-    phase1_backward: block_t (1, 2, 4) x chunk_d (128..1024) x num_warps, 8..32 chunk values per thread,
-                     x programs_per_sm (2, 4, 8)
+    phase1_backward, phase1_norm_backward: block_t (1, 2, 4) x chunk_d (128..1024) x num_warps, 8..32 chunk
+                     values per thread, x programs_per_sm (2, 4, 8)
 The whole grid runs at the largest N of each S; the other N try its 3 fastest configs and the default. Every
 config's outputs are checked against the default config's (fp32 1e-5, bf16 1e-2, query gradients summed over
 tokens in another order 1e-4); one that fails to compile, run or check is skipped with a note, and past
 --budget-s the remaining shapes time the default only. Kernels are compiled first by worker processes in
 parallel (Triton's on-disk cache then serves this process).
 
-Prints one table (kernel, shape, best config, ms, GB/s, default ms) and the per-step totals (with the merges
-as merge_norm_*, the default, and as merge_*, whose norms then run as torch kernels not counted here), then the best
+Prints one table (kernel, shape, best config, ms, GB/s, default ms) and the per-step totals (with the norms fused:
+merge_norm_* and phase1_norm_* for the blocks, the default; and unfused: merge_* and phase1_*, whose norms then
+run as torch kernels not counted here), then the best
 configs as a dict to paste into launch.TUNED. Writes benchmarks/results/attnres_tune.json (device, date, commit,
 every measurement, the table); `launch.load_tuned(path)` applies it without editing launch.py, as
 `python benchmarks/attnres_overhead.py --tuned benchmarks/results/attnres_tune.json` does.
@@ -50,12 +53,14 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from perf_common import git_commit, results_path, short_error  # noqa: E402
 
 from nanokimi.ops.attnres import two_phase  # noqa: E402
-from nanokimi.ops.attnres.launch import GRID_STRIDE, LaunchConfig, config_for, default_config  # noqa: E402
+from nanokimi.ops.attnres.launch import (CHUNKED, GRID_STRIDE, UNTUNED_AS, LaunchConfig, config_for,  # noqa: E402
+                                         default_config)
 
 EPS = 1e-6
 TOP = 3  # configs of the full grid that the other source counts try
 MERGE_KERNELS = ("merge_forward", "merge_backward", "merge_norm_forward", "merge_norm_backward")
-FUSED_NORM = {"merge_norm_forward", "merge_norm_backward"}  # the model runs these or the plain merges, not both
+# the kernels with a sublayer's pre-norm fused: the model runs these or the plain ones they extend, not both
+FUSED_NORM = {"merge_norm_forward", "merge_norm_backward", "phase1_norm_forward", "phase1_norm_backward"}
 
 
 class Case(NamedTuple):
@@ -70,7 +75,7 @@ class Case(NamedTuple):
 
     def label(self):
         shape = f"S={self.S} N={self.N}" if self.kernel.startswith("phase1") else "-"
-        return f"{self.kernel:19} {str(self.dtype).removeprefix('torch.'):8} {shape:9}"
+        return f"{self.kernel:20} {str(self.dtype).removeprefix('torch.'):8} {shape:9}"
 
 
 def model_cases(sublayers, blocks, dtypes):
@@ -79,10 +84,11 @@ def model_cases(sublayers, blocks, dtypes):
     sizes = [min(size, sublayers - start) for start in range(0, sublayers, size)]  # queries per block
     cases = []
     for dtype in dtypes:
-        for kernel in ("phase1_forward", "phase1_backward"):
+        for kernel in ("phase1_forward", "phase1_backward", "phase1_norm_forward", "phase1_norm_backward"):
             for k, S in enumerate(sizes):  # block k reads the embedding and k block sums
-                cases.append(Case(kernel, dtype, S, k + 1, accumulate=kernel == "phase1_backward"))
-            cases.append(Case(kernel, dtype, 1, len(sizes) + 1))  # the final read: first in backward
+                cases.append(Case(kernel, dtype, S, k + 1, accumulate=kernel.endswith("backward")))
+            if kernel not in FUSED_NORM:
+                cases.append(Case(kernel, dtype, 1, len(sizes) + 1))  # the final read: first in backward
         merges = sum(S - 1 for S in sizes)
         cases += [Case(kernel, dtype, calls=merges) for kernel in MERGE_KERNELS]
     return cases
@@ -94,14 +100,14 @@ def config_grid(case, D, quick):
     first = [default_config(case.kernel, D, case.S), config_for(case.kernel, D, case.dtype, case.S, case.N)]
     per_token = _next_pow2(D) * (_next_pow2(case.S) if case.kernel.startswith("phase1") else 1)
     grid = []
-    if case.kernel == "phase1_backward":  # streams D in chunks: S_PAD * block_t * chunk_d values per step
+    if case.kernel in CHUNKED:  # streams D in chunks: S_PAD * block_t * chunk_d values per step
         s_pad = _next_pow2(case.S)
         for block_t in (1, 2, 4):
             for chunk_d in (128, 256, 512, 1024):
                 for warps in (2, 4, 8):
                     if chunk_d <= _next_pow2(D) and 8 <= s_pad * block_t * chunk_d / (32 * warps) <= 32:
                         grid += [LaunchConfig(block_t, warps, 3, p, chunk_d) for p in (2, 4, 8)]
-    for block_t in (1, 2, 4, 8, 16, 32) if case.kernel != "phase1_backward" else ():
+    for block_t in (1, 2, 4, 8, 16, 32) if case.kernel not in CHUNKED else ():
         for warps in (2, 4, 8, 16):
             per_thread = per_token * block_t / (32 * warps)
             if not 4 <= per_thread <= 64:
@@ -126,16 +132,18 @@ def make_inputs(case, M, D, device):
     def randn(*shape, dtype=torch.float32, scale=1.0):
         return (torch.randn(*shape, generator=g, device=device) * scale).to(dtype)
 
-    if case.kernel.startswith("phase1"):
+    if case.kernel.startswith("phase1"):  # with the norm: an fp32 stream and mixtures, as the model's default
         values = [randn(M, D, dtype=case.dtype, scale=1 + n % 3) for n in range(case.N)]
         inputs = dict(values=values, rstds=[two_phase.source_rstd(v, EPS) for v in values],
                       qe=randn(case.S, D, scale=2 / D ** 0.5))
-        if case.kernel == "phase1_backward":
+        if case.kernel.endswith("backward"):  # grad_mixtures[0]: of mixture 0, or of the fp32 normed input x0
             _, inputs["logits"], inputs["lse"] = two_phase._phase1_forward_stacked(inputs["qe"], inputs["rstds"],
                                                                                    values)
             inputs.update(grad_mixtures=[randn(M, D) for _ in range(case.S)], grad_lse=randn(M, case.S),
                           sums=[randn(M, D, dtype=case.dtype) for _ in range(case.N)] if case.accumulate else None)
             inputs["work_sums"] = None if inputs["sums"] is None else [s.clone() for s in inputs["sums"]]
+        if case.kernel in FUSED_NORM:
+            inputs["norm_weight"] = 1 + randn(D, scale=0.1)
         return inputs
     inputs = dict(partial=randn(M, D, dtype=case.dtype), out=randn(M, D, dtype=torch.bfloat16), mixture=randn(M, D),
                   lse=randn(M), qe=randn(D, scale=2 / D ** 0.5), norm_weight=1 + randn(D, scale=0.1))
@@ -149,19 +157,28 @@ def make_inputs(case, M, D, device):
 
 def runner(case, x, config):
     """run(check) -> the kernel's outputs; check=True works on fresh copies of anything it writes in place."""
-    from nanokimi.ops.attnres.triton_phase1 import phase1_backward, phase1_forward
+    from nanokimi.ops.attnres.triton_phase1 import (phase1_backward, phase1_forward, phase1_norm_backward,
+                                                    phase1_norm_forward)
     from nanokimi.ops.attnres.triton_phase2 import accumulate_merge_backward, accumulate_merge_forward
 
+    first_norm = (None, x.get("norm_weight"), EPS, torch.float32)  # mixtures fp32, norm weight, eps, stream dtype
     if case.kernel == "phase1_forward":
         def run(check=False):
             mixtures, logits, lse = phase1_forward(x["qe"], x["rstds"], x["values"], config=config)
             return [*mixtures, logits, lse]
-    elif case.kernel == "phase1_backward":
+    elif case.kernel == "phase1_norm_forward":
         def run(check=False):
+            outputs, logits, lse = phase1_norm_forward(x["qe"], x["rstds"], x["values"], *first_norm, config=config)
+            return [*outputs, logits, lse]
+    elif case.kernel in ("phase1_backward", "phase1_norm_backward"):
+        def run(check=False):  # the sums over tokens first: grad qe (and grad norm_weight)
             sums = x["work_sums"] if not check or x["sums"] is None else [s.clone() for s in x["sums"]]
-            grad_qe, grads = phase1_backward(x["qe"], x["rstds"], x["values"], x["logits"], x["lse"],
-                                             x["grad_mixtures"], x["grad_lse"], sums, config=config)
-            return [grad_qe, *grads]
+            args = (x["qe"], x["rstds"], x["values"], x["logits"], x["lse"], x["grad_mixtures"], x["grad_lse"], sums)
+            if case.kernel == "phase1_backward":
+                grad_qe, grads = phase1_backward(*args, config=config)
+                return [grad_qe, *grads]
+            grad_qe, grads, grad_norm_weight = phase1_norm_backward(*args, None, *first_norm, config=config)
+            return [grad_qe, grad_norm_weight, *grads]
     else:
         norm = dict(norm_weight=x["norm_weight"], norm_eps=EPS) if case.kernel in FUSED_NORM else {}
         if case.kernel.endswith("forward"):
@@ -179,9 +196,9 @@ def runner(case, x, config):
 def moved_bytes(case, M, D):
     """Bytes a call must move at least (each source read once, each gradient sum read and written)."""
     es, tensor = torch.finfo(case.dtype).bits // 8, M * D
-    if case.kernel == "phase1_forward":
+    if case.kernel in ("phase1_forward", "phase1_norm_forward"):  # with the norm, x0 (fp32) in mixture 0's place
         return case.N * tensor * es + case.S * tensor * 4 + M * (case.N + case.S * case.N + case.S) * 4
-    if case.kernel == "phase1_backward":
+    if case.kernel in ("phase1_backward", "phase1_norm_backward"):
         grads = case.N * tensor * es * (2 if case.accumulate else 1)
         return case.N * tensor * es + case.S * tensor * 4 + grads + M * (case.N + case.S * case.N + 2 * case.S) * 4
     x_size = 4 if case.kernel in FUSED_NORM else es  # the fused kernels write / read the fp32 normed input instead of h
@@ -364,7 +381,7 @@ def summarise(cases, results, args):
 
 
 def print_report(rows, args):
-    header = (f"{'kernel':19} {'dtype':8} {'shape':9} {'calls':>5} {'best config':16} {'ms':>8} {'GB/s':>7} "
+    header = (f"{'kernel':20} {'dtype':8} {'shape':9} {'calls':>5} {'best config':16} {'ms':>8} {'GB/s':>7} "
               f"{'default ms':>10} {'speedup':>7}")
     print(header)
     print("-" * len(header))
@@ -381,9 +398,14 @@ def print_report(rows, args):
         total_default += case.calls * (default_ms if default else best["ms"])
         print(f"{case.label()} {case.calls:>5} {fmt(best['config']):16} {best['ms']:>8.3f} {gbps:>7.0f} "
               f"{default_ms:>10.3f} {default_ms / best['ms']:>6.2f}x")
+    # with the norms fused, a plain kernel's call is left out where a fused one replaces it (same dtype, S, N)
+    replaced = {(UNTUNED_AS[r["case"].kernel], r["case"].dtype, r["case"].S, r["case"].N) for r in rows
+                if r["case"].kernel in FUSED_NORM}
     for dtype in args.dtypes:
-        for label, left_out in (("norm fused", {"merge_forward", "merge_backward"}), ("norm unfused", FUSED_NORM)):
-            step = [r for r in rows if r["best"] and r["case"].dtype == dtype and r["case"].kernel not in left_out]
+        for label, fused in (("norms fused", True), ("norms unfused", False)):
+            step = [r for r in rows if r["best"] and r["case"].dtype == dtype
+                    and ((r["case"].kernel, dtype, r["case"].S, r["case"].N) not in replaced if fused
+                         else r["case"].kernel not in FUSED_NORM)]
             best = sum(r["case"].calls * r["best"]["ms"] for r in step)
             default = sum(r["case"].calls * (r["default"] or r["best"])["ms"] for r in step)
             print(f"per training step, {str(dtype).removeprefix('torch.')} stream, {label}: AttnRes Triton kernels "

@@ -134,7 +134,7 @@ class ModelConfig:
     attn_res: str = "none"  # "none" | "full" | "block"
     attn_res_blocks: int = 8
     attn_res_storage: str = "auto"  # "auto" (sources in the sublayers' output dtype: bf16 under autocast) | "auto-all" | "fp32"
-    attn_res_fuse_norm: bool = True  # block mode: each merge kernel also applies the next sublayer's pre-norm
+    attn_res_fuse_norm: bool = True  # each pre-norm applied by the kernel computing its input (merge or phase 1)
     attn_res_grad_sums: str = "fp32"  # dtype of each stored source's gradient sum: "fp32" | "storage" (bf16 with "auto")
 
     def __post_init__(self):

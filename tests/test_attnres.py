@@ -17,7 +17,8 @@ from nanokimi.ops.attnres import (EAGER, Kernels, attnres_naive, attnres_stack_n
 from nanokimi.ops.attnres import two_phase
 
 # the fused maths (what compiled_kernels compiles) run eagerly, so it is tested without a compiler too
-FUSED_EAGER = Kernels(two_phase._phase1_forward_fused, two_phase._phase1_backward_fused, two_phase._merge,
+FUSED_EAGER = Kernels(two_phase._phase1_forward_fused, two_phase._phase1_backward_fused,
+                      two_phase._phase1_norm_forward_fused, two_phase._phase1_norm_backward_fused, two_phase._merge,
                       two_phase._accumulate_merge, two_phase._accumulate_merge_norm, two_phase._finish_source,
                       source_rstd)
 KERNELS = {"stacked": lambda: EAGER, "fused": lambda: FUSED_EAGER, "compiled": compiled_kernels}
@@ -634,6 +635,114 @@ def test_accumulate_merge_norm_is_merge_then_rmsnorm(kernels, dtype, has_partial
     assert rel_err(got[1], wrong_eps[1]) > 0  # the norm's own eps is the one applied
 
 
+def phase1_norm_inputs(N, S, B, T, D, source_dtype, seed, device="cpu"):
+    """Leaves of one phase-1 call with the first query's norm (N sources [B, T, D] of source_dtype, queries and key
+    weights [S, D], an fp32 norm weight [D] far from ones) and the cotangents of (x0, mixtures 1.., lse [S, B, T]).
+    The sources differ in scale and the queries are large enough for a far-from-uniform softmax."""
+    g = torch.Generator().manual_seed(seed)
+
+    def leaf(*shape, scale=1.0, shift=0.0, dtype=torch.float32):
+        return (torch.randn(*shape, generator=g) * scale + shift).to(device, dtype).requires_grad_()
+    sources = [leaf(B, T, D, scale=n + 1.0, dtype=source_dtype) for n in range(N)]
+    queries, key_weights = leaf(S, D, scale=2 / D ** 0.5), leaf(S, D, scale=0.2, shift=1.0)
+    norm_weight = leaf(D, scale=0.5, shift=1.0)
+    cotangents = [torch.randn(B, T, D, generator=g).to(device) for _ in range(S)] + [
+        torch.randn(S, B, T, generator=g).to(device)]
+    return [sources, queries, key_weights, norm_weight], cotangents
+
+
+def run_phase1_norm(kernels, leaves, cotangents, dtype, input_dtype, norm_eps=1e-5, fused=True, norm_weight=None):
+    """(x0, mixtures 1.. S - 1, lse) and the gradients of every leaf (sources, queries, key weights, norm weight)
+    from <outputs, cotangents>. fused: the kernels' phase 1 with the first query's norm; else their plain phase 1,
+    then h = mixtures[0].to(input_dtype) and the model's RMSNorm module (the unfused path). norm_weight: use it
+    instead of the leaf (the leaf then gets no gradient)."""
+    from nanokimi.model.norm import RMSNorm
+    sources, queries, key_weights, weight_leaf = leaves
+    weight = weight_leaf if norm_weight is None else norm_weight
+    if fused:
+        first_norm = two_phase.FirstNorm(weight, norm_eps, input_dtype)
+        outputs, lse = depth_attention(sources, queries, key_weights, kernels=kernels, dtype=dtype,
+                                       first_norm=first_norm)
+    else:
+        outputs, lse = depth_attention(sources, queries, key_weights, kernels=kernels, dtype=dtype)
+        norm = RMSNorm(weight.shape[0], norm_eps)
+        x0 = torch.func.functional_call(norm, {"weight": weight}, (outputs[0].to(input_dtype),))
+        outputs = (x0, *outputs[1:])
+    loss = sum((o.float() * c).sum() for o, c in zip(outputs, cotangents)) + (lse * cotangents[-1]).sum()
+    loss.backward()
+    present = [*sources, queries, key_weights] + ([weight_leaf] if norm_weight is None else [])
+    grads = [t.grad.clone() for t in present]
+    for t in present:
+        t.grad = None
+    return [o.detach() for o in outputs] + [lse.detach()] + grads
+
+
+# (N sources, S queries, source dtype, mixture dtype (None: fp32), stream dtype)
+PHASE1_NORM_CASES = [(3, 2, torch.float32, None, torch.float32), (1, 3, torch.float32, None, torch.float32),
+                     (4, 1, torch.bfloat16, None, torch.float32), (2, 3, torch.bfloat16, torch.bfloat16, torch.float32),
+                     (3, 2, torch.bfloat16, None, torch.bfloat16), (2, 2, torch.float32, None, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("kernels,N,S,source_dtype,dtype,input_dtype", [
+    (kernels, *case) for kernels in ("stacked", "fused") for case in PHASE1_NORM_CASES] + [
+    ("compiled", *case) for case in PHASE1_NORM_CASES if case[:2] in ((3, 2), (2, 3))])  # a compile per case
+def test_phase1_norm_is_phase1_then_rmsnorm(kernels, N, S, source_dtype, dtype, input_dtype):
+    """Phase 1 with the first query's pre-norm (phase1_norm_forward / _backward) against the same kernel set's plain
+    phase 1, then mixtures[0].to(stream dtype) and the model's RMSNorm module: x0, the other mixtures, lse and the
+    gradients of the sources, queries, key weights and the norm weight (M = 3 * 21 = 63 tokens, D = 45; sources
+    fp32 or bf16; mixtures fp32 or bf16 ("auto-all"); an fp32 or bf16 stream). Stacked (eager): bit for bit, the
+    unfused path's own ops. Fused (eager) and compiled: the norm's backward written out, mixture 0 recomputed in
+    backward: fp32 rounding apart (measured up to 2.6e-7; 1e-5), and where anything is bf16 (sources, stream or
+    mixtures) a bf16 rounding of h or a gradient may land on the other side (1e-2; measured 0 eager, 2.7e-3
+    compiled)."""
+    ops = KERNELS[kernels]()
+    leaves, cotangents = phase1_norm_inputs(N, S, 3, 21, 45, source_dtype, seed=N + 10 * S)
+    got = run_phase1_norm(ops, leaves, cotangents, dtype, input_dtype)
+    expected = run_phase1_norm(ops, leaves, cotangents, dtype, input_dtype, fused=False)
+    assert got[0].dtype == torch.float32 and len(got) == len(expected) == S + 1 + N + 3
+    narrow = torch.bfloat16 in (source_dtype, dtype, input_dtype)
+    for i, (a, b) in enumerate(zip(got, expected)):
+        assert a.dtype == b.dtype and a.shape == b.shape and b.norm() > 0, i
+        if kernels == "stacked":
+            assert torch.equal(a, b), i
+        else:
+            assert rel_err(a, b) < (1e-2 if narrow else 1e-5), (i, rel_err(a, b))
+
+
+@pytest.mark.parametrize("kernels", list(KERNELS))
+def test_phase1_norm_applies_its_eps_and_weight(kernels):
+    """The fused norm uses its own eps and weight: against the unfused path with them (as above), and far from the
+    unfused path with the key norm's eps (1e-6) or a unit weight, in the output and the sources' gradients. A large
+    eps (0.3) against sources of mean square ~2-4 makes the eps worth several percent."""
+    ops = KERNELS[kernels]()
+    leaves, cotangents = phase1_norm_inputs(3, 2, 3, 21, 45, torch.float32, seed=5)
+    got = run_phase1_norm(ops, leaves, cotangents, None, torch.float32, norm_eps=0.3)
+    same = run_phase1_norm(ops, leaves, cotangents, None, torch.float32, norm_eps=0.3, fused=False)
+    key_norm_eps = run_phase1_norm(ops, leaves, cotangents, None, torch.float32, norm_eps=1e-6, fused=False)
+    unit_weight = run_phase1_norm(ops, leaves, cotangents, None, torch.float32, norm_eps=0.3, fused=False,
+                                  norm_weight=torch.ones_like(leaves[3]))
+
+    def errors(other):  # x0 and the first source's gradient (outputs: x0, mixture 1, lse; then the gradients)
+        return [rel_err(got[0], other[0]), rel_err(got[3], other[3])]
+    assert max(errors(same)) < 1e-5, errors(same)
+    assert min(errors(key_norm_eps)) > 1e-2 and min(errors(unit_weight)) > 1e-2, (errors(key_norm_eps),
+                                                                                 errors(unit_weight))
+
+
+def test_phase1_norm_saves_only_the_sources():
+    """Phase 1 with the first query's norm saves what plain phase 1 saves (the sources, by reference, and the
+    [.., S, N] logits): neither mixture 0 nor h nor the normalised h (which the unfused norm keeps) is saved."""
+    leaves, _ = phase1_norm_inputs(3, 2, 3, 21, 45, torch.float32, seed=2)
+    sources = leaves[0]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        outputs, _ = depth_attention(sources, leaves[1], leaves[2],
+                                     first_norm=two_phase.FirstNorm(leaves[3], 1e-5, torch.float32))
+    full_size = [t for t in saved if t.shape == outputs[0].shape]
+    assert len(full_size) == len(sources)
+    assert {t.data_ptr() for t in full_size} == {v.data_ptr() for v in sources}
+
+
 def test_rms_norm_function_is_the_module():
     """nanokimi.model.norm.rms_norm (what the fused op applies) is RMSNorm's forward, bit for bit."""
     from nanokimi.model.norm import RMSNorm, rms_norm
@@ -652,20 +761,23 @@ def counting(fn, calls):
     return counted
 
 
-@pytest.mark.parametrize("kernels", ["eager", "compiled", pytest.param("triton", marks=pytest.mark.skipif(
-    importlib.util.find_spec("triton") is None, reason="needs triton"))])
+@pytest.mark.parametrize("kernels,mode", [("eager", "block"), ("compiled", "block"), pytest.param(
+    "triton", "block", marks=pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")),
+    ("eager", "full")])
 @pytest.mark.parametrize("autocast", [False, True])
-def test_model_with_fused_norm_matches_unfused(kernels, autocast):
-    """A tiny block-AttnRes model (3 layers: 6 sublayers in 2 blocks of 3, so sublayers 1, 2, 4 and 5 read a merge
-    and get their norm fused; D = 40) with attn_res_fuse_norm on and off, same weights and batch: the same loss
-    and gradients of every parameter, and the fused op runs exactly for those 4 sublayers. Eager: bit for bit
-    (the same ops). Compiled and triton (the interpreter on the CPU): fp32 5e-5 (measured up to 9e-6, a query's
-    small, cancelling gradient); under bf16 autocast 1e-2 (measured 2.7e-3 compiled, 4e-7 triton): the sublayers'
-    bf16 casts turn a last-bit difference of their fp32 input into a bf16 step now and then."""
+def test_model_with_fused_norm_matches_unfused(kernels, mode, autocast):
+    """A tiny block-AttnRes model (3 layers: 6 sublayers in 2 blocks of 3; D = 40) with attn_res_fuse_norm on and
+    off, same weights and batch: the same loss and gradients of every parameter. Fused, sublayers 1, 2, 4 and 5
+    (reading a merge) get their norm from the merge's kernel (accumulate_merge_norm) and sublayers 0 and 3 (each
+    block's first) from phase 1's (phase1_norm_forward, and its backward once each); unfused, neither runs. Full
+    mode (every sublayer is a block of one): all 6 from phase 1. Eager: bit for bit (the same ops). Compiled and
+    triton (the interpreter on the CPU): fp32 5e-5 (measured up to 9e-6, a query's small, cancelling gradient);
+    under bf16 autocast 1e-2 (measured 2.7e-3 compiled, 4e-7 triton): the sublayers' bf16 casts turn a last-bit
+    difference of their fp32 input into a bf16 step now and then."""
     from nanokimi.config import ModelConfig
     from nanokimi.model import build_model
     config = ModelConfig.preset("tiny-dense", vocab_size=61, hidden_size=40, num_layers=3, num_heads=2,
-                                num_kv_heads=1, head_dim=20, intermediate_size=72, attn_res="block",
+                                num_kv_heads=1, head_dim=20, intermediate_size=72, attn_res=mode,
                                 attn_res_blocks=2)
     assert config.attn_res_fuse_norm
     torch.manual_seed(0)
@@ -687,14 +799,15 @@ def test_model_with_fused_norm_matches_unfused(kernels, autocast):
     for model in (fused, unfused):
         if kernels != "eager":
             model.residual.compile_kernels(triton=kernels == "triton")
-        calls[model] = []
-        model.residual.kernels = model.residual.kernels._replace(
-            accumulate_merge_norm=counting(model.residual.kernels.accumulate_merge_norm, calls[model]))
+        calls[model] = {name: [] for name in ("accumulate_merge_norm", "phase1_norm_forward", "phase1_norm_backward")}
+        model.residual.kernels = model.residual.kernels._replace(**{
+            name: counting(getattr(model.residual.kernels, name), calls[model][name]) for name in calls[model]})
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             loss = model.loss(ids, targets)
         loss.backward()
         results.append([loss.detach()] + [p.grad for p in model.parameters()])
-    assert len(calls[fused]) == 4 and len(calls[unfused]) == 0
+    counts = {model: [len(c) for c in calls[model].values()] for model in calls}
+    assert counts[fused] == ([4, 2, 2] if mode == "block" else [0, 6, 6]) and counts[unfused] == [0, 0, 0], counts
     names = ["loss"] + [name for name, _ in fused.named_parameters()]
     for name, a, b in zip(names, *results):
         assert a is not None and b is not None, name
@@ -702,14 +815,15 @@ def test_model_with_fused_norm_matches_unfused(kernels, autocast):
             assert torch.equal(a, b), name
         else:
             assert rel_err(a, b) < (1e-2 if autocast else 5e-5), (name, rel_err(a, b))
-    norm_grads = [block.ffn_norm.weight.grad for block in fused.layers]
+    norm_grads = [norm.weight.grad for block in fused.layers for norm in (block.mixer_norm, block.ffn_norm)]
     assert all(grad.abs().sum() > 0 for grad in norm_grads)  # the fused norms' weights learn
 
 
 def test_normed_input_protocol_and_its_errors():
-    """normed_input: the fused output where add() was given the norm, norm(h) elsewhere (each block's first
-    sublayer, a norm that is not an RMSNorm, fuse_norm off); sublayer_input has no h to give after a fused add,
-    and a norm other than the one add() fused says so."""
+    """normed_input: the fused output where start() or add() was given the norm (inside a block from the merge, at
+    a block's first sublayer from phase 1), norm(h) elsewhere (no norm given, a norm that is not an RMSNorm,
+    fuse_norm off); sublayer_input has no h to give after a fused call, and a norm other than the one fused says
+    so."""
     from nanokimi.model.norm import RMSNorm
     g = torch.Generator().manual_seed(81)
     D, L = 16, 4
@@ -730,14 +844,31 @@ def test_normed_input_protocol_and_its_errors():
     with pytest.raises(ValueError, match="not the one given"):
         module.normed_input(state_fused, 1, norms[2])
     assert module.add(state, 0, sublayers[0](x0), nn.LayerNorm(D)).h is not None  # not an RMSNorm: not fused
+
+    started = module.start(embedding, norms[0])  # sublayer 0's norm from phase 1
+    assert started.h is None and started.norm is norms[0] and started.mixture[0] is None
+    assert torch.equal(module.normed_input(started, 0, norms[0]), x0)
+    assert torch.equal(started.mixture[1], state.mixture[1]) and torch.equal(started.lse[0], state.lse[0])
+    with pytest.raises(ValueError, match="start"):
+        module.sublayer_input(started, 0)
+    with pytest.raises(ValueError, match="not the one given"):
+        module.normed_input(started, 0, norms[1])
+    second = module.add(state, 0, sublayers[0](x0))  # sublayer 1, the last of block 0 (blocks of 2)
+    out = sublayers[1](module.sublayer_input(second, 1))
+    boundary = [module.add(second, 1, out, norm) for norm in (None, norms[2])]
+    assert boundary[1].h is None and boundary[1].norm is norms[2]  # block 1's first sublayer, from its phase 1
+    assert torch.equal(module.normed_input(boundary[1], 2, norms[2]), norms[2](module.sublayer_input(boundary[0], 2)))
+
     module.fuse_norm = False
     assert module.add(state, 0, sublayers[0](x0), norms[1]).norm is None
+    assert module.start(embedding, norms[0]).norm is None and module.add(second, 1, out, norms[2]).norm is None
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 def test_model_decode_with_fused_norm_on_triton_kernels():
-    """Cached decoding (T = 1 steps, then a chunk) equals the full forward with the fused norm on the triton set
-    (the interpreter on the CPU), and both equal the unfused model's forward."""
+    """Cached decoding (T = 1 steps, then a chunk) equals the full forward with the fused norms on the triton set
+    (the interpreter on the CPU: sublayer 0's from phase 1, sublayers 1..3's from the merges), and both equal the
+    unfused model's forward."""
     from nanokimi.config import ModelConfig
     from nanokimi.model import build_model
     config = ModelConfig.preset("tiny-dense", vocab_size=61, hidden_size=40, num_layers=2, num_heads=2,
@@ -747,9 +878,10 @@ def test_model_decode_with_fused_norm_on_triton_kernels():
     model = build_model(config).eval()
     randomise(model.residual, torch.Generator().manual_seed(91))
     model.residual.compile_kernels(triton=True)
-    calls = []
+    calls, first_calls = [], []
     model.residual.kernels = model.residual.kernels._replace(
-        accumulate_merge_norm=counting(model.residual.kernels.accumulate_merge_norm, calls))
+        accumulate_merge_norm=counting(model.residual.kernels.accumulate_merge_norm, calls),
+        phase1_norm_forward=counting(model.residual.kernels.phase1_norm_forward, first_calls))
     ids = torch.randint(0, 61, (2, 9))
     with torch.no_grad():
         full = model(ids)
@@ -757,5 +889,5 @@ def test_model_decode_with_fused_norm_on_triton_kernels():
         steps = [model(ids[:, t:t + 1], cache=cache) for t in range(5)] + [model(ids[:, 5:], cache=cache)]
         model.residual.fuse_norm = False
         unfused = model(ids)
-    assert len(calls) == 3 * 7  # sublayers 1..3 of the one block, per forward: full, 5 steps, the chunk
+    assert len(calls) == 3 * 7 and len(first_calls) == 7  # per forward (full, 5 steps, the chunk): 1..3, then 0
     assert rel_err(torch.cat(steps, dim=1), full) < 1e-5 and rel_err(full, unfused) < 1e-5

@@ -24,10 +24,12 @@ from nanokimi.ops.attnres import (EAGER, attnres_naive, attnres_stack_naive, att
                                   depth_attention, source_rstd)
 from nanokimi.ops.attnres import two_phase  # noqa: E402
 from nanokimi.ops.attnres.launch import LaunchConfig  # noqa: E402
-from nanokimi.ops.attnres.triton_phase1 import phase1_backward, phase1_forward, triton_kernels  # noqa: E402
+from nanokimi.ops.attnres.triton_phase1 import (phase1_backward, phase1_forward, phase1_norm_backward,  # noqa: E402
+                                                phase1_norm_forward, triton_kernels)
 from nanokimi.ops.attnres.triton_phase2 import accumulate_merge, accumulate_merge_norm  # noqa: E402
 from conftest import rel_err  # noqa: E402
-from test_attnres import merge_norm_inputs, merge_then_norm, run_merge_norm  # noqa: E402
+from test_attnres import (merge_norm_inputs, merge_then_norm, phase1_norm_inputs, run_merge_norm,  # noqa: E402
+                          run_phase1_norm)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ROOT = Path(__file__).resolve().parents[1]
@@ -393,6 +395,10 @@ def test_compile_kernels_picks_triton_on_cuda_only():
     assert module.kernels.accumulate_merge_norm.func is accumulate_merge_norm
     fallback = module.kernels.accumulate_merge_norm.keywords["fallback"]
     assert fallback is two_phase.compiled_kernels(None).accumulate_merge_norm
+    assert module.kernels.phase1_norm_forward.func is phase1_norm_forward
+    assert module.kernels.phase1_norm_backward.func is phase1_norm_backward
+    fallback = module.kernels.phase1_norm_backward.keywords["fallback"]
+    assert fallback is two_phase.compiled_kernels(None).phase1_norm_backward
 
 
 def test_tune_benchmark_quick(tmp_path):
@@ -455,6 +461,32 @@ def test_triton_phase1_at_model_sizes_on_gpu(dtype):
     assert rel(got[0], expected[0]) < 1e-4  # a sum over 4096 tokens in a different order
     for a, b in zip(got[1], expected[1]):
         assert rel(a, b) < bound
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (compiled Triton at model sizes)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_phase1_norm_at_model_sizes_on_gpu(dtype):
+    """The last block's phase 1 with its first sublayer's norm at the benchmark's shapes (D = 1024, 4 queries, 8
+    sources, the table's launch configs) against the stacked kernels: x0, the mixtures, and every gradient."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    N, S, M, D = 8, 4, 4096, 1024
+    values = [(torch.randn(M, D, generator=g, device="cuda") * (1 + n % 3)).to(dtype) for n in range(N)]
+    rstds = [source_rstd(v) for v in values]
+    qe = torch.randn(S, D, generator=g, device="cuda") / D ** 0.5
+    weight = 1 + 0.1 * torch.randn(D, generator=g, device="cuda")
+    grad_mixtures = [torch.randn(M, D, generator=g, device="cuda") for _ in range(S)]
+    grad_lse = torch.randn(M, S, generator=g, device="cuda")
+    norm = (None, weight, 1e-5, torch.float32)
+    outputs, logits, lse = phase1_norm_forward(qe, rstds, values, *norm)
+    outputs_ref, logits_ref, lse_ref = two_phase._phase1_norm_forward_stacked(qe, rstds, values, *norm)
+    assert rel(torch.stack(outputs), torch.stack(outputs_ref)) < 1e-5 and rel(lse, lse_ref) < 1e-5
+    got = phase1_norm_backward(qe, rstds, values, logits, lse, grad_mixtures, grad_lse, None, None, *norm)
+    expected = two_phase._phase1_norm_backward_stacked(qe, rstds, values, logits_ref, lse_ref, grad_mixtures,
+                                                       grad_lse, None, None, *norm)
+    assert rel(got[0], expected[0]) < 1e-4 and rel(got[2], expected[2]) < 1e-4  # sums over 4096 tokens
+    for a, b in zip(got[1], expected[1]):
+        assert rel(a, b) < (1e-5 if dtype == torch.float32 else 1e-2)
 
 
 def test_triton_phase1_stores_mixtures_narrow_and_sums_bf16_gradients_in_fp32():
@@ -658,5 +690,99 @@ def test_merge_norm_launch_configs_default_to_the_merges():
         launch.use_tuned({("merge_backward", 64, 1, "float32"): {1: merge},
                           ("merge_norm_backward", 64, 1, "float32"): {1: own}})
         assert launch.config_for("merge_norm_backward", 45, torch.float32) == own
+    finally:
+        launch.use_tuned(launch.TUNED)
+
+
+def triton_with_config(config):
+    """The triton set (over the eager one) with every phase-1 kernel launched with config."""
+    return TRITON._replace(**{name: functools.partial(getattr(TRITON, name), config=config) for name in (
+        "phase1_forward", "phase1_backward", "phase1_norm_forward", "phase1_norm_backward")})
+
+
+@pytest.mark.parametrize("N,S,source_dtype,dtype,input_dtype,config", [
+    (3, 2, torch.float32, None, torch.float32, LaunchConfig(block_t=4, num_warps=4, programs_per_sm=3, chunk_d=16)),
+    (1, 3, torch.float32, None, torch.float32, LaunchConfig(block_t=1, num_warps=4, programs_per_sm=2, chunk_d=0)),
+    (4, 1, BF16, None, torch.float32, LaunchConfig(block_t=2, num_warps=4, programs_per_sm=2, chunk_d=32)),
+    (2, 3, BF16, BF16, torch.float32, LaunchConfig(block_t=8, num_warps=4, programs_per_sm=3, chunk_d=16)),
+    (3, 2, BF16, None, BF16, LaunchConfig(block_t=4, num_warps=4, programs_per_sm=2, chunk_d=0)),
+    (2, 2, torch.float32, None, BF16, LaunchConfig(block_t=2, num_warps=4, programs_per_sm=3, chunk_d=16))])
+def test_triton_phase1_norm_is_phase1_then_rmsnorm(N, S, source_dtype, dtype, input_dtype, config):
+    """The Triton phase 1 with the first query's norm against the Triton plain phase 1, then
+    mixtures[0].to(stream dtype) and the model's RMSNorm module (M = 63 tokens, D = 45: a tail tile and masked
+    columns; backward programs looping over several tiles, D streamed in chunks of 16 or 32 (the last one partly
+    masked) or whole): x0, the other mixtures, lse and the gradients of the sources, queries, key weights and
+    norm weight. fp32 everything: 1e-5 (measured up to 1.9e-7; h recomputed in backward as sum_n alpha[0, n] v_n,
+    not by the forward's online softmax, and g_0 . v_n formed from g_n . v_n and h . v_n). Anything in bf16
+    (sources, mixtures, stream): 1e-2, a bf16 rounding of h or a gradient landing on the other side (measured up
+    to 5.3e-3 in the interpreter, which truncates where the GPU rounds to nearest)."""
+    leaves, cotangents = phase1_norm_inputs(N, S, 3, 21, 45, source_dtype, seed=N + 10 * S, device=DEVICE)
+    kernels = triton_with_config(config)
+    got = run_phase1_norm(kernels, leaves, cotangents, dtype, input_dtype)
+    expected = run_phase1_norm(kernels, leaves, cotangents, dtype, input_dtype, fused=False)
+    assert got[0].dtype == torch.float32 and len(got) == len(expected) == S + 1 + N + 3
+    narrow = BF16 in (source_dtype, dtype, input_dtype)
+    for i, (a, b) in enumerate(zip(got, expected)):
+        assert a.dtype == b.dtype and a.shape == b.shape and b.norm() > 0, i
+        assert rel_err(a, b) < (1e-2 if narrow else 1e-5), (i, rel_err(a, b))
+
+
+def test_triton_phase1_norm_applies_its_eps_and_weight():
+    """As test_attnres.py's test_phase1_norm_applies_its_eps_and_weight, on the Triton kernels."""
+    leaves, cotangents = phase1_norm_inputs(3, 2, 3, 21, 45, torch.float32, seed=5, device=DEVICE)
+    got = run_phase1_norm(TRITON, leaves, cotangents, None, torch.float32, norm_eps=0.3)
+    same = run_phase1_norm(TRITON, leaves, cotangents, None, torch.float32, norm_eps=0.3, fused=False)
+    key_norm_eps = run_phase1_norm(TRITON, leaves, cotangents, None, torch.float32, norm_eps=1e-6, fused=False)
+    unit_weight = run_phase1_norm(TRITON, leaves, cotangents, None, torch.float32, norm_eps=0.3, fused=False,
+                                  norm_weight=torch.ones_like(leaves[3]))
+
+    def errors(other):  # x0, the first source's gradient, the norm weight's gradient
+        return [rel_err(got[0], other[0]), rel_err(got[3], other[3])]
+    assert max(errors(same) + [rel_err(got[-1], same[-1])]) < 1e-5
+    assert min(errors(key_norm_eps)) > 1e-2 and min(errors(unit_weight)) > 1e-2
+
+
+def test_triton_phase1_norm_falls_back(monkeypatch):
+    """Inputs the kernels do not take run the fallback (float64 sources or stream; a norm weight that is not [D];
+    CPU tensors without the interpreter), or say why without one."""
+    from nanokimi.ops.attnres import triton_phase1
+    leaves, cotangents = phase1_norm_inputs(2, 2, 1, 5, 16, torch.float64, seed=1, device=DEVICE)
+    got = run_phase1_norm(TRITON, leaves, cotangents, None, torch.float64)
+    expected = run_phase1_norm(EAGER, leaves, cotangents, None, torch.float64)
+    assert got[0].dtype == torch.float64 and all(torch.equal(a, b) for a, b in zip(got, expected))
+    values = [torch.randn(5, 16).to(DEVICE) for _ in range(2)]
+    rstds, qe, weight = [source_rstd(v) for v in values], torch.randn(2, 16).to(DEVICE), torch.ones(16).to(DEVICE)
+    assert triton_phase1.supports_first_norm(values, None, weight, torch.float32)
+    assert not triton_phase1.supports_first_norm(values, None, weight[:8], torch.float32)
+    assert not triton_phase1.supports_first_norm(values, None, weight, torch.float64)
+    calls = []
+
+    def fallback(*args):
+        calls.append(args)
+        return two_phase._phase1_norm_forward_stacked(*args)
+    outputs, _, _ = phase1_norm_forward(qe, rstds, values, None, weight, 1e-5, torch.float64, fallback=fallback)
+    assert len(calls) == 1 and outputs[0].dtype == torch.float64
+    with pytest.raises(ValueError, match="norm weight \\(8,\\)"):
+        phase1_norm_forward(qe, rstds, values, None, weight[:8], 1e-5, torch.float32)
+    if DEVICE.type == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        assert not triton_phase1.supports(qe, values)
+
+
+def test_phase1_norm_launch_configs_default_to_phase1s():
+    """Untuned, phase 1 with the norm launches with plain phase 1's tuned entry (or its default); a tuned entry of
+    its own wins."""
+    from nanokimi.ops.attnres import launch
+    plain, own = LaunchConfig(2, 8, 3, 2, 32), LaunchConfig(1, 4, 3, 4, 64)
+    assert launch.default_config("phase1_norm_backward", 45, 3) == launch.default_config("phase1_backward", 45, 3)
+    assert launch.default_config("phase1_norm_forward", 1024, 4) == launch.default_config("phase1_forward", 1024, 4)
+    try:
+        launch.use_tuned({("phase1_backward", 64, 4, "float32"): {2: plain}})
+        assert launch.config_for("phase1_norm_backward", 45, torch.float32, S=3, N=5) == plain
+        assert launch.config_for("phase1_norm_forward", 45, torch.float32, S=3) == launch.default_config(
+            "phase1_forward", 45, 3)
+        launch.use_tuned({("phase1_backward", 64, 4, "float32"): {2: plain},
+                          ("phase1_norm_backward", 64, 4, "float32"): {2: own}})
+        assert launch.config_for("phase1_norm_backward", 45, torch.float32, S=3, N=2) == own
     finally:
         launch.use_tuned(launch.TUNED)

@@ -11,14 +11,16 @@ The mixing is across depth at the same token only: no token reads another token'
 the same for any T and a decode step (T = 1) needs nothing cached from earlier tokens.
 
 Driven by the transformer one call per sublayer:
-    state = residual.start(embedding)
+    state = residual.start(embedding, norm_0)
     for l in range(num_sublayers):
         x = residual.normed_input(state, l, norm_l)        # norm_l(input of sublayer l)
         state = residual.add(state, l, f_l(x), norm_{l+1})  # norm_{l+1}: None after the last sublayer
     h_final = residual.finish(state)
-Given the next sublayer's pre-norm (an RMSNorm), `add` returns that sublayer's input already normed, from the
-same kernel that merges it (`fuse_norm`, on by default): the un-normed input h is then never written, and
-`normed_input` returns the normed one. Without it (`sublayer_input` + the caller's norm) the same numbers come out.
+Given the next sublayer's pre-norm (an RMSNorm), `add` (and `start`, given sublayer 0's) returns that sublayer's
+input already normed, from the same kernel that computes it (`fuse_norm`, on by default): the merge's for a
+sublayer inside a block, phase 1's for the first sublayer of a block (whose input is phase 1's first mixture).
+The un-normed input h is then never written, and `normed_input` returns the normed one. Without the norms
+(`sublayer_input` + the caller's norm) the same numbers come out.
 """
 import importlib.util
 import math
@@ -29,7 +31,7 @@ from torch import nn
 
 from nanokimi.model.norm import RMSNorm
 from nanokimi.ops.attnres import EAGER, compiled_kernels, depth_attention_qe, share_source
-from nanokimi.ops.attnres.two_phase import finish_shared_source, wide_dtype
+from nanokimi.ops.attnres.two_phase import FirstNorm, finish_shared_source, wide_dtype
 
 MODES = ("full", "block")
 STORAGES = ("auto", "auto-all", "fp32")
@@ -44,10 +46,12 @@ class AttnResState(NamedTuple):
     one sum its gradient into one tensor), stored in the storage dtype (`AttentionResiduals.storage_dtype`);
     rstds: each stored source's 1 / RMS [B, T] (fp32, no gradient), computed once when the source is finished;
     partial: sum of the current block's outputs so far (None at a block's start); mixture (S tensors [B, T, D],
-    fp32, or the storage dtype with storage="auto-all") and lse (S tensors [B, T], fp32): phase 1 of the current block; qe [L + 1, D]: every query
-    times its key weight, built once per forward; position: the next sublayer; h: its input, computed by the
-    call that produced this state (None after the last sublayer, or when it was computed normed); normed, norm:
-    the next sublayer's input already normed by its pre-norm `norm` (the fused merge + norm), else None.
+    fp32, or the storage dtype with storage="auto-all"; mixture[0] None where phase 1 returned the block's first
+    input normed instead) and lse (S tensors [B, T], fp32): phase 1 of the current block; qe [L + 1, D]: every
+    query times its key weight, built once per forward; position: the next sublayer; h: its input, computed by
+    the call that produced this state (None after the last sublayer, or when it was computed normed); normed,
+    norm: the next sublayer's input already normed by its pre-norm `norm` (the fused merge + norm, or phase 1 +
+    norm for a block's first sublayer), else None.
     """
     sources: tuple
     rstds: tuple
@@ -69,10 +73,11 @@ class AttentionResiduals(nn.Module):
         `storage_dtype`): "auto" = the sublayers' output dtype (bf16 under bf16 autocast), "fp32" = fp32 (float64
         for a float64 stream); "auto-all": as "auto", and phase 1's mixtures too (fp32 otherwise). Sums are
         accumulated in fp32 and the softmax runs in fp32 either way.
-        fuse_norm: when `add` is given the next sublayer's RMSNorm and that sublayer's input is a merge (it is not
-        the first of its block), compute the normed input in the merge's kernel (`accumulate_merge_norm`) instead
-        of the merged input h and then norm(h); False: always the latter (for A/B timing and debugging). The
-        results are the same either way (same maths, same roundings; sums may run in another order).
+        fuse_norm: when `add` (or `start`) is given the next sublayer's RMSNorm, compute that sublayer's normed
+        input in the kernel that computes its input: the merge's (`accumulate_merge_norm`) for a sublayer inside a
+        block, phase 1's (`phase1_norm_forward`) for the first sublayer of a block; instead of the input h and
+        then norm(h). False: always the latter (for A/B timing and debugging). The results are the same either
+        way (same maths, same roundings; sums may run in another order).
         grad_sums: the dtype each stored source's gradient is summed in over the blocks that read it: "fp32"
         (float64 for a float64 stream) or "storage" (the source's storage dtype, e.g. bf16 under autocast with
         storage "auto": what autograd does for a bf16 tensor read several times; half the bytes of every
@@ -153,15 +158,27 @@ class AttentionResiduals(nn.Module):
         start = (l // self.block_size) * self.block_size
         return start, min(start + self.block_size, self.num_sublayers)
 
-    def _phase1(self, sources: tuple, rstds: tuple, qe: torch.Tensor, first: int, stop: int):
+    def _phase1(self, sources: tuple, rstds: tuple, qe: torch.Tensor, first: int, stop: int,
+                first_norm: FirstNorm | None = None):
         """S mixtures (fp32; in the sources' storage dtype with storage="auto-all") and S lse (fp32) of queries
-        first..stop - 1."""
+        first..stop - 1; with first_norm, the first of them is sublayer `first`'s normed input instead."""
         dtype = sources[0].value.dtype
         return depth_attention_qe(sources, qe[first:stop], self.eps, rstds, self.kernels,
-                                  dtype if self.storage == "auto-all" else wide_dtype(dtype))
+                                  dtype if self.storage == "auto-all" else wide_dtype(dtype), first_norm)
 
-    def start(self, embedding: torch.Tensor) -> AttnResState:
-        """embedding: [B, T, D] token embeddings (v_0)."""
+    def _block_start(self, sources: tuple, rstds: tuple, qe: torch.Tensor, l: int, dtype: torch.dtype,
+                     norm: nn.Module | None) -> AttnResState:
+        """The state before sublayer l, the first of its block: phase 1 of the block, and l's input from its first
+        mixture, normed by norm in phase 1's kernel where `fuses(norm)`."""
+        if not self.fuses(norm):
+            mixture, lse = self._phase1(sources, rstds, qe, *self._block_range(l))
+            return AttnResState(sources, rstds, None, mixture, lse, qe, l, mixture[0].to(dtype), dtype)
+        outputs, lse = self._phase1(sources, rstds, qe, *self._block_range(l), FirstNorm(norm.weight, norm.eps, dtype))
+        return AttnResState(sources, rstds, None, (None, *outputs[1:]), lse, qe, l, None, dtype, outputs[0], norm)
+
+    def start(self, embedding: torch.Tensor, first_norm: nn.Module | None = None) -> AttnResState:
+        """embedding: [B, T, D] token embeddings (v_0). first_norm: the pre-norm of sublayer 0 (None: unknown);
+        where `fuses(first_norm)`, the state holds sublayer 0's input normed (see `normed_input`)."""
         if embedding.dim() != 3 or embedding.shape[-1] != self.hidden_size:
             raise ValueError(f"embedding must be [B, T, {self.hidden_size}], got {tuple(embedding.shape)}.")
         compute_dtype = torch.promote_types(embedding.dtype, torch.float32)
@@ -171,38 +188,38 @@ class AttentionResiduals(nn.Module):
         storage = self.storage_dtype(embedding)
         source = share_source(embedding, None if storage == embedding.dtype else storage, self._grad_sum_dtype(storage))
         sources, rstds = (source,), (self.kernels.source_rstd(source.value, self.eps),)
-        mixture, lse = self._phase1(sources, rstds, qe, *self._block_range(0))
-        dtype = embedding.dtype
-        return AttnResState(sources, rstds, None, mixture, lse, qe, 0, mixture[0].to(dtype), dtype)
+        return self._block_start(sources, rstds, qe, 0, embedding.dtype, first_norm)
 
     def sublayer_input(self, state: AttnResState, l: int) -> torch.Tensor:
         """The [B, T, D] input of sublayer l (before its pre-norm)."""
         self._check_order(state, l)
         if state.h is None:
-            raise ValueError(f"sublayer {l}'s input was computed normed (add() was given its norm, and fuse_norm is "
-                             "on), so only normed_input() has it; pass no norm to add() to get the input itself.")
+            raise ValueError(f"sublayer {l}'s input was computed normed (add() or start() was given its norm, and "
+                             "fuse_norm is on), so only normed_input() has it; pass no norm to add() or start() to "
+                             "get the input itself.")
         return state.h
 
     def normed_input(self, state: AttnResState, l: int, norm: nn.Module) -> torch.Tensor:
-        """norm(input of sublayer l), [B, T, D]: the fused merge + norm's output when add() was given this norm
-        for sublayer l, else norm(h)."""
+        """norm(input of sublayer l), [B, T, D]: the fused output (merge + norm, or phase 1 + norm) when add() or
+        start() was given this norm for sublayer l, else norm(h)."""
         self._check_order(state, l)
         if state.norm is None:
             return norm(state.h)
         if state.norm is not norm:
-            raise ValueError(f"sublayer {l}'s input was normed by the norm passed to add() for it, not the one given "
-                             "here; pass add() the norm that sublayer applies.")
+            raise ValueError(f"sublayer {l}'s input was normed by the norm passed to add() or start() for it, not "
+                             "the one given here; pass add() / start() the norm that sublayer applies.")
         return state.normed
 
     def fuses(self, norm: nn.Module | None) -> bool:
-        """Whether add() computes a merged input normed by norm (an RMSNorm, with fuse_norm on)."""
+        """Whether add() and start() compute the next input normed by norm (an RMSNorm, with fuse_norm on)."""
         return self.fuse_norm and isinstance(norm, RMSNorm)
 
     def add(self, state: AttnResState, l: int, out: torch.Tensor,
             next_norm: nn.Module | None = None) -> AttnResState:
         """Record sublayer l's output out [B, T, D]; returns the next state (with the next sublayer's input).
-        next_norm: the pre-norm of sublayer l + 1 (None: unknown, or l is the last); where `fuses(next_norm)` and
-        that input is a merge, the state holds it normed (see `normed_input`) instead of the input itself."""
+        next_norm: the pre-norm of sublayer l + 1 (None: unknown, or l is the last); where `fuses(next_norm)`, the
+        state holds that sublayer's input normed (see `normed_input`) instead of the input itself: from the merge's
+        kernel inside a block, from the next block's phase 1 at a block boundary."""
         self._check_order(state, l)
         dtype = state.dtype
         first, stop = self._block_range(l)
@@ -220,8 +237,7 @@ class AttentionResiduals(nn.Module):
         sources, rstds = state.sources + (block_sum,), state.rstds + (rstd,)
         if stop == self.num_sublayers:
             return AttnResState(sources, rstds, None, None, None, state.qe, l + 1, None, dtype)
-        mixture, lse = self._phase1(sources, rstds, state.qe, *self._block_range(stop))
-        return AttnResState(sources, rstds, None, mixture, lse, state.qe, l + 1, mixture[0].to(dtype), dtype)
+        return self._block_start(sources, rstds, state.qe, stop, dtype, next_norm)
 
     def finish(self, state: AttnResState) -> torch.Tensor:
         """The final hidden state [B, T, D]: the last query's mixture of all sources (then final norm, LM head)."""

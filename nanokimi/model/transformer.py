@@ -103,11 +103,11 @@ class Transformer(nn.Module):
             pos = cache.pos if position is None else position
         elif position is not None:
             raise ValueError("position= selects the fixed-shape decode path and needs cache= as well.")
-        state = self.residual.start(self.embed(input_ids))
-        plain = isinstance(self.residual, PreNormResidual)
-        # each sublayer's pre-norm, and None after the last: add() gets the next one, which AttnRes fuses into
-        # the kernel that merges that sublayer's input
+        # each sublayer's pre-norm, and None after the last: start() gets the first and add() the next one, which
+        # AttnRes fuses into the kernel that computes that sublayer's input (phase 1's or the merge's)
         norms = [norm for block in self.layers for norm in (block.mixer_norm, block.ffn_norm)] + [None]
+        state = self.residual.start(self.embed(input_ids), norms[0])
+        plain = isinstance(self.residual, PreNormResidual)
         for i, block in enumerate(self.layers):
             layer_cache = None if cache is None else cache.layers[i]
             if plain:

@@ -7,14 +7,15 @@ per SM. What suits one shape does not suit another, so each launch looks its con
     key = (kernel, BLOCK_D, S_PAD, dtype)   ->   {N: LaunchConfig}
     kernel: "phase1_forward" | "phase1_backward" | "merge_forward" | "merge_backward" (merge = accumulate+merge)
             | "merge_norm_forward" | "merge_norm_backward" (the merge with the next sublayer's RMSNorm fused)
+            | "phase1_norm_forward" | "phase1_norm_backward" (phase 1 with the first query's RMSNorm fused)
     BLOCK_D = next_pow2(D); S_PAD = next_pow2(S queries), 1 for the merges; dtype: the sources' (phase 1) or
     the stream's (merges) dtype name, e.g. "float32"; N: the source count (phase 1), 1 for the merges.
 
 `config_for` returns the entry of the nearest tuned N for the key (configs vary slowly with N, and any config
-is valid at any N), else (the merge + norm kernels) the plain merge's entry, else `default_config`, a shape
-heuristic that is safe everywhere. `TUNED` holds measured configs; benchmarks/attnres_tune.py measures a grid on
-a GPU and prints a replacement for it (and writes a JSON file that `load_tuned` applies without editing this
-file). Tests and the tuner pass a `config=` to the op functions instead of using the table.
+is valid at any N), else (the kernels with a norm fused) the entry of the kernel they extend, else
+`default_config` (of that kernel), a shape heuristic that is safe everywhere. `TUNED` holds measured configs;
+benchmarks/attnres_tune.py measures a grid on a GPU and prints a replacement for it (and writes a JSON file that
+`load_tuned` applies without editing this file). Tests and the tuner pass a `config=` to the op functions instead of using the table.
 """
 import functools
 import json
@@ -24,11 +25,14 @@ from typing import NamedTuple
 import torch
 
 KERNELS = ("phase1_forward", "phase1_backward", "merge_forward", "merge_backward", "merge_norm_forward",
-           "merge_norm_backward")
-GRID_STRIDE = ("phase1_backward", "merge_backward", "merge_norm_backward")  # programs loop over tiles: programs_per_sm
-# an untuned kernel launches with the entry of the kernel it extends: the fused merge + norm streams the same tiles
-UNTUNED_AS = {"merge_norm_forward": "merge_forward", "merge_norm_backward": "merge_backward"}
-CHUNKED = ("phase1_backward",)  # kernels that stream D in chunks: chunk_d
+           "merge_norm_backward", "phase1_norm_forward", "phase1_norm_backward")
+# programs loop over tiles: programs_per_sm
+GRID_STRIDE = ("phase1_backward", "merge_backward", "merge_norm_backward", "phase1_norm_backward")
+# an untuned kernel launches with the entry of the kernel it extends: the kernels with a norm fused stream the
+# same tiles
+UNTUNED_AS = {"merge_norm_forward": "merge_forward", "merge_norm_backward": "merge_backward",
+              "phase1_norm_forward": "phase1_forward", "phase1_norm_backward": "phase1_backward"}
+CHUNKED = ("phase1_backward", "phase1_norm_backward")  # kernels that stream D in chunks: chunk_d
 
 
 class LaunchConfig(NamedTuple):
@@ -148,6 +152,7 @@ def default_config(kernel: str, D: int, S: int = 1) -> LaunchConfig:
     its two passes."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel={kernel!r} must be one of {KERNELS}.")
+    kernel = UNTUNED_AS.get(kernel, kernel)  # a kernel with a norm fused: the heuristic of the one it extends
     per_token = _next_pow2(D) * (_next_pow2(S) if kernel.startswith("phase1") else 1)
     if kernel == "phase1_backward":
         block_t = 1 if per_token >= 2048 else min(2048 // per_token, 16)
@@ -166,7 +171,7 @@ def default_config(kernel: str, D: int, S: int = 1) -> LaunchConfig:
 def config_for(kernel: str, D: int, dtype: torch.dtype, S: int = 1, N: int = 1) -> LaunchConfig:
     """The config a kernel launches with at hidden size D, S queries and N sources of dtype (see the module
     docstring): the tuned entry at the nearest N, else that of the kernel it extends (UNTUNED_AS), else
-    default_config."""
+    default_config (the extended kernel's)."""
     for name in (kernel, UNTUNED_AS.get(kernel)):
         by_sources = _active.get((name, _next_pow2(D), _next_pow2(S), _dtype_name(dtype)))
         if by_sources:

@@ -30,15 +30,9 @@ import triton
 import triton.language as tl
 
 from nanokimi.ops.attnres.launch import LaunchConfig, check_config, config_for, grid_programs
-from nanokimi.ops.attnres.triton_phase1 import SOURCE_DTYPES, _tile_offsets
+from nanokimi.ops.attnres.triton_phase1 import SOURCE_DTYPES, _inv_rms, _tile_offsets
 
 MAX_D = 16384
-
-
-@triton.jit
-def _inv_rms(x, eps, D: tl.constexpr):
-    """1 / RMS of each row of x [BT, BD] (fp32; columns past D are zero): [BT]."""
-    return 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
 
 
 @triton.jit

@@ -23,6 +23,12 @@ What makes it cheap (the work is memory-bound: a few flops per element of each [
     output, and the next sublayer's merged input from it; one compiled graph (or Triton kernel) per sublayer.
     `accumulate_merge_norm` also applies the next sublayer's pre-norm (RMSNorm), so the merged input h itself
     (and, in backward, its gradient) never goes through memory: the module calls it when given that norm.
+  - The first sublayer of a block has no partial sum: its input is phase 1's first mixture, h = mixture0 cast to
+    the stream's dtype. `phase1_norm_forward` (given that sublayer's RMSNorm, `depth_attention_qe(first_norm=)`)
+    returns its normed input x0 = rms_norm(h) in mixture 0's place, and `phase1_norm_backward` takes grad x0,
+    recomputes h from the sources and logits, and returns the norm weight's gradient too: neither mixture 0, h
+    nor their gradients go through memory in the compiled and Triton forms (2 passes fewer in forward, 3 or more
+    in backward per block).
   - Two implementations of phase 1's forward and backward with the same maths: "stacked" (eager: stack the N
     sources once, then batched matmuls: a few large kernels) and "fused" (for torch.compile: per-source
     reductions and one sum over sources, no stacked copy, so the compiler emits a few kernels that read each
@@ -120,6 +126,66 @@ def _phase1_backward_fused(qe, rstds, values, logits, lse, grad_mixtures, grad_l
     return grad_qe, grad_values
 
 
+def _phase1_norm_forward_stacked(qe, rstds, values, dtype, norm_weight, norm_eps, input_dtype):
+    """Phase 1 with the first query's sublayer pre-norm: `_phase1_forward_stacked` (mixtures in dtype), then mixture
+    0 becomes that sublayer's normed input x0 = rms_norm(mixture0.to(input_dtype), norm_weight, norm_eps) [..., D]
+    (input_dtype: the stream's, which the module casts the mixture to; x0 in the wider of it and norm_weight's
+    dtype): what the module computes unfused as norm(h). Returns (x0, then the other S - 1 mixtures), logits
+    [..., S, N], lse [..., S]. The compiled and Triton forms never write mixture 0."""
+    mixtures, logits, lse = _phase1_forward_stacked(qe, rstds, values, dtype)
+    x0 = rms_norm(mixtures[0].to(input_dtype), norm_weight, norm_eps)
+    return (x0, *mixtures[1:]), logits, lse
+
+
+def _phase1_norm_backward_stacked(qe, rstds, values, logits, lse, grad_mixtures, grad_lse, sums, grad_dtypes, dtype,
+                                  norm_weight, norm_eps, input_dtype):
+    """Gradients of `_phase1_norm_forward_stacked`: grad_mixtures[0] is the gradient of x0, the rest as for
+    `_phase1_backward_stacked`. Recomputes mixture 0 (the forward again: the same ops, so the same h), takes the
+    norm's backward by autograd (the unfused path's ops and roundings) for the gradient of mixture 0, then runs
+    `_phase1_backward_stacked`. Returns (grad qe [S, D], N grads of values, grad norm_weight [D] in its dtype)."""
+    mixture0 = _phase1_forward_stacked(qe, rstds, values, dtype)[0][0]
+    with torch.enable_grad():
+        h = mixture0.to(input_dtype).detach().requires_grad_()
+        weight = norm_weight.detach().requires_grad_()
+        grad_h, grad_norm_weight = torch.autograd.grad(rms_norm(h, weight, norm_eps), (h, weight), grad_mixtures[0])
+    grad_mixture0 = grad_h.to(mixture0.dtype)  # the cast's backward, as autograd rounds it unfused
+    grad_qe, grad_values = _phase1_backward_stacked(qe, rstds, values, logits, lse, (grad_mixture0, *grad_mixtures[1:]),
+                                                    grad_lse, sums, grad_dtypes)
+    return grad_qe, grad_values, grad_norm_weight
+
+
+def _phase1_norm_forward_fused(qe, rstds, values, dtype, norm_weight, norm_eps, input_dtype):
+    """`_phase1_norm_forward_stacked` written as `_phase1_forward_fused`, so a compiler keeps mixture 0 in registers
+    and writes only x0."""
+    mixtures, logits, lse = _phase1_forward_fused(qe, rstds, values, dtype)
+    x0 = rms_norm(mixtures[0].to(input_dtype), norm_weight, norm_eps)
+    return (x0, *mixtures[1:]), logits, lse
+
+
+def _phase1_norm_backward_fused(qe, rstds, values, logits, lse, grad_mixtures, grad_lse, sums, grad_dtypes, dtype,
+                                norm_weight, norm_eps, input_dtype):
+    """`_phase1_norm_backward_stacked` with the norm's backward written out (no autograd inside, so it compiles):
+    h = mixture 0 recomputed from the logits and rounded as in forward, rstd_h = 1 / RMS(h), from the gradient
+    g_x of x0: g_n = norm_weight g_x rounded to h's dtype (the gradient of the normalised h), grad h = rstd_h g_n
+    - rstd_h^3 h (g_n . h) / D, grad norm_weight = sum over tokens of g_x * (h rstd_h rounded to h's dtype)."""
+    alpha0 = torch.exp(logits[..., 0, :] - lse[..., :1])  # [..., N]
+    mixture0 = sum(alpha0[..., n, None] * _wide(v) for n, v in enumerate(values))  # [..., D] fp32
+    mixture_dtype = mixture0.dtype if dtype is None else dtype
+    h = mixture0.to(mixture_dtype).to(input_dtype)  # as forward rounds it
+    h_wide = h.float()
+    rstd_h = torch.rsqrt(h_wide.square().mean(-1, keepdim=True) + norm_eps)  # [..., 1]
+    normed = (h_wide * rstd_h).to(h.dtype)
+    grad_x = grad_mixtures[0]
+    grad_norm_weight = (grad_x * normed).flatten(0, -2).sum(0).to(norm_weight.dtype)
+    grad_normed = (grad_x * norm_weight).to(h.dtype).float()
+    D = h.shape[-1]
+    grad_h = rstd_h * grad_normed - rstd_h ** 3 * h_wide * (grad_normed * h_wide).sum(-1, keepdim=True) / D
+    grad_mixture0 = grad_h.to(h.dtype).to(mixture_dtype)
+    grad_qe, grad_values = _phase1_backward_fused(qe, rstds, values, logits, lse, (grad_mixture0, *grad_mixtures[1:]),
+                                                  grad_lse, sums, grad_dtypes)
+    return grad_qe, grad_values, grad_norm_weight
+
+
 def _merge(mixture, lse, partial, qe, eps):
     """Phase 2 maths: mixture [..., D] (any float dtype) and lse [...] of one query, partial [..., D], qe [D].
     Returns h [..., D] in partial's dtype."""
@@ -160,9 +226,13 @@ def _finish_source(partial, out, dtype, eps):
 
 class Kernels(NamedTuple):
     """The functions the residual stream calls; eager or compiled (see `compiled_kernels`). phase1_backward takes
-    the gradient sums of shared sources as its last argument (see `_phase1_backward_stacked`)."""
+    the gradient sums of shared sources and their dtypes as its last arguments (see `_phase1_backward_stacked`);
+    phase1_norm_forward / phase1_norm_backward are phase 1 with the first query's pre-norm applied (see
+    `_phase1_norm_forward_stacked`)."""
     phase1_forward: object
     phase1_backward: object
+    phase1_norm_forward: object
+    phase1_norm_backward: object
     merge: object
     accumulate_merge: object
     accumulate_merge_norm: object
@@ -170,8 +240,9 @@ class Kernels(NamedTuple):
     source_rstd: object
 
 
-EAGER = Kernels(_phase1_forward_stacked, _phase1_backward_stacked, _merge, _accumulate_merge, _accumulate_merge_norm,
-                _finish_source, source_rstd)
+EAGER = Kernels(_phase1_forward_stacked, _phase1_backward_stacked, _phase1_norm_forward_stacked,
+                _phase1_norm_backward_stacked, _merge, _accumulate_merge, _accumulate_merge_norm, _finish_source,
+                source_rstd)
 
 
 @functools.cache
@@ -183,7 +254,8 @@ def compiled_kernels(mode: str | None = None) -> Kernels:
 
     def compiled(fn):
         return torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)
-    return Kernels(compiled(_phase1_forward_fused), compiled(_phase1_backward_fused), compiled(_merge),
+    return Kernels(compiled(_phase1_forward_fused), compiled(_phase1_backward_fused),
+                   compiled(_phase1_norm_forward_fused), compiled(_phase1_norm_backward_fused), compiled(_merge),
                    compiled(_accumulate_merge), compiled(_accumulate_merge_norm), compiled(_finish_source),
                    compiled(source_rstd))
 
@@ -299,23 +371,30 @@ class _DepthAttention(torch.autograd.Function):
     """Phase 1 with a hand-written backward: saves the sources (references) and logits, not the softmax.
     Returns the S mixtures and S lse [...] as separate tensors so each gets its own gradient (no select-backward
     of a stacked [..., S, D] output, which would write S zero-filled copies). The rstds get no gradient: the
-    sources' gradients include the path through them. Inputs after qe: N rstds, N values, then one link per
-    entry of `gradients` (N entries, a GradientSum for a shared source, else None): a shared source's gradient
-    goes into its sum, and its link gets an empty one."""
+    sources' gradients include the path through them. Inputs after qe: the first query's norm weight [D] (None:
+    no norm), N rstds, N values, then one link per entry of `gradients` (N entries, a GradientSum for a shared
+    source, else None): a shared source's gradient goes into its sum, and its link gets an empty one. With a norm
+    weight, the first output is x0 = rms_norm(mixture0.to(input_dtype), norm_weight, norm_eps) instead of mixture
+    0 (`_phase1_norm_forward_stacked`), and the weight gets its gradient."""
 
     @staticmethod
-    def forward(ctx, kernels, gradients, dtype, qe, *tensors):
+    def forward(ctx, kernels, gradients, dtype, norm_eps, input_dtype, qe, norm_weight, *tensors):
         n = len(gradients)
         rstds, values = tensors[:n], tensors[n:2 * n]
         with torch.autocast(qe.device.type, enabled=False):
-            mixtures, logits, lse = kernels.phase1_forward(qe, rstds, values, dtype)
+            if norm_weight is None:
+                mixtures, logits, lse = kernels.phase1_forward(qe, rstds, values, dtype)
+            else:
+                mixtures, logits, lse = kernels.phase1_norm_forward(qe, rstds, values, dtype, norm_weight, norm_eps,
+                                                                    input_dtype)
         ctx.kernels, ctx.gradients = kernels, gradients
-        ctx.save_for_backward(qe, logits, lse, *rstds, *values)
+        ctx.dtype, ctx.norm_eps, ctx.input_dtype, ctx.has_norm = dtype, norm_eps, input_dtype, norm_weight is not None
+        ctx.save_for_backward(qe, logits, lse, norm_weight, *rstds, *values)
         return *mixtures, *lse.movedim(-1, 0).contiguous().unbind(0)  # S contiguous lse [...]
 
     @staticmethod
     def backward(ctx, *grads):
-        qe, logits, lse, *rstds_and_values = ctx.saved_tensors
+        qe, logits, lse, norm_weight, *rstds_and_values = ctx.saved_tensors
         n = len(ctx.gradients)
         rstds, values = rstds_and_values[:n], rstds_and_values[n:]
         S = len(qe)
@@ -323,16 +402,30 @@ class _DepthAttention(torch.autograd.Function):
         sums = [None if sum_ is None else sum_.current() for sum_ in ctx.gradients]
         # a shared source's gradient is summed in its GradientSum's dtype (fp32 unless the module asks otherwise)
         grad_dtypes = [v.dtype if sum_ is None else sum_.sum_dtype(v.dtype) for sum_, v in zip(ctx.gradients, values)]
+        grad_norm_weight = None
         with torch.autocast(qe.device.type, enabled=False):
-            grad_qe, grad_values = ctx.kernels.phase1_backward(qe, rstds, values, logits, lse, grad_mixtures,
-                                                               grad_lse, sums, grad_dtypes)
+            if not ctx.has_norm:
+                grad_qe, grad_values = ctx.kernels.phase1_backward(qe, rstds, values, logits, lse, grad_mixtures,
+                                                                   grad_lse, sums, grad_dtypes)
+            else:
+                grad_qe, grad_values, grad_norm_weight = ctx.kernels.phase1_norm_backward(
+                    qe, rstds, values, logits, lse, grad_mixtures, grad_lse, sums, grad_dtypes, ctx.dtype,
+                    norm_weight, ctx.norm_eps, ctx.input_dtype)
         link_grads = []
         for sum_, grad in zip(ctx.gradients, grad_values):
             if sum_ is not None:
                 sum_.tensor = grad
                 link_grads.append(grad.new_empty(0))
-        return (None, None, None, grad_qe, *([None] * n),
+        return (None, None, None, None, None, grad_qe, grad_norm_weight, *([None] * n),
                 *(None if sum_ is not None else grad for sum_, grad in zip(ctx.gradients, grad_values)), *link_grads)
+
+
+class FirstNorm(NamedTuple):
+    """The pre-norm of the sublayer that reads phase 1's first query (an RMSNorm: weight [D], eps), and input_dtype,
+    the dtype its input h is in: the residual stream's, h = mixture0.to(input_dtype)."""
+    weight: torch.Tensor
+    eps: float
+    input_dtype: torch.dtype
 
 
 def _check_queries(queries, key_weights, D):
@@ -341,7 +434,7 @@ def _check_queries(queries, key_weights, D):
                          f"[S, D] with D = {D}, the sources' last dimension.")
 
 
-def depth_attention(sources, queries, key_weights, eps=1e-6, rstds=None, kernels=EAGER, dtype=None):
+def depth_attention(sources, queries, key_weights, eps=1e-6, rstds=None, kernels=EAGER, dtype=None, first_norm=None):
     """Phase 1: S pseudo-queries against N sources at once.
 
     sources: sequence of N tensors [B, T, D]; queries, key_weights: [S, D]; rstds: optional N tensors [B, T],
@@ -350,6 +443,7 @@ def depth_attention(sources, queries, key_weights, eps=1e-6, rstds=None, kernels
     rstd tensors themselves.
     Returns (mixtures, lse [S, B, T]) in fp32 (float64 for float64 sources): mixtures is a tuple of S tensors
     [B, T, D], mixtures[s] = sum_n softmax_n(logit[s, n]) v_n, in dtype when given (computed in fp32, rounded once).
+    first_norm: see `depth_attention_qe` (mixtures[0] is then the first sublayer's normed input).
     """
     if len(sources) == 0:
         raise ValueError("depth_attention needs at least one source (the token embedding).")
@@ -357,14 +451,17 @@ def depth_attention(sources, queries, key_weights, eps=1e-6, rstds=None, kernels
     compute_dtype = torch.promote_types(sources[0].dtype, torch.float32)
     with torch.autocast(sources[0].device.type, enabled=False):
         qe = queries.to(compute_dtype) * key_weights.to(compute_dtype)  # [S, D]
-    mixtures, lse = depth_attention_qe(sources, qe, eps, rstds, kernels, dtype)
+    mixtures, lse = depth_attention_qe(sources, qe, eps, rstds, kernels, dtype, first_norm)
     return mixtures, torch.stack(lse)
 
 
-def depth_attention_qe(sources, qe, eps=1e-6, rstds=None, kernels=EAGER, dtype=None):
+def depth_attention_qe(sources, qe, eps=1e-6, rstds=None, kernels=EAGER, dtype=None, first_norm=None):
     """depth_attention with the queries already multiplied by their key weights: qe [S, D] in fp32 (float64
     for float64 sources); each source a tensor [B, T, D] or a SharedSource (`share_source`). Returns
-    (S mixtures [B, T, D] in dtype (None: fp32), S lse [B, T]): what the module calls once per block."""
+    (S mixtures [B, T, D] in dtype (None: fp32), S lse [B, T]): what the module calls once per block.
+    first_norm: None, or a FirstNorm: the first of the S outputs is then the first sublayer's normed input
+    x0 = rms_norm(mixtures[0].to(first_norm.input_dtype), first_norm.weight, first_norm.eps) instead of mixture 0
+    (which is never written), and the norm weight gets its gradient through it."""
     values = [s.value if isinstance(s, SharedSource) else s for s in sources]
     if rstds is None:
         rstds = [kernels.source_rstd(v.detach(), eps) for v in values]
@@ -373,7 +470,9 @@ def depth_attention_qe(sources, qe, eps=1e-6, rstds=None, kernels=EAGER, dtype=N
     linked = [isinstance(s, SharedSource) and s.link is not None for s in sources]
     gradients = tuple(s.gradient if link else None for s, link in zip(sources, linked))
     links = [s.link for s, link in zip(sources, linked) if link]
-    outputs = _DepthAttention.apply(kernels, gradients, dtype, qe, *rstds, *values, *links)  # S x [B, T, D], S x [B, T]
+    norm_weight, norm_eps, input_dtype = (None, None, None) if first_norm is None else first_norm
+    outputs = _DepthAttention.apply(kernels, gradients, dtype, norm_eps, input_dtype, qe, norm_weight, *rstds, *values,
+                                    *links)  # S x [B, T, D], S x [B, T]
     return outputs[:len(qe)], outputs[len(qe):]
 
 
