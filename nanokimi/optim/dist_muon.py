@@ -181,8 +181,7 @@ class DistributedMuon(Muon):
             back = received.new_empty(0)
             if bucket.pack_layout:  # this rank owns matrices of the bucket
                 inputs = unpack(received, bucket.unpack_layout)  # [N, rows, cols] per batch, not yet normalised
-                outputs = orthogonalize_batches(inputs, bucket.batch_settings,
-                                                products=self._products(received.device))
+                outputs = orthogonalize_batches(inputs, bucket.batch_settings)
                 back = pack_back(outputs, bucket.pack_layout)
             orthogonal = received.new_empty(sum(bucket.send_sizes))
             work = dist.all_to_all_single(orthogonal, back, list(bucket.send_sizes), list(bucket.recv_sizes),

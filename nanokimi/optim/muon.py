@@ -32,13 +32,10 @@ On CUDA the step spreads over three streams (all forked from and joined back int
 that run classic Newton-Schulz alone take their whole step on one (side_stream), and the two elementwise passes
 of the others run per `PassGroup` on another while their Newton-Schulz products run on a third (overlap_passes),
 so memory-bound passes and GEMMs run side by side. The products and the passes run at a higher CUDA stream
-priority than the side stream (stream_priorities). With symmetric_products, the Gram and s x s products (all of
-them symmetric matrices) run through a Triton kernel that computes only their upper-triangular tiles, each
-polynomial in one kernel (nanokimi.ops.newton_schulz.triton_symmetric).
+priority than the side stream (stream_priorities).
 """
 import contextlib
 import math
-import os
 from collections import defaultdict
 from typing import NamedTuple
 
@@ -207,15 +204,14 @@ def pass_groups(batches, sources):
     return result
 
 
-def orthogonalize_batches(stacks, settings, ready=None, finished=None, products="bmm"):
+def orthogonalize_batches(stacks, settings, ready=None, finished=None):
     """Newton-Schulz of every stacked batch: stacks [N, rows, cols] in the compute dtype (raw, normalised
     inside), settings (steps, coefficients, eps, method) per batch with method resolved ("classic" or "gram").
     Gram batches with the same short side, dtype and settings go through one newton_schulz_group call (one
     s x s recursion for all their matrices); classic batches run alone. Returns the outputs in batch order.
     On CUDA, for inputs stacked and outputs read on another stream (Muon's overlap_passes): ready, per batch None
     or an event to wait for before its first product; finished, a list of one entry per batch that gets the
-    event recorded after the batch's output is written. products: "bmm" or "triton_symmetric", for every call
-    (see newton_schulz_group)."""
+    event recorded after the batch's output is written."""
     outputs = [None] * len(stacks)
     ready = [None] * len(stacks) if ready is None else ready
     groups = {}  # (short side, dtype, steps, coefficients, eps) -> indices of gram batches
@@ -225,14 +221,13 @@ def orthogonalize_batches(stacks, settings, ready=None, finished=None, products=
         else:
             events = None if finished is None else []
             outputs[k] = newton_schulz(X, coefficient_schedule(coefficients, steps), method, eps=eps,
-                                       ready=ready[k], finished=events, products=products)
+                                       ready=ready[k], finished=events)
             if events:
                 finished[k] = events[0]
     for (_, _, steps, coefficients, eps), members in groups.items():
         events = None if finished is None else []
         group_outputs = newton_schulz_group([stacks[k] for k in members], coefficient_schedule(coefficients, steps),
-                                            eps=eps, ready=[ready[k] for k in members], finished=events,
-                                            products=products)
+                                            eps=eps, ready=[ready[k] for k in members], finished=events)
         for n, (k, O) in enumerate(zip(members, group_outputs)):
             outputs[k] = O
             if events:
@@ -321,13 +316,11 @@ def compiled_pass(fn, combo_kernels=None):
     return _compiled[key]
 
 
-def run_pass_groups(plan, stack, update, params, grads, bufs, momenta, nesterov, decays, lrs, lr_index, passes=None,
-                    products="bmm"):
+def run_pass_groups(plan, stack, update, params, grads, bufs, momenta, nesterov, decays, lrs, lr_index, passes=None):
     """The step of a StepPlan's params with the momentum and update passes run per PassGroup (Muon's
     overlap_passes). passes: the CUDA stream they run on while the Newton-Schulz products run on the current
     one; each batch's first product then waits only for its own group's momentum pass and each group's update
-    only for its own batches' last products. None: everything in order on the current stream (the CPU).
-    products: as in orthogonalize_batches."""
+    only for its own batches' last products. None: everything in order on the current stream (the CPU)."""
     current = None if passes is None else torch.cuda.current_stream(passes.device)
     on_passes = (lambda: torch.cuda.stream(passes)) if passes is not None else contextlib.nullcontext
     stacked, ready = [None] * len(plan.batches), [None] * len(plan.batches)
@@ -345,7 +338,7 @@ def run_pass_groups(plan, stack, update, params, grads, bufs, momenta, nesterov,
                 X.record_stream(current)  # made on the pass stream, read on the current one
             stacked[k], ready[k] = X, stacked_event
     finished = None if passes is None else [None] * len(plan.batches)
-    orthogonal = orthogonalize_batches(stacked, plan.settings, ready, finished, products)
+    orthogonal = orthogonalize_batches(stacked, plan.settings, ready, finished)
     for group in plan.pass_groups:
         with on_passes():
             if passes is not None:
@@ -392,17 +385,12 @@ class Muon(torch.optim.Optimizer):
     (DEFAULT_STREAM_PRIORITIES), False/None (all at the current stream's), or (products, passes, side) ints. When
     SMs free up, the GPU starts the waiting blocks of the higher-priority stream first, so the Newton-Schulz
     products, the longest chain, are not held up behind the side stream's GEMMs (_step_device).
-    symmetric_products: on CUDA, the Newton-Schulz Gram matrices, polynomials and s x s products (all symmetric)
-    run through nanokimi.ops.newton_schulz.triton_symmetric's Triton kernel (upper-triangular tiles only, each
-    polynomial's elementwise part in the GEMM epilogue) instead of cuBLAS; off by default until measured on the
-    GPU. Same iteration, different rounding (bf16: within bf16 error of the default). Elsewhere (the CPU, fp64)
-    the default products run, except under TRITON_INTERPRET=1, where the kernel runs in Triton's interpreter.
     """
 
     def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.1, ns_steps=5,
                  coefficients="quintic", ns_dtype=None, eps=1e-7, heads=None, split=None, ns_method="auto",
                  fused=None, merge_orientations=False, group_squares=False, combo_kernels=True,
-                 side_stream=True, overlap_passes=True, stream_priorities=True, symmetric_products=False):
+                 side_stream=True, overlap_passes=True, stream_priorities=True):
         if lr < 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
         if not 0 <= momentum < 1:
@@ -423,15 +411,13 @@ class Muon(torch.optim.Optimizer):
         self.side_stream = side_stream
         self.overlap_passes = overlap_passes
         self.stream_priorities = check_stream_priorities(stream_priorities)
-        self.symmetric_products = bool(symmetric_products)
         self._step_plans = {}  # Muon._plan_key -> StepPlan
 
     def __setstate__(self, state):
         super().__setstate__(state)
         for name, default in (("fused", None), ("merge_orientations", False), ("group_squares", False),
                               ("combo_kernels", True), ("side_stream", True),
-                              ("overlap_passes", True), ("stream_priorities", DEFAULT_STREAM_PRIORITIES),
-                              ("symmetric_products", False)):
+                              ("overlap_passes", True), ("stream_priorities", DEFAULT_STREAM_PRIORITIES)):
             self.__dict__.setdefault(name, default)  # constructor options are not in Optimizer's pickled state
         self.__dict__.setdefault("_step_plans", {})
         for group in self.param_groups:
@@ -551,12 +537,6 @@ class Muon(torch.optim.Optimizer):
         stream_priorities is off."""
         return self.stream_priorities[chain] if self.stream_priorities else 0
 
-    def _products(self, device):
-        """The Newton-Schulz products of a step on `device` (newton_schulz_group's `products`): "triton_symmetric"
-        with symmetric_products on CUDA, or on the CPU under Triton's interpreter (tests); else "bmm"."""
-        runs = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-        return "triton_symmetric" if self.symmetric_products and runs else "bmm"
-
     def _step_streams(self, device, jobs):
         """With side_stream on CUDA, the classic-only params on the second stream (forked from and joined back into
         the current one)."""
@@ -592,21 +572,20 @@ class Muon(torch.optim.Optimizer):
         lrs, lr_index = group_learning_rates([g for _, _, g in jobs], device, as_tensor=compile_passes)
         if self.overlap_passes and device.type == "cuda" and len(plan.pass_groups) > 1:
             self._run_overlapped(device, plan, stack, update, params, grads, bufs, momenta, nesterov, decays, lrs,
-                                 lr_index, self._priority(1), self._products(device))
+                                 lr_index, self._priority(1))
             return
         stacked = stack(grads, bufs, momenta, nesterov, plan.layouts, plan.batches)
-        orthogonal = orthogonalize_batches(stacked, plan.settings, products=self._products(device))
+        orthogonal = orthogonalize_batches(stacked, plan.settings)
         update(params, orthogonal, lrs, lr_index, decays, plan.sources)
 
     @staticmethod
     def _run_overlapped(device, plan, stack, update, params, grads, bufs, momenta, nesterov, decays, lrs, lr_index,
-                        priority=0, products="bmm"):
+                        priority=0):
         """overlap_passes: run_pass_groups with the passes on a second stream (of that priority), forked from and
         joined back into the current one."""
         current, passes = torch.cuda.current_stream(device), side_stream(device, 1, priority)
         passes.wait_stream(current)  # the grads and the lrs
         if isinstance(lrs, torch.Tensor):
             lrs.record_stream(passes)
-        run_pass_groups(plan, stack, update, params, grads, bufs, momenta, nesterov, decays, lrs, lr_index, passes,
-                        products)
+        run_pass_groups(plan, stack, update, params, grads, bufs, momenta, nesterov, decays, lrs, lr_index, passes)
         current.wait_stream(passes)

@@ -35,26 +35,16 @@ Normalisation folds into the first Gram matrix: with n = sqrt(trace(X_0 X_0^T)) 
 (trace summed in fp32), the iteration starts from R_0 = G / n^2, and the first segment's last polynomial is
 divided by n (Q = P_{m-1} ... P_0 / n; its elementwise op writes (a I + b R) / n and R / n, the GEMM's left
 operand), so an unnormalised X never needs a separate pass (pass `eps`). A zero matrix stays zero (n = eps, no NaN).
-
-Symmetric products (`products="triton_symmetric"`, see triton_symmetric.py): every s x s matrix above (G, R_k,
-R_k^2, P_k, P_k R_k, P_k R_k P_k, Q) is a polynomial in the symmetric G, so it is symmetric, and each product
-that makes one needs only its upper-triangular tiles (about half the FLOPs), each tile written at (i, j) and
-transposed at (j, i). One batched Triton kernel does that for the Gram matrices (X X^T, X^T X) and the s x s
-products, and with an epilogue scale (alpha A B + beta C + shift I) computes each polynomial in one kernel
-(P = scale (c R R + b R + a I), the elementwise op and its write and read gone). The default,
-`products="bmm"`, is torch.bmm / baddbmm as above (cuBLAS on CUDA). The final Q X_0 is not symmetric and stays
-a bmm. Same maths; rounding differs (P is rounded once instead of twice, and the results are exactly symmetric).
 """
 import torch
 
 from nanokimi.ops.newton_schulz.naive import COEFFICIENT_SETS, coefficient_schedule, orthogonalize_naive
 
-__all__ = ["COEFFICIENT_SETS", "GRAM_SEGMENT", "METHODS", "PRODUCTS", "coefficient_schedule", "choose_method",
+__all__ = ["COEFFICIENT_SETS", "GRAM_SEGMENT", "METHODS", "coefficient_schedule", "choose_method",
            "newton_schulz", "newton_schulz_flops", "newton_schulz_group", "normalize_into", "orthogonalize",
-           "orthogonalize_naive", "resolve_products"]
+           "orthogonalize_naive"]
 
 METHODS = ("auto", "classic", "gram")
-PRODUCTS = ("bmm", "triton_symmetric")  # how the Gram and s x s products run (see the module docstring)
 GRAM_SEGMENT = 2  # steps between restarts of the Gram recursion (see the module docstring)
 
 
@@ -127,64 +117,28 @@ def _affine(R, a, b, scale):
     return (C * scale).to(R.dtype), (R * scale).to(R.dtype)
 
 
-def _symmetric():
-    """The triton_symmetric module, imported on first use: Triton is needed only for products="triton_symmetric"."""
-    from nanokimi.ops.newton_schulz import triton_symmetric
-    return triton_symmetric
-
-
-def resolve_products(products, X):
-    """The products newton_schulz_group runs for tensors like X: `products` itself, except "triton_symmetric"
-    where its kernel cannot run (no Triton; X not on CUDA and no TRITON_INTERPRET=1; a dtype other than
-    bf16 / fp16 / fp32): "bmm" there."""
-    if products not in PRODUCTS:
-        raise ValueError(f"unknown Newton-Schulz products {products!r}; choose one of {PRODUCTS}")
-    if products == "triton_symmetric":
-        try:
-            return products if _symmetric().supports(X) else "bmm"
-        except ImportError:
-            return "bmm"
-    return products
-
-
-def _gram(X, out, products="bmm"):
-    """X X^T of wide (or square) X [N, s, l], X^T X of tall X [N, l, s], written into out [N, s, s]."""
-    if products == "triton_symmetric":
-        return _symmetric().gram(X, out)
-    return torch.bmm(X.mT, X, out=out) if X.shape[-2] > X.shape[-1] else torch.bmm(X, X.mT, out=out)
-
-
-def _product(A, B, products="bmm"):
-    """A B [N, s, s] of two s x s matrices whose product is symmetric (commuting polynomials in one G)."""
-    return _symmetric().symmetric_matmul(A, B) if products == "triton_symmetric" else torch.bmm(A, B)
-
-
-def _polynomial(R, a, b, c, scale=None, products="bmm"):
-    """a I + b R + c R^2 [N, s, s], times scale [N, 1, 1] when given. With products "bmm": one elementwise op
-    writes C = a I + b R (and with a scale C s and R s), then one GEMM adds c R R into C in place: cuBLAS reads C
-    in its epilogue (beta = 1) and nothing is copied (baddbmm's out-of-place form copies its input into the
-    output first). With "triton_symmetric": one kernel, scale (c R R + b R + a I) in its epilogue."""
-    if products == "triton_symmetric":
-        return _symmetric().polynomial(R, a, b, c, scale)
+def _polynomial(R, a, b, c, scale=None):
+    """a I + b R + c R^2 [N, s, s], times scale [N, 1, 1] when given. One elementwise op writes C = a I + b R
+    (and with a scale C s and R s), then one GEMM adds c R R into C in place: cuBLAS reads C in its epilogue
+    (beta = 1) and nothing is copied (baddbmm's out-of-place form copies its input into the output first)."""
     C, left = _small_op(_affine, R)(R, a, b, scale)
     return C.baddbmm_(left, R, alpha=c)
 
 
-def _segment_factor(R, steps, inv=None, products="bmm"):
+def _segment_factor(R, steps, inv=None):
     """Q = P_{m-1} ... P_1 P_0 of one segment of m steps from its starting R [N, s, s] (P_k = a I + b R_k + c R_k^2,
     R_{k+1} = P_k R_k P_k); times inv [N, 1, 1] per matrix when given (the 1 / n of the normalisation)."""
     Q = None  # [N, s, s]
     for i, (a, b, c) in enumerate(steps):
         last = i == len(steps) - 1
-        P = _polynomial(R, a, b, c, inv if last else None, products)  # the last P is needed only inside Q
-        Q = P if Q is None else _product(P, Q, products)
+        P = _polynomial(R, a, b, c, inv if last else None)  # the last P is needed only inside Q
+        Q = P if Q is None else torch.bmm(P, Q)
         if not last:
-            R = _product(_product(P, R, products), P, products)
+            R = torch.bmm(torch.bmm(P, R), P)
     return Q
 
 
-def newton_schulz(X, schedule, method="auto", eps=None, segment=GRAM_SEGMENT, ready=None, finished=None,
-                  products="bmm"):
+def newton_schulz(X, schedule, method="auto", eps=None, segment=GRAM_SEGMENT, ready=None, finished=None):
     """X: [N, A, B] in the compute dtype -> [N, A, B] in the same dtype.
 
     schedule: [(a, b, c)] per step (see coefficient_schedule). eps None: X is already normalised
@@ -192,16 +146,15 @@ def newton_schulz(X, schedule, method="auto", eps=None, segment=GRAM_SEGMENT, re
     pass. method: "classic", "gram" or "auto" (fewer FLOPs for this shape; see the module docstring; callers
     that know the coefficient set should resolve "auto" with choose_method, which keeps Polar Express classic).
     ready (None or a CUDA event to wait for first) and finished (a list that gets an event after the output is
-    written): as in newton_schulz_group, for one batch. products: "bmm" or "triton_symmetric" (see
-    newton_schulz_group).
+    written): as in newton_schulz_group, for one batch.
     """
     method = choose_method(X.shape[-2:], len(schedule), method, segment=segment)
     chunk = segment if method == "gram" else 1  # classic == gram with one-step segments
     return newton_schulz_group([X], schedule, eps, segment=chunk, ready=None if ready is None else [ready],
-                               finished=finished, products=products)[0]
+                               finished=finished)[0]
 
 
-def newton_schulz_group(Xs, schedule, eps=None, segment=GRAM_SEGMENT, ready=None, finished=None, products="bmm"):
+def newton_schulz_group(Xs, schedule, eps=None, segment=GRAM_SEGMENT, ready=None, finished=None):
     """The Gram form over several batches whose matrices share their short side s: a list of [N_i, s, l_i]
     (wide) or [N_i, l_i, s] (tall) tensors, l_i >= s, one dtype -> the list of outputs (same shapes, dtype).
 
@@ -213,10 +166,6 @@ def newton_schulz_group(Xs, schedule, eps=None, segment=GRAM_SEGMENT, ready=None
     For callers that prepare the batches and consume the outputs on another CUDA stream (Muon's overlap_passes):
     ready, per batch None or a CUDA event that the current stream waits for before that batch's first product;
     finished, a list that gets per batch a CUDA event recorded after the product that writes its output.
-
-    products: "bmm" (torch.bmm / baddbmm, cuBLAS on CUDA) or "triton_symmetric" (the Gram matrices, polynomials
-    and s x s products through triton_symmetric's kernel, upper tiles only; "bmm" where that kernel cannot run
-    these tensors, see resolve_products). The final products with X_0 are bmm either way.
     """
     if not Xs:
         raise ValueError("newton_schulz_group needs at least one batch [N, A, B]")
@@ -226,7 +175,6 @@ def newton_schulz_group(Xs, schedule, eps=None, segment=GRAM_SEGMENT, ready=None
             raise ValueError(f"newton_schulz_group needs [N, A, B] batches with one short side, dtype and device; "
                              f"got {[(tuple(X.shape), X.dtype, str(X.device)) for X in Xs]}. Group the batches by "
                              "min(A, B), dtype and device, or call newton_schulz per batch.")
-    products = resolve_products(products, Xs[0])
     sizes = [X.shape[0] for X in Xs]
     tall = [X.shape[-2] > X.shape[-1] for X in Xs]
     gram = Xs[0].new_empty(sum(sizes), s, s)  # every batch's Gram matrices, one batch after another
@@ -234,9 +182,9 @@ def newton_schulz_group(Xs, schedule, eps=None, segment=GRAM_SEGMENT, ready=None
         for i, (X, G, is_tall) in enumerate(zip(Xs, gram.split(sizes), tall)):
             if start == 0 and ready is not None and ready[i] is not None:
                 torch.cuda.current_stream(X.device).wait_event(ready[i])
-            _gram(X, G, products)
+            torch.bmm(X.mT, X, out=G) if is_tall else torch.bmm(X, X.mT, out=G)
         R, inv = _small_op(_start, gram)(gram, eps) if start == 0 and eps is not None else (gram, None)
-        Q = _segment_factor(R, schedule[start:start + segment], inv, products)  # [sum N_i, s, s]
+        Q = _segment_factor(R, schedule[start:start + segment], inv)  # [sum N_i, s, s]
         last = start + segment >= len(schedule)
         outputs = []
         for X, q, is_tall in zip(Xs, Q.split(sizes), tall):
@@ -248,14 +196,13 @@ def newton_schulz_group(Xs, schedule, eps=None, segment=GRAM_SEGMENT, ready=None
     return Xs
 
 
-def orthogonalize(G, steps=5, coefficients="quintic", dtype=torch.bfloat16, eps=1e-7, method="auto", products="bmm"):
+def orthogonalize(G, steps=5, coefficients="quintic", dtype=torch.bfloat16, eps=1e-7, method="auto"):
     """Approximate polar factor U V^T of every matrix in G: [..., A, B] -> [..., A, B] in G's dtype.
 
     Each matrix is normalised by its own Frobenius norm (+ eps), iterated in `dtype` on its short side
     (X^T X for tall matrices, X X^T for wide ones), and all of them share one batched GEMM per product.
     coefficients: "quintic" (3.4445, -4.7750, 2.0315) or "polar_express" (arXiv 2505.16932, see naive.py).
-    method: "classic", "gram" or "auto" (see newton_schulz). products: "bmm" or "triton_symmetric" (see
-    newton_schulz_group).
+    method: "classic", "gram" or "auto" (see newton_schulz).
     """
     if G.ndim < 2:
         raise ValueError(f"orthogonalize needs matrices [..., A, B], got shape {tuple(G.shape)}")
@@ -265,4 +212,4 @@ def orthogonalize(G, steps=5, coefficients="quintic", dtype=torch.bfloat16, eps=
     A, B = G.shape[-2:]
     X = G.reshape(-1, A, B).to(dtype)  # [N, A, B]
     method = choose_method((A, B), steps, method, coefficients)
-    return newton_schulz(X, schedule, method, eps=eps, products=products).reshape(G.shape).to(G.dtype)
+    return newton_schulz(X, schedule, method, eps=eps).reshape(G.shape).to(G.dtype)

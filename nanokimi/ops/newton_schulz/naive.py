@@ -5,9 +5,6 @@ by applying an odd polynomial p(x) = a x + b x^3 + c x^5 to the singular values:
     X <- a X + b (X X^T) X + c (X X^T)^2 X
 so the result approximates the polar factor U V^T. Working on the short side (X X^T is min(A, B) square)
 keeps the cost at O(min(A, B)^2 max(A, B)).
-
-`symmetric_product_naive` is the plain torch reference of triton_symmetric.symmetric_matmul (a batched product
-known to be symmetric, with its epilogue), computed in full.
 """
 import torch
 
@@ -68,16 +65,3 @@ def orthogonalize_naive(G, steps=5, coefficients="quintic", eps=1e-7):
         gram = X @ X.T  # [short, short]
         X = a * X + b * (gram @ X) + c * (gram @ (gram @ X))
     return X.T if tall else X
-
-
-def symmetric_product_naive(A, B, alpha=1.0, C=None, beta=0.0, shift=0.0, scale=None):
-    """scale[b] (alpha A[b] B[b] + beta C[b] + shift I) for every b, the full product in fp32 (fp64 for fp64
-    inputs), rounded once to A's dtype: the contract of triton_symmetric.symmetric_matmul, both triangles computed.
-    A [N, s, K], B [N, K, s], C [N, s, s] or None, scale [N] or None."""
-    dtype = torch.promote_types(A.dtype, torch.float32)
-    out = alpha * (A.to(dtype) @ B.to(dtype)) + shift * torch.eye(A.shape[1], dtype=dtype, device=A.device)
-    if C is not None:
-        out = out + beta * C.to(dtype)
-    if scale is not None:
-        out = out * scale.to(dtype).reshape(-1, 1, 1)
-    return out.to(A.dtype)
