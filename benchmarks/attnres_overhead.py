@@ -13,11 +13,10 @@ for the residual table are reused by the model table, whose residual stream has 
             attn_res setting (T halves on OOM); its AttnRes kernels are what compile_model picks (triton on CUDA
             when triton imports), recorded per row as attnres_kernels.
 Every AttnRes row is measured once per --storage (attn_res_storage: "auto" = sources in bf16 under autocast,
-"auto-all" = mixtures too, "fp32"), once per --grad-sums (attn_res_grad_sums: "fp32" or "storage" = each stored
-source's gradient summed in its storage dtype) and once per --fuse-norm (attn_res_fuse_norm: "on" = each sublayer
-input comes out of the kernel that computes it already normed, the merge's inside a block and phase 1's for a
-block's first sublayer (every sublayer in full mode), "off" = h is written and the norm reads it), so one run
-compares PreNorm, the storages, the gradient sums and the fused norms.
+"auto-all" = mixtures too, "fp32") and once per --fuse-norm (attn_res_fuse_norm: "on" = each sublayer input
+comes out of the kernel that computes it already normed, the merge's inside a block and phase 1's for a block's
+first sublayer (every sublayer in full mode), "off" = h is written and the norm reads it), so one run compares
+PreNorm, the storages and the fused norms.
 Medians over timed steps after warm-up. Writes benchmarks/results/attnres_overhead.json (device, date, commit).
 
     python benchmarks/attnres_overhead.py            # GPU, a few minutes (fla autotune + compiles come first)
@@ -28,8 +27,6 @@ Medians over timed steps after warm-up. Writes benchmarks/results/attnres_overhe
     python benchmarks/attnres_overhead.py --storage fp32,auto,auto-all   # storages to compare (default auto,fp32)
     python benchmarks/attnres_overhead.py --modes block --cuda-graph --storage auto --fuse-norm on,off
                                                      # the fused pre-norm against the unfused one (default on,off)
-    python benchmarks/attnres_overhead.py --modes block --cuda-graph --storage auto --fuse-norm on --grad-sums fp32,storage
-                                                     # bf16 gradient sums against fp32 ones (default fp32)
     python benchmarks/attnres_overhead.py ... --skip-model / --skip-residual   # one table only
 """
 import argparse
@@ -53,7 +50,6 @@ from nanokimi.model.residual import PreNormResidual  # noqa: E402
 MODES = ("none", "block", "full")
 STORAGES = ("auto", "auto-all", "fp32")
 FUSE_NORM = {"on": True, "off": False}
-GRAD_SUMS = ("fp32", "storage")
 
 
 def kernel_sets(args, device):
@@ -67,21 +63,20 @@ def kernel_sets(args, device):
 
 
 def attnres_variants(args):
-    """(mode, storage, fuse_norm, grad_sums) of every AttnRes row."""
-    return [(mode, storage, fuse, sums) for mode in args.modes if mode != "none" for storage in args.storage
-            for fuse in args.fuse_norm for sums in args.grad_sums]
+    """(mode, storage, fuse_norm) of every AttnRes row."""
+    return [(mode, storage, fuse) for mode in args.modes if mode != "none" for storage in args.storage
+            for fuse in args.fuse_norm]
 
 
 def residual_rows(args, device):
     """Residual stream alone: per sublayer its RMSNorm and a stand-in out = tanh(x) * scale (one elementwise pass)."""
     B, T, D, L = args.batch, args.seq_len, args.hidden, args.sublayers
     rows = []
-    variants = [("none", "-", "-", "-", "-")] + [(mode, kernels, storage, fuse, sums) for mode, storage, fuse, sums
-                                                 in attnres_variants(args) for kernels in kernel_sets(args, device)]
-    for mode, kernels, storage, fuse, sums in variants:
+    variants = [("none", "-", "-", "-")] + [(mode, kernels, storage, fuse) for mode, storage, fuse in
+                                            attnres_variants(args) for kernels in kernel_sets(args, device)]
+    for mode, kernels, storage, fuse in variants:
         residual = PreNormResidual() if mode == "none" else AttentionResiduals(
-            D, L, mode=mode, num_blocks=args.blocks, storage=storage, fuse_norm=fuse == "on",
-            grad_sums=sums).to(device)
+            D, L, mode=mode, num_blocks=args.blocks, storage=storage, fuse_norm=fuse == "on").to(device)
         if kernels != "eager" and mode != "none":
             residual.compile_kernels(triton=kernels == "triton")
         norms = [RMSNorm(D).to(device) for _ in range(L)]
@@ -104,12 +99,11 @@ def residual_rows(args, device):
         free_memory(device)
         ms = median_ms(step, device, args.warmup, args.steps)
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-        rows.append(dict(table="residual", attn_res=mode, kernels=kernels, storage=storage, fuse_norm=fuse,
-                         grad_sums=sums, B=B, T=T, D=D, sublayers=L, median_ms=ms, peak_gib=peak))
+        rows.append(dict(table="residual", attn_res=mode, kernels=kernels, storage=storage, fuse_norm=fuse, B=B,
+                         T=T, D=D, sublayers=L, median_ms=ms, peak_gib=peak))
         if args.profile and device.type == "cuda":
             rows[-1]["profile"] = kernel_profile(step, calls=2, top=12)
-        print(f"residual {mode} kernels={kernels} storage={storage} fuse_norm={fuse} grad_sums={sums}: {ms:.2f} ms",
-              flush=True)
+        print(f"residual {mode} kernels={kernels} storage={storage} fuse_norm={fuse}: {ms:.2f} ms", flush=True)
     return rows
 
 
@@ -120,8 +114,8 @@ def model_rows(args, device):
     seq_len = args.seq_len
     while True:
         try:
-            return [model_step_row(ModelConfig, build_model, args, device, mode, storage, fuse, sums, seq_len)
-                    for mode, storage, fuse, sums in [("none", "-", "-", "-")] + attnres_variants(args)]
+            return [model_step_row(ModelConfig, build_model, args, device, mode, storage, fuse, seq_len)
+                    for mode, storage, fuse in [("none", "-", "-")] + attnres_variants(args)]
         except torch.cuda.OutOfMemoryError:
             free_memory(device)
             if seq_len <= 512:
@@ -131,11 +125,11 @@ def model_rows(args, device):
             print(f"out of memory: model rows rerun at T={seq_len}")
 
 
-def model_step_row(ModelConfig, build_model, args, device, mode, storage, fuse, sums, seq_len):
+def model_step_row(ModelConfig, build_model, args, device, mode, storage, fuse, seq_len):
     from nanokimi.train.fast import capture_step, compile_model, make_optimizer
     overrides = dict(attn_res=mode, attn_res_blocks=args.blocks)
     if mode != "none":
-        overrides.update(attn_res_storage=storage, attn_res_grad_sums=sums)
+        overrides["attn_res_storage"] = storage
     if fuse != "-":
         overrides["attn_res_fuse_norm"] = FUSE_NORM[fuse]
     if args.quick:
@@ -187,14 +181,14 @@ def model_step_row(ModelConfig, build_model, args, device, mode, storage, fuse, 
     attnres_kernels = "-" if kernels is None else ("triton" if hasattr(kernels.phase1_forward, "func")
                                                    else "compiled" if compiled else "eager")
     row = dict(table="model", attn_res=mode, compiled=compiled, attnres_kernels=attnres_kernels, storage=storage,
-               fuse_norm=fuse, grad_sums=sums, preset=args.preset, B=args.batch, T=seq_len,
+               fuse_norm=fuse, preset=args.preset, B=args.batch, T=seq_len,
                median_ms=ms, tokens_per_s=args.batch * seq_len / ms * 1e3, peak_gib=peak,
                params=sum(p.numel() for p in model.parameters()))
     if graph_ms is not None:
         row.update(graph_ms=graph_ms, graph_tokens_per_s=args.batch * seq_len / graph_ms * 1e3)
     if error:
         row["compile_error"] = error
-    print(f"model {mode} storage={storage} fuse_norm={fuse} grad_sums={sums} compiled={compiled}: {ms:.1f} ms"
+    print(f"model {mode} storage={storage} fuse_norm={fuse} compiled={compiled}: {ms:.1f} ms"
           + (f", graph {graph_ms:.1f} ms" if graph_ms else ""), flush=True)
     del model, optimizer
     free_memory(device)
@@ -221,7 +215,7 @@ def add_overheads(rows):
 def print_table(rows):
     """overhead: extra ms as a share of the model's attn_res=none step (for residual rows as well); kernels: the
     AttnRes kernel set (residual rows), how the model step ran and its AttnRes kernels (model rows)."""
-    header = (f"{'table':9} {'attn_res':8} {'kernels':8} {'storage':7} {'norm':4} {'sums':7} {'B':>2} {'T':>5} "
+    header = (f"{'table':9} {'attn_res':8} {'kernels':8} {'storage':7} {'norm':4} {'B':>2} {'T':>5} "
               f"{'median ms':>10} {'extra ms':>9} {'overhead':>9} {'tok/s':>9} {'peak GiB':>8}")
     print(header)
     print("-" * len(header))
@@ -232,20 +226,17 @@ def print_table(rows):
         peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") else "-"
         kernels = r["kernels"] if r["table"] == "residual" else "eager" if not r["compiled"] else (
             "compiled" if r["attnres_kernels"] == "-" else r["attnres_kernels"])
-        print(f"{r['table']:9} {r['attn_res']:8} {kernels:8} {r['storage']:7} {r['fuse_norm']:4} {r['grad_sums']:7} "
-              f"{r['B']:>2} "
+        print(f"{r['table']:9} {r['attn_res']:8} {kernels:8} {r['storage']:7} {r['fuse_norm']:4} {r['B']:>2} "
               f"{r['T']:>5} {r['median_ms']:>10.2f} {extra:>9} {over:>9} {tok:>9} {peak:>8}")
     for r in rows:
         if r.get("graph_ms"):
             over = f", {100 * r['graph_overhead_vs_none']:+.1f}% over none" if "graph_overhead_vs_none" in r else ""
-            print(f"model {r['attn_res']} storage={r['storage']} fuse_norm={r['fuse_norm']} "
-                  f"grad_sums={r['grad_sums']} in one CUDA graph: "
+            print(f"model {r['attn_res']} storage={r['storage']} fuse_norm={r['fuse_norm']} in one CUDA graph: "
                   f"{r['graph_ms']:.1f} ms "
                   f"({r['graph_tokens_per_s']:.0f} tok/s{over})")
     for r in rows:
         if "compile_error" in r:
-            print(f"model {r['attn_res']} storage={r['storage']} fuse_norm={r['fuse_norm']} "
-                  f"grad_sums={r['grad_sums']}: compile failed, "
+            print(f"model {r['attn_res']} storage={r['storage']} fuse_norm={r['fuse_norm']}: compile failed, "
                   f"measured eager: {r['compile_error']}")
 
 
@@ -272,9 +263,6 @@ def main():
                         help="attn_res_fuse_norm values to measure for every AttnRes row (comma-separated: on = "
                              "each pre-norm computed in the kernel that computes its input, the merge's or phase "
                              "1's; off = h is written, the norm reads it)")
-    parser.add_argument("--grad-sums", default="fp32",
-                        help="attn_res_grad_sums values to measure for every AttnRes row (comma-separated: "
-                             "fp32,storage)")
     parser.add_argument("--profile", action="store_true", help="residual table: GPU time by kernel kind per row")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="model table: also time the compiled step captured whole in one CUDA graph")
@@ -299,10 +287,6 @@ def main():
     unknown = [f for f in args.fuse_norm if f not in FUSE_NORM]
     if unknown or not args.fuse_norm:
         parser.error(f"--fuse-norm: unknown {unknown or 'empty'}; choose from {', '.join(FUSE_NORM)}")
-    args.grad_sums = [g.strip() for g in args.grad_sums.split(",") if g.strip()]
-    unknown = [g for g in args.grad_sums if g not in GRAD_SUMS]
-    if unknown or not args.grad_sums:
-        parser.error(f"--grad-sums: unknown {unknown or 'empty'}; choose from {', '.join(GRAD_SUMS)}")
     if args.out is None:
         args.out = results_path("attnres_overhead", args.quick)
     if args.quick:

@@ -135,7 +135,6 @@ class ModelConfig:
     attn_res_blocks: int = 8
     attn_res_storage: str = "auto"  # "auto" (sources in the sublayers' output dtype: bf16 under autocast) | "auto-all" | "fp32"
     attn_res_fuse_norm: bool = True  # each pre-norm applied by the kernel computing its input (merge or phase 1)
-    attn_res_grad_sums: str = "fp32"  # dtype of each stored source's gradient sum: "fp32" | "storage" (bf16 with "auto")
 
     def __post_init__(self):
         self.validate()
@@ -204,10 +203,6 @@ class ModelConfig:
              f"attn_res_storage='{self.attn_res_storage}' must be 'auto' (store AttnRes sources in the sublayers' "
              f"output dtype, bf16 under bf16 autocast), 'auto-all' (phase-1 mixtures too) or 'fp32'."
              f"{suggest(self.attn_res_storage, storages)}")
-        grad_sums = ["fp32", "storage"]
-        need(self.attn_res_grad_sums in grad_sums,
-             f"attn_res_grad_sums='{self.attn_res_grad_sums}' must be 'fp32' (sum each stored AttnRes source's "
-             f"gradient in fp32) or 'storage' (in the dtype it is stored in).{suggest(self.attn_res_grad_sums, grad_sums)}")
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":

@@ -35,7 +35,6 @@ from nanokimi.ops.attnres.two_phase import FirstNorm, finish_shared_source, wide
 
 MODES = ("full", "block")
 STORAGES = ("auto", "auto-all", "fp32")
-GRAD_SUMS = ("fp32", "storage")
 
 
 class AttnResState(NamedTuple):
@@ -68,7 +67,7 @@ class AttnResState(NamedTuple):
 
 class AttentionResiduals(nn.Module):
     def __init__(self, hidden_size: int, num_sublayers: int, mode: str = "full", num_blocks: int = 8,
-                 eps: float = 1e-6, storage: str = "auto", fuse_norm: bool = True, grad_sums: str = "fp32"):
+                 eps: float = 1e-6, storage: str = "auto", fuse_norm: bool = True):
         """storage: the dtype the stored sources (embedding, finished block sums) are kept in (see
         `storage_dtype`): "auto" = the sublayers' output dtype (bf16 under bf16 autocast), "fp32" = fp32 (float64
         for a float64 stream); "auto-all": as "auto", and phase 1's mixtures too (fp32 otherwise). Sums are
@@ -77,11 +76,7 @@ class AttentionResiduals(nn.Module):
         input in the kernel that computes its input: the merge's (`accumulate_merge_norm`) for a sublayer inside a
         block, phase 1's (`phase1_norm_forward`) for the first sublayer of a block; instead of the input h and
         then norm(h). False: always the latter (for A/B timing and debugging). The results are the same either
-        way (same maths, same roundings; sums may run in another order).
-        grad_sums: the dtype each stored source's gradient is summed in over the blocks that read it: "fp32"
-        (float64 for a float64 stream) or "storage" (the source's storage dtype, e.g. bf16 under autocast with
-        storage "auto": what autograd does for a bf16 tensor read several times; half the bytes of every
-        phase-1 backward's read-add-write of those sums)."""
+        way (same maths, same roundings; sums may run in another order)."""
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode='{mode}' must be one of {MODES} (use the plain PreNorm residual for 'none').")
@@ -89,9 +84,6 @@ class AttentionResiduals(nn.Module):
             raise ValueError(f"storage='{storage}' must be one of {STORAGES}: 'auto' stores the residual sources in "
                              "the sublayers' output dtype (bf16 under bf16 autocast), 'auto-all' the phase-1 "
                              "mixtures as well, 'fp32' everything in fp32.")
-        if grad_sums not in GRAD_SUMS:
-            raise ValueError(f"grad_sums='{grad_sums}' must be one of {GRAD_SUMS}: 'fp32' sums each stored source's "
-                             "gradient in fp32, 'storage' in the dtype the source is stored in.")
         if num_sublayers < 1 or hidden_size < 1:
             raise ValueError(f"hidden_size={hidden_size} and num_sublayers={num_sublayers} must be >= 1.")
         if mode == "block" and num_blocks < 1:
@@ -101,7 +93,6 @@ class AttentionResiduals(nn.Module):
         self.mode = mode
         self.storage = storage
         self.fuse_norm = fuse_norm
-        self.grad_sums = grad_sums
         self.eps = eps
         self.kernels = EAGER
         # sublayers per block; the last block is shorter when num_blocks does not divide num_sublayers
@@ -137,7 +128,7 @@ class AttentionResiduals(nn.Module):
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, num_sublayers={self.num_sublayers}, mode={self.mode}, "
                 f"block_size={self.block_size}, num_blocks={self.num_blocks}, storage={self.storage}, "
-                f"fuse_norm={self.fuse_norm}, grad_sums={self.grad_sums!r}")
+                f"fuse_norm={self.fuse_norm}")
 
     def storage_dtype(self, embedding: torch.Tensor) -> torch.dtype:
         """The dtype the sources and mixtures are stored in for a stream starting at embedding. "auto": under
@@ -149,10 +140,6 @@ class AttentionResiduals(nn.Module):
         if embedding.dtype == torch.float32 and torch.is_autocast_enabled(device):
             return torch.get_autocast_dtype(device)
         return embedding.dtype
-
-    def _grad_sum_dtype(self, storage: torch.dtype) -> torch.dtype:
-        """The dtype a stored source's gradient is summed in (see grad_sums)."""
-        return storage if self.grad_sums == "storage" else wide_dtype(storage)
 
     def _block_range(self, l: int) -> tuple[int, int]:
         start = (l // self.block_size) * self.block_size
@@ -186,7 +173,7 @@ class AttentionResiduals(nn.Module):
             qe = (torch.stack(list(self.queries)).to(compute_dtype)
                   * torch.stack(list(self.key_weights)).to(compute_dtype))  # [L + 1, D]
         storage = self.storage_dtype(embedding)
-        source = share_source(embedding, None if storage == embedding.dtype else storage, self._grad_sum_dtype(storage))
+        source = share_source(embedding, None if storage == embedding.dtype else storage)
         sources, rstds = (source,), (self.kernels.source_rstd(source.value, self.eps),)
         return self._block_start(sources, rstds, qe, 0, embedding.dtype, first_norm)
 
@@ -231,9 +218,8 @@ class AttentionResiduals(nn.Module):
                 return state._replace(partial=partial, position=l + 1, h=None, normed=normed, norm=next_norm)
             partial, h = self.kernels.accumulate_merge(*args)
             return state._replace(partial=partial, position=l + 1, h=h, normed=None, norm=None)
-        storage = state.sources[0].value.dtype
-        block_sum, rstd = finish_shared_source(self.kernels, state.partial, out, storage, self.eps,
-                                               self._grad_sum_dtype(storage))
+        block_sum, rstd = finish_shared_source(self.kernels, state.partial, out, state.sources[0].value.dtype,
+                                               self.eps)
         sources, rstds = state.sources + (block_sum,), state.rstds + (rstd,)
         if stop == self.num_sublayers:
             return AttnResState(sources, rstds, None, None, None, state.qe, l + 1, None, dtype)

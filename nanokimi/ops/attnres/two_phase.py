@@ -269,16 +269,11 @@ def _backward_pass_id():
 class GradientSum:
     """One source's gradient summed over the phase-1 calls that read it, within one backward pass. Holds only
     the sum (no graph references, so no reference cycles keep tensors alive); a sum left from an earlier
-    backward pass of the same graph (retain_graph) is never added to. dtype: the sum's (None: fp32, float64 for
-    a float64 source, whatever dtype the source is stored in)."""
-    __slots__ = ("tensor", "pass_id", "dtype")
+    backward pass of the same graph (retain_graph) is never added to."""
+    __slots__ = ("tensor", "pass_id")
 
-    def __init__(self, dtype=None):
-        self.tensor, self.pass_id, self.dtype = None, None, dtype
-
-    def sum_dtype(self, value_dtype):
-        """The dtype this source's gradient is summed in, for a source stored in value_dtype."""
-        return wide_dtype(value_dtype) if self.dtype is None else self.dtype
+    def __init__(self):
+        self.tensor, self.pass_id = None, None
 
     def current(self):
         """The sum so far in this backward pass, or None before its first reader's backward."""
@@ -299,27 +294,25 @@ class _Link(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gradient, source):
-        ctx.gradient, ctx.source_dtype = gradient, source.dtype
+        ctx.gradient = gradient
         ctx.set_materialize_grads(False)
         return source.new_empty(0)
 
     @staticmethod
     def backward(ctx, _):
-        total = ctx.gradient.take()
-        return None, None if total is None else total.to(ctx.source_dtype)
+        return None, ctx.gradient.take()
 
 
 class _FinishSource(torch.autograd.Function):
     """A block's partial sum [..., D] (or None) and its last output out [..., D] -> the stored block sum (in the
     storage dtype, no gradient of its own), its rstd [...] and a link as `_Link`'s: the readers' gradient sum
-    (in its GradientSum's dtype, fp32 by default) goes straight to partial and out."""
+    (fp32) goes straight to partial and out, never through a tensor of the storage dtype."""
 
     @staticmethod
     def forward(ctx, finish_source, gradient, dtype, eps, partial, out):
         source, rstd = finish_source(partial, out, dtype, eps)
         source = source.detach()  # may be out itself (out already in dtype, no partial): returned as a new tensor
-        ctx.gradient, ctx.out_dtype = gradient, out.dtype
-        ctx.partial_dtype = None if partial is None else partial.dtype
+        ctx.gradient, ctx.out_dtype, ctx.has_partial = gradient, out.dtype, partial is not None
         ctx.mark_non_differentiable(source, rstd)
         ctx.set_materialize_grads(False)
         return source, rstd, out.new_empty(0)
@@ -329,8 +322,7 @@ class _FinishSource(torch.autograd.Function):
         total = ctx.gradient.take()
         if total is None:
             return None, None, None, None, None, None
-        partial_grad = None if ctx.partial_dtype is None else total.to(ctx.partial_dtype)
-        return None, None, None, None, partial_grad, total.to(ctx.out_dtype)
+        return None, None, None, None, total if ctx.has_partial else None, total.to(ctx.out_dtype)
 
 
 class SharedSource(NamedTuple):
@@ -342,23 +334,22 @@ class SharedSource(NamedTuple):
     gradient: GradientSum
 
 
-def share_source(source, dtype=None, grad_dtype=None):
+def share_source(source, dtype=None):
     """source [..., D] wrapped for `depth_attention_qe` calls that read it: their backward passes sum its gradient
-    in one tensor (in grad_dtype; None: fp32, or float64 for float64 sources), handed to source once (autograd
-    would add one fresh gradient per reader). dtype: store the value in this dtype (a copy, e.g. bf16 of an fp32
-    embedding; None: the source's own); the gradient goes to the source as summed, as if the copy were the
-    identity."""
-    gradient = GradientSum(grad_dtype)
+    in one tensor (fp32, or float64 for float64 sources), handed to source once (autograd would add one fresh
+    gradient per reader). dtype: store the value in this dtype (a copy, e.g. bf16 of an fp32 embedding; None:
+    the source's own); the gradient goes to the source unrounded, as if the copy were the identity."""
+    gradient = GradientSum()
     needs_grad = torch.is_grad_enabled() and source.requires_grad
     value = source.detach() if dtype is None else source.detach().to(dtype)
     return SharedSource(value, _Link.apply(gradient, source) if needs_grad else None, gradient)
 
 
-def finish_shared_source(kernels, partial, out, dtype, eps=1e-6, grad_dtype=None):
+def finish_shared_source(kernels, partial, out, dtype, eps=1e-6):
     """A finished block: (its sum partial + out [..., D] stored in dtype as a SharedSource, its rstd [...]).
     The sum is accumulated in partial's dtype (out's when partial is None) and rounded to dtype once; the
-    gradient its readers sum (in grad_dtype; None: fp32) reaches partial and out as summed."""
-    gradient = GradientSum(grad_dtype)
+    gradient its readers sum (fp32) reaches partial and out unrounded by the storage dtype."""
+    gradient = GradientSum()
     needs_grad = torch.is_grad_enabled() and (out.requires_grad or (partial is not None and partial.requires_grad))
     if not needs_grad:
         source, rstd = kernels.finish_source(partial, out, dtype, eps)
@@ -400,8 +391,8 @@ class _DepthAttention(torch.autograd.Function):
         S = len(qe)
         grad_mixtures, grad_lse = grads[:S], torch.stack(grads[S:], dim=-1)  # S x [..., D], [..., S]
         sums = [None if sum_ is None else sum_.current() for sum_ in ctx.gradients]
-        # a shared source's gradient is summed in its GradientSum's dtype (fp32 unless the module asks otherwise)
-        grad_dtypes = [v.dtype if sum_ is None else sum_.sum_dtype(v.dtype) for sum_, v in zip(ctx.gradients, values)]
+        # a shared source's gradient is summed in fp32 (float64) whatever the dtype it is stored in
+        grad_dtypes = [v.dtype if sum_ is None else wide_dtype(v.dtype) for sum_, v in zip(ctx.gradients, values)]
         grad_norm_weight = None
         with torch.autocast(qe.device.type, enabled=False):
             if not ctx.has_norm:
