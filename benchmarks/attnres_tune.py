@@ -12,7 +12,8 @@ into existing gradient sums, except at the final read, the first in backward):
                      values per thread
     merge_backward, merge_norm_backward: the same x programs_per_sm (2, 4, 8)
     phase1_backward, phase1_norm_backward: block_t (1, 2, 4) x chunk_d (128..1024) x num_warps, 8..32 chunk
-                     values per thread, x programs_per_sm (2, 4, 8)
+                     values per thread, x programs_per_sm (2, 4, 8); where one chunk covers D, each also with
+                     sums_in_registers (the programs' query / norm-weight gradient sums held in registers)
 The whole grid runs at the largest N of each S; the other N try its 3 fastest configs and the default. Every
 config's outputs are checked against the default config's (fp32 1e-5, bf16 1e-2, query gradients summed over
 tokens in another order 1e-4); one that fails to compile, run or check is skipped with a note, and past
@@ -106,7 +107,9 @@ def config_grid(case, D, quick):
             for chunk_d in (128, 256, 512, 1024):
                 for warps in (2, 4, 8):
                     if chunk_d <= _next_pow2(D) and 8 <= s_pad * block_t * chunk_d / (32 * warps) <= 32:
-                        grid += [LaunchConfig(block_t, warps, 3, p, chunk_d) for p in (2, 4, 8)]
+                        # one chunk over D: also with the program's gradient sums kept in registers
+                        registers = (False, True) if chunk_d == _next_pow2(D) else (False,)
+                        grid += [LaunchConfig(block_t, warps, 3, p, chunk_d, r) for r in registers for p in (2, 4, 8)]
     for block_t in (1, 2, 4, 8, 16, 32) if case.kernel not in CHUNKED else ():
         for warps in (2, 4, 8, 16):
             per_thread = per_token * block_t / (32 * warps)
@@ -289,7 +292,8 @@ class Compiler:
 def fmt(config):
     stages = f" s{config.num_stages}" if config.num_stages != 3 else ""
     chunk = f" c{config.chunk_d}" if config.chunk_d else ""
-    return f"bt{config.block_t} w{config.num_warps} p{config.programs_per_sm}{chunk}{stages}"
+    registers = " r" if config.sums_in_registers else ""
+    return f"bt{config.block_t} w{config.num_warps} p{config.programs_per_sm}{chunk}{registers}{stages}"
 
 
 def measure(case, configs, args, device, deadline, notes):
@@ -424,7 +428,8 @@ def python_table(table):
             c = e["config"]
             lines.append(f"        {e['sources']}: LaunchConfig(block_t={c['block_t']}, num_warps={c['num_warps']}, "
                          f"num_stages={c['num_stages']}, programs_per_sm={c['programs_per_sm']}"
-                         + (f", chunk_d={c['chunk_d']})," if c.get("chunk_d") else "),"))
+                         + (f", chunk_d={c['chunk_d']}" if c.get("chunk_d") else "")
+                         + (", sums_in_registers=True" if c.get("sums_in_registers") else "") + "),")
         lines.append("    },")
     lines.append("}")
     return "\n".join(lines)

@@ -23,7 +23,7 @@ from nanokimi.model.attn_res import AttentionResiduals  # noqa: E402
 from nanokimi.ops.attnres import (EAGER, attnres_naive, attnres_stack_naive, attnres_stack_stored_naive,  # noqa: E402
                                   depth_attention, source_rstd)
 from nanokimi.ops.attnres import two_phase  # noqa: E402
-from nanokimi.ops.attnres.launch import LaunchConfig  # noqa: E402
+from nanokimi.ops.attnres.launch import LaunchConfig, check_config  # noqa: E402
 from nanokimi.ops.attnres.triton_phase1 import (phase1_backward, phase1_forward, phase1_norm_backward,  # noqa: E402
                                                 phase1_norm_forward, triton_kernels)
 from nanokimi.ops.attnres.triton_phase2 import accumulate_merge, accumulate_merge_norm  # noqa: E402
@@ -725,6 +725,23 @@ def test_triton_phase1_norm_is_phase1_then_rmsnorm(N, S, source_dtype, dtype, in
     for i, (a, b) in enumerate(zip(got, expected)):
         assert a.dtype == b.dtype and a.shape == b.shape and b.norm() > 0, i
         assert rel_err(a, b) < (1e-2 if narrow else 1e-5), (i, rel_err(a, b))
+
+
+@pytest.mark.parametrize("source_dtype,chunk_d", [(torch.float32, 0), (BF16, 64), (torch.float32, 16)])
+def test_phase1_backward_sums_in_registers_is_the_same_sum(source_dtype, chunk_d):
+    """LaunchConfig.sums_in_registers: with one chunk over D (chunk_d 0 or 64 >= D = 45), each backward program sums
+    its query gradient (and, with the first norm, the norm weight's) over its tiles in registers and writes it
+    once; the additions are the per-tile read-add-writes' in the same order, so every output of phase 1's backward,
+    with and without the norm, is the same bit for bit (3 programs over 32 tiles of 2 tokens). With chunk_d = 16
+    (3 chunks) the option does not apply and the kernel is the per-tile one."""
+    leaves, cotangents = phase1_norm_inputs(3, 2, 3, 21, 45, source_dtype, seed=11 + chunk_d, device=DEVICE)
+    config = LaunchConfig(block_t=2, num_warps=4, programs_per_sm=3, chunk_d=chunk_d)
+    for fused in (True, False):
+        results = [run_phase1_norm(triton_with_config(config._replace(sums_in_registers=registers)), leaves,
+                                   cotangents, None, torch.float32, fused=fused) for registers in (False, True)]
+        assert all(torch.equal(a, b) for a, b in zip(*results))
+    with pytest.raises(ValueError, match="sums_in_registers"):
+        check_config(config._replace(sums_in_registers="yes"))
 
 
 def test_triton_phase1_norm_applies_its_eps_and_weight():

@@ -41,12 +41,16 @@ class LaunchConfig(NamedTuple):
     (backward) kernels, whose grid is min(tiles, programs_per_sm * SMs) (in the CPU interpreter, with no SMs,
     programs_per_sm is the whole grid). Forward kernels run one program per tile and ignore it. chunk_d: columns
     of D that phase 1's backward streams per step (a power of two, capped at next_pow2(D); 0: all of D at once);
-    the other kernels hold whole rows and ignore it."""
+    the other kernels hold whole rows and ignore it. sums_in_registers (phase 1's backward, where one chunk covers
+    D): each program keeps its share of the query gradient (and the norm weight's) in registers over all its
+    tiles and writes it once, instead of adding it into its row of the partial-sum buffer per tile (S x D fp32
+    read and written per tile, through L2); ignored by the other kernels and where chunk_d < D."""
     block_t: int
     num_warps: int
     num_stages: int = 3
     programs_per_sm: int = 4
     chunk_d: int = 0
+    sums_in_registers: bool = False
 
 
 # Measured best configs: benchmarks/attnres_tune.py --budget-s 150 on an H100 (2026-12-05, commit 17d5453,
@@ -187,6 +191,8 @@ def check_config(config: LaunchConfig) -> LaunchConfig:
         raise ValueError(f"num_warps={config.num_warps} must be a power of two from 1 to 32.")
     if config.chunk_d < 0 or config.chunk_d & (config.chunk_d - 1) or 0 < config.chunk_d < 16:
         raise ValueError(f"chunk_d={config.chunk_d} must be 0 (all of D) or a power of two >= 16.")
+    if not isinstance(config.sums_in_registers, bool):
+        raise ValueError(f"sums_in_registers={config.sums_in_registers!r} must be True or False.")
     if config.num_stages < 1 or config.programs_per_sm < 1:
         raise ValueError(f"num_stages={config.num_stages} and programs_per_sm={config.programs_per_sm} "
                          "must be >= 1.")

@@ -20,8 +20,9 @@ backward, programs loop over token tiles (grid-stride), streaming D in chunks of
         fp32, write back): a source read by several blocks has its gradients summed there, not by autograd
         (the sum may be fp32 for a bf16 source: gradients are written in each buffer's own dtype)
         grad_qe[s] += sum over the tile's tokens of rstd_n grad_logit[s, n] v_n   (per chunk, added into the
-    program's own row of a zeroed [programs, S, D] buffer); one torch sum over programs finishes it
-    (deterministic, no atomics).
+    program's own row of a zeroed [programs, S, D] buffer; with LaunchConfig.sums_in_registers and one chunk
+    over D, summed in registers over the program's tiles and written once: the same additions, without an
+    S x D read-add-write per tile); one torch sum over programs finishes it (deterministic, no atomics).
 alpha = exp(logit - lse) comes from the saved logits, so nothing of size [S, N, B, T, D] is ever kept.
 
 With the first query's pre-norm (`phase1_norm_forward` / `phase1_norm_backward`, FIRST_NORM: the first sublayer of
@@ -169,7 +170,7 @@ def _phase1_backward_kernel(values, rstds, grad_mixtures, qe_ptr, logits_ptr, ls
                             norm_eps, N: tl.constexpr, S: tl.constexpr, D: tl.constexpr, S_PAD: tl.constexpr,
                             N_PAD: tl.constexpr, BLOCK_T: tl.constexpr, CHUNK_D: tl.constexpr,
                             ACCUMULATE: tl.constexpr, FIRST_NORM: tl.constexpr, MIXTURE_DTYPE: tl.constexpr,
-                            INPUT_DTYPE: tl.constexpr):
+                            INPUT_DTYPE: tl.constexpr, SUMS_IN_REGISTERS: tl.constexpr):
     # ACCUMULATE: bit n set = grad_values[n] holds a gradient sum that v_n's gradient is added into
     # FIRST_NORM: grad_mixtures[0] is the gradient g_x of x0 = norm_weight * rms_norm(h), h = mixture 0 rounded to
     # MIXTURE_DTYPE then INPUT_DTYPE; the gradient of mixture 0 is formed here from g_x and h (recomputed)
@@ -181,6 +182,9 @@ def _phase1_backward_kernel(values, rstds, grad_mixtures, qe_ptr, logits_ptr, ls
     s_ok, n_ok = s_ids < S, n_ids < N
     source = n_ids[None, None, :]  # [1, 1, N_PAD]: the source axis of the per-tile [S_PAD, BT, N_PAD] tensors
     partial_row = grad_qe_partial_ptr + pid * (S * D) + s_ids[:, None] * D  # [S_PAD, 1]: this program's grad_qe
+    # SUMS_IN_REGISTERS (one chunk covers D): this program's grad_qe and grad norm_weight summed here over its tiles
+    program_grad_qe = tl.zeros([S_PAD, CHUNK_D], tl.float32)
+    program_grad_norm_weight = tl.zeros([CHUNK_D], tl.float32)
 
     tile_id = pid
     while tile_id < tiles:
@@ -256,9 +260,12 @@ def _phase1_backward_kernel(values, rstds, grad_mixtures, qe_ptr, logits_ptr, ls
                 h = _first_input_chunk(values, alpha_first, tile, tile_ok, n_ids, N, BLOCK_T, CHUNK_D,
                                        MIXTURE_DTYPE, INPUT_DTYPE)
                 normed = _rounded(h * rstd_h[:, None], INPUT_DTYPE)
-                grad_norm_weight_row = grad_norm_weight_partial_ptr + pid * D + d  # [CD]: this program's row
-                tl.store(grad_norm_weight_row, tl.load(grad_norm_weight_row, mask=d_ok, other=0.0)
-                         + tl.sum(grad_x * normed, axis=0), mask=d_ok)
+                if SUMS_IN_REGISTERS:
+                    program_grad_norm_weight += tl.sum(grad_x * normed, axis=0)
+                else:
+                    grad_norm_weight_row = grad_norm_weight_partial_ptr + pid * D + d  # [CD]: this program's row
+                    tl.store(grad_norm_weight_row, tl.load(grad_norm_weight_row, mask=d_ok, other=0.0)
+                             + tl.sum(grad_x * normed, axis=0), mask=d_ok)
                 grad_h = rstd_h[:, None] * grad_normed - h_scale[:, None] * h
                 grad_first = _rounded(_rounded(grad_h, INPUT_DTYPE), MIXTURE_DTYPE)
                 g = tl.where(s_ids[:, None, None] == 0, grad_first[None, :, :], g)
@@ -275,9 +282,16 @@ def _phase1_backward_kernel(values, rstds, grad_mixtures, qe_ptr, logits_ptr, ls
                     grad_v += tl.load(grad_values[n] + tile, mask=tile_ok, other=0.0).to(tl.float32)
                 tl.store(grad_values[n] + tile, grad_v.to(grad_values[n].dtype.element_ty), mask=tile_ok)
                 grad_qe += tl.sum(grad_dot_n[:, :, None] * v[None, :, :], axis=1)
-            partial = partial_row + d[None, :]  # [S_PAD, CD]
-            tl.store(partial, tl.load(partial, mask=qe_ok, other=0.0) + grad_qe, mask=qe_ok)
+            if SUMS_IN_REGISTERS:
+                program_grad_qe += grad_qe
+            else:
+                partial = partial_row + d[None, :]  # [S_PAD, CD]
+                tl.store(partial, tl.load(partial, mask=qe_ok, other=0.0) + grad_qe, mask=qe_ok)
         tile_id += programs
+    if SUMS_IN_REGISTERS:  # the same fp32 additions in the same order as the per-tile read-add-writes
+        tl.store(partial_row + c[None, :], program_grad_qe, mask=s_ok[:, None] & (c < D)[None, :])
+        if FIRST_NORM:
+            tl.store(grad_norm_weight_partial_ptr + pid * D + c, program_grad_norm_weight, mask=c < D)
 
 
 def supports(qe, values) -> bool:
@@ -424,8 +438,9 @@ def _backward(kernel, qe, rstds, values, logits, lse, grad_mixtures, grad_lse, s
         logits.contiguous(), lse.contiguous(), grad_lse.to(torch.float32).contiguous(), grad_values, grad_qe_partial,
         norm_weight, grad_norm_weight_partial, M, tiles, norm_eps, N=N, S=S, D=D, S_PAD=triton.next_power_of_2(S),
         N_PAD=triton.next_power_of_2(N), BLOCK_T=config.block_t, CHUNK_D=config.chunk_d,
-        ACCUMULATE=sum(1 << n for n, s in enumerate(sums) if s is not None), num_warps=config.num_warps,
-        num_stages=config.num_stages, **norm_constants)
+        ACCUMULATE=sum(1 << n for n, s in enumerate(sums) if s is not None),
+        SUMS_IN_REGISTERS=config.sums_in_registers and config.chunk_d >= triton.next_power_of_2(D),
+        num_warps=config.num_warps, num_stages=config.num_stages, **norm_constants)
     if norm is None:
         return grad_qe_partial.sum(0), grad_values
     return grad_qe_partial.sum(0), grad_values, grad_norm_weight_partial.sum(0).to(norm.weight.dtype)
