@@ -14,7 +14,9 @@ into existing gradient sums, except at the final read, the first in backward):
     phase1_backward, phase1_norm_backward: block_t (1, 2, 4) x chunk_d (128..1024) x num_warps, 8..32 chunk
                      values per thread, x programs_per_sm (2, 4, 8); where one chunk covers D, each also with
                      sums_in_registers (the programs' query / norm-weight gradient sums held in registers)
-The whole grid runs at the largest N of each S; the other N try its 3 fastest configs and the default. Every
+The whole grid runs at the largest N of each S; then phase 1's backward kernels try the 6 fastest configs again
+with prefetch 1 and 2 (the rows of the tile that many tiles ahead asked into L2: GPU only); the other N try the 3
+fastest configs of it all and the default. Every
 config's outputs are checked against the default config's (fp32 1e-5, bf16 1e-2, query gradients summed over
 tokens in another order 1e-4); one that fails to compile, run or check is skipped with a note, and past
 --budget-s the remaining shapes time the default only. Kernels are compiled first by worker processes in
@@ -29,6 +31,8 @@ every measurement, the table); `launch.load_tuned(path)` applies it without edit
 
     python benchmarks/attnres_tune.py            # GPU; under 4 minutes on an H100
     python benchmarks/attnres_tune.py --quick    # CPU smoke run in Triton's interpreter: tiny shapes, 2 configs
+    python benchmarks/attnres_tune.py --kernels phase1_norm_backward,phase1_backward --dtypes bfloat16
+                                                 # only these (load_tuned keeps the built-in entries of the rest)
 """
 import argparse
 import concurrent.futures
@@ -54,11 +58,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from perf_common import git_commit, results_path, short_error  # noqa: E402
 
 from nanokimi.ops.attnres import two_phase  # noqa: E402
-from nanokimi.ops.attnres.launch import (CHUNKED, GRID_STRIDE, UNTUNED_AS, LaunchConfig, config_for,  # noqa: E402
-                                         default_config)
+from nanokimi.ops.attnres.launch import (CHUNKED, GRID_STRIDE, KERNELS, UNTUNED_AS, LaunchConfig,  # noqa: E402
+                                         config_for, default_config)
 
 EPS = 1e-6
 TOP = 3  # configs of the full grid that the other source counts try
+PREFETCH_TOP, PREFETCH = 6, (1, 2)  # phase 1's backward: its fastest configs again with these prefetch distances
 MERGE_KERNELS = ("merge_forward", "merge_backward", "merge_norm_forward", "merge_norm_backward")
 # the kernels with a sublayer's pre-norm fused: the model runs these or the plain ones they extend, not both
 FUSED_NORM = {"merge_norm_forward", "merge_norm_backward", "phase1_norm_forward", "phase1_norm_backward"}
@@ -79,8 +84,9 @@ class Case(NamedTuple):
         return f"{self.kernel:20} {str(self.dtype).removeprefix('torch.'):8} {shape:9}"
 
 
-def model_cases(sublayers, blocks, dtypes):
-    """The kernel calls of one training step of a block-AttnRes stream with `sublayers` in `blocks` blocks."""
+def model_cases(sublayers, blocks, dtypes, kernels=None):
+    """The kernel calls of one training step of a block-AttnRes stream with `sublayers` in `blocks` blocks (only
+    those of `kernels`, if given)."""
     size = math.ceil(sublayers / min(blocks, sublayers))
     sizes = [min(size, sublayers - start) for start in range(0, sublayers, size)]  # queries per block
     cases = []
@@ -92,7 +98,7 @@ def model_cases(sublayers, blocks, dtypes):
                 cases.append(Case(kernel, dtype, 1, len(sizes) + 1))  # the final read: first in backward
         merges = sum(S - 1 for S in sizes)
         cases += [Case(kernel, dtype, calls=merges) for kernel in MERGE_KERNELS]
-    return cases
+    return [case for case in cases if kernels is None or case.kernel in kernels]
 
 
 def config_grid(case, D, quick):
@@ -293,7 +299,8 @@ def fmt(config):
     stages = f" s{config.num_stages}" if config.num_stages != 3 else ""
     chunk = f" c{config.chunk_d}" if config.chunk_d else ""
     registers = " r" if config.sums_in_registers else ""
-    return f"bt{config.block_t} w{config.num_warps} p{config.programs_per_sm}{chunk}{registers}{stages}"
+    prefetch = f" f{config.prefetch}" if config.prefetch else ""
+    return f"bt{config.block_t} w{config.num_warps} p{config.programs_per_sm}{chunk}{registers}{prefetch}{stages}"
 
 
 def measure(case, configs, args, device, deadline, notes):
@@ -330,7 +337,7 @@ def measure(case, configs, args, device, deadline, notes):
 
 
 def tune(args, device, notes):
-    cases = model_cases(args.sublayers, args.blocks, args.dtypes)
+    cases = model_cases(args.sublayers, args.blocks, args.dtypes, args.kernels)
     start = time.monotonic()
     deadline = start + args.budget_s
     compiler = Compiler(args.jobs, args.compile_tokens if not args.quick else args.tokens, args.hidden, device, notes)
@@ -349,6 +356,19 @@ def tune(args, device, notes):
             results[case] = measure(case, grids[case], args, device, deadline, notes)
             print(f"{case.label()} {len(results[case])}/{len(grids[case])} configs ({time.monotonic() - start:.0f} s)",
                   flush=True)
+        # phase 1's backward: the fastest configs again, with the next tiles prefetched into L2
+        refined = {}
+        for case in first:
+            ranked = sorted(results[case], key=lambda r: r["ms"])
+            if case.kernel in CHUNKED and device.type == "cuda" and ranked:
+                refined[case] = [grids[case][0]] + [r["config"]._replace(prefetch=distance)
+                                                    for r in ranked[:PREFETCH_TOP] for distance in PREFETCH]
+        compiler.compile([(case, c) for case, configs in refined.items() for c in configs[1:]], deadline)
+        for case, configs in refined.items():
+            rows = measure(case, configs, args, device, deadline, notes)
+            results[case] += [r for r in rows if not r["default"]]
+            print(f"{case.label()} +{len(rows) - 1}/{len(configs) - 1} prefetch configs "
+                  f"({time.monotonic() - start:.0f} s)", flush=True)
         # the other source counts: the default and the widest case's fastest configs
         rest = [case for case in cases if case not in results]
         for case in rest:
@@ -429,7 +449,8 @@ def python_table(table):
             lines.append(f"        {e['sources']}: LaunchConfig(block_t={c['block_t']}, num_warps={c['num_warps']}, "
                          f"num_stages={c['num_stages']}, programs_per_sm={c['programs_per_sm']}"
                          + (f", chunk_d={c['chunk_d']}" if c.get("chunk_d") else "")
-                         + (", sums_in_registers=True" if c.get("sums_in_registers") else "") + "),")
+                         + (", sums_in_registers=True" if c.get("sums_in_registers") else "")
+                         + (f", prefetch={c['prefetch']}" if c.get("prefetch") else "") + "),")
         lines.append("    },")
     lines.append("}")
     return "\n".join(lines)
@@ -444,6 +465,8 @@ def main():
     parser.add_argument("--sublayers", type=int, default=32)
     parser.add_argument("--blocks", type=int, default=8, help="attn_res_blocks")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="source / stream dtypes, comma-separated")
+    parser.add_argument("--kernels", default=None,
+                        help="only these kernels, comma-separated (default: all of " + ", ".join(KERNELS) + ")")
     parser.add_argument("--budget-s", type=float, default=180.0,
                         help="after this many seconds, the remaining shapes time their default config only")
     parser.add_argument("--jobs", type=int, default=None,
@@ -454,6 +477,11 @@ def main():
                         help="JSON file (default benchmarks/results/attnres_tune.json; --quick: a temp folder)")
     args = parser.parse_args()
     args.dtypes = [getattr(torch, name.strip()) for name in args.dtypes.split(",") if name.strip()]
+    if args.kernels is not None:
+        args.kernels = [name.strip() for name in args.kernels.split(",") if name.strip()]
+        unknown = [name for name in args.kernels if name not in KERNELS]
+        if unknown or not args.kernels:
+            parser.error(f"--kernels: unknown {unknown}; choose among {', '.join(KERNELS)}.")
     if args.quick:
         args.tokens, args.hidden, args.sublayers, args.blocks, args.budget_s = 16, 24, 4, 2, 120.0
     cuda = torch.cuda.is_available()
@@ -483,6 +511,7 @@ def main():
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         git_commit=git_commit(), quick=args.quick, elapsed_s=round(elapsed, 1),
         shape=dict(tokens=args.tokens, hidden=args.hidden, sublayers=args.sublayers, blocks=args.blocks),
+        kernels=args.kernels or list(KERNELS),
         measurements=[dict(kernel=c.kernel, dtype=str(c.dtype).removeprefix("torch."), S=c.S, N=c.N,
                            accumulate=c.accumulate, calls=c.calls, config=r["config"]._asdict(), ms=r["ms"],
                            gbps=moved_bytes(c, args.tokens, args.hidden) / (r["ms"] * 1e-3) / 1e9,

@@ -425,6 +425,21 @@ def test_tune_benchmark_quick(tmp_path):
         launch.use_tuned(launch.TUNED)
 
 
+def test_tune_benchmark_kernels_option(tmp_path):
+    """--kernels tunes only the named kernels (the JSON says which, and load_tuned keeps the built-in entries of the
+    rest); an unknown name is refused with the list of known ones."""
+    out = tmp_path / "attnres_tune.json"
+    script = ROOT / "benchmarks" / "attnres_tune.py"
+    command = [sys.executable, str(script), "--quick", "--dtypes", "float32", "--out", str(out), "--kernels"]
+    result = subprocess.run(command + ["phase1_backward"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["kernels"] == ["phase1_backward"] and report["table"]
+    assert {(e["kernel"], e["dtype"]) for e in report["table"]} == {("phase1_backward", "float32")}
+    refused = subprocess.run(command + ["phase1_bwd"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "phase1_bwd" in refused.stderr and "phase1_backward" in refused.stderr
+
+
 def test_tune_skips_a_config_that_fails():
     """A config that cannot run is noted and skipped; the sweep goes on with the others."""
     spec = importlib.util.spec_from_file_location("attnres_tune", ROOT / "benchmarks" / "attnres_tune.py")
@@ -803,3 +818,66 @@ def test_phase1_norm_launch_configs_default_to_phase1s():
         assert launch.config_for("phase1_norm_backward", 45, torch.float32, S=3, N=2) == own
     finally:
         launch.use_tuned(launch.TUNED)
+
+
+def test_phase1_backward_prefetch_is_a_hint():
+    """LaunchConfig.prefetch (tiles ahead whose rows phase 1's backward asks into L2) changes no result: every output,
+    with and without the first norm, is the same bit for bit (D = 48: rows of 16-byte multiples, so the GPU runs
+    the prefetch where it has more tiles than programs; the interpreter ignores it). Bad values say what is
+    expected, and a tensor the bulk prefetch cannot take (CPU, or a row start off a 16-byte boundary) turns it off."""
+    from nanokimi.ops.attnres.triton_phase1 import can_prefetch
+    leaves, cotangents = phase1_norm_inputs(3, 2, 3, 21, 48, BF16, seed=12, device=DEVICE)
+    config = LaunchConfig(block_t=2, num_warps=4, programs_per_sm=1, chunk_d=0)
+    for fused in (True, False):
+        results = [run_phase1_norm(triton_with_config(config._replace(prefetch=distance)), leaves, cotangents, None,
+                                   torch.float32, fused=fused) for distance in (0, 1, 2)]
+        assert all(torch.equal(a, b) for other in results[1:] for a, b in zip(results[0], other))
+    for bad in (-1, True, 1.5):
+        with pytest.raises(ValueError, match="prefetch"):
+            check_config(config._replace(prefetch=bad))
+    rows = torch.zeros(4, 48, dtype=BF16, device=DEVICE)
+    assert not can_prefetch([rows.cpu()])
+    assert not can_prefetch([rows.flatten()[1:145].view(3, 48)]) and not can_prefetch([rows[:, :44]])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the bulk L2 prefetch)")
+@pytest.mark.parametrize("dtype,first_norm", [(torch.bfloat16, True), (torch.bfloat16, False), (torch.float32, True)])
+def test_phase1_backward_prefetch_on_gpu_changes_nothing(dtype, first_norm):
+    """On the GPU, at the benchmark's width (D = 1024, 4 queries, 8 sources, 4099 tokens: a tail tile) with more
+    tiles than programs (2 per SM), adding into gradient sums: prefetching 1 or 2 tiles ahead gives every output
+    bit for bit as without, on sm_90+ where the prefetch runs; and on tensors it cannot take (a source starting 2
+    bytes off a 16-byte boundary) it is left out and the results stay right."""
+    from nanokimi.ops.attnres.triton_phase1 import can_prefetch
+    g = torch.Generator(device="cuda").manual_seed(3)
+    N, S, M, D = 8, 4, 4099, 1024
+    values = [(torch.randn(M, D, generator=g, device="cuda") * (1 + n % 3)).to(dtype) for n in range(N)]
+    rstds = [source_rstd(v) for v in values]
+    qe = torch.randn(S, D, generator=g, device="cuda") / D ** 0.5
+    weight = 1 + 0.1 * torch.randn(D, generator=g, device="cuda")
+    grad_mixtures = [torch.randn(M, D, generator=g, device="cuda") for _ in range(S)]
+    grad_lse = torch.randn(M, S, generator=g, device="cuda")
+    sums = [torch.randn(M, D, generator=g, device="cuda").to(dtype) if n % 2 else None for n in range(N)]
+    norm = (None, weight, 1e-5, torch.float32)
+    forward = phase1_norm_forward(qe, rstds, values, *norm) if first_norm else phase1_forward(qe, rstds, values)
+    _, logits, lse = forward
+
+    def backward(values, distance):
+        config = LaunchConfig(block_t=1, num_warps=4, programs_per_sm=2, chunk_d=1024, prefetch=distance)
+        args = (qe, rstds, values, logits, lse, grad_mixtures, grad_lse, [s if s is None else s.clone() for s in sums])
+        if first_norm:
+            grad_qe, grads, grad_weight = phase1_norm_backward(*args, None, *norm, config=config)
+            return [grad_qe, grad_weight, *grads]
+        grad_qe, grads = phase1_backward(*args, config=config)
+        return [grad_qe, *grads]
+
+    if torch.cuda.get_device_capability()[0] >= 9:
+        assert can_prefetch(values + grad_mixtures)
+    plain = backward(values, 0)
+    for distance in (1, 2):
+        assert all(torch.equal(a, b) for a, b in zip(plain, backward(values, distance))), distance
+    buffer = torch.empty(M * D + 1, dtype=dtype, device="cuda")
+    shifted = buffer[1:].view(M, D).copy_(values[0])
+    assert not can_prefetch([shifted])
+    got = backward([shifted] + values[1:], 1)
+    assert all(torch.equal(a, b) for a, b in zip(plain, got))

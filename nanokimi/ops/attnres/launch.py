@@ -15,7 +15,7 @@ per SM. What suits one shape does not suit another, so each launch looks its con
 is valid at any N), else (the kernels with a norm fused) the entry of the kernel they extend, else
 `default_config` (of that kernel), a shape heuristic that is safe everywhere. `TUNED` holds measured configs;
 benchmarks/attnres_tune.py measures a grid on a GPU and prints a replacement for it (and writes a JSON file that
-`load_tuned` applies without editing this file). Tests and the tuner pass a `config=` to the op functions instead of using the table.
+`load_tuned` applies over it without editing this file). Tests and the tuner pass a `config=` to the op functions instead of using the table.
 """
 import functools
 import json
@@ -44,13 +44,18 @@ class LaunchConfig(NamedTuple):
     the other kernels hold whole rows and ignore it. sums_in_registers (phase 1's backward, where one chunk covers
     D): each program keeps its share of the query gradient (and the norm weight's) in registers over all its
     tiles and writes it once, instead of adding it into its row of the partial-sum buffer per tile (S x D fp32
-    read and written per tile, through L2); ignored by the other kernels and where chunk_d < D."""
+    read and written per tile, through L2); ignored by the other kernels and where chunk_d < D. prefetch (phase 1's
+    backward): at the start of each tile, ask L2 for the rows of the program's tile that many tiles ahead (its
+    sources, gradient sums and grad_mixtures; one bulk prefetch per tensor, so the next tile's loads find them in
+    L2 while this tile computes); 0: none. Needs an sm_90+ GPU and 16-byte aligned rows; elsewhere (the
+    interpreter, older GPUs) it is ignored. A hint: results are bit-identical with and without it."""
     block_t: int
     num_warps: int
     num_stages: int = 3
     programs_per_sm: int = 4
     chunk_d: int = 0
     sums_in_registers: bool = False
+    prefetch: int = 0
 
 
 # Measured best configs: benchmarks/attnres_tune.py --budget-s 150 on an H100 (2026-12-05, commit 17d5453,
@@ -193,6 +198,8 @@ def check_config(config: LaunchConfig) -> LaunchConfig:
         raise ValueError(f"chunk_d={config.chunk_d} must be 0 (all of D) or a power of two >= 16.")
     if not isinstance(config.sums_in_registers, bool):
         raise ValueError(f"sums_in_registers={config.sums_in_registers!r} must be True or False.")
+    if not isinstance(config.prefetch, int) or isinstance(config.prefetch, bool) or config.prefetch < 0:
+        raise ValueError(f"prefetch={config.prefetch!r} must be an int >= 0 (tiles ahead; 0: no prefetch).")
     if config.num_stages < 1 or config.programs_per_sm < 1:
         raise ValueError(f"num_stages={config.num_stages} and programs_per_sm={config.programs_per_sm} "
                          "must be >= 1.")
@@ -236,8 +243,14 @@ def table_from_json(entries: list[dict]) -> dict:
 
 
 def load_tuned(path: str | Path) -> dict:
-    """Apply the configs measured by benchmarks/attnres_tune.py (its JSON file) to every later launch; returns
-    the table."""
-    table = table_from_json(json.loads(Path(path).read_text())["table"])
-    use_tuned(table)
+    """Apply the configs measured by benchmarks/attnres_tune.py (its JSON file) to every later launch, on top of
+    the built-in TUNED: the file's entries replace the built-in ones of their (kernel, BLOCK_D, S_PAD, dtype)
+    keys, and the keys it lacks (e.g. kernels a `--kernels` run left out) keep the built-in ones. Returns the
+    file's table."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no tuner results at {path}; write them with `python benchmarks/attnres_tune.py "
+                                f"--out {path}` on the GPU, or leave the option out to use the built-in table.")
+    table = table_from_json(json.loads(path.read_text())["table"])
+    use_tuned({**TUNED, **table})
     return table

@@ -69,8 +69,11 @@ TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.f
 
 @triton.jit
 def _tile_offsets(rows, d, D: tl.constexpr):
-    """[BLOCK_T, BLOCK_D] element offsets of a tile of a contiguous [M, D] tensor (int64: M * D may pass 2^31)."""
-    return rows.to(tl.int64)[:, None] * D + d[None, :]
+    """[BLOCK_T, BLOCK_D] element offsets of a tile of a contiguous [M, D] tensor (int64: M * D may pass 2^31),
+    marked contiguous in runs of 4 only: every load then reads 4 elements per thread (16 bytes of fp32, 8 of bf16),
+    the layout the fp32 3-D tensors take, so loaded tiles need no layout conversion through shared memory."""
+    RUN: tl.constexpr = 4 if d.shape[0] >= 4 else d.shape[0]
+    return tl.max_contiguous(rows.to(tl.int64)[:, None] * D + d[None, :], [1, RUN])
 
 
 @triton.jit
@@ -92,6 +95,19 @@ def _row(x, row_ids, row):
 
 
 @triton.jit
+def _prefetch_rows(base, first_row, rows, D: tl.constexpr):
+    """Ask L2 to fetch `rows` rows of D elements from row first_row of the contiguous [M, D] tensor at base: one bulk
+    prefetch (sm_90+) issued by the program's first thread; base and a row's bytes must be multiples of 16. A hint
+    only: nothing comes into registers and no result changes."""
+    row_bytes: tl.constexpr = D * base.dtype.element_ty.primitive_bitwidth // 8
+    tl.inline_asm_elementwise(
+        "{ .reg .pred first; .reg .u32 thread; mov.u32 thread, %tid.x; setp.eq.u32 first, thread, 0;"
+        " @first cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
+        "=r,l,r", [base + first_row.to(tl.int64) * D + tl.zeros([1], tl.int64), rows * row_bytes + tl.zeros([1], tl.int32)],
+        dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def _phase1_forward_kernel(values, rstds, qe_ptr, mixtures, logits_ptr, lse_ptr, norm_weight_ptr, M, norm_eps,
                            N: tl.constexpr, S: tl.constexpr, D: tl.constexpr, S_PAD: tl.constexpr,
                            BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, FIRST_NORM: tl.constexpr,
@@ -105,7 +121,9 @@ def _phase1_forward_kernel(values, rstds, qe_ptr, mixtures, logits_ptr, lse_ptr,
     tile_ok = row_ok[:, None] & d_ok[None, :]
     out_ok = s_ok[:, None] & row_ok[None, :]  # [S_PAD, BT]
     logit_offsets = rows.to(tl.int64)[None, :] * (S * N) + s_ids[:, None] * N  # [S_PAD, BT]
-    qe = tl.load(qe_ptr + s_ids[:, None] * D + d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+    # [S_PAD, 1, BD]: loaded in 3-D, so the 3-D tensors below take the load's vectorised layout
+    qe = tl.load(qe_ptr + s_ids[:, None, None] * D + d[None, None, :], mask=s_ok[:, None, None] & d_ok[None, None, :],
+                 other=0.0)
 
     running_max = tl.full([S_PAD, BLOCK_T], float("-inf"), tl.float32)
     running_sum = tl.zeros([S_PAD, BLOCK_T], tl.float32)
@@ -113,7 +131,7 @@ def _phase1_forward_kernel(values, rstds, qe_ptr, mixtures, logits_ptr, lse_ptr,
     for n in tl.static_range(N):
         v = tl.load(values[n] + tile, mask=tile_ok, other=0.0).to(tl.float32)  # [BT, BD]
         rstd = tl.load(rstds[n] + rows, mask=row_ok, other=0.0)  # [BT]
-        logit = tl.sum(v[None, :, :] * qe[:, None, :], axis=2) * rstd[None, :]  # [S_PAD, BT]
+        logit = tl.sum(v[None, :, :] * qe, axis=2) * rstd[None, :]  # [S_PAD, BT]
         tl.store(logits_ptr + logit_offsets + n, logit, mask=out_ok)
         new_max = tl.maximum(running_max, logit)
         rescale = tl.exp(running_max - new_max)  # 0 for the first source
@@ -139,11 +157,18 @@ def _phase1_forward_kernel(values, rstds, qe_ptr, mixtures, logits_ptr, lse_ptr,
 @triton.jit
 def _load_grad_mixtures(grad_mixtures, tile, tile_ok, s_ids, S: tl.constexpr, S_PAD: tl.constexpr,
                         BLOCK_T: tl.constexpr, CHUNK_D: tl.constexpr):
-    """[S_PAD, BT, CD] fp32: the S grad_mixtures at one tile's chunk of columns (padded queries are 0)."""
-    g = tl.zeros([S_PAD, BLOCK_T, CHUNK_D], tl.float32)
-    for s in tl.static_range(S):
-        g_s = tl.load(grad_mixtures[s] + tile, mask=tile_ok, other=0.0).to(tl.float32)  # [BT, CD]
-        g = tl.where(s_ids[:, None, None] == s, g_s[None, :, :], g)
+    """[S_PAD, BT, CD] fp32: the S grad_mixtures at one tile's chunk of columns (padded queries are 0), as one 3-D
+    load (pointers chosen per query), so the 3-D tensors take its vectorised layout; grad_mixtures[0] is loaded
+    apart where its dtype differs from the others' (the first query's normed input)."""
+    FIRST_APART: tl.constexpr = grad_mixtures[0].dtype != grad_mixtures[S - 1].dtype
+    pointers = grad_mixtures[S - 1] + tile[None, :, :]
+    for s in tl.static_range(1 if FIRST_APART else 0, S - 1):
+        pointers = tl.where(s_ids[:, None, None] == s, grad_mixtures[s] + tile[None, :, :], pointers)
+    loaded = (s_ids < S) & (s_ids > 0) if FIRST_APART else s_ids < S
+    g = tl.load(pointers, mask=loaded[:, None, None] & tile_ok[None, :, :], other=0.0).to(tl.float32)
+    if FIRST_APART:
+        g_first = tl.load(grad_mixtures[0] + tile, mask=tile_ok, other=0.0).to(tl.float32)  # [BT, CD]
+        g = tl.where(s_ids[:, None, None] == 0, g_first[None, :, :], g)
     return g
 
 
@@ -170,7 +195,7 @@ def _phase1_backward_kernel(values, rstds, grad_mixtures, qe_ptr, logits_ptr, ls
                             norm_eps, N: tl.constexpr, S: tl.constexpr, D: tl.constexpr, S_PAD: tl.constexpr,
                             N_PAD: tl.constexpr, BLOCK_T: tl.constexpr, CHUNK_D: tl.constexpr,
                             ACCUMULATE: tl.constexpr, FIRST_NORM: tl.constexpr, MIXTURE_DTYPE: tl.constexpr,
-                            INPUT_DTYPE: tl.constexpr, SUMS_IN_REGISTERS: tl.constexpr):
+                            INPUT_DTYPE: tl.constexpr, SUMS_IN_REGISTERS: tl.constexpr, PREFETCH: tl.constexpr):
     # ACCUMULATE: bit n set = grad_values[n] holds a gradient sum that v_n's gradient is added into
     # FIRST_NORM: grad_mixtures[0] is the gradient g_x of x0 = norm_weight * rms_norm(h), h = mixture 0 rounded to
     # MIXTURE_DTYPE then INPUT_DTYPE; the gradient of mixture 0 is formed here from g_x and h (recomputed)
@@ -188,6 +213,17 @@ def _phase1_backward_kernel(values, rstds, grad_mixtures, qe_ptr, logits_ptr, ls
 
     tile_id = pid
     while tile_id < tiles:
+        if PREFETCH > 0:  # the rows of this program's tile PREFETCH tiles ahead, into L2 while this one computes
+            ahead = tile_id + PREFETCH * programs
+            if ahead < tiles:
+                first_row = ahead * BLOCK_T
+                rows_ahead = tl.minimum(M - first_row, BLOCK_T)
+                for n in tl.static_range(N):
+                    _prefetch_rows(values[n], first_row, rows_ahead, D)
+                    if (ACCUMULATE >> n) & 1:
+                        _prefetch_rows(grad_values[n], first_row, rows_ahead, D)
+                for s in tl.static_range(S):
+                    _prefetch_rows(grad_mixtures[s], first_row, rows_ahead, D)
         rows = tile_id * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]; the last tile may pass M: masked
         row_ok = rows < M
         out_ok = s_ok[:, None] & row_ok[None, :]  # [S_PAD, BT]
@@ -269,14 +305,15 @@ def _phase1_backward_kernel(values, rstds, grad_mixtures, qe_ptr, logits_ptr, ls
                 grad_h = rstd_h[:, None] * grad_normed - h_scale[:, None] * h
                 grad_first = _rounded(_rounded(grad_h, INPUT_DTYPE), MIXTURE_DTYPE)
                 g = tl.where(s_ids[:, None, None] == 0, grad_first[None, :, :], g)
-            qe = tl.load(qe_ptr + s_ids[:, None] * D + d[None, :], mask=qe_ok, other=0.0)  # [S_PAD, CD]
+            qe = tl.load(qe_ptr + s_ids[:, None, None] * D + d[None, None, :], mask=qe_ok[:, None, :],
+                         other=0.0)  # [S_PAD, 1, CD]
             grad_qe = tl.zeros([S_PAD, CHUNK_D], tl.float32)
             for n in tl.static_range(N):
                 alpha_n = tl.sum(tl.where(source == n, alpha, 0.0), axis=2)  # [S_PAD, BT]
                 grad_dot_n = tl.sum(tl.where(source == n, grad_dot, 0.0), axis=2)
                 scale_n = tl.sum(tl.where(n_ids[None, :] == n, rstd_scale, 0.0), axis=1)  # [BT]
                 v = tl.load(values[n] + tile, mask=tile_ok, other=0.0).to(tl.float32)  # [BT, CD]
-                grad_v = (tl.sum(alpha_n[:, :, None] * g + grad_dot_n[:, :, None] * qe[:, None, :], axis=0)
+                grad_v = (tl.sum(alpha_n[:, :, None] * g + grad_dot_n[:, :, None] * qe, axis=0)
                           + scale_n[:, None] * v)  # [BT, CD]
                 if (ACCUMULATE >> n) & 1:
                     grad_v += tl.load(grad_values[n] + tile, mask=tile_ok, other=0.0).to(tl.float32)
@@ -301,6 +338,15 @@ def supports(qe, values) -> bool:
     return (on_device and qe.dtype == torch.float32 and first.dtype in SOURCE_DTYPES
             and all(v.dtype == first.dtype and v.shape == first.shape and v.device == first.device for v in values)
             and triton.next_power_of_2(len(qe)) * triton.next_power_of_2(first.shape[-1]) <= MAX_TILE_ELEMENTS)
+
+
+def can_prefetch(tensors) -> bool:
+    """Whether `_prefetch_rows` may run on these [..., D] tensors: CUDA (not the interpreter) on an sm_90+ GPU,
+    each tensor starting at a 16-byte boundary with rows a multiple of 16 bytes (the bulk prefetch's rules)."""
+    first = tensors[0]
+    return (first.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
+            and torch.cuda.get_device_capability(first.device)[0] >= 9
+            and all(t.data_ptr() % 16 == 0 and t.shape[-1] * t.element_size() % 16 == 0 for t in tensors))
 
 
 def supports_first_norm(values, dtype, norm_weight, input_dtype) -> bool:
@@ -433,13 +479,15 @@ def _backward(kernel, qe, rstds, values, logits, lse, grad_mixtures, grad_lse, s
         grads = _readable(grad_mixtures[:1]) + _readable(grad_mixtures[1:])
         grad_norm_weight_partial = torch.zeros(programs, D, dtype=torch.float32, device=device)
     norm_weight, norm_eps, norm_constants = _norm_arguments(norm, qe)
+    sources = tuple(v.contiguous() for v in values)
     _phase1_backward_kernel[(programs,)](
-        tuple(v.contiguous() for v in values), tuple(r.contiguous() for r in rstds), grads, qe.contiguous(),
+        sources, tuple(r.contiguous() for r in rstds), grads, qe.contiguous(),
         logits.contiguous(), lse.contiguous(), grad_lse.to(torch.float32).contiguous(), grad_values, grad_qe_partial,
         norm_weight, grad_norm_weight_partial, M, tiles, norm_eps, N=N, S=S, D=D, S_PAD=triton.next_power_of_2(S),
         N_PAD=triton.next_power_of_2(N), BLOCK_T=config.block_t, CHUNK_D=config.chunk_d,
         ACCUMULATE=sum(1 << n for n, s in enumerate(sums) if s is not None),
         SUMS_IN_REGISTERS=config.sums_in_registers and config.chunk_d >= triton.next_power_of_2(D),
+        PREFETCH=config.prefetch if config.prefetch and can_prefetch((*sources, *grads, *grad_values)) else 0,
         num_warps=config.num_warps, num_stages=config.num_stages, **norm_constants)
     if norm is None:
         return grad_qe_partial.sum(0), grad_values
