@@ -111,7 +111,7 @@ def config_grid(case, D, quick):
         s_pad = _next_pow2(case.S)
         for block_t in (1, 2, 4):
             for chunk_d in (128, 256, 512, 1024):
-                for warps in (2, 4, 8):
+                for warps in (2, 4, 8, 16):
                     if chunk_d <= _next_pow2(D) and 8 <= s_pad * block_t * chunk_d / (32 * warps) <= 32:
                         # one chunk over D: also with the program's gradient sums kept in registers
                         registers = (False, True) if chunk_d == _next_pow2(D) else (False,)
