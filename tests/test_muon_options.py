@@ -261,10 +261,8 @@ def test_side_stream_moves_the_classic_only_params():
 def test_pass_groups_run_apart_give_the_whole_step():
     """overlap_passes' plan (the CPU plans it; only CUDA runs it on streams): params that share a batch form one
     group (a split param joins its two batches), and running the momentum and update passes group by group, with
-    each group's own indices, changes the params exactly as the one-pass step does; so does defer_momentum's form
-    (stack_updates per group, then write_momentum), params and momentum buffers bit for bit."""
-    from nanokimi.optim.muon import (decay_and_update, momentum_and_stack, orthogonalize_batches, run_pass_groups,
-                                     stack_updates, write_momentum)
+    each group's own indices, changes the params exactly as the one-pass step does."""
+    from nanokimi.optim.muon import decay_and_update, momentum_and_stack, orthogonalize_batches, run_pass_groups
 
     torch.manual_seed(0)
     shapes = [(48, 16), (16, 16), (32, 16), (16, 40), (16, 40), (40, 16)]
@@ -280,15 +278,11 @@ def test_pass_groups_run_apart_give_the_whole_step():
     assert sorted(grouped) == sorted([[(16, 16), (32, 16), (48, 16)], [(16, 40), (16, 40)], [(40, 16)]])
     assert sorted(k for group in plan.pass_groups for k in group.batch_ids) == list(range(len(plan.batches)))
 
-    def run(grouped, deferred=False):
+    def run(grouped):
         params = [p.detach().clone() for p, _, _ in jobs]
         grads, bufs = [p.grad for p, _, _ in jobs], [m.clone() for _, m, _ in jobs]
         momenta, nesterov, decays = [0.95] * len(jobs), [True] * len(jobs), [0.1] * len(jobs)
         lr_index = [0] * len(jobs)
-        if deferred:  # Muon's defer_momentum: stacked without writing the buffers, then one pass writes them
-            run_pass_groups(plan, stack_updates, decay_and_update, params, grads, bufs, momenta, nesterov, decays,
-                            [0.05], lr_index, momentum_write=write_momentum)
-            return params, bufs
         if grouped:
             run_pass_groups(plan, momentum_and_stack, decay_and_update, params, grads, bufs, momenta, nesterov,
                             decays, [0.05], lr_index)
@@ -298,60 +292,28 @@ def test_pass_groups_run_apart_give_the_whole_step():
                          plan.sources)
         return params, bufs
 
-    whole = sum(run(False), [])
-    for a, b in zip(sum(run(True), []), whole):
+    for a, b in zip(sum(run(True), []), sum(run(False), [])):
         assert torch.equal(a, b)
-    deferred = sum(run(True, deferred=True), [])
-    for a, b in zip(deferred, whole):
-        assert torch.equal(a, b)
-    assert not all(torch.equal(m, m0) for m, (_, m0, _) in zip(deferred[len(jobs):], jobs))  # the buffers moved
-
-
-def test_deferred_momentum_passes_compile_to_the_same_numbers():
-    """defer_momentum's two passes through torch.compile (as CUDA runs them; here inductor's CPU backend):
-    stack_updates then write_momentum give momentum_and_stack's stacked inputs and buffers bit for bit, with and
-    without Nesterov, and stack_updates leaves the buffers as they were."""
-    from nanokimi.optim.muon import compiled_pass, momentum_and_stack, stack_updates, write_momentum
-
-    torch.manual_seed(3)
-    shapes = [(24, 8), (8, 24), (24, 8)]
-    grads = [torch.randn(s) for s in shapes]
-    bufs = [torch.randn(s) for s in shapes]
-    momenta, nesterov, layouts = [0.95, 0.9, 0.95], [True, False, True], [(None, None)] * 3
-    batches = (((24, 8), torch.bfloat16, ((0, 0, False), (2, 0, False))), ((8, 24), torch.bfloat16, ((1, 0, False),)))
-    expected_bufs = [m.clone() for m in bufs]
-    expected = compiled_pass(momentum_and_stack)(grads, expected_bufs, momenta, nesterov, layouts, batches)
-    deferred_bufs = [m.clone() for m in bufs]
-    stacked = compiled_pass(stack_updates)(grads, deferred_bufs, momenta, nesterov, layouts, batches)
-    assert all(torch.equal(a, b) for a, b in zip(deferred_bufs, bufs))  # not written yet
-    compiled_pass(write_momentum)(grads, deferred_bufs, momenta)
-    assert all(torch.equal(a, b) for a, b in zip(stacked, expected))
-    assert all(torch.equal(a, b) for a, b in zip(deferred_bufs, expected_bufs))
-    assert not torch.equal(expected_bufs[0], bufs[0])
 
 
 @pytest.mark.gpu
 def test_side_stream_captured_matches_eager_default():
     """The classic batches on a second stream and the momentum/update passes on a third (overlap_passes), inside a
     CUDA-graph capture (the streams fork from and join the capturing stream), give the default eager step's
-    result: the same kernels, only run beside each other; with defer_momentum (the buffers written in a pass of
-    their own, after the stacking) too, over 5 steps, so the buffers it writes are read again."""
+    result: the same kernels, only run beside each other."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     from nanokimi.optim import CapturedStep
 
     shapes = gpt2_like(d=64)
     results = []
-    for side, overlap, priorities, graphed, defer in ((False, False, False, False, False),
-                                                      (True, False, True, True, False),
-                                                      (True, True, False, True, False), (True, True, True, True, False),
-                                                      (False, True, True, True, False), (True, True, True, True, True),
-                                                      (True, True, True, False, True)):
+    for side, overlap, priorities, graphed in ((False, False, False, False), (True, False, True, True),
+                                               (True, True, False, True), (True, True, True, True),
+                                               (False, True, True, True)):
         torch.manual_seed(0)
         params = [nn.Parameter(torch.randn(s, device="cuda") * 0.1) for s in shapes]
         start = [p.detach().clone() for p in params]
-        opt = Muon(params, lr=0.05, side_stream=side, overlap_passes=overlap, stream_priorities=priorities,
-                   defer_momentum=defer)
+        opt = Muon(params, lr=0.05, side_stream=side, overlap_passes=overlap, stream_priorities=priorities)
         opt = CapturedStep(opt, warmup_steps=2) if graphed else opt
         g = torch.Generator(device="cuda").manual_seed(1)
         for _ in range(5):

@@ -84,22 +84,14 @@ def join_blocks(blocks, shape):
     return (torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]).reshape(shape)
 
 
-def momentum_updates(grads, bufs, momenta, nesterov, write=True):
-    """M <- mu M + G in place for every buffer (write=False: computed, not written; see write_momentum); returns
-    each U = mu M + G (Nesterov) or M (not yet cast)."""
+def momentum_updates(grads, bufs, momenta, nesterov):
+    """M <- mu M + G in place for every buffer; returns each U = mu M + G (Nesterov) or M (not yet cast)."""
     updates = []
     for g, m, mu, nest in zip(grads, bufs, momenta, nesterov):
         m_new = torch.add(g, m, alpha=mu)  # M <- mu M + G
-        if write:
-            m.copy_(m_new)
+        m.copy_(m_new)
         updates.append(torch.add(g, m_new, alpha=mu) if nest else m_new)
     return updates
-
-
-def write_momentum(grads, bufs, momenta):
-    """M <- mu M + G in place for every buffer: the write that stack_updates leaves out (Muon's defer_momentum)."""
-    for g, m, mu in zip(grads, bufs, momenta):
-        m.copy_(torch.add(g, m, alpha=mu))
 
 
 def plan_batches(blocks, merge_orientations=False):
@@ -251,17 +243,7 @@ def momentum_and_stack(grads, bufs, momenta, nesterov, layouts, batches):
     Returns one [N, rows, cols] tensor per batch holding U = mu M + G (Nesterov) or M, cast to dtype; a
     transposed member's blocks are stored as their transposes.
     """
-    return _stacked(momentum_updates(grads, bufs, momenta, nesterov), layouts, batches)
-
-
-def stack_updates(grads, bufs, momenta, nesterov, layouts, batches):
-    """momentum_and_stack without writing the momentum buffers: the same stacked U (read G and M, write U; 10 of
-    the 14 bytes per fp32 element), the buffers left for write_momentum."""
-    return _stacked(momentum_updates(grads, bufs, momenta, nesterov, write=False), layouts, batches)
-
-
-def _stacked(updates, layouts, batches):
-    """The per-param updates stacked per batch, cast to the batch's dtype (see momentum_and_stack)."""
+    updates = momentum_updates(grads, bufs, momenta, nesterov)
     blocks = [matrix_blocks(u, *layout) for u, layout in zip(updates, layouts)]
     return [torch.cat([(blocks[i][j].mT if transposed else blocks[i][j]).to(dtype).reshape(-1, rows, cols)
                        for i, j, transposed in members])
@@ -334,15 +316,11 @@ def compiled_pass(fn, combo_kernels=None):
     return _compiled[key]
 
 
-def run_pass_groups(plan, stack, update, params, grads, bufs, momenta, nesterov, decays, lrs, lr_index, passes=None,
-                    momentum_write=None):
+def run_pass_groups(plan, stack, update, params, grads, bufs, momenta, nesterov, decays, lrs, lr_index, passes=None):
     """The step of a StepPlan's params with the momentum and update passes run per PassGroup (Muon's
     overlap_passes). passes: the CUDA stream they run on while the Newton-Schulz products run on the current
     one; each batch's first product then waits only for its own group's momentum pass and each group's update
-    only for its own batches' last products. None: everything in order on the current stream (the CPU).
-    momentum_write: None (stack writes the momentum buffers, momentum_and_stack), or write_momentum (possibly
-    compiled) for a stack that does not (stack_updates, Muon's defer_momentum): it runs once for all params on the
-    passes stream after every group is stacked, beside the Newton-Schulz products."""
+    only for its own batches' last products. None: everything in order on the current stream (the CPU)."""
     current = None if passes is None else torch.cuda.current_stream(passes.device)
     on_passes = (lambda: torch.cuda.stream(passes)) if passes is not None else contextlib.nullcontext
     stacked, ready = [None] * len(plan.batches), [None] * len(plan.batches)
@@ -359,9 +337,6 @@ def run_pass_groups(plan, stack, update, params, grads, bufs, momenta, nesterov,
             if passes is not None:
                 X.record_stream(current)  # made on the pass stream, read on the current one
             stacked[k], ready[k] = X, stacked_event
-    if momentum_write is not None:
-        with on_passes():
-            momentum_write(grads, bufs, momenta)
     finished = None if passes is None else [None] * len(plan.batches)
     orthogonal = orthogonalize_batches(stacked, plan.settings, ready, finished)
     for group in plan.pass_groups:
@@ -410,16 +385,12 @@ class Muon(torch.optim.Optimizer):
     (DEFAULT_STREAM_PRIORITIES), False/None (all at the current stream's), or (products, passes, side) ints. When
     SMs free up, the GPU starts the waiting blocks of the higher-priority stream first, so the Newton-Schulz
     products, the longest chain, are not held up behind the side stream's GEMMs (_step_device).
-    defer_momentum: with overlap_passes on CUDA, each group's first pass stacks the Newton-Schulz inputs without
-    writing the momentum buffers (stack_updates: 10 instead of 14 bytes per fp32 element before the products can
-    start), and one more pass writes them (write_momentum) beside the Newton-Schulz products; the same numbers
-    (run_pass_groups). Off by default: not yet measured on a GPU.
     """
 
     def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.1, ns_steps=5,
                  coefficients="quintic", ns_dtype=None, eps=1e-7, heads=None, split=None, ns_method="auto",
                  fused=None, merge_orientations=False, group_squares=False, combo_kernels=True,
-                 side_stream=True, overlap_passes=True, stream_priorities=True, defer_momentum=False):
+                 side_stream=True, overlap_passes=True, stream_priorities=True):
         if lr < 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
         if not 0 <= momentum < 1:
@@ -440,15 +411,13 @@ class Muon(torch.optim.Optimizer):
         self.side_stream = side_stream
         self.overlap_passes = overlap_passes
         self.stream_priorities = check_stream_priorities(stream_priorities)
-        self.defer_momentum = defer_momentum
         self._step_plans = {}  # Muon._plan_key -> StepPlan
 
     def __setstate__(self, state):
         super().__setstate__(state)
         for name, default in (("fused", None), ("merge_orientations", False), ("group_squares", False),
                               ("combo_kernels", True), ("side_stream", True),
-                              ("overlap_passes", True), ("stream_priorities", DEFAULT_STREAM_PRIORITIES),
-                              ("defer_momentum", False)):
+                              ("overlap_passes", True), ("stream_priorities", DEFAULT_STREAM_PRIORITIES)):
             self.__dict__.setdefault(name, default)  # constructor options are not in Optimizer's pickled state
         self.__dict__.setdefault("_step_plans", {})
         for group in self.param_groups:
@@ -602,13 +571,8 @@ class Muon(torch.optim.Optimizer):
         decays = [g["weight_decay"] for _, _, g in jobs]
         lrs, lr_index = group_learning_rates([g for _, _, g in jobs], device, as_tensor=compile_passes)
         if self.overlap_passes and device.type == "cuda" and len(plan.pass_groups) > 1:
-            momentum_write = None
-            if self.defer_momentum:
-                stack = compiled_pass(stack_updates, self.combo_kernels) if compile_passes else stack_updates
-                momentum_write = (compiled_pass(write_momentum, self.combo_kernels) if compile_passes
-                                  else write_momentum)
             self._run_overlapped(device, plan, stack, update, params, grads, bufs, momenta, nesterov, decays, lrs,
-                                 lr_index, self._priority(1), momentum_write)
+                                 lr_index, self._priority(1))
             return
         stacked = stack(grads, bufs, momenta, nesterov, plan.layouts, plan.batches)
         orthogonal = orthogonalize_batches(stacked, plan.settings)
@@ -616,13 +580,12 @@ class Muon(torch.optim.Optimizer):
 
     @staticmethod
     def _run_overlapped(device, plan, stack, update, params, grads, bufs, momenta, nesterov, decays, lrs, lr_index,
-                        priority=0, momentum_write=None):
+                        priority=0):
         """overlap_passes: run_pass_groups with the passes on a second stream (of that priority), forked from and
         joined back into the current one."""
         current, passes = torch.cuda.current_stream(device), side_stream(device, 1, priority)
         passes.wait_stream(current)  # the grads and the lrs
         if isinstance(lrs, torch.Tensor):
             lrs.record_stream(passes)
-        run_pass_groups(plan, stack, update, params, grads, bufs, momenta, nesterov, decays, lrs, lr_index, passes,
-                        momentum_write)
+        run_pass_groups(plan, stack, update, params, grads, bufs, momenta, nesterov, decays, lrs, lr_index, passes)
         current.wait_stream(passes)
