@@ -58,10 +58,12 @@ class LaunchConfig(NamedTuple):
     prefetch: int = 0
 
 
-# Measured best configs: benchmarks/attnres_tune.py --budget-s 150 on an H100 (2026-12-05, commit 17d5453,
-# results/attnres_tune.json; the fused merge + norm kernels' first tuning, the others re-tuned in the same run) at
-# the bench-kl-900m shape (16384 tokens per call, D = 1024); other GPUs and shapes fall back to the nearest N or
-# the default.
+# Measured best configs at the bench-kl-900m shape (16384 tokens per call, D = 1024), on H100s: the bf16 entries of
+# the four phase-1 kernels by `benchmarks/attnres_tune.py --kernels phase1_forward,phase1_backward,
+# phase1_norm_forward,phase1_norm_backward --dtypes bfloat16 --budget-s 150` (2026-12-06, commit 844dbaa, after
+# the loads were put in the 3-D layout; results/attnres_tune_phase1.json); every other entry by
+# `benchmarks/attnres_tune.py --budget-s 150` (2026-12-05, commit 17d5453, results/attnres_tune.json; the fp32
+# phase-1 entries predate the layout change). Other GPUs and shapes fall back to the nearest N or the default.
 TUNED: dict[tuple[str, int, int, str], dict[int, LaunchConfig]] = {
     ('phase1_forward', 1024, 4, 'float32'): {
         1: LaunchConfig(block_t=1, num_warps=8, num_stages=3, programs_per_sm=4),
@@ -102,12 +104,12 @@ TUNED: dict[tuple[str, int, int, str], dict[int, LaunchConfig]] = {
         1: LaunchConfig(block_t=4, num_warps=4, num_stages=3, programs_per_sm=2),
     },
     ('phase1_forward', 1024, 4, 'bfloat16'): {
-        1: LaunchConfig(block_t=1, num_warps=8, num_stages=3, programs_per_sm=4),
-        2: LaunchConfig(block_t=1, num_warps=2, num_stages=3, programs_per_sm=4),
+        1: LaunchConfig(block_t=2, num_warps=4, num_stages=3, programs_per_sm=4),
+        2: LaunchConfig(block_t=1, num_warps=4, num_stages=3, programs_per_sm=4),
         3: LaunchConfig(block_t=1, num_warps=2, num_stages=3, programs_per_sm=4),
         4: LaunchConfig(block_t=1, num_warps=2, num_stages=3, programs_per_sm=4),
-        5: LaunchConfig(block_t=1, num_warps=4, num_stages=3, programs_per_sm=4),
-        6: LaunchConfig(block_t=1, num_warps=2, num_stages=3, programs_per_sm=4),
+        5: LaunchConfig(block_t=1, num_warps=2, num_stages=3, programs_per_sm=4),
+        6: LaunchConfig(block_t=1, num_warps=4, num_stages=3, programs_per_sm=4),
         7: LaunchConfig(block_t=1, num_warps=2, num_stages=3, programs_per_sm=4),
         8: LaunchConfig(block_t=1, num_warps=2, num_stages=3, programs_per_sm=4),
     },
@@ -115,17 +117,17 @@ TUNED: dict[tuple[str, int, int, str], dict[int, LaunchConfig]] = {
         9: LaunchConfig(block_t=2, num_warps=2, num_stages=3, programs_per_sm=4),
     },
     ('phase1_backward', 1024, 4, 'bfloat16'): {
-        1: LaunchConfig(block_t=1, num_warps=4, num_stages=3, programs_per_sm=4, chunk_d=1024),
-        2: LaunchConfig(block_t=1, num_warps=4, num_stages=3, programs_per_sm=4, chunk_d=1024),
-        3: LaunchConfig(block_t=1, num_warps=4, num_stages=3, programs_per_sm=8, chunk_d=1024),
-        4: LaunchConfig(block_t=1, num_warps=4, num_stages=3, programs_per_sm=8, chunk_d=1024),
-        5: LaunchConfig(block_t=1, num_warps=4, num_stages=3, programs_per_sm=8, chunk_d=1024),
-        6: LaunchConfig(block_t=1, num_warps=4, num_stages=3, programs_per_sm=8, chunk_d=1024),
-        7: LaunchConfig(block_t=1, num_warps=4, num_stages=3, programs_per_sm=8, chunk_d=1024),
-        8: LaunchConfig(block_t=1, num_warps=4, num_stages=3, programs_per_sm=2, chunk_d=1024),
+        1: LaunchConfig(block_t=1, num_warps=4, num_stages=3, programs_per_sm=2, chunk_d=1024, sums_in_registers=True, prefetch=1),
+        2: LaunchConfig(block_t=1, num_warps=4, num_stages=3, programs_per_sm=2, chunk_d=1024, sums_in_registers=True, prefetch=1),
+        3: LaunchConfig(block_t=1, num_warps=4, num_stages=3, programs_per_sm=2, chunk_d=1024, sums_in_registers=True, prefetch=1),
+        4: LaunchConfig(block_t=1, num_warps=4, num_stages=3, programs_per_sm=2, chunk_d=1024, sums_in_registers=True, prefetch=1),
+        5: LaunchConfig(block_t=1, num_warps=4, num_stages=3, programs_per_sm=2, chunk_d=1024, sums_in_registers=True, prefetch=1),
+        6: LaunchConfig(block_t=1, num_warps=4, num_stages=3, programs_per_sm=2, chunk_d=1024, sums_in_registers=True, prefetch=1),
+        7: LaunchConfig(block_t=1, num_warps=4, num_stages=3, programs_per_sm=2, chunk_d=1024, sums_in_registers=True, prefetch=1),
+        8: LaunchConfig(block_t=1, num_warps=4, num_stages=3, programs_per_sm=2, chunk_d=1024, sums_in_registers=True, prefetch=1),
     },
     ('phase1_backward', 1024, 1, 'bfloat16'): {
-        9: LaunchConfig(block_t=2, num_warps=2, num_stages=3, programs_per_sm=8, chunk_d=1024),
+        9: LaunchConfig(block_t=2, num_warps=2, num_stages=3, programs_per_sm=8, chunk_d=1024, sums_in_registers=True),
     },
     ('merge_forward', 1024, 1, 'bfloat16'): {
         1: LaunchConfig(block_t=4, num_warps=8, num_stages=3, programs_per_sm=4),
@@ -138,6 +140,26 @@ TUNED: dict[tuple[str, int, int, str], dict[int, LaunchConfig]] = {
     },
     ('merge_norm_backward', 1024, 1, 'bfloat16'): {
         1: LaunchConfig(block_t=4, num_warps=4, num_stages=3, programs_per_sm=2),
+    },
+    ('phase1_norm_forward', 1024, 4, 'bfloat16'): {
+        1: LaunchConfig(block_t=1, num_warps=4, num_stages=3, programs_per_sm=4),
+        2: LaunchConfig(block_t=1, num_warps=4, num_stages=3, programs_per_sm=4),
+        3: LaunchConfig(block_t=1, num_warps=2, num_stages=3, programs_per_sm=4),
+        4: LaunchConfig(block_t=1, num_warps=2, num_stages=3, programs_per_sm=4),
+        5: LaunchConfig(block_t=1, num_warps=4, num_stages=3, programs_per_sm=4),
+        6: LaunchConfig(block_t=1, num_warps=4, num_stages=3, programs_per_sm=4),
+        7: LaunchConfig(block_t=1, num_warps=2, num_stages=3, programs_per_sm=4),
+        8: LaunchConfig(block_t=1, num_warps=2, num_stages=3, programs_per_sm=4),
+    },
+    ('phase1_norm_backward', 1024, 4, 'bfloat16'): {
+        1: LaunchConfig(block_t=1, num_warps=4, num_stages=3, programs_per_sm=2, chunk_d=1024, sums_in_registers=True, prefetch=1),
+        2: LaunchConfig(block_t=1, num_warps=4, num_stages=3, programs_per_sm=2, chunk_d=1024, sums_in_registers=True, prefetch=1),
+        3: LaunchConfig(block_t=1, num_warps=4, num_stages=3, programs_per_sm=2, chunk_d=1024, sums_in_registers=True, prefetch=1),
+        4: LaunchConfig(block_t=1, num_warps=4, num_stages=3, programs_per_sm=2, chunk_d=1024, sums_in_registers=True, prefetch=1),
+        5: LaunchConfig(block_t=1, num_warps=4, num_stages=3, programs_per_sm=2, chunk_d=1024, sums_in_registers=True, prefetch=1),
+        6: LaunchConfig(block_t=1, num_warps=4, num_stages=3, programs_per_sm=2, chunk_d=1024, sums_in_registers=True, prefetch=1),
+        7: LaunchConfig(block_t=1, num_warps=4, num_stages=3, programs_per_sm=2, chunk_d=1024, sums_in_registers=True, prefetch=1),
+        8: LaunchConfig(block_t=1, num_warps=4, num_stages=3, programs_per_sm=2, chunk_d=1024, sums_in_registers=True, prefetch=1),
     },
 }
 
