@@ -456,18 +456,25 @@ def test_tune_skips_a_config_that_fails():
     assert len(notes) == 1 and "bt3 w4" in notes[0] and "block_t=3" in notes[0]
 
 
+def model_size_inputs(N, S, M, D, dtype, seed):
+    """Phase-1 inputs on the GPU at model sizes: N sources [M, D] of dtype (scales 1-3), their rstds, qe [S, D], a
+    norm weight [D] near ones, S fp32 grad_mixtures and grad_lse [M, S]; and the generator, for more."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    values = [(torch.randn(M, D, generator=g, device="cuda") * (1 + n % 3)).to(dtype) for n in range(N)]
+    return dict(values=values, rstds=[source_rstd(v) for v in values],
+                qe=torch.randn(S, D, generator=g, device="cuda") / D ** 0.5,
+                weight=1 + 0.1 * torch.randn(D, generator=g, device="cuda"),
+                grad_mixtures=[torch.randn(M, D, generator=g, device="cuda") for _ in range(S)],
+                grad_lse=torch.randn(M, S, generator=g, device="cuda"), generator=g)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (compiled Triton at model sizes)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_phase1_at_model_sizes_on_gpu(dtype):
     """The benchmark's shapes (D = 1024, 4 queries, 9 sources: the last block's read) against the stacked kernels."""
-    g = torch.Generator(device="cuda").manual_seed(0)
-    N, S, M, D = 9, 4, 4096, 1024
-    values = [(torch.randn(M, D, generator=g, device="cuda") * (1 + n % 3)).to(dtype) for n in range(N)]
-    rstds = [source_rstd(v) for v in values]
-    qe = torch.randn(S, D, generator=g, device="cuda") / D ** 0.5
-    grad_mixtures = [torch.randn(M, D, generator=g, device="cuda") for _ in range(S)]
-    grad_lse = torch.randn(M, S, generator=g, device="cuda")
+    x = model_size_inputs(N=9, S=4, M=4096, D=1024, dtype=dtype, seed=0)
+    values, rstds, qe, grad_mixtures, grad_lse = (x[k] for k in ("values", "rstds", "qe", "grad_mixtures", "grad_lse"))
     mixtures, logits, lse = phase1_forward(qe, rstds, values)
     mixtures_ref, logits_ref, lse_ref = two_phase._phase1_forward_stacked(qe, rstds, values)
     assert rel(torch.stack(mixtures), torch.stack(mixtures_ref)) < 1e-5 and rel(lse, lse_ref) < 1e-5
@@ -485,15 +492,9 @@ def test_triton_phase1_at_model_sizes_on_gpu(dtype):
 def test_triton_phase1_norm_at_model_sizes_on_gpu(dtype):
     """The last block's phase 1 with its first sublayer's norm at the benchmark's shapes (D = 1024, 4 queries, 8
     sources, the table's launch configs) against the stacked kernels: x0, the mixtures, and every gradient."""
-    g = torch.Generator(device="cuda").manual_seed(1)
-    N, S, M, D = 8, 4, 4096, 1024
-    values = [(torch.randn(M, D, generator=g, device="cuda") * (1 + n % 3)).to(dtype) for n in range(N)]
-    rstds = [source_rstd(v) for v in values]
-    qe = torch.randn(S, D, generator=g, device="cuda") / D ** 0.5
-    weight = 1 + 0.1 * torch.randn(D, generator=g, device="cuda")
-    grad_mixtures = [torch.randn(M, D, generator=g, device="cuda") for _ in range(S)]
-    grad_lse = torch.randn(M, S, generator=g, device="cuda")
-    norm = (None, weight, 1e-5, torch.float32)
+    x = model_size_inputs(N=8, S=4, M=4096, D=1024, dtype=dtype, seed=1)
+    values, rstds, qe, grad_mixtures, grad_lse = (x[k] for k in ("values", "rstds", "qe", "grad_mixtures", "grad_lse"))
+    norm = (None, x["weight"], 1e-5, torch.float32)
     outputs, logits, lse = phase1_norm_forward(qe, rstds, values, *norm)
     outputs_ref, logits_ref, lse_ref = two_phase._phase1_norm_forward_stacked(qe, rstds, values, *norm)
     assert rel(torch.stack(outputs), torch.stack(outputs_ref)) < 1e-5 and rel(lse, lse_ref) < 1e-5
@@ -850,16 +851,11 @@ def test_phase1_backward_prefetch_on_gpu_changes_nothing(dtype, first_norm):
     bit for bit as without, on sm_90+ where the prefetch runs; and on tensors it cannot take (a source starting 2
     bytes off a 16-byte boundary) it is left out and the results stay right."""
     from nanokimi.ops.attnres.triton_phase1 import can_prefetch
-    g = torch.Generator(device="cuda").manual_seed(3)
-    N, S, M, D = 8, 4, 4099, 1024
-    values = [(torch.randn(M, D, generator=g, device="cuda") * (1 + n % 3)).to(dtype) for n in range(N)]
-    rstds = [source_rstd(v) for v in values]
-    qe = torch.randn(S, D, generator=g, device="cuda") / D ** 0.5
-    weight = 1 + 0.1 * torch.randn(D, generator=g, device="cuda")
-    grad_mixtures = [torch.randn(M, D, generator=g, device="cuda") for _ in range(S)]
-    grad_lse = torch.randn(M, S, generator=g, device="cuda")
-    sums = [torch.randn(M, D, generator=g, device="cuda").to(dtype) if n % 2 else None for n in range(N)]
-    norm = (None, weight, 1e-5, torch.float32)
+    N, M, D = 8, 4099, 1024
+    x = model_size_inputs(N=N, S=4, M=M, D=D, dtype=dtype, seed=3)
+    values, rstds, qe, grad_mixtures, grad_lse = (x[k] for k in ("values", "rstds", "qe", "grad_mixtures", "grad_lse"))
+    sums = [torch.randn(M, D, generator=x["generator"], device="cuda").to(dtype) if n % 2 else None for n in range(N)]
+    norm = (None, x["weight"], 1e-5, torch.float32)
     forward = phase1_norm_forward(qe, rstds, values, *norm) if first_norm else phase1_forward(qe, rstds, values)
     _, logits, lse = forward
 
