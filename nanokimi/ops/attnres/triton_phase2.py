@@ -112,6 +112,21 @@ def _merge_backward_tile(grad_h, pw, mixture, weight, rstd, dot, qe, rows, row_o
 
 
 @triton.jit
+def _merge_backward_inputs(tile_id, new_partial_ptr, mixture_ptr, lse_ptr, qe, d, d_ok, M, eps, D: tl.constexpr,
+                           BLOCK_T: tl.constexpr):
+    """What both merge backward kernels read of one tile: its rows, offsets and masks, the partial sum pw and the
+    mixture (fp32 [BT, BD]), and the merge weight, rstd of pw and pw . qe ([BT]) recomputed from them."""
+    rows = tile_id * BLOCK_T + tl.arange(0, BLOCK_T)  # the last tile may pass M: masked
+    row_ok = rows < M
+    tile = _tile_offsets(rows, d, D)
+    tile_ok = row_ok[:, None] & d_ok[None, :]
+    pw = tl.load(new_partial_ptr + tile, mask=tile_ok, other=0.0).to(tl.float32)  # [BT, BD]
+    weight, rstd, dot = _merge_weight(pw, qe, lse_ptr, rows, row_ok, eps, D)
+    mixture = tl.load(mixture_ptr + tile, mask=tile_ok, other=0.0).to(tl.float32)
+    return rows, row_ok, tile, tile_ok, pw, mixture, weight, rstd, dot
+
+
+@triton.jit
 def _accumulate_merge_backward_kernel(new_partial_ptr, mixture_ptr, lse_ptr, qe_ptr, grad_h_ptr, grad_p_ptr,
                                       grad_partial_ptr, grad_out_ptr, grad_mixture_ptr, grad_lse_ptr,
                                       grad_qe_partial_ptr, M, tiles, eps, D: tl.constexpr,
@@ -124,13 +139,8 @@ def _accumulate_merge_backward_kernel(new_partial_ptr, mixture_ptr, lse_ptr, qe_
     grad_qe = tl.zeros([BLOCK_D], tl.float32)
     tile_id = pid
     while tile_id < tiles:
-        rows = tile_id * BLOCK_T + tl.arange(0, BLOCK_T)  # the last tile may pass M: masked
-        row_ok = rows < M
-        tile = _tile_offsets(rows, d, D)
-        tile_ok = row_ok[:, None] & d_ok[None, :]
-        pw = tl.load(new_partial_ptr + tile, mask=tile_ok, other=0.0).to(tl.float32)  # [BT, BD]
-        weight, rstd, dot = _merge_weight(pw, qe, lse_ptr, rows, row_ok, eps, D)
-        mixture = tl.load(mixture_ptr + tile, mask=tile_ok, other=0.0).to(tl.float32)
+        rows, row_ok, tile, tile_ok, pw, mixture, weight, rstd, dot = _merge_backward_inputs(
+            tile_id, new_partial_ptr, mixture_ptr, lse_ptr, qe, d, d_ok, M, eps, D, BLOCK_T)
         grad_h = tl.load(grad_h_ptr + tile, mask=tile_ok, other=0.0).to(tl.float32)
         grad_qe += _merge_backward_tile(grad_h, pw, mixture, weight, rstd, dot, qe, rows, row_ok, tile, tile_ok,
                                         grad_p_ptr, grad_partial_ptr, grad_out_ptr, grad_mixture_ptr, grad_lse_ptr,
@@ -156,13 +166,8 @@ def _accumulate_merge_norm_backward_kernel(new_partial_ptr, mixture_ptr, lse_ptr
     grad_norm_weight = tl.zeros([BLOCK_D], tl.float32)
     tile_id = pid
     while tile_id < tiles:
-        rows = tile_id * BLOCK_T + tl.arange(0, BLOCK_T)  # the last tile may pass M: masked
-        row_ok = rows < M
-        tile = _tile_offsets(rows, d, D)
-        tile_ok = row_ok[:, None] & d_ok[None, :]
-        pw = tl.load(new_partial_ptr + tile, mask=tile_ok, other=0.0).to(tl.float32)  # [BT, BD]
-        weight, rstd, dot = _merge_weight(pw, qe, lse_ptr, rows, row_ok, eps, D)
-        mixture = tl.load(mixture_ptr + tile, mask=tile_ok, other=0.0).to(tl.float32)
+        rows, row_ok, tile, tile_ok, pw, mixture, weight, rstd, dot = _merge_backward_inputs(
+            tile_id, new_partial_ptr, mixture_ptr, lse_ptr, qe, d, d_ok, M, eps, D, BLOCK_T)
         h = (pw + weight[:, None] * (mixture - pw)).to(dtype).to(tl.float32)  # the forward's h, as it rounded it
         rstd_h = _inv_rms(h, norm_eps, D)  # [BT]
         normed = (h * rstd_h[:, None]).to(dtype).to(tl.float32)
