@@ -239,6 +239,12 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
+@functools.cache
+def sm_major(device: torch.device) -> int:
+    """The compute capability's major version of a CUDA device (9 for sm_90), looked up once per device."""
+    return torch.cuda.get_device_capability(device)[0]
+
+
 def use_tuned(table: dict) -> None:
     """Replace the active table (a dict shaped like TUNED); `use_tuned(TUNED)` restores the built-in one."""
     for (kernel, block_d, s_pad, dtype), by_sources in table.items():

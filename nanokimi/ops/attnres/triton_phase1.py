@@ -57,7 +57,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanokimi.ops.attnres.launch import LaunchConfig, check_config, config_for, grid_programs
+from nanokimi.ops.attnres.launch import LaunchConfig, check_config, config_for, grid_programs, sm_major
 from nanokimi.ops.attnres.two_phase import Kernels
 
 # S_PAD * BLOCK_D fp32 values per token held in registers (accumulators in forward, grad_mixtures and the
@@ -345,7 +345,7 @@ def can_prefetch(tensors) -> bool:
     each tensor starting at a 16-byte boundary with rows a multiple of 16 bytes (the bulk prefetch's rules)."""
     first = tensors[0]
     return (first.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
-            and torch.cuda.get_device_capability(first.device)[0] >= 9
+            and sm_major(first.device) >= 9
             and all(t.data_ptr() % 16 == 0 and t.shape[-1] * t.element_size() % 16 == 0 for t in tensors))
 
 
