@@ -111,12 +111,12 @@ def launches(gram_batches, steps=5, per_shape=False):
     """(GEMM, other) kernel launches of one Newton-Schulz call: a classic batch (gram_batches=0) or a group of
     that many gram batches of one short side. per_shape: the previous plan (one call per block shape, so
     groups of one; each polynomial a baddbmm copy + GEMM + diagonal add; the 1 / n a separate scaling op);
-    now each polynomial is one elementwise op + an in-place GEMM and the 1 / n rides on the last one's
-    elementwise op. _start is one op."""
+    now the start (_start, one op) writes the first polynomial's operands with the 1 / n, and each polynomial
+    is a GEMM between two small ops on the diagonals only (the first needs just the second)."""
     chunks = segments(steps, GRAM_SEGMENT) if gram_batches else [1] * steps
     big = 2 * max(gram_batches, 1)  # each batch's Gram and final product with X_0, per segment
     gemms = sum(big + 4 * m - 3 for m in chunks)  # s x s: R^2 per step, P R P and P Q per further step
-    other = 1 + steps * (2 if per_shape else 1) + (1 if per_shape else 0)
+    other = 2 + 2 * steps if per_shape else 2 * steps
     return gemms, other
 
 

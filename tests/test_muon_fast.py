@@ -295,21 +295,36 @@ def test_compiled_passes_equal_eager_on_cpu():
 
 
 def test_compiled_small_ops_equal_eager_on_cpu():
-    """Newton-Schulz's s x s elementwise ops as torch.compile runs them on CUDA (_small_op), against eager:
-    a I + b R with and without the per-matrix 1 / n, in bf16 and fp32, and the start."""
-    from nanokimi.ops.newton_schulz import _affine, _start
+    """Newton-Schulz's s x s small ops as torch.compile runs them on CUDA (_small_op: inductor with the casts
+    kept), against eager: the start (operands of P_0 / n and their diagonal fix) and the in-place diagonal shift
+    and fix, in bf16 and fp32. Compiled, the shift's rounding error must survive (inductor would drop the
+    bf16 round trip it is computed from), and only the diagonals may change."""
+    from nanokimi.ops.newton_schulz import SMALL_OP_OPTIONS, _fix_diagonal, _shift, _shift_diagonal, _start
 
+    compile = lambda fn: torch.compile(fn, fullgraph=True, dynamic=False, options=SMALL_OP_OPTIONS)  # noqa: E731
+    a, b, c = 3.4445, -4.7750, 2.0315
+    h, a2 = _shift(a, b, c)
     g = torch.Generator().manual_seed(0)
-    affine = torch.compile(_affine, fullgraph=True, dynamic=False)
-    for dtype, scale, bound in ((torch.bfloat16, torch.rand(3, 1, 1, generator=g), 4e-3), (torch.float32, None, 1e-6)):
-        R = torch.randn(3, 9, 9, generator=g).to(dtype)
-        for compiled, eager in zip(affine(R, 3.4, -4.7, scale), _affine(R, 3.4, -4.7, scale)):
-            assert compiled.dtype == eager.dtype == dtype and rel(compiled, eager) < bound
-    X = torch.randn(3, 9, 20, generator=g)
-    gram = X @ X.mT
-    R, inv = torch.compile(_start, fullgraph=True, dynamic=False)(gram, 1e-7)
-    R_eager, inv_eager = _start(gram, 1e-7)
-    assert rel(R, R_eager) < 1e-6 and rel(inv, inv_eager) < 1e-6
+    for dtype, bound in ((torch.bfloat16, 1e-6), (torch.float32, 1e-6)):
+        X = torch.randn(3, 9, 20, generator=g)
+        gram = (X @ X.mT).to(dtype)
+        for compiled, eager in zip(compile(_start)(gram, 1e-7, h, a2, c), _start(gram, 1e-7, h, a2, c)):
+            assert compiled.dtype == eager.dtype and rel(compiled, eager) < bound
+        results = []
+        for shift, fix in ((compile(_shift_diagonal), compile(_fix_diagonal)), (_shift_diagonal, _fix_diagonal)):
+            R, P = gram.clone(), gram.clone() * 2
+            saved = torch.empty(3, 9, dtype=dtype)
+            add = shift(R.diagonal(dim1=-2, dim2=-1), h, a2, c, saved)
+            shifted = R.clone()
+            fix(P.diagonal(dim1=-2, dim2=-1), add, R.diagonal(dim1=-2, dim2=-1), saved)
+            results.append((add, shifted, P))
+            assert torch.equal(R, gram)  # restored exactly
+        (add, shifted, P), (add_eager, shifted_eager, P_eager) = results
+        off = ~torch.eye(9, dtype=torch.bool)
+        assert torch.equal(shifted[:, off], gram[:, off]) and torch.equal(P[:, off], 2 * gram[:, off])
+        assert torch.equal(shifted, shifted_eager) and rel(add, add_eager) < 1e-6 and rel(P, P_eager) < bound
+        if dtype == torch.bfloat16:
+            assert (add - a2).abs().max() > 1e-4  # the rounding correction is there, compiled too
 
 
 def test_state_dict_saved_before_ns_method_still_loads():

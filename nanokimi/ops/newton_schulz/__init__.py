@@ -84,14 +84,10 @@ def normalize_into(out, X, eps=1e-7):
     return out
 
 
-def _start(gram, eps):
-    """R_0 = gram / n^2 in gram's dtype and 1 / n [N, 1, 1] (fp32 or fp64), n = sqrt(trace(gram)) + eps."""
-    trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1, dtype=torch.promote_types(gram.dtype, torch.float32))  # [N]
-    inv = (trace.clamp_min(0).sqrt() + eps).reciprocal()[:, None, None]  # [N, 1, 1]
-    return (gram * inv.square()).to(gram.dtype), inv
-
-
 _compiled_small_ops = {}
+# The small ops round on purpose (x.to(bf16).to(fp32) - x is a rounding error they correct for); inductor
+# otherwise drops such down-and-up casts inside a fused kernel.
+SMALL_OP_OPTIONS = {"emulate_precision_casts": True}
 
 
 def _small_op(fn, X):
@@ -103,35 +99,85 @@ def _small_op(fn, X):
     if fn not in _compiled_small_ops:
         from nanokimi.train.fast import raise_recompile_limits
         raise_recompile_limits()
-        _compiled_small_ops[fn] = torch.compile(fn, fullgraph=True, dynamic=False)
+        _compiled_small_ops[fn] = torch.compile(fn, fullgraph=True, dynamic=False, options=SMALL_OP_OPTIONS)
     return _compiled_small_ops[fn]
 
 
-def _affine(R, a, b, scale):
-    """(a I + b R, R) for every matrix of R [N, s, s], or with scale [N, 1, 1] both times scale; computed in
-    fp32 (fp64 for fp64 R), returned in R's dtype. Compiled, the identity is an index test, never a tensor read."""
-    dtype = torch.promote_types(R.dtype, torch.float32)
-    C = a * torch.eye(R.shape[-1], dtype=dtype, device=R.device) + b * R.to(dtype)
-    if scale is None:
-        return C.to(R.dtype), R
-    return (C * scale).to(R.dtype), (R * scale).to(R.dtype)
+
+def _shift(a, b, c):
+    """(h, a2) with a I + b R + c R^2 = c (R + h I)^2 + a2 I (completing the square; c != 0)."""
+    if c == 0:
+        raise ValueError(f"Newton-Schulz polynomial ({a}, {b}, {c}) has no R^2 term; this form needs c != 0")
+    h = b / (2 * c)
+    return h, a - c * h * h
 
 
-def _polynomial(R, a, b, c, scale=None):
-    """a I + b R + c R^2 [N, s, s], times scale [N, 1, 1] when given. One elementwise op writes C = a I + b R
-    (and with a scale C s and R s), then one GEMM adds c R R into C in place: cuBLAS reads C in its epilogue
-    (beta = 1) and nothing is copied (baddbmm's out-of-place form copies its input into the output first)."""
-    C, left = _small_op(_affine, R)(R, a, b, scale)
-    return C.baddbmm_(left, R, alpha=c)
+def _start(gram, eps, h, a2, c):
+    """The first polynomial of the iteration, divided by the norm, from the raw Gram matrices G [N, s, s].
+
+    n = sqrt(trace(G)) + eps (trace summed in fp32) and R_0 = G / n^2. Returns, in G's dtype, the GEMM operands
+    left = S / n and right = S with S = R_0 + h I, and in fp32 [N, s] what the diagonal of c left right needs
+    to become P_0 / n: a2 / n, plus c (S_ii^2 / n - left_ii right_ii), which undoes the rounding of the shifted
+    diagonal (S_ii is about h, far larger than R_ii, so its rounding error is too). Compiled, the identity is
+    an index test and G is read once."""
+    wide = torch.promote_types(gram.dtype, torch.float32)
+    eye = torch.eye(gram.shape[-1], dtype=wide, device=gram.device)
+    trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1, dtype=wide)  # [N]
+    inv = (trace.clamp_min(0).sqrt() + eps).reciprocal()  # [N]
+    shifted = gram.to(wide) * inv.square()[:, None, None] + h * eye  # S in fp32
+    left, right = (shifted * inv[:, None, None]).to(gram.dtype), shifted.to(gram.dtype)
+    x = shifted.diagonal(dim1=-2, dim2=-1)  # [N, s]
+    rounded = left.diagonal(dim1=-2, dim2=-1).to(wide) * right.diagonal(dim1=-2, dim2=-1).to(wide)
+    return left, right, a2 * inv[:, None] + c * (x * x * inv[:, None] - rounded)
 
 
-def _segment_factor(R, steps, inv=None):
+def _shift_diagonal(diagonal, h, a2, c, saved=None):
+    """R -> S = R + h I in place on R's diagonal [N, s] (a view; the old values copied into `saved` first when
+    given). Returns fp32 [N, s]: what the diagonal of c S S needs to become a I + b R + c R^2, i.e. a2 minus
+    c (2 x e + e^2) for the exact x = R_ii + h and its rounding error e in R's dtype."""
+    x = diagonal.to(torch.promote_types(diagonal.dtype, torch.float32)) + h
+    error = x.to(diagonal.dtype).to(x.dtype) - x
+    if saved is not None:
+        saved.copy_(diagonal)
+    diagonal.copy_(x)
+    return a2 - c * error * (2 * x + error)
+
+
+def _fix_diagonal(diagonal, add, restore=None, saved=None):
+    """P's diagonal [N, s] (a view) += add (fp32 arithmetic, in place); with `restore`, R's diagonal gets back
+    the `saved` values (R + h I -> R, exactly)."""
+    diagonal.copy_(diagonal.to(add.dtype) + add)
+    if restore is not None:
+        restore.copy_(saved)
+
+
+def _polynomial(R, a, b, c, keep_R):
+    """a I + b R + c R^2 [N, s, s] as c S S + a2 I with S = R + h I (_shift): one GEMM (beta = 0, so nothing is
+    read in its epilogue) between two small ops on the diagonals only (_shift_diagonal, _fix_diagonal), instead
+    of an elementwise pass over the whole of R. keep_R: R is needed afterwards, so its diagonal is restored."""
+    h, a2 = _shift(a, b, c)
+    diagonal = R.diagonal(dim1=-2, dim2=-1)
+    saved = torch.empty_like(diagonal) if keep_R else None
+    add = _small_op(_shift_diagonal, R)(diagonal, h, a2, c, saved)
+    P = torch.baddbmm(torch.empty_like(R), R, R, beta=0, alpha=c)
+    _small_op(_fix_diagonal, R)(P.diagonal(dim1=-2, dim2=-1), add, diagonal if keep_R else None, saved)
+    return P
+
+
+def _segment_factor(R, steps, first=None):
     """Q = P_{m-1} ... P_1 P_0 of one segment of m steps from its starting R [N, s, s] (P_k = a I + b R_k + c R_k^2,
-    R_{k+1} = P_k R_k P_k); times inv [N, 1, 1] per matrix when given (the 1 / n of the normalisation)."""
+    R_{k+1} = P_k R_k P_k). R's diagonal is shifted in place and restored where R is read again; after the last
+    step it is left shifted. first: _start's (left, right, diagonal) for P_0 / n; R is then the raw Gram matrix G
+    (P_0 / n G P_0 / n = P_0 R_0 P_0, since G = n^2 R_0), and Q carries the 1 / n."""
     Q = None  # [N, s, s]
     for i, (a, b, c) in enumerate(steps):
         last = i == len(steps) - 1
-        P = _polynomial(R, a, b, c, inv if last else None)  # the last P is needed only inside Q
+        if i == 0 and first is not None:
+            left, right, add = first
+            P = torch.baddbmm(torch.empty_like(left), left, right, beta=0, alpha=c)
+            _small_op(_fix_diagonal, R)(P.diagonal(dim1=-2, dim2=-1), add)
+        else:
+            P = _polynomial(R, a, b, c, keep_R=not last)
         Q = P if Q is None else torch.bmm(P, Q)
         if not last:
             R = torch.bmm(torch.bmm(P, R), P)
@@ -183,8 +229,10 @@ def newton_schulz_group(Xs, schedule, eps=None, segment=GRAM_SEGMENT, ready=None
             if start == 0 and ready is not None and ready[i] is not None:
                 torch.cuda.current_stream(X.device).wait_event(ready[i])
             torch.bmm(X.mT, X, out=G) if is_tall else torch.bmm(X, X.mT, out=G)
-        R, inv = _small_op(_start, gram)(gram, eps) if start == 0 and eps is not None else (gram, None)
-        Q = _segment_factor(R, schedule[start:start + segment], inv)  # [sum N_i, s, s]
+        first = None
+        if start == 0 and eps is not None:
+            first = _small_op(_start, gram)(gram, eps, *_shift(*schedule[0]), schedule[0][2])
+        Q = _segment_factor(gram, schedule[start:start + segment], first)  # [sum N_i, s, s]
         last = start + segment >= len(schedule)
         outputs = []
         for X, q, is_tall in zip(Xs, Q.split(sizes), tall):
