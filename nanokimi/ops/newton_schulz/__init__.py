@@ -7,10 +7,16 @@ the same iteration X <- a X + b (X X^T) X + c (X X^T)^2 X, chosen per shape by F
 classic: per step
     R = X X^T;  P = a I + b R + c R^2;  X = P X            2 s^2 l + 2 s^3 + 2 s^2 l FLOPs
 Folding a into the small s x s P means the big GEMM has no additive input (baddbmm(X, P, X, beta=a) would
-copy all of X into its output every step). P itself is one elementwise op C = a I + b R (fp32 arithmetic; on
-CUDA one compiled kernel, the identity an index test) and one GEMM C += c R R in place (cuBLAS beta = 1, C
-read in the epilogue). baddbmm(R, R, R, beta=b) plus a diagonal add moved the same bytes in three launches
-(a copy of R into the output, the GEMM, the diagonal).
+copy all of X into its output every step). P itself is computed with the square completed:
+    a I + b R + c R^2 = c (R + h I)^2 + a2 I,   h = b / (2c),   a2 = a - c h^2
+so it is one GEMM, c S S with S = R + h I (beta = 0: nothing read in the epilogue), between two small ops on the
+diagonals only: S is made in place on R's diagonal (saved and restored where R is read again), and a2 is added
+to P's. No pass over the whole s x s matrix (before: an elementwise op C = a I + b R, then C += c R R in place).
+R's diagonal (~1/s) is far below |h| (1.18 for the quintic), so rounding S_ii in bf16 loses most of it: the
+diagonal op also adds back c (2 x e + e^2), e the rounding error of x = R_ii + h, which makes P's diagonal
+exact up to its own rounding (tests: within one bf16 ulp; without the fix-up ~1.5 ulp). Off the diagonal, P is
+rounded once instead of twice, and on the CPU the whole iteration's bf16 directions came out as close or closer
+to the fp32 reference than with the elementwise op (docs/muon.md).
 
 gram: every iterate is X_k = Q_k X_0 with Q_k a polynomial in G = X_0 X_0^T (symmetric, commuting with G).
 With R_k = X_k X_k^T and P_k = a I + b R_k + c R_k^2:
@@ -31,10 +37,11 @@ wide) each compute their own G = X_0 X_0^T, into slices of one [N_1 + N_2 + ...,
 final Q X_0; the s x s recursion in between is one batched product per step over all the matrices. A batch
 of 12 matrices of 768 x 768 leaves much of an H100's last GEMM wave empty; 36 fill it better.
 
-Normalisation folds into the first Gram matrix: with n = sqrt(trace(X_0 X_0^T)) + eps = ||X_0||_F + eps
-(trace summed in fp32), the iteration starts from R_0 = G / n^2, and the first segment's last polynomial is
-divided by n (Q = P_{m-1} ... P_0 / n; its elementwise op writes (a I + b R) / n and R / n, the GEMM's left
-operand), so an unnormalised X never needs a separate pass (pass `eps`). A zero matrix stays zero (n = eps, no NaN).
+Normalisation folds into the first polynomial: with n = sqrt(trace(X_0 X_0^T)) + eps = ||X_0||_F + eps
+(trace summed in fp32), R_0 = G / n^2, and one op (_start) reads G once and writes the operands of P_0 / n:
+S_0 / n and S_0 (S_0 = R_0 + h I). The recursion then goes on from G itself, since
+(P_0 / n) G (P_0 / n) = P_0 R_0 P_0, and Q = P_{m-1} ... P_1 (P_0 / n) carries the 1 / n, so an unnormalised X
+never needs a separate pass (pass `eps`). A zero matrix stays zero (n = eps, no NaN).
 """
 import torch
 
