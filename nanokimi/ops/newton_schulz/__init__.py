@@ -38,8 +38,8 @@ final Q X_0; the s x s recursion in between is one batched product per step over
 of 12 matrices of 768 x 768 leaves much of an H100's last GEMM wave empty; 36 fill it better.
 
 Normalisation folds into the first polynomial: with n = sqrt(trace(X_0 X_0^T)) + eps = ||X_0||_F + eps
-(trace summed in fp32), R_0 = G / n^2, and one op (_start) reads G once and writes the operands of P_0 / n:
-S_0 / n and S_0 (S_0 = R_0 + h I). The recursion then goes on from G itself, since
+(trace summed in fp32), R_0 = G / n^2, and one op (_start) reads G once and writes the one GEMM operand of
+P_0 / n = c T T + a2 / n I: T = (R_0 + h I) / sqrt(n). The recursion then goes on from G itself, since
 (P_0 / n) G (P_0 / n) = P_0 R_0 P_0, and Q = P_{m-1} ... P_1 (P_0 / n) carries the 1 / n, so an unnormalised X
 never needs a separate pass (pass `eps`). A zero matrix stays zero (n = eps, no NaN).
 """
@@ -122,20 +122,20 @@ def _shift(a, b, c):
 def _start(gram, eps, h, a2, c):
     """The first polynomial of the iteration, divided by the norm, from the raw Gram matrices G [N, s, s].
 
-    n = sqrt(trace(G)) + eps (trace summed in fp32) and R_0 = G / n^2. Returns, in G's dtype, the GEMM operands
-    left = S / n and right = S with S = R_0 + h I, and in fp32 [N, s] what the diagonal of c left right needs
-    to become P_0 / n: a2 / n, plus c (S_ii^2 / n - left_ii right_ii), which undoes the rounding of the shifted
-    diagonal (S_ii is about h, far larger than R_ii, so its rounding error is too). Compiled, the identity is
-    an index test and G is read once."""
+    n = sqrt(trace(G)) + eps (trace summed in fp32) and R_0 = G / n^2. Returns T = (R_0 + h I) / sqrt(n) in G's
+    dtype, the one GEMM operand of P_0 / n = c T T + a2 / n I, and in fp32 [N, s] what the diagonal of c T T
+    needs to become that: a2 / n minus c (2 x e + e^2), for the exact x = T_ii and its rounding error e (T_ii is
+    about h / sqrt(n), far larger than R_ii / sqrt(n), so its rounding loses most of R_ii). Compiled, the
+    identity is an index test, G is read once and T written once."""
     wide = torch.promote_types(gram.dtype, torch.float32)
     eye = torch.eye(gram.shape[-1], dtype=wide, device=gram.device)
     trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1, dtype=wide)  # [N]
-    inv = (trace.clamp_min(0).sqrt() + eps).reciprocal()  # [N]
-    shifted = gram.to(wide) * inv.square()[:, None, None] + h * eye  # S in fp32
-    left, right = (shifted * inv[:, None, None]).to(gram.dtype), shifted.to(gram.dtype)
-    x = shifted.diagonal(dim1=-2, dim2=-1)  # [N, s]
-    rounded = left.diagonal(dim1=-2, dim2=-1).to(wide) * right.diagonal(dim1=-2, dim2=-1).to(wide)
-    return left, right, a2 * inv[:, None] + c * (x * x * inv[:, None] - rounded)
+    inv = (trace.clamp_min(0).sqrt() + eps).reciprocal()[:, None, None]  # [N, 1, 1]
+    exact = (gram.to(wide) * inv.square() + h * eye) * inv.sqrt()  # T in fp32
+    T = exact.to(gram.dtype)
+    x = exact.diagonal(dim1=-2, dim2=-1)  # [N, s]
+    error = T.diagonal(dim1=-2, dim2=-1).to(wide) - x
+    return T, a2 * inv[:, :, 0] - c * error * (2 * x + error)
 
 
 def _shift_diagonal(diagonal, h, a2, c, saved=None):
@@ -174,14 +174,14 @@ def _polynomial(R, a, b, c, keep_R):
 def _segment_factor(R, steps, first=None):
     """Q = P_{m-1} ... P_1 P_0 of one segment of m steps from its starting R [N, s, s] (P_k = a I + b R_k + c R_k^2,
     R_{k+1} = P_k R_k P_k). R's diagonal is shifted in place and restored where R is read again; after the last
-    step it is left shifted. first: _start's (left, right, diagonal) for P_0 / n; R is then the raw Gram matrix G
+    step it is left shifted. first: _start's (T, diagonal) for P_0 / n = c T T + diag; R is then the raw Gram matrix G
     (P_0 / n G P_0 / n = P_0 R_0 P_0, since G = n^2 R_0), and Q carries the 1 / n."""
     Q = None  # [N, s, s]
     for i, (a, b, c) in enumerate(steps):
         last = i == len(steps) - 1
         if i == 0 and first is not None:
-            left, right, add = first
-            P = torch.baddbmm(torch.empty_like(left), left, right, beta=0, alpha=c)
+            T, add = first
+            P = torch.baddbmm(torch.empty_like(T), T, T, beta=0, alpha=c)
             _small_op(_fix_diagonal, R)(P.diagonal(dim1=-2, dim2=-1), add)
         else:
             P = _polynomial(R, a, b, c, keep_R=not last)
