@@ -61,7 +61,8 @@ def measure(name, coefficients, method, seeds):
         reference = orthogonalize_naive(G.float())
         O = newton_schulz(G.float()[None].bfloat16(), schedule, method, eps=1e-7)[0]
         sv = torch.linalg.svdvals(O.double())
-        worst, low, high = max(worst, direction_error(O, G, reference)), min(low, sv.min().item()), max(high, sv.max().item())
+        worst = max(worst, direction_error(O, G, reference))
+        low, high = min(low, sv.min().item()), max(high, sv.max().item())
     return {"input": name, "coefficients": coefficients, "method": method, "direction_error": round(worst, 5),
             "sv_min": round(low, 3), "sv_max": round(high, 3)}
 

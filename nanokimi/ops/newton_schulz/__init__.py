@@ -98,9 +98,9 @@ SMALL_OP_OPTIONS = {"emulate_precision_casts": True}
 
 
 def _small_op(fn, X):
-    """fn itself, or on CUDA fn through torch.compile: each s x s elementwise op then runs as one vectorised
-    kernel (eager, a bf16 x fp32 broadcast multiply plus a cast is two slow kernels). Static shapes: one graph
-    per (N, s, dtype) and per coefficient triple, so the recompile limit is raised (many block shapes)."""
+    """fn itself, or on CUDA fn through torch.compile: each small op (the start, the diagonal shift and fix) then
+    runs as one kernel instead of several eager ones. Static shapes: one graph per (N, s, dtype) and per
+    coefficient triple, so the recompile limit is raised (many block shapes)."""
     if X.device.type != "cuda" or torch.compiler.is_compiling():
         return fn
     if fn not in _compiled_small_ops:
@@ -108,7 +108,6 @@ def _small_op(fn, X):
         raise_recompile_limits()
         _compiled_small_ops[fn] = torch.compile(fn, fullgraph=True, dynamic=False, options=SMALL_OP_OPTIONS)
     return _compiled_small_ops[fn]
-
 
 
 def _shift(a, b, c):
@@ -174,8 +173,8 @@ def _polynomial(R, a, b, c, keep_R):
 def _segment_factor(R, steps, first=None):
     """Q = P_{m-1} ... P_1 P_0 of one segment of m steps from its starting R [N, s, s] (P_k = a I + b R_k + c R_k^2,
     R_{k+1} = P_k R_k P_k). R's diagonal is shifted in place and restored where R is read again; after the last
-    step it is left shifted. first: _start's (T, diagonal) for P_0 / n = c T T + diag; R is then the raw Gram matrix G
-    (P_0 / n G P_0 / n = P_0 R_0 P_0, since G = n^2 R_0), and Q carries the 1 / n."""
+    step it is left shifted. first: _start's (T, diagonal fix) for P_0 / n = c T T + diag; R is then the raw
+    Gram matrix G (P_0 / n G P_0 / n = P_0 R_0 P_0, since G = n^2 R_0), and Q carries the 1 / n."""
     Q = None  # [N, s, s]
     for i, (a, b, c) in enumerate(steps):
         last = i == len(steps) - 1
