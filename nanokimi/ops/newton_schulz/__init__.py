@@ -118,6 +118,12 @@ def _shift(a, b, c):
     return h, a - c * h * h
 
 
+def _diagonal_fix(x, error, a2, c):
+    """What to add to the diagonal of c S S, whose S_ii = x + error was rounded from the exact x, so that it
+    equals c x^2 + a2: a2 minus c ((x + error)^2 - x^2). fp32 (fp64 for fp64 operands)."""
+    return a2 - c * error * (2 * x + error)
+
+
 def _start(gram, eps, h, a2, c):
     """The first polynomial of the iteration, divided by the norm, from the raw Gram matrices G [N, s, s].
 
@@ -134,7 +140,7 @@ def _start(gram, eps, h, a2, c):
     T = exact.to(gram.dtype)
     x = exact.diagonal(dim1=-2, dim2=-1)  # [N, s]
     error = T.diagonal(dim1=-2, dim2=-1).to(wide) - x
-    return T, a2 * inv[:, :, 0] - c * error * (2 * x + error)
+    return T, _diagonal_fix(x, error, a2 * inv[:, :, 0], c)
 
 
 def _shift_diagonal(diagonal, h, a2, c, saved=None):
@@ -146,7 +152,7 @@ def _shift_diagonal(diagonal, h, a2, c, saved=None):
     if saved is not None:
         saved.copy_(diagonal)
     diagonal.copy_(x)
-    return a2 - c * error * (2 * x + error)
+    return _diagonal_fix(x, error, a2, c)
 
 
 def _fix_diagonal(diagonal, add, restore=None, saved=None):
