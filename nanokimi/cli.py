@@ -67,7 +67,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from nanokimi.infer.sample import evaluate_checkpoint
+    from nanokimi.train.evaluate import evaluate_checkpoint
 
     result = evaluate_checkpoint(args.ckpt, args.data, args.batches, args.batch_size, args.seq_len)
     print(json.dumps(result, indent=1))

@@ -188,7 +188,7 @@ def test_resume_one_to_two_ranks(runs):
 def test_export_sharded_checkpoint(runs, tmp_path):
     from safetensors.torch import load_file
 
-    from nanokimi.train.checkpoint import load_model_checkpoint
+    from nanokimi.checkpoint import load_model_checkpoint
     from nanokimi.train.sharded_checkpoint import export_checkpoint, is_sharded_checkpoint
 
     sharded = runs["root"] / "two" / "checkpoint"

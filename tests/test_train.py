@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from nanokimi.cli import main
-from nanokimi.train.checkpoint import load_trainer_state
+from nanokimi.checkpoint import load_trainer_state
 
 SHAKESPEARE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinyshakespeare" / "input.txt"
 SMALL_MODEL = ["model.hidden_size=64", "model.num_layers=2", "model.mixers=KA", "model.num_heads=2",
@@ -66,7 +66,7 @@ def test_trained_checkpoint_exports_to_transformers(tmp_path, corpus):
     transformers = pytest.importorskip("transformers")
     import torch
 
-    from nanokimi.train.checkpoint import load_model_checkpoint
+    from nanokimi.checkpoint import load_model_checkpoint
 
     out = tmp_path / "run"
     assert train(out, corpus, "train.max_steps=3") == 0

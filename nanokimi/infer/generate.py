@@ -59,7 +59,7 @@ class DecodeStep:
         self.tokens = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=device)  # [B, 1]
         self.position = torch.zeros((), dtype=torch.long, device=device)
         if compile:
-            from nanokimi.train.fast import raise_recompile_limits
+            from nanokimi.runtime import raise_recompile_limits
             raise_recompile_limits()  # graph breaks around KDA kernels resume once per layer
         self.forward = torch.compile(model, dynamic=False) if compile else model
         self.graph = None

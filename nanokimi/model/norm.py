@@ -1,14 +1,8 @@
 """RMSNorm, computed in fp32 and cast back before the weight (the Kimi / DeepSeek-V3 convention)."""
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """weight * (x / RMS(x)): normalised in fp32, rounded to x's dtype, then scaled by weight [D] (the result in
-    the wider of the two dtypes). RMSNorm's maths; AttnRes's fused merge + norm (ops/attnres) computes the same."""
-    x32 = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)  # x * rsqrt(mean(x^2) + eps); fused where torch has a kernel
-    return weight * x32.to(x.dtype)
+from nanokimi.ops.norm import rms_norm
 
 
 class RMSNorm(nn.Module):

@@ -309,7 +309,7 @@ def compiled_pass(fn, combo_kernels=None):
     step records."""
     key = (fn, combo_kernels)
     if key not in _compiled:
-        from nanokimi.train.fast import raise_recompile_limits
+        from nanokimi.runtime import raise_recompile_limits
         raise_recompile_limits()  # every variant (shapes, options, momentum values) is one more graph of fn
         options = inductor_options(combo_kernels)
         _compiled[key] = torch.compile(fn, fullgraph=True, dynamic=False, **({"options": options} if options else {}))

@@ -19,17 +19,7 @@ from nanokimi.model.kda import KimiDeltaAttention
 from nanokimi.model.moe import MoE
 from nanokimi.model.residual import PreNormResidual
 from nanokimi.model.rope import Rotary
-
-
-def raise_recompile_limits(limit: int = 64) -> None:
-    """Each layer instance may add a guard set to a shared code object; 16+ layers exceed the default 8."""
-    config = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(config, name) and getattr(config, name) < limit:
-            setattr(config, name, limit)
-    for name in ("accumulated_recompile_limit", "accumulated_cache_size_limit"):
-        if hasattr(config, name) and getattr(config, name) < 8 * limit:
-            setattr(config, name, 8 * limit)
+from nanokimi.runtime import raise_recompile_limits
 
 
 def compile_model(model: nn.Module, fullgraph: bool = True, loss: bool = True, mode: str | None = None,

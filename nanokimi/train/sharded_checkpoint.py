@@ -1,7 +1,7 @@
 """Checkpoints of sharded (FSDP2) runs, through torch.distributed.checkpoint (DCP).
 
 A sharded checkpoint folder holds what a single-process one does, except the weights and optimizer state:
-    config.json, tokenizer.json       as in nanokimi.train.checkpoint
+    config.json, tokenizer.json       as in nanokimi.checkpoint
     trainer.pt                        data position, RNG, step, tokens, run config ("format": "dcp")
     sharded/                          DCP files of {"model": weights, "optim": optimizer state}, each rank
                                       writing its own shards
@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from nanokimi.train.checkpoint import CONFIG, TOKENIZER, TRAINER_STATE, WEIGHTS, load_trainer_state, save_checkpoint
+from nanokimi.checkpoint import CONFIG, TOKENIZER, TRAINER_STATE, WEIGHTS, load_trainer_state, save_checkpoint
 
 SHARDED = "sharded"
 

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from nanokimi.model import Transformer, build_model
 from nanokimi.model.moe import update_router_bias
-from nanokimi.train.checkpoint import load_trainer_state, rng_state, save_checkpoint, set_rng_state
+from nanokimi.checkpoint import load_trainer_state, rng_state, save_checkpoint, set_rng_state
 from nanokimi.train.config import RunConfig, to_toml
 from nanokimi.train.distributed import clip_grad_norm_
 from nanokimi.train.schedule import lr_factor

@@ -40,7 +40,7 @@ from typing import NamedTuple
 
 import torch
 
-from nanokimi.model.norm import rms_norm
+from nanokimi.ops.norm import rms_norm
 
 
 def _wide(x):
@@ -209,7 +209,7 @@ def _accumulate_merge(partial, out, mixture, lse, qe, dtype, eps):
 
 
 def _accumulate_merge_norm(partial, out, mixture, lse, qe, dtype, eps, norm_weight, norm_eps):
-    """`_accumulate_merge`, then the next sublayer's pre-norm on its input: RMSNorm (nanokimi.model.norm.rms_norm)
+    """`_accumulate_merge`, then the next sublayer's pre-norm on its input: RMSNorm (nanokimi.ops.norm.rms_norm)
     with weight norm_weight [D] and eps norm_eps. Returns (partial [..., D] in dtype, x = rms_norm(h) [..., D] in
     the wider of dtype and norm_weight's dtype): what the model computes unfused as norm(h). The Triton form
     (triton_phase2.py) never writes h or its gradient."""
@@ -249,7 +249,7 @@ EAGER = Kernels(_phase1_forward_stacked, _phase1_backward_stacked, _phase1_norm_
 def compiled_kernels(mode: str | None = None) -> Kernels:
     """The fused kernels under torch.compile (fullgraph, static shapes: one graph per source count N, which
     is fixed per call site). Built once per process and shared by every module."""
-    from nanokimi.train.fast import raise_recompile_limits
+    from nanokimi.runtime import raise_recompile_limits
     raise_recompile_limits()  # full mode alone has one graph per source count: 1 .. num_sublayers + 1
 
     def compiled(fn):

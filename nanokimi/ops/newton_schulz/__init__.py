@@ -104,7 +104,7 @@ def _small_op(fn, X):
     if X.device.type != "cuda" or torch.compiler.is_compiling():
         return fn
     if fn not in _compiled_small_ops:
-        from nanokimi.train.fast import raise_recompile_limits
+        from nanokimi.runtime import raise_recompile_limits
         raise_recompile_limits()
         _compiled_small_ops[fn] = torch.compile(fn, fullgraph=True, dynamic=False, options=SMALL_OP_OPTIONS)
     return _compiled_small_ops[fn]
