@@ -25,8 +25,9 @@ from nanokimi.ops.attnres import (EAGER, attnres_naive, attnres_stack_naive, att
                                   depth_attention, source_rstd)
 from nanokimi.ops.attnres import two_phase  # noqa: E402
 from nanokimi.ops.attnres.launch import LaunchConfig, check_config  # noqa: E402
+from nanokimi.ops.attnres.triton_kernels import triton_kernels  # noqa: E402
 from nanokimi.ops.attnres.triton_phase1 import (phase1_backward, phase1_forward, phase1_norm_backward,  # noqa: E402
-                                                phase1_norm_forward, triton_kernels)
+                                                phase1_norm_forward)
 from nanokimi.ops.attnres.triton_phase2 import accumulate_merge, accumulate_merge_norm  # noqa: E402
 from conftest import rel_err  # noqa: E402
 from test_attnres import (merge_norm_inputs, merge_then_norm, phase1_norm_inputs, run_merge_norm,  # noqa: E402

@@ -120,7 +120,7 @@ class AttentionResiduals(nn.Module):
         if triton is None:
             triton = self.queries[0].is_cuda and importlib.util.find_spec("triton") is not None
         if triton:
-            from nanokimi.ops.attnres.triton_phase1 import triton_kernels
+            from nanokimi.ops.attnres.triton_kernels import triton_kernels
             kernels = triton_kernels(kernels)
         self.kernels = kernels
         return self

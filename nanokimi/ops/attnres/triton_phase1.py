@@ -49,7 +49,6 @@ compiled kernels. Tokens per tile, warps and the backward grid come from launch.
 Where the kernels do not apply (float64, mixed source dtypes, S * D too large for registers) the `fallback`
 phase-1 functions run instead.
 """
-import functools
 import os
 from typing import NamedTuple
 
@@ -58,7 +57,6 @@ import triton
 import triton.language as tl
 
 from nanokimi.ops.attnres.launch import LaunchConfig, check_config, config_for, grid_programs, sm_major
-from nanokimi.ops.attnres.two_phase import Kernels
 
 # S_PAD * BLOCK_D fp32 values per token held in registers (accumulators in forward, grad_mixtures and the
 # per-program grad_qe in backward); above this the kernels would spill, and the fallback runs instead
@@ -554,21 +552,3 @@ def _unsupported_message(qe, values, norm_weight=None, input_dtype=None):
             f"the first query's norm: a weight [D] and a stream dtype among them too); got qe {tuple(qe.shape)} "
             f"{qe.dtype}, sources {dtypes} on {values[0].device}{norm}. "
             "Use triton_kernels(base), which falls back to base's phase 1 for such inputs.")
-
-
-@functools.cache
-def triton_kernels(base: Kernels) -> Kernels:
-    """base (e.g. compiled_kernels()) with phase 1 forward and backward (alone and with the first query's norm),
-    and the per-sublayer accumulate + merge (alone and with the next sublayer's norm), replaced by the Triton
-    kernels (this file and triton_phase2.py); base's functions still run for inputs the kernels do not take (see
-    `supports`). Built once per base."""
-    from nanokimi.ops.attnres.triton_phase2 import accumulate_merge, accumulate_merge_norm
-    return base._replace(phase1_forward=functools.partial(phase1_forward, fallback=base.phase1_forward),
-                         phase1_backward=functools.partial(phase1_backward, fallback=base.phase1_backward),
-                         phase1_norm_forward=functools.partial(phase1_norm_forward,
-                                                               fallback=base.phase1_norm_forward),
-                         phase1_norm_backward=functools.partial(phase1_norm_backward,
-                                                                fallback=base.phase1_norm_backward),
-                         accumulate_merge=functools.partial(accumulate_merge, fallback=base.accumulate_merge),
-                         accumulate_merge_norm=functools.partial(accumulate_merge_norm,
-                                                                 fallback=base.accumulate_merge_norm))
