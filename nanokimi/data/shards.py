@@ -95,6 +95,7 @@ def prepare(
     tokenizer_sample_chars: int = 8_000_000,
     overwrite: bool = False,
     progress: bool = True,
+    refresh_changed_source: bool = False,
 ) -> Manifest:
     """Tokenise `source` into `out_dir` and return its Manifest (or the existing one if already prepared).
 
@@ -102,7 +103,9 @@ def prepare(
     hash-chosen sample); ignored when `tokenizer_path` names an existing tokenizer.json to use instead.
     val_fraction: share of documents (by sha1 of their id) held out; val always gets at least one document
     when the source has two or more. Raises DataError on a missing/empty source, bad jsonl, or an out_dir
-    prepared with other settings (unless overwrite=True).
+    prepared with other settings (unless overwrite=True). When only the source's files changed (their
+    mtime or size; same content only touched: the manifest is kept), `refresh_changed_source=True` prepares
+    the folder again instead of raising.
     """
     started = time.perf_counter()
     if not 0.0 <= val_fraction < 1.0:
@@ -123,7 +126,7 @@ def prepare(
         "val_fraction": val_fraction,
         "shard_tokens": shard_tokens,
     }
-    existing = _check_existing(out, settings, overwrite)
+    existing = _check_existing(out, src, settings, overwrite, refresh_changed_source)
     if existing is not None:
         return existing
 
@@ -166,7 +169,7 @@ def prepare(
 
     manifest = Manifest(
         source={"spec": src.spec, "kind": src.kind, "root": str(src.root), "filter": src.filter,
-                "files": len(src.files)},
+                "files": len(src.files), "sha256": src.content_sha256()},
         settings=settings,
         tokenizer={"file": TOKENIZER, "sha256": _sha256_file(out / TOKENIZER), "vocab_size": tokenizer.vocab_size,
                    "eot_id": tokenizer.eot_id, "trained": given_tokenizer is None},
@@ -184,11 +187,22 @@ def _documents(src: Source, text_field: str) -> Iterator[Document]:
     return iter_documents(src, text_field=text_field)
 
 
-def _check_existing(out: Path, settings: dict, overwrite: bool) -> Manifest | None:
+def _check_existing(out: Path, src: Source, settings: dict, overwrite: bool, refresh: bool) -> Manifest | None:
     """The existing manifest if `out` already holds exactly this preparation; DataError if it holds another."""
     if not (out / MANIFEST).is_file() or overwrite:
         return None
     old = Manifest.load(out)
+    if old.settings != {**settings, "source_fingerprint": old.settings.get("source_fingerprint")}:
+        refresh = False  # more than the source's files changed: never replace it silently
+    elif old.settings != settings:  # the same source, its files touched or edited
+        if old.source.get("sha256") == src.content_sha256():
+            old.settings = settings  # only touched: the tokens are still right
+            _write_atomic(out / MANIFEST, old.to_json().encode())
+        elif refresh:
+            return None
+        else:
+            raise DataError(f"{src.spec!r} changed since {out} was prepared from it. Prepare it again: "
+                            f"nanokimi data prepare --source {src.spec} --out {out} --overwrite")
     if old.settings != settings:
         differ = sorted(k for k in settings.keys() | old.settings.keys() if settings.get(k) != old.settings.get(k))
         what = ", ".join(f"{k}: {old.settings.get(k)!r} there vs {settings.get(k)!r} now" for k in differ)
