@@ -54,6 +54,10 @@ def cmd_train(args) -> int:
     what = f"resuming {run.preset} at step {trainer.step}" if args.resume else f"training {run.preset}"
     print(f"{what} ({sum(p.numel() for p in trainer.model.parameters()) / 1e6:.1f}M params) on "
           f"{trainer.device} with {run.optim.name}; data {trainer.data_dir}; writing {out}", file=sys.stderr)
+    source = trainer.manifest.source
+    if source.get("chars_used", 0) < source.get("chars", 0):
+        print(f"data: a fixed sample of {source['chars_used'] / 1e6:.1f}M of the {source['chars'] / 1e6:.1f}M characters "
+              f"of {run.data.source} (data.max_mb={run.data.max_mb:g}; data.max_mb=0 uses all)", file=sys.stderr)
     if args.resume and trainer.step >= run.train.max_steps:
         print(f"the run is already at train.max_steps={run.train.max_steps}: nothing to train. Continue it "
               f"further with: nanokimi train --out {out} --resume train.max_steps={2 * run.train.max_steps}",

@@ -93,6 +93,7 @@ def prepare(
     val_fraction: float = 0.01,
     shard_tokens: int = 1 << 24,
     tokenizer_sample_chars: int = 8_000_000,
+    max_chars: int = 0,
     overwrite: bool = False,
     progress: bool = True,
     refresh_changed_source: bool = False,
@@ -101,6 +102,8 @@ def prepare(
 
     vocab_size: size of the BPE trained on up to `tokenizer_sample_chars` of train documents (a fixed,
     hash-chosen sample); ignored when `tokenizer_path` names an existing tokenizer.json to use instead.
+    max_chars: when > 0, use only a fixed sample of whole documents (in the order of their hash) of about this
+    many characters, and record both sizes in the manifest (source.chars, source.chars_used).
     val_fraction: share of documents (by sha1 of their id) held out; val always gets at least one document
     when the source has two or more. Raises DataError on a missing/empty source, bad jsonl, or an out_dir
     prepared with other settings (unless overwrite=True). When only the source's files changed (their
@@ -125,6 +128,7 @@ def prepare(
                       else {"train_vocab_size": vocab_size, "sample_chars": tokenizer_sample_chars}),
         "val_fraction": val_fraction,
         "shard_tokens": shard_tokens,
+        **({"max_chars": max_chars} if max_chars > 0 else {}),
     }
     existing = _check_existing(out, src, settings, overwrite, refresh_changed_source)
     if existing is not None:
@@ -134,6 +138,11 @@ def prepare(
     docs = [(d.id, hash_unit(d.id), len(d.text)) for d in _documents(src, text_field)]
     if not docs:
         raise DataError(f"Source {src.spec!r} has no documents with text ({src.filter}).")
+    chars = sum(n for _, _, n in docs)
+    kept = None
+    if 0 < max_chars < chars:
+        kept = _hash_sample(docs, max_chars)
+        docs = [d for d in docs if d[0] in kept]
     val_threshold = _val_threshold([h for _, h, _ in docs], val_fraction)
 
     seconds["scan"] = time.perf_counter() - started
@@ -152,7 +161,8 @@ def prepare(
     splits = {s: SplitInfo() for s in SPLITS}
     total_chars = sum(n for _, _, n in docs)
     bar = tqdm(total=total_chars, unit="char", unit_scale=True, desc=f"tokenising {src.spec}", disable=not progress)
-    for batch in _batches(_documents(src, text_field), ENCODE_BATCH_CHARS):
+    chosen = (d for d in _documents(src, text_field) if kept is None or d.id in kept)
+    for batch in _batches(chosen, ENCODE_BATCH_CHARS):
         for doc, ids in zip(batch, tokenizer.encode_batch([d.text for d in batch])):
             split = "val" if hash_unit(doc.id) < val_threshold else "train"
             writers[split].write([tokenizer.eot_id, *ids])
@@ -169,7 +179,7 @@ def prepare(
 
     manifest = Manifest(
         source={"spec": src.spec, "kind": src.kind, "root": str(src.root), "filter": src.filter,
-                "files": len(src.files), "sha256": src.content_sha256()},
+                "files": len(src.files), "sha256": src.content_sha256(), "chars": chars, "chars_used": total_chars},
         settings=settings,
         tokenizer={"file": TOKENIZER, "sha256": _sha256_file(out / TOKENIZER), "vocab_size": tokenizer.vocab_size,
                    "eot_id": tokenizer.eot_id, "trained": given_tokenizer is None},
@@ -232,14 +242,20 @@ def _val_threshold(hashes: list[float], val_fraction: float) -> float:
     return float(np.nextafter(ordered[want - 1], 1.0)) if have < want else ordered[n - 1]
 
 
-def _tokenizer_sample(src: Source, text_field: str, docs, val_threshold: float, budget: int) -> Iterator[str]:
-    """Train documents in order of their hash until `budget` characters: a fixed, spread-out sample."""
+def _hash_sample(docs, budget: int) -> set[str]:
+    """Ids of documents taken in the order of their hash until `budget` characters: a fixed, spread-out sample."""
     chosen, size = set(), 0
-    for doc_id, h, n in sorted((d for d in docs if d[1] >= val_threshold), key=lambda d: d[1]):
+    for doc_id, _, n in sorted(docs, key=lambda d: d[1]):
         if size >= budget:
             break
         chosen.add(doc_id)
         size += n
+    return chosen
+
+
+def _tokenizer_sample(src: Source, text_field: str, docs, val_threshold: float, budget: int) -> Iterator[str]:
+    """Train documents in order of their hash until `budget` characters: a fixed, spread-out sample."""
+    chosen = _hash_sample([d for d in docs if d[1] >= val_threshold], budget)
     return (d.text for d in _documents(src, text_field) if d.id in chosen)
 
 

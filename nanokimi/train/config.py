@@ -25,15 +25,16 @@ class DataConfig:
     text_field: str = "text"  # jsonl only
     vocab_size: int = 4096  # BPE trained on the corpus, unless `tokenizer` names a tokenizer.json
     tokenizer: str = ""
+    max_mb: float = 8.0  # tokenise only a fixed sample of whole documents of about this many million characters; 0 = all
     dir: str = ""  # where token shards live; default: a cache folder keyed by source and settings
 
 
 @dataclass(kw_only=True, slots=True)
 class TrainConfig:
     batch_size: int = 16  # sequences per optimizer step (global, over all ranks and accumulation steps)
-    seq_len: int = 256
+    seq_len: int = 128
     grad_accum: int = 1
-    max_steps: int = 150  # length of the schedule
+    max_steps: int = 120  # length of the schedule
     stop_at: int = 0  # this invocation stops and saves after this step (0 = run to max_steps); never saved with the run
     seed: int = 1337
     device: str = "auto"  # "auto" = cuda when available
@@ -42,9 +43,9 @@ class TrainConfig:
     fsdp_reduce_dtype: str = "fp32"  # several processes on CUDA: gradient reduce-scatter in "fp32" or "bf16" (half the bytes)
     grad_clip: float = 1.0
     log_every: int = 10
-    eval_every: int = 75
+    eval_every: int = 60
     eval_batches: int = 8
-    save_every: int = 75
+    save_every: int = 60
     keep_checkpoints: int = 2  # newest complete checkpoints/step-N folders kept
     sample_tokens: int = 120
 
@@ -102,6 +103,8 @@ class RunConfig:
                 raise ConfigError(f"optim.{name}={getattr(o, name)} must be in [0, 1), e.g. 0.95.")
         if not 0 <= o.decay_fraction <= 1:
             raise ConfigError(f"optim.decay_fraction={o.decay_fraction} must be in [0, 1].")
+        if not self.data.max_mb >= 0:
+            raise ConfigError(f"data.max_mb={self.data.max_mb} must be >= 0 (0 = the whole source).")
         if t.grad_clip < 0:
             raise ConfigError(f"train.grad_clip={t.grad_clip} must be >= 0 (0 turns clipping off).")
         for name, value in (("data.vocab_size", self.data.vocab_size), ("model.vocab_size", self.model.vocab_size)):

@@ -35,8 +35,9 @@ def default_data_dir(run: RunConfig) -> Path:
 
     if run.data.dir:
         return Path(run.data.dir)
-    key = json.dumps([run.data.source, os.path.abspath(run.data.source) if run.data.source != "stdlib" else "",
-                      run.data.text_field, run.data.vocab_size, run.data.tokenizer])
+    key = [run.data.source, os.path.abspath(run.data.source) if run.data.source != "stdlib" else "",
+           run.data.text_field, run.data.vocab_size, run.data.tokenizer]
+    key = json.dumps(key + [run.data.max_mb] if run.data.max_mb else key)
     slug = "stdlib" if run.data.source == "stdlib" else Path(run.data.source.split("*")[0].rstrip("/")).stem or "data"
     cache = Path(os.environ.get("NANOKIMI_CACHE", Path.home() / ".cache" / "nanokimi"))
     return cache / "data" / f"{slug}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
@@ -63,7 +64,7 @@ def prepare_data(run: RunConfig, progress: bool = True):
     data_dir = default_data_dir(run)
     manifest = prepare(run.data.source, data_dir, vocab_size=run.data.vocab_size,
                        tokenizer_path=run.data.tokenizer or None, text_field=run.data.text_field, progress=progress,
-                       refresh_changed_source=True)
+                       max_chars=int(run.data.max_mb * 1e6), refresh_changed_source=True)
     return data_dir, manifest
 
 
