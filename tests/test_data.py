@@ -328,3 +328,16 @@ def test_touched_source_is_reused_and_an_edited_one_is_named(tmp_path):
     again = prepare(src, out, vocab_size=300, progress=False, refresh_changed_source=True)
     assert again.splits["train"].tokens + again.splits["val"].tokens != \
         first.splits["train"].tokens + first.splits["val"].tokens
+
+
+def test_max_chars_takes_a_fixed_sample_of_whole_documents(tmp_path):
+    src = write_folder(tmp_path / "src", n_files=30)
+    whole = prepare(src, tmp_path / "whole", vocab_size=300, progress=False)
+    a = prepare(src, tmp_path / "a", vocab_size=300, max_chars=20_000, progress=False)
+    b = prepare(src, tmp_path / "b", vocab_size=300, max_chars=20_000, progress=False)
+    assert a.source["chars"] == whole.source["chars"] > a.source["chars_used"] >= 20_000
+    assert a.source["chars_used"] < 20_000 + 8_000  # whole documents: at most one (< 8k chars) over the budget
+    assert np.array_equal(read_split(tmp_path / "a", "train"), read_split(tmp_path / "b", "train"))
+    assert a.splits["val"].documents >= 1 and a.splits["train"].tokens < whole.splits["train"].tokens
+    assert "max_chars" not in prepare(src, tmp_path / "c", vocab_size=300, max_chars=10**9,
+                                      progress=False).settings  # cannot cut: same settings as before

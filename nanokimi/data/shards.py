@@ -128,7 +128,8 @@ def prepare(
                       else {"train_vocab_size": vocab_size, "sample_chars": tokenizer_sample_chars}),
         "val_fraction": val_fraction,
         "shard_tokens": shard_tokens,
-        **({"max_chars": max_chars} if max_chars > 0 else {}),
+        # only when it may cut (characters <= bytes), so folders prepared before max_chars existed still match
+        **({"max_chars": max_chars} if 0 < max_chars < sum(f.path.stat().st_size for f in src.files) else {}),
     }
     existing = _check_existing(out, src, settings, overwrite, refresh_changed_source)
     if existing is not None:
@@ -218,7 +219,8 @@ def _check_existing(out: Path, src: Source, settings: dict, overwrite: bool, ref
         what = ", ".join(f"{k}: {old.settings.get(k)!r} there vs {settings.get(k)!r} now" for k in differ)
         raise DataError(
             f"{out} was prepared from a different source/tokenizer/settings ({what}). "
-            "Choose another --out folder, or pass --overwrite to replace it."
+            "Choose another output folder (--out; data.dir for a training run), or replace it (--overwrite; "
+            "for a training run, delete the folder)."
         )
     for split in old.splits.values():
         for shard in split.shards:
