@@ -74,11 +74,11 @@ def cmd_train(args) -> int:
         text = sample_text(trainer.model, trainer.tokenizer_file, "def ", run.train.sample_tokens, temperature=0.8,
                            seed=run.train.seed)
         print("sample:\n" + text)
-    _finish_with_plot_and_next_steps(out)
+    _finish_with_plot_and_next_steps(out, run.train.max_steps)
     return 0
 
 
-def _finish_with_plot_and_next_steps(out: str) -> None:
+def _finish_with_plot_and_next_steps(out: str, max_steps: int) -> None:
     from nanokimi.train.plot import plot_runs
 
     png = str(os.path.join(out, "loss.png"))
@@ -88,7 +88,7 @@ def _finish_with_plot_and_next_steps(out: str) -> None:
         print(f"loss curve: not drawn ({e})")
     print(f"next:\n  nanokimi generate --ckpt {out} --prompt 'def main(' --max-new-tokens 200\n"
           f"  nanokimi eval --ckpt {out}\n"
-          f"  nanokimi train --out {out} --resume train.max_steps=600   # train longer from where it stopped")
+          f"  nanokimi train --out {out} --resume train.max_steps={4 * max_steps}   # train longer from where it stopped")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -207,6 +207,9 @@ def main(argv=None) -> int:
     from nanokimi.train.trainer import TrainingError
 
     debug = os.environ.get("NANOKIMI_DEBUG", "") not in ("", "0")
+    plain_format = warnings.formatwarning
+    if not debug:  # warnings as one line each, like the errors
+        warnings.formatwarning = lambda message, category, *rest, **kw: f"nanokimi: warning: {message}\n"
     try:
         return args.func(args)
     except (ConfigError, DataError, TrainingError, CheckpointError, FileNotFoundError, ValueError) as e:
@@ -225,6 +228,8 @@ def main(argv=None) -> int:
         print(f"nanokimi: error: {type(e).__name__}: {e}\n(rerun with NANOKIMI_DEBUG=1 for the traceback)",
               file=sys.stderr)
         return 1
+    finally:
+        warnings.formatwarning = plain_format
 
 
 if __name__ == "__main__":

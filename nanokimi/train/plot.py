@@ -47,7 +47,8 @@ def plot_runs(run_dirs: list[str], out: str) -> str:
     val_ax.set(xlabel="tokens", ylabel="validation bits per byte", title="validation")
     for ax in (train_ax, val_ax):
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     fig.tight_layout()
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
