@@ -10,7 +10,10 @@
 """
 import argparse
 import json
+import math
+import os
 import sys
+import warnings
 
 from nanokimi.config import ConfigError
 
@@ -36,30 +39,76 @@ def cmd_train(args) -> int:
     from pathlib import Path
 
     out = args.out or f"runs/{args.preset or 'tiny'}"
-    config_file = args.config
-    if args.resume and not config_file and (Path(out) / "config.toml").is_file():
-        config_file = str(Path(out) / "config.toml")  # continue with the run's own settings
-    run = load_run_config(args.preset, config_file, args.overrides)
+    config_file, preset = args.config, args.preset
+    own_config = Path(out) / "config.toml"
+    if args.resume and not config_file and own_config.is_file():
+        config_file = str(own_config)  # continue with the run's own settings (its model, its preset)
+        if preset:
+            warnings.warn(f"--preset {preset} is ignored with --resume: the run in {out} continues its own model "
+                          f"(see {own_config}).", stacklevel=1)
+            preset = None
+    run = load_run_config(preset, config_file, args.overrides)
+    if not any(o.strip().startswith("train.stop_at=") for o in args.overrides):
+        run.train.stop_at = 0  # a stop_at saved by an older nanokimi belongs to that invocation only
     trainer = Trainer(run, out, resume=args.resume, progress=not args.no_progress)
-    print(f"training {run.preset} ({sum(p.numel() for p in trainer.model.parameters()) / 1e6:.1f}M params) on "
+    what = f"resuming {run.preset} at step {trainer.step}" if args.resume else f"training {run.preset}"
+    print(f"{what} ({sum(p.numel() for p in trainer.model.parameters()) / 1e6:.1f}M params) on "
           f"{trainer.device} with {run.optim.name}; data {trainer.data_dir}; writing {out}", file=sys.stderr)
+    source = trainer.manifest.source
+    if source.get("chars_used", 0) < source.get("chars", 0):
+        print(f"data: a fixed sample of {source['chars_used'] / 1e6:.1f}M of the {source['chars'] / 1e6:.1f}M characters "
+              f"of {run.data.source} (data.max_mb={run.data.max_mb:g}; data.max_mb=0 uses all)", file=sys.stderr)
+    if args.resume and trainer.step >= run.train.max_steps:
+        print(f"the run is already at train.max_steps={run.train.max_steps}: nothing to train. Continue it "
+              f"further with: nanokimi train --out {out} --resume train.max_steps={2 * run.train.max_steps}",
+              file=sys.stderr)
     from nanokimi.train.fast import describe_paths
     print("paths: " + describe_paths(trainer.model, trainer.device,
                                      torch.bfloat16 if trainer.device.type == "cuda" else torch.float32), file=sys.stderr)
     result = trainer.fit()
-    print(f"done: step {result['step']}, {result['tokens']:,} tokens, val loss {result.get('val_loss', float('nan')):.4f}, "
-          f"val bits/byte {result.get('val_bpb', float('nan')):.4f}; checkpoint {trainer.checkpoint_dir}")
+    val = (f"val loss {result['val_loss']:.4f}, val bits/byte {result['val_bpb']:.4f}" if "val_loss" in result
+           else "not evaluated")
+    print(f"done: step {result['step']}, {result['tokens']:,} tokens, {val}; checkpoint {trainer.checkpoint_dir}")
     if run.train.sample_tokens > 0:
         from nanokimi.infer.sample import sample_text
         text = sample_text(trainer.model, trainer.tokenizer_file, "def ", run.train.sample_tokens, temperature=0.8,
                            seed=run.train.seed)
         print("sample:\n" + text)
+    _finish_with_plot_and_next_steps(out, run.train.max_steps)
     return 0
+
+
+def _finish_with_plot_and_next_steps(out: str, max_steps: int) -> None:
+    from nanokimi.train.plot import plot_runs
+
+    png = str(os.path.join(out, "loss.png"))
+    try:
+        print(f"loss curve: {plot_runs([out], png)}")
+    except ImportError as e:
+        print(f"loss curve: not drawn ({e})")
+    print(f"next:\n  nanokimi generate --ckpt {out} --prompt 'def main(' --max-new-tokens 200\n"
+          f"  nanokimi eval --ckpt {out}\n"
+          f"  nanokimi train --out {out} --resume train.max_steps={4 * max_steps}   # train longer from where it stopped")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
 
 
 def cmd_generate(args) -> int:
     from nanokimi.infer.sample import load_for_sampling, sample_text
 
+    _check(args.max_new_tokens >= 1, f"--max-new-tokens {args.max_new_tokens} must be >= 1.")
+    _check(math.isfinite(args.temperature) and args.temperature >= 0,
+           f"--temperature {args.temperature} must be >= 0 (0 = greedy).")
+    _check(0 < args.top_p <= 1, f"--top-p {args.top_p} must be in (0, 1] (1 = off).")
+    _check(args.top_k >= 0, f"--top-k {args.top_k} must be >= 0 (0 = off).")
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("--prompt is not valid UTF-8 text (the shell passed undecodable bytes); re-encode it as "
+                         "UTF-8, e.g. with iconv.") from None
     model, tokenizer_file = load_for_sampling(args.ckpt)
     print(sample_text(model, tokenizer_file, args.prompt, args.max_new_tokens, temperature=args.temperature,
                       top_p=args.top_p, top_k=args.top_k, seed=args.seed))
@@ -69,6 +118,8 @@ def cmd_generate(args) -> int:
 def cmd_eval(args) -> int:
     from nanokimi.train.evaluate import evaluate_checkpoint
 
+    for name in ("batches", "batch_size", "seq_len"):
+        _check(getattr(args, name) >= 1, f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1.")
     result = evaluate_checkpoint(args.ckpt, args.data, args.batches, args.batch_size, args.seq_len)
     print(json.dumps(result, indent=1))
     return 0
@@ -93,11 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     train.add_argument("--nproc", type=int, default=1, help="processes (GPUs) to train on, through torchrun")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
-    train.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. train.max_steps=200 optim.lr=0.01")
+    train.add_argument("overrides", nargs="*", metavar="section.key=value",
+                       help="e.g. train.max_steps=200 optim.lr=0.01 (before or after the options)")
     train.set_defaults(func=cmd_train)
 
     gen = commands.add_parser("generate", help="sample text from a checkpoint")
-    gen.add_argument("--ckpt", required=True, help="run folder or its checkpoint folder")
+    gen.add_argument("--ckpt", required=True, help="run folder (its latest checkpoint) or a checkpoints/step-N folder")
     gen.add_argument("--prompt", default="")
     gen.add_argument("--max-new-tokens", type=int, default=200)
     gen.add_argument("--temperature", type=float, default=0.8)
@@ -107,8 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
 
     ev = commands.add_parser("eval", help="validation loss and bits per byte of a checkpoint")
-    ev.add_argument("--ckpt", required=True)
-    ev.add_argument("--data", help="prepared data folder or a source (default: the run's own data)")
+    ev.add_argument("--ckpt", required=True, help="run folder (its latest checkpoint) or a checkpoints/step-N folder")
+    ev.add_argument("--data", help="prepared data folder (its validation split) or a source (all of it); default: "
+                    "the run's own validation split")
     ev.add_argument("--batches", type=int, default=32)
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--seq-len", type=int, default=256)
@@ -136,15 +189,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parse a command line; `train`'s section.key=value overrides may come before and after its options."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "train" and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
+    from nanokimi.checkpoint import CheckpointError
     from nanokimi.data import DataError
     from nanokimi.train.trainer import TrainingError
+
+    debug = os.environ.get("NANOKIMI_DEBUG", "") not in ("", "0")
+    plain_format = warnings.formatwarning
+    if not debug:  # warnings as one line each, like the errors
+        warnings.formatwarning = lambda message, category, *rest, **kw: f"nanokimi: warning: {message}\n"
     try:
         return args.func(args)
-    except (ConfigError, DataError, TrainingError, FileNotFoundError) as e:
+    except (ConfigError, DataError, TrainingError, CheckpointError, FileNotFoundError, ValueError) as e:
+        if debug:
+            raise
         print(f"nanokimi: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("nanokimi: interrupted.", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug, or a failure we did not foresee: one line, the traceback on demand
+        if debug:
+            raise
+        print(f"nanokimi: error: {type(e).__name__}: {e}\n(rerun with NANOKIMI_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return 1
+    finally:
+        warnings.formatwarning = plain_format
 
 
 if __name__ == "__main__":

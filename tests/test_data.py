@@ -299,3 +299,45 @@ def test_stdlib_prepare_default(tmp_path):
     assert m.source["files"] > 500 and not any("site-packages" in d.id for d in iter_documents("stdlib"))
     x, _ = next(iter_eval(tmp_path / "stdlib", "val", 4, 256))
     assert x.shape == (4, 256)
+
+
+def test_text_without_blank_lines_is_cut_at_line_ends_and_long_lines_by_position():
+    from nanokimi.data.corpus import DOC_CHARS, _chunk_documents
+
+    lines = "".join(f"line {i} of a text that never leaves a blank line\n" for i in range(2000))
+    one_line = "x" * (10 * DOC_CHARS)
+    for text in (lines, one_line, lines[:5000] + one_line + lines[:3000]):
+        docs = list(_chunk_documents("f.txt", text))
+        assert "".join(d.text for d in docs) == text
+        assert len(docs) >= 2 and all(len(d.text) < 4 * DOC_CHARS + 100 for d in docs)  # + one line
+        assert len({d.id for d in docs}) == len(docs)
+
+
+def test_touched_source_is_reused_and_an_edited_one_is_named(tmp_path):
+    import os
+
+    src = write_folder(tmp_path / "src")
+    out = tmp_path / "out"
+    first = prepare(src, out, vocab_size=300, progress=False)
+    doc = next(src.rglob("doc00.txt"))
+    os.utime(doc, (time.time() + 10, time.time() + 10))
+    assert prepare(src, out, vocab_size=300, progress=False).created == first.created  # touched: same tokens
+    doc.write_text("edited text " * 100)
+    with pytest.raises(DataError, match=r"changed since .* was prepared.*--overwrite"):
+        prepare(src, out, vocab_size=300, progress=False)
+    again = prepare(src, out, vocab_size=300, progress=False, refresh_changed_source=True)
+    assert again.splits["train"].tokens + again.splits["val"].tokens != \
+        first.splits["train"].tokens + first.splits["val"].tokens
+
+
+def test_max_chars_takes_a_fixed_sample_of_whole_documents(tmp_path):
+    src = write_folder(tmp_path / "src", n_files=30)
+    whole = prepare(src, tmp_path / "whole", vocab_size=300, progress=False)
+    a = prepare(src, tmp_path / "a", vocab_size=300, max_chars=20_000, progress=False)
+    b = prepare(src, tmp_path / "b", vocab_size=300, max_chars=20_000, progress=False)
+    assert a.source["chars"] == whole.source["chars"] > a.source["chars_used"] >= 20_000
+    assert a.source["chars_used"] < 20_000 + 8_000  # whole documents: at most one (< 8k chars) over the budget
+    assert np.array_equal(read_split(tmp_path / "a", "train"), read_split(tmp_path / "b", "train"))
+    assert a.splits["val"].documents >= 1 and a.splits["train"].tokens < whole.splits["train"].tokens
+    assert "max_chars" not in prepare(src, tmp_path / "c", vocab_size=300, max_chars=10**9,
+                                      progress=False).settings  # cannot cut: same settings as before

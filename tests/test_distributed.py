@@ -121,7 +121,7 @@ def runs(tmp_path_factory):
         losses.append(reference.train_step())
         if step + 1 == SAVE_AT:
             reference.save()
-            shutil.copytree(root / "one" / "checkpoint", root / "one_to_two" / "checkpoint")
+            shutil.copytree(root / "one" / "checkpoints", root / "one_to_two" / "checkpoints")
     mp.spawn(_worker, args=(2, _free_port(), root), nprocs=2, join=True)
     result = torch.load(root / "result.pt")
     resumed = _trainer(root, root / "two", resume=True)
@@ -188,15 +188,15 @@ def test_resume_one_to_two_ranks(runs):
 def test_export_sharded_checkpoint(runs, tmp_path):
     from safetensors.torch import load_file
 
-    from nanokimi.checkpoint import load_model_checkpoint
+    from nanokimi.checkpoint import load_model_checkpoint, resolve_checkpoint
     from nanokimi.train.sharded_checkpoint import export_checkpoint, is_sharded_checkpoint
 
-    sharded = runs["root"] / "two" / "checkpoint"
+    sharded = resolve_checkpoint(runs["root"] / "two")
     assert is_sharded_checkpoint(sharded) and not (sharded / "model.safetensors").exists()
     out = export_checkpoint(sharded, tmp_path / "export")
     model = load_model_checkpoint(out)  # what `nanokimi generate --ckpt` loads
     # both folders hold step 10 (the resumed runs did not save): the 2-rank weights equal the 1-process ones
-    single = load_file(str(runs["root"] / "one_to_two" / "checkpoint" / "model.safetensors"))
+    single = load_file(str(resolve_checkpoint(runs["root"] / "one_to_two") / "model.safetensors"))
     exported = load_file(str(out / "model.safetensors"))
     assert set(exported) == set(single)
     for name, tensor in single.items():

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from nanokimi.cli import main
-from nanokimi.checkpoint import load_trainer_state
+from nanokimi.checkpoint import load_trainer_state, resolve_checkpoint
 
 SHAKESPEARE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinyshakespeare" / "input.txt"
 SMALL_MODEL = ["model.hidden_size=64", "model.num_layers=2", "model.mixers=KA", "model.num_heads=2",
@@ -46,7 +46,7 @@ def test_train_generate_eval_plot(tmp_path, corpus, capsys):
     assert {"step", "loss", "lr", "tokens", "tokens_per_s"} <= set(records[0])
     first, last = sum(r["loss"] for r in records[:3]) / 3, sum(r["loss"] for r in records[-3:]) / 3
     assert last < first - 0.5, (first, last)
-    assert (out / "checkpoint" / "model.safetensors").is_file() and (out / "config.toml").is_file()
+    assert (out / "checkpoints" / "latest").is_file() and (out / "config.toml").is_file()
     capsys.readouterr()
 
     assert main(["generate", "--ckpt", str(out), "--prompt", "ROMEO:", "--max-new-tokens", "20", "--seed", "1"]) == 0
@@ -70,9 +70,9 @@ def test_trained_checkpoint_exports_to_transformers(tmp_path, corpus):
 
     out = tmp_path / "run"
     assert train(out, corpus, "train.max_steps=3") == 0
-    assert main(["convert", "--to-hf", str(out / "checkpoint"), "--out", str(tmp_path / "hf")]) == 0
+    assert main(["convert", "--to-hf", str(out), "--out", str(tmp_path / "hf")]) == 0
     assert (tmp_path / "hf" / "tokenizer.json").is_file()
-    ours = load_model_checkpoint(out / "checkpoint").eval()
+    ours = load_model_checkpoint(resolve_checkpoint(out)).eval()
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     ids = torch.randint(0, ours.config.vocab_size, (2, 40))
     with torch.no_grad():
@@ -150,7 +150,7 @@ def test_empty_corpus_and_occupied_output_dir(tmp_path, corpus, capsys):
 def test_corrupted_shard_is_detected(tmp_path, corpus, capsys):
     out = tmp_path / "run"
     assert train(out, corpus, "train.max_steps=1") == 0
-    data_dir = Path(load_trainer_state(out / "checkpoint")["data_dir"])
+    data_dir = Path(load_trainer_state(resolve_checkpoint(out))["data_dir"])
     shard = sorted(data_dir.glob("train_*.bin"))[0]
     raw = bytearray(shard.read_bytes())
     raw[10] ^= 0xFF
@@ -194,5 +194,5 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, corpus):
         _, err = proc.communicate(timeout=60)
         pytest.fail(f"the run did not exit within 120 s of Ctrl-C; its threads' stacks:\n{err[-8000:]}")
     assert proc.returncode == 2 and "interrupted at step" in err and "Traceback" not in err
-    assert load_trainer_state(out / "checkpoint")["step"] >= 3
-    assert not (out / "checkpoint.tmp").exists()
+    assert load_trainer_state(resolve_checkpoint(out))["step"] >= 3
+    assert not list((out / "checkpoints").glob("*.tmp"))

@@ -23,6 +23,8 @@ def add_prepare_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     parser.add_argument("--shard-tokens", type=int, default=1 << 24, help="tokens per shard file (16M)")
     parser.add_argument("--tokenizer-sample-mb", type=float, default=8.0,
                         help="train the BPE on this many million characters of train documents (8)")
+    parser.add_argument("--max-mb", type=float, default=0.0,
+                        help="use only a fixed sample of whole documents of about this many million characters (0: all)")
     parser.add_argument("--overwrite", action="store_true", help="replace an output folder prepared differently")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -39,7 +41,8 @@ def run_prepare(args: argparse.Namespace) -> int:
     try:
         m = prepare(args.source, out, vocab_size=args.vocab_size, tokenizer_path=args.tokenizer,
                     text_field=args.text_field, val_fraction=args.val_fraction, shard_tokens=args.shard_tokens,
-                    tokenizer_sample_chars=int(args.tokenizer_sample_mb * 1e6), overwrite=args.overwrite,
+                    tokenizer_sample_chars=int(args.tokenizer_sample_mb * 1e6), max_chars=int(args.max_mb * 1e6),
+                    overwrite=args.overwrite,
                     progress=not args.no_progress)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)

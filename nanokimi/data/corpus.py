@@ -64,6 +64,17 @@ class Source:
             h.update(f"{f.doc_prefix}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         return h.hexdigest()
 
+    def content_sha256(self) -> str:
+        """sha256 over (id prefix, bytes) of every file: changes only when the text changes."""
+        h = hashlib.sha256()
+        for f in self.files:
+            h.update(f"{f.doc_prefix}\0".encode())
+            with open(f.path, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(block)
+            h.update(b"\0\n")
+        return h.hexdigest()
+
 
 def hash_unit(doc_id: str) -> float:
     """A stable number in [0, 1) from the sha1 of the document id."""
@@ -160,15 +171,25 @@ def _read_text(path: Path, strict: bool) -> str | None:
 
 
 def _chunk_documents(prefix: str, text: str) -> Iterator[Document]:
-    """Cut one text into documents of at least DOC_CHARS characters, each ending after a blank line.
+    """Cut one text into documents of at least DOC_CHARS characters, each ending after a blank line; a text
+    without blank lines is cut at line ends after 4 * DOC_CHARS, and a line longer than that in pieces of
+    4 * DOC_CHARS characters, so that any text of more than a few documents' length can be split.
 
-    The documents joined back together give the text exactly; ids are '<file>:<first line number>'.
+    The documents joined back together give the text exactly; ids are '<file>:<first line number>' (plus
+    ':<character offset>' for the pieces of a long line).
     """
     lines = text.splitlines(keepends=True)
     start, size, first_line = 0, 0, 1
     for i, line in enumerate(lines):
+        if len(line) > 4 * DOC_CHARS:  # one very long line: flush what came before, then cut it by position
+            if start < i:
+                yield Document(f"{prefix}:{first_line}", "".join(lines[start:i]))
+            for offset in range(0, len(line), 4 * DOC_CHARS):
+                yield Document(f"{prefix}:{i + 1}:{offset}", line[offset : offset + 4 * DOC_CHARS])
+            start, size, first_line = i + 1, 0, i + 2
+            continue
         size += len(line)
-        if size >= DOC_CHARS and not line.strip():
+        if (size >= DOC_CHARS and not line.strip()) or size >= 4 * DOC_CHARS:
             yield Document(f"{prefix}:{first_line}", "".join(lines[start : i + 1]))
             start, size, first_line = i + 1, 0, i + 2
     if start < len(lines):

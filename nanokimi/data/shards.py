@@ -93,16 +93,22 @@ def prepare(
     val_fraction: float = 0.01,
     shard_tokens: int = 1 << 24,
     tokenizer_sample_chars: int = 8_000_000,
+    max_chars: int = 0,
     overwrite: bool = False,
     progress: bool = True,
+    refresh_changed_source: bool = False,
 ) -> Manifest:
     """Tokenise `source` into `out_dir` and return its Manifest (or the existing one if already prepared).
 
     vocab_size: size of the BPE trained on up to `tokenizer_sample_chars` of train documents (a fixed,
     hash-chosen sample); ignored when `tokenizer_path` names an existing tokenizer.json to use instead.
+    max_chars: when > 0, use only a fixed sample of whole documents (in the order of their hash) of about this
+    many characters, and record both sizes in the manifest (source.chars, source.chars_used).
     val_fraction: share of documents (by sha1 of their id) held out; val always gets at least one document
     when the source has two or more. Raises DataError on a missing/empty source, bad jsonl, or an out_dir
-    prepared with other settings (unless overwrite=True).
+    prepared with other settings (unless overwrite=True). When only the source's files changed (their
+    mtime or size; same content only touched: the manifest is kept), `refresh_changed_source=True` prepares
+    the folder again instead of raising.
     """
     started = time.perf_counter()
     if not 0.0 <= val_fraction < 1.0:
@@ -122,8 +128,10 @@ def prepare(
                       else {"train_vocab_size": vocab_size, "sample_chars": tokenizer_sample_chars}),
         "val_fraction": val_fraction,
         "shard_tokens": shard_tokens,
+        # only when it may cut (characters <= bytes), so folders prepared before max_chars existed still match
+        **({"max_chars": max_chars} if 0 < max_chars < sum(f.path.stat().st_size for f in src.files) else {}),
     }
-    existing = _check_existing(out, settings, overwrite)
+    existing = _check_existing(out, src, settings, overwrite, refresh_changed_source)
     if existing is not None:
         return existing
 
@@ -131,6 +139,11 @@ def prepare(
     docs = [(d.id, hash_unit(d.id), len(d.text)) for d in _documents(src, text_field)]
     if not docs:
         raise DataError(f"Source {src.spec!r} has no documents with text ({src.filter}).")
+    chars = sum(n for _, _, n in docs)
+    kept = None
+    if 0 < max_chars < chars:
+        kept = _hash_sample(docs, max_chars)
+        docs = [d for d in docs if d[0] in kept]
     val_threshold = _val_threshold([h for _, h, _ in docs], val_fraction)
 
     seconds["scan"] = time.perf_counter() - started
@@ -149,7 +162,8 @@ def prepare(
     splits = {s: SplitInfo() for s in SPLITS}
     total_chars = sum(n for _, _, n in docs)
     bar = tqdm(total=total_chars, unit="char", unit_scale=True, desc=f"tokenising {src.spec}", disable=not progress)
-    for batch in _batches(_documents(src, text_field), ENCODE_BATCH_CHARS):
+    chosen = (d for d in _documents(src, text_field) if kept is None or d.id in kept)
+    for batch in _batches(chosen, ENCODE_BATCH_CHARS):
         for doc, ids in zip(batch, tokenizer.encode_batch([d.text for d in batch])):
             split = "val" if hash_unit(doc.id) < val_threshold else "train"
             writers[split].write([tokenizer.eot_id, *ids])
@@ -166,7 +180,7 @@ def prepare(
 
     manifest = Manifest(
         source={"spec": src.spec, "kind": src.kind, "root": str(src.root), "filter": src.filter,
-                "files": len(src.files)},
+                "files": len(src.files), "sha256": src.content_sha256(), "chars": chars, "chars_used": total_chars},
         settings=settings,
         tokenizer={"file": TOKENIZER, "sha256": _sha256_file(out / TOKENIZER), "vocab_size": tokenizer.vocab_size,
                    "eot_id": tokenizer.eot_id, "trained": given_tokenizer is None},
@@ -184,17 +198,29 @@ def _documents(src: Source, text_field: str) -> Iterator[Document]:
     return iter_documents(src, text_field=text_field)
 
 
-def _check_existing(out: Path, settings: dict, overwrite: bool) -> Manifest | None:
+def _check_existing(out: Path, src: Source, settings: dict, overwrite: bool, refresh: bool) -> Manifest | None:
     """The existing manifest if `out` already holds exactly this preparation; DataError if it holds another."""
     if not (out / MANIFEST).is_file() or overwrite:
         return None
     old = Manifest.load(out)
+    if old.settings != {**settings, "source_fingerprint": old.settings.get("source_fingerprint")}:
+        refresh = False  # more than the source's files changed: never replace it silently
+    elif old.settings != settings:  # the same source, its files touched or edited
+        if old.source.get("sha256") == src.content_sha256():
+            old.settings = settings  # only touched: the tokens are still right
+            _write_atomic(out / MANIFEST, old.to_json().encode())
+        elif refresh:
+            return None
+        else:
+            raise DataError(f"{src.spec!r} changed since {out} was prepared from it. Prepare it again: "
+                            f"nanokimi data prepare --source {src.spec} --out {out} --overwrite")
     if old.settings != settings:
         differ = sorted(k for k in settings.keys() | old.settings.keys() if settings.get(k) != old.settings.get(k))
         what = ", ".join(f"{k}: {old.settings.get(k)!r} there vs {settings.get(k)!r} now" for k in differ)
         raise DataError(
             f"{out} was prepared from a different source/tokenizer/settings ({what}). "
-            "Choose another --out folder, or pass --overwrite to replace it."
+            "Choose another output folder (--out; data.dir for a training run), or replace it (--overwrite; "
+            "for a training run, delete the folder)."
         )
     for split in old.splits.values():
         for shard in split.shards:
@@ -218,14 +244,20 @@ def _val_threshold(hashes: list[float], val_fraction: float) -> float:
     return float(np.nextafter(ordered[want - 1], 1.0)) if have < want else ordered[n - 1]
 
 
-def _tokenizer_sample(src: Source, text_field: str, docs, val_threshold: float, budget: int) -> Iterator[str]:
-    """Train documents in order of their hash until `budget` characters: a fixed, spread-out sample."""
+def _hash_sample(docs, budget: int) -> set[str]:
+    """Ids of documents taken in the order of their hash until `budget` characters: a fixed, spread-out sample."""
     chosen, size = set(), 0
-    for doc_id, h, n in sorted((d for d in docs if d[1] >= val_threshold), key=lambda d: d[1]):
+    for doc_id, _, n in sorted(docs, key=lambda d: d[1]):
         if size >= budget:
             break
         chosen.add(doc_id)
         size += n
+    return chosen
+
+
+def _tokenizer_sample(src: Source, text_field: str, docs, val_threshold: float, budget: int) -> Iterator[str]:
+    """Train documents in order of their hash until `budget` characters: a fixed, spread-out sample."""
+    chosen = _hash_sample([d for d in docs if d[1] >= val_threshold], budget)
     return (d.text for d in _documents(src, text_field) if d.id in chosen)
 
 

@@ -9,11 +9,12 @@ from nanokimi.checkpoint import TOKENIZER, load_model_checkpoint, resolve_checkp
 def load_for_sampling(ckpt: str, device: str | None = None):
     """(model in eval mode, path of its tokenizer.json) from a run folder or checkpoint folder."""
     path = resolve_checkpoint(ckpt)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model_checkpoint(path, device).eval()
     tokenizer_file = path / TOKENIZER
     if not tokenizer_file.is_file():
         raise FileNotFoundError(f"{tokenizer_file} is missing: this checkpoint carries no tokenizer.")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return load_model_checkpoint(path, device).eval(), tokenizer_file
+    return model, tokenizer_file
 
 
 def sample_text(model, tokenizer_file, prompt: str, max_new_tokens: int, temperature: float = 0.8,

@@ -9,6 +9,7 @@ import sys
 
 import torch
 
+from nanokimi.checkpoint import load_model_config, resolve_checkpoint
 from nanokimi.interop.hf import LAYOUTS, infer_layout, load_hf, save_hf
 from nanokimi.interop.native import load_native, save_native
 
@@ -18,7 +19,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def add_convert_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--from-hf", metavar="HF_DIR", help="transformers checkpoint to read (config.json + safetensors)")
-    source.add_argument("--to-hf", metavar="NANOKIMI_DIR", help="nanokimi checkpoint to export for transformers")
+    source.add_argument("--to-hf", metavar="NANOKIMI_DIR",
+                        help="nanokimi checkpoint (or a run folder: its latest checkpoint) to export for transformers")
     parser.add_argument("--out", required=True, metavar="DIR", help="directory to write (replaced atomically)")
     parser.add_argument("--layout", choices=LAYOUTS, help="HF layout for --to-hf (default: deepseek_v3 for "
                         "all-MLA RoPE models, else kimi_linear)")
@@ -46,10 +48,12 @@ def _convert(args: argparse.Namespace) -> int:
         save_native(model, args.out, overwrite=args.overwrite)
         what = f"{args.from_hf} (HF {model.config.layer_mixers}) -> {args.out} (nanokimi)"
     else:
-        model = load_native(args.to_hf, dtype=dtype)
+        source = resolve_checkpoint(args.to_hf)  # a run folder means its latest checkpoint
+        load_model_config(source)  # one clear error for an HF folder or a damaged config.json
+        model = load_native(source, dtype=dtype)
         tokenizer = args.tokenizer
-        if tokenizer is None and (Path(args.to_hf) / "tokenizer.json").is_file():
-            tokenizer = Path(args.to_hf) / "tokenizer.json"  # a training checkpoint carries its tokenizer
+        if tokenizer is None and (source / "tokenizer.json").is_file():
+            tokenizer = source / "tokenizer.json"  # a training checkpoint carries its tokenizer
         save_hf(model, args.out, layout=args.layout, max_shard_bytes=args.max_shard_size,
                 tokenizer_path=tokenizer, overwrite=args.overwrite)
         what = f"{args.to_hf} (nanokimi) -> {args.out} (HF {args.layout or infer_layout(model.config)})"

@@ -10,14 +10,15 @@ import sys
 
 
 def main(argv=None) -> int:
-    from nanokimi.cli import build_parser
+    from nanokimi.checkpoint import CheckpointError
+    from nanokimi.cli import parse_args
     from nanokimi.config import ConfigError
     from nanokimi.data import DataError
     from nanokimi.train.config import load_run_config
     from nanokimi.train.distributed import barrier, close_distributed, init_distributed
     from nanokimi.train.trainer import Trainer, TrainingError, prepare_data
 
-    args = build_parser().parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
+    args = parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
     if args.nproc > 1:
         print("nanokimi: error: --nproc is for `nanokimi train`; under torchrun set --nproc_per_node instead.",
               file=sys.stderr)
@@ -38,9 +39,10 @@ def main(argv=None) -> int:
                       f"{run.optim.name}; data {trainer.data_dir}; writing {out}", file=sys.stderr)
             result = trainer.fit()
             if rank == 0:
-                print(f"done: step {result['step']}, {result['tokens']:,} tokens, val loss "
-                      f"{result.get('val_loss', float('nan')):.4f}, val bits/byte "
-                      f"{result.get('val_bpb', float('nan')):.4f}; checkpoint {trainer.checkpoint_dir}")
+                val = (f"val loss {result['val_loss']:.4f}, val bits/byte {result['val_bpb']:.4f}"
+                       if "val_loss" in result else "not evaluated")
+                print(f"done: step {result['step']}, {result['tokens']:,} tokens, {val}; checkpoint "
+                      f"{trainer.checkpoint_dir}")
             if run.train.sample_tokens > 0:  # every rank runs the sharded forward; rank 0 prints
                 from nanokimi.infer.sample import sample_text
                 text = sample_text(trainer.model, trainer.tokenizer_file, "def ", run.train.sample_tokens,
@@ -49,7 +51,7 @@ def main(argv=None) -> int:
                     print("sample:\n" + text)
         finally:
             close_distributed()
-    except (ConfigError, DataError, TrainingError, FileNotFoundError) as e:
+    except (ConfigError, DataError, TrainingError, CheckpointError, FileNotFoundError) as e:
         print(f"nanokimi: error: {e}", file=sys.stderr)
         return 2
     return 0

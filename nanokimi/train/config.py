@@ -3,11 +3,15 @@ file and dotted `key=value` overrides, in that order."""
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from nanokimi.config import ConfigError, ModelConfig, from_dict, suggest
+
+MAX_VOCAB = 1 << 21
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -21,16 +25,17 @@ class DataConfig:
     text_field: str = "text"  # jsonl only
     vocab_size: int = 4096  # BPE trained on the corpus, unless `tokenizer` names a tokenizer.json
     tokenizer: str = ""
+    max_mb: float = 8.0  # tokenise only a fixed sample of whole documents of about this many million characters; 0 = all
     dir: str = ""  # where token shards live; default: a cache folder keyed by source and settings
 
 
 @dataclass(kw_only=True, slots=True)
 class TrainConfig:
     batch_size: int = 16  # sequences per optimizer step (global, over all ranks and accumulation steps)
-    seq_len: int = 256
+    seq_len: int = 128
     grad_accum: int = 1
-    max_steps: int = 150  # length of the schedule
-    stop_at: int = 0  # stop and save after this step, leaving the schedule unfinished (0 = run to max_steps)
+    max_steps: int = 120  # length of the schedule
+    stop_at: int = 0  # this invocation stops and saves after this step (0 = run to max_steps); never saved with the run
     seed: int = 1337
     device: str = "auto"  # "auto" = cuda when available
     compile: bool = False
@@ -38,9 +43,10 @@ class TrainConfig:
     fsdp_reduce_dtype: str = "fp32"  # several processes on CUDA: gradient reduce-scatter in "fp32" or "bf16" (half the bytes)
     grad_clip: float = 1.0
     log_every: int = 10
-    eval_every: int = 75
+    eval_every: int = 60
     eval_batches: int = 8
-    save_every: int = 75
+    save_every: int = 60
+    keep_checkpoints: int = 2  # newest complete checkpoints/step-N folders kept
     sample_tokens: int = 120
 
 
@@ -77,10 +83,34 @@ class RunConfig:
             raise ConfigError(f"optim.schedule='{self.optim.schedule}' must be 'cosine' or 'wsd'.")
         if self.train.fsdp_reduce_dtype not in ("fp32", "bf16"):
             raise ConfigError(f"train.fsdp_reduce_dtype='{self.train.fsdp_reduce_dtype}' must be 'fp32' or 'bf16'.")
-        for section, name in (("train", "batch_size"), ("train", "seq_len"), ("train", "grad_accum"),
-                              ("train", "max_steps")):
-            if getattr(getattr(self, section), name) < 1:
-                raise ConfigError(f"{section}.{name} must be >= 1.")
+        t, o = self.train, self.optim
+        for name in ("batch_size", "seq_len", "grad_accum", "max_steps", "log_every", "eval_every", "eval_batches",
+                     "save_every", "keep_checkpoints"):
+            if getattr(t, name) < 1:
+                raise ConfigError(f"train.{name}={getattr(t, name)} must be >= 1.")
+        for name in ("stop_at", "sample_tokens", "seed"):
+            if getattr(t, name) < 0:
+                raise ConfigError(f"train.{name}={getattr(t, name)} must be >= 0.")
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", t.device):
+            raise ConfigError(f"train.device='{t.device}' must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'.")
+        if not (o.lr > 0 and math.isfinite(o.lr)):
+            raise ConfigError(f"optim.lr={o.lr} must be a positive number, e.g. optim.lr=3e-3.")
+        for name in ("weight_decay", "warmup_steps", "qk_clip_tau", "router_bias_rate", "min_lr_ratio"):
+            if not getattr(o, name) >= 0:
+                raise ConfigError(f"optim.{name}={getattr(o, name)} must be >= 0.")
+        for name in ("beta1", "beta2", "momentum"):
+            if not 0 <= getattr(o, name) < 1:
+                raise ConfigError(f"optim.{name}={getattr(o, name)} must be in [0, 1), e.g. 0.95.")
+        if not 0 <= o.decay_fraction <= 1:
+            raise ConfigError(f"optim.decay_fraction={o.decay_fraction} must be in [0, 1].")
+        if not self.data.max_mb >= 0:
+            raise ConfigError(f"data.max_mb={self.data.max_mb} must be >= 0 (0 = the whole source).")
+        if t.grad_clip < 0:
+            raise ConfigError(f"train.grad_clip={t.grad_clip} must be >= 0 (0 turns clipping off).")
+        for name, value in (("data.vocab_size", self.data.vocab_size), ("model.vocab_size", self.model.vocab_size)):
+            if not 1 <= value <= MAX_VOCAB:
+                raise ConfigError(f"{name}={value} is out of range: it must be at most {MAX_VOCAB:,} "
+                                  "(Kimi K2 has 163,840), e.g. data.vocab_size=4096.")
         if self.train.batch_size % self.train.grad_accum:
             raise ConfigError(f"train.batch_size={self.train.batch_size} must be divisible by "
                               f"train.grad_accum={self.train.grad_accum}.")

@@ -1,13 +1,29 @@
 """Loss curves of one or more runs against tokens seen, in one PNG."""
 import json
+import warnings
 from pathlib import Path
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The records of RUN/metrics.jsonl; a line that is not JSON (a write cut off by a crash) is skipped with a
+    warning."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: '{run_dir}' is not a training run folder.")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            warnings.warn(f"{path} line {number} is not a metrics record (a write cut off by a crash?); skipped.",
+                          stacklevel=2)
+            continue
+        records.append(record)
+    return records
 
 
 def plot_runs(run_dirs: list[str], out: str) -> str:
@@ -16,7 +32,7 @@ def plot_runs(run_dirs: list[str], out: str) -> str:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise FileNotFoundError("plotting needs matplotlib: pip install 'nanokimi[plot]'") from None
+        raise ImportError("plotting needs matplotlib: pip install matplotlib") from None
     fig, (train_ax, val_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for run_dir in run_dirs:
         records = read_metrics(run_dir)
@@ -31,7 +47,8 @@ def plot_runs(run_dirs: list[str], out: str) -> str:
     val_ax.set(xlabel="tokens", ylabel="validation bits per byte", title="validation")
     for ax in (train_ax, val_ax):
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     fig.tight_layout()
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)

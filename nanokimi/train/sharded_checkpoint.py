@@ -1,6 +1,7 @@
 """Checkpoints of sharded (FSDP2) runs, through torch.distributed.checkpoint (DCP).
 
-A sharded checkpoint folder holds what a single-process one does, except the weights and optimizer state:
+A sharded checkpoint is a step folder (RUN/checkpoints/step-N, the layout of nanokimi.checkpoint) that holds
+what a single-process one does, except the weights and optimizer state:
     config.json, tokenizer.json       as in nanokimi.checkpoint
     trainer.pt                        data position, RNG, step, tokens, run config ("format": "dcp")
     sharded/                          DCP files of {"model": weights, "optim": optimizer state}, each rank
@@ -10,7 +11,7 @@ M ranks, or on one process. The other direction works too: a sharded run resumes
 checkpoint (model.safetensors + trainer.pt). `export_checkpoint` turns a sharded checkpoint into the
 single-process format (model.safetensors), which `nanokimi generate --ckpt`, `eval` and HF export read.
 
-    python -m nanokimi.train.sharded_checkpoint RUN/checkpoint OUT_DIR    # export
+    python -m nanokimi.train.sharded_checkpoint RUN OUT_DIR    # export (RUN: a run folder or a step folder)
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from nanokimi.checkpoint import CONFIG, TOKENIZER, TRAINER_STATE, WEIGHTS, load_trainer_state, save_checkpoint
+from nanokimi.checkpoint import (CONFIG, TOKENIZER, TRAINER_STATE, WEIGHTS, CheckpointNotFound, load_trainer_state,
+                                 resolve_checkpoint, save_checkpoint, save_step)
 
 SHARDED = "sharded"
 
@@ -46,35 +48,25 @@ def _optimizers(optimizer) -> list:
     return list(optimizer.optimizers.values()) if hasattr(optimizer, "optimizers") else [optimizer]
 
 
-def save_sharded_checkpoint(path: str | Path, model: nn.Module, optimizer, trainer_state: dict,
-                            tokenizer_file: str | Path | None = None) -> Path:
-    """Every rank calls this. Writes PATH.tmp (DCP shards from every rank, the small files from rank 0),
-    then rank 0 swaps it into PATH, so a crash never leaves a half-written checkpoint."""
+def save_sharded_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer, trainer_state: dict,
+                            tokenizer_file: str | Path | None = None, keep: int = 2) -> Path:
+    """Every rank calls this. Writes RUN/checkpoints/step-STEP like a single-process run does (a temporary
+    folder, fsynced and renamed, then `latest`): DCP shards from every rank, the small files from rank 0."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    path = Path(path)
-    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
-    if _main():
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
-    model_state, optim_state = get_state_dict(model, _optimizers(optimizer))
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / SHARDED))
-    if _main():
-        config = getattr(model, "config", None)
-        if config is not None:
-            (tmp / CONFIG).write_text(json.dumps(config.to_dict(), indent=1))
-        if tokenizer_file is not None:
-            shutil.copyfile(tokenizer_file, tmp / TOKENIZER)
-        state = {k: v for k, v in trainer_state.items() if k != "optimizer"}
-        torch.save({**state, "format": "dcp"}, tmp / TRAINER_STATE)
-        if path.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            path.rename(old)
-        tmp.rename(path)
-        shutil.rmtree(old, ignore_errors=True)
-    _barrier()
-    return path
+    def write(tmp: Path) -> None:
+        model_state, optim_state = get_state_dict(model, _optimizers(optimizer))
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / SHARDED))
+        if _main():
+            config = getattr(model, "config", None)
+            if config is not None:
+                (tmp / CONFIG).write_text(json.dumps(config.to_dict(), indent=1))
+            if tokenizer_file is not None:
+                shutil.copyfile(tokenizer_file, tmp / TOKENIZER)
+            state = {k: v for k, v in trainer_state.items() if k != "optimizer"}
+            torch.save({**state, "format": "dcp"}, tmp / TRAINER_STATE)
+
+    return save_step(run_dir, step, write, keep=keep, is_main=_main(), barrier=_barrier)
 
 
 def load_into(path: str | Path, model: nn.Module, optimizer) -> dict:
@@ -155,10 +147,11 @@ def export_checkpoint(sharded: str | Path, out: str | Path) -> Path:
     from nanokimi.model import build_model
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-    sharded = Path(sharded)
+    sharded = resolve_checkpoint(sharded)
     if not is_sharded_checkpoint(sharded):
-        raise FileNotFoundError(f"'{sharded}' is not a sharded checkpoint: {sharded / SHARDED / '.metadata'} is "
-                                "missing. Point at RUN_DIR/checkpoint of a run trained with --nproc > 1.")
+        raise CheckpointNotFound(f"'{sharded}' is not a sharded checkpoint: {sharded / SHARDED / '.metadata'} is "
+                                 "missing. Point at the run folder (or RUN/checkpoints/step-N) of a run trained with "
+                                 "--nproc > 1.")
     model = build_model(ModelConfig.from_dict(json.loads((sharded / CONFIG).read_text())), device="cpu")
     state = {"model": get_model_state_dict(model)}
     dcp.load(state, checkpoint_id=str(sharded / SHARDED))

@@ -4,10 +4,14 @@ One process or several (torchrun); the loop is the same and rank 0 does the talk
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
+import signal
+import threading
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -15,7 +19,8 @@ from tqdm import tqdm
 
 from nanokimi.model import Transformer, build_model
 from nanokimi.model.moe import update_router_bias
-from nanokimi.checkpoint import load_trainer_state, rng_state, save_checkpoint, set_rng_state
+from nanokimi.checkpoint import (CHECKPOINTS, CheckpointError, load_trainer_state, rng_state, run_checkpoint,
+                                 save_step, set_rng_state, write_checkpoint_files)
 from nanokimi.train.config import RunConfig, to_toml
 from nanokimi.train.distributed import clip_grad_norm_
 from nanokimi.train.schedule import lr_factor
@@ -30,8 +35,9 @@ def default_data_dir(run: RunConfig) -> Path:
 
     if run.data.dir:
         return Path(run.data.dir)
-    key = json.dumps([run.data.source, os.path.abspath(run.data.source) if run.data.source != "stdlib" else "",
-                      run.data.text_field, run.data.vocab_size, run.data.tokenizer])
+    key = [run.data.source, os.path.abspath(run.data.source) if run.data.source != "stdlib" else "",
+           run.data.text_field, run.data.vocab_size, run.data.tokenizer]
+    key = json.dumps(key + [run.data.max_mb] if run.data.max_mb else key)
     slug = "stdlib" if run.data.source == "stdlib" else Path(run.data.source.split("*")[0].rstrip("/")).stem or "data"
     cache = Path(os.environ.get("NANOKIMI_CACHE", Path.home() / ".cache" / "nanokimi"))
     return cache / "data" / f"{slug}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
@@ -40,16 +46,56 @@ def default_data_dir(run: RunConfig) -> Path:
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)  # the name itself was checked by RunConfig.validate
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError(f"train.device={name} but this torch build sees no CUDA GPU "
+                            f"(torch {torch.__version__}); use train.device=cpu or train.device=auto.")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise TrainingError(f"train.device={name} but there are only {torch.cuda.device_count()} CUDA device(s).")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise TrainingError(f"train.device={name} but MPS is not available here; use train.device=cpu.")
+    return device
 
 
 def prepare_data(run: RunConfig, progress: bool = True):
+    """Tokenise the run's source (once; again when its files changed) into the run's data folder."""
     from nanokimi.data import prepare
 
     data_dir = default_data_dir(run)
     manifest = prepare(run.data.source, data_dir, vocab_size=run.data.vocab_size,
-                       tokenizer_path=run.data.tokenizer or None, text_field=run.data.text_field, progress=progress)
+                       tokenizer_path=run.data.tokenizer or None, text_field=run.data.text_field, progress=progress,
+                       max_chars=int(run.data.max_mb * 1e6), refresh_changed_source=True)
     return data_dir, manifest
+
+
+class StopSignals:
+    """While active, SIGINT, SIGTERM and SIGUSR1 (Slurm's warning before pre-emption, with --signal) only
+    record that a stop was asked for, so the loop can finish its step, save and exit. A second Ctrl-C
+    stops at once (KeyboardInterrupt). Handlers are installed only in the main thread."""
+
+    NAMES = ("SIGINT", "SIGTERM", "SIGUSR1")
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for name in self.NAMES:
+                if hasattr(signal, name):
+                    number = getattr(signal, name)
+                    self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous.clear()
 
 
 @torch.no_grad()
@@ -75,7 +121,7 @@ class Trainer:
         self.is_main = rank == 0
         self.progress = progress and self.is_main
         self.device = pick_device(run.train.device)
-        self.checkpoint_dir = self.out / "checkpoint"
+        self.checkpoints = self.out / CHECKPOINTS
         self._check_output_dir(resume)
 
         torch.manual_seed(run.train.seed)
@@ -92,17 +138,31 @@ class Trainer:
         if self.micro_batch * t.grad_accum * world_size != t.batch_size:
             raise TrainingError(f"train.batch_size={t.batch_size} must be divisible by grad_accum={t.grad_accum} "
                                 f"times the number of processes ({world_size}).")
+        self._check_val_split()
         self.stream = TokenStream(self.data_dir, "train", self.micro_batch, t.seq_len, seed=t.seed,
                                   rank=rank, world_size=world_size, device=self.device)
         self._build_model_and_optimizer()
         self.step, self.tokens = 0, 0
-        self.last_good = None
+        self.last_good: Path | None = None
         if resume:
-            from nanokimi.train.sharded_checkpoint import is_sharded_checkpoint
-            if not ((self.checkpoint_dir / "trainer.pt").is_file() or is_sharded_checkpoint(self.checkpoint_dir)):
-                raise TrainingError(f"--resume: '{self.out}' has no checkpoint to continue from "
-                                    f"({self.checkpoint_dir} is missing). Start it without --resume.")
             self._resume()
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """The newest checkpoint of this run (the step folder `latest` names), or where they go."""
+        return self.last_good or self.checkpoints
+
+    def _check_val_split(self) -> None:
+        """Fail before any work when the validation split cannot hold one evaluation window."""
+        t = self.run.train
+        val = self.manifest.splits["val"].tokens
+        if val < t.seq_len + 1:
+            raise TrainingError(
+                f"the validation split of {self.data_dir} has {val} tokens, fewer than one window of "
+                f"train.seq_len + 1 = {t.seq_len + 1}: the source {self.run.data.source!r} is too small or is one "
+                f"document ({self.manifest.splits['train'].documents + self.manifest.splits['val'].documents} "
+                "document(s)). Give a bigger source (a folder of files, or a text with blank lines between parts), "
+                "or a smaller train.seq_len.")
 
     def _build_model_and_optimizer(self) -> None:
         """self.model (sharded across ranks, compiled if asked), self.loss_fn and self.optimizer from self.run."""
@@ -132,11 +192,19 @@ class Trainer:
             enable_qk_clip_recording(self.model)
 
     def _check_output_dir(self, resume: bool) -> None:
-        holds_run = (self.out / "metrics.jsonl").exists() or self.checkpoint_dir.exists()
-        if holds_run and not resume:
-            raise TrainingError(f"'{self.out}' already holds a training run. Pass --resume to continue it, "
-                                "or choose another --out.")
+        found = run_checkpoint(self.out, warn=False)
+        if found is not None and not resume:
+            raise TrainingError(f"'{self.out}' already holds a training run (checkpoint {found}). Pass --resume to "
+                                "continue it, or choose another --out.")
+        if found is None and resume:
+            raise TrainingError(f"--resume: '{self.out}' has no checkpoint to continue from (no complete "
+                                f"{CHECKPOINTS}/step-N: the run stopped before its first save). Start it again "
+                                "without --resume.")
         if self.is_main:
+            metrics = self.out / "metrics.jsonl"
+            if found is None and metrics.exists():
+                warnings.warn(f"'{self.out}' holds a run that saved no checkpoint; starting it over.", stacklevel=3)
+                metrics.unlink()
             self.out.mkdir(parents=True, exist_ok=True)
 
     def _resume(self) -> None:
@@ -144,20 +212,68 @@ class Trainer:
 
         from nanokimi.train.sharded_checkpoint import is_sharded_checkpoint, load_into
 
-        if self.world_size > 1 or is_sharded_checkpoint(self.checkpoint_dir):
-            state = load_into(self.checkpoint_dir, self.model, self.optimizer)
-        else:
-            load_model(self.model, str(self.checkpoint_dir / "model.safetensors"), strict=False, device=str(self.device))
-            state = load_trainer_state(self.checkpoint_dir)
-            self.optimizer.load_state_dict(state["optimizer"])
-        self.stream.load_state_dict(state["data"])
+        path = run_checkpoint(self.out)
+        state = load_trainer_state(path)
+        self._check_same_run(path, state.get("run", {}))
+        try:
+            if self.world_size > 1 or is_sharded_checkpoint(path):
+                state = load_into(path, self.model, self.optimizer)
+            else:
+                try:
+                    load_model(self.model, str(path / "model.safetensors"), strict=False, device=str(self.device))
+                except Exception as e:  # SafetensorError on a damaged file
+                    raise CheckpointError(f"{path / 'model.safetensors'} cannot be read ({type(e).__name__}: "
+                                          f"{str(e).splitlines()[0]}): it is damaged or truncated. Delete {path} to "
+                                          "resume from the step before it.") from None
+                self.optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, ValueError, RuntimeError) as e:
+            if isinstance(e, CheckpointError):
+                raise
+            raise TrainingError(f"cannot load {path} into this run ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                                "resume with the run's own model and optim settings, or start a new --out.") from None
+        self._resume_data(state["data"])
         set_rng_state(state["rng"])
         self.step, self.tokens = state["step"], state["tokens"]
-        self.last_good = self.checkpoint_dir
+        self.last_good = path
+        if self.is_main:
+            self._truncate_metrics()
+
+    def _check_same_run(self, path: Path, saved: dict) -> None:
+        """The model and the optimizer's kind cannot change on resume (lr, schedule and steps can)."""
+        now = self.run.to_dict()
+        model = saved.get("model", {})
+        differ = [k for k in now["model"] if k in model and model[k] != now["model"][k]]
+        if differ:
+            what = ", ".join(f"model.{k}={model[k]!r} there, {now['model'][k]!r} now" for k in differ[:4])
+            raise TrainingError(f"--resume: the checkpoint {path} holds another model ({what}). The model cannot "
+                                "change on resume: drop those overrides, or start a new --out.")
+        name = saved.get("optim", {}).get("name")
+        if name is not None and name != self.run.optim.name:
+            raise TrainingError(f"--resume: the checkpoint {path} was trained with optim.name={name}, this run asks "
+                                f"for optim.name={self.run.optim.name}; resume with optim.name={name}, or start a new "
+                                "--out.")
+
+    def _resume_data(self, saved: dict) -> None:
+        """Continue the data stream; if the source changed since the save, start the next epoch of the new data."""
+        if saved.get("tokens") != len(self.stream.tokens) and all(
+                saved.get(k) == self.stream.state_dict()[k] for k in ("seed", "seq_len", "split")):
+            if self.is_main:
+                warnings.warn(f"the data changed since the checkpoint ({saved.get('tokens')} training tokens then, "
+                              f"{len(self.stream.tokens)} now: the source was edited); the run continues on the new "
+                              "data from the start of a new epoch.", stacklevel=3)
+            saved = {**saved, "tokens": len(self.stream.tokens), "epoch": int(saved["epoch"]) + 1, "index": 0}
+        self.stream.load_state_dict(saved)
+
+    def _truncate_metrics(self) -> None:
+        """Drop metrics logged after the checkpoint (and a torn last line, with a warning)."""
+        from nanokimi.train.plot import read_metrics
+
         metrics = self.out / "metrics.jsonl"
-        if self.is_main and metrics.exists():  # drop lines logged after the checkpoint
-            lines = [l for l in metrics.read_text().splitlines() if l and json.loads(l)["step"] <= self.step]
-            metrics.write_text("".join(l + "\n" for l in lines))
+        if metrics.exists():
+            records = [r for r in read_metrics(self.out) if r.get("step", 0) <= self.step]
+            tmp = metrics.with_name(metrics.name + ".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+            os.replace(tmp, metrics)
 
     def autocast(self):
         if self.device.type == "cuda":
@@ -217,26 +333,55 @@ class Trainer:
         return result
 
     def save(self) -> Path:
+        """Write RUN/checkpoints/step-N and point `latest` at it (see nanokimi.checkpoint)."""
+        run = self.run.to_dict()
+        run["train"]["stop_at"] = 0
         state = {"data": self.stream.state_dict(), "rng": rng_state(),
-                 "step": self.step, "tokens": self.tokens, "run": self.run.to_dict(), "data_dir": str(self.data_dir)}
-        if self.world_size > 1:
-            from nanokimi.train.sharded_checkpoint import save_sharded_checkpoint
-            save_sharded_checkpoint(self.checkpoint_dir, self.model, self.optimizer, state, self.tokenizer_file)
-        elif self.is_main:
-            state["optimizer"] = self.optimizer.state_dict()
-            save_checkpoint(self.checkpoint_dir, self.model, state, self.tokenizer_file)
-        self.last_good = self.checkpoint_dir
-        return self.checkpoint_dir
+                 "step": self.step, "tokens": self.tokens, "run": run, "data_dir": str(self.data_dir)}
+        keep = self.run.train.keep_checkpoints
+        try:
+            if self.world_size > 1:
+                from nanokimi.train.sharded_checkpoint import save_sharded_checkpoint
+                path = save_sharded_checkpoint(self.out, self.step, self.model, self.optimizer, state,
+                                               self.tokenizer_file, keep=keep)
+            else:
+                state["optimizer"] = self.optimizer.state_dict()
+                path = save_step(self.out, self.step, lambda tmp: write_checkpoint_files(
+                    tmp, self.model, state, self.tokenizer_file), keep=keep)
+        except OSError as e:
+            kept = f"the previous checkpoint {self.last_good} is kept" if self.last_good else "no checkpoint was kept"
+            raise TrainingError(f"could not save step {self.step} to {self.checkpoints} ({e.strerror or e}"
+                                f"{': ' + e.filename if e.filename else ''}); {kept}. Free space there and continue "
+                                "with --resume.") from None
+        self.last_good = path
+        return path
 
     def log(self, record: dict) -> None:
         if self.is_main:
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def _stop_requested(self, signals: StopSignals) -> bool:
+        asked = signals.received is not None
+        if self.world_size > 1:  # every rank stops at the same step, or the collectives would hang
+            import torch.distributed as dist
+            flag = torch.tensor([float(asked)], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            asked = bool(flag.item())
+        return asked
+
     def fit(self) -> dict:
         t = self.run.train
         if self.is_main:
-            (self.out / "config.toml").write_text(to_toml(self.run))
+            saved = copy.deepcopy(self.run)
+            saved.train.stop_at = 0  # stop_at belongs to one invocation, not to the run
+            (self.out / "config.toml").write_text(to_toml(saved))
+        with StopSignals() as signals:
+            return self._fit(signals)
+
+    def _fit(self, signals: StopSignals) -> dict:
+        t = self.run.train
+        start = self.step
         bar = tqdm(total=t.max_steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True)
         last_eval: dict = {}
         window_start, window_tokens = time.perf_counter(), 0
@@ -259,12 +404,21 @@ class Trainer:
                                     lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
                                     **({"val_bpb": f"{last_eval['val_bpb']:.3f}"} if last_eval else {}))
                 bar.update(1)
+                if self._stop_requested(signals):
+                    bar.close()
+                    path = self.save()
+                    how = "interrupted" if signals.received in (None, "SIGINT") else f"stopped by {signals.received}"
+                    raise TrainingError(f"{how} at step {self.step}; saved {path}. Continue with: nanokimi train "
+                                        f"--out {self.out} --resume")
                 if self.step % t.save_every == 0 and self.step < t.max_steps:
                     self.save()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # a second Ctrl-C: stop now, without saving
             bar.close()
-            path = self.save()
-            raise TrainingError(f"interrupted at step {self.step}; saved {path}. Continue with --resume.") from None
+            where = f"the last checkpoint is {self.last_good}" if self.last_good else "no checkpoint was saved"
+            raise TrainingError(f"interrupted twice at step {self.step}: stopped without saving; {where}.") from None
         bar.close()
-        self.save()
-        return {"step": self.step, "tokens": self.tokens, **last_eval}
+        if self.step > start or self.last_good is None:
+            self.save()
+        if not last_eval and t.eval_batches > 0:
+            last_eval = self.evaluate()
+        return {"step": self.step, "tokens": self.tokens, "start_step": start, **last_eval}
