@@ -89,7 +89,8 @@ class GSM8K(Task):
         if mode not in ("strict", "flexible"):
             raise TaskError(f"gsm8k mode must be 'strict' or 'flexible', got {mode!r}.")
         self.path, self.mode = path, mode
-        split_file(path, "test", self.name)
+        if path is not None:
+            split_file(path, "test", self.name)
 
     def _load(self, split: str) -> list[Example]:
         path = split_file(self.path, split, self.name)

@@ -29,23 +29,25 @@ UNIT_WORDS = {
 
 def last_boxed(text: str) -> str | None:
     """Contents of the last \\boxed{...} or \\fbox{...} (braces balanced), or of `\\boxed 5`; None if absent
-    or unclosed. Linear in len(text)."""
+    or unclosed. Linear in len(text): braces are matched once with a stack."""
     starts = [m.end() for m in BOXED.finditer(text)]
+    if not starts:
+        return None
+    closing, stack = {}, []
+    for i, ch in enumerate(text):
+        if ch == "{" and (i == 0 or text[i - 1] != "\\"):
+            stack.append(i)
+        elif ch == "}" and stack and text[i - 1] != "\\":
+            closing[stack.pop()] = i
     for start in reversed(starts):
         i = start
         while i < len(text) and text[i] == " ":
             i += 1
         if i < len(text) and text[i] == "{":
-            depth = 0
-            for j in range(i, len(text)):
-                if text[j] == "{" and text[j - 1] != "\\":
-                    depth += 1
-                elif text[j] == "}" and text[j - 1] != "\\":
-                    depth -= 1
-                    if depth == 0:
-                        return text[i + 1:j]
+            if i in closing:
+                return text[i + 1:closing[i]]
             continue
-        match = re.match(r"[^\s$]+", text[i:])
+        match = re.match(r"[^\s$]+", text[i:i + 200])
         if match and i > start:
             return match.group(0)
     return None
@@ -181,7 +183,8 @@ class Math500(Task):
     def __init__(self, path: str | Path | None = None, few_shot: int = 0, timeout: float = 3.0):
         super().__init__(few_shot)
         self.path, self.timeout = path, timeout
-        split_file(path, "test", self.name)
+        if path is not None:
+            split_file(path, "test", self.name)
 
     def _load(self, split: str) -> list[Example]:
         path = split_file(self.path, split, self.name)
