@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from nanokimi.tasks.base import Example, Task, TaskError
+from nanokimi.tasks.base import Example, Task
 from nanokimi.tasks.gsm8k import read_jsonl, split_file
 from nanokimi.tasks.sympy_worker import sympy_equal
 
@@ -177,7 +177,6 @@ def equivalent(given: str, reference: str, timeout: float = 3.0) -> bool:
 class Math500(Task):
     name = "math500"
     stop = ("\n\nProblem:",)
-    has_levels = True
     instruction = "Solve the problem. Put the final answer in \\boxed{}."
 
     def __init__(self, path: str | Path | None = None, few_shot: int = 0, timeout: float = 3.0):
