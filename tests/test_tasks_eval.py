@@ -123,3 +123,26 @@ def test_llm_generate_fn_maps_engine_outputs():
     out = llm_generate_fn(FakeLLM(), params_cls)(["p", "q"], 2, 0.7, 16, 3, ("\n\n",))
     assert seen["params"] == {"n": 2, "temperature": 0.7, "max_tokens": 16, "seed": 3, "stop": ["\n\n"]}
     assert out[0] == [Completion("a", False, 1), Completion("b", True, 3)] and len(out) == 2
+
+
+def _engine_available() -> bool:
+    try:
+        from nanokimi.infer import LLM, SamplingParams  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _engine_available(), reason="nanokimi.infer.LLM (branch engine) is not merged here")
+def test_engine_generate_fn_matches_generate(tiny_checkpoint):
+    """The default generate_fn uses the engine when it exists; greedy, it writes what generate() writes."""
+    from nanokimi.checkpoint import load_model_checkpoint
+    from nanokimi.tasks.evaluate import load_generate_fn
+
+    ckpt, tokenizer = tiny_checkpoint
+    engine_fn = load_generate_fn(str(ckpt), device="cpu")
+    assert engine_fn.__qualname__.startswith("llm_generate_fn")
+    prompts = [e.question for e in get_task("ladder", levels="1-3", per_level=2).examples()]
+    by_engine = engine_fn(prompts, 2, 0.0, 8, 0, ("\n\n",))
+    by_generate = model_generate_fn(load_model_checkpoint(ckpt).eval(), tokenizer)(prompts, 2, 0.0, 8, 0, ("\n\n",))
+    assert [[c.text for c in row] for row in by_engine] == [[c.text for c in row] for row in by_generate]
