@@ -119,6 +119,18 @@ def test_math500_grader_responses():
     assert not grade("\\boxed{4}", "3")
     assert grade("junk " * 20_000 + "\\boxed{\\frac{1}{2}}", "\\frac12")
     assert not grade("\\boxed{" * 50_000, "1")
+    nested = "\\boxed{" + "\\frac{1}{" * 20_000 + "2" + "}" * 20_001
+    start = time.monotonic()
+    assert not grade(nested, "1") and not grade(nested + "(" * 30_000, "1")
+    assert time.monotonic() - start < 2
+
+
+def test_gsm8k_grader_is_fast_on_hostile_text():
+    task = get_task("gsm8k", mode="flexible")
+    start = time.monotonic()
+    assert task.is_correct("1,1" * 30_000 + " 7", "7")
+    assert not task.is_correct("$ " * 50_000 + "9" * 100_000, "7")
+    assert time.monotonic() - start < 2
 
 
 def test_sympy_check_has_a_hard_time_limit():
