@@ -32,14 +32,10 @@ import argparse
 import datetime
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 from perf_common import free_memory, git_commit, kernel_profile, median_ms, results_path, short_error  # noqa: E402
 
 from nanokimi.model.attn_res import AttentionResiduals, set_attnres_kernels  # noqa: E402

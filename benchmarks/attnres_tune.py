@@ -53,9 +53,6 @@ import torch
 if "--quick" in sys.argv and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel is defined
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 from perf_common import git_commit, results_path, short_error  # noqa: E402
 
 from nanokimi.ops.attnres import two_phase  # noqa: E402

@@ -39,10 +39,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from perf_common import git_commit  # noqa: E402
+from perf_common import ROOT, git_commit  # noqa: E402
 
 from nanokimi.train.trainer import Trainer  # noqa: E402
 

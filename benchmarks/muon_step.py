@@ -35,9 +35,6 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 from perf_common import git_commit, median_ms, results_path  # noqa: E402
 
 from nanokimi.ops.newton_schulz import GRAM_SEGMENT, choose_method, newton_schulz_flops, segments  # noqa: E402

@@ -431,8 +431,9 @@ def test_tune_benchmark_kernels_option(tmp_path):
     assert refused.returncode == 2 and "phase1_bwd" in refused.stderr and "phase1_backward" in refused.stderr
 
 
-def test_tune_skips_a_config_that_fails():
+def test_tune_skips_a_config_that_fails(monkeypatch):
     """A config that cannot run is noted and skipped; the sweep goes on with the others."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # as when the script runs: perf_common beside it
     spec = importlib.util.spec_from_file_location("attnres_tune", ROOT / "benchmarks" / "attnres_tune.py")
     tune = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tune)
