@@ -12,7 +12,8 @@ column says which Newton-Schulz form (classic or gram) each nanokimi row used fo
 step (classic NS, five separate elementwise passes) and the current one, and the Newton-Schulz batches and
 kernel launches before and after cross-shape batching (one batch per block shape, baddbmm polynomials) and now.
 The 124M (and --quick) set also times the captured step under each option in VARIANTS (Muon's overlap_passes,
-side_stream, combo_kernels and stream_priorities turned off, cuBLASLt; `--variants` picks), each first checked against the default's one-step update (VARIANT_BOUND);
+side_stream, combo_kernels and stream_priorities turned off, cuBLASLt; `--variants` picks), each first checked
+against the default's one-step update (VARIANT_BOUND);
 `--profile` then also profiles the fastest one if it beats the default, and prints each captured profile's
 timeline per graph replay (span, busy time, per stream; `--trace-dir` keeps the chrome traces).
 
