@@ -12,8 +12,9 @@ for the residual table are reused by the model table, whose residual stream has 
             compiled with nanokimi.train.fast.compile_model (which also compiles the AttnRes kernels), per
             attn_res setting (T halves on OOM); its AttnRes kernels are what compile_model picks (triton on CUDA
             when triton imports), recorded per row as attnres_kernels.
-Every AttnRes row is measured once per --storage (attn_res_storage: "auto" = sources in bf16 under autocast,
-"auto-all" = mixtures too, "fp32") and once per --fuse-norm (attn_res_fuse_norm: "on" = each sublayer input
+Every AttnRes row is measured once per --storage (AttnResKernels.storage, a runtime setting applied with
+set_attnres_kernels: "auto" = sources in bf16 under autocast, "auto-all" = mixtures too, "fp32") and once per
+--fuse-norm (AttnResKernels.fuse_norm: "on" = each sublayer input
 comes out of the kernel that computes it already normed, the merge's inside a block and phase 1's for a block's
 first sublayer (every sublayer in full mode), "off" = h is written and the norm reads it), so one run compares
 PreNorm, the storages and the fused norms.
@@ -22,8 +23,6 @@ Medians over timed steps after warm-up. Writes benchmarks/results/attnres_overhe
     python benchmarks/attnres_overhead.py            # GPU, a few minutes (fla autotune + compiles come first)
     python benchmarks/attnres_overhead.py --modes block --cuda-graph   # skip full; also whole-step CUDA graphs
     python benchmarks/attnres_overhead.py --quick    # CPU smoke run: tiny sizes, eager, 2 steps
-    python benchmarks/attnres_overhead.py --tuned benchmarks/results/attnres_tune.json   # launch configs measured
-                                                     # by benchmarks/attnres_tune.py instead of launch.TUNED
     python benchmarks/attnres_overhead.py --storage fp32,auto,auto-all   # storages to compare (default auto,fp32)
     python benchmarks/attnres_overhead.py --modes block --cuda-graph --storage auto --fuse-norm on,off
                                                      # the fused pre-norm against the unfused one (default on,off)
@@ -33,22 +32,18 @@ import argparse
 import datetime
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 from perf_common import free_memory, git_commit, kernel_profile, median_ms, results_path, short_error  # noqa: E402
 
-from nanokimi.model.attn_res import AttentionResiduals  # noqa: E402
+from nanokimi.model.attn_res import AttentionResiduals, set_attnres_kernels  # noqa: E402
 from nanokimi.model.norm import RMSNorm  # noqa: E402
 from nanokimi.model.residual import PreNormResidual  # noqa: E402
 
 MODES = ("none", "block", "full")
-STORAGES = ("auto", "auto-all", "fp32")
+from nanokimi.runtime.attnres import STORAGES, AttnResKernels  # noqa: E402
 FUSE_NORM = {"on": True, "off": False}
 
 
@@ -128,15 +123,13 @@ def model_rows(args, device):
 def model_step_row(ModelConfig, build_model, args, device, mode, storage, fuse, seq_len):
     from nanokimi.train.fast import capture_step, compile_model, make_optimizer
     overrides = dict(attn_res=mode, attn_res_blocks=args.blocks)
-    if mode != "none":
-        overrides["attn_res_storage"] = storage
-    if fuse != "-":
-        overrides["attn_res_fuse_norm"] = FUSE_NORM[fuse]
+    settings = AttnResKernels(storage=storage if mode != "none" else "auto",
+                              fuse_norm=FUSE_NORM[fuse] if fuse != "-" else True)
     if args.quick:
         overrides.update(vocab_size=512, num_layers=2, mixers="KA", max_position_embeddings=64)
     config = ModelConfig.preset(args.preset, **overrides)
     torch.manual_seed(0)
-    model = build_model(config, device=device).train()
+    model = set_attnres_kernels(build_model(config, device=device), settings).train()
     compiled, error = False, None
     if args.compile:
         try:
@@ -167,7 +160,7 @@ def model_step_row(ModelConfig, build_model, args, device, mode, storage, fuse, 
         if not compiled:
             raise
         error, compiled = short_error(exc), False
-        model = build_model(config, device=device).train()
+        model = set_attnres_kernels(build_model(config, device=device), settings).train()
         optimizer = make_optimizer(model, "adamw")
         ms = median_ms(step, device, args.warmup, args.steps)
     graph_ms = None
@@ -269,9 +262,6 @@ def main():
     parser.add_argument("--skip-model", action="store_true", help="only the residual table")
     parser.add_argument("--skip-residual", action="store_true",
                         help="only the model table (its rows then compile the AttnRes kernels themselves)")
-    parser.add_argument("--tuned", type=Path, default=None,
-                        help="launch configs of the AttnRes Triton kernels from benchmarks/attnres_tune.py's JSON "
-                             "(nanokimi.ops.attnres.launch.load_tuned) instead of the built-in table")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON file (default benchmarks/results/attnres_overhead.json; --quick writes to a temp folder)")
     args = parser.parse_args()
@@ -293,10 +283,6 @@ def main():
         args.preset, args.batch, args.seq_len, args.hidden, args.sublayers = "tiny", 1, 32, 64, 8
         args.warmup, args.steps, args.compile = 0, 2, False
     device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
-    if args.tuned is not None:
-        from nanokimi.ops.attnres.launch import load_tuned
-        table = load_tuned(args.tuned)
-        print(f"AttnRes launch configs from {args.tuned}: {sum(len(v) for v in table.values())} entries")
 
     rows = [] if args.skip_residual else residual_rows(args, device)
     if not args.skip_model:
@@ -311,7 +297,6 @@ def main():
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         git_commit=git_commit(),
         quick=args.quick,
-        tuned_configs=None if args.tuned is None else str(args.tuned),
         rows=rows,
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -21,12 +21,11 @@ import json
 import os
 import re
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+
+import perf_common  # noqa: F401  (puts the repository root on the import path)
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402

@@ -1,4 +1,5 @@
-"""Tune the launch configs of the Attention Residuals Triton kernels (nanokimi/ops/attnres/launch.py).
+"""Check the launch-config heuristic of the Attention Residuals Triton kernels (nanokimi/ops/attnres/launch.py)
+against the fastest config of a grid, per kernel and shape.
 
 At the bench-kl-900m residual stream's shapes (B * T = 16384 tokens, D = 1024, 32 sublayers in 8 blocks of S = 4):
 phase 1 runs at S = 4 queries over N = 1..8 sources (blocks 0..7: phase1_*, or phase1_norm_* with the block's
@@ -24,15 +25,15 @@ parallel (Triton's on-disk cache then serves this process).
 
 Prints one table (kernel, shape, best config, ms, GB/s, default ms) and the per-step totals (with the norms fused:
 merge_norm_* and phase1_norm_* for the blocks, the default; and unfused: merge_* and phase1_*, whose norms then
-run as torch kernels not counted here), then the best
-configs as a dict to paste into launch.TUNED. Writes benchmarks/results/attnres_tune.json (device, date, commit,
-every measurement, the table); `launch.load_tuned(path)` applies it without editing launch.py, as
-`python benchmarks/attnres_overhead.py --tuned benchmarks/results/attnres_tune.json` does.
+run as torch kernels not counted here). "default" is the heuristic's config (`launch.config_for`): its ms against
+the best one's says whether the heuristic still holds on this GPU and shape; where it does not, change its rules
+(and the test that pins them). Writes the JSON file (device, date, commit, every measurement, the best config per
+case) to a temp folder unless --out is given: tuner grids are not kept in benchmarks/results.
 
     python benchmarks/attnres_tune.py            # GPU; under 4 minutes on an H100
     python benchmarks/attnres_tune.py --quick    # CPU smoke run in Triton's interpreter: tiny shapes, 2 configs
     python benchmarks/attnres_tune.py --kernels phase1_norm_backward,phase1_backward --dtypes bfloat16
-                                                 # only these (load_tuned keeps the built-in entries of the rest)
+                                                 # only these
 """
 import argparse
 import concurrent.futures
@@ -52,14 +53,10 @@ import torch
 if "--quick" in sys.argv and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel is defined
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 from perf_common import git_commit, results_path, short_error  # noqa: E402
 
 from nanokimi.ops.attnres import two_phase  # noqa: E402
-from nanokimi.ops.attnres.launch import (CHUNKED, GRID_STRIDE, KERNELS, UNTUNED_AS, LaunchConfig,  # noqa: E402
-                                         config_for, default_config)
+from nanokimi.ops.attnres.launch import CHUNKED, GRID_STRIDE, KERNELS, LaunchConfig, config_for  # noqa: E402
 
 EPS = 1e-6
 TOP = 3  # configs of the full grid that the other source counts try
@@ -67,6 +64,8 @@ PREFETCH_TOP, PREFETCH = 6, (1, 2)  # phase 1's backward: its fastest configs ag
 MERGE_KERNELS = ("merge_forward", "merge_backward", "merge_norm_forward", "merge_norm_backward")
 # the kernels with a sublayer's pre-norm fused: the model runs these or the plain ones they extend, not both
 FUSED_NORM = {"merge_norm_forward", "merge_norm_backward", "phase1_norm_forward", "phase1_norm_backward"}
+EXTENDS = {"merge_norm_forward": "merge_forward", "merge_norm_backward": "merge_backward",  # the kernel a fused
+           "phase1_norm_forward": "phase1_forward", "phase1_norm_backward": "phase1_backward"}  # one replaces
 
 
 class Case(NamedTuple):
@@ -103,8 +102,8 @@ def model_cases(sublayers, blocks, dtypes, kernels=None):
 
 def config_grid(case, D, quick):
     """Configs to try for case: tiles of 4..64 values per thread (phase 1's backward: chunks of 8..32 values
-    per thread, 1..4 tokens, chunk_d 128..1024), the default and the active table's entry first."""
-    first = [default_config(case.kernel, D, case.S), config_for(case.kernel, D, case.dtype, case.S, case.N)]
+    per thread, 1..4 tokens, chunk_d 128..1024), the heuristic's config (launch.config_for) first."""
+    first = [config_for(case.kernel, D, case.dtype, case.S, case.N)]
     per_token = _next_pow2(D) * (_next_pow2(case.S) if case.kernel.startswith("phase1") else 1)
     grid = []
     if case.kernel in CHUNKED:  # streams D in chunks: S_PAD * block_t * chunk_d values per step
@@ -125,7 +124,8 @@ def config_grid(case, D, quick):
             grid += [LaunchConfig(block_t, warps, 3, p) for p in programs]
     configs = list(dict.fromkeys(first + grid))
     if quick:  # the default and one other
-        configs = [configs[0], next(c for c in configs[1:] + [configs[0]._replace(num_warps=2)] if c != configs[0])]
+        others = [configs[0]._replace(num_warps=w) for w in (2, 4)]
+        configs = [configs[0], next(c for c in configs[1:] + others if c != configs[0])]
     return configs
 
 
@@ -373,7 +373,7 @@ def tune(args, device, notes):
         rest = [case for case in cases if case not in results]
         for case in rest:
             ranked = sorted(results[widest[(case.kernel, case.dtype, case.S)]], key=lambda r: r["ms"])
-            grids[case] = list(dict.fromkeys([default_config(case.kernel, args.hidden, case.S)]
+            grids[case] = list(dict.fromkeys([config_for(case.kernel, args.hidden, case.dtype, case.S, case.N)]
                                              + [r["config"] for r in ranked[:1 if args.quick else TOP]]))
         compiler.compile([(case, c) for case in rest for c in grids[case]], deadline)
         for case in rest:
@@ -387,7 +387,7 @@ def tune(args, device, notes):
 
 
 def summarise(cases, results, args):
-    """Per case: best and default rows; the table entries (launch.table_from_json's format)."""
+    """Per case: best and default (the heuristic's) rows; the best configs as a list of dicts."""
     rows, table = [], []
     for case in cases:
         measured = results.get(case) or []
@@ -423,7 +423,7 @@ def print_report(rows, args):
         print(f"{case.label()} {case.calls:>5} {fmt(best['config']):16} {best['ms']:>8.3f} {gbps:>7.0f} "
               f"{default_ms:>10.3f} {default_ms / best['ms']:>6.2f}x")
     # with the norms fused, a plain kernel's call is left out where a fused one replaces it (same dtype, S, N)
-    replaced = {(UNTUNED_AS[r["case"].kernel], r["case"].dtype, r["case"].S, r["case"].N) for r in rows
+    replaced = {(EXTENDS[r["case"].kernel], r["case"].dtype, r["case"].S, r["case"].N) for r in rows
                 if r["case"].kernel in FUSED_NORM}
     for dtype in args.dtypes:
         for label, fused in (("norms fused", True), ("norms unfused", False)):
@@ -433,27 +433,7 @@ def print_report(rows, args):
             best = sum(r["case"].calls * r["best"]["ms"] for r in step)
             default = sum(r["case"].calls * (r["default"] or r["best"])["ms"] for r in step)
             print(f"per training step, {str(dtype).removeprefix('torch.')} stream, {label}: AttnRes Triton kernels "
-                  f"{default:.2f} ms with the defaults, {best:.2f} ms tuned")
-
-
-def python_table(table):
-    """The table as Python source for launch.TUNED."""
-    lines = ["TUNED: dict[tuple[str, int, int, str], dict[int, LaunchConfig]] = {"]
-    keys = {}
-    for e in table:
-        keys.setdefault((e["kernel"], e["block_d"], e["s_pad"], e["dtype"]), []).append(e)
-    for key, entries in keys.items():
-        lines.append(f"    {key!r}: {{")
-        for e in sorted(entries, key=lambda e: e["sources"]):
-            c = e["config"]
-            lines.append(f"        {e['sources']}: LaunchConfig(block_t={c['block_t']}, num_warps={c['num_warps']}, "
-                         f"num_stages={c['num_stages']}, programs_per_sm={c['programs_per_sm']}"
-                         + (f", chunk_d={c['chunk_d']}" if c.get("chunk_d") else "")
-                         + (", sums_in_registers=True" if c.get("sums_in_registers") else "")
-                         + (f", prefetch={c['prefetch']}" if c.get("prefetch") else "") + "),")
-        lines.append("    },")
-    lines.append("}")
-    return "\n".join(lines)
+                  f"{default:.2f} ms with the heuristic's configs, {best:.2f} ms with the best measured")
 
 
 def main():
@@ -490,15 +470,13 @@ def main():
     device = torch.device("cuda" if cuda else "cpu")
     if args.jobs is None:
         args.jobs = 0 if args.quick else min(16, max(1, (os.cpu_count() or 2) - 1))
-    out = args.out or results_path("attnres_tune", args.quick)
+    out = args.out or results_path("attnres_tune", True)  # a temp folder: grids are checks, not results
 
     notes = []
     cases, results, elapsed = tune(args, device, notes)
     rows, table = summarise(cases, results, args)
     print()
     print_report(rows, args)
-    pasted = python_table(table)
-    print(f"\nbest configs, for nanokimi/ops/attnres/launch.py (or launch.load_tuned('{out}')):\n{pasted}")
     for note in notes:
         print(f"note: {note}")
     print(f"tuned in {elapsed:.0f} s")
@@ -517,7 +495,7 @@ def main():
                            gbps=moved_bytes(c, args.tokens, args.hidden) / (r["ms"] * 1e-3) / 1e9,
                            default=r["default"])
                       for c in cases for r in results.get(c, [])],
-        table=table, tuned_python=pasted, notes=notes)
+        table=table, notes=notes)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {out}")

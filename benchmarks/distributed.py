@@ -39,19 +39,15 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from perf_common import git_commit  # noqa: E402
+from perf_common import ROOT, git_commit  # noqa: E402
 
 from nanokimi.train.trainer import Trainer  # noqa: E402
 
 QUICK_MODEL = ["model.hidden_size=64", "model.num_layers=2", "model.mixers=KA", "model.vocab_size=512"]
-VARIANTS = {  # name -> (train.* overrides, DistributedMuon buckets)
-    "default": ({}, 1),
-    "reshard": ({"fsdp_reshard": True}, 1),
-    "bf16-reduce": ({"fsdp_reduce_dtype": "bf16"}, 1),
-    "muon-4-buckets": ({}, 4),
+VARIANTS = {  # name -> train.* overrides
+    "default": {},
+    "reshard": {"fsdp_reshard": True},
+    "bf16-reduce": {"fsdp_reduce_dtype": "bf16"},
 }
 PHASES = ("forward", "backward", "statistics", "clip", "optimizer", "after")
 COLLECTIVES = ("all_gather_into_tensor", "all_gather_single", "reduce_scatter_tensor", "reduce_scatter_single",
@@ -74,8 +70,7 @@ class RandomTokens:
 class BenchTrainer(Trainer):
     """The Trainer without a data folder, output folder or checkpoints: what train_step needs, and only that."""
 
-    def __init__(self, run, rank, world_size, muon_buckets=1):
-        from nanokimi.optim.dist_muon import DistributedMuon
+    def __init__(self, run, rank, world_size):
         from nanokimi.train.trainer import pick_device
 
         self.run, self.rank, self.world_size, self.is_main = run, rank, world_size, rank == 0
@@ -85,9 +80,6 @@ class BenchTrainer(Trainer):
         self.micro_batch = t.batch_size // t.grad_accum // world_size
         self.stream = RandomTokens(run.model.vocab_size, self.micro_batch, t.seq_len, rank, world_size, self.device)
         self._build_model_and_optimizer()
-        muon = self.optimizer.optimizers.get("muon")
-        if isinstance(muon, DistributedMuon):
-            muon.buckets = muon_buckets
         self.step, self.tokens, self.last_good = 0, 0, None
 
     def phased_step(self) -> dict:
@@ -188,9 +180,9 @@ def profile_step(trainer) -> dict:
             "nccl_kernel_ms": nccl_us / 1e3 if trainer.device.type == "cuda" else None}
 
 
-def measure(args, run, rank, world_size, muon_buckets, batch_size) -> dict:
+def measure(args, run, rank, world_size, batch_size) -> dict:
     """Median step time of train_step and of the optimizer step, the phase breakdown, one profiled step."""
-    trainer = BenchTrainer(run, rank, world_size, muon_buckets)
+    trainer = BenchTrainer(run, rank, world_size)
     optimizer_step, optimizer_times, optimizer_host_times = trainer.optimizer.step, [], []
 
     def timed_optimizer_step(closure=None):
@@ -240,14 +232,13 @@ def worker(args) -> None:
     names = args.variants if world_size > 1 else ["default", "per-rank-batch"]
     rows = []
     for name in names:
-        settings, muon_buckets = VARIANTS["default" if name == "per-rank-batch" else name]
+        settings = VARIANTS["default" if name == "per-rank-batch" else name]
         batch_size = args.rank_batch if name == "per-rank-batch" else args.batch_size
         accum = args.one_gpu_accum if world_size == 1 and name == "default" else 1
         overrides = [f"train.batch_size={batch_size}", f"train.grad_accum={accum}", f"train.seq_len={args.seq_len}",
                      f"train.device={device_name}", f"train.max_steps={10 ** 6}", f"train.compile={args.compile}",
                      *(f"train.{k}={v}" for k, v in settings.items()), *(QUICK_MODEL if args.quick else [])]
-        result = measure(args, load_run_config(args.preset, None, overrides), rank, world_size, muon_buckets,
-                         batch_size)
+        result = measure(args, load_run_config(args.preset, None, overrides), rank, world_size, batch_size)
         peak = result.pop("peak_gib")
         peaks = [peak]
         if world_size > 1:
@@ -315,7 +306,7 @@ def main():
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--phase-iters", type=int, default=3, help="steps of the per-phase breakdown")
     parser.add_argument("--compile", action="store_true", help="per-module torch.compile (nanokimi.train.fast)")
-    parser.add_argument("--variants", default="default,reshard,bf16-reduce,muon-4-buckets",
+    parser.add_argument("--variants", default="default,reshard,bf16-reduce",
                         help=f"FSDP settings measured on N GPUs, comma-separated, of: {', '.join(VARIANTS)}")
     parser.add_argument("--quick", action="store_true", help="tiny model on the CPU (gloo), 2 steps")
     parser.add_argument("--out", type=Path, help="JSON file (default benchmarks/results/distributed.json; "

@@ -18,8 +18,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from perf_common import git_commit, results_path  # noqa: E402
 from nanokimi.ops.moba import moba_attention  # noqa: E402
 

@@ -12,8 +12,8 @@ column says which Newton-Schulz form (classic or gram) each nanokimi row used fo
 step (classic NS, five separate elementwise passes) and the current one, and the Newton-Schulz batches and
 kernel launches before and after cross-shape batching (one batch per block shape, baddbmm polynomials) and now.
 The 124M (and --quick) set also times the captured step under each option in VARIANTS (Muon's overlap_passes,
-side_stream, combo_kernels and stream_priorities turned off, other stream priorities, the squares in the Gram
-group, cuBLASLt; `--variants` picks), each first checked against the default's one-step update (VARIANT_BOUND);
+side_stream, combo_kernels and stream_priorities turned off, cuBLASLt; `--variants` picks), each first checked
+against the default's one-step update (VARIANT_BOUND);
 `--profile` then also profiles the fastest one if it beats the default, and prints each captured profile's
 timeline per graph replay (span, busy time, per stream; `--trace-dir` keeps the chrome traces).
 
@@ -36,14 +36,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 from perf_common import git_commit, median_ms, results_path  # noqa: E402
 
 from nanokimi.ops.newton_schulz import GRAM_SEGMENT, choose_method, newton_schulz_flops, segments  # noqa: E402
 from nanokimi.optim import CapturedStep, Muon, build_optimizer, matrix_blocks  # noqa: E402
-from nanokimi.optim.muon import plan_batches  # noqa: E402
 
 TOP_KERNELS = 15
 CATEGORIES = (  # first match wins; matched against the lower-cased kernel name
@@ -122,12 +118,13 @@ def launches(gram_batches, steps=5, per_shape=False):
 
 def print_plan(shapes, steps=5):
     """Newton-Schulz batches of Muon's plan for `shapes`, with kernel launches before and after."""
-    blocks = [(choose_method(shape, steps), shape, 1) for shape in shapes]
-    plan = plan_batches(blocks)
+    batches = {}  # (method, shape) -> matrices: Muon's batches (muon_fast.plan_step), one per block shape
+    for shape in shapes:
+        batches[choose_method(shape, steps), shape] = batches.get((choose_method(shape, steps), shape), 0) + 1
     groups = {}
-    for method, (rows, cols), members in plan:
+    for (method, (rows, cols)), count in batches.items():
         key = ("gram", min(rows, cols)) if method == "gram" else ("classic", (rows, cols))
-        groups.setdefault(key, []).append(((rows, cols), len(members)))
+        groups.setdefault(key, []).append(((rows, cols), count))
     before, after = [0, 0], [0, 0]
     print("Newton-Schulz calls (batches stacked as [N, rows, cols]):")
     for (method, _), batches in groups.items():
@@ -152,21 +149,19 @@ def with_random_grads(shapes, device, seed=None):
     return params
 
 
-# Candidate Muon options for the captured step, each a row beside the default (name -> Muon keyword arguments).
+# Muon's execution options (OptimConfig's muon_* fields) turned off, each a captured row beside the default
+# (name -> Muon keyword arguments). Options that lost such an A/B are deleted and logged in docs/perf-log.md.
 VARIANTS = {
     "no overlap_passes": {"overlap_passes": False},
     "no side_stream": {"side_stream": False},
-    "no combo_kernels": {"combo_kernels": None},
+    "no combo_kernels": {"combo_kernels": False},
     "no stream_priorities": {"stream_priorities": False},
-    "priorities -2/-1/0": {"stream_priorities": (-2, -1, 0)},
-    "priorities -1/-1/-2": {"stream_priorities": (-1, -1, -2)},
-    "group_squares": {"group_squares": True},
     "cublaslt": {"blas": "cublaslt"},
 }
 # Options that are not Muon's: "blas" sets torch's preferred BLAS library (cuBLAS or cuBLASLt) while the row's
 # optimizer is made, warmed up, captured and timed.
-# Largest relative difference of any parameter's one-step update from the default's: the squares' Gram form rounds
-# differently in bf16 (2-4e-2 measured on the CPU); the other options do the same arithmetic.
+# Largest relative difference of any parameter's one-step update from the default's: every variant does the same
+# arithmetic (combo kernels may fuse it differently, a bf16 rounding at most).
 VARIANT_BOUND = 5e-2
 
 
@@ -250,19 +245,6 @@ def release(device):
         torch.cuda.empty_cache()
 
 
-def variant_flops(shapes, options):
-    """Newton-Schulz GEMM FLOPs of Muon with `options`: group_squares runs the squares in the Gram form when a
-    gram shape has their side."""
-    total = ns_flops(shapes, method="auto")
-    gram_sides = {min(s[-2:]) for s in shapes if choose_method(s[-2:], 5) == "gram"}
-    if options.get("group_squares"):
-        for shape in shapes:
-            if shape[-1] == shape[-2] and shape[-1] in gram_sides:
-                count = shape[0] if len(shape) == 3 else 1
-                total += count * (newton_schulz_flops(shape[-2:], 5, "gram") - newton_schulz_flops(shape[-2:], 5))
-    return total
-
-
 def bench_matrix_set(set_name, shapes, device, warmup, iters, lr=0.02, variants=VARIANTS):
     """nanokimi Muon eager and captured (the default, then each of `variants`, checked against the default's
     update first), torch.optim.Muon and AdamW, each on its own copy of the shapes."""
@@ -285,7 +267,7 @@ def bench_matrix_set(set_name, shapes, device, warmup, iters, lr=0.02, variants=
     for name, options in variants.items():
         candidates.append((f"nanokimi captured + {name}",
                            lambda ps, options=muon_options(options)[0]: captured(Muon(ps, lr=lr, **options), warmup),
-                           shapes, variant_flops(shapes, options), name))
+                           shapes, ours, name))
     if hasattr(torch.optim, "Muon"):
         candidates.append(("torch.optim.Muon", lambda ps: torch.optim.Muon(
             ps, lr=lr, weight_decay=0.1, momentum=0.95, nesterov=True, adjust_lr_fn="match_rms_adamw"),

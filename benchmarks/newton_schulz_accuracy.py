@@ -13,12 +13,10 @@ CUDA). Prints one table and writes benchmarks/results/newton_schulz_accuracy.jso
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from perf_common import environment, print_table, results_path  # noqa: E402
 
 from nanokimi.ops.newton_schulz import coefficient_schedule, newton_schulz, orthogonalize_naive  # noqa: E402

@@ -123,6 +123,32 @@ def write_results(path: Path, env: dict, results: dict, extra: dict | None = Non
     path.write_text(json.dumps(payload, indent=1, default=str))
 
 
+SCHEMA = ("benchmark", "device", "date", "commit", "torch", "rows")
+
+
+def load_results(path: Path) -> dict:
+    """A result file in the one schema of benchmarks/README.md: benchmark, device, date, commit, torch, rows (a
+    list of dicts), and the file's other keys under "extra". Files are never rewritten; older ones spell some keys
+    differently, which is normalised here: git_commit for commit, results (a dict by config name: each becomes a
+    row with that "name") for rows, no benchmark (then the script whose name begins the file's, e.g.
+    generate_profile.json -> "generate")."""
+    path = Path(path)
+    data = json.loads(path.read_text())
+    rows = data.get("rows", data.get("results"))
+    if isinstance(rows, dict):
+        rows = [{"name": name, **(value if isinstance(value, dict) else {"value": value})}
+                for name, value in rows.items()]
+    benchmark = data.get("benchmark")
+    if benchmark is None:
+        scripts = sorted((p.stem for p in (ROOT / "benchmarks").glob("*.py")), key=len, reverse=True)
+        benchmark = next((name for name in scripts if path.stem == name or path.stem.startswith(name + "_")),
+                         path.stem)
+    known = {"benchmark", "device", "date", "commit", "git_commit", "torch", "rows", "results"}
+    return dict(benchmark=benchmark, device=data.get("device"), date=data.get("date"),
+                commit=data.get("commit", data.get("git_commit")), torch=data.get("torch"), rows=rows,
+                extra={k: v for k, v in data.items() if k not in known})
+
+
 def short_error(error: BaseException) -> str:
     text = f"{type(error).__name__}: {error}"
     return text if len(text) < 600 else text[:600] + " ..."

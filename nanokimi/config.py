@@ -8,6 +8,7 @@ import dataclasses
 import difflib
 import types
 import typing
+import warnings
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -60,9 +61,13 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
 def from_dict(cls, data: dict, where: str = ""):
     """Build dataclass `cls` from a plain dict, rejecting unknown keys with a suggestion."""
     known = {f.name: f for f in fields(cls) if f.init}
+    retired = getattr(cls, "RETIRED_KEYS", {})
     kwargs = {}
     for key, value in data.items():
         path = f"{where}{key}"
+        if key in retired:
+            warnings.warn(f"config key '{path}' is ignored: {retired[key]}", stacklevel=2)
+            continue
         if key not in known:
             close = suggest(key, known)
             raise ConfigError(f"Unknown config key '{path}'." + (close.replace("'", f"'{where}", 1) if close else ""))
@@ -77,6 +82,13 @@ def from_dict(cls, data: dict, where: str = ""):
 @dataclass(kw_only=True, slots=True)
 class ModelConfig:
     """Every architecture nanokimi builds: Kimi Linear hybrids, Moonlight/K2 (DeepSeek-V3 layout), GQA baselines."""
+
+    # keys of older saved configs that are no longer architecture: read and dropped with a warning saying where the
+    # setting lives now, so their checkpoints still load
+    RETIRED_KEYS: typing.ClassVar[dict[str, str]] = {
+        key: "AttnRes kernel settings are runtime settings now, not architecture (nanokimi.runtime.attnres."
+             f"AttnResKernels({field}=...), applied with nanokimi.model.attn_res.set_attnres_kernels)"
+        for key, field in (("attn_res_storage", "storage"), ("attn_res_fuse_norm", "fuse_norm"))}
 
     vocab_size: int = 32768
     hidden_size: int = 256
@@ -133,8 +145,6 @@ class ModelConfig:
     # Attention Residuals on the residual stream
     attn_res: str = "none"  # "none" | "full" | "block"
     attn_res_blocks: int = 8
-    attn_res_storage: str = "auto"  # "auto" (sources in the sublayers' output dtype: bf16 under autocast) | "auto-all" | "fp32"
-    attn_res_fuse_norm: bool = True  # each pre-norm applied by the kernel computing its input (merge or phase 1)
 
     def __post_init__(self):
         self.validate()
@@ -198,11 +208,6 @@ class ModelConfig:
         need(self.attn_res in ("none", "full", "block"),
              f"attn_res='{self.attn_res}' must be 'none', 'full' or 'block'.{suggest(self.attn_res, ['none', 'full', 'block'])}")
         need(self.attn_res_blocks >= 1, f"attn_res_blocks must be >= 1, got {self.attn_res_blocks}.")
-        storages = ["auto", "auto-all", "fp32"]
-        need(self.attn_res_storage in storages,
-             f"attn_res_storage='{self.attn_res_storage}' must be 'auto' (store AttnRes sources in the sublayers' "
-             f"output dtype, bf16 under bf16 autocast), 'auto-all' (phase-1 mixtures too) or 'fp32'."
-             f"{suggest(self.attn_res_storage, storages)}")
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":

@@ -11,10 +11,12 @@ import torch
 from torch import nn
 
 from conftest import rel_err
-from nanokimi.model.attn_res import AttentionResiduals
-from nanokimi.ops.attnres import (EAGER, Kernels, attnres_naive, attnres_stack_naive, attnres_stack_stored_naive,
-                                  compiled_kernels, depth_attention, merge_partial, source_rstd)
+from nanokimi.model.attn_res import AttentionResiduals, set_attnres_kernels
+from nanokimi.ops.attnres import (EAGER, Kernels, attnres, attnres_backend, attnres_naive, attnres_stack_naive,
+                                  attnres_stack_stored_naive, compiled_kernels, depth_attention, merge_partial,
+                                  source_rstd)
 from nanokimi.ops.attnres import two_phase
+from nanokimi.runtime.attnres import AttnResKernels
 
 # the fused maths (what compiled_kernels compiles) run eagerly, so it is tested without a compiler too
 FUSED_EAGER = Kernels(two_phase._phase1_forward_fused, two_phase._phase1_backward_fused,
@@ -314,42 +316,33 @@ def test_softmax_stays_fp32_under_autocast_and_bf16_sources_are_close():
     assert low.dtype == torch.float32 and rel(low, exact) < 2e-2
 
 
-def test_launch_config_table_lookup_and_json_round_trip(tmp_path):
-    """The Triton kernels' launch table (nanokimi.ops.attnres.launch): the default heuristic where nothing is
-    tuned, the nearest tuned source count otherwise, a JSON file as the tuner writes it, and clear errors."""
+def test_launch_config_heuristic():
+    """The Triton kernels' launch configs (nanokimi.ops.attnres.launch.config_for): the configs the tuner measured
+    fastest on an H100 at the bench-kl-900m shape (D = 1024; S = 4 per block, S = 1 for the final read), and the
+    same rules at other shapes; a kernel with a norm fused launches as the one it extends; clear errors."""
     from nanokimi.ops.attnres import launch
-    from nanokimi.ops.attnres.launch import LaunchConfig, config_for, default_config, load_tuned, use_tuned
+    from nanokimi.ops.attnres.launch import LaunchConfig, config_for
 
-    assert default_config("phase1_forward", 1024, 4) == LaunchConfig(block_t=1, num_warps=8)
-    assert default_config("merge_backward", 1000) == LaunchConfig(block_t=4, num_warps=4)
-    assert config_for("phase1_backward", 3000, torch.float32, S=3, N=5) == default_config("phase1_backward", 3000, 3)
-    two, eight = LaunchConfig(2, 8, 1, 2), LaunchConfig(4, 16, 1, 1)
-    entries = [dict(kernel="phase1_backward", block_d=1024, s_pad=4, dtype="float32", sources=n, config=c._asdict())
-               for n, c in ((2, two), (8, eight))]
-    path = tmp_path / "attnres_tune.json"
-    path.write_text(json.dumps({"table": entries}))
-    try:
-        load_tuned(path)
-        # keyed by next_pow2(D) and next_pow2(S): D = 1000 and S = 3 share the D = 1024, S = 4 entries
-        assert config_for("phase1_backward", 1000, torch.float32, S=3, N=2) == two
-        assert config_for("phase1_backward", 1024, torch.float32, S=4, N=4) == two  # nearer 2 than 8
-        assert config_for("phase1_backward", 1024, torch.float32, S=4, N=7) == eight
-        # keys the file lacks keep the built-in table's entries; where that has none, the heuristic applies
-        assert config_for("phase1_backward", 1024, torch.bfloat16, S=4, N=2) == launch.TUNED[
-            ("phase1_backward", 1024, 4, "bfloat16")][2]
-        assert config_for("phase1_forward", 1024, torch.float32, S=4, N=2) == launch.TUNED[
-            ("phase1_forward", 1024, 4, "float32")][2]
-        assert config_for("phase1_backward", 2048, torch.float32, S=4, N=2) == default_config("phase1_backward", 2048, 4)
-        with pytest.raises(FileNotFoundError, match="attnres_tune.py"):
-            load_tuned(tmp_path / "missing.json")
-        with pytest.raises(ValueError, match="block_t=3"):
-            use_tuned({("merge_forward", 1024, 1, "float32"): {1: LaunchConfig(3, 4)}})
-        with pytest.raises(ValueError, match="kernel"):
-            use_tuned({("merge", 1024, 1, "float32"): {1: LaunchConfig(2, 4)}})
-    finally:
-        use_tuned(launch.TUNED)
-    assert config_for("phase1_forward", 1024, torch.float32, S=4, N=2) == launch.TUNED[
-        ("phase1_forward", 1024, 4, "float32")][2]  # the built-in table is back
+    backward = LaunchConfig(block_t=1, num_warps=4, programs_per_sm=2, chunk_d=1024, sums_in_registers=True,
+                            prefetch=1)
+    for N in range(1, 9):
+        for kernel in ("phase1_backward", "phase1_norm_backward"):
+            assert config_for(kernel, 1024, torch.bfloat16, S=4, N=N) == backward
+        assert config_for("phase1_forward", 1024, torch.bfloat16, S=4, N=N) == LaunchConfig(
+            block_t=1, num_warps=4 if N <= 2 else 2)
+    assert config_for("phase1_backward", 1024, torch.bfloat16, S=1, N=9) == LaunchConfig(
+        block_t=2, num_warps=2, programs_per_sm=8, chunk_d=1024, sums_in_registers=True)
+    assert config_for("phase1_forward", 1024, torch.bfloat16, S=1, N=9) == LaunchConfig(block_t=2, num_warps=2)
+    assert config_for("merge_forward", 1024, torch.bfloat16) == LaunchConfig(block_t=4, num_warps=4)
+    assert config_for("merge_norm_backward", 1024, torch.float32) == LaunchConfig(4, 4, programs_per_sm=2)
+    # D = 1000 and S = 3 round up to 1024 and 4; D = 4096: chunks of 1024, the sums then go through memory
+    assert config_for("phase1_backward", 1000, torch.float32, S=3, N=5) == backward
+    assert config_for("phase1_backward", 4096, torch.bfloat16, S=4, N=2) == backward._replace(sums_in_registers=False)
+    for kernel in launch.KERNELS:
+        for D, S, N in ((24, 2, 2), (45, 3, 5), (1024, 4, 8), (8192, 8, 17)):
+            launch.check_config(config_for(kernel, D, torch.float32, S, N))
+    with pytest.raises(ValueError, match="kernel"):
+        config_for("merge", 1024)
     with pytest.raises(ValueError, match="num_warps"):
         launch.check_config(LaunchConfig(2, 3))
 
@@ -458,10 +451,11 @@ def test_storage_option_resolution_and_errors():
     assert AttentionResiduals(8, 4, storage="auto-all").storage == "auto-all"
     with pytest.raises(ValueError, match="storage='bf16'"):
         AttentionResiduals(8, 4, storage="bf16")
-    from nanokimi.config import ConfigError, ModelConfig
-    with pytest.raises(ConfigError, match="attn_res_storage='fp16'"):
-        ModelConfig.preset("tiny-dense", attn_res="block", attn_res_storage="fp16")
-    assert ModelConfig.preset("tiny-dense").attn_res_storage == "auto"
+    from nanokimi.config import ModelConfig
+    from nanokimi.runtime.attnres import AttnResKernels
+    with pytest.raises(ValueError, match="storage='fp16'"):
+        AttnResKernels(storage="fp16")
+    assert AttnResKernels().storage == "auto" and not hasattr(ModelConfig(), "attn_res_storage")
 
     g = torch.Generator().manual_seed(13)
     randomise(auto, g)
@@ -516,8 +510,8 @@ def test_bf16_storage_trains_like_fp32_storage():
         torch.manual_seed(0)
         config = ModelConfig.preset("tiny-dense", vocab_size=256, hidden_size=64, num_layers=4, num_heads=2,
                                     num_kv_heads=1, head_dim=32, intermediate_size=128, attn_res="block",
-                                    attn_res_blocks=4, attn_res_storage=storage)
-        model = build_model(config).train()
+                                    attn_res_blocks=4)
+        model = set_attnres_kernels(build_model(config), AttnResKernels(storage=storage)).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
         g = torch.Generator().manual_seed(1)
         losses = []
@@ -744,9 +738,9 @@ def test_model_with_fused_norm_matches_unfused(kernels, mode, autocast):
     config = ModelConfig.preset("tiny-dense", vocab_size=61, hidden_size=40, num_layers=3, num_heads=2,
                                 num_kv_heads=1, head_dim=20, intermediate_size=72, attn_res=mode,
                                 attn_res_blocks=2)
-    assert config.attn_res_fuse_norm
     torch.manual_seed(0)
     fused = build_model(config).train()
+    assert fused.residual.fuse_norm  # the default
     g = torch.Generator().manual_seed(71)
     randomise(fused.residual, g)
     with torch.no_grad():
@@ -755,7 +749,7 @@ def test_model_with_fused_norm_matches_unfused(kernels, mode, autocast):
         for block in fused.layers:
             for norm in (block.mixer_norm, block.ffn_norm):
                 norm.weight.copy_(torch.rand(40, generator=g) + 0.5)
-    unfused = build_model(config.replace(attn_res_fuse_norm=False)).train()
+    unfused = set_attnres_kernels(build_model(config), AttnResKernels(fuse_norm=False)).train()
     unfused.load_state_dict(fused.state_dict())
     assert not unfused.residual.fuse_norm
     ids = torch.randint(0, 61, (2, 13), generator=g)
@@ -856,3 +850,32 @@ def test_model_decode_with_fused_norm_on_triton_kernels():
         unfused = model(ids)
     assert len(calls) == 3 * 7 and len(first_calls) == 7  # per forward (full, 5 steps, the chunk): 1..3, then 0
     assert rel_err(torch.cat(steps, dim=1), full) < 1e-5 and rel_err(full, unfused) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attnres_dispatch_impls_agree(dtype):
+    """attnres(impl=...): the two-phase torch form (and "auto", which is it on the CPU) against the naive
+    reference, S = 3 reads of N = 5 sources; fp32 to rounding, bf16 sources to one bf16 rounding of the output."""
+    g = torch.Generator().manual_seed(5)
+    sources = torch.randn(5, 2, 7, 24, generator=g).to(dtype)
+    queries, key_weights = torch.randn(3, 24, generator=g), torch.rand(3, 24, generator=g) + 0.5
+    naive = attnres(sources, queries, key_weights, impl="naive")
+    assert naive.shape == (3, 2, 7, 24) and naive.dtype == dtype
+    assert torch.equal(naive[1], attnres_naive(sources, queries[1], key_weights[1]))
+    bound = 1e-6 if dtype == torch.float32 else 1e-2
+    for impl in ("torch", "auto"):
+        assert rel_err(attnres(list(sources), queries, key_weights, impl=impl), naive) < bound, impl
+    assert attnres_backend("cpu")[0] == "torch"
+    with pytest.raises(ValueError, match="impl must be one of"):
+        attnres(sources, queries, key_weights, impl="fast")
+
+
+def test_old_configs_with_attnres_kernel_settings_still_load():
+    """attn_res_storage / attn_res_fuse_norm were ModelConfig fields; a saved config.json (or run config) that carries
+    them still loads (they are runtime settings now, AttnResKernels), with a warning that says so."""
+    from nanokimi.config import ModelConfig, from_dict
+    old = {"attn_res": "block", "attn_res_blocks": 4, "attn_res_storage": "fp32", "attn_res_fuse_norm": False}
+    for load in (ModelConfig.from_dict, lambda data: from_dict(ModelConfig, data, "model.")):
+        with pytest.warns(UserWarning, match="attn_res_storage' is ignored: .*AttnResKernels"):
+            config = load(old)
+        assert config.attn_res == "block" and config.attn_res_blocks == 4

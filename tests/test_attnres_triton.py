@@ -23,7 +23,7 @@ triton = pytest.importorskip("triton")
 from nanokimi.model.attn_res import AttentionResiduals  # noqa: E402
 from nanokimi.ops.attnres import (EAGER, attnres_naive, attnres_stack_naive, attnres_stack_stored_naive,  # noqa: E402
                                   depth_attention, source_rstd)
-from nanokimi.ops.attnres import two_phase  # noqa: E402
+from nanokimi.ops.attnres import triton_phase1, two_phase  # noqa: E402
 from nanokimi.ops.attnres.launch import LaunchConfig, check_config  # noqa: E402
 from nanokimi.ops.attnres.triton_kernels import triton_kernels  # noqa: E402
 from nanokimi.ops.attnres.triton_phase1 import (phase1_backward, phase1_forward, phase1_norm_backward,  # noqa: E402
@@ -220,20 +220,14 @@ def test_triton_accumulate_merge_tilings_agree_with_eager(block_t, programs, gra
 
 @pytest.mark.parametrize("N,S,D,dtype", [(9, 4, 72, torch.float32), (5, 3, 45, torch.float32), (1, 2, 24, torch.float32),
                                          (7, 4, 50, torch.bfloat16), (3, 1, 33, torch.bfloat16)])
-def test_triton_phase1_backward_in_chunks_matches_naive(N, S, D, dtype):
+def test_triton_phase1_backward_in_chunks_matches_naive(N, S, D, dtype, monkeypatch):
     """The backward streaming D in chunks of 16 (D not a multiple of it, N up to 9 sources: N_PAD = 16, S up to 4)
-    through depth_attention and the launch table: forward and every gradient against the naive reference (fp32
-    1e-5, bf16 sources 1e-2)."""
-    from nanokimi.ops.attnres import launch
+    through depth_attention, with that config given to every phase-1 launch: forward and every gradient against
+    the naive reference (fp32 1e-5, bf16 sources 1e-2)."""
     chunked = LaunchConfig(block_t=2, num_warps=4, programs_per_sm=3, chunk_d=16)
-    table = {("phase1_backward", 1 << (D - 1).bit_length(), 1 << (S - 1).bit_length(), str(dtype)[6:]): {N: chunked}}
+    monkeypatch.setattr(triton_phase1, "config_for", lambda *args: chunked)
     inputs = make_inputs(N, S, 2, 7, D, dtype, seed=N * 10 + D)
-    try:
-        launch.use_tuned(table)
-        assert launch.config_for("phase1_backward", D, dtype, S, N) == chunked
-        mixtures, lse, grads = forward_and_grads(run_triton, *inputs)
-    finally:
-        launch.use_tuned(launch.TUNED)
+    mixtures, lse, grads = forward_and_grads(run_triton, *inputs)
     mixtures_ref, lse_ref, grads_ref = forward_and_grads(reference, *inputs)
     assert rel(mixtures, mixtures_ref) < 1e-5 and rel(lse, lse_ref) < 1e-5
     bound = 1e-5 if dtype == torch.float32 else 1e-2
@@ -405,7 +399,7 @@ def test_compile_kernels_picks_triton_on_cuda_only():
 
 def test_tune_benchmark_quick(tmp_path):
     """benchmarks/attnres_tune.py --quick (the interpreter on the CPU): every kernel and dtype of the model's
-    calls gets a measured best config, and its JSON file is a table that launch.load_tuned applies."""
+    calls gets a measured best config, beside the heuristic's (the first config timed, flagged "default")."""
     from nanokimi.ops.attnres import launch
     out = tmp_path / "attnres_tune.json"
     script = ROOT / "benchmarks" / "attnres_tune.py"
@@ -416,20 +410,15 @@ def test_tune_benchmark_quick(tmp_path):
     assert all(m["ms"] > 0 for m in report["measurements"]) and report["git_commit"]
     kernels = {(e["kernel"], e["dtype"]) for e in report["table"]}
     assert kernels == {(k, d) for k in launch.KERNELS for d in ("float32", "bfloat16")}
-    assert "TUNED: dict" in result.stdout and report["tuned_python"].startswith("TUNED")
-    try:
-        table = launch.load_tuned(out)
-        entry = next(e for e in report["table"] if e["kernel"] == "phase1_backward" and e["sources"] == 2)
-        assert launch.config_for("phase1_backward", 24, getattr(torch, entry["dtype"]), S=2, N=2) == \
-            LaunchConfig(**entry["config"])
-        assert sum(len(v) for v in table.values()) == len(report["table"])
-    finally:
-        launch.use_tuned(launch.TUNED)
+    heuristic = [m for m in report["measurements"] if m["default"]]
+    assert heuristic and all(LaunchConfig(**m["config"]) == launch.config_for(
+        m["kernel"], report["shape"]["hidden"], getattr(torch, m["dtype"]), m["S"], m["N"]) for m in heuristic)
+    assert "with the heuristic's configs" in result.stdout
 
 
 def test_tune_benchmark_kernels_option(tmp_path):
-    """--kernels tunes only the named kernels (the JSON says which, and load_tuned keeps the built-in entries of the
-    rest); an unknown name is refused with the list of known ones."""
+    """--kernels tunes only the named kernels (the JSON says which); an unknown name is refused with the list of
+    known ones."""
     out = tmp_path / "attnres_tune.json"
     script = ROOT / "benchmarks" / "attnres_tune.py"
     command = [sys.executable, str(script), "--quick", "--dtypes", "float32", "--out", str(out), "--kernels"]
@@ -442,14 +431,15 @@ def test_tune_benchmark_kernels_option(tmp_path):
     assert refused.returncode == 2 and "phase1_bwd" in refused.stderr and "phase1_backward" in refused.stderr
 
 
-def test_tune_skips_a_config_that_fails():
+def test_tune_skips_a_config_that_fails(monkeypatch):
     """A config that cannot run is noted and skipped; the sweep goes on with the others."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # as when the script runs: perf_common beside it
     spec = importlib.util.spec_from_file_location("attnres_tune", ROOT / "benchmarks" / "attnres_tune.py")
     tune = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tune)
     case = tune.Case("merge_forward", torch.float32)
     args = type("Args", (), dict(tokens=16, hidden=24, quick=True))
-    default = tune.default_config("merge_forward", 24)
+    default = tune.config_for("merge_forward", 24)
     notes = []
     rows = tune.measure(case, [default, LaunchConfig(block_t=3, num_warps=4), default._replace(num_warps=2)], args,
                         DEVICE, time.monotonic() + 60, notes)
@@ -697,19 +687,12 @@ def test_triton_accumulate_merge_norm_falls_back(monkeypatch):
         assert not triton_phase2.supports(*narrow[:3], torch.float32, narrow[5])
 
 
-def test_merge_norm_launch_configs_default_to_the_merges():
-    """Untuned, the merge + norm kernels launch with the plain merge's tuned entry; a tuned entry of their own wins."""
+def test_merge_norm_launch_configs_are_the_merges():
+    """The merge + norm kernels launch as the plain merges (they stream the same tiles)."""
     from nanokimi.ops.attnres import launch
-    merge, own = LaunchConfig(2, 8, 3, 2), LaunchConfig(8, 4, 3, 4)
-    try:
-        launch.use_tuned({("merge_backward", 64, 1, "float32"): {1: merge}})
-        assert launch.config_for("merge_norm_backward", 45, torch.float32) == merge
-        assert launch.config_for("merge_norm_forward", 45, torch.float32) == launch.default_config("merge_forward", 45)
-        launch.use_tuned({("merge_backward", 64, 1, "float32"): {1: merge},
-                          ("merge_norm_backward", 64, 1, "float32"): {1: own}})
-        assert launch.config_for("merge_norm_backward", 45, torch.float32) == own
-    finally:
-        launch.use_tuned(launch.TUNED)
+    for D in (45, 1024):
+        assert launch.config_for("merge_norm_backward", D, torch.float32) == launch.config_for("merge_backward", D)
+        assert launch.config_for("merge_norm_forward", D, torch.float32) == launch.config_for("merge_forward", D)
 
 
 def triton_with_config(config):
@@ -804,23 +787,13 @@ def test_triton_phase1_norm_falls_back(monkeypatch):
         assert not triton_phase1.supports(qe, values)
 
 
-def test_phase1_norm_launch_configs_default_to_phase1s():
-    """Untuned, phase 1 with the norm launches with plain phase 1's tuned entry (or its default); a tuned entry of
-    its own wins."""
+def test_phase1_norm_launch_configs_are_phase1s():
+    """Phase 1 with the norm launches as plain phase 1 (it streams the same tiles)."""
     from nanokimi.ops.attnres import launch
-    plain, own = LaunchConfig(2, 8, 3, 2, 32), LaunchConfig(1, 4, 3, 4, 64)
-    assert launch.default_config("phase1_norm_backward", 45, 3) == launch.default_config("phase1_backward", 45, 3)
-    assert launch.default_config("phase1_norm_forward", 1024, 4) == launch.default_config("phase1_forward", 1024, 4)
-    try:
-        launch.use_tuned({("phase1_backward", 64, 4, "float32"): {2: plain}})
-        assert launch.config_for("phase1_norm_backward", 45, torch.float32, S=3, N=5) == plain
-        assert launch.config_for("phase1_norm_forward", 45, torch.float32, S=3) == launch.default_config(
-            "phase1_forward", 45, 3)
-        launch.use_tuned({("phase1_backward", 64, 4, "float32"): {2: plain},
-                          ("phase1_norm_backward", 64, 4, "float32"): {2: own}})
-        assert launch.config_for("phase1_norm_backward", 45, torch.float32, S=3, N=2) == own
-    finally:
-        launch.use_tuned(launch.TUNED)
+    for D, S, N in ((45, 3, 5), (1024, 4, 2)):
+        for kind in ("forward", "backward"):
+            assert launch.config_for(f"phase1_norm_{kind}", D, torch.float32, S, N) == launch.config_for(
+                f"phase1_{kind}", D, torch.float32, S, N)
 
 
 def test_phase1_backward_prefetch_is_a_hint():

@@ -53,18 +53,14 @@ def _muon_check(rank, world_size):
     def groups(params):
         return [{"params": [p], "heads": heads, "split": split} for p, (_, heads, split) in zip(params, MUON_SHAPES)]
 
-    one_bucket = [torch.nn.Parameter(distribute_tensor(w.clone(), mesh, [Shard(0)])) for w in weights]
-    single = Muon(groups(plain), lr=0.05)
-    distributed = [DistributedMuon(groups(sharded), lr=0.05, buckets=3), DistributedMuon(groups(one_bucket), lr=0.05, buckets=1)]
+    single, distributed = Muon(groups(plain), lr=0.05), DistributedMuon(groups(sharded), lr=0.05)
     for _ in range(3):
-        for p, q, r in zip(plain, sharded, one_bucket):
+        for p, q in zip(plain, sharded):
             grad = torch.randn(p.shape, generator=gen)
-            p.grad = grad.clone()
-            q.grad, r.grad = (distribute_tensor(grad.clone(), mesh, [Shard(0)]) for _ in range(2))
+            p.grad, q.grad = grad.clone(), distribute_tensor(grad.clone(), mesh, [Shard(0)])
         single.step()
-        for optimizer in distributed:
-            optimizer.step()
-    errors = [rel_err(q.full_tensor(), p) for params in (sharded, one_bucket) for p, q in zip(plain, params)]
+        distributed.step()
+    errors = [rel_err(q.full_tensor(), p) for p, q in zip(plain, sharded)]
     return errors, [rel_err(p, w) for p, w in zip(plain, weights)]
 
 
@@ -221,8 +217,7 @@ def test_benchmark_quick(tmp_path):
     subprocess.run([sys.executable, str(script), "--quick", "--one-gpu-accum", "2", "--out", str(tmp_path / "d.json")],
                    check=True, capture_output=True, timeout=300)
     rows = {(r["gpus"], r["variant"]): r for r in json.loads((tmp_path / "d.json").read_text())["rows"]}
-    assert set(rows) == {(1, "default"), (1, "per-rank-batch"), (2, "default"), (2, "reshard"), (2, "bf16-reduce"),
-                         (2, "muon-4-buckets")}
+    assert set(rows) == {(1, "default"), (1, "per-rank-batch"), (2, "default"), (2, "reshard"), (2, "bf16-reduce")}
     assert rows[1, "per-rank-batch"]["batch_size"] * 2 == rows[1, "default"]["batch_size"] == 4
     # the 1-GPU global-batch row accumulates 2 micro-batches of 2 (the 2-rank run's per-rank batch); no other row does
     assert [key for key, r in rows.items() if r["grad_accum"] != 1] == [(1, "default")]
@@ -234,7 +229,7 @@ def test_benchmark_quick(tmp_path):
                for r in rows.values())
     calls = {key: r["collective_calls"] for key, r in rows.items()}
     assert calls[1, "default"] == {} == calls[1, "per-rank-batch"]  # one process: no collectives at all
-    assert calls[2, "default"]["all_to_all_single"] == 2 and calls[2, "muon-4-buckets"]["all_to_all_single"] == 2 * 4
+    assert calls[2, "default"]["all_to_all_single"] == 2
     gathers = {key: sum(n for name, n in c.items() if name.startswith("all_gather")) for key, c in calls.items()}
     units = 2  # tiny quick model: 2 blocks, one FSDP unit each (PreNorm residual)
     assert gathers[2, "default"] == units + 1 and gathers[2, "reshard"] == 2 * units + 1
@@ -270,23 +265,23 @@ def test_distributed_muon_fused_passes_compiled_equal_eager():
         grads = [torch.randn(s, generator=g) for s in shapes]
         bufs = [torch.randn(s, generator=g) for s in shapes]
         weights = [torch.randn(s, generator=g) for s in shapes]
-        sends = compile_if(momentum_and_pack)(grads, bufs, [0.95, 0.9, 0.95, 0.8], [True, True, False, True],
-                                              ((3, 0), (1, 2)), torch.float32)
-        orthogonals = [torch.randn(5 * 7 + 3 * 9, generator=g), torch.randn(2 * 6 * 4, generator=g)]
-        layout = ((0, 27, (5, 7), ((0, 0, 5, 0.7),)), (0, 0, (0, 7), ()),
-                  (1, 0, (2, 6, 4), ((1, 0, 2, 0.4), (1, 2, 6, 0.9))), (0, 0, (3, 9), ((0, 0, 1, 0.3), (0, 1, 3, 0.5))))
-        compile_if(decay_and_apply)(weights, orthogonals, torch.tensor([0.01, 0.02]), (0, 1, 1, 0),
+        send = compile_if(momentum_and_pack)(grads, bufs, [0.95, 0.9, 0.95, 0.8], [True, True, False, True],
+                                             (3, 0, 1, 2), torch.float32)
+        orthogonal = torch.randn(5 * 7 + 3 * 9 + 2 * 6 * 4, generator=g)
+        layout = ((27, (5, 7), ((0, 0, 5, 0.7),)), (62, (0, 7), ()),
+                  (62, (2, 6, 4), ((1, 0, 2, 0.4), (1, 2, 6, 0.9))), (0, (3, 9), ((0, 0, 1, 0.3), (0, 1, 3, 0.5))))
+        compile_if(decay_and_apply)(weights, orthogonal, torch.tensor([0.01, 0.02]), (0, 1, 1, 0),
                                     [0.1, 0.0, 0.1, 0.2], layout)
         # owned: a [6, 4] matrix in split (4, 2) x heads 2 blocks (rows 0-2 from rank 0, 3-5 from rank 1), and
         # a [5, 3] matrix (rows 0-2, 3-4); received: rank 0's chunk, then rank 1's
         received = torch.randn(3 * 4 + 3 * 3 + 3 * 4 + 2 * 3, generator=g)
         jobs = (((6, 4), 2, (4, 2), ((0, 3), (21, 3))), ((5, 3), None, None, ((12, 3), (33, 2))))
-        batches = (((2, 4), ((0, 0, False),)), ((1, 4), ((0, 1, False),)), ((3, 5), ((1, 0, True),)))
+        batches = (((2, 4), ((0, 0),)), ((1, 4), ((0, 1),)), ((5, 3), ((1, 0),)))
         inputs = compile_if(unpack_owned)(received, (jobs, batches))
-        returns = (((6, 4), ((0, 0, (1, 2, 2, 4), False), (1, 0, (1, 2, 1, 4), False)), ((0, 3), (3, 6))),
-                   ((5, 3), ((2, 0, (1, 5, 3), True),), ((0, 3), (3, 5))))
+        returns = (((6, 4), ((0, 0, (1, 2, 2, 4)), (1, 0, (1, 2, 1, 4))), ((0, 3), (3, 6))),
+                   ((5, 3), ((2, 0, (1, 5, 3)),), ((0, 3), (3, 5))))
         back = compile_if(pack_returns)([x * 2 for x in inputs], returns)
-        return [*sends, *bufs, *weights, *inputs, back]
+        return [send, *bufs, *weights, *inputs, back]
 
     for a, b in zip(run(True), run(False)):
         assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-6, atol=1e-7)
@@ -294,8 +289,7 @@ def test_distributed_muon_fused_passes_compiled_equal_eager():
 
 def test_distributed_muon_unpack_and_return_round_trip():
     """pack_returns(unpack_owned(x)) gives back x's rows in per-rank order: the layouts agree on where every
-    shard and block sits (matrix [6, 4] as split (4, 2) x 2 heads from two ranks, and a whole [5, 3] stacked
-    transposed, as plan_batches does for a batch's minority orientation)."""
+    shard and block sits (matrix [6, 4] as split (4, 2) x 2 heads from two ranks, and a whole [5, 3])."""
     import torch
 
     from nanokimi.optim.dist_muon import pack_returns, unpack_owned
@@ -303,12 +297,12 @@ def test_distributed_muon_unpack_and_return_round_trip():
     a, b = torch.arange(24.).view(6, 4), 100 + torch.arange(15.).view(5, 3)
     received = torch.cat([a[:3].flatten(), b[:3].flatten(), a[3:].flatten(), b[3:].flatten()])
     jobs = (((6, 4), 2, (4, 2), ((0, 3), (21, 3))), ((5, 3), None, None, ((12, 3), (33, 2))))
-    batches = (((2, 4), ((0, 0, False),)), ((1, 4), ((0, 1, False),)), ((3, 5), ((1, 0, True),)))
+    batches = (((2, 4), ((0, 0),)), ((1, 4), ((0, 1),)), ((5, 3), ((1, 0),)))
     inputs = unpack_owned(received, (jobs, batches))
     assert torch.equal(inputs[0], a[:4].view(2, 2, 4)) and torch.equal(inputs[1], a[4:].view(2, 1, 4))
-    assert torch.equal(inputs[2], b.T[None])
-    returns = (((6, 4), ((0, 0, (1, 2, 2, 4), False), (1, 0, (1, 2, 1, 4), False)), ((0, 3), (3, 6))),
-               ((5, 3), ((2, 0, (1, 5, 3), True),), ((0, 3), (3, 5))))
+    assert torch.equal(inputs[2], b[None])
+    returns = (((6, 4), ((0, 0, (1, 2, 2, 4)), (1, 0, (1, 2, 1, 4))), ((0, 3), (3, 6))),
+               ((5, 3), ((2, 0, (1, 5, 3)),), ((0, 3), (3, 5))))
     assert torch.equal(pack_returns(inputs, returns), received)
 
 

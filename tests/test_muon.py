@@ -305,7 +305,7 @@ def test_split_blocks_with_heads():
 
 
 def test_per_expert_blocks_and_one_batched_call(monkeypatch):
-    import nanokimi.optim.muon as muon_module
+    import nanokimi.optim.muon_fast as muon_module
     calls = []
     real = muon_module.newton_schulz
     monkeypatch.setattr(muon_module, "newton_schulz",
@@ -313,12 +313,12 @@ def test_per_expert_blocks_and_one_batched_call(monkeypatch):
     experts = torch.randn(5, 20, 9)  # [E, out, in], tall experts
     tall = torch.randn(20, 9)  # same shape as one expert: shares the batch
     p_e, p_t = nn.Parameter(torch.zeros(5, 20, 9)), nn.Parameter(torch.zeros(20, 9))
-    p_w = nn.Parameter(torch.zeros(9, 20))  # wide, same sides: joins the batch transposed (merge_orientations)
+    p_w = nn.Parameter(torch.zeros(9, 20))  # wide, same sides: a batch of its own
     opt = Muon([dict(params=[p_e, p_t]), dict(params=[p_w], lr=0.5)], lr=1.0, weight_decay=0.0, momentum=0.0,
-               ns_dtype=torch.float32, ns_method="classic", merge_orientations=True)
+               ns_dtype=torch.float32, ns_method="classic")
     p_e.grad, p_t.grad, p_w.grad = experts.clone(), tall.clone(), tall.T.clone()
     opt.step()
-    assert calls == [(7, 20, 9)]  # stacked tall: 6 of the 7 matrices are tall
+    assert calls == [(6, 20, 9), (1, 9, 20)]
     assert rel(-p_w.detach(), 0.5 * _expected(tall.T)) < 1e-5
     for e in range(5):
         assert rel(-p_e.detach()[e], _expected(experts[e])) < 1e-5
@@ -327,9 +327,8 @@ def test_per_expert_blocks_and_one_batched_call(monkeypatch):
 
 def test_gpt2_like_layout_is_one_classic_batch_and_one_gram_group(monkeypatch):
     """GPT-2's matrices in miniature (qkv 3d x d, attn-out d x d, fc 4d x d, proj d x 4d): qkv, fc and proj share
-    one s x s recursion, tall and wide alike (with merge_orientations, fc and proj are one batch, wide: a tie);
-    the square matrices stay classic."""
-    import nanokimi.optim.muon as muon_module
+    one s x s recursion, tall and wide alike; the square matrices stay classic."""
+    import nanokimi.optim.muon_fast as muon_module
     calls = []
     real_single, real_group = muon_module.newton_schulz, muon_module.newton_schulz_group
     monkeypatch.setattr(muon_module, "newton_schulz",
@@ -339,18 +338,15 @@ def test_gpt2_like_layout_is_one_classic_batch_and_one_gram_group(monkeypatch):
     d, layers = 8, 2
     shapes = [shape for _ in range(layers) for shape in ((3 * d, d), (d, d), (4 * d, d), (d, 4 * d))]
     params = [nn.Parameter(torch.randn(shape)) for shape in shapes]
-    for merge, group in ((False, [(2, 3 * d, d), (2, 4 * d, d), (2, d, 4 * d)]),
-                         (True, [(2, 3 * d, d), (4, d, 4 * d)])):
-        calls.clear()
-        opt = Muon(params, lr=0.1, ns_dtype=torch.float32, merge_orientations=merge)
-        for p in params:
-            p.grad = torch.randn_like(p)
-        before = [p.detach().clone() for p in params]
-        opt.step()
-        assert sorted(calls) == [("group", group), ("single", (2, d, d))]
-        for p, w in zip(params, before):  # first step: U = (1 + mu) G, and Newton-Schulz ignores the scale
-            expected = -0.1 * (0.1 * w + 0.2 * math.sqrt(max(p.shape)) * orthogonalize_naive(p.grad))
-            assert rel(p.detach() - w, expected) < 1e-5
+    opt = Muon(params, lr=0.1, ns_dtype=torch.float32)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    before = [p.detach().clone() for p in params]
+    opt.step()
+    assert sorted(calls) == [("group", [(2, 3 * d, d), (2, 4 * d, d), (2, d, 4 * d)]), ("single", (2, d, d))]
+    for p, w in zip(params, before):  # first step: U = (1 + mu) G, and Newton-Schulz ignores the scale
+        expected = -0.1 * (0.1 * w + 0.2 * math.sqrt(max(p.shape)) * orthogonalize_naive(p.grad))
+        assert rel(p.detach() - w, expected) < 1e-5
 
 
 def test_bad_options_say_what_is_wrong():
@@ -491,7 +487,7 @@ def test_benchmark_quick(tmp_path):
     written = json.loads(out.read_text())
     assert {r["optimizer"] for r in written["rows"]} >= {"nanokimi eager", "nanokimi captured (graph) [eager fallback]"}
     variants = {r["variant"]: r for r in written["rows"] if r["variant"]}
-    assert {"default", "no overlap_passes", "no side_stream", "no combo_kernels"} <= set(variants)
+    assert {"default", "no overlap_passes", "no side_stream", "no combo_kernels", "no stream_priorities"} <= set(variants)
     assert set(variants) == {"default", *VARIANTS}
     assert all(0 <= r["check_rel"] < 5e-2 for r in variants.values())  # each checked against the default's update
     eager = next(r for r in written["rows"] if r["optimizer"] == "nanokimi eager")

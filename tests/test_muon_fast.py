@@ -11,7 +11,7 @@ from torch import nn
 
 from nanokimi.ops.newton_schulz import coefficient_schedule
 from nanokimi.optim import CapturedStep, Muon, build_optimizer, matrix_blocks
-from nanokimi.optim.muon import MOONLIGHT_RMS, plan_batches
+from nanokimi.optim.muon import MOONLIGHT_RMS
 
 
 def rel(a, b):
@@ -76,8 +76,8 @@ def previous_step(opt):
 
 
 def mixed_params():
-    """Params and groups covering every block kind: plain, tall and wide sharing a batch (24x10 / 10x24, 12x7 /
-    7x12, per-head 8x40 blocks stacked transposed beside tall 40x8 experts), per-expert, split + heads, heads
+    """Params and groups covering every block kind: plain, tall and wide of equal sides (24x10 / 10x24, 12x7 /
+    7x12, per-head 8x40 blocks beside tall 40x8 experts), per-expert, split + heads, heads
     alone, no Nesterov, square, and a split param whose second block's batch (12x7) exists before its first
     block's (14x7)."""
     shapes = [(24, 10), (10, 24), (3, 12, 7), (12, 7), (18, 9), (7, 7), (7, 12), (26, 7), (16, 40), (3, 40, 8)]
@@ -89,10 +89,10 @@ def mixed_params():
     return params, groups
 
 
-def run_muon(steps, lrs, grads, step_fn=None, tensor_lr=False, merge_orientations=False):
+def run_muon(steps, lrs, grads, step_fn=None, tensor_lr=False):
     torch.manual_seed(1)
     params, groups = mixed_params()
-    opt = Muon(groups, lr=0.02, weight_decay=0.1, ns_dtype=torch.float32, merge_orientations=merge_orientations)
+    opt = Muon(groups, lr=0.02, weight_decay=0.1, ns_dtype=torch.float32)
     start = [p.detach().clone() for p in params]
     for i in range(steps):
         for j, group in enumerate(opt.param_groups):
@@ -115,24 +115,10 @@ def test_step_equals_previous_eager_step():
     grads = random_grads(5, skip=(1, 3))  # a param without a grad for one step
     lrs = [0.02, 0.015, 0.03, 0.01, 0.02]
     old, old_bufs = run_muon(5, lrs, grads, step_fn=previous_step)
-    for merge in (False, True):  # tall and wide blocks in separate batches, or one batch with some transposed
-        new, new_bufs = run_muon(5, lrs, grads, merge_orientations=merge)
-        # the same arithmetic in the same order, except Newton-Schulz's folded polynomial: fp32 rounding apart
-        for a, b in zip(new + new_bufs, old + old_bufs):
-            assert rel(a, b) < 1e-5
-
-
-def test_plan_batches_joins_tall_and_wide_blocks():
-    """By default blocks of equal shapes and settings share a batch; with merge_orientations equal sides suffice,
-    stacked in the orientation most of their elements have (a tie stays wide); other settings or sides make
-    other batches."""
-    a, b = ("fp32", 5), ("bf16", 5)
-    blocks = [(a, (20, 9), 5), (a, (9, 20), 1), (a, (9, 9), 2), (b, (9, 20), 1), (a, (30, 9), 1), (a, (9, 30), 1)]
-    assert plan_batches(blocks + [(a, (20, 9), 2)]) == [
-        (a, (20, 9), [(0, False), (6, False)]), (a, (9, 20), [(1, False)]), (a, (9, 9), [(2, False)]),
-        (b, (9, 20), [(3, False)]), (a, (30, 9), [(4, False)]), (a, (9, 30), [(5, False)])]
-    assert plan_batches(blocks, merge_orientations=True) == [(a, (20, 9), [(0, False), (1, True)]), (a, (9, 9), [(2, False)]),
-                                    (b, (9, 20), [(3, False)]), (a, (9, 30), [(4, True), (5, False)])]
+    new, new_bufs = run_muon(5, lrs, grads)
+    # the same arithmetic in the same order, except Newton-Schulz's folded polynomial: fp32 rounding apart
+    for a, b in zip(new + new_bufs, old + old_bufs):
+        assert rel(a, b) < 1e-5
 
 
 def test_tensor_lr_matches_float_lr():

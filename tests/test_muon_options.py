@@ -1,15 +1,14 @@
-"""Muon's step-cost options: square blocks in the Gram group (group_squares), inductor combo kernels for the
-compiled passes (combo_kernels), and the cached step plan."""
+"""Muon's execution (nanokimi.optim.muon_fast): inductor combo kernels for the compiled passes (combo_kernels), the
+cached step plan, the CUDA streams, and the step against the readable muon_update."""
 import pytest
 import torch
 from torch import nn
 
-import nanokimi.optim.muon as muon_module
-from nanokimi.ops.newton_schulz import coefficient_schedule, newton_schulz, newton_schulz_group, orthogonalize_naive
+import nanokimi.optim.muon_fast as muon_fast
 from nanokimi.optim import Muon
-from nanokimi.optim.muon import COMBO_KERNEL_OPTIONS, compiled_pass, inductor_options, squares_to_gram
-
-from test_muon import direction_error, scalar_band, with_spectrum
+from nanokimi.optim.blocks import matrix_blocks
+from nanokimi.optim.muon import muon_update
+from nanokimi.optim.muon_fast import COMBO_KERNEL_OPTIONS, compiled_pass, inductor_options
 
 
 def rel(a, b):
@@ -19,32 +18,6 @@ def rel(a, b):
 def gpt2_like(d=12, layers=2):
     """GPT-2's four matrix kinds in miniature: qkv 3d x d, attn-out d x d, fc 4d x d, proj d x 4d."""
     return [shape for _ in range(layers) for shape in ((3 * d, d), (d, d), (4 * d, d), (d, 4 * d))]
-
-
-def test_squares_to_gram_switches_only_free_squares_with_a_gram_side():
-    q = (torch.float32, 5, "quintic", 1e-7)
-    blocks = [((*q, "gram"), (24, 8), 2), ((*q, "classic"), (8, 8), 3), ((*q, "classic"), (9, 9), 1),
-              ((*q, "classic"), (8, 8), 1), ((torch.bfloat16, 5, "quintic", 1e-7, "classic"), (8, 8), 1),
-              ((*q, "classic"), (8, 20), 1)]
-    free = [True, True, True, False, True, True]
-    assert squares_to_gram(blocks, free) == [
-        blocks[0], ((*q, "gram"), (8, 8), 3),  # square, free, side 8 has a gram block with equal settings
-        blocks[2],  # no gram block of side 9
-        blocks[3],  # the group asked for classic itself
-        blocks[4],  # other dtype
-        blocks[5]]  # not square
-
-
-def test_distributed_plan_groups_squares_too():
-    """DistributedMuon plans its owner's batches with the same rule (its constructor takes group_squares)."""
-    from nanokimi.optim.dist_muon import DistributedMuon, _Job
-
-    group = dict(heads=None, split=None, ns_steps=5, coefficients="quintic", eps=1e-7, ns_method="auto")
-    mine = [_Job(torch.empty(s, device="meta"), group, 1) for s in ((24, 8), (8, 8), (8, 30))]
-    sizes = (sum(j.numel_of(0) for j in mine),)
-    for squares, methods in ((False, ["gram", "classic", "gram"]), (True, ["gram"] * 3)):
-        plan = DistributedMuon._bucket_plan(mine, sizes, sizes, 1, False, squares)
-        assert [settings[-1] for settings in plan.batch_settings] == methods
 
 
 def run(shapes, steps=2, **options):
@@ -59,63 +32,10 @@ def run(shapes, steps=2, **options):
     return [p.detach().clone() for p in params], opt
 
 
-def test_group_squares_runs_the_squares_in_the_gram_group_fp32(monkeypatch):
-    """fp32: the squares inside the 48-matrix Gram recursion give the classic result to rounding; one
-    newton_schulz_group call holds every batch and no batch runs alone."""
-    calls = []
-    real = muon_module.newton_schulz_group
-    monkeypatch.setattr(muon_module, "newton_schulz_group", lambda Xs, *args, **kw: calls.append(
-        sorted(tuple(X.shape) for X in Xs)) or real(Xs, *args, **kw))
-    d = 12
-    apart, opt_apart = run(gpt2_like(d), ns_dtype=torch.float32)
-    assert opt_apart.last_methods()[(d, d)] == "classic"
-    calls.clear()
-    joined, opt_joined = run(gpt2_like(d), ns_dtype=torch.float32, group_squares=True)
-    assert calls == [sorted([(2, 3 * d, d), (2, d, d), (2, 4 * d, d), (2, d, 4 * d)])] * 2  # one call per step
-    assert opt_joined.last_methods() == {(3 * d, d): "gram", (d, d): "gram", (4 * d, d): "gram", (d, 4 * d): "gram"}
-    for a, b in zip(joined, apart):
-        assert rel(a, b) < 1e-5
-
-
-def test_group_squares_leaves_polar_express_and_explicit_classic_alone():
-    d = 12
-    params = [nn.Parameter(torch.randn(s)) for s in gpt2_like(d, layers=1)]
-    opt = Muon([dict(params=params[:1] + params[2:]), dict(params=[params[1]], ns_method="classic")],
-               ns_dtype=torch.float32, group_squares=True)
-    for p in params:
-        p.grad = torch.randn_like(p)
-    opt.step()
-    assert opt.last_methods()[(d, d)] == "classic"
-    _, pe = run(gpt2_like(d, layers=1), steps=1, ns_dtype=torch.float32, group_squares=True,
-                coefficients="polar_express")
-    assert set(pe.last_methods().values()) == {"classic"}
-
-
-def test_squares_in_the_group_bf16_match_classic_and_stay_in_the_band():
-    """bf16, through newton_schulz_group beside tall matrices: the squares' result within bf16 rounding of the
-    classic one, directions within the Gram form's bound of the fp32 reference, singular values in the quintic
-    band (plus the bf16 output rounding classic shows too: 1.20 measured for both)."""
-    g = torch.Generator().manual_seed(0)
-    schedule = coefficient_schedule("quintic", 5)
-    low, high = scalar_band("quintic", 5, 1e-2)
-    squares = torch.stack([with_spectrum(64, 64, 1e-2, g)[0].float() for _ in range(3)])  # [3, 64, 64]
-    tall = torch.randn(2, 160, 64, generator=g)
-    grouped = newton_schulz_group([tall.bfloat16(), squares.bfloat16()], schedule, eps=1e-7)[1]
-    classic = newton_schulz(squares.bfloat16(), schedule, "classic", eps=1e-7)
-    reference = torch.stack([orthogonalize_naive(x) for x in squares])
-    assert rel(grouped, classic) < 5e-2
-    assert direction_error(grouped, squares, reference) < 3e-2
-    sv = torch.linalg.svdvals(grouped.double())
-    assert low - 0.02 < sv.min() and sv.max() < high + 0.09
-    # fp32: the same grouping agrees with classic to rounding
-    fp32 = newton_schulz_group([tall, squares], schedule, eps=1e-7)[1]
-    assert rel(fp32, newton_schulz(squares, schedule, "classic", eps=1e-7)) < 1e-5
-
-
 def count_plans(monkeypatch):
     made = []
-    real = Muon._plan_step
-    monkeypatch.setattr(Muon, "_plan_step", lambda self, *args: made.append(1) or real(self, *args))
+    real = muon_fast.plan_step
+    monkeypatch.setattr("nanokimi.optim.muon.plan_step", lambda *args: made.append(1) or real(*args))
     return made
 
 
@@ -143,8 +63,6 @@ def test_step_plan_is_cached_and_invalidated_by_what_it_depends_on(monkeypatch):
         before = len(made)
         opt.param_groups[1][option] = value
         assert step() == before + 1, option
-    opt.group_squares = True
-    assert step() == 10
 
 
 def test_cached_plan_gives_the_replanned_result(monkeypatch):
@@ -153,7 +71,7 @@ def test_cached_plan_gives_the_replanned_result(monkeypatch):
         torch.manual_seed(0)
         params = [nn.Parameter(torch.randn(s)) for s in ((18, 9), (2, 9, 20), (16, 6), (6, 6))]
         opt = Muon([dict(params=params[:2]), dict(params=[params[2]], split=(10, 6), heads=2)],
-                   ns_dtype=torch.float32, group_squares=True)
+                   ns_dtype=torch.float32)
         g = torch.Generator().manual_seed(3)
         for i in range(3):
             for k, p in enumerate(params):
@@ -170,7 +88,6 @@ def test_cached_plan_gives_the_replanned_result(monkeypatch):
 def test_inductor_options_per_combo_setting(monkeypatch):
     from torch._inductor import config
 
-    assert inductor_options(None) == {}
     assert inductor_options(False) == {"combo_kernels": False}
     on = inductor_options(True)
     assert on["combo_kernels"] is True and all(hasattr(config, name) for name in on)
@@ -187,18 +104,18 @@ def test_combo_kernels_reach_torch_compile_and_key_the_cache(monkeypatch):
         compiles.append((fn.__name__, kwargs.get("options")))
         return fn
 
-    monkeypatch.setattr(muon_module, "_compiled", {})
+    monkeypatch.setattr(muon_fast, "_compiled", {})
     monkeypatch.setattr(torch, "compile", fake_compile)
-    for combo in (None, True, True, False):
+    for combo in (True, True, False):
         run([(12, 8), (8, 8)], steps=2, ns_dtype=torch.float32, fused=True, combo_kernels=combo)
     expected = []
-    for options in (None, inductor_options(True), {"combo_kernels": False}):
+    for options in (inductor_options(True), inductor_options(False)):
         expected += [("momentum_and_stack", options), ("decay_and_update", options)]
     assert compiles == expected
     compiles.clear()
     run([(12, 8)], steps=1, ns_dtype=torch.float32, combo_kernels=True)  # CPU: eager passes
     assert compiles == []
-    assert compiled_pass(muon_module.decay_and_update, True) is compiled_pass(muon_module.decay_and_update, True)
+    assert compiled_pass(muon_fast.decay_and_update, True) is compiled_pass(muon_fast.decay_and_update, True)
 
 
 def test_torch_accepts_the_combo_options_and_compiles_each_setting_once():
@@ -211,7 +128,7 @@ def test_torch_accepts_the_combo_options_and_compiles_each_setting_once():
 
     x, y = torch.randn(5), torch.randn(3)
     before = dynamo_utils.counters["stats"]["unique_graphs"]
-    for combo in (True, True, None, True, None):
+    for combo in (True, True, False, True, False):
         a, b = compiled_pass(two_outputs, combo)(x, y)
         assert torch.equal(a, x * 2) and torch.equal(b, y + 1)
     assert dynamo_utils.counters["stats"]["unique_graphs"] - before == 2
@@ -236,11 +153,11 @@ def test_options_on_gpu_match_the_default():
         return [p.detach() - s for p, s in zip(params, start)]
 
     default = updates()
-    # the squares' Gram form rounds differently in bf16 (5e-2, as on the CPU); combo kernels: the same arithmetic
-    for options, bound in ((dict(group_squares=True), 5e-2), (dict(combo_kernels=None), 1e-3),
+    # combo kernels: the same arithmetic, fused differently
+    for options, bound in ((dict(combo_kernels=False), 1e-3),
                            (dict(side_stream=False), 1e-6), (dict(overlap_passes=False), 1e-6),
                            (dict(side_stream=False, overlap_passes=False), 1e-6),
-                           (dict(stream_priorities=False), 1e-6), (dict(stream_priorities=(-2, -1, -3)), 1e-6)):
+                           (dict(stream_priorities=False), 1e-6)):
         for a, b in zip(updates(**options), default):
             assert rel(a, b) < bound, options
 
@@ -262,7 +179,7 @@ def test_pass_groups_run_apart_give_the_whole_step():
     """overlap_passes' plan (the CPU plans it; only CUDA runs it on streams): params that share a batch form one
     group (a split param joins its two batches), and running the momentum and update passes group by group, with
     each group's own indices, changes the params exactly as the one-pass step does."""
-    from nanokimi.optim.muon import decay_and_update, momentum_and_stack, orthogonalize_batches, run_pass_groups
+    from nanokimi.optim.muon_fast import decay_and_update, momentum_and_stack, orthogonalize_batches, run_pass_groups
 
     torch.manual_seed(0)
     shapes = [(48, 16), (16, 16), (32, 16), (16, 40), (16, 40), (40, 16)]
@@ -326,3 +243,36 @@ def test_side_stream_captured_matches_eager_default():
     for other in results[1:]:
         for a, b in zip(other, results[0]):
             assert rel(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_step_equals_muon_update_block_by_block(nesterov):
+    """The batched step (shared batches, a Gram group, heads, split, experts, two lrs) against the readable
+    muon_update applied to each block alone, fp32, three steps: equal to fp32 rounding."""
+    torch.manual_seed(0)
+    shapes = gpt2_like(d=8, layers=1) + [(3, 16, 8), (24, 8)]
+    params = [nn.Parameter(torch.randn(s) * 0.1) for s in shapes]
+    reference = [p.detach().clone() for p in params]
+    buffers = [torch.zeros_like(p) for p in params]
+    layouts = [(None, None)] * 5 + [(2, (16, 8))]
+    groups = [dict(params=params[:5]), dict(params=[params[5]], heads=2, split=(16, 8), lr=0.01)]
+    opt = Muon(groups, lr=0.05, nesterov=nesterov, weight_decay=0.1, ns_dtype=torch.float32)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        grads = [torch.randn(p.shape, generator=g) for p in params]
+        for p, grad in zip(params, grads):
+            p.grad = grad.clone()
+        opt.step()
+        for w, grad, m, (heads, split), lr in zip(reference, grads, buffers, layouts, [0.05] * 5 + [0.01]):
+            for blocks in zip(matrix_blocks(w, heads, split), matrix_blocks(grad, heads, split),
+                              matrix_blocks(m, heads, split)):
+                muon_update(*blocks, lr=lr, nesterov=nesterov, weight_decay=0.1, ns_dtype=torch.float32)
+    for p, w in zip(params, reference):
+        assert rel(p.detach(), w) < 1e-5
+    for p, m in zip(params, buffers):
+        assert torch.allclose(opt.state[p]["momentum_buffer"], m, atol=1e-6)
+
+
+def test_execution_options_must_be_booleans():
+    with pytest.raises(ValueError, match="stream_priorities must be True or False"):
+        Muon([nn.Parameter(torch.zeros(4, 4))], stream_priorities=(-1, -1, 0))

@@ -22,7 +22,6 @@ sublayer inside a block, phase 1's for the first sublayer of a block (whose inpu
 The un-normed input h is then never written, and `normed_input` returns the normed one. Without the norms
 (`sublayer_input` + the caller's norm) the same numbers come out.
 """
-import importlib.util
 import math
 from typing import NamedTuple
 
@@ -30,11 +29,11 @@ import torch
 from torch import nn
 
 from nanokimi.model.norm import RMSNorm
-from nanokimi.ops.attnres import EAGER, compiled_kernels, depth_attention_qe, share_source
+from nanokimi.ops.attnres import EAGER, attnres_kernels, depth_attention_qe, share_source
 from nanokimi.ops.attnres.two_phase import FirstNorm, finish_shared_source, wide_dtype
+from nanokimi.runtime.attnres import AttnResKernels
 
 MODES = ("full", "block")
-STORAGES = ("auto", "auto-all", "fp32")
 
 
 class AttnResState(NamedTuple):
@@ -68,22 +67,17 @@ class AttnResState(NamedTuple):
 class AttentionResiduals(nn.Module):
     def __init__(self, hidden_size: int, num_sublayers: int, mode: str = "full", num_blocks: int = 8,
                  eps: float = 1e-6, storage: str = "auto", fuse_norm: bool = True):
-        """storage: the dtype the stored sources (embedding, finished block sums) are kept in (see
-        `storage_dtype`): "auto" = the sublayers' output dtype (bf16 under bf16 autocast), "fp32" = fp32 (float64
-        for a float64 stream); "auto-all": as "auto", and phase 1's mixtures too (fp32 otherwise). Sums are
-        accumulated in fp32 and the softmax runs in fp32 either way.
-        fuse_norm: when `add` (or `start`) is given the next sublayer's RMSNorm, compute that sublayer's normed
-        input in the kernel that computes its input: the merge's (`accumulate_merge_norm`) for a sublayer inside a
-        block, phase 1's (`phase1_norm_forward`) for the first sublayer of a block; instead of the input h and
-        then norm(h). False: always the latter (for A/B timing and debugging). The results are the same either
-        way (same maths, same roundings; sums may run in another order)."""
+        """storage, fuse_norm: the kernel settings of nanokimi.runtime.attnres.AttnResKernels (not architecture: a
+        model gets them from outside, `set_attnres_kernels`). storage: the dtype the stored sources are kept in
+        (see `storage_dtype`; fp32 means float64 for a float64 stream). fuse_norm: when `add` (or `start`) is given
+        the next sublayer's RMSNorm, compute that sublayer's normed input in the kernel that computes its input
+        (`accumulate_merge_norm` inside a block, `phase1_norm_forward` for a block's first sublayer) instead of
+        the input h and then norm(h). The results are the same either way (same maths, same roundings; sums may
+        run in another order)."""
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode='{mode}' must be one of {MODES} (use the plain PreNorm residual for 'none').")
-        if storage not in STORAGES:
-            raise ValueError(f"storage='{storage}' must be one of {STORAGES}: 'auto' stores the residual sources in "
-                             "the sublayers' output dtype (bf16 under bf16 autocast), 'auto-all' the phase-1 "
-                             "mixtures as well, 'fp32' everything in fp32.")
+        AttnResKernels(storage=storage, fuse_norm=fuse_norm)  # checks them
         if num_sublayers < 1 or hidden_size < 1:
             raise ValueError(f"hidden_size={hidden_size} and num_sublayers={num_sublayers} must be >= 1.")
         if mode == "block" and num_blocks < 1:
@@ -113,16 +107,17 @@ class AttentionResiduals(nn.Module):
     def compile_kernels(self, mode: str | None = None, triton: bool | None = None) -> "AttentionResiduals":
         """Run the residual stream's ops through torch.compile (fused kernels, fullgraph); returns self.
         triton=True: phase 1 and the per-sublayer accumulate + merge (forward and backward) run as the Triton
-        kernels of nanokimi.ops.attnres.triton_phase1 / triton_phase2 instead (block sums and rstds stay compiled); None (default): when the module is on CUDA and
-        triton imports. nanokimi.train.fast.compile_model calls this (after the model is on its device).
-        The maths, parameters and state_dict do not change."""
-        kernels = compiled_kernels(mode)
-        if triton is None:
-            triton = self.queries[0].is_cuda and importlib.util.find_spec("triton") is not None
-        if triton:
-            from nanokimi.ops.attnres.triton_kernels import triton_kernels
-            kernels = triton_kernels(kernels)
-        self.kernels = kernels
+        kernels of nanokimi.ops.attnres.triton_phase1 / triton_phase2 instead (block sums and rstds stay
+        compiled); None (default): as `attnres(impl="auto")` picks on the module's device. False: torch.compile
+        only. nanokimi.train.fast.compile_model calls this (after the model is on its device). The maths,
+        parameters and state_dict do not change."""
+        impl = "auto" if triton is None else "triton" if triton else "torch"
+        self.kernels = attnres_kernels(impl, self.queries[0].device, mode)
+        return self
+
+    def use_settings(self, settings: AttnResKernels) -> "AttentionResiduals":
+        """Apply kernel settings (storage dtype, fused pre-norm); returns self. The parameters do not change."""
+        self.storage, self.fuse_norm = settings.storage, settings.fuse_norm
         return self
 
     def extra_repr(self) -> str:
@@ -238,3 +233,12 @@ class AttentionResiduals(nn.Module):
         if l != state.position:
             raise ValueError(f"sublayer {l} called but the residual stream expects sublayer {state.position}; "
                              "call sublayer_input (or normed_input) and add in order 0, 1, ..., num_sublayers - 1.")
+
+
+def set_attnres_kernels(model: nn.Module, settings: AttnResKernels) -> nn.Module:
+    """Apply AttnRes kernel settings to every AttentionResiduals module of model (a no-op for PreNorm models);
+    returns model. Runtime settings, kept out of ModelConfig: what the trainer and the benchmarks call."""
+    for module in model.modules():
+        if isinstance(module, AttentionResiduals):
+            module.use_settings(settings)
+    return model

@@ -29,8 +29,7 @@ def make_residual(cfg: ModelConfig) -> nn.Module:
         return PreNormResidual()
     from nanokimi.model.attn_res import AttentionResiduals
     return AttentionResiduals(cfg.hidden_size, 2 * cfg.num_layers, mode=cfg.attn_res,
-                              num_blocks=cfg.attn_res_blocks, eps=cfg.norm_eps, storage=cfg.attn_res_storage,
-                              fuse_norm=cfg.attn_res_fuse_norm)
+                              num_blocks=cfg.attn_res_blocks, eps=cfg.norm_eps)
 
 
 class Block(nn.Module):

@@ -11,7 +11,8 @@ import fnmatch
 import torch
 from torch import nn
 
-from nanokimi.optim.muon import Muon, check_matrix_options
+from nanokimi.optim.blocks import check_matrix_options
+from nanokimi.optim.muon import Muon
 
 EMBEDDING_NAMES = ("embed.weight", "lm_head.weight")
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -117,12 +118,14 @@ def _adamw(groups, lr, betas, eps, weight_decay):
 
 def build_optimizer(model, name="muon", lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, momentum=0.95,
                     nesterov=True, ns_steps=5, coefficients="quintic", ns_dtype=None,
-                    matrix_options=None, adamw_patterns=()):
+                    matrix_options=None, adamw_patterns=(), muon_execution=None):
     """Build the optimizer for `model`: "muon" (Muon + AdamW) or "adamw" (AdamW for everything).
 
     matrix_options: {fnmatch pattern over parameter names: {"heads": H, "split": (a1, a2, ...)}}, e.g.
         {"*.attn.wq.weight": {"heads": 8}, "*.wqkv.weight": {"split": (1024, 256, 256)}}.
     adamw_patterns: extra name patterns sent to AdamW even if they are matrices (e.g. "*.router.weight").
+    muon_execution: Muon's execution options ({"side_stream": False, ...}; OptimConfig's muon_* fields), else its
+        defaults.
     Frozen parameters (requires_grad=False) are left out. Returns an OptimizerSet.
     """
     if name not in ("muon", "adamw"):
@@ -163,7 +166,8 @@ def build_optimizer(model, name="muon", lr=1e-3, weight_decay=0.1, betas=(0.9, 0
         else:
             muon_class = Muon
         optimizers["muon"] = muon_class(groups, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-                                  ns_steps=ns_steps, coefficients=coefficients, ns_dtype=ns_dtype)
+                                        ns_steps=ns_steps, coefficients=coefficients, ns_dtype=ns_dtype,
+                                        **(muon_execution or {}))
     if adamw_params:
         optimizers["adamw"] = _adamw([{"params": adamw_params}], lr, betas, eps, weight_decay)
     if not optimizers:

@@ -4,21 +4,20 @@ Parameters are DTensors sharded on dim 0 over a 1-D mesh (FSDP2's layout: rank r
 [r c, (r + 1) c) with c = ceil(rows / world), the last ranks possibly fewer or none). Per step:
     1. on every shard, in one fused pass: M <- mu M + G and U = mu M + G (nesterov) cast to the Newton-Schulz
        dtype, packed in send order (the momentum buffer lives on the shard, as a DTensor beside its parameter)
-    2. the matrices are cut into `buckets` pieces of about equal size (in parameter order; one by default,
-       which measured fastest on 2 GPUs); per bucket, one
-       all-to-all sends each shard of U to the rank that owns the whole matrix; owners are assigned greedily
-       within the bucket, largest matrices first, to the rank with the least work so far
-    3. each owner runs the batched Newton-Schulz over its matrices of a bucket as soon as they arrive, with
-       the same blocks as Muon (per-head, split, per-expert), while the later buckets are still in flight
-    4. per bucket, a second all-to-all sends each rank the rows of O that match its shard; then one fused
+    2. one all-to-all sends each shard of U to the rank that owns the whole matrix; owners are assigned greedily,
+       largest matrices first, to the rank with the least work so far
+    3. each owner runs the batched Newton-Schulz over its matrices, with the same blocks and batches as Muon
+       (per-head, split, per-expert; nanokimi.optim.muon_fast)
+    4. a second all-to-all sends each rank the rows of O that match its shard; then one fused
        pass: W <- W (1 - lr wd) - lr 0.2 sqrt(max(a, b)) O
 Besides the all-to-alls, every data movement is one of four passes over flat buffers: pack (step 1),
 `unpack_owned` (shards -> whole matrices -> Newton-Schulz batches), `pack_returns` (results -> per-rank rows)
 and `decay_and_apply` (step 4); on CUDA each runs through torch.compile (`fused=None` default; Muon's option),
-so the host issues a few calls per bucket, not a few per matrix. Owners, sizes, offsets and batches are
+so the host issues a few calls per step, not a few per matrix. Owners, sizes, offsets and batches are
 planned once per set of parameters and options. So the Newton-Schulz work is split over ranks, never
-repeated, with several buckets its communication overlaps it, and the result is the single-process Muon's.
-Two all-to-alls per bucket, no other collective.
+repeated, and the result is the single-process Muon's. Two all-to-alls per step, no other collective.
+(Cutting the matrices into several all-to-alls, so that communication overlaps Newton-Schulz, measured slower:
+docs/perf-log.md.)
 """
 import math
 from collections import defaultdict
@@ -28,9 +27,9 @@ import torch
 import torch.distributed as dist
 
 from nanokimi.ops.newton_schulz import choose_method
-from nanokimi.optim.muon import (MOONLIGHT_RMS, Muon, compiled_pass, group_learning_rates, join_blocks,
-                                 matrix_blocks, momentum_updates, orthogonalize_batches, plan_batches,
-                                 squares_to_gram)
+from nanokimi.optim.blocks import MOONLIGHT_RMS, join_blocks, matrix_blocks
+from nanokimi.optim.muon import Muon
+from nanokimi.optim.muon_fast import compiled_pass, group_learning_rates, momentum_updates, orthogonalize_batches
 
 
 def shard_rows(rows: int, world: int, rank: int) -> tuple[int, int]:
@@ -47,18 +46,6 @@ def row_segments(shape, heads=None, split=None):
         block_rows = piece // heads if heads else piece
         yield start, start + piece, MOONLIGHT_RMS * math.sqrt(max(block_rows, cols))
         start += piece
-
-
-def size_buckets(jobs: list, count: int) -> list[list]:
-    """Cut `jobs` (in order) into at most `count` consecutive runs of about equal total matrix size."""
-    total = sum(math.prod(j.shape) for j in jobs)
-    buckets, filled = [[]], 0
-    for job in jobs:
-        if buckets[-1] and filled >= total * len(buckets) / count:
-            buckets.append([])
-        buckets[-1].append(job)
-        filled += math.prod(job.shape)
-    return [b for b in buckets if b]
 
 
 def assign_owners(sizes: list[int], world: int) -> list[int]:
@@ -86,39 +73,31 @@ class _Job:
         return (stop - start) * self.row_numel
 
 
-class _BucketPlan(NamedTuple):
-    """What one bucket's step needs, fixed while the parameters and their options are: the all-to-all sizes,
-    the static layouts of `unpack_owned` and `pack_returns` (empty when this rank owns no matrix of the bucket),
-    and the Newton-Schulz settings of each batch."""
+class _StepPlan(NamedTuple):
+    """What one step needs, fixed while the parameters and their options are: the job indices in send order
+    (owner by owner), the all-to-all sizes, the static layouts of `unpack_owned` and `pack_returns` (empty when
+    this rank owns no matrix), the Newton-Schulz settings of each batch, and per job (offset, local shape,
+    segments) for decay_and_apply."""
+    send_order: tuple
     send_sizes: tuple
     recv_sizes: tuple
     unpack_layout: tuple  # (jobs, batches) for unpack_owned
     pack_layout: tuple  # jobs for pack_returns
     batch_settings: tuple  # per batch: (ns steps, coefficients, eps, method resolved for the shape)
-
-
-class _StepPlan(NamedTuple):
-    send_orders: tuple  # per bucket, the job indices in send order (owner by owner)
-    buckets: tuple  # _BucketPlan per bucket
-    update_layout: tuple  # per job: (bucket, offset, local shape, segments) for decay_and_apply
+    update_layout: tuple
 
 
 class DistributedMuon(Muon):
     """Muon over DTensor parameters sharded on dim 0 (FSDP2). Same options and update as Muon; built by
-    nanokimi.optim.build_optimizer when the model's parameters are DTensors. `buckets`: how many pieces
-    the matrices are cut into so that communication overlaps the Newton-Schulz work (1, the default: no
-    overlap, and the fastest measured on 2x H200 for bench-kl-900m: 38.9 vs 69.6 ms with 4).
+    nanokimi.optim.build_optimizer when the model's parameters are DTensors.
 
     The step's layout (owners, sizes, offsets, batches) is planned once per set of parameters and options and
     reused, and every data movement besides the two all-to-alls is one of four passes over flat buffers
-    (pack, unpack, pack returns, apply), compiled on CUDA, so the host issues a few calls per bucket instead of
+    (pack, unpack, pack returns, apply), compiled on CUDA, so the host issues a few calls per step instead of
     a few per matrix."""
 
-    def __init__(self, params, buckets: int = 1, **options):
-        if buckets < 1:
-            raise ValueError(f"buckets must be >= 1, got {buckets}")
+    def __init__(self, params, **options):
         super().__init__(params, **options)
-        self.buckets = buckets
         self._plans = {}
 
     @torch.no_grad()
@@ -151,82 +130,64 @@ class DistributedMuon(Muon):
         return p.device_mesh
 
     def _step_entries(self, entries, dtype):
-        """Steps 1-4 (module docstring) for the (param, group) entries of one Newton-Schulz dtype. Every
-        bucket's all-to-all is started at once (asynchronous), then each bucket's Newton-Schulz runs as soon as
-        its shards have arrived, while later buckets are still in flight, and its results start back at once;
-        the decay + update is one pass when all are back."""
-        key = (dtype, self.buckets, tuple((id(p), id(g), g["heads"], g["split"], g["ns_steps"], g["coefficients"],
-                                           g["eps"], g["ns_method"]) for p, g in entries))
+        """Steps 1-4 (module docstring) for the (param, group) entries of one Newton-Schulz dtype."""
+        key = (dtype, tuple((id(p), id(g), g["heads"], g["split"], g["ns_steps"], g["coefficients"],
+                             g["eps"], g["ns_method"]) for p, g in entries))
         if key not in self._plans:
             self._plans[key] = self._plan(entries)
         plan, mesh = self._plans[key]
-        group, rank = mesh.get_group(), mesh.get_local_rank()
+        group = mesh.get_group()
         buffers = [m.to_local() for m in self._momentum_buffers([p for p, _ in entries])]
-        fused = self.fused if self.fused is not None else entries[0][0].device.type == "cuda"
-        pack = compiled_pass(momentum_and_pack, self.combo_kernels) if fused else momentum_and_pack
-        unpack = compiled_pass(unpack_owned, self.combo_kernels) if fused else unpack_owned
-        pack_back = compiled_pass(pack_returns, self.combo_kernels) if fused else pack_returns
-        apply = compiled_pass(decay_and_apply, self.combo_kernels) if fused else decay_and_apply
-        sends = pack([p.grad.to_local() for p, _ in entries], buffers, [g["momentum"] for _, g in entries],
-                     [g["nesterov"] for _, g in entries], plan.send_orders, dtype)
-        in_flight = []
-        for bucket, send in zip(plan.buckets, sends):
-            received = send.new_empty(sum(bucket.recv_sizes))
-            work = dist.all_to_all_single(received, send, list(bucket.recv_sizes), list(bucket.send_sizes),
-                                          group=group, async_op=True)
-            in_flight.append((bucket, received, work))
-        returning = []
-        for bucket, received, work in in_flight:
-            work.wait()
-            back = received.new_empty(0)
-            if bucket.pack_layout:  # this rank owns matrices of the bucket
-                inputs = unpack(received, bucket.unpack_layout)  # [N, rows, cols] per batch, not yet normalised
-                outputs = orthogonalize_batches(inputs, bucket.batch_settings)
-                back = pack_back(outputs, bucket.pack_layout)
-            orthogonal = received.new_empty(sum(bucket.send_sizes))
-            work = dist.all_to_all_single(orthogonal, back, list(bucket.send_sizes), list(bucket.recv_sizes),
-                                          group=group, async_op=True)
-            returning.append((orthogonal, work))
-        for _, work in returning:
-            work.wait()
+        fused, combo = self.execution.fused, self.execution.combo_kernels
+        fused = fused if fused is not None else entries[0][0].device.type == "cuda"
+        pack = compiled_pass(momentum_and_pack, combo) if fused else momentum_and_pack
+        unpack = compiled_pass(unpack_owned, combo) if fused else unpack_owned
+        pack_back = compiled_pass(pack_returns, combo) if fused else pack_returns
+        apply = compiled_pass(decay_and_apply, combo) if fused else decay_and_apply
+        send = pack([p.grad.to_local() for p, _ in entries], buffers, [g["momentum"] for _, g in entries],
+                    [g["nesterov"] for _, g in entries], plan.send_order, dtype)
+        received = send.new_empty(sum(plan.recv_sizes))
+        dist.all_to_all_single(received, send, list(plan.recv_sizes), list(plan.send_sizes), group=group)
+        back = received.new_empty(0)
+        if plan.pack_layout:  # this rank owns matrices
+            inputs = unpack(received, plan.unpack_layout)  # [N, rows, cols] per batch, not yet normalised
+            back = pack_back(orthogonalize_batches(inputs, plan.batch_settings), plan.pack_layout)
+        orthogonal = received.new_empty(sum(plan.send_sizes))
+        dist.all_to_all_single(orthogonal, back, list(plan.send_sizes), list(plan.recv_sizes), group=group)
         lrs, lr_index = group_learning_rates([g for _, g in entries], entries[0][0].device, as_tensor=fused)
-        apply([p.to_local() for p, _ in entries], [o for o, _ in returning], lrs, lr_index,
+        apply([p.to_local() for p, _ in entries], orthogonal, lrs, lr_index,
               [g["weight_decay"] for _, g in entries], plan.update_layout)
 
     def _plan(self, entries):
-        """(_StepPlan, mesh) for these entries: buckets, owners, send orders and every static layout."""
+        """(_StepPlan, mesh) for these entries: owners, send order and every static layout."""
         mesh = None
         for p, _ in entries:
             mesh = self._check_layout(p, mesh)
         rank, world = mesh.get_local_rank(), mesh.size()
         jobs = [_Job(p, g, world) for p, g in entries]
-        index = {id(j): i for i, j in enumerate(jobs)}
-        send_orders, buckets, update_layout = [], [], [None] * len(jobs)
-        for b, bucket in enumerate(size_buckets(jobs, self.buckets)):
-            for job, owner in zip(bucket, assign_owners([math.prod(j.shape) for j in bucket], world)):
-                job.owner = owner
-            send_orders.append(tuple(index[id(j)] for o in range(world) for j in bucket if j.owner == o))
-            mine = [j for j in bucket if j.owner == rank]
-            send_sizes = tuple(sum(j.numel_of(rank) for j in bucket if j.owner == o) for o in range(world))
-            recv_sizes = tuple(sum(j.numel_of(r) for j in mine) for r in range(world))
-            offset = 0
-            for owner in range(world):  # where each job's returning rows land in this bucket's buffer
-                for j in (j for j in bucket if j.owner == owner):
-                    local_shape = (j.rows[rank][1] - j.rows[rank][0], *j.shape[1:])
-                    update_layout[index[id(j)]] = (b, offset, local_shape, tuple(self._local_segments(j, rank)))
-                    offset += j.numel_of(rank)
-            buckets.append(self._bucket_plan(mine, send_sizes, recv_sizes, world, self.merge_orientations,
-                                             self.group_squares))
-        return _StepPlan(tuple(send_orders), tuple(buckets), tuple(update_layout)), mesh
+        for job, owner in zip(jobs, assign_owners([math.prod(j.shape) for j in jobs], world)):
+            job.owner = owner
+        send_order = tuple(i for o in range(world) for i, j in enumerate(jobs) if j.owner == o)
+        mine = [j for j in jobs if j.owner == rank]
+        send_sizes = tuple(sum(j.numel_of(rank) for j in jobs if j.owner == o) for o in range(world))
+        recv_sizes = tuple(sum(j.numel_of(r) for j in mine) for r in range(world))
+        update_layout, offset = [None] * len(jobs), 0
+        for i in send_order:  # where each job's returning rows land in the returned buffer
+            update_layout[i] = (offset, (jobs[i].rows[rank][1] - jobs[i].rows[rank][0], *jobs[i].shape[1:]),
+                                tuple(self._local_segments(jobs[i], rank)))
+            offset += jobs[i].numel_of(rank)
+        unpack_layout, pack_layout, batch_settings = self._owned_plan(mine, recv_sizes, world)
+        return _StepPlan(send_order, send_sizes, recv_sizes, unpack_layout, pack_layout, batch_settings,
+                         tuple(update_layout)), mesh
 
     @staticmethod
-    def _bucket_plan(mine, send_sizes, recv_sizes, world, merge_orientations, group_squares=False):
+    def _owned_plan(mine, recv_sizes, world):
         """Layouts of the owned matrices: where each one's shards sit in the received buffer (rank r's chunk
-        holds its shard of each owned matrix in order), which NS batch each block joins, and where its result
-        goes back."""
+        holds its shard of each owned matrix in order), which NS batch each block joins (blocks of equal shape
+        and settings, as Muon), and where its result goes back. Returns (unpack layout, pack layout, settings per
+        batch)."""
         starts = [sum(recv_sizes[:r]) for r in range(world)]
-        unpack_jobs, blocks, block_of = [], [], []  # blocks: (settings, (rows, cols), count) as plan_batches takes
-        free = []  # per block: its method chosen by "auto" on FLOPs alone (squares_to_gram)
+        unpack_jobs, batches = [], {}  # (settings, (rows, cols)) -> [(owned index, block index, block shape)]
         for i, j in enumerate(mine):
             g = j.group
             pieces = []
@@ -239,25 +200,18 @@ class DistributedMuon(Muon):
             for k, block in enumerate(matrix_blocks(torch.empty(j.shape, device="meta"), g["heads"], g["split"])):
                 shape = tuple(block.shape[-2:])
                 method = choose_method(shape, g["ns_steps"], g["ns_method"], g["coefficients"])
-                blocks.append(((g["ns_steps"], g["coefficients"], g["eps"], method), shape, math.prod(block.shape[:-2])))
-                block_of.append((i, k, tuple(block.shape)))
-                free.append(g["ns_method"] == "auto" and g["coefficients"] == "quintic")
-        if group_squares:
-            blocks = squares_to_gram(blocks, free)
-        plan = plan_batches(blocks, merge_orientations)  # as Muon
-        sources = [[] for _ in mine]  # per owned matrix, per block: (batch, first matrix, block shape, transposed)
-        for n, (_, _, members) in enumerate(plan):
+                batches.setdefault(((g["ns_steps"], g["coefficients"], g["eps"], method), shape), []).append(
+                    (i, k, tuple(block.shape)))
+        sources = [[] for _ in mine]  # per owned matrix, per block: (batch, first matrix, block shape)
+        for n, members in enumerate(batches.values()):
             first = 0
-            for b, transposed in members:
-                i, k, shape = block_of[b]
-                sources[i].append((k, (n, first, shape, transposed)))
-                first += blocks[b][2]
+            for i, k, shape in members:
+                sources[i].append((k, (n, first, shape)))
+                first += math.prod(shape[:-2])
         pack_jobs = tuple((j.shape, tuple(source for _, source in sorted(sources[i])), tuple(tuple(r) for r in j.rows))
                           for i, j in enumerate(mine))
-        batch_layout = tuple((shape, tuple((*block_of[b][:2], transposed) for b, transposed in members))
-                             for _, shape, members in plan)
-        return _BucketPlan(send_sizes, recv_sizes, (tuple(unpack_jobs), batch_layout), pack_jobs,
-                           tuple(settings for settings, _, _ in plan))
+        batch_layout = tuple((shape, tuple((i, k) for i, k, _ in members)) for (_, shape), members in batches.items())
+        return (tuple(unpack_jobs), batch_layout), pack_jobs, tuple(settings for settings, _ in batches)
 
     @staticmethod
     def _local_segments(job, rank):
@@ -271,52 +225,48 @@ class DistributedMuon(Muon):
                 yield 0, max(start, first) - first, min(stop, last) - first, scale
 
 
-def momentum_and_pack(grads, bufs, momenta, nesterov, send_orders, dtype):
-    """M <- mu M + G in place on every local shard, and per bucket one flat send buffer holding
-    U = mu M + G (Nesterov) or M, cast to dtype, in the bucket's send order (job indices)."""
+def momentum_and_pack(grads, bufs, momenta, nesterov, send_order, dtype):
+    """M <- mu M + G in place on every local shard, and one flat send buffer holding U = mu M + G (Nesterov) or
+    M, cast to dtype, in send order (job indices)."""
     updates = momentum_updates(grads, bufs, momenta, nesterov)
-    return [torch.cat([updates[i].to(dtype).flatten() for i in order] or [grads[0].new_empty(0, dtype=dtype)])
-            for order in send_orders]
+    return torch.cat([updates[i].to(dtype).flatten() for i in send_order] or [grads[0].new_empty(0, dtype=dtype)])
 
 
 def unpack_owned(received, layout):
     """The whole U of every matrix this rank owns, from the shards in `received` (flat, rank r's chunk holding
     its rows of each owned matrix in order), cut into blocks and stacked per Newton-Schulz batch.
     layout: (jobs, batches); jobs: per owned matrix (global shape, heads, split, ((offset, rows) per rank
-    holding rows)); batches: per batch ((rows, cols), ((job, block, transposed), ...)), a transposed block going
-    in as its transpose (plan_batches). Returns [N, rows, cols] per batch."""
+    holding rows)); batches: per batch ((rows, cols), ((job, block), ...)). Returns [N, rows, cols] per batch."""
     jobs, batches = layout
     blocks = []
     for shape, heads, split, pieces in jobs:
         tail = shape[1:]
         shards = [received[start:start + rows * math.prod(tail)].view(rows, *tail) for start, rows in pieces]
         blocks.append(matrix_blocks(torch.cat(shards) if len(shards) > 1 else shards[0], heads, split))
-    return [torch.cat([(blocks[i][k].mT if transposed else blocks[i][k]).reshape(-1, rows, cols)
-                       for i, k, transposed in members]) for (rows, cols), members in batches]
+    return [torch.cat([blocks[i][k].reshape(-1, rows, cols) for i, k in members]) for (rows, cols), members in batches]
 
 
 def pack_returns(outputs, jobs):
     """One flat buffer of the Newton-Schulz results, ordered for the return all-to-all: for each rank r, its
     rows of every owned matrix in order. outputs: [N, rows, cols] per batch; jobs: per owned matrix (global
-    shape, per block in block order (batch, first matrix, block shape, transposed), (start, stop) rows per rank)."""
-    def block(k, first, shape, transposed):
-        piece = outputs[k][first:first + math.prod(shape[:-2])]
-        return piece.mT.reshape(shape) if transposed else piece.view(shape)
+    shape, per block in block order (batch, first matrix, block shape), (start, stop) rows per rank)."""
+    def block(k, first, shape):
+        return outputs[k][first:first + math.prod(shape[:-2])].view(shape)
 
     whole = [join_blocks([block(*source) for source in sources], matrix_shape) for matrix_shape, sources, _ in jobs]
     world = len(jobs[0][2])
     return torch.cat([O[rows[r][0]:rows[r][1]].flatten() for r in range(world) for O, (_, _, rows) in zip(whole, jobs)])
 
 
-def decay_and_apply(weights, orthogonals, lrs, lr_index, decays, layout):
+def decay_and_apply(weights, orthogonal, lrs, lr_index, decays, layout):
     """W <- W (1 - lr wd) - lr scale O on every local shard, each segment with its own scale.
-    orthogonals: the flat returned buffer per bucket; layout: per weight (bucket, offset, local shape,
-    segments), segments being (dim, lo, hi, scale) pieces covering the rows that have an update (all of them)."""
-    for w, i, wd, (bucket, offset, shape, pieces) in zip(weights, lr_index, decays, layout):
+    orthogonal: the flat returned buffer; layout: per weight (offset, local shape, segments), segments being
+    (dim, lo, hi, scale) pieces covering the rows that have an update (all of them)."""
+    for w, i, wd, (offset, shape, pieces) in zip(weights, lr_index, decays, layout):
         lr = lrs[i]
         if w.numel() == 0:
             continue
-        O = orthogonals[bucket][offset:offset + w.numel()].view(shape)
+        O = orthogonal[offset:offset + w.numel()].view(shape)
         parts = [w.narrow(dim, lo, hi - lo) * (1 - lr * wd) - O.narrow(dim, lo, hi - lo) * (lr * scale)
                  for dim, lo, hi, scale in pieces]
         w.copy_(torch.cat(parts, dim=pieces[0][0]))
