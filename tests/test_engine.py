@@ -299,3 +299,20 @@ def test_engine_bf16_hybrid_on_cuda_agrees_with_the_full_forward():
         logits = model(torch.tensor([prompt], device="cuda"))[0, -1].float()
     assert out.token_ids[0] == int(logits.argmax()) or rel_err(logits.log_softmax(-1)[out.token_ids[0]:out.token_ids[0] + 1],
                                                                 logits.log_softmax(-1).max().view(1)) < 1e-2
+
+
+def test_engine_benchmark_smoke_runs_on_cpu(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "engine.json"
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "engine.py"), "--smoke", "--out", str(out)],
+                          cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    results = json.loads(out.read_text())["results"]
+    assert not [name for name, row in results.items() if "error" in row], results
+    assert results["bench-kl-900m"]["offline"]["requests"] == 24
+    assert results["bench-kl-900m"]["ttft_prefix"]["hit_tokens_per_request"] > 0
+    assert results["long/all-MLA"]["tokens_per_s"] > 0

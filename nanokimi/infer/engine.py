@@ -40,13 +40,15 @@ def sample_seed(seed: int | None, index: int) -> int:
 class Engine:
     """See the module docstring. max_cache_tokens=None takes gpu_memory_fraction of the free GPU memory
     (on the CPU: 65536 tokens). snapshot_interval: KDA state snapshots every so many tokens of a prompt
-    (rounded to blocks) besides its last full block; num_state_snapshots: how many are kept (LRU)."""
+    (rounded to blocks) besides its last full block; num_state_snapshots: how many are kept (LRU).
+    use_cuda_graph: "auto" graphs decode-only steps on CUDA (True: a failed capture raises); compile=True
+    also torch.compiles them (one compilation per batch bucket: slow to warm up, for long runs)."""
 
     def __init__(self, model: nn.Module, tokenizer=None, max_cache_tokens: int | None = None, block_size: int = 16,
                  max_num_seqs: int = 256, max_step_tokens: int = 2048, enable_prefix_caching: bool = True,
                  max_model_len: int | None = None, use_cuda_graph: bool | str = "auto",
                  gpu_memory_fraction: float = 0.85, num_state_snapshots: int | None = None,
-                 snapshot_interval: int = 512, verbose: bool = False):
+                 snapshot_interval: int = 512, compile: bool = False, verbose: bool = False):
         checks = [(block_size >= 1, f"block_size must be >= 1, got {block_size}"),
                   (max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {max_num_seqs}"),
                   (max_step_tokens >= 1, f"max_step_tokens must be >= 1, got {max_step_tokens}"),
@@ -65,7 +67,7 @@ class Engine:
         num_slots = max_num_seqs + num_snapshots if self.has_kda else 0
         self.num_blocks, self.budget_note = self._plan_blocks(max_cache_tokens, num_slots, gpu_memory_fraction)
         self.runner = ModelRunner(model, self.num_blocks, block_size, max(num_slots, 1), self.max_model_len,
-                                  use_cuda_graph)
+                                  use_cuda_graph, compile)
         self.pool = BlockPool(self.num_blocks)
         self.slots = StateSlots(num_slots) if self.has_kda else None
         interval = max(block_size, snapshot_interval // block_size * block_size)
@@ -114,6 +116,8 @@ class Engine:
                          f"(kernel {kda_backend(self.device)[0]}, decode {'fla fused_recurrent' if kda_backend(self.device)[0] == 'fla' else 'torch recurrence'})")
         attention = "absorbed MLA / masked GQA over gathered blocks"
         graphs = "CUDA graphs at bucketed batch sizes" if self.runner.use_graphs else "eager"
+        if self.runner.compiled:
+            graphs += " + torch.compile"
         parts += [f"decode: {attention}, {graphs}", f"prefill: per-sequence chunks, max_step_tokens "
                   f"{self.scheduler.max_step_tokens}", f"prefix caching {'on' if self.prefix_caching else 'off'}"]
         return "engine: " + "; ".join(parts)

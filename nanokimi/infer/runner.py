@@ -31,7 +31,7 @@ def _bucket(value: int, sizes) -> int | None:
 
 class ModelRunner:
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, num_state_slots: int,
-                 max_model_len: int, use_cuda_graph: bool | str = "auto"):
+                 max_model_len: int, use_cuda_graph: bool | str = "auto", compile: bool = False):
         self.model, self.block_size, self.max_model_len = model, block_size, max_model_len
         self.device = model.embed.weight.device
         self.cache = new_paged_cache(model, num_blocks, block_size, num_state_slots + 1)
@@ -45,6 +45,16 @@ class ModelRunner:
         self.graphs: dict[tuple[int, int], tuple] = {}
         self.graph_pool = None
         self.max_blocks = -(-max_model_len // block_size)
+        self.step_fn = self._logits
+        self.compiled = compile and self.use_graphs
+        if self.compiled:
+            from nanokimi.runtime import raise_recompile_limits
+            raise_recompile_limits()  # one graph per (batch, blocks) bucket, plus breaks around KDA kernels
+            self.step_fn = torch.compile(self._logits, dynamic=False)
+
+    def _logits(self, ids: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
+        """The decode-only step that CUDA graphs capture: ids [B] -> logits [B, V]."""
+        return self.model.lm_head(self.model.hidden_states(ids[None], cache=self.cache, batch=batch)[0])
 
     @torch.no_grad()
     def run(self, rows: list[Row]) -> torch.Tensor:
@@ -129,7 +139,7 @@ class ModelRunner:
                            torch.full((size,), self.dummy_slot, dtype=torch.long, device=device))
 
         def step():
-            return self.model.lm_head(self.model.hidden_states(ids[None], cache=self.cache, batch=batch)[0])
+            return self.step_fn(ids, batch)
 
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
