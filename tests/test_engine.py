@@ -267,24 +267,30 @@ def test_sample_rows_restricts_the_support_and_is_greedy_at_zero():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["tiny", "tiny-dense"])
+@pytest.mark.parametrize("name", ["tiny-dense", "tiny"])
 def test_cuda_graph_decode_matches_eager_engine(name):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    model = make_model(name, small=False).float().cuda()
+    dtype = torch.float32 if name == "tiny-dense" else torch.bfloat16  # the MoE's grouped GEMM on CUDA wants bf16
+    model = make_model(name, small=False).to("cuda", dtype)
     batch = prompts(20, seed=29)
     params = SamplingParams(max_tokens=12, temperature=0)
     outs = {}
     for graph in (False, True):
-        engine = Engine(model, block_size=16, use_cuda_graph=graph)
+        engine = Engine(model, block_size=16, use_cuda_graph=graph, max_cache_tokens=8192)
         outs[graph] = run_engine(engine, [(str(i), p, params) for i, p in enumerate(batch)], stagger=4)
         assert (engine.stats()["cuda_graphs"] > 0) == graph
+        assert engine.stats()["cache_blocks_free"] == engine.stats()["cache_blocks_total"]
+    first = [outs[g][str(i)].token_ids[0] for g in (False, True) for i in range(len(batch))]
+    assert first[:len(batch)] == first[len(batch):]  # the first token comes from the same eager prefill
     same = sum(outs[True][str(i)].token_ids == outs[False][str(i)].token_ids for i in range(len(batch)))
-    assert same >= len(batch) - 1  # fp32 on CUDA: a padded batch may round differently, rarely flipping a tie
-    rows = torch.tensor([batch[0] + outs[True]["0"].token_ids[:-1]], device="cuda")
-    with torch.no_grad():
-        reference = model(rows)[0, -12:].argmax(-1).tolist()
-    assert outs[True]["0"].token_ids == reference
+    # a padded batch may round differently and flip a near-tie: fp32 allows one such sequence, bf16 a few
+    assert same >= (len(batch) - 1 if dtype == torch.float32 else len(batch) * 0.6)
+    if dtype == torch.float32:
+        rows = torch.tensor([batch[0] + outs[True]["0"].token_ids[:-1]], device="cuda")
+        with torch.no_grad():
+            reference = model(rows)[0, -12:].argmax(-1).tolist()
+        assert outs[True]["0"].token_ids == reference
 
 
 @pytest.mark.gpu
@@ -316,3 +322,12 @@ def test_engine_benchmark_smoke_runs_on_cpu(tmp_path):
     assert results["bench-kl-900m"]["offline"]["requests"] == 24
     assert results["bench-kl-900m"]["ttft_prefix"]["hit_tokens_per_request"] > 0
     assert results["long/all-MLA"]["tokens_per_s"] > 0
+
+
+def test_decode_rows_gathered_in_groups_give_the_same_tokens(monkeypatch):
+    import nanokimi.model.paged as paged
+    model = make_model("all-mla")
+    batch = prompts(6, seed=37)
+    monkeypatch.setattr(paged, "GATHER_ELEMENTS", 1)  # one decode row per group
+    done = run_engine(Engine(model, block_size=8), [(str(i), p, GREEDY) for i, p in enumerate(batch)])
+    assert [done[str(i)].token_ids for i in range(6)] == [greedy_alone(model, p, 5) for p in batch]

@@ -47,7 +47,7 @@ class Engine:
     def __init__(self, model: nn.Module, tokenizer=None, max_cache_tokens: int | None = None, block_size: int = 16,
                  max_num_seqs: int = 256, max_step_tokens: int = 2048, enable_prefix_caching: bool = True,
                  max_model_len: int | None = None, use_cuda_graph: bool | str = "auto",
-                 gpu_memory_fraction: float = 0.85, num_state_snapshots: int | None = None,
+                 gpu_memory_fraction: float = 0.75, num_state_snapshots: int | None = None,
                  snapshot_interval: int = 512, compile: bool = False, verbose: bool = False):
         checks = [(block_size >= 1, f"block_size must be >= 1, got {block_size}"),
                   (max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {max_num_seqs}"),

@@ -165,6 +165,9 @@ def _decode_rows(mixer: nn.Module, x: torch.Tensor, cache, batch: PagedBatch) ->
     return _gqa_decode_rows(mixer, x, cache, batch)
 
 
+GATHER_ELEMENTS = 1 << 28  # decode rows gather their blocks in groups of at most this many cache elements
+
+
 def _context_mask(batch: PagedBatch, length: int, device) -> torch.Tensor:
     """[S, L] True where key position <= the row's query position."""
     return torch.arange(length, device=device)[None, :] <= batch.positions[:, None]
@@ -185,17 +188,27 @@ def _mla_decode_rows(mixer: MultiHeadLatentAttention, x, cache: PagedLatentCache
         q_rope, k_rope = mixer.rotary(q_rope, batch.positions), mixer.rotary(k_rope, batch.positions)
     cache.c_kv.view(-1, mixer.kv_lora_rank).index_copy_(0, batch.slot_mapping, c_kv[:, 0].to(cache.c_kv.dtype))
     cache.k_rope.view(-1, mixer.rope_dim).index_copy_(0, batch.slot_mapping, k_rope[:, 0, 0].to(cache.k_rope.dtype))
-    keys_latent = gather_blocks(cache.c_kv, batch.block_tables)  # [S, L, r]
-    keys_rope = gather_blocks(cache.k_rope, batch.block_tables)  # [S, L, dr]
     w = mixer.kv_b_proj.weight.view(H, mixer.nope_dim + mixer.v_dim, mixer.kv_lora_rank)
     w_k, w_v = w[:, :mixer.nope_dim], w[:, mixer.nope_dim:]  # [H, dn, r], [H, dv, r]
     q_latent = torch.einsum("bthd,hdr->bthr", q_nope, w_k)
-    scores = torch.einsum("bthr,bsr->bths", q_latent, keys_latent) + torch.einsum("bthd,bsd->bths", q_rope, keys_rope)
-    allowed = _context_mask(batch, keys_latent.shape[1], x.device)  # [S, L]
-    scores = (scores.float() * mixer.scale).masked_fill(~allowed[:, None, None, :], float("-inf"))
-    o_latent = torch.einsum("bths,bsr->bthr", scores.softmax(-1).to(keys_latent.dtype), keys_latent)  # [S, 1, H, r]
+    length = batch.block_tables.shape[1] * batch.block_size
+    group = max(1, GATHER_ELEMENTS // (length * (mixer.kv_lora_rank + mixer.rope_dim)))
+    o_latent = torch.cat([_latent_attention(q_latent[i:i + group], q_rope[i:i + group], cache,
+                                            batch.block_tables[i:i + group], batch.positions[i:i + group], mixer.scale)
+                          for i in range(0, S, group)])  # [S, 1, H, r]
     o = torch.einsum("bthr,hvr->bthv", o_latent, w_v)
     return mixer.o_proj(o.reshape(S, 1, -1))
+
+
+def _latent_attention(q_latent, q_rope, cache: PagedLatentCache, block_tables, positions, scale: float):
+    """Absorbed attention of one group of decode rows over their gathered latent blocks.
+    q_latent [S, 1, H, r], q_rope [S, 1, H, dr], block_tables [S, MB], positions [S] -> [S, 1, H, r]."""
+    keys_latent = gather_blocks(cache.c_kv, block_tables)  # [S, L, r]
+    keys_rope = gather_blocks(cache.k_rope, block_tables)  # [S, L, dr]
+    scores = torch.einsum("bthr,bsr->bths", q_latent, keys_latent) + torch.einsum("bthd,bsd->bths", q_rope, keys_rope)
+    allowed = torch.arange(keys_latent.shape[1], device=positions.device)[None, :] <= positions[:, None]  # [S, L]
+    scores = (scores.float() * scale).masked_fill(~allowed[:, None, None, :], float("-inf"))
+    return torch.einsum("bths,bsr->bthr", scores.softmax(-1).to(keys_latent.dtype), keys_latent)
 
 
 def _gqa_decode_rows(mixer: GroupedQueryAttention, x, cache: PagedKVCache, batch: PagedBatch):
