@@ -331,3 +331,17 @@ def test_decode_rows_gathered_in_groups_give_the_same_tokens(monkeypatch):
     monkeypatch.setattr(paged, "GATHER_ELEMENTS", 1)  # one decode row per group
     done = run_engine(Engine(model, block_size=8), [(str(i), p, GREEDY) for i, p in enumerate(batch)])
     assert [done[str(i)].token_ids for i in range(6)] == [greedy_alone(model, p, 5) for p in batch]
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-dense"])
+def test_static_decode_step_as_captured_by_cuda_graphs_gives_the_same_tokens(name):
+    """use_cuda_graph="static" runs the padded fixed-shape decode step that CUDA graphs capture, eagerly:
+    decode rows go through it (bucketed, padded), prefill chunks of the same step run after it."""
+    model = make_model(name)
+    batch = prompts(12, seed=41)
+    engine = Engine(model, block_size=8, max_step_tokens=40, use_cuda_graph="static", max_cache_tokens=96)
+    done = run_engine(engine, [(str(i), p, GREEDY) for i, p in enumerate(batch)], stagger=3)
+    assert [done[str(i)].token_ids for i in range(12)] == [greedy_alone(model, p, 5) for p in batch]
+    stats = engine.stats()
+    assert stats["cuda_graphs"] >= 2 and stats["preemptions"] > 0
+    assert stats["cache_blocks_free"] == stats["cache_blocks_total"]

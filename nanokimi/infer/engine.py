@@ -115,7 +115,9 @@ class Engine:
             parts.append(f"KDA state slots {self.slots.num_slots} x {per_slot / 2**20:.1f} MiB "
                          f"(kernel {kda_backend(self.device)[0]}, decode {'fla fused_recurrent' if kda_backend(self.device)[0] == 'fla' else 'torch recurrence'})")
         attention = "absorbed MLA / masked GQA over gathered blocks"
-        graphs = "CUDA graphs at bucketed batch sizes" if self.runner.use_graphs else "eager"
+        graphs = "eager"
+        if self.runner.use_graphs:
+            graphs = "static buffers, no graph" if self.runner.static_only else "CUDA graphs at bucketed batch sizes"
         if self.runner.compiled:
             graphs += " + torch.compile"
         parts += [f"decode: {attention}, {graphs}", f"prefill: per-sequence chunks, max_step_tokens "
