@@ -274,6 +274,8 @@ def main() -> None:
     ap.add_argument("--skip-long", action="store_true")
     ap.add_argument("--compile", action="store_true", help="also time decode with torch.compile inside the graphs")
     ap.add_argument("--long-context", type=int, default=131072)
+    ap.add_argument("--mla-decode", choices=["auto", "triton", "gather"], default="auto",
+                    help="MLA decode attention: the Triton paged kernel (auto on CUDA) or gathered blocks")
     ap.add_argument("--peer-script")
     ap.add_argument("--out")
     ap.add_argument("--hf-worker", choices=["fixed", "cb"], help=argparse.SUPPRESS)
@@ -284,6 +286,8 @@ def main() -> None:
     if args.hf_worker:
         return hf_worker(args)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    import nanokimi.model.paged as paged
+    paged.PAGED_KERNEL = args.mla_decode
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     presets = SMOKE_PRESETS if args.smoke else PRESETS
     n_requests = 24 if args.smoke else args.requests
@@ -358,7 +362,7 @@ def main() -> None:
             print(f"  long {name}: {results[f'long/{name}']}", flush=True)
     print_table(["model", "engine tok/s", "req/s", "HF fixed tok/s", "HF CB tok/s", f"decode b{decode_batches[0]}",
                  f"decode b{decode_batches[1]}", "floor"], table)
-    write_results(out, env, results, dict(seconds=round(time.perf_counter() - started, 1)))
+    write_results(out, env, results, dict(seconds=round(time.perf_counter() - started, 1), mla_decode=args.mla_decode))
     print(f"wrote {out}")
 
 

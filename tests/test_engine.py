@@ -345,3 +345,16 @@ def test_static_decode_step_as_captured_by_cuda_graphs_gives_the_same_tokens(nam
     stats = engine.stats()
     assert stats["cuda_graphs"] >= 2 and stats["preemptions"] > 0
     assert stats["cache_blocks_free"] == stats["cache_blocks_total"]
+
+
+def test_engine_through_the_triton_paged_mla_kernel(monkeypatch):
+    """The Triton kernel that CUDA decodes use, run in Triton's CPU interpreter inside the engine."""
+    import nanokimi.model.paged as paged
+    from nanokimi.ops.paged_mla import triton_available
+    if not triton_available():
+        pytest.skip("needs triton")
+    monkeypatch.setattr(paged, "PAGED_KERNEL", "triton")
+    model = make_model("all-mla").float()
+    batch = prompts(4, seed=43)
+    done = run_engine(Engine(model, block_size=16), [(str(i), p, GREEDY) for i, p in enumerate(batch)])
+    assert [done[str(i)].token_ids for i in range(4)] == [greedy_alone(model, p, 5) for p in batch]

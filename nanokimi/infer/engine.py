@@ -114,7 +114,9 @@ class Engine:
         if self.has_kda:
             parts.append(f"KDA state slots {self.slots.num_slots} x {per_slot / 2**20:.1f} MiB "
                          f"(kernel {kda_backend(self.device)[0]}, decode {'fla fused_recurrent' if kda_backend(self.device)[0] == 'fla' else 'torch recurrence'})")
-        attention = "absorbed MLA / masked GQA over gathered blocks"
+        from nanokimi.model.paged import use_paged_kernel
+        mla = "Triton paged kernel" if use_paged_kernel(self.device, self.block_size) else "gathered blocks"
+        attention = f"absorbed MLA ({mla}), masked GQA over gathered blocks"
         graphs = "eager"
         if self.runner.use_graphs:
             graphs = "static buffers, no graph" if self.runner.static_only else "CUDA graphs at bucketed batch sizes"

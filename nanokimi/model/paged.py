@@ -9,8 +9,9 @@ delta-rule state and the conv tail) per running sequence.
 
 A prefill piece runs the mixer's own cached forward over a dense copy of its context (gathered from the
 blocks), then writes its new tokens back into their slots: the same maths as `model(ids, cache=...)`.
-The decode rows run absorbed MLA / masked GQA over their gathered blocks with one length per row, and
-KDA over the gathered state slots; every index is a device tensor, so that step can be a CUDA graph.
+The decode rows run absorbed MLA (on CUDA a Triton kernel that reads the blocks in place, else over
+gathered blocks) or masked GQA with one length per row, and KDA over the gathered state slots; every
+index is a device tensor, so that step can be a CUDA graph.
 """
 from dataclasses import dataclass, field
 
@@ -21,6 +22,7 @@ from torch import nn
 from nanokimi.model.attention import GroupedQueryAttention, MultiHeadLatentAttention
 from nanokimi.model.cache import KVCache, LatentCache, RecurrentCache
 from nanokimi.model.kda import KimiDeltaAttention
+from nanokimi.ops.paged_mla import paged_mla_decode, triton_available
 
 
 @dataclass
@@ -166,6 +168,14 @@ def _decode_rows(mixer: nn.Module, x: torch.Tensor, cache, batch: PagedBatch) ->
 
 
 GATHER_ELEMENTS = 1 << 28  # decode rows gather their blocks in groups of at most this many cache elements
+PAGED_KERNEL = "auto"  # MLA decode rows: "auto" (the Triton kernel on CUDA), "triton" (anywhere) or "gather"
+
+
+def use_paged_kernel(device: torch.device, block_size: int) -> bool:
+    """Whether MLA decode rows read the blocks in place (ops.paged_mla) rather than gathering them."""
+    if PAGED_KERNEL == "gather" or not triton_available() or block_size < 16 or block_size & (block_size - 1):
+        return False
+    return PAGED_KERNEL == "triton" or device.type == "cuda"
 
 
 def _context_mask(batch: PagedBatch, length: int, device) -> torch.Tensor:
@@ -191,6 +201,10 @@ def _mla_decode_rows(mixer: MultiHeadLatentAttention, x, cache: PagedLatentCache
     w = mixer.kv_b_proj.weight.view(H, mixer.nope_dim + mixer.v_dim, mixer.kv_lora_rank)
     w_k, w_v = w[:, :mixer.nope_dim], w[:, mixer.nope_dim:]  # [H, dn, r], [H, dv, r]
     q_latent = torch.einsum("bthd,hdr->bthr", q_nope, w_k)
+    if use_paged_kernel(x.device, batch.block_size):
+        o_latent = paged_mla_decode(q_latent[:, 0], q_rope[:, 0], cache.c_kv, cache.k_rope, batch.block_tables,
+                                    batch.positions, mixer.scale).to(q_latent.dtype).unsqueeze(1)
+        return mixer.o_proj(torch.einsum("bthr,hvr->bthv", o_latent, w_v).reshape(S, 1, -1))
     length = batch.block_tables.shape[1] * batch.block_size
     group = max(1, GATHER_ELEMENTS // (length * (mixer.kv_lora_rank + mixer.rope_dim)))
     o_latent = torch.cat([_latent_attention(q_latent[i:i + group], q_rope[i:i + group], cache,
