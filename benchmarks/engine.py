@@ -229,15 +229,15 @@ def hf_worker(args) -> None:
             torch.cuda.synchronize()
         else:
             from transformers import GenerationConfig
-            model.config._attn_implementation = "sdpa_paged"
             longest = max(w["output"] for w in work)
-            config = GenerationConfig(max_new_tokens=longest, do_sample=False, eos_token_id=-1, pad_token_id=0)
+            config = GenerationConfig(max_new_tokens=longest, do_sample=False, eos_token_id=None, pad_token_id=0)
             model.generate_batch([[5] * 8] * 2, generation_config=config, max_new_tokens=4)
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            model.generate_batch([w["prompt"] for w in work], generation_config=config)
+            outs = model.generate_batch([w["prompt"] for w in work], generation_config=config)
             torch.cuda.synchronize()
-            result["note"] = f"one max_new_tokens={longest} for every request"
+            made = [len(getattr(o, "generated_tokens", []) or []) for o in outs.values()]
+            result.update(note=f"one max_new_tokens={longest} for every request", generated_tokens=sum(made))
     seconds = time.perf_counter() - t0
     result.update(seconds=round(seconds, 3), useful_tokens_per_s=round(generated / seconds, 1),
                   requests_per_s=round(len(work) / seconds, 2))

@@ -358,3 +358,26 @@ def test_engine_through_the_triton_paged_mla_kernel(monkeypatch):
     batch = prompts(4, seed=43)
     done = run_engine(Engine(model, block_size=16), [(str(i), p, GREEDY) for i, p in enumerate(batch)])
     assert [done[str(i)].token_ids for i in range(4)] == [greedy_alone(model, p, 5) for p in batch]
+
+
+def test_streamed_text_is_incremental_and_ends_as_the_full_decode():
+    from nanokimi.data import Tokenizer
+    text = "héllo wörld ✓ naïve café 日本語 " * 20 + "def main():\n    return 0\n" * 20
+    tokenizer = Tokenizer.train([text], vocab_size=300)
+    cfg = ModelConfig.preset("tiny-dense", **{k: v for k, v in SMALL.items() if not k.startswith(("num_experts", "moe"))},
+                             vocab_size=tokenizer.vocab_size)
+    model = build_model(cfg).double().eval()
+    engine = Engine(model, tokenizer, block_size=8)
+    for i in range(3):
+        engine.add_request(str(i), tokenizer.encode("héllo wörld"), SamplingParams(max_tokens=40, seed=i, ignore_eos=True))
+    seen = {str(i): [] for i in range(3)}
+    final = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            seen[out.request_id].append(out.text)
+            if out.finished:
+                final[out.request_id] = out
+    for request_id, texts in seen.items():
+        assert final[request_id].text == tokenizer.decode(final[request_id].token_ids)
+        assert all(final[request_id].text.startswith(t) for t in texts)
+        assert all(a == b[:len(a)] for a, b in zip(texts, texts[1:]))  # the text only grows

@@ -255,22 +255,41 @@ class Engine:
     def _check_finish(self, seq: Sequence, token: int) -> None:
         params = seq.request.params
         output = seq.output
-        output.token_ids = seq.tokens[seq.num_prompt:]
+        output.token_ids.append(token)
         stopped_by_token = token in (params.stop_token_ids or ()) or (not params.ignore_eos and token in self.eos_ids)
-        if self.tokenizer is not None:
-            text_ids = output.token_ids[:-1] if stopped_by_token else output.token_ids
-            output.text = self.tokenizer.decode(text_ids)
         reason = "stop" if stopped_by_token else None
-        if params.stop and reason is None:
-            hits = [i for i in (output.text.find(s) for s in params.stop) if i >= 0]
-            if hits:
-                output.text = output.text[:min(hits)]
+        if self.tokenizer is not None and not stopped_by_token:
+            grown_from = len(output.text)
+            self._detokenize(seq, output.token_ids)
+            if params.stop and self._cut_at_stop(output, params.stop, grown_from):
                 reason = "stop"
         if reason is None and (seq.num_output >= params.max_tokens or len(seq.tokens) >= self.max_model_len):
             reason = "length"
         if reason is not None:
+            if self.tokenizer is not None:  # the final text: one decode of everything (incremental pieces may differ)
+                output.text = self.tokenizer.decode(output.token_ids[:-1] if stopped_by_token else output.token_ids)
+                if params.stop:
+                    self._cut_at_stop(output, params.stop, 0)
             output.finish_reason = reason
             self.scheduler.finish(seq)
+
+    def _detokenize(self, seq: Sequence, ids: list[int]) -> None:
+        """Append the text of the new tokens, decoding only the tokens since the last complete piece (so a
+        step costs the same however long the output is). Text that ends in an incomplete character waits."""
+        prefix, read = seq.detok_offsets
+        before = self.tokenizer.decode(ids[prefix:read])
+        after = self.tokenizer.decode(ids[prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            seq.output.text += after[len(before):]
+            seq.detok_offsets = (read, len(ids))
+
+    @staticmethod
+    def _cut_at_stop(output: CompletionOutput, stops: list[str], grown_from: int) -> bool:
+        """Cut the text before the earliest stop string that ends after grown_from; whether one was found."""
+        hits = [i for i in (output.text.find(s, max(0, grown_from - len(s) + 1)) for s in stops) if i >= 0]
+        if hits:
+            output.text = output.text[:min(hits)]
+        return bool(hits)
 
     def _account(self, scheduled, seconds: float) -> None:
         decode = sum(1 for seq, n in scheduled if n == 1 and seq.num_computed > seq.num_prompt)  # counts after the step

@@ -52,6 +52,7 @@ class Sequence:
         self.generator = torch.Generator().manual_seed(seed)
         self.output = CompletionOutput(index, logprobs=[] if request.params.logprobs is not None else None)
         self.status = WAITING
+        self.detok_offsets = (0, 0)  # incremental detokenization: output tokens [prefix, read) give the text's tail
         # every snapshot_interval tokens; the prompt's last full block (for longer prompts that extend it);
         # and the deepest block a resend of this very prompt can reuse (its last token is always recomputed)
         last_full = self.num_prompt // block_size * block_size
