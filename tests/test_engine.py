@@ -381,3 +381,17 @@ def test_streamed_text_is_incremental_and_ends_as_the_full_decode():
         assert final[request_id].text == tokenizer.decode(final[request_id].token_ids)
         assert all(final[request_id].text.startswith(t) for t in texts)
         assert all(a == b[:len(a)] for a, b in zip(texts, texts[1:]))  # the text only grows
+
+
+def test_reset_prefix_cache_after_a_weight_update():
+    model = make_model("tiny")
+    batch = prompts(4, seed=47, lengths=(30, 41))
+    engine = Engine(model, block_size=8)
+    run_engine(engine, [(f"a{i}", p, GREEDY) for i, p in enumerate(batch)])
+    with torch.no_grad():  # an RL step changes the weights in place
+        for block in model.layers:
+            block.mixer.o_proj.weight.mul_(1.5)
+    engine.reset_prefix_cache()
+    done = run_engine(engine, [(f"b{i}", p, GREEDY) for i, p in enumerate(batch)])
+    assert all(done[f"b{i}"].num_cached_tokens == 0 for i in range(4))
+    assert [done[f"b{i}"].token_ids for i in range(4)] == [greedy_alone(model, p, 5) for p in batch]

@@ -170,6 +170,13 @@ class Engine:
         self.counters["requests_aborted"] += 1
         self.aborted.append(request)
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix and KDA snapshot. Call it after changing the model's weights in place
+        (RL): cached blocks hold the old weights' keys. Running requests keep their own blocks."""
+        self.pool.forget_hashes()
+        if self.slots is not None:
+            self.slots.drop_snapshots()
+
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
