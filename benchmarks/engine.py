@@ -325,7 +325,7 @@ def main() -> None:
             del engine
             free_memory(device)
             if args.compile and device.type == "cuda":
-                engine = Engine(model, max_num_seqs=64, compile=True, gpu_memory_fraction=0.5)
+                engine = Engine(model, max_num_seqs=64, compile=True, gpu_memory_fraction=0.5, max_step_tokens=16 * decode_prompt)
                 row["decode_b16_compile"] = decode_speed(engine, cfg, 16, decode_prompt, decode_steps)
                 print(f"  decode b16 compiled: {row['decode_b16_compile']}", flush=True)
                 del engine

@@ -74,6 +74,7 @@ class Engine:
         self.snapshot_interval = interval
         self.scheduler = Scheduler(self.pool, self.slots, block_size, max_num_seqs, max_step_tokens,
                                    enable_prefix_caching, self.has_kda)
+        self.stream_outputs = True  # False: step() returns finished requests only, and text is decoded once at the end
         self.requests: dict[str, Request] = {}
         self.aborted: list[Request] = []
         self.eos_ids = set()
@@ -222,7 +223,8 @@ class Engine:
                 request.metrics["finished_time"] = time.monotonic()
                 del self.requests[request.request_id]
                 self.counters["requests_finished"] += 1
-            outputs.append(self._output(request))
+            if self.stream_outputs or request.finished:
+                outputs.append(self._output(request))
         return outputs
 
     def _apply_slot_ops(self) -> None:
@@ -238,8 +240,7 @@ class Engine:
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         params = [s.request.params for s in seqs]
-        uniforms = [torch.rand((), generator=s.generator, dtype=torch.float64).item() if p.temperature > 0 else 0.0
-                    for s, p in zip(seqs, params)]
+        uniforms = [s.rng.random() if p.temperature > 0 else 0.0 for s, p in zip(seqs, params)]
         tokens = sample_rows(logits, [p.temperature for p in params], [p.top_k for p in params],
                              [p.top_p for p in params], uniforms)
         with_logprobs = [i for i, p in enumerate(params) if p.logprobs is not None]
@@ -265,7 +266,7 @@ class Engine:
         output.token_ids.append(token)
         stopped_by_token = token in (params.stop_token_ids or ()) or (not params.ignore_eos and token in self.eos_ids)
         reason = "stop" if stopped_by_token else None
-        if self.tokenizer is not None and not stopped_by_token:
+        if self.tokenizer is not None and not stopped_by_token and (self.stream_outputs or params.stop):
             grown_from = len(output.text)
             self._detokenize(seq, output.token_ids)
             if params.stop and self._cut_at_stop(output, params.stop, grown_from):

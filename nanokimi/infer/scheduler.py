@@ -11,9 +11,9 @@ the KDA state exists. Prefill chunks are cut so that they end on the sequence's 
 `snapshot_interval` tokens and the prompt's last full block), so the state after a chunk is exactly the
 state at that boundary, and the engine copies it into a snapshot slot keyed by that block's hash.
 """
+import random
 from collections import deque
 
-import torch
 
 from nanokimi.infer.block_manager import BlockPool, StateSlots, block_hash
 from nanokimi.infer.params import CompletionOutput, SamplingParams
@@ -49,7 +49,7 @@ class Sequence:
         self.block_table: list[int] = []
         self.state_slot: int | None = None
         self.hashes: list[bytes] = []
-        self.generator = torch.Generator().manual_seed(seed)
+        self.rng = random.Random(seed)  # this sample's own stream: one uniform per sampled token
         self.output = CompletionOutput(index, logprobs=[] if request.params.logprobs is not None else None)
         self.status = WAITING
         self.detok_offsets = (0, 0)  # incremental detokenization: output tokens [prefix, read) give the text's tail
