@@ -309,7 +309,8 @@ def main() -> None:
                             snapshot_interval=512 if device.type == "cuda" else 64, gpu_memory_fraction=0.6)
             row["report"] = engine.report
             print(f"[{time.perf_counter() - started:.0f}s] {name}: {engine.report}", flush=True)
-            work = workload(n_requests, mean_prompt, cfg.max_position_embeddings // 4, cfg.vocab_size)
+            work = workload(n_requests, mean_prompt, cfg.max_position_embeddings // 4, cfg.vocab_size,
+                            max_output=24 if args.smoke else 256)
             run_offline(engine, work[:16])  # warm up: graphs of the small buckets, lazy inits
             row["offline"] = run_offline(engine, work)
             row["offline"]["source"] = work[0]["source"]

@@ -395,3 +395,19 @@ def test_reset_prefix_cache_after_a_weight_update():
     done = run_engine(engine, [(f"b{i}", p, GREEDY) for i, p in enumerate(batch)])
     assert all(done[f"b{i}"].num_cached_tokens == 0 for i in range(4))
     assert [done[f"b{i}"].token_ids for i in range(4)] == [greedy_alone(model, p, 5) for p in batch]
+
+
+def test_few_state_slots_evict_snapshots_and_stay_exact():
+    model = make_model("tiny")
+    system = prompts(1, seed=53, lengths=(24,))[0]
+    batch = [system + s for s in prompts(10, seed=54, lengths=(3, 9, 17))]
+    outputs = {}
+    for caching in (False, True):
+        engine = Engine(model, block_size=8, max_num_seqs=2, num_state_snapshots=1, snapshot_interval=8,
+                        enable_prefix_caching=caching, max_step_tokens=24)
+        done = run_engine(engine, [(str(i), p, GREEDY) for i, p in enumerate(batch)], stagger=2)
+        outputs[caching] = [done[str(i)].token_ids for i in range(len(batch))]
+        if caching:
+            assert engine.stats()["prefix_cache_hit_tokens"] > 0
+            assert len(engine.slots.free) + len(engine.slots.snapshots) == engine.slots.num_slots
+    assert outputs[True] == outputs[False]

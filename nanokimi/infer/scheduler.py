@@ -197,12 +197,12 @@ class Scheduler:
         if seq.request.metrics["first_scheduled_time"] is None:
             seq.request.num_cached_tokens = max(seq.request.num_cached_tokens, start)
         if self.has_kda:
-            seq.state_slot = self.slots.allocate()
-            if hit:
-                source = self.slots.snapshot_slot(seq.hashes[len(hit) - 1])
-                self.slot_ops.append(("copy", source, seq.state_slot))
-            else:
+            source = self.slots.snapshot_slot(seq.hashes[len(hit) - 1]) if hit else None
+            seq.state_slot = self.slots.allocate()  # may evict that very snapshot: then its slot already holds it
+            if source is None:
                 self.slot_ops.append(("zero", seq.state_slot))
+            elif source != seq.state_slot:
+                self.slot_ops.append(("copy", source, seq.state_slot))
         seq.status = RUNNING
         self.running.append(seq)
         return True
