@@ -294,17 +294,24 @@ def test_cuda_graph_decode_matches_eager_engine(name):
 
 
 @pytest.mark.gpu
-def test_engine_bf16_hybrid_on_cuda_agrees_with_the_full_forward():
+def test_engine_bf16_hybrid_on_cuda_agrees_with_the_full_forward(monkeypatch):
+    """fla's chunk_kda prefill and fused_recurrent_kda decode, the Triton MLA kernel and the gathered path:
+    each token the engine picks is (near) the argmax of the full forward over everything before it."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
+    import nanokimi.model.paged as paged
     model = make_model("tiny", small=False).to("cuda", torch.bfloat16)
-    prompt = prompts(1, seed=31, lengths=(100,))[0]
-    engine = Engine(model, block_size=16)
-    out = run_engine(engine, [("a", prompt, SamplingParams(max_tokens=1, temperature=0, logprobs=0))])["a"]
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt], device="cuda"))[0, -1].float()
-    assert out.token_ids[0] == int(logits.argmax()) or rel_err(logits.log_softmax(-1)[out.token_ids[0]:out.token_ids[0] + 1],
-                                                                logits.log_softmax(-1).max().view(1)) < 1e-2
+    batch = prompts(6, seed=31, lengths=(100, 37, 250))
+    params = SamplingParams(max_tokens=8, temperature=0)
+    for mode in ("auto", "gather"):
+        monkeypatch.setattr(paged, "PAGED_KERNEL", mode)
+        done = run_engine(Engine(model, block_size=16), [(str(i), p, params) for i, p in enumerate(batch)], stagger=2)
+        for i, prompt in enumerate(batch):
+            tokens = done[str(i)].token_ids
+            with torch.no_grad():
+                logp = model(torch.tensor([prompt + tokens[:-1]], device="cuda"))[0, -8:].float().log_softmax(-1)
+            chosen = logp.gather(1, torch.tensor(tokens, device="cuda")[:, None]).squeeze(1)
+            assert (logp.max(-1).values - chosen).max() < 0.1, (mode, i)
 
 
 def test_engine_benchmark_smoke_runs_on_cpu(tmp_path):
@@ -411,3 +418,21 @@ def test_few_state_slots_evict_snapshots_and_stay_exact():
             assert engine.stats()["prefix_cache_hit_tokens"] > 0
             assert len(engine.slots.free) + len(engine.slots.snapshots) == engine.slots.num_slots
     assert outputs[True] == outputs[False]
+
+
+def test_llm_loads_a_checkpoint_with_its_tokenizer(tmp_path):
+    from nanokimi.checkpoint import save_checkpoint
+    from nanokimi.data import Tokenizer
+    tokenizer = Tokenizer.train(["def main():\n    import os\n    return os.getcwd()\n" * 30], vocab_size=280)
+    tokenizer.save(tmp_path / "tok.json")
+    cfg = ModelConfig.preset("tiny-dense", **{k: v for k, v in SMALL.items() if not k.startswith(("num_experts", "moe"))},
+                             vocab_size=tokenizer.vocab_size)
+    save_checkpoint(tmp_path / "ckpt", build_model(cfg), tokenizer_file=tmp_path / "tok.json")
+    llm = LLM(str(tmp_path / "ckpt"), dtype="float64", max_cache_tokens=512)
+    outs = llm.generate(["def main(", "import os"], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True),
+                        use_tqdm=False)
+    for prompt, out in zip(["def main(", "import os"], outs):
+        assert out.token_ids == greedy_alone(llm.model, tokenizer.encode(prompt), 6)
+        assert out.text == tokenizer.decode(out.token_ids) and out.finish_reason == "length"
+    with pytest.raises(ValueError, match="prompt is empty"):
+        llm.generate([""], use_tqdm=False)
