@@ -436,3 +436,20 @@ def test_llm_loads_a_checkpoint_with_its_tokenizer(tmp_path):
         assert out.text == tokenizer.decode(out.token_ids) and out.finish_reason == "length"
     with pytest.raises(ValueError, match="prompt is empty"):
         llm.generate([""], use_tqdm=False)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-dense"])
+def test_batched_prefill_equals_the_per_piece_reference(name, monkeypatch):
+    import nanokimi.model.paged as paged
+    model = make_model(name)
+    batch = prompts(8, seed=59)
+    requests = [(str(i), p, SamplingParams(max_tokens=4, temperature=0, logprobs=1)) for i, p in enumerate(batch)]
+    outs = {}
+    for batched in (True, False):
+        monkeypatch.setattr(paged, "BATCHED_PREFILL", batched)
+        done = run_engine(Engine(model, block_size=8, max_step_tokens=40), requests, stagger=3)
+        outs[batched] = [done[str(i)].outputs[0] for i in range(len(batch))]
+    for a, b in zip(outs[True], outs[False]):
+        assert a.token_ids == b.token_ids
+        for x, y in zip(a.logprobs, b.logprobs):
+            assert x.keys() == y.keys() and all(abs(x[t] - y[t]) < 1e-9 for t in x)

@@ -112,14 +112,20 @@ class ModelRunner:
         tables, positions, slots, state = self._decode_tensors(decode, width)
         as_long = dict(device=device, dtype=torch.long)
         pieces, offset, last = [], num_decode, list(range(num_decode))
+        prefill_positions, prefill_slots = [], []
+        bs = self.block_size
         for r in rows[num_decode:]:
             pieces.append(PrefillPiece(offset, len(r.tokens), r.start, torch.tensor(r.block_table, **as_long),
                                        self.dummy_slot if r.state_slot is None else r.state_slot))
             offset += len(r.tokens)
             last.append(offset - 1)
+            span = range(r.start, r.start + len(r.tokens))
+            prefill_positions.extend(span)
+            prefill_slots.extend(r.block_table[p // bs] * bs + p % bs for p in span)
         batch = PagedBatch(self.block_size, num_decode, torch.tensor(positions, **as_long),
                            torch.tensor(tables, **as_long).view(num_decode, width), torch.tensor(slots, **as_long),
-                           torch.tensor(state, **as_long), pieces)
+                           torch.tensor(state, **as_long), pieces, torch.tensor(prefill_positions, **as_long),
+                           torch.tensor(prefill_slots, **as_long))
         ids = torch.tensor([t for r in rows for t in r.tokens], **as_long)
         return batch, ids, last
 
