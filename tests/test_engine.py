@@ -1,6 +1,8 @@
 """The inference engine's contract: continuous batching, prefix caching and preemption change nothing about
 the tokens (greedy outputs equal running each prompt alone through model.forward), seeded sampling does
 not depend on the batch, every block comes back, and bad input gets a one-line error."""
+import warnings
+
 import pytest
 import torch
 
@@ -312,6 +314,27 @@ def test_engine_bf16_hybrid_on_cuda_agrees_with_the_full_forward(monkeypatch):
                 logp = model(torch.tensor([prompt + tokens[:-1]], device="cuda"))[0, -8:].float().log_softmax(-1)
             chosen = logp.gather(1, torch.tensor(tokens, device="cuda")[:, None]).squeeze(1)
             assert (logp.max(-1).values - chosen).max() < 0.1, (mode, i)
+
+
+@pytest.mark.gpu
+def test_varlen_chunk_kda_prefill_matches_per_piece_on_cuda(monkeypatch):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    import nanokimi.model.paged as paged
+    model = make_model("tiny", small=False).to("cuda", torch.bfloat16)
+    batch = prompts(8, seed=61, lengths=(100, 37, 250, 5))
+    params = SamplingParams(max_tokens=1, temperature=0, logprobs=3)
+    firsts = {}
+    for varlen in (True, False):
+        monkeypatch.setattr(paged, "VARLEN_KDA", varlen)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the packed chunk_kda call must not fail and fall back
+            done = run_engine(Engine(model, block_size=16, max_step_tokens=1024),
+                              [(str(i), p, params) for i, p in enumerate(batch)])
+        firsts[varlen] = [done[str(i)].outputs[0].logprobs[0] for i in range(len(batch))]
+    for a, b in zip(firsts[True], firsts[False]):
+        shared = set(a) & set(b)
+        assert len(shared) >= 2 and all(abs(a[t] - b[t]) < 0.05 for t in shared)
 
 
 def test_engine_benchmark_smoke_runs_on_cpu(tmp_path):

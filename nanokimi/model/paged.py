@@ -16,6 +16,7 @@ The decode rows run absorbed MLA (on CUDA a Triton kernel that reads the blocks 
 gathered blocks) or masked GQA with one length per row, and KDA over the gathered state slots; every
 index is a device tensor, so that step can be a CUDA graph.
 """
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +26,7 @@ from torch import nn
 from nanokimi.model.attention import GroupedQueryAttention, MultiHeadLatentAttention, causal_attention
 from nanokimi.model.cache import KVCache, LatentCache, RecurrentCache
 from nanokimi.model.kda import KimiDeltaAttention, causal_depthwise_conv, kda_outside_compile, l2_normalize
+from nanokimi.ops.kda.fla_kernels import fla_status, kda_fla_varlen
 from nanokimi.ops.paged_mla import paged_mla_decode, triton_available
 
 
@@ -200,6 +202,28 @@ def _kda_prefill(mixer: KimiDeltaAttention, x: torch.Tensor, cache: RecurrentCac
     g = mixer.f_b_proj(mixer.f_a_proj(x)).float() + mixer.dt_bias.float()
     g = (-mixer.A_log.float().exp().repeat_interleave(D) * F.softplus(g)).view(1, N, H, D)
     beta = torch.sigmoid(mixer.b_proj(x).float())  # [1, Np, H]
+    o = _kda_varlen(q, k, v, g, beta, cache, pieces, spans)  # [1, Np, H, D]
+    gate = mixer.g_b_proj(mixer.g_a_proj(x)).view(1, N, H, D)
+    o32 = F.rms_norm(o.float(), (D,), mixer.o_norm_weight.float(), mixer.eps)
+    return mixer.o_proj((o32 * torch.sigmoid(gate.float())).to(x.dtype).reshape(1, N, H * D))
+
+
+def _kda_varlen(q, k, v, g, beta, cache: RecurrentCache, pieces, spans) -> torch.Tensor:
+    """The delta rule over packed pieces, each from its state slot (updated in place): one fla chunk_kda
+    call with cu_seqlens on CUDA when fla-core is there, else (or if that call fails) one kda() per piece."""
+    global VARLEN_KDA
+    slots = torch.tensor([p.state_slot for p in pieces], device=q.device)
+    if VARLEN_KDA and q.is_cuda and len(pieces) > 1 and fla_status()[0]:
+        bounds = torch.tensor([0] + [b for _, b in spans], device=q.device)
+        try:
+            o, final = kda_fla_varlen_outside_compile(q, k, v, g, beta, q.shape[-1] ** -0.5,
+                                                      cache.state.index_select(0, slots), bounds)
+            cache.state.index_copy_(0, slots, final)
+            return o
+        except Exception as error:  # noqa: BLE001 - the per-piece calls compute the same thing
+            warnings.warn(f"fla chunk_kda over packed sequences failed ({type(error).__name__}: {error}); "
+                          "running the pieces one at a time.")
+            VARLEN_KDA = False
     outs = []
     for piece, (a, b) in zip(pieces, spans):
         state = cache.state[piece.state_slot:piece.state_slot + 1]
@@ -207,10 +231,7 @@ def _kda_prefill(mixer: KimiDeltaAttention, x: torch.Tensor, cache: RecurrentCac
                                        initial_state=state, output_final_state=True)
         state.copy_(final)
         outs.append(o)
-    o = torch.cat(outs, dim=1)  # [1, Np, H, D]
-    gate = mixer.g_b_proj(mixer.g_a_proj(x)).view(1, N, H, D)
-    o32 = F.rms_norm(o.float(), (D,), mixer.o_norm_weight.float(), mixer.eps)
-    return mixer.o_proj((o32 * torch.sigmoid(gate.float())).to(x.dtype).reshape(1, N, H * D))
+    return torch.cat(outs, dim=1)
 
 
 def _mla_project(mixer: MultiHeadLatentAttention, x: torch.Tensor, positions: torch.Tensor):
@@ -262,6 +283,8 @@ def _decode_rows(mixer: nn.Module, x: torch.Tensor, cache, batch: PagedBatch) ->
     return _gqa_decode_rows(mixer, x, cache, batch)
 
 
+VARLEN_KDA = True  # on CUDA with fla-core: the prefill pieces' delta rule in one chunk_kda call (cu_seqlens)
+kda_fla_varlen_outside_compile = torch.compiler.disable(kda_fla_varlen)
 BATCHED_PREFILL = True  # False: each prefill piece runs the mixer's own cached forward (the reference)
 paged_mla_decode_outside_compile = torch.compiler.disable(paged_mla_decode)  # a Triton kernel: no tracing into it
 GATHER_ELEMENTS = 1 << 28  # decode rows gather their blocks in groups of at most this many cache elements
