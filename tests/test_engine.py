@@ -17,11 +17,12 @@ CONFIGS = {
 SMALL = dict(hidden_size=64, num_heads=2, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
              kda_num_heads=2, kda_head_dim=16, intermediate_size=96, moe_intermediate_size=32, num_experts=4,
              num_experts_per_tok=2, head_dim=16, num_kv_heads=1)
+DENSE_SMALL = {k: v for k, v in SMALL.items() if not k.startswith(("num_experts", "moe"))}
 
 
 def make_model(name: str, small: bool = True) -> torch.nn.Module:
     preset, overrides = CONFIGS[name]
-    sizes = {k: v for k, v in SMALL.items() if not (preset == "tiny-dense" and k.startswith(("num_experts", "moe")))}
+    sizes = DENSE_SMALL if preset == "tiny-dense" else SMALL
     cfg = ModelConfig.preset(preset, **(sizes if small else {}), **overrides)
     torch.manual_seed(0)
     return build_model(cfg).double().eval()
@@ -154,8 +155,8 @@ def test_seeded_sampling_does_not_depend_on_the_batch():
     params = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, top_k=50, seed=1234)
     alone = run_engine(Engine(model, block_size=8), [("x", target, params)])["x"].outputs[0].token_ids
     others = [(f"o{i}", p, SamplingParams(max_tokens=7, temperature=0.7, seed=i)) for i, p in enumerate(prompts(6))]
-    crowd = run_engine(Engine(model, block_size=8, max_step_tokens=16), others[:3] + [("x", target, params)] + others[3:],
-                       stagger=2)
+    mixed = others[:3] + [("x", target, params)] + others[3:]
+    crowd = run_engine(Engine(model, block_size=8, max_step_tokens=16), mixed, stagger=2)
     assert crowd["x"].outputs[0].token_ids == alone
     other_seed = run_engine(Engine(model, block_size=8), [("x", target, SamplingParams(**{**vars(params), "seed": 4}))])
     assert other_seed["x"].outputs[0].token_ids != alone
@@ -258,7 +259,8 @@ def test_sample_rows_restricts_the_support_and_is_greedy_at_zero():
     rows = 400
     u = torch.rand(rows).tolist()
     many = logits.repeat_interleave(rows, dim=0)
-    drawn = sample_rows(many, [1.0] * 2 * rows, [4] * rows + [0] * rows, [1.0] * rows + [0.6] * rows, u + u).view(2, rows)
+    drawn = sample_rows(many, [1.0] * 2 * rows, [4] * rows + [0] * rows, [1.0] * rows + [0.6] * rows, u + u)
+    drawn = drawn.view(2, rows)
     assert set(drawn[0].tolist()) <= set(logits[0].topk(4).indices.tolist()) and len(set(drawn[0].tolist())) > 1
     probs, order = logits[1].softmax(-1).sort(descending=True)
     nucleus = set(order[(probs.cumsum(-1) - probs) < 0.6].tolist())
@@ -391,12 +393,12 @@ def test_streamed_text_is_incremental_and_ends_as_the_full_decode():
     from nanokimi.data import Tokenizer
     text = "héllo wörld ✓ naïve café 日本語 " * 20 + "def main():\n    return 0\n" * 20
     tokenizer = Tokenizer.train([text], vocab_size=300)
-    cfg = ModelConfig.preset("tiny-dense", **{k: v for k, v in SMALL.items() if not k.startswith(("num_experts", "moe"))},
-                             vocab_size=tokenizer.vocab_size)
+    cfg = ModelConfig.preset("tiny-dense", **DENSE_SMALL, vocab_size=tokenizer.vocab_size)
     model = build_model(cfg).double().eval()
     engine = Engine(model, tokenizer, block_size=8)
     for i in range(3):
-        engine.add_request(str(i), tokenizer.encode("héllo wörld"), SamplingParams(max_tokens=40, seed=i, ignore_eos=True))
+        params = SamplingParams(max_tokens=40, seed=i, ignore_eos=True)
+        engine.add_request(str(i), tokenizer.encode("héllo wörld"), params)
     seen = {str(i): [] for i in range(3)}
     final = {}
     while engine.has_unfinished():
@@ -445,8 +447,7 @@ def test_llm_loads_a_checkpoint_with_its_tokenizer(tmp_path):
     from nanokimi.data import Tokenizer
     tokenizer = Tokenizer.train(["def main():\n    import os\n    return os.getcwd()\n" * 30], vocab_size=280)
     tokenizer.save(tmp_path / "tok.json")
-    cfg = ModelConfig.preset("tiny-dense", **{k: v for k, v in SMALL.items() if not k.startswith(("num_experts", "moe"))},
-                             vocab_size=tokenizer.vocab_size)
+    cfg = ModelConfig.preset("tiny-dense", **DENSE_SMALL, vocab_size=tokenizer.vocab_size)
     save_checkpoint(tmp_path / "ckpt", build_model(cfg), tokenizer_file=tmp_path / "tok.json")
     llm = LLM(str(tmp_path / "ckpt"), dtype="float64", max_cache_tokens=512)
     outs = llm.generate(["def main(", "import os"], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True),

@@ -57,7 +57,8 @@ class ModelRunner:
         moba = any(getattr(b.mixer, "moba", False) for b in model.layers)
         # "static": the padded, fixed-shape step a graph captures, run eagerly on its static buffers (any device)
         self.static_only = use_cuda_graph == "static"
-        self.use_graphs = (self.static_only or (self.device.type == "cuda" and use_cuda_graph is not False)) and not moba
+        graphs_here = self.static_only or (self.device.type == "cuda" and use_cuda_graph is not False)
+        self.use_graphs = graphs_here and not moba
         self.graph_required = use_cuda_graph is True
         self.graphs: dict[tuple[int, int], tuple] = {}
         self.graph_pool = None
