@@ -474,3 +474,19 @@ def test_batched_prefill_equals_the_per_piece_reference(name, monkeypatch):
         assert a.token_ids == b.token_ids
         for x, y in zip(a.logprobs, b.logprobs):
             assert x.keys() == y.keys() and all(abs(x[t] - y[t]) < 1e-9 for t in x)
+
+
+def test_next_chat_turn_reuses_the_previous_answer_exactly():
+    model = make_model("tiny")
+    first = prompts(1, seed=67, lengths=(20,))[0]
+    params = SamplingParams(max_tokens=30, temperature=0)
+    outputs = {}
+    for caching in (False, True):
+        engine = Engine(model, block_size=8, snapshot_interval=8, enable_prefix_caching=caching)
+        answer = run_engine(engine, [("t1", first, params)])["t1"].token_ids
+        second = first + answer + [5, 6, 7]
+        done = run_engine(engine, [("t2", second, GREEDY)])["t2"]
+        outputs[caching] = done.token_ids
+        if caching:
+            assert done.num_cached_tokens >= 40  # past the first prompt: snapshots taken while decoding
+    assert outputs[True] == outputs[False]

@@ -39,8 +39,8 @@ def sample_seed(seed: int | None, index: int) -> int:
 
 class Engine:
     """See the module docstring. max_cache_tokens=None takes gpu_memory_fraction of the free GPU memory
-    (on the CPU: 65536 tokens). snapshot_interval: KDA state snapshots every so many tokens of a prompt
-    (rounded to blocks) besides its last full block; num_state_snapshots: how many are kept (LRU).
+    (on the CPU: 65536 tokens). snapshot_interval: KDA state snapshots every so many tokens of a sequence
+    (rounded to blocks; prompt and output) besides its prompt's last full block; num_state_snapshots: how many are kept (LRU).
     use_cuda_graph: "auto" graphs decode-only steps on CUDA (True: a failed capture raises); compile=True
     also torch.compiles them (one compilation per batch bucket: slow to warm up, for long runs)."""
 
