@@ -490,3 +490,51 @@ def test_next_chat_turn_reuses_the_previous_answer_exactly():
         if caching:
             assert done.num_cached_tokens >= 40  # past the first prompt: snapshots taken while decoding
     assert outputs[True] == outputs[False]
+
+
+def test_random_traffic_keeps_every_invariant():
+    """Requests of every kind arrive, some are aborted, the cache is small: each request ends exactly once,
+    with its n samples of the right lengths, and the engine ends empty with every block and slot free."""
+    model = make_model("tiny")
+    g = torch.Generator().manual_seed(71)
+    system = prompts(1, seed=72, lengths=(19,))[0]
+    engine = Engine(model, block_size=8, max_cache_tokens=128, max_num_seqs=6, max_step_tokens=32,
+                    snapshot_interval=16, num_state_snapshots=3)
+    finished, submitted, aborted, prompts_of, step = {}, {}, set(), {}, 0
+    while step < 400 and (len(submitted) < 30 or engine.has_unfinished()):
+        if len(submitted) < 30 and torch.rand((), generator=g) < 0.4:
+            i = len(submitted)
+            length = int(torch.randint(1, 40, (), generator=g))
+            ids = (system if i % 3 == 0 else []) + torch.randint(0, 4096, (length,), generator=g).tolist()
+            params = SamplingParams(max_tokens=int(torch.randint(1, 20, (), generator=g)), n=1 + i % 3,
+                                    temperature=0.0 if i % 2 else 0.9, seed=i)
+            engine.add_request(str(i), ids, params)
+            submitted[str(i)] = params
+            prompts_of[str(i)] = ids
+        if submitted and torch.rand((), generator=g) < 0.05:
+            victim = str(int(torch.randint(0, len(submitted), (), generator=g)))
+            if victim not in finished:
+                engine.abort(victim)
+                aborted.add(victim)
+        for out in engine.step():
+            if out.finished:
+                assert out.request_id not in finished
+                finished[out.request_id] = out
+        step += 1
+    assert set(finished) == set(submitted)
+    for request_id, out in finished.items():
+        params = submitted[request_id]
+        assert len(out.outputs) == params.n
+        greedy = params.temperature == 0 and any(o.finish_reason == "length" for o in out.outputs)
+        expected = greedy_alone(model, prompts_of[request_id], params.max_tokens) if greedy else None
+        for sample in out.outputs:
+            if sample.finish_reason == "length":
+                assert len(sample.token_ids) == params.max_tokens
+                if expected is not None:  # greedy: the tokens of the prompt run alone
+                    assert sample.token_ids == expected
+            else:
+                assert sample.finish_reason == "abort" and request_id in aborted
+    stats = engine.stats()
+    assert stats["cache_blocks_free"] == stats["cache_blocks_total"] and stats["sequences_running"] == 0
+    assert len(engine.slots.free) + len(engine.slots.snapshots) == engine.slots.num_slots
+    assert stats["preemptions"] > 0 and stats["prefix_cache_hit_tokens"] > 0
