@@ -209,7 +209,8 @@ class Engine:
             if seq.request.metrics["first_scheduled_time"] is None:
                 seq.request.metrics["first_scheduled_time"] = now
             c = seq.num_computed
-            rows.append(Row(seq.tokens[c:c + n], c, seq.block_table, seq.state_slot, c + n == len(seq.tokens)))
+            rows.append(Row(seq.tokens[c:c + n], c, seq.block_table, seq.state_slot, c + n == len(seq.tokens),
+                            seq.table_tensor() if n == 1 else None))
         logits = self.runner.run(rows)
         self.scheduler.after_step(scheduled)
         self._apply_slot_ops()
