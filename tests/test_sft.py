@@ -7,7 +7,7 @@ import torch
 
 from nanokimi.config import ModelConfig
 from nanokimi.data import Tokenizer, load_tokenizer
-from nanokimi.data.chat import ChatTemplate, encode_conversation
+from nanokimi.data.chat import DEFAULT_TEMPLATE, ChatTemplate, encode_conversation
 from nanokimi.model import build_model
 from nanokimi.model.packing import Documents
 from nanokimi.ops.kda import kda
@@ -159,26 +159,171 @@ def greedy_reply(model, tokenizer, template, question, max_new_tokens=16):
         "<|im_end|>") in new else new)
 
 
-@pytest.mark.slow
-def test_sft_learns_to_answer_in_the_template(tmp_path, capsys):
-    from nanokimi.checkpoint import load_model_checkpoint
-    from nanokimi.post.sft import run_sft
+SMALL_GQA = dict(preset="tiny-dense", hidden_size=96, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=24,
+                 intermediate_size=256)
+SMALL_K2 = dict(preset="tiny", mixers="A", num_layers=2, hidden_size=96, num_heads=4, mla_rope=True,
+                kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, intermediate_size=256,
+                num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, first_k_dense=1)
+SFT_SETTINGS = ["train.seq_len=96", "train.batch_size=4", "train.max_steps=80", "train.eval_every=40",
+                "optim.name=adamw", "optim.lr=3e-3", "optim.warmup_steps=5", "train.device=cpu"]
 
-    spec = dict(preset="tiny-dense", hidden_size=96, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=24,
-                intermediate_size=256)
-    write_base_checkpoint(tmp_path / "base", spec)
-    data = tmp_path / "chat.jsonl"
+
+def write_chat_data(path):
     lines = [json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
              for q, a in QA] * 4 + [json.dumps({"prompt": q, "completion": a}) for q, a in QA] * 4
-    data.write_text("\n".join(lines) + "\n")
-    result = run_sft(str(tmp_path / "base"), str(data), str(tmp_path / "run"), [
-        "train.seq_len=96", "train.batch_size=4", "train.max_steps=80", "train.eval_every=40", "optim.name=adamw",
-        "optim.lr=3e-3", "optim.warmup_steps=5", "train.device=cpu", "sft.val_fraction=0"], progress=False)
-    losses = [json.loads(l)["loss"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert losses[-1] < 0.25 * losses[0]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    """A tiny GQA model fine-tuned from random weights on QA (nanokimi's own tokenizer.json)."""
+    from nanokimi.post.sft import run_sft
+
+    root = tmp_path_factory.mktemp("sft")
+    write_base_checkpoint(root / "base", SMALL_GQA)
+    result = run_sft(str(root / "base"), str(write_chat_data(root / "chat.jsonl")), str(root / "run"),
+                     [*SFT_SETTINGS, "sft.val_fraction=0.2"], progress=False)
+    return root, result
+
+
+def test_sft_learns_to_answer_in_the_template(sft_run):
+    from nanokimi.checkpoint import load_model_checkpoint
+
+    root, result = sft_run
+    records = [json.loads(l) for l in (root / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records]
+    assert losses[-1] < 0.25 * losses[0] and "val_loss" in records[-1]
     ckpt = result["checkpoint"]
+    assert (root / "run" / "checkpoint" / "chat_template.jinja").is_file()
     model = load_model_checkpoint(ckpt).eval()
     tok, template = load_tokenizer(ckpt), ChatTemplate.load(ckpt)
-    assert (tmp_path / "run" / "checkpoint" / "chat_template.jinja").is_file()
-    replies = {q: greedy_reply(model, tok, template, q) for q, _ in QA}
-    assert replies == dict(QA)
+    assert {q: greedy_reply(model, tok, template, q) for q, _ in QA} == dict(QA)
+
+
+def test_sft_resume_and_bad_input(sft_run, tmp_path):
+    from nanokimi.config import ConfigError
+    from nanokimi.data import DataError
+    from nanokimi.post.sft import run_sft
+    from nanokimi.train.trainer import TrainingError
+
+    root, _ = sft_run
+    with pytest.raises(TrainingError, match="already holds a training run"):
+        run_sft(str(root / "base"), str(root / "chat.jsonl"), str(root / "run"), SFT_SETTINGS, progress=False)
+    with pytest.raises(ConfigError, match="section one of train, optim, sft"):
+        run_sft(str(root / "base"), str(root / "chat.jsonl"), str(tmp_path / "x"), ["lr=3"], progress=False)
+    (tmp_path / "bad.jsonl").write_text('{"text": "no messages"}\n')
+    with pytest.raises(DataError, match="line 1 must be"):
+        run_sft(str(root / "base"), str(tmp_path / "bad.jsonl"), str(tmp_path / "y"), SFT_SETTINGS, progress=False)
+    more = run_sft(str(root / "base"), str(root / "chat.jsonl"), str(root / "run"),
+                   [*SFT_SETTINGS, "train.max_steps=84", "sft.val_fraction=0.2"], resume=True, progress=False)
+    assert more["step"] == 84
+
+
+def test_chat_loop_commands_keep_the_conversation_and_survive_ctrl_c():
+    from nanokimi.chat_cli import chat_loop
+
+    seen = []
+
+    def reply(messages):
+        seen.append([dict(m) for m in messages])
+        if messages[-1]["content"] == "interrupt me":
+            yield "partial"
+            raise KeyboardInterrupt
+        yield "echo "
+        yield str(len(messages))
+
+    out = []
+    lines = ["hello", "again", "interrupt me", "after", "/system Be kind.", "first", "/reset", "x", "/help", "",
+             "/exit", "never"]
+    messages = chat_loop(reply, lines, out.append, system="Be terse.")
+    text = "".join(out)
+    assert "echo 2\n" in text and "echo 4\n" in text and "partial [stopped]\n" in text
+    assert seen[3][-2] == {"role": "assistant", "content": "partial"}  # the stopped reply stays in the conversation
+    assert seen[4] == [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "first"}]
+    assert seen[5] == [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "x"}]
+    assert "commands:" in text and len(seen) == 6 and messages[-1]["content"] == "echo 2"
+
+
+def test_chat_cli_streams_replies_from_the_fine_tuned_model(sft_run):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root, _ = sft_run
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "nanokimi.cli", "chat", str(root / "run"), "--temperature", "0",
+                           "--max-new-tokens", "12", "--device", "cpu"],
+                          input="Capital of France?\n/reset\nSay hi.\n", capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris.\n" in proc.stdout and "Hi there!\n" in proc.stdout and "(conversation cleared)" in proc.stdout
+
+
+def test_convert_kimi_tiktoken_hf_dir_then_sft_and_chat(tmp_path):
+    """A Kimi K2-style HF folder (DeepSeek-V3 layout, tiktoken.model + tokenizer_config.json with a chat template,
+    generation_config.json naming <|im_end|>) -> convert --from-hf keeps the tokenizer -> fine-tune -> chat
+    answers in the template -> convert --to-hf keeps the tokenizer files."""
+    import argparse
+
+    from test_chat import KIMI_SPECIALS, write_kimi_tokenizer
+
+    from nanokimi.chat_cli import chat_loop, load_chat
+    from nanokimi.data import TiktokenTokenizer
+    from nanokimi.interop import save_hf
+    from nanokimi.interop.cli import add_convert_args, run_convert
+    from nanokimi.post.sft import run_sft
+
+    k2_like = ("{%- if messages and messages[0]['role'] != 'system' -%}<|im_system|>system<|im_middle|>You are Kimi."
+               "<|im_end|>{%- endif -%}" + DEFAULT_TEMPLATE)  # Kimi's own adds a default system prompt
+    ranks = write_kimi_tokenizer(tmp_path / "tok", chat_template=k2_like)
+    im_end = len(ranks) + KIMI_SPECIALS["<|im_end|>"]
+    save_hf(tiny_model({**SMALL_K2, "vocab_size": len(ranks) + 256}), tmp_path / "hf")
+    for name in ("tiktoken.model", "tokenizer_config.json"):
+        (tmp_path / "hf" / name).write_bytes((tmp_path / "tok" / name).read_bytes())
+    (tmp_path / "hf" / "generation_config.json").write_text(json.dumps({"eos_token_id": im_end}))
+    parser = add_convert_args(argparse.ArgumentParser())
+    assert run_convert(parser.parse_args(["--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "nk")])) == 0
+    for name in ("tiktoken.model", "tokenizer_config.json", "generation_config.json"):
+        assert (tmp_path / "nk" / name).read_bytes() == (tmp_path / "hf" / name).read_bytes()
+    tok = load_tokenizer(tmp_path / "nk")
+    assert isinstance(tok, TiktokenTokenizer) and im_end in tok.stop_ids
+
+    result = run_sft(str(tmp_path / "nk"), str(write_chat_data(tmp_path / "chat.jsonl")), str(tmp_path / "run"),
+                     [*SFT_SETTINGS, "train.max_steps=100", "sft.val_fraction=0"], progress=False)
+    reply, what = load_chat(result["checkpoint"], device="cpu", temperature=0, max_new_tokens=12)
+    assert "stored template" in what
+    assert ChatTemplate.load(result["checkpoint"]).source == k2_like
+    out = []
+    chat_loop(reply, ["What do cows drink?", "/reset", "Name a fruit."], out.append)
+    assert "".join(out) == "Water.\n(conversation cleared)\nApple.\n"
+
+    assert run_convert(parser.parse_args(["--to-hf", result["checkpoint"], "--out", str(tmp_path / "back")])) == 0
+    for name in ("tiktoken.model", "tokenizer_config.json"):
+        assert (tmp_path / "back" / name).read_bytes() == (tmp_path / "hf" / name).read_bytes()
+
+
+def test_export_of_a_nanokimi_tokenizer_chats_in_transformers(sft_run, tmp_path):
+    """--to-hf of a nanokimi-trained checkpoint writes tokenizer_config.json and chat_template.jinja, so
+    transformers' AutoTokenizer renders the same prompt and the same ids."""
+    import argparse
+
+    transformers = pytest.importorskip("transformers")
+    from nanokimi.interop.cli import add_convert_args, run_convert
+
+    from nanokimi.checkpoint import save_checkpoint
+
+    root, _ = sft_run
+    ours = load_tokenizer(root / "tokenizer.json")
+    save_checkpoint(tmp_path / "ck", tiny_model({**SMALL_K2, "vocab_size": ours.vocab_size}),
+                    tokenizer_file=root / "tokenizer.json")
+    parser = add_convert_args(argparse.ArgumentParser())
+    assert run_convert(parser.parse_args(["--to-hf", str(tmp_path / "ck"), "--out", str(tmp_path / "hf")])) == 0
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    template = ChatTemplate.load(tmp_path / "ck")
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi."}]
+    text = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert text == template.render(messages, add_generation_prompt=True)
+    ids = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert list(ids) == ours.encode_chat(text)
