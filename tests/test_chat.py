@@ -5,7 +5,7 @@ import random
 import pytest
 
 from nanokimi.data import DataError, TiktokenTokenizer, Tokenizer, load_tokenizer
-from nanokimi.data.chat import (DEFAULT_TEMPLATE, ChatTemplate, ToolCallError, encode_conversation,
+from nanokimi.data.chat import (DEFAULT_TEMPLATE, ChatTemplate, ToolCallError, ToolCallStream, encode_conversation,
                                 parse_tool_calls)
 from nanokimi.data.tokenizer import CHAT_TOKENS, EOT, KIMI_PATTERN, read_tiktoken_ranks
 
@@ -282,3 +282,20 @@ def test_assistant_mask_covers_exactly_the_assistant_turns(kimi_dir, hf_tok):
         runs = [i for i in range(1, len(mask)) if mask[i] != mask[i - 1]]
         assert len(runs) == 4  # two separate assistant spans
         assert all(encode_conversation(tok, template, MESSAGES, train_on="all")[1])
+
+
+def test_streamed_reply_shows_content_at_once_and_tool_calls_at_the_end():
+    reply = ("Checking <|tool_calls are nice <|tool_calls_section_begin|><|tool_call_begin|>functions.f:0"
+             "<|tool_call_argument_begin|>{\"a\": \"<|\"}<|tool_call_end|><|tool_calls_section_end|>")
+    rng = random.Random(0)
+    for text in (reply, "plain text ending in <|tool_calls_sec", "x <|tool_calls_section_begin|>"):
+        for _ in range(20):
+            cuts = sorted(rng.sample(range(1, len(text)), 6))
+            stream, shown = ToolCallStream(), []
+            for a, b in zip([0, *cuts], [*cuts, len(text)]):
+                shown.append(stream.feed(text[a:b]))
+                assert "<|tool_calls_section_begin|>" not in "".join(shown)
+            rest, calls = stream.finish()
+            assert ("".join(shown) + rest, calls) == parse_tool_calls(text)
+    stream = ToolCallStream()
+    assert stream.feed("Hello <|tool") == "Hello " and stream.feed("s>") == "<|tools>"

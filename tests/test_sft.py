@@ -327,3 +327,50 @@ def test_export_of_a_nanokimi_tokenizer_chats_in_transformers(sft_run, tmp_path)
     assert text == template.render(messages, add_generation_prompt=True)
     ids = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     assert list(ids) == ours.encode_chat(text)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fla_varlen_equals_the_padded_torch_path_on_cuda():
+    """fla's chunk_kda with cu_seqlens (what packed training runs on CUDA) against the CPU path's padded batch,
+    outputs and gradients."""
+    from nanokimi.ops.kda.fla_kernels import fla_status
+
+    if not fla_status()[0]:
+        pytest.skip(f"fla-core is needed on CUDA for this test: {fla_status()[1]}")
+    torch.manual_seed(0)
+    lengths, H, K = [37, 200, 1, 90, 64], 4, 64
+    T = sum(lengths)
+    q, k = (torch.nn.functional.normalize(torch.randn(1, T, H, K, device="cuda"), dim=-1) for _ in range(2))
+    v, g = torch.randn(1, T, H, K, device="cuda"), -torch.rand(1, T, H, K, device="cuda") * 2
+    beta = torch.rand(1, T, H, device="cuda")
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device="cuda")
+    results = []
+    for impl in ("fla", "chunk"):
+        inputs = [t.clone().requires_grad_() for t in (q, k, v, g, beta)]
+        o, state = kda(*inputs, impl=impl, cu_seqlens=cu, output_final_state=True)
+        (o * torch.linspace(-1, 1, o.numel(), device="cuda").view_as(o)).sum().backward()
+        results.append((o, state, [t.grad for t in inputs]))
+    (o_fla, s_fla, g_fla), (o_ref, s_ref, g_ref) = results
+    torch.testing.assert_close(o_fla, o_ref, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(s_fla, s_ref, atol=2e-3, rtol=2e-3)
+    for a, b in zip(g_fla, g_ref):
+        torch.testing.assert_close(a, b, atol=5e-3, rtol=5e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("spec", [HYBRID, DENSE], ids=["hybrid", "gqa"])
+def test_packed_loss_equals_unpacked_losses_on_cuda(spec):
+    """The same equality as on the CPU, through CUDA's paths (fla varlen KDA when installed, masked SDPA)."""
+    model = tiny_model(spec).cuda()
+    examples = random_examples(9, random.Random(1))
+    rows = pack_rows(examples, 64)
+    inputs, targets, documents = collate(rows, 64, pad_id=0, pack=True, device="cuda")
+    packed = model.loss(inputs, targets, documents=documents)
+    total, count = 0.0, 0
+    for e in examples:
+        alone = model.loss(torch.tensor([e.inputs], device="cuda"), torch.tensor([e.targets], device="cuda"))
+        n = sum(t != IGNORE for t in e.targets)
+        total, count = total + alone.item() * n, count + n
+    assert abs(packed.item() - total / count) < 2e-3

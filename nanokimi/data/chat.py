@@ -227,6 +227,48 @@ def parse_tool_calls(text: str) -> tuple[str, list[dict]]:
     return text[:start], calls
 
 
+class ToolCallStream:
+    """A streamed reply split into content that can be shown at once and, when it ends, tool calls:
+
+        stream = ToolCallStream()
+        for delta in pieces: send(stream.feed(delta))        # content before any tool-call section
+        rest, tool_calls = stream.finish()                    # parse_tool_calls on the whole reply
+
+    A tail that could be the start of <|tool_calls_section_begin|> is held back until the next delta decides.
+    The content pieces joined with `rest` equal parse_tool_calls(whole reply)[0].
+    """
+
+    def __init__(self):
+        self.text, self.sent, self.in_section = "", 0, False
+
+    def feed(self, delta: str) -> str:
+        self.text += delta
+        if self.in_section:
+            return ""
+        start = self.text.find(TOOL_CALLS_BEGIN, max(self.sent - len(TOOL_CALLS_BEGIN), 0))
+        if start >= 0:
+            self.in_section = True
+            end = start
+        else:
+            end = len(self.text) - _marker_prefix_length(self.text, TOOL_CALLS_BEGIN)
+        piece = self.text[self.sent:end] if end > self.sent else ""
+        self.sent = max(self.sent, end)
+        return piece
+
+    def finish(self) -> tuple[str, list[dict]]:
+        """(content not returned yet, tool calls). Raises ToolCallError like parse_tool_calls."""
+        content, calls = parse_tool_calls(self.text)
+        return content[self.sent:], calls
+
+
+def _marker_prefix_length(text: str, marker: str) -> int:
+    """Length of the longest end of `text` that is a proper start of `marker`."""
+    for n in range(min(len(marker) - 1, len(text)), 0, -1):
+        if text.endswith(marker[:n]):
+            return n
+    return 0
+
+
 def encode_conversation(tokenizer: TokenizerBase, template: ChatTemplate, messages: list[dict],
                         tools: list[dict] | None = None, train_on: str = "assistant") -> tuple[list[int], list[bool]]:
     """Token ids of a whole conversation and a mask of the tokens to learn: every assistant turn's text with
