@@ -141,7 +141,10 @@ def chat_loop(reply: Callable[[list[dict]], Iterator[str]], lines: Iterable[str]
 
 
 def terminal_lines(prompt: str = "you> ") -> Iterator[str]:
-    """Lines typed at the terminal; Ctrl-C clears the line, Ctrl-D ends."""
+    """Lines typed at the terminal (Ctrl-C clears the line, Ctrl-D ends), or piped in (no prompt shown)."""
+    if not sys.stdin.isatty():
+        yield from sys.stdin
+        return
     while True:
         try:
             yield input(prompt)
