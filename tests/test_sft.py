@@ -374,3 +374,28 @@ def test_packed_loss_equals_unpacked_losses_on_cuda(spec):
         n = sum(t != IGNORE for t in e.targets)
         total, count = total + alone.item() * n, count + n
     assert abs(packed.item() - total / count) < 2e-3
+
+
+@pytest.mark.parametrize("spec", [HYBRID, DENSE], ids=["hybrid", "gqa"])
+def test_qk_clip_max_logits_of_a_packed_batch_are_the_unpacked_maxima(spec):
+    from nanokimi.optim.qk_clip import enable_qk_clip_recording
+
+    model = tiny_model(spec)
+    enable_qk_clip_recording(model)
+    attention = [b.mixer for b in model.layers if hasattr(b.mixer, "record_max_logits")]
+    examples = random_examples(7, random.Random(2))
+    rows = pack_rows(examples, 64)
+    inputs, _, documents = collate(rows, 64, pad_id=0, pack=True)
+    with torch.no_grad():
+        model(inputs, documents=documents)
+        packed = [m.max_logits.clone() for m in attention]
+        alone = None
+        for row in rows:  # the rows' padding is a document too
+            used = sum(len(e.inputs) for e in row)
+            pieces = [e.inputs for e in row] + ([[0] * (64 - used)] if used < 64 else [])
+            for piece in pieces:
+                model(torch.tensor([piece]))
+                maxima = [m.max_logits for m in attention]
+                alone = maxima if alone is None else [torch.maximum(a, b) for a, b in zip(alone, maxima)]
+    for a, b in zip(packed, alone):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
