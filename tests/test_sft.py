@@ -112,7 +112,9 @@ def test_pack_rows_best_fit_and_collate():
     assert targets[0, :len(first.targets)].tolist() == first.targets
     used = sum(len(e.inputs) for e in rows[0])
     assert (inputs[0, used:] == 7).all() and (targets[0, used:] == IGNORE).all()
-    assert docs.ids[0, used - 1] != docs.ids[0, min(used, 63)] or used == 64
+    assert (docs.ids[0, used - len(rows[0][-1].inputs):] == docs.ids[0, -1]).all()  # the padding joins the last
+    assert docs.cu_seqlens.tolist()[:len(rows[0]) + 1] == [0, *torch.tensor([len(e.inputs) for e in rows[0]][:-1])
+                                                           .cumsum(0).tolist(), 64]
 
 
 CHAT_MESSAGES = [{"role": "system", "content": "Be short."}, {"role": "user", "content": "Hi"},
@@ -390,9 +392,9 @@ def test_qk_clip_max_logits_of_a_packed_batch_are_the_unpacked_maxima(spec):
         model(inputs, documents=documents)
         packed = [m.max_logits.clone() for m in attention]
         alone = None
-        for row in rows:  # the rows' padding is a document too
+        for row in rows:  # a row's padding (pad_id 0) belongs to its last conversation
             used = sum(len(e.inputs) for e in row)
-            pieces = [e.inputs for e in row] + ([[0] * (64 - used)] if used < 64 else [])
+            pieces = [e.inputs for e in row[:-1]] + [row[-1].inputs + [0] * (64 - used)]
             for piece in pieces:
                 model(torch.tensor([piece]))
                 maxima = [m.max_logits for m in attention]
