@@ -481,8 +481,8 @@ def test_engine_replies_stream_the_engine_text_and_abort_on_ctrl_c():
             self.aborted.append(request_id)
             self.request = None
 
-    engine = ScriptedEngine("Hello w\ufffd!!!")  # step 3 ends inside a character: held back until step 4
-    assert list(EngineReplies(SimpleNamespace(engine=engine), params=None)([1, 2])) == ["Hel", "lo ", "w", "\ufffd!!!"]
+    engine = ScriptedEngine("Hello wo\ufffd!!!")  # step 3 ends inside a character: held back until step 4
+    assert list(EngineReplies(SimpleNamespace(engine=engine), params=None)([1, 2])) == ["Hel", "lo ", "wo", "\ufffd!!!"]
     engine = ScriptedEngine("Fine, thanks!<|im_end|>")
     assert "".join(EngineReplies(SimpleNamespace(engine=engine), None)([1])) == "Fine, thanks!"
     assert engine.aborted == []
