@@ -491,3 +491,20 @@ def test_engine_replies_stream_the_engine_text_and_abort_on_ctrl_c():
     out = []
     chat_loop(lambda messages: replies([1, 2, 3]), ["go"], out.append)
     assert "".join(out) == "A long [stopped]\n" and len(engine.aborted) == 1
+
+
+def test_sft_step_loss_is_the_token_mean_of_the_whole_step(tmp_path):
+    """Accumulating 2 micro batches of 2 rows gives the step (loss and update) of one batch of 4 rows: the loss is
+    the mean over every learned token of the step, not a mean of micro-batch means."""
+    import copy
+
+    write_base_checkpoint(tmp_path / "base", dict(HYBRID, hidden_size=64, num_layers=2, mixers="KA"))
+    write_chat_data(tmp_path / "chat.jsonl")
+    whole = _sft_trainer(tmp_path, tmp_path / "whole", extra=["optim.name=adamw"])
+    accumulated = _sft_trainer(tmp_path, tmp_path / "accumulated", extra=["optim.name=adamw", "train.grad_accum=2"])
+    inputs, targets, documents, _ = next(copy.copy(whole.stream))  # the step's 4 rows, leaving the stream as it is
+    expected = whole.model.loss(inputs, targets, documents=documents).item()
+    assert abs(whole.train_step() - expected) < 1e-5
+    assert abs(accumulated.train_step() - expected) < 1e-5
+    for a, b in zip(whole.model.parameters(), accumulated.model.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

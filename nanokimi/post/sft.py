@@ -5,7 +5,7 @@ A conversation is rendered with the base checkpoint's chat template (Kimi's form
 and learned on its assistant turns only (sft.train_on="assistant"; "all" learns every token). Conversations
 are packed into rows of train.seq_len tokens (best fit, longest first); the model keeps them apart
 (nanokimi.model.packing), so a packed batch gives the loss of the conversations run one by one. The loss is
-the mean over all learned tokens of the batch.
+the mean over all learned tokens of the step, whatever the accumulation and the number of GPUs.
 
 The loop is the pretraining Trainer's (progress, checkpoints, resume, FSDP2, Muon); this module brings the
 data, the base weights and its own defaults (a lower learning rate, a schedule counted in epochs).
@@ -141,30 +141,39 @@ class RowStream:
     """Micro batches of packed rows, epoch after epoch, each epoch in its own seeded order; resumable.
 
     Global batches take the next micro_batch * world_size rows of the sequence; rank r takes its slice
-    [r * micro_batch, (r + 1) * micro_batch), like nanokimi.data.TokenStream."""
+    [r * micro_batch, (r + 1) * micro_batch), like nanokimi.data.TokenStream. A micro batch is
+    (inputs, targets, documents, weight): weight = micro batches per step (grad_accum * world_size) / learned
+    tokens in the whole step, so that its loss sum times weight, averaged by the Trainer over micro batches and
+    ranks, is the mean over every learned token of the step."""
 
     def __init__(self, rows, micro_batch: int, seq_len: int, pad_id: int, pack: bool, seed: int,
-                 rank: int = 0, world_size: int = 1, device=None):
+                 rank: int = 0, world_size: int = 1, device=None, grad_accum: int = 1):
         self.rows, self.micro_batch, self.seq_len, self.pad_id, self.pack = rows, micro_batch, seq_len, pad_id, pack
         self.seed, self.rank, self.world_size, self.device = seed, rank, world_size, device
+        self.step_rows = micro_batch * world_size * grad_accum
+        self.learned = [sum(t != IGNORE for e in row for t in e.targets) for row in rows]  # per row
         self.consumed = 0  # rows of all ranks taken so far
         self._orders: dict[int, list[int]] = {}
 
-    def _row(self, position: int) -> list[Example]:
+    def _index(self, position: int) -> int:
         epoch, index = divmod(position, len(self.rows))
         if epoch not in self._orders:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._orders = {epoch: torch.randperm(len(self.rows), generator=generator).tolist()}
-        return self.rows[self._orders[epoch][index]]
+            self._orders = {**{e: o for e, o in self._orders.items() if e == epoch - 1},
+                            epoch: torch.randperm(len(self.rows), generator=generator).tolist()}
+        return self._orders[epoch][index]
 
     def __iter__(self):
         return self
 
     def __next__(self):
         first = self.consumed + self.rank * self.micro_batch
-        batch = [self._row(first + i) for i in range(self.micro_batch)]
+        batch = [self.rows[self._index(first + i)] for i in range(self.micro_batch)]
+        step_start = self.consumed - self.consumed % self.step_rows
+        learned = sum(self.learned[self._index(step_start + i)] for i in range(self.step_rows))
         self.consumed += self.micro_batch * self.world_size
-        return collate(batch, self.seq_len, self.pad_id, self.pack, self.device)
+        weight = self.step_rows // self.micro_batch / learned
+        return (*collate(batch, self.seq_len, self.pad_id, self.pack, self.device), weight)
 
     def state_dict(self) -> dict:
         return {"consumed": self.consumed, "rows": len(self.rows)}
@@ -237,7 +246,7 @@ class SFTTrainer(Trainer):
             raise TrainingError(f"the base model's vocabulary ({self.run.model.vocab_size}) is smaller than its "
                                 f"tokenizer's ({self.tokenizer.vocab_size}); is {self.base_dir} one checkpoint?")
         self.stream = RowStream(rows, self.micro_batch, t.seq_len, self.tokenizer.eot_id, self.sft.pack, t.seed,
-                                self.rank, self.world_size, self.device)
+                                self.rank, self.world_size, self.device, t.grad_accum)
 
     def start_from(self, model: Transformer) -> None:
         model.load_state_dict(self.base.state_dict())
@@ -245,7 +254,11 @@ class SFTTrainer(Trainer):
     def _build_model_and_optimizer(self) -> None:
         super()._build_model_and_optimizer()
         model = self.model
-        self.loss_fn = lambda inputs, targets, documents: model.loss(inputs, targets, documents=documents)
+
+        def loss_fn(inputs, targets, documents, weight):  # this micro batch's share of the step's token mean
+            return model.loss(inputs, targets, documents=documents) * (targets.ne(IGNORE).sum() * weight)
+
+        self.loss_fn = loss_fn
 
     @torch.no_grad()
     def evaluate(self) -> dict:
