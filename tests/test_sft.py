@@ -42,7 +42,8 @@ def test_documents_layout():
     assert docs.positions.tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 4]]
     assert docs.cu_seqlens.tolist() == [0, 3, 5, 10]
     mask = docs.attention_mask()[0, 0]
-    assert mask[4].tolist() == [False, False, False, True, True] and mask[2].tolist() == [True, True, True, False, False]
+    assert mask[4].tolist() == [False, False, False, True, True]
+    assert mask[2].tolist() == [True, True, True, False, False]
 
 
 @pytest.mark.parametrize("impl", ["naive", "chunk"])
@@ -155,10 +156,9 @@ def greedy_reply(model, tokenizer, template, question, max_new_tokens=16):
     from nanokimi.infer.generate import generate
 
     ids = tokenizer.encode_chat(template.render([{"role": "user", "content": question}], add_generation_prompt=True))
-    out = generate(model, torch.tensor([ids]), max_new_tokens, temperature=0, eos_id=tokenizer.token_to_id("<|im_end|>"))
-    new = out[0, len(ids):].tolist()
-    return tokenizer.decode(new[:new.index(tokenizer.token_to_id("<|im_end|>"))] if tokenizer.token_to_id(
-        "<|im_end|>") in new else new)
+    end = tokenizer.token_to_id("<|im_end|>")
+    new = generate(model, torch.tensor([ids]), max_new_tokens, temperature=0, eos_id=end)[0, len(ids):].tolist()
+    return tokenizer.decode(new[:new.index(end)] if end in new else new)
 
 
 SMALL_GQA = dict(preset="tiny-dense", hidden_size=96, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=24,
@@ -475,7 +475,8 @@ def test_engine_replies_stream_the_engine_text_and_abort_on_ctrl_c():
             ours = SimpleNamespace(request_id=self.request, outputs=[SimpleNamespace(text=text)], finished=done)
             if done:
                 self.request = None
-            return [SimpleNamespace(request_id="someone else", outputs=[SimpleNamespace(text="zz")], finished=False), ours]
+            other = SimpleNamespace(request_id="someone else", outputs=[SimpleNamespace(text="zz")], finished=False)
+            return [other, ours]
 
         def abort(self, request_id):
             self.aborted.append(request_id)

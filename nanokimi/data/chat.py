@@ -30,7 +30,8 @@ from nanokimi.data.tokenizer import TOKENIZER_CONFIG, TokenizerBase
 
 TEMPLATE_FILE = "chat_template.jinja"
 TOOL_CALLS_BEGIN, TOOL_CALLS_END = "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>"
-TOOL_CALL_BEGIN, TOOL_CALL_ARGUMENTS, TOOL_CALL_END = "<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>"
+TOOL_CALL_BEGIN, TOOL_CALL_END = "<|tool_call_begin|>", "<|tool_call_end|>"
+TOOL_CALL_ARGUMENTS = "<|tool_call_argument_begin|>"
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 DEFAULT_TEMPLATE = """\

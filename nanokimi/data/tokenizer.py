@@ -230,7 +230,8 @@ class TiktokenTokenizer(TokenizerBase):
         model_file, config_file = directory / TIKTOKEN_MODEL, directory / TOKENIZER_CONFIG
         for f in (model_file, config_file):
             if not f.is_file():
-                raise DataError(f"{f} is missing; Kimi's tiktoken format needs {TIKTOKEN_MODEL} and {TOKENIZER_CONFIG}.")
+                raise DataError(f"{f} is missing; Kimi's tiktoken format needs {TIKTOKEN_MODEL} and "
+                                f"{TOKENIZER_CONFIG}.")
         ranks = read_tiktoken_ranks(model_file)
         config = _read_json(config_file)
         specials = special_tokens_from_config(config, len(ranks), config_file)
