@@ -27,7 +27,7 @@ from nanokimi.config import ModelConfig  # noqa: E402
 from nanokimi.data import Tokenizer  # noqa: E402
 from nanokimi.data.chat import ChatTemplate  # noqa: E402
 from nanokimi.model import build_model  # noqa: E402
-from nanokimi.post.sft import IGNORE, build_examples, collate, pack_rows  # noqa: E402
+from nanokimi.post.sft import IGNORE, Conversation, build_examples, collate, pack_rows  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 GSM8K = next((p for p in (ROOT / ".." / "shared", ROOT / ".." / ".." / "shared") if p.is_dir()),
@@ -40,8 +40,8 @@ def load_chats(path: Path, limit: int):
     chats = []
     for line in path.read_text().splitlines()[:limit]:
         record = json.loads(line)
-        chats.append((line, [{"role": "user", "content": record["question"]},
-                             {"role": "assistant", "content": record["answer"]}], None))
+        chats.append(Conversation("gsm8k", line, [{"role": "user", "content": record["question"]},
+                                                  {"role": "assistant", "content": record["answer"]}]))
     return chats
 
 
@@ -77,7 +77,8 @@ def main() -> None:
     rows_per_step = args.rows or (4 if args.quick else 16)
     chats = load_chats(GSM8K, args.conversations if not args.quick else 200)
 
-    tokenizer = Tokenizer.train((m[0]["content"] + m[1]["content"] for _, m, _ in chats[:1000]), vocab_size=4096)
+    tokenizer = Tokenizer.train((c.messages[0]["content"] + c.messages[1]["content"] for c in chats[:1000]),
+                                vocab_size=4096)
     examples, _ = build_examples(chats, tokenizer, ChatTemplate(), seq_len)
     learned_total = sum(sum(t != IGNORE for t in e.targets) for e in examples)
     torch.manual_seed(0)

@@ -11,7 +11,7 @@ from nanokimi.data.chat import DEFAULT_TEMPLATE, ChatTemplate, encode_conversati
 from nanokimi.model import build_model
 from nanokimi.model.packing import Documents
 from nanokimi.ops.kda import kda
-from nanokimi.post.sft import IGNORE, Example, build_examples, collate, pack_rows
+from nanokimi.post.sft import IGNORE, Conversation, Example, build_examples, collate, pack_rows
 
 HYBRID = dict(preset="tiny", vocab_size=320)  # KDA + MLA + MoE
 DENSE = dict(preset="tiny-dense", vocab_size=320, hidden_size=128, num_heads=4, num_kv_heads=2, head_dim=32)
@@ -126,14 +126,14 @@ CHAT_MESSAGES = [{"role": "system", "content": "Be short."}, {"role": "user", "c
 def test_sft_targets_are_exactly_the_assistant_tokens(tmp_path):
     tok = Tokenizer.train(["Be short. Hi Hello! Bye Bye!"] * 5, vocab_size=300)
     template = ChatTemplate()
-    examples, stats = build_examples([("", CHAT_MESSAGES, None)], tok, template, seq_len=200)
+    examples, stats = build_examples([Conversation("test", "", CHAT_MESSAGES)], tok, template, seq_len=200)
     ids, mask = encode_conversation(tok, template, CHAT_MESSAGES)
     (e,) = examples
     assert e.inputs == ids[:-1]
     learned = [t for t in e.targets if t != IGNORE]
     assert learned == tok.encode_chat("Hello!<|im_end|>") + tok.encode_chat("Bye!<|im_end|>")
     assert [t != IGNORE for t in e.targets] == mask[1:]
-    short, stats = build_examples([("", CHAT_MESSAGES, None)], tok, template, seq_len=8)
+    short, stats = build_examples([Conversation("test", "", CHAT_MESSAGES)], tok, template, seq_len=8)
     assert stats["no_target"] == 1 and not short  # cut before any assistant token
 
 
@@ -217,6 +217,10 @@ def test_sft_resume_and_bad_input(sft_run, tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": "no messages"}\n')
     with pytest.raises(DataError, match="line 1 must be"):
         run_sft(str(root / "base"), str(tmp_path / "bad.jsonl"), str(tmp_path / "y"), SFT_SETTINGS, progress=False)
+    (tmp_path / "role.jsonl").write_text(json.dumps({"messages": [{"role": "robot", "content": "hi"},
+                                                                  {"role": "assistant", "content": "x"}]}) + "\n")
+    with pytest.raises(DataError, match="role.jsonl line 1: chat template: unknown role 'robot'"):
+        run_sft(str(root / "base"), str(tmp_path / "role.jsonl"), str(tmp_path / "z"), SFT_SETTINGS, progress=False)
     more = run_sft(str(root / "base"), str(root / "chat.jsonl"), str(root / "run"),
                    [*SFT_SETTINGS, "train.max_steps=84", "sft.val_fraction=0.2"], resume=True, progress=False)
     assert more["step"] == 84

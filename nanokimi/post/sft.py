@@ -46,14 +46,22 @@ class SFTConfig:
     val_fraction: float = 0.05  # share of conversations held out (by hash of the line) for the validation loss
 
 
+@dataclass(frozen=True, slots=True)
+class Conversation:
+    where: str  # "FILE line N", for errors
+    text: str  # the jsonl line: its hash picks the split
+    messages: list[dict]
+    tools: list[dict] | None = None
+
+
 @dataclass(slots=True)
 class Example:
     inputs: list[int]  # [n]
     targets: list[int]  # [n], IGNORE where not learned
 
 
-def read_conversations(path: str | os.PathLike) -> list[tuple[str, list[dict], list[dict] | None]]:
-    """(the raw line, messages, tools) for every non-empty line of a chat jsonl file."""
+def read_conversations(path: str | os.PathLike) -> list[Conversation]:
+    """Every non-empty line of a chat jsonl file."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"SFT data {path} does not exist; give a .jsonl file of {{\"messages\": [...]}} lines.")
@@ -76,18 +84,21 @@ def read_conversations(path: str | os.PathLike) -> list[tuple[str, list[dict], l
             else:
                 raise DataError(f"{path} line {line_no} must be {{\"messages\": [...]}} or {{\"prompt\": \"...\", "
                                 f"\"completion\": \"...\"}}; got {line.strip()[:80]!r}.")
-            out.append((line, messages, tools))
+            out.append(Conversation(f"{path} line {line_no}", line, messages, tools))
     if not out:
         raise DataError(f"{path} holds no conversations.")
     return out
 
 
-def build_examples(conversations, tokenizer: TokenizerBase, template: ChatTemplate, seq_len: int,
+def build_examples(conversations: list[Conversation], tokenizer: TokenizerBase, template: ChatTemplate, seq_len: int,
                    train_on: str = "assistant") -> tuple[list[Example], dict]:
     """Tokenize and mask conversations -> (examples of at most seq_len tokens, counts of what was cut or dropped)."""
     examples, stats = [], {"conversations": 0, "truncated": 0, "no_target": 0}
-    for _, messages, tools in conversations:
-        ids, mask = encode_conversation(tokenizer, template, messages, tools=tools, train_on=train_on)
+    for c in conversations:
+        try:
+            ids, mask = encode_conversation(tokenizer, template, c.messages, tools=c.tools, train_on=train_on)
+        except DataError as e:
+            raise DataError(f"{c.where}: {e}") from e
         ids, mask = ids[:seq_len + 1], mask[:seq_len + 1]
         stats["truncated"] += len(ids) == seq_len + 1
         targets = [t if learn else IGNORE for t, learn in zip(ids[1:], mask[1:])]
@@ -225,8 +236,8 @@ class SFTTrainer(Trainer):
             raise TrainingError("this model has MoBA layers ('B'), which cannot keep packed conversations apart; "
                                 "set sft.pack=false (one conversation per row).")
         conversations = read_conversations(self.run.data.source)
-        val = [c for c in conversations if hash_unit(c[0]) < self.sft.val_fraction]
-        train = [c for c in conversations if hash_unit(c[0]) >= self.sft.val_fraction]
+        val = [c for c in conversations if hash_unit(c.text) < self.sft.val_fraction]
+        train = [c for c in conversations if hash_unit(c.text) >= self.sft.val_fraction]
         if not train:
             raise DataError(f"all {len(conversations)} conversations fell into validation; lower sft.val_fraction.")
         examples, self.data_stats = build_examples(train, self.tokenizer, self.template, t.seq_len, self.sft.train_on)
