@@ -144,8 +144,8 @@ def collate(rows: list[list[Example]], seq_len: int, pad_id: int, pack: bool, de
             labels[b, start:start + n] = d
             start += n
         labels[b, start:] = len(row) - 1
-    inputs, targets = inputs.to(device), targets.to(device)
-    return inputs, targets, Documents.from_ids(labels.to(device)) if pack else None
+    documents = Documents.from_ids(labels).to(device) if pack else None  # built on the host: no device syncs
+    return inputs.to(device), targets.to(device), documents
 
 
 class RowStream:
