@@ -120,12 +120,13 @@ class ChatTemplate:
     """A Jinja chat template plus the special-token variables (bos_token, eos_token, ...) it may use."""
 
     def __init__(self, source: str = DEFAULT_TEMPLATE, variables: dict | None = None):
+        environment = _environment()  # DataError when jinja2 is missing
         import jinja2
 
         self.source = source
         self.variables = dict(variables or {})
         try:
-            self._template = _environment().from_string(source)
+            self._template = environment.from_string(source)
         except jinja2.TemplateSyntaxError as e:
             raise DataError(f"the chat template does not parse (line {e.lineno}: {e.message}).") from e
 
