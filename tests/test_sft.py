@@ -513,3 +513,17 @@ def test_sft_step_loss_is_the_token_mean_of_the_whole_step(tmp_path):
     assert abs(accumulated.train_step() - expected) < 1e-5
     for a, b in zip(whole.model.parameters(), accumulated.model.parameters()):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_cli_errors_are_one_line(sft_run, tmp_path, capsys):
+    from nanokimi.cli import main
+
+    root, _ = sft_run
+    assert main(["sft", "--ckpt", str(root / "base"), "--data", str(tmp_path / "none.jsonl"),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "nanokimi: error: SFT data" in capsys.readouterr().err
+    assert main(["sft", "--ckpt", str(root / "base"), "--data", str(root / "chat.jsonl"), "--out", str(tmp_path / "o"),
+                 "sft.epochs=0"]) == 2
+    assert "sft.epochs > 0" in capsys.readouterr().err
+    assert main(["chat", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
