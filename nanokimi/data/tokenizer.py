@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import re
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Iterable
 
@@ -58,7 +59,7 @@ KIMI_PATTERN = "|".join([
 ])
 
 
-class TokenizerBase:
+class TokenizerBase(ABC):
     """What every tokenizer offers. Subclasses set `eot_id` and `special_tokens` (string -> id) and
     implement `encode`, `decode`, `vocab_size` and `save`."""
 
@@ -66,20 +67,22 @@ class TokenizerBase:
     special_tokens: dict[str, int]
     extra_stop_ids: frozenset[int] = frozenset()
 
+    @abstractmethod
     def encode(self, text: str) -> list[int]:
         """Plain text -> ids; special-token strings in the text are encoded as ordinary text."""
-        raise NotImplementedError
 
+    @abstractmethod
     def decode(self, ids: Iterable[int]) -> str:
         """ids -> text, special tokens written out; ids outside the vocabulary are skipped."""
-        raise NotImplementedError
 
     @property
+    @abstractmethod
     def vocab_size(self) -> int:
-        raise NotImplementedError
+        """Number of ids (largest id + 1)."""
 
-    def save(self, directory: str | os.PathLike) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the tokenizer's files."""
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]
