@@ -306,7 +306,7 @@ def test_convert_kimi_tiktoken_hf_dir_then_sft_and_chat(tmp_path):
     assert "".join(out) == "Water.\n(conversation cleared)\nApple.\n"
 
     assert run_convert(parser.parse_args(["--to-hf", result["checkpoint"], "--out", str(tmp_path / "back")])) == 0
-    for name in ("tiktoken.model", "tokenizer_config.json"):
+    for name in ("tiktoken.model", "tokenizer_config.json", "generation_config.json"):
         assert (tmp_path / "back" / name).read_bytes() == (tmp_path / "hf" / name).read_bytes()
 
 

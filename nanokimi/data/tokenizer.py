@@ -37,8 +37,10 @@ CHAT_TOKENS = (
     "<|tool_call_argument_begin|>", "<|tool_call_end|>",
 )
 HF_TOKENIZER, TIKTOKEN_MODEL, TOKENIZER_CONFIG = "tokenizer.json", "tiktoken.model", "tokenizer_config.json"
-# Files that make up a checkpoint's tokenizer and chat format; convert copies them in both directions.
-TOKENIZER_FILES = (HF_TOKENIZER, TIKTOKEN_MODEL, TOKENIZER_CONFIG, "special_tokens_map.json", "chat_template.jinja")
+# Files that make up a checkpoint's tokenizer and chat format (generation_config.json names the ids that end a
+# reply); convert and SFT carry them along.
+TOKENIZER_FILES = (HF_TOKENIZER, TIKTOKEN_MODEL, TOKENIZER_CONFIG, "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json")
 KIMI_RESERVED_SPECIAL = 256  # Kimi gives special tokens the ids just above the mergeable ranks, 256 of them
 
 # Kimi's pre-tokenizer (from tokenization_kimi.py): runs of Han characters; words of other letters, either
