@@ -37,7 +37,8 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
 
 def model_generate_fn(model, tokenizer, max_batch_rows: int = 256) -> GenerateFn:
     """A generate_fn over `nanokimi.infer.generate`: prompts of equal token length share a batch (the
-    model's cache has no padding), each prompt repeated n times, up to max_batch_rows rows per batch."""
+    model's cache has no padding), each prompt repeated n times, up to max_batch_rows rows per batch.
+    generate() knows no stop strings: rows run to end-of-text or max_tokens, then the text is cut."""
     import torch
 
     from nanokimi.infer.generate import generate
@@ -72,7 +73,8 @@ def model_generate_fn(model, tokenizer, max_batch_rows: int = 256) -> GenerateFn
                 ended = eos in new
                 new = new[:new.index(eos)] if ended else new
                 text, stopped = cut_at_stop(tokenizer.decode(new), stop)
-                results[i].append(Completion(text, not (ended or stopped), len(new)))
+                length_used = len(tokenizer.encode(text)) if stopped else len(new)  # tokens up to the stop string
+                results[i].append(Completion(text, not (ended or stopped), length_used))
             batch_id += 1
             start = end
         return results
