@@ -3,6 +3,7 @@
   nanokimi train [--preset NAME | --config FILE.toml] [--out DIR] [--resume] [section.key=value ...]
   nanokimi generate --ckpt DIR --prompt TEXT
   nanokimi eval --ckpt DIR
+  nanokimi rl --ckpt DIR --task ladder|mused|gsm8k|math500 [--out DIR] [section.key=value ...]
   nanokimi plot RUN_DIR [RUN_DIR ...] --out FILE.png
   nanokimi data prepare --source SOURCE
   nanokimi model info --preset NAME
@@ -74,6 +75,14 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_rl(args) -> int:
+    if args.nproc > 1:
+        from nanokimi.train.launch import launch_torchrun
+        return launch_torchrun(args.nproc, sys.argv[2:], module="nanokimi.post.rl")
+    from nanokimi.post.rl.cli import run_rl
+    return run_rl(args)
+
+
 def cmd_plot(args) -> int:
     from nanokimi.train.plot import plot_runs
 
@@ -113,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--seq-len", type=int, default=256)
     ev.set_defaults(func=cmd_eval)
+
+    from nanokimi.post.rl.cli import add_rl_args
+    rl = add_rl_args(commands.add_parser("rl", help="reinforcement learning with verifiable rewards (k1.5, GRPO)"))
+    rl.set_defaults(func=cmd_rl)
 
     plot = commands.add_parser("plot", help="loss curves of runs in one PNG")
     plot.add_argument("runs", nargs="+", metavar="RUN_DIR")
