@@ -168,6 +168,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _record_gradients(trainer) -> list:
+    """Keep the flattened gradients each optimizer step sees (Adam's first step hides their scale)."""
+    seen, step = [], trainer.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        seen.append(torch.cat([p.grad.flatten() for p in trainer.model.parameters()]))
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = recording_step
+    return seen
+
+
 def _two_rank_worker(rank, world_size, port, root, queue):
     import torch.distributed as dist
 
@@ -180,6 +192,7 @@ def _two_rank_worker(rank, world_size, port, root, queue):
         start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
         scored, _ = trainer.rollout()
         union = [s for part in trainer._all_gather(scored) for s in part]
+        grads = _record_gradients(trainer)
         trainer.update(scored)
         params = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
         others = [None] * world_size
@@ -187,10 +200,12 @@ def _two_rank_worker(rank, world_size, port, root, queue):
         if rank == 0:
             single = toy_trainer(root, settings, name="single")
             single.model.load_state_dict(start)
+            single_grads = _record_gradients(single)
             single.update(union)
             reference = torch.cat([p.detach().flatten() for p in single.model.parameters()])
             record = trainer.train_step()
-            queue.put({"ranks_equal": (others[0] - others[1]).abs().max().item(),
+            queue.put({"grad_vs_single": ((grads[0] - single_grads[0]).norm() / single_grads[0].norm()).item(),
+                       "ranks_equal": (others[0] - others[1]).abs().max().item(),
                        "vs_single": (params - reference).abs().max().item(), "moved": (params - torch.cat(
                            [v.flatten() for v in start.values()])).abs().max().item(),
                        "groups": record["groups"]})
@@ -209,4 +224,5 @@ def test_two_ranks_split_rollouts_and_sum_gradients(tmp_path):
     assert result["ranks_equal"] == 0.0
     assert result["moved"] > 1e-4
     assert result["vs_single"] < 1e-6, result
+    assert result["grad_vs_single"] < 1e-5, result
     assert result["groups"] == 8
