@@ -66,6 +66,30 @@ def response_text(tokenizer, token_ids: list[int], stop: tuple[str, ...], stop_i
     return text[:min(cuts)] if cuts else text
 
 
+@torch.no_grad()
+def evaluate_pass_at_k(backend, tokenizer, task, examples: list, n: int, max_tokens: int, temperature: float,
+                       seed: int) -> list[dict]:
+    """Sample n responses per example (seeded per example and sample, so evaluations compare like with like)
+    and grade them: [{"difficulty", "samples": [{"correct", "reward", "key", "num_tokens", "truncated"}]}],
+    the input of nanokimi.tasks.summarize."""
+    stop = tuple(getattr(task, "stop", ()) or ())
+    stop_ids = set(getattr(tokenizer, "stop_ids", None) or {tokenizer.eot_id})
+    requests = [([tokenizer.eot_id] + tokenizer.encode(task.prompt(e)), max_tokens, derive_seed(seed, "eval", e.id, j))
+                for e in examples for j in range(n)]
+    outputs = backend.generate(requests, temperature, 1.0) if requests else []
+    problems = []
+    for i, example in enumerate(examples):
+        samples = []
+        for tokens, _, reason in outputs[i * n:(i + 1) * n]:
+            text = response_text(tokenizer, tokens, stop, stop_ids)
+            samples.append({"correct": bool(task.is_correct(text, example.answer)),
+                            "reward": float(task.reward(text, example.answer)),
+                            "key": task.extract(text) if hasattr(task, "extract") else None,
+                            "num_tokens": len(tokens), "truncated": reason != "stop"})
+        problems.append({"difficulty": example.difficulty, "samples": samples})
+    return problems
+
+
 class RLTrainer:
     """`model` is trained in place (it is also what the engine generates with); `task` has examples(split),
     prompt(example), reward(response, answer), is_correct(response, answer) and `stop` strings."""
@@ -125,7 +149,8 @@ class RLTrainer:
             self._resume()
 
     def encode(self, example) -> list[int]:
-        """Prompt token ids: end-of-text first (pretraining documents follow one), then the task's prompt."""
+        """Prompt token ids: end-of-text first (pretraining documents follow one), then the task's prompt (the
+        same as evaluate_pass_at_k's)."""
         return [self.tokenizer.eot_id] + self.tokenizer.encode(self.task.prompt(example))
 
     def _eval_examples(self) -> list:
@@ -178,8 +203,9 @@ class RLTrainer:
         return {"group": group, "rewards": rewards, "task_rewards": task_rewards, "correct": correct,
                 "lengths": lengths, "truncated": [r.finish_reason == "length" for r in group.responses]}
 
-    def rollout(self) -> tuple[list[dict], dict]:
-        """This rank's scored groups for one update, and rollout statistics."""
+    def rollout(self) -> tuple[list[dict], list[dict], dict]:
+        """This rank's scored groups for one update, every group finished in this iteration (dynamic sampling
+        drops some of them from the update), and rollout statistics."""
         need = self.groups_per_rank
         start = time.perf_counter()
         fresh = need - len(self.buffer.pending) if self.cfg.segment_tokens > 0 else need
@@ -203,7 +229,7 @@ class RLTrainer:
                 self.sampler.update(example_id, correct)
         stats = {"groups_finished": len(all_scored), "generated": generated, "rollout_s": seconds,
                  "zero_variance": sum(not informative(s["rewards"].tolist()) for s in all_scored)}
-        return scored, stats
+        return scored, all_scored, stats
 
     def _batch(self, scored: list[dict]) -> dict:
         """Padded tensors over every response (group-major): inputs/targets [N, L], masks [N, L]."""
@@ -353,12 +379,12 @@ class RLTrainer:
 
     def train_step(self) -> dict:
         """One iteration: rollout, scoring, update. Returns the step's record."""
-        scored, roll = self.rollout()
+        scored, finished_groups, roll = self.rollout()
         start = time.perf_counter()
         upd = self.update(scored)
         train_s = time.perf_counter() - start
         local = [(s["task_rewards"].tolist(), s["rewards"].tolist(), s["correct"], s["lengths"].tolist(),
-                  s["truncated"]) for s in scored]
+                  s["truncated"]) for s in finished_groups]
         gathered = self._all_gather((local, roll))
         rewards = [x for part, _ in gathered for g in part for x in g[1]]
         task_rewards = [x for part, _ in gathered for g in part for x in g[0]]
@@ -370,15 +396,17 @@ class RLTrainer:
         rollout_s = max(r["rollout_s"] for _, r in gathered)
         self.step += 1
         self.tokens += generated
-        mean = sum(rewards) / max(len(rewards), 1)
+        def average(values):  # nan when no group finished (partial rollouts still in flight)
+            return sum(values) / len(values) if values else float("nan")
+
+        mean = average(rewards)
+        trained = self._all_reduce(torch.tensor(float(len(scored)), device=self.device)).item()
         record = {"step": self.step, "loss": upd["loss"], "lr": self.optimizer.param_groups[0]["lr"],
                   "tokens": self.tokens, "reward_mean": mean,
-                  "reward_std": (sum((r - mean) ** 2 for r in rewards) / max(len(rewards), 1)) ** 0.5,
-                  "task_reward_mean": sum(task_rewards) / max(len(task_rewards), 1),
-                  "accuracy": sum(correct) / max(len(correct), 1),
-                  "length_mean": sum(lengths) / max(len(lengths), 1), "length_max": max(lengths, default=0),
-                  "truncated": sum(truncated) / max(len(truncated), 1),
-                  "groups": len(rewards) // self.cfg.samples_per_prompt,
+                  "reward_std": average([(r - mean) ** 2 for r in rewards]) ** 0.5,
+                  "task_reward_mean": average(task_rewards), "accuracy": average(correct),
+                  "length_mean": average(lengths), "length_max": max(lengths, default=0),
+                  "truncated": average(truncated), "groups_finished": finished, "groups": int(trained),
                   "zero_variance_share": sum(r["zero_variance"] for _, r in gathered) / max(finished, 1),
                   "rollout_s": rollout_s, "train_s": train_s,
                   "rollout_tokens_per_s": generated / max(rollout_s, 1e-9),
@@ -386,28 +414,16 @@ class RLTrainer:
                   **{k: v for k, v in upd.items() if k not in ("loss", "train_tokens")}}
         return record
 
-    @torch.no_grad()
-    def evaluate(self) -> dict:
-        """pass@k per level on the eval problems (rl.eval_samples samples each at rl.eval_temperature)."""
+    def evaluate(self, task=None, examples=None) -> dict:
+        """pass@k per level (rl.eval_samples samples each at rl.eval_temperature) on `examples` of `task`
+        (default: rl.eval_per_level problems per level of the RL task's eval split), split over the ranks."""
+        task = task or self.task
+        examples = self.eval_examples if examples is None else examples
+        mine = examples[self.rank::self.world_size]
+        problems = evaluate_pass_at_k(self.backend, self.tokenizer, task, mine, self.cfg.eval_samples,
+                                      self.cfg.max_tokens, self.cfg.eval_temperature, self.cfg.seed)
         from nanokimi.tasks import summarize
-
-        mine = self.eval_examples[self.rank::self.world_size]
-        n = self.cfg.eval_samples
-        requests = [(self.encode(e), self.cfg.max_tokens, derive_seed(self.cfg.seed, "eval", e.id, j))
-                    for e in mine for j in range(n)]
-        outputs = self.backend.generate(requests, self.cfg.eval_temperature, 1.0) if requests else []
-        problems = []
-        for i, example in enumerate(mine):
-            samples = []
-            for tokens, _, reason in outputs[i * n:(i + 1) * n]:
-                text = response_text(self.tokenizer, tokens, self.stop, self.stop_ids)
-                samples.append({"correct": bool(self.task.is_correct(text, example.answer)),
-                                "reward": float(self.task.reward(text, example.answer)),
-                                "key": self.task.extract(text) if hasattr(self.task, "extract") else None,
-                                "num_tokens": len(tokens), "truncated": reason != "stop"})
-            problems.append({"difficulty": example.difficulty, "samples": samples})
-        problems = [p for part in self._all_gather(problems) for p in part]
-        return summarize(problems, self.run.eval_ks())
+        return summarize([p for part in self._all_gather(problems) for p in part], self.run.eval_ks())
 
     @staticmethod
     def flat_eval(summary: dict) -> dict:
@@ -449,13 +465,14 @@ class RLTrainer:
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def fit(self, evaluate_first: bool = True) -> dict:
-        """Run to rl.steps (or rl.time_limit_s), evaluating before, every rl.eval_every steps and after."""
+    def fit(self, evaluate: bool = True) -> dict:
+        """Run to rl.steps (or rl.time_limit_s), evaluating before, every rl.eval_every steps and after
+        (before and after only when `evaluate`)."""
         cfg = self.cfg
         if self.is_main:
             (self.out / "config.toml").write_text(rl_to_toml(self.run))
         result = {}
-        if evaluate_first and self.step == 0:
+        if evaluate and self.step == 0:
             result["eval_before"] = self.evaluate()
             self.log({"step": 0, "tokens": 0, **self.flat_eval(result["eval_before"])})
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True)
@@ -482,8 +499,9 @@ class RLTrainer:
                 path = self.save()
                 raise TrainingError(f"stopped by {stop.received} at step {self.step}; saved {path}. Continue with "
                                     "--resume.")
-            summary = self.evaluate()
-            self.log({"step": self.step, "tokens": self.tokens, **self.flat_eval(summary)})
+            if evaluate:
+                summary = self.evaluate()
+                self.log({"step": self.step, "tokens": self.tokens, **self.flat_eval(summary)})
             self.save()
         result.update({"step": self.step, "tokens": self.tokens, "eval_after": summary})
         return result
