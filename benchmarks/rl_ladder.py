@@ -28,6 +28,7 @@ from nanokimi.checkpoint import TOKENIZER, load_model_checkpoint, resolve_checkp
 from nanokimi.data import Tokenizer
 from nanokimi.post.rl.config import load_rl_config
 from nanokimi.post.rl.loop import RLTrainer, evaluate_pass_at_k
+from nanokimi.post.rl.plot import plot_rl_runs
 from nanokimi.post.rl.rollout import EngineBackend
 from nanokimi.tasks import get_task, summarize
 
@@ -126,8 +127,8 @@ def offline_throughput(base: Path, tokenizer, task, examples, k: int, max_tokens
             "tokens_per_s": tokens / seconds}
 
 
-def run_method(args, name: str, base: Path, tokenizer, rl_task, eval_task, eval_examples, out: Path, device: str,
-               extra: list[str]) -> dict:
+def run_method(args, name: str, base: Path, tokenizer, rl_task, eval_task, eval_examples, before: dict, out: Path,
+               device: str, extra: list[str]) -> dict:
     overrides = [f"rl.loss={name}", f"rl.steps={args.rl_steps}", f"rl.prompts_per_step={args.prompts}",
                  f"rl.samples_per_prompt={args.k}", f"rl.max_tokens={args.max_tokens}", "rl.train_split=rl",
                  f"rl.eval_samples={args.k}", f"rl.eval_ks=1,{args.k}", f"rl.time_limit_s={args.rl_seconds}",
@@ -137,18 +138,20 @@ def run_method(args, name: str, base: Path, tokenizer, rl_task, eval_task, eval_
     run = load_rl_config(None, overrides)
     model = load_model_checkpoint(base, device)
     trainer = RLTrainer(run, model, tokenizer, rl_task, out, tokenizer_file=base / TOKENIZER, progress=True)
+    trainer.log({"step": 0, "tokens": 0, **trainer.flat_eval(before)})
     started = time.perf_counter()
     trainer.fit(evaluate=False)
     seconds = time.perf_counter() - started
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "reward_mean" in r]
     summary = trainer.evaluate(eval_task, eval_examples)
+    trainer.log({"step": trainer.step, "tokens": trainer.tokens, **trainer.flat_eval(summary)})
     keys = ("reward_mean", "accuracy", "length_mean", "truncated", "entropy", "kl_old", "clip_fraction",
             "zero_variance_share", "logprob_gap", "rollout_tokens_per_s", "train_tokens_per_s", "rollout_s", "train_s")
     mean = {}
     for key in keys:
         values = [r[key] for r in records if key in r and math.isfinite(r[key])]  # steps that kept no group: nan gap
         mean[key] = sum(values) / len(values) if values else float("nan")
-    result = {"settings": run.to_dict(), "steps": trainer.step, "seconds": seconds,
+    result = {"settings": run.to_dict(), "run_dir": str(out), "steps": trainer.step, "seconds": seconds,
               "rollout_tokens": trainer.tokens, "responses": trainer.step * args.prompts * args.k,
               "mean_per_step": mean, "curve": [{k: r.get(k) for k in ("step", "reward_mean", "accuracy", "length_mean")}
                                                for r in records], "eval": summary}
@@ -159,6 +162,7 @@ def run_method(args, name: str, base: Path, tokenizer, rl_task, eval_task, eval_
 
 
 def plot(results: dict, levels: list[int], before: dict, k: int, out: Path) -> list[str]:
+    """The RL curves of both methods (nanokimi plot's RL panels) and pass@k per level before and after."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -166,21 +170,8 @@ def plot(results: dict, levels: list[int], before: dict, k: int, out: Path) -> l
     except ImportError:
         print("matplotlib is missing: no plots (pip install 'nanokimi[plot]')")
         return []
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for name, result in results.items():
-        curve = result["curve"]
-        for ax, key, label in zip(axes, ("reward_mean", "accuracy", "length_mean"),
-                                  ("mean reward", "training accuracy", "response length (tokens)")):
-            ax.plot([c["step"] for c in curve], [c[key] for c in curve], label=name)
-            ax.set(xlabel="RL step", ylabel=label)
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle("RL on the ladder's edge levels: rollouts of the live policy through the engine")
-    fig.tight_layout()
     curves = out.with_name(out.stem + "_curves.png")
-    fig.savefig(curves, dpi=120)
-    plt.close(fig)
+    plot_rl_runs([r["run_dir"] for r in results.values()], str(curves), labels=list(results))
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     for ax, key in zip(axes, ("pass@1", f"pass@{k}")):
         ax.plot(levels, [before[key][lv] for lv in levels], marker="o", label="base")
@@ -282,7 +273,7 @@ def main() -> int:
     results = {}
     for name in args.methods.split(","):
         extra = [f"rl.tau={args.tau}", f"rl.length_penalty={args.length_penalty}"] if name == "k1.5" else []
-        results[name] = run_method(args, name, base, tokenizer, rl_task, eval_task, eval_examples,
+        results[name] = run_method(args, name, base, tokenizer, rl_task, eval_task, eval_examples, before,
                                    work / f"rl-{name}", device, extra)
         r = results[name]
         print(f"{name}: {r['steps']} steps in {r['seconds']:.0f}s, pass@1 by level "

@@ -84,6 +84,10 @@ def cmd_rl(args) -> int:
 
 
 def cmd_plot(args) -> int:
+    from nanokimi.post.rl.plot import is_rl_run, plot_rl_runs
+    if all(is_rl_run(run) for run in args.runs):  # reward, accuracy and length instead of loss curves
+        print(plot_rl_runs(args.runs, args.out))
+        return 0
     from nanokimi.train.plot import plot_runs
 
     print(plot_runs(args.runs, args.out))

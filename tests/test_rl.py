@@ -158,6 +158,8 @@ def test_cli_ladder_end_to_end(tmp_path, capsys):
     assert (out / "checkpoint" / "model.safetensors").is_file() and (out / "config.toml").is_file()
     assert main(args) == 2
     assert "already holds an RL run" in capsys.readouterr().err
+    pytest.importorskip("matplotlib")
+    assert main(["plot", str(out), "--out", str(tmp_path / "rl.png")]) == 0 and (tmp_path / "rl.png").is_file()
     assert main(["rl", "--ckpt", str(tmp_path / "base"), "--task", "sudoku", "--out", str(tmp_path / "x")]) == 2
     assert "unknown task" in capsys.readouterr().err
     assert main(["rl", "--out", str(out), "--resume", "--no-progress", "rl.steps=3"]) == 0
@@ -228,3 +230,49 @@ def test_two_ranks_split_rollouts_and_sum_gradients(tmp_path):
     assert result["vs_single"] < 1e-6, result
     assert result["grad_vs_single"] < 1e-5, result
     assert result["groups"] == 8
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", ["tiny-dense", "tiny"])
+def test_engine_sees_in_place_updates_on_cuda(preset):
+    """CUDA graphs captured before an optimizer step still read the live weights after it: greedy rollouts after
+    the update equal the reference generator's, and the engine's log-probs match the trainer's forward."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from nanokimi.config import ModelConfig
+    from nanokimi.model import build_model
+    from nanokimi.optim import build_optimizer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset(preset, vocab_size=CharTokenizer.vocab_size, max_position_embeddings=128)
+    model, tok = build_model(cfg, device="cuda"), CharTokenizer()
+    prompts = [tok.encode(p) for p in ("12+3=", "7=", "40-1=", "9=")]
+    engine = EngineBackend(model, tok, max_num_seqs=16, max_cache_tokens=2048)
+    engine.generate([(p, 12, 0) for p in prompts], temperature=0.0)  # captures the decode graphs
+    optimizer = build_optimizer(model, name="muon", lr=0.05)
+    model.train()
+    model.loss(torch.randint(0, cfg.vocab_size, (4, 16), device="cuda"),
+               torch.randint(0, cfg.vocab_size, (4, 16), device="cuda")).backward()
+    optimizer.step()
+    after = engine.generate([(p, 12, 0) for p in prompts], temperature=0.0)
+    reference = ReferenceBackend(model, tok).generate([(p, 12, 0) for p in prompts], temperature=0.0)
+    assert [a[0] for a in after] == [r[0] for r in reference]
+    for (tokens, logprobs, _), (_, ref_logprobs, _) in zip(after, reference):
+        assert max(abs(a - b) for a, b in zip(logprobs, ref_logprobs)) < 1e-2
+
+
+def test_sigterm_saves_and_resume_continues(tmp_path):
+    import signal
+    import threading
+
+    from nanokimi.train.trainer import TrainingError
+
+    settings = ["rl.steps=100000", "rl.prompts_per_step=2"]
+    trainer = toy_trainer(tmp_path, settings)
+    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    with pytest.raises(TrainingError, match="stopped by SIGTERM at step"):
+        trainer.fit(evaluate=False)
+    assert 0 < trainer.step < 100000 and (tmp_path / "run" / "checkpoint" / "trainer.pt").is_file()
+    resumed = toy_trainer(tmp_path, ["rl.steps=" + str(trainer.step + 1), "rl.prompts_per_step=2"], resume=True)
+    assert resumed.step == trainer.step
+    assert resumed.fit(evaluate=False)["step"] == trainer.step + 1
