@@ -27,7 +27,7 @@ from perf_common import ROOT, environment, print_table, results_path
 from nanokimi.checkpoint import TOKENIZER, load_model_checkpoint, resolve_checkpoint
 from nanokimi.data import Tokenizer
 from nanokimi.post.rl.config import load_rl_config
-from nanokimi.post.rl.loop import RLTrainer, evaluate_pass_at_k
+from nanokimi.post.rl.loop import RLTrainer, evaluate_pass_at_k, prompt_ids
 from nanokimi.post.rl.plot import plot_rl_runs
 from nanokimi.post.rl.rollout import EngineBackend
 from nanokimi.tasks import get_task, summarize
@@ -111,7 +111,7 @@ def offline_throughput(base: Path, tokenizer, task, examples, k: int, max_tokens
 
     model = load_model_checkpoint(base, "cuda" if torch.cuda.is_available() else "cpu")
     llm = LLM(model, tokenizer, dtype=dtype, **engine_kwargs)
-    prompts = [[tokenizer.eot_id] + tokenizer.encode(task.prompt(e)) for e in examples]
+    prompts = [prompt_ids(tokenizer, task, e) for e in examples]
     params = SamplingParams(max_tokens=max_tokens, temperature=1.0, n=k, seed=1, stop=list(task.stop))
     llm.generate(prompt_token_ids=prompts[:4], sampling_params=params, use_tqdm=False)  # warm-up: graphs, kernels
     if torch.cuda.is_available():
@@ -213,6 +213,8 @@ def main() -> int:
     parser.add_argument("--length-penalty", type=float, default=0.0, help="k1.5's length reward weight")
     parser.add_argument("--methods", default="k1.5,grpo")
     parser.add_argument("--workers", type=int, default=min(16, multiprocessing.cpu_count()))
+    parser.add_argument("--hidden", type=int, default=512, help="model width (heads of 64; ffn 3x)")
+    parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--out", help="work folder (default: a temp folder)")
     args = parser.parse_args()
     if args.smoke:
@@ -222,7 +224,8 @@ def main() -> int:
         args.edge, args.rl_lr = "0.0,1.0", 1e-3
         args.model = dict(hidden=64, layers=2, heads=2, kv_heads=1, ffn=128)
     else:
-        args.model = dict(hidden=512, layers=8, heads=8, kv_heads=4, ffn=1536)
+        args.model = dict(hidden=args.hidden, layers=args.layers, heads=args.hidden // 64,
+                          kv_heads=max(1, args.hidden // 128), ffn=3 * args.hidden)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         torch.set_float32_matmul_precision("high")  # the engine reads the fp32 training weights: TF32 matmuls

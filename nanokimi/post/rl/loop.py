@@ -66,6 +66,11 @@ def response_text(tokenizer, token_ids: list[int], stop: tuple[str, ...], stop_i
     return text[:min(cuts)] if cuts else text
 
 
+def prompt_ids(tokenizer, task, example) -> list[int]:
+    """End-of-text first (pretraining documents follow one), then the task's prompt."""
+    return [tokenizer.eot_id] + tokenizer.encode(task.prompt(example))
+
+
 @torch.no_grad()
 def evaluate_pass_at_k(backend, tokenizer, task, examples: list, n: int, max_tokens: int, temperature: float,
                        seed: int) -> list[dict]:
@@ -74,7 +79,7 @@ def evaluate_pass_at_k(backend, tokenizer, task, examples: list, n: int, max_tok
     the input of nanokimi.tasks.summarize."""
     stop = tuple(getattr(task, "stop", ()) or ())
     stop_ids = set(getattr(tokenizer, "stop_ids", None) or {tokenizer.eot_id})
-    requests = [([tokenizer.eot_id] + tokenizer.encode(task.prompt(e)), max_tokens, derive_seed(seed, "eval", e.id, j))
+    requests = [(prompt_ids(tokenizer, task, e), max_tokens, derive_seed(seed, "eval", e.id, j))
                 for e in examples for j in range(n)]
     outputs = backend.generate(requests, temperature, 1.0) if requests else []
     problems = []
@@ -149,9 +154,7 @@ class RLTrainer:
             self._resume()
 
     def encode(self, example) -> list[int]:
-        """Prompt token ids: end-of-text first (pretraining documents follow one), then the task's prompt (the
-        same as evaluate_pass_at_k's)."""
-        return [self.tokenizer.eot_id] + self.tokenizer.encode(self.task.prompt(example))
+        return prompt_ids(self.tokenizer, self.task, example)
 
     def _eval_examples(self) -> list:
         counts: dict = {}
@@ -330,7 +333,8 @@ class RLTrainer:
                     local[0] += loss.detach().double()
                     local[1] += (token_entropy(logits.detach(), cfg.temperature) * m).sum().double()
                     local[2] += (kl_estimate(logp.detach(), old[piece], "k3") * m).sum().double()
-                    local[3] += stats.get("clip_fraction", torch.tensor(0.0)).double() * tokens_here.double()
+                    if "clip_fraction" in stats:
+                        local[3] += stats["clip_fraction"].double() * tokens_here.double()
                     if ref is not None:
                         local[4] += (kl_estimate(logp.detach(), ref[piece], "k3") * m).sum().double()
             self._all_reduce(local)

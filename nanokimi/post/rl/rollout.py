@@ -107,32 +107,42 @@ class EngineBackend:
     @torch.no_grad()
     def generate(self, requests: list[tuple[list[int], int, int]], temperature: float,
                  top_p: float = 1.0) -> list[tuple[list[int], list[float], str | None]]:
-        from nanokimi.infer import SamplingParams
-
         was_training = self.model.training
         self.model.eval()
-        engine = self._engine()
-        ids = []
-        for prompt, budget, seed in requests:
-            self.counter += 1
-            rid = f"r{self.counter}"
-            ids.append(rid)
-            engine.add_request(rid, prompt, SamplingParams(max_tokens=budget, temperature=temperature, top_p=top_p,
-                                                           seed=seed, stop=self.stop or None, logprobs=0))
-        done = {}
-        while engine.has_unfinished():
-            for out in engine.step():
-                if out.finished:
-                    done[out.request_id] = out.outputs[0]
-        self.model.train(was_training)
+        recording = [m for m in self.model.modules() if getattr(m, "record_max_logits", False)]
+        for module in recording:  # QK-Clip statistics come from the trainer's forward, not from generation
+            module.record_max_logits = False
+        try:
+            done = self._run(requests, temperature, top_p)
+        finally:
+            self.model.train(was_training)
+            for module in recording:
+                module.record_max_logits = True
         results = []
-        for rid, (prompt, budget, _) in zip(ids, requests):
-            out = done[rid]
+        for out in done:
             tokens = list(out.token_ids)
             logprobs = [entry.get(t) if entry else None for t, entry in zip(tokens, out.logprobs or [None] * len(tokens))]
             reason = "stop" if out.finish_reason == "stop" else None  # "length" = the segment's budget ran out
             results.append((tokens, logprobs, reason))
         return results
+
+    def _run(self, requests, temperature: float, top_p: float) -> list:
+        """The engine's completions of `requests`, in their order."""
+        from nanokimi.infer import SamplingParams
+
+        engine = self._engine()
+        ids = []
+        for prompt, budget, seed in requests:
+            self.counter += 1
+            ids.append(f"r{self.counter}")
+            engine.add_request(ids[-1], prompt, SamplingParams(max_tokens=budget, temperature=temperature, top_p=top_p,
+                                                               seed=seed, stop=self.stop or None, logprobs=0))
+        done = {}
+        while engine.has_unfinished():
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = out.outputs[0]
+        return [done[rid] for rid in ids]
 
     def stats(self) -> dict:
         return {} if self.engine is None else self.engine.stats()
