@@ -229,15 +229,15 @@ def hf_worker(args) -> None:
             torch.cuda.synchronize()
         else:
             from transformers import GenerationConfig
-            model.config._attn_implementation = "sdpa_paged"
             longest = max(w["output"] for w in work)
-            config = GenerationConfig(max_new_tokens=longest, do_sample=False, eos_token_id=-1, pad_token_id=0)
+            config = GenerationConfig(max_new_tokens=longest, do_sample=False, eos_token_id=None, pad_token_id=0)
             model.generate_batch([[5] * 8] * 2, generation_config=config, max_new_tokens=4)
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            model.generate_batch([w["prompt"] for w in work], generation_config=config)
+            outs = model.generate_batch([w["prompt"] for w in work], generation_config=config)
             torch.cuda.synchronize()
-            result["note"] = f"one max_new_tokens={longest} for every request"
+            made = [len(getattr(o, "generated_tokens", []) or []) for o in outs.values()]
+            result.update(note=f"one max_new_tokens={longest} for every request", generated_tokens=sum(made))
     seconds = time.perf_counter() - t0
     result.update(seconds=round(seconds, 3), useful_tokens_per_s=round(generated / seconds, 1),
                   requests_per_s=round(len(work) / seconds, 2))
@@ -274,6 +274,8 @@ def main() -> None:
     ap.add_argument("--skip-long", action="store_true")
     ap.add_argument("--compile", action="store_true", help="also time decode with torch.compile inside the graphs")
     ap.add_argument("--long-context", type=int, default=131072)
+    ap.add_argument("--mla-decode", choices=["auto", "triton", "gather"], default="auto",
+                    help="MLA decode attention: the Triton paged kernel (auto on CUDA) or gathered blocks")
     ap.add_argument("--peer-script")
     ap.add_argument("--out")
     ap.add_argument("--hf-worker", choices=["fixed", "cb"], help=argparse.SUPPRESS)
@@ -284,6 +286,8 @@ def main() -> None:
     if args.hf_worker:
         return hf_worker(args)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    import nanokimi.model.paged as paged
+    paged.PAGED_KERNEL = args.mla_decode
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     presets = SMOKE_PRESETS if args.smoke else PRESETS
     n_requests = 24 if args.smoke else args.requests
@@ -305,7 +309,8 @@ def main() -> None:
                             snapshot_interval=512 if device.type == "cuda" else 64, gpu_memory_fraction=0.6)
             row["report"] = engine.report
             print(f"[{time.perf_counter() - started:.0f}s] {name}: {engine.report}", flush=True)
-            work = workload(n_requests, mean_prompt, cfg.max_position_embeddings // 4, cfg.vocab_size)
+            work = workload(n_requests, mean_prompt, cfg.max_position_embeddings // 4, cfg.vocab_size,
+                            max_output=24 if args.smoke else 256)
             run_offline(engine, work[:16])  # warm up: graphs of the small buckets, lazy inits
             row["offline"] = run_offline(engine, work)
             row["offline"]["source"] = work[0]["source"]
@@ -321,7 +326,7 @@ def main() -> None:
             del engine
             free_memory(device)
             if args.compile and device.type == "cuda":
-                engine = Engine(model, max_num_seqs=64, compile=True, gpu_memory_fraction=0.5)
+                engine = Engine(model, max_num_seqs=64, compile=True, gpu_memory_fraction=0.5, max_step_tokens=16 * decode_prompt)
                 row["decode_b16_compile"] = decode_speed(engine, cfg, 16, decode_prompt, decode_steps)
                 print(f"  decode b16 compiled: {row['decode_b16_compile']}", flush=True)
                 del engine
@@ -358,7 +363,7 @@ def main() -> None:
             print(f"  long {name}: {results[f'long/{name}']}", flush=True)
     print_table(["model", "engine tok/s", "req/s", "HF fixed tok/s", "HF CB tok/s", f"decode b{decode_batches[0]}",
                  f"decode b{decode_batches[1]}", "floor"], table)
-    write_results(out, env, results, dict(seconds=round(time.perf_counter() - started, 1)))
+    write_results(out, env, results, dict(seconds=round(time.perf_counter() - started, 1), mla_decode=args.mla_decode))
     print(f"wrote {out}")
 
 

@@ -267,38 +267,71 @@ def test_sample_rows_restricts_the_support_and_is_greedy_at_zero():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["tiny", "tiny-dense"])
+@pytest.mark.parametrize("name", ["tiny-dense", "tiny"])
 def test_cuda_graph_decode_matches_eager_engine(name):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    model = make_model(name, small=False).float().cuda()
+    dtype = torch.float32 if name == "tiny-dense" else torch.bfloat16  # the MoE's grouped GEMM on CUDA wants bf16
+    model = make_model(name, small=False).to("cuda", dtype)
     batch = prompts(20, seed=29)
     params = SamplingParams(max_tokens=12, temperature=0)
     outs = {}
     for graph in (False, True):
-        engine = Engine(model, block_size=16, use_cuda_graph=graph)
+        engine = Engine(model, block_size=16, use_cuda_graph=graph, max_cache_tokens=8192)
         outs[graph] = run_engine(engine, [(str(i), p, params) for i, p in enumerate(batch)], stagger=4)
         assert (engine.stats()["cuda_graphs"] > 0) == graph
+        assert engine.stats()["cache_blocks_free"] == engine.stats()["cache_blocks_total"]
+    first = [outs[g][str(i)].token_ids[0] for g in (False, True) for i in range(len(batch))]
+    assert first[:len(batch)] == first[len(batch):]  # the first token comes from the same eager prefill
     same = sum(outs[True][str(i)].token_ids == outs[False][str(i)].token_ids for i in range(len(batch)))
-    assert same >= len(batch) - 1  # fp32 on CUDA: a padded batch may round differently, rarely flipping a tie
-    rows = torch.tensor([batch[0] + outs[True]["0"].token_ids[:-1]], device="cuda")
-    with torch.no_grad():
-        reference = model(rows)[0, -12:].argmax(-1).tolist()
-    assert outs[True]["0"].token_ids == reference
+    # a padded batch may round differently and flip a near-tie: fp32 allows one such sequence, bf16 a few
+    assert same >= (len(batch) - 1 if dtype == torch.float32 else len(batch) * 0.6)
+    if dtype == torch.float32:
+        rows = torch.tensor([batch[0] + outs[True]["0"].token_ids[:-1]], device="cuda")
+        with torch.no_grad():
+            reference = model(rows)[0, -12:].argmax(-1).tolist()
+        assert outs[True]["0"].token_ids == reference
 
 
 @pytest.mark.gpu
-def test_engine_bf16_hybrid_on_cuda_agrees_with_the_full_forward():
+def test_engine_bf16_hybrid_on_cuda_agrees_with_the_full_forward(monkeypatch):
+    """fla's chunk_kda prefill and fused_recurrent_kda decode, the Triton MLA kernel and the gathered path:
+    each token the engine picks is (near) the argmax of the full forward over everything before it."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
+    import nanokimi.model.paged as paged
     model = make_model("tiny", small=False).to("cuda", torch.bfloat16)
-    prompt = prompts(1, seed=31, lengths=(100,))[0]
-    engine = Engine(model, block_size=16)
-    out = run_engine(engine, [("a", prompt, SamplingParams(max_tokens=1, temperature=0, logprobs=0))])["a"]
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt], device="cuda"))[0, -1].float()
-    assert out.token_ids[0] == int(logits.argmax()) or rel_err(logits.log_softmax(-1)[out.token_ids[0]:out.token_ids[0] + 1],
-                                                                logits.log_softmax(-1).max().view(1)) < 1e-2
+    batch = prompts(6, seed=31, lengths=(100, 37, 250))
+    params = SamplingParams(max_tokens=8, temperature=0)
+    for mode in ("auto", "gather"):
+        monkeypatch.setattr(paged, "PAGED_KERNEL", mode)
+        done = run_engine(Engine(model, block_size=16), [(str(i), p, params) for i, p in enumerate(batch)], stagger=2)
+        for i, prompt in enumerate(batch):
+            tokens = done[str(i)].token_ids
+            with torch.no_grad():
+                logp = model(torch.tensor([prompt + tokens[:-1]], device="cuda"))[0, -8:].float().log_softmax(-1)
+            chosen = logp.gather(1, torch.tensor(tokens, device="cuda")[:, None]).squeeze(1)
+            assert (logp.max(-1).values - chosen).max() < 0.1, (mode, i)
+
+
+@pytest.mark.gpu
+def test_varlen_chunk_kda_prefill_matches_per_piece_on_cuda(monkeypatch):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    import nanokimi.model.paged as paged
+    model = make_model("tiny", small=False).to("cuda", torch.bfloat16)
+    batch = prompts(8, seed=61, lengths=(100, 37, 250, 5))
+    params = SamplingParams(max_tokens=1, temperature=0, logprobs=3)
+    firsts = {}
+    for varlen in (True, False):
+        monkeypatch.setattr(paged, "VARLEN_KDA", varlen)
+        done = run_engine(Engine(model, block_size=16, max_step_tokens=1024),
+                          [(str(i), p, params) for i, p in enumerate(batch)])
+        assert paged.VARLEN_KDA == varlen  # a failed packed chunk_kda call would have switched itself off
+        firsts[varlen] = [done[str(i)].outputs[0].logprobs[0] for i in range(len(batch))]
+    for a, b in zip(firsts[True], firsts[False]):
+        shared = set(a) & set(b)
+        assert len(shared) >= 2 and all(abs(a[t] - b[t]) < 0.05 for t in shared)
 
 
 def test_engine_benchmark_smoke_runs_on_cpu(tmp_path):
@@ -316,3 +349,127 @@ def test_engine_benchmark_smoke_runs_on_cpu(tmp_path):
     assert results["bench-kl-900m"]["offline"]["requests"] == 24
     assert results["bench-kl-900m"]["ttft_prefix"]["hit_tokens_per_request"] > 0
     assert results["long/all-MLA"]["tokens_per_s"] > 0
+
+
+def test_decode_rows_gathered_in_groups_give_the_same_tokens(monkeypatch):
+    import nanokimi.model.paged as paged
+    model = make_model("all-mla")
+    batch = prompts(6, seed=37)
+    monkeypatch.setattr(paged, "GATHER_ELEMENTS", 1)  # one decode row per group
+    done = run_engine(Engine(model, block_size=8), [(str(i), p, GREEDY) for i, p in enumerate(batch)])
+    assert [done[str(i)].token_ids for i in range(6)] == [greedy_alone(model, p, 5) for p in batch]
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-dense"])
+def test_static_decode_step_as_captured_by_cuda_graphs_gives_the_same_tokens(name):
+    """use_cuda_graph="static" runs the padded fixed-shape decode step that CUDA graphs capture, eagerly:
+    decode rows go through it (bucketed, padded), prefill chunks of the same step run after it."""
+    model = make_model(name)
+    batch = prompts(12, seed=41)
+    engine = Engine(model, block_size=8, max_step_tokens=40, use_cuda_graph="static", max_cache_tokens=96)
+    done = run_engine(engine, [(str(i), p, GREEDY) for i, p in enumerate(batch)], stagger=3)
+    assert [done[str(i)].token_ids for i in range(12)] == [greedy_alone(model, p, 5) for p in batch]
+    stats = engine.stats()
+    assert stats["cuda_graphs"] >= 2 and stats["preemptions"] > 0
+    assert stats["cache_blocks_free"] == stats["cache_blocks_total"]
+
+
+def test_engine_through_the_triton_paged_mla_kernel(monkeypatch):
+    """The Triton kernel that CUDA decodes use, run in Triton's CPU interpreter inside the engine."""
+    import nanokimi.model.paged as paged
+    from nanokimi.ops.paged_mla import triton_available
+    if not triton_available():
+        pytest.skip("needs triton")
+    monkeypatch.setattr(paged, "PAGED_KERNEL", "triton")
+    model = make_model("all-mla").float()
+    batch = prompts(4, seed=43)
+    done = run_engine(Engine(model, block_size=16), [(str(i), p, GREEDY) for i, p in enumerate(batch)])
+    assert [done[str(i)].token_ids for i in range(4)] == [greedy_alone(model, p, 5) for p in batch]
+
+
+def test_streamed_text_is_incremental_and_ends_as_the_full_decode():
+    from nanokimi.data import Tokenizer
+    text = "héllo wörld ✓ naïve café 日本語 " * 20 + "def main():\n    return 0\n" * 20
+    tokenizer = Tokenizer.train([text], vocab_size=300)
+    cfg = ModelConfig.preset("tiny-dense", **{k: v for k, v in SMALL.items() if not k.startswith(("num_experts", "moe"))},
+                             vocab_size=tokenizer.vocab_size)
+    model = build_model(cfg).double().eval()
+    engine = Engine(model, tokenizer, block_size=8)
+    for i in range(3):
+        engine.add_request(str(i), tokenizer.encode("héllo wörld"), SamplingParams(max_tokens=40, seed=i, ignore_eos=True))
+    seen = {str(i): [] for i in range(3)}
+    final = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            seen[out.request_id].append(out.text)
+            if out.finished:
+                final[out.request_id] = out
+    for request_id, texts in seen.items():
+        assert final[request_id].text == tokenizer.decode(final[request_id].token_ids)
+        assert all(final[request_id].text.startswith(t) for t in texts)
+        assert all(a == b[:len(a)] for a, b in zip(texts, texts[1:]))  # the text only grows
+
+
+def test_reset_prefix_cache_after_a_weight_update():
+    model = make_model("tiny")
+    batch = prompts(4, seed=47, lengths=(30, 41))
+    engine = Engine(model, block_size=8)
+    run_engine(engine, [(f"a{i}", p, GREEDY) for i, p in enumerate(batch)])
+    with torch.no_grad():  # an RL step changes the weights in place
+        for block in model.layers:
+            block.mixer.o_proj.weight.mul_(1.5)
+    engine.reset_prefix_cache()
+    done = run_engine(engine, [(f"b{i}", p, GREEDY) for i, p in enumerate(batch)])
+    assert all(done[f"b{i}"].num_cached_tokens == 0 for i in range(4))
+    assert [done[f"b{i}"].token_ids for i in range(4)] == [greedy_alone(model, p, 5) for p in batch]
+
+
+def test_few_state_slots_evict_snapshots_and_stay_exact():
+    model = make_model("tiny")
+    system = prompts(1, seed=53, lengths=(24,))[0]
+    batch = [system + s for s in prompts(10, seed=54, lengths=(3, 9, 17))]
+    outputs = {}
+    for caching in (False, True):
+        engine = Engine(model, block_size=8, max_num_seqs=2, num_state_snapshots=1, snapshot_interval=8,
+                        enable_prefix_caching=caching, max_step_tokens=24)
+        done = run_engine(engine, [(str(i), p, GREEDY) for i, p in enumerate(batch)], stagger=2)
+        outputs[caching] = [done[str(i)].token_ids for i in range(len(batch))]
+        if caching:
+            assert engine.stats()["prefix_cache_hit_tokens"] > 0
+            assert len(engine.slots.free) + len(engine.slots.snapshots) == engine.slots.num_slots
+    assert outputs[True] == outputs[False]
+
+
+def test_llm_loads_a_checkpoint_with_its_tokenizer(tmp_path):
+    from nanokimi.checkpoint import save_checkpoint
+    from nanokimi.data import Tokenizer
+    tokenizer = Tokenizer.train(["def main():\n    import os\n    return os.getcwd()\n" * 30], vocab_size=280)
+    tokenizer.save(tmp_path / "tok.json")
+    cfg = ModelConfig.preset("tiny-dense", **{k: v for k, v in SMALL.items() if not k.startswith(("num_experts", "moe"))},
+                             vocab_size=tokenizer.vocab_size)
+    save_checkpoint(tmp_path / "ckpt", build_model(cfg), tokenizer_file=tmp_path / "tok.json")
+    llm = LLM(str(tmp_path / "ckpt"), dtype="float64", max_cache_tokens=512)
+    outs = llm.generate(["def main(", "import os"], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True),
+                        use_tqdm=False)
+    for prompt, out in zip(["def main(", "import os"], outs):
+        assert out.token_ids == greedy_alone(llm.model, tokenizer.encode(prompt), 6)
+        assert out.text == tokenizer.decode(out.token_ids) and out.finish_reason == "length"
+    with pytest.raises(ValueError, match="prompt is empty"):
+        llm.generate([""], use_tqdm=False)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-dense"])
+def test_batched_prefill_equals_the_per_piece_reference(name, monkeypatch):
+    import nanokimi.model.paged as paged
+    model = make_model(name)
+    batch = prompts(8, seed=59)
+    requests = [(str(i), p, SamplingParams(max_tokens=4, temperature=0, logprobs=1)) for i, p in enumerate(batch)]
+    outs = {}
+    for batched in (True, False):
+        monkeypatch.setattr(paged, "BATCHED_PREFILL", batched)
+        done = run_engine(Engine(model, block_size=8, max_step_tokens=40), requests, stagger=3)
+        outs[batched] = [done[str(i)].outputs[0] for i in range(len(batch))]
+    for a, b in zip(outs[True], outs[False]):
+        assert a.token_ids == b.token_ids
+        for x, y in zip(a.logprobs, b.logprobs):
+            assert x.keys() == y.keys() and all(abs(x[t] - y[t]) < 1e-9 for t in x)
