@@ -145,6 +145,8 @@ class SympyWorker:
 
     def _start(self) -> None:
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        if method == "fork":
+            import sympy  # noqa: F401 - imported once here, every forked worker starts with it loaded
         context = multiprocessing.get_context(method)
         parent, child = context.Pipe()
         process = context.Process(target=_serve, args=(child,), daemon=True, name="nanokimi-sympy")
