@@ -110,7 +110,7 @@ def offline_throughput(base: Path, tokenizer, task, examples, k: int, max_tokens
     from nanokimi.infer import LLM, SamplingParams
 
     model = load_model_checkpoint(base, "cuda" if torch.cuda.is_available() else "cpu")
-    llm = LLM(model, tokenizer, dtype=dtype, **engine_kwargs)
+    llm = LLM(model, tokenizer=tokenizer, dtype=dtype, **engine_kwargs)
     prompts = [prompt_ids(tokenizer, task, e) for e in examples]
     params = SamplingParams(max_tokens=max_tokens, temperature=1.0, n=k, seed=1, stop=list(task.stop))
     llm.generate(prompt_token_ids=prompts[:4], sampling_params=params, use_tqdm=False)  # warm-up: graphs, kernels
@@ -218,9 +218,10 @@ def main() -> int:
     parser.add_argument("--out", help="work folder (default: a temp folder)")
     args = parser.parse_args()
     if args.smoke:
-        args.levels, args.docs, args.vocab_size, args.pretrain_seconds = "1-3", 3000, 300, 25
+        args.levels, args.docs, args.vocab_size = "1-3", 3000, 300
+        args.pretrain_seconds = min(args.pretrain_seconds, 25)
         args.batch_size, args.seq_len, args.eval_per_level, args.k, args.prompts = 16, 128, 3, 4, 4
-        args.max_tokens, args.rl_steps, args.rl_seconds, args.warmup, args.micro_batch = 48, 3, 30, 5, 0
+        args.max_tokens, args.rl_steps, args.rl_seconds, args.warmup, args.micro_batch = 48, min(args.rl_steps, 3), 30, 5, 0
         args.edge, args.rl_lr = "0.0,1.0", 1e-3
         args.model = dict(hidden=64, layers=2, heads=2, kv_heads=1, ffn=128)
     else:
@@ -267,7 +268,7 @@ def main() -> int:
     rl_task = get_task("ladder", levels=",".join(map(str, edge)), per_level=2000 if not args.smoke else 20,
                        seed=EXPORT_SEED)
 
-    engine_kwargs = dict(max_num_seqs=min(args.prompts * args.k, 1024), enable_prefix_caching=False,
+    engine_kwargs = dict(max_num_seqs=min(args.prompts * args.k, 1024), enable_prefix_caching=True,
                          max_cache_tokens=(args.prompts * args.k + 8) * (args.max_tokens + 160))
     batch_examples = rl_task.examples("rl")[:args.prompts]
     offline = {dtype: offline_throughput(base, tokenizer, rl_task, batch_examples, args.k, args.max_tokens, dtype,

@@ -276,3 +276,23 @@ def test_sigterm_saves_and_resume_continues(tmp_path):
     resumed = toy_trainer(tmp_path, ["rl.steps=" + str(trainer.step + 1), "rl.prompts_per_step=2"], resume=True)
     assert resumed.step == trainer.step
     assert resumed.fit(evaluate=False)["step"] == trainer.step + 1
+
+
+@pytest.mark.slow
+def test_rl_ladder_benchmark_smoke(tmp_path):
+    """benchmarks/rl_ladder.py end to end on the CPU (tiny model, seconds of pretraining): it runs and reports."""
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "rl_ladder.py"), "--smoke", "--workers", "1",
+                           "--pretrain-seconds", "6", "--rl-steps", "2", "--out", str(tmp_path / "work")],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((Path(tempfile.gettempdir()) / "nanokimi-quick" / "rl_ladder.json").read_text())
+    assert set(result["methods"]) == {"k1.5", "grpo"} and result["edge_levels"]
+    assert all(m["steps"] == 2 and "pass@1" in m["eval"]["all"] for m in result["methods"].values())
+    assert result["offline_engine"]["float32"]["tokens_per_s"] > 0

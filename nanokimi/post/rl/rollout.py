@@ -87,14 +87,15 @@ class ReferenceBackend:
 
 class EngineBackend:
     """Generation through nanokimi.infer.Engine over the live model. The engine reads the model's parameters
-    in place (the optimizer updates them in place, so even captured CUDA graphs see new weights); its prefix
-    cache is off because cached KV from before an update would be stale."""
+    in place (the optimizer updates them in place, so even captured CUDA graphs see new weights). Every call
+    starts by forgetting the prefix cache (its KV may come from weights since updated); within a call the k
+    samples of a prompt share its cached prefix."""
 
     def __init__(self, model, tokenizer, stop: tuple[str, ...] = (), max_num_seqs: int = 256,
-                 max_cache_tokens: int | None = None, max_step_tokens: int = 4096):
+                 max_cache_tokens: int | None = None, max_step_tokens: int = 4096, prefix_caching: bool = True):
         self.model, self.tokenizer, self.stop = model, tokenizer, list(stop)
         self.engine_kwargs = dict(max_num_seqs=max_num_seqs, max_cache_tokens=max_cache_tokens,
-                                  max_step_tokens=max_step_tokens, enable_prefix_caching=False)
+                                  max_step_tokens=max_step_tokens, enable_prefix_caching=prefix_caching)
         self.engine = None
         self.counter = 0
 
@@ -131,6 +132,7 @@ class EngineBackend:
         from nanokimi.infer import SamplingParams
 
         engine = self._engine()
+        engine.reset_prefix_cache()
         ids = []
         for prompt, budget, seed in requests:
             self.counter += 1
