@@ -75,6 +75,11 @@ def pretrain(args, data_file: Path, out: Path, device: str) -> dict:
                  f"train.device={device}", "train.eval_every=1000000", "train.save_every=1000000",
                  "train.log_every=50", "train.sample_tokens=0", f"optim.lr={args.pretrain_lr}",
                  f"optim.warmup_steps={args.warmup}", "optim.min_lr_ratio=0.05"]
+    from dataclasses import fields
+
+    from nanokimi.train.config import DataConfig
+    if "max_mb" in {f.name for f in fields(DataConfig)}:  # the whole corpus, not the quick-start sample
+        overrides.append("data.max_mb=0")
     run = load_run_config("tiny-dense", None, overrides)
     started = time.perf_counter()
     trainer = Trainer(run, out, progress=False)
