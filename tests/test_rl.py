@@ -296,3 +296,33 @@ def test_rl_ladder_benchmark_smoke(tmp_path):
     assert set(result["methods"]) == {"k1.5", "grpo"} and result["edge_levels"]
     assert all(m["steps"] == 2 and "pass@1" in m["eval"]["all"] for m in result["methods"].values())
     assert result["offline_engine"]["float32"]["tokens_per_s"] > 0
+
+
+def test_loss_mask_covers_the_latest_segment_and_micro_batches_add_up(tmp_path):
+    """Partial rollouts train on the on-policy segment only (or on everything with loss_on_old_segments), and
+    micro-batches sharing the batch's denominators give the whole batch's gradient."""
+    def scored_groups(trainer):
+        tok = trainer.tokenizer
+        groups = []
+        for g in range(2):
+            responses = [Response(token_ids=tok.encode(text), engine_logprobs=[None] * len(text), segment_start=2,
+                                  finish_reason="stop") for text in ("12+3", "4", "=7-", "99")]
+            group = Group(f"g{g}", CopyDigit().examples()[g], trainer.encode(CopyDigit().examples()[g]), responses)
+            groups.append(trainer._score(group))
+        return groups
+
+    trainer = toy_trainer(tmp_path, ["rl.samples_per_prompt=4", "rl.loss=grpo"], name="seg")
+    batch = trainer._batch(scored_groups(trainer))
+    assert batch["mask"].sum(-1).tolist() == [2, 0, 1, 0] * 2  # tokens from index 2 on
+    everything = toy_trainer(tmp_path, ["rl.samples_per_prompt=4", "rl.loss_on_old_segments=true"], name="all")
+    assert everything._batch(scored_groups(everything))["mask"].sum(-1).tolist() == [4, 1, 3, 2] * 2
+    for loss in ("k1.5", "grpo"):
+        grads = []
+        for micro in (0, 4):
+            t = toy_trainer(tmp_path, ["rl.samples_per_prompt=4", f"rl.loss={loss}", "rl.loss_on_old_segments=true",
+                                       f"rl.micro_batch={micro}"], name=f"{loss}{micro}")
+            seen = _record_gradients(t)
+            t.update(scored_groups(t))
+            grads.append(seen[0])
+        assert grads[0].norm() > 0
+        assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-8), loss
