@@ -235,7 +235,6 @@ def main() -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         torch.set_float32_matmul_precision("high")  # the engine reads the fp32 training weights: TF32 matmuls
-    env = environment(torch.device(device))
     work = Path(args.out or tempfile.mkdtemp(prefix="rl_ladder_"))
     work.mkdir(parents=True, exist_ok=True)
     wall = time.perf_counter()
@@ -247,6 +246,7 @@ def main() -> int:
     docs = export_traces(work / "ladder.jsonl", args.levels, args.docs, held_out, args.workers)
     export_seconds = time.perf_counter() - started
     print(f"exported {docs:,} traces in {export_seconds:.1f}s", flush=True)
+    env = environment(torch.device(device))  # after the fork of the export workers: this initialises CUDA
     pre = pretrain(args, work / "ladder.jsonl", work / "base", device)
     print(f"pretrained {pre['steps']} steps, {pre['tokens'] / 1e6:.1f}M tokens, {pre['tokens_per_s']:,.0f} tok/s, "
           f"loss {pre['final_loss']:.4f}", flush=True)
