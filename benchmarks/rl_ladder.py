@@ -133,13 +133,13 @@ def offline_throughput(base: Path, tokenizer, task, examples, k: int, max_tokens
 
 
 def run_method(args, name: str, base: Path, tokenizer, rl_task, eval_task, eval_examples, before: dict, out: Path,
-               device: str, extra: list[str]) -> dict:
-    overrides = [f"rl.loss={name}", f"rl.steps={args.rl_steps}", f"rl.prompts_per_step={args.prompts}",
+               device: str, extra: list[str], steps: int, seconds: float) -> dict:
+    overrides = [f"rl.loss={name}", f"rl.steps={steps}", f"rl.prompts_per_step={args.prompts}",
                  f"rl.samples_per_prompt={args.k}", f"rl.max_tokens={args.max_tokens}", "rl.train_split=rl",
-                 f"rl.eval_samples={args.k}", f"rl.eval_ks=1,{args.k}", f"rl.time_limit_s={args.rl_seconds}",
+                 f"rl.eval_samples={args.k}", f"rl.eval_ks=1,{args.k}", f"rl.time_limit_s={seconds}",
                  f"rl.device={device}", "rl.dynamic_sampling=true", f"rl.updates_per_step={args.updates}",
                  f"optim.name={args.rl_optim}", f"optim.lr={args.rl_lr}", f"rl.micro_batch={args.micro_batch}",
-                 f"rl.save_every={args.rl_steps + 1}", *extra]
+                 f"rl.save_every={steps + 1}", *extra]
     run = load_rl_config(None, overrides)
     model = load_model_checkpoint(base, device)
     trainer = RLTrainer(run, model, tokenizer, rl_task, out, tokenizer_file=base / TOKENIZER, progress=True)
@@ -210,6 +210,8 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=160)
     parser.add_argument("--rl-steps", type=int, default=40)
     parser.add_argument("--rl-seconds", type=float, default=100, help="time limit of each RL method")
+    parser.add_argument("--total-seconds", type=float, default=560,
+                        help="the whole run's budget: RL methods get at most their share of what is left")
     parser.add_argument("--rl-optim", default="adamw")
     parser.add_argument("--rl-lr", type=float, default=2e-4)
     parser.add_argument("--updates", type=int, default=2, help="optimizer steps per rollout batch")
@@ -279,14 +281,32 @@ def main() -> int:
     offline = {dtype: offline_throughput(base, tokenizer, rl_task, batch_examples, args.k, args.max_tokens, dtype,
                                          engine_kwargs) for dtype in (["float32", "bfloat16"] if device == "cuda"
                                                                       else ["float32"])}
-    results = {}
-    for name in args.methods.split(","):
+    results, errors = {}, {}
+    path = results_path("rl_ladder", args.smoke)
+    payload = {**env, "smoke": args.smoke, "settings": {k: v for k, v in vars(args).items()},
+               "export": {"docs": docs, "seconds": export_seconds}, "pretrain": pre, "base_eval": before,
+               "eval_seconds": eval_seconds, "edge_levels": edge, "easy_levels": easy, "offline_engine": offline,
+               "methods": results, "errors": errors}
+    write_payload(path, payload, wall)
+    methods = args.methods.split(",")
+    steps = args.rl_steps
+    for index, name in enumerate(methods):
+        # the same rollout budget: later methods run the steps the first one finished; the time left is shared
+        left = args.total_seconds - (time.perf_counter() - wall) - 30 * (len(methods) - index)
+        seconds = max(10.0, min(args.rl_seconds, left / (len(methods) - index)))
         extra = [f"rl.tau={args.tau}", f"rl.length_penalty={args.length_penalty}"] if name == "k1.5" else []
-        results[name] = run_method(args, name, base, tokenizer, rl_task, eval_task, eval_examples, before,
-                                   work / f"rl-{name}", device, extra)
+        try:
+            results[name] = run_method(args, name, base, tokenizer, rl_task, eval_task, eval_examples, before,
+                                       work / f"rl-{name}", device, extra, steps, seconds)
+        except Exception as error:  # noqa: BLE001 - keep the other method's numbers; the error goes in the JSON
+            errors[name] = f"{type(error).__name__}: {error}"
+            print(f"{name} failed: {errors[name]}", flush=True)
+            continue
         r = results[name]
+        steps = min(steps, r["steps"])
         print(f"{name}: {r['steps']} steps in {r['seconds']:.0f}s, pass@1 by level "
               f"{ {lv: round(v, 3) for lv, v in per_level(r['eval'], 'pass@1').items()} }", flush=True)
+        write_payload(path, payload, wall)
 
     rows = []
     for lv in levels:
@@ -312,17 +332,18 @@ def main() -> int:
         print(f"{name}: edge pass@1 {lift * 100:+.1f} points (goal +10), worst easy-level drop {drop * 100:.1f} "
               f"(goal <= 2), rollout {r['mean_per_step']['rollout_tokens_per_s']:,.0f} tok/s = {ratio:.2f} of the "
               f"engine's offline {best_offline:,.0f} (goal 0.5), log-prob gap {r['mean_per_step']['logprob_gap']:.2e}")
-    path = results_path("rl_ladder", args.smoke)
-    pngs = plot(results, levels, {"pass@1": base_p1, f"pass@{args.k}": base_pk}, args.k, path)
-    payload = {**env, "smoke": args.smoke, "settings": {k: v for k, v in vars(args).items()},
-               "export": {"docs": docs, "seconds": export_seconds}, "pretrain": pre,
-               "base_eval": before, "eval_seconds": eval_seconds, "edge_levels": edge, "easy_levels": easy,
-               "offline_engine": offline, "methods": results, "goals": goals, "plots": pngs,
-               "wall_seconds": time.perf_counter() - wall}
+    payload.update(goals=goals, plots=plot(results, levels, {"pass@1": base_p1, f"pass@{args.k}": base_pk}, args.k,
+                                           path))
+    write_payload(path, payload, wall)
+    print(f"wrote {path} ({payload['wall_seconds']:.0f}s in all)")
+    return 1 if errors else 0
+
+
+def write_payload(path: Path, payload: dict, wall: float) -> None:
+    """(Re)write the result file: after each phase, so a run cut off by its time slot keeps what it measured."""
+    payload["wall_seconds"] = time.perf_counter() - wall
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=1, default=str))
-    print(f"wrote {path} ({payload['wall_seconds']:.0f}s in all)")
-    return 0
 
 
 if __name__ == "__main__":
