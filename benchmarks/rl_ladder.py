@@ -92,7 +92,8 @@ def pretrain(args, data_file: Path, out: Path, device: str) -> dict:
     per_step = (time.perf_counter() - prepared) / probe
     remaining = args.pretrain_seconds - (time.perf_counter() - started)
     trainer.run.train.max_steps = max(probe + 1, probe + int(remaining / per_step * 0.97))
-    print(f"pretrain: {params / 1e6:.1f}M params, data ready in {prepared - started:.1f}s, {per_step * 1e3:.1f} ms/step "
+    print(f"pretrain: {params / 1e6:.1f}M params, data ready in {prepared - started:.1f}s, "
+          f"{per_step * 1e3:.1f} ms/step "
           f"-> {trainer.run.train.max_steps} steps", flush=True)
     while trainer.step < trainer.run.train.max_steps:
         losses.append(trainer.train_step())
@@ -110,7 +111,8 @@ def per_level(summary: dict, key: str) -> dict:
     return {int(level): row[key] for level, row in summary["levels"].items()}
 
 
-def offline_throughput(base: Path, tokenizer, task, examples, k: int, max_tokens: int, dtype: str, engine_kwargs) -> dict:
+def offline_throughput(base: Path, tokenizer, task, examples, k: int, max_tokens: int, dtype: str,
+                       engine_kwargs: dict) -> dict:
     """The engine alone (nanokimi.infer.LLM) on one RL batch: every prompt k times, temperature 1."""
     from nanokimi.infer import LLM, SamplingParams
 
@@ -228,7 +230,8 @@ def main() -> int:
         args.levels, args.docs, args.vocab_size = "1-3", 3000, 300
         args.pretrain_seconds = min(args.pretrain_seconds, 25)
         args.batch_size, args.seq_len, args.eval_per_level, args.k, args.prompts = 16, 128, 3, 4, 4
-        args.max_tokens, args.rl_steps, args.rl_seconds, args.warmup, args.micro_batch = 48, min(args.rl_steps, 3), 30, 5, 0
+        args.max_tokens, args.rl_seconds, args.warmup, args.micro_batch = 48, 30, 5, 0
+        args.rl_steps = min(args.rl_steps, 3)
         args.edge, args.rl_lr = "0.0,1.0", 1e-3
         args.model = dict(hidden=64, layers=2, heads=2, kv_heads=1, ffn=128)
     else:

@@ -103,7 +103,8 @@ class RLRunConfig:
         try:
             ks = sorted({int(k) for k in str(self.rl.eval_ks).split(",") if k.strip()})
         except ValueError:
-            raise ConfigError(f"rl.eval_ks={self.rl.eval_ks!r} must be comma-separated integers, e.g. '1,16'.") from None
+            raise ConfigError(f"rl.eval_ks={self.rl.eval_ks!r} must be comma-separated integers, "
+                              "e.g. '1,16'.") from None
         if not ks or ks[0] < 1:
             raise ConfigError(f"rl.eval_ks={self.rl.eval_ks!r} must list integers >= 1.")
         return ks

@@ -118,7 +118,8 @@ class RLTrainer:
             raise TrainingError(f"'{self.out}' already holds an RL run. Pass --resume to continue it, or choose "
                                 "another --out.")
         if resume and not (self.checkpoint_dir / "trainer.pt").is_file():
-            raise TrainingError(f"--resume: '{self.out}' has no checkpoint to continue from. Start it without --resume.")
+            raise TrainingError(f"--resume: '{self.out}' has no checkpoint to continue from. Start it without "
+                                "--resume.")
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
         if self.cfg.prompts_per_step % world_size:

@@ -122,7 +122,8 @@ class EngineBackend:
         results = []
         for out in done:
             tokens = list(out.token_ids)
-            logprobs = [entry.get(t) if entry else None for t, entry in zip(tokens, out.logprobs or [None] * len(tokens))]
+            entries = out.logprobs or [None] * len(tokens)
+            logprobs = [entry.get(t) if entry else None for t, entry in zip(tokens, entries)]
             reason = "stop" if out.finish_reason == "stop" else None  # "length" = the segment's budget ran out
             results.append((tokens, logprobs, reason))
         return results
