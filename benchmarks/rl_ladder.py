@@ -259,8 +259,8 @@ def main() -> int:
     tokenizer = Tokenizer.load(base / TOKENIZER)
 
     model = load_model_checkpoint(base, device)
-    eval_backend = EngineBackend(model, tokenizer, eval_task.stop, max_num_seqs=1024,
-                                 max_cache_tokens=1100 * (args.max_tokens + 160))
+    eval_backend = EngineBackend(model, tokenizer, eval_task.stop, max_num_seqs=512,
+                                 max_cache_tokens=600 * (args.max_tokens + 160))
     started = time.perf_counter()
     before = summarize(evaluate_pass_at_k(eval_backend, tokenizer, eval_task, eval_examples, args.k, args.max_tokens,
                                           1.0, 0), [1, args.k])
@@ -278,7 +278,7 @@ def main() -> int:
     rl_task = get_task("ladder", levels=",".join(map(str, edge)), per_level=2000 if not args.smoke else 20,
                        seed=EXPORT_SEED)
 
-    engine_kwargs = dict(max_num_seqs=min(args.prompts * args.k, 1024), enable_prefix_caching=True,
+    engine_kwargs = dict(max_num_seqs=min(args.prompts * args.k, 512), enable_prefix_caching=True,
                          max_cache_tokens=(args.prompts * args.k + 8) * (args.max_tokens + 160))
     batch_examples = rl_task.examples("rl")[:args.prompts]
     offline = {dtype: offline_throughput(base, tokenizer, rl_task, batch_examples, args.k, args.max_tokens, dtype,
