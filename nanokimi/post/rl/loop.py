@@ -401,6 +401,7 @@ class RLTrainer:
         rollout_s = max(r["rollout_s"] for _, r in gathered)
         self.step += 1
         self.tokens += generated
+
         def average(values):  # nan when no group finished (partial rollouts still in flight)
             return sum(values) / len(values) if values else float("nan")
 
