@@ -72,7 +72,8 @@ class PagedCache:
     """One pool per layer: blocks for attention layers, state slots (RecurrentCache rows) for KDA layers."""
 
     def __init__(self, layers: list, num_blocks: int, block_size: int, num_state_slots: int):
-        self.layers, self.num_blocks, self.block_size, self.num_state_slots = layers, num_blocks, block_size, num_state_slots
+        self.layers, self.num_blocks, self.block_size = layers, num_blocks, block_size
+        self.num_state_slots = num_state_slots
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.layers for t in vars(layer).values())
@@ -316,8 +317,9 @@ def _mla_decode_rows(mixer: MultiHeadLatentAttention, x, cache: PagedLatentCache
     w_k, w_v = w[:, :mixer.nope_dim], w[:, mixer.nope_dim:]  # [H, dn, r], [H, dv, r]
     q_latent = torch.einsum("bthd,hdr->bthr", q_nope, w_k)
     if use_paged_kernel(x.device, batch.block_size):
-        o_latent = paged_mla_decode_outside_compile(q_latent[:, 0], q_rope[:, 0], cache.c_kv, cache.k_rope, batch.block_tables,
-                                    batch.positions, mixer.scale).to(q_latent.dtype).unsqueeze(1)
+        o_latent = paged_mla_decode_outside_compile(q_latent[:, 0], q_rope[:, 0], cache.c_kv, cache.k_rope,
+                                                    batch.block_tables, batch.positions, mixer.scale)
+        o_latent = o_latent.to(q_latent.dtype).unsqueeze(1)  # [S, 1, H, r]
         return mixer.o_proj(torch.einsum("bthr,hvr->bthv", o_latent, w_v).reshape(S, 1, -1))
     length = batch.block_tables.shape[1] * batch.block_size
     group = max(1, GATHER_ELEMENTS // (length * (mixer.kv_lora_rank + mixer.rope_dim)))
