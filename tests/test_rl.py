@@ -191,7 +191,8 @@ def _two_rank_worker(rank, world_size, port, root, queue):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        settings = ["rl.steps=2", "rl.prompts_per_step=8", "rl.loss=grpo", "rl.aggregation=token-mean"]
+        settings = ["rl.steps=2", "rl.prompts_per_step=8", "rl.loss=grpo", "rl.aggregation=token-mean",
+                    "optim.qk_clip_tau=1e-6"]  # QK-Clip clips: the replicas must agree on the max logits
         trainer = toy_trainer(root, settings, name="dist", rank=rank, world_size=world_size)
         start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
         scored, _, _ = trainer.rollout()

@@ -365,9 +365,12 @@ class RLTrainer:
         return out
 
     def _sync_gradients(self) -> None:
-        """Sum gradients over ranks (local losses already carry the global denominators)."""
+        """Sum gradients over ranks (local losses already carry the global denominators), and make the step's
+        QK-Clip max logits and MoE expert loads global, so every replica takes the same step."""
         if self.world_size == 1:
             return
+        from nanokimi.train.distributed import sync_step_statistics
+        sync_step_statistics(self.model)
         for p in self.model.parameters():
             if p.requires_grad:
                 if p.grad is None:
