@@ -173,15 +173,64 @@ def _free_port() -> int:
 
 
 def _record_gradients(trainer) -> list:
-    """Keep the flattened gradients each optimizer step sees (Adam's first step hides their scale)."""
+    """Keep the flattened whole gradients each optimizer step sees (Adam's first step hides their scale)."""
+    from nanokimi.post.rl.loop import full_tensor
+
     seen, step = [], trainer.optimizer.step
 
     def recording_step(*args, **kwargs):
-        seen.append(torch.cat([p.grad.flatten() for p in trainer.model.parameters()]))
+        seen.append(torch.cat([full_tensor(p.grad).flatten() for p in trainer.model.parameters()]))
         return step(*args, **kwargs)
 
     trainer.optimizer.step = recording_step
     return seen
+
+
+def _weights(model) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def _two_rank_check(rank, world_size, root, fsdp: bool) -> dict | None:
+    """One update on 2 ranks against one process on the union of their groups; with FSDP also a save, a resume
+    and one more step on both. Returns the comparison on rank 0."""
+    import torch.distributed as dist
+
+    settings = ["rl.steps=3", "rl.prompts_per_step=8", "rl.loss=grpo", "rl.aggregation=token-mean",
+                "rl.samples_per_prompt=16", "rl.dynamic_sampling=true",  # every rank's groups carry signal
+                "optim.qk_clip_tau=1e-6", f"rl.fsdp={str(fsdp).lower()}"]  # QK-Clip clips: ranks must agree
+    name = "fsdp" if fsdp else "replicated"
+    trainer = toy_trainer(root, settings, name=name, rank=rank, world_size=world_size)
+    start = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
+    scored, _, _ = trainer.rollout()
+    union = [s for part in trainer._all_gather(scored) for s in part]
+    signal = trainer._all_gather(sum(informative(s["rewards"].tolist()) for s in scored))
+    grads = _record_gradients(trainer)
+    trainer.update(scored)
+    trainer.step += 1
+    weights = _weights(trainer.policy)
+    both = [None] * world_size
+    dist.all_gather_object(both, weights)
+    out = None
+    if rank == 0:
+        single = toy_trainer(root, settings, name=f"single-{name}")
+        single.model.load_state_dict(start)
+        single_grads = _record_gradients(single)
+        single.update(union)
+        reference = _weights(single.model)
+        out = {"grad_vs_single": ((grads[0] - single_grads[0]).norm() / single_grads[0].norm()).item(),
+               "ranks_equal": (both[0] - both[1]).abs().max().item(),
+               "vs_single": (weights - reference).abs().max().item(),
+               "moved": (weights - torch.cat([v.flatten() for v in start.values()])).abs().max().item(),
+               "informative_groups_per_rank": signal}
+    if fsdp:
+        trainer.save()
+        resumed = toy_trainer(root, settings, name=name, rank=rank, world_size=world_size, resume=True, seed=7)
+        same_weights = (_weights(resumed.policy) - weights).abs().max().item()
+        a, b = trainer.train_step(), resumed.train_step()
+        if rank == 0:
+            out.update(resumed_weights=same_weights, resumed_loss=(a["loss"], b["loss"]),
+                       resumed_reward=(a["reward_mean"], b["reward_mean"]), groups=a["groups"])
+    return out
 
 
 def _two_rank_worker(rank, world_size, port, root, queue):
@@ -191,46 +240,30 @@ def _two_rank_worker(rank, world_size, port, root, queue):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        settings = ["rl.steps=2", "rl.prompts_per_step=8", "rl.loss=grpo", "rl.aggregation=token-mean",
-                    "optim.qk_clip_tau=1e-6"]  # QK-Clip clips: the replicas must agree on the max logits
-        trainer = toy_trainer(root, settings, name="dist", rank=rank, world_size=world_size)
-        start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-        scored, _, _ = trainer.rollout()
-        union = [s for part in trainer._all_gather(scored) for s in part]
-        grads = _record_gradients(trainer)
-        trainer.update(scored)
-        params = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
-        others = [None] * world_size
-        dist.all_gather_object(others, params)
+        results = {mode: _two_rank_check(rank, world_size, root, mode == "fsdp") for mode in ("replicated", "fsdp")}
         if rank == 0:
-            single = toy_trainer(root, settings, name="single")
-            single.model.load_state_dict(start)
-            single_grads = _record_gradients(single)
-            single.update(union)
-            reference = torch.cat([p.detach().flatten() for p in single.model.parameters()])
-            record = trainer.train_step()
-            queue.put({"grad_vs_single": ((grads[0] - single_grads[0]).norm() / single_grads[0].norm()).item(),
-                       "ranks_equal": (others[0] - others[1]).abs().max().item(),
-                       "vs_single": (params - reference).abs().max().item(), "moved": (params - torch.cat(
-                           [v.flatten() for v in start.values()])).abs().max().item(),
-                       "groups": record["groups"]})
-        else:
-            trainer.train_step()
+            queue.put(results)
     finally:
         dist.destroy_process_group()
 
 
 def test_two_ranks_split_rollouts_and_sum_gradients(tmp_path):
-    """2 gloo ranks, each rolling out 4 of the 8 prompt groups: both take the same step, and it equals one
-    process's step on the union of their groups (global denominators, summed gradients)."""
+    """2 gloo ranks, each rolling out 4 of the 8 prompt groups, replicated and FSDP2-sharded: both ranks take
+    the same step, and it equals one process's step on the union of their groups (global denominators, summed
+    gradients, shared QK-Clip statistics); a sharded run saves and resumes to the same next step."""
     queue = mp.get_context("spawn").SimpleQueue()
     mp.spawn(_two_rank_worker, args=(2, _free_port(), tmp_path, queue), nprocs=2, join=True)
-    result = queue.get()
-    assert result["ranks_equal"] == 0.0
-    assert result["moved"] > 1e-4
-    assert result["vs_single"] < 1e-6, result
-    assert result["grad_vs_single"] < 1e-5, result
-    assert result["groups"] == 8
+    results = queue.get()
+    for mode, result in results.items():
+        assert result["ranks_equal"] == 0.0, (mode, result)
+        assert result["moved"] > 1e-4, (mode, result)
+        assert result["grad_vs_single"] < 1e-5, (mode, result)
+        assert result["vs_single"] < 1e-4, (mode, result)  # 1% of one AdamW step (lr 0.01)
+        assert min(result["informative_groups_per_rank"]) >= 1, (mode, result)
+    fsdp = results["fsdp"]
+    assert fsdp["resumed_weights"] == 0.0 and fsdp["groups"] >= 2, fsdp
+    assert fsdp["resumed_reward"][0] == fsdp["resumed_reward"][1], fsdp
+    assert fsdp["resumed_loss"][0] == pytest.approx(fsdp["resumed_loss"][1], rel=1e-5, abs=1e-7), fsdp
 
 
 @pytest.mark.gpu

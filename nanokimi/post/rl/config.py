@@ -57,6 +57,8 @@ class RLConfig:
     updates_per_step: int = 1  # optimizer steps per rollout batch (groups split into this many minibatches)
     micro_batch: int = 0  # responses per forward/backward (0 = the whole minibatch)
     grad_clip: float = 1.0
+    fsdp: bool = True  # several processes: FSDP2-shard the trained model (the engine reads a full replica refreshed
+    #                    after every update); false: every rank holds the whole model and gradients are all-reduced
     max_cache_tokens: int = 0  # engine KV cache (0 = enough for one iteration's responses)
     log_every: int = 1
     eval_every: int = 0  # 0 = evaluate only before and after

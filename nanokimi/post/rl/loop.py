@@ -2,12 +2,14 @@
 advantages -> Muon/AdamW updates, with evaluation (pass@k per level), metrics.jsonl, checkpoints, exact
 resume and a clean stop on Ctrl-C / SIGTERM.
 
-Several processes (torchrun): the model is replicated (each rank's engine needs whole weights), each rank
-rolls out its share of the prompts, losses use the global batch's denominators and the gradients are summed
-over ranks, so every rank takes the same step.
+Several processes (torchrun): each rank rolls out its share of the prompts and the losses use the global
+batch's denominators. With rl.fsdp (the default) the trained model is sharded with the pretraining trainer's
+FSDP2 path and each rank's engine generates from a full-weight replica refreshed after every update; without
+it every rank holds the whole model (the engine reads it directly) and gradients are summed over ranks.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -26,6 +28,7 @@ from nanokimi.post.rl.losses import (group_advantages, grpo_loss, k15_loss, kl_e
                                      token_entropy, token_logprobs)
 from nanokimi.post.rl.rollout import EngineBackend, Group, ReferenceBackend, Response, RolloutBuffer, derive_seed
 from nanokimi.post.rl.sampler import PromptSampler, informative
+from nanokimi.train.distributed import clip_grad_norm_, sync_step_statistics
 from nanokimi.train.schedule import lr_factor
 from nanokimi.train.trainer import TrainingError
 
@@ -95,9 +98,14 @@ def evaluate_pass_at_k(backend, tokenizer, task, examples: list, n: int, max_tok
     return problems
 
 
+def full_tensor(value):
+    """A DTensor gathered whole (collective: every rank must call it), anything else as it is."""
+    return value.full_tensor() if hasattr(value, "full_tensor") else value
+
+
 class RLTrainer:
-    """`model` is trained in place (it is also what the engine generates with); `task` has examples(split),
-    prompt(example), reward(response, answer), is_correct(response, answer) and `stop` strings."""
+    """`model` is trained in place; in one process (or replicated) it is also what the engine generates with.
+    `task` has examples(split), prompt(example), reward(response, answer), is_correct(response, answer), `stop`."""
 
     def __init__(self, run: RLRunConfig, model, tokenizer, task, out_dir: str | Path, *, tokenizer_file=None,
                  ref_model=None, resume: bool = False, progress: bool = True, rank: int = 0, world_size: int = 1,
@@ -126,6 +134,12 @@ class RLTrainer:
             raise TrainingError(f"rl.prompts_per_step={self.cfg.prompts_per_step} must be divisible by the number of "
                                 f"processes ({world_size}).")
         self.groups_per_rank = self.cfg.prompts_per_step // world_size
+        self.sharded = world_size > 1 and self.cfg.fsdp
+        self.policy = model  # what the engine generates from
+        if self.sharded:
+            from nanokimi.train.distributed import shard_model
+            self.policy = copy.deepcopy(model).eval()
+            shard_model(model, self.device)
         o = run.optim
         self.optimizer = build_optimizer(model, name=o.name, lr=o.lr, weight_decay=o.weight_decay,
                                          betas=(o.beta1, o.beta2), momentum=o.momentum)
@@ -142,9 +156,9 @@ class RLTrainer:
             # at most 512 sequences at once: the engine's decode CUDA graphs cover batches up to 512
             seqs = min(512, max(self.groups_per_rank * k, len(self.eval_examples) * self.cfg.eval_samples))
             cache = self.cfg.max_cache_tokens or (seqs + 8) * (per_seq + 32)
-            self.backend = EngineBackend(model, tokenizer, self.stop, max_num_seqs=seqs, max_cache_tokens=cache)
+            self.backend = EngineBackend(self.policy, tokenizer, self.stop, max_num_seqs=seqs, max_cache_tokens=cache)
         elif backend == "reference":
-            self.backend = ReferenceBackend(model, tokenizer, self.stop, self.stop_ids)
+            self.backend = ReferenceBackend(self.policy, tokenizer, self.stop, self.stop_ids)
         else:
             raise ValueError(f"backend {backend!r} must be 'engine' or 'reference'.")
         self.buffer = RolloutBuffer(self.backend, self.cfg.max_tokens, self.cfg.segment_tokens, self.cfg.temperature,
@@ -328,7 +342,7 @@ class RLTrainer:
                     loss, stats = grpo_loss(logp, old[piece], m, advantages[piece], cfg.clip_low, cfg.clip_high,
                                             None if ref is None else ref[piece], cfg.kl_coef, cfg.kl_estimator,
                                             cfg.aggregation, cfg.max_tokens, num_seqs, num_tokens)
-                loss.backward()
+                (loss * self.world_size if self.sharded else loss).backward()  # FSDP2 averages over ranks
                 with torch.no_grad():
                     tokens_here = m.sum()
                     local[0] += loss.detach().double()
@@ -340,11 +354,11 @@ class RLTrainer:
                         local[4] += (kl_estimate(logp.detach(), ref[piece], "k3") * m).sum().double()
             self._all_reduce(local)
             self._sync_gradients()
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0
-                                                  else float("inf"))
+            norm = clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self._after_optimizer_step()
+            self._refresh_policy()
             steps_taken += 1
             sums["loss"] += local[0].item()
             sums["entropy"] += local[1].item() / max(num_tokens, 1)
@@ -365,12 +379,13 @@ class RLTrainer:
         return out
 
     def _sync_gradients(self) -> None:
-        """Sum gradients over ranks (local losses already carry the global denominators), and make the step's
-        QK-Clip max logits and MoE expert loads global, so every replica takes the same step."""
+        """Make the step's QK-Clip max logits and MoE expert loads global, so every rank takes the same step,
+        and (replicated) sum gradients over ranks: local losses already carry the global denominators."""
         if self.world_size == 1:
             return
-        from nanokimi.train.distributed import sync_step_statistics
         sync_step_statistics(self.model)
+        if self.sharded:  # FSDP2 reduce-scattered them in the backward
+            return
         for p in self.model.parameters():
             if p.requires_grad:
                 if p.grad is None:
@@ -384,6 +399,15 @@ class RLTrainer:
         if o.qk_clip:
             from nanokimi.optim.qk_clip import apply_qk_clip
             apply_qk_clip(self.model, o.qk_clip_tau)
+
+    @torch.no_grad()
+    def _refresh_policy(self) -> None:
+        """Copy the sharded model's weights and buffers, gathered whole, into the engine's replica."""
+        if self.policy is self.model:
+            return
+        target = self.policy.state_dict()
+        for name, value in self.model.state_dict().items():
+            target[name].copy_(full_tensor(value))
 
     def train_step(self) -> dict:
         """One iteration: rollout, scoring, update. Returns the step's record."""
@@ -442,24 +466,37 @@ class RLTrainer:
         return out
 
     def save(self) -> Path:
+        """One single-process checkpoint (whole weights and optimizer state, written by rank 0) whatever the
+        number of ranks; a sharded run gathers its optimizer state first (every rank calls this)."""
         pending = self._all_gather(self.buffer.state_dict())
+        optimizer_state = self.optimizer.state_dict()
+        if self.sharded:
+            optimizer_state = {name: {"state": {i: {k: full_tensor(v) for k, v in values.items()}
+                                                for i, values in opt["state"].items()},
+                                      "param_groups": opt["param_groups"]} for name, opt in optimizer_state.items()}
         if self.is_main:
             state = {"step": self.step, "tokens": self.tokens, "sampler": self.sampler.state_dict(),
-                     "pending": pending, "rng": rng_state(), "optimizer": self.optimizer.state_dict(),
+                     "pending": pending, "rng": rng_state(), "optimizer": optimizer_state,
                      "run": self.run.to_dict(), "world_size": self.world_size}
-            save_checkpoint(self.checkpoint_dir, self.model, state, self.tokenizer_file)
+            save_checkpoint(self.checkpoint_dir, self.policy, state, self.tokenizer_file)
         self._barrier()
         return self.checkpoint_dir
 
     def _resume(self) -> None:
         from safetensors.torch import load_model
 
-        load_model(self.model, str(self.checkpoint_dir / "model.safetensors"), strict=False, device=str(self.device))
         state = load_trainer_state(self.checkpoint_dir)
         if state.get("world_size", 1) != self.world_size:
             raise TrainingError(f"{self.checkpoint_dir} was saved by {state.get('world_size', 1)} process(es); "
                                 f"resume it with the same number (got {self.world_size}).")
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded:
+            from nanokimi.train.sharded_checkpoint import load_into
+            load_into(self.checkpoint_dir, self.model, self.optimizer)  # each rank keeps its shards
+            self._refresh_policy()
+        else:
+            load_model(self.model, str(self.checkpoint_dir / "model.safetensors"), strict=False,
+                       device=str(self.device))
+            self.optimizer.load_state_dict(state["optimizer"])
         self.sampler.load_state_dict(state["sampler"])
         self.buffer.load_state_dict(state["pending"][self.rank])
         set_rng_state(state["rng"])
