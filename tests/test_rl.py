@@ -150,11 +150,12 @@ def test_cli_ladder_end_to_end(tmp_path, capsys):
     args = ["rl", "--ckpt", str(tmp_path / "base"), "--task", "ladder", "--out", str(out), "--no-progress",
             "rl.steps=2", "rl.task_levels=1-2", "rl.task_per_level=4", "rl.max_tokens=12", "rl.prompts_per_step=2",
             "rl.samples_per_prompt=2", "rl.eval_per_level=1", "rl.eval_samples=2", "rl.eval_ks=1,2", "rl.loss=grpo",
-            "rl.kl_coef=0.1"]
+            "rl.kl_coef=0.1", "rl.eval_every=1"]
     assert main(args) == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1, 2, 2]
     assert "eval_pass@2_L2" in records[0] and "kl_ref" in records[1] and "logprob_gap" in records[1]
+    assert "eval_pass@1_L1" in records[1] and "reward_mean" in records[1]  # rl.eval_every
     assert (out / "checkpoint" / "model.safetensors").is_file() and (out / "config.toml").is_file()
     assert main(args) == 2
     assert "already holds an RL run" in capsys.readouterr().err
