@@ -125,8 +125,12 @@ class Engine:
             graphs = "static buffers, no graph" if self.runner.static_only else "CUDA graphs at bucketed batch sizes"
         if self.runner.compiled:
             graphs += " + torch.compile"
-        parts += [f"decode: {attention}, {graphs}", f"prefill: per-sequence chunks, max_step_tokens "
-                  f"{self.scheduler.max_step_tokens}", f"prefix caching {'on' if self.prefix_caching else 'off'}"]
+        from nanokimi.model.paged import BATCHED_PREFILL
+        prefill = "pieces batched, mixing per piece" if BATCHED_PREFILL else "each piece alone"
+        caching = f"on (KDA snapshots every {self.snapshot_interval} tokens)" if self.has_kda else "on"
+        parts += [f"decode: {attention}, {graphs}",
+                  f"prefill: chunked, {prefill}, max_step_tokens {self.scheduler.max_step_tokens}",
+                  f"prefix caching {caching if self.prefix_caching else 'off'}"]
         return "engine: " + "; ".join(parts)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None,
