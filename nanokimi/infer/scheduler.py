@@ -231,9 +231,9 @@ class Scheduler:
         for seq, n in scheduled:
             before = seq.num_computed // self.block_size
             seq.num_computed += n
-            if not self.prefix_caching:
-                continue
             full = seq.num_computed // self.block_size
+            if not self.prefix_caching or full == before:  # no block completed (snapshot points end blocks)
+                continue
             seq.ensure_hashes(full)
             for i in range(before, full):
                 self.pool.register(seq.block_table[i], seq.hashes[i])
