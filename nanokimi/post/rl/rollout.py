@@ -1,9 +1,10 @@
 """Rollouts: k responses per prompt from the live policy, with partial rollouts (Kimi k1.5).
 
 A backend turns requests (token ids so far, new-token budget, seed) into continuations with the chosen
-tokens' log-probs. `EngineBackend` drives `nanokimi.infer.Engine` over the very nn.Module the optimizer
-updates (weights shared in memory, no copy); `ReferenceBackend` is the readable naive form (a full forward
-per token) that tests compare against.
+tokens' log-probs. `EngineBackend` drives `nanokimi.infer.Engine` over the model it is given: in one process
+the very nn.Module the optimizer updates (weights shared in memory, no copy; with FSDP2 each rank's full-weight
+replica, see loop.py); `ReferenceBackend` is the readable naive form (a full forward per token) that tests
+compare against.
 
 Partial rollouts: with `segment_tokens` > 0 a response gets at most that many new tokens per iteration;
 an unfinished response stays in the buffer and is continued in the next iteration from its own tokens
