@@ -144,7 +144,7 @@ def run_method(args, name: str, base: Path, tokenizer, rl_task, eval_task, eval_
                  f"rl.save_every={steps + 1}", *extra]
     run = load_rl_config(None, overrides)
     model = load_model_checkpoint(base, device)
-    trainer = RLTrainer(run, model, tokenizer, rl_task, out, tokenizer_file=base / TOKENIZER, progress=True)
+    trainer = RLTrainer(run, model, tokenizer, rl_task, out, tokenizer_file=base / TOKENIZER, progress=False)
     trainer.log({"step": 0, "tokens": 0, **trainer.flat_eval(before)})
     started = time.perf_counter()
     trainer.fit(evaluate=False)
