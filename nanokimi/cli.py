@@ -4,6 +4,7 @@
   nanokimi generate --ckpt DIR --prompt TEXT
   nanokimi eval --ckpt DIR [--task gsm8k|math500|ladder|mused --n 16 --k 1,4,16 ...]
   nanokimi tasks export ladder --out FILE.jsonl --levels 1-8 --count N
+  nanokimi rl --ckpt DIR --task ladder|mused|gsm8k|math500 [--out DIR] [section.key=value ...]
   nanokimi plot RUN_DIR [RUN_DIR ...] --out FILE.png
   nanokimi data prepare --source SOURCE
   nanokimi model info --preset NAME
@@ -133,7 +134,19 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_rl(args) -> int:
+    if args.nproc > 1:
+        from nanokimi.train.launch import launch_torchrun
+        return launch_torchrun(args.nproc, sys.argv[2:], module="nanokimi.post.rl")
+    from nanokimi.post.rl.cli import run_rl
+    return run_rl(args)
+
+
 def cmd_plot(args) -> int:
+    from nanokimi.post.rl.plot import is_rl_run, plot_rl_runs
+    if all(is_rl_run(run) for run in args.runs):  # reward, accuracy and length instead of loss curves
+        print(plot_rl_runs(args.runs, args.out))
+        return 0
     from nanokimi.train.plot import plot_runs
 
     print(plot_runs(args.runs, args.out))
@@ -197,6 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     ev.add_argument("options", nargs="*", metavar="key=value", help="--task options, e.g. levels=1-8 per_level=20")
     ev.set_defaults(func=cmd_eval)
+
+    from nanokimi.post.rl.cli import add_rl_args
+    rl = add_rl_args(commands.add_parser("rl", help="reinforcement learning with verifiable rewards (k1.5, GRPO)"))
+    rl.set_defaults(func=cmd_rl)
 
     tasks = commands.add_parser("tasks", help="task data").add_subparsers(dest="tasks_command", required=True)
     from nanokimi.tasks.cli import add_export_args, run_export

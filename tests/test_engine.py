@@ -538,3 +538,16 @@ def test_random_traffic_keeps_every_invariant():
     assert stats["cache_blocks_free"] == stats["cache_blocks_total"] and stats["sequences_running"] == 0
     assert len(engine.slots.free) + len(engine.slots.snapshots) == engine.slots.num_slots
     assert stats["preemptions"] > 0 and stats["prefix_cache_hit_tokens"] > 0
+
+
+def test_engine_steps_in_eval_mode_and_gives_the_model_back_as_it_was():
+    model = make_model("tiny")
+    engine = Engine(model, block_size=8)
+    model.train()  # e.g. RL trains the policy between rollouts
+    moes = [m for m in model.modules() if hasattr(m, "expert_load")]
+    loads = [m.expert_load.clone() for m in moes]
+    done = run_engine(engine, [("a", prompts(1, seed=73)[0], GREEDY)])
+    assert model.training
+    assert all(torch.equal(before, m.expert_load) for before, m in zip(loads, moes))  # no load counted
+    model.eval()
+    assert done["a"].token_ids == greedy_alone(model, prompts(1, seed=73)[0], 5)

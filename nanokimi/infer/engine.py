@@ -40,7 +40,8 @@ def sample_seed(seed: int | None, index: int) -> int:
 class Engine:
     """See the module docstring. max_cache_tokens=None takes gpu_memory_fraction of the free GPU memory
     (on the CPU: 65536 tokens). snapshot_interval: KDA state snapshots every so many tokens of a sequence
-    (rounded to blocks; prompt and output) besides its prompt's last full block; num_state_snapshots: how many are kept (LRU).
+    (rounded to blocks; prompt and output) besides its prompt's last full block; num_state_snapshots: how
+    many are kept (LRU).
     use_cuda_graph: "auto" graphs decode-only steps on CUDA (True: a failed capture raises); compile=True
     also torch.compiles them (one compilation per batch bucket: slow to warm up, for long runs)."""
 
@@ -125,8 +126,12 @@ class Engine:
             graphs = "static buffers, no graph" if self.runner.static_only else "CUDA graphs at bucketed batch sizes"
         if self.runner.compiled:
             graphs += " + torch.compile"
-        parts += [f"decode: {attention}, {graphs}", f"prefill: per-sequence chunks, max_step_tokens "
-                  f"{self.scheduler.max_step_tokens}", f"prefix caching {'on' if self.prefix_caching else 'off'}"]
+        from nanokimi.model.paged import BATCHED_PREFILL
+        prefill = "pieces batched, mixing per piece" if BATCHED_PREFILL else "each piece alone"
+        caching = f"on (KDA snapshots every {self.snapshot_interval} tokens)" if self.has_kda else "on"
+        parts += [f"decode: {attention}, {graphs}",
+                  f"prefill: chunked, {prefill}, max_step_tokens {self.scheduler.max_step_tokens}",
+                  f"prefix caching {caching if self.prefix_caching else 'off'}"]
         return "engine: " + "; ".join(parts)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None,
@@ -193,8 +198,21 @@ class Engine:
                 total += seq.remaining
         return total
 
-    @torch.no_grad()
     def step(self) -> list[RequestOutput]:
+        """One scheduling step; the outputs of the requests that changed (finished ones only when
+        stream_outputs is False). The model runs in eval mode and is put back in train mode if it was
+        (RL trains the same model between rollouts; MoE load counting is off while the engine runs)."""
+        was_training = self.model.training
+        if was_training:
+            self.model.eval()
+        try:
+            return self._step()
+        finally:
+            if was_training:
+                self.model.train()
+
+    @torch.no_grad()
+    def _step(self) -> list[RequestOutput]:
         changed: dict[str, Request] = {r.request_id: r for r in self.aborted}
         self.aborted = []
         scheduled = self.scheduler.schedule()

@@ -1,1 +1,2 @@
-"""Post-training: supervised fine-tuning on chat data (sft.py), above the pretraining Trainer."""
+"""Post-training on the pretraining Trainer and the engine: supervised fine-tuning (sft.py), reinforcement learning
+with verifiable rewards (rl/)."""

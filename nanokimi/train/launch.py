@@ -3,14 +3,14 @@ import subprocess
 import sys
 
 
-def launch_torchrun(nproc: int, argv: list[str]) -> int:
-    """Run `torchrun --standalone --nproc_per_node NPROC -m nanokimi.train ARGV` (ARGV: the `nanokimi train`
-    arguments; --nproc is dropped) and return its exit code. --standalone picks a free rendezvous port, so
+def launch_torchrun(nproc: int, argv: list[str], module: str = "nanokimi.train") -> int:
+    """Run `torchrun --standalone --nproc_per_node NPROC -m MODULE ARGV` (ARGV: the subcommand's arguments;
+    --nproc is dropped) and return its exit code. --standalone picks a free rendezvous port, so
     several runs can share a machine."""
     if nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {nproc}.")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "nanokimi.train", *_without_nproc(argv)]
+               "-m", module, *_without_nproc(argv)]
     try:
         return subprocess.call(command)
     except KeyboardInterrupt:  # torchrun forwards the signal to the ranks, which save and stop
