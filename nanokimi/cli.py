@@ -164,19 +164,14 @@ def cmd_sft(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from nanokimi.train.args import add_train_args
+
     parser = argparse.ArgumentParser(prog="nanokimi", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", help="train a model (default: the tiny preset on the stdlib corpus)")
-    train.add_argument("--preset", help="model preset (default tiny)")
-    train.add_argument("--config", help="TOML run config (sections model, data, train, optim)")
-    train.add_argument("--out", help="run folder (default runs/PRESET)")
-    train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    train.add_argument("--nproc", type=int, default=1, help="processes (GPUs) to train on, through torchrun")
-    train.add_argument("--no-progress", action="store_true", help="no progress bar")
-    train.add_argument("overrides", nargs="*", metavar="section.key=value",
-                       help="e.g. train.max_steps=200 optim.lr=0.01 (before or after the options)")
+    train = add_train_args(commands.add_parser("train", help="train a model (default: the tiny preset on the stdlib "
+                                                               "corpus)"))
     train.set_defaults(func=cmd_train)
 
     gen = commands.add_parser("generate", help="sample text from a checkpoint")

@@ -6,19 +6,21 @@ Every rank builds the same Trainer on its own rank; rank 0 prepares the data fir
 find it ready), prints, and writes the metrics and the checkpoint metadata. Without torchrun's environment
 this is the ordinary single-process `nanokimi train`.
 """
+import argparse
 import sys
 
 
 def main(argv=None) -> int:
     from nanokimi.checkpoint import CheckpointError
-    from nanokimi.cli import parse_args
     from nanokimi.config import ConfigError
     from nanokimi.data import DataError
     from nanokimi.train.config import load_run_config
     from nanokimi.train.distributed import barrier, close_distributed, init_distributed
+    from nanokimi.train.args import add_train_args, parse_train_args
     from nanokimi.train.trainer import Trainer, TrainingError, prepare_data
 
-    args = parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
+    parser = add_train_args(argparse.ArgumentParser(prog="python -m nanokimi.train"))
+    args = parse_train_args(parser, sys.argv[1:] if argv is None else argv)
     if args.nproc > 1:
         print("nanokimi: error: --nproc is for `nanokimi train`; under torchrun set --nproc_per_node instead.",
               file=sys.stderr)
