@@ -57,7 +57,7 @@ class Engine:
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"Engine: {message}.")
-        self.model = model.eval()
+        self.model = model  # step() runs it in eval mode
         self.tokenizer = tokenizer
         self.device = model.embed.weight.device
         self.block_size = block_size
