@@ -124,7 +124,8 @@ def decode_speed(engine: Engine, cfg, batch: int, prompt: int, steps: int) -> di
         engine.abort(f"d{batch}-{i}")
     engine.step()
     step_s = statistics.median(times)
-    return dict(batch=batch, prompt=prompt, step_ms=round(step_s * 1e3, 3), tokens_per_s=round(batch / step_s, 1))
+    return dict(batch=batch, prompt=prompt, step_ms=round(step_s * 1e3, 3), tokens_per_s=round(batch / step_s, 1),
+                graphed=engine.runner.use_graphs, compiled=engine.runner.compiled)
 
 
 def floor_tokens_per_s(model, engine: Engine, batch: int, context: int) -> float:
@@ -192,7 +193,8 @@ def long_context(spec, device, dtype, context: int, steps: int, fraction: float)
                 sync(device)
                 times.append(time.perf_counter() - t0)
             step_s = statistics.median(times)
-            result.update(batch=batch, step_ms=round(step_s * 1e3, 2), tokens_per_s=round(batch / step_s, 1))
+            result.update(batch=batch, step_ms=round(step_s * 1e3, 2), tokens_per_s=round(batch / step_s, 1),
+                          graphed=engine.runner.use_graphs)
             break
         except torch.OutOfMemoryError:
             for i in range(batch):
