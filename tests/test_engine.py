@@ -473,7 +473,8 @@ def test_batched_prefill_equals_the_per_piece_reference(name, monkeypatch):
     for a, b in zip(outs[True], outs[False]):
         assert a.token_ids == b.token_ids
         for x, y in zip(a.logprobs, b.logprobs):
-            assert x.keys() == y.keys() and all(abs(x[t] - y[t]) < 1e-9 for t in x)
+            # float64 model, but KDA's delta rule runs in fp32: row blocking of the matmuls differs by path
+            assert x.keys() == y.keys() and all(abs(x[t] - y[t]) < 1e-5 for t in x)
 
 
 def test_next_chat_turn_reuses_the_previous_answer_exactly():

@@ -228,7 +228,7 @@ class Engine:
                 seq.request.metrics["first_scheduled_time"] = now
             c = seq.num_computed
             rows.append(Row(seq.tokens[c:c + n], c, seq.block_table, seq.state_slot, c + n == len(seq.tokens),
-                            seq.table_tensor() if n == 1 else None))
+                            seq.table_tensor() if n == 1 else None, self.scheduler.interior_snapshots(seq, n)))
         logits = self.runner.run(rows)
         self.scheduler.after_step(scheduled)
         self._apply_slot_ops()
