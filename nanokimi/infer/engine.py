@@ -57,7 +57,7 @@ class Engine:
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"Engine: {message}.")
-        self.model = model.eval()
+        self.model = model  # step() runs it in eval mode
         self.tokenizer = tokenizer
         self.device = model.embed.weight.device
         self.block_size = block_size
@@ -228,7 +228,7 @@ class Engine:
                 seq.request.metrics["first_scheduled_time"] = now
             c = seq.num_computed
             rows.append(Row(seq.tokens[c:c + n], c, seq.block_table, seq.state_slot, c + n == len(seq.tokens),
-                            seq.table_tensor() if n == 1 else None))
+                            seq.table_tensor() if n == 1 else None, self.scheduler.interior_snapshots(seq, n)))
         logits = self.runner.run(rows)
         self.scheduler.after_step(scheduled)
         self._apply_slot_ops()
