@@ -360,6 +360,8 @@ def main() -> None:
                       row.get(f"decode_b{decode_batches[0]}", {}).get("tokens_per_s"),
                       row.get(f"decode_b{decode_batches[1]}", {}).get("tokens_per_s"),
                       row.get(f"decode_b{decode_batches[1]}", {}).get("floor_tokens_per_s")])
+        write_results(out, env, results, dict(seconds=round(time.perf_counter() - started, 1),
+                                              mla_decode=args.mla_decode))  # a run cut off later keeps this part
     if not args.skip_long:
         hybrid = presets["bench-kl-900m"]
         all_mla = dict(hybrid, overrides=dict(hybrid.get("overrides", {}), mixers="A"))
@@ -372,6 +374,8 @@ def main() -> None:
                 results[f"long/{name}"] = {"error": short_error(error)}
                 free_memory(device)
             print(f"  long {name}: {results[f'long/{name}']}", flush=True)
+            write_results(out, env, results, dict(seconds=round(time.perf_counter() - started, 1),
+                                                  mla_decode=args.mla_decode))
     print_table(["model", "engine tok/s", "req/s", "engine tok/s (peer subset)", "HF fixed tok/s", "HF CB tok/s",
                  f"decode b{decode_batches[0]}",
                  f"decode b{decode_batches[1]}", "floor"], table)
