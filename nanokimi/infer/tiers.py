@@ -1,0 +1,182 @@
+"""KV cache tiers below GPU memory (Mooncake Store, in one process): a pinned CPU pool, then files on disk.
+
+The engine's block manager calls `offload(h, tensors)` when it reuses an unreferenced cached block whose
+prefix-chain hash is `h` (the tensors are that block's cache contents in every attention layer, plus the KDA
+snapshot at its end boundary when there is one), and `fetch(h)` when its GPU prefix chain stops at `h`: a hit
+returns CPU tensors that the engine copies into a fresh block instead of recomputing them. The hash is the key
+in every tier, so a chain can continue GPU -> CPU -> disk.
+
+CPU entries are packed into one flat pinned buffer each (pinned only where CUDA exists); buffers freed by
+eviction are reused for entries of the same size, so after warm-up no allocation happens. Entries evicted from
+the CPU pool are written to `disk_dir/<namespace>/<hash>.safetensors` when a disk tier is configured; a disk
+hit is promoted back into the CPU pool. Copies are synchronous.
+"""
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+_ALIGN = 64
+
+
+class _Entry:
+    __slots__ = ("buffer", "layout")
+
+    def __init__(self, buffer: torch.Tensor, layout: list[tuple[str, torch.dtype, tuple[int, ...], int]]):
+        self.buffer, self.layout = buffer, layout  # layout: (name, dtype, shape, byte offset)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, dtype, shape, offset in self.layout:
+            nbytes = _numel(shape) * dtype.itemsize
+            out[name] = self.buffer[offset:offset + nbytes].view(dtype).view(shape)
+        return out
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _layout(tensors: dict[str, torch.Tensor]) -> tuple[list, int]:
+    layout, offset = [], 0
+    for name in sorted(tensors):
+        t = tensors[name]
+        layout.append((name, t.dtype, tuple(t.shape), offset))
+        offset += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
+    return layout, offset
+
+
+class KVTierStore:
+    """cpu_bytes: size of the pinned CPU pool; disk_dir (optional) with at most disk_bytes of files;
+    block_size: tokens per block (for the hit-token counters); namespace keeps different models' files apart."""
+
+    def __init__(self, cpu_bytes: int, disk_dir: str | os.PathLike | None = None, disk_bytes: int = 64 * 2**30,
+                 block_size: int = 16, namespace: str = "default", pin: bool | None = None):
+        if cpu_bytes < 0 or disk_bytes < 0:
+            raise ValueError(f"tier sizes must be >= 0, got cpu_bytes={cpu_bytes}, disk_bytes={disk_bytes}.")
+        self.cpu_bytes, self.disk_bytes, self.block_size = cpu_bytes, disk_bytes, block_size
+        self.pin = torch.cuda.is_available() if pin is None else pin
+        self.cpu: OrderedDict[str, _Entry] = OrderedDict()
+        self._free: dict[int, list[torch.Tensor]] = {}  # nbytes -> spare pinned buffers
+        self._reserved = 0  # bytes of pinned buffers allocated (in use or spare)
+        self._entry_bytes = 0
+        self.disk_dir = None if disk_dir is None else Path(disk_dir) / namespace
+        self.disk: OrderedDict[str, int] = OrderedDict()  # hash -> file bytes, LRU order
+        self._disk_used = 0
+        if self.disk_dir is not None:
+            self.disk_dir.mkdir(parents=True, exist_ok=True)
+            for file in sorted(self.disk_dir.glob("*.safetensors"), key=lambda f: f.stat().st_mtime):
+                size = file.stat().st_size
+                self.disk[file.stem] = size
+                self._disk_used += size
+        self.counters = {"cpu_hits": 0, "disk_hits": 0, "misses": 0, "offloads": 0, "disk_writes": 0}
+
+    @staticmethod
+    def _key(h: bytes | int | str) -> str:
+        """The block hash as the hex name used in every tier (the engine's hashes are bytes)."""
+        if isinstance(h, str):
+            return h
+        return h.hex() if isinstance(h, bytes) else f"{h & (2**64 - 1):016x}"
+
+    def contains(self, h: bytes | int) -> bool:
+        h = self._key(h)
+        return h in self.cpu or h in self.disk
+
+    def offload(self, h: bytes | int, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy one evicted block (and its KDA snapshot, if any) into the CPU pool (spilling LRU entries to disk)."""
+        h = self._key(h)
+        self.counters["offloads"] += 1
+        if h in self.cpu:
+            self.cpu.move_to_end(h)
+            return
+        layout, nbytes = _layout(tensors)
+        self._entry_bytes = nbytes
+        buffer = self._alloc(nbytes)
+        if buffer is None:  # larger than the whole pool: straight to disk
+            self._write_disk(h, tensors)
+            return
+        entry = _Entry(buffer, layout)
+        for name, view in entry.tensors().items():
+            view.copy_(tensors[name])
+        self.cpu[h] = entry
+
+    def fetch(self, h: bytes | int) -> dict[str, torch.Tensor] | None:
+        """The block's tensors (CPU; valid until the next offload) or None when no tier holds it."""
+        h = self._key(h)
+        entry = self.cpu.get(h)
+        if entry is not None:
+            self.cpu.move_to_end(h)
+            self.counters["cpu_hits"] += 1
+            return entry.tensors()
+        if h in self.disk:
+            tensors = load_file(str(self._file(h)))
+            self.disk.move_to_end(h)
+            self.counters["disk_hits"] += 1
+            self.offload(h, tensors)
+            self.counters["offloads"] -= 1  # a promotion, not an eviction from the GPU
+            entry = self.cpu.get(h)
+            return entry.tensors() if entry is not None else tensors
+        self.counters["misses"] += 1
+        return None
+
+    def _alloc(self, nbytes: int) -> torch.Tensor | None:
+        if nbytes > self.cpu_bytes:
+            return None
+        spare = self._free.get(nbytes)
+        if spare:
+            return spare.pop()
+        while self._reserved + nbytes > self.cpu_bytes:
+            other = next((size for size, bufs in self._free.items() if bufs), None)
+            if other is not None:
+                self._free[other].pop()
+                self._reserved -= other
+                continue
+            old_hash, old = self.cpu.popitem(last=False)
+            if self.disk_dir is not None and old_hash not in self.disk:
+                self._write_disk(old_hash, old.tensors())
+            if old.buffer.numel() == nbytes:
+                return old.buffer
+            self._free.setdefault(old.buffer.numel(), []).append(old.buffer)
+        self._reserved += nbytes
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
+
+    def _file(self, key: str) -> Path:
+        return self.disk_dir / f"{key}.safetensors"
+
+    def _write_disk(self, h: str, tensors: dict[str, torch.Tensor]) -> None:
+        if self.disk_dir is None:
+            return
+        file, tmp = self._file(h), self.disk_dir / f"{h}.tmp"
+        save_file({name: t.detach().contiguous().cpu() for name, t in tensors.items()}, str(tmp))
+        os.replace(tmp, file)
+        size = file.stat().st_size
+        self.disk[h] = size
+        self._disk_used += size
+        self.counters["disk_writes"] += 1
+        while self._disk_used > self.disk_bytes and self.disk:
+            old, old_size = self.disk.popitem(last=False)
+            self._file(old).unlink(missing_ok=True)
+            self._disk_used -= old_size
+
+    def stats(self) -> dict:
+        """Per tier: blocks_total (capacity estimate), blocks_cached, blocks_free (no request holds a tier
+        block: copies go up on a hit, so every block is free), usage (bytes held / capacity), hit_tokens."""
+        per_block = max(self._entry_bytes, 1)
+        cpu_total = self.cpu_bytes // per_block if self._entry_bytes else 0
+        cpu_held = sum(e.buffer.numel() for e in self.cpu.values())
+        out = {"cpu": {"blocks_total": cpu_total, "blocks_cached": len(self.cpu), "blocks_free": cpu_total,
+                       "usage": cpu_held / self.cpu_bytes if self.cpu_bytes else 0.0,
+                       "hit_tokens": self.counters["cpu_hits"] * self.block_size, **self.counters}}
+        if self.disk_dir is not None:
+            disk_total = self.disk_bytes // per_block if self._entry_bytes else 0
+            out["disk"] = {"blocks_total": disk_total, "blocks_cached": len(self.disk), "blocks_free": disk_total,
+                           "usage": self._disk_used / self.disk_bytes if self.disk_bytes else 0.0,
+                           "hit_tokens": self.counters["disk_hits"] * self.block_size}
+        return out

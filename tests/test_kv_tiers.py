@@ -1,0 +1,63 @@
+import torch
+
+from nanokimi.infer.tiers import KVTierStore
+
+
+def block(seed: int, with_state: bool = False) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = {"1.c_kv": torch.randn(16, 24, generator=g), "1.k_rope": torch.randn(16, 8, generator=g).bfloat16()}
+    if with_state:
+        out["0.state"] = torch.randn(2, 16, 16, generator=g)
+        out["0.conv"] = torch.randn(3, 64, generator=g)
+    return out
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+
+
+def entry_bytes(store: KVTierStore, tensors) -> int:
+    probe = KVTierStore(1 << 30, pin=False)
+    probe.offload(b"x", tensors)
+    return probe._entry_bytes
+
+
+def test_cpu_round_trip_with_and_without_kda_snapshot():
+    store = KVTierStore(1 << 20, pin=False)
+    store.offload(b"\x01" * 16, block(1))
+    store.offload(b"\x02" * 16, block(2, with_state=True))
+    assert same(store.fetch(b"\x01" * 16), block(1))
+    assert same(store.fetch(b"\x02" * 16), block(2, with_state=True))
+    assert store.fetch(b"\x03" * 16) is None
+    assert store.contains(b"\x01" * 16) and not store.contains(b"\x03" * 16)
+    c = store.counters
+    assert (c["cpu_hits"], c["misses"], c["offloads"]) == (2, 1, 2)
+    assert store.stats()["cpu"]["hit_tokens"] == 2 * 16
+
+
+def test_lru_eviction_spills_to_disk_and_disk_hits_come_back(tmp_path):
+    size = entry_bytes(KVTierStore(0), block(0))
+    store = KVTierStore(3 * size, tmp_path, pin=False)
+    for i in range(5):
+        store.offload(bytes([i]) * 16, block(i))
+    assert len(store.cpu) == 3 and len(store.disk) == 2  # blocks 0 and 1 were the least recently used
+    assert store._reserved <= 3 * size
+    assert same(store.fetch(bytes([0]) * 16), block(0))
+    assert store.counters["disk_hits"] == 1
+    assert bytes([0]).hex() * 16 in store.cpu  # promoted back into the CPU pool
+    reopened = KVTierStore(3 * size, tmp_path, pin=False)  # a new process finds the files by hash
+    assert same(reopened.fetch(bytes([1]) * 16), block(1))
+
+
+def test_buffers_are_reused_and_mixed_sizes_stay_within_budget(tmp_path):
+    small, large = entry_bytes(KVTierStore(0), block(0)), entry_bytes(KVTierStore(0), block(0, True))
+    budget = 2 * large + small
+    store = KVTierStore(budget, tmp_path, disk_bytes=4 * large, pin=False)
+    for i in range(40):
+        store.offload(i.to_bytes(16, "big"), block(i, with_state=i % 3 == 0))
+        assert store._reserved <= budget
+    assert sum(store.disk.values()) <= 4 * large  # the disk tier keeps its own budget, oldest files go
+    assert len(list(store.disk_dir.glob("*.safetensors"))) == len(store.disk)
+    for i in range(36, 40):  # the newest are in the CPU pool, intact
+        got = store.fetch(i.to_bytes(16, "big"))
+        assert got is not None and same(got, block(i, with_state=i % 3 == 0))
