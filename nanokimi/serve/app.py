@@ -312,14 +312,14 @@ class _Call:
                     final = c.finish_reason is not None
                     text = _stable_text(c.text, self.stops, final)
                     delta = text[len(sent_text[c.index]):] if text.startswith(sent_text[c.index]) else ""
-                    if not delta and not final:
-                        continue
+                    if len(c.token_ids) == sent_tokens[c.index] and not final:
+                        continue  # one frame per step that produced tokens, even if their text is held back
                     logprobs = self._logprobs(c, sent_tokens[c.index], len(sent_text[c.index]))
                     sent_tokens[c.index] = len(c.token_ids)
                     sent_text[c.index] += delta
                     done[c.index] = final
                     if self.chat:
-                        choices.append({"index": c.index, "delta": {"content": delta} if delta else {},
+                        choices.append({"index": c.index, "delta": {"content": delta},
                                         "logprobs": logprobs, "finish_reason": c.finish_reason})
                     else:
                         choices.append({"index": c.index, "text": delta, "logprobs": logprobs,
