@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 
 from nanokimi.infer import LLM, SamplingParams  # noqa: E402
 from nanokimi.serve.app import ServeOptions, Server, create_app  # noqa: E402
-from nanokimi.serve.chat import load_chat_template  # noqa: E402
+from nanokimi.data.chat import ChatTemplate  # noqa: E402
 from nanokimi.serve.run import BackgroundServer  # noqa: E402
 from serve_util import make_checkpoint  # noqa: E402
 
@@ -92,13 +92,14 @@ def test_greedy_completion_equals_llm_generate_and_usage_counts_real_tokens(clie
 def test_greedy_chat_equals_llm_generate_on_the_rendered_template(ckpt, client, reference):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is JSON?"}]
     got = client.chat.completions.create(model="tiny", messages=messages, max_tokens=20, temperature=0)
-    template = load_chat_template(ckpt)
-    prompt = template.render(messages, add_generation_prompt=True)
-    stop = [template.end_of_turn] if getattr(template, "end_of_turn", None) else None
-    want = reference.generate(prompt, SamplingParams(max_tokens=20, temperature=0, stop=stop), use_tqdm=False)[0]
+    prompt = ChatTemplate.load(ckpt).render(messages, add_generation_prompt=True)
+    ids = reference.tokenizer.encode_chat(prompt)
+    assert reference.tokenizer.token_to_id("<|im_end|>") in ids  # the template's tokens are single ids
+    want = reference.generate(prompt_token_ids=[ids], sampling_params=SamplingParams(max_tokens=20, temperature=0),
+                              use_tqdm=False)[0]
     assert got.choices[0].message.role == "assistant"
     assert got.choices[0].message.content == want.outputs[0].text
-    assert got.usage.prompt_tokens == len(reference.tokenizer.encode(prompt))
+    assert got.usage.prompt_tokens == len(ids)
     assert got.usage.completion_tokens == len(want.outputs[0].token_ids)
 
 
@@ -205,7 +206,7 @@ def test_bad_requests_get_openai_errors_naming_the_field(served, path, body, sta
 def test_prompt_longer_than_the_context_huge_body_and_unknown_route(served, client):
     bg, server = served
     with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model="tiny", prompt=list(range(1, 600)), max_tokens=1)
+        client.completions.create(model="tiny", prompt=[i % 500 + 1 for i in range(600)], max_tokens=1)
     assert e.value.body["code"] == "context_length_exceeded" and e.value.body["param"] == "prompt"
     r = httpx.post(bg.url + "/v1/completions", content=b'{"prompt": "' + b"a" * (10 << 20) + b'"}',
                    headers={"content-type": "application/json"}, timeout=60)

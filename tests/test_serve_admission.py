@@ -30,9 +30,9 @@ def test_no_samples_means_admit_everything():
 def test_ttft_prediction_counts_queued_prefill_and_rejects_past_the_slo():
     admission = Admission(ttft_slo_s=0.2, tbt_slo_s=None, step_tokens=2048, model=fitted())
     ttft, _, steps = admission.predict(1000, 0, [], 0)
-    assert steps == 1 and ttft == pytest.approx(0.004 + 2e-5 * 1000)
+    assert steps == 1 and ttft == pytest.approx(2 * 0.004 + 2e-5 * 1000)  # its chunk + the step in flight
     ttft, _, steps = admission.predict(1000, 5000, [], 3)  # 6000 tokens ahead of the first token: 3 chunks
-    assert steps == 3 and ttft == pytest.approx(3 * 0.004 + 2e-5 * 6000)
+    assert steps == 3 and ttft == pytest.approx(4 * 0.004 + 2e-5 * 6000)
     assert admission.decide(1000, 0, [], 0).admit
     verdict = admission.decide(1000, 20_000, [], 10)
     assert not verdict.admit and verdict.reason == "ttft" and verdict.retry_after_s >= 1
@@ -46,3 +46,66 @@ def test_tbt_uses_the_decode_batch_when_the_prefill_finishes():
     assert admission.decide(100, 0, [1] * 40 + [50] * 9, 0).admit
     verdict = admission.decide(100, 0, [50] * 49, 0)
     assert not verdict.admit and verdict.reason == "tbt"
+
+
+BURST_CLIENT = """
+import asyncio, json, sys, time
+import httpx
+
+async def one(http, url, i):
+    body = {"prompt": [(7 * i + 3 * j) % 500 + 1 for j in range(320)], "max_tokens": 4, "stream": True,
+            "temperature": 0}
+    start = time.perf_counter()
+    async with http.stream("POST", url + "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            return {"status": r.status_code, "retry_after": r.headers.get("retry-after"),
+                    "error": json.loads(await r.aread())["error"]}
+        first = None
+        async for line in r.aiter_lines():
+            if line.startswith("data: ") and first is None:
+                first = time.perf_counter() - start
+        return {"status": 200, "ttft": first}
+
+async def main(url):
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=64)) as http:
+        return await asyncio.wait_for(asyncio.gather(*(one(http, url, i) for i in range(40))), timeout=240)
+
+print(json.dumps(asyncio.run(main(sys.argv[1]))))
+"""
+
+
+def test_a_burst_beyond_capacity_gets_early_429s_and_admitted_requests_meet_the_ttft_slo(tmp_path):
+    """40 prompts of 320 uncached tokens at once, 64-token steps, TTFT SLO 400 ms: the server can prefill only a
+    few in time. The client runs in its own process (as real clients do); TTFT is checked as the server measures
+    it (arrival at the ASGI app -> first token), the client's view is in the failure message."""
+    import json
+    import subprocess
+    import sys
+
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from nanokimi.serve.app import ServeOptions, Server, create_app
+    from nanokimi.serve.run import BackgroundServer
+    from serve_util import make_checkpoint
+
+    slo_s = 0.4
+    server = Server.load(str(make_checkpoint(tmp_path)), ServeOptions(device="cpu", max_cache_tokens=8192,
+                                                                      max_step_tokens=64, ttft_slo_ms=slo_s * 1000))
+    with BackgroundServer(create_app(server)) as bg:
+        out = subprocess.run([sys.executable, "-c", BURST_CLIENT, bg.url], capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr
+        results = json.loads(out.stdout)
+        samples = {(s.name, s.labels.get("le"), s.labels.get("reason")): s.value
+                   for family in text_string_to_metric_families(httpx.get(bg.url + "/metrics").text)
+                   for s in family.samples}
+    rejected = [r for r in results if r["status"] == 429]
+    admitted = [r for r in results if r["status"] == 200]
+    assert rejected and admitted and len(rejected) + len(admitted) == 40, results
+    for r in rejected:
+        assert r["error"]["code"] == "rate_limit_exceeded" and int(r["retry_after"]) >= 1
+    assert samples[("nanokimi_requests_rejected_total", None, "ttft")] == len(rejected)
+    count = samples[("nanokimi_time_to_first_token_seconds_count", None, None)]
+    within = samples[("nanokimi_time_to_first_token_seconds_bucket", str(slo_s), None)]
+    assert count == len(admitted) and within == count, (sorted(r["ttft"] for r in admitted), samples)

@@ -10,7 +10,7 @@ fit by least squares over the last few hundred measured steps. For a new request
 tokens behind Q uncached tokens already queued, while B sequences decode:
 
     steps  = ceil((Q + U) / (step_tokens - B))          prefill chunks until its first token
-    TTFT   ≈ steps * (c0 + c_decode * B) + c_prefill * (Q + U)
+    TTFT   ≈ (steps + 1) * (c0 + c_decode * B) + c_prefill * (Q + U)     (+1: the step in flight)
     TBT    ≈ c0 + c_decode * B_then
 
 where B_then is the decode batch *when its prefill finishes* (Mooncake predicts load at that moment, not now):
@@ -49,19 +49,22 @@ class StepTimeModel:
         return self._coef
 
     def _fit(self) -> tuple[float, float, float]:
+        """Non-negative least squares over the three terms: the best fit among the subsets of terms whose
+        unconstrained solution is non-negative (3 terms, so 7 small solves)."""
         data = np.array(self.samples, dtype=np.float64)  # [N, 3]: prefill, decode, seconds
         x = np.column_stack([np.ones(len(data)), data[:, 0], data[:, 1]])  # [N, 3]
-        coef, *_ = np.linalg.lstsq(x, data[:, 2], rcond=None)
-        if (coef >= 0).all():
-            return tuple(float(c) for c in coef)
-        # A negative coefficient means the window lacks variety; fall back to per-token rates with no constant.
-        prefill, decode, seconds = data[:, 0], data[:, 1], data[:, 2]
-        decode_only = (prefill == 0) & (decode > 0)
-        c_decode = float(np.median(seconds[decode_only] / decode[decode_only])) if decode_only.any() else 0.0
-        with_prefill = prefill > 0
-        c_prefill = float(np.median(np.maximum(seconds[with_prefill] - c_decode * decode[with_prefill], 0)
-                                    / prefill[with_prefill])) if with_prefill.any() else 0.0
-        return 0.0, c_prefill, c_decode
+        best, best_err = (0.0, 0.0, 0.0), float("inf")
+        for subset in ((0, 1, 2), (1, 2), (0, 1), (0, 2), (0,), (1,), (2,)):
+            coef, *_ = np.linalg.lstsq(x[:, subset], data[:, 2], rcond=None)
+            if (coef < 0).any():
+                continue
+            err = float(((x[:, subset] @ coef - data[:, 2]) ** 2).sum())
+            if err < best_err:
+                full = [0.0, 0.0, 0.0]
+                for i, c in zip(subset, coef):
+                    full[i] = float(c)
+                best, best_err = tuple(full), err
+        return best
 
     def predict(self, prefill_tokens: float, decode_seqs: float) -> float:
         c0, cp, cd = self.coefficients()
@@ -97,7 +100,7 @@ class Admission:
         per_step = max(self.step_tokens - batch_now, 1)
         steps = max(math.ceil(prefill / per_step), 1)
         c0, cp, cd = self.model.coefficients()
-        ttft = steps * (c0 + cd * batch_now) + cp * prefill
+        ttft = (steps + 1) * (c0 + cd * batch_now) + cp * prefill  # + the step in flight when it arrives
         batch_then = sum(1 for left in remaining_decode_steps if left > steps) + queued_requests + 1
         tbt = c0 + cd * batch_then
         return ttft, tbt, steps

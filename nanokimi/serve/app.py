@@ -22,6 +22,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from nanokimi.data import DataError
+from nanokimi.data.chat import ToolCallError, parse_tool_calls
+from nanokimi.data.tokenizer import END_OF_TURN
 from nanokimi.serve.loop import EngineLoop, Update
 from nanokimi.serve.schemas import ChatRequest, CompletionRequest, FieldError
 
@@ -65,14 +68,13 @@ class Server:
                  max_body_bytes: int = 1 << 20):
         self.loop, self.tokenizer, self.template = loop, tokenizer, template
         self.model_name, self.max_model_len, self.max_body_bytes = model_name, max_model_len, max_body_bytes
-        self.stop_ids = set(getattr(tokenizer, "stop_ids", None) or {tokenizer.eot_id})
         self.created = int(time.time())
 
     @classmethod
     def load(cls, ckpt: str, options: ServeOptions | None = None) -> "Server":
         from nanokimi.checkpoint import resolve_checkpoint
         from nanokimi.infer import LLM, SamplingParams
-        from nanokimi.serve.chat import load_chat_template
+        from nanokimi.data.chat import ChatTemplate
 
         options = options or ServeOptions()
         path = resolve_checkpoint(ckpt)
@@ -87,12 +89,12 @@ class Server:
                   max_step_tokens=options.max_step_tokens, enable_prefix_caching=options.enable_prefix_caching,
                   kv_tiers=tiers)
         cfg = llm.model.config
-        loop = EngineLoop(llm.engine, SamplingParams, cfg.vocab_size, options.max_step_tokens,
+        loop = EngineLoop(llm.engine, SamplingParams, cfg.vocab_size, cfg.max_position_embeddings, options.max_step_tokens,
                           ttft_slo_s=None if options.ttft_slo_ms is None else options.ttft_slo_ms / 1000,
                           tbt_slo_s=None if options.tbt_slo_ms is None else options.tbt_slo_ms / 1000,
                           max_wait_s=options.max_wait_ms / 1000)
         name = options.served_model_name or (path.parent.name if path.name == "checkpoint" else path.name)
-        return cls(loop, llm.tokenizer, load_chat_template(path), name, cfg.max_position_embeddings,
+        return cls(loop, llm.tokenizer, ChatTemplate.load(path), name, cfg.max_position_embeddings,
                    options.max_body_bytes)
 
     def check_model(self, model: str | None) -> None:
@@ -116,8 +118,7 @@ class Server:
                            "max_tokens", code="context_length_exceeded")
         try:
             return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, n=body.n,
-                                  seed=body.seed, stop=body.stop_list + list(extra_stop) or None,
-                                  stop_token_ids=sorted(self.stop_ids), logprobs=logprobs)
+                                  seed=body.seed, stop=body.stop_list + list(extra_stop) or None, logprobs=logprobs)
         except ValueError as e:
             field = str(e).removeprefix("SamplingParams: ").split(" ", 1)[0]
             raise ApiError(400, str(e), field) from e
@@ -229,7 +230,8 @@ class _Call:
                     raise asyncio.CancelledError("client disconnected")
 
     async def start(self) -> None:
-        self.sink = self.server.loop.submit(self.id, self.prompt_ids, self.params)
+        arrival = self.request.scope.get("state", {}).get("arrival")
+        self.sink = self.server.loop.submit(self.id, self.prompt_ids, self.params, arrival)
         try:
             kind, payload = await self._next()
         except BaseException:
@@ -273,8 +275,17 @@ class _Call:
         for c in last.choices:
             if self.chat:
                 message = {"role": "assistant", "content": c.text}
+                finish_reason = c.finish_reason
+                if self.body.tools:
+                    try:
+                        content, calls = parse_tool_calls(c.text)
+                    except ToolCallError:
+                        calls = []  # malformed calls stay in the content, as the model wrote them
+                    if calls:
+                        message = {"role": "assistant", "content": content or None, "tool_calls": calls}
+                        finish_reason = "tool_calls"
                 choice = {"index": c.index, "message": message, "logprobs": self._logprobs(c, 0, 0),
-                          "finish_reason": c.finish_reason}
+                          "finish_reason": finish_reason}
             else:
                 choice = {"index": c.index, "text": c.text, "logprobs": self._logprobs(c, 0, 0),
                           "finish_reason": c.finish_reason}
@@ -343,6 +354,18 @@ def _fingerprint(path: Path) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
+class _StampArrival:
+    """ASGI middleware: the time a request reached the server (TTFT counts from here, before body parsing)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            scope.setdefault("state", {})["arrival"] = time.perf_counter()
+        await self.app(scope, receive, send)
+
+
 def create_app(server: Server) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -352,6 +375,7 @@ def create_app(server: Server) -> FastAPI:
 
     app = FastAPI(title="nanokimi", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
+    app.add_middleware(_StampArrival)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
@@ -389,13 +413,16 @@ def create_app(server: Server) -> FastAPI:
     async def chat_completions(request: Request):
         body = _parse(ChatRequest, await _read_json(request, server.max_body_bytes))
         server.check_model(body.model)
-        text = server.template.render([m.as_dict() for m in body.messages], add_generation_prompt=True,
-                                      tools=body.tools)
-        prompt_ids = server.tokenizer.encode(text)
+        try:
+            text = server.template.render([m.as_dict() for m in body.messages], add_generation_prompt=True,
+                                          tools=body.tools)
+        except DataError as e:
+            raise ApiError(400, str(e), "messages") from None
+        prompt_ids = server.tokenizer.encode_chat(text)
         top = (body.top_logprobs or 0) if body.logprobs else None
-        end_of_turn = getattr(server.template, "end_of_turn", None)
-        params = server.sampling_params(body, len(prompt_ids), body.max_new_tokens, top, "messages",
-                                        [end_of_turn] if end_of_turn else [])
+        # A tokenizer without the end-of-turn token still ends the turn at its text.
+        extra = [] if server.tokenizer.token_to_id(END_OF_TURN) is not None else [END_OF_TURN]
+        params = server.sampling_params(body, len(prompt_ids), body.max_new_tokens, top, "messages", extra)
         return await run(request, prompt_ids, params, True, body, params.stop or [], top)
 
     @app.get("/v1/models")

@@ -76,11 +76,11 @@ class EngineLoop:
     """Owns the engine and its thread. `engine` follows INTERFACES.md (add_request/abort/step/stats and
     `num_cached_tokens(prompt_ids)`); `sampling_params` builds the warm-up requests' SamplingParams."""
 
-    def __init__(self, engine, sampling_params, vocab_size: int, step_tokens: int, ttft_slo_s: float | None = None,
+    def __init__(self, engine, sampling_params, vocab_size: int, max_model_len: int, step_tokens: int, ttft_slo_s: float | None = None,
                  tbt_slo_s: float | None = None, max_wait_s: float = 2.0, warmup: bool = True):
         self.engine = engine
         self.sampling_params = sampling_params
-        self.vocab_size = vocab_size
+        self.vocab_size, self.max_model_len = vocab_size, max_model_len
         self.step_tokens = step_tokens
         self.max_wait_s = max_wait_s
         self.admission = Admission(ttft_slo_s, tbt_slo_s, step_tokens, StepTimeModel())
@@ -112,9 +112,12 @@ class EngineLoop:
     def snapshot(self) -> dict:
         return self._snapshot
 
-    def submit(self, request_id: str, prompt_ids: list[int], params) -> asyncio.Queue:
-        """Called on the asyncio loop. The returned queue receives the messages listed in the module doc."""
+    def submit(self, request_id: str, prompt_ids: list[int], params, arrival: float | None = None) -> asyncio.Queue:
+        """Called on the asyncio loop; arrival: time.perf_counter() when the request reached the server.
+        The returned queue receives the messages listed in the module doc."""
         ticket = Ticket(request_id, prompt_ids, params, asyncio.Queue(), asyncio.get_running_loop())
+        if arrival is not None:
+            ticket.arrival = arrival
         self._inbox.put(("add", ticket))
         self._wake.set()
         return ticket.sink
@@ -135,40 +138,48 @@ class EngineLoop:
             return
         self._ready.set()
         stats = self.engine.stats()
+        busy_since = None  # end of the previous busy iteration: the model times whole iterations
         while not self._stop.is_set():
             self._drain_inbox()
-            self._dispatch()
+            self._dispatch(stats)
             if not self.engine.has_unfinished():
+                stats = self.engine.stats()  # aborts change it without a step
                 self._refresh_snapshot(stats)
+                busy_since = None
                 if self._wake.wait(0.05):
                     self._wake.clear()
                 continue
-            start = time.perf_counter()
+            start = time.perf_counter() if busy_since is None else busy_since
             try:
                 outputs = self.engine.step()
             except Exception as e:  # noqa: BLE001 - one bad step must not kill the server
                 log.exception("engine step failed")
                 self._fail_all(f"internal error in the engine: {type(e).__name__}: {e}")
+                busy_since = None
                 continue
-            seconds = time.perf_counter() - start
             after = self.engine.stats()
-            self.admission.model.observe(after.get("prefill_tokens", 0) - stats.get("prefill_tokens", 0),
-                                         after.get("decode_tokens", 0) - stats.get("decode_tokens", 0), seconds)
-            stats = after
             self._deliver(outputs, time.perf_counter())
-            self._refresh_snapshot(stats)
+            self._refresh_snapshot(after)
+            busy_since = time.perf_counter()
+            self.admission.model.observe(after.get("prefill_tokens", 0) - stats.get("prefill_tokens", 0),
+                                         after.get("decode_tokens", 0) - stats.get("decode_tokens", 0),
+                                         busy_since - start)
+            stats = after
         for ticket in list(self._tickets.values()):
             self._finish_aborted(ticket)
 
     def _calibrate(self) -> None:
-        """Run two small rounds of requests (the first also warms kernels up) to fit the step-time model."""
-        long_len = max(16, min(self.step_tokens, 256))
-        for round_ in range(2):
+        """Fit the step-time model before serving: a round that warms kernels up (discarded), then rounds of
+        prompts of several lengths decoding together, so prefill size and batch size both vary."""
+        rounds = [(self.step_tokens, 16, 16, 16)] + [(2 * self.step_tokens, self.step_tokens // 2, 16) + (8,) * k
+                                                   for k in (3, 12)]
+        for r, lengths in enumerate(rounds):
             before = len(self.admission.model.samples)
-            for i, length in enumerate((long_len, 16, 16, 16)):
-                ids = [(7 * j + 13 * i + 101 * round_) % (self.vocab_size - 1) + 1 for j in range(length)]
-                params = self.sampling_params(max_tokens=6, temperature=0.0, ignore_eos=True)
-                self.engine.add_request(f"warmup-{round_}-{i}", ids, params)
+            for i, length in enumerate(lengths):
+                length = max(1, min(length, self.max_model_len // 2))
+                ids = [(7 * j + 13 * i + 101 * r) % (self.vocab_size - 1) + 1 for j in range(length)]
+                params = self.sampling_params(max_tokens=8, temperature=0.0, ignore_eos=True)
+                self.engine.add_request(f"warmup-{r}-{i}", ids, params)
             stats = self.engine.stats()
             for _ in range(1000):
                 if not self.engine.has_unfinished():
@@ -180,7 +191,7 @@ class EngineLoop:
                 self.admission.model.observe(after.get("prefill_tokens", 0) - stats.get("prefill_tokens", 0),
                                              after.get("decode_tokens", 0) - stats.get("decode_tokens", 0), seconds)
                 stats = after
-            if round_ == 0:  # first-call costs (allocation, kernel selection) are not the steady state
+            if r == 0:  # first-call costs (allocation, kernel selection) are not the steady state
                 for _ in range(len(self.admission.model.samples) - before):
                     self.admission.model.samples.pop()
 
@@ -220,9 +231,9 @@ class EngineLoop:
         self._tickets[ticket.request_id] = ticket
         self._pending.append(ticket)
 
-    def _dispatch(self) -> None:
+    def _dispatch(self, stats: dict) -> None:
         """Hand the engine up to one step of prefill tokens when its own queue is empty."""
-        if not self._pending or self.engine.stats().get("requests_waiting", 0) > 0:
+        if not self._pending or stats.get("requests_waiting", 0) > 0:
             return
         budget = self.step_tokens
         now = time.perf_counter()
