@@ -89,18 +89,18 @@ def cmd_serve(args) -> int:
     except ImportError as e:
         raise FileNotFoundError(f"nanokimi serve needs the serve extra ({e.name} is missing): "
                                 "pip install 'nanokimi[serve]'.") from e
-    options = ServeOptions(max_cache_tokens=args.max_cache_tokens, ttft_slo_ms=args.ttft_slo_ms,
-                           tbt_slo_ms=args.tbt_slo_ms, kv_offload_gb=args.kv_offload_gb, kv_disk=args.kv_disk,
-                           kv_disk_gb=args.kv_disk_gb, enable_prefix_caching=not args.no_prefix_caching,
-                           max_num_seqs=args.max_num_seqs, max_step_tokens=args.max_step_tokens,
-                           max_body_bytes=args.max_body_bytes, served_model_name=args.served_model_name,
-                           device=args.device)
     for name in ("max_cache_tokens", "ttft_slo_ms", "tbt_slo_ms", "max_num_seqs", "max_step_tokens", "max_body_bytes"):
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {value}.")
-    if args.kv_offload_gb < 0 or args.kv_disk_gb <= 0:
-        raise ConfigError("--kv-offload-gb must be >= 0 and --kv-disk-gb > 0.")
+    if args.kv_offload_gb < 0 or args.kv_disk_gb <= 0 or not 0 < args.slo_headroom <= 1:
+        raise ConfigError("need --kv-offload-gb >= 0, --kv-disk-gb > 0 and 0 < --slo-headroom <= 1.")
+    options = ServeOptions(max_cache_tokens=args.max_cache_tokens, ttft_slo_ms=args.ttft_slo_ms,
+                           tbt_slo_ms=args.tbt_slo_ms, slo_headroom=args.slo_headroom,
+                           kv_offload_gb=args.kv_offload_gb, kv_disk=args.kv_disk, kv_disk_gb=args.kv_disk_gb,
+                           enable_prefix_caching=not args.no_prefix_caching, max_num_seqs=args.max_num_seqs,
+                           max_step_tokens=args.max_step_tokens, max_body_bytes=args.max_body_bytes,
+                           served_model_name=args.served_model_name, device=args.device)
     server = Server.load(args.ckpt, options)
     print(f"serving {server.model_name} on http://{args.host}:{args.port} (OpenAI API under /v1, chat page at /, "
           "metrics at /metrics)", file=sys.stderr)
@@ -168,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-cache-tokens", type=int, help="GPU KV cache size in tokens (default: fit memory)")
     serve.add_argument("--ttft-slo-ms", type=float, help="refuse (429) requests predicted to miss this TTFT")
     serve.add_argument("--tbt-slo-ms", type=float, help="refuse (429) requests predicted to push TBT past this")
+    serve.add_argument("--slo-headroom", type=float, default=0.8,
+                       help="admit only if the prediction fits in this fraction of the SLO (default 0.8)")
     serve.add_argument("--kv-offload-gb", type=float, default=0.0, help="pinned CPU tier for evicted prefix blocks")
     serve.add_argument("--kv-disk", help="folder for a disk tier below the CPU tier")
     serve.add_argument("--kv-disk-gb", type=float, default=64.0, help="size limit of the disk tier")

@@ -61,3 +61,29 @@ def test_buffers_are_reused_and_mixed_sizes_stay_within_budget(tmp_path):
     for i in range(36, 40):  # the newest are in the CPU pool, intact
         got = store.fetch(i.to_bytes(16, "big"))
         assert got is not None and same(got, block(i, with_state=i % 3 == 0))
+
+
+def test_engine_serves_an_evicted_prefix_from_the_cpu_and_disk_tiers_exactly(tmp_path):
+    """A GPU pool of 24 blocks cannot hold four 200-token prompts: the first one's blocks (and its KDA
+    snapshot) are evicted, then a resend of it is served from the lower tier: same tokens as recomputing."""
+    from nanokimi.infer import LLM, SamplingParams
+    from serve_util import make_checkpoint
+
+    ckpt = make_checkpoint(tmp_path)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, 500, (200,), generator=g).tolist() for _ in range(4)]
+    greedy = SamplingParams(max_tokens=12, temperature=0)
+    recompute = LLM(str(ckpt), device="cpu", max_cache_tokens=4096, enable_prefix_caching=False)
+    want = [o.outputs[0].token_ids for o in recompute.generate(prompt_token_ids=prompts, sampling_params=greedy,
+                                                               use_tqdm=False)]
+    for name, store in (("cpu", KVTierStore(1 << 26, pin=False)),
+                        ("disk", KVTierStore(0, tmp_path / "kv", pin=False))):
+        llm = LLM(str(ckpt), device="cpu", max_cache_tokens=24 * 16, kv_tiers=store)
+        for p, w in zip(prompts, want):  # each prompt pushes the previous one out of the GPU pool
+            assert llm.generate(prompt_token_ids=[p], sampling_params=greedy, use_tqdm=False)[0].outputs[0].token_ids == w
+        assert llm.engine.num_cached_tokens(prompts[0]) == 192  # all in the lower tier now
+        again = llm.generate(prompt_token_ids=[prompts[0]], sampling_params=greedy, use_tqdm=False)[0]
+        assert again.num_cached_tokens == 192 and again.outputs[0].token_ids == want[0]
+        tiers = llm.stats()["kv_tiers"]
+        assert tiers[name]["hit_tokens"] == 192, tiers
+        assert llm.stats()["cache_blocks_free"] == llm.stats()["cache_blocks_total"]

@@ -95,35 +95,37 @@ class KVTierStore:
         self.counters["offloads"] += 1
         if h in self.cpu:
             self.cpu.move_to_end(h)
-            return
+        elif not self._insert_cpu(h, tensors) and h not in self.disk:  # larger than the whole pool
+            self._write_disk(h, tensors)
+
+    def _insert_cpu(self, h: str, tensors: dict[str, torch.Tensor]) -> bool:
         layout, nbytes = _layout(tensors)
         self._entry_bytes = nbytes
         buffer = self._alloc(nbytes)
-        if buffer is None:  # larger than the whole pool: straight to disk
-            self._write_disk(h, tensors)
-            return
+        if buffer is None:
+            return False
         entry = _Entry(buffer, layout)
         for name, view in entry.tensors().items():
             view.copy_(tensors[name])
         self.cpu[h] = entry
+        return True
 
-    def fetch(self, h: bytes | int) -> dict[str, torch.Tensor] | None:
-        """The block's tensors (CPU; valid until the next offload) or None when no tier holds it."""
+    def fetch(self, h: bytes | int, count: bool = True) -> dict[str, torch.Tensor] | None:
+        """The block's tensors (CPU; valid until the next offload) or None when no tier holds it.
+        count=False leaves the hit counters alone (for entries that are not token blocks)."""
         h = self._key(h)
         entry = self.cpu.get(h)
         if entry is not None:
             self.cpu.move_to_end(h)
-            self.counters["cpu_hits"] += 1
+            self.counters["cpu_hits"] += count
             return entry.tensors()
         if h in self.disk:
             tensors = load_file(str(self._file(h)))
             self.disk.move_to_end(h)
-            self.counters["disk_hits"] += 1
-            self.offload(h, tensors)
-            self.counters["offloads"] -= 1  # a promotion, not an eviction from the GPU
-            entry = self.cpu.get(h)
-            return entry.tensors() if entry is not None else tensors
-        self.counters["misses"] += 1
+            self.counters["disk_hits"] += count
+            self._insert_cpu(h, tensors)  # promoted: the next hit is a CPU hit
+            return tensors
+        self.counters["misses"] += count
         return None
 
     def _alloc(self, nbytes: int) -> torch.Tensor | None:
@@ -180,3 +182,81 @@ class KVTierStore:
                            "usage": self._disk_used / self.disk_bytes if self.disk_bytes else 0.0,
                            "hit_tokens": self.counters["disk_hits"] * self.block_size}
         return out
+
+
+STATE_KEY = b"kda-state:"  # a KDA snapshot is stored under STATE_KEY + its block's hash
+
+
+class TieredCache:
+    """Connects a KVTierStore to the engine's paged cache. The block manager reports evictions (queued, then
+    copied down in one gather per cache tensor by `flush`, before anything overwrites them); the scheduler asks
+    `has_block` / `has_state` while looking up a prefix and `load_blocks` / `fetch_state` when it takes one."""
+
+    def __init__(self, store: KVTierStore, cache):
+        self.store, self.cache = store, cache
+        self.pending_blocks: list[tuple[int, bytes]] = []
+        self.pending_states: list[tuple[int, bytes]] = []
+
+    def _block_tensors(self):
+        """(name, tensor [num_blocks, block_size, ...]) of every attention layer's pool."""
+        for i, layer in enumerate(self.cache.layers):
+            if hasattr(layer, "state"):
+                continue
+            for name, t in vars(layer).items():
+                yield f"{i}.{name}", t
+
+    def _state_tensors(self):
+        """(name, tensor [num_slots, ...]) of every KDA layer's state slots."""
+        for i, layer in enumerate(self.cache.layers):
+            if hasattr(layer, "state"):
+                for name, t in vars(layer).items():
+                    yield f"{i}.{name}", t
+
+    def evict_block(self, block: int, h: bytes) -> None:
+        self.pending_blocks.append((block, h))
+
+    def evict_state(self, slot: int, h: bytes) -> None:
+        self.pending_states.append((slot, h))
+
+    def flush(self) -> None:
+        """Copy the queued evictions down to the store (GPU -> CPU, one gather per cache tensor)."""
+        for pending, tensors, prefix in ((self.pending_blocks, self._block_tensors, b""),
+                                         (self.pending_states, self._state_tensors, STATE_KEY)):
+            if not pending:
+                continue
+            index = [i for i, _ in pending]
+            gathered = {name: t[torch.tensor(index, device=t.device)].cpu() for name, t in tensors()}
+            for row, (_, h) in enumerate(pending):
+                self.store.offload(prefix + h, {name: g[row] for name, g in gathered.items()})
+            pending.clear()
+
+    def has_block(self, h: bytes) -> bool:
+        return self.store.contains(h)
+
+    def has_state(self, h: bytes) -> bool:
+        return self.store.contains(STATE_KEY + h)
+
+    def load_blocks(self, hashes: list[bytes], blocks: list[int]) -> int:
+        """Copy the stored blocks `hashes` into GPU blocks `blocks`; returns how many leading ones were found."""
+        self.flush()  # the fresh blocks may hold evicted content not yet copied down
+        found = []
+        for h in hashes:
+            tensors = self.store.fetch(h)
+            if tensors is None:
+                break
+            found.append({name: t.clone() for name, t in tensors.items()})  # fetch's views may be reused
+        if found:
+            index = None
+            for name, t in self._block_tensors():
+                if index is None:
+                    index = torch.tensor(blocks[:len(found)], device=t.device)
+                t[index] = torch.stack([f[name] for f in found]).to(t.device)
+        return len(found)
+
+    def fetch_state(self, h: bytes) -> dict[str, torch.Tensor] | None:
+        tensors = self.store.fetch(STATE_KEY + h, count=False)
+        return None if tensors is None else {name: t.clone() for name, t in tensors.items()}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], slot: int) -> None:
+        for name, t in self._state_tensors():
+            t[slot].copy_(tensors[name])

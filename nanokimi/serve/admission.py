@@ -87,7 +87,7 @@ class Admission:
     tbt_slo_s: float | None
     step_tokens: int
     model: StepTimeModel
-    safety: float = 1.0  # predictions are multiplied by this before the comparison
+    headroom: float = 1.0  # a prediction must fit in this fraction of the SLO (room for prediction error)
 
     def predict(self, uncached_tokens: int, queued_tokens: int, remaining_decode_steps: list[int],
                 queued_requests: int) -> tuple[float, float, int]:
@@ -110,10 +110,10 @@ class Admission:
         if not self.model.ready or (self.ttft_slo_s is None and self.tbt_slo_s is None):
             return Verdict(True, 0.0, 0.0)
         ttft, tbt, _ = self.predict(uncached_tokens, queued_tokens, remaining_decode_steps, queued_requests)
-        if self.ttft_slo_s is not None and ttft * self.safety > self.ttft_slo_s:
+        if self.ttft_slo_s is not None and ttft > self.headroom * self.ttft_slo_s:
             queue_drain = ttft - self.model.predict(uncached_tokens, 0)
             return Verdict(False, ttft, tbt, "ttft", max(1, math.ceil(queue_drain)))
-        if self.tbt_slo_s is not None and tbt * self.safety > self.tbt_slo_s:
+        if self.tbt_slo_s is not None and tbt > self.headroom * self.tbt_slo_s:
             longest = max(remaining_decode_steps, default=1)
             return Verdict(False, ttft, tbt, "tbt", max(1, math.ceil(longest * tbt)))
         return Verdict(True, ttft, tbt)

@@ -48,6 +48,7 @@ class ServeOptions:
     max_cache_tokens: int | None = None
     ttft_slo_ms: float | None = None
     tbt_slo_ms: float | None = None
+    slo_headroom: float = 0.8
     kv_offload_gb: float = 0.0
     kv_disk: str | None = None
     kv_disk_gb: float = 64.0
@@ -92,7 +93,7 @@ class Server:
         loop = EngineLoop(llm.engine, SamplingParams, cfg.vocab_size, cfg.max_position_embeddings, options.max_step_tokens,
                           ttft_slo_s=None if options.ttft_slo_ms is None else options.ttft_slo_ms / 1000,
                           tbt_slo_s=None if options.tbt_slo_ms is None else options.tbt_slo_ms / 1000,
-                          max_wait_s=options.max_wait_ms / 1000)
+                          slo_headroom=options.slo_headroom, max_wait_s=options.max_wait_ms / 1000)
         name = options.served_model_name or (path.parent.name if path.name == "checkpoint" else path.name)
         return cls(loop, llm.tokenizer, ChatTemplate.load(path), name, cfg.max_position_embeddings,
                    options.max_body_bytes)

@@ -77,13 +77,14 @@ class EngineLoop:
     `num_cached_tokens(prompt_ids)`); `sampling_params` builds the warm-up requests' SamplingParams."""
 
     def __init__(self, engine, sampling_params, vocab_size: int, max_model_len: int, step_tokens: int, ttft_slo_s: float | None = None,
-                 tbt_slo_s: float | None = None, max_wait_s: float = 2.0, warmup: bool = True):
+                 tbt_slo_s: float | None = None, slo_headroom: float = 0.8, max_wait_s: float = 2.0,
+                 warmup: bool = True):
         self.engine = engine
         self.sampling_params = sampling_params
         self.vocab_size, self.max_model_len = vocab_size, max_model_len
         self.step_tokens = step_tokens
         self.max_wait_s = max_wait_s
-        self.admission = Admission(ttft_slo_s, tbt_slo_s, step_tokens, StepTimeModel())
+        self.admission = Admission(ttft_slo_s, tbt_slo_s, step_tokens, StepTimeModel(), slo_headroom)
         self.metrics = ServerMetrics(self.snapshot)
         self.warmup = warmup
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
