@@ -73,30 +73,29 @@ class Server:
 
     @classmethod
     def load(cls, ckpt: str, options: ServeOptions | None = None) -> "Server":
+        """A server for a checkpoint folder (or run folder): model, tokenizer and chat template from it."""
         from nanokimi.checkpoint import resolve_checkpoint
-        from nanokimi.infer import LLM, SamplingParams
         from nanokimi.data.chat import ChatTemplate
+        from nanokimi.infer import LLM
 
         options = options or ServeOptions()
         path = resolve_checkpoint(ckpt)
-        tiers = None
-        if options.kv_offload_gb > 0 or options.kv_disk:
-            from nanokimi.infer.tiers import KVTierStore
-            namespace = _fingerprint(path)
-            tiers = KVTierStore(int(options.kv_offload_gb * 2**30), options.kv_disk, int(options.kv_disk_gb * 2**30),
-                                block_size=options.block_size, namespace=namespace)
-        llm = LLM(str(path), device=options.device, max_cache_tokens=options.max_cache_tokens,
-                  block_size=options.block_size, max_num_seqs=options.max_num_seqs,
-                  max_step_tokens=options.max_step_tokens, enable_prefix_caching=options.enable_prefix_caching,
-                  kv_tiers=tiers)
+        tiers = _tier_store(options, _fingerprint(path))
+        llm = LLM(str(path), device=options.device, kv_tiers=tiers, **_engine_kwargs(options))
+        name = options.served_model_name or (path.parent.name if path.name == "checkpoint" else path.name)
+        return cls.from_llm(llm, ChatTemplate.load(path), name, options)
+
+    @classmethod
+    def from_llm(cls, llm, template, model_name: str, options: ServeOptions) -> "Server":
+        """A server around an LLM already built (its engine must have been made with `_engine_kwargs(options)`)."""
+        from nanokimi.infer import SamplingParams
+
         cfg = llm.model.config
         loop = EngineLoop(llm.engine, SamplingParams, cfg.vocab_size, cfg.max_position_embeddings, options.max_step_tokens,
                           ttft_slo_s=None if options.ttft_slo_ms is None else options.ttft_slo_ms / 1000,
                           tbt_slo_s=None if options.tbt_slo_ms is None else options.tbt_slo_ms / 1000,
                           slo_headroom=options.slo_headroom, max_wait_s=options.max_wait_ms / 1000)
-        name = options.served_model_name or (path.parent.name if path.name == "checkpoint" else path.name)
-        return cls(loop, llm.tokenizer, ChatTemplate.load(path), name, cfg.max_position_embeddings,
-                   options.max_body_bytes)
+        return cls(loop, llm.tokenizer, template, model_name, cfg.max_position_embeddings, options.max_body_bytes)
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
@@ -344,6 +343,21 @@ class _Call:
         finally:
             if not self.finished:
                 self.server.loop.abort(self.id)
+
+
+def _engine_kwargs(options: ServeOptions) -> dict:
+    return dict(max_cache_tokens=options.max_cache_tokens, block_size=options.block_size,
+                max_num_seqs=options.max_num_seqs, max_step_tokens=options.max_step_tokens,
+                enable_prefix_caching=options.enable_prefix_caching)
+
+
+def _tier_store(options: ServeOptions, namespace: str):
+    """The CPU/disk KV tiers the options ask for, or None."""
+    if options.kv_offload_gb <= 0 and not options.kv_disk:
+        return None
+    from nanokimi.infer.tiers import KVTierStore
+    return KVTierStore(int(options.kv_offload_gb * 2**30), options.kv_disk, int(options.kv_disk_gb * 2**30),
+                       block_size=options.block_size, namespace=namespace)
 
 
 def _fingerprint(path: Path) -> str:

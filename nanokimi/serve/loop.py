@@ -301,11 +301,10 @@ class EngineLoop:
         snap["requests_running"] = stats.get("requests_running", 0)
         snap["requests_waiting"] = stats.get("requests_waiting", 0) + len(self._pending)
         total, free = stats.get("cache_blocks_total", 0), stats.get("cache_blocks_free", 0)
+        lower = stats.get("kv_tiers", {})
+        gpu_hits = snap["prefix_cache_hit_tokens"] - sum(tier["hit_tokens"] for tier in lower.values())
         tiers = {"gpu": {"blocks_total": total, "blocks_free": free, "blocks_cached": stats.get("cache_blocks_cached", 0),
-                         "usage": (total - free) / total if total else 0.0,
-                         "hit_tokens": snap["prefix_cache_hit_tokens"]}}
-        for name, tier in stats.get("kv_tiers", {}).items():
-            tiers[name] = tier
+                         "usage": (total - free) / total if total else 0.0, "hit_tokens": gpu_hits}, **lower}
         snap["tiers"] = tiers
         snap["raw"] = stats
         self._snapshot = snap
