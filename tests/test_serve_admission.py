@@ -125,3 +125,34 @@ def test_a_burst_beyond_capacity_gets_early_429s_and_admitted_requests_meet_the_
             if within == count:
                 break
     assert bursts[-1][0] == bursts[-1][1], f"(admitted within the SLO, admitted, client TTFTs) per burst: {bursts}"
+
+
+def test_dispatch_prefers_the_most_cached_prompt_until_someone_waited_too_long(tmp_path):
+    """The server's own queue: with the engine idle and room for one prompt per step, a later request whose
+    prefix is cached goes first; once the oldest has waited max_wait_s, it goes first whatever is cached."""
+    import asyncio
+
+    from nanokimi.infer import LLM, SamplingParams
+    from nanokimi.serve.loop import EngineLoop, Ticket
+    from serve_util import make_checkpoint
+
+    llm = LLM(str(make_checkpoint(tmp_path)), device="cpu", max_cache_tokens=4096)
+    shared = [(5 * j) % 400 + 1 for j in range(96)]
+    llm.generate(prompt_token_ids=[shared + [7]], sampling_params=SamplingParams(max_tokens=1), use_tqdm=False)
+    cold, warm = [(3 * j) % 400 + 2 for j in range(97)], shared + [9] * 20
+    aio = asyncio.new_event_loop()
+    try:
+        for max_wait_s, first in ((60.0, "warm"), (0.0, "cold")):
+            loop = EngineLoop(llm.engine, SamplingParams, 512, 512, step_tokens=16, max_wait_s=max_wait_s,
+                              warmup=False)
+            for name, ids in (("cold", cold), ("warm", warm)):
+                loop._admit(Ticket(name, ids, SamplingParams(max_tokens=1), asyncio.Queue(), aio))
+            uncached = {t.request_id: t.uncached for t in loop._pending}
+            assert uncached["cold"] == 97 and uncached["warm"] <= 20  # the shared 96 tokens are cached
+            loop._dispatch(llm.engine.stats())
+            assert [t.request_id for t in loop._pending] == [{"warm": "cold", "cold": "warm"}[first]]
+            assert loop._tickets[first].dispatched
+            while llm.engine.has_unfinished():
+                llm.engine.step()
+    finally:
+        aio.close()

@@ -174,14 +174,20 @@ class Engine:
         self.counters["requests_aborted"] += 1
         self.aborted.append(request)
 
-    def num_cached_tokens(self, prompt_token_ids: list[int]) -> int:
-        """Prompt tokens a request would reuse from the cache (any tier) if added now; changes nothing."""
-        if not self.prefix_caching:
-            return 0
+    def prompt_hashes(self, prompt_token_ids: list[int]) -> list[bytes]:
+        """The chain hashes of the prompt's full blocks that a request could reuse (its last token never)."""
         bs, hashes = self.block_size, []
         for i in range((len(prompt_token_ids) - 1) // bs):
             hashes.append(block_hash(hashes[-1] if hashes else None, prompt_token_ids[i * bs:(i + 1) * bs]))
-        return len(self.scheduler.prefix_of(hashes)) * bs
+        return hashes
+
+    def num_cached_tokens(self, prompt_token_ids: list[int], hashes: list[bytes] | None = None) -> int:
+        """Prompt tokens a request would reuse from the cache (any tier) if added now; changes nothing.
+        hashes: prompt_hashes(prompt_token_ids), when the caller asks repeatedly."""
+        if not self.prefix_caching:
+            return 0
+        hashes = self.prompt_hashes(prompt_token_ids) if hashes is None else hashes
+        return len(self.scheduler.prefix_of(hashes)) * self.block_size
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)

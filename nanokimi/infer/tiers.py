@@ -6,8 +6,8 @@ snapshot at its end boundary when there is one), and `fetch(h)` when its GPU pre
 returns CPU tensors that the engine copies into a fresh block instead of recomputing them. The hash is the key
 in every tier, so a chain can continue GPU -> CPU -> disk.
 
-CPU entries are packed into one flat pinned buffer each (pinned only where CUDA exists); buffers freed by
-eviction are reused for entries of the same size, so after warm-up no allocation happens. Entries evicted from
+CPU entries are packed into one flat buffer each, carved from pinned chunks (pinned only where CUDA exists);
+buffers freed by eviction are reused for entries of the same size, so once the pool is full nothing is allocated. Entries evicted from
 the CPU pool are written to `disk_dir/<namespace>/<hash>.safetensors` when a disk tier is configured; a disk
 hit is promoted back into the CPU pool. Copies are synchronous.
 """
@@ -65,7 +65,8 @@ class KVTierStore:
         self.pin = torch.cuda.is_available() if pin is None else pin
         self.cpu: OrderedDict[str, _Entry] = OrderedDict()
         self._free: dict[int, list[torch.Tensor]] = {}  # nbytes -> spare pinned buffers
-        self._reserved = 0  # bytes of pinned buffers allocated (in use or spare)
+        self._reserved = 0  # bytes of the pool handed out as buffers (in use or spare)
+        self._chunk, self._chunk_used = None, 0
         self._entry_bytes = 0
         self.disk_dir = None if disk_dir is None else Path(disk_dir) / namespace
         self.disk: OrderedDict[str, int] = OrderedDict()  # hash -> file bytes, LRU order
@@ -129,25 +130,33 @@ class KVTierStore:
         return None
 
     def _alloc(self, nbytes: int) -> torch.Tensor | None:
+        """A buffer of nbytes: a spare one of that size, else carved from the pinned chunks while the budget
+        lasts, else the least recently used entries are evicted (to disk, if any) until one of that size frees."""
         if nbytes > self.cpu_bytes:
             return None
         spare = self._free.get(nbytes)
         if spare:
             return spare.pop()
-        while self._reserved + nbytes > self.cpu_bytes:
-            other = next((size for size, bufs in self._free.items() if bufs), None)
-            if other is not None:
-                self._free[other].pop()
-                self._reserved -= other
-                continue
+        if self._reserved + nbytes <= self.cpu_bytes:
+            return self._carve(nbytes)
+        while self.cpu:
             old_hash, old = self.cpu.popitem(last=False)
             if self.disk_dir is not None and old_hash not in self.disk:
                 self._write_disk(old_hash, old.tensors())
             if old.buffer.numel() == nbytes:
                 return old.buffer
             self._free.setdefault(old.buffer.numel(), []).append(old.buffer)
-        self._reserved += nbytes
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
+        return None
+
+    def _carve(self, nbytes: int) -> torch.Tensor:
+        """nbytes from the current pinned chunk (chunks of up to 256 MiB, allocated as the pool fills)."""
+        if self._chunk is None or self._chunk_used + nbytes > self._chunk.numel():
+            size = max(nbytes, min(256 * 2**20, self.cpu_bytes - self._reserved))
+            self._chunk, self._chunk_used = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin), 0
+        buffer = self._chunk[self._chunk_used:self._chunk_used + nbytes]
+        self._chunk_used += -(-nbytes // _ALIGN) * _ALIGN
+        self._reserved += -(-nbytes // _ALIGN) * _ALIGN
+        return buffer
 
     def _file(self, key: str) -> Path:
         return self.disk_dir / f"{key}.safetensors"

@@ -53,6 +53,7 @@ class Ticket:
     aio: asyncio.AbstractEventLoop
     arrival: float = field(default_factory=time.perf_counter)
     uncached: int = 0
+    hashes: list | None = None  # the prompt's block hashes, for repeated cache lookups
     dispatched: bool = False
     first_token: float | None = None
     last_token: float | None = None
@@ -221,8 +222,8 @@ class EngineLoop:
         return sum(t.uncached for t in queued), len(queued), left
 
     def _admit(self, ticket: Ticket) -> None:
-        cached = self.engine.num_cached_tokens(ticket.prompt_ids)
-        ticket.uncached = len(ticket.prompt_ids) - cached
+        ticket.hashes = self.engine.prompt_hashes(ticket.prompt_ids)
+        ticket.uncached = len(ticket.prompt_ids) - self.engine.num_cached_tokens(ticket.prompt_ids, ticket.hashes)
         queued_tokens, queued_requests, left = self._queue_state()
         verdict: Verdict = self.admission.decide(ticket.uncached, queued_tokens, left, queued_requests)
         if not verdict.admit:
@@ -244,7 +245,7 @@ class EngineLoop:
                 ticket = oldest
             else:
                 for t in self._pending[:32]:
-                    t.uncached = len(t.prompt_ids) - self.engine.num_cached_tokens(t.prompt_ids)
+                    t.uncached = len(t.prompt_ids) - self.engine.num_cached_tokens(t.prompt_ids, t.hashes)
                 ticket = min(self._pending[:32], key=lambda t: (t.uncached - len(t.prompt_ids), t.arrival))
             self._pending.remove(ticket)
             try:
