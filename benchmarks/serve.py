@@ -295,8 +295,8 @@ def main() -> int:
     folder = Path(tempfile.mkdtemp(prefix="nanokimi-serve-bench-"))
     tokenizer = make_tokenizer(folder)
     template = ChatTemplate()
-    trace = load_trace(Path(args.trace), args.start, args.requests, args.length_scale, args.time_scale, args.output_scale,
-                       args.max_input)
+    trace = load_trace(Path(args.trace), args.start, args.requests, args.length_scale, args.time_scale,
+                       args.output_scale, args.max_input)
     work = [dict(arrival=r["arrival"], max_tokens=r["max_tokens"],
                  prompt="".join(block_text(tokenizer, h, n) for h, n in r["blocks"])) for r in trace]
     print(f"trace: {len(work)} requests over {work[-1]['arrival']:.1f} s, prompts {args.length_scale:g} x trace "
@@ -337,8 +337,10 @@ def main() -> int:
                            r.get("goodput_rps"), r.get("prefix_hit_rate_gpu"), r.get("prefix_hit_rate_cpu")]
                           for r in rows])
     out = Path(args.out) if args.out else results_path("serve", args.smoke)
-    write_results(out, environment(device), {f"{r['preset']} / {r['system']} / {r['mode']}": r for r in rows}, extra=dict(
-        trace=str(args.trace), start=args.start, requests=len(work), length_scale=args.length_scale, time_scale=args.time_scale,
+    keyed = {f"{r['preset']} / {r['system']} / {r['mode']}": r for r in rows}
+    write_results(out, environment(device), keyed, extra=dict(
+        trace=str(args.trace), start=args.start, requests=len(work), length_scale=args.length_scale,
+        time_scale=args.time_scale,
         output_scale=args.output_scale, max_input=args.max_input, gpu_cache_tokens=args.gpu_cache_tokens,
         cpu_tier_gb=args.cpu_tier_gb, step_tokens=args.step_tokens, ttft_slo_ms=args.ttft_slo_ms,
         tbt_slo_ms=args.tbt_slo_ms, admission=args.admission))

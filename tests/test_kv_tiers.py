@@ -80,7 +80,8 @@ def test_engine_serves_an_evicted_prefix_from_the_cpu_and_disk_tiers_exactly(tmp
                         ("disk", KVTierStore(0, tmp_path / "kv", pin=False))):
         llm = LLM(str(ckpt), device="cpu", max_cache_tokens=24 * 16, kv_tiers=store)
         for p, w in zip(prompts, want):  # each prompt pushes the previous one out of the GPU pool
-            assert llm.generate(prompt_token_ids=[p], sampling_params=greedy, use_tqdm=False)[0].outputs[0].token_ids == w
+            out = llm.generate(prompt_token_ids=[p], sampling_params=greedy, use_tqdm=False)[0]
+            assert out.outputs[0].token_ids == w
         assert llm.engine.num_cached_tokens(prompts[0]) == 192  # all in the lower tier now
         again = llm.generate(prompt_token_ids=[prompts[0]], sampling_params=greedy, use_tqdm=False)[0]
         assert again.num_cached_tokens == 192 and again.outputs[0].token_ids == want[0]

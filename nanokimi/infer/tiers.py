@@ -1,15 +1,14 @@
 """KV cache tiers below GPU memory (Mooncake Store, in one process): a pinned CPU pool, then files on disk.
 
-The engine's block manager calls `offload(h, tensors)` when it reuses an unreferenced cached block whose
-prefix-chain hash is `h` (the tensors are that block's cache contents in every attention layer, plus the KDA
-snapshot at its end boundary when there is one), and `fetch(h)` when its GPU prefix chain stops at `h`: a hit
-returns CPU tensors that the engine copies into a fresh block instead of recomputing them. The hash is the key
-in every tier, so a chain can continue GPU -> CPU -> disk.
+`KVTierStore` keeps blocks by their prefix-chain hash: `offload(h, tensors)` copies one evicted block in (its
+cache contents in every attention layer; a KDA state snapshot is stored the same way under its own key),
+`fetch(h)` returns CPU tensors or None, `contains(h)` answers without copying. The hash is the key in every
+tier, so a chain can continue GPU -> CPU -> disk. `TieredCache` connects a store to the engine's paged cache.
 
 CPU entries are packed into one flat buffer each, carved from pinned chunks (pinned only where CUDA exists);
-buffers freed by eviction are reused for entries of the same size, so once the pool is full nothing is allocated. Entries evicted from
-the CPU pool are written to `disk_dir/<namespace>/<hash>.safetensors` when a disk tier is configured; a disk
-hit is promoted back into the CPU pool. Copies are synchronous.
+buffers freed by eviction are reused for entries of the same size, so once the pool is full nothing is
+allocated. Entries evicted from the CPU pool are written to `disk_dir/<namespace>/<hash>.safetensors` when a
+disk tier is configured; a disk hit is promoted back into the CPU pool. Copies are synchronous.
 """
 from __future__ import annotations
 

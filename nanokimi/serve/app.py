@@ -91,7 +91,8 @@ class Server:
         from nanokimi.infer import SamplingParams
 
         cfg = llm.model.config
-        loop = EngineLoop(llm.engine, SamplingParams, cfg.vocab_size, cfg.max_position_embeddings, options.max_step_tokens,
+        loop = EngineLoop(llm.engine, SamplingParams, cfg.vocab_size, cfg.max_position_embeddings,
+                          options.max_step_tokens,
                           ttft_slo_s=None if options.ttft_slo_ms is None else options.ttft_slo_ms / 1000,
                           tbt_slo_s=None if options.tbt_slo_ms is None else options.tbt_slo_ms / 1000,
                           slo_headroom=options.slo_headroom, max_wait_s=options.max_wait_ms / 1000)

@@ -77,7 +77,8 @@ class EngineLoop:
     """Owns the engine and its thread. `engine` follows INTERFACES.md (add_request/abort/step/stats and
     `num_cached_tokens(prompt_ids)`); `sampling_params` builds the warm-up requests' SamplingParams."""
 
-    def __init__(self, engine, sampling_params, vocab_size: int, max_model_len: int, step_tokens: int, ttft_slo_s: float | None = None,
+    def __init__(self, engine, sampling_params, vocab_size: int, max_model_len: int, step_tokens: int,
+                 ttft_slo_s: float | None = None,
                  tbt_slo_s: float | None = None, slo_headroom: float = 0.8, max_wait_s: float = 2.0,
                  warmup: bool = True):
         self.engine = engine
@@ -304,7 +305,8 @@ class EngineLoop:
         total, free = stats.get("cache_blocks_total", 0), stats.get("cache_blocks_free", 0)
         lower = stats.get("kv_tiers", {})
         gpu_hits = snap["prefix_cache_hit_tokens"] - sum(tier["hit_tokens"] for tier in lower.values())
-        tiers = {"gpu": {"blocks_total": total, "blocks_free": free, "blocks_cached": stats.get("cache_blocks_cached", 0),
+        tiers = {"gpu": {"blocks_total": total, "blocks_free": free,
+                         "blocks_cached": stats.get("cache_blocks_cached", 0),
                          "usage": (total - free) / total if total else 0.0, "hit_tokens": gpu_hits}, **lower}
         snap["tiers"] = tiers
         snap["raw"] = stats

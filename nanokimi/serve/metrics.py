@@ -49,7 +49,8 @@ class _EngineCollector:
             cached.add_metric([tier], t["blocks_cached"])
             hits.add_metric([tier], t["hit_tokens"])
         yield from (usage, total, free, cached, hits)
-        for name, key, doc in (("prefix_cache_queries", "prefix_cache_queries", "Prompt tokens looked up in the cache."),
+        for name, key, doc in (("prefix_cache_queries", "prefix_cache_queries",
+                                "Prompt tokens looked up in the cache."),
                                ("preemptions", "preemptions", "Running requests preempted for lack of blocks."),
                                ("prompt_tokens", "prompt_tokens_computed", "Prompt tokens prefilled (cache misses)."),
                                ("generation_tokens", "decode_tokens", "Tokens generated.")):
