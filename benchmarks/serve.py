@@ -130,7 +130,12 @@ async def _replay(url: str, model: str, work: list[dict], timeout_s: float) -> l
     limits = httpx.Limits(max_connections=1024, max_keepalive_connections=1024)
     async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), limits=limits) as http:
         t0 = time.perf_counter()
-        return await asyncio.wait_for(asyncio.gather(*(one(http, r, t0) for r in work)), timeout=timeout_s)
+        tasks = [asyncio.create_task(one(http, r, t0)) for r in work]
+        await asyncio.wait(tasks, timeout=timeout_s)
+        for task in tasks:  # past the time limit: the unfinished count as failed (status -2)
+            task.cancel()
+        return [t.result() if t.done() and not t.cancelled() else dict(status=-2, error="replay time limit")
+                for t in tasks]
 
 
 def run_client(url: str, model: str, work: list[dict], timeout_s: float) -> list[dict]:
@@ -195,7 +200,7 @@ def run_nanokimi(model, tokenizer, template, mode: str, work, args, device) -> d
     return row
 
 
-def run_transformers_peer(model, tokenizer_dir: Path, work, args, device, folder: Path) -> dict:
+def run_transformers_peer(model, tokenizer_dir: Path, work, args, device, folder: Path, time_left) -> dict:
     """`transformers serve HF_DIR --continuous-batching` in a subprocess, the same client against it."""
     import httpx
 
@@ -208,7 +213,7 @@ def run_transformers_peer(model, tokenizer_dir: Path, work, args, device, folder
     port = 18000 + os.getpid() % 1000
     cmd = [exe, "serve", str(hf_dir), "--continuous-batching", "--host", "127.0.0.1", "--port", str(port),
            "--device", "cuda:0" if device.type == "cuda" else "cpu", "--dtype",
-           "bfloat16" if device.type == "cuda" else "float32", "--log-level", "warning"]
+           "bfloat16" if device.type == "cuda" else "float32"]
     log = (folder / "transformers_serve.log").open("w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -226,11 +231,11 @@ def run_transformers_peer(model, tokenizer_dir: Path, work, args, device, folder
             if time.monotonic() > deadline:
                 raise RuntimeError("transformers serve did not come up in time")
             time.sleep(1)
-        warm = run_client(url, str(hf_dir), work[:2], args.timeout)  # loads the model, compiles, warms up
+        warm = run_client(url, str(hf_dir), work[:2], 120)  # first requests: lazy initialisation, warm-up
         if not any(r["status"] == 200 for r in warm):
             raise RuntimeError(f"transformers serve refused the warm-up requests: {warm}")
         ready_s = time.perf_counter() - started
-        results = run_client(url, str(hf_dir), work, args.timeout)
+        results = run_client(url, str(hf_dir), work, max(60.0, min(args.timeout, time_left())))
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -264,9 +269,10 @@ def main() -> int:
     ap.add_argument("--tbt-slo-ms", type=float, default=100.0, help="TBT SLO; goodput uses it for TPOT")
     ap.add_argument("--no-admission", dest="admission", action="store_false", help="never refuse (no 429s)")
     ap.add_argument("--no-peer", dest="peer", action="store_false", help="skip transformers serve")
-    ap.add_argument("--peer-startup-timeout", type=float, default=240)
+    ap.add_argument("--peer-startup-timeout", type=float, default=180)
     ap.add_argument("--timeout", type=float, default=240, help="seconds one replay may take")
-    ap.add_argument("--budget-s", type=float, default=560, help="skip the runs that would start after this")
+    ap.add_argument("--budget-s", type=float, default=500,
+                    help="skip the runs that would start after this many seconds (the peer's replay stops 30 s later)")
     ap.add_argument("--out", help="results file (default benchmarks/results/serve.json)")
     ap.add_argument("--client", nargs=2, metavar=("WORK", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -314,7 +320,10 @@ def main() -> int:
                 rows.append(dict(preset=preset, system="nanokimi", mode=mode, error="skipped: --budget-s spent"))
                 continue
             print(f"{preset} nanokimi prefix caching {mode} ...", flush=True)
-            row = run_nanokimi(model, tokenizer, template, mode, work, args, device)
+            try:
+                row = run_nanokimi(model, tokenizer, template, mode, work, args, device)
+            except Exception as e:  # noqa: BLE001 - recorded; the other runs go on
+                row = dict(error=f"{type(e).__name__}: {str(e)[:600]}")
             rows.append(dict(preset=preset, system="nanokimi", mode=mode, **row))
             print(f"  {json.dumps(rows[-1])}", flush=True)
         if args.peer and preset in PEER_PRESETS and time.perf_counter() - began > args.budget_s:
@@ -323,7 +332,8 @@ def main() -> int:
         elif args.peer and preset in PEER_PRESETS:
             print(f"{preset} transformers serve --continuous-batching ...", flush=True)
             try:
-                row = run_transformers_peer(model, folder, work, args, device, folder)
+                row = run_transformers_peer(model, folder, work, args, device, folder,
+                                            lambda: args.budget_s + 30 - (time.perf_counter() - began))
                 rows.append(dict(preset=preset, system="transformers serve", mode="continuous batching", **row))
             except Exception as e:  # noqa: BLE001 - the peer's failure is a result, nanokimi's rows stay
                 rows.append(dict(preset=preset, system="transformers serve", mode="continuous batching",

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from nanokimi.infer.tiers import KVTierStore
@@ -63,9 +64,11 @@ def test_buffers_are_reused_and_mixed_sizes_stay_within_budget(tmp_path):
         assert got is not None and same(got, block(i, with_state=i % 3 == 0))
 
 
-def test_engine_serves_an_evicted_prefix_from_the_cpu_and_disk_tiers_exactly(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_engine_serves_an_evicted_prefix_from_the_cpu_and_disk_tiers_exactly(tmp_path, device):
     """A GPU pool of 24 blocks cannot hold four 200-token prompts: the first one's blocks (and its KDA
-    snapshot) are evicted, then a resend of it is served from the lower tier: same tokens as recomputing."""
+    snapshot) are evicted, then a resend of it is served from the lower tier: same tokens as recomputing.
+    On CUDA the CPU pool is pinned and the copies cross the bus (fp32 there too, so tokens compare exactly)."""
     from nanokimi.infer import LLM, SamplingParams
     from serve_util import make_checkpoint
 
@@ -73,18 +76,21 @@ def test_engine_serves_an_evicted_prefix_from_the_cpu_and_disk_tiers_exactly(tmp
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(1, 500, (200,), generator=g).tolist() for _ in range(4)]
     greedy = SamplingParams(max_tokens=12, temperature=0)
-    recompute = LLM(str(ckpt), device="cpu", max_cache_tokens=4096, enable_prefix_caching=False)
-    want = [o.outputs[0].token_ids for o in recompute.generate(prompt_token_ids=prompts, sampling_params=greedy,
-                                                               use_tqdm=False)]
-    for name, store in (("cpu", KVTierStore(1 << 26, pin=False)),
-                        ("disk", KVTierStore(0, tmp_path / "kv", pin=False))):
-        llm = LLM(str(ckpt), device="cpu", max_cache_tokens=24 * 16, kv_tiers=store)
+    roomy = LLM(str(ckpt), device=device, dtype="float32", max_cache_tokens=4096)  # nothing is ever evicted
+    want = [o.outputs[0].token_ids for o in roomy.generate(prompt_token_ids=prompts, sampling_params=greedy,
+                                                           use_tqdm=False)]
+    hit = roomy.generate(prompt_token_ids=[prompts[0]], sampling_params=greedy, use_tqdm=False)[0]
+    assert hit.num_cached_tokens == 192  # the same resend, served from GPU blocks
+    if device == "cpu":
+        assert hit.outputs[0].token_ids == want[0]  # and on the CPU bit-equal to recomputing
+    for name, store in (("cpu", KVTierStore(1 << 26)), ("disk", KVTierStore(0, tmp_path / "kv"))):
+        llm = LLM(str(ckpt), device=device, dtype="float32", max_cache_tokens=24 * 16, kv_tiers=store)
         for p, w in zip(prompts, want):  # each prompt pushes the previous one out of the GPU pool
             out = llm.generate(prompt_token_ids=[p], sampling_params=greedy, use_tqdm=False)[0]
             assert out.outputs[0].token_ids == w
         assert llm.engine.num_cached_tokens(prompts[0]) == 192  # all in the lower tier now
         again = llm.generate(prompt_token_ids=[prompts[0]], sampling_params=greedy, use_tqdm=False)[0]
-        assert again.num_cached_tokens == 192 and again.outputs[0].token_ids == want[0]
+        assert again.num_cached_tokens == 192 and again.outputs[0].token_ids == hit.outputs[0].token_ids
         tiers = llm.stats()["kv_tiers"]
         assert tiers[name]["hit_tokens"] == 192, tiers
         assert llm.stats()["cache_blocks_free"] == llm.stats()["cache_blocks_total"]
