@@ -267,3 +267,28 @@ def test_client_disconnect_mid_stream_aborts_and_frees_blocks(served):
     assert gauge(m, "nanokimi_requests_finished_total", reason="abort") == before + 1
     stats = server.loop.snapshot()["raw"]
     assert stats["requests_running"] == 0 and stats["cache_blocks_free"] == stats["cache_blocks_total"]
+
+
+@pytest.mark.gpu
+def test_serving_on_cuda_with_a_cpu_tier(ckpt):
+    """The same server on a GPU (CUDA graphs for decode, pinned CPU tier): greedy equals LLM.generate there,
+    a stream completes, a resent long prompt is served from the CPU tier, and the pool is free afterwards.
+    (Exact equality of tier hits with recomputation is tested in test_kv_tiers.py.)"""
+    server = Server.load(str(ckpt), ServeOptions(device="cuda", max_cache_tokens=256, kv_offload_gb=0.05))
+    reference = LLM(str(ckpt), device="cuda", max_cache_tokens=4096)
+    long_prompt = [(11 * j) % 500 + 1 for j in range(200)]
+    with BackgroundServer(create_app(server)) as bg:
+        client = openai.OpenAI(base_url=bg.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        got = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=16, temperature=0)
+        want = reference.generate(PROMPT, SamplingParams(max_tokens=16, temperature=0), use_tqdm=False)[0]
+        assert got.choices[0].text == want.outputs[0].text
+        text = "".join(c.choices[0].text for c in client.completions.create(
+            model="tiny", prompt=PROMPT, max_tokens=16, temperature=0, stream=True) if c.choices)
+        assert text == got.choices[0].text
+        client.completions.create(model="tiny", prompt=long_prompt, max_tokens=4, temperature=0)
+        for i in range(3):  # push the long prompt's blocks out of the 16-block GPU pool
+            client.completions.create(model="tiny", prompt=[(7 * j + i) % 500 + 1 for j in range(200)], max_tokens=2)
+        client.completions.create(model="tiny", prompt=long_prompt, max_tokens=4, temperature=0)
+        m = metrics(bg.url)
+    assert gauge(m, "nanokimi_prefix_cache_hits_total", tier="cpu") >= 176
+    assert gauge(m, "nanokimi_cache_blocks_free", tier="gpu") == gauge(m, "nanokimi_cache_blocks_total", tier="gpu")

@@ -176,10 +176,13 @@ class EngineLoop:
         prompts of several lengths decoding together, so prefill size and batch size both vary."""
         rounds = [(self.step_tokens, 16, 16, 16)] + [(2 * self.step_tokens, self.step_tokens // 2, 16) + (8,) * k
                                                    for k in (3, 12)]
+        stats = self.engine.stats()
+        capacity = stats.get("cache_tokens_total", stats.get("cache_blocks_total", 0) * 16)
+        longest = max(1, min(self.max_model_len // 2, capacity // 4) - 8)  # leaves room for the round's others
         for r, lengths in enumerate(rounds):
             before = len(self.admission.model.samples)
             for i, length in enumerate(lengths):
-                length = max(1, min(length, self.max_model_len // 2))
+                length = min(length, longest)
                 ids = [(7 * j + 13 * i + 101 * r) % (self.vocab_size - 1) + 1 for j in range(length)]
                 params = self.sampling_params(max_tokens=8, temperature=0.0, ignore_eos=True)
                 self.engine.add_request(f"warmup-{r}-{i}", ids, params)
