@@ -2,6 +2,7 @@
 
     python benchmarks/serve.py            # bench-kl-900m and bench-dsv3-900m on one GPU, HF peer on dsv3 (~8 min)
     python benchmarks/serve.py --smoke    # CPU, tiny models, a scaled-down trace (writes to a temp folder)
+    python benchmarks/serve.py --smoke --smoke-peer --presets bench-dsv3-900m   # + transformers serve (accelerate)
 
 The trace (../shared/data/mooncake/synthetic_trace.jsonl, Mooncake's FAST'25 release) gives each request an
 arrival time, input and output lengths and the hash ids of its 512-token prefix blocks. Each hash id becomes a
@@ -269,6 +270,7 @@ def main() -> int:
     ap.add_argument("--tbt-slo-ms", type=float, default=100.0, help="TBT SLO; goodput uses it for TPOT")
     ap.add_argument("--no-admission", dest="admission", action="store_false", help="never refuse (no 429s)")
     ap.add_argument("--no-peer", dest="peer", action="store_false", help="skip transformers serve")
+    ap.add_argument("--smoke-peer", action="store_true", help="with --smoke: run transformers serve too")
     ap.add_argument("--peer-startup-timeout", type=float, default=180)
     ap.add_argument("--timeout", type=float, default=240, help="seconds one replay may take")
     ap.add_argument("--budget-s", type=float, default=500,
@@ -294,7 +296,7 @@ def main() -> int:
         args.requests, args.length_scale, args.time_scale = min(args.requests, 24), 1 / 64, 20.0
         args.max_input, args.gpu_cache_tokens, args.cpu_tier_gb, args.step_tokens = 512, 768, 0.05, 256
         args.output_scale, args.ttft_slo_ms, args.tbt_slo_ms = 0.5, 5000.0, 1000.0
-        args.peer = False  # transformers serve's continuous batching did not start on the CPU (5.25)
+        args.peer = args.peer and args.smoke_peer  # transformers serve takes ~100 s to start on a small CPU
     began = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     presets = args.presets or PRESETS
