@@ -269,13 +269,15 @@ def test_client_disconnect_mid_stream_aborts_and_frees_blocks(served):
     assert stats["requests_running"] == 0 and stats["cache_blocks_free"] == stats["cache_blocks_total"]
 
 
-@pytest.mark.gpu
-def test_serving_on_cuda_with_a_cpu_tier(ckpt):
-    """The same server on a GPU (CUDA graphs for decode, pinned CPU tier): greedy equals LLM.generate there,
-    a stream completes, a resent long prompt is served from the CPU tier, and the pool is free afterwards.
-    (Exact equality of tier hits with recomputation is tested in test_kv_tiers.py.)"""
-    server = Server.load(str(ckpt), ServeOptions(device="cuda", max_cache_tokens=256, kv_offload_gb=0.05))
-    reference = LLM(str(ckpt), device="cuda", max_cache_tokens=4096)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_16_block_pool_serves_a_resent_prompt_from_the_cpu_tier(ckpt, tmp_path, device):
+    """A server whose GPU pool (16 blocks) cannot keep a 200-token prompt while three others run: the resend
+    is served from the CPU tier and /metrics counts it per tier; greedy still equals LLM.generate, a stream
+    completes, and the pool is free afterwards. On CUDA: decode CUDA graphs and a pinned pool. (Exact
+    equality of tier hits with recomputation is tested in test_kv_tiers.py.)"""
+    server = Server.load(str(ckpt), ServeOptions(device=device, max_cache_tokens=256, kv_offload_gb=0.05,
+                                                 kv_disk=str(tmp_path / "kv")))
+    reference = LLM(str(ckpt), device=device, max_cache_tokens=4096)
     long_prompt = [(11 * j) % 500 + 1 for j in range(200)]
     with BackgroundServer(create_app(server)) as bg:
         client = openai.OpenAI(base_url=bg.url + "/v1", api_key="unused", max_retries=0, timeout=120)
@@ -291,4 +293,6 @@ def test_serving_on_cuda_with_a_cpu_tier(ckpt):
         client.completions.create(model="tiny", prompt=long_prompt, max_tokens=4, temperature=0)
         m = metrics(bg.url)
     assert gauge(m, "nanokimi_prefix_cache_hits_total", tier="cpu") >= 176
+    assert gauge(m, "nanokimi_prefix_cache_hits_total", tier="disk") == 0  # the CPU pool was large enough
+    assert gauge(m, "nanokimi_cache_blocks_cached", tier="cpu") > 0
     assert gauge(m, "nanokimi_cache_blocks_free", tier="gpu") == gauge(m, "nanokimi_cache_blocks_total", tier="gpu")
