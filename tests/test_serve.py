@@ -2,7 +2,6 @@
 official openai client and raw httpx. One server per module (a second for admission)."""
 import asyncio
 import json
-import threading
 import time
 
 import httpx
@@ -13,9 +12,9 @@ pytest.importorskip("fastapi", reason="nanokimi serve needs the serve extra")
 
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
+from nanokimi.data.chat import ChatTemplate  # noqa: E402
 from nanokimi.infer import LLM, SamplingParams  # noqa: E402
 from nanokimi.serve.app import ServeOptions, Server, create_app  # noqa: E402
-from nanokimi.data.chat import ChatTemplate  # noqa: E402
 from nanokimi.serve.run import BackgroundServer  # noqa: E402
 from serve_util import make_checkpoint  # noqa: E402
 

@@ -111,8 +111,9 @@ class Server:
         if room < 1:
             raise ApiError(400, f"The prompt has {prompt_len} tokens; this model's context is {self.max_model_len} "
                            "tokens. Shorten the prompt.", param, code="context_length_exceeded")
-        if max_tokens is None:
-            max_tokens = room
+        if max_tokens is None:  # the rest of the context, as far as the engine's whole cache can hold it
+            capacity = self.loop.snapshot().get("raw", {}).get("cache_tokens_total", self.max_model_len)
+            max_tokens = max(1, min(room, capacity - prompt_len))
         if prompt_len + max_tokens > self.max_model_len:
             raise ApiError(400, f"This model's context is {self.max_model_len} tokens; the prompt has {prompt_len} "
                            f"and max_tokens asks for {max_tokens} more. Lower max_tokens to at most {room}.",
@@ -243,8 +244,8 @@ class _Call:
                            f"SLO (predicted TTFT {payload.ttft_s * 1000:.0f} ms, TBT {payload.tbt_s * 1000:.1f} ms). "
                            "Retry later.", None, "rate_limit_error", "rate_limit_exceeded",
                            {"Retry-After": str(payload.retry_after_s)})
-        if kind == "error":
-            raise ApiError(400, str(payload), "prompt")
+        if kind == "error":  # the engine refused it (e.g. longer than its whole cache)
+            raise ApiError(400, str(payload))
 
     def usage(self, update: Update | None) -> dict:
         completion = sum(len(c.token_ids) for c in update.choices) if update else 0
