@@ -2,7 +2,7 @@
 caching's time to first token, and long-context decode of the KDA hybrid against all-MLA. Random weights
 (speed does not depend on them), bf16, greedy, end-of-text ignored (every request runs to its length).
 
-    python benchmarks/engine.py                      # bench-kl-900m and bench-dsv3-900m with HF peers, ~8 min on an H100
+    python benchmarks/engine.py                      # both 900m presets with HF peers, ~8 min on an H100
     python benchmarks/engine.py --no-peer --skip-long
     python benchmarks/engine.py --smoke              # CPU, tiny models, seconds (writes to a temp folder)
 
@@ -225,19 +225,20 @@ def hf_worker(args) -> None:
                 mask = torch.tensor([[0] * (width - len(w["prompt"])) + [1] * len(w["prompt"]) for w in part],
                                     device="cuda")
                 longest = max(w["output"] for w in part)
-                model.generate(ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest, do_sample=False)
+                model.generate(ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest,
+                               do_sample=False)
             torch.cuda.synchronize()
         else:
             from transformers import GenerationConfig
-            model.config._attn_implementation = "sdpa_paged"
             longest = max(w["output"] for w in work)
-            config = GenerationConfig(max_new_tokens=longest, do_sample=False, eos_token_id=-1, pad_token_id=0)
+            config = GenerationConfig(max_new_tokens=longest, do_sample=False, eos_token_id=None, pad_token_id=0)
             model.generate_batch([[5] * 8] * 2, generation_config=config, max_new_tokens=4)
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            model.generate_batch([w["prompt"] for w in work], generation_config=config)
+            outs = model.generate_batch([w["prompt"] for w in work], generation_config=config)
             torch.cuda.synchronize()
-            result["note"] = f"one max_new_tokens={longest} for every request"
+            made = [len(getattr(o, "generated_tokens", []) or []) for o in outs.values()]
+            result.update(note=f"one max_new_tokens={longest} for every request", generated_tokens=sum(made))
     seconds = time.perf_counter() - t0
     result.update(seconds=round(seconds, 3), useful_tokens_per_s=round(generated / seconds, 1),
                   requests_per_s=round(len(work) / seconds, 2))
@@ -274,6 +275,8 @@ def main() -> None:
     ap.add_argument("--skip-long", action="store_true")
     ap.add_argument("--compile", action="store_true", help="also time decode with torch.compile inside the graphs")
     ap.add_argument("--long-context", type=int, default=131072)
+    ap.add_argument("--mla-decode", choices=["auto", "triton", "gather"], default="auto",
+                    help="MLA decode attention: the Triton paged kernel (auto on CUDA) or gathered blocks")
     ap.add_argument("--peer-script")
     ap.add_argument("--out")
     ap.add_argument("--hf-worker", choices=["fixed", "cb"], help=argparse.SUPPRESS)
@@ -284,6 +287,8 @@ def main() -> None:
     if args.hf_worker:
         return hf_worker(args)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    import nanokimi.model.paged as paged
+    paged.PAGED_KERNEL = args.mla_decode
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     presets = SMOKE_PRESETS if args.smoke else PRESETS
     n_requests = 24 if args.smoke else args.requests
@@ -305,7 +310,8 @@ def main() -> None:
                             snapshot_interval=512 if device.type == "cuda" else 64, gpu_memory_fraction=0.6)
             row["report"] = engine.report
             print(f"[{time.perf_counter() - started:.0f}s] {name}: {engine.report}", flush=True)
-            work = workload(n_requests, mean_prompt, cfg.max_position_embeddings // 4, cfg.vocab_size)
+            work = workload(n_requests, mean_prompt, cfg.max_position_embeddings // 4, cfg.vocab_size,
+                            max_output=24 if args.smoke else 256)
             run_offline(engine, work[:16])  # warm up: graphs of the small buckets, lazy inits
             row["offline"] = run_offline(engine, work)
             row["offline"]["source"] = work[0]["source"]
@@ -321,7 +327,8 @@ def main() -> None:
             del engine
             free_memory(device)
             if args.compile and device.type == "cuda":
-                engine = Engine(model, max_num_seqs=64, compile=True, gpu_memory_fraction=0.5)
+                engine = Engine(model, max_num_seqs=64, compile=True, gpu_memory_fraction=0.5,
+                                max_step_tokens=16 * decode_prompt)  # one prefill step: one bucket to compile
                 row["decode_b16_compile"] = decode_speed(engine, cfg, 16, decode_prompt, decode_steps)
                 print(f"  decode b16 compiled: {row['decode_b16_compile']}", flush=True)
                 del engine
@@ -347,7 +354,8 @@ def main() -> None:
                       row.get(f"decode_b{decode_batches[1]}", {}).get("floor_tokens_per_s")])
     if not args.skip_long:
         hybrid = presets["bench-kl-900m"]
-        layouts = {"hybrid-KKKA": hybrid, "all-MLA": dict(hybrid, overrides=dict(hybrid.get("overrides", {}), mixers="A"))}
+        all_mla = dict(hybrid, overrides=dict(hybrid.get("overrides", {}), mixers="A"))
+        layouts = {"hybrid-KKKA": hybrid, "all-MLA": all_mla}
         for name, spec in layouts.items():
             try:
                 results[f"long/{name}"] = long_context(spec, device, dtype, long_ctx, 3 if args.smoke else 8, 0.8)
@@ -358,7 +366,7 @@ def main() -> None:
             print(f"  long {name}: {results[f'long/{name}']}", flush=True)
     print_table(["model", "engine tok/s", "req/s", "HF fixed tok/s", "HF CB tok/s", f"decode b{decode_batches[0]}",
                  f"decode b{decode_batches[1]}", "floor"], table)
-    write_results(out, env, results, dict(seconds=round(time.perf_counter() - started, 1)))
+    write_results(out, env, results, dict(seconds=round(time.perf_counter() - started, 1), mla_decode=args.mla_decode))
     print(f"wrote {out}")
 
 

@@ -94,3 +94,15 @@ def test_engine_serves_an_evicted_prefix_from_the_cpu_and_disk_tiers_exactly(tmp
         tiers = llm.stats()["kv_tiers"]
         assert tiers[name]["hit_tokens"] == 192, tiers
         assert llm.stats()["cache_blocks_free"] == llm.stats()["cache_blocks_total"]
+
+
+def test_clear_forgets_every_tier(tmp_path):
+    store = KVTierStore(entry_bytes(KVTierStore(0), block(0)), tmp_path, pin=False)
+    for i in range(3):
+        store.offload(bytes([i]) * 16, block(i))
+    assert len(store.cpu) == 1 and len(store.disk) == 2
+    store.clear()
+    assert not any(store.contains(bytes([i]) * 16) for i in range(3))
+    assert not list(store.disk_dir.glob("*.safetensors"))
+    store.offload(b"\x09" * 16, block(9))  # the freed buffer is reused
+    assert same(store.fetch(b"\x09" * 16), block(9))

@@ -39,8 +39,8 @@ def sample_seed(seed: int | None, index: int) -> int:
 
 class Engine:
     """See the module docstring. max_cache_tokens=None takes gpu_memory_fraction of the free GPU memory
-    (on the CPU: 65536 tokens). snapshot_interval: KDA state snapshots every so many tokens of a prompt
-    (rounded to blocks) besides its last full block; num_state_snapshots: how many are kept (LRU).
+    (on the CPU: 65536 tokens). snapshot_interval: KDA state snapshots every so many tokens of a sequence
+    (rounded to blocks; prompt and output) besides its prompt's last full block; num_state_snapshots: how many are kept (LRU).
     use_cuda_graph: "auto" graphs decode-only steps on CUDA (True: a failed capture raises); compile=True
     also torch.compiles them (one compilation per batch bucket: slow to warm up, for long runs)."""
 
@@ -82,6 +82,7 @@ class Engine:
             if self.slots is not None:
                 self.slots.on_evict = self.tiers.evict_state
             self.scheduler.tiers = self.tiers
+        self.stream_outputs = True  # False: step() returns finished requests only, and text is decoded once at the end
         self.requests: dict[str, Request] = {}
         self.aborted: list[Request] = []
         self.eos_ids = set()
@@ -108,7 +109,8 @@ class Engine:
         budget = int(free * fraction) - slot_bytes
         if budget < 2 * per_block:
             raise ValueError(f"Engine: {free / 2**30:.1f} GiB free GPU memory leave no room for the cache after "
-                             f"{slot_bytes / 2**30:.2f} GiB of KDA state slots; lower max_num_seqs or pass max_cache_tokens.")
+                             f"{slot_bytes / 2**30:.2f} GiB of KDA state slots; lower max_num_seqs or pass "
+                             "max_cache_tokens.")
         return budget // per_block + 1, f"{fraction:.0%} of {free / 2**30:.1f} GiB free"
 
     def _report(self) -> str:
@@ -120,14 +122,23 @@ class Engine:
                  f"({(self.num_blocks * per_block) / 2**30:.2f} GiB; {self.budget_note})",
                  f"~{tokens // self.max_model_len:,} sequences at max_model_len {self.max_model_len:,}"]
         if self.has_kda:
-            parts.append(f"KDA state slots {self.slots.num_slots} x {per_slot / 2**20:.1f} MiB "
-                         f"(kernel {kda_backend(self.device)[0]}, decode {'fla fused_recurrent' if kda_backend(self.device)[0] == 'fla' else 'torch recurrence'})")
-        attention = "absorbed MLA / masked GQA over gathered blocks"
-        graphs = "CUDA graphs at bucketed batch sizes" if self.runner.use_graphs else "eager"
+            fla = kda_backend(self.device)[0] == "fla"
+            kernels = "fla chunk_kda / fused_recurrent_kda" if fla else "torch chunkwise / recurrence"
+            parts.append(f"KDA state slots {self.slots.num_slots} x {per_slot / 2**20:.1f} MiB ({kernels})")
+        from nanokimi.model.paged import use_paged_kernel
+        mla = "Triton paged kernel" if use_paged_kernel(self.device, self.block_size) else "gathered blocks"
+        attention = f"absorbed MLA ({mla}), masked GQA over gathered blocks"
+        graphs = "eager"
+        if self.runner.use_graphs:
+            graphs = "static buffers, no graph" if self.runner.static_only else "CUDA graphs at bucketed batch sizes"
         if self.runner.compiled:
             graphs += " + torch.compile"
-        parts += [f"decode: {attention}, {graphs}", f"prefill: per-sequence chunks, max_step_tokens "
-                  f"{self.scheduler.max_step_tokens}", f"prefix caching {'on' if self.prefix_caching else 'off'}"]
+        from nanokimi.model.paged import BATCHED_PREFILL
+        prefill = "pieces batched, mixing per piece" if BATCHED_PREFILL else "each piece alone"
+        caching = f"on (KDA snapshots every {self.snapshot_interval} tokens)" if self.has_kda else "on"
+        parts += [f"decode: {attention}, {graphs}",
+                  f"prefill: chunked, {prefill}, max_step_tokens {self.scheduler.max_step_tokens}",
+                  f"prefix caching {caching if self.prefix_caching else 'off'}"]
         return "engine: " + "; ".join(parts)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None,
@@ -152,8 +163,8 @@ class Engine:
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"add_request: {message}.")
-        request = Request(request_id, prompt_token_ids, params, time.monotonic() if arrival_time is None else arrival_time,
-                          prompt)
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        request = Request(request_id, prompt_token_ids, params, arrival, prompt)
         seed = params.seed if params.seed is not None else secrets.randbits(62)
         for i in range(params.n):
             seq = Sequence(request, i, sample_seed(seed, i), self.block_size, self.snapshot_interval)
@@ -188,6 +199,16 @@ class Engine:
             return 0
         hashes = self.prompt_hashes(prompt_token_ids) if hashes is None else hashes
         return len(self.scheduler.prefix_of(hashes)) * self.block_size
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix and KDA snapshot. Call it after changing the model's weights in place
+        (RL): cached blocks hold the old weights' keys. Running requests keep their own blocks."""
+        self.pool.forget_hashes()
+        if self.slots is not None:
+            self.slots.drop_snapshots()
+        if self.tiers is not None:
+            self.tiers.pending_blocks.clear()
+            self.tiers.pending_states.clear()
+            self.tiers.store.clear()
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
@@ -218,7 +239,8 @@ class Engine:
             if seq.request.metrics["first_scheduled_time"] is None:
                 seq.request.metrics["first_scheduled_time"] = now
             c = seq.num_computed
-            rows.append(Row(seq.tokens[c:c + n], c, seq.block_table, seq.state_slot, c + n == len(seq.tokens)))
+            rows.append(Row(seq.tokens[c:c + n], c, seq.block_table, seq.state_slot, c + n == len(seq.tokens),
+                            seq.table_tensor() if n == 1 else None))
         logits = self.runner.run(rows)
         self.scheduler.after_step(scheduled)
         self._apply_slot_ops()
@@ -234,7 +256,8 @@ class Engine:
                 request.metrics["finished_time"] = time.monotonic()
                 del self.requests[request.request_id]
                 self.counters["requests_finished"] += 1
-            outputs.append(self._output(request))
+            if self.stream_outputs or request.finished:
+                outputs.append(self._output(request))
         return outputs
 
     def _apply_slot_ops(self) -> None:
@@ -255,8 +278,7 @@ class Engine:
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         params = [s.request.params for s in seqs]
-        uniforms = [torch.rand((), generator=s.generator, dtype=torch.float64).item() if p.temperature > 0 else 0.0
-                    for s, p in zip(seqs, params)]
+        uniforms = [s.rng.random() if p.temperature > 0 else 0.0 for s, p in zip(seqs, params)]
         tokens = sample_rows(logits, [p.temperature for p in params], [p.top_k for p in params],
                              [p.top_p for p in params], uniforms)
         with_logprobs = [i for i, p in enumerate(params) if p.logprobs is not None]
@@ -279,22 +301,41 @@ class Engine:
     def _check_finish(self, seq: Sequence, token: int) -> None:
         params = seq.request.params
         output = seq.output
-        output.token_ids = seq.tokens[seq.num_prompt:]
+        output.token_ids.append(token)
         stopped_by_token = token in (params.stop_token_ids or ()) or (not params.ignore_eos and token in self.eos_ids)
-        if self.tokenizer is not None:
-            text_ids = output.token_ids[:-1] if stopped_by_token else output.token_ids
-            output.text = self.tokenizer.decode(text_ids)
         reason = "stop" if stopped_by_token else None
-        if params.stop and reason is None:
-            hits = [i for i in (output.text.find(s) for s in params.stop) if i >= 0]
-            if hits:
-                output.text = output.text[:min(hits)]
+        if self.tokenizer is not None and not stopped_by_token and (self.stream_outputs or params.stop):
+            grown_from = len(output.text)
+            self._detokenize(seq, output.token_ids)
+            if params.stop and self._cut_at_stop(output, params.stop, grown_from):
                 reason = "stop"
         if reason is None and (seq.num_output >= params.max_tokens or len(seq.tokens) >= self.max_model_len):
             reason = "length"
         if reason is not None:
+            if self.tokenizer is not None:  # the final text: one decode of everything (incremental pieces may differ)
+                output.text = self.tokenizer.decode(output.token_ids[:-1] if stopped_by_token else output.token_ids)
+                if params.stop:
+                    self._cut_at_stop(output, params.stop, 0)
             output.finish_reason = reason
             self.scheduler.finish(seq)
+
+    def _detokenize(self, seq: Sequence, ids: list[int]) -> None:
+        """Append the text of the new tokens, decoding only the tokens since the last complete piece (so a
+        step costs the same however long the output is). Text that ends in an incomplete character waits."""
+        prefix, read = seq.detok_offsets
+        before = self.tokenizer.decode(ids[prefix:read])
+        after = self.tokenizer.decode(ids[prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            seq.output.text += after[len(before):]
+            seq.detok_offsets = (read, len(ids))
+
+    @staticmethod
+    def _cut_at_stop(output: CompletionOutput, stops: list[str], grown_from: int) -> bool:
+        """Cut the text before the earliest stop string that ends after grown_from; whether one was found."""
+        hits = [i for i in (output.text.find(s, max(0, grown_from - len(s) + 1)) for s in stops) if i >= 0]
+        if hits:
+            output.text = output.text[:min(hits)]
+        return bool(hits)
 
     def _account(self, scheduled, seconds: float) -> None:
         decode = sum(1 for seq, n in scheduled if n == 1 and seq.num_computed > seq.num_prompt)  # counts after the step

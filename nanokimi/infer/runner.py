@@ -23,6 +23,18 @@ class Row:
     block_table: list[int]
     state_slot: int | None
     wants_logits: bool
+    table_tensor: torch.Tensor | None = None  # the block table as a CPU tensor (kept up to date incrementally)
+
+
+class StaticReplay:
+    """Stands in for a CUDA graph (use_cuda_graph="static"): replay() runs the captured function eagerly
+    on the same static buffers, so the padding and bucketing around graphs are tested on any device."""
+
+    def __init__(self, fn):
+        self.fn, self.output = fn, None
+
+    def replay(self) -> None:
+        self.output = self.fn()
 
 
 def _bucket(value: int, sizes) -> int | None:
@@ -39,8 +51,15 @@ class ModelRunner:
         for module in model.modules():
             if isinstance(module, Rotary):
                 module.ensure_length(max_model_len, self.device)
+        if use_cuda_graph not in (True, False, "auto", "static"):
+            raise ValueError(f"use_cuda_graph must be True, False, 'auto' or 'static', got {use_cuda_graph!r}.")
+        if use_cuda_graph is True and self.device.type != "cuda":
+            raise ValueError("use_cuda_graph=True needs the model on a CUDA device; pass 'auto', 'static' or False.")
         moba = any(getattr(b.mixer, "moba", False) for b in model.layers)
-        self.use_graphs = self.device.type == "cuda" and use_cuda_graph is not False and not moba
+        # "static": the padded, fixed-shape step a graph captures, run eagerly on its static buffers (any device)
+        self.static_only = use_cuda_graph == "static"
+        graphs_here = self.static_only or (self.device.type == "cuda" and use_cuda_graph is not False)
+        self.use_graphs = graphs_here and not moba
         self.graph_required = use_cuda_graph is True
         self.graphs: dict[tuple[int, int], tuple] = {}
         self.graph_pool = None
@@ -59,23 +78,35 @@ class ModelRunner:
     @torch.no_grad()
     def run(self, rows: list[Row]) -> torch.Tensor:
         """Logits [R, V] of the last token of each row that wants them, in the order of `rows`.
-        Rows of one token must come first (the engine orders them so)."""
+        Rows of one token must come first (the engine orders them so). With CUDA graphs, the one-token
+        rows replay a graph and the longer rows (prefill chunks of other sequences) run eagerly after it."""
         num_decode = sum(1 for r in rows if len(r.tokens) == 1)
         if any(len(r.tokens) != 1 for r in rows[:num_decode]):
             raise ValueError("rows of one token must come before longer rows")
-        if num_decode == len(rows) and self.use_graphs:
-            logits = self._run_graphed(rows)
-            if logits is not None:
-                wanted = [i for i, r in enumerate(rows) if r.wants_logits]
-                return logits[:len(rows)][wanted] if len(wanted) < len(rows) else logits[:len(rows)]
+        decode, prefill = rows[:num_decode], rows[num_decode:]
+        graphed = self._run_graphed(decode) if decode and self.use_graphs else None
+        if graphed is None:
+            return self._run_eager(rows, num_decode)
+        wanted = [i for i, r in enumerate(decode) if r.wants_logits]
+        parts = [graphed[wanted]]  # a copy: the graph's output buffer is rewritten by the next replay
+        if prefill:
+            parts.append(self._run_eager(prefill, 0))
+        return torch.cat(parts)
+
+    def _run_eager(self, rows: list[Row], num_decode: int) -> torch.Tensor:
         batch, ids, last = self._build(rows, num_decode)
         hidden = self.model.hidden_states(ids[None], cache=self.cache, batch=batch)[0]  # [N, D]
         wanted = [last[i] for i, r in enumerate(rows) if r.wants_logits]
         return self.model.lm_head(hidden[torch.tensor(wanted, device=self.device, dtype=torch.long)])
 
-    def _decode_tensors(self, rows: list[Row], width: int):
+    def _decode_tensors(self, rows: list[Row], width: int, size: int | None = None):
+        """Host tensors of the one-token rows: block tables [size, width] (padded with block 0), and lists of
+        positions, cache slots and state slots."""
         bs = self.block_size
-        tables = [r.block_table + [0] * (width - len(r.block_table)) for r in rows]
+        tables = torch.zeros(size or len(rows), width, dtype=torch.long)
+        for i, r in enumerate(rows):
+            table = r.table_tensor if r.table_tensor is not None else torch.tensor(r.block_table, dtype=torch.long)
+            tables[i, :len(table)] = table
         positions = [r.start for r in rows]
         slots = [r.block_table[p // bs] * bs + p % bs for r, p in zip(rows, positions)]
         state = [self.dummy_slot if r.state_slot is None else r.state_slot for r in rows]
@@ -88,14 +119,20 @@ class ModelRunner:
         tables, positions, slots, state = self._decode_tensors(decode, width)
         as_long = dict(device=device, dtype=torch.long)
         pieces, offset, last = [], num_decode, list(range(num_decode))
+        prefill_positions, prefill_slots = [], []
+        bs = self.block_size
         for r in rows[num_decode:]:
             pieces.append(PrefillPiece(offset, len(r.tokens), r.start, torch.tensor(r.block_table, **as_long),
                                        self.dummy_slot if r.state_slot is None else r.state_slot))
             offset += len(r.tokens)
             last.append(offset - 1)
+            span = range(r.start, r.start + len(r.tokens))
+            prefill_positions.extend(span)
+            prefill_slots.extend(r.block_table[p // bs] * bs + p % bs for p in span)
         batch = PagedBatch(self.block_size, num_decode, torch.tensor(positions, **as_long),
-                           torch.tensor(tables, **as_long).view(num_decode, width), torch.tensor(slots, **as_long),
-                           torch.tensor(state, **as_long), pieces)
+                           tables.to(device), torch.tensor(slots, **as_long),
+                           torch.tensor(state, **as_long), pieces, torch.tensor(prefill_positions, **as_long),
+                           torch.tensor(prefill_slots, **as_long))
         ids = torch.tensor([t for r in rows for t in r.tokens], **as_long)
         return batch, ids, last
 
@@ -110,25 +147,31 @@ class ModelRunner:
             try:
                 self.graphs[key] = self._capture(size, width)
             except Exception as error:  # noqa: BLE001 - the eager step computes the same thing
-                if self.graph_required:
+                if self.graph_required and not self.compiled:
                     raise
+                if self.compiled:  # try again without torch.compile before giving up on graphs
+                    warnings.warn(f"torch.compile of the engine's decode step failed ({type(error).__name__}: "
+                                  f"{error}); capturing it uncompiled.")
+                    self.compiled, self.step_fn = False, self._logits
+                    return self._run_graphed(rows)
                 warnings.warn(f"CUDA graph capture of the engine's decode step failed ({type(error).__name__}: "
                               f"{error}); decoding eagerly.")
                 self.use_graphs = False
                 return None
         graph, ids, batch, logits = self.graphs[key]
+        if isinstance(graph, StaticReplay):
+            logits = graph
         pad = size - len(rows)
-        tables, positions, slots, state = self._decode_tensors(rows, width)
-        tables += [[0] * width] * pad
+        tables, positions, slots, state = self._decode_tensors(rows, width, size)
         host = torch.tensor([[r.tokens[0] for r in rows] + [0] * pad, positions + [0] * pad, slots + [0] * pad,
                              state + [self.dummy_slot] * pad], dtype=torch.long)
         ids.copy_(host[0], non_blocking=True)
         batch.positions.copy_(host[1], non_blocking=True)
         batch.slot_mapping.copy_(host[2], non_blocking=True)
         batch.state_slots.copy_(host[3], non_blocking=True)
-        batch.block_tables.copy_(torch.tensor(tables, dtype=torch.long), non_blocking=True)
+        batch.block_tables.copy_(tables, non_blocking=True)
         graph.replay()
-        return logits
+        return logits.output if isinstance(logits, StaticReplay) else logits
 
     def _capture(self, size: int, width: int):
         device = self.device
@@ -141,6 +184,8 @@ class ModelRunner:
         def step():
             return self.step_fn(ids, batch)
 
+        if self.static_only:
+            return StaticReplay(step), ids, batch, torch.empty(0)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):

@@ -128,6 +128,16 @@ class KVTierStore:
         self.counters["misses"] += count
         return None
 
+    def clear(self) -> None:
+        """Forget every entry (CPU and disk), e.g. after the model's weights changed."""
+        for entry in self.cpu.values():
+            self._free.setdefault(entry.buffer.numel(), []).append(entry.buffer)
+        self.cpu.clear()
+        for key in self.disk:
+            self._file(key).unlink(missing_ok=True)
+        self.disk.clear()
+        self._disk_used = 0
+
     def _alloc(self, nbytes: int) -> torch.Tensor | None:
         """A buffer of nbytes: a spare one of that size, else carved from the pinned chunks while the budget
         lasts, else the least recently used entries are evicted (to disk, if any) until one of that size frees."""
