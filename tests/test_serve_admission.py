@@ -156,3 +156,11 @@ def test_dispatch_prefers_the_most_cached_prompt_until_someone_waited_too_long(t
                 llm.engine.step()
     finally:
         aio.close()
+
+
+def test_one_off_stalls_do_not_poison_the_step_model():
+    model = fitted()
+    before = model.coefficients()
+    for _ in range(5):
+        model.observe(512, 8, 3.0)  # e.g. a CUDA graph capture: 3 s for a ~20 ms step
+    assert model.coefficients() == pytest.approx(before)

@@ -33,7 +33,11 @@ class StepTimeModel:
         self._coef: tuple[float, float, float] | None = None
 
     def observe(self, prefill_tokens: int, decode_seqs: int, seconds: float) -> None:
+        """One step's work and wall time. A step 5x slower than predicted (a one-off such as a CUDA graph
+        capture or a stalled machine) is left out once the window has 32 samples."""
         if prefill_tokens == 0 and decode_seqs == 0:
+            return
+        if len(self.samples) >= 32 and self.ready and seconds > 5 * self.predict(prefill_tokens, decode_seqs):
             return
         self.samples.append((float(prefill_tokens), float(decode_seqs), seconds))
         self._coef = None
