@@ -212,8 +212,10 @@ def run_transformers_peer(model, tokenizer_dir: Path, work, args, device, folder
     shutil.copyfile(tokenizer_dir / "tokenizer_config.json", hf_dir / "tokenizer_config.json")
     exe = shutil.which("transformers") or str(Path(sys.executable).with_name("transformers"))
     port = 18000 + os.getpid() % 1000
+    help_text = subprocess.run([exe, "serve", "--help"], capture_output=True, text=True, timeout=120).stdout
+    dtype_flag = "--dtype" if "--dtype" in help_text else "--torch-dtype"  # the flag's name changed across versions
     cmd = [exe, "serve", str(hf_dir), "--continuous-batching", "--host", "127.0.0.1", "--port", str(port),
-           "--device", "cuda:0" if device.type == "cuda" else "cpu", "--dtype",
+           "--device", "cuda:0" if device.type == "cuda" else "cpu", dtype_flag,
            "bfloat16" if device.type == "cuda" else "float32"]
     log = (folder / "transformers_serve.log").open("w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
