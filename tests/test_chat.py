@@ -5,7 +5,7 @@ import random
 import pytest
 
 from nanokimi.data import DataError, TiktokenTokenizer, Tokenizer, load_tokenizer
-from nanokimi.data.chat import (DEFAULT_TEMPLATE, ChatTemplate, ToolCallError, encode_conversation,
+from nanokimi.data.chat import (DEFAULT_TEMPLATE, ChatTemplate, ToolCallError, ToolCallStream, encode_conversation,
                                 parse_tool_calls)
 from nanokimi.data.tokenizer import CHAT_TOKENS, EOT, KIMI_PATTERN, read_tiktoken_ranks
 
@@ -27,7 +27,8 @@ def write_kimi_tokenizer(directory, vocab_size=330, chat_template=DEFAULT_TEMPLA
     ranks = bpe_train(SAMPLE, vocab_size, gpt2_like, visualise=None)
     directory.mkdir(parents=True, exist_ok=True)
     import base64
-    (directory / "tiktoken.model").write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()))
+    lines = (f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items())
+    (directory / "tiktoken.model").write_text("".join(lines))
     n = len(ranks)
     decoder = {str(n + i): {"content": t, "special": True, "lstrip": False, "rstrip": False, "normalized": False,
                             "single_word": False} for t, i in KIMI_SPECIALS.items()}
@@ -144,7 +145,9 @@ CHATML_TOOLS = """\
 {{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}
 {%- endif %}
 {%- set ns = namespace(last_user=-1) %}
-{%- for message in messages %}{%- if message.role == 'user' %}{%- set ns.last_user = loop.index0 %}{%- endif %}{%- endfor %}
+{%- for message in messages %}
+{%- if message.role == 'user' %}{%- set ns.last_user = loop.index0 %}{%- endif %}
+{%- endfor %}
 {%- for message in messages %}
     {%- if message.role == 'system' and loop.first %}{% continue %}{% endif %}
     {%- if message.role == 'user' or message.role == 'system' %}
@@ -172,7 +175,8 @@ LLAMA_LIKE = """{{ bos_token }}{% for message in messages %}{% if message['role'
 {{ message['content'] | trim }}
 <</SYS>>
 
-{% else %}[{{ message['role'] | upper }}] {{ message['content'] }}{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}
+{% else %}[{{ message['role'] | upper }}] {{ message['content'] }}{% if message['role'] == 'assistant' %}\
+{{ eos_token }}{% endif %}
 {% endif %}{% endfor %}{% if add_generation_prompt %}[ASSISTANT] {% endif %}{{ strftime_now('%Y') | length }}"""
 
 MESSAGES = [
@@ -201,8 +205,8 @@ def test_rendering_equals_transformers_apply_chat_template(template, add_generat
     messages = MESSAGES if template != LLAMA_LIKE else [m for m in MESSAGES if "tool_calls" not in m]
     tools = TOOLS if with_tools else None
     for end in range(1, len(messages) + 1):
-        expected = reference.apply_chat_template(messages[:end], tools=tools, add_generation_prompt=add_generation_prompt,
-                                                 tokenize=False)
+        expected = reference.apply_chat_template(messages[:end], tools=tools, tokenize=False,
+                                                 add_generation_prompt=add_generation_prompt)
         assert ours.render(messages[:end], add_generation_prompt=add_generation_prompt, tools=tools) == expected
 
 
@@ -282,3 +286,20 @@ def test_assistant_mask_covers_exactly_the_assistant_turns(kimi_dir, hf_tok):
         runs = [i for i in range(1, len(mask)) if mask[i] != mask[i - 1]]
         assert len(runs) == 4  # two separate assistant spans
         assert all(encode_conversation(tok, template, MESSAGES, train_on="all")[1])
+
+
+def test_streamed_reply_shows_content_at_once_and_tool_calls_at_the_end():
+    reply = ("Checking <|tool_calls are nice <|tool_calls_section_begin|><|tool_call_begin|>functions.f:0"
+             "<|tool_call_argument_begin|>{\"a\": \"<|\"}<|tool_call_end|><|tool_calls_section_end|>")
+    rng = random.Random(0)
+    for text in (reply, "plain text ending in <|tool_calls_sec", "x <|tool_calls_section_begin|>"):
+        for _ in range(20):
+            cuts = sorted(rng.sample(range(1, len(text)), 6))
+            stream, shown = ToolCallStream(), []
+            for a, b in zip([0, *cuts], [*cuts, len(text)]):
+                shown.append(stream.feed(text[a:b]))
+                assert "<|tool_calls_section_begin|>" not in "".join(shown)
+            rest, calls = stream.finish()
+            assert ("".join(shown) + rest, calls) == parse_tool_calls(text)
+    stream = ToolCallStream()
+    assert stream.feed("Hello <|tool") == "Hello " and stream.feed("s>") == "<|tools>"

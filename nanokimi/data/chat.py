@@ -30,7 +30,8 @@ from nanokimi.data.tokenizer import TOKENIZER_CONFIG, TokenizerBase
 
 TEMPLATE_FILE = "chat_template.jinja"
 TOOL_CALLS_BEGIN, TOOL_CALLS_END = "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>"
-TOOL_CALL_BEGIN, TOOL_CALL_ARGUMENTS, TOOL_CALL_END = "<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>"
+TOOL_CALL_BEGIN, TOOL_CALL_END = "<|tool_call_begin|>", "<|tool_call_end|>"
+TOOL_CALL_ARGUMENTS = "<|tool_call_argument_begin|>"
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 DEFAULT_TEMPLATE = """\
@@ -119,12 +120,13 @@ class ChatTemplate:
     """A Jinja chat template plus the special-token variables (bos_token, eos_token, ...) it may use."""
 
     def __init__(self, source: str = DEFAULT_TEMPLATE, variables: dict | None = None):
+        environment = _environment()  # DataError when jinja2 is missing
         import jinja2
 
         self.source = source
         self.variables = dict(variables or {})
         try:
-            self._template = _environment().from_string(source)
+            self._template = environment.from_string(source)
         except jinja2.TemplateSyntaxError as e:
             raise DataError(f"the chat template does not parse (line {e.lineno}: {e.message}).") from e
 
@@ -225,6 +227,48 @@ def parse_tool_calls(text: str) -> tuple[str, list[dict]]:
             raise ToolCallError(f"{where} names no function; expected functions.NAME:INDEX before the arguments.")
         calls.append({"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}})
     return text[:start], calls
+
+
+class ToolCallStream:
+    """A streamed reply split into content that can be shown at once and, when it ends, tool calls:
+
+        stream = ToolCallStream()
+        for delta in pieces: send(stream.feed(delta))        # content before any tool-call section
+        rest, tool_calls = stream.finish()                    # parse_tool_calls on the whole reply
+
+    A tail that could be the start of <|tool_calls_section_begin|> is held back until the next delta decides.
+    The content pieces joined with `rest` equal parse_tool_calls(whole reply)[0].
+    """
+
+    def __init__(self):
+        self.text, self.sent, self.in_section = "", 0, False
+
+    def feed(self, delta: str) -> str:
+        self.text += delta
+        if self.in_section:
+            return ""
+        start = self.text.find(TOOL_CALLS_BEGIN, max(self.sent - len(TOOL_CALLS_BEGIN), 0))
+        if start >= 0:
+            self.in_section = True
+            end = start
+        else:
+            end = len(self.text) - partial_marker_length(self.text, TOOL_CALLS_BEGIN)
+        piece = self.text[self.sent:end] if end > self.sent else ""
+        self.sent = max(self.sent, end)
+        return piece
+
+    def finish(self) -> tuple[str, list[dict]]:
+        """(content not returned yet, tool calls). Raises ToolCallError like parse_tool_calls."""
+        content, calls = parse_tool_calls(self.text)
+        return content[self.sent:], calls
+
+
+def partial_marker_length(text: str, marker: str) -> int:
+    """Length of the longest end of `text` that is a proper start of `marker`."""
+    for n in range(min(len(marker) - 1, len(text)), 0, -1):
+        if text.endswith(marker[:n]):
+            return n
+    return 0
 
 
 def encode_conversation(tokenizer: TokenizerBase, template: ChatTemplate, messages: list[dict],
