@@ -33,7 +33,9 @@ from pathlib import Path
 
 from perf_common import ROOT, environment, print_table, results_path, write_results
 
-TRACE = ROOT.parent / "shared" / "data" / "mooncake" / "synthetic_trace.jsonl"
+TRACES = [base / "data" / "mooncake" / "synthetic_trace.jsonl"
+          for base in (ROOT / "shared", ROOT.parent / "shared", ROOT.parent.parent / "shared")]
+TRACE = next((t for t in TRACES if t.is_file()), TRACES[1])
 PRESETS = ("bench-kl-900m", "bench-dsv3-900m")
 PEER_PRESETS = ("bench-dsv3-900m",)  # transformers has no KDA model to serve bench-kl-900m's layout with
 SMOKE = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, kv_lora_rank=32,
