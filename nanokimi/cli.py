@@ -9,6 +9,7 @@
   nanokimi data prepare --source SOURCE
   nanokimi model info --preset NAME
   nanokimi convert --from-hf HF_DIR --out DIR | --to-hf CHECKPOINT_DIR --out HF_DIR
+  nanokimi serve CKPT [--host 127.0.0.1] [--port 8000] [--ttft-slo-ms MS] [--kv-offload-gb GB] ...
   nanokimi chat CKPT [--system TEXT]
   nanokimi sft --ckpt BASE --data FILE.jsonl [--out DIR] [--resume] [section.key=value ...]
 """
@@ -153,6 +154,32 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    try:
+        from nanokimi.serve.app import ServeOptions, Server, create_app
+        from nanokimi.serve.run import serve_forever
+    except ImportError as e:
+        raise FileNotFoundError(f"nanokimi serve needs the serve extra ({e.name} is missing): "
+                                "pip install 'nanokimi[serve]'.") from e
+    for name in ("max_cache_tokens", "ttft_slo_ms", "tbt_slo_ms", "max_num_seqs", "max_step_tokens", "max_body_bytes"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {value}.")
+    if args.kv_offload_gb < 0 or args.kv_disk_gb <= 0 or not 0 < args.slo_headroom <= 1:
+        raise ConfigError("need --kv-offload-gb >= 0, --kv-disk-gb > 0 and 0 < --slo-headroom <= 1.")
+    options = ServeOptions(max_cache_tokens=args.max_cache_tokens, ttft_slo_ms=args.ttft_slo_ms,
+                           tbt_slo_ms=args.tbt_slo_ms, slo_headroom=args.slo_headroom,
+                           kv_offload_gb=args.kv_offload_gb, kv_disk=args.kv_disk, kv_disk_gb=args.kv_disk_gb,
+                           enable_prefix_caching=not args.no_prefix_caching, max_num_seqs=args.max_num_seqs,
+                           max_step_tokens=args.max_step_tokens, max_body_bytes=args.max_body_bytes,
+                           served_model_name=args.served_model_name, device=args.device)
+    server = Server.load(args.ckpt, options)
+    print(f"serving {server.model_name} on http://{args.host}:{args.port} (OpenAI API under /v1, chat page at /, "
+          "metrics at /metrics)", file=sys.stderr)
+    serve_forever(create_app(server), args.host, args.port)
+    return 0
+
+
 def cmd_sft(args) -> int:
     from nanokimi.post.sft import run_sft
 
@@ -235,6 +262,26 @@ def build_parser() -> argparse.ArgumentParser:
     from nanokimi.interop.cli import add_convert_args, run_convert
     convert = add_convert_args(commands.add_parser("convert", help="Hugging Face checkpoints in and out"))
     convert.set_defaults(func=run_convert)
+
+    serve = commands.add_parser("serve", help="an OpenAI-compatible server (needs the serve extra)")
+    serve.add_argument("ckpt", metavar="CKPT", help="run folder or checkpoint folder")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-cache-tokens", type=int, help="GPU KV cache size in tokens (default: fit memory)")
+    serve.add_argument("--ttft-slo-ms", type=float, help="refuse (429) requests predicted to miss this TTFT")
+    serve.add_argument("--tbt-slo-ms", type=float, help="refuse (429) requests predicted to push TBT past this")
+    serve.add_argument("--slo-headroom", type=float, default=0.8,
+                       help="admit only if the prediction fits in this fraction of the SLO (default 0.8)")
+    serve.add_argument("--kv-offload-gb", type=float, default=0.0, help="pinned CPU tier for evicted prefix blocks")
+    serve.add_argument("--kv-disk", help="folder for a disk tier below the CPU tier")
+    serve.add_argument("--kv-disk-gb", type=float, default=64.0, help="size limit of the disk tier")
+    serve.add_argument("--no-prefix-caching", action="store_true", help="recompute every prompt")
+    serve.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one batch")
+    serve.add_argument("--max-step-tokens", type=int, default=2048, help="token budget of one engine step")
+    serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    serve.add_argument("--served-model-name", help="the model id clients send (default: the run folder's name)")
+    serve.add_argument("--device", default="auto")
+    serve.set_defaults(func=cmd_serve)
 
     from nanokimi.chat_cli import add_chat_args
     add_chat_args(commands.add_parser("chat", help="chat with a checkpoint in the terminal (streams the reply)"))

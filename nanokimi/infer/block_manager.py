@@ -30,6 +30,7 @@ class BlockPool:
         self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(1, num_blocks))
         self.hash_of: dict[int, bytes] = {}
         self.cached: dict[bytes, int] = {}
+        self.on_evict = None  # on_evict(block, hash) before a cached block's content is given up (KV tiers)
 
     @property
     def num_free(self) -> int:
@@ -45,6 +46,8 @@ class BlockPool:
         old = self.hash_of.pop(block, None)
         if old is not None:
             del self.cached[old]
+            if self.on_evict is not None:
+                self.on_evict(block, old)
         self.ref[block] = 1
         return block
 
@@ -85,12 +88,16 @@ class StateSlots:
         self.dummy = num_slots  # padded rows of a batch use the extra slot after the real ones
         self.free = list(range(num_slots - 1, -1, -1))
         self.snapshots: OrderedDict[bytes, int] = OrderedDict()
+        self.on_evict = None  # on_evict(slot, hash) before a snapshot's slot is reused (KV tiers)
 
     def _free_one(self) -> int | None:
         if self.free:
             return self.free.pop()
         if self.snapshots:
-            return self.snapshots.popitem(last=False)[1]
+            h, slot = self.snapshots.popitem(last=False)
+            if self.on_evict is not None:
+                self.on_evict(slot, h)
+            return slot
         return None
 
     def allocate(self) -> int | None:

@@ -16,7 +16,7 @@ import time
 import torch
 from torch import nn
 
-from nanokimi.infer.block_manager import BlockPool, StateSlots
+from nanokimi.infer.block_manager import BlockPool, StateSlots, block_hash
 from nanokimi.infer.params import CompletionOutput, RequestOutput, SamplingParams
 from nanokimi.infer.runner import ModelRunner, Row
 from nanokimi.infer.sampling import sample_rows, top_logprobs
@@ -49,7 +49,7 @@ class Engine:
                  max_num_seqs: int = 256, max_step_tokens: int = 2048, enable_prefix_caching: bool = True,
                  max_model_len: int | None = None, use_cuda_graph: bool | str = "auto",
                  gpu_memory_fraction: float = 0.75, num_state_snapshots: int | None = None,
-                 snapshot_interval: int = 512, compile: bool = False, verbose: bool = False):
+                 snapshot_interval: int = 512, compile: bool = False, kv_tiers=None, verbose: bool = False):
         checks = [(block_size >= 1, f"block_size must be >= 1, got {block_size}"),
                   (max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {max_num_seqs}"),
                   (max_step_tokens >= 1, f"max_step_tokens must be >= 1, got {max_step_tokens}"),
@@ -75,6 +75,14 @@ class Engine:
         self.snapshot_interval = interval
         self.scheduler = Scheduler(self.pool, self.slots, block_size, max_num_seqs, max_step_tokens,
                                    enable_prefix_caching, self.has_kda)
+        self.tiers = None
+        if kv_tiers is not None and enable_prefix_caching:
+            from nanokimi.infer.tiers import TieredCache
+            self.tiers = TieredCache(kv_tiers, self.runner.cache)
+            self.pool.on_evict = self.tiers.evict_block
+            if self.slots is not None:
+                self.slots.on_evict = self.tiers.evict_state
+            self.scheduler.tiers = self.tiers
         self.stream_outputs = True  # False: step() returns finished requests only, and text is decoded once at the end
         self.requests: dict[str, Request] = {}
         self.aborted: list[Request] = []
@@ -178,12 +186,30 @@ class Engine:
         self.counters["requests_aborted"] += 1
         self.aborted.append(request)
 
+    def prompt_hashes(self, prompt_token_ids: list[int]) -> list[bytes]:
+        """The chain hashes of the prompt's full blocks that a request could reuse (its last token never)."""
+        bs, hashes = self.block_size, []
+        for i in range((len(prompt_token_ids) - 1) // bs):
+            hashes.append(block_hash(hashes[-1] if hashes else None, prompt_token_ids[i * bs:(i + 1) * bs]))
+        return hashes
+
+    def num_cached_tokens(self, prompt_token_ids: list[int], hashes: list[bytes] | None = None) -> int:
+        """Prompt tokens a request would reuse from the cache (any tier) if added now; changes nothing.
+        hashes: prompt_hashes(prompt_token_ids), when the caller asks repeatedly."""
+        if not self.prefix_caching:
+            return 0
+        hashes = self.prompt_hashes(prompt_token_ids) if hashes is None else hashes
+        return len(self.scheduler.prefix_of(hashes)) * self.block_size
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix and KDA snapshot. Call it after changing the model's weights in place
         (RL): cached blocks hold the old weights' keys. Running requests keep their own blocks."""
         self.pool.forget_hashes()
         if self.slots is not None:
             self.slots.drop_snapshots()
+        if self.tiers is not None:
+            self.tiers.pending_blocks.clear()
+            self.tiers.pending_states.clear()
+            self.tiers.store.clear()
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
@@ -249,8 +275,13 @@ class Engine:
         return outputs
 
     def _apply_slot_ops(self) -> None:
+        if self.tiers is not None:
+            self.tiers.flush()  # evicted blocks and snapshots go down before anything overwrites them
         ops, self.scheduler.slot_ops = self.scheduler.slot_ops, []
         for op in ops:
+            if op[0] == "load":
+                self.tiers.load_state(op[1], op[2])
+                continue
             for layer in self.runner.cache.recurrent_layers():
                 if op[0] == "zero":
                     layer.conv[op[1]].zero_()
@@ -357,6 +388,7 @@ class Engine:
             "cache_usage": 0.0 if usable == 0 else 1 - free / usable,
             "cache_tokens_total": usable * self.block_size, "block_size": self.block_size,
             "kda_snapshots_held": 0 if self.slots is None else len(self.slots.snapshots),
+            **({"kv_tiers": self.tiers.store.stats()} if self.tiers is not None else {}),
             "max_model_len": self.max_model_len, "cuda_graphs": len(self.runner.graphs),
         }
 

@@ -106,8 +106,10 @@ class Scheduler:
         self.prefix_caching, self.has_kda = prefix_caching, has_kda
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.slot_ops: list[tuple] = []  # ("copy", src, dst) / ("zero", slot), applied in order by the engine
+        # ("copy", src, dst) / ("zero", slot) / ("load", tensors, slot), applied in order by the engine
+        self.slot_ops: list[tuple] = []
         self.counters = dict(preemptions=0, prefix_cache_queries=0, prefix_cache_hit_tokens=0, kda_snapshots=0)
+        self.tiers = None  # a TieredCache (nanokimi.infer.tiers) when lower KV tiers are attached
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -195,32 +197,50 @@ class Scheduler:
         seq.block_table.extend(self.pool.allocate() for _ in range(max(need, 0)))
         return True
 
-    def cached_prefix(self, seq: Sequence) -> list[int]:
-        """Blocks of the longest usable cached prefix (always leaving the last token to compute)."""
+    def cached_prefix(self, seq: Sequence) -> list[int | None]:
+        """Blocks of the longest usable cached prefix (always leaving the last token to compute). None marks a
+        block that a lower KV tier holds (copied up when the sequence is admitted)."""
         if not self.prefix_caching:
             return []
         max_blocks = (len(seq.tokens) - 1) // self.block_size
         seq.ensure_hashes(max_blocks)
+        return self.prefix_of(seq.hashes[:max_blocks])
+
+    def prefix_of(self, hashes: list[bytes]) -> list[int | None]:
+        """The cached chain along `hashes` (read-only: no reference or LRU change)."""
         blocks = []
-        for h in seq.hashes[:max_blocks]:
+        for h in hashes:
             block = self.pool.lookup(h)
-            if block is None:
+            if block is None and (self.tiers is None or not self.tiers.has_block(h)):
                 break
             blocks.append(block)
         if self.has_kda:  # a hit needs the KDA state at its end
-            while blocks and self.slots.snapshots.get(seq.hashes[len(blocks) - 1]) is None:
+            while blocks and not self._has_snapshot(hashes[len(blocks) - 1]):
                 blocks.pop()
         return blocks
 
+    def _has_snapshot(self, h: bytes) -> bool:
+        return self.slots.snapshots.get(h) is not None or (self.tiers is not None and self.tiers.has_state(h))
+
     def _admit(self, seq: Sequence) -> bool:
         hit = self.cached_prefix(seq)
-        for block in hit:
+        state = None  # the KDA state at the hit's end, when only a lower tier holds it
+        if self.has_kda and hit and self.slots.snapshots.get(seq.hashes[len(hit) - 1]) is None:
+            state = self.tiers.fetch_state(seq.hashes[len(hit) - 1])
+            if state is None:
+                hit = []
+        resident = [b for b in hit if b is not None]
+        for block in resident:
             self.pool.take(block)
         start = len(hit) * self.block_size
         first = min(seq.remaining - start, self.block_size)  # room for at least one block of new tokens
-        if -(-(start + first) // self.block_size) - len(hit) > self.pool.num_free:
-            self.pool.release(hit)
+        if -(-(start + first) // self.block_size) - len(resident) > self.pool.num_free:
+            self.pool.release(resident)
             return False
+        if len(resident) < len(hit):
+            hit = self._load_from_tiers(seq, hit)
+            if len(hit) * self.block_size < start:
+                state, start = None, len(hit) * self.block_size
         if self.prefix_caching:
             self.counters["prefix_cache_queries"] += len(seq.tokens)
             self.counters["prefix_cache_hit_tokens"] += start
@@ -230,15 +250,36 @@ class Scheduler:
         if seq.request.metrics["first_scheduled_time"] is None:
             seq.request.num_cached_tokens = max(seq.request.num_cached_tokens, start)
         if self.has_kda:
-            source = self.slots.snapshot_slot(seq.hashes[len(hit) - 1]) if hit else None
+            source = self.slots.snapshot_slot(seq.hashes[len(hit) - 1]) if hit and state is None else None
             seq.state_slot = self.slots.allocate()  # may evict that very snapshot: then its slot already holds it
-            if source is None:
+            if state is not None:
+                self.slot_ops.append(("load", state, seq.state_slot))
+            elif source is None:
                 self.slot_ops.append(("zero", seq.state_slot))
             elif source != seq.state_slot:
                 self.slot_ops.append(("copy", source, seq.state_slot))
         seq.status = RUNNING
         self.running.append(seq)
         return True
+
+    def _load_from_tiers(self, seq: Sequence, hit: list[int | None]) -> list[int]:
+        """Give the tier-held blocks of `hit` fresh GPU blocks and copy them up; if an entry has vanished, keep
+        the prefix before it (for KDA, only up to a block whose state snapshot is on the GPU)."""
+        missing = [i for i, b in enumerate(hit) if b is None]
+        fresh = [self.pool.allocate() for _ in missing]
+        loaded = self.tiers.load_blocks([seq.hashes[i] for i in missing], fresh)
+        for i, block in zip(missing[:loaded], fresh[:loaded]):
+            hit[i] = block
+            self.pool.register(block, seq.hashes[i])
+        if loaded == len(missing):
+            return hit
+        cut = missing[loaded]
+        self.pool.release(fresh[loaded:] + [b for b in hit[cut:] if b is not None])
+        hit = hit[:cut]
+        if self.has_kda:
+            while hit and self.slots.snapshots.get(seq.hashes[len(hit) - 1]) is None:
+                self.pool.release([hit.pop()])
+        return hit
 
     def after_step(self, scheduled: list[tuple[Sequence, int]]) -> None:
         """Advance the computed counts; register newly full blocks; snapshot KDA states at their points."""

@@ -1,0 +1,369 @@
+"""Mooncake trace replay against `nanokimi serve` and `transformers serve --continuous-batching`.
+
+    python benchmarks/serve.py            # bench-kl-900m and bench-dsv3-900m on one GPU, HF peer on dsv3 (~8 min)
+    python benchmarks/serve.py --smoke    # CPU, tiny models, a scaled-down trace (writes to a temp folder)
+    python benchmarks/serve.py --smoke --smoke-peer --presets bench-dsv3-900m   # + transformers serve (accelerate)
+
+The trace (../shared/data/mooncake/synthetic_trace.jsonl, Mooncake's FAST'25 release) gives each request an
+arrival time, input and output lengths and the hash ids of its 512-token prefix blocks. Each hash id becomes a
+block of text made of tokens drawn from a generator seeded by the id, so equal ids are equal text and shared
+prefixes are really shared; lengths are scaled by --length-scale (block = 512 x scale tokens) and time by
+--time-scale. Every system gets the same text prompts over HTTP (/v1/completions, streamed, greedy, max_tokens
+= the scaled output length) from a client in its own process, at the trace's arrival times.
+
+nanokimi runs three ways on a GPU pool of --gpu-cache-tokens (smaller than the trace's prefix working set):
+prefix caching off, on, and on with a pinned CPU tier of --cpu-tier-gb; all with SLO admission (early 429s)
+at --ttft-slo-ms / --tbt-slo-ms. Reported per run: TTFT and TPOT p50/p99 over completed requests, goodput
+(requests per second of trace time that completed within both SLOs), reject rate, prefix-hit rate per tier.
+Weights are random (bench presets); lengths come from max_tokens, so the text produced does not matter.
+"""
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from perf_common import ROOT, environment, print_table, results_path, write_results
+
+TRACES = [base / "data" / "mooncake" / "synthetic_trace.jsonl"
+          for base in (ROOT / "shared", ROOT.parent / "shared", ROOT.parent.parent / "shared")]
+TRACE = next((t for t in TRACES if t.is_file()), TRACES[1])
+PRESETS = ("bench-kl-900m", "bench-dsv3-900m")
+PEER_PRESETS = ("bench-dsv3-900m",)  # transformers has no KDA model to serve bench-kl-900m's layout with
+SMOKE = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, kv_lora_rank=32,
+             qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, kda_num_heads=2, kda_head_dim=16,
+             intermediate_size=128, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+             first_k_dense=1, vocab_size=512, max_position_embeddings=4096)
+TOKEN_RANGE = (300, 500)  # merged tokens of the benchmark tokenizer: one token each when re-encoded
+
+
+def load_trace(path: Path, start: int, requests: int, length_scale: float, time_scale: float, output_scale: float,
+               max_input: int) -> list[dict]:
+    """Lines start .. start+requests, scaled: arrival (s, from the first), block list (hash id, tokens), max_tokens."""
+    block = max(1, round(512 * length_scale))
+    out, t0 = [], None
+    with path.open() as f:
+        for i, line in enumerate(f):
+            if len(out) == requests:
+                break
+            if i < start:
+                continue
+            r = json.loads(line)
+            t0 = r["timestamp"] if t0 is None else t0
+            tokens = min(max(1, round(r["input_length"] * length_scale)), max_input)
+            blocks, left = [], tokens
+            for h in r["hash_ids"]:
+                if left <= 0:
+                    break
+                blocks.append((h, min(block, left)))
+                left -= block
+            out.append(dict(arrival=(r["timestamp"] - t0) / 1000 / time_scale, blocks=blocks, input_tokens=tokens,
+                            max_tokens=max(1, round(r["output_length"] * output_scale))))
+    return out
+
+
+def block_text(tokenizer, h: int, n: int) -> str:
+    rng = random.Random(h)
+    return tokenizer.decode([rng.randrange(*TOKEN_RANGE) for _ in range(n)])
+
+
+def make_tokenizer(folder: Path):
+    """A small BPE tokenizer (stdlib source); the models' larger vocabularies only produce unknown ids, which
+    decode to nothing: fine, output lengths come from max_tokens."""
+    import json as json_module
+
+    from nanokimi.data import Tokenizer
+    texts = [Path(json_module.__file__).read_text(), Path(argparse.__file__).read_text(),
+             Path(asyncio.__file__).parent.joinpath("base_events.py").read_text()]
+    tokenizer = Tokenizer.train(texts, vocab_size=512)
+    tokenizer.save(folder / "tokenizer.json")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                              "eos_token": "<|endoftext|>"}))
+    return tokenizer
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))]
+
+
+async def _replay(url: str, model: str, work: list[dict], timeout_s: float) -> list[dict]:
+    import httpx
+
+    async def one(http, r, t0):
+        await asyncio.sleep(max(0.0, t0 + r["arrival"] - time.perf_counter()))
+        body = {"model": model, "prompt": r["prompt"], "max_tokens": r["max_tokens"], "temperature": 0,
+                "stream": True, "stream_options": {"include_usage": True}}
+        start = time.perf_counter()
+        first = last = None
+        frames, usage = 0, None
+        try:
+            async with http.stream("POST", url + "/v1/completions", json=body) as resp:
+                if resp.status_code != 200:
+                    await resp.aread()
+                    return dict(status=resp.status_code)
+                async for line in resp.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    usage = chunk.get("usage") or usage
+                    if chunk.get("choices"):
+                        now = time.perf_counter()
+                        first = first or now
+                        last = now
+                        frames += 1
+        except (httpx.HTTPError, json.JSONDecodeError) as e:
+            return dict(status=-1, error=f"{type(e).__name__}: {e}")
+        tokens = usage["completion_tokens"] if usage else frames
+        return dict(status=200, ttft=None if first is None else first - start,
+                    tpot=(last - first) / (tokens - 1) if first is not None and tokens > 1 else None,
+                    e2e=time.perf_counter() - start, completion_tokens=tokens,
+                    prompt_tokens=usage["prompt_tokens"] if usage else None)
+
+    limits = httpx.Limits(max_connections=1024, max_keepalive_connections=1024)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), limits=limits) as http:
+        t0 = time.perf_counter()
+        tasks = [asyncio.create_task(one(http, r, t0)) for r in work]
+        await asyncio.wait(tasks, timeout=timeout_s)
+        for task in tasks:  # past the time limit: the unfinished count as failed (status -2)
+            task.cancel()
+        return [t.result() if t.done() and not t.cancelled() else dict(status=-2, error="replay time limit")
+                for t in tasks]
+
+
+def run_client(url: str, model: str, work: list[dict], timeout_s: float) -> list[dict]:
+    """Replay `work` from a separate process (the server's threads and the client do not share a GIL)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        job, out = Path(tmp) / "work.json", Path(tmp) / "out.json"
+        job.write_text(json.dumps(dict(url=url, model=model, work=work, timeout_s=timeout_s)))
+        subprocess.run([sys.executable, __file__, "--client", str(job), str(out)], check=True,
+                       timeout=timeout_s + 60)
+        return json.loads(out.read_text())
+
+
+def summarize(results: list[dict], work: list[dict], ttft_slo: float, tpot_slo: float) -> dict:
+    done = [r for r in results if r["status"] == 200 and r.get("ttft") is not None]
+    ttft = [r["ttft"] for r in done]
+    tpot = [r["tpot"] for r in done if r["tpot"] is not None]
+    good = [r for r in done if r["ttft"] <= ttft_slo and (r["tpot"] is None or r["tpot"] <= tpot_slo)]
+    span = max(w["arrival"] for w in work) - min(w["arrival"] for w in work)
+    ms = lambda v: None if v is None else round(v * 1000, 2)  # noqa: E731
+    return dict(requests=len(results), completed=len(done), rejected=sum(r["status"] == 429 for r in results),
+                failed=sum(r["status"] not in (200, 429) for r in results),
+                reject_rate=round(sum(r["status"] == 429 for r in results) / len(results), 4),
+                ttft_p50_ms=ms(percentile(ttft, 50)), ttft_p99_ms=ms(percentile(ttft, 99)),
+                tpot_p50_ms=ms(percentile(tpot, 50)), tpot_p99_ms=ms(percentile(tpot, 99)),
+                goodput_rps=round(len(good) / max(span, 1e-9), 4), good_fraction=round(len(good) / len(results), 4),
+                trace_span_s=round(span, 2),
+                prompt_tokens=sum(r.get("prompt_tokens") or 0 for r in done),
+                completion_tokens=sum(r.get("completion_tokens") or 0 for r in done))
+
+
+def run_nanokimi(model, tokenizer, template, mode: str, work, args, device) -> dict:
+    import torch
+
+    from nanokimi.infer import LLM
+    from nanokimi.serve.app import ServeOptions, Server, _engine_kwargs, _tier_store, create_app
+    from nanokimi.serve.run import BackgroundServer
+
+    options = ServeOptions(max_cache_tokens=args.gpu_cache_tokens, enable_prefix_caching=mode != "off",
+                           kv_offload_gb=args.cpu_tier_gb if mode == "cpu" else 0.0,
+                           ttft_slo_ms=args.ttft_slo_ms if args.admission else None,
+                           tbt_slo_ms=args.tbt_slo_ms if args.admission else None,
+                           max_step_tokens=args.step_tokens, served_model_name="bench", max_body_bytes=16 << 20)
+    llm = LLM(model, tokenizer=tokenizer, device=str(device), kv_tiers=_tier_store(options, "bench"),
+              **_engine_kwargs(options))
+    server = Server.from_llm(llm, template, "bench", options)
+    started = time.perf_counter()
+    with BackgroundServer(create_app(server)) as bg:
+        ready_s = time.perf_counter() - started
+        results = run_client(bg.url, "bench", work, args.timeout)
+        snapshot = server.loop.snapshot()
+    row = summarize(results, work, args.ttft_slo_ms / 1000, args.tbt_slo_ms / 1000)
+    queries = max(snapshot.get("prefix_cache_queries", 0), 1)
+    for tier in ("gpu", "cpu", "disk"):
+        hits = snapshot["tiers"].get(tier, {}).get("hit_tokens")
+        row[f"prefix_hit_rate_{tier}"] = None if hits is None or mode == "off" else round(hits / queries, 4)
+    row.update(preemptions=snapshot.get("preemptions", 0), startup_s=round(ready_s, 1))
+    del server, llm
+    import gc
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def run_transformers_peer(model, tokenizer_dir: Path, work, args, device, folder: Path, time_left) -> dict:
+    """`transformers serve HF_DIR --continuous-batching` in a subprocess, the same client against it."""
+    import httpx
+
+    from nanokimi.interop.hf import save_hf
+
+    hf_dir = folder / "hf"
+    save_hf(model, hf_dir, layout="deepseek_v3", tokenizer_path=tokenizer_dir / "tokenizer.json", overwrite=True)
+    shutil.copyfile(tokenizer_dir / "tokenizer_config.json", hf_dir / "tokenizer_config.json")
+    exe = shutil.which("transformers") or str(Path(sys.executable).with_name("transformers"))
+    port = 18000 + os.getpid() % 1000
+    help_text = subprocess.run([exe, "serve", "--help"], capture_output=True, text=True, timeout=120).stdout
+    dtype_flag = "--dtype" if "--dtype" in help_text else "--torch-dtype"  # the flag's name changed across versions
+    cmd = [exe, "serve", str(hf_dir), "--continuous-batching", "--host", "127.0.0.1", "--port", str(port),
+           "--device", "cuda:0" if device.type == "cuda" else "cpu", dtype_flag,
+           "bfloat16" if device.type == "cuda" else "float32"]
+    log = (folder / "transformers_serve.log").open("w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        started, deadline = time.perf_counter(), time.monotonic() + args.peer_startup_timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"transformers serve exited ({proc.returncode}): "
+                                   + (folder / "transformers_serve.log").read_text()[-800:])
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("transformers serve did not come up in time")
+            time.sleep(1)
+        warm = run_client(url, str(hf_dir), work[:2], 120)  # first requests: lazy initialisation, warm-up
+        if not any(r["status"] == 200 for r in warm):
+            raise RuntimeError(f"transformers serve refused the warm-up requests: {warm}")
+        ready_s = time.perf_counter() - started
+        results = run_client(url, str(hf_dir), work, max(60.0, min(args.timeout, time_left())))
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+    row = summarize(results, work, args.ttft_slo_ms / 1000, args.tbt_slo_ms / 1000)
+    row.update(prefix_hit_rate_gpu=None, prefix_hit_rate_cpu=None, prefix_hit_rate_disk=None, preemptions=None,
+               startup_s=round(ready_s, 1))
+    return row
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny models, scaled-down trace")
+    ap.add_argument("--presets", nargs="+", default=None)
+    ap.add_argument("--modes", nargs="+", default=["off", "on", "cpu"], choices=["off", "on", "cpu"])
+    ap.add_argument("--trace", default=str(TRACE))
+    ap.add_argument("--start", type=int, default=3693,
+                    help="first trace line replayed (the trace's start shares few prefixes: its cache is cold)")
+    ap.add_argument("--requests", type=int, default=300, help="requests replayed from --start")
+    ap.add_argument("--length-scale", type=float, default=0.25, help="prompt tokens per trace token")
+    ap.add_argument("--output-scale", type=float, default=1.0, help="output tokens per trace token")
+    ap.add_argument("--time-scale", type=float, default=2.0, help="replay this many times faster than the trace")
+    ap.add_argument("--max-input", type=int, default=16384, help="prompts are cut to this many tokens")
+    ap.add_argument("--gpu-cache-tokens", type=int, default=65536, help="GPU KV pool of every nanokimi run")
+    ap.add_argument("--cpu-tier-gb", type=float, default=16.0)
+    ap.add_argument("--step-tokens", type=int, default=4096)
+    ap.add_argument("--ttft-slo-ms", type=float, default=2000.0)
+    ap.add_argument("--tbt-slo-ms", type=float, default=100.0, help="TBT SLO; goodput uses it for TPOT")
+    ap.add_argument("--no-admission", dest="admission", action="store_false", help="never refuse (no 429s)")
+    ap.add_argument("--no-peer", dest="peer", action="store_false", help="skip transformers serve")
+    ap.add_argument("--smoke-peer", action="store_true", help="with --smoke: run transformers serve too")
+    ap.add_argument("--peer-startup-timeout", type=float, default=180)
+    ap.add_argument("--timeout", type=float, default=240, help="seconds one replay may take")
+    ap.add_argument("--budget-s", type=float, default=500,
+                    help="skip the runs that would start after this many seconds (the peer's replay stops 30 s later)")
+    ap.add_argument("--out", help="results file (default benchmarks/results/serve.json)")
+    ap.add_argument("--client", nargs=2, metavar=("WORK", "OUT"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.client:
+        job = json.loads(Path(args.client[0]).read_text())
+        results = asyncio.run(_replay(job["url"], job["model"], job["work"], job["timeout_s"]))
+        Path(args.client[1]).write_text(json.dumps(results))
+        return 0
+
+    import torch
+
+    from nanokimi import ModelConfig, build_model
+    from nanokimi.data.chat import ChatTemplate
+
+    if not Path(args.trace).is_file():
+        print(f"the trace {args.trace} is missing (Mooncake's synthetic_trace.jsonl)", file=sys.stderr)
+        return 2
+    if args.smoke:
+        args.requests, args.length_scale, args.time_scale = min(args.requests, 24), 1 / 64, 20.0
+        args.max_input, args.gpu_cache_tokens, args.cpu_tier_gb, args.step_tokens = 512, 768, 0.05, 256
+        args.output_scale, args.ttft_slo_ms, args.tbt_slo_ms = 0.5, 5000.0, 1000.0
+        args.peer = args.peer and args.smoke_peer  # transformers serve takes ~100 s to start on a small CPU
+    began = time.perf_counter()
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    presets = args.presets or PRESETS
+    folder = Path(tempfile.mkdtemp(prefix="nanokimi-serve-bench-"))
+    tokenizer = make_tokenizer(folder)
+    template = ChatTemplate()
+    trace = load_trace(Path(args.trace), args.start, args.requests, args.length_scale, args.time_scale,
+                       args.output_scale, args.max_input)
+    work = [dict(arrival=r["arrival"], max_tokens=r["max_tokens"],
+                 prompt="".join(block_text(tokenizer, h, n) for h, n in r["blocks"])) for r in trace]
+    print(f"trace: {len(work)} requests over {work[-1]['arrival']:.1f} s, prompts {args.length_scale:g} x trace "
+          f"(median {statistics.median(r['input_tokens'] for r in trace)} tokens), GPU pool "
+          f"{args.gpu_cache_tokens} tokens, SLO TTFT {args.ttft_slo_ms:g} ms / TBT {args.tbt_slo_ms:g} ms",
+          flush=True)
+    rows = []
+    for preset in presets:
+        overrides = dict(SMOKE, mixers="KA" if "kl" in preset else "A") if args.smoke else {}
+        cfg = ModelConfig.preset(preset, **overrides)
+        torch.manual_seed(0)
+        model = build_model(cfg, device=device).to(torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
+        for mode in args.modes:
+            if time.perf_counter() - began > args.budget_s:
+                rows.append(dict(preset=preset, system="nanokimi", mode=mode, error="skipped: --budget-s spent"))
+                continue
+            print(f"{preset} nanokimi prefix caching {mode} ...", flush=True)
+            try:
+                row = run_nanokimi(model, tokenizer, template, mode, work, args, device)
+            except Exception as e:  # noqa: BLE001 - recorded; the other runs go on
+                row = dict(error=f"{type(e).__name__}: {str(e)[:600]}")
+            rows.append(dict(preset=preset, system="nanokimi", mode=mode, **row))
+            print(f"  {json.dumps(rows[-1])}", flush=True)
+        if args.peer and preset in PEER_PRESETS and time.perf_counter() - began > args.budget_s:
+            rows.append(dict(preset=preset, system="transformers serve", mode="continuous batching",
+                             error="skipped: --budget-s spent"))
+        elif args.peer and preset in PEER_PRESETS:
+            print(f"{preset} transformers serve --continuous-batching ...", flush=True)
+            try:
+                row = run_transformers_peer(model, folder, work, args, device, folder,
+                                            lambda: args.budget_s + 30 - (time.perf_counter() - began))
+                rows.append(dict(preset=preset, system="transformers serve", mode="continuous batching", **row))
+            except Exception as e:  # noqa: BLE001 - the peer's failure is a result, nanokimi's rows stay
+                rows.append(dict(preset=preset, system="transformers serve", mode="continuous batching",
+                                 error=f"{type(e).__name__}: {str(e)[:600]}"))
+            print(f"  {json.dumps(rows[-1])}", flush=True)
+        del model
+    headers = ["preset", "system", "mode", "done", "429", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99",
+               "goodput/s", "hit gpu", "hit cpu"]
+    print_table(headers, [[r["preset"], r["system"], r["mode"], r.get("completed"), r.get("rejected"),
+                           r.get("ttft_p50_ms"), r.get("ttft_p99_ms"), r.get("tpot_p50_ms"), r.get("tpot_p99_ms"),
+                           r.get("goodput_rps"), r.get("prefix_hit_rate_gpu"), r.get("prefix_hit_rate_cpu")]
+                          for r in rows])
+    out = Path(args.out) if args.out else results_path("serve", args.smoke)
+    keyed = {f"{r['preset']} / {r['system']} / {r['mode']}": r for r in rows}
+    write_results(out, environment(device), keyed, extra=dict(
+        trace=str(args.trace), start=args.start, requests=len(work), length_scale=args.length_scale,
+        time_scale=args.time_scale,
+        output_scale=args.output_scale, max_input=args.max_input, gpu_cache_tokens=args.gpu_cache_tokens,
+        cpu_tier_gb=args.cpu_tier_gb, step_tokens=args.step_tokens, ttft_slo_ms=args.ttft_slo_ms,
+        tbt_slo_ms=args.tbt_slo_ms, admission=args.admission))
+    print(f"wrote {out}")
+    shutil.rmtree(folder, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

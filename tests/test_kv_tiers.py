@@ -1,0 +1,108 @@
+import pytest
+import torch
+
+from nanokimi.infer.tiers import KVTierStore
+
+
+def block(seed: int, with_state: bool = False) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = {"1.c_kv": torch.randn(16, 24, generator=g), "1.k_rope": torch.randn(16, 8, generator=g).bfloat16()}
+    if with_state:
+        out["0.state"] = torch.randn(2, 16, 16, generator=g)
+        out["0.conv"] = torch.randn(3, 64, generator=g)
+    return out
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+
+
+def entry_bytes(store: KVTierStore, tensors) -> int:
+    probe = KVTierStore(1 << 30, pin=False)
+    probe.offload(b"x", tensors)
+    return probe._entry_bytes
+
+
+def test_cpu_round_trip_with_and_without_kda_snapshot():
+    store = KVTierStore(1 << 20, pin=False)
+    store.offload(b"\x01" * 16, block(1))
+    store.offload(b"\x02" * 16, block(2, with_state=True))
+    assert same(store.fetch(b"\x01" * 16), block(1))
+    assert same(store.fetch(b"\x02" * 16), block(2, with_state=True))
+    assert store.fetch(b"\x03" * 16) is None
+    assert store.contains(b"\x01" * 16) and not store.contains(b"\x03" * 16)
+    c = store.counters
+    assert (c["cpu_hits"], c["misses"], c["offloads"]) == (2, 1, 2)
+    assert store.stats()["cpu"]["hit_tokens"] == 2 * 16
+
+
+def test_lru_eviction_spills_to_disk_and_disk_hits_come_back(tmp_path):
+    size = entry_bytes(KVTierStore(0), block(0))
+    store = KVTierStore(3 * size, tmp_path, pin=False)
+    for i in range(5):
+        store.offload(bytes([i]) * 16, block(i))
+    assert len(store.cpu) == 3 and len(store.disk) == 2  # blocks 0 and 1 were the least recently used
+    assert store._reserved <= 3 * size
+    assert same(store.fetch(bytes([0]) * 16), block(0))
+    assert store.counters["disk_hits"] == 1
+    assert bytes([0]).hex() * 16 in store.cpu  # promoted back into the CPU pool
+    reopened = KVTierStore(3 * size, tmp_path, pin=False)  # a new process finds the files by hash
+    assert same(reopened.fetch(bytes([1]) * 16), block(1))
+
+
+def test_buffers_are_reused_and_mixed_sizes_stay_within_budget(tmp_path):
+    small, large = entry_bytes(KVTierStore(0), block(0)), entry_bytes(KVTierStore(0), block(0, True))
+    budget = 2 * large + small
+    store = KVTierStore(budget, tmp_path, disk_bytes=4 * large, pin=False)
+    for i in range(40):
+        store.offload(i.to_bytes(16, "big"), block(i, with_state=i % 3 == 0))
+        assert store._reserved <= budget
+    assert sum(store.disk.values()) <= 4 * large  # the disk tier keeps its own budget, oldest files go
+    assert len(list(store.disk_dir.glob("*.safetensors"))) == len(store.disk)
+    for i in range(36, 40):  # the newest are in the CPU pool, intact
+        got = store.fetch(i.to_bytes(16, "big"))
+        assert got is not None and same(got, block(i, with_state=i % 3 == 0))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_engine_serves_an_evicted_prefix_from_the_cpu_and_disk_tiers_exactly(tmp_path, device):
+    """A GPU pool of 24 blocks cannot hold four 200-token prompts: the first one's blocks (and its KDA
+    snapshot) are evicted, then a resend of it is served from the lower tier: same tokens as recomputing.
+    On CUDA the CPU pool is pinned and the copies cross the bus (fp32 there too, so tokens compare exactly)."""
+    from nanokimi.infer import LLM, SamplingParams
+    from serve_util import make_checkpoint
+
+    ckpt = make_checkpoint(tmp_path)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, 500, (200,), generator=g).tolist() for _ in range(4)]
+    greedy = SamplingParams(max_tokens=12, temperature=0)
+    roomy = LLM(str(ckpt), device=device, dtype="float32", max_cache_tokens=4096)  # nothing is ever evicted
+    want = [o.outputs[0].token_ids for o in roomy.generate(prompt_token_ids=prompts, sampling_params=greedy,
+                                                           use_tqdm=False)]
+    hit = roomy.generate(prompt_token_ids=[prompts[0]], sampling_params=greedy, use_tqdm=False)[0]
+    assert hit.num_cached_tokens == 192  # the same resend, served from GPU blocks
+    if device == "cpu":
+        assert hit.outputs[0].token_ids == want[0]  # and on the CPU bit-equal to recomputing
+    for name, store in (("cpu", KVTierStore(1 << 26)), ("disk", KVTierStore(0, tmp_path / "kv"))):
+        llm = LLM(str(ckpt), device=device, dtype="float32", max_cache_tokens=24 * 16, kv_tiers=store)
+        for p, w in zip(prompts, want):  # each prompt pushes the previous one out of the GPU pool
+            out = llm.generate(prompt_token_ids=[p], sampling_params=greedy, use_tqdm=False)[0]
+            assert out.outputs[0].token_ids == w
+        assert llm.engine.num_cached_tokens(prompts[0]) == 192  # all in the lower tier now
+        again = llm.generate(prompt_token_ids=[prompts[0]], sampling_params=greedy, use_tqdm=False)[0]
+        assert again.num_cached_tokens == 192 and again.outputs[0].token_ids == hit.outputs[0].token_ids
+        tiers = llm.stats()["kv_tiers"]
+        assert tiers[name]["hit_tokens"] == 192, tiers
+        assert llm.stats()["cache_blocks_free"] == llm.stats()["cache_blocks_total"]
+
+
+def test_clear_forgets_every_tier(tmp_path):
+    store = KVTierStore(entry_bytes(KVTierStore(0), block(0)), tmp_path, pin=False)
+    for i in range(3):
+        store.offload(bytes([i]) * 16, block(i))
+    assert len(store.cpu) == 1 and len(store.disk) == 2
+    store.clear()
+    assert not any(store.contains(bytes([i]) * 16) for i in range(3))
+    assert not list(store.disk_dir.glob("*.safetensors"))
+    store.offload(b"\x09" * 16, block(9))  # the freed buffer is reused
+    assert same(store.fetch(b"\x09" * 16), block(9))
