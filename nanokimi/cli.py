@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     from nanokimi.train.trainer import TrainingError
     try:
         return args.func(args)
-    except (ConfigError, DataError, TrainingError, FileNotFoundError) as e:
+    except (ConfigError, DataError, TrainingError, FileNotFoundError, ValueError) as e:
         print(f"nanokimi: error: {e}", file=sys.stderr)
         return 2
 

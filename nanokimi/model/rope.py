@@ -61,15 +61,20 @@ class Rotary(nn.Module):
 
     def forward(self, x: torch.Tensor, start: int | torch.Tensor = 0) -> torch.Tensor:
         """x: [B, T, H, D] for positions start .. start+T-1. A 0-d tensor `start` (fixed-shape decode)
-        gathers from tables built beforehand with `ensure_length`."""
+        gathers from tables built beforehand with `ensure_length`; a 1-d tensor [B] gives each row of a
+        one-token batch its own position (the paged engine's decode)."""
         T = x.shape[1]
         if isinstance(start, torch.Tensor):
             if self._table_len == 0:
                 raise RuntimeError("Rotary tables are empty: call ensure_length(max_len, device) before "
                                    "a decode step with a tensor position.")
-            positions = start + torch.arange(T, device=x.device)  # [T]
-            cos = self.cos.index_select(0, positions)[:, None, :]  # [T, 1, D]
-            sin = self.sin.index_select(0, positions)[:, None, :]
+            if start.dim() == 1:  # x [B, 1, H, D], one position per row
+                cos = self.cos.index_select(0, start)[:, None, None, :]  # [B, 1, 1, D]
+                sin = self.sin.index_select(0, start)[:, None, None, :]
+            else:
+                positions = start + torch.arange(T, device=x.device)  # [T]
+                cos = self.cos.index_select(0, positions)[:, None, :]  # [T, 1, D]
+                sin = self.sin.index_select(0, positions)[:, None, :]
         else:
             cos, sin = self._tables(start + T, x.device)
             cos = cos[start:start + T, None, :]  # [T, 1, D]

@@ -13,6 +13,7 @@ from nanokimi.model.cache import ModelCache
 from nanokimi.model.kda import KimiDeltaAttention
 from nanokimi.model.moe import MoE, Experts, Router, SwiGLU
 from nanokimi.model.norm import RMSNorm
+from nanokimi.model.paged import PagedBatch, paged_mixer_forward
 from nanokimi.model.residual import PreNormResidual
 
 
@@ -45,8 +46,14 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, cache=None, pos=0) -> torch.Tensor:
         """The whole block with the plain PreNorm residual: x [B, T, D] -> [B, T, D]. (Other residual
         schemes drive the two sublayers one at a time from Transformer.hidden_states.)"""
-        x = x + self.mixer(self.mixer_norm(x), cache, pos)
+        x = x + self.mix(self.mixer_norm(x), cache, pos)
         return x + self.ffn(self.ffn_norm(x))
+
+    def mix(self, x: torch.Tensor, cache=None, pos=0) -> torch.Tensor:
+        """The token mixer; a PagedBatch as `pos` selects the paged engine's path (nanokimi.model.paged)."""
+        if isinstance(pos, PagedBatch):
+            return paged_mixer_forward(self.mixer, x, cache, pos)
+        return self.mixer(x, cache, pos)
 
 
 class Transformer(nn.Module):
@@ -89,16 +96,19 @@ class Transformer(nn.Module):
                           batch_size, max_len)
 
     def hidden_states(self, input_ids: torch.Tensor, cache: ModelCache | None = None,
-                      position: torch.Tensor | None = None) -> torch.Tensor:
+                      position: torch.Tensor | None = None, batch: PagedBatch | None = None) -> torch.Tensor:
         """input_ids [B, T] -> final-normed hidden states [B, T, D].
 
         `position` (a 0-d long device tensor, with a cache) selects the fixed-shape decode path used
         under CUDA graphs: tokens are written at that position and attention runs over the whole
         cache under a length mask. The caller owns the position then; cache.pos is not advanced.
+        `batch` (with a PagedCache as cache) runs the inference engine's packed step: input_ids [1, N].
         """
         B, T = input_ids.shape
         pos = 0
-        if cache is not None:
+        if batch is not None:
+            pos = batch
+        elif cache is not None:
             cache.check_room(B, T)
             pos = cache.pos if position is None else position
         elif position is not None:
@@ -114,10 +124,10 @@ class Transformer(nn.Module):
                 state = block(state, layer_cache, pos)
                 continue
             x = self.residual.normed_input(state, 2 * i, block.mixer_norm)
-            state = self.residual.add(state, 2 * i, block.mixer(x, layer_cache, pos), norms[2 * i + 1])
+            state = self.residual.add(state, 2 * i, block.mix(x, layer_cache, pos), norms[2 * i + 1])
             x = self.residual.normed_input(state, 2 * i + 1, block.ffn_norm)
             state = self.residual.add(state, 2 * i + 1, block.ffn(x), norms[2 * i + 2])
-        if cache is not None and position is None:
+        if cache is not None and position is None and batch is None:
             cache.pos += T
         return self.norm(self.residual.finish(state))
 

@@ -1,0 +1,370 @@
+"""The inference engine on one GPU: offline throughput beside Hugging Face transformers, decode speed, prefix
+caching's time to first token, and long-context decode of the KDA hybrid against all-MLA. Random weights
+(speed does not depend on them), bf16, greedy, end-of-text ignored (every request runs to its length).
+
+    python benchmarks/engine.py                      # bench-kl-900m and bench-dsv3-900m with HF peers, ~8 min on an H100
+    python benchmarks/engine.py --no-peer --skip-long
+    python benchmarks/engine.py --smoke              # CPU, tiny models, seconds (writes to a temp folder)
+
+Offline: `--requests` requests whose input/output lengths are the first lines of the Mooncake trace
+  (../shared/data/mooncake/synthetic_trace.jsonl) scaled so the mean prompt is `--mean-prompt` tokens
+  (outputs capped at 256); the tokens of each 512-token hash block of the trace are drawn from a generator
+  seeded by its hash id, so requests that share hash ids share prefixes. All submitted at once. Peers, on
+  the first `--peer-requests` of them (HF is slow): transformers generate() in fixed batches of 16
+  (left-padded, each batch runs to its longest output) and, for the dsv3 layout, transformers' continuous
+  batching (generate_batch; one max_new_tokens for all, so it generates more than asked). Useful tok/s
+  counts only the requested output tokens.
+Decode: batch 16 and 128, prompt 512: tok/s = batch / median engine.step() time of decode-only steps; the
+  floor is the HBM time to read the weights, caches and KDA states once per step (2.97 TB/s).
+TTFT: a 4096-token prompt whose first 3584 tokens are cached (with the KDA snapshot at 3584) vs a fresh one.
+Long: decode at 128k context at the largest batch whose cache fits, the hybrid against all-MLA; the
+  sequences are marked prefilled without running the prefill (decode cost does not depend on the values).
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from perf_common import (ROOT, environment, find_peer_script, free_memory, print_table, results_path, short_error,
+                         sync, write_results)
+from nanokimi.config import ModelConfig
+from nanokimi.infer import Engine, SamplingParams
+from nanokimi.model import build_model
+
+TRACES = [base / "data" / "mooncake" / "synthetic_trace.jsonl" for base in (ROOT / "shared", ROOT.parent / "shared",
+                                                                                  ROOT.parent.parent / "shared")]
+TRACE = next((t for t in TRACES if t.is_file()), TRACES[-1])
+PRESETS = {"bench-kl-900m": dict(preset="bench-kl-900m", peer="kl"),
+           "bench-dsv3-900m": dict(preset="bench-dsv3-900m", peer="dsv3")}
+SMOKE = dict(vocab_size=512, num_layers=2, max_position_embeddings=2048)
+SMOKE_PRESETS = {"bench-kl-900m": dict(preset="tiny", overrides=dict(SMOKE, mixers="KA"), peer="kl"),
+                 "bench-dsv3-900m": dict(preset="tiny", overrides=dict(SMOKE, mixers="A", mla_rope=True), peer="dsv3")}
+HBM_BYTES_PER_S = 2.97e12
+
+
+def workload(n: int, mean_prompt: int, max_prompt: int, vocab: int, max_output: int = 256) -> list[dict]:
+    """n requests: prompt token ids and output length, from the Mooncake trace (or seeded random lengths)."""
+    if TRACE.is_file():
+        rows = [json.loads(line) for _, line in zip(range(n), TRACE.open())]
+        source = "mooncake/synthetic_trace.jsonl"
+    else:
+        print(f"  {TRACE} not found: seeded random lengths instead", flush=True)
+        g = torch.Generator().manual_seed(0)
+        rows = [dict(input_length=int(torch.randint(100, 20000, (), generator=g)),
+                     output_length=int(torch.randint(1, 400, (), generator=g)), hash_ids=[-i - 1]) for i in range(n)]
+        source = "random"
+    scale = mean_prompt / statistics.mean(r["input_length"] for r in rows)
+    block = max(1, round(512 * scale))  # tokens per hash block after scaling
+    out = []
+    for r in rows:
+        length = min(max(8, round(r["input_length"] * scale)), max_prompt)
+        ids = []
+        for h in r["hash_ids"]:
+            ids += torch.randint(3, vocab, (block,), generator=torch.Generator().manual_seed(int(h) + 12345)).tolist()
+            if len(ids) >= length:
+                break
+        ids += torch.randint(3, vocab, (max(0, length - len(ids)),)).tolist()
+        out.append(dict(prompt=ids[:length], output=min(max(1, r["output_length"]), max_output)))
+    for item in out:
+        item["source"] = source
+    return out
+
+
+def make_model(spec: dict, device, dtype, **extra):
+    cfg = ModelConfig.preset(spec["preset"], **{**spec.get("overrides", {}), **extra})
+    return build_model(cfg, device=device, dtype=dtype).eval(), cfg
+
+
+def run_offline(engine: Engine, work: list[dict]) -> dict:
+    stats0 = engine.stats()
+    sync(engine.device)
+    t0 = time.perf_counter()
+    for i, item in enumerate(work):
+        engine.add_request(f"w{i}", item["prompt"], SamplingParams(max_tokens=item["output"], temperature=0,
+                                                                    ignore_eos=True))
+    done, ttfts = 0, []
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                done += 1
+                ttfts.append(out.metrics["first_token_time"] - out.metrics["arrival_time"])
+    sync(engine.device)
+    seconds = time.perf_counter() - t0
+    stats = engine.stats()
+    generated = sum(item["output"] for item in work)
+    return dict(requests=len(work), seconds=round(seconds, 3), useful_tokens_per_s=round(generated / seconds, 1),
+                requests_per_s=round(len(work) / seconds, 2), prompt_tokens=sum(len(w["prompt"]) for w in work),
+                output_tokens=generated, ttft_p50_s=round(statistics.median(ttfts), 3),
+                prefix_cache_hit_tokens=stats["prefix_cache_hit_tokens"] - stats0["prefix_cache_hit_tokens"],
+                preemptions=stats["preemptions"] - stats0["preemptions"], steps=stats["steps"] - stats0["steps"])
+
+
+def decode_speed(engine: Engine, cfg, batch: int, prompt: int, steps: int) -> dict:
+    g = torch.Generator().manual_seed(batch)
+    for i in range(batch):
+        engine.add_request(f"d{batch}-{i}", torch.randint(3, cfg.vocab_size, (prompt,), generator=g).tolist(),
+                           SamplingParams(max_tokens=steps + 8, temperature=0, ignore_eos=True))
+    while engine.num_waiting_prefill_tokens() > 0 or engine.scheduler.waiting:
+        engine.step()
+    for _ in range(3):  # capture the graphs of this batch
+        engine.step()
+    times = []
+    for _ in range(steps):
+        sync(engine.device)
+        t0 = time.perf_counter()
+        engine.step()
+        sync(engine.device)
+        times.append(time.perf_counter() - t0)
+    for i in range(batch):
+        engine.abort(f"d{batch}-{i}")
+    engine.step()
+    step_s = statistics.median(times)
+    return dict(batch=batch, prompt=prompt, step_ms=round(step_s * 1e3, 3), tokens_per_s=round(batch / step_s, 1))
+
+
+def floor_tokens_per_s(model, engine: Engine, batch: int, context: int) -> float:
+    """batch / (time to read every weight, each sequence's attention cache and KDA state (read + write) once)."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    from nanokimi.model.paged import paged_cache_bytes
+    per_block, per_slot = paged_cache_bytes(model, engine.block_size)
+    per_seq = per_block * context / engine.block_size + 2 * per_slot
+    return batch / ((weights + batch * per_seq) / HBM_BYTES_PER_S)
+
+
+def ttft_prefix(engine: Engine, cfg, total: int, cached: int, repeats: int) -> dict:
+    g = torch.Generator().manual_seed(7)
+    prefix = torch.randint(3, cfg.vocab_size, (cached,), generator=g).tolist()
+
+    def first_token(ids, name) -> float:
+        sync(engine.device)
+        t0 = time.perf_counter()
+        engine.add_request(name, ids, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+        while engine.has_unfinished():
+            engine.step()
+        sync(engine.device)
+        return time.perf_counter() - t0
+
+    def suffix():
+        return torch.randint(3, cfg.vocab_size, (total - cached,), generator=g).tolist()
+
+    first_token(prefix + suffix(), "warm")  # caches the prefix blocks and the KDA snapshot at `cached`
+    hits0 = engine.stats()["prefix_cache_hit_tokens"]
+    hit = [first_token(prefix + suffix(), f"hit{i}") for i in range(repeats)]
+    hits = engine.stats()["prefix_cache_hit_tokens"] - hits0
+    cold = [first_token(torch.randint(3, cfg.vocab_size, (total,), generator=g).tolist(), f"cold{i}")
+            for i in range(repeats)]
+    return dict(prompt=total, cached_prefix=cached, ttft_cached_ms=round(statistics.median(hit) * 1e3, 2),
+                ttft_uncached_ms=round(statistics.median(cold) * 1e3, 2),
+                speedup=round(statistics.median(cold) / statistics.median(hit), 2),
+                hit_tokens_per_request=hits // repeats)
+
+
+def long_context(spec, device, dtype, context: int, steps: int, fraction: float) -> dict:
+    model, cfg = make_model(spec, device, dtype, max_position_embeddings=context + 64)
+    engine = Engine(model, block_size=64, max_num_seqs=512, gpu_memory_fraction=fraction, enable_prefix_caching=False,
+                    num_state_snapshots=0, max_cache_tokens=None if device.type == "cuda" else 4 * (context + 64))
+    fits = min(512, engine.stats()["cache_tokens_total"] // (context + 64))
+    result = dict(context=context, cache_fits_sequences=fits)
+    batch = fits
+    while batch >= 1:
+        try:
+            for i in range(batch):  # mark prefilled without the prefill: decode cost does not depend on the values
+                engine.add_request(f"l{i}", [3] * context, SamplingParams(max_tokens=steps + 8, temperature=0,
+                                                                          ignore_eos=True))
+            scheduler = engine.scheduler
+            for seq in list(scheduler.waiting):
+                scheduler._admit(seq)
+                scheduler._grow(seq, context)
+                seq.num_computed = context - 1
+            engine._apply_slot_ops()
+            for _ in range(3):
+                engine.step()
+            times = []
+            for _ in range(steps):
+                sync(device)
+                t0 = time.perf_counter()
+                engine.step()
+                sync(device)
+                times.append(time.perf_counter() - t0)
+            step_s = statistics.median(times)
+            result.update(batch=batch, step_ms=round(step_s * 1e3, 2), tokens_per_s=round(batch / step_s, 1))
+            break
+        except torch.OutOfMemoryError:
+            for i in range(batch):
+                engine.abort(f"l{i}")
+            engine.step()
+            free_memory(device)
+            batch = int(batch * 0.75)
+    del engine, model
+    free_memory(device)
+    return result
+
+
+def hf_worker(args) -> None:
+    """Runs in a subprocess: one HF peer over the workload file, prints/writes JSON."""
+    sys.path.insert(0, str(Path(args.peer_script).parent))
+    from peer_hf import build
+    work = json.loads(Path(args.workload).read_text())
+    model = build(args.layout).to("cuda", torch.bfloat16).eval()
+    generated = sum(w["output"] for w in work)
+    result = dict(peer=f"transformers-{args.layout}-{args.hf_worker}", requests=len(work))
+    with torch.no_grad():
+        if args.hf_worker == "fixed":
+            batches = [work[i:i + 16] for i in range(0, len(work), 16)]
+            model.generate(torch.full((2, 8), 5, device="cuda"), max_new_tokens=4, do_sample=False)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for part in batches:
+                width = max(len(w["prompt"]) for w in part)
+                ids = torch.tensor([[0] * (width - len(w["prompt"])) + w["prompt"] for w in part], device="cuda")
+                mask = torch.tensor([[0] * (width - len(w["prompt"])) + [1] * len(w["prompt"]) for w in part],
+                                    device="cuda")
+                longest = max(w["output"] for w in part)
+                model.generate(ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest, do_sample=False)
+            torch.cuda.synchronize()
+        else:
+            from transformers import GenerationConfig
+            model.config._attn_implementation = "sdpa_paged"
+            longest = max(w["output"] for w in work)
+            config = GenerationConfig(max_new_tokens=longest, do_sample=False, eos_token_id=-1, pad_token_id=0)
+            model.generate_batch([[5] * 8] * 2, generation_config=config, max_new_tokens=4)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model.generate_batch([w["prompt"] for w in work], generation_config=config)
+            torch.cuda.synchronize()
+            result["note"] = f"one max_new_tokens={longest} for every request"
+    seconds = time.perf_counter() - t0
+    result.update(seconds=round(seconds, 3), useful_tokens_per_s=round(generated / seconds, 1),
+                  requests_per_s=round(len(work) / seconds, 2))
+    Path(args.json).write_text(json.dumps(result))
+
+
+def run_hf(script, layout: str, mode: str, work: list[dict], timeout_s: int) -> dict:
+    import os
+    import subprocess
+    import tempfile
+    if script is None:
+        return {"error": "peer script not found; pass --peer-script PATH (../shared/bench/peer_hf.py)"}
+    folder = Path(tempfile.mkdtemp())
+    (folder / "work.json").write_text(json.dumps(work))
+    cmd = [sys.executable, __file__, "--hf-worker", mode, "--layout", layout, "--workload", str(folder / "work.json"),
+           "--peer-script", str(script), "--json", str(folder / "out.json")]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=dict(os.environ))
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout_s}s"}
+    if proc.returncode != 0 or not (folder / "out.json").is_file():
+        return {"error": f"exit {proc.returncode}: {(proc.stderr or proc.stdout)[-1200:]}"}
+    return json.loads((folder / "out.json").read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="CPU-sized run of every part (tiny models)")
+    ap.add_argument("--presets", nargs="*", default=list(PRESETS))
+    ap.add_argument("--requests", type=int, default=512)
+    ap.add_argument("--mean-prompt", type=int, default=1024)
+    ap.add_argument("--peer-requests", type=int, default=48)
+    ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--skip-long", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="also time decode with torch.compile inside the graphs")
+    ap.add_argument("--long-context", type=int, default=131072)
+    ap.add_argument("--mla-decode", choices=["auto", "triton", "gather"], default="auto",
+                    help="MLA decode attention: the Triton paged kernel (auto on CUDA) or gathered blocks")
+    ap.add_argument("--peer-script")
+    ap.add_argument("--out")
+    ap.add_argument("--hf-worker", choices=["fixed", "cb"], help=argparse.SUPPRESS)
+    ap.add_argument("--layout", help=argparse.SUPPRESS)
+    ap.add_argument("--workload", help=argparse.SUPPRESS)
+    ap.add_argument("--json", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.hf_worker:
+        return hf_worker(args)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    import nanokimi.model.paged as paged
+    paged.PAGED_KERNEL = args.mla_decode
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    presets = SMOKE_PRESETS if args.smoke else PRESETS
+    n_requests = 24 if args.smoke else args.requests
+    mean_prompt = 96 if args.smoke else args.mean_prompt
+    decode_batches, decode_prompt, decode_steps = ((4, 8), 64, 4) if args.smoke else ((16, 128), 512, 32)
+    ttft_total, ttft_cached = (256, 224) if args.smoke else (4096, 3584)
+    long_ctx = 1024 if args.smoke else args.long_context
+    peer = None if args.no_peer or device.type != "cuda" else find_peer_script(args.peer_script)
+    env = environment(device)
+    out = Path(args.out) if args.out else results_path("engine", args.smoke)
+    results, table = {}, []
+    started = time.perf_counter()
+    for name in args.presets:
+        spec = presets[name]
+        row = results[name] = {}
+        try:
+            model, cfg = make_model(spec, device, dtype)
+            engine = Engine(model, max_num_seqs=256, max_step_tokens=4096 if device.type == "cuda" else 256,
+                            snapshot_interval=512 if device.type == "cuda" else 64, gpu_memory_fraction=0.6)
+            row["report"] = engine.report
+            print(f"[{time.perf_counter() - started:.0f}s] {name}: {engine.report}", flush=True)
+            work = workload(n_requests, mean_prompt, cfg.max_position_embeddings // 4, cfg.vocab_size)
+            run_offline(engine, work[:16])  # warm up: graphs of the small buckets, lazy inits
+            row["offline"] = run_offline(engine, work)
+            row["offline"]["source"] = work[0]["source"]
+            print(f"  offline: {row['offline']}", flush=True)
+            for batch in decode_batches:
+                row[f"decode_b{batch}"] = decode_speed(engine, cfg, batch, decode_prompt, decode_steps)
+                row[f"decode_b{batch}"]["floor_tokens_per_s"] = round(
+                    floor_tokens_per_s(model, engine, batch, decode_prompt + decode_steps), 1)
+                print(f"  decode b{batch}: {row[f'decode_b{batch}']}", flush=True)
+            if name == "bench-kl-900m":
+                row["ttft_prefix"] = ttft_prefix(engine, cfg, ttft_total, ttft_cached, 3)
+                print(f"  ttft: {row['ttft_prefix']}", flush=True)
+            del engine
+            free_memory(device)
+            if args.compile and device.type == "cuda":
+                engine = Engine(model, max_num_seqs=64, compile=True, gpu_memory_fraction=0.5)
+                row["decode_b16_compile"] = decode_speed(engine, cfg, 16, decode_prompt, decode_steps)
+                print(f"  decode b16 compiled: {row['decode_b16_compile']}", flush=True)
+                del engine
+            del model
+            free_memory(device)
+            if peer is not None:
+                sub = work[:args.peer_requests]
+                row["hf_fixed"] = run_hf(peer, spec["peer"], "fixed", sub, 240)
+                print(f"  hf fixed batches: {row['hf_fixed']}", flush=True)
+                if spec["peer"] == "dsv3":
+                    row["hf_continuous"] = run_hf(peer, "dsv3", "cb", sub, 150)
+                    print(f"  hf generate_batch: {row['hf_continuous']}", flush=True)
+        except Exception as error:  # noqa: BLE001 - record it and go on with the next part
+            traceback.print_exc()
+            row["error"] = short_error(error)
+            free_memory(device)
+        off = row.get("offline", {})
+        table.append([name, off.get("useful_tokens_per_s"), off.get("requests_per_s"),
+                      row.get("hf_fixed", {}).get("useful_tokens_per_s"),
+                      row.get("hf_continuous", {}).get("useful_tokens_per_s"),
+                      row.get(f"decode_b{decode_batches[0]}", {}).get("tokens_per_s"),
+                      row.get(f"decode_b{decode_batches[1]}", {}).get("tokens_per_s"),
+                      row.get(f"decode_b{decode_batches[1]}", {}).get("floor_tokens_per_s")])
+    if not args.skip_long:
+        hybrid = presets["bench-kl-900m"]
+        layouts = {"hybrid-KKKA": hybrid, "all-MLA": dict(hybrid, overrides=dict(hybrid.get("overrides", {}), mixers="A"))}
+        for name, spec in layouts.items():
+            try:
+                results[f"long/{name}"] = long_context(spec, device, dtype, long_ctx, 3 if args.smoke else 8, 0.8)
+            except Exception as error:  # noqa: BLE001
+                traceback.print_exc()
+                results[f"long/{name}"] = {"error": short_error(error)}
+                free_memory(device)
+            print(f"  long {name}: {results[f'long/{name}']}", flush=True)
+    print_table(["model", "engine tok/s", "req/s", "HF fixed tok/s", "HF CB tok/s", f"decode b{decode_batches[0]}",
+                 f"decode b{decode_batches[1]}", "floor"], table)
+    write_results(out, env, results, dict(seconds=round(time.perf_counter() - started, 1), mla_decode=args.mla_decode))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

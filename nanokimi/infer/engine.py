@@ -1,0 +1,314 @@
+"""The inference engine: continuous batching over a paged hybrid cache with exact prefix caching.
+
+    engine = Engine(model, tokenizer)
+    engine.add_request("a", prompt_ids, SamplingParams(max_tokens=64, temperature=0.8, seed=1))
+    while engine.has_unfinished():
+        for out in engine.step(): ...
+
+Each step: the scheduler picks tokens under a budget (decodes first, then chunked prefill), the runner
+runs one forward over all of them, each finished row samples with its own parameters and random stream,
+and the engine appends tokens, applies stop rules and detokenizes. Not thread-safe: drive it from one thread.
+"""
+import hashlib
+import secrets
+import time
+
+import torch
+from torch import nn
+
+from nanokimi.infer.block_manager import BlockPool, StateSlots
+from nanokimi.infer.params import CompletionOutput, RequestOutput, SamplingParams
+from nanokimi.infer.runner import ModelRunner, Row
+from nanokimi.infer.sampling import sample_rows, top_logprobs
+from nanokimi.infer.scheduler import FINISHED, Request, Scheduler, Sequence
+from nanokimi.model.kda import KimiDeltaAttention
+from nanokimi.model.paged import paged_cache_bytes
+
+CPU_DEFAULT_CACHE_TOKENS = 65536
+
+
+def sample_seed(seed: int | None, index: int) -> int:
+    """The seed of sample `index` of a request: the request's seed for sample 0, a hash of both after it."""
+    if seed is None:
+        return secrets.randbits(62)
+    if index == 0:
+        return seed
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 2
+
+
+class Engine:
+    """See the module docstring. max_cache_tokens=None takes gpu_memory_fraction of the free GPU memory
+    (on the CPU: 65536 tokens). snapshot_interval: KDA state snapshots every so many tokens of a prompt
+    (rounded to blocks) besides its last full block; num_state_snapshots: how many are kept (LRU).
+    use_cuda_graph: "auto" graphs decode-only steps on CUDA (True: a failed capture raises); compile=True
+    also torch.compiles them (one compilation per batch bucket: slow to warm up, for long runs)."""
+
+    def __init__(self, model: nn.Module, tokenizer=None, max_cache_tokens: int | None = None, block_size: int = 16,
+                 max_num_seqs: int = 256, max_step_tokens: int = 2048, enable_prefix_caching: bool = True,
+                 max_model_len: int | None = None, use_cuda_graph: bool | str = "auto",
+                 gpu_memory_fraction: float = 0.75, num_state_snapshots: int | None = None,
+                 snapshot_interval: int = 512, compile: bool = False, verbose: bool = False):
+        checks = [(block_size >= 1, f"block_size must be >= 1, got {block_size}"),
+                  (max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {max_num_seqs}"),
+                  (max_step_tokens >= 1, f"max_step_tokens must be >= 1, got {max_step_tokens}"),
+                  (0 < gpu_memory_fraction <= 1, f"gpu_memory_fraction must be in (0, 1], got {gpu_memory_fraction}")]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"Engine: {message}.")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = model.embed.weight.device
+        self.block_size = block_size
+        self.max_model_len = max_model_len or model.config.max_position_embeddings
+        self.has_kda = any(isinstance(b.mixer, KimiDeltaAttention) for b in model.layers)
+        self.prefix_caching = enable_prefix_caching
+        num_snapshots = (max_num_seqs if num_state_snapshots is None else num_state_snapshots) if self.has_kda else 0
+        num_slots = max_num_seqs + num_snapshots if self.has_kda else 0
+        self.num_blocks, self.budget_note = self._plan_blocks(max_cache_tokens, num_slots, gpu_memory_fraction)
+        self.runner = ModelRunner(model, self.num_blocks, block_size, max(num_slots, 1), self.max_model_len,
+                                  use_cuda_graph, compile)
+        self.pool = BlockPool(self.num_blocks)
+        self.slots = StateSlots(num_slots) if self.has_kda else None
+        interval = max(block_size, snapshot_interval // block_size * block_size)
+        self.snapshot_interval = interval
+        self.scheduler = Scheduler(self.pool, self.slots, block_size, max_num_seqs, max_step_tokens,
+                                   enable_prefix_caching, self.has_kda)
+        self.requests: dict[str, Request] = {}
+        self.aborted: list[Request] = []
+        self.eos_ids = set()
+        if tokenizer is not None:
+            self.eos_ids = set(getattr(tokenizer, "stop_ids", None) or {tokenizer.eot_id})
+        self.counters = dict(requests=0, requests_finished=0, requests_aborted=0, prefill_tokens=0, decode_tokens=0,
+                             generated_tokens=0, steps=0)
+        self.timing = dict(prefill_tokens_per_s=None, decode_step_s=None)
+        self.report = self._report()
+        if verbose:
+            print(self.report)
+
+    def _plan_blocks(self, max_cache_tokens, num_slots: int, fraction: float) -> tuple[int, str]:
+        per_block, per_slot = paged_cache_bytes(self.model, self.block_size)
+        slot_bytes = (num_slots + 1) * per_slot
+        if max_cache_tokens is not None:
+            if max_cache_tokens < self.block_size:
+                raise ValueError(f"Engine: max_cache_tokens must be >= block_size ({self.block_size}), "
+                                 f"got {max_cache_tokens}.")
+            return -(-max_cache_tokens // self.block_size) + 1, f"max_cache_tokens={max_cache_tokens}"
+        if self.device.type != "cuda" or per_block == 0:
+            return CPU_DEFAULT_CACHE_TOKENS // self.block_size + 1, f"default {CPU_DEFAULT_CACHE_TOKENS} tokens"
+        free, _ = torch.cuda.mem_get_info(self.device)
+        budget = int(free * fraction) - slot_bytes
+        if budget < 2 * per_block:
+            raise ValueError(f"Engine: {free / 2**30:.1f} GiB free GPU memory leave no room for the cache after "
+                             f"{slot_bytes / 2**30:.2f} GiB of KDA state slots; lower max_num_seqs or pass max_cache_tokens.")
+        return budget // per_block + 1, f"{fraction:.0%} of {free / 2**30:.1f} GiB free"
+
+    def _report(self) -> str:
+        from nanokimi.ops.kda import kda_backend
+
+        per_block, per_slot = paged_cache_bytes(self.model, self.block_size)
+        tokens = (self.num_blocks - 1) * self.block_size
+        parts = [f"cache {tokens:,} tokens in {self.num_blocks - 1:,} blocks of {self.block_size} "
+                 f"({(self.num_blocks * per_block) / 2**30:.2f} GiB; {self.budget_note})",
+                 f"~{tokens // self.max_model_len:,} sequences at max_model_len {self.max_model_len:,}"]
+        if self.has_kda:
+            parts.append(f"KDA state slots {self.slots.num_slots} x {per_slot / 2**20:.1f} MiB "
+                         f"(kernel {kda_backend(self.device)[0]}, decode {'fla fused_recurrent' if kda_backend(self.device)[0] == 'fla' else 'torch recurrence'})")
+        from nanokimi.model.paged import use_paged_kernel
+        mla = "Triton paged kernel" if use_paged_kernel(self.device, self.block_size) else "gathered blocks"
+        attention = f"absorbed MLA ({mla}), masked GQA over gathered blocks"
+        graphs = "eager"
+        if self.runner.use_graphs:
+            graphs = "static buffers, no graph" if self.runner.static_only else "CUDA graphs at bucketed batch sizes"
+        if self.runner.compiled:
+            graphs += " + torch.compile"
+        parts += [f"decode: {attention}, {graphs}", f"prefill: per-sequence chunks, max_step_tokens "
+                  f"{self.scheduler.max_step_tokens}", f"prefix caching {'on' if self.prefix_caching else 'off'}"]
+        return "engine: " + "; ".join(parts)
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None,
+                    arrival_time: float | None = None, prompt: str | None = None) -> None:
+        params = params or SamplingParams()
+        prompt_token_ids = [int(t) for t in prompt_token_ids]
+        vocab = self.model.config.vocab_size
+        total = len(prompt_token_ids) + params.max_tokens
+        capacity = (self.num_blocks - 1) * self.block_size
+        checks = [
+            (request_id not in self.requests, f"request_id {request_id!r} is already in use"),
+            (len(prompt_token_ids) > 0, "the prompt is empty; give at least one token"),
+            (all(0 <= t < vocab for t in prompt_token_ids), f"prompt token ids must be in [0, {vocab})"),
+            (len(prompt_token_ids) < self.max_model_len,
+             f"the prompt has {len(prompt_token_ids)} tokens; the model's context is {self.max_model_len}"),
+            (total <= self.max_model_len, f"prompt ({len(prompt_token_ids)} tokens) + max_tokens "
+             f"({params.max_tokens}) = {total} exceeds the model's context of {self.max_model_len}; lower max_tokens"),
+            (total <= capacity, f"prompt + max_tokens = {total} tokens exceed the whole cache ({capacity} tokens); "
+             "raise max_cache_tokens"),
+            (not params.stop or self.tokenizer is not None, "stop strings need an engine with a tokenizer"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"add_request: {message}.")
+        request = Request(request_id, prompt_token_ids, params, time.monotonic() if arrival_time is None else arrival_time,
+                          prompt)
+        seed = params.seed if params.seed is not None else secrets.randbits(62)
+        for i in range(params.n):
+            seq = Sequence(request, i, sample_seed(seed, i), self.block_size, self.snapshot_interval)
+            request.sequences.append(seq)
+            self.scheduler.add(seq)
+        self.requests[request_id] = request
+        self.counters["requests"] += 1
+
+    def abort(self, request_id: str) -> None:
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return
+        for seq in request.sequences:
+            if seq.status != FINISHED:
+                seq.output.finish_reason = "abort"
+                self.scheduler.finish(seq)
+        request.metrics["finished_time"] = time.monotonic()
+        self.counters["requests_aborted"] += 1
+        self.aborted.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    def num_waiting_prefill_tokens(self) -> int:
+        """Prompt tokens still to compute over waiting and prefilling sequences, cached prefixes taken off."""
+        total = 0
+        for seq in self.scheduler.waiting:
+            total += len(seq.tokens) - len(self.scheduler.cached_prefix(seq)) * self.block_size
+        for seq in self.scheduler.running:
+            if seq.remaining > 1:
+                total += seq.remaining
+        return total
+
+    @torch.no_grad()
+    def step(self) -> list[RequestOutput]:
+        changed: dict[str, Request] = {r.request_id: r for r in self.aborted}
+        self.aborted = []
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return [self._output(r) for r in changed.values()]
+        scheduled.sort(key=lambda item: item[1] != 1)  # one-token rows first (the runner batches them)
+        started = time.perf_counter()
+        self._apply_slot_ops()
+        now = time.monotonic()
+        rows = []
+        for seq, n in scheduled:
+            if seq.request.metrics["first_scheduled_time"] is None:
+                seq.request.metrics["first_scheduled_time"] = now
+            c = seq.num_computed
+            rows.append(Row(seq.tokens[c:c + n], c, seq.block_table, seq.state_slot, c + n == len(seq.tokens)))
+        logits = self.runner.run(rows)
+        self.scheduler.after_step(scheduled)
+        self._apply_slot_ops()
+        sampling = [seq for (seq, n), row in zip(scheduled, rows) if row.wants_logits]
+        if sampling:
+            self._sample(sampling, logits)
+        self._account(scheduled, time.perf_counter() - started)
+        for seq, _ in scheduled:
+            changed[seq.request.request_id] = seq.request
+        outputs = []
+        for request in changed.values():
+            if request.finished and request.request_id in self.requests:
+                request.metrics["finished_time"] = time.monotonic()
+                del self.requests[request.request_id]
+                self.counters["requests_finished"] += 1
+            outputs.append(self._output(request))
+        return outputs
+
+    def _apply_slot_ops(self) -> None:
+        ops, self.scheduler.slot_ops = self.scheduler.slot_ops, []
+        for op in ops:
+            for layer in self.runner.cache.recurrent_layers():
+                if op[0] == "zero":
+                    layer.conv[op[1]].zero_()
+                    layer.state[op[1]].zero_()
+                else:
+                    layer.conv[op[2]].copy_(layer.conv[op[1]])
+                    layer.state[op[2]].copy_(layer.state[op[1]])
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        params = [s.request.params for s in seqs]
+        uniforms = [torch.rand((), generator=s.generator, dtype=torch.float64).item() if p.temperature > 0 else 0.0
+                    for s, p in zip(seqs, params)]
+        tokens = sample_rows(logits, [p.temperature for p in params], [p.top_k for p in params],
+                             [p.top_p for p in params], uniforms)
+        with_logprobs = [i for i, p in enumerate(params) if p.logprobs is not None]
+        logprobs = {}
+        if with_logprobs:
+            index = torch.tensor(with_logprobs, device=logits.device)
+            entries = top_logprobs(logits[index], tokens[index], [params[i].logprobs for i in with_logprobs])
+            logprobs = dict(zip(with_logprobs, entries))
+        now = time.monotonic()
+        for i, (seq, token) in enumerate(zip(seqs, tokens.tolist())):
+            seq.tokens.append(token)
+            self.counters["generated_tokens"] += 1
+            if i in logprobs:
+                seq.output.logprobs.append(logprobs[i])
+            metrics = seq.request.metrics
+            metrics["first_token_time"] = metrics["first_token_time"] or now
+            metrics["last_token_time"] = now
+            self._check_finish(seq, token)
+
+    def _check_finish(self, seq: Sequence, token: int) -> None:
+        params = seq.request.params
+        output = seq.output
+        output.token_ids = seq.tokens[seq.num_prompt:]
+        stopped_by_token = token in (params.stop_token_ids or ()) or (not params.ignore_eos and token in self.eos_ids)
+        if self.tokenizer is not None:
+            text_ids = output.token_ids[:-1] if stopped_by_token else output.token_ids
+            output.text = self.tokenizer.decode(text_ids)
+        reason = "stop" if stopped_by_token else None
+        if params.stop and reason is None:
+            hits = [i for i in (output.text.find(s) for s in params.stop) if i >= 0]
+            if hits:
+                output.text = output.text[:min(hits)]
+                reason = "stop"
+        if reason is None and (seq.num_output >= params.max_tokens or len(seq.tokens) >= self.max_model_len):
+            reason = "length"
+        if reason is not None:
+            output.finish_reason = reason
+            self.scheduler.finish(seq)
+
+    def _account(self, scheduled, seconds: float) -> None:
+        decode = sum(1 for seq, n in scheduled if n == 1 and seq.num_computed > seq.num_prompt)  # counts after the step
+        prefill = sum(n for _, n in scheduled) - decode
+        self.counters["prefill_tokens"] += prefill
+        self.counters["decode_tokens"] += decode
+        self.counters["steps"] += 1
+        if prefill >= 64:
+            rate = prefill / max(seconds, 1e-9)
+            old = self.timing["prefill_tokens_per_s"]
+            self.timing["prefill_tokens_per_s"] = rate if old is None else 0.8 * old + 0.2 * rate
+        elif decode:
+            old = self.timing["decode_step_s"]
+            self.timing["decode_step_s"] = seconds if old is None else 0.8 * old + 0.2 * seconds
+
+    def _output(self, request: Request) -> RequestOutput:
+        outputs = [CompletionOutput(s.output.index, list(s.output.token_ids), s.output.text, s.output.finish_reason,
+                                    None if s.output.logprobs is None else list(s.output.logprobs))
+                   for s in request.sequences]
+        return RequestOutput(request.request_id, request.prompt_token_ids, outputs, request.finished,
+                             request.num_cached_tokens, dict(request.metrics), request.prompt)
+
+    def stats(self) -> dict:
+        scheduler = self.scheduler
+        usable = self.pool.num_usable
+        free = self.pool.num_free
+        return {
+            **self.counters, **scheduler.counters, **self.timing,
+            "requests_running": len({s.request.request_id for s in scheduler.running}),
+            "requests_waiting": len({s.request.request_id for s in scheduler.waiting} -
+                                    {s.request.request_id for s in scheduler.running}),
+            "sequences_running": len(scheduler.running), "sequences_waiting": len(scheduler.waiting),
+            "num_waiting_prefill_tokens": self.num_waiting_prefill_tokens(),
+            "cache_blocks_total": usable, "cache_blocks_free": free,
+            "cache_blocks_cached": len(self.pool.cached),
+            "cache_usage": 0.0 if usable == 0 else 1 - free / usable,
+            "cache_tokens_total": usable * self.block_size, "block_size": self.block_size,
+            "kda_snapshots_held": 0 if self.slots is None else len(self.slots.snapshots),
+            "max_model_len": self.max_model_len, "cuda_graphs": len(self.runner.graphs),
+        }
+

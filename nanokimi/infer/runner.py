@@ -1,0 +1,183 @@
+"""Runs the model over one engine step: packs the scheduled pieces, builds the paged batch, returns logits.
+
+Decode-only steps on CUDA replay a CUDA graph captured per (batch bucket, block-table bucket): the
+rows are padded up to the bucket with rows that write to the reserved block 0 and the spare state slot.
+"""
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from nanokimi.model.paged import PagedBatch, PrefillPiece, new_paged_cache
+from nanokimi.model.rope import Rotary
+
+GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 512)
+
+
+@dataclass
+class Row:
+    """One sequence's share of a step: `tokens` at positions start .. start+len-1."""
+    tokens: list[int]
+    start: int
+    block_table: list[int]
+    state_slot: int | None
+    wants_logits: bool
+
+
+class StaticReplay:
+    """Stands in for a CUDA graph (use_cuda_graph="static"): replay() runs the captured function eagerly
+    on the same static buffers, so the padding and bucketing around graphs are tested on any device."""
+
+    def __init__(self, fn):
+        self.fn, self.output = fn, None
+
+    def replay(self) -> None:
+        self.output = self.fn()
+
+
+def _bucket(value: int, sizes) -> int | None:
+    return next((s for s in sizes if s >= value), None)
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, num_blocks: int, block_size: int, num_state_slots: int,
+                 max_model_len: int, use_cuda_graph: bool | str = "auto", compile: bool = False):
+        self.model, self.block_size, self.max_model_len = model, block_size, max_model_len
+        self.device = model.embed.weight.device
+        self.cache = new_paged_cache(model, num_blocks, block_size, num_state_slots + 1)
+        self.dummy_slot = num_state_slots
+        for module in model.modules():
+            if isinstance(module, Rotary):
+                module.ensure_length(max_model_len, self.device)
+        if use_cuda_graph not in (True, False, "auto", "static"):
+            raise ValueError(f"use_cuda_graph must be True, False, 'auto' or 'static', got {use_cuda_graph!r}.")
+        if use_cuda_graph is True and self.device.type != "cuda":
+            raise ValueError("use_cuda_graph=True needs the model on a CUDA device; pass 'auto', 'static' or False.")
+        moba = any(getattr(b.mixer, "moba", False) for b in model.layers)
+        # "static": the padded, fixed-shape step a graph captures, run eagerly on its static buffers (any device)
+        self.static_only = use_cuda_graph == "static"
+        self.use_graphs = (self.static_only or (self.device.type == "cuda" and use_cuda_graph is not False)) and not moba
+        self.graph_required = use_cuda_graph is True
+        self.graphs: dict[tuple[int, int], tuple] = {}
+        self.graph_pool = None
+        self.max_blocks = -(-max_model_len // block_size)
+        self.step_fn = self._logits
+        self.compiled = compile and self.use_graphs
+        if self.compiled:
+            from nanokimi.runtime import raise_recompile_limits
+            raise_recompile_limits()  # one graph per (batch, blocks) bucket, plus breaks around KDA kernels
+            self.step_fn = torch.compile(self._logits, dynamic=False)
+
+    def _logits(self, ids: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
+        """The decode-only step that CUDA graphs capture: ids [B] -> logits [B, V]."""
+        return self.model.lm_head(self.model.hidden_states(ids[None], cache=self.cache, batch=batch)[0])
+
+    @torch.no_grad()
+    def run(self, rows: list[Row]) -> torch.Tensor:
+        """Logits [R, V] of the last token of each row that wants them, in the order of `rows`.
+        Rows of one token must come first (the engine orders them so). With CUDA graphs, the one-token
+        rows replay a graph and the longer rows (prefill chunks of other sequences) run eagerly after it."""
+        num_decode = sum(1 for r in rows if len(r.tokens) == 1)
+        if any(len(r.tokens) != 1 for r in rows[:num_decode]):
+            raise ValueError("rows of one token must come before longer rows")
+        decode, prefill = rows[:num_decode], rows[num_decode:]
+        graphed = self._run_graphed(decode) if decode and self.use_graphs else None
+        if graphed is None:
+            return self._run_eager(rows, num_decode)
+        wanted = [i for i, r in enumerate(decode) if r.wants_logits]
+        parts = [graphed[wanted]]  # a copy: the graph's output buffer is rewritten by the next replay
+        if prefill:
+            parts.append(self._run_eager(prefill, 0))
+        return torch.cat(parts)
+
+    def _run_eager(self, rows: list[Row], num_decode: int) -> torch.Tensor:
+        batch, ids, last = self._build(rows, num_decode)
+        hidden = self.model.hidden_states(ids[None], cache=self.cache, batch=batch)[0]  # [N, D]
+        wanted = [last[i] for i, r in enumerate(rows) if r.wants_logits]
+        return self.model.lm_head(hidden[torch.tensor(wanted, device=self.device, dtype=torch.long)])
+
+    def _decode_tensors(self, rows: list[Row], width: int):
+        bs = self.block_size
+        tables = [r.block_table + [0] * (width - len(r.block_table)) for r in rows]
+        positions = [r.start for r in rows]
+        slots = [r.block_table[p // bs] * bs + p % bs for r, p in zip(rows, positions)]
+        state = [self.dummy_slot if r.state_slot is None else r.state_slot for r in rows]
+        return tables, positions, slots, state
+
+    def _build(self, rows: list[Row], num_decode: int):
+        device = self.device
+        decode = rows[:num_decode]
+        width = max((len(r.block_table) for r in decode), default=1)
+        tables, positions, slots, state = self._decode_tensors(decode, width)
+        as_long = dict(device=device, dtype=torch.long)
+        pieces, offset, last = [], num_decode, list(range(num_decode))
+        for r in rows[num_decode:]:
+            pieces.append(PrefillPiece(offset, len(r.tokens), r.start, torch.tensor(r.block_table, **as_long),
+                                       self.dummy_slot if r.state_slot is None else r.state_slot))
+            offset += len(r.tokens)
+            last.append(offset - 1)
+        batch = PagedBatch(self.block_size, num_decode, torch.tensor(positions, **as_long),
+                           torch.tensor(tables, **as_long).view(num_decode, width), torch.tensor(slots, **as_long),
+                           torch.tensor(state, **as_long), pieces)
+        ids = torch.tensor([t for r in rows for t in r.tokens], **as_long)
+        return batch, ids, last
+
+    def _run_graphed(self, rows: list[Row]) -> torch.Tensor | None:
+        size = _bucket(len(rows), GRAPH_BATCH_SIZES)
+        width = max(len(r.block_table) for r in rows)
+        width = min(_bucket(width, [2 ** i for i in range(32)]), self.max_blocks)
+        if size is None or width < max(len(r.block_table) for r in rows):
+            return None
+        key = (size, width)
+        if key not in self.graphs:
+            try:
+                self.graphs[key] = self._capture(size, width)
+            except Exception as error:  # noqa: BLE001 - the eager step computes the same thing
+                if self.graph_required:
+                    raise
+                warnings.warn(f"CUDA graph capture of the engine's decode step failed ({type(error).__name__}: "
+                              f"{error}); decoding eagerly.")
+                self.use_graphs = False
+                return None
+        graph, ids, batch, logits = self.graphs[key]
+        if isinstance(graph, StaticReplay):
+            logits = graph
+        pad = size - len(rows)
+        tables, positions, slots, state = self._decode_tensors(rows, width)
+        tables += [[0] * width] * pad
+        host = torch.tensor([[r.tokens[0] for r in rows] + [0] * pad, positions + [0] * pad, slots + [0] * pad,
+                             state + [self.dummy_slot] * pad], dtype=torch.long)
+        ids.copy_(host[0], non_blocking=True)
+        batch.positions.copy_(host[1], non_blocking=True)
+        batch.slot_mapping.copy_(host[2], non_blocking=True)
+        batch.state_slots.copy_(host[3], non_blocking=True)
+        batch.block_tables.copy_(torch.tensor(tables, dtype=torch.long), non_blocking=True)
+        graph.replay()
+        return logits.output if isinstance(logits, StaticReplay) else logits
+
+    def _capture(self, size: int, width: int):
+        device = self.device
+        ids = torch.zeros(size, dtype=torch.long, device=device)
+        batch = PagedBatch(self.block_size, size, torch.zeros(size, dtype=torch.long, device=device),
+                           torch.zeros(size, width, dtype=torch.long, device=device),
+                           torch.zeros(size, dtype=torch.long, device=device),
+                           torch.full((size,), self.dummy_slot, dtype=torch.long, device=device))
+
+        def step():
+            return self.step_fn(ids, batch)
+
+        if self.static_only:
+            return StaticReplay(step), ids, batch, torch.empty(0)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        if self.graph_pool is None:
+            self.graph_pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.graph_pool):
+            logits = step()
+        return graph, ids, batch, logits

@@ -1,0 +1,240 @@
+"""Paged inference: the token mixers over a packed batch of sequences whose caches live in shared pools.
+
+An engine step runs the model over N packed tokens [1, N, D]: first `num_decode` single-token rows (one
+per sequence, attended as a batch), then prefill pieces (several tokens of one sequence each). MLA keeps
+(c_kv, k_rope) and GQA keeps (k, v) per token in blocks of `block_size` tokens shared by all sequences; a
+sequence's block table lists its blocks in order, so its token p lives in slot
+`block_table[p // block_size] * block_size + p % block_size`. KDA keeps one state slot (the fp32
+delta-rule state and the conv tail) per running sequence.
+
+A prefill piece runs the mixer's own cached forward over a dense copy of its context (gathered from the
+blocks), then writes its new tokens back into their slots: the same maths as `model(ids, cache=...)`.
+The decode rows run absorbed MLA (on CUDA a Triton kernel that reads the blocks in place, else over
+gathered blocks) or masked GQA with one length per row, and KDA over the gathered state slots; every
+index is a device tensor, so that step can be a CUDA graph.
+"""
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanokimi.model.attention import GroupedQueryAttention, MultiHeadLatentAttention
+from nanokimi.model.cache import KVCache, LatentCache, RecurrentCache
+from nanokimi.model.kda import KimiDeltaAttention
+from nanokimi.ops.paged_mla import paged_mla_decode, triton_available
+
+
+@dataclass
+class PrefillPiece:
+    """`length` tokens of one sequence at packed offset `offset`, positions start .. start+length-1."""
+    offset: int
+    length: int
+    start: int
+    block_table: torch.Tensor  # [num_blocks] long, covers start + length tokens
+    state_slot: int
+
+
+@dataclass
+class PagedBatch:
+    """Where every token of an engine step reads and writes its cache. Decode rows come first."""
+    block_size: int
+    num_decode: int
+    positions: torch.Tensor  # [Sd] long: position of each decode row's token
+    block_tables: torch.Tensor  # [Sd, max_blocks] long (unused entries: block 0)
+    slot_mapping: torch.Tensor  # [Sd] long: cache slot each decode token is written to
+    state_slots: torch.Tensor  # [Sd] long: KDA state slot of each decode row
+    prefill: list[PrefillPiece] = field(default_factory=list)
+
+
+@dataclass
+class PagedLatentCache:
+    """MLA blocks: c_kv [num_blocks, block_size, kv_lora_rank], k_rope [num_blocks, block_size, rope_dim]."""
+    c_kv: torch.Tensor
+    k_rope: torch.Tensor
+
+
+@dataclass
+class PagedKVCache:
+    """GQA blocks: k, v [num_blocks, block_size, Hkv, D]."""
+    k: torch.Tensor
+    v: torch.Tensor
+
+
+class PagedCache:
+    """One pool per layer: blocks for attention layers, state slots (RecurrentCache rows) for KDA layers."""
+
+    def __init__(self, layers: list, num_blocks: int, block_size: int, num_state_slots: int):
+        self.layers, self.num_blocks, self.block_size, self.num_state_slots = layers, num_blocks, block_size, num_state_slots
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in vars(layer).values())
+
+    def recurrent_layers(self) -> list[RecurrentCache]:
+        return [layer for layer in self.layers if isinstance(layer, RecurrentCache)]
+
+
+def _new_layer_pool(mixer: nn.Module, num_blocks: int, block_size: int, num_state_slots: int, device, dtype):
+    if isinstance(mixer, KimiDeltaAttention):
+        return mixer.new_cache(num_state_slots, 0, device, dtype)
+    if isinstance(mixer, MultiHeadLatentAttention):
+        return PagedLatentCache(torch.zeros(num_blocks, block_size, mixer.kv_lora_rank, device=device, dtype=dtype),
+                                torch.zeros(num_blocks, block_size, mixer.rope_dim, device=device, dtype=dtype))
+    shape = (num_blocks, block_size, mixer.num_kv_heads, mixer.head_dim)
+    return PagedKVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+
+
+def new_paged_cache(model: nn.Module, num_blocks: int, block_size: int, num_state_slots: int) -> PagedCache:
+    device, dtype = model.embed.weight.device, model.embed.weight.dtype
+    layers = [_new_layer_pool(b.mixer, num_blocks, block_size, num_state_slots, device, dtype) for b in model.layers]
+    return PagedCache(layers, num_blocks, block_size, num_state_slots)
+
+
+def paged_cache_bytes(model: nn.Module, block_size: int) -> tuple[int, int]:
+    """(bytes of one block over all attention layers, bytes of one state slot over all KDA layers)."""
+    probe = new_paged_cache_on_meta(model, block_size)
+    per_block = sum(t.numel() * t.element_size() for layer in probe.layers if not isinstance(layer, RecurrentCache)
+                    for t in vars(layer).values())
+    per_slot = sum(t.numel() * t.element_size() for layer in probe.recurrent_layers() for t in vars(layer).values())
+    return per_block, per_slot
+
+
+def new_paged_cache_on_meta(model: nn.Module, block_size: int) -> PagedCache:
+    dtype = model.embed.weight.dtype
+    layers = [_new_layer_pool(b.mixer, 1, block_size, 1, "meta", dtype) for b in model.layers]
+    return PagedCache(layers, 1, block_size, 1)
+
+
+def slots_of(block_table: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Cache slot of each position: block_table[p // bs] * bs + p % bs."""
+    return block_table[positions // block_size] * block_size + positions % block_size
+
+
+def gather_blocks(pool: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    """pool [num_blocks, bs, ...], block_tables [S, MB] -> the sequences' tokens in order [S, MB * bs, ...]."""
+    gathered = pool[block_tables]  # [S, MB, bs, ...]
+    return gathered.flatten(1, 2)
+
+
+def paged_mixer_forward(mixer: nn.Module, x: torch.Tensor, cache, batch: PagedBatch) -> torch.Tensor:
+    """x [1, N, D] (decode rows first, then the prefill pieces) -> [1, N, D]."""
+    parts = []
+    pieces = batch.prefill
+    if getattr(mixer, "moba", False):  # MoBA picks blocks per query: every row goes through the exact cached forward
+        rows = [PrefillPiece(i, 1, p, batch.block_tables[i], 0) for i, p in enumerate(batch.positions.tolist())]
+        pieces = rows + pieces
+    elif batch.num_decode:
+        rows = x[0, :batch.num_decode].unsqueeze(1)  # [Sd, 1, D]
+        parts.append(_decode_rows(mixer, rows, cache, batch).squeeze(1))
+    for piece in pieces:
+        parts.append(_prefill_piece(mixer, x[:, piece.offset:piece.offset + piece.length], cache, piece,
+                                    batch.block_size)[0])
+    return torch.cat(parts).unsqueeze(0)
+
+
+def _prefill_piece(mixer: nn.Module, x: torch.Tensor, cache, piece: PrefillPiece, block_size: int) -> torch.Tensor:
+    """The mixer's own cached forward for one sequence: x [1, T, D] -> [1, T, D]."""
+    if isinstance(mixer, KimiDeltaAttention):
+        s = piece.state_slot  # slices are views: the forward updates the pool in place
+        return mixer(x, RecurrentCache(cache.conv[s:s + 1], cache.state[s:s + 1]))
+    end = piece.start + piece.length
+    table = piece.block_table[None]  # [1, MB]
+    new_slots = slots_of(piece.block_table, torch.arange(piece.start, end, device=x.device), block_size)
+    if isinstance(mixer, MultiHeadLatentAttention):
+        dense = LatentCache(gather_blocks(cache.c_kv, table)[:, :end], gather_blocks(cache.k_rope, table)[:, :end])
+        out = mixer(x, dense, piece.start)
+        cache.c_kv.view(-1, cache.c_kv.shape[-1]).index_copy_(0, new_slots, dense.c_kv[0, piece.start:end])
+        cache.k_rope.view(-1, cache.k_rope.shape[-1]).index_copy_(0, new_slots, dense.k_rope[0, piece.start:end])
+        return out
+    dense = KVCache(gather_blocks(cache.k, table)[:, :end], gather_blocks(cache.v, table)[:, :end])
+    out = mixer(x, dense, piece.start)
+    cache.k.flatten(0, 1).index_copy_(0, new_slots, dense.k[0, piece.start:end])
+    cache.v.flatten(0, 1).index_copy_(0, new_slots, dense.v[0, piece.start:end])
+    return out
+
+
+def _decode_rows(mixer: nn.Module, x: torch.Tensor, cache, batch: PagedBatch) -> torch.Tensor:
+    """One token per sequence, each at its own position: x [S, 1, D] -> [S, 1, D]."""
+    if isinstance(mixer, KimiDeltaAttention):
+        slots = batch.state_slots
+        rows = RecurrentCache(cache.conv.index_select(0, slots), cache.state.index_select(0, slots))
+        out = mixer(x, rows)  # advances the gathered copies
+        cache.conv.index_copy_(0, slots, rows.conv)
+        cache.state.index_copy_(0, slots, rows.state)
+        return out
+    if isinstance(mixer, MultiHeadLatentAttention):
+        return _mla_decode_rows(mixer, x, cache, batch)
+    return _gqa_decode_rows(mixer, x, cache, batch)
+
+
+GATHER_ELEMENTS = 1 << 28  # decode rows gather their blocks in groups of at most this many cache elements
+PAGED_KERNEL = "auto"  # MLA decode rows: "auto" (the Triton kernel on CUDA), "triton" (anywhere) or "gather"
+
+
+def use_paged_kernel(device: torch.device, block_size: int) -> bool:
+    """Whether MLA decode rows read the blocks in place (ops.paged_mla) rather than gathering them."""
+    if PAGED_KERNEL == "gather" or not triton_available() or block_size < 16 or block_size & (block_size - 1):
+        return False
+    return PAGED_KERNEL == "triton" or device.type == "cuda"
+
+
+def _context_mask(batch: PagedBatch, length: int, device) -> torch.Tensor:
+    """[S, L] True where key position <= the row's query position."""
+    return torch.arange(length, device=device)[None, :] <= batch.positions[:, None]
+
+
+def _mla_decode_rows(mixer: MultiHeadLatentAttention, x, cache: PagedLatentCache, batch: PagedBatch):
+    """MLA's projections (as in its forward), the new latent written to its slot, then absorbed attention
+    over each row's gathered blocks: MQA over [c_kv, k_rope] with kv_b_proj folded into query and output."""
+    S, H = x.shape[0], mixer.num_heads
+    if mixer.moba:
+        raise ValueError("MoBA layers decode through prefill pieces (paged_mixer_forward sends them there).")
+    q = mixer.q_proj(x) if hasattr(mixer, "q_proj") else mixer.q_b_proj(mixer.q_a_norm(mixer.q_a_proj(x)))
+    q_nope, q_rope = q.view(S, 1, H, -1).split([mixer.nope_dim, mixer.rope_dim], dim=-1)
+    c_kv, k_rope = mixer.kv_a_proj(x).split([mixer.kv_lora_rank, mixer.rope_dim], dim=-1)
+    c_kv = mixer.kv_a_norm(c_kv)  # [S, 1, r]
+    k_rope = k_rope.unsqueeze(2)  # [S, 1, 1, dr]
+    if mixer.use_rope:
+        q_rope, k_rope = mixer.rotary(q_rope, batch.positions), mixer.rotary(k_rope, batch.positions)
+    cache.c_kv.view(-1, mixer.kv_lora_rank).index_copy_(0, batch.slot_mapping, c_kv[:, 0].to(cache.c_kv.dtype))
+    cache.k_rope.view(-1, mixer.rope_dim).index_copy_(0, batch.slot_mapping, k_rope[:, 0, 0].to(cache.k_rope.dtype))
+    w = mixer.kv_b_proj.weight.view(H, mixer.nope_dim + mixer.v_dim, mixer.kv_lora_rank)
+    w_k, w_v = w[:, :mixer.nope_dim], w[:, mixer.nope_dim:]  # [H, dn, r], [H, dv, r]
+    q_latent = torch.einsum("bthd,hdr->bthr", q_nope, w_k)
+    if use_paged_kernel(x.device, batch.block_size):
+        o_latent = paged_mla_decode(q_latent[:, 0], q_rope[:, 0], cache.c_kv, cache.k_rope, batch.block_tables,
+                                    batch.positions, mixer.scale).to(q_latent.dtype).unsqueeze(1)
+        return mixer.o_proj(torch.einsum("bthr,hvr->bthv", o_latent, w_v).reshape(S, 1, -1))
+    length = batch.block_tables.shape[1] * batch.block_size
+    group = max(1, GATHER_ELEMENTS // (length * (mixer.kv_lora_rank + mixer.rope_dim)))
+    o_latent = torch.cat([_latent_attention(q_latent[i:i + group], q_rope[i:i + group], cache,
+                                            batch.block_tables[i:i + group], batch.positions[i:i + group], mixer.scale)
+                          for i in range(0, S, group)])  # [S, 1, H, r]
+    o = torch.einsum("bthr,hvr->bthv", o_latent, w_v)
+    return mixer.o_proj(o.reshape(S, 1, -1))
+
+
+def _latent_attention(q_latent, q_rope, cache: PagedLatentCache, block_tables, positions, scale: float):
+    """Absorbed attention of one group of decode rows over their gathered latent blocks.
+    q_latent [S, 1, H, r], q_rope [S, 1, H, dr], block_tables [S, MB], positions [S] -> [S, 1, H, r]."""
+    keys_latent = gather_blocks(cache.c_kv, block_tables)  # [S, L, r]
+    keys_rope = gather_blocks(cache.k_rope, block_tables)  # [S, L, dr]
+    scores = torch.einsum("bthr,bsr->bths", q_latent, keys_latent) + torch.einsum("bthd,bsd->bths", q_rope, keys_rope)
+    allowed = torch.arange(keys_latent.shape[1], device=positions.device)[None, :] <= positions[:, None]  # [S, L]
+    scores = (scores.float() * scale).masked_fill(~allowed[:, None, None, :], float("-inf"))
+    return torch.einsum("bths,bsr->bthr", scores.softmax(-1).to(keys_latent.dtype), keys_latent)
+
+
+def _gqa_decode_rows(mixer: GroupedQueryAttention, x, cache: PagedKVCache, batch: PagedBatch):
+    S, H, Hkv, D = x.shape[0], mixer.num_heads, mixer.num_kv_heads, mixer.head_dim
+    q = mixer.rotary(mixer.q_proj(x).view(S, 1, H, D), batch.positions)
+    k = mixer.rotary(mixer.k_proj(x).view(S, 1, Hkv, D), batch.positions)
+    v = mixer.v_proj(x).view(S, 1, Hkv, D)
+    cache.k.flatten(0, 1).index_copy_(0, batch.slot_mapping, k[:, 0].to(cache.k.dtype))
+    cache.v.flatten(0, 1).index_copy_(0, batch.slot_mapping, v[:, 0].to(cache.v.dtype))
+    keys = gather_blocks(cache.k, batch.block_tables).transpose(1, 2)  # [S, Hkv, L, D]
+    values = gather_blocks(cache.v, batch.block_tables).transpose(1, 2)
+    allowed = _context_mask(batch, keys.shape[2], x.device)[:, None, None, :]  # [S, 1, 1, L]
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=allowed, scale=mixer.scale,
+                                       enable_gqa=H != Hkv)  # [S, H, 1, D]
+    return mixer.o_proj(o.transpose(1, 2).reshape(S, 1, H * D))
