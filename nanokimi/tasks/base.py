@@ -1,0 +1,106 @@
+"""The Task interface: examples with a reference answer, prompts, and a grader.
+
+Pure Python (no torch): RL reward code and lm-eval import this cheaply.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class TaskError(ValueError):
+    """Bad task input (unknown task, missing data file, bad option); the CLI prints it in one line."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One problem. `answer` is the reference the grader compares against; `solution` is a worked
+    solution ending in the answer (used for few-shot prefixes and SFT text) or "" when there is none."""
+    id: str
+    question: str
+    answer: str
+    solution: str = ""
+    difficulty: int | None = None
+    meta: dict = field(default_factory=dict, compare=False)
+
+
+class Task:
+    """A task with answers a program can check.
+
+        task = get_task("ladder", levels="1-8")
+        ex = task.examples(split="test", limit=10)[0]
+        task.prompt(ex)                    # text prompt (with the few-shot prefix, if any)
+        task.messages(ex)                  # the same as chat messages
+        task.is_correct(response, ex.answer), task.reward(response, ex.answer)
+
+    Subclasses set `name`, `stop` (strings that end a response) and implement `_load`, `format_question`,
+    `extract` and `answers_match`.
+    """
+
+    name = "task"
+    stop: tuple[str, ...] = ()
+    has_levels = False
+    instruction = ""
+
+    def __init__(self, few_shot: int = 0):
+        if few_shot < 0:
+            raise TaskError(f"few_shot must be >= 0, got {few_shot}.")
+        self.few_shot = few_shot
+        self._cache: dict[str, list[Example]] = {}
+
+    def examples(self, split: str = "test", limit: int | None = None) -> list[Example]:
+        if limit is not None and limit < 1:
+            raise TaskError(f"limit must be >= 1, got {limit}.")
+        if split not in self._cache:
+            self._cache[split] = self._load(split)
+        items = self._cache[split]
+        return items if limit is None else items[:limit]
+
+    def _load(self, split: str) -> list[Example]:
+        raise NotImplementedError
+
+    def format_question(self, example: Example) -> str:
+        """The problem as the model reads it, ending where its answer starts."""
+        raise NotImplementedError
+
+    def format_solution(self, example: Example) -> str:
+        """The text a correct model writes after the prompt (no trailing stop string)."""
+        return example.solution
+
+    def few_shot_prefix(self) -> str:
+        if self.few_shot == 0:
+            return ""
+        shots = self.examples("train", limit=self.few_shot)
+        if len(shots) < self.few_shot:
+            raise TaskError(f"{self.name}: few_shot={self.few_shot} but the train split has {len(shots)} examples.")
+        return "".join(self.format_question(s) + self.format_solution(s) + "\n\n" for s in shots)
+
+    def prompt(self, example: Example) -> str:
+        return self.few_shot_prefix() + self.format_question(example)
+
+    def messages(self, example: Example) -> list[dict]:
+        """Chat form: worked examples as earlier turns, then the question with the answer-format instruction."""
+        turns = []
+        if self.few_shot:
+            for shot in self.examples("train", limit=self.few_shot):
+                turns += [{"role": "user", "content": f"{self.instruction}\n\n{shot.question}".strip()},
+                          {"role": "assistant", "content": self.format_solution(shot)}]
+        return turns + [{"role": "user", "content": f"{self.instruction}\n\n{example.question}".strip()}]
+
+    def sft_text(self, example: Example) -> str:
+        """Prompt (without few-shot prefix) followed by the worked solution: one training document."""
+        return self.format_question(example) + self.format_solution(example)
+
+    def extract(self, response: str) -> str | None:
+        """The answer stated in a response, in a canonical form usable as a vote key; None if there is none."""
+        raise NotImplementedError
+
+    def answers_match(self, extracted: str, answer: str) -> bool:
+        raise NotImplementedError
+
+    def is_correct(self, response: str, answer: str) -> bool:
+        extracted = self.extract(response)
+        return extracted is not None and self.answers_match(extracted, answer)
+
+    def reward(self, response: str, answer: str) -> float:
+        """1.0 for a correct final answer, 0.0 otherwise."""
+        return 1.0 if self.is_correct(response, answer) else 0.0
