@@ -7,6 +7,8 @@
   nanokimi data prepare --source SOURCE
   nanokimi model info --preset NAME
   nanokimi convert --from-hf HF_DIR --out DIR | --to-hf CHECKPOINT_DIR --out HF_DIR
+  nanokimi chat CKPT [--system TEXT]
+  nanokimi sft --ckpt BASE --data FILE.jsonl [--out DIR] [--resume] [section.key=value ...]
 """
 import argparse
 import json
@@ -81,6 +83,16 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_sft(args) -> int:
+    from nanokimi.post.sft import run_sft
+
+    result = run_sft(args.ckpt, args.data, args.out, args.overrides, resume=args.resume,
+                     progress=not args.no_progress)
+    print(f"done: step {result['step']}, val loss {result.get('val_loss', float('nan')):.4f}; "
+          f"checkpoint {result['checkpoint']} (try: nanokimi chat {args.out})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanokimi", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -133,6 +145,19 @@ def build_parser() -> argparse.ArgumentParser:
     from nanokimi.interop.cli import add_convert_args, run_convert
     convert = add_convert_args(commands.add_parser("convert", help="Hugging Face checkpoints in and out"))
     convert.set_defaults(func=run_convert)
+
+    from nanokimi.chat_cli import add_chat_args
+    add_chat_args(commands.add_parser("chat", help="chat with a checkpoint in the terminal (streams the reply)"))
+
+    sft = commands.add_parser("sft", help="supervised fine-tuning on chat data (loss on assistant turns)")
+    sft.add_argument("--ckpt", required=True, help="base checkpoint (run folder or checkpoint folder)")
+    sft.add_argument("--data", required=True, help='.jsonl of {"messages": [...]} or {"prompt": ..., "completion": ...}')
+    sft.add_argument("--out", default="runs/sft", help="run folder (default runs/sft)")
+    sft.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    sft.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sft.add_argument("overrides", nargs="*", metavar="section.key=value",
+                     help="train.*, optim.* or sft.* (epochs, pack, train_on, val_fraction), e.g. optim.lr=1e-4")
+    sft.set_defaults(func=cmd_sft)
     return parser
 
 

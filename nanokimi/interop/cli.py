@@ -1,7 +1,10 @@
 """`nanokimi convert`: Hugging Face checkpoints to nanokimi's own format and back.
 
     nanokimi convert --from-hf HF_DIR --out NANOKIMI_DIR [--dtype bfloat16]
-    nanokimi convert --to-hf NANOKIMI_DIR --out HF_DIR --layout kimi_linear|deepseek_v3 [--tokenizer tokenizer.json]
+    nanokimi convert --to-hf NANOKIMI_DIR --out HF_DIR --layout kimi_linear|deepseek_v3 [--tokenizer PATH]
+
+Both directions keep the tokenizer: tokenizer.json (HF tokenizers) or Kimi's tiktoken.model +
+tokenizer_config.json, with the chat template (chat_template.jinja) and generation_config.json's eos ids.
 """
 import argparse
 from pathlib import Path
@@ -9,7 +12,7 @@ import sys
 
 import torch
 
-from nanokimi.interop.hf import LAYOUTS, infer_layout, load_hf, save_hf
+from nanokimi.interop.hf import LAYOUTS, infer_layout, load_hf, save_hf, tokenizer_files_of
 from nanokimi.interop.native import load_native, save_native
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -25,7 +28,8 @@ def add_convert_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     parser.add_argument("--dtype", choices=list(DTYPES), help="cast the weights (default: keep the checkpoint's)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard for --to-hf, e.g. 2GB")
     parser.add_argument("--tokenizer", metavar="PATH",
-                        help="tokenizer.json to copy next to the --to-hf weights (default: the checkpoint's own)")
+                        help="tokenizer.json, or a folder with tokenizer files, to copy next to the --to-hf weights "
+                             "(default: the checkpoint's own)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     return parser
 
@@ -43,13 +47,15 @@ def _convert(args: argparse.Namespace) -> int:
     dtype = DTYPES[args.dtype] if args.dtype else None
     if args.from_hf:
         model = load_hf(args.from_hf, dtype=dtype)
-        save_native(model, args.out, overwrite=args.overwrite)
+        has_tokenizer = any((Path(args.from_hf) / n).is_file() for n in ("tokenizer.json", "tiktoken.model"))
+        save_native(model, args.out, overwrite=args.overwrite,
+                    tokenizer_files=tokenizer_files_of(args.from_hf) if has_tokenizer else None)
         what = f"{args.from_hf} (HF {model.config.layer_mixers}) -> {args.out} (nanokimi)"
     else:
         model = load_native(args.to_hf, dtype=dtype)
         tokenizer = args.tokenizer
-        if tokenizer is None and (Path(args.to_hf) / "tokenizer.json").is_file():
-            tokenizer = Path(args.to_hf) / "tokenizer.json"  # a training checkpoint carries its tokenizer
+        if tokenizer is None and any((Path(args.to_hf) / n).is_file() for n in ("tokenizer.json", "tiktoken.model")):
+            tokenizer = Path(args.to_hf)  # a training or converted checkpoint carries its tokenizer
         save_hf(model, args.out, layout=args.layout, max_shard_bytes=args.max_shard_size,
                 tokenizer_path=tokenizer, overwrite=args.overwrite)
         what = f"{args.to_hf} (nanokimi) -> {args.out} (HF {args.layout or infer_layout(model.config)})"

@@ -508,7 +508,8 @@ def infer_layout(cfg: ModelConfig) -> str:
 def save_hf(model: Transformer, path: str | Path, layout: str | None = None, max_shard_bytes: int | str = "5GB",
             tokenizer_path: str | Path | None = None, dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
     """Write `model` as a transformers checkpoint: config.json, safetensors shards (+ index when more than one),
-    and tokenizer.json when `tokenizer_path` is given. The directory appears complete or not at all.
+    and the tokenizer when `tokenizer_path` is given: a tokenizer.json, or a folder whose tokenizer files
+    (tokenizer_files_of) are all copied. The directory appears complete or not at all.
 
     layout: "kimi_linear" or "deepseek_v3" (default: infer_layout(model.config)).
     dtype: of the written weights (default: the model's); the router correction bias is always fp32."""
@@ -520,12 +521,9 @@ def save_hf(model: Transformer, path: str | Path, layout: str | None = None, max
     _need(max_shard_bytes > 0, "max_shard_bytes must be positive.")
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True (--overwrite) to replace it.")
-    tokenizer = None
+    tokenizer = {}
     if tokenizer_path is not None:
-        tokenizer = Path(tokenizer_path)
-        tokenizer = tokenizer / "tokenizer.json" if tokenizer.is_dir() else tokenizer
-        if not tokenizer.is_file():
-            raise FileNotFoundError(f"tokenizer file {tokenizer} does not exist; pass the path of a tokenizer.json.")
+        tokenizer = tokenizer_files_of(tokenizer_path)
 
     entries = hf_tensors(model, layout)
     out_dtype = lambda name: torch.float32 if name.endswith("e_score_correction_bias") else dtype  # noqa: E731
@@ -545,13 +543,50 @@ def save_hf(model: Transformer, path: str | Path, layout: str | None = None, max
         _write_shards(tmp, shards, out_dtype)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps({"do_sample": False}, indent=2) + "\n")
-        if tokenizer is not None:
-            shutil.copyfile(tokenizer, tmp / "tokenizer.json")
+        write_tokenizer_files(tokenizer, tmp, for_transformers=True)
         _replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def tokenizer_files_of(path: str | Path) -> dict[str, Path]:
+    """The tokenizer and chat-format files to carry along, by the name they get: a tokenizer.json file itself,
+    or every file of TOKENIZER_FILES (+ generation_config.json, which names Kimi's end-of-turn id) in a folder."""
+    from nanokimi.data.tokenizer import TOKENIZER_FILES
+
+    path = Path(path)
+    if path.is_file():
+        return {"tokenizer.json": path}
+    files = {name: path / name for name in (*TOKENIZER_FILES, "generation_config.json") if (path / name).is_file()}
+    if "tokenizer.json" not in files and "tiktoken.model" not in files:
+        raise FileNotFoundError(f"no tokenizer in {path}: expected tokenizer.json or tiktoken.model + "
+                                "tokenizer_config.json.")
+    return files
+
+
+def write_tokenizer_files(files: dict[str, Path], directory: Path, for_transformers: bool = False) -> None:
+    """Copy tokenizer files into `directory`. for_transformers: nanokimi's own tokenizer.json (with the chat
+    tokens) and no tokenizer_config.json gets one, and the default chat template, so that transformers'
+    AutoTokenizer loads it and apply_chat_template renders Kimi's format."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from nanokimi.data.chat import ChatTemplate
+    from nanokimi.data.tokenizer import END_OF_TURN, EOT
+
+    for name, source in files.items():
+        shutil.copyfile(source, directory / name)
+    if not for_transformers or "tokenizer.json" not in files or "tokenizer_config.json" in files:
+        return
+    hf = HFTokenizer.from_file(str(directory / "tokenizer.json"))
+    if hf.token_to_id(EOT) is None or hf.token_to_id(END_OF_TURN) is None:
+        return  # not one of nanokimi's chat-ready tokenizers: leave it as it came
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOT, "pad_token": EOT,
+              "model_max_length": 1 << 30, "clean_up_tokenization_spaces": False}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if "chat_template.jinja" not in files:
+        ChatTemplate().save(directory)
 
 
 def _write_shards(directory: Path, shards: list, out_dtype) -> None:

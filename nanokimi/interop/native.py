@@ -10,11 +10,13 @@ from pathlib import Path
 import torch
 
 from nanokimi.config import ConfigError, ModelConfig
-from nanokimi.interop.hf import _replace_dir
+from nanokimi.interop.hf import _replace_dir, write_tokenizer_files
 from nanokimi.model.transformer import Transformer
 
 
-def save_native(model: Transformer, path: str | Path, overwrite: bool = False) -> Path:
+def save_native(model: Transformer, path: str | Path, overwrite: bool = False,
+                tokenizer_files: dict[str, Path] | None = None) -> Path:
+    """config.json + model.safetensors, and copies of `tokenizer_files` (see interop.hf.tokenizer_files_of)."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -28,6 +30,7 @@ def save_native(model: Transformer, path: str | Path, overwrite: bool = False) -
     try:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt", "nanokimi": "1"})
         (tmp / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+        write_tokenizer_files(tokenizer_files or {}, tmp)
         _replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -11,6 +11,7 @@ from torch import nn
 from nanokimi.config import ModelConfig
 from nanokimi.model.cache import KVCache, LatentCache
 from nanokimi.model.norm import RMSNorm
+from nanokimi.model.packing import Documents
 from nanokimi.model.rope import Rotary, yarn_mscale
 
 LATENT_NORM_EPS = 1e-6  # MLA's q/kv latent norms use a fixed eps in DeepSeek-V3 and Kimi Linear, not rms_norm_eps
@@ -34,12 +35,15 @@ def cudnn_attention_runs(device_index: int) -> bool:
     return torch.backends.cuda.cudnn_sdp_enabled() and torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
-def causal_attention(q, k, v, scale: float, q_offset: int) -> torch.Tensor:
-    """q [B, Tq, H, Dk], k [B, Tk, Hkv, Dk], v [B, Tk, Hkv, Dv]; queries sit at q_offset.. -> [B, Tq, H, Dv]."""
+def causal_attention(q, k, v, scale: float, q_offset: int, documents: Documents | None = None) -> torch.Tensor:
+    """q [B, Tq, H, Dk], k [B, Tk, Hkv, Dk], v [B, Tk, Hkv, Dv]; queries sit at q_offset.. -> [B, Tq, H, Dv].
+    With `documents` (packed rows, no cache) attention is block-diagonal: each token sees its own document."""
     Tq, Tk = q.shape[1], k.shape[1]
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     gqa = q.shape[1] != k.shape[1]
-    if q_offset == 0 and Tq == Tk:
+    if documents is not None:
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=documents.attention_mask(), scale=scale, enable_gqa=gqa)
+    elif q_offset == 0 and Tq == Tk:
         Dv = v.shape[-1]
         if pad_v_for_flash(q, v):  # MLA: qk 192, v 128, where flash is the best kernel that takes it
             v = F.pad(v, (0, q.shape[-1] - Dv))
@@ -68,6 +72,12 @@ def masked_cache_attention(q, k, v, scale: float, pos: torch.Tensor) -> torch.Te
     allowed = torch.arange(L, device=q.device)[None, :] <= query_pos[:, None]  # [T*G, L]
     o = F.scaled_dot_product_attention(rows, k.transpose(1, 2), v.transpose(1, 2), attn_mask=allowed, scale=scale)
     return o.view(B, Hkv, T, G, -1).permute(0, 2, 1, 3, 4).reshape(B, T, H, -1)
+
+
+def check_packing(cache, documents: Documents | None) -> None:
+    if documents is not None and cache is not None:
+        raise ValueError("documents= packs several sequences into a row for training; it cannot be combined with "
+                         "a cache (generate one sequence per row instead).")
 
 
 def write_cache(buffer: torch.Tensor, pos: torch.Tensor, values: torch.Tensor) -> None:
@@ -109,8 +119,10 @@ class GroupedQueryAttention(nn.Module):
         shape = (batch_size, max_len, self.num_kv_heads, self.head_dim)
         return KVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: int = 0,
+                documents: Documents | None = None) -> torch.Tensor:
         B, T, _ = x.shape
+        check_packing(cache, documents)
         q = self.rotary(self.q_proj(x).view(B, T, self.num_heads, self.head_dim), pos)
         k = self.rotary(self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim), pos)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
@@ -125,7 +137,7 @@ class GroupedQueryAttention(nn.Module):
             k, v = cache.k[:, :pos + T], cache.v[:, :pos + T]
         if self.record_max_logits:
             self.max_logits = max_causal_logit(q, k, self.scale, pos)
-        o = causal_attention(q, k, v, self.scale, pos)  # [B, T, H, D]
+        o = causal_attention(q, k, v, self.scale, pos, documents)  # [B, T, H, D]
         return self.o_proj(o.reshape(B, T, -1))
 
     @torch.no_grad()
@@ -212,9 +224,14 @@ class MultiHeadLatentAttention(nn.Module):
     def _q_weight(self) -> torch.Tensor:
         return self.q_proj.weight if hasattr(self, "q_proj") else self.q_b_proj.weight
 
-    def forward(self, x: torch.Tensor, cache: LatentCache | None = None, pos: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: LatentCache | None = None, pos: int = 0,
+                documents: Documents | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         H = self.num_heads
+        check_packing(cache, documents)
+        if documents is not None and self.moba:
+            raise ValueError("packed documents are not supported by MoBA layers ('B' in the layer pattern): its "
+                             "block selection would look across documents. Train without packing (sft.pack=false).")
         q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_norm(self.q_a_proj(x)))
         q_nope, q_rope = q.view(B, T, H, -1).split([self.nope_dim, self.rope_dim], dim=-1)
         c_kv, k_rope = self.kv_a_proj(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
@@ -235,10 +252,10 @@ class MultiHeadLatentAttention(nn.Module):
         if absorbed:
             o = self._attend_absorbed(q_nope, q_rope, c_kv, k_rope, pos)
         else:
-            o = self._attend_expanded(q_nope, q_rope, c_kv, k_rope, pos)
+            o = self._attend_expanded(q_nope, q_rope, c_kv, k_rope, pos, documents)
         return self.o_proj(o.reshape(B, T, -1))
 
-    def _attend_expanded(self, q_nope, q_rope, c_kv, k_rope, pos):
+    def _attend_expanded(self, q_nope, q_rope, c_kv, k_rope, pos, documents=None):
         B, S, _ = c_kv.shape
         H = self.num_heads
         k_nope, v = self.kv_b_proj(c_kv).view(B, S, H, -1).split([self.nope_dim, self.v_dim], dim=-1)
@@ -250,7 +267,7 @@ class MultiHeadLatentAttention(nn.Module):
             from nanokimi.ops.moba import moba_attention
             return moba_attention(q, k, v, block_size=self.moba_block_size, topk=self.moba_topk,
                                   scale=self.scale, q_offset=pos)
-        return causal_attention(q, k, v, self.scale, pos)
+        return causal_attention(q, k, v, self.scale, pos, documents)
 
     def _attend_absorbed(self, q_nope, q_rope, c_kv, k_rope, pos):
         """Fold kv_b_proj into the query (key part) and the output (value part): one shared latent 'head'."""

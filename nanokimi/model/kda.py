@@ -14,6 +14,7 @@ from torch import nn
 
 from nanokimi.config import ModelConfig
 from nanokimi.model.cache import RecurrentCache
+from nanokimi.model.packing import Documents
 from nanokimi.ops.kda import kda
 
 kda_outside_compile = torch.compiler.disable(kda)  # fla's Triton kernels run as they are; the layer around them compiles
@@ -24,16 +25,22 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x32 * torch.rsqrt(x32.pow(2).sum(-1, keepdim=True) + eps)
 
 
-def causal_depthwise_conv(window: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def causal_depthwise_conv(window: torch.Tensor, weight: torch.Tensor,
+                          positions: torch.Tensor | None = None) -> torch.Tensor:
     """Depthwise causal conv as a sum of shifted rows, in the [B, T, C] layout: no transposes, and under
     torch.compile one fused kernel (with the SiLU after it) instead of conv1d's layout copies.
-    window [B, K-1+T, C] (K-1 history rows first), weight [C, 1, K] (nn.Conv1d's) -> [B, T, C]."""
+    window [B, K-1+T, C] (K-1 history rows first), weight [C, 1, K] (nn.Conv1d's) -> [B, T, C].
+    positions [B, T] (packed documents): each token's index in its document; a tap reaching back further
+    than that is dropped, so every document starts from a zero history."""
     K = weight.shape[-1]
     T = window.shape[1] - (K - 1)
     w = weight.squeeze(1).t()  # [K, C]
-    out = window[:, :T] * w[0]
-    for j in range(1, K):
-        out = out + window[:, j:j + T] * w[j]
+    out = None
+    for j in range(K):
+        tap = window[:, j:j + T] * w[j]  # reaches back K-1-j tokens
+        if positions is not None and j < K - 1:
+            tap = tap * (positions >= K - 1 - j).unsqueeze(-1).to(tap.dtype)
+        out = tap if out is None else out + tap
     return out
 
 
@@ -72,9 +79,12 @@ class KimiDeltaAttention(nn.Module):
             torch.zeros(batch_size, self.num_heads, self.head_dim, self.head_dim, device=device, dtype=torch.float32),
         )
 
-    def forward(self, x: torch.Tensor, cache: RecurrentCache | None = None, pos: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: RecurrentCache | None = None, pos: int = 0,
+                documents: Documents | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         H, D = self.num_heads, self.head_dim
+        if documents is not None and cache is not None:
+            raise ValueError("documents= (packed training rows) cannot be combined with a cache.")
         qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)  # [B, T, 3HD]
         if cache is None:
             history = qkv.new_zeros(B, self.conv_size - 1, qkv.shape[-1])
@@ -83,16 +93,22 @@ class KimiDeltaAttention(nn.Module):
         window = torch.cat([history, qkv], dim=1)  # [B, K-1+T, 3HD]
         if cache is not None:
             cache.conv.copy_(window[:, window.shape[1] - (self.conv_size - 1):])
-        qkv = F.silu(causal_depthwise_conv(window, self.conv.weight.to(qkv.dtype)))
+        qkv = F.silu(causal_depthwise_conv(window, self.conv.weight.to(qkv.dtype),
+                                           None if documents is None else documents.positions))
         q, k, v = (t.reshape(B, T, H, D) for t in qkv.split(H * D, dim=-1))
         q, k = l2_normalize(q).to(v.dtype), l2_normalize(k).to(v.dtype)
 
         g = self.f_b_proj(self.f_a_proj(x)).float() + self.dt_bias.float()
         g = -self.A_log.float().exp().repeat_interleave(D) * F.softplus(g)  # [B, T, HD]
         beta = torch.sigmoid(self.b_proj(x).float())  # [B, T, H]
-        o, state = kda_outside_compile(q, k, v, g.view(B, T, H, D), beta,
-                       initial_state=None if cache is None else cache.state,
-                       output_final_state=cache is not None)
+        if documents is not None:  # the documents end to end in one row, each from a zero state
+            o, _ = kda_outside_compile(*(t.flatten(0, 1).unsqueeze(0) for t in (q, k, v, g.view(B, T, H, D), beta)),
+                                       cu_seqlens=documents.cu_seqlens)
+            o = o.view(B, T, H, D)
+        else:
+            o, state = kda_outside_compile(q, k, v, g.view(B, T, H, D), beta,
+                           initial_state=None if cache is None else cache.state,
+                           output_final_state=cache is not None)
         if cache is not None:
             cache.state.copy_(state)
 

@@ -13,6 +13,7 @@ from nanokimi.model.cache import ModelCache
 from nanokimi.model.kda import KimiDeltaAttention
 from nanokimi.model.moe import MoE, Experts, Router, SwiGLU
 from nanokimi.model.norm import RMSNorm
+from nanokimi.model.packing import Documents
 from nanokimi.model.paged import PagedBatch, paged_mixer_forward
 from nanokimi.model.residual import PreNormResidual
 
@@ -43,17 +44,17 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.ffn = MoE(cfg) if cfg.is_moe_layer(index) else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x: torch.Tensor, cache=None, pos=0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache=None, pos=0, documents: Documents | None = None) -> torch.Tensor:
         """The whole block with the plain PreNorm residual: x [B, T, D] -> [B, T, D]. (Other residual
         schemes drive the two sublayers one at a time from Transformer.hidden_states.)"""
-        x = x + self.mix(self.mixer_norm(x), cache, pos)
+        x = x + self.mix(self.mixer_norm(x), cache, pos, documents)
         return x + self.ffn(self.ffn_norm(x))
 
-    def mix(self, x: torch.Tensor, cache=None, pos=0) -> torch.Tensor:
+    def mix(self, x: torch.Tensor, cache=None, pos=0, documents: Documents | None = None) -> torch.Tensor:
         """The token mixer; a PagedBatch as `pos` selects the paged engine's path (nanokimi.model.paged)."""
         if isinstance(pos, PagedBatch):
             return paged_mixer_forward(self.mixer, x, cache, pos)
-        return self.mixer(x, cache, pos)
+        return self.mixer(x, cache, pos, documents=documents)
 
 
 class Transformer(nn.Module):
@@ -96,8 +97,12 @@ class Transformer(nn.Module):
                           batch_size, max_len)
 
     def hidden_states(self, input_ids: torch.Tensor, cache: ModelCache | None = None,
-                      position: torch.Tensor | None = None, batch: PagedBatch | None = None) -> torch.Tensor:
+                      position: torch.Tensor | None = None, documents: Documents | None = None,
+                      batch: PagedBatch | None = None) -> torch.Tensor:
         """input_ids [B, T] -> final-normed hidden states [B, T, D].
+
+        `documents` (training on packed rows, no cache) keeps the documents of each row apart: see
+        nanokimi.model.packing.
 
         `position` (a 0-d long device tensor, with a cache) selects the fixed-shape decode path used
         under CUDA graphs: tokens are written at that position and attention runs over the whole
@@ -121,10 +126,10 @@ class Transformer(nn.Module):
         for i, block in enumerate(self.layers):
             layer_cache = None if cache is None else cache.layers[i]
             if plain:
-                state = block(state, layer_cache, pos)
+                state = block(state, layer_cache, pos, documents=documents)
                 continue
             x = self.residual.normed_input(state, 2 * i, block.mixer_norm)
-            state = self.residual.add(state, 2 * i, block.mix(x, layer_cache, pos), norms[2 * i + 1])
+            state = self.residual.add(state, 2 * i, block.mix(x, layer_cache, pos, documents), norms[2 * i + 1])
             x = self.residual.normed_input(state, 2 * i + 1, block.ffn_norm)
             state = self.residual.add(state, 2 * i + 1, block.ffn(x), norms[2 * i + 2])
         if cache is not None and position is None and batch is None:
@@ -132,15 +137,17 @@ class Transformer(nn.Module):
         return self.norm(self.residual.finish(state))
 
     def forward(self, input_ids: torch.Tensor, cache: ModelCache | None = None,
-                position: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids [B, T] -> logits [B, T, vocab]. See hidden_states for `position`."""
-        return self.lm_head(self.hidden_states(input_ids, cache, position))
+                position: torch.Tensor | None = None, documents: Documents | None = None) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, vocab]. See hidden_states for `position` and `documents`."""
+        return self.lm_head(self.hidden_states(input_ids, cache, position, documents))
 
-    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = 8192) -> torch.Tensor:
-        """Mean next-token cross-entropy. The LM head runs over chunks of tokens, each recomputed in the
-        backward pass, so fp32 logits for the whole batch never exist at once. chunk_tokens=0 runs the
-        whole batch in one piece with no recompute (faster when the [N, vocab] logits fit in memory)."""
-        h = self.hidden_states(input_ids).flatten(0, 1)  # [N, D]
+    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = 8192,
+             documents: Documents | None = None) -> torch.Tensor:
+        """Mean next-token cross-entropy over the targets that are not -100. The LM head runs over chunks of
+        tokens, each recomputed in the backward pass, so fp32 logits for the whole batch never exist at once.
+        chunk_tokens=0 runs the whole batch in one piece with no recompute (faster when the [N, vocab] logits
+        fit in memory). `documents`: packed rows (see hidden_states)."""
+        h = self.hidden_states(input_ids, documents=documents).flatten(0, 1)  # [N, D]
         targets = targets.flatten()
         if chunk_tokens == 0:
             return self._chunk_loss_sum(h, targets) / targets.ne(-100).sum().clamp(min=1)

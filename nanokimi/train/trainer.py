@@ -79,21 +79,12 @@ class Trainer:
         self._check_output_dir(resume)
 
         torch.manual_seed(run.train.seed)
-        self.data_dir, self.manifest = prepare_data(run, progress=self.progress)
-        self.tokenizer_file = self.data_dir / self.manifest.tokenizer["file"]
-        vocab = self.manifest.tokenizer["vocab_size"]
-        if run.model.vocab_size < vocab:
-            run.model = run.model.replace(vocab_size=vocab)
-
-        from nanokimi.data import TokenStream
-
         t = run.train
         self.micro_batch = t.batch_size // t.grad_accum // world_size
         if self.micro_batch * t.grad_accum * world_size != t.batch_size:
             raise TrainingError(f"train.batch_size={t.batch_size} must be divisible by grad_accum={t.grad_accum} "
                                 f"times the number of processes ({world_size}).")
-        self.stream = TokenStream(self.data_dir, "train", self.micro_batch, t.seq_len, seed=t.seed,
-                                  rank=rank, world_size=world_size, device=self.device)
+        self._setup_data()
         self._build_model_and_optimizer()
         self.step, self.tokens = 0, 0
         self.last_good = None
@@ -104,6 +95,24 @@ class Trainer:
                                     f"({self.checkpoint_dir} is missing). Start it without --resume.")
             self._resume()
 
+    def _setup_data(self) -> None:
+        """self.data_dir, self.manifest, self.tokenizer_file and self.stream, whose next() is a micro batch: the
+        arguments of self.loss_fn, here (inputs, targets). Post-training (nanokimi.post) brings its own."""
+        from nanokimi.data import TokenStream
+
+        t = self.run.train
+        self.data_dir, self.manifest = prepare_data(self.run, progress=self.progress)
+        self.tokenizer_file = self.data_dir / self.manifest.tokenizer["file"]
+        vocab = self.manifest.tokenizer["vocab_size"]
+        if self.run.model.vocab_size < vocab:
+            self.run.model = self.run.model.replace(vocab_size=vocab)
+        self.stream = TokenStream(self.data_dir, "train", self.micro_batch, t.seq_len, seed=t.seed,
+                                  rank=self.rank, world_size=self.world_size, device=self.device)
+
+    def start_from(self, model: Transformer) -> None:
+        """Set the weights the run starts from, before sharding: pretraining keeps build_model's random init;
+        fine-tuning loads its base checkpoint here."""
+
     def _build_model_and_optimizer(self) -> None:
         """self.model (sharded across ranks, compiled if asked), self.loss_fn and self.optimizer from self.run."""
         from nanokimi.optim import build_optimizer
@@ -111,6 +120,7 @@ class Trainer:
 
         t, o = self.run.train, self.run.optim
         self.model = build_model(self.run.model, device=self.device)
+        self.start_from(self.model)
         if self.world_size > 1:
             from nanokimi.train.distributed import shard_model
             shard_model(self.model, self.device, reshard_after_forward=t.fsdp_reshard,
@@ -171,9 +181,9 @@ class Trainer:
             group["lr"] = group["initial_lr"] * factor
         total = torch.zeros((), device=self.device)
         for _ in range(t.grad_accum):
-            inputs, targets = next(self.stream)
+            batch = next(self.stream)
             with self.autocast():
-                loss = self.loss_fn(inputs, targets)
+                loss = self.loss_fn(*batch)
             (loss / t.grad_accum).backward()
             total += loss.detach() / t.grad_accum
         total = self._all_reduce_mean(total)

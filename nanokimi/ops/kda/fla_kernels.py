@@ -29,8 +29,9 @@ def fla_status():
     return True, f"fla-core {version}"
 
 
-def kda_fla(q, k, v, g, beta, scale, initial_state=None, output_final_state=False):
+def kda_fla(q, k, v, g, beta, scale, initial_state=None, output_final_state=False, cu_seqlens=None):
     """q, k, g: [B, T, H, K]; v: [B, T, H, V]; beta: [B, T, H]; initial_state: [B, H, K, V]. CUDA tensors.
+    cu_seqlens [N + 1] (B = 1): N sequences end to end, each from its own state (fla's varlen mode).
 
     T == 1 without autograd uses `fused_recurrent_kda` (the decode kernel; it has no backward);
     everything else uses `chunk_kda`. Returns (o [B, T, H, V] in v's dtype, state [B, H, K, V] fp32 or None).
@@ -57,7 +58,9 @@ def kda_fla(q, k, v, g, beta, scale, initial_state=None, output_final_state=Fals
         use_gate_in_kernel=False,
         use_beta_sigmoid_in_kernel=False,
     )
-    if q.shape[1] == 1 and not needs_grad:
+    if cu_seqlens is not None:
+        options["cu_seqlens"] = cu_seqlens.long()
+    if q.shape[1] == 1 and not needs_grad and cu_seqlens is None:
         o, state = fused_recurrent_kda(q, k, v, g, beta, **options)
     else:
         o, state = chunk_kda(q, k, v, g, beta, safe_gate=False, **options)

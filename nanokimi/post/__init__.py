@@ -1,0 +1,1 @@
+"""Post-training: supervised fine-tuning on chat data (sft.py), above the pretraining Trainer."""
