@@ -1,7 +1,7 @@
 """nanokimi: train, sample, evaluate, convert and inspect Kimi-family models.
 
   nanokimi train [--preset NAME | --config FILE.toml] [--out DIR] [--resume] [section.key=value ...]
-  nanokimi generate --ckpt DIR --prompt TEXT
+  nanokimi generate --ckpt DIR --prompt TEXT [--nbce-window W]
   nanokimi eval --ckpt DIR
   nanokimi plot RUN_DIR [RUN_DIR ...] --out FILE.png
   nanokimi data prepare --source SOURCE
@@ -62,6 +62,18 @@ def cmd_train(args) -> int:
 def cmd_generate(args) -> int:
     from nanokimi.infer.sample import load_for_sampling, sample_text
 
+    if args.nbce_window is not None:
+        from nanokimi.infer import LLM, SamplingParams
+
+        params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                                top_k=args.top_k, seed=args.seed, nbce_window=args.nbce_window,
+                                nbce_beta=args.nbce_beta, nbce_pooling=args.nbce_pooling)
+        out = LLM(args.ckpt, max_num_seqs=1).generate([args.prompt], params, use_tqdm=False)[0]
+        print(f"nbce: {out.metrics['nbce_windows']} windows of {out.metrics['nbce_window_tokens']} tokens",
+              file=sys.stderr)
+        print(args.prompt + out.text)
+        return 0
+
     model, tokenizer_file = load_for_sampling(args.ckpt)
     print(sample_text(model, tokenizer_file, args.prompt, args.max_new_tokens, temperature=args.temperature,
                       top_p=args.top_p, top_k=args.top_k, seed=args.seed))
@@ -116,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--nbce-window", type=int, default=None, metavar="W",
+                     help="NBCE: a prompt longer than the context, cut at newlines into windows of W tokens "
+                          "(the last line is the query) and decoded together (docs/nbce.md)")
+    gen.add_argument("--nbce-beta", type=float, default=0.25, help="NBCE beta (default 0.25)")
+    gen.add_argument("--nbce-pooling", default="min_entropy", choices=["min_entropy", "mean"],
+                     help="NBCE pooling over windows (default min_entropy)")
     gen.set_defaults(func=cmd_generate)
 
     ev = commands.add_parser("eval", help="validation loss and bits per byte of a checkpoint")
