@@ -9,6 +9,7 @@
   nanokimi convert --from-hf HF_DIR --out DIR | --to-hf CHECKPOINT_DIR --out HF_DIR
   nanokimi chat CKPT [--system TEXT]
   nanokimi sft --ckpt BASE --data FILE.jsonl [--out DIR] [--resume] [section.key=value ...]
+  nanokimi lepa --ckpt BASE --task ladder|mused|gsm8k [--iterations N] [--trials N] [--no-plan] [--templates FILE]
 """
 import argparse
 import json
@@ -105,6 +106,25 @@ def cmd_sft(args) -> int:
     return 0
 
 
+def cmd_lepa(args) -> int:
+    from nanokimi.post.lepa import LepaConfig, Templates, run_lepa
+
+    options = {}
+    if args.levels:
+        options["levels" if args.task == "ladder" else "depths"] = args.levels
+    if args.data:
+        options["path"] = args.data
+    cfg = LepaConfig(task=args.task, task_options=options, iterations=args.iterations, trials=args.trials,
+                     problems=args.problems, eval_problems=args.eval_problems, plan=not args.no_plan,
+                     temperature=args.temperature, plan_tokens=args.plan_tokens, solution_tokens=args.solution_tokens,
+                     seed=args.seed, sft_overrides=args.overrides)
+    templates = Templates.load(args.templates) if args.templates else Templates()
+    summary = run_lepa(args.ckpt, args.out, cfg, templates, progress=not args.no_progress)
+    evals = [r["eval_before"].get("pass@1") for r in summary["iterations"]] + [summary["final_eval"].get("pass@1")]
+    print(f"done: held-out pass@1 by iteration {evals}; checkpoint {summary['checkpoint']}; metrics {args.out}/metrics.jsonl")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanokimi", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -176,6 +196,27 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_argument("overrides", nargs="*", metavar="section.key=value",
                      help="train.*, optim.* or sft.* (epochs, pack, train_on, val_fraction), e.g. optim.lr=1e-4")
     sft.set_defaults(func=cmd_sft)
+
+    lepa = commands.add_parser("lepa", help="LEPA self-training: plan, solve, reflect with the answer, fine-tune")
+    lepa.add_argument("--ckpt", required=True, help="base checkpoint (run folder or checkpoint folder)")
+    lepa.add_argument("--task", required=True, choices=["ladder", "mused", "gsm8k", "math500"])
+    lepa.add_argument("--levels", help="ladder levels / mused depths, e.g. 1-8")
+    lepa.add_argument("--data", help="gsm8k / math500 data folder or file")
+    lepa.add_argument("--out", default="runs/lepa", help="run folder (default runs/lepa)")
+    lepa.add_argument("--iterations", type=int, default=2)
+    lepa.add_argument("--trials", type=int, default=5, help="attempts per problem and iteration (default 5)")
+    lepa.add_argument("--problems", type=int, default=64, help="training problems per iteration (default 64)")
+    lepa.add_argument("--eval-problems", type=int, default=100, help="held-out problems for pass@1 (default 100)")
+    lepa.add_argument("--no-plan", action="store_true", help="the baseline: rejection-sampling self-training, no plans")
+    lepa.add_argument("--temperature", type=float, default=0.8)
+    lepa.add_argument("--plan-tokens", type=int, default=96)
+    lepa.add_argument("--solution-tokens", type=int, default=256)
+    lepa.add_argument("--templates", help="TOML file replacing prompt templates (docs/lepa.md)")
+    lepa.add_argument("--seed", type=int, default=0)
+    lepa.add_argument("--no-progress", action="store_true", help="no progress bar")
+    lepa.add_argument("overrides", nargs="*", metavar="section.key=value",
+                      help="settings of each fine-tuning (nanokimi sft's), e.g. sft.epochs=2 optim.lr=1e-4")
+    lepa.set_defaults(func=cmd_lepa)
     return parser
 
 
