@@ -1,0 +1,105 @@
+"""LEPA against the no-plan baseline (rejection-sampling self-training) on the ladder task, same generation budget.
+
+A small model is pretrained from scratch in this script on ladder problems of low levels (plain traces, traces
+with an operation-skeleton plan, and reflections; benchmarks/ladder_model.py), then self-trains twice from
+the same checkpoint: once with LEPA (plan, solve, reflect with the answer, fine-tune on the successful
+(plan, solution) pairs) and once without plans (up to the same number of trials per problem, correct samples
+kept). Held-out pass@1 per level is measured before and after each iteration.
+
+    python benchmarks/lepa_ladder.py            # one H100, under 10 minutes
+    python benchmarks/lepa_ladder.py --smoke    # CPU, about a minute: runs end to end, numbers meaningless
+"""
+import argparse
+import time
+from pathlib import Path
+
+import perf_common  # noqa: F401  (puts the repository root on sys.path)
+import torch
+
+from ladder_model import TEMPLATES, build_ladder_model
+from nanokimi.post.lepa import LepaConfig, run_lepa
+from perf_common import environment, print_table, results_path, write_results
+
+
+def plot(path: Path, runs: dict) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, summary in runs.items():
+        evals = [r["eval_before"] for r in summary["iterations"]] + [summary["final_eval"]]
+        left.plot(range(len(evals)), [e["pass@1"] for e in evals], marker="o", label=name)
+        levels = list(summary["final_eval"]["by_level"])
+        right.plot([int(x) for x in levels], [summary["final_eval"]["by_level"][x] for x in levels], marker="o",
+                   label=f"{name} (after)")
+    base = next(iter(runs.values()))["iterations"][0]["eval_before"]["by_level"]
+    right.plot([int(x) for x in base], list(base.values()), "k--", label="pretrained")
+    left.set(xlabel="iteration", ylabel="held-out pass@1", title="ladder: LEPA vs no-plan")
+    right.set(xlabel="ladder level (operations)", ylabel="pass@1", title="by level after self-training")
+    left.legend(), right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny CPU run that checks the script end to end")
+    parser.add_argument("--out", default="/tmp/nanokimi-lepa-ladder")
+    parser.add_argument("--pretrain-levels", default="1-5")
+    parser.add_argument("--levels", default="1-8", help="levels LEPA trains and evaluates on")
+    parser.add_argument("--pretrain-steps", type=int, default=1200)
+    parser.add_argument("--iterations", type=int, default=2)
+    parser.add_argument("--trials", type=int, default=4)
+    parser.add_argument("--problems", type=int, default=384)
+    parser.add_argument("--eval-per-level", type=int, default=40)
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
+    if args.smoke:
+        args.pretrain_steps, args.iterations, args.trials, args.problems, args.eval_per_level = 20, 1, 2, 6, 2
+        args.levels = "1-3"
+    out = Path(args.out)
+    started = time.time()
+    ckpt = build_ladder_model(out / "base", args.pretrain_levels, docs=200 if args.smoke else 30_000,
+                              steps=args.pretrain_steps, batch_size=4 if args.smoke else 64, device=device,
+                              size=dict(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32,
+                                        intermediate_size=128) if args.smoke else None)
+    pretrain_s = time.time() - started
+    levels = [int(x) for x in args.levels.split("-")]
+    sft = [f"train.device={device}", "train.batch_size=4" if args.smoke else "train.batch_size=32",
+           "train.seq_len=512", "optim.name=adamw", "optim.lr=5e-4", "optim.warmup_steps=5", "sft.epochs=3",
+           "train.log_every=5"] + (["train.max_steps=2"] if args.smoke else [])
+    runs, seconds = {}, {}
+    for name, plan in (("lepa", True), ("no-plan", False)):
+        cfg = LepaConfig(task="ladder", task_options={"levels": args.levels, "per_level": args.eval_per_level},
+                         iterations=args.iterations, trials=args.trials, problems=args.problems,
+                         eval_problems=args.eval_per_level * (levels[-1] - levels[0] + 1), plan=plan,
+                         temperature=0.8, plan_tokens=24 if args.smoke else 160,
+                         solution_tokens=24 if args.smoke else 256, seed=0, sft_overrides=sft)
+        t0 = time.time()
+        runs[name] = run_lepa(str(ckpt), str(out / name), cfg, TEMPLATES, progress=False)
+        seconds[name] = time.time() - t0
+    rows, results = [], {}
+    for name, summary in runs.items():
+        for r in summary["iterations"]:
+            rows.append([name, r["iteration"], f"{r['eval_before']['pass@1']:.3f}", f"{r['eval_after']['pass@1']:.3f}",
+                         f"{r['success_first']:.2f}", f"{r['success_final']:.2f}", f"{r['trials_mean']:.2f}",
+                         r["leak_rejections"], f"{r['plan_tokens_mean']:.1f}", r["generated_tokens"],
+                         r["sft_examples"]])
+        results[name] = {"iterations": summary["iterations"], "final_eval": summary["final_eval"],
+                         "seconds": round(seconds[name], 1)}
+    print_table(["mode", "iter", "pass@1 before", "pass@1 after", "solved 1st", "solved final", "trials",
+                 "leaks", "plan tok", "gen tokens", "sft ex"], rows)
+    final = {name: s["final_eval"]["by_level"] for name, s in runs.items()}
+    print_table(["level", *final], [[lvl, *(f"{final[n][lvl]:.2f}" for n in final)] for lvl in next(iter(final.values()))])
+    path = results_path("lepa_ladder", args.smoke)
+    settings = {k: v for k, v in vars(args).items() if k != "out"}
+    write_results(path, environment(torch.device(device)), results,
+                  extra={"settings": settings, "sft_overrides": sft, "pretrain_seconds": round(pretrain_s, 1),
+                         "templates": runs["lepa"]["templates"]})
+    plot(path.with_suffix(".png"), runs)
+    print(f"wrote {path} and {path.with_suffix('.png')} ({time.time() - started:.0f} s in all)")
+
+
+if __name__ == "__main__":
+    main()

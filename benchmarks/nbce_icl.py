@@ -1,0 +1,167 @@
+"""NBCE on many-shot in-context lookup: accuracy vs number of examples, NBCE vs truncation to the last window.
+
+Task: each prompt shows N examples 'key -> label' of a fresh random mapping (two-letter keys, digit labels),
+then asks one of the keys ('key ->'). A small character-level model is pretrained in this script on such
+prompts that fit one window (queries of absent keys get a random label, so a window without the key is
+uncertain). Then, for N beyond the window, it answers with NBCE over all windows (nbce_window = W) or with the
+last window alone (truncation: what plain decoding of a cut prompt sees).
+
+    python benchmarks/nbce_icl.py            # one H100, a few minutes
+    python benchmarks/nbce_icl.py --smoke    # CPU, under a minute: runs end to end, numbers meaningless
+"""
+import argparse
+import random
+import time
+
+import perf_common  # noqa: F401  (puts the repository root on sys.path)
+import torch
+
+from nanokimi import ModelConfig, build_model
+from nanokimi.infer import LLM, SamplingParams
+from nanokimi.infer.nbce import nbce_windows
+from perf_common import environment, print_table, results_path, write_results
+
+ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789 ->\n"
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+class CharTokenizer:
+    """One id per character; id 0 ends a text."""
+    eot_id = 0
+    stop_ids = {0}
+    vocab_size = len(ALPHABET) + 1
+
+    def encode(self, text):
+        return [ALPHABET.index(c) + 1 for c in text]
+
+    def decode(self, ids):
+        return "".join(ALPHABET[i - 1] for i in ids if 0 < i <= len(ALPHABET))
+
+
+def episode(rng: random.Random, n: int) -> tuple[list[str], dict]:
+    keys = rng.sample([a + b for a in LETTERS for b in LETTERS], n)
+    mapping = {k: str(rng.randrange(10)) for k in keys}
+    return [f"{k} -> {mapping[k]}\n" for k in keys], mapping
+
+
+def training_batch(rng: random.Random, tok, batch: int, max_examples: int, queries: int, device):
+    """Prompts of 1..max_examples examples then `queries` query lines; loss on the queries' labels."""
+    rows, targets = [], []
+    for _ in range(batch):
+        lines, mapping = episode(rng, rng.randint(1, max_examples))
+        text, learn = "".join(lines), []
+        for _ in range(queries):
+            if rng.random() < 0.3:  # an absent key: the label is noise, so the model learns to be unsure
+                key = rng.choice(LETTERS) + rng.choice(LETTERS)
+                label = mapping.get(key, str(rng.randrange(10)))
+            else:
+                key = rng.choice(list(mapping))
+                label = mapping[key]
+            text += f"{key} -> "
+            learn.append(len(text))
+            text += f"{label}\n"
+        ids = tok.encode(text)
+        tgt = [-100] * len(ids)
+        for pos in learn:
+            tgt[pos - 1] = ids[pos]  # the label is predicted at the position before it
+        rows.append(ids)
+        targets.append(tgt)
+    width = max(len(r) for r in rows)
+    x = torch.tensor([r + [0] * (width - len(r)) for r in rows], device=device)
+    y = torch.tensor([t + [-100] * (width - len(t)) for t in targets], device=device)
+    return x, y
+
+
+def pretrain(model, tok, steps: int, batch: int, max_examples: int, device) -> list[float]:
+    rng = random.Random(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0, betas=(0.9, 0.95))
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * max(0.1, 1 - s / steps))
+    losses = []
+    model.train()
+    for step in range(steps):
+        x, y = training_batch(rng, tok, batch, max_examples, 4, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model.loss(x, y, chunk_tokens=0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        schedule.step()
+        losses.append(loss.item())
+        if step % max(steps // 10, 1) == 0:
+            print(f"pretrain step {step}: loss {loss.item():.3f}")
+    model.eval()
+    return losses
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--window", type=int, default=128, help="tokens per window (the model's trained length)")
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--trials", type=int, default=200, help="prompts per number of examples")
+    parser.add_argument("--beta", type=float, default=0.25)
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    counts = [4, 8, 16, 32, 64, 128]
+    if args.smoke:
+        args.steps, args.trials, counts = 30, 6, [4, 16, 32]
+    tok = CharTokenizer()
+    per_window = (args.window - 6) // 8  # examples that fit one window beside the query
+    cfg = ModelConfig.preset("tiny-dense", vocab_size=64, hidden_size=64 if args.smoke else 256, num_layers=4,
+                             num_heads=4, num_kv_heads=2, head_dim=16 if args.smoke else 64,
+                             intermediate_size=128 if args.smoke else 768, max_position_embeddings=2 * args.window)
+    torch.manual_seed(0)
+    model = build_model(cfg).to(device)
+    started = time.time()
+    losses = pretrain(model, tok, args.steps, 8 if args.smoke else 128, per_window, device)
+    train_s = time.time() - started
+    llm = LLM(model, tok, max_cache_tokens=8192, dtype="auto" if device.type == "cpu" else "bfloat16")
+    rng = random.Random(1)
+    rows, results = [], {}
+    for n in counts:
+        prompts, labels, truncated = [], [], []
+        for _ in range(args.trials):
+            lines, mapping = episode(rng, n)
+            key = rng.choice(list(mapping))
+            prompt = "".join(lines) + f"{key} ->"
+            windows, _ = nbce_windows(tok, prompt, args.window)
+            prompts.append(prompt)
+            labels.append(mapping[key])
+            truncated.append(tok.decode(windows[-1]))
+        greedy = dict(max_tokens=2, temperature=0, ignore_eos=True)
+        scores = {}
+        for name, texts, params in (
+                ("truncation", truncated, SamplingParams(**greedy)),
+                ("nbce min_entropy", prompts, SamplingParams(**greedy, nbce_window=args.window, nbce_beta=args.beta)),
+                ("nbce mean", prompts, SamplingParams(**greedy, nbce_window=args.window, nbce_beta=args.beta,
+                                                      nbce_pooling="mean"))):
+            outs = llm.generate(texts, params, use_tqdm=False)
+            scores[name] = sum(o.text.strip()[:1] == label for o, label in zip(outs, labels)) / len(labels)
+        windows_used = len(nbce_windows(tok, prompts[0], args.window)[0])
+        in_last = min(1.0, per_window / n)
+        rows.append([n, windows_used, f"{in_last:.2f}", *(f"{v:.3f}" for v in scores.values())])
+        results[f"n{n}"] = {"examples": n, "windows": windows_used, "key_in_last_window": in_last, **scores}
+    print_table(["examples", "windows", "P(key in last window)", *scores], rows)
+    path = results_path("nbce_icl", args.smoke)
+    write_results(path, environment(device), results,
+                  extra={"settings": vars(args), "pretrain_seconds": round(train_s, 1),
+                         "final_loss": sum(losses[-20:]) / len(losses[-20:]), "examples_per_window": per_window,
+                         "model": {k: getattr(cfg, k) for k in ("hidden_size", "num_layers", "mixers")}})
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in scores:
+        ax.plot(counts, [results[f"n{n}"][name] for n in counts], marker="o", label=name)
+    ax.axvline(per_window, color="grey", ls=":", label="one window")
+    ax.set(xscale="log", xlabel="examples in the prompt", ylabel="accuracy", title=f"many-shot lookup, window {args.window}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path.with_suffix(".png"), dpi=120)
+    print(f"wrote {path} and {path.with_suffix('.png')} ({time.time() - started:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
