@@ -229,15 +229,15 @@ def hf_worker(args) -> None:
             torch.cuda.synchronize()
         else:
             from transformers import GenerationConfig
-            model.config._attn_implementation = "sdpa_paged"
             longest = max(w["output"] for w in work)
-            config = GenerationConfig(max_new_tokens=longest, do_sample=False, eos_token_id=-1, pad_token_id=0)
+            config = GenerationConfig(max_new_tokens=longest, do_sample=False, eos_token_id=None, pad_token_id=0)
             model.generate_batch([[5] * 8] * 2, generation_config=config, max_new_tokens=4)
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            model.generate_batch([w["prompt"] for w in work], generation_config=config)
+            outs = model.generate_batch([w["prompt"] for w in work], generation_config=config)
             torch.cuda.synchronize()
-            result["note"] = f"one max_new_tokens={longest} for every request"
+            made = [len(getattr(o, "generated_tokens", []) or []) for o in outs.values()]
+            result.update(note=f"one max_new_tokens={longest} for every request", generated_tokens=sum(made))
     seconds = time.perf_counter() - t0
     result.update(seconds=round(seconds, 3), useful_tokens_per_s=round(generated / seconds, 1),
                   requests_per_s=round(len(work) / seconds, 2))
@@ -309,7 +309,8 @@ def main() -> None:
                             snapshot_interval=512 if device.type == "cuda" else 64, gpu_memory_fraction=0.6)
             row["report"] = engine.report
             print(f"[{time.perf_counter() - started:.0f}s] {name}: {engine.report}", flush=True)
-            work = workload(n_requests, mean_prompt, cfg.max_position_embeddings // 4, cfg.vocab_size)
+            work = workload(n_requests, mean_prompt, cfg.max_position_embeddings // 4, cfg.vocab_size,
+                            max_output=24 if args.smoke else 256)
             run_offline(engine, work[:16])  # warm up: graphs of the small buckets, lazy inits
             row["offline"] = run_offline(engine, work)
             row["offline"]["source"] = work[0]["source"]
@@ -325,7 +326,7 @@ def main() -> None:
             del engine
             free_memory(device)
             if args.compile and device.type == "cuda":
-                engine = Engine(model, max_num_seqs=64, compile=True, gpu_memory_fraction=0.5)
+                engine = Engine(model, max_num_seqs=64, compile=True, gpu_memory_fraction=0.5, max_step_tokens=16 * decode_prompt)
                 row["decode_b16_compile"] = decode_speed(engine, cfg, 16, decode_prompt, decode_steps)
                 print(f"  decode b16 compiled: {row['decode_b16_compile']}", flush=True)
                 del engine

@@ -358,3 +358,56 @@ def test_engine_through_the_triton_paged_mla_kernel(monkeypatch):
     batch = prompts(4, seed=43)
     done = run_engine(Engine(model, block_size=16), [(str(i), p, GREEDY) for i, p in enumerate(batch)])
     assert [done[str(i)].token_ids for i in range(4)] == [greedy_alone(model, p, 5) for p in batch]
+
+
+def test_streamed_text_is_incremental_and_ends_as_the_full_decode():
+    from nanokimi.data import Tokenizer
+    text = "héllo wörld ✓ naïve café 日本語 " * 20 + "def main():\n    return 0\n" * 20
+    tokenizer = Tokenizer.train([text], vocab_size=300)
+    cfg = ModelConfig.preset("tiny-dense", **{k: v for k, v in SMALL.items() if not k.startswith(("num_experts", "moe"))},
+                             vocab_size=tokenizer.vocab_size)
+    model = build_model(cfg).double().eval()
+    engine = Engine(model, tokenizer, block_size=8)
+    for i in range(3):
+        engine.add_request(str(i), tokenizer.encode("héllo wörld"), SamplingParams(max_tokens=40, seed=i, ignore_eos=True))
+    seen = {str(i): [] for i in range(3)}
+    final = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            seen[out.request_id].append(out.text)
+            if out.finished:
+                final[out.request_id] = out
+    for request_id, texts in seen.items():
+        assert final[request_id].text == tokenizer.decode(final[request_id].token_ids)
+        assert all(final[request_id].text.startswith(t) for t in texts)
+        assert all(a == b[:len(a)] for a, b in zip(texts, texts[1:]))  # the text only grows
+
+
+def test_reset_prefix_cache_after_a_weight_update():
+    model = make_model("tiny")
+    batch = prompts(4, seed=47, lengths=(30, 41))
+    engine = Engine(model, block_size=8)
+    run_engine(engine, [(f"a{i}", p, GREEDY) for i, p in enumerate(batch)])
+    with torch.no_grad():  # an RL step changes the weights in place
+        for block in model.layers:
+            block.mixer.o_proj.weight.mul_(1.5)
+    engine.reset_prefix_cache()
+    done = run_engine(engine, [(f"b{i}", p, GREEDY) for i, p in enumerate(batch)])
+    assert all(done[f"b{i}"].num_cached_tokens == 0 for i in range(4))
+    assert [done[f"b{i}"].token_ids for i in range(4)] == [greedy_alone(model, p, 5) for p in batch]
+
+
+def test_few_state_slots_evict_snapshots_and_stay_exact():
+    model = make_model("tiny")
+    system = prompts(1, seed=53, lengths=(24,))[0]
+    batch = [system + s for s in prompts(10, seed=54, lengths=(3, 9, 17))]
+    outputs = {}
+    for caching in (False, True):
+        engine = Engine(model, block_size=8, max_num_seqs=2, num_state_snapshots=1, snapshot_interval=8,
+                        enable_prefix_caching=caching, max_step_tokens=24)
+        done = run_engine(engine, [(str(i), p, GREEDY) for i, p in enumerate(batch)], stagger=2)
+        outputs[caching] = [done[str(i)].token_ids for i in range(len(batch))]
+        if caching:
+            assert engine.stats()["prefix_cache_hit_tokens"] > 0
+            assert len(engine.slots.free) + len(engine.slots.snapshots) == engine.slots.num_slots
+    assert outputs[True] == outputs[False]

@@ -70,6 +70,11 @@ class BlockPool:
     def lookup(self, h: bytes) -> int | None:
         return self.cached.get(h)
 
+    def forget_hashes(self) -> None:
+        """No block is a prefix-cache hit any more (blocks in use stay with their sequences)."""
+        self.cached.clear()
+        self.hash_of.clear()
+
 
 class StateSlots:
     """KDA state slots: running sequences take one each; free slots hold snapshots keyed by block hash
@@ -100,6 +105,10 @@ class StateSlots:
         if slot is not None:
             self.snapshots.move_to_end(h)
         return slot
+
+    def drop_snapshots(self) -> None:
+        self.free.extend(self.snapshots.values())
+        self.snapshots.clear()
 
     def new_snapshot(self, h: bytes) -> int | None:
         """A slot to copy the state after block h into (None: no room, or it exists already)."""

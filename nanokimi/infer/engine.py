@@ -74,6 +74,7 @@ class Engine:
         self.snapshot_interval = interval
         self.scheduler = Scheduler(self.pool, self.slots, block_size, max_num_seqs, max_step_tokens,
                                    enable_prefix_caching, self.has_kda)
+        self.stream_outputs = True  # False: step() returns finished requests only, and text is decoded once at the end
         self.requests: dict[str, Request] = {}
         self.aborted: list[Request] = []
         self.eos_ids = set()
@@ -170,6 +171,13 @@ class Engine:
         self.counters["requests_aborted"] += 1
         self.aborted.append(request)
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix and KDA snapshot. Call it after changing the model's weights in place
+        (RL): cached blocks hold the old weights' keys. Running requests keep their own blocks."""
+        self.pool.forget_hashes()
+        if self.slots is not None:
+            self.slots.drop_snapshots()
+
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
@@ -215,7 +223,8 @@ class Engine:
                 request.metrics["finished_time"] = time.monotonic()
                 del self.requests[request.request_id]
                 self.counters["requests_finished"] += 1
-            outputs.append(self._output(request))
+            if self.stream_outputs or request.finished:
+                outputs.append(self._output(request))
         return outputs
 
     def _apply_slot_ops(self) -> None:
@@ -231,8 +240,7 @@ class Engine:
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         params = [s.request.params for s in seqs]
-        uniforms = [torch.rand((), generator=s.generator, dtype=torch.float64).item() if p.temperature > 0 else 0.0
-                    for s, p in zip(seqs, params)]
+        uniforms = [s.rng.random() if p.temperature > 0 else 0.0 for s, p in zip(seqs, params)]
         tokens = sample_rows(logits, [p.temperature for p in params], [p.top_k for p in params],
                              [p.top_p for p in params], uniforms)
         with_logprobs = [i for i, p in enumerate(params) if p.logprobs is not None]
@@ -255,22 +263,41 @@ class Engine:
     def _check_finish(self, seq: Sequence, token: int) -> None:
         params = seq.request.params
         output = seq.output
-        output.token_ids = seq.tokens[seq.num_prompt:]
+        output.token_ids.append(token)
         stopped_by_token = token in (params.stop_token_ids or ()) or (not params.ignore_eos and token in self.eos_ids)
-        if self.tokenizer is not None:
-            text_ids = output.token_ids[:-1] if stopped_by_token else output.token_ids
-            output.text = self.tokenizer.decode(text_ids)
         reason = "stop" if stopped_by_token else None
-        if params.stop and reason is None:
-            hits = [i for i in (output.text.find(s) for s in params.stop) if i >= 0]
-            if hits:
-                output.text = output.text[:min(hits)]
+        if self.tokenizer is not None and not stopped_by_token and (self.stream_outputs or params.stop):
+            grown_from = len(output.text)
+            self._detokenize(seq, output.token_ids)
+            if params.stop and self._cut_at_stop(output, params.stop, grown_from):
                 reason = "stop"
         if reason is None and (seq.num_output >= params.max_tokens or len(seq.tokens) >= self.max_model_len):
             reason = "length"
         if reason is not None:
+            if self.tokenizer is not None:  # the final text: one decode of everything (incremental pieces may differ)
+                output.text = self.tokenizer.decode(output.token_ids[:-1] if stopped_by_token else output.token_ids)
+                if params.stop:
+                    self._cut_at_stop(output, params.stop, 0)
             output.finish_reason = reason
             self.scheduler.finish(seq)
+
+    def _detokenize(self, seq: Sequence, ids: list[int]) -> None:
+        """Append the text of the new tokens, decoding only the tokens since the last complete piece (so a
+        step costs the same however long the output is). Text that ends in an incomplete character waits."""
+        prefix, read = seq.detok_offsets
+        before = self.tokenizer.decode(ids[prefix:read])
+        after = self.tokenizer.decode(ids[prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            seq.output.text += after[len(before):]
+            seq.detok_offsets = (read, len(ids))
+
+    @staticmethod
+    def _cut_at_stop(output: CompletionOutput, stops: list[str], grown_from: int) -> bool:
+        """Cut the text before the earliest stop string that ends after grown_from; whether one was found."""
+        hits = [i for i in (output.text.find(s, max(0, grown_from - len(s) + 1)) for s in stops) if i >= 0]
+        if hits:
+            output.text = output.text[:min(hits)]
+        return bool(hits)
 
     def _account(self, scheduled, seconds: float) -> None:
         decode = sum(1 for seq, n in scheduled if n == 1 and seq.num_computed > seq.num_prompt)  # counts after the step

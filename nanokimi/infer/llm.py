@@ -69,6 +69,7 @@ class LLM:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.engine = Engine(self.model, tokenizer, **engine_kwargs)
+        self.engine.stream_outputs = False  # generate() waits for whole outputs
         self._next_id = 0
 
     def generate(self, prompts: str | list[str] | None = None,

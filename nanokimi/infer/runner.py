@@ -134,8 +134,13 @@ class ModelRunner:
             try:
                 self.graphs[key] = self._capture(size, width)
             except Exception as error:  # noqa: BLE001 - the eager step computes the same thing
-                if self.graph_required:
+                if self.graph_required and not self.compiled:
                     raise
+                if self.compiled:  # try again without torch.compile before giving up on graphs
+                    warnings.warn(f"torch.compile of the engine's decode step failed ({type(error).__name__}: "
+                                  f"{error}); capturing it uncompiled.")
+                    self.compiled, self.step_fn = False, self._logits
+                    return self._run_graphed(rows)
                 warnings.warn(f"CUDA graph capture of the engine's decode step failed ({type(error).__name__}: "
                               f"{error}); decoding eagerly.")
                 self.use_graphs = False

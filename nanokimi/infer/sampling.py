@@ -1,6 +1,6 @@
 """Per-row sampling for the engine: each row has its own temperature, top-k, top-p and random stream.
 
-A row's draw uses one uniform number from that request's own generator and the row's own logits only
+A row's draw uses one uniform number from that sample's own random stream and the row's own logits only
 (inverse CDF over the sorted, filtered distribution), so a seeded request samples the same tokens
 whatever else shares its batch.
 """

@@ -11,9 +11,9 @@ the KDA state exists. Prefill chunks are cut so that they end on the sequence's 
 `snapshot_interval` tokens and the prompt's last full block), so the state after a chunk is exactly the
 state at that boundary, and the engine copies it into a snapshot slot keyed by that block's hash.
 """
+import random
 from collections import deque
 
-import torch
 
 from nanokimi.infer.block_manager import BlockPool, StateSlots, block_hash
 from nanokimi.infer.params import CompletionOutput, SamplingParams
@@ -49,9 +49,10 @@ class Sequence:
         self.block_table: list[int] = []
         self.state_slot: int | None = None
         self.hashes: list[bytes] = []
-        self.generator = torch.Generator().manual_seed(seed)
+        self.rng = random.Random(seed)  # this sample's own stream: one uniform per sampled token
         self.output = CompletionOutput(index, logprobs=[] if request.params.logprobs is not None else None)
         self.status = WAITING
+        self.detok_offsets = (0, 0)  # incremental detokenization: output tokens [prefix, read) give the text's tail
         # every snapshot_interval tokens; the prompt's last full block (for longer prompts that extend it);
         # and the deepest block a resend of this very prompt can reuse (its last token is always recomputed)
         last_full = self.num_prompt // block_size * block_size
@@ -196,12 +197,12 @@ class Scheduler:
         if seq.request.metrics["first_scheduled_time"] is None:
             seq.request.num_cached_tokens = max(seq.request.num_cached_tokens, start)
         if self.has_kda:
-            seq.state_slot = self.slots.allocate()
-            if hit:
-                source = self.slots.snapshot_slot(seq.hashes[len(hit) - 1])
-                self.slot_ops.append(("copy", source, seq.state_slot))
-            else:
+            source = self.slots.snapshot_slot(seq.hashes[len(hit) - 1]) if hit else None
+            seq.state_slot = self.slots.allocate()  # may evict that very snapshot: then its slot already holds it
+            if source is None:
                 self.slot_ops.append(("zero", seq.state_slot))
+            elif source != seq.state_slot:
+                self.slot_ops.append(("copy", source, seq.state_slot))
         seq.status = RUNNING
         self.running.append(seq)
         return True

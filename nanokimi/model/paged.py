@@ -167,6 +167,7 @@ def _decode_rows(mixer: nn.Module, x: torch.Tensor, cache, batch: PagedBatch) ->
     return _gqa_decode_rows(mixer, x, cache, batch)
 
 
+paged_mla_decode_outside_compile = torch.compiler.disable(paged_mla_decode)  # a Triton kernel: no tracing into it
 GATHER_ELEMENTS = 1 << 28  # decode rows gather their blocks in groups of at most this many cache elements
 PAGED_KERNEL = "auto"  # MLA decode rows: "auto" (the Triton kernel on CUDA), "triton" (anywhere) or "gather"
 
@@ -202,7 +203,7 @@ def _mla_decode_rows(mixer: MultiHeadLatentAttention, x, cache: PagedLatentCache
     w_k, w_v = w[:, :mixer.nope_dim], w[:, mixer.nope_dim:]  # [H, dn, r], [H, dv, r]
     q_latent = torch.einsum("bthd,hdr->bthr", q_nope, w_k)
     if use_paged_kernel(x.device, batch.block_size):
-        o_latent = paged_mla_decode(q_latent[:, 0], q_rope[:, 0], cache.c_kv, cache.k_rope, batch.block_tables,
+        o_latent = paged_mla_decode_outside_compile(q_latent[:, 0], q_rope[:, 0], cache.c_kv, cache.k_rope, batch.block_tables,
                                     batch.positions, mixer.scale).to(q_latent.dtype).unsqueeze(1)
         return mixer.o_proj(torch.einsum("bthr,hvr->bthv", o_latent, w_v).reshape(S, 1, -1))
     length = batch.block_tables.shape[1] * batch.block_size
