@@ -2,7 +2,8 @@
 
   nanokimi train [--preset NAME | --config FILE.toml] [--out DIR] [--resume] [section.key=value ...]
   nanokimi generate --ckpt DIR --prompt TEXT [--nbce-window W]
-  nanokimi eval --ckpt DIR
+  nanokimi eval --ckpt DIR [--task gsm8k|math500|ladder|mused --n 16 --k 1,4,16 ...]
+  nanokimi tasks export ladder --out FILE.jsonl --levels 1-8 --count N
   nanokimi plot RUN_DIR [RUN_DIR ...] --out FILE.png
   nanokimi data prepare --source SOURCE
   nanokimi model info --preset NAME
@@ -82,6 +83,11 @@ def cmd_generate(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    if args.task is not None:
+        from nanokimi.tasks.cli import run_eval
+        return run_eval(args)
+    if args.options:
+        raise ConfigError(f"key=value options ({' '.join(args.options)}) go with --task; bits per byte takes none.")
     from nanokimi.train.evaluate import evaluate_checkpoint
 
     result = evaluate_checkpoint(args.ckpt, args.data, args.batches, args.batch_size, args.seq_len)
@@ -156,13 +162,31 @@ def build_parser() -> argparse.ArgumentParser:
                      help="NBCE pooling over windows (default min_entropy)")
     gen.set_defaults(func=cmd_generate)
 
-    ev = commands.add_parser("eval", help="validation loss and bits per byte of a checkpoint")
+    ev = commands.add_parser("eval", help="bits per byte of a checkpoint, or pass@k on a task (--task)")
     ev.add_argument("--ckpt", required=True)
-    ev.add_argument("--data", help="prepared data folder or a source (default: the run's own data)")
+    ev.add_argument("--data", help="bits per byte: prepared data folder or a source (default: the run's own data); "
+                    "--task gsm8k/math500: the task's jsonl file or folder")
     ev.add_argument("--batches", type=int, default=32)
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--seq-len", type=int, default=256)
+    ev.add_argument("--task", help="gsm8k, math500, ladder or mused: sample, grade, report pass@k (docs/tasks.md)")
+    ev.add_argument("--n", type=int, default=1, help="--task: samples per problem")
+    ev.add_argument("--k", help="--task: comma-separated k for pass@k and maj@k (default 1 and n)")
+    ev.add_argument("--temperature", type=float, default=1.0, help="--task: 0 is greedy")
+    ev.add_argument("--max-tokens", type=int, default=256, help="--task: tokens per response at most")
+    ev.add_argument("--limit", type=int, default=None, help="--task: first N problems only")
+    ev.add_argument("--few-shot", type=int, default=0, help="--task: worked examples before each prompt")
+    ev.add_argument("--seed", type=int, default=0, help="--task: sampling seed")
+    ev.add_argument("--out", help="--task: write every sample, its grade and the settings to this JSON file")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ev.add_argument("options", nargs="*", metavar="key=value", help="--task options, e.g. levels=1-8 per_level=20")
     ev.set_defaults(func=cmd_eval)
+
+    tasks = commands.add_parser("tasks", help="task data").add_subparsers(dest="tasks_command", required=True)
+    from nanokimi.tasks.cli import add_export_args, run_export
+    export = add_export_args(tasks.add_parser("export", help="write generated problems with worked solutions "
+                                              "(prompt + trace) as a jsonl training corpus"))
+    export.set_defaults(func=run_export)
 
     plot = commands.add_parser("plot", help="loss curves of runs in one PNG")
     plot.add_argument("runs", nargs="+", metavar="RUN_DIR")
@@ -223,10 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from nanokimi.data import DataError
+    from nanokimi.tasks import TaskError
     from nanokimi.train.trainer import TrainingError
     try:
         return args.func(args)
-    except (ConfigError, DataError, TrainingError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, DataError, TaskError, TrainingError, FileNotFoundError, ValueError) as e:
         print(f"nanokimi: error: {e}", file=sys.stderr)
         return 2
 

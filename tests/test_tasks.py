@@ -42,7 +42,8 @@ def test_gsm8k_grading(tmp_path):
     strict = get_task("gsm8k", path=tmp_path / "test.jsonl", mode="strict")
     flexible = get_task("gsm8k", path=tmp_path)
     four, cents = strict.examples()
-    assert four.answer == "4" and "<<" not in four.solution and strict.prompt(four) == "Question: Two plus two?\nAnswer:"
+    assert four.answer == "4" and "<<" not in four.solution
+    assert strict.prompt(four) == "Question: Two plus two?\nAnswer:"
     for task in (strict, flexible):
         assert task.is_correct("#### 4", four.answer) and task.is_correct("#### 4.00", four.answer)
         assert task.is_correct("so #### 1,234", cents.answer) and task.is_correct("#### $1234", cents.answer)
@@ -89,10 +90,12 @@ def test_last_boxed():
 MATH_CASES = [
     ("\\dfrac{1}{2}", "0.5", True), ("\\frac12", "\\frac{1}{2}", True), ("0.5", "\\tfrac{1}{2}", True),
     ("x=3", "3", True), ("x = 3", "4", False), ("\\frac{1}{3}", "0.333", False),
-    ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3,\\pi/2)", True), ("(3, \\frac{\\pi}{2})", "(\\frac{\\pi}{2}, 3)", False),
+    ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3,\\pi/2)", True),
+    ("(3, \\frac{\\pi}{2})", "(\\frac{\\pi}{2}, 3)", False),
     ("90^\\circ", "90", True), ("10,\\!080", "10080", True), ("\\$32,\\!348", "32348", True),
     ("864 \\mbox{ inches}^2", "864", True), ("5.4 \\text{ cents}", "5.4", True), ("\\text{Evelyn}", "Evelyn", True),
-    ("\\text{Evelyn}", "Navin", False), ("(3,4]", "(3,4)", False), ("3, 5, 7", "7,3,5", True), ("3, 5, 7", "3,5", False),
+    ("\\text{Evelyn}", "Navin", False), ("(3,4]", "(3,4)", False), ("3, 5, 7", "7,3,5", True),
+    ("3, 5, 7", "3,5", False),
     ("2\\sqrt{2}", "\\sqrt{8}", True), ("\\sqrt{8}", "3", False), ("\\sqrt2", "\\sqrt{2}", True),
     ("(-\\infty, 0]", "(-\\infty,0]", True), ("\\frac{270}7\\text{ degrees}", "\\frac{270}{7}", True),
     ("y = 2x + 3", "3 + 2x", True), ("2x+3", "2x+4", False), ("x \\in [-2,7]", "[-2,7]", True),
@@ -116,6 +119,18 @@ def test_math500_grader_responses():
     assert not grade("\\boxed{4}", "3")
     assert grade("junk " * 20_000 + "\\boxed{\\frac{1}{2}}", "\\frac12")
     assert not grade("\\boxed{" * 50_000, "1")
+    nested = "\\boxed{" + "\\frac{1}{" * 20_000 + "2" + "}" * 20_001
+    start = time.monotonic()
+    assert not grade(nested, "1") and not grade(nested + "(" * 30_000, "1")
+    assert time.monotonic() - start < 2
+
+
+def test_gsm8k_grader_is_fast_on_hostile_text():
+    task = get_task("gsm8k", mode="flexible")
+    start = time.monotonic()
+    assert task.is_correct("1,1" * 30_000 + " 7", "7")
+    assert not task.is_correct("$ " * 50_000 + "9" * 100_000, "7")
+    assert time.monotonic() - start < 2
 
 
 def test_sympy_check_has_a_hard_time_limit():
@@ -290,22 +305,23 @@ def test_mused_problems_are_valid_consistent_and_unambiguous():
 
 
 def test_mused_task_grading_and_reproducibility():
-    task = get_task("mused", depths="1-4", per_level=10, distractors=1)
+    task = get_task("mused", levels="1-4", per_level=10, distractors=1)
     examples = task.examples()
-    assert examples == get_task("mused", depths="1-4", per_level=10, distractors=1).examples()
+    assert examples == get_task("mused", levels="1-4", per_level=10, distractors=1).examples()
     for e in examples:
         assert task.is_correct(e.solution, e.answer) and e.question.count("\n") == e.difficulty + 1 + 1 + 1 + 1
         assert not task.is_correct(f"#### {parse_prop(e.answer).negated().text()}", e.answer)
     e = next(e for e in examples if e.answer.startswith(("No", "Some")) and " not " not in e.answer)
     prop = parse_prop(e.answer)
     assert task.is_correct(f"#### {prop.text().split()[0]} {prop.predicate} are {prop.subject}.", e.answer)
-    judge = get_task("mused", depths="1-5", per_level=20, mode="judge", distractors=2)
+    judge = get_task("mused", levels="1-5", per_level=20, mode="judge", distractors=2)
     answers = {e.answer for e in judge.examples()}
     assert answers == {"true", "false", "unknown"}
     for e in judge.examples():
         premises = [Prop(*p) for p in e.meta["premises"]]
         candidate = Prop(*e.meta["candidate"])
-        truth = "true" if entails(premises, candidate) else "false" if entails(premises, candidate.negated()) else "unknown"
+        truth = ("true" if entails(premises, candidate) else
+                 "false" if entails(premises, candidate.negated()) else "unknown")
         assert truth == e.answer and judge.is_correct(f"#### {truth.title()}", e.answer)
 
 

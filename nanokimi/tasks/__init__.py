@@ -15,7 +15,7 @@ TASKS = ("gsm8k", "math500", "ladder", "mused")
 
 def get_task(name: str, **options) -> Task:
     """A task by name with its options (path= for gsm8k and math500; levels=, per_level=, seed= for ladder;
-    depths=, per_level=, distractors=, mode=, seed= for mused; few_shot= for all)."""
+    levels= (depths), per_level=, distractors=, mode=, seed= for mused; few_shot= for all)."""
     if name == "gsm8k":
         from nanokimi.tasks.gsm8k import GSM8K as cls
     elif name == "math500":

@@ -38,7 +38,6 @@ class Task:
 
     name = "task"
     stop: tuple[str, ...] = ()
-    has_levels = False
     instruction = ""
 
     def __init__(self, few_shot: int = 0):
@@ -97,10 +96,48 @@ class Task:
     def answers_match(self, extracted: str, answer: str) -> bool:
         raise NotImplementedError
 
-    def is_correct(self, response: str, answer: str) -> bool:
+    def grade(self, response: str, answer: str) -> tuple[str | None, bool, float]:
+        """(extracted answer or None, correct, reward) in one pass; the reward is 1.0 for a correct final
+        answer and 0.0 otherwise. A task that shapes its reward overrides this."""
         extracted = self.extract(response)
-        return extracted is not None and self.answers_match(extracted, answer)
+        correct = extracted is not None and self.answers_match(extracted, answer)
+        return extracted, correct, float(correct)
+
+    def is_correct(self, response: str, answer: str) -> bool:
+        return self.grade(response, answer)[1]
 
     def reward(self, response: str, answer: str) -> float:
-        """1.0 for a correct final answer, 0.0 otherwise."""
-        return 1.0 if self.is_correct(response, answer) else 0.0
+        return self.grade(response, answer)[2]
+
+
+class GeneratedTask(Task):
+    """A task whose problems are generated from (seed, split, level, index): `levels` and `per_level` fix the
+    evaluation set; `export` writes as many training problems as asked, none of them in the test split."""
+
+    levels: list[int]
+    per_level: int
+
+    def generate(self, split: str, level: int, index: int) -> Example:
+        raise NotImplementedError
+
+    def _load(self, split: str) -> list[Example]:
+        return [self.generate(split, level, i) for i in range(self.per_level) for level in self.levels]
+
+    def format_question(self, example: Example) -> str:
+        return example.question
+
+    def export(self, count: int, split: str = "train", exclude_split: str | None = "test"):
+        """Yield `count` examples spread evenly over the levels, skipping any whose question also occurs in
+        `exclude_split` (so the test set stays unseen by a model trained on them)."""
+        held_out = {e.question for e in self.examples(exclude_split)} if exclude_split else set()
+        made, index = 0, 0
+        while made < count:
+            for level in self.levels:
+                example = self.generate(split, level, index)
+                if example.question not in held_out and made < count:
+                    made += 1
+                    yield example
+            index += 1
+            if index > 100 * count + 1000:
+                raise TaskError(f"{self.name}: could not find {count} training problems outside the test split; "
+                                "lower the count or use higher levels.")

@@ -68,7 +68,8 @@ def split_file(path: str | Path | None, split: str, task: str) -> Path:
     """A jsonl file, or a folder holding SPLIT.jsonl. The test split is the file itself when given a file;
     the train split (few-shot examples) is train.jsonl beside it."""
     if path is None:
-        raise TaskError(f"{task} reads a local jsonl: pass path= (CLI: --data PATH), e.g. --data data/{task}/test.jsonl.")
+        raise TaskError(f"{task} reads a local jsonl: pass path= (CLI: --data PATH), "
+                        f"e.g. --data data/{task}/test.jsonl.")
     path = Path(path)
     if path.is_dir():
         path = path / f"{split}.jsonl"

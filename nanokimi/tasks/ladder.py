@@ -20,7 +20,7 @@ import random
 import re
 import string
 
-from nanokimi.tasks.base import Example, Task, TaskError
+from nanokimi.tasks.base import Example, GeneratedTask, TaskError
 from nanokimi.tasks.gsm8k import canonical_number
 
 OPS = {"+": lambda x, y: x + y, "-": lambda x, y: x - y, "*": lambda x, y: x * y}
@@ -111,10 +111,9 @@ def evaluate_problem(text: str) -> int:
     return env[question]
 
 
-class Ladder(Task):
+class Ladder(GeneratedTask):
     name = "ladder"
     stop = ("\n\n",)
-    has_levels = True
     instruction = "Compute the value of the asked variable, one operation per line, and end with '#### N'."
 
     def __init__(self, levels="1-20", per_level: int = 50, seed: int = 0, max_value: int = 99, few_shot: int = 0):
@@ -131,29 +130,9 @@ class Ladder(Task):
         return Example(id=f"{split}/{level}/{index}", question=question, answer=str(problem["answer"]),
                        solution=trace + f"#### {problem['answer']}", difficulty=level)
 
-    def _load(self, split: str) -> list[Example]:
-        return [self.generate(split, level, i) for i in range(self.per_level) for level in self.levels]
-
-    def format_question(self, example: Example) -> str:
-        return example.question
-
     def extract(self, response: str) -> str | None:
         match = ANSWER.search(response)
         return str(int(match.group(1))) if match else None
 
     def answers_match(self, extracted: str, answer: str) -> bool:
         return extracted == canonical_number(answer)
-
-    def export(self, count: int, split: str = "train", exclude_split: str | None = "test"):
-        """Yield `count` training documents (sft_text) spread evenly over the levels, skipping any
-        problem that also occurs in `exclude_split` (so a test set stays unseen)."""
-        held_out = {e.question for e in self.examples(exclude_split)} if exclude_split else set()
-        index = 0
-        made = 0
-        while made < count:
-            for level in self.levels:
-                example = self.generate(split, level, index)
-                if example.question not in held_out and made < count:
-                    made += 1
-                    yield example
-            index += 1

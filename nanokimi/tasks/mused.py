@@ -21,7 +21,7 @@ import random
 import re
 from typing import NamedTuple
 
-from nanokimi.tasks.base import Example, Task, TaskError
+from nanokimi.tasks.base import Example, GeneratedTask, TaskError
 
 FORMS = "AEIO"
 NEGATION = {"A": "O", "O": "A", "E": "I", "I": "E"}
@@ -132,13 +132,12 @@ def parse_prop(text: str) -> Prop | None:
     return Prop(form, subject.lower(), predicate.lower())
 
 
-class MuseD(Task):
+class MuseD(GeneratedTask):
     name = "mused"
     stop = ("\n\n",)
-    has_levels = True
     instruction = "Reason step by step from the premises. End with '#### ' and the answer."
 
-    def __init__(self, depths="1-6", per_level: int = 50, distractors: int = 0, mode: str = "conclusion",
+    def __init__(self, levels="1-6", per_level: int = 50, distractors: int = 0, mode: str = "conclusion",
                  seed: int = 0, few_shot: int = 0):
         from nanokimi.tasks.ladder import parse_levels
 
@@ -147,7 +146,7 @@ class MuseD(Task):
             raise TaskError(f"mused mode must be 'conclusion' or 'judge', got {mode!r}.")
         if per_level < 1 or distractors < 0:
             raise TaskError(f"mused needs per_level >= 1 and distractors >= 0, got {per_level} and {distractors}.")
-        self.depths, self.per_level, self.distractors = parse_levels(depths), per_level, distractors
+        self.levels, self.per_level, self.distractors = parse_levels(levels), per_level, distractors
         self.mode, self.seed = mode, seed
 
     def generate(self, split: str, depth: int, index: int) -> Example:
@@ -159,7 +158,8 @@ class MuseD(Task):
                         for a, b, c in problem["proof"])
         meta = {"premises": [tuple(p) for p in problem["premises"]], "conclusion": tuple(conclusion)}
         if self.mode == "conclusion":
-            question = f"Premises:\n{premises}Question: what follows about {conclusion.subject} and {conclusion.predicate}?\n"
+            about = f"{conclusion.subject} and {conclusion.predicate}"
+            question = f"Premises:\n{premises}Question: what follows about {about}?\n"
             answer = conclusion.text()
         else:
             candidate, answer = self._candidate(rng, problem)
@@ -181,12 +181,6 @@ class MuseD(Task):
                     return option, "unknown"
             kind = "true"
         return (conclusion, "true") if kind == "true" else (conclusion.negated(), "false")
-
-    def _load(self, split: str) -> list[Example]:
-        return [self.generate(split, depth, i) for i in range(self.per_level) for depth in self.depths]
-
-    def format_question(self, example: Example) -> str:
-        return example.question
 
     def extract(self, response: str) -> str | None:
         _, marker, tail = response.partition("####")
