@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from nanokimi.data import TokenizerBase, load_tokenizer
-from nanokimi.data.chat import ChatTemplate, ToolCallError, parse_tool_calls
+from nanokimi.data.chat import ChatTemplate, ToolCallError, parse_tool_calls, partial_marker_length
 from nanokimi.data.tokenizer import END_OF_TURN
 
 HELP = "commands: /reset  /system TEXT  /exit   (Ctrl-C stops a reply, Ctrl-D leaves)"
@@ -80,7 +80,10 @@ class EngineReplies:
                     if output.request_id != request_id:
                         continue
                     text = output.outputs[0].text.split(END_OF_TURN)[0]
-                    if len(text) > len(sent) and not text.endswith("\ufffd"):
+                    if not output.finished:  # hold back an incomplete character or a start of <|im_end|>
+                        text = text.rstrip("\ufffd")
+                        text = text[:len(text) - partial_marker_length(text, END_OF_TURN)]
+                    if len(text) > len(sent):
                         yield text[len(sent):]
                         sent = text
                     finished = output.finished
@@ -141,7 +144,10 @@ def chat_loop(reply: Callable[[list[dict]], Iterator[str]], lines: Iterable[str]
 
 
 def terminal_lines(prompt: str = "you> ") -> Iterator[str]:
-    """Lines typed at the terminal; Ctrl-C clears the line, Ctrl-D ends."""
+    """Lines typed at the terminal (Ctrl-C clears the line, Ctrl-D ends), or piped in (no prompt shown)."""
+    if not sys.stdin.isatty():
+        yield from sys.stdin
+        return
     while True:
         try:
             yield input(prompt)

@@ -107,8 +107,8 @@ def cmd_sft(args) -> int:
 
     result = run_sft(args.ckpt, args.data, args.out, args.overrides, resume=args.resume,
                      progress=not args.no_progress)
-    print(f"done: step {result['step']}, val loss {result.get('val_loss', float('nan')):.4f}; "
-          f"checkpoint {result['checkpoint']} (try: nanokimi chat {args.out})")
+    val = f"val loss {result['val_loss']:.4f}" if "val_loss" in result else "no conversations held out"
+    print(f"done: step {result['step']}, {val}; checkpoint {result['checkpoint']} (try: nanokimi chat {args.out})")
     return 0
 
 

@@ -112,7 +112,9 @@ def test_pack_rows_best_fit_and_collate():
     assert targets[0, :len(first.targets)].tolist() == first.targets
     used = sum(len(e.inputs) for e in rows[0])
     assert (inputs[0, used:] == 7).all() and (targets[0, used:] == IGNORE).all()
-    assert docs.ids[0, used - 1] != docs.ids[0, min(used, 63)] or used == 64
+    assert (docs.ids[0, used - len(rows[0][-1].inputs):] == docs.ids[0, -1]).all()  # the padding joins the last
+    assert docs.cu_seqlens.tolist()[:len(rows[0]) + 1] == [0, *torch.tensor([len(e.inputs) for e in rows[0]][:-1])
+                                                           .cumsum(0).tolist(), 64]
 
 
 CHAT_MESSAGES = [{"role": "system", "content": "Be short."}, {"role": "user", "content": "Hi"},
@@ -374,3 +376,118 @@ def test_packed_loss_equals_unpacked_losses_on_cuda(spec):
         n = sum(t != IGNORE for t in e.targets)
         total, count = total + alone.item() * n, count + n
     assert abs(packed.item() - total / count) < 2e-3
+
+
+@pytest.mark.parametrize("spec", [HYBRID, DENSE], ids=["hybrid", "gqa"])
+def test_qk_clip_max_logits_of_a_packed_batch_are_the_unpacked_maxima(spec):
+    from nanokimi.optim.qk_clip import enable_qk_clip_recording
+
+    model = tiny_model(spec)
+    enable_qk_clip_recording(model)
+    attention = [b.mixer for b in model.layers if hasattr(b.mixer, "record_max_logits")]
+    examples = random_examples(7, random.Random(2))
+    rows = pack_rows(examples, 64)
+    inputs, _, documents = collate(rows, 64, pad_id=0, pack=True)
+    with torch.no_grad():
+        model(inputs, documents=documents)
+        packed = [m.max_logits.clone() for m in attention]
+        alone = None
+        for row in rows:  # a row's padding (pad_id 0) belongs to its last conversation
+            used = sum(len(e.inputs) for e in row)
+            pieces = [e.inputs for e in row[:-1]] + [row[-1].inputs + [0] * (64 - used)]
+            for piece in pieces:
+                model(torch.tensor([piece]))
+                maxima = [m.max_logits for m in attention]
+                alone = maxima if alone is None else [torch.maximum(a, b) for a, b in zip(alone, maxima)]
+    for a, b in zip(packed, alone):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def _sft_trainer(root, out, rank=0, world_size=1, extra=()):
+    from nanokimi.checkpoint import load_model_checkpoint
+    from nanokimi.post.sft import SFTTrainer, load_sft_config
+
+    base = load_model_checkpoint(root / "base")
+    run, sft = load_sft_config(base.config, str(root / "chat.jsonl"), [
+        "train.seq_len=64", "train.batch_size=4", "train.max_steps=6", "train.device=cpu", "sft.val_fraction=0",
+        *extra])
+    return SFTTrainer(base, root / "base", run, sft, out, progress=False, rank=rank, world_size=world_size)
+
+
+def _sft_worker(rank, world_size, port, root):
+    import os
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        trainer = _sft_trainer(root, root / "two", rank, world_size)
+        losses = [trainer.train_step() for _ in range(6)]
+        if rank == 0:
+            torch.save(losses, root / "two.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_sft_under_fsdp_on_two_ranks_matches_one_process(tmp_path):
+    """2 ranks x 2 rows (FSDP2, distributed Muon, gloo) give the losses of one process accumulating 2 x 2 rows."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    write_base_checkpoint(tmp_path / "base", dict(HYBRID, hidden_size=64, num_layers=2, mixers="KA"))
+    write_chat_data(tmp_path / "chat.jsonl")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_sft_worker, args=(2, port, tmp_path), nprocs=2, join=True)
+    one = _sft_trainer(tmp_path, tmp_path / "one", extra=["train.grad_accum=2"])
+    losses = [one.train_step() for _ in range(6)]
+    torch.testing.assert_close(torch.tensor(torch.load(tmp_path / "two.pt")), torch.tensor(losses),
+                               rtol=2e-4, atol=2e-4)
+
+
+def test_engine_replies_stream_the_engine_text_and_abort_on_ctrl_c():
+    """The chat's adapter over nanokimi.infer's Engine (INTERFACES.md), driven by a scripted engine."""
+    from types import SimpleNamespace
+
+    from nanokimi.chat_cli import EngineReplies, chat_loop
+
+    class ScriptedEngine:
+        def __init__(self, text, interrupt_at=None):
+            self.text, self.interrupt_at, self.request, self.steps, self.aborted = text, interrupt_at, None, 0, []
+
+        def add_request(self, request_id, prompt_token_ids, params):
+            self.request, self.steps, self.prompt = request_id, 0, prompt_token_ids
+
+        def has_unfinished(self):
+            return self.request is not None
+
+        def step(self):
+            self.steps += 1
+            if self.steps == self.interrupt_at:
+                raise KeyboardInterrupt
+            text = self.text[:3 * self.steps]
+            done = len(text) == len(self.text)
+            ours = SimpleNamespace(request_id=self.request, outputs=[SimpleNamespace(text=text)], finished=done)
+            if done:
+                self.request = None
+            return [SimpleNamespace(request_id="someone else", outputs=[SimpleNamespace(text="zz")], finished=False), ours]
+
+        def abort(self, request_id):
+            self.aborted.append(request_id)
+            self.request = None
+
+    engine = ScriptedEngine("Hello wo\ufffd!!!")  # step 3 ends inside a character: held back until step 4
+    assert list(EngineReplies(SimpleNamespace(engine=engine), params=None)([1, 2])) == ["Hel", "lo ", "wo", "\ufffd!!!"]
+    engine = ScriptedEngine("Fine, thanks!<|im_end|>")
+    assert "".join(EngineReplies(SimpleNamespace(engine=engine), None)([1])) == "Fine, thanks!"
+    assert engine.aborted == []
+    engine = ScriptedEngine("A long answer that gets cut", interrupt_at=3)
+    replies = EngineReplies(SimpleNamespace(engine=engine), None)
+    out = []
+    chat_loop(lambda messages: replies([1, 2, 3]), ["go"], out.append)
+    assert "".join(out) == "A long [stopped]\n" and len(engine.aborted) == 1

@@ -250,7 +250,7 @@ class ToolCallStream:
             self.in_section = True
             end = start
         else:
-            end = len(self.text) - _marker_prefix_length(self.text, TOOL_CALLS_BEGIN)
+            end = len(self.text) - partial_marker_length(self.text, TOOL_CALLS_BEGIN)
         piece = self.text[self.sent:end] if end > self.sent else ""
         self.sent = max(self.sent, end)
         return piece
@@ -261,7 +261,7 @@ class ToolCallStream:
         return content[self.sent:], calls
 
 
-def _marker_prefix_length(text: str, marker: str) -> int:
+def partial_marker_length(text: str, marker: str) -> int:
     """Length of the longest end of `text` that is a proper start of `marker`."""
     for n in range(min(len(marker) - 1, len(text)), 0, -1):
         if text.endswith(marker[:n]):

@@ -86,9 +86,10 @@ def write_cache(buffer: torch.Tensor, pos: torch.Tensor, values: torch.Tensor) -
 
 
 @torch.no_grad()
-def max_causal_logit(q, k, scale: float, q_offset: int = 0, chunk: int = 512) -> torch.Tensor:
-    """Exact per-head max of scale * q.k over the batch under the causal mask, in query chunks
-    so the [Tq, Tk] matrix is never whole. q [B, Tq, H, D], k [B, Tk, Hkv, D] -> [H] fp32."""
+def max_causal_logit(q, k, scale: float, q_offset: int = 0, chunk: int = 512,
+                     documents: Documents | None = None) -> torch.Tensor:
+    """Exact per-head max of scale * q.k over the batch under the causal mask (and within each document of
+    packed rows), in query chunks so the [Tq, Tk] matrix is never whole. q [B, Tq, H, D], k [B, Tk, Hkv, D] -> [H] fp32."""
     H, Hkv = q.shape[2], k.shape[2]
     k = k.float().repeat_interleave(H // Hkv, dim=2).transpose(1, 2)  # [B, H, Tk, D]
     key_pos = torch.arange(k.shape[2], device=q.device)
@@ -98,6 +99,9 @@ def max_causal_logit(q, k, scale: float, q_offset: int = 0, chunk: int = 512) ->
         scores = (qc @ k.transpose(-1, -2)) * scale  # [B, H, c, Tk]
         query_pos = q_offset + start + torch.arange(qc.shape[2], device=q.device)
         scores = scores.masked_fill(key_pos[None, :] > query_pos[:, None], -math.inf)
+        if documents is not None:  # [B, 1, c, Tk]: keys of other documents
+            other = documents.ids[:, start:start + chunk, None] != documents.ids[:, None, :]
+            scores = scores.masked_fill(other.unsqueeze(1), -math.inf)
         best = torch.maximum(best, scores.amax(dim=(0, 2, 3)))
     return best
 
@@ -136,7 +140,7 @@ class GroupedQueryAttention(nn.Module):
             cache.v[:, pos:pos + T] = v
             k, v = cache.k[:, :pos + T], cache.v[:, :pos + T]
         if self.record_max_logits:
-            self.max_logits = max_causal_logit(q, k, self.scale, pos)
+            self.max_logits = max_causal_logit(q, k, self.scale, pos, documents=documents)
         o = causal_attention(q, k, v, self.scale, pos, documents)  # [B, T, H, D]
         return self.o_proj(o.reshape(B, T, -1))
 
@@ -262,7 +266,7 @@ class MultiHeadLatentAttention(nn.Module):
         q = torch.cat([q_nope, q_rope], dim=-1)  # [B, T, H, dn+dr]
         k = torch.cat([k_nope, k_rope.expand(B, S, H, self.rope_dim)], dim=-1)  # [B, S, H, dn+dr]
         if self.record_max_logits:
-            self.max_logits = max_causal_logit(q, k, self.scale, pos)
+            self.max_logits = max_causal_logit(q, k, self.scale, pos, documents=documents)
         if self.moba:
             from nanokimi.ops.moba import moba_attention
             return moba_attention(q, k, v, block_size=self.moba_block_size, topk=self.moba_topk,

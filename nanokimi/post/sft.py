@@ -119,7 +119,8 @@ def pack_rows(examples: list[Example], seq_len: int, pack: bool = True) -> list[
 
 def collate(rows: list[list[Example]], seq_len: int, pad_id: int, pack: bool, device=None):
     """Rows of examples -> (inputs [B, T], targets [B, T], Documents or None). The padding after a row's last
-    example is one more document with no targets."""
+    example (no targets) joins that example's document: it comes after it, so it cannot change it, and KDA's
+    per-document work on the CPU does not grow by a document per row."""
     inputs = torch.full((len(rows), seq_len), pad_id, dtype=torch.long)
     targets = torch.full((len(rows), seq_len), IGNORE, dtype=torch.long)
     labels = torch.zeros(len(rows), seq_len, dtype=torch.long)
@@ -131,7 +132,7 @@ def collate(rows: list[list[Example]], seq_len: int, pad_id: int, pack: bool, de
             targets[b, start:start + n] = torch.tensor(e.targets)
             labels[b, start:start + n] = d
             start += n
-        labels[b, start:] = len(row)
+        labels[b, start:] = len(row) - 1
     inputs, targets = inputs.to(device), targets.to(device)
     return inputs, targets, Documents.from_ids(labels.to(device)) if pack else None
 

@@ -1,0 +1,108 @@
+"""SFT on GSM8K chats: packed rows (nanokimi's packing, documents kept apart) vs one conversation per padded row.
+
+    python benchmarks/sft_packing.py                 # GPU: bench-kl-900m, rows of 1024 tokens, bf16
+    python benchmarks/sft_packing.py --quick         # tiny model on the CPU (a smoke run, seconds)
+
+Both modes train on the same conversations (question -> user turn, answer -> assistant turn, rendered in Kimi's
+chat format, loss on the answer) with the same rows per step. A step is forward + backward + AdamW, timed as the
+median of a few steps after warm-up. The table shows the share of row tokens that are conversation (not padding),
+learned (assistant) tokens per second, and the time one epoch over the conversations takes. Writes
+benchmarks/results/sft_packing.json (device, date, commit, torch version).
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from perf_common import environment, print_table, results_path, write_results  # noqa: E402
+from nanokimi.config import ModelConfig  # noqa: E402
+from nanokimi.data import Tokenizer  # noqa: E402
+from nanokimi.data.chat import ChatTemplate  # noqa: E402
+from nanokimi.model import build_model  # noqa: E402
+from nanokimi.post.sft import IGNORE, build_examples, collate, pack_rows  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+GSM8K = next((p for p in (ROOT / ".." / "shared", ROOT / ".." / ".." / "shared") if p.is_dir()),
+             ROOT / ".." / "shared") / "data" / "gsm8k" / "train.jsonl"  # a worktree lives one level deeper
+
+
+def load_chats(path: Path, limit: int):
+    if not path.is_file():
+        sys.exit(f"GSM8K is not at {path}; this benchmark needs it (../shared/data/gsm8k/train.jsonl).")
+    chats = []
+    for line in path.read_text().splitlines()[:limit]:
+        record = json.loads(line)
+        chats.append((line, [{"role": "user", "content": record["question"]},
+                             {"role": "assistant", "content": record["answer"]}], None))
+    return chats
+
+
+def time_steps(model, optimizer, batches, device, warmup: int, steps: int) -> float:
+    """Median seconds of one training step over `steps` batches after `warmup` ones."""
+    times = []
+    for i, (inputs, targets, documents) in enumerate(batches[:warmup + steps]):
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model.loss(inputs, targets, documents=documents)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny model on the CPU")
+    parser.add_argument("--preset", default=None)
+    parser.add_argument("--seq-len", type=int, default=None)
+    parser.add_argument("--rows", type=int, default=None, help="rows per step")
+    parser.add_argument("--conversations", type=int, default=2000)
+    parser.add_argument("--steps", type=int, default=5)
+    args = parser.parse_args()
+    device = torch.device("cpu" if args.quick or not torch.cuda.is_available() else "cuda")
+    preset = args.preset or ("tiny" if args.quick else "bench-kl-900m")
+    seq_len = args.seq_len or (256 if args.quick else 1024)
+    rows_per_step = args.rows or (4 if args.quick else 16)
+    chats = load_chats(GSM8K, args.conversations if not args.quick else 200)
+
+    tokenizer = Tokenizer.train((m[0]["content"] + m[1]["content"] for _, m, _ in chats[:1000]), vocab_size=4096)
+    examples, _ = build_examples(chats, tokenizer, ChatTemplate(), seq_len)
+    learned_total = sum(sum(t != IGNORE for t in e.targets) for e in examples)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.preset(preset, vocab_size=tokenizer.vocab_size), device=device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+
+    results, table = {}, []
+    for mode, pack in (("packed", True), ("one per row", False)):
+        rows = pack_rows(examples, seq_len, pack)
+        batches = [collate(rows[i:i + rows_per_step], seq_len, tokenizer.eot_id, pack, device)
+                   for i in range(0, min(len(rows), (args.steps + 2) * rows_per_step), rows_per_step)]
+        step_s = time_steps(model, optimizer, batches, device, warmup=2, steps=args.steps)
+        fill = sum(len(e.inputs) for e in examples) / (len(rows) * seq_len)
+        epoch_s = step_s * -(-len(rows) // rows_per_step)
+        results[mode] = dict(rows=len(rows), fill=fill, step_ms=step_s * 1e3, epoch_s=epoch_s,
+                             learned_tokens_per_s=learned_total / epoch_s)
+        table.append([mode, len(rows), f"{fill:.1%}", f"{step_s * 1e3:.1f}", f"{learned_total / epoch_s:,.0f}",
+                      f"{epoch_s:.1f}"])
+    speedup = results["one per row"]["epoch_s"] / results["packed"]["epoch_s"]
+    print(f"{preset} on {environment(device)['device']}, {len(examples)} GSM8K chats, rows of {seq_len} tokens, "
+          f"{rows_per_step} rows per step")
+    print_table(["mode", "rows", "fill", "step ms", "learned tok/s", "epoch s"], table)
+    print(f"packing: {speedup:.2f}x faster per epoch")
+    write_results(results_path("sft_packing", args.quick), environment(device),
+                  {f"{preset} {seq_len} {mode}": row for mode, row in results.items()},
+                  {"preset": preset, "seq_len": seq_len, "rows_per_step": rows_per_step,
+                   "conversations": len(examples), "speedup_per_epoch": speedup})
+
+
+if __name__ == "__main__":
+    main()
