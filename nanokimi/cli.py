@@ -117,7 +117,7 @@ def cmd_lepa(args) -> int:
 
     options = {}
     if args.levels:
-        options["levels" if args.task == "ladder" else "depths"] = args.levels
+        options["levels"] = args.levels
     if args.data:
         options["path"] = args.data
     cfg = LepaConfig(task=args.task, task_options=options, iterations=args.iterations, trials=args.trials,

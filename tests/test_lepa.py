@@ -38,7 +38,7 @@ def test_leak_check_grader_forms_and_text_answers():
     assert leaks_answer("keep x15 and y15 apart", "15", GSM8K)  # ...but GSM8K's flexible grader reads 15 in y15
     assert leaks_answer("it costs $1,500.00 in all", "1500", GSM8K)  # a form the GSM8K grader accepts
     assert not leaks_answer("it costs $1,501.00 in all", "1500", GSM8K)
-    mused = get_task("mused", depths="1-2", per_level=2)
+    mused = get_task("mused", levels="1-2", per_level=2)
     example = mused.examples("test", limit=1)[0]
     assert leaks_answer(f"Keep in mind that {example.answer}.", example.answer, mused)
     assert leaks_answer(f"#### {example.answer}", example.answer, mused)
