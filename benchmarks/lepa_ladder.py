@@ -10,6 +10,7 @@ kept). Held-out pass@1 per level is measured before and after each iteration.
     python benchmarks/lepa_ladder.py --smoke    # CPU, about a minute: runs end to end, numbers meaningless
 """
 import argparse
+import tempfile
 import time
 from pathlib import Path
 
@@ -45,7 +46,7 @@ def plot(path: Path, runs: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny CPU run that checks the script end to end")
-    parser.add_argument("--out", default="/tmp/nanokimi-lepa-ladder")
+    parser.add_argument("--out", default=None, help="work folder (default: a fresh temporary folder)")
     parser.add_argument("--pretrain-levels", default="1-5")
     parser.add_argument("--levels", default="1-8", help="levels LEPA trains and evaluates on")
     parser.add_argument("--pretrain-steps", type=int, default=1200)
@@ -58,7 +59,7 @@ def main() -> None:
     if args.smoke:
         args.pretrain_steps, args.iterations, args.trials, args.problems, args.eval_per_level = 20, 1, 2, 6, 2
         args.levels = "1-3"
-    out = Path(args.out)
+    out = Path(args.out or tempfile.mkdtemp(prefix="nanokimi-lepa-ladder-"))
     started = time.time()
     ckpt = build_ladder_model(out / "base", args.pretrain_levels, docs=200 if args.smoke else 30_000,
                               steps=args.pretrain_steps, batch_size=4 if args.smoke else 64, device=device,
