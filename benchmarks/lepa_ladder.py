@@ -92,7 +92,8 @@ def main() -> None:
     print_table(["mode", "iter", "pass@1 before", "pass@1 after", "solved 1st", "solved final", "trials",
                  "leaks", "plan tok", "gen tokens", "sft ex"], rows)
     final = {name: s["final_eval"]["by_level"] for name, s in runs.items()}
-    print_table(["level", *final], [[lvl, *(f"{final[n][lvl]:.2f}" for n in final)] for lvl in next(iter(final.values()))])
+    levels_run = next(iter(final.values()))
+    print_table(["level", *final], [[lvl, *(f"{final[n][lvl]:.2f}" for n in final)] for lvl in levels_run])
     path = results_path("lepa_ladder", args.smoke)
     settings = {k: v for k, v in vars(args).items() if k != "out"}
     write_results(path, environment(torch.device(device)), results,

@@ -156,7 +156,8 @@ def main() -> None:
     for name in scores:
         ax.plot(counts, [results[f"n{n}"][name] for n in counts], marker="o", label=name)
     ax.axvline(per_window, color="grey", ls=":", label="one window")
-    ax.set(xscale="log", xlabel="examples in the prompt", ylabel="accuracy", title=f"many-shot lookup, window {args.window}")
+    ax.set(xscale="log", xlabel="examples in the prompt", ylabel="accuracy",
+           title=f"many-shot lookup, window {args.window}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path.with_suffix(".png"), dpi=120)

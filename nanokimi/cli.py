@@ -127,7 +127,8 @@ def cmd_lepa(args) -> int:
     templates = Templates.load(args.templates) if args.templates else Templates()
     summary = run_lepa(args.ckpt, args.out, cfg, templates, progress=not args.no_progress)
     evals = [r["eval_before"].get("pass@1") for r in summary["iterations"]] + [summary["final_eval"].get("pass@1")]
-    print(f"done: held-out pass@1 by iteration {evals}; checkpoint {summary['checkpoint']}; metrics {args.out}/metrics.jsonl")
+    print(f"done: held-out pass@1 by iteration {evals}; checkpoint {summary['checkpoint']}; "
+          f"metrics {args.out}/metrics.jsonl")
     return 0
 
 

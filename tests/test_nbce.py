@@ -63,7 +63,8 @@ def test_combination_is_the_formula(pooling, beta):
     want = torch.tensor(hand_combination(windows.tolist(), empty.tolist(), beta, pooling), dtype=torch.float64)
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
     if pooling == "min_entropy":  # the sharpest window (scaled by 3) is the one taken
-        assert torch.allclose(nbce_combine(windows.log_softmax(-1), None, 0.0, pooling), windows[1].log_softmax(-1).float())
+        sharpest = windows[1].log_softmax(-1).float()
+        assert torch.allclose(nbce_combine(windows.log_softmax(-1), None, 0.0, pooling), sharpest)
 
 
 def test_one_window_beta_zero_is_plain_greedy(model):
@@ -128,7 +129,8 @@ def test_sampling_is_seeded(model):
 
 @pytest.mark.parametrize("kwargs, words", [
     (dict(nbce_window=1), "nbce_window"), (dict(nbce_window=8, nbce_beta=-1), "nbce_beta"),
-    (dict(nbce_window=8, nbce_pooling="max"), "nbce_pooling"), (dict(nbce_window=8, nbce_separator=""), "nbce_separator"),
+    (dict(nbce_window=8, nbce_pooling="max"), "nbce_pooling"),
+    (dict(nbce_window=8, nbce_separator=""), "nbce_separator"),
 ])
 def test_bad_params_one_line(kwargs, words):
     with pytest.raises(ValueError) as e:
