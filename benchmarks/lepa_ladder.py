@@ -4,7 +4,9 @@ A small model is pretrained from scratch in this script on ladder problems of lo
 with an operation-skeleton plan, and reflections; benchmarks/ladder_model.py), then self-trains twice from
 the same checkpoint: once with LEPA (plan, solve, reflect with the answer, fine-tune on the successful
 (plan, solution) pairs) and once without plans (up to the same number of trials per problem, correct samples
-kept). Held-out pass@1 per level is measured before and after each iteration.
+kept), and once more without plans but with 2 * trials - 1 trials (as many generations per problem as LEPA's
+plan + reflection + solution rounds can take). Held-out pass@1 per level is measured before and after each
+iteration; the table gives the generated tokens of each arm.
 
     python benchmarks/lepa_ladder.py            # one H100, under 10 minutes
     python benchmarks/lepa_ladder.py --smoke    # CPU, about a minute: runs end to end, numbers meaningless
@@ -71,14 +73,18 @@ def main() -> None:
            "train.seq_len=512", "optim.name=adamw", "optim.lr=5e-4", "optim.warmup_steps=5", "sft.epochs=3",
            "train.log_every=5"] + (["train.max_steps=2"] if args.smoke else [])
     runs, seconds = {}, {}
-    for name, plan in (("lepa", True), ("no-plan", False)):
-        cfg = LepaConfig(task="ladder", task_options={"levels": args.levels, "per_level": args.eval_per_level},
-                         iterations=args.iterations, trials=args.trials, problems=args.problems,
+    # the train split must outgrow one iteration's problems; the held-out set is the first eval_per_level per level
+    per_level = max(args.eval_per_level, 2 * -(-args.problems // (levels[-1] - levels[0] + 1)))
+    arms = (("lepa", True, args.trials), ("no-plan", False, args.trials),
+            (f"no-plan x{2 * args.trials - 1}", False, 2 * args.trials - 1))  # as many generate calls as LEPA's most
+    for name, plan, trials in arms:
+        cfg = LepaConfig(task="ladder", task_options={"levels": args.levels, "per_level": per_level},
+                         iterations=args.iterations, trials=trials, problems=args.problems,
                          eval_problems=args.eval_per_level * (levels[-1] - levels[0] + 1), plan=plan,
                          temperature=0.8, plan_tokens=24 if args.smoke else 160,
                          solution_tokens=24 if args.smoke else 256, seed=0, sft_overrides=sft)
         t0 = time.time()
-        runs[name] = run_lepa(str(ckpt), str(out / name), cfg, TEMPLATES, progress=False)
+        runs[name] = run_lepa(str(ckpt), str(out / name.replace(" ", "_")), cfg, TEMPLATES, progress=False)
         seconds[name] = time.time() - t0
     rows, results = [], {}
     for name, summary in runs.items():
@@ -87,8 +93,8 @@ def main() -> None:
                          f"{r['success_first']:.2f}", f"{r['success_final']:.2f}", f"{r['trials_mean']:.2f}",
                          r["leak_rejections"], f"{r['plan_tokens_mean']:.1f}", r["generated_tokens"],
                          r["sft_examples"]])
-        results[name] = {"iterations": summary["iterations"], "final_eval": summary["final_eval"],
-                         "seconds": round(seconds[name], 1)}
+        results[name] = {"trials": summary["config"]["trials"], "iterations": summary["iterations"],
+                         "final_eval": summary["final_eval"], "seconds": round(seconds[name], 1)}
     print_table(["mode", "iter", "pass@1 before", "pass@1 after", "solved 1st", "solved final", "trials",
                  "leaks", "plan tok", "gen tokens", "sft ex"], rows)
     final = {name: s["final_eval"]["by_level"] for name, s in runs.items()}

@@ -70,7 +70,8 @@ def cmd_generate(args) -> int:
         params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                                 top_k=args.top_k, seed=args.seed, nbce_window=args.nbce_window,
                                 nbce_beta=args.nbce_beta, nbce_pooling=args.nbce_pooling)
-        out = LLM(args.ckpt, max_num_seqs=1).generate([args.prompt], params, use_tqdm=False)[0]
+        # NBCE keeps its own caches; the engine's paged cache stays small
+        out = LLM(args.ckpt, max_num_seqs=1, max_cache_tokens=1024).generate([args.prompt], params, use_tqdm=False)[0]
         print(f"nbce: {out.metrics['nbce_windows']} windows of {out.metrics['nbce_window_tokens']} tokens",
               file=sys.stderr)
         print(args.prompt + out.text)

@@ -146,3 +146,23 @@ def test_bad_prompts_one_line(model):
         llm.generate(["ab -> 3\nthe query is long"], SamplingParams(nbce_window=8), use_tqdm=False)
     with pytest.raises(ValueError, match="exceeds the model's context"):
         llm.generate(["ab -> 3\nq"], SamplingParams(nbce_window=8, max_tokens=10 ** 6), use_tqdm=False)
+
+
+def test_cli_generate_with_nbce(tmp_path, capsys):
+    from nanokimi.checkpoint import save_checkpoint
+    from nanokimi.cli import main
+    from nanokimi.data import Tokenizer
+
+    tok = Tokenizer.train(["ab -> 3\ncd -> 7\n"] * 20, vocab_size=280)
+    tok.save(tmp_path / "tokenizer.json")
+    cfg = ModelConfig.preset("tiny-dense", vocab_size=tok.vocab_size, hidden_size=32, num_layers=1, num_heads=2,
+                             num_kv_heads=1, head_dim=16, intermediate_size=64)
+    save_checkpoint(tmp_path / "ckpt", build_model(cfg), tokenizer_file=tmp_path / "tokenizer.json")
+    prompt = "ab -> 3\ncd -> 7\nab -> 3\ncd -> 7\nab ->"
+    args = ["generate", "--ckpt", str(tmp_path / "ckpt"), "--prompt", prompt, "--max-new-tokens", "3",
+            "--temperature", "0", "--nbce-window", "8"]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith(prompt) and "nbce: " in captured.err
+    assert main(args[:-1] + ["1"]) == 2
+    assert "nbce_window must be" in capsys.readouterr().err
