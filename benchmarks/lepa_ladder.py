@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=2)
     parser.add_argument("--trials", type=int, default=4)
     parser.add_argument("--problems", type=int, default=384)
-    parser.add_argument("--eval-per-level", type=int, default=40)
+    parser.add_argument("--eval-per-level", type=int, default=30)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     if args.smoke:
@@ -63,20 +63,26 @@ def main() -> None:
         args.levels = "1-3"
     out = Path(args.out or tempfile.mkdtemp(prefix="nanokimi-lepa-ladder-"))
     started = time.time()
-    ckpt = build_ladder_model(out / "base", args.pretrain_levels, docs=200 if args.smoke else 30_000,
+    ckpt = build_ladder_model(out / "base", args.pretrain_levels, docs=200 if args.smoke else 60_000,
                               steps=args.pretrain_steps, batch_size=4 if args.smoke else 64, device=device,
                               size=dict(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32,
                                         intermediate_size=128) if args.smoke else None)
     pretrain_s = time.time() - started
+    print(f"pretrained {ckpt} in {pretrain_s:.0f} s", flush=True)
     levels = [int(x) for x in args.levels.split("-")]
     sft = [f"train.device={device}", "train.batch_size=4" if args.smoke else "train.batch_size=32",
            "train.seq_len=512", "optim.name=adamw", "optim.lr=5e-4", "optim.warmup_steps=5", "sft.epochs=3",
            "train.log_every=5"] + (["train.max_steps=2"] if args.smoke else [])
-    runs, seconds = {}, {}
+    runs = {}
+    path = results_path("lepa_ladder", args.smoke)
+    settings = {k: v for k, v in vars(args).items() if k != "out"}
+    extra = {"settings": settings, "sft_overrides": sft, "pretrain_seconds": round(pretrain_s, 1),
+             "templates": vars(TEMPLATES)}
     # the train split must outgrow one iteration's problems; the held-out set is the first eval_per_level per level
     per_level = max(args.eval_per_level, 2 * -(-args.problems // (levels[-1] - levels[0] + 1)))
     arms = (("lepa", True, args.trials), ("no-plan", False, args.trials),
             (f"no-plan x{2 * args.trials - 1}", False, 2 * args.trials - 1))  # as many generate calls as LEPA's most
+    rows = []
     for name, plan, trials in arms:
         cfg = LepaConfig(task="ladder", task_options={"levels": args.levels, "per_level": per_level},
                          iterations=args.iterations, trials=trials, problems=args.problems,
@@ -84,27 +90,23 @@ def main() -> None:
                          temperature=0.8, plan_tokens=24 if args.smoke else 160,
                          solution_tokens=24 if args.smoke else 256, seed=0, sft_overrides=sft)
         t0 = time.time()
-        runs[name] = run_lepa(str(ckpt), str(out / name.replace(" ", "_")), cfg, TEMPLATES, progress=False)
-        seconds[name] = time.time() - t0
-    rows, results = [], {}
-    for name, summary in runs.items():
+        summary = runs[name] = run_lepa(str(ckpt), str(out / name.replace(" ", "_")), cfg, TEMPLATES, progress=False)
         for r in summary["iterations"]:
             rows.append([name, r["iteration"], f"{r['eval_before']['pass@1']:.3f}", f"{r['eval_after']['pass@1']:.3f}",
                          f"{r['success_first']:.2f}", f"{r['success_final']:.2f}", f"{r['trials_mean']:.2f}",
                          r["leak_rejections"], f"{r['plan_tokens_mean']:.1f}", r["generated_tokens"],
                          r["sft_examples"]])
-        results[name] = {"trials": summary["config"]["trials"], "iterations": summary["iterations"],
-                         "final_eval": summary["final_eval"], "seconds": round(seconds[name], 1)}
+        result = {"trials": trials, "iterations": summary["iterations"], "final_eval": summary["final_eval"],
+                  "seconds": round(time.time() - t0, 1)}
+        write_results(path, environment(torch.device(device)), {name: result}, extra=extra)  # partial runs keep arms
+        print(f"{name}: held-out pass@1 {summary['iterations'][0]['eval_before']['pass@1']:.3f} -> "
+              f"{summary['final_eval']['pass@1']:.3f} ({result['seconds']:.0f} s; {time.time() - started:.0f} s in all)",
+              flush=True)
     print_table(["mode", "iter", "pass@1 before", "pass@1 after", "solved 1st", "solved final", "trials",
                  "leaks", "plan tok", "gen tokens", "sft ex"], rows)
     final = {name: s["final_eval"]["by_level"] for name, s in runs.items()}
     levels_run = next(iter(final.values()))
     print_table(["level", *final], [[lvl, *(f"{final[n][lvl]:.2f}" for n in final)] for lvl in levels_run])
-    path = results_path("lepa_ladder", args.smoke)
-    settings = {k: v for k, v in vars(args).items() if k != "out"}
-    write_results(path, environment(torch.device(device)), results,
-                  extra={"settings": settings, "sft_overrides": sft, "pretrain_seconds": round(pretrain_s, 1),
-                         "templates": runs["lepa"]["templates"]})
     plot(path.with_suffix(".png"), runs)
     print(f"wrote {path} and {path.with_suffix('.png')} ({time.time() - started:.0f} s in all)")
 
