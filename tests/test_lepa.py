@@ -95,6 +95,9 @@ def test_one_lepa_iteration_bookkeeping():
 
     chat = ScriptedChat(reply)
     cfg = LepaConfig(trials=3)
+    planless = ScriptedChat(lambda user, start: f"#### {a.answer}")  # correct, but no plan: graded, not learned
+    records, stats, _ = collect(planless, LADDER, [a], cfg, t, seed=0)
+    assert stats["success_first"] == 1 and records == []
     records, stats, attempts = collect(chat, LADDER, [a, b, c], cfg, t, seed=0)
     by_id = {x.example.id: x for x in attempts}
     assert (by_id[a.id].solved_at, by_id[a.id].trials) == (1, 1)

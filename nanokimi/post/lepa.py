@@ -7,7 +7,7 @@ problems of the kind) and a solution that follows it, in one reply. The task's g
 While it is wrong, and at most `trials` times in all, the model is shown the problem, its plan, its wrong
 solution and the correct answer and writes a refined plan; a plan that states the answer is rejected
 (`leaks_answer`), otherwise the model solves again from the refined plan. The (plan, solution) replies that
-succeeded become chat data (prompt = the plan prompt, reply = plan + solution) for nanokimi.post.sft, which
+succeeded (with a non-empty plan) become chat data (prompt = the plan prompt, reply = plan + solution) for nanokimi.post.sft, which
 fine-tunes the current model; the next iteration starts from the result.
 
 --no-plan is the baseline (rejection-sampling self-training, ReST-EM / STaR without rationalisation): up to
@@ -257,7 +257,7 @@ def collect(chat: Chat, task: Task, problems: list[Example], cfg: LepaConfig, te
         plan_lengths = [len(chat.tokenizer.encode(a.plan)) for a in attempts]
         records = [{"prompt": fill(templates.plan_prompt, task, a.example),
                     "completion": templates.response.format(plan=a.plan, solution=a.solution)}
-                   for a in attempts if a.solved]
+                   for a in attempts if a.solved and a.plan]  # a solution without a plan is graded, not learned
     else:
         for trial in range(1, cfg.trials + 1):
             todo = [a for a in attempts if not a.solved]
