@@ -1,7 +1,7 @@
 """NBCE on many-shot in-context lookup: accuracy vs number of examples, NBCE vs truncation to the last window.
 
 Task: each prompt shows N examples 'key -> label' of a fresh random mapping (two-letter keys, digit labels),
-then asks one of the keys ('key ->'). A small character-level model is pretrained in this script on such
+then asks one of the keys ('key -> ', the label comes next). A small character-level model is pretrained in this script on such
 prompts that fit one window (queries of absent keys get a random label, so a window without the key is
 uncertain). Then, for N beyond the window, it answers with NBCE over all windows (nbce_window = W) or with the
 last window alone (truncation: what plain decoding of a cut prompt sees).
@@ -124,12 +124,12 @@ def main() -> None:
         for _ in range(args.trials):
             lines, mapping = episode(rng, n)
             key = rng.choice(list(mapping))
-            prompt = "".join(lines) + f"{key} ->"
+            prompt = "".join(lines) + f"{key} -> "  # trained to answer right after '-> '
             windows, _ = nbce_windows(tok, prompt, args.window)
             prompts.append(prompt)
             labels.append(mapping[key])
             truncated.append(tok.decode(windows[-1]))
-        greedy = dict(max_tokens=2, temperature=0, ignore_eos=True)
+        greedy = dict(max_tokens=1, temperature=0, ignore_eos=True)
         scores = {}
         for name, texts, params in (
                 ("truncation", truncated, SamplingParams(**greedy)),
@@ -137,7 +137,7 @@ def main() -> None:
                 ("nbce mean", prompts, SamplingParams(**greedy, nbce_window=args.window, nbce_beta=args.beta,
                                                       nbce_pooling="mean"))):
             outs = llm.generate(texts, params, use_tqdm=False)
-            scores[name] = sum(o.text.strip()[:1] == label for o, label in zip(outs, labels)) / len(labels)
+            scores[name] = sum(o.text == label for o, label in zip(outs, labels)) / len(labels)
         windows_used = len(nbce_windows(tok, prompts[0], args.window)[0])
         in_last = min(1.0, per_window / n)
         rows.append([n, windows_used, f"{in_last:.2f}", *(f"{v:.3f}" for v in scores.values())])

@@ -140,6 +140,8 @@ def test_bad_params_one_line(kwargs, words):
 
 def test_bad_prompts_one_line(model):
     llm = LLM(model, CharTokenizer(), max_cache_tokens=512)
+    with pytest.raises(ValueError, match="decoded by LLM.generate"):  # the engine never decodes NBCE plainly
+        llm.engine.add_request("x", [1, 2, 3], SamplingParams(nbce_window=8))
     with pytest.raises(ValueError, match="no query"):
         llm.generate(["ab -> 3\ncd -> 7\n"], SamplingParams(nbce_window=8), use_tqdm=False)
     with pytest.raises(ValueError, match="no room for context"):
