@@ -1,7 +1,7 @@
 """NBCE on many-shot in-context lookup: accuracy vs number of examples, NBCE vs truncation to the last window.
 
-Task: each prompt shows N examples 'key -> label' of a fresh random mapping (two-letter keys, digit labels),
-then asks one of the keys ('key -> ', the label comes next). A small character-level model is pretrained in this script on such
+Task: each prompt shows N examples, one per line, of a fresh random mapping key -> label (one of 200 key
+characters, then its digit), then asks one of the keys (the last line is the key alone; the label comes next). A small character-level model is pretrained in this script on such
 prompts that fit one window (queries of absent keys get a random label, so a window without the key is
 uncertain). Then, for N beyond the window, it answers with NBCE over all windows (nbce_window = W) or with the
 last window alone (truncation: what plain decoding of a cut prompt sees).
@@ -21,8 +21,9 @@ from nanokimi.infer import LLM, SamplingParams
 from nanokimi.infer.nbce import nbce_windows
 from perf_common import environment, print_table, results_path, write_results
 
-ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789 ->\n"
-LETTERS = "abcdefghijklmnopqrstuvwxyz"
+KEYS = "".join(chr(0x100 + i) for i in range(200))  # 200 one-character keys
+DIGITS = "0123456789"
+ALPHABET = DIGITS + "\n" + KEYS
 
 
 class CharTokenizer:
@@ -39,9 +40,10 @@ class CharTokenizer:
 
 
 def episode(rng: random.Random, n: int) -> tuple[list[str], dict]:
-    keys = rng.sample([a + b for a in LETTERS for b in LETTERS], n)
-    mapping = {k: str(rng.randrange(10)) for k in keys}
-    return [f"{k} -> {mapping[k]}\n" for k in keys], mapping
+    """n lines 'KL' (a key character, its digit label) of a fresh random mapping."""
+    keys = rng.sample(KEYS, n)
+    mapping = {k: rng.choice(DIGITS) for k in keys}
+    return [f"{k}{mapping[k]}\n" for k in keys], mapping
 
 
 def training_batch(rng: random.Random, tok, batch: int, max_examples: int, queries: int, device):
@@ -52,12 +54,12 @@ def training_batch(rng: random.Random, tok, batch: int, max_examples: int, queri
         text, learn = "".join(lines), []
         for _ in range(queries):
             if rng.random() < 0.3:  # an absent key: the label is noise, so the model learns to be unsure
-                key = rng.choice(LETTERS) + rng.choice(LETTERS)
-                label = mapping.get(key, str(rng.randrange(10)))
+                key = rng.choice(KEYS)
+                label = mapping.get(key, rng.choice(DIGITS))
             else:
                 key = rng.choice(list(mapping))
                 label = mapping[key]
-            text += f"{key} -> "
+            text += key
             learn.append(len(text))
             text += f"{label}\n"
         ids = tok.encode(text)
@@ -97,18 +99,18 @@ def pretrain(model, tok, steps: int, batch: int, max_examples: int, device) -> l
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--window", type=int, default=128, help="tokens per window (the model's trained length)")
+    parser.add_argument("--window", type=int, default=64, help="tokens per window (the model's trained length)")
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--trials", type=int, default=200, help="prompts per number of examples")
     parser.add_argument("--beta", type=float, default=0.25)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
-    counts = [4, 8, 16, 32, 64, 128]
+    counts = [8, 16, 32, 64, 128]
     if args.smoke:
-        args.steps, args.trials, counts = 30, 6, [4, 16, 32]
+        args.steps, args.trials, counts = 30, 6, [8, 32]
     tok = CharTokenizer()
-    per_window = (args.window - 6) // 8  # examples that fit one window beside the query
-    cfg = ModelConfig.preset("tiny-dense", vocab_size=64, hidden_size=64 if args.smoke else 256, num_layers=4,
+    per_window = (args.window - 1) // 3  # examples that fit one window beside the query
+    cfg = ModelConfig.preset("tiny-dense", vocab_size=CharTokenizer.vocab_size, hidden_size=64 if args.smoke else 256, num_layers=4,
                              num_heads=4, num_kv_heads=2, head_dim=16 if args.smoke else 64,
                              intermediate_size=128 if args.smoke else 768, max_position_embeddings=2 * args.window)
     torch.manual_seed(0)
@@ -124,7 +126,7 @@ def main() -> None:
         for _ in range(args.trials):
             lines, mapping = episode(rng, n)
             key = rng.choice(list(mapping))
-            prompt = "".join(lines) + f"{key} -> "  # trained to answer right after '-> '
+            prompt = "".join(lines) + key
             windows, _ = nbce_windows(tok, prompt, args.window)
             prompts.append(prompt)
             labels.append(mapping[key])
