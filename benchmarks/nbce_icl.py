@@ -1,10 +1,11 @@
 """NBCE on many-shot in-context lookup: accuracy vs number of examples, NBCE vs truncation to the last window.
 
 Task: each prompt shows N examples, one per line, of a fresh random mapping key -> label (one of 200 key
-characters, then its digit), then asks one of the keys (the last line is the key alone; the label comes next). A small character-level model is pretrained in this script on such
-prompts that fit one window (queries of absent keys get a random label, so a window without the key is
-uncertain). Then, for N beyond the window, it answers with NBCE over all windows (nbce_window = W) or with the
-last window alone (truncation: what plain decoding of a cut prompt sees).
+characters, then its digit), then asks one of the keys (the last line is the key alone; the label comes
+next). A small character-level model is pretrained in this script on lines of such mappings that fit one
+window, keys repeating, loss on every label: a repeated key's label is predictable, a new key's is noise, so a
+window without the key is unsure. Then, for N beyond the window, it answers with NBCE over all windows
+(nbce_window = W) or with the last window alone (truncation: what plain decoding of a cut prompt sees).
 
     python benchmarks/nbce_icl.py            # one H100, a few minutes
     python benchmarks/nbce_icl.py --smoke    # CPU, under a minute: runs end to end, numbers meaningless
@@ -46,52 +47,50 @@ def episode(rng: random.Random, n: int) -> tuple[list[str], dict]:
     return [f"{k}{mapping[k]}\n" for k in keys], mapping
 
 
-def training_batch(rng: random.Random, tok, batch: int, max_examples: int, queries: int, device):
-    """Prompts of 1..max_examples examples then `queries` query lines; loss on the queries' labels."""
+def training_batch(rng: random.Random, tok, batch: int, lines: int, device):
+    """Rows of `lines` lines 'KL' whose keys are drawn, with repeats, from a fresh mapping of 2..2*lines keys;
+    the loss is on every label. A label whose key was shown before is predictable; one whose key is new is
+    noise, so the model learns to be unsure when the key is not in its window."""
     rows, targets = [], []
     for _ in range(batch):
-        lines, mapping = episode(rng, rng.randint(1, max_examples))
-        text, learn = "".join(lines), []
-        for _ in range(queries):
-            if rng.random() < 0.3:  # an absent key: the label is noise, so the model learns to be unsure
-                key = rng.choice(KEYS)
-                label = mapping.get(key, rng.choice(DIGITS))
-            else:
-                key = rng.choice(list(mapping))
-                label = mapping[key]
-            text += key
-            learn.append(len(text))
-            text += f"{label}\n"
-        ids = tok.encode(text)
-        tgt = [-100] * len(ids)
-        for pos in learn:
-            tgt[pos - 1] = ids[pos]  # the label is predicted at the position before it
-        rows.append(ids)
-        targets.append(tgt)
-    width = max(len(r) for r in rows)
-    x = torch.tensor([r + [0] * (width - len(r)) for r in rows], device=device)
-    y = torch.tensor([t + [-100] * (width - len(t)) for t in targets], device=device)
-    return x, y
+        _, mapping = episode(rng, rng.randint(2, 2 * lines))
+        keys = list(mapping)
+        ids, tgt = [], []
+        for _ in range(lines):
+            key = rng.choice(keys)
+            ids += tok.encode(f"{key}{mapping[key]}\n")
+            tgt += [tok.encode(mapping[key])[0], -100, -100]  # the label is predicted at its key
+        rows.append(ids[:-1])
+        targets.append(tgt[:-1])
+    return torch.tensor(rows, device=device), torch.tensor(targets, device=device)
 
 
-def pretrain(model, tok, steps: int, batch: int, max_examples: int, device) -> list[float]:
+def pretrain(model, tok, steps: int, seconds: float, batch: int, lines: int, device) -> list[float]:
+    """AdamW for `steps` steps or `seconds` seconds, whichever ends first; the learning rate warms up over 50
+    steps and decays linearly (to a tenth) with the share of the budget used."""
     rng = random.Random(0)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0, betas=(0.9, 0.95))
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * max(0.1, 1 - s / steps))
     losses = []
     model.train()
+    started = time.time()
+    reported = 0.0
     for step in range(steps):
-        x, y = training_batch(rng, tok, batch, max_examples, 4, device)
+        used = max((time.time() - started) / seconds, step / steps)
+        if used >= 1:
+            break
+        for group in opt.param_groups:
+            group["lr"] = 2e-3 * min(1.0, (step + 1) / 50) * max(0.1, 1 - used)
+        x, y = training_batch(rng, tok, batch, lines, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = model.loss(x, y, chunk_tokens=0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        schedule.step()
         losses.append(loss.item())
-        if step % max(steps // 10, 1) == 0:
-            print(f"pretrain step {step}: loss {loss.item():.3f}")
+        if used >= reported:
+            print(f"pretrain step {step}: loss {loss.item():.3f} ({time.time() - started:.0f} s)", flush=True)
+            reported += 0.1
     model.eval()
     return losses
 
@@ -100,7 +99,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--window", type=int, default=64, help="tokens per window (the model's trained length)")
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=50_000, help="most pretraining steps")
+    parser.add_argument("--train-seconds", type=float, default=150, help="pretraining time budget")
     parser.add_argument("--trials", type=int, default=200, help="prompts per number of examples")
     parser.add_argument("--beta", type=float, default=0.25)
     args = parser.parse_args()
@@ -110,13 +110,13 @@ def main() -> None:
         args.steps, args.trials, counts = 30, 6, [8, 32]
     tok = CharTokenizer()
     per_window = (args.window - 1) // 3  # examples that fit one window beside the query
-    cfg = ModelConfig.preset("tiny-dense", vocab_size=CharTokenizer.vocab_size, hidden_size=64 if args.smoke else 256, num_layers=4,
-                             num_heads=4, num_kv_heads=2, head_dim=16 if args.smoke else 64,
+    cfg = ModelConfig.preset("tiny-dense", vocab_size=CharTokenizer.vocab_size, hidden_size=64 if args.smoke else 256,
+                             num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16 if args.smoke else 64,
                              intermediate_size=128 if args.smoke else 768, max_position_embeddings=2 * args.window)
     torch.manual_seed(0)
     model = build_model(cfg).to(device)
     started = time.time()
-    losses = pretrain(model, tok, args.steps, 8 if args.smoke else 128, per_window, device)
+    losses = pretrain(model, tok, args.steps, args.train_seconds, 8 if args.smoke else 128, per_window, device)
     train_s = time.time() - started
     llm = LLM(model, tok, max_cache_tokens=8192, dtype="auto" if device.type == "cpu" else "bfloat16")
     rng = random.Random(1)
@@ -147,7 +147,7 @@ def main() -> None:
     print_table(["examples", "windows", "P(key in last window)", *scores], rows)
     path = results_path("nbce_icl", args.smoke)
     write_results(path, environment(device), results,
-                  extra={"settings": vars(args), "pretrain_seconds": round(train_s, 1),
+                  extra={"settings": vars(args), "pretrain_seconds": round(train_s, 1), "pretrain_steps": len(losses),
                          "final_loss": sum(losses[-20:]) / len(losses[-20:]), "examples_per_window": per_window,
                          "model": {k: getattr(cfg, k) for k in ("hidden_size", "num_layers", "mixers")}})
     import matplotlib
