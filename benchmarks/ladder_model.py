@@ -9,6 +9,7 @@ runs nanokimi.post.sft (loss on the assistant turns) from random weights.
 """
 import json
 import random
+import time
 from pathlib import Path
 
 import torch
@@ -63,30 +64,49 @@ def pretraining_conversations(levels: str, count: int, seed: int = 0) -> list[di
     return records
 
 
-def build_ladder_model(out: Path, levels: str, docs: int, steps: int, batch_size: int, device: str,
-                       seed: int = 0, progress: bool = False, size: dict | None = None) -> Path:
-    """Tokenizer + random model saved to out/init, then pretrained (nanokimi sft) into out/pretrain; returns
-    the checkpoint folder."""
-    from nanokimi.checkpoint import save_checkpoint
+def build_ladder_model(out: Path, levels: str, docs: int, seconds: float, batch_size: int, device: str,
+                       seed: int = 0, size: dict | None = None, max_steps: int = 1_000_000) -> tuple[Path, dict]:
+    """Tokenizer + random model saved to out/init, then trained with nanokimi's SFTTrainer (loss on the replies)
+    for `seconds` (the schedule sized from the measured step time) or max_steps; returns (checkpoint, facts)."""
+    from nanokimi.checkpoint import load_model_checkpoint, save_checkpoint
     from nanokimi.data import Tokenizer
-    from nanokimi.post.sft import run_sft
+    from nanokimi.post.sft import SFTTrainer, load_sft_config
 
+    started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     records = pretraining_conversations(levels, docs, seed)
     data = out / "pretrain.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     tok = Tokenizer.train([r["prompt"] + "\n" + r["completion"] for r in records[:4000]], vocab_size=384)
     tok.save(out / "tokenizer.json")
-    shape = dict(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64, intermediate_size=768,
+    shape = dict(hidden_size=384, num_layers=6, num_heads=6, num_kv_heads=2, head_dim=64, intermediate_size=1152,
                  max_position_embeddings=1024)
     shape.update(size or {})
     cfg = ModelConfig.preset("tiny-dense", vocab_size=tok.vocab_size, **shape)
     torch.manual_seed(seed)
     save_checkpoint(out / "init", build_model(cfg), tokenizer_file=out / "tokenizer.json")
-    result = run_sft(str(out / "init"), str(data), str(out / "pretrain"),
-                     [f"train.max_steps={steps}", f"train.batch_size={batch_size}", "train.seq_len=512",
-                      f"train.device={device}", "optim.name=adamw", "optim.lr=2e-3", "optim.warmup_steps=30",
-                      "optim.weight_decay=0.0", "sft.val_fraction=0.01", f"train.eval_every={max(steps, 1)}",
-                      f"train.save_every={max(steps, 1)}", f"train.log_every={max(steps // 10, 1)}"],
-                     progress=progress)
-    return Path(result["checkpoint"])
+    base = load_model_checkpoint(out / "init", "cpu")
+    run, sft = load_sft_config(base.config, str(data), [
+        "train.max_steps=1000000", f"train.batch_size={batch_size}", "train.seq_len=512", f"train.device={device}",
+        "optim.name=adamw", "optim.lr=2e-3", "optim.warmup_steps=50", "optim.weight_decay=0.0",
+        "optim.min_lr_ratio=0.05", "sft.val_fraction=0"])
+    trainer = SFTTrainer(base, out / "init", run, sft, out / "pretrain", progress=False)
+    prepared = time.perf_counter()
+    probe = min(10, max_steps)
+    losses = [trainer.train_step() for _ in range(probe)]
+    per_step = (time.perf_counter() - prepared) / probe
+    remaining = seconds - (time.perf_counter() - started)
+    trainer.run.train.max_steps = min(max_steps, max(probe + 1, probe + int(remaining / per_step * 0.95)))
+    print(f"ladder model: {sum(p.numel() for p in trainer.model.parameters()) / 1e6:.1f}M params, "
+          f"{trainer.data_stats['conversations']} conversations ready in {prepared - started:.0f} s, "
+          f"{per_step * 1e3:.0f} ms/step -> {trainer.run.train.max_steps} steps", flush=True)
+    while trainer.step < trainer.run.train.max_steps:
+        losses.append(trainer.train_step())
+        if trainer.step % 250 == 0:
+            print(f"  step {trainer.step}: loss {losses[-1]:.4f}", flush=True)
+    path = trainer.save()
+    facts = {"params": sum(p.numel() for p in trainer.model.parameters()), "steps": trainer.step,
+             "final_loss": sum(losses[-20:]) / len(losses[-20:]), "seconds": round(time.perf_counter() - started, 1),
+             "conversations": trainer.data_stats["conversations"], "shape": shape}
+    del trainer
+    return path, facts

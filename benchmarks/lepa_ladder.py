@@ -49,9 +49,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny CPU run that checks the script end to end")
     parser.add_argument("--out", default=None, help="work folder (default: a fresh temporary folder)")
-    parser.add_argument("--pretrain-levels", default="1-5")
+    parser.add_argument("--pretrain-levels", default="1-8")
     parser.add_argument("--levels", default="1-8", help="levels LEPA trains and evaluates on")
-    parser.add_argument("--pretrain-steps", type=int, default=1200)
+    parser.add_argument("--pretrain-seconds", type=float, default=150)
+    parser.add_argument("--docs", type=int, default=100_000, help="pretraining conversations")
+    parser.add_argument("--total-seconds", type=float, default=560, help="an arm that would end later is skipped")
     parser.add_argument("--iterations", type=int, default=2)
     parser.add_argument("--trials", type=int, default=4)
     parser.add_argument("--problems", type=int, default=384)
@@ -59,16 +61,17 @@ def main() -> None:
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     if args.smoke:
-        args.pretrain_steps, args.iterations, args.trials, args.problems, args.eval_per_level = 20, 1, 2, 6, 2
+        args.pretrain_seconds, args.docs, args.iterations, args.trials, args.problems, args.eval_per_level = \
+            5, 200, 1, 2, 6, 2
         args.levels = "1-3"
     out = Path(args.out or tempfile.mkdtemp(prefix="nanokimi-lepa-ladder-"))
     started = time.time()
-    ckpt = build_ladder_model(out / "base", args.pretrain_levels, docs=200 if args.smoke else 60_000,
-                              steps=args.pretrain_steps, batch_size=4 if args.smoke else 64, device=device,
-                              size=dict(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32,
-                                        intermediate_size=128) if args.smoke else None)
-    pretrain_s = time.time() - started
-    print(f"pretrained {ckpt} in {pretrain_s:.0f} s", flush=True)
+    ckpt, base_facts = build_ladder_model(
+        out / "base", args.pretrain_levels, docs=args.docs, seconds=args.pretrain_seconds,
+        batch_size=4 if args.smoke else 128, device=device, max_steps=20 if args.smoke else 1_000_000,
+        size=dict(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32,
+                  intermediate_size=128) if args.smoke else None)
+    print(f"pretrained {ckpt}: {base_facts}", flush=True)
     levels = [int(x) for x in args.levels.split("-")]
     sft = [f"train.device={device}", "train.batch_size=4" if args.smoke else "train.batch_size=32",
            "train.seq_len=512", "optim.name=adamw", "optim.lr=5e-4", "optim.warmup_steps=5", "sft.epochs=3",
@@ -76,14 +79,18 @@ def main() -> None:
     runs = {}
     path = results_path("lepa_ladder", args.smoke)
     settings = {k: v for k, v in vars(args).items() if k != "out"}
-    extra = {"settings": settings, "sft_overrides": sft, "pretrain_seconds": round(pretrain_s, 1),
-             "templates": vars(TEMPLATES)}
+    extra = {"settings": settings, "sft_overrides": sft, "base_model": base_facts, "templates": vars(TEMPLATES)}
     # the train split must outgrow one iteration's problems; the held-out set is the first eval_per_level per level
     per_level = max(args.eval_per_level, 2 * -(-args.problems // (levels[-1] - levels[0] + 1)))
     arms = (("lepa", True, args.trials), ("no-plan", False, args.trials),
             (f"no-plan x{2 * args.trials - 1}", False, 2 * args.trials - 1))  # as many generate calls as LEPA's most
-    rows = []
+    rows, skipped = [], []
+    longest = 0.0
     for name, plan, trials in arms:
+        if time.time() - started + 1.3 * longest > args.total_seconds:  # the next arm takes about the longest one
+            skipped.append(name)
+            print(f"{name}: skipped, it would end after --total-seconds {args.total_seconds:.0f}", flush=True)
+            continue
         cfg = LepaConfig(task="ladder", task_options={"levels": args.levels, "per_level": per_level},
                          iterations=args.iterations, trials=trials, problems=args.problems,
                          eval_problems=args.eval_per_level * (levels[-1] - levels[0] + 1), plan=plan,
@@ -98,10 +105,12 @@ def main() -> None:
                          r["sft_examples"]])
         result = {"trials": trials, "iterations": summary["iterations"], "final_eval": summary["final_eval"],
                   "seconds": round(time.time() - t0, 1)}
+        longest = max(longest, result["seconds"])
+        extra["skipped"] = skipped
         write_results(path, environment(torch.device(device)), {name: result}, extra=extra)  # partial runs keep arms
         print(f"{name}: held-out pass@1 {summary['iterations'][0]['eval_before']['pass@1']:.3f} -> "
-              f"{summary['final_eval']['pass@1']:.3f} ({result['seconds']:.0f} s; {time.time() - started:.0f} s in all)",
-              flush=True)
+              f"{summary['final_eval']['pass@1']:.3f} ({result['seconds']:.0f} s; "
+              f"{time.time() - started:.0f} s in all)", flush=True)
     print_table(["mode", "iter", "pass@1 before", "pass@1 after", "solved 1st", "solved final", "trials",
                  "leaks", "plan tok", "gen tokens", "sft ex"], rows)
     final = {name: s["final_eval"]["by_level"] for name, s in runs.items()}
