@@ -2,7 +2,7 @@
 caching's time to first token, and long-context decode of the KDA hybrid against all-MLA. Random weights
 (speed does not depend on them), bf16, greedy, end-of-text ignored (every request runs to its length).
 
-    python benchmarks/engine.py                      # bench-kl-900m and bench-dsv3-900m with HF peers, ~8 min on an H100
+    python benchmarks/engine.py                      # both 900m presets with HF peers, ~8 min on an H100
     python benchmarks/engine.py --no-peer --skip-long
     python benchmarks/engine.py --smoke              # CPU, tiny models, seconds (writes to a temp folder)
 
@@ -225,7 +225,8 @@ def hf_worker(args) -> None:
                 mask = torch.tensor([[0] * (width - len(w["prompt"])) + [1] * len(w["prompt"]) for w in part],
                                     device="cuda")
                 longest = max(w["output"] for w in part)
-                model.generate(ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest, do_sample=False)
+                model.generate(ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest,
+                               do_sample=False)
             torch.cuda.synchronize()
         else:
             from transformers import GenerationConfig
@@ -326,7 +327,8 @@ def main() -> None:
             del engine
             free_memory(device)
             if args.compile and device.type == "cuda":
-                engine = Engine(model, max_num_seqs=64, compile=True, gpu_memory_fraction=0.5, max_step_tokens=16 * decode_prompt)
+                engine = Engine(model, max_num_seqs=64, compile=True, gpu_memory_fraction=0.5,
+                                max_step_tokens=16 * decode_prompt)  # one prefill step: one bucket to compile
                 row["decode_b16_compile"] = decode_speed(engine, cfg, 16, decode_prompt, decode_steps)
                 print(f"  decode b16 compiled: {row['decode_b16_compile']}", flush=True)
                 del engine
@@ -352,7 +354,8 @@ def main() -> None:
                       row.get(f"decode_b{decode_batches[1]}", {}).get("floor_tokens_per_s")])
     if not args.skip_long:
         hybrid = presets["bench-kl-900m"]
-        layouts = {"hybrid-KKKA": hybrid, "all-MLA": dict(hybrid, overrides=dict(hybrid.get("overrides", {}), mixers="A"))}
+        all_mla = dict(hybrid, overrides=dict(hybrid.get("overrides", {}), mixers="A"))
+        layouts = {"hybrid-KKKA": hybrid, "all-MLA": all_mla}
         for name, spec in layouts.items():
             try:
                 results[f"long/{name}"] = long_context(spec, device, dtype, long_ctx, 3 if args.smoke else 8, 0.8)

@@ -17,11 +17,12 @@ CONFIGS = {
 SMALL = dict(hidden_size=64, num_heads=2, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
              kda_num_heads=2, kda_head_dim=16, intermediate_size=96, moe_intermediate_size=32, num_experts=4,
              num_experts_per_tok=2, head_dim=16, num_kv_heads=1)
+DENSE_SMALL = {k: v for k, v in SMALL.items() if not k.startswith(("num_experts", "moe"))}
 
 
 def make_model(name: str, small: bool = True) -> torch.nn.Module:
     preset, overrides = CONFIGS[name]
-    sizes = {k: v for k, v in SMALL.items() if not (preset == "tiny-dense" and k.startswith(("num_experts", "moe")))}
+    sizes = DENSE_SMALL if preset == "tiny-dense" else SMALL
     cfg = ModelConfig.preset(preset, **(sizes if small else {}), **overrides)
     torch.manual_seed(0)
     return build_model(cfg).double().eval()
@@ -154,8 +155,8 @@ def test_seeded_sampling_does_not_depend_on_the_batch():
     params = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, top_k=50, seed=1234)
     alone = run_engine(Engine(model, block_size=8), [("x", target, params)])["x"].outputs[0].token_ids
     others = [(f"o{i}", p, SamplingParams(max_tokens=7, temperature=0.7, seed=i)) for i, p in enumerate(prompts(6))]
-    crowd = run_engine(Engine(model, block_size=8, max_step_tokens=16), others[:3] + [("x", target, params)] + others[3:],
-                       stagger=2)
+    mixed = others[:3] + [("x", target, params)] + others[3:]
+    crowd = run_engine(Engine(model, block_size=8, max_step_tokens=16), mixed, stagger=2)
     assert crowd["x"].outputs[0].token_ids == alone
     other_seed = run_engine(Engine(model, block_size=8), [("x", target, SamplingParams(**{**vars(params), "seed": 4}))])
     assert other_seed["x"].outputs[0].token_ids != alone
@@ -258,7 +259,8 @@ def test_sample_rows_restricts_the_support_and_is_greedy_at_zero():
     rows = 400
     u = torch.rand(rows).tolist()
     many = logits.repeat_interleave(rows, dim=0)
-    drawn = sample_rows(many, [1.0] * 2 * rows, [4] * rows + [0] * rows, [1.0] * rows + [0.6] * rows, u + u).view(2, rows)
+    drawn = sample_rows(many, [1.0] * 2 * rows, [4] * rows + [0] * rows, [1.0] * rows + [0.6] * rows, u + u)
+    drawn = drawn.view(2, rows)
     assert set(drawn[0].tolist()) <= set(logits[0].topk(4).indices.tolist()) and len(set(drawn[0].tolist())) > 1
     probs, order = logits[1].softmax(-1).sort(descending=True)
     nucleus = set(order[(probs.cumsum(-1) - probs) < 0.6].tolist())
@@ -294,17 +296,44 @@ def test_cuda_graph_decode_matches_eager_engine(name):
 
 
 @pytest.mark.gpu
-def test_engine_bf16_hybrid_on_cuda_agrees_with_the_full_forward():
+def test_engine_bf16_hybrid_on_cuda_agrees_with_the_full_forward(monkeypatch):
+    """fla's chunk_kda prefill and fused_recurrent_kda decode, the Triton MLA kernel and the gathered path:
+    each token the engine picks is (near) the argmax of the full forward over everything before it."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
+    import nanokimi.model.paged as paged
     model = make_model("tiny", small=False).to("cuda", torch.bfloat16)
-    prompt = prompts(1, seed=31, lengths=(100,))[0]
-    engine = Engine(model, block_size=16)
-    out = run_engine(engine, [("a", prompt, SamplingParams(max_tokens=1, temperature=0, logprobs=0))])["a"]
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt], device="cuda"))[0, -1].float()
-    assert out.token_ids[0] == int(logits.argmax()) or rel_err(logits.log_softmax(-1)[out.token_ids[0]:out.token_ids[0] + 1],
-                                                                logits.log_softmax(-1).max().view(1)) < 1e-2
+    batch = prompts(6, seed=31, lengths=(100, 37, 250))
+    params = SamplingParams(max_tokens=8, temperature=0)
+    for mode in ("auto", "gather"):
+        monkeypatch.setattr(paged, "PAGED_KERNEL", mode)
+        done = run_engine(Engine(model, block_size=16), [(str(i), p, params) for i, p in enumerate(batch)], stagger=2)
+        for i, prompt in enumerate(batch):
+            tokens = done[str(i)].token_ids
+            with torch.no_grad():
+                logp = model(torch.tensor([prompt + tokens[:-1]], device="cuda"))[0, -8:].float().log_softmax(-1)
+            chosen = logp.gather(1, torch.tensor(tokens, device="cuda")[:, None]).squeeze(1)
+            assert (logp.max(-1).values - chosen).max() < 0.1, (mode, i)
+
+
+@pytest.mark.gpu
+def test_varlen_chunk_kda_prefill_matches_per_piece_on_cuda(monkeypatch):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    import nanokimi.model.paged as paged
+    model = make_model("tiny", small=False).to("cuda", torch.bfloat16)
+    batch = prompts(8, seed=61, lengths=(100, 37, 250, 5))
+    params = SamplingParams(max_tokens=1, temperature=0, logprobs=3)
+    firsts = {}
+    for varlen in (True, False):
+        monkeypatch.setattr(paged, "VARLEN_KDA", varlen)
+        done = run_engine(Engine(model, block_size=16, max_step_tokens=1024),
+                          [(str(i), p, params) for i, p in enumerate(batch)])
+        assert paged.VARLEN_KDA == varlen  # a failed packed chunk_kda call would have switched itself off
+        firsts[varlen] = [done[str(i)].outputs[0].logprobs[0] for i in range(len(batch))]
+    for a, b in zip(firsts[True], firsts[False]):
+        shared = set(a) & set(b)
+        assert len(shared) >= 2 and all(abs(a[t] - b[t]) < 0.05 for t in shared)
 
 
 def test_engine_benchmark_smoke_runs_on_cpu(tmp_path):
@@ -364,12 +393,12 @@ def test_streamed_text_is_incremental_and_ends_as_the_full_decode():
     from nanokimi.data import Tokenizer
     text = "héllo wörld ✓ naïve café 日本語 " * 20 + "def main():\n    return 0\n" * 20
     tokenizer = Tokenizer.train([text], vocab_size=300)
-    cfg = ModelConfig.preset("tiny-dense", **{k: v for k, v in SMALL.items() if not k.startswith(("num_experts", "moe"))},
-                             vocab_size=tokenizer.vocab_size)
+    cfg = ModelConfig.preset("tiny-dense", **DENSE_SMALL, vocab_size=tokenizer.vocab_size)
     model = build_model(cfg).double().eval()
     engine = Engine(model, tokenizer, block_size=8)
     for i in range(3):
-        engine.add_request(str(i), tokenizer.encode("héllo wörld"), SamplingParams(max_tokens=40, seed=i, ignore_eos=True))
+        params = SamplingParams(max_tokens=40, seed=i, ignore_eos=True)
+        engine.add_request(str(i), tokenizer.encode("héllo wörld"), params)
     seen = {str(i): [] for i in range(3)}
     final = {}
     while engine.has_unfinished():
@@ -411,3 +440,101 @@ def test_few_state_slots_evict_snapshots_and_stay_exact():
             assert engine.stats()["prefix_cache_hit_tokens"] > 0
             assert len(engine.slots.free) + len(engine.slots.snapshots) == engine.slots.num_slots
     assert outputs[True] == outputs[False]
+
+
+def test_llm_loads_a_checkpoint_with_its_tokenizer(tmp_path):
+    from nanokimi.checkpoint import save_checkpoint
+    from nanokimi.data import Tokenizer
+    tokenizer = Tokenizer.train(["def main():\n    import os\n    return os.getcwd()\n" * 30], vocab_size=280)
+    tokenizer.save(tmp_path / "tok.json")
+    cfg = ModelConfig.preset("tiny-dense", **DENSE_SMALL, vocab_size=tokenizer.vocab_size)
+    save_checkpoint(tmp_path / "ckpt", build_model(cfg), tokenizer_file=tmp_path / "tok.json")
+    llm = LLM(str(tmp_path / "ckpt"), dtype="float64", max_cache_tokens=512)
+    outs = llm.generate(["def main(", "import os"], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True),
+                        use_tqdm=False)
+    for prompt, out in zip(["def main(", "import os"], outs):
+        assert out.token_ids == greedy_alone(llm.model, tokenizer.encode(prompt), 6)
+        assert out.text == tokenizer.decode(out.token_ids) and out.finish_reason == "length"
+    with pytest.raises(ValueError, match="prompt is empty"):
+        llm.generate([""], use_tqdm=False)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-dense"])
+def test_batched_prefill_equals_the_per_piece_reference(name, monkeypatch):
+    import nanokimi.model.paged as paged
+    model = make_model(name)
+    batch = prompts(8, seed=59)
+    requests = [(str(i), p, SamplingParams(max_tokens=4, temperature=0, logprobs=1)) for i, p in enumerate(batch)]
+    outs = {}
+    for batched in (True, False):
+        monkeypatch.setattr(paged, "BATCHED_PREFILL", batched)
+        done = run_engine(Engine(model, block_size=8, max_step_tokens=40), requests, stagger=3)
+        outs[batched] = [done[str(i)].outputs[0] for i in range(len(batch))]
+    for a, b in zip(outs[True], outs[False]):
+        assert a.token_ids == b.token_ids
+        for x, y in zip(a.logprobs, b.logprobs):
+            assert x.keys() == y.keys() and all(abs(x[t] - y[t]) < 1e-9 for t in x)
+
+
+def test_next_chat_turn_reuses_the_previous_answer_exactly():
+    model = make_model("tiny")
+    first = prompts(1, seed=67, lengths=(20,))[0]
+    params = SamplingParams(max_tokens=30, temperature=0)
+    outputs = {}
+    for caching in (False, True):
+        engine = Engine(model, block_size=8, snapshot_interval=8, enable_prefix_caching=caching)
+        answer = run_engine(engine, [("t1", first, params)])["t1"].token_ids
+        second = first + answer + [5, 6, 7]
+        done = run_engine(engine, [("t2", second, GREEDY)])["t2"]
+        outputs[caching] = done.token_ids
+        if caching:
+            assert done.num_cached_tokens >= 40  # past the first prompt: snapshots taken while decoding
+    assert outputs[True] == outputs[False]
+
+
+def test_random_traffic_keeps_every_invariant():
+    """Requests of every kind arrive, some are aborted, the cache is small: each request ends exactly once,
+    with its n samples of the right lengths, and the engine ends empty with every block and slot free."""
+    model = make_model("tiny")
+    g = torch.Generator().manual_seed(71)
+    system = prompts(1, seed=72, lengths=(19,))[0]
+    engine = Engine(model, block_size=8, max_cache_tokens=128, max_num_seqs=6, max_step_tokens=32,
+                    snapshot_interval=16, num_state_snapshots=3)
+    finished, submitted, aborted, prompts_of, step = {}, {}, set(), {}, 0
+    while step < 400 and (len(submitted) < 30 or engine.has_unfinished()):
+        if len(submitted) < 30 and torch.rand((), generator=g) < 0.4:
+            i = len(submitted)
+            length = int(torch.randint(1, 40, (), generator=g))
+            ids = (system if i % 3 == 0 else []) + torch.randint(0, 4096, (length,), generator=g).tolist()
+            params = SamplingParams(max_tokens=int(torch.randint(1, 20, (), generator=g)), n=1 + i % 3,
+                                    temperature=0.0 if i % 2 else 0.9, seed=i)
+            engine.add_request(str(i), ids, params)
+            submitted[str(i)] = params
+            prompts_of[str(i)] = ids
+        if submitted and torch.rand((), generator=g) < 0.05:
+            victim = str(int(torch.randint(0, len(submitted), (), generator=g)))
+            if victim not in finished:
+                engine.abort(victim)
+                aborted.add(victim)
+        for out in engine.step():
+            if out.finished:
+                assert out.request_id not in finished
+                finished[out.request_id] = out
+        step += 1
+    assert set(finished) == set(submitted)
+    for request_id, out in finished.items():
+        params = submitted[request_id]
+        assert len(out.outputs) == params.n
+        greedy = params.temperature == 0 and any(o.finish_reason == "length" for o in out.outputs)
+        expected = greedy_alone(model, prompts_of[request_id], params.max_tokens) if greedy else None
+        for sample in out.outputs:
+            if sample.finish_reason == "length":
+                assert len(sample.token_ids) == params.max_tokens
+                if expected is not None:  # greedy: the tokens of the prompt run alone
+                    assert sample.token_ids == expected
+            else:
+                assert sample.finish_reason == "abort" and request_id in aborted
+    stats = engine.stats()
+    assert stats["cache_blocks_free"] == stats["cache_blocks_total"] and stats["sequences_running"] == 0
+    assert len(engine.slots.free) + len(engine.slots.snapshots) == engine.slots.num_slots
+    assert stats["preemptions"] > 0 and stats["prefix_cache_hit_tokens"] > 0

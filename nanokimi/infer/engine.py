@@ -39,8 +39,8 @@ def sample_seed(seed: int | None, index: int) -> int:
 
 class Engine:
     """See the module docstring. max_cache_tokens=None takes gpu_memory_fraction of the free GPU memory
-    (on the CPU: 65536 tokens). snapshot_interval: KDA state snapshots every so many tokens of a prompt
-    (rounded to blocks) besides its last full block; num_state_snapshots: how many are kept (LRU).
+    (on the CPU: 65536 tokens). snapshot_interval: KDA state snapshots every so many tokens of a sequence
+    (rounded to blocks; prompt and output) besides its prompt's last full block; num_state_snapshots: how many are kept (LRU).
     use_cuda_graph: "auto" graphs decode-only steps on CUDA (True: a failed capture raises); compile=True
     also torch.compiles them (one compilation per batch bucket: slow to warm up, for long runs)."""
 
@@ -101,7 +101,8 @@ class Engine:
         budget = int(free * fraction) - slot_bytes
         if budget < 2 * per_block:
             raise ValueError(f"Engine: {free / 2**30:.1f} GiB free GPU memory leave no room for the cache after "
-                             f"{slot_bytes / 2**30:.2f} GiB of KDA state slots; lower max_num_seqs or pass max_cache_tokens.")
+                             f"{slot_bytes / 2**30:.2f} GiB of KDA state slots; lower max_num_seqs or pass "
+                             "max_cache_tokens.")
         return budget // per_block + 1, f"{fraction:.0%} of {free / 2**30:.1f} GiB free"
 
     def _report(self) -> str:
@@ -113,8 +114,9 @@ class Engine:
                  f"({(self.num_blocks * per_block) / 2**30:.2f} GiB; {self.budget_note})",
                  f"~{tokens // self.max_model_len:,} sequences at max_model_len {self.max_model_len:,}"]
         if self.has_kda:
-            parts.append(f"KDA state slots {self.slots.num_slots} x {per_slot / 2**20:.1f} MiB "
-                         f"(kernel {kda_backend(self.device)[0]}, decode {'fla fused_recurrent' if kda_backend(self.device)[0] == 'fla' else 'torch recurrence'})")
+            fla = kda_backend(self.device)[0] == "fla"
+            kernels = "fla chunk_kda / fused_recurrent_kda" if fla else "torch chunkwise / recurrence"
+            parts.append(f"KDA state slots {self.slots.num_slots} x {per_slot / 2**20:.1f} MiB ({kernels})")
         from nanokimi.model.paged import use_paged_kernel
         mla = "Triton paged kernel" if use_paged_kernel(self.device, self.block_size) else "gathered blocks"
         attention = f"absorbed MLA ({mla}), masked GQA over gathered blocks"
@@ -123,8 +125,12 @@ class Engine:
             graphs = "static buffers, no graph" if self.runner.static_only else "CUDA graphs at bucketed batch sizes"
         if self.runner.compiled:
             graphs += " + torch.compile"
-        parts += [f"decode: {attention}, {graphs}", f"prefill: per-sequence chunks, max_step_tokens "
-                  f"{self.scheduler.max_step_tokens}", f"prefix caching {'on' if self.prefix_caching else 'off'}"]
+        from nanokimi.model.paged import BATCHED_PREFILL
+        prefill = "pieces batched, mixing per piece" if BATCHED_PREFILL else "each piece alone"
+        caching = f"on (KDA snapshots every {self.snapshot_interval} tokens)" if self.has_kda else "on"
+        parts += [f"decode: {attention}, {graphs}",
+                  f"prefill: chunked, {prefill}, max_step_tokens {self.scheduler.max_step_tokens}",
+                  f"prefix caching {caching if self.prefix_caching else 'off'}"]
         return "engine: " + "; ".join(parts)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None,
@@ -151,8 +157,8 @@ class Engine:
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"add_request: {message}.")
-        request = Request(request_id, prompt_token_ids, params, time.monotonic() if arrival_time is None else arrival_time,
-                          prompt)
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        request = Request(request_id, prompt_token_ids, params, arrival, prompt)
         seed = params.seed if params.seed is not None else secrets.randbits(62)
         for i in range(params.n):
             seq = Sequence(request, i, sample_seed(seed, i), self.block_size, self.snapshot_interval)
@@ -209,7 +215,8 @@ class Engine:
             if seq.request.metrics["first_scheduled_time"] is None:
                 seq.request.metrics["first_scheduled_time"] = now
             c = seq.num_computed
-            rows.append(Row(seq.tokens[c:c + n], c, seq.block_table, seq.state_slot, c + n == len(seq.tokens)))
+            rows.append(Row(seq.tokens[c:c + n], c, seq.block_table, seq.state_slot, c + n == len(seq.tokens),
+                            seq.table_tensor() if n == 1 else None))
         logits = self.runner.run(rows)
         self.scheduler.after_step(scheduled)
         self._apply_slot_ops()

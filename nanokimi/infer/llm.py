@@ -53,7 +53,7 @@ class LLM:
     tokenizer, or none and give prompt_token_ids; text outputs are then empty). A Hugging Face folder
     is loaded with nanokimi.interop.load_hf(path) first. engine_kwargs go to Engine."""
 
-    def __init__(self, model: str | Path | nn.Module, tokenizer=None, device="auto", dtype="auto", **engine_kwargs):
+    def __init__(self, model: str | Path | nn.Module, device="auto", dtype="auto", tokenizer=None, **engine_kwargs):
         if isinstance(model, nn.Module):
             device = model.embed.weight.device if device == "auto" else torch.device(device)
             if dtype != "auto":

@@ -23,6 +23,7 @@ class Row:
     block_table: list[int]
     state_slot: int | None
     wants_logits: bool
+    table_tensor: torch.Tensor | None = None  # the block table as a CPU tensor (kept up to date incrementally)
 
 
 class StaticReplay:
@@ -57,7 +58,8 @@ class ModelRunner:
         moba = any(getattr(b.mixer, "moba", False) for b in model.layers)
         # "static": the padded, fixed-shape step a graph captures, run eagerly on its static buffers (any device)
         self.static_only = use_cuda_graph == "static"
-        self.use_graphs = (self.static_only or (self.device.type == "cuda" and use_cuda_graph is not False)) and not moba
+        graphs_here = self.static_only or (self.device.type == "cuda" and use_cuda_graph is not False)
+        self.use_graphs = graphs_here and not moba
         self.graph_required = use_cuda_graph is True
         self.graphs: dict[tuple[int, int], tuple] = {}
         self.graph_pool = None
@@ -97,9 +99,14 @@ class ModelRunner:
         wanted = [last[i] for i, r in enumerate(rows) if r.wants_logits]
         return self.model.lm_head(hidden[torch.tensor(wanted, device=self.device, dtype=torch.long)])
 
-    def _decode_tensors(self, rows: list[Row], width: int):
+    def _decode_tensors(self, rows: list[Row], width: int, size: int | None = None):
+        """Host tensors of the one-token rows: block tables [size, width] (padded with block 0), and lists of
+        positions, cache slots and state slots."""
         bs = self.block_size
-        tables = [r.block_table + [0] * (width - len(r.block_table)) for r in rows]
+        tables = torch.zeros(size or len(rows), width, dtype=torch.long)
+        for i, r in enumerate(rows):
+            table = r.table_tensor if r.table_tensor is not None else torch.tensor(r.block_table, dtype=torch.long)
+            tables[i, :len(table)] = table
         positions = [r.start for r in rows]
         slots = [r.block_table[p // bs] * bs + p % bs for r, p in zip(rows, positions)]
         state = [self.dummy_slot if r.state_slot is None else r.state_slot for r in rows]
@@ -112,14 +119,20 @@ class ModelRunner:
         tables, positions, slots, state = self._decode_tensors(decode, width)
         as_long = dict(device=device, dtype=torch.long)
         pieces, offset, last = [], num_decode, list(range(num_decode))
+        prefill_positions, prefill_slots = [], []
+        bs = self.block_size
         for r in rows[num_decode:]:
             pieces.append(PrefillPiece(offset, len(r.tokens), r.start, torch.tensor(r.block_table, **as_long),
                                        self.dummy_slot if r.state_slot is None else r.state_slot))
             offset += len(r.tokens)
             last.append(offset - 1)
+            span = range(r.start, r.start + len(r.tokens))
+            prefill_positions.extend(span)
+            prefill_slots.extend(r.block_table[p // bs] * bs + p % bs for p in span)
         batch = PagedBatch(self.block_size, num_decode, torch.tensor(positions, **as_long),
-                           torch.tensor(tables, **as_long).view(num_decode, width), torch.tensor(slots, **as_long),
-                           torch.tensor(state, **as_long), pieces)
+                           tables.to(device), torch.tensor(slots, **as_long),
+                           torch.tensor(state, **as_long), pieces, torch.tensor(prefill_positions, **as_long),
+                           torch.tensor(prefill_slots, **as_long))
         ids = torch.tensor([t for r in rows for t in r.tokens], **as_long)
         return batch, ids, last
 
@@ -149,15 +162,14 @@ class ModelRunner:
         if isinstance(graph, StaticReplay):
             logits = graph
         pad = size - len(rows)
-        tables, positions, slots, state = self._decode_tensors(rows, width)
-        tables += [[0] * width] * pad
+        tables, positions, slots, state = self._decode_tensors(rows, width, size)
         host = torch.tensor([[r.tokens[0] for r in rows] + [0] * pad, positions + [0] * pad, slots + [0] * pad,
                              state + [self.dummy_slot] * pad], dtype=torch.long)
         ids.copy_(host[0], non_blocking=True)
         batch.positions.copy_(host[1], non_blocking=True)
         batch.slot_mapping.copy_(host[2], non_blocking=True)
         batch.state_slots.copy_(host[3], non_blocking=True)
-        batch.block_tables.copy_(torch.tensor(tables, dtype=torch.long), non_blocking=True)
+        batch.block_tables.copy_(tables, non_blocking=True)
         graph.replay()
         return logits.output if isinstance(logits, StaticReplay) else logits
 

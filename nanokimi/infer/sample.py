@@ -40,7 +40,7 @@ def sample_text(model, tokenizer_file, prompt: str, max_new_tokens: int, tempera
         from nanokimi.infer.llm import LLM
         from nanokimi.infer.params import SamplingParams
 
-        llm = LLM(model, tokenizer, max_num_seqs=1, max_cache_tokens=len(ids) + max_new_tokens)
+        llm = LLM(model, tokenizer=tokenizer, max_num_seqs=1, max_cache_tokens=len(ids) + max_new_tokens)
         if report:
             print(llm.engine.report, file=sys.stderr)
         params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)

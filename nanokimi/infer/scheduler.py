@@ -8,11 +8,13 @@ dropped and it waits at the front of the queue to be recomputed (its tokens so f
 
 Hybrid models (KDA layers): a cached prefix is usable only up to a block boundary where a snapshot of
 the KDA state exists. Prefill chunks are cut so that they end on the sequence's snapshot points (every
-`snapshot_interval` tokens and the prompt's last full block), so the state after a chunk is exactly the
+`snapshot_interval` tokens, the prompt's last full block), so the state after a chunk is exactly the
 state at that boundary, and the engine copies it into a snapshot slot keyed by that block's hash.
 """
 import random
 from collections import deque
+
+import torch
 
 
 from nanokimi.infer.block_manager import BlockPool, StateSlots, block_hash
@@ -52,13 +54,33 @@ class Sequence:
         self.rng = random.Random(seed)  # this sample's own stream: one uniform per sampled token
         self.output = CompletionOutput(index, logprobs=[] if request.params.logprobs is not None else None)
         self.status = WAITING
+        self._table = (torch.zeros(0, dtype=torch.long), None)  # (tensor copy of block_table, the list it copies)
         self.detok_offsets = (0, 0)  # incremental detokenization: output tokens [prefix, read) give the text's tail
-        # every snapshot_interval tokens; the prompt's last full block (for longer prompts that extend it);
-        # and the deepest block a resend of this very prompt can reuse (its last token is always recomputed)
+        # KDA snapshots: every snapshot_interval tokens (prompt and output: a next chat turn reuses the
+        # conversation so far), the prompt's last full block (for longer prompts that extend it), and the
+        # deepest block a resend of this very prompt can reuse (its last token is always recomputed)
+        self.snapshot_interval = snapshot_interval
         last_full = self.num_prompt // block_size * block_size
         resend = (self.num_prompt - 1) // block_size * block_size
-        self.snapshot_points = {p for p in range(snapshot_interval, last_full + 1, snapshot_interval)}
-        self.snapshot_points |= {p for p in (last_full, resend) if p > 0}
+        self.prompt_points = {p for p in (last_full, resend) if p > 0}
+
+    def is_snapshot_point(self, position: int) -> bool:
+        return position > 0 and (position % self.snapshot_interval == 0 or position in self.prompt_points)
+
+    def next_snapshot_point(self, after: int) -> int:
+        """The first snapshot point after `after`."""
+        step = (after // self.snapshot_interval + 1) * self.snapshot_interval
+        return min([step] + [p for p in self.prompt_points if p > after])
+
+    def table_tensor(self) -> torch.Tensor:
+        """block_table as a CPU long tensor, extended by the new entries only (long contexts have long tables)."""
+        cached, source = self._table
+        if source is not self.block_table or len(cached) > len(self.block_table):  # replaced after a preemption
+            cached = torch.tensor(self.block_table, dtype=torch.long)
+        elif len(cached) < len(self.block_table):
+            cached = torch.cat([cached, torch.tensor(self.block_table[len(cached):], dtype=torch.long)])
+        self._table = (cached, self.block_table)
+        return cached
 
     @property
     def remaining(self) -> int:
@@ -141,10 +163,7 @@ class Scheduler:
     def _chunk(self, seq: Sequence, budget: int) -> int:
         n = min(seq.remaining, budget)
         if self.has_kda and self.prefix_caching:
-            end = seq.num_computed + n
-            cuts = [p for p in seq.snapshot_points if seq.num_computed < p < end]
-            if cuts:
-                n = min(cuts) - seq.num_computed
+            n = min(n, seq.next_snapshot_point(seq.num_computed) - seq.num_computed)
         return n
 
     def _fit(self, seq: Sequence, n: int) -> int:
@@ -212,13 +231,13 @@ class Scheduler:
         for seq, n in scheduled:
             before = seq.num_computed // self.block_size
             seq.num_computed += n
-            if not self.prefix_caching:
-                continue
             full = seq.num_computed // self.block_size
+            if not self.prefix_caching or full == before:  # no block completed (snapshot points end blocks)
+                continue
             seq.ensure_hashes(full)
             for i in range(before, full):
                 self.pool.register(seq.block_table[i], seq.hashes[i])
-            if self.has_kda and seq.num_computed in seq.snapshot_points:
+            if self.has_kda and seq.is_snapshot_point(seq.num_computed):
                 slot = self.slots.new_snapshot(seq.hashes[full - 1])
                 if slot is not None:
                     self.slot_ops.append(("copy", seq.state_slot, slot))

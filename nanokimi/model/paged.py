@@ -7,21 +7,26 @@ sequence's block table lists its blocks in order, so its token p lives in slot
 `block_table[p // block_size] * block_size + p % block_size`. KDA keeps one state slot (the fp32
 delta-rule state and the conv tail) per running sequence.
 
-A prefill piece runs the mixer's own cached forward over a dense copy of its context (gathered from the
-blocks), then writes its new tokens back into their slots: the same maths as `model(ids, cache=...)`.
+Prefill pieces run their projections, norms and gates over all their tokens at once and only the sequence
+mixing per piece: attention over the piece's context gathered from the blocks (after its new tokens are
+written to their slots), or the conv and delta rule from the piece's state slot. The reference,
+`_prefill_piece`, runs the mixer's own cached forward per piece over a dense copy of its context: the same
+maths as `model(ids, cache=...)` (BATCHED_PREFILL = False selects it; MoBA layers always take it).
 The decode rows run absorbed MLA (on CUDA a Triton kernel that reads the blocks in place, else over
 gathered blocks) or masked GQA with one length per row, and KDA over the gathered state slots; every
 index is a device tensor, so that step can be a CUDA graph.
 """
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanokimi.model.attention import GroupedQueryAttention, MultiHeadLatentAttention
+from nanokimi.model.attention import GroupedQueryAttention, MultiHeadLatentAttention, causal_attention
 from nanokimi.model.cache import KVCache, LatentCache, RecurrentCache
-from nanokimi.model.kda import KimiDeltaAttention
+from nanokimi.model.kda import KimiDeltaAttention, causal_depthwise_conv, kda_outside_compile, l2_normalize
+from nanokimi.ops.kda.fla_kernels import fla_status, kda_fla_varlen
 from nanokimi.ops.paged_mla import paged_mla_decode, triton_available
 
 
@@ -45,6 +50,8 @@ class PagedBatch:
     slot_mapping: torch.Tensor  # [Sd] long: cache slot each decode token is written to
     state_slots: torch.Tensor  # [Sd] long: KDA state slot of each decode row
     prefill: list[PrefillPiece] = field(default_factory=list)
+    prefill_positions: torch.Tensor | None = None  # [Np] long: position of every prefill token (in piece order)
+    prefill_slots: torch.Tensor | None = None  # [Np] long: the cache slot each prefill token is written to
 
 
 @dataclass
@@ -65,7 +72,8 @@ class PagedCache:
     """One pool per layer: blocks for attention layers, state slots (RecurrentCache rows) for KDA layers."""
 
     def __init__(self, layers: list, num_blocks: int, block_size: int, num_state_slots: int):
-        self.layers, self.num_blocks, self.block_size, self.num_state_slots = layers, num_blocks, block_size, num_state_slots
+        self.layers, self.num_blocks, self.block_size = layers, num_blocks, block_size
+        self.num_state_slots = num_state_slots
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.layers for t in vars(layer).values())
@@ -123,13 +131,122 @@ def paged_mixer_forward(mixer: nn.Module, x: torch.Tensor, cache, batch: PagedBa
     if getattr(mixer, "moba", False):  # MoBA picks blocks per query: every row goes through the exact cached forward
         rows = [PrefillPiece(i, 1, p, batch.block_tables[i], 0) for i, p in enumerate(batch.positions.tolist())]
         pieces = rows + pieces
-    elif batch.num_decode:
-        rows = x[0, :batch.num_decode].unsqueeze(1)  # [Sd, 1, D]
-        parts.append(_decode_rows(mixer, rows, cache, batch).squeeze(1))
+    else:
+        if batch.num_decode:
+            rows = x[0, :batch.num_decode].unsqueeze(1)  # [Sd, 1, D]
+            parts.append(_decode_rows(mixer, rows, cache, batch).squeeze(1))
+        if pieces and BATCHED_PREFILL:
+            parts.append(_prefill_batched(mixer, x[:, batch.num_decode:], cache, batch)[0])
+            pieces = []
     for piece in pieces:
         parts.append(_prefill_piece(mixer, x[:, piece.offset:piece.offset + piece.length], cache, piece,
                                     batch.block_size)[0])
     return torch.cat(parts).unsqueeze(0)
+
+
+def _prefill_batched(mixer: nn.Module, x: torch.Tensor, cache, batch: PagedBatch) -> torch.Tensor:
+    """All prefill pieces of a step at once: projections, norms and gates over every token together, only
+    the sequence mixing (conv + delta rule, or attention over the context) per piece. The same maths as the
+    mixer's cached forward of each piece (`_prefill_piece`, tested equal). x [1, Np, D] -> [1, Np, D]."""
+    first = batch.num_decode  # piece offsets count the decode rows before them
+    spans = [(p.offset - first, p.offset - first + p.length) for p in batch.prefill]
+    if isinstance(mixer, KimiDeltaAttention):
+        return _kda_prefill(mixer, x, cache, batch.prefill, spans)
+    rows = x[0].unsqueeze(1)  # [Np, 1, D]: each token a row with its own position
+    if isinstance(mixer, MultiHeadLatentAttention):
+        q_nope, q_rope, c_kv, k_rope = _mla_project(mixer, rows, batch.prefill_positions)
+        cache.c_kv.view(-1, mixer.kv_lora_rank).index_copy_(0, batch.prefill_slots, c_kv[:, 0].to(cache.c_kv.dtype))
+        cache.k_rope.view(-1, mixer.rope_dim).index_copy_(0, batch.prefill_slots,
+                                                           k_rope[:, 0, 0].to(cache.k_rope.dtype))
+        outs = []
+        for piece, (a, b) in zip(batch.prefill, spans):
+            end = piece.start + piece.length
+            table = piece.block_table[None]
+            context = gather_blocks(cache.c_kv, table)[:, :end]  # [1, L, r], this piece's tokens included
+            context_rope = gather_blocks(cache.k_rope, table)[:, :end].unsqueeze(2)  # [1, L, 1, dr]
+            qn, qr = q_nope[a:b].transpose(0, 1), q_rope[a:b].transpose(0, 1)  # [1, T, H, .]
+            if piece.length <= mixer.absorb_max_tokens and not mixer.record_max_logits:
+                outs.append(mixer._attend_absorbed(qn, qr, context, context_rope, piece.start))
+            else:
+                outs.append(mixer._attend_expanded(qn, qr, context, context_rope, piece.start))
+        return mixer.o_proj(torch.cat(outs, dim=1).flatten(2))
+    H, Hkv, D = mixer.num_heads, mixer.num_kv_heads, mixer.head_dim
+    q = mixer.rotary(mixer.q_proj(rows).view(-1, 1, H, D), batch.prefill_positions)
+    k = mixer.rotary(mixer.k_proj(rows).view(-1, 1, Hkv, D), batch.prefill_positions)
+    v = mixer.v_proj(rows).view(-1, 1, Hkv, D)
+    cache.k.flatten(0, 1).index_copy_(0, batch.prefill_slots, k[:, 0].to(cache.k.dtype))
+    cache.v.flatten(0, 1).index_copy_(0, batch.prefill_slots, v[:, 0].to(cache.v.dtype))
+    outs = []
+    for piece, (a, b) in zip(batch.prefill, spans):
+        end = piece.start + piece.length
+        table = piece.block_table[None]
+        keys, values = gather_blocks(cache.k, table)[:, :end], gather_blocks(cache.v, table)[:, :end]
+        outs.append(causal_attention(q[a:b].transpose(0, 1), keys, values, mixer.scale, piece.start))
+    return mixer.o_proj(torch.cat(outs, dim=1).flatten(2))
+
+
+def _kda_prefill(mixer: KimiDeltaAttention, x: torch.Tensor, cache: RecurrentCache, pieces, spans) -> torch.Tensor:
+    """KimiDeltaAttention.forward for several sequences packed in x [1, Np, D], each continuing from its
+    state slot (conv tail and delta-rule state, both updated in place)."""
+    H, D, K = mixer.num_heads, mixer.head_dim, mixer.conv_size
+    N = x.shape[1]
+    qkv = torch.cat([mixer.q_proj(x), mixer.k_proj(x), mixer.v_proj(x)], dim=-1)[0]  # [Np, 3HD]
+    weight = mixer.conv.weight.to(qkv.dtype)
+    mixed = []
+    for piece, (a, b) in zip(pieces, spans):
+        window = torch.cat([cache.conv[piece.state_slot].to(qkv.dtype), qkv[a:b]])  # [K-1+T, 3HD]
+        cache.conv[piece.state_slot].copy_(window[window.shape[0] - (K - 1):])
+        mixed.append(causal_depthwise_conv(window[None], weight)[0])
+    qkv = F.silu(torch.cat(mixed))
+    q, k, v = (t.reshape(1, N, H, D) for t in qkv.split(H * D, dim=-1))
+    q, k = l2_normalize(q).to(v.dtype), l2_normalize(k).to(v.dtype)
+    g = mixer.f_b_proj(mixer.f_a_proj(x)).float() + mixer.dt_bias.float()
+    g = (-mixer.A_log.float().exp().repeat_interleave(D) * F.softplus(g)).view(1, N, H, D)
+    beta = torch.sigmoid(mixer.b_proj(x).float())  # [1, Np, H]
+    o = _kda_varlen(q, k, v, g, beta, cache, pieces, spans)  # [1, Np, H, D]
+    gate = mixer.g_b_proj(mixer.g_a_proj(x)).view(1, N, H, D)
+    o32 = F.rms_norm(o.float(), (D,), mixer.o_norm_weight.float(), mixer.eps)
+    return mixer.o_proj((o32 * torch.sigmoid(gate.float())).to(x.dtype).reshape(1, N, H * D))
+
+
+def _kda_varlen(q, k, v, g, beta, cache: RecurrentCache, pieces, spans) -> torch.Tensor:
+    """The delta rule over packed pieces, each from its state slot (updated in place): one fla chunk_kda
+    call with cu_seqlens on CUDA when fla-core is there, else (or if that call fails) one kda() per piece."""
+    global VARLEN_KDA
+    slots = torch.tensor([p.state_slot for p in pieces], device=q.device)
+    if VARLEN_KDA and q.is_cuda and len(pieces) > 1 and fla_status()[0]:
+        bounds = torch.tensor([0] + [b for _, b in spans], device=q.device)
+        try:
+            o, final = kda_fla_varlen_outside_compile(q, k, v, g, beta, q.shape[-1] ** -0.5,
+                                                      cache.state.index_select(0, slots), bounds)
+            cache.state.index_copy_(0, slots, final)
+            return o
+        except Exception as error:  # noqa: BLE001 - the per-piece calls compute the same thing
+            warnings.warn(f"fla chunk_kda over packed sequences failed ({type(error).__name__}: {error}); "
+                          "running the pieces one at a time.")
+            VARLEN_KDA = False
+    outs = []
+    for piece, (a, b) in zip(pieces, spans):
+        state = cache.state[piece.state_slot:piece.state_slot + 1]
+        o, final = kda_outside_compile(q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], beta[:, a:b],
+                                       initial_state=state, output_final_state=True)
+        state.copy_(final)
+        outs.append(o)
+    return torch.cat(outs, dim=1)
+
+
+def _mla_project(mixer: MultiHeadLatentAttention, x: torch.Tensor, positions: torch.Tensor):
+    """MLA's projections for tokens as rows, each at its own position: x [S, 1, D] ->
+    q_nope [S, 1, H, dn], q_rope [S, 1, H, dr], c_kv [S, 1, r], k_rope [S, 1, 1, dr] (rotated when RoPE)."""
+    S, H = x.shape[0], mixer.num_heads
+    q = mixer.q_proj(x) if hasattr(mixer, "q_proj") else mixer.q_b_proj(mixer.q_a_norm(mixer.q_a_proj(x)))
+    q_nope, q_rope = q.view(S, 1, H, -1).split([mixer.nope_dim, mixer.rope_dim], dim=-1)
+    c_kv, k_rope = mixer.kv_a_proj(x).split([mixer.kv_lora_rank, mixer.rope_dim], dim=-1)
+    c_kv = mixer.kv_a_norm(c_kv)
+    k_rope = k_rope.unsqueeze(2)
+    if mixer.use_rope:
+        q_rope, k_rope = mixer.rotary(q_rope, positions), mixer.rotary(k_rope, positions)
+    return q_nope, q_rope, c_kv, k_rope
 
 
 def _prefill_piece(mixer: nn.Module, x: torch.Tensor, cache, piece: PrefillPiece, block_size: int) -> torch.Tensor:
@@ -167,6 +284,9 @@ def _decode_rows(mixer: nn.Module, x: torch.Tensor, cache, batch: PagedBatch) ->
     return _gqa_decode_rows(mixer, x, cache, batch)
 
 
+VARLEN_KDA = True  # on CUDA with fla-core: the prefill pieces' delta rule in one chunk_kda call (cu_seqlens)
+kda_fla_varlen_outside_compile = torch.compiler.disable(kda_fla_varlen)
+BATCHED_PREFILL = True  # False: each prefill piece runs the mixer's own cached forward (the reference)
 paged_mla_decode_outside_compile = torch.compiler.disable(paged_mla_decode)  # a Triton kernel: no tracing into it
 GATHER_ELEMENTS = 1 << 28  # decode rows gather their blocks in groups of at most this many cache elements
 PAGED_KERNEL = "auto"  # MLA decode rows: "auto" (the Triton kernel on CUDA), "triton" (anywhere) or "gather"
@@ -190,21 +310,16 @@ def _mla_decode_rows(mixer: MultiHeadLatentAttention, x, cache: PagedLatentCache
     S, H = x.shape[0], mixer.num_heads
     if mixer.moba:
         raise ValueError("MoBA layers decode through prefill pieces (paged_mixer_forward sends them there).")
-    q = mixer.q_proj(x) if hasattr(mixer, "q_proj") else mixer.q_b_proj(mixer.q_a_norm(mixer.q_a_proj(x)))
-    q_nope, q_rope = q.view(S, 1, H, -1).split([mixer.nope_dim, mixer.rope_dim], dim=-1)
-    c_kv, k_rope = mixer.kv_a_proj(x).split([mixer.kv_lora_rank, mixer.rope_dim], dim=-1)
-    c_kv = mixer.kv_a_norm(c_kv)  # [S, 1, r]
-    k_rope = k_rope.unsqueeze(2)  # [S, 1, 1, dr]
-    if mixer.use_rope:
-        q_rope, k_rope = mixer.rotary(q_rope, batch.positions), mixer.rotary(k_rope, batch.positions)
+    q_nope, q_rope, c_kv, k_rope = _mla_project(mixer, x, batch.positions)
     cache.c_kv.view(-1, mixer.kv_lora_rank).index_copy_(0, batch.slot_mapping, c_kv[:, 0].to(cache.c_kv.dtype))
     cache.k_rope.view(-1, mixer.rope_dim).index_copy_(0, batch.slot_mapping, k_rope[:, 0, 0].to(cache.k_rope.dtype))
     w = mixer.kv_b_proj.weight.view(H, mixer.nope_dim + mixer.v_dim, mixer.kv_lora_rank)
     w_k, w_v = w[:, :mixer.nope_dim], w[:, mixer.nope_dim:]  # [H, dn, r], [H, dv, r]
     q_latent = torch.einsum("bthd,hdr->bthr", q_nope, w_k)
     if use_paged_kernel(x.device, batch.block_size):
-        o_latent = paged_mla_decode_outside_compile(q_latent[:, 0], q_rope[:, 0], cache.c_kv, cache.k_rope, batch.block_tables,
-                                    batch.positions, mixer.scale).to(q_latent.dtype).unsqueeze(1)
+        o_latent = paged_mla_decode_outside_compile(q_latent[:, 0], q_rope[:, 0], cache.c_kv, cache.k_rope,
+                                                    batch.block_tables, batch.positions, mixer.scale)
+        o_latent = o_latent.to(q_latent.dtype).unsqueeze(1)  # [S, 1, H, r]
         return mixer.o_proj(torch.einsum("bthr,hvr->bthv", o_latent, w_v).reshape(S, 1, -1))
     length = batch.block_tables.shape[1] * batch.block_size
     group = max(1, GATHER_ELEMENTS // (length * (mixer.kv_lora_rank + mixer.rope_dim)))

@@ -8,15 +8,16 @@ all heads. The keys of a row are split into `splits` ranges computed in parallel
 max and sum (online softmax); `paged_mla_decode` merges the ranges. `paged_mla_decode_reference` gathers
 the blocks and runs the same maths in PyTorch; the tests compare the two.
 """
-import functools
 import importlib.util
 
 import torch
 
 
-@functools.lru_cache(maxsize=1)
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None  # found, not imported (importing it is slow)
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return TRITON_INSTALLED
 
 
 def paged_mla_decode_reference(q_latent, q_rope, c_kv, k_rope, block_tables, positions, scale: float) -> torch.Tensor:
