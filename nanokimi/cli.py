@@ -247,7 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # argparse takes a positional list only in one place: key=value items after flags land here
+        if not hasattr(args, "options") or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.options = args.options + extra
     from nanokimi.data import DataError
     from nanokimi.tasks import TaskError
     from nanokimi.train.trainer import TrainingError

@@ -61,6 +61,22 @@ def test_eval_task_bad_input_is_one_line(tiny_checkpoint, capsys):
         assert err.startswith("nanokimi: error:") and message in err and "\n" not in err
 
 
+def test_tasks_export_cli(tmp_path, capsys):
+    out = tmp_path / "mused.jsonl"
+    assert main(["tasks", "export", "mused", "--out", str(out), "--levels", "1-3", "--count", "7", "distractors=1"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    task = get_task("mused", levels="1-3", distractors=1)
+    assert len(rows) == 7 and {r["difficulty"] for r in rows} == {1, 2, 3}
+    assert all(r["text"].startswith("Premises:") and task.is_correct(r["text"], r["answer"]) for r in rows)
+    questions = {r["text"].split("?\n")[0] + "?\n" for r in rows}
+    assert all(q.endswith("?\n") and "####" not in q for q in questions) and len(questions) == 7
+    assert not {e.question for e in task.examples()} & questions
+    assert main(["tasks", "export", "gsm8k", "--out", str(out)]) == 2
+    assert "generated tasks" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["tasks", "export", "ladder", "--out", str(out), "--bogus"])
+
+
 def test_model_generate_fn_rows_match_single_prompt_generation(tiny_checkpoint):
     """Batched over equal-length prompts and samples, greedy rows equal one prompt at a time."""
     from nanokimi.checkpoint import load_model_checkpoint
