@@ -1,12 +1,15 @@
-"""SFT on GSM8K chats: packed rows (nanokimi's packing, documents kept apart) vs one conversation per padded row.
+"""SFT on GSM8K chats: packed rows (nanokimi's packing, documents kept apart) vs one conversation per row padded
+to the longest of its batch (what transformers' padding collator does).
 
     python benchmarks/sft_packing.py                 # GPU: bench-kl-900m, rows of 1024 tokens, bf16
     python benchmarks/sft_packing.py --quick         # tiny model on the CPU (a smoke run, seconds)
 
 Both modes train on the same conversations (question -> user turn, answer -> assistant turn, rendered in Kimi's
-chat format, loss on the answer) with the same rows per step. A step is forward + backward + AdamW, timed as the
-median of a few steps after warm-up. The table shows the share of row tokens that are conversation (not padding),
-learned (assistant) tokens per second, and the time one epoch over the conversations takes. Writes
+chat format, loss on the answer) with the same rows per step, so the padded peer's rows are shorter. A step is
+forward + backward + AdamW. The epoch time is the median of a few steps (after two warm-up steps; the padded
+peer's batches come in shuffled order, so their widths are a sample of the epoch's) times the steps in an epoch.
+The table shows the share of row tokens that are conversation (not padding), learned (assistant) tokens per
+second, and the time of one epoch. Writes
 benchmarks/results/sft_packing.json (device, date, commit, torch version).
 """
 import argparse
@@ -24,7 +27,7 @@ from nanokimi.config import ModelConfig  # noqa: E402
 from nanokimi.data import Tokenizer  # noqa: E402
 from nanokimi.data.chat import ChatTemplate  # noqa: E402
 from nanokimi.model import build_model  # noqa: E402
-from nanokimi.post.sft import IGNORE, build_examples, collate, pack_rows  # noqa: E402
+from nanokimi.post.sft import IGNORE, Conversation, build_examples, collate, pack_rows  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 GSM8K = next((p for p in (ROOT / ".." / "shared", ROOT / ".." / ".." / "shared") if p.is_dir()),
@@ -37,8 +40,8 @@ def load_chats(path: Path, limit: int):
     chats = []
     for line in path.read_text().splitlines()[:limit]:
         record = json.loads(line)
-        chats.append((line, [{"role": "user", "content": record["question"]},
-                             {"role": "assistant", "content": record["answer"]}], None))
+        chats.append(Conversation("gsm8k", line, [{"role": "user", "content": record["question"]},
+                                                  {"role": "assistant", "content": record["answer"]}]))
     return chats
 
 
@@ -74,7 +77,8 @@ def main() -> None:
     rows_per_step = args.rows or (4 if args.quick else 16)
     chats = load_chats(GSM8K, args.conversations if not args.quick else 200)
 
-    tokenizer = Tokenizer.train((m[0]["content"] + m[1]["content"] for _, m, _ in chats[:1000]), vocab_size=4096)
+    tokenizer = Tokenizer.train((c.messages[0]["content"] + c.messages[1]["content"] for c in chats[:1000]),
+                                vocab_size=4096)
     examples, _ = build_examples(chats, tokenizer, ChatTemplate(), seq_len)
     learned_total = sum(sum(t != IGNORE for t in e.targets) for e in examples)
     torch.manual_seed(0)
@@ -82,18 +86,21 @@ def main() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
 
     results, table = {}, []
-    for mode, pack in (("packed", True), ("one per row", False)):
+    for mode, pack in (("packed", True), ("one per row, padded", False)):
         rows = pack_rows(examples, seq_len, pack)
-        batches = [collate(rows[i:i + rows_per_step], seq_len, tokenizer.eot_id, pack, device)
-                   for i in range(0, min(len(rows), (args.steps + 2) * rows_per_step), rows_per_step)]
+        if not pack:  # shuffled, as training would see them
+            rows = [rows[i] for i in torch.randperm(len(rows), generator=torch.Generator().manual_seed(0)).tolist()]
+        groups = [rows[i:i + rows_per_step] for i in range(0, len(rows), rows_per_step)]
+        widths = [seq_len if pack else max(len(r[0].inputs) for r in g) for g in groups]
+        batches = [collate(g, w, tokenizer.eot_id, pack, device) for g, w in zip(groups, widths)][:args.steps + 2]
         step_s = time_steps(model, optimizer, batches, device, warmup=2, steps=args.steps)
-        fill = sum(len(e.inputs) for e in examples) / (len(rows) * seq_len)
-        epoch_s = step_s * -(-len(rows) // rows_per_step)
+        fill = sum(len(e.inputs) for e in examples) / sum(len(g) * w for g, w in zip(groups, widths))
+        epoch_s = step_s * len(groups)
         results[mode] = dict(rows=len(rows), fill=fill, step_ms=step_s * 1e3, epoch_s=epoch_s,
                              learned_tokens_per_s=learned_total / epoch_s)
         table.append([mode, len(rows), f"{fill:.1%}", f"{step_s * 1e3:.1f}", f"{learned_total / epoch_s:,.0f}",
                       f"{epoch_s:.1f}"])
-    speedup = results["one per row"]["epoch_s"] / results["packed"]["epoch_s"]
+    speedup = results["one per row, padded"]["epoch_s"] / results["packed"]["epoch_s"]
     print(f"{preset} on {environment(device)['device']}, {len(examples)} GSM8K chats, rows of {seq_len} tokens, "
           f"{rows_per_step} rows per step")
     print_table(["mode", "rows", "fill", "step ms", "learned tok/s", "epoch s"], table)

@@ -215,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sft = commands.add_parser("sft", help="supervised fine-tuning on chat data (loss on assistant turns)")
     sft.add_argument("--ckpt", required=True, help="base checkpoint (run folder or checkpoint folder)")
-    sft.add_argument("--data", required=True, help='.jsonl of {"messages": [...]} or {"prompt": ..., "completion": ...}')
+    sft.add_argument("--data", required=True,
+                     help='.jsonl of {"messages": [...]} or {"prompt": ..., "completion": ...}')
     sft.add_argument("--out", default="runs/sft", help="run folder (default runs/sft)")
     sft.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     sft.add_argument("--no-progress", action="store_true", help="no progress bar")

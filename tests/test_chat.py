@@ -27,7 +27,8 @@ def write_kimi_tokenizer(directory, vocab_size=330, chat_template=DEFAULT_TEMPLA
     ranks = bpe_train(SAMPLE, vocab_size, gpt2_like, visualise=None)
     directory.mkdir(parents=True, exist_ok=True)
     import base64
-    (directory / "tiktoken.model").write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()))
+    lines = (f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items())
+    (directory / "tiktoken.model").write_text("".join(lines))
     n = len(ranks)
     decoder = {str(n + i): {"content": t, "special": True, "lstrip": False, "rstrip": False, "normalized": False,
                             "single_word": False} for t, i in KIMI_SPECIALS.items()}
@@ -144,7 +145,9 @@ CHATML_TOOLS = """\
 {{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}
 {%- endif %}
 {%- set ns = namespace(last_user=-1) %}
-{%- for message in messages %}{%- if message.role == 'user' %}{%- set ns.last_user = loop.index0 %}{%- endif %}{%- endfor %}
+{%- for message in messages %}
+{%- if message.role == 'user' %}{%- set ns.last_user = loop.index0 %}{%- endif %}
+{%- endfor %}
 {%- for message in messages %}
     {%- if message.role == 'system' and loop.first %}{% continue %}{% endif %}
     {%- if message.role == 'user' or message.role == 'system' %}
@@ -172,7 +175,8 @@ LLAMA_LIKE = """{{ bos_token }}{% for message in messages %}{% if message['role'
 {{ message['content'] | trim }}
 <</SYS>>
 
-{% else %}[{{ message['role'] | upper }}] {{ message['content'] }}{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}
+{% else %}[{{ message['role'] | upper }}] {{ message['content'] }}{% if message['role'] == 'assistant' %}\
+{{ eos_token }}{% endif %}
 {% endif %}{% endfor %}{% if add_generation_prompt %}[ASSISTANT] {% endif %}{{ strftime_now('%Y') | length }}"""
 
 MESSAGES = [
@@ -201,8 +205,8 @@ def test_rendering_equals_transformers_apply_chat_template(template, add_generat
     messages = MESSAGES if template != LLAMA_LIKE else [m for m in MESSAGES if "tool_calls" not in m]
     tools = TOOLS if with_tools else None
     for end in range(1, len(messages) + 1):
-        expected = reference.apply_chat_template(messages[:end], tools=tools, add_generation_prompt=add_generation_prompt,
-                                                 tokenize=False)
+        expected = reference.apply_chat_template(messages[:end], tools=tools, tokenize=False,
+                                                 add_generation_prompt=add_generation_prompt)
         assert ours.render(messages[:end], add_generation_prompt=add_generation_prompt, tools=tools) == expected
 
 

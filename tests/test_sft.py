@@ -11,7 +11,7 @@ from nanokimi.data.chat import DEFAULT_TEMPLATE, ChatTemplate, encode_conversati
 from nanokimi.model import build_model
 from nanokimi.model.packing import Documents
 from nanokimi.ops.kda import kda
-from nanokimi.post.sft import IGNORE, Example, build_examples, collate, pack_rows
+from nanokimi.post.sft import IGNORE, Conversation, Example, build_examples, collate, pack_rows
 
 HYBRID = dict(preset="tiny", vocab_size=320)  # KDA + MLA + MoE
 DENSE = dict(preset="tiny-dense", vocab_size=320, hidden_size=128, num_heads=4, num_kv_heads=2, head_dim=32)
@@ -42,7 +42,8 @@ def test_documents_layout():
     assert docs.positions.tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 4]]
     assert docs.cu_seqlens.tolist() == [0, 3, 5, 10]
     mask = docs.attention_mask()[0, 0]
-    assert mask[4].tolist() == [False, False, False, True, True] and mask[2].tolist() == [True, True, True, False, False]
+    assert mask[4].tolist() == [False, False, False, True, True]
+    assert mask[2].tolist() == [True, True, True, False, False]
 
 
 @pytest.mark.parametrize("impl", ["naive", "chunk"])
@@ -125,14 +126,14 @@ CHAT_MESSAGES = [{"role": "system", "content": "Be short."}, {"role": "user", "c
 def test_sft_targets_are_exactly_the_assistant_tokens(tmp_path):
     tok = Tokenizer.train(["Be short. Hi Hello! Bye Bye!"] * 5, vocab_size=300)
     template = ChatTemplate()
-    examples, stats = build_examples([("", CHAT_MESSAGES, None)], tok, template, seq_len=200)
+    examples, stats = build_examples([Conversation("test", "", CHAT_MESSAGES)], tok, template, seq_len=200)
     ids, mask = encode_conversation(tok, template, CHAT_MESSAGES)
     (e,) = examples
     assert e.inputs == ids[:-1]
     learned = [t for t in e.targets if t != IGNORE]
     assert learned == tok.encode_chat("Hello!<|im_end|>") + tok.encode_chat("Bye!<|im_end|>")
     assert [t != IGNORE for t in e.targets] == mask[1:]
-    short, stats = build_examples([("", CHAT_MESSAGES, None)], tok, template, seq_len=8)
+    short, stats = build_examples([Conversation("test", "", CHAT_MESSAGES)], tok, template, seq_len=8)
     assert stats["no_target"] == 1 and not short  # cut before any assistant token
 
 
@@ -155,10 +156,9 @@ def greedy_reply(model, tokenizer, template, question, max_new_tokens=16):
     from nanokimi.infer.generate import generate
 
     ids = tokenizer.encode_chat(template.render([{"role": "user", "content": question}], add_generation_prompt=True))
-    out = generate(model, torch.tensor([ids]), max_new_tokens, temperature=0, eos_id=tokenizer.token_to_id("<|im_end|>"))
-    new = out[0, len(ids):].tolist()
-    return tokenizer.decode(new[:new.index(tokenizer.token_to_id("<|im_end|>"))] if tokenizer.token_to_id(
-        "<|im_end|>") in new else new)
+    end = tokenizer.token_to_id("<|im_end|>")
+    new = generate(model, torch.tensor([ids]), max_new_tokens, temperature=0, eos_id=end)[0, len(ids):].tolist()
+    return tokenizer.decode(new[:new.index(end)] if end in new else new)
 
 
 SMALL_GQA = dict(preset="tiny-dense", hidden_size=96, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=24,
@@ -217,6 +217,10 @@ def test_sft_resume_and_bad_input(sft_run, tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": "no messages"}\n')
     with pytest.raises(DataError, match="line 1 must be"):
         run_sft(str(root / "base"), str(tmp_path / "bad.jsonl"), str(tmp_path / "y"), SFT_SETTINGS, progress=False)
+    (tmp_path / "role.jsonl").write_text(json.dumps({"messages": [{"role": "robot", "content": "hi"},
+                                                                  {"role": "assistant", "content": "x"}]}) + "\n")
+    with pytest.raises(DataError, match="role.jsonl line 1: chat template: unknown role 'robot'"):
+        run_sft(str(root / "base"), str(tmp_path / "role.jsonl"), str(tmp_path / "z"), SFT_SETTINGS, progress=False)
     more = run_sft(str(root / "base"), str(root / "chat.jsonl"), str(root / "run"),
                    [*SFT_SETTINGS, "train.max_steps=84", "sft.val_fraction=0.2"], resume=True, progress=False)
     assert more["step"] == 84
@@ -302,7 +306,7 @@ def test_convert_kimi_tiktoken_hf_dir_then_sft_and_chat(tmp_path):
     assert "".join(out) == "Water.\n(conversation cleared)\nApple.\n"
 
     assert run_convert(parser.parse_args(["--to-hf", result["checkpoint"], "--out", str(tmp_path / "back")])) == 0
-    for name in ("tiktoken.model", "tokenizer_config.json"):
+    for name in ("tiktoken.model", "tokenizer_config.json", "generation_config.json"):
         assert (tmp_path / "back" / name).read_bytes() == (tmp_path / "hf" / name).read_bytes()
 
 
@@ -475,7 +479,8 @@ def test_engine_replies_stream_the_engine_text_and_abort_on_ctrl_c():
             ours = SimpleNamespace(request_id=self.request, outputs=[SimpleNamespace(text=text)], finished=done)
             if done:
                 self.request = None
-            return [SimpleNamespace(request_id="someone else", outputs=[SimpleNamespace(text="zz")], finished=False), ours]
+            other = SimpleNamespace(request_id="someone else", outputs=[SimpleNamespace(text="zz")], finished=False)
+            return [other, ours]
 
         def abort(self, request_id):
             self.aborted.append(request_id)
@@ -491,3 +496,34 @@ def test_engine_replies_stream_the_engine_text_and_abort_on_ctrl_c():
     out = []
     chat_loop(lambda messages: replies([1, 2, 3]), ["go"], out.append)
     assert "".join(out) == "A long [stopped]\n" and len(engine.aborted) == 1
+
+
+def test_sft_step_loss_is_the_token_mean_of_the_whole_step(tmp_path):
+    """Accumulating 2 micro batches of 2 rows gives the step (loss and update) of one batch of 4 rows: the loss is
+    the mean over every learned token of the step, not a mean of micro-batch means."""
+    import copy
+
+    write_base_checkpoint(tmp_path / "base", dict(HYBRID, hidden_size=64, num_layers=2, mixers="KA"))
+    write_chat_data(tmp_path / "chat.jsonl")
+    whole = _sft_trainer(tmp_path, tmp_path / "whole", extra=["optim.name=adamw"])
+    accumulated = _sft_trainer(tmp_path, tmp_path / "accumulated", extra=["optim.name=adamw", "train.grad_accum=2"])
+    inputs, targets, documents, _ = next(copy.copy(whole.stream))  # the step's 4 rows, leaving the stream as it is
+    expected = whole.model.loss(inputs, targets, documents=documents).item()
+    assert abs(whole.train_step() - expected) < 1e-5
+    assert abs(accumulated.train_step() - expected) < 1e-5
+    for a, b in zip(whole.model.parameters(), accumulated.model.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_cli_errors_are_one_line(sft_run, tmp_path, capsys):
+    from nanokimi.cli import main
+
+    root, _ = sft_run
+    assert main(["sft", "--ckpt", str(root / "base"), "--data", str(tmp_path / "none.jsonl"),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "nanokimi: error: SFT data" in capsys.readouterr().err
+    assert main(["sft", "--ckpt", str(root / "base"), "--data", str(root / "chat.jsonl"), "--out", str(tmp_path / "o"),
+                 "sft.epochs=0"]) == 2
+    assert "sft.epochs > 0" in capsys.readouterr().err
+    assert main(["chat", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -30,7 +30,8 @@ from nanokimi.data.tokenizer import TOKENIZER_CONFIG, TokenizerBase
 
 TEMPLATE_FILE = "chat_template.jinja"
 TOOL_CALLS_BEGIN, TOOL_CALLS_END = "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>"
-TOOL_CALL_BEGIN, TOOL_CALL_ARGUMENTS, TOOL_CALL_END = "<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>"
+TOOL_CALL_BEGIN, TOOL_CALL_END = "<|tool_call_begin|>", "<|tool_call_end|>"
+TOOL_CALL_ARGUMENTS = "<|tool_call_argument_begin|>"
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 DEFAULT_TEMPLATE = """\
@@ -119,12 +120,13 @@ class ChatTemplate:
     """A Jinja chat template plus the special-token variables (bos_token, eos_token, ...) it may use."""
 
     def __init__(self, source: str = DEFAULT_TEMPLATE, variables: dict | None = None):
+        environment = _environment()  # DataError when jinja2 is missing
         import jinja2
 
         self.source = source
         self.variables = dict(variables or {})
         try:
-            self._template = _environment().from_string(source)
+            self._template = environment.from_string(source)
         except jinja2.TemplateSyntaxError as e:
             raise DataError(f"the chat template does not parse (line {e.lineno}: {e.message}).") from e
 

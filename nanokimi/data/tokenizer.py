@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import re
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Iterable
 
@@ -36,8 +37,10 @@ CHAT_TOKENS = (
     "<|tool_call_argument_begin|>", "<|tool_call_end|>",
 )
 HF_TOKENIZER, TIKTOKEN_MODEL, TOKENIZER_CONFIG = "tokenizer.json", "tiktoken.model", "tokenizer_config.json"
-# Files that make up a checkpoint's tokenizer and chat format; convert copies them in both directions.
-TOKENIZER_FILES = (HF_TOKENIZER, TIKTOKEN_MODEL, TOKENIZER_CONFIG, "special_tokens_map.json", "chat_template.jinja")
+# Files that make up a checkpoint's tokenizer and chat format (generation_config.json names the ids that end a
+# reply); convert and SFT carry them along.
+TOKENIZER_FILES = (HF_TOKENIZER, TIKTOKEN_MODEL, TOKENIZER_CONFIG, "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json")
 KIMI_RESERVED_SPECIAL = 256  # Kimi gives special tokens the ids just above the mergeable ranks, 256 of them
 
 # Kimi's pre-tokenizer (from tokenization_kimi.py): runs of Han characters; words of other letters, either
@@ -58,7 +61,7 @@ KIMI_PATTERN = "|".join([
 ])
 
 
-class TokenizerBase:
+class TokenizerBase(ABC):
     """What every tokenizer offers. Subclasses set `eot_id` and `special_tokens` (string -> id) and
     implement `encode`, `decode`, `vocab_size` and `save`."""
 
@@ -66,20 +69,22 @@ class TokenizerBase:
     special_tokens: dict[str, int]
     extra_stop_ids: frozenset[int] = frozenset()
 
+    @abstractmethod
     def encode(self, text: str) -> list[int]:
         """Plain text -> ids; special-token strings in the text are encoded as ordinary text."""
-        raise NotImplementedError
 
+    @abstractmethod
     def decode(self, ids: Iterable[int]) -> str:
         """ids -> text, special tokens written out; ids outside the vocabulary are skipped."""
-        raise NotImplementedError
 
     @property
+    @abstractmethod
     def vocab_size(self) -> int:
-        raise NotImplementedError
+        """Number of ids (largest id + 1)."""
 
-    def save(self, directory: str | os.PathLike) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the tokenizer's files."""
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]
@@ -230,7 +235,8 @@ class TiktokenTokenizer(TokenizerBase):
         model_file, config_file = directory / TIKTOKEN_MODEL, directory / TOKENIZER_CONFIG
         for f in (model_file, config_file):
             if not f.is_file():
-                raise DataError(f"{f} is missing; Kimi's tiktoken format needs {TIKTOKEN_MODEL} and {TOKENIZER_CONFIG}.")
+                raise DataError(f"{f} is missing; Kimi's tiktoken format needs {TIKTOKEN_MODEL} and "
+                                f"{TOKENIZER_CONFIG}.")
         ranks = read_tiktoken_ranks(model_file)
         config = _read_json(config_file)
         specials = special_tokens_from_config(config, len(ranks), config_file)

@@ -553,13 +553,13 @@ def save_hf(model: Transformer, path: str | Path, layout: str | None = None, max
 
 def tokenizer_files_of(path: str | Path) -> dict[str, Path]:
     """The tokenizer and chat-format files to carry along, by the name they get: a tokenizer.json file itself,
-    or every file of TOKENIZER_FILES (+ generation_config.json, which names Kimi's end-of-turn id) in a folder."""
+    or every file of TOKENIZER_FILES in a folder."""
     from nanokimi.data.tokenizer import TOKENIZER_FILES
 
     path = Path(path)
     if path.is_file():
         return {"tokenizer.json": path}
-    files = {name: path / name for name in (*TOKENIZER_FILES, "generation_config.json") if (path / name).is_file()}
+    files = {name: path / name for name in TOKENIZER_FILES if (path / name).is_file()}
     if "tokenizer.json" not in files and "tiktoken.model" not in files:
         raise FileNotFoundError(f"no tokenizer in {path}: expected tokenizer.json or tiktoken.model + "
                                 "tokenizer_config.json.")

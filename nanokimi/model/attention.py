@@ -89,7 +89,8 @@ def write_cache(buffer: torch.Tensor, pos: torch.Tensor, values: torch.Tensor) -
 def max_causal_logit(q, k, scale: float, q_offset: int = 0, chunk: int = 512,
                      documents: Documents | None = None) -> torch.Tensor:
     """Exact per-head max of scale * q.k over the batch under the causal mask (and within each document of
-    packed rows), in query chunks so the [Tq, Tk] matrix is never whole. q [B, Tq, H, D], k [B, Tk, Hkv, D] -> [H] fp32."""
+    packed rows), in query chunks so the [Tq, Tk] matrix is never whole.
+    q [B, Tq, H, D], k [B, Tk, Hkv, D] -> [H] fp32."""
     H, Hkv = q.shape[2], k.shape[2]
     k = k.float().repeat_interleave(H // Hkv, dim=2).transpose(1, 2)  # [B, H, Tk, D]
     key_pos = torch.arange(k.shape[2], device=q.device)

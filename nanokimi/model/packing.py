@@ -48,6 +48,9 @@ class Documents:
                              f"{[sum(r) for r in lengths]}.")
         return cls.from_ids(torch.stack(rows).to(device))
 
+    def to(self, device) -> "Documents":
+        return Documents(self.ids.to(device), self.positions.to(device), self.cu_seqlens.to(device))
+
     def attention_mask(self) -> torch.Tensor:
         """[B, 1, T, T] bool: query t may attend key s when s <= t and both lie in the same document."""
         T = self.ids.shape[1]

@@ -5,7 +5,7 @@ A conversation is rendered with the base checkpoint's chat template (Kimi's form
 and learned on its assistant turns only (sft.train_on="assistant"; "all" learns every token). Conversations
 are packed into rows of train.seq_len tokens (best fit, longest first); the model keeps them apart
 (nanokimi.model.packing), so a packed batch gives the loss of the conversations run one by one. The loss is
-the mean over all learned tokens of the batch.
+the mean over all learned tokens of the step, whatever the accumulation and the number of GPUs.
 
 The loop is the pretraining Trainer's (progress, checkpoints, resume, FSDP2, Muon); this module brings the
 data, the base weights and its own defaults (a lower learning rate, a schedule counted in epochs).
@@ -46,14 +46,22 @@ class SFTConfig:
     val_fraction: float = 0.05  # share of conversations held out (by hash of the line) for the validation loss
 
 
+@dataclass(frozen=True, slots=True)
+class Conversation:
+    where: str  # "FILE line N", for errors
+    text: str  # the jsonl line: its hash picks the split
+    messages: list[dict]
+    tools: list[dict] | None = None
+
+
 @dataclass(slots=True)
 class Example:
     inputs: list[int]  # [n]
     targets: list[int]  # [n], IGNORE where not learned
 
 
-def read_conversations(path: str | os.PathLike) -> list[tuple[str, list[dict], list[dict] | None]]:
-    """(the raw line, messages, tools) for every non-empty line of a chat jsonl file."""
+def read_conversations(path: str | os.PathLike) -> list[Conversation]:
+    """Every non-empty line of a chat jsonl file."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"SFT data {path} does not exist; give a .jsonl file of {{\"messages\": [...]}} lines.")
@@ -76,18 +84,21 @@ def read_conversations(path: str | os.PathLike) -> list[tuple[str, list[dict], l
             else:
                 raise DataError(f"{path} line {line_no} must be {{\"messages\": [...]}} or {{\"prompt\": \"...\", "
                                 f"\"completion\": \"...\"}}; got {line.strip()[:80]!r}.")
-            out.append((line, messages, tools))
+            out.append(Conversation(f"{path} line {line_no}", line, messages, tools))
     if not out:
         raise DataError(f"{path} holds no conversations.")
     return out
 
 
-def build_examples(conversations, tokenizer: TokenizerBase, template: ChatTemplate, seq_len: int,
+def build_examples(conversations: list[Conversation], tokenizer: TokenizerBase, template: ChatTemplate, seq_len: int,
                    train_on: str = "assistant") -> tuple[list[Example], dict]:
     """Tokenize and mask conversations -> (examples of at most seq_len tokens, counts of what was cut or dropped)."""
     examples, stats = [], {"conversations": 0, "truncated": 0, "no_target": 0}
-    for _, messages, tools in conversations:
-        ids, mask = encode_conversation(tokenizer, template, messages, tools=tools, train_on=train_on)
+    for c in conversations:
+        try:
+            ids, mask = encode_conversation(tokenizer, template, c.messages, tools=c.tools, train_on=train_on)
+        except DataError as e:
+            raise DataError(f"{c.where}: {e}") from e
         ids, mask = ids[:seq_len + 1], mask[:seq_len + 1]
         stats["truncated"] += len(ids) == seq_len + 1
         targets = [t if learn else IGNORE for t, learn in zip(ids[1:], mask[1:])]
@@ -133,38 +144,47 @@ def collate(rows: list[list[Example]], seq_len: int, pad_id: int, pack: bool, de
             labels[b, start:start + n] = d
             start += n
         labels[b, start:] = len(row) - 1
-    inputs, targets = inputs.to(device), targets.to(device)
-    return inputs, targets, Documents.from_ids(labels.to(device)) if pack else None
+    documents = Documents.from_ids(labels).to(device) if pack else None  # built on the host: no device syncs
+    return inputs.to(device), targets.to(device), documents
 
 
 class RowStream:
     """Micro batches of packed rows, epoch after epoch, each epoch in its own seeded order; resumable.
 
     Global batches take the next micro_batch * world_size rows of the sequence; rank r takes its slice
-    [r * micro_batch, (r + 1) * micro_batch), like nanokimi.data.TokenStream."""
+    [r * micro_batch, (r + 1) * micro_batch), like nanokimi.data.TokenStream. A micro batch is
+    (inputs, targets, documents, weight): weight = micro batches per step (grad_accum * world_size) / learned
+    tokens in the whole step, so that its loss sum times weight, averaged by the Trainer over micro batches and
+    ranks, is the mean over every learned token of the step."""
 
     def __init__(self, rows, micro_batch: int, seq_len: int, pad_id: int, pack: bool, seed: int,
-                 rank: int = 0, world_size: int = 1, device=None):
+                 rank: int = 0, world_size: int = 1, device=None, grad_accum: int = 1):
         self.rows, self.micro_batch, self.seq_len, self.pad_id, self.pack = rows, micro_batch, seq_len, pad_id, pack
         self.seed, self.rank, self.world_size, self.device = seed, rank, world_size, device
+        self.step_rows = micro_batch * world_size * grad_accum
+        self.learned = [sum(t != IGNORE for e in row for t in e.targets) for row in rows]  # per row
         self.consumed = 0  # rows of all ranks taken so far
         self._orders: dict[int, list[int]] = {}
 
-    def _row(self, position: int) -> list[Example]:
+    def _index(self, position: int) -> int:
         epoch, index = divmod(position, len(self.rows))
         if epoch not in self._orders:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._orders = {epoch: torch.randperm(len(self.rows), generator=generator).tolist()}
-        return self.rows[self._orders[epoch][index]]
+            self._orders = {**{e: o for e, o in self._orders.items() if e == epoch - 1},
+                            epoch: torch.randperm(len(self.rows), generator=generator).tolist()}
+        return self._orders[epoch][index]
 
     def __iter__(self):
         return self
 
     def __next__(self):
         first = self.consumed + self.rank * self.micro_batch
-        batch = [self._row(first + i) for i in range(self.micro_batch)]
+        batch = [self.rows[self._index(first + i)] for i in range(self.micro_batch)]
+        step_start = self.consumed - self.consumed % self.step_rows
+        learned = sum(self.learned[self._index(step_start + i)] for i in range(self.step_rows))
         self.consumed += self.micro_batch * self.world_size
-        return collate(batch, self.seq_len, self.pad_id, self.pack, self.device)
+        weight = self.step_rows // self.micro_batch / learned
+        return (*collate(batch, self.seq_len, self.pad_id, self.pack, self.device), weight)
 
     def state_dict(self) -> dict:
         return {"consumed": self.consumed, "rows": len(self.rows)}
@@ -216,8 +236,8 @@ class SFTTrainer(Trainer):
             raise TrainingError("this model has MoBA layers ('B'), which cannot keep packed conversations apart; "
                                 "set sft.pack=false (one conversation per row).")
         conversations = read_conversations(self.run.data.source)
-        val = [c for c in conversations if hash_unit(c[0]) < self.sft.val_fraction]
-        train = [c for c in conversations if hash_unit(c[0]) >= self.sft.val_fraction]
+        val = [c for c in conversations if hash_unit(c.text) < self.sft.val_fraction]
+        train = [c for c in conversations if hash_unit(c.text) >= self.sft.val_fraction]
         if not train:
             raise DataError(f"all {len(conversations)} conversations fell into validation; lower sft.val_fraction.")
         examples, self.data_stats = build_examples(train, self.tokenizer, self.template, t.seq_len, self.sft.train_on)
@@ -237,7 +257,7 @@ class SFTTrainer(Trainer):
             raise TrainingError(f"the base model's vocabulary ({self.run.model.vocab_size}) is smaller than its "
                                 f"tokenizer's ({self.tokenizer.vocab_size}); is {self.base_dir} one checkpoint?")
         self.stream = RowStream(rows, self.micro_batch, t.seq_len, self.tokenizer.eot_id, self.sft.pack, t.seed,
-                                self.rank, self.world_size, self.device)
+                                self.rank, self.world_size, self.device, t.grad_accum)
 
     def start_from(self, model: Transformer) -> None:
         model.load_state_dict(self.base.state_dict())
@@ -245,7 +265,11 @@ class SFTTrainer(Trainer):
     def _build_model_and_optimizer(self) -> None:
         super()._build_model_and_optimizer()
         model = self.model
-        self.loss_fn = lambda inputs, targets, documents: model.loss(inputs, targets, documents=documents)
+
+        def loss_fn(inputs, targets, documents, weight):  # this micro batch's share of the step's token mean
+            return model.loss(inputs, targets, documents=documents) * (targets.ne(IGNORE).sum() * weight)
+
+        self.loss_fn = loss_fn
 
     @torch.no_grad()
     def evaluate(self) -> dict:
