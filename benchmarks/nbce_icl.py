@@ -118,7 +118,7 @@ def main() -> None:
     started = time.time()
     losses = pretrain(model, tok, args.steps, args.train_seconds, 8 if args.smoke else 128, per_window, device)
     train_s = time.time() - started
-    llm = LLM(model, tok, max_cache_tokens=8192, dtype="auto" if device.type == "cpu" else "bfloat16")
+    llm = LLM(model, tokenizer=tok, max_cache_tokens=8192, dtype="auto" if device.type == "cpu" else "bfloat16")
     rng = random.Random(1)
     rows, results = [], {}
     for n in counts:

@@ -69,7 +69,7 @@ def test_combination_is_the_formula(pooling, beta):
 
 def test_one_window_beta_zero_is_plain_greedy(model):
     tok = CharTokenizer()
-    llm = LLM(model, tok, max_cache_tokens=512)
+    llm = LLM(model, tokenizer=tok, max_cache_tokens=512)
     prompt = "ab -> 3\ncd -> 7\nef -> 1\nab ->"
     plain = llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True), use_tqdm=False)
     nbce = llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, nbce_window=200,
@@ -98,7 +98,7 @@ def test_several_windows_match_full_forward_reference(model, pooling):
     prompt = "ab -> 3\ncd -> 7\nefg -> 12\nh -> 1\nij -> 5\nklmn -> 9\nab ->"
     windows, query = nbce_windows(tok, prompt, 16)
     assert len(windows) >= 3 and len({len(w) for w in windows}) > 1  # rows of different lengths: several groups
-    llm = LLM(model, tok, max_cache_tokens=512)
+    llm = LLM(model, tokenizer=tok, max_cache_tokens=512)
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, nbce_window=16, nbce_beta=0.7,
                             nbce_pooling=pooling)
     got = llm.generate([prompt], params, use_tqdm=False)[0]
@@ -120,7 +120,7 @@ def test_windows_cover_the_context_in_order():
 
 
 def test_sampling_is_seeded(model):
-    llm = LLM(model, CharTokenizer(), max_cache_tokens=512)
+    llm = LLM(model, tokenizer=CharTokenizer(), max_cache_tokens=512)
     params = SamplingParams(max_tokens=8, temperature=1.0, seed=5, n=2, nbce_window=12, ignore_eos=True)
     first, second = (llm.generate(["ab -> 3\ncd -> 7\nef -> 1\nab ->"], params, use_tqdm=False)[0] for _ in range(2))
     assert [o.token_ids for o in first.outputs] == [o.token_ids for o in second.outputs]
@@ -139,7 +139,7 @@ def test_bad_params_one_line(kwargs, words):
 
 
 def test_bad_prompts_one_line(model):
-    llm = LLM(model, CharTokenizer(), max_cache_tokens=512)
+    llm = LLM(model, tokenizer=CharTokenizer(), max_cache_tokens=512)
     with pytest.raises(ValueError, match="decoded by LLM.generate"):  # the engine never decodes NBCE plainly
         llm.engine.add_request("x", [1, 2, 3], SamplingParams(nbce_window=8))
     with pytest.raises(ValueError, match="no query"):
