@@ -86,7 +86,8 @@ def reference_nbce_greedy(model, windows, query, beta, pooling, steps):
     out = []
     with torch.no_grad():
         for _ in range(steps):
-            rows = [torch.tensor([w + out]) for w in windows] + [torch.tensor([query + out])]
+            device = model.embed.weight.device
+            rows = [torch.tensor([row + out], device=device) for row in windows + [query]]
             logp = torch.stack([model(r)[0, -1].float().log_softmax(-1) for r in rows])
             out.append(int(nbce_combine(logp[:-1], logp[-1], beta, pooling).argmax()))
     return out
@@ -168,3 +169,27 @@ def test_cli_generate_with_nbce(tmp_path, capsys):
     assert captured.out.startswith(prompt) and "nbce: " in captured.err
     assert main(args[:-1] + ["1"]) == 2
     assert "nbce_window must be" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pooling", ["min_entropy", "mean"])
+def test_nbce_on_cuda_matches_full_forward_reference(pooling):
+    """The decoder's tensors live on the model's device: several windows on CUDA (float64 GQA: no near-ties)
+    against full forwards, and sampling runs there."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    cfg = ModelConfig.preset("tiny-dense", vocab_size=64, hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1,
+                             head_dim=32, intermediate_size=128)
+    torch.manual_seed(0)
+    model = build_model(cfg).to("cuda", torch.float64).eval()
+    tok = CharTokenizer()
+    prompt = "ab -> 3\ncd -> 7\nefg -> 12\nh -> 1\nij -> 5\nklmn -> 9\nab ->"
+    windows, query = nbce_windows(tok, prompt, 16)
+    llm = LLM(model, tokenizer=tok, max_cache_tokens=512)
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, nbce_window=16, nbce_beta=0.7,
+                            nbce_pooling=pooling)
+    got = llm.generate([prompt], params, use_tqdm=False)[0]
+    assert got.outputs[0].token_ids == reference_nbce_greedy(model, windows, query, 0.7, pooling, 6)
+    sampled = llm.generate([prompt], SamplingParams(max_tokens=6, temperature=1.0, seed=3, nbce_window=16,
+                                                    ignore_eos=True), use_tqdm=False)[0]
+    assert len(sampled.outputs[0].token_ids) == 6
