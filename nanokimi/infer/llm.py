@@ -137,7 +137,7 @@ class LLM:
         seed = params.seed if params.seed is not None else sample_seed(None, 0)
         prompt = text if text is not None else self.tokenizer.decode(prompt_ids)
         return nbce_generate(self.model, self.tokenizer, request_id, prompt, params,
-                             [sample_seed(seed, i) for i in range(params.n)])
+                             [sample_seed(seed, i) for i in range(params.n)], prompt_ids)
 
     def stats(self) -> dict:
         return self.engine.stats()

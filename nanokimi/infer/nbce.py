@@ -149,8 +149,9 @@ def nbce_decode(model: nn.Module, windows: list[list[int]], empty: list[int] | N
 
 
 def nbce_generate(model: nn.Module, tokenizer, request_id: str, prompt: str, params: SamplingParams,
-                  seeds: list[int]) -> RequestOutput:
-    """A finished RequestOutput for one NBCE request (params.n samples, sample i seeded by seeds[i])."""
+                  seeds: list[int], prompt_token_ids: list[int] | None = None) -> RequestOutput:
+    """A finished RequestOutput for one NBCE request (params.n samples, sample i seeded by seeds[i]). The windows
+    come from the prompt's text; prompt_token_ids (default: the text encoded) is only reported back."""
     if tokenizer is None:
         raise ValueError("nbce: NBCE splits the prompt's text into windows and needs a tokenizer.")
     arrival = time.monotonic()
@@ -170,4 +171,5 @@ def nbce_generate(model: nn.Module, tokenizer, request_id: str, prompt: str, par
     model.train(was_training)
     metrics = {"arrival_time": arrival, "finished_time": time.monotonic(), "nbce_windows": len(windows),
                "nbce_window_tokens": [len(w) for w in windows]}
-    return RequestOutput(request_id, tokenizer.encode(prompt), outputs, True, 0, metrics, prompt)
+    ids = tokenizer.encode(prompt) if prompt_token_ids is None else prompt_token_ids
+    return RequestOutput(request_id, ids, outputs, True, 0, metrics, prompt)
