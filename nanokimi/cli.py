@@ -121,6 +121,8 @@ def cmd_lepa(args) -> int:
         options["levels"] = args.levels
     if args.data:
         options["path"] = args.data
+    if args.per_level:
+        options["per_level"] = args.per_level
     cfg = LepaConfig(task=args.task, task_options=options, iterations=args.iterations, trials=args.trials,
                      problems=args.problems, eval_problems=args.eval_problems, plan=not args.no_plan,
                      temperature=args.temperature, plan_tokens=args.plan_tokens, solution_tokens=args.solution_tokens,
@@ -229,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     lepa.add_argument("--task", required=True, choices=["ladder", "mused", "gsm8k", "math500"])
     lepa.add_argument("--levels", help="ladder levels / mused depths, e.g. 1-8")
     lepa.add_argument("--data", help="gsm8k / math500 data folder or file")
+    lepa.add_argument("--per-level", type=int, help="ladder / mused problems per level and split")
     lepa.add_argument("--out", default="runs/lepa", help="run folder (default runs/lepa)")
     lepa.add_argument("--iterations", type=int, default=2)
     lepa.add_argument("--trials", type=int, default=5, help="attempts per problem and iteration (default 5)")

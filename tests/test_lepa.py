@@ -191,3 +191,20 @@ def test_bad_settings_one_line(base_checkpoint, tmp_path):
     from nanokimi.cli import main
     assert main(["lepa", "--ckpt", str(base_checkpoint), "--task", "ladder", "--templates", str(tmp_path / "no.toml"),
                  "--out", str(tmp_path / "x")]) == 2
+
+
+def test_cli_runs_the_loop(base_checkpoint, tmp_path, capsys):
+    from nanokimi.cli import main
+
+    templates = tmp_path / "t.toml"
+    templates.write_text('solve_prompt = "Solve:\\n{question}"\n')
+    out = tmp_path / "run"
+    assert main(["lepa", "--ckpt", str(base_checkpoint), "--task", "ladder", "--levels", "1-2", "--per-level", "3",
+                 "--iterations", "1", "--trials", "2", "--problems", "2", "--eval-problems", "2", "--no-plan",
+                 "--plan-tokens", "4", "--solution-tokens", "4", "--templates", str(templates), "--out", str(out),
+                 "--no-progress", *SFT]) == 0
+    assert "held-out pass@1 by iteration" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["plan"] is False and summary["config"]["task_options"] == {"levels": "1-2", "per_level": 3}
+    assert summary["templates"]["solve_prompt"] == "Solve:\n{question}"
+    assert len((out / "iter_1" / "samples.jsonl").read_text().splitlines()) == 2

@@ -167,7 +167,7 @@ class LepaConfig:
     plan_tokens: int = 96
     solution_tokens: int = 256
     seed: int = 0
-    max_cache_tokens: int | None = None  # the engine's KV cache (None: enough for one batch of this run)
+    max_cache_tokens: int | None = None  # the engine's KV cache (None: room for 128 reflections at once)
     sft_overrides: list[str] = field(default_factory=list)  # section.key=value for nanokimi.post.sft
 
     def validate(self) -> None:
@@ -307,8 +307,8 @@ def evaluate(chat: Chat, task: Task, examples: list[Example], cfg: LepaConfig, t
 def open_llm(ckpt: Path, cfg: LepaConfig):
     from nanokimi.infer import LLM
 
-    return LLM(ckpt, max_cache_tokens=cfg.max_cache_tokens or 64 * (cfg.plan_tokens + 2 * cfg.solution_tokens + 512),
-               verbose=False)
+    room = cfg.plan_tokens + 2 * cfg.solution_tokens + 512  # a reflection prompt holds a plan and a solution
+    return LLM(ckpt, max_cache_tokens=cfg.max_cache_tokens or 128 * room, verbose=False)
 
 
 def release() -> None:
