@@ -185,8 +185,8 @@ class LepaConfig:
 class Chat:
     """Chat-template generation on a live LLM: (user message, start of the reply) -> (reply text, tokens)."""
 
-    def __init__(self, llm, template):
-        self.llm, self.template, self.tokenizer = llm, template, llm.tokenizer
+    def __init__(self, llm, template, progress: bool = False):
+        self.llm, self.template, self.tokenizer, self.progress = llm, template, llm.tokenizer, progress
         self.generated_tokens = 0
         self.calls = 0
 
@@ -203,7 +203,7 @@ class Chat:
         params = [SamplingParams(max_tokens=max_tokens, temperature=temperature,
                                  seed=None if seed is None else seed + i) for i in range(len(requests))]
         outs = self.llm.generate(prompt_token_ids=[self.ids(u, r) for u, r in requests], sampling_params=params,
-                                 use_tqdm=False)
+                                 use_tqdm=self.progress)
         self.calls += len(requests)
         self.generated_tokens += sum(len(o.outputs[0].token_ids) for o in outs)
         return [o.outputs[0].text for o in outs]
@@ -345,7 +345,7 @@ def run_lepa(ckpt: str, out: str, cfg: LepaConfig, templates: Templates | None =
     mode = "lepa" if cfg.plan else "no-plan"
     for iteration in range(1, cfg.iterations + 1):
         llm = open_llm(current, cfg)
-        chat = Chat(llm, template)
+        chat = Chat(llm, template, progress)
         before = evaluate(chat, task, held_out, cfg, templates)
         rng = random.Random(f"lepa:{cfg.seed}:{iteration}")
         problems = rng.sample(pool, min(cfg.problems, len(pool)))
@@ -383,7 +383,7 @@ def run_lepa(ckpt: str, out: str, cfg: LepaConfig, templates: Templates | None =
         with open(out_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(row) + "\n")
     llm = open_llm(current, cfg)
-    final = evaluate(Chat(llm, template), task, held_out, cfg, templates)
+    final = evaluate(Chat(llm, template, progress), task, held_out, cfg, templates)
     del llm
     release()
     for row, after in zip(rows, [r["eval_before"] for r in rows[1:]] + [final]):
