@@ -2,6 +2,7 @@
 through LLM.generate; several windows of different lengths decode as a full-forward reference does; the
 windows cover the context in order; bad parameters get one-line errors."""
 import math
+import random
 
 import pytest
 import torch
@@ -118,6 +119,20 @@ def test_windows_cover_the_context_in_order():
     assert len(windows[-1]) >= 24 - 9  # packed from the end: the last window is (nearly) full
     whole, _ = nbce_windows(tok, prompt, 10_000)
     assert whole == [tok.encode(prompt)]
+
+
+def test_windows_with_a_bpe_tokenizer():
+    """Real BPE (pieces counted one by one, windows encoded whole) and a piece longer than a window."""
+    from nanokimi.data import Tokenizer
+
+    rng = random.Random(0)
+    words = ["alpha", "beta", "gamma", "delta", "x1", "yy", "the", "and"]
+    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 30))) + "\n" for _ in range(400)]
+    lines.insert(200, "word " * 300 + "\n")
+    tok = Tokenizer.train(lines, vocab_size=300)
+    windows, query = nbce_windows(tok, "".join(lines) + "what is alpha", 96)
+    assert all(len(w) <= 96 and w[-len(query):] == query for w in windows)
+    assert "".join(tok.decode(w[:-len(query)]) for w in windows) == "".join(lines)
 
 
 def test_sampling_is_seeded(model):

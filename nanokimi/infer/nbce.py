@@ -60,24 +60,28 @@ def nbce_windows(tokenizer, text: str, window: int, separator: str = "\n") -> tu
         raise ValueError(f"nbce: the query (the text after the last separator {separator!r}) has {len(query_ids)} "
                          f"tokens, no room for context in nbce_window={window}; raise nbce_window.")
     pieces = [p + separator for p in context.split(separator)[:-1]] if context else []
+    counts = [len(tokenizer.encode(p)) for p in pieces]  # each piece on its own: an estimate of its share
     windows: list[list[int]] = []
-    current: list[str] = []
-    for piece in reversed(pieces):
-        candidate = [piece] + current
-        if len(tokenizer.encode("".join(candidate) + query)) <= window:
-            current = candidate
+    end = len(pieces)  # pieces[:end] are still to pack, from the back
+    while end > 0:
+        start, used = end, len(query_ids)
+        while start > 0 and used + counts[start - 1] <= window:
+            used += counts[start - 1]
+            start -= 1
+        ids = tokenizer.encode("".join(pieces[start:end]) + query) if start < end else []
+        while len(ids) > window and end - start > 1:  # encoded together it came out longer: give pieces back
+            start += 1
+            ids = tokenizer.encode("".join(pieces[start:end]) + query)
+        if start < end and len(ids) <= window:
+            windows.append(ids)
+            end = start
             continue
-        if current:
-            windows.append(tokenizer.encode("".join(current) + query))
-            current = []
-        if len(tokenizer.encode(piece + query)) <= window:
-            current = [piece]
-            continue
-        ids = tokenizer.encode(piece)
-        for end in range(len(ids), 0, -room):
-            windows.append(ids[max(0, end - room):end] + query_ids)
-    if current or not windows:
-        windows.append(tokenizer.encode("".join(current) + query))
+        piece_ids = tokenizer.encode(pieces[end - 1])  # one piece longer than a window: token chunks of it
+        for stop in range(len(piece_ids), 0, -room):
+            windows.append(piece_ids[max(0, stop - room):stop] + query_ids)
+        end -= 1
+    if not windows:
+        windows.append(tokenizer.encode(query))
     windows.reverse()
     if not windows[-1]:
         raise ValueError("nbce: the prompt is empty; give at least one token.")
