@@ -7,8 +7,8 @@ problems of the kind) and a solution that follows it, in one reply. The task's g
 While it is wrong, and at most `trials` times in all, the model is shown the problem, its plan, its wrong
 solution and the correct answer and writes a refined plan; a plan that states the answer is rejected
 (`leaks_answer`), otherwise the model solves again from the refined plan. The (plan, solution) replies that
-succeeded (with a non-empty plan) become chat data (prompt = the plan prompt, reply = plan + solution) for nanokimi.post.sft, which
-fine-tunes the current model; the next iteration starts from the result.
+succeeded (with a non-empty plan) become chat data (prompt = the plan prompt, reply = plan + solution) for
+nanokimi.post.sft, which fine-tunes the current model; the next iteration starts from the result.
 
 --no-plan is the baseline (rejection-sampling self-training, ReST-EM / STaR without rationalisation): up to
 `trials` independent samples of a plain solution per problem, the correct ones kept.
