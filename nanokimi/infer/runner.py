@@ -4,7 +4,7 @@ Decode-only steps on CUDA replay a CUDA graph captured per (batch bucket, block-
 rows are padded up to the bucket with rows that write to the reserved block 0 and the spare state slot.
 """
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -24,6 +24,7 @@ class Row:
     state_slot: int | None
     wants_logits: bool
     table_tensor: torch.Tensor | None = None  # the block table as a CPU tensor (kept up to date incrementally)
+    snapshots: list[tuple[int, int]] = field(default_factory=list)  # KDA: (tokens into the row, snapshot slot)
 
 
 class StaticReplay:
@@ -123,7 +124,7 @@ class ModelRunner:
         bs = self.block_size
         for r in rows[num_decode:]:
             pieces.append(PrefillPiece(offset, len(r.tokens), r.start, torch.tensor(r.block_table, **as_long),
-                                       self.dummy_slot if r.state_slot is None else r.state_slot))
+                                       self.dummy_slot if r.state_slot is None else r.state_slot, r.snapshots))
             offset += len(r.tokens)
             last.append(offset - 1)
             span = range(r.start, r.start + len(r.tokens))
