@@ -181,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, default=None, help="--task: first N problems only")
     ev.add_argument("--few-shot", type=int, default=0, help="--task: worked examples before each prompt")
     ev.add_argument("--seed", type=int, default=0, help="--task: sampling seed")
+    ev.add_argument("--chat", action="store_true", help="--task: prompt in the chat form through the checkpoint's "
+                    "chat template (replies end at the end of the turn)")
     ev.add_argument("--out", help="--task: write every sample, its grade and the settings to this JSON file")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     ev.add_argument("options", nargs="*", metavar="key=value", help="--task options, e.g. levels=1-8 per_level=20")

@@ -79,6 +79,12 @@ def test_generate_until_is_greedy_and_stops(checkpoint):
                                request("the cat", {"until": [full[2:4]] if len(full) > 4 else ["\x00"],
                                                    "max_gen_toks": 6})])
     assert texts[0] == full
+    long_context = lm.generate_until([request(TEXTS[0] * 3, {"until": [], "max_gen_toks": 6})])[0]
+    kept = lm.tokenizer.encode(TEXTS[0] * 3)[-10:]  # 16 positions - 6 new tokens
+    cut = lm.tokenizer.encode(lm.tokenizer.decode(kept))
+    new = generate(lm.model, torch.tensor([cut]), 6, temperature=0.0)[0, len(cut):].tolist()
+    eot = lm.tokenizer.eot_id
+    assert long_context == lm.tokenizer.decode(new[:new.index(eot)] if eot in new else new)
     assert texts[1] == (full[:full.find(full[2:4])] if len(full) > 4 else full)
 
 

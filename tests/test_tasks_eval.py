@@ -162,3 +162,40 @@ def test_engine_generate_fn_matches_generate(tiny_checkpoint):
     by_engine = engine_fn(prompts, 2, 0.0, 8, 0, ("\n\n",))
     by_generate = model_generate_fn(load_model_checkpoint(ckpt).eval(), tokenizer)(prompts, 2, 0.0, 8, 0, ("\n\n",))
     assert [[c.text for c in row] for row in by_engine] == [[c.text for c in row] for row in by_generate]
+
+
+def test_evaluate_task_chat_form():
+    """With a chat template, prompts are the task's messages rendered, and no stop strings apply."""
+    task = get_task("ladder", levels="2", per_level=2, few_shot=1)
+    rendered = []
+
+    class Template:
+        def render(self, messages, add_generation_prompt=True):
+            assert add_generation_prompt and messages[-1]["role"] == "user"
+            text = "".join(f"<{m['role']}>{m['content']}</{m['role']}>" for m in messages) + "<assistant>"
+            rendered.append(text)
+            return text
+
+    answers = {}
+
+    def generate_fn(prompts, n, temperature, max_tokens, seed, stop):
+        assert stop == () and prompts == rendered
+        return [[Completion("thinking\n\nstill\n#### " + answers[p], False, 5)] * n for p in prompts]
+
+    for e in task.examples():
+        answers[Template().render(task.messages(e))] = e.answer
+    rendered.clear()
+    result = evaluate_task(task, generate_fn, n=2, ks=[1], progress=False, chat_template=Template())
+    assert result["summary"]["all"]["pass@1"] == 1.0 and result["settings"]["chat"] is True
+    assert result["problems"][0]["prompt"].startswith("<user>") and "<assistant>" in result["problems"][0]["prompt"]
+    assert len(task.messages(task.examples()[0])) == 3  # one worked example as an earlier turn
+
+
+def test_eval_chat_flag_uses_the_checkpoint_template(tiny_checkpoint, tmp_path):
+    pytest.importorskip("nanokimi.data.chat", reason="the chat template (branch chat) is not merged here")
+    ckpt, _ = tiny_checkpoint
+    out = tmp_path / "chat.json"
+    assert main(["eval", "--ckpt", str(ckpt), "--task", "ladder", "--chat", "--max-tokens", "6", "--limit", "2",
+                 "--out", str(out), "--no-progress", "levels=1", "per_level=2"]) == 0
+    result = json.loads(out.read_text())
+    assert result["settings"]["chat"] and result["problems"][0]["prompt"] != get_task("ladder").examples()[0].question

@@ -48,6 +48,16 @@ def build_task(name: str, data: str | None, few_shot: int, options: list[str]):
     return get_task(name, few_shot=few_shot, **kwargs)
 
 
+def load_chat_template(ckpt: str):
+    try:
+        from nanokimi.data.chat import ChatTemplate
+    except ImportError:
+        raise TaskError("--chat needs nanokimi.data.chat (the chat template), which this install lacks.") from None
+    from nanokimi.checkpoint import resolve_checkpoint
+
+    return ChatTemplate.load(resolve_checkpoint(ckpt))
+
+
 def run_eval(args) -> int:
     from nanokimi.tasks.evaluate import evaluate_task, format_table, load_generate_fn
 
@@ -56,9 +66,11 @@ def run_eval(args) -> int:
     if ks[-1] > args.n or ks[0] < 1:
         raise TaskError(f"every k must lie in 1..n; got --k {args.k} with --n {args.n}.")
     task.examples("test", args.limit)  # a missing or broken data file fails before the model loads
+    chat_template = load_chat_template(args.ckpt) if args.chat else None
     generate_fn = load_generate_fn(args.ckpt)
     result = evaluate_task(task, generate_fn, n=args.n, ks=ks, temperature=args.temperature,
-                           max_tokens=args.max_tokens, seed=args.seed, limit=args.limit, progress=not args.no_progress)
+                           max_tokens=args.max_tokens, seed=args.seed, limit=args.limit, progress=not args.no_progress,
+                           chat_template=chat_template)
     result["settings"].update(checkpoint=args.ckpt, data=args.data, options=parse_options(args.options))
     print(format_table(result))
     if args.out:

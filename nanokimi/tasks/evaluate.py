@@ -37,13 +37,15 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
 
 def model_generate_fn(model, tokenizer, max_batch_rows: int = 256) -> GenerateFn:
     """A generate_fn over `nanokimi.infer.generate`: prompts of equal token length share a batch (the
-    model's cache has no padding), each prompt repeated n times, up to max_batch_rows rows per batch."""
+    model's cache has no padding), each prompt repeated n times, up to max_batch_rows rows per batch.
+    generate() knows no stop strings: rows run to end-of-text or max_tokens, then the text is cut."""
     import torch
 
     from nanokimi.infer.generate import generate
 
     device = next(model.parameters()).device
     eos = tokenizer.eot_id
+    end_ids = set(getattr(tokenizer, "stop_ids", ())) | {eos}  # end of text, and of a chat turn where known
     limit = model.config.max_position_embeddings
 
     def generate_fn(prompts, n, temperature, max_tokens, seed, stop):
@@ -69,10 +71,12 @@ def model_generate_fn(model, tokenizer, max_batch_rows: int = 256) -> GenerateFn
             out = generate(model, ids, max_tokens, temperature=temperature, seed=seed * 1_000_003 + batch_id,
                            eos_id=eos)
             for i, new in zip(members, out[:, length:].tolist()):
-                ended = eos in new
-                new = new[:new.index(eos)] if ended else new
+                first_end = next((j for j, token in enumerate(new) if token in end_ids), None)
+                ended = first_end is not None
+                new = new[:first_end] if ended else new
                 text, stopped = cut_at_stop(tokenizer.decode(new), stop)
-                results[i].append(Completion(text, not (ended or stopped), len(new)))
+                length_used = len(tokenizer.encode(text)) if stopped else len(new)  # tokens up to the stop string
+                results[i].append(Completion(text, not (ended or stopped), length_used))
             batch_id += 1
             start = end
         return results
@@ -121,10 +125,12 @@ def load_generate_fn(ckpt: str, device: str | None = None) -> GenerateFn:
 
 def evaluate_task(task: Task, generate_fn: GenerateFn, n: int = 1, ks: Sequence[int] = (1,),
                   temperature: float = 1.0, max_tokens: int = 256, seed: int = 0, limit: int | None = None,
-                  split: str = "test", prompts_per_call: int = 64, progress: bool = True) -> dict:
+                  split: str = "test", prompts_per_call: int = 64, progress: bool = True, chat_template=None) -> dict:
     """Generate n samples per problem, grade them, summarise: {"task", "settings", "summary", "problems"}.
     summary = {"all": row, "levels": {level: row}} with pass@k and maj@k for each k, mean reward, mean
-    tokens and the truncated share; "problems" holds every sample with its grade."""
+    tokens and the truncated share; "problems" holds every sample with its grade. With a chat_template
+    (`nanokimi.data.chat.ChatTemplate`) prompts are `task.messages(example)` rendered with the generation
+    prompt, and responses end at the end of the turn (no stop strings)."""
     ks = sorted(set(ks))
     if n < 1 or not ks or ks[0] < 1 or ks[-1] > n:
         raise TaskError(f"need 1 <= k <= n for every k; got k={','.join(map(str, ks))} with n={n}. "
@@ -132,6 +138,10 @@ def evaluate_task(task: Task, generate_fn: GenerateFn, n: int = 1, ks: Sequence[
     if temperature < 0 or max_tokens < 1:
         raise TaskError(f"need temperature >= 0 and max_tokens >= 1, got {temperature} and {max_tokens}.")
     examples = task.examples(split, limit)
+    if chat_template is None:
+        prompt_of, stop = task.prompt, tuple(task.stop)
+    else:
+        prompt_of, stop = (lambda e: chat_template.render(task.messages(e), add_generation_prompt=True)), ()
     from tqdm import tqdm
 
     bar = tqdm(total=len(examples), desc=f"{task.name} n={n}", unit="problem", disable=not progress,
@@ -140,25 +150,25 @@ def evaluate_task(task: Task, generate_fn: GenerateFn, n: int = 1, ks: Sequence[
     started = time.perf_counter()
     for start in range(0, len(examples), prompts_per_call):
         chunk = examples[start:start + prompts_per_call]
-        completions = generate_fn([task.prompt(e) for e in chunk], n, temperature, max_tokens,
-                                  seed + start, tuple(task.stop))
+        prompts = [prompt_of(e) for e in chunk]
+        completions = generate_fn(prompts, n, temperature, max_tokens, seed + start, stop)
         if len(completions) != len(chunk) or any(len(c) != n for c in completions):
             raise TaskError(f"generate_fn returned {len(completions)} prompts x {[len(c) for c in completions][:4]} "
                             f"samples; expected {len(chunk)} x {n}.")
-        for example, samples in zip(chunk, completions):
+        for example, prompt, samples in zip(chunk, prompts, completions):
             graded = []
             for sample in samples:
-                text, stopped = cut_at_stop(sample.text, task.stop)
+                text, stopped = cut_at_stop(sample.text, stop)
                 key, correct, reward = task.grade(text, example.answer)
                 graded.append({"text": text, "key": key, "correct": correct, "reward": reward,
                                "num_tokens": sample.num_tokens, "truncated": sample.truncated and not stopped})
             problems.append({"id": example.id, "difficulty": example.difficulty, "answer": example.answer,
-                             "prompt": task.prompt(example), "samples": graded})
+                             "prompt": prompt, "samples": graded})
         bar.update(len(chunk))
     bar.close()
     settings = {"task": task.name, "split": split, "n": n, "k": ks, "temperature": temperature,
                 "max_tokens": max_tokens, "seed": seed, "limit": limit, "few_shot": task.few_shot,
-                "stop": list(task.stop), "seconds": round(time.perf_counter() - started, 3)}
+                "chat": chat_template is not None, "stop": list(stop), "seconds": round(time.perf_counter() - started, 3)}
     return {"task": task.name, "settings": settings, "summary": summarize(problems, ks), "problems": problems}
 
 

@@ -6,7 +6,8 @@ runs `lm_eval` with the class registered (lm_eval finds model classes only in mo
 `import nanokimi.tasks.lm_eval_adapter` does the same from Python before `lm_eval.simple_evaluate`).
 loglikelihood scores the continuation's tokens under one full forward pass (the context left-truncated
 to the model's positions); loglikelihood_rolling scores a document in windows of the model's length,
-each token once; generate_until samples through `nanokimi.tasks.evaluate.model_generate_fn`.
+each token once; generate_until samples through `nanokimi.tasks.evaluate.model_generate_fn`, the context
+cut on the left so that it and max_gen_toks fit the model's positions.
 """
 from __future__ import annotations
 
@@ -82,6 +83,11 @@ class NanokimiLM(LM):
             results.append(total)
         return results
 
+    def _fit(self, context: str, room: int) -> str:
+        """The context cut on the left to its last `room` tokens (lm_eval's prompts may exceed the model)."""
+        ids = self.tokenizer.encode(context)
+        return context if len(ids) <= room else self.tokenizer.decode(ids[-room:])
+
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Requests with the same settings go to the generator together (equal-length prompts share a batch)."""
         generate_fn = model_generate_fn(self.model, self.tokenizer)
@@ -95,7 +101,9 @@ class NanokimiLM(LM):
             groups.setdefault((until, temperature, max_tokens), []).append(i)
         results = [""] * len(requests)
         for (until, temperature, max_tokens), members in groups.items():
-            outputs = generate_fn([requests[i].args[0] for i in members], 1, temperature, max_tokens, 0, until)
+            max_tokens = min(max_tokens, self.max_length - 1)
+            contexts = [self._fit(requests[i].args[0], self.max_length - max_tokens) for i in members]
+            outputs = generate_fn(contexts, 1, temperature, max_tokens, 0, until)
             for i, completions in zip(members, outputs):
                 results[i] = completions[0].text
         return results
