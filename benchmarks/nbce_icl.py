@@ -11,6 +11,7 @@ window without the key is unsure. Then, for N beyond the window, it answers with
     python benchmarks/nbce_icl.py --smoke    # CPU, under a minute: runs end to end, numbers meaningless
 """
 import argparse
+import math
 import random
 import time
 
@@ -50,27 +51,32 @@ def episode(rng: random.Random, n: int) -> tuple[list[str], dict]:
 def training_batch(rng: random.Random, tok, batch: int, lines: int, device):
     """Rows of `lines` lines 'KL' whose keys are drawn, with repeats, from a fresh mapping of 2..2*lines keys;
     the loss is on every label. A label whose key was shown before is predictable; one whose key is new is
-    noise, so the model learns to be unsure when the key is not in its window."""
-    rows, targets = [], []
+    noise, so the model learns to be unsure when the key is not in its window. Also returns the loss floor:
+    the share of labels whose key is new, times ln 10."""
+    rows, targets, new = [], [], 0
     for _ in range(batch):
         _, mapping = episode(rng, rng.randint(2, 2 * lines))
         keys = list(mapping)
-        ids, tgt = [], []
+        ids, tgt, seen = [], [], set()
         for _ in range(lines):
             key = rng.choice(keys)
+            new += key not in seen
+            seen.add(key)
             ids += tok.encode(f"{key}{mapping[key]}\n")
             tgt += [tok.encode(mapping[key])[0], -100, -100]  # the label is predicted at its key
         rows.append(ids[:-1])
         targets.append(tgt[:-1])
-    return torch.tensor(rows, device=device), torch.tensor(targets, device=device)
+    floor = new / (batch * lines) * math.log(10)
+    return torch.tensor(rows, device=device), torch.tensor(targets, device=device), floor
 
 
-def pretrain(model, tok, steps: int, seconds: float, batch: int, lines: int, device) -> list[float]:
-    """AdamW for `steps` steps or `seconds` seconds, whichever ends first; the learning rate warms up over 50
-    steps and decays linearly (to a tenth) with the share of the budget used."""
+def pretrain(model, tok, steps: int, seconds: float, batch: int, lines: int, device) -> tuple[list[float], list[float]]:
+    """AdamW for `steps` steps or `seconds` seconds, whichever ends first, or until the loss is within 0.05 of
+    its floor (mean over 100 steps); the learning rate warms up over 50 steps and decays linearly (to a tenth)
+    with the share of the budget used. Returns the losses and the floors."""
     rng = random.Random(0)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0, betas=(0.9, 0.95))
-    losses = []
+    losses, floors = [], []
     model.train()
     started = time.time()
     reported = 0.0
@@ -80,7 +86,7 @@ def pretrain(model, tok, steps: int, seconds: float, batch: int, lines: int, dev
             break
         for group in opt.param_groups:
             group["lr"] = 2e-3 * min(1.0, (step + 1) / 50) * max(0.1, 1 - used)
-        x, y = training_batch(rng, tok, batch, lines, device)
+        x, y, floor = training_batch(rng, tok, batch, lines, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = model.loss(x, y, chunk_tokens=0)
         opt.zero_grad(set_to_none=True)
@@ -88,11 +94,16 @@ def pretrain(model, tok, steps: int, seconds: float, batch: int, lines: int, dev
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(loss.item())
+        floors.append(floor)
+        if step >= 200 and sum(losses[-100:]) - sum(floors[-100:]) < 0.05 * 100:
+            print(f"pretrain step {step}: loss {loss.item():.3f}, within 0.05 of its floor: done", flush=True)
+            break
         if used >= reported:
-            print(f"pretrain step {step}: loss {loss.item():.3f} ({time.time() - started:.0f} s)", flush=True)
+            print(f"pretrain step {step}: loss {loss.item():.3f}, floor {floor:.3f} ({time.time() - started:.0f} s)",
+                  flush=True)
             reported += 0.1
     model.eval()
-    return losses
+    return losses, floors
 
 
 def main() -> None:
@@ -100,7 +111,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--window", type=int, default=64, help="tokens per window (the model's trained length)")
     parser.add_argument("--steps", type=int, default=50_000, help="most pretraining steps")
-    parser.add_argument("--train-seconds", type=float, default=150, help="pretraining time budget")
+    parser.add_argument("--train-seconds", type=float, default=240, help="pretraining time budget")
     parser.add_argument("--trials", type=int, default=200, help="prompts per number of examples")
     parser.add_argument("--beta", type=float, default=0.25)
     args = parser.parse_args()
@@ -116,7 +127,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = build_model(cfg).to(device)
     started = time.time()
-    losses = pretrain(model, tok, args.steps, args.train_seconds, 8 if args.smoke else 128, per_window, device)
+    losses, floors = pretrain(model, tok, args.steps, args.train_seconds, 8 if args.smoke else 128, per_window, device)
     train_s = time.time() - started
     llm = LLM(model, tokenizer=tok, max_cache_tokens=8192, dtype="auto" if device.type == "cpu" else "bfloat16")
     rng = random.Random(1)
@@ -148,7 +159,8 @@ def main() -> None:
     path = results_path("nbce_icl", args.smoke)
     write_results(path, environment(device), results,
                   extra={"settings": vars(args), "pretrain_seconds": round(train_s, 1), "pretrain_steps": len(losses),
-                         "final_loss": sum(losses[-20:]) / len(losses[-20:]), "examples_per_window": per_window,
+                         "final_loss": sum(losses[-20:]) / len(losses[-20:]),
+                         "loss_floor": sum(floors[-20:]) / len(floors[-20:]), "examples_per_window": per_window,
                          "model": {k: getattr(cfg, k) for k in ("hidden_size", "num_layers", "mixers")}})
     import matplotlib
     matplotlib.use("Agg")
