@@ -34,10 +34,11 @@ def plot(path: Path, runs: dict) -> None:
         evals = [r["eval_before"] for r in summary["iterations"]] + [summary["final_eval"]]
         left.plot(range(len(evals)), [e["pass@1"] for e in evals], marker="o", label=name)
         levels = list(summary["final_eval"]["by_level"])
-        right.plot([int(x) for x in levels], [summary["final_eval"]["by_level"][x] for x in levels], marker="o",
-                   label=f"{name} (after)")
-    base = next(iter(runs.values()))["iterations"][0]["eval_before"]["by_level"]
-    right.plot([int(x) for x in base], list(base.values()), "k--", label="pretrained")
+        line, = right.plot([int(x) for x in levels], [summary["final_eval"]["by_level"][x] for x in levels],
+                           marker="o", label=f"{name} (after)")
+        base = summary["iterations"][0]["eval_before"]["by_level"]  # the pretrained model, prompted this arm's way
+        right.plot([int(x) for x in base], list(base.values()), "--", color=line.get_color(), alpha=0.6,
+                   label=f"{name} (before)")
     left.set(xlabel="iteration", ylabel="held-out pass@1", title="ladder: LEPA vs no-plan")
     right.set(xlabel="ladder level (operations)", ylabel="pass@1", title="by level after self-training")
     left.legend(), right.legend()
