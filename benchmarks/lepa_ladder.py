@@ -117,8 +117,11 @@ def main() -> None:
     final = {name: s["final_eval"]["by_level"] for name, s in runs.items()}
     levels_run = next(iter(final.values()))
     print_table(["level", *final], [[lvl, *(f"{final[n][lvl]:.2f}" for n in final)] for lvl in levels_run])
-    plot(path.with_suffix(".png"), runs)
-    print(f"wrote {path} and {path.with_suffix('.png')} ({time.time() - started:.0f} s in all)")
+    try:
+        plot(path.with_suffix(".png"), runs)
+    except ImportError:
+        print("matplotlib is not installed: no PNG (pip install matplotlib)")
+    print(f"wrote {path} ({time.time() - started:.0f} s in all)")
 
 
 if __name__ == "__main__":

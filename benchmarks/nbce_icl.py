@@ -106,6 +106,22 @@ def pretrain(model, tok, steps: int, seconds: float, batch: int, lines: int, dev
     return losses, floors
 
 
+def plot(path, counts, results, scores, per_window, window) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in scores:
+        ax.plot(counts, [results[f"n{n}"][name] for n in counts], marker="o", label=name)
+    ax.axvline(per_window, color="grey", ls=":", label="one window")
+    ax.set(xscale="log", xlabel="examples in the prompt", ylabel="accuracy",
+           title=f"many-shot lookup, window {window}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true")
@@ -162,20 +178,11 @@ def main() -> None:
                          "final_loss": sum(losses[-20:]) / len(losses[-20:]),
                          "loss_floor": sum(floors[-20:]) / len(floors[-20:]), "examples_per_window": per_window,
                          "model": {k: getattr(cfg, k) for k in ("hidden_size", "num_layers", "mixers")}})
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name in scores:
-        ax.plot(counts, [results[f"n{n}"][name] for n in counts], marker="o", label=name)
-    ax.axvline(per_window, color="grey", ls=":", label="one window")
-    ax.set(xscale="log", xlabel="examples in the prompt", ylabel="accuracy",
-           title=f"many-shot lookup, window {args.window}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path.with_suffix(".png"), dpi=120)
-    print(f"wrote {path} and {path.with_suffix('.png')} ({time.time() - started:.0f} s)")
+    try:
+        plot(path.with_suffix(".png"), counts, results, scores, per_window, args.window)
+    except ImportError:
+        print("matplotlib is not installed: no PNG (pip install matplotlib)")
+    print(f"wrote {path} ({time.time() - started:.0f} s)")
 
 
 if __name__ == "__main__":
