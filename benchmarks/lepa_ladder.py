@@ -52,12 +52,12 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="work folder (default: a fresh temporary folder)")
     parser.add_argument("--pretrain-levels", default="1-8")
     parser.add_argument("--levels", default="1-8", help="levels LEPA trains and evaluates on")
-    parser.add_argument("--pretrain-seconds", type=float, default=180, help="data preparation + pretraining")
+    parser.add_argument("--pretrain-seconds", type=float, default=160, help="data preparation + pretraining")
     parser.add_argument("--docs", type=int, default=80_000, help="pretraining conversations")
     parser.add_argument("--total-seconds", type=float, default=560, help="an arm that would end later is skipped")
     parser.add_argument("--iterations", type=int, default=2)
     parser.add_argument("--trials", type=int, default=4)
-    parser.add_argument("--problems", type=int, default=384)
+    parser.add_argument("--problems", type=int, default=256)
     parser.add_argument("--eval-per-level", type=int, default=30)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
@@ -96,7 +96,8 @@ def main() -> None:
                          iterations=args.iterations, trials=trials, problems=args.problems,
                          eval_problems=args.eval_per_level * (levels[-1] - levels[0] + 1), plan=plan,
                          temperature=0.8, plan_tokens=24 if args.smoke else 160,
-                         solution_tokens=24 if args.smoke else 256, seed=0, sft_overrides=sft)
+                         solution_tokens=24 if args.smoke else 256, seed=0, sft_overrides=sft,
+                         max_cache_tokens=256 * (160 + 2 * 256 + 512))  # a whole round in one wave (256 rows)
         t0 = time.time()
         summary = runs[name] = run_lepa(str(ckpt), str(out / name.replace(" ", "_")), cfg, TEMPLATES, progress=False)
         for r in summary["iterations"]:
