@@ -1,7 +1,7 @@
 """nanokimi: train, sample, evaluate, convert and inspect Kimi-family models.
 
   nanokimi train [--preset NAME | --config FILE.toml] [--out DIR] [--resume] [section.key=value ...]
-  nanokimi generate --ckpt DIR --prompt TEXT
+  nanokimi generate --ckpt DIR --prompt TEXT [--nbce-window W]
   nanokimi eval --ckpt DIR [--task gsm8k|math500|ladder|mused --n 16 --k 1,4,16 ...]
   nanokimi tasks export ladder --out FILE.jsonl --levels 1-8 --count N
   nanokimi rl --ckpt DIR --task ladder|mused|gsm8k|math500 [--out DIR] [section.key=value ...]
@@ -12,6 +12,7 @@
   nanokimi serve CKPT [--host 127.0.0.1] [--port 8000] [--ttft-slo-ms MS] [--kv-offload-gb GB] ...
   nanokimi chat CKPT [--system TEXT]
   nanokimi sft --ckpt BASE --data FILE.jsonl [--out DIR] [--resume] [section.key=value ...]
+  nanokimi lepa --ckpt BASE --task ladder|mused|gsm8k [--iterations N] [--trials N] [--no-plan] [--templates FILE]
 """
 import argparse
 import json
@@ -114,6 +115,19 @@ def cmd_generate(args) -> int:
     except UnicodeEncodeError:
         raise ValueError("--prompt is not valid UTF-8 text (the shell passed undecodable bytes); re-encode it as "
                          "UTF-8, e.g. with iconv.") from None
+    if args.nbce_window is not None:
+        from nanokimi.infer import LLM, SamplingParams
+
+        params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                                top_k=args.top_k, seed=args.seed, nbce_window=args.nbce_window,
+                                nbce_beta=args.nbce_beta, nbce_pooling=args.nbce_pooling)
+        # NBCE keeps its own caches; the engine's paged cache stays small
+        out = LLM(args.ckpt, max_num_seqs=1, max_cache_tokens=1024).generate([args.prompt], params, use_tqdm=False)[0]
+        print(f"nbce: {out.metrics['nbce_windows']} windows of {out.metrics['nbce_window_tokens']} tokens",
+              file=sys.stderr)
+        print(args.prompt + out.text)
+        return 0
+
     model, tokenizer_file = load_for_sampling(args.ckpt)
     print(sample_text(model, tokenizer_file, args.prompt, args.max_new_tokens, temperature=args.temperature,
                       top_p=args.top_p, top_k=args.top_k, seed=args.seed, report=True))
@@ -190,6 +204,28 @@ def cmd_sft(args) -> int:
     return 0
 
 
+def cmd_lepa(args) -> int:
+    from nanokimi.post.lepa import LepaConfig, Templates, run_lepa
+
+    options = {}
+    if args.levels:
+        options["levels"] = args.levels
+    if args.data:
+        options["path"] = args.data
+    if args.per_level:
+        options["per_level"] = args.per_level
+    cfg = LepaConfig(task=args.task, task_options=options, iterations=args.iterations, trials=args.trials,
+                     problems=args.problems, eval_problems=args.eval_problems, plan=not args.no_plan,
+                     temperature=args.temperature, plan_tokens=args.plan_tokens, solution_tokens=args.solution_tokens,
+                     seed=args.seed, sft_overrides=args.overrides)
+    templates = Templates.load(args.templates) if args.templates else Templates()
+    summary = run_lepa(args.ckpt, args.out, cfg, templates, progress=not args.no_progress)
+    evals = [r["eval_before"].get("pass@1") for r in summary["iterations"]] + [summary["final_eval"].get("pass@1")]
+    print(f"done: held-out pass@1 by iteration {evals}; checkpoint {summary['checkpoint']}; "
+          f"metrics {args.out}/metrics.jsonl")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from nanokimi.train.args import add_train_args
 
@@ -209,6 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--nbce-window", type=int, default=None, metavar="W",
+                     help="NBCE: a prompt longer than the context, cut at newlines into windows of W tokens "
+                          "(the last line is the query) and decoded together (docs/nbce.md)")
+    gen.add_argument("--nbce-beta", type=float, default=0.25, help="NBCE beta (default 0.25)")
+    gen.add_argument("--nbce-pooling", default="min_entropy", choices=["min_entropy", "mean"],
+                     help="NBCE pooling over windows (default min_entropy)")
     gen.set_defaults(func=cmd_generate)
 
     ev = commands.add_parser("eval", help="bits per byte of a checkpoint, or pass@k on a task (--task)")
@@ -296,6 +338,28 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_argument("overrides", nargs="*", metavar="section.key=value",
                      help="train.*, optim.* or sft.* (epochs, pack, train_on, val_fraction), e.g. optim.lr=1e-4")
     sft.set_defaults(func=cmd_sft)
+
+    lepa = commands.add_parser("lepa", help="LEPA self-training: plan, solve, reflect with the answer, fine-tune")
+    lepa.add_argument("--ckpt", required=True, help="base checkpoint (run folder or checkpoint folder)")
+    lepa.add_argument("--task", required=True, choices=["ladder", "mused", "gsm8k", "math500"])
+    lepa.add_argument("--levels", help="ladder levels / mused depths, e.g. 1-8")
+    lepa.add_argument("--data", help="gsm8k / math500 data folder or file")
+    lepa.add_argument("--per-level", type=int, help="ladder / mused problems per level and split")
+    lepa.add_argument("--out", default="runs/lepa", help="run folder (default runs/lepa)")
+    lepa.add_argument("--iterations", type=int, default=2)
+    lepa.add_argument("--trials", type=int, default=5, help="attempts per problem and iteration (default 5)")
+    lepa.add_argument("--problems", type=int, default=64, help="training problems per iteration (default 64)")
+    lepa.add_argument("--eval-problems", type=int, default=100, help="held-out problems for pass@1 (default 100)")
+    lepa.add_argument("--no-plan", action="store_true", help="the baseline: rejection-sampling self-training, no plans")
+    lepa.add_argument("--temperature", type=float, default=0.8)
+    lepa.add_argument("--plan-tokens", type=int, default=96)
+    lepa.add_argument("--solution-tokens", type=int, default=256)
+    lepa.add_argument("--templates", help="TOML file replacing prompt templates (docs/lepa.md)")
+    lepa.add_argument("--seed", type=int, default=0)
+    lepa.add_argument("--no-progress", action="store_true", help="no progress bar")
+    lepa.add_argument("overrides", nargs="*", metavar="section.key=value",
+                      help="settings of each fine-tuning (nanokimi sft's), e.g. sft.epochs=2 optim.lr=1e-4")
+    lepa.set_defaults(func=cmd_lepa)
     return parser
 
 

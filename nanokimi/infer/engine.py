@@ -160,6 +160,8 @@ class Engine:
             (total <= capacity, f"prompt + max_tokens = {total} tokens exceed the whole cache ({capacity} tokens); "
              "raise max_cache_tokens"),
             (not params.stop or self.tokenizer is not None, "stop strings need an engine with a tokenizer"),
+            (params.nbce_window is None, "nbce_window requests are decoded by LLM.generate (nanokimi.infer.nbce), "
+             "not by the engine"),
         ]
         for ok, message in checks:
             if not ok:

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from nanokimi.checkpoint import TOKENIZER, load_model_checkpoint, resolve_checkpoint
-from nanokimi.infer.engine import Engine
+from nanokimi.infer.engine import Engine, sample_seed
+from nanokimi.infer.nbce import nbce_generate
 from nanokimi.infer.params import RequestOutput, SamplingParams
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
@@ -94,11 +95,15 @@ class LLM:
             params = [sampling_params or SamplingParams()] * len(ids)
         engine = self.engine
         order = []
+        nbce: dict[str, tuple[list[int], str | None, SamplingParams]] = {}
         try:
             for prompt_ids, text, p in zip(ids, texts, params):
                 request_id = f"llm-{self._next_id}"
                 self._next_id += 1
-                engine.add_request(request_id, prompt_ids, p, prompt=text)
+                if p.nbce_window is not None:  # NBCE requests run on their own decoder after the engine's
+                    nbce[request_id] = (prompt_ids, text, p)
+                else:
+                    engine.add_request(request_id, prompt_ids, p, prompt=text)
                 order.append(request_id)
         except ValueError:
             for request_id in order:
@@ -110,16 +115,29 @@ class LLM:
         if use_tqdm:
             from tqdm import tqdm
             progress = tqdm(total=len(order), desc="generate", unit="req", leave=False)
-        wanted = set(order)
-        while len(finished) < len(order):
+        wanted = set(order) - set(nbce)
+        while len(finished) < len(wanted):
             for out in engine.step():
                 if out.finished and out.request_id in wanted and out.request_id not in finished:
                     finished[out.request_id] = out
                     if progress is not None:
                         progress.update(1)
+        for request_id, (prompt_ids, text, p) in nbce.items():
+            finished[request_id] = self._generate_nbce(request_id, prompt_ids, text, p)
+            if progress is not None:
+                progress.update(1)
         if progress is not None:
             progress.close()
         return [finished[r] for r in order]
+
+    def _generate_nbce(self, request_id: str, prompt_ids: list[int], text: str | None,
+                       params: SamplingParams) -> RequestOutput:
+        if self.tokenizer is None:
+            raise ValueError("LLM.generate: NBCE (nbce_window) splits the prompt's text and needs a tokenizer.")
+        seed = params.seed if params.seed is not None else sample_seed(None, 0)
+        prompt = text if text is not None else self.tokenizer.decode(prompt_ids)
+        return nbce_generate(self.model, self.tokenizer, request_id, prompt, params,
+                             [sample_seed(seed, i) for i in range(params.n)], prompt_ids)
 
     def stats(self) -> dict:
         return self.engine.stats()

@@ -11,6 +11,10 @@ class SamplingParams:
     sample and are cut from its text; stop_token_ids (and the tokenizer's end ids unless ignore_eos)
     end it too. logprobs=k returns, per generated token, the log-probabilities of the top k tokens and
     of the chosen one (under the model's raw distribution).
+
+    nbce_window=W decodes with NBCE (nanokimi.infer.nbce): the context is cut at nbce_separator into windows
+    of at most W tokens (each with the query, the text after the last separator), and each step combines
+    them as (beta + 1) * pool(log p_window) - beta * log p_no_context, pool "min_entropy" or "mean".
     """
     max_tokens: int = 16
     temperature: float = 1.0
@@ -22,6 +26,10 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     logprobs: int | None = None
     ignore_eos: bool = False
+    nbce_window: int | None = None
+    nbce_beta: float = 0.25
+    nbce_pooling: str = "min_entropy"
+    nbce_separator: str = "\n"
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -38,6 +46,14 @@ class SamplingParams:
             (self.seed is None or isinstance(self.seed, int), f"seed must be an int or None, got {self.seed!r}"),
             (not self.stop or all(isinstance(s, str) and s for s in self.stop),
              f"stop must be a list of non-empty strings, got {self.stop!r}"),
+            (self.nbce_window is None or (isinstance(self.nbce_window, int) and self.nbce_window >= 2),
+             f"nbce_window must be None (off) or an int >= 2 (tokens per window), got {self.nbce_window!r}"),
+            (isinstance(self.nbce_beta, (int, float)) and self.nbce_beta >= 0,
+             f"nbce_beta must be a number >= 0, got {self.nbce_beta!r}"),
+            (self.nbce_pooling in ("min_entropy", "mean"),
+             f"nbce_pooling must be 'min_entropy' or 'mean', got {self.nbce_pooling!r}"),
+            (isinstance(self.nbce_separator, str) and self.nbce_separator != "",
+             f"nbce_separator must be a non-empty string, got {self.nbce_separator!r}"),
         ]
         for ok, message in checks:
             if not ok:
