@@ -42,10 +42,10 @@ class TrainConfig:
     fsdp_reshard: bool = False  # several processes: free each unit's gathered weights after its forward (less memory, one more all-gather per step)
     fsdp_reduce_dtype: str = "fp32"  # several processes on CUDA: gradient reduce-scatter in "fp32" or "bf16" (half the bytes)
     grad_clip: float = 1.0
-    log_every: int = 10
-    eval_every: int = 60
+    log_every: int = 5
+    eval_every: int = 40
     eval_batches: int = 8
-    save_every: int = 60
+    save_every: int = 40
     keep_checkpoints: int = 2  # newest complete checkpoints/step-N folders kept
     sample_tokens: int = 120
 
