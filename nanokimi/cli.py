@@ -62,8 +62,9 @@ def cmd_train(args) -> int:
           f"{trainer.device} with {run.optim.name}; data {trainer.data_dir}; writing {out}", file=sys.stderr)
     source = trainer.manifest.source
     if source.get("chars_used", 0) < source.get("chars", 0):
-        print(f"data: a fixed sample of {source['chars_used'] / 1e6:.1f}M of the {source['chars'] / 1e6:.1f}M characters "
-              f"of {run.data.source} (data.max_mb={run.data.max_mb:g}; data.max_mb=0 uses all)", file=sys.stderr)
+        print(f"data: a fixed sample of {source['chars_used'] / 1e6:.1f}M of the {source['chars'] / 1e6:.1f}M "
+              f"characters of {run.data.source} (data.max_mb={run.data.max_mb:g}; data.max_mb=0 uses all)",
+              file=sys.stderr)
     if args.resume and trainer.step >= run.train.max_steps:
         print(f"the run is already at train.max_steps={run.train.max_steps}: nothing to train. Continue it "
               f"further with: nanokimi train --out {out} --resume train.max_steps={2 * run.train.max_steps}",
@@ -94,7 +95,7 @@ def _finish_with_plot_and_next_steps(out: str, max_steps: int) -> None:
         print(f"loss curve: not drawn ({e})")
     print(f"next:\n  nanokimi generate --ckpt {out} --prompt 'def main(' --max-new-tokens 200\n"
           f"  nanokimi eval --ckpt {out}\n"
-          f"  nanokimi train --out {out} --resume train.max_steps={4 * max_steps}   # train longer from where it stopped")
+          f"  nanokimi train --out {out} --resume train.max_steps={4 * max_steps}   # train on from where it stopped")
 
 
 def _check(ok: bool, message: str) -> None:

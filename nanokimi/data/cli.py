@@ -24,7 +24,7 @@ def add_prepare_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     parser.add_argument("--tokenizer-sample-mb", type=float, default=8.0,
                         help="train the BPE on this many million characters of train documents (8)")
     parser.add_argument("--max-mb", type=float, default=0.0,
-                        help="use only a fixed sample of whole documents of about this many million characters (0: all)")
+                        help="use a fixed sample of whole documents of about this many million characters (0: all)")
     parser.add_argument("--overwrite", action="store_true", help="replace an output folder prepared differently")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
