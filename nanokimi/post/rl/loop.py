@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from nanokimi.checkpoint import load_trainer_state, rng_state, save_checkpoint, set_rng_state
+from nanokimi.checkpoint import (CHECKPOINTS, load_trainer_state, rng_state, run_checkpoint, save_step, set_rng_state,
+                                 write_checkpoint_files)
 from nanokimi.model.moe import update_router_bias
 from nanokimi.post.rl.config import RLRunConfig, rl_to_toml
 from nanokimi.post.rl.losses import (group_advantages, grpo_loss, k15_loss, kl_estimate, length_penalty,
@@ -120,14 +121,15 @@ class RLTrainer:
         self.rank, self.world_size, self.is_main = rank, world_size, rank == 0
         self.progress = progress and self.is_main
         self.device = model.embed.weight.device
-        self.checkpoint_dir = self.out / "checkpoint"
-        holds_run = (self.out / "metrics.jsonl").exists() or self.checkpoint_dir.exists()
+        self.checkpoints = self.out / CHECKPOINTS
+        self.last_good = run_checkpoint(self.out, warn=False)
+        holds_run = (self.out / "metrics.jsonl").exists() or self.last_good is not None
         if holds_run and not resume:
             raise TrainingError(f"'{self.out}' already holds an RL run. Pass --resume to continue it, or choose "
                                 "another --out.")
-        if resume and not (self.checkpoint_dir / "trainer.pt").is_file():
-            raise TrainingError(f"--resume: '{self.out}' has no checkpoint to continue from. Start it without "
-                                "--resume.")
+        if resume and (self.last_good is None or not (self.last_good / "trainer.pt").is_file()):
+            raise TrainingError(f"--resume: '{self.out}' has no checkpoint to continue from (no complete "
+                                f"{CHECKPOINTS}/step-N). Start it without --resume.")
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
         if self.cfg.prompts_per_step % world_size:
@@ -466,36 +468,46 @@ class RLTrainer:
         return out
 
     def save(self) -> Path:
-        """One single-process checkpoint (whole weights and optimizer state, written by rank 0) whatever the
-        number of ranks; a sharded run gathers its optimizer state first (every rank calls this)."""
+        """RUN/checkpoints/step-N (see nanokimi.checkpoint): one single-process checkpoint (whole weights and
+        optimizer state, written by rank 0) whatever the number of ranks; a sharded run gathers its optimizer
+        state first (every rank calls this)."""
         pending = self._all_gather(self.buffer.state_dict())
         optimizer_state = self.optimizer.state_dict()
         if self.sharded:
             optimizer_state = {name: {"state": {i: {k: full_tensor(v) for k, v in values.items()}
                                                 for i, values in opt["state"].items()},
                                       "param_groups": opt["param_groups"]} for name, opt in optimizer_state.items()}
-        if self.is_main:
-            state = {"step": self.step, "tokens": self.tokens, "sampler": self.sampler.state_dict(),
-                     "pending": pending, "rng": rng_state(), "optimizer": optimizer_state,
-                     "run": self.run.to_dict(), "world_size": self.world_size}
-            save_checkpoint(self.checkpoint_dir, self.policy, state, self.tokenizer_file)
-        self._barrier()
-        return self.checkpoint_dir
+        state = {"step": self.step, "tokens": self.tokens, "sampler": self.sampler.state_dict(),
+                 "pending": pending, "rng": rng_state(), "optimizer": optimizer_state,
+                 "run": self.run.to_dict(), "world_size": self.world_size}
+
+        def write(tmp: Path) -> None:
+            if self.is_main:
+                write_checkpoint_files(tmp, self.policy, state, self.tokenizer_file)
+
+        self.last_good = save_step(self.out, self.step, write, keep=self.cfg.keep_checkpoints, is_main=self.is_main,
+                                   barrier=self._barrier)
+        return self.last_good
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """The newest checkpoint of this run (the step folder `latest` names), or where they go."""
+        return self.last_good or self.checkpoints
 
     def _resume(self) -> None:
         from safetensors.torch import load_model
 
-        state = load_trainer_state(self.checkpoint_dir)
+        path = run_checkpoint(self.out)
+        state = load_trainer_state(path)
         if state.get("world_size", 1) != self.world_size:
-            raise TrainingError(f"{self.checkpoint_dir} was saved by {state.get('world_size', 1)} process(es); "
+            raise TrainingError(f"{path} was saved by {state.get('world_size', 1)} process(es); "
                                 f"resume it with the same number (got {self.world_size}).")
         if self.sharded:
             from nanokimi.train.sharded_checkpoint import load_into
-            load_into(self.checkpoint_dir, self.model, self.optimizer)  # each rank keeps its shards
+            load_into(path, self.model, self.optimizer)  # each rank keeps its shards
             self._refresh_policy()
         else:
-            load_model(self.model, str(self.checkpoint_dir / "model.safetensors"), strict=False,
-                       device=str(self.device))
+            load_model(self.model, str(path / "model.safetensors"), strict=False, device=str(self.device))
             self.optimizer.load_state_dict(state["optimizer"])
         self.sampler.load_state_dict(state["sampler"])
         self.buffer.load_state_dict(state["pending"][self.rank])
