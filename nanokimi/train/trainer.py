@@ -18,7 +18,9 @@ import torch
 from tqdm import tqdm
 
 from nanokimi.model import Transformer, build_model
+from nanokimi.model.attn_res import set_attnres_kernels
 from nanokimi.model.moe import update_router_bias
+from nanokimi.runtime.attnres import AttnResKernels
 from nanokimi.checkpoint import (CHECKPOINTS, CheckpointError, load_trainer_state, rng_state, run_checkpoint,
                                  save_step, set_rng_state, write_checkpoint_files)
 from nanokimi.train.config import RunConfig, to_toml
@@ -180,6 +182,7 @@ class Trainer:
 
         t, o = self.run.train, self.run.optim
         self.model = build_model(self.run.model, device=self.device)
+        set_attnres_kernels(self.model, AttnResKernels(storage=t.attn_res_storage, fuse_norm=t.attn_res_fuse_norm))
         self.start_from(self.model)
         if self.world_size > 1:
             from nanokimi.train.distributed import shard_model
@@ -191,7 +194,8 @@ class Trainer:
             compile_model(self.model, fullgraph=self.device.type == "cuda")  # CPU fp32 MoE has a graph break
         self.loss_fn = self.model.loss
         self.optimizer = build_optimizer(self.model, name=o.name, lr=o.lr, weight_decay=o.weight_decay,
-                                         betas=(o.beta1, o.beta2), momentum=o.momentum)
+                                         betas=(o.beta1, o.beta2), momentum=o.momentum,
+                                         muon_execution=o.muon_execution())
         if o.cuda_graph:
             if self.world_size > 1:
                 raise TrainingError("optim.cuda_graph=true works in a single process only (the sharded step talks "

@@ -144,7 +144,8 @@ class RLTrainer:
             shard_model(model, self.device)
         o = run.optim
         self.optimizer = build_optimizer(model, name=o.name, lr=o.lr, weight_decay=o.weight_decay,
-                                         betas=(o.beta1, o.beta2), momentum=o.momentum)
+                                         betas=(o.beta1, o.beta2), momentum=o.momentum,
+                                         muon_execution=o.muon_execution())
         if o.qk_clip:
             enable_qk_clip_recording(model)
         self.stop = tuple(getattr(task, "stop", ()) or ())
