@@ -113,8 +113,8 @@ def cmd_generate(args) -> int:
     except UnicodeEncodeError:
         raise ValueError("--prompt is not valid UTF-8 text (the shell passed undecodable bytes); re-encode it as "
                          "UTF-8, e.g. with iconv.") from None
-    model, tokenizer_file = load_for_sampling(args.ckpt)
-    print(sample_text(model, tokenizer_file, args.prompt, args.max_new_tokens, temperature=args.temperature,
+    model, tokenizer = load_for_sampling(args.ckpt)
+    print(sample_text(model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
                       top_p=args.top_p, top_k=args.top_k, seed=args.seed, report=True))
     return 0
 

@@ -264,6 +264,7 @@ def test_chat_cli_streams_replies_from_the_fine_tuned_model(sft_run):
                           input="Capital of France?\n/reset\nSay hi.\n", capture_output=True, text=True, env=env,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
+    assert "(engine, " in proc.stderr  # nanokimi.infer.LLM's engine, not a scripted one
     assert "Paris.\n" in proc.stdout and "Hi there!\n" in proc.stdout and "(conversation cleared)" in proc.stdout
 
 
