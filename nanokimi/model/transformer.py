@@ -138,7 +138,7 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, cache: ModelCache | None = None,
                 position: torch.Tensor | None = None, documents: Documents | None = None) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, vocab]. See hidden_states for `position` and `documents`."""
-        return self.lm_head(self.hidden_states(input_ids, cache, position, documents))
+        return self.lm_head(self.hidden_states(input_ids, cache, position, documents=documents))
 
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = 8192,
              documents: Documents | None = None) -> torch.Tensor:
