@@ -316,7 +316,8 @@ def test_engine_sees_in_place_updates_on_cuda(preset):
     assert moved > 0.2, moved  # the update changed the log-probs far more than the tolerance
 
 
-def test_sigterm_saves_and_resume_continues(tmp_path):
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGUSR1"])  # SIGUSR1: Slurm's warning before pre-emption
+def test_a_stop_signal_saves_and_resume_continues(tmp_path, name):
     import signal
     import threading
 
@@ -324,8 +325,8 @@ def test_sigterm_saves_and_resume_continues(tmp_path):
 
     settings = ["rl.steps=100000", "rl.prompts_per_step=2"]
     trainer = toy_trainer(tmp_path, settings)
-    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
-    with pytest.raises(TrainingError, match="stopped by SIGTERM at step"):
+    threading.Timer(1.0, os.kill, (os.getpid(), getattr(signal, name))).start()
+    with pytest.raises(TrainingError, match=f"stopped by {name} at step"):
         trainer.fit(evaluate=False)
     assert 0 < trainer.step < 100000 and (trainer.checkpoint_dir / "trainer.pt").is_file()
     assert trainer.checkpoint_dir.name == f"step-{trainer.step}"

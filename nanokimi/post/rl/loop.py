@@ -13,8 +13,6 @@ import copy
 import json
 import math
 import random
-import signal
-import threading
 import time
 from pathlib import Path
 
@@ -31,31 +29,7 @@ from nanokimi.post.rl.rollout import EngineBackend, Group, ReferenceBackend, Res
 from nanokimi.post.rl.sampler import PromptSampler, informative
 from nanokimi.train.distributed import clip_grad_norm_, sync_step_statistics
 from nanokimi.train.schedule import lr_factor
-from nanokimi.train.trainer import TrainingError
-
-
-class StopRequest:
-    """While active, SIGINT and SIGTERM only record that a stop was asked for: the loop finishes its step,
-    saves and exits. A second Ctrl-C stops at once."""
-
-    def __init__(self):
-        self.received: str | None = None
-        self._previous: dict = {}
-
-    def _handle(self, signum, frame) -> None:
-        if self.received is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.received = signal.Signals(signum).name
-
-    def __enter__(self) -> "StopRequest":
-        if threading.current_thread() is threading.main_thread():
-            for number in (signal.SIGINT, signal.SIGTERM):
-                self._previous[number] = signal.signal(number, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for number, handler in self._previous.items():
-            signal.signal(number, handler)
+from nanokimi.train.trainer import StopSignals, TrainingError
 
 
 def response_text(tokenizer, token_ids: list[int], stop: tuple[str, ...], stop_ids: set[int]) -> str:
@@ -537,7 +511,8 @@ class RLTrainer:
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True)
         started = time.perf_counter()
         summary = None
-        with StopRequest() as stop:
+        stopped = False
+        with StopSignals() as stop:
             while self.step < cfg.steps:
                 record = self.train_step()
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
@@ -548,16 +523,17 @@ class RLTrainer:
                                 len=f"{record['length_mean']:.0f}", gap=f"{record['logprob_gap']:.1e}")
                 bar.update(1)
                 out_of_time = cfg.time_limit_s > 0 and time.perf_counter() - started > cfg.time_limit_s
-                out_of_time = bool(self._all_reduce(torch.tensor(float(out_of_time), device=self.device)).item())
-                if stop.received or out_of_time:
+                flags = torch.tensor([float(out_of_time), float(stop.received is not None)], device=self.device)
+                out_of_time, stopped = (bool(x) for x in self._all_reduce(flags).tolist())  # every rank agrees
+                if stopped or out_of_time:
                     break
                 if self.step % cfg.save_every == 0 and self.step < cfg.steps:
                     self.save()
             bar.close()
-            if stop.received:
+            if stopped:
                 path = self.save()
-                raise TrainingError(f"stopped by {stop.received} at step {self.step}; saved {path}. Continue with "
-                                    "--resume.")
+                raise TrainingError(f"stopped by {stop.received or 'a signal to another rank'} at step {self.step}; "
+                                    f"saved {path}. Continue with --resume.")
             if evaluate:
                 summary = self.evaluate()
                 self.log({"step": self.step, "tokens": self.tokens, **self.flat_eval(summary)})
