@@ -357,11 +357,15 @@ class Trainer:
             if self.world_size > 1:
                 from nanokimi.train.sharded_checkpoint import save_sharded_checkpoint
                 path = save_sharded_checkpoint(self.out, self.step, self.model, self.optimizer, state,
-                                               self.tokenizer_file, keep=keep)
+                                               self.tokenizer_file, keep=keep, extra_files=self.write_extra_files)
             else:
                 state["optimizer"] = self.optimizer.state_dict()
-                path = save_step(self.out, self.step, lambda tmp: write_checkpoint_files(
-                    tmp, self.model, state, self.tokenizer_file), keep=keep)
+
+                def write(tmp: Path) -> None:
+                    write_checkpoint_files(tmp, self.model, state, self.tokenizer_file)
+                    self.write_extra_files(tmp)
+
+                path = save_step(self.out, self.step, write, keep=keep)
         except OSError as e:
             kept = f"the previous checkpoint {self.last_good} is kept" if self.last_good else "no checkpoint was kept"
             raise TrainingError(f"could not save step {self.step} to {self.checkpoints} ({e.strerror or e}"
@@ -369,6 +373,10 @@ class Trainer:
                                 "with --resume.") from None
         self.last_good = path
         return path
+
+    def write_extra_files(self, folder: Path) -> None:
+        """Files a subclass adds to every checkpoint (fine-tuning: tokenizer files, chat template), written by
+        rank 0 into the step's temporary folder before it is renamed into place."""
 
     def log(self, record: dict) -> None:
         if self.is_main:
