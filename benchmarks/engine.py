@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from perf_common import (ROOT, environment, find_peer_script, free_memory, print_table, results_path, short_error,
-                         sync, write_results)
+from perf_common import (ROOT, environment, find_peer_script, free_memory, import_script, print_table, results_path,
+                         short_error, sync, write_results)
 from nanokimi.config import ModelConfig
 from nanokimi.infer import Engine, SamplingParams
 from nanokimi.model import build_model
@@ -212,8 +212,7 @@ def long_context(spec, device, dtype, context: int, steps: int, fraction: float)
 
 def hf_worker(args) -> None:
     """Runs in a subprocess: one HF peer over the workload file, prints/writes JSON."""
-    sys.path.insert(0, str(Path(args.peer_script).parent))
-    from peer_hf import build
+    build = import_script(args.peer_script).build
     work = json.loads(Path(args.workload).read_text())
     model = build(args.layout).to("cuda", torch.bfloat16).eval()
     generated = sum(w["output"] for w in work)

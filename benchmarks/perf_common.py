@@ -92,6 +92,17 @@ def find_peer_script(given: str | None) -> Path | None:
     return None
 
 
+def import_script(path: str | Path):
+    """A peer script (e.g. peer_hf.py) imported as a module from its path, without touching sys.path."""
+    import importlib.util
+
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_peer(script: Path | None, args: list[str], timeout_s: int) -> dict:
     """Run the HF peer script in a subprocess with --json; returns its JSON or {"error": ...}."""
     if script is None:

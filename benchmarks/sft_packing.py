@@ -20,16 +20,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from perf_common import environment, print_table, results_path, write_results  # noqa: E402
-from nanokimi.config import ModelConfig  # noqa: E402
-from nanokimi.data import Tokenizer  # noqa: E402
-from nanokimi.data.chat import ChatTemplate  # noqa: E402
-from nanokimi.model import build_model  # noqa: E402
-from nanokimi.post.sft import IGNORE, Conversation, build_examples, collate, pack_rows  # noqa: E402
+from perf_common import ROOT, environment, print_table, results_path, write_results
+from nanokimi.config import ModelConfig
+from nanokimi.data import Tokenizer
+from nanokimi.data.chat import ChatTemplate
+from nanokimi.model import build_model
+from nanokimi.post.sft import IGNORE, Conversation, build_examples, collate, pack_rows
 
-ROOT = Path(__file__).resolve().parents[1]
 GSM8K = next((p for p in (ROOT / ".." / "shared", ROOT / ".." / ".." / "shared") if p.is_dir()),
              ROOT / ".." / "shared") / "data" / "gsm8k" / "train.jsonl"  # a worktree lives one level deeper
 

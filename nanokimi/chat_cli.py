@@ -4,7 +4,7 @@ The conversation is kept and rendered with the checkpoint's chat template on eve
 /reset (forget the conversation), /system TEXT (new system prompt, conversation reset), /exit (or Ctrl-D).
 Ctrl-C during a reply stops that reply and keeps the part already written; Ctrl-C at the prompt clears it.
 
-Replies come from nanokimi.infer.LLM's engine when it is available, else from a plain cached decode loop.
+Replies are streamed from the engine of nanokimi.infer.LLM.
 """
 from __future__ import annotations
 
@@ -15,54 +15,11 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from nanokimi.data import TokenizerBase, load_tokenizer
+from nanokimi.data import load_tokenizer
 from nanokimi.data.chat import ChatTemplate, ToolCallError, parse_tool_calls, partial_marker_length
 from nanokimi.data.tokenizer import END_OF_TURN
 
 HELP = "commands: /reset  /system TEXT  /exit   (Ctrl-C stops a reply, Ctrl-D leaves)"
-
-
-class TextStream:
-    """Turns generated ids into text pieces, holding back bytes of a character that is not complete yet."""
-
-    def __init__(self, tokenizer: TokenizerBase):
-        self.tokenizer, self.ids, self.sent = tokenizer, [], ""
-
-    def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""
-        piece, self.sent = text[len(self.sent):], text
-        return piece
-
-
-class ModelReplies:
-    """Streams replies with the model's own cache: prefill the rendered conversation, then decode one token at
-    a time until a stop id (end of turn / end of text) or max_new_tokens."""
-
-    def __init__(self, model, tokenizer: TokenizerBase, max_new_tokens: int = 512, temperature: float = 0.7,
-                 top_p: float = 0.95, top_k: int = 0, seed: int | None = None):
-        self.model, self.tokenizer = model.eval(), tokenizer
-        self.max_new_tokens, self.temperature, self.top_p, self.top_k = max_new_tokens, temperature, top_p, top_k
-        self.device = next(model.parameters()).device
-        self.generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
-
-    @torch.no_grad()
-    def __call__(self, prompt_ids: list[int]) -> Iterator[str]:
-        from nanokimi.infer.generate import sample_next
-
-        stops, text = self.tokenizer.stop_ids, TextStream(self.tokenizer)
-        cache = self.model.new_cache(1, len(prompt_ids) + self.max_new_tokens)
-        logits = self.model(torch.tensor([prompt_ids], device=self.device), cache=cache)[:, -1]  # [1, V]
-        for _ in range(self.max_new_tokens):
-            token = sample_next(logits, self.temperature, self.top_p, self.top_k, self.generator)  # [1]
-            if int(token) in stops:
-                return
-            piece = text.push(int(token))
-            if piece:
-                yield piece
-            logits = self.model(token[:, None], cache=cache)[:, -1]
 
 
 class EngineReplies:
@@ -161,30 +118,23 @@ def terminal_lines(prompt: str = "you> ") -> Iterator[str]:
 def load_chat(ckpt: str, device: str = "auto", max_new_tokens: int = 512, temperature: float = 0.7,
               top_p: float = 0.95, top_k: int = 0, seed: int | None = None):
     """(reply(messages) -> pieces, description) for the checkpoint: its tokenizer, template and model."""
-    from nanokimi.checkpoint import load_model_checkpoint, resolve_checkpoint
+    from nanokimi.checkpoint import resolve_checkpoint
+    from nanokimi.infer import LLM, SamplingParams
 
     path = resolve_checkpoint(ckpt)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer, template = load_tokenizer(path), ChatTemplate.load(path)
-    try:
-        from nanokimi.infer import LLM, SamplingParams
-    except ImportError:
-        LLM = None
-    if LLM is not None:
-        llm = LLM(str(path), device=device)
-        params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                seed=seed, stop_token_ids=sorted(tokenizer.stop_ids))
-        replies, engine = EngineReplies(llm, params), "engine"
-    else:
-        replies, engine = ModelReplies(load_model_checkpoint(path, device), tokenizer, max_new_tokens, temperature,
-                                       top_p, top_k, seed), "cached decode"
+    llm = LLM(str(path), device=device, tokenizer=tokenizer)
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                            stop_token_ids=sorted(tokenizer.stop_ids))
+    replies = EngineReplies(llm, params)
     template_name = "stored" if template.source != ChatTemplate().source else "default Kimi-style"
 
     def reply(messages: list[dict]) -> Iterator[str]:
         return replies(tokenizer.encode_chat(template.render(messages, add_generation_prompt=True)))
 
-    return reply, f"{Path(path)} on {device} ({engine}, {template_name} template)"
+    return reply, f"{Path(path)} on {device} (engine, {template_name} template)"
 
 
 def run_chat(args) -> int:

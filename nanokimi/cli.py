@@ -129,8 +129,8 @@ def cmd_generate(args) -> int:
         print(args.prompt + out.text)
         return 0
 
-    model, tokenizer_file = load_for_sampling(args.ckpt)
-    print(sample_text(model, tokenizer_file, args.prompt, args.max_new_tokens, temperature=args.temperature,
+    model, tokenizer = load_for_sampling(args.ckpt)
+    print(sample_text(model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
                       top_p=args.top_p, top_k=args.top_k, seed=args.seed, report=True))
     return 0
 

@@ -561,3 +561,20 @@ def test_attention_residuals_model_through_the_engine():
     requests = [(str(i), p, GREEDY) for i, p in enumerate(batch)]
     done = run_engine(Engine(model, block_size=8, max_step_tokens=24), requests, stagger=2)
     assert [done[str(i)].token_ids for i in range(5)] == [greedy_alone(model, p, 5) for p in batch]
+
+
+def test_cache_sizes_below_one_block_round_up_and_the_cpu_default_fits_the_context():
+    """A short request's cache (prompt + max_tokens < block_size) is one whole block, not an error; the CPU
+    default holds at least one request of the whole context."""
+    model = make_model("tiny")
+    engine = Engine(model, max_cache_tokens=8, max_num_seqs=1)
+    assert (engine.num_blocks - 1) * engine.block_size == 16
+    ids = [3, 1, 4]
+    out = run_engine(engine, [("a", ids, SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))])
+    assert out["a"].outputs[0].token_ids == greedy_alone(model, ids, 5)
+    with pytest.raises(ValueError, match="max_cache_tokens must be >= 1, got 0"):
+        Engine(model, max_cache_tokens=0)
+    long_context = build_model(ModelConfig.preset("tiny-dense", **DENSE_SMALL, num_layers=1,
+                                                  max_position_embeddings=70_000))
+    engine = Engine(long_context, max_num_seqs=1)
+    assert (engine.num_blocks - 1) * engine.block_size >= 70_000

@@ -174,3 +174,31 @@ def test_cuda_graph_captures_the_bf16_moe_hybrid():
         expected = model(ids[:, -1:], cache=plain_cache)[:, -1]
         got = step(ids[:, -1], 33)
     assert rel_err(got, expected) < 3e-2
+
+
+def test_generate_cli_short_request_on_a_tokenizer_json_and_a_kimi_tiktoken_checkpoint(tmp_path, capsys):
+    """`nanokimi generate --max-new-tokens 5` (prompt + new tokens shorter than one cache block) on a tiny
+    checkpoint with tokenizer.json, and on one with Kimi's tiktoken.model + tokenizer_config.json."""
+    from test_chat import write_kimi_tokenizer
+
+    from nanokimi.checkpoint import save_checkpoint
+    from nanokimi.cli import main
+    from nanokimi.data import TiktokenTokenizer, Tokenizer, load_tokenizer
+    from nanokimi.infer import LLM
+
+    Tokenizer.train(["hello world, the quick brown fox"] * 20, vocab_size=300).save(tmp_path / "tokenizer.json")
+    write_kimi_tokenizer(tmp_path / "kimi")
+    for name, source, files in (("hf", "tokenizer.json", ["tokenizer.json"]),
+                                ("kimi", "kimi", ["kimi/tiktoken.model", "kimi/tokenizer_config.json"])):
+        torch.manual_seed(0)
+        model = small_model(vocab_size=load_tokenizer(tmp_path / source).vocab_size)
+        ckpt = save_checkpoint(tmp_path / name / "ckpt", model)
+        for file in files:
+            (ckpt / Path(file).name).write_bytes((tmp_path / file).read_bytes())
+        assert main(["generate", "--ckpt", str(ckpt), "--prompt", "hello", "--max-new-tokens", "5",
+                     "--temperature", "0"]) == 0, capsys.readouterr().err
+        out = capsys.readouterr().out
+        assert out.startswith("hello") and len(out.strip()) > len("hello")
+        tokenizer = LLM(str(ckpt), device="cpu").tokenizer
+        assert isinstance(tokenizer, TiktokenTokenizer if name == "kimi" else Tokenizer)
+        assert tokenizer.encode("hello world") == load_tokenizer(ckpt).encode("hello world")

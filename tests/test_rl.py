@@ -3,6 +3,7 @@ the reward's sign flipped), exact resume, the CLI on the ladder task, and two gl
 import json
 import os
 import random
+import shutil
 import socket
 
 import pytest
@@ -116,7 +117,10 @@ def test_resume_mid_run_gives_identical_rewards_and_losses(tmp_path):
     for _ in range(3):
         first.log(first.train_step())
     assert first.buffer.pending, "partial rollouts should leave work for the resumed run"
-    first.save()
+    assert first.save() == tmp_path / "cut" / "checkpoints" / "step-3"
+    assert (tmp_path / "cut" / "checkpoints" / "latest").read_text().strip() == "step-3"
+    shutil.copytree(tmp_path / "cut" / "checkpoints" / "step-3", tmp_path / "old" / "checkpoint")  # pre-rel layout
+    assert toy_trainer(tmp_path, settings, name="old", resume=True).step == 3
     resumed = toy_trainer(tmp_path, settings, name="cut", resume=True, seed=5)  # other init: weights come from disk
     assert resumed.step == 3
     resumed.fit()
@@ -156,7 +160,7 @@ def test_cli_ladder_end_to_end(tmp_path, capsys):
     assert [r["step"] for r in records] == [0, 1, 2, 2]
     assert "eval_pass@2_L2" in records[0] and "kl_ref" in records[1] and "logprob_gap" in records[1]
     assert "eval_pass@1_L1" in records[1] and "reward_mean" in records[1]  # rl.eval_every
-    assert (out / "checkpoint" / "model.safetensors").is_file() and (out / "config.toml").is_file()
+    assert (out / "checkpoints" / "step-2" / "model.safetensors").is_file() and (out / "config.toml").is_file()
     assert main(args) == 2
     assert "already holds an RL run" in capsys.readouterr().err
     pytest.importorskip("matplotlib")
@@ -312,7 +316,8 @@ def test_engine_sees_in_place_updates_on_cuda(preset):
     assert moved > 0.2, moved  # the update changed the log-probs far more than the tolerance
 
 
-def test_sigterm_saves_and_resume_continues(tmp_path):
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGUSR1"])  # SIGUSR1: Slurm's warning before pre-emption
+def test_a_stop_signal_saves_and_resume_continues(tmp_path, name):
     import signal
     import threading
 
@@ -320,10 +325,11 @@ def test_sigterm_saves_and_resume_continues(tmp_path):
 
     settings = ["rl.steps=100000", "rl.prompts_per_step=2"]
     trainer = toy_trainer(tmp_path, settings)
-    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
-    with pytest.raises(TrainingError, match="stopped by SIGTERM at step"):
+    threading.Timer(1.0, os.kill, (os.getpid(), getattr(signal, name))).start()
+    with pytest.raises(TrainingError, match=f"stopped by {name} at step"):
         trainer.fit(evaluate=False)
-    assert 0 < trainer.step < 100000 and (tmp_path / "run" / "checkpoint" / "trainer.pt").is_file()
+    assert 0 < trainer.step < 100000 and (trainer.checkpoint_dir / "trainer.pt").is_file()
+    assert trainer.checkpoint_dir.name == f"step-{trainer.step}"
     resumed = toy_trainer(tmp_path, ["rl.steps=" + str(trainer.step + 1), "rl.prompts_per_step=2"], resume=True)
     assert resumed.step == trainer.step
     assert resumed.fit(evaluate=False)["step"] == trainer.step + 1

@@ -197,7 +197,8 @@ def test_sft_learns_to_answer_in_the_template(sft_run):
     losses = [r["loss"] for r in records]
     assert losses[-1] < 0.25 * losses[0] and "val_loss" in records[-1]
     ckpt = result["checkpoint"]
-    assert (root / "run" / "checkpoint" / "chat_template.jinja").is_file()
+    assert ckpt == str(root / "run" / "checkpoints" / "step-80")  # the step-N layout, with the chat files inside
+    assert (root / "run" / "checkpoints" / "step-80" / "chat_template.jinja").is_file()
     model = load_model_checkpoint(ckpt).eval()
     tok, template = load_tokenizer(ckpt), ChatTemplate.load(ckpt)
     assert {q: greedy_reply(model, tok, template, q) for q, _ in QA} == dict(QA)
@@ -264,6 +265,7 @@ def test_chat_cli_streams_replies_from_the_fine_tuned_model(sft_run):
                           input="Capital of France?\n/reset\nSay hi.\n", capture_output=True, text=True, env=env,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
+    assert "(engine, " in proc.stderr  # nanokimi.infer.LLM's engine, not a scripted one
     assert "Paris.\n" in proc.stdout and "Hi there!\n" in proc.stdout and "(conversation cleared)" in proc.stdout
 
 

@@ -164,6 +164,27 @@ def test_engine_generate_fn_matches_generate(tiny_checkpoint):
     assert [[c.text for c in row] for row in by_engine] == [[c.text for c in row] for row in by_generate]
 
 
+def test_chat_prompts_are_encoded_with_encode_chat(tiny_checkpoint):
+    """A rendered chat template reaches the model as encode_chat's ids (<|im_end|> one id), on both generate_fns."""
+    from nanokimi.checkpoint import load_model_checkpoint
+    from nanokimi.data.chat import ChatTemplate
+    from nanokimi.infer import LLM, SamplingParams
+
+    ckpt, tokenizer = tiny_checkpoint
+    rendered = ChatTemplate().render([{"role": "user", "content": "1 + 2"}, {"role": "assistant", "content": "3"},
+                                      {"role": "user", "content": "2 + 2"}], add_generation_prompt=True)
+    assert tokenizer.encode_chat(rendered) != tokenizer.encode(rendered)
+    llm = LLM(str(ckpt), device="cpu")
+    sent = []
+    generate = llm.generate
+    llm.generate = lambda *args, **kwargs: sent.append(kwargs["prompt_token_ids"]) or generate(*args, **kwargs)
+    by_engine = llm_generate_fn(llm, SamplingParams)([rendered], 2, 0.0, 6, 0, (), chat=True)
+    assert sent == [[tokenizer.encode_chat(rendered)]]
+    by_generate = model_generate_fn(load_model_checkpoint(ckpt).eval(), tokenizer)([rendered], 2, 0.0, 6, 0, (),
+                                                                                 chat=True)
+    assert [[c.text for c in row] for row in by_engine] == [[c.text for c in row] for row in by_generate]
+
+
 def test_evaluate_task_chat_form():
     """With a chat template, prompts are the task's messages rendered, and no stop strings apply."""
     task = get_task("ladder", levels="2", per_level=2, few_shot=1)
@@ -178,8 +199,8 @@ def test_evaluate_task_chat_form():
 
     answers = {}
 
-    def generate_fn(prompts, n, temperature, max_tokens, seed, stop):
-        assert stop == () and prompts == rendered
+    def generate_fn(prompts, n, temperature, max_tokens, seed, stop, chat=False):
+        assert stop == () and prompts == rendered and chat
         return [[Completion("thinking\n\nstill\n#### " + answers[p], False, 5)] * n for p in prompts]
 
     for e in task.examples():

@@ -196,3 +196,32 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, corpus):
     assert proc.returncode == 2 and "interrupted at step" in err and "Traceback" not in err
     assert load_trainer_state(resolve_checkpoint(out))["step"] >= 3
     assert not list((out / "checkpoints").glob("*.tmp"))
+
+
+def test_kernel_and_muon_execution_settings_reach_the_model_and_the_optimizer(tmp_path, corpus):
+    from nanokimi.config import ConfigError
+    from nanokimi.model.attn_res import AttentionResiduals
+    from nanokimi.train.config import load_run_config
+    from nanokimi.train.trainer import Trainer
+
+    settings = [*SMALL_MODEL, *FAST, f"data.source={corpus}", "model.attn_res=block", "model.attn_res_blocks=2",
+                "train.attn_res_storage=fp32", "train.attn_res_fuse_norm=false", "optim.muon_side_stream=false",
+                "optim.muon_combo_kernels=false"]
+    trainer = Trainer(load_run_config(None, None, settings), tmp_path / "run", progress=False)
+    residuals = [m for m in trainer.model.modules() if isinstance(m, AttentionResiduals)]
+    assert residuals and all(m.storage == "fp32" and m.fuse_norm is False for m in residuals)
+    execution = trainer.optimizer.optimizers["muon"].execution
+    assert not execution.side_stream and not execution.combo_kernels and execution.overlap_passes
+
+    old = tmp_path / "old.toml"  # a run config written before the kernel settings left [model]
+    old.write_text('[model]\nattn_res = "block"\nattn_res_storage = "fp32"\nattn_res_fuse_norm = false\n')
+    with pytest.warns(UserWarning) as caught:
+        run = load_run_config(None, str(old))
+    assert {str(w.message).split(" is ")[0] for w in caught} == {"config key 'model.attn_res_storage'",
+                                                                  "config key 'model.attn_res_fuse_norm'"}
+    assert (run.train.attn_res_storage, run.train.attn_res_fuse_norm, run.model.attn_res) == ("fp32", False, "block")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert load_run_config(None, str(old), ["train.attn_res_storage=auto"]).train.attn_res_storage == "auto"
+    with pytest.raises(ConfigError, match="train.attn_res_storage='bf16' must be one of auto, auto-all, fp32"):
+        load_run_config(None, None, ["train.attn_res_storage=bf16"])

@@ -295,7 +295,10 @@ def load_tokenizer(path: str | os.PathLike) -> TokenizerBase:
     if (path / HF_TOKENIZER).is_file():
         eot, stops = EOT, _generation_eos_ids(path)
         config = _read_json(path / TOKENIZER_CONFIG) if (path / TOKENIZER_CONFIG).is_file() else {}
-        hf = HFTokenizer.from_file(str(path / HF_TOKENIZER))
+        try:
+            hf = HFTokenizer.from_file(str(path / HF_TOKENIZER))
+        except Exception as e:  # tokenizers raises a bare Exception on malformed files
+            raise DataError(f"{path / HF_TOKENIZER} is not a valid HF tokenizers tokenizer.json: {e}") from e
         if hf.token_to_id(EOT) is None and _token_content(config.get("eos_token")):
             eot = _token_content(config["eos_token"])
         return Tokenizer(hf, eot, stops)

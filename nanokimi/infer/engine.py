@@ -39,7 +39,8 @@ def sample_seed(seed: int | None, index: int) -> int:
 
 class Engine:
     """See the module docstring. max_cache_tokens=None takes gpu_memory_fraction of the free GPU memory
-    (on the CPU: 65536 tokens). snapshot_interval: KDA state snapshots every so many tokens of a sequence
+    (on the CPU: 65536 tokens, or max_model_len if more); a given max_cache_tokens is rounded up to whole blocks.
+    snapshot_interval: KDA state snapshots every so many tokens of a sequence
     (rounded to blocks; prompt and output) besides its prompt's last full block; num_state_snapshots: how
     many are kept (LRU).
     use_cuda_graph: "auto" graphs decode-only steps on CUDA (True: a failed capture raises); compile=True
@@ -99,13 +100,13 @@ class Engine:
     def _plan_blocks(self, max_cache_tokens, num_slots: int, fraction: float) -> tuple[int, str]:
         per_block, per_slot = paged_cache_bytes(self.model, self.block_size)
         slot_bytes = (num_slots + 1) * per_slot
-        if max_cache_tokens is not None:
-            if max_cache_tokens < self.block_size:
-                raise ValueError(f"Engine: max_cache_tokens must be >= block_size ({self.block_size}), "
-                                 f"got {max_cache_tokens}.")
+        if max_cache_tokens is not None:  # rounded up to whole blocks: a short request gets at least one
+            if max_cache_tokens < 1:
+                raise ValueError(f"Engine: max_cache_tokens must be >= 1, got {max_cache_tokens}.")
             return -(-max_cache_tokens // self.block_size) + 1, f"max_cache_tokens={max_cache_tokens}"
-        if self.device.type != "cuda" or per_block == 0:
-            return CPU_DEFAULT_CACHE_TOKENS // self.block_size + 1, f"default {CPU_DEFAULT_CACHE_TOKENS} tokens"
+        if self.device.type != "cuda" or per_block == 0:  # enough for one request of the whole context at least
+            tokens = max(CPU_DEFAULT_CACHE_TOKENS, self.max_model_len)
+            return -(-tokens // self.block_size) + 1, f"default {tokens} tokens"
         free, _ = torch.cuda.mem_get_info(self.device)
         budget = int(free * fraction) - slot_bytes
         if budget < 2 * per_block:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nanokimi.checkpoint import TOKENIZER, load_model_checkpoint, resolve_checkpoint
+from nanokimi.checkpoint import load_model_checkpoint, resolve_checkpoint
 from nanokimi.infer.engine import Engine, sample_seed
 from nanokimi.infer.nbce import nbce_generate
 from nanokimi.infer.params import RequestOutput, SamplingParams
@@ -35,17 +35,14 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
 
 
 def load_checkpoint_tokenizer(path: Path):
-    """The checkpoint's tokenizer, or None when it carries none."""
-    try:
-        from nanokimi.data import load_tokenizer
-    except ImportError:
-        load_tokenizer = None
-    if load_tokenizer is not None:
-        return load_tokenizer(path)
-    if not (path / TOKENIZER).is_file():
+    """The checkpoint's tokenizer (nanokimi.data.load_tokenizer: tokenizer.json or Kimi's tiktoken.model +
+    tokenizer_config.json), or None when it carries none."""
+    from nanokimi.data import load_tokenizer
+    from nanokimi.data.tokenizer import HF_TOKENIZER, TIKTOKEN_MODEL
+
+    if not any((path / name).is_file() for name in (HF_TOKENIZER, TIKTOKEN_MODEL)):
         return None
-    from nanokimi.data import Tokenizer
-    return Tokenizer.load(path / TOKENIZER)
+    return load_tokenizer(path)
 
 
 class LLM:

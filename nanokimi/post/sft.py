@@ -299,16 +299,16 @@ class SFTTrainer(Trainer):
         bytes_per_token = len(self.tokenizer.decode(learned).encode("utf-8")) / max(len(learned), 1)
         return {"val_loss": loss, "val_bpb": loss / math.log(2) / max(bytes_per_token, 1e-9)}
 
-    def save(self) -> Path:
-        """The Trainer's checkpoint, plus the base's tokenizer files and the chat template trained with."""
-        path = super().save()
-        if self.is_main:
-            for name in TOKENIZER_FILES:
-                if (self.base_dir / name).is_file() and not (path / name).is_file():
-                    shutil.copyfile(self.base_dir / name, path / name)
-            if not (path / "chat_template.jinja").is_file():
-                self.template.save(path)
-        return path
+    def write_extra_files(self, folder: Path) -> None:
+        """The base's tokenizer files and the chat template trained with, beside the Trainer's files."""
+        for name in TOKENIZER_FILES:
+            if (self.base_dir / name).is_file() and not (folder / name).is_file():
+                shutil.copyfile(self.base_dir / name, folder / name)
+        if not (folder / "chat_template.jinja").is_file():
+            self.template.save(folder)
+
+    def _resume_data(self, saved: dict) -> None:
+        self.stream.load_state_dict(saved)  # RowStream checks that the data gives the same rows
 
 
 def run_sft(ckpt: str, data: str, out: str, overrides: list[str], resume: bool = False,

@@ -5,7 +5,9 @@
     print(format_table(result))
 
 Generation goes through one function, `generate_fn(prompts, n, temperature, max_tokens, seed, stop)
--> list[list[Completion]]`: n completions per prompt, each cut before the first stop string. The default
+-> list[list[Completion]]`: n completions per prompt, each cut before the first stop string. With a chat
+template, evaluate_task also passes `chat=True`: the prompts are rendered chat templates, to be encoded with
+the tokenizer's `encode_chat` (special-token strings become their ids). The default
 one is built from a checkpoint: `nanokimi.infer.LLM` (the batching engine) when it is importable,
 otherwise `nanokimi.infer.generate` over batches of equal-length prompts.
 """
@@ -48,8 +50,9 @@ def model_generate_fn(model, tokenizer, max_batch_rows: int = 256) -> GenerateFn
     end_ids = set(getattr(tokenizer, "stop_ids", ())) | {eos}  # end of text, and of a chat turn where known
     limit = model.config.max_position_embeddings
 
-    def generate_fn(prompts, n, temperature, max_tokens, seed, stop):
-        encoded = [tokenizer.encode(p) or [eos] for p in prompts]
+    def generate_fn(prompts, n, temperature, max_tokens, seed, stop, chat=False):
+        encode = tokenizer.encode_chat if chat else tokenizer.encode
+        encoded = [encode(p) or [eos] for p in prompts]
         longest = max(len(ids) for ids in encoded)
         if longest + max_tokens > limit:
             raise TaskError(f"a prompt of {longest} tokens plus max_tokens={max_tokens} exceeds the model's "
@@ -87,10 +90,14 @@ def model_generate_fn(model, tokenizer, max_batch_rows: int = 256) -> GenerateFn
 def llm_generate_fn(llm, sampling_params_cls) -> GenerateFn:
     """A generate_fn over the batching engine: `llm.generate(prompts, SamplingParams(n=...))`."""
 
-    def generate_fn(prompts, n, temperature, max_tokens, seed, stop):
+    def generate_fn(prompts, n, temperature, max_tokens, seed, stop, chat=False):
         params = sampling_params_cls(n=n, temperature=temperature, max_tokens=max_tokens, seed=seed,
                                      stop=list(stop) or None)
-        outputs = llm.generate(prompts, params, use_tqdm=False)
+        if chat:
+            ids = [llm.tokenizer.encode_chat(p) for p in prompts]
+            outputs = llm.generate(prompt_token_ids=ids, sampling_params=params, use_tqdm=False)
+        else:
+            outputs = llm.generate(prompts, params, use_tqdm=False)
         results = []
         for output in outputs:
             completions = []
@@ -113,14 +120,7 @@ def load_generate_fn(ckpt: str, device: str | None = None) -> GenerateFn:
         return llm_generate_fn(LLM(ckpt, device=device or "auto"), SamplingParams)
     from nanokimi.infer.sample import load_for_sampling
 
-    model, tokenizer_file = load_for_sampling(ckpt, device)
-    try:
-        from nanokimi.data import load_tokenizer
-        tokenizer = load_tokenizer(tokenizer_file.parent)
-    except ImportError:
-        from nanokimi.data import Tokenizer
-        tokenizer = Tokenizer.load(tokenizer_file)
-    return model_generate_fn(model, tokenizer)
+    return model_generate_fn(*load_for_sampling(ckpt, device))
 
 
 def evaluate_task(task: Task, generate_fn: GenerateFn, n: int = 1, ks: Sequence[int] = (1,),
@@ -151,7 +151,8 @@ def evaluate_task(task: Task, generate_fn: GenerateFn, n: int = 1, ks: Sequence[
     for start in range(0, len(examples), prompts_per_call):
         chunk = examples[start:start + prompts_per_call]
         prompts = [prompt_of(e) for e in chunk]
-        completions = generate_fn(prompts, n, temperature, max_tokens, seed + start, stop)
+        chat = {"chat": True} if chat_template is not None else {}  # generate_fns without chat support still work
+        completions = generate_fn(prompts, n, temperature, max_tokens, seed + start, stop, **chat)
         if len(completions) != len(chunk) or any(len(c) != n for c in completions):
             raise TaskError(f"generate_fn returned {len(completions)} prompts x {[len(c) for c in completions][:4]} "
                             f"samples; expected {len(chunk)} x {n}.")

@@ -26,13 +26,7 @@ class NanokimiLM(LM):
         super().__init__()
         from nanokimi.infer.sample import load_for_sampling
 
-        model, tokenizer_file = load_for_sampling(ckpt, device)
-        try:
-            from nanokimi.data import load_tokenizer
-            tokenizer = load_tokenizer(tokenizer_file.parent)
-        except ImportError:
-            from nanokimi.data import Tokenizer
-            tokenizer = Tokenizer.load(tokenizer_file)
+        model, tokenizer = load_for_sampling(ckpt, device)
         self.model, self.tokenizer, self.max_gen_toks = model, tokenizer, int(max_gen_toks)
         self.max_length = model.config.max_position_embeddings
         self._device = next(model.parameters()).device

@@ -6,10 +6,12 @@ import dataclasses
 import math
 import re
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from nanokimi.config import ConfigError, ModelConfig, from_dict, suggest
+from nanokimi.runtime.attnres import STORAGES as ATTNRES_STORAGES
 
 MAX_VOCAB = 1 << 21
 
@@ -48,6 +50,9 @@ class TrainConfig:
     save_every: int = 40
     keep_checkpoints: int = 2  # newest complete checkpoints/step-N folders kept
     sample_tokens: int = 120
+    # AttnRes kernel settings (nanokimi.runtime.attnres.AttnResKernels; speed and memory only, same model)
+    attn_res_storage: str = "auto"  # dtype of the stored residual sources: "auto", "auto-all" or "fp32"
+    attn_res_fuse_norm: bool = True  # the sublayers' pre-norms fused into the kernels that make their inputs
 
 
 @dataclass(kw_only=True, slots=True)
@@ -72,6 +77,11 @@ class OptimConfig:
     muon_overlap_passes: bool = True  # momentum/update passes per pass group on a stream beside the products
     muon_stream_priorities: bool = True  # CUDA priorities: products and passes before the side stream
 
+    def muon_execution(self) -> dict:
+        """The muon_* fields as build_optimizer's `muon_execution` (Muon's constructor options)."""
+        return {"combo_kernels": self.muon_combo_kernels, "side_stream": self.muon_side_stream,
+                "overlap_passes": self.muon_overlap_passes, "stream_priorities": self.muon_stream_priorities}
+
 
 @dataclass(kw_only=True, slots=True)
 class RunConfig:
@@ -86,6 +96,9 @@ class RunConfig:
             raise ConfigError(f"optim.name='{self.optim.name}' must be 'muon' or 'adamw'.")
         if self.optim.schedule not in ("cosine", "wsd"):
             raise ConfigError(f"optim.schedule='{self.optim.schedule}' must be 'cosine' or 'wsd'.")
+        if self.train.attn_res_storage not in ATTNRES_STORAGES:
+            raise ConfigError(f"train.attn_res_storage='{self.train.attn_res_storage}' must be one of "
+                              f"{', '.join(ATTNRES_STORAGES)}.")
         if self.train.fsdp_reduce_dtype not in ("fp32", "bf16"):
             raise ConfigError(f"train.fsdp_reduce_dtype='{self.train.fsdp_reduce_dtype}' must be 'fp32' or 'bf16'.")
         t, o = self.train, self.optim
@@ -158,6 +171,21 @@ def _apply_overrides(tree: dict, overrides: list[str]) -> None:
         tree.setdefault(parts[0], {})[parts[1]] = parse_value(value.strip())
 
 
+MOVED_TO_TRAIN = ("attn_res_storage", "attn_res_fuse_norm")  # [model] keys of older run configs
+
+
+def _move_retired_model_keys(tree: dict) -> None:
+    """Older run configs kept the AttnRes kernel settings in [model]; they are train.* settings now (an explicit
+    train.* value wins)."""
+    model = tree.get("model", {})
+    for key in MOVED_TO_TRAIN:
+        if key in model:
+            value = model.pop(key)
+            warnings.warn(f"config key 'model.{key}' is 'train.{key}' now; read as train.{key}={value!r}.",
+                          stacklevel=3)
+            tree.setdefault("train", {}).setdefault(key, value)
+
+
 def load_run_config(preset: str | None = None, config_file: str | None = None,
                     overrides: list[str] | None = None) -> RunConfig:
     tree: dict = {}
@@ -170,6 +198,7 @@ def load_run_config(preset: str | None = None, config_file: str | None = None,
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"Config file '{config_file}' is not valid TOML: {e}") from None
     _apply_overrides(tree, overrides or [])
+    _move_retired_model_keys(tree)
     unknown = set(tree) - {"preset", "model", "data", "train", "optim"}
     if unknown:
         name = sorted(unknown)[0]

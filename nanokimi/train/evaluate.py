@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from nanokimi.checkpoint import CheckpointError, load_trainer_state, resolve_checkpoint
+from nanokimi.checkpoint import TOKENIZER, CheckpointError, load_trainer_state, resolve_checkpoint
 from nanokimi.infer.sample import load_for_sampling
 from nanokimi.train.trainer import evaluate
 
@@ -16,7 +16,11 @@ def evaluate_checkpoint(ckpt: str, data: str | None, batches: int, batch_size: i
     from nanokimi.data import Manifest, iter_eval, prepare
 
     path = resolve_checkpoint(ckpt)
-    model, tokenizer_file = load_for_sampling(str(path))
+    model, _ = load_for_sampling(str(path))
+    tokenizer_file = path / TOKENIZER
+    if not tokenizer_file.is_file():
+        raise CheckpointError(f"{path} has no {TOKENIZER} (a tiktoken-format checkpoint?); nanokimi eval scores data "
+                              f"tokenised with a {TOKENIZER}: use nanokimi eval --task for this checkpoint.")
     device = next(model.parameters()).device
     if data is None:
         try:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -49,9 +50,11 @@ def _optimizers(optimizer) -> list:
 
 
 def save_sharded_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer, trainer_state: dict,
-                            tokenizer_file: str | Path | None = None, keep: int = 2) -> Path:
+                            tokenizer_file: str | Path | None = None, keep: int = 2,
+                            extra_files: Callable[[Path], None] | None = None) -> Path:
     """Every rank calls this. Writes RUN/checkpoints/step-STEP like a single-process run does (a temporary
-    folder, fsynced and renamed, then `latest`): DCP shards from every rank, the small files from rank 0."""
+    folder, fsynced and renamed, then `latest`): DCP shards from every rank, the small files (and
+    `extra_files(tmp_folder)`'s) from rank 0."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     def write(tmp: Path) -> None:
@@ -65,6 +68,8 @@ def save_sharded_checkpoint(run_dir: str | Path, step: int, model: nn.Module, op
                 shutil.copyfile(tokenizer_file, tmp / TOKENIZER)
             state = {k: v for k, v in trainer_state.items() if k != "optimizer"}
             torch.save({**state, "format": "dcp"}, tmp / TRAINER_STATE)
+            if extra_files is not None:
+                extra_files(tmp)
 
     return save_step(run_dir, step, write, keep=keep, is_main=_main(), barrier=_barrier)
 

@@ -18,7 +18,9 @@ import torch
 from tqdm import tqdm
 
 from nanokimi.model import Transformer, build_model
+from nanokimi.model.attn_res import set_attnres_kernels
 from nanokimi.model.moe import update_router_bias
+from nanokimi.runtime.attnres import AttnResKernels
 from nanokimi.checkpoint import (CHECKPOINTS, CheckpointError, load_trainer_state, rng_state, run_checkpoint,
                                  save_step, set_rng_state, write_checkpoint_files)
 from nanokimi.train.config import RunConfig, to_toml
@@ -180,6 +182,7 @@ class Trainer:
 
         t, o = self.run.train, self.run.optim
         self.model = build_model(self.run.model, device=self.device)
+        set_attnres_kernels(self.model, AttnResKernels(storage=t.attn_res_storage, fuse_norm=t.attn_res_fuse_norm))
         self.start_from(self.model)
         if self.world_size > 1:
             from nanokimi.train.distributed import shard_model
@@ -191,7 +194,8 @@ class Trainer:
             compile_model(self.model, fullgraph=self.device.type == "cuda")  # CPU fp32 MoE has a graph break
         self.loss_fn = self.model.loss
         self.optimizer = build_optimizer(self.model, name=o.name, lr=o.lr, weight_decay=o.weight_decay,
-                                         betas=(o.beta1, o.beta2), momentum=o.momentum)
+                                         betas=(o.beta1, o.beta2), momentum=o.momentum,
+                                         muon_execution=o.muon_execution())
         if o.cuda_graph:
             if self.world_size > 1:
                 raise TrainingError("optim.cuda_graph=true works in a single process only (the sharded step talks "
@@ -353,11 +357,15 @@ class Trainer:
             if self.world_size > 1:
                 from nanokimi.train.sharded_checkpoint import save_sharded_checkpoint
                 path = save_sharded_checkpoint(self.out, self.step, self.model, self.optimizer, state,
-                                               self.tokenizer_file, keep=keep)
+                                               self.tokenizer_file, keep=keep, extra_files=self.write_extra_files)
             else:
                 state["optimizer"] = self.optimizer.state_dict()
-                path = save_step(self.out, self.step, lambda tmp: write_checkpoint_files(
-                    tmp, self.model, state, self.tokenizer_file), keep=keep)
+
+                def write(tmp: Path) -> None:
+                    write_checkpoint_files(tmp, self.model, state, self.tokenizer_file)
+                    self.write_extra_files(tmp)
+
+                path = save_step(self.out, self.step, write, keep=keep)
         except OSError as e:
             kept = f"the previous checkpoint {self.last_good} is kept" if self.last_good else "no checkpoint was kept"
             raise TrainingError(f"could not save step {self.step} to {self.checkpoints} ({e.strerror or e}"
@@ -365,6 +373,10 @@ class Trainer:
                                 "with --resume.") from None
         self.last_good = path
         return path
+
+    def write_extra_files(self, folder: Path) -> None:
+        """Files a subclass adds to every checkpoint (fine-tuning: tokenizer files, chat template), written by
+        rank 0 into the step's temporary folder before it is renamed into place."""
 
     def log(self, record: dict) -> None:
         if self.is_main:

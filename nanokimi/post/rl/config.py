@@ -67,6 +67,7 @@ class RLConfig:
     eval_ks: str = "1,16"
     eval_temperature: float = 1.0
     save_every: int = 50
+    keep_checkpoints: int = 2  # newest RUN/checkpoints/step-N folders kept
     time_limit_s: float = 0.0  # stop and save after this many seconds (0 = no limit)
 
 
@@ -83,7 +84,7 @@ class RLRunConfig:
             if value not in options:
                 raise ConfigError(f"rl.{name}={value!r} must be one of {', '.join(options)}.")
         for name in ("steps", "prompts_per_step", "samples_per_prompt", "max_tokens", "updates_per_step",
-                     "eval_samples", "eval_per_level", "log_every", "save_every"):
+                     "eval_samples", "eval_per_level", "log_every", "save_every", "keep_checkpoints"):
             if getattr(r, name) < 1:
                 raise ConfigError(f"rl.{name} must be >= 1, got {getattr(r, name)}.")
         if r.samples_per_prompt < 2:

@@ -13,15 +13,14 @@ import copy
 import json
 import math
 import random
-import signal
-import threading
 import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from nanokimi.checkpoint import load_trainer_state, rng_state, save_checkpoint, set_rng_state
+from nanokimi.checkpoint import (CHECKPOINTS, load_trainer_state, rng_state, run_checkpoint, save_step, set_rng_state,
+                                 write_checkpoint_files)
 from nanokimi.model.moe import update_router_bias
 from nanokimi.post.rl.config import RLRunConfig, rl_to_toml
 from nanokimi.post.rl.losses import (group_advantages, grpo_loss, k15_loss, kl_estimate, length_penalty,
@@ -30,31 +29,7 @@ from nanokimi.post.rl.rollout import EngineBackend, Group, ReferenceBackend, Res
 from nanokimi.post.rl.sampler import PromptSampler, informative
 from nanokimi.train.distributed import clip_grad_norm_, sync_step_statistics
 from nanokimi.train.schedule import lr_factor
-from nanokimi.train.trainer import TrainingError
-
-
-class StopRequest:
-    """While active, SIGINT and SIGTERM only record that a stop was asked for: the loop finishes its step,
-    saves and exits. A second Ctrl-C stops at once."""
-
-    def __init__(self):
-        self.received: str | None = None
-        self._previous: dict = {}
-
-    def _handle(self, signum, frame) -> None:
-        if self.received is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.received = signal.Signals(signum).name
-
-    def __enter__(self) -> "StopRequest":
-        if threading.current_thread() is threading.main_thread():
-            for number in (signal.SIGINT, signal.SIGTERM):
-                self._previous[number] = signal.signal(number, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for number, handler in self._previous.items():
-            signal.signal(number, handler)
+from nanokimi.train.trainer import StopSignals, TrainingError
 
 
 def response_text(tokenizer, token_ids: list[int], stop: tuple[str, ...], stop_ids: set[int]) -> str:
@@ -120,14 +95,15 @@ class RLTrainer:
         self.rank, self.world_size, self.is_main = rank, world_size, rank == 0
         self.progress = progress and self.is_main
         self.device = model.embed.weight.device
-        self.checkpoint_dir = self.out / "checkpoint"
-        holds_run = (self.out / "metrics.jsonl").exists() or self.checkpoint_dir.exists()
+        self.checkpoints = self.out / CHECKPOINTS
+        self.last_good = run_checkpoint(self.out, warn=False)
+        holds_run = (self.out / "metrics.jsonl").exists() or self.last_good is not None
         if holds_run and not resume:
             raise TrainingError(f"'{self.out}' already holds an RL run. Pass --resume to continue it, or choose "
                                 "another --out.")
-        if resume and not (self.checkpoint_dir / "trainer.pt").is_file():
-            raise TrainingError(f"--resume: '{self.out}' has no checkpoint to continue from. Start it without "
-                                "--resume.")
+        if resume and (self.last_good is None or not (self.last_good / "trainer.pt").is_file()):
+            raise TrainingError(f"--resume: '{self.out}' has no checkpoint to continue from (no complete "
+                                f"{CHECKPOINTS}/step-N). Start it without --resume.")
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
         if self.cfg.prompts_per_step % world_size:
@@ -142,7 +118,8 @@ class RLTrainer:
             shard_model(model, self.device)
         o = run.optim
         self.optimizer = build_optimizer(model, name=o.name, lr=o.lr, weight_decay=o.weight_decay,
-                                         betas=(o.beta1, o.beta2), momentum=o.momentum)
+                                         betas=(o.beta1, o.beta2), momentum=o.momentum,
+                                         muon_execution=o.muon_execution())
         if o.qk_clip:
             enable_qk_clip_recording(model)
         self.stop = tuple(getattr(task, "stop", ()) or ())
@@ -466,36 +443,46 @@ class RLTrainer:
         return out
 
     def save(self) -> Path:
-        """One single-process checkpoint (whole weights and optimizer state, written by rank 0) whatever the
-        number of ranks; a sharded run gathers its optimizer state first (every rank calls this)."""
+        """RUN/checkpoints/step-N (see nanokimi.checkpoint): one single-process checkpoint (whole weights and
+        optimizer state, written by rank 0) whatever the number of ranks; a sharded run gathers its optimizer
+        state first (every rank calls this)."""
         pending = self._all_gather(self.buffer.state_dict())
         optimizer_state = self.optimizer.state_dict()
         if self.sharded:
             optimizer_state = {name: {"state": {i: {k: full_tensor(v) for k, v in values.items()}
                                                 for i, values in opt["state"].items()},
                                       "param_groups": opt["param_groups"]} for name, opt in optimizer_state.items()}
-        if self.is_main:
-            state = {"step": self.step, "tokens": self.tokens, "sampler": self.sampler.state_dict(),
-                     "pending": pending, "rng": rng_state(), "optimizer": optimizer_state,
-                     "run": self.run.to_dict(), "world_size": self.world_size}
-            save_checkpoint(self.checkpoint_dir, self.policy, state, self.tokenizer_file)
-        self._barrier()
-        return self.checkpoint_dir
+        state = {"step": self.step, "tokens": self.tokens, "sampler": self.sampler.state_dict(),
+                 "pending": pending, "rng": rng_state(), "optimizer": optimizer_state,
+                 "run": self.run.to_dict(), "world_size": self.world_size}
+
+        def write(tmp: Path) -> None:
+            if self.is_main:
+                write_checkpoint_files(tmp, self.policy, state, self.tokenizer_file)
+
+        self.last_good = save_step(self.out, self.step, write, keep=self.cfg.keep_checkpoints, is_main=self.is_main,
+                                   barrier=self._barrier)
+        return self.last_good
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """The newest checkpoint of this run (the step folder `latest` names), or where they go."""
+        return self.last_good or self.checkpoints
 
     def _resume(self) -> None:
         from safetensors.torch import load_model
 
-        state = load_trainer_state(self.checkpoint_dir)
+        path = run_checkpoint(self.out)
+        state = load_trainer_state(path)
         if state.get("world_size", 1) != self.world_size:
-            raise TrainingError(f"{self.checkpoint_dir} was saved by {state.get('world_size', 1)} process(es); "
+            raise TrainingError(f"{path} was saved by {state.get('world_size', 1)} process(es); "
                                 f"resume it with the same number (got {self.world_size}).")
         if self.sharded:
             from nanokimi.train.sharded_checkpoint import load_into
-            load_into(self.checkpoint_dir, self.model, self.optimizer)  # each rank keeps its shards
+            load_into(path, self.model, self.optimizer)  # each rank keeps its shards
             self._refresh_policy()
         else:
-            load_model(self.model, str(self.checkpoint_dir / "model.safetensors"), strict=False,
-                       device=str(self.device))
+            load_model(self.model, str(path / "model.safetensors"), strict=False, device=str(self.device))
             self.optimizer.load_state_dict(state["optimizer"])
         self.sampler.load_state_dict(state["sampler"])
         self.buffer.load_state_dict(state["pending"][self.rank])
@@ -524,7 +511,8 @@ class RLTrainer:
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True)
         started = time.perf_counter()
         summary = None
-        with StopRequest() as stop:
+        stopped = False
+        with StopSignals() as stop:
             while self.step < cfg.steps:
                 record = self.train_step()
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
@@ -535,16 +523,17 @@ class RLTrainer:
                                 len=f"{record['length_mean']:.0f}", gap=f"{record['logprob_gap']:.1e}")
                 bar.update(1)
                 out_of_time = cfg.time_limit_s > 0 and time.perf_counter() - started > cfg.time_limit_s
-                out_of_time = bool(self._all_reduce(torch.tensor(float(out_of_time), device=self.device)).item())
-                if stop.received or out_of_time:
+                flags = torch.tensor([float(out_of_time), float(stop.received is not None)], device=self.device)
+                out_of_time, stopped = (bool(x) for x in self._all_reduce(flags).tolist())  # every rank agrees
+                if stopped or out_of_time:
                     break
                 if self.step % cfg.save_every == 0 and self.step < cfg.steps:
                     self.save()
             bar.close()
-            if stop.received:
+            if stopped:
                 path = self.save()
-                raise TrainingError(f"stopped by {stop.received} at step {self.step}; saved {path}. Continue with "
-                                    "--resume.")
+                raise TrainingError(f"stopped by {stop.received or 'a signal to another rank'} at step {self.step}; "
+                                    f"saved {path}. Continue with --resume.")
             if evaluate:
                 summary = self.evaluate()
                 self.log({"step": self.step, "tokens": self.tokens, **self.flat_eval(summary)})
