@@ -9,7 +9,8 @@ class SamplingParams:
     seed makes the request's samples reproducible whatever else is in the batch (None: a fresh random
     seed). n samples share the prompt; sample i uses a seed derived from (seed, i). stop strings end a
     sample and are cut from its text; stop_token_ids (and the tokenizer's end ids unless ignore_eos)
-    end it too. logprobs=k returns, per generated token, the log-probabilities of the top k tokens and
+    end it too. group_id: the engine's Seer options (context-aware scheduling, suffix drafting) treat
+    requests with the same group_id (and the n samples of one request) as one group. logprobs=k returns, per generated token, the log-probabilities of the top k tokens and
     of the chosen one (under the model's raw distribution).
     """
     max_tokens: int = 16
@@ -22,6 +23,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     logprobs: int | None = None
     ignore_eos: bool = False
+    group_id: str | None = None  # requests sharing it form a group (RL: one prompt's k samples; docs/seer.md)
 
     def __post_init__(self):
         if isinstance(self.stop, str):

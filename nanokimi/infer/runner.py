@@ -24,6 +24,8 @@ class Row:
     state_slot: int | None
     wants_logits: bool
     table_tensor: torch.Tensor | None = None  # the block table as a CPU tensor (kept up to date incrementally)
+    num_logits: int = 1  # logits of the last num_logits tokens (a speculative draft's verification wants all)
+    saved_states: list | None = None  # a list: KDA layers keep their state after every token (PrefillPiece's)
 
 
 class StaticReplay:
@@ -77,7 +79,7 @@ class ModelRunner:
 
     @torch.no_grad()
     def run(self, rows: list[Row]) -> torch.Tensor:
-        """Logits [R, V] of the last token of each row that wants them, in the order of `rows`.
+        """Logits [R, V] of the last token (the last num_logits tokens) of each row that wants them, in order.
         Rows of one token must come first (the engine orders them so). With CUDA graphs, the one-token
         rows replay a graph and the longer rows (prefill chunks of other sequences) run eagerly after it."""
         num_decode = sum(1 for r in rows if len(r.tokens) == 1)
@@ -96,7 +98,7 @@ class ModelRunner:
     def _run_eager(self, rows: list[Row], num_decode: int) -> torch.Tensor:
         batch, ids, last = self._build(rows, num_decode)
         hidden = self.model.hidden_states(ids[None], cache=self.cache, batch=batch)[0]  # [N, D]
-        wanted = [last[i] for i, r in enumerate(rows) if r.wants_logits]
+        wanted = [j for i, r in enumerate(rows) if r.wants_logits for j in range(last[i] - r.num_logits + 1, last[i] + 1)]
         return self.model.lm_head(hidden[torch.tensor(wanted, device=self.device, dtype=torch.long)])
 
     def _decode_tensors(self, rows: list[Row], width: int, size: int | None = None):
@@ -123,7 +125,7 @@ class ModelRunner:
         bs = self.block_size
         for r in rows[num_decode:]:
             pieces.append(PrefillPiece(offset, len(r.tokens), r.start, torch.tensor(r.block_table, **as_long),
-                                       self.dummy_slot if r.state_slot is None else r.state_slot))
+                                       self.dummy_slot if r.state_slot is None else r.state_slot, r.saved_states))
             offset += len(r.tokens)
             last.append(offset - 1)
             span = range(r.start, r.start + len(r.tokens))

@@ -10,6 +10,18 @@ Hybrid models (KDA layers): a cached prefix is usable only up to a block boundar
 the KDA state exists. Prefill chunks are cut so that they end on the sequence's snapshot points (every
 `snapshot_interval` tokens, the prompt's last full block), so the state after a chunk is exactly the
 state at that boundary, and the engine copies it into a snapshot slot keyed by that block's hash.
+
+Seer options (off by default; docs/seer.md):
+- speculative decoding (`drafter`): a decoding sequence with a draft of k tokens is scheduled for 1 + k
+  tokens (its last token and the draft, verified in one forward); draft blocks come from free blocks only.
+- policy "context_aware": waiting sequences are admitted by priority instead of arrival: first any that
+  waited more than `max_wait_steps` steps (bounded wait), then each group's probe (its first sequence, while
+  no sibling has finished), then the longest expected remaining output (the group's longest finished
+  output so far, else max_tokens), then arrival.
+- divided rollout (`chunk_tokens`, with context_aware): after generating chunk_tokens tokens, a running
+  sequence goes back to the queue if a waiting one ranks above it; it keeps its blocks and KDA state slot
+  (suspended, not preempted) and resumes where it stopped. Suspended sequences are preempted first when
+  blocks run out.
 """
 import random
 from collections import deque
@@ -19,8 +31,10 @@ import torch
 
 from nanokimi.infer.block_manager import BlockPool, StateSlots, block_hash
 from nanokimi.infer.params import CompletionOutput, SamplingParams
+from nanokimi.infer.speculative import next_draft_length
 
-WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
+WAITING, RUNNING, FINISHED, SUSPENDED = "waiting", "running", "finished", "suspended"
+POLICIES = ("fcfs", "context_aware")
 
 
 class Request:
@@ -60,6 +74,11 @@ class Sequence:
         # conversation so far), the prompt's last full block (for longer prompts that extend it), and the
         # deepest block a resend of this very prompt can reuse (its last token is always recomputed)
         self.snapshot_interval = snapshot_interval
+        self.draft: list[int] = []  # speculative tokens scheduled with this step's decode
+        self.accepted_ema: float | None = None  # moving average of accepted draft tokens (adaptive length)
+        self.order = 0  # arrival rank; set by the scheduler
+        self.queued_at = 0  # the scheduler step at which it (re)joined the queue
+        self.run_tokens = 0  # tokens generated since it was last admitted or resumed (divided rollout)
         last_full = self.num_prompt // block_size * block_size
         resend = (self.num_prompt - 1) // block_size * block_size
         self.prompt_points = {p for p in (last_full, resend) if p > 0}
@@ -97,27 +116,81 @@ class Sequence:
             self.hashes.append(block_hash(self.hashes[-1] if i else None, self.tokens[i * bs:(i + 1) * bs]))
 
 
+def group_key(seq: Sequence):
+    """The group a sequence's length is estimated from: SamplingParams.group_id, else its request."""
+    group = seq.request.params.group_id
+    return ("request", seq.request.request_id) if group is None else ("group", group)
+
+
 class Scheduler:
     def __init__(self, pool: BlockPool, slots: StateSlots | None, block_size: int, max_num_seqs: int,
-                 max_step_tokens: int, prefix_caching: bool, has_kda: bool):
+                 max_step_tokens: int, prefix_caching: bool, has_kda: bool, drafter=None,
+                 num_speculative_tokens: int = 0, max_model_len: int = 1 << 62, policy: str = "fcfs",
+                 max_wait_steps: int = 64, chunk_tokens: int = 0):
         self.pool, self.slots, self.block_size = pool, slots, block_size
         self.max_num_seqs, self.max_step_tokens = max_num_seqs, max_step_tokens
         self.prefix_caching, self.has_kda = prefix_caching, has_kda
+        self.drafter, self.num_speculative_tokens, self.max_model_len = drafter, num_speculative_tokens, max_model_len
+        self.policy, self.max_wait_steps, self.chunk_tokens = policy, max_wait_steps, chunk_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.suspended: list[Sequence] = []
+        self.groups: dict = {}  # group key -> {"probe": first sequence, "longest": longest finished output}
+        self.num_added = 0
+        self.steps = 0
         self.slot_ops: list[tuple] = []  # ("copy", src, dst) / ("zero", slot), applied in order by the engine
-        self.counters = dict(preemptions=0, prefix_cache_queries=0, prefix_cache_hit_tokens=0, kda_snapshots=0)
+        self.counters = dict(preemptions=0, prefix_cache_queries=0, prefix_cache_hit_tokens=0, kda_snapshots=0,
+                             suspensions=0)
 
     def add(self, seq: Sequence) -> None:
+        seq.order, seq.queued_at = self.num_added, self.steps
+        self.num_added += 1
+        self.groups.setdefault(group_key(seq), {"probe": seq, "longest": None, "live": 0})["live"] += 1
         self.waiting.append(seq)
 
     def schedule(self) -> list[tuple[Sequence, int]]:
         """(sequence, number of tokens to compute) for the next step; decodes first."""
+        self.steps += 1
+        if self.chunk_tokens and self.policy == "context_aware":
+            self._suspend_finished_chunks()
         while True:
             scheduled = self._schedule_once()
             if scheduled or not self.running:
                 return scheduled
-            self._preempt(self.running[-1])  # nothing fits: make room by the rule, then try again
+            self._preempt(self._victim())  # nothing fits: make room by the rule, then try again
+
+    def _victim(self) -> Sequence:
+        """Who is preempted when blocks run out: a suspended sequence first, else the newest running one."""
+        return self.suspended[-1] if self.suspended else self.running[-1]
+
+    def priority(self, seq: Sequence) -> tuple:
+        """Context-aware order, smallest first: waited too long, group probe, longest expected rest, arrival."""
+        group = self.groups[group_key(seq)]
+        aged = self.steps - seq.queued_at > self.max_wait_steps
+        probe = group["probe"] is seq and group["longest"] is None
+        expected = seq.request.params.max_tokens if group["longest"] is None else group["longest"]
+        return (not aged, not probe, -max(expected - seq.num_output, 1), seq.order)
+
+    def _next_waiting(self) -> Sequence | None:
+        if self.policy == "fcfs":
+            return next((s for s in self.waiting if self._admissible(s)), None)
+        candidates = [s for s in self.waiting if self._admissible(s)] + self.suspended
+        return min(candidates, key=self.priority, default=None)
+
+    def _suspend_finished_chunks(self) -> None:
+        """Divided rollout: running decodes that finished a chunk yield their place to better-ranked waiting work."""
+        if not self.waiting:
+            return
+        best = min((self.priority(s) for s in self.waiting if self._admissible(s)), default=None)
+        if best is None:
+            return
+        for seq in list(self.running):
+            room = self.slots is None or bool(self.slots.free or self.slots.snapshots)  # the newcomer needs a slot
+            if seq.run_tokens >= self.chunk_tokens and seq.remaining == 1 and room and self.priority(seq) > best:
+                self.running.remove(seq)
+                seq.status, seq.queued_at = SUSPENDED, self.steps
+                self.suspended.append(seq)
+                self.counters["suspensions"] += 1
 
     def _schedule_once(self) -> list[tuple[Sequence, int]]:
         budget = self.max_step_tokens
@@ -128,13 +201,14 @@ class Scheduler:
             if seq.status != RUNNING or seq.remaining != 1:
                 continue
             while not self._grow(seq, seq.num_computed + 1):
-                victim = self.running[-1]
+                victim = self._victim()
                 self._preempt(victim)
                 if victim is seq:
                     break
             if seq.status == RUNNING:
-                scheduled.append((seq, 1))
-                budget -= 1
+                seq.draft = self._draft(seq, budget - 1) if self.drafter is not None else []
+                scheduled.append((seq, 1 + len(seq.draft)))
+                budget -= 1 + len(seq.draft)
         for seq in list(self.running):
             if budget == 0:
                 break
@@ -145,13 +219,41 @@ class Scheduler:
                 scheduled.append((seq, n))
                 budget -= n
         while budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = next((s for s in self.waiting if self._admissible(s)), None)
+            seq = self._next_waiting()
+            if seq is not None and seq.status == SUSPENDED:
+                self._resume(seq)
+                continue
             if seq is None or not self._admit(seq):
                 break
             n = self._fit(seq, self._chunk(seq, budget))
             scheduled.append((seq, n))
             budget -= n
         return scheduled
+
+    def _resume(self, seq: Sequence) -> None:
+        """A suspended sequence runs again from where it stopped (its blocks and state slot were kept)."""
+        self.suspended.remove(seq)
+        seq.status, seq.run_tokens = RUNNING, 0
+        self.running.append(seq)
+
+    def _draft(self, seq: Sequence, budget: int) -> list[int]:
+        """A draft for a decoding sequence: at most the adaptive length, the step's budget, what max_tokens and
+        the context leave (the step emits one token more than it accepts), and what free blocks can hold."""
+        limit = min(next_draft_length(seq.accepted_ema, self.num_speculative_tokens), budget,
+                    seq.request.params.max_tokens - seq.num_output - 1, self.max_model_len - len(seq.tokens) - 1)
+        draft = self.drafter.propose(seq, limit) if limit > 0 else []
+        draft = draft[:max(limit, 0)]
+        if draft and not self._grow(seq, seq.num_computed + 1 + len(draft)):
+            return []
+        return draft
+
+    def shrink(self, seq: Sequence) -> None:
+        """Free the blocks past the sequence's computed tokens (those of rejected draft tokens)."""
+        keep = -(-seq.num_computed // self.block_size)
+        if len(seq.block_table) > keep:
+            extra = seq.block_table[keep:]
+            del seq.block_table[keep:]
+            self.pool.release(extra)
 
     def _admissible(self, seq: Sequence) -> bool:
         """Samples 1.. of a request wait until sample 0 has prefilled the prompt, to reuse it from the cache."""
@@ -222,7 +324,7 @@ class Scheduler:
                 self.slot_ops.append(("zero", seq.state_slot))
             elif source != seq.state_slot:
                 self.slot_ops.append(("copy", source, seq.state_slot))
-        seq.status = RUNNING
+        seq.status, seq.run_tokens = RUNNING, 0
         self.running.append(seq)
         return True
 
@@ -253,8 +355,8 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self._free(seq)
         seq.num_computed = 0
-        seq.status = WAITING
-        self.running.remove(seq)
+        (self.suspended if seq.status == SUSPENDED else self.running).remove(seq)
+        seq.status, seq.queued_at = WAITING, self.steps
         self.waiting.appendleft(seq)
         self.counters["preemptions"] += 1
 
@@ -263,5 +365,16 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status == WAITING:
             self.waiting.remove(seq)
+        elif seq.status == SUSPENDED:
+            self.suspended.remove(seq)
         self._free(seq)
         seq.status = FINISHED
+        group = self.groups.get(group_key(seq))
+        if group is not None:
+            if seq.output.finish_reason in ("stop", "length"):
+                group["longest"] = max(group["longest"] or 0, len(seq.output.token_ids))
+            group["live"] -= 1
+            if group["live"] == 0:
+                del self.groups[group_key(seq)]
+        if self.drafter is not None:
+            self.drafter.release(seq)

@@ -38,6 +38,9 @@ class PrefillPiece:
     start: int
     block_table: torch.Tensor  # [num_blocks] long, covers start + length tokens
     state_slot: int
+    # speculative verification: a list that each KDA layer appends (layer pool, conv window [K-1+T, C], states
+    # after each token [T, H, Dk, Dv]) to, so the engine can roll the slot back to any accepted prefix
+    saved_states: list | None = None
 
 
 @dataclass
@@ -196,6 +199,8 @@ def _kda_prefill(mixer: KimiDeltaAttention, x: torch.Tensor, cache: RecurrentCac
     for piece, (a, b) in zip(pieces, spans):
         window = torch.cat([cache.conv[piece.state_slot].to(qkv.dtype), qkv[a:b]])  # [K-1+T, 3HD]
         cache.conv[piece.state_slot].copy_(window[window.shape[0] - (K - 1):])
+        if piece.saved_states is not None:
+            piece.saved_states.append([cache, window.to(cache.conv.dtype), None])
         mixed.append(causal_depthwise_conv(window[None], weight)[0])
     qkv = F.silu(torch.cat(mixed))
     q, k, v = (t.reshape(1, N, H, D) for t in qkv.split(H * D, dim=-1))
@@ -213,6 +218,9 @@ def _kda_varlen(q, k, v, g, beta, cache: RecurrentCache, pieces, spans) -> torch
     """The delta rule over packed pieces, each from its state slot (updated in place): one fla chunk_kda
     call with cu_seqlens on CUDA when fla-core is there, else (or if that call fails) one kda() per piece."""
     global VARLEN_KDA
+    keep = [i for i, p in enumerate(pieces) if p.saved_states is not None]
+    if keep:
+        return _kda_varlen_keeping_states(q, k, v, g, beta, cache, pieces, spans, keep)
     slots = torch.tensor([p.state_slot for p in pieces], device=q.device)
     if VARLEN_KDA and q.is_cuda and len(pieces) > 1 and fla_status()[0]:
         bounds = torch.tensor([0] + [b for _, b in spans], device=q.device)
@@ -235,6 +243,62 @@ def _kda_varlen(q, k, v, g, beta, cache: RecurrentCache, pieces, spans) -> torch
     return torch.cat(outs, dim=1)
 
 
+def _kda_varlen_keeping_states(q, k, v, g, beta, cache: RecurrentCache, pieces, spans, keep) -> torch.Tensor:
+    """`_kda_varlen` when some pieces (speculative drafts under verification) need the state after each of
+    their tokens: those run the recurrence one token at a time, padded into one batch [P, Tmax] (the state
+    of a padded step is never read: the engine rolls every such slot back to an accepted prefix); the
+    other pieces run as before."""
+    others = [i for i in range(len(pieces)) if i not in set(keep)]
+    outs = {}
+    if others:
+        rest = _kda_varlen(*(torch.cat([t[:, spans[i][0]:spans[i][1]] for i in others], dim=1)
+                             for t in (q, k, v, g, beta)), cache, [pieces[i] for i in others],
+                           _spans([spans[i][1] - spans[i][0] for i in others]))
+        for i, (a, b) in zip(others, _spans([spans[i][1] - spans[i][0] for i in others])):
+            outs[i] = rest[:, a:b]
+    lengths = [spans[i][1] - spans[i][0] for i in keep]
+    longest = max(lengths)
+
+    def padded(t):  # [1, Np, ...] -> [P, Tmax, ...]
+        out = t.new_zeros(len(keep), longest, *t.shape[2:])
+        for row, i in enumerate(keep):
+            out[row, :lengths[row]] = t[0, spans[i][0]:spans[i][1]]
+        return out
+
+    qp, kp, vp, gp, bp = (padded(t) for t in (q, k, v, g, beta))
+    slots = torch.tensor([pieces[i].state_slot for i in keep], device=q.device)
+    state = cache.state.index_select(0, slots)  # [P, H, Dk, Dv]
+    steps, states = [], []
+    for t in range(longest):
+        o, state = kda_outside_compile(qp[:, t:t + 1], kp[:, t:t + 1], vp[:, t:t + 1], gp[:, t:t + 1],
+                                       bp[:, t:t + 1], initial_state=state, output_final_state=True)
+        steps.append(o)
+        states.append(state.to(cache.state.dtype))
+    o = torch.cat(steps, dim=1)  # [P, Tmax, H, Dv]
+    states = torch.stack(states, dim=1)  # [P, Tmax, H, Dk, Dv]
+    for row, i in enumerate(keep):
+        outs[i] = o[row:row + 1, :lengths[row]]
+        cache.state[pieces[i].state_slot].copy_(states[row, lengths[row] - 1])
+        pieces[i].saved_states[-1][2] = states[row, :lengths[row]]
+    return torch.cat([outs[i] for i in range(len(pieces))], dim=1)
+
+
+def _spans(lengths: list[int]) -> list[tuple[int, int]]:
+    bounds = [0]
+    for n in lengths:
+        bounds.append(bounds[-1] + n)
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def rollback_recurrent_state(saved_states: list, slot: int, keep: int) -> None:
+    """Put a verified piece's KDA state slot back to the state after its first `keep` tokens (the rejected
+    draft tokens after them leave no trace): the saved per-token state and the conv tail at that point."""
+    for pool, window, states in saved_states:
+        K1 = pool.conv.shape[1]
+        pool.state[slot].copy_(states[keep - 1])
+        pool.conv[slot].copy_(window[keep:keep + K1])
+
+
 def _mla_project(mixer: MultiHeadLatentAttention, x: torch.Tensor, positions: torch.Tensor):
     """MLA's projections for tokens as rows, each at its own position: x [S, 1, D] ->
     q_nope [S, 1, H, dn], q_rope [S, 1, H, dr], c_kv [S, 1, r], k_rope [S, 1, 1, dr] (rotated when RoPE)."""
@@ -251,6 +315,8 @@ def _mla_project(mixer: MultiHeadLatentAttention, x: torch.Tensor, positions: to
 
 def _prefill_piece(mixer: nn.Module, x: torch.Tensor, cache, piece: PrefillPiece, block_size: int) -> torch.Tensor:
     """The mixer's own cached forward for one sequence: x [1, T, D] -> [1, T, D]."""
+    if isinstance(mixer, KimiDeltaAttention) and piece.saved_states is not None:
+        return _kda_prefill(mixer, x, cache, [piece], [(0, piece.length)])
     if isinstance(mixer, KimiDeltaAttention):
         s = piece.state_slot  # slices are views: the forward updates the pool in place
         return mixer(x, RecurrentCache(cache.conv[s:s + 1], cache.state[s:s + 1]))
