@@ -184,9 +184,10 @@ class Scheduler:
         best = min((self.priority(s) for s in self.waiting if self._admissible(s)), default=None)
         if best is None:
             return
-        for seq in list(self.running):
-            room = self.slots is None or bool(self.slots.free or self.slots.snapshots)  # the newcomer needs a slot
-            if seq.run_tokens >= self.chunk_tokens and seq.remaining == 1 and room and self.priority(seq) > best:
+        spare = len(self.running) if self.slots is None else len(self.slots.free) + len(self.slots.snapshots)
+        for seq in list(self.running):  # each newcomer needs a KDA state slot: suspend no more than are spare
+            if spare and seq.run_tokens >= self.chunk_tokens and seq.remaining == 1 and self.priority(seq) > best:
+                spare -= 1
                 self.running.remove(seq)
                 seq.status, seq.queued_at = SUSPENDED, self.steps
                 self.suspended.append(seq)
@@ -301,6 +302,10 @@ class Scheduler:
         return blocks
 
     def _admit(self, seq: Sequence) -> bool:
+        if self.has_kda and not (self.slots.free or self.slots.snapshots):  # suspended sequences hold the slots
+            if not self.suspended:
+                return False
+            self._preempt(self.suspended[-1])
         hit = self.cached_prefix(seq)
         for block in hit:
             self.pool.take(block)
