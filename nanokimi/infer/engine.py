@@ -21,7 +21,7 @@ from nanokimi.infer.params import CompletionOutput, RequestOutput, SamplingParam
 from nanokimi.infer.runner import ModelRunner, Row
 from nanokimi.infer.sampling import sample_rows, top_logprobs
 from nanokimi.infer.scheduler import FINISHED, POLICIES, Request, Scheduler, Sequence
-from nanokimi.infer.speculative import accept_draft, make_drafter
+from nanokimi.infer.speculative import accept_greedy, accept_sampled, filtered_probs, make_drafter
 from nanokimi.model.kda import KimiDeltaAttention
 from nanokimi.model.paged import paged_cache_bytes, rollback_recurrent_state
 
@@ -243,7 +243,8 @@ class Engine:
                 plain.append(seq)
                 plain_logits.append(part)
             else:
-                verified.append((seq, self._verify(seq, row, part)))
+                verified.append((seq, row, part))
+        verified = [(seq, emitted) for (seq, row, _), emitted in zip(verified, self._accept(verified))]
         computed = {id(seq): len(emitted) for seq, emitted in verified}
         self.scheduler.after_step([(seq, computed.get(id(seq), n)) for seq, n in scheduled])
         for seq, _ in verified:
@@ -268,13 +269,42 @@ class Engine:
                 outputs.append(self._output(request))
         return outputs
 
-    def _verify(self, seq: Sequence, row: Row, logits: torch.Tensor) -> list[int]:
-        """Accept a verified draft by the rule (nanokimi/infer/speculative.py); roll the KDA state back to the
-        last emitted-and-computed token; return the emitted tokens (accepted drafts and one new token), which
-        are appended to seq.tokens so that after_step hashes the computed blocks."""
+    def _accept(self, verified: list[tuple[Sequence, Row, torch.Tensor]]) -> list[list[int]]:
+        """The emitted tokens of each verified draft. The argmaxes, and the filtered distributions of sampled
+        rows (one computation per distinct temperature / top-k / top-p), reach the host in one transfer each."""
+        if not verified:
+            return []
+        logits = torch.cat([part for _, _, part in verified])  # [sum of 1 + draft, V]
+        starts = [0]
+        for _, _, part in verified:
+            starts.append(starts[-1] + part.shape[0])
+        settings: dict[tuple, list[int]] = {}
+        for i, (seq, _, _) in enumerate(verified):
+            p = seq.request.params
+            if p.temperature > 0:
+                settings.setdefault((p.temperature, p.top_k, p.top_p), []).append(i)
+        probs = {}
+        for (temperature, top_k, top_p), members in settings.items():
+            index = torch.tensor([j for i in members for j in range(starts[i], starts[i + 1])], device=logits.device)
+            table = filtered_probs(logits.index_select(0, index), temperature, top_k, top_p).cpu()
+            offset = 0
+            for i in members:
+                size = starts[i + 1] - starts[i]
+                probs[i] = table[offset:offset + size]
+                offset += size
+        best = logits.argmax(dim=-1).tolist() if len(probs) < len(verified) else None
+        return [self._verify(seq, row, part, best[starts[i]:starts[i + 1]] if i not in probs else None, probs.get(i))
+                for i, (seq, row, part) in enumerate(verified)]
+
+    def _verify(self, seq: Sequence, row: Row, logits: torch.Tensor, best: list[int] | None,
+                probs: torch.Tensor | None) -> list[int]:
+        """Accept a verified draft by the rule (nanokimi/infer/speculative.py; best: greedy argmaxes, probs:
+        the sampled distributions); roll the KDA state back to the last emitted-and-computed token; return
+        the emitted tokens (accepted drafts and one new token), which are appended to seq.tokens so that
+        after_step hashes the computed blocks."""
         params = seq.request.params
         draft, seq.draft = seq.draft, []
-        emitted = accept_draft(logits, draft, params.temperature, params.top_k, params.top_p, seq.rng)
+        emitted = accept_greedy(best, draft) if probs is None else accept_sampled(probs, draft, seq.rng)
         if row.saved_states:  # the state after the last token + accepted drafts (the new token is not computed)
             rollback_recurrent_state(row.saved_states, seq.state_slot, len(emitted))
         accepted = len(emitted) - 1

@@ -174,15 +174,23 @@ def accept_draft(logits: torch.Tensor, draft: list[int], temperature: float, top
     """The tokens a verified draft emits: the accepted drafts, then one token sampled by the rule (the
     module docstring). logits [len(draft) + 1, V]; rng: the sequence's random.Random. 1..len(draft)+1 tokens."""
     if temperature == 0:
-        best = logits.argmax(dim=-1).tolist()
-        out = []
-        for i, d in enumerate(draft):
-            if best[i] != d:
-                break
-            out.append(d)
-        out.append(best[len(out)])
-        return out
-    probs = filtered_probs(logits, temperature, top_k, top_p).cpu()  # [k+1, V]
+        return accept_greedy(logits.argmax(dim=-1).tolist(), draft)
+    return accept_sampled(filtered_probs(logits, temperature, top_k, top_p).cpu(), draft, rng)
+
+
+def accept_greedy(best: list[int], draft: list[int]) -> list[int]:
+    """Greedy: the drafts while each equals the argmax `best[i]` at its place, then the argmax after them."""
+    out = []
+    for i, d in enumerate(draft):
+        if best[i] != d:
+            break
+        out.append(d)
+    out.append(best[len(out)])
+    return out
+
+
+def accept_sampled(probs: torch.Tensor, draft: list[int], rng) -> list[int]:
+    """Sampling: probs [len(draft) + 1, V] (filtered_probs, on the CPU); the rule of the module docstring."""
     out = []
     for i, d in enumerate(draft):
         if rng.random() < float(probs[i, d]):

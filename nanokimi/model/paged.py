@@ -161,31 +161,97 @@ def _prefill_batched(mixer: nn.Module, x: torch.Tensor, cache, batch: PagedBatch
         cache.c_kv.view(-1, mixer.kv_lora_rank).index_copy_(0, batch.prefill_slots, c_kv[:, 0].to(cache.c_kv.dtype))
         cache.k_rope.view(-1, mixer.rope_dim).index_copy_(0, batch.prefill_slots,
                                                            k_rope[:, 0, 0].to(cache.k_rope.dtype))
-        outs = []
-        for piece, (a, b) in zip(batch.prefill, spans):
+        outs = {}
+        short = _short_pieces(batch) if not mixer.record_max_logits else []
+        if short:
+            outs = _mla_short_pieces(mixer, q_nope, q_rope, cache, batch, spans, short)
+        for i, (piece, (a, b)) in enumerate(zip(batch.prefill, spans)):
+            if i in outs:
+                continue
             end = piece.start + piece.length
             table = piece.block_table[None]
             context = gather_blocks(cache.c_kv, table)[:, :end]  # [1, L, r], this piece's tokens included
             context_rope = gather_blocks(cache.k_rope, table)[:, :end].unsqueeze(2)  # [1, L, 1, dr]
             qn, qr = q_nope[a:b].transpose(0, 1), q_rope[a:b].transpose(0, 1)  # [1, T, H, .]
             if piece.length <= mixer.absorb_max_tokens and not mixer.record_max_logits:
-                outs.append(mixer._attend_absorbed(qn, qr, context, context_rope, piece.start))
+                outs[i] = mixer._attend_absorbed(qn, qr, context, context_rope, piece.start)
             else:
-                outs.append(mixer._attend_expanded(qn, qr, context, context_rope, piece.start))
-        return mixer.o_proj(torch.cat(outs, dim=1).flatten(2))
+                outs[i] = mixer._attend_expanded(qn, qr, context, context_rope, piece.start)
+        return mixer.o_proj(torch.cat([outs[i] for i in range(len(spans))], dim=1).flatten(2))
     H, Hkv, D = mixer.num_heads, mixer.num_kv_heads, mixer.head_dim
     q = mixer.rotary(mixer.q_proj(rows).view(-1, 1, H, D), batch.prefill_positions)
     k = mixer.rotary(mixer.k_proj(rows).view(-1, 1, Hkv, D), batch.prefill_positions)
     v = mixer.v_proj(rows).view(-1, 1, Hkv, D)
     cache.k.flatten(0, 1).index_copy_(0, batch.prefill_slots, k[:, 0].to(cache.k.dtype))
     cache.v.flatten(0, 1).index_copy_(0, batch.prefill_slots, v[:, 0].to(cache.v.dtype))
-    outs = []
-    for piece, (a, b) in zip(batch.prefill, spans):
+    short = _short_pieces(batch)
+    outs = _gqa_short_pieces(mixer, q, cache, batch, spans, short) if short else {}
+    for i, (piece, (a, b)) in enumerate(zip(batch.prefill, spans)):
+        if i in outs:
+            continue
         end = piece.start + piece.length
         table = piece.block_table[None]
         keys, values = gather_blocks(cache.k, table)[:, :end], gather_blocks(cache.v, table)[:, :end]
-        outs.append(causal_attention(q[a:b].transpose(0, 1), keys, values, mixer.scale, piece.start))
-    return mixer.o_proj(torch.cat(outs, dim=1).flatten(2))
+        outs[i] = causal_attention(q[a:b].transpose(0, 1), keys, values, mixer.scale, piece.start)
+    return mixer.o_proj(torch.cat([outs[i] for i in range(len(spans))], dim=1).flatten(2))
+
+
+SHORT_PIECE_TOKENS = 16  # prefill pieces this short (speculative drafts under verification) attend as one batch
+
+
+def _short_pieces(batch: PagedBatch) -> list[int]:
+    """Indices of the step's pieces of at most SHORT_PIECE_TOKENS tokens, when there are several of them."""
+    short = [i for i, p in enumerate(batch.prefill) if p.length <= SHORT_PIECE_TOKENS]
+    return short if len(short) > 1 else []
+
+
+def _short_layout(batch: PagedBatch, spans, members: list[int], device):
+    """Short pieces padded into rows: packed index of each (piece, t) [P, Tmax] (padding repeats the piece's
+    last token), query positions [P, Tmax], block tables [P, MB] (padded with block 0), lengths."""
+    lengths = [batch.prefill[i].length for i in members]
+    longest = max(lengths)
+    index = [[spans[i][0] + min(t, n - 1) for t in range(longest)] for i, n in zip(members, lengths)]
+    positions = [[batch.prefill[i].start + t for t in range(longest)] for i in members]
+    host = torch.tensor([index, positions], dtype=torch.long)
+    host = host.to(device, non_blocking=True)
+    tables = torch.nn.utils.rnn.pad_sequence([batch.prefill[i].block_table for i in members], batch_first=True)
+    return host[0], host[1], tables, lengths
+
+
+def _gqa_short_pieces(mixer: GroupedQueryAttention, q, cache: PagedKVCache, batch: PagedBatch, spans, members):
+    """Causal attention of several short pieces at once over their gathered blocks (their keys are written).
+    q [Np, 1, H, D] -> {piece index: [1, T, H, D]}."""
+    index, positions, tables, lengths = _short_layout(batch, spans, members, q.device)
+    P, T = index.shape
+    qp = q[index.flatten(), 0].view(P, T, mixer.num_heads, mixer.head_dim).transpose(1, 2)  # [P, H, T, D]
+    keys = gather_blocks(cache.k, tables).transpose(1, 2)  # [P, Hkv, L, D]
+    values = gather_blocks(cache.v, tables).transpose(1, 2)
+    allowed = torch.arange(keys.shape[2], device=q.device)[None, None, :] <= positions[:, :, None]  # [P, T, L]
+    o = F.scaled_dot_product_attention(qp, keys, values, attn_mask=allowed[:, None], scale=mixer.scale,
+                                       enable_gqa=mixer.num_heads != mixer.num_kv_heads).transpose(1, 2)
+    return {i: o[row:row + 1, :n] for row, (i, n) in enumerate(zip(members, lengths))}
+
+
+def _mla_short_pieces(mixer: MultiHeadLatentAttention, q_nope, q_rope, cache: PagedLatentCache, batch: PagedBatch,
+                      spans, members):
+    """Absorbed MLA attention of several short pieces at once over their gathered latent blocks.
+    q_nope [Np, 1, H, dn], q_rope [Np, 1, H, dr] -> {piece index: [1, T, H, dv]}."""
+    index, positions, tables, lengths = _short_layout(batch, spans, members, q_nope.device)
+    P, T = index.shape
+    H = mixer.num_heads
+    qn = q_nope[index.flatten(), 0].view(P, T, H, -1)
+    qr = q_rope[index.flatten(), 0].view(P, T, H, -1)
+    w = mixer.kv_b_proj.weight.view(H, mixer.nope_dim + mixer.v_dim, mixer.kv_lora_rank)
+    w_k, w_v = w[:, :mixer.nope_dim], w[:, mixer.nope_dim:]  # [H, dn, r], [H, dv, r]
+    q_latent = torch.einsum("bthd,hdr->bthr", qn, w_k)
+    keys_latent = gather_blocks(cache.c_kv, tables)  # [P, L, r]
+    keys_rope = gather_blocks(cache.k_rope, tables)  # [P, L, dr]
+    scores = torch.einsum("bthr,bsr->bths", q_latent, keys_latent) + torch.einsum("bthd,bsd->bths", qr, keys_rope)
+    allowed = torch.arange(keys_latent.shape[1], device=qn.device)[None, None, :] <= positions[:, :, None]
+    scores = (scores.float() * mixer.scale).masked_fill(~allowed[:, :, None, :], float("-inf"))
+    o_latent = torch.einsum("bths,bsr->bthr", scores.softmax(-1).to(keys_latent.dtype), keys_latent)
+    o = torch.einsum("bthr,hvr->bthv", o_latent, w_v)  # [P, T, H, dv]
+    return {i: o[row:row + 1, :n] for row, (i, n) in enumerate(zip(members, lengths))}
 
 
 def _kda_prefill(mixer: KimiDeltaAttention, x: torch.Tensor, cache: RecurrentCache, pieces, spans) -> torch.Tensor:
