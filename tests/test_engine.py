@@ -473,7 +473,8 @@ def test_batched_prefill_equals_the_per_piece_reference(name, monkeypatch):
     for a, b in zip(outs[True], outs[False]):
         assert a.token_ids == b.token_ids
         for x, y in zip(a.logprobs, b.logprobs):
-            assert x.keys() == y.keys() and all(abs(x[t] - y[t]) < 1e-9 for t in x)
+            # float64 model, but KDA's delta rule runs in fp32: row blocking of the matmuls differs by path
+            assert x.keys() == y.keys() and all(abs(x[t] - y[t]) < 1e-5 for t in x)
 
 
 def test_next_chat_turn_reuses_the_previous_answer_exactly():
@@ -538,3 +539,25 @@ def test_random_traffic_keeps_every_invariant():
     assert stats["cache_blocks_free"] == stats["cache_blocks_total"] and stats["sequences_running"] == 0
     assert len(engine.slots.free) + len(engine.slots.snapshots) == engine.slots.num_slots
     assert stats["preemptions"] > 0 and stats["prefix_cache_hit_tokens"] > 0
+
+
+def test_engine_steps_in_eval_mode_and_gives_the_model_back_as_it_was():
+    model = make_model("tiny")
+    engine = Engine(model, block_size=8)
+    model.train()  # e.g. RL trains the policy between rollouts
+    moes = [m for m in model.modules() if hasattr(m, "expert_load")]
+    loads = [m.expert_load.clone() for m in moes]
+    done = run_engine(engine, [("a", prompts(1, seed=73)[0], GREEDY)])
+    assert model.training
+    assert all(torch.equal(before, m.expert_load) for before, m in zip(loads, moes))  # no load counted
+    model.eval()
+    assert done["a"].token_ids == greedy_alone(model, prompts(1, seed=73)[0], 5)
+
+
+def test_attention_residuals_model_through_the_engine():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.preset("tiny", **SMALL, attn_res="block", attn_res_blocks=2)).double().eval()
+    batch = prompts(5, seed=3)
+    requests = [(str(i), p, GREEDY) for i, p in enumerate(batch)]
+    done = run_engine(Engine(model, block_size=8, max_step_tokens=24), requests, stagger=2)
+    assert [done[str(i)].token_ids for i in range(5)] == [greedy_alone(model, p, 5) for p in batch]

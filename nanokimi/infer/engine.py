@@ -41,7 +41,8 @@ def sample_seed(seed: int | None, index: int) -> int:
 class Engine:
     """See the module docstring. max_cache_tokens=None takes gpu_memory_fraction of the free GPU memory
     (on the CPU: 65536 tokens). snapshot_interval: KDA state snapshots every so many tokens of a sequence
-    (rounded to blocks; prompt and output) besides its prompt's last full block; num_state_snapshots: how many are kept (LRU).
+    (rounded to blocks; prompt and output) besides its prompt's last full block; num_state_snapshots: how
+    many are kept (LRU).
     use_cuda_graph: "auto" graphs decode-only steps on CUDA (True: a failed capture raises); compile=True
     also torch.compiles them (one compilation per batch bucket: slow to warm up, for long runs).
     Seer options (docs/seer.md; all off by default): speculative None | "ngram" | "suffix" (or a drafter
@@ -66,7 +67,7 @@ class Engine:
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"Engine: {message}.")
-        self.model = model.eval()
+        self.model = model  # step() runs it in eval mode
         self.tokenizer = tokenizer
         self.device = model.embed.weight.device
         self.block_size = block_size
@@ -140,8 +141,12 @@ class Engine:
             graphs = "static buffers, no graph" if self.runner.static_only else "CUDA graphs at bucketed batch sizes"
         if self.runner.compiled:
             graphs += " + torch.compile"
-        parts += [f"decode: {attention}, {graphs}", f"prefill: per-sequence chunks, max_step_tokens "
-                  f"{self.scheduler.max_step_tokens}", f"prefix caching {'on' if self.prefix_caching else 'off'}"]
+        from nanokimi.model.paged import BATCHED_PREFILL
+        prefill = "pieces batched, mixing per piece" if BATCHED_PREFILL else "each piece alone"
+        caching = f"on (KDA snapshots every {self.snapshot_interval} tokens)" if self.has_kda else "on"
+        parts += [f"decode: {attention}, {graphs}",
+                  f"prefill: chunked, {prefill}, max_step_tokens {self.scheduler.max_step_tokens}",
+                  f"prefix caching {caching if self.prefix_caching else 'off'}"]
         return "engine: " + "; ".join(parts)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None,
@@ -210,8 +215,21 @@ class Engine:
                 total += seq.remaining
         return total
 
-    @torch.no_grad()
     def step(self) -> list[RequestOutput]:
+        """One scheduling step; the outputs of the requests that changed (finished ones only when
+        stream_outputs is False). The model runs in eval mode and is put back in train mode if it was
+        (RL trains the same model between rollouts; MoE load counting is off while the engine runs)."""
+        was_training = self.model.training
+        if was_training:
+            self.model.eval()
+        try:
+            return self._step()
+        finally:
+            if was_training:
+                self.model.train()
+
+    @torch.no_grad()
+    def _step(self) -> list[RequestOutput]:
         changed: dict[str, Request] = {r.request_id: r for r in self.aborted}
         self.aborted = []
         scheduled = self.scheduler.schedule()
@@ -227,11 +245,11 @@ class Engine:
                 seq.request.metrics["first_scheduled_time"] = now
             c = seq.num_computed
             if seq.draft and seq.remaining == 1:  # the last token and a draft to verify: logits at each
-                rows.append(Row(seq.tokens[c:] + seq.draft, c, seq.block_table, seq.state_slot, True, None,
-                                n, [] if self.has_kda else None))
+                rows.append(Row(seq.tokens[c:] + seq.draft, c, seq.block_table, seq.state_slot, True, num_logits=n,
+                                saved_states=[] if self.has_kda else None))
                 continue
             rows.append(Row(seq.tokens[c:c + n], c, seq.block_table, seq.state_slot, c + n == len(seq.tokens),
-                            seq.table_tensor() if n == 1 else None))
+                            seq.table_tensor() if n == 1 else None, self.scheduler.interior_snapshots(seq, n)))
         logits = self.runner.run(rows)
         plain, plain_logits, verified, offset = [], [], [], 0
         for (seq, n), row in zip(scheduled, rows):

@@ -4,7 +4,7 @@ Decode-only steps on CUDA replay a CUDA graph captured per (batch bucket, block-
 rows are padded up to the bucket with rows that write to the reserved block 0 and the spare state slot.
 """
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -24,6 +24,7 @@ class Row:
     state_slot: int | None
     wants_logits: bool
     table_tensor: torch.Tensor | None = None  # the block table as a CPU tensor (kept up to date incrementally)
+    snapshots: list[tuple[int, int]] = field(default_factory=list)  # KDA: (tokens into the row, snapshot slot)
     num_logits: int = 1  # logits of the last num_logits tokens (a speculative draft's verification wants all)
     saved_states: list | None = None  # a list: KDA layers keep their state after every token (PrefillPiece's)
 
@@ -125,7 +126,8 @@ class ModelRunner:
         bs = self.block_size
         for r in rows[num_decode:]:
             pieces.append(PrefillPiece(offset, len(r.tokens), r.start, torch.tensor(r.block_table, **as_long),
-                                       self.dummy_slot if r.state_slot is None else r.state_slot, r.saved_states))
+                                       self.dummy_slot if r.state_slot is None else r.state_slot, r.snapshots,
+                                       saved_states=r.saved_states))
             offset += len(r.tokens)
             last.append(offset - 1)
             span = range(r.start, r.start + len(r.tokens))

@@ -7,9 +7,10 @@ needs a block and none is free, the newest running sequence is preempted: its bl
 dropped and it waits at the front of the queue to be recomputed (its tokens so far are kept).
 
 Hybrid models (KDA layers): a cached prefix is usable only up to a block boundary where a snapshot of
-the KDA state exists. Prefill chunks are cut so that they end on the sequence's snapshot points (every
-`snapshot_interval` tokens, the prompt's last full block), so the state after a chunk is exactly the
-state at that boundary, and the engine copies it into a snapshot slot keyed by that block's hash.
+the KDA state exists. Each sequence has snapshot points (every `snapshot_interval` tokens, the prompt's
+last full block, the resend point). A prefill chunk that crosses points runs its delta rule in pieces that
+end on them and copies the state (and conv tail) at each into a snapshot slot keyed by that block's hash;
+a chunk or decode step that ends on a point is snapshotted after the step from the sequence's own slot.
 
 Seer options (off by default; docs/seer.md):
 - speculative decoding (`drafter`): a decoding sequence with a draft of k tokens is scheduled for 1 + k
@@ -264,10 +265,23 @@ class Scheduler:
         return first.status == FINISHED or first.num_computed >= first.num_prompt
 
     def _chunk(self, seq: Sequence, budget: int) -> int:
-        n = min(seq.remaining, budget)
-        if self.has_kda and self.prefix_caching:
-            n = min(n, seq.next_snapshot_point(seq.num_computed) - seq.num_computed)
-        return n
+        return min(seq.remaining, budget)
+
+    def interior_snapshots(self, seq: Sequence, n: int) -> list[tuple[int, int]]:
+        """KDA snapshots to take inside a prefill chunk of n tokens: (tokens into the chunk, slot) for each
+        snapshot point strictly inside it (the point at its end is snapshotted after the step)."""
+        if not (self.has_kda and self.prefix_caching) or n <= 1:
+            return []
+        out = []
+        point = seq.next_snapshot_point(seq.num_computed)
+        while point < seq.num_computed + n:
+            seq.ensure_hashes(point // self.block_size)
+            slot = self.slots.new_snapshot(seq.hashes[point // self.block_size - 1])
+            if slot is not None:
+                out.append((point - seq.num_computed, slot))
+                self.counters["kda_snapshots"] += 1
+            point = seq.next_snapshot_point(point)
+        return out
 
     def _fit(self, seq: Sequence, n: int) -> int:
         """Shrink n to what the free blocks can hold, and allocate them."""

@@ -38,6 +38,7 @@ class PrefillPiece:
     start: int
     block_table: torch.Tensor  # [num_blocks] long, covers start + length tokens
     state_slot: int
+    snapshots: list[tuple[int, int]] = field(default_factory=list)  # KDA: copy the state after j tokens to slot
     # speculative verification: a list that each KDA layer appends (layer pool, conv window [K-1+T, C], states
     # after each token [T, H, Dk, Dv]) to, so the engine can roll the slot back to any accepted prefix
     saved_states: list | None = None
@@ -264,6 +265,8 @@ def _kda_prefill(mixer: KimiDeltaAttention, x: torch.Tensor, cache: RecurrentCac
     mixed = []
     for piece, (a, b) in zip(pieces, spans):
         window = torch.cat([cache.conv[piece.state_slot].to(qkv.dtype), qkv[a:b]])  # [K-1+T, 3HD]
+        for j, snapshot in piece.snapshots:  # the conv tail after j tokens: the K-1 inputs before token j
+            cache.conv[snapshot].copy_(window[j:j + K - 1])
         cache.conv[piece.state_slot].copy_(window[window.shape[0] - (K - 1):])
         if piece.saved_states is not None:
             piece.saved_states.append([cache, window.to(cache.conv.dtype), None])
@@ -281,32 +284,54 @@ def _kda_prefill(mixer: KimiDeltaAttention, x: torch.Tensor, cache: RecurrentCac
 
 
 def _kda_varlen(q, k, v, g, beta, cache: RecurrentCache, pieces, spans) -> torch.Tensor:
-    """The delta rule over packed pieces, each from its state slot (updated in place): one fla chunk_kda
-    call with cu_seqlens on CUDA when fla-core is there, else (or if that call fails) one kda() per piece."""
-    global VARLEN_KDA
+    """The delta rule over packed pieces, each from its state slot (updated in place). A piece with interior
+    snapshots runs in segments that end on them; after each segment its state is copied to the snapshot
+    slot. Round r runs every piece's r-th segment: one fla chunk_kda call with cu_seqlens on CUDA when
+    fla-core is there, else (or if that call fails) one kda() per segment. -> o [1, Np, H, V]."""
     keep = [i for i, p in enumerate(pieces) if p.saved_states is not None]
     if keep:
         return _kda_varlen_keeping_states(q, k, v, g, beta, cache, pieces, spans, keep)
-    slots = torch.tensor([p.state_slot for p in pieces], device=q.device)
-    if VARLEN_KDA and q.is_cuda and len(pieces) > 1 and fla_status()[0]:
-        bounds = torch.tensor([0] + [b for _, b in spans], device=q.device)
+    segments = []  # per piece: [(start, end, snapshot slot or None)] in packed token indices
+    for piece, (a, b) in zip(pieces, spans):
+        cuts = [(a + j, slot) for j, slot in piece.snapshots]
+        starts = [a] + [c for c, _ in cuts]
+        ends = [c for c, _ in cuts] + [b]
+        segments.append(list(zip(starts, ends, [slot for _, slot in cuts] + [None])))
+    o = torch.empty_like(v)
+    for r in range(max(len(s) for s in segments)):
+        active = [(piece, segs[r]) for piece, segs in zip(pieces, segments) if r < len(segs)]
+        _kda_segments(q, k, v, g, beta, cache, active, o)
+        for piece, (_, _, snapshot) in active:
+            if snapshot is not None:
+                cache.state[snapshot].copy_(cache.state[piece.state_slot])
+    return o
+
+
+def _kda_segments(q, k, v, g, beta, cache: RecurrentCache, active, o: torch.Tensor) -> None:
+    """One segment per piece, from (and back to) the pieces' state slots; outputs written into o."""
+    global VARLEN_KDA
+    if VARLEN_KDA and q.is_cuda and len(active) > 1 and fla_status()[0]:
+        slots = torch.tensor([piece.state_slot for piece, _ in active], device=q.device)
+        index = torch.cat([torch.arange(a, b, device=q.device) for _, (a, b, _) in active])
+        lengths = [b - a for _, (a, b, _) in active]
+        bounds = torch.tensor([0] + lengths, device=q.device).cumsum(0)
+        packed = [t.index_select(1, index) for t in (q, k, v, g, beta)]
         try:
-            o, final = kda_fla_varlen_outside_compile(q, k, v, g, beta, q.shape[-1] ** -0.5,
-                                                      cache.state.index_select(0, slots), bounds)
+            out, final = kda_fla_varlen_outside_compile(*packed, q.shape[-1] ** -0.5,
+                                                        cache.state.index_select(0, slots), bounds)
             cache.state.index_copy_(0, slots, final)
-            return o
-        except Exception as error:  # noqa: BLE001 - the per-piece calls compute the same thing
+            o.index_copy_(1, index, out)
+            return
+        except Exception as error:  # noqa: BLE001 - the per-segment calls compute the same thing
             warnings.warn(f"fla chunk_kda over packed sequences failed ({type(error).__name__}: {error}); "
                           "running the pieces one at a time.")
             VARLEN_KDA = False
-    outs = []
-    for piece, (a, b) in zip(pieces, spans):
+    for piece, (a, b, _) in active:
         state = cache.state[piece.state_slot:piece.state_slot + 1]
-        o, final = kda_outside_compile(q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], beta[:, a:b],
-                                       initial_state=state, output_final_state=True)
+        out, final = kda_outside_compile(q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], beta[:, a:b],
+                                         initial_state=state, output_final_state=True)
         state.copy_(final)
-        outs.append(o)
-    return torch.cat(outs, dim=1)
+        o[:, a:b] = out
 
 
 def _kda_varlen_keeping_states(q, k, v, g, beta, cache: RecurrentCache, pieces, spans, keep) -> torch.Tensor:
@@ -385,7 +410,15 @@ def _prefill_piece(mixer: nn.Module, x: torch.Tensor, cache, piece: PrefillPiece
         return _kda_prefill(mixer, x, cache, [piece], [(0, piece.length)])
     if isinstance(mixer, KimiDeltaAttention):
         s = piece.state_slot  # slices are views: the forward updates the pool in place
-        return mixer(x, RecurrentCache(cache.conv[s:s + 1], cache.state[s:s + 1]))
+        slot = RecurrentCache(cache.conv[s:s + 1], cache.state[s:s + 1])
+        edges = [0] + [j for j, _ in piece.snapshots] + [piece.length]
+        outs = []
+        for i in range(len(edges) - 1):  # up to each interior snapshot, then copy the slot there
+            outs.append(mixer(x[:, edges[i]:edges[i + 1]], slot))
+            if i < len(piece.snapshots):
+                cache.conv[piece.snapshots[i][1]].copy_(cache.conv[s])
+                cache.state[piece.snapshots[i][1]].copy_(cache.state[s])
+        return torch.cat(outs, dim=1)
     end = piece.start + piece.length
     table = piece.block_table[None]  # [1, MB]
     new_slots = slots_of(piece.block_table, torch.arange(piece.start, end, device=x.device), block_size)
