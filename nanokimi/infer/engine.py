@@ -60,7 +60,8 @@ class Engine:
                   (isinstance(num_speculative_tokens, int) and num_speculative_tokens >= 1,
                    f"num_speculative_tokens must be an int >= 1, got {num_speculative_tokens!r}"),
                   (max_wait_steps >= 1, f"max_wait_steps must be >= 1, got {max_wait_steps}"),
-                  (chunk_tokens >= 0, f"chunk_tokens must be >= 0 (0 = off), got {chunk_tokens}"),(block_size >= 1, f"block_size must be >= 1, got {block_size}"),
+                  (chunk_tokens >= 0, f"chunk_tokens must be >= 0 (0 = off), got {chunk_tokens}"),
+                  (block_size >= 1, f"block_size must be >= 1, got {block_size}"),
                   (max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {max_num_seqs}"),
                   (max_step_tokens >= 1, f"max_step_tokens must be >= 1, got {max_step_tokens}"),
                   (0 < gpu_memory_fraction <= 1, f"gpu_memory_fraction must be in (0, 1], got {gpu_memory_fraction}")]
@@ -147,6 +148,13 @@ class Engine:
         parts += [f"decode: {attention}, {graphs}",
                   f"prefill: chunked, {prefill}, max_step_tokens {self.scheduler.max_step_tokens}",
                   f"prefix caching {caching if self.prefix_caching else 'off'}"]
+        if self.drafter is not None:
+            kind = {"sequence": "ngram", "group": "suffix"}.get(getattr(self.drafter, "scope", None), "custom")
+            parts.append(f"speculative {kind} (drafts of <= {self.num_speculative_tokens} tokens)")
+        scheduler = self.scheduler
+        if scheduler.policy != "fcfs":
+            chunks = f", divided rollout every {scheduler.chunk_tokens} tokens" if scheduler.chunk_tokens else ""
+            parts.append(f"scheduling {scheduler.policy} (wait <= {scheduler.max_wait_steps} steps{chunks})")
         return "engine: " + "; ".join(parts)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None,

@@ -10,8 +10,9 @@ class SamplingParams:
     seed). n samples share the prompt; sample i uses a seed derived from (seed, i). stop strings end a
     sample and are cut from its text; stop_token_ids (and the tokenizer's end ids unless ignore_eos)
     end it too. group_id: the engine's Seer options (context-aware scheduling, suffix drafting) treat
-    requests with the same group_id (and the n samples of one request) as one group. logprobs=k returns, per generated token, the log-probabilities of the top k tokens and
-    of the chosen one (under the model's raw distribution).
+    requests with the same group_id (and the n samples of one request) as one group. logprobs=k returns,
+    per generated token, the log-probabilities of the top k tokens and of the chosen one (under the
+    model's raw distribution).
     """
     max_tokens: int = 16
     temperature: float = 1.0

@@ -99,7 +99,8 @@ class ModelRunner:
     def _run_eager(self, rows: list[Row], num_decode: int) -> torch.Tensor:
         batch, ids, last = self._build(rows, num_decode)
         hidden = self.model.hidden_states(ids[None], cache=self.cache, batch=batch)[0]  # [N, D]
-        wanted = [j for i, r in enumerate(rows) if r.wants_logits for j in range(last[i] - r.num_logits + 1, last[i] + 1)]
+        wanted = [j for i, r in enumerate(rows) if r.wants_logits
+                  for j in range(last[i] - r.num_logits + 1, last[i] + 1)]
         return self.model.lm_head(hidden[torch.tensor(wanted, device=self.device, dtype=torch.long)])
 
     def _decode_tensors(self, rows: list[Row], width: int, size: int | None = None):
