@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from nanokimi.model.paged import PagedBatch, PrefillPiece, new_paged_cache
+from nanokimi.model.paged import PagedBatch, PrefillPiece, new_paged_cache, short_pieces
 from nanokimi.model.rope import Rotary
 
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 512)
@@ -125,8 +125,11 @@ class ModelRunner:
         pieces, offset, last = [], num_decode, list(range(num_decode))
         prefill_positions, prefill_slots = [], []
         bs = self.block_size
-        for r in rows[num_decode:]:
-            pieces.append(PrefillPiece(offset, len(r.tokens), r.start, torch.tensor(r.block_table, **as_long),
+        prefill = rows[num_decode:]
+        flat = torch.tensor([b for r in prefill for b in r.block_table], dtype=torch.long).to(device)  # one copy
+        piece_tables = flat.split([len(r.block_table) for r in prefill]) if prefill else []
+        for r, table in zip(prefill, piece_tables):
+            pieces.append(PrefillPiece(offset, len(r.tokens), r.start, table,
                                        self.dummy_slot if r.state_slot is None else r.state_slot, r.snapshots,
                                        saved_states=r.saved_states))
             offset += len(r.tokens)
@@ -137,7 +140,8 @@ class ModelRunner:
         batch = PagedBatch(self.block_size, num_decode, torch.tensor(positions, **as_long),
                            tables.to(device), torch.tensor(slots, **as_long),
                            torch.tensor(state, **as_long), pieces, torch.tensor(prefill_positions, **as_long),
-                           torch.tensor(prefill_slots, **as_long))
+                           torch.tensor(prefill_slots, **as_long),
+                           short_pieces(pieces, [r.block_table for r in prefill], num_decode, device))
         ids = torch.tensor([t for r in rows for t in r.tokens], **as_long)
         return batch, ids, last
 

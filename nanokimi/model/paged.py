@@ -56,6 +56,37 @@ class PagedBatch:
     prefill: list[PrefillPiece] = field(default_factory=list)
     prefill_positions: torch.Tensor | None = None  # [Np] long: position of every prefill token (in piece order)
     prefill_slots: torch.Tensor | None = None  # [Np] long: the cache slot each prefill token is written to
+    short: "ShortPieces | None" = None  # several short pieces (drafts under verification): attend as one batch
+
+
+@dataclass
+class ShortPieces:
+    """Short prefill pieces padded into rows (built by the engine's runner, one transfer each):
+    members: their piece indices; index [P, Tmax] long: each (piece, t)'s token among the prefill tokens
+    (padding repeats the piece's last token); positions [P, Tmax]; block_tables [P, MB] (padded with 0)."""
+    members: list[int]
+    lengths: list[int]
+    index: torch.Tensor
+    positions: torch.Tensor
+    block_tables: torch.Tensor
+
+
+SHORT_PIECE_TOKENS = 16  # prefill pieces this short (speculative drafts under verification) attend as one batch
+
+
+def short_pieces(pieces: list["PrefillPiece"], tables: list[list[int]], first: int, device) -> ShortPieces | None:
+    """The ShortPieces of a step's pieces (host block tables `tables`; `first` = the number of decode rows),
+    None unless at least two pieces have at most SHORT_PIECE_TOKENS tokens."""
+    members = [i for i, p in enumerate(pieces) if p.length <= SHORT_PIECE_TOKENS]
+    if len(members) < 2:
+        return None
+    lengths = [pieces[i].length for i in members]
+    longest, width = max(lengths), max(len(tables[i]) for i in members)
+    index = [[pieces[i].offset - first + min(t, n - 1) for t in range(longest)] for i, n in zip(members, lengths)]
+    positions = [[pieces[i].start + t for t in range(longest)] for i in members]
+    padded = [tables[i] + [0] * (width - len(tables[i])) for i in members]
+    host = torch.tensor([index, positions], dtype=torch.long).to(device, non_blocking=True)
+    return ShortPieces(members, lengths, host[0], host[1], torch.tensor(padded, dtype=torch.long).to(device))
 
 
 @dataclass
@@ -163,9 +194,8 @@ def _prefill_batched(mixer: nn.Module, x: torch.Tensor, cache, batch: PagedBatch
         cache.k_rope.view(-1, mixer.rope_dim).index_copy_(0, batch.prefill_slots,
                                                            k_rope[:, 0, 0].to(cache.k_rope.dtype))
         outs = {}
-        short = _short_pieces(batch) if not mixer.record_max_logits else []
-        if short:
-            outs = _mla_short_pieces(mixer, q_nope, q_rope, cache, batch, spans, short)
+        if batch.short is not None and not mixer.record_max_logits:
+            outs = _mla_short_pieces(mixer, q_nope, q_rope, cache, batch.short)
         for i, (piece, (a, b)) in enumerate(zip(batch.prefill, spans)):
             if i in outs:
                 continue
@@ -185,8 +215,7 @@ def _prefill_batched(mixer: nn.Module, x: torch.Tensor, cache, batch: PagedBatch
     v = mixer.v_proj(rows).view(-1, 1, Hkv, D)
     cache.k.flatten(0, 1).index_copy_(0, batch.prefill_slots, k[:, 0].to(cache.k.dtype))
     cache.v.flatten(0, 1).index_copy_(0, batch.prefill_slots, v[:, 0].to(cache.v.dtype))
-    short = _short_pieces(batch)
-    outs = _gqa_short_pieces(mixer, q, cache, batch, spans, short) if short else {}
+    outs = _gqa_short_pieces(mixer, q, cache, batch.short) if batch.short is not None else {}
     for i, (piece, (a, b)) in enumerate(zip(batch.prefill, spans)):
         if i in outs:
             continue
@@ -197,32 +226,11 @@ def _prefill_batched(mixer: nn.Module, x: torch.Tensor, cache, batch: PagedBatch
     return mixer.o_proj(torch.cat([outs[i] for i in range(len(spans))], dim=1).flatten(2))
 
 
-SHORT_PIECE_TOKENS = 16  # prefill pieces this short (speculative drafts under verification) attend as one batch
-
-
-def _short_pieces(batch: PagedBatch) -> list[int]:
-    """Indices of the step's pieces of at most SHORT_PIECE_TOKENS tokens, when there are several of them."""
-    short = [i for i, p in enumerate(batch.prefill) if p.length <= SHORT_PIECE_TOKENS]
-    return short if len(short) > 1 else []
-
-
-def _short_layout(batch: PagedBatch, spans, members: list[int], device):
-    """Short pieces padded into rows: packed index of each (piece, t) [P, Tmax] (padding repeats the piece's
-    last token), query positions [P, Tmax], block tables [P, MB] (padded with block 0), lengths."""
-    lengths = [batch.prefill[i].length for i in members]
-    longest = max(lengths)
-    index = [[spans[i][0] + min(t, n - 1) for t in range(longest)] for i, n in zip(members, lengths)]
-    positions = [[batch.prefill[i].start + t for t in range(longest)] for i in members]
-    host = torch.tensor([index, positions], dtype=torch.long)
-    host = host.to(device, non_blocking=True)
-    tables = torch.nn.utils.rnn.pad_sequence([batch.prefill[i].block_table for i in members], batch_first=True)
-    return host[0], host[1], tables, lengths
-
-
-def _gqa_short_pieces(mixer: GroupedQueryAttention, q, cache: PagedKVCache, batch: PagedBatch, spans, members):
+def _gqa_short_pieces(mixer: GroupedQueryAttention, q, cache: PagedKVCache, short: ShortPieces):
     """Causal attention of several short pieces at once over their gathered blocks (their keys are written).
     q [Np, 1, H, D] -> {piece index: [1, T, H, D]}."""
-    index, positions, tables, lengths = _short_layout(batch, spans, members, q.device)
+    index, positions, tables, lengths, members = (short.index, short.positions, short.block_tables, short.lengths,
+                                                  short.members)
     P, T = index.shape
     qp = q[index.flatten(), 0].view(P, T, mixer.num_heads, mixer.head_dim).transpose(1, 2)  # [P, H, T, D]
     keys = gather_blocks(cache.k, tables).transpose(1, 2)  # [P, Hkv, L, D]
@@ -233,11 +241,12 @@ def _gqa_short_pieces(mixer: GroupedQueryAttention, q, cache: PagedKVCache, batc
     return {i: o[row:row + 1, :n] for row, (i, n) in enumerate(zip(members, lengths))}
 
 
-def _mla_short_pieces(mixer: MultiHeadLatentAttention, q_nope, q_rope, cache: PagedLatentCache, batch: PagedBatch,
-                      spans, members):
+def _mla_short_pieces(mixer: MultiHeadLatentAttention, q_nope, q_rope, cache: PagedLatentCache,
+                      short: ShortPieces):
     """Absorbed MLA attention of several short pieces at once over their gathered latent blocks.
     q_nope [Np, 1, H, dn], q_rope [Np, 1, H, dr] -> {piece index: [1, T, H, dv]}."""
-    index, positions, tables, lengths = _short_layout(batch, spans, members, q_nope.device)
+    index, positions, tables, lengths, members = (short.index, short.positions, short.block_tables, short.lengths,
+                                                  short.members)
     P, T = index.shape
     H = mixer.num_heads
     qn = q_nope[index.flatten(), 0].view(P, T, H, -1)
