@@ -15,6 +15,7 @@ a greedy check on a smaller batch asserts token equality of every variant. Write
 benchmarks/results/rollout.json and rollout.png (completion-time distributions).
 """
 import argparse
+import gc
 import json
 import math
 import multiprocessing
@@ -103,8 +104,8 @@ def rollout(model, tokenizer, prompts: list[list[int]], k: int, max_tokens: int,
 
     engine = Engine(model, tokenizer, **engine_kwargs)
     warm = SamplingParams(max_tokens=8, temperature=temperature, seed=0)
-    for i in range(min(8, len(prompts))):  # CUDA graphs and kernels before the clock starts
-        engine.add_request(f"warm{i}", prompts[i], warm)
+    for i in range(min(len(prompts) * k, engine.scheduler.max_num_seqs)):  # CUDA graphs before the clock starts
+        engine.add_request(f"warm{i}", prompts[i % len(prompts)], warm)
     while engine.has_unfinished():
         engine.step()
     before = dict(engine.stats())
@@ -131,6 +132,9 @@ def rollout(model, tokenizer, prompts: list[list[int]], k: int, max_tokens: int,
     accepted = stats["spec_accepted_tokens"] - before["spec_accepted_tokens"]
     drafted = stats["spec_draft_tokens"] - before["spec_draft_tokens"]
     del engine
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return {"wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall,
             "p50_s": done[len(done) // 2], "p99_s": done[min(len(done) - 1, math.ceil(0.99 * len(done)) - 1)],
             "completion_times": done, "steps": stats["steps"] - before["steps"],
@@ -173,6 +177,8 @@ def main() -> int:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--num-speculative-tokens", type=int, default=4)
     parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-cache-tokens", type=int, default=400_000)
+    parser.add_argument("--chunk-tokens", type=int, default=128, help="divided rollout's chunk")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--docs", type=int, default=150_000, help="pretraining traces per task")
     parser.add_argument("--vocab-size", type=int, default=1024)
@@ -191,7 +197,7 @@ def main() -> int:
         args.docs, args.vocab_size, args.pretrain_seconds = 600, 300, 12
         args.batch_size, args.seq_len, args.prompts, args.k, args.max_tokens = 8, 128, 4, 4, 48
         args.hidden, args.layers, args.greedy_prompts, args.context, args.dtype = 64, 2, 2, 512, "float32"
-        args.max_num_seqs = 8
+        args.max_num_seqs, args.max_cache_tokens, args.chunk_tokens = 8, 8192, 16
     args.model = dict(hidden=args.hidden, layers=args.layers, heads=max(1, args.hidden // 64),
                       kv_heads=max(1, args.hidden // 128))
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -215,7 +221,11 @@ def main() -> int:
     tokenizer = Tokenizer.load(base / TOKENIZER)
     model = load_model_checkpoint(base, device).to(getattr(torch, args.dtype)).eval()
     context = model.config.max_position_embeddings
-    engine_kwargs = dict(max_num_seqs=args.max_num_seqs, num_speculative_tokens=args.num_speculative_tokens)
+    engine_kwargs = dict(max_num_seqs=args.max_num_seqs, num_speculative_tokens=args.num_speculative_tokens,
+                         max_cache_tokens=args.max_cache_tokens)
+    for options in VARIANTS.values():
+        if "chunk_tokens" in options:
+            options["chunk_tokens"] = args.chunk_tokens
     results, checks, rows = {}, {}, []
     for task_name in tasks:
         task = get_task(task_name, per_level=max(1, args.prompts), seed=1, **TASK_OPTIONS[task_name])
