@@ -33,7 +33,7 @@ class OracleDrafter:
         pass
 
     def propose(self, seq, limit):
-        truth = self.reference[(seq.request.request_id, seq.index)][seq.num_output:seq.num_output + limit]
+        truth = self.reference.get((seq.request.request_id, seq.index), [])[seq.num_output:seq.num_output + limit]
         if self.kind == "right":
             return truth
         wrong = [(t + 1) % self.vocab for t in truth]
@@ -247,3 +247,22 @@ def test_speculation_on_cuda_with_graphs_and_fla_gives_the_plain_greedy_tokens(n
         agree = sum(got[key] == reference[key] for key in reference) / len(reference)
         assert agree >= 5 / 6, agree  # float32 on different kernels: a near-tie may flip one sequence at most
         assert engine.pool.num_free == engine.pool.num_usable
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-dense"])
+def test_prefix_cache_after_rejected_drafts_serves_only_accepted_content(name):
+    """Blocks written while drafts were rejected are hashed only once their accepted content is computed:
+    a next turn (prompt + answer + more) that reuses them gives the tokens of an engine without any cache."""
+    model = make_model(name)
+    requests = greedy_requests(count=3, max_tokens=14)
+    reference = run(Engine(model, max_cache_tokens=2048, block_size=4), requests)
+    engine = Engine(model, max_cache_tokens=2048, block_size=4, snapshot_interval=8, num_speculative_tokens=3,
+                    speculative=OracleDrafter(reference, "partly", model.config.vocab_size))
+    assert run(engine, requests) == reference
+    follow = [(f"next{i}", ids + reference[(str(i), 0)] + [7, 8], SamplingParams(max_tokens=6, temperature=0,
+                                                                               ignore_eos=True))
+              for i, (_, ids, _) in enumerate(requests)]
+    hits_before = engine.stats()["prefix_cache_hit_tokens"]
+    fresh = run(Engine(model, max_cache_tokens=2048, block_size=4, enable_prefix_caching=False), follow)
+    assert run(engine, follow) == fresh
+    assert engine.stats()["prefix_cache_hit_tokens"] - hits_before >= 3 * 8  # the answers' blocks were reused

@@ -245,8 +245,11 @@ class Scheduler:
                     seq.request.params.max_tokens - seq.num_output - 1, self.max_model_len - len(seq.tokens) - 1)
         draft = self.drafter.propose(seq, limit) if limit > 0 else []
         draft = draft[:max(limit, 0)]
-        if draft and not self._grow(seq, seq.num_computed + 1 + len(draft)):
+        need = -(-(seq.num_computed + 1 + len(draft)) // self.block_size) - len(seq.block_table)
+        if draft and need > self.pool.num_free - len(self.running):  # drafts never cost another sequence a block
             return []
+        if draft:
+            self._grow(seq, seq.num_computed + 1 + len(draft))
         return draft
 
     def shrink(self, seq: Sequence) -> None:
