@@ -46,7 +46,7 @@ class Engine:
     use_cuda_graph: "auto" graphs decode-only steps on CUDA (True: a failed capture raises); compile=True
     also torch.compiles them (one compilation per batch bucket: slow to warm up, for long runs).
     Seer options (docs/seer.md; all off by default): speculative None | "ngram" | "suffix" (or a drafter
-    object) with num_speculative_tokens drafts at most; scheduling "fcfs" | "context_aware" with
+    object) with drafts of num_speculative_tokens at most (twice in the tail); scheduling "fcfs" | "context_aware" with
     max_wait_steps (bounded wait); chunk_tokens > 0 (with context_aware): divided rollout."""
 
     def __init__(self, model: nn.Module, tokenizer=None, max_cache_tokens: int | None = None, block_size: int = 16,

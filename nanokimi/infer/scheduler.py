@@ -36,6 +36,7 @@ from nanokimi.infer.speculative import next_draft_length
 
 WAITING, RUNNING, FINISHED, SUSPENDED = "waiting", "running", "finished", "suspended"
 POLICIES = ("fcfs", "context_aware")
+TAIL_FRACTION = 8  # with at most max_num_seqs / 8 sequences running, drafts may be twice num_speculative_tokens
 
 
 class Request:
@@ -241,7 +242,10 @@ class Scheduler:
     def _draft(self, seq: Sequence, budget: int) -> list[int]:
         """A draft for a decoding sequence: at most the adaptive length, the step's budget, what max_tokens and
         the context leave (the step emits one token more than it accepts), and what free blocks can hold."""
-        limit = min(next_draft_length(seq.accepted_ema, self.num_speculative_tokens), budget,
+        longest = self.num_speculative_tokens
+        if len(self.running) * TAIL_FRACTION <= self.max_num_seqs:  # the tail: few rows, extra draft tokens are cheap
+            longest *= 2
+        limit = min(next_draft_length(seq.accepted_ema, longest), budget,
                     seq.request.params.max_tokens - seq.num_output - 1, self.max_model_len - len(seq.tokens) - 1)
         draft = self.drafter.propose(seq, limit) if limit > 0 else []
         draft = draft[:max(limit, 0)]
