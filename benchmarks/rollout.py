@@ -181,7 +181,7 @@ def main() -> int:
     parser.add_argument("--max-cache-tokens", type=int, default=400_000)
     parser.add_argument("--chunk-tokens", type=int, default=128, help="divided rollout's chunk")
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--docs", type=int, default=150_000, help="pretraining traces per task")
+    parser.add_argument("--docs", type=int, default=100_000, help="pretraining traces per task")
     parser.add_argument("--vocab-size", type=int, default=1024)
     parser.add_argument("--pretrain-seconds", type=float, default=150)
     parser.add_argument("--batch-size", type=int, default=128)
