@@ -256,13 +256,13 @@ def main() -> int:
             results[f"{task_name}/{name}"] = row
             speedup = None if plain is None else plain["wall_s"] / row["wall_s"]
             p99_cut = None if plain is None else 1 - row["p99_s"] / plain["p99_s"]
-            rows.append([task_name, name, f"{row['wall_s']:.2f}", f"{row['tokens_per_s']:,.0f}",
+            rows.append([task_name, name, f"{row['wall_s']:.2f}", row["steps"], f"{row['tokens_per_s']:,.0f}",
                          f"{row['p50_s']:.2f}", f"{row['p99_s']:.2f}", f"{row['mean_length']:.0f}",
                          "" if row["spec_tokens_per_row"] is None else f"{row['spec_tokens_per_row']:.2f}",
                          "" if speedup is None else f"{speedup:.2f}x", "" if p99_cut is None else f"{p99_cut:+.0%}",
                          "" if row["same_outputs_as_plain"] is None else f"{row['same_outputs_as_plain']:.0%}"])
             print(f"{task_name}/{name}: {row['wall_s']:.2f}s, {row['tokens_per_s']:,.0f} tok/s", flush=True)
-    print_table(["task", "variant", "wall s", "tok/s", "p50 s", "p99 s", "mean len", "tok/verify", "speedup",
+    print_table(["task", "variant", "wall s", "steps", "tok/s", "p50 s", "p99 s", "mean len", "tok/verify", "speedup",
                  "p99 cut", "same as plain"], rows)
     path = results_path("rollout", args.smoke)
     stored = {key: {k: v for k, v in row.items() if k != "outputs"} for key, row in results.items()}
