@@ -103,3 +103,17 @@ def test_bad_seer_options_get_one_line_errors():
                           (dict(max_wait_steps=0), "max_wait_steps")]:
         with pytest.raises(ValueError, match=match):
             Engine(model, max_cache_tokens=256, **kwargs)
+
+
+def test_divided_rollout_suspends_in_place_without_recomputing_anything():
+    model = make_model("tiny")  # hybrid: a suspended sequence keeps its KDA state slot too
+    requests = group_requests("short", 2, 2, "s") + group_requests("long", 4, 12, "l") + \
+        group_requests("mid", 3, 6, "m")
+    plain_engine = Engine(model, max_cache_tokens=4096, max_num_seqs=2)
+    plain, _, _ = drive(plain_engine, {0: requests})
+    engine = Engine(model, max_cache_tokens=4096, max_num_seqs=2, scheduling="context_aware", chunk_tokens=2)
+    divided, _, _ = drive(engine, {0: requests})
+    stats = engine.stats()
+    assert divided == plain
+    assert stats["suspensions"] > 0 and stats["preemptions"] == 0
+    assert stats["prefill_tokens"] == plain_engine.stats()["prefill_tokens"]  # nothing was computed twice

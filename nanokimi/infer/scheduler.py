@@ -176,6 +176,8 @@ class Scheduler:
     def _next_waiting(self) -> Sequence | None:
         if self.policy == "fcfs":
             return next((s for s in self.waiting if self._admissible(s)), None)
+        if self.suspended and self.has_kda and not (self.slots.free or self.slots.snapshots):
+            return min(self.suspended, key=self.priority)  # no state slot for a newcomer: resume (costs none)
         candidates = [s for s in self.waiting if self._admissible(s)] + self.suspended
         return min(candidates, key=self.priority, default=None)
 
@@ -225,6 +227,9 @@ class Scheduler:
             seq = self._next_waiting()
             if seq is not None and seq.status == SUSPENDED:
                 self._resume(seq)
+                if self._grow(seq, seq.num_computed + 1):  # its next token, this very step
+                    scheduled.append((seq, 1))
+                    budget -= 1
                 continue
             if seq is None or not self._admit(seq):
                 break
@@ -236,7 +241,7 @@ class Scheduler:
     def _resume(self, seq: Sequence) -> None:
         """A suspended sequence runs again from where it stopped (its blocks and state slot were kept)."""
         self.suspended.remove(seq)
-        seq.status, seq.run_tokens = RUNNING, 0
+        seq.status, seq.run_tokens, seq.draft = RUNNING, 0, []
         self.running.append(seq)
 
     def _draft(self, seq: Sequence, budget: int) -> list[int]:
