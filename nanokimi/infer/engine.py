@@ -277,7 +277,7 @@ class Engine:
             self.scheduler.shrink(seq)
         self._apply_slot_ops()
         if plain:
-            self._sample(plain, torch.cat(plain_logits))
+            self._sample(plain, logits if not verified else torch.cat(plain_logits))
         for seq, emitted in verified:
             self._emit_verified(seq, emitted, logits.new_empty(0) if seq.output.logprobs is None else
                                 self._verify_logits.pop(id(seq)))
