@@ -20,9 +20,10 @@ from nanokimi.infer.block_manager import BlockPool, StateSlots, block_hash
 from nanokimi.infer.params import CompletionOutput, RequestOutput, SamplingParams
 from nanokimi.infer.runner import ModelRunner, Row
 from nanokimi.infer.sampling import sample_rows, top_logprobs
-from nanokimi.infer.scheduler import FINISHED, Request, Scheduler, Sequence
+from nanokimi.infer.scheduler import FINISHED, POLICIES, Request, Scheduler, Sequence
+from nanokimi.infer.speculative import accept_greedy, accept_sampled, filtered_probs, make_drafter
 from nanokimi.model.kda import KimiDeltaAttention
-from nanokimi.model.paged import paged_cache_bytes
+from nanokimi.model.paged import paged_cache_bytes, rollback_recurrent_state
 
 CPU_DEFAULT_CACHE_TOKENS = 65536
 
@@ -44,14 +45,24 @@ class Engine:
     (rounded to blocks; prompt and output) besides its prompt's last full block; num_state_snapshots: how
     many are kept (LRU).
     use_cuda_graph: "auto" graphs decode-only steps on CUDA (True: a failed capture raises); compile=True
-    also torch.compiles them (one compilation per batch bucket: slow to warm up, for long runs)."""
+    also torch.compiles them (one compilation per batch bucket: slow to warm up, for long runs).
+    Seer options (docs/seer.md; all off by default): speculative None | "ngram" | "suffix" (or a drafter
+    object) with drafts of num_speculative_tokens at most (twice in the tail); scheduling "fcfs" | "context_aware" with
+    max_wait_steps (bounded wait); chunk_tokens > 0 (with context_aware): divided rollout."""
 
     def __init__(self, model: nn.Module, tokenizer=None, max_cache_tokens: int | None = None, block_size: int = 16,
                  max_num_seqs: int = 256, max_step_tokens: int = 2048, enable_prefix_caching: bool = True,
                  max_model_len: int | None = None, use_cuda_graph: bool | str = "auto",
                  gpu_memory_fraction: float = 0.75, num_state_snapshots: int | None = None,
-                 snapshot_interval: int = 512, compile: bool = False, kv_tiers=None, verbose: bool = False):
-        checks = [(block_size >= 1, f"block_size must be >= 1, got {block_size}"),
+                 snapshot_interval: int = 512, compile: bool = False, kv_tiers=None, verbose: bool = False,
+                 speculative=None, num_speculative_tokens: int = 4, scheduling: str = "fcfs",
+                 max_wait_steps: int = 64, chunk_tokens: int = 0):
+        checks = [(scheduling in POLICIES, f"scheduling must be one of {', '.join(POLICIES)}, got {scheduling!r}"),
+                  (isinstance(num_speculative_tokens, int) and num_speculative_tokens >= 1,
+                   f"num_speculative_tokens must be an int >= 1, got {num_speculative_tokens!r}"),
+                  (max_wait_steps >= 1, f"max_wait_steps must be >= 1, got {max_wait_steps}"),
+                  (chunk_tokens >= 0, f"chunk_tokens must be >= 0 (0 = off), got {chunk_tokens}"),
+                  (block_size >= 1, f"block_size must be >= 1, got {block_size}"),
                   (max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {max_num_seqs}"),
                   (max_step_tokens >= 1, f"max_step_tokens must be >= 1, got {max_step_tokens}"),
                   (0 < gpu_memory_fraction <= 1, f"gpu_memory_fraction must be in (0, 1], got {gpu_memory_fraction}")]
@@ -74,8 +85,11 @@ class Engine:
         self.slots = StateSlots(num_slots) if self.has_kda else None
         interval = max(block_size, snapshot_interval // block_size * block_size)
         self.snapshot_interval = interval
+        self.drafter = make_drafter(speculative)
+        self.num_speculative_tokens = num_speculative_tokens
         self.scheduler = Scheduler(self.pool, self.slots, block_size, max_num_seqs, max_step_tokens,
-                                   enable_prefix_caching, self.has_kda)
+                                   enable_prefix_caching, self.has_kda, self.drafter, num_speculative_tokens,
+                                   self.max_model_len, scheduling, max_wait_steps, chunk_tokens)
         self.tiers = None
         if kv_tiers is not None and enable_prefix_caching:
             from nanokimi.infer.tiers import TieredCache
@@ -87,11 +101,13 @@ class Engine:
         self.stream_outputs = True  # False: step() returns finished requests only, and text is decoded once at the end
         self.requests: dict[str, Request] = {}
         self.aborted: list[Request] = []
+        self._verify_logits: dict[int, torch.Tensor] = {}  # logits of verified drafts, kept for logprobs
         self.eos_ids = set()
         if tokenizer is not None:
             self.eos_ids = set(getattr(tokenizer, "stop_ids", None) or {tokenizer.eot_id})
         self.counters = dict(requests=0, requests_finished=0, requests_aborted=0, prefill_tokens=0, decode_tokens=0,
-                             generated_tokens=0, steps=0)
+                             generated_tokens=0, steps=0, spec_verify_rows=0, spec_draft_tokens=0,
+                             spec_accepted_tokens=0)
         self.timing = dict(prefill_tokens_per_s=None, decode_step_s=None)
         self.report = self._report()
         if verbose:
@@ -141,6 +157,13 @@ class Engine:
         parts += [f"decode: {attention}, {graphs}",
                   f"prefill: chunked, {prefill}, max_step_tokens {self.scheduler.max_step_tokens}",
                   f"prefix caching {caching if self.prefix_caching else 'off'}"]
+        if self.drafter is not None:
+            kind = {"sequence": "ngram", "group": "suffix"}.get(getattr(self.drafter, "scope", None), "custom")
+            parts.append(f"speculative {kind} (drafts of <= {self.num_speculative_tokens} tokens)")
+        scheduler = self.scheduler
+        if scheduler.policy != "fcfs":
+            chunks = f", divided rollout every {scheduler.chunk_tokens} tokens" if scheduler.chunk_tokens else ""
+            parts.append(f"scheduling {scheduler.policy} (wait <= {scheduler.max_wait_steps} steps{chunks})")
         return "engine: " + "; ".join(parts)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None,
@@ -174,6 +197,8 @@ class Engine:
             seq = Sequence(request, i, sample_seed(seed, i), self.block_size, self.snapshot_interval)
             request.sequences.append(seq)
             self.scheduler.add(seq)
+            if self.drafter is not None:
+                self.drafter.track(seq)
         self.requests[request_id] = request
         self.counters["requests"] += 1
 
@@ -256,15 +281,37 @@ class Engine:
             if seq.request.metrics["first_scheduled_time"] is None:
                 seq.request.metrics["first_scheduled_time"] = now
             c = seq.num_computed
+            if seq.draft and seq.remaining == 1:  # the last token and a draft to verify: logits at each
+                rows.append(Row(seq.tokens[c:] + seq.draft, c, seq.block_table, seq.state_slot, True, num_logits=n,
+                                saved_states=[] if self.has_kda else None))
+                continue
             rows.append(Row(seq.tokens[c:c + n], c, seq.block_table, seq.state_slot, c + n == len(seq.tokens),
                             seq.table_tensor() if n == 1 else None, self.scheduler.interior_snapshots(seq, n)))
         logits = self.runner.run(rows)
-        self.scheduler.after_step(scheduled)
+        plain, plain_logits, verified, offset = [], [], [], 0
+        for (seq, n), row in zip(scheduled, rows):
+            if not row.wants_logits:
+                continue
+            part = logits[offset:offset + row.num_logits]
+            offset += row.num_logits
+            if row.num_logits == 1:
+                plain.append(seq)
+                plain_logits.append(part)
+            else:
+                verified.append((seq, row, part))
+        verified = [(seq, emitted) for (seq, row, _), emitted in zip(verified, self._accept(verified))]
+        computed = {id(seq): len(emitted) for seq, emitted in verified}
+        self.scheduler.after_step([(seq, computed.get(id(seq), n)) for seq, n in scheduled])
+        for seq, _ in verified:
+            self.scheduler.shrink(seq)
         self._apply_slot_ops()
-        sampling = [seq for (seq, n), row in zip(scheduled, rows) if row.wants_logits]
-        if sampling:
-            self._sample(sampling, logits)
-        self._account(scheduled, time.perf_counter() - started)
+        if plain:
+            self._sample(plain, logits if not verified else torch.cat(plain_logits))
+        for seq, emitted in verified:
+            self._emit_verified(seq, emitted, logits.new_empty(0) if seq.output.logprobs is None else
+                                self._verify_logits.pop(id(seq)))
+        self._account(scheduled, time.perf_counter() - started, sum(len(r.tokens) for r in rows if r.num_logits > 1),
+                      sum(len(e) for _, e in verified))
         for seq, _ in scheduled:
             changed[seq.request.request_id] = seq.request
         outputs = []
@@ -276,6 +323,76 @@ class Engine:
             if self.stream_outputs or request.finished:
                 outputs.append(self._output(request))
         return outputs
+
+    def _accept(self, verified: list[tuple[Sequence, Row, torch.Tensor]]) -> list[list[int]]:
+        """The emitted tokens of each verified draft. The argmaxes, and the filtered distributions of sampled
+        rows (one computation per distinct temperature / top-k / top-p), reach the host in one transfer each."""
+        if not verified:
+            return []
+        logits = torch.cat([part for _, _, part in verified])  # [sum of 1 + draft, V]
+        starts = [0]
+        for _, _, part in verified:
+            starts.append(starts[-1] + part.shape[0])
+        settings: dict[tuple, list[int]] = {}
+        for i, (seq, _, _) in enumerate(verified):
+            p = seq.request.params
+            if p.temperature > 0:
+                settings.setdefault((p.temperature, p.top_k, p.top_p), []).append(i)
+        probs = {}
+        for (temperature, top_k, top_p), members in settings.items():
+            index = torch.tensor([j for i in members for j in range(starts[i], starts[i + 1])], device=logits.device)
+            table = filtered_probs(logits.index_select(0, index), temperature, top_k, top_p).cpu()
+            offset = 0
+            for i in members:
+                size = starts[i + 1] - starts[i]
+                probs[i] = table[offset:offset + size]
+                offset += size
+        best = logits.argmax(dim=-1).tolist() if len(probs) < len(verified) else None
+        return [self._verify(seq, row, part, best[starts[i]:starts[i + 1]] if i not in probs else None, probs.get(i))
+                for i, (seq, row, part) in enumerate(verified)]
+
+    def _verify(self, seq: Sequence, row: Row, logits: torch.Tensor, best: list[int] | None,
+                probs: torch.Tensor | None) -> list[int]:
+        """Accept a verified draft by the rule (nanokimi/infer/speculative.py; best: greedy argmaxes, probs:
+        the sampled distributions); roll the KDA state back to the last emitted-and-computed token; return
+        the emitted tokens (accepted drafts and one new token), which are appended to seq.tokens so that
+        after_step hashes the computed blocks."""
+        params = seq.request.params
+        draft, seq.draft = seq.draft, []
+        emitted = accept_greedy(best, draft) if probs is None else accept_sampled(probs, draft, seq.rng)
+        if row.saved_states:  # the state after the last token + accepted drafts (the new token is not computed)
+            rollback_recurrent_state(row.saved_states, seq.state_slot, len(emitted))
+        accepted = len(emitted) - 1
+        seq.accepted_ema = accepted if seq.accepted_ema is None else 0.7 * seq.accepted_ema + 0.3 * accepted
+        self.counters["spec_verify_rows"] += 1
+        self.counters["spec_draft_tokens"] += len(draft)
+        self.counters["spec_accepted_tokens"] += accepted
+        if params.logprobs is not None:
+            self._verify_logits[id(seq)] = logits[:len(emitted)]
+        seq.tokens.extend(emitted)
+        return emitted
+
+    def _emit_verified(self, seq: Sequence, emitted: list[int], logits: torch.Tensor) -> None:
+        """Output the emitted tokens one by one through the stop rules (a stop ends the sample mid-draft)."""
+        params = seq.request.params
+        entries = []
+        if params.logprobs is not None:
+            chosen = torch.tensor(emitted, device=logits.device)
+            entries = top_logprobs(logits, chosen, [params.logprobs] * len(emitted))
+        now = time.monotonic()
+        metrics = seq.request.metrics
+        metrics["first_token_time"] = metrics["first_token_time"] or now
+        metrics["last_token_time"] = now
+        for i, token in enumerate(emitted):
+            self.counters["generated_tokens"] += 1
+            seq.run_tokens += 1
+            if entries:
+                seq.output.logprobs.append(entries[i])
+            self._check_finish(seq, token)
+            if seq.status == FINISHED:
+                break
+        if self.drafter is not None and seq.status != FINISHED:
+            self.drafter.observe(seq)
 
     def _apply_slot_ops(self) -> None:
         if self.tiers is not None:
@@ -307,6 +424,7 @@ class Engine:
         now = time.monotonic()
         for i, (seq, token) in enumerate(zip(seqs, tokens.tolist())):
             seq.tokens.append(token)
+            seq.run_tokens += 1
             self.counters["generated_tokens"] += 1
             if i in logprobs:
                 seq.output.logprobs.append(logprobs[i])
@@ -314,6 +432,8 @@ class Engine:
             metrics["first_token_time"] = metrics["first_token_time"] or now
             metrics["last_token_time"] = now
             self._check_finish(seq, token)
+            if self.drafter is not None and seq.status != FINISHED:
+                self.drafter.observe(seq)
 
     def _check_finish(self, seq: Sequence, token: int) -> None:
         params = seq.request.params
@@ -326,7 +446,8 @@ class Engine:
             self._detokenize(seq, output.token_ids)
             if params.stop and self._cut_at_stop(output, params.stop, grown_from):
                 reason = "stop"
-        if reason is None and (seq.num_output >= params.max_tokens or len(seq.tokens) >= self.max_model_len):
+        emitted = len(output.token_ids)  # = seq.num_output, except after a verified draft (its tokens are all in)
+        if reason is None and (emitted >= params.max_tokens or seq.num_prompt + emitted >= self.max_model_len):
             reason = "length"
         if reason is not None:
             if self.tokenizer is not None:  # the final text: one decode of everything (incremental pieces may differ)
@@ -354,9 +475,11 @@ class Engine:
             output.text = output.text[:min(hits)]
         return bool(hits)
 
-    def _account(self, scheduled, seconds: float) -> None:
+    def _account(self, scheduled, seconds: float, verified_rows: int = 0, verified_tokens: int = 0) -> None:
+        """verified_rows: tokens run to verify drafts; verified_tokens: tokens they emitted (counted as decode)."""
         decode = sum(1 for seq, n in scheduled if n == 1 and seq.num_computed > seq.num_prompt)  # counts after the step
-        prefill = sum(n for _, n in scheduled) - decode
+        prefill = sum(n for _, n in scheduled) - decode - verified_rows
+        decode += verified_tokens
         self.counters["prefill_tokens"] += prefill
         self.counters["decode_tokens"] += decode
         self.counters["steps"] += 1
@@ -385,6 +508,8 @@ class Engine:
             "requests_waiting": len({s.request.request_id for s in scheduler.waiting} -
                                     {s.request.request_id for s in scheduler.running}),
             "sequences_running": len(scheduler.running), "sequences_waiting": len(scheduler.waiting),
+            "sequences_suspended": len(scheduler.suspended),
+            "spec_mean_accepted": self.counters["spec_accepted_tokens"] / max(self.counters["spec_verify_rows"], 1),
             "num_waiting_prefill_tokens": self.num_waiting_prefill_tokens(),
             "cache_blocks_total": usable, "cache_blocks_free": free,
             "cache_blocks_cached": len(self.pool.cached),

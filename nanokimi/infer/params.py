@@ -9,8 +9,10 @@ class SamplingParams:
     seed makes the request's samples reproducible whatever else is in the batch (None: a fresh random
     seed). n samples share the prompt; sample i uses a seed derived from (seed, i). stop strings end a
     sample and are cut from its text; stop_token_ids (and the tokenizer's end ids unless ignore_eos)
-    end it too. logprobs=k returns, per generated token, the log-probabilities of the top k tokens and
-    of the chosen one (under the model's raw distribution).
+    end it too. group_id: the engine's Seer options (context-aware scheduling, suffix drafting) treat
+    requests with the same group_id (and the n samples of one request) as one group. logprobs=k returns,
+    per generated token, the log-probabilities of the top k tokens and of the chosen one (under the
+    model's raw distribution).
 
     nbce_window=W decodes with NBCE (nanokimi.infer.nbce): the context is cut at nbce_separator into windows
     of at most W tokens (each with the query, the text after the last separator), and each step combines
@@ -30,6 +32,7 @@ class SamplingParams:
     nbce_beta: float = 0.25
     nbce_pooling: str = "min_entropy"
     nbce_separator: str = "\n"
+    group_id: str | None = None  # requests sharing it form a group (RL: one prompt's k samples; docs/seer.md)
 
     def __post_init__(self):
         if isinstance(self.stop, str):

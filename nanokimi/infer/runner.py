@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from nanokimi.model.paged import PagedBatch, PrefillPiece, new_paged_cache
+from nanokimi.model.paged import PagedBatch, PrefillPiece, new_paged_cache, short_pieces
 from nanokimi.model.rope import Rotary
 
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 512)
@@ -25,6 +25,8 @@ class Row:
     wants_logits: bool
     table_tensor: torch.Tensor | None = None  # the block table as a CPU tensor (kept up to date incrementally)
     snapshots: list[tuple[int, int]] = field(default_factory=list)  # KDA: (tokens into the row, snapshot slot)
+    num_logits: int = 1  # logits of the last num_logits tokens (a speculative draft's verification wants all)
+    saved_states: list | None = None  # a list: KDA layers keep their state after every token (PrefillPiece's)
 
 
 class StaticReplay:
@@ -78,7 +80,7 @@ class ModelRunner:
 
     @torch.no_grad()
     def run(self, rows: list[Row]) -> torch.Tensor:
-        """Logits [R, V] of the last token of each row that wants them, in the order of `rows`.
+        """Logits [R, V] of the last token (the last num_logits tokens) of each row that wants them, in order.
         Rows of one token must come first (the engine orders them so). With CUDA graphs, the one-token
         rows replay a graph and the longer rows (prefill chunks of other sequences) run eagerly after it."""
         num_decode = sum(1 for r in rows if len(r.tokens) == 1)
@@ -97,7 +99,8 @@ class ModelRunner:
     def _run_eager(self, rows: list[Row], num_decode: int) -> torch.Tensor:
         batch, ids, last = self._build(rows, num_decode)
         hidden = self.model.hidden_states(ids[None], cache=self.cache, batch=batch)[0]  # [N, D]
-        wanted = [last[i] for i, r in enumerate(rows) if r.wants_logits]
+        wanted = [j for i, r in enumerate(rows) if r.wants_logits
+                  for j in range(last[i] - r.num_logits + 1, last[i] + 1)]
         return self.model.lm_head(hidden[torch.tensor(wanted, device=self.device, dtype=torch.long)])
 
     def _decode_tensors(self, rows: list[Row], width: int, size: int | None = None):
@@ -122,9 +125,13 @@ class ModelRunner:
         pieces, offset, last = [], num_decode, list(range(num_decode))
         prefill_positions, prefill_slots = [], []
         bs = self.block_size
-        for r in rows[num_decode:]:
-            pieces.append(PrefillPiece(offset, len(r.tokens), r.start, torch.tensor(r.block_table, **as_long),
-                                       self.dummy_slot if r.state_slot is None else r.state_slot, r.snapshots))
+        prefill = rows[num_decode:]
+        flat = torch.tensor([b for r in prefill for b in r.block_table], dtype=torch.long).to(device)  # one copy
+        piece_tables = flat.split([len(r.block_table) for r in prefill]) if prefill else []
+        for r, table in zip(prefill, piece_tables):
+            pieces.append(PrefillPiece(offset, len(r.tokens), r.start, table,
+                                       self.dummy_slot if r.state_slot is None else r.state_slot, r.snapshots,
+                                       saved_states=r.saved_states))
             offset += len(r.tokens)
             last.append(offset - 1)
             span = range(r.start, r.start + len(r.tokens))
@@ -133,7 +140,8 @@ class ModelRunner:
         batch = PagedBatch(self.block_size, num_decode, torch.tensor(positions, **as_long),
                            tables.to(device), torch.tensor(slots, **as_long),
                            torch.tensor(state, **as_long), pieces, torch.tensor(prefill_positions, **as_long),
-                           torch.tensor(prefill_slots, **as_long))
+                           torch.tensor(prefill_slots, **as_long),
+                           short_pieces(pieces, [r.block_table for r in prefill], num_decode, device))
         ids = torch.tensor([t for r in rows for t in r.tokens], **as_long)
         return batch, ids, last
 

@@ -11,6 +11,18 @@ the KDA state exists. Each sequence has snapshot points (every `snapshot_interva
 last full block, the resend point). A prefill chunk that crosses points runs its delta rule in pieces that
 end on them and copies the state (and conv tail) at each into a snapshot slot keyed by that block's hash;
 a chunk or decode step that ends on a point is snapshotted after the step from the sequence's own slot.
+
+Seer options (off by default; docs/seer.md):
+- speculative decoding (`drafter`): a decoding sequence with a draft of k tokens is scheduled for 1 + k
+  tokens (its last token and the draft, verified in one forward); draft blocks come from free blocks only.
+- policy "context_aware": waiting sequences are admitted by priority instead of arrival: first any that
+  waited more than `max_wait_steps` steps (bounded wait), then each group's probe (its first sequence, while
+  no sibling has finished), then the longest expected remaining output (the group's longest finished
+  output so far, else max_tokens), then arrival.
+- divided rollout (`chunk_tokens`, with context_aware): after generating chunk_tokens tokens, a running
+  sequence goes back to the queue if a waiting one ranks above it; it keeps its blocks and KDA state slot
+  (suspended, not preempted) and resumes where it stopped. Suspended sequences are preempted first when
+  blocks run out.
 """
 import random
 from collections import deque
@@ -20,8 +32,11 @@ import torch
 
 from nanokimi.infer.block_manager import BlockPool, StateSlots, block_hash
 from nanokimi.infer.params import CompletionOutput, SamplingParams
+from nanokimi.infer.speculative import next_draft_length
 
-WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
+WAITING, RUNNING, FINISHED, SUSPENDED = "waiting", "running", "finished", "suspended"
+POLICIES = ("fcfs", "context_aware")
+TAIL_FRACTION = 8  # with at most max_num_seqs / 8 sequences running, drafts may be twice num_speculative_tokens
 
 
 class Request:
@@ -61,6 +76,11 @@ class Sequence:
         # conversation so far), the prompt's last full block (for longer prompts that extend it), and the
         # deepest block a resend of this very prompt can reuse (its last token is always recomputed)
         self.snapshot_interval = snapshot_interval
+        self.draft: list[int] = []  # speculative tokens scheduled with this step's decode
+        self.accepted_ema: float | None = None  # moving average of accepted draft tokens (adaptive length)
+        self.order = 0  # arrival rank; set by the scheduler
+        self.queued_at = 0  # the scheduler step at which it (re)joined the queue
+        self.run_tokens = 0  # tokens generated since it was last admitted or resumed (divided rollout)
         last_full = self.num_prompt // block_size * block_size
         resend = (self.num_prompt - 1) // block_size * block_size
         self.prompt_points = {p for p in (last_full, resend) if p > 0}
@@ -98,29 +118,86 @@ class Sequence:
             self.hashes.append(block_hash(self.hashes[-1] if i else None, self.tokens[i * bs:(i + 1) * bs]))
 
 
+def group_key(seq: Sequence):
+    """The group a sequence's length is estimated from: SamplingParams.group_id, else its request."""
+    group = seq.request.params.group_id
+    return ("request", seq.request.request_id) if group is None else ("group", group)
+
+
 class Scheduler:
     def __init__(self, pool: BlockPool, slots: StateSlots | None, block_size: int, max_num_seqs: int,
-                 max_step_tokens: int, prefix_caching: bool, has_kda: bool):
+                 max_step_tokens: int, prefix_caching: bool, has_kda: bool, drafter=None,
+                 num_speculative_tokens: int = 0, max_model_len: int = 1 << 62, policy: str = "fcfs",
+                 max_wait_steps: int = 64, chunk_tokens: int = 0):
         self.pool, self.slots, self.block_size = pool, slots, block_size
         self.max_num_seqs, self.max_step_tokens = max_num_seqs, max_step_tokens
         self.prefix_caching, self.has_kda = prefix_caching, has_kda
+        self.drafter, self.num_speculative_tokens, self.max_model_len = drafter, num_speculative_tokens, max_model_len
+        self.policy, self.max_wait_steps, self.chunk_tokens = policy, max_wait_steps, chunk_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.suspended: list[Sequence] = []
+        self.groups: dict = {}  # group key -> {"probe": first sequence, "longest": longest finished output}
+        self.num_added = 0
+        self.steps = 0
         # ("copy", src, dst) / ("zero", slot) / ("load", tensors, slot), applied in order by the engine
         self.slot_ops: list[tuple] = []
-        self.counters = dict(preemptions=0, prefix_cache_queries=0, prefix_cache_hit_tokens=0, kda_snapshots=0)
+        self.counters = dict(preemptions=0, prefix_cache_queries=0, prefix_cache_hit_tokens=0, kda_snapshots=0,
+                             suspensions=0)
         self.tiers = None  # a TieredCache (nanokimi.infer.tiers) when lower KV tiers are attached
 
     def add(self, seq: Sequence) -> None:
+        seq.order, seq.queued_at = self.num_added, self.steps
+        self.num_added += 1
+        self.groups.setdefault(group_key(seq), {"probe": seq, "longest": None, "live": 0})["live"] += 1
         self.waiting.append(seq)
 
     def schedule(self) -> list[tuple[Sequence, int]]:
         """(sequence, number of tokens to compute) for the next step; decodes first."""
+        self.steps += 1
+        if self.chunk_tokens and self.policy == "context_aware":
+            self._suspend_finished_chunks()
         while True:
             scheduled = self._schedule_once()
             if scheduled or not self.running:
                 return scheduled
-            self._preempt(self.running[-1])  # nothing fits: make room by the rule, then try again
+            self._preempt(self._victim())  # nothing fits: make room by the rule, then try again
+
+    def _victim(self) -> Sequence:
+        """Who is preempted when blocks run out: a suspended sequence first, else the newest running one."""
+        return self.suspended[-1] if self.suspended else self.running[-1]
+
+    def priority(self, seq: Sequence) -> tuple:
+        """Context-aware order, smallest first: waited too long, group probe, longest expected rest, arrival."""
+        group = self.groups[group_key(seq)]
+        aged = self.steps - seq.queued_at > self.max_wait_steps
+        probe = group["probe"] is seq and group["longest"] is None
+        expected = seq.request.params.max_tokens if group["longest"] is None else group["longest"]
+        return (not aged, not probe, -max(expected - seq.num_output, 1), seq.order)
+
+    def _next_waiting(self) -> Sequence | None:
+        if self.policy == "fcfs":
+            return next((s for s in self.waiting if self._admissible(s)), None)
+        if self.suspended and self.has_kda and not (self.slots.free or self.slots.snapshots):
+            return min(self.suspended, key=self.priority)  # no state slot for a newcomer: resume (costs none)
+        candidates = [s for s in self.waiting if self._admissible(s)] + self.suspended
+        return min(candidates, key=self.priority, default=None)
+
+    def _suspend_finished_chunks(self) -> None:
+        """Divided rollout: running decodes that finished a chunk yield their place to better-ranked waiting work."""
+        if not self.waiting:
+            return
+        best = min((self.priority(s) for s in self.waiting if self._admissible(s)), default=None)
+        if best is None:
+            return
+        spare = len(self.running) if self.slots is None else len(self.slots.free) + len(self.slots.snapshots)
+        for seq in list(self.running):  # each newcomer needs a KDA state slot: suspend no more than are spare
+            if spare and seq.run_tokens >= self.chunk_tokens and seq.remaining == 1 and self.priority(seq) > best:
+                spare -= 1
+                self.running.remove(seq)
+                seq.status, seq.queued_at = SUSPENDED, self.steps
+                self.suspended.append(seq)
+                self.counters["suspensions"] += 1
 
     def _schedule_once(self) -> list[tuple[Sequence, int]]:
         budget = self.max_step_tokens
@@ -131,13 +208,14 @@ class Scheduler:
             if seq.status != RUNNING or seq.remaining != 1:
                 continue
             while not self._grow(seq, seq.num_computed + 1):
-                victim = self.running[-1]
+                victim = self._victim()
                 self._preempt(victim)
                 if victim is seq:
                     break
             if seq.status == RUNNING:
-                scheduled.append((seq, 1))
-                budget -= 1
+                seq.draft = self._draft(seq, budget - 1) if self.drafter is not None else []
+                scheduled.append((seq, 1 + len(seq.draft)))
+                budget -= 1 + len(seq.draft)
         for seq in list(self.running):
             if budget == 0:
                 break
@@ -148,13 +226,50 @@ class Scheduler:
                 scheduled.append((seq, n))
                 budget -= n
         while budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = next((s for s in self.waiting if self._admissible(s)), None)
+            seq = self._next_waiting()
+            if seq is not None and seq.status == SUSPENDED:
+                self._resume(seq)
+                if self._grow(seq, seq.num_computed + 1):  # its next token, this very step
+                    scheduled.append((seq, 1))
+                    budget -= 1
+                continue
             if seq is None or not self._admit(seq):
                 break
             n = self._fit(seq, self._chunk(seq, budget))
             scheduled.append((seq, n))
             budget -= n
         return scheduled
+
+    def _resume(self, seq: Sequence) -> None:
+        """A suspended sequence runs again from where it stopped (its blocks and state slot were kept)."""
+        self.suspended.remove(seq)
+        seq.status, seq.run_tokens, seq.draft = RUNNING, 0, []
+        self.running.append(seq)
+
+    def _draft(self, seq: Sequence, budget: int) -> list[int]:
+        """A draft for a decoding sequence: at most the adaptive length, the step's budget, what max_tokens and
+        the context leave (the step emits one token more than it accepts), and what free blocks can hold."""
+        longest = self.num_speculative_tokens
+        if len(self.running) * TAIL_FRACTION <= self.max_num_seqs:  # the tail: few rows, extra draft tokens are cheap
+            longest *= 2
+        limit = min(next_draft_length(seq.accepted_ema, longest), budget,
+                    seq.request.params.max_tokens - seq.num_output - 1, self.max_model_len - len(seq.tokens) - 1)
+        draft = self.drafter.propose(seq, limit) if limit > 0 else []
+        draft = draft[:max(limit, 0)]
+        need = -(-(seq.num_computed + 1 + len(draft)) // self.block_size) - len(seq.block_table)
+        if draft and need > self.pool.num_free - len(self.running):  # drafts never cost another sequence a block
+            return []
+        if draft:
+            self._grow(seq, seq.num_computed + 1 + len(draft))
+        return draft
+
+    def shrink(self, seq: Sequence) -> None:
+        """Free the blocks past the sequence's computed tokens (those of rejected draft tokens)."""
+        keep = -(-seq.num_computed // self.block_size)
+        if len(seq.block_table) > keep:
+            extra = seq.block_table[keep:]
+            del seq.block_table[keep:]
+            self.pool.release(extra)
 
     def _admissible(self, seq: Sequence) -> bool:
         """Samples 1.. of a request wait until sample 0 has prefilled the prompt, to reuse it from the cache."""
@@ -223,6 +338,10 @@ class Scheduler:
         return self.slots.snapshots.get(h) is not None or (self.tiers is not None and self.tiers.has_state(h))
 
     def _admit(self, seq: Sequence) -> bool:
+        if self.has_kda and not (self.slots.free or self.slots.snapshots):  # suspended sequences hold the slots
+            if not self.suspended:
+                return False
+            self._preempt(self.suspended[-1])
         hit = self.cached_prefix(seq)
         state = None  # the KDA state at the hit's end, when only a lower tier holds it
         if self.has_kda and hit and self.slots.snapshots.get(seq.hashes[len(hit) - 1]) is None:
@@ -258,7 +377,7 @@ class Scheduler:
                 self.slot_ops.append(("zero", seq.state_slot))
             elif source != seq.state_slot:
                 self.slot_ops.append(("copy", source, seq.state_slot))
-        seq.status = RUNNING
+        seq.status, seq.run_tokens = RUNNING, 0
         self.running.append(seq)
         return True
 
@@ -308,8 +427,8 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self._free(seq)
         seq.num_computed = 0
-        seq.status = WAITING
-        self.running.remove(seq)
+        (self.suspended if seq.status == SUSPENDED else self.running).remove(seq)
+        seq.status, seq.queued_at = WAITING, self.steps
         self.waiting.appendleft(seq)
         self.counters["preemptions"] += 1
 
@@ -318,5 +437,16 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status == WAITING:
             self.waiting.remove(seq)
+        elif seq.status == SUSPENDED:
+            self.suspended.remove(seq)
         self._free(seq)
         seq.status = FINISHED
+        group = self.groups.get(group_key(seq))
+        if group is not None:
+            if seq.output.finish_reason in ("stop", "length"):
+                group["longest"] = max(group["longest"] or 0, len(seq.output.token_ids))
+            group["live"] -= 1
+            if group["live"] == 0:
+                del self.groups[group_key(seq)]
+        if self.drafter is not None:
+            self.drafter.release(seq)

@@ -39,6 +39,9 @@ class PrefillPiece:
     block_table: torch.Tensor  # [num_blocks] long, covers start + length tokens
     state_slot: int
     snapshots: list[tuple[int, int]] = field(default_factory=list)  # KDA: copy the state after j tokens to slot
+    # speculative verification: a list that each KDA layer appends (layer pool, conv window [K-1+T, C], states
+    # after each token [T, H, Dk, Dv]) to, so the engine can roll the slot back to any accepted prefix
+    saved_states: list | None = None
 
 
 @dataclass
@@ -53,6 +56,37 @@ class PagedBatch:
     prefill: list[PrefillPiece] = field(default_factory=list)
     prefill_positions: torch.Tensor | None = None  # [Np] long: position of every prefill token (in piece order)
     prefill_slots: torch.Tensor | None = None  # [Np] long: the cache slot each prefill token is written to
+    short: "ShortPieces | None" = None  # several short pieces (drafts under verification): attend as one batch
+
+
+@dataclass
+class ShortPieces:
+    """Short prefill pieces padded into rows (built by the engine's runner, one transfer each):
+    members: their piece indices; index [P, Tmax] long: each (piece, t)'s token among the prefill tokens
+    (padding repeats the piece's last token); positions [P, Tmax]; block_tables [P, MB] (padded with 0)."""
+    members: list[int]
+    lengths: list[int]
+    index: torch.Tensor
+    positions: torch.Tensor
+    block_tables: torch.Tensor
+
+
+SHORT_PIECE_TOKENS = 16  # prefill pieces this short (speculative drafts under verification) attend as one batch
+
+
+def short_pieces(pieces: list["PrefillPiece"], tables: list[list[int]], first: int, device) -> ShortPieces | None:
+    """The ShortPieces of a step's pieces (host block tables `tables`; `first` = the number of decode rows),
+    None unless at least two pieces have at most SHORT_PIECE_TOKENS tokens."""
+    members = [i for i, p in enumerate(pieces) if p.length <= SHORT_PIECE_TOKENS]
+    if len(members) < 2:
+        return None
+    lengths = [pieces[i].length for i in members]
+    longest, width = max(lengths), max(len(tables[i]) for i in members)
+    index = [[pieces[i].offset - first + min(t, n - 1) for t in range(longest)] for i, n in zip(members, lengths)]
+    positions = [[pieces[i].start + t for t in range(longest)] for i in members]
+    padded = [tables[i] + [0] * (width - len(tables[i])) for i in members]
+    host = torch.tensor([index, positions], dtype=torch.long).to(device, non_blocking=True)
+    return ShortPieces(members, lengths, host[0], host[1], torch.tensor(padded, dtype=torch.long).to(device))
 
 
 @dataclass
@@ -159,31 +193,75 @@ def _prefill_batched(mixer: nn.Module, x: torch.Tensor, cache, batch: PagedBatch
         cache.c_kv.view(-1, mixer.kv_lora_rank).index_copy_(0, batch.prefill_slots, c_kv[:, 0].to(cache.c_kv.dtype))
         cache.k_rope.view(-1, mixer.rope_dim).index_copy_(0, batch.prefill_slots,
                                                            k_rope[:, 0, 0].to(cache.k_rope.dtype))
-        outs = []
-        for piece, (a, b) in zip(batch.prefill, spans):
+        outs = {}
+        if batch.short is not None and not mixer.record_max_logits:
+            outs = _mla_short_pieces(mixer, q_nope, q_rope, cache, batch.short)
+        for i, (piece, (a, b)) in enumerate(zip(batch.prefill, spans)):
+            if i in outs:
+                continue
             end = piece.start + piece.length
             table = piece.block_table[None]
             context = gather_blocks(cache.c_kv, table)[:, :end]  # [1, L, r], this piece's tokens included
             context_rope = gather_blocks(cache.k_rope, table)[:, :end].unsqueeze(2)  # [1, L, 1, dr]
             qn, qr = q_nope[a:b].transpose(0, 1), q_rope[a:b].transpose(0, 1)  # [1, T, H, .]
             if piece.length <= mixer.absorb_max_tokens and not mixer.record_max_logits:
-                outs.append(mixer._attend_absorbed(qn, qr, context, context_rope, piece.start))
+                outs[i] = mixer._attend_absorbed(qn, qr, context, context_rope, piece.start)
             else:
-                outs.append(mixer._attend_expanded(qn, qr, context, context_rope, piece.start))
-        return mixer.o_proj(torch.cat(outs, dim=1).flatten(2))
+                outs[i] = mixer._attend_expanded(qn, qr, context, context_rope, piece.start)
+        return mixer.o_proj(torch.cat([outs[i] for i in range(len(spans))], dim=1).flatten(2))
     H, Hkv, D = mixer.num_heads, mixer.num_kv_heads, mixer.head_dim
     q = mixer.rotary(mixer.q_proj(rows).view(-1, 1, H, D), batch.prefill_positions)
     k = mixer.rotary(mixer.k_proj(rows).view(-1, 1, Hkv, D), batch.prefill_positions)
     v = mixer.v_proj(rows).view(-1, 1, Hkv, D)
     cache.k.flatten(0, 1).index_copy_(0, batch.prefill_slots, k[:, 0].to(cache.k.dtype))
     cache.v.flatten(0, 1).index_copy_(0, batch.prefill_slots, v[:, 0].to(cache.v.dtype))
-    outs = []
-    for piece, (a, b) in zip(batch.prefill, spans):
+    outs = _gqa_short_pieces(mixer, q, cache, batch.short) if batch.short is not None else {}
+    for i, (piece, (a, b)) in enumerate(zip(batch.prefill, spans)):
+        if i in outs:
+            continue
         end = piece.start + piece.length
         table = piece.block_table[None]
         keys, values = gather_blocks(cache.k, table)[:, :end], gather_blocks(cache.v, table)[:, :end]
-        outs.append(causal_attention(q[a:b].transpose(0, 1), keys, values, mixer.scale, piece.start))
-    return mixer.o_proj(torch.cat(outs, dim=1).flatten(2))
+        outs[i] = causal_attention(q[a:b].transpose(0, 1), keys, values, mixer.scale, piece.start)
+    return mixer.o_proj(torch.cat([outs[i] for i in range(len(spans))], dim=1).flatten(2))
+
+
+def _gqa_short_pieces(mixer: GroupedQueryAttention, q, cache: PagedKVCache, short: ShortPieces):
+    """Causal attention of several short pieces at once over their gathered blocks (their keys are written).
+    q [Np, 1, H, D] -> {piece index: [1, T, H, D]}."""
+    index, positions, tables, lengths, members = (short.index, short.positions, short.block_tables, short.lengths,
+                                                  short.members)
+    P, T = index.shape
+    qp = q[index.flatten(), 0].view(P, T, mixer.num_heads, mixer.head_dim).transpose(1, 2)  # [P, H, T, D]
+    keys = gather_blocks(cache.k, tables).transpose(1, 2)  # [P, Hkv, L, D]
+    values = gather_blocks(cache.v, tables).transpose(1, 2)
+    allowed = torch.arange(keys.shape[2], device=q.device)[None, None, :] <= positions[:, :, None]  # [P, T, L]
+    o = F.scaled_dot_product_attention(qp, keys, values, attn_mask=allowed[:, None], scale=mixer.scale,
+                                       enable_gqa=mixer.num_heads != mixer.num_kv_heads).transpose(1, 2)
+    return {i: o[row:row + 1, :n] for row, (i, n) in enumerate(zip(members, lengths))}
+
+
+def _mla_short_pieces(mixer: MultiHeadLatentAttention, q_nope, q_rope, cache: PagedLatentCache,
+                      short: ShortPieces):
+    """Absorbed MLA attention of several short pieces at once over their gathered latent blocks.
+    q_nope [Np, 1, H, dn], q_rope [Np, 1, H, dr] -> {piece index: [1, T, H, dv]}."""
+    index, positions, tables, lengths, members = (short.index, short.positions, short.block_tables, short.lengths,
+                                                  short.members)
+    P, T = index.shape
+    H = mixer.num_heads
+    qn = q_nope[index.flatten(), 0].view(P, T, H, -1)
+    qr = q_rope[index.flatten(), 0].view(P, T, H, -1)
+    w = mixer.kv_b_proj.weight.view(H, mixer.nope_dim + mixer.v_dim, mixer.kv_lora_rank)
+    w_k, w_v = w[:, :mixer.nope_dim], w[:, mixer.nope_dim:]  # [H, dn, r], [H, dv, r]
+    q_latent = torch.einsum("bthd,hdr->bthr", qn, w_k)
+    keys_latent = gather_blocks(cache.c_kv, tables)  # [P, L, r]
+    keys_rope = gather_blocks(cache.k_rope, tables)  # [P, L, dr]
+    scores = torch.einsum("bthr,bsr->bths", q_latent, keys_latent) + torch.einsum("bthd,bsd->bths", qr, keys_rope)
+    allowed = torch.arange(keys_latent.shape[1], device=qn.device)[None, None, :] <= positions[:, :, None]
+    scores = (scores.float() * mixer.scale).masked_fill(~allowed[:, :, None, :], float("-inf"))
+    o_latent = torch.einsum("bths,bsr->bthr", scores.softmax(-1).to(keys_latent.dtype), keys_latent)
+    o = torch.einsum("bthr,hvr->bthv", o_latent, w_v)  # [P, T, H, dv]
+    return {i: o[row:row + 1, :n] for row, (i, n) in enumerate(zip(members, lengths))}
 
 
 def _kda_prefill(mixer: KimiDeltaAttention, x: torch.Tensor, cache: RecurrentCache, pieces, spans) -> torch.Tensor:
@@ -199,6 +277,8 @@ def _kda_prefill(mixer: KimiDeltaAttention, x: torch.Tensor, cache: RecurrentCac
         for j, snapshot in piece.snapshots:  # the conv tail after j tokens: the K-1 inputs before token j
             cache.conv[snapshot].copy_(window[j:j + K - 1])
         cache.conv[piece.state_slot].copy_(window[window.shape[0] - (K - 1):])
+        if piece.saved_states is not None:
+            piece.saved_states.append([cache, window.to(cache.conv.dtype), None])
         mixed.append(causal_depthwise_conv(window[None], weight)[0])
     qkv = F.silu(torch.cat(mixed))
     q, k, v = (t.reshape(1, N, H, D) for t in qkv.split(H * D, dim=-1))
@@ -217,6 +297,9 @@ def _kda_varlen(q, k, v, g, beta, cache: RecurrentCache, pieces, spans) -> torch
     snapshots runs in segments that end on them; after each segment its state is copied to the snapshot
     slot. Round r runs every piece's r-th segment: one fla chunk_kda call with cu_seqlens on CUDA when
     fla-core is there, else (or if that call fails) one kda() per segment. -> o [1, Np, H, V]."""
+    keep = [i for i, p in enumerate(pieces) if p.saved_states is not None]
+    if keep:
+        return _kda_varlen_keeping_states(q, k, v, g, beta, cache, pieces, spans, keep)
     segments = []  # per piece: [(start, end, snapshot slot or None)] in packed token indices
     for piece, (a, b) in zip(pieces, spans):
         cuts = [(a + j, slot) for j, slot in piece.snapshots]
@@ -260,6 +343,62 @@ def _kda_segments(q, k, v, g, beta, cache: RecurrentCache, active, o: torch.Tens
         o[:, a:b] = out
 
 
+def _kda_varlen_keeping_states(q, k, v, g, beta, cache: RecurrentCache, pieces, spans, keep) -> torch.Tensor:
+    """`_kda_varlen` when some pieces (speculative drafts under verification) need the state after each of
+    their tokens: those run the recurrence one token at a time, padded into one batch [P, Tmax] (the state
+    of a padded step is never read: the engine rolls every such slot back to an accepted prefix); the
+    other pieces run as before."""
+    others = [i for i in range(len(pieces)) if i not in set(keep)]
+    outs = {}
+    if others:
+        rest = _kda_varlen(*(torch.cat([t[:, spans[i][0]:spans[i][1]] for i in others], dim=1)
+                             for t in (q, k, v, g, beta)), cache, [pieces[i] for i in others],
+                           _spans([spans[i][1] - spans[i][0] for i in others]))
+        for i, (a, b) in zip(others, _spans([spans[i][1] - spans[i][0] for i in others])):
+            outs[i] = rest[:, a:b]
+    lengths = [spans[i][1] - spans[i][0] for i in keep]
+    longest = max(lengths)
+
+    def padded(t):  # [1, Np, ...] -> [P, Tmax, ...]
+        out = t.new_zeros(len(keep), longest, *t.shape[2:])
+        for row, i in enumerate(keep):
+            out[row, :lengths[row]] = t[0, spans[i][0]:spans[i][1]]
+        return out
+
+    qp, kp, vp, gp, bp = (padded(t) for t in (q, k, v, g, beta))
+    slots = torch.tensor([pieces[i].state_slot for i in keep], device=q.device)
+    state = cache.state.index_select(0, slots)  # [P, H, Dk, Dv]
+    steps, states = [], []
+    for t in range(longest):
+        o, state = kda_outside_compile(qp[:, t:t + 1], kp[:, t:t + 1], vp[:, t:t + 1], gp[:, t:t + 1],
+                                       bp[:, t:t + 1], initial_state=state, output_final_state=True)
+        steps.append(o)
+        states.append(state.to(cache.state.dtype))
+    o = torch.cat(steps, dim=1)  # [P, Tmax, H, Dv]
+    states = torch.stack(states, dim=1)  # [P, Tmax, H, Dk, Dv]
+    for row, i in enumerate(keep):
+        outs[i] = o[row:row + 1, :lengths[row]]
+        cache.state[pieces[i].state_slot].copy_(states[row, lengths[row] - 1])
+        pieces[i].saved_states[-1][2] = states[row, :lengths[row]]
+    return torch.cat([outs[i] for i in range(len(pieces))], dim=1)
+
+
+def _spans(lengths: list[int]) -> list[tuple[int, int]]:
+    bounds = [0]
+    for n in lengths:
+        bounds.append(bounds[-1] + n)
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def rollback_recurrent_state(saved_states: list, slot: int, keep: int) -> None:
+    """Put a verified piece's KDA state slot back to the state after its first `keep` tokens (the rejected
+    draft tokens after them leave no trace): the saved per-token state and the conv tail at that point."""
+    for pool, window, states in saved_states:
+        K1 = pool.conv.shape[1]
+        pool.state[slot].copy_(states[keep - 1])
+        pool.conv[slot].copy_(window[keep:keep + K1])
+
+
 def _mla_project(mixer: MultiHeadLatentAttention, x: torch.Tensor, positions: torch.Tensor):
     """MLA's projections for tokens as rows, each at its own position: x [S, 1, D] ->
     q_nope [S, 1, H, dn], q_rope [S, 1, H, dr], c_kv [S, 1, r], k_rope [S, 1, 1, dr] (rotated when RoPE)."""
@@ -276,6 +415,8 @@ def _mla_project(mixer: MultiHeadLatentAttention, x: torch.Tensor, positions: to
 
 def _prefill_piece(mixer: nn.Module, x: torch.Tensor, cache, piece: PrefillPiece, block_size: int) -> torch.Tensor:
     """The mixer's own cached forward for one sequence: x [1, T, D] -> [1, T, D]."""
+    if isinstance(mixer, KimiDeltaAttention) and piece.saved_states is not None:
+        return _kda_prefill(mixer, x, cache, [piece], [(0, piece.length)])
     if isinstance(mixer, KimiDeltaAttention):
         s = piece.state_slot  # slices are views: the forward updates the pool in place
         slot = RecurrentCache(cache.conv[s:s + 1], cache.state[s:s + 1])

@@ -1,0 +1,268 @@
+"""Speculative decoding in the engine changes nothing about the output: greedy tokens equal decoding without
+it (drafts fully right, fully wrong, partly right; hybrid, MLA and GQA models), sampled tokens keep the
+model's distribution (chi-square), a rejected draft leaves the KDA state of the accepted prefix, and every
+block comes back."""
+import random
+
+import pytest
+import torch
+
+from test_engine import make_model, prompts
+from nanokimi import ModelConfig, build_model
+from nanokimi.infer import Engine, SamplingParams
+from nanokimi.infer.speculative import Drafter, NgramIndex, accept_draft, filtered_probs
+
+MODELS = ["tiny", "tiny-dense", "all-mla"]  # KDA + MLA hybrid, GQA, MLA with RoPE
+CHI2_LEVEL = 1e-3  # the tests fail when a p-value falls below this (fixed seeds: the outcome is deterministic)
+
+
+class OracleDrafter:
+    """Drafts from known outputs: "right" proposes the true continuation, "wrong" a different token at every
+    place, "partly" the truth for the first half of each draft and then wrong tokens."""
+
+    def __init__(self, reference: dict[tuple[str, int], list[int]], kind: str, vocab: int):
+        self.reference, self.kind, self.vocab = reference, kind, vocab
+
+    def track(self, seq):
+        pass
+
+    def observe(self, seq):
+        pass
+
+    def release(self, seq):
+        pass
+
+    def propose(self, seq, limit):
+        truth = self.reference.get((seq.request.request_id, seq.index), [])[seq.num_output:seq.num_output + limit]
+        if self.kind == "right":
+            return truth
+        wrong = [(t + 1) % self.vocab for t in truth]
+        if self.kind == "wrong":
+            return wrong
+        half = (len(truth) + 1) // 2
+        return truth[:half] + wrong[half:]
+
+
+def run(engine: Engine, requests) -> dict[tuple[str, int], list[int]]:
+    for request_id, ids, params in requests:
+        engine.add_request(request_id, ids, params)
+    out = {}
+    while engine.has_unfinished():
+        for result in engine.step():
+            if result.finished:
+                for completion in result.outputs:
+                    out[(result.request_id, completion.index)] = completion.token_ids
+    return out
+
+
+def greedy_requests(count=5, max_tokens=10, **extra):
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, **extra)
+    return [(str(i), ids, params) for i, ids in enumerate(prompts(count, seed=3))]
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("kind", ["right", "wrong", "partly"])
+def test_greedy_with_speculation_equals_without(name, kind):
+    model = make_model(name)
+    requests = greedy_requests()
+    reference = run(Engine(model, max_cache_tokens=2048, block_size=4), requests)
+    drafter = OracleDrafter(reference, kind, model.config.vocab_size)
+    engine = Engine(model, max_cache_tokens=2048, block_size=4, speculative=drafter, num_speculative_tokens=3)
+    assert run(engine, requests) == reference
+    stats = engine.stats()
+    assert stats["spec_verify_rows"] > 0
+    if kind == "right":
+        assert stats["spec_accepted_tokens"] == stats["spec_draft_tokens"]
+    elif kind == "wrong":
+        assert stats["spec_accepted_tokens"] == 0
+    else:
+        assert 0 < stats["spec_accepted_tokens"] < stats["spec_draft_tokens"]
+    assert engine.pool.num_free == engine.pool.num_usable  # rejected drafts' blocks came back too
+
+
+def test_stop_token_inside_an_accepted_draft_ends_the_sample_there():
+    model = make_model("tiny")
+    plain = run(Engine(model, max_cache_tokens=2048, block_size=4), greedy_requests(count=3))
+    stops = [plain[(str(i), 0)][4] for i in range(3)]
+    requests = [(str(i), ids, SamplingParams(max_tokens=10, temperature=0, stop_token_ids=[stops[i]]))
+                for i, ids in enumerate(prompts(3, seed=3))]
+    reference = run(Engine(model, max_cache_tokens=2048, block_size=4), requests)
+    engine = Engine(model, max_cache_tokens=2048, block_size=4, num_speculative_tokens=4,
+                    speculative=OracleDrafter(plain, "right", model.config.vocab_size))
+    assert run(engine, requests) == reference
+    assert all(len(tokens) <= 5 for tokens in reference.values())
+
+
+@pytest.mark.parametrize("speculative", ["ngram", "suffix"])
+def test_ngram_and_suffix_drafters_keep_greedy_outputs_and_accept_repeats(speculative):
+    model = make_model("tiny-dense")  # its greedy outputs fall into loops: prompt lookup finds matches
+    requests = [(str(i), ids, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, n=2))
+                for i, ids in enumerate(prompts(3, seed=5))]
+    reference = run(Engine(model, max_cache_tokens=4096), requests)
+    engine = Engine(model, max_cache_tokens=4096, speculative=speculative, num_speculative_tokens=3)
+    assert run(engine, requests) == reference
+    assert engine.stats()["spec_verify_rows"] > 0
+    assert engine.pool.num_free == engine.pool.num_usable
+    assert not engine.drafter.indexes  # released with their sequences
+
+
+def test_suffix_index_follows_the_continuation_most_siblings_agree_on():
+    index = NgramIndex()
+    siblings = [[1, 2, 3, 4, 5], [1, 2, 3, 4, 6], [9, 2, 3, 7, 7], [1, 2, 3, 4, 6, 8]]
+    for tokens in siblings:
+        index.add(tokens, 0, len(tokens))
+    assert index.propose([5, 2, 3], 3) == [4, 6, 8]  # "2 3" -> 4 (3 votes of 4), then 6 (2 of 3), then 8
+    assert index.propose([0, 0], 3) == []
+    own = [4, 5, 1, 2, 4, 5]
+    drafter_index = NgramIndex()
+    drafter_index.add(own, 0, len(own))
+    assert drafter_index.propose(own, 2) == [1, 2]  # prompt lookup: "4 5" occurred before, followed by 1 2
+    assert isinstance(Drafter("group"), Drafter)
+    with pytest.raises(ValueError, match="speculative must be"):
+        Engine(make_model("tiny-dense"), max_cache_tokens=256, speculative="medusa")
+
+
+def chi2_pvalue(observed: torch.Tensor, expected: torch.Tensor) -> float:
+    """Pearson's goodness-of-fit p-value (bins with expected count < 5 are merged into one)."""
+    small = expected < 5
+    obs = torch.cat([observed[~small], observed[small].sum()[None]]) if small.any() else observed
+    exp = torch.cat([expected[~small], expected[small].sum()[None]]) if small.any() else expected
+    stat = ((obs - exp) ** 2 / exp.clamp(min=1e-12)).sum()
+    df = obs.numel() - 1
+    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), stat.double() / 2))
+
+
+def test_accept_rule_keeps_the_distribution_of_the_first_token():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 12, dtype=torch.float64)
+    p = filtered_probs(logits, 0.9, 8, 0.95)[0]
+    draft = [int(p.argmax()), 3]
+    rng = random.Random(1)
+    draws = 4000
+    counts = torch.zeros(12, dtype=torch.float64)
+    for _ in range(draws):
+        counts[accept_draft(logits, draft, 0.9, 8, 0.95, rng)[0]] += 1
+    assert counts[p == 0].sum() == 0  # never outside top-k / top-p
+    assert chi2_pvalue(counts[p > 0], draws * p[p > 0]) > CHI2_LEVEL
+
+
+def test_sampling_with_speculation_keeps_the_models_distribution_of_the_first_tokens():
+    cfg = ModelConfig.preset("tiny", vocab_size=6, hidden_size=32, num_heads=2, kv_lora_rank=16, qk_nope_head_dim=8,
+                             qk_rope_head_dim=8, v_head_dim=8, kda_num_heads=2, kda_head_dim=8, intermediate_size=48,
+                             moe_intermediate_size=16, num_experts=2, num_experts_per_tok=1, num_layers=2,
+                             mixers="KA")
+    torch.manual_seed(1)
+    model = build_model(cfg).double().eval()
+    prompt = [1, 2, 3]
+    with torch.no_grad():  # the exact joint distribution of the first two tokens
+        first = model(torch.tensor([prompt]))[0, -1].softmax(-1)
+        second = torch.stack([model(torch.tensor([prompt + [t]]))[0, -1].softmax(-1) for t in range(6)])
+    joint = (first[:, None] * second).flatten()  # [36]
+
+    class Fixed:  # always proposes 0, 1: accepted sometimes, rejected sometimes
+        track = observe = release = staticmethod(lambda seq: None)
+
+        @staticmethod
+        def propose(seq, limit):
+            return [0, 1][:limit]
+
+    draws = 2500
+    engine = Engine(model, max_cache_tokens=8192, max_num_seqs=256, speculative=Fixed(), num_speculative_tokens=2)
+    out = run(engine, [(str(s), prompt, SamplingParams(max_tokens=3, temperature=1.0, seed=s, ignore_eos=True))
+                       for s in range(draws)])
+    counts = torch.zeros(36, dtype=torch.float64)
+    for tokens in out.values():
+        counts[tokens[0] * 6 + tokens[1]] += 1
+    stats = engine.stats()
+    assert 0 < stats["spec_accepted_tokens"] < stats["spec_draft_tokens"]
+    assert chi2_pvalue(counts, draws * joint) > CHI2_LEVEL
+
+
+def test_kda_state_after_a_rejected_draft_equals_the_accepted_prefix():
+    model = make_model("tiny")
+    ids = prompts(1, seed=7)[0]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    reference = run(Engine(model, max_cache_tokens=1024, block_size=4), [("a", ids, params)])
+    spec = Engine(model, max_cache_tokens=1024, block_size=4, num_speculative_tokens=4,
+                  speculative=OracleDrafter(reference, "partly", model.config.vocab_size))
+    plain = Engine(model, max_cache_tokens=1024, block_size=4)
+    spec.add_request("a", ids, params)
+    plain.add_request("a", ids, params)
+    checked = 0
+    while spec.has_unfinished() and checked < 2:
+        spec.step()
+        seq = spec.scheduler.running[0] if spec.scheduler.running else None
+        if seq is None or seq.num_output < 2:
+            continue
+        plain_seq = plain.requests["a"].sequences[0] if plain.has_unfinished() else None
+        while plain_seq.num_computed < seq.num_computed:
+            plain.step()
+        assert plain_seq.num_computed == seq.num_computed
+        for mine, theirs in zip(spec.runner.cache.recurrent_layers(), plain.runner.cache.recurrent_layers()):
+            torch.testing.assert_close(mine.state[seq.state_slot], theirs.state[plain_seq.state_slot],
+                                       atol=1e-6, rtol=0)
+            torch.testing.assert_close(mine.conv[seq.state_slot], theirs.conv[plain_seq.state_slot],
+                                       atol=1e-6, rtol=0)
+        checked += 1
+    assert checked == 2 and spec.stats()["spec_draft_tokens"] > spec.stats()["spec_accepted_tokens"] > 0
+
+
+def test_logprobs_of_speculated_tokens_equal_the_plain_ones():
+    model = make_model("tiny-dense")
+    requests = greedy_requests(count=2, max_tokens=8, logprobs=2)
+    plain = Engine(model, max_cache_tokens=2048, block_size=4)
+    for request_id, ids, params in requests:
+        plain.add_request(request_id, ids, params)
+    done = {}
+    while plain.has_unfinished():
+        done.update({o.request_id: o.outputs[0] for o in plain.step() if o.finished})
+    reference = {(k, 0): v.token_ids for k, v in done.items()}
+    spec = Engine(model, max_cache_tokens=2048, block_size=4, num_speculative_tokens=3,
+                  speculative=OracleDrafter(reference, "partly", model.config.vocab_size))
+    for request_id, ids, params in requests:
+        spec.add_request(request_id, ids, params)
+    got = {}
+    while spec.has_unfinished():
+        got.update({o.request_id: o.outputs[0] for o in spec.step() if o.finished})
+    for key, completion in done.items():
+        assert got[key].token_ids == completion.token_ids
+        for a, b in zip(got[key].logprobs, completion.logprobs):
+            assert a.keys() == b.keys()
+            assert all(abs(a[t] - b[t]) < 1e-6 for t in a)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["tiny", "tiny-dense"])
+def test_speculation_on_cuda_with_graphs_and_fla_gives_the_plain_greedy_tokens(name):
+    """On CUDA: graphed decode rows beside eager verification rows, fla's recurrent kernel for the per-token
+    KDA states, the Triton MLA kernel; float32, so the greedy tokens must agree with speculation off."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model = make_model(name, small=False).float().cuda()
+    requests = greedy_requests(count=6, max_tokens=24)
+    reference = run(Engine(model, max_cache_tokens=8192), requests)
+    for speculative in (OracleDrafter(reference, "partly", model.config.vocab_size), "suffix"):
+        engine = Engine(model, max_cache_tokens=8192, speculative=speculative, num_speculative_tokens=4)
+        got = run(engine, requests)
+        agree = sum(got[key] == reference[key] for key in reference) / len(reference)
+        assert agree >= 5 / 6, agree  # float32 on different kernels: a near-tie may flip one sequence at most
+        assert engine.pool.num_free == engine.pool.num_usable
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-dense"])
+def test_prefix_cache_after_rejected_drafts_serves_only_accepted_content(name):
+    """Blocks written while drafts were rejected are hashed only once their accepted content is computed:
+    a next turn (prompt + answer + more) that reuses them gives the tokens of an engine without any cache."""
+    model = make_model(name)
+    requests = greedy_requests(count=3, max_tokens=14)
+    reference = run(Engine(model, max_cache_tokens=2048, block_size=4), requests)
+    engine = Engine(model, max_cache_tokens=2048, block_size=4, snapshot_interval=8, num_speculative_tokens=3,
+                    speculative=OracleDrafter(reference, "partly", model.config.vocab_size))
+    assert run(engine, requests) == reference
+    follow = [(f"next{i}", ids + reference[(str(i), 0)] + [7, 8], SamplingParams(max_tokens=6, temperature=0,
+                                                                               ignore_eos=True))
+              for i, (_, ids, _) in enumerate(requests)]
+    hits_before = engine.stats()["prefix_cache_hit_tokens"]
+    fresh = run(Engine(model, max_cache_tokens=2048, block_size=4, enable_prefix_caching=False), follow)
+    assert run(engine, follow) == fresh
+    assert engine.stats()["prefix_cache_hit_tokens"] - hits_before >= 3 * 8  # the answers' blocks were reused
