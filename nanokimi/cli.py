@@ -187,7 +187,8 @@ def cmd_serve(args) -> int:
                            kv_offload_gb=args.kv_offload_gb, kv_disk=args.kv_disk, kv_disk_gb=args.kv_disk_gb,
                            enable_prefix_caching=not args.no_prefix_caching, max_num_seqs=args.max_num_seqs,
                            max_step_tokens=args.max_step_tokens, max_body_bytes=args.max_body_bytes,
-                           served_model_name=args.served_model_name, device=args.device)
+                           served_model_name=args.served_model_name, device=args.device,
+                           speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens)
     server = Server.load(args.ckpt, options)
     print(f"serving {server.model_name} on http://{args.host}:{args.port} (OpenAI API under /v1, chat page at /, "
           "metrics at /metrics)", file=sys.stderr)
@@ -324,6 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     serve.add_argument("--served-model-name", help="the model id clients send (default: the run folder's name)")
     serve.add_argument("--device", default="auto")
+    serve.add_argument("--speculative", choices=["ngram", "suffix"],
+                       help="draft tokens from the request's own prompt and output (ngram) or its group (suffix) and "
+                            "verify them in one forward; greedy output is unchanged (docs/seer.md)")
+    serve.add_argument("--num-speculative-tokens", type=int, default=4, help="draft length (adapted to acceptance)")
     serve.set_defaults(func=cmd_serve)
 
     from nanokimi.chat_cli import add_chat_args

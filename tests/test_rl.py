@@ -86,6 +86,22 @@ def test_partial_rollouts_continue_to_the_uncut_tokens():
         assert all(r.segments > 1 for r in by_id[g.id].responses if len(r.token_ids) > 3)
 
 
+def test_seer_rollout_options_keep_greedy_rollouts():
+    """rl.speculative / rl.scheduling / rl.chunk_tokens reach the engine: greedy rollouts with Seer's suffix
+    drafts over a prompt's group, context-aware scheduling and divided rollout equal the plain engine's."""
+    model, tok = tiny_model(1), CharTokenizer()
+    prompts = [tok.encode("12+3="), tok.encode("7="), tok.encode("40-1=")]
+    plain = RolloutBuffer(EngineBackend(model, tok, max_num_seqs=8, max_cache_tokens=512), max_tokens=10,
+                          temperature=0.0).run(_groups(prompts), step=0)[0]
+    seer = EngineBackend(model, tok, max_num_seqs=8, max_cache_tokens=512, speculative="suffix",
+                         num_speculative_tokens=3, scheduling="context_aware", chunk_tokens=4)
+    done = RolloutBuffer(seer, max_tokens=10, temperature=0.0).run(_groups(prompts), step=0)[0]
+    assert [[r.token_ids for r in g.responses] for g in done] == [[r.token_ids for r in g.responses] for g in plain]
+    assert seer.engine.scheduler.policy == "context_aware" and seer.engine.drafter is not None
+    run = load_rl_config(None, [*TOY, "rl.speculative=ngram", "rl.scheduling=context_aware", "rl.chunk_tokens=8"])
+    assert (run.rl.speculative, run.rl.scheduling, run.rl.chunk_tokens) == ("ngram", "context_aware", 8)
+
+
 def _accuracy_curve(tmp_path, loss, task, steps=30):
     trainer = toy_trainer(tmp_path, [f"rl.loss={loss}", f"rl.steps={steps}", "rl.prompts_per_step=16"], task=task,
                           name=f"{loss}-{task.__class__.__name__}")

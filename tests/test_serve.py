@@ -296,3 +296,22 @@ def test_a_16_block_pool_serves_a_resent_prompt_from_the_cpu_tier(ckpt, tmp_path
     assert gauge(m, "nanokimi_prefix_cache_hits_total", tier="disk") == 0  # the CPU pool was large enough
     assert gauge(m, "nanokimi_cache_blocks_cached", tier="cpu") > 0
     assert gauge(m, "nanokimi_cache_blocks_free", tier="gpu") == gauge(m, "nanokimi_cache_blocks_total", tier="gpu")
+
+
+def test_a_speculative_server_answers_greedy_requests_as_the_plain_engine(ckpt):
+    """`nanokimi serve --speculative ngram`: prompt-lookup drafts verified in one forward; a prompt that repeats
+    itself gets drafts, and the greedy text equals LLM.generate's without speculation."""
+    server = Server.load(str(ckpt), ServeOptions(device="cpu", max_cache_tokens=2048, speculative="ngram",
+                                                 num_speculative_tokens=3))
+    reference = LLM(str(ckpt), device="cpu", max_cache_tokens=2048)
+    ids = reference.tokenizer.encode(PROMPT)
+    first = reference.generate(PROMPT, SamplingParams(max_tokens=24, temperature=0), use_tqdm=False)[0].outputs[0]
+    repeated = ids + list(first.token_ids) + ids  # its end occurs earlier in the prompt: the lookup drafts `first`
+    with BackgroundServer(create_app(server)) as bg:
+        client = openai.OpenAI(base_url=bg.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        for prompt in (ids, repeated):
+            got = client.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0)
+            want = reference.generate(prompt_token_ids=[prompt], sampling_params=SamplingParams(
+                max_tokens=24, temperature=0), use_tqdm=False)[0]
+            assert got.choices[0].text == want.outputs[0].text
+    assert server.loop.engine.stats()["spec_draft_tokens"] > 0

@@ -60,6 +60,8 @@ class ServeOptions:
     max_wait_ms: float = 2000.0
     served_model_name: str | None = None
     device: str = "auto"
+    speculative: str | None = None  # "ngram": prompt-lookup drafts verified in one forward (docs/seer.md)
+    num_speculative_tokens: int = 4
 
 
 class Server:
@@ -351,7 +353,8 @@ class _Call:
 def _engine_kwargs(options: ServeOptions) -> dict:
     return dict(max_cache_tokens=options.max_cache_tokens, block_size=options.block_size,
                 max_num_seqs=options.max_num_seqs, max_step_tokens=options.max_step_tokens,
-                enable_prefix_caching=options.enable_prefix_caching)
+                enable_prefix_caching=options.enable_prefix_caching, speculative=options.speculative,
+                num_speculative_tokens=options.num_speculative_tokens)
 
 
 def _tier_store(options: ServeOptions, namespace: str):

@@ -60,6 +60,10 @@ class RLConfig:
     fsdp: bool = True  # several processes: FSDP2-shard the trained model (the engine reads a full replica refreshed
     #                    after every update); false: every rank holds the whole model and gradients are all-reduced
     max_cache_tokens: int = 0  # engine KV cache (0 = enough for one iteration's responses)
+    speculative: str = ""  # Seer's drafting for rollouts: "" (off) | "ngram" | "suffix" (docs/seer.md)
+    num_speculative_tokens: int = 4  # draft length d (adapted to the measured acceptance)
+    scheduling: str = "fcfs"  # "context_aware": a prompt's samples form a group, longest expected work first
+    chunk_tokens: int = 0  # divided rollout: a running sample yields its batch place every this many tokens (0 = off)
     log_every: int = 1
     eval_every: int = 0  # 0 = evaluate only before and after
     eval_per_level: int = 20  # test problems per level

@@ -133,7 +133,10 @@ class RLTrainer:
             # at most 512 sequences at once: the engine's decode CUDA graphs cover batches up to 512
             seqs = min(512, max(self.groups_per_rank * k, len(self.eval_examples) * self.cfg.eval_samples))
             cache = self.cfg.max_cache_tokens or (seqs + 8) * (per_seq + 32)
-            self.backend = EngineBackend(self.policy, tokenizer, self.stop, max_num_seqs=seqs, max_cache_tokens=cache)
+            self.backend = EngineBackend(self.policy, tokenizer, self.stop, max_num_seqs=seqs, max_cache_tokens=cache,
+                                         speculative=self.cfg.speculative or None,
+                                         num_speculative_tokens=self.cfg.num_speculative_tokens,
+                                         scheduling=self.cfg.scheduling, chunk_tokens=self.cfg.chunk_tokens)
         elif backend == "reference":
             self.backend = ReferenceBackend(self.policy, tokenizer, self.stop, self.stop_ids)
         else:

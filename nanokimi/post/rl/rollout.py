@@ -93,10 +93,14 @@ class EngineBackend:
     samples of a prompt share its cached prefix."""
 
     def __init__(self, model, tokenizer, stop: tuple[str, ...] = (), max_num_seqs: int = 256,
-                 max_cache_tokens: int | None = None, max_step_tokens: int = 4096, prefix_caching: bool = True):
+                 max_cache_tokens: int | None = None, max_step_tokens: int = 4096, prefix_caching: bool = True,
+                 speculative: str | None = None, num_speculative_tokens: int = 4, scheduling: str = "fcfs",
+                 chunk_tokens: int = 0):
         self.model, self.tokenizer, self.stop = model, tokenizer, list(stop)
         self.engine_kwargs = dict(max_num_seqs=max_num_seqs, max_cache_tokens=max_cache_tokens,
-                                  max_step_tokens=max_step_tokens, enable_prefix_caching=prefix_caching)
+                                  max_step_tokens=max_step_tokens, enable_prefix_caching=prefix_caching,
+                                  speculative=speculative, num_speculative_tokens=num_speculative_tokens,
+                                  scheduling=scheduling, chunk_tokens=chunk_tokens)
         self.engine = None
         self.counter = 0
 
@@ -139,8 +143,10 @@ class EngineBackend:
         for prompt, budget, seed in requests:
             self.counter += 1
             ids.append(f"r{self.counter}")
+            group = hashlib.blake2b(repr(prompt).encode(), digest_size=8).hexdigest()  # a prompt's k samples: one group
             engine.add_request(ids[-1], prompt, SamplingParams(max_tokens=budget, temperature=temperature, top_p=top_p,
-                                                               seed=seed, stop=self.stop or None, logprobs=0))
+                                                               seed=seed, stop=self.stop or None, logprobs=0,
+                                                               group_id=group))
         done = {}
         while engine.has_unfinished():
             for out in engine.step():
