@@ -85,11 +85,13 @@ def pretrain(args, data_file: Path, out: Path, device: str) -> dict:
     trainer = Trainer(run, out, progress=False)
     prepared = time.perf_counter()
     params = sum(p.numel() for p in trainer.model.parameters())
-    probe = 20
+    warm, probe = 5, 20  # the first steps compile and warm up: the schedule is sized from the steps after them
     losses = []
-    for _ in range(probe):
+    for i in range(probe):
+        if i == warm:
+            warmed = time.perf_counter()
         losses.append(trainer.train_step())
-    per_step = (time.perf_counter() - prepared) / probe
+    per_step = (time.perf_counter() - warmed) / (probe - warm)
     remaining = args.pretrain_seconds - (time.perf_counter() - started)
     trainer.run.train.max_steps = max(probe + 1, probe + int(remaining / per_step * 0.97))
     print(f"pretrain: {params / 1e6:.1f}M params, data ready in {prepared - started:.1f}s, "
