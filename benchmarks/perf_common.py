@@ -140,12 +140,12 @@ SCHEMA = ("benchmark", "device", "date", "commit", "torch", "rows")
 def load_results(path: Path) -> dict:
     """A result file in the one schema of benchmarks/README.md: benchmark, device, date, commit, torch, rows (a
     list of dicts), and the file's other keys under "extra". Files are never rewritten; older ones spell some keys
-    differently, which is normalised here: git_commit for commit, results (a dict by config name: each becomes a
-    row with that "name") for rows, no benchmark (then the script whose name begins the file's, e.g.
+    differently, which is normalised here: git_commit for commit, results or methods (a dict by config or method
+    name: each becomes a row with that "name") for rows, no benchmark (then the script whose name begins the file's, e.g.
     generate_profile.json -> "generate")."""
     path = Path(path)
     data = json.loads(path.read_text())
-    rows = data.get("rows", data.get("results"))
+    rows = data.get("rows", data.get("results", data.get("methods")))
     if isinstance(rows, dict):
         rows = [{"name": name, **(value if isinstance(value, dict) else {"value": value})}
                 for name, value in rows.items()]

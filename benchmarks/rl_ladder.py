@@ -337,6 +337,7 @@ def main() -> int:
         print(f"{name}: edge pass@1 {lift * 100:+.1f} points (goal +10), worst easy-level drop {drop * 100:.1f} "
               f"(goal <= 2), rollout {r['mean_per_step']['rollout_tokens_per_s']:,.0f} tok/s = {ratio:.2f} of the "
               f"engine's offline {best_offline:,.0f} (goal 0.5), log-prob gap {r['mean_per_step']['logprob_gap']:.2e}")
+    payload["rows"] = [dict(zip(headers, row)) for row in rows]  # the table above, one dict per level
     payload.update(goals=goals, plots=plot(results, levels, {"pass@1": base_p1, f"pass@{args.k}": base_pk}, args.k,
                                            path))
     write_payload(path, payload, wall)

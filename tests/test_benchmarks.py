@@ -17,7 +17,7 @@ def perf_common(monkeypatch):
 
 
 def cited_files():
-    return set(re.findall(r"`([a-z0-9_]+\.json)`", (ROOT / "benchmarks" / "README.md").read_text()))
+    return set(re.findall(r"`([a-z0-9_]+\.(?:json|png))`", (ROOT / "benchmarks" / "README.md").read_text()))
 
 
 def test_every_result_file_has_the_schema(perf_common):
