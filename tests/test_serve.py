@@ -315,3 +315,34 @@ def test_a_speculative_server_answers_greedy_requests_as_the_plain_engine(ckpt):
                 max_tokens=24, temperature=0), use_tqdm=False)[0]
             assert got.choices[0].text == want.outputs[0].text
     assert server.loop.engine.stats()["spec_draft_tokens"] > 0
+
+
+def test_streamed_tool_calls_become_openai_tool_call_deltas():
+    """A chat stream offered tools: content before Kimi's tool-call section streams as it comes, the section turns
+    into `tool_calls` deltas and finish_reason "tool_calls" at the end; joined, the stream says what the
+    non-streamed reply says (parse_tool_calls). A malformed section stays content."""
+    from nanokimi.data.chat import TOOL_CALL_ARGUMENTS, TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_CALLS_BEGIN, \
+        TOOL_CALLS_END, ToolCallStream, parse_tool_calls
+    from nanokimi.serve.app import _tool_stream_choice
+
+    def stream(reply: str, size: int = 5) -> list[dict]:
+        s, pieces = ToolCallStream(), [reply[i:i + size] for i in range(0, len(reply), size)]
+        return [_tool_stream_choice(s, 0, piece, None, "stop" if i == len(pieces) - 1 else None)
+                for i, piece in enumerate(pieces)]
+
+    calls = (f"{TOOL_CALLS_BEGIN}{TOOL_CALL_BEGIN}functions.get_weather:0{TOOL_CALL_ARGUMENTS}{{\"city\": \"Paris\"}}"
+             f"{TOOL_CALL_END}{TOOL_CALL_BEGIN}functions.time:1{TOOL_CALL_ARGUMENTS}{{}}{TOOL_CALL_END}{TOOL_CALLS_END}")
+    reply = "Let me check the weather." + calls
+    chunks = stream(reply)
+    content, want = parse_tool_calls(reply)
+    assert "".join(c["delta"]["content"] for c in chunks) == content
+    assert chunks[2]["delta"]["content"]  # content went out before the section ended
+    assert chunks[-1]["finish_reason"] == "tool_calls"
+    assert chunks[-1]["delta"]["tool_calls"] == [{"index": j, **call} for j, call in enumerate(want)]
+    assert [c["function"]["name"] for c in want] == ["get_weather", "time"]
+    assert all("tool_calls" not in c["delta"] for c in chunks[:-1])
+    plain = stream("No tools needed.")
+    assert "".join(c["delta"]["content"] for c in plain) == "No tools needed." and plain[-1]["finish_reason"] == "stop"
+    broken = f"Hi{TOOL_CALLS_BEGIN}{TOOL_CALL_BEGIN}functions.f:0{TOOL_CALL_ARGUMENTS}{{not json{TOOL_CALL_END}"
+    chunks = stream(broken)
+    assert "".join(c["delta"]["content"] for c in chunks) == broken and chunks[-1]["finish_reason"] == "stop"

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanokimi.data import DataError
-from nanokimi.data.chat import ToolCallError, parse_tool_calls
+from nanokimi.data.chat import ToolCallError, ToolCallStream, parse_tool_calls
 from nanokimi.data.tokenizer import END_OF_TURN
 from nanokimi.serve.loop import EngineLoop, Update
 from nanokimi.serve.schemas import ChatRequest, CompletionRequest, FieldError
@@ -309,6 +309,7 @@ class _Call:
     async def stream(self):
         n = self.params.n
         sent_text, sent_tokens, done = [""] * n, [0] * n, [False] * n
+        tools = [ToolCallStream() for _ in range(n)] if self.chat and self.body.tools else None
         last = None
         try:
             if self.chat:
@@ -334,7 +335,9 @@ class _Call:
                     sent_tokens[c.index] = len(c.token_ids)
                     sent_text[c.index] += delta
                     done[c.index] = final
-                    if self.chat:
+                    if self.chat and tools is not None:
+                        choices.append(_tool_stream_choice(tools[c.index], c.index, delta, logprobs, c.finish_reason))
+                    elif self.chat:
                         choices.append({"index": c.index, "delta": {"content": delta},
                                         "logprobs": logprobs, "finish_reason": c.finish_reason})
                     else:
@@ -348,6 +351,24 @@ class _Call:
         finally:
             if not self.finished:
                 self.server.loop.abort(self.id)
+
+
+def _tool_stream_choice(stream: ToolCallStream, index: int, delta: str, logprobs, finish_reason) -> dict:
+    """A chat stream's choice when the request offered tools: text before a tool-call section streams as content;
+    at the end the section becomes OpenAI's `tool_calls` deltas and finish_reason "tool_calls" (a malformed
+    section stays content, as in the non-streamed reply)."""
+    content = stream.feed(delta)
+    message: dict = {"content": content}
+    if finish_reason is not None:
+        try:
+            rest, calls = stream.finish()
+        except ToolCallError:
+            rest, calls = stream.text[stream.sent:], []
+        message["content"] = content + rest
+        if calls:
+            message["tool_calls"] = [{"index": j, **call} for j, call in enumerate(calls)]
+            finish_reason = "tool_calls"
+    return {"index": index, "delta": message, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
 def _engine_kwargs(options: ServeOptions) -> dict:
