@@ -93,8 +93,13 @@ def build_ladder_model(out: Path, levels: str, docs: int, seconds: float, batch_
     trainer = SFTTrainer(base, out / "init", run, sft, out / "pretrain", progress=False)
     prepared = time.perf_counter()
     probe = min(10, max_steps)
-    losses = [trainer.train_step() for _ in range(probe)]
-    per_step = (time.perf_counter() - prepared) / probe
+    warm = probe // 3  # the first steps compile and warm up: the schedule is sized from the steps after them
+    losses = []
+    for i in range(probe):
+        if i == warm:
+            warmed = time.perf_counter()
+        losses.append(trainer.train_step())
+    per_step = (time.perf_counter() - warmed) / (probe - warm)
     remaining = seconds - (time.perf_counter() - started)
     trainer.run.train.max_steps = min(max_steps, max(probe + 1, probe + int(remaining / per_step * 0.95)))
     print(f"ladder model: {sum(p.numel() for p in trainer.model.parameters()) / 1e6:.1f}M params, "

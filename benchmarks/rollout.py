@@ -82,10 +82,11 @@ def pretrain(args, data: Path, out: Path, device: str) -> dict:
                  "optim.min_lr_ratio=0.05"]
     started = time.perf_counter()
     trainer = Trainer(load_run_config("tiny-dense", None, overrides), out, progress=False)
-    probe_start = time.perf_counter()
-    for _ in range(10):
+    for i in range(10):  # the first steps compile and warm up: the schedule is sized from the steps after them
+        if i == 3:
+            probe_start = time.perf_counter()
         trainer.train_step()
-    per_step = (time.perf_counter() - probe_start) / 10
+    per_step = (time.perf_counter() - probe_start) / 7
     left = args.pretrain_seconds - (time.perf_counter() - started)
     trainer.run.train.max_steps = max(11, 10 + int(left / per_step * 0.95))
     loss = None
