@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from perf_common import ROOT, environment, print_table, results_path
+from perf_common import environment, print_table, results_path
 from nanokimi.checkpoint import TOKENIZER, load_model_checkpoint, resolve_checkpoint
 from nanokimi.data import Tokenizer
 from nanokimi.post.rl.config import load_rl_config
