@@ -83,6 +83,18 @@ def test_the_default_model_name_is_the_run_folders_name(tmp_path):
     assert default_model_name(tmp_path / "kl-nk") == "kl-nk"
 
 
+def test_serve_refuses_a_taken_or_invalid_port_in_one_line_before_loading(ckpt, capsys):
+    import socket
+
+    from nanokimi.cli import main
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        assert main(["serve", str(ckpt), "--port", str(port)]) == 2
+        assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+    assert main(["serve", str(ckpt), "--port", "-1"]) == 2
+    assert "--port must be in 0..65535" in capsys.readouterr().err
+
+
 def test_greedy_completion_equals_llm_generate_and_usage_counts_real_tokens(client, reference):
     got = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=24, temperature=0)
     want = reference.generate(PROMPT, SamplingParams(max_tokens=24, temperature=0), use_tqdm=False)[0]
