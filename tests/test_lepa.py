@@ -210,3 +210,5 @@ def test_cli_runs_the_loop(base_checkpoint, tmp_path, capsys):
     assert summary["config"]["plan"] is False and summary["config"]["task_options"] == {"levels": "1-2", "per_level": 3}
     assert summary["templates"]["solve_prompt"] == "Solve:\n{question}"
     assert len((out / "iter_1" / "samples.jsonl").read_text().splitlines()) == 2
+    assert main(["plot", str(out), "--out", str(tmp_path / "p.png")]) == 2  # not a run with loss curves
+    assert "is a LEPA run" in capsys.readouterr().err
