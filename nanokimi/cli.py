@@ -361,7 +361,18 @@ def build_parser() -> argparse.ArgumentParser:
     lepa.add_argument("overrides", nargs="*", metavar="section.key=value",
                       help="settings of each fine-tuning (nanokimi sft's), e.g. sft.epochs=2 optim.lr=1e-4")
     lepa.set_defaults(func=cmd_lepa)
+    _show_defaults(parser)
     return parser
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Options without a help text show their default in --help (the others say it in their text)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _show_defaults(sub)
+        elif action.option_strings and action.help is None and not any(action.default is v for v in (None, False, "")):
+            action.help = f"default {action.default}"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
