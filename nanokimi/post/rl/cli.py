@@ -67,6 +67,8 @@ def run_rl(args, rank: int = 0, world_size: int = 1) -> int:
     run = load_rl_config(config_file, overrides)
     if not run.rl.ckpt:
         raise ConfigError("nanokimi rl needs a base model: --ckpt RUN_DIR (or rl.ckpt in the config).")
+    if not (args.task or config_file or any(o.strip().startswith("rl.task=") for o in overrides)):
+        raise ConfigError("nanokimi rl needs a task: --task ladder|mused|gsm8k|math500 (or rl.task in the config).")
     device = pick_device(run.rl.device, rank, world_size)
     base = resolve_checkpoint(run.rl.ckpt)
     model = load_model_checkpoint(base, device)
