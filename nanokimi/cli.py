@@ -172,7 +172,7 @@ def cmd_plot(args) -> int:
 def cmd_serve(args) -> int:
     try:
         from nanokimi.serve.app import ServeOptions, Server, create_app
-        from nanokimi.serve.run import serve_forever
+        from nanokimi.serve.run import check_can_listen, serve_forever
     except ImportError as e:
         raise FileNotFoundError(f"nanokimi serve needs the serve extra ({e.name} is missing): "
                                 "pip install 'nanokimi[serve]'.") from e
@@ -182,6 +182,7 @@ def cmd_serve(args) -> int:
             raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {value}.")
     if args.kv_offload_gb < 0 or args.kv_disk_gb <= 0 or not 0 < args.slo_headroom <= 1:
         raise ConfigError("need --kv-offload-gb >= 0, --kv-disk-gb > 0 and 0 < --slo-headroom <= 1.")
+    check_can_listen(args.host, args.port)
     options = ServeOptions(max_cache_tokens=args.max_cache_tokens, ttft_slo_ms=args.ttft_slo_ms,
                            tbt_slo_ms=args.tbt_slo_ms, slo_headroom=args.slo_headroom,
                            kv_offload_gb=args.kv_offload_gb, kv_disk=args.kv_disk, kv_disk_gb=args.kv_disk_gb,
@@ -366,7 +367,18 @@ def build_parser() -> argparse.ArgumentParser:
     lepa.add_argument("overrides", nargs="*", metavar="section.key=value",
                       help="settings of each fine-tuning (nanokimi sft's), e.g. sft.epochs=2 optim.lr=1e-4")
     lepa.set_defaults(func=cmd_lepa)
+    _show_defaults(parser)
     return parser
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Options without a help text show their default in --help (the others say it in their text)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _show_defaults(sub)
+        elif action.option_strings and action.help is None and not any(action.default is v for v in (None, False, "")):
+            action.help = f"default {action.default}"
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -12,6 +12,7 @@ import torch
 from nanokimi.data import (EOT, DataError, Manifest, TokenStream, Tokenizer, iter_documents, iter_eval, prepare,
                            split_of)
 from nanokimi.data.cli import add_prepare_args, run_prepare
+from nanokimi.data.cli import main as data_main
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = next((p for p in (REPO / ".." / "shared" / "data", REPO / ".." / ".." / "shared" / "data") if p.is_dir()),
@@ -265,8 +266,12 @@ def test_corrupted_shard_is_detected(tmp_path):
 def test_cli_prepare_prints_error_without_traceback(tmp_path, capsys):
     import argparse
     parser = add_prepare_args(argparse.ArgumentParser())
-    assert run_prepare(parser.parse_args(["--source", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])) == 1
-    assert "does not exist" in capsys.readouterr().err
+    from nanokimi.cli import main
+    missing = ["--source", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]
+    assert main(["data", "prepare", *missing]) == 2  # as every command: one line, exit code 2
+    assert capsys.readouterr().err.startswith("nanokimi: error: Data source")
+    assert data_main(missing) == 2
+    assert capsys.readouterr().err.startswith("nanokimi: error: Data source")
     src = write_folder(tmp_path / "src")
     args = parser.parse_args(["--source", str(src), "--out", str(tmp_path / "o"), "--vocab-size", "300",
                               "--no-progress"])

@@ -188,6 +188,8 @@ def test_loop_end_to_end_on_a_tiny_checkpoint(base_checkpoint, tmp_path, monkeyp
 def test_bad_settings_one_line(base_checkpoint, tmp_path):
     with pytest.raises(ConfigError, match="trials"):
         run_lepa(str(base_checkpoint), str(tmp_path), LepaConfig(trials=0))
+    with pytest.raises(ConfigError, match="Did you mean 'sft.epochs'"):  # before any generation
+        run_lepa(str(base_checkpoint), str(tmp_path), LepaConfig(sft_overrides=["sft.epoch=1"]))
     from nanokimi.cli import main
     assert main(["lepa", "--ckpt", str(base_checkpoint), "--task", "ladder", "--templates", str(tmp_path / "no.toml"),
                  "--out", str(tmp_path / "x")]) == 2
@@ -208,3 +210,5 @@ def test_cli_runs_the_loop(base_checkpoint, tmp_path, capsys):
     assert summary["config"]["plan"] is False and summary["config"]["task_options"] == {"levels": "1-2", "per_level": 3}
     assert summary["templates"]["solve_prompt"] == "Solve:\n{question}"
     assert len((out / "iter_1" / "samples.jsonl").read_text().splitlines()) == 2
+    assert main(["plot", str(out), "--out", str(tmp_path / "p.png")]) == 2  # not a run with loss curves
+    assert "is a LEPA run" in capsys.readouterr().err

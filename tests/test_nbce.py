@@ -162,6 +162,8 @@ def test_bad_prompts_one_line(model):
         llm.generate(["ab -> 3\ncd -> 7\n"], SamplingParams(nbce_window=8), use_tqdm=False)
     with pytest.raises(ValueError, match="no room for context"):
         llm.generate(["ab -> 3\nthe query is long"], SamplingParams(nbce_window=8), use_tqdm=False)
+    with pytest.raises(ValueError, match="no separator"):  # one long line: it would silently run past the window
+        llm.generate(["the whole prompt is the query"], SamplingParams(nbce_window=8), use_tqdm=False)
     with pytest.raises(ValueError, match="exceeds the model's context"):
         llm.generate(["ab -> 3\nq"], SamplingParams(nbce_window=8, max_tokens=10 ** 6), use_tqdm=False)
 

@@ -399,3 +399,11 @@ def test_loss_mask_covers_the_latest_segment_and_micro_batches_add_up(tmp_path):
             grads.append(seen[0])
         assert grads[0].norm() > 0
         assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-8), loss
+
+
+def test_resume_of_a_missing_run_and_a_missing_task_are_one_line(tmp_path, capsys):
+    from nanokimi.cli import main
+    assert main(["rl", "--out", str(tmp_path / "nope"), "--resume"]) == 2
+    assert f"--resume: '{tmp_path / 'nope'}' holds no RL run" in capsys.readouterr().err
+    assert main(["rl", "--ckpt", str(tmp_path), "--out", str(tmp_path / "x")]) == 2  # no --task: not a default run
+    assert "nanokimi rl needs a task: --task" in capsys.readouterr().err

@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 
 from nanokimi.data.chat import ChatTemplate  # noqa: E402
 from nanokimi.infer import LLM, SamplingParams  # noqa: E402
-from nanokimi.serve.app import ServeOptions, Server, create_app  # noqa: E402
+from nanokimi.serve.app import ServeOptions, Server, create_app, default_model_name  # noqa: E402
 from nanokimi.serve.run import BackgroundServer  # noqa: E402
 from serve_util import make_checkpoint  # noqa: E402
 
@@ -73,6 +73,26 @@ def test_models_health_and_metrics_exposition(served, client):
     m = metrics(bg.url)
     assert gauge(m, "nanokimi_num_requests_running") == 0
     assert gauge(m, "nanokimi_cache_blocks_total", tier="gpu") == 2048 // 16
+
+
+def test_the_default_model_name_is_the_run_folders_name(tmp_path):
+    step = tmp_path / "runs" / "tiny" / "checkpoints" / "step-20"
+    step.mkdir(parents=True)
+    assert default_model_name(step) == "tiny"  # what `nanokimi serve runs/tiny` resolves to
+    assert default_model_name(tmp_path / "runs" / "tiny" / "checkpoint") == "tiny"
+    assert default_model_name(tmp_path / "kl-nk") == "kl-nk"
+
+
+def test_serve_refuses_a_taken_or_invalid_port_in_one_line_before_loading(ckpt, capsys):
+    import socket
+
+    from nanokimi.cli import main
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        assert main(["serve", str(ckpt), "--port", str(port)]) == 2
+        assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+    assert main(["serve", str(ckpt), "--port", "-1"]) == 2
+    assert "--port must be in 0..65535" in capsys.readouterr().err
 
 
 def test_greedy_completion_equals_llm_generate_and_usage_counts_real_tokens(client, reference):

@@ -73,6 +73,8 @@ def test_gsm8k_missing_data_is_a_clear_error(tmp_path):
         get_task("gsm8k").examples()
     with pytest.raises(TaskError, match="does not exist"):
         get_task("math500", path=tmp_path / "nope.jsonl")
+    with pytest.raises(TaskError, match="ladder has no option 'lvls'; its options are levels, per_level"):
+        get_task("ladder", lvls="1-3")  # `nanokimi eval --task ladder lvls=1-3`
     with pytest.raises(TaskError, match="unknown task 'gsm9k'"):
         get_task("gsm9k")
 

@@ -119,6 +119,14 @@ def test_cuda_graph_training_on_gpu_follows_the_eager_run(tmp_path, corpus):
         assert abs(a[step] - b[step]) <= 2e-2 * abs(a[step]), (step, a[step], b[step])
 
 
+def test_help_shows_every_default(capsys):
+    from nanokimi.cli import main
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--max-new-tokens MAX_NEW_TOKENS default 200" in text and "--top-k TOP_K default 0" in text
+
+
 @pytest.mark.parametrize("args, message", [
     (["train.max_stps=3"], "Did you mean 'train.max_steps'"),
     (["trian.max_steps=3"], "Did you mean 'train'"),

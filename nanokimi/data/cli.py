@@ -36,17 +36,13 @@ def default_out(source: str) -> Path:
 
 
 def run_prepare(args: argparse.Namespace) -> int:
-    """Prepare the data and print a summary; on DataError print the message (no traceback) and return 1."""
+    """Prepare the data and print a summary; a DataError propagates (the CLI prints it as one line)."""
     out = Path(args.out) if args.out else default_out(args.source)
-    try:
-        m = prepare(args.source, out, vocab_size=args.vocab_size, tokenizer_path=args.tokenizer,
-                    text_field=args.text_field, val_fraction=args.val_fraction, shard_tokens=args.shard_tokens,
-                    tokenizer_sample_chars=int(args.tokenizer_sample_mb * 1e6), max_chars=int(args.max_mb * 1e6),
-                    overwrite=args.overwrite,
-                    progress=not args.no_progress)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    m = prepare(args.source, out, vocab_size=args.vocab_size, tokenizer_path=args.tokenizer,
+                text_field=args.text_field, val_fraction=args.val_fraction, shard_tokens=args.shard_tokens,
+                tokenizer_sample_chars=int(args.tokenizer_sample_mb * 1e6), max_chars=int(args.max_mb * 1e6),
+                overwrite=args.overwrite,
+                progress=not args.no_progress)
     print(f"{out}: source {m.source['spec']} ({m.source['files']} files), tokenizer vocab {m.tokenizer['vocab_size']} "
           f"({'trained' if m.tokenizer['trained'] else 'given'}), prepared in {m.seconds['total']:.1f} s")
     for name, s in m.splits.items():
@@ -57,7 +53,11 @@ def run_prepare(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = add_prepare_args(argparse.ArgumentParser(prog="nanokimi data prepare", description=__doc__))
-    return run_prepare(parser.parse_args(argv))
+    try:
+        return run_prepare(parser.parse_args(argv))
+    except DataError as e:
+        print(f"nanokimi: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

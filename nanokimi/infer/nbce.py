@@ -59,6 +59,9 @@ def nbce_windows(tokenizer, text: str, window: int, separator: str = "\n") -> tu
     if room < 1 and context:
         raise ValueError(f"nbce: the query (the text after the last separator {separator!r}) has {len(query_ids)} "
                          f"tokens, no room for context in nbce_window={window}; raise nbce_window.")
+    if room < 0:  # no separator at all: the whole prompt is the query, and it would run past the window
+        raise ValueError(f"nbce: the prompt has no separator {separator!r}, so all of it ({len(query_ids)} tokens) is "
+                         f"the query, more than nbce_window={window}; separate the context from the query.")
     pieces = [p + separator for p in context.split(separator)[:-1]] if context else []
     counts = [len(tokenizer.encode(p)) for p in pieces]  # each piece on its own: an estimate of its share
     windows: list[list[int]] = []

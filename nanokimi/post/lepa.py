@@ -324,11 +324,14 @@ def run_lepa(ckpt: str, out: str, cfg: LepaConfig, templates: Templates | None =
              progress: bool = True) -> dict:
     """The whole loop; writes out/metrics.jsonl (one row per iteration), out/iter_N/{sft.jsonl, samples.jsonl},
     the SFT runs in out/iter_N/sft, and returns {"config", "iterations": [...], "checkpoint"}."""
-    from nanokimi.checkpoint import resolve_checkpoint
+    from nanokimi.checkpoint import load_model_config, resolve_checkpoint
     from nanokimi.data.chat import ChatTemplate
-    from nanokimi.post.sft import run_sft
+    from nanokimi.post.sft import load_sft_config, run_sft
 
     cfg.validate()
+    current = resolve_checkpoint(ckpt)
+    # a typo in the fine-tuning settings fails now, not after the first iteration's generation (or never)
+    load_sft_config(load_model_config(current), "", cfg.sft_overrides)
     templates = templates or Templates()
     task = get_task(cfg.task, **cfg.task_options)
     held_out = task.examples("test", limit=cfg.eval_problems) if cfg.eval_problems else []
@@ -338,7 +341,6 @@ def run_lepa(ckpt: str, out: str, cfg: LepaConfig, templates: Templates | None =
         raise ConfigError(f"lepa: the {cfg.task} task has no training problems outside its test split.")
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    current = resolve_checkpoint(ckpt)
     template = ChatTemplate.load(current)
     rows = []
     (out_dir / "metrics.jsonl").write_text("")

@@ -64,6 +64,15 @@ class ServeOptions:
     num_speculative_tokens: int = 4
 
 
+def default_model_name(checkpoint: Path) -> str:
+    """The run folder's name for RUN/checkpoints/step-N (or an older RUN/checkpoint), else the folder's own."""
+    if checkpoint.parent.name == "checkpoints":
+        return checkpoint.parent.parent.resolve().name
+    if checkpoint.name == "checkpoint":
+        return checkpoint.parent.resolve().name
+    return checkpoint.resolve().name
+
+
 class Server:
     """Everything the routes need: the engine loop, tokenizer, chat template, model name and context length."""
 
@@ -84,7 +93,7 @@ class Server:
         path = resolve_checkpoint(ckpt)
         tiers = _tier_store(options, _fingerprint(path))
         llm = LLM(str(path), device=options.device, kv_tiers=tiers, **_engine_kwargs(options))
-        name = options.served_model_name or (path.parent.name if path.name == "checkpoint" else path.name)
+        name = options.served_model_name or default_model_name(path)
         return cls.from_llm(llm, ChatTemplate.load(path), name, options)
 
     @classmethod

@@ -1,10 +1,23 @@
 """Running the app: in the foreground (`nanokimi serve`) or on a background thread (tests, benchmarks)."""
 from __future__ import annotations
 
+import socket
 import threading
 import time
 
 import uvicorn
+
+
+def check_can_listen(host: str, port: int) -> None:
+    """Fail in one line, before the model loads, when (host, port) cannot be listened on (port taken, bad host)."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port must be in 0..65535, got {port}.")
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        socket.create_server((host, port), family=family).close()  # SO_REUSEADDR, as uvicorn binds
+    except OSError as e:
+        raise ValueError(f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --port (or --host), "
+                         "or stop the process that uses it.") from None
 
 
 def serve_forever(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:

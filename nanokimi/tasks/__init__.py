@@ -7,6 +7,8 @@
 This package imports no torch: graders and generators are cheap to use from RL reward code. The
 evaluation runner that generates with a model is `nanokimi.tasks.evaluate`.
 """
+import inspect
+
 from nanokimi.tasks.base import Example, Task, TaskError
 from nanokimi.tasks.metrics import maj_at_k, majority_vote, pass_at_k, summarize
 
@@ -26,6 +28,10 @@ def get_task(name: str, **options) -> Task:
         from nanokimi.tasks.mused import MuseD as cls
     else:
         raise TaskError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}.")
+    known = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    unknown = [key for key in options if key not in known]
+    if unknown:
+        raise TaskError(f"{name} has no option {', '.join(map(repr, unknown))}; its options are {', '.join(known)}.")
     try:
         return cls(**options)
     except TypeError as e:

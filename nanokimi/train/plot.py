@@ -18,6 +18,10 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
             record = json.loads(line)
         except json.JSONDecodeError:
             record = None
+        if isinstance(record, dict) and "iteration" in record and "step" not in record:
+            sft_run = Path(run_dir) / "iter_1" / "sft"
+            raise ValueError(f"'{run_dir}' is a LEPA run (one metrics row per iteration, no training steps); plot "
+                             f"its fine-tuning runs instead: nanokimi plot {sft_run} --out X.png")
         if not isinstance(record, dict) or not isinstance(record.get("step"), int):
             warnings.warn(f"{path} line {number} is not a metrics record (a write cut off by a crash?); skipped.",
                           stacklevel=2)

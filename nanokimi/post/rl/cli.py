@@ -61,9 +61,14 @@ def run_rl(args, rank: int = 0, world_size: int = 1) -> int:
     config_file = args.config
     if args.resume and not config_file and (out / "config.toml").is_file():
         config_file = str(out / "config.toml")  # continue with the run's own settings
+    if args.resume and not config_file:
+        raise ConfigError(f"--resume: '{out}' holds no RL run (no config.toml); give --out of an existing run, or "
+                          "start a new one without --resume.")
     run = load_rl_config(config_file, overrides)
     if not run.rl.ckpt:
         raise ConfigError("nanokimi rl needs a base model: --ckpt RUN_DIR (or rl.ckpt in the config).")
+    if not (args.task or config_file or any(o.strip().startswith("rl.task=") for o in overrides)):
+        raise ConfigError("nanokimi rl needs a task: --task ladder|mused|gsm8k|math500 (or rl.task in the config).")
     device = pick_device(run.rl.device, rank, world_size)
     base = resolve_checkpoint(run.rl.ckpt)
     model = load_model_checkpoint(base, device)
