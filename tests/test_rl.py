@@ -152,6 +152,36 @@ def test_resume_mid_run_gives_identical_rewards_and_losses(tmp_path):
         toy_trainer(tmp_path, settings, name="cut")
 
 
+def test_cli_on_a_kimi_tiktoken_base_keeps_its_tokenizer_files(tmp_path):
+    """`nanokimi rl` from a base that ships Kimi's tiktoken.model + tokenizer_config.json (no tokenizer.json):
+    it trains, and its checkpoints carry the same tokenizer files, which load to the same ids."""
+    from test_chat import write_kimi_tokenizer
+
+    from nanokimi.checkpoint import save_checkpoint
+    from nanokimi.cli import main
+    from nanokimi.config import ModelConfig
+    from nanokimi.data import TiktokenTokenizer, load_tokenizer
+    from nanokimi.model import build_model
+
+    write_kimi_tokenizer(tmp_path / "kimi")
+    tok = load_tokenizer(tmp_path / "kimi")
+    cfg = ModelConfig.preset("tiny-dense", vocab_size=tok.vocab_size, hidden_size=32, num_layers=1, num_heads=2,
+                             num_kv_heads=1, head_dim=16, intermediate_size=64, max_position_embeddings=256)
+    base = save_checkpoint(tmp_path / "base", build_model(cfg))
+    for name in ("tiktoken.model", "tokenizer_config.json"):
+        (base / name).write_bytes((tmp_path / "kimi" / name).read_bytes())
+    out = tmp_path / "run"
+    assert main(["rl", "--ckpt", str(base), "--task", "ladder", "--out", str(out), "--no-progress", "rl.steps=1",
+                 "rl.task_levels=1-2", "rl.task_per_level=2", "rl.max_tokens=6", "rl.prompts_per_step=2",
+                 "rl.samples_per_prompt=2", "rl.eval_per_level=1", "rl.eval_samples=2", "rl.eval_ks=1,2"]) == 0
+    step = out / "checkpoints" / "step-1"
+    assert not (step / "tokenizer.json").exists()
+    for name in ("tiktoken.model", "tokenizer_config.json"):
+        assert (step / name).read_bytes() == (base / name).read_bytes()
+    again = load_tokenizer(step)
+    assert isinstance(again, TiktokenTokenizer) and again.encode("a = 3 + 4") == tok.encode("a = 3 + 4")
+
+
 def test_cli_ladder_end_to_end(tmp_path, capsys):
     from nanokimi.checkpoint import save_checkpoint
     from nanokimi.cli import main

@@ -46,9 +46,9 @@ def pick_device(name: str, rank: int, world_size: int):
 
 
 def run_rl(args, rank: int = 0, world_size: int = 1) -> int:
-    from nanokimi.checkpoint import TOKENIZER, load_model_checkpoint, resolve_checkpoint
+    from nanokimi.checkpoint import load_model_checkpoint, resolve_checkpoint
     from nanokimi.config import ConfigError
-    from nanokimi.data import Tokenizer
+    from nanokimi.data import load_tokenizer
     from nanokimi.post.rl.config import load_rl_config
     from nanokimi.post.rl.loop import RLTrainer
 
@@ -72,13 +72,12 @@ def run_rl(args, rank: int = 0, world_size: int = 1) -> int:
     device = pick_device(run.rl.device, rank, world_size)
     base = resolve_checkpoint(run.rl.ckpt)
     model = load_model_checkpoint(base, device)
-    tokenizer_file = base / TOKENIZER
-    tokenizer = Tokenizer.load(tokenizer_file)
+    tokenizer = load_tokenizer(base)  # tokenizer.json, or Kimi's tiktoken.model + tokenizer_config.json
     ref_model = None
     if run.rl.loss == "grpo" and run.rl.kl_coef > 0:
         ref_model = load_model_checkpoint(base, device).eval().requires_grad_(False)
     task = build_task(run.rl)
-    trainer = RLTrainer(run, model, tokenizer, task, out, tokenizer_file=tokenizer_file, ref_model=ref_model,
+    trainer = RLTrainer(run, model, tokenizer, task, out, tokenizer_file=base, ref_model=ref_model,
                         resume=args.resume, progress=not args.no_progress, rank=rank, world_size=world_size)
     if rank == 0:
         params = sum(p.numel() for p in model.parameters())

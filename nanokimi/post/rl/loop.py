@@ -13,6 +13,7 @@ import copy
 import json
 import math
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from tqdm import tqdm
 
 from nanokimi.checkpoint import (CHECKPOINTS, load_trainer_state, rng_state, run_checkpoint, save_step, set_rng_state,
                                  write_checkpoint_files)
+from nanokimi.data.tokenizer import TOKENIZER_FILES
 from nanokimi.model.moe import update_router_bias
 from nanokimi.post.rl.config import RLRunConfig, rl_to_toml
 from nanokimi.post.rl.losses import (group_advantages, grpo_loss, k15_loss, kl_estimate, length_penalty,
@@ -461,7 +463,12 @@ class RLTrainer:
 
         def write(tmp: Path) -> None:
             if self.is_main:
-                write_checkpoint_files(tmp, self.policy, state, self.tokenizer_file)
+                source = None if self.tokenizer_file is None else Path(self.tokenizer_file)
+                write_checkpoint_files(tmp, self.policy, state, source if source and source.is_file() else None)
+                if source is not None and source.is_dir():  # the base's tokenizer files, whichever format
+                    for name in TOKENIZER_FILES:
+                        if (source / name).is_file():
+                            shutil.copyfile(source / name, tmp / name)
 
         self.last_good = save_step(self.out, self.step, write, keep=self.cfg.keep_checkpoints, is_main=self.is_main,
                                    barrier=self._barrier)
