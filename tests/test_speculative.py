@@ -1,5 +1,5 @@
 """Speculative decoding in the engine changes nothing about the output: greedy tokens equal decoding without
-it (drafts fully right, fully wrong, partly right; hybrid, MLA and GQA models), sampled tokens keep the
+it (drafts fully right, fully wrong, partly right; hybrid, MLA, GQA and MoBA models), sampled tokens keep the
 model's distribution (chi-square), a rejected draft leaves the KDA state of the accepted prefix, and every
 block comes back."""
 import random
@@ -12,7 +12,7 @@ from nanokimi import ModelConfig, build_model
 from nanokimi.infer import Engine, SamplingParams
 from nanokimi.infer.speculative import Drafter, NgramIndex, accept_draft, filtered_probs
 
-MODELS = ["tiny", "tiny-dense", "all-mla"]  # KDA + MLA hybrid, GQA, MLA with RoPE
+MODELS = ["tiny", "tiny-dense", "all-mla", "moba"]  # KDA + MLA hybrid, GQA, MLA with RoPE, KDA + MoBA
 CHI2_LEVEL = 1e-3  # the tests fail when a p-value falls below this (fixed seeds: the outcome is deterministic)
 
 
