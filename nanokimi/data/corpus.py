@@ -196,26 +196,32 @@ def _chunk_documents(prefix: str, text: str) -> Iterator[Document]:
         yield Document(f"{prefix}:{first_line}", "".join(lines[start:]))
 
 
-def _jsonl_documents(f: SourceFile, text_field: str) -> Iterator[Document]:
-    with open(f.path, encoding="utf-8") as fh:
+def read_jsonl(path) -> Iterator[tuple[int, str, object]]:
+    """(line number, line, parsed value) for every non-blank line of a jsonl file; a line that is not JSON is a
+    DataError naming it."""
+    with open(path, encoding="utf-8") as fh:
         for line_no, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield line_no, line, json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{f.path} line {line_no} is not valid JSON ({e.msg}); fix or remove that line.") from e
-            if not isinstance(record, dict):
-                raise DataError(f"{f.path} line {line_no} is a JSON {type(record).__name__}, not an object "
-                                f"with a {text_field!r} field.")
-            if text_field not in record:
-                raise DataError(
-                    f"{f.path} line {line_no} has no field {text_field!r}; its fields are "
-                    f"{sorted(record)}. Pick one with --text-field NAME."
-                )
-            text = record[text_field]
-            if not isinstance(text, str):
-                raise DataError(f"{f.path} line {line_no}: field {text_field!r} is a {type(text).__name__}, "
-                                "not a string; pick a text field with --text-field NAME.")
-            if text.strip():
-                yield Document(f"{f.doc_prefix}:{line_no}", text)
+                raise DataError(f"{path} line {line_no} is not valid JSON ({e.msg}); fix or remove that line.") from e
+
+
+def _jsonl_documents(f: SourceFile, text_field: str) -> Iterator[Document]:
+    for line_no, _, record in read_jsonl(f.path):
+        if not isinstance(record, dict):
+            raise DataError(f"{f.path} line {line_no} is a JSON {type(record).__name__}, not an object "
+                            f"with a {text_field!r} field.")
+        if text_field not in record:
+            raise DataError(
+                f"{f.path} line {line_no} has no field {text_field!r}; its fields are "
+                f"{sorted(record)}. Pick one with --text-field NAME."
+            )
+        text = record[text_field]
+        if not isinstance(text, str):
+            raise DataError(f"{f.path} line {line_no}: field {text_field!r} is a {type(text).__name__}, "
+                            "not a string; pick a text field with --text-field NAME.")
+        if text.strip():
+            yield Document(f"{f.doc_prefix}:{line_no}", text)

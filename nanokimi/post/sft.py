@@ -13,7 +13,6 @@ data, the base weights and its own defaults (a lower learning rate, a schedule c
 from __future__ import annotations
 
 import bisect
-import json
 import math
 import os
 import shutil
@@ -25,7 +24,7 @@ import torch
 from nanokimi.config import ConfigError, ModelConfig, from_dict, suggest
 from nanokimi.data import DataError, load_tokenizer
 from nanokimi.data.chat import ChatTemplate, encode_conversation
-from nanokimi.data.corpus import hash_unit
+from nanokimi.data.corpus import hash_unit, read_jsonl
 from nanokimi.data.tokenizer import HF_TOKENIZER, TOKENIZER_FILES, TokenizerBase
 from nanokimi.model import Transformer
 from nanokimi.model.packing import Documents
@@ -66,25 +65,18 @@ def read_conversations(path: str | os.PathLike) -> list[Conversation]:
     if not path.is_file():
         raise DataError(f"SFT data {path} does not exist; give a .jsonl file of {{\"messages\": [...]}} lines.")
     out = []
-    with open(path, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path} line {line_no} is not valid JSON ({e.msg}).") from e
-            if isinstance(record, dict) and isinstance(record.get("messages"), list):
-                messages, tools = record["messages"], record.get("tools")
-            elif isinstance(record, dict) and isinstance(record.get("prompt"), str) \
-                    and isinstance(record.get("completion"), str):
-                messages = [{"role": "user", "content": record["prompt"]},
-                            {"role": "assistant", "content": record["completion"]}]
-                tools = None
-            else:
-                raise DataError(f"{path} line {line_no} must be {{\"messages\": [...]}} or {{\"prompt\": \"...\", "
-                                f"\"completion\": \"...\"}}; got {line.strip()[:80]!r}.")
-            out.append(Conversation(f"{path} line {line_no}", line, messages, tools))
+    for line_no, line, record in read_jsonl(path):
+        if isinstance(record, dict) and isinstance(record.get("messages"), list):
+            messages, tools = record["messages"], record.get("tools")
+        elif isinstance(record, dict) and isinstance(record.get("prompt"), str) \
+                and isinstance(record.get("completion"), str):
+            messages = [{"role": "user", "content": record["prompt"]},
+                        {"role": "assistant", "content": record["completion"]}]
+            tools = None
+        else:
+            raise DataError(f"{path} line {line_no} must be {{\"messages\": [...]}} or {{\"prompt\": \"...\", "
+                            f"\"completion\": \"...\"}}; got {line.strip()[:80]!r}.")
+        out.append(Conversation(f"{path} line {line_no}", line, messages, tools))
     if not out:
         raise DataError(f"{path} holds no conversations.")
     return out
