@@ -186,17 +186,22 @@ def _move_retired_model_keys(tree: dict) -> None:
             tree.setdefault("train", {}).setdefault(key, value)
 
 
+def read_config_file(config_file: str | None) -> dict:
+    """The TOML tree of a run config file ({} for None); a missing or malformed file is a one-line ConfigError."""
+    if not config_file:
+        return {}
+    path = Path(config_file)
+    if not path.is_file():
+        raise ConfigError(f"Config file '{config_file}' does not exist.")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"Config file '{config_file}' is not valid TOML: {e}") from None
+
+
 def load_run_config(preset: str | None = None, config_file: str | None = None,
                     overrides: list[str] | None = None) -> RunConfig:
-    tree: dict = {}
-    if config_file:
-        path = Path(config_file)
-        if not path.is_file():
-            raise ConfigError(f"Config file '{config_file}' does not exist.")
-        try:
-            tree = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"Config file '{config_file}' is not valid TOML: {e}") from None
+    tree = read_config_file(config_file)
     _apply_overrides(tree, overrides or [])
     _move_retired_model_keys(tree)
     unknown = set(tree) - {"preset", "model", "data", "train", "optim"}

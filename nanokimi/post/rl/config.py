@@ -3,18 +3,11 @@ optimizer section with RL defaults), from a TOML file and dotted `section.key=va
 from __future__ import annotations
 
 import dataclasses
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from nanokimi.config import ConfigError, from_dict, suggest
 from nanokimi.post.rl.losses import AGGREGATIONS, KL_ESTIMATORS
-from nanokimi.train.config import OptimConfig, _toml_value, parse_value
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:
-    import tomli as tomllib
+from nanokimi.train.config import OptimConfig, _toml_value, parse_value, read_config_file
 
 LOSSES = ("k1.5", "grpo")
 RL_OPTIM_DEFAULTS = {"lr": 3e-4, "weight_decay": 0.0, "warmup_steps": 0, "min_lr_ratio": 1.0}
@@ -123,15 +116,7 @@ class RLRunConfig:
 
 def load_rl_config(config_file: str | None = None, overrides: list[str] | None = None) -> RLRunConfig:
     """The RL run: defaults, then the TOML file, then `section.key=value` overrides (sections rl, optim)."""
-    tree: dict = {}
-    if config_file:
-        path = Path(config_file)
-        if not path.is_file():
-            raise ConfigError(f"Config file '{config_file}' does not exist.")
-        try:
-            tree = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"Config file '{config_file}' is not valid TOML: {e}") from None
+    tree = read_config_file(config_file)
     sections = ("rl", "optim")
     for item in overrides or []:
         key, sep, value = item.partition("=")
