@@ -134,6 +134,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=200, help="prompts per number of examples")
     parser.add_argument("--beta", type=float, default=0.25)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch", type=int, default=128, help="rows per pretraining step")
     parser.add_argument("--hidden", type=int, default=128, help="model width (4 heads; 2 layers)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
@@ -151,7 +152,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = build_model(cfg).to(device)
     started = time.time()
-    losses, floors = pretrain(model, tok, args.steps, args.train_seconds, 8 if args.smoke else 128, per_window, device,
+    losses, floors = pretrain(model, tok, args.steps, args.train_seconds, 8 if args.smoke else args.batch, per_window, device,
                               args.lr)
     train_s = time.time() - started
     llm = LLM(model, tokenizer=tok, max_cache_tokens=8192, dtype="auto" if device.type == "cpu" else "bfloat16")
