@@ -16,8 +16,8 @@ from nanokimi.train.step import TrainStep, build_model_and_optimizer, choose_ste
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["model.hidden_size=64", "model.num_layers=2", "model.mixers=KA", "model.num_heads=2", "model.kv_lora_rank=32",
          "model.qk_nope_head_dim=16", "model.qk_rope_head_dim=8", "model.v_head_dim=16", "model.kda_num_heads=2",
-         "model.kda_head_dim=16", "model.intermediate_size=128", "model.num_experts=4", "model.moe_intermediate_size=32",
-         "model.vocab_size=300", "train.batch_size=4", "train.seq_len=32"]
+         "model.kda_head_dim=16", "model.intermediate_size=128", "model.num_experts=4",
+         "model.moe_intermediate_size=32", "model.vocab_size=300", "train.batch_size=4", "train.seq_len=32"]
 GPU = 80 << 30  # a fake GPU's memory
 
 
@@ -130,7 +130,8 @@ def test_trainer_and_benchmark_run_the_same_step(tmp_path, monkeypatch):
 
     monkeypatch.setenv("NANOKIMI_CACHE", str(tmp_path / "cache"))
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n\n".join(f"Line {i}: the quick brown fox jumps over the lazy dog {i % 7}." for i in range(800)))
+    corpus.write_text("\n\n".join(f"Line {i}: the quick brown fox jumps over the lazy dog {i % 7}."
+                                  for i in range(800)))
     trainer = Trainer(load_run_config("tiny", None, [f"data.source={corpus}", "data.vocab_size=300",
                                                      "model.num_layers=2", "model.mixers=KA", "train.batch_size=2",
                                                      "train.seq_len=32"]), tmp_path / "run", progress=False)

@@ -18,8 +18,8 @@ import torch
 from tqdm import tqdm
 
 from nanokimi.model import Transformer
-from nanokimi.checkpoint import (CHECKPOINTS, CheckpointError, load_trainer_state, rng_state, run_checkpoint,
-                                 save_step, set_rng_state, write_checkpoint_files)
+from nanokimi.checkpoint import (CHECKPOINTS, CheckpointError, load_trainer_state, load_weights, rng_state,
+                                 run_checkpoint, save_step, set_rng_state, write_checkpoint_files)
 from nanokimi.train.config import RunConfig, to_toml
 from nanokimi.train.schedule import lr_factor
 from nanokimi.train.step import TrainStep, build_model_and_optimizer, choose_step, plan_loss
@@ -208,8 +208,6 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
 
     def _resume(self) -> None:
-        from safetensors.torch import load_model
-
         from nanokimi.train.sharded_checkpoint import is_sharded_checkpoint, load_into
 
         path = run_checkpoint(self.out)
@@ -219,12 +217,8 @@ class Trainer:
             if self.world_size > 1 or is_sharded_checkpoint(path):
                 state = load_into(path, self.model, self.optimizer)
             else:
-                try:
-                    load_model(self.model, str(path / "model.safetensors"), strict=False, device=str(self.device))
-                except Exception as e:  # SafetensorError on a damaged file
-                    raise CheckpointError(f"{path / 'model.safetensors'} cannot be read ({type(e).__name__}: "
-                                          f"{str(e).splitlines()[0]}): it is damaged or truncated. Delete {path} to "
-                                          "resume from the step before it.") from None
+                load_weights(self.model, path, self.device, fix=f"delete {path} to resume from the step before it",
+                             check=False)
                 self.optimizer.load_state_dict(state["optimizer"])
         except (KeyError, ValueError, RuntimeError) as e:
             if isinstance(e, CheckpointError):
