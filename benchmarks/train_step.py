@@ -241,7 +241,7 @@ def main():
                     help="the trainer's step path: auto (what `nanokimi train` picks), or force graph/compiled/eager")
     ap.add_argument("--optimizer", choices=["muon", "adamw"], default="muon", help="optim.name (the run default: muon)")
     ap.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
-                    help="more run-config overrides, as on the `nanokimi train` command line (e.g. optim.qk_clip=false)")
+                    help="more run-config overrides, as on the `nanokimi train` command line, e.g. optim.qk_clip=false")
     ap.add_argument("--profile", action="store_true", help="add the step's GPU time by kernel kind to the JSON")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=10)
@@ -271,6 +271,8 @@ def main():
         try:
             cfg = ModelConfig.preset(spec["preset"], **spec.get("overrides", {}))
             ours = run_nanokimi(spec, device, args, peak)
+            torch._dynamo.reset()  # the step, its graph and its compiled code go before the next model is built
+            free_memory(device)
             peer = run_gpt_peer(spec, device, args, peak) if spec["peer"] == "gpt2" else run_hf_peer(spec, device, args, cfg, peak)
             entry = dict(B=spec["B"], T=spec["T"], nanokimi=ours, peer=peer)
             if ours.get("tokens_per_s") and peer.get("tokens_per_s"):
@@ -286,7 +288,8 @@ def main():
                 continue
             r = entry[who]
             rows.append([name, who if who != "peer" else r.get("peer", "peer"), r.get("tokens_per_s"),
-                         r.get("mfu"), r.get("step_ms"), r.get("peak_gb"), r.get("compile") or r.get("path", "").split(" ")[0][5:],
+                         r.get("mfu"), r.get("step_ms"), r.get("peak_gb"),
+                         r.get("compile") or r.get("path", "").split(" ")[0][5:],
                          (r.get("error") or r.get("skipped") or "")[:60]])
     print(f"\n{env['device']}  torch {env['torch']}  commit {env['git_commit'][:10]}")
     print_table(["config", "who", "tok/s", "MFU", "step ms", "peak GB", "path", "note"], rows)
