@@ -179,7 +179,10 @@ def run_nanokimi(spec: dict, device, args, peak) -> dict:
     if step.plan.graph and not step.graphed:
         result["graph_failed"] = step.failed
     if args.profile and device.type == "cuda":
-        result["profile"] = kernel_profile(trainer_step, 3)
+        try:
+            result["profile"] = kernel_profile(trainer_step, 3)
+        except Exception as error:  # noqa: BLE001 - keep the timing
+            result["profile"] = {"error": short_error(error)}
     info = model_info(cfg)
     result.update(path=step.plan.describe(), optimizer=step.run.optim.name + (" + qk_clip" if step.run.optim.qk_clip
                                                                               else ""),

@@ -264,6 +264,8 @@ class TrainStep:
 
     def _capture(self) -> bool:
         """Record the step (nothing runs) and replay it as this step. False, after one warning, if it fails."""
+        if self.device.type == "cuda":  # the graph gets its own memory pool: hand back what the warm-up cached
+            torch.cuda.empty_cache()
         try:
             graph = self._with_tensor_lrs(capture, lambda: self.body(self.inputs), 0, None, "thread_local")
         except Exception as error:  # noqa: BLE001 - the eager step computes the same thing
