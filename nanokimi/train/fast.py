@@ -102,7 +102,8 @@ def _kda_path(device: torch.device) -> str:
     except ImportError:
         return "torch (nanokimi.ops.kda has no kda_backend)"
     try:
-        return str(kda_backend(device))
+        path, reason = kda_backend(device)
+        return f"{path} ({reason})"
     except Exception as error:  # noqa: BLE001 - a report must not fail
         return f"unknown ({type(error).__name__}: {error})"
 
