@@ -237,6 +237,7 @@ def worker(args) -> None:
         accum = args.one_gpu_accum if world_size == 1 and name == "default" else 1
         overrides = [f"train.batch_size={batch_size}", f"train.grad_accum={accum}", f"train.seq_len={args.seq_len}",
                      f"train.device={device_name}", f"train.max_steps={10 ** 6}", f"train.compile={args.compile}",
+                     "train.cuda_graph=false", "optim.cuda_graph=false",  # one GPU and N GPUs run the same kind of step
                      *(f"train.{k}={v}" for k, v in settings.items()), *(QUICK_MODEL if args.quick else [])]
         result = measure(args, load_run_config(args.preset, None, overrides), rank, world_size, batch_size)
         peak = result.pop("peak_gib")

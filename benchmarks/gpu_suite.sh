@@ -37,7 +37,7 @@ case "$1" in
     step 560 python3 -m pytest -q -m gpu tests/ -p no:cacheprovider ;;
   train)
     step 110 python3 benchmarks/muon_step.py --profile
-    step 460 python3 benchmarks/train_step.py --cuda-graph --peer-script .gpu/bench/peer_hf.py --peer-timeout 200 ;;
+    step 460 python3 benchmarks/train_step.py --peer-script .gpu/bench/peer_hf.py --peer-timeout 200 ;;
   decode)
     step 380 python3 benchmarks/generate.py --peer-script .gpu/bench/peer_hf.py
     step 140 python3 benchmarks/moba.py

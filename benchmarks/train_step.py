@@ -1,16 +1,21 @@
 """Training throughput of nanokimi beside its peers on one GPU: tokens/s, MFU, peak memory.
 
     python benchmarks/train_step.py                          # all configs, HF peers as subprocesses
-    python benchmarks/train_step.py --configs gpt-124m       # a subset (results merge into the JSON)
-    python benchmarks/train_step.py --cuda-graph             # also the whole step replayed as one CUDA graph
+    python benchmarks/train_step.py --configs bench-dsv3-900m bench-kl-900m --no-peer   # the trainer's step only
+    python benchmarks/train_step.py --path compiled          # force a path (default auto: what `nanokimi train` runs)
     python benchmarks/train_step.py --quick --out /tmp/t.json  # CPU smoke run in seconds (tiny models)
 
+nanokimi's step is the Trainer's own (nanokimi.train.step: choose_step -> build_model_and_optimizer ->
+TrainStep), with the run defaults of `nanokimi train`: Muon + AdamW, QK-Clip, router-bias update, gradient
+clipping, bf16 autocast, and the fastest valid path (whole-step CUDA graph, compiled model, loss in one piece
+where it fits). Each timed step is what the Trainer does per step, `.item()` of the loss included; it sees the
+same random batch each time. Step time is the median of --repeats steps after --warmup steps (at least the
+graph's warm-up and capture). Random weights and tokens.
+
 Configs: gpt-124m (B=32, T=1024) beside a minimal compiled GPT-2 written here ("plain compiled PyTorch
-+ SDPA"); bench-kl-900m and bench-dsv3-900m (B=4, T=4096) beside Hugging Face transformers
-(`peer_hf.py --layout kl|dsv3 --train`, run as a subprocess). One step = bf16 autocast forward + loss,
-backward, optimizer step (fused AdamW, as the HF peer uses; `--optimizer muon` for nanokimi's Muon),
-router-bias update for MoE. Step time is the median of --repeats steps after --warmup steps (the first
-compiles). Random weights and tokens.
++ SDPA", fused AdamW); bench-kl-900m and bench-dsv3-900m (B=4, T=4096) beside Hugging Face transformers
+(`peer_hf.py --layout kl|dsv3 --train`, run as a subprocess; AdamW). `--profile` adds the GPU time of the
+trainer's step by kernel kind (torch.profiler) to the JSON: where a target is missed, it says why.
 
 FLOPs per token (model FLOPs, the MFU convention of PaLM / nanoGPT, full not causal attention):
     6 * N_act  +  12 * T * sum over full-attention layers of d_attn
@@ -32,11 +37,12 @@ from torch import nn
 
 from perf_common import (ROOT, environment, find_peer_script, free_memory, median_ms, peak_flops, print_table,
                          results_path, run_peer, short_error, write_results)
+from perf_common import kernel_profile
 from nanokimi.config import ModelConfig
-from nanokimi.model import build_model
 from nanokimi.model.info import model_info
-from nanokimi.model.moe import update_router_bias
-from nanokimi.train.fast import capture_step, compile_model, describe_paths, make_optimizer
+from nanokimi.train.config import load_run_config
+from nanokimi.train.fast import describe_paths
+from nanokimi.train.step import WARMUP_STEPS, TrainStep, build_model_and_optimizer, choose_step, plan_loss
 
 CONFIGS = {
     "gpt-124m": dict(preset="gpt-124m", B=32, T=1024, peer="gpt2"),
@@ -106,9 +112,9 @@ class PeerGPT(nn.Module):
         return 6 * n + 12 * T * len(self.blocks) * self.wte.weight.shape[1]
 
 
-def measure(step, device, args, tokens: int, flops_tok: float, peak) -> dict:
+def measure(step, device, args, tokens: int, flops_tok: float, peak, warmup: int | None = None) -> dict:
     free_memory(device)
-    ms = median_ms(step, device, args.warmup, args.repeats)
+    ms = median_ms(step, device, args.warmup if warmup is None else warmup, args.repeats)
     tok_s = tokens / ms * 1e3
     out = dict(step_ms=round(ms, 2), tokens_per_s=round(tok_s), flops_per_token=flops_tok)
     out["mfu"] = round(tok_s * flops_tok / peak, 4) if peak else None
@@ -137,42 +143,52 @@ def first_working_mode(modes: list[str], attempt, device) -> dict:
     return {"error": "every mode failed", "fallback_errors": errors}
 
 
-def run_nanokimi(spec: dict, device, args, peak, graph: bool = False) -> dict:
-    cfg = ModelConfig.preset(spec["preset"], **spec.get("overrides", {}))
+PATHS = {"auto": [], "graph": ["train.cuda_graph=true"], "compiled": ["train.cuda_graph=false", "train.compile=true"],
+         "eager": ["train.cuda_graph=false", "train.compile=false"]}
+
+
+def build_trainer_step(spec: dict, device: torch.device, path: str = "auto", optimizer: str = "muon",
+                       settings: tuple[str, ...] = ()) -> TrainStep:
+    """The Trainer's step for `spec` (model preset + overrides, B, T), built the way `nanokimi train` builds it:
+    the same run config defaults, the same choose_step / build_model_and_optimizer / TrainStep."""
+    model = [f"model.{key}={value}" for key, value in spec.get("overrides", {}).items()]
+    run = load_run_config(spec["preset"], None, [*model, f"train.batch_size={spec['B']}", f"train.seq_len={spec['T']}",
+                                                 f"train.device={device.type}", f"optim.name={optimizer}",
+                                                 *PATHS[path], *settings])
+    plan = choose_step(run, device)
+    torch.manual_seed(run.train.seed)
+    model, opt = build_model_and_optimizer(run, device, plan)
+    return TrainStep(model, opt, run, plan, device, plan_loss(model, plan))
+
+
+def run_nanokimi(spec: dict, device, args, peak) -> dict:
     B, T = spec["B"], spec["T"]
+    started = time.perf_counter()
+    step = build_trainer_step(spec, device, args.path, args.optimizer, tuple(args.set))
+    cfg = step.run.model
+    print(f"  {spec['preset']}: {step.plan.describe()}", flush=True)
     ids = torch.randint(0, cfg.vocab_size, (B, T), device=device)
     targets = torch.randint(0, cfg.vocab_size, (B, T), device=device)
 
-    def attempt(mode: str) -> dict:
-        started = time.perf_counter()
-        print(f"  {spec['preset']}: trying compile mode '{mode}'", flush=True)
-        model = build_model(cfg, device=device).train()
-        if mode != "eager":
-            compile_model(model, fullgraph=mode == "fullgraph", loss=mode == "fullgraph")
-        opt = make_optimizer(model, args.optimizer, capturable=graph)
-        is_moe = cfg.num_experts > 0
+    def trainer_step():
+        return step([(ids, targets)], 1.0).item()  # the Trainer reads the loss after queueing the step
 
-        def step():
-            with torch.autocast(device.type, torch.bfloat16, cache_enabled=not graph):
-                loss = model.loss(ids, targets, chunk_tokens=args.loss_chunk)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if is_moe:
-                update_router_bias(model)
-            return loss
-
-        result = measure(capture_step(step) if graph else step, device, args, B * T, flops_per_token(cfg, T), peak)
-        print(f"  {spec['preset']}: '{mode}' measured after {time.perf_counter() - started:.0f} s", flush=True)
-        info = model_info(cfg)
-        result.update(compile=mode + (" + CUDA graph" if graph else ""), optimizer=args.optimizer, loss_chunk=args.loss_chunk,
-                      paths=describe_paths(model, device), params=info["total_params"],
-                      activated_params=info["activated_params"])
-        return result
-
-    if graph:
-        return first_working_mode(["fullgraph"], attempt, device)
-    return first_working_mode(["eager"] if args.no_compile else ["fullgraph", "partial", "eager"], attempt, device)
+    warmup = max(args.warmup, WARMUP_STEPS + 1) if step.plan.graph else args.warmup
+    result = measure(trainer_step, device, args, B * T, flops_per_token(cfg, T), peak, warmup)
+    print(f"  {spec['preset']}: measured after {time.perf_counter() - started:.0f} s", flush=True)
+    if step.plan.graph and not step.graphed:
+        result["graph_failed"] = step.failed
+    if args.profile and device.type == "cuda":
+        try:
+            result["profile"] = kernel_profile(trainer_step, 3)
+        except Exception as error:  # noqa: BLE001 - keep the timing
+            result["profile"] = {"error": short_error(error)}
+    info = model_info(cfg)
+    result.update(path=step.plan.describe(), optimizer=step.run.optim.name + (" + qk_clip" if step.run.optim.qk_clip
+                                                                              else ""),
+                  paths=describe_paths(step.model, device), params=info["total_params"],
+                  activated_params=info["activated_params"])
+    return result
 
 
 def run_gpt_peer(spec: dict, device, args, peak) -> dict:
@@ -197,7 +213,7 @@ def run_gpt_peer(spec: dict, device, args, peak) -> dict:
         result.update(peer="plain compiled PyTorch GPT-2 + SDPA", compile=mode)
         return result
 
-    return first_working_mode(["eager"] if args.no_compile else ["compiled", "eager"], attempt, device)
+    return first_working_mode(["compiled", "eager"] if device.type == "cuda" else ["eager"], attempt, device)
 
 
 def run_hf_peer(spec: dict, device, args, cfg: ModelConfig, peak) -> dict:
@@ -224,12 +240,12 @@ def main():
     ap.add_argument("--peer-script", help="path to peer_hf.py (default: .gpu/bench/ or ../shared/bench/)")
     ap.add_argument("--no-peer", action="store_true", help="skip the HF subprocess peers")
     ap.add_argument("--peer-timeout", type=int, default=420)
-    ap.add_argument("--no-compile", action="store_true")
-    ap.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw")
-    ap.add_argument("--cuda-graph", action="store_true",
-                    help="also time the compiled step captured whole in one CUDA graph (nanokimi.train.fast.capture_step)")
-    ap.add_argument("--loss-chunk", type=int, default=0,
-                    help="model.loss chunk_tokens: 0 = one piece, no LM-head recompute (default); 8192 = the memory-lean default of model.loss")
+    ap.add_argument("--path", choices=list(PATHS), default="auto",
+                    help="the trainer's step path: auto (what `nanokimi train` picks), or force graph/compiled/eager")
+    ap.add_argument("--optimizer", choices=["muon", "adamw"], default="muon", help="optim.name (the run default: muon)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
+                    help="more run-config overrides, as on the `nanokimi train` command line, e.g. optim.qk_clip=false")
+    ap.add_argument("--profile", action="store_true", help="add the step's GPU time by kernel kind to the JSON")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--out", type=Path, default=None,
@@ -240,7 +256,7 @@ def main():
     if args.quick:
         torch.set_num_threads(1)  # tiny ops: threads only contend
         device = torch.device("cpu")
-        args.no_compile, args.warmup, args.repeats, args.cuda_graph = True, 1, 2, False
+        args.warmup, args.repeats = 1, 2
         specs = {name: QUICK[name] for name in args.configs}
     else:
         if not torch.cuda.is_available():
@@ -258,31 +274,31 @@ def main():
         try:
             cfg = ModelConfig.preset(spec["preset"], **spec.get("overrides", {}))
             ours = run_nanokimi(spec, device, args, peak)
+            torch._dynamo.reset()  # the step, its graph and its compiled code go before the next model is built
+            free_memory(device)
             peer = run_gpt_peer(spec, device, args, peak) if spec["peer"] == "gpt2" else run_hf_peer(spec, device, args, cfg, peak)
             entry = dict(B=spec["B"], T=spec["T"], nanokimi=ours, peer=peer)
-            if args.cuda_graph:
-                entry["nanokimi_graph"] = run_nanokimi(spec, device, args, peak, graph=True)
-            best = max((entry[k].get("tokens_per_s") or 0 for k in ("nanokimi", "nanokimi_graph") if k in entry), default=0)
-            if best and peer.get("tokens_per_s"):
-                entry["speedup"] = round(best / peer["tokens_per_s"], 2)
+            if ours.get("tokens_per_s") and peer.get("tokens_per_s"):
+                entry["speedup"] = round(ours["tokens_per_s"] / peer["tokens_per_s"], 2)
         except Exception as error:  # noqa: BLE001 - keep the other configs
             traceback.print_exc()
             entry = dict(error=short_error(error))
         results[name] = entry
         print(json.dumps(entry, default=str), flush=True)
         write_results(out, env, {name: entry}, dict(peak_flops=peak, flops_formula=FLOPS_FORMULA))
-        for who in ("nanokimi", "nanokimi_graph", "peer"):
+        for who in ("nanokimi", "peer"):
             if who not in entry:
                 continue
             r = entry[who]
             rows.append([name, who if who != "peer" else r.get("peer", "peer"), r.get("tokens_per_s"),
-                         r.get("mfu"), r.get("step_ms"), r.get("peak_gb"), r.get("compile"),
+                         r.get("mfu"), r.get("step_ms"), r.get("peak_gb"),
+                         r.get("compile") or r.get("path", "").split(" ")[0][5:],
                          (r.get("error") or r.get("skipped") or "")[:60]])
     print(f"\n{env['device']}  torch {env['torch']}  commit {env['git_commit'][:10]}")
-    print_table(["config", "who", "tok/s", "MFU", "step ms", "peak GB", "compile", "note"], rows)
+    print_table(["config", "who", "tok/s", "MFU", "step ms", "peak GB", "path", "note"], rows)
     for name, entry in results.items():
         if "paths" in entry.get("nanokimi", {}):
-            print(f"{name}: {entry['nanokimi']['paths']}")
+            print(f"{name}: {entry['nanokimi']['paths']} | {entry['nanokimi']['path']}")
     print(f"wrote {out}")
 
 

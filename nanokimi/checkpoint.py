@@ -257,26 +257,36 @@ def load_model_config(path: Path) -> ModelConfig:
         raise CheckpointError(f"{path / CONFIG} is not a nanokimi model config: {e}") from None
 
 
-def load_model_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Transformer:
+def load_weights(model: Transformer, path: str | Path, device: str | torch.device = "cpu",
+                 fix: str = "use another checkpoint of the run", check: bool = True) -> None:
+    """Read PATH/model.safetensors into `model` in place (every reader of weights goes through here: generate,
+    eval, resume, RL, convert). A damaged file is a one-line CheckpointError ending with `fix`; check=True also
+    refuses a file whose names do not match the model (a tied LM head is stored once)."""
+    path = Path(path)
+    try:
+        missing, unexpected = load_model(model, str(path / WEIGHTS), strict=False, device=str(device))
+    except Exception as e:  # safetensors raises its own SafetensorError (and RuntimeError on shape mismatches)
+        raise CheckpointError(f"{path / WEIGHTS} cannot be read ({type(e).__name__}: {str(e).splitlines()[0]}): "
+                              f"the file is damaged or truncated; {fix}.") from None
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        missing = [k for k in missing if k not in ("lm_head.weight", "embed.weight")]
+    if check and (missing or unexpected):
+        raise CheckpointError(f"checkpoint {path / WEIGHTS} does not match its config: missing {missing[:8]}, "
+                              f"unexpected {unexpected[:8]}.")
+
+
+def load_model_checkpoint(path: str | Path, device: str | torch.device = "cpu",
+                          dtype: torch.dtype | None = None) -> Transformer:
+    """The model of a checkpoint folder (config.json + model.safetensors), on `device`, cast to `dtype` if given."""
     path = Path(path)
     _check_not_sharded(path)
     for name in (WEIGHTS, CONFIG):
         if not (path / name).is_file():
             raise CheckpointNotFound(f"'{path}' is not a nanokimi checkpoint: {path / name} is missing. "
                                   f"Point --ckpt at a run folder or one of its {CHECKPOINTS}/step-N folders.")
-    cfg = load_model_config(path)
-    model = build_model(cfg, device=device)
-    try:
-        missing, unexpected = load_model(model, str(path / WEIGHTS), strict=False, device=str(device))
-    except Exception as e:  # safetensors raises its own SafetensorError (and RuntimeError on shape mismatches)
-        raise CheckpointError(f"{path / WEIGHTS} cannot be read ({type(e).__name__}: {str(e).splitlines()[0]}): "
-                              f"the file is damaged or truncated; use another checkpoint of the run.") from None
-    if cfg.tie_word_embeddings:
-        missing = [k for k in missing if k not in ("lm_head.weight", "embed.weight")]
-    if missing or unexpected:
-        raise CheckpointError(f"checkpoint {path / WEIGHTS} does not match its config: missing {missing[:8]}, "
-                              f"unexpected {unexpected[:8]}.")
-    return model
+    model = build_model(load_model_config(path), device=device)
+    load_weights(model, path, device)
+    return model if dtype is None else model.to(dtype)
 
 
 def load_trainer_state(path: str | Path) -> dict:

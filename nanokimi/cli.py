@@ -71,7 +71,8 @@ def cmd_train(args) -> int:
               file=sys.stderr)
     from nanokimi.train.fast import describe_paths
     print("paths: " + describe_paths(trainer.model, trainer.device,
-                                     torch.bfloat16 if trainer.device.type == "cuda" else torch.float32), file=sys.stderr)
+                                     torch.bfloat16 if trainer.device.type == "cuda" else torch.float32)
+          + " | " + trainer.describe_step(), file=sys.stderr)
     result = trainer.fit()
     val = (f"val loss {result['val_loss']:.4f}, val bits/byte {result['val_bpb']:.4f}" if "val_loss" in result
            else "not evaluated")

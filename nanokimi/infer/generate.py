@@ -15,6 +15,8 @@ from torch import nn
 
 from nanokimi.model.cache import ModelCache
 from nanokimi.model.rope import Rotary
+from nanokimi.runtime import compile_fn
+from nanokimi.runtime.graphs import capture
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
@@ -58,10 +60,7 @@ class DecodeStep:
                 module.ensure_length(cache.max_len, device)
         self.tokens = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=device)  # [B, 1]
         self.position = torch.zeros((), dtype=torch.long, device=device)
-        if compile:
-            from nanokimi.runtime import raise_recompile_limits
-            raise_recompile_limits()  # graph breaks around KDA kernels resume once per layer
-        self.forward = torch.compile(model, dynamic=False) if compile else model
+        self.forward = compile_fn(model, dynamic=False) if compile else model  # raises the recompile limit
         self.graph = None
         self.logits = None
         if graph:
@@ -76,15 +75,8 @@ class DecodeStep:
             raise RuntimeError("CUDA graphs need the model on a CUDA device; use graph=False on the CPU.")
         saved_pos = self.cache.pos
         self.cache.pos = 0
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm up: lazy inits, cuBLAS workspaces, compilation
-            for _ in range(3):
-                self._run()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self._run()
+        self.graph = capture(self._run, warmup=3)  # warm-up: lazy inits, cuBLAS workspaces, compilation
+        self.logits = self.graph.output
         self.cache.pos = saved_pos
 
     @torch.no_grad()

@@ -11,6 +11,7 @@ from torch import nn
 
 from nanokimi.model.paged import PagedBatch, PrefillPiece, new_paged_cache, short_pieces
 from nanokimi.model.rope import Rotary
+from nanokimi.runtime.graphs import capture, graph_pool
 
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 512)
 
@@ -70,9 +71,8 @@ class ModelRunner:
         self.step_fn = self._logits
         self.compiled = compile and self.use_graphs
         if self.compiled:
-            from nanokimi.runtime import raise_recompile_limits
-            raise_recompile_limits()  # one graph per (batch, blocks) bucket, plus breaks around KDA kernels
-            self.step_fn = torch.compile(self._logits, dynamic=False)
+            from nanokimi.runtime import compile_fn  # raises the recompile limit: one graph per bucket
+            self.step_fn = compile_fn(self._logits, dynamic=False)
 
     def _logits(self, ids: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
         """The decode-only step that CUDA graphs capture: ids [B] -> logits [B, V]."""
@@ -195,15 +195,7 @@ class ModelRunner:
 
         if self.static_only:
             return StaticReplay(step), ids, batch, torch.empty(0)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                step()
-        torch.cuda.current_stream().wait_stream(side)
         if self.graph_pool is None:
-            self.graph_pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.graph_pool):
-            logits = step()
-        return graph, ids, batch, logits
+            self.graph_pool = graph_pool()
+        graph = capture(step, warmup=2, pool=self.graph_pool)
+        return graph, ids, batch, graph.output

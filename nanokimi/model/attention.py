@@ -13,26 +13,10 @@ from nanokimi.model.cache import KVCache, LatentCache
 from nanokimi.model.norm import RMSNorm
 from nanokimi.model.packing import Documents
 from nanokimi.model.rope import Rotary, yarn_mscale
+from nanokimi.runtime.attention import pad_v_for_flash
+from nanokimi.runtime.rows import scale_rows_
 
 LATENT_NORM_EPS = 1e-6  # MLA's q/kv latent norms use a fixed eps in DeepSeek-V3 and Kimi Linear, not rms_norm_eps
-
-
-def pad_v_for_flash(q: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether to zero-pad values narrower than the queries to the query head size so SDPA can take the
-    flash kernel (padding adds no error: the extra output columns are dropped). Only on CUDA in half
-    precision, and not where cuDNN attention runs (Hopper and newer): cuDNN takes MLA's 128-wide values
-    as they are, 1.5x faster than itself on padded values and 2x faster than flash (H100, B=4, T=4096,
-    8 heads; benchmarks/results/attention_backends.json)."""
-    if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and v.shape[-1] < q.shape[-1] <= 256):
-        return False
-    return not cudnn_attention_runs(q.device.index if q.device.index is not None else torch.cuda.current_device())
-
-
-@torch.compiler.assume_constant_result
-def cudnn_attention_runs(device_index: int) -> bool:
-    """cuDNN SDPA is enabled and the GPU is Hopper or newer. A constant for torch.compile (decided when
-    tracing; a later torch.backends.cuda.enable_cudnn_sdp call does not reach compiled graphs)."""
-    return torch.backends.cuda.cudnn_sdp_enabled() and torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
 def causal_attention(q, k, v, scale: float, q_offset: int, documents: Documents | None = None) -> torch.Tensor:
@@ -150,44 +134,22 @@ class GroupedQueryAttention(nn.Module):
         """Rescale heads whose recorded max logit exceeds tau so it becomes tau. Returns gamma [H].
         MHA: W_q and W_k rows of the head by sqrt(gamma). GQA (a key head shared by several query
         heads): the whole gamma goes to W_q, so the other heads of the group stay bit-identical."""
-        gamma = _clip_factors(self.max_logits, tau, self.num_heads, self.q_proj.weight.device)
-        d = self.head_dim
-        for h in (gamma < 1).nonzero().flatten().tolist():
-            if self.num_kv_heads == self.num_heads:
-                _scale_rows_(self.q_proj.weight, h * d, (h + 1) * d, gamma[h].sqrt())
-                _scale_rows_(self.k_proj.weight, h * d, (h + 1) * d, gamma[h].sqrt())
-            else:
-                _scale_rows_(self.q_proj.weight, h * d, (h + 1) * d, gamma[h])
+        gamma = _clip_factors(self.max_logits, tau, self.num_heads, self.q_proj.weight.device)  # [H]
+        mha = self.num_kv_heads == self.num_heads
+        per_row = (gamma.sqrt() if mha else gamma).repeat_interleave(self.head_dim)  # [H * d]
+        scale_rows_(self.q_proj.weight, per_row)
+        if mha:
+            scale_rows_(self.k_proj.weight, per_row)
         return gamma
 
 
-def _scale_rows_(weight: torch.Tensor, start: int, stop: int, factor: torch.Tensor) -> None:
-    """weight[start:stop] *= factor, in place. A DTensor weight sharded on dim 0 (FSDP2) scales the part of
-    those rows that its local shard holds (rank r holds rows [r c, (r + 1) c), c = ceil(rows / world))."""
-    from torch.distributed.tensor import DTensor, Shard
-
-    if not isinstance(weight, DTensor):
-        weight[start:stop] *= factor
-        return
-    if tuple(weight.placements) != (Shard(0),):
-        raise NotImplementedError(f"QK-Clip supports weights sharded on dim 0 over a 1-D mesh (FSDP2); got "
-                                  f"placements {weight.placements}.")
-    rows, world, rank = weight.shape[0], weight.device_mesh.size(), weight.device_mesh.get_local_rank()
-    first = min(rank * -(-rows // world), rows)
-    local = weight.to_local()
-    lo, hi = max(start, first) - first, min(stop, first + local.shape[0]) - first
-    if lo < hi:
-        local[lo:hi] *= factor.to(local.device)
-
-
 def _clip_factors(max_logits, tau: float, num_heads: int, device) -> torch.Tensor:
+    """gamma [H] = min(1, tau / max_logit) per head, exactly 1 where the head stays under tau (no host sync)."""
     if max_logits is None:
         raise RuntimeError("QK-Clip needs the max logits of a forward pass: set record_max_logits=True first "
                            "(nanokimi.optim.qk_clip.enable_qk_clip_recording(model)).")
-    gamma = torch.ones(num_heads, device=device)
-    over = max_logits > tau
-    gamma[over] = tau / max_logits[over].to(device)
-    return gamma
+    max_logits = max_logits.to(device)
+    return torch.where(max_logits > tau, tau / max_logits, torch.ones(num_heads, device=device))
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -304,10 +266,10 @@ class MultiHeadLatentAttention(nn.Module):
     def qk_clip_(self, tau: float) -> torch.Tensor:
         """Per head over tau: q_nope and k_nope rows by sqrt(gamma), q_rope rows by gamma; the shared
         k_rope (in kv_a_proj) is never touched. Returns gamma [H]."""
-        gamma = _clip_factors(self.max_logits, tau, self.num_heads, self.kv_b_proj.weight.device)
-        dq, dkv, dn = self.nope_dim + self.rope_dim, self.nope_dim + self.v_dim, self.nope_dim
-        for h in (gamma < 1).nonzero().flatten().tolist():
-            _scale_rows_(self._q_weight(), h * dq, h * dq + dn, gamma[h].sqrt())
-            _scale_rows_(self._q_weight(), h * dq + dn, (h + 1) * dq, gamma[h])
-            _scale_rows_(self.kv_b_proj.weight, h * dkv, h * dkv + dn, gamma[h].sqrt())
+        gamma = _clip_factors(self.max_logits, tau, self.num_heads, self.kv_b_proj.weight.device)  # [H]
+        root, ones = gamma.sqrt()[:, None], torch.ones_like(gamma)[:, None]  # [H, 1]
+        q_rows = torch.cat([root.expand(-1, self.nope_dim), gamma[:, None].expand(-1, self.rope_dim)], 1)
+        kv_rows = torch.cat([root.expand(-1, self.nope_dim), ones.expand(-1, self.v_dim)], 1)
+        scale_rows_(self._q_weight(), q_rows.flatten())  # per head: q_nope rows by sqrt(gamma), q_rope by gamma
+        scale_rows_(self.kv_b_proj.weight, kv_rows.flatten())  # per head: k_nope rows by sqrt(gamma), v untouched
         return gamma

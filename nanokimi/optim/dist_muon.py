@@ -30,12 +30,7 @@ from nanokimi.ops.newton_schulz import choose_method
 from nanokimi.optim.blocks import MOONLIGHT_RMS, join_blocks, matrix_blocks
 from nanokimi.optim.muon import Muon
 from nanokimi.optim.muon_fast import compiled_pass, group_learning_rates, momentum_updates, orthogonalize_batches
-
-
-def shard_rows(rows: int, world: int, rank: int) -> tuple[int, int]:
-    """Rows [start, stop) of dim 0 that `rank` holds under FSDP2's chunked Shard(0) layout."""
-    chunk = -(-rows // world)
-    return min(rank * chunk, rows), min((rank + 1) * chunk, rows)
+from nanokimi.runtime.rows import shard_rows
 
 
 def row_segments(shape, heads=None, split=None):

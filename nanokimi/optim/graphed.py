@@ -21,20 +21,24 @@ import warnings
 
 import torch
 
+from nanokimi.runtime.graphs import capture, run_on_side_stream
+
 WARMUP_STEPS = 3
 
 
-def run_on_side_stream(fn, times: int = 1) -> None:
-    """Call fn() `times` times on a side CUDA stream, ordered after and before the current stream's work, as
-    CUDA graphs want before a capture: lazy initialisation (cuBLAS workspaces, optimizer state, compilation,
-    autotuning) happens there and not inside the capture."""
-    current = torch.cuda.current_stream()
-    side = torch.cuda.Stream()
-    side.wait_stream(current)
-    with torch.cuda.stream(side):
-        for _ in range(times):
-            fn()
-    current.wait_stream(side)
+def make_capturable(optimizer) -> None:
+    """capturable=True on every group of `optimizer` (an OptimizerSet, a CapturedStep or one torch optimizer) that
+    has the option (Adam family), with its step counters moved to the device: what a CUDA graph of the step needs."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    for opt in getattr(inner, "optimizers", {"optimizer": inner}).values():
+        for group in opt.param_groups:
+            if "capturable" not in group or group["capturable"]:
+                continue
+            group["capturable"] = True
+            for p in group["params"]:
+                state = opt.state.get(p, {})
+                if isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = state["step"].to(p.device)
 
 
 class CapturedStep:
@@ -144,16 +148,7 @@ class CapturedStep:
         return list(self.optimizers.values())
 
     def _make_adamw_capturable(self):
-        """capturable=True on every group that has the option (Adam family), with its step counters on the device."""
-        for opt in self._inner_optimizers():
-            for group in opt.param_groups:
-                if "capturable" not in group or group["capturable"]:
-                    continue
-                group["capturable"] = True
-                for p in group["params"]:
-                    state = opt.state.get(p, {})
-                    if isinstance(state.get("step"), torch.Tensor):
-                        state["step"] = state["step"].to(p.device)
+        make_capturable(self.optimizer)
 
     def _capture(self, params, key):
         """Capture one step (nothing runs during capture). Returns False, warning once, if capture fails."""
@@ -162,11 +157,9 @@ class CapturedStep:
         lrs = torch.tensor([float(lr) for lr in floats], dtype=torch.float32, device=params[0].device)  # [groups]
         known = [{id(p) for p in opt.state} for opt in self._inner_optimizers()]
         try:
-            graph = torch.cuda.CUDAGraph()
             for group, lr in zip(groups, lrs):
                 group["lr"] = lr
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                self.optimizer.step()
+            graph = capture(self.optimizer.step, error_mode="thread_local")
         except Exception as error:
             self._forget_new_state(known)
             first_line = (str(error).splitlines() or [""])[0]

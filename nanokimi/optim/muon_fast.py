@@ -244,9 +244,8 @@ def compiled_pass(fn, combo_kernels=True):
     and its kernels are what a CUDA-graph capture of the step records."""
     key = (fn, bool(combo_kernels))
     if key not in _compiled:
-        from nanokimi.runtime import raise_recompile_limits
-        raise_recompile_limits()  # every variant (shapes, options, momentum values) is one more graph of fn
-        _compiled[key] = torch.compile(fn, fullgraph=True, dynamic=False, options=inductor_options(combo_kernels))
+        from nanokimi.runtime import compile_fn  # raises the recompile limit: each variant is one more graph of fn
+        _compiled[key] = compile_fn(fn, fullgraph=True, dynamic=False, options=inductor_options(combo_kernels))
     return _compiled[key]
 
 

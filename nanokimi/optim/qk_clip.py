@@ -26,22 +26,31 @@ def enable_qk_clip_recording(model, on=True):
 
 
 @torch.no_grad()
+def clip_heads_(model, tau=100.0):
+    """Clip every recorded head above tau, on the device and without a host sync (a CUDA graph can hold it);
+    returns [(max_logits [H], gamma [H])] per module that recorded. Heads at or below tau keep their weights
+    bit-identical (their factor is exactly 1)."""
+    if tau <= 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+    clipped = []
+    for _, module in qk_clip_modules(model):
+        logits = getattr(module, "max_logits", None)
+        if logits is not None:
+            clipped.append((logits, module.qk_clip_(tau)))
+    return clipped
+
+
+@torch.no_grad()
 def apply_qk_clip(model, tau=100.0):
     """Clip every recorded head above tau; returns {"clipped_heads", "heads", "max_logit", "min_gamma", "modules"}.
 
     max_logit is the largest logit seen over all heads (a Python float, -inf if nothing was recorded).
-    One host sync per call (the statistics); the rescaling itself stays on the device.
+    One host sync per call (the statistics); the rescaling itself stays on the device (`clip_heads_`).
     """
-    if tau <= 0:
-        raise ValueError(f"tau must be > 0, got {tau}")
-    gammas, max_logits = [], []
     modules = qk_clip_modules(model)
-    for name, module in modules:
-        logits = getattr(module, "max_logits", None)
-        if logits is None:
-            continue
+    gammas, max_logits = [], []
+    for logits, gamma in clip_heads_(model, tau):
         max_logits.append(logits.detach().float().reshape(-1).max())
-        gamma = module.qk_clip_(tau)
         gammas.append(torch.as_tensor(gamma).detach().float().reshape(-1).to(logits.device))
     if not gammas:
         return {"clipped_heads": 0, "heads": 0, "max_logit": float("-inf"), "min_gamma": 1.0, "modules": len(modules)}

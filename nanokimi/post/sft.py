@@ -215,6 +215,8 @@ def load_sft_config(model: ModelConfig, data: str, overrides: list[str]) -> tupl
 class SFTTrainer(Trainer):
     """The pretraining Trainer with chat data, the base checkpoint's weights, and its tokenizer files kept."""
 
+    fixed_batches = False  # packed conversations: each batch brings its own document boundaries
+
     def __init__(self, base: Transformer, base_dir: str | Path, run: RunConfig, sft: SFTConfig, out_dir, **kwargs):
         self.base, self.base_dir, self.sft = base, Path(base_dir), sft
         self.tokenizer = load_tokenizer(self.base_dir)

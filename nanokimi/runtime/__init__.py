@@ -1,13 +1,11 @@
-"""Speed machinery that knows nothing of the model: torch.compile and dynamo settings live here."""
-import torch
+"""Speed machinery that knows nothing of the model (it sits below ops and model and never imports them):
 
+    compile.py    the one place that calls torch.compile and sets dynamo's limits
+    graphs.py     the one CUDA-graph capture helper (warm-up on a side stream, capture, memory pool, replay)
+    rows.py       FSDP2's Shard(0) row arithmetic (attention's QK-Clip and distributed Muon)
+    attention.py  attention backend probes (cuDNN / flash / SDPA backend reports)
+    attnres.py    Attention Residuals kernel settings
+"""
+from nanokimi.runtime.compile import compile_fn, raise_recompile_limits
 
-def raise_recompile_limits(limit: int = 64) -> None:
-    """Each layer instance may add a guard set to a shared code object; 16+ layers exceed the default 8."""
-    config = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(config, name) and getattr(config, name) < limit:
-            setattr(config, name, limit)
-    for name in ("accumulated_recompile_limit", "accumulated_cache_size_limit"):
-        if hasattr(config, name) and getattr(config, name) < 8 * limit:
-            setattr(config, name, 8 * limit)
+__all__ = ["compile_fn", "raise_recompile_limits"]

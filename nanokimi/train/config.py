@@ -40,7 +40,10 @@ class TrainConfig:
     stop_at: int = 0  # this invocation stops and saves after this step (0 = run to max_steps); never saved with the run
     seed: int = 1337
     device: str = "auto"  # "auto" = cuda when available
-    compile: bool = False
+    # how the step runs (nanokimi.train.step.choose_step): "auto" takes the fastest path valid for the run;
+    # true / false force one. `nanokimi train` prints the choice in its `paths:` line.
+    compile: bool | str = "auto"  # the model through torch.compile (auto: on CUDA, for fixed-shape batches)
+    cuda_graph: bool | str = "auto"  # the whole step as one CUDA graph (auto: CUDA, one process, fixed-shape batches)
     fsdp_reshard: bool = False  # several processes: free each unit's gathered weights after its forward (less memory, one more all-gather per step)
     fsdp_reduce_dtype: str = "fp32"  # several processes on CUDA: gradient reduce-scatter in "fp32" or "bf16" (half the bytes)
     grad_clip: float = 1.0
@@ -70,7 +73,8 @@ class OptimConfig:
     qk_clip: bool = True
     qk_clip_tau: float = 100.0
     router_bias_rate: float = 1e-3
-    cuda_graph: bool = False  # replay the optimizer step as one CUDA graph (nanokimi.optim.CapturedStep)
+    cuda_graph: bool | str = "auto"  # the optimizer step alone as one CUDA graph (nanokimi.optim.CapturedStep;
+    # auto: on CUDA in one process when the whole step is not one graph already)
     # how Muon's step executes on CUDA (nanokimi.optim.muon_fast; same results; the defaults are the fastest measured)
     muon_combo_kernels: bool = True  # inductor's horizontal fusion of the compiled momentum and update passes
     muon_side_stream: bool = True  # params that run classic Newton-Schulz take their step on a second stream
@@ -99,6 +103,10 @@ class RunConfig:
         if self.train.attn_res_storage not in ATTNRES_STORAGES:
             raise ConfigError(f"train.attn_res_storage='{self.train.attn_res_storage}' must be one of "
                               f"{', '.join(ATTNRES_STORAGES)}.")
+        for name, value in (("train.compile", self.train.compile), ("train.cuda_graph", self.train.cuda_graph),
+                            ("optim.cuda_graph", self.optim.cuda_graph)):
+            if value not in (True, False, "auto"):
+                raise ConfigError(f"{name}={value!r} must be true, false or auto.")
         if self.train.fsdp_reduce_dtype not in ("fp32", "bf16"):
             raise ConfigError(f"train.fsdp_reduce_dtype='{self.train.fsdp_reduce_dtype}' must be 'fp32' or 'bf16'.")
         t, o = self.train, self.optim

@@ -14,12 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanokimi.model.attention import GroupedQueryAttention, MultiHeadLatentAttention, pad_v_for_flash
+from nanokimi.model.attention import GroupedQueryAttention, MultiHeadLatentAttention
 from nanokimi.model.kda import KimiDeltaAttention
 from nanokimi.model.moe import MoE
 from nanokimi.model.residual import PreNormResidual
 from nanokimi.model.rope import Rotary
-from nanokimi.runtime import raise_recompile_limits
+from nanokimi.runtime import compile_fn, raise_recompile_limits
+from nanokimi.runtime.attention import attention_backend
+from nanokimi.runtime.compile import compile_module_
+from nanokimi.runtime.graphs import capture
 
 
 def compile_model(model: nn.Module, fullgraph: bool = True, loss: bool = True, mode: str | None = None,
@@ -66,7 +69,7 @@ def compile_model(model: nn.Module, fullgraph: bool = True, loss: bool = True, m
     if hasattr(model.residual, "compile_kernels"):  # Attention Residuals: its phase-1 / merge ops, fused
         model.residual.compile_kernels(mode)
     if loss:
-        model._chunk_loss_sum = torch.compile(model._chunk_loss_sum, fullgraph=fullgraph, mode=mode)
+        model._chunk_loss_sum = compile_fn(model._chunk_loss_sum, fullgraph=fullgraph, mode=mode)
     return model
 
 
@@ -84,9 +87,9 @@ def _compile_module(module: nn.Module, **options) -> None:
     from torch.distributed.fsdp import FSDPModule
 
     if isinstance(module, FSDPModule):
-        module.forward = torch.compile(module.forward, **options)
+        module.forward = compile_fn(module.forward, **options)
     else:
-        module.compile(**options)
+        compile_module_(module, **options)
 
 
 def _is_compiled(module: nn.Module) -> bool:
@@ -99,7 +102,8 @@ def _kda_path(device: torch.device) -> str:
     except ImportError:
         return "torch (nanokimi.ops.kda has no kda_backend)"
     try:
-        return str(kda_backend(device))
+        path, reason = kda_backend(device)
+        return f"{path} ({reason})"
     except Exception as error:  # noqa: BLE001 - a report must not fail
         return f"unknown ({type(error).__name__}: {error})"
 
@@ -112,31 +116,6 @@ def _moe_path(device: torch.device, dtype: torch.dtype) -> str:
     if device.type == "cpu" and dtype == torch.float32:
         return "grouped_mm (fp32, cpu)"
     return f"per-expert loop ({dtype} on {device.type}: grouped_mm needs bf16 - use bf16 autocast; host sync per layer)"
-
-
-def sdpa_backend(device: torch.device, head_dim_qk: int, head_dim_v: int, dtype=torch.bfloat16) -> str:
-    """The SDPA backend a causal call with these head sizes takes: try each backend alone, in the
-    priority order torch uses, on a tiny input."""
-    if device.type != "cuda":
-        return f"SDPA ({device.type})"
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    order = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    if hasattr(torch._C, "_get_sdp_priority_order"):
-        try:
-            ranked = [SDPBackend(int(i)) for i in torch._C._get_sdp_priority_order()]
-            order = [b for b in ranked if b in order] or order
-        except Exception:  # noqa: BLE001 - fall back to the documented order
-            pass
-    q = torch.randn(1, 2, 128, head_dim_qk, device=device, dtype=dtype)
-    v = torch.randn(1, 2, 128, head_dim_v, device=device, dtype=dtype)
-    for backend in order:
-        try:
-            with sdpa_kernel([backend]):
-                F.scaled_dot_product_attention(q, q, v, is_causal=True)
-            return backend.name.lower()
-        except RuntimeError:
-            continue
-    return "none"
 
 
 def describe_paths(model: nn.Module, device: str | torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
@@ -156,11 +135,8 @@ def describe_paths(model: nn.Module, device: str | torch.device, dtype: torch.dt
         elif isinstance(m, MultiHeadLatentAttention):
             shapes.add(("mla" + ("+moba" if m.moba else ""), m.nope_dim + m.rope_dim, m.v_dim))
     for kind, dqk, dv in sorted(shapes):
-        probe = torch.empty(1, 1, 1, dqk, device=device, dtype=dtype)
-        padded = pad_v_for_flash(probe, probe[..., :dv])
         try:
-            backend = sdpa_backend(device, dqk, dqk if padded else dv, dtype)
-            backend += f" (v padded {dv}->{dqk})" if padded else ""
+            backend = attention_backend(device, dqk, dv, dtype)
         except Exception as error:  # noqa: BLE001
             backend = f"unknown ({type(error).__name__})"
         parts.append(f"attention[{kind} qk={dqk} v={dv}]={backend}")
@@ -182,18 +158,12 @@ def capture_step(step, warmup: int = 3):
     first replay is the next step."""
     if not torch.cuda.is_available():
         raise RuntimeError("capture_step needs CUDA; on the CPU call the step function itself.")
-    from nanokimi.optim.graphed import run_on_side_stream
-
-    run_on_side_stream(step, warmup)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        loss = step()
+    graph = capture(step, warmup=warmup)
 
     def replay() -> torch.Tensor:
-        graph.replay()
-        return loss
+        return graph.replay()
 
-    replay.graph = graph
+    replay.graph = graph.graph
     return replay
 
 

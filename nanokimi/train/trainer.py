@@ -17,15 +17,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from nanokimi.model import Transformer, build_model
-from nanokimi.model.attn_res import set_attnres_kernels
-from nanokimi.model.moe import update_router_bias
-from nanokimi.runtime.attnres import AttnResKernels
-from nanokimi.checkpoint import (CHECKPOINTS, CheckpointError, load_trainer_state, rng_state, run_checkpoint,
-                                 save_step, set_rng_state, write_checkpoint_files)
+from nanokimi.model import Transformer
+from nanokimi.checkpoint import (CHECKPOINTS, CheckpointError, load_trainer_state, load_weights, rng_state,
+                                 run_checkpoint, save_step, set_rng_state, write_checkpoint_files)
 from nanokimi.train.config import RunConfig, to_toml
-from nanokimi.train.distributed import clip_grad_norm_
 from nanokimi.train.schedule import lr_factor
+from nanokimi.train.step import TrainStep, build_model_and_optimizer, choose_step, plan_loss
 
 
 class TrainingError(RuntimeError):
@@ -116,6 +113,8 @@ def evaluate(model: Transformer, batches, bytes_per_token: float, autocast) -> d
 
 
 class Trainer:
+    fixed_batches = True  # every step's batches have one shape and the loss is model.loss (see choose_step)
+
     def __init__(self, run: RunConfig, out_dir: str | Path, resume: bool = False, progress: bool = True,
                  rank: int = 0, world_size: int = 1):
         self.run, self.out = run, Path(out_dir)
@@ -176,34 +175,21 @@ class Trainer:
         fine-tuning loads its base checkpoint here."""
 
     def _build_model_and_optimizer(self) -> None:
-        """self.model (sharded across ranks, compiled if asked), self.loss_fn and self.optimizer from self.run."""
-        from nanokimi.optim import build_optimizer
-        from nanokimi.optim.qk_clip import enable_qk_clip_recording
+        """self.plan (how the step runs: nanokimi.train.step.choose_step), self.model (sharded across ranks,
+        compiled as planned), self.loss_fn and self.optimizer from self.run."""
+        self.plan = choose_step(self.run, self.device, self.world_size, fixed_batches=self.fixed_batches)
+        self.model, self.optimizer = build_model_and_optimizer(self.run, self.device, self.plan, self.world_size,
+                                                               start_from=self.start_from)
+        self.loss_fn = plan_loss(self.model, self.plan)  # fine-tuning trainers set their own
+        self._step: TrainStep | None = None
 
-        t, o = self.run.train, self.run.optim
-        self.model = build_model(self.run.model, device=self.device)
-        set_attnres_kernels(self.model, AttnResKernels(storage=t.attn_res_storage, fuse_norm=t.attn_res_fuse_norm))
-        self.start_from(self.model)
-        if self.world_size > 1:
-            from nanokimi.train.distributed import shard_model
-            shard_model(self.model, self.device, reshard_after_forward=t.fsdp_reshard,
-                        reduce_dtype=torch.bfloat16 if t.fsdp_reduce_dtype == "bf16" else torch.float32)
-        self.model.train()
-        if t.compile:
-            from nanokimi.train.fast import compile_model
-            compile_model(self.model, fullgraph=self.device.type == "cuda")  # CPU fp32 MoE has a graph break
-        self.loss_fn = self.model.loss
-        self.optimizer = build_optimizer(self.model, name=o.name, lr=o.lr, weight_decay=o.weight_decay,
-                                         betas=(o.beta1, o.beta2), momentum=o.momentum,
-                                         muon_execution=o.muon_execution())
-        if o.cuda_graph:
-            if self.world_size > 1:
-                raise TrainingError("optim.cuda_graph=true works in a single process only (the sharded step talks "
-                                    "to the other ranks); set optim.cuda_graph=false for multi-GPU runs.")
-            from nanokimi.optim import CapturedStep
-            self.optimizer = CapturedStep(self.optimizer)  # QK-Clip and router-bias updates stay in place, outside
-        if o.qk_clip:
-            enable_qk_clip_recording(self.model)
+    @property
+    def step_fn(self) -> TrainStep:
+        """The step this run takes (built at the first step, after a subclass has set its loss_fn)."""
+        if self._step is None:
+            self._step = TrainStep(self.model, self.optimizer, self.run, self.plan, self.device, self.loss_fn,
+                                   self.world_size)
+        return self._step
 
     def _check_output_dir(self, resume: bool) -> None:
         found = run_checkpoint(self.out, warn=False)
@@ -222,8 +208,6 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
 
     def _resume(self) -> None:
-        from safetensors.torch import load_model
-
         from nanokimi.train.sharded_checkpoint import is_sharded_checkpoint, load_into
 
         path = run_checkpoint(self.out)
@@ -233,12 +217,8 @@ class Trainer:
             if self.world_size > 1 or is_sharded_checkpoint(path):
                 state = load_into(path, self.model, self.optimizer)
             else:
-                try:
-                    load_model(self.model, str(path / "model.safetensors"), strict=False, device=str(self.device))
-                except Exception as e:  # SafetensorError on a damaged file
-                    raise CheckpointError(f"{path / 'model.safetensors'} cannot be read ({type(e).__name__}: "
-                                          f"{str(e).splitlines()[0]}): it is damaged or truncated. Delete {path} to "
-                                          "resume from the step before it.") from None
+                load_weights(self.model, path, self.device, fix=f"delete {path} to resume from the step before it",
+                             check=False)
                 self.optimizer.load_state_dict(state["optimizer"])
         except (KeyError, ValueError, RuntimeError) as e:
             if isinstance(e, CheckpointError):
@@ -295,30 +275,9 @@ class Trainer:
         return torch.autocast("cpu", enabled=False)
 
     def train_step(self) -> float:
-        t, o = self.run.train, self.run.optim
-        factor = lr_factor(self.step, t.max_steps, o)
-        for group in self.optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * factor
-        total = torch.zeros((), device=self.device)
-        for _ in range(t.grad_accum):
-            batch = next(self.stream)
-            with self.autocast():
-                loss = self.loss_fn(*batch)
-            (loss / t.grad_accum).backward()
-            total += loss.detach() / t.grad_accum
-        total = self._all_reduce_mean(total)
-        if self.world_size > 1:
-            from nanokimi.train.distributed import sync_step_statistics
-            sync_step_statistics(self.model)
-        if t.grad_clip > 0:
-            clip_grad_norm_(self.model.parameters(), t.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if o.router_bias_rate > 0:
-            update_router_bias(self.model, o.router_bias_rate)
-        if o.qk_clip:
-            from nanokimi.optim.qk_clip import apply_qk_clip
-            apply_qk_clip(self.model, o.qk_clip_tau)
+        t = self.run.train
+        batches = [next(self.stream) for _ in range(t.grad_accum)]
+        total = self.step_fn(batches, lr_factor(self.step, t.max_steps, self.run.optim))
         value = total.item()  # read after the update is queued, so the GPU never idles while the host checks
         if not math.isfinite(value):
             where = f"the last good checkpoint is {self.last_good}" if self.last_good else "no checkpoint was saved yet"
@@ -327,6 +286,10 @@ class Trainer:
         self.step += 1
         self.tokens += t.batch_size * t.seq_len
         return value
+
+    def describe_step(self) -> str:
+        """The step's path for the `paths:` line, e.g. `step=graph (compiled, whole step in one CUDA graph, ...)`."""
+        return self.plan.describe()
 
     def _all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
@@ -418,7 +381,9 @@ class Trainer:
                               "tokens": self.tokens, "tokens_per_s": window_tokens / max(elapsed, 1e-9)}
                     window_start, window_tokens = time.perf_counter(), 0
                 if self.step % t.eval_every == 0 or self.step == t.max_steps:
+                    paused = time.perf_counter()
                     last_eval = self.evaluate()
+                    window_start += time.perf_counter() - paused  # tokens_per_s counts training time only
                     record = {**(record or {"step": self.step, "loss": loss, "tokens": self.tokens}), **last_eval}
                 if record:
                     self.log(record)
@@ -433,7 +398,9 @@ class Trainer:
                     raise TrainingError(f"{how} at step {self.step}; saved {path}. Continue with: nanokimi train "
                                         f"--out {self.out} --resume")
                 if self.step % t.save_every == 0 and self.step < t.max_steps:
+                    paused = time.perf_counter()
                     self.save()
+                    window_start += time.perf_counter() - paused
         except KeyboardInterrupt:  # a second Ctrl-C: stop now, without saving
             bar.close()
             where = f"the last checkpoint is {self.last_good}" if self.last_good else "no checkpoint was saved"

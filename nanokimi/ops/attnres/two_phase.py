@@ -249,11 +249,10 @@ EAGER = Kernels(_phase1_forward_stacked, _phase1_backward_stacked, _phase1_norm_
 def compiled_kernels(mode: str | None = None) -> Kernels:
     """The fused kernels under torch.compile (fullgraph, static shapes: one graph per source count N, which
     is fixed per call site). Built once per process and shared by every module."""
-    from nanokimi.runtime import raise_recompile_limits
-    raise_recompile_limits()  # full mode alone has one graph per source count: 1 .. num_sublayers + 1
+    from nanokimi.runtime import compile_fn  # raises the recompile limit: one graph per source count N
 
     def compiled(fn):
-        return torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)
+        return compile_fn(fn, fullgraph=True, dynamic=False, mode=mode)
     return Kernels(compiled(_phase1_forward_fused), compiled(_phase1_backward_fused),
                    compiled(_phase1_norm_forward_fused), compiled(_phase1_norm_backward_fused), compiled(_merge),
                    compiled(_accumulate_merge), compiled(_accumulate_merge_norm), compiled(_finish_source),

@@ -30,7 +30,8 @@ def _flex_with_lse(q, k, v, block_mask, scale):
     fn = flex_attention
     if q.is_cuda and not torch.compiler.is_compiling():
         if _compiled_flex is None:
-            _compiled_flex = torch.compile(flex_attention, dynamic=False)
+            from nanokimi.runtime import compile_fn
+            _compiled_flex = compile_fn(flex_attention, dynamic=False)
         fn = _compiled_flex
     gqa = q.shape[1] != k.shape[1]
     if AuxRequest is None:

@@ -104,9 +104,8 @@ def _small_op(fn, X):
     if X.device.type != "cuda" or torch.compiler.is_compiling():
         return fn
     if fn not in _compiled_small_ops:
-        from nanokimi.runtime import raise_recompile_limits
-        raise_recompile_limits()
-        _compiled_small_ops[fn] = torch.compile(fn, fullgraph=True, dynamic=False, options=SMALL_OP_OPTIONS)
+        from nanokimi.runtime import compile_fn
+        _compiled_small_ops[fn] = compile_fn(fn, fullgraph=True, dynamic=False, options=SMALL_OP_OPTIONS)
     return _compiled_small_ops[fn]
 
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from nanokimi.checkpoint import (CHECKPOINTS, load_trainer_state, rng_state, run_checkpoint, save_step, set_rng_state,
-                                 write_checkpoint_files)
+from nanokimi.checkpoint import (CHECKPOINTS, load_trainer_state, load_weights, rng_state, run_checkpoint, save_step,
+                                 set_rng_state, write_checkpoint_files)
 from nanokimi.data.tokenizer import TOKENIZER_FILES
 from nanokimi.model.moe import update_router_bias
 from nanokimi.post.rl.config import RLRunConfig, rl_to_toml
@@ -480,8 +480,6 @@ class RLTrainer:
         return self.last_good or self.checkpoints
 
     def _resume(self) -> None:
-        from safetensors.torch import load_model
-
         path = run_checkpoint(self.out)
         state = load_trainer_state(path)
         if state.get("world_size", 1) != self.world_size:
@@ -492,7 +490,8 @@ class RLTrainer:
             load_into(path, self.model, self.optimizer)  # each rank keeps its shards
             self._refresh_policy()
         else:
-            load_model(self.model, str(path / "model.safetensors"), strict=False, device=str(self.device))
+            load_weights(self.model, path, self.device, fix=f"delete {path} to resume from the step before it",
+                         check=False)
             self.optimizer.load_state_dict(state["optimizer"])
         self.sampler.load_state_dict(state["sampler"])
         self.buffer.load_state_dict(state["pending"][self.rank])
