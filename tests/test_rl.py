@@ -55,6 +55,7 @@ def test_config_errors():
         load_rl_config(None, ["rl.eval_ks=1,32", "rl.eval_samples=16"])
     with pytest.raises(ConfigError, match="section rl or optim"):
         load_rl_config(None, ["train.max_steps=3"])
+    assert load_rl_config(None, ["rl.task_levels=4"]).rl.task_levels == "4"  # a one-level text typed as a number
 
 
 def _groups(prompts):
