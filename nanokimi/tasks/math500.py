@@ -13,7 +13,7 @@ from pathlib import Path
 
 from nanokimi.tasks.base import Example, Task
 from nanokimi.tasks.gsm8k import read_jsonl, split_file
-from nanokimi.tasks.sympy_worker import sympy_equal
+from nanokimi.tasks.sympy_worker import latex_argument, sympy_equal
 
 MAX_SYMPY_CHARS = 400
 MAX_NORMALIZE_CHARS = 2000  # longer "answers" are compared as stripped strings only (no recursive rewriting)
@@ -54,18 +54,6 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
-def _braced(s: str, i: int) -> tuple[str, int]:
-    """The argument starting at s[i]: a {...} group or one character. -> (contents, index after it)."""
-    if i < len(s) and s[i] == "{":
-        depth = 0
-        for j in range(i, len(s)):
-            depth += {"{": 1, "}": -1}.get(s[j], 0)
-            if depth == 0:
-                return s[i + 1:j], j + 1
-        return s[i + 1:], len(s)
-    return s[i:i + 1], i + 1
-
-
 def _brace_fractions(s: str) -> str:
     r"""\frac12 -> \frac{1}{2}, \frac1{x} -> \frac{1}{x}, \sqrt2 -> \sqrt{2}."""
     out, i = [], 0
@@ -80,7 +68,7 @@ def _brace_fractions(s: str) -> str:
                     out.append(s[j:close + 1])
                     j = close + 1
                 for _ in range(arity):
-                    arg, j = _braced(s, j)
+                    arg, j = latex_argument(s, j, strict=False)
                     out.append("{" + _brace_fractions(arg) + "}")
                 i = j
                 break

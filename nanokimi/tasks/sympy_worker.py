@@ -22,16 +22,21 @@ COMMANDS = {"\\pi": " pi ", "\\infty": " oo ", "\\cdot": "*", "\\times": "*", "\
 STARTUP_TIMEOUT = 60.0
 
 
-def _argument(s: str, i: int) -> tuple[str, int]:
+def latex_argument(s: str, i: int, strict: bool = True) -> tuple[str, int]:
+    """The argument starting at s[i]: a {...} group or one character -> (contents, index after it). Unbalanced
+    braces or a missing argument raise ValueError when strict; otherwise the group runs to the end of `s` and a
+    missing argument is empty."""
     if i < len(s) and s[i] == "{":
         depth = 0
         for j in range(i, len(s)):
             depth += {"{": 1, "}": -1}.get(s[j], 0)
             if depth == 0:
                 return s[i + 1:j], j + 1
-        raise ValueError("unbalanced braces")
-    if i < len(s):
-        return s[i], i + 1
+        if strict:
+            raise ValueError("unbalanced braces")
+        return s[i + 1:], len(s)
+    if i < len(s) or not strict:
+        return s[i:i + 1], i + 1
     raise ValueError("missing argument")
 
 
@@ -54,21 +59,21 @@ def _translate(s: str) -> str:
     out, i = [], 0
     while i < len(s):
         if s.startswith("\\frac", i):
-            num, i = _argument(s, i + 5)
-            den, i = _argument(s, i)
+            num, i = latex_argument(s, i + 5)
+            den, i = latex_argument(s, i)
             out.append(f"(({_translate(num)})/({_translate(den)}))")
         elif s.startswith("\\sqrt", i):
             i += 5
             if i < len(s) and s[i] == "[":
                 close = s.index("]", i)
                 index, i = s[i + 1:close], close + 1
-                radicand, i = _argument(s, i)
+                radicand, i = latex_argument(s, i)
                 out.append(f"(({_translate(radicand)})**(1/({_translate(index)})))")
             else:
-                radicand, i = _argument(s, i)
+                radicand, i = latex_argument(s, i)
                 out.append(f" sqrt({_translate(radicand)})")
         elif s[i] == "^":
-            exponent, i = _argument(s, i + 1)
+            exponent, i = latex_argument(s, i + 1)
             out.append(f"**({_translate(exponent)})")
         elif s[i] == "\\":
             match = re.match(r"\\[A-Za-z]+", s[i:])
