@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import torch
+from perf_common import finish_training, train_for_seconds
 
 from nanokimi import ModelConfig, build_model
 from nanokimi.post.lepa import Templates
@@ -93,22 +94,12 @@ def build_ladder_model(out: Path, levels: str, docs: int, seconds: float, batch_
     trainer = SFTTrainer(base, out / "init", run, sft, out / "pretrain", progress=False)
     prepared = time.perf_counter()
     probe = min(10, max_steps)
-    warm = probe // 3  # the first steps compile and warm up: the schedule is sized from the steps after them
-    losses = []
-    for i in range(probe):
-        if i == warm:
-            warmed = time.perf_counter()
-        losses.append(trainer.train_step())
-    per_step = (time.perf_counter() - warmed) / (probe - warm)
-    remaining = seconds - (time.perf_counter() - started)
-    trainer.run.train.max_steps = min(max_steps, max(probe + 1, probe + int(remaining / per_step * 0.95)))
+    losses, per_step = train_for_seconds(trainer, seconds, started, warm=probe // 3, probe=probe, margin=0.95,
+                                         max_steps=max_steps)
     print(f"ladder model: {sum(p.numel() for p in trainer.model.parameters()) / 1e6:.1f}M params, "
           f"{trainer.data_stats['conversations']} conversations ready in {prepared - started:.0f} s, "
           f"{per_step * 1e3:.0f} ms/step -> {trainer.run.train.max_steps} steps", flush=True)
-    while trainer.step < trainer.run.train.max_steps:
-        losses.append(trainer.train_step())
-        if trainer.step % 250 == 0:
-            print(f"  step {trainer.step}: loss {losses[-1]:.4f}", flush=True)
+    finish_training(trainer, losses, log_every=250)
     path = trainer.save()
     facts = {"params": sum(p.numel() for p in trainer.model.parameters()), "steps": trainer.step,
              "final_loss": sum(losses[-20:]) / len(losses[-20:]), "seconds": round(time.perf_counter() - started, 1),

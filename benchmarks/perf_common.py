@@ -121,6 +121,32 @@ def run_peer(script: Path | None, args: list[str], timeout_s: int) -> dict:
     return result
 
 
+def train_for_seconds(trainer, seconds: float, started: float, warm: int, probe: int, margin: float,
+                      max_steps: int | None = None) -> tuple[list[float], float]:
+    """Train a Trainer for a time budget: `probe` steps (the first `warm` compile and warm up, so the step time is
+    measured on the rest), then `train.max_steps` (which the learning-rate schedule reads) set so the run ends about
+    `seconds` after `started` (times `margin`, at most `max_steps`), and train to it. -> (losses, seconds per step)."""
+    losses = []
+    for i in range(probe):
+        if i == warm:
+            warmed = time.perf_counter()
+        losses.append(trainer.train_step())
+    per_step = (time.perf_counter() - warmed) / (probe - warm)
+    remaining = seconds - (time.perf_counter() - started)
+    steps = max(probe + 1, probe + int(remaining / per_step * margin))
+    trainer.run.train.max_steps = steps if max_steps is None else min(max_steps, steps)
+    return losses, per_step
+
+
+def finish_training(trainer, losses: list[float], log_every: int = 0) -> list[float]:
+    """Train to `train.max_steps`, printing the loss every `log_every` steps (0: never)."""
+    while trainer.step < trainer.run.train.max_steps:
+        losses.append(trainer.train_step())
+        if log_every and trainer.step % log_every == 0:
+            print(f"  step {trainer.step}: loss {losses[-1]:.4f}", flush=True)
+    return losses
+
+
 def write_results(path: Path, env: dict, results: dict, extra: dict | None = None) -> None:
     """Merge `results` (by config name) into the JSON file at path, so partial runs add up."""
     path.parent.mkdir(parents=True, exist_ok=True)

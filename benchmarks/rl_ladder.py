@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from perf_common import environment, print_table, results_path
+from perf_common import environment, finish_training, print_table, results_path, train_for_seconds
 from nanokimi.checkpoint import TOKENIZER, load_model_checkpoint, resolve_checkpoint
 from nanokimi.data import Tokenizer
 from nanokimi.post.rl.config import load_rl_config
@@ -85,22 +85,11 @@ def pretrain(args, data_file: Path, out: Path, device: str) -> dict:
     trainer = Trainer(run, out, progress=False)
     prepared = time.perf_counter()
     params = sum(p.numel() for p in trainer.model.parameters())
-    warm, probe = 5, 20  # the first steps compile and warm up: the schedule is sized from the steps after them
-    losses = []
-    for i in range(probe):
-        if i == warm:
-            warmed = time.perf_counter()
-        losses.append(trainer.train_step())
-    per_step = (time.perf_counter() - warmed) / (probe - warm)
-    remaining = args.pretrain_seconds - (time.perf_counter() - started)
-    trainer.run.train.max_steps = max(probe + 1, probe + int(remaining / per_step * 0.97))
+    losses, per_step = train_for_seconds(trainer, args.pretrain_seconds, started, warm=5, probe=20, margin=0.97)
     print(f"pretrain: {params / 1e6:.1f}M params, data ready in {prepared - started:.1f}s, "
           f"{per_step * 1e3:.1f} ms/step "
           f"-> {trainer.run.train.max_steps} steps", flush=True)
-    while trainer.step < trainer.run.train.max_steps:
-        losses.append(trainer.train_step())
-        if trainer.step % 500 == 0:
-            print(f"  step {trainer.step}: loss {losses[-1]:.4f}", flush=True)
+    finish_training(trainer, losses, log_every=500)
     seconds = time.perf_counter() - started
     trainer.save()
     tokens = trainer.step * args.batch_size * args.seq_len

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from perf_common import environment, print_table, results_path, write_results
+from perf_common import (environment, finish_training, print_table, results_path, train_for_seconds,
+                         write_results)
 from nanokimi.checkpoint import TOKENIZER, load_model_checkpoint, resolve_checkpoint
 from nanokimi.data import Tokenizer
 from nanokimi.tasks import get_task
@@ -82,16 +83,8 @@ def pretrain(args, data: Path, out: Path, device: str) -> dict:
                  "optim.min_lr_ratio=0.05"]
     started = time.perf_counter()
     trainer = Trainer(load_run_config("tiny-dense", None, overrides), out, progress=False)
-    for i in range(10):  # the first steps compile and warm up: the schedule is sized from the steps after them
-        if i == 3:
-            probe_start = time.perf_counter()
-        trainer.train_step()
-    per_step = (time.perf_counter() - probe_start) / 7
-    left = args.pretrain_seconds - (time.perf_counter() - started)
-    trainer.run.train.max_steps = max(11, 10 + int(left / per_step * 0.95))
-    loss = None
-    while trainer.step < trainer.run.train.max_steps:
-        loss = trainer.train_step()
+    losses, _ = train_for_seconds(trainer, args.pretrain_seconds, started, warm=3, probe=10, margin=0.95)
+    loss = finish_training(trainer, losses)[-1]
     trainer.save()
     params = sum(p.numel() for p in trainer.model.parameters())
     print(f"pretrained {params / 1e6:.1f}M params, {trainer.step} steps in {time.perf_counter() - started:.0f}s, "
