@@ -1,0 +1,333 @@
+"""One engine worker process of a disaggregated (or replicated) server (docs/disagg.md).
+
+The coordinator (nanokimi/serve/disagg.py) starts one process per GPU running `worker_main`. A worker owns
+one Engine and talks to the coordinator through two multiprocessing queues; prefill and decode workers
+also join one `torch.distributed` group (NCCL on GPUs, gloo on the CPU) whose only traffic is cache
+transfers, point to point from a prefill worker to a decode worker.
+
+Coordinator -> worker (`inbox`):
+    ("add", wid, prompt_ids, params, arrival, dest)   run it; dest: the decode rank (prefill role) or None
+    ("incoming", wid, src, state, layout)             post receives for a request that src is sending
+    ("abort", wid) / ("peer_dead", rank) / ("stop",)
+Worker -> coordinator (`outbox`, each message starts with the worker's rank):
+    ("ready", info) / ("failed", message)             after start-up
+    ("update", wid, Update)                           cumulative outputs (a prefill worker: the first token)
+    ("error", wid, message)                           the engine refused the request
+    ("transfer", wid, dest, state, layout)            sent just before the cache's isends to dest
+    ("imported", wid) / ("transfer_failed", wid, message)
+    ("stats", stats)                                  heartbeat: load, step times, prefix-cache changes
+    ("record", wid, side, tensors)                    record_transfers only: what was sent / written
+
+A prefill worker runs a request through its first sampled token, then exports it (nanokimi/infer/transfer.py)
+and isends its tensors layer by layer in layer order; it keeps computing while they travel (the sends of
+one step overlap the next steps, not the forward that produced them). A decode worker posts the matching
+irecvs when the header arrives, imports the request once they complete, and decodes it.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+
+import torch
+
+HEARTBEAT_S = 0.2
+
+
+class Completions:
+    """Which point-to-point works have finished. Gloo's send/recv works only report completion from wait(),
+    so one helper thread per peer waits on them in order (works to one peer complete in order); NCCL's are
+    polled with is_completed() on the worker's own thread."""
+
+    def __init__(self, poll: bool):
+        self.poll = poll
+        self.queues: dict[int, queue.SimpleQueue] = {}
+
+    def watch(self, peer: int, works: list) -> dict:
+        entry = {"works": works, "done": threading.Event(), "error": None}
+        if not self.poll:
+            if peer not in self.queues:
+                self.queues[peer] = queue.SimpleQueue()
+                threading.Thread(target=self._wait, args=(self.queues[peer],), daemon=True).start()
+            self.queues[peer].put(entry)
+        return entry
+
+    @staticmethod
+    def _wait(entries: queue.SimpleQueue) -> None:
+        while True:
+            entry = entries.get()
+            try:
+                for work in entry["works"]:
+                    work.wait()
+            except Exception as e:  # noqa: BLE001 - the peer died: the transfer failed
+                entry["error"] = f"{type(e).__name__}: {e}"
+            entry["done"].set()
+
+    def finished(self, entry: dict) -> bool:
+        if self.poll and not entry["done"].is_set() and all(w.is_completed() for w in entry["works"]):
+            entry["done"].set()
+        return entry["done"].is_set()
+
+
+@dataclass
+class WorkerSpec:
+    rank: int
+    role: str  # "prefill" | "decode" | "both"
+    source: object  # a checkpoint path, or a picklable callable returning (model, tokenizer)
+    device: str = "cpu"
+    llm_kwargs: dict = field(default_factory=dict)  # dtype and Engine kwargs
+    world_size: int = 0  # ranks in the transfer group (0: none, replicas)
+    store_host: str = "127.0.0.1"
+    store_port: int = 0
+    backend: str = "gloo"
+    record_transfers: bool = False
+    warmup: bool = False
+
+
+def worker_main(spec: WorkerSpec, inbox, outbox) -> None:
+    """The process entry point (torch.multiprocessing spawn)."""
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1") or 1)))
+    try:
+        worker = Worker(spec, inbox, outbox)
+    except BaseException as e:  # noqa: BLE001 - reported to the coordinator, which fails start()
+        outbox.put((spec.rank, "failed", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+        _exit(outbox, 1)
+        return
+    worker.run()
+    _exit(outbox, 0)
+
+
+def _exit(outbox, code: int) -> None:
+    """Flush the queue, then leave without tearing the process group down (a dead peer could hang it)."""
+    outbox.close()
+    outbox.join_thread()
+    os._exit(code)
+
+
+class Worker:
+    def __init__(self, spec: WorkerSpec, inbox, outbox):
+        from nanokimi.infer import LLM
+        from nanokimi.serve.admission import StepTimeModel
+
+        self.spec, self.rank, self.role = spec, spec.rank, spec.role
+        self.inbox, self.outbox = inbox, outbox
+        device = spec.device
+        if device.startswith("cuda"):
+            torch.cuda.set_device(torch.device(device))
+        if isinstance(spec.source, str):
+            llm = LLM(spec.source, device=device, **spec.llm_kwargs)
+        else:
+            model, tokenizer = spec.source()
+            llm = LLM(model, device=device, tokenizer=tokenizer, **spec.llm_kwargs)
+        self.engine = llm.engine
+        self.engine.stream_outputs = True
+        self.model = StepTimeModel()
+        if spec.warmup:
+            self._warmup()
+        if spec.world_size:
+            import torch.distributed as dist
+            store = dist.TCPStore(spec.store_host, spec.store_port, spec.world_size + 1, is_master=False,
+                                  timeout=__import__("datetime").timedelta(seconds=120))
+            dist.init_process_group(spec.backend, store=store, rank=spec.rank, world_size=spec.world_size)
+        self.completions = Completions(poll=spec.backend == "nccl")
+        self.dest: dict[str, int] = {}  # prefill: request -> decode rank
+        self.sending: list[tuple[int, dict, dict]] = []  # (dest, completion, tensors kept alive until sent)
+        self.incoming: list[dict] = []  # decode: transfers being received, in arrival order
+        self.dead: set[int] = set()
+        self.samples: list[tuple[int, int, float]] = []
+        self.sent_blocks: set = set()
+        self.sent_snapshots: set = set()
+        self.stop = False
+        stats = self.engine.stats()
+        outbox.put((self.rank, "ready", {"pid": os.getpid(), "role": self.role,
+                                         "cache_tokens_total": stats["cache_tokens_total"],
+                                         "block_size": self.engine.block_size,
+                                         "max_model_len": self.engine.max_model_len,
+                                         "has_kda": self.engine.has_kda,
+                                         "step_tokens": self.engine.scheduler.max_step_tokens,
+                                         "prefix_caching": self.engine.prefix_caching,
+                                         "samples": list(self.samples)}))
+        self.samples = []
+
+    def _warmup(self) -> None:
+        """A few prompts of several lengths, for the step-time model the coordinator's admission uses."""
+        from nanokimi.infer import SamplingParams
+
+        vocab = self.engine.model.config.vocab_size
+        budget = self.engine.scheduler.max_step_tokens
+        longest = max(1, min(self.engine.max_model_len // 2, self.engine.stats()["cache_tokens_total"] // 8) - 8)
+        for r, lengths in enumerate([(16, 16), (min(budget, longest), 64, 16, 16, 16, 16)]):
+            for i, n in enumerate(lengths):
+                ids = [(7 * j + 13 * i + 101 * r) % (vocab - 1) + 1 for j in range(min(n, longest))]
+                self.engine.add_request(f"warmup-{r}-{i}", ids, SamplingParams(max_tokens=8, temperature=0.0,
+                                                                               ignore_eos=True))
+            while self.engine.has_unfinished():
+                self._step(record=r > 0)
+        self.engine.reset_prefix_cache()
+
+    def run(self) -> None:
+        last_beat = 0.0
+        while not self.stop:
+            busy = self.engine.has_unfinished() or self.incoming or self.sending
+            self._drain(block=not busy)
+            if self.stop:
+                break
+            self._receive()
+            if self.engine.has_unfinished():
+                outputs = self._step()
+                self._deliver(outputs)
+            self._poll_sends()
+            now = time.monotonic()
+            if now - last_beat > HEARTBEAT_S:
+                self._heartbeat()
+                last_beat = now
+
+    def _drain(self, block: bool) -> None:
+        while True:
+            try:
+                message = self.inbox.get(timeout=0.01) if block else self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            block = False
+            kind = message[0]
+            if kind == "add":
+                self._add(*message[1:])
+            elif kind == "incoming":
+                self._post_receives(*message[1:])
+            elif kind == "abort":
+                self.engine.abort(message[1])
+                self.dest.pop(message[1], None)
+                for transfer in self.incoming:  # still received: the sender's tensors arrive in order
+                    transfer["aborted"] |= transfer["wid"] == message[1]
+            elif kind == "peer_dead":
+                self.dead.add(message[1])
+                self.sending = [s for s in self.sending if s[0] != message[1]]
+                self.incoming = [t for t in self.incoming if t["src"] != message[1]]
+            elif kind == "stop":
+                self.stop = True
+                return
+
+    def _add(self, wid: str, prompt_ids: list[int], params, arrival: float, dest: int | None) -> None:
+        try:
+            self.engine.add_request(wid, prompt_ids, params, arrival_time=arrival)
+        except ValueError as e:
+            self.outbox.put((self.rank, "error", wid, str(e)))
+            return
+        if dest is not None:
+            self.dest[wid] = dest
+
+    def _step(self, record: bool = True):
+        before = self.engine.stats()
+        start = time.perf_counter()
+        outputs = self.engine.step()
+        seconds = time.perf_counter() - start
+        after = self.engine.stats()
+        prefill = after["prefill_tokens"] - before["prefill_tokens"]
+        decode = after["decode_tokens"] - before["decode_tokens"]
+        if record:
+            self.model.observe(prefill, decode, seconds)
+            self.samples.append((prefill, decode, seconds))
+        return outputs
+
+    def _deliver(self, outputs) -> None:
+        from nanokimi.infer.transfer import export_request, ready_to_export, tensor_layout
+        from nanokimi.serve.loop import _freeze
+
+        for output in outputs:
+            wid = output.request_id
+            dest = self.dest.get(wid)
+            if dest is None:
+                self.outbox.put((self.rank, "update", wid, _freeze(output)))
+                continue
+            if output.finished:
+                del self.dest[wid]
+                self.outbox.put((self.rank, "update", wid, _freeze(output)))
+                continue
+            if not ready_to_export(self.engine, wid):
+                continue
+            del self.dest[wid]
+            self.outbox.put((self.rank, "update", wid, _freeze(output)))  # the first token: TTFT ends here
+            if dest in self.dead:
+                self.engine.abort(wid)
+                continue
+            state, tensors = export_request(self.engine, wid)
+            if self.spec.record_transfers:  # copies: pickling a tensor moves its storage to shared memory
+                self.outbox.put((self.rank, "record", wid, "sent", {k: v.cpu().clone() for k, v in tensors.items()}))
+            self.outbox.put((self.rank, "transfer", wid, dest, state, tensor_layout(tensors)))
+            self._isend(dest, tensors)
+
+    def _isend(self, dest: int, tensors: dict) -> None:
+        import torch.distributed as dist
+
+        works = [dist.isend(t, dest) for t in tensors.values()]  # layer by layer, in layer order
+        self.sending.append((dest, self.completions.watch(dest, works), tensors))
+
+    def _poll_sends(self) -> None:
+        self.sending = [s for s in self.sending if not self.completions.finished(s[1])]
+
+    def _post_receives(self, wid: str, src: int, state, layout) -> None:
+        import torch.distributed as dist
+
+        from nanokimi.infer.transfer import empty_like_layout
+
+        if src in self.dead:
+            return
+        buffers = empty_like_layout(layout, self.engine.device)
+        works = [dist.irecv(t, src) for t in buffers.values()]
+        self.incoming.append({"wid": wid, "src": src, "state": state, "buffers": buffers, "aborted": False,
+                              "completion": self.completions.watch(src, works)})
+
+    def _receive(self) -> None:
+        """Import the transfers whose tensors have all arrived, in order, while the engine has room."""
+        from nanokimi.infer.transfer import can_import, import_request, layer_tensors
+
+        keep = []
+        blocked = False
+        for transfer in self.incoming:
+            completion = transfer["completion"]
+            if not self.completions.finished(completion):
+                keep.append(transfer)
+                continue
+            if completion["error"] is not None:  # the sender died mid-transfer
+                self.outbox.put((self.rank, "transfer_failed", transfer["wid"], completion["error"]))
+                continue
+            if transfer["aborted"]:
+                continue
+            if blocked or not can_import(self.engine, transfer["state"]):
+                blocked = True  # first come, first imported
+                keep.append(transfer)
+                continue
+            wid = transfer["wid"]
+            import_request(self.engine, transfer["state"], transfer["buffers"])
+            self.outbox.put((self.rank, "imported", wid))
+            if self.spec.record_transfers:
+                request = self.engine.requests.get(wid)
+                written = {}
+                for seq in request.sequences if request is not None else []:
+                    if seq.status != "finished":
+                        written.update({k: v.cpu().clone() for k, v in layer_tensors(self.engine, seq.block_table,
+                                                                               seq.state_slot,
+                                                                               f"{seq.index}.").items()})
+                self.outbox.put((self.rank, "record", wid, "received", written))
+        self.incoming = keep
+
+    def _heartbeat(self) -> None:
+        engine = self.engine
+        stats = engine.stats()
+        blocks = set(engine.pool.cached)
+        snapshots = set(engine.slots.snapshots) if engine.slots is not None else set()
+        message = {key: stats[key] for key in ("requests_running", "requests_waiting", "cache_blocks_free",
+                                               "cache_blocks_total", "cache_tokens_total", "prefill_tokens",
+                                               "decode_tokens", "prefix_cache_queries", "prefix_cache_hit_tokens",
+                                               "preemptions", "cache_blocks_cached")}
+        message.update(num_waiting_prefill_tokens=stats["num_waiting_prefill_tokens"], incoming=len(self.incoming),
+                       samples=self.samples, blocks_added=list(blocks - self.sent_blocks),
+                       blocks_removed=list(self.sent_blocks - blocks),
+                       snapshots_added=list(snapshots - self.sent_snapshots),
+                       snapshots_removed=list(self.sent_snapshots - snapshots))
+        self.samples = []
+        self.sent_blocks, self.sent_snapshots = blocks, snapshots
+        self.outbox.put((self.rank, "stats", message))
