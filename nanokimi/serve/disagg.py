@@ -110,6 +110,7 @@ class WorkerInfo:
     blocks: set = field(default_factory=set)  # mirrored prefix-cache block hashes
     snapshots: set = field(default_factory=set)  # KDA snapshots (hybrid models need one at a hit's end)
     expected: dict = field(default_factory=dict)  # hash -> count: prompts routed here, not yet prefilled
+    routed: int = 0  # requests (attempts) sent here
 
     @property
     def prefills(self) -> bool:
@@ -327,7 +328,8 @@ class DisaggLoop:
     def _load(self, worker: WorkerInfo) -> tuple[int, int, list[int]]:
         """(uncached prompt tokens queued, requests queued, tokens left per decoding sequence) on a worker."""
         queued = [t for t in self._tickets.values() if t.prefill == worker.rank and t.stage == "prefill"]
-        decoding = [t for t in self._tickets.values() if t.decode == worker.rank and t.stage != "prefill"]
+        decoding = [t for t in self._tickets.values() if t.decode == worker.rank and  # a decode worker's incoming
+                    (t.stage != "prefill" or worker.role == "decode")]
         left = [max(t.params.max_tokens - t.tokens_seen, 1) for t in decoding for _ in range(t.params.n)]
         return sum(t.uncached for t in queued), len(queued), left
 
@@ -416,6 +418,8 @@ class DisaggLoop:
         ticket.wid = f"{ticket.request_id}#{ticket.attempt}"
         self._by_wid[ticket.wid] = ticket
         ticket.prefill, ticket.decode, ticket.stage = prefill.rank, decode.rank, "prefill"
+        prefill.routed += 1
+        decode.routed += prefill is not decode
         for h in ticket.hashes:
             prefill.expected[h] = prefill.expected.get(h, 0) + 1
         dest = None if prefill is decode else decode.rank
@@ -442,16 +446,20 @@ class DisaggLoop:
         self._by_wid.pop(ticket.wid, None)
 
     def _drain_outbox(self, timeout: float) -> None:
-        try:
-            message = self._outbox.get(timeout=timeout)
-        except queue.Empty:
-            return
+        wait = timeout
         while True:
-            self._handle(*message)
             try:
-                message = self._outbox.get_nowait()
+                message = self._outbox.get(timeout=wait) if wait else self._outbox.get_nowait()
             except queue.Empty:
                 return
+            except Exception:  # noqa: BLE001 - a message its dying sender could not finish; the rest go on
+                log.exception("unreadable message from a worker")
+                continue
+            wait = 0
+            try:
+                self._handle(*message)
+            except Exception:  # noqa: BLE001 - one bad message must not stop the coordinator
+                log.exception("handling %s from worker %s failed", message[1], message[0])
 
     def _handle(self, rank: int, kind: str, *payload) -> None:
         worker = self.workers[rank]
@@ -596,7 +604,8 @@ class DisaggLoop:
                                  "hit_tokens": snap["prefix_cache_hit_tokens"]}}
         capacity = min((w.ready["cache_tokens_total"] for w in self.workers if w.ready), default=0)
         snap["raw"] = {"cache_tokens_total": capacity}
-        snap["workers"] = [{"rank": w.rank, "role": w.role, "alive": w.alive, "pid": w.process.pid, **w.stats}
+        snap["workers"] = [{"rank": w.rank, "role": w.role, "alive": w.alive, "pid": w.process.pid,
+                            "routed": w.routed, **w.stats}
                            for w in self.workers]
         self._snapshot = snap
 

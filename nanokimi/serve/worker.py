@@ -37,6 +37,13 @@ import torch
 HEARTBEAT_S = 0.2
 
 
+def as_bytes(tensors: dict) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
+    """Tensors as (dtype, shape, raw bytes): plain data through the queue (a torch tensor would be shared
+    through its sender process, which may be dead by the time the coordinator reads it)."""
+    return {name: (str(t.dtype).removeprefix("torch."), tuple(t.shape),
+                   t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()) for name, t in tensors.items()}
+
+
 class Completions:
     """Which point-to-point works have finished. Gloo's send/recv works only report completion from wait(),
     so one helper thread per peer waits on them in order (works to one peer complete in order); NCCL's are
@@ -254,8 +261,8 @@ class Worker:
                 self.engine.abort(wid)
                 continue
             state, tensors = export_request(self.engine, wid)
-            if self.spec.record_transfers:  # copies: pickling a tensor moves its storage to shared memory
-                self.outbox.put((self.rank, "record", wid, "sent", {k: v.cpu().clone() for k, v in tensors.items()}))
+            if self.spec.record_transfers:
+                self.outbox.put((self.rank, "record", wid, "sent", as_bytes(tensors)))
             self.outbox.put((self.rank, "transfer", wid, dest, state, tensor_layout(tensors)))
             self._isend(dest, tensors)
 
@@ -308,10 +315,8 @@ class Worker:
                 written = {}
                 for seq in request.sequences if request is not None else []:
                     if seq.status != "finished":
-                        written.update({k: v.cpu().clone() for k, v in layer_tensors(self.engine, seq.block_table,
-                                                                               seq.state_slot,
-                                                                               f"{seq.index}.").items()})
-                self.outbox.put((self.rank, "record", wid, "received", written))
+                        written.update(layer_tensors(self.engine, seq.block_table, seq.state_slot, f"{seq.index}."))
+                self.outbox.put((self.rank, "record", wid, "received", as_bytes(written)))
         self.incoming = keep
 
     def _heartbeat(self) -> None:

@@ -1,0 +1,270 @@
+"""Disaggregated prefill/decode (docs/disagg.md) on the CPU: worker processes joined by a gloo group.
+
+Greedy outputs through prefill -> transfer -> decode equal one engine's token for token (hybrid KDA + MLA +
+GQA and all-MLA models, float64); the cache a decode worker writes equals what the prefill worker sent byte
+for byte; killing a decode worker mid-run leaves no request hanging; the HTTP server answers the openai
+client. Routing and admission are tested on a coordinator with stand-in workers (no processes)."""
+import asyncio
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from nanokimi import ModelConfig, build_model
+from nanokimi.infer import LLM, Engine, SamplingParams
+from nanokimi.infer.transfer import can_import, export_request, import_request, ready_to_export
+from nanokimi.serve.admission import StepTimeModel
+from nanokimi.serve.disagg import DisaggLoop, DisaggOptions, Ticket, WorkerInfo
+from serve_util import TINY, make_checkpoint
+
+ENGINE = dict(max_cache_tokens=4096, max_step_tokens=64, block_size=16)
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+
+def prompt(i: int, n: int) -> list[int]:
+    return [(7 * j + 31 * i) % 500 + 1 for j in range(n)]
+
+
+def requests(count: int, max_tokens: int = 12) -> list[tuple[list[int], SamplingParams]]:
+    lengths = (5, 40, 17, 90, 33, 64, 16, 120)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    return [(prompt(i, lengths[i % len(lengths)]), params) for i in range(count)]
+
+
+def reference(ckpt, reqs) -> list[list[int]]:
+    llm = LLM(str(ckpt), device="cpu", dtype="float64", **ENGINE)
+    outs = llm.generate(prompt_token_ids=[ids for ids, _ in reqs], sampling_params=[p for _, p in reqs],
+                        use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs]
+
+
+async def _collect(loop, reqs, timeout: float, on_update=None):
+    sinks = [loop.submit(f"r{i}", ids, params) for i, (ids, params) in enumerate(reqs)]
+
+    async def one(i, sink):
+        while True:
+            kind, payload = await asyncio.wait_for(sink.get(), timeout)
+            if kind in ("error", "rejected"):
+                return kind, payload
+            if kind == "update":
+                if on_update is not None:
+                    on_update(i, payload)
+                if payload.finished:
+                    return "done", [list(c.token_ids) for c in payload.choices]
+    return await asyncio.gather(*(one(i, s) for i, s in enumerate(sinks)))
+
+
+def generate(loop, reqs, timeout: float = 60.0, on_update=None):
+    """[(kind, payload)] per request: ("done", token ids per choice) or ("error", message)."""
+    return asyncio.run(_collect(loop, reqs, timeout, on_update))
+
+
+def start(ckpt, **options) -> DisaggLoop:
+    opts = DisaggOptions(device="cpu", record_transfers=True, warmup=False, **options)
+    loop = DisaggLoop(str(ckpt), opts, TINY["vocab_size"], TINY["max_position_embeddings"],
+                      dict(dtype="float64", **ENGINE))
+    loop.start(timeout=120)
+    return loop
+
+
+def assert_records_equal(loop) -> int:
+    """Every transfer's tensors as written on the decode worker equal what the prefill worker sent, bytes."""
+    checked = 0
+    for wid, record in loop.records.items():
+        sent, received = record["sent"], record["received"]
+        assert sent.keys() == received.keys(), wid
+        for name in sent:  # (dtype, shape, raw bytes) on each side
+            assert sent[name] == received[name], (wid, name)
+            assert len(sent[name][2]) > 0
+            checked += 1
+    return checked
+
+
+@pytest.fixture(scope="module")
+def hybrid_ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("disagg-hybrid"))  # KDA + MLA + GQA, MoE
+
+
+@pytest.fixture(scope="module")
+def mla_ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("disagg-mla"), mixers="A", num_layers=2)
+
+
+def small_model(mixers: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    layers = dict(num_layers=len(mixers), mixers=mixers)
+    return build_model(ModelConfig(**{**TINY, **layers})).double().eval()
+
+
+@pytest.mark.parametrize("mixers", ["KAG", "A"])
+def test_a_request_moved_between_engines_continues_exactly(mixers):
+    """In one process: prefill on engine a, export after the first token, import into b, decode there; the
+    tokens (greedy, and seeded sampling with n=2) equal one engine's, and a's blocks all come back."""
+    model = small_model(mixers)
+    params = [GREEDY, SamplingParams(max_tokens=10, temperature=0.9, seed=3, n=2)]
+    reqs = [(prompt(i, n), params[i % 2]) for i, n in enumerate((5, 40, 17, 33))]
+
+    def engine():
+        return Engine(model, None, max_cache_tokens=1024, block_size=8)
+    single = engine()
+    for i, (ids, p) in enumerate(reqs):
+        single.add_request(str(i), ids, p)
+    want, got = {}, {}
+    while single.has_unfinished():
+        want.update({o.request_id: [c.token_ids for c in o.outputs] for o in single.step() if o.finished})
+    a, b = engine(), engine()
+    for i, (ids, p) in enumerate(reqs):
+        a.add_request(str(i), ids, p)
+    with pytest.raises(ValueError, match="tokens still to compute"):
+        export_request(a, "0")
+    moved = 0
+    while a.has_unfinished() or b.has_unfinished():
+        got.update({o.request_id: [c.token_ids for c in o.outputs] for o in a.step() if o.finished})
+        for rid in [r for r in a.requests if ready_to_export(a, r)]:
+            state, tensors = export_request(a, rid)
+            assert can_import(b, state)
+            import_request(b, state, tensors)
+            moved += 1
+        got.update({o.request_id: [c.token_ids for c in o.outputs] for o in b.step() if o.finished})
+    assert moved == len(reqs) and got == want
+    assert a.pool.num_free == a.pool.num_usable and b.stats()["requests_running"] == 0
+
+
+def test_disagg_greedy_equals_one_engine_and_the_mla_cache_arrives_byte_for_byte(mla_ckpt):
+    reqs = requests(6)
+    want = reference(mla_ckpt, reqs)
+    loop = start(mla_ckpt, prefill_workers=1, decode_workers=1)
+    try:
+        outs = generate(loop, reqs)
+        assert [kind for kind, _ in outs] == ["done"] * len(reqs), outs
+        assert [payload[0] for _, payload in outs] == want
+        assert assert_records_equal(loop) == len(reqs) * 2 * 2  # 2 layers x (c_kv, k_rope)
+    finally:
+        loop.stop()
+
+
+@pytest.fixture(scope="module")
+def hybrid_cluster(hybrid_ckpt):
+    loop = start(hybrid_ckpt, prefill_workers=1, decode_workers=2)
+    yield loop
+    loop.stop()
+
+
+def test_disagg_greedy_equals_one_engine_on_the_hybrid_model_and_transfers_are_exact(hybrid_ckpt, hybrid_cluster):
+    reqs = requests(6)
+    outs = generate(hybrid_cluster, reqs)
+    assert [payload[0] for _, payload in outs] == reference(hybrid_ckpt, reqs)
+    assert assert_records_equal(hybrid_cluster) == len(reqs) * 6  # KDA conv+state, MLA c_kv+k_rope, GQA k+v
+    routed = [w.routed for w in hybrid_cluster.workers]
+    assert routed[0] == len(reqs) and routed[1] > 0 and routed[2] > 0  # both decode workers took some (by load)
+
+
+def test_killing_a_decode_worker_mid_run_hangs_nothing(hybrid_ckpt, hybrid_cluster):
+    """SIGKILL a decode worker once it has streamed tokens: every request still completes (re-run from the
+    start on the live pair, same tokens as one engine, nothing sent twice), within a bounded time; after the
+    last decode worker dies too, a new request fails with an error naming it."""
+    loop = hybrid_cluster
+    reqs = requests(6, max_tokens=40)
+    victim = loop.workers[1]
+    killed = []
+    streams: dict[int, list[int]] = {}
+
+    def on_update(i, update):
+        tokens = list(update.choices[0].token_ids)
+        assert tokens[:len(streams.get(i, []))] == streams.get(i, [])  # a stream never goes back
+        streams[i] = tokens
+        on_victim = [t for t in loop._tickets.values() if t.decode == victim.rank and t.stage == "decode"]
+        if not killed and on_victim and len(tokens) >= 3:
+            os.kill(victim.process.pid, signal.SIGKILL)
+            killed.append(time.monotonic())
+    started = time.monotonic()
+    outs = generate(loop, reqs, timeout=60, on_update=on_update)
+    assert killed, "the decode worker was never seen decoding"
+    assert [payload[0] for _, payload in outs] == reference(hybrid_ckpt, reqs)
+    assert time.monotonic() - started < 90
+    assert not victim.alive
+    os.kill(loop.workers[2].process.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while loop.workers[2].alive and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (kind, message), = generate(loop, requests(1), timeout=30)
+    assert kind == "error" and "no live decode worker" in message and "decode worker 2" in message
+
+
+def fake_worker(rank: int, role: str, free_blocks: int = 1000, kda: bool = False) -> WorkerInfo:
+    class Process:
+        pid = 1000 + rank
+    ready = {"block_size": 16, "prefix_caching": True, "has_kda": kda, "step_tokens": 64,
+             "cache_tokens_total": 16 * free_blocks}
+    return WorkerInfo(rank, role, Process(), None, ready=ready, stats={"cache_blocks_free": free_blocks})
+
+
+def fake_loop(workers, ttft_slo_s=None, tbt_slo_s=None) -> DisaggLoop:
+    loop = DisaggLoop("unused", DisaggOptions(prefill_workers=1, decode_workers=1), 512, 512, {},
+                      ttft_slo_s=ttft_slo_s, tbt_slo_s=tbt_slo_s, slo_headroom=1.0)
+    loop.workers = workers
+    return loop
+
+
+def ticket(ids, max_tokens=8) -> Ticket:
+    return Ticket("t", ids, SamplingParams(max_tokens=max_tokens), None, None)
+
+
+def test_routing_weighs_the_cached_prefix_against_the_queue():
+    p0, p1, d2, d3 = (fake_worker(0, "prefill"), fake_worker(1, "prefill"), fake_worker(2, "decode", 100),
+                      fake_worker(3, "decode", 1000))
+    loop = fake_loop([p0, p1, d2, d3])
+    ids = prompt(0, 300)
+    p1.blocks.update(loop._hashes(ids, 16)[:16])  # p1 holds the first 256 tokens
+    prefill, decode, verdict = loop._route(ticket(ids))
+    assert (prefill.rank, decode.rank, verdict.admit) == (1, 3, True)  # the prefix; the decode with free blocks
+    queued = ticket(prompt(9, 280))
+    queued.prefill, queued.stage, queued.uncached = 1, "prefill", 280
+    loop._tickets["q"] = queued  # 280 uncached tokens ahead on p1: recomputing 300 on p0 is sooner
+    assert loop._route(ticket(ids))[0].rank == 0
+    for i in range(3):  # three sequences decoding on d3: d2 (enough free blocks) is less loaded
+        busy = ticket(prompt(i, 10))
+        busy.decode, busy.stage = 3, "decode"
+        loop._tickets[f"b{i}"] = busy
+    assert loop._route(ticket(ids))[1].rank == 2
+
+
+def test_kda_prefixes_need_a_snapshot_and_admission_uses_the_pairs_predictions():
+    p0, d1 = fake_worker(0, "prefill", kda=True), fake_worker(1, "decode")
+    loop = fake_loop([p0, d1], ttft_slo_s=0.5, tbt_slo_s=0.05)
+    ids = prompt(0, 100)
+    hashes = loop._hashes(ids, 16)
+    p0.blocks.update(hashes)
+    p0.snapshots.add(hashes[2])
+    assert loop._cached_tokens(p0, hashes) == 48  # the deepest block with the KDA state at its end
+    for worker, (c0, cp, cd) in ((p0, (0.01, 0.001, 0.0)), (d1, (0.01, 0.0, 0.01))):
+        model = StepTimeModel()
+        for prefill, decode in ((64, 0), (32, 0), (0, 4), (0, 8), (16, 2)):
+            model.observe(prefill, decode, c0 + cp * prefill + cd * decode)
+        worker.model = model
+    _, _, verdict = loop._route(ticket(ids))
+    assert verdict.admit and 0.05 < verdict.ttft_s < 0.5
+    loop.slos = (0.02, 0.05, 1.0)
+    _, _, verdict = loop._route(ticket(ids))
+    assert not verdict.admit and verdict.reason == "ttft"
+    loop.slos = (None, 0.05, 1.0)
+    for i in range(5):
+        busy = ticket(prompt(i, 10), max_tokens=100)
+        busy.decode, busy.stage = 1, "decode"
+        loop._tickets[f"b{i}"] = busy
+    _, _, verdict = loop._route(ticket(ids))
+    assert not verdict.admit and verdict.reason == "tbt" and verdict.tbt_s == pytest.approx(0.07)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(prefill_workers=1), "at least one prefill and one decode"),
+    (dict(replicas=2, decode_workers=1), "do not combine"),
+    (dict(), "give --prefill-workers"),
+    (dict(prefill_workers=-1, decode_workers=1), "must be >= 0"),
+])
+def test_bad_worker_layouts_get_one_line_errors(options, message):
+    with pytest.raises(ValueError, match=message) as e:
+        DisaggOptions(**options).check()
+    assert "\n" not in str(e.value)
