@@ -268,3 +268,64 @@ def test_bad_worker_layouts_get_one_line_errors(options, message):
     with pytest.raises(ValueError, match=message) as e:
         DisaggOptions(**options).check()
     assert "\n" not in str(e.value)
+
+
+def test_replicas_route_a_longer_prompt_to_the_replica_holding_its_prefix(mla_ckpt):
+    """--replicas 2: greedy outputs equal one engine's; a prompt extending an earlier one goes to the replica
+    that cached it, although an idle tie would pick replica 0."""
+    loop = start(mla_ckpt, replicas=2)
+    try:
+        long_other, base = prompt(1, 150), prompt(2, 100)
+        reqs = [(long_other, GREEDY), (base, GREEDY)]  # arrive together: the second goes to the idle replica 1
+        outs = generate(loop, reqs)
+        assert [payload[0] for _, payload in outs] == reference(mla_ckpt, reqs)
+        assert [w.routed for w in loop.workers] == [1, 1]
+        deadline = time.monotonic() + 10
+        while not loop.workers[1].blocks and time.monotonic() < deadline:  # the heartbeat mirrors its cache
+            time.sleep(0.05)
+        extended = [(base + prompt(3, 20), GREEDY)]
+        outs = generate(loop, extended)
+        assert [w.routed for w in loop.workers] == [1, 2]
+        assert [payload[0] for _, payload in outs] == reference(mla_ckpt, extended)
+    finally:
+        loop.stop()
+
+
+def test_the_http_server_with_one_prefill_and_one_decode_worker_answers_the_openai_client(hybrid_ckpt):
+    openai = pytest.importorskip("openai", reason="the serve tests need the openai client (the test extra)")
+    import httpx
+
+    from nanokimi.serve.app import ServeOptions, create_app
+    from nanokimi.serve.disagg import load_disagg_server
+    from nanokimi.serve.run import BackgroundServer
+
+    text = "def load(fp, *, cls=None"
+    options = ServeOptions(device="cpu", max_cache_tokens=400, max_step_tokens=64)
+    server = load_disagg_server(str(hybrid_ckpt), options,
+                                DisaggOptions(prefill_workers=1, decode_workers=1, warmup=False))
+    llm = LLM(str(hybrid_ckpt), device="cpu", max_cache_tokens=2048, max_step_tokens=64)
+    want = llm.generate([text], SamplingParams(max_tokens=8, temperature=0.0), use_tqdm=False)[0].outputs[0]
+    with BackgroundServer(create_app(server), startup_timeout=120) as bg:
+        client = openai.OpenAI(base_url=bg.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        out = client.completions.create(model=server.model_name, prompt=text, max_tokens=8, temperature=0)
+        assert out.choices[0].text == want.text and out.usage.completion_tokens == len(want.token_ids)
+        chunks = list(client.chat.completions.create(model=server.model_name, max_tokens=6, temperature=0,
+                                                     stream=True, messages=[{"role": "user", "content": "hi"}]))
+        assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+        assert httpx.get(bg.url + "/health").json() == {"status": "ok"}
+        assert "nanokimi_time_to_first_token_seconds_count 2.0" in httpx.get(bg.url + "/metrics").text
+        with pytest.raises(openai.BadRequestError, match="exceed a worker's whole cache"):
+            client.completions.create(model=server.model_name, prompt=[1] * 300, max_tokens=200)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--prefill-workers", "1"], "at least one prefill and one decode worker"),
+    (["--replicas", "2", "--decode-workers", "1"], "do not combine it with"),
+    (["--replicas", "2", "--kv-offload-gb", "1"], "--kv-offload-gb / --kv-disk are not supported"),
+    (["--prefill-workers", "1", "--decode-workers", "1", "--device", "cuda:1"], "--device must be auto, cuda or cpu"),
+])
+def test_nanokimi_serve_refuses_bad_worker_flags_in_one_line(hybrid_ckpt, capsys, argv, message):
+    from nanokimi.cli import main
+    assert main(["serve", str(hybrid_ckpt), "--port", "0"] + argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1

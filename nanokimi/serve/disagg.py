@@ -354,8 +354,8 @@ class DisaggLoop:
         for w in prefills:
             uncached = len(ticket.prompt_ids) - self._cached_tokens(w, ticket.hashes)
             ttft, tbt = self._predict(w, uncached)
-            ranked.append((ttft, self._load(w)[1], w.rank, w, uncached, tbt))
-        ttft, _, _, prefill, uncached, tbt = min(ranked, key=lambda r: r[:3])
+            ranked.append((ttft, uncached, self._load(w)[1], w.rank, w, tbt))
+        ttft, uncached, _, _, prefill, tbt = min(ranked, key=lambda r: r[:4])
         ticket.uncached = uncached
         if prefill.role == "both":
             decode = prefill
@@ -631,6 +631,7 @@ def load_disagg_server(ckpt: str, options, disagg: DisaggOptions):
     if tokenizer is None:
         raise ValueError(f"{path} has no tokenizer (tokenizer.json or tiktoken.model); the server needs one.")
     disagg.device = options.device if disagg.device == "auto" else disagg.device
+    resolve_worker_devices(disagg.device, disagg.num_workers)  # bad --device / too few GPUs: fail before serving
     llm_kwargs = dict(max_cache_tokens=options.max_cache_tokens, block_size=options.block_size,
                       max_num_seqs=options.max_num_seqs, max_step_tokens=options.max_step_tokens,
                       enable_prefix_caching=options.enable_prefix_caching)
