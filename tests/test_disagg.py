@@ -302,7 +302,7 @@ def test_the_http_server_with_one_prefill_and_one_decode_worker_answers_the_open
     text = "def load(fp, *, cls=None"
     options = ServeOptions(device="cpu", max_cache_tokens=400, max_step_tokens=64)
     server = load_disagg_server(str(hybrid_ckpt), options,
-                                DisaggOptions(prefill_workers=1, decode_workers=1, warmup=False))
+                                DisaggOptions(prefill_workers=1, decode_workers=1))  # with the warm-up
     llm = LLM(str(hybrid_ckpt), device="cpu", max_cache_tokens=2048, max_step_tokens=64)
     want = llm.generate([text], SamplingParams(max_tokens=8, temperature=0.0), use_tqdm=False)[0].outputs[0]
     with BackgroundServer(create_app(server), startup_timeout=120) as bg:

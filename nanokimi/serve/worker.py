@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 HEARTBEAT_S = 0.2
+COUNTERS = ("prefill_tokens", "decode_tokens", "prefix_cache_queries", "prefix_cache_hit_tokens", "preemptions")
 
 
 def as_bytes(tensors: dict) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
@@ -132,6 +133,7 @@ class Worker:
         self.engine = llm.engine
         self.engine.stream_outputs = True
         self.model = StepTimeModel()
+        self.samples: list[tuple[int, int, float]] = []  # (prefill tokens, decode tokens, seconds) per step
         if spec.warmup:
             self._warmup()
         if spec.world_size:
@@ -139,12 +141,12 @@ class Worker:
             store = dist.TCPStore(spec.store_host, spec.store_port, spec.world_size + 1, is_master=False,
                                   timeout=__import__("datetime").timedelta(seconds=120))
             dist.init_process_group(spec.backend, store=store, rank=spec.rank, world_size=spec.world_size)
+        self.baseline = {key: self.engine.stats()[key] for key in COUNTERS}  # the warm-up's work is not served
         self.completions = Completions(poll=spec.backend == "nccl")
         self.dest: dict[str, int] = {}  # prefill: request -> decode rank
         self.sending: list[tuple[int, dict, dict]] = []  # (dest, completion, tensors kept alive until sent)
         self.incoming: list[dict] = []  # decode: transfers being received, in arrival order
         self.dead: set[int] = set()
-        self.samples: list[tuple[int, int, float]] = []
         self.sent_blocks: set = set()
         self.sent_snapshots: set = set()
         self.stop = False
@@ -325,9 +327,8 @@ class Worker:
         blocks = set(engine.pool.cached)
         snapshots = set(engine.slots.snapshots) if engine.slots is not None else set()
         message = {key: stats[key] for key in ("requests_running", "requests_waiting", "cache_blocks_free",
-                                               "cache_blocks_total", "cache_tokens_total", "prefill_tokens",
-                                               "decode_tokens", "prefix_cache_queries", "prefix_cache_hit_tokens",
-                                               "preemptions", "cache_blocks_cached")}
+                                               "cache_blocks_total", "cache_tokens_total", "cache_blocks_cached")}
+        message.update({key: stats[key] - self.baseline[key] for key in COUNTERS})
         message.update(num_waiting_prefill_tokens=stats["num_waiting_prefill_tokens"], incoming=len(self.incoming),
                        samples=self.samples, blocks_added=list(blocks - self.sent_blocks),
                        blocks_removed=list(self.sent_blocks - blocks),
