@@ -82,6 +82,14 @@ def assert_records_equal(loop) -> int:
     return checked
 
 
+def wait_for_stats(loop, rank: int, ready, timeout: float = 10.0) -> dict:
+    """The worker's heartbeat stats once `ready(stats)` holds (heartbeats come every 0.2 s)."""
+    deadline = time.monotonic() + timeout
+    while not ready(loop.workers[rank].stats) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return loop.workers[rank].stats
+
+
 @pytest.fixture(scope="module")
 def hybrid_ckpt(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("disagg-hybrid"))  # KDA + MLA + GQA, MoE
@@ -132,15 +140,26 @@ def test_a_request_moved_between_engines_continues_exactly(mixers):
     assert a.pool.num_free == a.pool.num_usable and b.stats()["requests_running"] == 0
 
 
+def reference_all(ckpt, reqs) -> list[list[list[int]]]:
+    llm = LLM(str(ckpt), device="cpu", dtype="float64", **ENGINE)
+    outs = llm.generate(prompt_token_ids=[ids for ids, _ in reqs], sampling_params=[p for _, p in reqs],
+                        use_tqdm=False)
+    return [[c.token_ids for c in sorted(o.outputs, key=lambda c: c.index)] for o in outs]
+
+
 def test_disagg_greedy_equals_one_engine_and_the_mla_cache_arrives_byte_for_byte(mla_ckpt):
-    reqs = requests(6)
-    want = reference(mla_ckpt, reqs)
+    """One-sample requests stream their cache layer by layer during the prefill step; the seeded n=2 request
+    is exported after its step (both samples' blocks and random streams)."""
+    reqs = requests(5) + [(prompt(7, 50), SamplingParams(max_tokens=10, temperature=0.8, seed=11, n=2))]
+    want = reference_all(mla_ckpt, reqs)
     loop = start(mla_ckpt, prefill_workers=1, decode_workers=1)
     try:
         outs = generate(loop, reqs)
         assert [kind for kind, _ in outs] == ["done"] * len(reqs), outs
-        assert [payload[0] for _, payload in outs] == want
-        assert assert_records_equal(loop) == len(reqs) * 2 * 2  # 2 layers x (c_kv, k_rope)
+        assert [payload for _, payload in outs] == want
+        assert assert_records_equal(loop) == (len(reqs) + 1) * 2 * 2  # samples x 2 layers x (c_kv, k_rope)
+        prefill = wait_for_stats(loop, 0, lambda s: s.get("transfers_after_step") == 1)
+        assert prefill["transfers_layer_streamed"] == len(reqs) - 1
     finally:
         loop.stop()
 
@@ -157,6 +176,7 @@ def test_disagg_greedy_equals_one_engine_on_the_hybrid_model_and_transfers_are_e
     outs = generate(hybrid_cluster, reqs)
     assert [payload[0] for _, payload in outs] == reference(hybrid_ckpt, reqs)
     assert assert_records_equal(hybrid_cluster) == len(reqs) * 6  # KDA conv+state, MLA c_kv+k_rope, GQA k+v
+    assert wait_for_stats(hybrid_cluster, 0, lambda s: s.get("transfers_layer_streamed") == len(reqs))
     routed = [w.routed for w in hybrid_cluster.workers]
     assert routed[0] == len(reqs) and routed[1] > 0 and routed[2] > 0  # both decode workers took some (by load)
 

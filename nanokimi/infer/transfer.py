@@ -56,12 +56,15 @@ def ready_to_export(engine, request_id: str) -> bool:
                for s in live)
 
 
-def layer_tensors(engine, block_table: list[int], state_slot: int | None, prefix: str = "") -> dict:
-    """Copies of one sample's cache: its blocks of every attention layer, its state slot of every KDA layer."""
+def layer_tensors(engine, block_table: list[int], state_slot: int | None, prefix: str = "",
+                  layers: range | None = None) -> dict:
+    """Copies of one sample's cache: its blocks of every attention layer, its state slot of every KDA layer
+    (of `layers` only, when given), named "<prefix><layer>.<field>" in layer order."""
     cache = engine.runner.cache
     index = torch.tensor(block_table, dtype=torch.long, device=engine.device)
     out = {}
-    for layer_index, layer in enumerate(cache.layers):
+    for layer_index in layers if layers is not None else range(len(cache.layers)):
+        layer = cache.layers[layer_index]
         for name, pool in vars(layer).items():
             if isinstance(layer, RecurrentCache):
                 out[f"{prefix}{layer_index}.{name}"] = pool[state_slot].clone()
@@ -70,9 +73,21 @@ def layer_tensors(engine, block_table: list[int], state_slot: int | None, prefix
     return out
 
 
-def export_request(engine, request_id: str, release: bool = True) -> tuple[RequestState, dict[str, torch.Tensor]]:
-    """The request's host state and cache tensors (device copies, ordered layer by layer per sample).
-    release=True removes it from the engine without an output (its blocks return to the pool)."""
+def sample_layout(engine, num_blocks: int, prefix: str = "") -> list[tuple[str, tuple[int, ...], str]]:
+    """The `tensor_layout` of layer_tensors over num_blocks blocks, without touching the cache."""
+    out = []
+    for layer_index, layer in enumerate(engine.runner.cache.layers):
+        for name, pool in vars(layer).items():
+            shape = tuple(pool.shape[1:]) if isinstance(layer, RecurrentCache) else (num_blocks, *pool.shape[1:])
+            out.append((f"{prefix}{layer_index}.{name}", shape, str(pool.dtype).removeprefix("torch.")))
+    return out
+
+
+def export_request(engine, request_id: str, release: bool = True,
+                   with_tensors: bool = True) -> tuple[RequestState, dict[str, torch.Tensor]]:
+    """The request's host state and cache tensors (device copies, ordered layer by layer per sample; none
+    with with_tensors=False, when they were sent as they were computed). release=True removes it from the
+    engine without an output (its blocks return to the pool)."""
     if not ready_to_export(engine, request_id):
         raise ValueError(f"export_request: request {request_id!r} is unknown or has tokens still to compute; "
                          "export after the step that sampled its newest tokens.")
@@ -87,7 +102,7 @@ def export_request(engine, request_id: str, release: bool = True) -> tuple[Reque
                                              list(out.token_ids), out.text, out.finish_reason,
                                              None if out.logprobs is None else list(out.logprobs),
                                              seq.detok_offsets, seq.run_tokens))
-        if seq.status != FINISHED:
+        if seq.status != FINISHED and with_tensors:
             blocks = seq.block_table[:-(-seq.num_computed // bs)]
             tensors.update(layer_tensors(engine, blocks, seq.state_slot, f"{seq.index}."))
     if release:

@@ -480,6 +480,21 @@ class DisaggLoop:
             ticket.stage = "transfer"
             self._forget_expected(ticket)
             return
+        if kind == "stream":  # headers of the transfers a prefill step is about to send layer by layer
+            dest, group = payload
+            target = self.workers[dest]
+            if target.alive:
+                target.inbox.put(("incoming_stream", rank, group))
+            for wid, _ in group:
+                ticket = self._by_wid.get(wid)
+                if ticket is None and target.alive:
+                    target.inbox.put(("abort", wid))
+            return
+        if kind == "state":  # the host state that completes a layer-streamed transfer (None: dropped)
+            wid, dest, state = payload
+            if self.workers[dest].alive:
+                self.workers[dest].inbox.put(("state", wid, state))
+            return
         if kind == "record":
             wid, side, tensors = payload
             self.records.setdefault(wid, {})[side] = tensors

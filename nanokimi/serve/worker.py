@@ -143,6 +143,11 @@ class Worker:
             dist.init_process_group(spec.backend, store=store, rank=spec.rank, world_size=spec.world_size)
         self.baseline = {key: self.engine.stats()[key] for key in COUNTERS}  # the warm-up's work is not served
         self.completions = Completions(poll=spec.backend == "nccl")
+        self.streams: list[dict] = []  # this step's layer-streamed transfers (prefill role)
+        self.streamed: dict[str, int] = {}  # request -> dest: cache sent while computed, state to follow
+        self.transfers = {"transfers_layer_streamed": 0, "transfers_after_step": 0}
+        if self.role == "prefill" and spec.world_size:
+            self._install_layer_streaming()
         self.dest: dict[str, int] = {}  # prefill: request -> decode rank
         self.sending: list[tuple[int, dict, dict]] = []  # (dest, completion, tensors kept alive until sent)
         self.incoming: list[dict] = []  # decode: transfers being received, in arrival order
@@ -206,6 +211,13 @@ class Worker:
                 self._add(*message[1:])
             elif kind == "incoming":
                 self._post_receives(*message[1:])
+            elif kind == "incoming_stream":
+                self._post_stream_receives(*message[1:])
+            elif kind == "state":
+                for transfer in self.incoming:
+                    if transfer["wid"] == message[1] and transfer["state"] is None:
+                        transfer["state"] = message[2]
+                        transfer["aborted"] |= message[2] is None  # finished on the prefill worker
             elif kind == "abort":
                 self.engine.abort(message[1])
                 self.dest.pop(message[1], None)
@@ -247,6 +259,10 @@ class Worker:
 
         for output in outputs:
             wid = output.request_id
+            if wid in self.streamed:
+                if output.finished or ready_to_export(self.engine, wid):
+                    self._finish_stream(wid, output, self.streamed[wid])
+                continue
             dest = self.dest.get(wid)
             if dest is None:
                 self.outbox.put((self.rank, "update", wid, _freeze(output)))
@@ -267,6 +283,91 @@ class Worker:
                 self.outbox.put((self.rank, "record", wid, "sent", as_bytes(tensors)))
             self.outbox.put((self.rank, "transfer", wid, dest, state, tensor_layout(tensors)))
             self._isend(dest, tensors)
+            self.transfers["transfers_after_step"] += 1
+
+    def _install_layer_streaming(self) -> None:
+        """Send each layer's cache of the requests whose prompt this step completes right after that layer has
+        run (a forward hook on each block's FFN, which runs after the block's mixer wrote its cache), so the
+        transfer of layer l overlaps the computation of layer l+1. The runner is wrapped to find those rows."""
+        run = self.engine.runner.run
+
+        def run_streaming(rows):
+            self.streams = self._plan_streams(rows)
+            try:
+                return run(rows)
+            finally:
+                for stream in self.streams:
+                    self.sending.append((stream["dest"], self.completions.watch(stream["dest"], stream["works"]),
+                                         stream["keep"]))
+                    if self.spec.record_transfers:
+                        sent = {name: t for part in stream["keep"] for name, t in part.items()}
+                        self.outbox.put((self.rank, "record", stream["wid"], "sent", as_bytes(sent)))
+                self.streams = []
+        self.engine.runner.run = run_streaming
+        for index, block in enumerate(self.engine.model.layers):
+            block.ffn.register_forward_hook(lambda module, args, output, index=index: self._send_layer(index))
+
+    def _plan_streams(self, rows) -> list[dict]:
+        """The rows that finish the prompt of a one-sample request bound for a decode worker; their headers go
+        out now, before the forward (grouped per decode worker: the receiver posts its irecvs in send order)."""
+        from nanokimi.infer.transfer import sample_layout
+
+        if not self.dest:
+            return []
+        by_table = {}
+        for wid, dest in self.dest.items():
+            request = self.engine.requests.get(wid)
+            if request is not None and len(request.sequences) == 1 and dest not in self.dead:
+                by_table[id(request.sequences[0].block_table)] = (wid, dest, request.sequences[0])
+        streams = []
+        bs = self.engine.block_size
+        for row in rows:
+            found = by_table.get(id(row.block_table))
+            if found is None:
+                continue
+            wid, dest, seq = found
+            if row.start + len(row.tokens) != seq.num_prompt or len(seq.tokens) != seq.num_prompt:
+                continue  # not the prompt's last chunk (or a recompute after preemption: sent after the step)
+            blocks = seq.block_table[:-(-seq.num_prompt // bs)]
+            streams.append({"wid": wid, "dest": dest, "blocks": blocks, "slot": seq.state_slot, "works": [],
+                            "keep": [], "layout": sample_layout(self.engine, len(blocks), "0.")})
+        groups: dict[int, list] = {}
+        for stream in streams:
+            groups.setdefault(stream["dest"], []).append(stream)
+        streams = [stream for group in groups.values() for stream in group]
+        for dest, group in groups.items():
+            self.outbox.put((self.rank, "stream", dest, [(st["wid"], st["layout"]) for st in group]))
+        for stream in streams:
+            self.streamed[stream["wid"]] = stream["dest"]
+        self.transfers["transfers_layer_streamed"] += len(streams)
+        return streams
+
+    def _send_layer(self, layer_index: int) -> None:
+        import torch.distributed as dist
+
+        from nanokimi.infer.transfer import layer_tensors
+
+        for stream in self.streams:
+            tensors = layer_tensors(self.engine, stream["blocks"], stream["slot"], "0.",
+                                    range(layer_index, layer_index + 1))
+            stream["keep"].append(tensors)
+            stream["works"].extend(dist.isend(t, stream["dest"]) for t in tensors.values())
+
+    def _finish_stream(self, wid: str, output, dest: int) -> None:
+        """After the step: the streamed request's host state follows its cache (or "discard" if it finished)."""
+        from nanokimi.infer.transfer import export_request
+        from nanokimi.serve.loop import _freeze
+
+        del self.streamed[wid]
+        self.dest.pop(wid, None)
+        self.outbox.put((self.rank, "update", wid, _freeze(output)))
+        if output.finished or dest in self.dead:
+            self.outbox.put((self.rank, "state", wid, dest, None))
+            if not output.finished:
+                self.engine.abort(wid)
+            return
+        state, _ = export_request(self.engine, wid, with_tensors=False)
+        self.outbox.put((self.rank, "state", wid, dest, state))
 
     def _isend(self, dest: int, tensors: dict) -> None:
         import torch.distributed as dist
@@ -289,6 +390,28 @@ class Worker:
         self.incoming.append({"wid": wid, "src": src, "state": state, "buffers": buffers, "aborted": False,
                               "completion": self.completions.watch(src, works)})
 
+    def _post_stream_receives(self, src: int, group: list) -> None:
+        """Receives for a layer-streamed group, posted layer by layer across its requests (the send order)."""
+        import torch.distributed as dist
+
+        from nanokimi.infer.transfer import empty_like_layout
+
+        if src in self.dead:
+            return
+        entries = []
+        for wid, layout in group:
+            entries.append({"wid": wid, "src": src, "state": None, "aborted": False, "works": [],
+                            "buffers": empty_like_layout(layout, self.engine.device)})
+        num_layers = len(self.engine.runner.cache.layers)
+        for layer_index in range(num_layers):
+            for entry in entries:
+                for name, buffer in entry["buffers"].items():
+                    if int(name.split(".")[1]) == layer_index:
+                        entry["works"].append(dist.irecv(buffer, src))
+        for entry in entries:
+            entry["completion"] = self.completions.watch(src, entry.pop("works"))
+            self.incoming.append(entry)
+
     def _receive(self) -> None:
         """Import the transfers whose tensors have all arrived, in order, while the engine has room."""
         from nanokimi.infer.transfer import can_import, import_request, layer_tensors
@@ -301,9 +424,13 @@ class Worker:
                 keep.append(transfer)
                 continue
             if completion["error"] is not None:  # the sender died mid-transfer
-                self.outbox.put((self.rank, "transfer_failed", transfer["wid"], completion["error"]))
+                if not transfer["aborted"]:
+                    self.outbox.put((self.rank, "transfer_failed", transfer["wid"], completion["error"]))
                 continue
             if transfer["aborted"]:
+                continue
+            if transfer["state"] is None:  # layer-streamed: the host state comes after the prefill step
+                keep.append(transfer)
                 continue
             if blocked or not can_import(self.engine, transfer["state"]):
                 blocked = True  # first come, first imported
@@ -328,7 +455,7 @@ class Worker:
         snapshots = set(engine.slots.snapshots) if engine.slots is not None else set()
         message = {key: stats[key] for key in ("requests_running", "requests_waiting", "cache_blocks_free",
                                                "cache_blocks_total", "cache_tokens_total", "cache_blocks_cached")}
-        message.update({key: stats[key] - self.baseline[key] for key in COUNTERS})
+        message.update({key: stats[key] - self.baseline[key] for key in COUNTERS}, **self.transfers)
         message.update(num_waiting_prefill_tokens=stats["num_waiting_prefill_tokens"], incoming=len(self.incoming),
                        samples=self.samples, blocks_added=list(blocks - self.sent_blocks),
                        blocks_removed=list(self.sent_blocks - blocks),
