@@ -290,9 +290,10 @@ def test_bad_worker_layouts_get_one_line_errors(options, message):
     assert "\n" not in str(e.value)
 
 
-def test_replicas_route_a_longer_prompt_to_the_replica_holding_its_prefix(mla_ckpt):
+def test_replicas_route_by_cached_prefix_and_a_hung_replica_is_replaced(mla_ckpt):
     """--replicas 2: greedy outputs equal one engine's; a prompt extending an earlier one goes to the replica
-    that cached it, although an idle tie would pick replica 0."""
+    that cached it, although an idle tie would pick replica 0; when that replica stops answering, its
+    request completes on the other."""
     loop = start(mla_ckpt, replicas=2)
     try:
         long_other, base = prompt(1, 150), prompt(2, 100)
@@ -307,6 +308,13 @@ def test_replicas_route_a_longer_prompt_to_the_replica_holding_its_prefix(mla_ck
         outs = generate(loop, extended)
         assert [w.routed for w in loop.workers] == [1, 2]
         assert [payload[0] for _, payload in outs] == reference(mla_ckpt, extended)
+        # a hung replica (stopped, so no heartbeats) is killed after the timeout and its request re-runs on the other
+        loop.options.heartbeat_timeout_s = 1.0
+        os.kill(loop.workers[1].process.pid, signal.SIGSTOP)
+        again = [(base + prompt(4, 30), GREEDY)]
+        outs = generate(loop, again, timeout=30)
+        assert [w.routed for w in loop.workers] == [2, 3] and not loop.workers[1].alive
+        assert [payload[0] for _, payload in outs] == reference(mla_ckpt, again)
     finally:
         loop.stop()
 
