@@ -357,3 +357,26 @@ def test_nanokimi_serve_refuses_bad_worker_flags_in_one_line(hybrid_ckpt, capsys
     assert main(["serve", str(hybrid_ckpt), "--port", "0"] + argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (one per worker)")
+def test_on_two_gpus_nccl_transfers_are_exact_and_outputs_equal_one_engine(hybrid_ckpt):
+    """1 prefill GPU + 1 decode GPU over NCCL, requests one at a time (so every batch matches the single
+    engine's, and greedy tokens can be compared exactly in float32)."""
+    reqs = requests(4, max_tokens=16)
+    engine = dict(ENGINE, max_cache_tokens=8192)
+    llm = LLM(str(hybrid_ckpt), device="cuda:0", dtype="float32", **engine)
+    want = [llm.generate(prompt_token_ids=[ids], sampling_params=params, use_tqdm=False)[0].outputs[0].token_ids
+            for ids, params in reqs]
+    del llm
+    opts = DisaggOptions(prefill_workers=1, decode_workers=1, device="cuda", record_transfers=True, warmup=False)
+    loop = DisaggLoop(str(hybrid_ckpt), opts, TINY["vocab_size"], TINY["max_position_embeddings"],
+                      dict(dtype="float32", **engine))
+    loop.start(timeout=300)
+    try:
+        got = [generate(loop, [r], timeout=120)[0] for r in reqs]
+        assert [payload[0] for _, payload in got] == want
+        assert assert_records_equal(loop) == len(reqs) * 6
+    finally:
+        loop.stop()
