@@ -40,8 +40,8 @@ def reference(ckpt, reqs) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in outs]
 
 
-async def _collect(loop, reqs, timeout: float, on_update=None):
-    sinks = [loop.submit(f"r{i}", ids, params) for i, (ids, params) in enumerate(reqs)]
+async def _collect(loop, reqs, timeout: float, on_update=None, prefix="r"):
+    sinks = [loop.submit(f"{prefix}{i}", ids, params) for i, (ids, params) in enumerate(reqs)]
 
     async def one(i, sink):
         while True:
@@ -56,9 +56,9 @@ async def _collect(loop, reqs, timeout: float, on_update=None):
     return await asyncio.gather(*(one(i, s) for i, s in enumerate(sinks)))
 
 
-def generate(loop, reqs, timeout: float = 60.0, on_update=None):
+def generate(loop, reqs, timeout: float = 60.0, on_update=None, prefix: str = "r"):
     """[(kind, payload)] per request: ("done", token ids per choice) or ("error", message)."""
-    return asyncio.run(_collect(loop, reqs, timeout, on_update))
+    return asyncio.run(_collect(loop, reqs, timeout, on_update, prefix))
 
 
 def start(ckpt, **options) -> DisaggLoop:
@@ -375,7 +375,7 @@ def test_on_two_gpus_nccl_transfers_are_exact_and_outputs_equal_one_engine(hybri
                       dict(dtype="float32", **engine))
     loop.start(timeout=300)
     try:
-        got = [generate(loop, [r], timeout=120)[0] for r in reqs]
+        got = [generate(loop, [r], timeout=120, prefix=f"g{i}-")[0] for i, r in enumerate(reqs)]
         assert [payload[0] for _, payload in got] == want
         assert assert_records_equal(loop) == len(reqs) * 6
     finally:
