@@ -200,7 +200,7 @@ def test_killing_a_decode_worker_mid_run_hangs_nothing(hybrid_ckpt, hybrid_clust
             os.kill(victim.process.pid, signal.SIGKILL)
             killed.append(time.monotonic())
     started = time.monotonic()
-    outs = generate(loop, reqs, timeout=60, on_update=on_update)
+    outs = generate(loop, reqs, timeout=60, on_update=on_update, prefix="kill")
     assert killed, "the decode worker was never seen decoding"
     assert [payload[0] for _, payload in outs] == reference(hybrid_ckpt, reqs)
     assert time.monotonic() - started < 90
@@ -209,7 +209,7 @@ def test_killing_a_decode_worker_mid_run_hangs_nothing(hybrid_ckpt, hybrid_clust
     deadline = time.monotonic() + 10
     while loop.workers[2].alive and time.monotonic() < deadline:
         time.sleep(0.05)
-    (kind, message), = generate(loop, requests(1), timeout=30)
+    (kind, message), = generate(loop, requests(1), timeout=30, prefix="late")
     assert kind == "error" and "no live decode worker" in message and "decode worker 2" in message
 
 
@@ -305,14 +305,14 @@ def test_replicas_route_by_cached_prefix_and_a_hung_replica_is_replaced(mla_ckpt
         while not loop.workers[1].blocks and time.monotonic() < deadline:  # the heartbeat mirrors its cache
             time.sleep(0.05)
         extended = [(base + prompt(3, 20), GREEDY)]
-        outs = generate(loop, extended)
+        outs = generate(loop, extended, prefix="ext")
         assert [w.routed for w in loop.workers] == [1, 2]
         assert [payload[0] for _, payload in outs] == reference(mla_ckpt, extended)
         # a hung replica (stopped, so no heartbeats) is killed after the timeout and its request re-runs on the other
         loop.options.heartbeat_timeout_s = 1.0
         os.kill(loop.workers[1].process.pid, signal.SIGSTOP)
         again = [(base + prompt(4, 30), GREEDY)]
-        outs = generate(loop, again, timeout=30)
+        outs = generate(loop, again, timeout=30, prefix="again")
         assert [w.routed for w in loop.workers] == [2, 3] and not loop.workers[1].alive
         assert [payload[0] for _, payload in outs] == reference(mla_ckpt, again)
     finally:
