@@ -185,8 +185,9 @@ class Worker:
     def run(self) -> None:
         last_beat = 0.0
         while not self.stop:
-            busy = self.engine.has_unfinished() or self.incoming or self.sending
-            self._drain(block=not busy)
+            # nothing to step: wait for a message (briefly while transfers are in flight, to poll them)
+            self._drain(wait=0.0 if self.engine.has_unfinished() else 0.002 if self.incoming or self.sending
+                        else 0.01)
             if self.stop:
                 break
             self._receive()
@@ -199,13 +200,13 @@ class Worker:
                 self._heartbeat()
                 last_beat = now
 
-    def _drain(self, block: bool) -> None:
+    def _drain(self, wait: float) -> None:
         while True:
             try:
-                message = self.inbox.get(timeout=0.01) if block else self.inbox.get_nowait()
+                message = self.inbox.get(timeout=wait) if wait else self.inbox.get_nowait()
             except queue.Empty:
                 return
-            block = False
+            wait = 0.0
             kind = message[0]
             if kind == "add":
                 self._add(*message[1:])
