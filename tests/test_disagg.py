@@ -148,9 +148,11 @@ def reference_all(ckpt, reqs) -> list[list[list[int]]]:
 
 
 def test_disagg_greedy_equals_one_engine_and_the_mla_cache_arrives_byte_for_byte(mla_ckpt):
-    """One-sample requests stream their cache layer by layer during the prefill step; the seeded n=2 request
-    is exported after its step (both samples' blocks and random streams)."""
-    reqs = requests(5) + [(prompt(7, 50), SamplingParams(max_tokens=10, temperature=0.8, seed=11, n=2))]
+    """One-sample requests stream their cache layer by layer during the prefill step (a seeded sampled one
+    too: its random stream moves with it); the seeded n=2 request is exported after its step (both samples'
+    blocks and random streams)."""
+    reqs = requests(4) + [(prompt(8, 30), SamplingParams(max_tokens=10, temperature=0.8, seed=5)),
+                          (prompt(7, 50), SamplingParams(max_tokens=10, temperature=0.8, seed=11, n=2))]
     want = reference_all(mla_ckpt, reqs)
     loop = start(mla_ckpt, prefill_workers=1, decode_workers=1)
     try:
