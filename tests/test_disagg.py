@@ -382,3 +382,32 @@ def test_on_two_gpus_nccl_transfers_are_exact_and_outputs_equal_one_engine(hybri
         assert assert_records_equal(loop) == len(reqs) * 6
     finally:
         loop.stop()
+
+
+POISON = 499
+
+
+def poisoned_model():
+    """A worker's model (built in the worker process) whose forward raises on token POISON."""
+    model = small_model("A")
+    forward = model.hidden_states
+
+    def hidden_states(input_ids, *args, **kwargs):
+        if (input_ids == POISON).any():
+            raise RuntimeError("poisoned token")
+        return forward(input_ids, *args, **kwargs)
+    model.hidden_states = hidden_states
+    return model, None
+
+
+def test_a_failing_engine_step_fails_its_requests_and_the_worker_keeps_serving():
+    loop = DisaggLoop(poisoned_model, DisaggOptions(replicas=1, device="cpu", warmup=False), TINY["vocab_size"],
+                      TINY["max_position_embeddings"], dict(ENGINE))
+    loop.start(timeout=120)
+    try:
+        (kind, message), = generate(loop, [(prompt(0, 20) + [POISON], GREEDY)], prefix="bad")
+        assert kind == "error" and "internal error in both worker 0: RuntimeError: poisoned token" in message
+        (kind, tokens), = generate(loop, [(prompt(0, 20), GREEDY)], prefix="good")
+        assert kind == "done" and len(tokens[0]) == GREEDY.max_tokens and loop.workers[0].alive
+    finally:
+        loop.stop()

@@ -143,18 +143,19 @@ class Worker:
             dist.init_process_group(spec.backend, store=store, rank=spec.rank, world_size=spec.world_size)
         self.baseline = {key: self.engine.stats()[key] for key in COUNTERS}  # the warm-up's work is not served
         self.completions = Completions(poll=spec.backend == "nccl")
-        self.streams: list[dict] = []  # this step's layer-streamed transfers (prefill role)
-        self.streamed: dict[str, int] = {}  # request -> dest: cache sent while computed, state to follow
-        self.transfers = {"transfers_layer_streamed": 0, "transfers_after_step": 0}
-        if self.role == "prefill" and spec.world_size:
-            self._install_layer_streaming()
         self.dest: dict[str, int] = {}  # prefill: request -> decode rank
         self.sending: list[tuple[int, dict, dict]] = []  # (dest, completion, tensors kept alive until sent)
         self.incoming: list[dict] = []  # decode: transfers being received, in arrival order
+        self.streams: list[dict] = []  # this step's layer-streamed transfers (prefill role)
+        self.streamed: dict[str, int] = {}  # request -> dest: cache sent while computed, state to follow
+        self.stream_broken = False  # a step failed halfway through layer-streamed sends
+        self.transfers = {"transfers_layer_streamed": 0, "transfers_after_step": 0}
         self.dead: set[int] = set()
         self.sent_blocks: set = set()
         self.sent_snapshots: set = set()
         self.stop = False
+        if self.role == "prefill" and spec.world_size:
+            self._install_layer_streaming()
         stats = self.engine.stats()
         outbox.put((self.rank, "ready", {"pid": os.getpid(), "role": self.role,
                                          "cache_tokens_total": stats["cache_tokens_total"],
@@ -192,8 +193,7 @@ class Worker:
                 break
             self._receive()
             if self.engine.has_unfinished():
-                outputs = self._step()
-                self._deliver(outputs)
+                self._deliver(self._step_or_fail())
             self._poll_sends()
             now = time.monotonic()
             if now - last_beat > HEARTBEAT_S:
@@ -240,6 +240,24 @@ class Worker:
             return
         if dest is not None:
             self.dest[wid] = dest
+
+    def _step_or_fail(self) -> list:
+        """One engine step; if it raises, the engine's requests fail with the error (as one engine's server
+        does) and the worker goes on, unless sends were cut off mid-step: then the transfer stream to that
+        decode worker is out of order, and the worker exits (the coordinator re-runs its requests)."""
+        try:
+            return self._step()
+        except Exception as e:  # noqa: BLE001 - one bad step must not take the requests of other workers down
+            traceback.print_exc()
+            message = f"internal error in {self.role} worker {self.rank}: {type(e).__name__}: {e}"
+            for wid in list(self.engine.requests):
+                self.outbox.put((self.rank, "error", wid, message))
+                self.engine.abort(wid)
+                self.dest.pop(wid, None)
+                self.streamed.pop(wid, None)
+            if self.stream_broken:
+                _exit(self.outbox, 1)
+            return []
 
     def _step(self, record: bool = True):
         before = self.engine.stats()
@@ -296,6 +314,9 @@ class Worker:
             self.streams = self._plan_streams(rows)
             try:
                 return run(rows)
+            except BaseException:
+                self.stream_broken = bool(self.streams)
+                raise
             finally:
                 for stream in self.streams:
                     self.sending.append((stream["dest"], self.completions.watch(stream["dest"], stream["works"]),
