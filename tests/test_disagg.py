@@ -174,11 +174,14 @@ def hybrid_cluster(hybrid_ckpt):
 
 
 def test_disagg_greedy_equals_one_engine_on_the_hybrid_model_and_transfers_are_exact(hybrid_ckpt, hybrid_cluster):
-    reqs = requests(6)
+    """Prompts longer than a step's budget (64 tokens) stream their blocks chunk by chunk, the KDA state last."""
+    reqs = requests(8)
     outs = generate(hybrid_cluster, reqs)
     assert [payload[0] for _, payload in outs] == reference(hybrid_ckpt, reqs)
     assert assert_records_equal(hybrid_cluster) == len(reqs) * 6  # KDA conv+state, MLA c_kv+k_rope, GQA k+v
-    assert wait_for_stats(hybrid_cluster, 0, lambda s: s.get("transfers_layer_streamed") == len(reqs))
+    prefill = wait_for_stats(hybrid_cluster, 0, lambda s: s.get("transfers_layer_streamed") == len(reqs))
+    assert prefill["transfers_layer_streamed"] == len(reqs)
+    assert prefill["transfer_pieces"] > len(reqs)  # prompts longer than a step went in several pieces
     routed = [w.routed for w in hybrid_cluster.workers]
     assert routed[0] == len(reqs) and routed[1] > 0 and routed[2] > 0  # both decode workers took some (by load)
 

@@ -57,9 +57,10 @@ def ready_to_export(engine, request_id: str) -> bool:
 
 
 def layer_tensors(engine, block_table: list[int], state_slot: int | None, prefix: str = "",
-                  layers: range | None = None) -> dict:
+                  layers: range | None = None, recurrent: bool = True) -> dict:
     """Copies of one sample's cache: its blocks of every attention layer, its state slot of every KDA layer
-    (of `layers` only, when given), named "<prefix><layer>.<field>" in layer order."""
+    (of `layers` only, when given; no KDA state with recurrent=False), named "<prefix><layer>.<field>" in
+    layer order."""
     cache = engine.runner.cache
     index = torch.tensor(block_table, dtype=torch.long, device=engine.device)
     out = {}
@@ -67,17 +68,21 @@ def layer_tensors(engine, block_table: list[int], state_slot: int | None, prefix
         layer = cache.layers[layer_index]
         for name, pool in vars(layer).items():
             if isinstance(layer, RecurrentCache):
-                out[f"{prefix}{layer_index}.{name}"] = pool[state_slot].clone()
+                if recurrent:
+                    out[f"{prefix}{layer_index}.{name}"] = pool[state_slot].clone()
             else:
                 out[f"{prefix}{layer_index}.{name}"] = pool.index_select(0, index)
     return out
 
 
-def sample_layout(engine, num_blocks: int, prefix: str = "") -> list[tuple[str, tuple[int, ...], str]]:
+def sample_layout(engine, num_blocks: int, prefix: str = "",
+                  recurrent: bool = True) -> list[tuple[str, tuple[int, ...], str]]:
     """The `tensor_layout` of layer_tensors over num_blocks blocks, without touching the cache."""
     out = []
     for layer_index, layer in enumerate(engine.runner.cache.layers):
         for name, pool in vars(layer).items():
+            if isinstance(layer, RecurrentCache) and not recurrent:
+                continue
             shape = tuple(pool.shape[1:]) if isinstance(layer, RecurrentCache) else (num_blocks, *pool.shape[1:])
             out.append((f"{prefix}{layer_index}.{name}", shape, str(pool.dtype).removeprefix("torch.")))
     return out

@@ -485,7 +485,7 @@ class DisaggLoop:
             target = self.workers[dest]
             if target.alive:
                 target.inbox.put(("incoming_stream", rank, group))
-            for wid, _ in group:
+            for wid, *_ in group:
                 ticket = self._by_wid.get(wid)
                 if ticket is None and target.alive:
                     target.inbox.put(("abort", wid))

@@ -118,6 +118,7 @@ def _exit(outbox, code: int) -> None:
 class Worker:
     def __init__(self, spec: WorkerSpec, inbox, outbox):
         from nanokimi.infer import LLM
+        from nanokimi.infer.transfer import sample_layout
         from nanokimi.serve.admission import StepTimeModel
 
         self.spec, self.rank, self.role = spec, spec.rank, spec.role
@@ -149,11 +150,15 @@ class Worker:
         self.streams: list[dict] = []  # this step's layer-streamed transfers (prefill role)
         self.streamed: dict[str, int] = {}  # request -> dest: cache sent while computed, state to follow
         self.stream_broken = False  # a step failed halfway through layer-streamed sends
-        self.transfers = {"transfers_layer_streamed": 0, "transfers_after_step": 0}
+        self.transfers = {"transfers_layer_streamed": 0, "transfers_after_step": 0, "transfer_pieces": 0}
         self.dead: set[int] = set()
         self.sent_blocks: set = set()
         self.sent_snapshots: set = set()
         self.stop = False
+        self.stream_sent: dict[str, int] = {}  # request -> blocks already streamed (prompt still running)
+        self.stream_records: dict[str, dict] = {}  # record_transfers: what was streamed, assembled
+        self.state_names = {name for name, _, _ in sample_layout(self.engine, 1, "0.")} - \
+            {name for name, _, _ in sample_layout(self.engine, 1, "0.", recurrent=False)}  # KDA fields, not blocks
         if self.role == "prefill" and spec.world_size:
             self._install_layer_streaming()
         stats = self.engine.stats()
@@ -222,6 +227,8 @@ class Worker:
             elif kind == "abort":
                 self.engine.abort(message[1])
                 self.dest.pop(message[1], None)
+                self.stream_sent.pop(message[1], None)
+                self.stream_records.pop(message[1], None)
                 for transfer in self.incoming:  # still received: the sender's tensors arrive in order
                     transfer["aborted"] |= transfer["wid"] == message[1]
             elif kind == "peer_dead":
@@ -305,9 +312,12 @@ class Worker:
             self.transfers["transfers_after_step"] += 1
 
     def _install_layer_streaming(self) -> None:
-        """Send each layer's cache of the requests whose prompt this step completes right after that layer has
-        run (a forward hook on each block's FFN, which runs after the block's mixer wrote its cache), so the
-        transfer of layer l overlaps the computation of layer l+1. The runner is wrapped to find those rows."""
+        """Send the cache of one-sample requests bound for a decode worker while their prompt is computed: in
+        each prefill step, right after a layer has run (a forward hook on each block's FFN, which runs after
+        the block's mixer wrote its cache), that layer's blocks that this step filled (from the first one not
+        sent yet, so a prefix-cache hit goes along with the first chunk); in the step that ends the prompt, the
+        rest (its last, partial block) and the KDA state. Layer l travels while layer l+1 is computed. The
+        runner is wrapped to find each step's rows."""
         run = self.engine.runner.run
 
         def run_streaming(rows):
@@ -318,20 +328,19 @@ class Worker:
                 self.stream_broken = bool(self.streams)
                 raise
             finally:
-                for stream in self.streams:
-                    self.sending.append((stream["dest"], self.completions.watch(stream["dest"], stream["works"]),
-                                         stream["keep"]))
+                for piece in self.streams:
+                    self.sending.append((piece["dest"], self.completions.watch(piece["dest"], piece["works"]),
+                                         piece["keep"]))
                     if self.spec.record_transfers:
-                        sent = {name: t for part in stream["keep"] for name, t in part.items()}
-                        self.outbox.put((self.rank, "record", stream["wid"], "sent", as_bytes(sent)))
+                        self._record_piece(piece)
                 self.streams = []
         self.engine.runner.run = run_streaming
         for index, block in enumerate(self.engine.model.layers):
             block.ffn.register_forward_hook(lambda module, args, output, index=index: self._send_layer(index))
 
     def _plan_streams(self, rows) -> list[dict]:
-        """The rows that finish the prompt of a one-sample request bound for a decode worker; their headers go
-        out now, before the forward (grouped per decode worker: the receiver posts its irecvs in send order)."""
+        """This step's pieces: (request, blocks [first, end), whether it ends the prompt); their headers go out
+        now, before the forward, grouped per decode worker (whose irecvs follow the send order)."""
         from nanokimi.infer.transfer import sample_layout
 
         if not self.dest:
@@ -341,39 +350,67 @@ class Worker:
             request = self.engine.requests.get(wid)
             if request is not None and len(request.sequences) == 1 and dest not in self.dead:
                 by_table[id(request.sequences[0].block_table)] = (wid, dest, request.sequences[0])
-        streams = []
+        pieces = []
         bs = self.engine.block_size
         for row in rows:
             found = by_table.get(id(row.block_table))
             if found is None:
                 continue
             wid, dest, seq = found
-            if row.start + len(row.tokens) != seq.num_prompt or len(seq.tokens) != seq.num_prompt:
-                continue  # not the prompt's last chunk (or a recompute after preemption: sent after the step)
-            blocks = seq.block_table[:-(-seq.num_prompt // bs)]
-            streams.append({"wid": wid, "dest": dest, "blocks": blocks, "slot": seq.state_slot, "works": [],
-                            "keep": [], "layout": sample_layout(self.engine, len(blocks), "0.")})
+            end = row.start + len(row.tokens)
+            if len(seq.tokens) != seq.num_prompt or end > seq.num_prompt:
+                continue  # a recompute after preemption that includes outputs: sent after its step instead
+            total, final = -(-seq.num_prompt // bs), end == seq.num_prompt
+            first = self.stream_sent.get(wid, 0)
+            last = total if final else end // bs
+            if last <= first and not final:
+                continue
+            pieces.append({"wid": wid, "dest": dest, "blocks": seq.block_table[first:last], "first": first,
+                           "total": total, "final": final, "slot": seq.state_slot, "works": [], "keep": [],
+                           "layout": sample_layout(self.engine, last - first, "0.", recurrent=final)})
+            self.stream_sent[wid] = last
         groups: dict[int, list] = {}
-        for stream in streams:
-            groups.setdefault(stream["dest"], []).append(stream)
-        streams = [stream for group in groups.values() for stream in group]
+        for piece in pieces:
+            groups.setdefault(piece["dest"], []).append(piece)
+        pieces = [piece for group in groups.values() for piece in group]
         for dest, group in groups.items():
-            self.outbox.put((self.rank, "stream", dest, [(st["wid"], st["layout"]) for st in group]))
-        for stream in streams:
-            self.streamed[stream["wid"]] = stream["dest"]
-        self.transfers["transfers_layer_streamed"] += len(streams)
-        return streams
+            self.outbox.put((self.rank, "stream", dest, [(p["wid"], p["first"], p["total"], p["final"], p["layout"])
+                                                         for p in group]))
+        self.transfers["transfer_pieces"] += len(pieces)
+        for piece in pieces:
+            if piece["final"]:
+                self.streamed[piece["wid"]] = piece["dest"]
+                self.stream_sent.pop(piece["wid"])
+                self.transfers["transfers_layer_streamed"] += 1
+        return pieces
 
     def _send_layer(self, layer_index: int) -> None:
         import torch.distributed as dist
 
         from nanokimi.infer.transfer import layer_tensors
 
-        for stream in self.streams:
-            tensors = layer_tensors(self.engine, stream["blocks"], stream["slot"], "0.",
-                                    range(layer_index, layer_index + 1))
-            stream["keep"].append(tensors)
-            stream["works"].extend(dist.isend(t, stream["dest"]) for t in tensors.values())
+        for piece in self.streams:
+            tensors = layer_tensors(self.engine, piece["blocks"], piece["slot"], "0.",
+                                    range(layer_index, layer_index + 1), recurrent=piece["final"])
+            piece["keep"].append(tensors)
+            piece["works"].extend(dist.isend(t, piece["dest"]) for t in tensors.values())
+
+    def _record_piece(self, piece: dict) -> None:
+        """record_transfers: assemble what was sent for a request across its pieces; report it with the last."""
+        from nanokimi.infer.transfer import empty_like_layout, sample_layout
+
+        wid = piece["wid"]
+        if wid not in self.stream_records:
+            self.stream_records[wid] = empty_like_layout(sample_layout(self.engine, piece["total"], "0."), "cpu")
+        whole = self.stream_records[wid]
+        for part in piece["keep"]:
+            for name, tensor in part.items():
+                if name in self.state_names:
+                    whole[name].copy_(tensor)
+                else:
+                    whole[name][piece["first"]:piece["first"] + tensor.shape[0]].copy_(tensor)
+        if piece["final"]:
+            self.outbox.put((self.rank, "record", wid, "sent", as_bytes(self.stream_records.pop(wid))))
 
     def _finish_stream(self, wid: str, output, dest: int) -> None:
         """After the step: the streamed request's host state follows its cache (or "discard" if it finished)."""
@@ -401,6 +438,7 @@ class Worker:
         self.sending = [s for s in self.sending if not self.completions.finished(s[1])]
 
     def _post_receives(self, wid: str, src: int, state, layout) -> None:
+        """Receives for a request moved after its step: all its tensors, in layer order."""
         import torch.distributed as dist
 
         from nanokimi.infer.transfer import empty_like_layout
@@ -410,29 +448,36 @@ class Worker:
         buffers = empty_like_layout(layout, self.engine.device)
         works = [dist.irecv(t, src) for t in buffers.values()]
         self.incoming.append({"wid": wid, "src": src, "state": state, "buffers": buffers, "aborted": False,
-                              "completion": self.completions.watch(src, works)})
+                              "pieces": [self.completions.watch(src, works)], "final": True})
 
     def _post_stream_receives(self, src: int, group: list) -> None:
-        """Receives for a layer-streamed group, posted layer by layer across its requests (the send order)."""
+        """Receives for one prefill step's pieces, posted layer by layer across the pieces (the send order),
+        each into its blocks' rows of the request's buffers (made with the first piece, for the whole prompt)."""
         import torch.distributed as dist
 
-        from nanokimi.infer.transfer import empty_like_layout
+        from nanokimi.infer.transfer import empty_like_layout, sample_layout
 
         if src in self.dead:
             return
-        entries = []
-        for wid, layout in group:
-            entries.append({"wid": wid, "src": src, "state": None, "aborted": False, "works": [],
-                            "buffers": empty_like_layout(layout, self.engine.device)})
-        num_layers = len(self.engine.runner.cache.layers)
-        for layer_index in range(num_layers):
-            for entry in entries:
-                for name, buffer in entry["buffers"].items():
-                    if int(name.split(".")[1]) == layer_index:
-                        entry["works"].append(dist.irecv(buffer, src))
-        for entry in entries:
-            entry["completion"] = self.completions.watch(src, entry.pop("works"))
-            self.incoming.append(entry)
+        posted = []
+        for wid, first, total, final, layout in group:
+            entry = next((t for t in self.incoming if t["wid"] == wid and t["src"] == src and not t["final"]), None)
+            if entry is None:
+                entry = {"wid": wid, "src": src, "state": None, "aborted": False, "pieces": [], "final": False,
+                         "buffers": empty_like_layout(sample_layout(self.engine, total, "0."), self.engine.device)}
+                self.incoming.append(entry)
+            entry["final"] = final
+            views = {}
+            for name, shape, _ in layout:
+                whole = entry["buffers"][name]
+                views[name] = whole if name in self.state_names else whole[first:first + shape[0]]
+            posted.append((entry, views, []))
+        for layer_index in range(len(self.engine.runner.cache.layers)):
+            for _, views, works in posted:
+                works.extend(dist.irecv(view, src) for name, view in views.items()
+                             if int(name.split(".")[1]) == layer_index)
+        for entry, _, works in posted:
+            entry["pieces"].append(self.completions.watch(src, works))
 
     def _receive(self) -> None:
         """Import the transfers whose tensors have all arrived, in order, while the engine has room."""
@@ -441,17 +486,17 @@ class Worker:
         keep = []
         blocked = False
         for transfer in self.incoming:
-            completion = transfer["completion"]
-            if not self.completions.finished(completion):
+            if not all(self.completions.finished(piece) for piece in transfer["pieces"]):
                 keep.append(transfer)
                 continue
-            if completion["error"] is not None:  # the sender died mid-transfer
+            error = next((piece["error"] for piece in transfer["pieces"] if piece["error"] is not None), None)
+            if error is not None:  # the sender died mid-transfer
                 if not transfer["aborted"]:
-                    self.outbox.put((self.rank, "transfer_failed", transfer["wid"], completion["error"]))
+                    self.outbox.put((self.rank, "transfer_failed", transfer["wid"], error))
                 continue
             if transfer["aborted"]:
                 continue
-            if transfer["state"] is None:  # layer-streamed: the host state comes after the prefill step
+            if not transfer["final"] or transfer["state"] is None:  # more pieces, or the host state, to come
                 keep.append(transfer)
                 continue
             if blocked or not can_import(self.engine, transfer["state"]):
