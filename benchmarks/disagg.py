@@ -1,6 +1,6 @@
 """Disaggregated prefill/decode (1 prefill + 1 decode GPU) vs 2 data-parallel replicas on the Mooncake trace.
 
-    python benchmarks/disagg.py            # 2 GPUs: bench-kl-900m, --replicas 2 vs --prefill-workers 1 --decode-workers 1
+    python benchmarks/disagg.py            # 2 GPUs, bench-kl-900m: --replicas 2 vs 1 prefill + 1 decode worker
     python benchmarks/disagg.py --smoke    # CPU worker processes (gloo), tiny model, a scaled-down trace (temp folder)
 
 The trace replay of benchmarks/serve.py (same trace lines, same text prompts from hash ids, same streamed

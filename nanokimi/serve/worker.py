@@ -7,21 +7,27 @@ transfers, point to point from a prefill worker to a decode worker.
 
 Coordinator -> worker (`inbox`):
     ("add", wid, prompt_ids, params, arrival, dest)   run it; dest: the decode rank (prefill role) or None
-    ("incoming", wid, src, state, layout)             post receives for a request that src is sending
+    ("incoming_stream", src, pieces)                  post receives for one prefill step's streamed pieces
+    ("state", wid, state)                             the host state that completes a streamed request
+    ("incoming", wid, src, state, layout)             post receives for a request moved after its step
     ("abort", wid) / ("peer_dead", rank) / ("stop",)
 Worker -> coordinator (`outbox`, each message starts with the worker's rank):
     ("ready", info) / ("failed", message)             after start-up
     ("update", wid, Update)                           cumulative outputs (a prefill worker: the first token)
-    ("error", wid, message)                           the engine refused the request
-    ("transfer", wid, dest, state, layout)            sent just before the cache's isends to dest
+    ("error", wid, message)                           the engine refused or failed the request
+    ("stream", dest, pieces)                          before a prefill forward: what it will send, per request
+                                                      (wid, first block, total blocks, last piece?, layout)
+    ("state", wid, dest, state)                       after that request's first token (None: it finished)
+    ("transfer", wid, dest, state, layout)            a request moved after its step, before its isends
     ("imported", wid) / ("transfer_failed", wid, message)
     ("stats", stats)                                  heartbeat: load, step times, prefix-cache changes
     ("record", wid, side, tensors)                    record_transfers only: what was sent / written
 
-A prefill worker runs a request through its first sampled token, then exports it (nanokimi/infer/transfer.py)
-and isends its tensors layer by layer in layer order; it keeps computing while they travel (the sends of
-one step overlap the next steps, not the forward that produced them). A decode worker posts the matching
-irecvs when the header arrives, imports the request once they complete, and decodes it.
+A prefill worker streams a one-sample request's cache while computing its prompt (`_install_layer_streaming`:
+per step and layer, the blocks that step filled; the KDA state with the last chunk), samples the first token
+and sends the host state after it; other requests (several samples) are exported after the step that sampled
+them (nanokimi/infer/transfer.py) and sent in layer order. A decode worker posts the matching irecvs when a
+header arrives, imports the request once its last piece and host state are in, and decodes it.
 """
 from __future__ import annotations
 
