@@ -259,11 +259,26 @@ class DisaggLoop:
             self._ready.set()
             return
         self._refresh_snapshot()
+        threading.Thread(target=self._pump, name="nanokimi-worker-messages", daemon=True).start()
         self._ready.set()
         last_check = 0.0
         while not self._stop.is_set():
-            self._drain_inbox()
-            self._drain_outbox(0.01)
+            try:
+                kind, item = self._inbox.get(timeout=0.05)  # HTTP requests and worker messages, in arrival order
+            except queue.Empty:
+                kind = None
+            if kind == "worker":
+                try:
+                    self._handle(*item)
+                except Exception:  # noqa: BLE001 - one bad message must not stop the coordinator
+                    log.exception("handling %s from worker %s failed", item[1], item[0])
+            elif kind == "add":
+                self._admit(item)
+            elif kind == "abort":
+                ticket = self._tickets.get(item)
+                if ticket is not None:
+                    self._release(ticket)
+                    self._finish(ticket, Update((), True, 0), "abort")
             now = time.monotonic()
             if now - last_check > 0.05:
                 self._check_liveness(now)
@@ -296,20 +311,6 @@ class DisaggLoop:
 
     def _live(self, predicate) -> list[WorkerInfo]:
         return [w for w in self.workers if w.alive and predicate(w)]
-
-    def _drain_inbox(self) -> None:
-        while True:
-            try:
-                kind, item = self._inbox.get_nowait()
-            except queue.Empty:
-                return
-            if kind == "add":
-                self._admit(item)
-            elif kind == "abort":
-                ticket = self._tickets.get(item)
-                if ticket is not None:
-                    self._release(ticket)
-                    self._finish(ticket, Update((), True, 0), "abort")
 
     def _cached_tokens(self, worker: WorkerInfo, hashes: list[bytes]) -> int:
         """Prompt tokens the worker would reuse, by its mirrored prefix cache (the engine's prefix_of rule)."""
@@ -445,21 +446,17 @@ class DisaggLoop:
                 self.workers[rank].inbox.put(("abort", ticket.wid))
         self._by_wid.pop(ticket.wid, None)
 
-    def _drain_outbox(self, timeout: float) -> None:
-        wait = timeout
-        while True:
+    def _pump(self) -> None:
+        """Move the workers' messages into the coordinator's queue, so one blocking get serves both sides."""
+        while not self._stop.is_set():
             try:
-                message = self._outbox.get(timeout=wait) if wait else self._outbox.get_nowait()
+                message = self._outbox.get(timeout=0.1)
             except queue.Empty:
-                return
+                continue
             except Exception:  # noqa: BLE001 - a message its dying sender could not finish; the rest go on
                 log.exception("unreadable message from a worker")
                 continue
-            wait = 0
-            try:
-                self._handle(*message)
-            except Exception:  # noqa: BLE001 - one bad message must not stop the coordinator
-                log.exception("handling %s from worker %s failed", message[1], message[0])
+            self._inbox.put(("worker", message))
 
     def _handle(self, rank: int, kind: str, *payload) -> None:
         worker = self.workers[rank]
