@@ -182,6 +182,7 @@ class DisaggLoop:
         self._store = None
         self._outbox = None
         self._thread = threading.Thread(target=self._run, name="nanokimi-coordinator", daemon=True)
+        self._pump_thread = threading.Thread(target=self._pump, name="nanokimi-worker-messages", daemon=True)
 
     def start(self, timeout: float = 600.0) -> None:
         if self._thread.is_alive():
@@ -236,6 +237,15 @@ class DisaggLoop:
             if w.process.is_alive():
                 w.process.kill()
                 w.process.join(timeout=5)
+        if self._pump_thread.is_alive():
+            self._pump_thread.join(timeout=5)
+        for q in [w.inbox for w in self.workers] + [self._outbox]:
+            if q is not None:
+                q.cancel_join_thread()
+                q.close()
+        for w in self.workers:  # dropped, so their semaphores are released before the interpreter exits
+            w.inbox = None
+        self._outbox = None
 
     def snapshot(self) -> dict:
         return self._snapshot
@@ -259,7 +269,7 @@ class DisaggLoop:
             self._ready.set()
             return
         self._refresh_snapshot()
-        threading.Thread(target=self._pump, name="nanokimi-worker-messages", daemon=True).start()
+        self._pump_thread.start()
         self._ready.set()
         last_check = 0.0
         while not self._stop.is_set():
@@ -561,6 +571,7 @@ class DisaggLoop:
         self._by_wid.pop(ticket.wid, None)
         self.metrics.finished.labels(reason).inc()
         ticket.post("update", update)
+        self._refresh_snapshot()
 
     def _fail(self, ticket: Ticket, message: str) -> None:
         self._tickets.pop(ticket.request_id, None)
