@@ -414,3 +414,32 @@ def test_a_failing_engine_step_fails_its_requests_and_the_worker_keeps_serving()
         assert kind == "done" and len(tokens[0]) == GREEDY.max_tokens and loop.workers[0].alive
     finally:
         loop.stop()
+
+
+def test_a_send_to_a_vanished_peer_marks_it_dead_and_fails_its_transfers():
+    """A p2p op that raises (the peer's connection is gone) does not raise in the worker: the peer counts as
+    dead, its transfers are reported failed (the coordinator re-runs them), and the stand-in work reports the
+    error to both completion trackers (gloo's waiting thread and NCCL's polling)."""
+    import queue as queue_module
+
+    from nanokimi.serve.worker import Completions, Worker
+
+    worker = Worker.__new__(Worker)
+    worker.rank, worker.dead, worker.outbox = 0, set(), queue_module.Queue()
+    worker.sending = [(3, {}, {}), (2, {}, {})]
+    worker.incoming = [{"wid": "a#0", "src": 3}, {"wid": "b#0", "src": 2}]
+
+    def broken(tensor, peer):
+        raise RuntimeError("Connection closed by peer")
+    work = worker._p2p(broken, torch.zeros(1), 3)
+    assert worker.dead == {3} and [s[0] for s in worker.sending] == [2]
+    assert [t["wid"] for t in worker.incoming] == ["b#0"]
+    assert worker.outbox.get_nowait()[1:3] == ("transfer_failed", "a#0")
+    assert worker._p2p(broken, torch.zeros(1), 3).is_completed()  # a dead peer is not tried again
+    for poll in (True, False):
+        tracker = Completions(poll)
+        entry = tracker.watch(3, [work])
+        deadline = time.monotonic() + 5
+        while not tracker.finished(entry) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert tracker.finished(entry) and "unreachable" in entry["error"]

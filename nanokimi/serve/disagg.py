@@ -518,7 +518,7 @@ class DisaggLoop:
             self._release(ticket)
             self._fail(ticket, payload[1])
         elif kind == "transfer_failed":
-            self._reroute(ticket, f"the cache transfer to decode worker {rank} failed ({payload[1]})")
+            self._reroute(ticket, f"a cache transfer of {worker.describe()} failed ({payload[1]})")
 
     def _observe(self, worker: WorkerInfo, stats: dict) -> None:
         for sample in stats.pop("samples"):

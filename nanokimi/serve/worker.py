@@ -51,6 +51,19 @@ def as_bytes(tensors: dict) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
                    t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()) for name, t in tensors.items()}
 
 
+class _Failed:
+    """Stands in for a send/receive that could not be posted: finished, with an error."""
+
+    def __init__(self, error: str):
+        self.error = error
+
+    def is_completed(self) -> bool:
+        return True
+
+    def wait(self) -> None:
+        raise RuntimeError(self.error)
+
+
 class Completions:
     """Which point-to-point works have finished. Gloo's send/recv works only report completion from wait(),
     so one helper thread per peer waits on them in order (works to one peer complete in order); NCCL's are
@@ -82,6 +95,11 @@ class Completions:
 
     def finished(self, entry: dict) -> bool:
         if self.poll and not entry["done"].is_set() and all(w.is_completed() for w in entry["works"]):
+            try:
+                for work in entry["works"]:  # completed: returns at once (NCCL: orders the current stream after it)
+                    work.wait()
+            except Exception as e:  # noqa: BLE001 - the peer died: the transfer failed
+                entry["error"] = f"{type(e).__name__}: {e}"
             entry["done"].set()
         return entry["done"].is_set()
 
@@ -237,7 +255,7 @@ class Worker:
                 self.stream_records.pop(message[1], None)
                 for transfer in self.incoming:  # still received: the sender's tensors arrive in order
                     transfer["aborted"] |= transfer["wid"] == message[1]
-            elif kind == "peer_dead":
+            elif kind == "peer_dead":  # the coordinator re-runs the requests it held
                 self.dead.add(message[1])
                 self.sending = [s for s in self.sending if s[0] != message[1]]
                 self.incoming = [t for t in self.incoming if t["src"] != message[1]]
@@ -309,6 +327,7 @@ class Worker:
             self.outbox.put((self.rank, "update", wid, _freeze(output)))  # the first token: TTFT ends here
             if dest in self.dead:
                 self.engine.abort(wid)
+                self.outbox.put((self.rank, "transfer_failed", wid, f"decode worker {dest} is unreachable"))
                 continue
             state, tensors = export_request(self.engine, wid)
             if self.spec.record_transfers:
@@ -396,10 +415,30 @@ class Worker:
         from nanokimi.infer.transfer import layer_tensors
 
         for piece in self.streams:
+            if piece["dest"] in self.dead:
+                continue
             tensors = layer_tensors(self.engine, piece["blocks"], piece["slot"], "0.",
                                     range(layer_index, layer_index + 1), recurrent=piece["final"])
             piece["keep"].append(tensors)
-            piece["works"].extend(dist.isend(t, piece["dest"]) for t in tensors.values())
+            piece["works"].extend(self._p2p(dist.isend, t, piece["dest"]) for t in tensors.values())
+
+    def _p2p(self, op, tensor, peer: int):
+        """dist.isend / dist.irecv; if it raises (the peer's connection is gone), the peer counts as dead here
+        and a finished stand-in is returned (the coordinator re-runs the requests involved)."""
+        if peer not in self.dead:
+            try:
+                return op(tensor, peer)
+            except Exception as e:  # noqa: BLE001 - a dead peer must not take this worker down
+                traceback.print_exc()
+                self._lost_peer(peer, f"{type(e).__name__}: {e}")
+        return _Failed(f"peer {peer} is unreachable")
+
+    def _lost_peer(self, peer: int, why: str) -> None:
+        self.dead.add(peer)
+        self.sending = [s for s in self.sending if s[0] != peer]
+        for transfer in [t for t in self.incoming if t["src"] == peer]:
+            self.outbox.put((self.rank, "transfer_failed", transfer["wid"], why))
+        self.incoming = [t for t in self.incoming if t["src"] != peer]
 
     def _record_piece(self, piece: dict) -> None:
         """record_transfers: assemble what was sent for a request across its pieces; report it with the last."""
@@ -430,6 +469,7 @@ class Worker:
             self.outbox.put((self.rank, "state", wid, dest, None))
             if not output.finished:
                 self.engine.abort(wid)
+                self.outbox.put((self.rank, "transfer_failed", wid, f"decode worker {dest} is unreachable"))
             return
         state, _ = export_request(self.engine, wid, with_tensors=False)
         self.outbox.put((self.rank, "state", wid, dest, state))
@@ -437,7 +477,7 @@ class Worker:
     def _isend(self, dest: int, tensors: dict) -> None:
         import torch.distributed as dist
 
-        works = [dist.isend(t, dest) for t in tensors.values()]  # layer by layer, in layer order
+        works = [self._p2p(dist.isend, t, dest) for t in tensors.values()]  # layer by layer, in layer order
         self.sending.append((dest, self.completions.watch(dest, works), tensors))
 
     def _poll_sends(self) -> None:
@@ -452,7 +492,7 @@ class Worker:
         if src in self.dead:
             return
         buffers = empty_like_layout(layout, self.engine.device)
-        works = [dist.irecv(t, src) for t in buffers.values()]
+        works = [self._p2p(dist.irecv, t, src) for t in buffers.values()]
         self.incoming.append({"wid": wid, "src": src, "state": state, "buffers": buffers, "aborted": False,
                               "pieces": [self.completions.watch(src, works)], "final": True})
 
@@ -480,7 +520,7 @@ class Worker:
             posted.append((entry, views, []))
         for layer_index in range(len(self.engine.runner.cache.layers)):
             for _, views, works in posted:
-                works.extend(dist.irecv(view, src) for name, view in views.items()
+                works.extend(self._p2p(dist.irecv, view, src) for name, view in views.items()
                              if int(name.split(".")[1]) == layer_index)
         for entry, _, works in posted:
             entry["pieces"].append(self.completions.watch(src, works))
