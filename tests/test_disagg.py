@@ -162,6 +162,12 @@ def test_disagg_greedy_equals_one_engine_and_the_mla_cache_arrives_byte_for_byte
         assert assert_records_equal(loop) == (len(reqs) + 1) * 2 * 2  # samples x 2 layers x (c_kv, k_rope)
         prefill = wait_for_stats(loop, 0, lambda s: s.get("transfers_after_step") == 1)
         assert prefill["transfers_layer_streamed"] == len(reqs) - 1
+        # the only prefill worker dies with a long prompt on its way: a clear error, the decode worker lives on
+        os.kill(loop.workers[0].process.pid, signal.SIGKILL)
+        (kind, message), = generate(loop, [(prompt(9, 150), GREEDY)], timeout=30, prefix="orphan")
+        assert kind == "error" and "no live prefill worker" in message and "prefill worker 0" in message
+        assert loop.workers[1].alive and loop.workers[1].process.is_alive()
+        assert loop.error is not None  # /health: 503
     finally:
         loop.stop()
 

@@ -591,6 +591,9 @@ class DisaggLoop:
     def _on_death(self, worker: WorkerInfo, how: str) -> None:
         worker.alive = False
         log.error("%s %s; re-routing its requests", worker.describe(), how)
+        for role, serves in (("prefill", lambda w: w.prefills), ("decode", lambda w: w.decodes)):
+            if not self._live(serves):  # /health answers 503 from now on
+                self.error = RuntimeError(self._none_left(role))
         for other in self._live(lambda w: True):
             other.inbox.put(("peer_dead", worker.rank))
         for ticket in [t for t in self._tickets.values() if worker.rank in (t.prefill, t.decode)]:
