@@ -348,11 +348,17 @@ def test_the_http_server_with_one_prefill_and_one_decode_worker_answers_the_open
         client = openai.OpenAI(base_url=bg.url + "/v1", api_key="unused", max_retries=0, timeout=60)
         out = client.completions.create(model=server.model_name, prompt=text, max_tokens=8, temperature=0)
         assert out.choices[0].text == want.text and out.usage.completion_tokens == len(want.token_ids)
+        stop = want.text[len(want.text) // 2:][:2] or "a"  # the decode worker continues the detokenizer and stop rule
+        cut = llm.generate([text], SamplingParams(max_tokens=8, temperature=0.0, stop=[stop]), use_tqdm=False)[0]
+        out = client.completions.create(model=server.model_name, prompt=text, max_tokens=8, temperature=0,
+                                        stop=[stop])
+        assert out.choices[0].text == cut.outputs[0].text and out.choices[0].finish_reason == \
+            cut.outputs[0].finish_reason
         chunks = list(client.chat.completions.create(model=server.model_name, max_tokens=6, temperature=0,
                                                      stream=True, messages=[{"role": "user", "content": "hi"}]))
         assert chunks[-1].choices[0].finish_reason in ("stop", "length")
         assert httpx.get(bg.url + "/health").json() == {"status": "ok"}
-        assert "nanokimi_time_to_first_token_seconds_count 2.0" in httpx.get(bg.url + "/metrics").text
+        assert "nanokimi_time_to_first_token_seconds_count 3.0" in httpx.get(bg.url + "/metrics").text
         with pytest.raises(openai.BadRequestError, match="exceed a worker's whole cache"):
             client.completions.create(model=server.model_name, prompt=[1] * 300, max_tokens=200)
 
