@@ -10,6 +10,7 @@
   nanokimi model info --preset NAME
   nanokimi convert --from-hf HF_DIR --out DIR | --to-hf CHECKPOINT_DIR --out HF_DIR
   nanokimi serve CKPT [--host 127.0.0.1] [--port 8000] [--ttft-slo-ms MS] [--kv-offload-gb GB] ...
+  nanokimi serve CKPT --prefill-workers P --decode-workers D   (or --replicas N; docs/disagg.md)
   nanokimi chat CKPT [--system TEXT]
   nanokimi sft --ckpt BASE --data FILE.jsonl [--out DIR] [--resume] [section.key=value ...]
   nanokimi lepa --ckpt BASE --task ladder|mused|gsm8k [--iterations N] [--trials N] [--no-plan] [--templates FILE]
@@ -191,7 +192,14 @@ def cmd_serve(args) -> int:
                            max_step_tokens=args.max_step_tokens, max_body_bytes=args.max_body_bytes,
                            served_model_name=args.served_model_name, device=args.device,
                            speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens)
-    server = Server.load(args.ckpt, options)
+    if args.prefill_workers or args.decode_workers or args.replicas:
+        from nanokimi.serve.disagg import DisaggOptions, load_disagg_server
+        disagg = DisaggOptions(prefill_workers=args.prefill_workers, decode_workers=args.decode_workers,
+                               replicas=args.replicas)
+        disagg.check()
+        server = load_disagg_server(args.ckpt, options, disagg)
+    else:
+        server = Server.load(args.ckpt, options)
     print(f"serving {server.model_name} on http://{args.host}:{args.port} (OpenAI API under /v1, chat page at /, "
           "metrics at /metrics)", file=sys.stderr)
     serve_forever(create_app(server), args.host, args.port)
@@ -331,6 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="draft tokens from the request's own prompt and output (ngram) or its group (suffix) and "
                             "verify them in one forward; greedy output is unchanged (docs/seer.md)")
     serve.add_argument("--num-speculative-tokens", type=int, default=4, help="draft length (adapted to acceptance)")
+    serve.add_argument("--prefill-workers", type=int, default=0,
+                       help="disaggregated serving: prefill worker processes, one GPU each (docs/disagg.md)")
+    serve.add_argument("--decode-workers", type=int, default=0, help="disaggregated serving: decode workers")
+    serve.add_argument("--replicas", type=int, default=0,
+                       help="data-parallel engine replicas, one GPU each, each prefilling and decoding")
     serve.set_defaults(func=cmd_serve)
 
     from nanokimi.chat_cli import add_chat_args
