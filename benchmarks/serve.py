@@ -19,6 +19,7 @@ Weights are random (bench presets); lengths come from max_tokens, so the text pr
 """
 import argparse
 import asyncio
+import importlib.metadata
 import json
 import os
 import random
@@ -42,6 +43,10 @@ SMOKE = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim
              qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, kda_num_heads=2, kda_head_dim=16,
              intermediate_size=128, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
              first_k_dense=1, vocab_size=512, max_position_embeddings=4096)
+MLA_CACHE_NOTE = (" (why: this transformers' continuous-batching paged cache sizes keys and values by "
+                  "config.head_dim, which DeepseekV3Config sets to qk_rope_head_dim, narrower than MLA's keys "
+                  "(qk_nope_head_dim + qk_rope_head_dim): every request fails; transformers 5.25 sizes MLA caches "
+                  "right: see docs/serve.md for the wheels to carry)")
 TOKEN_RANGE = (300, 500)  # merged tokens of the benchmark tokenizer: one token each when re-encoded
 
 
@@ -97,34 +102,61 @@ def percentile(values: list[float], q: float) -> float | None:
     return values[min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))]
 
 
+def request_body(model: str, prompt: str, max_tokens: int) -> dict:
+    """The one request every system gets: a streamed greedy /v1/completions call. Each field is one that both
+    nanokimi's schema and transformers serve's (CompletionCreateParams) accept; transformers 5.17 ignores
+    stream_options and puts the usage on its last chunk anyway."""
+    return {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+
+
+def read_stream(lines: list[tuple[float, str]]) -> dict:
+    """Folds one SSE reply, (arrival time, line) pairs, into its first and last token-frame times, the frame
+    count, the usage and an error. An error frame (transformers serve sends `data: {"error": ...}` with HTTP 200
+    when generation fails), a line that is not JSON, or a reply with neither a frame with choices nor usage is an
+    error, with the offending line kept for the log."""
+    out = dict(first=None, last=None, frames=0, usage=None, error=None)
+    for t, line in lines:
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        try:
+            chunk = json.loads(line[6:])
+        except json.JSONDecodeError:
+            return dict(out, error=f"a stream line that is not JSON: {line[:600]}")
+        if not isinstance(chunk, dict) or "error" in chunk:
+            return dict(out, error=f"an error frame in the stream: {line[:600]}")
+        out["usage"] = chunk.get("usage") or out["usage"]
+        if chunk.get("choices"):
+            out["first"] = out["first"] or t
+            out["last"] = t
+            out["frames"] += 1
+    if out["first"] is None and not out["usage"]:
+        out["error"] = "a stream with no token frame and no usage: " + " | ".join(x for _, x in lines)[:600]
+    return out
+
+
 async def _replay(url: str, model: str, work: list[dict], timeout_s: float) -> list[dict]:
     import httpx
 
     async def one(http, r, t0):
         await asyncio.sleep(max(0.0, t0 + r["arrival"] - time.perf_counter()))
-        body = {"model": model, "prompt": r["prompt"], "max_tokens": r["max_tokens"], "temperature": 0,
-                "stream": True, "stream_options": {"include_usage": True}}
+        body = request_body(model, r["prompt"], r["max_tokens"])
         start = time.perf_counter()
-        first = last = None
-        frames, usage = 0, None
+        lines = []
         try:
             async with http.stream("POST", url + "/v1/completions", json=body) as resp:
                 if resp.status_code != 200:
-                    await resp.aread()
-                    return dict(status=resp.status_code)
+                    text = (await resp.aread()).decode(errors="replace")
+                    return dict(status=resp.status_code, error=f"HTTP {resp.status_code}: {text[:600]}")
                 async for line in resp.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    chunk = json.loads(line[6:])
-                    usage = chunk.get("usage") or usage
-                    if chunk.get("choices"):
-                        now = time.perf_counter()
-                        first = first or now
-                        last = now
-                        frames += 1
-        except (httpx.HTTPError, json.JSONDecodeError) as e:
+                    lines.append((time.perf_counter(), line))
+        except httpx.HTTPError as e:
             return dict(status=-1, error=f"{type(e).__name__}: {e}")
-        tokens = usage["completion_tokens"] if usage else frames
+        got = read_stream(lines)
+        if got["error"] is not None:
+            return dict(status=-1, error=got["error"])
+        first, last, usage = got["first"], got["last"], got["usage"]
+        tokens = usage["completion_tokens"] if usage else got["frames"]
         return dict(status=200, ttft=None if first is None else first - start,
                     tpot=(last - first) / (tokens - 1) if first is not None and tokens > 1 else None,
                     e2e=time.perf_counter() - start, completion_tokens=tokens,
@@ -166,7 +198,19 @@ def summarize(results: list[dict], work: list[dict], ttft_slo: float, tpot_slo: 
                 goodput_rps=round(len(good) / max(span, 1e-9), 4), good_fraction=round(len(good) / len(results), 4),
                 trace_span_s=round(span, 2),
                 prompt_tokens=sum(r.get("prompt_tokens") or 0 for r in done),
-                completion_tokens=sum(r.get("completion_tokens") or 0 for r in done))
+                completion_tokens=sum(r.get("completion_tokens") or 0 for r in done),
+                first_error=next((r.get("error") for r in results if r["status"] not in (200, 429)), None),
+                errors=failure_counts(results))
+
+
+def failure_counts(results: list[dict], keep: int = 3) -> dict[str, int]:
+    """The most frequent failure messages (not 429s) with their counts: a GPU run's log and JSON say why
+    requests failed."""
+    counts: dict[str, int] = {}
+    for r in results:
+        if r["status"] not in (200, 429) and r.get("error"):
+            counts[r["error"]] = counts.get(r["error"], 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1])[:keep])
 
 
 def run_nanokimi(model, tokenizer, template, mode: str, work, args, device) -> dict:
@@ -213,6 +257,7 @@ def run_transformers_peer(model, tokenizer_dir: Path, work, args, device, folder
     save_hf(model, hf_dir, layout="deepseek_v3", tokenizer_path=tokenizer_dir / "tokenizer.json", overwrite=True)
     shutil.copyfile(tokenizer_dir / "tokenizer_config.json", hf_dir / "tokenizer_config.json")
     exe = shutil.which("transformers") or str(Path(sys.executable).with_name("transformers"))
+    version = importlib.metadata.version("transformers")  # the one `exe` imports: same environment and path
     port = 18000 + os.getpid() % 1000
     help_text = subprocess.run([exe, "serve", "--help"], capture_output=True, text=True, timeout=120).stdout
     dtype_flag = "--dtype" if "--dtype" in help_text else "--torch-dtype"  # the flag's name changed across versions
@@ -237,8 +282,12 @@ def run_transformers_peer(model, tokenizer_dir: Path, work, args, device, folder
                 raise RuntimeError("transformers serve did not come up in time")
             time.sleep(1)
         warm = run_client(url, str(hf_dir), work[:2], 120)  # first requests: lazy initialisation, warm-up
-        if not any(r["status"] == 200 for r in warm):
-            raise RuntimeError(f"transformers serve refused the warm-up requests: {warm}")
+        broken = [r for r in warm if r["status"] != 200 or r.get("ttft") is None]
+        if broken:
+            print(f"  transformers serve's first failing response: {broken[0]}", flush=True)
+            error = str(broken[0].get("error", broken[0]))
+            raise RuntimeError(f"transformers {version} serve failed the warm-up request: {error}"
+                               + (MLA_CACHE_NOTE if "index_copy_" in error else ""))
         ready_s = time.perf_counter() - started
         results = run_client(url, str(hf_dir), work, max(60.0, min(args.timeout, time_left())))
     finally:
@@ -250,7 +299,7 @@ def run_transformers_peer(model, tokenizer_dir: Path, work, args, device, folder
         log.close()
     row = summarize(results, work, args.ttft_slo_ms / 1000, args.tbt_slo_ms / 1000)
     row.update(prefix_hit_rate_gpu=None, prefix_hit_rate_cpu=None, prefix_hit_rate_disk=None, preemptions=None,
-               startup_s=round(ready_s, 1))
+               startup_s=round(ready_s, 1), transformers=version)
     return row
 
 
@@ -345,6 +394,9 @@ def main() -> int:
                 rows.append(dict(preset=preset, system="transformers serve", mode="continuous batching",
                                  error=f"{type(e).__name__}: {str(e)[:600]}"))
             print(f"  {json.dumps(rows[-1])}", flush=True)
+        for row in rows:
+            if row["preset"] == preset and row.get("first_error"):
+                print(f"  {row['system']} {row['mode']}: first failing response: {row['first_error']}", flush=True)
         del model
     headers = ["preset", "system", "mode", "done", "429", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99",
                "goodput/s", "hit gpu", "hit cpu"]
