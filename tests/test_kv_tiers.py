@@ -150,6 +150,7 @@ def test_packed_rows_round_trip_like_the_dict_path_and_count_what_the_tier_saved
         assert same(store.fetch(bytes([i]) * 16), block(i, with_state=True))
     c = store.counters
     assert (c["offloads"], c["offloads_hit"], c["cpu_hits"], c["bytes_down"]) == (3, 2, 3, 3 * nbytes)
+    assert c["copies_down"] == 1  # three neighbouring buffers of a fresh pool: one copy
 
 
 def test_a_reused_buffer_is_rewritten_only_after_its_copies_and_read_only_after_them(tmp_path):

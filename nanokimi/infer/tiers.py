@@ -75,6 +75,48 @@ def _wait(event) -> None:
         event.synchronize()
 
 
+def _next_to(a: torch.Tensor, count: int, b: torch.Tensor) -> bool:
+    """Whether buffer b starts right after `count` buffers of b's size starting at buffer a (same pinned chunk)."""
+    return (a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+            and b.storage_offset() == a.storage_offset() + count * b.numel())
+
+
+def _span(first: torch.Tensor, count: int) -> torch.Tensor:
+    """[count, nbytes] view over `count` neighbouring buffers of first's size, starting at first."""
+    return first.as_strided((count, first.numel()), (first.numel(), 1))
+
+
+class _Run:
+    """Rows rows[start:start + len(entries)] going into neighbouring buffers: copied down in one call."""
+
+    def __init__(self, rows: torch.Tensor, stream):
+        self.rows, self.stream = rows, stream
+        self.start, self.entries = 0, []
+
+    def extend(self, i: int, entry: _Entry) -> bool:
+        if not self.entries:
+            self.start, self.entries = i, [entry]
+            return True
+        if i == self.start + len(self.entries) and _next_to(self.entries[0].buffer, len(self.entries), entry.buffer):
+            self.entries.append(entry)
+            return True
+        return False
+
+    def issue(self) -> int:
+        """Queue (or, without a stream, do) the run's copy; returns the number of copy calls (0 or 1)."""
+        if not self.entries:
+            return 0
+        n = len(self.entries)
+        _span(self.entries[0].buffer, n).copy_(self.rows[self.start:self.start + n],
+                                               non_blocking=self.stream is not None)
+        if self.stream is not None:
+            done = self.stream.record_event()
+            for entry in self.entries:
+                entry.event = done
+        self.entries = []
+        return 1
+
+
 class KVTierStore:
     """cpu_bytes: size of the pinned CPU pool; disk_dir (optional) with at most disk_bytes of files;
     block_size: tokens per block (for the hit-token counters); namespace keeps different models' files apart."""
@@ -90,6 +132,7 @@ class KVTierStore:
         self._reserved = 0  # bytes of the pool handed out as buffers (in use or spare)
         self._chunk, self._chunk_used = None, 0
         self._entry_bytes = 0
+        self._run: _Run | None = None  # copies down being gathered by offload_rows
         self.disk_dir = None if disk_dir is None else Path(disk_dir) / namespace
         self.disk: OrderedDict[str, int] = OrderedDict()  # hash -> file bytes, LRU order
         self._disk_used = 0
@@ -100,9 +143,10 @@ class KVTierStore:
                 self.disk[file.stem] = size
                 self._disk_used += size
         # offloads: entries copied down; offloads_hit: of those, entries hit at least once later (what the
-        # copies saved); bytes_down / bytes_up: bytes copied into / out of the CPU pool
+        # copies saved); bytes_down / bytes_up: bytes copied into / out of the CPU pool; copies_down / copies_up:
+        # the copy calls that moved them (runs of neighbouring buffers go in one)
         self.counters = {"cpu_hits": 0, "disk_hits": 0, "misses": 0, "offloads": 0, "offloads_hit": 0,
-                         "disk_writes": 0, "bytes_down": 0, "bytes_up": 0}
+                         "disk_writes": 0, "bytes_down": 0, "bytes_up": 0, "copies_down": 0, "copies_up": 0}
 
     @staticmethod
     def _key(h: bytes | int | str) -> str:
@@ -126,11 +170,12 @@ class KVTierStore:
 
     def offload_rows(self, keys: list, rows: torch.Tensor, layout: list, stream=None) -> None:
         """Copy entries packed as rows [n, nbytes] uint8 (`layout` says where each tensor sits) into the CPU
-        pool, one copy per row. With `stream` (rows on CUDA) the copies are queued on that stream and return at
-        once; the caller keeps `rows` alive until they are done (`rows.record_stream(stream)`)."""
+        pool: one copy per run of entries whose buffers lie next to each other (the pool hands out neighbouring
+        buffers when it carves or recycles in order). With `stream` (rows on CUDA) the copies are queued on that
+        stream and return at once; the caller keeps `rows` alive until they are done (`rows.record_stream`)."""
         nbytes = rows.shape[1]
-        queued = []
-        for key, row in zip(keys, rows):
+        self._run = _Run(rows, stream)
+        for i, key in enumerate(keys):
             key = self._key(key)
             self.counters["offloads"] += 1
             if key in self.cpu:
@@ -139,22 +184,21 @@ class KVTierStore:
             got = self._alloc(nbytes)
             if got is None:  # larger than the whole pool: straight to disk
                 if self.disk_dir is not None and key not in self.disk:
-                    self._write_disk(key, unpack(row.cpu(), layout))
+                    self._write_disk(key, unpack(rows[i].cpu(), layout))
                 continue
             buffer, event = got
             if event is not None and stream is not None:
                 stream.wait_event(event)  # a load may still be reading the buffer's old content
             elif event is not None:
                 event.synchronize()
-            buffer.copy_(row, non_blocking=stream is not None)
             self.counters["bytes_down"] += nbytes
             self.cpu[key] = entry = _Entry(buffer, layout)
-            queued.append(entry)
+            if not self._run.extend(i, entry):
+                self.counters["copies_down"] += self._run.issue()
+                self._run.extend(i, entry)
+        self.counters["copies_down"] += self._run.issue()
+        self._run = None
         self._entry_bytes = nbytes
-        if stream is not None and queued:
-            done = stream.record_event()
-            for entry in queued:
-                entry.event = done
 
     def _insert_cpu(self, h: str, tensors: dict[str, torch.Tensor]) -> _Entry | None:
         layout, nbytes = layout_of(tensors)
@@ -230,6 +274,8 @@ class KVTierStore:
         while self.cpu:
             old_hash, old = self.cpu.popitem(last=False)
             old.gone = True
+            if self._run is not None and old in self._run.entries:  # its copy down is not queued yet
+                self.counters["copies_down"] += self._run.issue()
             if self.disk_dir is not None and old_hash not in self.disk:
                 _wait(old.event)
                 self._write_disk(old_hash, old.tensors())
@@ -367,17 +413,23 @@ class TieredCache:
         return self.store.contains(STATE_KEY + h)
 
     def _upload(self, entries: list[_Entry]) -> torch.Tensor:
-        """Rows [n, nbytes] on the cache's device with the entries' bytes (copies queued on the compute stream)."""
-        rows = torch.empty(len(entries), entries[0].buffer.numel(), dtype=torch.uint8, device=self.device)
-        if self.side is None:
-            for row, entry in zip(rows, entries):
-                row.copy_(entry.buffer)
-        else:
-            compute = torch.cuda.current_stream(self.device)
-            for row, entry in zip(rows, entries):
-                if entry.event is not None:
-                    compute.wait_event(entry.event)  # still being copied down
-                row.copy_(entry.buffer, non_blocking=True)
+        """Rows [n, nbytes] on the cache's device with the entries' bytes: one copy per run of neighbouring
+        buffers, queued on the compute stream (after waiting there for entries still being copied down)."""
+        nbytes = entries[0].buffer.numel()
+        rows = torch.empty(len(entries), nbytes, dtype=torch.uint8, device=self.device)
+        compute = torch.cuda.current_stream(self.device) if self.side is not None else None
+        waited = set()
+        start = 0
+        for i, entry in enumerate(entries):
+            if compute is not None and entry.event is not None and id(entry.event) not in waited:
+                compute.wait_event(entry.event)
+                waited.add(id(entry.event))
+            last = i + 1 == len(entries)
+            if last or not _next_to(entries[start].buffer, i + 1 - start, entries[i + 1].buffer):
+                rows[start:i + 1].copy_(_span(entries[start].buffer, i + 1 - start), non_blocking=compute is not None)
+                self.store.counters["copies_up"] += 1
+                start = i + 1
+        if compute is not None:
             done = compute.record_event()
             for entry in entries:
                 entry.event = done  # the buffer is not rewritten before this copy has read it
