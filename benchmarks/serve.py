@@ -1,21 +1,27 @@
 """Mooncake trace replay against `nanokimi serve` and `transformers serve --continuous-batching`.
 
-    python benchmarks/serve.py            # bench-kl-900m and bench-dsv3-900m on one GPU, HF peer on dsv3 (~8 min)
+    python benchmarks/serve.py            # bench-dsv3-900m (+ HF peer) and bench-kl-900m on one GPU (~9 min)
     python benchmarks/serve.py --smoke    # CPU, tiny models, a scaled-down trace (writes to a temp folder)
     python benchmarks/serve.py --smoke --smoke-peer --presets bench-dsv3-900m   # + transformers serve (accelerate)
 
 The trace (../shared/data/mooncake/synthetic_trace.jsonl, Mooncake's FAST'25 release) gives each request an
 arrival time, input and output lengths and the hash ids of its 512-token prefix blocks. Each hash id becomes a
 block of text made of tokens drawn from a generator seeded by the id, so equal ids are equal text and shared
-prefixes are really shared; lengths are scaled by --length-scale (block = 512 x scale tokens) and time by
---time-scale. Every system gets the same text prompts over HTTP (/v1/completions, streamed, greedy, max_tokens
-= the scaled output length) from a client in its own process, at the trace's arrival times.
+prefixes are really shared; lengths are scaled by --length-scale (block = 512 x scale tokens). Every system gets
+the same text prompts over HTTP (/v1/completions, streamed, greedy, max_tokens = the scaled output length) from
+a client in its own process, at the trace's arrival times sped up by the time scale.
 
-nanokimi runs three ways on a GPU pool of --gpu-cache-tokens (smaller than the trace's prefix working set):
-prefix caching off, on, and on with a pinned CPU tier of --cpu-tier-gb; all with SLO admission (early 429s)
-at --ttft-slo-ms / --tbt-slo-ms. Reported per run: TTFT and TPOT p50/p99 over completed requests, goodput
-(requests per second of trace time that completed within both SLOs), reject rate, prefix-hit rate per tier.
-Weights are random (bench presets); lengths come from max_tokens, so the text produced does not matter.
+The time scale comes from a measurement (unless --time-scale is given): per preset, the engine's throughput
+without prefix caching on requests spread over the window (requests/s, all submitted at once) times --load
+(1.5) is the arrival rate. So the offered load means the same on any GPU: more than the server sustains without
+caching, less than it sustains when half the prompt tokens are cached.
+
+nanokimi runs on a GPU pool of --gpu-cache-tokens (far below the window's prefix working set): prefix caching
+off, on, on with a pinned CPU tier of --cpu-tier-gb (`cpu`), all serving every request; `--modes ... cpu-slo`
+adds the same with SLO admission (early 429s) at --ttft-slo-ms / --tbt-slo-ms. Reported per run: TTFT and TPOT p50/p99 over
+completed requests, goodput (requests per second of trace time that completed within both SLOs), reject rate,
+prefix-hit rate per tier, the CPU tier's copies; failed requests keep their reason (`first_error`, `errors`).
+The JSON is rewritten after every run. Weights are random (bench presets); lengths come from max_tokens.
 """
 import argparse
 import asyncio
@@ -38,9 +44,9 @@ TRACES = [base / "data" / "mooncake" / "synthetic_trace.jsonl"
           for base in (ROOT / "shared", ROOT.parent / "shared", ROOT.parent.parent / "shared")]
 TRACE = next((t for t in TRACES if t.is_file()), TRACES[1])
 PRESETS = ("bench-dsv3-900m", "bench-kl-900m")  # dsv3 first: its peer run lands before a cut-off
-PEER_PRESETS = ("bench-dsv3-900m",)
+PEER_PRESETS = ("bench-dsv3-900m",)  # transformers has no KDA model to serve bench-kl-900m's layout with
 MODES = {  # name: (prefix caching, CPU tier, SLO admission)
-    "off": (False, False, False), "on": (True, False, False), "cpu": (True, True, False), "cpu-slo": (True, True, True)}  # transformers has no KDA model to serve bench-kl-900m's layout with
+    "off": (False, False, False), "on": (True, False, False), "cpu": (True, True, False), "cpu-slo": (True, True, True)}
 SMOKE = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, kv_lora_rank=32,
              qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, kda_num_heads=2, kda_head_dim=16,
              intermediate_size=128, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
@@ -345,7 +351,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny models, scaled-down trace")
     ap.add_argument("--presets", nargs="+", default=None)
-    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES),
+    ap.add_argument("--modes", nargs="+", default=["off", "on", "cpu"], choices=list(MODES),
                     help="off / on: prefix caching; cpu: + CPU tier; cpu-slo: + SLO admission (early 429s)")
     ap.add_argument("--trace", default=str(TRACE))
     ap.add_argument("--start", type=int, default=3693,
@@ -366,8 +372,8 @@ def main() -> int:
     ap.add_argument("--no-peer", dest="peer", action="store_false", help="skip transformers serve")
     ap.add_argument("--smoke-peer", action="store_true", help="with --smoke: run transformers serve too")
     ap.add_argument("--peer-startup-timeout", type=float, default=180)
-    ap.add_argument("--timeout", type=float, default=150, help="seconds one replay may take")
-    ap.add_argument("--budget-s", type=float, default=450,
+    ap.add_argument("--timeout", type=float, default=120, help="seconds one replay may take")
+    ap.add_argument("--budget-s", type=float, default=400,
                     help="skip the runs that would start after this many seconds (the peer's replay stops 60 s later)")
     ap.add_argument("--out", help="results file (default benchmarks/results/serve.json)")
     ap.add_argument("--client", nargs=2, metavar=("WORK", "OUT"), help=argparse.SUPPRESS)

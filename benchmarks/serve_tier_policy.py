@@ -11,7 +11,6 @@ eviction; `none` keeps no tier. Reported: blocks copied down, prompt tokens serv
 and how many copied blocks were ever hit. The CPU tier is as large as the working set (as in serve.py's runs).
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 
