@@ -170,7 +170,8 @@ def test_a_request_sharing_a_prefix_in_flight_waits_for_it_and_then_reuses_it(tm
     """Two requests with the same 96-token prefix, nothing cached (the hybrid model keeps a KDA snapshot at the
     first prompt's last full block, so the prefix is reusable): the first goes to the engine; the second is
     held back while the first's prefill runs (dispatching it would compute the same blocks twice), then goes
-    with the prefix cached. With max_wait_s=0 nobody is held back."""
+    with the prefix cached. With max_wait_s=0 nobody is held back, nor when the shared part would not be
+    reusable anyway (it ends where the hybrid model keeps no state snapshot)."""
     import asyncio
     import time
 
@@ -191,6 +192,14 @@ def test_a_request_sharing_a_prefix_in_flight_waits_for_it_and_then_reuses_it(tm
             loop._dispatch(llm.engine.stats())
             if max_wait_s == 0.0:
                 assert not loop._pending  # both went at once
+                llm.engine.abort("first"), llm.engine.abort("second")
+                loop._tickets.clear()
+                # the hybrid model could not reuse a prefix ending mid-prompt (no KDA snapshot there): no waiting
+                for name, ids in (("third", shared[:80] + [7] * 40), ("fourth", shared + [9] * 20)):
+                    loop._admit(Ticket(name, ids, SamplingParams(max_tokens=2), asyncio.Queue(), aio))
+                loop.max_wait_s = 60.0
+                loop._dispatch(llm.engine.stats())
+                assert not loop._pending
                 continue
             assert [t.request_id for t in loop._pending] == ["second"]
             loop._dispatch(llm.engine.stats())
