@@ -199,3 +199,15 @@ def test_a_cpu_pool_smaller_than_the_evictions_recycles_buffers_and_stays_exact(
     assert c["offloads"] > len(store.cpu) + 16, c  # entries were evicted from the CPU pool: buffers recycled
     assert c["cpu_hits"] > 0 and c["bytes_up"] > 0, c
     assert llm.stats()["cache_blocks_free"] == llm.stats()["cache_blocks_total"]
+
+
+def test_reserve_allocates_the_pool_up_front_and_carving_uses_it():
+    size = entry_bytes(KVTierStore(0), block(0))
+    store = KVTierStore(5 * size, pin=False)
+    store.reserve()
+    assert sum(c.numel() for c in store._ready) == 5 * size
+    chunk = store._ready[0]
+    for i in range(7):  # two past the budget: recycled, never a new allocation
+        store.offload(bytes([i]) * 16, block(i))
+    assert not store._ready and store._chunk is chunk and len(store.cpu) == 5
+    assert same(store.fetch(bytes([6]) * 16), block(6))

@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 _ALIGN = 64
+CHUNK_BYTES = 256 * 2**20
 
 
 class _Entry:
@@ -131,6 +132,7 @@ class KVTierStore:
         self._free: dict[int, list[tuple[torch.Tensor, object]]] = {}  # nbytes -> spare (buffer, last event)
         self._reserved = 0  # bytes of the pool handed out as buffers (in use or spare)
         self._chunk, self._chunk_used = None, 0
+        self._ready: list[torch.Tensor] = []  # chunks allocated by reserve(), not carved yet
         self._entry_bytes = 0
         self._run: _Run | None = None  # copies down being gathered by offload_rows
         self.disk_dir = None if disk_dir is None else Path(disk_dir) / namespace
@@ -284,11 +286,27 @@ class KVTierStore:
             self._free.setdefault(old.buffer.numel(), []).append((old.buffer, old.event))
         return None
 
+    def reserve(self) -> None:
+        """Allocate (and pin) the whole CPU pool now instead of as it fills. Pinning host memory takes about a
+        second per few GB: a server pays it at start, not in the middle of an engine step."""
+        allocated = sum(c.numel() for c in self._ready) + (0 if self._chunk is None else self._chunk.numel())
+        while allocated < self.cpu_bytes:
+            size = min(CHUNK_BYTES, self.cpu_bytes - allocated)
+            self._ready.append(torch.empty(size, dtype=torch.uint8, pin_memory=self.pin))
+            allocated += size
+
     def _carve(self, nbytes: int) -> torch.Tensor:
-        """nbytes from the current pinned chunk (chunks of up to 256 MiB, allocated as the pool fills)."""
+        """nbytes from the current pinned chunk (chunks of up to 256 MiB: reserved ones first, else allocated as
+        the pool fills)."""
         if self._chunk is None or self._chunk_used + nbytes > self._chunk.numel():
-            size = max(nbytes, min(256 * 2**20, self.cpu_bytes - self._reserved))
-            self._chunk, self._chunk_used = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin), 0
+            while self._ready and self._ready[0].numel() < nbytes:
+                self._ready.pop(0)
+            if self._ready:
+                self._chunk = self._ready.pop(0)
+            else:
+                size = max(nbytes, min(CHUNK_BYTES, self.cpu_bytes - self._reserved))
+                self._chunk = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin)
+            self._chunk_used = 0
         buffer = self._chunk[self._chunk_used:self._chunk_used + nbytes]
         self._chunk_used += -(-nbytes // _ALIGN) * _ALIGN
         self._reserved += -(-nbytes // _ALIGN) * _ALIGN
