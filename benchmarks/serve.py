@@ -2,6 +2,8 @@
 
     python benchmarks/serve.py            # bench-dsv3-900m (+ HF peer) and bench-kl-900m on one GPU (~9 min)
     python benchmarks/serve.py --smoke    # CPU, tiny models, a scaled-down trace (writes to a temp folder)
+    python benchmarks/serve.py --smoke --requests 160 --length-scale 0.25 --max-input 16384 \
+        --gpu-cache-tokens 65536 --step-tokens 4096 --cpu-tier-gb 16 --output-scale 1   # tiny models, full window
     python benchmarks/serve.py --smoke --smoke-peer --presets bench-dsv3-900m   # + transformers serve (accelerate)
 
 The trace (../shared/data/mooncake/synthetic_trace.jsonl, Mooncake's FAST'25 release) gives each request an
@@ -55,6 +57,8 @@ MLA_CACHE_NOTE = (" (why: this transformers' continuous-batching paged cache siz
                   "config.head_dim, which DeepseekV3Config sets to qk_rope_head_dim, narrower than MLA's keys "
                   "(qk_nope_head_dim + qk_rope_head_dim): every request fails; transformers 5.25 sizes MLA caches "
                   "right: see docs/serve.md for the wheels to carry)")
+SMOKE_ARGS = dict(requests=24, length_scale=1 / 64, max_input=512, gpu_cache_tokens=768, cpu_tier_gb=0.05,
+                  step_tokens=256, output_scale=0.5, ttft_slo_ms=5000.0, tbt_slo_ms=1000.0)
 TOKEN_RANGE = (300, 500)  # merged tokens of the benchmark tokenizer: one token each when re-encoded
 
 
@@ -395,10 +399,11 @@ def main() -> int:
     if args.load <= 0 or (args.time_scale is not None and args.time_scale <= 0):
         print("--load and --time-scale must be > 0", file=sys.stderr)
         return 2
-    if args.smoke:
-        args.requests, args.length_scale = min(args.requests, 24), 1 / 64
-        args.max_input, args.gpu_cache_tokens, args.cpu_tier_gb, args.step_tokens = 512, 768, 0.05, 256
-        args.output_scale, args.ttft_slo_ms, args.tbt_slo_ms = 0.5, 5000.0, 1000.0
+    if args.smoke:  # scaled-down values, except for the options given on the command line
+        given = {a.split("=")[0] for a in sys.argv[1:] if a.startswith("--")}
+        for name, value in SMOKE_ARGS.items():
+            if "--" + name.replace("_", "-") not in given:
+                setattr(args, name, value)
         args.peer = args.peer and args.smoke_peer  # transformers serve takes a minute or two to start on a small CPU
     began = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
@@ -430,14 +435,22 @@ def main() -> int:
                       extra=extra)
 
     for preset in presets:
-        overrides = dict(SMOKE, mixers="KA" if "kl" in preset else "A") if args.smoke else {}
+        overrides = dict(SMOKE, mixers="KA" if "kl" in preset else "A",
+                         max_position_embeddings=max(4096, 2 * args.max_input)) if args.smoke else {}
         cfg = ModelConfig.preset(preset, **overrides)
         torch.manual_seed(0)
         model = build_model(cfg, device=device).to(torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
         speed = dict(time_scale=args.time_scale)
         if args.time_scale is None:
-            capacity = measure_capacity(model, tokenizer, [dict(prompt=p, max_tokens=r["max_tokens"])
-                                                           for p, r in zip(prompts, trace)], args, device)
+            try:
+                capacity = measure_capacity(model, tokenizer, [dict(prompt=p, max_tokens=r["max_tokens"])
+                                                               for p, r in zip(prompts, trace)], args, device)
+            except Exception as e:  # noqa: BLE001 - recorded; the other preset goes on
+                record(dict(preset=preset, system="nanokimi", mode="capacity",
+                            error=f"measuring the no-caching capacity failed: {type(e).__name__}: {str(e)[:600]}"))
+                del model
+                free_memory(device)
+                continue
             speed = dict(capacity_rps_no_caching=round(capacity, 3), load=args.load,
                          time_scale=round(min(64.0, max(0.05, args.load * capacity / native_rps)), 4))
         work = [dict(arrival=r["arrival"] / speed["time_scale"], max_tokens=r["max_tokens"], prompt=p)
