@@ -59,6 +59,7 @@ def test_buffers_are_reused_and_mixed_sizes_stay_within_budget(tmp_path):
         assert store._reserved <= budget
     assert sum(store.disk.values()) <= 4 * large  # the disk tier keeps its own budget, oldest files go
     assert len(list(store.disk_dir.glob("*.safetensors"))) == len(store.disk)
+    assert store.stats()["cpu"]["usage"] == sum(e.buffer.numel() for e in store.cpu.values()) / budget
     for i in range(36, 40):  # the newest are in the CPU pool, intact
         got = store.fetch(i.to_bytes(16, "big"))
         assert got is not None and same(got, block(i, with_state=i % 3 == 0))

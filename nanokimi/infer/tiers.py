@@ -133,6 +133,7 @@ class KVTierStore:
         self._reserved = 0  # bytes of the pool handed out as buffers (in use or spare)
         self._chunk, self._chunk_used = None, 0
         self._ready: list[torch.Tensor] = []  # chunks allocated by reserve(), not carved yet
+        self._held = 0  # bytes of the entries in the CPU pool (stats() is read every engine step)
         self._entry_bytes = 0
         self._run: _Run | None = None  # copies down being gathered by offload_rows
         self.disk_dir = None if disk_dir is None else Path(disk_dir) / namespace
@@ -195,6 +196,7 @@ class KVTierStore:
                 event.synchronize()
             self.counters["bytes_down"] += nbytes
             self.cpu[key] = entry = _Entry(buffer, layout)
+            self._held += nbytes
             if not self._run.extend(i, entry):
                 self.counters["copies_down"] += self._run.issue()
                 self._run.extend(i, entry)
@@ -215,6 +217,7 @@ class KVTierStore:
             view.copy_(tensors[name])
         self.counters["bytes_down"] += nbytes
         self.cpu[h] = entry
+        self._held += nbytes
         return entry
 
     def entry(self, h: bytes | int, count: bool = True) -> _Entry | None:
@@ -257,6 +260,7 @@ class KVTierStore:
             entry.gone = True
             self._free.setdefault(entry.buffer.numel(), []).append((entry.buffer, entry.event))
         self.cpu.clear()
+        self._held = 0
         for key in self.disk:
             self._file(key).unlink(missing_ok=True)
         self.disk.clear()
@@ -275,6 +279,7 @@ class KVTierStore:
             return self._carve(nbytes), None
         while self.cpu:
             old_hash, old = self.cpu.popitem(last=False)
+            self._held -= old.buffer.numel()
             old.gone = True
             if self._run is not None and old in self._run.entries:  # its copy down is not queued yet
                 self.counters["copies_down"] += self._run.issue()
@@ -287,8 +292,8 @@ class KVTierStore:
         return None
 
     def reserve(self) -> None:
-        """Allocate (and pin) the whole CPU pool now instead of as it fills. Pinning host memory takes about a
-        second per few GB: a server pays it at start, not in the middle of an engine step."""
+        """Allocate (and pin) the whole CPU pool now instead of as it fills: pinning locks every page, which a
+        server should pay for at start, not in the middle of an engine step."""
         allocated = sum(c.numel() for c in self._ready) + (0 if self._chunk is None else self._chunk.numel())
         while allocated < self.cpu_bytes:
             size = min(CHUNK_BYTES, self.cpu_bytes - allocated)
@@ -335,7 +340,7 @@ class KVTierStore:
         block: copies go up on a hit, so every block is free), usage (bytes held / capacity), hit_tokens."""
         per_block = max(self._entry_bytes, 1)
         cpu_total = self.cpu_bytes // per_block if self._entry_bytes else 0
-        cpu_held = sum(e.buffer.numel() for e in self.cpu.values())
+        cpu_held = self._held
         out = {"cpu": {"blocks_total": cpu_total, "blocks_cached": len(self.cpu), "blocks_free": cpu_total,
                        "usage": cpu_held / self.cpu_bytes if self.cpu_bytes else 0.0,
                        "hit_tokens": self.counters["cpu_hits"] * self.block_size, **self.counters}}
