@@ -14,10 +14,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from perf_common import results_path, write_results
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve import TRACE, load_trace  # noqa: E402
+import torch
+from perf_common import environment, results_path, write_results
+from serve import TRACE, load_trace
 
 
 def replay(trace: list[dict], pool_tokens: int, policy: str, block: int = 16) -> dict:
@@ -90,7 +89,8 @@ def main() -> int:
                                                      gpu_hit_rate=round(gpu, 4), tier_hit_rate=round(tier, 4))
             print(f"{pool_tokens:>11}  {policy:>6}  {c['copied']:>7}  {c['copied_hit']:>8}  {gpu:>7.3f}  {tier:>8.3f}")
     out = results_path("serve_tier_policy", False)
-    write_results(out, dict(device="none (block bookkeeping only)"), rows,
+    env = dict(environment(torch.device("cpu")), device="cpu (block bookkeeping only, no model)")
+    write_results(out, env, rows,
                   extra=dict(trace=args.trace, start=args.start, requests=len(trace), length_scale=args.length_scale))
     print(f"wrote {out}")
     return 0
