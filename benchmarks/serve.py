@@ -377,7 +377,7 @@ def main() -> int:
     ap.add_argument("--smoke-peer", action="store_true", help="with --smoke: run transformers serve too")
     ap.add_argument("--peer-startup-timeout", type=float, default=180)
     ap.add_argument("--timeout", type=float, default=120, help="seconds one replay may take")
-    ap.add_argument("--budget-s", type=float, default=400,
+    ap.add_argument("--budget-s", type=float, default=360,
                     help="skip the runs that would start after this many seconds (the peer's replay stops 60 s later)")
     ap.add_argument("--out", help="results file (default benchmarks/results/serve.json)")
     ap.add_argument("--client", nargs=2, metavar=("WORK", "OUT"), help=argparse.SUPPRESS)
