@@ -20,9 +20,10 @@ caching, less than it sustains when half the prompt tokens are cached.
 
 nanokimi runs on a GPU pool of --gpu-cache-tokens (far below the window's prefix working set): prefix caching
 off, on, on with a pinned CPU tier of --cpu-tier-gb (`cpu`), all serving every request; `--modes ... cpu-slo`
-adds the same with SLO admission (early 429s) at --ttft-slo-ms / --tbt-slo-ms. Reported per run: TTFT and TPOT p50/p99 over
-completed requests, goodput (requests per second of trace time that completed within both SLOs), reject rate,
-prefix-hit rate per tier, the CPU tier's copies; failed requests keep their reason (`first_error`, `errors`).
+adds the same with SLO admission (early 429s) at --ttft-slo-ms / --tbt-slo-ms. Reported per run: TTFT and TPOT
+p50/p99 over completed requests, goodput (requests per second of trace time that completed within both SLOs),
+reject rate, prefix-hit rate per tier, the CPU tier's copies; failed requests keep their reason (`first_error`,
+`errors`).
 The JSON is rewritten after every run. Weights are random (bench presets); lengths come from max_tokens.
 """
 import argparse
