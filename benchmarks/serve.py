@@ -15,7 +15,7 @@ a client in its own process, at the trace's arrival times sped up by the time sc
 
 The time scale comes from a measurement (unless --time-scale is given): per preset, the engine's throughput
 without prefix caching on requests spread over the window (requests/s, all submitted at once) times --load
-(1.5) is the arrival rate. So the offered load means the same on any GPU: more than the server sustains without
+(1.3) is the arrival rate. So the offered load means the same on any GPU: more than the server sustains without
 caching, less than it sustains when half the prompt tokens are cached.
 
 nanokimi runs on a GPU pool of --gpu-cache-tokens (far below the window's prefix working set): prefix caching
@@ -364,7 +364,7 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=160, help="requests replayed from --start")
     ap.add_argument("--length-scale", type=float, default=0.25, help="prompt tokens per trace token")
     ap.add_argument("--output-scale", type=float, default=1.0, help="output tokens per trace token")
-    ap.add_argument("--load", type=float, default=1.5,
+    ap.add_argument("--load", type=float, default=1.3,
                     help="arrival rate as a multiple of the engine's measured no-caching capacity (sets the speed)")
     ap.add_argument("--time-scale", type=float, default=None,
                     help="replay this many times faster than the trace (instead of --load)")
