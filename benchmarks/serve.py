@@ -1,24 +1,34 @@
 """Mooncake trace replay against `nanokimi serve` and `transformers serve --continuous-batching`.
 
-    python benchmarks/serve.py            # bench-kl-900m and bench-dsv3-900m on one GPU, HF peer on dsv3 (~8 min)
+    python benchmarks/serve.py            # bench-dsv3-900m (+ HF peer) and bench-kl-900m on one GPU (~9 min)
     python benchmarks/serve.py --smoke    # CPU, tiny models, a scaled-down trace (writes to a temp folder)
+    python benchmarks/serve.py --smoke --requests 160 --length-scale 0.25 --max-input 16384 \
+        --gpu-cache-tokens 65536 --step-tokens 4096 --cpu-tier-gb 16 --output-scale 1   # tiny models, full window
     python benchmarks/serve.py --smoke --smoke-peer --presets bench-dsv3-900m   # + transformers serve (accelerate)
 
 The trace (../shared/data/mooncake/synthetic_trace.jsonl, Mooncake's FAST'25 release) gives each request an
 arrival time, input and output lengths and the hash ids of its 512-token prefix blocks. Each hash id becomes a
 block of text made of tokens drawn from a generator seeded by the id, so equal ids are equal text and shared
-prefixes are really shared; lengths are scaled by --length-scale (block = 512 x scale tokens) and time by
---time-scale. Every system gets the same text prompts over HTTP (/v1/completions, streamed, greedy, max_tokens
-= the scaled output length) from a client in its own process, at the trace's arrival times.
+prefixes are really shared; lengths are scaled by --length-scale (block = 512 x scale tokens). Every system gets
+the same text prompts over HTTP (/v1/completions, streamed, greedy, max_tokens = the scaled output length) from
+a client in its own process, at the trace's arrival times sped up by the time scale.
 
-nanokimi runs three ways on a GPU pool of --gpu-cache-tokens (smaller than the trace's prefix working set):
-prefix caching off, on, and on with a pinned CPU tier of --cpu-tier-gb; all with SLO admission (early 429s)
-at --ttft-slo-ms / --tbt-slo-ms. Reported per run: TTFT and TPOT p50/p99 over completed requests, goodput
-(requests per second of trace time that completed within both SLOs), reject rate, prefix-hit rate per tier.
-Weights are random (bench presets); lengths come from max_tokens, so the text produced does not matter.
+The time scale comes from a measurement (unless --time-scale is given): per preset, the engine's throughput
+without prefix caching on requests spread over the window (requests/s, all submitted at once) times --load
+(1.3) is the arrival rate. So the offered load means the same on any GPU: more than the server sustains without
+caching, less than it sustains when half the prompt tokens are cached.
+
+nanokimi runs on a GPU pool of --gpu-cache-tokens (far below the window's prefix working set): prefix caching
+off, on, on with a pinned CPU tier of --cpu-tier-gb (`cpu`), all serving every request; `--modes ... cpu-slo`
+adds the same with SLO admission (early 429s) at --ttft-slo-ms / --tbt-slo-ms. Reported per run: TTFT and TPOT
+p50/p99 over completed requests, goodput (requests per second of trace time that completed within both SLOs),
+reject rate, prefix-hit rate per tier, the CPU tier's copies; failed requests keep their reason (`first_error`,
+`errors`).
+The JSON is rewritten after every run. Weights are random (bench presets); lengths come from max_tokens.
 """
 import argparse
 import asyncio
+import importlib.metadata
 import json
 import os
 import random
@@ -31,17 +41,25 @@ import tempfile
 import time
 from pathlib import Path
 
-from perf_common import ROOT, environment, print_table, results_path, write_results
+from perf_common import ROOT, environment, free_memory, print_table, results_path, write_results
 
 TRACES = [base / "data" / "mooncake" / "synthetic_trace.jsonl"
           for base in (ROOT / "shared", ROOT.parent / "shared", ROOT.parent.parent / "shared")]
 TRACE = next((t for t in TRACES if t.is_file()), TRACES[1])
-PRESETS = ("bench-kl-900m", "bench-dsv3-900m")
+PRESETS = ("bench-dsv3-900m", "bench-kl-900m")  # dsv3 first: its peer run lands before a cut-off
 PEER_PRESETS = ("bench-dsv3-900m",)  # transformers has no KDA model to serve bench-kl-900m's layout with
+MODES = {  # name: (prefix caching, CPU tier, SLO admission)
+    "off": (False, False, False), "on": (True, False, False), "cpu": (True, True, False), "cpu-slo": (True, True, True)}
 SMOKE = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, kv_lora_rank=32,
              qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, kda_num_heads=2, kda_head_dim=16,
              intermediate_size=128, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
              first_k_dense=1, vocab_size=512, max_position_embeddings=4096)
+MLA_CACHE_NOTE = (" (why: this transformers' continuous-batching paged cache sizes keys and values by "
+                  "config.head_dim, which DeepseekV3Config sets to qk_rope_head_dim, narrower than MLA's keys "
+                  "(qk_nope_head_dim + qk_rope_head_dim): every request fails; transformers 5.25 sizes MLA caches "
+                  "right: see docs/serve.md for the wheels to carry)")
+SMOKE_ARGS = dict(requests=24, length_scale=1 / 64, max_input=512, gpu_cache_tokens=768, cpu_tier_gb=0.05,
+                  step_tokens=256, output_scale=0.5, ttft_slo_ms=5000.0, tbt_slo_ms=1000.0)
 TOKEN_RANGE = (300, 500)  # merged tokens of the benchmark tokenizer: one token each when re-encoded
 
 
@@ -97,34 +115,61 @@ def percentile(values: list[float], q: float) -> float | None:
     return values[min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))]
 
 
+def request_body(model: str, prompt: str, max_tokens: int) -> dict:
+    """The one request every system gets: a streamed greedy /v1/completions call. Each field is one that both
+    nanokimi's schema and transformers serve's (CompletionCreateParams) accept; transformers 5.17 ignores
+    stream_options and puts the usage on its last chunk anyway."""
+    return {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+
+
+def read_stream(lines: list[tuple[float, str]]) -> dict:
+    """Folds one SSE reply, (arrival time, line) pairs, into its first and last token-frame times, the frame
+    count, the usage and an error. An error frame (transformers serve sends `data: {"error": ...}` with HTTP 200
+    when generation fails), a line that is not JSON, or a reply with neither a frame with choices nor usage is an
+    error, with the offending line kept for the log."""
+    out = dict(first=None, last=None, frames=0, usage=None, error=None)
+    for t, line in lines:
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        try:
+            chunk = json.loads(line[6:])
+        except json.JSONDecodeError:
+            return dict(out, error=f"a stream line that is not JSON: {line[:600]}")
+        if not isinstance(chunk, dict) or "error" in chunk:
+            return dict(out, error=f"an error frame in the stream: {line[:600]}")
+        out["usage"] = chunk.get("usage") or out["usage"]
+        if chunk.get("choices"):
+            out["first"] = out["first"] or t
+            out["last"] = t
+            out["frames"] += 1
+    if out["first"] is None and not out["usage"]:
+        out["error"] = "a stream with no token frame and no usage: " + " | ".join(x for _, x in lines)[:600]
+    return out
+
+
 async def _replay(url: str, model: str, work: list[dict], timeout_s: float) -> list[dict]:
     import httpx
 
     async def one(http, r, t0):
         await asyncio.sleep(max(0.0, t0 + r["arrival"] - time.perf_counter()))
-        body = {"model": model, "prompt": r["prompt"], "max_tokens": r["max_tokens"], "temperature": 0,
-                "stream": True, "stream_options": {"include_usage": True}}
+        body = request_body(model, r["prompt"], r["max_tokens"])
         start = time.perf_counter()
-        first = last = None
-        frames, usage = 0, None
+        lines = []
         try:
             async with http.stream("POST", url + "/v1/completions", json=body) as resp:
                 if resp.status_code != 200:
-                    await resp.aread()
-                    return dict(status=resp.status_code)
+                    text = (await resp.aread()).decode(errors="replace")
+                    return dict(status=resp.status_code, error=f"HTTP {resp.status_code}: {text[:600]}")
                 async for line in resp.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    chunk = json.loads(line[6:])
-                    usage = chunk.get("usage") or usage
-                    if chunk.get("choices"):
-                        now = time.perf_counter()
-                        first = first or now
-                        last = now
-                        frames += 1
-        except (httpx.HTTPError, json.JSONDecodeError) as e:
+                    lines.append((time.perf_counter(), line))
+        except httpx.HTTPError as e:
             return dict(status=-1, error=f"{type(e).__name__}: {e}")
-        tokens = usage["completion_tokens"] if usage else frames
+        got = read_stream(lines)
+        if got["error"] is not None:
+            return dict(status=-1, error=got["error"])
+        first, last, usage = got["first"], got["last"], got["usage"]
+        tokens = usage["completion_tokens"] if usage else got["frames"]
         return dict(status=200, ttft=None if first is None else first - start,
                     tpot=(last - first) / (tokens - 1) if first is not None and tokens > 1 else None,
                     e2e=time.perf_counter() - start, completion_tokens=tokens,
@@ -166,7 +211,19 @@ def summarize(results: list[dict], work: list[dict], ttft_slo: float, tpot_slo: 
                 goodput_rps=round(len(good) / max(span, 1e-9), 4), good_fraction=round(len(good) / len(results), 4),
                 trace_span_s=round(span, 2),
                 prompt_tokens=sum(r.get("prompt_tokens") or 0 for r in done),
-                completion_tokens=sum(r.get("completion_tokens") or 0 for r in done))
+                completion_tokens=sum(r.get("completion_tokens") or 0 for r in done),
+                first_error=next((r.get("error") for r in results if r["status"] not in (200, 429)), None),
+                errors=failure_counts(results))
+
+
+def failure_counts(results: list[dict], keep: int = 3) -> dict[str, int]:
+    """The most frequent failure messages (not 429s) with their counts: a GPU run's log and JSON say why
+    requests failed."""
+    counts: dict[str, int] = {}
+    for r in results:
+        if r["status"] not in (200, 429) and r.get("error"):
+            counts[r["error"]] = counts.get(r["error"], 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1])[:keep])
 
 
 def run_nanokimi(model, tokenizer, template, mode: str, work, args, device) -> dict:
@@ -176,10 +233,11 @@ def run_nanokimi(model, tokenizer, template, mode: str, work, args, device) -> d
     from nanokimi.serve.app import ServeOptions, Server, _engine_kwargs, _tier_store, create_app
     from nanokimi.serve.run import BackgroundServer
 
-    options = ServeOptions(max_cache_tokens=args.gpu_cache_tokens, enable_prefix_caching=mode != "off",
-                           kv_offload_gb=args.cpu_tier_gb if mode == "cpu" else 0.0,
-                           ttft_slo_ms=args.ttft_slo_ms if args.admission else None,
-                           tbt_slo_ms=args.tbt_slo_ms if args.admission else None,
+    caching, cpu_tier, admission = MODES[mode]
+    options = ServeOptions(max_cache_tokens=args.gpu_cache_tokens, enable_prefix_caching=caching,
+                           kv_offload_gb=args.cpu_tier_gb if cpu_tier else 0.0,
+                           ttft_slo_ms=args.ttft_slo_ms if admission else None,
+                           tbt_slo_ms=args.tbt_slo_ms if admission else None,
                            max_step_tokens=args.step_tokens, served_model_name="bench", max_body_bytes=16 << 20)
     llm = LLM(model, tokenizer=tokenizer, device=str(device), kv_tiers=_tier_store(options, "bench"),
               **_engine_kwargs(options))
@@ -195,6 +253,10 @@ def run_nanokimi(model, tokenizer, template, mode: str, work, args, device) -> d
         hits = snapshot["tiers"].get(tier, {}).get("hit_tokens")
         row[f"prefix_hit_rate_{tier}"] = None if hits is None or mode == "off" else round(hits / queries, 4)
     row.update(preemptions=snapshot.get("preemptions", 0), startup_s=round(ready_s, 1))
+    if cpu_tier:
+        store = llm.engine.tiers.store.counters
+        row.update(tier_offloads=store["offloads"], tier_offloads_hit=store["offloads_hit"],
+                   tier_gb_down=round(store["bytes_down"] / 2**30, 3), tier_gb_up=round(store["bytes_up"] / 2**30, 3))
     del server, llm
     import gc
     gc.collect()
@@ -213,6 +275,7 @@ def run_transformers_peer(model, tokenizer_dir: Path, work, args, device, folder
     save_hf(model, hf_dir, layout="deepseek_v3", tokenizer_path=tokenizer_dir / "tokenizer.json", overwrite=True)
     shutil.copyfile(tokenizer_dir / "tokenizer_config.json", hf_dir / "tokenizer_config.json")
     exe = shutil.which("transformers") or str(Path(sys.executable).with_name("transformers"))
+    version = importlib.metadata.version("transformers")  # the one `exe` imports: same environment and path
     port = 18000 + os.getpid() % 1000
     help_text = subprocess.run([exe, "serve", "--help"], capture_output=True, text=True, timeout=120).stdout
     dtype_flag = "--dtype" if "--dtype" in help_text else "--torch-dtype"  # the flag's name changed across versions
@@ -237,8 +300,12 @@ def run_transformers_peer(model, tokenizer_dir: Path, work, args, device, folder
                 raise RuntimeError("transformers serve did not come up in time")
             time.sleep(1)
         warm = run_client(url, str(hf_dir), work[:2], 120)  # first requests: lazy initialisation, warm-up
-        if not any(r["status"] == 200 for r in warm):
-            raise RuntimeError(f"transformers serve refused the warm-up requests: {warm}")
+        broken = [r for r in warm if r["status"] != 200 or r.get("ttft") is None]
+        if broken:
+            print(f"  transformers serve's first failing response: {broken[0]}", flush=True)
+            error = str(broken[0].get("error", broken[0]))
+            raise RuntimeError(f"transformers {version} serve failed the warm-up request: {error}"
+                               + (MLA_CACHE_NOTE if "index_copy_" in error else ""))
         ready_s = time.perf_counter() - started
         results = run_client(url, str(hf_dir), work, max(60.0, min(args.timeout, time_left())))
     finally:
@@ -250,35 +317,69 @@ def run_transformers_peer(model, tokenizer_dir: Path, work, args, device, folder
         log.close()
     row = summarize(results, work, args.ttft_slo_ms / 1000, args.tbt_slo_ms / 1000)
     row.update(prefix_hit_rate_gpu=None, prefix_hit_rate_cpu=None, prefix_hit_rate_disk=None, preemptions=None,
-               startup_s=round(ready_s, 1))
+               startup_s=round(ready_s, 1), transformers=version)
     return row
+
+
+def measure_capacity(model, tokenizer, work: list[dict], args, device, probes: int = 32) -> float:
+    """Requests per second the engine completes with prefix caching off: `probes` requests spread evenly over
+    the replay, submitted at once (after a warm-up), on the benchmark's GPU pool and step size. The replay speed
+    is set against it, so the offered load means the same on any GPU."""
+    from nanokimi.infer import LLM, SamplingParams
+    from nanokimi.serve.app import ServeOptions, _engine_kwargs
+
+    options = ServeOptions(max_cache_tokens=args.gpu_cache_tokens, enable_prefix_caching=False,
+                           max_step_tokens=args.step_tokens)
+    llm = LLM(model, tokenizer=tokenizer, device=str(device), **_engine_kwargs(options))
+    picked = work[::max(1, len(work) // probes)][:probes]
+    prompts = [tokenizer.encode(r["prompt"]) for r in picked]
+    params = [SamplingParams(max_tokens=r["max_tokens"], temperature=0) for r in picked]
+    llm.generate(prompt_token_ids=prompts[:2], sampling_params=params[:2], use_tqdm=False)  # warm-up
+    started = time.perf_counter()
+    llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+    seconds = time.perf_counter() - started
+    del llm
+    free_memory(device)
+    return len(picked) / seconds
+
+
+def working_set_tokens(trace: list[dict]) -> int:
+    """Tokens of the distinct prefix blocks in the replay (a trace hash id names a block and its whole prefix)."""
+    blocks = {}
+    for r in trace:
+        for h, n in r["blocks"]:
+            blocks[h] = max(blocks.get(h, 0), n)
+    return sum(blocks.values())
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny models, scaled-down trace")
     ap.add_argument("--presets", nargs="+", default=None)
-    ap.add_argument("--modes", nargs="+", default=["off", "on", "cpu"], choices=["off", "on", "cpu"])
+    ap.add_argument("--modes", nargs="+", default=["off", "on", "cpu"], choices=list(MODES),
+                    help="off / on: prefix caching; cpu: + CPU tier; cpu-slo: + SLO admission (early 429s)")
     ap.add_argument("--trace", default=str(TRACE))
     ap.add_argument("--start", type=int, default=3693,
                     help="first trace line replayed (the trace's start shares few prefixes: its cache is cold)")
-    ap.add_argument("--requests", type=int, default=300, help="requests replayed from --start")
+    ap.add_argument("--requests", type=int, default=160, help="requests replayed from --start")
     ap.add_argument("--length-scale", type=float, default=0.25, help="prompt tokens per trace token")
     ap.add_argument("--output-scale", type=float, default=1.0, help="output tokens per trace token")
-    ap.add_argument("--time-scale", type=float, default=2.0, help="replay this many times faster than the trace")
+    ap.add_argument("--load", type=float, default=1.3,
+                    help="arrival rate as a multiple of the engine's measured no-caching capacity (sets the speed)")
+    ap.add_argument("--time-scale", type=float, default=None,
+                    help="replay this many times faster than the trace (instead of --load)")
     ap.add_argument("--max-input", type=int, default=16384, help="prompts are cut to this many tokens")
     ap.add_argument("--gpu-cache-tokens", type=int, default=65536, help="GPU KV pool of every nanokimi run")
     ap.add_argument("--cpu-tier-gb", type=float, default=16.0)
     ap.add_argument("--step-tokens", type=int, default=4096)
     ap.add_argument("--ttft-slo-ms", type=float, default=2000.0)
     ap.add_argument("--tbt-slo-ms", type=float, default=100.0, help="TBT SLO; goodput uses it for TPOT")
-    ap.add_argument("--no-admission", dest="admission", action="store_false", help="never refuse (no 429s)")
     ap.add_argument("--no-peer", dest="peer", action="store_false", help="skip transformers serve")
     ap.add_argument("--smoke-peer", action="store_true", help="with --smoke: run transformers serve too")
     ap.add_argument("--peer-startup-timeout", type=float, default=180)
-    ap.add_argument("--timeout", type=float, default=240, help="seconds one replay may take")
-    ap.add_argument("--budget-s", type=float, default=500,
-                    help="skip the runs that would start after this many seconds (the peer's replay stops 30 s later)")
+    ap.add_argument("--timeout", type=float, default=120, help="seconds one replay may take")
+    ap.add_argument("--budget-s", type=float, default=360,
+                    help="skip the runs that would start after this many seconds (the peer's replay stops 60 s later)")
     ap.add_argument("--out", help="results file (default benchmarks/results/serve.json)")
     ap.add_argument("--client", nargs=2, metavar=("WORK", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -296,70 +397,101 @@ def main() -> int:
     if not Path(args.trace).is_file():
         print(f"the trace {args.trace} is missing (Mooncake's synthetic_trace.jsonl)", file=sys.stderr)
         return 2
-    if args.smoke:
-        args.requests, args.length_scale, args.time_scale = min(args.requests, 24), 1 / 64, 20.0
-        args.max_input, args.gpu_cache_tokens, args.cpu_tier_gb, args.step_tokens = 512, 768, 0.05, 256
-        args.output_scale, args.ttft_slo_ms, args.tbt_slo_ms = 0.5, 5000.0, 1000.0
-        args.peer = args.peer and args.smoke_peer  # transformers serve takes ~100 s to start on a small CPU
+    if args.load <= 0 or (args.time_scale is not None and args.time_scale <= 0):
+        print("--load and --time-scale must be > 0", file=sys.stderr)
+        return 2
+    if args.smoke:  # scaled-down values, except for the options given on the command line
+        given = {a.split("=")[0] for a in sys.argv[1:] if a.startswith("--")}
+        for name, value in SMOKE_ARGS.items():
+            if "--" + name.replace("_", "-") not in given:
+                setattr(args, name, value)
+        args.peer = args.peer and args.smoke_peer  # transformers serve takes a minute or two to start on a small CPU
     began = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     presets = args.presets or PRESETS
     folder = Path(tempfile.mkdtemp(prefix="nanokimi-serve-bench-"))
     tokenizer = make_tokenizer(folder)
     template = ChatTemplate()
-    trace = load_trace(Path(args.trace), args.start, args.requests, args.length_scale, args.time_scale,
-                       args.output_scale, args.max_input)
-    work = [dict(arrival=r["arrival"], max_tokens=r["max_tokens"],
-                 prompt="".join(block_text(tokenizer, h, n) for h, n in r["blocks"])) for r in trace]
-    print(f"trace: {len(work)} requests over {work[-1]['arrival']:.1f} s, prompts {args.length_scale:g} x trace "
-          f"(median {statistics.median(r['input_tokens'] for r in trace)} tokens), GPU pool "
-          f"{args.gpu_cache_tokens} tokens, SLO TTFT {args.ttft_slo_ms:g} ms / TBT {args.tbt_slo_ms:g} ms",
-          flush=True)
+    trace = load_trace(Path(args.trace), args.start, args.requests, args.length_scale, 1.0, args.output_scale,
+                       args.max_input)
+    prompts = ["".join(block_text(tokenizer, h, n) for h, n in r["blocks"]) for r in trace]
+    native_rps = len(trace) / max(trace[-1]["arrival"], 1e-9)
+    print(f"trace: {len(trace)} requests over {trace[-1]['arrival']:.1f} s as recorded, prompts "
+          f"{args.length_scale:g} x trace (median {statistics.median(r['input_tokens'] for r in trace)} tokens, "
+          f"prefix working set {working_set_tokens(trace)} tokens), GPU pool {args.gpu_cache_tokens} tokens, "
+          f"SLO TTFT {args.ttft_slo_ms:g} ms / TBT {args.tbt_slo_ms:g} ms", flush=True)
+    out = Path(args.out) if args.out else results_path("serve", args.smoke)
+    extra = dict(trace=str(args.trace), start=args.start, requests=len(trace), length_scale=args.length_scale,
+                 output_scale=args.output_scale, max_input=args.max_input, gpu_cache_tokens=args.gpu_cache_tokens,
+                 prefix_working_set_tokens=working_set_tokens(trace), cpu_tier_gb=args.cpu_tier_gb,
+                 step_tokens=args.step_tokens, ttft_slo_ms=args.ttft_slo_ms, tbt_slo_ms=args.tbt_slo_ms)
     rows = []
+
+    def record(row: dict) -> None:  # the JSON is rewritten after every run: a cut-off run keeps what it measured
+        rows.append(row)
+        print(f"  {json.dumps(row)}", flush=True)
+        if row.get("first_error"):
+            print(f"  {row['system']} {row['mode']}: first failing response: {row['first_error']}", flush=True)
+        write_results(out, environment(device), {f"{r['preset']} / {r['system']} / {r['mode']}": r for r in rows},
+                      extra=extra)
+
     for preset in presets:
-        overrides = dict(SMOKE, mixers="KA" if "kl" in preset else "A") if args.smoke else {}
+        overrides = dict(SMOKE, mixers="KA" if "kl" in preset else "A",
+                         max_position_embeddings=max(4096, 2 * args.max_input)) if args.smoke else {}
         cfg = ModelConfig.preset(preset, **overrides)
         torch.manual_seed(0)
         model = build_model(cfg, device=device).to(torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
+        speed = dict(time_scale=args.time_scale)
+        if args.time_scale is None:
+            try:
+                capacity = measure_capacity(model, tokenizer, [dict(prompt=p, max_tokens=r["max_tokens"])
+                                                               for p, r in zip(prompts, trace)], args, device)
+            except Exception as e:  # noqa: BLE001 - recorded; the other preset goes on
+                record(dict(preset=preset, system="nanokimi", mode="capacity",
+                            error=f"measuring the no-caching capacity failed: {type(e).__name__}: {str(e)[:600]}"))
+                del model
+                free_memory(device)
+                continue
+            speed = dict(capacity_rps_no_caching=round(capacity, 3), load=args.load,
+                         time_scale=round(min(64.0, max(0.05, args.load * capacity / native_rps)), 4))
+        work = [dict(arrival=r["arrival"] / speed["time_scale"], max_tokens=r["max_tokens"], prompt=p)
+                for p, r in zip(prompts, trace)]
+        print(f"{preset}: {json.dumps(speed)}: {len(work)} requests arrive over {work[-1]['arrival']:.1f} s",
+              flush=True)
         for mode in args.modes:
             if time.perf_counter() - began > args.budget_s:
-                rows.append(dict(preset=preset, system="nanokimi", mode=mode, error="skipped: --budget-s spent"))
+                record(dict(preset=preset, system="nanokimi", mode=mode, error="skipped: --budget-s spent"))
                 continue
-            print(f"{preset} nanokimi prefix caching {mode} ...", flush=True)
+            print(f"{preset} nanokimi {mode} ...", flush=True)
             try:
                 row = run_nanokimi(model, tokenizer, template, mode, work, args, device)
             except Exception as e:  # noqa: BLE001 - recorded; the other runs go on
                 row = dict(error=f"{type(e).__name__}: {str(e)[:600]}")
-            rows.append(dict(preset=preset, system="nanokimi", mode=mode, **row))
-            print(f"  {json.dumps(rows[-1])}", flush=True)
-        if args.peer and preset in PEER_PRESETS and time.perf_counter() - began > args.budget_s:
-            rows.append(dict(preset=preset, system="transformers serve", mode="continuous batching",
-                             error="skipped: --budget-s spent"))
-        elif args.peer and preset in PEER_PRESETS:
-            print(f"{preset} transformers serve --continuous-batching ...", flush=True)
-            try:
-                row = run_transformers_peer(model, folder, work, args, device, folder,
-                                            lambda: args.budget_s + 30 - (time.perf_counter() - began))
-                rows.append(dict(preset=preset, system="transformers serve", mode="continuous batching", **row))
-            except Exception as e:  # noqa: BLE001 - the peer's failure is a result, nanokimi's rows stay
-                rows.append(dict(preset=preset, system="transformers serve", mode="continuous batching",
-                                 error=f"{type(e).__name__}: {str(e)[:600]}"))
-            print(f"  {json.dumps(rows[-1])}", flush=True)
+            record(dict(preset=preset, system="nanokimi", mode=mode, **speed, **row))
+        if args.peer and preset in PEER_PRESETS:
+            mode = "continuous batching"
+            if time.perf_counter() - began > args.budget_s:
+                record(dict(preset=preset, system="transformers serve", mode=mode, error="skipped: --budget-s spent"))
+            else:
+                print(f"{preset} transformers serve --continuous-batching ...", flush=True)
+                try:
+                    row = run_transformers_peer(model, folder, work, args, device, folder,
+                                                lambda: args.budget_s + 60 - (time.perf_counter() - began))
+                except Exception as e:  # noqa: BLE001 - the peer's failure is a result, nanokimi's rows stay
+                    row = dict(error=f"{type(e).__name__}: {str(e)[:1200]}")
+                record(dict(preset=preset, system="transformers serve", mode=mode, **speed, **row))
         del model
+        free_memory(device)
     headers = ["preset", "system", "mode", "done", "429", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99",
                "goodput/s", "hit gpu", "hit cpu"]
     print_table(headers, [[r["preset"], r["system"], r["mode"], r.get("completed"), r.get("rejected"),
                            r.get("ttft_p50_ms"), r.get("ttft_p99_ms"), r.get("tpot_p50_ms"), r.get("tpot_p99_ms"),
                            r.get("goodput_rps"), r.get("prefix_hit_rate_gpu"), r.get("prefix_hit_rate_cpu")]
                           for r in rows])
-    out = Path(args.out) if args.out else results_path("serve", args.smoke)
-    keyed = {f"{r['preset']} / {r['system']} / {r['mode']}": r for r in rows}
-    write_results(out, environment(device), keyed, extra=dict(
-        trace=str(args.trace), start=args.start, requests=len(work), length_scale=args.length_scale,
-        time_scale=args.time_scale,
-        output_scale=args.output_scale, max_input=args.max_input, gpu_cache_tokens=args.gpu_cache_tokens,
-        cpu_tier_gb=args.cpu_tier_gb, step_tokens=args.step_tokens, ttft_slo_ms=args.ttft_slo_ms,
-        tbt_slo_ms=args.tbt_slo_ms, admission=args.admission))
+    for preset in presets:
+        got = {r["mode"]: r.get("ttft_p50_ms") for r in rows if r["preset"] == preset and r["system"] == "nanokimi"}
+        if got.get("off") and got.get("cpu"):
+            print(f"{preset}: p50 TTFT, caching off / caching + CPU tier: {got['off'] / got['cpu']:.2f}x")
     print(f"wrote {out}")
     shutil.rmtree(folder, ignore_errors=True)
     return 0

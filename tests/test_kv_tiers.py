@@ -59,6 +59,7 @@ def test_buffers_are_reused_and_mixed_sizes_stay_within_budget(tmp_path):
         assert store._reserved <= budget
     assert sum(store.disk.values()) <= 4 * large  # the disk tier keeps its own budget, oldest files go
     assert len(list(store.disk_dir.glob("*.safetensors"))) == len(store.disk)
+    assert store.stats()["cpu"]["usage"] == sum(e.buffer.numel() for e in store.cpu.values()) / budget
     for i in range(36, 40):  # the newest are in the CPU pool, intact
         got = store.fetch(i.to_bytes(16, "big"))
         assert got is not None and same(got, block(i, with_state=i % 3 == 0))
@@ -106,3 +107,108 @@ def test_clear_forgets_every_tier(tmp_path):
     assert not list(store.disk_dir.glob("*.safetensors"))
     store.offload(b"\x09" * 16, block(9))  # the freed buffer is reused
     assert same(store.fetch(b"\x09" * 16), block(9))
+
+
+class FakeEvent:
+    def __init__(self, log: list, name: str):
+        self.log, self.name = log, name
+
+    def synchronize(self):
+        self.log.append(("host waits", self.name))
+
+
+class FakeStream:
+    """Stands in for the side CUDA stream: records what the store queues on it, in order."""
+
+    def __init__(self, log: list):
+        self.log, self.copies = log, 0
+
+    def wait_event(self, event):
+        self.log.append(("stream waits", event.name))
+
+    def record_event(self):
+        self.copies += 1
+        self.log.append(("recorded", f"copy{self.copies}"))
+        return FakeEvent(self.log, f"copy{self.copies}")
+
+
+def packed(seeds, with_state=False):
+    from nanokimi.infer.tiers import layout_of, unpack
+    layout, nbytes = layout_of(block(0, with_state))
+    rows = torch.empty(len(seeds), nbytes, dtype=torch.uint8)
+    for row, seed in zip(rows, seeds):
+        for name, view in unpack(row, layout).items():
+            view.copy_(block(seed, with_state)[name])
+    return rows, layout, nbytes
+
+
+def test_packed_rows_round_trip_like_the_dict_path_and_count_what_the_tier_saved():
+    rows, layout, nbytes = packed([1, 2, 3], with_state=True)
+    store = KVTierStore(1 << 20, pin=False)
+    store.offload_rows([b"\x01" * 16, b"\x02" * 16, b"\x03" * 16], rows, layout)
+    assert nbytes == entry_bytes(store, block(0, True))  # same entry format as offload(dict)
+    for i in (1, 3, 3):
+        assert same(store.fetch(bytes([i]) * 16), block(i, with_state=True))
+    c = store.counters
+    assert (c["offloads"], c["offloads_hit"], c["cpu_hits"], c["bytes_down"]) == (3, 2, 3, 3 * nbytes)
+    assert c["copies_down"] == 1  # three neighbouring buffers of a fresh pool: one copy
+
+
+def test_a_reused_buffer_is_rewritten_only_after_its_copies_and_read_only_after_them(tmp_path):
+    """With copies queued on a stream, every buffer carries the event of its last copy: the stream waits for it
+    before copying a new entry into a recycled buffer, the host waits for it before reading (fetch, spill to
+    disk). The CPU copies here are real, so the bytes must also come out right."""
+    log = []
+    rows, layout, nbytes = packed([1, 2, 3])
+    store = KVTierStore(2 * nbytes, tmp_path, pin=False)
+    stream = FakeStream(log)
+    store.offload_rows([b"\x01" * 16, b"\x02" * 16], rows[:2], layout, stream=stream)
+    assert log == [("recorded", "copy1")]
+    store.offload_rows([b"\x03" * 16], rows[2:], layout, stream=stream)  # evicts entry 1, reuses its buffer
+    assert log == [("recorded", "copy1"), ("host waits", "copy1"),  # spill to disk reads entry 1: after its copy
+                   ("stream waits", "copy1"), ("recorded", "copy2")]  # the new copy queues after the old one
+    del log[:]
+    assert same(store.fetch(b"\x03" * 16), block(3)) and log == [("host waits", "copy2")]
+    assert same(store.fetch(b"\x01" * 16), block(1))  # from disk, intact
+    assert store.counters["disk_hits"] == 1 and store.counters["offloads_hit"] == 2
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_cpu_pool_smaller_than_the_evictions_recycles_buffers_and_stays_exact(tmp_path, device):
+    """The CPU pool holds a handful of entries, so buffers are recycled while (on CUDA) earlier copies into and
+    out of them may still be in flight; prompts come back in an order that hits the GPU, the CPU tier and
+    neither. Every output equals recomputation."""
+    from nanokimi.infer import LLM, SamplingParams
+    from nanokimi.infer.tiers import TieredCache
+    from serve_util import make_checkpoint
+
+    ckpt = make_checkpoint(tmp_path)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(1, 500, (200,), generator=g).tolist() for _ in range(4)]
+    order = [0, 1, 2, 0, 3, 1, 0, 2]
+    greedy = SamplingParams(max_tokens=12, temperature=0)
+    roomy = LLM(str(ckpt), device=device, dtype="float32", max_cache_tokens=4096)
+    want = {i: roomy.generate(prompt_token_ids=[prompts[i]], sampling_params=greedy, use_tqdm=False)[0]
+            .outputs[0].token_ids for i in range(4)}
+    probe = TieredCache(KVTierStore(0), roomy.engine.runner.cache)
+    store = KVTierStore(16 * probe.block_bytes + 2 * probe.state_bytes)
+    llm = LLM(str(ckpt), device=device, dtype="float32", max_cache_tokens=24 * 16, kv_tiers=store)
+    for i in order:
+        out = llm.generate(prompt_token_ids=[prompts[i]], sampling_params=greedy, use_tqdm=False)[0]
+        assert out.outputs[0].token_ids == want[i], (i, out.num_cached_tokens)
+    c = store.counters
+    assert c["offloads"] > len(store.cpu) + 16, c  # entries were evicted from the CPU pool: buffers recycled
+    assert c["cpu_hits"] > 0 and c["bytes_up"] > 0, c
+    assert llm.stats()["cache_blocks_free"] == llm.stats()["cache_blocks_total"]
+
+
+def test_reserve_allocates_the_pool_up_front_and_carving_uses_it():
+    size = entry_bytes(KVTierStore(0), block(0))
+    store = KVTierStore(5 * size, pin=False)
+    store.reserve()
+    assert sum(c.numel() for c in store._ready) == 5 * size
+    chunk = store._ready[0]
+    for i in range(7):  # two past the budget: recycled, never a new allocation
+        store.offload(bytes([i]) * 16, block(i))
+    assert not store._ready and store._chunk is chunk and len(store.cpu) == 5
+    assert same(store.fetch(bytes([6]) * 16), block(6))

@@ -164,3 +164,53 @@ def test_one_off_stalls_do_not_poison_the_step_model():
     for _ in range(5):
         model.observe(512, 8, 3.0)  # e.g. a CUDA graph capture: 3 s for a ~20 ms step
     assert model.coefficients() == pytest.approx(before)
+
+
+def test_a_request_sharing_a_prefix_in_flight_waits_for_it_and_then_reuses_it(tmp_path):
+    """Two requests with the same 96-token prefix, nothing cached (the hybrid model keeps a KDA snapshot at the
+    first prompt's last full block, so the prefix is reusable): the first goes to the engine; the second is
+    held back while the first's prefill runs (dispatching it would compute the same blocks twice), then goes
+    with the prefix cached. With max_wait_s=0 nobody is held back, nor when the shared part would not be
+    reusable anyway (it ends where the hybrid model keeps no state snapshot)."""
+    import asyncio
+    import time
+
+    from nanokimi.infer import LLM, SamplingParams
+    from nanokimi.serve.loop import EngineLoop, Ticket
+    from serve_util import make_checkpoint
+
+    shared = [(5 * j) % 400 + 1 for j in range(96)]
+    aio = asyncio.new_event_loop()
+    try:
+        for max_wait_s in (60.0, 0.0):
+            llm = LLM(str(make_checkpoint(tmp_path)), device="cpu", max_cache_tokens=4096)
+            llm.engine.stream_outputs = True  # as the server runs it: every step reports its tokens
+            loop = EngineLoop(llm.engine, SamplingParams, 512, 512, step_tokens=512, max_wait_s=max_wait_s,
+                              warmup=False)
+            for name, tail in (("first", [7]), ("second", [9] * 20)):  # first's last full block ends the prefix
+                loop._admit(Ticket(name, shared + tail, SamplingParams(max_tokens=2), asyncio.Queue(), aio))
+            loop._dispatch(llm.engine.stats())
+            if max_wait_s == 0.0:
+                assert not loop._pending  # both went at once
+                llm.engine.abort("first"), llm.engine.abort("second")
+                loop._tickets.clear()
+                # the hybrid model could not reuse a prefix ending mid-prompt (no KDA snapshot there): no waiting
+                for name, ids in (("third", shared[:80] + [7] * 40), ("fourth", shared + [9] * 20)):
+                    loop._admit(Ticket(name, ids, SamplingParams(max_tokens=2), asyncio.Queue(), aio))
+                loop.max_wait_s = 60.0
+                loop._dispatch(llm.engine.stats())
+                assert not loop._pending
+                continue
+            assert [t.request_id for t in loop._pending] == ["second"]
+            loop._dispatch(llm.engine.stats())
+            assert [t.request_id for t in loop._pending] == ["second"]  # still held: the prefix is in flight
+            while loop._tickets["first"].first_token is None:
+                loop._deliver(llm.engine.step(), time.perf_counter())
+            assert llm.engine.num_cached_tokens(shared + [9] * 20) == 96
+            loop._dispatch(llm.engine.stats())
+            assert not loop._pending and loop._tickets["second"].uncached == 20
+            while llm.engine.has_unfinished():
+                loop._deliver(llm.engine.step(), time.perf_counter())
+            assert llm.stats()["prefix_cache_hit_tokens"] == 96
+    finally:
+        aio.close()

@@ -37,3 +37,60 @@ def test_trace_scaling_and_shared_prefixes(tmp_path):
                dict(status=200, ttft=3.0, tpot=0.01, completion_tokens=3, prompt_tokens=9), dict(status=429)]
     row = bench.summarize(results, [dict(arrival=0.0), dict(arrival=2.0), dict(arrival=4.0)], 2.0, 0.1)
     assert (row["completed"], row["rejected"], row["good_fraction"], row["goodput_rps"]) == (2, 1, 0.3333, 0.25)
+
+
+def test_the_request_suits_both_servers_and_failures_keep_their_reason():
+    """The one body every system gets passes nanokimi's strict schema and, where transformers serve is installed,
+    its completion handler's accepted fields. A failed stream keeps why: transformers' `{"error": ...}` frame
+    (sent with HTTP 200), a line that is not JSON, or nothing at all."""
+    from nanokimi.serve.schemas import CompletionRequest
+
+    bench = load_bench()
+    body = bench.request_body("m", "def f(", 7)
+    CompletionRequest.model_validate(body)
+    try:
+        from transformers.cli.serving.completion import CompletionHandler
+    except ImportError:  # transformers without its serving extra: nanokimi's half of the check still ran
+        CompletionHandler = None
+    if CompletionHandler is not None:
+        accepted = CompletionHandler._valid_params_class.__mutable_keys__
+        assert set(body) <= accepted, set(body) - accepted
+    ok = [(0.1, 'data: {"choices": [{"text": "a", "index": 0, "finish_reason": null}]}'), (0.2, ""),
+          (0.3, 'data: {"choices": [{"text": "b", "index": 0, "finish_reason": "length"}]}'),
+          (0.4, 'data: {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2}}'), (0.5, "data: [DONE]")]
+    got = bench.read_stream(ok)
+    assert (got["first"], got["last"], got["frames"], got["usage"]["completion_tokens"], got["error"]) == (
+        0.1, 0.3, 2, 2, None)
+    error_frame = 'data: {"error": "index_copy_(): Source/destination tensor must have same slice shapes."}'
+    assert "index_copy_" in bench.read_stream([(0.1, error_frame)])["error"]
+    assert "not JSON" in bench.read_stream([(0.1, 'data: {"error": "bad "quote""}')])["error"]
+    assert "no token frame" in bench.read_stream([(0.1, "data: [DONE]")])["error"]
+    failures = [dict(status=-1, error="x"), dict(status=429), dict(status=500, error="y"), dict(status=-1, error="x")]
+    row = bench.summarize(failures + [dict(status=200, ttft=0.1, tpot=None)], [dict(arrival=0.0), dict(arrival=1.0)],
+                          2.0, 0.1)
+    assert (row["failed"], row["first_error"], row["errors"]) == (3, "x", {"x": 2, "y": 1})
+
+
+def test_working_set_counts_each_prefix_block_once():
+    bench = load_bench()
+    trace = [dict(blocks=[(1, 128), (2, 128), (3, 40)]), dict(blocks=[(1, 128), (2, 128), (3, 100)]),
+             dict(blocks=[(4, 128)])]
+    assert bench.working_set_tokens(trace) == 128 + 128 + 100 + 128
+
+
+def test_tier_policy_replay_counts_what_each_policy_copies_and_serves():
+    """Through the real BlockPool: a prompt, enough other prompts to push it out of a small pool, the prompt again.
+    `all` serves the resend from the tier; `reused` never copied its blocks (they had not been hit before the
+    eviction); `none` recomputes."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import serve_tier_policy
+
+    def request(h, n_blocks):
+        return dict(blocks=[(h * 100 + i, 128) for i in range(n_blocks)], input_tokens=128 * n_blocks + 1,
+                    max_tokens=0)
+
+    trace = [request(1, 2)] + [request(h, 2) for h in range(2, 6)] + [request(1, 2)]
+    got = {p: serve_tier_policy.replay(trace, 512, p) for p in ("none", "reused", "all")}
+    assert got["all"]["tier_hit_tokens"] == 256 and got["all"]["copied_hit"] == 16
+    assert got["reused"]["copied"] == 0 and got["reused"]["tier_hit_tokens"] == 0
+    assert got["none"]["gpu_hit_tokens"] == got["all"]["gpu_hit_tokens"] == 0

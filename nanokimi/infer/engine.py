@@ -235,9 +235,7 @@ class Engine:
         if self.slots is not None:
             self.slots.drop_snapshots()
         if self.tiers is not None:
-            self.tiers.pending_blocks.clear()
-            self.tiers.pending_states.clear()
-            self.tiers.store.clear()
+            self.tiers.clear()
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)

@@ -392,8 +392,10 @@ def _tier_store(options: ServeOptions, namespace: str):
     if options.kv_offload_gb <= 0 and not options.kv_disk:
         return None
     from nanokimi.infer.tiers import KVTierStore
-    return KVTierStore(int(options.kv_offload_gb * 2**30), options.kv_disk, int(options.kv_disk_gb * 2**30),
-                       block_size=options.block_size, namespace=namespace)
+    store = KVTierStore(int(options.kv_offload_gb * 2**30), options.kv_disk, int(options.kv_disk_gb * 2**30),
+                        block_size=options.block_size, namespace=namespace)
+    store.reserve()  # pinned at start: pinning while serving would stall engine steps
+    return store
 
 
 def _fingerprint(path: Path) -> str:

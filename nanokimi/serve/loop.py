@@ -10,7 +10,8 @@ returns an asyncio.Queue on which the engine thread posts, via `loop.call_soon_t
 
 Admitted requests first wait in the server's own queue; each iteration hands the engine a step's worth of
 prefill, preferring the request with the most cached prefix unless some request has waited longer than
-`max_wait_s` (then the oldest goes first): cache-friendly order with bounded unfairness.
+`max_wait_s` (then the oldest goes first): cache-friendly order with bounded unfairness. A request whose prefix
+is being computed by one in flight waits for that prefill to finish (within the same bound) and then reuses it.
 """
 from __future__ import annotations
 
@@ -238,19 +239,32 @@ class EngineLoop:
         self._pending.append(ticket)
 
     def _dispatch(self, stats: dict) -> None:
-        """Hand the engine up to one step of prefill tokens when its own queue is empty."""
+        """Hand the engine up to one step of prefill tokens when its own queue is empty. A request whose next
+        uncached blocks are being computed right now by a request in flight (same prefix, prefill not done) is
+        held back until that prefill is done, so it reuses the blocks instead of computing them again."""
         if not self._pending or stats.get("requests_waiting", 0) > 0:
             return
         budget = self.step_tokens
         now = time.perf_counter()
+        in_flight: dict[bytes, int] = {}  # prompt block hash of a request in prefill -> its prompt's full blocks
+        if getattr(self.engine, "prefix_caching", False):
+            for t in self._tickets.values():
+                if t.dispatched and t.first_token is None:
+                    in_flight.update(dict.fromkeys(t.hashes or (), len(t.hashes or ())))
         while self._pending and budget > 0:
             oldest = self._pending[0]
             if now - oldest.arrival > self.max_wait_s:
                 ticket = oldest
             else:
+                ready = []
                 for t in self._pending[:32]:
-                    t.uncached = len(t.prompt_ids) - self.engine.num_cached_tokens(t.prompt_ids, t.hashes)
-                ticket = min(self._pending[:32], key=lambda t: (t.uncached - len(t.prompt_ids), t.arrival))
+                    cached = self.engine.num_cached_tokens(t.prompt_ids, t.hashes)
+                    t.uncached = len(t.prompt_ids) - cached
+                    if not self._worth_waiting(t, cached, in_flight):
+                        ready.append(t)
+                if not ready:
+                    return
+                ticket = min(ready, key=lambda t: (t.uncached - len(t.prompt_ids), t.arrival))
             self._pending.remove(ticket)
             try:
                 self.engine.add_request(ticket.request_id, ticket.prompt_ids, ticket.params)
@@ -261,6 +275,24 @@ class EngineLoop:
             ticket.dispatched = True
             ticket.post("accepted", None)
             budget -= max(ticket.uncached, 1)
+            if getattr(self.engine, "prefix_caching", False):
+                in_flight.update(dict.fromkeys(ticket.hashes or (), len(ticket.hashes or ())))
+
+    def _worth_waiting(self, ticket: Ticket, cached: int, in_flight: dict[bytes, int]) -> bool:
+        """Whether the blocks right after `ticket`'s cached prefix are being computed by a request in flight, and
+        waiting for them would let it reuse more. A hybrid (KDA) model reuses a prefix only up to a block whose
+        state is snapshotted: every snapshot_interval tokens, and at the end of each prompt's full blocks."""
+        block_size = getattr(self.engine, "block_size", 16)
+        hashes, start = ticket.hashes or [], cached // block_size
+        end = start
+        while end < len(hashes) and hashes[end] in in_flight:
+            end += 1
+        if end == start:
+            return False
+        if not getattr(self.engine, "has_kda", False):
+            return True
+        interval = getattr(self.engine, "snapshot_interval", block_size)
+        return end * block_size // interval > start * block_size // interval or in_flight[hashes[end - 1]] == end
 
     def _deliver(self, outputs, now: float) -> None:
         for output in outputs:
