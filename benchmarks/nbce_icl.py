@@ -7,7 +7,8 @@ window, keys repeating, loss on every label: a repeated key's label is predictab
 window without the key is unsure. Then, for N beyond the window, it answers with NBCE over all windows
 (nbce_window = W) or with the last window alone (truncation: what plain decoding of a cut prompt sees).
 
-    python benchmarks/nbce_icl.py            # one H100, a few minutes
+    python benchmarks/nbce_icl.py            # one GPU, a few minutes
+    python benchmarks/nbce_icl.py --batch 32 --train-seconds 1100   # the 2-core CPU, ~20 minutes
     python benchmarks/nbce_icl.py --smoke    # CPU, under a minute: runs end to end, numbers meaningless
 """
 import argparse
