@@ -44,8 +44,9 @@ class Engine:
     snapshot_interval: KDA state snapshots every so many tokens of a sequence
     (rounded to blocks; prompt and output) besides its prompt's last full block; num_state_snapshots: how
     many are kept (LRU).
-    use_cuda_graph: "auto" graphs decode-only steps on CUDA (True: a failed capture raises); compile=True
-    also torch.compiles them (one compilation per batch bucket: slow to warm up, for long runs).
+    use_cuda_graph: "auto" graphs decode-only steps on CUDA (True: a failed capture raises); compile ("auto":
+    wherever CUDA graphs are captured) torch.compiles the step inside them, once per batch bucket, until the
+    compilations took compile_budget_s seconds (later buckets are captured uncompiled).
     Seer options (docs/seer.md; all off by default): speculative None | "ngram" | "suffix" (or a drafter
     object) with drafts of num_speculative_tokens at most (twice in the tail); scheduling "fcfs" | "context_aware" with
     max_wait_steps (bounded wait); chunk_tokens > 0 (with context_aware): divided rollout."""
@@ -54,7 +55,8 @@ class Engine:
                  max_num_seqs: int = 256, max_step_tokens: int = 2048, enable_prefix_caching: bool = True,
                  max_model_len: int | None = None, use_cuda_graph: bool | str = "auto",
                  gpu_memory_fraction: float = 0.75, num_state_snapshots: int | None = None,
-                 snapshot_interval: int = 512, compile: bool = False, kv_tiers=None, verbose: bool = False,
+                 snapshot_interval: int = 512, compile: bool | str = "auto", compile_budget_s: float = 240.0,
+                 kv_tiers=None, verbose: bool = False,
                  speculative=None, num_speculative_tokens: int = 4, scheduling: str = "fcfs",
                  max_wait_steps: int = 64, chunk_tokens: int = 0):
         checks = [(scheduling in POLICIES, f"scheduling must be one of {', '.join(POLICIES)}, got {scheduling!r}"),
@@ -80,7 +82,7 @@ class Engine:
         num_slots = max_num_seqs + num_snapshots if self.has_kda else 0
         self.num_blocks, self.budget_note = self._plan_blocks(max_cache_tokens, num_slots, gpu_memory_fraction)
         self.runner = ModelRunner(model, self.num_blocks, block_size, max(num_slots, 1), self.max_model_len,
-                                  use_cuda_graph, compile)
+                                  use_cuda_graph, compile, compile_budget_s)
         self.pool = BlockPool(self.num_blocks)
         self.slots = StateSlots(num_slots) if self.has_kda else None
         interval = max(block_size, snapshot_interval // block_size * block_size)
@@ -141,7 +143,10 @@ class Engine:
                  f"~{tokens // self.max_model_len:,} sequences at max_model_len {self.max_model_len:,}"]
         if self.has_kda:
             fla = kda_backend(self.device)[0] == "fla"
-            kernels = "fla chunk_kda / fused_recurrent_kda" if fla else "torch chunkwise / recurrence"
+            from nanokimi.model.paged import use_kda_slot_kernel
+            decode = "Triton in-place slot kernel" if use_kda_slot_kernel(self.device) else (
+                "fused_recurrent_kda" if fla else "recurrence")
+            kernels = f"{'fla chunk_kda' if fla else 'torch chunkwise'} / {decode}"
             parts.append(f"KDA state slots {self.slots.num_slots} x {per_slot / 2**20:.1f} MiB ({kernels})")
         from nanokimi.model.paged import use_paged_kernel
         mla = "Triton paged kernel" if use_paged_kernel(self.device, self.block_size) else "gathered blocks"
@@ -150,7 +155,7 @@ class Engine:
         if self.runner.use_graphs:
             graphs = "static buffers, no graph" if self.runner.static_only else "CUDA graphs at bucketed batch sizes"
         if self.runner.compiled:
-            graphs += " + torch.compile"
+            graphs += f" + torch.compile (per batch bucket, budget {self.runner.compile_budget_s:.0f} s)"
         from nanokimi.model.paged import BATCHED_PREFILL
         prefill = "pieces batched, mixing per piece" if BATCHED_PREFILL else "each piece alone"
         caching = f"on (KDA snapshots every {self.snapshot_interval} tokens)" if self.has_kda else "on"

@@ -3,13 +3,15 @@
 Decode-only steps on CUDA replay a CUDA graph captured per (batch bucket, block-table bucket): the
 rows are padded up to the bucket with rows that write to the reserved block 0 and the spare state slot.
 """
+import time
 import warnings
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from nanokimi.model.paged import PagedBatch, PrefillPiece, new_paged_cache, short_pieces
+from nanokimi.model.kda import KimiDeltaAttention
+from nanokimi.model.paged import PagedBatch, PrefillPiece, check_kda_slot_kernel, new_paged_cache, short_pieces
 from nanokimi.model.rope import Rotary
 
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 512)
@@ -46,7 +48,8 @@ def _bucket(value: int, sizes) -> int | None:
 
 class ModelRunner:
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, num_state_slots: int,
-                 max_model_len: int, use_cuda_graph: bool | str = "auto", compile: bool = False):
+                 max_model_len: int, use_cuda_graph: bool | str = "auto", compile: bool | str = "auto",
+                 compile_budget_s: float = 240.0):
         self.model, self.block_size, self.max_model_len = model, block_size, max_model_len
         self.device = model.embed.weight.device
         self.cache = new_paged_cache(model, num_blocks, block_size, num_state_slots + 1)
@@ -67,12 +70,18 @@ class ModelRunner:
         self.graphs: dict[tuple[int, int], tuple] = {}
         self.graph_pool = None
         self.max_blocks = -(-max_model_len // block_size)
-        self.step_fn = self._logits
-        self.compiled = compile and self.use_graphs
+        if any(isinstance(b.mixer, KimiDeltaAttention) for b in model.layers) and self.device.type == "cuda":
+            check_kda_slot_kernel(self.device)  # before any capture: decode rows take the kernel only if it passed
+        if compile not in (True, False, "auto"):
+            raise ValueError(f"compile must be True, False or 'auto', got {compile!r}.")
+        self.capturing_compiled = False
+        # "auto": torch.compile inside the CUDA graphs on CUDA (not for the "static" stand-in on the CPU)
+        self.compiled = self.use_graphs and (compile is True or (compile == "auto" and not self.static_only))
+        self.compile_budget_s, self.compile_seconds, self.compiled_buckets = compile_budget_s, 0.0, []
         if self.compiled:
             from nanokimi.runtime import raise_recompile_limits
-            raise_recompile_limits()  # one graph per (batch, blocks) bucket, plus breaks around KDA kernels
-            self.step_fn = torch.compile(self._logits, dynamic=False)
+            raise_recompile_limits()  # one graph per batch bucket, plus breaks around the Triton/fla kernels
+            self.compiled_fn = torch.compile(self._logits, dynamic=False)
 
     def _logits(self, ids: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
         """The decode-only step that CUDA graphs capture: ids [B] -> logits [B, V]."""
@@ -156,12 +165,12 @@ class ModelRunner:
             try:
                 self.graphs[key] = self._capture(size, width)
             except Exception as error:  # noqa: BLE001 - the eager step computes the same thing
-                if self.graph_required and not self.compiled:
+                if self.graph_required and not self.capturing_compiled:
                     raise
-                if self.compiled:  # try again without torch.compile before giving up on graphs
+                if self.capturing_compiled:  # try again without torch.compile before giving up on graphs
                     warnings.warn(f"torch.compile of the engine's decode step failed ({type(error).__name__}: "
                                   f"{error}); capturing it uncompiled.")
-                    self.compiled, self.step_fn = False, self._logits
+                    self.compiled = False
                     return self._run_graphed(rows)
                 warnings.warn(f"CUDA graph capture of the engine's decode step failed ({type(error).__name__}: "
                               f"{error}); decoding eagerly.")
@@ -183,24 +192,37 @@ class ModelRunner:
         return logits.output if isinstance(logits, StaticReplay) else logits
 
     def _capture(self, size: int, width: int):
+        """Capture the decode step of `size` rows and block tables `width` wide. Compiled (one compilation
+        per bucket) while the compile time so far is under compile_budget_s; later buckets are captured
+        uncompiled, so a long tail of rare batch sizes never stalls serving for minutes."""
         device = self.device
+        self.capturing_compiled = self.compiled and self.compile_seconds < self.compile_budget_s
+        step_fn = self.compiled_fn if self.capturing_compiled else self._logits
         ids = torch.zeros(size, dtype=torch.long, device=device)
         batch = PagedBatch(self.block_size, size, torch.zeros(size, dtype=torch.long, device=device),
                            torch.zeros(size, width, dtype=torch.long, device=device),
                            torch.zeros(size, dtype=torch.long, device=device),
                            torch.full((size,), self.dummy_slot, dtype=torch.long, device=device))
 
+        if self.capturing_compiled:  # the table width reaches only the kernels: no recompile per width
+            torch._dynamo.maybe_mark_dynamic(batch.block_tables, 1)
+
         def step():
-            return self.step_fn(ids, batch)
+            return step_fn(ids, batch)
 
         if self.static_only:
             return StaticReplay(step), ids, batch, torch.empty(0)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
+        started = time.perf_counter()
         with torch.cuda.stream(side):
             for _ in range(2):
                 step()
         torch.cuda.current_stream().wait_stream(side)
+        if self.capturing_compiled:
+            torch.cuda.synchronize(device)
+            self.compile_seconds += time.perf_counter() - started
+            self.compiled_buckets.append((size, width))
         if self.graph_pool is None:
             self.graph_pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()

@@ -26,6 +26,7 @@ from torch import nn
 from nanokimi.model.attention import GroupedQueryAttention, MultiHeadLatentAttention, causal_attention
 from nanokimi.model.cache import KVCache, LatentCache, RecurrentCache
 from nanokimi.model.kda import KimiDeltaAttention, causal_depthwise_conv, kda_outside_compile, l2_normalize
+from nanokimi.ops.kda.decode import kda_decode_slots, kda_decode_slots_reference
 from nanokimi.ops.kda.fla_kernels import fla_status, kda_fla_varlen
 from nanokimi.ops.paged_mla import paged_mla_decode, triton_available
 
@@ -283,13 +284,42 @@ def _kda_prefill(mixer: KimiDeltaAttention, x: torch.Tensor, cache: RecurrentCac
     qkv = F.silu(torch.cat(mixed))
     q, k, v = (t.reshape(1, N, H, D) for t in qkv.split(H * D, dim=-1))
     q, k = l2_normalize(q).to(v.dtype), l2_normalize(k).to(v.dtype)
-    g = mixer.f_b_proj(mixer.f_a_proj(x)).float() + mixer.dt_bias.float()
-    g = (-mixer.A_log.float().exp().repeat_interleave(D) * F.softplus(g)).view(1, N, H, D)
-    beta = torch.sigmoid(mixer.b_proj(x).float())  # [1, Np, H]
+    g, beta = _kda_gates(mixer, x)
     o = _kda_varlen(q, k, v, g, beta, cache, pieces, spans)  # [1, Np, H, D]
-    gate = mixer.g_b_proj(mixer.g_a_proj(x)).view(1, N, H, D)
+    return _kda_output(mixer, o, x)
+
+
+def _kda_gates(mixer: KimiDeltaAttention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """KDA's per-channel log-decay g [B, T, H, D] and beta [B, T, H] (fp32) of x [B, T, hidden]."""
+    B, T, H, D = x.shape[0], x.shape[1], mixer.num_heads, mixer.head_dim
+    g = mixer.f_b_proj(mixer.f_a_proj(x)).float() + mixer.dt_bias.float()
+    g = (-mixer.A_log.float().exp().repeat_interleave(D) * F.softplus(g)).view(B, T, H, D)
+    return g, torch.sigmoid(mixer.b_proj(x).float())
+
+
+def _kda_output(mixer: KimiDeltaAttention, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """KDA's gated per-head norm and output projection: o [B, T, H, D] -> [B, T, hidden]."""
+    B, T, H, D = *x.shape[:2], mixer.num_heads, mixer.head_dim
+    gate = mixer.g_b_proj(mixer.g_a_proj(x)).view(B, T, H, D)
     o32 = F.rms_norm(o.float(), (D,), mixer.o_norm_weight.float(), mixer.eps)
-    return mixer.o_proj((o32 * torch.sigmoid(gate.float())).to(x.dtype).reshape(1, N, H * D))
+    return mixer.o_proj((o32 * torch.sigmoid(gate.float())).to(x.dtype).reshape(B, T, H * D))
+
+
+def _kda_decode_in_slots(mixer: KimiDeltaAttention, x: torch.Tensor, cache: RecurrentCache,
+                         slots: torch.Tensor) -> torch.Tensor:
+    """KimiDeltaAttention.forward of one token per row, each continuing from its state slot: the conv
+    tails are gathered and written back, the delta-rule states are read and written in place by the
+    Triton decode kernel (ops.kda.decode). x [S, 1, D] -> [S, 1, D]."""
+    H, D = mixer.num_heads, mixer.head_dim
+    qkv = torch.cat([mixer.q_proj(x), mixer.k_proj(x), mixer.v_proj(x)], dim=-1)  # [S, 1, 3HD]
+    window = torch.cat([cache.conv.index_select(0, slots).to(qkv.dtype), qkv], dim=1)  # [S, K, 3HD]
+    cache.conv.index_copy_(0, slots, window[:, 1:].to(cache.conv.dtype))
+    qkv = F.silu(causal_depthwise_conv(window, mixer.conv.weight.to(qkv.dtype)))[:, 0]  # [S, 3HD]
+    q, k, v = (t.reshape(-1, H, D) for t in qkv.split(H * D, dim=-1))
+    q, k = l2_normalize(q).to(v.dtype), l2_normalize(k).to(v.dtype)
+    g, beta = _kda_gates(mixer, x)
+    o = kda_decode_slots_outside_compile(q, k, v, g[:, 0], beta[:, 0], cache.state, slots, D ** -0.5)
+    return _kda_output(mixer, o.unsqueeze(1), x)
 
 
 def _kda_varlen(q, k, v, g, beta, cache: RecurrentCache, pieces, spans) -> torch.Tensor:
@@ -448,6 +478,8 @@ def _decode_rows(mixer: nn.Module, x: torch.Tensor, cache, batch: PagedBatch) ->
     """One token per sequence, each at its own position: x [S, 1, D] -> [S, 1, D]."""
     if isinstance(mixer, KimiDeltaAttention):
         slots = batch.state_slots
+        if use_kda_slot_kernel(x.device):
+            return _kda_decode_in_slots(mixer, x, cache, slots)
         rows = RecurrentCache(cache.conv.index_select(0, slots), cache.state.index_select(0, slots))
         out = mixer(x, rows)  # advances the gathered copies
         cache.conv.index_copy_(0, slots, rows.conv)
@@ -462,6 +494,10 @@ VARLEN_KDA = True  # on CUDA with fla-core: the prefill pieces' delta rule in on
 kda_fla_varlen_outside_compile = torch.compiler.disable(kda_fla_varlen)
 BATCHED_PREFILL = True  # False: each prefill piece runs the mixer's own cached forward (the reference)
 paged_mla_decode_outside_compile = torch.compiler.disable(paged_mla_decode)  # a Triton kernel: no tracing into it
+KDA_DECODE = "auto"  # KDA decode rows: "auto" (the in-place Triton kernel on CUDA once it passed its check),
+# "triton" (anywhere: Triton's interpreter on the CPU) or "gather" (the mixer's forward over gathered slots)
+kda_decode_slots_outside_compile = torch.compiler.disable(kda_decode_slots)
+KDA_KERNEL_CHECKED: dict[str, bool] = {}  # device -> whether the kernel matched its reference there
 GATHER_ELEMENTS = 1 << 28  # decode rows gather their blocks in groups of at most this many cache elements
 PAGED_KERNEL = "auto"  # MLA decode rows: "auto" (the Triton kernel on CUDA), "triton" (anywhere) or "gather"
 
@@ -471,6 +507,46 @@ def use_paged_kernel(device: torch.device, block_size: int) -> bool:
     if PAGED_KERNEL == "gather" or not triton_available() or block_size < 16 or block_size & (block_size - 1):
         return False
     return PAGED_KERNEL == "triton" or device.type == "cuda"
+
+
+def use_kda_slot_kernel(device: torch.device) -> bool:
+    """Whether KDA decode rows run the in-place Triton kernel. "auto" takes it on CUDA only after
+    check_kda_slot_kernel passed there (the engine's runner checks before capturing any graph)."""
+    if KDA_DECODE == "gather" or not triton_available():
+        return False
+    return KDA_DECODE == "triton" or (device.type == "cuda" and KDA_KERNEL_CHECKED.get(str(device), False))
+
+
+def check_kda_slot_kernel(device: torch.device) -> bool:
+    """Run the KDA decode kernel once on `device` against its reference (bf16 inputs as the engine passes
+    them); on an error or a mismatch warn and keep the gathered path. Cached per device."""
+    key = str(device)
+    if key not in KDA_KERNEL_CHECKED:
+        ok = False
+        if device.type == "cuda" and triton_available():
+            try:
+                g = torch.Generator(device=device).manual_seed(0)
+                S, H, K, N = 5, 2, 128, 7
+                q, k = (l2_normalize(torch.randn(S, H, K, generator=g, device=device)).bfloat16() for _ in range(2))
+                v = torch.randn(S, H, K, generator=g, device=device).bfloat16()
+                gate = -torch.rand(S, H, K, generator=g, device=device)
+                beta = torch.rand(S, H, generator=g, device=device)
+                state = torch.randn(N, H, K, K, generator=g, device=device)
+                slots = torch.tensor([4, 0, 6, 1, 3], device=device)
+                expected_state = state.clone()
+                expected = kda_decode_slots_reference(q, k, v, gate, beta, expected_state, slots, K ** -0.5)
+                got = kda_decode_slots(q, k, v, gate, beta, state, slots, K ** -0.5)
+                error = max(((a.float() - b.float()).norm() / b.float().norm()).item()
+                            for a, b in ((got, expected), (state, expected_state)))
+                ok = error < 2e-2
+                if not ok:
+                    warnings.warn(f"the Triton KDA decode kernel is off its reference on {device} (relative error "
+                                  f"{error:.2e}); KDA decode rows gather their state slots instead.")
+            except Exception as error:  # noqa: BLE001 - the gathered path computes the same thing
+                warnings.warn(f"the Triton KDA decode kernel failed on {device} ({type(error).__name__}: {error}); "
+                              "KDA decode rows gather their state slots instead.")
+        KDA_KERNEL_CHECKED[key] = ok
+    return KDA_KERNEL_CHECKED[key]
 
 
 def _context_mask(batch: PagedBatch, length: int, device) -> torch.Tensor:

@@ -1,0 +1,70 @@
+"""The in-place KDA decode kernel (ops.kda.decode) against its gathered reference (Triton's CPU interpreter
+here), and inside the engine: the same greedy tokens as the plain forward."""
+import pytest
+import torch
+
+from conftest import rel_err
+from nanokimi.model.kda import l2_normalize
+from nanokimi.ops.kda.decode import kda_decode_slots, kda_decode_slots_reference
+from nanokimi.ops.paged_mla import triton_available
+
+needs_triton = pytest.mark.skipif(not triton_available(), reason="needs triton")
+
+
+def case(S, H, K, V, N, device="cpu", dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = l2_normalize(torch.randn(S, H, K, generator=g)).to(device, dtype)
+    k = l2_normalize(torch.randn(S, H, K, generator=g)).to(device, dtype)
+    v = torch.randn(S, H, V, generator=g).to(device, dtype)
+    gate = (-torch.rand(S, H, K, generator=g) * 2).to(device)
+    beta = torch.rand(S, H, generator=g).to(device)
+    state = torch.randn(N, H, K, V, generator=g).to(device)
+    slots = torch.randperm(N, generator=g)[:S].to(device)  # distinct slots, in any order
+    return q, k, v, gate, beta, state, slots
+
+
+@needs_triton
+@pytest.mark.parametrize("S,H,K,V,N,block_v", [(5, 3, 16, 24, 9, 16), (2, 1, 32, 32, 2, 32), (4, 2, 20, 16, 6, 16)])
+def test_kda_decode_kernel_equals_the_reference_and_touches_only_its_slots(S, H, K, V, N, block_v):
+    q, k, v, gate, beta, state, slots = case(S, H, K, V, N)
+    expected_state, got_state = state.clone(), state.clone()
+    expected = kda_decode_slots_reference(q, k, v, gate, beta, expected_state, slots, 0.3)
+    got = kda_decode_slots(q, k, v, gate, beta, got_state, slots, 0.3, block_v=block_v)
+    assert rel_err(got, expected) < 1e-5
+    assert rel_err(got_state, expected_state) < 1e-5
+    untouched = [i for i in range(N) if i not in slots.tolist()]
+    assert torch.equal(got_state[untouched], state[untouched])
+    assert not torch.equal(got_state[slots], state[slots])
+
+
+@needs_triton
+def test_engine_through_the_kda_decode_kernel(monkeypatch):
+    """KDA decode rows on the kernel (KDA_DECODE="triton"), eagerly and in the padded graph step: the
+    tokens of the plain forward."""
+    import nanokimi.model.paged as paged
+    from test_engine import GREEDY, greedy_alone, make_model, prompts, run_engine
+    from nanokimi.infer import Engine
+
+    monkeypatch.setattr(paged, "KDA_DECODE", "triton")
+    model = make_model("tiny").float()
+    batch = prompts(5, seed=44)
+    expected = [greedy_alone(model, p, 5) for p in batch]
+    for graphs in (False, "static"):
+        engine = Engine(model, block_size=16, use_cuda_graph=graphs)
+        assert "Triton in-place slot kernel" in engine.report
+        done = run_engine(engine, [(str(i), p, GREEDY) for i, p in enumerate(batch)], stagger=2)
+        assert [done[str(i)].token_ids for i in range(5)] == expected
+
+
+@pytest.mark.gpu
+def test_kda_decode_kernel_on_cuda_bf16_and_its_start_up_check():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    import nanokimi.model.paged as paged
+    device = torch.device("cuda")
+    q, k, v, gate, beta, state, slots = case(37, 8, 128, 128, 300, device="cuda", dtype=torch.bfloat16)
+    expected_state, got_state = state.clone(), state.clone()
+    expected = kda_decode_slots_reference(q, k, v, gate, beta, expected_state, slots, 128 ** -0.5)
+    got = kda_decode_slots(q, k, v, gate, beta, got_state, slots, 128 ** -0.5)
+    assert rel_err(got, expected) < 1e-2 and rel_err(got_state, expected_state) < 1e-3
+    assert paged.check_kda_slot_kernel(device) and paged.use_kda_slot_kernel(device)
