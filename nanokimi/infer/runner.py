@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 from nanokimi.model.kda import KimiDeltaAttention
 from nanokimi.model.paged import PagedBatch, PrefillPiece, check_kda_slot_kernel, new_paged_cache, short_pieces
@@ -100,7 +101,8 @@ class ModelRunner:
         if graphed is None:
             return self._run_eager(rows, num_decode)
         wanted = [i for i, r in enumerate(decode) if r.wants_logits]
-        parts = [graphed[wanted]]  # a copy: the graph's output buffer is rewritten by the next replay
+        # a copy either way: the graph's output buffer is rewritten by the next replay
+        parts = [graphed[:len(decode)].clone() if len(wanted) == len(decode) else graphed[wanted]]
         if prefill:
             parts.append(self._run_eager(prefill, 0))
         return torch.cat(parts)
@@ -117,9 +119,10 @@ class ModelRunner:
         positions, cache slots and state slots."""
         bs = self.block_size
         tables = torch.zeros(size or len(rows), width, dtype=torch.long)
-        for i, r in enumerate(rows):
-            table = r.table_tensor if r.table_tensor is not None else torch.tensor(r.block_table, dtype=torch.long)
-            tables[i, :len(table)] = table
+        if rows:  # one padded copy of every row's table (a Python loop of slice assignments costs ~5 us a row)
+            packed = pad_sequence([r.table_tensor if r.table_tensor is not None else
+                                   torch.tensor(r.block_table, dtype=torch.long) for r in rows], batch_first=True)
+            tables[:len(rows), :packed.shape[1]] = packed
         positions = [r.start for r in rows]
         slots = [r.block_table[p // bs] * bs + p % bs for r, p in zip(rows, positions)]
         state = [self.dummy_slot if r.state_slot is None else r.state_slot for r in rows]
@@ -176,18 +179,14 @@ class ModelRunner:
                               f"{error}); decoding eagerly.")
                 self.use_graphs = False
                 return None
-        graph, ids, batch, logits = self.graphs[key]
+        graph, inputs, batch, logits = self.graphs[key]
         if isinstance(graph, StaticReplay):
             logits = graph
         pad = size - len(rows)
         tables, positions, slots, state = self._decode_tensors(rows, width, size)
         host = torch.tensor([[r.tokens[0] for r in rows] + [0] * pad, positions + [0] * pad, slots + [0] * pad,
                              state + [self.dummy_slot] * pad], dtype=torch.long)
-        ids.copy_(host[0], non_blocking=True)
-        batch.positions.copy_(host[1], non_blocking=True)
-        batch.slot_mapping.copy_(host[2], non_blocking=True)
-        batch.state_slots.copy_(host[3], non_blocking=True)
-        batch.block_tables.copy_(tables, non_blocking=True)
+        inputs.copy_(torch.cat([host.flatten(), tables.flatten()]), non_blocking=True)  # one host-to-device copy
         graph.replay()
         return logits.output if isinstance(logits, StaticReplay) else logits
 
@@ -198,11 +197,11 @@ class ModelRunner:
         device = self.device
         self.capturing_compiled = self.compiled and self.compile_seconds < self.compile_budget_s
         step_fn = self.compiled_fn if self.capturing_compiled else self._logits
-        ids = torch.zeros(size, dtype=torch.long, device=device)
-        batch = PagedBatch(self.block_size, size, torch.zeros(size, dtype=torch.long, device=device),
-                           torch.zeros(size, width, dtype=torch.long, device=device),
-                           torch.zeros(size, dtype=torch.long, device=device),
-                           torch.full((size,), self.dummy_slot, dtype=torch.long, device=device))
+        inputs = torch.zeros(size * (4 + width), dtype=torch.long, device=device)  # every input, filled in one copy
+        ids, positions, slot_mapping, state_slots = inputs[:4 * size].view(4, size)
+        state_slots.fill_(self.dummy_slot)
+        batch = PagedBatch(self.block_size, size, positions, inputs[4 * size:].view(size, width), slot_mapping,
+                           state_slots)
 
         if self.capturing_compiled:  # the table width reaches only the kernels: no recompile per width
             torch._dynamo.maybe_mark_dynamic(batch.block_tables, 1)
@@ -211,7 +210,7 @@ class ModelRunner:
             return step_fn(ids, batch)
 
         if self.static_only:
-            return StaticReplay(step), ids, batch, torch.empty(0)
+            return StaticReplay(step), inputs, batch, torch.empty(0)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         started = time.perf_counter()
@@ -228,4 +227,4 @@ class ModelRunner:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.graph_pool):
             logits = step()
-        return graph, ids, batch, logits
+        return graph, inputs, batch, logits
