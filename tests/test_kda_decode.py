@@ -68,3 +68,23 @@ def test_kda_decode_kernel_on_cuda_bf16_and_its_start_up_check():
     got = kda_decode_slots(q, k, v, gate, beta, got_state, slots, 128 ** -0.5)
     assert rel_err(got, expected) < 1e-2 and rel_err(got_state, expected_state) < 1e-3
     assert paged.check_kda_slot_kernel(device) and paged.use_kda_slot_kernel(device)
+
+
+@needs_triton
+@pytest.mark.slow
+def test_compiled_static_decode_step_gives_the_tokens_of_the_plain_forward(monkeypatch):
+    """compile=True compiles the padded decode step that CUDA graphs capture (on CUDA the default): the
+    step torch.compile traces, with the KDA kernel, the block-table width marked dynamic and the inputs as
+    views of one buffer, still gives the plain forward's tokens."""
+    import nanokimi.model.paged as paged
+    from test_engine import GREEDY, greedy_alone, make_model, run_engine
+    from nanokimi.infer import Engine
+
+    monkeypatch.setattr(paged, "KDA_DECODE", "triton")
+    model = make_model("tiny").float()
+    prompt = [5, 17, 3, 99, 4, 250, 31]
+    engine = Engine(model, block_size=16, use_cuda_graph="static", compile=True)
+    assert engine.runner.compiled and "torch.compile" in engine.report
+    done = run_engine(engine, [("a", prompt, GREEDY)])
+    assert done["a"].token_ids == greedy_alone(model, prompt, 5)
+    assert engine.runner.compiled  # the compiled capture did not fall back

@@ -55,7 +55,7 @@ class Engine:
                  max_num_seqs: int = 256, max_step_tokens: int = 2048, enable_prefix_caching: bool = True,
                  max_model_len: int | None = None, use_cuda_graph: bool | str = "auto",
                  gpu_memory_fraction: float = 0.75, num_state_snapshots: int | None = None,
-                 snapshot_interval: int = 512, compile: bool | str = "auto", compile_budget_s: float = 240.0,
+                 snapshot_interval: int = 512, compile: bool | str = "auto", compile_budget_s: float = 120.0,
                  kv_tiers=None, verbose: bool = False,
                  speculative=None, num_speculative_tokens: int = 4, scheduling: str = "fcfs",
                  max_wait_steps: int = 64, chunk_tokens: int = 0):

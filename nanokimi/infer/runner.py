@@ -50,7 +50,7 @@ def _bucket(value: int, sizes) -> int | None:
 class ModelRunner:
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, num_state_slots: int,
                  max_model_len: int, use_cuda_graph: bool | str = "auto", compile: bool | str = "auto",
-                 compile_budget_s: float = 240.0):
+                 compile_budget_s: float = 120.0):
         self.model, self.block_size, self.max_model_len = model, block_size, max_model_len
         self.device = model.embed.weight.device
         self.cache = new_paged_cache(model, num_blocks, block_size, num_state_slots + 1)
