@@ -331,8 +331,8 @@ def profile_parts(engine: Engine, cfg, batch: int, prompt: int, prefill_tokens: 
     count = iter(range(10 ** 6))
 
     def prefill_step():
-        engine.add_request(f"pp{next(count)}", torch.randint(3, cfg.vocab_size, (prefill_tokens,), generator=g).tolist(),
-                           SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+        prompt_ids = torch.randint(3, cfg.vocab_size, (prefill_tokens,), generator=g).tolist()
+        engine.add_request(f"pp{next(count)}", prompt_ids, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
         while engine.has_unfinished():
             engine.step()
 
@@ -363,7 +363,7 @@ def main() -> None:
     ap.add_argument("--time-budget", type=float, default=330.0,
                     help="seconds since the start after which the decode A/B skips its remaining variants")
     ap.add_argument("--profile", action="store_true",
-                    help="print a torch.profiler kernel-time summary of one decode step (batch 16) and one prefill step")
+                    help="print torch.profiler kernel-time summaries of one decode step (batch 16), one prefill step")
     ap.add_argument("--long-context", type=int, default=131072)
     ap.add_argument("--mla-decode", choices=["auto", "triton", "gather"], default="auto",
                     help="MLA decode attention: the Triton paged kernel (auto on CUDA) or gathered blocks")

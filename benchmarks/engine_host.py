@@ -67,7 +67,8 @@ def main() -> None:
     cfg = ModelConfig.preset("tiny", vocab_size=512, num_layers=2, mixers="KA", max_position_embeddings=2048)
     model = build_model(cfg).eval()
     rows = [host_ms(model, int(b), args.prompt, args.steps) for b in args.batches.split(",")]
-    print_table(["batch", "host ms/step", "forward ms/step"], [[r["batch"], r["host_ms"], r["forward_ms"]] for r in rows])
+    print_table(["batch", "host ms/step", "forward ms/step"],
+                [[r["batch"], r["host_ms"], r["forward_ms"]] for r in rows])
     out = results_path("engine_host", False) if args.out is None else Path(args.out)
     write_results(out, environment(torch.device("cpu")), {"tiny-KA": rows})
     print(f"wrote {out}")

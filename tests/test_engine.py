@@ -279,7 +279,7 @@ def test_cuda_graph_decode_matches_eager_engine(name):
     params = SamplingParams(max_tokens=12, temperature=0)
     outs = {}
     for graph in (False, True):
-        engine = Engine(model, block_size=16, use_cuda_graph=graph, max_cache_tokens=8192)
+        engine = Engine(model, block_size=16, use_cuda_graph=graph, max_cache_tokens=8192, compile=False)
         outs[graph] = run_engine(engine, [(str(i), p, params) for i, p in enumerate(batch)], stagger=4)
         assert (engine.stats()["cuda_graphs"] > 0) == graph
         assert engine.stats()["cache_blocks_free"] == engine.stats()["cache_blocks_total"]
@@ -307,13 +307,38 @@ def test_engine_bf16_hybrid_on_cuda_agrees_with_the_full_forward(monkeypatch):
     params = SamplingParams(max_tokens=8, temperature=0)
     for mode in ("auto", "gather"):
         monkeypatch.setattr(paged, "PAGED_KERNEL", mode)
-        done = run_engine(Engine(model, block_size=16), [(str(i), p, params) for i, p in enumerate(batch)], stagger=2)
+        engine = Engine(model, block_size=16, compile=False)
+        done = run_engine(engine, [(str(i), p, params) for i, p in enumerate(batch)], stagger=2)
         for i, prompt in enumerate(batch):
             tokens = done[str(i)].token_ids
             with torch.no_grad():
                 logp = model(torch.tensor([prompt + tokens[:-1]], device="cuda"))[0, -8:].float().log_softmax(-1)
             chosen = logp.gather(1, torch.tensor(tokens, device="cuda")[:, None]).squeeze(1)
             assert (logp.max(-1).values - chosen).max() < 0.1, (mode, i)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kda_decode", ["auto", "gather"])
+def test_compiled_graphs_on_cuda_agree_with_the_full_forward(kda_decode, monkeypatch):
+    """The CUDA default: torch.compile inside the CUDA graphs, KDA decode rows on the in-place Triton kernel
+    (or gathered): each token the engine picks is (near) the argmax of the full forward before it."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    import nanokimi.model.paged as paged
+    monkeypatch.setattr(paged, "KDA_DECODE", kda_decode)
+    model = make_model("tiny", small=False).to("cuda", torch.bfloat16)
+    batch = prompts(4, seed=37, lengths=(100, 37, 250, 64))
+    params = SamplingParams(max_tokens=8, temperature=0)
+    engine = Engine(model, block_size=16)
+    assert engine.runner.compiled and paged.use_kda_slot_kernel(engine.device) == (kda_decode == "auto")
+    done = run_engine(engine, [(str(i), p, params) for i, p in enumerate(batch)])  # one bucket: 4 rows
+    assert engine.runner.compiled and engine.runner.compiled_buckets  # nothing fell back to uncompiled
+    for i, prompt in enumerate(batch):
+        tokens = done[str(i)].token_ids
+        with torch.no_grad():
+            logp = model(torch.tensor([prompt + tokens[:-1]], device="cuda"))[0, -8:].float().log_softmax(-1)
+        chosen = logp.gather(1, torch.tensor(tokens, device="cuda")[:, None]).squeeze(1)
+        assert (logp.max(-1).values - chosen).max() < 0.1, i
 
 
 @pytest.mark.gpu
