@@ -342,6 +342,30 @@ def test_compiled_graphs_on_cuda_agree_with_the_full_forward(kda_decode, monkeyp
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("name", ["tiny", "tiny-dense"])
+def test_packed_prefill_attention_on_cuda_matches_per_piece(name, monkeypatch):
+    """bf16 on CUDA: the packed prefill attention (memory-efficient SDPA with the block-diagonal mask) gives
+    the first tokens' logprobs of attention per piece, and does not switch itself off."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    import nanokimi.model.paged as paged
+    model = make_model(name, small=False).to("cuda", torch.bfloat16)
+    system = prompts(1, seed=73, lengths=(200,))[0]
+    batch = [system + p for p in prompts(8, seed=74, lengths=(100, 37, 250, 5))]
+    params = SamplingParams(max_tokens=1, temperature=0, logprobs=3)
+    firsts = {}
+    for packed in (True, False):
+        monkeypatch.setattr(paged, "PACKED_ATTENTION", packed)
+        done = run_engine(Engine(model, block_size=16, max_step_tokens=1024, compile=False),
+                          [(str(i), p, params) for i, p in enumerate(batch)], stagger=4)
+        assert paged.PACKED_ATTENTION == packed  # no fallback to attention per piece
+        firsts[packed] = [done[str(i)].outputs[0].logprobs[0] for i in range(len(batch))]
+    for a, b in zip(firsts[True], firsts[False]):
+        shared = set(a) & set(b)
+        assert len(shared) >= 2 and all(abs(a[t] - b[t]) < 0.05 for t in shared)
+
+
+@pytest.mark.gpu
 def test_varlen_chunk_kda_prefill_matches_per_piece_on_cuda(monkeypatch):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
@@ -603,3 +627,50 @@ def test_cache_sizes_below_one_block_round_up_and_the_cpu_default_fits_the_conte
                                                   max_position_embeddings=70_000))
     engine = Engine(long_context, max_num_seqs=1)
     assert (engine.num_blocks - 1) * engine.block_size >= 70_000
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-dense", "all-mla"])
+def test_packed_prefill_attention_equals_attention_per_piece(name, monkeypatch):
+    """The prefill pieces of a step attend in one call (block-diagonal causal mask over their packed
+    contexts), the reference one call per piece: same tokens and logprobs, with pieces that continue
+    cached prefixes (a shared system prompt) and chunks cut by the step budget."""
+    import nanokimi.model.paged as paged
+    model = make_model(name)
+    system = prompts(1, seed=71, lengths=(24,))[0]
+    batch = [system + p for p in prompts(6, seed=72, lengths=(5, 17, 30, 9))]
+    requests = [(str(i), p, SamplingParams(max_tokens=3, temperature=0, logprobs=2)) for i, p in enumerate(batch)]
+    calls = []
+    packed_attention = paged._packed_attention
+    monkeypatch.setattr(paged, "_packed_attention", lambda *a, **k: calls.append(1) or packed_attention(*a, **k))
+    outs = {}
+    for packed in (True, False):
+        monkeypatch.setattr(paged, "PACKED_ATTENTION", packed)
+        calls.clear()
+        done = run_engine(Engine(model, block_size=8, max_step_tokens=64), requests, stagger=3)
+        outs[packed] = [done[str(i)].outputs[0] for i in range(len(batch))]
+        assert bool(calls) == packed
+    for a, b in zip(outs[True], outs[False]):
+        assert a.token_ids == b.token_ids
+        for x, y in zip(a.logprobs, b.logprobs):
+            assert x.keys() == y.keys() and all(abs(x[t] - y[t]) < 1e-5 for t in x)
+
+
+def test_packed_context_lays_out_keys_queries_and_the_mask():
+    """packed_context against the per-piece view: each key slot is block_table[p // bs] * bs + p % bs, and a
+    query sees exactly its own piece's keys up to its position."""
+    from nanokimi.model.paged import PrefillPiece, packed_context
+    bs = 4
+    tables = [[3, 7, 2], [5], [9, 1]]
+    pieces = [PrefillPiece(2, 5, 6, torch.tensor(tables[0]), 0), PrefillPiece(7, 1, 2, torch.tensor(tables[1]), 1),
+              PrefillPiece(8, 3, 0, torch.tensor(tables[2]), 2)]
+    packed = packed_context(pieces, tables, [1], 2, bs, "cpu")
+    assert packed.members == [0, 2] and packed.spans == [(0, 5), (5, 8)]
+    assert packed.query_index.tolist() == [0, 1, 2, 3, 4, 6, 7, 8]
+    expected_slots = [tables[0][p // bs] * bs + p % bs for p in range(11)] + [tables[2][p // bs] * bs + p % bs
+                                                                            for p in range(3)]
+    assert packed.key_slots.tolist() == expected_slots
+    query_pos = [6, 7, 8, 9, 10, 0, 1, 2]
+    expected_mask = [[k < 11 and k <= q for k in range(11)] + [False] * 3 for q in query_pos[:5]] + \
+        [[False] * 11 + [k <= q for k in range(3)] for q in query_pos[5:]]
+    assert packed.mask.tolist() == expected_mask
+    assert packed_context(pieces, tables, [0, 1], 2, bs, "cpu") is None  # one piece left: nothing to pack

@@ -12,7 +12,8 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
 from nanokimi.model.kda import KimiDeltaAttention
-from nanokimi.model.paged import PagedBatch, PrefillPiece, check_kda_slot_kernel, new_paged_cache, short_pieces
+from nanokimi.model.paged import (PagedBatch, PrefillPiece, check_kda_slot_kernel, new_paged_cache, packed_context,
+                                  short_pieces)
 from nanokimi.model.rope import Rotary
 
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 512)
@@ -149,11 +150,13 @@ class ModelRunner:
             span = range(r.start, r.start + len(r.tokens))
             prefill_positions.extend(span)
             prefill_slots.extend(r.block_table[p // bs] * bs + p % bs for p in span)
+        host_tables = [r.block_table for r in prefill]
+        short = short_pieces(pieces, host_tables, num_decode, device)
+        packed = packed_context(pieces, host_tables, short.members if short else [], num_decode, bs, device)
         batch = PagedBatch(self.block_size, num_decode, torch.tensor(positions, **as_long),
                            tables.to(device), torch.tensor(slots, **as_long),
                            torch.tensor(state, **as_long), pieces, torch.tensor(prefill_positions, **as_long),
-                           torch.tensor(prefill_slots, **as_long),
-                           short_pieces(pieces, [r.block_table for r in prefill], num_decode, device))
+                           torch.tensor(prefill_slots, **as_long), short, packed)
         ids = torch.tensor([t for r in rows for t in r.tokens], **as_long)
         return batch, ids, last
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nanokimi.model.attention import GroupedQueryAttention, MultiHeadLatentAttention, causal_attention
 from nanokimi.model.cache import KVCache, LatentCache, RecurrentCache
@@ -58,6 +59,7 @@ class PagedBatch:
     prefill_positions: torch.Tensor | None = None  # [Np] long: position of every prefill token (in piece order)
     prefill_slots: torch.Tensor | None = None  # [Np] long: the cache slot each prefill token is written to
     short: "ShortPieces | None" = None  # several short pieces (drafts under verification): attend as one batch
+    packed: "PackedContext | None" = None  # the other pieces: attend as one packed sequence, block-diagonal mask
 
 
 @dataclass
@@ -88,6 +90,57 @@ def short_pieces(pieces: list["PrefillPiece"], tables: list[list[int]], first: i
     padded = [tables[i] + [0] * (width - len(tables[i])) for i in members]
     host = torch.tensor([index, positions], dtype=torch.long).to(device, non_blocking=True)
     return ShortPieces(members, lengths, host[0], host[1], torch.tensor(padded, dtype=torch.long).to(device))
+
+
+@dataclass
+class PackedContext:
+    """The prefill pieces that attend in one call (built by the engine's runner, once per step for every
+    layer): members: their piece indices; spans: each member's rows in the packed queries; query_index
+    [Nq] long: each packed query's token among the prefill tokens (None: all of them, in order);
+    key_slots [Lk] long: the cache slot of every key, each member's whole context (its new tokens included)
+    one after another; mask [Nq, Lk] bool: a query sees the keys of its own piece up to its position."""
+    members: list[int]
+    spans: list[tuple[int, int]]
+    query_index: torch.Tensor | None
+    key_slots: torch.Tensor
+    mask: torch.Tensor
+
+
+PACKED_ATTENTION = True  # False: every prefill piece attends over its own gathered context (the reference)
+PACKED_ATTENTION_PAIRS = 1 << 26  # larger (queries x keys) steps attend per piece: the mask grows with the product
+
+
+def packed_context(pieces: list["PrefillPiece"], tables: list[list[int]], skip: list[int], first: int,
+                   block_size: int, device) -> PackedContext | None:
+    """The PackedContext of a step's pieces other than `skip` (host block tables `tables`; `first` = the
+    number of decode rows), or None when fewer than two remain, PACKED_ATTENTION is off, or the mask would
+    exceed PACKED_ATTENTION_PAIRS entries."""
+    members = [i for i in range(len(pieces)) if i not in set(skip)]
+    lengths = [pieces[i].length for i in members]
+    ends = [pieces[i].start + pieces[i].length for i in members]
+    if not PACKED_ATTENTION or len(members) < 2 or sum(lengths) * sum(ends) > PACKED_ATTENTION_PAIRS:
+        return None
+    member = torch.arange(len(members))
+    width = max(len(tables[i]) for i in members)
+    padded = torch.tensor([tables[i] + [0] * (width - len(tables[i])) for i in members], dtype=torch.long)
+    ends_t, lengths_t = torch.tensor(ends), torch.tensor(lengths)
+    key_piece = member.repeat_interleave(ends_t)  # [Lk]
+    key_pos = torch.arange(len(key_piece)) - (ends_t.cumsum(0) - ends_t).repeat_interleave(ends_t)
+    key_slots = padded[key_piece, key_pos // block_size] * block_size + key_pos % block_size
+    query_piece = member.repeat_interleave(lengths_t)  # [Nq]
+    starts = torch.tensor([pieces[i].start for i in members])
+    query_pos = starts.repeat_interleave(lengths_t) + torch.arange(len(query_piece)) - \
+        (lengths_t.cumsum(0) - lengths_t).repeat_interleave(lengths_t)
+    queries = torch.cat([torch.arange(pieces[i].offset - first, pieces[i].offset - first + pieces[i].length)
+                         for i in members])
+    everything = len(members) == len(pieces)
+    host = torch.cat([key_slots, key_piece, key_pos, query_piece, query_pos, queries]).to(device, non_blocking=True)
+    Lk, Nq = len(key_slots), len(query_piece)
+    key_slots, key_piece, key_pos, query_piece, query_pos, queries = host.split([Lk, Lk, Lk, Nq, Nq, Nq])
+    mask = (query_piece[:, None] == key_piece[None, :]) & (key_pos[None, :] <= query_pos[:, None])
+    bounds = [0] + lengths_t.cumsum(0).tolist()
+    return PackedContext(members, list(zip(bounds[:-1], bounds[1:])), None if everything else queries, key_slots,
+                         mask)
 
 
 @dataclass
@@ -197,6 +250,8 @@ def _prefill_batched(mixer: nn.Module, x: torch.Tensor, cache, batch: PagedBatch
         outs = {}
         if batch.short is not None and not mixer.record_max_logits:
             outs = _mla_short_pieces(mixer, q_nope, q_rope, cache, batch.short)
+        if batch.packed is not None and not mixer.record_max_logits:
+            outs.update(_mla_packed(mixer, q_nope, q_rope, cache, batch.packed))
         for i, (piece, (a, b)) in enumerate(zip(batch.prefill, spans)):
             if i in outs:
                 continue
@@ -217,6 +272,8 @@ def _prefill_batched(mixer: nn.Module, x: torch.Tensor, cache, batch: PagedBatch
     cache.k.flatten(0, 1).index_copy_(0, batch.prefill_slots, k[:, 0].to(cache.k.dtype))
     cache.v.flatten(0, 1).index_copy_(0, batch.prefill_slots, v[:, 0].to(cache.v.dtype))
     outs = _gqa_short_pieces(mixer, q, cache, batch.short) if batch.short is not None else {}
+    if batch.packed is not None:
+        outs.update(_gqa_packed(mixer, q, cache, batch.packed))
     for i, (piece, (a, b)) in enumerate(zip(batch.prefill, spans)):
         if i in outs:
             continue
@@ -225,6 +282,50 @@ def _prefill_batched(mixer: nn.Module, x: torch.Tensor, cache, batch: PagedBatch
         keys, values = gather_blocks(cache.k, table)[:, :end], gather_blocks(cache.v, table)[:, :end]
         outs[i] = causal_attention(q[a:b].transpose(0, 1), keys, values, mixer.scale, piece.start)
     return mixer.o_proj(torch.cat([outs[i] for i in range(len(spans))], dim=1).flatten(2))
+
+
+def _packed_attention(q, k, v, packed: PackedContext, scale: float) -> dict:
+    """q [Nq, H, Dk] (all prefill tokens, or those packed.query_index picks), k [Lk, Hkv, Dk], v [Lk, Hkv, Dv]:
+    one attention call over the packed pieces with the block-diagonal causal mask -> {piece: [1, T, H, Dv]}."""
+    global PACKED_ATTENTION
+    if not PACKED_ATTENTION:  # switched off by an earlier layer of this step
+        return {}
+    if packed.query_index is not None:
+        q = q.index_select(0, packed.query_index)
+    args = (q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None])
+    options = dict(attn_mask=packed.mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    if not q.is_cuda:
+        o = F.scaled_dot_product_attention(*args, **options)
+    else:  # the memory-efficient kernel only: the math fallback would hold H x Nq x Lk scores
+        try:
+            with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+                o = F.scaled_dot_product_attention(*args, **options)
+        except RuntimeError as error:
+            warnings.warn(f"packed prefill attention has no memory-efficient kernel here ({error}); "
+                          "attending per piece.")
+            PACKED_ATTENTION = False
+            return {}  # the caller attends each piece on its own
+    o = o[0].transpose(0, 1)  # [Nq, H, Dv]
+    return {i: o[a:b][None] for i, (a, b) in zip(packed.members, packed.spans)}
+
+
+def _mla_packed(mixer: MultiHeadLatentAttention, q_nope, q_rope, cache: PagedLatentCache, packed: PackedContext):
+    """MLA's expanded attention (`_attend_expanded`) of the packed pieces in one call: keys and values from
+    kv_b_proj over every member's context latents. q_nope [Np, 1, H, dn], q_rope [Np, 1, H, dr]."""
+    H, Lk = mixer.num_heads, packed.key_slots.shape[0]
+    latent = cache.c_kv.view(-1, mixer.kv_lora_rank).index_select(0, packed.key_slots)  # [Lk, r]
+    rope = cache.k_rope.view(-1, mixer.rope_dim).index_select(0, packed.key_slots)  # [Lk, dr]
+    k_nope, v = mixer.kv_b_proj(latent).view(Lk, H, -1).split([mixer.nope_dim, mixer.v_dim], dim=-1)
+    k = torch.cat([k_nope, rope[:, None].expand(Lk, H, mixer.rope_dim)], dim=-1)  # [Lk, H, dn+dr]
+    q = torch.cat([q_nope, q_rope], dim=-1)[:, 0]  # [Np, H, dn+dr]
+    return _packed_attention(q, k, v, packed, mixer.scale)
+
+
+def _gqa_packed(mixer: GroupedQueryAttention, q, cache: PagedKVCache, packed: PackedContext):
+    """Causal attention of the packed pieces in one call over their gathered keys. q [Np, 1, H, D]."""
+    keys = cache.k.flatten(0, 1).index_select(0, packed.key_slots)  # [Lk, Hkv, D]
+    values = cache.v.flatten(0, 1).index_select(0, packed.key_slots)
+    return _packed_attention(q[:, 0], keys, values, packed, mixer.scale)
 
 
 def _gqa_short_pieces(mixer: GroupedQueryAttention, q, cache: PagedKVCache, short: ShortPieces):
@@ -271,22 +372,39 @@ def _kda_prefill(mixer: KimiDeltaAttention, x: torch.Tensor, cache: RecurrentCac
     H, D, K = mixer.num_heads, mixer.head_dim, mixer.conv_size
     N = x.shape[1]
     qkv = torch.cat([mixer.q_proj(x), mixer.k_proj(x), mixer.v_proj(x)], dim=-1)[0]  # [Np, 3HD]
-    weight = mixer.conv.weight.to(qkv.dtype)
-    mixed = []
-    for piece, (a, b) in zip(pieces, spans):
-        window = torch.cat([cache.conv[piece.state_slot].to(qkv.dtype), qkv[a:b]])  # [K-1+T, 3HD]
-        for j, snapshot in piece.snapshots:  # the conv tail after j tokens: the K-1 inputs before token j
-            cache.conv[snapshot].copy_(window[j:j + K - 1])
-        cache.conv[piece.state_slot].copy_(window[window.shape[0] - (K - 1):])
-        if piece.saved_states is not None:
-            piece.saved_states.append([cache, window.to(cache.conv.dtype), None])
-        mixed.append(causal_depthwise_conv(window[None], weight)[0])
-    qkv = F.silu(torch.cat(mixed))
+    qkv = F.silu(_kda_conv_packed(mixer, qkv, cache, pieces, spans))
     q, k, v = (t.reshape(1, N, H, D) for t in qkv.split(H * D, dim=-1))
     q, k = l2_normalize(q).to(v.dtype), l2_normalize(k).to(v.dtype)
     g, beta = _kda_gates(mixer, x)
     o = _kda_varlen(q, k, v, g, beta, cache, pieces, spans)  # [1, Np, H, D]
     return _kda_output(mixer, o, x)
+
+
+def _kda_conv_packed(mixer: KimiDeltaAttention, qkv: torch.Tensor, cache: RecurrentCache, pieces, spans):
+    """KDA's causal conv of every piece in one pass: each piece's window (its slot's K-1 conv inputs, then
+    its tokens) laid end to end, one conv over the whole, and each piece's rows picked out (rows whose taps
+    straddle two windows are dropped). The slots' conv tails (and snapshot tails) are updated from the
+    windows. qkv [Np, C] (pre-conv inputs of the packed pieces) -> [Np, C]."""
+    K1 = mixer.conv_size - 1
+    host_slots = [piece.state_slot for piece in pieces]
+    window_starts, tails, keep, total = [], [], [], 0
+    for a, b in spans:  # piece i's window is rows total .. total + K-1 + T - 1 of the packed windows
+        window_starts.append(total)
+        tails.extend(range(total + b - a, total + b - a + K1))  # its last K-1 rows: the conv tail after it
+        keep.extend(range(total, total + b - a))  # output row r is the conv of window rows r .. r+K-1
+        total += K1 + b - a
+    host = torch.tensor(host_slots + tails + keep, dtype=torch.long).to(qkv.device, non_blocking=True)
+    slots, tails, keep = host.split([len(host_slots), len(tails), len(keep)])
+    history = cache.conv.index_select(0, slots).to(qkv.dtype)  # [P, K-1, C]
+    window = torch.cat([t for i, (a, b) in enumerate(spans) for t in (history[i], qkv[a:b])])  # [sum(K-1+T), C]
+    for piece, start, (a, b) in zip(pieces, window_starts, spans):
+        for j, snapshot in piece.snapshots:  # the conv tail after j tokens: the K-1 inputs before token j
+            cache.conv[snapshot].copy_(window[start + j:start + j + K1])
+        if piece.saved_states is not None:
+            piece.saved_states.append([cache, window[start:start + K1 + b - a].to(cache.conv.dtype), None])
+    cache.conv.index_copy_(0, slots, window.index_select(0, tails).view(len(pieces), K1, -1).to(cache.conv.dtype))
+    mixed = causal_depthwise_conv(window[None], mixer.conv.weight.to(qkv.dtype))[0]  # [sum(K-1+T) - (K-1), C]
+    return mixed.index_select(0, keep)
 
 
 def _kda_gates(mixer: KimiDeltaAttention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
