@@ -108,13 +108,23 @@ def run_offline(engine: Engine, work: list[dict]) -> dict:
                 preemptions=stats["preemptions"] - stats0["preemptions"], steps=stats["steps"] - stats0["steps"])
 
 
+def prefill_in_one_step(engine: Engine, tokens: int) -> None:
+    """Prefill every waiting request with a step budget of `tokens` (the whole batch in one step), so that
+    decoding meets one batch bucket: one graph, one compilation."""
+    budget, engine.scheduler.max_step_tokens = engine.scheduler.max_step_tokens, tokens
+    try:
+        while engine.num_waiting_prefill_tokens() > 0 or engine.scheduler.waiting:
+            engine.step()
+    finally:
+        engine.scheduler.max_step_tokens = budget
+
+
 def decode_speed(engine: Engine, cfg, batch: int, prompt: int, steps: int) -> dict:
     g = torch.Generator().manual_seed(batch)
     for i in range(batch):
         engine.add_request(f"d{batch}-{i}", torch.randint(3, cfg.vocab_size, (prompt,), generator=g).tolist(),
                            SamplingParams(max_tokens=steps + 8, temperature=0, ignore_eos=True))
-    while engine.num_waiting_prefill_tokens() > 0 or engine.scheduler.waiting:
-        engine.step()
+    prefill_in_one_step(engine, batch * prompt)
     for _ in range(3):  # capture the graphs of this batch
         engine.step()
     times = []
@@ -319,8 +329,7 @@ def profile_parts(engine: Engine, cfg, batch: int, prompt: int, prefill_tokens: 
     for i in range(batch):
         engine.add_request(f"p{i}", torch.randint(3, cfg.vocab_size, (prompt,), generator=g).tolist(),
                            SamplingParams(max_tokens=64, temperature=0, ignore_eos=True))
-    while engine.num_waiting_prefill_tokens() > 0 or engine.scheduler.waiting:
-        engine.step()
+    prefill_in_one_step(engine, batch * prompt)
     for _ in range(3):
         engine.step()
     out = {f"decode_b{batch}": kernel_profile(engine.step, 3, top=25)}
