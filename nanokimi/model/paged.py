@@ -292,8 +292,10 @@ def _packed_attention(q, k, v, packed: PackedContext, scale: float) -> dict:
         return {}
     if packed.query_index is not None:
         q = q.index_select(0, packed.query_index)
+    if q.shape[1] != k.shape[1]:  # GQA: the memory-efficient kernel takes no enable_gqa; repeat the key heads
+        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
     args = (q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None])
-    options = dict(attn_mask=packed.mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    options = dict(attn_mask=packed.mask, scale=scale)
     if not q.is_cuda:
         o = F.scaled_dot_product_attention(*args, **options)
     else:  # the memory-efficient kernel only: the math fallback would hold H x Nq x Lk scores
