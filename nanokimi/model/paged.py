@@ -60,6 +60,7 @@ class PagedBatch:
     prefill_slots: torch.Tensor | None = None  # [Np] long: the cache slot each prefill token is written to
     short: "ShortPieces | None" = None  # several short pieces (drafts under verification): attend as one batch
     packed: "PackedContext | None" = None  # the other pieces: attend as one packed sequence, block-diagonal mask
+    memo: dict = field(default_factory=dict)  # index tensors built by the first KDA layer, reused by the others
 
 
 @dataclass
@@ -240,7 +241,7 @@ def _prefill_batched(mixer: nn.Module, x: torch.Tensor, cache, batch: PagedBatch
     first = batch.num_decode  # piece offsets count the decode rows before them
     spans = [(p.offset - first, p.offset - first + p.length) for p in batch.prefill]
     if isinstance(mixer, KimiDeltaAttention):
-        return _kda_prefill(mixer, x, cache, batch.prefill, spans)
+        return _kda_prefill(mixer, x, cache, batch.prefill, spans, batch.memo)
     rows = x[0].unsqueeze(1)  # [Np, 1, D]: each token a row with its own position
     if isinstance(mixer, MultiHeadLatentAttention):
         q_nope, q_rope, c_kv, k_rope = _mla_project(mixer, rows, batch.prefill_positions)
@@ -368,35 +369,40 @@ def _mla_short_pieces(mixer: MultiHeadLatentAttention, q_nope, q_rope, cache: Pa
     return {i: o[row:row + 1, :n] for row, (i, n) in enumerate(zip(members, lengths))}
 
 
-def _kda_prefill(mixer: KimiDeltaAttention, x: torch.Tensor, cache: RecurrentCache, pieces, spans) -> torch.Tensor:
+def _kda_prefill(mixer: KimiDeltaAttention, x: torch.Tensor, cache: RecurrentCache, pieces, spans,
+                 memo: dict | None = None) -> torch.Tensor:
     """KimiDeltaAttention.forward for several sequences packed in x [1, Np, D], each continuing from its
     state slot (conv tail and delta-rule state, both updated in place)."""
     H, D, K = mixer.num_heads, mixer.head_dim, mixer.conv_size
     N = x.shape[1]
     qkv = torch.cat([mixer.q_proj(x), mixer.k_proj(x), mixer.v_proj(x)], dim=-1)[0]  # [Np, 3HD]
-    qkv = F.silu(_kda_conv_packed(mixer, qkv, cache, pieces, spans))
+    qkv = F.silu(_kda_conv_packed(mixer, qkv, cache, pieces, spans, {} if memo is None else memo))
     q, k, v = (t.reshape(1, N, H, D) for t in qkv.split(H * D, dim=-1))
     q, k = l2_normalize(q).to(v.dtype), l2_normalize(k).to(v.dtype)
     g, beta = _kda_gates(mixer, x)
-    o = _kda_varlen(q, k, v, g, beta, cache, pieces, spans)  # [1, Np, H, D]
+    o = _kda_varlen(q, k, v, g, beta, cache, pieces, spans, memo)  # [1, Np, H, D]
     return _kda_output(mixer, o, x)
 
 
-def _kda_conv_packed(mixer: KimiDeltaAttention, qkv: torch.Tensor, cache: RecurrentCache, pieces, spans):
+def _kda_conv_packed(mixer: KimiDeltaAttention, qkv: torch.Tensor, cache: RecurrentCache, pieces, spans,
+                     memo: dict):
     """KDA's causal conv of every piece in one pass: each piece's window (its slot's K-1 conv inputs, then
     its tokens) laid end to end, one conv over the whole, and each piece's rows picked out (rows whose taps
     straddle two windows are dropped). The slots' conv tails (and snapshot tails) are updated from the
-    windows. qkv [Np, C] (pre-conv inputs of the packed pieces) -> [Np, C]."""
+    windows. qkv [Np, C] (pre-conv inputs of the packed pieces) -> [Np, C]. memo: the index tensors, built
+    once per step (every KDA layer of a step has the same layout)."""
     K1 = mixer.conv_size - 1
-    host_slots = [piece.state_slot for piece in pieces]
-    window_starts, tails, keep, total = [], [], [], 0
-    for a, b in spans:  # piece i's window is rows total .. total + K-1 + T - 1 of the packed windows
-        window_starts.append(total)
-        tails.extend(range(total + b - a, total + b - a + K1))  # its last K-1 rows: the conv tail after it
-        keep.extend(range(total, total + b - a))  # output row r is the conv of window rows r .. r+K-1
-        total += K1 + b - a
-    host = torch.tensor(host_slots + tails + keep, dtype=torch.long).to(qkv.device, non_blocking=True)
-    slots, tails, keep = host.split([len(host_slots), len(tails), len(keep)])
+    if ("conv", K1) not in memo:
+        host_slots = [piece.state_slot for piece in pieces]
+        window_starts, tails, keep, total = [], [], [], 0
+        for a, b in spans:  # piece i's window is rows total .. total + K-1 + T - 1 of the packed windows
+            window_starts.append(total)
+            tails.extend(range(total + b - a, total + b - a + K1))  # its last K-1 rows: the conv tail after it
+            keep.extend(range(total, total + b - a))  # output row r is the conv of window rows r .. r+K-1
+            total += K1 + b - a
+        host = torch.tensor(host_slots + tails + keep, dtype=torch.long).to(qkv.device, non_blocking=True)
+        memo["conv", K1] = window_starts, *host.split([len(host_slots), len(tails), len(keep)])
+    window_starts, slots, tails, keep = memo["conv", K1]
     history = cache.conv.index_select(0, slots).to(qkv.dtype)  # [P, K-1, C]
     window = torch.cat([t for i, (a, b) in enumerate(spans) for t in (history[i], qkv[a:b])])  # [sum(K-1+T), C]
     for piece, start, (a, b) in zip(pieces, window_starts, spans):
@@ -442,7 +448,7 @@ def _kda_decode_in_slots(mixer: KimiDeltaAttention, x: torch.Tensor, cache: Recu
     return _kda_output(mixer, o.unsqueeze(1), x)
 
 
-def _kda_varlen(q, k, v, g, beta, cache: RecurrentCache, pieces, spans) -> torch.Tensor:
+def _kda_varlen(q, k, v, g, beta, cache: RecurrentCache, pieces, spans, memo: dict | None = None) -> torch.Tensor:
     """The delta rule over packed pieces, each from its state slot (updated in place). A piece with interior
     snapshots runs in segments that end on them; after each segment its state is copied to the snapshot
     slot. Round r runs every piece's r-th segment: one fla chunk_kda call with cu_seqlens on CUDA when
@@ -459,21 +465,26 @@ def _kda_varlen(q, k, v, g, beta, cache: RecurrentCache, pieces, spans) -> torch
     o = torch.empty_like(v)
     for r in range(max(len(s) for s in segments)):
         active = [(piece, segs[r]) for piece, segs in zip(pieces, segments) if r < len(segs)]
-        _kda_segments(q, k, v, g, beta, cache, active, o)
+        _kda_segments(q, k, v, g, beta, cache, active, o, None if memo is None else memo.setdefault(("round", r), {}))
         for piece, (_, _, snapshot) in active:
             if snapshot is not None:
                 cache.state[snapshot].copy_(cache.state[piece.state_slot])
     return o
 
 
-def _kda_segments(q, k, v, g, beta, cache: RecurrentCache, active, o: torch.Tensor) -> None:
-    """One segment per piece, from (and back to) the pieces' state slots; outputs written into o."""
+def _kda_segments(q, k, v, g, beta, cache: RecurrentCache, active, o: torch.Tensor, memo: dict | None = None) -> None:
+    """One segment per piece, from (and back to) the pieces' state slots; outputs written into o. memo: this
+    round's index tensors, built once per step."""
     global VARLEN_KDA
     if VARLEN_KDA and q.is_cuda and len(active) > 1 and fla_status()[0]:
-        slots = torch.tensor([piece.state_slot for piece, _ in active], device=q.device)
-        index = torch.cat([torch.arange(a, b, device=q.device) for _, (a, b, _) in active])
-        lengths = [b - a for _, (a, b, _) in active]
-        bounds = torch.tensor([0] + lengths, device=q.device).cumsum(0)
+        if not memo:
+            lengths = [b - a for _, (a, b, _) in active]
+            host = torch.tensor([piece.state_slot for piece, _ in active] + [0] + lengths +
+                                [t for _, (a, b, _) in active for t in range(a, b)]).to(q.device, non_blocking=True)
+            slots, bounds, index = host.split([len(active), len(active) + 1, sum(lengths)])
+            memo = {} if memo is None else memo
+            memo.update(slots=slots, bounds=bounds.cumsum(0), index=index)
+        slots, bounds, index = memo["slots"], memo["bounds"], memo["index"]
         packed = [t.index_select(1, index) for t in (q, k, v, g, beta)]
         try:
             out, final = kda_fla_varlen_outside_compile(*packed, q.shape[-1] ** -0.5,
