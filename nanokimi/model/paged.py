@@ -223,8 +223,12 @@ def paged_mixer_forward(mixer: nn.Module, x: torch.Tensor, cache, batch: PagedBa
         pieces = rows + pieces
     else:
         if batch.num_decode:
-            rows = x[0, :batch.num_decode].unsqueeze(1)  # [Sd, 1, D]
-            parts.append(_decode_rows(mixer, rows, cache, batch).squeeze(1))
+            # not parts.append(_decode_rows(...)): under torch.compile the kernels inside break the graph with
+            # the list's bound method on the stack, whose guard dies with it (a recompile on every call)
+            decoded = _decode_rows(mixer, x[0, :batch.num_decode].unsqueeze(1), cache, batch)  # [Sd, 1, D]
+            if not pieces:  # a decode-only step (what CUDA graphs capture)
+                return decoded.transpose(0, 1)
+            parts.append(decoded.squeeze(1))
         if pieces and BATCHED_PREFILL:
             parts.append(_prefill_batched(mixer, x[:, batch.num_decode:], cache, batch)[0])
             pieces = []
