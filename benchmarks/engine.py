@@ -321,6 +321,18 @@ def decode_ab(spec, device, dtype, batches, prompt: int, steps: int, compile_bud
     return out
 
 
+def wall_ms(fn, device, calls: int = 3) -> float:
+    """Median wall time of fn() in ms, synchronised, outside the profiler."""
+    times = []
+    for _ in range(calls):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return round(statistics.median(times) * 1e3, 3)
+
+
 def profile_parts(engine: Engine, cfg, batch: int, prompt: int, prefill_tokens: int) -> dict:
     """Kernel-time summaries (torch.profiler, CUDA): one decode step at `batch` and one prefill step of a
     fresh `prefill_tokens`-token prompt."""
@@ -332,7 +344,8 @@ def profile_parts(engine: Engine, cfg, batch: int, prompt: int, prefill_tokens: 
     prefill_in_one_step(engine, batch * prompt)
     for _ in range(3):
         engine.step()
-    out = {f"decode_b{batch}": kernel_profile(engine.step, 3, top=25)}
+    decode_wall = wall_ms(engine.step, engine.device)
+    out = {f"decode_b{batch}": dict(kernel_profile(engine.step, 3, top=25), wall_ms=decode_wall)}
     for i in range(batch):
         engine.abort(f"p{i}")
     engine.step()
@@ -346,10 +359,11 @@ def profile_parts(engine: Engine, cfg, batch: int, prompt: int, prefill_tokens: 
             engine.step()
 
     prefill_step()
-    out[f"prefill_{prefill_tokens}"] = kernel_profile(prefill_step, 1, top=25)
-    for name, summary in out.items():
-        print(f"  profile {name}: GPU busy {summary['gpu_busy_ms']} ms, {summary['kernels_per_call']} kernels, "
-              f"by kind {summary['kinds_ms']}", flush=True)
+    wall = wall_ms(prefill_step, engine.device)
+    out[f"prefill_{prefill_tokens}"] = dict(kernel_profile(prefill_step, 1, top=25), wall_ms=wall)
+    for name, summary in out.items():  # wall far above GPU busy: the step waits on the host (launches, Python)
+        print(f"  profile {name}: wall {summary['wall_ms']} ms, GPU busy {summary['gpu_busy_ms']} ms, "
+              f"{summary['kernels_per_call']} kernels, by kind {summary['kinds_ms']}", flush=True)
         for kernel, ms, kind in summary["top_kernels"]:
             print(f"    {ms:9.4f} ms  {kind:13s} {kernel}", flush=True)
     return out
