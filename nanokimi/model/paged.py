@@ -29,7 +29,7 @@ from nanokimi.model.cache import KVCache, LatentCache, RecurrentCache
 from nanokimi.model.kda import KimiDeltaAttention, causal_depthwise_conv, kda_outside_compile, l2_normalize
 from nanokimi.ops.kda.decode import kda_decode_slots, kda_decode_slots_reference
 from nanokimi.ops.kda.fla_kernels import fla_status, kda_fla_varlen
-from nanokimi.ops.paged_mla import paged_mla_decode, triton_available
+from nanokimi.ops.paged_mla import merge_partials, paged_mla_partials, triton_available
 
 
 @dataclass
@@ -628,7 +628,7 @@ def _decode_rows(mixer: nn.Module, x: torch.Tensor, cache, batch: PagedBatch) ->
 VARLEN_KDA = True  # on CUDA with fla-core: the prefill pieces' delta rule in one chunk_kda call (cu_seqlens)
 kda_fla_varlen_outside_compile = torch.compiler.disable(kda_fla_varlen)
 BATCHED_PREFILL = True  # False: each prefill piece runs the mixer's own cached forward (the reference)
-paged_mla_decode_outside_compile = torch.compiler.disable(paged_mla_decode)  # a Triton kernel: no tracing into it
+paged_mla_partials_outside_compile = torch.compiler.disable(paged_mla_partials)  # a Triton kernel: no tracing
 KDA_DECODE = "auto"  # KDA decode rows: "auto" (the in-place Triton kernel on CUDA once it passed its check),
 # "triton" (anywhere: Triton's interpreter on the CPU) or "gather" (the mixer's forward over gathered slots)
 kda_decode_slots_outside_compile = torch.compiler.disable(kda_decode_slots)
@@ -702,8 +702,9 @@ def _mla_decode_rows(mixer: MultiHeadLatentAttention, x, cache: PagedLatentCache
     w_k, w_v = w[:, :mixer.nope_dim], w[:, mixer.nope_dim:]  # [H, dn, r], [H, dv, r]
     q_latent = torch.einsum("bthd,hdr->bthr", q_nope, w_k)
     if use_paged_kernel(x.device, batch.block_size):
-        o_latent = paged_mla_decode_outside_compile(q_latent[:, 0], q_rope[:, 0], cache.c_kv, cache.k_rope,
-                                                    batch.block_tables, batch.positions, mixer.scale)
+        partials = paged_mla_partials_outside_compile(q_latent[:, 0], q_rope[:, 0], cache.c_kv, cache.k_rope,
+                                                      batch.block_tables, batch.positions, mixer.scale)
+        o_latent = merge_partials(*partials, H, mixer.kv_lora_rank)  # outside the kernel: compiled code fuses it
         o_latent = o_latent.to(q_latent.dtype).unsqueeze(1)  # [S, 1, H, r]
         return mixer.o_proj(torch.einsum("bthr,hvr->bthv", o_latent, w_v).reshape(S, 1, -1))
     length = batch.block_tables.shape[1] * batch.block_size
