@@ -333,6 +333,40 @@ def wall_ms(fn, device, calls: int = 3) -> float:
     return round(statistics.median(times) * 1e3, 3)
 
 
+def prefill_ab(spec, device, dtype, shapes, repeats: int = 3) -> dict:
+    """Time to prefill (and sample one token of) `count` fresh prompts of `length` tokens that share one step,
+    with the pieces' attention packed into one call per layer vs one call per piece (PACKED_ATTENTION)."""
+    import nanokimi.model.paged as paged
+    model, cfg = make_model(spec, device, dtype)
+    engine = Engine(model, max_num_seqs=64, max_step_tokens=max(c * n for c, n in shapes),
+                    max_cache_tokens=2 * max(c * n for c, n in shapes), enable_prefix_caching=False)
+    g = torch.Generator().manual_seed(5)
+    out = {}
+    try:
+        for count, length in shapes:
+            for packed in (True, False, True):  # the first round warms up kernels and allocations
+                paged.PACKED_ATTENTION = packed
+                times = []
+                for _ in range(repeats):
+                    for i in range(count):
+                        engine.add_request(f"pf{i}", torch.randint(3, cfg.vocab_size, (length,), generator=g).tolist(),
+                                           SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+                    sync(device)
+                    t0 = time.perf_counter()
+                    while engine.has_unfinished():
+                        engine.step()
+                    sync(device)
+                    times.append(time.perf_counter() - t0)
+                out[f"{count}x{length}_{'packed' if packed else 'per_piece'}_ms"] = round(
+                    statistics.median(times) * 1e3, 2)
+    finally:
+        paged.PACKED_ATTENTION = True
+    del engine, model
+    free_memory(device)
+    print(f"  prefill A/B (attention packed vs per piece): {out}", flush=True)
+    return out
+
+
 def profile_parts(engine: Engine, cfg, batch: int, prompt: int, prefill_tokens: int) -> dict:
     """Kernel-time summaries (torch.profiler, CUDA): one decode step at `batch` and one prefill step of a
     fresh `prefill_tokens`-token prompt."""
@@ -470,6 +504,13 @@ def main() -> None:
             del engine, model
             free_memory(device)
             if "ab" in parts and name == "bench-kl-900m":
+                shapes = [(4, 64), (8, 32)] if args.smoke else [(4, 1024), (16, 256)]
+                try:
+                    row["prefill_ab"] = prefill_ab(spec, device, dtype, shapes)
+                except Exception as error:  # noqa: BLE001 - the decode A/B still runs
+                    traceback.print_exc()
+                    row["prefill_ab"] = {"error": short_error(error)}
+                    free_memory(device)
                 row["decode_ab"] = decode_ab(spec, device, dtype, decode_batches, decode_prompt, decode_steps,
                                              args.compile_budget, started + args.time_budget)
             if peer is not None and "offline" in parts:
