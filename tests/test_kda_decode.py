@@ -38,6 +38,27 @@ def test_kda_decode_kernel_equals_the_reference_and_touches_only_its_slots(S, H,
 
 
 @needs_triton
+def test_kda_decode_kernel_reads_strided_views_as_the_engine_passes_them():
+    """q, k, v as slices of one projection [S, 3 H K] (the engine's layout), g and beta as views with a
+    size-1 token dimension: read in place, the same result as the reference on contiguous copies."""
+    S, H, K, N = 4, 2, 16, 6
+    g = torch.Generator().manual_seed(9)
+    qkv = torch.randn(S, 3 * H * K, generator=g)
+    q, k, v = (t.reshape(S, H, K) for t in qkv.split(H * K, dim=-1))
+    q, k = l2_normalize(q), l2_normalize(k)  # contiguous again: take strided slices of a wider tensor instead
+    q, k = (torch.cat([t, t], dim=-1)[..., :K] for t in (q, k))
+    assert not v.is_contiguous() and not q.is_contiguous()
+    gate = -torch.rand(S, 1, H, K, generator=g)[:, 0]
+    beta = torch.rand(S, 1, H, generator=g)[:, 0]
+    state = torch.randn(N, H, K, K, generator=g)
+    slots = torch.tensor([5, 1, 0, 3])
+    expected_state, got_state = state.clone(), state.clone()
+    expected = kda_decode_slots_reference(*(t.contiguous() for t in (q, k, v, gate, beta)), expected_state, slots, 0.25)
+    got = kda_decode_slots(q, k, v, gate, beta, got_state, slots, 0.25, block_v=16)
+    assert rel_err(got, expected) < 1e-5 and rel_err(got_state, expected_state) < 1e-5
+
+
+@needs_triton
 def test_engine_through_the_kda_decode_kernel(monkeypatch):
     """KDA decode rows on the kernel (KDA_DECODE="triton"), eagerly and in the padded graph step: the
     tokens of the plain forward."""

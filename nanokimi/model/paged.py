@@ -663,7 +663,7 @@ def check_kda_slot_kernel(device: torch.device) -> bool:
                 g = torch.Generator(device=device).manual_seed(0)
                 S, H, K, N = 5, 2, 128, 7
                 q, k = (l2_normalize(torch.randn(S, H, K, generator=g, device=device)).bfloat16() for _ in range(2))
-                v = torch.randn(S, H, K, generator=g, device=device).bfloat16()
+                v = torch.randn(S, 3, H, K, generator=g, device=device).bfloat16()[:, 2]  # strided, as in the engine
                 gate = -torch.rand(S, H, K, generator=g, device=device)
                 beta = torch.rand(S, H, generator=g, device=device)
                 state = torch.randn(N, H, K, K, generator=g, device=device)

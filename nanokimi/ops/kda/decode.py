@@ -29,12 +29,17 @@ def kda_decode_slots(q, k, v, g, beta, state, slots, scale: float, block_v: int 
     V = v.shape[-1]
     if state.dtype != torch.float32 or not state.is_contiguous():
         raise ValueError("kda_decode_slots needs a contiguous fp32 state pool")
+    # strided views are read as they are (the engine's q, k, v are slices of one projection): only a
+    # non-contiguous last dimension is copied
+    q, k, v, g = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, g))
+    beta = beta if beta.stride(-1) == 1 else beta.contiguous()
     block_k = max(16, 1 << (K - 1).bit_length())
     block_v = min(block_v, max(16, 1 << (V - 1).bit_length()))
-    o = torch.empty(S, H, V, device=v.device, dtype=torch.float32)
+    o = torch.empty(S, H, V, device=v.device, dtype=v.dtype)
     from nanokimi.ops.kda.decode_triton import kda_decode_slots_kernel
 
     kda_decode_slots_kernel[(S, H, -(-V // block_v))](
-        q.contiguous(), k.contiguous(), v.contiguous(), g.float().contiguous(), beta.float().contiguous(), state,
-        slots.contiguous(), o, scale, H, K, V, BLOCK_K=block_k, BLOCK_V=block_v)
-    return o.to(v.dtype)
+        q, k, v, g, beta, state, slots.contiguous(), o, scale, H, K, V, q.stride(0), q.stride(1), k.stride(0),
+        k.stride(1), v.stride(0), v.stride(1), g.stride(0), g.stride(1), beta.stride(0),
+        BLOCK_K=block_k, BLOCK_V=block_v)
+    return o
