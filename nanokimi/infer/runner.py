@@ -106,7 +106,7 @@ class ModelRunner:
         parts = [graphed[:len(decode)].clone() if len(wanted) == len(decode) else graphed[wanted]]
         if prefill:
             parts.append(self._run_eager(prefill, 0))
-        return torch.cat(parts)
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def _run_eager(self, rows: list[Row], num_decode: int) -> torch.Tensor:
         batch, ids, last = self._build(rows, num_decode)
