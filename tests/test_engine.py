@@ -250,6 +250,8 @@ def test_bad_input_gets_a_clear_error():
         SamplingParams(n=0)
     with pytest.raises(ValueError, match="either prompts"):
         LLM(model).generate()
+    with pytest.raises(ValueError, match="compile must be"):
+        Engine(model, max_cache_tokens=256, compile="yes")
     assert not engine.has_unfinished()
 
 

@@ -103,9 +103,12 @@ def test_compiled_static_decode_step_gives_the_tokens_of_the_plain_forward(monke
 
     monkeypatch.setattr(paged, "KDA_DECODE", "triton")
     model = make_model("tiny").float()
-    prompt = [5, 17, 3, 99, 4, 250, 31]
-    engine = Engine(model, block_size=16, use_cuda_graph="static", compile=True)
+    prompts = [[5, 17, 3, 99, 4, 250, 31], [8, 1, 2]]
+    # a budget that the first compilation exhausts: the first bucket is compiled, the next one is not
+    engine = Engine(model, block_size=16, use_cuda_graph="static", compile=True, compile_budget_s=1e-3)
     assert engine.runner.compiled and "torch.compile" in engine.report
-    done = run_engine(engine, [("a", prompt, GREEDY)])
-    assert done["a"].token_ids == greedy_alone(model, prompt, 5)
+    done = run_engine(engine, [(str(i), p, GREEDY) for i, p in enumerate(prompts)], stagger=1)
+    assert [done[str(i)].token_ids for i in range(2)] == [greedy_alone(model, p, 5) for p in prompts]
     assert engine.runner.compiled  # the compiled capture did not fall back
+    stats = engine.stats()
+    assert stats["cuda_graphs_compiled"] == 1 < stats["cuda_graphs"] and stats["compile_seconds"] > 0

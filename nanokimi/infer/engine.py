@@ -293,17 +293,16 @@ class Engine:
             rows.append(Row(seq.tokens[c:c + n], c, seq.block_table, seq.state_slot, c + n == len(seq.tokens),
                             seq.table_tensor() if n == 1 else None, self.scheduler.interior_snapshots(seq, n)))
         logits = self.runner.run(rows)
-        plain, plain_logits, verified, offset = [], [], [], 0
+        plain, plain_rows, verified, offset = [], [], [], 0
         for (seq, n), row in zip(scheduled, rows):
             if not row.wants_logits:
                 continue
-            part = logits[offset:offset + row.num_logits]
-            offset += row.num_logits
-            if row.num_logits == 1:
+            if row.num_logits == 1:  # no per-row slice: the sampled rows are taken together below
                 plain.append(seq)
-                plain_logits.append(part)
+                plain_rows.append(offset)
             else:
-                verified.append((seq, row, part))
+                verified.append((seq, row, logits[offset:offset + row.num_logits]))
+            offset += row.num_logits
         verified = [(seq, emitted) for (seq, row, _), emitted in zip(verified, self._accept(verified))]
         computed = {id(seq): len(emitted) for seq, emitted in verified}
         self.scheduler.after_step([(seq, computed.get(id(seq), n)) for seq, n in scheduled])
@@ -311,7 +310,7 @@ class Engine:
             self.scheduler.shrink(seq)
         self._apply_slot_ops()
         if plain:
-            self._sample(plain, logits if not verified else torch.cat(plain_logits))
+            self._sample(plain, logits if not verified else logits[torch.tensor(plain_rows, device=logits.device)])
         for seq, emitted in verified:
             self._emit_verified(seq, emitted, logits.new_empty(0) if seq.output.logprobs is None else
                                 self._verify_logits.pop(id(seq)))
@@ -321,12 +320,13 @@ class Engine:
             changed[seq.request.request_id] = seq.request
         outputs = []
         for request in changed.values():
-            if request.finished and request.request_id in self.requests:
+            finished = request.finished
+            if finished and request.request_id in self.requests:
                 request.metrics["finished_time"] = time.monotonic()
                 del self.requests[request.request_id]
                 self.counters["requests_finished"] += 1
-            if self.stream_outputs or request.finished:
-                outputs.append(self._output(request))
+            if self.stream_outputs or finished:
+                outputs.append(self._output(request, finished))
         return outputs
 
     def _accept(self, verified: list[tuple[Sequence, Row, torch.Tensor]]) -> list[list[int]]:
@@ -496,12 +496,13 @@ class Engine:
             old = self.timing["decode_step_s"]
             self.timing["decode_step_s"] = seconds if old is None else 0.8 * old + 0.2 * seconds
 
-    def _output(self, request: Request) -> RequestOutput:
+    def _output(self, request: Request, finished: bool | None = None) -> RequestOutput:
         outputs = [CompletionOutput(s.output.index, list(s.output.token_ids), s.output.text, s.output.finish_reason,
                                     None if s.output.logprobs is None else list(s.output.logprobs))
                    for s in request.sequences]
-        return RequestOutput(request.request_id, request.prompt_token_ids, outputs, request.finished,
-                             request.num_cached_tokens, dict(request.metrics), request.prompt)
+        return RequestOutput(request.request_id, request.prompt_token_ids, outputs,
+                             request.finished if finished is None else finished, request.num_cached_tokens,
+                             dict(request.metrics), request.prompt)
 
     def stats(self) -> dict:
         scheduler = self.scheduler
@@ -523,5 +524,7 @@ class Engine:
             "kda_snapshots_held": 0 if self.slots is None else len(self.slots.snapshots),
             **({"kv_tiers": self.tiers.store.stats()} if self.tiers is not None else {}),
             "max_model_len": self.max_model_len, "cuda_graphs": len(self.runner.graphs),
+            "cuda_graphs_compiled": len(self.runner.compiled_buckets),
+            "compile_seconds": round(self.runner.compile_seconds, 1),
         }
 
