@@ -136,30 +136,35 @@ class ModelRunner:
         decode = rows[:num_decode]
         width = max((len(r.block_table) for r in decode), default=1)
         tables, positions, slots, state = self._decode_tensors(decode, width)
-        as_long = dict(device=device, dtype=torch.long)
         pieces, offset, last = [], num_decode, list(range(num_decode))
-        prefill_positions, prefill_slots = [], []
         bs = self.block_size
         prefill = rows[num_decode:]
-        flat = torch.tensor([b for r in prefill for b in r.block_table], dtype=torch.long).to(device)  # one copy
-        piece_tables = flat.split([len(r.block_table) for r in prefill]) if prefill else []
-        for r, table in zip(prefill, piece_tables):
+        flat = torch.tensor([b for r in prefill for b in r.block_table], dtype=torch.long)  # every piece's table
+        table_lengths = torch.tensor([len(r.block_table) for r in prefill], dtype=torch.long)
+        lengths = torch.tensor([len(r.tokens) for r in prefill], dtype=torch.long)
+        # each prefill token's position and cache slot, over all pieces at once: p and table[p // bs] * bs + p % bs
+        token_starts = (lengths.cumsum(0) - lengths).repeat_interleave(lengths)
+        prefill_positions = torch.tensor([r.start for r in prefill], dtype=torch.long).repeat_interleave(lengths) + \
+            torch.arange(int(lengths.sum())) - token_starts
+        table_starts = (table_lengths.cumsum(0) - table_lengths).repeat_interleave(lengths)
+        prefill_slots = flat[table_starts + prefill_positions // bs] * bs + prefill_positions % bs
+        ids = torch.tensor([t for r in rows for t in r.tokens], dtype=torch.long)
+        host = torch.cat([torch.tensor([positions, slots, state], dtype=torch.long).view(-1), prefill_positions,
+                          prefill_slots, ids, flat]).to(device)  # one host-to-device copy
+        n, m = len(decode), len(prefill_positions)
+        (decode_positions, decode_slots, decode_state, prefill_positions, prefill_slots, ids,
+         flat) = host.split([n, n, n, m, m, len(ids), len(flat)])
+        for r, table in zip(prefill, flat.split(table_lengths.tolist())):
             pieces.append(PrefillPiece(offset, len(r.tokens), r.start, table,
                                        self.dummy_slot if r.state_slot is None else r.state_slot, r.snapshots,
                                        saved_states=r.saved_states))
             offset += len(r.tokens)
             last.append(offset - 1)
-            span = range(r.start, r.start + len(r.tokens))
-            prefill_positions.extend(span)
-            prefill_slots.extend(r.block_table[p // bs] * bs + p % bs for p in span)
         host_tables = [r.block_table for r in prefill]
         short = short_pieces(pieces, host_tables, num_decode, device)
         packed = packed_context(pieces, host_tables, short.members if short else [], num_decode, bs, device)
-        batch = PagedBatch(self.block_size, num_decode, torch.tensor(positions, **as_long),
-                           tables.to(device), torch.tensor(slots, **as_long),
-                           torch.tensor(state, **as_long), pieces, torch.tensor(prefill_positions, **as_long),
-                           torch.tensor(prefill_slots, **as_long), short, packed)
-        ids = torch.tensor([t for r in rows for t in r.tokens], **as_long)
+        batch = PagedBatch(self.block_size, num_decode, decode_positions, tables.to(device), decode_slots, decode_state,
+                           pieces, prefill_positions, prefill_slots, short, packed)
         return batch, ids, last
 
     def _run_graphed(self, rows: list[Row]) -> torch.Tensor | None:
