@@ -398,22 +398,27 @@ def _kda_conv_packed(mixer: KimiDeltaAttention, qkv: torch.Tensor, cache: Recurr
     K1 = mixer.conv_size - 1
     if ("conv", K1) not in memo:
         host_slots = [piece.state_slot for piece in pieces]
-        window_starts, tails, keep, total = [], [], [], 0
-        for a, b in spans:  # piece i's window is rows total .. total + K-1 + T - 1 of the packed windows
+        window_starts, tails, keep, snapshot_rows, snapshot_slots, total = [], [], [], [], [], 0
+        for piece, (a, b) in zip(pieces, spans):  # its window: rows total .. total + K-1 + T - 1 of the windows
             window_starts.append(total)
             tails.extend(range(total + b - a, total + b - a + K1))  # its last K-1 rows: the conv tail after it
             keep.extend(range(total, total + b - a))  # output row r is the conv of window rows r .. r+K-1
+            for j, snapshot in piece.snapshots:  # the conv tail after j tokens: the K-1 inputs before token j
+                snapshot_rows.extend(range(total + j, total + j + K1))
+                snapshot_slots.append(snapshot)
             total += K1 + b - a
-        host = torch.tensor(host_slots + tails + keep, dtype=torch.long).to(qkv.device, non_blocking=True)
-        memo["conv", K1] = window_starts, *host.split([len(host_slots), len(tails), len(keep)])
-    window_starts, slots, tails, keep = memo["conv", K1]
+        sizes = [len(host_slots), len(tails), len(keep), len(snapshot_rows), len(snapshot_slots)]
+        host = torch.tensor(host_slots + tails + keep + snapshot_rows + snapshot_slots, dtype=torch.long)
+        memo["conv", K1] = window_starts, *host.to(qkv.device, non_blocking=True).split(sizes)
+    window_starts, slots, tails, keep, snapshot_rows, snapshot_slots = memo["conv", K1]
     history = cache.conv.index_select(0, slots).to(qkv.dtype)  # [P, K-1, C]
     window = torch.cat([t for i, (a, b) in enumerate(spans) for t in (history[i], qkv[a:b])])  # [sum(K-1+T), C]
     for piece, start, (a, b) in zip(pieces, window_starts, spans):
-        for j, snapshot in piece.snapshots:  # the conv tail after j tokens: the K-1 inputs before token j
-            cache.conv[snapshot].copy_(window[start + j:start + j + K1])
         if piece.saved_states is not None:
             piece.saved_states.append([cache, window[start:start + K1 + b - a].to(cache.conv.dtype), None])
+    if len(snapshot_slots):
+        tails_then = window.index_select(0, snapshot_rows).view(len(snapshot_slots), K1, -1)
+        cache.conv.index_copy_(0, snapshot_slots, tails_then.to(cache.conv.dtype))
     cache.conv.index_copy_(0, slots, window.index_select(0, tails).view(len(pieces), K1, -1).to(cache.conv.dtype))
     mixed = causal_depthwise_conv(window[None], mixer.conv.weight.to(qkv.dtype))[0]  # [sum(K-1+T) - (K-1), C]
     return mixed.index_select(0, keep)
@@ -469,10 +474,14 @@ def _kda_varlen(q, k, v, g, beta, cache: RecurrentCache, pieces, spans, memo: di
     o = torch.empty_like(v)
     for r in range(max(len(s) for s in segments)):
         active = [(piece, segs[r]) for piece, segs in zip(pieces, segments) if r < len(segs)]
-        _kda_segments(q, k, v, g, beta, cache, active, o, None if memo is None else memo.setdefault(("round", r), {}))
-        for piece, (_, _, snapshot) in active:
-            if snapshot is not None:
-                cache.state[snapshot].copy_(cache.state[piece.state_slot])
+        round_memo = {} if memo is None else memo.setdefault(("round", r), {})
+        _kda_segments(q, k, v, g, beta, cache, active, o, round_memo)
+        if "snapshots" not in round_memo:  # the states that end on a snapshot point, copied in one go
+            pairs = [(piece.state_slot, snapshot) for piece, (_, _, snapshot) in active if snapshot is not None]
+            round_memo["snapshots"] = torch.tensor(pairs).view(-1, 2).t().to(q.device) if pairs else None
+        if round_memo["snapshots"] is not None:
+            sources, targets = round_memo["snapshots"]
+            cache.state.index_copy_(0, targets, cache.state.index_select(0, sources))
     return o
 
 
@@ -481,7 +490,7 @@ def _kda_segments(q, k, v, g, beta, cache: RecurrentCache, active, o: torch.Tens
     round's index tensors, built once per step."""
     global VARLEN_KDA
     if VARLEN_KDA and q.is_cuda and len(active) > 1 and fla_status()[0]:
-        if not memo:
+        if memo is None or "index" not in memo:
             lengths = [b - a for _, (a, b, _) in active]
             host = torch.tensor([piece.state_slot for piece, _ in active] + [0] + lengths +
                                 [t for _, (a, b, _) in active for t in range(a, b)]).to(q.device, non_blocking=True)
