@@ -176,6 +176,8 @@ class ModelRunner:
         key = (size, width)
         if key not in self.graphs:
             try:
+                if self.compiled and not self.graphs:  # can the step be captured at all? (a model with a host
+                    self._capture(size, width, compile_step=False)  # sync inside must not pay for a compile first)
                 self.graphs[key] = self._capture(size, width)
             except Exception as error:  # noqa: BLE001 - the eager step computes the same thing
                 if self.graph_required and not self.capturing_compiled:
@@ -200,12 +202,13 @@ class ModelRunner:
         graph.replay()
         return logits.output if isinstance(logits, StaticReplay) else logits
 
-    def _capture(self, size: int, width: int):
+    def _capture(self, size: int, width: int, compile_step: bool = True):
         """Capture the decode step of `size` rows and block tables `width` wide. Compiled (one compilation
         per bucket) while the compile time so far is under compile_budget_s; later buckets are captured
-        uncompiled, so a long tail of rare batch sizes never stalls serving for minutes."""
+        uncompiled, so a long tail of rare batch sizes never stalls serving for minutes. compile_step=False:
+        uncompiled whatever the setting (the probe before the first compilation)."""
         device = self.device
-        self.capturing_compiled = self.compiled and self.compile_seconds < self.compile_budget_s
+        self.capturing_compiled = compile_step and self.compiled and self.compile_seconds < self.compile_budget_s
         step_fn = self.compiled_fn if self.capturing_compiled else self._logits
         inputs = torch.zeros(size * (4 + width), dtype=torch.long, device=device)  # every input, filled in one copy
         ids, positions, slot_mapping, state_slots = inputs[:4 * size].view(4, size)
