@@ -690,3 +690,24 @@ def test_packed_attention_maps_query_heads_to_their_key_heads():
     expected = F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in (q, k, v)), is_causal=True, scale=0.3,
                                               enable_gqa=True)[0].transpose(0, 1)
     assert torch.allclose(got, expected, atol=1e-12)
+
+
+def test_graph_inputs_keep_the_block_tables_until_they_change():
+    """The padded graph step copies the block tables only when a row's table changed (a new block, another
+    row set): decoding across several block boundaries within one bucket gives the eager engine's tokens and
+    logprobs (all-MLA, float64: a stale table would attend to the wrong blocks)."""
+    model = make_model("all-mla")
+    batch = prompts(3, seed=47, lengths=(9, 20, 30))
+    params = SamplingParams(max_tokens=14, temperature=0, logprobs=2)
+    outs, copies = {}, []
+    for graphs in ("static", False):
+        engine = Engine(model, block_size=4, use_cuda_graph=graphs, max_cache_tokens=512)
+        decode_tables = engine.runner._decode_tables
+        engine.runner._decode_tables = lambda *a: copies.append(graphs) or decode_tables(*a)
+        done = run_engine(engine, [(str(i), p, params) for i, p in enumerate(batch)])
+        outs[graphs] = [done[str(i)].outputs[0] for i in range(3)]
+    for a, b in zip(outs["static"], outs[False]):
+        assert a.token_ids == b.token_ids
+        for x, y in zip(a.logprobs, b.logprobs):
+            assert x.keys() == y.keys() and all(abs(x[t] - y[t]) < 1e-9 for t in x)
+    assert 0 < copies.count("static") < 13  # 13 decode steps: tables rebuilt only when one of them grew

@@ -69,6 +69,7 @@ class ModelRunner:
         self.use_graphs = graphs_here and not moba
         self.graph_required = use_cuda_graph is True
         self.graphs: dict[tuple[int, int], tuple] = {}
+        self.graph_tables: dict[tuple[int, int], list[list[int]]] = {}  # the block tables in each graph's inputs
         self.graph_pool = None
         self.max_blocks = -(-max_model_len // block_size)
         if any(isinstance(b.mixer, KimiDeltaAttention) for b in model.layers) and self.device.type == "cuda":
@@ -114,10 +115,16 @@ class ModelRunner:
                   for j in range(last[i] - r.num_logits + 1, last[i] + 1)]
         return self.model.lm_head(hidden[torch.tensor(wanted, device=self.device, dtype=torch.long)])
 
-    def _decode_tensors(self, rows: list[Row], width: int, size: int | None = None):
-        """Host tensors of the one-token rows: block tables [size, width] (padded with block 0), and lists of
-        positions, cache slots and state slots."""
+    def _decode_tensors(self, rows: list[Row], width: int, size: int | None = None, tables: bool = True):
+        """Host tensors of the one-token rows: block tables [size, width] (padded with block 0; None unless
+        `tables`), and lists of positions, cache slots and state slots."""
+        positions = [r.start for r in rows]
         bs = self.block_size
+        slots = [r.block_table[p // bs] * bs + p % bs for r, p in zip(rows, positions)]
+        state = [self.dummy_slot if r.state_slot is None else r.state_slot for r in rows]
+        return self._decode_tables(rows, width, size) if tables else None, positions, slots, state
+
+    def _decode_tables(self, rows: list[Row], width: int, size: int | None = None) -> torch.Tensor:
         tables = torch.zeros(size or len(rows), width, dtype=torch.long)
         if rows:  # every row's table in one scatter (a Python loop of slice assignments costs ~3 us a row)
             row_tables = [torch.tensor(r.block_table, dtype=torch.long) if r.table_tensor is None else r.table_tensor
@@ -126,10 +133,7 @@ class ModelRunner:
             flat = torch.cat(row_tables)
             column = torch.arange(flat.shape[0]) - (lengths.cumsum(0) - lengths).repeat_interleave(lengths)
             tables[torch.arange(len(rows)).repeat_interleave(lengths), column] = flat
-        positions = [r.start for r in rows]
-        slots = [r.block_table[p // bs] * bs + p % bs for r, p in zip(rows, positions)]
-        state = [self.dummy_slot if r.state_slot is None else r.state_slot for r in rows]
-        return tables, positions, slots, state
+        return tables
 
     def _build(self, rows: list[Row], num_decode: int):
         device = self.device
@@ -195,10 +199,18 @@ class ModelRunner:
         if isinstance(graph, StaticReplay):
             logits = graph
         pad = size - len(rows)
-        tables, positions, slots, state = self._decode_tensors(rows, width, size)
+        # the rows' block tables change every block_size steps: while they equal the ones this graph's buffer
+        # holds (same rows, same contents), only the per-row scalars are copied
+        row_tables = [r.block_table for r in rows]
+        same_tables = self.graph_tables.get(key) == row_tables
+        tables, positions, slots, state = self._decode_tensors(rows, width, size, tables=not same_tables)
         host = torch.tensor([[r.tokens[0] for r in rows] + [0] * pad, positions + [0] * pad, slots + [0] * pad,
-                             state + [self.dummy_slot] * pad], dtype=torch.long)
-        inputs.copy_(torch.cat([host.flatten(), tables.flatten()]), non_blocking=True)  # one host-to-device copy
+                             state + [self.dummy_slot] * pad], dtype=torch.long).flatten()
+        if same_tables:
+            inputs[:host.shape[0]].copy_(host, non_blocking=True)
+        else:
+            inputs.copy_(torch.cat([host, tables.flatten()]), non_blocking=True)  # one host-to-device copy
+            self.graph_tables[key] = [list(t) for t in row_tables]
         graph.replay()
         return logits.output if isinstance(logits, StaticReplay) else logits
 
