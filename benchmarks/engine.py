@@ -34,6 +34,7 @@ from perf_common import (ROOT, environment, find_peer_script, free_memory, impor
                          short_error, sync, write_results)
 from nanokimi.config import ModelConfig
 from nanokimi.infer import Engine, SamplingParams
+from nanokimi.infer.runner import GRAPH_BATCH_SIZES
 from nanokimi.model import build_model
 
 TRACES = [base / "data" / "mooncake" / "synthetic_trace.jsonl" for base in (ROOT / "shared", ROOT.parent / "shared",
@@ -107,13 +108,23 @@ def run_offline(engine: Engine, work: list[dict]) -> dict:
                 preemptions=stats["preemptions"] - stats0["preemptions"], steps=stats["steps"] - stats0["steps"])
 
 
+def prefill_in_one_step(engine: Engine, tokens: int) -> None:
+    """Prefill every waiting request with a step budget of `tokens` (the whole batch in one step), so that
+    decoding meets one batch bucket: one graph, one compilation."""
+    budget, engine.scheduler.max_step_tokens = engine.scheduler.max_step_tokens, tokens
+    try:
+        while engine.num_waiting_prefill_tokens() > 0 or engine.scheduler.waiting:
+            engine.step()
+    finally:
+        engine.scheduler.max_step_tokens = budget
+
+
 def decode_speed(engine: Engine, cfg, batch: int, prompt: int, steps: int) -> dict:
     g = torch.Generator().manual_seed(batch)
     for i in range(batch):
         engine.add_request(f"d{batch}-{i}", torch.randint(3, cfg.vocab_size, (prompt,), generator=g).tolist(),
                            SamplingParams(max_tokens=steps + 8, temperature=0, ignore_eos=True))
-    while engine.num_waiting_prefill_tokens() > 0 or engine.scheduler.waiting:
-        engine.step()
+    prefill_in_one_step(engine, batch * prompt)
     for _ in range(3):  # capture the graphs of this batch
         engine.step()
     times = []
@@ -127,8 +138,11 @@ def decode_speed(engine: Engine, cfg, batch: int, prompt: int, steps: int) -> di
         engine.abort(f"d{batch}-{i}")
     engine.step()
     step_s = statistics.median(times)
+    runner = engine.runner
+    bucket = next((s for s in GRAPH_BATCH_SIZES if s >= batch), None)
     return dict(batch=batch, prompt=prompt, step_ms=round(step_s * 1e3, 3), tokens_per_s=round(batch / step_s, 1),
-                graphed=engine.runner.use_graphs, compiled=engine.runner.compiled)
+                graphed=runner.use_graphs, compiled=any(size == bucket for size, _ in runner.compiled_buckets),
+                compile_s=round(runner.compile_seconds, 1))
 
 
 def floor_tokens_per_s(model, engine: Engine, batch: int, context: int) -> float:
@@ -268,16 +282,145 @@ def run_hf(script, layout: str, mode: str, work: list[dict], timeout_s: int) -> 
     return json.loads((folder / "out.json").read_text())
 
 
+PARTS = ("decode", "ab", "ttft", "offline", "peer", "long")
+AB_VARIANTS = {  # decode-step A/B: (compile, KDA decode rows); the first is the engine before this work
+    "graph": (False, "gather"), "graph+kda-kernel": (False, "auto"),
+    "graph+compile+kda-kernel": (True, "auto"), "graph+compile": (True, "gather"),
+}
+
+
+def decode_ab(spec, device, dtype, batches, prompt: int, steps: int, compile_budget_s: float, deadline: float) -> dict:
+    """The decode step of each AB_VARIANTS entry at the given batch sizes, one fresh engine per variant (the
+    same weights); a variant that would start after `deadline` (time.perf_counter()) is skipped."""
+    import nanokimi.model.paged as paged
+    model, cfg = make_model(spec, device, dtype)
+    out = {}
+    for name, (compile_step, kda_decode) in AB_VARIANTS.items():
+        if time.perf_counter() > deadline:
+            out[name] = {"skipped": "time budget"}
+            continue
+        paged.KDA_DECODE = kda_decode
+        try:
+            t0 = time.perf_counter()
+            engine = Engine(model, max_num_seqs=max(batches), compile=compile_step, compile_budget_s=compile_budget_s,
+                            max_cache_tokens=max(batches) * (prompt + steps + 64), max_step_tokens=4096,
+                            enable_prefix_caching=False)
+            row = {f"b{b}": decode_speed(engine, cfg, b, prompt, steps) for b in batches}
+            row.update(kda_decode_kernel=paged.use_kda_slot_kernel(device), compiled=engine.runner.compiled,
+                       compile_s=round(engine.runner.compile_seconds, 1), seconds=round(time.perf_counter() - t0, 1))
+            out[name] = row
+            del engine
+        except Exception as error:  # noqa: BLE001 - record it and go on with the next variant
+            traceback.print_exc()
+            out[name] = {"error": short_error(error)}
+        free_memory(device)
+        print(f"  decode A/B {name}: {out[name]}", flush=True)
+    paged.KDA_DECODE = "auto"
+    del model
+    free_memory(device)
+    return out
+
+
+def wall_ms(fn, device, calls: int = 3) -> float:
+    """Median wall time of fn() in ms, synchronised, outside the profiler."""
+    times = []
+    for _ in range(calls):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return round(statistics.median(times) * 1e3, 3)
+
+
+def prefill_ab(spec, device, dtype, shapes, repeats: int = 3) -> dict:
+    """Time to prefill (and sample one token of) `count` fresh prompts of `length` tokens that share one step,
+    with the pieces' attention packed into one call per layer vs one call per piece (PACKED_ATTENTION)."""
+    import nanokimi.model.paged as paged
+    model, cfg = make_model(spec, device, dtype)
+    engine = Engine(model, max_num_seqs=64, max_step_tokens=max(c * n for c, n in shapes),
+                    max_cache_tokens=2 * max(c * n for c, n in shapes), enable_prefix_caching=False)
+    g = torch.Generator().manual_seed(5)
+    out = {}
+    try:
+        for count, length in shapes:
+            for packed in (True, False, True):  # the first round warms up kernels and allocations
+                paged.PACKED_ATTENTION = packed
+                times = []
+                for _ in range(repeats):
+                    for i in range(count):
+                        engine.add_request(f"pf{i}", torch.randint(3, cfg.vocab_size, (length,), generator=g).tolist(),
+                                           SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+                    sync(device)
+                    t0 = time.perf_counter()
+                    while engine.has_unfinished():
+                        engine.step()
+                    sync(device)
+                    times.append(time.perf_counter() - t0)
+                out[f"{count}x{length}_{'packed' if packed else 'per_piece'}_ms"] = round(
+                    statistics.median(times) * 1e3, 2)
+    finally:
+        paged.PACKED_ATTENTION = True
+    del engine, model
+    free_memory(device)
+    print(f"  prefill A/B (attention packed vs per piece): {out}", flush=True)
+    return out
+
+
+def profile_parts(engine: Engine, cfg, batch: int, prompt: int, prefill_tokens: int) -> dict:
+    """Kernel-time summaries (torch.profiler, CUDA): one decode step at `batch` and one prefill step of a
+    fresh `prefill_tokens`-token prompt."""
+    from perf_common import kernel_profile
+    g = torch.Generator().manual_seed(11)
+    for i in range(batch):
+        engine.add_request(f"p{i}", torch.randint(3, cfg.vocab_size, (prompt,), generator=g).tolist(),
+                           SamplingParams(max_tokens=64, temperature=0, ignore_eos=True))
+    prefill_in_one_step(engine, batch * prompt)
+    for _ in range(3):
+        engine.step()
+    decode_wall = wall_ms(engine.step, engine.device)
+    out = {f"decode_b{batch}": dict(kernel_profile(engine.step, 3, top=25), wall_ms=decode_wall)}
+    for i in range(batch):
+        engine.abort(f"p{i}")
+    engine.step()
+    engine.reset_prefix_cache()
+    count = iter(range(10 ** 6))
+
+    def prefill_step():
+        prompt_ids = torch.randint(3, cfg.vocab_size, (prefill_tokens,), generator=g).tolist()
+        engine.add_request(f"pp{next(count)}", prompt_ids, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+        while engine.has_unfinished():
+            engine.step()
+
+    prefill_step()
+    wall = wall_ms(prefill_step, engine.device)
+    out[f"prefill_{prefill_tokens}"] = dict(kernel_profile(prefill_step, 1, top=25), wall_ms=wall)
+    for name, summary in out.items():  # wall far above GPU busy: the step waits on the host (launches, Python)
+        print(f"  profile {name}: wall {summary['wall_ms']} ms, GPU busy {summary['gpu_busy_ms']} ms, "
+              f"{summary['kernels_per_call']} kernels, by kind {summary['kinds_ms']}", flush=True)
+        for kernel, ms, kind in summary["top_kernels"]:
+            print(f"    {ms:9.4f} ms  {kind:13s} {kernel}", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="CPU-sized run of every part (tiny models)")
     ap.add_argument("--presets", nargs="*", default=list(PRESETS))
+    ap.add_argument("--parts", default=",".join(PARTS),
+                    help=f"comma-separated parts to run, of {','.join(PARTS)} (default all; 'ab' = decode A/B "
+                         "of the switchable variants, bench-kl-900m only; 'peer' = the HF peers)")
     ap.add_argument("--requests", type=int, default=512)
     ap.add_argument("--mean-prompt", type=int, default=1024)
     ap.add_argument("--peer-requests", type=int, default=32)
-    ap.add_argument("--no-peer", action="store_true")
-    ap.add_argument("--skip-long", action="store_true")
-    ap.add_argument("--compile", action="store_true", help="also time decode with torch.compile inside the graphs")
+    ap.add_argument("--no-peer", action="store_true", help="same as leaving 'peer' out of --parts")
+    ap.add_argument("--skip-long", action="store_true", help="same as leaving 'long' out of --parts")
+    ap.add_argument("--compile-budget", type=float, default=120.0,
+                    help="seconds of torch.compile per engine (Engine compile_budget_s); later buckets run uncompiled")
+    ap.add_argument("--time-budget", type=float, default=330.0,
+                    help="seconds since the start after which the decode A/B skips its remaining variants")
+    ap.add_argument("--profile", action="store_true",
+                    help="print torch.profiler kernel-time summaries of one decode step (batch 16), one prefill step")
     ap.add_argument("--long-context", type=int, default=131072)
     ap.add_argument("--mla-decode", choices=["auto", "triton", "gather"], default="auto",
                     help="MLA decode attention: the Triton paged kernel (auto on CUDA) or gathered blocks")
@@ -290,57 +433,87 @@ def main() -> None:
     args = ap.parse_args()
     if args.hf_worker:
         return hf_worker(args)
+    parts = set(args.parts.split(","))
+    if parts - set(PARTS):
+        ap.error(f"--parts: unknown {sorted(parts - set(PARTS))}; choose from {','.join(PARTS)}")
+    if args.no_peer:
+        parts.discard("peer")
+    if args.skip_long:
+        parts.discard("long")
+    presets = SMOKE_PRESETS if args.smoke else PRESETS
+    if set(args.presets) - set(presets):
+        ap.error(f"--presets: unknown {sorted(set(args.presets) - set(presets))}; choose from {','.join(presets)}")
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     import nanokimi.model.paged as paged
     paged.PAGED_KERNEL = args.mla_decode
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    presets = SMOKE_PRESETS if args.smoke else PRESETS
     n_requests = 24 if args.smoke else args.requests
     mean_prompt = 96 if args.smoke else args.mean_prompt
     decode_batches, decode_prompt, decode_steps = ((4, 8), 64, 4) if args.smoke else ((16, 128), 512, 32)
     ttft_total, ttft_cached = (256, 224) if args.smoke else (4096, 3584)
     long_ctx = 1024 if args.smoke else args.long_context
-    peer = None if args.no_peer or device.type != "cuda" else find_peer_script(args.peer_script)
+    peer = None if "peer" not in parts or device.type != "cuda" else find_peer_script(args.peer_script)
     env = environment(device)
     out = Path(args.out) if args.out else results_path("engine", args.smoke)
     results, table = {}, []
     started = time.perf_counter()
+    extra = dict(mla_decode=args.mla_decode, parts=sorted(parts), compile_budget_s=args.compile_budget)
     for name in args.presets:
         spec = presets[name]
         row = results[name] = {}
         try:
             model, cfg = make_model(spec, device, dtype)
             engine = Engine(model, max_num_seqs=256, max_step_tokens=4096 if device.type == "cuda" else 256,
-                            snapshot_interval=512 if device.type == "cuda" else 64, gpu_memory_fraction=0.6)
+                            snapshot_interval=512 if device.type == "cuda" else 64, gpu_memory_fraction=0.6,
+                            compile_budget_s=args.compile_budget)
             row["report"] = engine.report
             print(f"[{time.perf_counter() - started:.0f}s] {name}: {engine.report}", flush=True)
-            work = workload(n_requests, mean_prompt, cfg.max_position_embeddings // 4, cfg.vocab_size,
-                            max_output=24 if args.smoke else 256)
-            run_offline(engine, work[:16])  # warm up: graphs of the small buckets, lazy inits
-            row["offline"] = run_offline(engine, work)
-            row["offline"]["source"] = work[0]["source"]
-            print(f"  offline: {row['offline']}", flush=True)
-            row["offline_peer_subset"] = run_offline(engine, work[:args.peer_requests])  # what the HF peers run
-            print(f"  offline, the peers' {args.peer_requests} requests: {row['offline_peer_subset']}", flush=True)
-            for batch in decode_batches:
-                row[f"decode_b{batch}"] = decode_speed(engine, cfg, batch, decode_prompt, decode_steps)
-                row[f"decode_b{batch}"]["floor_tokens_per_s"] = round(
-                    floor_tokens_per_s(model, engine, batch, decode_prompt + decode_steps), 1)
-                print(f"  decode b{batch}: {row[f'decode_b{batch}']}", flush=True)
-            if name == "bench-kl-900m":
+            if "decode" in parts:
+                for batch in decode_batches:
+                    row[f"decode_b{batch}"] = decode_speed(engine, cfg, batch, decode_prompt, decode_steps)
+                    row[f"decode_b{batch}"]["floor_tokens_per_s"] = round(
+                        floor_tokens_per_s(model, engine, batch, decode_prompt + decode_steps), 1)
+                    print(f"[{time.perf_counter() - started:.0f}s]  decode b{batch}: {row[f'decode_b{batch}']}",
+                          flush=True)
+            if args.profile:  # on the CPU (--smoke) it only checks that the part runs: no CUDA kernels to list
+                try:
+                    row["profile"] = profile_parts(engine, cfg, decode_batches[0], decode_prompt, ttft_total)
+                except Exception as error:  # noqa: BLE001 - a profile is extra: the measurements go on
+                    traceback.print_exc()
+                    row["profile"] = {"error": short_error(error)}
+            if "ttft" in parts and name == "bench-kl-900m":
                 row["ttft_prefix"] = ttft_prefix(engine, cfg, ttft_total, ttft_cached, 3)
-                print(f"  ttft: {row['ttft_prefix']}", flush=True)
-            del engine
+                print(f"[{time.perf_counter() - started:.0f}s]  ttft: {row['ttft_prefix']}", flush=True)
+            write_results(out, env, results, dict(extra, seconds=round(time.perf_counter() - started, 1)))
+            if "offline" in parts:
+                work = workload(n_requests, mean_prompt, cfg.max_position_embeddings // 4, cfg.vocab_size,
+                                max_output=24 if args.smoke else 256)
+                # no compilation inside the timed run: buckets compiled so far (decode part) stay compiled, the
+                # others are captured uncompiled (compiling every bucket the trace reaches takes minutes)
+                engine.runner.compile_budget_s = min(engine.runner.compile_budget_s, engine.runner.compile_seconds)
+                run_offline(engine, work[:16])  # warm up: graphs of the small buckets, lazy inits
+                row["offline"] = run_offline(engine, work)
+                row["offline"]["source"] = work[0]["source"]
+                print(f"[{time.perf_counter() - started:.0f}s]  offline: {row['offline']}", flush=True)
+                if peer is not None:
+                    row["offline_peer_subset"] = run_offline(engine, work[:args.peer_requests])  # what the peers run
+                    print(f"  offline, the peers' {args.peer_requests} requests: {row['offline_peer_subset']}",
+                          flush=True)
+            row["compile"] = dict(compiled=engine.runner.compiled, seconds=round(engine.runner.compile_seconds, 1),
+                                  buckets=engine.runner.compiled_buckets)
+            del engine, model
             free_memory(device)
-            if args.compile and device.type == "cuda":
-                engine = Engine(model, max_num_seqs=64, compile=True, gpu_memory_fraction=0.5,
-                                max_step_tokens=16 * decode_prompt)  # one prefill step: one bucket to compile
-                row["decode_b16_compile"] = decode_speed(engine, cfg, 16, decode_prompt, decode_steps)
-                print(f"  decode b16 compiled: {row['decode_b16_compile']}", flush=True)
-                del engine
-            del model
-            free_memory(device)
-            if peer is not None:
+            if "ab" in parts and name == "bench-kl-900m":
+                shapes = [(4, 64), (8, 32)] if args.smoke else [(4, 1024), (16, 256)]
+                try:
+                    row["prefill_ab"] = prefill_ab(spec, device, dtype, shapes)
+                except Exception as error:  # noqa: BLE001 - the decode A/B still runs
+                    traceback.print_exc()
+                    row["prefill_ab"] = {"error": short_error(error)}
+                    free_memory(device)
+                row["decode_ab"] = decode_ab(spec, device, dtype, decode_batches, decode_prompt, decode_steps,
+                                             args.compile_budget, started + args.time_budget)
+            if peer is not None and "offline" in parts:
                 sub = work[:args.peer_requests]
                 row["hf_fixed"] = run_hf(peer, spec["peer"], "fixed", sub, 150)
                 print(f"  hf fixed batches: {row['hf_fixed']}", flush=True)
@@ -352,16 +525,15 @@ def main() -> None:
             row["error"] = short_error(error)
             free_memory(device)
         off = row.get("offline", {})
-        table.append([name, off.get("useful_tokens_per_s"), off.get("requests_per_s"),
+        table.append([name, off.get("useful_tokens_per_s"), off.get("requests_per_s"), off.get("ttft_p50_s"),
                       row.get("offline_peer_subset", {}).get("useful_tokens_per_s"),
                       row.get("hf_fixed", {}).get("useful_tokens_per_s"),
                       row.get("hf_continuous", {}).get("useful_tokens_per_s"),
                       row.get(f"decode_b{decode_batches[0]}", {}).get("tokens_per_s"),
                       row.get(f"decode_b{decode_batches[1]}", {}).get("tokens_per_s"),
                       row.get(f"decode_b{decode_batches[1]}", {}).get("floor_tokens_per_s")])
-        write_results(out, env, results, dict(seconds=round(time.perf_counter() - started, 1),
-                                              mla_decode=args.mla_decode))  # a run cut off later keeps this part
-    if not args.skip_long:
+        write_results(out, env, results, dict(extra, seconds=round(time.perf_counter() - started, 1)))
+    if "long" in parts:
         hybrid = presets["bench-kl-900m"]
         all_mla = dict(hybrid, overrides=dict(hybrid.get("overrides", {}), mixers="A"))
         layouts = {"hybrid-KKKA": hybrid, "all-MLA": all_mla}
@@ -373,12 +545,18 @@ def main() -> None:
                 results[f"long/{name}"] = {"error": short_error(error)}
                 free_memory(device)
             print(f"  long {name}: {results[f'long/{name}']}", flush=True)
-            write_results(out, env, results, dict(seconds=round(time.perf_counter() - started, 1),
-                                                  mla_decode=args.mla_decode))
-    print_table(["model", "engine tok/s", "req/s", "engine tok/s (peer subset)", "HF fixed tok/s", "HF CB tok/s",
-                 f"decode b{decode_batches[0]}",
-                 f"decode b{decode_batches[1]}", "floor"], table)
-    write_results(out, env, results, dict(seconds=round(time.perf_counter() - started, 1), mla_decode=args.mla_decode))
+            write_results(out, env, results, dict(extra, seconds=round(time.perf_counter() - started, 1)))
+    print_table(["model", "engine tok/s", "req/s", "TTFT p50 s", "engine tok/s (peer subset)", "HF fixed tok/s",
+                 "HF CB tok/s", f"decode b{decode_batches[0]}", f"decode b{decode_batches[1]}", "floor"], table)
+    ab = results.get("bench-kl-900m", {}).get("decode_ab")
+    if ab:
+        print_table(["decode variant"] + [f"b{b} ms/step" for b in decode_batches]
+                    + [f"b{b} tok/s" for b in decode_batches] + ["KDA kernel", "compiled", "compile s"],
+                    [[variant] + [r.get(f"b{b}", {}).get("step_ms") for b in decode_batches]
+                     + [r.get(f"b{b}", {}).get("tokens_per_s") for b in decode_batches]
+                     + [r.get("kda_decode_kernel"), r.get("compiled"), r.get("compile_s")]
+                     for variant, r in ab.items()])
+    write_results(out, env, results, dict(extra, seconds=round(time.perf_counter() - started, 1)))
     print(f"wrote {out}")
 
 

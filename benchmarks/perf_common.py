@@ -231,7 +231,8 @@ def kernel_profile(fn, calls: int, top: int = 20) -> dict:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
             fn()
-        torch.cuda.synchronize()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
     per_call = {name: t / calls / 1e3 for name, t in kernel_times(prof).items() if "#" not in name}
     kinds = {}
     for name, t in per_call.items():

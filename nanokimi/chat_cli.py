@@ -125,7 +125,7 @@ def load_chat(ckpt: str, device: str = "auto", max_new_tokens: int = 512, temper
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer, template = load_tokenizer(path), ChatTemplate.load(path)
-    llm = LLM(str(path), device=device, tokenizer=tokenizer)
+    llm = LLM(str(path), device=device, tokenizer=tokenizer, compile=False)  # no compile wait before the answer
     params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                             stop_token_ids=sorted(tokenizer.stop_ids))
     replies = EngineReplies(llm, params)

@@ -250,6 +250,8 @@ def test_bad_input_gets_a_clear_error():
         SamplingParams(n=0)
     with pytest.raises(ValueError, match="either prompts"):
         LLM(model).generate()
+    with pytest.raises(ValueError, match="compile must be"):
+        Engine(model, max_cache_tokens=256, compile="yes")
     assert not engine.has_unfinished()
 
 
@@ -279,7 +281,7 @@ def test_cuda_graph_decode_matches_eager_engine(name):
     params = SamplingParams(max_tokens=12, temperature=0)
     outs = {}
     for graph in (False, True):
-        engine = Engine(model, block_size=16, use_cuda_graph=graph, max_cache_tokens=8192)
+        engine = Engine(model, block_size=16, use_cuda_graph=graph, max_cache_tokens=8192, compile=False)
         outs[graph] = run_engine(engine, [(str(i), p, params) for i, p in enumerate(batch)], stagger=4)
         assert (engine.stats()["cuda_graphs"] > 0) == graph
         assert engine.stats()["cache_blocks_free"] == engine.stats()["cache_blocks_total"]
@@ -307,13 +309,62 @@ def test_engine_bf16_hybrid_on_cuda_agrees_with_the_full_forward(monkeypatch):
     params = SamplingParams(max_tokens=8, temperature=0)
     for mode in ("auto", "gather"):
         monkeypatch.setattr(paged, "PAGED_KERNEL", mode)
-        done = run_engine(Engine(model, block_size=16), [(str(i), p, params) for i, p in enumerate(batch)], stagger=2)
+        engine = Engine(model, block_size=16, compile=False)
+        done = run_engine(engine, [(str(i), p, params) for i, p in enumerate(batch)], stagger=2)
         for i, prompt in enumerate(batch):
             tokens = done[str(i)].token_ids
             with torch.no_grad():
                 logp = model(torch.tensor([prompt + tokens[:-1]], device="cuda"))[0, -8:].float().log_softmax(-1)
             chosen = logp.gather(1, torch.tensor(tokens, device="cuda")[:, None]).squeeze(1)
             assert (logp.max(-1).values - chosen).max() < 0.1, (mode, i)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kda_decode", ["auto", "gather"])
+def test_compiled_graphs_on_cuda_agree_with_the_full_forward(kda_decode, monkeypatch):
+    """The CUDA default: torch.compile inside the CUDA graphs, KDA decode rows on the in-place Triton kernel
+    (or gathered): each token the engine picks is (near) the argmax of the full forward before it."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    import nanokimi.model.paged as paged
+    monkeypatch.setattr(paged, "KDA_DECODE", kda_decode)
+    model = make_model("tiny", small=False).to("cuda", torch.bfloat16)
+    batch = prompts(4, seed=37, lengths=(100, 37, 250, 64))
+    params = SamplingParams(max_tokens=8, temperature=0)
+    engine = Engine(model, block_size=16)
+    assert engine.runner.compiled and paged.use_kda_slot_kernel(engine.device) == (kda_decode == "auto")
+    done = run_engine(engine, [(str(i), p, params) for i, p in enumerate(batch)])  # one bucket: 4 rows
+    assert engine.runner.compiled and engine.runner.compiled_buckets  # nothing fell back to uncompiled
+    for i, prompt in enumerate(batch):
+        tokens = done[str(i)].token_ids
+        with torch.no_grad():
+            logp = model(torch.tensor([prompt + tokens[:-1]], device="cuda"))[0, -8:].float().log_softmax(-1)
+        chosen = logp.gather(1, torch.tensor(tokens, device="cuda")[:, None]).squeeze(1)
+        assert (logp.max(-1).values - chosen).max() < 0.1, i
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["tiny", "tiny-dense"])
+def test_packed_prefill_attention_on_cuda_matches_per_piece(name, monkeypatch):
+    """bf16 on CUDA: the packed prefill attention (memory-efficient SDPA with the block-diagonal mask) gives
+    the first tokens' logprobs of attention per piece, and does not switch itself off."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    import nanokimi.model.paged as paged
+    model = make_model(name, small=False).to("cuda", torch.bfloat16)
+    system = prompts(1, seed=73, lengths=(200,))[0]
+    batch = [system + p for p in prompts(8, seed=74, lengths=(100, 37, 250, 5))]
+    params = SamplingParams(max_tokens=1, temperature=0, logprobs=3)
+    firsts = {}
+    for packed in (True, False):
+        monkeypatch.setattr(paged, "PACKED_ATTENTION", packed)
+        done = run_engine(Engine(model, block_size=16, max_step_tokens=1024, compile=False),
+                          [(str(i), p, params) for i, p in enumerate(batch)], stagger=4)
+        assert paged.PACKED_ATTENTION == packed  # no fallback to attention per piece
+        firsts[packed] = [done[str(i)].outputs[0].logprobs[0] for i in range(len(batch))]
+    for a, b in zip(firsts[True], firsts[False]):
+        shared = set(a) & set(b)
+        assert len(shared) >= 2 and all(abs(a[t] - b[t]) < 0.05 for t in shared)
 
 
 @pytest.mark.gpu
@@ -578,3 +629,85 @@ def test_cache_sizes_below_one_block_round_up_and_the_cpu_default_fits_the_conte
                                                   max_position_embeddings=70_000))
     engine = Engine(long_context, max_num_seqs=1)
     assert (engine.num_blocks - 1) * engine.block_size >= 70_000
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-dense", "all-mla"])
+def test_packed_prefill_attention_equals_attention_per_piece(name, monkeypatch):
+    """The prefill pieces of a step attend in one call (block-diagonal causal mask over their packed
+    contexts), the reference one call per piece: same tokens and logprobs, with pieces that continue
+    cached prefixes (a shared system prompt) and chunks cut by the step budget."""
+    import nanokimi.model.paged as paged
+    model = make_model(name)
+    system = prompts(1, seed=71, lengths=(24,))[0]
+    batch = [system + p for p in prompts(6, seed=72, lengths=(5, 17, 30, 9))]
+    requests = [(str(i), p, SamplingParams(max_tokens=3, temperature=0, logprobs=2)) for i, p in enumerate(batch)]
+    calls = []
+    packed_attention = paged._packed_attention
+    monkeypatch.setattr(paged, "_packed_attention", lambda *a, **k: calls.append(1) or packed_attention(*a, **k))
+    outs = {}
+    for packed in (True, False):
+        monkeypatch.setattr(paged, "PACKED_ATTENTION", packed)
+        calls.clear()
+        done = run_engine(Engine(model, block_size=8, max_step_tokens=64), requests, stagger=3)
+        outs[packed] = [done[str(i)].outputs[0] for i in range(len(batch))]
+        assert bool(calls) == packed
+    for a, b in zip(outs[True], outs[False]):
+        assert a.token_ids == b.token_ids
+        for x, y in zip(a.logprobs, b.logprobs):
+            assert x.keys() == y.keys() and all(abs(x[t] - y[t]) < 1e-5 for t in x)
+
+
+def test_packed_context_lays_out_keys_queries_and_the_mask():
+    """packed_context against the per-piece view: each key slot is block_table[p // bs] * bs + p % bs, and a
+    query sees exactly its own piece's keys up to its position."""
+    from nanokimi.model.paged import PrefillPiece, packed_context
+    bs = 4
+    tables = [[3, 7, 2], [5], [9, 1]]
+    pieces = [PrefillPiece(2, 5, 6, torch.tensor(tables[0]), 0), PrefillPiece(7, 1, 2, torch.tensor(tables[1]), 1),
+              PrefillPiece(8, 3, 0, torch.tensor(tables[2]), 2)]
+    packed = packed_context(pieces, tables, [1], 2, bs, "cpu")
+    assert packed.members == [0, 2] and packed.spans == [(0, 5), (5, 8)]
+    assert packed.query_index.tolist() == [0, 1, 2, 3, 4, 6, 7, 8]
+    expected_slots = [tables[0][p // bs] * bs + p % bs for p in range(11)] + [tables[2][p // bs] * bs + p % bs
+                                                                            for p in range(3)]
+    assert packed.key_slots.tolist() == expected_slots
+    query_pos = [6, 7, 8, 9, 10, 0, 1, 2]
+    expected_mask = [[k < 11 and k <= q for k in range(11)] + [False] * 3 for q in query_pos[:5]] + \
+        [[False] * 11 + [k <= q for k in range(3)] for q in query_pos[5:]]
+    assert packed.mask.tolist() == expected_mask
+    assert packed_context(pieces, tables, [0, 1], 2, bs, "cpu") is None  # one piece left: nothing to pack
+
+
+def test_packed_attention_maps_query_heads_to_their_key_heads():
+    """With 4 query heads over 2 key heads, the packed attention (keys repeated per group) equals SDPA's
+    own grouped-query attention."""
+    import torch.nn.functional as F
+    from nanokimi.model.paged import PackedContext, _packed_attention
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(6, h, 8, generator=g, dtype=torch.float64) for h in (4, 2, 2))
+    packed = PackedContext([0], [(0, 6)], None, torch.arange(6), torch.ones(6, 6, dtype=torch.bool).tril())
+    got = _packed_attention(q, k, v, packed, 0.3)[0][0]
+    expected = F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in (q, k, v)), is_causal=True, scale=0.3,
+                                              enable_gqa=True)[0].transpose(0, 1)
+    assert torch.allclose(got, expected, atol=1e-12)
+
+
+def test_graph_inputs_keep_the_block_tables_until_they_change():
+    """The padded graph step copies the block tables only when a row's table changed (a new block, another
+    row set): decoding across several block boundaries within one bucket gives the eager engine's tokens and
+    logprobs (all-MLA, float64: a stale table would attend to the wrong blocks)."""
+    model = make_model("all-mla")
+    batch = prompts(3, seed=47, lengths=(9, 20, 30))
+    params = SamplingParams(max_tokens=14, temperature=0, logprobs=2)
+    outs, copies = {}, []
+    for graphs in ("static", False):
+        engine = Engine(model, block_size=4, use_cuda_graph=graphs, max_cache_tokens=512)
+        decode_tables = engine.runner._decode_tables
+        engine.runner._decode_tables = lambda *a: copies.append(graphs) or decode_tables(*a)
+        done = run_engine(engine, [(str(i), p, params) for i, p in enumerate(batch)])
+        outs[graphs] = [done[str(i)].outputs[0] for i in range(3)]
+    for a, b in zip(outs["static"], outs[False]):
+        assert a.token_ids == b.token_ids
+        for x, y in zip(a.logprobs, b.logprobs):
+            assert x.keys() == y.keys() and all(abs(x[t] - y[t]) < 1e-9 for t in x)
+    assert 0 < copies.count("static") < 13  # 13 decode steps: tables rebuilt only when one of them grew

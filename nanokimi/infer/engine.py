@@ -44,8 +44,9 @@ class Engine:
     snapshot_interval: KDA state snapshots every so many tokens of a sequence
     (rounded to blocks; prompt and output) besides its prompt's last full block; num_state_snapshots: how
     many are kept (LRU).
-    use_cuda_graph: "auto" graphs decode-only steps on CUDA (True: a failed capture raises); compile=True
-    also torch.compiles them (one compilation per batch bucket: slow to warm up, for long runs).
+    use_cuda_graph: "auto" graphs decode-only steps on CUDA (True: a failed capture raises); compile ("auto":
+    wherever CUDA graphs are captured) torch.compiles the step inside them, once per batch bucket, until the
+    compilations took compile_budget_s seconds (later buckets are captured uncompiled).
     Seer options (docs/seer.md; all off by default): speculative None | "ngram" | "suffix" (or a drafter
     object) with drafts of num_speculative_tokens at most (twice in the tail); scheduling "fcfs" | "context_aware" with
     max_wait_steps (bounded wait); chunk_tokens > 0 (with context_aware): divided rollout."""
@@ -54,7 +55,8 @@ class Engine:
                  max_num_seqs: int = 256, max_step_tokens: int = 2048, enable_prefix_caching: bool = True,
                  max_model_len: int | None = None, use_cuda_graph: bool | str = "auto",
                  gpu_memory_fraction: float = 0.75, num_state_snapshots: int | None = None,
-                 snapshot_interval: int = 512, compile: bool = False, kv_tiers=None, verbose: bool = False,
+                 snapshot_interval: int = 512, compile: bool | str = "auto", compile_budget_s: float = 120.0,
+                 kv_tiers=None, verbose: bool = False,
                  speculative=None, num_speculative_tokens: int = 4, scheduling: str = "fcfs",
                  max_wait_steps: int = 64, chunk_tokens: int = 0):
         checks = [(scheduling in POLICIES, f"scheduling must be one of {', '.join(POLICIES)}, got {scheduling!r}"),
@@ -80,7 +82,7 @@ class Engine:
         num_slots = max_num_seqs + num_snapshots if self.has_kda else 0
         self.num_blocks, self.budget_note = self._plan_blocks(max_cache_tokens, num_slots, gpu_memory_fraction)
         self.runner = ModelRunner(model, self.num_blocks, block_size, max(num_slots, 1), self.max_model_len,
-                                  use_cuda_graph, compile)
+                                  use_cuda_graph, compile, compile_budget_s)
         self.pool = BlockPool(self.num_blocks)
         self.slots = StateSlots(num_slots) if self.has_kda else None
         interval = max(block_size, snapshot_interval // block_size * block_size)
@@ -141,7 +143,10 @@ class Engine:
                  f"~{tokens // self.max_model_len:,} sequences at max_model_len {self.max_model_len:,}"]
         if self.has_kda:
             fla = kda_backend(self.device)[0] == "fla"
-            kernels = "fla chunk_kda / fused_recurrent_kda" if fla else "torch chunkwise / recurrence"
+            from nanokimi.model.paged import use_kda_slot_kernel
+            decode = "Triton in-place slot kernel" if use_kda_slot_kernel(self.device) else (
+                "fused_recurrent_kda" if fla else "recurrence")
+            kernels = f"{'fla chunk_kda' if fla else 'torch chunkwise'} / {decode}"
             parts.append(f"KDA state slots {self.slots.num_slots} x {per_slot / 2**20:.1f} MiB ({kernels})")
         from nanokimi.model.paged import use_paged_kernel
         mla = "Triton paged kernel" if use_paged_kernel(self.device, self.block_size) else "gathered blocks"
@@ -150,7 +155,7 @@ class Engine:
         if self.runner.use_graphs:
             graphs = "static buffers, no graph" if self.runner.static_only else "CUDA graphs at bucketed batch sizes"
         if self.runner.compiled:
-            graphs += " + torch.compile"
+            graphs += f" + torch.compile (per batch bucket, budget {self.runner.compile_budget_s:.0f} s)"
         from nanokimi.model.paged import BATCHED_PREFILL
         prefill = "pieces batched, mixing per piece" if BATCHED_PREFILL else "each piece alone"
         caching = f"on (KDA snapshots every {self.snapshot_interval} tokens)" if self.has_kda else "on"
@@ -286,17 +291,16 @@ class Engine:
             rows.append(Row(seq.tokens[c:c + n], c, seq.block_table, seq.state_slot, c + n == len(seq.tokens),
                             seq.table_tensor() if n == 1 else None, self.scheduler.interior_snapshots(seq, n)))
         logits = self.runner.run(rows)
-        plain, plain_logits, verified, offset = [], [], [], 0
+        plain, plain_rows, verified, offset = [], [], [], 0
         for (seq, n), row in zip(scheduled, rows):
             if not row.wants_logits:
                 continue
-            part = logits[offset:offset + row.num_logits]
-            offset += row.num_logits
-            if row.num_logits == 1:
+            if row.num_logits == 1:  # no per-row slice: the sampled rows are taken together below
                 plain.append(seq)
-                plain_logits.append(part)
+                plain_rows.append(offset)
             else:
-                verified.append((seq, row, part))
+                verified.append((seq, row, logits[offset:offset + row.num_logits]))
+            offset += row.num_logits
         verified = [(seq, emitted) for (seq, row, _), emitted in zip(verified, self._accept(verified))]
         computed = {id(seq): len(emitted) for seq, emitted in verified}
         self.scheduler.after_step([(seq, computed.get(id(seq), n)) for seq, n in scheduled])
@@ -304,7 +308,7 @@ class Engine:
             self.scheduler.shrink(seq)
         self._apply_slot_ops()
         if plain:
-            self._sample(plain, logits if not verified else torch.cat(plain_logits))
+            self._sample(plain, logits if not verified else logits[torch.tensor(plain_rows, device=logits.device)])
         for seq, emitted in verified:
             self._emit_verified(seq, emitted, logits.new_empty(0) if seq.output.logprobs is None else
                                 self._verify_logits.pop(id(seq)))
@@ -314,12 +318,13 @@ class Engine:
             changed[seq.request.request_id] = seq.request
         outputs = []
         for request in changed.values():
-            if request.finished and request.request_id in self.requests:
+            finished = request.finished
+            if finished and request.request_id in self.requests:
                 request.metrics["finished_time"] = time.monotonic()
                 del self.requests[request.request_id]
                 self.counters["requests_finished"] += 1
-            if self.stream_outputs or request.finished:
-                outputs.append(self._output(request))
+            if self.stream_outputs or finished:
+                outputs.append(self._output(request, finished))
         return outputs
 
     def _accept(self, verified: list[tuple[Sequence, Row, torch.Tensor]]) -> list[list[int]]:
@@ -489,12 +494,13 @@ class Engine:
             old = self.timing["decode_step_s"]
             self.timing["decode_step_s"] = seconds if old is None else 0.8 * old + 0.2 * seconds
 
-    def _output(self, request: Request) -> RequestOutput:
+    def _output(self, request: Request, finished: bool | None = None) -> RequestOutput:
         outputs = [CompletionOutput(s.output.index, list(s.output.token_ids), s.output.text, s.output.finish_reason,
                                     None if s.output.logprobs is None else list(s.output.logprobs))
                    for s in request.sequences]
-        return RequestOutput(request.request_id, request.prompt_token_ids, outputs, request.finished,
-                             request.num_cached_tokens, dict(request.metrics), request.prompt)
+        return RequestOutput(request.request_id, request.prompt_token_ids, outputs,
+                             request.finished if finished is None else finished, request.num_cached_tokens,
+                             dict(request.metrics), request.prompt)
 
     def stats(self) -> dict:
         scheduler = self.scheduler
@@ -516,5 +522,7 @@ class Engine:
             "kda_snapshots_held": 0 if self.slots is None else len(self.slots.snapshots),
             **({"kv_tiers": self.tiers.store.stats()} if self.tiers is not None else {}),
             "max_model_len": self.max_model_len, "cuda_graphs": len(self.runner.graphs),
+            "cuda_graphs_compiled": len(self.runner.compiled_buckets),
+            "compile_seconds": round(self.runner.compile_seconds, 1),
         }
 

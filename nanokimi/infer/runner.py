@@ -3,13 +3,16 @@
 Decode-only steps on CUDA replay a CUDA graph captured per (batch bucket, block-table bucket): the
 rows are padded up to the bucket with rows that write to the reserved block 0 and the spare state slot.
 """
+import time
 import warnings
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from nanokimi.model.paged import PagedBatch, PrefillPiece, new_paged_cache, short_pieces
+from nanokimi.model.kda import KimiDeltaAttention
+from nanokimi.model.paged import (PagedBatch, PrefillPiece, check_kda_slot_kernel, new_paged_cache, packed_context,
+                                  short_pieces)
 from nanokimi.model.rope import Rotary
 from nanokimi.runtime.graphs import capture, graph_pool
 
@@ -47,7 +50,8 @@ def _bucket(value: int, sizes) -> int | None:
 
 class ModelRunner:
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, num_state_slots: int,
-                 max_model_len: int, use_cuda_graph: bool | str = "auto", compile: bool = False):
+                 max_model_len: int, use_cuda_graph: bool | str = "auto", compile: bool | str = "auto",
+                 compile_budget_s: float = 120.0):
         self.model, self.block_size, self.max_model_len = model, block_size, max_model_len
         self.device = model.embed.weight.device
         self.cache = new_paged_cache(model, num_blocks, block_size, num_state_slots + 1)
@@ -66,13 +70,20 @@ class ModelRunner:
         self.use_graphs = graphs_here and not moba
         self.graph_required = use_cuda_graph is True
         self.graphs: dict[tuple[int, int], tuple] = {}
+        self.graph_tables: dict[tuple[int, int], list[list[int]]] = {}  # the block tables in each graph's inputs
         self.graph_pool = None
         self.max_blocks = -(-max_model_len // block_size)
-        self.step_fn = self._logits
-        self.compiled = compile and self.use_graphs
+        if any(isinstance(b.mixer, KimiDeltaAttention) for b in model.layers) and self.device.type == "cuda":
+            check_kda_slot_kernel(self.device)  # before any capture: decode rows take the kernel only if it passed
+        if compile not in (True, False, "auto"):
+            raise ValueError(f"compile must be True, False or 'auto', got {compile!r}.")
+        self.capturing_compiled = False
+        # "auto": torch.compile inside the CUDA graphs on CUDA (not for the "static" stand-in on the CPU)
+        self.compiled = self.use_graphs and (compile is True or (compile == "auto" and not self.static_only))
+        self.compile_budget_s, self.compile_seconds, self.compiled_buckets = compile_budget_s, 0.0, []
         if self.compiled:
-            from nanokimi.runtime import compile_fn  # raises the recompile limit: one graph per bucket
-            self.step_fn = compile_fn(self._logits, dynamic=False)
+            from nanokimi.runtime import compile_fn  # raises the recompile limits: one graph per batch bucket,
+            self.compiled_fn = compile_fn(self._logits, dynamic=False)  # plus breaks around the Triton/fla kernels
 
     def _logits(self, ids: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
         """The decode-only step that CUDA graphs capture: ids [B] -> logits [B, V]."""
@@ -91,10 +102,11 @@ class ModelRunner:
         if graphed is None:
             return self._run_eager(rows, num_decode)
         wanted = [i for i, r in enumerate(decode) if r.wants_logits]
-        parts = [graphed[wanted]]  # a copy: the graph's output buffer is rewritten by the next replay
+        # a copy either way: the graph's output buffer is rewritten by the next replay
+        parts = [graphed[:len(decode)].clone() if len(wanted) == len(decode) else graphed[wanted]]
         if prefill:
             parts.append(self._run_eager(prefill, 0))
-        return torch.cat(parts)
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def _run_eager(self, rows: list[Row], num_decode: int) -> torch.Tensor:
         batch, ids, last = self._build(rows, num_decode)
@@ -103,46 +115,60 @@ class ModelRunner:
                   for j in range(last[i] - r.num_logits + 1, last[i] + 1)]
         return self.model.lm_head(hidden[torch.tensor(wanted, device=self.device, dtype=torch.long)])
 
-    def _decode_tensors(self, rows: list[Row], width: int, size: int | None = None):
-        """Host tensors of the one-token rows: block tables [size, width] (padded with block 0), and lists of
-        positions, cache slots and state slots."""
-        bs = self.block_size
-        tables = torch.zeros(size or len(rows), width, dtype=torch.long)
-        for i, r in enumerate(rows):
-            table = r.table_tensor if r.table_tensor is not None else torch.tensor(r.block_table, dtype=torch.long)
-            tables[i, :len(table)] = table
+    def _decode_tensors(self, rows: list[Row], width: int, size: int | None = None, tables: bool = True):
+        """Host tensors of the one-token rows: block tables [size, width] (padded with block 0; None unless
+        `tables`), and lists of positions, cache slots and state slots."""
         positions = [r.start for r in rows]
+        bs = self.block_size
         slots = [r.block_table[p // bs] * bs + p % bs for r, p in zip(rows, positions)]
         state = [self.dummy_slot if r.state_slot is None else r.state_slot for r in rows]
-        return tables, positions, slots, state
+        return self._decode_tables(rows, width, size) if tables else None, positions, slots, state
+
+    def _decode_tables(self, rows: list[Row], width: int, size: int | None = None) -> torch.Tensor:
+        tables = torch.zeros(size or len(rows), width, dtype=torch.long)
+        if rows:  # every row's table in one scatter (a Python loop of slice assignments costs ~3 us a row)
+            row_tables = [torch.tensor(r.block_table, dtype=torch.long) if r.table_tensor is None else r.table_tensor
+                          for r in rows]
+            lengths = torch.tensor([t.shape[0] for t in row_tables])
+            flat = torch.cat(row_tables)
+            column = torch.arange(flat.shape[0]) - (lengths.cumsum(0) - lengths).repeat_interleave(lengths)
+            tables[torch.arange(len(rows)).repeat_interleave(lengths), column] = flat
+        return tables
 
     def _build(self, rows: list[Row], num_decode: int):
         device = self.device
         decode = rows[:num_decode]
         width = max((len(r.block_table) for r in decode), default=1)
         tables, positions, slots, state = self._decode_tensors(decode, width)
-        as_long = dict(device=device, dtype=torch.long)
         pieces, offset, last = [], num_decode, list(range(num_decode))
-        prefill_positions, prefill_slots = [], []
         bs = self.block_size
         prefill = rows[num_decode:]
-        flat = torch.tensor([b for r in prefill for b in r.block_table], dtype=torch.long).to(device)  # one copy
-        piece_tables = flat.split([len(r.block_table) for r in prefill]) if prefill else []
-        for r, table in zip(prefill, piece_tables):
+        flat = torch.tensor([b for r in prefill for b in r.block_table], dtype=torch.long)  # every piece's table
+        table_lengths = torch.tensor([len(r.block_table) for r in prefill], dtype=torch.long)
+        lengths = torch.tensor([len(r.tokens) for r in prefill], dtype=torch.long)
+        # each prefill token's position and cache slot, over all pieces at once: p and table[p // bs] * bs + p % bs
+        token_starts = (lengths.cumsum(0) - lengths).repeat_interleave(lengths)
+        prefill_positions = torch.tensor([r.start for r in prefill], dtype=torch.long).repeat_interleave(lengths) + \
+            torch.arange(int(lengths.sum())) - token_starts
+        table_starts = (table_lengths.cumsum(0) - table_lengths).repeat_interleave(lengths)
+        prefill_slots = flat[table_starts + prefill_positions // bs] * bs + prefill_positions % bs
+        ids = torch.tensor([t for r in rows for t in r.tokens], dtype=torch.long)
+        host = torch.cat([torch.tensor([positions, slots, state], dtype=torch.long).view(-1), prefill_positions,
+                          prefill_slots, ids, flat]).to(device)  # one host-to-device copy
+        n, m = len(decode), len(prefill_positions)
+        (decode_positions, decode_slots, decode_state, prefill_positions, prefill_slots, ids,
+         flat) = host.split([n, n, n, m, m, len(ids), len(flat)])
+        for r, table in zip(prefill, flat.split(table_lengths.tolist())):
             pieces.append(PrefillPiece(offset, len(r.tokens), r.start, table,
                                        self.dummy_slot if r.state_slot is None else r.state_slot, r.snapshots,
                                        saved_states=r.saved_states))
             offset += len(r.tokens)
             last.append(offset - 1)
-            span = range(r.start, r.start + len(r.tokens))
-            prefill_positions.extend(span)
-            prefill_slots.extend(r.block_table[p // bs] * bs + p % bs for p in span)
-        batch = PagedBatch(self.block_size, num_decode, torch.tensor(positions, **as_long),
-                           tables.to(device), torch.tensor(slots, **as_long),
-                           torch.tensor(state, **as_long), pieces, torch.tensor(prefill_positions, **as_long),
-                           torch.tensor(prefill_slots, **as_long),
-                           short_pieces(pieces, [r.block_table for r in prefill], num_decode, device))
-        ids = torch.tensor([t for r in rows for t in r.tokens], **as_long)
+        host_tables = [r.block_table for r in prefill]
+        short = short_pieces(pieces, host_tables, num_decode, device)
+        packed = packed_context(pieces, host_tables, short.members if short else [], num_decode, bs, device)
+        batch = PagedBatch(self.block_size, num_decode, decode_positions, tables.to(device), decode_slots, decode_state,
+                           pieces, prefill_positions, prefill_slots, short, packed)
         return batch, ids, last
 
     def _run_graphed(self, rows: list[Row]) -> torch.Tensor | None:
@@ -154,48 +180,73 @@ class ModelRunner:
         key = (size, width)
         if key not in self.graphs:
             try:
+                if self.compiled and not self.graphs:  # can the step be captured at all? (a model with a host
+                    self._capture(size, width, compile_step=False)  # sync inside must not pay for a compile first)
                 self.graphs[key] = self._capture(size, width)
             except Exception as error:  # noqa: BLE001 - the eager step computes the same thing
-                if self.graph_required and not self.compiled:
+                if self.graph_required and not self.capturing_compiled:
                     raise
-                if self.compiled:  # try again without torch.compile before giving up on graphs
+                if self.capturing_compiled:  # try again without torch.compile before giving up on graphs
                     warnings.warn(f"torch.compile of the engine's decode step failed ({type(error).__name__}: "
                                   f"{error}); capturing it uncompiled.")
-                    self.compiled, self.step_fn = False, self._logits
+                    self.compiled = False
                     return self._run_graphed(rows)
                 warnings.warn(f"CUDA graph capture of the engine's decode step failed ({type(error).__name__}: "
                               f"{error}); decoding eagerly.")
                 self.use_graphs = False
                 return None
-        graph, ids, batch, logits = self.graphs[key]
+        graph, inputs, batch, logits = self.graphs[key]
         if isinstance(graph, StaticReplay):
             logits = graph
         pad = size - len(rows)
-        tables, positions, slots, state = self._decode_tensors(rows, width, size)
+        # the rows' block tables change every block_size steps: while they equal the ones this graph's buffer
+        # holds (same rows, same contents), only the per-row scalars are copied
+        row_tables = [r.block_table for r in rows]
+        same_tables = self.graph_tables.get(key) == row_tables
+        tables, positions, slots, state = self._decode_tensors(rows, width, size, tables=not same_tables)
         host = torch.tensor([[r.tokens[0] for r in rows] + [0] * pad, positions + [0] * pad, slots + [0] * pad,
-                             state + [self.dummy_slot] * pad], dtype=torch.long)
-        ids.copy_(host[0], non_blocking=True)
-        batch.positions.copy_(host[1], non_blocking=True)
-        batch.slot_mapping.copy_(host[2], non_blocking=True)
-        batch.state_slots.copy_(host[3], non_blocking=True)
-        batch.block_tables.copy_(tables, non_blocking=True)
+                             state + [self.dummy_slot] * pad], dtype=torch.long).flatten()
+        if same_tables:
+            inputs[:host.shape[0]].copy_(host, non_blocking=True)
+        else:
+            inputs.copy_(torch.cat([host, tables.flatten()]), non_blocking=True)  # one host-to-device copy
+            self.graph_tables[key] = [list(t) for t in row_tables]
         graph.replay()
         return logits.output if isinstance(logits, StaticReplay) else logits
 
-    def _capture(self, size: int, width: int):
+    def _capture(self, size: int, width: int, compile_step: bool = True):
+        """Capture the decode step of `size` rows and block tables `width` wide. Compiled (one compilation
+        per bucket) while the compile time so far is under compile_budget_s; later buckets are captured
+        uncompiled, so a long tail of rare batch sizes never stalls serving for minutes. compile_step=False:
+        uncompiled whatever the setting (the probe before the first compilation)."""
         device = self.device
-        ids = torch.zeros(size, dtype=torch.long, device=device)
-        batch = PagedBatch(self.block_size, size, torch.zeros(size, dtype=torch.long, device=device),
-                           torch.zeros(size, width, dtype=torch.long, device=device),
-                           torch.zeros(size, dtype=torch.long, device=device),
-                           torch.full((size,), self.dummy_slot, dtype=torch.long, device=device))
+        self.capturing_compiled = compile_step and self.compiled and self.compile_seconds < self.compile_budget_s
+        step_fn = self.compiled_fn if self.capturing_compiled else self._logits
+        inputs = torch.zeros(size * (4 + width), dtype=torch.long, device=device)  # every input, filled in one copy
+        ids, positions, slot_mapping, state_slots = inputs[:4 * size].view(4, size)
+        state_slots.fill_(self.dummy_slot)
+        batch = PagedBatch(self.block_size, size, positions, inputs[4 * size:].view(size, width), slot_mapping,
+                           state_slots)
+
+        if self.capturing_compiled:  # the table width reaches only the kernels: no recompile per width
+            torch._dynamo.maybe_mark_dynamic(batch.block_tables, 1)
 
         def step():
-            return self.step_fn(ids, batch)
+            return step_fn(ids, batch)
 
         if self.static_only:
-            return StaticReplay(step), ids, batch, torch.empty(0)
+            if self.capturing_compiled:  # compile now (on the padding's buffers), as a CUDA warm-up would
+                started = time.perf_counter()
+                step()
+                self.compile_seconds += time.perf_counter() - started
+                self.compiled_buckets.append((size, width))
+            return StaticReplay(step), inputs, batch, torch.empty(0)
         if self.graph_pool is None:
             self.graph_pool = graph_pool()
-        graph = capture(step, warmup=2, pool=self.graph_pool)
-        return graph, ids, batch, graph.output
+        started = time.perf_counter()
+        graph = capture(step, warmup=2, pool=self.graph_pool)  # the warm-up calls compile a compiled step
+        if self.capturing_compiled:
+            torch.cuda.synchronize(device)
+            self.compile_seconds += time.perf_counter() - started
+            self.compiled_buckets.append((size, width))
+        return graph, inputs, batch, graph.output

@@ -43,7 +43,9 @@ def sample_text(model, tokenizer, prompt: str, max_new_tokens: int, temperature:
         from nanokimi.infer.llm import LLM
         from nanokimi.infer.params import SamplingParams
 
-        llm = LLM(model, tokenizer=tokenizer, max_num_seqs=1, max_cache_tokens=len(ids) + max_new_tokens)
+        # one sample: compiling the decode step would take longer than the decode it speeds up
+        llm = LLM(model, tokenizer=tokenizer, max_num_seqs=1, max_cache_tokens=len(ids) + max_new_tokens,
+                  compile=False)
         if report:
             print(llm.engine.report, file=sys.stderr)
         params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)

@@ -96,10 +96,11 @@ class Sequence:
     def table_tensor(self) -> torch.Tensor:
         """block_table as a CPU long tensor, extended by the new entries only (long contexts have long tables)."""
         cached, source = self._table
-        if source is not self.block_table or len(cached) > len(self.block_table):  # replaced after a preemption
+        have = cached.shape[0]  # not len(): Tensor.__len__ costs a Python call per row per step
+        if source is not self.block_table or have > len(self.block_table):  # replaced after a preemption
             cached = torch.tensor(self.block_table, dtype=torch.long)
-        elif len(cached) < len(self.block_table):
-            cached = torch.cat([cached, torch.tensor(self.block_table[len(cached):], dtype=torch.long)])
+        elif have < len(self.block_table):
+            cached = torch.cat([cached, torch.tensor(self.block_table[have:], dtype=torch.long)])
         self._table = (cached, self.block_table)
         return cached
 

@@ -22,12 +22,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nanokimi.model.attention import GroupedQueryAttention, MultiHeadLatentAttention, causal_attention
 from nanokimi.model.cache import KVCache, LatentCache, RecurrentCache
 from nanokimi.model.kda import KimiDeltaAttention, causal_depthwise_conv, kda_outside_compile, l2_normalize
+from nanokimi.ops.kda.decode import kda_decode_slots, kda_decode_slots_reference
 from nanokimi.ops.kda.fla_kernels import fla_status, kda_fla_varlen
-from nanokimi.ops.paged_mla import paged_mla_decode, triton_available
+from nanokimi.ops.paged_mla import merge_partials, paged_mla_partials, triton_available
 
 
 @dataclass
@@ -57,6 +59,8 @@ class PagedBatch:
     prefill_positions: torch.Tensor | None = None  # [Np] long: position of every prefill token (in piece order)
     prefill_slots: torch.Tensor | None = None  # [Np] long: the cache slot each prefill token is written to
     short: "ShortPieces | None" = None  # several short pieces (drafts under verification): attend as one batch
+    packed: "PackedContext | None" = None  # the other pieces: attend as one packed sequence, block-diagonal mask
+    memo: dict = field(default_factory=dict)  # index tensors built by the first KDA layer, reused by the others
 
 
 @dataclass
@@ -87,6 +91,57 @@ def short_pieces(pieces: list["PrefillPiece"], tables: list[list[int]], first: i
     padded = [tables[i] + [0] * (width - len(tables[i])) for i in members]
     host = torch.tensor([index, positions], dtype=torch.long).to(device, non_blocking=True)
     return ShortPieces(members, lengths, host[0], host[1], torch.tensor(padded, dtype=torch.long).to(device))
+
+
+@dataclass
+class PackedContext:
+    """The prefill pieces that attend in one call (built by the engine's runner, once per step for every
+    layer): members: their piece indices; spans: each member's rows in the packed queries; query_index
+    [Nq] long: each packed query's token among the prefill tokens (None: all of them, in order);
+    key_slots [Lk] long: the cache slot of every key, each member's whole context (its new tokens included)
+    one after another; mask [Nq, Lk] bool: a query sees the keys of its own piece up to its position."""
+    members: list[int]
+    spans: list[tuple[int, int]]
+    query_index: torch.Tensor | None
+    key_slots: torch.Tensor
+    mask: torch.Tensor
+
+
+PACKED_ATTENTION = True  # False: every prefill piece attends over its own gathered context (the reference)
+PACKED_ATTENTION_PAIRS = 1 << 26  # larger (queries x keys) steps attend per piece: the mask grows with the product
+
+
+def packed_context(pieces: list["PrefillPiece"], tables: list[list[int]], skip: list[int], first: int,
+                   block_size: int, device) -> PackedContext | None:
+    """The PackedContext of a step's pieces other than `skip` (host block tables `tables`; `first` = the
+    number of decode rows), or None when fewer than two remain, PACKED_ATTENTION is off, or the mask would
+    exceed PACKED_ATTENTION_PAIRS entries."""
+    members = [i for i in range(len(pieces)) if i not in set(skip)]
+    lengths = [pieces[i].length for i in members]
+    ends = [pieces[i].start + pieces[i].length for i in members]
+    if not PACKED_ATTENTION or len(members) < 2 or sum(lengths) * sum(ends) > PACKED_ATTENTION_PAIRS:
+        return None
+    member = torch.arange(len(members))
+    width = max(len(tables[i]) for i in members)
+    padded = torch.tensor([tables[i] + [0] * (width - len(tables[i])) for i in members], dtype=torch.long)
+    ends_t, lengths_t = torch.tensor(ends), torch.tensor(lengths)
+    key_piece = member.repeat_interleave(ends_t)  # [Lk]
+    key_pos = torch.arange(len(key_piece)) - (ends_t.cumsum(0) - ends_t).repeat_interleave(ends_t)
+    key_slots = padded[key_piece, key_pos // block_size] * block_size + key_pos % block_size
+    query_piece = member.repeat_interleave(lengths_t)  # [Nq]
+    starts = torch.tensor([pieces[i].start for i in members])
+    query_pos = starts.repeat_interleave(lengths_t) + torch.arange(len(query_piece)) - \
+        (lengths_t.cumsum(0) - lengths_t).repeat_interleave(lengths_t)
+    queries = torch.cat([torch.arange(pieces[i].offset - first, pieces[i].offset - first + pieces[i].length)
+                         for i in members])
+    everything = len(members) == len(pieces)
+    host = torch.cat([key_slots, key_piece, key_pos, query_piece, query_pos, queries]).to(device, non_blocking=True)
+    Lk, Nq = len(key_slots), len(query_piece)
+    key_slots, key_piece, key_pos, query_piece, query_pos, queries = host.split([Lk, Lk, Lk, Nq, Nq, Nq])
+    mask = (query_piece[:, None] == key_piece[None, :]) & (key_pos[None, :] <= query_pos[:, None])
+    bounds = [0] + lengths_t.cumsum(0).tolist()
+    return PackedContext(members, list(zip(bounds[:-1], bounds[1:])), None if everything else queries, key_slots,
+                         mask)
 
 
 @dataclass
@@ -168,8 +223,12 @@ def paged_mixer_forward(mixer: nn.Module, x: torch.Tensor, cache, batch: PagedBa
         pieces = rows + pieces
     else:
         if batch.num_decode:
-            rows = x[0, :batch.num_decode].unsqueeze(1)  # [Sd, 1, D]
-            parts.append(_decode_rows(mixer, rows, cache, batch).squeeze(1))
+            # not parts.append(_decode_rows(...)): under torch.compile the kernels inside break the graph with
+            # the list's bound method on the stack, whose guard dies with it (a recompile on every call)
+            decoded = _decode_rows(mixer, x[0, :batch.num_decode].unsqueeze(1), cache, batch)  # [Sd, 1, D]
+            if not pieces:  # a decode-only step (what CUDA graphs capture)
+                return decoded.transpose(0, 1)
+            parts.append(decoded.squeeze(1))
         if pieces and BATCHED_PREFILL:
             parts.append(_prefill_batched(mixer, x[:, batch.num_decode:], cache, batch)[0])
             pieces = []
@@ -186,7 +245,7 @@ def _prefill_batched(mixer: nn.Module, x: torch.Tensor, cache, batch: PagedBatch
     first = batch.num_decode  # piece offsets count the decode rows before them
     spans = [(p.offset - first, p.offset - first + p.length) for p in batch.prefill]
     if isinstance(mixer, KimiDeltaAttention):
-        return _kda_prefill(mixer, x, cache, batch.prefill, spans)
+        return _kda_prefill(mixer, x, cache, batch.prefill, spans, batch.memo)
     rows = x[0].unsqueeze(1)  # [Np, 1, D]: each token a row with its own position
     if isinstance(mixer, MultiHeadLatentAttention):
         q_nope, q_rope, c_kv, k_rope = _mla_project(mixer, rows, batch.prefill_positions)
@@ -196,6 +255,8 @@ def _prefill_batched(mixer: nn.Module, x: torch.Tensor, cache, batch: PagedBatch
         outs = {}
         if batch.short is not None and not mixer.record_max_logits:
             outs = _mla_short_pieces(mixer, q_nope, q_rope, cache, batch.short)
+        if batch.packed is not None and not mixer.record_max_logits:
+            outs.update(_mla_packed(mixer, q_nope, q_rope, cache, batch.packed))
         for i, (piece, (a, b)) in enumerate(zip(batch.prefill, spans)):
             if i in outs:
                 continue
@@ -216,6 +277,8 @@ def _prefill_batched(mixer: nn.Module, x: torch.Tensor, cache, batch: PagedBatch
     cache.k.flatten(0, 1).index_copy_(0, batch.prefill_slots, k[:, 0].to(cache.k.dtype))
     cache.v.flatten(0, 1).index_copy_(0, batch.prefill_slots, v[:, 0].to(cache.v.dtype))
     outs = _gqa_short_pieces(mixer, q, cache, batch.short) if batch.short is not None else {}
+    if batch.packed is not None:
+        outs.update(_gqa_packed(mixer, q, cache, batch.packed))
     for i, (piece, (a, b)) in enumerate(zip(batch.prefill, spans)):
         if i in outs:
             continue
@@ -224,6 +287,52 @@ def _prefill_batched(mixer: nn.Module, x: torch.Tensor, cache, batch: PagedBatch
         keys, values = gather_blocks(cache.k, table)[:, :end], gather_blocks(cache.v, table)[:, :end]
         outs[i] = causal_attention(q[a:b].transpose(0, 1), keys, values, mixer.scale, piece.start)
     return mixer.o_proj(torch.cat([outs[i] for i in range(len(spans))], dim=1).flatten(2))
+
+
+def _packed_attention(q, k, v, packed: PackedContext, scale: float) -> dict:
+    """q [Nq, H, Dk] (all prefill tokens, or those packed.query_index picks), k [Lk, Hkv, Dk], v [Lk, Hkv, Dv]:
+    one attention call over the packed pieces with the block-diagonal causal mask -> {piece: [1, T, H, Dv]}."""
+    global PACKED_ATTENTION
+    if not PACKED_ATTENTION:  # switched off by an earlier layer of this step
+        return {}
+    if packed.query_index is not None:
+        q = q.index_select(0, packed.query_index)
+    if q.shape[1] != k.shape[1]:  # GQA: the memory-efficient kernel takes no enable_gqa; repeat the key heads
+        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+    args = (q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None])
+    options = dict(attn_mask=packed.mask, scale=scale)
+    if not q.is_cuda:
+        o = F.scaled_dot_product_attention(*args, **options)
+    else:  # the memory-efficient kernel only: the math fallback would hold H x Nq x Lk scores
+        try:
+            with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+                o = F.scaled_dot_product_attention(*args, **options)
+        except RuntimeError as error:
+            warnings.warn(f"packed prefill attention has no memory-efficient kernel here ({error}); "
+                          "attending per piece.")
+            PACKED_ATTENTION = False
+            return {}  # the caller attends each piece on its own
+    o = o[0].transpose(0, 1)  # [Nq, H, Dv]
+    return {i: o[a:b][None] for i, (a, b) in zip(packed.members, packed.spans)}
+
+
+def _mla_packed(mixer: MultiHeadLatentAttention, q_nope, q_rope, cache: PagedLatentCache, packed: PackedContext):
+    """MLA's expanded attention (`_attend_expanded`) of the packed pieces in one call: keys and values from
+    kv_b_proj over every member's context latents. q_nope [Np, 1, H, dn], q_rope [Np, 1, H, dr]."""
+    H, Lk = mixer.num_heads, packed.key_slots.shape[0]
+    latent = cache.c_kv.view(-1, mixer.kv_lora_rank).index_select(0, packed.key_slots)  # [Lk, r]
+    rope = cache.k_rope.view(-1, mixer.rope_dim).index_select(0, packed.key_slots)  # [Lk, dr]
+    k_nope, v = mixer.kv_b_proj(latent).view(Lk, H, -1).split([mixer.nope_dim, mixer.v_dim], dim=-1)
+    k = torch.cat([k_nope, rope[:, None].expand(Lk, H, mixer.rope_dim)], dim=-1)  # [Lk, H, dn+dr]
+    q = torch.cat([q_nope, q_rope], dim=-1)[:, 0]  # [Np, H, dn+dr]
+    return _packed_attention(q, k, v, packed, mixer.scale)
+
+
+def _gqa_packed(mixer: GroupedQueryAttention, q, cache: PagedKVCache, packed: PackedContext):
+    """Causal attention of the packed pieces in one call over their gathered keys. q [Np, 1, H, D]."""
+    keys = cache.k.flatten(0, 1).index_select(0, packed.key_slots)  # [Lk, Hkv, D]
+    values = cache.v.flatten(0, 1).index_select(0, packed.key_slots)
+    return _packed_attention(q[:, 0], keys, values, packed, mixer.scale)
 
 
 def _gqa_short_pieces(mixer: GroupedQueryAttention, q, cache: PagedKVCache, short: ShortPieces):
@@ -264,35 +373,91 @@ def _mla_short_pieces(mixer: MultiHeadLatentAttention, q_nope, q_rope, cache: Pa
     return {i: o[row:row + 1, :n] for row, (i, n) in enumerate(zip(members, lengths))}
 
 
-def _kda_prefill(mixer: KimiDeltaAttention, x: torch.Tensor, cache: RecurrentCache, pieces, spans) -> torch.Tensor:
+def _kda_prefill(mixer: KimiDeltaAttention, x: torch.Tensor, cache: RecurrentCache, pieces, spans,
+                 memo: dict | None = None) -> torch.Tensor:
     """KimiDeltaAttention.forward for several sequences packed in x [1, Np, D], each continuing from its
     state slot (conv tail and delta-rule state, both updated in place)."""
     H, D, K = mixer.num_heads, mixer.head_dim, mixer.conv_size
     N = x.shape[1]
     qkv = torch.cat([mixer.q_proj(x), mixer.k_proj(x), mixer.v_proj(x)], dim=-1)[0]  # [Np, 3HD]
-    weight = mixer.conv.weight.to(qkv.dtype)
-    mixed = []
-    for piece, (a, b) in zip(pieces, spans):
-        window = torch.cat([cache.conv[piece.state_slot].to(qkv.dtype), qkv[a:b]])  # [K-1+T, 3HD]
-        for j, snapshot in piece.snapshots:  # the conv tail after j tokens: the K-1 inputs before token j
-            cache.conv[snapshot].copy_(window[j:j + K - 1])
-        cache.conv[piece.state_slot].copy_(window[window.shape[0] - (K - 1):])
-        if piece.saved_states is not None:
-            piece.saved_states.append([cache, window.to(cache.conv.dtype), None])
-        mixed.append(causal_depthwise_conv(window[None], weight)[0])
-    qkv = F.silu(torch.cat(mixed))
+    qkv = F.silu(_kda_conv_packed(mixer, qkv, cache, pieces, spans, {} if memo is None else memo))
     q, k, v = (t.reshape(1, N, H, D) for t in qkv.split(H * D, dim=-1))
     q, k = l2_normalize(q).to(v.dtype), l2_normalize(k).to(v.dtype)
+    g, beta = _kda_gates(mixer, x)
+    o = _kda_varlen(q, k, v, g, beta, cache, pieces, spans, memo)  # [1, Np, H, D]
+    return _kda_output(mixer, o, x)
+
+
+def _kda_conv_packed(mixer: KimiDeltaAttention, qkv: torch.Tensor, cache: RecurrentCache, pieces, spans,
+                     memo: dict):
+    """KDA's causal conv of every piece in one pass: each piece's window (its slot's K-1 conv inputs, then
+    its tokens) laid end to end, one conv over the whole, and each piece's rows picked out (rows whose taps
+    straddle two windows are dropped). The slots' conv tails (and snapshot tails) are updated from the
+    windows. qkv [Np, C] (pre-conv inputs of the packed pieces) -> [Np, C]. memo: the index tensors, built
+    once per step (every KDA layer of a step has the same layout)."""
+    K1 = mixer.conv_size - 1
+    if ("conv", K1) not in memo:
+        host_slots = [piece.state_slot for piece in pieces]
+        window_starts, tails, keep, snapshot_rows, snapshot_slots, total = [], [], [], [], [], 0
+        for piece, (a, b) in zip(pieces, spans):  # its window: rows total .. total + K-1 + T - 1 of the windows
+            window_starts.append(total)
+            tails.extend(range(total + b - a, total + b - a + K1))  # its last K-1 rows: the conv tail after it
+            keep.extend(range(total, total + b - a))  # output row r is the conv of window rows r .. r+K-1
+            for j, snapshot in piece.snapshots:  # the conv tail after j tokens: the K-1 inputs before token j
+                snapshot_rows.extend(range(total + j, total + j + K1))
+                snapshot_slots.append(snapshot)
+            total += K1 + b - a
+        sizes = [len(host_slots), len(tails), len(keep), len(snapshot_rows), len(snapshot_slots)]
+        host = torch.tensor(host_slots + tails + keep + snapshot_rows + snapshot_slots, dtype=torch.long)
+        memo["conv", K1] = window_starts, *host.to(qkv.device, non_blocking=True).split(sizes)
+    window_starts, slots, tails, keep, snapshot_rows, snapshot_slots = memo["conv", K1]
+    history = cache.conv.index_select(0, slots).to(qkv.dtype)  # [P, K-1, C]
+    window = torch.cat([t for i, (a, b) in enumerate(spans) for t in (history[i], qkv[a:b])])  # [sum(K-1+T), C]
+    for piece, start, (a, b) in zip(pieces, window_starts, spans):
+        if piece.saved_states is not None:
+            piece.saved_states.append([cache, window[start:start + K1 + b - a].to(cache.conv.dtype), None])
+    if len(snapshot_slots):
+        tails_then = window.index_select(0, snapshot_rows).view(len(snapshot_slots), K1, -1)
+        cache.conv.index_copy_(0, snapshot_slots, tails_then.to(cache.conv.dtype))
+    cache.conv.index_copy_(0, slots, window.index_select(0, tails).view(len(pieces), K1, -1).to(cache.conv.dtype))
+    mixed = causal_depthwise_conv(window[None], mixer.conv.weight.to(qkv.dtype))[0]  # [sum(K-1+T) - (K-1), C]
+    return mixed.index_select(0, keep)
+
+
+def _kda_gates(mixer: KimiDeltaAttention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """KDA's per-channel log-decay g [B, T, H, D] and beta [B, T, H] (fp32) of x [B, T, hidden]."""
+    B, T, H, D = x.shape[0], x.shape[1], mixer.num_heads, mixer.head_dim
     g = mixer.f_b_proj(mixer.f_a_proj(x)).float() + mixer.dt_bias.float()
-    g = (-mixer.A_log.float().exp().repeat_interleave(D) * F.softplus(g)).view(1, N, H, D)
-    beta = torch.sigmoid(mixer.b_proj(x).float())  # [1, Np, H]
-    o = _kda_varlen(q, k, v, g, beta, cache, pieces, spans)  # [1, Np, H, D]
-    gate = mixer.g_b_proj(mixer.g_a_proj(x)).view(1, N, H, D)
+    g = (-mixer.A_log.float().exp().repeat_interleave(D) * F.softplus(g)).view(B, T, H, D)
+    return g, torch.sigmoid(mixer.b_proj(x).float())
+
+
+def _kda_output(mixer: KimiDeltaAttention, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """KDA's gated per-head norm and output projection: o [B, T, H, D] -> [B, T, hidden]."""
+    B, T, H, D = *x.shape[:2], mixer.num_heads, mixer.head_dim
+    gate = mixer.g_b_proj(mixer.g_a_proj(x)).view(B, T, H, D)
     o32 = F.rms_norm(o.float(), (D,), mixer.o_norm_weight.float(), mixer.eps)
-    return mixer.o_proj((o32 * torch.sigmoid(gate.float())).to(x.dtype).reshape(1, N, H * D))
+    return mixer.o_proj((o32 * torch.sigmoid(gate.float())).to(x.dtype).reshape(B, T, H * D))
 
 
-def _kda_varlen(q, k, v, g, beta, cache: RecurrentCache, pieces, spans) -> torch.Tensor:
+def _kda_decode_in_slots(mixer: KimiDeltaAttention, x: torch.Tensor, cache: RecurrentCache,
+                         slots: torch.Tensor) -> torch.Tensor:
+    """KimiDeltaAttention.forward of one token per row, each continuing from its state slot: the conv
+    tails are gathered and written back, the delta-rule states are read and written in place by the
+    Triton decode kernel (ops.kda.decode). x [S, 1, D] -> [S, 1, D]."""
+    H, D = mixer.num_heads, mixer.head_dim
+    qkv = torch.cat([mixer.q_proj(x), mixer.k_proj(x), mixer.v_proj(x)], dim=-1)  # [S, 1, 3HD]
+    window = torch.cat([cache.conv.index_select(0, slots).to(qkv.dtype), qkv], dim=1)  # [S, K, 3HD]
+    cache.conv.index_copy_(0, slots, window[:, 1:].to(cache.conv.dtype))
+    qkv = F.silu(causal_depthwise_conv(window, mixer.conv.weight.to(qkv.dtype)))[:, 0]  # [S, 3HD]
+    q, k, v = (t.reshape(-1, H, D) for t in qkv.split(H * D, dim=-1))
+    q, k = l2_normalize(q).to(v.dtype), l2_normalize(k).to(v.dtype)
+    g, beta = _kda_gates(mixer, x)
+    o = kda_decode_slots_outside_compile(q, k, v, g[:, 0], beta[:, 0], cache.state, slots, D ** -0.5)
+    return _kda_output(mixer, o.unsqueeze(1), x)
+
+
+def _kda_varlen(q, k, v, g, beta, cache: RecurrentCache, pieces, spans, memo: dict | None = None) -> torch.Tensor:
     """The delta rule over packed pieces, each from its state slot (updated in place). A piece with interior
     snapshots runs in segments that end on them; after each segment its state is copied to the snapshot
     slot. Round r runs every piece's r-th segment: one fla chunk_kda call with cu_seqlens on CUDA when
@@ -309,21 +474,30 @@ def _kda_varlen(q, k, v, g, beta, cache: RecurrentCache, pieces, spans) -> torch
     o = torch.empty_like(v)
     for r in range(max(len(s) for s in segments)):
         active = [(piece, segs[r]) for piece, segs in zip(pieces, segments) if r < len(segs)]
-        _kda_segments(q, k, v, g, beta, cache, active, o)
-        for piece, (_, _, snapshot) in active:
-            if snapshot is not None:
-                cache.state[snapshot].copy_(cache.state[piece.state_slot])
+        round_memo = {} if memo is None else memo.setdefault(("round", r), {})
+        _kda_segments(q, k, v, g, beta, cache, active, o, round_memo)
+        if "snapshots" not in round_memo:  # the states that end on a snapshot point, copied in one go
+            pairs = [(piece.state_slot, snapshot) for piece, (_, _, snapshot) in active if snapshot is not None]
+            round_memo["snapshots"] = torch.tensor(pairs).view(-1, 2).t().to(q.device) if pairs else None
+        if round_memo["snapshots"] is not None:
+            sources, targets = round_memo["snapshots"]
+            cache.state.index_copy_(0, targets, cache.state.index_select(0, sources))
     return o
 
 
-def _kda_segments(q, k, v, g, beta, cache: RecurrentCache, active, o: torch.Tensor) -> None:
-    """One segment per piece, from (and back to) the pieces' state slots; outputs written into o."""
+def _kda_segments(q, k, v, g, beta, cache: RecurrentCache, active, o: torch.Tensor, memo: dict | None = None) -> None:
+    """One segment per piece, from (and back to) the pieces' state slots; outputs written into o. memo: this
+    round's index tensors, built once per step."""
     global VARLEN_KDA
     if VARLEN_KDA and q.is_cuda and len(active) > 1 and fla_status()[0]:
-        slots = torch.tensor([piece.state_slot for piece, _ in active], device=q.device)
-        index = torch.cat([torch.arange(a, b, device=q.device) for _, (a, b, _) in active])
-        lengths = [b - a for _, (a, b, _) in active]
-        bounds = torch.tensor([0] + lengths, device=q.device).cumsum(0)
+        if memo is None or "index" not in memo:
+            lengths = [b - a for _, (a, b, _) in active]
+            host = torch.tensor([piece.state_slot for piece, _ in active] + [0] + lengths +
+                                [t for _, (a, b, _) in active for t in range(a, b)]).to(q.device, non_blocking=True)
+            slots, bounds, index = host.split([len(active), len(active) + 1, sum(lengths)])
+            memo = {} if memo is None else memo
+            memo.update(slots=slots, bounds=bounds.cumsum(0), index=index)
+        slots, bounds, index = memo["slots"], memo["bounds"], memo["index"]
         packed = [t.index_select(1, index) for t in (q, k, v, g, beta)]
         try:
             out, final = kda_fla_varlen_outside_compile(*packed, q.shape[-1] ** -0.5,
@@ -448,6 +622,8 @@ def _decode_rows(mixer: nn.Module, x: torch.Tensor, cache, batch: PagedBatch) ->
     """One token per sequence, each at its own position: x [S, 1, D] -> [S, 1, D]."""
     if isinstance(mixer, KimiDeltaAttention):
         slots = batch.state_slots
+        if use_kda_slot_kernel(x.device):
+            return _kda_decode_in_slots(mixer, x, cache, slots)
         rows = RecurrentCache(cache.conv.index_select(0, slots), cache.state.index_select(0, slots))
         out = mixer(x, rows)  # advances the gathered copies
         cache.conv.index_copy_(0, slots, rows.conv)
@@ -461,7 +637,11 @@ def _decode_rows(mixer: nn.Module, x: torch.Tensor, cache, batch: PagedBatch) ->
 VARLEN_KDA = True  # on CUDA with fla-core: the prefill pieces' delta rule in one chunk_kda call (cu_seqlens)
 kda_fla_varlen_outside_compile = torch.compiler.disable(kda_fla_varlen)
 BATCHED_PREFILL = True  # False: each prefill piece runs the mixer's own cached forward (the reference)
-paged_mla_decode_outside_compile = torch.compiler.disable(paged_mla_decode)  # a Triton kernel: no tracing into it
+paged_mla_partials_outside_compile = torch.compiler.disable(paged_mla_partials)  # a Triton kernel: no tracing
+KDA_DECODE = "auto"  # KDA decode rows: "auto" (the in-place Triton kernel on CUDA once it passed its check),
+# "triton" (anywhere: Triton's interpreter on the CPU) or "gather" (the mixer's forward over gathered slots)
+kda_decode_slots_outside_compile = torch.compiler.disable(kda_decode_slots)
+KDA_KERNEL_CHECKED: dict[str, bool] = {}  # device -> whether the kernel matched its reference there
 GATHER_ELEMENTS = 1 << 28  # decode rows gather their blocks in groups of at most this many cache elements
 PAGED_KERNEL = "auto"  # MLA decode rows: "auto" (the Triton kernel on CUDA), "triton" (anywhere) or "gather"
 
@@ -471,6 +651,46 @@ def use_paged_kernel(device: torch.device, block_size: int) -> bool:
     if PAGED_KERNEL == "gather" or not triton_available() or block_size < 16 or block_size & (block_size - 1):
         return False
     return PAGED_KERNEL == "triton" or device.type == "cuda"
+
+
+def use_kda_slot_kernel(device: torch.device) -> bool:
+    """Whether KDA decode rows run the in-place Triton kernel. "auto" takes it on CUDA only after
+    check_kda_slot_kernel passed there (the engine's runner checks before capturing any graph)."""
+    if KDA_DECODE == "gather" or not triton_available():
+        return False
+    return KDA_DECODE == "triton" or (device.type == "cuda" and KDA_KERNEL_CHECKED.get(str(device), False))
+
+
+def check_kda_slot_kernel(device: torch.device) -> bool:
+    """Run the KDA decode kernel once on `device` against its reference (bf16 inputs as the engine passes
+    them); on an error or a mismatch warn and keep the gathered path. Cached per device."""
+    key = str(device)
+    if key not in KDA_KERNEL_CHECKED:
+        ok = False
+        if device.type == "cuda" and triton_available():
+            try:
+                g = torch.Generator(device=device).manual_seed(0)
+                S, H, K, N = 5, 2, 128, 7
+                q, k = (l2_normalize(torch.randn(S, H, K, generator=g, device=device)).bfloat16() for _ in range(2))
+                v = torch.randn(S, 3, H, K, generator=g, device=device).bfloat16()[:, 2]  # strided, as in the engine
+                gate = -torch.rand(S, H, K, generator=g, device=device)
+                beta = torch.rand(S, H, generator=g, device=device)
+                state = torch.randn(N, H, K, K, generator=g, device=device)
+                slots = torch.tensor([4, 0, 6, 1, 3], device=device)
+                expected_state = state.clone()
+                expected = kda_decode_slots_reference(q, k, v, gate, beta, expected_state, slots, K ** -0.5)
+                got = kda_decode_slots(q, k, v, gate, beta, state, slots, K ** -0.5)
+                error = max(((a.float() - b.float()).norm() / b.float().norm()).item()
+                            for a, b in ((got, expected), (state, expected_state)))
+                ok = error < 2e-2
+                if not ok:
+                    warnings.warn(f"the Triton KDA decode kernel is off its reference on {device} (relative error "
+                                  f"{error:.2e}); KDA decode rows gather their state slots instead.")
+            except Exception as error:  # noqa: BLE001 - the gathered path computes the same thing
+                warnings.warn(f"the Triton KDA decode kernel failed on {device} ({type(error).__name__}: {error}); "
+                              "KDA decode rows gather their state slots instead.")
+        KDA_KERNEL_CHECKED[key] = ok
+    return KDA_KERNEL_CHECKED[key]
 
 
 def _context_mask(batch: PagedBatch, length: int, device) -> torch.Tensor:
@@ -491,8 +711,9 @@ def _mla_decode_rows(mixer: MultiHeadLatentAttention, x, cache: PagedLatentCache
     w_k, w_v = w[:, :mixer.nope_dim], w[:, mixer.nope_dim:]  # [H, dn, r], [H, dv, r]
     q_latent = torch.einsum("bthd,hdr->bthr", q_nope, w_k)
     if use_paged_kernel(x.device, batch.block_size):
-        o_latent = paged_mla_decode_outside_compile(q_latent[:, 0], q_rope[:, 0], cache.c_kv, cache.k_rope,
-                                                    batch.block_tables, batch.positions, mixer.scale)
+        partials = paged_mla_partials_outside_compile(q_latent[:, 0], q_rope[:, 0], cache.c_kv, cache.k_rope,
+                                                      batch.block_tables, batch.positions, mixer.scale)
+        o_latent = merge_partials(*partials, H, mixer.kv_lora_rank)  # outside the kernel: compiled code fuses it
         o_latent = o_latent.to(q_latent.dtype).unsqueeze(1)  # [S, 1, H, r]
         return mixer.o_proj(torch.einsum("bthr,hvr->bthv", o_latent, w_v).reshape(S, 1, -1))
     length = batch.block_tables.shape[1] * batch.block_size

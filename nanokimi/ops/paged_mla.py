@@ -39,6 +39,15 @@ def paged_mla_decode(q_latent, q_rope, c_kv, k_rope, block_tables, positions, sc
                      split_tokens: int = 512) -> torch.Tensor:
     """The Triton form of paged_mla_decode_reference (same arguments; -> [S, H, r] fp32). Keys are split
     in ranges of about split_tokens (whole blocks) computed in parallel and merged here."""
+    partials = paged_mla_partials(q_latent, q_rope, c_kv, k_rope, block_tables, positions, scale, split_tokens)
+    return merge_partials(*partials, q_latent.shape[1], q_latent.shape[2])
+
+
+def paged_mla_partials(q_latent, q_rope, c_kv, k_rope, block_tables, positions, scale: float,
+                       split_tokens: int = 512):
+    """The kernel's part of paged_mla_decode: per row, key range and (padded) head, the unnormalised output,
+    the running max and the sum of exponentials -> (part_acc [S, splits, BH, BR], part_max, part_sum
+    [S, splits, BH]). Apart from merge_partials so that compiled code can fuse the merge."""
     S, H, R = q_latent.shape
     DR, BS, MB = q_rope.shape[-1], c_kv.shape[1], block_tables.shape[1]
     if BS < 16 or BS & (BS - 1):
@@ -56,6 +65,11 @@ def paged_mla_decode(q_latent, q_rope, c_kv, k_rope, block_tables, positions, sc
                                    block_tables.contiguous(), positions.contiguous(), part_acc, part_max, part_sum,
                                    scale, H, R, DR, MB, blocks_per_split, BS=BS, BLOCK_H=BLOCK_H, BLOCK_R=BLOCK_R,
                                    BLOCK_DR=BLOCK_DR)
+    return part_acc, part_max, part_sum
+
+
+def merge_partials(part_acc, part_max, part_sum, H: int, R: int) -> torch.Tensor:
+    """Combine the key ranges' online-softmax partials (paged_mla_partials) -> [S, H, r] fp32."""
     overall = part_max.amax(1, keepdim=True)  # [S, 1, BH]; every row has key 0, so this is finite
     weight = torch.exp(part_max - overall).nan_to_num(0.0)  # empty ranges: exp(-inf) = 0
     total = (part_sum * weight).sum(1)  # [S, BH]

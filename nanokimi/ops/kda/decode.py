@@ -1,0 +1,45 @@
+"""One KDA decode step per row, on a pool of state slots updated in place (the engine's decode rows).
+
+Row s continues from state slot slots[s] of the pool [N, H, K, V] (fp32) with one token:
+    S = Diag(exp(g_s)) S;  S = S + beta_s k_s (v_s - S^T k_s)^T;  o_s = S^T (scale q_s)
+which is `kda_recurrent` with T = 1. `kda_decode_slots_reference` gathers the slots, runs that and
+scatters them back; `kda_decode_slots` is a Triton kernel that reads and writes each slot in place (no
+gathered copy of the states: at batch 128 the copies are 4x the state traffic of the step itself).
+Rows that share a slot (the padded rows of a CUDA graph all use one spare slot) leave it undefined.
+"""
+import torch
+
+from nanokimi.ops.kda.naive import kda_recurrent
+
+
+def kda_decode_slots_reference(q, k, v, g, beta, state, slots, scale: float) -> torch.Tensor:
+    """q, k, g [S, H, K]; v [S, H, V]; beta [S, H]; state [N, H, K, V] fp32 (updated); slots [S] long
+    -> o [S, H, V] in v's dtype."""
+    rows = state.index_select(0, slots)
+    o, final = kda_recurrent(*(t.unsqueeze(1) for t in (q, k, v, g, beta)), scale=scale, initial_state=rows,
+                             output_final_state=True)
+    state.index_copy_(0, slots, final)
+    return o[:, 0]
+
+
+def kda_decode_slots(q, k, v, g, beta, state, slots, scale: float, block_v: int = 32) -> torch.Tensor:
+    """The Triton form of kda_decode_slots_reference (same arguments and result); one program per
+    (row, head, block of block_v value channels) keeps its [K, block_v] slice of the state in registers."""
+    S, H, K = q.shape
+    V = v.shape[-1]
+    if state.dtype != torch.float32 or not state.is_contiguous():
+        raise ValueError("kda_decode_slots needs a contiguous fp32 state pool")
+    # strided views are read as they are (the engine's q, k, v are slices of one projection): only a
+    # non-contiguous last dimension is copied
+    q, k, v, g = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, g))
+    beta = beta if beta.stride(-1) == 1 else beta.contiguous()
+    block_k = max(16, 1 << (K - 1).bit_length())
+    block_v = min(block_v, max(16, 1 << (V - 1).bit_length()))
+    o = torch.empty(S, H, V, device=v.device, dtype=v.dtype)
+    from nanokimi.ops.kda.decode_triton import kda_decode_slots_kernel
+
+    kda_decode_slots_kernel[(S, H, -(-V // block_v))](
+        q, k, v, g, beta, state, slots.contiguous(), o, scale, H, K, V, q.stride(0), q.stride(1), k.stride(0),
+        k.stride(1), v.stride(0), v.stride(1), g.stride(0), g.stride(1), beta.stride(0),
+        BLOCK_K=block_k, BLOCK_V=block_v)
+    return o

@@ -1,0 +1,114 @@
+"""The in-place KDA decode kernel (ops.kda.decode) against its gathered reference (Triton's CPU interpreter
+here), and inside the engine: the same greedy tokens as the plain forward."""
+import pytest
+import torch
+
+from conftest import rel_err
+from nanokimi.model.kda import l2_normalize
+from nanokimi.ops.kda.decode import kda_decode_slots, kda_decode_slots_reference
+from nanokimi.ops.paged_mla import triton_available
+
+needs_triton = pytest.mark.skipif(not triton_available(), reason="needs triton")
+
+
+def case(S, H, K, V, N, device="cpu", dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = l2_normalize(torch.randn(S, H, K, generator=g)).to(device, dtype)
+    k = l2_normalize(torch.randn(S, H, K, generator=g)).to(device, dtype)
+    v = torch.randn(S, H, V, generator=g).to(device, dtype)
+    gate = (-torch.rand(S, H, K, generator=g) * 2).to(device)
+    beta = torch.rand(S, H, generator=g).to(device)
+    state = torch.randn(N, H, K, V, generator=g).to(device)
+    slots = torch.randperm(N, generator=g)[:S].to(device)  # distinct slots, in any order
+    return q, k, v, gate, beta, state, slots
+
+
+@needs_triton
+@pytest.mark.parametrize("S,H,K,V,N,block_v", [(5, 3, 16, 24, 9, 16), (2, 1, 32, 32, 2, 32), (4, 2, 20, 16, 6, 16)])
+def test_kda_decode_kernel_equals_the_reference_and_touches_only_its_slots(S, H, K, V, N, block_v):
+    q, k, v, gate, beta, state, slots = case(S, H, K, V, N)
+    expected_state, got_state = state.clone(), state.clone()
+    expected = kda_decode_slots_reference(q, k, v, gate, beta, expected_state, slots, 0.3)
+    got = kda_decode_slots(q, k, v, gate, beta, got_state, slots, 0.3, block_v=block_v)
+    assert rel_err(got, expected) < 1e-5
+    assert rel_err(got_state, expected_state) < 1e-5
+    untouched = [i for i in range(N) if i not in slots.tolist()]
+    assert torch.equal(got_state[untouched], state[untouched])
+    assert not torch.equal(got_state[slots], state[slots])
+
+
+@needs_triton
+def test_kda_decode_kernel_reads_strided_views_as_the_engine_passes_them():
+    """q, k, v as slices of one projection [S, 3 H K] (the engine's layout), g and beta as views with a
+    size-1 token dimension: read in place, the same result as the reference on contiguous copies."""
+    S, H, K, N = 4, 2, 16, 6
+    g = torch.Generator().manual_seed(9)
+    qkv = torch.randn(S, 3 * H * K, generator=g)
+    q, k, v = (t.reshape(S, H, K) for t in qkv.split(H * K, dim=-1))
+    q, k = l2_normalize(q), l2_normalize(k)  # contiguous again: take strided slices of a wider tensor instead
+    q, k = (torch.cat([t, t], dim=-1)[..., :K] for t in (q, k))
+    assert not v.is_contiguous() and not q.is_contiguous()
+    gate = -torch.rand(S, 1, H, K, generator=g)[:, 0]
+    beta = torch.rand(S, 1, H, generator=g)[:, 0]
+    state = torch.randn(N, H, K, K, generator=g)
+    slots = torch.tensor([5, 1, 0, 3])
+    expected_state, got_state = state.clone(), state.clone()
+    expected = kda_decode_slots_reference(*(t.contiguous() for t in (q, k, v, gate, beta)), expected_state, slots, 0.25)
+    got = kda_decode_slots(q, k, v, gate, beta, got_state, slots, 0.25, block_v=16)
+    assert rel_err(got, expected) < 1e-5 and rel_err(got_state, expected_state) < 1e-5
+
+
+@needs_triton
+def test_engine_through_the_kda_decode_kernel(monkeypatch):
+    """KDA decode rows on the kernel (KDA_DECODE="triton"), eagerly and in the padded graph step: the
+    tokens of the plain forward."""
+    import nanokimi.model.paged as paged
+    from test_engine import GREEDY, greedy_alone, make_model, prompts, run_engine
+    from nanokimi.infer import Engine
+
+    monkeypatch.setattr(paged, "KDA_DECODE", "triton")
+    model = make_model("tiny").float()
+    batch = prompts(5, seed=44)
+    expected = [greedy_alone(model, p, 5) for p in batch]
+    for graphs in (False, "static"):
+        engine = Engine(model, block_size=16, use_cuda_graph=graphs)
+        assert "Triton in-place slot kernel" in engine.report
+        done = run_engine(engine, [(str(i), p, GREEDY) for i, p in enumerate(batch)], stagger=2)
+        assert [done[str(i)].token_ids for i in range(5)] == expected
+
+
+@pytest.mark.gpu
+def test_kda_decode_kernel_on_cuda_bf16_and_its_start_up_check():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    import nanokimi.model.paged as paged
+    device = torch.device("cuda")
+    q, k, v, gate, beta, state, slots = case(37, 8, 128, 128, 300, device="cuda", dtype=torch.bfloat16)
+    expected_state, got_state = state.clone(), state.clone()
+    expected = kda_decode_slots_reference(q, k, v, gate, beta, expected_state, slots, 128 ** -0.5)
+    got = kda_decode_slots(q, k, v, gate, beta, got_state, slots, 128 ** -0.5)
+    assert rel_err(got, expected) < 1e-2 and rel_err(got_state, expected_state) < 1e-3
+    assert paged.check_kda_slot_kernel(device) and paged.use_kda_slot_kernel(device)
+
+
+@needs_triton
+@pytest.mark.slow
+def test_compiled_static_decode_step_gives_the_tokens_of_the_plain_forward(monkeypatch):
+    """compile=True compiles the padded decode step that CUDA graphs capture (on CUDA the default): the
+    step torch.compile traces, with the KDA kernel, the block-table width marked dynamic and the inputs as
+    views of one buffer, still gives the plain forward's tokens."""
+    import nanokimi.model.paged as paged
+    from test_engine import GREEDY, greedy_alone, make_model, run_engine
+    from nanokimi.infer import Engine
+
+    monkeypatch.setattr(paged, "KDA_DECODE", "triton")
+    model = make_model("tiny").float()
+    prompts = [[5, 17, 3, 99, 4, 250, 31], [8, 1, 2]]
+    # a budget that the first compilation exhausts: the first bucket is compiled, the next one is not
+    engine = Engine(model, block_size=16, use_cuda_graph="static", compile=True, compile_budget_s=1e-3)
+    assert engine.runner.compiled and "torch.compile" in engine.report
+    done = run_engine(engine, [(str(i), p, GREEDY) for i, p in enumerate(prompts)], stagger=1)
+    assert [done[str(i)].token_ids for i in range(2)] == [greedy_alone(model, p, 5) for p in prompts]
+    assert engine.runner.compiled  # the compiled capture did not fall back
+    stats = engine.stats()
+    assert stats["cuda_graphs_compiled"] == 1 < stats["cuda_graphs"] and stats["compile_seconds"] > 0
