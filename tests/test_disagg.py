@@ -262,6 +262,20 @@ def test_routing_weighs_the_cached_prefix_against_the_queue():
     assert loop._route(ticket(ids))[1].rank == 2
 
 
+def test_workers_are_compared_in_one_unit_while_a_step_time_model_is_still_empty():
+    """One prefill worker has timed steps (seconds), the other holds the prefix but has none yet (token counts):
+    the router must not rank seconds against token counts, which would always pick the timed worker."""
+    p0, p1, d2 = fake_worker(0, "prefill"), fake_worker(1, "prefill"), fake_worker(2, "decode")
+    loop = fake_loop([p0, p1, d2])
+    model = StepTimeModel()
+    for prefill, decode in ((64, 0), (32, 0), (0, 4), (0, 8), (16, 2)):
+        model.observe(prefill, decode, 0.01 + 0.001 * prefill)
+    p0.model = model
+    ids = prompt(0, 300)
+    p1.blocks.update(loop._hashes(ids, 16)[:16])  # p1 holds the first 256 tokens, and no step timings yet
+    assert loop._route(ticket(ids))[0].rank == 1
+
+
 def test_kda_prefixes_need_a_snapshot_and_admission_uses_the_pairs_predictions():
     p0, d1 = fake_worker(0, "prefill", kda=True), fake_worker(1, "decode")
     loop = fake_loop([p0, d1], ttft_slo_s=0.5, tbt_slo_s=0.05)

@@ -344,12 +344,13 @@ class DisaggLoop:
         left = [max(t.params.max_tokens - t.tokens_seen, 1) for t in decoding for _ in range(t.params.n)]
         return sum(t.uncached for t in queued), len(queued), left
 
-    def _predict(self, worker: WorkerInfo, uncached: int) -> tuple[float, float]:
-        """(TTFT, TBT) on this worker for a request with `uncached` prompt tokens; a token count when the
-        worker's step-time model has no data yet (still orders the workers)."""
+    def _predict(self, worker: WorkerInfo, uncached: int, timed: bool = True) -> tuple[float, float]:
+        """(TTFT, TBT) on this worker for a request with `uncached` prompt tokens, in seconds from its step-time
+        model; token and sequence counts instead when the model has no data yet or `timed` is False (so workers
+        are compared in one unit: seconds only when every candidate's model is ready)."""
         queued_tokens, queued_requests, left = self._load(worker)
         admission = Admission(None, None, worker.ready["step_tokens"], worker.model)
-        if not worker.model.ready:
+        if not (timed and worker.model.ready):
             return float(queued_tokens + uncached), float(len(left) + queued_requests + 1)
         ttft, tbt, _ = admission.predict(uncached, queued_tokens, left, queued_requests)
         return ttft, tbt
@@ -362,11 +363,14 @@ class DisaggLoop:
         if ticket.hashes is None:
             ticket.hashes = self._hashes(ticket.prompt_ids, prefills[0].ready["block_size"])
         ranked = []
+        timed = all(w.model.ready for w in prefills)
         for w in prefills:
             uncached = len(ticket.prompt_ids) - self._cached_tokens(w, ticket.hashes)
-            ttft, tbt = self._predict(w, uncached)
+            ttft, tbt = self._predict(w, uncached, timed)
             ranked.append((ttft, uncached, self._load(w)[1], w.rank, w, tbt))
         ttft, uncached, _, _, prefill, tbt = min(ranked, key=lambda r: r[:4])
+        if not timed and prefill.model.ready:  # the chosen worker's prediction in seconds, for admission
+            ttft, tbt = self._predict(prefill, uncached)
         ticket.uncached = uncached
         if prefill.role == "both":
             decode = prefill
@@ -377,8 +381,10 @@ class DisaggLoop:
             bs = decodes[0].ready["block_size"]
             need = -(-(len(ticket.prompt_ids) + ticket.params.max_tokens) // bs) * ticket.params.n
 
+            timed_decodes = all(w.model.ready for w in decodes)
+
             def score(w):
-                _, tbt_w = self._predict(w, 0)
+                _, tbt_w = self._predict(w, 0, timed_decodes)
                 free = w.stats.get("cache_blocks_free", w.ready["cache_tokens_total"] // bs)
                 return (free < need, tbt_w, -free, w.rank)
             decode = min(decodes, key=score)
