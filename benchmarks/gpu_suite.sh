@@ -5,16 +5,20 @@
 #   bash benchmarks/gpu_suite.sh decode     # decoding vs HF + long context, MoBA vs SDPA, attention backends
 #   bash benchmarks/gpu_suite.sh attnres    # AttnRes overhead (its compile of full mode takes minutes)
 #   bash benchmarks/gpu_suite.sh profile    # where the training step's GPU time goes (kernels by kind)
+#   bash benchmarks/gpu_suite.sh engine     # the inference engine: decode A/B, TTFT, offline; its GPU tests
+#   bash benchmarks/gpu_suite.sh serve      # nanokimi serve vs transformers serve on the Mooncake trace
+#   bash benchmarks/gpu_suite.sh post       # the RL demonstration (benchmarks/rl_ladder.py)
 #   GPU_STEPS="LIMIT command;..." bash benchmarks/gpu_suite.sh custom
 # Expects fla-core wheels in .whl/ (bash ../shared/bench/gpu_wheels.sh) and the HF peer script in
-# .gpu/bench/ (cp -r ../shared/bench .gpu/). Results land in benchmarks/results/*.json and, when $OUT
-# is set, are copied there with the log. Where the tree travels with a .git that is not its own (seen on the lent
-# GPU machines: results recorded an older HEAD), start the command with NANOKIMI_COMMIT=<the tree's commit>.
+# .gpu/bench/ (cp -r ../shared/bench .gpu/). Results land in benchmarks/results/ and, when $OUT is
+# set, the new ones come back in $OUT/results.tgz with the log. Where the tree travels with a .git that is
+# not its own (seen on the lent GPU machines: results recorded an older HEAD), start the command with
+# NANOKIMI_COMMIT=<the tree's commit>.
 set -u
 export PYTHONUNBUFFERED=1
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/nanokimi-site .whl/*.whl
-  export PYTHONPATH=/tmp/nanokimi-site:$PWD
+  export PYTHONPATH=/tmp/nanokimi-site:$PWD PATH=/tmp/nanokimi-site/bin:$PATH  # bin: transformers serve
 else
   export PYTHONPATH=$PWD
 fi
@@ -46,13 +50,22 @@ case "$1" in
     step 560 python3 benchmarks/attnres_overhead.py ;;
   profile)
     step "${PROFILE_LIMIT:-500}" python3 benchmarks/profile_step.py ${PROFILE_ARGS:-} ;;
+  engine)  # the engine's decode defaults A/B, TTFT and offline throughput, then its GPU tests
+    step 420 python3 benchmarks/engine.py --presets bench-kl-900m --parts decode,ttft,offline,ab --profile
+    step 140 python3 -m pytest -q -m gpu tests/test_kda_decode.py tests/test_paged_mla.py -p no:cacheprovider ;;
+  serve)  # the Mooncake trace replay against transformers serve (carry the wheels docs/serve.md lists)
+    step 560 python3 benchmarks/serve.py ;;
+  post)  # the RL demonstration alone (rollout.py, lepa_ladder.py and nbce_icl.py each take a slot of their own)
+    step 560 python3 benchmarks/rl_ladder.py ;;
   custom)  # GPU_STEPS="LIMIT command;LIMIT command;..." (for one-off runs)
     IFS=';' read -ra parts <<< "$GPU_STEPS"
     for part in "${parts[@]}"; do read -r limit cmd <<< "$part"; step "$limit" bash -c "$cmd"; done ;;
-  *) echo "usage: $0 tests|train|decode|attnres|profile|custom"; exit 2 ;;
+  *) echo "usage: $0 tests|train|decode|attnres|profile|engine|serve|post|custom"; exit 2 ;;
 esac
 if [ -n "${OUT:-}" ]; then
-  mkdir -p "$OUT/results" && find benchmarks/results -name '*.json' -newer /tmp/nk-suite-start -exec cp {} "$OUT"/results/ \;
+  # one archive: a call brings back at most 8 files from $OUT and leaves the rest out
+  find benchmarks/results -newer /tmp/nk-suite-start -type f > /tmp/nk-new-results
+  tar czf "$OUT/results.tgz" -T /tmp/nk-new-results
   # 16 MB per file and four files come back: a larger cache would return truncated, so it is left out
   tar czf /tmp/nk-cache.tgz -C /tmp nk-cache/triton
   if [ "$(stat -c %s /tmp/nk-cache.tgz)" -le $((60 * 1024 * 1024)) ]; then
