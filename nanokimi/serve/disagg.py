@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 from nanokimi.infer.block_manager import block_hash
 from nanokimi.serve.admission import Admission, StepTimeModel, Verdict
-from nanokimi.serve.loop import Update
+from nanokimi.serve.loop import Update, observe_tokens
 from nanokimi.serve.metrics import ServerMetrics
 from nanokimi.serve.worker import WorkerSpec, worker_main
 
@@ -549,21 +549,12 @@ class DisaggLoop:
                 self._fail(ticket, "a worker died and the re-run of this request produced different tokens "
                            "from those already sent; retry the request.")
                 return
-        produced = max((len(c.token_ids) for c in update.choices), default=0)
         caught_up = all(len(c.token_ids) >= len(delivered[c.index]) for c in update.choices
                         if c.index < len(delivered))
         if not caught_up and not update.finished:
             return
         now = time.perf_counter()
-        if produced > ticket.tokens_seen:
-            if ticket.first_token is None:
-                ticket.first_token = now
-                self.metrics.ttft.observe(now - ticket.arrival)
-            else:
-                gap = (now - ticket.last_token) / (produced - ticket.tokens_seen)
-                for _ in range(produced - ticket.tokens_seen):
-                    self.metrics.itl.observe(gap)
-            ticket.last_token, ticket.tokens_seen = now, produced
+        observe_tokens(self.metrics, ticket, max((len(c.token_ids) for c in update.choices), default=0), now)
         ticket.delivered = tuple(tuple(c.token_ids) for c in update.choices)
         if update.finished:
             self.metrics.e2e.observe(now - ticket.arrival)

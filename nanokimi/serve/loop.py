@@ -67,6 +67,21 @@ class Ticket:
             pass
 
 
+def observe_tokens(metrics, ticket, produced: int, now: float) -> None:
+    """Time to first token and inter-token latency of a request that has now produced `produced` tokens (per
+    sample, the longest); `ticket` keeps arrival, first_token, last_token and tokens_seen."""
+    if produced <= ticket.tokens_seen:
+        return
+    if ticket.first_token is None:
+        ticket.first_token = now
+        metrics.ttft.observe(now - ticket.arrival)
+    else:
+        gap = (now - ticket.last_token) / (produced - ticket.tokens_seen)
+        for _ in range(produced - ticket.tokens_seen):
+            metrics.itl.observe(gap)
+    ticket.last_token, ticket.tokens_seen = now, produced
+
+
 def _freeze(output) -> Update:
     choices = tuple(Choice(c.index, tuple(c.token_ids), c.text, c.finish_reason,
                            None if c.logprobs is None else tuple(dict(d) for d in c.logprobs))
@@ -300,17 +315,7 @@ class EngineLoop:
             if ticket is None:
                 continue
             update = _freeze(output)
-            produced = max((len(c.token_ids) for c in update.choices), default=0)
-            if produced > ticket.tokens_seen:
-                if ticket.first_token is None:
-                    ticket.first_token = now
-                    self.metrics.ttft.observe(now - ticket.arrival)
-                else:
-                    gap = (now - ticket.last_token) / (produced - ticket.tokens_seen)
-                    for _ in range(produced - ticket.tokens_seen):
-                        self.metrics.itl.observe(gap)
-                ticket.last_token = now
-                ticket.tokens_seen = produced
+            observe_tokens(self.metrics, ticket, max((len(c.token_ids) for c in update.choices), default=0), now)
             ticket.post("update", update)
             if update.finished:
                 del self._tickets[ticket.request_id]
