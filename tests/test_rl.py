@@ -295,6 +295,7 @@ def _two_rank_worker(rank, world_size, port, root, queue):
         results = {mode: _two_rank_check(rank, world_size, root, mode == "fsdp") for mode in ("replicated", "fsdp")}
         if rank == 0:
             queue.put(results)
+        dist.barrier()  # leave together: a rank tearing gloo down while its peer still works aborted it (rarely)
     finally:
         dist.destroy_process_group()
 
