@@ -181,7 +181,7 @@ class ModelRunner:
         if key not in self.graphs:
             try:
                 if self.compiled and not self.graphs:  # can the step be captured at all? (a model with a host
-                    self._capture(size, width, compile_step=False)  # sync inside must not pay for a compile first)
+                    self._capture(size, width, probe=True)  # sync inside must not pay for a compile first)
                 self.graphs[key] = self._capture(size, width)
             except Exception as error:  # noqa: BLE001 - the eager step computes the same thing
                 if self.graph_required and not self.capturing_compiled:
@@ -189,7 +189,7 @@ class ModelRunner:
                 if self.capturing_compiled:  # try again without torch.compile before giving up on graphs
                     warnings.warn(f"torch.compile of the engine's decode step failed ({type(error).__name__}: "
                                   f"{error}); capturing it uncompiled.")
-                    self.compiled = False
+                    self.compiled, self.graph_pool = False, None  # a fresh pool: the failure may have broken it
                     return self._run_graphed(rows)
                 warnings.warn(f"CUDA graph capture of the engine's decode step failed ({type(error).__name__}: "
                               f"{error}); decoding eagerly.")
@@ -214,13 +214,15 @@ class ModelRunner:
         graph.replay()
         return logits.output if isinstance(logits, StaticReplay) else logits
 
-    def _capture(self, size: int, width: int, compile_step: bool = True):
+    def _capture(self, size: int, width: int, probe: bool = False):
         """Capture the decode step of `size` rows and block tables `width` wide. Compiled (one compilation
         per bucket) while the compile time so far is under compile_budget_s; later buckets are captured
-        uncompiled, so a long tail of rare batch sizes never stalls serving for minutes. compile_step=False:
-        uncompiled whatever the setting (the probe before the first compilation)."""
+        uncompiled, so a long tail of rare batch sizes never stalls serving for minutes. probe=True:
+        uncompiled whatever the setting, in a memory pool of its own (the probe before the first compilation: it
+        is thrown away, and a graph that dies leaves a shared pool unusable for later captures: PyTorch asserts
+        `use_count > 0` in its caching allocator, seen on an H100)."""
         device = self.device
-        self.capturing_compiled = compile_step and self.compiled and self.compile_seconds < self.compile_budget_s
+        self.capturing_compiled = not probe and self.compiled and self.compile_seconds < self.compile_budget_s
         step_fn = self.compiled_fn if self.capturing_compiled else self._logits
         inputs = torch.zeros(size * (4 + width), dtype=torch.long, device=device)  # every input, filled in one copy
         ids, positions, slot_mapping, state_slots = inputs[:4 * size].view(4, size)
@@ -244,7 +246,8 @@ class ModelRunner:
         if self.graph_pool is None:
             self.graph_pool = graph_pool()
         started = time.perf_counter()
-        graph = capture(step, warmup=2, pool=self.graph_pool)  # the warm-up calls compile a compiled step
+        pool = None if probe else self.graph_pool  # the warm-up calls compile a compiled step
+        graph = capture(step, warmup=2, pool=pool)
         if self.capturing_compiled:
             torch.cuda.synchronize(device)
             self.compile_seconds += time.perf_counter() - started
