@@ -266,3 +266,66 @@ def test_prefix_cache_after_rejected_drafts_serves_only_accepted_content(name):
     fresh = run(Engine(model, max_cache_tokens=2048, block_size=4, enable_prefix_caching=False), follow)
     assert run(engine, follow) == fresh
     assert engine.stats()["prefix_cache_hit_tokens"] - hits_before >= 3 * 8  # the answers' blocks were reused
+
+
+def verify_requests():
+    """Greedy and seeded sampled requests with logprobs, prompts that end near block boundaries."""
+    out = []
+    for i, ids in enumerate(prompts(4, seed=11, lengths=(3, 7, 9, 14))):
+        greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=2)
+        sampled = SamplingParams(max_tokens=12, temperature=0.8, seed=i, ignore_eos=True, logprobs=2)
+        out += [(f"g{i}", ids, greedy), (f"s{i}", ids, sampled)]
+    return out
+
+
+def run_outputs(engine: Engine, requests) -> dict:
+    for request_id, ids, params in requests:
+        engine.add_request(request_id, ids, params)
+    done = {}
+    while engine.has_unfinished():
+        done.update({o.request_id: o.outputs[0] for o in engine.step() if o.finished})
+    return done
+
+
+@pytest.mark.parametrize("name,sizes", [("tiny-dense", None), ("all-mla", None), ("tiny", None),
+                                        ("tiny-dense", (1, 2, 4, 8))])
+def test_verify_rows_in_the_static_graph_step_give_the_eager_verification(name, sizes, monkeypatch):
+    """use_cuda_graph="static" runs the padded step a CUDA graph captures: GQA and MLA verify rows go through
+    it as one-token rows (drafts crossing block boundaries; with sizes, more rows than the largest bucket, so
+    one draft spans two replays) and give the eager verification's tokens and logprobs (float64). KDA verify
+    rows stay eager."""
+    import nanokimi.infer.runner as runner
+    if sizes is not None:
+        monkeypatch.setattr(runner, "GRAPH_BATCH_SIZES", sizes)
+    model = make_model(name)
+    requests = verify_requests()
+    plain = run_outputs(Engine(model, max_cache_tokens=2048, block_size=4), requests)
+    reference = {(key, 0): out.token_ids for key, out in plain.items()}  # sampled: drafts from another draw
+    outs, engines = {}, {}
+    for graphs in (False, "static"):
+        engine = Engine(model, max_cache_tokens=2048, block_size=4, use_cuda_graph=graphs, num_speculative_tokens=4,
+                        speculative=OracleDrafter(reference, "partly", model.config.vocab_size))
+        crossing, chunked = [], []
+        run_rows, run_chunks = engine.runner.run, engine.runner._run_graphed_chunks
+        engine.runner.run = lambda rows: crossing.extend(
+            r.start // 4 != (r.start + len(r.tokens) - 1) // 4 for r in rows if r.num_logits > 1) or run_rows(rows)
+        engine.runner._run_graphed_chunks = lambda rows: chunked.append(len(rows)) or run_chunks(rows)
+        outs[graphs], engines[graphs] = run_outputs(engine, requests), engine
+        assert any(crossing)
+        if graphs and sizes is not None:
+            assert max(chunked) > sizes[-1]
+        assert engine.pool.num_free == engine.pool.num_usable
+    for key, completion in outs[False].items():
+        got = outs["static"][key]
+        assert got.token_ids == completion.token_ids
+        if key.startswith("g"):
+            assert got.token_ids == plain[key].token_ids
+        for a, b in zip(got.logprobs, completion.logprobs):
+            assert a.keys() == b.keys() and all(abs(a[t] - b[t]) < 1e-9 for t in a)
+    static = engines["static"].runner.verify_rows
+    assert engines[False].runner.verify_rows["graphed"] == 0
+    assert sum(static.values()) == engines["static"].stats()["spec_verify_rows"] > 0
+    if name == "tiny":
+        assert static["graphed"] == 0
+    else:
+        assert static["eager"] == 0
