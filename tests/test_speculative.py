@@ -329,3 +329,30 @@ def test_verify_rows_in_the_static_graph_step_give_the_eager_verification(name, 
         assert static["graphed"] == 0
     else:
         assert static["eager"] == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,compile", [("tiny-dense", False), ("all-mla", False), ("tiny-dense", True)])
+def test_verify_rows_replay_cuda_graphs_and_match_the_eager_verification(name, compile):
+    """On CUDA: GQA and MLA (Triton paged kernel) verify rows replay the decode step's CUDA graphs (compiled or
+    not) and give the eager verification's tokens and logprobs (float32: a near-tie may flip one sequence)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model = make_model(name, small=False).float().cuda()
+    requests = greedy_requests(count=6, max_tokens=24, logprobs=2)
+    plain = run_outputs(Engine(model, max_cache_tokens=8192, compile=False), requests)
+    reference = {(key, 0): out.token_ids for key, out in plain.items()}
+    outs, engines = {}, {}
+    for graphs in (False, True):
+        engine = Engine(model, max_cache_tokens=8192, use_cuda_graph=graphs, compile=compile and graphs,
+                        speculative=OracleDrafter(reference, "partly", model.config.vocab_size), num_speculative_tokens=4)
+        outs[graphs], engines[graphs] = run_outputs(engine, requests), engine
+        assert engine.pool.num_free == engine.pool.num_usable
+    same = [key for key in outs[False] if outs[True][key].token_ids == outs[False][key].token_ids]
+    assert len(same) >= len(outs[False]) - 1
+    for key in same:
+        for a, b in zip(outs[True][key].logprobs, outs[False][key].logprobs):
+            assert a.keys() == b.keys() and all(abs(a[t] - b[t]) < 1e-3 for t in a)
+    graphed = engines[True].runner.verify_rows
+    assert graphed["graphed"] == engines[True].stats()["spec_verify_rows"] > 0 and graphed["eager"] == 0
+    assert engines[False].runner.verify_rows["graphed"] == 0
