@@ -278,12 +278,20 @@ def verify_requests():
     return out
 
 
-def run_outputs(engine: Engine, requests) -> dict:
-    for request_id, ids, params in requests:
+def run_outputs(engine: Engine, requests, stagger: int = 0) -> dict:
+    """Finished outputs by request id; with stagger, the second half of the requests arrives `stagger` steps
+    after the first (their prefill then shares steps with the first half's verify rows)."""
+    later = requests[len(requests) // 2:] if stagger else []
+    for request_id, ids, params in requests[:len(requests) - len(later)]:
         engine.add_request(request_id, ids, params)
-    done = {}
-    while engine.has_unfinished():
+    done, steps = {}, 0
+    while engine.has_unfinished() or later:
+        if steps == stagger:
+            for request_id, ids, params in later:
+                engine.add_request(request_id, ids, params)
+            later = []
         done.update({o.request_id: o.outputs[0] for o in engine.step() if o.finished})
+        steps += 1
     return done
 
 
@@ -299,19 +307,24 @@ def test_verify_rows_in_the_static_graph_step_give_the_eager_verification(name, 
         monkeypatch.setattr(runner, "GRAPH_BATCH_SIZES", sizes)
     model = make_model(name)
     requests = verify_requests()
-    plain = run_outputs(Engine(model, max_cache_tokens=2048, block_size=4), requests)
+    plain = run_outputs(Engine(model, max_cache_tokens=2048, block_size=4), requests, stagger=3)
     reference = {(key, 0): out.token_ids for key, out in plain.items()}  # sampled: drafts from another draw
     outs, engines = {}, {}
     for graphs in (False, "static"):
         engine = Engine(model, max_cache_tokens=2048, block_size=4, use_cuda_graph=graphs, num_speculative_tokens=4,
                         speculative=OracleDrafter(reference, "partly", model.config.vocab_size))
-        crossing, chunked = [], []
+        crossing, mixed, chunked = [], [], []
         run_rows, run_chunks = engine.runner.run, engine.runner._run_graphed_chunks
-        engine.runner.run = lambda rows: crossing.extend(
-            r.start // 4 != (r.start + len(r.tokens) - 1) // 4 for r in rows if r.num_logits > 1) or run_rows(rows)
+
+        def spy(rows):
+            crossing.extend(r.start // 4 != (r.start + len(r.tokens) - 1) // 4 for r in rows if r.num_logits > 1)
+            mixed.append(any(r.num_logits > 1 for r in rows) and any(r.num_logits < len(r.tokens) for r in rows))
+            return run_rows(rows)
+
+        engine.runner.run = spy
         engine.runner._run_graphed_chunks = lambda rows: chunked.append(len(rows)) or run_chunks(rows)
-        outs[graphs], engines[graphs] = run_outputs(engine, requests), engine
-        assert any(crossing)
+        outs[graphs], engines[graphs] = run_outputs(engine, requests, stagger=3), engine
+        assert any(crossing) and any(mixed)  # drafts across block boundaries; verify rows beside prefill chunks
         if graphs and sizes is not None:
             assert max(chunked) > sizes[-1]
         assert engine.pool.num_free == engine.pool.num_usable
