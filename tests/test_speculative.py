@@ -369,3 +369,17 @@ def test_verify_rows_replay_cuda_graphs_and_match_the_eager_verification(name, c
     graphed = engines[True].runner.verify_rows
     assert graphed["graphed"] == engines[True].stats()["spec_verify_rows"] > 0 and graphed["eager"] == 0
     assert engines[False].runner.verify_rows["graphed"] == 0
+
+
+def test_graphed_verify_rows_under_preemption_give_the_plain_tokens():
+    """A cache too small for every sequence: preempted sequences are recomputed while others verify drafts in
+    the static graph step; the greedy tokens are the plain engine's and every block comes back."""
+    model = make_model("tiny-dense")
+    requests = greedy_requests(count=6, max_tokens=12)
+    reference = run(Engine(model, max_cache_tokens=2048, block_size=4), requests)
+    engine = Engine(model, max_cache_tokens=48, block_size=4, use_cuda_graph="static", num_speculative_tokens=3,
+                    speculative=OracleDrafter(reference, "partly", model.config.vocab_size))
+    assert run(engine, requests) == reference
+    stats = engine.stats()
+    assert stats["preemptions"] > 0 and engine.runner.verify_rows["graphed"] == stats["spec_verify_rows"] > 0
+    assert engine.pool.num_free == engine.pool.num_usable
