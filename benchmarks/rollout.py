@@ -107,7 +107,7 @@ def rollout(model, tokenizer, prompts: list[list[int]], k: int, max_tokens: int,
 
     engine = Engine(model, tokenizer, **engine_kwargs)
 
-    def one_pass(tag: str) -> tuple[float, dict, dict]:
+    def one_pass(engine, tag: str) -> tuple[float, dict, dict]:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         start = time.monotonic()
@@ -125,10 +125,10 @@ def rollout(model, tokenizer, prompts: list[list[int]], k: int, max_tokens: int,
             torch.cuda.synchronize()
         return start, outputs, engine_counts(engine)
 
-    one_pass("warm")
+    one_pass(engine, "warm")
     engine.reset_prefix_cache()  # the timed pass computes its prompts again, as the first pass did
     before = engine_counts(engine)
-    start, outputs, after = one_pass("")
+    start, outputs, after = one_pass(engine, "")
     wall = time.monotonic() - start
     spent = {key: after[key] - before[key] for key in after}
     done = sorted(o.metrics["finished_time"] - start for o in outputs.values())

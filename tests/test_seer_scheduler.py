@@ -137,5 +137,6 @@ def test_context_aware_admits_in_priority_order_ranking_the_queue_once_per_step(
     scheduler.priority = lambda seq: calls.append(seq) or priority(seq)
     admitted = [seq for seq, _ in scheduler.schedule()]
     assert admitted == expected
-    assert all(seq.index == 0 for seq in admitted[:64]) and len({s.request.params.group_id for s in admitted[:64]}) == 64
+    probes = admitted[:64]
+    assert all(seq.index == 0 for seq in probes) and len({s.request.params.group_id for s in probes}) == 64
     assert len(calls) <= 1024

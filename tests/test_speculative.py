@@ -357,8 +357,9 @@ def test_verify_rows_replay_cuda_graphs_and_match_the_eager_verification(name, c
     reference = {(key, 0): out.token_ids for key, out in plain.items()}
     outs, engines = {}, {}
     for graphs in (False, True):
+        drafter = OracleDrafter(reference, "partly", model.config.vocab_size)
         engine = Engine(model, max_cache_tokens=8192, use_cuda_graph=graphs, compile=compile and graphs,
-                        speculative=OracleDrafter(reference, "partly", model.config.vocab_size), num_speculative_tokens=4)
+                        speculative=drafter, num_speculative_tokens=4)
         outs[graphs], engines[graphs] = run_outputs(engine, requests), engine
         assert engine.pool.num_free == engine.pool.num_usable
     same = [key for key in outs[False] if outs[True][key].token_ids == outs[False][key].token_ids]
