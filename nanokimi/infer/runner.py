@@ -44,13 +44,16 @@ class StaticReplay:
         self.output = self.fn()
 
 
-def _verify_as_decode_rows(row: Row) -> list[Row]:
-    """A verify row (tokens t_0..t_d at positions p..p+d, logits at each) as d+1 one-token rows at p..p+d
-    sharing its block table. In the decode step every row writes its key/value (latent) to its slot before
-    any row attends, and row p+i attends to keys 0..p+i only: the draft's causal mask comes for free."""
-    table = torch.tensor(row.block_table, dtype=torch.long) if row.table_tensor is None else row.table_tensor
+def _verify_as_decode_rows(rows: list[Row]) -> list[Row]:
+    """Verify rows (tokens t_0..t_d at positions p..p+d, logits at each) as d+1 one-token rows at p..p+d
+    sharing the row's block table. In the decode step every row writes its key/value (latent) to its slot
+    before any row attends, and row p+i attends to keys 0..p+i only: the draft's causal mask comes for free."""
+    if not rows:
+        return []
+    tables = torch.tensor([b for r in rows for b in r.block_table], dtype=torch.long).split(
+        [len(r.block_table) for r in rows])  # one tensor for all the tables (one per row costs ~3 us each)
     return [Row([token], row.start + i, row.block_table, row.state_slot, True, table)
-            for i, token in enumerate(row.tokens)]
+            for row, table in zip(rows, tables) for i, token in enumerate(row.tokens)]
 
 
 def _bucket(value: int, sizes) -> int | None:
@@ -114,7 +117,7 @@ class ModelRunner:
             raise ValueError("rows of one token must come before longer rows")
         decode, longer = rows[:num_decode], rows[num_decode:]
         as_decode = [self.graph_verify and r.wants_logits and r.num_logits == len(r.tokens) for r in longer]
-        expanded = [one for r, yes in zip(longer, as_decode) if yes for one in _verify_as_decode_rows(r)]
+        expanded = _verify_as_decode_rows([r for r, yes in zip(longer, as_decode) if yes])
         verify_rows, graphed_verify = sum(1 for r in longer if r.num_logits > 1), sum(as_decode)
         graphed = None
         if self.use_graphs and (decode or expanded):
