@@ -8,8 +8,12 @@ the plain engine, each Seer technique, and all of them, in one 10-minute call.
 Variants (engine options, docs/seer.md): plain; context (scheduling="context_aware": group probes first, then
 the longest expected group); divided (context + chunk_tokens: running sequences yield their batch place at
 chunk ends); suffix (speculative="suffix": drafts from the group's other samples); all (the three together).
-Per variant and task: rollout wall time, generated tokens/s, p50/p99 request completion time, speculative
-acceptance (mean tokens emitted per verified row). Sampled outputs are compared with plain's (same per-request
+Each variant rolls out twice on one engine and the second pass is timed (the first captures the CUDA graphs and
+compiles the step for every shape the rollout meets, as in an RL run after its first steps). Per variant and
+task: rollout wall time, steps and ms per step, generated tokens/s, p50/p99 request completion time, speculative
+acceptance (mean tokens emitted per verified row), how many verify rows replayed the graphed decode step (of
+all; a hybrid model's KDA verify rows run eagerly) and how many graphs were captured while timed (0 expected).
+Sampled outputs are compared with plain's (same per-request
 seeds: equal unless batch composition changes a float, or speculation draws differently - same distribution);
 a greedy run on a smaller batch reports the share of every variant's outputs equal to plain's (1.0 in exact
 arithmetic; in bf16 a near-tie between two kernels' roundings can flip a sequence). Writes
@@ -94,50 +98,65 @@ def pretrain(args, data: Path, out: Path, device: str) -> dict:
 
 def rollout(model, tokenizer, prompts: list[list[int]], k: int, max_tokens: int, temperature: float,
             stop: list[str], engine_kwargs: dict, seed: int) -> dict:
-    """One RL step's rollout: each prompt k times (k requests of one group, seeds seed + j), like nanokimi rl."""
+    """One RL step's rollout: each prompt k times (k requests of one group, seeds seed + j), like nanokimi rl.
+    The same rollout runs twice on one engine and the second is timed: the first captures the CUDA graphs
+    (and compiles the step) of every shape the rollout meets, as an RL run's engine has done after its first
+    steps. Timing a first pass measured compilation: variants that met new shapes paid for them, later ones
+    reused the compiled code (docs/seer.md)."""
     from nanokimi.infer import Engine, SamplingParams
 
     engine = Engine(model, tokenizer, **engine_kwargs)
-    warm = SamplingParams(max_tokens=8, temperature=temperature, seed=0)
-    for i in range(min(len(prompts) * k, engine.scheduler.max_num_seqs)):  # CUDA graphs before the clock starts
-        engine.add_request(f"warm{i}", prompts[i % len(prompts)], warm)
-    while engine.has_unfinished():
-        engine.step()
-    before = dict(engine.stats())
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.monotonic()
-    for g, ids in enumerate(prompts):
-        for j in range(k):
-            engine.add_request(f"{g}.{j}", ids, SamplingParams(max_tokens=max_tokens, temperature=temperature,
-                                                               seed=seed + g * k + j, stop=stop or None,
-                                                               group_id=str(g)), arrival_time=start)
-    outputs = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.finished:
-                outputs[out.request_id] = out
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+
+    def one_pass(engine, tag: str) -> tuple[float, dict, dict]:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.monotonic()
+        for g, ids in enumerate(prompts):
+            for j in range(k):
+                params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed + g * k + j,
+                                        stop=stop or None, group_id=str(g))
+                engine.add_request(f"{tag}{g}.{j}", ids, params, arrival_time=start)
+        outputs = {}
+        while engine.has_unfinished():
+            for out in engine.step():
+                if out.finished:
+                    outputs[out.request_id[len(tag):]] = out
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return start, outputs, engine_counts(engine)
+
+    one_pass(engine, "warm")
+    engine.reset_prefix_cache()  # the timed pass computes its prompts again, as the first pass did
+    before = engine_counts(engine)
+    start, outputs, after = one_pass(engine, "")
     wall = time.monotonic() - start
-    stats = engine.stats()
+    spent = {key: after[key] - before[key] for key in after}
     done = sorted(o.metrics["finished_time"] - start for o in outputs.values())
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs.values())
-    rows = stats["spec_verify_rows"] - before["spec_verify_rows"]
-    accepted = stats["spec_accepted_tokens"] - before["spec_accepted_tokens"]
-    drafted = stats["spec_draft_tokens"] - before["spec_draft_tokens"]
+    rows, steps = spent["spec_verify_rows"], spent["steps"]
     del engine
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return {"wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall,
             "p50_s": done[len(done) // 2], "p99_s": done[min(len(done) - 1, math.ceil(0.99 * len(done)) - 1)],
-            "completion_times": done, "steps": stats["steps"] - before["steps"],
-            "spec_rows": rows, "spec_tokens_per_row": (accepted + rows) / rows if rows else None,
-            "spec_acceptance": accepted / drafted if drafted else None,
-            "suspensions": stats["suspensions"], "preemptions": stats["preemptions"] - before["preemptions"],
-            "outputs": {rid: o.outputs[0].token_ids for rid, o in outputs.items()},
+            "completion_times": done, "steps": steps, "ms_per_step": 1000 * wall / max(steps, 1),
+            "spec_rows": rows, "spec_tokens_per_row": (spent["spec_accepted_tokens"] + rows) / rows if rows else None,
+            "spec_acceptance": spent["spec_accepted_tokens"] / spent["spec_draft_tokens"] if rows else None,
+            "verify_rows_graphed": spent["verify_graphed"], "verify_rows_eager": spent["verify_eager"],
+            "graphs_captured_while_timed": spent["cuda_graphs"], "compile_s_while_timed": spent["compile_seconds"],
+            "prefill_tokens": spent["prefill_tokens"], "suspensions": spent["suspensions"],
+            "preemptions": spent["preemptions"], "outputs": {rid: o.outputs[0].token_ids for rid, o in outputs.items()},
             "mean_length": tokens / len(outputs)}
+
+
+def engine_counts(engine) -> dict:
+    """The engine's running totals that a pass is measured by (differences of two calls)."""
+    stats = engine.stats()
+    keys = ("steps", "spec_verify_rows", "spec_accepted_tokens", "spec_draft_tokens", "prefill_tokens", "suspensions",
+            "preemptions", "cuda_graphs")
+    return {**{key: stats[key] for key in keys}, "compile_seconds": engine.runner.compile_seconds,
+            "verify_graphed": engine.runner.verify_rows["graphed"], "verify_eager": engine.runner.verify_rows["eager"]}
 
 
 def plot(results: dict, path: Path) -> None:
@@ -175,6 +194,9 @@ def main() -> int:
     parser.add_argument("--max-cache-tokens", type=int, default=400_000)
     parser.add_argument("--chunk-tokens", type=int, default=128, help="divided rollout's chunk")
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--use-cuda-graph", default="auto", choices=["auto", "static", "off"],
+                        help="the engine's use_cuda_graph; static: the graphed step's padded buffers, run eagerly "
+                             "(the CPU's stand-in for graphs)")
     parser.add_argument("--docs", type=int, default=100_000, help="pretraining traces per task")
     parser.add_argument("--vocab-size", type=int, default=1024)
     parser.add_argument("--pretrain-seconds", type=float, default=150)
@@ -217,7 +239,8 @@ def main() -> int:
     model = load_model_checkpoint(base, device).to(getattr(torch, args.dtype)).eval()
     context = model.config.max_position_embeddings
     engine_kwargs = dict(max_num_seqs=args.max_num_seqs, num_speculative_tokens=args.num_speculative_tokens,
-                         max_cache_tokens=args.max_cache_tokens)
+                         max_cache_tokens=args.max_cache_tokens,
+                         use_cuda_graph={"auto": "auto", "static": "static", "off": False}[args.use_cuda_graph])
     for options in VARIANTS.values():
         if "chunk_tokens" in options:
             options["chunk_tokens"] = args.chunk_tokens
@@ -238,26 +261,32 @@ def main() -> int:
         print(f"{task_name}: share of greedy outputs equal to {variants[0]}'s: {checks[task_name]}", flush=True)
         for name in variants:
             spent = time.perf_counter() - wall
-            last = max((r["wall_s"] for r in results.values()), default=0.0)
+            last = max((r["call_s"] for r in results.values()), default=0.0)
             if spent + 1.5 * last > args.budget_seconds:
                 print(f"skipping {task_name}/{name}: {spent:.0f}s spent of {args.budget_seconds:.0f}", flush=True)
                 continue
+            called = time.perf_counter()
             row = rollout(model, tokenizer, prompts, args.k, max_tokens, args.temperature, list(task.stop),
                           {**engine_kwargs, **VARIANTS[name]}, seed=1000)
+            row["call_s"] = time.perf_counter() - called  # both passes, with the first one's captures
             plain = results.get(f"{task_name}/plain")
             row["same_outputs_as_plain"] = None if plain is None else sum(
                 row["outputs"][r] == plain["outputs"][r] for r in plain["outputs"]) / len(plain["outputs"])
             results[f"{task_name}/{name}"] = row
             speedup = None if plain is None else plain["wall_s"] / row["wall_s"]
             p99_cut = None if plain is None else 1 - row["p99_s"] / plain["p99_s"]
-            rows.append([task_name, name, f"{row['wall_s']:.2f}", row["steps"], f"{row['tokens_per_s']:,.0f}",
-                         f"{row['p50_s']:.2f}", f"{row['p99_s']:.2f}", f"{row['mean_length']:.0f}",
+            verify = row["verify_rows_graphed"] + row["verify_rows_eager"]
+            rows.append([task_name, name, f"{row['wall_s']:.2f}", row["steps"], f"{row['ms_per_step']:.1f}",
+                         f"{row['tokens_per_s']:,.0f}", f"{row['p50_s']:.2f}", f"{row['p99_s']:.2f}",
+                         f"{row['mean_length']:.0f}",
                          "" if row["spec_tokens_per_row"] is None else f"{row['spec_tokens_per_row']:.2f}",
+                         f"{row['verify_rows_graphed']}/{verify}" if verify else "",
+                         row["graphs_captured_while_timed"],
                          "" if speedup is None else f"{speedup:.2f}x", "" if p99_cut is None else f"{p99_cut:+.0%}",
                          "" if row["same_outputs_as_plain"] is None else f"{row['same_outputs_as_plain']:.0%}"])
             print(f"{task_name}/{name}: {row['wall_s']:.2f}s, {row['tokens_per_s']:,.0f} tok/s", flush=True)
-    print_table(["task", "variant", "wall s", "steps", "tok/s", "p50 s", "p99 s", "mean len", "tok/verify", "speedup",
-                 "p99 cut", "same as plain"], rows)
+    print_table(["task", "variant", "wall s", "steps", "ms/step", "tok/s", "p50 s", "p99 s", "mean len", "tok/verify",
+                 "verify graphed", "new graphs", "speedup", "p99 cut", "same as plain"], rows)
     path = results_path("rollout", args.smoke)
     stored = {key: {k: v for k, v in row.items() if k != "outputs"} for key, row in results.items()}
     extra = {"config": {k: v for k, v in vars(args).items() if k != "model"} | {"model": args.model},

@@ -266,3 +266,121 @@ def test_prefix_cache_after_rejected_drafts_serves_only_accepted_content(name):
     fresh = run(Engine(model, max_cache_tokens=2048, block_size=4, enable_prefix_caching=False), follow)
     assert run(engine, follow) == fresh
     assert engine.stats()["prefix_cache_hit_tokens"] - hits_before >= 3 * 8  # the answers' blocks were reused
+
+
+def verify_requests():
+    """Greedy and seeded sampled requests with logprobs, prompts that end near block boundaries."""
+    out = []
+    for i, ids in enumerate(prompts(4, seed=11, lengths=(3, 7, 9, 14))):
+        greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=2)
+        sampled = SamplingParams(max_tokens=12, temperature=0.8, seed=i, ignore_eos=True, logprobs=2)
+        out += [(f"g{i}", ids, greedy), (f"s{i}", ids, sampled)]
+    return out
+
+
+def run_outputs(engine: Engine, requests, stagger: int = 0) -> dict:
+    """Finished outputs by request id; with stagger, the second half of the requests arrives `stagger` steps
+    after the first (their prefill then shares steps with the first half's verify rows)."""
+    later = requests[len(requests) // 2:] if stagger else []
+    for request_id, ids, params in requests[:len(requests) - len(later)]:
+        engine.add_request(request_id, ids, params)
+    done, steps = {}, 0
+    while engine.has_unfinished() or later:
+        if steps == stagger:
+            for request_id, ids, params in later:
+                engine.add_request(request_id, ids, params)
+            later = []
+        done.update({o.request_id: o.outputs[0] for o in engine.step() if o.finished})
+        steps += 1
+    return done
+
+
+@pytest.mark.parametrize("name,sizes", [("tiny-dense", None), ("all-mla", None), ("tiny", None),
+                                        ("tiny-dense", (1, 2, 4, 8))])
+def test_verify_rows_in_the_static_graph_step_give_the_eager_verification(name, sizes, monkeypatch):
+    """use_cuda_graph="static" runs the padded step a CUDA graph captures: GQA and MLA verify rows go through
+    it as one-token rows (drafts crossing block boundaries; with sizes, more rows than the largest bucket, so
+    one draft spans two replays) and give the eager verification's tokens and logprobs (float64). KDA verify
+    rows stay eager."""
+    import nanokimi.infer.runner as runner
+    if sizes is not None:
+        monkeypatch.setattr(runner, "GRAPH_BATCH_SIZES", sizes)
+    model = make_model(name)
+    requests = verify_requests()
+    plain = run_outputs(Engine(model, max_cache_tokens=2048, block_size=4), requests, stagger=3)
+    reference = {(key, 0): out.token_ids for key, out in plain.items()}  # sampled: drafts from another draw
+    outs, engines = {}, {}
+    for graphs in (False, "static"):
+        engine = Engine(model, max_cache_tokens=2048, block_size=4, use_cuda_graph=graphs, num_speculative_tokens=4,
+                        speculative=OracleDrafter(reference, "partly", model.config.vocab_size))
+        crossing, mixed, chunked = [], [], []
+        run_rows, run_chunks = engine.runner.run, engine.runner._run_graphed_chunks
+
+        def spy(rows):
+            crossing.extend(r.start // 4 != (r.start + len(r.tokens) - 1) // 4 for r in rows if r.num_logits > 1)
+            mixed.append(any(r.num_logits > 1 for r in rows) and any(r.num_logits < len(r.tokens) for r in rows))
+            return run_rows(rows)
+
+        engine.runner.run = spy
+        engine.runner._run_graphed_chunks = lambda rows: chunked.append(len(rows)) or run_chunks(rows)
+        outs[graphs], engines[graphs] = run_outputs(engine, requests, stagger=3), engine
+        assert any(crossing) and any(mixed)  # drafts across block boundaries; verify rows beside prefill chunks
+        if graphs and sizes is not None:
+            assert max(chunked) > sizes[-1]
+        assert engine.pool.num_free == engine.pool.num_usable
+    for key, completion in outs[False].items():
+        got = outs["static"][key]
+        assert got.token_ids == completion.token_ids
+        if key.startswith("g"):
+            assert got.token_ids == plain[key].token_ids
+        for a, b in zip(got.logprobs, completion.logprobs):
+            assert a.keys() == b.keys() and all(abs(a[t] - b[t]) < 1e-9 for t in a)
+    static = engines["static"].runner.verify_rows
+    assert engines[False].runner.verify_rows["graphed"] == 0
+    assert sum(static.values()) == engines["static"].stats()["spec_verify_rows"] > 0
+    if name == "tiny":
+        assert static["graphed"] == 0
+    else:
+        assert static["eager"] == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,compile", [("tiny-dense", False), ("all-mla", False), ("tiny-dense", True)])
+def test_verify_rows_replay_cuda_graphs_and_match_the_eager_verification(name, compile):
+    """On CUDA: GQA and MLA (Triton paged kernel) verify rows replay the decode step's CUDA graphs (compiled or
+    not) and give the eager verification's tokens and logprobs (float32: a near-tie may flip one sequence)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model = make_model(name, small=False).float().cuda()
+    requests = greedy_requests(count=6, max_tokens=24, logprobs=2)
+    plain = run_outputs(Engine(model, max_cache_tokens=8192, compile=False), requests)
+    reference = {(key, 0): out.token_ids for key, out in plain.items()}
+    outs, engines = {}, {}
+    for graphs in (False, True):
+        drafter = OracleDrafter(reference, "partly", model.config.vocab_size)
+        engine = Engine(model, max_cache_tokens=8192, use_cuda_graph=graphs, compile=compile and graphs,
+                        speculative=drafter, num_speculative_tokens=4)
+        outs[graphs], engines[graphs] = run_outputs(engine, requests), engine
+        assert engine.pool.num_free == engine.pool.num_usable
+    same = [key for key in outs[False] if outs[True][key].token_ids == outs[False][key].token_ids]
+    assert len(same) >= len(outs[False]) - 1
+    for key in same:
+        for a, b in zip(outs[True][key].logprobs, outs[False][key].logprobs):
+            assert a.keys() == b.keys() and all(abs(a[t] - b[t]) < 1e-3 for t in a)
+    graphed = engines[True].runner.verify_rows
+    assert graphed["graphed"] == engines[True].stats()["spec_verify_rows"] > 0 and graphed["eager"] == 0
+    assert engines[False].runner.verify_rows["graphed"] == 0
+
+
+def test_graphed_verify_rows_under_preemption_give_the_plain_tokens():
+    """A cache too small for every sequence: preempted sequences are recomputed while others verify drafts in
+    the static graph step; the greedy tokens are the plain engine's and every block comes back."""
+    model = make_model("tiny-dense")
+    requests = greedy_requests(count=6, max_tokens=12)
+    reference = run(Engine(model, max_cache_tokens=2048, block_size=4), requests)
+    engine = Engine(model, max_cache_tokens=48, block_size=4, use_cuda_graph="static", num_speculative_tokens=3,
+                    speculative=OracleDrafter(reference, "partly", model.config.vocab_size))
+    assert run(engine, requests) == reference
+    stats = engine.stats()
+    assert stats["preemptions"] > 0 and engine.runner.verify_rows["graphed"] == stats["spec_verify_rows"] > 0
+    assert engine.pool.num_free == engine.pool.num_usable

@@ -44,6 +44,18 @@ class StaticReplay:
         self.output = self.fn()
 
 
+def _verify_as_decode_rows(rows: list[Row]) -> list[Row]:
+    """Verify rows (tokens t_0..t_d at positions p..p+d, logits at each) as d+1 one-token rows at p..p+d
+    sharing the row's block table. In the decode step every row writes its key/value (latent) to its slot
+    before any row attends, and row p+i attends to keys 0..p+i only: the draft's causal mask comes for free."""
+    if not rows:
+        return []
+    tables = torch.tensor([b for r in rows for b in r.block_table], dtype=torch.long).split(
+        [len(r.block_table) for r in rows])  # one tensor for all the tables (one per row costs ~3 us each)
+    return [Row([token], row.start + i, row.block_table, row.state_slot, True, table)
+            for row, table in zip(rows, tables) for i, token in enumerate(row.tokens)]
+
+
 def _bucket(value: int, sizes) -> int | None:
     return next((s for s in sizes if s >= value), None)
 
@@ -73,6 +85,10 @@ class ModelRunner:
         self.graph_tables: dict[tuple[int, int], list[list[int]]] = {}  # the block tables in each graph's inputs
         self.graph_pool = None
         self.max_blocks = -(-max_model_len // block_size)
+        # speculative verify rows run as one-token rows of the graphed step where every mixer attends over
+        # the paged cache (GQA, MLA): a KDA state must go through a draft's tokens one after another
+        self.graph_verify = not any(isinstance(b.mixer, KimiDeltaAttention) for b in model.layers)
+        self.verify_rows = {"graphed": 0, "eager": 0}  # verify rows (drafts) run by each path so far
         if any(isinstance(b.mixer, KimiDeltaAttention) for b in model.layers) and self.device.type == "cuda":
             check_kda_slot_kernel(self.device)  # before any capture: decode rows take the kernel only if it passed
         if compile not in (True, False, "auto"):
@@ -93,20 +109,59 @@ class ModelRunner:
     def run(self, rows: list[Row]) -> torch.Tensor:
         """Logits [R, V] of the last token (the last num_logits tokens) of each row that wants them, in order.
         Rows of one token must come first (the engine orders them so). With CUDA graphs, the one-token
-        rows replay a graph and the longer rows (prefill chunks of other sequences) run eagerly after it."""
+        rows replay a graph, and so do speculative verify rows of attention-only models (expanded into one
+        row per token, `_verify_as_decode_rows`); the other longer rows (prefill chunks, KDA verify rows) run
+        eagerly after it."""
         num_decode = sum(1 for r in rows if len(r.tokens) == 1)
         if any(len(r.tokens) != 1 for r in rows[:num_decode]):
             raise ValueError("rows of one token must come before longer rows")
-        decode, prefill = rows[:num_decode], rows[num_decode:]
-        graphed = self._run_graphed(decode) if decode and self.use_graphs else None
+        decode, longer = rows[:num_decode], rows[num_decode:]
+        as_decode = [self.graph_verify and r.wants_logits and r.num_logits == len(r.tokens) for r in longer]
+        expanded = _verify_as_decode_rows([r for r, yes in zip(longer, as_decode) if yes])
+        verify_rows, graphed_verify = sum(1 for r in longer if r.num_logits > 1), sum(as_decode)
+        graphed = None
+        if self.use_graphs and (decode or expanded):
+            graphed = (self._run_graphed_chunks if self.graph_verify else self._run_graphed)(decode + expanded)
         if graphed is None:
+            self.verify_rows["eager"] += verify_rows
             return self._run_eager(rows, num_decode)
-        wanted = [i for i, r in enumerate(decode) if r.wants_logits]
-        # a copy either way: the graph's output buffer is rewritten by the next replay
-        parts = [graphed[:len(decode)].clone() if len(wanted) == len(decode) else graphed[wanted]]
-        if prefill:
-            parts.append(self._run_eager(prefill, 0))
-        return torch.cat(parts) if len(parts) > 1 else parts[0]
+        self.verify_rows["graphed"] += graphed_verify
+        self.verify_rows["eager"] += verify_rows - graphed_verify
+        # each wanted logit in row order: graphed rows index the graph's output, the eager rows' follow it
+        order = [i for i, r in enumerate(decode) if r.wants_logits]
+        next_graphed, next_eager = len(decode), len(decode) + len(expanded)
+        eager = []
+        for r, yes in zip(longer, as_decode):
+            if yes:
+                order.extend(range(next_graphed, next_graphed + len(r.tokens)))
+                next_graphed += len(r.tokens)
+                continue
+            eager.append(r)
+            if r.wants_logits:
+                order.extend(range(next_eager, next_eager + r.num_logits))
+                next_eager += r.num_logits
+        logits = graphed[:next_graphed]
+        if eager:
+            logits = torch.cat([logits, self._run_eager(eager, 0)])
+        if order == list(range(logits.shape[0])):  # a copy either way: the next replay rewrites the graph's output
+            return logits if eager else logits.clone()
+        return logits.index_select(0, torch.tensor(order, device=logits.device))
+
+    def _run_graphed_chunks(self, rows: list[Row]) -> torch.Tensor | None:
+        """`_run_graphed` in chunks of at most the largest graph bucket (expanded verify rows can outnumber
+        it); every chunk's logits are copied before the next replay. Attention-only models alone come here:
+        a later chunk that cannot be graphed sends the whole step to the eager path, which rewrites the
+        same keys and values (a KDA state would advance twice)."""
+        largest = GRAPH_BATCH_SIZES[-1]
+        if len(rows) <= largest:
+            return self._run_graphed(rows)
+        parts = []
+        for i in range(0, len(rows), largest):
+            chunk = self._run_graphed(rows[i:i + largest])
+            if chunk is None:
+                return None
+            parts.append(chunk[:min(largest, len(rows) - i)].clone())
+        return torch.cat(parts)
 
     def _run_eager(self, rows: list[Row], num_decode: int) -> torch.Tensor:
         batch, ids, last = self._build(rows, num_decode)

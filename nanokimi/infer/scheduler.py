@@ -138,6 +138,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.suspended: list[Sequence] = []
+        self._ranked: deque[Sequence] | None = None
         self.groups: dict = {}  # group key -> {"probe": first sequence, "longest": longest finished output}
         self.num_added = 0
         self.steps = 0
@@ -181,8 +182,15 @@ class Scheduler:
             return next((s for s in self.waiting if self._admissible(s)), None)
         if self.suspended and self.has_kda and not (self.slots.free or self.slots.snapshots):
             return min(self.suspended, key=self.priority)  # no state slot for a newcomer: resume (costs none)
-        candidates = [s for s in self.waiting if self._admissible(s)] + self.suspended
-        return min(candidates, key=self.priority, default=None)
+        # the candidates ranked once per admission round (no priority changes within one: the step count,
+        # the groups' lengths and the outputs stand still; a preemption starts a new ranking), then taken
+        # in order: the minimum each time, without rescanning every waiting sequence per admission
+        if self._ranked is None:
+            self._ranked = deque(sorted([s for s in self.waiting if self._admissible(s)] + self.suspended,
+                                        key=self.priority))
+        while self._ranked and self._ranked[0].status not in (WAITING, SUSPENDED):
+            self._ranked.popleft()  # admitted or resumed since the ranking
+        return self._ranked[0] if self._ranked else None
 
     def _suspend_finished_chunks(self) -> None:
         """Divided rollout: running decodes that finished a chunk yield their place to better-ranked waiting work."""
@@ -202,6 +210,7 @@ class Scheduler:
 
     def _schedule_once(self) -> list[tuple[Sequence, int]]:
         budget = self.max_step_tokens
+        self._ranked = None  # context_aware's ranking of the waiting sequences (_next_waiting)
         scheduled = []
         for seq in list(self.running):
             if budget == 0:
@@ -426,6 +435,7 @@ class Scheduler:
             seq.state_slot = None
 
     def _preempt(self, seq: Sequence) -> None:
+        self._ranked = None  # a sequence joins the queue: rank again
         self._free(seq)
         seq.num_computed = 0
         (self.suspended if seq.status == SUSPENDED else self.running).remove(seq)
