@@ -8,6 +8,7 @@
 #   bash benchmarks/gpu_suite.sh engine     # the inference engine: decode A/B, TTFT, offline; its GPU tests
 #   bash benchmarks/gpu_suite.sh serve      # nanokimi serve vs transformers serve on the Mooncake trace
 #   bash benchmarks/gpu_suite.sh post       # the RL demonstration (benchmarks/rl_ladder.py)
+#   bash benchmarks/gpu_suite.sh rollout    # Seer: plain vs divided / context / speculative rollouts
 #   GPU_STEPS="LIMIT command;..." bash benchmarks/gpu_suite.sh custom
 # Expects fla-core wheels in .whl/ (bash ../shared/bench/gpu_wheels.sh) and the HF peer script in
 # .gpu/bench/ (cp -r ../shared/bench .gpu/). Results land in benchmarks/results/ and, when $OUT is
@@ -51,16 +52,19 @@ case "$1" in
   profile)
     step "${PROFILE_LIMIT:-500}" python3 benchmarks/profile_step.py ${PROFILE_ARGS:-} ;;
   engine)  # the engine's decode defaults A/B, TTFT and offline throughput, then its GPU tests
-    step 420 python3 benchmarks/engine.py --presets bench-kl-900m --parts decode,ttft,offline,ab --profile
-    step 140 python3 -m pytest -q -m gpu tests/test_kda_decode.py tests/test_paged_mla.py -p no:cacheprovider ;;
+    step 400 python3 benchmarks/engine.py --presets bench-kl-900m --parts decode,ttft,offline,ab --profile --time-budget 320
+    step 160 python3 -m pytest -q -m gpu tests/test_engine.py tests/test_kda_decode.py -p no:cacheprovider ;;
   serve)  # the Mooncake trace replay against transformers serve (carry the wheels docs/serve.md lists)
     step 560 python3 benchmarks/serve.py ;;
   post)  # the RL demonstration alone (rollout.py, lepa_ladder.py and nbce_icl.py each take a slot of their own)
     step 560 python3 benchmarks/rl_ladder.py ;;
+  rollout)  # Seer's rollout techniques against the plain engine, then the speculative GPU tests
+    step 450 python3 benchmarks/rollout.py --budget-seconds 420
+    step 100 python3 -m pytest -q -m gpu tests/test_speculative.py tests/test_seer_scheduler.py -p no:cacheprovider ;;
   custom)  # GPU_STEPS="LIMIT command;LIMIT command;..." (for one-off runs)
     IFS=';' read -ra parts <<< "$GPU_STEPS"
     for part in "${parts[@]}"; do read -r limit cmd <<< "$part"; step "$limit" bash -c "$cmd"; done ;;
-  *) echo "usage: $0 tests|train|decode|attnres|profile|engine|serve|post|custom"; exit 2 ;;
+  *) echo "usage: $0 tests|train|decode|attnres|profile|engine|serve|post|rollout|custom"; exit 2 ;;
 esac
 if [ -n "${OUT:-}" ]; then
   # one archive: a call brings back at most 8 files from $OUT and leaves the rest out
