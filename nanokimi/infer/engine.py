@@ -19,7 +19,7 @@ from torch import nn
 from nanokimi.infer.block_manager import BlockPool, StateSlots, block_hash
 from nanokimi.infer.params import CompletionOutput, RequestOutput, SamplingParams
 from nanokimi.infer.runner import ModelRunner, Row
-from nanokimi.infer.sampling import sample_rows, top_logprobs
+from nanokimi.infer.sampling import sample_step, top_logprobs
 from nanokimi.infer.scheduler import FINISHED, POLICIES, Request, Scheduler, Sequence
 from nanokimi.infer.speculative import accept_greedy, accept_sampled, filtered_probs, make_drafter
 from nanokimi.model.kda import KimiDeltaAttention
@@ -103,6 +103,7 @@ class Engine:
         self.stream_outputs = True  # False: step() returns finished requests only, and text is decoded once at the end
         self.requests: dict[str, Request] = {}
         self.aborted: list[Request] = []
+        self._finishing: list[Request] = []  # requests whose last sample finished in this step
         self._verify_logits: dict[int, torch.Tensor] = {}  # logits of verified drafts, kept for logprobs
         self.eos_ids = set()
         if tokenizer is not None:
@@ -197,9 +198,12 @@ class Engine:
                 raise ValueError(f"add_request: {message}.")
         arrival = time.monotonic() if arrival_time is None else arrival_time
         request = Request(request_id, prompt_token_ids, params, arrival, prompt)
+        request.stop_ids = frozenset(params.stop_token_ids or ()) | (frozenset() if params.ignore_eos else
+                                                                      frozenset(self.eos_ids))
         seed = params.seed if params.seed is not None else secrets.randbits(62)
         for i in range(params.n):
             seq = Sequence(request, i, sample_seed(seed, i), self.block_size, self.snapshot_interval)
+            seq.max_output = min(params.max_tokens, self.max_model_len - seq.num_prompt)
             request.sequences.append(seq)
             self.scheduler.add(seq)
             if self.drafter is not None:
@@ -272,6 +276,7 @@ class Engine:
     def _step(self) -> list[RequestOutput]:
         changed: dict[str, Request] = {r.request_id: r for r in self.aborted}
         self.aborted = []
+        self._finishing = []
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return [self._output(r) for r in changed.values()]
@@ -281,15 +286,20 @@ class Engine:
         now = time.monotonic()
         rows = []
         for seq, n in scheduled:
-            if seq.request.metrics["first_scheduled_time"] is None:
-                seq.request.metrics["first_scheduled_time"] = now
+            metrics = seq.request.metrics
+            if metrics["first_scheduled_time"] is None:
+                metrics["first_scheduled_time"] = now
             c = seq.num_computed
+            if n == 1:  # a decode (or a prompt's last token): its block table goes to the runner only if it changed
+                rows.append(Row(seq.tokens[c:c + 1], c, seq.block_table, seq.state_slot, c + 1 == len(seq.tokens),
+                                seq.table_tensor))
+                continue
             if seq.draft and seq.remaining == 1:  # the last token and a draft to verify: logits at each
                 rows.append(Row(seq.tokens[c:] + seq.draft, c, seq.block_table, seq.state_slot, True, num_logits=n,
                                 saved_states=[] if self.has_kda else None))
                 continue
             rows.append(Row(seq.tokens[c:c + n], c, seq.block_table, seq.state_slot, c + n == len(seq.tokens),
-                            seq.table_tensor() if n == 1 else None, self.scheduler.interior_snapshots(seq, n)))
+                            snapshots=self.scheduler.interior_snapshots(seq, n)))
         logits = self.runner.run(rows)
         plain, plain_rows, verified, offset = [], [], [], 0
         for (seq, n), row in zip(scheduled, rows):
@@ -303,7 +313,7 @@ class Engine:
             offset += row.num_logits
         verified = [(seq, emitted) for (seq, row, _), emitted in zip(verified, self._accept(verified))]
         computed = {id(seq): len(emitted) for seq, emitted in verified}
-        self.scheduler.after_step([(seq, computed.get(id(seq), n)) for seq, n in scheduled])
+        self.scheduler.after_step([(seq, computed.get(id(seq), n)) for seq, n in scheduled] if verified else scheduled)
         for seq, _ in verified:
             self.scheduler.shrink(seq)
         self._apply_slot_ops()
@@ -314,8 +324,12 @@ class Engine:
                                 self._verify_logits.pop(id(seq)))
         self._account(scheduled, time.perf_counter() - started, sum(len(r.tokens) for r in rows if r.num_logits > 1),
                       sum(len(e) for _, e in verified))
-        for seq, _ in scheduled:
-            changed[seq.request.request_id] = seq.request
+        if self.stream_outputs:
+            for seq, _ in scheduled:
+                changed[seq.request.request_id] = seq.request
+        else:  # only requests that finished report; a request finishes when its last sample does, in _check_finish
+            for request in self._finishing:
+                changed[request.request_id] = request
         outputs = []
         for request in changed.values():
             finished = request.finished
@@ -414,34 +428,36 @@ class Engine:
                     layer.state[op[2]].copy_(layer.state[op[1]])
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """All rows drawn in one batched call, their tokens (and logprobs) brought back in one copy."""
         params = [s.request.params for s in seqs]
         uniforms = [s.rng.random() if p.temperature > 0 else 0.0 for s, p in zip(seqs, params)]
-        tokens = sample_rows(logits, [p.temperature for p in params], [p.top_k for p in params],
-                             [p.top_p for p in params], uniforms)
-        with_logprobs = [i for i, p in enumerate(params) if p.logprobs is not None]
-        logprobs = {}
-        if with_logprobs:
-            index = torch.tensor(with_logprobs, device=logits.device)
-            entries = top_logprobs(logits[index], tokens[index], [params[i].logprobs for i in with_logprobs])
-            logprobs = dict(zip(with_logprobs, entries))
+        tokens, logprobs = sample_step(logits, [p.temperature for p in params], [p.top_k for p in params],
+                                       [p.top_p for p in params], uniforms, [p.logprobs for p in params])
         now = time.monotonic()
-        for i, (seq, token) in enumerate(zip(seqs, tokens.tolist())):
+        self.counters["generated_tokens"] += len(seqs)
+        drafter = self.drafter
+        for seq, token, entry in zip(seqs, tokens, logprobs):
             seq.tokens.append(token)
             seq.run_tokens += 1
-            self.counters["generated_tokens"] += 1
-            if i in logprobs:
-                seq.output.logprobs.append(logprobs[i])
+            if entry is not None:
+                seq.output.logprobs.append(entry)
             metrics = seq.request.metrics
-            metrics["first_token_time"] = metrics["first_token_time"] or now
+            if metrics["first_token_time"] is None:
+                metrics["first_token_time"] = now
             metrics["last_token_time"] = now
             self._check_finish(seq, token)
-            if self.drafter is not None and seq.status != FINISHED:
-                self.drafter.observe(seq)
+            if drafter is not None and seq.status != FINISHED:
+                drafter.observe(seq)
 
     def _check_finish(self, seq: Sequence, token: int) -> None:
-        params = seq.request.params
+        request = seq.request
         output = seq.output
         output.token_ids.append(token)
+        # most tokens end nothing and need no text: a set lookup and a length check
+        if (token not in request.stop_ids and len(output.token_ids) < seq.max_output
+                and (self.tokenizer is None or not (self.stream_outputs or request.params.stop))):
+            return
+        params = request.params
         stopped_by_token = token in (params.stop_token_ids or ()) or (not params.ignore_eos and token in self.eos_ids)
         reason = "stop" if stopped_by_token else None
         if self.tokenizer is not None and not stopped_by_token and (self.stream_outputs or params.stop):
@@ -459,6 +475,8 @@ class Engine:
                     self._cut_at_stop(output, params.stop, 0)
             output.finish_reason = reason
             self.scheduler.finish(seq)
+            if request.finished:
+                self._finishing.append(request)
 
     def _detokenize(self, seq: Sequence, ids: list[int]) -> None:
         """Append the text of the new tokens, decoding only the tokens since the last complete piece (so a

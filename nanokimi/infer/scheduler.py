@@ -49,10 +49,14 @@ class Request:
                         "last_token_time": None, "finished_time": None}
         self.sequences: list[Sequence] = []
         self.num_cached_tokens = 0
+        self.stop_ids: frozenset[int] = frozenset()  # tokens that end a sample (set by the engine)
 
     @property
     def finished(self) -> bool:
-        return all(s.status == FINISHED for s in self.sequences)
+        for seq in self.sequences:  # a loop, not all(generator): it runs for every request in every step
+            if seq.status != FINISHED:
+                return False
+        return True
 
 
 class Sequence:
@@ -81,6 +85,7 @@ class Sequence:
         self.order = 0  # arrival rank; set by the scheduler
         self.queued_at = 0  # the scheduler step at which it (re)joined the queue
         self.run_tokens = 0  # tokens generated since it was last admitted or resumed (divided rollout)
+        self.max_output = request.params.max_tokens  # output tokens at which it ends (the engine caps it by context)
         last_full = self.num_prompt // block_size * block_size
         resend = (self.num_prompt - 1) // block_size * block_size
         self.prompt_points = {p for p in (last_full, resend) if p > 0}
@@ -203,24 +208,31 @@ class Scheduler:
     def _schedule_once(self) -> list[tuple[Sequence, int]]:
         budget = self.max_step_tokens
         scheduled = []
+        bs, drafting = self.block_size, self.drafter is not None
         for seq in list(self.running):
             if budget == 0:
                 break
-            if seq.status != RUNNING or seq.remaining != 1:
+            if seq.status != RUNNING or len(seq.tokens) - seq.num_computed != 1:
                 continue
-            while not self._grow(seq, seq.num_computed + 1):
-                victim = self._victim()
-                self._preempt(victim)
-                if victim is seq:
-                    break
-            if seq.status == RUNNING:
-                seq.draft = self._draft(seq, budget - 1) if self.drafter is not None else []
+            if seq.num_computed >= len(seq.block_table) * bs:  # its next token starts a block (else: no _grow)
+                while not self._grow(seq, seq.num_computed + 1):
+                    victim = self._victim()
+                    self._preempt(victim)
+                    if victim is seq:
+                        break
+                if seq.status != RUNNING:
+                    continue
+            if drafting:
+                seq.draft = self._draft(seq, budget - 1)
                 scheduled.append((seq, 1 + len(seq.draft)))
                 budget -= 1 + len(seq.draft)
+            else:
+                scheduled.append((seq, 1))
+                budget -= 1
         for seq in list(self.running):
             if budget == 0:
                 break
-            if seq.status != RUNNING or seq.remaining <= 1:
+            if seq.status != RUNNING or len(seq.tokens) - seq.num_computed <= 1:
                 continue
             n = self._fit(seq, self._chunk(seq, budget))
             if n:
@@ -403,11 +415,12 @@ class Scheduler:
 
     def after_step(self, scheduled: list[tuple[Sequence, int]]) -> None:
         """Advance the computed counts; register newly full blocks; snapshot KDA states at their points."""
+        bs, caching = self.block_size, self.prefix_caching
         for seq, n in scheduled:
-            before = seq.num_computed // self.block_size
+            before = seq.num_computed // bs
             seq.num_computed += n
-            full = seq.num_computed // self.block_size
-            if not self.prefix_caching or full == before:  # no block completed (snapshot points end blocks)
+            full = seq.num_computed // bs
+            if full == before or not caching:  # no block completed (snapshot points end blocks)
                 continue
             seq.ensure_hashes(full)
             for i in range(before, full):
