@@ -280,7 +280,9 @@ class Engine:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return [self._output(r) for r in changed.values()]
-        scheduled.sort(key=lambda item: item[1] != 1)  # one-token rows first (the runner batches them)
+        decode = [item for item in scheduled if item[1] == 1]  # one-token rows first (the runner batches them)
+        if len(decode) < len(scheduled):
+            scheduled = decode + [item for item in scheduled if item[1] != 1]
         started = time.perf_counter()
         self._apply_slot_ops()
         now = time.monotonic()
@@ -302,7 +304,12 @@ class Engine:
                             snapshots=self.scheduler.interior_snapshots(seq, n)))
         logits = self.runner.run(rows)
         plain, plain_rows, verified, offset = [], [], [], 0
-        for (seq, n), row in zip(scheduled, rows):
+        if self.drafter is None:  # no draft to verify: one logits row per row that wants one, in order
+            plain = [seq for (seq, _), row in zip(scheduled, rows) if row.wants_logits]
+            scheduled_rows = ()
+        else:
+            scheduled_rows = zip(scheduled, rows)
+        for (seq, n), row in scheduled_rows:
             if not row.wants_logits:
                 continue
             if row.num_logits == 1:  # no per-row slice: the sampled rows are taken together below
@@ -430,33 +437,44 @@ class Engine:
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """All rows drawn in one batched call, their tokens (and logprobs) brought back in one copy."""
         params = [s.request.params for s in seqs]
-        uniforms = [s.rng.random() if p.temperature > 0 else 0.0 for s, p in zip(seqs, params)]
-        tokens, logprobs = sample_step(logits, [p.temperature for p in params], [p.top_k for p in params],
-                                       [p.top_p for p in params], uniforms, [p.logprobs for p in params])
+        temperature = [p.temperature for p in params]
+        if any(temperature):
+            uniforms = [s.rng.random() if t > 0 else 0.0 for s, t in zip(seqs, temperature)]
+            top_k, top_p = [p.top_k for p in params], [p.top_p for p in params]
+        else:  # all greedy: no draw, no filter
+            uniforms = top_k = top_p = temperature
+        tokens, logprobs = sample_step(logits, temperature, top_k, top_p, uniforms, [p.logprobs for p in params])
         now = time.monotonic()
         self.counters["generated_tokens"] += len(seqs)
         drafter = self.drafter
+        detokenize = self.tokenizer is not None and self.stream_outputs
+        stop_strings = self.tokenizer is not None
         for seq, token, entry in zip(seqs, tokens, logprobs):
             seq.tokens.append(token)
             seq.run_tokens += 1
+            output, request = seq.output, seq.request
             if entry is not None:
-                seq.output.logprobs.append(entry)
-            metrics = seq.request.metrics
+                output.logprobs.append(entry)
+            metrics = request.metrics
             if metrics["first_token_time"] is None:
                 metrics["first_token_time"] = now
             metrics["last_token_time"] = now
-            self._check_finish(seq, token)
+            output.token_ids.append(token)  # _check_finish inlined: most tokens end nothing and need no text
+            if (token in request.stop_ids or len(output.token_ids) >= seq.max_output or detokenize
+                    or (stop_strings and request.params.stop)):
+                self._apply_stop_rules(seq, token)
             if drafter is not None and seq.status != FINISHED:
                 drafter.observe(seq)
 
     def _check_finish(self, seq: Sequence, token: int) -> None:
+        """Output the token and end the sample if it stops it (stop token, stop string, length)."""
+        seq.output.token_ids.append(token)
+        self._apply_stop_rules(seq, token)
+
+    def _apply_stop_rules(self, seq: Sequence, token: int) -> None:
+        """The stop rules for the output's last token (`token`); detokenizes when text is wanted."""
         request = seq.request
         output = seq.output
-        output.token_ids.append(token)
-        # most tokens end nothing and need no text: a set lookup and a length check
-        if (token not in request.stop_ids and len(output.token_ids) < seq.max_output
-                and (self.tokenizer is None or not (self.stream_outputs or request.params.stop))):
-            return
         params = request.params
         stopped_by_token = token in (params.stop_token_ids or ()) or (not params.ignore_eos and token in self.eos_ids)
         reason = "stop" if stopped_by_token else None

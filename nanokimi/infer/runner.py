@@ -18,6 +18,7 @@ from nanokimi.model.paged import (PagedBatch, PrefillPiece, check_kda_slot_kerne
                                   short_pieces)
 from nanokimi.model.rope import Rotary
 from nanokimi.runtime.graphs import capture, graph_pool
+from nanokimi.runtime.host import host_tensor
 
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 512, 640, 768, 896, 1024)
 
@@ -128,12 +129,11 @@ class ModelRunner:
         state = [self.dummy_slot if r.state_slot is None else r.state_slot for r in rows]
         return self._decode_tables(rows, width, size) if tables else None, positions, slots, state
 
-    def _changed_tables(self, key: tuple[int, int], rows: list[Row]) -> list[int]:
+    def _changed_tables(self, key: tuple[int, int], tables: list[list[int]]) -> list[int]:
         """The rows of graph `key`'s block-table buffer that differ from these rows' tables (a row past the
         last one is padding: all block 0); the record of the buffer's contents is updated to these tables.
         A row's table changes every block_size steps, and rows move up when a sequence before them ends."""
         held = self.graph_tables.setdefault(key, [])
-        tables = [r.block_table for r in rows]
         if held == tables:
             return []
         changed = list(compress(range(len(tables)), map(operator.ne, held, tables)))
@@ -195,9 +195,10 @@ class ModelRunner:
 
     def _run_graphed(self, rows: list[Row]) -> torch.Tensor | None:
         size = _bucket(len(rows), GRAPH_BATCH_SIZES)
-        width = max(len(r.block_table) for r in rows)
-        width = min(_bucket(width, [2 ** i for i in range(32)]), self.max_blocks)
-        if size is None or width < max(len(r.block_table) for r in rows):
+        row_tables = [r.block_table for r in rows]
+        longest = max(map(len, row_tables))
+        width = min(_bucket(longest, [2 ** i for i in range(32)]), self.max_blocks)
+        if size is None or width < longest:
             return None
         key = (size, width)
         if key not in self.graphs:
@@ -222,15 +223,16 @@ class ModelRunner:
             logits = graph
         pad = size - len(rows)
         _, positions, slots, state = self._decode_tensors(rows, width, size, tables=False)
-        host = torch.tensor([[r.tokens[0] for r in rows] + [0] * pad, positions + [0] * pad, slots + [0] * pad,
-                             state + [self.dummy_slot] * pad], dtype=torch.long).flatten()
-        changed = self._changed_tables(key, rows)
+        zeros = [0] * pad
+        host = host_tensor([r.tokens[0] for r in rows] + zeros + positions + zeros + slots + zeros + state +
+                           [self.dummy_slot] * pad)
+        changed = self._changed_tables(key, row_tables)
         if not changed:
             inputs[:host.shape[0]].copy_(host, non_blocking=True)
         else:  # the rows whose tables changed, rewritten whole (zero-padded) on the device after one copy
             # (changed rows past the last row, now padding, come last in `changed`: all block 0)
             new = self._decode_tables([rows[i] for i in changed if i < len(rows)], width, len(changed))
-            staged = torch.cat([host, torch.tensor(changed), new.flatten()]).to(self.device, non_blocking=True)
+            staged = torch.cat([host, host_tensor(changed), new.flatten()]).to(self.device, non_blocking=True)
             inputs[:host.shape[0]].copy_(staged[:host.shape[0]])
             index, values = staged[host.shape[0]:].split([len(changed), len(changed) * width])
             batch.block_tables.index_copy_(0, index, values.view(len(changed), width))

@@ -7,25 +7,31 @@ to the device in one copy, and `sample_step` brings the tokens (and logprobs) ba
 """
 import torch
 
+from nanokimi.runtime.host import host_tensor
+
 
 def sample_rows(logits: torch.Tensor, temperature: list[float], top_k: list[int], top_p: list[float],
                 uniforms: list[float]) -> torch.Tensor:
     """logits [R, V] -> token ids [R] (long, on logits' device). temperature 0 is greedy (argmax of the
     logits as they are); top_k 0 keeps every token; top_p keeps the smallest set of most likely tokens whose
     probability reaches it (always at least the top token); uniforms [R] in [0, 1) drive the draws."""
-    greedy = logits.argmax(dim=-1)
     sampled_rows = [i for i, t in enumerate(temperature) if t > 0]
     if not sampled_rows:
-        return greedy
+        return logits.argmax(dim=-1)
     device = logits.device
     vocab = logits.shape[-1]
     # one host-to-device copy of every sampled row's parameters (float64 holds the indices and k exactly)
-    table = torch.tensor([sampled_rows, [temperature[i] for i in sampled_rows],
-                          [top_k[i] or vocab for i in sampled_rows], [top_p[i] for i in sampled_rows],
-                          [uniforms[i] for i in sampled_rows]], dtype=torch.float64).to(device)
-    rows, k = table[0].long(), table[2].long()
-    temp, p, u = table[1].float(), table[3].float(), table[4]
-    scaled = logits.index_select(0, rows).float() / temp[:, None]  # [S, V]
+    every = len(sampled_rows) == len(temperature)  # (RL: every row samples; no row selection)
+    if every:
+        columns = (temperature, [k or vocab for k in top_k], top_p, uniforms)
+    else:
+        columns = ([temperature[i] for i in sampled_rows], [top_k[i] or vocab for i in sampled_rows],
+                   [top_p[i] for i in sampled_rows], [uniforms[i] for i in sampled_rows], sampled_rows)
+    table = torch.cat([host_tensor(c, torch.float64) for c in columns]).to(device).view(len(columns), -1)
+    temp, k, p, u = table[0].float(), table[1].long(), table[2].float(), table[3]
+    rows = None if every else table[4].long()
+    greedy = None if every else logits.argmax(dim=-1)
+    scaled = (logits if every else logits.index_select(0, rows)).float() / temp[:, None]  # [S, V]
     sorted_logits, order = scaled.sort(dim=-1, descending=True)
     rank = torch.arange(vocab, device=device)[None, :]
     sorted_logits = sorted_logits.masked_fill(rank >= k[:, None], float("-inf"))
@@ -35,7 +41,7 @@ def sample_rows(logits: torch.Tensor, temperature: list[float], top_k: list[int]
     cdf = sorted_logits.softmax(-1).double().cumsum(-1)  # [S, V]
     index = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp(max=vocab - 1)
     tokens = order.gather(1, index).squeeze(1)
-    return greedy.index_copy(0, rows, tokens)
+    return tokens if every else greedy.index_copy(0, rows, tokens)
 
 
 def _logprob_parts(logits: torch.Tensor, chosen: torch.Tensor, width: int) -> list[torch.Tensor]:
@@ -52,6 +58,8 @@ def _logprob_parts(logits: torch.Tensor, chosen: torch.Tensor, width: int) -> li
 def _logprob_entries(host: list[float], chosen: list[int], k: list[int]) -> list[dict[int, float]]:
     """The per-row dicts from _logprob_parts' values on the host (host: their concatenation)."""
     rows, width = len(k), max(k)
+    if width == 0:  # only the chosen tokens' (RL's logprobs=0)
+        return [{token: value} for token, value in zip(chosen, host[:rows])]
     out = []
     for r, kr in enumerate(k):
         start = rows + r * width
@@ -75,11 +83,13 @@ def sample_step(logits: torch.Tensor, temperature: list[float], top_k: list[int]
     wanted = [i for i, k in enumerate(logprobs) if k is not None]
     if not wanted:
         return tokens.tolist(), [None] * len(logprobs)
-    index = torch.tensor(wanted, device=logits.device)
+    index = host_tensor(wanted).to(logits.device)
     k = [logprobs[i] for i in wanted]
     parts = _logprob_parts(logits.index_select(0, index), tokens.index_select(0, index), max(k))
     host = torch.cat([tokens.double()] + parts).tolist()  # token ids are exact in float64
-    chosen = [int(t) for t in host[:len(logprobs)]]
+    chosen = list(map(int, host[:len(logprobs)]))
+    if len(wanted) == len(logprobs):
+        return chosen, _logprob_entries(host[len(logprobs):], chosen, k)
     entries: list[dict[int, float] | None] = [None] * len(logprobs)
     for i, entry in zip(wanted, _logprob_entries(host[len(logprobs):], [chosen[i] for i in wanted], k)):
         entries[i] = entry

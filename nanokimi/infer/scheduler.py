@@ -209,10 +209,13 @@ class Scheduler:
         budget = self.max_step_tokens
         scheduled = []
         bs, drafting = self.block_size, self.drafter is not None
+        prefilling = []  # running sequences with more than one token to compute, in order
         for seq in list(self.running):
             if budget == 0:
                 break
             if seq.status != RUNNING or len(seq.tokens) - seq.num_computed != 1:
+                if len(seq.tokens) - seq.num_computed > 1:
+                    prefilling.append(seq)
                 continue
             if seq.num_computed >= len(seq.block_table) * bs:  # its next token starts a block (else: no _grow)
                 while not self._grow(seq, seq.num_computed + 1):
@@ -229,10 +232,10 @@ class Scheduler:
             else:
                 scheduled.append((seq, 1))
                 budget -= 1
-        for seq in list(self.running):
+        for seq in prefilling if budget else ():  # (a full budget stopped the loop above: nothing more fits)
             if budget == 0:
                 break
-            if seq.status != RUNNING or len(seq.tokens) - seq.num_computed <= 1:
+            if seq.status != RUNNING:  # preempted above
                 continue
             n = self._fit(seq, self._chunk(seq, budget))
             if n:
