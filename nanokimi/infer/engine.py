@@ -280,21 +280,21 @@ class Engine:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return [self._output(r) for r in changed.values()]
-        decode = [item for item in scheduled if item[1] == 1]  # one-token rows first (the runner batches them)
-        if len(decode) < len(scheduled):
-            scheduled = decode + [item for item in scheduled if item[1] != 1]
+        one_token = [item for item in scheduled if item[1] == 1]  # one-token rows first (the runner batches them)
+        if len(one_token) < len(scheduled):
+            scheduled = one_token + [item for item in scheduled if item[1] != 1]
         started = time.perf_counter()
         self._apply_slot_ops()
         now = time.monotonic()
-        rows = []
+        rows, decode = [], 0
         for seq, n in scheduled:
             metrics = seq.request.metrics
             if metrics["first_scheduled_time"] is None:
                 metrics["first_scheduled_time"] = now
             c = seq.num_computed
-            if n == 1:  # a decode (or a prompt's last token): its block table goes to the runner only if it changed
-                rows.append(Row(seq.tokens[c:c + 1], c, seq.block_table, seq.state_slot, c + 1 == len(seq.tokens),
-                                seq.table_tensor))
+            if n == 1:  # a decode, or a prompt's last token
+                rows.append(Row(seq.tokens[c:c + 1], c, seq.block_table, seq.state_slot, c + 1 == len(seq.tokens)))
+                decode += c >= seq.num_prompt
                 continue
             if seq.draft and seq.remaining == 1:  # the last token and a draft to verify: logits at each
                 rows.append(Row(seq.tokens[c:] + seq.draft, c, seq.block_table, seq.state_slot, True, num_logits=n,
@@ -329,7 +329,8 @@ class Engine:
         for seq, emitted in verified:
             self._emit_verified(seq, emitted, logits.new_empty(0) if seq.output.logprobs is None else
                                 self._verify_logits.pop(id(seq)))
-        self._account(scheduled, time.perf_counter() - started, sum(len(r.tokens) for r in rows if r.num_logits > 1),
+        self._account(scheduled, time.perf_counter() - started, decode,
+                      sum(len(r.tokens) for r in rows if r.num_logits > 1) if verified else 0,
                       sum(len(e) for _, e in verified))
         if self.stream_outputs:
             for seq, _ in scheduled:
@@ -514,9 +515,9 @@ class Engine:
             output.text = output.text[:min(hits)]
         return bool(hits)
 
-    def _account(self, scheduled, seconds: float, verified_rows: int = 0, verified_tokens: int = 0) -> None:
-        """verified_rows: tokens run to verify drafts; verified_tokens: tokens they emitted (counted as decode)."""
-        decode = sum(1 for seq, n in scheduled if n == 1 and seq.num_computed > seq.num_prompt)  # counts after the step
+    def _account(self, scheduled, seconds: float, decode: int, verified_rows: int = 0, verified_tokens: int = 0) -> None:
+        """decode: one-token rows past their prompts; verified_rows: tokens run to verify drafts; verified_tokens:
+        tokens they emitted (counted as decode)."""
         prefill = sum(n for _, n in scheduled) - decode - verified_rows
         decode += verified_tokens
         self.counters["prefill_tokens"] += prefill

@@ -6,7 +6,6 @@ rows are padded up to the bucket with rows that write to the reserved block 0 an
 import operator
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import compress
 
@@ -31,8 +30,6 @@ class Row:
     block_table: list[int]
     state_slot: int | None
     wants_logits: bool
-    # returns the block table as a CPU tensor (kept up to date incrementally); called only when it is needed
-    table_tensor: Callable[[], torch.Tensor] | None = None
     snapshots: list[tuple[int, int]] = field(default_factory=list)  # KDA: (tokens into the row, snapshot slot)
     num_logits: int = 1  # logits of the last num_logits tokens (a speculative draft's verification wants all)
     saved_states: list | None = None  # a list: KDA layers keep their state after every token (PrefillPiece's)
@@ -127,7 +124,8 @@ class ModelRunner:
         bs = self.block_size
         slots = [r.block_table[p // bs] * bs + p % bs for r, p in zip(rows, positions)]
         state = [self.dummy_slot if r.state_slot is None else r.state_slot for r in rows]
-        return self._decode_tables(rows, width, size) if tables else None, positions, slots, state
+        table = self._decode_tables([r.block_table for r in rows], width, size) if tables else None
+        return table, positions, slots, state
 
     def _changed_tables(self, key: tuple[int, int], tables: list[list[int]]) -> list[int]:
         """The rows of graph `key`'s block-table buffer that differ from these rows' tables (a row past the
@@ -145,17 +143,16 @@ class ModelRunner:
                 held[i] = list(tables[i])
         return changed
 
-    def _decode_tables(self, rows: list[Row], width: int, size: int | None = None) -> torch.Tensor:
-        """Block tables [size or len(rows), width], padded with block 0 (rows past len(rows): all block 0)."""
-        tables = torch.zeros(size or len(rows), width, dtype=torch.long)
-        if rows:  # every row's table in one scatter (a Python loop of slice assignments costs ~3 us a row)
-            row_tables = [torch.tensor(r.block_table, dtype=torch.long) if r.table_tensor is None else r.table_tensor()
-                          for r in rows]
-            lengths = torch.tensor([t.shape[0] for t in row_tables])
-            flat = torch.cat(row_tables)
-            column = torch.arange(flat.shape[0]) - (lengths.cumsum(0) - lengths).repeat_interleave(lengths)
-            tables[torch.arange(len(rows)).repeat_interleave(lengths), column] = flat
-        return tables
+    @staticmethod
+    def _decode_tables(tables: list[list[int]], width: int, size: int | None = None) -> torch.Tensor:
+        """Block tables [size or len(tables), width], padded with block 0 (rows past the last table: all block 0).
+        One flat list and one array conversion: about 25 ns a block entry, cheaper than tensors kept per row."""
+        flat = []
+        for table in tables:
+            flat += table
+            flat += [0] * (width - len(table))
+        flat += [0] * (((size or len(tables)) - len(tables)) * width)
+        return host_tensor(flat).view(-1, width)
 
     def _build(self, rows: list[Row], num_decode: int):
         device = self.device
@@ -231,7 +228,7 @@ class ModelRunner:
             inputs[:host.shape[0]].copy_(host, non_blocking=True)
         else:  # the rows whose tables changed, rewritten whole (zero-padded) on the device after one copy
             # (changed rows past the last row, now padding, come last in `changed`: all block 0)
-            new = self._decode_tables([rows[i] for i in changed if i < len(rows)], width, len(changed))
+            new = self._decode_tables([row_tables[i] for i in changed if i < len(rows)], width, len(changed))
             staged = torch.cat([host, host_tensor(changed), new.flatten()]).to(self.device, non_blocking=True)
             inputs[:host.shape[0]].copy_(staged[:host.shape[0]])
             index, values = staged[host.shape[0]:].split([len(changed), len(changed) * width])

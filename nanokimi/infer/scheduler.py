@@ -27,9 +27,6 @@ Seer options (off by default; docs/seer.md):
 import random
 from collections import deque
 
-import torch
-
-
 from nanokimi.infer.block_manager import BlockPool, StateSlots, block_hash
 from nanokimi.infer.params import CompletionOutput, SamplingParams
 from nanokimi.infer.speculative import next_draft_length
@@ -74,7 +71,6 @@ class Sequence:
         self.rng = random.Random(seed)  # this sample's own stream: one uniform per sampled token
         self.output = CompletionOutput(index, logprobs=[] if request.params.logprobs is not None else None)
         self.status = WAITING
-        self._table = (torch.zeros(0, dtype=torch.long), None)  # (tensor copy of block_table, the list it copies)
         self.detok_offsets = (0, 0)  # incremental detokenization: output tokens [prefix, read) give the text's tail
         # KDA snapshots: every snapshot_interval tokens (prompt and output: a next chat turn reuses the
         # conversation so far), the prompt's last full block (for longer prompts that extend it), and the
@@ -97,17 +93,6 @@ class Sequence:
         """The first snapshot point after `after`."""
         step = (after // self.snapshot_interval + 1) * self.snapshot_interval
         return min([step] + [p for p in self.prompt_points if p > after])
-
-    def table_tensor(self) -> torch.Tensor:
-        """block_table as a CPU long tensor, extended by the new entries only (long contexts have long tables)."""
-        cached, source = self._table
-        have = cached.shape[0]  # not len(): Tensor.__len__ costs a Python call per row per step
-        if source is not self.block_table or have > len(self.block_table):  # replaced after a preemption
-            cached = torch.tensor(self.block_table, dtype=torch.long)
-        elif have < len(self.block_table):
-            cached = torch.cat([cached, torch.tensor(self.block_table[have:], dtype=torch.long)])
-        self._table = (cached, self.block_table)
-        return cached
 
     @property
     def remaining(self) -> int:
