@@ -1,14 +1,21 @@
 """Host time of the engine's decode step: the Python work of Engine.step() outside the model forward
-(scheduling, block tables, input tensors, sampling, outputs), on the CPU with the tiny preset.
+(scheduling, block tables, input tensors, sampling, stop checks, outputs), on the CPU with the tiny preset.
 
-    python benchmarks/engine_host.py            # batches 16 and 128, prompt 512
+    python benchmarks/engine_host.py            # batches 16, 128, 512 and 1024, prompt 64, both modes
+    python benchmarks/engine_host.py --profile  # also print where the host time goes (cProfile, largest batch)
 
-The step runs use_cuda_graph="static" (the padded step a CUDA graph captures, the path CUDA decodes
-take); the forward inside is timed separately and taken off. Times are this thread's CPU time
-(time.thread_time), so other processes on a shared machine do not inflate them; the forward still
-runs, so sampling sees real logits.
+Modes: "greedy" (temperature 0, outputs streamed every step: the server's shape) and "sampled" (temperature 1,
+top_p 0.95, a seed and logprobs=0 per request, finished outputs only: RL rollouts' shape). The step runs
+use_cuda_graph="static" (the padded step a CUDA graph captures, the path CUDA decodes take; a batch above the
+largest graph bucket runs eagerly); the model's forward and the sampling kernels (DEVICE_CALLS) inside are timed
+separately and taken off. Times are this thread's CPU time (time.thread_time), so other
+processes on a shared machine do not inflate them; the forward still runs, so sampling sees real logits.
+host ms/step is the median step; the mean includes the steps in which Python's garbage collector made a full pass.
 """
 import argparse
+import cProfile
+import importlib
+import pstats
 import statistics
 import time
 from pathlib import Path
@@ -18,59 +25,102 @@ import torch
 from perf_common import environment, print_table, results_path, write_results
 from nanokimi.config import ModelConfig
 from nanokimi.infer import Engine, SamplingParams
-from nanokimi.infer import runner as runner_module
 from nanokimi.model import build_model
 
+MODES = ("greedy", "sampled")
+# device work besides the forward, timed and taken off like it: the sampling kernels (sort, softmax, cumsum,
+# searchsorted) and the logprob kernels (log_softmax, topk) cost milliseconds on the CPU, microseconds of
+# launches on a GPU; the parameters' and results' copies inside them are counted as device work too
+DEVICE_CALLS = (("nanokimi.infer.sampling", "sample_rows"), ("nanokimi.infer.sampling", "_logprob_parts"))
+PROFILE_SORT = ("tottime",)
 
-def host_ms(model, batch: int, prompt: int, steps: int) -> dict:
+
+def request_params(mode: str, max_tokens: int, i: int) -> SamplingParams:
+    if mode == "greedy":
+        return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    return SamplingParams(max_tokens=max_tokens, temperature=1.0, top_p=0.95, seed=i, logprobs=0, ignore_eos=True)
+
+
+def host_ms(model, mode: str, batch: int, prompt: int, steps: int, profile: bool = False) -> dict:
     engine = Engine(model, max_num_seqs=max(256, batch), use_cuda_graph="static", max_step_tokens=8192,
                     max_cache_tokens=batch * (prompt + steps + 64))
+    engine.stream_outputs = mode == "greedy"
     g = torch.Generator().manual_seed(batch)
     for i in range(batch):
         engine.add_request(f"r{i}", torch.randint(3, model.config.vocab_size, (prompt,), generator=g).tolist(),
-                           SamplingParams(max_tokens=steps + 16, temperature=0, ignore_eos=True))
+                           request_params(mode, steps + 16, i))
     while engine.scheduler.waiting or engine.num_waiting_prefill_tokens() > 0:
         engine.step()
     for _ in range(3):
         engine.step()
-    forward = []
-    replay = runner_module.StaticReplay.replay
+    forward = []  # per step: the model's own calls (a batch above the graph buckets runs eagerly) and DEVICE_CALLS
+    hidden_states, lm_head = model.hidden_states, model.lm_head.forward
+    device_calls = [(importlib.import_module(module), name) for module, name in DEVICE_CALLS]
+    originals = [getattr(module, name) for module, name in device_calls]
 
-    def timed_replay(self):
-        t0 = time.thread_time()
-        replay(self)
-        forward.append(time.thread_time() - t0)
+    def timed(fn):
+        def call(*args, **kwargs):
+            t0 = time.thread_time()
+            out = fn(*args, **kwargs)
+            forward[-1] += time.thread_time() - t0
+            return out
+        return call
 
-    runner_module.StaticReplay.replay = timed_replay
+    model.hidden_states, model.lm_head.forward = timed(hidden_states), timed(lm_head)
+    for (module, name), fn in zip(device_calls, originals):
+        setattr(module, name, timed(fn))
     total = []
+    profiler = cProfile.Profile() if profile else None
     try:
         for _ in range(steps):
+            if profiler is not None:
+                profiler.enable()
+            forward.append(0.0)
             t0 = time.thread_time()
             engine.step()
             total.append(time.thread_time() - t0)
+            if profiler is not None:
+                profiler.disable()
     finally:
-        runner_module.StaticReplay.replay = replay
+        del model.hidden_states, model.lm_head.forward
+        for (module, name), fn in zip(device_calls, originals):
+            setattr(module, name, fn)
+    if profiler is not None:
+        print(f"\n{mode}, batch {batch}: the engine's functions by own time (forward included; {steps} steps)")
+        pstats.Stats(profiler).sort_stats(*PROFILE_SORT).print_stats(r"infer|builtins|method", 25)
     host = [t - f for t, f in zip(total, forward)]
-    return dict(batch=batch, prompt=prompt, steps=steps, host_ms=round(statistics.median(host) * 1e3, 3),
-                forward_ms=round(statistics.median(forward) * 1e3, 3))
+    median = statistics.median(host)
+    return dict(mode=mode, batch=batch, prompt=prompt, steps=steps, host_ms=round(median * 1e3, 3),
+                host_us_per_row=round(median * 1e6 / batch, 2),
+                host_mean_ms=round(statistics.mean(host) * 1e3, 3),  # with the garbage collector's full passes
+                device_ms=round(statistics.median(forward) * 1e3, 3))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batches", default="16,128")
-    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--batches", default="16,128,512,1024")
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--profile", action="store_true", help="cProfile the steps of the largest batch")
+    ap.add_argument("--name", default="tiny-KA", help="the results' key (e.g. a label for a before/after pair)")
     ap.add_argument("--out")
     args = ap.parse_args()
+    modes = args.modes.split(",")
+    if any(m not in MODES for m in modes):
+        raise SystemExit(f"engine_host.py: error: --modes takes {', '.join(MODES)}; got {args.modes!r}")
     torch.set_num_threads(1)
     torch.manual_seed(0)
     cfg = ModelConfig.preset("tiny", vocab_size=512, num_layers=2, mixers="KA", max_position_embeddings=2048)
     model = build_model(cfg).eval()
-    rows = [host_ms(model, int(b), args.prompt, args.steps) for b in args.batches.split(",")]
-    print_table(["batch", "host ms/step", "forward ms/step"],
-                [[r["batch"], r["host_ms"], r["forward_ms"]] for r in rows])
+    batches = [int(b) for b in args.batches.split(",")]
+    rows = [host_ms(model, mode, b, args.prompt, args.steps, args.profile and b == max(batches))
+            for mode in modes for b in batches]
+    print_table(["mode", "batch", "host ms/step", "host us/row", "host mean ms", "device ms/step"],
+                [[r["mode"], r["batch"], r["host_ms"], r["host_us_per_row"], r["host_mean_ms"], r["device_ms"]]
+                 for r in rows])
     out = results_path("engine_host", False) if args.out is None else Path(args.out)
-    write_results(out, environment(torch.device("cpu")), {"tiny-KA": rows})
+    write_results(out, environment(torch.device("cpu")), {args.name: rows})
     print(f"wrote {out}")
 
 

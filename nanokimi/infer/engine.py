@@ -19,7 +19,7 @@ from torch import nn
 from nanokimi.infer.block_manager import BlockPool, StateSlots, block_hash
 from nanokimi.infer.params import CompletionOutput, RequestOutput, SamplingParams
 from nanokimi.infer.runner import ModelRunner, Row
-from nanokimi.infer.sampling import sample_rows, top_logprobs
+from nanokimi.infer.sampling import sample_step, top_logprobs
 from nanokimi.infer.scheduler import FINISHED, POLICIES, Request, Scheduler, Sequence
 from nanokimi.infer.speculative import accept_greedy, accept_sampled, filtered_probs, make_drafter
 from nanokimi.model.kda import KimiDeltaAttention
@@ -103,6 +103,7 @@ class Engine:
         self.stream_outputs = True  # False: step() returns finished requests only, and text is decoded once at the end
         self.requests: dict[str, Request] = {}
         self.aborted: list[Request] = []
+        self._finishing: list[Request] = []  # requests whose last sample finished in this step
         self._verify_logits: dict[int, torch.Tensor] = {}  # logits of verified drafts, kept for logprobs
         self.eos_ids = set()
         if tokenizer is not None:
@@ -197,9 +198,12 @@ class Engine:
                 raise ValueError(f"add_request: {message}.")
         arrival = time.monotonic() if arrival_time is None else arrival_time
         request = Request(request_id, prompt_token_ids, params, arrival, prompt)
+        request.stop_ids = frozenset(params.stop_token_ids or ()) | (frozenset() if params.ignore_eos else
+                                                                      frozenset(self.eos_ids))
         seed = params.seed if params.seed is not None else secrets.randbits(62)
         for i in range(params.n):
             seq = Sequence(request, i, sample_seed(seed, i), self.block_size, self.snapshot_interval)
+            seq.max_output = min(params.max_tokens, self.max_model_len - seq.num_prompt)
             request.sequences.append(seq)
             self.scheduler.add(seq)
             if self.drafter is not None:
@@ -272,27 +276,40 @@ class Engine:
     def _step(self) -> list[RequestOutput]:
         changed: dict[str, Request] = {r.request_id: r for r in self.aborted}
         self.aborted = []
+        self._finishing = []
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return [self._output(r) for r in changed.values()]
-        scheduled.sort(key=lambda item: item[1] != 1)  # one-token rows first (the runner batches them)
+        one_token = [item for item in scheduled if item[1] == 1]  # one-token rows first (the runner batches them)
+        if len(one_token) < len(scheduled):
+            scheduled = one_token + [item for item in scheduled if item[1] != 1]
         started = time.perf_counter()
         self._apply_slot_ops()
         now = time.monotonic()
-        rows = []
+        rows, decode = [], 0
         for seq, n in scheduled:
-            if seq.request.metrics["first_scheduled_time"] is None:
-                seq.request.metrics["first_scheduled_time"] = now
+            metrics = seq.request.metrics
+            if metrics["first_scheduled_time"] is None:
+                metrics["first_scheduled_time"] = now
             c = seq.num_computed
+            if n == 1:  # a decode, or a prompt's last token
+                rows.append(Row(seq.tokens[c:c + 1], c, seq.block_table, seq.state_slot, c + 1 == len(seq.tokens)))
+                decode += c >= seq.num_prompt
+                continue
             if seq.draft and seq.remaining == 1:  # the last token and a draft to verify: logits at each
                 rows.append(Row(seq.tokens[c:] + seq.draft, c, seq.block_table, seq.state_slot, True, num_logits=n,
                                 saved_states=[] if self.has_kda else None))
                 continue
             rows.append(Row(seq.tokens[c:c + n], c, seq.block_table, seq.state_slot, c + n == len(seq.tokens),
-                            seq.table_tensor() if n == 1 else None, self.scheduler.interior_snapshots(seq, n)))
+                            snapshots=self.scheduler.interior_snapshots(seq, n)))
         logits = self.runner.run(rows)
         plain, plain_rows, verified, offset = [], [], [], 0
-        for (seq, n), row in zip(scheduled, rows):
+        if self.drafter is None:  # no draft to verify: one logits row per row that wants one, in order
+            plain = [seq for (seq, _), row in zip(scheduled, rows) if row.wants_logits]
+            scheduled_rows = ()
+        else:
+            scheduled_rows = zip(scheduled, rows)
+        for (seq, n), row in scheduled_rows:
             if not row.wants_logits:
                 continue
             if row.num_logits == 1:  # no per-row slice: the sampled rows are taken together below
@@ -303,7 +320,7 @@ class Engine:
             offset += row.num_logits
         verified = [(seq, emitted) for (seq, row, _), emitted in zip(verified, self._accept(verified))]
         computed = {id(seq): len(emitted) for seq, emitted in verified}
-        self.scheduler.after_step([(seq, computed.get(id(seq), n)) for seq, n in scheduled])
+        self.scheduler.after_step([(seq, computed.get(id(seq), n)) for seq, n in scheduled] if verified else scheduled)
         for seq, _ in verified:
             self.scheduler.shrink(seq)
         self._apply_slot_ops()
@@ -312,10 +329,15 @@ class Engine:
         for seq, emitted in verified:
             self._emit_verified(seq, emitted, logits.new_empty(0) if seq.output.logprobs is None else
                                 self._verify_logits.pop(id(seq)))
-        self._account(scheduled, time.perf_counter() - started, sum(len(r.tokens) for r in rows if r.num_logits > 1),
+        self._account(scheduled, time.perf_counter() - started, decode,
+                      sum(len(r.tokens) for r in rows if r.num_logits > 1) if verified else 0,
                       sum(len(e) for _, e in verified))
-        for seq, _ in scheduled:
-            changed[seq.request.request_id] = seq.request
+        if self.stream_outputs:
+            for seq, _ in scheduled:
+                changed[seq.request.request_id] = seq.request
+        else:  # only requests that finished report; a request finishes when its last sample does, in _check_finish
+            for request in self._finishing:
+                changed[request.request_id] = request
         outputs = []
         for request in changed.values():
             finished = request.finished
@@ -414,34 +436,47 @@ class Engine:
                     layer.state[op[2]].copy_(layer.state[op[1]])
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """All rows drawn in one batched call, their tokens (and logprobs) brought back in one copy."""
         params = [s.request.params for s in seqs]
-        uniforms = [s.rng.random() if p.temperature > 0 else 0.0 for s, p in zip(seqs, params)]
-        tokens = sample_rows(logits, [p.temperature for p in params], [p.top_k for p in params],
-                             [p.top_p for p in params], uniforms)
-        with_logprobs = [i for i, p in enumerate(params) if p.logprobs is not None]
-        logprobs = {}
-        if with_logprobs:
-            index = torch.tensor(with_logprobs, device=logits.device)
-            entries = top_logprobs(logits[index], tokens[index], [params[i].logprobs for i in with_logprobs])
-            logprobs = dict(zip(with_logprobs, entries))
+        temperature = [p.temperature for p in params]
+        if any(temperature):
+            uniforms = [s.rng.random() if t > 0 else 0.0 for s, t in zip(seqs, temperature)]
+            top_k, top_p = [p.top_k for p in params], [p.top_p for p in params]
+        else:  # all greedy: no draw, no filter
+            uniforms = top_k = top_p = temperature
+        tokens, logprobs = sample_step(logits, temperature, top_k, top_p, uniforms, [p.logprobs for p in params])
         now = time.monotonic()
-        for i, (seq, token) in enumerate(zip(seqs, tokens.tolist())):
+        self.counters["generated_tokens"] += len(seqs)
+        drafter = self.drafter
+        detokenize = self.tokenizer is not None and self.stream_outputs
+        stop_strings = self.tokenizer is not None
+        for seq, token, entry in zip(seqs, tokens, logprobs):
             seq.tokens.append(token)
             seq.run_tokens += 1
-            self.counters["generated_tokens"] += 1
-            if i in logprobs:
-                seq.output.logprobs.append(logprobs[i])
-            metrics = seq.request.metrics
-            metrics["first_token_time"] = metrics["first_token_time"] or now
+            output, request = seq.output, seq.request
+            if entry is not None:
+                output.logprobs.append(entry)
+            metrics = request.metrics
+            if metrics["first_token_time"] is None:
+                metrics["first_token_time"] = now
             metrics["last_token_time"] = now
-            self._check_finish(seq, token)
-            if self.drafter is not None and seq.status != FINISHED:
-                self.drafter.observe(seq)
+            output.token_ids.append(token)  # _check_finish inlined: most tokens end nothing and need no text
+            if (token in request.stop_ids or len(output.token_ids) >= seq.max_output or detokenize
+                    or (stop_strings and request.params.stop)):
+                self._apply_stop_rules(seq, token)
+            if drafter is not None and seq.status != FINISHED:
+                drafter.observe(seq)
 
     def _check_finish(self, seq: Sequence, token: int) -> None:
-        params = seq.request.params
+        """Output the token and end the sample if it stops it (stop token, stop string, length)."""
+        seq.output.token_ids.append(token)
+        self._apply_stop_rules(seq, token)
+
+    def _apply_stop_rules(self, seq: Sequence, token: int) -> None:
+        """The stop rules for the output's last token (`token`); detokenizes when text is wanted."""
+        request = seq.request
         output = seq.output
-        output.token_ids.append(token)
+        params = request.params
         stopped_by_token = token in (params.stop_token_ids or ()) or (not params.ignore_eos and token in self.eos_ids)
         reason = "stop" if stopped_by_token else None
         if self.tokenizer is not None and not stopped_by_token and (self.stream_outputs or params.stop):
@@ -459,6 +494,8 @@ class Engine:
                     self._cut_at_stop(output, params.stop, 0)
             output.finish_reason = reason
             self.scheduler.finish(seq)
+            if request.finished:
+                self._finishing.append(request)
 
     def _detokenize(self, seq: Sequence, ids: list[int]) -> None:
         """Append the text of the new tokens, decoding only the tokens since the last complete piece (so a
@@ -478,9 +515,9 @@ class Engine:
             output.text = output.text[:min(hits)]
         return bool(hits)
 
-    def _account(self, scheduled, seconds: float, verified_rows: int = 0, verified_tokens: int = 0) -> None:
-        """verified_rows: tokens run to verify drafts; verified_tokens: tokens they emitted (counted as decode)."""
-        decode = sum(1 for seq, n in scheduled if n == 1 and seq.num_computed > seq.num_prompt)  # counts after the step
+    def _account(self, scheduled, seconds: float, decode: int, verified_rows: int = 0, verified_tokens: int = 0) -> None:
+        """decode: one-token rows past their prompts; verified_rows: tokens run to verify drafts; verified_tokens:
+        tokens they emitted (counted as decode)."""
         prefill = sum(n for _, n in scheduled) - decode - verified_rows
         decode += verified_tokens
         self.counters["prefill_tokens"] += prefill

@@ -2,9 +2,12 @@
 
 A row's draw uses one uniform number from that sample's own random stream and the row's own logits only
 (inverse CDF over the sorted, filtered distribution), so a seeded request samples the same tokens
-whatever else shares its batch.
+whatever else shares its batch. All rows are drawn in one batched computation: the per-row parameters go
+to the device in one copy, and `sample_step` brings the tokens (and logprobs) back in one copy.
 """
 import torch
+
+from nanokimi.runtime.host import host_tensor
 
 
 def sample_rows(logits: torch.Tensor, temperature: list[float], top_k: list[int], top_p: list[float],
@@ -12,41 +15,82 @@ def sample_rows(logits: torch.Tensor, temperature: list[float], top_k: list[int]
     """logits [R, V] -> token ids [R] (long, on logits' device). temperature 0 is greedy (argmax of the
     logits as they are); top_k 0 keeps every token; top_p keeps the smallest set of most likely tokens whose
     probability reaches it (always at least the top token); uniforms [R] in [0, 1) drive the draws."""
-    greedy = logits.argmax(dim=-1)
     sampled_rows = [i for i, t in enumerate(temperature) if t > 0]
     if not sampled_rows:
-        return greedy
+        return logits.argmax(dim=-1)
     device = logits.device
-    rows = torch.tensor(sampled_rows, device=device)
-    temp = torch.tensor([temperature[i] for i in sampled_rows], device=device, dtype=torch.float32)
-    k = torch.tensor([top_k[i] or logits.shape[-1] for i in sampled_rows], device=device)
-    p = torch.tensor([top_p[i] for i in sampled_rows], device=device, dtype=torch.float32)
-    u = torch.tensor([uniforms[i] for i in sampled_rows], device=device, dtype=torch.float64)
-    scaled = logits.index_select(0, rows).float() / temp[:, None]  # [S, V]
+    vocab = logits.shape[-1]
+    # one host-to-device copy of every sampled row's parameters (float64 holds the indices and k exactly)
+    every = len(sampled_rows) == len(temperature)  # (RL: every row samples; no row selection)
+    if every:
+        columns = (temperature, [k or vocab for k in top_k], top_p, uniforms)
+    else:
+        columns = ([temperature[i] for i in sampled_rows], [top_k[i] or vocab for i in sampled_rows],
+                   [top_p[i] for i in sampled_rows], [uniforms[i] for i in sampled_rows], sampled_rows)
+    table = torch.cat([host_tensor(c, torch.float64) for c in columns]).to(device).view(len(columns), -1)
+    temp, k, p, u = table[0].float(), table[1].long(), table[2].float(), table[3]
+    rows = None if every else table[4].long()
+    greedy = None if every else logits.argmax(dim=-1)
+    scaled = (logits if every else logits.index_select(0, rows)).float() / temp[:, None]  # [S, V]
     sorted_logits, order = scaled.sort(dim=-1, descending=True)
-    rank = torch.arange(scaled.shape[-1], device=device)[None, :]
+    rank = torch.arange(vocab, device=device)[None, :]
     sorted_logits = sorted_logits.masked_fill(rank >= k[:, None], float("-inf"))
     probs = sorted_logits.softmax(-1)
     mass_before = probs.cumsum(-1) - probs  # probability of the strictly better tokens
     sorted_logits = sorted_logits.masked_fill((mass_before >= p[:, None]) & (rank > 0), float("-inf"))
     cdf = sorted_logits.softmax(-1).double().cumsum(-1)  # [S, V]
-    index = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp(max=scaled.shape[-1] - 1)
+    index = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp(max=vocab - 1)
     tokens = order.gather(1, index).squeeze(1)
-    return greedy.index_copy(0, rows, tokens)
+    return tokens if every else greedy.index_copy(0, rows, tokens)
+
+
+def _logprob_parts(logits: torch.Tensor, chosen: torch.Tensor, width: int) -> list[torch.Tensor]:
+    """Flat float64 tensors to copy to the host: the chosen tokens' log-probabilities [R], and when width > 0
+    the top-width log-probabilities [R * width] and their token ids [R * width] (raw distribution)."""
+    logp = logits.float().log_softmax(-1)  # [R, V]
+    parts = [logp.gather(1, chosen[:, None]).squeeze(1).double()]
+    if width > 0:
+        top = logp.topk(width, dim=-1)
+        parts += [top.values.double().flatten(), top.indices.double().flatten()]
+    return parts
+
+
+def _logprob_entries(host: list[float], chosen: list[int], k: list[int]) -> list[dict[int, float]]:
+    """The per-row dicts from _logprob_parts' values on the host (host: their concatenation)."""
+    rows, width = len(k), max(k)
+    if width == 0:  # only the chosen tokens' (RL's logprobs=0)
+        return [{token: value} for token, value in zip(chosen, host[:rows])]
+    out = []
+    for r, kr in enumerate(k):
+        start = rows + r * width
+        entry = dict(zip(map(int, host[start + rows * width:start + rows * width + kr]), host[start:start + kr]))
+        entry[chosen[r]] = host[r]
+        out.append(entry)
+    return out
 
 
 def top_logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: list[int]) -> list[dict[int, float]]:
     """Per row: the log-probabilities of its k most likely tokens and of the chosen one (raw distribution)."""
-    logp = logits.float().log_softmax(-1)  # [R, V]
-    width = max(k)
-    top = logp.topk(width, dim=-1) if width > 0 else None
-    chosen_logp = logp.gather(1, chosen[:, None]).squeeze(1).tolist()
-    chosen = chosen.tolist()
-    values = top.values.tolist() if top is not None else None
-    indices = top.indices.tolist() if top is not None else None
-    out = []
-    for r, kr in enumerate(k):
-        entry = {} if top is None else dict(zip(indices[r][:kr], values[r][:kr]))
-        entry[chosen[r]] = chosen_logp[r]
-        out.append(entry)
-    return out
+    host = torch.cat(_logprob_parts(logits, chosen, max(k))).tolist()
+    return _logprob_entries(host, chosen.tolist(), k)
+
+
+def sample_step(logits: torch.Tensor, temperature: list[float], top_k: list[int], top_p: list[float],
+                uniforms: list[float], logprobs: list[int | None]) -> tuple[list[int], list[dict[int, float] | None]]:
+    """sample_rows, then top_logprobs for the rows whose logprobs is not None, with one device-to-host copy of
+    everything: (token ids, per row its logprobs dict or None)."""
+    tokens = sample_rows(logits, temperature, top_k, top_p, uniforms)
+    wanted = [i for i, k in enumerate(logprobs) if k is not None]
+    if not wanted:
+        return tokens.tolist(), [None] * len(logprobs)
+    index = host_tensor(wanted).to(logits.device)
+    k = [logprobs[i] for i in wanted]
+    parts = _logprob_parts(logits.index_select(0, index), tokens.index_select(0, index), max(k))
+    host = torch.cat([tokens.double()] + parts).tolist()  # token ids are exact in float64
+    chosen = list(map(int, host[:len(logprobs)]))
+    if len(wanted) == len(logprobs):
+        return chosen, _logprob_entries(host[len(logprobs):], chosen, k)
+    entries: list[dict[int, float] | None] = [None] * len(logprobs)
+    for i, entry in zip(wanted, _logprob_entries(host[len(logprobs):], [chosen[i] for i in wanted], k)):
+        entries[i] = entry
+    return chosen, entries

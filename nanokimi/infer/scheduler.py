@@ -27,9 +27,6 @@ Seer options (off by default; docs/seer.md):
 import random
 from collections import deque
 
-import torch
-
-
 from nanokimi.infer.block_manager import BlockPool, StateSlots, block_hash
 from nanokimi.infer.params import CompletionOutput, SamplingParams
 from nanokimi.infer.speculative import next_draft_length
@@ -49,10 +46,14 @@ class Request:
                         "last_token_time": None, "finished_time": None}
         self.sequences: list[Sequence] = []
         self.num_cached_tokens = 0
+        self.stop_ids: frozenset[int] = frozenset()  # tokens that end a sample (set by the engine)
 
     @property
     def finished(self) -> bool:
-        return all(s.status == FINISHED for s in self.sequences)
+        for seq in self.sequences:  # a loop, not all(generator): it runs for every request in every step
+            if seq.status != FINISHED:
+                return False
+        return True
 
 
 class Sequence:
@@ -70,7 +71,6 @@ class Sequence:
         self.rng = random.Random(seed)  # this sample's own stream: one uniform per sampled token
         self.output = CompletionOutput(index, logprobs=[] if request.params.logprobs is not None else None)
         self.status = WAITING
-        self._table = (torch.zeros(0, dtype=torch.long), None)  # (tensor copy of block_table, the list it copies)
         self.detok_offsets = (0, 0)  # incremental detokenization: output tokens [prefix, read) give the text's tail
         # KDA snapshots: every snapshot_interval tokens (prompt and output: a next chat turn reuses the
         # conversation so far), the prompt's last full block (for longer prompts that extend it), and the
@@ -81,6 +81,7 @@ class Sequence:
         self.order = 0  # arrival rank; set by the scheduler
         self.queued_at = 0  # the scheduler step at which it (re)joined the queue
         self.run_tokens = 0  # tokens generated since it was last admitted or resumed (divided rollout)
+        self.max_output = request.params.max_tokens  # output tokens at which it ends (the engine caps it by context)
         last_full = self.num_prompt // block_size * block_size
         resend = (self.num_prompt - 1) // block_size * block_size
         self.prompt_points = {p for p in (last_full, resend) if p > 0}
@@ -92,17 +93,6 @@ class Sequence:
         """The first snapshot point after `after`."""
         step = (after // self.snapshot_interval + 1) * self.snapshot_interval
         return min([step] + [p for p in self.prompt_points if p > after])
-
-    def table_tensor(self) -> torch.Tensor:
-        """block_table as a CPU long tensor, extended by the new entries only (long contexts have long tables)."""
-        cached, source = self._table
-        have = cached.shape[0]  # not len(): Tensor.__len__ costs a Python call per row per step
-        if source is not self.block_table or have > len(self.block_table):  # replaced after a preemption
-            cached = torch.tensor(self.block_table, dtype=torch.long)
-        elif have < len(self.block_table):
-            cached = torch.cat([cached, torch.tensor(self.block_table[have:], dtype=torch.long)])
-        self._table = (cached, self.block_table)
-        return cached
 
     @property
     def remaining(self) -> int:
@@ -212,24 +202,34 @@ class Scheduler:
         budget = self.max_step_tokens
         self._ranked = None  # context_aware's ranking of the waiting sequences (_next_waiting)
         scheduled = []
+        bs, drafting = self.block_size, self.drafter is not None
+        prefilling = []  # running sequences with more than one token to compute, in order
         for seq in list(self.running):
             if budget == 0:
                 break
-            if seq.status != RUNNING or seq.remaining != 1:
+            if seq.status != RUNNING or len(seq.tokens) - seq.num_computed != 1:
+                if len(seq.tokens) - seq.num_computed > 1:
+                    prefilling.append(seq)
                 continue
-            while not self._grow(seq, seq.num_computed + 1):
-                victim = self._victim()
-                self._preempt(victim)
-                if victim is seq:
-                    break
-            if seq.status == RUNNING:
-                seq.draft = self._draft(seq, budget - 1) if self.drafter is not None else []
+            if seq.num_computed >= len(seq.block_table) * bs:  # its next token starts a block (else: no _grow)
+                while not self._grow(seq, seq.num_computed + 1):
+                    victim = self._victim()
+                    self._preempt(victim)
+                    if victim is seq:
+                        break
+                if seq.status != RUNNING:
+                    continue
+            if drafting:
+                seq.draft = self._draft(seq, budget - 1)
                 scheduled.append((seq, 1 + len(seq.draft)))
                 budget -= 1 + len(seq.draft)
-        for seq in list(self.running):
+            else:
+                scheduled.append((seq, 1))
+                budget -= 1
+        for seq in prefilling if budget else ():  # (a full budget stopped the loop above: nothing more fits)
             if budget == 0:
                 break
-            if seq.status != RUNNING or seq.remaining <= 1:
+            if seq.status != RUNNING:  # preempted above
                 continue
             n = self._fit(seq, self._chunk(seq, budget))
             if n:
@@ -412,11 +412,12 @@ class Scheduler:
 
     def after_step(self, scheduled: list[tuple[Sequence, int]]) -> None:
         """Advance the computed counts; register newly full blocks; snapshot KDA states at their points."""
+        bs, caching = self.block_size, self.prefix_caching
         for seq, n in scheduled:
-            before = seq.num_computed // self.block_size
+            before = seq.num_computed // bs
             seq.num_computed += n
-            full = seq.num_computed // self.block_size
-            if not self.prefix_caching or full == before:  # no block completed (snapshot points end blocks)
+            full = seq.num_computed // bs
+            if full == before or not caching:  # no block completed (snapshot points end blocks)
                 continue
             seq.ensure_hashes(full)
             for i in range(before, full):
