@@ -172,6 +172,38 @@ class PagedCache:
         return [layer for layer in self.layers if isinstance(layer, RecurrentCache)]
 
 
+def apply_state_slot_ops(layers: list[RecurrentCache], ops: list[tuple]) -> None:
+    """("zero", slot) and ("copy", source, target) on the KDA state slots (conv tail and delta-rule state) of
+    every layer, with the effect of running them in order, in a few batched operators per layer. The ops are
+    cut into runs in which no slot is written twice and no copy reads a slot written before it in the run;
+    a run's copies all read before anything is written, then its zeros are written."""
+    if not ops or not layers:
+        return
+    runs, run, written = [], [], set()
+    for op in ops:
+        if op[0] not in ("zero", "copy"):
+            raise ValueError(f"state slot ops are ('zero', slot) or ('copy', source, target), got {op!r}")
+        reads = {op[1]} if op[0] == "copy" else set()
+        if op[-1] in written or reads & written:
+            runs.append(run)
+            run, written = [], set()
+        run.append(op)
+        written.add(op[-1])
+    runs.append(run)
+    device = layers[0].state.device
+    for run in runs:
+        zeros = [op[1] for op in run if op[0] == "zero"]
+        copies = [op[1:] for op in run if op[0] == "copy"]
+        host = torch.tensor(zeros + [s for s, _ in copies] + [t for _, t in copies], dtype=torch.long)
+        zeros_t, sources, targets = host.to(device, non_blocking=True).split([len(zeros), len(copies), len(copies)])
+        for layer in layers:
+            for pool in (layer.conv, layer.state):
+                if copies:
+                    pool.index_copy_(0, targets, pool.index_select(0, sources))
+                if zeros:
+                    pool.index_fill_(0, zeros_t, 0)
+
+
 def _new_layer_pool(mixer: nn.Module, num_blocks: int, block_size: int, num_state_slots: int, device, dtype):
     if isinstance(mixer, KimiDeltaAttention):
         return mixer.new_cache(num_state_slots, 0, device, dtype)
@@ -460,22 +492,26 @@ def _kda_decode_in_slots(mixer: KimiDeltaAttention, x: torch.Tensor, cache: Recu
 def _kda_varlen(q, k, v, g, beta, cache: RecurrentCache, pieces, spans, memo: dict | None = None) -> torch.Tensor:
     """The delta rule over packed pieces, each from its state slot (updated in place). A piece with interior
     snapshots runs in segments that end on them; after each segment its state is copied to the snapshot
-    slot. Round r runs every piece's r-th segment: one fla chunk_kda call with cu_seqlens on CUDA when
-    fla-core is there, else (or if that call fails) one kda() per segment. -> o [1, Np, H, V]."""
+    slot. With fla-core on CUDA and several pieces, round r runs every piece's r-th segment in one chunk_kda
+    call with cu_seqlens (`_kda_segments`); otherwise (or if that call fails) each piece runs its segments
+    one kda() after another, the state passed along (`_kda_by_piece`). -> o [1, Np, H, V]."""
     keep = [i for i, p in enumerate(pieces) if p.saved_states is not None]
     if keep:
         return _kda_varlen_keeping_states(q, k, v, g, beta, cache, pieces, spans, keep)
+    if not (VARLEN_KDA and len(pieces) > 1 and use_varlen_kda(q.device)):
+        return _kda_by_piece(q, k, v, g, beta, cache, pieces, spans)
     segments = []  # per piece: [(start, end, snapshot slot or None)] in packed token indices
     for piece, (a, b) in zip(pieces, spans):
         cuts = [(a + j, slot) for j, slot in piece.snapshots]
         starts = [a] + [c for c, _ in cuts]
         ends = [c for c, _ in cuts] + [b]
         segments.append(list(zip(starts, ends, [slot for _, slot in cuts] + [None])))
-    o = torch.empty_like(v)
-    for r in range(max(len(s) for s in segments)):
+    rounds = max(len(s) for s in segments)
+    o = None if rounds == 1 else torch.empty_like(v)
+    for r in range(rounds):
         active = [(piece, segs[r]) for piece, segs in zip(pieces, segments) if r < len(segs)]
         round_memo = {} if memo is None else memo.setdefault(("round", r), {})
-        _kda_segments(q, k, v, g, beta, cache, active, o, round_memo)
+        o = _kda_segments(q, k, v, g, beta, cache, active, o, round_memo)
         if "snapshots" not in round_memo:  # the states that end on a snapshot point, copied in one go
             pairs = [(piece.state_slot, snapshot) for piece, (_, _, snapshot) in active if snapshot is not None]
             round_memo["snapshots"] = torch.tensor(pairs).view(-1, 2).t().to(q.device) if pairs else None
@@ -485,36 +521,70 @@ def _kda_varlen(q, k, v, g, beta, cache: RecurrentCache, pieces, spans, memo: di
     return o
 
 
-def _kda_segments(q, k, v, g, beta, cache: RecurrentCache, active, o: torch.Tensor, memo: dict | None = None) -> None:
-    """One segment per piece, from (and back to) the pieces' state slots; outputs written into o. memo: this
-    round's index tensors, built once per step."""
+def _kda_by_piece(q, k, v, g, beta, cache: RecurrentCache, pieces, spans) -> torch.Tensor:
+    """The delta rule of each piece as one kda() per segment (segments end on its interior snapshots), the
+    state handed from one segment to the next rather than through its slot: the slot is written once at
+    the end and each snapshot slot once. -> o [1, Np, H, V] (the pieces' outputs are laid end to end)."""
+    outs = []
+    for piece, (a, b) in zip(pieces, spans):
+        state = cache.state[piece.state_slot:piece.state_slot + 1]  # [1, H, K, V]
+        start = a
+        for end, snapshot in [(a + j, slot) for j, slot in piece.snapshots] + [(b, None)]:
+            out, state = kda_outside_compile(q[:, start:end], k[:, start:end], v[:, start:end], g[:, start:end],
+                                             beta[:, start:end], initial_state=state, output_final_state=True)
+            if snapshot is not None:
+                cache.state[snapshot].copy_(state[0])
+            outs.append(out)
+            start = end
+        cache.state[piece.state_slot].copy_(state[0])
+    return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+
+
+def use_varlen_kda(device: torch.device) -> bool:
+    """Whether the pieces' delta rule runs as one fla chunk_kda call with cu_seqlens (CUDA with fla-core)."""
+    return device.type == "cuda" and fla_status()[0]
+
+
+def _kda_segments(q, k, v, g, beta, cache: RecurrentCache, active, o: torch.Tensor | None,
+                  memo: dict | None = None) -> torch.Tensor:
+    """One segment per piece, from (and back to) the pieces' state slots; outputs written into o, which is
+    returned (o None: a round that covers every token in order, whose output is the kernel's own). memo:
+    this round's index tensors, built once per step."""
     global VARLEN_KDA
-    if VARLEN_KDA and q.is_cuda and len(active) > 1 and fla_status()[0]:
+    if VARLEN_KDA and len(active) > 1 and use_varlen_kda(q.device):
         if memo is None or "index" not in memo:
             lengths = [b - a for _, (a, b, _) in active]
+            whole = o is None and active[0][1][0] == 0 and active[-1][1][1] == q.shape[1] and all(
+                x[1][1] == y[1][0] for x, y in zip(active, active[1:]))  # no gather: the tokens as they are
             host = torch.tensor([piece.state_slot for piece, _ in active] + [0] + lengths +
-                                [t for _, (a, b, _) in active for t in range(a, b)]).to(q.device, non_blocking=True)
-            slots, bounds, index = host.split([len(active), len(active) + 1, sum(lengths)])
+                                ([] if whole else [t for _, (a, b, _) in active for t in range(a, b)]))
+            slots, bounds, index = host.to(q.device, non_blocking=True).split(
+                [len(active), len(active) + 1, 0 if whole else sum(lengths)])
             memo = {} if memo is None else memo
-            memo.update(slots=slots, bounds=bounds.cumsum(0), index=index)
+            memo.update(slots=slots, bounds=bounds.cumsum(0), index=None if whole else index)
         slots, bounds, index = memo["slots"], memo["bounds"], memo["index"]
-        packed = [t.index_select(1, index) for t in (q, k, v, g, beta)]
+        packed = [t if index is None else t.index_select(1, index) for t in (q, k, v, g, beta)]
         try:
             out, final = kda_fla_varlen_outside_compile(*packed, q.shape[-1] ** -0.5,
                                                         cache.state.index_select(0, slots), bounds)
             cache.state.index_copy_(0, slots, final)
+            if index is None:
+                return out
+            o = torch.empty_like(v) if o is None else o
             o.index_copy_(1, index, out)
-            return
+            return o
         except Exception as error:  # noqa: BLE001 - the per-segment calls compute the same thing
             warnings.warn(f"fla chunk_kda over packed sequences failed ({type(error).__name__}: {error}); "
                           "running the pieces one at a time.")
             VARLEN_KDA = False
+    o = torch.empty_like(v) if o is None else o
     for piece, (a, b, _) in active:
         state = cache.state[piece.state_slot:piece.state_slot + 1]
         out, final = kda_outside_compile(q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], beta[:, a:b],
                                          initial_state=state, output_final_state=True)
         state.copy_(final)
         o[:, a:b] = out
+    return o
 
 
 def _kda_varlen_keeping_states(q, k, v, g, beta, cache: RecurrentCache, pieces, spans, keep) -> torch.Tensor:
