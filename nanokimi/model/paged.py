@@ -284,13 +284,13 @@ def _prefill_batched(mixer: nn.Module, x: torch.Tensor, cache, batch: PagedBatch
         cache.c_kv.view(-1, mixer.kv_lora_rank).index_copy_(0, batch.prefill_slots, c_kv[:, 0].to(cache.c_kv.dtype))
         cache.k_rope.view(-1, mixer.rope_dim).index_copy_(0, batch.prefill_slots,
                                                            k_rope[:, 0, 0].to(cache.k_rope.dtype))
-        outs = {}
+        outs, packed = {}, None
         if batch.short is not None and not mixer.record_max_logits:
             outs = _mla_short_pieces(mixer, q_nope, q_rope, cache, batch.short)
         if batch.packed is not None and not mixer.record_max_logits:
-            outs.update(_mla_packed(mixer, q_nope, q_rope, cache, batch.packed))
+            packed = _mla_packed(mixer, q_nope, q_rope, cache, batch.packed)
         for i, (piece, (a, b)) in enumerate(zip(batch.prefill, spans)):
-            if i in outs:
+            if i in outs or (packed is not None and i in batch.packed.members):
                 continue
             end = piece.start + piece.length
             table = piece.block_table[None]
@@ -301,7 +301,7 @@ def _prefill_batched(mixer: nn.Module, x: torch.Tensor, cache, batch: PagedBatch
                 outs[i] = mixer._attend_absorbed(qn, qr, context, context_rope, piece.start)
             else:
                 outs[i] = mixer._attend_expanded(qn, qr, context, context_rope, piece.start)
-        return mixer.o_proj(torch.cat([outs[i] for i in range(len(spans))], dim=1).flatten(2))
+        return mixer.o_proj(_attended(outs, batch.packed, packed, len(spans)).flatten(2))
     H, Hkv, D = mixer.num_heads, mixer.num_kv_heads, mixer.head_dim
     q = mixer.rotary(mixer.q_proj(rows).view(-1, 1, H, D), batch.prefill_positions)
     k = mixer.rotary(mixer.k_proj(rows).view(-1, 1, Hkv, D), batch.prefill_positions)
@@ -309,24 +309,24 @@ def _prefill_batched(mixer: nn.Module, x: torch.Tensor, cache, batch: PagedBatch
     cache.k.flatten(0, 1).index_copy_(0, batch.prefill_slots, k[:, 0].to(cache.k.dtype))
     cache.v.flatten(0, 1).index_copy_(0, batch.prefill_slots, v[:, 0].to(cache.v.dtype))
     outs = _gqa_short_pieces(mixer, q, cache, batch.short) if batch.short is not None else {}
-    if batch.packed is not None:
-        outs.update(_gqa_packed(mixer, q, cache, batch.packed))
+    packed = _gqa_packed(mixer, q, cache, batch.packed) if batch.packed is not None else None
     for i, (piece, (a, b)) in enumerate(zip(batch.prefill, spans)):
-        if i in outs:
+        if i in outs or (packed is not None and i in batch.packed.members):
             continue
         end = piece.start + piece.length
         table = piece.block_table[None]
         keys, values = gather_blocks(cache.k, table)[:, :end], gather_blocks(cache.v, table)[:, :end]
         outs[i] = causal_attention(q[a:b].transpose(0, 1), keys, values, mixer.scale, piece.start)
-    return mixer.o_proj(torch.cat([outs[i] for i in range(len(spans))], dim=1).flatten(2))
+    return mixer.o_proj(_attended(outs, batch.packed, packed, len(spans)).flatten(2))
 
 
-def _packed_attention(q, k, v, packed: PackedContext, scale: float) -> dict:
+def _packed_attention(q, k, v, packed: PackedContext, scale: float) -> torch.Tensor | None:
     """q [Nq, H, Dk] (all prefill tokens, or those packed.query_index picks), k [Lk, Hkv, Dk], v [Lk, Hkv, Dv]:
-    one attention call over the packed pieces with the block-diagonal causal mask -> {piece: [1, T, H, Dv]}."""
+    one attention call over the packed pieces with the block-diagonal causal mask -> o [Nq, H, Dv] (the
+    members' queries one after another), or None where it cannot run (the caller attends per piece)."""
     global PACKED_ATTENTION
     if not PACKED_ATTENTION:  # switched off by an earlier layer of this step
-        return {}
+        return None
     if packed.query_index is not None:
         q = q.index_select(0, packed.query_index)
     if q.shape[1] != k.shape[1]:  # GQA: the memory-efficient kernel takes no enable_gqa; repeat the key heads
@@ -343,14 +343,25 @@ def _packed_attention(q, k, v, packed: PackedContext, scale: float) -> dict:
             warnings.warn(f"packed prefill attention has no memory-efficient kernel here ({error}); "
                           "attending per piece.")
             PACKED_ATTENTION = False
-            return {}  # the caller attends each piece on its own
-    o = o[0].transpose(0, 1)  # [Nq, H, Dv]
-    return {i: o[a:b][None] for i, (a, b) in zip(packed.members, packed.spans)}
+            return None  # the caller attends each piece on its own
+    return o[0].transpose(0, 1)  # [Nq, H, Dv]
+
+
+def _attended(outs: dict, packed: PackedContext | None, o: torch.Tensor | None, count: int) -> torch.Tensor:
+    """Every piece's attention output [1, Np, H, Dv] in order: outs {piece: [1, T, H, Dv]} of the pieces that
+    attended alone, and o [Nq, H, Dv] of the packed members. When the packed call took every piece
+    (packed.query_index None), its output is the answer as it is: no split, no concatenation."""
+    if o is not None and packed.query_index is None:
+        return o[None]
+    if o is not None:
+        outs.update({i: o[a:b][None] for i, (a, b) in zip(packed.members, packed.spans)})
+    return torch.cat([outs[i] for i in range(count)], dim=1)
 
 
 def _mla_packed(mixer: MultiHeadLatentAttention, q_nope, q_rope, cache: PagedLatentCache, packed: PackedContext):
     """MLA's expanded attention (`_attend_expanded`) of the packed pieces in one call: keys and values from
-    kv_b_proj over every member's context latents. q_nope [Np, 1, H, dn], q_rope [Np, 1, H, dr]."""
+    kv_b_proj over every member's context latents. q_nope [Np, 1, H, dn], q_rope [Np, 1, H, dr] ->
+    o [Nq, H, dv] or None (see _packed_attention)."""
     H, Lk = mixer.num_heads, packed.key_slots.shape[0]
     latent = cache.c_kv.view(-1, mixer.kv_lora_rank).index_select(0, packed.key_slots)  # [Lk, r]
     rope = cache.k_rope.view(-1, mixer.rope_dim).index_select(0, packed.key_slots)  # [Lk, dr]
@@ -361,7 +372,8 @@ def _mla_packed(mixer: MultiHeadLatentAttention, q_nope, q_rope, cache: PagedLat
 
 
 def _gqa_packed(mixer: GroupedQueryAttention, q, cache: PagedKVCache, packed: PackedContext):
-    """Causal attention of the packed pieces in one call over their gathered keys. q [Np, 1, H, D]."""
+    """Causal attention of the packed pieces in one call over their gathered keys. q [Np, 1, H, D] ->
+    o [Nq, H, D] or None (see _packed_attention)."""
     keys = cache.k.flatten(0, 1).index_select(0, packed.key_slots)  # [Lk, Hkv, D]
     values = cache.v.flatten(0, 1).index_select(0, packed.key_slots)
     return _packed_attention(q[:, 0], keys, values, packed, mixer.scale)
@@ -429,22 +441,29 @@ def _kda_conv_packed(mixer: KimiDeltaAttention, qkv: torch.Tensor, cache: Recurr
     once per step (every KDA layer of a step has the same layout)."""
     K1 = mixer.conv_size - 1
     if ("conv", K1) not in memo:
-        host_slots = [piece.state_slot for piece in pieces]
+        host_slots, P = [piece.state_slot for piece in pieces], len(pieces)
         window_starts, tails, keep, snapshot_rows, snapshot_slots, total = [], [], [], [], [], 0
-        for piece, (a, b) in zip(pieces, spans):  # its window: rows total .. total + K-1 + T - 1 of the windows
+        rows = []  # each window row's row in [the slots' conv tails (P x K-1); the pieces' tokens]
+        for i, (piece, (a, b)) in enumerate(zip(pieces, spans)):  # its window: rows total .. total + K-1 + T - 1
             window_starts.append(total)
+            rows.extend([*range(i * K1, (i + 1) * K1), *range(P * K1 + a, P * K1 + b)])
             tails.extend(range(total + b - a, total + b - a + K1))  # its last K-1 rows: the conv tail after it
             keep.extend(range(total, total + b - a))  # output row r is the conv of window rows r .. r+K-1
             for j, snapshot in piece.snapshots:  # the conv tail after j tokens: the K-1 inputs before token j
                 snapshot_rows.extend(range(total + j, total + j + K1))
                 snapshot_slots.append(snapshot)
             total += K1 + b - a
-        sizes = [len(host_slots), len(tails), len(keep), len(snapshot_rows), len(snapshot_slots)]
-        host = torch.tensor(host_slots + tails + keep + snapshot_rows + snapshot_slots, dtype=torch.long)
+        if P == 1:  # one window: the tail then the tokens, and every conv row is kept
+            rows, keep = [], []
+        sizes = [len(host_slots), len(tails), len(keep), len(snapshot_rows), len(snapshot_slots), len(rows)]
+        host = torch.tensor(host_slots + tails + keep + snapshot_rows + snapshot_slots + rows, dtype=torch.long)
         memo["conv", K1] = window_starts, *host.to(qkv.device, non_blocking=True).split(sizes)
-    window_starts, slots, tails, keep, snapshot_rows, snapshot_slots = memo["conv", K1]
+    window_starts, slots, tails, keep, snapshot_rows, snapshot_slots, rows = memo["conv", K1]
     history = cache.conv.index_select(0, slots).to(qkv.dtype)  # [P, K-1, C]
-    window = torch.cat([t for i, (a, b) in enumerate(spans) for t in (history[i], qkv[a:b])])  # [sum(K-1+T), C]
+    if len(pieces) == 1:
+        window = torch.cat([history[0], qkv])  # [K-1+T, C]
+    else:  # every piece's window in one gather
+        window = torch.cat([history.flatten(0, 1), qkv]).index_select(0, rows)  # [sum(K-1+T), C]
     for piece, start, (a, b) in zip(pieces, window_starts, spans):
         if piece.saved_states is not None:
             piece.saved_states.append([cache, window[start:start + K1 + b - a].to(cache.conv.dtype), None])
@@ -453,7 +472,7 @@ def _kda_conv_packed(mixer: KimiDeltaAttention, qkv: torch.Tensor, cache: Recurr
         cache.conv.index_copy_(0, snapshot_slots, tails_then.to(cache.conv.dtype))
     cache.conv.index_copy_(0, slots, window.index_select(0, tails).view(len(pieces), K1, -1).to(cache.conv.dtype))
     mixed = causal_depthwise_conv(window[None], mixer.conv.weight.to(qkv.dtype))[0]  # [sum(K-1+T) - (K-1), C]
-    return mixed.index_select(0, keep)
+    return mixed if len(pieces) == 1 else mixed.index_select(0, keep)
 
 
 def _kda_gates(mixer: KimiDeltaAttention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
