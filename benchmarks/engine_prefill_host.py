@@ -5,6 +5,8 @@ for 17 ms of GPU work.
 
     python benchmarks/engine_prefill_host.py              # 1 x 4096, 4 x 1024, 16 x 256 tokens
     python benchmarks/engine_prefill_host.py --cprofile   # also print where the Python time goes
+    python benchmarks/engine_prefill_host.py --scale 8    # 1 x 512, 4 x 128, 16 x 32, snapshots every 64
+    python benchmarks/engine_prefill_host.py --device cuda --preset bench-kl-900m   # on a GPU, see below
 
 The Engine runs with snapshot_interval 512 and max_step_tokens 4096; each timed step prefills fresh
 prompts (no prefix hits) in one step. fla's delta rule is stood in for by one operator, taken through
@@ -13,7 +15,13 @@ torch fallback the CPU would run costs far more operators than the kernel it rep
 step's thread CPU time (median; other processes on a shared machine do not inflate it), the operators
 dispatched in one step (TorchDispatchMode), and the host syncs inside the model's forward (reads of
 device values: item/tolist/bool/int, nonzero, masked_select, bool indexing, repeat_interleave without
-output_size; on a GPU each one waits for the queue to drain).
+output_size; on a GPU each one waits for the queue to drain). At 4,096 tokens the CPU's arithmetic is
+still most of the step even at these widths (e.g. the 4,096 x 4,096 packed attention mask), so --scale 8
+runs the same layouts at an eighth of the tokens, where the CPU time is mostly host work.
+
+--device cuda runs the real kernels (fla, SDPA) in bf16 with no stand-ins, at the tiny widths or the full
+`--preset` widths: host ms is then the wall time of the step (synchronized), and the syncs are counted by
+torch.cuda.set_sync_debug_mode("warn"), each with the line that caused it.
 """
 import argparse
 import collections
@@ -21,6 +29,7 @@ import cProfile
 import pstats
 import statistics
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -85,6 +94,10 @@ class Counter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def engine_device(model) -> torch.device:
+    return model.embed.weight.device
+
+
 def count_step(engine: Engine, step) -> tuple[int, dict]:
     """(operators in one step, host syncs inside the forward by kind)."""
     counter = Counter()
@@ -112,8 +125,27 @@ def count_step(engine: Engine, step) -> tuple[int, dict]:
     return counter.ops, dict(counter.syncs)
 
 
-def run_case(model, cfg, name: str, pieces: int, tokens: int, repeats: int, profile: bool) -> dict:
-    engine = Engine(model, max_num_seqs=64, use_cuda_graph=False, max_step_tokens=4096, snapshot_interval=512,
+def cuda_syncs(step) -> dict:
+    """The host syncs of one whole step on CUDA (the sampled tokens' read included), by the line that
+    caused each."""
+    where = collections.Counter()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            where[f"{'/'.join(Path(w.filename).parts[-2:])}:{w.lineno}"] += 1
+    return dict(where)
+
+
+def run_case(model, cfg, name: str, pieces: int, tokens: int, repeats: int, profile: bool, scale: int = 1) -> dict:
+    cuda = engine_device(model).type == "cuda"
+    tokens //= scale
+    engine = Engine(model, max_num_seqs=64, use_cuda_graph=False, max_step_tokens=4096, snapshot_interval=512 // scale,
                     max_cache_tokens=4 * 4096 + 1024)
     g = torch.Generator().manual_seed(pieces)
     count = iter(range(10 ** 6))
@@ -122,9 +154,13 @@ def run_case(model, cfg, name: str, pieces: int, tokens: int, repeats: int, prof
         for _ in range(pieces):
             engine.add_request(f"r{next(count)}", torch.randint(3, cfg.vocab_size, (tokens,), generator=g).tolist(),
                                SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
-        started = time.thread_time()
+        if cuda:
+            torch.cuda.synchronize()
+        started = time.perf_counter() if cuda else time.thread_time()
         engine.step()  # every prompt in one step: max_step_tokens 4096
-        took = time.thread_time() - started
+        if cuda:
+            torch.cuda.synchronize()
+        took = (time.perf_counter() if cuda else time.thread_time()) - started
         if engine.has_unfinished():
             raise RuntimeError(f"{name}: the prompts did not prefill in one step")
         engine.reset_prefix_cache()
@@ -133,6 +169,8 @@ def run_case(model, cfg, name: str, pieces: int, tokens: int, repeats: int, prof
     step()
     times = [step() for _ in range(repeats)]
     ops, syncs = count_step(engine, step)
+    if cuda:
+        syncs = cuda_syncs(step)
     if profile:
         profiler = cProfile.Profile()
         profiler.enable()
@@ -141,7 +179,8 @@ def run_case(model, cfg, name: str, pieces: int, tokens: int, repeats: int, prof
         print(f"--- cProfile, {name} (cumulative, top 30)")
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(30)
         pstats.Stats(profiler).sort_stats("tottime").print_stats(20)
-    return dict(case=name, pieces=pieces, tokens=tokens, host_ms=round(statistics.median(times) * 1e3, 2),
+    return dict(case=name if scale == 1 else f"{pieces}x{tokens}", pieces=pieces, tokens=tokens,
+                snapshot_interval=512 // scale, host_ms=round(statistics.median(times) * 1e3, 2),
                 host_ms_min=round(min(times) * 1e3, 2), ops=ops, syncs_in_forward=sum(syncs.values()),
                 sync_kinds=syncs, repeats=repeats)
 
@@ -151,19 +190,35 @@ def main() -> None:
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--cprofile", action="store_true")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--preset", help="cuda: this preset's own widths (e.g. bench-kl-900m) instead of the tiny ones")
+    ap.add_argument("--scale", type=int, default=1, choices=[1, 2, 4, 8],
+                    help="prompts and snapshot interval divided by this: the same step layout (pieces, snapshot "
+                         "rounds) with 1/scale of the arithmetic, so the CPU time is mostly host work")
+    ap.add_argument("--label", help="the rows' name in the result file (default: the model's)")
     ap.add_argument("--out")
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    delta_rule_stand_ins()
-    attention_stand_in()
-    cfg = ModelConfig.preset("bench-kl-900m", **TINY_WIDTHS)
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        if args.preset:
+            raise SystemExit("--preset needs --device cuda (on the CPU the widths stay tiny)")
+        delta_rule_stand_ins()
+        attention_stand_in()
+    cfg = ModelConfig.preset(args.preset) if args.preset else ModelConfig.preset("bench-kl-900m", **TINY_WIDTHS)
     model = build_model(cfg).eval()
-    rows = [run_case(model, cfg, c, *CASES[c], args.repeats, args.cprofile) for c in args.cases.split(",")]
-    print_table(["prefill step", "host ms (median)", "host ms (min)", "operators", "syncs in forward"],
+    if device.type == "cuda":
+        model = model.to(device, torch.bfloat16)
+    rows = [run_case(model, cfg, c, *CASES[c], args.repeats, args.cprofile, args.scale) for c in args.cases.split(",")]
+    time_kind = "wall ms" if device.type == "cuda" else "host ms"
+    print_table(["prefill step", f"{time_kind} (median)", f"{time_kind} (min)", "operators",
+                 "host syncs in forward" if device.type == "cpu" else "host syncs in step"],
                 [[r["case"], r["host_ms"], r["host_ms_min"], r["ops"], r["syncs_in_forward"]] for r in rows])
-    out = results_path("engine_prefill_host", False) if args.out is None else Path(args.out)
-    write_results(out, environment(torch.device("cpu")), {"bench-kl-900m-tiny-widths": rows})
+    name = "engine_prefill_host" if device.type == "cpu" else "engine_prefill_host_cuda"
+    out = results_path(name, False) if args.out is None else Path(args.out)
+    key = args.label or args.preset or "bench-kl-900m-tiny-widths"
+    write_results(out, environment(device), {key: rows}, dict(benchmark="engine_prefill_host"))
     print(f"wrote {out}")
 
 
