@@ -46,6 +46,8 @@ CASES = {"1x4096": (1, 4096), "4x1024": (4, 1024), "16x256": (16, 256)}
 TINY_WIDTHS = dict(vocab_size=256, hidden_size=32, num_heads=2, kv_lora_rank=8, qk_nope_head_dim=8,
                    qk_rope_head_dim=8, v_head_dim=8, kda_num_heads=2, kda_head_dim=8, intermediate_size=32,
                    num_experts=8, num_experts_per_tok=2, moe_intermediate_size=8, max_position_embeddings=8192)
+METADATA_OPS = {"aten::lift_fresh", "aten::split", "aten::split_with_sizes", "aten::unbind", "aten::chunk",
+                "aten::_unsafe_view", "aten::empty", "aten::empty_like", "aten::empty_strided"}  # no kernel on a GPU
 SYNC_OPS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::_unique2",
             "aten::unique_consecutive", "aten::item"}
 
@@ -78,10 +80,11 @@ class Counter(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.ops, self.syncs, self.in_forward = 0, collections.Counter(), False
+        self.ops, self.kernels, self.syncs, self.in_forward = 0, 0, collections.Counter(), False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops += 1
+        self.kernels += not (func.is_view or func._schema.name in METADATA_OPS)
         if self.in_forward:
             name = func._schema.name
             bool_index = name == "aten::index" and any(
@@ -98,8 +101,9 @@ def engine_device(model) -> torch.device:
     return model.embed.weight.device
 
 
-def count_step(engine: Engine, step) -> tuple[int, dict]:
-    """(operators in one step, host syncs inside the forward by kind)."""
+def count_step(engine: Engine, step) -> tuple[int, int, dict]:
+    """(operators in one step, those of them that are not views or metadata (each a kernel launch on a GPU),
+    host syncs inside the forward by kind)."""
     counter = Counter()
     model, hidden_states, tolist = engine.model, engine.model.hidden_states, torch.Tensor.tolist
 
@@ -122,7 +126,7 @@ def count_step(engine: Engine, step) -> tuple[int, dict]:
     finally:
         del model.hidden_states
         torch.Tensor.tolist = tolist
-    return counter.ops, dict(counter.syncs)
+    return counter.ops, counter.kernels, dict(counter.syncs)
 
 
 def cuda_syncs(step) -> dict:
@@ -168,7 +172,7 @@ def run_case(model, cfg, name: str, pieces: int, tokens: int, repeats: int, prof
 
     step()
     times = [step() for _ in range(repeats)]
-    ops, syncs = count_step(engine, step)
+    ops, kernels, syncs = count_step(engine, step)
     if cuda:
         syncs = cuda_syncs(step)
     if profile:
@@ -181,7 +185,7 @@ def run_case(model, cfg, name: str, pieces: int, tokens: int, repeats: int, prof
         pstats.Stats(profiler).sort_stats("tottime").print_stats(20)
     return dict(case=name if scale == 1 else f"{pieces}x{tokens}", pieces=pieces, tokens=tokens,
                 snapshot_interval=512 // scale, host_ms=round(statistics.median(times) * 1e3, 2),
-                host_ms_min=round(min(times) * 1e3, 2), ops=ops, syncs_in_forward=sum(syncs.values()),
+                host_ms_min=round(min(times) * 1e3, 2), ops=ops, kernel_ops=kernels, syncs_in_forward=sum(syncs.values()),
                 sync_kinds=syncs, repeats=repeats)
 
 
@@ -212,9 +216,10 @@ def main() -> None:
         model = model.to(device, torch.bfloat16)
     rows = [run_case(model, cfg, c, *CASES[c], args.repeats, args.cprofile, args.scale) for c in args.cases.split(",")]
     time_kind = "wall ms" if device.type == "cuda" else "host ms"
-    print_table(["prefill step", f"{time_kind} (median)", f"{time_kind} (min)", "operators",
+    print_table(["prefill step", f"{time_kind} (median)", f"{time_kind} (min)", "operators", "not views",
                  "host syncs in forward" if device.type == "cpu" else "host syncs in step"],
-                [[r["case"], r["host_ms"], r["host_ms_min"], r["ops"], r["syncs_in_forward"]] for r in rows])
+                [[r["case"], r["host_ms"], r["host_ms_min"], r["ops"], r["kernel_ops"], r["syncs_in_forward"]]
+                 for r in rows])
     name = "engine_prefill_host" if device.type == "cpu" else "engine_prefill_host_cuda"
     out = results_path(name, False) if args.out is None else Path(args.out)
     key = args.label or args.preset or "bench-kl-900m-tiny-widths"
