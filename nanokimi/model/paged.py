@@ -512,32 +512,59 @@ def _kda_varlen(q, k, v, g, beta, cache: RecurrentCache, pieces, spans, memo: di
     """The delta rule over packed pieces, each from its state slot (updated in place). A piece with interior
     snapshots runs in segments that end on them; after each segment its state is copied to the snapshot
     slot. With fla-core on CUDA and several pieces, round r runs every piece's r-th segment in one chunk_kda
-    call with cu_seqlens (`_kda_segments`); otherwise (or if that call fails) each piece runs its segments
-    one kda() after another, the state passed along (`_kda_by_piece`). -> o [1, Np, H, V]."""
+    call with cu_seqlens (`_kda_round`), the tokens gathered into round order once per layer and the outputs
+    back once; otherwise each piece runs its segments one kda() after another, the state passed along
+    (`_kda_by_piece`). -> o [1, Np, H, V]."""
     keep = [i for i, p in enumerate(pieces) if p.saved_states is not None]
     if keep:
         return _kda_varlen_keeping_states(q, k, v, g, beta, cache, pieces, spans, keep)
     if not (VARLEN_KDA and len(pieces) > 1 and use_varlen_kda(q.device)):
         return _kda_by_piece(q, k, v, g, beta, cache, pieces, spans)
+    memo = {} if memo is None else memo
+    if "rounds" not in memo:
+        memo["rounds"] = _kda_rounds(pieces, spans, q.shape[1], q.device)
+    rounds, order, inverse = memo["rounds"]
+    packed = [t if order is None else t.index_select(1, order) for t in (q, k, v, g, beta)]  # round after round
+    outs, first = [], 0
+    for active, local, slots, bounds, snapshots in rounds:
+        size = local[-1][1]
+        outs.append(_kda_round(*(t[:, first:first + size] for t in packed), cache, active, local, slots, bounds))
+        if snapshots is not None:  # the states that end on a snapshot point, copied in one go
+            sources, targets = snapshots
+            cache.state.index_copy_(0, targets, cache.state.index_select(0, sources))
+        first += size
+    o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+    return o if inverse is None else o.index_select(1, inverse)
+
+
+def _kda_rounds(pieces, spans, N: int, device):
+    """The step's delta-rule rounds (built once, for every KDA layer): per round, its (piece, segment) pairs,
+    the segments' bounds within the round, the pieces' state slots, cu_seqlens, and the snapshot copies
+    (sources, targets) or None; then `order` [Np] (the tokens round after round) and `inverse` (back to
+    piece order), both None when the order is the packed one."""
     segments = []  # per piece: [(start, end, snapshot slot or None)] in packed token indices
     for piece, (a, b) in zip(pieces, spans):
         cuts = [(a + j, slot) for j, slot in piece.snapshots]
-        starts = [a] + [c for c, _ in cuts]
-        ends = [c for c, _ in cuts] + [b]
-        segments.append(list(zip(starts, ends, [slot for _, slot in cuts] + [None])))
-    rounds = max(len(s) for s in segments)
-    o = None if rounds == 1 else torch.empty_like(v)
-    for r in range(rounds):
+        segments.append(list(zip([a] + [c for c, _ in cuts], [c for c, _ in cuts] + [b],
+                                 [slot for _, slot in cuts] + [None])))
+    rounds, order = [], []
+    for r in range(max(len(s) for s in segments)):
         active = [(piece, segs[r]) for piece, segs in zip(pieces, segments) if r < len(segs)]
-        round_memo = {} if memo is None else memo.setdefault(("round", r), {})
-        o = _kda_segments(q, k, v, g, beta, cache, active, o, round_memo)
-        if "snapshots" not in round_memo:  # the states that end on a snapshot point, copied in one go
-            pairs = [(piece.state_slot, snapshot) for piece, (_, _, snapshot) in active if snapshot is not None]
-            round_memo["snapshots"] = torch.tensor(pairs).view(-1, 2).t().to(q.device) if pairs else None
-        if round_memo["snapshots"] is not None:
-            sources, targets = round_memo["snapshots"]
-            cache.state.index_copy_(0, targets, cache.state.index_select(0, sources))
-    return o
+        lengths = [b - a for _, (a, b, _) in active]
+        local = _spans(lengths)
+        pairs = [(piece.state_slot, snapshot) for piece, (_, _, snapshot) in active if snapshot is not None]
+        host = torch.tensor([piece.state_slot for piece, _ in active] + [0] + lengths +
+                            [source for source, _ in pairs] + [target for _, target in pairs])
+        slots, bounds, snapshots = host.to(device, non_blocking=True).split(
+            [len(active), len(active) + 1, 2 * len(pairs)])
+        rounds.append((active, local, slots, bounds.cumsum(0), snapshots.view(2, -1) if pairs else None))
+        order.extend(t for _, (a, b, _) in active for t in range(a, b))
+    if order == list(range(N)):
+        return rounds, None, None
+    index = torch.tensor(order)
+    inverse = torch.empty_like(index).scatter_(0, index, torch.arange(N))
+    both = torch.cat([index, inverse]).to(device, non_blocking=True)
+    return rounds, both[:N], both[N:]
 
 
 def _kda_by_piece(q, k, v, g, beta, cache: RecurrentCache, pieces, spans) -> torch.Tensor:
@@ -564,46 +591,28 @@ def use_varlen_kda(device: torch.device) -> bool:
     return device.type == "cuda" and fla_status()[0]
 
 
-def _kda_segments(q, k, v, g, beta, cache: RecurrentCache, active, o: torch.Tensor | None,
-                  memo: dict | None = None) -> torch.Tensor:
-    """One segment per piece, from (and back to) the pieces' state slots; outputs written into o, which is
-    returned (o None: a round that covers every token in order, whose output is the kernel's own). memo:
-    this round's index tensors, built once per step."""
+def _kda_round(q, k, v, g, beta, cache: RecurrentCache, active, local, slots, bounds) -> torch.Tensor:
+    """One segment per active piece, laid end to end in q .. beta [1, n, ...] (`local`: each one's bounds),
+    from (and back to) the pieces' state slots (`slots` on the device, cu_seqlens `bounds`) -> o [1, n, H, V]."""
     global VARLEN_KDA
     if VARLEN_KDA and len(active) > 1 and use_varlen_kda(q.device):
-        if memo is None or "index" not in memo:
-            lengths = [b - a for _, (a, b, _) in active]
-            whole = o is None and active[0][1][0] == 0 and active[-1][1][1] == q.shape[1] and all(
-                x[1][1] == y[1][0] for x, y in zip(active, active[1:]))  # no gather: the tokens as they are
-            host = torch.tensor([piece.state_slot for piece, _ in active] + [0] + lengths +
-                                ([] if whole else [t for _, (a, b, _) in active for t in range(a, b)]))
-            slots, bounds, index = host.to(q.device, non_blocking=True).split(
-                [len(active), len(active) + 1, 0 if whole else sum(lengths)])
-            memo = {} if memo is None else memo
-            memo.update(slots=slots, bounds=bounds.cumsum(0), index=None if whole else index)
-        slots, bounds, index = memo["slots"], memo["bounds"], memo["index"]
-        packed = [t if index is None else t.index_select(1, index) for t in (q, k, v, g, beta)]
         try:
-            out, final = kda_fla_varlen_outside_compile(*packed, q.shape[-1] ** -0.5,
+            out, final = kda_fla_varlen_outside_compile(q, k, v, g, beta, q.shape[-1] ** -0.5,
                                                         cache.state.index_select(0, slots), bounds)
             cache.state.index_copy_(0, slots, final)
-            if index is None:
-                return out
-            o = torch.empty_like(v) if o is None else o
-            o.index_copy_(1, index, out)
-            return o
+            return out
         except Exception as error:  # noqa: BLE001 - the per-segment calls compute the same thing
             warnings.warn(f"fla chunk_kda over packed sequences failed ({type(error).__name__}: {error}); "
                           "running the pieces one at a time.")
             VARLEN_KDA = False
-    o = torch.empty_like(v) if o is None else o
-    for piece, (a, b, _) in active:
+    outs = []
+    for (piece, _), (a, b) in zip(active, local):
         state = cache.state[piece.state_slot:piece.state_slot + 1]
         out, final = kda_outside_compile(q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], beta[:, a:b],
                                          initial_state=state, output_final_state=True)
         state.copy_(final)
-        o[:, a:b] = out
-    return o
+        outs.append(out)
+    return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
 
 
 def _kda_varlen_keeping_states(q, k, v, g, beta, cache: RecurrentCache, pieces, spans, keep) -> torch.Tensor:
