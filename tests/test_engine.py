@@ -686,7 +686,7 @@ def test_packed_attention_maps_query_heads_to_their_key_heads():
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(6, h, 8, generator=g, dtype=torch.float64) for h in (4, 2, 2))
     packed = PackedContext([0], [(0, 6)], None, torch.arange(6), torch.ones(6, 6, dtype=torch.bool).tril())
-    got = _packed_attention(q, k, v, packed, 0.3)[0][0]
+    got = _packed_attention(q, k, v, packed, 0.3)
     expected = F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in (q, k, v)), is_causal=True, scale=0.3,
                                               enable_gqa=True)[0].transpose(0, 1)
     assert torch.allclose(got, expected, atol=1e-12)

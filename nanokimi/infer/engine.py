@@ -23,7 +23,7 @@ from nanokimi.infer.sampling import sample_step, top_logprobs
 from nanokimi.infer.scheduler import FINISHED, POLICIES, Request, Scheduler, Sequence
 from nanokimi.infer.speculative import accept_greedy, accept_sampled, filtered_probs, make_drafter
 from nanokimi.model.kda import KimiDeltaAttention
-from nanokimi.model.paged import paged_cache_bytes, rollback_recurrent_state
+from nanokimi.model.paged import apply_state_slot_ops, paged_cache_bytes, rollback_recurrent_state
 
 CPU_DEFAULT_CACHE_TOKENS = 65536
 
@@ -423,17 +423,15 @@ class Engine:
         if self.tiers is not None:
             self.tiers.flush()  # evicted blocks and snapshots go down before anything overwrites them
         ops, self.scheduler.slot_ops = self.scheduler.slot_ops, []
-        for op in ops:
+        layers, run = self.runner.cache.recurrent_layers(), []
+        for op in ops:  # zeros and copies batched (a few operators per layer), loads in their place among them
             if op[0] == "load":
+                apply_state_slot_ops(layers, run)
+                run = []
                 self.tiers.load_state(op[1], op[2])
-                continue
-            for layer in self.runner.cache.recurrent_layers():
-                if op[0] == "zero":
-                    layer.conv[op[1]].zero_()
-                    layer.state[op[1]].zero_()
-                else:
-                    layer.conv[op[2]].copy_(layer.conv[op[1]])
-                    layer.state[op[2]].copy_(layer.state[op[1]])
+            else:
+                run.append(op)
+        apply_state_slot_ops(layers, run)
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """All rows drawn in one batched call, their tokens (and logprobs) brought back in one copy."""

@@ -172,6 +172,38 @@ class PagedCache:
         return [layer for layer in self.layers if isinstance(layer, RecurrentCache)]
 
 
+def apply_state_slot_ops(layers: list[RecurrentCache], ops: list[tuple]) -> None:
+    """("zero", slot) and ("copy", source, target) on the KDA state slots (conv tail and delta-rule state) of
+    every layer, with the effect of running them in order, in a few batched operators per layer. The ops are
+    cut into runs in which no slot is written twice and no copy reads a slot written before it in the run;
+    a run's copies all read before anything is written, then its zeros are written."""
+    if not ops or not layers:
+        return
+    runs, run, written = [], [], set()
+    for op in ops:
+        if op[0] not in ("zero", "copy"):
+            raise ValueError(f"state slot ops are ('zero', slot) or ('copy', source, target), got {op!r}")
+        reads = {op[1]} if op[0] == "copy" else set()
+        if op[-1] in written or reads & written:
+            runs.append(run)
+            run, written = [], set()
+        run.append(op)
+        written.add(op[-1])
+    runs.append(run)
+    device = layers[0].state.device
+    for run in runs:
+        zeros = [op[1] for op in run if op[0] == "zero"]
+        copies = [op[1:] for op in run if op[0] == "copy"]
+        host = torch.tensor(zeros + [s for s, _ in copies] + [t for _, t in copies], dtype=torch.long)
+        zeros_t, sources, targets = host.to(device, non_blocking=True).split([len(zeros), len(copies), len(copies)])
+        for layer in layers:
+            for pool in (layer.conv, layer.state):
+                if copies:
+                    pool.index_copy_(0, targets, pool.index_select(0, sources))
+                if zeros:
+                    pool.index_fill_(0, zeros_t, 0)
+
+
 def _new_layer_pool(mixer: nn.Module, num_blocks: int, block_size: int, num_state_slots: int, device, dtype):
     if isinstance(mixer, KimiDeltaAttention):
         return mixer.new_cache(num_state_slots, 0, device, dtype)
@@ -252,13 +284,13 @@ def _prefill_batched(mixer: nn.Module, x: torch.Tensor, cache, batch: PagedBatch
         cache.c_kv.view(-1, mixer.kv_lora_rank).index_copy_(0, batch.prefill_slots, c_kv[:, 0].to(cache.c_kv.dtype))
         cache.k_rope.view(-1, mixer.rope_dim).index_copy_(0, batch.prefill_slots,
                                                            k_rope[:, 0, 0].to(cache.k_rope.dtype))
-        outs = {}
+        outs, packed = {}, None
         if batch.short is not None and not mixer.record_max_logits:
             outs = _mla_short_pieces(mixer, q_nope, q_rope, cache, batch.short)
         if batch.packed is not None and not mixer.record_max_logits:
-            outs.update(_mla_packed(mixer, q_nope, q_rope, cache, batch.packed))
+            packed = _mla_packed(mixer, q_nope, q_rope, cache, batch.packed)
         for i, (piece, (a, b)) in enumerate(zip(batch.prefill, spans)):
-            if i in outs:
+            if i in outs or (packed is not None and i in batch.packed.members):
                 continue
             end = piece.start + piece.length
             table = piece.block_table[None]
@@ -269,7 +301,7 @@ def _prefill_batched(mixer: nn.Module, x: torch.Tensor, cache, batch: PagedBatch
                 outs[i] = mixer._attend_absorbed(qn, qr, context, context_rope, piece.start)
             else:
                 outs[i] = mixer._attend_expanded(qn, qr, context, context_rope, piece.start)
-        return mixer.o_proj(torch.cat([outs[i] for i in range(len(spans))], dim=1).flatten(2))
+        return mixer.o_proj(_attended(outs, batch.packed, packed, len(spans)).flatten(2))
     H, Hkv, D = mixer.num_heads, mixer.num_kv_heads, mixer.head_dim
     q = mixer.rotary(mixer.q_proj(rows).view(-1, 1, H, D), batch.prefill_positions)
     k = mixer.rotary(mixer.k_proj(rows).view(-1, 1, Hkv, D), batch.prefill_positions)
@@ -277,24 +309,24 @@ def _prefill_batched(mixer: nn.Module, x: torch.Tensor, cache, batch: PagedBatch
     cache.k.flatten(0, 1).index_copy_(0, batch.prefill_slots, k[:, 0].to(cache.k.dtype))
     cache.v.flatten(0, 1).index_copy_(0, batch.prefill_slots, v[:, 0].to(cache.v.dtype))
     outs = _gqa_short_pieces(mixer, q, cache, batch.short) if batch.short is not None else {}
-    if batch.packed is not None:
-        outs.update(_gqa_packed(mixer, q, cache, batch.packed))
+    packed = _gqa_packed(mixer, q, cache, batch.packed) if batch.packed is not None else None
     for i, (piece, (a, b)) in enumerate(zip(batch.prefill, spans)):
-        if i in outs:
+        if i in outs or (packed is not None and i in batch.packed.members):
             continue
         end = piece.start + piece.length
         table = piece.block_table[None]
         keys, values = gather_blocks(cache.k, table)[:, :end], gather_blocks(cache.v, table)[:, :end]
         outs[i] = causal_attention(q[a:b].transpose(0, 1), keys, values, mixer.scale, piece.start)
-    return mixer.o_proj(torch.cat([outs[i] for i in range(len(spans))], dim=1).flatten(2))
+    return mixer.o_proj(_attended(outs, batch.packed, packed, len(spans)).flatten(2))
 
 
-def _packed_attention(q, k, v, packed: PackedContext, scale: float) -> dict:
+def _packed_attention(q, k, v, packed: PackedContext, scale: float) -> torch.Tensor | None:
     """q [Nq, H, Dk] (all prefill tokens, or those packed.query_index picks), k [Lk, Hkv, Dk], v [Lk, Hkv, Dv]:
-    one attention call over the packed pieces with the block-diagonal causal mask -> {piece: [1, T, H, Dv]}."""
+    one attention call over the packed pieces with the block-diagonal causal mask -> o [Nq, H, Dv] (the
+    members' queries one after another), or None where it cannot run (the caller attends per piece)."""
     global PACKED_ATTENTION
     if not PACKED_ATTENTION:  # switched off by an earlier layer of this step
-        return {}
+        return None
     if packed.query_index is not None:
         q = q.index_select(0, packed.query_index)
     if q.shape[1] != k.shape[1]:  # GQA: the memory-efficient kernel takes no enable_gqa; repeat the key heads
@@ -311,14 +343,25 @@ def _packed_attention(q, k, v, packed: PackedContext, scale: float) -> dict:
             warnings.warn(f"packed prefill attention has no memory-efficient kernel here ({error}); "
                           "attending per piece.")
             PACKED_ATTENTION = False
-            return {}  # the caller attends each piece on its own
-    o = o[0].transpose(0, 1)  # [Nq, H, Dv]
-    return {i: o[a:b][None] for i, (a, b) in zip(packed.members, packed.spans)}
+            return None  # the caller attends each piece on its own
+    return o[0].transpose(0, 1)  # [Nq, H, Dv]
+
+
+def _attended(outs: dict, packed: PackedContext | None, o: torch.Tensor | None, count: int) -> torch.Tensor:
+    """Every piece's attention output [1, Np, H, Dv] in order: outs {piece: [1, T, H, Dv]} of the pieces that
+    attended alone, and o [Nq, H, Dv] of the packed members. When the packed call took every piece
+    (packed.query_index None), its output is the answer as it is: no split, no concatenation."""
+    if o is not None and packed.query_index is None:
+        return o[None]
+    if o is not None:
+        outs.update({i: o[a:b][None] for i, (a, b) in zip(packed.members, packed.spans)})
+    return torch.cat([outs[i] for i in range(count)], dim=1)
 
 
 def _mla_packed(mixer: MultiHeadLatentAttention, q_nope, q_rope, cache: PagedLatentCache, packed: PackedContext):
     """MLA's expanded attention (`_attend_expanded`) of the packed pieces in one call: keys and values from
-    kv_b_proj over every member's context latents. q_nope [Np, 1, H, dn], q_rope [Np, 1, H, dr]."""
+    kv_b_proj over every member's context latents. q_nope [Np, 1, H, dn], q_rope [Np, 1, H, dr] ->
+    o [Nq, H, dv] or None (see _packed_attention)."""
     H, Lk = mixer.num_heads, packed.key_slots.shape[0]
     latent = cache.c_kv.view(-1, mixer.kv_lora_rank).index_select(0, packed.key_slots)  # [Lk, r]
     rope = cache.k_rope.view(-1, mixer.rope_dim).index_select(0, packed.key_slots)  # [Lk, dr]
@@ -329,7 +372,8 @@ def _mla_packed(mixer: MultiHeadLatentAttention, q_nope, q_rope, cache: PagedLat
 
 
 def _gqa_packed(mixer: GroupedQueryAttention, q, cache: PagedKVCache, packed: PackedContext):
-    """Causal attention of the packed pieces in one call over their gathered keys. q [Np, 1, H, D]."""
+    """Causal attention of the packed pieces in one call over their gathered keys. q [Np, 1, H, D] ->
+    o [Nq, H, D] or None (see _packed_attention)."""
     keys = cache.k.flatten(0, 1).index_select(0, packed.key_slots)  # [Lk, Hkv, D]
     values = cache.v.flatten(0, 1).index_select(0, packed.key_slots)
     return _packed_attention(q[:, 0], keys, values, packed, mixer.scale)
@@ -397,22 +441,29 @@ def _kda_conv_packed(mixer: KimiDeltaAttention, qkv: torch.Tensor, cache: Recurr
     once per step (every KDA layer of a step has the same layout)."""
     K1 = mixer.conv_size - 1
     if ("conv", K1) not in memo:
-        host_slots = [piece.state_slot for piece in pieces]
+        host_slots, P = [piece.state_slot for piece in pieces], len(pieces)
         window_starts, tails, keep, snapshot_rows, snapshot_slots, total = [], [], [], [], [], 0
-        for piece, (a, b) in zip(pieces, spans):  # its window: rows total .. total + K-1 + T - 1 of the windows
+        rows = []  # each window row's row in [the slots' conv tails (P x K-1); the pieces' tokens]
+        for i, (piece, (a, b)) in enumerate(zip(pieces, spans)):  # its window: rows total .. total + K-1 + T - 1
             window_starts.append(total)
+            rows.extend([*range(i * K1, (i + 1) * K1), *range(P * K1 + a, P * K1 + b)])
             tails.extend(range(total + b - a, total + b - a + K1))  # its last K-1 rows: the conv tail after it
             keep.extend(range(total, total + b - a))  # output row r is the conv of window rows r .. r+K-1
             for j, snapshot in piece.snapshots:  # the conv tail after j tokens: the K-1 inputs before token j
                 snapshot_rows.extend(range(total + j, total + j + K1))
                 snapshot_slots.append(snapshot)
             total += K1 + b - a
-        sizes = [len(host_slots), len(tails), len(keep), len(snapshot_rows), len(snapshot_slots)]
-        host = torch.tensor(host_slots + tails + keep + snapshot_rows + snapshot_slots, dtype=torch.long)
+        if P == 1:  # one window: the tail then the tokens, and every conv row is kept
+            rows, keep = [], []
+        sizes = [len(host_slots), len(tails), len(keep), len(snapshot_rows), len(snapshot_slots), len(rows)]
+        host = torch.tensor(host_slots + tails + keep + snapshot_rows + snapshot_slots + rows, dtype=torch.long)
         memo["conv", K1] = window_starts, *host.to(qkv.device, non_blocking=True).split(sizes)
-    window_starts, slots, tails, keep, snapshot_rows, snapshot_slots = memo["conv", K1]
+    window_starts, slots, tails, keep, snapshot_rows, snapshot_slots, rows = memo["conv", K1]
     history = cache.conv.index_select(0, slots).to(qkv.dtype)  # [P, K-1, C]
-    window = torch.cat([t for i, (a, b) in enumerate(spans) for t in (history[i], qkv[a:b])])  # [sum(K-1+T), C]
+    if len(pieces) == 1:
+        window = torch.cat([history[0], qkv])  # [K-1+T, C]
+    else:  # every piece's window in one gather
+        window = torch.cat([history.flatten(0, 1), qkv]).index_select(0, rows)  # [sum(K-1+T), C]
     for piece, start, (a, b) in zip(pieces, window_starts, spans):
         if piece.saved_states is not None:
             piece.saved_states.append([cache, window[start:start + K1 + b - a].to(cache.conv.dtype), None])
@@ -421,7 +472,7 @@ def _kda_conv_packed(mixer: KimiDeltaAttention, qkv: torch.Tensor, cache: Recurr
         cache.conv.index_copy_(0, snapshot_slots, tails_then.to(cache.conv.dtype))
     cache.conv.index_copy_(0, slots, window.index_select(0, tails).view(len(pieces), K1, -1).to(cache.conv.dtype))
     mixed = causal_depthwise_conv(window[None], mixer.conv.weight.to(qkv.dtype))[0]  # [sum(K-1+T) - (K-1), C]
-    return mixed.index_select(0, keep)
+    return mixed if len(pieces) == 1 else mixed.index_select(0, keep)
 
 
 def _kda_gates(mixer: KimiDeltaAttention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -460,61 +511,108 @@ def _kda_decode_in_slots(mixer: KimiDeltaAttention, x: torch.Tensor, cache: Recu
 def _kda_varlen(q, k, v, g, beta, cache: RecurrentCache, pieces, spans, memo: dict | None = None) -> torch.Tensor:
     """The delta rule over packed pieces, each from its state slot (updated in place). A piece with interior
     snapshots runs in segments that end on them; after each segment its state is copied to the snapshot
-    slot. Round r runs every piece's r-th segment: one fla chunk_kda call with cu_seqlens on CUDA when
-    fla-core is there, else (or if that call fails) one kda() per segment. -> o [1, Np, H, V]."""
+    slot. With fla-core on CUDA and several pieces, round r runs every piece's r-th segment in one chunk_kda
+    call with cu_seqlens (`_kda_round`), the tokens gathered into round order once per layer and the outputs
+    back once; otherwise each piece runs its segments one kda() after another, the state passed along
+    (`_kda_by_piece`). -> o [1, Np, H, V]."""
     keep = [i for i, p in enumerate(pieces) if p.saved_states is not None]
     if keep:
         return _kda_varlen_keeping_states(q, k, v, g, beta, cache, pieces, spans, keep)
+    if not (VARLEN_KDA and len(pieces) > 1 and use_varlen_kda(q.device)):
+        return _kda_by_piece(q, k, v, g, beta, cache, pieces, spans)
+    memo = {} if memo is None else memo
+    if "rounds" not in memo:
+        memo["rounds"] = _kda_rounds(pieces, spans, q.shape[1], q.device)
+    rounds, order, inverse = memo["rounds"]
+    packed = [t if order is None else t.index_select(1, order) for t in (q, k, v, g, beta)]  # round after round
+    outs, first = [], 0
+    for active, local, slots, bounds, snapshots in rounds:
+        size = local[-1][1]
+        outs.append(_kda_round(*(t[:, first:first + size] for t in packed), cache, active, local, slots, bounds))
+        if snapshots is not None:  # the states that end on a snapshot point, copied in one go
+            sources, targets = snapshots
+            cache.state.index_copy_(0, targets, cache.state.index_select(0, sources))
+        first += size
+    o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+    return o if inverse is None else o.index_select(1, inverse)
+
+
+def _kda_rounds(pieces, spans, N: int, device):
+    """The step's delta-rule rounds (built once, for every KDA layer): per round, its (piece, segment) pairs,
+    the segments' bounds within the round, the pieces' state slots, cu_seqlens, and the snapshot copies
+    (sources, targets) or None; then `order` [Np] (the tokens round after round) and `inverse` (back to
+    piece order), both None when the order is the packed one."""
     segments = []  # per piece: [(start, end, snapshot slot or None)] in packed token indices
     for piece, (a, b) in zip(pieces, spans):
         cuts = [(a + j, slot) for j, slot in piece.snapshots]
-        starts = [a] + [c for c, _ in cuts]
-        ends = [c for c, _ in cuts] + [b]
-        segments.append(list(zip(starts, ends, [slot for _, slot in cuts] + [None])))
-    o = torch.empty_like(v)
+        segments.append(list(zip([a] + [c for c, _ in cuts], [c for c, _ in cuts] + [b],
+                                 [slot for _, slot in cuts] + [None])))
+    rounds, order = [], []
     for r in range(max(len(s) for s in segments)):
         active = [(piece, segs[r]) for piece, segs in zip(pieces, segments) if r < len(segs)]
-        round_memo = {} if memo is None else memo.setdefault(("round", r), {})
-        _kda_segments(q, k, v, g, beta, cache, active, o, round_memo)
-        if "snapshots" not in round_memo:  # the states that end on a snapshot point, copied in one go
-            pairs = [(piece.state_slot, snapshot) for piece, (_, _, snapshot) in active if snapshot is not None]
-            round_memo["snapshots"] = torch.tensor(pairs).view(-1, 2).t().to(q.device) if pairs else None
-        if round_memo["snapshots"] is not None:
-            sources, targets = round_memo["snapshots"]
-            cache.state.index_copy_(0, targets, cache.state.index_select(0, sources))
-    return o
+        lengths = [b - a for _, (a, b, _) in active]
+        local = _spans(lengths)
+        pairs = [(piece.state_slot, snapshot) for piece, (_, _, snapshot) in active if snapshot is not None]
+        host = torch.tensor([piece.state_slot for piece, _ in active] + [0] + lengths +
+                            [source for source, _ in pairs] + [target for _, target in pairs])
+        slots, bounds, snapshots = host.to(device, non_blocking=True).split(
+            [len(active), len(active) + 1, 2 * len(pairs)])
+        rounds.append((active, local, slots, bounds.cumsum(0), snapshots.view(2, -1) if pairs else None))
+        order.extend(t for _, (a, b, _) in active for t in range(a, b))
+    if order == list(range(N)):
+        return rounds, None, None
+    index = torch.tensor(order)
+    inverse = torch.empty_like(index).scatter_(0, index, torch.arange(N))
+    both = torch.cat([index, inverse]).to(device, non_blocking=True)
+    return rounds, both[:N], both[N:]
 
 
-def _kda_segments(q, k, v, g, beta, cache: RecurrentCache, active, o: torch.Tensor, memo: dict | None = None) -> None:
-    """One segment per piece, from (and back to) the pieces' state slots; outputs written into o. memo: this
-    round's index tensors, built once per step."""
+def _kda_by_piece(q, k, v, g, beta, cache: RecurrentCache, pieces, spans) -> torch.Tensor:
+    """The delta rule of each piece as one kda() per segment (segments end on its interior snapshots), the
+    state handed from one segment to the next rather than through its slot: the slot is written once at
+    the end and each snapshot slot once. -> o [1, Np, H, V] (the pieces' outputs are laid end to end)."""
+    outs = []
+    for piece, (a, b) in zip(pieces, spans):
+        state = cache.state[piece.state_slot:piece.state_slot + 1]  # [1, H, K, V]
+        start = a
+        for end, snapshot in [(a + j, slot) for j, slot in piece.snapshots] + [(b, None)]:
+            out, state = kda_outside_compile(q[:, start:end], k[:, start:end], v[:, start:end], g[:, start:end],
+                                             beta[:, start:end], initial_state=state, output_final_state=True)
+            if snapshot is not None:
+                cache.state[snapshot].copy_(state[0])
+            outs.append(out)
+            start = end
+        cache.state[piece.state_slot].copy_(state[0])
+    return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+
+
+def use_varlen_kda(device: torch.device) -> bool:
+    """Whether the pieces' delta rule runs as one fla chunk_kda call with cu_seqlens (CUDA with fla-core)."""
+    return device.type == "cuda" and fla_status()[0]
+
+
+def _kda_round(q, k, v, g, beta, cache: RecurrentCache, active, local, slots, bounds) -> torch.Tensor:
+    """One segment per active piece, laid end to end in q .. beta [1, n, ...] (`local`: each one's bounds),
+    from (and back to) the pieces' state slots (`slots` on the device, cu_seqlens `bounds`) -> o [1, n, H, V]."""
     global VARLEN_KDA
-    if VARLEN_KDA and q.is_cuda and len(active) > 1 and fla_status()[0]:
-        if memo is None or "index" not in memo:
-            lengths = [b - a for _, (a, b, _) in active]
-            host = torch.tensor([piece.state_slot for piece, _ in active] + [0] + lengths +
-                                [t for _, (a, b, _) in active for t in range(a, b)]).to(q.device, non_blocking=True)
-            slots, bounds, index = host.split([len(active), len(active) + 1, sum(lengths)])
-            memo = {} if memo is None else memo
-            memo.update(slots=slots, bounds=bounds.cumsum(0), index=index)
-        slots, bounds, index = memo["slots"], memo["bounds"], memo["index"]
-        packed = [t.index_select(1, index) for t in (q, k, v, g, beta)]
+    if VARLEN_KDA and len(active) > 1 and use_varlen_kda(q.device):
         try:
-            out, final = kda_fla_varlen_outside_compile(*packed, q.shape[-1] ** -0.5,
+            out, final = kda_fla_varlen_outside_compile(q, k, v, g, beta, q.shape[-1] ** -0.5,
                                                         cache.state.index_select(0, slots), bounds)
             cache.state.index_copy_(0, slots, final)
-            o.index_copy_(1, index, out)
-            return
+            return out
         except Exception as error:  # noqa: BLE001 - the per-segment calls compute the same thing
             warnings.warn(f"fla chunk_kda over packed sequences failed ({type(error).__name__}: {error}); "
                           "running the pieces one at a time.")
             VARLEN_KDA = False
-    for piece, (a, b, _) in active:
+    outs = []
+    for (piece, _), (a, b) in zip(active, local):
         state = cache.state[piece.state_slot:piece.state_slot + 1]
         out, final = kda_outside_compile(q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], beta[:, a:b],
                                          initial_state=state, output_final_state=True)
         state.copy_(final)
-        o[:, a:b] = out
+        outs.append(out)
+    return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
 
 
 def _kda_varlen_keeping_states(q, k, v, g, beta, cache: RecurrentCache, pieces, spans, keep) -> torch.Tensor:
