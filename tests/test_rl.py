@@ -1,6 +1,7 @@
 """nanokimi rl on the CPU: sampler, partial rollouts, learning on a toy verifiable task (and not learning with
 the reward's sign flipped), exact resume, the CLI on the ladder task, and two gloo ranks against one process."""
 import json
+import math
 import os
 import random
 import shutil
@@ -400,6 +401,8 @@ def test_rl_ladder_benchmark_smoke(tmp_path):
     assert set(result["methods"]) == {"k1.5", "grpo"} and result["edge_levels"]
     assert all(m["steps"] == 2 and "pass@1" in m["eval"]["all"] for m in result["methods"].values())
     assert result["offline_engine"]["float32"]["tokens_per_s"] > 0
+    assert -1 <= result["edge_sharpening_ceiling"] <= 1
+    assert all(0 <= g["edge_lift_se"] < 1 and math.isfinite(g["edge_pass@1_lift"]) for g in result["goals"].values())
 
 
 def test_loss_mask_covers_the_latest_segment_and_micro_batches_add_up(tmp_path):
