@@ -144,6 +144,7 @@ def run_method(args, name: str, base: Path, tokenizer, rl_task, eval_task, eval_
     records = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "reward_mean" in r]
     problems = evaluate_pass_at_k(trainer.backend, tokenizer, eval_task, eval_examples, args.k, args.max_tokens, 1.0, 0)
     summary = summarize(problems, [1, args.k])
+    practised = practised_lift(args, trainer, base, tokenizer, rl_task, device)
     trainer.log({"step": trainer.step, "tokens": trainer.tokens, **trainer.flat_eval(summary)})
     keys = ("reward_mean", "accuracy", "length_mean", "truncated", "entropy", "kl_old", "clip_fraction",
             "zero_variance_share", "logprob_gap", "grad_norm", "rollout_tokens_per_s", "train_tokens_per_s",
@@ -154,7 +155,7 @@ def run_method(args, name: str, base: Path, tokenizer, rl_task, eval_task, eval_
         mean[key] = sum(values) / len(values) if values else float("nan")
     result = {"settings": run.to_dict(), "run_dir": str(out), "steps": trainer.step, "seconds": seconds,
               "rollout_tokens": trainer.tokens, "responses": trainer.step * args.prompts * args.k,
-              "mean_per_step": mean, "problem_pass@1": problem_pass_at_1(problems),
+              "mean_per_step": mean, "problem_pass@1": problem_pass_at_1(problems), "practised": practised,
               "curve": [{k: r.get(k) for k in ("step", "reward_mean", "accuracy", "length_mean", "entropy",
                                                "grad_norm")} for r in records], "eval": summary}
     del trainer, model
@@ -175,6 +176,24 @@ def paired_lift(before: list[float], after: list[float], levels: list[int], chos
     mean = sum(diffs) / len(diffs)
     var = sum((d - mean) ** 2 for d in diffs) / max(1, len(diffs) - 1)
     return mean, (var / len(diffs)) ** 0.5
+
+
+def practised_lift(args, trainer, base: Path, tokenizer, rl_task, device: str) -> dict:
+    """pass@1 of the base and of the trained policy on RL training problems the run drew (up to
+    --eval-per-level x 5 of them): what RL learned where it practised, beside the held-out lift."""
+    drawn = [e for e in rl_task.examples("rl") if e.id in trainer.sampler.seen][:args.eval_per_level * 5]
+    if not drawn:
+        return {"problems": 0}
+    model = load_model_checkpoint(base, device)
+    base_backend = EngineBackend(model, tokenizer, rl_task.stop, max_num_seqs=512,
+                                 max_cache_tokens=600 * (args.max_tokens + 160))
+    scores = [problem_pass_at_1(evaluate_pass_at_k(backend, tokenizer, rl_task, drawn, args.k, args.max_tokens, 1.0, 0))
+              for backend in (base_backend, trainer.backend)]
+    levels = [e.difficulty for e in drawn]
+    lift, se = paired_lift(scores[0], scores[1], levels, sorted(set(levels)))
+    del base_backend, model
+    return {"problems": len(drawn), "base_pass@1": sum(scores[0]) / len(drawn), "pass@1": sum(scores[1]) / len(drawn),
+            "lift": lift, "lift_se": se}
 
 
 def plot(results: dict, levels: list[int], before: dict, k: int, out: Path) -> list[str]:
@@ -224,9 +243,11 @@ def main() -> int:
     parser.add_argument("--total-seconds", type=float, default=560,
                         help="the whole run's budget: RL methods get at most their share of what is left")
     parser.add_argument("--rl-optim", default="adamw")
-    parser.add_argument("--rl-lr", type=float, default=3e-5,
-                        help="2e-4 (fresh AdamW) lowered every level by 12-18 points in 15 steps")
-    parser.add_argument("--updates", type=int, default=2, help="optimizer steps per rollout batch")
+    parser.add_argument("--rl-lr", type=float, default=1e-4,
+                        help="H100: 3e-5 barely moved the policy, 2e-4 (2 updates per batch) lowered every level by "
+                             "12-18 points; docs/rl.md has the CPU study")
+    parser.add_argument("--updates", type=int, default=1,
+                        help="optimizer steps per rollout batch (1: the whole batch per step, the least noisy)")
     parser.add_argument("--epochs", type=int, default=1, help="passes over each rollout batch")
     parser.add_argument("--micro-batch", type=int, default=256)
     parser.add_argument("--tau", type=float, default=0.1, help="k1.5's tau")
@@ -354,6 +375,10 @@ def main() -> int:
               f"{drop * 100:.1f} "
               f"(goal <= 2), rollout {r['mean_per_step']['rollout_tokens_per_s']:,.0f} tok/s = {ratio:.2f} of the "
               f"engine's offline {best_offline:,.0f} (goal 0.5), log-prob gap {r['mean_per_step']['logprob_gap']:.2e}")
+        if r["practised"]["problems"]:
+            p = r["practised"]
+            print(f"{name}: on {p['problems']} RL training problems it drew, pass@1 {p['base_pass@1']:.3f} -> "
+                  f"{p['pass@1']:.3f} ({p['lift'] * 100:+.1f} ± {p['lift_se'] * 100:.1f} points)")
     payload["rows"] = [dict(zip(headers, row)) for row in rows]  # the table above, one dict per level
     payload.update(goals=goals, plots=plot(results, levels, {"pass@1": base_p1, f"pass@{args.k}": base_pk}, args.k,
                                            path))

@@ -402,6 +402,8 @@ def test_rl_ladder_benchmark_smoke(tmp_path):
     assert all(m["steps"] == 2 and "pass@1" in m["eval"]["all"] for m in result["methods"].values())
     assert result["offline_engine"]["float32"]["tokens_per_s"] > 0
     assert -1 <= result["edge_sharpening_ceiling"] <= 1
+    assert all(0 < m["practised"]["problems"] <= 15 and 0 <= m["practised"]["pass@1"] <= 1
+               for m in result["methods"].values())
     assert all(0 <= g["edge_lift_se"] < 1 and math.isfinite(g["edge_pass@1_lift"]) for g in result["goals"].values())
 
 
