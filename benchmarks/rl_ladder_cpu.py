@@ -95,7 +95,7 @@ def cmd_arm(a, work: Path, eval_task, examples) -> dict:
     before = json.loads((work / "base_eval.json").read_text())
     out = work / "runs" / a.name
     shutil.rmtree(out, ignore_errors=True)
-    rl_task = get_task("ladder", levels=EDGE, per_level=500, seed=0)
+    rl_task = get_task("ladder", levels=EDGE, per_level=a.pool, seed=0)
     run = load_rl_config(None, ["rl.train_split=rl", "rl.device=cpu", f"rl.max_tokens={a.max_tokens}",
                                 "rl.save_every=100000", "rl.eval_per_level=1", "rl.eval_samples=2", "rl.eval_ks=1",
                                 *a.overrides])
@@ -113,8 +113,9 @@ def cmd_arm(a, work: Path, eval_task, examples) -> dict:
         values = [r[key] for r in records[part] if key in r]
         return sum(values) / len(values)
 
-    return {"overrides": a.overrides, "sgd_momentum": a.sgd, "frozen": a.freeze, "steps": trainer.step,
-            "rl_seconds": seconds, "before": by_level(before, levels), "after": by_level(after, levels),
+    return {"overrides": a.overrides, "pool_per_level": a.pool, "sgd_momentum": a.sgd, "frozen": a.freeze,
+            "steps": trainer.step, "rl_seconds": seconds, "before": by_level(before, levels),
+            "after": by_level(after, levels),
             "edge_lift": lift, "edge_lift_se": se, "reward_first5": mean("reward_mean", slice(0, 5)),
             "reward_last5": mean("reward_mean", slice(-5, None)), "entropy_first5": mean("entropy", slice(0, 5)),
             "entropy_last5": mean("entropy", slice(-5, None)), "grad_norm": mean("grad_norm", slice(None)),
@@ -161,7 +162,7 @@ def cmd_practised(a, work: Path, *_) -> dict:
     run = resolve_checkpoint(work / "runs" / a.name)
     tokenizer = Tokenizer.load(base / TOKENIZER)
     seen = load_trainer_state(run)["sampler"]["seen"]
-    task = get_task("ladder", levels=EDGE, per_level=500, seed=0)
+    task = get_task("ladder", levels=EDGE, per_level=a.pool, seed=0)
     pool = task.examples("rl")
     sets = {"drawn": random.Random(0).sample([e for e in pool if e.id in seen], 150),
             "not drawn": [e for e in pool if e.id not in seen][:150]}
@@ -185,6 +186,7 @@ def main() -> int:
     parser.add_argument("--per-level", type=int, default=100, help="held-out problems per level")
     parser.add_argument("--k", type=int, default=8, help="samples per problem")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--pool", type=int, default=500, help="RL training problems per edge level")
     parser.add_argument("--level", type=int, default=3, help="errors: the level to classify")
     parser.add_argument("--sgd", type=float, default=0.0, help="arm: SGD with this momentum instead of optim.name")
     parser.add_argument("--freeze", default="", help="arm: comma-separated parameter-name parts left untrained")
