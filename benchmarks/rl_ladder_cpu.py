@@ -191,7 +191,7 @@ def main() -> int:
     parser.add_argument("--sgd", type=float, default=0.0, help="arm: SGD with this momentum instead of optim.name")
     parser.add_argument("--freeze", default="", help="arm: comma-separated parameter-name parts left untrained")
     parser.add_argument("overrides", nargs="*", help="arm: rl.* / optim.* overrides")
-    a = parser.parse_args()
+    a = parser.parse_intermixed_args()  # the overrides may follow the options
     torch.set_num_threads(1)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
