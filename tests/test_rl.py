@@ -1,6 +1,7 @@
 """nanokimi rl on the CPU: sampler, partial rollouts, learning on a toy verifiable task (and not learning with
 the reward's sign flipped), exact resume, the CLI on the ladder task, and two gloo ranks against one process."""
 import json
+import math
 import os
 import random
 import shutil
@@ -401,6 +402,10 @@ def test_rl_ladder_benchmark_smoke(tmp_path):
     assert set(result["methods"]) == {"k1.5", "grpo"} and result["edge_levels"]
     assert all(m["steps"] == 2 and "pass@1" in m["eval"]["all"] for m in result["methods"].values())
     assert result["offline_engine"]["float32"]["tokens_per_s"] > 0
+    assert -1 <= result["edge_sharpening_ceiling"] <= 1
+    assert all(0 < m["practised"]["problems"] <= 15 and 0 <= m["practised"]["pass@1"] <= 1
+               for m in result["methods"].values())
+    assert all(0 <= g["edge_lift_se"] < 1 and math.isfinite(g["edge_pass@1_lift"]) for g in result["goals"].values())
 
 
 def test_loss_mask_covers_the_latest_segment_and_micro_batches_add_up(tmp_path):
@@ -439,3 +444,22 @@ def test_resume_of_a_missing_run_and_a_missing_task_are_one_line(tmp_path, capsy
     assert f"--resume: '{tmp_path / 'nope'}' holds no RL run" in capsys.readouterr().err
     assert main(["rl", "--ckpt", str(tmp_path), "--out", str(tmp_path / "x")]) == 2  # no --task: not a default run
     assert "nanokimi rl needs a task: --task" in capsys.readouterr().err
+
+
+def test_epochs_pass_over_the_same_minibatches_again_off_policy(tmp_path):
+    """rl.epochs=3 takes 3 x updates_per_step optimizer steps on one rollout batch: its first step is the one-pass
+    run's first step (same groups, same weights), a later pass over that minibatch sees the moved policy (another
+    gradient, kl_old > 0), and epochs=0 is a config error."""
+    settings = ["rl.prompts_per_step=8", "rl.updates_per_step=2", "rl.loss=grpo", "rl.dynamic_sampling=true"]
+    runs = {}
+    for epochs in (1, 3):
+        trainer = toy_trainer(tmp_path, [*settings, f"rl.epochs={epochs}"], name=f"epochs{epochs}")
+        seen = _record_gradients(trainer)
+        runs[epochs] = (trainer.train_step(), seen)
+    (one, one_grads), (three, three_grads) = runs[1], runs[3]
+    assert one["updates"] == len(one_grads) == 2 and three["updates"] == len(three_grads) == 6
+    assert one_grads[0].norm() > 0 and torch.equal(one_grads[0], three_grads[0])
+    assert not torch.allclose(three_grads[2], three_grads[0])  # minibatch 0 again, under the updated policy
+    assert three["kl_old"] > one["kl_old"] >= 0
+    with pytest.raises(ConfigError, match="rl.epochs"):
+        load_rl_config(None, ["rl.epochs=0"])

@@ -48,6 +48,7 @@ class RLConfig:
     dynamic_sampling: bool = False  # drop groups whose rewards are all equal and draw more prompts
     max_refill_rounds: int = 3
     updates_per_step: int = 1  # optimizer steps per rollout batch (groups split into this many minibatches)
+    epochs: int = 1  # passes over each rollout batch (PPO-style reuse: epochs x updates_per_step optimizer steps)
     micro_batch: int = 0  # responses per forward/backward (0 = the whole minibatch)
     grad_clip: float = 1.0
     fsdp: bool = True  # several processes: FSDP2-shard the trained model (the engine reads a full replica refreshed
@@ -80,7 +81,7 @@ class RLRunConfig:
         for name, value, options in choices:
             if value not in options:
                 raise ConfigError(f"rl.{name}={value!r} must be one of {', '.join(options)}.")
-        for name in ("steps", "prompts_per_step", "samples_per_prompt", "max_tokens", "updates_per_step",
+        for name in ("steps", "prompts_per_step", "samples_per_prompt", "max_tokens", "updates_per_step", "epochs",
                      "eval_samples", "eval_per_level", "log_every", "save_every", "keep_checkpoints"):
             if getattr(r, name) < 1:
                 raise ConfigError(f"rl.{name} must be >= 1, got {getattr(r, name)}.")

@@ -287,7 +287,8 @@ class RLTrainer:
         return old, ref, raw
 
     def update(self, scored: list[dict]) -> dict:
-        """One rollout batch -> rl.updates_per_step optimizer steps. Returns the update's statistics."""
+        """One rollout batch -> rl.epochs x rl.updates_per_step optimizer steps (each pass over the same minibatches,
+        π_old fixed at the rollout's policy). Returns the update's statistics."""
         cfg, k = self.cfg, self.cfg.samples_per_prompt
         batch = self._batch(scored)
         self.model.train()
@@ -307,7 +308,7 @@ class RLTrainer:
         factor = lr_factor(self.step, cfg.steps, self.run.optim)
         for param_group in self.optimizer.param_groups:
             param_group["lr"] = param_group["initial_lr"] * factor
-        for rows in chunks:
+        for rows in [chunk for _ in range(cfg.epochs) for chunk in chunks]:  # passes after the first: off-policy
             counts = self._all_reduce(torch.tensor([len(rows), mask[rows.start:rows.stop].sum().item()],
                                                    dtype=torch.float64, device=self.device))
             num_seqs, num_tokens = counts[0].item(), counts[1].item()
