@@ -132,8 +132,8 @@ class RLTrainer:
         k = self.cfg.samples_per_prompt
         if backend == "engine":
             per_seq = self.cfg.max_tokens + max(len(self.encode(e)) for e in self.sampler.examples[:256])
-            # at most 512 sequences at once: the engine's decode CUDA graphs cover batches up to 512
-            seqs = min(512, max(self.groups_per_rank * k, len(self.eval_examples) * self.cfg.eval_samples))
+            # at most 1024 sequences at once: the engine's decode CUDA graphs cover batches up to 1024
+            seqs = min(1024, max(self.groups_per_rank * k, len(self.eval_examples) * self.cfg.eval_samples))
             cache = self.cfg.max_cache_tokens or (seqs + 8) * (per_seq + 32)
             self.backend = EngineBackend(self.policy, tokenizer, self.stop, max_num_seqs=seqs, max_cache_tokens=cache,
                                          speculative=self.cfg.speculative or None,

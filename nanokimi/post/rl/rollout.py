@@ -108,6 +108,7 @@ class EngineBackend:
         if self.engine is None:
             from nanokimi.infer import Engine
             self.engine = Engine(self.model, self.tokenizer, **self.engine_kwargs)
+            self.engine.stream_outputs = False  # only finished responses are read: no per-step outputs or text
         return self.engine
 
     @torch.no_grad()
