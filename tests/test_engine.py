@@ -180,6 +180,25 @@ def test_n_samples_share_the_prompt_and_are_reproducible():
             assert token in entry and 2 <= len(entry) <= 3 and all(v <= 0 for v in entry.values())
 
 
+def test_requests_of_one_group_wait_for_a_members_prefill_and_reuse_it():
+    """RL sends a prompt's k samples as k requests with one group_id: submitted together, the first computes the
+    prompt and the others wait for it and take it from the cache (not k prefills in one step), with the tokens of
+    the cache off. Requests without a group, or of another group, are admitted as before."""
+    model = make_model("tiny")
+    shared, other = prompts(2, seed=23, lengths=(40, 33))
+    seeded = [SamplingParams(max_tokens=6, temperature=1.0, seed=i, group_id="g") for i in range(4)]
+    requests = [(f"g{i}", shared, p) for i, p in enumerate(seeded)]
+    requests += [("lone", other, SamplingParams(max_tokens=6, temperature=1.0, seed=9)),
+                 ("h0", other, SamplingParams(max_tokens=6, temperature=1.0, seed=5, group_id="h"))]
+    engine = Engine(model, block_size=8, max_step_tokens=512)
+    cached = run_engine(engine, requests)
+    stats = engine.stats()
+    plain = run_engine(Engine(model, block_size=8, max_step_tokens=512, enable_prefix_caching=False), requests)
+    assert {k: o.outputs[0].token_ids for k, o in cached.items()} == {k: o.outputs[0].token_ids for k, o in plain.items()}
+    assert stats["prefix_cache_hit_tokens"] >= 3 * 32  # g1-g3 reuse the first four of g0's five blocks
+    assert stats["prefill_tokens"] <= 40 + 3 * 8 + 2 * 33  # g0 whole, g1-g3 only their last block, lone and h0
+
+
 class LetterTokenizer:
     """Token t is the letter 'a' + t % 26; token 0 is the end of text."""
     eot_id = 0

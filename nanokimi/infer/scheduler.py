@@ -65,6 +65,7 @@ class Sequence:
         self.tokens = list(request.prompt_token_ids)
         self.num_prompt = len(self.tokens)
         self.num_computed = 0
+        self.leads_prefix = None  # (group_id, first block hash) while the first of its group to prefill the prompt
         self.block_table: list[int] = []
         self.state_slot: int | None = None
         self.hashes: list[bytes] = []
@@ -128,6 +129,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.suspended: list[Sequence] = []
+        self._prefilling_prefixes: set[tuple] = set()  # (group, first block) that a group member is prefilling
         self._ranked: deque[Sequence] | None = None
         self.groups: dict = {}  # group key -> {"probe": first sequence, "longest": longest finished output}
         self.num_added = 0
@@ -147,6 +149,8 @@ class Scheduler:
     def schedule(self) -> list[tuple[Sequence, int]]:
         """(sequence, number of tokens to compute) for the next step; decodes first."""
         self.steps += 1
+        self._prefilling_prefixes = {seq.leads_prefix for seq in self.running if seq.leads_prefix
+                                     and seq.status == RUNNING and seq.num_computed < seq.num_prompt}
         if self.chunk_tokens and self.policy == "context_aware":
             self._suspend_finished_chunks()
         while True:
@@ -178,8 +182,9 @@ class Scheduler:
         if self._ranked is None:
             self._ranked = deque(sorted([s for s in self.waiting if self._admissible(s)] + self.suspended,
                                         key=self.priority))
-        while self._ranked and self._ranked[0].status not in (WAITING, SUSPENDED):
-            self._ranked.popleft()  # admitted or resumed since the ranking
+        while self._ranked and (self._ranked[0].status not in (WAITING, SUSPENDED)
+                                or not self._admissible(self._ranked[0])):
+            self._ranked.popleft()  # admitted or resumed since the ranking, or a sibling started prefilling
         return self._ranked[0] if self._ranked else None
 
     def _suspend_finished_chunks(self) -> None:
@@ -248,6 +253,11 @@ class Scheduler:
             n = self._fit(seq, self._chunk(seq, budget))
             scheduled.append((seq, n))
             budget -= n
+            key = self._shared_prefix(seq)
+            # the first of its group to compute this prompt's first block: its siblings wait for its prefill
+            seq.leads_prefix = key if key and self.pool.lookup(key[1]) is None else None
+            if seq.leads_prefix:
+                self._prefilling_prefixes.add(key)
         return scheduled
 
     def _resume(self, seq: Sequence) -> None:
@@ -282,11 +292,25 @@ class Scheduler:
             self.pool.release(extra)
 
     def _admissible(self, seq: Sequence) -> bool:
-        """Samples 1.. of a request wait until sample 0 has prefilled the prompt, to reuse it from the cache."""
-        if seq.index == 0 or not self.prefix_caching:
+        """Samples 1.. of a request wait until sample 0 has prefilled the prompt, to reuse it from the cache;
+        so does a request whose group (SamplingParams.group_id: RL's k samples of one prompt, sent as k requests)
+        has a running member still prefilling a prompt with the same first block."""
+        if not self.prefix_caching:
             return True
-        first = seq.request.sequences[0]
-        return first.status == FINISHED or first.num_computed >= first.num_prompt
+        if seq.index > 0:
+            first = seq.request.sequences[0]
+            if not (first.status == FINISHED or first.num_computed >= first.num_prompt):
+                return False
+        return seq.status != WAITING or self._shared_prefix(seq) not in self._prefilling_prefixes
+
+    def _shared_prefix(self, seq: Sequence) -> tuple | None:
+        """(group_id, hash of the prompt's first block): what a prefilling group member shares with its siblings;
+        None without a group or a whole first block."""
+        group = seq.request.params.group_id
+        if group is None or seq.num_prompt < self.block_size:
+            return None
+        seq.ensure_hashes(1)
+        return group, seq.hashes[0]
 
     def _chunk(self, seq: Sequence, budget: int) -> int:
         return min(seq.remaining, budget)
