@@ -71,6 +71,18 @@ def test_the_request_suits_both_servers_and_failures_keep_their_reason():
     assert (row["failed"], row["first_error"], row["errors"]) == (3, "x", {"x": 2, "y": 1})
 
 
+def test_a_mode_run_twice_keeps_both_rows_and_compile_costs_split_at_startup():
+    """`--modes on off on`: the second `on` (warm compiled graphs) must not overwrite the first in the JSON."""
+    bench = load_bench()
+    rows = [dict(preset="p", system="nanokimi", mode=m, ttft_p50_ms=t) for m, t in (("on", 9), ("off", 2), ("on", 3))]
+    keys = bench.result_keys(rows)
+    assert list(keys) == ["p / nanokimi / on", "p / nanokimi / off", "p / nanokimi / on #2"]
+    assert [keys[k]["ttft_p50_ms"] for k in keys] == [9, 2, 3]
+    got = bench.compile_costs(dict(compile_seconds=28.4), dict(compile_seconds=31.0, cuda_graphs=5,
+                                                                cuda_graphs_compiled=4))
+    assert got == dict(compile_s_startup=28.4, compile_s_replay=2.6, cuda_graphs=5, cuda_graphs_compiled=4)
+
+
 def test_working_set_counts_each_prefix_block_once():
     bench = load_bench()
     trace = [dict(blocks=[(1, 128), (2, 128), (3, 40)]), dict(blocks=[(1, 128), (2, 128), (3, 100)]),
