@@ -260,7 +260,8 @@ def run_nanokimi(model, tokenizer, template, mode: str, work, args, device) -> d
                            kv_offload_gb=args.cpu_tier_gb if cpu_tier else 0.0,
                            ttft_slo_ms=args.ttft_slo_ms if admission else None,
                            tbt_slo_ms=args.tbt_slo_ms if admission else None,
-                           max_step_tokens=args.step_tokens, served_model_name="bench", max_body_bytes=16 << 20)
+                           max_step_tokens=args.step_tokens, served_model_name="bench", max_body_bytes=16 << 20,
+                           max_wait_ms=args.max_wait_ms)
     llm = LLM(model, tokenizer=tokenizer, device=str(device), kv_tiers=_tier_store(options, "bench"),
               **_engine_kwargs(options))
     server = Server.from_llm(llm, template, "bench", options)
@@ -275,7 +276,8 @@ def run_nanokimi(model, tokenizer, template, mode: str, work, args, device) -> d
     for tier in ("gpu", "cpu", "disk"):
         hits = snapshot["tiers"].get(tier, {}).get("hit_tokens")
         row[f"prefix_hit_rate_{tier}"] = None if hits is None or mode == "off" else round(hits / queries, 4)
-    row.update(preemptions=snapshot.get("preemptions", 0), startup_s=round(ready_s, 1),
+    row.update(preemptions=snapshot.get("preemptions", 0), prompt_tokens_computed=snapshot.get("prefill_tokens", 0),
+               startup_s=round(ready_s, 1),
                **compile_costs(at_start, snapshot["raw"]))
     if cpu_tier:
         store = llm.engine.tiers.store.counters
@@ -397,6 +399,8 @@ def main() -> int:
     ap.add_argument("--gpu-cache-tokens", type=int, default=65536, help="GPU KV pool of every nanokimi run")
     ap.add_argument("--cpu-tier-gb", type=float, default=16.0)
     ap.add_argument("--step-tokens", type=int, default=4096)
+    ap.add_argument("--max-wait-ms", type=float, default=2000.0,
+                    help="the server's bound on cache-aware reordering and hold-backs; 0: arrival order, no hold-backs")
     ap.add_argument("--ttft-slo-ms", type=float, default=2000.0)
     ap.add_argument("--tbt-slo-ms", type=float, default=100.0, help="TBT SLO; goodput uses it for TPOT")
     ap.add_argument("--no-peer", dest="peer", action="store_false", help="skip transformers serve")
@@ -449,7 +453,8 @@ def main() -> int:
     extra = dict(trace=str(args.trace), start=args.start, requests=len(trace), length_scale=args.length_scale,
                  output_scale=args.output_scale, max_input=args.max_input, gpu_cache_tokens=args.gpu_cache_tokens,
                  prefix_working_set_tokens=working_set_tokens(trace), cpu_tier_gb=args.cpu_tier_gb,
-                 step_tokens=args.step_tokens, ttft_slo_ms=args.ttft_slo_ms, tbt_slo_ms=args.tbt_slo_ms)
+                 step_tokens=args.step_tokens, max_wait_ms=args.max_wait_ms, ttft_slo_ms=args.ttft_slo_ms,
+                 tbt_slo_ms=args.tbt_slo_ms)
     rows = []
 
     def record(row: dict) -> None:  # the JSON is rewritten after every run: a cut-off run keeps what it measured
