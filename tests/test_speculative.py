@@ -402,7 +402,7 @@ def test_graph_inputs_of_verify_rows_equal_the_per_token_rows(monkeypatch):
     monkeypatch.setattr(runner_module, "GRAPH_BATCH_SIZES", (1, 2, 4, 8, 12))
     model = make_model("tiny-dense")
     g = random.Random(0)
-    tables = {s: [1 + 6 * s + b for b in range(blocks)] for s, blocks in enumerate([2, 2, 3, 1, 2, 3])}
+    tables = {s: [1 + 6 * s + b for b in range(blocks)] for s, blocks in enumerate([2, 2, 3, 1, 3, 3])}
 
     def step(seqs, draft):
         rows = []
@@ -417,8 +417,8 @@ def test_graph_inputs_of_verify_rows_equal_the_per_token_rows(monkeypatch):
                 ([0, 2], 1), ([0, 2], 0), (range(6), 1), (range(3), 1), (range(3), 1), (range(3), 1)]
     steps = []
     for i, (seqs, draft) in enumerate(schedule):
-        if i in (4, 10):
-            tables[0].append(60 + i)  # a table grows while the runs stay the same
+        if i in (1, 4, 10):  # a table grows while the runs stay the same (at 1: a draft split between replays)
+            tables[4 if i == 1 else 0].append(60 + i)
         steps.append(step(seqs, draft))
     replays, kinds = {}, []
     for path in ("fast", "reference"):
