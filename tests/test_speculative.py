@@ -314,7 +314,7 @@ def test_verify_rows_in_the_static_graph_step_give_the_eager_verification(name, 
         engine = Engine(model, max_cache_tokens=2048, block_size=4, use_cuda_graph=graphs, num_speculative_tokens=4,
                         speculative=OracleDrafter(reference, "partly", model.config.vocab_size))
         crossing, mixed, chunked = [], [], []
-        run_rows, run_chunks = engine.runner.run, engine.runner._run_graphed_chunks
+        run_rows, run_groups = engine.runner.run, engine.runner._run_graphed_groups
 
         def spy(rows):
             crossing.extend(r.start // 4 != (r.start + len(r.tokens) - 1) // 4 for r in rows if r.num_logits > 1)
@@ -322,7 +322,8 @@ def test_verify_rows_in_the_static_graph_step_give_the_eager_verification(name, 
             return run_rows(rows)
 
         engine.runner.run = spy
-        engine.runner._run_graphed_chunks = lambda rows: chunked.append(len(rows)) or run_chunks(rows)
+        engine.runner._run_graphed_groups = lambda rows: chunked.append(sum(len(r.tokens) for r in rows)) or \
+            run_groups(rows)  # graph rows: a token each
         outs[graphs], engines[graphs] = run_outputs(engine, requests, stagger=3), engine
         assert any(crossing) and any(mixed)  # drafts across block boundaries; verify rows beside prefill chunks
         if graphs and sizes is not None:

@@ -68,6 +68,9 @@ class _TableRuns:
         return list(chain.from_iterable(map(repeat, self.tables, self.counts)))
 
 
+_TOKENS, _START, _BLOCK_TABLE, _NUM_LOGITS = map(operator.attrgetter, ("tokens", "start", "block_table", "num_logits"))
+
+
 def _bucket(value: int, sizes) -> int | None:
     return next((s for s in sizes if s >= value), None)
 
@@ -121,16 +124,18 @@ class ModelRunner:
     def run(self, rows: list[Row]) -> torch.Tensor:
         """Logits [R, V] of the last token (the last num_logits tokens) of each row that wants them, in order.
         Rows of one token must come first (the engine orders them so). With CUDA graphs, the one-token
-        rows replay a graph, and so do speculative verify rows of attention-only models (expanded into one
-        row per token, `_verify_as_decode_rows`); the other longer rows (prefill chunks, KDA verify rows) run
-        eagerly after it."""
-        num_decode = sum(1 for r in rows if len(r.tokens) == 1)
-        if any(len(r.tokens) != 1 for r in rows[:num_decode]):
+        rows replay a graph, and so do speculative verify rows of attention-only models (as one graph row per
+        token, `_run_graphed_groups`); the other longer rows (prefill chunks, KDA verify rows) run eagerly after it."""
+        lengths = list(map(len, map(_TOKENS, rows)))
+        num_decode = lengths.count(1)
+        if lengths[:num_decode].count(1) != num_decode:
             raise ValueError("rows of one token must come before longer rows")
         decode, longer = rows[:num_decode], rows[num_decode:]
-        as_decode = [self.graph_verify and r.wants_logits and r.num_logits == len(r.tokens) for r in longer]
-        verifying = [r for r, yes in zip(longer, as_decode) if yes]
-        verify_rows, graphed_verify = sum(1 for r in longer if r.num_logits > 1), sum(as_decode)
+        num_logits = list(map(_NUM_LOGITS, longer))
+        as_decode = [r.wants_logits and wanted == length for r, wanted, length in
+                     zip(longer, num_logits, lengths[num_decode:])] if self.graph_verify else [False] * len(longer)
+        verifying = list(compress(longer, as_decode))
+        verify_rows, graphed_verify = len(num_logits) - num_logits.count(1) - num_logits.count(0), sum(as_decode)
         graphed = None
         if self.use_graphs and verifying:
             graphed = self._run_graphed_groups(decode + verifying)
@@ -144,7 +149,7 @@ class ModelRunner:
         # each wanted logit in row order: graphed rows index the graph's output, the eager rows' follow it
         order = [i for i, r in enumerate(decode) if r.wants_logits]
         next_graphed = len(decode)
-        next_eager = next_graphed + sum(len(r.tokens) for r in verifying)
+        next_eager = next_graphed + sum(map(len, map(_TOKENS, verifying)))
         eager = []
         if graphed_verify == len(longer):  # no eager rows: the verify rows' logits follow the one-token rows'
             order += range(next_graphed, next_eager)
@@ -159,6 +164,8 @@ class ModelRunner:
                 order.extend(range(next_eager, next_eager + r.num_logits))
                 next_eager += r.num_logits
         logits = graphed[:next_graphed]
+        if not eager and len(order) == next_graphed:  # every graphed row's logits (order: increasing)
+            return logits.clone()  # a copy: the next replay rewrites the graph's output
         if eager:
             logits = torch.cat([logits, self._run_eager(eager, 0)])
         if order == list(range(logits.shape[0])):  # a copy either way: the next replay rewrites the graph's output
@@ -333,7 +340,7 @@ class ModelRunner:
         share a graph, and each holds other sequences)."""
         held = self.graph_tables.get(key)
         if not isinstance(held, _TableRuns) or held.counts != counts:
-            self.graph_tables[key] = _TableRuns([list(t) for t in tables], list(counts))
+            self.graph_tables[key] = _TableRuns(list(map(list, tables)), list(counts))
             return None
         runs = list(compress(range(len(tables)), map(operator.ne, held.tables, tables)))
         if not runs:
@@ -347,23 +354,23 @@ class ModelRunner:
         """`_run_graphed_chunks(_verify_as_decode_rows(rows))` without building a row per token: one-token rows
         and verify rows (tokens t_0..t_d at p..p+d) become graph rows (a token each) by arithmetic over all the
         tokens at once, and the graphs' block tables are compared once a row, not once a token."""
-        counts = [len(r.tokens) for r in rows]
-        tables = [r.block_table for r in rows]
+        tokens = list(map(_TOKENS, rows))
+        counts = list(map(len, tokens))
+        tables = list(map(_BLOCK_TABLE, rows))
         table_lengths = list(map(len, tables))
         first = list(accumulate(counts, initial=0))  # each row's first graph row
-        n, bs, longest = first[-1], self.block_size, max(table_lengths)
-        per_row = host_tensor(counts + [r.start for r in rows] + first[:-1] + table_lengths +
-                              list(accumulate(table_lengths, initial=0))[:-1] +
-                              [self.dummy_slot if r.state_slot is None else r.state_slot for r in rows])
-        lengths, starts, firsts, table_lengths_t, table_starts, state = per_row.view(6, -1)  # [rows] each
+        n, bs = first[-1], self.block_size
+        dummy = self.dummy_slot
+        per_row = host_tensor(counts + list(map(_START, rows)) + table_lengths +
+                              [dummy if r.state_slot is None else r.state_slot for r in rows])
+        lengths, starts, table_lengths_t, state = per_row.view(4, -1)  # [rows] each
+        table_starts = table_lengths_t.cumsum(0) - table_lengths_t  # where each row's table starts in `flat`
         owner = torch.repeat_interleave(lengths)  # [n] the row of each graph row
-        positions = (starts - firsts)[owner] + torch.arange(n)  # each row's start + 0, 1, .., d
+        positions = (starts + lengths - lengths.cumsum(0))[owner] + torch.arange(n)  # each row's start + 0, 1, .., d
         flat = host_tensor(list(chain.from_iterable(tables)))  # every table, end to end
-        inputs = torch.stack([host_tensor(list(chain.from_iterable(r.tokens for r in rows))), positions,
+        inputs = torch.stack([host_tensor(list(chain.from_iterable(tokens))), positions,
                               flat[table_starts[owner] + positions // bs] * bs + positions % bs, state[owner]])  # [4, n]
-        entry_rows = torch.repeat_interleave(table_lengths_t)  # [len(flat)]
-        padded = torch.zeros(len(rows), longest, dtype=torch.long)  # the tables, zero-padded
-        padded[entry_rows, torch.arange(len(flat)) - table_starts[entry_rows]] = flat
+        expanded = None  # built when a graph's tables are written
         largest, parts = GRAPH_BATCH_SIZES[-1], []
         for lo in range(0, n, largest):
             hi = min(n, lo + largest)
@@ -383,15 +390,22 @@ class ModelRunner:
                 host[3, hi - lo:] = self.dummy_slot
                 host = host.view(-1)
             changed = self._changed_runs(key, tables[a:b], runs)
-            wanted = None  # the graph rows whose tables are written, and (below) the tables
-            if changed is None:  # every row: each row's table repeated once a token, then padding
-                wanted, new = owner[lo:hi], torch.zeros(size, width, dtype=torch.long)
-            elif changed:  # rows now padding come last in `changed`: block 0
-                wanted = owner[lo + host_tensor([i for i in changed if i < hi - lo])]
-                new = torch.zeros(len(changed), width, dtype=torch.long)
-            if wanted is not None:
-                new[:len(wanted), :min(width, longest)] = padded[wanted, :width]
-            logits = self._replay(key, host, changed, new if wanted is not None else None)
+            new = None
+            if changed is None or changed:
+                if expanded is None:  # every graph row's table [n, longest], zero-padded
+                    entry_rows = torch.repeat_interleave(table_lengths_t)  # [len(flat)]
+                    padded = torch.zeros(len(rows), max(table_lengths), dtype=torch.long)
+                    padded[entry_rows, torch.arange(len(flat)) - table_starts[entry_rows]] = flat
+                    expanded = padded[owner]
+                if changed is None:  # every row of the buffer, padding included
+                    new, count = expanded[lo:hi], size
+                else:  # rows now padding come last in `changed`: block 0
+                    new, count = expanded[lo + host_tensor([i for i in changed if i < hi - lo])], len(changed)
+                if new.shape != (count, width):
+                    new = torch.zeros(count, width, dtype=torch.long).index_copy_(
+                        0, torch.arange(new.shape[0]), new[:, :width]) if new.shape[1] >= width else \
+                        torch.nn.functional.pad(new, (0, width - new.shape[1], 0, count - new.shape[0]))
+            logits = self._replay(key, host, changed, new)
             if n <= largest:
                 return logits
             parts.append(logits[:hi - lo].clone())
