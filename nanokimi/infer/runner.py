@@ -368,8 +368,8 @@ class ModelRunner:
         owner = torch.repeat_interleave(lengths)  # [n] the row of each graph row
         positions = (starts + lengths - lengths.cumsum(0))[owner] + torch.arange(n)  # each row's start + 0, 1, .., d
         flat = host_tensor(list(chain.from_iterable(tables)))  # every table, end to end
-        inputs = torch.stack([host_tensor(list(chain.from_iterable(tokens))), positions,
-                              flat[table_starts[owner] + positions // bs] * bs + positions % bs, state[owner]])  # [4, n]
+        slots = flat[table_starts[owner] + positions // bs] * bs + positions % bs
+        inputs = torch.stack([host_tensor(list(chain.from_iterable(tokens))), positions, slots, state[owner]])  # [4, n]
         expanded = None  # built when a graph's tables are written
         largest, parts = GRAPH_BATCH_SIZES[-1], []
         for lo in range(0, n, largest):
@@ -401,10 +401,9 @@ class ModelRunner:
                     new, count = expanded[lo:hi], size
                 else:  # rows now padding come last in `changed`: block 0
                     new, count = expanded[lo + host_tensor([i for i in changed if i < hi - lo])], len(changed)
-                if new.shape != (count, width):
-                    new = torch.zeros(count, width, dtype=torch.long).index_copy_(
-                        0, torch.arange(new.shape[0]), new[:, :width]) if new.shape[1] >= width else \
-                        torch.nn.functional.pad(new, (0, width - new.shape[1], 0, count - new.shape[0]))
+                if new.shape != (count, width):  # zeros: the padding rows below, the columns up to width
+                    new = new[:, :width]  # (the entries past width are zeros: no table here is longer)
+                    new = torch.nn.functional.pad(new, (0, width - new.shape[1], 0, count - new.shape[0]))
             logits = self._replay(key, host, changed, new)
             if n <= largest:
                 return logits
