@@ -18,6 +18,7 @@ host ms/step is the median step; the mean includes the steps in which Python's g
 """
 import argparse
 import cProfile
+import gc
 import importlib
 import pstats
 import statistics
@@ -58,7 +59,8 @@ def request_params(mode: str, max_tokens: int, i: int) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=1.0, top_p=0.95, seed=i, logprobs=0, ignore_eos=True)
 
 
-def host_ms(model, mode: str, batch: int, prompt: int, steps: int, profile: bool = False) -> dict:
+def host_ms(model, mode: str, batch: int, prompt: int, steps: int, profile: bool = False,
+            gc_off: bool = False) -> dict:
     draft = DRAFT if mode == "verify-attn" else 0
     speculative = dict(speculative=RepeatDrafter(), num_speculative_tokens=DRAFT) if draft else {}
     engine = Engine(model, max_num_seqs=max(256, batch), use_cuda_graph="static", max_step_tokens=8192,
@@ -90,6 +92,9 @@ def host_ms(model, mode: str, batch: int, prompt: int, steps: int, profile: bool
         setattr(module, name, timed(fn))
     total = []
     profiler = cProfile.Profile() if profile else None
+    if gc_off:
+        gc.collect()
+        gc.disable()
     try:
         for _ in range(steps):
             if profiler is not None:
@@ -101,6 +106,7 @@ def host_ms(model, mode: str, batch: int, prompt: int, steps: int, profile: bool
             if profiler is not None:
                 profiler.disable()
     finally:
+        gc.enable()
         del model.hidden_states, model.lm_head.forward
         for (module, name), fn in zip(device_calls, originals):
             setattr(module, name, fn)
@@ -122,6 +128,8 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--profile", action="store_true", help="cProfile the steps of the largest batch")
+    ap.add_argument("--gc-off", action="store_true", help="Python's garbage collector off while timed (its full "
+                    "passes land in whichever step allocates; verify steps allocate more)")
     ap.add_argument("--name", default="tiny-KA", help="the results' key (e.g. a label for a before/after pair)")
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -137,7 +145,7 @@ def main() -> None:
         models[mixers] = build_model(cfg).eval()
     batches = [int(b) for b in args.batches.split(",")]
     rows = [host_ms(models["AA" if mode.endswith("-attn") else "KA"], mode, b, args.prompt, args.steps,
-                    args.profile and b == max(batches))
+                    args.profile and b == max(batches), args.gc_off)
             for mode in modes for b in batches]
     print_table(["mode", "batch", "host ms/step", "host us/row", "host mean ms", "device ms/step"],
                 [[r["mode"], r["batch"], r["host_ms"], r["host_us_per_row"], r["host_mean_ms"], r["device_ms"]]
