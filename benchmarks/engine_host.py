@@ -3,9 +3,13 @@
 
     python benchmarks/engine_host.py            # batches 16, 128, 512 and 1024, prompt 64, both modes
     python benchmarks/engine_host.py --profile  # also print where the host time goes (cProfile, largest batch)
+    python benchmarks/engine_host.py --modes plain-attn,verify-attn --batches 256,1024   # speculative verify steps
 
 Modes: "greedy" (temperature 0, outputs streamed every step: the server's shape) and "sampled" (temperature 1,
-top_p 0.95, a seed and logprobs=0 per request, finished outputs only: RL rollouts' shape). The step runs
+top_p 0.95, a seed and logprobs=0 per request, finished outputs only: RL rollouts' shape); "verify-attn": greedy
+on an attention-only model (mixers "AA": its verify rows run in the graphed step) where every sequence verifies a
+draft of 4 tokens each step (a drafter that repeats the last token: mostly rejected, so every step is a verify
+step), and "plain-attn", the same model without drafts (batch: sequences, not graph rows). The step runs
 use_cuda_graph="static" (the padded step a CUDA graph captures, the path CUDA decodes take; a batch above the
 largest graph bucket runs eagerly); the model's forward and the sampling kernels (DEVICE_CALLS) inside are timed
 separately and taken off. Times are this thread's CPU time (time.thread_time), so other
@@ -14,6 +18,7 @@ host ms/step is the median step; the mean includes the steps in which Python's g
 """
 import argparse
 import cProfile
+import gc
 import importlib
 import pstats
 import statistics
@@ -27,7 +32,8 @@ from nanokimi.config import ModelConfig
 from nanokimi.infer import Engine, SamplingParams
 from nanokimi.model import build_model
 
-MODES = ("greedy", "sampled")
+MODES = ("greedy", "sampled", "plain-attn", "verify-attn")
+DRAFT = 4  # tokens a verify-attn sequence drafts each step
 # device work besides the forward, timed and taken off like it: the sampling kernels (sort, softmax, cumsum,
 # searchsorted) and the logprob kernels (log_softmax, topk) cost milliseconds on the CPU, microseconds of
 # launches on a GPU; the parameters' and results' copies inside them are counted as device work too
@@ -35,20 +41,35 @@ DEVICE_CALLS = (("nanokimi.infer.sampling", "sample_rows"), ("nanokimi.infer.sam
 PROFILE_SORT = ("tottime",)
 
 
+class RepeatDrafter:
+    """Drafts the sequence's last token `limit` times: a verify row of 1 + limit tokens every step."""
+
+    def track(self, seq):
+        pass
+
+    observe = release = track
+
+    def propose(self, seq, limit):
+        return [seq.tokens[-1]] * limit
+
+
 def request_params(mode: str, max_tokens: int, i: int) -> SamplingParams:
-    if mode == "greedy":
+    if mode != "sampled":
         return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     return SamplingParams(max_tokens=max_tokens, temperature=1.0, top_p=0.95, seed=i, logprobs=0, ignore_eos=True)
 
 
-def host_ms(model, mode: str, batch: int, prompt: int, steps: int, profile: bool = False) -> dict:
+def host_ms(model, mode: str, batch: int, prompt: int, steps: int, profile: bool = False,
+            gc_off: bool = False) -> dict:
+    draft = DRAFT if mode == "verify-attn" else 0
+    speculative = dict(speculative=RepeatDrafter(), num_speculative_tokens=DRAFT) if draft else {}
     engine = Engine(model, max_num_seqs=max(256, batch), use_cuda_graph="static", max_step_tokens=8192,
-                    max_cache_tokens=batch * (prompt + steps + 64))
-    engine.stream_outputs = mode == "greedy"
+                    max_cache_tokens=batch * (prompt + steps * (1 + draft) + 64), **speculative)
+    engine.stream_outputs = mode != "sampled"
     g = torch.Generator().manual_seed(batch)
     for i in range(batch):
         engine.add_request(f"r{i}", torch.randint(3, model.config.vocab_size, (prompt,), generator=g).tolist(),
-                           request_params(mode, steps + 16, i))
+                           request_params(mode, steps * (1 + draft) + 16, i))
     while engine.scheduler.waiting or engine.num_waiting_prefill_tokens() > 0:
         engine.step()
     for _ in range(3):
@@ -71,6 +92,9 @@ def host_ms(model, mode: str, batch: int, prompt: int, steps: int, profile: bool
         setattr(module, name, timed(fn))
     total = []
     profiler = cProfile.Profile() if profile else None
+    if gc_off:
+        gc.collect()
+        gc.disable()
     try:
         for _ in range(steps):
             if profiler is not None:
@@ -82,6 +106,7 @@ def host_ms(model, mode: str, batch: int, prompt: int, steps: int, profile: bool
             if profiler is not None:
                 profiler.disable()
     finally:
+        gc.enable()
         del model.hidden_states, model.lm_head.forward
         for (module, name), fn in zip(device_calls, originals):
             setattr(module, name, fn)
@@ -103,6 +128,8 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--profile", action="store_true", help="cProfile the steps of the largest batch")
+    ap.add_argument("--gc-off", action="store_true", help="Python's garbage collector off while timed (its full "
+                    "passes land in whichever step allocates; verify steps allocate more)")
     ap.add_argument("--name", default="tiny-KA", help="the results' key (e.g. a label for a before/after pair)")
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -111,10 +138,14 @@ def main() -> None:
         raise SystemExit(f"engine_host.py: error: --modes takes {', '.join(MODES)}; got {args.modes!r}")
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    cfg = ModelConfig.preset("tiny", vocab_size=512, num_layers=2, mixers="KA", max_position_embeddings=2048)
-    model = build_model(cfg).eval()
+    models = {}
+    for mixers in ("KA", "AA"):  # the hybrid for greedy/sampled, attention only for the verify comparison
+        cfg = ModelConfig.preset("tiny", vocab_size=512, num_layers=2, mixers=mixers, max_position_embeddings=2048)
+        torch.manual_seed(0)
+        models[mixers] = build_model(cfg).eval()
     batches = [int(b) for b in args.batches.split(",")]
-    rows = [host_ms(model, mode, b, args.prompt, args.steps, args.profile and b == max(batches))
+    rows = [host_ms(models["AA" if mode.endswith("-attn") else "KA"], mode, b, args.prompt, args.steps,
+                    args.profile and b == max(batches), args.gc_off)
             for mode in modes for b in batches]
     print_table(["mode", "batch", "host ms/step", "host us/row", "host mean ms", "device ms/step"],
                 [[r["mode"], r["batch"], r["host_ms"], r["host_us_per_row"], r["host_mean_ms"], r["device_ms"]]

@@ -314,7 +314,7 @@ def test_verify_rows_in_the_static_graph_step_give_the_eager_verification(name, 
         engine = Engine(model, max_cache_tokens=2048, block_size=4, use_cuda_graph=graphs, num_speculative_tokens=4,
                         speculative=OracleDrafter(reference, "partly", model.config.vocab_size))
         crossing, mixed, chunked = [], [], []
-        run_rows, run_chunks = engine.runner.run, engine.runner._run_graphed_chunks
+        run_rows, run_groups = engine.runner.run, engine.runner._run_graphed_groups
 
         def spy(rows):
             crossing.extend(r.start // 4 != (r.start + len(r.tokens) - 1) // 4 for r in rows if r.num_logits > 1)
@@ -322,7 +322,8 @@ def test_verify_rows_in_the_static_graph_step_give_the_eager_verification(name, 
             return run_rows(rows)
 
         engine.runner.run = spy
-        engine.runner._run_graphed_chunks = lambda rows: chunked.append(len(rows)) or run_chunks(rows)
+        engine.runner._run_graphed_groups = lambda rows: chunked.append(sum(len(r.tokens) for r in rows)) or \
+            run_groups(rows)  # graph rows: a token each
         outs[graphs], engines[graphs] = run_outputs(engine, requests, stagger=3), engine
         assert any(crossing) and any(mixed)  # drafts across block boundaries; verify rows beside prefill chunks
         if graphs and sizes is not None:
@@ -384,3 +385,90 @@ def test_graphed_verify_rows_under_preemption_give_the_plain_tokens():
     stats = engine.stats()
     assert stats["preemptions"] > 0 and engine.runner.verify_rows["graphed"] == stats["spec_verify_rows"] > 0
     assert engine.pool.num_free == engine.pool.num_usable
+
+
+def reference_groups(runner):
+    """The readable path `ModelRunner._run_graphed_groups` stands for: a Row per token, the per-row graph step."""
+    from nanokimi.infer.runner import _verify_as_decode_rows
+    return lambda rows: runner._run_graphed_chunks(_verify_as_decode_rows(rows))
+
+
+def test_graph_inputs_of_verify_rows_equal_the_per_token_rows(monkeypatch):
+    """The vectorised graph inputs of verify rows (`_run_graphed_groups`) equal those of one Row per token through
+    the per-row path, replay by replay (ids, positions, cache slots, state slots and every block-table row of the
+    buffer), over steps that keep, grow, reorder and drop sequences, interleaved with plain decode steps, with
+    graph buckets small enough that drafts are split between replays."""
+    import nanokimi.infer.runner as runner_module
+    from nanokimi.infer.runner import ModelRunner, Row
+    monkeypatch.setattr(runner_module, "GRAPH_BATCH_SIZES", (1, 2, 4, 8, 12))
+    model = make_model("tiny-dense")
+    g = random.Random(0)
+    tables = {s: [1 + 6 * s + b for b in range(blocks)] for s, blocks in enumerate([2, 2, 3, 1, 3, 3])}
+
+    def step(seqs, draft):
+        rows = []
+        for s in seqs:
+            length = 1 + (s % 5 if draft else 0)
+            start = 4 * len(tables[s]) - length - g.randint(0, 2)
+            tokens = [g.randrange(model.config.vocab_size) for _ in range(length)]
+            rows.append(Row(tokens, max(start, 0), list(tables[s]), None if s % 3 else s, True, num_logits=length))
+        return sorted(rows, key=lambda r: len(r.tokens) > 1)  # one-token rows first, as the engine orders them
+
+    schedule = [(range(6), 1), (range(6), 1), (range(6), 0), ([4, 0, 2, 5], 1), ([4, 0, 2, 5], 1), ([4, 0, 2, 5], 1),
+                ([0, 2], 1), ([0, 2], 0), (range(6), 1), (range(3), 1), (range(3), 1), (range(3), 1)]
+    steps = []
+    for i, (seqs, draft) in enumerate(schedule):
+        if i in (1, 4, 10):  # a table grows while the runs stay the same (at 1: a draft split between replays)
+            tables[4 if i == 1 else 0].append(60 + i)
+        steps.append(step(seqs, draft))
+    replays, kinds = {}, []
+    for path in ("fast", "reference"):
+        runner = ModelRunner(model, num_blocks=80, block_size=4, num_state_slots=6, max_model_len=64,
+                             use_cuda_graph="static")
+        if path == "reference":
+            runner._run_graphed_groups = reference_groups(runner)
+        else:
+            changed_runs = runner._changed_runs
+            runner._changed_runs = lambda *args: kinds.append(changed_runs(*args)) or kinds[-1]
+        seen, replay = replays.setdefault(path, []), runner._replay
+
+        def spy(key, *args, runner=runner, seen=seen, replay=replay):
+            out = replay(key, *args)
+            seen.append((key, runner.graphs[key][1].clone()))
+            return out
+
+        runner._replay = spy
+        replays[path + " logits"] = [runner.run(rows) for rows in steps]
+    assert len(replays["fast"]) == len(replays["reference"]) > len(steps)
+    # buffers rewritten whole (other runs), left alone (same tables), and rewritten in the rows of a grown table
+    assert None in kinds and [] in kinds and any(kinds)
+    for (key, got), (want_key, want) in zip(replays["fast"], replays["reference"]):
+        assert key == want_key and torch.equal(got, want)
+    for got, want in zip(replays["fast logits"], replays["reference logits"]):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("name", ["tiny-dense", "all-mla"])
+def test_engine_with_vectorised_verify_inputs_equals_the_per_token_rows(name):
+    """The engine's tokens and logprobs (float64, static graph step, drafts partly right, buckets split drafts)
+    are the same with the vectorised verify inputs as with a Row per token."""
+    import nanokimi.infer.runner as runner_module
+    model = make_model(name)
+    requests = verify_requests()
+    plain = run_outputs(Engine(model, max_cache_tokens=2048, block_size=4), requests, stagger=3)
+    reference = {(key, 0): out.token_ids for key, out in plain.items()}
+    outs = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runner_module, "GRAPH_BATCH_SIZES", (1, 2, 4, 8, 16))
+        for path in ("fast", "reference"):
+            engine = Engine(model, max_cache_tokens=2048, block_size=4, use_cuda_graph="static",
+                            num_speculative_tokens=4,
+                            speculative=OracleDrafter(reference, "partly", model.config.vocab_size))
+            if path == "reference":
+                engine.runner._run_graphed_groups = reference_groups(engine.runner)
+            outs[path] = run_outputs(engine, requests, stagger=3)
+            assert engine.runner.verify_rows["graphed"] == engine.stats()["spec_verify_rows"] > 0
+    assert outs["fast"].keys() == outs["reference"].keys()
+    for key, completion in outs["reference"].items():
+        assert outs["fast"][key].token_ids == completion.token_ids
+        assert outs["fast"][key].logprobs == completion.logprobs

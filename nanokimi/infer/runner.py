@@ -6,8 +6,9 @@ rows are padded up to the bucket with rows that write to the reserved block 0 an
 import operator
 import time
 import warnings
+from bisect import bisect_right
 from dataclasses import dataclass, field
-from itertools import compress
+from itertools import accumulate, chain, compress, repeat
 
 import torch
 from torch import nn
@@ -49,13 +50,25 @@ class StaticReplay:
 def _verify_as_decode_rows(rows: list[Row]) -> list[Row]:
     """Verify rows (tokens t_0..t_d at positions p..p+d, logits at each) as d+1 one-token rows at p..p+d
     sharing the row's block table. In the decode step every row writes its key/value (latent) to its slot
-    before any row attends, and row p+i attends to keys 0..p+i only: the draft's causal mask comes for free."""
-    if not rows:
-        return []
-    tables = torch.tensor([b for r in rows for b in r.block_table], dtype=torch.long).split(
-        [len(r.block_table) for r in rows])  # one tensor for all the tables (one per row costs ~3 us each)
-    return [Row([token], row.start + i, row.block_table, row.state_slot, True, table)
-            for row, table in zip(rows, tables) for i, token in enumerate(row.tokens)]
+    before any row attends, and row p+i attends to keys 0..p+i only: the draft's causal mask comes for free.
+    The readable reference of `ModelRunner._run_graphed_groups`, which builds the same graph inputs without
+    these rows."""
+    return [Row([token], row.start + i, row.block_table, row.state_slot, True)
+            for row in rows for i, token in enumerate(row.tokens)]
+
+
+@dataclass
+class _TableRuns:
+    """A graph's block-table buffer recorded by runs: its first counts[0] rows hold tables[0], the next
+    counts[1] rows tables[1], and so on (a verify row's d+1 graph rows share its table); rows past them: block 0."""
+    tables: list[list[int]]
+    counts: list[int]
+
+    def rows(self) -> list[list[int]]:
+        return list(chain.from_iterable(map(repeat, self.tables, self.counts)))
+
+
+_TOKENS, _START, _BLOCK_TABLE, _NUM_LOGITS = map(operator.attrgetter, ("tokens", "start", "block_table", "num_logits"))
 
 
 def _bucket(value: int, sizes) -> int | None:
@@ -84,7 +97,7 @@ class ModelRunner:
         self.use_graphs = graphs_here and not moba
         self.graph_required = use_cuda_graph is True
         self.graphs: dict[tuple[int, int], tuple] = {}
-        self.graph_tables: dict[tuple[int, int], list[list[int]]] = {}  # the block tables in each graph's inputs
+        self.graph_tables: dict[tuple[int, int], list | _TableRuns] = {}  # the block tables in each graph's inputs
         self.graph_pool = None
         self.max_blocks = -(-max_model_len // block_size)
         # speculative verify rows run as one-token rows of the graphed step where every mixer attends over
@@ -111,19 +124,23 @@ class ModelRunner:
     def run(self, rows: list[Row]) -> torch.Tensor:
         """Logits [R, V] of the last token (the last num_logits tokens) of each row that wants them, in order.
         Rows of one token must come first (the engine orders them so). With CUDA graphs, the one-token
-        rows replay a graph, and so do speculative verify rows of attention-only models (expanded into one
-        row per token, `_verify_as_decode_rows`); the other longer rows (prefill chunks, KDA verify rows) run
-        eagerly after it."""
-        num_decode = sum(1 for r in rows if len(r.tokens) == 1)
-        if any(len(r.tokens) != 1 for r in rows[:num_decode]):
+        rows replay a graph, and so do speculative verify rows of attention-only models (as one graph row per
+        token, `_run_graphed_groups`); the other longer rows (prefill chunks, KDA verify rows) run eagerly after it."""
+        lengths = list(map(len, map(_TOKENS, rows)))
+        num_decode = lengths.count(1)
+        if lengths[:num_decode].count(1) != num_decode:
             raise ValueError("rows of one token must come before longer rows")
         decode, longer = rows[:num_decode], rows[num_decode:]
-        as_decode = [self.graph_verify and r.wants_logits and r.num_logits == len(r.tokens) for r in longer]
-        expanded = _verify_as_decode_rows([r for r, yes in zip(longer, as_decode) if yes])
-        verify_rows, graphed_verify = sum(1 for r in longer if r.num_logits > 1), sum(as_decode)
+        num_logits = list(map(_NUM_LOGITS, longer))
+        as_decode = [r.wants_logits and wanted == length for r, wanted, length in
+                     zip(longer, num_logits, lengths[num_decode:])] if self.graph_verify else [False] * len(longer)
+        verifying = list(compress(longer, as_decode))
+        verify_rows, graphed_verify = len(num_logits) - num_logits.count(1) - num_logits.count(0), sum(as_decode)
         graphed = None
-        if self.use_graphs and (decode or expanded):
-            graphed = (self._run_graphed_chunks if self.graph_verify else self._run_graphed)(decode + expanded)
+        if self.use_graphs and verifying:
+            graphed = self._run_graphed_groups(decode + verifying)
+        elif self.use_graphs and decode:
+            graphed = self._run_graphed(decode)
         if graphed is None:
             self.verify_rows["eager"] += verify_rows
             return self._run_eager(rows, num_decode)
@@ -131,8 +148,12 @@ class ModelRunner:
         self.verify_rows["eager"] += verify_rows - graphed_verify
         # each wanted logit in row order: graphed rows index the graph's output, the eager rows' follow it
         order = [i for i, r in enumerate(decode) if r.wants_logits]
-        next_graphed, next_eager = len(decode), len(decode) + len(expanded)
+        next_graphed = len(decode)
+        next_eager = next_graphed + sum(map(len, map(_TOKENS, verifying)))
         eager = []
+        if graphed_verify == len(longer):  # no eager rows: the verify rows' logits follow the one-token rows'
+            order += range(next_graphed, next_eager)
+            next_graphed, longer = next_eager, []
         for r, yes in zip(longer, as_decode):
             if yes:
                 order.extend(range(next_graphed, next_graphed + len(r.tokens)))
@@ -143,6 +164,8 @@ class ModelRunner:
                 order.extend(range(next_eager, next_eager + r.num_logits))
                 next_eager += r.num_logits
         logits = graphed[:next_graphed]
+        if not eager and len(order) == next_graphed:  # every graphed row's logits (order: increasing)
+            return logits.clone()  # a copy: the next replay rewrites the graph's output
         if eager:
             logits = torch.cat([logits, self._run_eager(eager, 0)])
         if order == list(range(logits.shape[0])):  # a copy either way: the next replay rewrites the graph's output
@@ -153,7 +176,8 @@ class ModelRunner:
         """`_run_graphed` in chunks of at most the largest graph bucket (expanded verify rows can outnumber
         it); every chunk's logits are copied before the next replay. Attention-only models alone come here:
         a later chunk that cannot be graphed sends the whole step to the eager path, which rewrites the
-        same keys and values (a KDA state would advance twice)."""
+        same keys and values (a KDA state would advance twice). With `_verify_as_decode_rows`, the readable
+        reference of `_run_graphed_groups`."""
         largest = GRAPH_BATCH_SIZES[-1]
         if len(rows) <= largest:
             return self._run_graphed(rows)
@@ -187,6 +211,8 @@ class ModelRunner:
         last one is padding: all block 0); the record of the buffer's contents is updated to these tables.
         A row's table changes every block_size steps, and rows move up when a sequence before them ends."""
         held = self.graph_tables.setdefault(key, [])
+        if isinstance(held, _TableRuns):
+            held = self.graph_tables[key] = held.rows()
         if held == tables:
             return []
         changed = list(compress(range(len(tables)), map(operator.ne, held, tables)))
@@ -245,15 +271,15 @@ class ModelRunner:
                            pieces, prefill_positions, prefill_slots, short, packed)
         return batch, ids, last
 
-    def _run_graphed(self, rows: list[Row]) -> torch.Tensor | None:
-        size = _bucket(len(rows), GRAPH_BATCH_SIZES)
-        row_tables = [r.block_table for r in rows]
-        longest = max(map(len, row_tables))
+    def _graph(self, num_rows: int, longest: int) -> tuple[int, int] | None:
+        """The key (batch bucket, table-width bucket) of the graph for num_rows rows whose longest block table
+        has `longest` blocks, captured now if new; None where no graph fits or capture failed."""
+        size = _bucket(num_rows, GRAPH_BATCH_SIZES)
         width = min(_bucket(longest, [2 ** i for i in range(32)]), self.max_blocks)
         if size is None or width < longest:
             return None
         key = (size, width)
-        if key not in self.graphs:
+        while key not in self.graphs:
             try:
                 if self.compiled and not self.graphs:  # can the step be captured at all? (a model with a host
                     self._capture(size, width, probe=True)  # sync inside must not pay for a compile first)
@@ -265,31 +291,124 @@ class ModelRunner:
                     warnings.warn(f"torch.compile of the engine's decode step failed ({type(error).__name__}: "
                                   f"{error}); capturing it uncompiled.")
                     self.compiled, self.graph_pool = False, None  # a fresh pool: the failure may have broken it
-                    return self._run_graphed(rows)
+                    continue
                 warnings.warn(f"CUDA graph capture of the engine's decode step failed ({type(error).__name__}: "
                               f"{error}); decoding eagerly.")
                 self.use_graphs = False
                 return None
+        return key
+
+    def _replay(self, key: tuple[int, int], host: torch.Tensor, changed: list[int],
+                new: torch.Tensor | None) -> torch.Tensor:
+        """Replay graph `key` on the host inputs [4 * size] (ids, positions, cache slots, state slots) and the
+        block-table rows `changed`, rewritten whole to `new` [len(changed), width] (changed None: every row, new
+        [size, width]); its logits [size, V]."""
         graph, inputs, batch, logits = self.graphs[key]
         if isinstance(graph, StaticReplay):
             logits = graph
+        if changed is None:
+            inputs.copy_(torch.cat([host, new.flatten()]), non_blocking=True)
+        elif not changed:
+            inputs[:host.shape[0]].copy_(host, non_blocking=True)
+        else:  # the rows whose tables changed, rewritten whole (zero-padded) on the device after one copy
+            staged = torch.cat([host, host_tensor(changed), new.flatten()]).to(self.device, non_blocking=True)
+            inputs[:host.shape[0]].copy_(staged[:host.shape[0]])
+            index, values = staged[host.shape[0]:].split([len(changed), new.numel()])
+            batch.block_tables.index_copy_(0, index, values.view(len(changed), -1))
+        graph.replay()
+        return logits.output if isinstance(logits, StaticReplay) else logits
+
+    def _run_graphed(self, rows: list[Row]) -> torch.Tensor | None:
+        row_tables = [r.block_table for r in rows]
+        key = self._graph(len(rows), max(map(len, row_tables)))
+        if key is None:
+            return None
+        size, width = key
         pad = size - len(rows)
         _, positions, slots, state = self._decode_tensors(rows, width, size, tables=False)
         zeros = [0] * pad
         host = host_tensor([r.tokens[0] for r in rows] + zeros + positions + zeros + slots + zeros + state +
                            [self.dummy_slot] * pad)
-        changed = self._changed_tables(key, row_tables)
-        if not changed:
-            inputs[:host.shape[0]].copy_(host, non_blocking=True)
-        else:  # the rows whose tables changed, rewritten whole (zero-padded) on the device after one copy
-            # (changed rows past the last row, now padding, come last in `changed`: all block 0)
-            new = self._decode_tables([row_tables[i] for i in changed if i < len(rows)], width, len(changed))
-            staged = torch.cat([host, host_tensor(changed), new.flatten()]).to(self.device, non_blocking=True)
-            inputs[:host.shape[0]].copy_(staged[:host.shape[0]])
-            index, values = staged[host.shape[0]:].split([len(changed), len(changed) * width])
-            batch.block_tables.index_copy_(0, index, values.view(len(changed), width))
-        graph.replay()
-        return logits.output if isinstance(logits, StaticReplay) else logits
+        changed = self._changed_tables(key, row_tables)  # rows past the last row (now padding) come last: block 0
+        new = self._decode_tables([row_tables[i] for i in changed if i < len(rows)], width, len(changed)) \
+            if changed else None
+        return self._replay(key, host, changed, new)
+
+    def _changed_runs(self, key: tuple[int, int], tables: list[list[int]], counts: list[int]) -> list[int] | None:
+        """`_changed_tables` for rows given by runs (counts[i] rows of tables[i]), compared once a run, not once a
+        row; None where the record holds other runs (its buffer is then rewritten whole: the chunks of one step
+        share a graph, and each holds other sequences)."""
+        held = self.graph_tables.get(key)
+        if not isinstance(held, _TableRuns) or held.counts != counts:
+            self.graph_tables[key] = _TableRuns(list(map(list, tables)), list(counts))
+            return None
+        runs = list(compress(range(len(tables)), map(operator.ne, held.tables, tables)))
+        if not runs:
+            return []
+        first = list(accumulate(counts, initial=0))
+        for i in runs:
+            held.tables[i] = list(tables[i])
+        return list(chain.from_iterable(range(first[i], first[i + 1]) for i in runs))
+
+    def _run_graphed_groups(self, rows: list[Row]) -> torch.Tensor | None:
+        """`_run_graphed_chunks(_verify_as_decode_rows(rows))` without building a row per token: one-token rows
+        and verify rows (tokens t_0..t_d at p..p+d) become graph rows (a token each) by arithmetic over all the
+        tokens at once, and the graphs' block tables are compared once a row, not once a token."""
+        tokens = list(map(_TOKENS, rows))
+        counts = list(map(len, tokens))
+        tables = list(map(_BLOCK_TABLE, rows))
+        table_lengths = list(map(len, tables))
+        first = list(accumulate(counts, initial=0))  # each row's first graph row
+        n, bs = first[-1], self.block_size
+        dummy = self.dummy_slot
+        per_row = host_tensor(counts + list(map(_START, rows)) + table_lengths +
+                              [dummy if r.state_slot is None else r.state_slot for r in rows])
+        lengths, starts, table_lengths_t, state = per_row.view(4, -1)  # [rows] each
+        table_starts = table_lengths_t.cumsum(0) - table_lengths_t  # where each row's table starts in `flat`
+        owner = torch.repeat_interleave(lengths)  # [n] the row of each graph row
+        positions = (starts + lengths - lengths.cumsum(0))[owner] + torch.arange(n)  # each row's start + 0, 1, .., d
+        flat = host_tensor(list(chain.from_iterable(tables)))  # every table, end to end
+        slots = flat[table_starts[owner] + positions // bs] * bs + positions % bs
+        inputs = torch.stack([host_tensor(list(chain.from_iterable(tokens))), positions, slots, state[owner]])  # [4, n]
+        expanded = None  # built when a graph's tables are written
+        largest, parts = GRAPH_BATCH_SIZES[-1], []
+        for lo in range(0, n, largest):
+            hi = min(n, lo + largest)
+            a, b = bisect_right(first, lo) - 1, bisect_right(first, hi - 1)  # rows a..b-1 have graph rows here
+            runs = counts[a:b]
+            runs[0] -= lo - first[a]  # a row split between two replays
+            runs[-1] -= first[b] - hi
+            key = self._graph(hi - lo, max(table_lengths[a:b]))
+            if key is None:
+                return None
+            size, width = key
+            if size == hi - lo:
+                host = inputs[:, lo:hi].flatten()
+            else:
+                host = torch.zeros(4, size, dtype=torch.long)
+                host[:, :hi - lo] = inputs[:, lo:hi]
+                host[3, hi - lo:] = self.dummy_slot
+                host = host.view(-1)
+            changed = self._changed_runs(key, tables[a:b], runs)
+            new = None
+            if changed is None or changed:
+                if expanded is None:  # every graph row's table [n, longest], zero-padded
+                    entry_rows = torch.repeat_interleave(table_lengths_t)  # [len(flat)]
+                    padded = torch.zeros(len(rows), max(table_lengths), dtype=torch.long)
+                    padded[entry_rows, torch.arange(len(flat)) - table_starts[entry_rows]] = flat
+                    expanded = padded[owner]
+                if changed is None:  # every row of the buffer, padding included
+                    new, count = expanded[lo:hi], size
+                else:  # rows now padding come last in `changed`: block 0
+                    new, count = expanded[lo + host_tensor([i for i in changed if i < hi - lo])], len(changed)
+                if new.shape != (count, width):  # zeros: the padding rows below, the columns up to width
+                    new = new[:, :width]  # (the entries past width are zeros: no table here is longer)
+                    new = torch.nn.functional.pad(new, (0, width - new.shape[1], 0, count - new.shape[0]))
+            logits = self._replay(key, host, changed, new)
+            if n <= largest:
+                return logits
+            parts.append(logits[:hi - lo].clone())
+        return torch.cat(parts)
 
     def _capture(self, size: int, width: int, probe: bool = False):
         """Capture the decode step of `size` rows and block tables `width` wide. Compiled (one compilation
