@@ -180,11 +180,12 @@ def test_n_samples_share_the_prompt_and_are_reproducible():
             assert token in entry and 2 <= len(entry) <= 3 and all(v <= 0 for v in entry.values())
 
 
-def test_requests_of_one_group_wait_for_a_members_prefill_and_reuse_it():
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_requests_of_one_group_wait_for_a_members_prefill_and_reuse_it(name):
     """RL sends a prompt's k samples as k requests with one group_id: submitted together, the first computes the
     prompt and the others wait for it and take it from the cache (not k prefills in one step), with the tokens of
     the cache off. Requests without a group, or of another group, are admitted as before."""
-    model = make_model("tiny")
+    model = make_model(name)
     shared, other = prompts(2, seed=23, lengths=(40, 33))
     seeded = [SamplingParams(max_tokens=6, temperature=1.0, seed=i, group_id="g") for i in range(4)]
     requests = [(f"g{i}", shared, p) for i, p in enumerate(seeded)]
