@@ -475,7 +475,7 @@ class Engine:
         request = seq.request
         output = seq.output
         params = request.params
-        stopped_by_token = token in (params.stop_token_ids or ()) or (not params.ignore_eos and token in self.eos_ids)
+        stopped_by_token = token in request.stop_ids
         reason = "stop" if stopped_by_token else None
         if self.tokenizer is not None and not stopped_by_token and (self.stream_outputs or params.stop):
             grown_from = len(output.text)
@@ -483,7 +483,7 @@ class Engine:
             if params.stop and self._cut_at_stop(output, params.stop, grown_from):
                 reason = "stop"
         emitted = len(output.token_ids)  # = seq.num_output, except after a verified draft (its tokens are all in)
-        if reason is None and (emitted >= params.max_tokens or seq.num_prompt + emitted >= self.max_model_len):
+        if reason is None and emitted >= seq.max_output:
             reason = "length"
         if reason is not None:
             if self.tokenizer is not None:  # the final text: one decode of everything (incremental pieces may differ)

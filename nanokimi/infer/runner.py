@@ -168,8 +168,8 @@ class ModelRunner:
             return logits.clone()  # a copy: the next replay rewrites the graph's output
         if eager:
             logits = torch.cat([logits, self._run_eager(eager, 0)])
-        if order == list(range(logits.shape[0])):  # a copy either way: the next replay rewrites the graph's output
-            return logits if eager else logits.clone()
+        if eager and order == list(range(logits.shape[0])):  # the cat above copied the graph's output
+            return logits
         return logits.index_select(0, torch.tensor(order, device=logits.device))
 
     def _run_graphed_chunks(self, rows: list[Row]) -> torch.Tensor | None:

@@ -83,9 +83,12 @@ def sample_step(logits: torch.Tensor, temperature: list[float], top_k: list[int]
     wanted = [i for i, k in enumerate(logprobs) if k is not None]
     if not wanted:
         return tokens.tolist(), [None] * len(logprobs)
-    index = host_tensor(wanted).to(logits.device)
     k = [logprobs[i] for i in wanted]
-    parts = _logprob_parts(logits.index_select(0, index), tokens.index_select(0, index), max(k))
+    if len(wanted) == len(logprobs):  # (RL: every row wants its token's logprob: no row selection)
+        parts = _logprob_parts(logits, tokens, max(k))
+    else:
+        index = host_tensor(wanted).to(logits.device)
+        parts = _logprob_parts(logits.index_select(0, index), tokens.index_select(0, index), max(k))
     host = torch.cat([tokens.double()] + parts).tolist()  # token ids are exact in float64
     chosen = list(map(int, host[:len(logprobs)]))
     if len(wanted) == len(logprobs):
