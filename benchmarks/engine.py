@@ -306,7 +306,7 @@ def decode_ab(spec, device, dtype, batches, prompt: int, steps: int, compile_bud
                             max_cache_tokens=max(batches) * (prompt + steps + 64), max_step_tokens=4096,
                             enable_prefix_caching=False)
             row = {f"b{b}": decode_speed(engine, cfg, b, prompt, steps) for b in batches}
-            row.update(kda_decode_kernel=paged.use_kda_slot_kernel(device), compiled=engine.runner.compiled,
+            row.update(kda_decode_kernel=paged.use_kda_slot_kernel(engine.device), compiled=engine.runner.compiled,
                        compile_s=round(engine.runner.compile_seconds, 1), seconds=round(time.perf_counter() - t0, 1))
             out[name] = row
             del engine

@@ -28,6 +28,7 @@ from nanokimi.model.attention import GroupedQueryAttention, MultiHeadLatentAtten
 from nanokimi.model.cache import KVCache, LatentCache, RecurrentCache
 from nanokimi.model.kda import KimiDeltaAttention, causal_depthwise_conv, kda_outside_compile, l2_normalize
 from nanokimi.ops.kda.decode import kda_decode_slots, kda_decode_slots_reference
+from nanokimi.ops.paged_write import write_rows_
 from nanokimi.ops.kda.fla_kernels import fla_status, kda_fla_varlen
 from nanokimi.ops.paged_mla import merge_partials, paged_mla_partials, triton_available
 
@@ -499,7 +500,7 @@ def _kda_decode_in_slots(mixer: KimiDeltaAttention, x: torch.Tensor, cache: Recu
     H, D = mixer.num_heads, mixer.head_dim
     qkv = torch.cat([mixer.q_proj(x), mixer.k_proj(x), mixer.v_proj(x)], dim=-1)  # [S, 1, 3HD]
     window = torch.cat([cache.conv.index_select(0, slots).to(qkv.dtype), qkv], dim=1)  # [S, K, 3HD]
-    cache.conv.index_copy_(0, slots, window[:, 1:].to(cache.conv.dtype))
+    write_rows_(cache.conv, slots, window[:, 1:])
     qkv = F.silu(causal_depthwise_conv(window, mixer.conv.weight.to(qkv.dtype)))[:, 0]  # [S, 3HD]
     q, k, v = (t.reshape(-1, H, D) for t in qkv.split(H * D, dim=-1))
     q, k = l2_normalize(q).to(v.dtype), l2_normalize(k).to(v.dtype)
@@ -803,8 +804,8 @@ def _mla_decode_rows(mixer: MultiHeadLatentAttention, x, cache: PagedLatentCache
     if mixer.moba:
         raise ValueError("MoBA layers decode through prefill pieces (paged_mixer_forward sends them there).")
     q_nope, q_rope, c_kv, k_rope = _mla_project(mixer, x, batch.positions)
-    cache.c_kv.view(-1, mixer.kv_lora_rank).index_copy_(0, batch.slot_mapping, c_kv[:, 0].to(cache.c_kv.dtype))
-    cache.k_rope.view(-1, mixer.rope_dim).index_copy_(0, batch.slot_mapping, k_rope[:, 0, 0].to(cache.k_rope.dtype))
+    write_rows_(cache.c_kv, batch.slot_mapping, c_kv[:, 0])
+    write_rows_(cache.k_rope, batch.slot_mapping, k_rope[:, 0, 0])
     w = mixer.kv_b_proj.weight.view(H, mixer.nope_dim + mixer.v_dim, mixer.kv_lora_rank)
     w_k, w_v = w[:, :mixer.nope_dim], w[:, mixer.nope_dim:]  # [H, dn, r], [H, dv, r]
     q_latent = torch.einsum("bthd,hdr->bthr", q_nope, w_k)
@@ -839,8 +840,8 @@ def _gqa_decode_rows(mixer: GroupedQueryAttention, x, cache: PagedKVCache, batch
     q = mixer.rotary(mixer.q_proj(x).view(S, 1, H, D), batch.positions)
     k = mixer.rotary(mixer.k_proj(x).view(S, 1, Hkv, D), batch.positions)
     v = mixer.v_proj(x).view(S, 1, Hkv, D)
-    cache.k.flatten(0, 1).index_copy_(0, batch.slot_mapping, k[:, 0].to(cache.k.dtype))
-    cache.v.flatten(0, 1).index_copy_(0, batch.slot_mapping, v[:, 0].to(cache.v.dtype))
+    write_rows_(cache.k, batch.slot_mapping, k[:, 0])
+    write_rows_(cache.v, batch.slot_mapping, v[:, 0])
     keys = gather_blocks(cache.k, batch.block_tables).transpose(1, 2)  # [S, Hkv, L, D]
     values = gather_blocks(cache.v, batch.block_tables).transpose(1, 2)
     allowed = _context_mask(batch, keys.shape[2], x.device)[:, None, None, :]  # [S, 1, 1, L]
