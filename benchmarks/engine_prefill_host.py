@@ -55,7 +55,7 @@ SYNC_OPS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select",
 def delta_rule_stand_ins() -> None:
     """fla's kernels replaced by one operator each (their host cost on a GPU is one launch), reached the
     way CUDA reaches them."""
-    def varlen(q, k, v, g, beta, scale, initial_state, cu_seqlens):
+    def varlen(q, k, v, g, beta, scale, initial_state, cu_seqlens, cu_seqlens_cpu):
         return v.clone(), initial_state
 
     def one_sequence(q, k, v, g, beta, initial_state=None, output_final_state=False):

@@ -40,8 +40,9 @@ def test_state_slot_ops_batched_equal_the_ops_in_order():
         apply_state_slot_ops(layers, [("load", 1, 2)])
 
 
-def varlen_on_the_cpu(q, k, v, g, beta, scale, initial_state, bounds):
+def varlen_on_the_cpu(q, k, v, g, beta, scale, initial_state, bounds, bounds_on_host):
     """fla's varlen chunk_kda stood in for by kda() per sequence (the same maths, sequence by sequence)."""
+    assert bounds_on_host.device.type == "cpu" and torch.equal(bounds_on_host, bounds.cpu())
     outs, finals = [], []
     for i, (a, b) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist())):
         o, final = kda(q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], beta[:, a:b], scale=scale,

@@ -558,7 +558,8 @@ def _kda_rounds(pieces, spans, N: int, device):
                             [source for source, _ in pairs] + [target for _, target in pairs])
         slots, bounds, snapshots = host.to(device, non_blocking=True).split(
             [len(active), len(active) + 1, 2 * len(pairs)])
-        rounds.append((active, local, slots, bounds.cumsum(0), snapshots.view(2, -1) if pairs else None))
+        bounds_cpu = torch.tensor([0] + [b for _, b in local])  # fla builds its chunk index from these: no sync
+        rounds.append((active, local, slots, (bounds.cumsum(0), bounds_cpu), snapshots.view(2, -1) if pairs else None))
         order.extend(t for _, (a, b, _) in active for t in range(a, b))
     if order == list(range(N)):
         return rounds, None, None
@@ -594,12 +595,13 @@ def use_varlen_kda(device: torch.device) -> bool:
 
 def _kda_round(q, k, v, g, beta, cache: RecurrentCache, active, local, slots, bounds) -> torch.Tensor:
     """One segment per active piece, laid end to end in q .. beta [1, n, ...] (`local`: each one's bounds),
-    from (and back to) the pieces' state slots (`slots` on the device, cu_seqlens `bounds`) -> o [1, n, H, V]."""
+    from (and back to) the pieces' state slots (`slots` on the device, `bounds`: cu_seqlens on the device and
+    on the host) -> o [1, n, H, V]."""
     global VARLEN_KDA
     if VARLEN_KDA and len(active) > 1 and use_varlen_kda(q.device):
         try:
             out, final = kda_fla_varlen_outside_compile(q, k, v, g, beta, q.shape[-1] ** -0.5,
-                                                        cache.state.index_select(0, slots), bounds)
+                                                        cache.state.index_select(0, slots), *bounds)
             cache.state.index_copy_(0, slots, final)
             return out
         except Exception as error:  # noqa: BLE001 - the per-segment calls compute the same thing

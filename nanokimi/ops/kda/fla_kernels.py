@@ -67,11 +67,12 @@ def kda_fla(q, k, v, g, beta, scale, initial_state=None, output_final_state=Fals
     return o.to(v.dtype), (state.float() if state is not None else None)
 
 
-def kda_fla_varlen(q, k, v, g, beta, scale, initial_state, cu_seqlens):
+def kda_fla_varlen(q, k, v, g, beta, scale, initial_state, cu_seqlens, cu_seqlens_cpu=None):
     """Several sequences packed along T in one `chunk_kda` call (inference: no autograd).
 
     q, k, g: [1, N, H, K]; v: [1, N, H, V]; beta: [1, N, H]; initial_state: [S, H, K, V] (one per sequence);
-    cu_seqlens: [S + 1] long, the sequences' boundaries in N. Returns (o [1, N, H, V] in v's dtype,
+    cu_seqlens: [S + 1] long, the sequences' boundaries in N (cu_seqlens_cpu: the same on the host, which spares
+    fla a device-to-host read to build its chunk index). Returns (o [1, N, H, V] in v's dtype,
     final states [S, H, K, V] fp32).
     """
     available, description = fla_status()
@@ -81,5 +82,6 @@ def kda_fla_varlen(q, k, v, g, beta, scale, initial_state, cu_seqlens):
 
     o, state = chunk_kda(q.to(v.dtype), k.to(v.dtype), v, g, beta, scale=scale, initial_state=initial_state.float(),
                          output_final_state=True, use_qk_l2norm_in_kernel=False, use_gate_in_kernel=False,
-                         use_beta_sigmoid_in_kernel=False, safe_gate=False, cu_seqlens=cu_seqlens)
+                         use_beta_sigmoid_in_kernel=False, safe_gate=False, cu_seqlens=cu_seqlens,
+                         cu_seqlens_cpu=cu_seqlens_cpu)
     return o.to(v.dtype), state.float()
