@@ -305,9 +305,9 @@ def run_outputs(engine: Engine, requests, stagger: int = 0) -> dict:
     return done
 
 
-@pytest.mark.parametrize("name,sizes,kind", [("tiny-dense", None, "partly"), ("all-mla", None, "partly"),
-                                             ("tiny", None, "partly"), ("tiny", None, "right"), ("tiny", None, "wrong"),
-                                             ("tiny-dense", (1, 2, 4, 8), "partly"), ("tiny", (1, 2, 4, 8, 16), "partly")])
+@pytest.mark.parametrize("name,sizes,kind", [
+    ("tiny-dense", None, "partly"), ("all-mla", None, "partly"), ("tiny", None, "partly"), ("tiny", None, "right"),
+    ("tiny", None, "wrong"), ("tiny-dense", (1, 2, 4, 8), "partly"), ("tiny", (1, 2, 4, 8, 16), "partly")])
 def test_verify_rows_in_the_static_graph_step_give_the_eager_verification(name, sizes, kind, monkeypatch):
     """use_cuda_graph="static" runs the padded step a CUDA graph captures: verify rows go through it as one-token
     rows (drafts `kind` right, crossing block boundaries; with sizes, more rows than the largest bucket, so a GQA
@@ -403,6 +403,24 @@ def test_graphed_verify_rows_under_preemption_give_the_plain_tokens(name):
     assert stats["preemptions"] > 0 and engine.runner.verify_rows["graphed"] == stats["spec_verify_rows"] > 0
     assert engine.pool.num_free == engine.pool.num_usable
     assert slots_back(engine)
+
+
+def test_kda_verify_rows_beyond_the_scratch_slots_verify_eagerly_with_the_same_tokens():
+    """num_verify_slots smaller than a step's draft tokens: that step's verify rows run eagerly (the others in the
+    graph step); the greedy tokens are the plain engine's, every block and state slot comes back; 0: all eager."""
+    model = make_model("tiny")
+    requests = greedy_requests(count=4, max_tokens=10)
+    reference = run(Engine(model, max_cache_tokens=2048, block_size=4), requests)
+    for slots, graphed in ((5, "some"), (0, "none")):
+        engine = Engine(model, max_cache_tokens=2048, block_size=4, use_cuda_graph="static", num_speculative_tokens=3,
+                        num_verify_slots=slots, speculative=OracleDrafter(reference, "partly", model.config.vocab_size))
+        assert run(engine, requests) == reference
+        rows = engine.runner.verify_rows
+        assert rows["eager"] > 0 and (rows["graphed"] > 0) == (graphed == "some")
+        assert engine.num_scratch_slots == slots and engine.pool.num_free == engine.pool.num_usable
+        assert slots_back(engine)
+    with pytest.raises(ValueError, match="num_verify_slots"):
+        Engine(model, num_verify_slots=-1)
 
 
 def reference_groups(runner):

@@ -49,7 +49,10 @@ class Engine:
     compilations took compile_budget_s seconds (later buckets are captured uncompiled).
     Seer options (docs/seer.md; all off by default): speculative None | "ngram" | "suffix" (or a drafter
     object) with drafts of num_speculative_tokens at most (twice in the tail); scheduling "fcfs" | "context_aware" with
-    max_wait_steps (bounded wait); chunk_tokens > 0 (with context_aware): divided rollout."""
+    max_wait_steps (bounded wait); chunk_tokens > 0 (with context_aware): divided rollout.
+    num_verify_slots: with KDA layers, speculation and graphs, the scratch KDA state slots (one per draft token of a
+    step) that let verify rows run in the graphed step (None: max_num_seqs x num_speculative_tokens; 0: they run
+    eagerly; a step with more draft tokens than slots verifies eagerly)."""
 
     def __init__(self, model: nn.Module, tokenizer=None, max_cache_tokens: int | None = None, block_size: int = 16,
                  max_num_seqs: int = 256, max_step_tokens: int = 2048, enable_prefix_caching: bool = True,
@@ -58,12 +61,14 @@ class Engine:
                  snapshot_interval: int = 512, compile: bool | str = "auto", compile_budget_s: float = 120.0,
                  kv_tiers=None, verbose: bool = False,
                  speculative=None, num_speculative_tokens: int = 4, scheduling: str = "fcfs",
-                 max_wait_steps: int = 64, chunk_tokens: int = 0):
+                 max_wait_steps: int = 64, chunk_tokens: int = 0, num_verify_slots: int | None = None):
         checks = [(scheduling in POLICIES, f"scheduling must be one of {', '.join(POLICIES)}, got {scheduling!r}"),
                   (isinstance(num_speculative_tokens, int) and num_speculative_tokens >= 1,
                    f"num_speculative_tokens must be an int >= 1, got {num_speculative_tokens!r}"),
                   (max_wait_steps >= 1, f"max_wait_steps must be >= 1, got {max_wait_steps}"),
                   (chunk_tokens >= 0, f"chunk_tokens must be >= 0 (0 = off), got {chunk_tokens}"),
+                  (num_verify_slots is None or (isinstance(num_verify_slots, int) and num_verify_slots >= 0),
+                   f"num_verify_slots must be None or an int >= 0 (0: KDA verify rows eager), got {num_verify_slots!r}"),
                   (block_size >= 1, f"block_size must be >= 1, got {block_size}"),
                   (max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {max_num_seqs}"),
                   (max_step_tokens >= 1, f"max_step_tokens must be >= 1, got {max_step_tokens}"),
@@ -83,7 +88,8 @@ class Engine:
         # KDA verify rows in the graph step: a scratch state slot per draft token of a step (drafts of twice
         # num_speculative_tokens only while at most max_num_seqs / 8 sequences run)
         graphed_drafts = self.has_kda and speculative is not None and uses_graphs(model, use_cuda_graph)
-        self.num_scratch_slots = max_num_seqs * num_speculative_tokens if graphed_drafts else 0
+        scratch = max_num_seqs * num_speculative_tokens if num_verify_slots is None else num_verify_slots
+        self.num_scratch_slots = scratch if graphed_drafts else 0
         self.num_blocks, self.budget_note = self._plan_blocks(max_cache_tokens, num_slots + self.num_scratch_slots,
                                                               gpu_memory_fraction)
         self.runner = ModelRunner(model, self.num_blocks, block_size, max(num_slots, 1), self.max_model_len,

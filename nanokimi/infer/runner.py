@@ -21,7 +21,7 @@ from nanokimi.runtime.graphs import capture, graph_pool
 from nanokimi.runtime.host import host_tensor
 
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 512, 640, 768, 896, 1024)
-ROUNDS = (1, 2, 3, 5, 9, 17, 33)  # KDA chain-length buckets of graphs with verify rows (drafts of 1, 2, 4, 8, .. tokens)
+ROUNDS = (1, 2, 3, 5, 9, 17, 33)  # KDA chain-length buckets of graphs with verify rows (drafts of 1, 2, 4, 8, ..)
 
 
 @dataclass

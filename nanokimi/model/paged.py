@@ -529,9 +529,9 @@ def _chained_conv_inputs(tails: torch.Tensor, qkv: torch.Tensor, depths: torch.T
     (row - j): entry i is the first row's tail entry j + i while j + i < K-1, else the input of row
     row + i - (K-1) (a row before it in the chain). tails [S, K-1, C], qkv [S, C], depths [S] -> [S, K-1, C]."""
     S, K1, C = tails.shape
-    row = torch.arange(S, device=depths.device)[:, None]  # [S, 1]
+    first = (torch.arange(S, device=depths.device) - depths)[:, None]  # [S, 1] each row's chain's first row
     offset = depths[:, None] + torch.arange(K1, device=depths.device)  # [S, K-1]
-    index = torch.where(offset < K1, (row - depths[:, None]) * K1 + offset, S * K1 + row + offset - depths[:, None] - K1)
+    index = torch.where(offset < K1, first * K1 + offset, S * K1 + first + offset - K1)
     return torch.cat([tails.reshape(S * K1, C), qkv]).index_select(0, index.flatten()).view(S, K1, C)
 
 
