@@ -3,6 +3,7 @@ verify) against the graphed decode step (each draft a chain of one-token rows, s
 plain decoding, on one device.
 
     python benchmarks/kda_verify.py                  # CUDA: the tiny preset (KDA + MLA + MoE), bf16, CUDA graphs
+    python benchmarks/kda_verify.py --compile        # the same with the graphed step torch.compiled
     python benchmarks/kda_verify.py --smoke          # CPU: a smaller tiny model, use_cuda_graph="static"
 
 Per batch (sequences): a plain greedy run, then the same requests with drafts taken from that run (--drafts
@@ -78,6 +79,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=None, help="default 128 (smoke 24)")
     ap.add_argument("--draft", type=int, default=4, help="num_speculative_tokens")
     ap.add_argument("--drafts", default="right", choices=["right", "partly"])
+    ap.add_argument("--compile", action="store_true", help="torch.compile the graphed step (the engine's CUDA "
+                    "default; off here: compiling every bucket of nine engines takes minutes)")
     ap.add_argument("--out")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
@@ -93,7 +96,7 @@ def main() -> None:
     for batch in batches:
         g = torch.Generator().manual_seed(batch)
         prompts = [torch.randint(3, cfg.vocab_size, (args.prompt,), generator=g).tolist() for _ in range(batch)]
-        options = dict(max_num_seqs=batch, use_cuda_graph=graphs, max_cache_tokens=batch * (args.prompt + max_tokens +
+        options = dict(max_num_seqs=batch, use_cuda_graph=graphs, compile=args.compile, max_cache_tokens=batch * (args.prompt + max_tokens +
                        2 * args.draft + 32))
         plain, seconds, steps, _ = generate(Engine(model, **options), prompts, max_tokens, device)
         rows.append(dict(batch=batch, path="plain decode", steps=steps, seconds=seconds, verify_graphed=None,
@@ -117,7 +120,8 @@ def main() -> None:
     out = results_path("kda_verify", args.smoke) if args.out is None else Path(args.out)
     name = f"{args.preset}{'-smoke' if args.smoke else ''} drafts {args.drafts} of {args.draft}"
     write_results(out, environment(device), {name: rows},
-                  dict(prompt=args.prompt, max_tokens=max_tokens, dtype=str(next(model.parameters()).dtype)))
+                  dict(prompt=args.prompt, max_tokens=max_tokens, dtype=str(next(model.parameters()).dtype),
+                       compile=args.compile))
     print(f"wrote {out}")
 
 

@@ -259,15 +259,17 @@ def test_speculation_on_cuda_with_graphs_and_fla_gives_the_plain_greedy_tokens(n
         assert engine.pool.num_free == engine.pool.num_usable
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-dense"])
-def test_prefix_cache_after_rejected_drafts_serves_only_accepted_content(name):
+@pytest.mark.parametrize("name,graphs", [("tiny", "auto"), ("tiny", "static"), ("tiny-dense", "auto")])
+def test_prefix_cache_after_rejected_drafts_serves_only_accepted_content(name, graphs):
     """Blocks written while drafts were rejected are hashed only once their accepted content is computed:
-    a next turn (prompt + answer + more) that reuses them gives the tokens of an engine without any cache."""
+    a next turn (prompt + answer + more) that reuses them gives the tokens of an engine without any cache.
+    "static": the hybrid's drafts verified in the graph step, so the KDA snapshots taken after a step must see
+    the accepted state copied back from its scratch slot first."""
     model = make_model(name)
     requests = greedy_requests(count=3, max_tokens=14)
     reference = run(Engine(model, max_cache_tokens=2048, block_size=4), requests)
     engine = Engine(model, max_cache_tokens=2048, block_size=4, snapshot_interval=8, num_speculative_tokens=3,
-                    speculative=OracleDrafter(reference, "partly", model.config.vocab_size))
+                    use_cuda_graph=graphs, speculative=OracleDrafter(reference, "partly", model.config.vocab_size))
     assert run(engine, requests) == reference
     follow = [(f"next{i}", ids + reference[(str(i), 0)] + [7, 8], SamplingParams(max_tokens=6, temperature=0,
                                                                                ignore_eos=True))
@@ -276,6 +278,7 @@ def test_prefix_cache_after_rejected_drafts_serves_only_accepted_content(name):
     fresh = run(Engine(model, max_cache_tokens=2048, block_size=4, enable_prefix_caching=False), follow)
     assert run(engine, follow) == fresh
     assert engine.stats()["prefix_cache_hit_tokens"] - hits_before >= 3 * 8  # the answers' blocks were reused
+    assert engine.runner.verify_rows["eager" if graphs == "auto" else "graphed"] == engine.stats()["spec_verify_rows"]
 
 
 def verify_requests():
