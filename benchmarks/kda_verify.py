@@ -96,8 +96,8 @@ def main() -> None:
     for batch in batches:
         g = torch.Generator().manual_seed(batch)
         prompts = [torch.randint(3, cfg.vocab_size, (args.prompt,), generator=g).tolist() for _ in range(batch)]
-        options = dict(max_num_seqs=batch, use_cuda_graph=graphs, compile=args.compile, max_cache_tokens=batch * (args.prompt + max_tokens +
-                       2 * args.draft + 32))
+        cache = batch * (args.prompt + max_tokens + 2 * args.draft + 32)
+        options = dict(max_num_seqs=batch, use_cuda_graph=graphs, compile=args.compile, max_cache_tokens=cache)
         plain, seconds, steps, _ = generate(Engine(model, **options), prompts, max_tokens, device)
         rows.append(dict(batch=batch, path="plain decode", steps=steps, seconds=seconds, verify_graphed=None,
                          equal_to_plain=1.0))

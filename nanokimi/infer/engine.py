@@ -68,7 +68,7 @@ class Engine:
                   (max_wait_steps >= 1, f"max_wait_steps must be >= 1, got {max_wait_steps}"),
                   (chunk_tokens >= 0, f"chunk_tokens must be >= 0 (0 = off), got {chunk_tokens}"),
                   (num_verify_slots is None or (isinstance(num_verify_slots, int) and num_verify_slots >= 0),
-                   f"num_verify_slots must be None or an int >= 0 (0: KDA verify rows eager), got {num_verify_slots!r}"),
+                   f"num_verify_slots must be None or an int >= 0 (0: verify KDA eagerly), got {num_verify_slots!r}"),
                   (block_size >= 1, f"block_size must be >= 1, got {block_size}"),
                   (max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {max_num_seqs}"),
                   (max_step_tokens >= 1, f"max_step_tokens must be >= 1, got {max_step_tokens}"),
