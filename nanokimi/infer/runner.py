@@ -138,8 +138,9 @@ class ModelRunner:
     def run(self, rows: list[Row]) -> torch.Tensor:
         """Logits [R, V] of the last token (the last num_logits tokens) of each row that wants them, in order.
         Rows of one token must come first (the engine orders them so). With CUDA graphs, the one-token
-        rows replay a graph, and so do speculative verify rows of attention-only models (as one graph row per
-        token, `_run_graphed_groups`); the other longer rows (prefill chunks, KDA verify rows) run eagerly after it."""
+        rows replay a graph, and so do speculative verify rows (as one graph row per token, `_run_graphed_groups`;
+        a KDA model's need scratch slots for their draft tokens); the other longer rows (prefill chunks, verify rows
+        beyond the scratch slots) run eagerly after it."""
         lengths = list(map(len, map(_TOKENS, rows)))
         num_decode = lengths.count(1)
         if lengths[:num_decode].count(1) != num_decode:
@@ -320,8 +321,8 @@ class ModelRunner:
 
     def _replay(self, key: tuple[int, int, int], host: torch.Tensor, changed: list[int],
                 new: torch.Tensor | None) -> torch.Tensor:
-        """Replay graph `key` on the host inputs [5 * size] (ids, positions, cache slots, state slots, depths) and the
-        block-table rows `changed`, rewritten whole to `new` [len(changed), width] (changed None: every row, new
+        """Replay graph `key` on the host inputs [5 * size] (ids, positions, cache slots, state slots, KDA depths) and
+        the block-table rows `changed`, rewritten whole to `new` [len(changed), width] (changed None: every row, new
         [size, width]); its logits [size, V]."""
         graph, inputs, batch, logits = self.graphs[key]
         if isinstance(graph, StaticReplay):
