@@ -426,6 +426,25 @@ def test_kda_verify_rows_beyond_the_scratch_slots_verify_eagerly_with_the_same_t
         Engine(model, num_verify_slots=-1)
 
 
+def test_kda_step_whose_later_graph_fails_runs_eagerly_from_untouched_states(monkeypatch):
+    """A step of KDA chains over several replays whose later graph cannot be had (here: refused) runs wholly
+    eagerly: no earlier replay may have advanced a state first (it would advance twice). Greedy tokens = plain."""
+    import nanokimi.infer.runner as runner_module
+    monkeypatch.setattr(runner_module, "GRAPH_BATCH_SIZES", (1, 2, 4, 8, 16))
+    model = make_model("tiny")
+    requests = greedy_requests(count=6, max_tokens=10)
+    reference = run(Engine(model, max_cache_tokens=2048, block_size=4), requests)
+    engine = Engine(model, max_cache_tokens=2048, block_size=4, use_cuda_graph="static", num_speculative_tokens=3,
+                    speculative=OracleDrafter(reference, "partly", model.config.vocab_size))
+    runner, calls = engine.runner, []
+    graph, run_rows = runner._graph, runner.run
+    runner.run = lambda rows: calls.clear() or run_rows(rows)
+    runner._graph = lambda *args: None if calls.append(args) or len(calls) > 1 else graph(*args)  # 2nd chunk: none
+    assert run(engine, requests) == reference
+    assert runner.verify_rows["eager"] > 0 and runner.verify_rows["graphed"] > 0
+    assert engine.pool.num_free == engine.pool.num_usable and slots_back(engine)
+
+
 def reference_groups(runner):
     """The readable path `ModelRunner._run_graphed_groups` stands for: a Row per token, the per-row graph step."""
     from nanokimi.infer.runner import _verify_as_decode_rows
