@@ -63,8 +63,8 @@ case "$1" in
     step 450 python3 benchmarks/rollout.py --budget-seconds 420
     step 100 python3 -m pytest -q -m gpu tests/test_speculative.py tests/test_seer_scheduler.py -p no:cacheprovider ;;
   kdaverify)  # speculative verify steps of a KDA hybrid, eager vs in the graphed step, then their GPU tests
-    step 280 python3 benchmarks/kda_verify.py
-    step 260 python3 -m pytest -q -m gpu tests/test_speculative.py tests/test_kda_decode.py -p no:cacheprovider ;;
+    step 200 python3 benchmarks/kda_verify.py
+    step 350 python3 -m pytest -q -m gpu tests/test_speculative.py tests/test_kda_decode.py -p no:cacheprovider ;;
   custom)  # GPU_STEPS="LIMIT command;LIMIT command;..." (for one-off runs)
     IFS=';' read -ra parts <<< "$GPU_STEPS"
     for part in "${parts[@]}"; do read -r limit cmd <<< "$part"; step "$limit" bash -c "$cmd"; done ;;
