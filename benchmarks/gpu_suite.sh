@@ -9,6 +9,7 @@
 #   bash benchmarks/gpu_suite.sh serve      # nanokimi serve vs transformers serve on the Mooncake trace
 #   bash benchmarks/gpu_suite.sh post       # the RL demonstration (benchmarks/rl_ladder.py)
 #   bash benchmarks/gpu_suite.sh rollout    # Seer: plain vs divided / context / speculative rollouts
+#   bash benchmarks/gpu_suite.sh kdaverify  # a KDA hybrid's verify steps, eager vs graphed; their GPU tests
 #   GPU_STEPS="LIMIT command;..." bash benchmarks/gpu_suite.sh custom
 # Expects fla-core wheels in .whl/ (bash ../shared/bench/gpu_wheels.sh) and the HF peer script in
 # .gpu/bench/ (cp -r ../shared/bench .gpu/). Results land in benchmarks/results/ and, when $OUT is
@@ -61,10 +62,13 @@ case "$1" in
   rollout)  # Seer's rollout techniques against the plain engine, then the speculative GPU tests
     step 450 python3 benchmarks/rollout.py --budget-seconds 420
     step 100 python3 -m pytest -q -m gpu tests/test_speculative.py tests/test_seer_scheduler.py -p no:cacheprovider ;;
+  kdaverify)  # speculative verify steps of a KDA hybrid, eager vs in the graphed step, then their GPU tests
+    step 200 python3 benchmarks/kda_verify.py
+    step 350 python3 -m pytest -q -m gpu tests/test_speculative.py tests/test_kda_decode.py -p no:cacheprovider ;;
   custom)  # GPU_STEPS="LIMIT command;LIMIT command;..." (for one-off runs)
     IFS=';' read -ra parts <<< "$GPU_STEPS"
     for part in "${parts[@]}"; do read -r limit cmd <<< "$part"; step "$limit" bash -c "$cmd"; done ;;
-  *) echo "usage: $0 tests|train|decode|attnres|profile|engine|serve|post|rollout|custom"; exit 2 ;;
+  *) echo "usage: $0 tests|train|decode|attnres|profile|engine|serve|post|rollout|kdaverify|custom"; exit 2 ;;
 esac
 if [ -n "${OUT:-}" ]; then
   # one archive: a call brings back at most 8 files from $OUT and leaves the rest out

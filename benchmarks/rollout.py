@@ -12,7 +12,7 @@ Each variant rolls out twice on one engine and the second pass is timed (the fir
 compiles the step for every shape the rollout meets, as in an RL run after its first steps). Per variant and
 task: rollout wall time, steps and ms per step, generated tokens/s, p50/p99 request completion time, speculative
 acceptance (mean tokens emitted per verified row), how many verify rows replayed the graphed decode step (of
-all; a hybrid model's KDA verify rows run eagerly) and how many graphs were captured while timed (0 expected).
+all; a KDA hybrid's too, benchmarks/kda_verify.py) and how many graphs were captured while timed (0 expected).
 Sampled outputs are compared with plain's (same per-request
 seeds: equal unless batch composition changes a float, or speculation draws differently - same distribution);
 a greedy run on a smaller batch reports the share of every variant's outputs equal to plain's (1.0 in exact

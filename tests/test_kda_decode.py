@@ -75,6 +75,14 @@ def test_engine_through_the_kda_decode_kernel(monkeypatch):
         assert "Triton in-place slot kernel" in engine.report
         done = run_engine(engine, [(str(i), p, GREEDY) for i, p in enumerate(batch)], stagger=2)
         assert [done[str(i)].token_ids for i in range(5)] == expected
+    # verify rows in the graph step: each draft's chain stepped by the kernel, the accepted state copied back
+    from test_speculative import OracleDrafter
+    reference = {(str(i), 0): tokens for i, tokens in enumerate(expected)}
+    engine = Engine(model, block_size=16, use_cuda_graph="static", num_speculative_tokens=3,
+                    speculative=OracleDrafter(reference, "partly", model.config.vocab_size))
+    done = run_engine(engine, [(str(i), p, GREEDY) for i, p in enumerate(batch)], stagger=2)
+    assert [done[str(i)].token_ids for i in range(5)] == expected
+    assert engine.runner.verify_rows["graphed"] == engine.stats()["spec_verify_rows"] > 0
 
 
 @pytest.mark.gpu
@@ -112,3 +120,43 @@ def test_compiled_static_decode_step_gives_the_tokens_of_the_plain_forward(monke
     assert engine.runner.compiled  # the compiled capture did not fall back
     stats = engine.stats()
     assert stats["cuda_graphs_compiled"] == 1 < stats["cuda_graphs"] and stats["compile_seconds"] > 0
+
+
+def chains_case(seed=3):
+    """Rows of chains of 3, 1 and 4 tokens (depths 0 1 2 | 0 | 0 1 2 3) and two padding rows on one spare slot;
+    each row writes its own slot (a chain's first row: its sequence's slot; the others: scratch slots)."""
+    depths = torch.tensor([0, 1, 2, 0, 0, 1, 2, 3, 0, 0])
+    slots = torch.tensor([7, 2, 9, 0, 4, 11, 3, 5, 12, 12])
+    q, k, v, gate, beta, state, _ = case(len(depths), 2, 16, 24, 13, seed=seed)
+    return q, k, v, gate, beta, state, slots, depths
+
+
+def test_kda_decode_chains_reference_steps_each_chain_token_by_token():
+    """The chains' rounds (kda_decode_slots_reference with depths) equal one recurrence per chain from its first
+    slot: the outputs, and in each row's slot the state after that row's token; no other slot changes."""
+    from nanokimi.ops.kda.naive import kda_recurrent
+    q, k, v, gate, beta, state, slots, depths = chains_case()
+    got_state = state.clone()
+    got = kda_decode_slots_reference(q, k, v, gate, beta, got_state, slots, 0.3, depths=depths, rounds=5)
+    for a, b in [(0, 3), (3, 4), (4, 8)]:
+        s = state[slots[a]:slots[a] + 1]
+        for t in range(a, b):
+            o, s = kda_recurrent(*(x[t:t + 1, None] for x in (q, k, v, gate, beta)), scale=0.3, initial_state=s,
+                                 output_final_state=True)
+            assert torch.equal(got[t], o[0, 0]) and torch.equal(got_state[slots[t]], s[0])
+    untouched = [i for i in range(13) if i not in slots.tolist()]
+    assert torch.equal(got_state[untouched], state[untouched])
+
+
+@needs_triton
+def test_kda_decode_kernel_steps_chains_as_the_reference():
+    """The kernel with depths (a chain's first row's programs step the whole chain) against the rounds of the
+    reference, with more rounds than the longest chain."""
+    q, k, v, gate, beta, state, slots, depths = chains_case(seed=5)
+    expected_state, got_state = state.clone(), state.clone()
+    expected = kda_decode_slots_reference(q, k, v, gate, beta, expected_state, slots, 0.3, depths=depths, rounds=5)
+    got = kda_decode_slots(q, k, v, gate, beta, got_state, slots, 0.3, block_v=16, depths=depths, rounds=9)
+    real = slice(0, 8)  # the padding rows share slot 12: undefined there
+    assert rel_err(got[real], expected[real]) < 1e-5
+    keep = [i for i in range(13) if i != 12]
+    assert rel_err(got_state[keep], expected_state[keep]) < 1e-5

@@ -70,9 +70,10 @@ def test_bounded_wait_under_a_stream_of_higher_priority_arrivals():
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-@pytest.mark.parametrize("name,graphs", [("tiny", "auto"), ("tiny-dense", "static")])
+@pytest.mark.parametrize("name,graphs", [("tiny", "auto"), ("tiny", "static"), ("tiny-dense", "static")])
 def test_random_rollouts_under_every_option_give_the_plain_tokens_exactly_once(seed, name, graphs):
-    """The hybrid verifies drafts eagerly; the GQA model (static graph buffers) in the padded graph step."""
+    """Drafts verified eagerly (the hybrid on the CPU's "auto") or in the padded graph step (static graph buffers:
+    the hybrid's KDA chains with scratch slots, the GQA model's attention)."""
     model = make_model(name)
     rng = random.Random(seed)
     requests = []
@@ -96,6 +97,9 @@ def test_random_rollouts_under_every_option_give_the_plain_tokens_exactly_once(s
     assert stats["suspensions"] > 0 and stats["spec_verify_rows"] > 0
     assert engine.runner.verify_rows["graphed" if graphs == "static" else "eager"] == stats["spec_verify_rows"]
     assert engine.pool.num_free == engine.pool.num_usable
+    if engine.slots is not None:  # every state slot is free or holds a snapshot
+        slots = engine.slots
+        assert sorted(slots.free + list(slots.snapshots.values())) == list(range(slots.num_slots))
     assert not engine.scheduler.groups and not engine.scheduler.suspended
 
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from nanokimi.infer.block_manager import BlockPool, StateSlots, block_hash
 from nanokimi.infer.params import CompletionOutput, RequestOutput, SamplingParams
-from nanokimi.infer.runner import ModelRunner, Row
+from nanokimi.infer.runner import ModelRunner, Row, uses_graphs
 from nanokimi.infer.sampling import sample_step, top_logprobs
 from nanokimi.infer.scheduler import FINISHED, POLICIES, Request, Scheduler, Sequence
 from nanokimi.infer.speculative import accept_greedy, accept_sampled, filtered_probs, make_drafter
@@ -49,7 +49,10 @@ class Engine:
     compilations took compile_budget_s seconds (later buckets are captured uncompiled).
     Seer options (docs/seer.md; all off by default): speculative None | "ngram" | "suffix" (or a drafter
     object) with drafts of num_speculative_tokens at most (twice in the tail); scheduling "fcfs" | "context_aware" with
-    max_wait_steps (bounded wait); chunk_tokens > 0 (with context_aware): divided rollout."""
+    max_wait_steps (bounded wait); chunk_tokens > 0 (with context_aware): divided rollout.
+    num_verify_slots: with KDA layers, speculation and graphs, the scratch KDA state slots (one per draft token of a
+    step) that let verify rows run in the graphed step (None: max_num_seqs x num_speculative_tokens; 0: they run
+    eagerly; a step with more draft tokens than slots verifies eagerly)."""
 
     def __init__(self, model: nn.Module, tokenizer=None, max_cache_tokens: int | None = None, block_size: int = 16,
                  max_num_seqs: int = 256, max_step_tokens: int = 2048, enable_prefix_caching: bool = True,
@@ -58,12 +61,14 @@ class Engine:
                  snapshot_interval: int = 512, compile: bool | str = "auto", compile_budget_s: float = 120.0,
                  kv_tiers=None, verbose: bool = False,
                  speculative=None, num_speculative_tokens: int = 4, scheduling: str = "fcfs",
-                 max_wait_steps: int = 64, chunk_tokens: int = 0):
+                 max_wait_steps: int = 64, chunk_tokens: int = 0, num_verify_slots: int | None = None):
         checks = [(scheduling in POLICIES, f"scheduling must be one of {', '.join(POLICIES)}, got {scheduling!r}"),
                   (isinstance(num_speculative_tokens, int) and num_speculative_tokens >= 1,
                    f"num_speculative_tokens must be an int >= 1, got {num_speculative_tokens!r}"),
                   (max_wait_steps >= 1, f"max_wait_steps must be >= 1, got {max_wait_steps}"),
                   (chunk_tokens >= 0, f"chunk_tokens must be >= 0 (0 = off), got {chunk_tokens}"),
+                  (num_verify_slots is None or (isinstance(num_verify_slots, int) and num_verify_slots >= 0),
+                   f"num_verify_slots must be None or an int >= 0 (0: verify KDA eagerly), got {num_verify_slots!r}"),
                   (block_size >= 1, f"block_size must be >= 1, got {block_size}"),
                   (max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {max_num_seqs}"),
                   (max_step_tokens >= 1, f"max_step_tokens must be >= 1, got {max_step_tokens}"),
@@ -80,9 +85,15 @@ class Engine:
         self.prefix_caching = enable_prefix_caching
         num_snapshots = (max_num_seqs if num_state_snapshots is None else num_state_snapshots) if self.has_kda else 0
         num_slots = max_num_seqs + num_snapshots if self.has_kda else 0
-        self.num_blocks, self.budget_note = self._plan_blocks(max_cache_tokens, num_slots, gpu_memory_fraction)
+        # KDA verify rows in the graph step: a scratch state slot per draft token of a step (drafts of twice
+        # num_speculative_tokens only while at most max_num_seqs / 8 sequences run)
+        graphed_drafts = self.has_kda and speculative is not None and uses_graphs(model, use_cuda_graph)
+        scratch = max_num_seqs * num_speculative_tokens if num_verify_slots is None else num_verify_slots
+        self.num_scratch_slots = scratch if graphed_drafts else 0
+        self.num_blocks, self.budget_note = self._plan_blocks(max_cache_tokens, num_slots + self.num_scratch_slots,
+                                                              gpu_memory_fraction)
         self.runner = ModelRunner(model, self.num_blocks, block_size, max(num_slots, 1), self.max_model_len,
-                                  use_cuda_graph, compile, compile_budget_s)
+                                  use_cuda_graph, compile, compile_budget_s, self.num_scratch_slots)
         self.pool = BlockPool(self.num_blocks)
         self.slots = StateSlots(num_slots) if self.has_kda else None
         interval = max(block_size, snapshot_interval // block_size * block_size)
@@ -165,7 +176,11 @@ class Engine:
                   f"prefix caching {caching if self.prefix_caching else 'off'}"]
         if self.drafter is not None:
             kind = {"sequence": "ngram", "group": "suffix"}.get(getattr(self.drafter, "scope", None), "custom")
-            parts.append(f"speculative {kind} (drafts of <= {self.num_speculative_tokens} tokens)")
+            scratch = ""
+            if self.num_scratch_slots:
+                scratch = (f"; KDA verify in the graph step: {self.num_scratch_slots} scratch state slots, "
+                           f"{self.num_scratch_slots * per_slot / 2**30:.2f} GiB")
+            parts.append(f"speculative {kind} (drafts of <= {self.num_speculative_tokens} tokens{scratch})")
         scheduler = self.scheduler
         if scheduler.policy != "fcfs":
             chunks = f", divided rollout every {scheduler.chunk_tokens} tokens" if scheduler.chunk_tokens else ""
@@ -385,7 +400,10 @@ class Engine:
         params = seq.request.params
         draft, seq.draft = seq.draft, []
         emitted = accept_greedy(best, draft) if probs is None else accept_sampled(probs, draft, seq.rng)
-        if row.saved_states:  # the state after the last token + accepted drafts (the new token is not computed)
+        # the state after the last token + accepted drafts (the new token is not computed)
+        if row.token_slots and len(emitted) > 1:  # graph step: copied after the step, before any snapshot of it
+            self.scheduler.slot_ops.append(("copy", row.token_slots[len(emitted) - 1], seq.state_slot))
+        elif row.saved_states:
             rollback_recurrent_state(row.saved_states, seq.state_slot, len(emitted))
         accepted = len(emitted) - 1
         seq.accepted_ema = accepted if seq.accepted_ema is None else 0.7 * seq.accepted_ema + 0.3 * accepted

@@ -21,6 +21,7 @@ from nanokimi.runtime.graphs import capture, graph_pool
 from nanokimi.runtime.host import host_tensor
 
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 512, 640, 768, 896, 1024)
+ROUNDS = (1, 2, 3, 5, 9, 17, 33)  # KDA chain-length buckets of graphs with verify rows (drafts of 1, 2, 4, 8, ..)
 
 
 @dataclass
@@ -34,6 +35,9 @@ class Row:
     snapshots: list[tuple[int, int]] = field(default_factory=list)  # KDA: (tokens into the row, snapshot slot)
     num_logits: int = 1  # logits of the last num_logits tokens (a speculative draft's verification wants all)
     saved_states: list | None = None  # a list: KDA layers keep their state after every token (PrefillPiece's)
+    # set by the runner when a KDA model's verify row ran in the graph step: the state slot holding the state
+    # (and conv tail) after each of its tokens (the row's own slot first, then scratch slots)
+    token_slots: list[int] | None = None
 
 
 class StaticReplay:
@@ -75,14 +79,24 @@ def _bucket(value: int, sizes) -> int | None:
     return next((s for s in sizes if s >= value), None)
 
 
+def uses_graphs(model: nn.Module, use_cuda_graph: bool | str) -> bool:
+    """Whether the runner runs decode steps through (CUDA or "static") graphs: not for MoBA models."""
+    here = use_cuda_graph == "static" or (model.embed.weight.device.type == "cuda" and use_cuda_graph is not False)
+    return here and not any(getattr(b.mixer, "moba", False) for b in model.layers)
+
+
 class ModelRunner:
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, num_state_slots: int,
                  max_model_len: int, use_cuda_graph: bool | str = "auto", compile: bool | str = "auto",
-                 compile_budget_s: float = 120.0):
+                 compile_budget_s: float = 120.0, num_scratch_slots: int = 0):
+        """num_scratch_slots: KDA state slots (after the engine's num_state_slots) for the states after the
+        draft tokens of verify rows in the graph step, one per draft token of a step; 0: KDA verify rows run
+        eagerly."""
         self.model, self.block_size, self.max_model_len = model, block_size, max_model_len
         self.device = model.embed.weight.device
-        self.cache = new_paged_cache(model, num_blocks, block_size, num_state_slots + 1)
-        self.dummy_slot = num_state_slots
+        self.cache = new_paged_cache(model, num_blocks, block_size, num_state_slots + num_scratch_slots + 1)
+        self.scratch_slots = range(num_state_slots, num_state_slots + num_scratch_slots)
+        self.dummy_slot = num_state_slots + num_scratch_slots
         for module in model.modules():
             if isinstance(module, Rotary):
                 module.ensure_length(max_model_len, self.device)
@@ -90,21 +104,21 @@ class ModelRunner:
             raise ValueError(f"use_cuda_graph must be True, False, 'auto' or 'static', got {use_cuda_graph!r}.")
         if use_cuda_graph is True and self.device.type != "cuda":
             raise ValueError("use_cuda_graph=True needs the model on a CUDA device; pass 'auto', 'static' or False.")
-        moba = any(getattr(b.mixer, "moba", False) for b in model.layers)
         # "static": the padded, fixed-shape step a graph captures, run eagerly on its static buffers (any device)
         self.static_only = use_cuda_graph == "static"
-        graphs_here = self.static_only or (self.device.type == "cuda" and use_cuda_graph is not False)
-        self.use_graphs = graphs_here and not moba
+        self.use_graphs = uses_graphs(model, use_cuda_graph)
         self.graph_required = use_cuda_graph is True
-        self.graphs: dict[tuple[int, int], tuple] = {}
-        self.graph_tables: dict[tuple[int, int], list | _TableRuns] = {}  # the block tables in each graph's inputs
+        self.graphs: dict[tuple[int, int, int], tuple] = {}  # (batch bucket, table-width bucket, KDA rounds)
+        self.graph_tables: dict[tuple[int, int, int], list | _TableRuns] = {}  # the tables in each graph's inputs
         self.graph_pool = None
         self.max_blocks = -(-max_model_len // block_size)
-        # speculative verify rows run as one-token rows of the graphed step where every mixer attends over
-        # the paged cache (GQA, MLA): a KDA state must go through a draft's tokens one after another
-        self.graph_verify = not any(isinstance(b.mixer, KimiDeltaAttention) for b in model.layers)
+        # speculative verify rows run as one-token rows of the graphed step. Attention (GQA, MLA) over the paged
+        # cache needs nothing more; a KDA state goes through a draft's tokens one after another: the draft's
+        # rows form a chain (`PagedBatch.depths`), each row's state lands in a scratch slot
+        self.kda = any(isinstance(b.mixer, KimiDeltaAttention) for b in model.layers)
+        self.graph_verify = not self.kda or num_scratch_slots > 0
         self.verify_rows = {"graphed": 0, "eager": 0}  # verify rows (drafts) run by each path so far
-        if any(isinstance(b.mixer, KimiDeltaAttention) for b in model.layers) and self.device.type == "cuda":
+        if self.kda and self.device.type == "cuda":
             check_kda_slot_kernel(self.device)  # before any capture: decode rows take the kernel only if it passed
         if compile not in (True, False, "auto"):
             raise ValueError(f"compile must be True, False or 'auto', got {compile!r}.")
@@ -124,8 +138,9 @@ class ModelRunner:
     def run(self, rows: list[Row]) -> torch.Tensor:
         """Logits [R, V] of the last token (the last num_logits tokens) of each row that wants them, in order.
         Rows of one token must come first (the engine orders them so). With CUDA graphs, the one-token
-        rows replay a graph, and so do speculative verify rows of attention-only models (as one graph row per
-        token, `_run_graphed_groups`); the other longer rows (prefill chunks, KDA verify rows) run eagerly after it."""
+        rows replay a graph, and so do speculative verify rows (as one graph row per token, `_run_graphed_groups`;
+        a KDA model's need scratch slots for their draft tokens); the other longer rows (prefill chunks, verify rows
+        beyond the scratch slots) run eagerly after it."""
         lengths = list(map(len, map(_TOKENS, rows)))
         num_decode = lengths.count(1)
         if lengths[:num_decode].count(1) != num_decode:
@@ -135,6 +150,8 @@ class ModelRunner:
         as_decode = [r.wants_logits and wanted == length for r, wanted, length in
                      zip(longer, num_logits, lengths[num_decode:])] if self.graph_verify else [False] * len(longer)
         verifying = list(compress(longer, as_decode))
+        if self.kda and sum(map(len, map(_TOKENS, verifying))) - len(verifying) > len(self.scratch_slots):
+            as_decode, verifying = [False] * len(longer), []  # more draft tokens than scratch slots: eager
         verify_rows, graphed_verify = len(num_logits) - num_logits.count(1) - num_logits.count(0), sum(as_decode)
         graphed = None
         if self.use_graphs and verifying:
@@ -206,7 +223,7 @@ class ModelRunner:
         table = self._decode_tables([r.block_table for r in rows], width, size) if tables else None
         return table, positions, slots, state
 
-    def _changed_tables(self, key: tuple[int, int], tables: list[list[int]]) -> list[int]:
+    def _changed_tables(self, key: tuple[int, int, int], tables: list[list[int]]) -> list[int]:
         """The rows of graph `key`'s block-table buffer that differ from these rows' tables (a row past the
         last one is padding: all block 0); the record of the buffer's contents is updated to these tables.
         A row's table changes every block_size steps, and rows move up when a sequence before them ends."""
@@ -271,19 +288,23 @@ class ModelRunner:
                            pieces, prefill_positions, prefill_slots, short, packed)
         return batch, ids, last
 
-    def _graph(self, num_rows: int, longest: int) -> tuple[int, int] | None:
-        """The key (batch bucket, table-width bucket) of the graph for num_rows rows whose longest block table
-        has `longest` blocks, captured now if new; None where no graph fits or capture failed."""
+    def _graph(self, num_rows: int, longest: int, rounds: int = 1) -> tuple[int, int, int] | None:
+        """The key (batch bucket, table-width bucket, KDA rounds bucket) of the graph for num_rows rows whose
+        longest block table has `longest` blocks and whose KDA chains are at most `rounds` rows long, captured
+        now if new; None where no graph fits or capture failed."""
         size = _bucket(num_rows, GRAPH_BATCH_SIZES)
         width = min(_bucket(longest, [2 ** i for i in range(32)]), self.max_blocks)
         if size is None or width < longest:
             return None
-        key = (size, width)
+        depth = _bucket(rounds, ROUNDS)  # extra rounds step no row
+        if depth is None:
+            return None
+        key = (size, width, depth)
         while key not in self.graphs:
             try:
                 if self.compiled and not self.graphs:  # can the step be captured at all? (a model with a host
-                    self._capture(size, width, probe=True)  # sync inside must not pay for a compile first)
-                self.graphs[key] = self._capture(size, width)
+                    self._capture(*key, probe=True)  # sync inside must not pay for a compile first)
+                self.graphs[key] = self._capture(*key)
             except Exception as error:  # noqa: BLE001 - the eager step computes the same thing
                 if self.graph_required and not self.capturing_compiled:
                     raise
@@ -298,10 +319,10 @@ class ModelRunner:
                 return None
         return key
 
-    def _replay(self, key: tuple[int, int], host: torch.Tensor, changed: list[int],
+    def _replay(self, key: tuple[int, int, int], host: torch.Tensor, changed: list[int],
                 new: torch.Tensor | None) -> torch.Tensor:
-        """Replay graph `key` on the host inputs [4 * size] (ids, positions, cache slots, state slots) and the
-        block-table rows `changed`, rewritten whole to `new` [len(changed), width] (changed None: every row, new
+        """Replay graph `key` on the host inputs [5 * size] (ids, positions, cache slots, state slots, KDA depths) and
+        the block-table rows `changed`, rewritten whole to `new` [len(changed), width] (changed None: every row, new
         [size, width]); its logits [size, V]."""
         graph, inputs, batch, logits = self.graphs[key]
         if isinstance(graph, StaticReplay):
@@ -323,18 +344,18 @@ class ModelRunner:
         key = self._graph(len(rows), max(map(len, row_tables)))
         if key is None:
             return None
-        size, width = key
+        size, width, _ = key
         pad = size - len(rows)
         _, positions, slots, state = self._decode_tensors(rows, width, size, tables=False)
         zeros = [0] * pad
         host = host_tensor([r.tokens[0] for r in rows] + zeros + positions + zeros + slots + zeros + state +
-                           [self.dummy_slot] * pad)
+                           [self.dummy_slot] * pad + [0] * size)  # depths: none of them continues another
         changed = self._changed_tables(key, row_tables)  # rows past the last row (now padding) come last: block 0
         new = self._decode_tables([row_tables[i] for i in changed if i < len(rows)], width, len(changed)) \
             if changed else None
         return self._replay(key, host, changed, new)
 
-    def _changed_runs(self, key: tuple[int, int], tables: list[list[int]], counts: list[int]) -> list[int] | None:
+    def _changed_runs(self, key: tuple[int, int, int], tables: list[list[int]], counts: list[int]) -> list[int] | None:
         """`_changed_tables` for rows given by runs (counts[i] rows of tables[i]), compared once a run, not once a
         row; None where the record holds other runs (its buffer is then rewritten whole: the chunks of one step
         share a graph, and each holds other sequences)."""
@@ -353,7 +374,11 @@ class ModelRunner:
     def _run_graphed_groups(self, rows: list[Row]) -> torch.Tensor | None:
         """`_run_graphed_chunks(_verify_as_decode_rows(rows))` without building a row per token: one-token rows
         and verify rows (tokens t_0..t_d at p..p+d) become graph rows (a token each) by arithmetic over all the
-        tokens at once, and the graphs' block tables are compared once a row, not once a token."""
+        tokens at once, and the graphs' block tables are compared once a row, not once a token. In a KDA model
+        a verify row's graph rows form a chain (depths 0..d): the row at depth j writes the state after t_j to
+        a scratch slot (depth 0: the sequence's slot), recorded in `Row.token_slots` for the engine's rollback;
+        its chain is never split between replays, and every graph is captured before the first replay (a step
+        that falls back to the eager path must not have advanced a state)."""
         tokens = list(map(_TOKENS, rows))
         counts = list(map(len, tokens))
         tables = list(map(_BLOCK_TABLE, rows))
@@ -366,26 +391,41 @@ class ModelRunner:
         lengths, starts, table_lengths_t, state = per_row.view(4, -1)  # [rows] each
         table_starts = table_lengths_t.cumsum(0) - table_lengths_t  # where each row's table starts in `flat`
         owner = torch.repeat_interleave(lengths)  # [n] the row of each graph row
-        positions = (starts + lengths - lengths.cumsum(0))[owner] + torch.arange(n)  # each row's start + 0, 1, .., d
+        depths = torch.arange(n) - (lengths.cumsum(0) - lengths)[owner]  # [n] 0, 1, .., d within each row
+        positions = starts[owner] + depths  # each row's start + 0, 1, .., d
         flat = host_tensor(list(chain.from_iterable(tables)))  # every table, end to end
         slots = flat[table_starts[owner] + positions // bs] * bs + positions % bs
-        inputs = torch.stack([host_tensor(list(chain.from_iterable(tokens))), positions, slots, state[owner]])  # [4, n]
-        expanded = None  # built when a graph's tables are written
-        largest, parts = GRAPH_BATCH_SIZES[-1], []
-        for lo in range(0, n, largest):
+        state = state[owner]
+        if self.kda and n > len(rows):  # the states after draft tokens go to scratch slots, one each
+            drafted = depths > 0
+            state[drafted] = torch.arange(self.scratch_slots.start, self.scratch_slots.start + int(drafted.sum()))
+        inputs = torch.stack([host_tensor(list(chain.from_iterable(tokens))), positions, slots, state,
+                              depths if self.kda else torch.zeros_like(depths)])  # [5, n]
+        largest, chunks = GRAPH_BATCH_SIZES[-1], []
+        lo = 0
+        while lo < n:  # chunks of at most the largest bucket; an attention model's draft may be split between two
             hi = min(n, lo + largest)
+            if self.kda and hi < n:  # a KDA chain is not: it ends where a row ends
+                hi = first[bisect_right(first, hi) - 1]
+                if hi == lo:
+                    return None
             a, b = bisect_right(first, lo) - 1, bisect_right(first, hi - 1)  # rows a..b-1 have graph rows here
+            key = self._graph(hi - lo, max(table_lengths[a:b]), max(counts[a:b]) if self.kda else 1)
+            if key is None:
+                return None
+            chunks.append((lo, hi, a, b, key))
+            lo = hi
+        expanded = None  # built when a graph's tables are written
+        parts = []
+        for lo, hi, a, b, key in chunks:
             runs = counts[a:b]
             runs[0] -= lo - first[a]  # a row split between two replays
             runs[-1] -= first[b] - hi
-            key = self._graph(hi - lo, max(table_lengths[a:b]))
-            if key is None:
-                return None
-            size, width = key
+            size, width, _ = key
             if size == hi - lo:
                 host = inputs[:, lo:hi].flatten()
             else:
-                host = torch.zeros(4, size, dtype=torch.long)
+                host = torch.zeros(5, size, dtype=torch.long)
                 host[:, :hi - lo] = inputs[:, lo:hi]
                 host[3, hi - lo:] = self.dummy_slot
                 host = host.view(-1)
@@ -405,13 +445,20 @@ class ModelRunner:
                     new = new[:, :width]  # (the entries past width are zeros: no table here is longer)
                     new = torch.nn.functional.pad(new, (0, width - new.shape[1], 0, count - new.shape[0]))
             logits = self._replay(key, host, changed, new)
-            if n <= largest:
-                return logits
+            if len(chunks) == 1:
+                parts = [logits]
+                break
             parts.append(logits[:hi - lo].clone())
-        return torch.cat(parts)
+        if self.kda and n > len(rows):
+            written = state.tolist()
+            for row, count, start in zip(rows, counts, first):
+                if count > 1:
+                    row.token_slots = written[start:start + count]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    def _capture(self, size: int, width: int, probe: bool = False):
-        """Capture the decode step of `size` rows and block tables `width` wide. Compiled (one compilation
+    def _capture(self, size: int, width: int, rounds: int = 1, probe: bool = False):
+        """Capture the decode step of `size` rows and block tables `width` wide (rounds > 1: KDA chains of verify
+        rows, at most `rounds` rows long, `PagedBatch.depths`). Compiled (one compilation
         per bucket) while the compile time so far is under compile_budget_s; later buckets are captured
         uncompiled, so a long tail of rare batch sizes never stalls serving for minutes. probe=True:
         uncompiled whatever the setting, in a memory pool of its own (the probe before the first compilation: it
@@ -420,11 +467,11 @@ class ModelRunner:
         device = self.device
         self.capturing_compiled = not probe and self.compiled and self.compile_seconds < self.compile_budget_s
         step_fn = self.compiled_fn if self.capturing_compiled else self._logits
-        inputs = torch.zeros(size * (4 + width), dtype=torch.long, device=device)  # every input, filled in one copy
-        ids, positions, slot_mapping, state_slots = inputs[:4 * size].view(4, size)
+        inputs = torch.zeros(size * (5 + width), dtype=torch.long, device=device)  # every input, filled in one copy
+        ids, positions, slot_mapping, state_slots, depths = inputs[:5 * size].view(5, size)
         state_slots.fill_(self.dummy_slot)
-        batch = PagedBatch(self.block_size, size, positions, inputs[4 * size:].view(size, width), slot_mapping,
-                           state_slots)
+        batch = PagedBatch(self.block_size, size, positions, inputs[5 * size:].view(size, width), slot_mapping,
+                           state_slots, depths=depths if rounds > 1 else None, rounds=rounds)
 
         if self.capturing_compiled:  # the table width reaches only the kernels: no recompile per width
             torch._dynamo.maybe_mark_dynamic(batch.block_tables, 1)

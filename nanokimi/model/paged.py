@@ -62,6 +62,10 @@ class PagedBatch:
     short: "ShortPieces | None" = None  # several short pieces (drafts under verification): attend as one batch
     packed: "PackedContext | None" = None  # the other pieces: attend as one packed sequence, block-diagonal mask
     memo: dict = field(default_factory=dict)  # index tensors built by the first KDA layer, reused by the others
+    # speculative verify rows in the graph step (KDA): each decode row's depth in its draft's chain (a chain's
+    # rows are consecutive; depth j > 0 continues from the state row-1 wrote to its slot); `rounds` = max depth + 1
+    depths: torch.Tensor | None = None
+    rounds: int = 1
 
 
 @dataclass
@@ -492,21 +496,44 @@ def _kda_output(mixer: KimiDeltaAttention, o: torch.Tensor, x: torch.Tensor) -> 
     return mixer.o_proj((o32 * torch.sigmoid(gate.float())).to(x.dtype).reshape(B, T, H * D))
 
 
-def _kda_decode_in_slots(mixer: KimiDeltaAttention, x: torch.Tensor, cache: RecurrentCache,
-                         slots: torch.Tensor) -> torch.Tensor:
+def _kda_decode_in_slots(mixer: KimiDeltaAttention, x: torch.Tensor, cache: RecurrentCache, slots: torch.Tensor,
+                         depths: torch.Tensor | None = None, rounds: int = 1, kernel: bool = True) -> torch.Tensor:
     """KimiDeltaAttention.forward of one token per row, each continuing from its state slot: the conv
     tails are gathered and written back, the delta-rule states are read and written in place by the
-    Triton decode kernel (ops.kda.decode). x [S, 1, D] -> [S, 1, D]."""
+    Triton decode kernel (ops.kda.decode; kernel=False: its torch reference). With depths (speculative
+    verify rows, `PagedBatch.depths`), a row at depth j > 0 continues from the row before it: its conv window
+    is its chain's first row's conv tail followed by the rows before it, and its delta rule runs after theirs.
+    Every row writes the state (and conv tail) after its token to its own slot. x [S, 1, D] -> [S, 1, D]."""
     H, D = mixer.num_heads, mixer.head_dim
     qkv = torch.cat([mixer.q_proj(x), mixer.k_proj(x), mixer.v_proj(x)], dim=-1)  # [S, 1, 3HD]
-    window = torch.cat([cache.conv.index_select(0, slots).to(qkv.dtype), qkv], dim=1)  # [S, K, 3HD]
+    tails = cache.conv.index_select(0, slots).to(qkv.dtype)  # [S, K-1, 3HD]
+    if depths is None:
+        window = torch.cat([tails, qkv], dim=1)  # [S, K, 3HD]
+    else:
+        window = torch.cat([_chained_conv_inputs(tails, qkv[:, 0], depths), qkv], dim=1)
     write_rows_(cache.conv, slots, window[:, 1:])
     qkv = F.silu(causal_depthwise_conv(window, mixer.conv.weight.to(qkv.dtype)))[:, 0]  # [S, 3HD]
     q, k, v = (t.reshape(-1, H, D) for t in qkv.split(H * D, dim=-1))
     q, k = l2_normalize(q).to(v.dtype), l2_normalize(k).to(v.dtype)
     g, beta = _kda_gates(mixer, x)
-    o = kda_decode_slots_outside_compile(q, k, v, g[:, 0], beta[:, 0], cache.state, slots, D ** -0.5)
+    if kernel:
+        o = kda_decode_slots_outside_compile(q, k, v, g[:, 0], beta[:, 0], cache.state, slots, D ** -0.5,
+                                             depths=depths, rounds=rounds)
+    else:
+        o = kda_decode_slots_reference(q, k, v, g[:, 0], beta[:, 0], cache.state, slots, D ** -0.5,
+                                       depths=depths, rounds=rounds)
     return _kda_output(mixer, o.unsqueeze(1), x)
+
+
+def _chained_conv_inputs(tails: torch.Tensor, qkv: torch.Tensor, depths: torch.Tensor) -> torch.Tensor:
+    """The K-1 conv inputs before each row's token when a row at depth j continues its chain's first row
+    (row - j): entry i is the first row's tail entry j + i while j + i < K-1, else the input of row
+    row + i - (K-1) (a row before it in the chain). tails [S, K-1, C], qkv [S, C], depths [S] -> [S, K-1, C]."""
+    S, K1, C = tails.shape
+    first = (torch.arange(S, device=depths.device) - depths)[:, None]  # [S, 1] each row's chain's first row
+    offset = depths[:, None] + torch.arange(K1, device=depths.device)  # [S, K-1]
+    index = torch.where(offset < K1, first * K1 + offset, S * K1 + first + offset - K1)
+    return torch.cat([tails.reshape(S * K1, C), qkv]).index_select(0, index.flatten()).view(S, K1, C)
 
 
 def _kda_varlen(q, k, v, g, beta, cache: RecurrentCache, pieces, spans, memo: dict | None = None) -> torch.Tensor:
@@ -723,6 +750,9 @@ def _decode_rows(mixer: nn.Module, x: torch.Tensor, cache, batch: PagedBatch) ->
     """One token per sequence, each at its own position: x [S, 1, D] -> [S, 1, D]."""
     if isinstance(mixer, KimiDeltaAttention):
         slots = batch.state_slots
+        if batch.depths is not None:  # verify rows' chains: the kernel, else its torch reference
+            return _kda_decode_in_slots(mixer, x, cache, slots, batch.depths, batch.rounds,
+                                        kernel=use_kda_slot_kernel(x.device))
         if use_kda_slot_kernel(x.device):
             return _kda_decode_in_slots(mixer, x, cache, slots)
         rows = RecurrentCache(cache.conv.index_select(0, slots), cache.state.index_select(0, slots))
@@ -764,7 +794,8 @@ def use_kda_slot_kernel(device: torch.device) -> bool:
 
 def check_kda_slot_kernel(device: torch.device) -> bool:
     """Run the KDA decode kernel once on `device` against its reference (bf16 inputs as the engine passes
-    them); on an error or a mismatch warn and keep the gathered path. Cached per device."""
+    them), for decode rows and for verify rows' chains; on an error or a mismatch warn and keep the gathered
+    path (chains: the reference's rounds). Cached per device."""
     key = str(device)
     if key not in KDA_KERNEL_CHECKED:
         ok = False
@@ -778,11 +809,15 @@ def check_kda_slot_kernel(device: torch.device) -> bool:
                 beta = torch.rand(S, H, generator=g, device=device)
                 state = torch.randn(N, H, K, K, generator=g, device=device)
                 slots = torch.tensor([4, 0, 6, 1, 3], device=device)
-                expected_state = state.clone()
-                expected = kda_decode_slots_reference(q, k, v, gate, beta, expected_state, slots, K ** -0.5)
-                got = kda_decode_slots(q, k, v, gate, beta, state, slots, K ** -0.5)
-                error = max(((a.float() - b.float()).norm() / b.float().norm()).item()
-                            for a, b in ((got, expected), (state, expected_state)))
+                depths = torch.tensor([0, 1, 2, 0, 1], device=device)  # and as verify rows' chains (graph step)
+                pairs = []
+                for chains in (None, depths):
+                    expected_state, got_state = state.clone(), state.clone()
+                    expected = kda_decode_slots_reference(q, k, v, gate, beta, expected_state, slots, K ** -0.5,
+                                                          depths=chains, rounds=3)
+                    got = kda_decode_slots(q, k, v, gate, beta, got_state, slots, K ** -0.5, depths=chains, rounds=3)
+                    pairs += [(got, expected), (got_state, expected_state)]
+                error = max(((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in pairs)
                 ok = error < 2e-2
                 if not ok:
                     warnings.warn(f"the Triton KDA decode kernel is off its reference on {device} (relative error "

@@ -6,25 +6,44 @@ which is `kda_recurrent` with T = 1. `kda_decode_slots_reference` gathers the sl
 scatters them back; `kda_decode_slots` is a Triton kernel that reads and writes each slot in place (no
 gathered copy of the states: at batch 128 the copies are 4x the state traffic of the step itself).
 Rows that share a slot (the padded rows of a CUDA graph all use one spare slot) leave it undefined.
+
+With `depths` (speculative verify rows in the graph step), rows form chains: a chain's rows are consecutive,
+its first row (depth 0) continues from its slot, and the row at depth j > 0 from the state the row before it
+(depth j - 1) wrote; every row writes the state after its token to its own slot. `rounds` bounds the depths.
 """
 import torch
 
 from nanokimi.ops.kda.naive import kda_recurrent
+from nanokimi.ops.paged_write import write_rows_
 
 
-def kda_decode_slots_reference(q, k, v, g, beta, state, slots, scale: float) -> torch.Tensor:
-    """q, k, g [S, H, K]; v [S, H, V]; beta [S, H]; state [N, H, K, V] fp32 (updated); slots [S] long
-    -> o [S, H, V] in v's dtype."""
-    rows = state.index_select(0, slots)
-    o, final = kda_recurrent(*(t.unsqueeze(1) for t in (q, k, v, g, beta)), scale=scale, initial_state=rows,
-                             output_final_state=True)
-    state.index_copy_(0, slots, final)
-    return o[:, 0]
+def kda_decode_slots_reference(q, k, v, g, beta, state, slots, scale: float, depths: torch.Tensor | None = None,
+                               rounds: int = 1) -> torch.Tensor:
+    """q, k, g [S, H, K]; v [S, H, V]; beta [S, H]; state [N, H, K, V] fp32 (updated); slots [S] long;
+    depths [S] long or None -> o [S, H, V] in v's dtype. Chains run in `rounds` rounds over every row: in
+    round r the rows at depth r step and write their slots, the others write back what their slots held."""
+    if depths is None:
+        rows = state.index_select(0, slots)
+        o, final = kda_recurrent(*(t.unsqueeze(1) for t in (q, k, v, g, beta)), scale=scale, initial_state=rows,
+                                 output_final_state=True)
+        write_rows_(state, slots, final)
+        return o[:, 0]
+    reads = torch.where(depths == 0, slots, slots.roll(1))  # [S] the slot each row continues from
+    o = None
+    for r in range(rounds):
+        active = depths == r  # [S]
+        out, final = kda_recurrent(*(t.unsqueeze(1) for t in (q, k, v, g, beta)), scale=scale,
+                                   initial_state=state.index_select(0, reads), output_final_state=True)
+        write_rows_(state, slots, torch.where(active[:, None, None, None], final, state.index_select(0, slots)))
+        o = out[:, 0] if o is None else torch.where(active[:, None, None], out[:, 0], o)
+    return o
 
 
-def kda_decode_slots(q, k, v, g, beta, state, slots, scale: float, block_v: int = 32) -> torch.Tensor:
+def kda_decode_slots(q, k, v, g, beta, state, slots, scale: float, block_v: int = 32,
+                     depths: torch.Tensor | None = None, rounds: int = 1) -> torch.Tensor:
     """The Triton form of kda_decode_slots_reference (same arguments and result); one program per
-    (row, head, block of block_v value channels) keeps its [K, block_v] slice of the state in registers."""
+    (row, head, block of block_v value channels) keeps its [K, block_v] slice of the state in registers;
+    with depths, a chain's first row's programs run the whole chain (up to `rounds` rows), the others none."""
     S, H, K = q.shape
     V = v.shape[-1]
     if state.dtype != torch.float32 or not state.is_contiguous():
@@ -36,10 +55,12 @@ def kda_decode_slots(q, k, v, g, beta, state, slots, scale: float, block_v: int 
     block_k = max(16, 1 << (K - 1).bit_length())
     block_v = min(block_v, max(16, 1 << (V - 1).bit_length()))
     o = torch.empty(S, H, V, device=v.device, dtype=v.dtype)
+    slots = slots.contiguous()
     from nanokimi.ops.kda.decode_triton import kda_decode_slots_kernel
 
     kda_decode_slots_kernel[(S, H, -(-V // block_v))](
-        q, k, v, g, beta, state, slots.contiguous(), o, scale, H, K, V, q.stride(0), q.stride(1), k.stride(0),
-        k.stride(1), v.stride(0), v.stride(1), g.stride(0), g.stride(1), beta.stride(0),
-        BLOCK_K=block_k, BLOCK_V=block_v)
+        q, k, v, g, beta, state, slots, slots if depths is None else depths.contiguous(), o, scale, S,
+        1 if depths is None else rounds, H, K, V, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
+        v.stride(1), g.stride(0), g.stride(1), beta.stride(0),
+        CHAINS=depths is not None, BLOCK_K=block_k, BLOCK_V=block_v)
     return o
