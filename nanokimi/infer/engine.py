@@ -42,8 +42,8 @@ class Engine:
     """See the module docstring. max_cache_tokens=None takes gpu_memory_fraction of the free GPU memory
     (on the CPU: 65536 tokens, or max_model_len if more); a given max_cache_tokens is rounded up to whole blocks.
     snapshot_interval: KDA state snapshots every so many tokens of a sequence
-    (rounded to blocks; prompt and output) besides its prompt's last full block; num_state_snapshots: how
-    many are kept (LRU).
+    (rounded to blocks; prompt and output) besides its prompt's last full block (every point splits the delta rule
+    of a prefill: benchmarks/snapshot_interval.py); num_state_snapshots: how many are kept (LRU).
     use_cuda_graph: "auto" graphs decode-only steps on CUDA (True: a failed capture raises); compile ("auto":
     wherever CUDA graphs are captured) torch.compiles the step inside them, once per batch bucket, until the
     compilations took compile_budget_s seconds (later buckets are captured uncompiled).
@@ -58,7 +58,7 @@ class Engine:
                  max_num_seqs: int = 256, max_step_tokens: int = 2048, enable_prefix_caching: bool = True,
                  max_model_len: int | None = None, use_cuda_graph: bool | str = "auto",
                  gpu_memory_fraction: float = 0.75, num_state_snapshots: int | None = None,
-                 snapshot_interval: int = 512, compile: bool | str = "auto", compile_budget_s: float = 120.0,
+                 snapshot_interval: int = 2048, compile: bool | str = "auto", compile_budget_s: float = 120.0,
                  kv_tiers=None, verbose: bool = False,
                  speculative=None, num_speculative_tokens: int = 4, scheduling: str = "fcfs",
                  max_wait_steps: int = 64, chunk_tokens: int = 0, num_verify_slots: int | None = None):
