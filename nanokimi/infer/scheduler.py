@@ -11,6 +11,9 @@ the KDA state exists. Each sequence has snapshot points (every `snapshot_interva
 last full block, the resend point). A prefill chunk that crosses points runs its delta rule in pieces that
 end on them and copies the state (and conv tail) at each into a snapshot slot keyed by that block's hash;
 a chunk or decode step that ends on a point is snapshotted after the step from the sequence's own slot.
+A prefill chunk that does not finish the prompt ends on a block boundary (when that leaves it a token), and
+a sequence preempted at a block boundary keeps its state there as a snapshot, so it resumes where it stopped
+while its blocks are still cached (on the GPU or, its tail usually, in a lower KV tier).
 
 Seer options (off by default; docs/seer.md):
 - speculative decoding (`drafter`): a decoding sequence with a draft of k tokens is scheduled for 1 + k
