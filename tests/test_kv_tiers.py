@@ -97,6 +97,27 @@ def test_engine_serves_an_evicted_prefix_from_the_cpu_and_disk_tiers_exactly(tmp
         assert llm.stats()["cache_blocks_free"] == llm.stats()["cache_blocks_total"]
 
 
+def test_a_snapshot_evicted_for_an_interior_one_goes_down_before_the_step_overwrites_it():
+    """One snapshot slot: b's prefill takes it for an interior snapshot, evicting a's (to the CPU tier) in the
+    step that writes b's state there. The tier must hold a's state, so an extension of a is exact (before, the
+    eviction was copied down after the step, with b's state in it)."""
+    from test_engine import GREEDY, greedy_alone, make_model, prompts, run_engine
+    from nanokimi.infer import Engine
+
+    model = make_model("tiny")
+    a, b = prompts(2, seed=21, lengths=(20, 23))
+    engine = Engine(model, block_size=4, max_cache_tokens=4096, max_num_seqs=1, num_state_snapshots=1,
+                    snapshot_interval=10 ** 6, kv_tiers=KVTierStore(64 << 20, block_size=4))
+    run_engine(engine, [("a", a, GREEDY)])
+    run_engine(engine, [("b", b, GREEDY)])  # interior snapshot at 20 (its resend point) evicts a's at 20
+    extended = a + [5, 6, 7, 8, 9]
+    after_a = engine.prompt_hashes(extended)[len(a) // 4 - 1]
+    assert after_a not in engine.slots.snapshots and engine.tiers.has_state(after_a)  # a's state is only down there
+    done = run_engine(engine, [("c", extended, GREEDY)])["c"]
+    assert done.num_cached_tokens == 20
+    assert done.token_ids == greedy_alone(model, extended, GREEDY.max_tokens)
+
+
 def test_clear_forgets_every_tier(tmp_path):
     store = KVTierStore(entry_bytes(KVTierStore(0), block(0)), tmp_path, pin=False)
     for i in range(3):

@@ -317,6 +317,8 @@ class Engine:
                 continue
             rows.append(Row(seq.tokens[c:c + n], c, seq.block_table, seq.state_slot, c + n == len(seq.tokens),
                             snapshots=self.scheduler.interior_snapshots(seq, n)))
+        if self.tiers is not None:
+            self.tiers.flush()  # snapshots evicted for this step's interior ones go down before the step writes them
         logits = self.runner.run(rows)
         plain, plain_rows, verified, offset = [], [], [], 0
         if self.drafter is None:  # no draft to verify: one logits row per row that wants one, in order

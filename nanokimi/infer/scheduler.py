@@ -11,6 +11,9 @@ the KDA state exists. Each sequence has snapshot points (every `snapshot_interva
 last full block, the resend point). A prefill chunk that crosses points runs its delta rule in pieces that
 end on them and copies the state (and conv tail) at each into a snapshot slot keyed by that block's hash;
 a chunk or decode step that ends on a point is snapshotted after the step from the sequence's own slot.
+A prefill chunk that does not finish the prompt ends on a block boundary (when that leaves it a token), and
+a sequence preempted at a block boundary keeps its state there as a snapshot, so it resumes where it stopped
+while its blocks are still cached (on the GPU or, its tail usually, in a lower KV tier).
 
 Seer options (off by default; docs/seer.md):
 - speculative decoding (`drafter`): a decoding sequence with a draft of k tokens is scheduled for 1 + k
@@ -137,7 +140,7 @@ class Scheduler:
         # ("copy", src, dst) / ("zero", slot) / ("load", tensors, slot), applied in order by the engine
         self.slot_ops: list[tuple] = []
         self.counters = dict(preemptions=0, prefix_cache_queries=0, prefix_cache_hit_tokens=0, kda_snapshots=0,
-                             suspensions=0)
+                             preemption_snapshots=0, suspensions=0)
         self.tiers = None  # a TieredCache (nanokimi.infer.tiers) when lower KV tiers are attached
 
     def add(self, seq: Sequence) -> None:
@@ -332,9 +335,14 @@ class Scheduler:
         return out
 
     def _fit(self, seq: Sequence, n: int) -> int:
-        """Shrink n to what the free blocks can hold, and allocate them."""
+        """Shrink n to what the free blocks can hold, and allocate them. A hybrid's chunk that does not finish
+        the prompt ends on a block boundary when that leaves it a token (so a preemption can snapshot there)."""
         room = (len(seq.block_table) + self.pool.num_free) * self.block_size - seq.num_computed
         n = max(0, min(n, room))
+        if n < seq.remaining and self.has_kda and self.prefix_caching:
+            end = (seq.num_computed + n) // self.block_size * self.block_size
+            if end > seq.num_computed:
+                n = end - seq.num_computed
         if n:
             self._grow(seq, seq.num_computed + n)
         return n
@@ -461,12 +469,26 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self._ranked = None  # a sequence joins the queue: rank again
+        self._keep_state(seq)
         self._free(seq)
         seq.num_computed = 0
         (self.suspended if seq.status == SUSPENDED else self.running).remove(seq)
         seq.status, seq.queued_at = WAITING, self.steps
         self.waiting.appendleft(seq)
         self.counters["preemptions"] += 1
+
+    def _keep_state(self, seq: Sequence) -> None:
+        """A hybrid's state at the block boundary a preempted sequence reached becomes that block's snapshot,
+        so its readmission resumes there. The copy is queued before its slot is freed: ops run in order, so
+        it is read before anyone who takes the slot (or the snapshot's) writes it."""
+        c, bs = seq.num_computed, self.block_size
+        if not (self.has_kda and self.prefix_caching) or c == 0 or c % bs or len(seq.hashes) < c // bs:
+            return
+        slot = self.slots.new_snapshot(seq.hashes[c // bs - 1])
+        if slot is not None:
+            self.slot_ops.append(("copy", seq.state_slot, slot))
+            self.counters["kda_snapshots"] += 1
+            self.counters["preemption_snapshots"] += 1
 
     def finish(self, seq: Sequence) -> None:
         if seq.status == RUNNING:

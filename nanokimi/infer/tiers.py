@@ -430,9 +430,11 @@ class TieredCache:
             rows.record_stream(self.side)  # its memory is not reused before the side stream is done with it
 
     def has_block(self, h: bytes) -> bool:
+        self.flush()  # a block evicted earlier in this schedule (a preempted sequence's) is found down there
         return self.store.contains(h)
 
     def has_state(self, h: bytes) -> bool:
+        self.flush()
         return self.store.contains(STATE_KEY + h)
 
     def _upload(self, entries: list[_Entry]) -> torch.Tensor:
