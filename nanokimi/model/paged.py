@@ -578,15 +578,15 @@ def _kda_rounds(pieces, spans, N: int, device):
     rounds, order = [], []
     for r in range(max(len(s) for s in segments)):
         active = [(piece, segs[r]) for piece, segs in zip(pieces, segments) if r < len(segs)]
-        lengths = [b - a for _, (a, b, _) in active]
-        local = _spans(lengths)
+        local = _spans([b - a for _, (a, b, _) in active])
         pairs = [(piece.state_slot, snapshot) for piece, (_, _, snapshot) in active if snapshot is not None]
-        host = torch.tensor([piece.state_slot for piece, _ in active] + [0] + lengths +
-                            [source for source, _ in pairs] + [target for _, target in pairs])
+        bounds_cpu = torch.tensor([0] + [b for _, b in local])  # cu_seqlens; fla builds its chunk index from the
+        host = torch.cat([torch.tensor([piece.state_slot for piece, _ in active]), bounds_cpu,  # host copy: no sync
+                          torch.tensor([source for source, _ in pairs] + [target for _, target in pairs],
+                                       dtype=torch.long)])
         slots, bounds, snapshots = host.to(device, non_blocking=True).split(
             [len(active), len(active) + 1, 2 * len(pairs)])
-        bounds_cpu = torch.tensor([0] + [b for _, b in local])  # fla builds its chunk index from these: no sync
-        rounds.append((active, local, slots, (bounds.cumsum(0), bounds_cpu), snapshots.view(2, -1) if pairs else None))
+        rounds.append((active, local, slots, (bounds, bounds_cpu), snapshots.view(2, -1) if pairs else None))
         order.extend(t for _, (a, b, _) in active for t in range(a, b))
     if order == list(range(N)):
         return rounds, None, None
