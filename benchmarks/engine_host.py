@@ -14,7 +14,9 @@ use_cuda_graph="static" (the padded step a CUDA graph captures, the path CUDA de
 largest graph bucket runs eagerly); the model's forward and the sampling kernels (DEVICE_CALLS) inside are timed
 separately and taken off. Times are this thread's CPU time (time.thread_time), so other
 processes on a shared machine do not inflate them; the forward still runs, so sampling sees real logits.
-host ms/step is the median step; the mean includes the steps in which Python's garbage collector made a full pass.
+host ms/step is the median step; the mean includes the steps in which Python's garbage collector made a full pass
+(GC ms/step: the collector's time while timed, in the forward or not; the first Engine of a process freezes the
+objects of start-up, `nanokimi.runtime.host.freeze_startup_objects`, so full passes no longer walk torch and the model).
 """
 import argparse
 import cProfile
@@ -91,10 +93,20 @@ def host_ms(model, mode: str, batch: int, prompt: int, steps: int, profile: bool
     for (module, name), fn in zip(device_calls, originals):
         setattr(module, name, timed(fn))
     total = []
+    collections = []  # (generation, seconds) of the garbage collector's passes while timed
+    started = []
+
+    def on_gc(phase, info):
+        if phase == "start":
+            started.append(time.perf_counter())
+        elif started:
+            collections.append((info["generation"], time.perf_counter() - started.pop()))
+
     profiler = cProfile.Profile() if profile else None
     if gc_off:
         gc.collect()
         gc.disable()
+    gc.callbacks.append(on_gc)
     try:
         for _ in range(steps):
             if profiler is not None:
@@ -106,6 +118,7 @@ def host_ms(model, mode: str, batch: int, prompt: int, steps: int, profile: bool
             if profiler is not None:
                 profiler.disable()
     finally:
+        gc.callbacks.remove(on_gc)
         gc.enable()
         del model.hidden_states, model.lm_head.forward
         for (module, name), fn in zip(device_calls, originals):
@@ -118,6 +131,8 @@ def host_ms(model, mode: str, batch: int, prompt: int, steps: int, profile: bool
     return dict(mode=mode, batch=batch, prompt=prompt, steps=steps, host_ms=round(median * 1e3, 3),
                 host_us_per_row=round(median * 1e6 / batch, 2),
                 host_mean_ms=round(statistics.mean(host) * 1e3, 3),  # with the garbage collector's full passes
+                gc_full_passes=sum(generation == 2 for generation, _ in collections),
+                gc_ms_per_step=round(sum(seconds for _, seconds in collections) * 1e3 / steps, 3),
                 device_ms=round(statistics.median(forward) * 1e3, 3))
 
 
@@ -147,9 +162,10 @@ def main() -> None:
     rows = [host_ms(models["AA" if mode.endswith("-attn") else "KA"], mode, b, args.prompt, args.steps,
                     args.profile and b == max(batches), args.gc_off)
             for mode in modes for b in batches]
-    print_table(["mode", "batch", "host ms/step", "host us/row", "host mean ms", "device ms/step"],
-                [[r["mode"], r["batch"], r["host_ms"], r["host_us_per_row"], r["host_mean_ms"], r["device_ms"]]
-                 for r in rows])
+    print_table(["mode", "batch", "host ms/step", "host us/row", "host mean ms", "GC ms/step", "full GC passes",
+                 "device ms/step"],
+                [[r["mode"], r["batch"], r["host_ms"], r["host_us_per_row"], r["host_mean_ms"], r["gc_ms_per_step"],
+                  r["gc_full_passes"], r["device_ms"]] for r in rows])
     out = results_path("engine_host", False) if args.out is None else Path(args.out)
     write_results(out, environment(torch.device("cpu")), {args.name: rows})
     print(f"wrote {out}")

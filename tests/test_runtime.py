@@ -1,5 +1,8 @@
 """nanokimi.runtime: the one home of torch.compile, CUDA-graph capture, FSDP row arithmetic and backend probes."""
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -107,3 +110,31 @@ def test_qk_clip_on_the_device_equals_the_head_by_head_clip(settings):
     clip_heads_one_by_one(reference, 100.0)
     for name, value in reference.state_dict().items():
         assert torch.equal(fast.state_dict()[name], value), name  # bit for bit, untouched heads included
+
+
+FREEZE_PROBE = """
+import gc, weakref
+from nanokimi.config import ModelConfig
+from nanokimi.infer import Engine
+from nanokimi.model import build_model
+from nanokimi.runtime.host import freeze_startup_objects
+assert gc.get_freeze_count() == 0
+engine = Engine(build_model(ModelConfig.preset("tiny")), max_cache_tokens=64)
+frozen = gc.get_freeze_count()
+assert frozen > 10_000, frozen
+gc.disable()
+second = Engine(build_model(ModelConfig.preset("tiny-dense")), max_cache_tokens=64)
+assert gc.get_freeze_count() == frozen and not freeze_startup_objects()
+engine_ref, model_ref = weakref.ref(second), weakref.ref(second.model)
+del second
+assert engine_ref() is None and model_ref() is None  # freed by reference counting alone: no cycles to leak
+del engine
+print("ok")
+"""
+
+
+def test_the_first_engine_freezes_start_up_objects_and_engines_are_still_freed():
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", FREEZE_PROBE], cwd=root, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(root)}, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]

@@ -24,6 +24,7 @@ from nanokimi.infer.scheduler import FINISHED, POLICIES, Request, Scheduler, Seq
 from nanokimi.infer.speculative import accept_greedy, accept_sampled, filtered_probs, make_drafter
 from nanokimi.model.kda import KimiDeltaAttention
 from nanokimi.model.paged import apply_state_slot_ops, paged_cache_bytes, rollback_recurrent_state
+from nanokimi.runtime.host import freeze_startup_objects
 
 CPU_DEFAULT_CACHE_TOKENS = 65536
 
@@ -124,6 +125,7 @@ class Engine:
                              spec_accepted_tokens=0)
         self.timing = dict(prefill_tokens_per_s=None, decode_step_s=None)
         self.report = self._report()
+        freeze_startup_objects()  # the first engine of a process: full GC passes stop walking torch and the model
         if verbose:
             print(self.report)
 

@@ -5,7 +5,7 @@
     rows.py       FSDP2's Shard(0) row arithmetic (attention's QK-Clip and distributed Muon)
     attention.py  attention backend probes (cuDNN / flash / SDPA backend reports)
     attnres.py    Attention Residuals kernel settings
-    host.py       Python lists to CPU tensors fast (the engine's per-step inputs)
+    host.py       Python lists to CPU tensors fast (the engine's per-step inputs); the start-up GC freeze
 """
 from nanokimi.runtime.compile import compile_fn, raise_recompile_limits
 
