@@ -5,11 +5,11 @@ for 17 ms of GPU work.
 
     python benchmarks/engine_prefill_host.py              # 1 x 4096, 4 x 1024, 16 x 256 tokens
     python benchmarks/engine_prefill_host.py --cprofile   # also print where the Python time goes
-    python benchmarks/engine_prefill_host.py --scale 8    # 1 x 512, 4 x 128, 16 x 32, snapshots every 64
+    python benchmarks/engine_prefill_host.py --scale 8    # 1 x 512, 4 x 128, 16 x 32, snapshots every 256
     python benchmarks/engine_prefill_host.py --device cuda --preset bench-kl-900m   # on a GPU, see below
 
-The Engine runs with snapshot_interval 512 and max_step_tokens 4096; each timed step prefills fresh
-prompts (no prefix hits) in one step. fla's delta rule is stood in for by one operator, taken through
+The Engine runs with snapshot_interval 2048 (the default; --snapshot-interval) and max_step_tokens 4096; each
+timed step prefills fresh prompts (no prefix hits) in one step. fla's delta rule is stood in for by one operator, taken through
 the path CUDA takes (one chunk_kda call per round over the packed pieces, with cu_seqlens), since the
 torch fallback the CPU would run costs far more operators than the kernel it replaces. Reported: the
 step's thread CPU time (median; other processes on a shared machine do not inflate it), the operators
@@ -21,7 +21,9 @@ runs the same layouts at an eighth of the tokens, where the CPU time is mostly h
 
 --device cuda runs the real kernels (fla, SDPA) in bf16 with no stand-ins, at the tiny widths or the full
 `--preset` widths: host ms is then the wall time of the step (synchronized), and the syncs are counted by
-torch.cuda.set_sync_debug_mode("warn"), each with the line that caused it.
+torch.cuda.set_sync_debug_mode("warn"), each with the line that caused it. Both report the delta rule's calls
+in a step (one per snapshot round, or per segment of a lone piece) and the host CPU time spent inside them: on a
+GPU that is fla's Python and launches, the part of a hybrid's prefill its kernels' GPU time does not explain.
 """
 import argparse
 import collections
@@ -52,18 +54,24 @@ SYNC_OPS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select",
             "aten::unique_consecutive", "aten::item"}
 
 
-def delta_rule_stand_ins() -> None:
-    """fla's kernels replaced by one operator each (their host cost on a GPU is one launch), reached the
-    way CUDA reaches them."""
+def delta_rule_stand_ins(short_segments: bool = True) -> None:
+    """fla's kernels (and the KDA slot kernel) replaced by one operator each (their host cost on a GPU is one
+    launch), reached the way CUDA reaches them."""
     def varlen(q, k, v, g, beta, scale, initial_state, cu_seqlens, cu_seqlens_cpu):
         return v.clone(), initial_state
 
     def one_sequence(q, k, v, g, beta, initial_state=None, output_final_state=False):
         return v.clone(), initial_state
 
+    def slot_kernel(q, k, v, g, beta, state, slots, scale, depths=None, rounds=1):
+        return v.clone()
+
     paged.use_varlen_kda = lambda device: True
     paged.kda_fla_varlen_outside_compile = varlen
     paged.kda_outside_compile = one_sequence
+    if short_segments:  # short segments (a prompt's last partial block) step through the slot kernel, as on CUDA
+        paged.short_segment_step = lambda device: paged.kda_decode_slots_outside_compile
+        paged.kda_decode_slots_outside_compile = slot_kernel
 
 
 def attention_stand_in() -> None:
@@ -95,6 +103,36 @@ class Counter(TorchDispatchMode):
             if name in SYNC_OPS or bool_index or no_size:
                 self.syncs[name] += 1
         return func(*args, **(kwargs or {}))
+
+
+class DeltaRuleCalls:
+    """The delta rule's calls in a step (fla's varlen call per round, or one call per segment; `chains`: rounds
+    of short segments stepped by the KDA slot kernel) and the host time spent inside them (thread CPU time: the
+    kernels' launches and fla's Python, not their GPU time)."""
+
+    NAMES = ("kda_fla_varlen_outside_compile", "kda_outside_compile", "kda_decode_slots_outside_compile")
+
+    def __init__(self):
+        self.calls, self.chains, self.seconds, self.originals = 0, 0, 0.0, {}
+
+    def __enter__(self):
+        for name in self.NAMES:
+            fn = self.originals[name] = getattr(paged, name)
+
+            def timed(*args, _fn=fn, **kwargs):
+                started = time.thread_time()
+                try:
+                    return _fn(*args, **kwargs)
+                finally:
+                    self.calls += 1
+                    self.chains += _fn is self.originals["kda_decode_slots_outside_compile"]
+                    self.seconds += time.thread_time() - started
+            setattr(paged, name, timed)
+        return self
+
+    def __exit__(self, *exc):
+        for name, fn in self.originals.items():
+            setattr(paged, name, fn)
 
 
 def engine_device(model) -> torch.device:
@@ -146,10 +184,12 @@ def cuda_syncs(step) -> dict:
     return dict(where)
 
 
-def run_case(model, cfg, name: str, pieces: int, tokens: int, repeats: int, profile: bool, scale: int = 1) -> dict:
+def run_case(model, cfg, name: str, pieces: int, tokens: int, repeats: int, profile: bool, scale: int = 1,
+             snapshot_interval: int = 2048) -> dict:
     cuda = engine_device(model).type == "cuda"
     tokens //= scale
-    engine = Engine(model, max_num_seqs=64, use_cuda_graph=False, max_step_tokens=4096, snapshot_interval=512 // scale,
+    interval = snapshot_interval // scale
+    engine = Engine(model, max_num_seqs=64, use_cuda_graph=False, max_step_tokens=4096, snapshot_interval=interval,
                     max_cache_tokens=4 * 4096 + 1024)
     g = torch.Generator().manual_seed(pieces)
     count = iter(range(10 ** 6))
@@ -172,6 +212,8 @@ def run_case(model, cfg, name: str, pieces: int, tokens: int, repeats: int, prof
 
     step()
     times = [step() for _ in range(repeats)]
+    with DeltaRuleCalls() as delta_rule:
+        step()
     ops, kernels, syncs = count_step(engine, step)
     if cuda:
         syncs = cuda_syncs(step)
@@ -184,7 +226,9 @@ def run_case(model, cfg, name: str, pieces: int, tokens: int, repeats: int, prof
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(30)
         pstats.Stats(profiler).sort_stats("tottime").print_stats(20)
     return dict(case=name if scale == 1 else f"{pieces}x{tokens}", pieces=pieces, tokens=tokens,
-                snapshot_interval=512 // scale, host_ms=round(statistics.median(times) * 1e3, 2),
+                snapshot_interval=interval, host_ms=round(statistics.median(times) * 1e3, 2),
+                delta_rule_calls=delta_rule.calls, delta_rule_chain_calls=delta_rule.chains,
+                delta_rule_host_ms=round(delta_rule.seconds * 1e3, 2),
                 host_ms_min=round(min(times) * 1e3, 2), ops=ops, kernel_ops=kernels, syncs_in_forward=sum(syncs.values()),
                 sync_kinds=syncs, repeats=repeats)
 
@@ -199,6 +243,10 @@ def main() -> None:
     ap.add_argument("--scale", type=int, default=1, choices=[1, 2, 4, 8],
                     help="prompts and snapshot interval divided by this: the same step layout (pieces, snapshot "
                          "rounds) with 1/scale of the arithmetic, so the CPU time is mostly host work")
+    ap.add_argument("--snapshot-interval", type=int, default=2048,
+                    help="KDA snapshots every so many tokens (the engine's default 2048; 512 was the old one)")
+    ap.add_argument("--short-segments", choices=["auto", "off"], default="auto",
+                    help="off: a prompt's last partial block runs chunk_kda too (paged.SHORT_SEGMENTS), for the A/B")
     ap.add_argument("--label", help="the rows' name in the result file (default: the model's)")
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -208,18 +256,21 @@ def main() -> None:
     if device.type == "cpu":
         if args.preset:
             raise SystemExit("--preset needs --device cuda (on the CPU the widths stay tiny)")
-        delta_rule_stand_ins()
+        delta_rule_stand_ins(args.short_segments != "off")
         attention_stand_in()
+    paged.SHORT_SEGMENTS = args.short_segments
     cfg = ModelConfig.preset(args.preset) if args.preset else ModelConfig.preset("bench-kl-900m", **TINY_WIDTHS)
     model = build_model(cfg).eval()
     if device.type == "cuda":
         model = model.to(device, torch.bfloat16)
-    rows = [run_case(model, cfg, c, *CASES[c], args.repeats, args.cprofile, args.scale) for c in args.cases.split(",")]
+    rows = [run_case(model, cfg, c, *CASES[c], args.repeats, args.cprofile, args.scale, args.snapshot_interval)
+            for c in args.cases.split(",")]
     time_kind = "wall ms" if device.type == "cuda" else "host ms"
     print_table(["prefill step", f"{time_kind} (median)", f"{time_kind} (min)", "operators", "not views",
-                 "host syncs in forward" if device.type == "cpu" else "host syncs in step"],
-                [[r["case"], r["host_ms"], r["host_ms_min"], r["ops"], r["kernel_ops"], r["syncs_in_forward"]]
-                 for r in rows])
+                 "host syncs in forward" if device.type == "cpu" else "host syncs in step",
+                 "delta-rule calls (chains)", "host ms in them"],
+                [[r["case"], r["host_ms"], r["host_ms_min"], r["ops"], r["kernel_ops"], r["syncs_in_forward"],
+                  f'{r["delta_rule_calls"]} ({r["delta_rule_chain_calls"]})', r["delta_rule_host_ms"]] for r in rows])
     name = "engine_prefill_host" if device.type == "cpu" else "engine_prefill_host_cuda"
     out = results_path(name, False) if args.out is None else Path(args.out)
     key = args.label or args.preset or "bench-kl-900m-tiny-widths"

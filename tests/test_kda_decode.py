@@ -5,7 +5,8 @@ import torch
 
 from conftest import rel_err
 from nanokimi.model.kda import l2_normalize
-from nanokimi.ops.kda.decode import kda_decode_slots, kda_decode_slots_reference
+from nanokimi.ops.kda.decode import kda_chains_reference, kda_decode_slots, kda_decode_slots_reference
+from nanokimi.ops.kda.naive import kda_recurrent
 from nanokimi.ops.paged_mla import triton_available
 
 needs_triton = pytest.mark.skipif(not triton_available(), reason="needs triton")
@@ -35,6 +36,37 @@ def test_kda_decode_kernel_equals_the_reference_and_touches_only_its_slots(S, H,
     untouched = [i for i in range(N) if i not in slots.tolist()]
     assert torch.equal(got_state[untouched], state[untouched])
     assert not torch.equal(got_state[slots], state[slots])
+
+
+def shared_slot_chains(seed=3):
+    """Chains of 4, 1 and 3 tokens whose rows share their chain's slot (a prefill's short segments)."""
+    q, k, v, gate, beta, state, _ = case(8, 2, 16, 24, 6, seed=seed)
+    slots = torch.tensor([4, 4, 4, 4, 0, 2, 2, 2])
+    depths = torch.tensor([0, 1, 2, 3, 0, 0, 1, 2])
+    return q, k, v, gate, beta, state, slots, depths
+
+
+def test_shared_slot_chains_reference_equals_each_chain_as_one_recurrence():
+    q, k, v, gate, beta, state, slots, depths = shared_slot_chains()
+    got_state = state.clone()
+    got = kda_chains_reference(q, k, v, gate, beta, got_state, slots, 0.3, depths, rounds=4)
+    for a, b in ((0, 4), (4, 5), (5, 8)):
+        slot = int(slots[a])
+        o, final = kda_recurrent(*(t[None, a:b] for t in (q, k, v, gate, beta)), scale=0.3,
+                                 initial_state=state[slot:slot + 1], output_final_state=True)
+        assert rel_err(got[a:b], o[0]) < 1e-6 and rel_err(got_state[slot], final[0]) < 1e-6
+    assert torch.equal(got_state[[1, 3, 5]], state[[1, 3, 5]])
+
+
+@needs_triton
+def test_kda_decode_kernel_steps_chains_that_share_a_slot():
+    """The kernel keeps a chain's state in registers, so a chain whose rows all name one slot ends with the
+    state after its last token there: kda_chains_reference's result (the prefill's short segments)."""
+    q, k, v, gate, beta, state, slots, depths = shared_slot_chains()
+    expected_state, got_state = state.clone(), state.clone()
+    expected = kda_chains_reference(q, k, v, gate, beta, expected_state, slots, 0.3, depths, rounds=4)
+    got = kda_decode_slots(q, k, v, gate, beta, got_state, slots, 0.3, block_v=16, depths=depths, rounds=4)
+    assert rel_err(got, expected) < 1e-5 and rel_err(got_state, expected_state) < 1e-5
 
 
 @needs_triton
@@ -160,3 +192,34 @@ def test_kda_decode_kernel_steps_chains_as_the_reference():
     assert rel_err(got[real], expected[real]) < 1e-5
     keep = [i for i in range(13) if i != 12]
     assert rel_err(got_state[keep], expected_state[keep]) < 1e-5
+
+
+@needs_triton
+def test_engine_prefill_short_segments_through_the_kernel(monkeypatch):
+    """The CUDA prefill path (varlen rounds; fla stood in for by kda() per sequence) with the slot kernel taking
+    each prompt's last partial block, after its check passed: the tokens of the plain forward, and the
+    kernel stepped those segments."""
+    import nanokimi.model.paged as paged
+    from test_engine import GREEDY, greedy_alone, make_model, prompts, run_engine
+    from test_prefill_host import varlen_on_the_cpu
+    from nanokimi.infer import Engine
+
+    kernel, rounds = paged.kda_decode_slots_outside_compile, []
+
+    def counted(*args, **kwargs):
+        rounds.append(kwargs.get("rounds", 1) if kwargs.get("depths") is not None else 0)
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(paged, "KDA_DECODE", "triton")
+    monkeypatch.setattr(paged, "use_varlen_kda", lambda device: True)
+    monkeypatch.setattr(paged, "kda_fla_varlen_outside_compile", varlen_on_the_cpu)
+    monkeypatch.setattr(paged, "kda_decode_slots_outside_compile", counted)
+    monkeypatch.setattr(paged, "SHORT_SEGMENTS_CHECKED", {})
+    model = make_model("tiny").float()
+    batch = prompts(5, seed=45)
+    expected = [greedy_alone(model, p, 5) for p in batch]
+    engine = Engine(model, block_size=8, use_cuda_graph=False, snapshot_interval=16)
+    done = run_engine(engine, [(str(i), p, GREEDY) for i, p in enumerate(batch)], stagger=2)
+    assert [done[str(i)].token_ids for i in range(5)] == expected
+    assert paged.SHORT_SEGMENTS_CHECKED == {"cpu": True}
+    assert any(r > 1 for r in rounds)  # chains of several tokens: prefill segments (decode rows have none)

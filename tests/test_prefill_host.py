@@ -52,14 +52,27 @@ def varlen_on_the_cpu(q, k, v, g, beta, scale, initial_state, bounds, bounds_on_
     return torch.cat(outs, dim=1), torch.cat(finals)
 
 
-@pytest.mark.parametrize("varlen", [False, True])
+@pytest.mark.parametrize("varlen,short", [(False, None), (True, None), (True, 4), (True, 16)])
 @pytest.mark.parametrize("layout", ["snapshots", "one round"])
-def test_packed_delta_rule_equals_each_piece_alone(varlen, layout, monkeypatch):
+def test_packed_delta_rule_equals_each_piece_alone(varlen, short, layout, monkeypatch):
     """_kda_varlen over packed pieces (with interior snapshots: rounds where some pieces are done) gives each
-    piece's outputs, final state and snapshot states of its own recurrence from its slot."""
+    piece's outputs, final state and snapshot states of its own recurrence from its slot. short: rounds whose
+    segments have at most this many tokens step through the slot kernel's chains (its torch reference)."""
+    chain_calls = []
     if varlen:
         monkeypatch.setattr(paged, "use_varlen_kda", lambda device: True)
         monkeypatch.setattr(paged, "kda_fla_varlen_outside_compile", varlen_on_the_cpu)
+    if short:
+        reference = paged.kda_chains_reference
+
+        def chains(*args, **kwargs):
+            chain_calls.append(kwargs["rounds"])
+            return reference(*args, **kwargs)
+        monkeypatch.setattr(paged, "SHORT_SEGMENTS", "reference")
+        monkeypatch.setattr(paged, "SHORT_SEGMENT", short)
+        monkeypatch.setattr(paged, "kda_chains_reference", chains)
+    else:
+        monkeypatch.setattr(paged, "SHORT_SEGMENTS", "off")
     g = torch.Generator().manual_seed(1)
     H, D = 2, 4
     lengths = [9, 4, 13, 6]
@@ -91,3 +104,42 @@ def test_packed_delta_rule_equals_each_piece_alone(varlen, layout, monkeypatch):
             _, at_j = kda_recurrent(q[:, a:a + j], k[:, a:a + j], v[:, a:a + j], gate[:, a:a + j],
                                     beta[:, a:a + j], initial_state=s0, output_final_state=True)
             assert torch.allclose(cache.state[slot], at_j[0], atol=1e-5), (piece, j)
+    # which rounds were chains (twice: two calls): with snapshots, segments of 3,4,5,2 / 4,8,4 / 2 tokens;
+    # one round: 9,4,13,6
+    expected = {None: [], 4: [2], 16: [5, 8, 2]}[short] if layout == "snapshots" else \
+        {None: [], 4: [], 16: [13]}[short]
+    assert chain_calls == expected * 2
+
+
+def test_engine_with_short_segments_in_chains_matches_plain_decoding_and_the_cache_off(monkeypatch):
+    """The CUDA prefill path on the CPU (the varlen rounds, fla stood in for by kda() per sequence) with each
+    prompt's last partial block (after its snapshot point) stepped as a chain: the tokens equal each prompt
+    run alone, with prefix caching on and off, in float64; and the chains really ran."""
+    from test_engine import GREEDY, greedy_alone, make_model, prompts, run_engine
+
+    from nanokimi.infer import Engine
+
+    reference, chain_calls = paged.kda_chains_reference, []
+
+    def chains(*args, **kwargs):
+        chain_calls.append(kwargs["rounds"])
+        return reference(*args, **kwargs)
+
+    monkeypatch.setattr(paged, "use_varlen_kda", lambda device: True)
+    monkeypatch.setattr(paged, "kda_fla_varlen_outside_compile", varlen_on_the_cpu)
+    monkeypatch.setattr(paged, "SHORT_SEGMENTS", "reference")
+    monkeypatch.setattr(paged, "kda_chains_reference", chains)
+    model = make_model("tiny")
+    base = prompts(8, seed=6)
+    second = base + [p + [11, 12, 13] for p in base]  # resent (hits), and extended (hits end mid-block)
+    outputs = {}
+    for caching in (False, True):
+        engine = Engine(model, block_size=8, max_step_tokens=40, max_cache_tokens=4096, snapshot_interval=8,
+                        enable_prefix_caching=caching)
+        run_engine(engine, [(f"a{i}", p, GREEDY) for i, p in enumerate(base)])
+        done = run_engine(engine, [(f"b{i}", p, GREEDY) for i, p in enumerate(second)], stagger=3)
+        outputs[caching] = [done[f"b{i}"].outputs[0].token_ids for i in range(len(second))]
+        assert (engine.stats()["prefix_cache_hit_tokens"] > 0) == caching
+    assert chain_calls and max(chain_calls) <= paged.SHORT_SEGMENT
+    assert outputs[True] == outputs[False]
+    assert outputs[True][:len(base)] == [greedy_alone(model, p, GREEDY.max_tokens) for p in base]

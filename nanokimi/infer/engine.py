@@ -157,10 +157,12 @@ class Engine:
                  f"~{tokens // self.max_model_len:,} sequences at max_model_len {self.max_model_len:,}"]
         if self.has_kda:
             fla = kda_backend(self.device)[0] == "fla"
-            from nanokimi.model.paged import use_kda_slot_kernel
+            from nanokimi.model.paged import SHORT_SEGMENT, short_segment_step, use_kda_slot_kernel, use_varlen_kda
             decode = "Triton in-place slot kernel" if use_kda_slot_kernel(self.device) else (
                 "fused_recurrent_kda" if fla else "recurrence")
             kernels = f"{'fla chunk_kda' if fla else 'torch chunkwise'} / {decode}"
+            if use_varlen_kda(self.device) and short_segment_step(self.device) is not None:
+                kernels += f"; prefill segments of <= {SHORT_SEGMENT} tokens through the slot kernel"
             parts.append(f"KDA state slots {self.slots.num_slots} x {per_slot / 2**20:.1f} MiB ({kernels})")
         from nanokimi.model.paged import use_paged_kernel
         mla = "Triton paged kernel" if use_paged_kernel(self.device, self.block_size) else "gathered blocks"

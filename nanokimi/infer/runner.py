@@ -15,7 +15,7 @@ from torch import nn
 
 from nanokimi.model.kda import KimiDeltaAttention
 from nanokimi.model.paged import (PagedBatch, PrefillPiece, check_kda_slot_kernel, new_paged_cache, packed_context,
-                                  short_pieces)
+                                  short_pieces, short_segment_step)
 from nanokimi.model.rope import Rotary
 from nanokimi.runtime.graphs import capture, graph_pool
 from nanokimi.runtime.host import host_tensor
@@ -120,6 +120,7 @@ class ModelRunner:
         self.verify_rows = {"graphed": 0, "eager": 0}  # verify rows (drafts) run by each path so far
         if self.kda and self.device.type == "cuda":
             check_kda_slot_kernel(self.device)  # before any capture: decode rows take the kernel only if it passed
+            short_segment_step(self.device)  # and the prefill's short segments (checked over shared-slot chains)
         if compile not in (True, False, "auto"):
             raise ValueError(f"compile must be True, False or 'auto', got {compile!r}.")
         self.capturing_compiled = False

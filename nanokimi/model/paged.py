@@ -27,7 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from nanokimi.model.attention import GroupedQueryAttention, MultiHeadLatentAttention, causal_attention
 from nanokimi.model.cache import KVCache, LatentCache, RecurrentCache
 from nanokimi.model.kda import KimiDeltaAttention, causal_depthwise_conv, kda_outside_compile, l2_normalize
-from nanokimi.ops.kda.decode import kda_decode_slots, kda_decode_slots_reference
+from nanokimi.ops.kda.decode import kda_chains_reference, kda_decode_slots, kda_decode_slots_reference
 from nanokimi.ops.paged_write import write_rows_
 from nanokimi.ops.kda.fla_kernels import fla_status, kda_fla_varlen
 from nanokimi.ops.paged_mla import merge_partials, paged_mla_partials, triton_available
@@ -546,7 +546,7 @@ def _kda_varlen(q, k, v, g, beta, cache: RecurrentCache, pieces, spans, memo: di
     keep = [i for i, p in enumerate(pieces) if p.saved_states is not None]
     if keep:
         return _kda_varlen_keeping_states(q, k, v, g, beta, cache, pieces, spans, keep)
-    if not (VARLEN_KDA and len(pieces) > 1 and use_varlen_kda(q.device)):
+    if not (VARLEN_KDA and use_varlen_kda(q.device)):
         return _kda_by_piece(q, k, v, g, beta, cache, pieces, spans)
     memo = {} if memo is None else memo
     if "rounds" not in memo:
@@ -554,9 +554,10 @@ def _kda_varlen(q, k, v, g, beta, cache: RecurrentCache, pieces, spans, memo: di
     rounds, order, inverse = memo["rounds"]
     packed = [t if order is None else t.index_select(1, order) for t in (q, k, v, g, beta)]  # round after round
     outs, first = [], 0
-    for active, local, slots, bounds, snapshots in rounds:
+    for active, local, slots, bounds, snapshots, chains in rounds:
         size = local[-1][1]
-        outs.append(_kda_round(*(t[:, first:first + size] for t in packed), cache, active, local, slots, bounds))
+        outs.append(_kda_round(*(t[:, first:first + size] for t in packed), cache, active, local, slots, bounds,
+                               chains))
         if snapshots is not None:  # the states that end on a snapshot point, copied in one go
             sources, targets = snapshots
             cache.state.index_copy_(0, targets, cache.state.index_select(0, sources))
@@ -567,9 +568,12 @@ def _kda_varlen(q, k, v, g, beta, cache: RecurrentCache, pieces, spans, memo: di
 
 def _kda_rounds(pieces, spans, N: int, device):
     """The step's delta-rule rounds (built once, for every KDA layer): per round, its (piece, segment) pairs,
-    the segments' bounds within the round, the pieces' state slots, cu_seqlens, and the snapshot copies
-    (sources, targets) or None; then `order` [Np] (the tokens round after round) and `inverse` (back to
-    piece order), both None when the order is the packed one."""
+    the segments' bounds within the round, the pieces' state slots, cu_seqlens, the snapshot copies
+    (sources, targets) or None, and for a round of short segments (at most SHORT_SEGMENT tokens each, where
+    the slot kernel is used: `short_segment_step`) each token's slot and depth and the longest segment, else
+    None; then `order` [Np] (the tokens round after round) and `inverse` (back to piece order), both None
+    when the order is the packed one."""
+    short = short_segment_step(device) is not None
     segments = []  # per piece: [(start, end, snapshot slot or None)] in packed token indices
     for piece, (a, b) in zip(pieces, spans):
         cuts = [(a + j, slot) for j, slot in piece.snapshots]
@@ -580,13 +584,18 @@ def _kda_rounds(pieces, spans, N: int, device):
         active = [(piece, segs[r]) for piece, segs in zip(pieces, segments) if r < len(segs)]
         local = _spans([b - a for _, (a, b, _) in active])
         pairs = [(piece.state_slot, snapshot) for piece, (_, _, snapshot) in active if snapshot is not None]
+        longest = max(b - a for a, b in local)
+        chained = short and longest <= SHORT_SEGMENT  # every segment of the round steps through the slot kernel
+        token_slots = [piece.state_slot for piece, (a, b, _) in active for _ in range(b - a)] if chained else []
+        depths = [t for _, (a, b, _) in active for t in range(b - a)] if chained else []
         bounds_cpu = torch.tensor([0] + [b for _, b in local])  # cu_seqlens; fla builds its chunk index from the
         host = torch.cat([torch.tensor([piece.state_slot for piece, _ in active]), bounds_cpu,  # host copy: no sync
-                          torch.tensor([source for source, _ in pairs] + [target for _, target in pairs],
-                                       dtype=torch.long)])
-        slots, bounds, snapshots = host.to(device, non_blocking=True).split(
-            [len(active), len(active) + 1, 2 * len(pairs)])
-        rounds.append((active, local, slots, (bounds, bounds_cpu), snapshots.view(2, -1) if pairs else None))
+                          torch.tensor([source for source, _ in pairs] + [target for _, target in pairs]
+                                       + token_slots + depths, dtype=torch.long)])
+        slots, bounds, snapshots, token_slots, depths = host.to(device, non_blocking=True).split(
+            [len(active), len(active) + 1, 2 * len(pairs), len(token_slots), len(depths)])
+        rounds.append((active, local, slots, (bounds, bounds_cpu), snapshots.view(2, -1) if pairs else None,
+                       (token_slots, depths, longest) if chained else None))
         order.extend(t for _, (a, b, _) in active for t in range(a, b))
     if order == list(range(N)):
         return rounds, None, None
@@ -615,16 +624,66 @@ def _kda_by_piece(q, k, v, g, beta, cache: RecurrentCache, pieces, spans) -> tor
     return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
 
 
+def short_segment_step(device: torch.device):
+    """How a round of short delta-rule segments (a prompt's last, partial block after its snapshot point: at most
+    SHORT_SEGMENT tokens) runs: the KDA slot kernel stepping each segment as a chain of one-token rows in one
+    launch (where decode rows use it: CUDA, checked), instead of one chunk_kda call per layer; None: chunk_kda.
+    SHORT_SEGMENTS = "reference" takes the kernel's torch reference anywhere (tests), "off" never."""
+    if SHORT_SEGMENTS == "reference":
+        return kda_chains_reference
+    if SHORT_SEGMENTS == "auto" and use_kda_slot_kernel(device) and check_short_segments(device):
+        return kda_decode_slots_outside_compile
+    return None
+
+
+def check_short_segments(device: torch.device) -> bool:
+    """Run the slot kernel once on `device` over chains that share their slot (short prefill segments, bf16
+    inputs) against kda_chains_reference; on an error or a mismatch warn and keep chunk_kda. Cached per device."""
+    key = str(device)
+    if key not in SHORT_SEGMENTS_CHECKED:
+        ok = False
+        try:
+            g = torch.Generator(device=device).manual_seed(1)
+            S, H, K, N = 7, 2, 128, 5
+            q, k = (l2_normalize(torch.randn(S, H, K, generator=g, device=device)).bfloat16() for _ in range(2))
+            v = torch.randn(S, H, K, generator=g, device=device).bfloat16()
+            gate = -torch.rand(S, H, K, generator=g, device=device)
+            beta = torch.rand(S, H, generator=g, device=device)
+            state = torch.randn(N, H, K, K, generator=g, device=device)
+            slots = torch.tensor([3, 3, 3, 3, 0, 4, 4], device=device)  # chains of 4, 1 and 2 tokens
+            depths = torch.tensor([0, 1, 2, 3, 0, 0, 1], device=device)
+            expected_state, got_state = state.clone(), state.clone()
+            expected = kda_chains_reference(q, k, v, gate, beta, expected_state, slots, K ** -0.5, depths, 4)
+            got = kda_decode_slots(q, k, v, gate, beta, got_state, slots, K ** -0.5, depths=depths, rounds=4)
+            error = max(((a.float() - b.float()).norm() / b.float().norm()).item()
+                        for a, b in ((got, expected), (got_state, expected_state)))
+            ok = error < 2e-2
+            if not ok:
+                warnings.warn(f"the KDA slot kernel is off its reference over shared-slot chains on {device} "
+                              f"(relative error {error:.2e}); short prefill segments run chunk_kda.")
+        except Exception as error:  # noqa: BLE001 - chunk_kda computes the same thing
+            warnings.warn(f"the KDA slot kernel failed over shared-slot chains on {device} "
+                          f"({type(error).__name__}: {error}); short prefill segments run chunk_kda.")
+        SHORT_SEGMENTS_CHECKED[key] = ok
+    return SHORT_SEGMENTS_CHECKED[key]
+
+
 def use_varlen_kda(device: torch.device) -> bool:
     """Whether the pieces' delta rule runs as one fla chunk_kda call with cu_seqlens (CUDA with fla-core)."""
     return device.type == "cuda" and fla_status()[0]
 
 
-def _kda_round(q, k, v, g, beta, cache: RecurrentCache, active, local, slots, bounds) -> torch.Tensor:
+def _kda_round(q, k, v, g, beta, cache: RecurrentCache, active, local, slots, bounds, chains=None) -> torch.Tensor:
     """One segment per active piece, laid end to end in q .. beta [1, n, ...] (`local`: each one's bounds),
     from (and back to) the pieces' state slots (`slots` on the device, `bounds`: cu_seqlens on the device and
-    on the host) -> o [1, n, H, V]."""
+    on the host) -> o [1, n, H, V]. chains (short segments only): each token's slot and depth in its segment,
+    and the longest segment; the segments then run as chains of one-token steps in one slot-kernel call."""
     global VARLEN_KDA
+    if chains is not None:
+        token_slots, depths, longest = chains
+        o = short_segment_step(q.device)(q[0], k[0], v[0], g[0], beta[0], cache.state, token_slots,
+                                         q.shape[-1] ** -0.5, depths=depths, rounds=longest)
+        return o[None]
     if VARLEN_KDA and len(active) > 1 and use_varlen_kda(q.device):
         try:
             out, final = kda_fla_varlen_outside_compile(q, k, v, g, beta, q.shape[-1] ** -0.5,
@@ -772,6 +831,9 @@ paged_mla_partials_outside_compile = torch.compiler.disable(paged_mla_partials) 
 KDA_DECODE = "auto"  # KDA decode rows: "auto" (the in-place Triton kernel on CUDA once it passed its check),
 # "triton" (anywhere: Triton's interpreter on the CPU) or "gather" (the mixer's forward over gathered slots)
 kda_decode_slots_outside_compile = torch.compiler.disable(kda_decode_slots)
+SHORT_SEGMENT = 16  # prefill delta-rule segments of at most this many tokens may step through the slot kernel
+SHORT_SEGMENTS = "auto"  # "auto" (with the slot kernel: CUDA, checked), "reference" (its torch form) or "off"
+SHORT_SEGMENTS_CHECKED: dict[str, bool] = {}  # device -> whether the kernel matched kda_chains_reference there
 KDA_KERNEL_CHECKED: dict[str, bool] = {}  # device -> whether the kernel matched its reference there
 GATHER_ELEMENTS = 1 << 28  # decode rows gather their blocks in groups of at most this many cache elements
 PAGED_KERNEL = "auto"  # MLA decode rows: "auto" (the Triton kernel on CUDA), "triton" (anywhere) or "gather"

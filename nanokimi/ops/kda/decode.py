@@ -10,6 +10,8 @@ Rows that share a slot (the padded rows of a CUDA graph all use one spare slot) 
 With `depths` (speculative verify rows in the graph step), rows form chains: a chain's rows are consecutive,
 its first row (depth 0) continues from its slot, and the row at depth j > 0 from the state the row before it
 (depth j - 1) wrote; every row writes the state after its token to its own slot. `rounds` bounds the depths.
+The kernel keeps a chain's state in registers, so the rows of a chain may also share one slot (a prefill's
+short segments: `kda_chains_reference`), which then ends holding the state after the chain's last token.
 """
 import torch
 
@@ -36,6 +38,23 @@ def kda_decode_slots_reference(q, k, v, g, beta, state, slots, scale: float, dep
                                    initial_state=state.index_select(0, reads), output_final_state=True)
         write_rows_(state, slots, torch.where(active[:, None, None, None], final, state.index_select(0, slots)))
         o = out[:, 0] if o is None else torch.where(active[:, None, None], out[:, 0], o)
+    return o
+
+
+def kda_chains_reference(q, k, v, g, beta, state, slots, scale: float, depths: torch.Tensor,
+                         rounds: int) -> torch.Tensor:
+    """Chains whose rows all read and write their chain's one slot (a prefill's short segments: slots[s] is the
+    sequence's slot, depths[s] the token's place in its segment); same arguments and result as
+    kda_decode_slots_reference, whose rows each own a slot. `kda_decode_slots` computes both. Round r steps the
+    rows at depth r (one per chain, so no slot is written twice in a round)."""
+    o = torch.empty_like(v)
+    for r in range(rounds):
+        rows = (depths == r).nonzero().squeeze(1)  # [C] one row per chain still running
+        chain_slots = slots.index_select(0, rows)
+        out, final = kda_recurrent(*(t.index_select(0, rows).unsqueeze(1) for t in (q, k, v, g, beta)), scale=scale,
+                                   initial_state=state.index_select(0, chain_slots), output_final_state=True)
+        state.index_copy_(0, chain_slots, final.to(state.dtype))
+        o.index_copy_(0, rows, out[:, 0].to(o.dtype))
     return o
 
 
