@@ -430,6 +430,22 @@ def test_kda_verify_rows_beyond_the_scratch_slots_verify_eagerly_with_the_same_t
         Engine(model, num_verify_slots=-1)
 
 
+def test_kda_scratch_slots_default_to_what_a_step_can_draft():
+    """The default scratch slots: one per draft token a step can hold, max_num_seqs x num_speculative_tokens,
+    but never more than the step's token budget leaves (max_step_tokens - 1): a tight budget verifies every
+    draft in the graph step with fewer slots, the same tokens as plain decoding."""
+    model = make_model("tiny")
+    requests = greedy_requests(count=4, max_tokens=10)
+    reference = run(Engine(model, max_cache_tokens=2048, block_size=4), requests)
+    for max_step_tokens, expected in ((4096, 4 * 3), (9, 8)):
+        engine = Engine(model, max_cache_tokens=2048, block_size=4, use_cuda_graph="static", num_speculative_tokens=3,
+                        max_num_seqs=4, max_step_tokens=max_step_tokens,
+                        speculative=OracleDrafter(reference, "partly", model.config.vocab_size))
+        assert engine.num_scratch_slots == expected
+        assert run(engine, requests) == reference
+        assert engine.runner.verify_rows["eager"] == 0 and engine.runner.verify_rows["graphed"] > 0
+
+
 def test_kda_step_whose_later_graph_fails_runs_eagerly_from_untouched_states(monkeypatch):
     """A step of KDA chains over several replays whose later graph cannot be had (here: refused) runs wholly
     eagerly: no earlier replay may have advanced a state first (it would advance twice). Greedy tokens = plain."""

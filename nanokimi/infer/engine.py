@@ -52,8 +52,9 @@ class Engine:
     object) with drafts of num_speculative_tokens at most (twice in the tail); scheduling "fcfs" | "context_aware" with
     max_wait_steps (bounded wait); chunk_tokens > 0 (with context_aware): divided rollout.
     num_verify_slots: with KDA layers, speculation and graphs, the scratch KDA state slots (one per draft token of a
-    step) that let verify rows run in the graphed step (None: max_num_seqs x num_speculative_tokens; 0: they run
-    eagerly; a step with more draft tokens than slots verifies eagerly)."""
+    step) that let verify rows run in the graphed step (None: max_num_seqs x num_speculative_tokens, at most
+    max_step_tokens - 1, the most a step can draft; 0: they run eagerly; a step with more draft tokens than
+    slots verifies eagerly)."""
 
     def __init__(self, model: nn.Module, tokenizer=None, max_cache_tokens: int | None = None, block_size: int = 16,
                  max_num_seqs: int = 256, max_step_tokens: int = 2048, enable_prefix_caching: bool = True,
@@ -87,9 +88,11 @@ class Engine:
         num_snapshots = (max_num_seqs if num_state_snapshots is None else num_state_snapshots) if self.has_kda else 0
         num_slots = max_num_seqs + num_snapshots if self.has_kda else 0
         # KDA verify rows in the graph step: a scratch state slot per draft token of a step (drafts of twice
-        # num_speculative_tokens only while at most max_num_seqs / 8 sequences run)
+        # num_speculative_tokens only while at most max_num_seqs / 8 sequences run); a step's draft tokens and
+        # the tokens they follow fit its budget, so never more than max_step_tokens - 1 draft tokens
         graphed_drafts = self.has_kda and speculative is not None and uses_graphs(model, use_cuda_graph)
-        scratch = max_num_seqs * num_speculative_tokens if num_verify_slots is None else num_verify_slots
+        scratch = (min(max_num_seqs * num_speculative_tokens, max_step_tokens - 1) if num_verify_slots is None
+                   else num_verify_slots)
         self.num_scratch_slots = scratch if graphed_drafts else 0
         self.num_blocks, self.budget_note = self._plan_blocks(max_cache_tokens, num_slots + self.num_scratch_slots,
                                                               gpu_memory_fraction)
