@@ -387,11 +387,11 @@ def test_sample_rows_restricts_the_support_and_is_greedy_at_zero():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["tiny-dense", "tiny"])
-def test_cuda_graph_decode_matches_eager_engine(name):
+@pytest.mark.parametrize("name,dtype", [("tiny-dense", torch.float32), ("tiny", torch.bfloat16),
+                                        ("tiny", torch.float32)])  # fp32 MoE: every expert on the decode rows
+def test_cuda_graph_decode_matches_eager_engine(name, dtype):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    dtype = torch.float32 if name == "tiny-dense" else torch.bfloat16  # the MoE's grouped GEMM on CUDA wants bf16
     model = make_model(name, small=False).to("cuda", dtype)
     batch = prompts(20, seed=29)
     params = SamplingParams(max_tokens=12, temperature=0)

@@ -4,7 +4,8 @@ import torch
 from conftest import rel_err
 from nanokimi import ModelConfig, build_model
 from nanokimi.model.attention import GroupedQueryAttention, MultiHeadLatentAttention
-from nanokimi.model.moe import MoE, Router, update_router_bias
+import nanokimi.model.moe as moe_module
+from nanokimi.model.moe import Experts, MoE, Router, update_router_bias
 
 SMALL = dict(vocab_size=97, hidden_size=64, num_layers=2, mixers="KA", num_heads=4, num_kv_heads=2, head_dim=16,
              kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, kda_num_heads=2,
@@ -151,6 +152,44 @@ def test_moe_matches_a_per_token_loop():
     g1 = torch.autograd.grad(out, [x, moe.experts.gate_up], grad)
     g2 = torch.autograd.grad(expected, [x, moe.experts.gate_up], grad)
     assert all(rel_err(a, b) < 1e-12 for a, b in zip(g1, g2))
+
+
+def test_all_experts_on_few_rows_equal_the_routed_path(monkeypatch):
+    """Outside bf16 a few rows run every expert, weighted by the routing (0 where a row did not choose the
+    expert): the routed per-expert path's outputs, gradients (inputs, both weights, routing weights) and
+    expert counts, in float64."""
+    torch.manual_seed(0)
+    experts = Experts(num_experts=6, hidden=12, inner=5).double()
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(9, 12, dtype=torch.float64, requires_grad=True)
+    indices = torch.rand(9, 6).topk(2, dim=-1).indices
+    weights = torch.rand(9, 2, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(9, 12, dtype=torch.float64)
+    results = []
+    for limit in (moe_module.DENSE_EXPERTS_ELEMENTS, 0):  # the dense path, then the routed per-expert loop
+        monkeypatch.setattr(moe_module, "DENSE_EXPERTS_ELEMENTS", limit)
+        out, counts = experts(x, weights, indices)
+        results.append((out, counts, torch.autograd.grad(out, [x, weights, experts.gate_up, experts.down], grad)))
+    (dense, dense_counts, dense_grads), (routed, routed_counts, routed_grads) = results
+    assert rel_err(dense, routed) < 1e-12 and torch.equal(dense_counts, routed_counts)
+    assert all(rel_err(a, b) < 1e-12 for a, b in zip(dense_grads, routed_grads))
+
+
+def test_moe_on_few_rows_outside_bf16_reads_nothing_on_the_host(monkeypatch):
+    """A decode-sized MoE step in fp64 (as fp32/fp64 on CUDA) never reads expert counts on the host, so it can
+    be captured in a CUDA graph; the per-expert loop it replaces did, once per grouped matmul."""
+    moe = MoE(ModelConfig(**SMALL)).double().eval()
+    x = torch.randn(1, 16, 64, dtype=torch.float64)
+    reads = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(1) or tolist(self))
+    with torch.no_grad():
+        moe(x)
+        assert reads == []
+        monkeypatch.setattr(moe_module, "DENSE_EXPERTS_ELEMENTS", 0)
+        moe(x)
+    assert len(reads) == 2
 
 
 def test_router_bias_update_moves_toward_balance():

@@ -107,6 +107,9 @@ class GatherRows(torch.autograd.Function):
         return grad, None, None, None
 
 
+DENSE_EXPERTS_ELEMENTS = 1 << 24  # every expert on every row when rows x experts x max(2I, D) is at most this
+
+
 class Experts(nn.Module):
     """All routed experts as stacked weights: gate_up [E, 2I, D] (gate rows first), down [E, D, I]."""
 
@@ -122,6 +125,9 @@ class Experts(nn.Module):
         order is a permutation (gathers both ways, no scatter-adds), and the k outputs of a token are
         summed in slot order."""
         E, (N, k), D = self.gate_up.shape[0], indices.shape, x.shape[-1]
+        if (not grouped_mm_supported(to_autocast_dtype(x))
+                and N * E * max(self.gate_up.shape[1], D) <= DENSE_EXPERTS_ELEMENTS):
+            return self.all_experts(x, weights, indices)
         flat = indices.flatten()  # [N*k] expert of each slot
         order = flat.argsort(stable=True)  # expert-sorted position -> slot
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(N * k, device=order.device))
@@ -135,6 +141,24 @@ class Experts(nn.Module):
         y = GatherRows.apply(y, inverse, order).view(N, k, D)  # slot order
         acc = torch.promote_types(y.dtype, torch.float32)  # bf16 outputs summed in fp32
         out = (y.to(acc) * weights.unsqueeze(-1).to(acc)).sum(1)  # [N, D]
+        return out.to(x.dtype), counts
+
+    def all_experts(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward's sum with every expert on every row, each expert's output weighted by the row's routing
+        weight for it (0 where the row did not choose it). Its shapes do not depend on the routing: no host
+        read of expert counts, so a step can be captured in a CUDA graph or compiled whole. Taken where
+        grouped_mm cannot take x's dtype (fp32 or fp64 on CUDA, compiled fp32) and the rows are few (a decode
+        step): E/k times the arithmetic, every expert's weights read once, as a decode step reads them anyway."""
+        E, I2, D = self.gate_up.shape
+        N = x.shape[0]
+        h = (x @ self.gate_up.reshape(E * I2, D).t()).view(N, E, I2)  # [N, E, 2I]
+        gate, up = h.chunk(2, dim=-1)
+        routing = torch.zeros(N, E, dtype=x.dtype, device=x.device).scatter_(1, indices, weights.to(x.dtype))
+        a = F.silu(gate) * up * routing.unsqueeze(-1)  # [N, E, I]
+        acc = torch.promote_types(x.dtype, torch.float32)
+        out = torch.bmm(a.transpose(0, 1), self.down.transpose(1, 2)).sum(0, dtype=acc)  # [E, N, D] -> [N, D]
+        slots = indices.flatten()
+        counts = torch.zeros(E, dtype=torch.long, device=x.device).scatter_add_(0, slots, torch.ones_like(slots))
         return out.to(x.dtype), counts
 
 

@@ -115,7 +115,8 @@ def _moe_path(device: torch.device, dtype: torch.dtype) -> str:
         return "grouped_mm (bf16)"
     if device.type == "cpu" and dtype == torch.float32:
         return "grouped_mm (fp32, cpu)"
-    return f"per-expert loop ({dtype} on {device.type}: grouped_mm needs bf16 - use bf16 autocast; host sync per layer)"
+    return (f"all experts on few rows, else a per-expert loop ({dtype} on {device.type}: grouped_mm needs bf16 - "
+            "use bf16 autocast; the loop syncs with the host per layer)")
 
 
 def describe_paths(model: nn.Module, device: str | torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
