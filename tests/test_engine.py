@@ -63,6 +63,53 @@ def run_engine(engine: Engine, requests: list[tuple[str, list[int], SamplingPara
 GREEDY = SamplingParams(max_tokens=5, temperature=0)
 
 
+def greedy_penalized_alone(model, ids: list[int], new: int, params: SamplingParams) -> list[int]:
+    """The reference of SamplingParams' logit adjustments: a full forward per token, the adjustments applied one
+    token id at a time as the docstring states them (bias, repetition penalty, frequency and presence)."""
+    out = []
+    for _ in range(new):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids + out]))[0, -1].double().clone()
+        for token, bias in (params.logit_bias or {}).items():
+            logits[token] += bias
+        for token in set(ids) | set(out):
+            value = logits[token]
+            logits[token] = value / params.repetition_penalty if value > 0 else value * params.repetition_penalty
+        for token in set(out):
+            logits[token] -= params.frequency_penalty * out.count(token) + params.presence_penalty
+        out.append(int(logits.argmax()))
+    return out
+
+
+def test_penalties_and_logit_bias_equal_their_reference_next_to_plain_requests():
+    """Penalized requests (each adjustment alone and all together) in one batch with plain ones, with and
+    without speculative drafts: every request's greedy tokens equal its reference; penalized ones never draft."""
+    model = make_model("tiny")
+    batch = prompts(8, seed=31, lengths=(6, 11, 19, 30))
+    settings = [dict(), dict(frequency_penalty=1.5), dict(presence_penalty=-0.7), dict(repetition_penalty=1.8),
+                dict(logit_bias={7: 3.0, 11: -100.0}), dict(frequency_penalty=0.6, presence_penalty=0.4,
+                                                            repetition_penalty=1.3, logit_bias={5: 2.5}),
+                dict(), dict(repetition_penalty=0.6)]
+    params = [SamplingParams(max_tokens=8, temperature=0, **extra) for extra in settings]
+    expected = [greedy_penalized_alone(model, p, 8, sp) for p, sp in zip(batch, params)]
+    assert expected[1] != greedy_alone(model, batch[1], 8) or expected[3] != greedy_alone(model, batch[3], 8)
+    asked = []  # which requests the drafter was asked for a draft
+    for speculative in (None, "ngram"):
+        engine = Engine(model, block_size=8, max_cache_tokens=2048, speculative=speculative)
+        if speculative:
+            propose = engine.drafter.propose
+            engine.drafter.propose = lambda seq, limit: asked.append(seq.request.request_id) or propose(seq, limit)
+        done = run_engine(engine, [(str(i), p, sp) for i, (p, sp) in enumerate(zip(batch, params))], stagger=3)
+        assert [done[str(i)].token_ids for i in range(len(batch))] == expected
+    assert set(asked) == {"0", "6"}  # the plain requests only
+    with pytest.raises(ValueError, match="logit_bias token ids"):
+        engine.add_request("big", [1, 2], SamplingParams(logit_bias={model.config.vocab_size: 1.0}))
+    for bad in (dict(presence_penalty=2.5), dict(frequency_penalty=float("nan")), dict(repetition_penalty=0),
+                dict(logit_bias={-1: 1.0}), dict(logit_bias={3: 101})):
+        with pytest.raises(ValueError, match="SamplingParams"):
+            SamplingParams(**bad)
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_greedy_equals_each_prompt_alone_at_once_and_staggered(name):
     model = make_model(name, small=name != "tiny")

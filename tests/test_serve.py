@@ -108,6 +108,21 @@ def test_greedy_completion_equals_llm_generate_and_usage_counts_real_tokens(clie
     assert by_ids.choices[0].text == got.choices[0].text
 
 
+def test_penalties_and_logit_bias_equal_llm_generate(client, reference):
+    """OpenAI's presence/frequency penalties and logit_bias (and vLLM's repetition_penalty) reach the engine:
+    the same greedy text as LLM.generate with the same SamplingParams; a banned token never appears."""
+    plain = reference.generate(PROMPT, SamplingParams(max_tokens=16, temperature=0), use_tqdm=False)[0]
+    banned = plain.outputs[0].token_ids[0]
+    params = SamplingParams(max_tokens=16, temperature=0, presence_penalty=0.5, frequency_penalty=1.0,
+                            repetition_penalty=1.2, logit_bias={banned: -100})
+    want = reference.generate(PROMPT, params, use_tqdm=False)[0].outputs[0]
+    got = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=16, temperature=0, presence_penalty=0.5,
+                                    frequency_penalty=1.0, logit_bias={str(banned): -100},
+                                    extra_body={"repetition_penalty": 1.2})
+    assert got.choices[0].text == want.text and got.usage.completion_tokens == len(want.token_ids)
+    assert banned not in want.token_ids and want.token_ids != plain.outputs[0].token_ids
+
+
 def test_greedy_chat_equals_llm_generate_on_the_rendered_template(ckpt, client, reference):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is JSON?"}]
     got = client.chat.completions.create(model="tiny", messages=messages, max_tokens=20, temperature=0)
@@ -202,7 +217,11 @@ BAD = [
     ("/v1/completions", b'{"prompt": "x", "stop": [""]}', 400, "stop"),
     ("/v1/completions", b'{"prompt": "x", "max_tokns": 5}', 400, "max_tokns"),
     ("/v1/completions", b'{"prompt": [1, 2, 99999]}', 400, "prompt"),
-    ("/v1/completions", b'{"prompt": "x", "presence_penalty": 1.0}', 400, "presence_penalty"),
+    ("/v1/completions", b'{"prompt": "x", "presence_penalty": 2.5}', 400, "presence_penalty"),
+    ("/v1/completions", b'{"prompt": "x", "repetition_penalty": 0}', 400, "repetition_penalty"),
+    ("/v1/completions", b'{"prompt": "x", "logit_bias": {"a": 1}}', 400, "logit_bias"),
+    ("/v1/completions", b'{"prompt": "x", "logit_bias": {"99999": 1}}', 400, "logit_bias"),
+    ("/v1/completions", b'{"prompt": "x", "logit_bias": {"5": 101}}', 400, "logit_bias"),
     ("/v1/completions", b'{"prompt": "x", "model": "gpt-4"}', 404, "model"),
     ("/v1/chat/completions", b'{"messages": []}', 400, "messages"),
     ("/v1/chat/completions", b'{"messages": [{"role": "robot", "content": "x"}]}', 400, "messages[0].role"),

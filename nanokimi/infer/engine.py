@@ -19,7 +19,7 @@ from torch import nn
 from nanokimi.infer.block_manager import BlockPool, StateSlots, block_hash
 from nanokimi.infer.params import CompletionOutput, RequestOutput, SamplingParams
 from nanokimi.infer.runner import ModelRunner, Row, uses_graphs
-from nanokimi.infer.sampling import sample_step, top_logprobs
+from nanokimi.infer.sampling import apply_penalties, sample_step, top_logprobs
 from nanokimi.infer.scheduler import FINISHED, POLICIES, Request, Scheduler, Sequence
 from nanokimi.infer.speculative import accept_greedy, accept_sampled, filtered_probs, make_drafter
 from nanokimi.model.kda import KimiDeltaAttention
@@ -214,6 +214,7 @@ class Engine:
             (not params.stop or self.tokenizer is not None, "stop strings need an engine with a tokenizer"),
             (params.nbce_window is None, "nbce_window requests are decoded by LLM.generate (nanokimi.infer.nbce), "
              "not by the engine"),
+            (all(t < vocab for t in params.logit_bias or ()), f"logit_bias token ids must be in [0, {vocab})"),
         ]
         for ok, message in checks:
             if not ok:
@@ -463,6 +464,11 @@ class Engine:
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """All rows drawn in one batched call, their tokens (and logprobs) brought back in one copy."""
         params = [s.request.params for s in seqs]
+        penalized = [i for i, p in enumerate(params) if p.penalized]
+        if penalized:
+            logits = apply_penalties(logits, penalized, [params[i] for i in penalized],
+                                     [seqs[i].output.token_ids for i in penalized],
+                                     [seqs[i].request.prompt_token_ids for i in penalized])
         temperature = [p.temperature for p in params]
         if any(temperature):
             uniforms = [s.rng.random() if t > 0 else 0.0 for s, t in zip(seqs, temperature)]

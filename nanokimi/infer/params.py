@@ -12,7 +12,14 @@ class SamplingParams:
     end it too. group_id: the engine's Seer options (context-aware scheduling, suffix drafting) treat
     requests with the same group_id (and the n samples of one request) as one group. logprobs=k returns,
     per generated token, the log-probabilities of the top k tokens and of the chosen one (under the
-    model's raw distribution).
+    model's raw distribution, or the adjusted one below when a penalty or bias is set).
+
+    Adjustments of the logits before temperature, top-k and top-p, in this order (nanokimi.infer.sampling.
+    apply_penalties): logit_bias {token id: value in [-100, 100]} is added (OpenAI's); repetition_penalty r > 0
+    divides the positive logits and multiplies the negative ones of every token in the prompt or the output so
+    far (1 = off; CTRL's, as HF and vLLM have it); frequency_penalty (times the token's count in the output so
+    far) and presence_penalty (once if it occurs) are subtracted, both in [-2, 2] (OpenAI's). A request with any
+    of them decodes without speculative drafts.
 
     nbce_window=W decodes with NBCE (nanokimi.infer.nbce): the context is cut at nbce_separator into windows
     of at most W tokens (each with the query, the text after the last separator), and each step combines
@@ -33,6 +40,10 @@ class SamplingParams:
     nbce_pooling: str = "min_entropy"
     nbce_separator: str = "\n"
     group_id: str | None = None  # requests sharing it form a group (RL: one prompt's k samples; docs/seer.md)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -57,10 +68,31 @@ class SamplingParams:
              f"nbce_pooling must be 'min_entropy' or 'mean', got {self.nbce_pooling!r}"),
             (isinstance(self.nbce_separator, str) and self.nbce_separator != "",
              f"nbce_separator must be a non-empty string, got {self.nbce_separator!r}"),
+            (_number(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
+             f"presence_penalty must be in [-2, 2], got {self.presence_penalty!r}"),
+            (_number(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
+             f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty!r}"),
+            (_number(self.repetition_penalty) and self.repetition_penalty > 0,
+             f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}"),
+            (self.logit_bias is None or (isinstance(self.logit_bias, dict) and all(
+                isinstance(t, int) and t >= 0 and _number(b) and -100 <= b <= 100 for t, b in self.logit_bias.items())),
+             f"logit_bias must map token ids (ints >= 0) to numbers in [-100, 100], got {self.logit_bias!r}"),
+            (self.nbce_window is None or not self.penalized,
+             "penalties and logit_bias are not applied by NBCE decoding (nbce_window); leave them unset"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"SamplingParams: {message}.")
+
+    @property
+    def penalized(self) -> bool:
+        """Whether a penalty or a logit bias adjusts the logits (apply_penalties)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1
+                    or self.logit_bias)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value  # not NaN
 
 
 @dataclass

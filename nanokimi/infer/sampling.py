@@ -44,6 +44,38 @@ def sample_rows(logits: torch.Tensor, temperature: list[float], top_k: list[int]
     return tokens if every else greedy.index_copy(0, rows, tokens)
 
 
+def apply_penalties(logits: torch.Tensor, rows: list[int], params: list, outputs: list[list[int]],
+                    prompts: list[list[int]]) -> torch.Tensor:
+    """logits [N, V] with rows `rows` adjusted by their SamplingParams (`params`, one per row in rows), given each
+    row's output tokens so far and its prompt: + logit_bias; repetition_penalty r on every token of the prompt or
+    the output (a logit l > 0 becomes l / r, else l * r); - frequency_penalty x count in the output - presence_penalty
+    if the token occurs there. Returns a copy in at least float32 (the other rows unchanged)."""
+    device, vocab, R = logits.device, logits.shape[-1], len(rows)
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    row_index = torch.tensor(rows, device=device)
+    adjusted = logits.index_select(0, row_index).to(dtype)  # [R, V], R = len(rows)
+    biased = [(r, token, value) for r, p in enumerate(params) for token, value in (p.logit_bias or {}).items()]
+    if biased:
+        where = torch.tensor([(r, token) for r, token, _ in biased], device=device).t()
+        adjusted.index_put_((where[0], where[1]),
+                            torch.tensor([v for *_, v in biased], dtype=dtype, device=device), accumulate=True)
+    owners = torch.tensor([r for r, tokens in enumerate(outputs) for _ in tokens], dtype=torch.long)
+    tokens = torch.tensor([t for ts in outputs for t in ts], dtype=torch.long)
+    counts = torch.zeros(R, vocab, dtype=dtype, device=device).index_put_(
+        (owners.to(device), tokens.to(device)), torch.ones(len(tokens), dtype=dtype, device=device), accumulate=True)
+    if any(p.repetition_penalty != 1 for p in params):
+        seen = counts > 0
+        in_prompt = [(r, t) for r, prompt in enumerate(prompts) for t in prompt]
+        where = torch.tensor(in_prompt, device=device).t()
+        seen[where[0], where[1]] = True
+        penalty = torch.tensor([p.repetition_penalty for p in params], dtype=dtype, device=device)[:, None]
+        adjusted = torch.where(seen, torch.where(adjusted > 0, adjusted / penalty, adjusted * penalty), adjusted)
+    frequency = torch.tensor([p.frequency_penalty for p in params], dtype=dtype, device=device)[:, None]
+    presence = torch.tensor([p.presence_penalty for p in params], dtype=dtype, device=device)[:, None]
+    adjusted = adjusted - frequency * counts - presence * (counts > 0)
+    return logits.to(dtype).index_copy(0, row_index, adjusted)
+
+
 def _logprob_parts(logits: torch.Tensor, chosen: torch.Tensor, width: int) -> list[torch.Tensor]:
     """Flat float64 tensors to copy to the host: the chosen tokens' log-probabilities [R], and when width > 0
     the top-width log-probabilities [R * width] and their token ids [R * width] (raw distribution)."""

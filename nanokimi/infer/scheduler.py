@@ -271,7 +271,11 @@ class Scheduler:
 
     def _draft(self, seq: Sequence, budget: int) -> list[int]:
         """A draft for a decoding sequence: at most the adaptive length, the step's budget, what max_tokens and
-        the context leave (the step emits one token more than it accepts), and what free blocks can hold."""
+        the context leave (the step emits one token more than it accepts), and what free blocks can hold. None
+        for a request whose logits are adjusted (penalties, logit_bias: each position's adjustment depends on the
+        tokens accepted before it)."""
+        if seq.request.params.penalized:
+            return []
         longest = self.num_speculative_tokens
         if len(self.running) * TAIL_FRACTION <= self.max_num_seqs:  # the tail: few rows, extra draft tokens are cheap
             longest *= 2

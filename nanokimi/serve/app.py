@@ -130,9 +130,15 @@ class Server:
             raise ApiError(400, f"This model's context is {self.max_model_len} tokens; the prompt has {prompt_len} "
                            f"and max_tokens asks for {max_tokens} more. Lower max_tokens to at most {room}.",
                            "max_tokens", code="context_length_exceeded")
+        bias = body.token_bias
+        if bias and max(bias) >= self.loop.vocab_size:
+            raise ApiError(400, f"logit_bias names token {max(bias)}; this model's token ids are below "
+                           f"{self.loop.vocab_size}.", "logit_bias")
         try:
             return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, n=body.n,
-                                  seed=body.seed, stop=body.stop_list + list(extra_stop) or None, logprobs=logprobs)
+                                  seed=body.seed, stop=body.stop_list + list(extra_stop) or None, logprobs=logprobs,
+                                  presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                                  repetition_penalty=body.repetition_penalty, logit_bias=bias)
         except ValueError as e:
             field = str(e).removeprefix("SamplingParams: ").split(" ", 1)[0]
             raise ApiError(400, str(e), field) from e

@@ -1,6 +1,6 @@
 """OpenAI request bodies as pydantic models: strict types, unknown fields refused, so a bad body gets a 400
 that names the field. Fields OpenAI defines but nanokimi does not implement are accepted only at their
-neutral value (e.g. presence_penalty=0), and refused by name otherwise."""
+neutral value (e.g. echo=false), and refused by name otherwise."""
 from __future__ import annotations
 
 from typing import Any, Literal
@@ -26,23 +26,27 @@ class _Sampling(_Body):
     stream_options: StreamOptions | None = None
     seed: int | None = None
     user: str | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    repetition_penalty: float = Field(1.0, gt=0)  # not OpenAI's: vLLM's extra field, 1 = off
+    logit_bias: dict[str, float] | None = None  # token id (as a string, OpenAI's form) -> bias in [-100, 100]
 
     @model_validator(mode="after")
-    def _unsupported(self):
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) != 0:
-                raise _field_error(name, f"{name} is not supported by nanokimi serve; leave it at 0")
-        if self.logit_bias:
-            raise _field_error("logit_bias", "logit_bias is not supported by nanokimi serve")
+    def _checks(self):
+        for token, bias in (self.logit_bias or {}).items():
+            if not token.isdigit() or not -100 <= bias <= 100:
+                raise _field_error("logit_bias", "logit_bias maps token ids (strings of digits) to biases in "
+                                   f"[-100, 100]; got {token!r}: {bias}")
         stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
         if len(stops) > 16 or any(not s for s in stops):
             raise _field_error("stop", "stop must be at most 16 non-empty strings")
         if self.stream_options is not None and not self.stream:
             raise _field_error("stream_options", "stream_options is only allowed with stream=true")
         return self
+
+    @property
+    def token_bias(self) -> dict[int, float] | None:
+        return {int(token): bias for token, bias in self.logit_bias.items()} if self.logit_bias else None
 
     @property
     def stop_list(self) -> list[str]:
