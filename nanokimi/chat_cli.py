@@ -116,18 +116,19 @@ def terminal_lines(prompt: str = "you> ") -> Iterator[str]:
 
 
 def load_chat(ckpt: str, device: str = "auto", max_new_tokens: int = 512, temperature: float = 0.7,
-              top_p: float = 0.95, top_k: int = 0, seed: int | None = None):
+              top_p: float = 0.95, top_k: int = 0, seed: int | None = None, repetition_penalty: float = 1.0):
     """(reply(messages) -> pieces, description) for the checkpoint: its tokenizer, template and model."""
     from nanokimi.checkpoint import resolve_checkpoint
     from nanokimi.infer import LLM, SamplingParams
 
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                            repetition_penalty=repetition_penalty)  # bad values fail before the model loads
     path = resolve_checkpoint(ckpt)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer, template = load_tokenizer(path), ChatTemplate.load(path)
     llm = LLM(str(path), device=device, tokenizer=tokenizer, compile=False)  # no compile wait before the answer
-    params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                            stop_token_ids=sorted(tokenizer.stop_ids))
+    params.stop_token_ids = sorted(tokenizer.stop_ids)
     replies = EngineReplies(llm, params)
     template_name = "stored" if template.source != ChatTemplate().source else "default Kimi-style"
 
@@ -139,7 +140,7 @@ def load_chat(ckpt: str, device: str = "auto", max_new_tokens: int = 512, temper
 
 def run_chat(args) -> int:
     reply, what = load_chat(args.ckpt, args.device, args.max_new_tokens, args.temperature, args.top_p, args.top_k,
-                            args.seed)
+                            args.seed, args.repetition_penalty)
     print(f"chatting with {what}. {HELP}", file=sys.stderr)
 
     def write(text: str) -> None:
@@ -158,6 +159,8 @@ def add_chat_args(parser):
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0,
+                        help="> 1 makes tokens of the conversation so far less likely (1 = off; docs/engine.md)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, ...")
     parser.set_defaults(func=run_chat)
     return parser
