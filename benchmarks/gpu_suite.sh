@@ -10,6 +10,7 @@
 #   bash benchmarks/gpu_suite.sh post       # the RL demonstration (benchmarks/rl_ladder.py)
 #   bash benchmarks/gpu_suite.sh rollout    # Seer: plain vs divided / context / speculative rollouts
 #   bash benchmarks/gpu_suite.sh kdaverify  # a KDA hybrid's verify steps, eager vs graphed; their GPU tests
+#   bash benchmarks/gpu_suite.sh prefill    # a hybrid's prefill step: short segments in the slot kernel or not
 #   GPU_STEPS="LIMIT command;..." bash benchmarks/gpu_suite.sh custom
 # Expects fla-core wheels in .whl/ (bash ../shared/bench/gpu_wheels.sh) and the HF peer script in
 # .gpu/bench/ (cp -r ../shared/bench .gpu/). Results land in benchmarks/results/ and, when $OUT is
@@ -65,10 +66,16 @@ case "$1" in
   kdaverify)  # speculative verify steps of a KDA hybrid, eager vs in the graphed step, then their GPU tests
     step 200 python3 benchmarks/kda_verify.py
     step 350 python3 -m pytest -q -m gpu tests/test_speculative.py tests/test_kda_decode.py -p no:cacheprovider ;;
+  prefill)  # one bench-kl-900m prefill step, a prompt's last partial block through the slot kernel vs chunk_kda
+    for mode in auto off; do
+      step 150 python3 benchmarks/engine_prefill_host.py --device cuda --preset bench-kl-900m --short-segments $mode \
+        --label "bench-kl-900m, short segments $mode"
+    done
+    step 250 python3 -m pytest -q -m gpu tests/test_engine.py tests/test_kda_decode.py -p no:cacheprovider ;;
   custom)  # GPU_STEPS="LIMIT command;LIMIT command;..." (for one-off runs)
     IFS=';' read -ra parts <<< "$GPU_STEPS"
     for part in "${parts[@]}"; do read -r limit cmd <<< "$part"; step "$limit" bash -c "$cmd"; done ;;
-  *) echo "usage: $0 tests|train|decode|attnres|profile|engine|serve|post|rollout|kdaverify|custom"; exit 2 ;;
+  *) echo "usage: $0 tests|train|decode|attnres|profile|engine|serve|post|rollout|kdaverify|prefill|custom"; exit 2 ;;
 esac
 if [ -n "${OUT:-}" ]; then
   # one archive: a call brings back at most 8 files from $OUT and leaves the rest out
