@@ -24,7 +24,7 @@ from nanokimi.infer.scheduler import FINISHED, POLICIES, Request, Scheduler, Seq
 from nanokimi.infer.speculative import accept_greedy, accept_sampled, filtered_probs, make_drafter
 from nanokimi.model.kda import KimiDeltaAttention
 from nanokimi.model.paged import apply_state_slot_ops, paged_cache_bytes, rollback_recurrent_state
-from nanokimi.runtime.host import freeze_startup_objects
+from nanokimi.runtime.host import freeze_startup_objects, host_tensor
 
 CPU_DEFAULT_CACHE_TOKENS = 65536
 
@@ -468,7 +468,7 @@ class Engine:
         if penalized:
             logits = apply_penalties(logits, penalized, [params[i] for i in penalized],
                                      [seqs[i].output.token_ids for i in penalized],
-                                     [seqs[i].request.prompt_token_ids for i in penalized])
+                                     [self._distinct_prompt_ids(seqs[i].request) for i in penalized])
         temperature = [p.temperature for p in params]
         if any(temperature):
             uniforms = [s.rng.random() if t > 0 else 0.0 for s, t in zip(seqs, temperature)]
@@ -497,6 +497,15 @@ class Engine:
                 self._apply_stop_rules(seq, token)
             if drafter is not None and seq.status != FINISHED:
                 drafter.observe(seq)
+
+    @staticmethod
+    def _distinct_prompt_ids(request: Request) -> torch.Tensor | None:
+        """The prompt's distinct token ids (CPU), made once per request, where repetition_penalty needs them."""
+        if request.params.repetition_penalty == 1:
+            return None
+        if request.distinct_prompt_ids is None:
+            request.distinct_prompt_ids = host_tensor(sorted(set(request.prompt_token_ids)))
+        return request.distinct_prompt_ids
 
     def _check_finish(self, seq: Sequence, token: int) -> None:
         """Output the token and end the sample if it stops it (stop token, stop string, length)."""

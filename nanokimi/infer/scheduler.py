@@ -50,6 +50,7 @@ class Request:
         self.sequences: list[Sequence] = []
         self.num_cached_tokens = 0
         self.stop_ids: frozenset[int] = frozenset()  # tokens that end a sample (set by the engine)
+        self.distinct_prompt_ids = None  # a CPU tensor of its prompt's distinct ids, made for repetition_penalty
 
     @property
     def finished(self) -> bool:
