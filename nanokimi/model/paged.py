@@ -539,10 +539,10 @@ def _chained_conv_inputs(tails: torch.Tensor, qkv: torch.Tensor, depths: torch.T
 def _kda_varlen(q, k, v, g, beta, cache: RecurrentCache, pieces, spans, memo: dict | None = None) -> torch.Tensor:
     """The delta rule over packed pieces, each from its state slot (updated in place). A piece with interior
     snapshots runs in segments that end on them; after each segment its state is copied to the snapshot
-    slot. With fla-core on CUDA and several pieces, round r runs every piece's r-th segment in one chunk_kda
-    call with cu_seqlens (`_kda_round`), the tokens gathered into round order once per layer and the outputs
-    back once; otherwise each piece runs its segments one kda() after another, the state passed along
-    (`_kda_by_piece`). -> o [1, Np, H, V]."""
+    slot. With fla-core on CUDA, round r runs every piece's r-th segment in one chunk_kda call with cu_seqlens
+    (`_kda_round`; a round of short segments steps them through the slot kernel instead), the tokens gathered
+    into round order once per layer and the outputs back once; otherwise each piece runs its segments one kda()
+    after another, the state passed along (`_kda_by_piece`). -> o [1, Np, H, V]."""
     keep = [i for i, p in enumerate(pieces) if p.saved_states is not None]
     if keep:
         return _kda_varlen_keeping_states(q, k, v, g, beta, cache, pieces, spans, keep)
