@@ -113,6 +113,8 @@ def cmd_generate(args) -> int:
            f"--temperature {args.temperature} must be >= 0 (0 = greedy).")
     _check(0 < args.top_p <= 1, f"--top-p {args.top_p} must be in (0, 1] (1 = off).")
     _check(args.top_k >= 0, f"--top-k {args.top_k} must be >= 0 (0 = off).")
+    _check(math.isfinite(args.repetition_penalty) and args.repetition_penalty > 0,
+           f"--repetition-penalty {args.repetition_penalty} must be > 0 (1 = off).")
     try:
         args.prompt.encode("utf-8")
     except UnicodeEncodeError:
@@ -122,7 +124,8 @@ def cmd_generate(args) -> int:
         from nanokimi.infer import LLM, SamplingParams
 
         params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                                top_k=args.top_k, seed=args.seed, nbce_window=args.nbce_window,
+                                top_k=args.top_k, seed=args.seed, repetition_penalty=args.repetition_penalty,
+                                nbce_window=args.nbce_window,
                                 nbce_beta=args.nbce_beta, nbce_pooling=args.nbce_pooling)
         # NBCE keeps its own caches; the engine's paged cache stays small
         out = LLM(args.ckpt, max_num_seqs=1, max_cache_tokens=1024).generate([args.prompt], params, use_tqdm=False)[0]
@@ -133,7 +136,8 @@ def cmd_generate(args) -> int:
 
     model, tokenizer = load_for_sampling(args.ckpt)
     print(sample_text(model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
-                      top_p=args.top_p, top_k=args.top_k, seed=args.seed, report=True))
+                      top_p=args.top_p, top_k=args.top_k, seed=args.seed, report=True,
+                      repetition_penalty=args.repetition_penalty))
     return 0
 
 
@@ -257,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--repetition-penalty", type=float, default=1.0,
+                     help="> 1 makes tokens of the prompt and the output so far less likely (1 = off; docs/engine.md)")
     gen.add_argument("--nbce-window", type=int, default=None, metavar="W",
                      help="NBCE: a prompt longer than the context, cut at newlines into windows of W tokens "
                           "(the last line is the query) and decoded together (docs/nbce.md)")

@@ -439,6 +439,7 @@ MISTAKES = [  # (arguments, words the one-line error must hold)
     (["generate", "--ckpt", RUN, "--top-p", "1.5"], ["--top-p 1.5"]),
     (["generate", "--ckpt", RUN, "--top-k", "-3"], ["--top-k -3"]),
     (["chat", RUN, "--repetition-penalty", "0"], ["repetition_penalty must be > 0"]),
+    (["generate", "--ckpt", RUN, "--repetition-penalty", "-1"], ["--repetition-penalty -1.0", "> 0"]),
     (["generate", "--ckpt", RUN, "--max-new-tokens", "0"], ["--max-new-tokens 0"]),
     (["generate", "--ckpt", RUN, "--prompt", "caf\udce9"], ["not valid UTF-8"]),
     (["generate", "--ckpt", "{root}/nowhere"], ["nowhere", "does not exist"]),

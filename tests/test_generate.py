@@ -184,7 +184,7 @@ def test_generate_cli_short_request_on_a_tokenizer_json_and_a_kimi_tiktoken_chec
     from nanokimi.checkpoint import save_checkpoint
     from nanokimi.cli import main
     from nanokimi.data import TiktokenTokenizer, Tokenizer, load_tokenizer
-    from nanokimi.infer import LLM
+    from nanokimi.infer import LLM, SamplingParams
 
     Tokenizer.train(["hello world, the quick brown fox"] * 20, vocab_size=300).save(tmp_path / "tokenizer.json")
     write_kimi_tokenizer(tmp_path / "kimi")
@@ -199,6 +199,14 @@ def test_generate_cli_short_request_on_a_tokenizer_json_and_a_kimi_tiktoken_chec
                      "--temperature", "0"]) == 0, capsys.readouterr().err
         out = capsys.readouterr().out
         assert out.startswith("hello") and len(out.strip()) > len("hello")
-        tokenizer = LLM(str(ckpt), device="cpu").tokenizer
+        llm = LLM(str(ckpt), device="cpu")
+        tokenizer = llm.tokenizer
         assert isinstance(tokenizer, TiktokenTokenizer if name == "kimi" else Tokenizer)
+        assert main(["generate", "--ckpt", str(ckpt), "--prompt", "hello", "--max-new-tokens", "5",
+                     "--temperature", "0", "--repetition-penalty", "0.2"]) == 0
+        penalized = llm.generate("hello", SamplingParams(max_tokens=5, temperature=0, repetition_penalty=0.2),
+                                 use_tqdm=False)[0]
+        assert capsys.readouterr().out == "hello" + penalized.text + "\n"
+        plain = llm.generate("hello", SamplingParams(max_tokens=5, temperature=0), use_tqdm=False)[0]
+        assert penalized.token_ids != plain.token_ids  # the flag reached the sampler
         assert tokenizer.encode("hello world") == load_tokenizer(ckpt).encode("hello world")
