@@ -9,7 +9,10 @@ Modes: "greedy" (temperature 0, outputs streamed every step: the server's shape)
 top_p 0.95, a seed and logprobs=0 per request, finished outputs only: RL rollouts' shape); "verify-attn": greedy
 on an attention-only model (mixers "AA": its verify rows run in the graphed step) where every sequence verifies a
 draft of 4 tokens each step (a drafter that repeats the last token: mostly rejected, so every step is a verify
-step), and "plain-attn", the same model without drafts (batch: sequences, not graph rows). The step runs
+step), and "plain-attn", the same model without drafts (batch: sequences, not graph rows); "penalized" (not run by
+default): "sampled" with frequency 0.5, presence 0.2 and repetition 1.1 penalties, whose adjustment of the logits
+(`sampling.apply_penalties`, its [rows, vocab] arithmetic included: on a GPU that part is kernels) counts as host
+work. The step runs
 use_cuda_graph="static" (the padded step a CUDA graph captures, the path CUDA decodes take; a batch above the
 largest graph bucket runs eagerly); the model's forward and the sampling kernels (DEVICE_CALLS) inside are timed
 separately and taken off. Times are this thread's CPU time (time.thread_time), so other
@@ -34,7 +37,8 @@ from nanokimi.config import ModelConfig
 from nanokimi.infer import Engine, SamplingParams
 from nanokimi.model import build_model
 
-MODES = ("greedy", "sampled", "plain-attn", "verify-attn")
+MODES = ("greedy", "sampled", "plain-attn", "verify-attn", "penalized")
+DEFAULT_MODES = MODES[:4]
 DRAFT = 4  # tokens a verify-attn sequence drafts each step
 # device work besides the forward, timed and taken off like it: the sampling kernels (sort, softmax, cumsum,
 # searchsorted) and the logprob kernels (log_softmax, topk) cost milliseconds on the CPU, microseconds of
@@ -56,6 +60,9 @@ class RepeatDrafter:
 
 
 def request_params(mode: str, max_tokens: int, i: int) -> SamplingParams:
+    if mode == "penalized":
+        return SamplingParams(max_tokens=max_tokens, temperature=1.0, top_p=0.95, seed=i, logprobs=0, ignore_eos=True,
+                              frequency_penalty=0.5, presence_penalty=0.2, repetition_penalty=1.1)
     if mode != "sampled":
         return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     return SamplingParams(max_tokens=max_tokens, temperature=1.0, top_p=0.95, seed=i, logprobs=0, ignore_eos=True)
@@ -67,7 +74,7 @@ def host_ms(model, mode: str, batch: int, prompt: int, steps: int, profile: bool
     speculative = dict(speculative=RepeatDrafter(), num_speculative_tokens=DRAFT) if draft else {}
     engine = Engine(model, max_num_seqs=max(256, batch), use_cuda_graph="static", max_step_tokens=8192,
                     max_cache_tokens=batch * (prompt + steps * (1 + draft) + 64), **speculative)
-    engine.stream_outputs = mode != "sampled"
+    engine.stream_outputs = mode not in ("sampled", "penalized")
     g = torch.Generator().manual_seed(batch)
     for i in range(batch):
         engine.add_request(f"r{i}", torch.randint(3, model.config.vocab_size, (prompt,), generator=g).tolist(),
@@ -139,7 +146,7 @@ def host_ms(model, mode: str, batch: int, prompt: int, steps: int, profile: bool
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", default="16,128,512,1024")
-    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"of {', '.join(MODES)}")
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--profile", action="store_true", help="cProfile the steps of the largest batch")
