@@ -197,6 +197,9 @@ def test_killing_a_decode_worker_mid_run_hangs_nothing(hybrid_ckpt, hybrid_clust
     start on the live pair, same tokens as one engine, nothing sent twice), within a bounded time; after the
     last decode worker dies too, a new request fails with an error naming it."""
     loop = hybrid_cluster
+    # each worker writes to a queue of its own: a worker killed while holding a shared queue's write lock
+    # stopped the others' messages (and heartbeats) for good, and the coordinator then killed them too
+    assert len({id(w.outbox) for w in loop.workers}) == len(loop.workers)
     reqs = requests(6, max_tokens=40)
     victim = loop.workers[1]
     killed = []

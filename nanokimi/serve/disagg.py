@@ -102,6 +102,7 @@ class WorkerInfo:
     role: str
     process: object
     inbox: object
+    outbox: object = None  # its own queue to the coordinator (see DisaggLoop._spawn)
     ready: dict | None = None
     alive: bool = True
     last_beat: float = field(default_factory=time.monotonic)
@@ -180,9 +181,8 @@ class DisaggLoop:
         self._by_wid: dict[str, Ticket] = {}
         self._snapshot: dict = {}
         self._store = None
-        self._outbox = None
         self._thread = threading.Thread(target=self._run, name="nanokimi-coordinator", daemon=True)
-        self._pump_thread = threading.Thread(target=self._pump, name="nanokimi-worker-messages", daemon=True)
+        self._pump_threads: list[threading.Thread] = []
 
     def start(self, timeout: float = 600.0) -> None:
         if self._thread.is_alive():
@@ -204,7 +204,6 @@ class DisaggLoop:
         roles = (["both"] * opts.replicas if opts.replicas else
                  ["prefill"] * opts.prefill_workers + ["decode"] * opts.decode_workers)
         ctx = mp.get_context("spawn")
-        self._outbox = ctx.Queue()
         world, port = 0, 0
         if not opts.replicas:
             import torch.distributed as dist
@@ -218,11 +217,18 @@ class DisaggLoop:
         for rank, (role, device) in enumerate(zip(roles, devices)):
             spec = WorkerSpec(rank, role, self.source, device, self.llm_kwargs, world, "127.0.0.1", port, backend,
                               opts.record_transfers, opts.warmup)
-            inbox = ctx.Queue()
-            process = ctx.Process(target=worker_main, args=(spec, inbox, self._outbox), daemon=True,
+            # a queue of its own each way: a process killed while its queue's feeder thread holds the queue's
+            # write lock leaves that lock held, which on a shared outbox stopped every other worker's messages
+            # (heartbeats included, so the coordinator then killed the live workers too)
+            inbox, outbox = ctx.Queue(), ctx.Queue()
+            process = ctx.Process(target=worker_main, args=(spec, inbox, outbox), daemon=True,
                                   name=f"nanokimi-{role}-{rank}")
             process.start()
-            self.workers.append(WorkerInfo(rank, role, process, inbox))
+            self.workers.append(WorkerInfo(rank, role, process, inbox, outbox))
+            pump = threading.Thread(target=self._pump, args=(outbox,), name=f"nanokimi-worker-{rank}-messages",
+                                    daemon=True)
+            pump.start()
+            self._pump_threads.append(pump)
 
     def stop(self) -> None:
         self._stop.set()
@@ -237,15 +243,14 @@ class DisaggLoop:
             if w.process.is_alive():
                 w.process.kill()
                 w.process.join(timeout=5)
-        if self._pump_thread.is_alive():
-            self._pump_thread.join(timeout=5)
-        for q in [w.inbox for w in self.workers] + [self._outbox]:
+        for pump in self._pump_threads:
+            pump.join(timeout=5)
+        for q in [w.inbox for w in self.workers] + [w.outbox for w in self.workers]:
             if q is not None:
                 q.cancel_join_thread()
                 q.close()
         for w in self.workers:  # dropped, so their semaphores are released before the interpreter exits
-            w.inbox = None
-        self._outbox = None
+            w.inbox = w.outbox = None
 
     def snapshot(self) -> dict:
         return self._snapshot
@@ -269,7 +274,6 @@ class DisaggLoop:
             self._ready.set()
             return
         self._refresh_snapshot()
-        self._pump_thread.start()
         self._ready.set()
         last_check = 0.0
         while not self._stop.is_set():
@@ -299,9 +303,14 @@ class DisaggLoop:
 
     def _wait_ready(self) -> None:
         pending = {w.rank for w in self.workers}
+        early = []  # requests submitted before the workers were ready: queued again afterwards, in order
         while pending:
             try:
-                rank, kind, *payload = self._outbox.get(timeout=0.5)
+                source, item = self._inbox.get(timeout=0.5)
+                if source != "worker":
+                    early.append((source, item))
+                    continue
+                rank, kind, *payload = item
             except queue.Empty:
                 dead = [w for w in self.workers if w.rank in pending and not w.process.is_alive()]
                 if dead:
@@ -318,6 +327,8 @@ class DisaggLoop:
                 for sample in payload[0]["samples"]:
                     worker.model.observe(*sample)
                 pending.discard(rank)
+        for entry in early:
+            self._inbox.put(entry)
 
     def _live(self, predicate) -> list[WorkerInfo]:
         return [w for w in self.workers if w.alive and predicate(w)]
@@ -462,11 +473,12 @@ class DisaggLoop:
                 self.workers[rank].inbox.put(("abort", ticket.wid))
         self._by_wid.pop(ticket.wid, None)
 
-    def _pump(self) -> None:
-        """Move the workers' messages into the coordinator's queue, so one blocking get serves both sides."""
+    def _pump(self, outbox) -> None:
+        """Move one worker's messages into the coordinator's queue, so one blocking get serves every worker and
+        the HTTP side."""
         while not self._stop.is_set():
             try:
-                message = self._outbox.get(timeout=0.1)
+                message = outbox.get(timeout=0.1)
             except queue.Empty:
                 continue
             except Exception:  # noqa: BLE001 - a message its dying sender could not finish; the rest go on
