@@ -223,3 +223,16 @@ def test_engine_prefill_short_segments_through_the_kernel(monkeypatch):
     assert [done[str(i)].token_ids for i in range(5)] == expected
     assert paged.SHORT_SEGMENTS_CHECKED == {"cpu": True}
     assert any(r > 1 for r in rounds)  # chains of several tokens: prefill segments (decode rows have none)
+
+
+@needs_triton
+def test_the_start_up_kernel_checks_pass_where_the_kernel_is_right():
+    """The cases the engine's start-up checks run (check_kda_slot_kernel on CUDA, check_short_segments) are
+    within their bound here, so a wrong check cannot quietly take the kernel away from a GPU."""
+    import nanokimi.model.paged as paged
+
+    cpu = torch.device("cpu")
+    for depths in (None, [0, 1, 2, 0, 1]):
+        assert paged._slot_kernel_error(cpu, [4, 0, 6, 1, 3], depths, 3, paged.kda_decode_slots_reference, 0) < 2e-2
+    assert paged._slot_kernel_error(cpu, [3, 3, 3, 3, 0, 4, 4], [0, 1, 2, 3, 0, 0, 1], 4,
+                                    paged.kda_chains_reference, 1) < 2e-2

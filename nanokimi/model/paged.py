@@ -637,26 +637,13 @@ def short_segment_step(device: torch.device):
 
 
 def check_short_segments(device: torch.device) -> bool:
-    """Run the slot kernel once on `device` over chains that share their slot (short prefill segments, bf16
-    inputs) against kda_chains_reference; on an error or a mismatch warn and keep chunk_kda. Cached per device."""
+    """Run the slot kernel once on `device` over chains that share their slot (short prefill segments) against
+    kda_chains_reference; on an error or a mismatch warn and keep chunk_kda. Cached per device."""
     key = str(device)
     if key not in SHORT_SEGMENTS_CHECKED:
         ok = False
-        try:
-            g = torch.Generator(device=device).manual_seed(1)
-            S, H, K, N = 7, 2, 128, 5
-            q, k = (l2_normalize(torch.randn(S, H, K, generator=g, device=device)).bfloat16() for _ in range(2))
-            v = torch.randn(S, H, K, generator=g, device=device).bfloat16()
-            gate = -torch.rand(S, H, K, generator=g, device=device)
-            beta = torch.rand(S, H, generator=g, device=device)
-            state = torch.randn(N, H, K, K, generator=g, device=device)
-            slots = torch.tensor([3, 3, 3, 3, 0, 4, 4], device=device)  # chains of 4, 1 and 2 tokens
-            depths = torch.tensor([0, 1, 2, 3, 0, 0, 1], device=device)
-            expected_state, got_state = state.clone(), state.clone()
-            expected = kda_chains_reference(q, k, v, gate, beta, expected_state, slots, K ** -0.5, depths, 4)
-            got = kda_decode_slots(q, k, v, gate, beta, got_state, slots, K ** -0.5, depths=depths, rounds=4)
-            error = max(((a.float() - b.float()).norm() / b.float().norm()).item()
-                        for a, b in ((got, expected), (got_state, expected_state)))
+        try:  # chains of 4, 1 and 2 tokens, each in one slot
+            error = _slot_kernel_error(device, [3, 3, 3, 3, 0, 4, 4], [0, 1, 2, 3, 0, 0, 1], 4, kda_chains_reference, 1)
             ok = error < 2e-2
             if not ok:
                 warnings.warn(f"the KDA slot kernel is off its reference over shared-slot chains on {device} "
@@ -855,31 +842,16 @@ def use_kda_slot_kernel(device: torch.device) -> bool:
 
 
 def check_kda_slot_kernel(device: torch.device) -> bool:
-    """Run the KDA decode kernel once on `device` against its reference (bf16 inputs as the engine passes
-    them), for decode rows and for verify rows' chains; on an error or a mismatch warn and keep the gathered
-    path (chains: the reference's rounds). Cached per device."""
+    """Run the KDA decode kernel once on `device` against its reference, for decode rows and for verify rows'
+    chains; on an error or a mismatch warn and keep the gathered path (chains: the reference's rounds). Cached
+    per device."""
     key = str(device)
     if key not in KDA_KERNEL_CHECKED:
         ok = False
         if device.type == "cuda" and triton_available():
-            try:
-                g = torch.Generator(device=device).manual_seed(0)
-                S, H, K, N = 5, 2, 128, 7
-                q, k = (l2_normalize(torch.randn(S, H, K, generator=g, device=device)).bfloat16() for _ in range(2))
-                v = torch.randn(S, 3, H, K, generator=g, device=device).bfloat16()[:, 2]  # strided, as in the engine
-                gate = -torch.rand(S, H, K, generator=g, device=device)
-                beta = torch.rand(S, H, generator=g, device=device)
-                state = torch.randn(N, H, K, K, generator=g, device=device)
-                slots = torch.tensor([4, 0, 6, 1, 3], device=device)
-                depths = torch.tensor([0, 1, 2, 0, 1], device=device)  # and as verify rows' chains (graph step)
-                pairs = []
-                for chains in (None, depths):
-                    expected_state, got_state = state.clone(), state.clone()
-                    expected = kda_decode_slots_reference(q, k, v, gate, beta, expected_state, slots, K ** -0.5,
-                                                          depths=chains, rounds=3)
-                    got = kda_decode_slots(q, k, v, gate, beta, got_state, slots, K ** -0.5, depths=chains, rounds=3)
-                    pairs += [(got, expected), (got_state, expected_state)]
-                error = max(((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in pairs)
+            try:  # rows in their own slots, alone and as verify rows' chains (graph step)
+                error = max(_slot_kernel_error(device, [4, 0, 6, 1, 3], depths, 3, kda_decode_slots_reference, 0)
+                            for depths in (None, [0, 1, 2, 0, 1]))
                 ok = error < 2e-2
                 if not ok:
                     warnings.warn(f"the Triton KDA decode kernel is off its reference on {device} (relative error "
@@ -889,6 +861,26 @@ def check_kda_slot_kernel(device: torch.device) -> bool:
                               "KDA decode rows gather their state slots instead.")
         KDA_KERNEL_CHECKED[key] = ok
     return KDA_KERNEL_CHECKED[key]
+
+
+def _slot_kernel_error(device: torch.device, slots: list[int], depths: list[int] | None, rounds: int, reference,
+                       seed: int) -> float:
+    """The KDA slot kernel's largest relative error (outputs, states) against `reference` on random inputs as the
+    engine passes them (bf16 q, k, v, v strided; fp32 gates and states), rows in `slots`, chained by `depths`."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    S, H, K, N = len(slots), 2, 128, max(slots) + 1
+    q, k = (l2_normalize(torch.randn(S, H, K, generator=g, device=device)).bfloat16() for _ in range(2))
+    v = torch.randn(S, 3, H, K, generator=g, device=device).bfloat16()[:, 2]
+    gate = -torch.rand(S, H, K, generator=g, device=device)
+    beta = torch.rand(S, H, generator=g, device=device)
+    state = torch.randn(N, H, K, K, generator=g, device=device)
+    slots = torch.tensor(slots, device=device)
+    depths = None if depths is None else torch.tensor(depths, device=device)
+    expected_state, got_state = state.clone(), state.clone()
+    expected = reference(q, k, v, gate, beta, expected_state, slots, K ** -0.5, depths=depths, rounds=rounds)
+    got = kda_decode_slots(q, k, v, gate, beta, got_state, slots, K ** -0.5, depths=depths, rounds=rounds)
+    return max(((a.float() - b.float()).norm() / b.float().norm()).item()
+               for a, b in ((got, expected), (got_state, expected_state)))
 
 
 def _context_mask(batch: PagedBatch, length: int, device) -> torch.Tensor:
