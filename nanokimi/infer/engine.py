@@ -223,6 +223,8 @@ class Engine:
         request = Request(request_id, prompt_token_ids, params, arrival, prompt)
         request.stop_ids = frozenset(params.stop_token_ids or ()) | (frozenset() if params.ignore_eos else
                                                                       frozenset(self.eos_ids))
+        if params.repetition_penalty != 1:
+            request.distinct_prompt_ids = host_tensor(sorted(set(prompt_token_ids)))
         seed = params.seed if params.seed is not None else secrets.randbits(62)
         for i in range(params.n):
             seq = Sequence(request, i, sample_seed(seed, i), self.block_size, self.snapshot_interval)
@@ -464,11 +466,11 @@ class Engine:
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """All rows drawn in one batched call, their tokens (and logprobs) brought back in one copy."""
         params = [s.request.params for s in seqs]
-        penalized = [i for i, p in enumerate(params) if p.penalized]
+        penalized = [i for i, s in enumerate(seqs) if s.request.penalized]
         if penalized:
             logits = apply_penalties(logits, penalized, [params[i] for i in penalized],
                                      [seqs[i].output.token_ids for i in penalized],
-                                     [self._distinct_prompt_ids(seqs[i].request) for i in penalized])
+                                     [seqs[i].request.distinct_prompt_ids for i in penalized])
         temperature = [p.temperature for p in params]
         if any(temperature):
             uniforms = [s.rng.random() if t > 0 else 0.0 for s, t in zip(seqs, temperature)]
@@ -497,15 +499,6 @@ class Engine:
                 self._apply_stop_rules(seq, token)
             if drafter is not None and seq.status != FINISHED:
                 drafter.observe(seq)
-
-    @staticmethod
-    def _distinct_prompt_ids(request: Request) -> torch.Tensor | None:
-        """The prompt's distinct token ids (CPU), made once per request, where repetition_penalty needs them."""
-        if request.params.repetition_penalty == 1:
-            return None
-        if request.distinct_prompt_ids is None:
-            request.distinct_prompt_ids = host_tensor(sorted(set(request.prompt_token_ids)))
-        return request.distinct_prompt_ids
 
     def _check_finish(self, seq: Sequence, token: int) -> None:
         """Output the token and end the sample if it stops it (stop token, stop string, length)."""

@@ -50,7 +50,8 @@ class Request:
         self.sequences: list[Sequence] = []
         self.num_cached_tokens = 0
         self.stop_ids: frozenset[int] = frozenset()  # tokens that end a sample (set by the engine)
-        self.distinct_prompt_ids = None  # a CPU tensor of its prompt's distinct ids, made for repetition_penalty
+        self.penalized = params.penalized  # read per row each step: the property's four tests once, here
+        self.distinct_prompt_ids = None  # repetition_penalty: its prompt's distinct ids, a CPU tensor (the engine's)
 
     @property
     def finished(self) -> bool:
@@ -275,7 +276,7 @@ class Scheduler:
         the context leave (the step emits one token more than it accepts), and what free blocks can hold. None
         for a request whose logits are adjusted (penalties, logit_bias: each position's adjustment depends on the
         tokens accepted before it)."""
-        if seq.request.params.penalized:
+        if seq.request.penalized:
             return []
         longest = self.num_speculative_tokens
         if len(self.running) * TAIL_FRACTION <= self.max_num_seqs:  # the tail: few rows, extra draft tokens are cheap
