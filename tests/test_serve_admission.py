@@ -187,8 +187,10 @@ def test_a_request_sharing_a_prefix_in_flight_waits_for_it_and_then_reuses_it(tm
             llm.engine.stream_outputs = True  # as the server runs it: every step reports its tokens
             loop = EngineLoop(llm.engine, SamplingParams, 512, 512, step_tokens=512, max_wait_s=max_wait_s,
                               warmup=False)
+            # ignore_eos: a first token that happens to be the end id would finish "first" before the checks below
             for name, tail in (("first", [7]), ("second", [9] * 20)):  # first's last full block ends the prefix
-                loop._admit(Ticket(name, shared + tail, SamplingParams(max_tokens=2), asyncio.Queue(), aio))
+                loop._admit(Ticket(name, shared + tail, SamplingParams(max_tokens=2, ignore_eos=True), asyncio.Queue(),
+                                   aio))
             loop._dispatch(llm.engine.stats())
             if max_wait_s == 0.0:
                 assert not loop._pending  # both went at once
@@ -196,7 +198,7 @@ def test_a_request_sharing_a_prefix_in_flight_waits_for_it_and_then_reuses_it(tm
                 loop._tickets.clear()
                 # the hybrid model could not reuse a prefix ending mid-prompt (no KDA snapshot there): no waiting
                 for name, ids in (("third", shared[:80] + [7] * 40), ("fourth", shared + [9] * 20)):
-                    loop._admit(Ticket(name, ids, SamplingParams(max_tokens=2), asyncio.Queue(), aio))
+                    loop._admit(Ticket(name, ids, SamplingParams(max_tokens=2, ignore_eos=True), asyncio.Queue(), aio))
                 loop.max_wait_s = 60.0
                 loop._dispatch(llm.engine.stats())
                 assert not loop._pending
