@@ -184,7 +184,7 @@ def main():
     ap.add_argument("--profile", action="store_true", help="GPU kernels of 5 decode steps by kind (into the JSON)")
     ap.add_argument("--variants", nargs="+", default=None, help="short-decode variants (default: all)")
     ap.add_argument("--peer-batches", nargs="+", type=int, default=None, help="HF peer batches (default: --batches)")
-    ap.add_argument("--peer-script", help="path to peer_hf.py (default: .gpu/bench/ or ../shared/bench/)")
+    ap.add_argument("--peer-script", help="path to peer_hf.py (default: .gpu/bench/, shared/bench/ or ../shared/bench/)")
     ap.add_argument("--peer-timeout", type=int, default=240)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=20)

@@ -12,15 +12,15 @@
 #   bash benchmarks/gpu_suite.sh kdaverify  # a KDA hybrid's verify steps, eager vs graphed; their GPU tests
 #   bash benchmarks/gpu_suite.sh prefill    # a hybrid's prefill step: short segments in the slot kernel or not
 #   GPU_STEPS="LIMIT command;..." bash benchmarks/gpu_suite.sh custom
-# Expects fla-core wheels in .whl/ (bash ../shared/bench/gpu_wheels.sh) and the HF peer script in
-# .gpu/bench/ (cp -r ../shared/bench .gpu/). Results land in benchmarks/results/ and, when $OUT is
+# Expects fla-core wheels in .whl/ (bash ../shared/bench/gpu_wheels.sh; other wheel folders named .whl-*/ are
+# installed too) and the HF peer script in .gpu/bench/ (cp -r ../shared/bench .gpu/) or shared/bench/. Results land in benchmarks/results/ and, when $OUT is
 # set, the new ones come back in $OUT/results.tgz with the log. Where the tree travels with a .git that is
 # not its own (seen on the lent GPU machines: results recorded an older HEAD), start the command with
 # NANOKIMI_COMMIT=<the tree's commit>.
 set -u
 export PYTHONUNBUFFERED=1
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/nanokimi-site .whl/*.whl
+if ls .whl*/*.whl >/dev/null 2>&1; then  # .whl/ and any .whl-*/ carried beside it (serve stack, newer transformers)
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/nanokimi-site .whl*/*.whl
   export PYTHONPATH=/tmp/nanokimi-site:$PWD PATH=/tmp/nanokimi-site/bin:$PATH  # bin: transformers serve
 else
   export PYTHONPATH=$PWD
@@ -28,7 +28,11 @@ fi
 # Triton's cache (fla's autotuning results included): restored from .gpu/compile_cache.tgz.part-* when a
 # previous run left it there, and packed into $OUT at the end, so later runs skip the autotuning.
 export TRITON_CACHE_DIR=/tmp/nk-cache/triton TORCHINDUCTOR_CACHE_DIR=/tmp/nk-cache/inductor
-if ls .gpu/compile_cache.tgz.part-* >/dev/null 2>&1; then cat .gpu/compile_cache.tgz.part-* | tar xzf - -C /tmp; fi
+# .gpu-slim/ holds a smaller one (fla's autotuning picks without the binaries of every config tried) for calls
+# whose wheels leave no room for the whole cache.
+for cache in .gpu .gpu-slim; do
+  if ls $cache/compile_cache.tgz.part-* >/dev/null 2>&1; then cat $cache/compile_cache.tgz.part-* | tar xzf - -C /tmp; break; fi
+done
 log=${OUT:-/tmp}/gpu_suite_$1.log
 touch /tmp/nk-suite-start
 step() {  # step SECONDS command...: run with a time limit, keep going on failure

@@ -85,7 +85,8 @@ def free_memory(device: torch.device) -> None:
 
 
 def find_peer_script(given: str | None) -> Path | None:
-    candidates = [given] if given else [ROOT / ".gpu" / "bench" / "peer_hf.py", ROOT / ".." / "shared" / "bench" / "peer_hf.py"]
+    candidates = [given] if given else [ROOT / ".gpu" / "bench" / "peer_hf.py", ROOT / "shared" / "bench" / "peer_hf.py",
+                                        ROOT / ".." / "shared" / "bench" / "peer_hf.py"]
     for c in candidates:
         if c and Path(c).is_file():
             return Path(c).resolve()

@@ -237,7 +237,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
     ap.add_argument("--quick", action="store_true", help="CPU smoke run on tiny models (seconds)")
-    ap.add_argument("--peer-script", help="path to peer_hf.py (default: .gpu/bench/ or ../shared/bench/)")
+    ap.add_argument("--peer-script", help="path to peer_hf.py (default: .gpu/bench/, shared/bench/ or ../shared/bench/)")
     ap.add_argument("--no-peer", action="store_true", help="skip the HF subprocess peers")
     ap.add_argument("--peer-timeout", type=int, default=420)
     ap.add_argument("--path", choices=list(PATHS), default="auto",
