@@ -142,6 +142,42 @@ def cheapest(configs, count: int = 1):
     return sorted(configs, key=config_cost)[:count]
 
 
+def autotuners_in(modules):
+    """The Triton autotuners these modules define, also those under other decorators: fla writes
+    @triton.heuristics over @triton.autotune, so the module holds a Heuristics whose .fn is the Autotuner."""
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import KernelInterface
+
+    found = {}
+    for module in modules:
+        for value in vars(module).values():
+            while isinstance(value, KernelInterface) and not isinstance(value, Autotuner):
+                value = getattr(value, "fn", None)
+            if isinstance(value, Autotuner):
+                found[id(value)] = value
+    return list(found.values())
+
+
+def test_autotuners_under_heuristics_are_found():
+    """The pinning fixture below reaches every autotuner: a GPU run showed fla's KDA kernels (all under
+    @triton.heuristics) going through full autotuning because only bare Autotuner attributes were pinned."""
+    import types
+
+    triton = pytest.importorskip("triton")
+
+    def body(x, BLOCK: triton.language.constexpr):
+        pass
+
+    module = types.ModuleType("kernels")
+    configs = [triton.Config({"BLOCK": b}) for b in (16, 32)]
+    module.bare = triton.autotune(configs, key=[])(triton.jit(body))
+    module.wrapped = triton.heuristics({"EVEN": lambda args: True})(triton.autotune(configs, key=[])(triton.jit(body)))
+    module.untuned = triton.jit(body)
+    module.alias = module.bare
+    tuners = autotuners_in([module])
+    assert len(tuners) == 2 and module.bare in tuners and module.wrapped.fn in tuners
+
+
 @pytest.fixture(scope="module")
 def fla_pinned():
     """fla autotunes each Triton kernel over up to ~36 configs, compiling every one: minutes per dtype on a fresh
@@ -154,10 +190,8 @@ def fla_pinned():
     import sys
 
     import fla.ops.kda  # noqa: F401 - imports the kernels, so their autotuners exist
-    from triton.runtime.autotuner import Autotuner
 
-    tuners = {id(t): t for name, module in list(sys.modules.items()) if name.startswith("fla.") and module
-              for t in vars(module).values() if isinstance(t, Autotuner)}.values()
+    tuners = autotuners_in([module for name, module in list(sys.modules.items()) if name.startswith("fla.") and module])
     originals = [(t, t.prune_configs) for t in tuners]
 
     def pin(count):
@@ -181,7 +215,7 @@ def fla_pinned():
 
     pin(1)
 
-    assert originals, "found no fla autotuners to pin"
+    assert any(t.base_fn.__name__.startswith("chunk_kda") for t, _ in originals), "found no KDA autotuners to pin"
     yield run_pinned
     unpin()
 
