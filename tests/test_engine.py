@@ -244,14 +244,21 @@ def test_a_preempted_hybrid_prefill_resumes_where_it_stopped(monkeypatch):
 def test_a_preempted_hybrid_prefill_resumes_where_it_stopped_on_cuda(monkeypatch):
     """The same on CUDA (bf16: the MoE's grouped GEMM wants it), where the slot copies, the tier's copies down on
     a side stream and the loads up are asynchronous: a prefill preempted at a block boundary resumes there, and
-    the tokens agree with a cache large enough for no preemption (bf16 chunks round differently, so a near-tie
-    may flip: most, not all, sequences must match)."""
+    its result agrees with a cache large enough for no preemption."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
+    check_preempted_prefill_resumes(monkeypatch, "cuda", torch.bfloat16)
+
+
+def check_preempted_prefill_resumes(monkeypatch, device: str, dtype: torch.dtype) -> None:
+    """The two runs chunk and batch the prompts differently, so in bf16 their logits round differently and a
+    random model's near-ties flip (a GPU run had 5 of 12 greedy continuations equal, all structural checks
+    passing). What a resumed prefill decides is the first token: its logprob must agree within bf16 rounding,
+    and where the roomy run's choice leads its runner-up by more than that, the choice too."""
     from nanokimi.infer.tiers import KVTierStore
-    model = make_model("tiny", small=False).to("cuda", torch.bfloat16)
+    model = make_model("tiny", small=False).to(device, dtype)
     batch = prompts(12, seed=13, lengths=(150, 113, 181, 97))
-    params = SamplingParams(max_tokens=12, temperature=0)
+    params = SamplingParams(max_tokens=12, temperature=0, logprobs=2)
     requests = [(str(i), p, params) for i, p in enumerate(batch)]
     roomy = run_engine(Engine(model, block_size=16, max_cache_tokens=1 << 14, compile=False), requests)
     engine = Engine(model, block_size=16, max_cache_tokens=512, max_step_tokens=96, snapshot_interval=10 ** 6,
@@ -262,8 +269,20 @@ def test_a_preempted_hybrid_prefill_resumes_where_it_stopped_on_cuda(monkeypatch
     mid_prefill = [e for e in log if 0 < e[1] < len(batch[int(e[0])]) and e[1] % 16 == 0]
     assert mid_prefill and all(resumed == computed for _, computed, resumed in mid_prefill)
     assert engine.stats()["cache_blocks_free"] == engine.stats()["cache_blocks_total"]
-    same = sum(done[str(i)].token_ids == roomy[str(i)].token_ids for i in range(len(batch)))
-    assert same >= len(batch) * 0.6
+    tolerance = 0.1 if dtype == torch.bfloat16 else 1e-4
+    for i in range(len(batch)):
+        want, got = roomy[str(i)].outputs[0], done[str(i)].outputs[0]
+        token = want.token_ids[0]
+        top = sorted(want.logprobs[0].values(), reverse=True)
+        if token in got.logprobs[0]:
+            assert abs(got.logprobs[0][token] - want.logprobs[0][token]) <= tolerance, i
+        if top[0] - top[1] > 2 * tolerance:
+            assert got.token_ids[0] == token, i
+
+
+def test_a_preempted_prefill_agrees_with_a_roomy_cache_by_logprobs(monkeypatch):
+    """The GPU test's check, run on the CPU (fp32: tight tolerance) so its logic is exercised in CI."""
+    check_preempted_prefill_resumes(monkeypatch, "cpu", torch.float32)
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-dense"])
