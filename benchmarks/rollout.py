@@ -14,7 +14,7 @@ task: rollout wall time, steps and ms per step, generated tokens/s, p50/p99 requ
 acceptance (mean tokens emitted per verified row), how many verify rows replayed the graphed decode step (of
 all; a KDA hybrid's too, benchmarks/kda_verify.py) and how many graphs were captured while timed (0 expected).
 Sampled outputs are compared with plain's (same per-request
-seeds: equal unless batch composition changes a float, or speculation draws differently - same distribution);
+seeds; speculation emits plain sampling's draws: equal unless batch composition changes a float);
 a greedy run on a smaller batch reports the share of every variant's outputs equal to plain's (1.0 in exact
 arithmetic; in bf16 a near-tie between two kernels' roundings can flip a sequence). Writes
 benchmarks/results/rollout.json and rollout.png (completion-time distributions).

@@ -1,7 +1,7 @@
-"""Speculative decoding in the engine changes nothing about the output: greedy tokens equal decoding without
-it (drafts fully right, fully wrong, partly right; hybrid, MLA, GQA and MoBA models), sampled tokens keep the
-model's distribution (chi-square), a rejected draft leaves the KDA state of the accepted prefix, and every
-block comes back."""
+"""Speculative decoding in the engine changes nothing about the output: greedy and seeded sampled tokens equal
+decoding without it (drafts fully right, fully wrong, partly right; hybrid, MLA, GQA and MoBA models), sampled
+tokens keep the model's distribution (chi-square), a rejected draft leaves the KDA state of the accepted prefix,
+and every block comes back."""
 import random
 
 import pytest
@@ -10,7 +10,8 @@ import torch
 from test_engine import CONFIGS, make_model, prompts
 from nanokimi import ModelConfig, build_model
 from nanokimi.infer import Engine, SamplingParams
-from nanokimi.infer.speculative import Drafter, NgramIndex, accept_draft, filtered_probs
+from nanokimi.infer.sampling import sample_rows
+from nanokimi.infer.speculative import Drafter, NgramIndex, accept_draft
 
 MODELS = ["tiny", "tiny-dense", "all-mla", "moba"]  # KDA + MLA hybrid, GQA, MLA with RoPE, KDA + MoBA
 CHI2_LEVEL = 1e-3  # the tests fail when a p-value falls below this (fixed seeds: the outcome is deterministic)
@@ -66,11 +67,34 @@ def greedy_requests(count=5, max_tokens=10, **extra):
     return [(str(i), ids, params) for i, ids in enumerate(prompts(count, seed=3))]
 
 
+def sampled_requests(count=5, max_tokens=10):
+    return [(str(i), ids, SamplingParams(max_tokens=max_tokens, temperature=0.9, top_p=0.9, top_k=40, seed=100 + i,
+                                         ignore_eos=True)) for i, ids in enumerate(prompts(count, seed=3))]
+
+
+def filtered_distribution(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """logits [V] -> the law plain sampling draws from: softmax(logits / temperature) over the top_k most likely
+    tokens, then the smallest most likely set of those whose (renormalised) probability reaches top_p."""
+    probs = (logits.double() / temperature).softmax(-1)
+    top = probs.argsort(descending=True)[:top_k].tolist()
+    in_top_k = probs[top] / probs[top].sum()
+    kept = torch.zeros_like(probs)
+    mass = 0.0
+    for token, p in zip(top, in_top_k.tolist()):
+        if kept.any() and mass >= top_p:
+            break
+        kept[token] = p
+        mass += p
+    return kept / kept.sum()
+
+
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("kind", ["right", "wrong", "partly"])
-def test_greedy_with_speculation_equals_without(name, kind):
+@pytest.mark.parametrize("sampled", [False, True])
+def test_speculation_emits_the_tokens_of_decoding_without_it(name, kind, sampled):
+    """Greedy, and sampled with a seed per request: a draft changes how many tokens a step emits, not which."""
     model = make_model(name)
-    requests = greedy_requests()
+    requests = sampled_requests() if sampled else greedy_requests()
     reference = run(Engine(model, max_cache_tokens=2048, block_size=4), requests)
     drafter = OracleDrafter(reference, kind, model.config.vocab_size)
     engine = Engine(model, max_cache_tokens=2048, block_size=4, speculative=drafter, num_speculative_tokens=3)
@@ -138,10 +162,28 @@ def chi2_pvalue(observed: torch.Tensor, expected: torch.Tensor) -> float:
     return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), stat.double() / 2))
 
 
+def test_accept_rule_draws_what_plain_sampling_draws_and_takes_one_number_per_token():
+    """At each place the token plain sampling would draw with the stream's next number; drafts accepted while they
+    equal it; the stream then stands where plain sampling of the emitted tokens leaves it."""
+    torch.manual_seed(2)
+    for trial in range(40):
+        logits = torch.randn(4, 12, dtype=torch.float64) * 2
+        plain_rng, rng = random.Random(trial), random.Random(trial)
+        plain = [int(sample_rows(logits[i:i + 1], [0.9], [8], [0.95], [plain_rng.random()])[0]) for i in range(4)]
+        cut = trial % 4  # drafts right up to `cut`, then wrong
+        draft = plain[:cut] + [(t + 1) % 12 for t in plain[cut:3]]
+        emitted = accept_draft(logits, draft, 0.9, 8, 0.95, rng)
+        assert emitted == plain[:cut + 1]
+        follow = random.Random(trial)
+        for _ in emitted:
+            follow.random()
+        assert rng.random() == follow.random()
+
+
 def test_accept_rule_keeps_the_distribution_of_the_first_token():
     torch.manual_seed(0)
     logits = torch.randn(3, 12, dtype=torch.float64)
-    p = filtered_probs(logits, 0.9, 8, 0.95)[0]
+    p = filtered_distribution(logits[0], 0.9, 8, 0.95)
     draft = [int(p.argmax()), 3]
     rng = random.Random(1)
     draws = 4000
@@ -323,8 +365,8 @@ def test_verify_rows_in_the_static_graph_step_give_the_eager_verification(name, 
         monkeypatch.setattr(runner, "GRAPH_BATCH_SIZES", sizes)
     model = make_model(name)
     requests = verify_requests()
-    plain = run_outputs(Engine(model, max_cache_tokens=2048, block_size=4), requests, stagger=3)
-    reference = {(key, 0): out.token_ids for key, out in plain.items()}  # sampled: drafts from another draw
+    plain = run_outputs(Engine(model, max_cache_tokens=2048, block_size=4), requests, stagger=2)
+    reference = {(key, 0): out.token_ids for key, out in plain.items()}  # sampled too: the same draws
     outs, engines = {}, {}
     for graphs in (False, "static"):
         engine = Engine(model, max_cache_tokens=2048, block_size=4, use_cuda_graph=graphs, num_speculative_tokens=4,
@@ -340,7 +382,7 @@ def test_verify_rows_in_the_static_graph_step_give_the_eager_verification(name, 
         engine.runner.run = spy
         engine.runner._run_graphed_groups = lambda rows: chunked.append(sum(len(r.tokens) for r in rows)) or \
             run_groups(rows)  # graph rows: a token each
-        outs[graphs], engines[graphs] = run_outputs(engine, requests, stagger=3), engine
+        outs[graphs], engines[graphs] = run_outputs(engine, requests, stagger=2), engine
         assert any(crossing) and any(mixed)  # drafts across block boundaries; verify rows beside prefill chunks
         if graphs and sizes is not None:
             assert max(chunked) > sizes[-1]

@@ -19,9 +19,9 @@ from torch import nn
 from nanokimi.infer.block_manager import BlockPool, StateSlots, block_hash
 from nanokimi.infer.params import CompletionOutput, RequestOutput, SamplingParams
 from nanokimi.infer.runner import ModelRunner, Row, uses_graphs
-from nanokimi.infer.sampling import apply_penalties, sample_step, top_logprobs
+from nanokimi.infer.sampling import apply_penalties, sample_rows, sample_step, top_logprobs
 from nanokimi.infer.scheduler import FINISHED, POLICIES, Request, Scheduler, Sequence
-from nanokimi.infer.speculative import accept_greedy, accept_sampled, filtered_probs, make_drafter
+from nanokimi.infer.speculative import accept_matching, make_drafter, next_uniforms
 from nanokimi.model.kda import KimiDeltaAttention
 from nanokimi.model.paged import apply_state_slot_ops, paged_cache_bytes, rollback_recurrent_state
 from nanokimi.runtime.host import freeze_startup_objects, host_tensor
@@ -377,41 +377,37 @@ class Engine:
         return outputs
 
     def _accept(self, verified: list[tuple[Sequence, Row, torch.Tensor]]) -> list[list[int]]:
-        """The emitted tokens of each verified draft. The argmaxes, and the filtered distributions of sampled
-        rows (one computation per distinct temperature / top-k / top-p), reach the host in one transfer each."""
+        """The emitted tokens of each verified draft. At every position of every row, the token plain decoding
+        would draw there (the argmax, or the plain sampler with the numbers the sequence's stream holds next),
+        all drawn in one batched call and brought to the host in one transfer."""
         if not verified:
             return []
         logits = torch.cat([part for _, _, part in verified])  # [sum of 1 + draft, V]
-        starts = [0]
-        for _, _, part in verified:
-            starts.append(starts[-1] + part.shape[0])
-        settings: dict[tuple, list[int]] = {}
-        for i, (seq, _, _) in enumerate(verified):
-            p = seq.request.params
-            if p.temperature > 0:
-                settings.setdefault((p.temperature, p.top_k, p.top_p), []).append(i)
-        probs = {}
-        for (temperature, top_k, top_p), members in settings.items():
-            index = torch.tensor([j for i in members for j in range(starts[i], starts[i + 1])], device=logits.device)
-            table = filtered_probs(logits.index_select(0, index), temperature, top_k, top_p).cpu()
-            offset = 0
-            for i in members:
-                size = starts[i + 1] - starts[i]
-                probs[i] = table[offset:offset + size]
-                offset += size
-        best = logits.argmax(dim=-1).tolist() if len(probs) < len(verified) else None
-        return [self._verify(seq, row, part, best[starts[i]:starts[i + 1]] if i not in probs else None, probs.get(i))
-                for i, (seq, row, part) in enumerate(verified)]
+        temperature, top_k, top_p, uniforms = [], [], [], []
+        for seq, _, part in verified:
+            p, positions = seq.request.params, part.shape[0]
+            temperature += [p.temperature] * positions
+            top_k += [p.top_k] * positions
+            top_p += [p.top_p] * positions
+            uniforms += next_uniforms(seq.rng, positions) if p.temperature > 0 else [0.0] * positions
+        draws = sample_rows(logits, temperature, top_k, top_p, uniforms).tolist()
+        emitted, start = [], 0
+        for seq, row, part in verified:
+            emitted.append(self._verify(seq, row, part, draws[start:start + part.shape[0]]))
+            start += part.shape[0]
+        return emitted
 
-    def _verify(self, seq: Sequence, row: Row, logits: torch.Tensor, best: list[int] | None,
-                probs: torch.Tensor | None) -> list[int]:
-        """Accept a verified draft by the rule (nanokimi/infer/speculative.py; best: greedy argmaxes, probs:
-        the sampled distributions); roll the KDA state back to the last emitted-and-computed token; return
-        the emitted tokens (accepted drafts and one new token), which are appended to seq.tokens so that
-        after_step hashes the computed blocks."""
+    def _verify(self, seq: Sequence, row: Row, logits: torch.Tensor, draws: list[int]) -> list[int]:
+        """Accept a verified draft by the rule (nanokimi/infer/speculative.py; draws: plain decoding's token at
+        each position); advance a sampled sequence's stream by the tokens emitted; roll the KDA state back to
+        the last emitted-and-computed token; return the emitted tokens (accepted drafts and one new token),
+        which are appended to seq.tokens so that after_step hashes the computed blocks."""
         params = seq.request.params
         draft, seq.draft = seq.draft, []
-        emitted = accept_greedy(best, draft) if probs is None else accept_sampled(probs, draft, seq.rng)
+        emitted = accept_matching(draws, draft)
+        if params.temperature > 0:  # one number per emitted token, as plain decoding takes
+            for _ in emitted:
+                seq.rng.random()
         # the state after the last token + accepted drafts (the new token is not computed)
         if row.token_slots and len(emitted) > 1:  # graph step: copied after the step, before any snapshot of it
             self.scheduler.slot_ops.append(("copy", row.token_slots[len(emitted) - 1], seq.state_slot))

@@ -3,14 +3,16 @@ the rule that accepts a draft so that the output keeps the model's distribution.
 
 A running sequence whose last token is x and whose drafter proposes d_1..d_k runs the k+1 tokens
 [x, d_1, .., d_k] in one forward; the logits at position i give p_i, the model's distribution of the token
-after d_i (after x for i = 0). The drafts are deterministic (q_i is a point mass on d_i), so the standard
-rejection rule "accept d_i with probability min(1, p_i(d_i) / q_i(d_i)), on rejection sample from
-norm(max(0, p_i - q_i))" becomes: accept d_i with probability p_i(d_i); on rejection sample from p_i with
-d_i removed and renormalised; when every draft is accepted, sample one more token from p_k. Each emitted
-token then has exactly the distribution p of plain sampling: P(emit t) = p(d) [t = d] + (1 - p(d)) *
-p(t) [t != d] / (1 - p(d)) = p(t). Greedy (temperature 0) accepts d_i while it equals argmax p_i and then
-emits that argmax, so it emits the very tokens plain greedy decoding emits. p is the filtered distribution
-that plain sampling draws from (temperature, top-k, top-p); all draws use the sequence's own random stream.
+after d_i (after x for i = 0). At every position the engine draws the token plain decoding would draw there:
+the argmax of p_i for greedy requests, and for sampled ones the plain sampler's draw from p_i (temperature,
+top-k, top-p; `sampling.sample_rows`) with the uniform number the sequence's random stream would hand
+plain decoding for that output position. d_{i+1} is accepted while it equals the draw at position i; the
+first draw that differs, or the draw after the last draft, is emitted too, and the stream advances by one
+number per emitted token, as plain decoding's does. So a draft changes how many tokens a step emits, never
+which: greedy and seeded sampled requests emit the very tokens they emit without speculation (given the same
+logits). The drafts are deterministic, so a draft token d is accepted with probability p(d), what the
+standard rejection rule "accept with probability min(1, p(d) / q(d))" gives for a point-mass draft q: the
+coupling costs no acceptance.
 
 Drafters:
 - "ngram" (prompt lookup): the longest recent n-gram of the sequence's own tokens (prompt and output) that
@@ -25,6 +27,8 @@ import math
 from collections import deque
 
 import torch
+
+from nanokimi.infer.sampling import sample_rows
 
 MAX_NGRAM = 4  # the longest suffix matched
 MIN_NGRAM = 2  # shorter matches propose nothing (one token of context drafts mostly noise)
@@ -148,57 +152,40 @@ def next_draft_length(ema: float | None, maximum: int) -> int:
     return max(1, min(maximum, math.floor(ema) + 1))
 
 
-def filtered_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """logits [T, V] -> the distribution plain sampling draws from [T, V] (float64): softmax(logits / t)
-    restricted to the top_k tokens and to the smallest most likely set reaching top_p (as sample_rows)."""
-    scaled = logits.double() / temperature
-    sorted_logits, order = scaled.sort(dim=-1, descending=True)
-    rank = torch.arange(scaled.shape[-1], device=logits.device)[None, :]
-    sorted_logits = sorted_logits.masked_fill(rank >= (top_k or scaled.shape[-1]), float("-inf"))
-    probs = sorted_logits.softmax(-1)
-    mass_before = probs.cumsum(-1) - probs
-    sorted_logits = sorted_logits.masked_fill((mass_before >= top_p) & (rank > 0), float("-inf"))
-    return torch.zeros_like(scaled).scatter(1, order, sorted_logits.softmax(-1))
+def next_uniforms(rng, count: int) -> list[float]:
+    """The next `count` numbers of a sequence's random stream (random.Random), without taking them."""
+    state = rng.getstate()
+    numbers = [rng.random() for _ in range(count)]
+    rng.setstate(state)
+    return numbers
 
 
-def _draw(probs: torch.Tensor, u: float) -> int:
-    """Inverse CDF draw from probs [V] with the uniform u in [0, 1)."""
-    cdf = probs.cumsum(0)
-    index = int(torch.searchsorted(cdf, torch.tensor([u * float(cdf[-1])], dtype=cdf.dtype, device=cdf.device),
-                                   right=True)[0])
-    return min(index, probs.shape[0] - 1)
+def plain_draws(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, rng) -> list[int]:
+    """logits [T, V] -> the token plain decoding draws at each of the T positions: the argmax (greedy) or the
+    plain sampler's draw with the stream's next T numbers (not taken: see accept_matching's caller)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1).tolist()
+    rows = logits.shape[0]
+    return sample_rows(logits, [temperature] * rows, [top_k] * rows, [top_p] * rows, next_uniforms(rng, rows)).tolist()
+
+
+def accept_matching(draws: list[int], draft: list[int]) -> list[int]:
+    """The emitted tokens: the drafts while each equals the draw at its place, then the draw after them."""
+    out = []
+    for i, d in enumerate(draft):
+        if draws[i] != d:
+            break
+        out.append(d)
+    out.append(draws[len(out)])
+    return out
 
 
 def accept_draft(logits: torch.Tensor, draft: list[int], temperature: float, top_k: int, top_p: float,
                  rng) -> list[int]:
-    """The tokens a verified draft emits: the accepted drafts, then one token sampled by the rule (the
-    module docstring). logits [len(draft) + 1, V]; rng: the sequence's random.Random. 1..len(draft)+1 tokens."""
-    if temperature == 0:
-        return accept_greedy(logits.argmax(dim=-1).tolist(), draft)
-    return accept_sampled(filtered_probs(logits, temperature, top_k, top_p).cpu(), draft, rng)
-
-
-def accept_greedy(best: list[int], draft: list[int]) -> list[int]:
-    """Greedy: the drafts while each equals the argmax `best[i]` at its place, then the argmax after them."""
-    out = []
-    for i, d in enumerate(draft):
-        if best[i] != d:
-            break
-        out.append(d)
-    out.append(best[len(out)])
-    return out
-
-
-def accept_sampled(probs: torch.Tensor, draft: list[int], rng) -> list[int]:
-    """Sampling: probs [len(draft) + 1, V] (filtered_probs, on the CPU); the rule of the module docstring."""
-    out = []
-    for i, d in enumerate(draft):
-        if rng.random() < float(probs[i, d]):
-            out.append(d)
-            continue
-        residual = probs[i].clone()
-        residual[d] = 0.0
-        out.append(_draw(residual, rng.random()))
-        return out
-    out.append(_draw(probs[len(draft)], rng.random()))
-    return out
+    """One verified draft by the rule of the module docstring: logits [len(draft) + 1, V]; rng: the sequence's
+    random.Random, advanced by one number per emitted token of a sampled request. 1..len(draft)+1 tokens."""
+    emitted = accept_matching(plain_draws(logits, temperature, top_k, top_p, rng), draft)
+    if temperature > 0:
+        for _ in emitted:
+            rng.random()
+    return emitted
