@@ -180,15 +180,29 @@ def test_n_samples_with_a_seed_are_reproducible(client):
 
 
 def test_stop_strings_cut_the_text_in_both_modes(client):
-    free = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=40, temperature=0).choices[0].text
+    run_on = {"ignore_eos": True}  # a random model may end early on another CPU's rounding: the text must be long
+    free = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=40, temperature=0,
+                                     extra_body=run_on).choices[0].text
     assert len(free) > 12, free
     stop = free[8:11]
     expected = free[:free.index(stop)]
-    got = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=40, temperature=0, stop=[stop, "\x00zz"])
+    got = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=40, temperature=0, stop=[stop, "\x00zz"],
+                                    extra_body=run_on)
     assert got.choices[0].text == expected and got.choices[0].finish_reason == "stop"
     streamed = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=40, temperature=0, stop=stop,
-                                         stream=True)
+                                         stream=True, extra_body=run_on)
     assert "".join(c.choices[0].text for c in streamed if c.choices) == expected
+
+
+def test_ignore_eos_runs_past_the_end_of_text(client, reference):
+    """logit_bias makes the end-of-text id the certain first token: the sample ends there, or with vLLM's
+    ignore_eos it runs on to max_tokens."""
+    end = {str(reference.tokenizer.eot_id): 100}
+    stopped = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=5, temperature=0, logit_bias=end)
+    assert stopped.choices[0].finish_reason == "stop" and stopped.usage.completion_tokens <= 1
+    ran_on = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=5, temperature=0, logit_bias=end,
+                                       extra_body={"ignore_eos": True})
+    assert ran_on.choices[0].finish_reason == "length" and ran_on.usage.completion_tokens == 5
 
 
 def test_logprobs_have_one_entry_per_token(client):

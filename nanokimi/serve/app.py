@@ -138,7 +138,8 @@ class Server:
             return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, n=body.n,
                                   seed=body.seed, stop=body.stop_list + list(extra_stop) or None, logprobs=logprobs,
                                   presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-                                  repetition_penalty=body.repetition_penalty, logit_bias=bias)
+                                  repetition_penalty=body.repetition_penalty, logit_bias=bias,
+                                  ignore_eos=body.ignore_eos)
         except ValueError as e:
             field = str(e).removeprefix("SamplingParams: ").split(" ", 1)[0]
             raise ApiError(400, str(e), field) from e

@@ -30,6 +30,7 @@ class _Sampling(_Body):
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     repetition_penalty: float = Field(1.0, gt=0)  # not OpenAI's: vLLM's extra field, 1 = off
     logit_bias: dict[str, float] | None = None  # token id (as a string, OpenAI's form) -> bias in [-100, 100]
+    ignore_eos: bool = False  # not OpenAI's: vLLM's extra field, the end-of-text ids do not end a sample
 
     @model_validator(mode="after")
     def _checks(self):
