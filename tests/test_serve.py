@@ -194,6 +194,15 @@ def test_stop_strings_cut_the_text_in_both_modes(client):
     assert "".join(c.choices[0].text for c in streamed if c.choices) == expected
 
 
+def test_top_k_one_samples_the_greedy_text(client):
+    greedy = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0).choices[0].text
+    kwargs = dict(model="tiny", prompt=PROMPT, max_tokens=12, temperature=1.0, n=3, seed=5)
+    assert {c.text for c in client.completions.create(**kwargs, extra_body={"top_k": 1}).choices} == {greedy}
+    assert {c.text for c in client.completions.create(**kwargs).choices} != {greedy}  # without it: samples differ
+    with pytest.raises(openai.BadRequestError, match="top_k"):
+        client.completions.create(model="tiny", prompt=PROMPT, max_tokens=2, extra_body={"top_k": -1})
+
+
 def test_ignore_eos_runs_past_the_end_of_text(client, reference):
     """logit_bias makes the end-of-text id the certain first token: the sample ends there, or with vLLM's
     ignore_eos it runs on to max_tokens."""

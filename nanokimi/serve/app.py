@@ -135,7 +135,8 @@ class Server:
             raise ApiError(400, f"logit_bias names token {max(bias)}; this model's token ids are below "
                            f"{self.loop.vocab_size}.", "logit_bias")
         try:
-            return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, n=body.n,
+            return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                                  top_k=body.top_k, n=body.n,
                                   seed=body.seed, stop=body.stop_list + list(extra_stop) or None, logprobs=logprobs,
                                   presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                                   repetition_penalty=body.repetition_penalty, logit_bias=bias,

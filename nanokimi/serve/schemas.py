@@ -31,6 +31,7 @@ class _Sampling(_Body):
     repetition_penalty: float = Field(1.0, gt=0)  # not OpenAI's: vLLM's extra field, 1 = off
     logit_bias: dict[str, float] | None = None  # token id (as a string, OpenAI's form) -> bias in [-100, 100]
     ignore_eos: bool = False  # not OpenAI's: vLLM's extra field, the end-of-text ids do not end a sample
+    top_k: int = Field(0, ge=0)  # not OpenAI's: vLLM's extra field, the k most likely tokens only (0 = off)
 
     @model_validator(mode="after")
     def _checks(self):
