@@ -110,6 +110,24 @@ def test_penalties_and_logit_bias_equal_their_reference_next_to_plain_requests()
             SamplingParams(**bad)
 
 
+def test_min_tokens_holds_back_the_stop_ids_until_then():
+    """A stop token made certain by logit_bias ends a sample at once, or after min_tokens tokens that are the
+    greedy ones without it; min_tokens alone changes no token."""
+    model = make_model("tiny")
+    ids = prompts(1, seed=41)[0]
+    stop = 9
+    forced = dict(max_tokens=8, temperature=0, stop_token_ids=[stop], logit_bias={stop: 100.0})
+    done = run_engine(Engine(model, block_size=8, max_cache_tokens=1024),
+                      [("now", ids, SamplingParams(**forced)), ("later", ids, SamplingParams(**forced, min_tokens=3)),
+                       ("plain", ids, SamplingParams(max_tokens=8, temperature=0, min_tokens=8))])
+    without_stop = greedy_penalized_alone(model, ids, 3, SamplingParams(logit_bias={stop: -100.0}))
+    assert done["now"].token_ids == [stop] and done["now"].finish_reason == "stop"
+    assert done["later"].token_ids == without_stop + [stop] and done["later"].finish_reason == "stop"
+    assert done["plain"].token_ids == greedy_alone(model, ids, 8)
+    with pytest.raises(ValueError, match="min_tokens"):
+        SamplingParams(max_tokens=4, min_tokens=5)
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_greedy_equals_each_prompt_alone_at_once_and_staggered(name):
     model = make_model(name, small=name != "tiny")

@@ -203,6 +203,15 @@ def test_top_k_one_samples_the_greedy_text(client):
         client.completions.create(model="tiny", prompt=PROMPT, max_tokens=2, extra_body={"top_k": -1})
 
 
+def test_min_tokens_holds_back_the_end_of_text(client, reference):
+    end = {str(reference.tokenizer.eot_id): 100}
+    got = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=8, temperature=0, logit_bias=end,
+                                    extra_body={"min_tokens": 4})
+    assert got.choices[0].finish_reason == "stop" and 4 <= got.usage.completion_tokens <= 5
+    with pytest.raises(openai.BadRequestError, match="min_tokens"):
+        client.completions.create(model="tiny", prompt=PROMPT, max_tokens=2, extra_body={"min_tokens": 3})
+
+
 def test_ignore_eos_runs_past_the_end_of_text(client, reference):
     """logit_bias makes the end-of-text id the certain first token: the sample ends there, or with vLLM's
     ignore_eos it runs on to max_tokens."""

@@ -466,7 +466,9 @@ class Engine:
         if penalized:
             logits = apply_penalties(logits, penalized, [params[i] for i in penalized],
                                      [seqs[i].output.token_ids for i in penalized],
-                                     [seqs[i].request.distinct_prompt_ids for i in penalized])
+                                     [seqs[i].request.distinct_prompt_ids for i in penalized],
+                                     [seqs[i].request.stop_ids if len(seqs[i].output.token_ids) < params[i].min_tokens
+                                      else frozenset() for i in penalized])
         temperature = [p.temperature for p in params]
         if any(temperature):
             uniforms = [s.rng.random() if t > 0 else 0.0 for s, t in zip(seqs, temperature)]

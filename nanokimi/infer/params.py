@@ -44,6 +44,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] | None = None
+    min_tokens: int = 0  # the end ids (ignore_eos aside) and stop_token_ids cannot end a sample before this many
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -77,8 +78,10 @@ class SamplingParams:
             (self.logit_bias is None or (isinstance(self.logit_bias, dict) and all(
                 isinstance(t, int) and t >= 0 and _number(b) and -100 <= b <= 100 for t, b in self.logit_bias.items())),
              f"logit_bias must map token ids (ints >= 0) to numbers in [-100, 100], got {self.logit_bias!r}"),
+            (isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens,
+             f"min_tokens must be an int in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}"),
             (self.nbce_window is None or not self.penalized,
-             "penalties and logit_bias are not applied by NBCE decoding (nbce_window); leave them unset"),
+             "penalties, logit_bias and min_tokens are not applied by NBCE decoding (nbce_window); leave them unset"),
         ]
         for ok, message in checks:
             if not ok:
@@ -86,9 +89,9 @@ class SamplingParams:
 
     @property
     def penalized(self) -> bool:
-        """Whether a penalty or a logit bias adjusts the logits (apply_penalties)."""
+        """Whether a penalty, a logit bias or min_tokens adjusts the logits (apply_penalties)."""
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1
-                    or self.logit_bias)
+                    or self.logit_bias or self.min_tokens)
 
 
 def _number(value) -> bool:

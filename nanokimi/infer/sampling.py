@@ -47,13 +47,14 @@ def sample_rows(logits: torch.Tensor, temperature: list[float], top_k: list[int]
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[int], params: list, outputs: list[list[int]],
-                    prompts: list[torch.Tensor | None]) -> torch.Tensor:
+                    prompts: list[torch.Tensor | None], held: list[frozenset[int]] | None = None) -> torch.Tensor:
     """logits [N, V] with rows `rows` adjusted by their SamplingParams (`params`, one per row in rows), given each
     row's output tokens so far and its prompt's distinct token ids (a CPU long tensor; None where the row has no
     repetition penalty): + logit_bias; repetition_penalty r on every token of the prompt or the output (a logit
     l > 0 becomes l / r, else l * r); - frequency_penalty x count in the output - presence_penalty if the token
-    occurs there. Returns a copy in at least float32 (the other rows unchanged). The host work is a few flat
-    tensors (no Python per token), so a thousand penalized rows cost milliseconds, not tens of them."""
+    occurs there; -inf for the row's `held` ids (min_tokens: its stop ids while the output is shorter). Returns a
+    copy in at least float32 (the other rows unchanged). The host work is a few flat tensors (no Python per
+    token), so a thousand penalized rows cost milliseconds, not tens of them."""
     device, vocab, R = logits.device, logits.shape[-1], len(rows)
     dtype = torch.promote_types(logits.dtype, torch.float32)
     row_index = host_tensor(rows).to(device)
@@ -78,6 +79,10 @@ def apply_penalties(logits: torch.Tensor, rows: list[int], params: list, outputs
     frequency = torch.tensor([p.frequency_penalty for p in params], dtype=dtype, device=device)[:, None]
     presence = torch.tensor([p.presence_penalty for p in params], dtype=dtype, device=device)[:, None]
     adjusted = adjusted - frequency * counts - presence * (counts > 0)
+    barred = [(r, token) for r, ids in enumerate(held or ()) for token in ids]
+    if barred:
+        where = torch.tensor(barred, device=device).t()
+        adjusted = adjusted.index_put((where[0], where[1]), torch.tensor(float("-inf"), dtype=dtype, device=device))
     return logits.to(dtype).index_copy(0, row_index, adjusted)
 
 

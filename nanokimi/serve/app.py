@@ -140,7 +140,7 @@ class Server:
                                   seed=body.seed, stop=body.stop_list + list(extra_stop) or None, logprobs=logprobs,
                                   presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                                   repetition_penalty=body.repetition_penalty, logit_bias=bias,
-                                  ignore_eos=body.ignore_eos)
+                                  ignore_eos=body.ignore_eos, min_tokens=body.min_tokens)
         except ValueError as e:
             field = str(e).removeprefix("SamplingParams: ").split(" ", 1)[0]
             raise ApiError(400, str(e), field) from e

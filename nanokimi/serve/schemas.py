@@ -32,6 +32,7 @@ class _Sampling(_Body):
     logit_bias: dict[str, float] | None = None  # token id (as a string, OpenAI's form) -> bias in [-100, 100]
     ignore_eos: bool = False  # not OpenAI's: vLLM's extra field, the end-of-text ids do not end a sample
     top_k: int = Field(0, ge=0)  # not OpenAI's: vLLM's extra field, the k most likely tokens only (0 = off)
+    min_tokens: int = Field(0, ge=0)  # not OpenAI's: vLLM's extra field, no end before this many tokens
 
     @model_validator(mode="after")
     def _checks(self):
