@@ -21,7 +21,7 @@ from nanokimi.infer.params import CompletionOutput, RequestOutput, SamplingParam
 from nanokimi.infer.runner import ModelRunner, Row, uses_graphs
 from nanokimi.infer.sampling import apply_penalties, sample_rows, sample_step, top_logprobs
 from nanokimi.infer.scheduler import FINISHED, POLICIES, Request, Scheduler, Sequence
-from nanokimi.infer.speculative import accept_matching, make_drafter, next_uniforms
+from nanokimi.infer.speculative import accept_matching, make_drafter, take_emitted, verify_uniforms
 from nanokimi.model.kda import KimiDeltaAttention
 from nanokimi.model.paged import apply_state_slot_ops, paged_cache_bytes, rollback_recurrent_state
 from nanokimi.runtime.host import freeze_startup_objects, host_tensor
@@ -389,7 +389,7 @@ class Engine:
             temperature += [p.temperature] * positions
             top_k += [p.top_k] * positions
             top_p += [p.top_p] * positions
-            uniforms += next_uniforms(seq.rng, positions) if p.temperature > 0 else [0.0] * positions
+            uniforms += verify_uniforms(seq.rng, p.temperature, positions)
         draws = sample_rows(logits, temperature, top_k, top_p, uniforms).tolist()
         emitted, start = [], 0
         for seq, row, part in verified:
@@ -405,9 +405,7 @@ class Engine:
         params = seq.request.params
         draft, seq.draft = seq.draft, []
         emitted = accept_matching(draws, draft)
-        if params.temperature > 0:  # one number per emitted token, as plain decoding takes
-            for _ in emitted:
-                seq.rng.random()
+        take_emitted(seq.rng, params.temperature, emitted)
         # the state after the last token + accepted drafts (the new token is not computed)
         if row.token_slots and len(emitted) > 1:  # graph step: copied after the step, before any snapshot of it
             self.scheduler.slot_ops.append(("copy", row.token_slots[len(emitted) - 1], seq.state_slot))

@@ -18,8 +18,9 @@ class SamplingParams:
     apply_penalties): logit_bias {token id: value in [-100, 100]} is added (OpenAI's); repetition_penalty r > 0
     divides the positive logits and multiplies the negative ones of every token in the prompt or the output so
     far (1 = off; CTRL's, as HF and vLLM have it); frequency_penalty (times the token's count in the output so
-    far) and presence_penalty (once if it occurs) are subtracted, both in [-2, 2] (OpenAI's). A request with any
-    of them decodes without speculative drafts.
+    far) and presence_penalty (once if it occurs) are subtracted, both in [-2, 2] (OpenAI's); min_tokens m (vLLM's)
+    sets the stop ids (end-of-text unless ignore_eos, and stop_token_ids) to -inf while fewer than m tokens are
+    out. A request with any of them decodes without speculative drafts.
 
     nbce_window=W decodes with NBCE (nanokimi.infer.nbce): the context is cut at nbce_separator into windows
     of at most W tokens (each with the query, the text after the last separator), and each step combines

@@ -50,7 +50,7 @@ class Request:
         self.sequences: list[Sequence] = []
         self.num_cached_tokens = 0
         self.stop_ids: frozenset[int] = frozenset()  # tokens that end a sample (set by the engine)
-        self.penalized = params.penalized  # read per row each step: the property's four tests once, here
+        self.penalized = params.penalized  # read per row each step: the property's tests once, here
         self.distinct_prompt_ids = None  # repetition_penalty: its prompt's distinct ids, a CPU tensor (the engine's)
 
     @property
@@ -273,9 +273,9 @@ class Scheduler:
 
     def _draft(self, seq: Sequence, budget: int) -> list[int]:
         """A draft for a decoding sequence: at most the adaptive length, the step's budget, what max_tokens and
-        the context leave (the step emits one token more than it accepts), and what free blocks can hold. None
-        for a request whose logits are adjusted (penalties, logit_bias: each position's adjustment depends on the
-        tokens accepted before it)."""
+        the context leave (the step emits one token more than it accepts), and what free blocks can hold. No draft
+        for a request whose logits are adjusted (penalties, logit_bias, min_tokens: each position's adjustment
+        depends on the tokens accepted before it)."""
         if seq.request.penalized:
             return []
         longest = self.num_speculative_tokens

@@ -152,21 +152,30 @@ def next_draft_length(ema: float | None, maximum: int) -> int:
     return max(1, min(maximum, math.floor(ema) + 1))
 
 
-def next_uniforms(rng, count: int) -> list[float]:
-    """The next `count` numbers of a sequence's random stream (random.Random), without taking them."""
+def verify_uniforms(rng, temperature: float, count: int) -> list[float]:
+    """The numbers a verify row's `count` positions are drawn with: the next `count` of the sequence's stream
+    (random.Random; not taken yet: `take_emitted` takes one per emitted token), zeros for a greedy request."""
+    if temperature == 0:
+        return [0.0] * count
     state = rng.getstate()
     numbers = [rng.random() for _ in range(count)]
     rng.setstate(state)
     return numbers
 
 
+def take_emitted(rng, temperature: float, emitted: list[int]) -> None:
+    """Advance a sampled request's stream by one number per emitted token, as plain decoding takes them."""
+    if temperature > 0:
+        for _ in emitted:
+            rng.random()
+
+
 def plain_draws(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, rng) -> list[int]:
-    """logits [T, V] -> the token plain decoding draws at each of the T positions: the argmax (greedy) or the
-    plain sampler's draw with the stream's next T numbers (not taken: see accept_matching's caller)."""
-    if temperature == 0:
-        return logits.argmax(dim=-1).tolist()
+    """logits [T, V] -> the token plain decoding draws at each of the T positions (the plain sampler; the argmax
+    at temperature 0) with the stream's next T numbers, not taken."""
     rows = logits.shape[0]
-    return sample_rows(logits, [temperature] * rows, [top_k] * rows, [top_p] * rows, next_uniforms(rng, rows)).tolist()
+    return sample_rows(logits, [temperature] * rows, [top_k] * rows, [top_p] * rows,
+                       verify_uniforms(rng, temperature, rows)).tolist()
 
 
 def accept_matching(draws: list[int], draft: list[int]) -> list[int]:
@@ -185,7 +194,5 @@ def accept_draft(logits: torch.Tensor, draft: list[int], temperature: float, top
     """One verified draft by the rule of the module docstring: logits [len(draft) + 1, V]; rng: the sequence's
     random.Random, advanced by one number per emitted token of a sampled request. 1..len(draft)+1 tokens."""
     emitted = accept_matching(plain_draws(logits, temperature, top_k, top_p, rng), draft)
-    if temperature > 0:
-        for _ in emitted:
-            rng.random()
+    take_emitted(rng, temperature, emitted)
     return emitted
