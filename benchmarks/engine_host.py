@@ -9,7 +9,10 @@ Modes: "greedy" (temperature 0, outputs streamed every step: the server's shape)
 top_p 0.95, a seed and logprobs=0 per request, finished outputs only: RL rollouts' shape); "verify-attn": greedy
 on an attention-only model (mixers "AA": its verify rows run in the graphed step) where every sequence verifies a
 draft of 4 tokens each step (a drafter that repeats the last token: mostly rejected, so every step is a verify
-step), and "plain-attn", the same model without drafts (batch: sequences, not graph rows); "penalized" (not run by
+step), and "plain-attn", the same model without drafts (batch: sequences, not graph rows); "suffix-attn" (not run
+by default): an RL rollout's shape on that model, "sampled" requests in groups of GROUP sharing a prompt, with Seer's
+grouped drafts (speculative="suffix"; the drafter's indexing and lookups count as host work; a random model's
+drafts are mostly rejected, so most rows verify every step); "penalized" (not run by
 default): "sampled" with frequency 0.5, presence 0.2 and repetition 1.1 penalties, whose adjustment of the logits
 (`sampling.apply_penalties`, its [rows, vocab] arithmetic included: on a GPU that part is kernels) counts as host
 work. The step runs
@@ -37,9 +40,10 @@ from nanokimi.config import ModelConfig
 from nanokimi.infer import Engine, SamplingParams
 from nanokimi.model import build_model
 
-MODES = ("greedy", "sampled", "plain-attn", "verify-attn", "penalized")
+MODES = ("greedy", "sampled", "plain-attn", "verify-attn", "penalized", "suffix-attn")
 DEFAULT_MODES = MODES[:4]
 DRAFT = 4  # tokens a verify-attn sequence drafts each step
+GROUP = 16  # suffix-attn: samples per prompt
 # device work besides the forward, timed and taken off like it: the sampling kernels (sort, softmax, cumsum,
 # searchsorted) and the logprob kernels (log_softmax, topk) cost milliseconds on the CPU, microseconds of
 # launches on a GPU; the parameters' and results' copies inside them are counted as device work too
@@ -63,6 +67,9 @@ def request_params(mode: str, max_tokens: int, i: int) -> SamplingParams:
     if mode == "penalized":
         return SamplingParams(max_tokens=max_tokens, temperature=1.0, top_p=0.95, seed=i, logprobs=0, ignore_eos=True,
                               frequency_penalty=0.5, presence_penalty=0.2, repetition_penalty=1.1)
+    if mode == "suffix-attn":
+        return SamplingParams(max_tokens=max_tokens, temperature=1.0, top_p=0.95, seed=i, ignore_eos=True,
+                              group_id=str(i // GROUP))
     if mode != "sampled":
         return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     return SamplingParams(max_tokens=max_tokens, temperature=1.0, top_p=0.95, seed=i, logprobs=0, ignore_eos=True)
@@ -70,15 +77,17 @@ def request_params(mode: str, max_tokens: int, i: int) -> SamplingParams:
 
 def host_ms(model, mode: str, batch: int, prompt: int, steps: int, profile: bool = False,
             gc_off: bool = False) -> dict:
-    draft = DRAFT if mode == "verify-attn" else 0
-    speculative = dict(speculative=RepeatDrafter(), num_speculative_tokens=DRAFT) if draft else {}
+    draft = DRAFT if mode in ("verify-attn", "suffix-attn") else 0
+    drafter = "suffix" if mode == "suffix-attn" else RepeatDrafter()
+    speculative = dict(speculative=drafter, num_speculative_tokens=DRAFT) if draft else {}
     engine = Engine(model, max_num_seqs=max(256, batch), use_cuda_graph="static", max_step_tokens=8192,
                     max_cache_tokens=batch * (prompt + steps * (1 + draft) + 64), **speculative)
-    engine.stream_outputs = mode not in ("sampled", "penalized")
+    engine.stream_outputs = mode not in ("sampled", "penalized", "suffix-attn")
     g = torch.Generator().manual_seed(batch)
     for i in range(batch):
-        engine.add_request(f"r{i}", torch.randint(3, model.config.vocab_size, (prompt,), generator=g).tolist(),
-                           request_params(mode, steps * (1 + draft) + 16, i))
+        if mode != "suffix-attn" or i % GROUP == 0:
+            ids = torch.randint(3, model.config.vocab_size, (prompt,), generator=g).tolist()
+        engine.add_request(f"r{i}", ids, request_params(mode, steps * (1 + draft) + 16, i))
     while engine.scheduler.waiting or engine.num_waiting_prefill_tokens() > 0:
         engine.step()
     for _ in range(3):

@@ -2,6 +2,7 @@
 decoding without it (drafts fully right, fully wrong, partly right; hybrid, MLA, GQA and MoBA models), sampled
 tokens keep the model's distribution (chi-square), a rejected draft leaves the KDA state of the accepted prefix,
 and every block comes back."""
+import gc
 import random
 
 import pytest
@@ -11,7 +12,7 @@ from test_engine import CONFIGS, make_model, prompts
 from nanokimi import ModelConfig, build_model
 from nanokimi.infer import Engine, SamplingParams
 from nanokimi.infer.sampling import sample_rows
-from nanokimi.infer.speculative import Drafter, NgramIndex, accept_draft
+from nanokimi.infer.speculative import ENTRIES_PER_KEY, Drafter, NgramIndex, accept_draft
 
 MODELS = ["tiny", "tiny-dense", "all-mla", "moba"]  # KDA + MLA hybrid, GQA, MLA with RoPE, KDA + MoBA
 CHI2_LEVEL = 1e-3  # the tests fail when a p-value falls below this (fixed seeds: the outcome is deterministic)
@@ -150,6 +151,26 @@ def test_suffix_index_follows_the_continuation_most_siblings_agree_on():
     assert isinstance(Drafter("group"), Drafter)
     with pytest.raises(ValueError, match="speculative must be"):
         Engine(make_model("tiny-dense"), max_cache_tokens=256, speculative="medusa")
+
+
+def test_the_suffix_index_leaves_no_per_token_object_for_the_garbage_collector():
+    """A rollout indexes every token of every sample; per-token tuples or deques made the collector's full passes
+    cost more than the indexing (benchmarks/engine_host.py --modes suffix-attn)."""
+    g = random.Random(0)
+    rows = [[g.randrange(1000) for _ in range(300)] for _ in range(16)]
+    index = NgramIndex()
+    gc.collect()
+    before = len(gc.get_objects())
+    for row in rows:
+        index.add(row, 0, len(row))
+    gc.collect()
+    assert len(gc.get_objects()) - before < 50  # was about 14,000 deques (three n-grams per token, mostly new)
+    assert index.propose(rows[3][:120], 4) == rows[3][120:124]  # a 4-gram of random tokens occurs once
+    index.add(rows[3], 100, 130)  # indexed again, and out of order: the walk over occurrences still ends
+    assert index.propose(rows[3][:120], 4) == rows[3][120:124]
+    repeated = NgramIndex()
+    repeated.add([7, 8] * 100 + [9], 0, 201)
+    assert len(repeated.occurrences((7, 8))) == ENTRIES_PER_KEY  # only the most recent are looked at
 
 
 def chi2_pvalue(observed: torch.Tensor, expected: torch.Tensor) -> float:
