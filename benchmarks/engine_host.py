@@ -25,6 +25,7 @@ host ms/step is the median step; the mean includes the steps in which Python's g
 objects of start-up, `nanokimi.runtime.host.freeze_startup_objects`, so full passes no longer walk torch and the model).
 """
 import argparse
+import os
 import cProfile
 import gc
 import importlib
@@ -48,7 +49,7 @@ GROUP = 16  # suffix-attn: samples per prompt
 # searchsorted) and the logprob kernels (log_softmax, topk) cost milliseconds on the CPU, microseconds of
 # launches on a GPU; the parameters' and results' copies inside them are counted as device work too
 DEVICE_CALLS = (("nanokimi.infer.sampling", "sample_rows"), ("nanokimi.infer.sampling", "_logprob_parts"))
-PROFILE_SORT = ("tottime",)
+PROFILE_SORT = tuple(os.environ.get("PROFILE_SORT", "tottime").split(","))
 
 
 class RepeatDrafter:

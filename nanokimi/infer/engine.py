@@ -343,9 +343,9 @@ class Engine:
                 plain.append(seq)
                 plain_rows.append(offset)
             else:
-                verified.append((seq, row, logits[offset:offset + row.num_logits]))
+                verified.append((seq, row, offset))
             offset += row.num_logits
-        verified = [(seq, emitted) for (seq, row, _), emitted in zip(verified, self._accept(verified))]
+        verified = [(seq, emitted) for (seq, _, _), emitted in zip(verified, self._accept(verified, logits))]
         computed = {id(seq): len(emitted) for seq, emitted in verified}
         self.scheduler.after_step([(seq, computed.get(id(seq), n)) for seq, n in scheduled] if verified else scheduled)
         for seq, _ in verified:
@@ -354,8 +354,7 @@ class Engine:
         if plain:
             self._sample(plain, logits if not verified else logits[torch.tensor(plain_rows, device=logits.device)])
         for seq, emitted in verified:
-            self._emit_verified(seq, emitted, logits.new_empty(0) if seq.output.logprobs is None else
-                                self._verify_logits.pop(id(seq)))
+            self._emit_verified(seq, emitted, self._verify_logits.pop(id(seq), None))
         self._account(scheduled, time.perf_counter() - started, decode,
                       sum(len(r.tokens) for r in rows if r.num_logits > 1) if verified else 0,
                       sum(len(e) for _, e in verified))
@@ -376,28 +375,37 @@ class Engine:
                 outputs.append(self._output(request, finished))
         return outputs
 
-    def _accept(self, verified: list[tuple[Sequence, Row, torch.Tensor]]) -> list[list[int]]:
-        """The emitted tokens of each verified draft. At every position of every row, the token plain decoding
-        would draw there (the argmax, or the plain sampler with the numbers the sequence's stream holds next),
-        all drawn in one batched call and brought to the host in one transfer."""
+    def _accept(self, verified: list[tuple[Sequence, Row, int]], logits: torch.Tensor) -> list[list[int]]:
+        """The emitted tokens of each verified draft (verified: sequence, row, offset of the row's logits). At every
+        position of every row, the token plain decoding would draw there (the argmax, or the plain sampler with the
+        numbers the sequence's stream holds next), all drawn in one batched call and brought to the host in one
+        transfer."""
         if not verified:
             return []
-        logits = torch.cat([part for _, _, part in verified])  # [sum of 1 + draft, V]
+        first, (_, last_row, last) = verified[0][2], verified[-1]
+        count = sum(row.num_logits for _, row, _ in verified)
+        if last + last_row.num_logits - first == count:  # one run of rows (no prompt chunk among them): a view
+            logits = logits[first:first + count]
+        else:
+            index = [offset + i for _, row, offset in verified for i in range(row.num_logits)]
+            logits = logits[torch.tensor(index, device=logits.device)]  # [sum of 1 + draft, V]
         temperature, top_k, top_p, uniforms = [], [], [], []
-        for seq, _, part in verified:
-            p, positions = seq.request.params, part.shape[0]
+        for seq, row, _ in verified:
+            p, positions = seq.request.params, row.num_logits
             temperature += [p.temperature] * positions
             top_k += [p.top_k] * positions
             top_p += [p.top_p] * positions
             uniforms += verify_uniforms(seq.rng, p.temperature, positions)
         draws = sample_rows(logits, temperature, top_k, top_p, uniforms).tolist()
         emitted, start = [], 0
-        for seq, row, part in verified:
-            emitted.append(self._verify(seq, row, part, draws[start:start + part.shape[0]]))
-            start += part.shape[0]
+        for seq, row, _ in verified:
+            emitted.append(self._verify(seq, row, draws[start:start + row.num_logits]))
+            if seq.request.params.logprobs is not None:
+                self._verify_logits[id(seq)] = logits[start:start + len(emitted[-1])]
+            start += row.num_logits
         return emitted
 
-    def _verify(self, seq: Sequence, row: Row, logits: torch.Tensor, draws: list[int]) -> list[int]:
+    def _verify(self, seq: Sequence, row: Row, draws: list[int]) -> list[int]:
         """Accept a verified draft by the rule (nanokimi/infer/speculative.py; draws: plain decoding's token at
         each position); advance a sampled sequence's stream by the tokens emitted; roll the KDA state back to
         the last emitted-and-computed token; return the emitted tokens (accepted drafts and one new token),
@@ -416,16 +424,15 @@ class Engine:
         self.counters["spec_verify_rows"] += 1
         self.counters["spec_draft_tokens"] += len(draft)
         self.counters["spec_accepted_tokens"] += accepted
-        if params.logprobs is not None:
-            self._verify_logits[id(seq)] = logits[:len(emitted)]
         seq.tokens.extend(emitted)
         return emitted
 
-    def _emit_verified(self, seq: Sequence, emitted: list[int], logits: torch.Tensor) -> None:
-        """Output the emitted tokens one by one through the stop rules (a stop ends the sample mid-draft)."""
+    def _emit_verified(self, seq: Sequence, emitted: list[int], logits: torch.Tensor | None) -> None:
+        """Output the emitted tokens one by one through the stop rules (a stop ends the sample mid-draft); logits:
+        the emitted positions' rows where the request asked for logprobs."""
         params = seq.request.params
         entries = []
-        if params.logprobs is not None:
+        if logits is not None:
             chosen = torch.tensor(emitted, device=logits.device)
             entries = top_logprobs(logits, chosen, [params.logprobs] * len(emitted))
         now = time.monotonic()
