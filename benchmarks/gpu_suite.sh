@@ -10,6 +10,8 @@
 #   bash benchmarks/gpu_suite.sh post       # the RL demonstration (benchmarks/rl_ladder.py)
 #   bash benchmarks/gpu_suite.sh rollout    # Seer: plain vs divided / context / speculative rollouts
 #   bash benchmarks/gpu_suite.sh kdaverify  # a KDA hybrid's verify steps, eager vs graphed; their GPU tests
+#   bash benchmarks/gpu_suite.sh kdaop      # fla's KDA kernels vs the naive op, the speculative and engine GPU tests
+#   bash benchmarks/gpu_suite.sh enginepeer # bench-dsv3-900m offline vs HF generate and generate_batch
 #   bash benchmarks/gpu_suite.sh prefill    # a hybrid's prefill step: short segments in the slot kernel or not
 #   GPU_STEPS="LIMIT command;..." bash benchmarks/gpu_suite.sh custom
 # Expects fla-core wheels in .whl/ (bash ../shared/bench/gpu_wheels.sh; other wheel folders named .whl-*/ are
@@ -63,7 +65,14 @@ case "$1" in
   serve)  # the Mooncake trace replay against transformers serve (carry the wheels docs/serve.md lists)
     step 560 python3 benchmarks/serve.py ;;
   post)  # the RL demonstration alone (rollout.py, lepa_ladder.py and nbce_icl.py each take a slot of their own)
-    step 560 python3 benchmarks/rl_ladder.py ;;
+    step 560 python3 benchmarks/rl_ladder.py --total-seconds 530 --pretrain-seconds 170 --rl-seconds 90 ;;
+  kdaop)  # fla's KDA kernels against the naive op (one config per autotuned kernel), then the engine's GPU tests
+    step 240 python3 -m pytest -v -m gpu tests/test_kda_op.py -p no:cacheprovider --durations=0
+    step 100 python3 -m pytest -q -m gpu tests/test_speculative.py -p no:cacheprovider
+    step 220 python3 -m pytest -q -m gpu tests/test_engine.py tests/test_kda_decode.py -p no:cacheprovider ;;
+  enginepeer)  # offline throughput beside HF generate and transformers' continuous batching (carry .whl-serve)
+    step 560 python3 benchmarks/engine.py --presets bench-dsv3-900m --parts offline,peer --peer-requests 16 \
+      --out benchmarks/results/engine_peer_cb.json ;;
   rollout)  # Seer's rollout techniques against the plain engine, then the speculative GPU tests
     step 450 python3 benchmarks/rollout.py --budget-seconds 420
     step 100 python3 -m pytest -q -m gpu tests/test_speculative.py tests/test_seer_scheduler.py -p no:cacheprovider ;;
@@ -79,7 +88,8 @@ case "$1" in
   custom)  # GPU_STEPS="LIMIT command;LIMIT command;..." (for one-off runs)
     IFS=';' read -ra parts <<< "$GPU_STEPS"
     for part in "${parts[@]}"; do read -r limit cmd <<< "$part"; step "$limit" bash -c "$cmd"; done ;;
-  *) echo "usage: $0 tests|train|decode|attnres|profile|engine|serve|post|rollout|kdaverify|prefill|custom"; exit 2 ;;
+  *) echo "usage: $0 tests|train|decode|attnres|profile|engine|serve|post|kdaop|enginepeer|rollout|kdaverify|prefill|custom"
+     exit 2 ;;
 esac
 if [ -n "${OUT:-}" ]; then
   # one archive: a call brings back at most 8 files from $OUT and leaves the rest out
