@@ -1,14 +1,17 @@
 """The engine's batched host paths against their per-row references: sampling all rows in one call (with
 logprobs brought back in one copy), graph block tables rewritten only for the rows that changed, offline
 steps that report finished requests only, and lists turned into tensors through array."""
+import pickle
 import random
 
 import pytest
 import torch
 
 from nanokimi.infer import Engine, SamplingParams
+from nanokimi.infer.params import TokenPrefix
 from nanokimi.infer.sampling import sample_rows, sample_step, top_logprobs
 from nanokimi.runtime.host import host_tensor
+from nanokimi.serve.loop import _freeze as freeze
 from test_engine import LetterTokenizer, make_model, prompts, run_engine
 
 
@@ -126,3 +129,43 @@ def test_offline_steps_report_each_finished_request_once_as_streaming_ends_it():
     assert final[True] == final[False] and len(final[False]) == len(requests)
     assert all(o.finished for o in reported[False]) and len(reported[False]) == len(requests)
     assert len(reported[True]) > len(requests)
+
+
+def test_token_prefix_reads_like_the_tuple_of_its_items_and_stays_put_as_the_list_grows():
+    items = list(range(10, 20))
+    view = TokenPrefix(items, 7)
+    items += [99, 98]
+    snapshot = tuple(items[:7])
+    assert view == snapshot and view == list(snapshot) and tuple(view) == snapshot and len(view) == 7
+    for s in (slice(None), slice(2, None), slice(-3, None), slice(1, 6, 2), slice(None, None, -1), slice(5, 99)):
+        assert view[s] == snapshot[s], s
+    assert view[0] == 10 and view[-1] == 16
+    with pytest.raises(IndexError):
+        view[7]
+    assert pickle.loads(pickle.dumps(view)) == snapshot and type(pickle.loads(pickle.dumps(view))) is tuple
+    assert hash(view) == hash(snapshot) and view != snapshot[:-1]
+
+
+def test_server_updates_taken_as_views_equal_copies_taken_at_the_same_step():
+    """The server's loop snapshots each streamed output as TokenPrefix views of the engine's own lists
+    (copy_outputs False); later steps append to those lists, and every update must still read as the copy the
+    engine would have made at its step (tokens, text, logprobs; samples cut by stop strings and stop ids too)."""
+    model = make_model("tiny-dense")
+    batch = prompts(6, seed=31, lengths=(4, 9, 13))
+    kinds = [SamplingParams(max_tokens=20, temperature=0, ignore_eos=True),
+             SamplingParams(max_tokens=24, temperature=1.0, seed=3, logprobs=2, stop=["ab", "c"]),
+             SamplingParams(max_tokens=16, temperature=0.8, top_k=5, seed=4, n=2, stop_token_ids=[1, 2, 3])]
+    updates = {}
+    for copy in (True, False):
+        engine = Engine(model, LetterTokenizer(), block_size=4)
+        engine.copy_outputs = copy
+        for i, ids in enumerate(batch):
+            engine.add_request(str(i), ids, kinds[i % 3])
+        updates[copy] = []
+        while engine.has_unfinished():
+            updates[copy] += [freeze(o) for o in engine.step()]
+    assert len(updates[False]) == len(updates[True]) > 3 * len(batch)
+    for viewed, copied in zip(updates[False], updates[True]):
+        assert viewed == copied
+    assert all(type(c.token_ids.items) is list for u in updates[False] for c in u.choices)
+    assert sum(len(c.token_ids.items) > len(c.token_ids) for u in updates[False] for c in u.choices) > len(batch)

@@ -116,6 +116,9 @@ class Engine:
                 self.slots.on_evict = self.tiers.evict_state
             self.scheduler.tiers = self.tiers
         self.stream_outputs = True  # False: step() returns finished requests only, and text is decoded once at the end
+        # False: outputs hold the samples' own token and logprob lists, which the engine goes on appending to (the
+        # server takes TokenPrefix views of them in the engine's thread instead of copying whole outputs each step)
+        self.copy_outputs = True
         self.requests: dict[str, Request] = {}
         self.aborted: list[Request] = []
         self._finishing: list[Request] = []  # requests whose last sample finished in this step
@@ -568,8 +571,9 @@ class Engine:
             self.timing["decode_step_s"] = seconds if old is None else 0.8 * old + 0.2 * seconds
 
     def _output(self, request: Request, finished: bool | None = None) -> RequestOutput:
-        outputs = [CompletionOutput(s.output.index, list(s.output.token_ids), s.output.text, s.output.finish_reason,
-                                    None if s.output.logprobs is None else list(s.output.logprobs))
+        copy = list if self.copy_outputs else (lambda items: items)
+        outputs = [CompletionOutput(s.output.index, copy(s.output.token_ids), s.output.text, s.output.finish_reason,
+                                    None if s.output.logprobs is None else copy(s.output.logprobs))
                    for s in request.sequences]
         return RequestOutput(request.request_id, request.prompt_token_ids, outputs,
                              request.finished if finished is None else finished, request.num_cached_tokens,

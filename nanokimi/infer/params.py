@@ -1,5 +1,7 @@
 """What a request asks for (SamplingParams) and what it gets back (RequestOutput, CompletionOutput)."""
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 
 
 @dataclass
@@ -131,3 +133,43 @@ class RequestOutput:
     @property
     def finish_reason(self) -> str | None:
         return self.outputs[0].finish_reason
+
+
+class TokenPrefix(Sequence):
+    """The first `length` items of a list that only grows (a running sample's tokens or logprobs): a snapshot
+    that costs nothing to take, where a copy costs the whole output at every step of a stream (O(L^2) over a
+    generation of L tokens). Reads like a tuple: slices are tuples, it equals a tuple or list with the same
+    items, and it pickles as a tuple."""
+    __slots__ = ("items", "length")
+
+    def __init__(self, items: list, length: int | None = None):
+        self.items = items
+        self.length = len(items) if length is None else length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            r = range(self.length)[index]
+            return tuple(self.items[r.start:r.stop]) if r.step == 1 else tuple(self.items[i] for i in r)
+        if not -self.length <= index < self.length:
+            raise IndexError(f"index {index} out of range for {self.length} items")
+        return self.items[index % self.length]
+
+    def __iter__(self):
+        return islice(self.items, self.length)
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, (TokenPrefix, tuple, list)):
+            return NotImplemented
+        return len(other) == self.length and all(a == b for a, b in zip(self, other))
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))
+
+    def __reduce__(self):
+        return tuple, (tuple(self),)
+
+    def __repr__(self) -> str:
+        return f"TokenPrefix({list(self)!r})"

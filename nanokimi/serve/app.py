@@ -103,6 +103,7 @@ class Server:
 
         cfg = llm.model.config
         llm.engine.stream_outputs = True  # LLM turns it off for generate(); a server streams every step
+        llm.engine.copy_outputs = False  # the loop snapshots outputs as views (loop._freeze)
         loop = EngineLoop(llm.engine, SamplingParams, cfg.vocab_size, cfg.max_position_embeddings,
                           options.max_step_tokens,
                           ttft_slo_s=None if options.ttft_slo_ms is None else options.ttft_slo_ms / 1000,

@@ -22,6 +22,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from nanokimi.infer.params import TokenPrefix
 from nanokimi.serve.admission import Admission, StepTimeModel, Verdict
 from nanokimi.serve.metrics import ServerMetrics
 
@@ -32,10 +33,10 @@ COUNTERS = ("prefix_cache_queries", "prefix_cache_hit_tokens", "preemptions", "p
 @dataclass(frozen=True)
 class Choice:
     index: int
-    token_ids: tuple[int, ...]
+    token_ids: TokenPrefix  # reads like a tuple of ints
     text: str
     finish_reason: str | None
-    logprobs: tuple[dict[int, float], ...] | None
+    logprobs: TokenPrefix | None  # of dicts {token id: logprob}
 
 
 @dataclass(frozen=True)
@@ -83,8 +84,11 @@ def observe_tokens(metrics, ticket, produced: int, now: float) -> None:
 
 
 def _freeze(output) -> Update:
-    choices = tuple(Choice(c.index, tuple(c.token_ids), c.text, c.finish_reason,
-                           None if c.logprobs is None else tuple(dict(d) for d in c.logprobs))
+    """The update the HTTP side reads, taken in the engine's thread right after its step: token ids and logprobs
+    are TokenPrefix views at their current length (the engine only appends to those lists, and never changes a
+    logprob entry once made), so an update costs the same at the 10th token and the 10,000th."""
+    choices = tuple(Choice(c.index, TokenPrefix(c.token_ids), c.text, c.finish_reason,
+                           None if c.logprobs is None else TokenPrefix(c.logprobs))
                     for c in output.outputs)
     return Update(choices, bool(output.finished), int(output.num_cached_tokens or 0))
 
