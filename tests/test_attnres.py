@@ -499,9 +499,10 @@ def test_bf16_storage_trains_like_fp32_storage():
     """A tiny byte-level block-AttnRes model (4 layers, 4 blocks) trained 50 AdamW steps on tinyshakespeare under
     CPU bf16 autocast, storage auto vs fp32, same seed and batches. The first loss (same weights) agrees to 1e-3
     and the first 10 steps to 2e-3 (a few bf16 roundings of the residual sources; measured < 3e-4); later the
-    trajectories drift apart as any two runs do, so the mean of the last 10 losses is held to 1% (measured
-    -0.5%; a different init seed alone moves it by ~1%; "auto-all", bf16 mixtures too, was +0.2..+2.1% over 3
-    seeds at 100 steps, see docs/attnres.md)."""
+    trajectories drift apart as any two runs do, so the mean of the last 10 losses is held to 2%: measured -0.5%
+    with one thread and -1.02% with two (the same code on the same CPU; only the reductions' split differs), and a
+    different init seed alone moves it by ~1%; "auto-all", bf16 mixtures too, was +0.2..+2.1% over 3 seeds at 100
+    steps, see docs/attnres.md. A storage bug shows in the first two bounds, which stay tight."""
     from nanokimi.config import ModelConfig
     from nanokimi.model import build_model
     text = torch.frombuffer(bytearray(DATA.read_bytes()[:100_000]), dtype=torch.uint8).long()
@@ -529,7 +530,7 @@ def test_bf16_storage_trains_like_fp32_storage():
     assert fp32[-10:].mean() < 0.7 * fp32[0]  # it learned something, so the comparison means something
     assert abs(auto[0] / fp32[0] - 1) < 1e-3
     assert ((auto[:10] - fp32[:10]).abs() / fp32[:10]).max() < 2e-3  # before the trajectories drift apart
-    assert abs(auto[-10:].mean() / fp32[-10:].mean() - 1) < 1e-2
+    assert abs(auto[-10:].mean() / fp32[-10:].mean() - 1) < 2e-2
 
 
 def merge_then_norm(partial, out, mixture, lse, qe, dtype, eps, norm_weight, norm_eps):
