@@ -12,7 +12,7 @@ from test_engine import CONFIGS, make_model, prompts
 from nanokimi import ModelConfig, build_model
 from nanokimi.infer import Engine, SamplingParams
 from nanokimi.infer.sampling import sample_rows
-from nanokimi.infer.speculative import ENTRIES_PER_KEY, Drafter, NgramIndex, accept_draft
+from nanokimi.infer.speculative import ENTRIES_PER_KEY, Drafter, NgramIndex, SampleStream, accept_draft
 
 MODELS = ["tiny", "tiny-dense", "all-mla", "moba"]  # KDA + MLA hybrid, GQA, MLA with RoPE, KDA + MoBA
 CHI2_LEVEL = 1e-3  # the tests fail when a p-value falls below this (fixed seeds: the outcome is deterministic)
@@ -189,7 +189,7 @@ def test_accept_rule_draws_what_plain_sampling_draws_and_takes_one_number_per_to
     torch.manual_seed(2)
     for trial in range(40):
         logits = torch.randn(4, 12, dtype=torch.float64) * 2
-        plain_rng, rng = random.Random(trial), random.Random(trial)
+        plain_rng, rng = random.Random(trial), SampleStream(trial)
         plain = [int(sample_rows(logits[i:i + 1], [0.9], [8], [0.95], [plain_rng.random()])[0]) for i in range(4)]
         cut = trial % 4  # drafts right up to `cut`, then wrong
         draft = plain[:cut] + [(t + 1) % 12 for t in plain[cut:3]]
@@ -206,7 +206,7 @@ def test_accept_rule_keeps_the_distribution_of_the_first_token():
     logits = torch.randn(3, 12, dtype=torch.float64)
     p = filtered_distribution(logits[0], 0.9, 8, 0.95)
     draft = [int(p.argmax()), 3]
-    rng = random.Random(1)
+    rng = SampleStream(1)
     draws = 4000
     counts = torch.zeros(12, dtype=torch.float64)
     for _ in range(draws):

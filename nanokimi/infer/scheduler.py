@@ -27,12 +27,11 @@ Seer options (off by default; docs/seer.md):
   (suspended, not preempted) and resumes where it stopped. Suspended sequences are preempted first when
   blocks run out.
 """
-import random
 from collections import deque
 
 from nanokimi.infer.block_manager import BlockPool, StateSlots, block_hash
 from nanokimi.infer.params import CompletionOutput, SamplingParams
-from nanokimi.infer.speculative import next_draft_length
+from nanokimi.infer.speculative import SampleStream, next_draft_length
 
 WAITING, RUNNING, FINISHED, SUSPENDED = "waiting", "running", "finished", "suspended"
 POLICIES = ("fcfs", "context_aware")
@@ -74,7 +73,7 @@ class Sequence:
         self.block_table: list[int] = []
         self.state_slot: int | None = None
         self.hashes: list[bytes] = []
-        self.rng = random.Random(seed)  # this sample's own stream: one uniform per sampled token
+        self.rng = SampleStream(seed)  # this sample's own stream: one uniform per sampled token
         self.output = CompletionOutput(index, logprobs=[] if request.params.logprobs is not None else None)
         self.status = WAITING
         self.detok_offsets = (0, 0)  # incremental detokenization: output tokens [prefix, read) give the text's tail
